@@ -1,0 +1,3 @@
+"""smg: the Shepherd Model Gateway in Python."""
+
+__version__ = "0.1.0"

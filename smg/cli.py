@@ -1,0 +1,40 @@
+"""Command-line entry point: `smg launch`, `smg mock-worker`, `smg bench`."""
+
+from __future__ import annotations
+
+import sys
+
+from smg import __version__
+
+_USAGE = """usage: smg [--version] <command> [options]
+
+commands:
+  launch        start the gateway (supervisor + data-plane processes)
+  mock-worker   start one or more mock SGLang/vLLM HTTP workers
+  bench         benchmark an OpenAI-compatible endpoint
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        print(f"smg {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "launch":
+        from smg.launch import main as launch_main
+
+        return launch_main(rest)
+    if command == "mock-worker":
+        from smg.mock_worker import main as mock_main
+
+        return mock_main(rest)
+    if command == "bench":
+        from smg.bench import main as bench_main
+
+        return bench_main(rest)
+    print(f"smg: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+    return 2

@@ -1,0 +1,58 @@
+"""The policy interface: pure selection logic over a read-only view of worker load.
+
+A policy never touches sockets or shared memory directly: it reads load through a
+`LoadView`, which the data plane backs with the shared-memory table and tests back
+with an in-memory fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+
+class BackendLoad(msgspec.Struct, frozen=True):
+    """What the load monitor last read from a worker's own load endpoint."""
+
+    running: int = 0  # requests the engine is running
+    waiting: int = 0  # requests queued inside the engine
+    token_usage: float = 0.0  # KV-cache usage, 0.0-1.0
+    throughput: float = 0.0  # generation tokens/s the engine reports, 0 if unknown
+    valid: bool = False  # False until a scrape succeeded (then only in-flight counts apply)
+
+
+class LoadView(Protocol):
+    def in_flight(self, row: int) -> int:
+        """Requests this gateway has in flight to the worker, summed over all processes."""
+        ...
+
+    def backend_load(self, row: int) -> BackendLoad:
+        """The worker's last backend-reported load."""
+        ...
+
+
+class RouteRequest(msgspec.Struct):
+    """What routing knows about one request (parsed once, cheaply)."""
+
+    model: str | None = None
+    stream: bool = False
+    text: str | None = None  # prompt text, only extracted for policies that need it
+    prompt_tokens: int | None = None  # token count when known (gRPC mode)
+
+
+class Policy:
+    """Base class: choose one of `rows` (worker table rows, all routable)."""
+
+    name: str = "base"
+    needs_text: bool = False  # True makes the data plane extract the prompt text
+
+    def select(self, rows: Sequence[int], view: LoadView, request: RouteRequest) -> int:
+        raise NotImplementedError
+
+    def on_dispatch(self, row: int) -> None:
+        """Called after the data plane sent a request to `row` (optional bookkeeping)."""
+
+    def on_complete(self, row: int) -> None:
+        """Called when a request to `row` ended, however it ended."""
