@@ -21,6 +21,14 @@ class BackendLoad(msgspec.Struct, frozen=True):
     token_usage: float = 0.0  # KV-cache usage, 0.0-1.0
     throughput: float = 0.0  # generation tokens/s the engine reports, 0 if unknown
     valid: bool = False  # False until a scrape succeeded (then only in-flight counts apply)
+    # Added for least_load / power_of_two (Rust `num_waiting_uncached_tokens`, summed over DP
+    # ranks): prompt tokens queued and not served from cache; 0 = not reported, and the
+    # policies then estimate the queue as waiting * mean_prefill_tokens.
+    waiting_tokens: int = 0
+    # When the monitor stored this scrape (any clock; only changes matter). A new value
+    # tells a policy a fresh poll arrived, so its "dispatched since the last poll" tally
+    # for the worker restarts from zero, as Rust's update_loads does.
+    updated: float = 0.0
 
 
 class LoadView(Protocol):
@@ -42,11 +50,17 @@ class RouteRequest(msgspec.Struct):
     prompt_tokens: int | None = None  # token count when known (gRPC mode)
 
 
+class NoEligibleWorker(LookupError):
+    """Raised by select() when the policy vetoes every row (least_load's waiting-queue
+    cap): Rust returns no worker and the request goes to the admission queue."""
+
+
 class Policy:
     """Base class: choose one of `rows` (worker table rows, all routable)."""
 
     name: str = "base"
     needs_text: bool = False  # True makes the data plane extract the prompt text
+    needs_backend_loads: bool = False  # True: the load monitor must poll the workers
 
     def select(self, rows: Sequence[int], view: LoadView, request: RouteRequest) -> int:
         raise NotImplementedError

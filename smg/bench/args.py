@@ -1,0 +1,191 @@
+"""Command-line flags: `vllm bench serve`'s names and defaults, SGLang's shared-prefix
+flags, and smg's own (client processes, error threshold, overhead mode)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from smg.bench.backends import BACKENDS
+from smg.bench.datasets import DATASETS
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _processes(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number or 'auto'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smg bench",
+        description=(
+            "Benchmark an OpenAI-compatible endpoint (flags as `vllm bench serve`). "
+            "Sub-commands: `smg bench compare A.json B.json`, `smg bench stub`, "
+            "`smg bench calibrate`. See docs/bench.md."
+        ),
+    )
+    t = p.add_argument_group("target")
+    t.add_argument("--base-url", help="server base URL (else http://HOST:PORT)")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, default=8000)
+    t.add_argument("--endpoint", help="API path (default depends on --backend)")
+    t.add_argument("--backend", default="openai", choices=list(BACKENDS))
+    t.add_argument("--model", help="model name (default: first of GET /v1/models)")
+    t.add_argument("--served-model-name", help="model name sent in requests, if not --model")
+    t.add_argument("--tokenizer", help="local tokenizer.json or a directory holding one")
+    t.add_argument("--tokenizer-mode", default="auto", help="accepted for compatibility")
+    t.add_argument("--trust-remote-code", action="store_true", help="accepted; no effect")
+    t.add_argument("--header", nargs="*", metavar="KEY=VALUE", help="extra request headers")
+    t.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="seconds")
+    t.add_argument("--insecure", action="store_true", help="skip TLS verification")
+    t.add_argument("--ready-check-timeout-sec", type=int, default=0)
+    t.add_argument("--request-id-prefix", default="bench-", help="X-Request-Id prefix")
+
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset-name", default="random", choices=list(DATASETS))
+    d.add_argument("--dataset-path", help="local file for sharegpt / timed_trace")
+    d.add_argument("--num-prompts", type=int, default=1000)
+    d.add_argument("--input-len", type=int, help="sets --random-input-len")
+    d.add_argument("--output-len", type=int, help="sets every dataset's output length")
+    d.add_argument("--random-input-len", type=int, default=1024)
+    d.add_argument("--random-output-len", type=int, default=128)
+    d.add_argument("--random-range-ratio", type=float, default=0.0)
+    d.add_argument("--random-prefix-len", type=int, default=0)
+    d.add_argument("--sharegpt-output-len", type=int)
+    d.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
+    d.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
+    d.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
+    d.add_argument("--prefix-repetition-output-len", type=int, default=128)
+    d.add_argument("--gsp-num-groups", type=int, default=64)
+    d.add_argument("--gsp-prompts-per-group", type=int, default=16)
+    d.add_argument("--gsp-system-prompt-len", type=int, default=2048)
+    d.add_argument("--gsp-question-len", type=int, default=128)
+    d.add_argument("--gsp-output-len", type=int, default=256)
+    d.add_argument("--timed-trace-chunk-hash-size", type=int, default=16)
+    d.add_argument("--timed-trace-sec-multiplier", type=float, default=1.0)
+    d.add_argument("--self-timed", action=argparse.BooleanOptionalAction, default=None)
+    d.add_argument("--disable-shuffle", action="store_true")
+    d.add_argument("--no-oversample", action="store_true")
+    d.add_argument("--seed", type=int, default=0)
+
+    r = p.add_argument_group("load")
+    r.add_argument("--request-rate", type=float, default=float("inf"))
+    r.add_argument("--burstiness", type=float, default=1.0)
+    r.add_argument("--max-concurrency", type=int)
+    r.add_argument("--ramp-up-strategy", choices=["linear", "exponential"])
+    r.add_argument("--ramp-up-start-rps", type=float)
+    r.add_argument("--ramp-up-end-rps", type=float)
+    r.add_argument("--num-warmups", type=int, default=0)
+    r.add_argument("--ignore-eos", action="store_true")
+    r.add_argument("--disable-stream", "--no-stream", action="store_true", dest="disable_stream")
+    r.add_argument("--disable-tqdm", action="store_true", help="accepted; no progress bar")
+
+    s = p.add_argument_group("sampling overrides (merged into each request body)")
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--frequency-penalty", type=float)
+    s.add_argument("--presence-penalty", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--logprobs", type=int)
+    s.add_argument("--extra-body", type=_json_object, help="JSON object merged into bodies")
+
+    o = p.add_argument_group("results")
+    o.add_argument("--percentile-metrics", help="comma list of ttft,tpot,itl,e2el")
+    o.add_argument("--metric-percentiles", default="99", help="comma list, e.g. 50,90,99")
+    o.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="e.g. ttft:500 tpot:50")
+    o.add_argument("--save-result", action="store_true")
+    o.add_argument("--save-detailed", action="store_true")
+    o.add_argument("--append-result", action="store_true")
+    o.add_argument("--result-dir")
+    o.add_argument("--result-filename")
+    o.add_argument("--label")
+    o.add_argument("--metadata", nargs="*", metavar="KEY=VALUE")
+
+    h = p.add_argument_group("smg: honesty and scale")
+    h.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="fraction of failed requests above which the run is invalid (exit 1)",
+    )
+    h.add_argument(
+        "--client-processes",
+        type=_processes,
+        default=1,
+        help="client processes (N or auto); requests are split round-robin",
+    )
+
+    v = p.add_argument_group("smg: overhead mode")
+    v.add_argument("--overhead", action="store_true", help="pair direct vs gateway requests")
+    v.add_argument("--direct-url", help="worker base URL (direct path)")
+    v.add_argument("--gateway-url", help="gateway base URL")
+    v.add_argument("--gateway-pid", type=int, help="gateway supervisor PID (else by port)")
+    v.add_argument(
+        "--worker-url",
+        action="append",
+        default=[],
+        help="worker base URL whose GET /mock/stats counts requests (repeatable)",
+    )
+    return p
+
+
+def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"invalid {what} {item!r}: use KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items or []:
+        try:
+            name, value = item.split(":", 1)
+            ms = float(value)
+        except ValueError:
+            raise ValueError(f"invalid --goodput {item!r}: use METRIC:MS") from None
+        if name not in ("ttft", "tpot", "e2el"):
+            raise ValueError(f"invalid --goodput metric {name!r}: use ttft, tpot or e2el")
+        if ms < 0:
+            raise ValueError(f"invalid --goodput value {item!r}: must be >= 0")
+        out[name] = ms
+    return out
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "logprobs",
+    )
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    out.update(args.extra_body or {})
+    return out

@@ -1,0 +1,1187 @@
+"""The configuration model of `smg launch`: one struct, one loader, one validator.
+
+Layers, lowest to highest: field defaults < `--config FILE` (YAML or TOML) < `SMG_*`
+environment variables < command-line flags. Only values a layer actually names override
+the layer below (argparse defaults are SUPPRESS), so a flag left off never resets a file
+setting. Every layer goes through the same conversion and `validate_config`, so a bad
+value is refused the same way wherever it came from, with a `ConfigError` naming the key,
+the reason and the layer.
+
+Environment rule: a variable `SMG_<NAME>` is a setting when `<name>` (lower-cased) is a
+GatewayConfig field (`SMG_HEALTH_CHECK_INTERVAL_SECS=5`). `SMG__*` (double underscore) is
+reserved for smg's own process plumbing and never read as a setting; the variables the
+Rust SMG reads for its engines (`RUST_SMG_ENV`) are ignored; any other `SMG_*` name is
+refused as an unknown setting, so a typo cannot silently do nothing.
+
+`processes: None` means "use default_processes()": it stays None in the struct (a written-out
+config stays portable between machines); call `cfg_processes(cfg)` for the number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import ipaddress
+import math
+import os
+import re
+import shlex
+import sys
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+__all__ = [
+    "CHOICES",
+    "DEFAULTS",
+    "IMPLEMENTED_POLICIES",
+    "PROCESS_CAP",
+    "RUST_SMG_ENV",
+    "ConfigError",
+    "GatewayConfig",
+    "build_parser",
+    "cfg_processes",
+    "cgroup_cpu_limit",
+    "default_processes",
+    "is_secret_key",
+    "load_config",
+    "mask_secret",
+    "model_aliases",
+    "normalize_worker_url",
+    "render_config",
+    "validate_config",
+]
+
+
+class ConfigError(Exception):
+    """A refused setting: `key` is the setting (or JSON field) name, `reason` says why,
+    `source` says which layer supplied it (flag, environment variable, config file)."""
+
+    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.source = source
+        suffix = f" (from {source})" if source else ""
+        super().__init__(f"{key}: {reason}{suffix}")
+
+
+class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One field per `smg launch` flag, named after the flag (`-` -> `_`)."""
+
+    # Worker configuration
+    host: str = "0.0.0.0"
+    port: int = 30000
+    worker_urls: list[str] = []
+    upstream_pool_idle_timeout_secs: int = 3
+    health_check_port: int | None = None
+    # Routing policy
+    policy: str = "round_robin"
+    power_of_two_load_metric: str = "expected_wait"
+    least_load_kv_pressure_weight: float = 0.15
+    least_load_default_throughput: float = 2000.0
+    least_load_mean_prefill_tokens: int = 1024
+    least_load_max_waiting_requests: int = 0
+    max_payload_size: int = 536870912
+    enable_igw: bool = False
+    # Worker start-up and load monitoring
+    worker_startup_timeout_secs: int = 1800
+    worker_startup_check_interval: int = 30
+    load_monitor_interval: int = 10
+    disable_load_monitoring: bool = False
+    # Request handling
+    request_timeout_secs: int = 1800
+    shutdown_grace_period_secs: int = 180
+    header_read_timeout_secs: int = 30
+    idle_connection_timeout_secs: int = 90
+    request_id_headers: list[str] | None = None
+    cors_allowed_origins: list[str] = []
+    # Rate limiting (parsed and validated; admission control arrives in a later issue)
+    max_concurrent_requests: int = -1
+    queue_size: int = 100
+    queue_timeout_secs: int = 60
+    # Health checks
+    health_failure_threshold: int = 3
+    health_success_threshold: int = 2
+    health_check_timeout_secs: int = 5
+    health_check_interval_secs: int = 60
+    health_check_endpoint: str = "/health"
+    disable_health_check: bool = False
+    remove_unhealthy_workers: bool | None = None
+    # Models and tokenizer
+    model_alias: list[str] = []
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    chat_template: str | None = None
+    disable_tokenizer_autoload: bool = False
+    backend: str = "sglang"
+    # Logging and metrics
+    log_level: str = "info"
+    log_json: bool = False
+    log_dir: str | None = None
+    prometheus_port: int = 29000
+    prometheus_host: str | None = None
+    # Authentication
+    api_key: str | None = None
+    # smg-only (see docs/flags.md)
+    config: str | None = None
+    print_config: bool = False
+    processes: int | None = None
+    listen_mode: str = "reuseport"
+    worker_table_capacity: int = 1024
+    upstream_connect_timeout_secs: float = 10.0
+    upstream_pool_max_per_worker: int = 256
+    mock_workers: int = 0
+    mock_worker_engine: str = "sglang"
+    mock_worker_args: str = ""
+
+
+DEFAULTS: dict[str, Any] = msgspec.structs.asdict(GatewayConfig())
+_FIELDS: tuple[str, ...] = GatewayConfig.__struct_fields__
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(GatewayConfig)
+
+# Rust SMG's policy names; only IMPLEMENTED_POLICIES route today, the rest are refused with a
+# clear message rather than by argparse, so a Rust command line gets an explanation.
+RUST_POLICIES: tuple[str, ...] = (
+    "random",
+    "round_robin",
+    "passthrough",
+    "cache_aware",
+    "power_of_two",
+    "least_load",
+    "manual",
+    "consistent_hashing",
+    "prefix_hash",
+)
+IMPLEMENTED_POLICIES: tuple[str, ...] = ("random", "round_robin", "power_of_two", "least_load")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "policy": RUST_POLICIES,
+    "power_of_two_load_metric": ("expected_wait", "requests", "least_requests"),
+    "log_level": ("debug", "info", "warn", "error"),
+    "backend": ("sglang", "openai", "anthropic", "vllm", "tokenspeed"),
+    "listen_mode": ("reuseport", "inherit"),
+    "mock_worker_engine": ("sglang", "vllm"),
+}
+
+# Environment variables the Rust SMG reads for its engines and media paths; a deployment
+# moved over from the Rust gateway may still set them, and they are not smg settings.
+RUST_SMG_ENV: frozenset[str] = frozenset(
+    {
+        "SMG_AUDIO_DECODE_BACKEND",
+        "SMG_AUDIO_MAX_DECODED_BYTES",
+        "SMG_AUDIO_MAX_INPUT_BYTES",
+        "SMG_AUDIO_PROCESS_TIMEOUT_SECS",
+        "SMG_BUILD_WITH_RUST",
+        "SMG_DEFAULT_BACKEND",
+        "SMG_IMAGE_MAX_INPUT_BYTES",
+        "SMG_LOG_MM_TIMING",
+        "SMG_MM_ALLOW_PRIVATE_MEDIA_HOSTS",
+        "SMG_MM_PIXEL_CACHE_MB",
+        "SMG_MM_PIXEL_RDMA",
+        "SMG_MM_PROCESSING",
+        "SMG_MM_SHM_MIN_BYTES",
+        "SMG_MM_TENSOR_TRANSPORT",
+        "SMG_RDMA_LANDING_WAIT_S",
+        "SMG_RDMA_LISTEN_IP",
+        "SMG_RDMA_LISTEN_PORT",
+        "SMG_RDMA_POOL_SLOTS",
+        "SMG_RDMA_READ_TIMEOUT_S",
+        "SMG_RDMA_SLOT_BYTES",
+        "SMG_RDMA_SLOT_TTL_S",
+        "SMG_TOKENSPEED_AUDIO_ENCODER_INPUT_DTYPE",
+        "SMG_TOKENSPEED_ENCODER_INPUT_DTYPE",
+        "SMG_TOKENSPEED_IMAGE_ENCODER_INPUT_DTYPE",
+        "SMG_TOKENSPEED_MM_SHM_MIN_BYTES",
+        "SMG_TOKENSPEED_MM_TENSOR_TRANSPORT",
+        "SMG_TOKENSPEED_VIDEO_ENCODER_INPUT_DTYPE",
+        "SMG_VIDEO_DECODE_BACKEND",
+        "SMG_VIDEO_MAX_DECODED_BYTES",
+        "SMG_VIDEO_MAX_INPUT_BYTES",
+        "SMG_VIDEO_PROCESS_TIMEOUT_SECS",
+        "SMG_ZMQ_SOCKET_DIR",
+    }
+)
+ENV_PREFIX = "SMG_"
+ENV_RESERVED_PREFIX = "SMG__"
+
+# More data-plane processes than this buys little (the upstream workers, not the proxy,
+# are the bottleneck) and each one holds its own keep-alive pools to every worker.
+PROCESS_CAP = 16
+_MAX_EXPLICIT_PROCESSES = 256
+_MAX_MOCK_WORKERS = 256
+_MAX_WORKER_TABLE_CAPACITY = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets
+
+
+_SECRET_WORDS = frozenset({"key", "keys", "secret", "secrets", "password", "passwords", "token"})
+
+
+def is_secret_key(name: str) -> bool:
+    """A credential by name: its last `_`/`-` word is key/secret/password/token.
+
+    Matching the last word only keeps `tokenizer_path` and `mean_prefill_tokens` visible.
+    """
+    words = re.split(r"[_\-.]", name.lower())
+    return bool(words) and words[-1] in _SECRET_WORDS
+
+
+def mask_secret(value: str | None) -> str | None:
+    """Mask a credential for logs and `--print-config`.
+
+    Keys of 16+ characters keep their first 3 (a vendor prefix such as `sk-`, enough to
+    tell two keys apart, at most a fifth of the key); shorter ones are masked whole.
+    """
+    if value is None:
+        return None
+    if value == "":
+        return ""
+    if len(value) >= 16:
+        return value[:3] + "***"
+    return "***"
+
+
+# ---------------------------------------------------------------------------------------
+# Worker URLs (shared with smg.workers_spec)
+
+WORKER_URL_SCHEMES: tuple[str, ...] = ("http", "https", "grpc", "grpcs")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_worker_url(url: object, key: str = "url", source: str | None = None) -> str:
+    """Return the canonical form of a worker URL or raise ConfigError.
+
+    Scheme must be a lowercase http/https/grpc/grpcs (as in the Rust SMG); the host is
+    required; gRPC URLs need an explicit port (no default); trailing slashes are dropped;
+    userinfo, query and fragment are refused (credentials belong in api_key).
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigError(key, "worker URL must be a non-empty string", source)
+    if url != url.strip() or any(c.isspace() or ord(c) < 0x20 for c in url):
+        raise ConfigError(key, f"worker URL {url!r} contains whitespace", source)
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in WORKER_URL_SCHEMES:
+        if sep and scheme == "ipc":
+            reason = "ipc:// (ZMQ) workers are not supported by smg"
+        else:
+            reason = "must start with a lowercase " + ", ".join(
+                f"{s}://" for s in WORKER_URL_SCHEMES
+            )
+        raise ConfigError(key, f"worker URL {url!r}: {reason}", source)
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            key,
+            f"worker URL for host {parts.hostname!r}: credentials in the URL are not "
+            "supported; pass the key as api_key",
+            source,
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(key, f"worker URL {url!r} must not have a query or fragment", source)
+    host = parts.hostname
+    if not host:
+        raise ConfigError(key, f"worker URL {url!r} has no host", source)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, f"worker URL {url!r} has an invalid port", source) from None
+    if port is None and scheme not in _DEFAULT_PORTS:
+        raise ConfigError(key, f"worker URL {url!r} needs an explicit port (host:port)", source)
+    if port == 0:
+        raise ConfigError(key, f"worker URL {url!r}: port must be 1-65535", source)
+    if not _valid_host(host):
+        raise ConfigError(key, f"worker URL {url!r} has an invalid host {host!r}", source)
+    return url.rstrip("/")
+
+
+_HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return len(host) <= 253 and bool(_HOSTNAME_RE.match(host))
+
+
+# ---------------------------------------------------------------------------------------
+# CPUs
+
+
+def _walk_up(mount: Path, rel: str) -> Iterable[Path]:
+    parts = [p for p in rel.strip("/").split("/") if p and p != ".."]
+    for i in range(len(parts), -1, -1):
+        yield mount.joinpath(*parts[:i])
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """CPUs the cgroup CPU quota allows (e.g. 1.5), or None when there is no quota.
+
+    Reads cgroup v2 `cpu.max` (also under the hybrid `unified/` mount) and cgroup v1
+    `cpu.cfs_quota_us`/`cpu.cfs_period_us`, for this process's cgroup and every ancestor
+    up to the mount (a parent's quota caps its children), and returns the tightest.
+    When the listed path is not visible (a container's namespaced mount) the mount
+    root itself is read.
+    """
+    text = _read(proc_cgroup) or "0::/"
+    limits: list[float] = []
+    for line in text.splitlines():
+        hier, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hier == "0" and controllers == "":
+            for mount in (root, root / "unified"):
+                for d in _walk_up(mount, rel):
+                    raw = _read(d / "cpu.max")
+                    if raw:
+                        quota, _, period = raw.partition(" ")
+                        if quota != "max":
+                            try:
+                                q, p = float(quota), float(period or "100000")
+                            except ValueError:
+                                continue
+                            if q > 0 and p > 0:
+                                limits.append(q / p)
+        elif "cpu" in controllers.split(","):
+            mounts = {root / controllers, root / "cpu", root / "cpu,cpuacct"}
+            for mount in sorted(mounts):
+                for d in _walk_up(mount, rel):
+                    quota_s = _read(d / "cpu.cfs_quota_us")
+                    period_s = _read(d / "cpu.cfs_period_us")
+                    if quota_s is None or period_s is None:
+                        continue
+                    try:
+                        q, p = float(quota_s), float(period_s)
+                    except ValueError:
+                        continue
+                    if q > 0 and p > 0:
+                        limits.append(q / p)
+    return min(limits) if limits else None
+
+
+def default_processes() -> int:
+    """Data-plane processes by default: the CPUs this process may actually use.
+
+    CPU affinity (`sched_getaffinity`) intersected with the cgroup quota, rounded up,
+    at least 1, at most PROCESS_CAP (16).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, min(cpus, PROCESS_CAP))
+
+
+def cfg_processes(cfg: GatewayConfig) -> int:
+    """The number of data-plane processes `cfg` asks for (None -> default_processes())."""
+    return cfg.processes if cfg.processes is not None else default_processes()
+
+
+# ---------------------------------------------------------------------------------------
+# Field kinds and conversion
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(base type, optional?) of a field annotation."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _is_list(field: str) -> bool:
+    return typing.get_origin(_unwrap(_FIELD_TYPES[field])[0]) is list
+
+
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0"})
+
+
+def _from_text(field: str, text: str, source: str) -> Any:
+    """Convert a string (environment or flag argument) to the field's type."""
+    base, optional = _unwrap(_FIELD_TYPES[field])
+    if optional and text.strip() == "":
+        return None
+    if typing.get_origin(base) is list:
+        return [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    if base is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(field, f"expected a boolean (true/false/1/0), got {text!r}", source)
+    if base is int:
+        try:
+            return int(text.strip(), 10)
+        except ValueError:
+            raise ConfigError(field, f"expected an integer, got {text!r}", source) from None
+    if base is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ConfigError(field, f"expected a number, got {text!r}", source) from None
+    return text
+
+
+def _convert(field: str, value: Any, source: str) -> Any:
+    """Type-check a value already parsed (config file, flags) against the field."""
+    if field == "model_alias" and isinstance(value, Mapping):
+        # A file may write aliases as a mapping; the flag form is a list of alias=canonical.
+        value = [f"{k}={v}" for k, v in value.items()]
+    try:
+        return msgspec.convert(value, _FIELD_TYPES[field])
+    except msgspec.ValidationError as exc:
+        reason = re.sub(r" - at `\$[^`]*`$", "", str(exc))
+        raise ConfigError(field, f"{reason}, got {value!r}", source) from None
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, _FIELDS, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+
+
+def _file_layer(path_s: str, source_of_path: str) -> dict[str, tuple[Any, str]]:
+    path = Path(path_s)
+    src = f"config file {path_s}"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            "config", f"cannot read {path_s!r}: {exc.strerror}", source_of_path
+        ) from None
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
+        except _DuplicateKey as exc:
+            raise ConfigError(exc.key, "set twice in the file", src) from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                "config", f"{path_s} is not valid YAML: {exc}", source_of_path
+            ) from None
+    elif suffix == ".toml":
+        data = _load_toml(raw, path_s, source_of_path)
+    else:
+        raise ConfigError(
+            "config",
+            f"{path_s!r}: config file must end in .yaml, .yml or .toml",
+            source_of_path,
+        )
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path_s} must hold a mapping of settings", source_of_path)
+    layer: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        where = f"{src} key {key!r}"
+        if name == "config":
+            raise ConfigError(str(key), "a config file cannot name another config file", src)
+        if name not in _FIELDS:
+            raise ConfigError(str(key), "unknown setting" + _suggest(name), src)
+        if name in layer:
+            raise ConfigError(str(key), "set twice (with '-' and '_' spellings)", src)
+        layer[name] = (_convert(name, value, where), where)
+    return layer
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(str(key))
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_toml(raw: bytes, path_s: str, source_of_path: str) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised only on 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(
+                "config",
+                "TOML config files need Python 3.11+ or the tomli package",
+                source_of_path,
+            ) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path_s} is not valid TOML: {exc}", source_of_path) from None
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    layer: dict[str, tuple[Any, str]] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_RESERVED_PREFIX):
+            continue
+        if name in RUST_SMG_ENV:
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        src = f"environment variable {name}"
+        if field not in _FIELDS:
+            close = difflib.get_close_matches(field, _FIELDS, n=1, cutoff=0.75)
+            hint = f"; did you mean {ENV_PREFIX + close[0].upper()}?" if close else ""
+            raise ConfigError(
+                name,
+                "unknown setting (SMG_* variables name smg launch settings; use SMG__* "
+                "for anything else)" + hint,
+                src,
+            )
+        layer[field] = (_from_text(field, env[name], src), src)
+    return layer
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass(frozen=True)
+class _Flag:
+    field: str
+    help: str
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+
+
+def _flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+_GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
+    (
+        "Worker Configuration",
+        (
+            _Flag("host", "Host address to bind the gateway (IPv4, IPv6 or a hostname)"),
+            _Flag("port", "Port to bind the gateway; 0 lets the OS pick one"),
+            _Flag("worker_urls", "Worker URLs (http://, https://, grpc:// with host:port)"),
+            _Flag(
+                "upstream_pool_idle_timeout_secs",
+                "Idle timeout in seconds for pooled upstream connections; keep it below the "
+                "workers' keep-alive timeout. 0 keeps idle connections forever",
+            ),
+            _Flag(
+                "health_check_port",
+                "Dedicated port for liveness/readiness probes; unset = probes only on --port",
+            ),
+        ),
+    ),
+    (
+        "Routing Policy",
+        (
+            _Flag(
+                "policy",
+                "Load balancing policy. smg implements "
+                + ", ".join(IMPLEMENTED_POLICIES)
+                + "; the other Rust SMG policies are refused until implemented",
+            ),
+            _Flag("power_of_two_load_metric", "What power_of_two compares"),
+            _Flag(
+                "least_load_kv_pressure_weight",
+                "KV-pressure weight (seconds) for the least_load policy",
+            ),
+            _Flag(
+                "least_load_default_throughput",
+                "Fallback generation throughput (tokens/s) for least_load",
+            ),
+            _Flag(
+                "least_load_mean_prefill_tokens",
+                "Mean prefill tokens for least_load when a request's token count is unknown",
+            ),
+            _Flag(
+                "least_load_max_waiting_requests",
+                "Per-worker waiting-queue cap for least_load; 0 disables",
+            ),
+            _Flag("max_payload_size", "Maximum request payload size in bytes"),
+            _Flag("enable_igw", "Enable IGW (multi-model) mode"),
+        ),
+    ),
+    (
+        "Worker Start-up and Load Monitoring",
+        (
+            _Flag(
+                "worker_startup_timeout_secs",
+                "Timeout in seconds for worker start-up and registration",
+            ),
+            _Flag(
+                "worker_startup_check_interval",
+                "Interval in seconds between worker start-up checks",
+            ),
+            _Flag("load_monitor_interval", "Interval in seconds between worker load polls"),
+            _Flag(
+                "disable_load_monitoring",
+                "Only poll worker loads when a load-aware policy needs them",
+            ),
+        ),
+    ),
+    (
+        "Request Handling",
+        (
+            _Flag("request_timeout_secs", "Request timeout in seconds"),
+            _Flag(
+                "shutdown_grace_period_secs",
+                "Seconds to wait for in-flight requests during shutdown",
+            ),
+            _Flag(
+                "header_read_timeout_secs",
+                "Close a connection that sends no complete request head within this many "
+                "seconds; 0 disables",
+            ),
+            _Flag(
+                "idle_connection_timeout_secs",
+                "Close a keep-alive connection idle this many seconds; 0 disables",
+            ),
+            _Flag(
+                "request_id_headers",
+                "Headers checked, in order, for a request id; unset uses common defaults",
+            ),
+            _Flag(
+                "cors_allowed_origins",
+                "Origins a browser may call the gateway from, or '*' alone for any",
+            ),
+        ),
+    ),
+    (
+        "Rate Limiting (parsed and validated; admission control is not wired yet)",
+        (
+            _Flag(
+                "max_concurrent_requests",
+                "Maximum concurrent requests; -1 derives it from the host, 0 disables",
+            ),
+            _Flag("queue_size", "Queue size when the concurrency limit is reached; 0 = no queue"),
+            _Flag("queue_timeout_secs", "Maximum seconds a request may wait in the queue"),
+        ),
+    ),
+    (
+        "Health Checks",
+        (
+            _Flag(
+                "health_failure_threshold",
+                "Consecutive failed checks before a worker is unhealthy (at least 1)",
+            ),
+            _Flag(
+                "health_success_threshold",
+                "Consecutive good checks before a worker is healthy (at least 1)",
+            ),
+            _Flag("health_check_timeout_secs", "Health check timeout in seconds (at least 1)"),
+            _Flag(
+                "health_check_interval_secs",
+                "Seconds between runtime health checks (at least 1)",
+            ),
+            _Flag("health_check_endpoint", "Health check endpoint path"),
+            _Flag("disable_health_check", "Disable all worker health checks"),
+        ),
+    ),
+    (
+        "Models and Tokenizer",
+        (
+            _Flag(
+                "model_alias",
+                "Extra client-facing model name, <alias>=<canonical>; repeat for more",
+            ),
+            _Flag(
+                "model_path",
+                "Model path or HuggingFace id for the tokenizer",
+                aliases=("--model",),
+                metavar="MODEL_PATH",
+            ),
+            _Flag("tokenizer_path", "Explicit tokenizer path (overrides --model-path)"),
+            _Flag("chat_template", "Chat template path"),
+            _Flag("disable_tokenizer_autoload", "Do not load a tokenizer at start-up"),
+            _Flag("backend", "Backend runtime the workers run"),
+        ),
+    ),
+    (
+        "Logging and Metrics",
+        (
+            _Flag("log_level", "Logging level"),
+            _Flag("log_json", "Output logs in JSON format"),
+            _Flag("log_dir", "Directory for log files; unset logs to the console only"),
+            _Flag("prometheus_port", "Port for Prometheus metrics; 0 lets the OS pick one"),
+            _Flag(
+                "prometheus_host",
+                "Host for the metrics server; unset = the unspecified address of --host's family",
+            ),
+        ),
+    ),
+    (
+        "Authentication",
+        (_Flag("api_key", "API key sent to workers (Authorization: Bearer)"),),
+    ),
+    (
+        "smg only (see docs/flags.md)",
+        (
+            _Flag(
+                "config",
+                "Read settings from a YAML (.yaml/.yml) or TOML (.toml) file; "
+                "environment variables and flags override it",
+                metavar="FILE",
+            ),
+            _Flag(
+                "print_config",
+                "Print the effective configuration (secrets masked) and exit",
+            ),
+            _Flag(
+                "processes",
+                "Data-plane processes; unset = usable CPUs (affinity and cgroup quota, "
+                f"at most {PROCESS_CAP})",
+                metavar="N",
+            ),
+            _Flag("listen_mode", "How data-plane processes share the listening port"),
+            _Flag(
+                "worker_table_capacity",
+                "Slots in the shared worker table (workers the gateway can hold)",
+            ),
+            _Flag(
+                "upstream_connect_timeout_secs",
+                "Timeout in seconds to open a connection to a worker",
+            ),
+            _Flag(
+                "upstream_pool_max_per_worker",
+                "Maximum keep-alive connections per worker in each data-plane process",
+            ),
+            _Flag("mock_workers", "Start N mock workers and route to them (0 = none)", metavar="N"),
+            _Flag("mock_worker_engine", "Which engine the mock workers imitate"),
+            _Flag(
+                "mock_worker_args",
+                "Extra arguments passed through to the mock workers (one shell-quoted string)",
+                metavar="ARGS",
+            ),
+        ),
+    ),
+)
+
+# Every option string that sets remove_unhealthy_workers, with the value it stores.
+_REMOVE_UNHEALTHY_FLAGS: tuple[tuple[str, bool], ...] = (
+    ("--remove-unhealthy-workers", True),
+    ("--no-remove-unhealthy-workers", False),
+    ("--worker-auto-recovery", True),
+    ("--no-worker-auto-recovery", False),
+)
+
+
+_REMOVE_UNHEALTHY_HELP: dict[str, str] = {
+    "--remove-unhealthy-workers": "Remove workers from the registry once they are unhealthy "
+    f"(default: {DEFAULTS['remove_unhealthy_workers']}, which is off without service "
+    "discovery)",
+    "--no-remove-unhealthy-workers": "Keep unhealthy workers registered",
+    "--worker-auto-recovery": "Same as --remove-unhealthy-workers (the Rust SMG's newer name)",
+    "--no-worker-auto-recovery": "Same as --no-remove-unhealthy-workers",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of exiting on a bad command line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        m = re.match(r"argument (--[\w-]+)(?:/[-\w/]+)?: (.*)", message, re.S)
+        if m:
+            flag = m.group(1)
+            raise ConfigError(_dest_of(self, flag), m.group(2), f"flag {flag}")
+        m = re.match(r"unrecognized arguments: (.*)", message, re.S)
+        if m:
+            first = m.group(1).split()[0]
+            raise ConfigError(first, "unknown flag (see smg launch --help)", "command line")
+        raise ConfigError("command line", message)
+
+
+def _dest_of(parser: argparse.ArgumentParser, flag: str) -> str:
+    for action in parser._actions:
+        if flag in action.option_strings:
+            return action.dest
+    return flag
+
+
+def _default_text(value: Any) -> str:
+    return str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `smg launch` argument parser. Defaults are SUPPRESS: only given flags appear."""
+    parser = _Parser(
+        prog="smg launch",
+        description="Start the smg gateway (supervisor and data-plane processes).",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    for title, flags in _GROUPS:
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            _add_flag(group, flag)
+        if title == "Health Checks":
+            excl = group.add_mutually_exclusive_group()
+            for opt, value in _REMOVE_UNHEALTHY_FLAGS:
+                help_text = _REMOVE_UNHEALTHY_HELP[opt]
+                excl.add_argument(
+                    opt,
+                    dest="remove_unhealthy_workers",
+                    action="store_const",
+                    const=value,
+                    help=help_text,
+                )
+    return parser
+
+
+def _add_flag(group: Any, flag: _Flag) -> None:
+    field = flag.field
+    names = (_flag_name(field), *flag.aliases)
+    default = DEFAULTS[field]
+    choices = CHOICES.get(field)
+    help_text = f"{flag.help} (default: {_default_text(default)})"
+    base, _ = _unwrap(_FIELD_TYPES[field])
+    if base is bool:
+        group.add_argument(*names, dest=field, action="store_const", const="true", help=help_text)
+        return
+    metavar = flag.metavar or ("{" + ",".join(choices) + "}" if choices else field.upper())
+    if field == "model_alias":
+        group.add_argument(*names, dest=field, action="append", metavar=metavar, help=help_text)
+    elif _is_list(field):
+        group.add_argument(
+            *names, dest=field, nargs="*", action="extend", metavar=metavar, help=help_text
+        )
+    else:
+        group.add_argument(*names, dest=field, metavar=metavar, help=help_text)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+_Check = Callable[[Any], "str | None"]
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, gt: bool = False) -> _Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, got {v}"
+        if lo is not None and (v <= lo if gt else v < lo):
+            bound = f"> {lo}" if gt else f">= {lo}"
+            return f"must be {bound}, got {v}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _port(*, allow_zero: bool) -> _Check:
+    lo = 0 if allow_zero else 1
+
+    def check(v: int) -> str | None:
+        if not lo <= v <= 65535:
+            return f"must be a port number {lo}-65535, got {v}"
+        return None
+
+    return check
+
+
+def _host(v: str) -> str | None:
+    return None if _valid_host(v) else f"must be an IP address or hostname, got {v!r}"
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _header_value(v: str) -> str | None:
+    # The value goes into an Authorization header: a CR/LF would inject headers.
+    if not v or v != v.strip() or not all(0x21 <= ord(c) <= 0x7E for c in v):
+        return "must be non-empty visible ASCII without surrounding whitespace"
+    return None
+
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _header_names(v: list[str]) -> str | None:
+    for name in v:
+        if not _TOKEN_RE.match(name):
+            return f"{name!r} is not a valid HTTP header name"
+    return None
+
+
+def _endpoint(v: str) -> str | None:
+    if not v.startswith("/") or any(c.isspace() for c in v):
+        return f"must be a path starting with '/', got {v!r}"
+    return None
+
+
+def _origins(v: list[str]) -> str | None:
+    if "*" in v:
+        return None if v == ["*"] else "'*' must be the only origin when given"
+    for origin in v:
+        parts = urlsplit(origin)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+        ):
+            return f"{origin!r} is not an origin (scheme://host[:port])"
+    return None
+
+
+def _shell_words(v: str) -> str | None:
+    try:
+        shlex.split(v)
+    except ValueError as exc:
+        return f"cannot be split into arguments: {exc}"
+    return None
+
+
+def _choice(field: str) -> _Check:
+    def check(v: str) -> str | None:
+        if v not in CHOICES[field]:
+            return f"must be one of {', '.join(CHOICES[field])}, got {v!r}"
+        return None
+
+    return check
+
+
+_CHECKS: dict[str, tuple[_Check, ...]] = {
+    "host": (_host,),
+    "port": (_port(allow_zero=True),),
+    "upstream_pool_idle_timeout_secs": (_range(0),),
+    "health_check_port": (_port(allow_zero=False),),
+    "policy": (_choice("policy"),),
+    "power_of_two_load_metric": (_choice("power_of_two_load_metric"),),
+    "least_load_kv_pressure_weight": (_range(0.0),),
+    "least_load_default_throughput": (_range(0.0, gt=True),),
+    "least_load_mean_prefill_tokens": (_range(0, gt=True),),
+    "least_load_max_waiting_requests": (_range(0),),
+    "max_payload_size": (_range(0, gt=True),),
+    "worker_startup_timeout_secs": (_range(0, gt=True),),
+    "worker_startup_check_interval": (_range(0, gt=True),),
+    "load_monitor_interval": (_range(0, gt=True),),
+    "request_timeout_secs": (_range(0, gt=True),),
+    "shutdown_grace_period_secs": (_range(0),),
+    "header_read_timeout_secs": (_range(0),),
+    "idle_connection_timeout_secs": (_range(0),),
+    "request_id_headers": (_header_names,),
+    "cors_allowed_origins": (_origins,),
+    "max_concurrent_requests": (_range(-1),),
+    "queue_size": (_range(0),),
+    "queue_timeout_secs": (_range(0),),
+    "health_failure_threshold": (_range(1),),
+    "health_success_threshold": (_range(1),),
+    "health_check_timeout_secs": (_range(1),),
+    "health_check_interval_secs": (_range(1),),
+    "health_check_endpoint": (_endpoint,),
+    "model_path": (_nonempty,),
+    "tokenizer_path": (_nonempty,),
+    "chat_template": (_nonempty,),
+    "backend": (_choice("backend"),),
+    "log_level": (_choice("log_level"),),
+    "log_dir": (_nonempty,),
+    "prometheus_port": (_port(allow_zero=True),),
+    "prometheus_host": (_host,),
+    "api_key": (_header_value,),
+    "config": (_nonempty,),
+    "processes": (_range(1, _MAX_EXPLICIT_PROCESSES),),
+    "listen_mode": (_choice("listen_mode"),),
+    "worker_table_capacity": (_range(1, _MAX_WORKER_TABLE_CAPACITY),),
+    "upstream_connect_timeout_secs": (_range(0.0, gt=True),),
+    "upstream_pool_max_per_worker": (_range(1),),
+    "mock_workers": (_range(0, _MAX_MOCK_WORKERS),),
+    "mock_worker_engine": (_choice("mock_worker_engine"),),
+    "mock_worker_args": (_shell_words,),
+}
+
+
+def _parse_aliases(entries: list[str], source: str | None) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for item in entries:
+        alias, sep, canonical = item.partition("=")
+        if not sep:
+            raise ConfigError("model_alias", f"{item!r} is not <alias>=<canonical>", source)
+        if not alias or not canonical:
+            raise ConfigError(
+                "model_alias", f"{item!r}: alias and canonical model must be non-empty", source
+            )
+        if alias == canonical:
+            raise ConfigError(
+                "model_alias", f"{item!r}: alias must differ from the canonical model", source
+            )
+        previous = aliases.get(alias)
+        if previous is not None and previous != canonical:
+            raise ConfigError(
+                "model_alias",
+                f"alias {alias!r} maps to both {previous!r} and {canonical!r}",
+                source,
+            )
+        aliases[alias] = canonical
+    return aliases
+
+
+def model_aliases(cfg: GatewayConfig) -> dict[str, str]:
+    """`--model-alias` entries as {alias: canonical} (validated by load_config)."""
+    return _parse_aliases(cfg.model_alias, None)
+
+
+def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Check every field and cross-field rule; return `cfg` with worker URLs normalised.
+
+    `sources` maps a field to the layer that set it, for the error message.
+    """
+    src = dict(sources or {})
+    for field, checks in _CHECKS.items():
+        value = getattr(cfg, field)
+        if value is None:
+            continue
+        for check in checks:
+            reason = check(value)
+            if reason:
+                raise ConfigError(field, reason, src.get(field))
+
+    if cfg.policy not in IMPLEMENTED_POLICIES:
+        raise ConfigError(
+            "policy",
+            f"{cfg.policy!r} is not implemented yet in smg "
+            f"(implemented: {', '.join(IMPLEMENTED_POLICIES)})",
+            src.get("policy"),
+        )
+    if cfg.queue_size > 0 and cfg.queue_timeout_secs == 0:
+        raise ConfigError(
+            "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")
+        )
+    _parse_aliases(cfg.model_alias, src.get("model_alias"))
+
+    urls: list[str] = []
+    seen: set[str] = set()
+    for url in cfg.worker_urls:
+        norm = normalize_worker_url(url, "worker_urls", src.get("worker_urls"))
+        if norm in seen:
+            raise ConfigError("worker_urls", f"{norm!r} is listed twice", src.get("worker_urls"))
+        seen.add(norm)
+        urls.append(norm)
+    if len(urls) + cfg.mock_workers > cfg.worker_table_capacity:
+        raise ConfigError(
+            "worker_table_capacity",
+            f"{cfg.worker_table_capacity} slots cannot hold {len(urls)} worker URLs "
+            f"and {cfg.mock_workers} mock workers",
+            src.get("worker_table_capacity"),
+        )
+
+    for other in ("prometheus_port", "health_check_port"):
+        value = getattr(cfg, other)
+        if value and value == cfg.port:
+            raise ConfigError(other, f"must differ from port ({cfg.port})", src.get(other))
+    if cfg.health_check_port is not None and cfg.health_check_port == cfg.prometheus_port:
+        raise ConfigError(
+            "health_check_port",
+            f"must differ from prometheus_port ({cfg.prometheus_port})",
+            src.get("health_check_port"),
+        )
+    return msgspec.structs.replace(cfg, worker_urls=urls)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and rendering
+
+
+def load_config(argv: list[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Parse `smg launch` arguments (without the `launch` word) into a validated config.
+
+    `env` defaults to os.environ. `--help` prints the help and raises SystemExit(0).
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    parser = build_parser()
+    namespace = parser.parse_args(list(argv))
+    cli_layer: dict[str, tuple[Any, str]] = {}
+    for field, raw in vars(namespace).items():
+        src = f"flag {_flag_name(field)}"
+        if field == "remove_unhealthy_workers":
+            cli_layer[field] = (raw, "flag " + _remove_unhealthy_flag(argv, raw))
+        elif isinstance(raw, list):
+            cli_layer[field] = (_convert(field, raw, src), src)
+        else:
+            cli_layer[field] = (_from_text(field, raw, src), src)
+
+    env_layer = _env_layer(environ)
+    file_layer: dict[str, tuple[Any, str]] = {}
+    config_entry = cli_layer.get("config") or env_layer.get("config")
+    if config_entry is not None and config_entry[0] is not None:
+        file_layer = _file_layer(config_entry[0], config_entry[1])
+
+    values = dict(DEFAULTS)
+    sources: dict[str, str] = {}
+    for layer in (file_layer, env_layer, cli_layer):
+        for field, (value, src) in layer.items():
+            values[field] = value
+            sources[field] = src
+    cfg = GatewayConfig(**values)
+    return validate_config(cfg, sources)
+
+
+def _remove_unhealthy_flag(argv: list[str], value: bool) -> str:
+    for opt, stored in _REMOVE_UNHEALTHY_FLAGS:
+        if stored == value and opt in argv:
+            return opt
+    return "--remove-unhealthy-workers"
+
+
+def render_config(cfg: GatewayConfig) -> str:
+    """The effective configuration as YAML (keys = flag names), credentials masked.
+
+    `config` and `print_config` are left out (as comments) so that the output is itself a
+    valid `--config` file, apart from the masked values.
+    """
+    data: dict[str, Any] = {}
+    for field in _FIELDS:
+        if field in _NOT_RENDERED:
+            continue
+        value = getattr(cfg, field)
+        if is_secret_key(field) and isinstance(value, str):
+            value = mask_secret(value)
+        data[field.replace("_", "-")] = value
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    notes = ["# smg launch: effective configuration (credentials masked)"]
+    if cfg.config is not None:
+        notes.append(f"# read from config file: {cfg.config}")
+    if cfg.processes is None:
+        notes.append(
+            f"# processes: null = default_processes() = {default_processes()} on this machine "
+            f"(CPU affinity and cgroup quota, at most {PROCESS_CAP})"
+        )
+    return "\n".join(notes) + "\n" + text
+
+
+_NOT_RENDERED = frozenset({"config", "print_config"})

@@ -1,0 +1,458 @@
+"""The control-plane process: health checks, load monitoring, admin API, metrics export.
+
+It is the only writer of worker rows and the directory. Data-plane processes reach it over
+the local channel (`smg.ipc`) for admin calls; it reaches them for metric scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from smg import ipc
+from smg.config import ConfigError, model_aliases
+from smg.control import probes
+from smg.control.registry import Registry, RegistryError, WorkerRecord
+from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
+from smg.httpwire import error_body
+from smg.workers_spec import (
+    WorkerSpec,
+    apply_worker_patch,
+    parse_worker_patch,
+    parse_worker_spec,
+)
+
+if TYPE_CHECKING:
+    from smg.config import GatewayConfig
+    from smg.shm.table import WorkerTable
+
+log = logging.getLogger("smg.control")
+
+AdminAnswer = tuple[int, list[tuple[str, str]], bytes]
+_JSON = [("content-type", "application/json")]
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        table: WorkerTable,
+        root_pid: int,
+        processes: int,
+        initial_specs: list[WorkerSpec],
+    ) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.root_pid = root_pid
+        self.processes = processes
+        self.initial_specs = initial_specs
+        self.registry = Registry(
+            table,
+            HealthThresholds(
+                success_threshold=cfg.health_success_threshold,
+                failure_threshold=cfg.health_failure_threshold,
+            ),
+            health_check_disabled=cfg.disable_health_check,
+            aliases=model_aliases(cfg),
+        )
+        self.session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.health_checks: dict[tuple[str, str], int] = {}
+        self._probing: set[str] = set()
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, force_close=False, keepalive_timeout=3.0),
+            auto_decompress=True,
+        )
+        # Keep references: an unreferenced server object is collected and closed.
+        self.ipc_server = await ipc.serve(ipc.control_plane_address(self.root_pid), self.on_ipc)
+        await self._start_metrics_server()
+        for spec in self.initial_specs:
+            try:
+                self._register(spec)
+            except RegistryError as exc:
+                log.error("worker %s not registered: %s", spec.url, exc.message)
+        self._spawn(self._health_loop())
+        self._spawn(self._load_loop())
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    async def _start_metrics_server(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        runner = self.metrics_runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host = self.cfg.prometheus_host or ("::" if ":" in self.cfg.host else "0.0.0.0")
+        site = web.TCPSite(runner, host, self.cfg.prometheus_port, reuse_address=True)
+        await site.start()
+
+    # --- worker lifecycle -----------------------------------------------------------------------
+
+    def _register(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
+        record = self.registry.add(spec, worker_id)
+        log.info("worker %s registered as %s (row %d)", spec.url, record.worker_id, record.row)
+        self._spawn(self._onboard(record))
+        return record
+
+    async def _onboard(self, record: WorkerRecord) -> None:
+        """Discover the backend and probe at once, not after a full interval."""
+        assert self.session is not None
+        info = await probes.discover_backend(
+            self.session, record.spec.url, self._key(record), self.cfg.health_check_timeout_secs
+        )
+        if self.registry.get(record.worker_id) is not record:
+            return
+        self.registry.set_discovery(record, info.engine, info.model_ids, info.server_info)
+        if not self.cfg.disable_health_check:
+            await self._probe(record)
+        await self._scrape(record)
+
+    async def _probe(self, record: WorkerRecord) -> None:
+        assert self.session is not None
+        if record.worker_id in self._probing:
+            return
+        self._probing.add(record.worker_id)
+        try:
+            ok = await probes.probe_health(
+                self.session,
+                record.spec.url,
+                self.cfg.health_check_endpoint,
+                self._key(record),
+                self.cfg.health_check_timeout_secs,
+            )
+        finally:
+            self._probing.discard(record.worker_id)
+        if self.registry.get(record.worker_id) is not record or is_terminal(record.status):
+            return
+        key = (record.spec.worker_type, "success" if ok else "failure")
+        self.health_checks[key] = self.health_checks.get(key, 0) + 1
+        if ok and not record.discovered:
+            self._spawn(self._rediscover(record))
+        before = record.status
+        # A Pending worker that answers has completed registration (Rust's registration
+        # workflow activates it at once); later probes follow the thresholds.
+        if ok and before == WorkerStatus.PENDING:
+            event = Event.CONNECTED
+        else:
+            event = Event.PROBE_OK if ok else Event.PROBE_FAILED
+        if self.registry.apply(record, event):
+            log.warning(
+                "worker %s: %s -> %s", record.spec.url, before.name, record.status.name
+            )
+            self._after_status_change(record)
+
+    async def _rediscover(self, record: WorkerRecord) -> None:
+        assert self.session is not None
+        info = await probes.discover_backend(
+            self.session, record.spec.url, self._key(record), self.cfg.health_check_timeout_secs
+        )
+        if self.registry.get(record.worker_id) is record and info.engine != "unknown":
+            self.registry.set_discovery(record, info.engine, info.model_ids, info.server_info)
+
+    def _after_status_change(self, record: WorkerRecord) -> None:
+        # As in the Rust SMG, only a Failed worker is removed (a NotReady one may recover).
+        if self.cfg.remove_unhealthy_workers and record.status == WorkerStatus.FAILED:
+            log.warning("removing unhealthy worker %s", record.spec.url)
+            self._spawn(self._drain_and_remove(record))
+
+    async def _health_loop(self) -> None:
+        if self.cfg.disable_health_check:
+            return
+        next_probe: dict[str, float] = {}
+        while not self._stopping:
+            now = time.monotonic()
+            due = []
+            for record in list(self.registry.workers.values()):
+                if is_terminal(record.status):
+                    continue
+                if record.status == WorkerStatus.PENDING:
+                    if now - record.registered > self.cfg.worker_startup_timeout_secs:
+                        if self.registry.apply(record, Event.STARTUP_TIMEOUT):
+                            log.error(
+                                "worker %s did not become healthy within %s s",
+                                record.spec.url,
+                                self.cfg.worker_startup_timeout_secs,
+                            )
+                            self._after_status_change(record)
+                        continue
+                    interval = min(
+                        float(self.cfg.worker_startup_check_interval),
+                        float(self.cfg.health_check_interval_secs),
+                    )
+                else:
+                    interval = float(self.cfg.health_check_interval_secs)
+                # The first probe happened at registration: wait a full interval after it.
+                when = next_probe.setdefault(record.worker_id, now + interval)
+                if when <= now:
+                    next_probe[record.worker_id] = now + interval
+                    due.append(record)
+            for record in due:
+                self._spawn(self._probe(record))
+            for worker_id in list(next_probe):
+                if worker_id not in self.registry.workers:
+                    del next_probe[worker_id]
+            await asyncio.sleep(0.1)
+
+    async def _scrape(self, record: WorkerRecord) -> None:
+        assert self.session is not None
+        found = await probes.scrape_load_from(
+            self.session,
+            record.spec.url,
+            record.engine,
+            self._key(record),
+            self.cfg.health_check_timeout_secs,
+            record.load_endpoints,
+        )
+        if self.registry.get(record.worker_id) is not record:
+            return
+        if found is None:
+            record.load_endpoints = None  # try every endpoint again next time
+            if record.load.valid:
+                log.warning("worker %s: load endpoint gave no usable answer", record.spec.url)
+            self.registry.set_load(record, None)
+            return
+        load, endpoint = found
+        record.load_endpoints = (endpoint,)
+        self.registry.set_load(record, load)
+
+    async def _load_loop(self) -> None:
+        interval = float(self.cfg.load_monitor_interval)
+        if interval <= 0:
+            return
+        if self.cfg.disable_load_monitoring and self.cfg.policy not in _LOAD_AWARE:
+            return
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            for record in list(self.registry.workers.values()):
+                if record.status in (WorkerStatus.READY, WorkerStatus.NOT_READY):
+                    self._spawn(self._scrape(record))
+
+    async def _drain_and_remove(self, record: WorkerRecord) -> None:
+        """No new requests (status Draining), let in-flight ones finish, then free the row."""
+        if record.status != WorkerStatus.DRAINING:
+            self.registry.set_status(record, WorkerStatus.DRAINING)
+        deadline = time.monotonic() + float(self.cfg.shutdown_grace_period_secs)
+        while self.table.in_flight(record.row) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.table.in_flight(record.row)
+        if left > 0:
+            log.warning(
+                "worker %s removed with %d request(s) still in flight", record.spec.url, left
+            )
+        self.registry.remove(record.worker_id)
+        log.info("worker %s removed", record.spec.url)
+
+    def _key(self, record: WorkerRecord) -> str | None:
+        return record.spec.api_key or self.cfg.api_key
+
+    # --- admin -------------------------------------------------------------------------------------
+
+    async def on_ipc(self, message: Any) -> Any:
+        if not isinstance(message, dict):
+            return [400, _JSON, error_body(400, "bad_request", "malformed control message")]
+        if message.get("kind") == "admin":
+            try:
+                status, headers, body = await self.admin(
+                    message["method"], message["path"], message.get("query", ""), message["body"]
+                )
+            except Exception as exc:  # never let an admin call kill the control plane
+                log.exception("admin call failed")
+                return [500, _JSON, error_body(500, "internal_error", f"admin call failed: {exc}")]
+            return [status, headers, body]
+        return [400, _JSON, error_body(400, "bad_request", "unknown control message")]
+
+    async def admin(self, method: str, path: str, query: str, body: bytes) -> AdminAnswer:
+        if path == "/workers":
+            if method == "GET":
+                model = parse_qs(query).get("model", [None])[0]
+                return _json(200, self.registry.list_infos(model))
+            if method == "POST":
+                return self._create_worker(body)
+            return _error(405, "method_not_allowed", "/workers takes GET or POST")
+        if path.startswith("/workers/"):
+            return self._worker_route(method, path[len("/workers/") :], body)
+        if path == "/get_loads" and method == "GET":
+            return _json(200, self._loads())
+        if path == "/flush_cache" and method == "POST":
+            return await self._flush_cache()
+        return _error(404, "not_found", f"no admin route {method} {path}")
+
+    def _create_worker(self, body: bytes) -> AdminAnswer:
+        try:
+            spec = parse_worker_spec(body)
+        except ConfigError as exc:
+            return _error(400, "BAD_REQUEST", str(exc))
+        try:
+            record = self._register(spec)
+        except RegistryError as exc:
+            return _error(exc.status, exc.code, exc.message)
+        location = f"/workers/{record.worker_id}"
+        return (
+            202,
+            [*_JSON, ("location", location)],
+            orjson.dumps(
+                {
+                    "status": "accepted",
+                    "worker_id": record.worker_id,
+                    "url": spec.url,
+                    "location": location,
+                    "message": "Worker addition queued for background processing",
+                }
+            ),
+        )
+
+    def _worker_route(self, method: str, raw_id: str, body: bytes) -> AdminAnswer:
+        try:
+            uuid.UUID(raw_id)
+        except ValueError:
+            return _error(400, "BAD_REQUEST", f"Invalid worker_id '{raw_id}' (expected UUID)")
+        record = self.registry.get(raw_id)
+        if record is None:
+            return _error(404, "WORKER_NOT_FOUND", f"Worker {raw_id} not found")
+        if method == "GET":
+            return _json(200, self.registry.info(record))
+        if method == "DELETE":
+            self._spawn(self._drain_and_remove(record))
+            return _json(
+                202,
+                {
+                    "status": "accepted",
+                    "worker_id": record.worker_id,
+                    "message": "Worker removal queued for background processing",
+                },
+            )
+        if method == "PATCH":
+            try:
+                patched = apply_worker_patch(record.spec, parse_worker_patch(body))
+            except ConfigError as exc:
+                return _error(400, "BAD_REQUEST", str(exc))
+            self.registry.update_spec(record, patched)
+            return _json(
+                202,
+                {
+                    "status": "accepted",
+                    "worker_id": record.worker_id,
+                    "message": "Worker update queued for background processing",
+                },
+            )
+        return _error(405, "method_not_allowed", "/workers/{id} takes GET, PATCH or DELETE")
+
+    def _loads(self) -> dict[str, Any]:
+        workers = []
+        for record in self.registry.workers.values():
+            load = record.load
+            workers.append(
+                {
+                    "worker": record.spec.url,
+                    "worker_id": record.worker_id,
+                    "load": self.table.in_flight(record.row),
+                    "running": load.running,
+                    "waiting": load.waiting,
+                    "token_usage": load.token_usage,
+                    "throughput": load.throughput,
+                    "valid": load.valid,
+                }
+            )
+        return {"workers": workers}
+
+    async def _flush_cache(self) -> AdminAnswer:
+        assert self.session is not None
+        records = list(self.registry.workers.values())
+        answers = await asyncio.gather(
+            *(
+                probes.flush_cache(self.session, record.spec.url, self._key(record))
+                for record in records
+            )
+        )
+        results = [
+            {"worker": record.spec.url, "status": status, "ok": 200 <= status < 300, "message": text}
+            for record, (status, text) in zip(records, answers)
+        ]
+        failed = [r for r in results if not r["ok"]]
+        return _json(
+            200 if not failed else 502,
+            {
+                "status": "ok" if not failed else "partial",
+                "message": f"flushed {len(results) - len(failed)} of {len(results)} workers",
+                "workers": results,
+            },
+        )
+
+    # --- metrics -------------------------------------------------------------------------------
+
+    async def _metrics_handler(self, _request: web.Request) -> web.Response:
+        parts = [self.render_metrics()]
+        for index in range(self.processes):
+            with contextlib.suppress(Exception):  # a process being replaced has no text now
+                text = await ipc.call(ipc.dataplane_address(self.root_pid, index), {"kind": "metrics"}, 2.0)
+                if isinstance(text, str):
+                    parts.append(text)
+        return web.Response(
+            text="".join(parts), content_type="text/plain", charset="utf-8",
+            headers={"x-smg-metrics-processes": str(self.processes)},
+        )
+
+    def render_metrics(self) -> str:
+        lines = [
+            "# TYPE smg_worker_health gauge",
+            "# TYPE smg_worker_requests_active gauge",
+            "# TYPE smg_engine_running_requests gauge",
+            "# TYPE smg_engine_waiting_requests gauge",
+            "# TYPE smg_engine_token_usage gauge",
+        ]
+        for record in self.registry.workers.values():
+            worker = record.spec.url
+            lines.append(
+                f'smg_worker_health{{worker="{worker}"}} '
+                f"{1 if record.status == WorkerStatus.READY else 0}"
+            )
+            lines.append(
+                f'smg_worker_requests_active{{worker="{worker}"}} {self.table.in_flight(record.row)}'
+            )
+            if record.load.valid:
+                lines.append(f'smg_engine_running_requests{{worker="{worker}"}} {record.load.running}')
+                lines.append(f'smg_engine_waiting_requests{{worker="{worker}"}} {record.load.waiting}')
+                lines.append(f'smg_engine_token_usage{{worker="{worker}"}} {record.load.token_usage}')
+        lines.append("# TYPE smg_worker_health_checks_total counter")
+        for (worker_type, result), value in self.health_checks.items():
+            lines.append(
+                f'smg_worker_health_checks_total{{worker_type="{worker_type}",result="{result}"}} {value}'
+            )
+        lines.append("# TYPE smg_gateway_in_flight_requests gauge")
+        lines.append(f"smg_gateway_in_flight_requests {self.table.total_in_flight()}")
+        return "\n".join(lines) + "\n"
+
+
+_LOAD_AWARE = frozenset({"power_of_two", "least_load", "cache_aware"})
+
+
+def _json(status: int, payload: Any) -> AdminAnswer:
+    return status, _JSON, orjson.dumps(payload)
+
+
+def _error(status: int, code: str, message: str) -> AdminAnswer:
+    return status, [*_JSON, ("x-smg-error-code", code)], error_body(status, code, message)

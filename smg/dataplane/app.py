@@ -1,0 +1,573 @@
+"""The data plane of one process: routes, routing decisions, proxying, local endpoints.
+
+Routing state comes from the shared worker table: the directory (identity) is decoded
+again only when its generation moves, row statuses are re-read only when the routing
+generation moves, and in-flight counts are read live. No lock, no IPC on this path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import msgspec
+import orjson
+
+from smg import ipc
+from smg.control.worker_state import WorkerStatus
+from smg.dataplane.exchange import Exchange
+from smg.dataplane.metrics import DataPlaneMetrics
+from smg.dataplane.upstream import WorkerPool
+from smg.httpwire import HOP_BY_HOP, build_response, error_response, request_id_prefix
+from smg.httpwire import valid_request_id as _valid_request_id
+from smg.policies.base import BackendLoad, Policy, RouteRequest
+from smg.shm.directory import DirectoryEntry
+from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
+
+if TYPE_CHECKING:
+    from smg.config import GatewayConfig
+    from smg.dataplane.server import ClientConnection, Request
+    from smg.shm.table import WorkerTable
+
+log = logging.getLogger("smg.dataplane")
+
+PROXY_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/generate",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/rerank",
+        "/v1/responses",
+        "/v1/messages",
+    }
+)
+ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache")
+WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
+_SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"authorization",
+    b"x-request-id",
+    b"expect",
+}
+
+
+class _RoutingFields(msgspec.Struct):
+    """The only fields routing reads; everything else is forwarded untouched."""
+
+    model: Any = None
+    stream: Any = False
+
+
+_routing_decoder = msgspec.json.Decoder(_RoutingFields)
+
+
+class ShmLoadView:
+    """`LoadView` over the shared table, for policies."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: WorkerTable) -> None:
+        self.table = table
+
+    def in_flight(self, row: int) -> int:
+        return self.table.in_flight(row)
+
+    def backend_load(self, row: int) -> BackendLoad:
+        value = self.table.read_row(row)
+        return BackendLoad(
+            running=value.running,
+            waiting=value.waiting,
+            token_usage=value.token_usage,
+            throughput=value.throughput,
+            valid=bool(value.flags & FLAG_LOAD_VALID),
+        )
+
+
+class RoutingState:
+    """What this process knows of the fleet, rebuilt when a generation moves."""
+
+    def __init__(self) -> None:
+        self.directory_generation = -1
+        self.routing_generation = -1
+        self.entries: dict[int, DirectoryEntry] = {}
+        self.aliases: dict[str, str] = {}
+        self.models_all: dict[str, list[int]] = {}  # model -> rows serving it, any status
+        self.models_ready: dict[str, list[int]] = {}
+        self.any_model_all: list[int] = []  # rows whose models are unknown: serve any model
+        self.any_model_ready: list[int] = []
+        self.ready: list[int] = []
+
+
+class DataPlane:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        table: WorkerTable,
+        index: int,
+        root_pid: int,
+        policy: Policy,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.index = index
+        self.root_pid = root_pid
+        self.policy = policy
+        self.loop = loop
+        self.view = ShmLoadView(table)
+        self.state = RoutingState()
+        self.metrics = DataPlaneMetrics()
+        self.connections: set[ClientConnection] = set()
+        self.active: set[Exchange] = set()
+        self.pools: dict[tuple[int, int], WorkerPool] = {}
+        self.local_in_flight: dict[int, tuple[int, int]] = {}  # row -> (generation, count)
+        self.draining = False  # keep-alive connections close after their current response
+        self.not_ready = False  # readiness answers 503 (shutdown has begun)
+        self.max_payload_size = cfg.max_payload_size
+        self.request_timeout = float(cfg.request_timeout_secs)
+        self.process_header = b"x-smg-process: %d\r\n" % index
+        self.request_id_headers = tuple(
+            h.lower().encode("latin-1") for h in (cfg.request_id_headers or _DEFAULT_RID_HEADERS)
+        )
+        self._rid_token = secrets.token_hex(4)
+        self._rid_counter = 0
+        self._global_api_key = cfg.api_key
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.refresh()
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        self._sweeper = self.loop.call_later(0.25, self._sweep)
+
+    def _sweep(self) -> None:
+        try:
+            now = time.monotonic()
+            for exchange in [ex for ex in self.active if ex.deadline <= now]:
+                exchange.timed_out()
+            for pool in self.pools.values():
+                pool.sweep(now)
+            self._close_idle_connections(now)
+            self.refresh()
+        except Exception as exc:  # the sweeper must keep running whatever happened
+            self.log_error("sweep failed", exc)
+        self._schedule_sweep()
+
+    def _close_idle_connections(self, now: float) -> None:
+        idle_limit = self.cfg.idle_connection_timeout_secs
+        head_limit = self.cfg.header_read_timeout_secs
+        for conn in list(self.connections):
+            if conn.busy:
+                continue
+            if (head_limit and conn.request_started and now - conn.request_started > head_limit) or (idle_limit and not conn.request_started and now - conn.last_activity > idle_limit):
+                conn.close()
+
+    def begin_drain(self) -> None:
+        """New requests still get answered; keep-alive connections are closed after theirs."""
+        self.draining = True
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+
+    # --- routing state ------------------------------------------------------------------------
+
+    def refresh(self) -> RoutingState:
+        state = self.state
+        table = self.table
+        routing_generation = table.routing_generation()
+        if routing_generation == state.routing_generation:
+            return state
+        directory_generation = table.directory_generation()
+        if directory_generation != state.directory_generation:
+            generation, directory = table.read_directory()
+            self._apply_directory(generation, directory.entries, directory.aliases)
+        self._rebuild(routing_generation)
+        return self.state
+
+    def _apply_directory(
+        self, generation: int, entries: list[DirectoryEntry], aliases: dict[str, str]
+    ) -> None:
+        new_entries = {entry.row: entry for entry in entries}
+        # A row taken by another worker (new generation) starts from zero in this process:
+        # decrements for the old generation are ignored from now on.
+        for row, (gen, _count) in list(self.local_in_flight.items()):
+            entry = new_entries.get(row)
+            if entry is None or entry.generation != gen:
+                self.table.set_in_flight(self.index, row, 0)
+                del self.local_in_flight[row]
+        for key in list(self.pools):
+            entry = new_entries.get(key[0])
+            if entry is None or entry.generation != key[1]:
+                self.pools.pop(key).close_all()
+        self.state.entries = new_entries
+        self.state.aliases = dict(aliases)
+        self.state.directory_generation = generation
+
+    def _rebuild(self, routing_generation: int) -> None:
+        state = self.state
+        models_all: dict[str, list[int]] = {}
+        models_ready: dict[str, list[int]] = {}
+        any_all: list[int] = []
+        any_ready: list[int] = []
+        ready: list[int] = []
+        table = self.table
+        for row, entry in sorted(state.entries.items()):
+            value = table.read_row(row)
+            if value.generation != entry.generation or not value.flags & FLAG_IN_USE:
+                continue
+            routable = value.status == WorkerStatus.READY and not value.flags & FLAG_DRAINING
+            if routable:
+                ready.append(row)
+            models = entry.models or ((entry.model_id,) if entry.model_id else ())
+            if not models:
+                any_all.append(row)
+                if routable:
+                    any_ready.append(row)
+            for model in models:
+                models_all.setdefault(model, []).append(row)
+                if routable:
+                    models_ready.setdefault(model, []).append(row)
+        state.models_all = models_all
+        state.models_ready = models_ready
+        state.any_model_all = any_all
+        state.any_model_ready = any_ready
+        state.ready = ready
+        state.routing_generation = routing_generation
+
+    # --- request dispatch -----------------------------------------------------------------------
+
+    def handle(self, conn: ClientConnection, request: Request) -> None:
+        path = request.path
+        method = request.method
+        try:
+            if path in PROXY_ROUTES:
+                if method != b"POST":
+                    self._send_error(conn, request, 405, "method_not_allowed", f"{path} takes POST")
+                    return
+                self.proxy(conn, request)
+                return
+            if method == b"GET":
+                local = self._local_get(path)
+                if local is not None:
+                    status, body = local
+                    self._send(conn, request, status, body)
+                    return
+                if path in WORKER_INFO_ROUTES:
+                    self.proxy(conn, request, body_routing=False)
+                    return
+            if path.startswith(ADMIN_PREFIXES):
+                self.loop.create_task(self._admin(conn, request))
+                return
+            self._send_error(conn, request, 404, "not_found", f"no route for {path}")
+        except Exception as exc:  # a request must never take the process down
+            self.log_error("request failed", exc)
+            if conn.exchange is None and conn.busy:
+                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _local_get(self, path: str) -> tuple[int, bytes] | None:
+        if path in ("/liveness", "/health"):
+            return 200, b'{"status":"ok"}'
+        if path == "/readiness":
+            state = self.refresh()
+            if self.not_ready or self.draining or self.table.gateway_state() != 0:
+                return 503, orjson.dumps({"status": "not ready", "reason": "shutting down"})
+            if not state.ready:
+                return 503, orjson.dumps(
+                    {"status": "not ready", "reason": "no worker is ready"}
+                )
+            return 200, orjson.dumps({"status": "ready", "ready_workers": len(state.ready)})
+        if path == "/v1/models":
+            return 200, self._models_body()
+        return None
+
+    def _models_body(self) -> bytes:
+        state = self.refresh()
+        seen: dict[str, dict[str, Any]] = {}
+        for entry in state.entries.values():
+            for model in entry.models or ((entry.model_id,) if entry.model_id else ()):
+                if model not in seen:
+                    seen[model] = {
+                        "id": model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": entry.engine or "smg",
+                    }
+        for alias, canonical in state.aliases.items():
+            if canonical in seen and alias not in seen:
+                seen[alias] = {**seen[canonical], "id": alias}
+        return orjson.dumps({"object": "list", "data": list(seen.values())})
+
+    def proxy(self, conn: ClientConnection, request: Request, *, body_routing: bool = True) -> None:
+        model: str | None = None
+        stream = False
+        if body_routing:
+            try:
+                fields = _routing_decoder.decode(request.body)
+            except msgspec.DecodeError as exc:
+                self._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
+                return
+            if fields.model is not None and not isinstance(fields.model, str):
+                self._send_error(conn, request, 400, "invalid_request", "'model' must be a string")
+                return
+            model = fields.model or None
+            stream = fields.stream is True
+        state = self.refresh()
+        if model is not None:
+            model = state.aliases.get(model, model)
+            rows = state.models_ready.get(model)
+            if rows is None:
+                if model in state.models_all:
+                    rows = []
+                else:
+                    rows = state.any_model_ready
+                    if not rows and not state.any_model_all:
+                        self._send_error(
+                            conn,
+                            request,
+                            404,
+                            "model_not_found",
+                            f"No worker available for model '{model}'",
+                        )
+                        return
+        else:
+            rows = state.ready
+        if not rows:
+            self._send_error(
+                conn, request, 503, "no_available_workers", "No available workers (none is ready)"
+            )
+            return
+        row = rows[0] if len(rows) == 1 else self.policy.select(rows, self.view, _route(model, stream))
+        entry = state.entries[row]
+        pool = self._pool(row, entry)
+        request_id = self._request_id(request)
+        exchange = Exchange(
+            self,
+            conn,
+            row,
+            entry.generation,
+            pool,
+            self._upstream_request(request, entry, request_id),
+            request_id,
+            request.path,
+            model or entry.model_id or "",
+            stream,
+            request.keep_alive,
+        )
+        self._in_flight_add(row, entry.generation)
+        self.active.add(exchange)
+        conn.exchange = exchange
+        self.policy.on_dispatch(row)
+        exchange.start()
+
+    def _pool(self, row: int, entry: DirectoryEntry) -> WorkerPool:
+        key = (row, entry.generation)
+        pool = self.pools.get(key)
+        if pool is None:
+            parts = urlsplit(entry.url)
+            pool = self.pools[key] = WorkerPool(
+                self.loop,
+                parts.hostname or "127.0.0.1",
+                parts.port or (443 if parts.scheme == "https" else 80),
+                max_connections=self.cfg.upstream_pool_max_per_worker,
+                idle_timeout=float(self.cfg.upstream_pool_idle_timeout_secs),
+                connect_timeout=float(self.cfg.upstream_connect_timeout_secs),
+            )
+        return pool
+
+    def _request_id(self, request: Request) -> bytes:
+        for name in self.request_id_headers:
+            value = request.header(name)
+            if value is not None and _valid_request_id(value):
+                return value
+        self._rid_counter += 1
+        prefix = request_id_prefix(request.path)
+        return f"{prefix}{self._rid_token}{self.index:02x}{self._rid_counter:014x}".encode()
+
+    def _upstream_request(self, request: Request, entry: DirectoryEntry, request_id: bytes) -> bytes:
+        parts = [request.method, b" ", request.url, b" HTTP/1.1\r\nhost: ", _host(entry.url), b"\r\n"]
+        append = parts.append
+        for name, value in request.headers:
+            if name in _SKIP_REQUEST_HEADERS:
+                continue
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+        key = entry.api_key or self._global_api_key
+        if key:
+            append(b"authorization: Bearer " + key.encode("latin-1") + b"\r\n")
+        body = request.body
+        if body or request.method not in (b"GET", b"HEAD"):
+            append(b"content-length: %d\r\n" % len(body))
+        append(b"x-request-id: " + request_id + b"\r\n\r\n")
+        append(body)
+        return b"".join(parts)
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def _in_flight_add(self, row: int, generation: int) -> None:
+        current = self.local_in_flight.get(row)
+        count = current[1] + 1 if current is not None and current[0] == generation else 1
+        self.local_in_flight[row] = (generation, count)
+        self.table.set_in_flight(self.index, row, count)
+
+    def _in_flight_done(self, row: int, generation: int) -> None:
+        current = self.local_in_flight.get(row)
+        if current is None or current[0] != generation:
+            return  # the row now belongs to another worker: its counts started from zero
+        count = current[1] - 1
+        self.local_in_flight[row] = (generation, count)
+        self.table.set_in_flight(self.index, row, count)
+
+    def exchange_finished(self, exchange: Exchange, status: int, error_code: str) -> None:
+        self.active.discard(exchange)
+        self._in_flight_done(exchange.row, exchange.generation)
+        self.policy.on_complete(exchange.row)
+        if exchange.client.exchange is exchange:
+            exchange.client.exchange = None
+        metrics = self.metrics
+        path = exchange.endpoint
+        metrics.request("POST", path)
+        metrics.response(path, status, error_code)
+        metrics.duration("POST", path, time.monotonic() - exchange.started)
+        metrics.routed_request(exchange.model, path, exchange.stream)
+
+    # --- simple responses ---------------------------------------------------------------------------
+
+    def _send(self, conn: ClientConnection, request: Request, status: int, body: bytes) -> None:
+        keep_alive = request.keep_alive and not self.draining
+        conn.send(
+            build_response(status, body, extra_headers=self.process_header, keep_alive=keep_alive),
+            keep_alive,
+        )
+        path = _metric_path(request.path)
+        self.metrics.request(request.method.decode("latin-1"), path)
+        self.metrics.response(path, status, "")
+
+    def _send_error(
+        self, conn: ClientConnection, request: Request, status: int, code: str, message: str
+    ) -> None:
+        keep_alive = request.keep_alive and not self.draining
+        conn.send(
+            error_response(
+                status, code, message, extra_headers=self.process_header, keep_alive=keep_alive
+            ),
+            keep_alive,
+        )
+        path = _metric_path(request.path)
+        self.metrics.request(request.method.decode("latin-1"), path)
+        self.metrics.response(path, status, code)
+
+    # --- admin: forwarded to the control plane ----------------------------------------------------
+
+    async def _admin(self, conn: ClientConnection, request: Request) -> None:
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        host = peer[0] if isinstance(peer, tuple) and peer else ""
+        if not _is_loopback(host):
+            self._send_error(
+                conn, request, 403, "forbidden", "admin routes answer only clients on loopback"
+            )
+            return
+        try:
+            status, headers, body = await ipc.call(
+                ipc.control_plane_address(self.root_pid),
+                {
+                    "kind": "admin",
+                    "method": request.method.decode("latin-1"),
+                    "path": request.path,
+                    "query": request.query,
+                    "body": request.body,
+                },
+                timeout=30.0,
+            )
+        except Exception as exc:
+            self.log_error("admin call to the control plane failed", exc)
+            self._send_error(
+                conn, request, 503, "control_plane_unavailable", "the control plane did not answer"
+            )
+            return
+        if conn.closed:
+            return
+        # Let the change reach this process's routing before the client's next request.
+        self.refresh()
+        extra = b"".join(
+            name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
+            for name, value in headers
+        )
+        keep_alive = request.keep_alive and not self.draining
+        conn.send(
+            build_response(
+                status, body, extra_headers=extra + self.process_header, keep_alive=keep_alive
+            ),
+            keep_alive,
+        )
+        path = _metric_path(request.path)
+        self.metrics.request(request.method.decode("latin-1"), path)
+        self.metrics.response(path, status, "")
+
+    async def on_ipc(self, message: Any) -> Any:
+        kind = message.get("kind") if isinstance(message, dict) else None
+        if kind == "metrics":
+            self.metrics.connections_active = len(self.connections)
+            return self.metrics.render(self.index)
+        if kind == "stats":
+            return {
+                "process": self.index,
+                "connections": len(self.connections),
+                "active": len(self.active),
+                "in_flight": {str(row): count for row, (_g, count) in self.local_in_flight.items()},
+            }
+        return {"error": f"unknown message kind {kind!r}"}
+
+    def log_error(self, message: str, exc: BaseException | None) -> None:
+        log.error("%s: %r", message, exc, exc_info=exc)
+
+
+_DEFAULT_RID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
+_KNOWN_PATHS = PROXY_ROUTES | WORKER_INFO_ROUTES | {
+    "/liveness",
+    "/health",
+    "/readiness",
+    "/v1/models",
+    "/workers",
+    "/get_loads",
+    "/flush_cache",
+}
+
+
+def _metric_path(path: str) -> str:
+    if path in _KNOWN_PATHS:
+        return path
+    if path.startswith("/workers/"):
+        return "/workers/{id}"
+    return "other"
+
+
+def _route(model: str | None, stream: bool) -> RouteRequest:
+    return RouteRequest(model=model, stream=stream)
+
+
+_host_cache: dict[str, bytes] = {}
+
+
+def _host(url: str) -> bytes:
+    host = _host_cache.get(url)
+    if host is None:
+        host = _host_cache[url] = (urlsplit(url).netloc or "localhost").encode("latin-1")
+    return host
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1", "localhost") or (
+        host.startswith("::ffff:127.")
+    )

@@ -1,0 +1,93 @@
+"""`smg launch`: read the configuration, start mock workers if asked, run the supervisor."""
+
+from __future__ import annotations
+
+import os
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from smg.config import ConfigError, GatewayConfig, cfg_processes, load_config, render_config
+from smg.logs import setup_logging
+from smg.workers_spec import WorkerSpec, validate_worker_spec
+
+MOCK_URL_PREFIX = "MOCK_WORKER_URL "
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(argv, os.environ)
+    except ConfigError as exc:
+        print(f"smg launch: {exc}", file=sys.stderr)
+        return 2
+    if cfg.print_config:
+        print(render_config(cfg))
+        return 0
+    setup_logging(cfg.log_level, cfg.log_json, cfg.log_dir)
+    mock_process = None
+    urls = list(cfg.worker_urls)
+    if cfg.mock_workers:
+        try:
+            mock_process, mock_urls = start_mock_workers(cfg)
+        except RuntimeError as exc:
+            print(f"smg launch: {exc}", file=sys.stderr)
+            return 1
+        urls.extend(mock_urls)
+    from smg.supervisor import Supervisor
+
+    specs = [validate_worker_spec(WorkerSpec(url=url)) for url in urls]
+    supervisor = Supervisor(cfg, cfg_processes(cfg), specs, mock_process)
+    return supervisor.run()
+
+
+def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """One child process hosting `--mock-workers` mock engines on free loopback ports."""
+    from smg.supervisor import die_with_parent
+
+    command = [
+        sys.executable,
+        "-m",
+        "smg",
+        "mock-worker",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--count",
+        str(cfg.mock_workers),
+        "--engine",
+        cfg.mock_worker_engine,
+        *shlex.split(cfg.mock_worker_args or ""),
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: (die_with_parent(signal.SIGTERM), signal.signal(signal.SIGINT, signal.SIG_IGN)),
+    )
+    assert process.stdout is not None
+    urls: list[str] = []
+    deadline = time.monotonic() + 30.0
+    buffered = b""
+    while len(urls) < cfg.mock_workers:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or process.poll() is not None:
+            process.kill()
+            raise RuntimeError(
+                f"mock workers did not start (got {len(urls)} of {cfg.mock_workers} URLs)"
+            )
+        ready, _, _ = select.select([process.stdout], [], [], min(remaining, 0.5))
+        if not ready:
+            continue
+        chunk = os.read(process.stdout.fileno(), 65536)
+        if not chunk:
+            continue
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        for line in lines:
+            text = line.decode("utf-8", "replace").strip()
+            if text.startswith(MOCK_URL_PREFIX):
+                urls.append(text[len(MOCK_URL_PREFIX) :].strip())
+    return process, urls

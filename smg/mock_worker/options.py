@@ -1,0 +1,261 @@
+"""Command-line options and the runtime-mutable part of a mock worker's configuration.
+
+Pure code: argument parsing and validation of `POST /mock/config` updates; no sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+ENGINES = ("sglang", "vllm")
+DEFAULT_PORT = {"sglang": 30000, "vllm": 8000}  # the engines' own default ports
+MAX_OUTPUT_LEN = 1_000_000  # bounds the work one request can ask for
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Fixed for the life of the process (set on the command line)."""
+
+    engine: str = "sglang"
+    model: str = "mock-model"
+    host: str = "127.0.0.1"
+    port: int = 30000  # 0: every worker binds an ephemeral port
+    count: int = 1
+    api_key: str | None = None
+    auth_health: bool = False  # also require the key on /health and /health_generate
+    strict_model: bool = False  # 404 when the request names another model
+    exit_after: int | None = None
+    seed: int | None = None
+    max_model_len: int = 32768
+    max_total_tokens: int = 131072  # the KV "capacity" token_usage is derived from
+    max_running_requests: int = 256
+    embedding_dim: int = 16
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Initial values of the runtime config (see RuntimeConfig).
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    output_len: int = 16
+    eos_prob: float = 0.0
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    health_fail: bool = False
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """What `POST /mock/config` may change while the worker runs (one per worker)."""
+
+    healthy: bool = True
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    output_len: int = 16
+    eos_prob: float = 0.0
+    waiting: int = 0  # fake engine queue depth reported by the load endpoints
+    token_usage: float | None = None  # None: derived from the in-flight requests
+
+    @classmethod
+    def from_options(cls, opts: Options) -> RuntimeConfig:
+        return cls(
+            healthy=not opts.health_fail,
+            error_rate=opts.error_rate,
+            hang_rate=opts.hang_rate,
+            ttft_ms=opts.ttft_ms,
+            itl_ms=opts.itl_ms,
+            output_len=opts.output_len,
+            eos_prob=opts.eos_prob,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fraction(v: Any) -> bool:
+    return _is_number(v) and 0.0 <= v <= 1.0
+
+
+def _non_negative(v: Any) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_OUTPUT_LEN
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _usage(v: Any) -> bool:
+    return v is None or _fraction(v)
+
+
+# field -> (validator, description used in the error message)
+_UPDATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "healthy": (_bool, "a boolean"),
+    "error_rate": (_fraction, "a number in [0, 1]"),
+    "hang_rate": (_fraction, "a number in [0, 1]"),
+    "ttft_ms": (_non_negative, "a non-negative number"),
+    "itl_ms": (_non_negative, "a non-negative number"),
+    "output_len": (_count, f"an integer in [0, {MAX_OUTPUT_LEN}]"),
+    "eos_prob": (_fraction, "a number in [0, 1]"),
+    "waiting": (_count, f"an integer in [0, {MAX_OUTPUT_LEN}]"),
+    "token_usage": (_usage, "null or a number in [0, 1]"),
+}
+
+
+def apply_update(cfg: RuntimeConfig, update: Any) -> str | None:
+    """Validate `update` as a whole, then apply it. Returns an error message or None."""
+    if not isinstance(update, dict):
+        return "body must be a JSON object"
+    for key, value in update.items():
+        rule = _UPDATE_RULES.get(key)
+        if rule is None:
+            return f"unknown field {key!r}; known: {', '.join(sorted(_UPDATE_RULES))}"
+        check, what = rule
+        if not check(value):
+            return f"{key} must be {what}"
+    for key, value in update.items():
+        setattr(cfg, key, value)
+    return None
+
+
+def _fraction_arg(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be in [0, 1]")
+    return value
+
+
+def _non_negative_arg(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError("must be a non-negative number")
+    return value
+
+
+def _int_arg(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smg mock-worker",
+        description=(
+            "Mock SGLang/vLLM HTTP server(s) for demos, benchmarks and gateway tests. "
+            "Token counts are whitespace-separated words; by default a request gets "
+            "exactly min(max_tokens, --output-len) output tokens."
+        ),
+    )
+    p.add_argument("--engine", choices=ENGINES, default="sglang", help="engine to emulate")
+    p.add_argument("--model", default="mock-model", help="served model name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port",
+        type=_int_arg(0, 65535),
+        default=None,
+        help="first port (default: 30000 for sglang, 8000 for vllm); 0 binds ephemeral ports",
+    )
+    p.add_argument(
+        "--count",
+        type=_int_arg(1, 1024),
+        default=1,
+        help="number of workers (consecutive ports from --port); one "
+        "'MOCK_WORKER_URL <url>' line per worker is printed once all listen",
+    )
+    p.add_argument("--ttft-ms", type=_non_negative_arg, default=0.0, help="time to first token")
+    p.add_argument("--itl-ms", type=_non_negative_arg, default=0.0, help="time between tokens")
+    p.add_argument(
+        "--output-len",
+        type=_int_arg(0, MAX_OUTPUT_LEN),
+        default=16,
+        help="output tokens when the request sets no lower max_tokens",
+    )
+    p.add_argument(
+        "--eos-prob",
+        type=_fraction_arg,
+        default=0.0,
+        help="per-token chance to stop early (finish_reason 'stop') unless ignore_eos",
+    )
+    p.add_argument("--error-rate", type=_fraction_arg, default=0.0, help="fraction answered 500")
+    p.add_argument("--hang-rate", type=_fraction_arg, default=0.0, help="fraction never answered")
+    p.add_argument(
+        "--exit-after",
+        type=_int_arg(1, 2**62),
+        default=None,
+        help="exit the process once N inference requests have been answered",
+    )
+    p.add_argument("--health-fail", action="store_true", help="start unhealthy (/health 503)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route except /health, "
+        "/health_generate and /mock/*",
+    )
+    p.add_argument(
+        "--auth-health", action="store_true", help="with --api-key, also protect /health*"
+    )
+    p.add_argument(
+        "--strict-model",
+        action="store_true",
+        help="answer 404 when a request names a model other than --model",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for the fault/EOS dice")
+    p.add_argument("--max-model-len", type=_int_arg(1, 2**31), default=32768)
+    p.add_argument("--max-total-tokens", type=_int_arg(1, 2**40), default=131072)
+    p.add_argument("--max-running-requests", type=_int_arg(1, 2**31), default=256)
+    p.add_argument("--embedding-dim", type=_int_arg(1, 65536), default=16)
+    p.add_argument("--max-header-bytes", type=_int_arg(1024, 2**24), default=64 * 1024)
+    p.add_argument("--max-body-bytes", type=_int_arg(1024, 2**31), default=64 * 1024 * 1024)
+    return p
+
+
+def parse_options(argv: list[str]) -> Options:
+    """Parse argv; argparse raises SystemExit on --help or a bad flag."""
+    ns = build_parser().parse_args(argv)
+    port = DEFAULT_PORT[ns.engine] if ns.port is None else ns.port
+    if port != 0 and port + ns.count - 1 > 65535:
+        build_parser().error(f"--port {port} with --count {ns.count} runs past port 65535")
+    if ns.api_key == "":
+        build_parser().error("--api-key must not be empty")
+    return Options(
+        engine=ns.engine,
+        model=ns.model,
+        host=ns.host,
+        port=port,
+        count=ns.count,
+        api_key=ns.api_key,
+        auth_health=ns.auth_health,
+        strict_model=ns.strict_model,
+        exit_after=ns.exit_after,
+        seed=ns.seed,
+        max_model_len=ns.max_model_len,
+        max_total_tokens=ns.max_total_tokens,
+        max_running_requests=ns.max_running_requests,
+        embedding_dim=ns.embedding_dim,
+        max_header_bytes=ns.max_header_bytes,
+        max_body_bytes=ns.max_body_bytes,
+        ttft_ms=ns.ttft_ms,
+        itl_ms=ns.itl_ms,
+        output_len=ns.output_len,
+        eos_prob=ns.eos_prob,
+        error_rate=ns.error_rate,
+        hang_rate=ns.hang_rate,
+        health_fail=ns.health_fail,
+    )

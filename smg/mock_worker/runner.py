@@ -1,0 +1,70 @@
+"""Process entry: bind the workers, print their URLs, serve until a signal or --exit-after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+import uvloop
+
+from smg.mock_worker.options import Options, parse_options
+from smg.mock_worker.server import Connection, ProcessState, Worker
+
+URL_PREFIX = "MOCK_WORKER_URL"
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(opts: Options) -> int:
+    loop = asyncio.get_running_loop()
+    process = ProcessState(opts.exit_after)
+    workers: list[Worker] = []
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for i in range(opts.count):
+            worker = Worker(opts, i, process)
+            port = 0 if opts.port == 0 else opts.port + i
+            try:
+                server = await loop.create_server(
+                    lambda w=worker: Connection(w), opts.host, port, backlog=4096
+                )
+            except OSError as e:
+                print(
+                    f"smg mock-worker: cannot listen on {opts.host}:{port}: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+            servers.append(server)
+            worker.port = server.sockets[0].getsockname()[1]
+            workers.append(worker)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, process.stop.set)
+        # Announced only once every listener is bound, so a reader may connect at once.
+        lines = "".join(f"{URL_PREFIX} {_url(opts.host, w.port)}\n" for w in workers)
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+        await process.stop.wait()
+    finally:
+        for server in servers:
+            server.close()
+        for worker in workers:
+            for conn in list(worker.connections):
+                conn.shutdown()
+        # Let close() flush what the last responses left in the transport buffers.
+        await asyncio.sleep(0.05)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts = parse_options(argv)
+    except SystemExit as e:  # --help or a bad flag; argparse already printed why
+        return e.code if isinstance(e.code, int) else 2
+    with contextlib.suppress(KeyboardInterrupt):
+        return uvloop.run(serve(opts))
+    return 130

@@ -1,0 +1,118 @@
+"""Policy names to instances, configured from the launch config.
+
+Rust source: model_gateway/src/policies/factory.rs (PolicyConfig -> policy) and
+config/validation.rs (value checks). Settings are read from `cfg` by attribute, named
+after the flag with `-` as `_` (`--least-load-kv-pressure-weight` ->
+`cfg.least_load_kv_pressure_weight`); a missing or None attribute takes the Rust
+default, so tests may pass a SimpleNamespace.
+
+A new policy is added by writing its factory and one entry in `_FACTORIES`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from smg.policies.base import Policy
+from smg.policies.least_load import (
+    DEFAULT_KV_PRESSURE_WEIGHT,
+    DEFAULT_MAX_WAITING_REQUESTS,
+    DEFAULT_MEAN_PREFILL_TOKENS,
+    DEFAULT_THROUGHPUT,
+    LeastLoadPolicy,
+)
+from smg.policies.power_of_two import DEFAULT_LOAD_METRIC, PowerOfTwoPolicy
+from smg.policies.random_policy import RandomPolicy
+from smg.policies.round_robin import RoundRobinPolicy
+
+# Every name Rust 1.13 accepts for --policy / --prefill-policy / --decode-policy.
+RUST_POLICY_NAMES = (
+    "random",
+    "round_robin",
+    "passthrough",
+    "cache_aware",
+    "power_of_two",
+    "least_load",
+    "manual",
+    "consistent_hashing",
+    "prefix_hash",
+    "bucket",
+)
+
+Factory = Callable[[object, random.Random | None], Policy]
+
+
+def _setting(cfg: object, name: str, default: object) -> object:
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def _number(cfg: object, name: str, default: float) -> float:
+    value = _setting(cfg, name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(cfg: object, name: str, default: int) -> int:
+    value = _setting(cfg, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _random(cfg: object, rng: random.Random | None) -> Policy:
+    return RandomPolicy(rng)
+
+
+def _round_robin(cfg: object, rng: random.Random | None) -> Policy:
+    return RoundRobinPolicy()
+
+
+def _power_of_two(cfg: object, rng: random.Random | None) -> Policy:
+    metric = _setting(cfg, "power_of_two_load_metric", DEFAULT_LOAD_METRIC)
+    if not isinstance(metric, str):
+        raise ValueError(f"power_of_two_load_metric must be a string, got {metric!r}")
+    # Rust builds power_of_two's scorer with least_load's built-in defaults, not the
+    # --least-load-* settings.
+    return PowerOfTwoPolicy(metric, rng)
+
+
+def _least_load(cfg: object, rng: random.Random | None) -> Policy:
+    return LeastLoadPolicy(
+        kv_pressure_weight=_number(
+            cfg, "least_load_kv_pressure_weight", DEFAULT_KV_PRESSURE_WEIGHT
+        ),
+        mean_prefill_tokens=_integer(
+            cfg, "least_load_mean_prefill_tokens", DEFAULT_MEAN_PREFILL_TOKENS
+        ),
+        default_throughput=_number(cfg, "least_load_default_throughput", DEFAULT_THROUGHPUT),
+        max_waiting_requests=_integer(
+            cfg, "least_load_max_waiting_requests", DEFAULT_MAX_WAITING_REQUESTS
+        ),
+        rng=rng,
+    )
+
+
+_FACTORIES: dict[str, Factory] = {
+    "random": _random,
+    "round_robin": _round_robin,
+    "power_of_two": _power_of_two,
+    "least_load": _least_load,
+}
+
+POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def make_policy(name: str, cfg: object, rng: random.Random | None = None) -> Policy:
+    """A new policy instance; `rng` seeds the randomized ones (tests, per-process seeding)."""
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        implemented = ", ".join(POLICY_NAMES)
+        if name in RUST_POLICY_NAMES:
+            raise ValueError(
+                f"policy {name!r} is not implemented yet; implemented policies: {implemented}"
+            )
+        raise ValueError(f"unknown policy {name!r}; implemented policies: {implemented}")
+    return factory(cfg, rng)

@@ -1,0 +1,270 @@
+"""Byte layout of the shared worker table, and the seqlock codec over it.
+
+Pure code: every function takes a writable buffer (an ``mmap`` in production, a
+``bytearray`` in unit tests) and offsets into it; nothing here opens or maps anything.
+
+Regions, in order::
+
+    header        HEADER_SIZE bytes     magic, sizes, generations, gateway state
+    processes     slots * PROC_SIZE     per data-plane process: pid, state, failure reason
+    rows          capacity * ROW_SIZE   per worker: seqlock, generation, status, backend load
+    in-flight     capacity * slots * 8  per worker, one int64 per process (row-major)
+    directory     2 * dir_capacity      double-buffered encoded directory (urls, models, keys)
+
+Seqlock protocol (one writer per row: the control plane): the writer makes ``seq`` odd,
+writes the body, then makes it even again. A reader reads ``seq``, the body, ``seq``
+again and retries while the two differ or are odd. This relies on the machine keeping
+stores in order and loads in order (x86-64's TSO does); each read or write below is a
+separate C call, so the compiler cannot reorder them either.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+MAGIC = 0x31304C4254474D53  # b"SMGTBL01" little-endian
+LAYOUT_VERSION = 1
+
+# --- header ---------------------------------------------------------------------------
+#   magic u64, version u32, capacity u32, slots u32, dir_capacity u32,
+#   dir_seq u64, dir_generation u64, dir_active u32, dir_length u32,
+#   routing_generation u64, gateway_state u32, pad u32, supervisor_pid u64
+HEADER = struct.Struct("<QIIIIQQIIQIIQ")
+HEADER_SIZE = 256
+OFF_DIR_SEQ = 24
+DIR_POINTER = struct.Struct("<QQII")  # dir_seq, dir_generation, dir_active, dir_length
+OFF_ROUTING_GENERATION = 48
+OFF_GATEWAY_STATE = 56
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+
+GATEWAY_RUNNING = 0
+GATEWAY_DRAINING = 1
+
+# --- per-process slot -----------------------------------------------------------------
+#   pid u32, state u32, started (unix time) f64, reason: 240 bytes utf-8, NUL padded
+PROC = struct.Struct("<IId240s")
+PROC_SIZE = 256
+PROC_EMPTY = 0
+PROC_STARTING = 1
+PROC_READY = 2
+PROC_FAILED = 3
+PROC_DRAINING = 4
+
+# --- worker row -----------------------------------------------------------------------
+#   seq u64 | generation u64, status u8, flags u8, pad u16, running u32, waiting u32,
+#   pad u32, token_usage f64, throughput f64, load_updated f64, status_changed f64
+ROW_SEQ = U64
+ROW_BODY = struct.Struct("<QBBHIIIdddd")
+ROW_SIZE = 128
+FLAG_IN_USE = 1
+FLAG_LOAD_VALID = 2
+FLAG_DRAINING = 4
+
+INFLIGHT = struct.Struct("<q")
+
+
+class Row(NamedTuple):
+    generation: int
+    status: int
+    flags: int
+    running: int
+    waiting: int
+    token_usage: float
+    throughput: float
+    load_updated: float
+    status_changed: float
+
+
+EMPTY_ROW = Row(0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+
+
+class Geometry(NamedTuple):
+    capacity: int
+    slots: int
+    dir_capacity: int
+    procs_offset: int
+    rows_offset: int
+    inflight_offset: int
+    dir_offset: int
+    total_size: int
+
+
+def geometry(capacity: int, slots: int, dir_capacity: int | None = None) -> Geometry:
+    if capacity < 1 or slots < 1:
+        raise ValueError("capacity and slots must be at least 1")
+    if dir_capacity is None:
+        # Room for about 2 KiB of URL, model ids, labels and key per worker, at least 1 MiB.
+        dir_capacity = max(1 << 20, capacity * 2048)
+    procs = HEADER_SIZE
+    rows = procs + _round_up(slots * PROC_SIZE, 64)
+    inflight = rows + capacity * ROW_SIZE
+    directory = _round_up(inflight + capacity * slots * INFLIGHT.size, 4096)
+    total = _round_up(directory + 2 * dir_capacity, 4096)
+    return Geometry(capacity, slots, dir_capacity, procs, rows, inflight, directory, total)
+
+
+def _round_up(value: int, unit: int) -> int:
+    return (value + unit - 1) // unit * unit
+
+
+def init_header(buf: bytearray | memoryview, geo: Geometry, supervisor_pid: int) -> None:
+    HEADER.pack_into(
+        buf,
+        0,
+        MAGIC,
+        LAYOUT_VERSION,
+        geo.capacity,
+        geo.slots,
+        geo.dir_capacity,
+        0,
+        0,
+        0,
+        0,
+        0,
+        GATEWAY_RUNNING,
+        0,
+        supervisor_pid,
+    )
+
+
+def read_geometry(buf: bytearray | memoryview) -> Geometry:
+    magic, version, capacity, slots, dir_capacity, *_ = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or version != LAYOUT_VERSION:
+        raise ValueError("not an smg worker table (bad magic or layout version)")
+    return geometry(capacity, slots, dir_capacity)
+
+
+# --- rows ------------------------------------------------------------------------------
+
+
+def row_offset(geo: Geometry, row: int) -> int:
+    return geo.rows_offset + row * ROW_SIZE
+
+
+def write_row(buf: bytearray | memoryview, offset: int, row: Row) -> None:
+    """Single-writer seqlock write: odd while the body is being changed."""
+    seq = ROW_SEQ.unpack_from(buf, offset)[0]
+    ROW_SEQ.pack_into(buf, offset, seq + 1)
+    ROW_BODY.pack_into(
+        buf,
+        offset + 8,
+        row.generation,
+        row.status,
+        row.flags,
+        0,
+        row.running,
+        row.waiting,
+        0,
+        row.token_usage,
+        row.throughput,
+        row.load_updated,
+        row.status_changed,
+    )
+    ROW_SEQ.pack_into(buf, offset, seq + 2)
+
+
+def read_row(buf: bytearray | memoryview, offset: int, max_tries: int = 10_000) -> Row:
+    """Lock-free read; retries while a write is in progress or happened meanwhile."""
+    unpack_seq = ROW_SEQ.unpack_from
+    unpack_body = ROW_BODY.unpack_from
+    body_offset = offset + 8
+    for _ in range(max_tries):
+        before = unpack_seq(buf, offset)[0]
+        if before & 1:
+            continue
+        generation, status, flags, _p, running, waiting, _q, tok, thr, upd, chg = unpack_body(
+            buf, body_offset
+        )
+        if unpack_seq(buf, offset)[0] == before:
+            return Row(generation, status, flags, running, waiting, tok, thr, upd, chg)
+    raise RuntimeError("worker table row stayed busy: is its writer stuck?")
+
+
+# --- process slots ----------------------------------------------------------------------
+
+
+class ProcSlot(NamedTuple):
+    pid: int
+    state: int
+    started: float
+    reason: str
+
+
+def proc_offset(geo: Geometry, index: int) -> int:
+    return geo.procs_offset + index * PROC_SIZE
+
+
+def write_proc(
+    buf: bytearray | memoryview, geo: Geometry, index: int, pid: int, state: int, started: float,
+    reason: str = "",
+) -> None:
+    encoded = reason.encode("utf-8", "replace")[:240]
+    PROC.pack_into(buf, proc_offset(geo, index), pid, state, started, encoded)
+
+
+def read_proc(buf: bytearray | memoryview, geo: Geometry, index: int) -> ProcSlot:
+    pid, state, started, reason = PROC.unpack_from(buf, proc_offset(geo, index))
+    return ProcSlot(pid, state, started, reason.rstrip(b"\0").decode("utf-8", "replace"))
+
+
+# --- directory (double-buffered, seqlocked pointer) -------------------------------------
+
+
+def write_directory(buf: bytearray | memoryview, geo: Geometry, blob: bytes) -> int:
+    """Write ``blob`` into the inactive buffer, then flip the pointer. Returns the generation."""
+    if len(blob) > geo.dir_capacity:
+        raise ValueError(
+            f"worker directory needs {len(blob)} bytes, more than its {geo.dir_capacity}"
+        )
+    seq, generation, active, _length = DIR_POINTER.unpack_from(buf, OFF_DIR_SEQ)
+    target = 1 - active
+    start = geo.dir_offset + target * geo.dir_capacity
+    buf[start : start + len(blob)] = blob
+    U64.pack_into(buf, OFF_DIR_SEQ, seq + 1)
+    DIR_POINTER.pack_into(buf, OFF_DIR_SEQ, seq + 1, generation + 1, target, len(blob))
+    U64.pack_into(buf, OFF_DIR_SEQ, seq + 2)
+    return generation + 1
+
+
+def directory_generation(buf: bytearray | memoryview) -> int:
+    return U64.unpack_from(buf, OFF_DIR_SEQ + 8)[0]
+
+
+def read_directory(
+    buf: bytearray | memoryview, geo: Geometry, max_tries: int = 10_000
+) -> tuple[int, bytes]:
+    """Copy out the active directory blob. The writer only ever writes the inactive buffer,
+    so the buffer being copied is overwritten only after a first flip, which changes ``seq``:
+    an unchanged ``seq`` after the copy proves the copy whole."""
+    for _ in range(max_tries):
+        seq, generation, active, length = DIR_POINTER.unpack_from(buf, OFF_DIR_SEQ)
+        if seq & 1:
+            continue
+        start = geo.dir_offset + active * geo.dir_capacity
+        blob = bytes(buf[start : start + length])
+        if U64.unpack_from(buf, OFF_DIR_SEQ)[0] == seq:
+            return generation, blob
+    raise RuntimeError("worker directory stayed busy: is its writer stuck?")
+
+
+# --- small header fields ------------------------------------------------------------------
+
+
+def bump_routing_generation(buf: bytearray | memoryview) -> int:
+    value = U64.unpack_from(buf, OFF_ROUTING_GENERATION)[0] + 1
+    U64.pack_into(buf, OFF_ROUTING_GENERATION, value)
+    return value
+
+
+def routing_generation(buf: bytearray | memoryview) -> int:
+    return U64.unpack_from(buf, OFF_ROUTING_GENERATION)[0]
+
+
+def set_gateway_state(buf: bytearray | memoryview, state: int) -> None:
+    U32.pack_into(buf, OFF_GATEWAY_STATE, state)
+
+
+def gateway_state(buf: bytearray | memoryview) -> int:
+    return U32.unpack_from(buf, OFF_GATEWAY_STATE)[0]

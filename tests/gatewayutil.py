@@ -1,0 +1,163 @@
+"""Start and stop a real `smg launch` for end-to-end tests (real processes, loopback only)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import httpx
+
+READY_PREFIX = "SMG_READY "
+
+
+def free_port() -> int:
+    """A port that was free a moment ago; callers retry if the bind fails after all."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gateway:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        processes: int = 2,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.args = args
+        self.processes = processes
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.port = 0
+        self.metrics_url = ""
+        self.log = tempfile.NamedTemporaryFile(prefix="smg-test-", suffix=".log", delete=False)
+
+    def start(self, timeout: float = 30.0) -> Gateway:
+        last_error = ""
+        for _attempt in range(3):
+            metrics_port = free_port()
+            command = [
+                sys.executable,
+                "-m",
+                "smg",
+                "launch",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--prometheus-port",
+                str(metrics_port),
+                "--processes",
+                str(self.processes),
+                "--log-level",
+                "info",
+                *self.args,
+            ]
+            env = {**os.environ, **(self.env or {})}
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=self.log, env=env, start_new_session=True
+            )
+            line = self._read_ready(timeout)
+            if line:
+                self.url = line
+                self.port = int(line.rsplit(":", 1)[1])
+                self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+                return self
+            last_error = self.logs()[-3000:]
+            self.stop()
+        raise RuntimeError(f"smg launch did not become ready:\n{last_error}")
+
+    def _read_ready(self, timeout: float) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        buffered = b""
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return ""
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if not ready:
+                continue
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            buffered += chunk
+            for raw in buffered.split(b"\n"):
+                text = raw.decode("utf-8", "replace").strip()
+                if text.startswith(READY_PREFIX):
+                    return text[len(READY_PREFIX) :]
+        return ""
+
+    def logs(self) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        # Anything of its group still alive (it should not be) is killed too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if process.stdout is not None:
+            process.stdout.close()
+        return process.returncode
+
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        with httpx.Client(base_url=self.url, timeout=30.0) as client:
+            return client.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+    def metrics(self) -> str:
+        return httpx.get(self.metrics_url, timeout=10.0).text
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readiness", timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"gateway not ready in {timeout} s:\n{self.logs()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running_gateway(args: list[str], **kwargs: object) -> Iterator[Gateway]:
+    gateway = Gateway(args, **kwargs)  # type: ignore[arg-type]
+    gateway.start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def in_flight_total(gateway: Gateway) -> int:
+    for line in gateway.metrics().splitlines():
+        if line.startswith("smg_gateway_in_flight_requests "):
+            return int(float(line.split()[1]))
+    raise AssertionError("smg_gateway_in_flight_requests missing from metrics")
