@@ -65,7 +65,10 @@ def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], lis
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
-        preexec_fn=lambda: (die_with_parent(signal.SIGTERM), signal.signal(signal.SIGINT, signal.SIG_IGN)),
+        preexec_fn=lambda: (
+            die_with_parent(signal.SIGTERM),
+            signal.signal(signal.SIGINT, signal.SIG_IGN),
+        ),
     )
     assert process.stdout is not None
     urls: list[str] = []

@@ -188,9 +188,7 @@ class Supervisor:
             if self._stop_requested:
                 continue
             if starting or not child.ready:
-                raise StartupError(
-                    f"data-plane process {child.index} failed at start-up: {reason}"
-                )
+                raise StartupError(f"data-plane process {child.index} failed at start-up: {reason}")
             alive = time.monotonic() - child.started
             child.restarts = 0 if alive > 60 else child.restarts + 1
             delay = min(30.0, 0.25 * (2 ** min(child.restarts, 7)))

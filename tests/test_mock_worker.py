@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import random
 import re
@@ -340,9 +339,12 @@ def test_stream_timing_follows_headers(sg: str) -> None:
                     if b'"content":"' in event and b'"content":""' not in event:
                         arrivals.append(time.monotonic() - start)
     assert len(arrivals) == 4, arrivals
-    assert 0.28 <= arrivals[0] < 1.0, arrivals
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert all(0.1 <= g < 0.6 for g in gaps), gaps
+    # Token i is due at ttft + i * itl. The server never sends early (deadline-based);
+    # on a loaded machine it may be late, so the upper bound is loose.
+    for i, t in enumerate(arrivals):
+        due = 0.3 + 0.15 * i
+        assert due - 0.02 <= t < due + 0.6, (i, arrivals)
+    assert arrivals[-1] - arrivals[0] >= 0.43, arrivals
 
 
 def test_nonstream_delay_and_runtime_config(sg: str) -> None:

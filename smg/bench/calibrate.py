@@ -75,31 +75,46 @@ def main(argv: list[str]) -> int:
     p.add_argument("--stream-requests", type=int, default=1000)
     p.add_argument("--stream-tokens", type=int, default=200, help="chunks per stream")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--paced-concurrency", type=int, default=500)
+    p.add_argument("--paced-itl-ms", type=float, default=5.0)
     p.add_argument("--json", action="store_true", help="print JSON only")
     args = p.parse_args(argv)
-    proc, port = start_stub()
-    try:
-        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-            # Keep the client and the stub on different cores when we can.
-            os.sched_setaffinity(proc.pid, {0})
-            os.sched_setaffinity(0, {1})
-        plain = measure(port, "/v1/completions", args.requests, args.concurrency, 1, False)
-        streamed = measure(
-            port,
-            "/v1/chat/completions",
-            args.stream_requests,
-            args.concurrency,
-            args.stream_tokens,
-            True,
-        )
-    finally:
-        proc.terminate()
+
+    def with_stub(extra: list[str], fn: Any) -> dict[str, Any]:
+        proc, port = start_stub(extra)
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    report = {"non_streaming": plain, "streaming": streamed}
+            if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+                # Keep the client and the stub on different cores when we can.
+                os.sched_setaffinity(proc.pid, {0})
+                os.sched_setaffinity(0, {1})
+            return dict(fn(port))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    plain = with_stub(
+        [], lambda port: measure(port, "/v1/completions", args.requests, args.concurrency, 1, False)
+    )
+    streamed = with_stub(
+        [],
+        lambda port: measure(
+            port, "/v1/chat/completions", args.stream_requests, args.concurrency,
+            args.stream_tokens, True,
+        ),
+    )
+    itl = str(args.paced_itl_ms)
+    paced = with_stub(
+        ["--ttft-ms", itl, "--itl-ms", itl],
+        lambda port: measure(
+            port, "/v1/chat/completions", args.paced_concurrency, args.paced_concurrency,
+            args.stream_tokens, True,
+        ),
+    )
+    report = {"non_streaming": plain, "streaming": streamed, "streaming_paced": paced}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -111,5 +126,11 @@ def main(argv: list[str]) -> int:
             f"streaming:     {streamed['chunks_per_s']:,.0f} SSE chunks/s, "
             f"{streamed['requests_per_s']:,.0f} req/s (client CPU "
             f"{streamed['client_cpu_percent']:.0f}%, {streamed['succeeded']}/{streamed['requests']} ok)"
+        )
+        print(
+            f"paced stream:  {paced['chunks_per_s']:,.0f} SSE chunks/s, one chunk per read "
+            f"(client CPU {paced['client_cpu_percent']:.0f}%, "
+            f"{paced['succeeded']}/{paced['requests']} ok; {args.paced_concurrency} streams, "
+            f"ITL {args.paced_itl_ms} ms)"
         )
     return 0

@@ -189,24 +189,25 @@ class StubProtocol(asyncio.Protocol):
             transport.write(head + b"".join(_chunked(e) for e in events) + b"0\r\n\r\n")
             return
         transport.write(head)
-        t0 = self.loop.time()
-        # Role chunk goes at once; the first content chunk at TTFT, then one per ITL;
-        # trailing events (finish, usage, [DONE]) go with the last content chunk.
         lead = 1 if path.endswith("/chat/completions") else 0
-        n_content = (n + cfg.tokens_per_chunk - 1) // cfg.tokens_per_chunk
         if lead:
             transport.write(_chunked(events[0]))
-        for i in range(n_content):
-            piece = events[lead + i]
-            if i == n_content - 1:
-                piece = b"".join(events[lead + i :])
-            self.loop.call_at(t0 + cfg.ttft + i * cfg.itl, self._write_chunk, piece, i == n_content - 1)
+        # Role chunk goes at once; the first content chunk at TTFT, then one per ITL;
+        # trailing events (finish, usage, [DONE]) go with the last content chunk. Each
+        # write schedules the next, so chunks can never be reordered by the timer heap.
+        n_content = (n + cfg.tokens_per_chunk - 1) // cfg.tokens_per_chunk
+        pieces = events[lead : lead + n_content - 1] + [b"".join(events[lead + n_content - 1 :])]
+        t0 = self.loop.time() + cfg.ttft
+        self.loop.call_at(t0, self._write_next, pieces, 0, t0)
 
-    def _write_chunk(self, data: bytes, last: bool) -> None:
+    def _write_next(self, pieces: list[bytes], i: int, t0: float) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
-        t.write(_chunked(data) + (b"0\r\n\r\n" if last else b""))
+        last = i == len(pieces) - 1
+        t.write(_chunked(pieces[i]) + (b"0\r\n\r\n" if last else b""))
+        if not last:
+            self.loop.call_at(t0 + (i + 1) * self.cfg.itl, self._write_next, pieces, i + 1, t0)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

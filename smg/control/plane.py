@@ -160,9 +160,7 @@ class ControlPlane:
         else:
             event = Event.PROBE_OK if ok else Event.PROBE_FAILED
         if self.registry.apply(record, event):
-            log.warning(
-                "worker %s: %s -> %s", record.spec.url, before.name, record.status.name
-            )
+            log.warning("worker %s: %s -> %s", record.spec.url, before.name, record.status.name)
             self._after_status_change(record)
 
     async def _rediscover(self, record: WorkerRecord) -> None:
@@ -389,7 +387,12 @@ class ControlPlane:
             )
         )
         results = [
-            {"worker": record.spec.url, "status": status, "ok": 200 <= status < 300, "message": text}
+            {
+                "worker": record.spec.url,
+                "status": status,
+                "ok": 200 <= status < 300,
+                "message": text,
+            }
             for record, (status, text) in zip(records, answers)
         ]
         failed = [r for r in results if not r["ok"]]
@@ -408,11 +411,15 @@ class ControlPlane:
         parts = [self.render_metrics()]
         for index in range(self.processes):
             with contextlib.suppress(Exception):  # a process being replaced has no text now
-                text = await ipc.call(ipc.dataplane_address(self.root_pid, index), {"kind": "metrics"}, 2.0)
+                text = await ipc.call(
+                    ipc.dataplane_address(self.root_pid, index), {"kind": "metrics"}, 2.0
+                )
                 if isinstance(text, str):
                     parts.append(text)
         return web.Response(
-            text="".join(parts), content_type="text/plain", charset="utf-8",
+            text="".join(parts),
+            content_type="text/plain",
+            charset="utf-8",
             headers={"x-smg-metrics-processes": str(self.processes)},
         )
 
@@ -434,9 +441,15 @@ class ControlPlane:
                 f'smg_worker_requests_active{{worker="{worker}"}} {self.table.in_flight(record.row)}'
             )
             if record.load.valid:
-                lines.append(f'smg_engine_running_requests{{worker="{worker}"}} {record.load.running}')
-                lines.append(f'smg_engine_waiting_requests{{worker="{worker}"}} {record.load.waiting}')
-                lines.append(f'smg_engine_token_usage{{worker="{worker}"}} {record.load.token_usage}')
+                lines.append(
+                    f'smg_engine_running_requests{{worker="{worker}"}} {record.load.running}'
+                )
+                lines.append(
+                    f'smg_engine_waiting_requests{{worker="{worker}"}} {record.load.waiting}'
+                )
+                lines.append(
+                    f'smg_engine_token_usage{{worker="{worker}"}} {record.load.token_usage}'
+                )
         lines.append("# TYPE smg_worker_health_checks_total counter")
         for (worker_type, result), value in self.health_checks.items():
             lines.append(

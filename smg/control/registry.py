@@ -120,7 +120,18 @@ class Registry:
         self.by_url.pop(record.spec.url, None)
         self.table.write_row(
             record.row,
-            Row(record.generation, int(WorkerStatus.DRAINING), 0, 0, 0, 0.0, 0.0, 0.0, time.time()),
+            Row(
+                record.generation,
+                int(WorkerStatus.DRAINING),
+                0,
+                0,
+                0,
+                0,
+                0.0,
+                0.0,
+                0.0,
+                time.time(),
+            ),
         )
         self.free_rows.insert(0, record.row)
         self.publish()
@@ -181,6 +192,7 @@ class Registry:
                 flags,
                 max(0, min(load.running, 2**32 - 1)),
                 max(0, min(load.waiting, 2**32 - 1)),
+                max(0, min(load.waiting_tokens, 2**32 - 1)),
                 float(load.token_usage),
                 float(load.throughput),
                 record.load_updated,

@@ -24,7 +24,7 @@ from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.upstream import WorkerPool
 from smg.httpwire import HOP_BY_HOP, build_response, error_response, request_id_prefix
 from smg.httpwire import valid_request_id as _valid_request_id
-from smg.policies.base import BackendLoad, Policy, RouteRequest
+from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
 
@@ -87,6 +87,8 @@ class ShmLoadView:
             token_usage=value.token_usage,
             throughput=value.throughput,
             valid=bool(value.flags & FLAG_LOAD_VALID),
+            waiting_tokens=value.waiting_tokens,
+            updated=value.load_updated,
         )
 
 
@@ -169,7 +171,11 @@ class DataPlane:
         for conn in list(self.connections):
             if conn.busy:
                 continue
-            if (head_limit and conn.request_started and now - conn.request_started > head_limit) or (idle_limit and not conn.request_started and now - conn.last_activity > idle_limit):
+            if (
+                head_limit and conn.request_started and now - conn.request_started > head_limit
+            ) or (
+                idle_limit and not conn.request_started and now - conn.last_activity > idle_limit
+            ):
                 conn.close()
 
     def begin_drain(self) -> None:
@@ -282,9 +288,7 @@ class DataPlane:
             if self.not_ready or self.draining or self.table.gateway_state() != 0:
                 return 503, orjson.dumps({"status": "not ready", "reason": "shutting down"})
             if not state.ready:
-                return 503, orjson.dumps(
-                    {"status": "not ready", "reason": "no worker is ready"}
-                )
+                return 503, orjson.dumps({"status": "not ready", "reason": "no worker is ready"})
             return 200, orjson.dumps({"status": "ready", "ready_workers": len(state.ready)})
         if path == "/v1/models":
             return 200, self._models_body()
@@ -346,7 +350,17 @@ class DataPlane:
                 conn, request, 503, "no_available_workers", "No available workers (none is ready)"
             )
             return
-        row = rows[0] if len(rows) == 1 else self.policy.select(rows, self.view, _route(model, stream))
+        try:
+            row = self.policy.select(rows, self.view, RouteRequest(model=model, stream=stream))
+        except NoEligibleWorker:
+            self._send_error(
+                conn,
+                request,
+                503,
+                "worker_overload_protection_shed",
+                "every worker is at its waiting-queue cap (--least-load-max-waiting-requests)",
+            )
+            return
         entry = state.entries[row]
         pool = self._pool(row, entry)
         request_id = self._request_id(request)
@@ -393,8 +407,17 @@ class DataPlane:
         prefix = request_id_prefix(request.path)
         return f"{prefix}{self._rid_token}{self.index:02x}{self._rid_counter:014x}".encode()
 
-    def _upstream_request(self, request: Request, entry: DirectoryEntry, request_id: bytes) -> bytes:
-        parts = [request.method, b" ", request.url, b" HTTP/1.1\r\nhost: ", _host(entry.url), b"\r\n"]
+    def _upstream_request(
+        self, request: Request, entry: DirectoryEntry, request_id: bytes
+    ) -> bytes:
+        parts = [
+            request.method,
+            b" ",
+            request.url,
+            b" HTTP/1.1\r\nhost: ",
+            _host(entry.url),
+            b"\r\n",
+        ]
         append = parts.append
         for name, value in request.headers:
             if name in _SKIP_REQUEST_HEADERS:
@@ -534,15 +557,19 @@ class DataPlane:
 
 
 _DEFAULT_RID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
-_KNOWN_PATHS = PROXY_ROUTES | WORKER_INFO_ROUTES | {
-    "/liveness",
-    "/health",
-    "/readiness",
-    "/v1/models",
-    "/workers",
-    "/get_loads",
-    "/flush_cache",
-}
+_KNOWN_PATHS = (
+    PROXY_ROUTES
+    | WORKER_INFO_ROUTES
+    | {
+        "/liveness",
+        "/health",
+        "/readiness",
+        "/v1/models",
+        "/workers",
+        "/get_loads",
+        "/flush_cache",
+    }
+)
 
 
 def _metric_path(path: str) -> str:
@@ -551,10 +578,6 @@ def _metric_path(path: str) -> str:
     if path.startswith("/workers/"):
         return "/workers/{id}"
     return "other"
-
-
-def _route(model: str | None, stream: bool) -> RouteRequest:
-    return RouteRequest(model=model, stream=stream)
 
 
 _host_cache: dict[str, bytes] = {}
@@ -568,6 +591,8 @@ def _host(url: str) -> bytes:
 
 
 def _is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1", "localhost") or (
-        host.startswith("::ffff:127.")
+    return (
+        host.startswith("127.")
+        or host in ("::1", "::ffff:127.0.0.1", "localhost")
+        or (host.startswith("::ffff:127."))
     )

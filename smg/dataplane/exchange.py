@@ -109,7 +109,9 @@ class Exchange:
             conn = await self.pool.connect()
         except (OSError, TimeoutError) as exc:
             if not self.done:
-                reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+                reason = (
+                    "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+                )
                 self.fail(502, "upstream_connect_failed", f"could not connect to worker: {reason}")
             return
         if self.done:

@@ -1,4 +1,43 @@
-"""`smg mock-worker`: mock SGLang/vLLM HTTP workers for demos, benchmarks and tests."""
+"""`smg mock-worker`: mock SGLang/vLLM HTTP workers for demos, benchmarks and tests.
+
+    smg mock-worker --engine sglang --port 0 --count 3 --ttft-ms 50 --itl-ms 10
+
+One process hosts `--count` workers on consecutive ports from `--port` (`--port 0`: one
+ephemeral port each); each has its own listener, runtime config and stats. Once all are
+listening it prints one `MOCK_WORKER_URL http://HOST:PORT` line per worker to stdout
+(flushed); `tests/mockutil.py` starts workers that way.
+
+Routes (both engines): /health, /health_generate, /v1/models (owned_by "sglang"/"vllm"),
+/metrics (the engine's Prometheus names), /v1/chat/completions, /v1/completions,
+/generate (SGLang native; served by the vLLM mock too), /v1/embeddings, /v1/rerank,
+/rerank, /flush_cache. SGLang only: /server_info, /get_server_info, /get_model_info,
+/model_info, /v1/loads, /get_load. vLLM only: /version, /reset_prefix_cache.
+Test control (never counted in stats, never behind --api-key): GET /mock/stats,
+GET|POST /mock/config, POST /mock/reset.
+
+Decisions:
+- Tokens are whitespace-separated words (prompt: all message text; token-id prompts: the
+  list length). Output is exactly min(max_tokens, output_len) tokens unless --eos-prob
+  is set and the request lacks ignore_eos (see plan.py). max_tokens is read from
+  max_completion_tokens / max_tokens (chat), max_tokens (completions) and
+  sampling_params.max_new_tokens (/generate).
+- Timing: a stream sends its headers at once, the role chunk with the first token at
+  ttft, then one token every itl (deadline-based). A non-streaming answer comes after
+  ttft + itl * (n - 1). Embeddings and rerank answer without delay. Per request,
+  headers x-mock-ttft-ms / x-mock-itl-ms / x-mock-output-len override the config and
+  x-mock-status: 4xx/5xx forces an error answer.
+- --api-key: every route needs `Authorization: Bearer KEY` (401 otherwise) except
+  /health and /health_generate, which real SGLang/vLLM also leave open (add
+  --auth-health to protect them too), and /mock/*. Unlike real SGLang, /metrics is
+  protected, so a gateway test can prove the key rides on load scrapes; the recorded
+  request headers (per route, in /mock/stats) prove it for probes.
+- Faults (error_rate, hang_rate, x-mock-status) apply to inference routes only.
+  --exit-after N counts answered inference requests (errors included, hangs not) and
+  exits with status 0 once the N-th answer is written.
+- Load: running = the worker's in-flight inference requests; waiting = the configured
+  fake queue; token_usage = the configured value, or else the in-flight requests'
+  prompt + output tokens over --max-total-tokens.
+"""
 
 from smg.mock_worker.runner import main
 

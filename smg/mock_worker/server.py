@@ -48,6 +48,7 @@ _TRANSITIONS: dict[tuple[str, str], str] = {
 INFERENCE, PROBE, INFO, CONTROL = "inference", "probe", "info", "control"
 
 _PIPELINE_HIGH = 64  # parsed-but-waiting requests before reading pauses
+_LINGER_S = 1.0  # how long a rejected connection keeps draining input before closing
 _NO_PREV: dict[bytes, bytes] = {}
 
 _FLUSH_TEXT = (
@@ -805,6 +806,17 @@ class Connection(asyncio.Protocol):
     def start_async(self, coro: Coroutine[Any, Any, None]) -> None:
         self._transition("start_async")
         self.task = asyncio.get_running_loop().create_task(coro)
+        self.task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug cut the response short: drop this connection, not the process. Not a
+        # client disconnect, so leave the state machine before the transport goes.
+        print(f"smg mock-worker: internal error: {task.exception()!r}", file=sys.stderr, flush=True)
+        self.state = CLOSED
+        if self.transport is not None:
+            self.transport.abort()
 
     def finish_async(self, req: Request) -> None:
         if self.state is CLOSED:
@@ -832,12 +844,27 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _fail(self, status: int, message: str) -> None:
-        """A request the parser rejected: answer it if nothing is in progress, then close."""
+        """A request the parser rejected: answer it if nothing is in progress, then close.
+
+        The close lingers: closing with unread input makes the kernel send a RST, which can
+        destroy the error response before the client reads it. So half-close, discard what
+        still arrives (data_received ignores it once `closing`), and close when the client
+        does or after a grace period.
+        """
         self.closing = True
-        if self.state is IDLE and not self.pending:
-            body = render.error_body(status, message, "invalid_request_error")
-            self.write(wire.response(status, body, close=True))
-        self._close()
+        transport = self.transport
+        if transport is None or self.state is CLOSED:
+            return
+        if self.state is not IDLE or self.pending:
+            transport.close()
+            return
+        body = render.error_body(status, message, "invalid_request_error")
+        self.write(wire.response(status, body, close=True))
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
+        else:
+            transport.close()
 
     def shutdown(self) -> None:
         self.closing = True

@@ -16,11 +16,18 @@ writes the body, then makes it even again. A reader reads ``seq``, the body, ``s
 again and retries while the two differ or are odd. This relies on the machine keeping
 stores in order and loads in order (x86-64's TSO does); each read or write below is a
 separate C call, so the compiler cannot reorder them either.
+
+Sequence words are read and written through a ``memoryview`` cast to unsigned 64-bit
+words, which is one aligned 8-byte load or store. ``struct.pack_into`` must not touch
+them: it zeroes its target before writing, and a reader that sees that transient zero
+twice would accept a torn row (a multi-process test caught exactly that).
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from typing import NamedTuple
 
 MAGIC = 0x31304C4254474D53  # b"SMGTBL01" little-endian
@@ -34,6 +41,7 @@ HEADER = struct.Struct("<QIIIIQQIIQIIQ")
 HEADER_SIZE = 256
 OFF_DIR_SEQ = 24
 DIR_POINTER = struct.Struct("<QQII")  # dir_seq, dir_generation, dir_active, dir_length
+DIR_FIELDS = struct.Struct("<QII")  # the pointer without its sequence word
 OFF_ROUTING_GENERATION = 48
 OFF_GATEWAY_STATE = 56
 U64 = struct.Struct("<Q")
@@ -54,7 +62,7 @@ PROC_DRAINING = 4
 
 # --- worker row -----------------------------------------------------------------------
 #   seq u64 | generation u64, status u8, flags u8, pad u16, running u32, waiting u32,
-#   pad u32, token_usage f64, throughput f64, load_updated f64, status_changed f64
+#   waiting_tokens u32, token_usage f64, throughput f64, load_updated f64, status_changed f64
 ROW_SEQ = U64
 ROW_BODY = struct.Struct("<QBBHIIIdddd")
 ROW_SIZE = 128
@@ -71,13 +79,14 @@ class Row(NamedTuple):
     flags: int
     running: int
     waiting: int
+    waiting_tokens: int
     token_usage: float
     throughput: float
     load_updated: float
     status_changed: float
 
 
-EMPTY_ROW = Row(0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+EMPTY_ROW = Row(0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
 
 
 class Geometry(NamedTuple):
@@ -143,10 +152,20 @@ def row_offset(geo: Geometry, row: int) -> int:
     return geo.rows_offset + row * ROW_SIZE
 
 
-def write_row(buf: bytearray | memoryview, offset: int, row: Row) -> None:
+def words_of(buf: bytearray | memoryview) -> memoryview:
+    """The buffer as 64-bit words, for atomic sequence reads and writes."""
+    return memoryview(buf).cast("B").cast("Q")
+
+
+def write_row(
+    buf: bytearray | memoryview, offset: int, row: Row, words: memoryview | None = None
+) -> None:
     """Single-writer seqlock write: odd while the body is being changed."""
-    seq = ROW_SEQ.unpack_from(buf, offset)[0]
-    ROW_SEQ.pack_into(buf, offset, seq + 1)
+    if words is None:
+        words = words_of(buf)
+    index = offset >> 3
+    seq = words[index]
+    words[index] = seq + 1
     ROW_BODY.pack_into(
         buf,
         offset + 8,
@@ -156,30 +175,53 @@ def write_row(buf: bytearray | memoryview, offset: int, row: Row) -> None:
         0,
         row.running,
         row.waiting,
-        0,
+        row.waiting_tokens,
         row.token_usage,
         row.throughput,
         row.load_updated,
         row.status_changed,
     )
-    ROW_SEQ.pack_into(buf, offset, seq + 2)
+    words[index] = seq + 2
 
 
-def read_row(buf: bytearray | memoryview, offset: int, max_tries: int = 10_000) -> Row:
-    """Lock-free read; retries while a write is in progress or happened meanwhile."""
-    unpack_seq = ROW_SEQ.unpack_from
+def read_row(
+    buf: bytearray | memoryview, offset: int, max_wait: float = 2.0, words: memoryview | None = None
+) -> Row:
+    """Lock-free read; retries while a write is in progress or happened meanwhile.
+
+    The writer can be descheduled halfway through a write, so after a short spin the
+    reader yields its CPU and keeps trying until `max_wait` seconds have passed."""
+    if words is None:
+        words = words_of(buf)
+    index = offset >> 3
     unpack_body = ROW_BODY.unpack_from
     body_offset = offset + 8
-    for _ in range(max_tries):
-        before = unpack_seq(buf, offset)[0]
-        if before & 1:
-            continue
-        generation, status, flags, _p, running, waiting, _q, tok, thr, upd, chg = unpack_body(
-            buf, body_offset
-        )
-        if unpack_seq(buf, offset)[0] == before:
-            return Row(generation, status, flags, running, waiting, tok, thr, upd, chg)
-    raise RuntimeError("worker table row stayed busy: is its writer stuck?")
+    tries = 0
+    deadline = 0.0
+    while True:
+        before = words[index]
+        if not before & 1:
+            generation, status, flags, _p, running, waiting, wtok, tok, thr, upd, chg = unpack_body(
+                buf, body_offset
+            )
+            if words[index] == before:
+                return Row(generation, status, flags, running, waiting, wtok, tok, thr, upd, chg)
+        tries += 1
+        if tries >= _SPINS:
+            deadline = _backoff(deadline, max_wait, "worker table row")
+
+
+_SPINS = 200
+
+
+def _backoff(deadline: float, max_wait: float, what: str) -> float:
+    now = time.monotonic()
+    if deadline == 0.0:
+        deadline = now + max_wait
+    elif now > deadline:
+        raise RuntimeError(f"{what} stayed busy for {max_wait} s: is its writer stuck?")
+    os.sched_yield()
+    return deadline
 
 
 # --- process slots ----------------------------------------------------------------------
@@ -197,7 +239,12 @@ def proc_offset(geo: Geometry, index: int) -> int:
 
 
 def write_proc(
-    buf: bytearray | memoryview, geo: Geometry, index: int, pid: int, state: int, started: float,
+    buf: bytearray | memoryview,
+    geo: Geometry,
+    index: int,
+    pid: int,
+    state: int,
+    started: float,
     reason: str = "",
 ) -> None:
     encoded = reason.encode("utf-8", "replace")[:240]
@@ -218,35 +265,44 @@ def write_directory(buf: bytearray | memoryview, geo: Geometry, blob: bytes) -> 
         raise ValueError(
             f"worker directory needs {len(blob)} bytes, more than its {geo.dir_capacity}"
         )
+    words = words_of(buf)
+    index = OFF_DIR_SEQ >> 3
     seq, generation, active, _length = DIR_POINTER.unpack_from(buf, OFF_DIR_SEQ)
     target = 1 - active
     start = geo.dir_offset + target * geo.dir_capacity
     buf[start : start + len(blob)] = blob
-    U64.pack_into(buf, OFF_DIR_SEQ, seq + 1)
-    DIR_POINTER.pack_into(buf, OFF_DIR_SEQ, seq + 1, generation + 1, target, len(blob))
-    U64.pack_into(buf, OFF_DIR_SEQ, seq + 2)
+    words[index] = seq + 1
+    DIR_FIELDS.pack_into(buf, OFF_DIR_SEQ + 8, generation + 1, target, len(blob))
+    words[index] = seq + 2
     return generation + 1
 
 
 def directory_generation(buf: bytearray | memoryview) -> int:
+    # Not seqlocked: a stale or new generation only decides whether to re-read.
     return U64.unpack_from(buf, OFF_DIR_SEQ + 8)[0]
 
 
 def read_directory(
-    buf: bytearray | memoryview, geo: Geometry, max_tries: int = 10_000
+    buf: bytearray | memoryview, geo: Geometry, max_wait: float = 2.0
 ) -> tuple[int, bytes]:
     """Copy out the active directory blob. The writer only ever writes the inactive buffer,
     so the buffer being copied is overwritten only after a first flip, which changes ``seq``:
     an unchanged ``seq`` after the copy proves the copy whole."""
-    for _ in range(max_tries):
-        seq, generation, active, length = DIR_POINTER.unpack_from(buf, OFF_DIR_SEQ)
-        if seq & 1:
-            continue
-        start = geo.dir_offset + active * geo.dir_capacity
-        blob = bytes(buf[start : start + length])
-        if U64.unpack_from(buf, OFF_DIR_SEQ)[0] == seq:
-            return generation, blob
-    raise RuntimeError("worker directory stayed busy: is its writer stuck?")
+    words = words_of(buf)
+    index = OFF_DIR_SEQ >> 3
+    tries = 0
+    deadline = 0.0
+    while True:
+        seq = words[index]
+        if not seq & 1:
+            generation, active, length = DIR_FIELDS.unpack_from(buf, OFF_DIR_SEQ + 8)
+            start = geo.dir_offset + active * geo.dir_capacity
+            blob = bytes(buf[start : start + length])
+            if words[index] == seq:
+                return generation, blob
+        tries += 1
+        if tries >= _SPINS:
+            deadline = _backoff(deadline, max_wait, "worker directory")
 
 
 # --- small header fields ------------------------------------------------------------------

@@ -24,6 +24,7 @@ class WorkerTable:
         self.buf = buf
         self.geo = geo
         self._view = memoryview(buf)
+        self._words = layout.words_of(buf)
         self._inflight = self._view[
             geo.inflight_offset : geo.inflight_offset + geo.capacity * geo.slots * 8
         ].cast("q")
@@ -47,10 +48,14 @@ class WorkerTable:
     # --- rows ----------------------------------------------------------------------------
 
     def read_row(self, row: int) -> Row:
-        return layout.read_row(self.buf, self.geo.rows_offset + row * layout.ROW_SIZE)
+        return layout.read_row(
+            self.buf, self.geo.rows_offset + row * layout.ROW_SIZE, words=self._words
+        )
 
     def write_row(self, row: int, value: Row) -> None:
-        layout.write_row(self.buf, self.geo.rows_offset + row * layout.ROW_SIZE, value)
+        layout.write_row(
+            self.buf, self.geo.rows_offset + row * layout.ROW_SIZE, value, words=self._words
+        )
 
     def status(self, row: int) -> int:
         # One byte is read atomically; no seqlock needed for a status-only check.
@@ -108,7 +113,9 @@ class WorkerTable:
 
     # --- process slots ---------------------------------------------------------------------------
 
-    def write_proc(self, index: int, pid: int, state: int, started: float, reason: str = "") -> None:
+    def write_proc(
+        self, index: int, pid: int, state: int, started: float, reason: str = ""
+    ) -> None:
         layout.write_proc(self.buf, self.geo, index, pid, state, started, reason)
 
     def read_proc(self, index: int) -> ProcSlot:
