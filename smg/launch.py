@@ -36,9 +36,15 @@ def main(argv: list[str]) -> int:
             print(f"smg launch: {exc}", file=sys.stderr)
             return 1
         urls.extend(mock_urls)
+    from smg.control.registry import unsupported_reason
     from smg.supervisor import Supervisor
 
     specs = [validate_worker_spec(WorkerSpec(url=url)) for url in urls]
+    for spec in specs:
+        reason = unsupported_reason(spec)
+        if reason:
+            print(f"smg launch: worker {spec.url}: {reason}", file=sys.stderr)
+            return 2
     supervisor = Supervisor(cfg, cfg_processes(cfg), specs, mock_process)
     return supervisor.run()
 

@@ -28,9 +28,7 @@ def gamma_gaps(n: int, rate: float, burstiness: float, rng: random.Random) -> li
     return [rng.gammavariate(burstiness, scale) for _ in range(n)]
 
 
-def ramp_rate(
-    strategy: str, start_rps: float, end_rps: float, index: int, total: int
-) -> float:
+def ramp_rate(strategy: str, start_rps: float, end_rps: float, index: int, total: int) -> float:
     """Instantaneous rate for request `index` of `total` under a linear/exponential ramp."""
     progress = index / max(total - 1, 1)
     if strategy == "linear":

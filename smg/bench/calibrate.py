@@ -22,7 +22,9 @@ from smg.bench.http import build_request, parse_url
 from smg.bench.runner import Prepared, RunSpec, run_in_process
 
 
-def start_stub(extra: list[str] | None = None, timeout: float = 10.0) -> tuple[subprocess.Popen[str], int]:
+def start_stub(
+    extra: list[str] | None = None, timeout: float = 10.0
+) -> tuple[subprocess.Popen[str], int]:
     """Starts the stub on a free port; returns (process, port). Caller must stop it."""
     cmd = [sys.executable, "-m", "smg", "bench", "stub", "--port", "0", *(extra or [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -102,16 +104,24 @@ def main(argv: list[str]) -> int:
     streamed = with_stub(
         [],
         lambda port: measure(
-            port, "/v1/chat/completions", args.stream_requests, args.concurrency,
-            args.stream_tokens, True,
+            port,
+            "/v1/chat/completions",
+            args.stream_requests,
+            args.concurrency,
+            args.stream_tokens,
+            True,
         ),
     )
     itl = str(args.paced_itl_ms)
     paced = with_stub(
         ["--ttft-ms", itl, "--itl-ms", itl],
         lambda port: measure(
-            port, "/v1/chat/completions", args.paced_concurrency, args.paced_concurrency,
-            args.stream_tokens, True,
+            port,
+            "/v1/chat/completions",
+            args.paced_concurrency,
+            args.paced_concurrency,
+            args.stream_tokens,
+            True,
         ),
     )
     report = {"non_streaming": plain, "streaming": streamed, "streaming_paced": paced}

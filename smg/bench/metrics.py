@@ -113,9 +113,7 @@ def compute(
         result["total_token_throughput"] = (total_in + total_out) / dur
         origin = min((o.t_send for o in ok), default=0.0)
         result["max_output_tokens_per_s"] = stats.max_tokens_per_second(token_times, origin)
-        result["max_concurrent_requests"] = stats.peak_concurrency(
-            (o.t_send, o.t_done) for o in ok
-        )
+        result["max_concurrent_requests"] = stats.peak_concurrency((o.t_send, o.t_done) for o in ok)
 
     series = {"ttft": ttfts, "tpot": tpots, "itl": itls, "e2el": e2els}
     selected = ("e2el",) if cfg.embeddings else cfg.percentile_metrics

@@ -206,7 +206,11 @@ def summary_text(result: dict[str, Any], percentiles: list[float]) -> str:
         row("Failures by status:", json.dumps(failures.get("by_status", {}), sort_keys=True), "{}")
     short = result.get("smg_short_outputs")
     if short and short.get("requests"):
-        row("Short outputs (ignore_eos):", f"{short['requests']} req, -{short['missing_tokens']} tok", "{}")
+        row(
+            "Short outputs (ignore_eos):",
+            f"{short['requests']} req, -{short['missing_tokens']} tok",
+            "{}",
+        )
     row("Valid run:", "yes" if result.get("smg_valid", True) else "NO", "{}")
     for reason in result.get("smg_invalid_reasons") or []:
         lines.append(f"  invalid: {reason}")

@@ -293,9 +293,7 @@ def _prewarm_counts(spec: RunSpec, n_preps: int) -> list[int]:
     return counts
 
 
-async def _run_async(
-    spec: RunSpec, start_barrier: Any = None
-) -> tuple[list[Outcome], ProcStats]:
+async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Outcome], ProcStats]:
     loop = asyncio.get_running_loop()
     engine = Engine(loop, spec.targets, spec.max_concurrency, spec.timeout, spec.insecure)
     stats = ProcStats(pid=os.getpid())
@@ -357,9 +355,7 @@ def _child(spec: RunSpec, conn: Any) -> None:
         conn.close()
 
 
-def run_multiprocess(
-    spec: RunSpec, processes: int
-) -> tuple[list[Outcome], list[ProcStats], float]:
+def run_multiprocess(spec: RunSpec, processes: int) -> tuple[list[Outcome], list[ProcStats], float]:
     """Splits requests round-robin over `processes` forked clients sharing one start time.
 
     The concurrency cap is split evenly between processes (their sum equals the cap).

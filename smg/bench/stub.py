@@ -102,18 +102,41 @@ def whole_body(path: str, model: str, n_tokens: int) -> bytes:
     text = "tok " * n_tokens
     if path.endswith("/embeddings"):
         return orjson.dumps(
-            {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0]}],
-             "model": model, "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0]}],
+                "model": model,
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
         )
     if path.endswith("/generate"):
-        return orjson.dumps({"text": text, "meta_info": {"prompt_tokens": 1, "completion_tokens": n_tokens}})
+        return orjson.dumps(
+            {"text": text, "meta_info": {"prompt_tokens": 1, "completion_tokens": n_tokens}}
+        )
     if path.endswith("/chat/completions"):
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": "length"}
-        return orjson.dumps({"id": "c", "object": "chat.completion", "model": model,
-                             "choices": [choice], "usage": usage})
-    return orjson.dumps({"id": "c", "object": "text_completion", "model": model,
-                         "choices": [{"index": 0, "text": text}], "usage": usage})
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length",
+        }
+        return orjson.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
+    return orjson.dumps(
+        {
+            "id": "c",
+            "object": "text_completion",
+            "model": model,
+            "choices": [{"index": 0, "text": text}],
+            "usage": usage,
+        }
+    )
 
 
 class StubProtocol(asyncio.Protocol):
@@ -132,7 +155,10 @@ class StubProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._respond(400, b'{"error":{"message":"bad request","type":"invalid_request_error","code":400}}')
+            self._respond(
+                400,
+                b'{"error":{"message":"bad request","type":"invalid_request_error","code":400}}',
+            )
             self.transport.close()  # type: ignore[union-attr]
 
     def on_url(self, url: bytes) -> None:
@@ -154,14 +180,20 @@ class StubProtocol(asyncio.Protocol):
     def _respond(self, status: int, body: bytes) -> None:
         reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 500: b"Internal Server Error"}
         head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (
-            status, reason.get(status, b"Error"), len(body))
+            status,
+            reason.get(status, b"Error"),
+            len(body),
+        )
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(head + body)
 
     def _handle(self, path: str, raw: bytes) -> None:
         cfg = self.cfg
         if path == "/v1/models":
-            data = {"object": "list", "data": [{"id": cfg.model, "object": "model", "root": cfg.model}]}
+            data = {
+                "object": "list",
+                "data": [{"id": cfg.model, "object": "model", "root": cfg.model}],
+            }
             self._respond(200, orjson.dumps(data))
             return
         known = ("/v1/completions", "/v1/chat/completions", "/generate", "/v1/embeddings")
@@ -181,8 +213,10 @@ class StubProtocol(asyncio.Protocol):
             self._respond(200, whole_body(path, cfg.model, n))
             return
         events = stream_events(path, cfg.model, n, cfg.tokens_per_chunk)
-        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         transport = self.transport
         assert transport is not None
         if cfg.ttft == 0 and cfg.itl == 0:
@@ -240,8 +274,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="stub-model")
     args = p.parse_args(argv)
-    cfg = StubConfig(args.ttft_ms, args.itl_ms, args.output_len, args.tokens_per_chunk,
-                     args.error_rate, args.seed, args.model)
+    cfg = StubConfig(
+        args.ttft_ms,
+        args.itl_ms,
+        args.output_len,
+        args.tokens_per_chunk,
+        args.error_rate,
+        args.seed,
+        args.model,
+    )
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:

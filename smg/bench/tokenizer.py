@@ -78,9 +78,7 @@ class HFTokenizer:
             )
         self.name = path
         self._tok = _Tok.from_file(file)
-        special = {
-            i for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special
-        }
+        special = {i for i, tok in self._tok.get_added_tokens_decoder().items() if tok.special}
         size = self._tok.get_vocab_size(with_added_tokens=False)
         self._allowed = [i for i in range(size) if i not in special]
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from smg import ipc
 from smg.config import ConfigError, model_aliases
 from smg.control import probes
-from smg.control.registry import Registry, RegistryError, WorkerRecord
+from smg.control.registry import Registry, RegistryError, WorkerRecord, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.httpwire import error_body
 from smg.workers_spec import (
@@ -304,6 +304,9 @@ class ControlPlane:
             spec = parse_worker_spec(body)
         except ConfigError as exc:
             return _error(400, "BAD_REQUEST", str(exc))
+        unsupported = unsupported_reason(spec)
+        if unsupported:
+            return _error(400, "BAD_REQUEST", unsupported)
         try:
             record = self._register(spec)
         except RegistryError as exc:

@@ -36,6 +36,18 @@ class RegistryError(Exception):
         self.message = message
 
 
+def unsupported_reason(spec: WorkerSpec) -> str | None:
+    """What this build cannot serve yet, refused at registration rather than failing later."""
+    if spec.connection_mode == "grpc":
+        return "gRPC workers are not supported yet (HTTP proxy mode only)"
+    if spec.worker_type != "regular":
+        return (
+            f"worker_type {spec.worker_type!r} needs prefill/decode disaggregation, "
+            "which is not supported yet"
+        )
+    return None
+
+
 class WorkerRecord:
     def __init__(self, worker_id: str, spec: WorkerSpec, row: int, generation: int) -> None:
         self.worker_id = worker_id

@@ -219,10 +219,8 @@ class WorkerPool:
         self.waiters.append(exchange)
 
     def cancel_wait(self, exchange: Exchange) -> None:
-        try:
+        if exchange in self.waiters:
             self.waiters.remove(exchange)
-        except ValueError:
-            pass
 
     def sweep(self, now: float) -> None:
         """Close idle connections past the idle timeout (engines close theirs at about 5 s)."""
