@@ -68,7 +68,7 @@ PAYLOAD_DIR = HERE / "payloads"
 RUST_VERSION = "1.13.0"
 HOST = "127.0.0.1"
 STUB_MARKER = b"chatcmpl-stub"
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 5.0
 
 # Launches the Rust SMG's CLI where its setproctitle dependency is missing (an offline install
 # from the lone wheel): the module only renames the process, so a no-op stands in for it.
@@ -501,7 +501,11 @@ class Stub:
             parts = line.split(" ", 3)
             if len(parts) == 4 and parts[0] == "PROBE" and "/stub/stats" not in parts[3]:
                 key = f"{parts[2]} {parts[3]}"
-                seen[key] = seen.get(key, 0) + 1
+            elif len(parts) >= 3 and parts[0] == "BAD":
+                key = "unparsable: " + " ".join(parts[2:])
+            else:
+                continue
+            seen[key] = seen.get(key, 0) + 1
         return seen
 
 
@@ -654,6 +658,7 @@ class Bench:
         self.ready_times: dict[str, list[float]] = {}
         self.stub: Stub | None = None
         self.client: Client | None = None
+        self.loadavg_at_start = os.getloadavg()
 
     # -- setup
 
@@ -700,7 +705,7 @@ class Bench:
                 cwd=REPO,
                 env=env,
                 prometheus_host="--prometheus-host" in helptext,
-                processes=self.args.smg_processes,
+                processes=self.args.smg_processes or len(self.layout.gateway),
             )
         self.stub = start_stub(bins["stub"], self.layout)
         log(
@@ -745,7 +750,14 @@ class Bench:
         if self.start_failures.get(name, 0) >= 2:
             return f"skipped: {name} failed to start twice"
         try:
-            run = self.start_gateway(name, label)
+            try:
+                run = self.start_gateway(name, label)
+            except GatewayError as exc:
+                if "exited" not in str(exc):
+                    raise
+                # Once more: the free port picked for it may have been taken in between.
+                log(f"{name} exited while starting; trying once more")
+                run = self.start_gateway(name, label)
         except GatewayError as exc:
             self.start_failures[name] = self.start_failures.get(name, 0) + 1
             log(f"ERROR {exc}")
@@ -947,6 +959,7 @@ class Bench:
                 "cpu_count": os.cpu_count(),
                 "platform": platform.platform(),
                 "python": sys.version.split()[0],
+                "loadavg_at_start": self.loadavg_at_start,
                 "loadavg_at_end": os.getloadavg(),
             },
             "settings": {
@@ -964,7 +977,7 @@ class Bench:
                     "gateway_cores": format_cpu_list(self.layout.gateway),
                     "load_cores": format_cpu_list(self.layout.load),
                 },
-                "smg_processes": args.smg_processes,
+                "smg_processes": args.smg_processes or len(self.layout.gateway),
                 "fixed_rate_fraction": args.fixed_rate_fraction,
                 "fixed_duration_s": args.fixed_duration,
                 "fixed_warmup_s": args.fixed_warmup,
@@ -983,12 +996,14 @@ class Bench:
 
     def report(self) -> str:
         a = self.args
+        smg = f"; smg --processes {self.specs['smg'].processes}" if "smg" in self.specs else ""
+        load = f"; loadavg {self.loadavg_at_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} now"
         header = (
             f"## gateway benchmark: {', '.join(self.gateways)}; {a.rounds} rounds x {a.duration}s "
             f"(+{a.warmup}s warm-up), {a.connections} connections, client {a.max_client} "
             f"x{self.layout.client_threads} threads, stub x{self.layout.stub_threads} threads; "
             f"cores: {self.layout.mode} (gateway {format_cpu_list(self.layout.gateway)}, "
-            f"load {format_cpu_list(self.layout.load)})"
+            f"load {format_cpu_list(self.layout.load)}){smg}{load}"
         )
         return markdown_report(
             self.gateways,
@@ -1052,7 +1067,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="client threads (default: by layout)")
     ap.add_argument("--stub-threads", type=int, default=None)
-    ap.add_argument("--smg-processes", type=int, default=2)
+    ap.add_argument(
+        "--smg-processes",
+        type=int,
+        default=None,
+        help="our gateway's --processes (default: one per gateway core, as the Rust SMG sizes "
+        "its runtime)",
+    )
     ap.add_argument("--cores", default="auto", choices=("auto", "shared", "split"))
     ap.add_argument("--gateway-cores", default=None, help="e.g. 0-7 (with --load-cores)")
     ap.add_argument("--load-cores", default=None, help="e.g. 8-15: stub and client")

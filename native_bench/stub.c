@@ -11,7 +11,8 @@
  * Prints "LISTENING <host> <port>" on stdout once bound. GET /stub/stats answers the per-route
  * request counters so a harness can check that a gateway really forwarded what it answered.
  * --log-probes writes "PROBE <unix-seconds> <method> <target>" on stderr for every request
- * that is not an inference route, which is how the gateways' probes were discovered.
+ * that is not an inference route, and "BAD <unix-seconds> <first line>" for every request that
+ * did not parse, which is how the gateways' probes were discovered.
  *
  * Build: cc -O2 -pthread -o stub stub.c
  */
@@ -564,6 +565,18 @@ static void log_probe(const request_t *r) {
             (int)r->method_len, r->method, (int)r->target_len, r->target);
 }
 
+/* First line of a request that did not parse, printable bytes only. */
+static void log_bad(const char *p, size_t n) {
+    char line[81];
+    size_t k = 0;
+    for (size_t i = 0; i < n && k < sizeof line - 1 && p[i] != '\r' && p[i] != '\n'; i++)
+        line[k++] = (p[i] >= 32 && p[i] < 127) ? p[i] : '?';
+    line[k] = 0;
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    fprintf(stderr, "BAD %ld.%03ld %s\n", (long)tv.tv_sec, (long)(tv.tv_usec / 1000), line);
+}
+
 static void route(worker_t *w, conn_t *c, const request_t *r) {
     int ka = r->keep_alive;
     if (method_is(r, "POST")) {
@@ -624,6 +637,7 @@ static void process(worker_t *w, conn_t *c) {
         if (used == P_INCOMPLETE) break;
         if (used < 0) {
             count(w, C_BAD_REQUEST);
+            if (g_log_probes) log_bad(c->rbuf + off, c->rlen - off);
             send_canned(c, used == P_TOO_LARGE ? R_TOO_LARGE : R_BAD_REQUEST, 0, 0);
             c->close_after_write = 1;
             off = c->rlen;

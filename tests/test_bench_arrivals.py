@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -74,7 +75,7 @@ def test_wrong_distribution_is_rejected_by_the_test() -> None:
 def test_schedule_is_normalized_to_n_over_rate_and_seeded() -> None:
     offsets, rates = arrivals.schedule(500, 100.0, 1.0, seed=3)
     assert offsets[-1] == pytest.approx(5.0)
-    assert all(b >= a for a, b in zip(offsets, offsets[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(offsets))
     assert rates == [100.0] * 500
     assert arrivals.schedule(500, 100.0, 1.0, seed=3)[0] == offsets
     assert arrivals.schedule(500, 100.0, 1.0, seed=4)[0] != offsets
@@ -99,9 +100,7 @@ def test_ramp_up_rates() -> None:
 
 
 def test_trace_offsets_relative_to_first() -> None:
-    assert arrivals.trace_offsets([1000.0, 1500.0, 1200.0], 0.001) == pytest.approx(
-        [0.0, 0.5, 0.2]
-    )
+    assert arrivals.trace_offsets([1000.0, 1500.0, 1200.0], 0.001) == pytest.approx([0.0, 0.5, 0.2])
 
 
 def test_invalid_rates() -> None:

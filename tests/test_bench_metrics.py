@@ -146,7 +146,10 @@ def test_save_reload_csv_and_compare(tmp_path: Path, capsys: pytest.CaptureFixtu
         row = next(csv.DictReader(f))
     assert float(row["request_throughput"]) == pytest.approx(3.0)
     assert row["smg_client.cpu_percent_max"] == "10.0"
-    rows = {k: (va, vb, r) for k, va, vb, r in compare_rows(results.load(str(pa)), results.load(str(pb)))}
+    rows = {
+        k: (va, vb, r)
+        for k, va, vb, r in compare_rows(results.load(str(pa)), results.load(str(pb)))
+    }
     assert rows["request_throughput"][2] == pytest.approx(2.0)
     assert rows["mean_ttft_ms"][2] == pytest.approx(0.5)
     table = format_table(compare_rows(a, b), "A", "B")

@@ -130,6 +130,15 @@ def test_invalid_json_marks_failure() -> None:
     assert acc.error == "invalid_json"
 
 
+def test_malformed_chunk_marks_failure_without_raising() -> None:
+    acc = make()
+    acc.feed(1.0, sse({"choices": [{"delta": ["not", "a", "dict"]}]}))
+    assert acc.error == "invalid_response"
+    acc2 = make()
+    acc2.feed(1.0, b"data: [1, 2]\n\n")
+    assert acc2.error == "invalid_response"
+
+
 def test_non_200_keeps_error_body_and_no_timing() -> None:
     acc = StreamAccumulator("chat", 0.0)
     acc.on_status(503)

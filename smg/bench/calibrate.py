@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
             f"{streamed['client_cpu_percent']:.0f}%, {streamed['succeeded']}/{streamed['requests']} ok)"
         )
         print(
-            f"paced stream:  {paced['chunks_per_s']:,.0f} SSE chunks/s, one chunk per read "
+            f"paced stream:  {paced['chunks_per_s']:,.0f} SSE chunks/s, chunks written one by one "
             f"(client CPU {paced['client_cpu_percent']:.0f}%, "
             f"{paced['succeeded']}/{paced['requests']} ok; {args.paced_concurrency} streams, "
             f"ITL {args.paced_itl_ms} ms)"

@@ -134,6 +134,7 @@ def compute(
         result["latencies"] = [o.latency if o.success else 0.0 for o in outcomes]
         origin = min((o.t_sched for o in outcomes), default=0.0)
         result["start_times"] = [o.t_send - origin for o in outcomes]
+        result["smg_scheduled_times"] = [o.t_sched - origin for o in outcomes]
         result["queue_times"] = [o.queue for o in outcomes]
         result["generated_texts"] = [o.text for o in outcomes]
         result["errors"] = [_error_text(o) for o in outcomes]
@@ -199,7 +200,9 @@ def client_report(
         "warmup_failed": sum(p.warmup_failed for p in procs),
     }
     warnings: list[str] = []
-    if cpu_max > CPU_WARN_PERCENT:
+    # A run shorter than half a second gives too few CPU ticks to judge.
+    judged = [p["cpu_percent"] for p in per_proc if p["wall_seconds"] >= 0.5]
+    if judged and max(judged) > CPU_WARN_PERCENT:
         warnings.append(
             f"client CPU at {cpu_max:.0f}% of a core (> {CPU_WARN_PERCENT:.0f}%): the client may"
             " be the bottleneck; add --client-processes"

@@ -189,7 +189,7 @@ class Engine:
 
     async def _connect_and_send(self, rec: Record) -> None:
         try:
-            conn = await self.pools[rec.prep.target].connect()
+            conn = await asyncio.wait_for(self.pools[rec.prep.target].connect(), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             rec.t_send = perf()
             rec.body.append(str(exc).encode())

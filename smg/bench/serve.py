@@ -7,6 +7,7 @@ import asyncio
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -182,6 +183,19 @@ def choose_processes(args: argparse.Namespace, mean_output_len: float) -> int:
     return max(1, min(os.cpu_count() or 1, math.ceil(need)))
 
 
+def prewarm_size(args: argparse.Namespace, n: int, procs: int) -> int:
+    """Connections opened before the clock starts, per process: the concurrency cap, or
+    every request for an unpaced burst, or a modest 64 for a paced run without a cap
+    (more open on demand and stay pooled)."""
+    if args.max_concurrency is not None:
+        want = args.max_concurrency
+    elif math.isinf(args.request_rate) and args.ramp_up_strategy is None:
+        want = n
+    else:
+        want = 64
+    return max(1, min(want, n, 4096) // max(procs, 1))
+
+
 async def _first_model(base_url: str, headers: dict[str, str]) -> str:
     status, body = await fetch(base_url + "/v1/models", headers=headers)
     if status != 200:
@@ -200,6 +214,30 @@ def resolve_model(args: argparse.Namespace, base_url: str, headers: dict[str, st
         return loop.run_until_complete(_first_model(base_url, headers))
     except (OSError, ValueError, KeyError, asyncio.TimeoutError) as exc:
         raise UsageError(f"could not list models at {base_url} ({exc}); pass --model") from exc
+    finally:
+        loop.close()
+
+
+def wait_ready(url: str, body: bytes, headers: dict[str, str], timeout: float) -> None:
+    """Sends one small request until it succeeds (vllm's --ready-check-timeout-sec)."""
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status, _ = await fetch(url, "POST", body, headers, timeout=max(1.0, timeout))
+                if status == 200:
+                    return
+                last = f"status {status}"
+            except (OSError, asyncio.TimeoutError) as exc:
+                last = str(exc) or type(exc).__name__
+            await asyncio.sleep(0.5)
+        raise UsageError(f"endpoint {url} not ready within {timeout:.0f} s ({last})")
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(poll())
     finally:
         loop.close()
 
@@ -268,6 +306,9 @@ def run(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"smg bench: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a client process failed
+        print(f"smg bench: {exc}", file=sys.stderr)
+        return 1
     return 0 if result.get("smg_valid") else 1
 
 
@@ -306,12 +347,16 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     warm = prepare(
         [pl.samples[0]] * args.num_warmups, backend, target, full_path, opts, headers, "warmup-"
     )
+    if args.ready_check_timeout_sec > 0:
+        first = build_body(backend, pl.samples[0].prompt, 1, opts)
+        wait_ready(base_url + path, first, headers, args.ready_check_timeout_sec)
     mean_out = sum(s.expected_output_len for s in pl.samples) / len(pl.samples)
     procs = choose_processes(args, mean_out)
     fd_soft, _ = raise_fd_limit()
     spec = RunSpec(
         [target], preps, pl.offsets, args.max_concurrency, args.request_timeout, warm, args.insecure
     )
+    spec.prewarm = prewarm_size(args, len(preps), procs)
     print(
         f"smg bench: {len(preps)} requests to {base_url}{path} ({backend}), rate "
         f"{args.request_rate}, burstiness {args.burstiness}, max concurrency "

@@ -133,10 +133,17 @@ class StreamAccumulator:
         except orjson.JSONDecodeError:
             self.error = self.error or "invalid_json"
             return
-        if isinstance(obj, dict):
+        if not isinstance(obj, dict):
+            self.error = self.error or "invalid_response"
+            return
+        try:
             self._chunk(ts, obj)
+        except (AttributeError, TypeError, IndexError, KeyError):
+            self.error = self.error or "invalid_response"
 
     def _chunk(self, ts: float, obj: dict[str, Any]) -> None:
+        # Hot path (once per streamed chunk): plain dict lookups, no helper calls for the
+        # common one-token chunk.
         if obj.get("error"):
             self.error = self.error or "stream_error"
             return
@@ -144,8 +151,8 @@ class StreamAccumulator:
             self._generate_chunk(ts, obj)
             return
         usage = obj.get("usage")
-        cum: int | None = None
-        if isinstance(usage, dict):
+        cum = None
+        if usage:
             self._usage(usage)
             cum = usage.get("completion_tokens")
         choices = obj.get("choices")
@@ -153,24 +160,28 @@ class StreamAccumulator:
             return
         choice = choices[0]
         if self.kind == "chat":
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta")
+            if not delta:
+                return
             text = delta.get("content")
-            bearing = bool(
+            if not (
                 text
                 or delta.get("reasoning_content")
                 or delta.get("reasoning")
                 or delta.get("tool_calls")
-            )
+            ):
+                return
         else:
             text = choice.get("text")
-            bearing = bool(text)
-        if not bearing:
-            return
+            if not text:
+                return
         if isinstance(cum, int) and cum > self._cum:
             k = cum - self._cum
             self._cum = cum
-        else:
+        elif choice.get("logprobs"):
             k = _logprob_tokens(choice) or 1
+        else:
+            k = 1
         self._token_event(ts, k)
         if text:
             self.parts.append(text)
@@ -201,6 +212,8 @@ class StreamAccumulator:
         if self.first_ts is None:
             self.first_ts = ts
             self.first_tokens = k
+        elif k == 1:
+            self.itl.append(ts - self.last_ts)  # type: ignore[operator]
         else:
             self.itl.extend(split_gap(ts - self.last_ts, k))  # type: ignore[operator]
         self.last_ts = ts

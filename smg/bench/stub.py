@@ -230,7 +230,10 @@ class StubProtocol(asyncio.Protocol):
         # trailing events (finish, usage, [DONE]) go with the last content chunk. Each
         # write schedules the next, so chunks can never be reordered by the timer heap.
         n_content = (n + cfg.tokens_per_chunk - 1) // cfg.tokens_per_chunk
-        pieces = events[lead : lead + n_content - 1] + [b"".join(events[lead + n_content - 1 :])]
+        pieces = [
+            *events[lead : lead + n_content - 1],
+            b"".join(events[lead + n_content - 1 :]),
+        ]
         t0 = self.loop.time() + cfg.ttft
         self.loop.call_at(t0, self._write_next, pieces, 0, t0)
 

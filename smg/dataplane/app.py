@@ -419,8 +419,13 @@ class DataPlane:
             b"\r\n",
         ]
         append = parts.append
+        skip = _SKIP_REQUEST_HEADERS
+        connection = request.header(b"connection")
+        if connection is not None:
+            # Headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+            skip = skip | {token.strip().lower() for token in connection.split(b",")}
         for name, value in request.headers:
-            if name in _SKIP_REQUEST_HEADERS:
+            if name in skip:
                 continue
             append(name)
             append(b": ")

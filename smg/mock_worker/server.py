@@ -245,22 +245,30 @@ class Worker:
 
     # --- inference -----------------------------------------------------------------------
 
-    def inference(self, conn: Connection, req: Request, kind: str) -> None:
-        cfg = self.cfg
+    def faults(self, conn: Connection, req: Request) -> bool:
+        """Injected faults of an inference request; True when one answered it (or hung)."""
         mock = req.mock
         if mock is not None and b"x-mock-status" in mock:
             status = parse_status_override(mock[b"x-mock-status"])
             self.error(conn, req, status, f"mock status {status} (x-mock-status)", "mock_error")
             self.answered(0, 0)
-            return
-        rng = self.rng
-        if cfg.error_rate > 0.0 and rng.random() < cfg.error_rate:
+            return True
+        cfg = self.cfg
+        if cfg.error_rate > 0.0 and self.rng.random() < cfg.error_rate:
             self.error(conn, req, 500, "mock injected error (error_rate)", "internal_server_error")
             self.answered(0, 0)
-            return
-        if cfg.hang_rate > 0.0 and rng.random() < cfg.hang_rate:
+            return True
+        if cfg.hang_rate > 0.0 and self.rng.random() < cfg.hang_rate:
             conn.start_async(self._hang())
+            return True
+        return False
+
+    def inference(self, conn: Connection, req: Request, kind: str) -> None:
+        if self.faults(conn, req):
             return
+        cfg = self.cfg
+        mock = req.mock
+        rng = self.rng
         timing = Timing(cfg.ttft_ms / 1000.0, cfg.itl_ms / 1000.0, cfg.output_len, cfg.eos_prob)
         if mock is not None:
             apply_header_overrides(
@@ -276,13 +284,17 @@ class Worker:
         created = int(time.time())
         if plan.stream:
             if timing.ttft_s > 0.0 or timing.itl_s > 0.0:
-                conn.start_async(self._stream(conn, req, plan, timing, rid, created, model))
+                conn.start_async(
+                    self._stream(conn, req, plan, timing, rid, created, model), _tokens(plan)
+                )
             else:
                 self._stream_now(conn, req, plan, rid, created, model)
             return
         delay = timing.ttft_s + timing.itl_s * max(0, plan.n_tokens - 1)
         if delay > 0.0:
-            conn.start_async(self._delayed(conn, req, plan, delay, rid, created, model))
+            conn.start_async(
+                self._delayed(conn, req, plan, delay, rid, created, model), _tokens(plan)
+            )
             return
         self.respond(conn, req, 200, render.render_response(plan, rid, created, model))
         self.answered(plan.total_prompt_tokens, plan.total_completion_tokens)
@@ -295,11 +307,7 @@ class Worker:
         return requested
 
     async def _hang(self) -> None:
-        self.in_flight += 1
-        try:
-            await asyncio.get_running_loop().create_future()  # until the client goes away
-        finally:
-            self.in_flight -= 1
+        await asyncio.get_running_loop().create_future()  # until the client goes away
 
     async def _delayed(
         self,
@@ -311,14 +319,7 @@ class Worker:
         created: int,
         model: str,
     ) -> None:
-        tokens = plan.total_prompt_tokens + plan.total_completion_tokens
-        self.in_flight += 1
-        self.in_flight_tokens += tokens
-        try:
-            await asyncio.sleep(delay)
-        finally:
-            self.in_flight -= 1
-            self.in_flight_tokens -= tokens
+        await asyncio.sleep(delay)
         self.respond(conn, req, 200, render.render_response(plan, rid, created, model))
         self.answered(plan.total_prompt_tokens, plan.total_completion_tokens)
         conn.finish_async(req)
@@ -357,38 +358,29 @@ class Worker:
         chunked = not req.http10
         frame: Callable[[bytes], bytes] = wire.chunk if chunked else _same
         prompts = len(plan.prompt_tokens)
-        tokens = plan.total_prompt_tokens + plan.total_completion_tokens
         loop = asyncio.get_running_loop()
-        self.in_flight += 1
-        self.in_flight_tokens += tokens
         self.stats.prompt_tokens_total += plan.total_prompt_tokens
-        sent = 0
-        try:
-            self.stats.count_status(200)
-            conn.write(wire.stream_head(chunked, close=not req.keep_alive or req.http10))
-            start = loop.time()
-            if timing.ttft_s > 0.0:
-                await asyncio.sleep(timing.ttft_s)
-            opening = r.opening()
-            for i in range(plan.n_tokens):
-                if i > 0 and timing.itl_s > 0.0:
-                    # Deadline-based, so timer slack does not accumulate over many tokens.
-                    wait = start + timing.ttft_s + i * timing.itl_s - loop.time()
-                    if wait > 0.0:
-                        await asyncio.sleep(wait)
-                data = r.token(i)
-                if i == 0:
-                    data = opening + data
-                conn.write(frame(data))
-                sent += 1
-                self.stats.generation_tokens_total += prompts
-                if conn.write_paused:
-                    await conn.drain()
-            tail = r.closing() if plan.n_tokens else opening + r.closing()
-            conn.write(frame(tail) + (wire.CHUNKED_END if chunked else b""))
-        finally:
-            self.in_flight -= 1
-            self.in_flight_tokens -= tokens
+        self.stats.count_status(200)
+        conn.write(wire.stream_head(chunked, close=not req.keep_alive or req.http10))
+        start = loop.time()
+        if timing.ttft_s > 0.0:
+            await asyncio.sleep(timing.ttft_s)
+        opening = r.opening()
+        for i in range(plan.n_tokens):
+            if i > 0 and timing.itl_s > 0.0:
+                # Deadline-based, so timer slack does not accumulate over many tokens.
+                wait = start + timing.ttft_s + i * timing.itl_s - loop.time()
+                if wait > 0.0:
+                    await asyncio.sleep(wait)
+            data = r.token(i)
+            if i == 0:
+                data = opening + data
+            conn.write(frame(data))
+            self.stats.generation_tokens_total += prompts
+            if conn.write_paused:
+                await conn.drain()
+        tail = r.closing() if plan.n_tokens else opening + r.closing()
+        conn.write(frame(tail) + (wire.CHUNKED_END if chunked else b""))
         self.stats.inference_answered += 1
         self.process.count_answered()
         if req.http10:
@@ -406,25 +398,8 @@ class Worker:
     def h_generate(self, conn: Connection, req: Request) -> None:
         self.inference(conn, req, "generate")
 
-    def _simple_inference_faults(self, conn: Connection, req: Request) -> bool:
-        """error/hang/status faults for embeddings and rerank (no delays). True: handled."""
-        mock = req.mock
-        if mock is not None and b"x-mock-status" in mock:
-            status = parse_status_override(mock[b"x-mock-status"])
-            self.error(conn, req, status, f"mock status {status} (x-mock-status)", "mock_error")
-            self.answered(0, 0)
-            return True
-        if self.cfg.error_rate > 0.0 and self.rng.random() < self.cfg.error_rate:
-            self.error(conn, req, 500, "mock injected error (error_rate)", "internal_server_error")
-            self.answered(0, 0)
-            return True
-        if self.cfg.hang_rate > 0.0 and self.rng.random() < self.cfg.hang_rate:
-            conn.start_async(self._hang())
-            return True
-        return False
-
     def h_embeddings(self, conn: Connection, req: Request) -> None:
-        if self._simple_inference_faults(conn, req):
+        if self.faults(conn, req):
             return
         obj = parse_json_object(req.body)
         try:
@@ -437,7 +412,7 @@ class Worker:
         self.answered(sum(n for _, n in inputs), 0)
 
     def h_rerank(self, conn: Connection, req: Request) -> None:
-        if self._simple_inference_faults(conn, req):
+        if self.faults(conn, req):
             return
         obj = parse_json_object(req.body)
         query = obj.get("query")
@@ -537,6 +512,11 @@ class Worker:
 _ID_PREFIX = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen"}
 
 
+def _tokens(plan: Plan) -> int:
+    """KV tokens a request holds while in flight (drives the derived token_usage)."""
+    return plan.total_prompt_tokens + plan.total_completion_tokens
+
+
 def _same(data: bytes) -> bytes:
     return data
 
@@ -630,6 +610,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._async_tokens = 0
         # per-message scratch
         self._in_head = False
         self._head_pending = 0
@@ -661,6 +642,7 @@ class Connection(asyncio.Protocol):
         if self.state is CLOSED:
             return
         if self._transition("lost") is BUSY:
+            self._end_in_flight()
             self.worker.stats.record_disconnect(time.monotonic(), time.time())
         if self.task is not None:
             self.task.cancel()
@@ -803,10 +785,21 @@ class Connection(asyncio.Protocol):
         if self.state is not CLOSED:
             self.transport.write(data)  # type: ignore[union-attr]
 
-    def start_async(self, coro: Coroutine[Any, Any, None]) -> None:
+    def start_async(self, coro: Coroutine[Any, Any, None], tokens: int = 0) -> None:
+        """Run one inference response as a Task; it is in flight until finished or cut."""
         self._transition("start_async")
+        self._async_tokens = tokens
+        self.worker.in_flight += 1
+        self.worker.in_flight_tokens += tokens
         self.task = asyncio.get_running_loop().create_task(coro)
         self.task.add_done_callback(self._task_done)
+
+    def _end_in_flight(self) -> None:
+        # Synchronous with the state change, so /mock/stats never shows a disconnect
+        # whose request still counts as in flight.
+        self.worker.in_flight -= 1
+        self.worker.in_flight_tokens -= self._async_tokens
+        self._async_tokens = 0
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -814,6 +807,8 @@ class Connection(asyncio.Protocol):
         # A bug cut the response short: drop this connection, not the process. Not a
         # client disconnect, so leave the state machine before the transport goes.
         print(f"smg mock-worker: internal error: {task.exception()!r}", file=sys.stderr, flush=True)
+        if self.state is BUSY:
+            self._end_in_flight()
         self.state = CLOSED
         if self.transport is not None:
             self.transport.abort()
@@ -822,6 +817,7 @@ class Connection(asyncio.Protocol):
         if self.state is CLOSED:
             return
         self._transition("finish_async")
+        self._end_in_flight()
         self.task = None
         if self.closing:
             self._close()
