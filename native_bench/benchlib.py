@@ -350,6 +350,18 @@ def markdown_report(
                 f"{_fmt_rps(medians[gw])} | {_fmt_cpu(gcpu)} | {_fmt_cpu(median_or_none(cpu_s))} |"
             )
         lines.append("")
+        sizes = []
+        for gw in gateways:
+            per = [
+                m.raw["bytes"] / m.requests
+                for m in max_runs
+                if m.gateway == gw and m.payload == payload and m.requests and "bytes" in m.raw
+            ]
+            if per:
+                sizes.append(f"{GATEWAY_LABELS.get(gw, gw)} {median_or_none(per):,.0f}")
+        if sizes:
+            # A gateway that truncates or rewrites bodies shows up here.
+            lines.append("- response bytes per request, headers included: " + ", ".join(sizes))
         for a, b in (("smg", "rust"), ("rust", "direct"), ("smg", "direct")):
             if a in gateways and b in gateways:
                 rs = paired_ratios(per_round[a], per_round[b])

@@ -1099,6 +1099,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="download wheels and copy wrk for a machine without network, then exit",
     )
+    ap.add_argument("--report", metavar="JSON", default=None, help="re-print a saved run's tables")
     args = ap.parse_args(argv)
     args.gateways = [g.strip() for g in args.gateways.split(",") if g.strip()]
     args.payloads = [p.strip() for p in args.payloads.split(",") if p.strip()]
@@ -1119,8 +1120,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report_from_json(path: Path) -> str:
+    data = json.loads(path.read_text())
+    st = data["settings"]
+    runs = [Measurement(**m) for m in data["max_runs"]]
+    fixed = [Measurement(**m) for m in data["fixed_runs"]]
+    rates = {
+        p: (float(s["fixed_rate"][0]), str(s["fixed_rate"][1]))
+        for p, s in data["summary"].items()
+        if s.get("fixed_rate")
+    }
+    header = f"## {path.name}: settings {json.dumps({k: st[k] for k in st if k != 'commands'})}"
+    return markdown_report(st["gateways"], st["payloads"], st["rounds"], runs, fixed, rates, header)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(report_from_json(Path(args.report)))
+        return 0
     if args.prepare_offline:
         prepare_offline(Path(args.prepare_offline))
         return 0

@@ -146,7 +146,16 @@ def test_fixed_rate_prefers_the_rust_median() -> None:
 
 def test_markdown_report_marks_void_rounds_and_ratios() -> None:
     runs = [
-        Measurement("rust", "chat", 0, 1000.0, 1000, gateway_cpu_s=0.5, stub_cpu_s=0.01),
+        Measurement(
+            "rust",
+            "chat",
+            0,
+            1000.0,
+            1000,
+            gateway_cpu_s=0.5,
+            stub_cpu_s=0.01,
+            raw={"bytes": 500000},
+        ),
         Measurement("rust", "chat", 1, 1200.0, 1200, gateway_cpu_s=0.6, stub_cpu_s=0.01),
         Measurement("smg", "chat", 0, 500.0, 500, gateway_cpu_s=1.0, stub_cpu_s=0.01),
         Measurement("smg", "chat", 1, 0.0, 0, void=["3 non-2xx"]),
@@ -155,3 +164,4 @@ def test_markdown_report_marks_void_rounds_and_ratios() -> None:
     assert "void: 3 non-2xx" in text
     assert "ratio smg/rust: median 0.500 (range 0.500-0.500 over 1 rounds)" in text
     assert "| Rust SMG 1.13 | 1,000 | 1,200 | 1,100 | 0.500 |" in text
+    assert "headers included: Rust SMG 1.13 500" in text

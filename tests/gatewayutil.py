@@ -40,7 +40,9 @@ class Gateway:
         self.url = ""
         self.port = 0
         self.metrics_url = ""
-        self.log = tempfile.NamedTemporaryFile(prefix="smg-test-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open for the process's life
+            prefix="smg-test-", suffix=".log", delete=False
+        )
 
     def start(self, timeout: float = 30.0) -> Gateway:
         last_error = ""

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+import httpx
 import mockutil
 import openai
 import psutil
@@ -39,7 +40,8 @@ COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "hello there gateway"}]
 PAYLOAD_LIMIT = 64 * 1024
 HOP_BY_HOP_SENT = {
-    "Connection": "keep-alive",
+    "Connection": "keep-alive, X-Listed-In-Connection",
+    "X-Listed-In-Connection": "hop-by-hop because Connection names it",
     "Keep-Alive": "timeout=5, max=100",
     "TE": "trailers",
     "Upgrade": "h2c",
@@ -109,7 +111,7 @@ class RawExchange:
         self.head_at = 0.0
         self.closed_at = 0.0
         self._pending = b""
-        self._now = 0.0
+        self.last_read_at = 0.0
         assert parts.hostname is not None and parts.port is not None
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=10.0)
         self.sent_at = time.monotonic()
@@ -127,14 +129,14 @@ class RawExchange:
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
-        self.head_at = self._now
+        self.head_at = self.last_read_at
 
     def on_body(self, chunk: bytes) -> None:
         self.body += chunk
         self._pending += chunk
         while b"\n\n" in self._pending:
             event, self._pending = self._pending.split(b"\n\n", 1)
-            self.events.append((self._now, event))
+            self.events.append((self.last_read_at, event))
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -153,7 +155,7 @@ class RawExchange:
             except ConnectionResetError:
                 self.eof = True
                 break
-            self._now = time.monotonic()
+            self.last_read_at = time.monotonic()
             if not data:
                 self.eof = True
                 break
@@ -387,7 +389,11 @@ class TestProxy:
             assert body["model"] in ("mock-model", "solo-model")
         assert sum(inference_count(url) for url in urls) == before + 6
 
-    @pytest.mark.parametrize("body", [b'{"model": "mock-model", "messages": [', b"[1, 2]", b"\xff"])
+    @pytest.mark.parametrize(
+        "body",
+        [b'{"model": "mock-model", "messages": [', b"[1, 2]", b"\xff"],
+        ids=["truncated", "not-an-object", "not-utf8"],
+    )
     def test_invalid_json_is_400(self, fleet: Fleet, body: bytes) -> None:
         status, headers, answer = post(fleet.gw.url, CHAT, body)
         assert status == 400, answer
@@ -433,6 +439,17 @@ class TestProxy:
         )
         status, _headers, answer = post(fleet.gw.url, CHAT, body)
         assert status == 200, answer
+        seen = mockutil.stats(fleet.solo.url)["last_request_by_route"][CHAT]
+        assert base64.b64decode(seen["body_b64"]) == body
+
+        def chunked() -> Iterator[bytes]:
+            for start in range(0, len(body), 7):
+                yield body[start : start + 7]
+
+        with fleet.gw.client() as client:
+            answer = client.post(CHAT, content=chunked())
+        assert answer.request.headers.get("transfer-encoding") == "chunked"
+        assert answer.status_code == 200, answer.text
         seen = mockutil.stats(fleet.solo.url)["last_request_by_route"][CHAT]
         assert base64.b64decode(seen["body_b64"]) == body
 
@@ -490,17 +507,24 @@ class TestProxy:
                 assert stats["responses_by_status"].get("401") is None, stats
 
                 patched = gw.admin("PATCH", f"/workers/{worker_id}", json={"priority": 7})
+                duplicate = gw.admin("POST", "/workers", json={"url": keyed.url, "api_key": secret})
+                assert duplicate.status_code == 409, duplicate.text
+                invalid = {"url": keyed.url + "/x", "api_key": secret, "priority": "high"}
+                refused = gw.admin("POST", "/workers", json=invalid)
+                assert refused.status_code == 400, refused.text
                 answers = [
                     created,
                     patched,
+                    duplicate,
+                    refused,
                     gw.admin("GET", "/workers"),
                     gw.admin("GET", f"/workers/{worker_id}"),
                     gw.admin("GET", "/workers", params={"model": "keyed-model"}),
                     gw.admin("GET", "/get_loads"),
                     gw.admin("GET", "/v1/models"),
                 ]
+                assert all(a.status_code < 300 for a in answers if a not in (duplicate, refused))
                 for answer in answers:
-                    assert answer.status_code in (200, 202), answer.text
                     assert secret not in answer.text, f"{answer.request.url} leaks the api key"
             finally:
                 gw.admin("DELETE", f"/workers/{worker_id}")
@@ -634,6 +658,13 @@ def sick() -> Iterator[tuple[Gateway, str]]:
             yield gw, mock.url
 
 
+def make_ready(sick: tuple[Gateway, str]) -> tuple[Gateway, str]:
+    gw, url = sick
+    mockutil.set_config(url, healthy=True)
+    wait_until(lambda: get(gw.url, "/readiness")[0] == 200, 5.0, "readiness 200")
+    return sick
+
+
 class TestFaults:
     def test_not_ready_without_a_ready_worker(self, sick: tuple[Gateway, str]) -> None:
         gw, _url = sick
@@ -648,14 +679,11 @@ class TestFaults:
             assert_error_shape(answer, "no_available_workers")
 
     def test_ready_once_a_worker_is(self, sick: tuple[Gateway, str]) -> None:
-        gw, url = sick
-        mockutil.set_config(url, healthy=True)
-        wait_until(lambda: get(gw.url, "/readiness")[0] == 200, 5.0, "readiness 200")
+        gw, _url = make_ready(sick)
         assert post(gw.url, CHAT, chat_body("sick-model"))[0] == 200
 
     def test_worker_hang_is_504(self, sick: tuple[Gateway, str]) -> None:
-        gw, url = sick
-        gw.wait_ready()
+        gw, url = make_ready(sick)
         before = mockutil.stats(url)["disconnects"]
         started_at = time.monotonic()
         status, headers, answer = post(
@@ -671,8 +699,7 @@ class TestFaults:
         wait_in_flight_zero(gw, 2.0)
 
     def test_stream_hang_is_504(self, sick: tuple[Gateway, str]) -> None:
-        gw, url = sick
-        gw.wait_ready()
+        gw, url = make_ready(sick)
         mockutil.set_config(url, hang_rate=1.0)  # no response head at all
         try:
             with RawExchange(gw.url, CHAT, chat_body("sick-model", stream=True)) as ex:
@@ -688,15 +715,23 @@ class TestFaults:
     def test_stalled_stream_is_cut_at_the_timeout(self, sick: tuple[Gateway, str]) -> None:
         """The 200 head is already out, so the only honest signal left is to end the
         connection without the closing chunk (and without `[DONE]`)."""
-        gw, _url = sick
-        gw.wait_ready()
+        gw, _url = make_ready(sick)
         headers = {"x-mock-ttft-ms": "10000"}
         with RawExchange(gw.url, CHAT, chat_body("sick-model", stream=True), headers) as ex:
             ex.finish(5.0)
             assert ex.status == 200
             assert ex.eof and not ex.complete
             assert "[DONE]" not in ex.data
-            assert 0.9 < ex._now - ex.sent_at < 2.0
+            assert 0.9 < ex.last_read_at - ex.sent_at < 2.0
+        # So a client library reports the cut instead of ending the stream quietly.
+        stream = openai_client(gw).chat.completions.create(
+            model="sick-model",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers=headers,
+        )
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            list(stream)
         wait_in_flight_zero(gw, 2.0)
 
 
