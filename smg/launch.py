@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import shlex
@@ -27,6 +28,8 @@ def main(argv: list[str]) -> int:
         print(render_config(cfg))
         return 0
     setup_logging(cfg.log_level, cfg.log_json, cfg.log_dir)
+    for message in inert_settings(cfg):
+        logging.getLogger("smg").warning(message)
     mock_process = None
     urls = list(cfg.worker_urls)
     if cfg.mock_workers:
@@ -47,6 +50,29 @@ def main(argv: list[str]) -> int:
             return 2
     supervisor = Supervisor(cfg, cfg_processes(cfg), specs, mock_process)
     return supervisor.run()
+
+
+# Accepted so Rust SMG command lines keep working, but the feature arrives in a later issue.
+_INERT = {
+    "cors_allowed_origins": "CORS",
+    "max_concurrent_requests": "admission control",
+    "queue_size": "admission control",
+    "queue_timeout_secs": "admission control",
+    "model_path": "gateway-side tokenization (gRPC mode)",
+    "tokenizer_path": "gateway-side tokenization (gRPC mode)",
+    "chat_template": "gateway-side chat templates (gRPC mode)",
+    "enable_igw": "multi-model IGW mode",
+}
+
+
+def inert_settings(cfg: GatewayConfig) -> list[str]:
+    """One warning per setting given a non-default value that has no effect yet."""
+    defaults = GatewayConfig()
+    return [
+        f"--{name.replace('_', '-')} is accepted but has no effect yet ({feature} is not implemented)"
+        for name, feature in _INERT.items()
+        if getattr(cfg, name) != getattr(defaults, name)
+    ]
 
 
 def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], list[str]]:

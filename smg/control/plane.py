@@ -80,6 +80,8 @@ class ControlPlane:
         # Keep references: an unreferenced server object is collected and closed.
         self.ipc_server = await ipc.serve(ipc.control_plane_address(self.root_pid), self.on_ipc)
         await self._start_metrics_server()
+        if self.cfg.health_check_port:
+            await self._start_probe_server(self.cfg.health_check_port)
         for spec in self.initial_specs:
             try:
                 self._register(spec)
@@ -109,6 +111,30 @@ class ControlPlane:
         host = self.cfg.prometheus_host or ("::" if ":" in self.cfg.host else "0.0.0.0")
         site = web.TCPSite(runner, host, self.cfg.prometheus_port, reuse_address=True)
         await site.start()
+
+    async def _start_probe_server(self, port: int) -> None:
+        """--health-check-port: liveness/readiness on a listener of their own, in this
+        process, so probes are answered even when every data-plane process is saturated."""
+        app = web.Application()
+        app.router.add_get("/liveness", self._liveness)
+        app.router.add_get("/health", self._liveness)
+        app.router.add_get("/readiness", self._readiness)
+        runner = self.probe_runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.cfg.host, port, reuse_address=True).start()
+
+    async def _liveness(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readiness(self, _request: web.Request) -> web.Response:
+        if self.table.gateway_state() != 0:
+            return web.json_response({"status": "not ready", "reason": "shutting down"}, status=503)
+        ready = sum(1 for r in self.registry.workers.values() if r.status == WorkerStatus.READY)
+        if not ready:
+            return web.json_response(
+                {"status": "not ready", "reason": "no worker is ready"}, status=503
+            )
+        return web.json_response({"status": "ready", "ready_workers": ready})
 
     # --- worker lifecycle -----------------------------------------------------------------------
 

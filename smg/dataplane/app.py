@@ -377,6 +377,8 @@ class DataPlane:
             stream,
             request.keep_alive,
         )
+        if request.method != b"POST":
+            exchange.method = request.method.decode("latin-1")
         self._in_flight_add(row, entry.generation)
         self.active.add(exchange)
         conn.exchange = exchange
@@ -465,9 +467,9 @@ class DataPlane:
             exchange.client.exchange = None
         metrics = self.metrics
         path = exchange.endpoint
-        metrics.request("POST", path)
+        metrics.request(exchange.method, path)
         metrics.response(path, status, error_code)
-        metrics.duration("POST", path, time.monotonic() - exchange.started)
+        metrics.duration(exchange.method, path, time.monotonic() - exchange.started)
         metrics.routed_request(exchange.model, path, exchange.stream)
 
     # --- simple responses ---------------------------------------------------------------------------

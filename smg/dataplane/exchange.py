@@ -34,6 +34,7 @@ class Exchange:
         "generation",
         "head_sent",
         "keep_alive",
+        "method",
         "model",
         "out",
         "pool",
@@ -75,6 +76,7 @@ class Exchange:
         self.model = model
         self.stream = stream
         self.keep_alive = keep_alive
+        self.method = "POST"
         self.upstream: UpstreamConnection | None = None
         self.out: list[bytes] = []
         self.head_sent = False
