@@ -178,7 +178,12 @@ class Supervisor:
             if child.kind == "control":
                 if self._stop_requested:
                     continue
-                raise StartupError(f"control-plane process exited with code {code}")
+                if starting or not child.ready:
+                    raise StartupError(f"control-plane process exited with code {code}")
+                # Routing goes on from the table meanwhile; the replacement takes over the
+                # workers from the table's directory.
+                self._schedule_respawn(child, f"exit code {code}", "control-plane process")
+                continue
             slot = self.table.read_proc(child.index)
             reason = slot.reason or f"exit code {code}"
             # Its in-flight counts can never be decremented now: zero them before anyone
@@ -189,21 +194,19 @@ class Supervisor:
                 continue
             if starting or not child.ready:
                 raise StartupError(f"data-plane process {child.index} failed at start-up: {reason}")
-            alive = time.monotonic() - child.started
-            child.restarts = 0 if alive > 60 else child.restarts + 1
-            delay = min(30.0, 0.25 * (2 ** min(child.restarts, 7)))
-            child.respawn_at = time.monotonic() + delay
-            child.pid = 0
-            log.error(
-                "data-plane process %d exited (%s); replacing it in %.2f s",
-                child.index,
-                reason,
-                delay,
-            )
+            self._schedule_respawn(child, reason, f"data-plane process {child.index}")
+
+    def _schedule_respawn(self, child: Child, reason: str, name: str) -> None:
+        alive = time.monotonic() - child.started
+        child.restarts = 0 if alive > 60 else child.restarts + 1
+        delay = min(30.0, 0.25 * (2 ** min(child.restarts, 7)))
+        child.respawn_at = time.monotonic() + delay
+        child.pid = 0
+        log.error("%s exited (%s); replacing it in %.2f s", name, reason, delay)
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
-        for child in self.dataplanes:
+        for child in [*self.dataplanes, self.control]:
             if child.pid == 0 and child.respawn_at and now >= child.respawn_at:
                 child.respawn_at = 0.0
                 self._fork(child)

@@ -82,7 +82,15 @@ class ControlPlane:
         await self._start_metrics_server()
         if self.cfg.health_check_port:
             await self._start_probe_server(self.cfg.health_check_port)
+        restored = self.registry.restore()
+        if restored:
+            log.warning("control plane restarted: took over %d worker(s)", restored)
+            for record in list(self.registry.workers.values()):
+                if record.status == WorkerStatus.DRAINING:
+                    self._spawn(self._drain_and_remove(record))
         for spec in self.initial_specs:
+            if spec.url in self.registry.by_url:
+                continue
             try:
                 self._register(spec)
             except RegistryError as exc:

@@ -125,6 +125,36 @@ class Registry:
         self.publish()
         return record
 
+    def restore(self) -> int:
+        """Take over the workers a previous control-plane process published (it crashed and
+        the supervisor replaced it): same ids, rows, generations and statuses."""
+        _generation, directory = self.table.read_directory()
+        self.aliases = dict(directory.aliases) or self.aliases
+        for entry in directory.entries:
+            value = self.table.read_row(entry.row)
+            if value.generation != entry.generation:
+                continue
+            spec = WorkerSpec(
+                url=entry.url,
+                model_id=entry.model_id,
+                worker_type=entry.worker_type,
+                connection_mode=entry.connection_mode,
+                api_key=entry.api_key,
+                labels=dict(entry.labels),
+                priority=entry.priority,
+                cost=entry.cost,
+            )
+            record = WorkerRecord(entry.worker_id, spec, entry.row, entry.generation)
+            record.status = WorkerStatus(value.status)
+            record.engine = entry.engine
+            record.models = tuple(entry.models)
+            record.discovered = entry.engine != "unknown"
+            self.workers[record.worker_id] = record
+            self.by_url[spec.url] = record.worker_id
+            if entry.row in self.free_rows:
+                self.free_rows.remove(entry.row)
+        return len(self.workers)
+
     def remove(self, worker_id: str) -> WorkerRecord | None:
         record = self.workers.pop(worker_id, None)
         if record is None:
