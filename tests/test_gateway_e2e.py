@@ -36,7 +36,6 @@ from gatewayutil import Gateway, free_port, in_flight_total
 pytestmark = pytest.mark.timeout(90)
 
 CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "hello there gateway"}]
 PAYLOAD_LIMIT = 64 * 1024
 HOP_BY_HOP_SENT = {
