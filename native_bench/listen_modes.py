@@ -64,24 +64,57 @@ def run_mode(mode: str, stub_url: str, processes: int, duration: int, connection
     port, metrics_port = free_port(), free_port()
     gateway = subprocess.Popen(
         [
-            sys.executable, "-m", "smg", "launch", "--worker-urls", stub_url,
-            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(metrics_port),
-            "--processes", str(processes), "--policy", "round_robin", "--log-level", "warn",
-            "--listen-mode", mode,
+            sys.executable,
+            "-m",
+            "smg",
+            "launch",
+            "--worker-urls",
+            stub_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--prometheus-port",
+            str(metrics_port),
+            "--processes",
+            str(processes),
+            "--policy",
+            "round_robin",
+            "--log-level",
+            "warn",
+            "--listen-mode",
+            mode,
         ],
-        stdout=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/readiness")
         env = dict(os.environ)
         target = f"http://127.0.0.1:{port}/v1/chat/completions"
-        subprocess.run(["wrk", "-t1", f"-c{connections}", "-d1s", "-s", str(LUA), target,
-                        "--", str(PAYLOAD)], capture_output=True, env=env, check=True)
+        subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", "-d1s", "-s", str(LUA), target, "--", str(PAYLOAD)],
+            capture_output=True,
+            env=env,
+            check=True,
+        )
         before = per_process_requests(f"http://127.0.0.1:{metrics_port}/metrics")
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(LUA), target,
-             "--", str(PAYLOAD)],
-            capture_output=True, text=True, env=env, check=True,
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{duration}s",
+                "-s",
+                str(LUA),
+                target,
+                "--",
+                str(PAYLOAD),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
         ).stdout
         after = per_process_requests(f"http://127.0.0.1:{metrics_port}/metrics")
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -100,16 +133,22 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     stub_port = free_port()
-    stub = subprocess.Popen([str(STUB), "--host", "127.0.0.1", "--port", str(stub_port)],
-                            stdout=subprocess.DEVNULL)
+    stub = subprocess.Popen(
+        [str(STUB), "--host", "127.0.0.1", "--port", str(stub_port)], stdout=subprocess.DEVNULL
+    )
     results: dict[str, list[dict]] = {"reuseport": [], "inherit": []}
     try:
         wait_http(f"http://127.0.0.1:{stub_port}/health")
         for round_index in range(args.rounds):
             modes = ["reuseport", "inherit"] if round_index % 2 == 0 else ["inherit", "reuseport"]
             for mode in modes:
-                result = run_mode(mode, f"http://127.0.0.1:{stub_port}", args.processes,
-                                  args.duration, args.connections)
+                result = run_mode(
+                    mode,
+                    f"http://127.0.0.1:{stub_port}",
+                    args.processes,
+                    args.duration,
+                    args.connections,
+                )
                 results[mode].append(result)
                 print(mode, json.dumps(result), flush=True)
     finally:
@@ -119,9 +158,13 @@ def main() -> int:
     print("|---|---|---|")
     for mode, runs in results.items():
         rates = [r["rps"] for r in runs]
-        shares = [max(r["per_process"].values()) / max(1, sum(r["per_process"].values())) for r in runs]
-        print(f"| {mode} | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) "
-              f"| {statistics.median(shares):.2f} (even: {1 / args.processes:.2f}) |")
+        shares = [
+            max(r["per_process"].values()) / max(1, sum(r["per_process"].values())) for r in runs
+        ]
+        print(
+            f"| {mode} | {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) "
+            f"| {statistics.median(shares):.2f} (even: {1 / args.processes:.2f}) |"
+        )
     return 0
 
 

@@ -77,6 +77,7 @@ class Gateway:
                 return self
             last_error = self.logs()[-3000:]
             self.stop()
+            self.log.truncate(0)
         raise RuntimeError(f"smg launch did not become ready:\n{last_error}")
 
     def _read_ready(self, timeout: float) -> str:
@@ -128,6 +129,11 @@ class Gateway:
             process.stdout.close()
         return process.returncode
 
+    def close_log(self) -> None:
+        self.log.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.log.name)
+
     def client(self, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
@@ -156,6 +162,7 @@ def running_gateway(args: list[str], **kwargs: object) -> Iterator[Gateway]:
         yield gateway
     finally:
         gateway.stop()
+        gateway.close_log()
 
 
 def in_flight_total(gateway: Gateway) -> int:

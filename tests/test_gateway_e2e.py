@@ -284,6 +284,7 @@ def started(gw: Gateway) -> Iterator[Gateway]:
         yield gw
     finally:
         gw.stop()
+        gw.close_log()
 
 
 # --- one gateway, two processes, three workers ------------------------------------------------
