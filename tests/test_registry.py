@@ -1,0 +1,135 @@
+"""The control plane's worker registry, against an in-memory table (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from smg.control.registry import Registry, RegistryError, unsupported_reason
+from smg.control.worker_state import Event, HealthThresholds, WorkerStatus
+from smg.policies.base import BackendLoad
+from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
+from smg.shm.table import WorkerTable
+from smg.workers_spec import WorkerSpec, validate_worker_spec
+
+
+def _table(capacity: int = 4) -> WorkerTable:
+    return WorkerTable.create(capacity, 2, supervisor_pid=1, anonymous=False)
+
+
+def _registry(table: WorkerTable, *, disabled: bool = False) -> Registry:
+    return Registry(table, HealthThresholds(), health_check_disabled=disabled)
+
+
+def _spec(url: str, **fields: object) -> WorkerSpec:
+    return validate_worker_spec(WorkerSpec(url=url, **fields))  # type: ignore[arg-type]
+
+
+def test_add_publishes_row_and_directory() -> None:
+    table = _table()
+    registry = _registry(table)
+    record = registry.add(_spec("http://127.0.0.1:9001", model_id="m", api_key="sk-secret"))
+    row = table.read_row(record.row)
+    assert row.generation == record.generation == 1
+    assert row.status == WorkerStatus.PENDING
+    assert row.flags & FLAG_IN_USE
+    _generation, directory = table.read_directory()
+    (entry,) = directory.entries
+    assert (entry.url, entry.models, entry.api_key) == (
+        "http://127.0.0.1:9001",
+        ("m",),
+        "sk-secret",
+    )
+    assert "api_key" not in registry.info(record)  # keys never leave through the admin API
+
+
+def test_duplicate_url_is_409_and_full_table_is_a_clear_error() -> None:
+    registry = _registry(_table(capacity=2))
+    first = registry.add(_spec("http://127.0.0.1:9001"))
+    with pytest.raises(RegistryError) as duplicate:
+        registry.add(_spec("http://127.0.0.1:9001"))
+    assert duplicate.value.status == 409
+    assert first.worker_id in duplicate.value.message
+    registry.add(_spec("http://127.0.0.1:9002"))
+    with pytest.raises(RegistryError) as full:
+        registry.add(_spec("http://127.0.0.1:9003"))
+    assert full.value.status == 503
+    assert full.value.code == "WORKER_TABLE_FULL"
+    assert "--worker-table-capacity" in full.value.message
+
+
+def test_reused_row_gets_a_new_generation() -> None:
+    table = _table(capacity=1)
+    registry = _registry(table)
+    old = registry.add(_spec("http://127.0.0.1:9001"))
+    registry.remove(old.worker_id)
+    assert not table.read_row(old.row).flags & FLAG_IN_USE
+    new = registry.add(_spec("http://127.0.0.1:9002"))
+    assert new.row == old.row
+    assert new.generation == old.generation + 1
+    assert table.read_row(new.row).generation == new.generation
+
+
+def test_health_events_move_status_and_routing_generation() -> None:
+    table = _table()
+    registry = _registry(table)
+    record = registry.add(_spec("http://127.0.0.1:9001"))
+    before = table.routing_generation()
+    assert registry.apply(record, Event.CONNECTED)
+    assert table.read_row(record.row).status == WorkerStatus.READY
+    assert table.routing_generation() > before
+    for _ in range(2):
+        assert not registry.apply(record, Event.PROBE_FAILED)
+    assert registry.apply(record, Event.PROBE_FAILED)  # third consecutive failure
+    assert table.read_row(record.row).status == WorkerStatus.NOT_READY
+    registry.set_status(record, WorkerStatus.DRAINING)
+    assert table.read_row(record.row).flags & FLAG_DRAINING
+
+
+def test_disabled_health_checks_start_ready() -> None:
+    table = _table()
+    record = _registry(table, disabled=True).add(_spec("http://127.0.0.1:9001"))
+    assert table.read_row(record.row).status == WorkerStatus.READY
+
+
+def test_load_is_written_with_its_valid_flag() -> None:
+    table = _table()
+    registry = _registry(table)
+    record = registry.add(_spec("http://127.0.0.1:9001"))
+    registry.set_load(record, BackendLoad(running=3, waiting=5, token_usage=0.5, valid=True))
+    row = table.read_row(record.row)
+    assert (row.running, row.waiting, row.token_usage) == (3, 5, 0.5)
+    assert row.flags & FLAG_LOAD_VALID
+    registry.set_load(record, None)
+    assert not table.read_row(record.row).flags & FLAG_LOAD_VALID
+
+
+def test_a_new_registry_restores_what_the_table_holds() -> None:
+    table = _table()
+    registry = _registry(table)
+    kept = registry.add(_spec("http://127.0.0.1:9001", labels={"zone": "a"}))
+    registry.apply(kept, Event.CONNECTED)
+    registry.set_discovery(kept, "vllm", ["m1"], {})
+    gone = registry.add(_spec("http://127.0.0.1:9002"))
+    registry.remove(gone.worker_id)
+
+    replacement = _registry(table)
+    assert replacement.restore() == 1
+    record = replacement.get(kept.worker_id)
+    assert record is not None
+    assert (record.row, record.generation, record.status) == (kept.row, 1, WorkerStatus.READY)
+    assert (record.engine, record.served_models, record.spec.labels) == (
+        "vllm",
+        ("m1",),
+        {"zone": "a"},
+    )
+    # The restored registry does not hand out a row that is still in use.
+    other = replacement.add(_spec("http://127.0.0.1:9003"))
+    assert other.row != kept.row
+
+
+def test_grpc_and_disaggregated_workers_are_refused_for_now() -> None:
+    assert unsupported_reason(_spec("http://127.0.0.1:9001")) is None
+    assert "gRPC" in (unsupported_reason(_spec("grpc://127.0.0.1:9001")) or "")
+    assert "prefill" in (
+        unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="prefill")) or ""
+    )
