@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from smg.policies.registry import POLICY_NAMES, RUST_POLICY_NAMES
+
 __all__ = [
     "CHOICES",
     "DEFAULTS",
@@ -145,20 +147,11 @@ DEFAULTS: dict[str, Any] = msgspec.structs.asdict(GatewayConfig())
 _FIELDS: tuple[str, ...] = GatewayConfig.__struct_fields__
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(GatewayConfig)
 
-# Rust SMG's policy names; only IMPLEMENTED_POLICIES route today, the rest are refused with a
-# clear message rather than by argparse, so a Rust command line gets an explanation.
-RUST_POLICIES: tuple[str, ...] = (
-    "random",
-    "round_robin",
-    "passthrough",
-    "cache_aware",
-    "power_of_two",
-    "least_load",
-    "manual",
-    "consistent_hashing",
-    "prefix_hash",
-)
-IMPLEMENTED_POLICIES: tuple[str, ...] = ("random", "round_robin", "power_of_two", "least_load")
+# Rust SMG's --policy names (the policy registry's list, less the prefill-only `bucket`);
+# only IMPLEMENTED_POLICIES route today, the rest are refused with a clear message rather
+# than by argparse, so a Rust command line gets an explanation.
+RUST_POLICIES: tuple[str, ...] = tuple(name for name in RUST_POLICY_NAMES if name != "bucket")
+IMPLEMENTED_POLICIES: tuple[str, ...] = POLICY_NAMES
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "policy": RUST_POLICIES,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -128,6 +129,7 @@ class DataPlane:
         self.metrics = DataPlaneMetrics()
         self.connections: set[ClientConnection] = set()
         self.active: set[Exchange] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()  # held so the loop cannot drop them
         self.pools: dict[tuple[int, int], WorkerPool] = {}
         self.local_in_flight: dict[int, tuple[int, int]] = {}  # row -> (generation, count)
         self.draining = False  # keep-alive connections close after their current response
@@ -142,6 +144,12 @@ class DataPlane:
         self._rid_counter = 0
         self._global_api_key = cfg.api_key
         self._sweeper: asyncio.TimerHandle | None = None
+        self._tls: ssl.SSLContext | None = None
+
+    def spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -272,7 +280,7 @@ class DataPlane:
                     self.proxy(conn, request, body_routing=False)
                     return
             if path.startswith(ADMIN_PREFIXES):
-                self.loop.create_task(self._admin(conn, request))
+                self.spawn(self._admin(conn, request))
                 return
             self._send_error(conn, request, 404, "not_found", f"no route for {path}")
         except Exception as exc:  # a request must never take the process down
@@ -373,7 +381,9 @@ class DataPlane:
             self._upstream_request(request, entry, request_id),
             request_id,
             request.path,
-            model or entry.model_id or "",
+            # Only served model names become metric labels: a wildcard worker would
+            # otherwise let clients mint unbounded label values.
+            model if model in state.models_all else (entry.model_id or ("other" if model else "")),
             stream,
             request.keep_alive,
         )
@@ -397,8 +407,14 @@ class DataPlane:
                 max_connections=self.cfg.upstream_pool_max_per_worker,
                 idle_timeout=float(self.cfg.upstream_pool_idle_timeout_secs),
                 connect_timeout=float(self.cfg.upstream_connect_timeout_secs),
+                ssl_context=self._ssl_context() if parts.scheme == "https" else None,
             )
         return pool
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
 
     def _request_id(self, request: Request) -> bytes:
         for name in self.request_id_headers:

@@ -104,7 +104,7 @@ class Exchange:
             pool.wait(self)
 
     def open_connection(self) -> None:
-        self.app.loop.create_task(self._connect())
+        self.app.spawn(self._connect())
 
     async def _connect(self) -> None:
         try:

@@ -7,6 +7,7 @@ bound to; it does no I/O scheduling of its own. The pool is per worker, per proc
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -146,6 +147,7 @@ class WorkerPool:
         "max_connections",
         "open",
         "port",
+        "ssl",
         "waiters",
     )
 
@@ -158,8 +160,10 @@ class WorkerPool:
         max_connections: int,
         idle_timeout: float,
         connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = loop
+        self.ssl = ssl_context
         self.host = host
         self.port = port
         self.max_connections = max_connections
@@ -193,7 +197,9 @@ class WorkerPool:
         self.connecting += 1
         try:
             _transport, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl
+                ),
                 self.connect_timeout,
             )
         finally:
