@@ -215,7 +215,7 @@ class Exchange:
             return
         self._abort_client("upstream_connection_closed")
 
-    def upstream_failed(self, message: str, *, parse_error: bool = False) -> None:
+    def upstream_failed(self, message: str) -> None:
         if self.done:
             return
         conn = self.upstream

@@ -10,7 +10,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_headers",
-        "_status",
         "closed",
         "exchange",
         "idle_since",
@@ -29,7 +28,6 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "received_any",
         "transport",
-        "uses",
     )
 
     def __init__(self, pool: WorkerPool) -> None:
@@ -39,10 +37,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.uses = 0
         self.received_any = False
         self._headers: list[tuple[bytes, bytes]] = []
-        self._status = 0
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -59,7 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            exchange.upstream_failed(f"invalid response from worker: {exc}", parse_error=True)
+            exchange.upstream_failed(f"invalid response from worker: {exc}")
             self.close()
             return
         exchange.flush()
@@ -108,7 +104,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def bind(self, exchange: Exchange) -> None:
         self.exchange = exchange
-        self.uses += 1
         self.received_any = False
 
     def release(self, reusable: bool) -> None:
@@ -246,6 +241,3 @@ class WorkerPool:
         for conn in list(self.open):
             conn.close()
         self.idle.clear()
-
-    def stats(self) -> dict[str, Any]:
-        return {"open": len(self.open), "idle": len(self.idle), "waiting": len(self.waiters)}
