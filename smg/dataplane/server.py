@@ -256,6 +256,10 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
 
     def _reject(self, status: int, code: str, message: str) -> None:
-        self.write(error_response(status, code, message, keep_alive=False))
+        self.write(
+            error_response(
+                status, code, message, extra_headers=self.app.process_header, keep_alive=False
+            )
+        )
         self.app.metrics.response("", status, code)
         self.close()
