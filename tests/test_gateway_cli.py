@@ -58,3 +58,17 @@ def test_health_check_port_answers_probes_on_its_own_listener() -> None:
     finally:
         gw.stop()
         gw.close_log()
+
+
+def test_admin_answers_carry_one_content_type_and_the_process_header() -> None:
+    gw = Gateway(["--mock-workers", "1"], processes=1)
+    gw.start()
+    try:
+        gw.wait_ready()
+        for method, path in (("GET", "/workers"), ("GET", "/get_loads"), ("POST", "/workers")):
+            response = gw.admin(method, path, content=b"{}" if method == "POST" else None)
+            assert response.headers.get_list("content-type") == ["application/json"], path
+            assert response.headers["x-smg-process"] == "0"
+    finally:
+        gw.stop()
+        gw.close_log()

@@ -490,15 +490,28 @@ class DataPlane:
 
     # --- simple responses ---------------------------------------------------------------------------
 
-    def _send(self, conn: ClientConnection, request: Request, status: int, body: bytes) -> None:
+    def _send(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        status: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"application/json",
+        extra_headers: bytes = b"",
+    ) -> None:
         keep_alive = request.keep_alive and not self.draining
         conn.send(
-            build_response(status, body, extra_headers=self.process_header, keep_alive=keep_alive),
+            build_response(
+                status,
+                body,
+                content_type=content_type,
+                extra_headers=extra_headers + self.process_header,
+                keep_alive=keep_alive,
+            ),
             keep_alive,
         )
-        path = _metric_path(request.path)
-        self.metrics.request(request.method.decode("latin-1"), path)
-        self.metrics.response(path, status, "")
+        self._count(request, status, "")
 
     def _send_error(
         self, conn: ClientConnection, request: Request, status: int, code: str, message: str
@@ -510,6 +523,9 @@ class DataPlane:
             ),
             keep_alive,
         )
+        self._count(request, status, code)
+
+    def _count(self, request: Request, status: int, code: str) -> None:
         path = _metric_path(request.path)
         self.metrics.request(request.method.decode("latin-1"), path)
         self.metrics.response(path, status, code)
@@ -546,20 +562,16 @@ class DataPlane:
             return
         # Let the change reach this process's routing before the client's next request.
         self.refresh()
-        extra = b"".join(
-            name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
-            for name, value in headers
+        content_type = b"application/json"
+        extra = []
+        for name, value in headers:
+            if name.lower() == "content-type":
+                content_type = value.encode("latin-1")  # one content-type, the control plane's
+            else:
+                extra.append(name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n")
+        self._send(
+            conn, request, status, body, content_type=content_type, extra_headers=b"".join(extra)
         )
-        keep_alive = request.keep_alive and not self.draining
-        conn.send(
-            build_response(
-                status, body, extra_headers=extra + self.process_header, keep_alive=keep_alive
-            ),
-            keep_alive,
-        )
-        path = _metric_path(request.path)
-        self.metrics.request(request.method.decode("latin-1"), path)
-        self.metrics.response(path, status, "")
 
     async def on_ipc(self, message: Any) -> Any:
         kind = message.get("kind") if isinstance(message, dict) else None
