@@ -9,6 +9,17 @@ import http
 
 import orjson
 
+
+class HttpError(Exception):
+    """A refusal that becomes an OpenAI-shaped error response: status, code, message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",

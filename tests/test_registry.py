@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from smg.control.registry import Registry, RegistryError, unsupported_reason
+from smg.control.registry import Registry, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus
+from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
 from smg.shm.table import WorkerTable
@@ -45,12 +46,12 @@ def test_add_publishes_row_and_directory() -> None:
 def test_duplicate_url_is_409_and_full_table_is_a_clear_error() -> None:
     registry = _registry(_table(capacity=2))
     first = registry.add(_spec("http://127.0.0.1:9001"))
-    with pytest.raises(RegistryError) as duplicate:
+    with pytest.raises(HttpError) as duplicate:
         registry.add(_spec("http://127.0.0.1:9001"))
     assert duplicate.value.status == 409
     assert first.worker_id in duplicate.value.message
     registry.add(_spec("http://127.0.0.1:9002"))
-    with pytest.raises(RegistryError) as full:
+    with pytest.raises(HttpError) as full:
         registry.add(_spec("http://127.0.0.1:9003"))
     assert full.value.status == 503
     assert full.value.code == "WORKER_TABLE_FULL"

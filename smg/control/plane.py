@@ -21,9 +21,9 @@ from aiohttp import web
 from smg import ipc
 from smg.config import ConfigError, model_aliases
 from smg.control import probes
-from smg.control.registry import Registry, RegistryError, WorkerRecord, unsupported_reason
+from smg.control.registry import Registry, WorkerRecord, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
-from smg.httpwire import error_body
+from smg.httpwire import HttpError, error_body
 from smg.workers_spec import (
     WorkerSpec,
     apply_worker_patch,
@@ -93,7 +93,7 @@ class ControlPlane:
                 continue
             try:
                 self._register(spec)
-            except RegistryError as exc:
+            except HttpError as exc:
                 log.error("worker %s not registered: %s", spec.url, exc.message)
         self._spawn(self._health_loop())
         self._spawn(self._load_loop())
@@ -154,13 +154,8 @@ class ControlPlane:
 
     async def _onboard(self, record: WorkerRecord) -> None:
         """Discover the backend and probe at once, not after a full interval."""
-        assert self.session is not None
-        info = await probes.discover_backend(
-            self.session, record.spec.url, self._key(record), self.cfg.health_check_timeout_secs
-        )
-        if self.registry.get(record.worker_id) is not record:
+        if not await self._discover(record, keep_unknown=True):
             return
-        self.registry.set_discovery(record, info.engine, info.model_ids, info.server_info)
         if not self.cfg.disable_health_check:
             await self._probe(record)
         await self._scrape(record)
@@ -185,7 +180,7 @@ class ControlPlane:
         key = (record.spec.worker_type, "success" if ok else "failure")
         self.health_checks[key] = self.health_checks.get(key, 0) + 1
         if ok and not record.discovered:
-            self._spawn(self._rediscover(record))
+            self._spawn(self._discover(record, keep_unknown=False))
         before = record.status
         # A Pending worker that answers has completed registration (Rust's registration
         # workflow activates it at once); later probes follow the thresholds.
@@ -197,13 +192,18 @@ class ControlPlane:
             log.warning("worker %s: %s -> %s", record.spec.url, before.name, record.status.name)
             self._after_status_change(record)
 
-    async def _rediscover(self, record: WorkerRecord) -> None:
+    async def _discover(self, record: WorkerRecord, *, keep_unknown: bool) -> bool:
+        """Ask the worker what it is and serves; False if it was removed meanwhile.
+        `keep_unknown=False` leaves an earlier answer alone when this one says nothing."""
         assert self.session is not None
         info = await probes.discover_backend(
             self.session, record.spec.url, self._key(record), self.cfg.health_check_timeout_secs
         )
-        if self.registry.get(record.worker_id) is record and info.engine != "unknown":
+        if self.registry.get(record.worker_id) is not record:
+            return False
+        if keep_unknown or info.engine != "unknown":
             self.registry.set_discovery(record, info.engine, info.model_ids, info.server_info)
+        return True
 
     def _after_status_change(self, record: WorkerRecord) -> None:
         # As in the Rust SMG, only a Failed worker is removed (a NotReady one may recover).
@@ -343,7 +343,7 @@ class ControlPlane:
             return _error(400, "BAD_REQUEST", unsupported)
         try:
             record = self._register(spec)
-        except RegistryError as exc:
+        except HttpError as exc:
             return _error(exc.status, exc.code, exc.message)
         location = f"/workers/{record.worker_id}"
         return (

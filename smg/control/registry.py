@@ -21,19 +21,12 @@ from smg.control.worker_state import (
     initial_status,
     on_event,
 )
+from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
 from smg.shm.directory import Directory, DirectoryEntry
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID, Row
 from smg.shm.table import WorkerTable
 from smg.workers_spec import WorkerSpec, public_worker_spec
-
-
-class RegistryError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def unsupported_reason(spec: WorkerSpec) -> str | None:
@@ -101,14 +94,14 @@ class Registry:
     def add(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
         existing = self.by_url.get(spec.url)
         if existing is not None:
-            raise RegistryError(
+            raise HttpError(
                 409,
                 "WORKER_ALREADY_EXISTS",
                 f"Worker already exists at URL '{spec.url}' with ID {existing}. "
                 f"Use PATCH /workers/{existing} to update.",
             )
         if not self.free_rows:
-            raise RegistryError(
+            raise HttpError(
                 503,
                 "WORKER_TABLE_FULL",
                 f"the worker table is full ({self.table.capacity} workers); "

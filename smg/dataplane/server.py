@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from smg.httpwire import error_response
+from smg.httpwire import HttpError, error_response
 
 if TYPE_CHECKING:
     from smg.dataplane.app import DataPlane
@@ -22,14 +22,6 @@ if TYPE_CHECKING:
 MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 200
-
-
-class Rejected(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class Request:
@@ -118,7 +110,7 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, Rejected):
+            if isinstance(cause, HttpError):
                 self._reject(cause.status, cause.code, cause.message)
             else:
                 self.app.log_error("request handling failed", cause or exc)
@@ -156,12 +148,12 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > MAX_URL_BYTES:
-            raise Rejected(414, "uri_too_long", f"request URL longer than {MAX_URL_BYTES} bytes")
+            raise HttpError(414, "uri_too_long", f"request URL longer than {MAX_URL_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADER_COUNT:
-            raise Rejected(
+            raise HttpError(
                 431,
                 "request_header_fields_too_large",
                 f"request headers exceed {MAX_HEADER_BYTES} bytes or {MAX_HEADER_COUNT} fields",
@@ -178,9 +170,9 @@ class ClientConnection(asyncio.Protocol):
                 try:
                     declared = int(value)
                 except ValueError:
-                    raise Rejected(400, "invalid_request", "invalid Content-Length") from None
+                    raise HttpError(400, "invalid_request", "invalid Content-Length") from None
                 if declared > limit:
-                    raise Rejected(
+                    raise HttpError(
                         413,
                         "payload_too_large",
                         f"request body of {declared} bytes exceeds the {limit}-byte limit",
@@ -193,7 +185,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.app.max_payload_size:
-            raise Rejected(
+            raise HttpError(
                 413,
                 "payload_too_large",
                 f"request body exceeds the {self.app.max_payload_size}-byte limit",
