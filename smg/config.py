@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import ipaddress
 import math
 import os
 import re
 import shlex
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,23 +36,23 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from smg.cpus import PROCESS_CAP, default_processes
 from smg.policies.registry import POLICY_NAMES, RUST_POLICY_NAMES
+from smg.worker_url import WorkerUrlError, parse_worker_url, valid_host
 
 __all__ = [
     "CHOICES",
     "DEFAULTS",
     "IMPLEMENTED_POLICIES",
-    "PROCESS_CAP",
     "RUST_SMG_ENV",
     "ConfigError",
     "GatewayConfig",
     "build_parser",
     "cfg_processes",
-    "cgroup_cpu_limit",
-    "default_processes",
     "is_secret_key",
     "load_config",
     "mask_secret",
+    "mask_secret_args",
     "model_aliases",
     "normalize_worker_url",
     "render_config",
@@ -203,9 +202,6 @@ RUST_SMG_ENV: frozenset[str] = frozenset(
 ENV_PREFIX = "SMG_"
 ENV_RESERVED_PREFIX = "SMG__"
 
-# More data-plane processes than this buys little (the upstream workers, not the proxy,
-# are the bottleneck) and each one holds its own keep-alive pools to every worker.
-PROCESS_CAP = 16
 _MAX_EXPLICIT_PROCESSES = 256
 _MAX_MOCK_WORKERS = 256
 _MAX_WORKER_TABLE_CAPACITY = 1 << 20
@@ -242,147 +238,44 @@ def mask_secret(value: str | None) -> str | None:
     return "***"
 
 
-# ---------------------------------------------------------------------------------------
-# Worker URLs (shared with smg.workers_spec)
+def mask_secret_args(args: str) -> str:
+    """Mask the values of credential flags in a command line (`--mock-worker-args`).
 
-WORKER_URL_SCHEMES: tuple[str, ...] = ("http", "https", "grpc", "grpcs")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+    `--api-key VALUE` and `--api-key=VALUE` (any flag whose name `is_secret_key`) get
+    their value masked; everything else is kept. Text that does not split as shell words
+    is masked whole: it cannot be parsed, so it cannot be shown safely.
+    """
+    try:
+        words = shlex.split(args)
+    except ValueError:
+        return mask_secret(args) or ""
+    out: list[str] = []
+    mask_next = False
+    for word in words:
+        if mask_next:
+            out.append(mask_secret(word) or "")
+            mask_next = False
+            continue
+        name, eq, value = word.partition("=")
+        secret_flag = name.startswith("-") and is_secret_key(name.lstrip("-"))
+        if secret_flag and eq:
+            out.append(f"{name}={mask_secret(value)}")
+        else:
+            out.append(word)
+            mask_next = secret_flag
+    return shlex.join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Worker URLs (the rules live in smg.worker_url) and processes (smg.cpus)
 
 
 def normalize_worker_url(url: object, key: str = "url", source: str | None = None) -> str:
-    """Return the canonical form of a worker URL or raise ConfigError.
-
-    Scheme must be a lowercase http/https/grpc/grpcs (as in the Rust SMG); the host is
-    required; gRPC URLs need an explicit port (no default); trailing slashes are dropped;
-    userinfo, query and fragment are refused (credentials belong in api_key).
-    """
-    if not isinstance(url, str) or not url:
-        raise ConfigError(key, "worker URL must be a non-empty string", source)
-    if url != url.strip() or any(c.isspace() or ord(c) < 0x20 for c in url):
-        raise ConfigError(key, f"worker URL {url!r} contains whitespace", source)
-    scheme, sep, _ = url.partition("://")
-    if not sep or scheme not in WORKER_URL_SCHEMES:
-        if sep and scheme == "ipc":
-            reason = "ipc:// (ZMQ) workers are not supported by smg"
-        else:
-            reason = "must start with a lowercase " + ", ".join(
-                f"{s}://" for s in WORKER_URL_SCHEMES
-            )
-        raise ConfigError(key, f"worker URL {url!r}: {reason}", source)
-    parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(
-            key,
-            f"worker URL for host {parts.hostname!r}: credentials in the URL are not "
-            "supported; pass the key as api_key",
-            source,
-        )
-    if parts.query or parts.fragment:
-        raise ConfigError(key, f"worker URL {url!r} must not have a query or fragment", source)
-    host = parts.hostname
-    if not host:
-        raise ConfigError(key, f"worker URL {url!r} has no host", source)
+    """The canonical form of a worker URL (see smg.worker_url), or ConfigError naming `key`."""
     try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(key, f"worker URL {url!r} has an invalid port", source) from None
-    if port is None and scheme not in _DEFAULT_PORTS:
-        raise ConfigError(key, f"worker URL {url!r} needs an explicit port (host:port)", source)
-    if port == 0:
-        raise ConfigError(key, f"worker URL {url!r}: port must be 1-65535", source)
-    if not _valid_host(host):
-        raise ConfigError(key, f"worker URL {url!r} has an invalid host {host!r}", source)
-    return url.rstrip("/")
-
-
-_HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return len(host) <= 253 and bool(_HOSTNAME_RE.match(host))
-
-
-# ---------------------------------------------------------------------------------------
-# CPUs
-
-
-def _walk_up(mount: Path, rel: str) -> Iterable[Path]:
-    parts = [p for p in rel.strip("/").split("/") if p and p != ".."]
-    for i in range(len(parts), -1, -1):
-        yield mount.joinpath(*parts[:i])
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def cgroup_cpu_limit(
-    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
-) -> float | None:
-    """CPUs the cgroup CPU quota allows (e.g. 1.5), or None when there is no quota.
-
-    Reads cgroup v2 `cpu.max` (also under the hybrid `unified/` mount) and cgroup v1
-    `cpu.cfs_quota_us`/`cpu.cfs_period_us`, for this process's cgroup and every ancestor
-    up to the mount (a parent's quota caps its children), and returns the tightest.
-    When the listed path is not visible (a container's namespaced mount) the mount
-    root itself is read.
-    """
-    text = _read(proc_cgroup) or "0::/"
-    limits: list[float] = []
-    for line in text.splitlines():
-        hier, _, rest = line.partition(":")
-        controllers, _, rel = rest.partition(":")
-        if hier == "0" and controllers == "":
-            for mount in (root, root / "unified"):
-                for d in _walk_up(mount, rel):
-                    raw = _read(d / "cpu.max")
-                    if raw:
-                        quota, _, period = raw.partition(" ")
-                        if quota != "max":
-                            try:
-                                q, p = float(quota), float(period or "100000")
-                            except ValueError:
-                                continue
-                            if q > 0 and p > 0:
-                                limits.append(q / p)
-        elif "cpu" in controllers.split(","):
-            mounts = {root / controllers, root / "cpu", root / "cpu,cpuacct"}
-            for mount in sorted(mounts):
-                for d in _walk_up(mount, rel):
-                    quota_s = _read(d / "cpu.cfs_quota_us")
-                    period_s = _read(d / "cpu.cfs_period_us")
-                    if quota_s is None or period_s is None:
-                        continue
-                    try:
-                        q, p = float(quota_s), float(period_s)
-                    except ValueError:
-                        continue
-                    if q > 0 and p > 0:
-                        limits.append(q / p)
-    return min(limits) if limits else None
-
-
-def default_processes() -> int:
-    """Data-plane processes by default: the CPUs this process may actually use.
-
-    CPU affinity (`sched_getaffinity`) intersected with the cgroup quota, rounded up,
-    at least 1, at most PROCESS_CAP (16).
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        cpus = min(cpus, math.ceil(limit))
-    return max(1, min(cpus, PROCESS_CAP))
+        return parse_worker_url(url).url
+    except WorkerUrlError as exc:
+        raise ConfigError(key, str(exc), source) from None
 
 
 def cfg_processes(cfg: GatewayConfig) -> int:
@@ -906,7 +799,7 @@ def _port(*, allow_zero: bool) -> _Check:
 
 
 def _host(v: str) -> str | None:
-    return None if _valid_host(v) else f"must be an IP address or hostname, got {v!r}"
+    return None if valid_host(v) else f"must be an IP address or hostname, got {v!r}"
 
 
 def _nonempty(v: str) -> str | None:
@@ -1164,6 +1057,8 @@ def render_config(cfg: GatewayConfig) -> str:
         value = getattr(cfg, field)
         if is_secret_key(field) and isinstance(value, str):
             value = mask_secret(value)
+        elif field == "mock_worker_args" and value:
+            value = mask_secret_args(value)
         data[field.replace("_", "-")] = value
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
     notes = ["# smg launch: effective configuration (credentials masked)"]

@@ -14,18 +14,18 @@ import yaml
 
 from smg.config import (
     DEFAULTS,
-    PROCESS_CAP,
     ConfigError,
     GatewayConfig,
     build_parser,
     cfg_processes,
-    cgroup_cpu_limit,
-    default_processes,
     is_secret_key,
     load_config,
+    mask_secret_args,
     model_aliases,
     render_config,
 )
+from smg.cpus import PROCESS_CAP, cgroup_cpu_limit, default_processes
+from smg.worker_url import WorkerAddress, WorkerUrlError, parse_worker_url, worker_address
 from smg.workers_spec import (
     SpecError,
     WorkerPatch,
@@ -217,6 +217,8 @@ def test_help_lists_flags_with_defaults(capsys: pytest.CaptureFixture[str]) -> N
         (["--worker-urls", "http://u:pw@h:1"], {}, "worker_urls", "credentials"),
         (["--worker-urls", "http://h:1", "http://h:1/"], {}, "worker_urls", "listed twice"),
         (["--worker-urls", "http://h:99999"], {}, "worker_urls", "invalid port"),
+        (["--worker-urls", "http://h:8000/prefix"], {}, "worker_urls", "has a path"),
+        ([], {"SMG_WORKER_URLS": "http://h:8000/v1"}, "worker_urls", "has a path"),
         (["--model-alias", "nonsense"], {}, "model_alias", "<alias>=<canonical>"),
         (["--model-alias", "a=a"], {}, "model_alias", "must differ"),
         (["--model-alias", "a=b", "--model-alias", "a=c"], {}, "model_alias", "maps to both"),
@@ -296,6 +298,7 @@ def test_error_names_its_source(tmp_path: Path) -> None:
         ("c.toml", "port = \n", "config", "not valid TOML"),
         ("c.json", "{}", "config", ".yaml, .yml or .toml"),
         ("c.yaml", "policy: prefix_hash\n", "policy", "not implemented yet"),
+        ("c.yaml", "worker-urls: [http://a:1/p]\n", "worker_urls", "has a path"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, name: str, text: str, key: str, reason: str) -> None:
@@ -336,6 +339,27 @@ def test_render_masks_secrets_and_round_trips(tmp_path: Path) -> None:
     assert msgspec.structs.replace(again, api_key=secret, config=None) == cfg
 
 
+def test_render_masks_secrets_in_mock_worker_args() -> None:
+    secret = "sk-mock-0123456789abcdef"
+    args = f"--ttft-ms 5 --api-key {secret} --model 'a b' --auth-token=tok3n --api-key=short"
+    cfg = load_config(["--mock-workers", "1", "--mock-worker-args", args], env={})
+    text = render_config(cfg)
+    assert secret not in text and "0123456789" not in text and "tok3n" not in text
+    shown = yaml.safe_load(text)["mock-worker-args"]
+    assert (
+        shown == "--ttft-ms 5 --api-key 'sk-***' --model 'a b' '--auth-token=***' '--api-key=***'"
+    )
+    # What runs is unmasked: only the rendering changes.
+    assert cfg.mock_worker_args == args
+
+
+def test_mask_secret_args_edges() -> None:
+    assert mask_secret_args("") == ""
+    assert mask_secret_args("--api-key") == "--api-key"  # no value to mask
+    assert mask_secret_args("--tokenizer-path /t --seed 3") == "--tokenizer-path /t --seed 3"
+    assert mask_secret_args("--x 'open") == "***"  # unparseable: masked whole
+
+
 def test_mask_secret_and_secret_names() -> None:
     assert mask_secret(None) is None
     assert mask_secret("") == ""
@@ -361,7 +385,7 @@ def test_default_processes_bounds() -> None:
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset is not installed")
 def test_default_processes_respects_affinity() -> None:
-    code = "from smg.config import default_processes; print(default_processes())"
+    code = "from smg.cpus import default_processes; print(default_processes())"
     out = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c", code],
         cwd=REPO,
@@ -465,6 +489,9 @@ def test_worker_spec_full() -> None:
         (b'{"url": "grpc://h"}', "url", "explicit port"),
         (b'{"url": "http://:8000"}', "url", "no host"),
         (b'{"url": "http://h:1?x=1"}', "url", "query"),
+        (b'{"url": "http://h:1/prefix"}', "url", "has a path"),
+        (b'{"url": "http://h:1/v1/"}', "url", "has a path"),
+        (b'{"url": "http://h:1/a\\"b}"}', "url", "has a path"),
         (b'{"url": "http://h:1", "priority": -1}', "priority", "0-4294967295"),
         (b'{"url": "http://h:1", "priority": "high"}', "priority", "Expected `int`"),
         (b'{"url": "http://h:1", "priority": true}', "priority", "Expected `int`"),
@@ -500,6 +527,25 @@ def test_worker_spec_refusals(body: bytes, key: str, reason: str) -> None:
     assert isinstance(exc.value, ConfigError)
     assert exc.value.key == key
     assert reason in exc.value.reason
+
+
+def test_worker_address_is_the_one_parsed_form() -> None:
+    assert parse_worker_url("http://w:8000/") == WorkerAddress("http://w:8000", "http", "w", 8000)
+    https = parse_worker_url("https://api.example.com")
+    assert (https.host, https.port, https.tls, https.host_header) == (
+        "api.example.com",
+        443,
+        True,
+        "api.example.com",
+    )
+    v6 = parse_worker_url("http://[::1]:9000")
+    assert (v6.host, v6.port, v6.tls, v6.host_header) == ("::1", 9000, False, "[::1]:9000")
+    assert parse_worker_url("http://w").port == 80
+    assert parse_worker_url("http://w:80").host_header == "w"
+    assert worker_address("http://w:8000") is worker_address("http://w:8000")
+    for bad in ("http://w:8000/prefix", "http://w:8000/v1/", "http://w:8000?", "http://w:1#f"):
+        with pytest.raises(WorkerUrlError):
+            parse_worker_url(bad)
 
 
 def test_validate_worker_spec_on_constructed_spec() -> None:

@@ -13,7 +13,6 @@ import secrets
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import msgspec
 import orjson
@@ -28,6 +27,7 @@ from smg.httpwire import valid_request_id as _valid_request_id
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
+from smg.worker_url import worker_address
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
@@ -399,15 +399,15 @@ class DataPlane:
         key = (row, entry.generation)
         pool = self.pools.get(key)
         if pool is None:
-            parts = urlsplit(entry.url)
+            address = worker_address(entry.url)
             pool = self.pools[key] = WorkerPool(
                 self.loop,
-                parts.hostname or "127.0.0.1",
-                parts.port or (443 if parts.scheme == "https" else 80),
+                address.host,
+                address.port,
                 max_connections=self.cfg.upstream_pool_max_per_worker,
                 idle_timeout=float(self.cfg.upstream_pool_idle_timeout_secs),
                 connect_timeout=float(self.cfg.upstream_connect_timeout_secs),
-                ssl_context=self._ssl_context() if parts.scheme == "https" else None,
+                ssl_context=self._ssl_context() if address.tls else None,
             )
         return pool
 
@@ -621,7 +621,7 @@ _host_cache: dict[str, bytes] = {}
 def _host(url: str) -> bytes:
     host = _host_cache.get(url)
     if host is None:
-        host = _host_cache[url] = (urlsplit(url).netloc or "localhost").encode("latin-1")
+        host = _host_cache[url] = worker_address(url).host_header.encode("latin-1")
     return host
 
 
