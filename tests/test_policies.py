@@ -14,11 +14,18 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from smg.policies import POLICY_NAMES, BackendLoad, NoEligibleWorker, RouteRequest, make_policy
+from smg.policies import (
+    POLICY_NAMES,
+    BackendLoad,
+    NoEligibleWorker,
+    RouteRequest,
+    make_policy,
+    needs_backend_loads,
+)
 from smg.policies.least_load import LeastLoadPolicy
 from smg.policies.power_of_two import PowerOfTwoPolicy
 from smg.policies.random_policy import RandomPolicy
-from smg.policies.round_robin import RoundRobinPolicy
+from smg.policies.round_robin import MAX_ROTATIONS, RoundRobinPolicy
 
 REQ = RouteRequest()
 DARK = BackendLoad()
@@ -96,8 +103,41 @@ def test_round_robin_keeps_counting_when_rows_change() -> None:
     assert picks(policy, [0, 2], NoReadView(), 4) == [0, 2, 0, 2]  # counter 2..5
     assert picks(policy, [0, 1, 2, 3], NoReadView(), 4) == [2, 3, 0, 1]  # counter 6..9
     assert Counter(picks(policy, [5, 6, 7], NoReadView(), 300)) == {5: 100, 6: 100, 7: 100}
-    policy.reset()
-    assert policy.select([5, 6, 7], NoReadView(), REQ) == 5
+
+
+def test_round_robin_rotates_per_model() -> None:
+    # Workers A1, A2 serve model a, B1, B2 model b; requests alternate a, b. One shared
+    # counter gave A1 and B2 every request (20/0/0/20); one rotation per model is even.
+    policy = RoundRobinPolicy()
+    a, b = RouteRequest(model="a"), RouteRequest(model="b")
+    got: Counter[int] = Counter()
+    for _ in range(20):
+        got[policy.select([0, 1], NoReadView(), a)] += 1
+        got[policy.select([2, 3], NoReadView(), b)] += 1
+    assert got == {0: 10, 1: 10, 2: 10, 3: 10}
+
+
+def test_round_robin_rotations_are_bounded() -> None:
+    # Client-chosen names (served by wildcard workers) cannot grow the counters without
+    # bound: past MAX_ROTATIONS they share the rotation of model-less requests.
+    policy = RoundRobinPolicy()
+    for i in range(MAX_ROTATIONS + 50):
+        policy.select([0, 1], NoReadView(), RouteRequest(model=f"m{i}"))
+    assert len(policy._counters) == MAX_ROTATIONS + 1
+    shared = [policy.select([0, 1], NoReadView(), RouteRequest(model=f"x{i}")) for i in range(4)]
+    assert shared in ([0, 1, 0, 1], [1, 0, 1, 0])
+
+
+def test_round_robin_starts_each_process_at_its_own_offset() -> None:
+    # One request per process at the start of a burst: without an offset every process
+    # sent its first request to row 10.
+    first = [
+        make_policy("round_robin", SimpleNamespace(), index=i).select(
+            [10, 11, 12], NoReadView(), REQ
+        )
+        for i in range(4)
+    ]
+    assert first == [10, 11, 12, 10]
 
 
 def test_round_robin_instances_are_independent() -> None:
@@ -466,6 +506,15 @@ def test_registry_reads_flag_attributes() -> None:
     # None (an unset argparse option) means the default.
     least = make_policy("least_load", SimpleNamespace(least_load_kv_pressure_weight=None))
     assert isinstance(least, LeastLoadPolicy) and least.kv_pressure_weight == 0.15
+
+
+def test_registry_answers_needs_backend_loads_without_building() -> None:
+    cfg = SimpleNamespace()
+    for name in POLICY_NAMES:
+        assert needs_backend_loads(name) is make_policy(name, cfg).needs_backend_loads, name
+    assert [n for n in POLICY_NAMES if needs_backend_loads(n)] == ["power_of_two", "least_load"]
+    with pytest.raises(ValueError, match="not implemented yet"):
+        needs_backend_loads("cache_aware")
 
 
 def test_registry_seeds_with_the_given_rng() -> None:

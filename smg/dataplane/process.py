@@ -60,7 +60,7 @@ def run(
         sock.setblocking(False)
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        policy = make_policy(cfg.policy, cfg)
+        policy = make_policy(cfg.policy, cfg, index=index)
         app = DataPlane(cfg, table, index, root_pid, policy, loop)
         server = loop.run_until_complete(
             loop.create_server(lambda: ClientConnection(app), sock=sock, backlog=BACKLOG)

@@ -7,7 +7,7 @@ from smg.policies.base import (
     Policy,
     RouteRequest,
 )
-from smg.policies.registry import POLICY_NAMES, make_policy
+from smg.policies.registry import POLICY_NAMES, make_policy, needs_backend_loads
 
 __all__ = [
     "POLICY_NAMES",
@@ -17,4 +17,5 @@ __all__ = [
     "Policy",
     "RouteRequest",
     "make_policy",
+    "needs_backend_loads",
 ]

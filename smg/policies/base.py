@@ -56,7 +56,14 @@ class NoEligibleWorker(LookupError):
 
 
 class Policy:
-    """Base class: choose one of `rows` (worker table rows, all routable)."""
+    """Base class: choose one of `rows` (worker table rows, all routable).
+
+    One instance serves every model in a process. State that depends on the candidate
+    list is kept per `request.model` (round_robin's rotation, as Rust's per-model policy
+    registry does); state about a worker is keyed by row and shared across models
+    (least_load's and power_of_two's since-poll tallies: a worker has one queue, whatever
+    model filled it).
+    """
 
     name: str = "base"
     needs_text: bool = False  # True makes the data plane extract the prompt text

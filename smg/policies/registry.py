@@ -6,7 +6,10 @@ after the flag with `-` as `_` (`--least-load-kv-pressure-weight` ->
 `cfg.least_load_kv_pressure_weight`); a missing or None attribute takes the Rust
 default, so tests may pass a SimpleNamespace.
 
-A new policy is added by writing its factory and one entry in `_FACTORIES`.
+A new policy is added by writing its factory and one entry in `_POLICIES`.
+
+`index` is the data-plane process's index: policies with a deterministic start (round
+robin) offset it per process, so N processes do not all begin with the same worker.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ RUST_POLICY_NAMES = (
     "bucket",
 )
 
-Factory = Callable[[object, random.Random | None], Policy]
+Factory = Callable[[object, random.Random | None, int], Policy]
 
 
 def _setting(cfg: object, name: str, default: object) -> object:
@@ -62,15 +65,15 @@ def _integer(cfg: object, name: str, default: int) -> int:
     return value
 
 
-def _random(cfg: object, rng: random.Random | None) -> Policy:
+def _random(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return RandomPolicy(rng)
 
 
-def _round_robin(cfg: object, rng: random.Random | None) -> Policy:
-    return RoundRobinPolicy()
+def _round_robin(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    return RoundRobinPolicy(start=index)
 
 
-def _power_of_two(cfg: object, rng: random.Random | None) -> Policy:
+def _power_of_two(cfg: object, rng: random.Random | None, index: int) -> Policy:
     metric = _setting(cfg, "power_of_two_load_metric", DEFAULT_LOAD_METRIC)
     if not isinstance(metric, str):
         raise ValueError(f"power_of_two_load_metric must be a string, got {metric!r}")
@@ -79,7 +82,7 @@ def _power_of_two(cfg: object, rng: random.Random | None) -> Policy:
     return PowerOfTwoPolicy(metric, rng)
 
 
-def _least_load(cfg: object, rng: random.Random | None) -> Policy:
+def _least_load(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return LeastLoadPolicy(
         kv_pressure_weight=_number(
             cfg, "least_load_kv_pressure_weight", DEFAULT_KV_PRESSURE_WEIGHT
@@ -95,24 +98,39 @@ def _least_load(cfg: object, rng: random.Random | None) -> Policy:
     )
 
 
-_FACTORIES: dict[str, Factory] = {
-    "random": _random,
-    "round_robin": _round_robin,
-    "power_of_two": _power_of_two,
-    "least_load": _least_load,
+# name -> (class, factory): the class answers questions about the policy (needs_backend_loads)
+# without building one.
+_POLICIES: dict[str, tuple[type[Policy], Factory]] = {
+    "random": (RandomPolicy, _random),
+    "round_robin": (RoundRobinPolicy, _round_robin),
+    "power_of_two": (PowerOfTwoPolicy, _power_of_two),
+    "least_load": (LeastLoadPolicy, _least_load),
 }
 
-POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 
 
-def make_policy(name: str, cfg: object, rng: random.Random | None = None) -> Policy:
-    """A new policy instance; `rng` seeds the randomized ones (tests, per-process seeding)."""
-    factory = _FACTORIES.get(name)
-    if factory is None:
+def _entry(name: str) -> tuple[type[Policy], Factory]:
+    entry = _POLICIES.get(name)
+    if entry is None:
         implemented = ", ".join(POLICY_NAMES)
         if name in RUST_POLICY_NAMES:
             raise ValueError(
                 f"policy {name!r} is not implemented yet; implemented policies: {implemented}"
             )
         raise ValueError(f"unknown policy {name!r}; implemented policies: {implemented}")
-    return factory(cfg, rng)
+    return entry
+
+
+def make_policy(
+    name: str, cfg: object, rng: random.Random | None = None, *, index: int = 0
+) -> Policy:
+    """A new policy instance; `rng` seeds the randomized ones (tests, per-process seeding),
+    `index` (the data-plane process's index) offsets the deterministic ones."""
+    return _entry(name)[1](cfg, rng, index)
+
+
+def needs_backend_loads(name: str) -> bool:
+    """Whether policy `name` reads the workers' backend loads (the load monitor must poll
+    them even with --disable-load-monitoring). ValueError for a name smg does not implement."""
+    return _entry(name)[0].needs_backend_loads
