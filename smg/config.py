@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -55,6 +56,7 @@ __all__ = [
     "mask_secret_args",
     "model_aliases",
     "normalize_worker_url",
+    "prometheus_bind_host",
     "render_config",
     "validate_config",
 ]
@@ -276,6 +278,32 @@ def normalize_worker_url(url: object, key: str = "url", source: str | None = Non
         return parse_worker_url(url).url
     except WorkerUrlError as exc:
         raise ConfigError(key, str(exc), source) from None
+
+
+def prometheus_bind_host(cfg: GatewayConfig) -> str:
+    """Where the metrics server listens.
+
+    `--prometheus-host` when given. Otherwise a gateway bound to loopback keeps its
+    metrics (which name every worker's address) on loopback too: `--host` itself. Any
+    other `--host` gets the unspecified address of its family, as in the Rust SMG (whose
+    default is that address even for a loopback `--host`).
+    """
+    if cfg.prometheus_host:
+        return cfg.prometheus_host
+    if _is_loopback(cfg.host):
+        return cfg.host
+    return "::" if ":" in cfg.host else "0.0.0.0"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def cfg_processes(cfg: GatewayConfig) -> int:
@@ -624,7 +652,8 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             _Flag("prometheus_port", "Port for Prometheus metrics; 0 lets the OS pick one"),
             _Flag(
                 "prometheus_host",
-                "Host for the metrics server; unset = the unspecified address of --host's family",
+                "Host for the metrics server; unset = --host when it is a loopback address, "
+                "else the unspecified address of --host's family",
             ),
         ),
     ),

@@ -7,7 +7,6 @@ the local channel (`smg.ipc`) for admin calls; it reaches them for metric scrape
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -18,12 +17,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from smg import ipc
-from smg.config import ConfigError, model_aliases
+from smg import ipc, promtext
+from smg.config import ConfigError, model_aliases, prometheus_bind_host
 from smg.control import probes
 from smg.control.registry import Registry, WorkerRecord, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.httpwire import HttpError, error_body
+from smg.promtext import Family, Sample
 from smg.workers_spec import (
     WorkerSpec,
     apply_worker_patch,
@@ -116,7 +116,7 @@ class ControlPlane:
         app.router.add_get("/metrics", self._metrics_handler)
         runner = self.metrics_runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        host = self.cfg.prometheus_host or ("::" if ":" in self.cfg.host else "0.0.0.0")
+        host = prometheus_bind_host(self.cfg)
         site = web.TCPSite(runner, host, self.cfg.prometheus_port, reuse_address=True)
         await site.start()
 
@@ -445,56 +445,90 @@ class ControlPlane:
     # --- metrics -------------------------------------------------------------------------------
 
     async def _metrics_handler(self, _request: web.Request) -> web.Response:
-        parts = [self.render_metrics()]
-        for index in range(self.processes):
-            with contextlib.suppress(Exception):  # a process being replaced has no text now
-                text = await ipc.call(
+        async def scrape(index: int) -> list[Family]:
+            try:
+                answer = await ipc.call(
                     ipc.dataplane_address(self.root_pid, index), {"kind": "metrics"}, 2.0
                 )
-                if isinstance(text, str):
-                    parts.append(text)
+                return promtext.decode_families(answer)
+            except Exception as exc:  # a process being replaced has no series now
+                log.debug("metrics of data-plane process %d unavailable: %r", index, exc)
+                return []
+
+        families = self.metric_families()
+        for answer in await asyncio.gather(*(scrape(i) for i in range(self.processes))):
+            families.extend(answer)
         return web.Response(
-            text="".join(parts),
-            content_type="text/plain",
-            charset="utf-8",
-            headers={"x-smg-metrics-processes": str(self.processes)},
+            body=promtext.render(families).encode("utf-8"),
+            headers={
+                "content-type": promtext.CONTENT_TYPE,
+                "x-smg-metrics-processes": str(self.processes),
+            },
         )
 
-    def render_metrics(self) -> str:
-        lines = [
-            "# TYPE smg_worker_health gauge",
-            "# TYPE smg_worker_requests_active gauge",
-            "# TYPE smg_engine_running_requests gauge",
-            "# TYPE smg_engine_waiting_requests gauge",
-            "# TYPE smg_engine_token_usage gauge",
-        ]
+    def metric_families(self) -> list[Family]:
+        """The control plane's series: per worker, health-check counts, global in-flight."""
+        health: list[Sample] = []
+        active: list[Sample] = []
+        running: list[Sample] = []
+        waiting: list[Sample] = []
+        usage: list[Sample] = []
         for record in self.registry.workers.values():
-            worker = record.spec.url
-            lines.append(
-                f'smg_worker_health{{worker="{worker}"}} '
-                f"{1 if record.status == WorkerStatus.READY else 0}"
-            )
-            lines.append(
-                f'smg_worker_requests_active{{worker="{worker}"}} {self.table.in_flight(record.row)}'
-            )
+            worker = [("worker", record.spec.url)]
+            health.append(Sample("", worker, 1 if record.status == WorkerStatus.READY else 0))
+            active.append(Sample("", worker, self.table.in_flight(record.row)))
             if record.load.valid:
-                lines.append(
-                    f'smg_engine_running_requests{{worker="{worker}"}} {record.load.running}'
-                )
-                lines.append(
-                    f'smg_engine_waiting_requests{{worker="{worker}"}} {record.load.waiting}'
-                )
-                lines.append(
-                    f'smg_engine_token_usage{{worker="{worker}"}} {record.load.token_usage}'
-                )
-        lines.append("# TYPE smg_worker_health_checks_total counter")
-        for (worker_type, result), value in self.health_checks.items():
-            lines.append(
-                f'smg_worker_health_checks_total{{worker_type="{worker_type}",result="{result}"}} {value}'
-            )
-        lines.append("# TYPE smg_gateway_in_flight_requests gauge")
-        lines.append(f"smg_gateway_in_flight_requests {self.table.total_in_flight()}")
-        return "\n".join(lines) + "\n"
+                running.append(Sample("", worker, record.load.running))
+                waiting.append(Sample("", worker, record.load.waiting))
+                usage.append(Sample("", worker, record.load.token_usage))
+        checks = [
+            Sample("", [("worker_type", worker_type), ("result", result)], value)
+            for (worker_type, result), value in self.health_checks.items()
+        ]
+        return [
+            Family(
+                "smg_worker_health",
+                "gauge",
+                "Worker health status (1=healthy, 0=unhealthy)",
+                health,
+            ),
+            Family(
+                "smg_worker_requests_active",
+                "gauge",
+                "Requests in flight per worker, summed over the data-plane processes",
+                active,
+            ),
+            Family(
+                "smg_engine_running_requests",
+                "gauge",
+                "Engine-reported running requests by worker",
+                running,
+            ),
+            Family(
+                "smg_engine_waiting_requests",
+                "gauge",
+                "Engine-reported waiting requests by worker",
+                waiting,
+            ),
+            Family(
+                "smg_engine_token_usage",
+                "gauge",
+                "Engine-reported KV token usage ratio (0.0-1.0) by worker",
+                usage,
+            ),
+            Family(
+                "smg_worker_health_checks_total",
+                "counter",
+                "Health check results by worker_type and result",
+                checks,
+            ),
+            Family(
+                "smg_gateway_in_flight_requests",
+                "gauge",
+                "Requests in flight in the whole gateway (smg only)",
+                [Sample("", [], self.table.total_in_flight())],
+            ),
+        ]
 
 
 _LOAD_AWARE = frozenset({"power_of_two", "least_load", "cache_aware"})

@@ -577,7 +577,7 @@ class DataPlane:
         kind = message.get("kind") if isinstance(message, dict) else None
         if kind == "metrics":
             self.metrics.connections_active = len(self.connections)
-            return self.metrics.render(self.index)
+            return self.metrics.families(self.index)
         if kind == "stats":
             return {
                 "process": self.index,

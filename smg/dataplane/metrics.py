@@ -1,13 +1,16 @@
-"""Per-process metrics, with the Rust SMG's metric names, rendered as Prometheus text.
+"""Per-process metrics, with the Rust SMG's metric names, as structured samples.
 
 Each data-plane process counts only its own requests; the control plane's exporter asks
-every process for its text and adds a `process` label, so series from different processes
-never collide and tests can tell which process served what.
+every process for its families over IPC (`families()`, labelled `process="<index>"` so
+series from different processes never collide and tests can tell which process served
+what) and renders them all at once with `smg.promtext`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+
+from smg.promtext import Family, Sample
 
 DURATION_BUCKETS = (
     0.001,
@@ -75,40 +78,67 @@ class DataPlaneMetrics:
         key = (model, endpoint, "true" if streaming else "false")
         self.routed[key] = self.routed.get(key, 0) + 1
 
-    def render(self, process: int) -> str:
-        proc = f'process="{process}"'
-        lines: list[str] = []
-        add = lines.append
-        add("# TYPE smg_http_requests_total counter")
-        for (method, path), value in self.requests.items():
-            add(f'smg_http_requests_total{{{proc},method="{method}",path="{_esc(path)}"}} {value}')
-        add("# TYPE smg_http_responses_total counter")
-        for (path, status, code), value in self.responses.items():
-            add(
-                f'smg_http_responses_total{{{proc},path="{_esc(path)}",status_code="{status}",'
-                f'error_code="{_esc(code)}"}} {value}'
+    def families(self, process: int) -> list[Family]:
+        """This process's series, labelled `process="<index>"`, for the exporter."""
+        proc = ("process", str(process))
+        requests = [
+            Sample("", [proc, ("method", method), ("path", path)], value)
+            for (method, path), value in self.requests.items()
+        ]
+        responses = [
+            Sample(
+                "",
+                [proc, ("path", path), ("status_code", str(status)), ("error_code", code)],
+                value,
             )
-        add("# TYPE smg_http_request_duration_seconds histogram")
+            for (path, status, code), value in self.responses.items()
+        ]
+        durations: list[Sample] = []
         for (method, path), hist in self.durations.items():
-            base = f'{proc},method="{method}",path="{_esc(path)}"'
+            base = [proc, ("method", method), ("path", path)]
             cumulative = 0
             for bound, count in zip(hist.buckets, hist.counts):
                 cumulative += count
-                add(f'smg_http_request_duration_seconds_bucket{{{base},le="{bound}"}} {cumulative}')
-            add(f'smg_http_request_duration_seconds_bucket{{{base},le="+Inf"}} {hist.count}')
-            add(f"smg_http_request_duration_seconds_sum{{{base}}} {hist.total}")
-            add(f"smg_http_request_duration_seconds_count{{{base}}} {hist.count}")
-        add("# TYPE smg_router_requests_total counter")
-        for (model, endpoint, streaming), value in self.routed.items():
-            add(
-                f'smg_router_requests_total{{{proc},router_type="http",backend_type="regular",'
-                f'connection_mode="http",model="{_esc(model)}",endpoint="{_esc(endpoint)}",'
-                f'streaming="{streaming}"}} {value}'
+                durations.append(Sample("_bucket", [*base, ("le", str(bound))], cumulative))
+            durations.append(Sample("_bucket", [*base, ("le", "+Inf")], hist.count))
+            durations.append(Sample("_sum", base, hist.total))
+            durations.append(Sample("_count", base, hist.count))
+        routed = [
+            Sample(
+                "",
+                [
+                    proc,
+                    ("router_type", "http"),
+                    ("backend_type", "regular"),
+                    ("connection_mode", "http"),
+                    ("model", model),
+                    ("endpoint", endpoint),
+                    ("streaming", streaming),
+                ],
+                value,
             )
-        add("# TYPE smg_http_connections_active gauge")
-        add(f"smg_http_connections_active{{{proc}}} {self.connections_active}")
-        return "\n".join(lines) + "\n"
+            for (model, endpoint, streaming), value in self.routed.items()
+        ]
+        return [
+            Family("smg_http_requests_total", "counter", HELP_REQUESTS, requests),
+            Family("smg_http_responses_total", "counter", HELP_RESPONSES, responses),
+            Family("smg_http_request_duration_seconds", "histogram", HELP_DURATION, durations),
+            Family("smg_router_requests_total", "counter", HELP_ROUTED, routed),
+            Family(
+                "smg_http_connections_active",
+                "gauge",
+                HELP_CONNECTIONS,
+                [Sample("", [proc], self.connections_active)],
+            ),
+        ]
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# HELP texts follow the Rust SMG's where the meaning is the same.
+HELP_REQUESTS = "Total HTTP requests by method and path"
+HELP_RESPONSES = "Total HTTP responses by path, status_code and error_code"
+HELP_DURATION = "HTTP request duration by method and path"
+HELP_ROUTED = (
+    "Total routed requests by router_type, backend_type, connection_mode, model, endpoint, "
+    "streaming"
+)
+HELP_CONNECTIONS = "Currently active HTTP connections"
