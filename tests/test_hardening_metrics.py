@@ -230,9 +230,9 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
 
     answer = httpx.get(gw.metrics_url, timeout=10.0)
     assert answer.status_code == 200
-    assert answer.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = answer.text
     families = {f.name: f for f in _parse(text)}
+    assert answer.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     for name in ("smg_http_requests_total", "smg_router_requests_total", "smg_worker_health"):
         assert text.count(f"# TYPE {name} ") == 1, name
         assert text.count(f"# HELP {name} ") == 1, name
