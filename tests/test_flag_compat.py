@@ -1,23 +1,30 @@
-"""Our `smg launch` flags against the Rust SMG 1.13 `smg launch --help` text.
+"""Our `smg launch` flags against the Rust SMG 1.13 `smg launch` flags.
 
-For every option both parsers have: same aliases, same default, same choices, unless
-docs/flags.md lists the difference (with a reason) in its machine-readable table. Every
-flag only we have must be listed as smg-only, and no listed row may be stale.
+The Rust facts (each option's names and aliases, default and choices) come from
+tests/data/rust_smg_launch_flags.json, extracted from the 1.13 `--help` text by
+tools/extract_rust_flags.py, so this check runs in any clone. For every option both
+parsers have: same aliases, same default, same choices, unless docs/flags.md lists the
+difference (with a reason) in its machine-readable table. Every flag only we have must be
+listed as smg-only, and no listed row may be stale.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from smg.config import CHOICES, DEFAULTS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-HELP_FILE = REPO.parent / "shared" / "reference" / "smg-1.13-launch-help.txt"
+TABLE_FILE = REPO / "tests" / "data" / "rust_smg_launch_flags.json"
+EXTRACTOR = REPO / "tools" / "extract_rust_flags.py"
 FLAGS_DOC = REPO / "docs" / "flags.md"
 
 
@@ -26,74 +33,14 @@ class RustOption:
     names: list[str]
     default: str | None
     choices: list[str] | None
-    help: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
-def _join_wrapped(lines: list[str]) -> str:
-    """Undo argparse's wrapping: textwrap breaks after a hyphen without adding a space."""
-    text = ""
-    for line in (s.strip() for s in lines):
-        if not line:
-            continue
-        if text.endswith("-") and len(text) > 1 and text[-2].isalnum():
-            text += line
-        else:
-            text += (" " if text else "") + line
-    return text
-
-
-_OPT_START = re.compile(r"^  (-{1,2}\w[\w-]*)")
-_DEFAULT_RE = re.compile(r"\(default:\s*([^()]*?)\)")
-
-
-def parse_rust_help(text: str) -> list[RustOption]:
-    """Every option entry after the `options:` line, with its last `(default: X)`.
-
-    Quirks handled: group headings (column 0) and group descriptions (2 spaces, not a
-    dash) end an entry; the option column and its help may share a line (split on 2+
-    spaces) or the help starts on the next line; help wraps across lines, hyphenated
-    words wrap without a space; ArgumentDefaultsHelpFormatter appends `(default: X)`
-    after help that often already states it, so the last one is argparse's real default.
-    """
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "options:") + 1
-    except StopIteration:
-        raise AssertionError("help text has no 'options:' section") from None
-    entries: list[tuple[str, list[str]]] = []
-    for line in lines[start:]:
-        if _OPT_START.match(line):
-            spec, _, rest = line[2:].partition("  ")
-            entries.append((spec.strip(), [rest]))
-        elif line.startswith("    ") and entries:
-            entries[-1][1].append(line)
-        elif line.strip():
-            # a group heading or a group description ends the entry before it
-            entries.append(("", []))
-    options: list[RustOption] = []
-    for spec, help_lines in entries:
-        if not spec:
-            continue
-        names: list[str] = []
-        choices: list[str] | None = None
-        for part in spec.split(", "):
-            tokens = part.split()
-            names.append(tokens[0])
-            for tok in tokens[1:]:
-                if tok.startswith("{") and tok.endswith("}"):
-                    choices = tok[1:-1].split(",")
-        help_text = _join_wrapped(help_lines)
-        defaults = _DEFAULT_RE.findall(help_text)
-        options.append(
-            RustOption(
-                names=names,
-                default=defaults[-1].strip() if defaults else None,
-                choices=choices,
-                help=help_text,
-            )
-        )
-    return options
+def _extractor() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("extract_rust_flags", EXTRACTOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _table(doc: str, name: str) -> list[dict[str, str]]:
@@ -129,9 +76,9 @@ def _our_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 @pytest.fixture(scope="module")
 def rust_options() -> list[RustOption]:
-    if not HELP_FILE.exists():
-        pytest.skip(f"Rust SMG help text not found at {HELP_FILE} (shared/ is not checked out)")
-    return parse_rust_help(HELP_FILE.read_text())
+    table = json.loads(TABLE_FILE.read_text())
+    assert table["source"]["version"] == "1.13"
+    return [RustOption(o["names"], o["default"], o["choices"]) for o in table["options"]]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +86,7 @@ def doc() -> str:
     return FLAGS_DOC.read_text()
 
 
-def test_help_parser_handles_quirks(rust_options: list[RustOption]) -> None:
+def test_table_holds_the_help_texts_quirky_entries(rust_options: list[RustOption]) -> None:
     by_name = {n: o for o in rust_options for n in o.names}
     # duplicated "(default: 1800) (default: 1800)" and text wrapped between them
     assert by_name["--worker-startup-timeout-secs"].default == "1800"
@@ -162,6 +109,53 @@ def test_help_parser_handles_quirks(rust_options: list[RustOption]) -> None:
     assert "cache_aware" in (by_name["--policy"].choices or [])
     assert by_name["--host"].default == "0.0.0.0"
     assert len(rust_options) > 150
+
+
+# The help text's layout quirks, in small: wrapped help, a duplicated default, a value
+# wrapped after a hyphen, a "(default:" whose value is on the next line, a group heading
+# and description between entries, aliases and choices.
+HELP_SAMPLE = """usage: smg [-h]
+
+options:
+  -h, --help            show this help message and exit
+
+Worker configuration:
+  Settings for worker connections and URLs
+
+  --policy {random,round_robin}
+                        Routing policy (default: random)
+  --worker-startup-timeout-secs WORKER_STARTUP_TIMEOUT_SECS
+                        Timeout (default: 1800 / 30 minutes). Large models take
+                        time. (default:
+                        1800)
+  --kv-connector-annotation KV_CONNECTOR_ANNOTATION
+                        annotation (default: smg.ai/kv-
+                        connector) (default: smg.ai/kv-connector)
+  --model-path MODEL_PATH, --model MODEL_PATH
+                        Model path (default: None)
+  --flag-without-help
+"""
+
+
+def test_extractor_handles_help_quirks() -> None:
+    options = _extractor().parse_rust_help(HELP_SAMPLE)
+    assert options == [
+        {"names": ["-h", "--help"], "default": None, "choices": None},
+        {"names": ["--policy"], "default": "random", "choices": ["random", "round_robin"]},
+        {"names": ["--worker-startup-timeout-secs"], "default": "1800", "choices": None},
+        {"names": ["--kv-connector-annotation"], "default": "smg.ai/kv-connector", "choices": None},
+        {"names": ["--model-path", "--model"], "default": "None", "choices": None},
+        {"names": ["--flag-without-help"], "default": None, "choices": None},
+    ]
+
+
+def test_table_is_current_with_the_help_text() -> None:
+    """Only where shared/reference/ is checked out: the committed table is what the
+    extractor makes of the help text now (run tools/extract_rust_flags.py if not)."""
+    extractor = _extractor()
+    if not extractor.DEFAULT_HELP.exists():
+        pytest.skip(f"Rust SMG help text not at {extractor.DEFAULT_HELP} (shared/ not checked out)")
+    assert extractor.main(["--check"]) == 0
 
 
 def _compare(rust_options: list[RustOption]) -> set[tuple[str, str, str, str]]:
