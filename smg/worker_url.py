@@ -5,10 +5,10 @@ Every way a worker enters smg (`--worker-urls`, a config file, `SMG_WORKER_URLS`
 the data plane all address a worker through its `WorkerAddress`, so they cannot disagree
 on where the worker is.
 
-Paths are refused: `http://host:8000/prefix` would have to be prepended to every route by
-every component. The Rust SMG 1.13 accepts such a URL (202) and concatenates it with each
-route (health at `/prefix/health`, requests at `/prefix/v1/...`); smg sends every request
-to the worker's root and says so at registration instead. A trailing `/` is not a path.
+A path is a prefix of every route, as in the Rust SMG 1.13 (which concatenates the URL
+with each route): `http://host:8000/prefix` gets its health checks at `/prefix/health` and
+its requests at `/prefix/v1/...`, from the probes and the data plane alike. A trailing `/`
+is dropped (the Rust SMG would send `//v1/...`).
 
 Pure code: strings in, `WorkerAddress` or `WorkerUrlError` out.
 """
@@ -45,6 +45,7 @@ class WorkerAddress(NamedTuple):
     scheme: str  # http | https | grpc | grpcs
     host: str  # hostname or IP, IPv6 without brackets (what connect() takes)
     port: int  # explicit, or the scheme's default
+    path: str = ""  # prefix of every route ("" or "/a/b", no trailing "/")
 
     @property
     def tls(self) -> bool:
@@ -64,7 +65,8 @@ def parse_worker_url(url: object) -> WorkerAddress:
 
     Scheme must be a lowercase http/https/grpc/grpcs (as in the Rust SMG); the host is
     required; gRPC URLs need an explicit port (no default); a trailing `/` is dropped;
-    userinfo, a path, a query and a fragment are refused (credentials belong in api_key).
+    a path is kept as the prefix of every route; userinfo, a query and a fragment are
+    refused (credentials belong in api_key).
     """
     if not isinstance(url, str) or not url:
         raise WorkerUrlError("worker URL must be a non-empty string")
@@ -87,11 +89,13 @@ def parse_worker_url(url: object) -> WorkerAddress:
         )
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise WorkerUrlError(f"worker URL {url!r} must not have a query or fragment")
-    if parts.path.strip("/"):
+    path = parts.path.rstrip("/")
+    if path and not _PATH_RE.match(path):
         raise WorkerUrlError(
-            f"worker URL {url!r} has a path ({parts.path!r}); smg sends every request to "
-            "the worker's root: give scheme://host:port only"
+            f"worker URL {url!r} has a path with characters a request target cannot carry"
         )
+    if path and scheme.startswith("grpc"):
+        raise WorkerUrlError(f"worker URL {url!r}: a gRPC worker URL cannot have a path")
     host = parts.hostname
     if not host:
         raise WorkerUrlError(f"worker URL {url!r} has no host")
@@ -108,7 +112,7 @@ def parse_worker_url(url: object) -> WorkerAddress:
         raise WorkerUrlError(f"worker URL {url!r}: port must be 1-65535")
     if not valid_host(host):
         raise WorkerUrlError(f"worker URL {url!r} has an invalid host {host!r}")
-    return WorkerAddress(url.rstrip("/"), scheme, host, port)
+    return WorkerAddress(url.rstrip("/"), scheme, host, port, path)
 
 
 _address_cache: dict[str, WorkerAddress] = {}
@@ -128,6 +132,8 @@ def worker_address(url: str) -> WorkerAddress:
     return address
 
 
+# RFC 3986 path characters (pchar and "/"), percent-encodings included.
+_PATH_RE = re.compile(r"^(/([A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)+$")
 _HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 
 

@@ -217,8 +217,8 @@ def test_help_lists_flags_with_defaults(capsys: pytest.CaptureFixture[str]) -> N
         (["--worker-urls", "http://u:pw@h:1"], {}, "worker_urls", "credentials"),
         (["--worker-urls", "http://h:1", "http://h:1/"], {}, "worker_urls", "listed twice"),
         (["--worker-urls", "http://h:99999"], {}, "worker_urls", "invalid port"),
-        (["--worker-urls", "http://h:8000/prefix"], {}, "worker_urls", "has a path"),
-        ([], {"SMG_WORKER_URLS": "http://h:8000/v1"}, "worker_urls", "has a path"),
+        (["--worker-urls", "http://h:8000/a%zz"], {}, "worker_urls", "request target cannot"),
+        ([], {"SMG_WORKER_URLS": "grpc://h:8000/v1"}, "worker_urls", "cannot have a path"),
         (["--model-alias", "nonsense"], {}, "model_alias", "<alias>=<canonical>"),
         (["--model-alias", "a=a"], {}, "model_alias", "must differ"),
         (["--model-alias", "a=b", "--model-alias", "a=c"], {}, "model_alias", "maps to both"),
@@ -298,7 +298,7 @@ def test_error_names_its_source(tmp_path: Path) -> None:
         ("c.toml", "port = \n", "config", "not valid TOML"),
         ("c.json", "{}", "config", ".yaml, .yml or .toml"),
         ("c.yaml", "policy: prefix_hash\n", "policy", "not implemented yet"),
-        ("c.yaml", "worker-urls: [http://a:1/p]\n", "worker_urls", "has a path"),
+        ("c.yaml", "worker-urls: [\"http://a:1/%zz\"]\n", "worker_urls", "request target cannot"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, name: str, text: str, key: str, reason: str) -> None:
@@ -489,9 +489,9 @@ def test_worker_spec_full() -> None:
         (b'{"url": "grpc://h"}', "url", "explicit port"),
         (b'{"url": "http://:8000"}', "url", "no host"),
         (b'{"url": "http://h:1?x=1"}', "url", "query"),
-        (b'{"url": "http://h:1/prefix"}', "url", "has a path"),
-        (b'{"url": "http://h:1/v1/"}', "url", "has a path"),
-        (b'{"url": "http://h:1/a\\"b}"}', "url", "has a path"),
+        (b'{"url": "http://h:1/a%zz"}', "url", "request target cannot"),
+        (b'{"url": "grpc://h:1/v1/"}', "url", "cannot have a path"),
+        (b'{"url": "http://h:1/a\\"b}"}', "url", "request target cannot"),
         (b'{"url": "http://h:1", "priority": -1}', "priority", "0-4294967295"),
         (b'{"url": "http://h:1", "priority": "high"}', "priority", "Expected `int`"),
         (b'{"url": "http://h:1", "priority": true}', "priority", "Expected `int`"),
@@ -543,7 +543,9 @@ def test_worker_address_is_the_one_parsed_form() -> None:
     assert parse_worker_url("http://w").port == 80
     assert parse_worker_url("http://w:80").host_header == "w"
     assert worker_address("http://w:8000") is worker_address("http://w:8000")
-    for bad in ("http://w:8000/prefix", "http://w:8000/v1/", "http://w:8000?", "http://w:1#f"):
+    prefixed = parse_worker_url("http://w:8000/prefix/v1/")
+    assert (prefixed.url, prefixed.path) == ("http://w:8000/prefix/v1", "/prefix/v1")
+    for bad in ("http://w:8000/a%zz", "grpc://w:8000/v1/", "http://w:8000?", "http://w:1#f"):
         with pytest.raises(WorkerUrlError):
             parse_worker_url(bad)
 
