@@ -277,6 +277,11 @@ def test_sigterm_closes_the_port_while_streams_drain() -> None:
                 pass
             assert time.monotonic() - signalled > 4.0  # the stream outlived the listeners
         assert gw.wait(20.0) == 0
+        # Routine events are INFO, not WARNING.
+        lines = gw.logs().splitlines()
+        for event in ("smg ready on http://127.0.0.1:", "draining (up to 15 s)"):
+            logged = [line for line in lines if event in line]
+            assert len(logged) == 1 and " INFO [" in logged[0], (event, logged)
 
 
 # --- item 14: a control plane killed in the middle of a write -----------------------------------
