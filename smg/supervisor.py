@@ -268,9 +268,13 @@ class Supervisor:
             if starting or not child.ready:
                 raise StartupError(f"data-plane process {child.index} failed at start-up: {reason}")
             delay = self._schedule_respawn(child, reason, f"data-plane process {child.index}")
-            if delay > KEEP_LISTENER_MAX_DELAY_SECS and not self.shared_listener:
+            others_listen = any(
+                sock is not None for i, sock in enumerate(self.listeners) if i != child.index
+            )
+            if delay > KEEP_LISTENER_MAX_DELAY_SECS and not self.shared_listener and others_listen:
                 # Crash-looping: the queue would wait too long; the kernel stops sending
                 # connections to a closed listener. The replacement joins the group anew.
+                # The last open listener is kept, so the port is never free for another.
                 sock = self.listeners[child.index]
                 if sock is not None:
                     sock.close()
