@@ -117,13 +117,12 @@ def test_empty_directory_blob_decodes_to_no_entries() -> None:
 
 def test_in_flight_is_the_sum_of_process_slots() -> None:
     table = WorkerTable.create(8, 3, os.getpid(), anonymous=False)
-    table.add_in_flight(0, 5, 2)
-    table.add_in_flight(1, 5, 3)
-    table.add_in_flight(2, 5, -1)
-    table.add_in_flight(1, 4, 7)
+    table.set_in_flight(0, 5, 2)
+    table.set_in_flight(1, 5, 3)
+    table.set_in_flight(2, 5, -1)
+    table.set_in_flight(1, 4, 7)
     assert table.in_flight(5) == 4
     assert table.in_flight(4) == 7
-    assert table.process_in_flight(1, 5) == 3
     assert table.total_in_flight() == 11
     table.zero_process(1)
     assert table.in_flight(5) == 1
@@ -142,11 +141,28 @@ def test_process_slot_round_trip_truncates_long_reasons() -> None:
     assert table.read_proc(0).pid == 0
 
 
-def test_status_byte_matches_row() -> None:
-    table = WorkerTable.create(2, 1, os.getpid(), anonymous=False)
-    table.write_row(1, Row(3, 4, 1, 0, 0, 0, 0.0, 0.0, 0.0, 0.0))
-    assert table.status(1) == 4
-    assert table.status(0) == 0
+def test_repair_evens_out_words_a_killed_writer_left_odd() -> None:
+    table = WorkerTable.create(4, 1, os.getpid(), anonymous=False)
+    row = Row(3, 1, 1, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+    table.write_row(2, row)
+    words = layout.words_of(table.buf)
+    row_word = layout.row_offset(table.geo, 2) >> 3
+    dir_word = layout.OFF_DIR_SEQ >> 3
+    # A writer killed between its two stores: the row's and the directory's words are odd.
+    words[row_word] += 1
+    words[dir_word] += 1
+    with pytest.raises(RuntimeError, match="stayed busy"):
+        layout.read_row(table.buf, layout.row_offset(table.geo, 2), max_wait=0.05)
+    with pytest.raises(RuntimeError, match="stayed busy"):
+        layout.read_directory(table.buf, table.geo, max_wait=0.05)
+    assert table.repair_sequences() == 2
+    assert table.read_row(2) == row
+    assert table.read_directory()[1].entries == []
+    assert words[row_word] % 2 == 0 and words[dir_word] % 2 == 0
+    # Even words are left alone, and the next write keeps the protocol's parity.
+    assert table.repair_sequences() == 0
+    table.write_row(2, row._replace(status=2))
+    assert table.read_row(2).status == 2
 
 
 def test_generations_and_gateway_state() -> None:

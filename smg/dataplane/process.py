@@ -17,6 +17,7 @@ from smg.dataplane.app import DataPlane
 from smg.dataplane.server import ClientConnection
 from smg.policies.registry import make_policy
 from smg.shm import layout
+from smg.supervisor import BACKLOG
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
@@ -27,17 +28,6 @@ log = logging.getLogger("smg.dataplane")
 # Connections that arrive after readiness turned 503 are still served for this long, so a
 # load balancer that has not yet seen the 503 does not get refused connections.
 LISTENER_LINGER_SECS = 1.0
-BACKLOG = 2048
-
-
-def make_listener(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
 
 
 def run(
@@ -45,29 +35,26 @@ def run(
     table: WorkerTable,
     index: int,
     root_pid: int,
-    port: int,
-    inherited: socket.socket | None,
+    sock: socket.socket,
 ) -> int:
-    """Serve until SIGTERM has drained this process. Returns the exit code."""
+    """Serve ``sock`` (bound and listening, opened by the supervisor) until SIGTERM has
+    drained this process. Returns the exit code."""
     started = time.time()
     table.write_proc(index, os.getpid(), layout.PROC_STARTING, started)
     try:
-        if inherited is not None:
-            sock = inherited
-        else:
-            sock = make_listener(cfg.host, port, reuse_port=True)
-            sock.listen(BACKLOG)
         sock.setblocking(False)
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         policy = make_policy(cfg.policy, cfg, index=index)
         app = DataPlane(cfg, table, index, root_pid, policy, loop)
-        server = loop.run_until_complete(
-            loop.create_server(lambda: ClientConnection(app), sock=sock, backlog=BACKLOG)
-        )
         # Held in a local for the life of the process: an unreferenced server is collected.
         ipc_server = loop.run_until_complete(
             ipc.serve(ipc.dataplane_address(root_pid, index), app.on_ipc)
+        )
+        # Accepting comes last: a process that fails to start must leave the connections
+        # queued on its listener (which the supervisor keeps) for the next one.
+        server = loop.run_until_complete(
+            loop.create_server(lambda: ClientConnection(app), sock=sock, backlog=BACKLOG)
         )
     except Exception as exc:
         table.write_proc(index, os.getpid(), layout.PROC_FAILED, started, f"{exc}")

@@ -224,6 +224,27 @@ def _backoff(deadline: float, max_wait: float, what: str) -> float:
     return deadline
 
 
+def repair_sequence_words(buf: bytearray | memoryview, geo: Geometry) -> int:
+    """Make every odd sequence word (each row's, the directory pointer's) even again.
+
+    A writer killed between its two sequence stores leaves the word odd, and every reader
+    then waits on it forever. Only call this when no writer can be running (the supervisor
+    calls it after reaping the control plane, the only writer). The body under a repaired
+    word is what the dead writer left: the old or the new value, as each body is written
+    by one ``pack_into`` copy; only a kill landing inside that copy (a window of
+    nanoseconds) could leave a mix. Returns how many words were odd."""
+    words = words_of(buf)
+    indexes = [row_offset(geo, row) >> 3 for row in range(geo.capacity)]
+    indexes.append(OFF_DIR_SEQ >> 3)
+    repaired = 0
+    for index in indexes:
+        seq = words[index]
+        if seq & 1:
+            words[index] = seq + 1
+            repaired += 1
+    return repaired
+
+
 # --- process slots ----------------------------------------------------------------------
 
 

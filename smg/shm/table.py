@@ -7,7 +7,8 @@ Who writes what:
 - control plane: rows (identity generation, status, backend load), the directory, the
   routing generation;
 - data-plane process *p*: only its own in-flight slot of each row, and its process slot;
-- root supervisor: process slots of dead children, and zeroing their in-flight slots.
+- root supervisor: process slots of dead children, zeroing their in-flight slots, and
+  evening out sequence words a killed control plane left odd (it is the only writer then).
 """
 
 from __future__ import annotations
@@ -57,22 +58,15 @@ class WorkerTable:
             self.buf, self.geo.rows_offset + row * layout.ROW_SIZE, value, words=self._words
         )
 
-    def status(self, row: int) -> int:
-        # One byte is read atomically; no seqlock needed for a status-only check.
-        return self.buf[self.geo.rows_offset + row * layout.ROW_SIZE + 16]
+    def repair_sequences(self) -> int:
+        """Even out sequence words a killed writer left odd; only with no writer alive."""
+        return layout.repair_sequence_words(self.buf, self.geo)
 
     # --- in-flight counters ----------------------------------------------------------------
 
     def in_flight(self, row: int) -> int:
         start = row * self.slots
         return sum(self._inflight[start : start + self.slots])
-
-    def process_in_flight(self, proc: int, row: int) -> int:
-        return self._inflight[row * self.slots + proc]
-
-    def add_in_flight(self, proc: int, row: int, delta: int) -> None:
-        index = row * self.slots + proc
-        self._inflight[index] += delta
 
     def set_in_flight(self, proc: int, row: int, value: int) -> None:
         self._inflight[row * self.slots + proc] = value
