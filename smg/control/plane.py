@@ -183,7 +183,8 @@ class ControlPlane:
         probe starts one interval after the previous one started, or as soon as it ended
         when it took longer (a hung worker is probed back to back, each bounded by the
         timeout). Other workers' loops are independent, so a slow probe delays no one.
-        Interval, timeout and thresholds are read per round: a PATCH applies at once."""
+        Interval, timeout and thresholds are read each round, so a PATCH of the worker's
+        `health` applies from its next probe."""
         while (
             not self._stopping
             and self.registry.get(record.worker_id) is record
