@@ -25,6 +25,7 @@ __all__ = [
     "CONNECTION_MODES",
     "DEFAULT_WORKER_COST",
     "DEFAULT_WORKER_PRIORITY",
+    "MAX_SPEC_BYTES",
     "WORKER_TYPES",
     "HealthCheckUpdate",
     "SpecError",
@@ -46,8 +47,22 @@ CONNECTION_MODES: tuple[str, ...] = ("http", "grpc")
 _SCHEME_MODE = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}
 _BOOTSTRAP_TYPES = frozenset({"prefill", "encode"})
 _U32_MAX = 2**32 - 1
-_MAX_LABELS = 64
 _MAX_BODY = 1 << 20
+
+# Size limits of the variable-length fields. Every registered spec is published in the
+# shared worker directory, whose buffer is sized from these limits times the table
+# capacity (smg.shm.directory.max_entry_bytes), so any spec that passes them fits.
+MAX_URL_BYTES = 2048
+MAX_MODEL_ID_BYTES = 512
+MAX_API_KEY_BYTES = 2048
+MAX_LABELS = 64
+MAX_LABEL_KEY_CHARS = 128  # ASCII only (see _LABEL_KEY_RE), so also bytes
+MAX_LABEL_VALUE_BYTES = 1024
+# The whole spec, msgpack-encoded as the directory stores it: labels, URL, key and the
+# rest together. 64 labels of 1 KiB each pass the per-label limits but not this one.
+MAX_SPEC_BYTES = 16 * 1024
+
+_spec_encoder = msgspec.msgpack.Encoder()
 
 # Rust WorkerSpec fields smg does not take (yet): named in the error instead of "unknown".
 _RUST_ONLY_FIELDS = frozenset(
@@ -144,6 +159,8 @@ def _api_key(v: str) -> str | None:
     # Sent in an Authorization header: CR/LF or other controls would inject headers.
     if not v or v != v.strip() or not all(0x21 <= ord(c) <= 0x7E for c in v):
         return "must be non-empty visible ASCII without surrounding whitespace"
+    if len(v) > MAX_API_KEY_BYTES:
+        return f"must be at most {MAX_API_KEY_BYTES} characters, got {len(v)}"
     return None
 
 
@@ -151,22 +168,30 @@ _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$")
 
 
 def _labels(v: dict[str, str]) -> str | None:
-    if len(v) > _MAX_LABELS:
-        return f"at most {_MAX_LABELS} labels, got {len(v)}"
+    if len(v) > MAX_LABELS:
+        return f"at most {MAX_LABELS} labels, got {len(v)}"
     for key, value in v.items():
         if not _LABEL_KEY_RE.match(key):
             return (
                 f"label key {key!r} must be 1-128 characters of letters, digits, '_.-/', "
                 "starting with a letter or digit"
             )
-        if len(value) > 1024 or any(ord(c) < 0x20 for c in value):
-            return f"label {key!r}: value must be at most 1024 characters without controls"
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_LABEL_VALUE_BYTES or any(
+            ord(c) < 0x20 for c in value
+        ):
+            return (
+                f"label {key!r}: value must be at most {MAX_LABEL_VALUE_BYTES} bytes "
+                "of UTF-8 without controls"
+            )
     return None
 
 
 def _model_id(v: str) -> str | None:
-    if not v or v != v.strip() or len(v) > 512:
-        return "must be a non-empty model name without surrounding whitespace"
+    if not v or v != v.strip() or len(v.encode("utf-8", "surrogatepass")) > MAX_MODEL_ID_BYTES:
+        return (
+            f"must be a non-empty model name of at most {MAX_MODEL_ID_BYTES} bytes "
+            "without surrounding whitespace"
+        )
     return None
 
 
@@ -213,6 +238,8 @@ def validate_worker_spec(spec: WorkerSpec) -> WorkerSpec:
         url = normalize_worker_url(spec.url, "url")
     except ConfigError as exc:
         raise SpecError(exc.key, exc.reason) from None
+    if len(url.encode("utf-8", "surrogatepass")) > MAX_URL_BYTES:
+        raise SpecError("url", f"must be at most {MAX_URL_BYTES} bytes")
     _check_fields(spec)
     if spec.worker_type not in WORKER_TYPES:
         raise SpecError(
@@ -242,7 +269,18 @@ def validate_worker_spec(spec: WorkerSpec) -> WorkerSpec:
                 "bootstrap_port",
                 f"applies to prefill and encode workers only, not {spec.worker_type!r}",
             )
-    return msgspec.structs.replace(spec, url=url, connection_mode=mode)
+    return _within_budget(msgspec.structs.replace(spec, url=url, connection_mode=mode))
+
+
+def _within_budget(spec: WorkerSpec) -> WorkerSpec:
+    size = len(_spec_encoder.encode(spec))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            "body",
+            f"the worker spec takes {size} bytes encoded, more than the {MAX_SPEC_BYTES} "
+            "a worker may use (labels, url, api_key and model_id together)",
+        )
+    return spec
 
 
 def validate_worker_patch(patch: WorkerPatch) -> WorkerPatch:
@@ -252,7 +290,8 @@ def validate_worker_patch(patch: WorkerPatch) -> WorkerPatch:
 
 
 def apply_worker_patch(spec: WorkerSpec, patch: WorkerPatch) -> WorkerSpec:
-    """The spec after a (validated) PATCH, with the Rust SMG's merge rules."""
+    """The spec after a (validated) PATCH, with the Rust SMG's merge rules; SpecError if
+    the result is over MAX_SPEC_BYTES."""
     labels = dict(spec.labels)
     if patch.labels is not None:
         labels.update(patch.labels)
@@ -263,13 +302,15 @@ def apply_worker_patch(spec: WorkerSpec, patch: WorkerPatch) -> WorkerSpec:
             {k: v for k, v in msgspec.structs.asdict(patch.health).items() if v is not None}
         )
         health = HealthCheckUpdate(**merged)
-    return msgspec.structs.replace(
-        spec,
-        priority=spec.priority if patch.priority is None else patch.priority,
-        cost=spec.cost if patch.cost is None else patch.cost,
-        labels=labels,
-        api_key=spec.api_key if patch.api_key is None else patch.api_key,
-        health=health,
+    return _within_budget(
+        msgspec.structs.replace(
+            spec,
+            priority=spec.priority if patch.priority is None else patch.priority,
+            cost=spec.cost if patch.cost is None else patch.cost,
+            labels=labels,
+            api_key=spec.api_key if patch.api_key is None else patch.api_key,
+            health=health,
+        )
     )
 
 

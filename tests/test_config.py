@@ -298,7 +298,7 @@ def test_error_names_its_source(tmp_path: Path) -> None:
         ("c.toml", "port = \n", "config", "not valid TOML"),
         ("c.json", "{}", "config", ".yaml, .yml or .toml"),
         ("c.yaml", "policy: prefix_hash\n", "policy", "not implemented yet"),
-        ("c.yaml", "worker-urls: [\"http://a:1/%zz\"]\n", "worker_urls", "request target cannot"),
+        ("c.yaml", 'worker-urls: ["http://a:1/%zz"]\n', "worker_urls", "request target cannot"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, name: str, text: str, key: str, reason: str) -> None:

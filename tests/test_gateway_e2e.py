@@ -620,7 +620,7 @@ class TestProxy:
                 one = gw.admin("GET", f"/workers/{worker_id}")
                 assert one.status_code == 200
                 assert (one.json()["id"], one.json()["url"]) == (worker_id, late.url)
-                assert one.json()["models"] == ["late-model"]
+                assert [m["id"] for m in one.json()["models"]] == ["late-model"]
 
                 patch = {"priority": 90, "labels": {"zone": "b", "tier": "gold"}}
                 assert gw.admin("PATCH", f"/workers/{worker_id}", json=patch).status_code == 202

@@ -214,15 +214,14 @@ def test_scrape_sglang_v1_loads_first() -> None:
         s.text("/metrics", SGLANG_METRICS)
         async with serve(s) as url, aiohttp.ClientSession() as session:
             found = await probes.scrape_load_from(session, url, "sglang")
-            load = await probes.scrape_load(session, url, "sglang")
         assert found is not None
-        assert found[1] == "/v1/loads"
-        assert found[0] == load
+        load, endpoint = found
+        assert endpoint == "/v1/loads"
         assert load == BackendLoad(
             running=4, waiting=1, token_usage=0.30000000000000004, throughput=150.0, valid=True
         )
         assert s.seen[0][:3] == ("GET", "/v1/loads", "include=core")
-        assert s.paths() == ["/v1/loads", "/v1/loads"]
+        assert s.paths() == ["/v1/loads"]
 
     run(main())
 
@@ -280,15 +279,18 @@ def test_scrape_endpoint_override_and_total_failure() -> None:
         s.text("/metrics", "up 1\n")  # Prometheus, but no engine gauges
         s.text("/get_load", "[]")
         async with serve(s) as url, aiohttp.ClientSession() as session:
-            assert await probes.scrape_load(session, url, "sglang", endpoints=["/metrics"]) is None
+            assert (
+                await probes.scrape_load_from(session, url, "sglang", endpoints=["/metrics"])
+                is None
+            )
             assert s.paths() == ["/metrics"]
             s.seen.clear()
-            assert await probes.scrape_load(session, url, "vllm") is None
+            assert await probes.scrape_load_from(session, url, "vllm") is None
             found = await probes.scrape_load_from(session, url, "vllm", endpoints=("/v1/loads",))
             assert found is not None and found[1] == "/v1/loads"
             port = free_port()
             dead = f"http://127.0.0.1:{port}"
-            assert await probes.scrape_load(session, dead, "sglang", timeout_s=1) is None
+            assert await probes.scrape_load_from(session, dead, "sglang", timeout_s=1) is None
 
     run(main())
 
@@ -325,10 +327,10 @@ def test_scrape_with_bearer_key() -> None:
         s = Server()
         secured(s, "/v1/loads", LOADS)
         async with serve(s) as url, aiohttp.ClientSession() as session:
-            assert await probes.scrape_load(session, url, "sglang") is None
+            assert await probes.scrape_load_from(session, url, "sglang") is None
             s.seen.clear()
-            load = await probes.scrape_load(session, url, "sglang", api_key=KEY)
-        assert load is not None and load.running == 4
+            found = await probes.scrape_load_from(session, url, "sglang", api_key=KEY)
+        assert found is not None and found[0].running == 4
         assert s.seen == [("GET", "/v1/loads", "include=core", f"Bearer {KEY}")]
 
     run(main())

@@ -13,6 +13,7 @@ from smg.shm import layout
 from smg.shm.directory import Directory, DirectoryEntry, decode_directory, encode_directory
 from smg.shm.layout import Row
 from smg.shm.table import WorkerTable
+from smg.workers_spec import WorkerSpec
 
 
 def _entry(row: int, generation: int, url: str) -> DirectoryEntry:
@@ -23,13 +24,10 @@ def _entry(row: int, generation: int, url: str) -> DirectoryEntry:
         url=url,
         model_id=None,
         models=("m",),
-        worker_type="regular",
-        connection_mode="http",
         api_key=None,
-        labels={"zone": "a"},
-        priority=50,
-        cost=1.0,
         engine="sglang",
+        context_length=None,
+        spec=WorkerSpec(url=url, connection_mode="http", labels={"zone": "a"}),
     )
 
 

@@ -14,11 +14,8 @@ from smg.control.worker_state import (
     HealthThresholds,
     WorkerStatus,
     initial_status,
-    is_routable,
     is_terminal,
     on_event,
-    should_remove,
-    status_from_byte,
 )
 
 S = WorkerStatus
@@ -28,26 +25,20 @@ DEFAULT = HealthThresholds()  # success 2, failure 3
 ONE = HealthThresholds(success_threshold=1, failure_threshold=1)
 
 # Next status after ONE event from fresh counters with thresholds (1, 1), so every threshold
-# transition fires at once. Written out by hand for all 5 x 6 pairs.
+# transition fires at once. Written out by hand for all 5 x 4 pairs.
 EXPECTED_ONE = {
     (S.PENDING, E.PROBE_OK): S.READY,
     (S.PENDING, E.PROBE_FAILED): S.PENDING,  # 1 pending probe < cap of 10
     (S.PENDING, E.STARTUP_TIMEOUT): S.FAILED,
     (S.PENDING, E.CONNECTED): S.READY,
-    (S.PENDING, E.DRAIN_REQUESTED): S.PENDING,
-    (S.PENDING, E.DRAINED): S.PENDING,
     (S.READY, E.PROBE_OK): S.READY,
     (S.READY, E.PROBE_FAILED): S.NOT_READY,
     (S.READY, E.STARTUP_TIMEOUT): S.READY,
     (S.READY, E.CONNECTED): S.READY,
-    (S.READY, E.DRAIN_REQUESTED): S.DRAINING,
-    (S.READY, E.DRAINED): S.READY,
     (S.NOT_READY, E.PROBE_OK): S.READY,
     (S.NOT_READY, E.PROBE_FAILED): S.NOT_READY,  # 1 failure < liveness threshold 3
     (S.NOT_READY, E.STARTUP_TIMEOUT): S.NOT_READY,
     (S.NOT_READY, E.CONNECTED): S.READY,
-    (S.NOT_READY, E.DRAIN_REQUESTED): S.NOT_READY,
-    (S.NOT_READY, E.DRAINED): S.NOT_READY,
     **{(S.FAILED, e): S.FAILED for e in E},
     **{(S.DRAINING, e): S.DRAINING for e in E},
 }
@@ -72,11 +63,9 @@ IGNORED = {
         (S.PENDING, E.CONNECTED),
         (S.READY, E.PROBE_OK),
         (S.READY, E.PROBE_FAILED),
-        (S.READY, E.DRAIN_REQUESTED),
         (S.NOT_READY, E.PROBE_OK),
         (S.NOT_READY, E.PROBE_FAILED),
         (S.NOT_READY, E.CONNECTED),
-        (S.DRAINING, E.DRAINED),
     }
 }
 
@@ -92,7 +81,7 @@ def test_expected_tables_cover_every_pair() -> None:
     pairs = set(itertools.product(S, E))
     assert set(EXPECTED_ONE) == pairs
     assert set(EXPECTED_DEFAULT) == pairs
-    assert len(pairs) == 30
+    assert len(pairs) == 20
     # The module's table defines exactly the pairs that are not ignored.
     assert set(TRANSITIONS) == pairs - IGNORED
 
@@ -126,13 +115,9 @@ def test_status_bytes_match_rust_repr_u8() -> None:
         ("DRAINING", 4),
     ]
     assert [str(s) for s in S] == ["pending", "ready", "not_ready", "failed", "draining"]
-    for b in range(256):
-        decoded = status_from_byte(b)
-        assert decoded is (S(b) if b <= 4 else S.PENDING)
 
 
-def test_only_ready_is_routable() -> None:
-    assert [s for s in S if is_routable(s)] == [S.READY]
+def test_failed_and_draining_are_terminal() -> None:
     assert [s for s in S if is_terminal(s)] == [S.FAILED, S.DRAINING]
 
 
@@ -154,8 +139,8 @@ def test_bad_arguments_raise_value_error() -> None:
 
 def test_status_given_as_plain_int_works() -> None:
     # Read back from a shared-memory byte.
-    nxt, _ = on_event(1, ZERO, E.DRAIN_REQUESTED, DEFAULT)  # type: ignore[arg-type]
-    assert nxt is S.DRAINING
+    nxt, _ = on_event(0, ZERO, E.CONNECTED, DEFAULT)  # type: ignore[arg-type]
+    assert nxt is S.READY
 
 
 # --- threshold counting ---------------------------------------------------------------
@@ -240,25 +225,6 @@ def test_connected_promotes_but_never_revives() -> None:
     assert run(S.NOT_READY, [E.CONNECTED])[0] is S.READY
     assert run(S.FAILED, [E.CONNECTED])[0] is S.FAILED
     assert run(S.DRAINING, [E.CONNECTED])[0] is S.DRAINING
-
-
-def test_drain_lifecycle() -> None:
-    status, _ = run(S.READY, [E.DRAIN_REQUESTED])
-    assert status is S.DRAINING and not is_routable(status)
-    # Probe results arriving during the drain do not bring it back.
-    assert run(S.READY, [E.DRAIN_REQUESTED, E.PROBE_OK, E.PROBE_OK])[0] is S.DRAINING
-    assert should_remove(S.DRAINING, E.DRAINED, remove_unhealthy=False)
-    assert not should_remove(S.DRAINING, E.PROBE_OK, remove_unhealthy=True)
-    # Non-Ready workers are not drained (Rust removes them at once).
-    assert run(S.NOT_READY, [E.DRAIN_REQUESTED])[0] is S.NOT_READY
-
-
-def test_should_remove_failed_only_with_remove_unhealthy() -> None:
-    assert should_remove(S.FAILED, E.PROBE_FAILED, remove_unhealthy=True)
-    assert not should_remove(S.FAILED, E.PROBE_FAILED, remove_unhealthy=False)
-    for s in (S.PENDING, S.READY, S.NOT_READY):
-        for e in E:
-            assert not should_remove(s, e, remove_unhealthy=True)
 
 
 def test_random_sequences_keep_invariants() -> None:

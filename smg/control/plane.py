@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -17,13 +18,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from smg import ipc, promtext
+from smg import __version__, ipc, promtext
 from smg.config import ConfigError, model_aliases, prometheus_bind_host
 from smg.control import probes
-from smg.control.registry import Registry, WorkerRecord, unsupported_reason
+from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.httpwire import HttpError, error_body
+from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
+from smg.shm.readiness import readiness
 from smg.workers_spec import (
     WorkerSpec,
     apply_worker_patch,
@@ -67,7 +70,6 @@ class ControlPlane:
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[tuple[str, str], int] = {}
-        self._probing: set[str] = set()
         self._stopping = False
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -88,14 +90,19 @@ class ControlPlane:
             for record in list(self.registry.workers.values()):
                 if record.status == WorkerStatus.DRAINING:
                     self._spawn(self._drain_and_remove(record))
-        for spec in self.initial_specs:
-            if spec.url in self.registry.by_url:
-                continue
-            try:
-                self._register(spec)
-            except HttpError as exc:
-                log.error("worker %s not registered: %s", spec.url, exc.message)
-        self._spawn(self._health_loop())
+                else:
+                    self._spawn(self._health_loop(record))
+        # The start-up workers are registered once: after that the table is the truth (a
+        # worker removed since must not come back when this process is replaced).
+        if not self.registry.seeded:
+            for spec in self.initial_specs:
+                if spec.url in self.registry.by_url:
+                    continue
+                try:
+                    self._register(spec)
+                except HttpError as exc:
+                    log.error("worker %s not registered: %s", spec.url, exc.message)
+            self.registry.mark_seeded()
         self._spawn(self._load_loop())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -135,14 +142,9 @@ class ControlPlane:
         return web.json_response({"status": "ok"})
 
     async def _readiness(self, _request: web.Request) -> web.Response:
-        if self.table.gateway_state() != 0:
-            return web.json_response({"status": "not ready", "reason": "shutting down"}, status=503)
-        ready = sum(1 for r in self.registry.workers.values() if r.status == WorkerStatus.READY)
-        if not ready:
-            return web.json_response(
-                {"status": "not ready", "reason": "no worker is ready"}, status=503
-            )
-        return web.json_response({"status": "ready", "ready_workers": ready})
+        _generation, directory = self.table.read_directory()
+        status, body = readiness(self.table, directory.entries)
+        return web.Response(body=body, status=status, content_type="application/json")
 
     # --- worker lifecycle -----------------------------------------------------------------------
 
@@ -153,44 +155,95 @@ class ControlPlane:
         return record
 
     async def _onboard(self, record: WorkerRecord) -> None:
-        """Discover the backend and probe at once, not after a full interval."""
+        """Discover the backend, then probe at once (not after a full interval) and on."""
         if not await self._discover(record, keep_unknown=True):
             return
-        if not self.cfg.disable_health_check:
-            await self._probe(record)
-        await self._scrape(record)
+        self._spawn(self._scrape(record))
+        await self._health_loop(record)
+
+    def _health_setting(self, record: WorkerRecord, name: str, default: int) -> float:
+        """A per-worker `health` override from the spec, else the gateway-wide flag."""
+        health = record.spec.health
+        value = getattr(health, name) if health is not None else None
+        return float(default if value is None else value)
+
+    def probe_interval(self, record: WorkerRecord) -> float:
+        interval = self._health_setting(
+            record, "check_interval_secs", self.cfg.health_check_interval_secs
+        )
+        if record.status == WorkerStatus.PENDING:
+            interval = min(float(self.cfg.worker_startup_check_interval), interval)
+        return interval
+
+    def probe_timeout(self, record: WorkerRecord) -> float:
+        return self._health_setting(record, "timeout_secs", self.cfg.health_check_timeout_secs)
+
+    async def _health_loop(self, record: WorkerRecord) -> None:
+        """One worker's probes on its own schedule, as the Rust SMG runs them: the next
+        probe starts one interval after the previous one started, or as soon as it ended
+        when it took longer (a hung worker is probed back to back, each bounded by the
+        timeout). Other workers' loops are independent, so a slow probe delays no one.
+        Interval, timeout and thresholds are read each round, so a PATCH of the worker's
+        `health` applies from its next probe."""
+        while (
+            not self._stopping
+            and self.registry.get(record.worker_id) is record
+            and not is_terminal(record.status)
+        ):
+            started = time.monotonic()
+            if not record.health_checked(self.cfg.disable_health_check):
+                # Probing turned off for this worker (a PATCH): it is taken as healthy, as a
+                # worker registered without health checks is.
+                self._transition(record, Event.CONNECTED)
+            elif (
+                record.status == WorkerStatus.PENDING
+                and started - record.registered > self.cfg.worker_startup_timeout_secs
+            ):
+                log.error(
+                    "worker %s did not become healthy within %s s",
+                    record.spec.url,
+                    self.cfg.worker_startup_timeout_secs,
+                )
+                self._transition(record, Event.STARTUP_TIMEOUT)
+                continue
+            else:
+                await self._probe(record)
+            delay = started + self.probe_interval(record) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
     async def _probe(self, record: WorkerRecord) -> None:
         assert self.session is not None
-        if record.worker_id in self._probing:
-            return
-        self._probing.add(record.worker_id)
-        try:
-            ok = await probes.probe_health(
-                self.session,
-                record.spec.url,
-                self.cfg.health_check_endpoint,
-                self._key(record),
-                self.cfg.health_check_timeout_secs,
-            )
-        finally:
-            self._probing.discard(record.worker_id)
+        ok = await probes.probe_health(
+            self.session,
+            record.spec.url,
+            self.cfg.health_check_endpoint,
+            self._key(record),
+            self.probe_timeout(record),
+        )
         if self.registry.get(record.worker_id) is not record or is_terminal(record.status):
             return
         key = (record.spec.worker_type, "success" if ok else "failure")
         self.health_checks[key] = self.health_checks.get(key, 0) + 1
         if ok and not record.discovered:
             self._spawn(self._discover(record, keep_unknown=False))
-        before = record.status
         # A Pending worker that answers has completed registration (Rust's registration
         # workflow activates it at once); later probes follow the thresholds.
-        if ok and before == WorkerStatus.PENDING:
+        if ok and record.status == WorkerStatus.PENDING:
             event = Event.CONNECTED
         else:
             event = Event.PROBE_OK if ok else Event.PROBE_FAILED
-        if self.registry.apply(record, event):
-            log.warning("worker %s: %s -> %s", record.spec.url, before.name, record.status.name)
-            self._after_status_change(record)
+        self._transition(record, event)
+
+    def _transition(self, record: WorkerRecord, event: Event) -> None:
+        before = record.status
+        if not self.registry.apply(record, event):
+            return
+        after = record.status
+        # Routine moves (to Ready) are INFO; a worker turning unhealthy is WARNING.
+        level = logging.WARNING if after in _UNHEALTHY else logging.INFO
+        log.log(level, "worker %s: %s -> %s", record.spec.url, before.name, after.name)
+        self._after_status_change(record)
 
     async def _discover(self, record: WorkerRecord, *, keep_unknown: bool) -> bool:
         """Ask the worker what it is and serves; False if it was removed meanwhile.
@@ -202,7 +255,9 @@ class ControlPlane:
         if self.registry.get(record.worker_id) is not record:
             return False
         if keep_unknown or info.engine != "unknown":
-            self.registry.set_discovery(record, info.engine, info.model_ids, info.server_info)
+            self.registry.set_discovery(
+                record, info.engine, info.model_ids, info.server_info, info.max_model_len
+            )
         return True
 
     def _after_status_change(self, record: WorkerRecord) -> None:
@@ -210,44 +265,6 @@ class ControlPlane:
         if self.cfg.remove_unhealthy_workers and record.status == WorkerStatus.FAILED:
             log.warning("removing unhealthy worker %s", record.spec.url)
             self._spawn(self._drain_and_remove(record))
-
-    async def _health_loop(self) -> None:
-        if self.cfg.disable_health_check:
-            return
-        next_probe: dict[str, float] = {}
-        while not self._stopping:
-            now = time.monotonic()
-            due = []
-            for record in list(self.registry.workers.values()):
-                if is_terminal(record.status):
-                    continue
-                if record.status == WorkerStatus.PENDING:
-                    if now - record.registered > self.cfg.worker_startup_timeout_secs:
-                        if self.registry.apply(record, Event.STARTUP_TIMEOUT):
-                            log.error(
-                                "worker %s did not become healthy within %s s",
-                                record.spec.url,
-                                self.cfg.worker_startup_timeout_secs,
-                            )
-                            self._after_status_change(record)
-                        continue
-                    interval = min(
-                        float(self.cfg.worker_startup_check_interval),
-                        float(self.cfg.health_check_interval_secs),
-                    )
-                else:
-                    interval = float(self.cfg.health_check_interval_secs)
-                # The first probe happened at registration: wait a full interval after it.
-                when = next_probe.setdefault(record.worker_id, now + interval)
-                if when <= now:
-                    next_probe[record.worker_id] = now + interval
-                    due.append(record)
-            for record in due:
-                self._spawn(self._probe(record))
-            for worker_id in list(next_probe):
-                if worker_id not in self.registry.workers:
-                    del next_probe[worker_id]
-            await asyncio.sleep(0.1)
 
     async def _scrape(self, record: WorkerRecord) -> None:
         assert self.session is not None
@@ -275,7 +292,7 @@ class ControlPlane:
         interval = float(self.cfg.load_monitor_interval)
         if interval <= 0:
             return
-        if self.cfg.disable_load_monitoring and self.cfg.policy not in _LOAD_AWARE:
+        if self.cfg.disable_load_monitoring and not _policy_needs_loads(self.cfg):
             return
         while not self._stopping:
             await asyncio.sleep(interval)
@@ -383,9 +400,11 @@ class ControlPlane:
         if method == "PATCH":
             try:
                 patched = apply_worker_patch(record.spec, parse_worker_patch(body))
+                self.registry.update_spec(record, patched)
             except ConfigError as exc:
                 return _error(400, "BAD_REQUEST", str(exc))
-            self.registry.update_spec(record, patched)
+            except HttpError as exc:
+                return _error(exc.status, exc.code, exc.message)
             return _json(
                 202,
                 {
@@ -397,22 +416,27 @@ class ControlPlane:
         return _error(405, "method_not_allowed", "/workers/{id} takes GET, PATCH or DELETE")
 
     def _loads(self) -> dict[str, Any]:
-        workers = []
-        for record in self.registry.workers.values():
-            load = record.load
-            workers.append(
-                {
-                    "worker": record.spec.url,
-                    "worker_id": record.worker_id,
-                    "load": self.table.in_flight(record.row),
-                    "running": load.running,
-                    "waiting": load.waiting,
-                    "token_usage": load.token_usage,
-                    "throughput": load.throughput,
-                    "valid": load.valid,
-                }
-            )
-        return {"workers": workers}
+        """`GET /get_loads` in the Rust SMG 1.13 shape: an entry per worker whose engine
+        load is known, and their aggregate; `worker_id` and `load` (this gateway's
+        in-flight requests) are smg's own."""
+        loads = [
+            {
+                "worker": record.spec.url,
+                "worker_type": record.spec.worker_type,
+                **self.registry.load_entry(record),
+                "worker_id": record.worker_id,
+                "load": self.table.in_flight(record.row),
+            }
+            for record in self.registry.workers.values()
+            if record.load.valid
+        ]
+        return {
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "version": f"smg-{__version__}",
+            "dp_rank_count": len(loads),
+            "loads": loads,
+            "aggregate": aggregate_loads(loads),
+        }
 
     async def _flush_cache(self) -> AdminAnswer:
         assert self.session is not None
@@ -531,7 +555,16 @@ class ControlPlane:
         ]
 
 
-_LOAD_AWARE = frozenset({"power_of_two", "least_load", "cache_aware"})
+_UNHEALTHY = frozenset({WorkerStatus.NOT_READY, WorkerStatus.FAILED})
+
+
+def _policy_needs_loads(cfg: GatewayConfig) -> bool:
+    """Whether the configured policy reads backend loads (then they are polled even with
+    --disable-load-monitoring, as the Rust SMG does): the policy class says so."""
+    try:
+        return needs_backend_loads(cfg.policy)
+    except ValueError:  # a policy smg does not implement: the data plane refuses it
+        return False
 
 
 def _json(status: int, payload: Any) -> AdminAnswer:

@@ -160,7 +160,7 @@ def _parse_load(endpoint: str, engine: str, body: bytes) -> BackendLoad:
 
 
 def load_endpoints(engine: str) -> tuple[str, ...]:
-    """The endpoints `scrape_load` tries for `engine`, in order."""
+    """The endpoints `scrape_load_from` tries for `engine`, in order."""
     return _LOAD_ENDPOINTS.get(engine, _DEFAULT_LOAD_ENDPOINTS)
 
 
@@ -184,19 +184,6 @@ async def scrape_load_from(
         except lp.LoadParseError as e:
             log.debug("GET %s: unusable load: %s", target, e)
     return None
-
-
-async def scrape_load(
-    session: aiohttp.ClientSession,
-    url: str,
-    engine: str,
-    api_key: str | None = None,
-    timeout_s: float = 5.0,
-    endpoints: Sequence[str] | None = None,
-) -> BackendLoad | None:
-    """The worker's own view of its load, or None if no endpoint gave a usable one."""
-    found = await scrape_load_from(session, url, engine, api_key, timeout_s, endpoints)
-    return found[0] if found else None
 
 
 async def _get_json(

@@ -6,8 +6,11 @@ The control plane (``smg.control.plane``) drives it from probes, scrapes and adm
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
 from typing import Any
 
 import msgspec
@@ -23,10 +26,17 @@ from smg.control.worker_state import (
 )
 from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
-from smg.shm.directory import Directory, DirectoryEntry
+from smg.shm import layout
+from smg.shm.directory import Directory, DirectoryEntry, bound_models, encode_directory
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID, Row
 from smg.shm.table import WorkerTable
 from smg.workers_spec import WorkerSpec, public_worker_spec
+
+# What a generation model serves (Rust ModelCard's default model_type for an LLM); smg
+# reports it for every discovered model, as it does not tell generation from embedding.
+log = logging.getLogger("smg.control")
+
+_LLM_MODEL_TYPE = ("chat", "completions", "responses", "tools")
 
 
 def unsupported_reason(spec: WorkerSpec) -> str | None:
@@ -41,6 +51,26 @@ def unsupported_reason(spec: WorkerSpec) -> str | None:
     return None
 
 
+def _rfc3339(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat()
+
+
+def aggregate_loads(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Rust SMG's `aggregate` over `loads` entries (totals, and means per entry)."""
+    count = len(entries)
+
+    def mean(key: str) -> float:
+        return sum(e[key] for e in entries) / count if count else 0.0
+
+    return {
+        "total_running_reqs": sum(e["num_running_reqs"] for e in entries),
+        "total_waiting_reqs": sum(e["num_waiting_reqs"] for e in entries),
+        "total_reqs": sum(e["num_total_reqs"] for e in entries),
+        "avg_token_usage": mean("token_usage"),
+        "avg_throughput": mean("gen_throughput"),
+    }
+
+
 class WorkerRecord:
     def __init__(self, worker_id: str, spec: WorkerSpec, row: int, generation: int) -> None:
         self.worker_id = worker_id
@@ -51,6 +81,7 @@ class WorkerRecord:
         self.counters: HealthCounters = ZERO
         self.engine = "unknown"
         self.models: tuple[str, ...] = ()
+        self.context_length: int | None = None
         self.server_info: dict[str, Any] = {}
         self.load = BackendLoad()
         self.load_updated = 0.0
@@ -68,6 +99,39 @@ class WorkerRecord:
     def serves(self, model: str) -> bool:
         return model in self.served_models
 
+    def health_checked(self, gateway_disabled: bool) -> bool:
+        """Whether this worker is probed: the spec's `health.disable_health_check`
+        overrides `--disable-health-check` either way (Rust's per-worker health config)."""
+        health = self.spec.health
+        if health is not None and health.disable_health_check is not None:
+            return not health.disable_health_check
+        return not gateway_disabled
+
+    def thresholds(self, default: HealthThresholds) -> HealthThresholds:
+        """The gateway-wide thresholds with this worker's `health` overrides applied."""
+        health = self.spec.health
+        if health is None:
+            return default
+        return HealthThresholds(
+            success_threshold=health.success_threshold or default.success_threshold,
+            failure_threshold=health.failure_threshold or default.failure_threshold,
+        )
+
+    def entry(self) -> DirectoryEntry:
+        spec = self.spec
+        return DirectoryEntry(
+            row=self.row,
+            generation=self.generation,
+            worker_id=self.worker_id,
+            url=spec.url,
+            model_id=spec.model_id,
+            models=self.served_models,
+            api_key=spec.api_key,
+            engine=self.engine,
+            context_length=self.context_length,
+            spec=spec,
+        )
+
 
 class Registry:
     def __init__(
@@ -82,6 +146,9 @@ class Registry:
         self.thresholds = thresholds
         self.health_check_disabled = health_check_disabled
         self.aliases = dict(aliases or {})
+        # False until the start-up workers are registered (then kept in the directory):
+        # a replacement control plane that finds it True restores from the table only.
+        self.seeded = False
         self.workers: dict[str, WorkerRecord] = {}
         self.by_url: dict[str, str] = {}
         # Rows freed longest ago are reused first, so a late decrement has the longest
@@ -107,46 +174,47 @@ class Registry:
                 f"the worker table is full ({self.table.capacity} workers); "
                 "restart with a larger --worker-table-capacity",
             )
-        row = self.free_rows.pop()
+        row = self.free_rows[-1]
         generation = self.row_generations[row] + 1
-        self.row_generations[row] = generation
         record = WorkerRecord(worker_id or str(uuid.uuid4()), spec, row, generation)
-        record.status = initial_status(self.health_check_disabled)
+        record.status = initial_status(not record.health_checked(self.health_check_disabled))
+        # Encode first: a worker that does not fit is refused before anything changes.
+        blob = self._encode([*self.workers.values(), record])
+        self.free_rows.pop()
+        self.row_generations[row] = generation
         self.workers[record.worker_id] = record
         self.by_url[spec.url] = record.worker_id
         self._write_row(record)
-        self.publish()
+        self._write_directory(blob)
         return record
 
     def restore(self) -> int:
         """Take over the workers a previous control-plane process published (it crashed and
-        the supervisor replaced it): same ids, rows, generations and statuses."""
+        the supervisor replaced it): same ids, rows, generations, statuses and specs."""
         _generation, directory = self.table.read_directory()
         self.aliases = dict(directory.aliases) or self.aliases
+        self.seeded = directory.seeded
         for entry in directory.entries:
             value = self.table.read_row(entry.row)
             if value.generation != entry.generation:
                 continue
-            spec = WorkerSpec(
-                url=entry.url,
-                model_id=entry.model_id,
-                worker_type=entry.worker_type,
-                connection_mode=entry.connection_mode,
-                api_key=entry.api_key,
-                labels=dict(entry.labels),
-                priority=entry.priority,
-                cost=entry.cost,
-            )
-            record = WorkerRecord(entry.worker_id, spec, entry.row, entry.generation)
+            record = WorkerRecord(entry.worker_id, entry.spec, entry.row, entry.generation)
             record.status = WorkerStatus(value.status)
+            record.status_changed = value.status_changed
             record.engine = entry.engine
-            record.models = tuple(entry.models)
+            record.models = () if entry.spec.model_id else entry.models
+            record.context_length = entry.context_length
             record.discovered = entry.engine != "unknown"
             self.workers[record.worker_id] = record
-            self.by_url[spec.url] = record.worker_id
+            self.by_url[record.spec.url] = record.worker_id
             if entry.row in self.free_rows:
                 self.free_rows.remove(entry.row)
         return len(self.workers)
+
+    def mark_seeded(self) -> None:
+        """The start-up workers are registered: say so in the directory."""
+        self.seeded = True
+        self.publish()
 
     def remove(self, worker_id: str) -> WorkerRecord | None:
         record = self.workers.pop(worker_id, None)
@@ -179,7 +247,8 @@ class Registry:
 
     def apply(self, record: WorkerRecord, event: Event) -> bool:
         """Apply a health event; returns True when the status changed."""
-        status, counters = on_event(record.status, record.counters, event, self.thresholds)
+        thresholds = record.thresholds(self.thresholds)
+        status, counters = on_event(record.status, record.counters, event, thresholds)
         record.counters = counters
         if status == record.status:
             return False
@@ -193,22 +262,49 @@ class Registry:
         self.table.bump_routing_generation()
 
     def set_load(self, record: WorkerRecord, load: BackendLoad | None) -> None:
-        record.load = load if load is not None else BackendLoad()
-        record.load_updated = time.time()
+        now = time.time()
+        # The row's load_updated and the record's load carry the same time: policies
+        # and /workers both see when this poll landed.
+        record.load = msgspec.structs.replace(load or BackendLoad(), updated=now)
+        record.load_updated = now
         self._write_row(record)
 
     def set_discovery(
-        self, record: WorkerRecord, engine: str, models: list[str], server_info: dict[str, Any]
+        self,
+        record: WorkerRecord,
+        engine: str,
+        models: list[str],
+        server_info: dict[str, Any],
+        context_length: int | None = None,
     ) -> None:
+        """Store what discovery found. The model list is cut to what a directory entry
+        has room for (`bound_models`), so the publish cannot fail for want of space."""
+        bounded = bound_models(models)
+        if len(bounded) < len(models):
+            log.warning(
+                "worker %s lists %d models; keeping the first %d that fit the directory",
+                record.spec.url,
+                len(models),
+                len(bounded),
+            )
         record.engine = engine
-        record.models = tuple(models)
+        record.models = bounded
+        record.context_length = context_length
         record.server_info = server_info
         record.discovered = True
         self.publish()
 
     def update_spec(self, record: WorkerRecord, spec: WorkerSpec) -> None:
+        """Replace a worker's spec, all or nothing: HttpError 400 (and no change) when the
+        directory has no room for it."""
+        old = record.spec
         record.spec = spec
-        self.publish()
+        try:
+            blob = self._encode(self.workers.values())
+        except HttpError:
+            record.spec = old
+            raise
+        self._write_directory(blob)
 
     # --- publishing ----------------------------------------------------------------------------
 
@@ -236,43 +332,87 @@ class Registry:
         )
 
     def publish(self) -> None:
-        entries = [
-            DirectoryEntry(
-                row=record.row,
-                generation=record.generation,
-                worker_id=record.worker_id,
-                url=record.spec.url,
-                model_id=record.spec.model_id,
-                models=record.served_models,
-                worker_type=record.spec.worker_type,
-                connection_mode=record.spec.connection_mode or "http",
-                api_key=record.spec.api_key,
-                labels=dict(record.spec.labels),
-                priority=record.spec.priority,
-                cost=record.spec.cost,
-                engine=record.engine,
+        self._write_directory(self._encode(self.workers.values()))
+
+    def _encode(self, records: Iterable[WorkerRecord]) -> bytes:
+        """The directory of `records`, encoded; HttpError 400 when it is over the buffer
+        (which the buffer's sizing from the spec limits makes a should-not-happen)."""
+        directory = Directory(
+            entries=[record.entry() for record in records],
+            aliases=self.aliases,
+            seeded=self.seeded,
+        )
+        blob = encode_directory(directory)
+        room = self.table.geo.dir_capacity
+        if len(blob) > room:
+            raise HttpError(
+                400,
+                "WORKER_DIRECTORY_FULL",
+                f"the worker directory has no room for this change ({len(blob)} bytes "
+                f"needed, {room} available); nothing was changed",
             )
-            for record in self.workers.values()
-        ]
-        self.table.publish_directory(Directory(entries=entries, aliases=self.aliases))
+        return blob
+
+    def _write_directory(self, blob: bytes) -> None:
+        layout.write_directory(self.table.buf, self.table.geo, blob)
         self.table.bump_routing_generation()
 
     # --- views ----------------------------------------------------------------------------------
 
     def info(self, record: WorkerRecord) -> dict[str, Any]:
+        """One worker as `GET /workers/{id}` shows it: the Rust SMG 1.13 fields (models as
+        objects, runtime_type, labels, ...) and smg's own (engine, backend_load, ...)."""
         spec = public_worker_spec(record.spec)
-        status = record.status.name.lower()
+        served = record.served_models
         return {
             "id": record.worker_id,
             **spec,
-            "model_id": record.spec.model_id or (record.models[0] if record.models else None),
-            "models": list(record.served_models),
+            "model_id": record.spec.model_id or (served[0] if served else None),
+            "models": [
+                {
+                    "id": model,
+                    "model_type": list(_LLM_MODEL_TYPE),
+                    "context_length": record.context_length,
+                }
+                for model in served
+            ],
+            "runtime_type": record.engine,
+            "http2": False,  # smg speaks HTTP/1.1 to workers
             "engine": record.engine,
             "is_healthy": record.status == WorkerStatus.READY,
-            "status": status,
+            "status": record.status.label,
             "load": self.table.in_flight(record.row),
+            "engine_load": self.engine_load(record),
             "backend_load": msgspec.to_builtins(record.load),
             "job_status": None,
+        }
+
+    def load_entry(self, record: WorkerRecord) -> dict[str, Any]:
+        """A worker's engine load as one entry of the Rust SMG's `loads` lists. smg reads
+        the load summed over DP ranks, so a worker is one entry, `dp_rank` 0."""
+        load = record.load
+        return {
+            "dp_rank": 0,
+            "num_running_reqs": load.running,
+            "num_waiting_reqs": load.waiting,
+            "num_waiting_uncached_tokens": load.waiting_tokens,
+            "num_total_reqs": load.running + load.waiting,
+            "token_usage": load.token_usage,
+            "gen_throughput": load.throughput,
+        }
+
+    def engine_load(self, record: WorkerRecord) -> dict[str, Any] | None:
+        """`engine_load` of `GET /workers` (Rust 1.13): the last polled load, None before
+        a poll succeeded."""
+        if not record.load.valid:
+            return None
+        entry = self.load_entry(record)
+        return {
+            "timestamp": _rfc3339(record.load.updated),
+            "version": str(record.server_info.get("version") or ""),
+            "dp_rank_count": 1,
+            "loads": [entry],
+            "aggregate": aggregate_loads([entry]),
         }
 
     def list_infos(self, model: str | None = None) -> dict[str, Any]:

@@ -6,8 +6,6 @@ Taken from the Rust SMG (github lightseekorg/smg):
   (`#[repr(u8)]`: Pending=0, Ready=1, NotReady=2, Failed=3, Draining=4; only Ready routable);
 - the probe rules: `model_gateway/src/worker/manager.rs`, `compute_next_status` and
   `apply_probe_completion`;
-- draining: `model_gateway/src/workflow/steps/local/drain_workers.rs` (only a Ready worker
-  is moved to Draining; others are removed at once) and `HealthCheckConfig.drain_settle_secs`;
 - connect signal: `manager.rs`, `apply_connect_signal` (a backend handshake promotes to Ready);
 - initial status: `model_gateway/src/worker/builder.rs` (Ready when health checks are
   disabled, else Pending);
@@ -24,11 +22,11 @@ The rules (ft = failure threshold, st = success threshold):
     NotReady --st consecutive probe_ok-->            Ready
     NotReady --3*ft consecutive probe_failed-->      Failed   (liveness threshold)
     Pending/NotReady --connected-->                  Ready
-    Ready    --drain_requested-->                    Draining
-    Draining --drained-->                            Draining (terminal: the caller removes it)
 
 Failed and Draining are terminal for the health machine: probes are not scheduled for them
-and any event that reaches them anyway is ignored.
+and any event that reaches them anyway is ignored. Draining is not a health event: the
+control plane sets it when a worker is removed (DELETE, --remove-unhealthy-workers) and
+frees the row once its in-flight requests ended.
 
 `startup_timeout` is this implementation's reading of `--worker-startup-timeout-secs`: in
 Rust that timeout bounds the registration workflow (a worker that never answers is never
@@ -76,8 +74,6 @@ class Event(str, enum.Enum):
     PROBE_FAILED = "probe_failed"  # a health probe failed (non-2xx, timeout, refused)
     STARTUP_TIMEOUT = "startup_timeout"  # --worker-startup-timeout-secs expired
     CONNECTED = "connected"  # backend handshake completed (Rust: WorkerConnected)
-    DRAIN_REQUESTED = "drain_requested"  # removal asked for; stop routing, let in-flight end
-    DRAINED = "drained"  # drain settle window over; the caller removes the worker
 
 
 class HealthThresholds(msgspec.Struct, frozen=True):
@@ -192,11 +188,9 @@ TRANSITIONS: dict[tuple[WorkerStatus, Event], Handler] = {
     (S.PENDING, E.CONNECTED): _to(S.READY),
     (S.READY, E.PROBE_OK): _ready_ok,
     (S.READY, E.PROBE_FAILED): _ready_failed,
-    (S.READY, E.DRAIN_REQUESTED): _to(S.DRAINING),
     (S.NOT_READY, E.PROBE_OK): _not_ready_ok,
     (S.NOT_READY, E.PROBE_FAILED): _not_ready_failed,
     (S.NOT_READY, E.CONNECTED): _to(S.READY),
-    (S.DRAINING, E.DRAINED): _to(S.DRAINING),
 }
 
 
@@ -216,11 +210,6 @@ def on_event(
     return handler(counters, thresholds)
 
 
-def is_routable(status: WorkerStatus) -> bool:
-    """Only Ready workers receive traffic (Rust `WorkerStatus::is_routable`)."""
-    return status == WorkerStatus.READY
-
-
 def is_terminal(status: WorkerStatus) -> bool:
     """No further health transitions: stop probing a worker in this status."""
     return status in (WorkerStatus.FAILED, WorkerStatus.DRAINING)
@@ -229,21 +218,3 @@ def is_terminal(status: WorkerStatus) -> bool:
 def initial_status(health_check_disabled: bool) -> WorkerStatus:
     """Status of a newly registered worker (Rust `BasicWorkerBuilder::build`)."""
     return WorkerStatus.READY if health_check_disabled else WorkerStatus.PENDING
-
-
-def status_from_byte(value: int) -> WorkerStatus:
-    """Decode a shared-memory status byte; an unknown value reads as Pending (not routable),
-    as Rust's `WorkerStatus::from_u8` does."""
-    try:
-        return WorkerStatus(value)
-    except ValueError:
-        return WorkerStatus.PENDING
-
-
-def should_remove(status: WorkerStatus, event: Event, remove_unhealthy: bool) -> bool:
-    """Whether the caller should delete the worker after applying `event`, given the status
-    `on_event` returned: a drained worker always; a Failed one only with
-    `--remove-unhealthy-workers` (Rust `queue_due_probes` / `submit_removal_job`)."""
-    if status == WorkerStatus.DRAINING:
-        return event == Event.DRAINED
-    return status == WorkerStatus.FAILED and remove_unhealthy

@@ -27,6 +27,7 @@ from smg.httpwire import valid_request_id as _valid_request_id
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
+from smg.shm.readiness import readiness
 from smg.worker_url import worker_address
 
 if TYPE_CHECKING:
@@ -293,11 +294,7 @@ class DataPlane:
             return 200, b'{"status":"ok"}'
         if path == "/readiness":
             state = self.refresh()
-            if self.not_ready or self.draining or self.table.gateway_state() != 0:
-                return 503, orjson.dumps({"status": "not ready", "reason": "shutting down"})
-            if not state.ready:
-                return 503, orjson.dumps({"status": "not ready", "reason": "no worker is ready"})
-            return 200, orjson.dumps({"status": "ready", "ready_workers": len(state.ready)})
+            return readiness(self.table, state.entries.values(), self.not_ready or self.draining)
         if path == "/v1/models":
             return 200, self._models_body()
         return None

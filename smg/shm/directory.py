@@ -2,32 +2,56 @@
 
 It is published as one encoded blob with a generation; data-plane processes decode it
 again only when the generation moves, so the per-request cost is one integer read.
+
+Each entry carries the worker's whole registered spec, so a control plane that replaces a
+crashed one restores every field as it was registered (or last patched). `url`, `model_id`
+and `api_key` are copied out of the spec because the data plane reads them per request.
+
+The buffer is sized so that a full table of workers at the validator's limits fits
+(`max_entry_bytes`): a spec that passes `validate_worker_spec` can always be published,
+and discovered model lists are bounded here (`bound_models`) for the same reason.
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from smg.workers_spec import (
+    MAX_API_KEY_BYTES,
+    MAX_MODEL_ID_BYTES,
+    MAX_SPEC_BYTES,
+    MAX_URL_BYTES,
+    WorkerSpec,
+)
+
+# A worker's discovered model list is cut to this many encoded bytes (SGLang and vLLM
+# list one model plus its LoRA adapters; 8 KiB is over a hundred typical ids).
+MAX_MODELS_BYTES = 8 * 1024
+MAX_ENGINE_BYTES = 16  # "sglang", "vllm", "openai", "unknown"
+# Room for the model aliases (--model-aliases, set at start-up) and the container.
+ALIASES_BYTES = 1 << 20
+_STR_HEADER = 5  # msgpack: the largest string header (str32)
+
 
 class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
     row: int
     generation: int  # the row's generation when this worker took it
     worker_id: str
-    url: str
-    model_id: str | None  # the model the worker was registered for (None: any it serves)
+    url: str  # spec.url
+    model_id: str | None  # spec.model_id: the model it was registered for (None: any)
     models: tuple[str, ...]  # the models the worker serves (discovered or given)
-    worker_type: str
-    connection_mode: str
-    api_key: str | None
-    labels: dict[str, str]
-    priority: int
-    cost: float
+    api_key: str | None  # spec.api_key
     engine: str
+    context_length: int | None  # discovered (max_model_len / context_length), None if unknown
+    spec: WorkerSpec
 
 
 class Directory(msgspec.Struct, array_like=True):
     entries: list[DirectoryEntry]
     aliases: dict[str, str] = {}
+    # True once the first control plane registered the start-up workers: from then on
+    # the table is the truth, and a replacement restores from it only.
+    seeded: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -42,3 +66,57 @@ def decode_directory(blob: bytes) -> Directory:
     if not blob:
         return Directory(entries=[])
     return _decoder.decode(blob)
+
+
+def _encoded_str(value: str) -> int:
+    return len(value.encode("utf-8", "surrogatepass")) + _STR_HEADER
+
+
+def bound_models(models: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A discovered model list cut to what one directory entry has room for: ids longer
+    than MAX_MODEL_ID_BYTES are dropped, and ids past MAX_MODELS_BYTES are left out."""
+    kept: list[str] = []
+    used = 0
+    for model in models:
+        size = _encoded_str(model)
+        if not model or size - _STR_HEADER > MAX_MODEL_ID_BYTES:
+            continue
+        if used + size > MAX_MODELS_BYTES:
+            break
+        kept.append(model)
+        used += size
+    return tuple(kept)
+
+
+def max_entry_bytes() -> int:
+    """An upper bound of one encoded entry: the fixed part measured with the largest
+    integers, plus every variable part at the most the validator and `bound_models` allow
+    (the spec is stored encoded as it is, so MAX_SPEC_BYTES bounds it exactly)."""
+    big = 2**64 - 1
+    fixed = DirectoryEntry(
+        row=big,
+        generation=big,
+        worker_id="0" * 36,
+        url="",
+        model_id="",
+        models=(),
+        api_key="",
+        engine="",
+        context_length=big,
+        spec=WorkerSpec(url=""),
+    )
+    return (
+        len(_encoder.encode(fixed))
+        + MAX_SPEC_BYTES
+        + MAX_URL_BYTES
+        + MAX_MODEL_ID_BYTES
+        + MAX_API_KEY_BYTES
+        + MAX_MODELS_BYTES
+        + MAX_ENGINE_BYTES
+        + 5 * _STR_HEADER  # the four copied strings' and the model list's headers
+    )
+
+
+def directory_capacity(workers: int) -> int:
+    """Bytes one directory buffer needs for `workers` entries of the largest size."""
+    return ALIASES_BYTES + workers * max_entry_bytes()

@@ -30,6 +30,8 @@ import struct
 import time
 from typing import NamedTuple
 
+from smg.shm.directory import directory_capacity
+
 MAGIC = 0x31304C4254474D53  # b"SMGTBL01" little-endian
 LAYOUT_VERSION = 1
 
@@ -104,8 +106,10 @@ def geometry(capacity: int, slots: int, dir_capacity: int | None = None) -> Geom
     if capacity < 1 or slots < 1:
         raise ValueError("capacity and slots must be at least 1")
     if dir_capacity is None:
-        # Room for about 2 KiB of URL, model ids, labels and key per worker, at least 1 MiB.
-        dir_capacity = max(1 << 20, capacity * 2048)
+        # Room for a full table of the largest entries the spec validator allows, so a
+        # publish never fails for want of space (untouched pages of the mapping cost no
+        # memory: a buffer holds only what the last publish wrote).
+        dir_capacity = directory_capacity(capacity)
     procs = HEADER_SIZE
     rows = procs + _round_up(slots * PROC_SIZE, 64)
     inflight = rows + capacity * ROW_SIZE
