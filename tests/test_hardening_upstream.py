@@ -323,8 +323,13 @@ class _Transport:
     def write(self, data: bytes) -> None:
         self.writes.append((data,))
 
+        self.paused = False
+
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
 
 def test_exchange_writes_head_and_body_apart_and_drops_them() -> None:
@@ -357,3 +362,54 @@ def test_exchange_writes_head_and_body_apart_and_drops_them() -> None:
     assert transport.writes == [(head, body)]
     assert transport.writes[0][1] is body  # the request's own bytes, not a copy
     assert exchange.head is None and exchange.body is None
+
+
+def test_connection_paused_for_a_slow_client_is_pooled_reading() -> None:
+    """The response completed while the client's back-pressure paused the upstream
+    reads: the connection goes back to the pool reading again, or the next request on it
+    would never see its answer."""
+    from types import SimpleNamespace
+
+    from smg.dataplane.exchange import Exchange
+
+    released: list[bool] = []
+    finished: list[int] = []
+    app = SimpleNamespace(
+        request_timeout=5.0,
+        process_header=b"x-smg-process: 0\r\n",
+        draining=False,
+        exchange_finished=lambda exchange, status, code: finished.append(status),
+    )
+    client = SimpleNamespace(
+        write_paused=True, write=lambda data: None, response_done=lambda k: None
+    )
+    transport = _Transport()
+    conn = SimpleNamespace(
+        transport=transport,
+        closed=False,
+        bind=lambda exchange: None,
+        release=lambda reusable: released.append(transport.paused),
+    )
+    exchange = Exchange(
+        app,  # type: ignore[arg-type]
+        client,  # type: ignore[arg-type]
+        0,
+        1,
+        None,  # type: ignore[arg-type]
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"",
+        b"rid",
+        "/v1/chat/completions",
+        "m",
+        False,
+        True,
+        False,
+    )
+    exchange.got_connection(conn)  # type: ignore[arg-type]
+    assert transport.paused  # the client is slow: upstream reads wait for it
+    exchange.response_head(200, [(b"content-length", b"2")])
+    exchange.response_body(b"ok")
+    exchange.response_complete(True)
+    exchange.flush()
+    assert finished == [200]
+    assert released == [False]  # resumed before it went back to the pool

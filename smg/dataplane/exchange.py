@@ -248,6 +248,9 @@ class Exchange:
             conn = self.upstream
             self.upstream = None
             if conn is not None:
+                if self.client.write_paused:
+                    # Paused for this client's back-pressure: the next exchange must read.
+                    conn.transport.resume_reading()  # type: ignore[union-attr]
                 conn.release(self.upstream_reusable)
             self._finish(self.status, "")
             self.client.response_done(self.keep_alive)
