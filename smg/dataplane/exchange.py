@@ -157,7 +157,8 @@ class Exchange:
         self.got_connection(conn)
 
     def got_connection(self, conn: UpstreamConnection) -> None:
-        if self._advance(_CONNECTION) != _WRITE:
+        self.state, action = FLAT[self.state * _N + _CONNECTION]  # _advance, inlined
+        if action != _WRITE:
             conn.release(True)  # the exchange ended meanwhile: the next one may use it
             return
         self.upstream = conn
@@ -180,7 +181,8 @@ class Exchange:
     # --- upstream response events -----------------------------------------------------------
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        if self._advance(_HEAD) != _RELAY_HEAD:
+        self.state, action = FLAT[self.state * _N + _HEAD]
+        if action != _RELAY_HEAD:
             return
         self.status = status
         # Item 28 hook: a non-2xx JSON answer on /v1/messages would be rewritten into the
@@ -232,7 +234,8 @@ class Exchange:
             self.out.append(chunk)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
-        if self._advance(_MESSAGE_COMPLETE) != _END_MESSAGE:
+        self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
+        if action != _END_MESSAGE:
             return
         if self.to_client_chunked:
             self.out.append(_CHUNK_END)
@@ -244,7 +247,10 @@ class Exchange:
         if out:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if self.state == _COMPLETE and self._advance(_FLUSHED) == _FINISH:
+        if self.state == _COMPLETE:
+            self.state, action = FLAT[_COMPLETE * _N + _FLUSHED]
+            if action != _FINISH:
+                return
             conn = self.upstream
             self.upstream = None
             if conn is not None:

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from smg.dataplane.exchange import Exchange
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # Linux: the peer shut its side down
+# A connection idle at least this long is polled for the peer's close before reuse. Under
+# load connections come back within milliseconds and skip the syscall; engines close idle
+# connections only after seconds (uvicorn 5 s). Skipping it never re-sends anything: a
+# close it would have caught becomes a 502 after the write, not a second execution.
+REUSE_CHECK_AFTER = 0.1
 
 
 class _StrayResponse(Exception):
@@ -160,13 +165,10 @@ class UpstreamConnection(asyncio.Protocol):
     def peer_gone(self) -> bool:
         """Whether the worker has already closed (or reset) this idle connection.
 
-        One non-blocking poll: catches the close that reached the kernel after the loop last
-        looked, the one race in which a reused connection would otherwise take a request the
-        worker can never read.
+        One non-blocking poll: it sees the close that reached the kernel after the loop last
+        looked (a close the loop saw already shows as `transport.is_closing()`), the race in
+        which a reused connection would otherwise take a request the worker never reads.
         """
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return True
         poller = self.poller
         if poller is None:
             if self.fd < 0:
@@ -256,7 +258,12 @@ class WorkerPool:
             conn = idle.pop()  # most recently used first: the likeliest to be alive
             if conn.closed:
                 continue
-            if (limit > 0 and now - conn.idle_since >= limit) or conn.peer_gone():
+            idle_for = now - conn.idle_since
+            if (
+                (limit > 0 and idle_for >= limit)
+                or conn.transport.is_closing()  # type: ignore[union-attr]
+                or (idle_for >= REUSE_CHECK_AFTER and conn.peer_gone())
+            ):
                 # Nothing was written on it: trying the next one is the safe, transparent
                 # retry (the worker cannot have read a request that was never sent).
                 conn.close()
