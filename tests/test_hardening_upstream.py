@@ -15,7 +15,7 @@ import orjson
 from gatewayutil import Gateway, free_port, in_flight_total
 from upstreamfault import CHAT_BODY, FaultWorker, answer, parse_head, raw_exchange, reset
 
-from smg.dataplane.upstream import WorkerPool
+from smg.dataplane.upstream import REUSE_CHECK_AFTER, WorkerPool
 
 BODY = orjson.dumps(CHAT_BODY)
 
@@ -124,7 +124,7 @@ def test_pooled_connection_closed_by_peer_is_not_reused_even_before_the_loop_see
             for conn in conns:
                 pool.put_idle(conn)
             peers[1].close()  # the most recently pooled one: take_idle tries it first
-            time.sleep(0.2)  # the FIN arrives; the loop does not run
+            time.sleep(REUSE_CHECK_AFTER + 0.1)  # the FIN arrives; the loop does not run
             taken = pool.take_idle()
             closed = conns[1].closed
             open_count = len(pool.open)
