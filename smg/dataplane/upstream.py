@@ -290,7 +290,10 @@ class WorkerPool:
         except BaseException:
             self.release_slot()
             raise
-        self.connecting -= 1  # counted in `open` since connection_made
+        # Counted in `open` since connection_made: the reserved slot is no longer needed, and
+        # a slot that `forget` could not grant while both counted may be free now.
+        self.connecting -= 1
+        self._grant_slot()
         return conn
 
     def put_idle(self, conn: UpstreamConnection) -> None:
