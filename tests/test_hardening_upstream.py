@@ -413,3 +413,25 @@ def test_connection_paused_for_a_slow_client_is_pooled_reading() -> None:
     exchange.flush()
     assert finished == [200]
     assert released == [False]  # resumed before it went back to the pool
+
+
+def test_unrequested_switching_protocols_is_a_502() -> None:
+    def upgrade(worker: FaultWorker, sock: socket.socket, conn: int, req: int) -> bool:
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        )
+        time.sleep(0.5)
+        return False
+
+    with FaultWorker(upgrade) as worker:
+        gw = _gateway(worker.url)
+        try:
+            raw = raw_exchange(gw.port, _post(extra=b"connection: close\r\n"), timeout=5)
+            status, headers, _ = parse_head(raw)
+            assert status == 502
+            assert headers["x-smg-error-code"] == "upstream_invalid_response"
+            assert "upgrade" not in headers
+            assert "Traceback" not in gw.logs()
+        finally:
+            gw.stop()
+            gw.close_log()
