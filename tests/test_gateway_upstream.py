@@ -1,11 +1,13 @@
-"""Upstream edge cases against hand-written workers: a pooled connection the worker closed,
-and a worker whose load endpoints answer nonsense."""
+"""Upstream edge cases against hand-written workers: pooled connections the worker closes
+when idle, and a worker whose load endpoints answer nonsense."""
 
 from __future__ import annotations
 
+import select
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -25,21 +27,20 @@ MODELS = orjson.dumps({"object": "list", "data": [{"id": "raw-model", "owned_by"
 
 
 class RawWorker(socketserver.ThreadingTCPServer):
-    """A minimal HTTP/1.1 worker. `close_on_reuse`: every connection answers its first
-    request and then closes, without a word, when a second request arrives on it (as an
-    engine does when its keep-alive timer fires just as the gateway reuses the
-    connection). `nonsense_loads`: load endpoints answer garbage."""
+    """A minimal HTTP/1.1 worker. `close_when_idle`: every connection is closed by the
+    worker 0.1 s after its answer when no next request came (as an engine's keep-alive
+    timer does, only sooner). `nonsense_loads`: load endpoints answer garbage."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, *, close_on_reuse: bool = False, nonsense_loads: bool = False) -> None:
+    def __init__(self, *, close_when_idle: bool = False, nonsense_loads: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.close_on_reuse = close_on_reuse
+        self.close_when_idle = close_when_idle
         self.nonsense_loads = nonsense_loads
         self.lock = threading.Lock()
         self.answered: dict[str, int] = {}
-        self.dropped = 0
+        self.closed_idle = 0
 
     @property
     def url(self) -> str:
@@ -54,8 +55,12 @@ class _Handler(socketserver.StreamRequestHandler):
     server: RawWorker
 
     def handle(self) -> None:
-        served = 0
         while True:
+            if self.server.close_when_idle and not select.select([self.connection], [], [], 0.1)[0]:
+                with self.server.lock:
+                    self.server.closed_idle += 1
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             request_line = self.rfile.readline(65536)
             if not request_line:
                 return
@@ -69,11 +74,6 @@ class _Handler(socketserver.StreamRequestHandler):
                     length = int(value.strip())
             if length:
                 self.rfile.read(length)
-            if served and self.server.close_on_reuse:
-                with self.server.lock:
-                    self.server.dropped += 1
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
             path = request_line.split()[1].decode().partition("?")[0]
             status, body, content_type = self._answer(path)
             self.server.count(path)
@@ -82,7 +82,6 @@ class _Handler(socketserver.StreamRequestHandler):
                 % (status, content_type, len(body), body)
             )
             self.wfile.flush()
-            served += 1
 
     def _answer(self, path: str) -> tuple[int, bytes, bytes]:
         if path == "/health":
@@ -111,20 +110,24 @@ def raw_worker(request: pytest.FixtureRequest) -> Iterator[RawWorker]:
         thread.join(5)
 
 
-@pytest.mark.parametrize("raw_worker", [{"close_on_reuse": True}], indirect=True)
-def test_stale_pooled_connection_is_retried_transparently(raw_worker: RawWorker) -> None:
+@pytest.mark.parametrize("raw_worker", [{"close_when_idle": True}], indirect=True)
+def test_pooled_connection_closed_by_idle_worker_costs_no_request(raw_worker: RawWorker) -> None:
+    """The worker closed the pooled connection before the next request: that connection is
+    not used (nothing was written on it), and every request is executed exactly once. A
+    connection that fails after the request was written is not retried at all:
+    tests/test_hardening_upstream.py::test_worker_reset_after_reading_request_is_not_resent."""
     gw = Gateway(["--worker-urls", raw_worker.url, "--disable-health-check"], processes=1)
     gw.start()
     try:
         gw.wait_ready()
+        statuses = []
         with httpx.Client(base_url=gw.url, timeout=10.0) as client:
-            statuses = [
-                client.post("/v1/chat/completions", json=CHAT_BODY).status_code for _ in range(20)
-            ]
-        assert statuses == [200] * 20, gw.logs()[-2000:]
-        # Every reuse met a closed connection, and each was retried on a fresh one.
-        assert raw_worker.dropped >= 10
-        assert raw_worker.answered["/v1/chat/completions"] == 20
+            for _ in range(8):
+                statuses.append(client.post("/v1/chat/completions", json=CHAT_BODY).status_code)
+                time.sleep(0.3)  # the worker closes the idle connection meanwhile
+        assert statuses == [200] * 8, gw.logs()[-2000:]
+        assert raw_worker.closed_idle >= 8
+        assert raw_worker.answered["/v1/chat/completions"] == 8
         assert in_flight_total(gw) == 0
     finally:
         gw.stop()

@@ -376,6 +376,7 @@ class DataPlane:
             entry.generation,
             pool,
             self._upstream_request(request, entry, request_id),
+            request.body,
             request_id,
             request.path,
             # Only served model names become metric labels: a wildcard worker would
@@ -383,6 +384,7 @@ class DataPlane:
             model if model in state.models_all else (entry.model_id or ("other" if model else "")),
             stream,
             request.keep_alive,
+            request.version == "1.0",
         )
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
@@ -425,6 +427,7 @@ class DataPlane:
     def _upstream_request(
         self, request: Request, entry: DirectoryEntry, request_id: bytes
     ) -> bytes:
+        """The request head as it goes upstream; the body travels apart (`request.body`)."""
         parts = [
             request.method,
             b" ",
@@ -453,7 +456,6 @@ class DataPlane:
         if body or request.method not in (b"GET", b"HEAD"):
             append(b"content-length: %d\r\n" % len(body))
         append(b"x-request-id: " + request_id + b"\r\n\r\n")
-        append(body)
         return b"".join(parts)
 
     # --- bookkeeping ------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """One proxied request: client request in, upstream response relayed out, chunk by chunk.
 
-Callback-driven (no task per request on the fast path): the upstream connection feeds
-response events in, the exchange frames them for the client and flushes once per read.
-Every way an exchange ends goes through `_finish`, which releases the in-flight count
-exactly once.
+Callback-driven (no task per request on the fast path). The upstream connection and the
+client connection report what happened as `lifecycle.Event`s; the transition table in
+`lifecycle` answers the next state and what to do, and this module only does it. Every way
+an exchange ends goes through `_finish`, which releases the in-flight count exactly once.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.httpwire import HOP_BY_HOP, error_response, status_line
 
 if TYPE_CHECKING:
@@ -21,29 +22,55 @@ if TYPE_CHECKING:
 _SKIP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-smg-process"}
 _CHUNK_END = b"0\r\n\r\n"
 
+# Plain ints on the hot path (module globals, no enum attribute lookups).
+_WAITING = int(State.WAITING)
+_COMPLETE = int(State.COMPLETE)
+_RELAYING = int(State.RELAYING)
+_N = EVENT_COUNT
+_SLOT = int(Event.SLOT)
+_CONNECTION = int(Event.CONNECTION)
+_CONNECT_FAILED = int(Event.CONNECT_FAILED)
+_HEAD = int(Event.HEAD)
+_MESSAGE_COMPLETE = int(Event.COMPLETE)
+_FLUSHED = int(Event.FLUSHED)
+_LOST = int(Event.LOST)
+_INVALID = int(Event.INVALID)
+_TIMEOUT = int(Event.TIMEOUT)
+_CLIENT_GONE = int(Event.CLIENT_GONE)
+_OPEN = int(Action.OPEN)
+_WRITE = int(Action.WRITE)
+_RELAY_HEAD = int(Action.RELAY_HEAD)
+_END_MESSAGE = int(Action.END_MESSAGE)
+_FINISH = int(Action.FINISH)
+_FAIL_CONNECT = int(Action.FAIL_CONNECT)
+_FAIL_CLOSED = int(Action.FAIL_CLOSED)
+_FAIL_INVALID = int(Action.FAIL_INVALID)
+_FAIL_TIMEOUT = int(Action.FAIL_TIMEOUT)
+_ABORT = int(Action.ABORT)
+_ABORT_TIMEOUT = int(Action.ABORT_TIMEOUT)
+_DROP = int(Action.DROP)
+
 
 class Exchange:
     __slots__ = (
         "app",
+        "body",
         "client",
         "close_delimited",
-        "complete",
         "deadline",
-        "done",
         "endpoint",
         "generation",
-        "head_sent",
+        "head",
+        "http10",
         "keep_alive",
         "method",
         "model",
         "out",
         "pool",
-        "request_bytes",
         "request_id",
-        "retried",
-        "reused",
         "row",
         "started",
+        "state",
         "status",
         "stream",
         "to_client_chunked",
@@ -58,38 +85,45 @@ class Exchange:
         row: int,
         generation: int,
         pool: WorkerPool,
-        request_bytes: bytes,
+        head: bytes,
+        body: bytes,
         request_id: bytes,
         endpoint: str,
         model: str,
         stream: bool,
         keep_alive: bool,
+        http10: bool,
     ) -> None:
         self.app = app
         self.client = client
         self.row = row
         self.generation = generation
         self.pool = pool
-        self.request_bytes = request_bytes
+        # The request as it goes upstream: head and body apart (never concatenated) and
+        # dropped once written, so a large body is held once, by the request, and released
+        # with it. Nothing is ever re-sent after a write (see `lifecycle`).
+        self.head: bytes | None = head
+        self.body: bytes | None = body
         self.request_id = request_id
         self.endpoint = endpoint
         self.model = model
         self.stream = stream
         self.keep_alive = keep_alive
+        self.http10 = http10  # no chunked framing for this client (RFC 9112 6.1)
         self.method = "POST"
+        self.state = _WAITING
         self.upstream: UpstreamConnection | None = None
         self.out: list[bytes] = []
-        self.head_sent = False
-        self.complete = False
-        self.done = False
-        self.retried = False
-        self.reused = False
         self.to_client_chunked = False
-        self.close_delimited = False
+        self.close_delimited = False  # the upstream response ends when its connection does
         self.upstream_reusable = False
         self.status = 0
         self.started = time.monotonic()
         self.deadline = self.started + app.request_timeout
+
+    def _advance(self, event: int) -> int:
+        self.state, action = FLAT[self.state * _N + event]
+        return action
 
     # --- getting a connection -------------------------------------------------------------
 
@@ -97,45 +131,63 @@ class Exchange:
         pool = self.pool
         conn = pool.take_idle()
         if conn is not None:
-            self.got_connection(conn, reused=True)
-        elif pool.can_open():
-            self.open_connection()
+            self.got_connection(conn)
+        elif pool.reserve():
+            self.slot_granted()
         else:
             pool.wait(self)
 
-    def open_connection(self) -> None:
+    def slot_granted(self) -> None:
+        """A connection slot is reserved for this exchange: open it."""
+        if self._advance(_SLOT) != _OPEN:
+            self.pool.release_slot()
+            return
         self.app.spawn(self._connect())
 
     async def _connect(self) -> None:
         try:
             conn = await self.pool.connect()
         except (OSError, TimeoutError) as exc:
-            if not self.done:
+            if self._advance(_CONNECT_FAILED) == _FAIL_CONNECT:
                 reason = (
                     "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
                 )
-                self.fail(502, "upstream_connect_failed", f"could not connect to worker: {reason}")
+                self._fail(502, "upstream_connect_failed", f"could not connect to worker: {reason}")
             return
-        if self.done:
-            conn.release(reusable=True)
-            return
-        self.got_connection(conn, reused=False)
+        self.got_connection(conn)
 
-    def got_connection(self, conn: UpstreamConnection, *, reused: bool) -> None:
-        if self.done:
-            conn.release(reusable=True)
+    def got_connection(self, conn: UpstreamConnection) -> None:
+        self.state, action = FLAT[self.state * _N + _CONNECTION]  # _advance, inlined
+        if action != _WRITE:
+            conn.release(True)  # the exchange ended meanwhile: the next one may use it
             return
         self.upstream = conn
-        self.reused = reused
         conn.bind(self)
-        conn.transport.write(self.request_bytes)  # type: ignore[union-attr]
+        transport = conn.transport
+        assert transport is not None
+        body = self.body
+        if body:
+            transport.writelines((self.head, body))  # type: ignore[arg-type]
+        else:
+            transport.write(self.head)  # type: ignore[arg-type]
+        self.head = self.body = None
+        if conn.closed:
+            # Closed between connect and now (its connection_lost found nothing bound).
+            self.upstream_lost(conn)
+            return
         if self.client.write_paused:
-            conn.transport.pause_reading()  # type: ignore[union-attr]
+            transport.pause_reading()
 
     # --- upstream response events -----------------------------------------------------------
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.state, action = FLAT[self.state * _N + _HEAD]
+        if action != _RELAY_HEAD:
+            return
         self.status = status
+        # Item 28 hook: a non-2xx JSON answer on /v1/messages would be rewritten into the
+        # Anthropic error shape here (buffer the body until `response_complete`, then emit a
+        # new head and body) instead of being framed and relayed as it arrives.
         parts = [status_line(status)]
         append = parts.append
         content_length = None
@@ -155,12 +207,16 @@ class Exchange:
             append(b"content-length: ")
             append(content_length)
             append(b"\r\n")
-        elif status in (204, 304) or 100 <= status < 200:
+        elif status == 204 or status == 304:
             pass
         else:
-            self.to_client_chunked = True
-            append(b"transfer-encoding: chunked\r\n")
             self.close_delimited = not chunked
+            if self.http10:
+                # HTTP/1.0 has no chunked coding: the body ends where the connection does.
+                self.keep_alive = False
+            else:
+                self.to_client_chunked = True
+                append(b"transfer-encoding: chunked\r\n")
         append(b"x-request-id: ")
         append(self.request_id)
         append(b"\r\n")
@@ -170,7 +226,6 @@ class Exchange:
             append(b"connection: close\r\n")
         append(b"\r\n")
         self.out.append(b"".join(parts))
-        self.head_sent = True
 
     def response_body(self, chunk: bytes) -> None:
         if self.to_client_chunked:
@@ -179,89 +234,79 @@ class Exchange:
             self.out.append(chunk)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
+        self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
+        if action != _END_MESSAGE:
+            return
         if self.to_client_chunked:
             self.out.append(_CHUNK_END)
-        self.complete = True
         self.upstream_reusable = upstream_keep_alive
 
     def flush(self) -> None:
+        """End of one upstream read: hand the client what it produced, end if complete."""
         out = self.out
         if out:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if self.complete and not self.done:
+        if self.state == _COMPLETE:
+            self.state, action = FLAT[_COMPLETE * _N + _FLUSHED]
+            if action != _FINISH:
+                return
             conn = self.upstream
             self.upstream = None
             if conn is not None:
+                if self.client.write_paused:
+                    # Paused for this client's back-pressure: the next exchange must read.
+                    conn.transport.resume_reading()  # type: ignore[union-attr]
                 conn.release(self.upstream_reusable)
             self._finish(self.status, "")
             self.client.response_done(self.keep_alive)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
-        if self.done or conn is not self.upstream:
+        if conn is not self.upstream:
             return
         self.upstream = None
-        if not self.head_sent and not conn.received_any and self.reused and not self.retried:
-            # A pooled connection the worker had already closed: retry once, on a fresh one.
-            self.retried = True
-            self.open_connection()
-            return
-        if not self.head_sent:
-            self.fail(502, "upstream_connection_closed", "worker closed the connection")
-            return
-        if self.close_delimited and not self.complete:
+        if self.state == _RELAYING and self.close_delimited:
             self.response_complete(False)
             self.flush()
             return
-        self._abort_client("upstream_connection_closed")
+        action = self._advance(_LOST)
+        if action == _FAIL_CLOSED:
+            self._fail(502, "upstream_connection_closed", "worker closed the connection")
+        elif action == _ABORT:
+            self._abort_client("upstream_connection_closed")
 
     def upstream_failed(self, message: str) -> None:
-        if self.done:
-            return
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
-        if not self.head_sent:
-            self.fail(502, "upstream_invalid_response", message)
-        else:
+        action = self._advance(_INVALID)
+        if action == _FAIL_INVALID:
+            self._fail(502, "upstream_invalid_response", message)
+        elif action == _ABORT:
             self._abort_client("upstream_invalid_response")
 
     # --- endings started from our side -------------------------------------------------------
 
     def client_gone(self) -> None:
-        if self.done:
-            return
-        self._drop_upstream()
-        self._finish(499, "client_disconnected")
+        if self._advance(_CLIENT_GONE) == _DROP:
+            self._drop_upstream()
+            self._finish(499, "client_disconnected")
 
     def timed_out(self) -> None:
-        if self.done:
-            return
-        self._drop_upstream()
-        if not self.head_sent:
-            self.fail(
+        action = self._advance(_TIMEOUT)
+        if action == _FAIL_TIMEOUT:
+            self._fail(
                 504,
                 "upstream_timeout",
                 f"worker did not answer within {self.app.request_timeout:g} s",
             )
-        else:
+        elif action == _ABORT_TIMEOUT:
             self._abort_client("upstream_timeout", status=504)
 
-    def fail(self, status: int, code: str, message: str) -> None:
-        if self.done:
-            return
+    def _fail(self, status: int, code: str, message: str) -> None:
         self._drop_upstream()
         keep_alive = self.keep_alive and not self.app.draining
         self.out.clear()
+        headers = b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header)
         self.client.write(
-            error_response(
-                status,
-                code,
-                message,
-                extra_headers=b"x-request-id: " + self.request_id + self.app.process_header,
-                keep_alive=keep_alive,
-            )
+            error_response(status, code, message, extra_headers=headers, keep_alive=keep_alive)
         )
         self._finish(status, code)
         self.client.response_done(keep_alive)
@@ -284,5 +329,5 @@ class Exchange:
             self.pool.cancel_wait(self)
 
     def _finish(self, status: int, error_code: str) -> None:
-        self.done = True
+        self.head = self.body = None
         self.app.exchange_finished(self, status, error_code)
