@@ -293,8 +293,18 @@ class DataPlane:
                     status, body = local
                     self._send(conn, request, status, body)
                     return
-                if path in WORKER_INFO_ROUTES and method == b"GET":
-                    self.proxy(conn, request, body_routing=False)
+                if path in WORKER_INFO_ROUTES:
+                    if method == b"GET":
+                        self.proxy(conn, request, body_routing=False)
+                    else:  # the upstream side does not frame answers to HEAD yet
+                        self._send_error(
+                            conn,
+                            request,
+                            405,
+                            "method_not_allowed",
+                            f"{path} takes GET",
+                            extra_headers=b"allow: GET\r\n",
+                        )
                     return
             if path.startswith(ADMIN_PREFIXES):
                 self.spawn(self._admin(conn, request))

@@ -181,7 +181,6 @@ class ClientConnection(asyncio.Protocol):
         "_url",
         "app",
         "closed",
-        "eof",
         "exchange",
         "head_bytes",
         "order",
@@ -197,7 +196,6 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
-        self.eof = False  # the client shut its sending side: answer what is owed, then close
         self.write_paused = False
         self.exchange: Exchange | None = None
         self.order = AnswerOrder()
@@ -231,13 +229,6 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             self.exchange = None
             exchange.client_gone()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.order.busy:
-            return True  # keep the socket: the answers owed still go out
-        self.close()
-        return False
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -323,16 +314,12 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         if parser.get_http_version() == "0.9":
             raise HttpError(400, "invalid_request", "HTTP/0.9 is not supported")
-        # A head that arrived in one read is bounded here (the raw count is per read).
-        size = len(self._url)
-        for name, value in self._headers:
-            size += len(name) + len(value) + 4
-        if size > MAX_HEAD_BYTES:
-            raise HttpError(*_TOO_LARGE)
         limit = self.app.max_payload_size
         expect_continue = False
         has_body = False
+        size = len(self._url)
         for name, value in self._headers:
+            size += len(name) + len(value) + 4
             if name == b"expect":
                 expect_continue = value.lower() == b"100-continue"
             elif name == b"content-length":
@@ -349,6 +336,9 @@ class ClientConnection(asyncio.Protocol):
                 has_body = declared > 0
             elif name == b"transfer-encoding":
                 has_body = True
+        if size > MAX_HEAD_BYTES:
+            # A head that came in one read is bounded here (the raw count starts per read).
+            raise HttpError(*_TOO_LARGE)
         if has_body and parser.should_upgrade():
             # httptools stops at the head of an upgrade request and would take its body
             # for the next request: refuse it whole (one answer) instead.
@@ -390,8 +380,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self._headers = []
         self._url = b""
-        self.phase = Phase.BETWEEN
-        self.since = time.monotonic()
+        self.phase = Phase.BETWEEN  # its clock starts when the answer is done
         if self.order.arrive(request):
             self.app.handle(self, request)
         elif self.transport is not None:
@@ -415,8 +404,6 @@ class ClientConnection(asyncio.Protocol):
             return
         item = self.order.finished()
         if item is None:
-            if self.eof:
-                self.close()
             return
         if not self.order.pending and self.transport is not None and not self.closed:
             self.transport.resume_reading()
