@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -59,7 +58,9 @@ class Request:
         version: str,
     ) -> None:
         self.method = method
-        self.url = url = origin_form(url)
+        if url[:1] != b"/":
+            url = origin_form(url)
+        self.url = url
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
@@ -80,13 +81,12 @@ class Request:
 # --- pure decisions ---------------------------------------------------------------------------
 
 
-class Phase(enum.IntEnum):
-    """Where a connection's reader stands."""
-
-    FIRST = 0  # accepted, no byte of a request yet
-    HEAD = 1  # a request head is arriving
-    BODY = 2  # a request body is arriving
-    BETWEEN = 3  # keep-alive: the last request was read in full
+# Where a connection's reader stands (plain ints: compared several times per request).
+FIRST = 0  # accepted, no byte of a request yet
+HEAD = 1  # a request head is arriving
+BODY = 2  # a request body is arriving
+BETWEEN = 3  # keep-alive: the last request was read in full
+PHASES = (FIRST, HEAD, BODY, BETWEEN)
 
 
 class Verdict(enum.IntEnum):
@@ -96,7 +96,7 @@ class Verdict(enum.IntEnum):
 
 
 def timeout_verdict(
-    phase: Phase,
+    phase: int,
     since: float,
     now: float,
     busy: bool,
@@ -114,9 +114,9 @@ def timeout_verdict(
     if busy:
         return Verdict.NONE
     elapsed = now - since
-    if phase is Phase.FIRST or phase is Phase.HEAD:
+    if phase in (FIRST, HEAD):
         return Verdict.CLOSE if head_limit and elapsed > head_limit else Verdict.NONE
-    if phase is Phase.BODY:
+    if phase == BODY:
         return Verdict.ANSWER_408 if body_limit and elapsed > body_limit else Verdict.NONE
     return Verdict.CLOSE if idle_limit and elapsed > idle_limit else Verdict.NONE
 
@@ -175,8 +175,6 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_size",
-        "_has_body",
-        "_header_count",
         "_headers",
         "_url",
         "app",
@@ -199,14 +197,12 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.exchange: Exchange | None = None
         self.order = AnswerOrder()
-        self.phase = Phase.FIRST
-        self.since = time.monotonic()
+        self.phase = FIRST
+        self.since = app.now
         self.head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._header_count = 0
-        self._has_body = False
-        self._body = bytearray()
+        self._body: bytes | bytearray = b""
         self._body_size = 0
 
     @property
@@ -234,21 +230,18 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         phase = self.phase
-        if phase is Phase.HEAD:
+        fresh = False
+        if phase == HEAD:
             self.head_bytes += len(data)
-        elif phase is Phase.BODY:
-            self.since = time.monotonic()
+        elif phase == BODY:
+            self.since = self.app.now
         else:
-            if looks_like_http09(data):
-                self._refuse(
-                    HttpError(400, "invalid_request", "request line without an HTTP version")
-                )
-                return
             # A head starts at the start of this read (llhttp skips stray CRLFs).
-            if phase is Phase.BETWEEN:
-                self.since = time.monotonic()
-            self.phase = Phase.HEAD
+            if phase == BETWEEN:
+                self.since = self.app.now
+            self.phase = HEAD
             self.head_bytes = len(data)
+            fresh = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -265,8 +258,13 @@ class ClientConnection(asyncio.Protocol):
                 self.app.log_error("request handling failed", exc.__context__ or exc)
             self._refuse(error)
             return
-        if self.phase is Phase.HEAD and self.head_bytes > MAX_HEAD_BYTES:
-            self._refuse(HttpError(*_TOO_LARGE))
+        if self.phase == HEAD:  # the head is still incomplete after this read
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse(HttpError(*_TOO_LARGE))
+            elif fresh and looks_like_http09(data):
+                self._refuse(
+                    HttpError(400, "invalid_request", "request line without an HTTP version")
+                )
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -287,16 +285,14 @@ class ClientConnection(asyncio.Protocol):
     # --- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.phase is not Phase.HEAD:
+        if self.phase != HEAD:
             # A pipelined head starting inside a read: its bytes in that read are not
             # counted (bounded by the read size), later reads are.
-            self.phase = Phase.HEAD
+            self.phase = HEAD
             self.head_bytes = 0
-            self.since = time.monotonic()
+            self.since = self.app.now
         self._url = b""
         self._headers = []
-        self._header_count = 0
-        self._has_body = False
         self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
@@ -305,8 +301,7 @@ class ClientConnection(asyncio.Protocol):
             raise HttpError(414, "uri_too_long", f"request URL longer than {MAX_URL_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > MAX_HEADER_COUNT:
+        if len(self._headers) >= MAX_HEADER_COUNT:
             raise HttpError(*_TOO_LARGE)
         self._headers.append((name.lower(), value))
 
@@ -345,9 +340,8 @@ class ClientConnection(asyncio.Protocol):
             raise HttpError(
                 400, "invalid_request", "a protocol upgrade request with a body is not supported"
             )
-        self._has_body = has_body
-        self.phase = Phase.BODY
-        self.since = time.monotonic()
+        self.phase = BODY
+        self.since = self.app.now
         # Only once the request is accepted, and never into the middle of an earlier
         # pipelined response (a client that gets no 100 sends its body after a pause).
         if expect_continue and not self.order.busy:
@@ -361,15 +355,20 @@ class ClientConnection(asyncio.Protocol):
                 "payload_too_large",
                 f"request body exceeds the {self.app.max_payload_size}-byte limit",
             )
-        self._body += body  # one growing buffer: the body is held once
+        current = self._body
+        if not current:
+            self._body = body  # the usual one-read body: kept as it came, no copy
+        elif type(current) is bytes:
+            buffer = bytearray(current)  # one growing buffer: the body is held once
+            buffer += body
+            self._body = buffer
+        else:
+            current += body
 
     def on_message_complete(self) -> None:
         parser = self.parser
-        body: bytearray | bytes = self._body
-        if body:
-            self._body = bytearray()  # the request owns it now; released with the request
-        else:
-            body = b""
+        body = self._body
+        self._body = b""  # the request owns it now; released with the request
         request = Request(
             parser.get_method(),
             self._url,
@@ -380,7 +379,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self._headers = []
         self._url = b""
-        self.phase = Phase.BETWEEN  # its clock starts when the answer is done
+        self.phase = BETWEEN  # its clock starts when the answer is done
         if self.order.arrive(request):
             self.app.handle(self, request)
         elif self.transport is not None:
@@ -396,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
     def response_done(self, keep_alive: bool) -> None:
         """The current answer is fully written (or handed to the transport)."""
         self.exchange = None
-        self.since = time.monotonic()
+        self.since = self.app.now
         if not keep_alive or self.app.draining:
             self.order.pending.clear()
             self.order.busy = False
@@ -434,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _drop_request(self) -> None:
-        self._body = bytearray()
+        self._body = b""
         self._headers = []
 
     def _refuse(self, error: HttpError) -> None:
@@ -442,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
         self._drop_request()
         if self.transport is not None:
             self.transport.pause_reading()
-        self.phase = Phase.BETWEEN
+        self.phase = BETWEEN
         if self.order.arrive(error):
             self._send_refusal(error)
 
