@@ -102,6 +102,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shutdown_grace_period_secs: int = 180
     header_read_timeout_secs: int = 30
     idle_connection_timeout_secs: int = 90
+    stream_body_stall_timeout_secs: int = 300
     request_id_headers: list[str] | None = None
     cors_allowed_origins: list[str] = []
     # Rate limiting (parsed and validated; admission control arrives in a later issue)
@@ -584,6 +585,10 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "Close a keep-alive connection idle this many seconds; 0 disables",
             ),
             _Flag(
+                "stream_body_stall_timeout_secs",
+                "Answer 408 when a request body stalls this many seconds; 0 disables",
+            ),
+            _Flag(
                 "request_id_headers",
                 "Headers checked, in order, for a request id; unset uses common defaults",
             ),
@@ -910,6 +915,7 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "shutdown_grace_period_secs": (_range(0),),
     "header_read_timeout_secs": (_range(0),),
     "idle_connection_timeout_secs": (_range(0),),
+    "stream_body_stall_timeout_secs": (_range(0),),
     "request_id_headers": (_header_names,),
     "cors_allowed_origins": (_origins,),
     "max_concurrent_requests": (_range(-1),),

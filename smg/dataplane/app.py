@@ -21,8 +21,15 @@ from smg import ipc
 from smg.control.worker_state import WorkerStatus
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.metrics import DataPlaneMetrics
+from smg.dataplane.server import Verdict, timeout_verdict
 from smg.dataplane.upstream import WorkerPool
-from smg.httpwire import HOP_BY_HOP, build_response, error_response, request_id_prefix
+from smg.httpwire import (
+    ANTHROPIC_ROUTE,
+    HOP_BY_HOP,
+    build_response,
+    error_response,
+    request_id_prefix,
+)
 from smg.httpwire import valid_request_id as _valid_request_id
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
@@ -133,6 +140,9 @@ class DataPlane:
         self.tasks: set[asyncio.Task[Any]] = set()  # held so the loop cannot drop them
         self.pools: dict[tuple[int, int], WorkerPool] = {}
         self.local_in_flight: dict[int, tuple[int, int]] = {}  # row -> (generation, count)
+        # A coarse clock for client-connection timers, moved by the sweeper (every 0.25 s):
+        # the timers count whole seconds, and the hot path saves a clock read per event.
+        self.now = time.monotonic()
         self.draining = False  # keep-alive connections close after their current response
         self.not_ready = False  # readiness answers 503 (shutdown has begun)
         self.max_payload_size = cfg.max_payload_size
@@ -163,7 +173,7 @@ class DataPlane:
 
     def _sweep(self) -> None:
         try:
-            now = time.monotonic()
+            self.now = now = time.monotonic()
             for exchange in [ex for ex in self.active if ex.deadline <= now]:
                 exchange.timed_out()
             for pool in self.pools.values():
@@ -175,17 +185,18 @@ class DataPlane:
         self._schedule_sweep()
 
     def _close_idle_connections(self, now: float) -> None:
-        idle_limit = self.cfg.idle_connection_timeout_secs
-        head_limit = self.cfg.header_read_timeout_secs
+        cfg = self.cfg
+        head_limit = float(cfg.header_read_timeout_secs)
+        body_limit = float(cfg.stream_body_stall_timeout_secs)
+        idle_limit = float(cfg.idle_connection_timeout_secs)
         for conn in list(self.connections):
-            if conn.busy:
-                continue
-            if (
-                head_limit and conn.request_started and now - conn.request_started > head_limit
-            ) or (
-                idle_limit and not conn.request_started and now - conn.last_activity > idle_limit
-            ):
+            verdict = timeout_verdict(
+                conn.phase, conn.since, now, conn.busy, head_limit, body_limit, idle_limit
+            )
+            if verdict is Verdict.CLOSE:
                 conn.close()
+            elif verdict is Verdict.ANSWER_408:
+                conn.timed_out_body()
 
     def begin_drain(self) -> None:
         """New requests still get answered; keep-alive connections are closed after theirs."""
@@ -265,25 +276,50 @@ class DataPlane:
         path = request.path
         method = request.method
         try:
+            self._request_id(request)
             if path in PROXY_ROUTES:
                 if method != b"POST":
-                    self._send_error(conn, request, 405, "method_not_allowed", f"{path} takes POST")
+                    self._send_error(
+                        conn,
+                        request,
+                        405,
+                        "method_not_allowed",
+                        f"{path} takes POST",
+                        extra_headers=b"allow: POST\r\n",
+                    )
                     return
                 self.proxy(conn, request)
                 return
-            if method == b"GET":
+            if method == b"GET" or method == b"HEAD":
+                # HEAD answers as GET does, without the body (RFC 9110 9.3.2).
                 local = self._local_get(path)
                 if local is not None:
                     status, body = local
                     self._send(conn, request, status, body)
                     return
                 if path in WORKER_INFO_ROUTES:
-                    self.proxy(conn, request, body_routing=False)
+                    if method == b"GET":
+                        self.proxy(conn, request, body_routing=False)
+                    else:  # the upstream side does not frame answers to HEAD yet
+                        self._send_error(
+                            conn,
+                            request,
+                            405,
+                            "method_not_allowed",
+                            f"{path} takes GET",
+                            extra_headers=b"allow: GET\r\n",
+                        )
                     return
             if path.startswith(ADMIN_PREFIXES):
                 self.spawn(self._admin(conn, request))
                 return
-            self._send_error(conn, request, 404, "not_found", f"no route for {path}")
+            self._send_error(
+                conn,
+                request,
+                404,
+                "unknown_url",
+                f"Invalid URL ({method.decode('latin-1')} {path})",
+            )
         except Exception as exc:  # a request must never take the process down
             self.log_error("request failed", exc)
             if conn.exchange is None and conn.busy:
@@ -322,8 +358,10 @@ class DataPlane:
         if body_routing:
             try:
                 fields = _routing_decoder.decode(request.body)
-            except msgspec.DecodeError as exc:
-                self._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
+            except (msgspec.DecodeError, RecursionError) as exc:
+                # RecursionError: nesting deeper than msgspec decodes. Bad input, not a bug.
+                reason = str(exc) if isinstance(exc, msgspec.DecodeError) else "nested too deeply"
+                self._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {reason}")
                 return
             if fields.model is not None and not isinstance(fields.model, str):
                 self._send_error(conn, request, 400, "invalid_request", "'model' must be a string")
@@ -368,15 +406,18 @@ class DataPlane:
             return
         entry = state.entries[row]
         pool = self._pool(row, entry)
-        request_id = self._request_id(request)
+        request_id = request.request_id
+        head = self._upstream_request(request, entry)
+        body = request.body
+        request.body = b""  # the exchange holds the body now, and drops it once written
         exchange = Exchange(
             self,
             conn,
             row,
             entry.generation,
             pool,
-            self._upstream_request(request, entry, request_id),
-            request.body,
+            head,
+            body,
             request_id,
             request.path,
             # Only served model names become metric labels: a wildcard worker would
@@ -415,19 +456,29 @@ class DataPlane:
             self._tls = ssl.create_default_context()
         return self._tls
 
-    def _request_id(self, request: Request) -> bytes:
+    def _request_id(self, request: Request) -> None:
+        """The answer's id: the client's (first valid one of the id headers) or a new one.
+
+        Upstream gets an `x-request-id` only when the client sent that header, as the Rust
+        SMG does: an engine such as vLLM builds its response ids from it, so a generated id
+        would come back with a doubled prefix (`chatcmpl-chatcmpl-...`).
+        """
+        request.client_id = request.header(b"x-request-id") is not None
         for name in self.request_id_headers:
             value = request.header(name)
             if value is not None and _valid_request_id(value):
-                return value
+                request.request_id = value
+                return
+        request.request_id = self.new_request_id(request.path)
+
+    def new_request_id(self, path: str) -> bytes:
         self._rid_counter += 1
-        prefix = request_id_prefix(request.path)
+        prefix = request_id_prefix(path)
         return f"{prefix}{self._rid_token}{self.index:02x}{self._rid_counter:014x}".encode()
 
-    def _upstream_request(
-        self, request: Request, entry: DirectoryEntry, request_id: bytes
-    ) -> bytes:
-        """The request head as it goes upstream; the body travels apart (`request.body`)."""
+    def _upstream_request(self, request: Request, entry: DirectoryEntry) -> bytes:
+        """The request head for the worker, ending with the blank line; the body (bytes-like,
+        `request.body`) is written after it as it is."""
         parts = [
             request.method,
             b" ",
@@ -452,10 +503,12 @@ class DataPlane:
         key = entry.api_key or self._global_api_key
         if key:
             append(b"authorization: Bearer " + key.encode("latin-1") + b"\r\n")
-        body = request.body
-        if body or request.method not in (b"GET", b"HEAD"):
-            append(b"content-length: %d\r\n" % len(body))
-        append(b"x-request-id: " + request_id + b"\r\n\r\n")
+        size = len(request.body)
+        if size or request.method not in (b"GET", b"HEAD"):
+            append(b"content-length: %d\r\n" % size)
+        if request.client_id:
+            append(b"x-request-id: " + request.request_id + b"\r\n")
+        append(b"\r\n")
         return b"".join(parts)
 
     # --- bookkeeping ------------------------------------------------------------------------------
@@ -498,6 +551,7 @@ class DataPlane:
         *,
         content_type: bytes = b"application/json",
         extra_headers: bytes = b"",
+        error_code: str = "",
     ) -> None:
         keep_alive = request.keep_alive and not self.draining
         conn.send(
@@ -505,20 +559,36 @@ class DataPlane:
                 status,
                 body,
                 content_type=content_type,
-                extra_headers=extra_headers + self.process_header,
+                extra_headers=b"%bx-request-id: %b\r\n%b"
+                % (extra_headers, request.request_id, self.process_header),
                 keep_alive=keep_alive,
+                head_only=request.method == b"HEAD",
             ),
             keep_alive,
         )
-        self._count(request, status, "")
+        self._count(request, status, error_code)
 
     def _send_error(
-        self, conn: ClientConnection, request: Request, status: int, code: str, message: str
+        self,
+        conn: ClientConnection,
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        extra_headers: bytes = b"",
     ) -> None:
         keep_alive = request.keep_alive and not self.draining
         conn.send(
             error_response(
-                status, code, message, extra_headers=self.process_header, keep_alive=keep_alive
+                status,
+                code,
+                message,
+                extra_headers=extra_headers + self.process_header,
+                keep_alive=keep_alive,
+                request_id=request.request_id,
+                anthropic=request.path == ANTHROPIC_ROUTE,
+                head_only=request.method == b"HEAD",
             ),
             keep_alive,
         )
@@ -539,20 +609,22 @@ class DataPlane:
                 conn, request, 403, "forbidden", "admin routes answer only clients on loopback"
             )
             return
+        method = "GET" if request.method == b"HEAD" else request.method.decode("latin-1")
         try:
             status, headers, body = await ipc.call(
                 ipc.control_plane_address(self.root_pid),
                 {
                     "kind": "admin",
-                    "method": request.method.decode("latin-1"),
+                    "method": method,
                     "path": request.path,
                     "query": request.query,
-                    "body": request.body,
+                    "body": bytes(request.body),
                 },
                 timeout=30.0,
             )
         except Exception as exc:
-            self.log_error("admin call to the control plane failed", exc)
+            # Expected while the control plane is being replaced: one line, no traceback.
+            log.warning("admin call to the control plane failed: %r", exc)
             self._send_error(
                 conn, request, 503, "control_plane_unavailable", "the control plane did not answer"
             )
@@ -562,14 +634,26 @@ class DataPlane:
         # Let the change reach this process's routing before the client's next request.
         self.refresh()
         content_type = b"application/json"
+        error_code = ""
         extra = []
         for name, value in headers:
-            if name.lower() == "content-type":
+            lower = name.lower()
+            if lower == "content-type":
                 content_type = value.encode("latin-1")  # one content-type, the control plane's
-            else:
-                extra.append(name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n")
+                continue
+            if lower == "x-request-id":
+                continue  # the answer carries this request's id, set by _send
+            if lower == "x-smg-error-code":
+                error_code = value  # counted in smg_http_responses_total
+            extra.append(name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n")
         self._send(
-            conn, request, status, body, content_type=content_type, extra_headers=b"".join(extra)
+            conn,
+            request,
+            status,
+            body,
+            content_type=content_type,
+            extra_headers=b"".join(extra),
+            error_code=error_code,
         )
 
     async def on_ipc(self, message: Any) -> Any:
