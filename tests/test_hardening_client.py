@@ -628,3 +628,40 @@ def test_admin_errors_are_counted_with_their_code_and_a_missing_control_plane_lo
     assert mockutil.wait_for(
         lambda: httpx.get(gw.url + "/workers", timeout=10).status_code == 200, 20
     )
+
+
+def test_worker_errors_on_messages_are_rewritten_to_anthropic_shape(gw: Gateway) -> None:
+    """Issue 6.28: a worker's own error answer on /v1/messages (the mock serves no such
+    route: 404 in the OpenAI shape) reaches the client in Anthropic's shape, as the Rust
+    SMG rewrites it; the connection stays usable."""
+    body = b'{"model":"mock-model","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    follow = b"GET /liveness HTTP/1.1\r\nhost: gw\r\n\r\n"
+    data, closed = _exchange(gw, _post(b"/v1/messages", body) + follow)
+    answer, after = _answers(data)
+    assert answer.status == 404, data[:400]
+    doc = answer.json()
+    assert set(doc) == {"type", "error", "request_id"}, doc
+    assert doc["type"] == "error" and doc["error"]["type"] == "not_found_error"
+    assert "/v1/messages" in doc["error"]["message"]  # the worker's own message
+    assert doc["request_id"] == answer.headers["x-request-id"]
+    assert answer.headers["content-type"] == "application/json"
+    assert int(answer.headers["content-length"]) == len(answer.body)
+    assert after.status == 200 and not closed
+    # A success on the same route is relayed untouched (only errors are rewritten).
+    data, _ = _exchange(gw, _post(b"/v1/chat/completions", CHAT))
+    assert _answers(data)[0].json()["object"] == "chat.completion"
+
+
+def test_head_on_a_proxied_route_answers_like_get_without_a_body(gw: Gateway) -> None:
+    """HEAD on a route proxied to a worker: the worker's GET answer, headers only (the Rust
+    SMG proxies HEAD there too); the next request on the connection is answered."""
+    get = b"GET /get_model_info HTTP/1.1\r\nhost: gw\r\n\r\n"
+    head = b"HEAD /get_model_info HTTP/1.1\r\nhost: gw\r\n\r\n"
+    (got,) = _answers(_exchange(gw, get)[0])
+    assert got.status == 200 and got.body
+    data, closed = _exchange(gw, head + get)
+    head_answer = _answers(data[: data.index(b"\r\n\r\n") + 4], head_only=True)[0]
+    (after,) = _answers(data[data.index(b"\r\n\r\n") + 4 :])
+    assert head_answer.status == 200
+    assert head_answer.headers["content-length"] == got.headers["content-length"]
+    assert after.status == 200 and after.body == got.body and not closed

@@ -274,12 +274,33 @@ def test_metrics_listen_on_loopback_with_a_loopback_host(
     assert listening == {"127.0.0.1"}
 
 
-@pytest.mark.parametrize("path", ["/prefix", "/v1/"])
-def test_post_worker_with_a_path_is_refused(gateway: tuple[Gateway, list[str]], path: str) -> None:
+def test_worker_url_path_prefixes_every_route(gateway: tuple[Gateway, list[str]]) -> None:
+    """A worker behind a path (`--root-path` in vLLM) gets its probes and its requests under
+    that path, as the Rust SMG 1.13 joins URL and route; a trailing `/` is no path."""
     gw, urls = gateway
-    answer = gw.admin("POST", "/workers", json={"url": urls[0] + path})
-    assert answer.status_code == 400, answer.text
-    error = answer.json()["error"]
-    assert "has a path" in error["message"]
+    with mockutil.start_mock_workers(
+        1, "--model", "prefixed-model", "--root-path", "/prefix/v2"
+    ) as prefixed:
+        url = prefixed.url + "/prefix/v2/"
+        answer = gw.admin("POST", "/workers", json={"url": url})
+        assert answer.status_code == 202, answer.text
+        deadline = time.monotonic() + 20
+        worker: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            listing = gw.admin("GET", "/workers").json()["workers"]
+            worker = next(w for w in listing if w["url"] == url.rstrip("/"))
+            if worker["status"] == "ready":  # /prefix/v2/health answered
+                break
+            time.sleep(0.2)
+        assert worker["status"] == "ready", worker
+        for _ in range(4):  # both processes; the mock answers 404 outside its prefix
+            chat = httpx.post(
+                gw.url + "/v1/chat/completions",
+                json={"model": "prefixed-model", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
+            assert chat.status_code == 200, chat.text
+            assert chat.json()["model"] == "prefixed-model"
+        gw.admin("DELETE", f"/workers/{worker['id']}")
     listing = gw.admin("GET", "/workers").json()["workers"]
     assert sorted(w["url"] for w in listing) == sorted(urls)

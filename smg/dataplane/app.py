@@ -298,17 +298,7 @@ class DataPlane:
                     self._send(conn, request, status, body)
                     return
                 if path in WORKER_INFO_ROUTES:
-                    if method == b"GET":
-                        self.proxy(conn, request, body_routing=False)
-                    else:  # the upstream side does not frame answers to HEAD yet
-                        self._send_error(
-                            conn,
-                            request,
-                            405,
-                            "method_not_allowed",
-                            f"{path} takes GET",
-                            extra_headers=b"allow: GET\r\n",
-                        )
+                    self.proxy(conn, request, body_routing=False)
                     return
             if path.startswith(ADMIN_PREFIXES):
                 self.spawn(self._admin(conn, request))
@@ -426,6 +416,7 @@ class DataPlane:
             stream,
             request.keep_alive,
             request.version == "1.0",
+            request.method == b"HEAD",
         )
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
@@ -478,13 +469,19 @@ class DataPlane:
 
     def _upstream_request(self, request: Request, entry: DirectoryEntry) -> bytes:
         """The request head for the worker, ending with the blank line; the body (bytes-like,
-        `request.body`) is written after it as it is."""
+        `request.body`) is written after it as it is.
+
+        A worker URL's path prefixes the target (as the Rust SMG joins them); HEAD goes up as
+        GET, whose answer the exchange relays without its body (RFC 9110 9.3.2): the
+        upstream parser cannot be told that an answer belongs to a HEAD."""
+        host, prefix = _upstream_target(entry.url)
+        method = request.method
         parts = [
-            request.method,
+            b"GET" if method == b"HEAD" else method,
             b" ",
-            request.url,
+            prefix + request.url if prefix else request.url,
             b" HTTP/1.1\r\nhost: ",
-            _host(entry.url),
+            host,
             b"\r\n",
         ]
         append = parts.append
@@ -698,14 +695,21 @@ def _metric_path(path: str) -> str:
     return "other"
 
 
-_host_cache: dict[str, bytes] = {}
+_target_cache: dict[str, tuple[bytes, bytes]] = {}
 
 
-def _host(url: str) -> bytes:
-    host = _host_cache.get(url)
-    if host is None:
-        host = _host_cache[url] = worker_address(url).host_header.encode("latin-1")
-    return host
+def _upstream_target(url: str) -> tuple[bytes, bytes]:
+    """A worker's Host header value and path prefix, from its one parsed form (cached)."""
+    target = _target_cache.get(url)
+    if target is None:
+        if len(_target_cache) >= 4096:  # workers come and go: bounded
+            _target_cache.clear()
+        address = worker_address(url)
+        target = _target_cache[url] = (
+            address.host_header.encode("latin-1"),
+            address.path.encode("latin-1"),
+        )
+    return target
 
 
 def _is_loopback(host: str) -> bool:

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
-from smg.httpwire import HOP_BY_HOP, error_response, status_line
+from smg.httpwire import ANTHROPIC_ROUTE, HOP_BY_HOP, anthropic_rewrite, error_response, status_line
 
 if TYPE_CHECKING:
     from smg.dataplane.app import DataPlane
@@ -21,6 +21,14 @@ if TYPE_CHECKING:
 
 _SKIP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-smg-process"}
 _CHUNK_END = b"0\r\n\r\n"
+# A worker's error answer on /v1/messages is held whole to be rewritten (item 28); past
+# this size the rest is dropped (an error body that large is no error message).
+MAX_REWRITTEN_ERROR_BYTES = 1024 * 1024
+
+# What happens to response body chunks.
+_RELAY = 0  # framed and relayed as they arrive
+_DISCARD = 1  # an answer to HEAD: headers only (RFC 9110 9.3.2)
+_HOLD = 2  # an error on /v1/messages: held until complete, then rewritten
 
 # Plain ints on the hot path (module globals, no enum attribute lookups).
 _WAITING = int(State.WAITING)
@@ -55,12 +63,16 @@ class Exchange:
     __slots__ = (
         "app",
         "body",
+        "body_mode",
         "client",
         "close_delimited",
         "deadline",
         "endpoint",
         "generation",
         "head",
+        "head_only",
+        "held",
+        "held_headers",
         "http10",
         "keep_alive",
         "method",
@@ -93,6 +105,7 @@ class Exchange:
         stream: bool,
         keep_alive: bool,
         http10: bool,
+        head_only: bool = False,
     ) -> None:
         self.app = app
         self.client = client
@@ -110,6 +123,10 @@ class Exchange:
         self.stream = stream
         self.keep_alive = keep_alive
         self.http10 = http10  # no chunked framing for this client (RFC 9112 6.1)
+        self.head_only = head_only  # the client asked HEAD (sent upstream as GET)
+        self.body_mode = _RELAY
+        self.held: list[bytes] | None = None
+        self.held_headers: list[tuple[bytes, bytes]] | None = None
         self.method = "POST"
         self.state = _WAITING
         self.upstream: UpstreamConnection | None = None
@@ -185,9 +202,13 @@ class Exchange:
         if action != _RELAY_HEAD:
             return
         self.status = status
-        # Item 28 hook: a non-2xx JSON answer on /v1/messages would be rewritten into the
-        # Anthropic error shape here (buffer the body until `response_complete`, then emit a
-        # new head and body) instead of being framed and relayed as it arrives.
+        if status >= 400 and self.endpoint == ANTHROPIC_ROUTE:
+            # The Rust SMG rewrites a worker's errors on /v1/messages into Anthropic's shape:
+            # the head is written once the whole body is known (`_emit_rewritten`).
+            self.body_mode = _HOLD
+            self.held = []
+            self.held_headers = headers
+            return
         parts = [status_line(status)]
         append = parts.append
         content_length = None
@@ -209,6 +230,9 @@ class Exchange:
             append(b"\r\n")
         elif status == 204 or status == 304:
             pass
+        elif self.head_only:
+            if chunked:  # the headers GET would get, no body
+                append(b"transfer-encoding: chunked\r\n")
         else:
             self.close_delimited = not chunked
             if self.http10:
@@ -226,8 +250,15 @@ class Exchange:
             append(b"connection: close\r\n")
         append(b"\r\n")
         self.out.append(b"".join(parts))
+        if self.head_only:
+            self.body_mode = _DISCARD
 
     def response_body(self, chunk: bytes) -> None:
+        if self.body_mode:
+            held = self.held
+            if held is not None and sum(map(len, held)) < MAX_REWRITTEN_ERROR_BYTES:
+                held.append(chunk)
+            return
         if self.to_client_chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
@@ -237,9 +268,31 @@ class Exchange:
         self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
         if action != _END_MESSAGE:
             return
-        if self.to_client_chunked:
+        if self.body_mode == _HOLD:
+            self._emit_rewritten()
+        elif self.to_client_chunked and self.body_mode == _RELAY:
             self.out.append(_CHUNK_END)
         self.upstream_reusable = upstream_keep_alive
+
+    def _emit_rewritten(self) -> None:
+        """A held error answer on /v1/messages: the worker's headers, the status, and the
+        body in Anthropic's error shape with a new length."""
+        body = anthropic_rewrite(self.status, b"".join(self.held or ()), self.request_id)
+        parts = [status_line(self.status)]
+        for name, value in self.held_headers or ():
+            if name in _SKIP_RESPONSE_HEADERS or name == b"content-type":
+                continue
+            parts.append(b"%b: %b\r\n" % (name, value))
+        parts.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+        parts.append(b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header))
+        if not self.keep_alive or self.app.draining:
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if not self.head_only:
+            parts.append(body)
+        self.held = self.held_headers = None
+        self.out.append(b"".join(parts))
 
     def flush(self) -> None:
         """End of one upstream read: hand the client what it produced, end if complete."""
@@ -265,7 +318,7 @@ class Exchange:
         if conn is not self.upstream:
             return
         self.upstream = None
-        if self.state == _RELAYING and self.close_delimited:
+        if self.state == _RELAYING and (self.close_delimited or self.body_mode == _HOLD):
             self.response_complete(False)
             self.flush()
             return
@@ -304,9 +357,17 @@ class Exchange:
         self._drop_upstream()
         keep_alive = self.keep_alive and not self.app.draining
         self.out.clear()
-        headers = b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header)
         self.client.write(
-            error_response(status, code, message, extra_headers=headers, keep_alive=keep_alive)
+            error_response(
+                status,
+                code,
+                message,
+                extra_headers=self.app.process_header,
+                keep_alive=keep_alive,
+                request_id=self.request_id,
+                anthropic=self.endpoint == ANTHROPIC_ROUTE,
+                head_only=self.head_only,
+            )
         )
         self._finish(status, code)
         self.client.response_done(keep_alive)

@@ -36,6 +36,7 @@ class Options:
     embedding_dim: int = 16
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
+    root_path: str = ""  # every route served under this prefix (a worker behind a path proxy)
     # Initial values of the runtime config (see RuntimeConfig).
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
@@ -223,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=_int_arg(1, 65536), default=16)
     p.add_argument("--max-header-bytes", type=_int_arg(1024, 2**24), default=64 * 1024)
     p.add_argument("--max-body-bytes", type=_int_arg(1024, 2**31), default=64 * 1024 * 1024)
+    p.add_argument(
+        "--root-path",
+        default="",
+        help="serve every route under this path prefix, as vLLM's --root-path behind a proxy",
+    )
     return p
 
 
@@ -234,6 +240,9 @@ def parse_options(argv: list[str]) -> Options:
         build_parser().error(f"--port {port} with --count {ns.count} runs past port 65535")
     if ns.api_key == "":
         build_parser().error("--api-key must not be empty")
+    root_path = ns.root_path.rstrip("/")
+    if root_path and not root_path.startswith("/"):
+        build_parser().error("--root-path must start with /")
     return Options(
         engine=ns.engine,
         model=ns.model,
@@ -251,6 +260,7 @@ def parse_options(argv: list[str]) -> Options:
         embedding_dim=ns.embedding_dim,
         max_header_bytes=ns.max_header_bytes,
         max_body_bytes=ns.max_body_bytes,
+        root_path=root_path,
         ttft_ms=ns.ttft_ms,
         itl_ms=ns.itl_ms,
         output_len=ns.output_len,

@@ -149,7 +149,8 @@ class Worker:
         self.in_flight = 0
         self.in_flight_tokens = 0
         self.connections: set[Connection] = set()
-        self.routes = ROUTES[opts.engine]
+        prefix = opts.root_path.encode()
+        self.routes = {prefix + path: route for path, route in ROUTES[opts.engine].items()}
         self.auth_token = None if opts.api_key is None else b"Bearer " + opts.api_key.encode()
         self._seq = 0
 
