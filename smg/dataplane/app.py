@@ -18,7 +18,6 @@ import msgspec
 import orjson
 
 from smg import ipc
-from smg.control.worker_state import WorkerStatus
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.server import Verdict, timeout_verdict
@@ -33,8 +32,9 @@ from smg.httpwire import (
 from smg.httpwire import valid_request_id as _valid_request_id
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
-from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
+from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID
 from smg.shm.readiness import readiness
+from smg.shm.readiness import routable as is_routable
 from smg.worker_url import worker_address
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ class DataPlane:
             value = table.read_row(row)
             if value.generation != entry.generation or not value.flags & FLAG_IN_USE:
                 continue
-            routable = value.status == WorkerStatus.READY and not value.flags & FLAG_DRAINING
+            routable = is_routable(value, entry.generation)  # the one rule readiness uses
             if routable:
                 ready.append(row)
             models = entry.models or ((entry.model_id,) if entry.model_id else ())
