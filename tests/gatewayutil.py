@@ -170,3 +170,19 @@ def in_flight_total(gateway: Gateway) -> int:
         if line.startswith("smg_gateway_in_flight_requests "):
             return int(float(line.split()[1]))
     raise AssertionError("smg_gateway_in_flight_requests missing from metrics")
+
+
+def run_launch(args: list[str], timeout: float = 30.0) -> tuple[int, str, float]:
+    """Run `smg launch` to completion: (exit code, stderr, seconds it took)."""
+    command = [sys.executable, "-m", "smg", "launch", *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        _out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    return proc.returncode, err.decode("utf-8", "replace"), time.monotonic() - started

@@ -16,8 +16,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +29,7 @@ import mockutil
 import openai
 import psutil
 import pytest
-from gatewayutil import Gateway, free_port, in_flight_total
+from gatewayutil import Gateway, free_port, in_flight_total, run_launch
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -252,22 +250,6 @@ def openai_client(gw: Gateway, timeout: float = 10.0) -> openai.OpenAI:
     return openai.OpenAI(
         base_url=gw.url + "/v1", api_key="client-key", max_retries=0, timeout=timeout
     )
-
-
-def run_launch(args: list[str], timeout: float = 30.0) -> tuple[int, str, float]:
-    """Run `smg launch` to completion: (exit code, stderr, seconds it took)."""
-    command = [sys.executable, "-m", "smg", "launch", *args]
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        _out, err = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    return proc.returncode, err.decode("utf-8", "replace"), time.monotonic() - started
 
 
 @dataclasses.dataclass

@@ -14,8 +14,6 @@ import os
 import pwd
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from gatewayutil import Gateway, free_port
+from gatewayutil import Gateway, free_port, run_launch
 
 from smg import ipc
 from smg.shm import layout
@@ -120,22 +118,6 @@ def control_plane_pid(gw: Gateway) -> int:
             if conn.status == psutil.CONN_LISTEN and conn.laddr.port == metrics_port:
                 return child.pid
     raise AssertionError("no child listens on the metrics port")
-
-
-def run_launch(args: list[str], timeout: float = 30.0) -> tuple[int, str, float]:
-    """Run `smg launch` to completion: (exit code, stderr, seconds it took)."""
-    command = [sys.executable, "-m", "smg", "launch", *args]
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        _out, err = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    return proc.returncode, err.decode("utf-8", "replace"), time.monotonic() - started
 
 
 @contextlib.contextmanager
