@@ -332,36 +332,44 @@ class _Transport:
         self.paused = False
 
 
-def test_exchange_writes_head_and_body_apart_and_drops_them() -> None:
+def test_exchange_writes_a_large_body_apart_and_drops_it() -> None:
+    """Item 7: a large body goes upstream as the request's own buffer (never copied) and
+    the exchange lets go of it once written; a small one goes in one write with the head."""
     from types import SimpleNamespace
 
-    from smg.dataplane.exchange import Exchange
+    from smg.dataplane.exchange import SMALL_BODY_BYTES, Exchange
 
-    app = SimpleNamespace(request_timeout=5.0)
-    client = SimpleNamespace(write_paused=False)
-    transport = _Transport()
-    conn = SimpleNamespace(transport=transport, closed=False, bind=lambda exchange: None)
     head = b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n"
-    body = bytes(bytearray(b"hello"))
-    exchange = Exchange(
-        app,  # type: ignore[arg-type]
-        client,  # type: ignore[arg-type]
-        0,
-        1,
-        None,  # type: ignore[arg-type]
-        head,
-        body,
-        b"rid",
-        "/v1/chat/completions",
-        "m",
-        False,
-        True,
-        False,
-    )
-    exchange.got_connection(conn)  # type: ignore[arg-type]
-    assert transport.writes == [(head, body)]
-    assert transport.writes[0][1] is body  # the request's own bytes, not a copy
-    assert exchange.head is None and exchange.body is None
+    for body, expected in (
+        (bytearray(b"x" * (SMALL_BODY_BYTES + 1)), "apart"),
+        (b"hello", "joined"),
+    ):
+        app = SimpleNamespace(request_timeout=5.0)
+        client = SimpleNamespace(write_paused=False)
+        transport = _Transport()
+        conn = SimpleNamespace(transport=transport, closed=False, bind=lambda exchange: None)
+        exchange = Exchange(
+            app,  # type: ignore[arg-type]
+            client,  # type: ignore[arg-type]
+            0,
+            1,
+            None,  # type: ignore[arg-type]
+            head,
+            body,  # type: ignore[arg-type]
+            b"rid",
+            "/v1/chat/completions",
+            "m",
+            False,
+            True,
+            False,
+        )
+        exchange.got_connection(conn)  # type: ignore[arg-type]
+        if expected == "apart":
+            assert transport.writes == [(head, body)]
+            assert transport.writes[0][1] is body  # the request's own bytes, not a copy
+        else:
+            assert transport.writes == [(head + body,)]
+        assert exchange.head is None and exchange.body is None
 
 
 def test_connection_paused_for_a_slow_client_is_pooled_reading() -> None:
