@@ -29,9 +29,10 @@ SMALL_BODY_BYTES = 64 * 1024
 MAX_REWRITTEN_ERROR_BYTES = 1024 * 1024
 
 # What happens to response body chunks.
-_RELAY = 0  # framed and relayed as they arrive
-_DISCARD = 1  # an answer to HEAD: headers only (RFC 9110 9.3.2)
-_HOLD = 2  # an error on /v1/messages: held until complete, then rewritten
+_RAW = 0  # relayed as they arrive, as they are (Content-Length or close-delimited)
+_CHUNKED = 1  # relayed as they arrive, in chunked framing for the client
+_DISCARD = 2  # an answer to HEAD: headers only (RFC 9110 9.3.2)
+_HOLD = 3  # an error on /v1/messages: held until complete, then rewritten
 
 # Plain ints on the hot path (module globals, no enum attribute lookups).
 _WAITING = int(State.WAITING)
@@ -88,7 +89,6 @@ class Exchange:
         "state",
         "status",
         "stream",
-        "to_client_chunked",
         "upstream",
         "upstream_reusable",
     )
@@ -127,14 +127,13 @@ class Exchange:
         self.keep_alive = keep_alive
         self.http10 = http10  # no chunked framing for this client (RFC 9112 6.1)
         self.head_only = head_only  # the client asked HEAD (sent upstream as GET)
-        self.body_mode = _RELAY
+        self.body_mode = _RAW  # one int decides each chunk's fate: a single test per chunk
         self.held: list[bytes] | None = None
         self.held_headers: list[tuple[bytes, bytes]] | None = None
         self.method = "POST"
         self.state = _WAITING
         self.upstream: UpstreamConnection | None = None
         self.out: list[bytes] = []
-        self.to_client_chunked = False
         self.close_delimited = False  # the upstream response ends when its connection does
         self.upstream_reusable = False
         self.status = 0
@@ -247,7 +246,7 @@ class Exchange:
                 # HTTP/1.0 has no chunked coding: the body ends where the connection does.
                 self.keep_alive = False
             else:
-                self.to_client_chunked = True
+                self.body_mode = _CHUNKED
                 append(b"transfer-encoding: chunked\r\n")
         append(b"x-request-id: ")
         append(self.request_id)
@@ -262,15 +261,15 @@ class Exchange:
             self.body_mode = _DISCARD
 
     def response_body(self, chunk: bytes) -> None:
-        if self.body_mode:
+        mode = self.body_mode
+        if mode == _CHUNKED:
+            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        elif mode == _RAW:
+            self.out.append(chunk)
+        elif mode == _HOLD:
             held = self.held
             if held is not None and sum(map(len, held)) < MAX_REWRITTEN_ERROR_BYTES:
                 held.append(chunk)
-            return
-        if self.to_client_chunked:
-            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        else:
-            self.out.append(chunk)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
@@ -278,7 +277,7 @@ class Exchange:
             return
         if self.body_mode == _HOLD:
             self._emit_rewritten()
-        elif self.to_client_chunked and self.body_mode == _RELAY:
+        elif self.body_mode == _CHUNKED:
             self.out.append(_CHUNK_END)
         self.upstream_reusable = upstream_keep_alive
 
