@@ -37,6 +37,17 @@ def _post(path: str = "/v1/chat/completions", version: bytes = b"1.1", extra: by
 # --- item 8: the gateway's own upstream-failure answers --------------------------------------
 
 
+def _assert_error_answer(gw: Gateway, status: int, code: str, request_id: bytes) -> None:
+    """The gateway's own error answer, every header line parsed (item 8: a missing CRLF
+    once glued x-request-id and x-smg-process into one line)."""
+    extra = b"x-request-id: " + request_id + b"\r\nconnection: close\r\n"
+    got, headers, _ = parse_head(raw_exchange(gw.port, _post(extra=extra)))
+    assert got == status
+    assert headers["x-smg-error-code"] == code
+    assert headers["x-request-id"] == request_id.decode()
+    assert headers["x-smg-process"] == "0"
+
+
 def test_connect_failure_answer_has_well_formed_headers() -> None:
     gw = Gateway(
         ["--worker-urls", f"http://127.0.0.1:{free_port()}", "--disable-health-check"],
@@ -45,12 +56,7 @@ def test_connect_failure_answer_has_well_formed_headers() -> None:
     gw.start()
     try:
         gw.wait_ready()
-        raw = raw_exchange(gw.port, _post(extra=b"x-request-id: rid-502\r\nconnection: close\r\n"))
-        status, headers, _ = parse_head(raw)
-        assert status == 502
-        assert headers["x-smg-error-code"] == "upstream_connect_failed"
-        assert headers["x-request-id"] == "rid-502"
-        assert headers["x-smg-process"] == "0"
+        _assert_error_answer(gw, 502, "upstream_connect_failed", b"rid-502")
     finally:
         gw.stop()
         gw.close_log()
@@ -64,14 +70,7 @@ def test_timeout_answer_has_well_formed_headers() -> None:
     with FaultWorker(never_answer) as worker:
         gw = _gateway(worker.url, "--request-timeout-secs", "1")
         try:
-            raw = raw_exchange(
-                gw.port, _post(extra=b"x-request-id: rid-504\r\nconnection: close\r\n")
-            )
-            status, headers, _ = parse_head(raw)
-            assert status == 504
-            assert headers["x-smg-error-code"] == "upstream_timeout"
-            assert headers["x-request-id"] == "rid-504"
-            assert headers["x-smg-process"] == "0"
+            _assert_error_answer(gw, 504, "upstream_timeout", b"rid-504")
         finally:
             gw.stop()
             gw.close_log()

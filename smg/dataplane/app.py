@@ -397,7 +397,7 @@ class DataPlane:
         entry = state.entries[row]
         pool = self._pool(row, entry)
         request_id = request.request_id
-        head = self._upstream_request(request, entry)
+        head = self._upstream_request(request, entry, pool)
         body = request.body
         request.body = b""  # the exchange holds the body now, and drops it once written
         exchange = Exchange(
@@ -439,6 +439,8 @@ class DataPlane:
                 idle_timeout=float(self.cfg.upstream_pool_idle_timeout_secs),
                 connect_timeout=float(self.cfg.upstream_connect_timeout_secs),
                 ssl_context=self._ssl_context() if address.tls else None,
+                host_header=address.host_header.encode("latin-1"),
+                path_prefix=address.path.encode("latin-1"),
             )
         return pool
 
@@ -467,21 +469,21 @@ class DataPlane:
         prefix = request_id_prefix(path)
         return f"{prefix}{self._rid_token}{self.index:02x}{self._rid_counter:014x}".encode()
 
-    def _upstream_request(self, request: Request, entry: DirectoryEntry) -> bytes:
+    def _upstream_request(self, request: Request, entry: DirectoryEntry, pool: WorkerPool) -> bytes:
         """The request head for the worker, ending with the blank line; the body (bytes-like,
         `request.body`) is written after it as it is.
 
         A worker URL's path prefixes the target (as the Rust SMG joins them); HEAD goes up as
         GET, whose answer the exchange relays without its body (RFC 9110 9.3.2): the
         upstream parser cannot be told that an answer belongs to a HEAD."""
-        host, prefix = _upstream_target(entry.url)
+        prefix = pool.path_prefix
         method = request.method
         parts = [
             b"GET" if method == b"HEAD" else method,
             b" ",
             prefix + request.url if prefix else request.url,
             b" HTTP/1.1\r\nhost: ",
-            host,
+            pool.host_header,
             b"\r\n",
         ]
         append = parts.append
@@ -693,23 +695,6 @@ def _metric_path(path: str) -> str:
     if path.startswith("/workers/"):
         return "/workers/{id}"
     return "other"
-
-
-_target_cache: dict[str, tuple[bytes, bytes]] = {}
-
-
-def _upstream_target(url: str) -> tuple[bytes, bytes]:
-    """A worker's Host header value and path prefix, from its one parsed form (cached)."""
-    target = _target_cache.get(url)
-    if target is None:
-        if len(_target_cache) >= 4096:  # workers come and go: bounded
-            _target_cache.clear()
-        address = worker_address(url)
-        target = _target_cache[url] = (
-            address.host_header.encode("latin-1"),
-            address.path.encode("latin-1"),
-        )
-    return target
 
 
 def _is_loopback(host: str) -> bool:

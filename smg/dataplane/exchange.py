@@ -296,8 +296,7 @@ class Exchange:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        if not self.head_only:
-            parts.append(body)
+        parts.append(body)  # /v1/messages takes POST only: never an answer to HEAD
         self.held = self.held_headers = None
         self.out.append(b"".join(parts))
 

@@ -214,11 +214,13 @@ class WorkerPool:
         "connect_timeout",
         "connecting",
         "host",
+        "host_header",
         "idle",
         "idle_timeout",
         "loop",
         "max_connections",
         "open",
+        "path_prefix",
         "port",
         "ssl",
         "waiters",
@@ -234,11 +236,17 @@ class WorkerPool:
         idle_timeout: float,
         connect_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        host_header: bytes = b"",
+        path_prefix: bytes = b"",
     ) -> None:
         self.loop = loop
         self.ssl = ssl_context
         self.host = host
         self.port = port
+        # What requests to this worker carry: its Host value and the path of its URL,
+        # which prefixes every target (as the Rust SMG joins URL and route).
+        self.host_header = host_header
+        self.path_prefix = path_prefix
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
