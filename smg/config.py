@@ -26,7 +26,7 @@ import math
 import os
 import re
 import shlex
-import sys
+import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -103,12 +103,35 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     header_read_timeout_secs: int = 30
     idle_connection_timeout_secs: int = 90
     stream_body_stall_timeout_secs: int = 300
+    sse_keepalive_secs: int = 15
+    max_buffered_request_bytes: int = 1048576
     request_id_headers: list[str] | None = None
     cors_allowed_origins: list[str] = []
-    # Rate limiting (parsed and validated; admission control arrives in a later issue)
+    # Admission control (global: one limit for every data-plane process together)
     max_concurrent_requests: int = -1
     queue_size: int = 100
     queue_timeout_secs: int = 60
+    rate_limit_tokens_per_second: int | None = None
+    # Retries
+    retry_max_retries: int = 5
+    retry_initial_backoff_ms: int = 50
+    retry_max_backoff_ms: int = 30000
+    retry_backoff_multiplier: float = 1.5
+    retry_jitter_factor: float = 0.2
+    disable_retries: bool = False
+    # Circuit breaker (one per worker for the whole gateway)
+    cb_failure_threshold: int = 10
+    cb_success_threshold: int = 3
+    cb_timeout_duration_secs: int = 60
+    cb_window_duration_secs: int = 120
+    disable_circuit_breaker: bool = False
+    # Worker overload protection and stalls
+    worker_overload_waiting_requests: int = 8
+    worker_overload_token_usage: float = 0.8
+    worker_overload_protection: bool | None = None
+    disable_worker_overload_protection: bool | None = None
+    worker_overload_shed: bool = False
+    worker_stall_secs: int = 2
     # Health checks
     health_failure_threshold: int = 3
     health_success_threshold: int = 2
@@ -140,6 +163,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     worker_table_capacity: int = 1024
     upstream_connect_timeout_secs: float = 10.0
     upstream_pool_max_per_worker: int = 256
+    dataplane_heartbeat_timeout_secs: float = 10.0
     mock_workers: int = 0
     mock_worker_engine: str = "sglang"
     mock_worker_args: str = ""
@@ -446,17 +470,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _load_toml(raw: bytes, path_s: str, source_of_path: str) -> Any:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised only on 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise ConfigError(
-                "config",
-                "TOML config files need Python 3.11+ or the tomli package",
-                source_of_path,
-            ) from None
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -589,6 +602,16 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "Answer 408 when a request body stalls this many seconds; 0 disables",
             ),
             _Flag(
+                "sse_keepalive_secs",
+                "Send an SSE comment on a stream after this many seconds of upstream silence; "
+                "nothing is sent while frames flow. 0 sends none",
+            ),
+            _Flag(
+                "max_buffered_request_bytes",
+                "Request bodies up to this size are kept to be retried on another worker; "
+                "larger ones are sent once. 0 never keeps a body for a retry",
+            ),
+            _Flag(
                 "request_id_headers",
                 "Headers checked, in order, for a request id; unset uses common defaults",
             ),
@@ -599,14 +622,96 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
         ),
     ),
     (
-        "Rate Limiting (parsed and validated; admission control is not wired yet)",
+        "Rate Limiting (global across data-plane processes)",
         (
             _Flag(
                 "max_concurrent_requests",
-                "Maximum concurrent requests; -1 derives it from the host, 0 disables",
+                "Maximum concurrent requests for the whole gateway; each permit is held for the "
+                "full response, streams included. -1 derives it from the host (1024 per core, "
+                "at least 4096), 0 disables",
             ),
-            _Flag("queue_size", "Queue size when the concurrency limit is reached; 0 = no queue"),
+            _Flag(
+                "queue_size",
+                "Requests that may wait when the concurrency limit is reached; 0 answers 429 "
+                "at once",
+            ),
             _Flag("queue_timeout_secs", "Maximum seconds a request may wait in the queue"),
+            _Flag(
+                "rate_limit_tokens_per_second",
+                "Sustained admission rate in requests per second for the whole gateway, "
+                "bursting up to --max-concurrent-requests; unset or 0 = no rate limit",
+            ),
+        ),
+    ),
+    (
+        "Retries",
+        (
+            _Flag(
+                "retry_max_retries",
+                "Maximum attempts per request, the first included",
+            ),
+            _Flag("retry_initial_backoff_ms", "Backoff in milliseconds before the first retry"),
+            _Flag("retry_max_backoff_ms", "Maximum backoff in milliseconds between retries"),
+            _Flag(
+                "retry_backoff_multiplier",
+                "Multiplier for exponential backoff between retries (finite, at least 1.0)",
+            ),
+            _Flag("retry_jitter_factor", "Jitter factor (0.0-1.0) applied to retry delays"),
+            _Flag("disable_retries", "Disable retries (one attempt per request)"),
+        ),
+    ),
+    (
+        "Circuit Breaker",
+        (
+            _Flag("cb_failure_threshold", "Failures before a worker's circuit breaker opens"),
+            _Flag(
+                "cb_success_threshold",
+                "Successes in half-open state before the circuit closes; also the most trial "
+                "requests half-open admits across the gateway",
+            ),
+            _Flag(
+                "cb_timeout_duration_secs",
+                "Seconds an open circuit waits before letting trial requests through",
+            ),
+            _Flag(
+                "cb_window_duration_secs",
+                "Sliding window in seconds over which failures are counted",
+            ),
+            _Flag("disable_circuit_breaker", "Disable the circuit breakers"),
+        ),
+    ),
+    (
+        "Worker Overload Protection",
+        (
+            _Flag(
+                "worker_overload_waiting_requests",
+                "Reported waiting requests at or above which a worker is left out of routing "
+                "while another worker is under the thresholds (>= 1)",
+            ),
+            _Flag(
+                "worker_overload_token_usage",
+                "Reported KV-cache usage at or above which a worker is left out of routing "
+                "while another worker is under the thresholds (0-1]",
+            ),
+            _Flag(
+                "worker_overload_protection",
+                "Accepted for older command lines: protection is on unless "
+                "--disable-worker-overload-protection",
+            ),
+            _Flag(
+                "disable_worker_overload_protection",
+                "Switch worker overload protection off",
+            ),
+            _Flag(
+                "worker_overload_shed",
+                "Answer 503 worker_overload_protection_shed when every worker a request "
+                "could use is overloaded, instead of routing it to the least-loaded one",
+            ),
+            _Flag(
+                "worker_stall_secs",
+                "Seconds without contact from a worker after which a transport failure "
+                "leaves it out of routing until it answers again",
+            ),
         ),
     ),
     (
@@ -693,6 +798,11 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             _Flag(
                 "upstream_connect_timeout_secs",
                 "Timeout in seconds to open a connection to a worker",
+            ),
+            _Flag(
+                "dataplane_heartbeat_timeout_secs",
+                "A data-plane process whose event loop has not beaten for this long has its "
+                "stack dumped to the log and is replaced",
             ),
             _Flag(
                 "upstream_pool_max_per_worker",
@@ -921,6 +1031,22 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "max_concurrent_requests": (_range(-1),),
     "queue_size": (_range(0),),
     "queue_timeout_secs": (_range(0),),
+    "rate_limit_tokens_per_second": (_range(0),),
+    "sse_keepalive_secs": (_range(0),),
+    "max_buffered_request_bytes": (_range(0),),
+    "retry_max_retries": (_range(1),),
+    "retry_initial_backoff_ms": (_range(0),),
+    "retry_max_backoff_ms": (_range(0),),
+    "retry_backoff_multiplier": (_range(1.0),),
+    "retry_jitter_factor": (_range(0.0, 1.0),),
+    "cb_failure_threshold": (_range(1),),
+    "cb_success_threshold": (_range(1),),
+    "cb_timeout_duration_secs": (_range(0, gt=True),),
+    "cb_window_duration_secs": (_range(0, gt=True),),
+    "worker_overload_waiting_requests": (_range(1),),
+    "worker_overload_token_usage": (_range(0.0, 1.0, gt=True),),
+    "worker_stall_secs": (_range(0),),
+    "dataplane_heartbeat_timeout_secs": (_range(0.0, gt=True),),
     "health_failure_threshold": (_range(1),),
     "health_success_threshold": (_range(1),),
     "health_check_timeout_secs": (_range(1),),

@@ -33,14 +33,43 @@ def _entry(row: int, generation: int, url: str) -> DirectoryEntry:
 
 def test_geometry_regions_do_not_overlap() -> None:
     geo = layout.geometry(1024, 8)
-    assert geo.procs_offset >= layout.HEADER_SIZE
+    assert geo.globals_offset >= layout.HEADER_SIZE
+    assert geo.procs_offset >= geo.globals_offset + layout.GLOBALS_SIZE
     assert geo.rows_offset >= geo.procs_offset + 8 * layout.PROC_SIZE
-    assert geo.inflight_offset >= geo.rows_offset + 1024 * layout.ROW_SIZE
+    assert geo.health_offset >= geo.rows_offset + 1024 * layout.ROW_SIZE
+    assert geo.inflight_offset >= geo.health_offset + 1024 * layout.HEALTH_SIZE
     assert geo.dir_offset >= geo.inflight_offset + 1024 * 8 * 8
     assert geo.total_size >= geo.dir_offset + 2 * geo.dir_capacity
     assert layout.ROW_SEQ.size + layout.ROW_BODY.size <= layout.ROW_SIZE
     assert layout.HEADER.size <= layout.HEADER_SIZE
-    assert layout.PROC.size <= layout.PROC_SIZE
+    assert layout.PROC.size <= layout.PROC_WORDS_OFFSET
+    assert layout.PROC_WORDS_OFFSET + layout.P_SPARE_7 + 8 <= layout.PROC_SIZE
+    assert layout.H_SPARE_7 + 8 <= layout.HEALTH_SIZE
+    assert layout.G_SPARE_7 + 8 <= layout.GLOBALS_SIZE
+    # Atomic words must be 8-byte aligned, and the busy global ones on their own lines.
+    for offset in (geo.globals_offset, geo.procs_offset, geo.health_offset):
+        assert offset % 64 == 0
+
+
+def test_atomic_words_are_shared_between_processes() -> None:
+    """Two processes adding to one global word at once lose no update."""
+    table = WorkerTable.create(4, 2, os.getpid())
+    offset = table.global_offset(layout.G_ADMIT_IN_FLIGHT)
+    n = 20000
+    pid = os.fork()
+    if pid == 0:
+        for _ in range(n):
+            table.atomic.fetch_add_u64(offset, 1)
+        os._exit(0)
+    for _ in range(n):
+        table.atomic.fetch_add_u64(offset, 1)
+    os.waitpid(pid, 0)
+    assert table.atomic.load_u64(offset) == 2 * n
+    # The proc-slot words sit after the fields write_proc packs, which leave them alone.
+    word = table.proc_word_offset(1, layout.P_PERMITS)
+    table.atomic.store_u64(word, 7)
+    table.write_proc(1, 99, layout.PROC_READY, 1.0, "x" * 300)
+    assert table.atomic.load_u64(word) == 7
 
 
 def test_geometry_refuses_empty_tables() -> None:

@@ -11,7 +11,6 @@ the spread over workers comes from the workers' own `GET /mock/stats` counters.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import math
 import sys
@@ -106,7 +105,7 @@ async def _worker_counts(urls: list[str]) -> dict[str, int | None]:
         try:
             status, body = await fetch(url.rstrip("/") + "/mock/stats", timeout=5.0)
             out[url] = worker_count(orjson.loads(body)) if status == 200 else None
-        except (OSError, ValueError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ValueError):
             out[url] = None
     return out
 

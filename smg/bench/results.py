@@ -10,7 +10,7 @@ import platform
 import shlex
 import socket
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import smg
@@ -65,7 +65,7 @@ def run_metadata(argv: list[str]) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "cpu_model": _cpu_model(),
         },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

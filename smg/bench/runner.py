@@ -190,7 +190,7 @@ class Engine:
     async def _connect_and_send(self, rec: Record) -> None:
         try:
             conn = await asyncio.wait_for(self.pools[rec.prep.target].connect(), self.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             rec.t_send = perf()
             rec.body.append(str(exc).encode())
             rec.on_done(perf(), "connect_error")

@@ -212,7 +212,7 @@ def resolve_model(args: argparse.Namespace, base_url: str, headers: dict[str, st
     loop = new_loop()
     try:
         return loop.run_until_complete(_first_model(base_url, headers))
-    except (OSError, ValueError, KeyError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, ValueError, KeyError) as exc:
         raise UsageError(f"could not list models at {base_url} ({exc}); pass --model") from exc
     finally:
         loop.close()
@@ -230,7 +230,7 @@ def wait_ready(url: str, body: bytes, headers: dict[str, str], timeout: float) -
                 if status == 200:
                     return
                 last = f"status {status}"
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 last = str(exc) or type(exc).__name__
             await asyncio.sleep(0.5)
         raise UsageError(f"endpoint {url} not ready within {timeout:.0f} s ({last})")

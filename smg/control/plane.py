@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -431,7 +431,7 @@ class ControlPlane:
             if record.load.valid
         ]
         return {
-            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "timestamp": datetime.now(UTC).isoformat(),
             "version": f"smg-{__version__}",
             "dp_rank_count": len(loads),
             "loads": loads,

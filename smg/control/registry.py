@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -52,7 +52,7 @@ def unsupported_reason(spec: WorkerSpec) -> str | None:
 
 
 def _rfc3339(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, timezone.utc).isoformat()
+    return datetime.fromtimestamp(unix_time, UTC).isoformat()
 
 
 def aggregate_loads(entries: list[dict[str, Any]]) -> dict[str, Any]:

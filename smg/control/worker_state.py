@@ -69,7 +69,7 @@ class WorkerStatus(enum.IntEnum):
         return self.label
 
 
-class Event(str, enum.Enum):
+class Event(enum.StrEnum):
     PROBE_OK = "probe_ok"  # a health probe answered 2xx
     PROBE_FAILED = "probe_failed"  # a health probe failed (non-2xx, timeout, refused)
     STARTUP_TIMEOUT = "startup_timeout"  # --worker-startup-timeout-secs expired

@@ -19,6 +19,7 @@ import orjson
 
 from smg import ipc
 from smg.dataplane.exchange import Exchange
+from smg.dataplane.gate import WorkerGate
 from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.server import Verdict, timeout_verdict
 from smg.dataplane.upstream import WorkerPool
@@ -128,11 +129,15 @@ class DataPlane:
     ) -> None:
         self.cfg = cfg
         self.table = table
-        self.index = index
+        self.index = index  # listener number: x-smg-process, the IPC address
+        # This process's slot in the shared table (in-flight counts, process words). Today the
+        # same as `index`; a replacement started next to its predecessor gets a spare slot.
+        self.slot = index
         self.root_pid = root_pid
         self.policy = policy
         self.loop = loop
         self.view = ShmLoadView(table)
+        self.gate = WorkerGate(cfg, table, self.slot)
         self.state = RoutingState()
         self.metrics = DataPlaneMetrics()
         self.connections: set[ClientConnection] = set()
@@ -229,7 +234,7 @@ class DataPlane:
         for row, (gen, _count) in list(self.local_in_flight.items()):
             entry = new_entries.get(row)
             if entry is None or entry.generation != gen:
-                self.table.set_in_flight(self.index, row, 0)
+                self.table.set_in_flight(self.slot, row, 0)
                 del self.local_in_flight[row]
         for key in list(self.pools):
             entry = new_entries.get(key[0])
@@ -516,7 +521,7 @@ class DataPlane:
         current = self.local_in_flight.get(row)
         count = current[1] + 1 if current is not None and current[0] == generation else 1
         self.local_in_flight[row] = (generation, count)
-        self.table.set_in_flight(self.index, row, count)
+        self.table.set_in_flight(self.slot, row, count)
 
     def _in_flight_done(self, row: int, generation: int) -> None:
         current = self.local_in_flight.get(row)
@@ -524,7 +529,7 @@ class DataPlane:
             return  # the row now belongs to another worker: its counts started from zero
         count = current[1] - 1
         self.local_in_flight[row] = (generation, count)
-        self.table.set_in_flight(self.index, row, count)
+        self.table.set_in_flight(self.slot, row, count)
 
     def exchange_finished(self, exchange: Exchange, status: int, error_code: str) -> None:
         self.active.discard(exchange)

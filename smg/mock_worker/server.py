@@ -15,7 +15,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httptools
@@ -475,7 +475,7 @@ class Worker:
         if query.get("format") == "prometheus":
             self.respond(conn, req, 200, _loads_prometheus(view), wire.PROMETHEUS)
             return
-        stamp = datetime.now(timezone.utc).isoformat()
+        stamp = datetime.now(UTC).isoformat()
         self.respond(conn, req, 200, render.sglang_loads(view, stamp, dp_rank))
 
     def h_get_load(self, conn: Connection, req: Request) -> None:

@@ -5,11 +5,19 @@ Pure code: every function takes a writable buffer (an ``mmap`` in production, a
 
 Regions, in order::
 
-    header        HEADER_SIZE bytes     magic, sizes, generations, gateway state
-    processes     slots * PROC_SIZE     per data-plane process: pid, state, failure reason
-    rows          capacity * ROW_SIZE   per worker: seqlock, generation, status, backend load
-    in-flight     capacity * slots * 8  per worker, one int64 per process (row-major)
-    directory     2 * dir_capacity      double-buffered encoded directory (urls, models, keys)
+    header        HEADER_SIZE bytes       magic, sizes, generations, gateway state
+    globals       GLOBALS_SIZE bytes      gateway-wide atomic words, one cache line each
+    processes     slots * PROC_SIZE       per data-plane process: pid, state, failure reason,
+                                          then atomic words (heartbeat, permits held, ...)
+    rows          capacity * ROW_SIZE     per worker: seqlock, generation, status, backend load
+    health        capacity * HEALTH_SIZE  per worker: atomic words (breaker, last contact)
+    in-flight     capacity * slots * 8    per worker, one int64 per process (row-major)
+    directory     2 * dir_capacity        double-buffered encoded directory (urls, models, keys)
+
+Words in the globals, process and health regions are touched only through atomic
+operations (``atomicshm``: compare-and-swap, fetch-add, load and store on the mapping);
+they are the places where several processes must agree on one number (admission, breaker
+transitions) and a seqlock with one writer would not do.
 
 Seqlock protocol (one writer per row: the control plane): the writer makes ``seq`` odd,
 writes the body, then makes it even again. A reader reads ``seq``, the body, ``seq``
@@ -33,7 +41,7 @@ from typing import NamedTuple
 from smg.shm.directory import directory_capacity
 
 MAGIC = 0x31304C4254474D53  # b"SMGTBL01" little-endian
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 # --- header ---------------------------------------------------------------------------
 #   magic u64, version u32, capacity u32, slots u32, dir_capacity u32,
@@ -52,10 +60,34 @@ U32 = struct.Struct("<I")
 GATEWAY_RUNNING = 0
 GATEWAY_DRAINING = 1
 
+# --- gateway-wide atomic words (offsets within the globals region) ----------------------
+# Each on its own 64-byte cache line: they are written by every process, and a line shared
+# by two busy words would bounce between cores for both.
+GLOBALS_SIZE = 512
+G_ADMIT_IN_FLIGHT = 0  # admission permits held, all processes together
+G_ADMIT_QUEUED = 64  # requests waiting for a permit, all processes together
+G_RATE_TAT_NS = 128  # rate limiter: theoretical arrival time (GCRA), monotonic ns
+G_HEALTH_EPOCH = 192  # bumped on every breaker/stall transition: re-filter routing
+G_SPARE_4 = 256
+G_SPARE_5 = 320
+G_SPARE_6 = 384
+G_SPARE_7 = 448
+
 # --- per-process slot -----------------------------------------------------------------
-#   pid u32, state u32, started (unix time) f64, reason: 240 bytes utf-8, NUL padded
+#   pid u32, state u32, started (unix time) f64, reason: 240 bytes utf-8, NUL padded,
+#   then PROC_WORDS_OFFSET: atomic 64-bit words written by the process itself (the
+#   supervisor reads them, and clears them once the process is gone)
 PROC = struct.Struct("<IId240s")
-PROC_SIZE = 256
+PROC_SIZE = 512
+PROC_WORDS_OFFSET = 256
+P_HEARTBEAT_NS = 0  # monotonic ns of the last beat from inside the event loop
+P_PERMITS = 8  # admission permits this process holds (the supervisor returns a dead one's)
+P_QUEUED = 16  # requests this process has waiting for a permit
+P_SPARE_3 = 24
+P_SPARE_4 = 32
+P_SPARE_5 = 40
+P_SPARE_6 = 48
+P_SPARE_7 = 56
 PROC_EMPTY = 0
 PROC_STARTING = 1
 PROC_READY = 2
@@ -71,6 +103,17 @@ ROW_SIZE = 128
 FLAG_IN_USE = 1
 FLAG_LOAD_VALID = 2
 FLAG_DRAINING = 4
+
+# --- per-worker health block (atomic words, offsets within the block) -------------------
+HEALTH_SIZE = 64
+H_CB_STATE = 0  # breaker state word (see smg.dataplane.breaker), changed by compare-and-swap
+H_CB_FAILURES = 8  # failures counted toward opening
+H_CB_SUCCESSES = 16  # successes counted in half-open
+H_CB_TRIALS = 24  # half-open trial requests admitted
+H_CB_CHANGED_NS = 32  # monotonic ns of the last breaker transition
+H_LAST_CONTACT_NS = 40  # monotonic ns of the last answer from the worker (any source)
+H_TRANSPORT_FAILURE_NS = 48  # monotonic ns of the last transport failure
+H_SPARE_7 = 56
 
 INFLIGHT = struct.Struct("<q")
 
@@ -95,8 +138,10 @@ class Geometry(NamedTuple):
     capacity: int
     slots: int
     dir_capacity: int
+    globals_offset: int
     procs_offset: int
     rows_offset: int
+    health_offset: int
     inflight_offset: int
     dir_offset: int
     total_size: int
@@ -110,12 +155,16 @@ def geometry(capacity: int, slots: int, dir_capacity: int | None = None) -> Geom
         # publish never fails for want of space (untouched pages of the mapping cost no
         # memory: a buffer holds only what the last publish wrote).
         dir_capacity = directory_capacity(capacity)
-    procs = HEADER_SIZE
+    globals_ = HEADER_SIZE
+    procs = globals_ + GLOBALS_SIZE
     rows = procs + _round_up(slots * PROC_SIZE, 64)
-    inflight = rows + capacity * ROW_SIZE
+    health = rows + capacity * ROW_SIZE
+    inflight = health + capacity * HEALTH_SIZE
     directory = _round_up(inflight + capacity * slots * INFLIGHT.size, 4096)
     total = _round_up(directory + 2 * dir_capacity, 4096)
-    return Geometry(capacity, slots, dir_capacity, procs, rows, inflight, directory, total)
+    return Geometry(
+        capacity, slots, dir_capacity, globals_, procs, rows, health, inflight, directory, total
+    )
 
 
 def _round_up(value: int, unit: int) -> int:
@@ -261,6 +310,21 @@ class ProcSlot(NamedTuple):
 
 def proc_offset(geo: Geometry, index: int) -> int:
     return geo.procs_offset + index * PROC_SIZE
+
+
+def proc_word_offset(geo: Geometry, index: int, word: int) -> int:
+    """Offset of atomic word ``word`` (a ``P_*`` constant) of process slot ``index``."""
+    return geo.procs_offset + index * PROC_SIZE + PROC_WORDS_OFFSET + word
+
+
+def global_offset(geo: Geometry, word: int) -> int:
+    """Offset of gateway-wide atomic word ``word`` (a ``G_*`` constant)."""
+    return geo.globals_offset + word
+
+
+def health_offset(geo: Geometry, row: int, word: int = 0) -> int:
+    """Offset of atomic word ``word`` (an ``H_*`` constant) of worker row ``row``."""
+    return geo.health_offset + row * HEALTH_SIZE + word
 
 
 def write_proc(

@@ -8,12 +8,16 @@ Who writes what:
   routing generation;
 - data-plane process *p*: only its own in-flight slot of each row, and its process slot;
 - root supervisor: process slots of dead children, zeroing their in-flight slots, and
-  evening out sequence words a killed control plane left odd (it is the only writer then).
+  evening out sequence words a killed control plane left odd (it is the only writer then);
+- any process, through atomic operations only (`atomic`): the gateway-wide words
+  (admission, rate limit) and each row's health block (breaker, last contact).
 """
 
 from __future__ import annotations
 
 import mmap
+
+import atomicshm
 
 from smg.shm import layout
 from smg.shm.directory import Directory, decode_directory, encode_directory
@@ -31,6 +35,9 @@ class WorkerTable:
         ].cast("q")
         self.capacity = geo.capacity
         self.slots = geo.slots
+        # Atomic load/store/fetch-add/compare-and-swap on the mapping (GCC builtins, ~30-60
+        # ns a call); used for the words several processes change (see smg.shm.layout).
+        self.atomic = atomicshm.AtomicView(buf)
 
     @classmethod
     def create(
@@ -114,3 +121,14 @@ class WorkerTable:
 
     def read_proc(self, index: int) -> ProcSlot:
         return layout.read_proc(self.buf, self.geo, index)
+
+    # --- offsets of atomic words (use with `self.atomic`) -------------------------------------
+
+    def global_offset(self, word: int) -> int:
+        return layout.global_offset(self.geo, word)
+
+    def proc_word_offset(self, index: int, word: int) -> int:
+        return layout.proc_word_offset(self.geo, index, word)
+
+    def health_offset(self, row: int, word: int = 0) -> int:
+        return layout.health_offset(self.geo, row, word)
