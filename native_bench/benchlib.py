@@ -35,8 +35,17 @@ PAYLOADS: dict[str, Payload] = {
 GATEWAY_LABELS: dict[str, str] = {
     "direct": "direct (stub only)",
     "smg": "smg (this repo)",
+    "smg-base": "smg, resilience off",
     "rust": "Rust SMG 1.13",
 }
+# Paired per-round ratios reported when both systems ran.
+RATIO_PAIRS: tuple[tuple[str, str], ...] = (
+    ("smg", "rust"),
+    ("rust", "direct"),
+    ("smg", "direct"),
+    ("smg", "smg-base"),
+    ("smg-base", "rust"),
+)
 
 
 class ParseError(ValueError):
@@ -362,7 +371,7 @@ def markdown_report(
         if sizes:
             # A gateway that truncates or rewrites bodies shows up here.
             lines.append("- response bytes per request, headers included: " + ", ".join(sizes))
-        for a, b in (("smg", "rust"), ("rust", "direct"), ("smg", "direct")):
+        for a, b in RATIO_PAIRS:
             if a in gateways and b in gateways:
                 rs = paired_ratios(per_round[a], per_round[b])
                 label = f"{a}/{b}"

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - depends on the interpreter
 from benchlib import (
     GATEWAY_LABELS,
     PAYLOADS,
+    RATIO_PAIRS,
     CoreLayout,
     Measurement,
     ParseError,
@@ -69,6 +70,12 @@ RUST_VERSION = "1.13.0"
 HOST = "127.0.0.1"
 STUB_MARKER = b"chatcmpl-stub"
 STOP_GRACE_S = 5.0
+# The smg-base gateway: this repo with retries, breakers, admission and overload protection
+# switched off, to measure what they cost (issue 7: at least 90% of the throughput without).
+SMG_BASE_ARGS = (
+    "--disable-retries --disable-circuit-breaker --max-concurrent-requests 0 "
+    "--disable-worker-overload-protection"
+)
 
 # Launches the Rust SMG's CLI where its setproctitle dependency is missing (an offline install
 # from the lone wheel): the module only renames the process, so a no-op stands in for it.
@@ -690,7 +697,8 @@ class Bench:
                 # repo's own `smg` package would shadow the Rust one.
                 cwd=BUILD,
             )
-        if "smg" in self.gateways:
+        smg_variants = {"smg": self.args.smg_extra_args, "smg-base": self.args.smg_base_args}
+        if any(name in self.gateways for name in smg_variants):
             py = resolve_smg_python(self.args.smg_python)
             helptext = check_smg_python(py)
             self.versions["smg_python"] = str(py)
@@ -698,15 +706,18 @@ class Bench:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
             )
-            self.specs["smg"] = GatewaySpec(
-                "smg",
-                [str(py), "-m", "smg"],
-                self.args.smg_extra_args.split(),
-                cwd=REPO,
-                env=env,
-                prometheus_host="--prometheus-host" in helptext,
-                processes=self.args.smg_processes or len(self.layout.gateway),
-            )
+            for name, extra in smg_variants.items():
+                if name not in self.gateways:
+                    continue
+                self.specs[name] = GatewaySpec(
+                    name,
+                    [str(py), "-m", "smg"],
+                    extra.split(),
+                    cwd=REPO,
+                    env=env,
+                    prometheus_host="--prometheus-host" in helptext,
+                    processes=self.args.smg_processes or len(self.layout.gateway),
+                )
         self.stub = start_stub(bins["stub"], self.layout)
         log(
             f"stub on port {self.stub.port} ({self.layout.stub_threads} threads, cores "
@@ -929,7 +940,7 @@ class Bench:
                 for gw in self.gateways
             }
             ratios: dict[str, Any] = {}
-            for a, b in (("smg", "rust"), ("rust", "direct"), ("smg", "direct")):
+            for a, b in RATIO_PAIRS:
                 if a in per_round and b in per_round:
                     rs = paired_ratios(per_round[a], per_round[b])
                     ratios[f"{a}/{b}"] = asdict(rs) if rs else None
@@ -1057,7 +1068,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--gateways", default="direct,smg,rust", help="any of direct,smg,rust")
+    ap.add_argument(
+        "--gateways",
+        default="direct,smg,rust",
+        help="any of direct,smg,smg-base,rust (smg-base: this repo with --smg-base-args)",
+    )
     ap.add_argument(
         "--payloads", default="chat,completion,stream", help="any of " + ",".join(PAYLOADS)
     )
@@ -1089,6 +1104,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rust-extra-args", default="", help="appended to the Rust SMG's command")
     ap.add_argument("--smg-python", default=None, help="python whose -m smg is this repo's")
     ap.add_argument("--smg-extra-args", default="", help="appended to our gateway's command")
+    ap.add_argument(
+        "--smg-base-args",
+        default=SMG_BASE_ARGS,
+        help="the smg-base gateway's extra arguments (default: resilience switched off)",
+    )
     ap.add_argument("--out", default=None, help="results JSON (default: native_bench/results/)")
     ap.add_argument("--rebuild", action="store_true", help="recompile stub and loadgen")
     ap.add_argument(
