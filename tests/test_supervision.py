@@ -6,15 +6,21 @@ comes from a test-only route (`SMG__TEST_HOOKS=1`)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from gatewayutil import Gateway
+from test_reload import assert_no_counter_went_back, metric_values
 
+from smg.control.metricfold import MetricFolder
+from smg.promtext import Family, Sample
 from smg.supervisor import heartbeat_interval, heartbeat_stale
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,6 +56,92 @@ def test_heartbeat_interval_is_well_inside_the_timeout() -> None:
     assert heartbeat_interval(GatewayConfig()) == 0.25
     assert heartbeat_interval(GatewayConfig(dataplane_heartbeat_timeout_secs=0.4)) == 0.1
     assert heartbeat_interval(GatewayConfig(dataplane_heartbeat_timeout_secs=0.01)) == 0.02
+
+
+def _counter(value: int, process: str = "0") -> Family:
+    return Family("c_total", "counter", "c", [Sample("", [("process", process)], value)])
+
+
+def _gauge(value: int) -> Family:
+    return Family("g", "gauge", "g", [Sample("", [("process", "0")], value)])
+
+
+def _hist(count: int, total: float) -> Family:
+    base = [("process", "0")]
+    return Family(
+        "h",
+        "histogram",
+        "h",
+        [
+            Sample("_bucket", [*base, ("le", "1.0")], count),
+            Sample("_bucket", [*base, ("le", "+Inf")], count),
+            Sample("_sum", base, total),
+            Sample("_count", base, count),
+        ],
+    )
+
+
+def _values(folder: MetricFolder) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (f.name, s.suffix, tuple(s.labels)): s.value for f in folder.families() for s in f.samples
+    }
+
+
+def test_folder_keeps_a_gone_process_counts_and_drops_its_gauges() -> None:
+    folder = MetricFolder()
+    folder.update((0, 100), [_counter(7), _gauge(3), _hist(7, 2.5)], seq=1)
+    folder.sync({(0, 100)})
+    assert _values(folder)[("c_total", "", (("process", "0"),))] == 7
+    # Process 0 crashes; its replacement (same listener, another slot) starts from zero.
+    folder.sync(set())
+    folder.update((2, 200), [_counter(2), _gauge(1), _hist(2, 0.5)], seq=2)
+    values = _values(folder)
+    assert values[("c_total", "", (("process", "0"),))] == 9
+    assert values[("g", "", (("process", "0"),))] == 1  # live only
+    assert values[("h", "_count", (("process", "0"),))] == 9
+    assert values[("h", "_sum", (("process", "0"),))] == 3.0
+    assert values[("h", "_bucket", (("process", "0"), ("le", "+Inf")))] == 9
+
+
+def test_folder_takes_a_final_push_once_and_ignores_late_or_stale_scrapes() -> None:
+    folder = MetricFolder()
+    folder.update((1, 10), [_counter(5, "1")], seq=3)
+    folder.update((1, 10), [_counter(4, "1")], seq=2)  # an older scrape answering late
+    assert _values(folder)[("c_total", "", (("process", "1"),))] == 5
+    folder.retire((1, 10), [_counter(6, "1")])  # the draining process's final numbers
+    folder.retire((1, 10))  # the table says it is gone too: no second fold
+    folder.update((1, 10), [_counter(6, "1")], seq=4)  # a scrape that raced the exit
+    folder.sync(set())
+    assert _values(folder) == {("c_total", "", (("process", "1"),)): 6}
+
+
+def test_folder_sums_two_processes_of_one_listener_during_a_reload() -> None:
+    folder = MetricFolder()
+    folder.update((0, 1), [_counter(10)], seq=1)
+    folder.update((2, 2), [_counter(1)], seq=1)
+    assert _values(folder) == {("c_total", "", (("process", "0"),)): 11}
+
+
+def children(gw: Gateway) -> list[psutil.Process]:
+    assert gw.process is not None
+    return psutil.Process(gw.process.pid).children()
+
+
+def pid_serving(gw: Gateway, index: str, attempts: int = 200) -> int:
+    """The pid of data-plane process ``index``: the child holding the server side of a
+    connection answered with ``x-smg-process: index``."""
+    for _ in range(attempts):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5.0) as sock:
+            sock.sendall(b"GET /liveness HTTP/1.1\r\nHost: gw\r\n\r\n")
+            head = sock.recv(65536)
+            if f"x-smg-process: {index}\r\n".encode() not in head:
+                continue
+            client_port = sock.getsockname()[1]
+            for child in children(gw):
+                for conn in child.net_connections(kind="tcp"):
+                    if conn.raddr and conn.raddr.port == client_port:
+                        return child.pid
+    raise AssertionError(f"no connection landed on data-plane process {index}")
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -95,6 +187,7 @@ def test_stalled_process_is_dumped_and_replaced() -> None:
         logs = gw.logs()
         assert "testhooks.py" in logs
         assert "has not beaten for" in logs
+        assert "Current thread" in logs or "Thread 0x" in logs  # faulthandler's header
         assert "in _test_route" in logs  # faulthandler's frame line of the blocked handler
         # Replaced: every request is answered again, by both processes' listeners.
         gw.wait_ready()
@@ -104,6 +197,42 @@ def test_stalled_process_is_dumped_and_replaced() -> None:
                 for _ in range(20)
             ]
         assert statuses == [200] * 20
+        values = metric_values(gw.metrics())
+        assert values['smg_dataplane_restarts_total{reason="heartbeat"}'] == 1
+        assert values['smg_dataplane_restarts_total{reason="crash"}'] == 0
+    finally:
+        gw.stop()
+        gw.close_log()
+
+
+def test_counters_never_go_backwards_when_a_process_is_killed() -> None:
+    gw = Gateway(["--mock-workers", "1"], processes=2).start()
+    try:
+        gw.wait_ready()
+        for _ in range(40):  # new connections: both processes serve some
+            answer = httpx.post(gw.url + "/v1/chat/completions", content=CHAT_BODY, timeout=20.0)
+            assert answer.status_code == 200
+        victim = pid_serving(gw, "1")
+        before = gw.metrics()
+        assert 'process="1"' in before
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: (
+                metric_values(gw.metrics()).get('smg_dataplane_restarts_total{reason="crash"}') == 1
+            ),
+            20.0,
+            "the crash to be counted",
+        )
+        wait_until(lambda: pid_serving(gw, "1") != victim, 20.0, "the replacement")
+        after = gw.metrics()
+        assert_no_counter_went_back(before, after)
+        requests = sum(
+            value
+            for series, value in metric_values(after).items()
+            if series.startswith("smg_http_requests_total{")
+            and 'path="/v1/chat/completions"' in series
+        )
+        assert requests == 40
     finally:
         gw.stop()
         gw.close_log()
