@@ -142,10 +142,14 @@ class Child:
 
 
 class Rollout:
-    """A live reload in progress: data-plane processes replaced one index at a time."""
+    """A live reload in progress: data-plane processes replaced one index at a time.
+    `previous` is the configuration to go back to if a new process fails (None for a
+    rollback itself)."""
 
-    def __init__(self, indexes: list[int]) -> None:
+    def __init__(self, indexes: list[int], previous: GatewayConfig | None) -> None:
         self.pending = indexes
+        self.previous = previous
+        self.replaced: list[int] = []
         self.new: Child | None = None  # started, not ready yet
         self.new_deadline = 0.0
         self.old: Child | None = None  # replaced, draining: the next waits for its slot
@@ -320,13 +324,7 @@ class Supervisor:
                 self.retiring.remove(child)
                 continue
             if rollout is not None and rollout.new is child:
-                log.error(
-                    "reload: the new data-plane process %d failed (%s); the old one keeps "
-                    "serving and the rollout stops",
-                    child.index,
-                    reason,
-                )
-                self.rollout = None
+                self._rollout_failed(rollout, f"the new data-plane process failed: {reason}")
                 continue
             if starting or not child.ready:
                 raise StartupError(f"data-plane process {child.index} failed at start-up: {reason}")
@@ -458,16 +456,37 @@ class Supervisor:
                 refused,
                 running,
             )
-        self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
         if not plan.changed:
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
             log.info("configuration reloaded: nothing changed")
             return
         log.info("configuration reloaded; changed: %s", ", ".join(plan.changed))
+        previous = self.cfg
         self.cfg = plan.cfg
         set_level(plan.cfg.log_level)  # children forked from now on inherit it
         self._send_config_to_control()
         if needs_rollout(plan.changed):
-            self.rollout = Rollout(list(range(self.processes)))
+            # Counted as a success once every process runs it (a failure if one cannot).
+            self.rollout = Rollout(list(range(self.processes)), previous)
+        else:
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
+
+    def _rollout_failed(self, rollout: Rollout, why: str) -> None:
+        """A new process could not start: the old one of that index keeps serving; go back
+        to the previous configuration (the processes already replaced are replaced again)."""
+        self.rollout = None
+        if rollout.previous is None:
+            log.error("reload: rolling back failed too (%s); processes keep running", why)
+            return
+        log.error("reload failed (%s); going back to the previous configuration", why)
+        self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
+        self.cfg = rollout.previous
+        from smg.logs import set_level
+
+        set_level(self.cfg.log_level)
+        self._send_config_to_control()
+        if rollout.replaced:
+            self.rollout = Rollout(list(rollout.replaced), None)
 
     def _send_config_to_control(self) -> None:
         """Hand the control plane the new configuration (health checks, log level, worker
@@ -512,21 +531,23 @@ class Supervisor:
             if state.pid == new.pid and state.state == layout.PROC_READY:
                 self._switch_over(rollout, new)
             elif now > rollout.new_deadline:
-                log.error(
-                    "reload: the new data-plane process %d was not ready in %.0f s; "
-                    "the old one keeps serving and the rollout stops",
-                    new.index,
-                    REPLACEMENT_READY_TIMEOUT_SECS,
-                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(new.pid, signal.SIGKILL)
                 new.retiring = True  # reaped as a retiring process: its slot is freed
                 self.retiring.append(new)
-                self.rollout = None
+                self._rollout_failed(
+                    rollout,
+                    f"the new data-plane process was not ready in "
+                    f"{REPLACEMENT_READY_TIMEOUT_SECS:.0f} s",
+                )
             return
         if not rollout.pending:
             self.rollout = None
-            log.info("reload: every data-plane process runs the new configuration")
+            if rollout.previous is not None:
+                self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
+                log.info("reload: every data-plane process runs the new configuration")
+            else:
+                log.info("reload: every data-plane process runs the previous configuration")
             return
         slot = self._free_slot_for_new()
         if slot is None:
@@ -544,6 +565,7 @@ class Supervisor:
         new.ready = True
         self.dataplanes[new.index] = new
         rollout.new = None
+        rollout.replaced.append(new.index)
         self._count(layout.G_DP_RESTARTS + layout.RESTART_WORDS["reload"])
         if old.pid and old.pid in self.children:
             old.retiring = True

@@ -225,3 +225,41 @@ def test_sighup_under_load_applies_the_new_config_with_zero_failures(tmp_path: P
         finally:
             gw.stop()
             gw.close_log()
+
+
+def test_reload_whose_new_process_cannot_start_goes_back(tmp_path: Path) -> None:
+    config = tmp_path / "smg.yaml"
+    marker = tmp_path / "fail-start"
+    config.write_text("max-payload-size: 100000\n")
+    gw = Gateway(
+        ["--config", str(config), "--mock-workers", "1"],
+        processes=2,
+        env={"SMG__TEST_HOOKS": "1", "SMG__TEST_FAIL_START_FILE": str(marker)},
+    ).start()
+    try:
+        gw.wait_ready()
+        config.write_text("max-payload-size: 200\n")
+        marker.write_text("")
+        gw.signal(signal.SIGHUP)
+        wait_until(
+            lambda: "going back to the previous configuration" in gw.logs(), 30.0, "the failure"
+        )
+        values = metric_values(gw.metrics())
+        assert values['smg_config_reloads_total{result="failure"}'] == 1
+        assert values['smg_config_reloads_total{result="success"}'] == 0
+        # The old processes kept serving with the old settings.
+        assert [post_status(gw, BIG_BODY) for _ in range(4)] == [200] * 4
+        # A later reload that can start applies.
+        marker.unlink()
+        gw.signal(signal.SIGHUP)
+        wait_until(
+            lambda: "every data-plane process runs the new configuration" in gw.logs(),
+            60.0,
+            "the second rollout",
+        )
+        assert [post_status(gw, BIG_BODY) for _ in range(4)] == [413] * 4
+        values = metric_values(gw.metrics())
+        assert values['smg_config_reloads_total{result="success"}'] == 1
+    finally:
+        gw.stop()
+        gw.close_log()

@@ -67,8 +67,9 @@ def run(
         policy = make_policy(cfg.policy, cfg, index=index)
         app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
-            from smg.dataplane.testhooks import install
+            from smg.dataplane.testhooks import fail_start_if_asked, install
 
+            fail_start_if_asked()
             install(app)
         # Held in a local for the life of the process: an unreferenced server is collected.
         # The address is per slot: during a live reload the old and the new process of one

@@ -7,10 +7,13 @@ namespace, never read as a setting.
 - `POST /__smg_test/block_loop?seconds=N` blocks this process's event loop for N seconds
   (`time.sleep`), as a stuck handler would: its heartbeat stops and the supervisor dumps
   and replaces it. No answer is sent before the block ends.
+- `SMG__TEST_FAIL_START_FILE=PATH`: a data-plane process fails at start-up while PATH
+  exists (a live reload whose new processes cannot start).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
@@ -20,6 +23,13 @@ if TYPE_CHECKING:
     from smg.dataplane.server import ClientConnection, Request
 
 PREFIX = "/__smg_test/"
+FAIL_START_ENV = "SMG__TEST_FAIL_START_FILE"
+
+
+def fail_start_if_asked() -> None:
+    marker = os.environ.get(FAIL_START_ENV)
+    if marker and os.path.exists(marker):
+        raise RuntimeError(f"test hook: {marker} exists")
 
 
 def install(app: DataPlane) -> None:
