@@ -27,6 +27,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "prometheus_port",  # the exporter's listener
     "prometheus_host",
     "health_check_port",  # the probe listener
+    "load_monitor_interval",  # read once when the control plane's load loop starts
     "log_json",  # the log handlers
     "log_dir",
     "mock_workers",  # the mock worker process
@@ -76,7 +77,6 @@ CONTROL_ONLY: frozenset[str] = frozenset(
         "worker_urls",
         "worker_startup_timeout_secs",
         "worker_startup_check_interval",
-        "load_monitor_interval",
         "health_failure_threshold",
         "health_success_threshold",
         "health_check_timeout_secs",

@@ -592,6 +592,10 @@ class ControlPlane:
             failure_threshold=cfg.health_failure_threshold,
         )
         self.registry.health_check_disabled = cfg.disable_health_check
+        aliases = model_aliases(cfg)
+        if aliases != model_aliases(old):
+            self.registry.aliases = aliases
+            self.registry.publish()  # the directory carries them to every process
         added, removed = worker_list_changes(old.worker_urls, cfg.worker_urls)
         for url in removed:
             worker_id = self.registry.by_url.get(_spec_url(url))
