@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,9 @@ from smg.reload import RESTART_ONLY, needs_rollout, plan_reload, worker_list_cha
 pytestmark = pytest.mark.timeout(180)
 
 CHAT_BODY = b'{"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}'
+STREAM_BODY = (
+    b'{"model": "mock-model", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+)
 BIG_BODY = b'{"model": "mock-model", "messages": [{"role": "user", "content": "%s"}]}' % (
     b"x" * 400
 )
@@ -83,7 +87,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 class Load:
     """Client threads sending chat requests until stopped: half on keep-alive connections,
-    half on a new connection per request. Records every failure (exception or non-200)."""
+    half on a new connection per request, and one thread of streams on a keep-alive
+    connection. Records every failure (exception, non-200, a stream without its end)."""
 
     def __init__(self, url: str, threads: int = 4) -> None:
         self.url = url
@@ -95,6 +100,7 @@ class Load:
             threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True)
             for i in range(threads)
         ]
+        self.threads.append(threading.Thread(target=self._streams, daemon=True))
 
     def __enter__(self) -> Load:
         for thread in self.threads:
@@ -130,6 +136,76 @@ class Load:
         finally:
             if client is not None:
                 client.close()
+
+    def _streams(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=20.0) as client:
+            while not self.stop_event.is_set():
+                try:
+                    with client.stream(
+                        "POST", "/v1/chat/completions", content=STREAM_BODY
+                    ) as answer:
+                        text = b"".join(answer.iter_bytes())
+                    failure = (
+                        ""
+                        if answer.status_code == 200 and text.rstrip().endswith(b"data: [DONE]")
+                        else f"stream status {answer.status_code}: {text[-80:]!r}"
+                    )
+                except httpx.HTTPError as exc:
+                    failure = repr(exc)
+                with self.lock:
+                    self.sent += 1
+                    if failure:
+                        self.failures.append(failure)
+
+
+class KeepAliveProbe:
+    """One raw keep-alive connection sending a request whenever the last answer is in,
+    until the server closes it: every answer's status and whether it said
+    `Connection: close`."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20.0)
+        self.answers: list[tuple[int, bool]] = []
+        self.closed_by_server = False
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(CHAT_BODY), CHAT_BODY)
+        )
+        buffered = b""
+        try:
+            while not self.stop_event.is_set():
+                self.sock.sendall(request)
+                while b"\r\n\r\n" not in buffered:
+                    chunk = self.sock.recv(65536)
+                    if not chunk:
+                        self.closed_by_server = True
+                        return
+                    buffered += chunk
+                head, _, buffered = buffered.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").lower().split("\r\n")
+                length = next(int(x.split(":")[1]) for x in lines if x.startswith("content-length"))
+                while len(buffered) < length:
+                    buffered += self.sock.recv(65536)
+                buffered = buffered[length:]
+                close = "connection: close" in lines
+                self.answers.append((int(lines[0].split()[1]), close))
+                if close:
+                    self.closed_by_server = self.sock.recv(1) == b""
+                    return
+                time.sleep(0.01)
+        except OSError:
+            return
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(20.0)
+        self.sock.close()
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -181,6 +257,8 @@ def test_sighup_under_load_applies_the_new_config_with_zero_failures(tmp_path: P
             assert post_status(gw, BIG_BODY) == 200
             with Load(gw.url) as load:
                 wait_until(lambda: load.sent >= 50, 30.0, "load to flow")
+                probe = KeepAliveProbe(gw.port)
+                wait_until(lambda: len(probe.answers) >= 3, 20.0, "the keep-alive probe")
                 before = gw.metrics()
                 config.write_text(f"worker-urls: [{first}, {second}]\nmax-payload-size: 200\n")
                 gw.signal(signal.SIGHUP)
@@ -191,7 +269,13 @@ def test_sighup_under_load_applies_the_new_config_with_zero_failures(tmp_path: P
                 )
                 sent_at_end = load.sent
                 wait_until(lambda: load.sent >= sent_at_end + 50, 30.0, "load after the reload")
+                probe.stop()
             assert load.failures == [], (load.failures[:5], len(load.failures), load.sent)
+            # The old process's keep-alive connection: every answer 200, the last one with
+            # `Connection: close`, then closed by the server.
+            assert probe.answers[-1] == (200, True), probe.answers[-3:]
+            assert all(answer == (200, False) for answer in probe.answers[:-1])
+            assert probe.closed_by_server
             # The new settings are in force in every process (several new connections).
             assert [post_status(gw, BIG_BODY) for _ in range(6)] == [413] * 6
             workers = {w["url"] for w in gw.admin("GET", "/workers").json()["workers"]}
