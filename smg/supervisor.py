@@ -27,6 +27,7 @@ import msgspec
 
 from smg import ipc
 from smg.shm import layout
+from smg.shm.stash import Stash
 from smg.shm.table import WorkerTable
 
 if TYPE_CHECKING:
@@ -174,6 +175,8 @@ class Supervisor:
         # One slot more than processes: during a live reload the new process of a listener
         # runs beside the old one, each with its own in-flight counts and process words.
         self.table = WorkerTable.create(cfg.worker_table_capacity, processes + 1, self.pid)
+        # The control plane's folded metric totals, kept for its replacement if it dies.
+        self.stash = Stash.create()
         self.children: dict[int, Child] = {}  # pid -> child
         self.dataplanes = [Child("dataplane", i) for i in range(processes)]
         self.control = Child("control", -1)
@@ -243,7 +246,9 @@ class Supervisor:
         if child.kind == "control":
             from smg.control.process import run as run_control
 
-            return run_control(self.cfg, self.table, self.pid, self.processes, self.specs)
+            return run_control(
+                self.cfg, self.table, self.pid, self.processes, self.specs, self.stash
+            )
         from smg.dataplane.process import run as run_dataplane
 
         assert own is not None

@@ -21,6 +21,7 @@ from test_reload import assert_no_counter_went_back, metric_values
 
 from smg.control.metricfold import MetricFolder
 from smg.promtext import Family, Sample
+from smg.shm.stash import Stash
 from smg.supervisor import heartbeat_interval, heartbeat_stale
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,6 +121,34 @@ def test_folder_sums_two_processes_of_one_listener_during_a_reload() -> None:
     folder.update((0, 1), [_counter(10)], seq=1)
     folder.update((2, 2), [_counter(1)], seq=1)
     assert _values(folder) == {("c_total", "", (("process", "0"),)): 11}
+
+
+def test_folder_state_survives_in_a_stash() -> None:
+    folder = MetricFolder()
+    folder.update((0, 100), [_counter(7), _gauge(3), _hist(7, 2.5)], seq=1)
+    folder.sync(set())
+    stash = Stash(bytearray(4096))
+    assert stash.read() == b""
+    assert MetricFolder.from_state(stash.read()).families() == []
+    assert stash.write(folder.state())
+    restored = MetricFolder.from_state(stash.read())
+    assert _values(restored) == _values(folder)
+    restored.update((0, 100), [_counter(99)], seq=5)  # already folded: ignored
+    assert _values(restored) == _values(folder)
+    assert not stash.write(b"x" * 4096)  # too big: the last state stays
+    assert _values(MetricFolder.from_state(stash.read())) == _values(folder)
+    assert MetricFolder.from_state(b"\xc1garbage").families() == []
+
+
+def control_plane_pid(gw: Gateway) -> int:
+    """The child serving the metrics port is the control plane (0: none now)."""
+    metrics_port = int(gw.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    for child in children(gw):
+        with contextlib.suppress(psutil.NoSuchProcess):  # one exiting meanwhile
+            for conn in child.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == metrics_port:
+                    return child.pid
+    return 0
 
 
 def children(gw: Gateway) -> list[psutil.Process]:
@@ -233,6 +262,13 @@ def test_counters_never_go_backwards_when_a_process_is_killed() -> None:
             and 'path="/v1/chat/completions"' in series
         )
         assert requests == 40
+        # The control plane itself crashes: its replacement starts from the folded totals.
+        control = control_plane_pid(gw)
+        assert control
+        os.kill(control, signal.SIGKILL)
+        wait_until(lambda: control_plane_pid(gw) not in (0, control), 30.0, "a new control plane")
+        again = wait_until(gw.metrics, 30.0, "metrics from the new control plane")
+        assert_no_counter_went_back(after, again)
     finally:
         gw.stop()
         gw.close_log()

@@ -18,6 +18,8 @@ nothing goes backwards); a process that drains pushes its final numbers before e
 
 from __future__ import annotations
 
+import msgspec
+
 from smg.promtext import Family, Sample
 
 Labels = tuple[tuple[str, str], ...]
@@ -91,6 +93,43 @@ class MetricFolder:
             for name, values in merged.items()
             if name in self._meta
         ]
+
+    # --- surviving a control-plane restart ---------------------------------------------------
+
+    def state(self) -> bytes:
+        """The folded totals and the processes already folded, encoded (for a stash that
+        the next control plane reads if this one dies)."""
+        return msgspec.msgpack.encode(
+            {
+                "meta": [[name, kind, text] for name, (kind, text) in self._meta.items()],
+                "retired": [
+                    [name, [[suffix, list(labels), value] for (suffix, labels), value in v.items()]]
+                    for name, v in self.retired.items()
+                ],
+                "gone": [list(key) for key in self._gone],
+            }
+        )
+
+    @classmethod
+    def from_state(cls, blob: bytes) -> MetricFolder:
+        """A folder holding what `state()` wrote; an empty one if `blob` is empty or not
+        readable (a stash never written)."""
+        folder = cls()
+        if not blob:
+            return folder
+        try:
+            data = msgspec.msgpack.decode(blob)
+            for name, kind, text in data["meta"]:
+                folder._meta[name] = (kind, text)
+            for name, series in data["retired"]:
+                folder.retired[name] = {
+                    (suffix, _labels(labels)): value for suffix, labels, value in series
+                }
+            for slot, pid in data["gone"]:
+                folder._gone[(slot, pid)] = None
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            return cls()
+        return folder
 
     def _note(self, families: list[Family]) -> None:
         for family in families:

@@ -30,6 +30,7 @@ from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
 from smg.shm import layout
 from smg.shm.readiness import readiness
+from smg.shm.stash import Stash
 from smg.workers_spec import (
     WorkerSpec,
     apply_worker_patch,
@@ -58,6 +59,7 @@ class ControlPlane:
         root_pid: int,
         processes: int,
         initial_specs: list[WorkerSpec],
+        stash: Stash | None = None,
     ) -> None:
         self.cfg = cfg
         self.table = table
@@ -77,7 +79,10 @@ class ControlPlane:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[tuple[str, str], int] = {}
         self._stopping = False
-        self.metric_folder = MetricFolder()
+        # The folded totals of gone data-plane processes survive this process in `stash`
+        # (shared memory the supervisor made): a replacement control plane starts from them.
+        self.stash = stash
+        self.metric_folder = MetricFolder.from_state(stash.read() if stash else b"")
         self._scrape_seq = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -524,7 +529,15 @@ class ControlPlane:
         await asyncio.gather(*(scrape(key) for key in alive))
         # The table again, after the scrapes: a process that exited meanwhile is retired
         # with the numbers it last gave.
-        self.metric_folder.sync(set(self._live_dataplanes()))
+        folder = self.metric_folder
+        before = len(folder.live)
+        folder.sync(set(self._live_dataplanes()))
+        if len(folder.live) != before:
+            self._save_folded()
+
+    def _save_folded(self) -> None:
+        if self.stash is not None and not self.stash.write(self.metric_folder.state()):
+            log.warning("folded metric totals are larger than their stash; not saved")
 
     async def _dataplane_scrape_loop(self) -> None:
         while not self._stopping:
@@ -542,6 +555,7 @@ class ControlPlane:
         except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
             return {"ok": False, "error": f"malformed final metrics: {exc}"}
         self.metric_folder.retire(key, families)
+        self._save_folded()
         return {"ok": True}
 
     def supervisor_families(self) -> list[Family]:
