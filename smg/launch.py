@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         if reason:
             print(f"smg launch: worker {spec.url}: {reason}", file=sys.stderr)
             return 2
-    supervisor = Supervisor(cfg, cfg_processes(cfg), specs, mock_process)
+    supervisor = Supervisor(cfg, cfg_processes(cfg), specs, mock_process, argv=list(argv))
     return supervisor.run()
 
 

@@ -51,3 +51,9 @@ def setup_logging(level: str, as_json: bool = False, log_dir: str | None = None)
         root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    """Change the level of this process's root logger (a live reload); processes forked
+    afterwards inherit it."""
+    logging.getLogger().setLevel(_LEVELS.get(level, logging.INFO))

@@ -3,7 +3,9 @@
 It never starts an event loop, a thread or a channel, so every fork it makes, at start-up
 or to replace a crashed process later, is a clean one (it is its own fork server). It
 opens the listening sockets, forks one control-plane process and N data-plane processes,
-respawns crashed processes with backoff, and on SIGTERM drains them and exits 0.
+respawns crashed processes with backoff, replaces a data-plane process whose event loop
+stopped beating (after dumping its stack), re-reads the configuration on SIGHUP and rolls
+it out one process at a time, and on SIGTERM drains them and exits 0.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
+from smg import ipc
 from smg.shm import layout
+from smg.shm.stash import Stash
 from smg.shm.table import WorkerTable
 
 if TYPE_CHECKING:
@@ -35,6 +43,24 @@ BACKLOG = 2048
 # kernel sends new connections to the other processes meanwhile.
 KEEP_LISTENER_MAX_DELAY_SECS = 1.0
 _PR_SET_PDEATHSIG = 1
+# A data-plane process whose heartbeat is stale gets DUMP_SIGNAL (faulthandler writes its
+# Python stacks to the log), then SIGKILL this long after. REPLACE_SIGNAL tells a process
+# it has been replaced by a live reload: stop accepting now, finish, exit.
+DUMP_SIGNAL = signal.SIGUSR1
+REPLACE_SIGNAL = signal.SIGUSR2
+DUMP_WAIT_SECS = 0.5
+# A live reload's new process must be ready within this, or the rollout stops there.
+REPLACEMENT_READY_TIMEOUT_SECS = 60.0
+
+
+def heartbeat_interval(cfg: GatewayConfig) -> float:
+    """How often a data-plane process beats: well inside the timeout, at most 4 per second."""
+    return max(0.02, min(0.25, float(cfg.dataplane_heartbeat_timeout_secs) / 4))
+
+
+def heartbeat_stale(beat_ns: int, now_ns: int, timeout_secs: float) -> bool:
+    """Whether a beat written at `beat_ns` (0: none yet) is older than the timeout."""
+    return beat_ns != 0 and now_ns - beat_ns > timeout_secs * 1e9
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -102,14 +128,33 @@ def join_listener_group(host: str, port: int) -> socket.socket:
 
 
 class Child:
-    def __init__(self, kind: str, index: int) -> None:
+    def __init__(self, kind: str, index: int, slot: int | None = None) -> None:
         self.kind = kind
-        self.index = index
+        self.index = index  # listener number (x-smg-process)
+        self.slot = index if slot is None else slot  # slot in the shared table
+        self.kill_reason = ""  # "heartbeat" once the supervisor decided to kill it
+        self.kill_at = 0.0  # when the SIGKILL is due (after the stack dump)
+        self.retiring = False  # replaced by a live reload, draining
         self.pid = 0
         self.started = 0.0
         self.ready = False
         self.restarts = 0
         self.respawn_at = 0.0
+
+
+class Rollout:
+    """A live reload in progress: data-plane processes replaced one index at a time.
+    `previous` is the configuration to go back to if a new process fails (None for a
+    rollback itself)."""
+
+    def __init__(self, indexes: list[int], previous: GatewayConfig | None) -> None:
+        self.pending = indexes
+        self.previous = previous
+        self.replaced: list[int] = []
+        self.new: Child | None = None  # started, not ready yet
+        self.new_deadline = 0.0
+        self.old: Child | None = None  # replaced, draining: the next waits for its slot
+        self.old_deadline = 0.0
 
 
 class Supervisor:
@@ -119,16 +164,25 @@ class Supervisor:
         processes: int,
         specs: list[WorkerSpec],
         mock_process: subprocess.Popen[bytes] | None = None,
+        argv: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.argv = argv  # what SIGHUP re-reads (None: reload refused, nothing to re-read)
         self.processes = processes
         self.specs = specs
         self.mock_process = mock_process
         self.pid = os.getpid()
-        self.table = WorkerTable.create(cfg.worker_table_capacity, processes, self.pid)
+        # One slot more than processes: during a live reload the new process of a listener
+        # runs beside the old one, each with its own in-flight counts and process words.
+        self.table = WorkerTable.create(cfg.worker_table_capacity, processes + 1, self.pid)
+        # The control plane's folded metric totals, kept for its replacement if it dies.
+        self.stash = Stash.create()
         self.children: dict[int, Child] = {}  # pid -> child
         self.dataplanes = [Child("dataplane", i) for i in range(processes)]
         self.control = Child("control", -1)
+        self.retiring: list[Child] = []  # replaced by a reload, draining
+        self.rollout: Rollout | None = None
+        self._reload_requested = False
         # Reuseport mode: listener i belongs to data-plane process i and outlives it, so
         # its replacement accepts what queued meanwhile. Inherit mode: one shared socket.
         self.listeners: list[socket.socket | None] = []
@@ -166,6 +220,8 @@ class Supervisor:
                     os._exit(1)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                # SIGHUP is the root's (reload); a hangup of the group must not kill children.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 code = self._child_main(child)
             except BaseException:
                 logging.getLogger("smg").exception("%s process crashed", child.kind)
@@ -176,6 +232,8 @@ class Supervisor:
         child.pid = pid
         child.started = time.monotonic()
         child.ready = False
+        child.kill_reason = ""
+        child.kill_at = 0.0
         self.children[pid] = child
 
     def _child_main(self, child: Child) -> int:
@@ -188,11 +246,13 @@ class Supervisor:
         if child.kind == "control":
             from smg.control.process import run as run_control
 
-            return run_control(self.cfg, self.table, self.pid, self.processes, self.specs)
+            return run_control(
+                self.cfg, self.table, self.pid, self.processes, self.specs, self.stash
+            )
         from smg.dataplane.process import run as run_dataplane
 
         assert own is not None
-        return run_dataplane(self.cfg, self.table, child.index, self.pid, own)
+        return run_dataplane(self.cfg, self.table, child.index, self.pid, own, slot=child.slot)
 
     def start(self) -> None:
         self._open_listeners()
@@ -203,7 +263,7 @@ class Supervisor:
         while True:
             self._reap(starting=True)
             ready = all(
-                self.table.read_proc(c.index).state == layout.PROC_READY for c in self.dataplanes
+                self.table.read_proc(c.slot).state == layout.PROC_READY for c in self.dataplanes
             )
             if ready and self._control_ready():
                 for child in self.dataplanes:
@@ -257,16 +317,26 @@ class Supervisor:
                 # workers from the table's directory.
                 self._schedule_respawn(child, f"exit code {code}", "control-plane process")
                 continue
-            slot = self.table.read_proc(child.index)
+            slot = self.table.read_proc(child.slot)
             reason = slot.reason or f"exit code {code}"
             # Its in-flight counts can never be decremented now: zero them before anyone
             # replaces it.
-            self.table.zero_process(child.index)
-            self.table.write_proc(child.index, 0, layout.PROC_EMPTY, 0.0)
+            self._free_slot(child.slot)
             if self._stop_requested:
+                continue
+            rollout = self.rollout
+            if child.retiring:
+                self.retiring.remove(child)
+                continue
+            if rollout is not None and rollout.new is child:
+                self._rollout_failed(rollout, f"the new data-plane process failed: {reason}")
                 continue
             if starting or not child.ready:
                 raise StartupError(f"data-plane process {child.index} failed at start-up: {reason}")
+            cause = child.kill_reason or "crash"
+            self._count(layout.G_DP_RESTARTS + layout.RESTART_WORDS[cause])
+            if cause == "heartbeat":
+                reason = f"no heartbeat for {self.cfg.dataplane_heartbeat_timeout_secs} s"
             delay = self._schedule_respawn(child, reason, f"data-plane process {child.index}")
             others_listen = any(
                 sock is not None for i, sock in enumerate(self.listeners) if i != child.index
@@ -279,6 +349,16 @@ class Supervisor:
                 if sock is not None:
                     sock.close()
                     self.listeners[child.index] = None
+
+    def _free_slot(self, slot: int) -> None:
+        """Zero a gone process's slot: in-flight counts, state, heartbeat."""
+        self.table.zero_process(slot)
+        self.table.atomic.store_u64(self.table.proc_word_offset(slot, layout.P_HEARTBEAT_NS), 0)
+        self.table.write_proc(slot, 0, layout.PROC_EMPTY, 0.0)
+
+    def _count(self, offset: int) -> None:
+        """One more in a supervisor-owned counter word (G_DP_RESTARTS, G_CONFIG_RELOADS)."""
+        self.table.atomic.fetch_add_u64(self.table.global_offset(offset), 1)
 
     def _schedule_respawn(self, child: Child, reason: str, name: str) -> float:
         alive = time.monotonic() - child.started
@@ -307,9 +387,213 @@ class Supervisor:
                 self._fork(child)
                 child.ready = True  # a replacement that fails is respawned again, not fatal
 
+    # --- heartbeats -----------------------------------------------------------------------------
+
+    def _check_heartbeats(self) -> None:
+        """Replace a data-plane process whose loop has not beaten within the timeout: dump
+        its Python stacks to the log first (faulthandler, DUMP_SIGNAL), SIGKILL it a moment
+        later; its exit is then handled as a crash (respawn, slot zeroed), counted as
+        `heartbeat`. Its connections close with it, so a request it held gets an error."""
+        now = time.monotonic()
+        now_ns = time.monotonic_ns()
+        timeout = float(self.cfg.dataplane_heartbeat_timeout_secs)
+        atomic = self.table.atomic
+        candidates = [*self.dataplanes, *self.retiring]
+        if self.rollout is not None and self.rollout.new is not None:
+            candidates.append(self.rollout.new)
+        for child in candidates:
+            if not child.pid or child.pid not in self.children:
+                continue
+            if child.kill_at:
+                if now >= child.kill_at:
+                    child.kill_at = math.inf  # once
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
+                continue
+            proc = self.table.read_proc(child.slot)
+            if proc.pid != child.pid or proc.state not in (layout.PROC_READY, layout.PROC_DRAINING):
+                continue
+            beat = atomic.load_u64(self.table.proc_word_offset(child.slot, layout.P_HEARTBEAT_NS))
+            if not heartbeat_stale(beat, now_ns, timeout):
+                continue
+            log.error(
+                "data-plane process %d (pid %d) has not beaten for %.1f s (timeout %s s): "
+                "dumping its stack to the log, then replacing it",
+                child.index,
+                child.pid,
+                (now_ns - beat) / 1e9,
+                timeout,
+            )
+            child.kill_reason = "heartbeat"
+            child.kill_at = now + DUMP_WAIT_SECS
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, DUMP_SIGNAL)
+
+    # --- live reload ------------------------------------------------------------------------------
+
+    def _on_hup(self, _signum: int, _frame: object) -> None:
+        self._reload_requested = True
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read and validate the configuration; refuse it whole if invalid, else
+        apply what may change live and roll the data plane over to it."""
+        from smg.config import ConfigError, load_config
+        from smg.logs import set_level
+        from smg.reload import needs_rollout, plan_reload
+
+        self._reload_requested = False
+        if self.argv is None:
+            log.error("configuration reload refused: this supervisor has no command line")
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
+            return
+        try:
+            new = load_config(self.argv, os.environ)
+        except (ConfigError, SystemExit, Exception) as exc:  # refuse, never die
+            log.error("configuration reload refused, the running one stays: %s", exc)
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
+            return
+        plan = plan_reload(self.cfg, new)
+        for name, running, refused in plan.kept:
+            log.warning(
+                "reload: --%s changed (%r -> %r) but needs a restart; keeping %r",
+                name.replace("_", "-"),
+                running,
+                refused,
+                running,
+            )
+        if not plan.changed:
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
+            log.info("configuration reloaded: nothing changed")
+            return
+        log.info("configuration reloaded; changed: %s", ", ".join(plan.changed))
+        previous = self.cfg
+        self.cfg = plan.cfg
+        set_level(plan.cfg.log_level)  # children forked from now on inherit it
+        self._send_config_to_control()
+        if needs_rollout(plan.changed):
+            # Counted as a success once every process runs it (a failure if one cannot).
+            self.rollout = Rollout(list(range(self.processes)), previous)
+        else:
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
+
+    def _rollout_failed(self, rollout: Rollout, why: str) -> None:
+        """A new process could not start: the old one of that index keeps serving; go back
+        to the previous configuration (the processes already replaced are replaced again)."""
+        self.rollout = None
+        if rollout.previous is None:
+            log.error("reload: rolling back failed too (%s); processes keep running", why)
+            return
+        log.error("reload failed (%s); going back to the previous configuration", why)
+        self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
+        self.cfg = rollout.previous
+        from smg.logs import set_level
+
+        set_level(self.cfg.log_level)
+        self._send_config_to_control()
+        if rollout.replaced:
+            self.rollout = Rollout(list(rollout.replaced), None)
+
+    def _send_config_to_control(self) -> None:
+        """Hand the control plane the new configuration (health checks, log level, worker
+        list). A blocking call with a short timeout: the root has no loop. If the control
+        plane is down, its replacement is forked with the new configuration anyway."""
+        message = {"kind": "reload", "config": self.cfg}
+        try:
+            answer = blocking_call(ipc.control_plane_address(self.pid), message, 5.0)
+        except (OSError, ValueError) as exc:
+            log.warning("reload: the control plane did not take the new configuration: %r", exc)
+            return
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            log.warning("reload: the control plane answered %r", answer)
+
+    def _free_slot_for_new(self) -> int | None:
+        used = {c.slot for c in self.dataplanes} | {c.slot for c in self.retiring}
+        for slot in range(self.table.slots):
+            if slot not in used and self.table.read_proc(slot).pid == 0:
+                return slot
+        return None
+
+    def _advance_rollout(self) -> None:
+        """One step of a live reload: start the next index's new process on the same
+        listener in the free slot; once it is ready (accepting), tell the old one to stop
+        accepting and drain; wait for the old one to exit (freeing its slot); go on."""
+        rollout = self.rollout
+        if rollout is None:
+            return
+        now = time.monotonic()
+        old = rollout.old
+        if old is not None:
+            if old.pid in self.children:
+                if now > rollout.old_deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(old.pid, signal.SIGKILL)
+                    rollout.old_deadline = math.inf
+                return
+            rollout.old = None
+        new = rollout.new
+        if new is not None:
+            state = self.table.read_proc(new.slot)
+            if state.pid == new.pid and state.state == layout.PROC_READY:
+                self._switch_over(rollout, new)
+            elif now > rollout.new_deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(new.pid, signal.SIGKILL)
+                new.retiring = True  # reaped as a retiring process: its slot is freed
+                self.retiring.append(new)
+                self._rollout_failed(
+                    rollout,
+                    f"the new data-plane process was not ready in "
+                    f"{REPLACEMENT_READY_TIMEOUT_SECS:.0f} s",
+                )
+            return
+        if not rollout.pending:
+            self.rollout = None
+            if rollout.previous is not None:
+                self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
+                log.info("reload: every data-plane process runs the new configuration")
+            else:
+                log.info("reload: every data-plane process runs the previous configuration")
+            return
+        slot = self._free_slot_for_new()
+        if slot is None:
+            return  # a slot is still being freed
+        index = rollout.pending.pop(0)
+        if self._listener_for(index) is None:
+            return  # crash-looping with its listener closed: its respawn gets the new config
+        child = Child("dataplane", index, slot)
+        rollout.new = child
+        rollout.new_deadline = now + REPLACEMENT_READY_TIMEOUT_SECS
+        self._fork(child)
+
+    def _switch_over(self, rollout: Rollout, new: Child) -> None:
+        old = self.dataplanes[new.index]
+        new.ready = True
+        self.dataplanes[new.index] = new
+        rollout.new = None
+        rollout.replaced.append(new.index)
+        self._count(layout.G_DP_RESTARTS + layout.RESTART_WORDS["reload"])
+        if old.pid and old.pid in self.children:
+            old.retiring = True
+            self.retiring.append(old)
+            rollout.old = old
+            rollout.old_deadline = (
+                time.monotonic() + float(self.cfg.shutdown_grace_period_secs) + 5.0
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old.pid, REPLACE_SIGNAL)
+        log.info(
+            "reload: data-plane process %d replaced (pid %d -> %d, slot %d -> %d)",
+            new.index,
+            old.pid,
+            new.pid,
+            old.slot,
+            new.slot,
+        )
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
         try:
             self.start()
         except StartupError as exc:
@@ -328,6 +612,10 @@ class Supervisor:
             while not self._stop_requested:
                 self._reap()
                 self._respawn_due()
+                self._check_heartbeats()
+                if self._reload_requested and self.rollout is None:
+                    self._reload()  # one at a time: a SIGHUP during a rollout waits for it
+                self._advance_rollout()
                 time.sleep(0.05)
         except StartupError as exc:
             log.error("smg stopping: %s", exc)
@@ -345,7 +633,9 @@ class Supervisor:
         # The data-plane processes hold their own copies: each listener closes when its
         # process stops accepting, not later.
         self._close_listeners()
-        dataplane_pids = [c.pid for c in self.dataplanes if c.pid]
+        dataplane_pids = [c.pid for c in [*self.dataplanes, *self.retiring] if c.pid]
+        if self.rollout is not None and self.rollout.new is not None:
+            dataplane_pids.append(self.rollout.new.pid)
         for pid in dataplane_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -383,3 +673,32 @@ class Supervisor:
                 self.mock_process.wait(5)
             except subprocess.TimeoutExpired:
                 self.mock_process.kill()
+
+
+def blocking_call(address: str, message: object, timeout: float) -> object:
+    """One request and answer over the local channel without an event loop (the root has
+    none): the same frames and the same peer check as `smg.ipc.call`."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+        if ipc.peer_uid(sock) != os.geteuid():
+            raise ipc.PeerRefused(f"{address[1:]!r} is served by another user")
+        sock.sendall(ipc.encode_frame(message))
+        header = _recv_exactly(sock, 4)
+        (length,) = struct.unpack("!I", header)
+        if length > ipc.MAX_FRAME:
+            raise ValueError(f"frame of {length} bytes")
+        return msgspec.msgpack.decode(_recv_exactly(sock, length))
+    finally:
+        sock.close()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("the peer closed the channel")
+        chunks += chunk
+    return bytes(chunks)

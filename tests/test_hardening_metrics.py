@@ -251,6 +251,8 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
         "smg_engine_token_usage": "gauge",
         "smg_worker_health_checks": "counter",
         "smg_gateway_in_flight_requests": "gauge",
+        "smg_dataplane_restarts": "counter",
+        "smg_config_reloads": "counter",
     }
     processes = {s.labels["process"] for s in families["smg_http_requests"].samples}
     assert processes == {"0", "1"}

@@ -15,33 +15,40 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import aiohttp
+import msgspec
 import orjson
 from aiohttp import web
 
 from smg import __version__, ipc, promtext
-from smg.config import ConfigError, model_aliases, prometheus_bind_host
+from smg.config import ConfigError, GatewayConfig, model_aliases, prometheus_bind_host
 from smg.control import probes
+from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.httpwire import HttpError, error_body
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
+from smg.shm import layout
 from smg.shm.readiness import readiness
+from smg.shm.stash import Stash
 from smg.workers_spec import (
     WorkerSpec,
     apply_worker_patch,
     parse_worker_patch,
     parse_worker_spec,
+    validate_worker_spec,
 )
 
 if TYPE_CHECKING:
-    from smg.config import GatewayConfig
     from smg.shm.table import WorkerTable
 
 log = logging.getLogger("smg.control")
 
 AdminAnswer = tuple[int, list[tuple[str, str]], bytes]
 _JSON = [("content-type", "application/json")]
+# Every data-plane process is scraped this often (and at each /metrics request), so that
+# a process that dies without pushing its final numbers loses at most this much.
+DATAPLANE_SCRAPE_SECS = 2.0
 
 
 class ControlPlane:
@@ -52,6 +59,7 @@ class ControlPlane:
         root_pid: int,
         processes: int,
         initial_specs: list[WorkerSpec],
+        stash: Stash | None = None,
     ) -> None:
         self.cfg = cfg
         self.table = table
@@ -71,6 +79,11 @@ class ControlPlane:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[tuple[str, str], int] = {}
         self._stopping = False
+        # The folded totals of gone data-plane processes survive this process in `stash`
+        # (shared memory the supervisor made): a replacement control plane starts from them.
+        self.stash = stash
+        self.metric_folder = MetricFolder.from_state(stash.read() if stash else b"")
+        self._scrape_seq = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -104,6 +117,7 @@ class ControlPlane:
                     log.error("worker %s not registered: %s", spec.url, exc.message)
             self.registry.mark_seeded()
         self._spawn(self._load_loop())
+        self._spawn(self._dataplane_scrape_loop())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -323,7 +337,12 @@ class ControlPlane:
     async def on_ipc(self, message: Any) -> Any:
         if not isinstance(message, dict):
             return [400, _JSON, error_body(400, "bad_request", "malformed control message")]
-        if message.get("kind") == "admin":
+        kind = message.get("kind")
+        if kind == "final_metrics":
+            return self._final_metrics(message)
+        if kind == "reload":
+            return self._reload(message)
+        if kind == "admin":
             try:
                 status, headers, body = await self.admin(
                     message["method"], message["path"], message.get("query", ""), message["body"]
@@ -469,19 +488,10 @@ class ControlPlane:
     # --- metrics -------------------------------------------------------------------------------
 
     async def _metrics_handler(self, _request: web.Request) -> web.Response:
-        async def scrape(index: int) -> list[Family]:
-            try:
-                answer = await ipc.call(
-                    ipc.dataplane_address(self.root_pid, index), {"kind": "metrics"}, 2.0
-                )
-                return promtext.decode_families(answer)
-            except Exception as exc:  # a process being replaced has no series now
-                log.debug("metrics of data-plane process %d unavailable: %r", index, exc)
-                return []
-
+        await self._scrape_dataplanes()
         families = self.metric_families()
-        for answer in await asyncio.gather(*(scrape(i) for i in range(self.processes))):
-            families.extend(answer)
+        families.extend(self.supervisor_families())
+        families.extend(self.metric_folder.families())
         return web.Response(
             body=promtext.render(families).encode("utf-8"),
             headers={
@@ -489,6 +499,138 @@ class ControlPlane:
                 "x-smg-metrics-processes": str(self.processes),
             },
         )
+
+    def _live_dataplanes(self) -> list[tuple[int, int]]:
+        """(slot, pid) of every data-plane process serving or draining now."""
+        alive = []
+        for slot in range(self.table.slots):
+            proc = self.table.read_proc(slot)
+            if proc.pid and proc.state in (layout.PROC_READY, layout.PROC_DRAINING):
+                alive.append((slot, proc.pid))
+        return alive
+
+    async def _scrape_dataplanes(self) -> None:
+        """Ask every live data-plane process for its series; fold those of processes gone."""
+        alive = self._live_dataplanes()
+        self._scrape_seq += 1
+        seq = self._scrape_seq
+
+        async def scrape(key: tuple[int, int]) -> None:
+            try:
+                answer = await ipc.call(
+                    ipc.dataplane_address(self.root_pid, key[0]), {"kind": "metrics"}, 2.0
+                )
+                families = promtext.decode_families(answer)
+            except Exception as exc:  # stuck or being replaced: its last scrape stands
+                log.debug("metrics of data-plane slot %d unavailable: %r", key[0], exc)
+                return
+            self.metric_folder.update(key, families, seq)
+
+        await asyncio.gather(*(scrape(key) for key in alive))
+        # The table again, after the scrapes: a process that exited meanwhile is retired
+        # with the numbers it last gave.
+        folder = self.metric_folder
+        before = len(folder.live)
+        folder.sync(set(self._live_dataplanes()))
+        if len(folder.live) != before:
+            self._save_folded()
+
+    def _save_folded(self) -> None:
+        if self.stash is not None and not self.stash.write(self.metric_folder.state()):
+            log.warning("folded metric totals are larger than their stash; not saved")
+
+    async def _dataplane_scrape_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(DATAPLANE_SCRAPE_SECS)
+            try:
+                await self._scrape_dataplanes()
+            except Exception as exc:  # the loop must outlive any one scrape
+                log.warning("data-plane scrape failed: %r", exc)
+
+    def _final_metrics(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A draining data-plane process's last numbers, just before it exits."""
+        try:
+            key = (int(message["slot"]), int(message["pid"]))
+            families = promtext.decode_families(message["families"])
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+            return {"ok": False, "error": f"malformed final metrics: {exc}"}
+        self.metric_folder.retire(key, families)
+        self._save_folded()
+        return {"ok": True}
+
+    def supervisor_families(self) -> list[Family]:
+        """Counters the root supervisor keeps in the table (it has no loop to serve them)."""
+        atomic = self.table.atomic
+        restarts = self.table.global_offset(layout.G_DP_RESTARTS)
+        reloads = self.table.global_offset(layout.G_CONFIG_RELOADS)
+        return [
+            Family(
+                "smg_dataplane_restarts_total",
+                "counter",
+                "Data-plane processes replaced, by reason (crash, heartbeat, reload) (smg only)",
+                [
+                    Sample("", [("reason", reason)], atomic.load_u64(restarts + word))
+                    for reason, word in layout.RESTART_WORDS.items()
+                ],
+            ),
+            Family(
+                "smg_config_reloads_total",
+                "counter",
+                "Configuration reloads (SIGHUP) by result (success, failure) (smg only)",
+                [
+                    Sample("", [("result", result)], atomic.load_u64(reloads + word))
+                    for result, word in layout.RELOAD_WORDS.items()
+                ],
+            ),
+        ]
+
+    # --- live reload -------------------------------------------------------------------------------
+
+    def _reload(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The supervisor's validated new configuration: health checks, thresholds, log
+        level, load monitoring read `self.cfg` from now on; `--worker-urls` added are
+        registered and removed are drained and removed (workers added through the admin
+        API are not in either list and stay)."""
+        from smg.logs import set_level
+        from smg.reload import worker_list_changes
+
+        try:
+            cfg = msgspec.convert(message["config"], GatewayConfig)
+        except (KeyError, msgspec.ValidationError) as exc:
+            return {"ok": False, "error": f"malformed configuration: {exc}"}
+        old = self.cfg
+        self.cfg = cfg
+        set_level(cfg.log_level)
+        self.registry.thresholds = HealthThresholds(
+            success_threshold=cfg.health_success_threshold,
+            failure_threshold=cfg.health_failure_threshold,
+        )
+        self.registry.health_check_disabled = cfg.disable_health_check
+        aliases = model_aliases(cfg)
+        if aliases != model_aliases(old):
+            self.registry.aliases = aliases
+            self.registry.publish()  # the directory carries them to every process
+        added, removed = worker_list_changes(old.worker_urls, cfg.worker_urls)
+        for url in removed:
+            worker_id = self.registry.by_url.get(_spec_url(url))
+            record = self.registry.get(worker_id) if worker_id is not None else None
+            if record is not None and record.status != WorkerStatus.DRAINING:
+                log.info("reload: worker %s left --worker-urls; removing it", url)
+                self._spawn(self._drain_and_remove(record))
+        for url in added:
+            try:
+                spec = validate_worker_spec(WorkerSpec(url=url))
+            except ConfigError as exc:
+                log.error("reload: worker %s not registered: %s", url, exc)
+                continue
+            if spec.url in self.registry.by_url:
+                continue
+            try:
+                self._register(spec)
+            except HttpError as exc:
+                log.error("reload: worker %s not registered: %s", url, exc.message)
+        log.info("configuration reloaded in the control plane")
+        return {"ok": True}
 
     def metric_families(self) -> list[Family]:
         """The control plane's series: per worker, health-check counts, global in-flight."""
@@ -565,6 +707,14 @@ def _policy_needs_loads(cfg: GatewayConfig) -> bool:
         return needs_backend_loads(cfg.policy)
     except ValueError:  # a policy smg does not implement: the data plane refuses it
         return False
+
+
+def _spec_url(url: str) -> str:
+    """A `--worker-urls` entry as the registry keys it (validated, normalized)."""
+    try:
+        return validate_worker_spec(WorkerSpec(url=url)).url
+    except ConfigError:
+        return url
 
 
 def _json(status: int, payload: Any) -> AdminAnswer:

@@ -13,6 +13,7 @@ from smg.control.plane import ControlPlane
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
+    from smg.shm.stash import Stash
     from smg.shm.table import WorkerTable
     from smg.workers_spec import WorkerSpec
 
@@ -25,10 +26,11 @@ def run(
     root_pid: int,
     processes: int,
     specs: list[WorkerSpec],
+    stash: Stash | None = None,
 ) -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    plane = ControlPlane(cfg, table, root_pid, processes, specs)
+    plane = ControlPlane(cfg, table, root_pid, processes, specs, stash)
     try:
         loop.run_until_complete(plane.start())
     except Exception as exc:

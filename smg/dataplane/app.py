@@ -126,13 +126,15 @@ class DataPlane:
         root_pid: int,
         policy: Policy,
         loop: asyncio.AbstractEventLoop,
+        slot: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.table = table
         self.index = index  # listener number: x-smg-process, the IPC address
-        # This process's slot in the shared table (in-flight counts, process words). Today the
-        # same as `index`; a replacement started next to its predecessor gets a spare slot.
-        self.slot = index
+        # This process's slot in the shared table (in-flight counts, process words): `index`
+        # at start-up; a replacement started next to its predecessor (live reload) gets the
+        # free one (the table has one slot more than there are processes).
+        self.slot = index if slot is None else slot
         self.root_pid = root_pid
         self.policy = policy
         self.loop = loop

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -17,7 +20,7 @@ from smg.dataplane.app import DataPlane
 from smg.dataplane.server import ClientConnection
 from smg.policies.registry import make_policy
 from smg.shm import layout
-from smg.supervisor import BACKLOG
+from smg.supervisor import BACKLOG, DUMP_SIGNAL, REPLACE_SIGNAL, heartbeat_interval
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
@@ -28,6 +31,11 @@ log = logging.getLogger("smg.dataplane")
 # Connections that arrive after readiness turned 503 are still served for this long, so a
 # load balancer that has not yet seen the 503 does not get refused connections.
 LISTENER_LINGER_SECS = 1.0
+# A replaced process (live reload) leaves an idle keep-alive connection open this long,
+# so a client that sends on it meanwhile is answered (with `Connection: close`) rather
+# than finding it closed under its request; the replacement accepts everything new.
+REPLACED_IDLE_CLOSE_SECS = 2.0
+TEST_HOOKS_ENV = "SMG__TEST_HOOKS"
 
 
 def run(
@@ -36,20 +44,38 @@ def run(
     index: int,
     root_pid: int,
     sock: socket.socket,
+    slot: int | None = None,
 ) -> int:
     """Serve ``sock`` (bound and listening, opened by the supervisor) until SIGTERM has
-    drained this process. Returns the exit code."""
+    drained this process (or the supervisor's replacement signal, on a live reload).
+    ``index`` is the listener number; ``slot`` this process's slot in the table (``index``
+    unless given). Returns the exit code."""
+    slot = index if slot is None else slot
     started = time.time()
-    table.write_proc(index, os.getpid(), layout.PROC_STARTING, started)
+    pid = os.getpid()
+    heartbeat_word = table.proc_word_offset(slot, layout.P_HEARTBEAT_NS)
+    table.atomic.store_u64(heartbeat_word, 0)
+    table.write_proc(slot, pid, layout.PROC_STARTING, started)
+    # The supervisor sends DUMP_SIGNAL before it kills a process whose loop stopped
+    # beating: the C-level handler writes every thread's Python stack to stderr (the
+    # gateway's log) even while the loop is stuck in a blocking call.
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     try:
         sock.setblocking(False)
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         policy = make_policy(cfg.policy, cfg, index=index)
-        app = DataPlane(cfg, table, index, root_pid, policy, loop)
+        app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot)
+        if os.environ.get(TEST_HOOKS_ENV) == "1":
+            from smg.dataplane.testhooks import fail_start_if_asked, install
+
+            fail_start_if_asked()
+            install(app)
         # Held in a local for the life of the process: an unreferenced server is collected.
+        # The address is per slot: during a live reload the old and the new process of one
+        # listener both serve (and are scraped) at once.
         ipc_server = loop.run_until_complete(
-            ipc.serve(ipc.dataplane_address(root_pid, index), app.on_ipc)
+            ipc.serve(ipc.dataplane_address(root_pid, slot), app.on_ipc)
         )
         # Accepting comes last: a process that fails to start must leave the connections
         # queued on its listener (which the supervisor keeps) for the next one.
@@ -57,27 +83,42 @@ def run(
             loop.create_server(lambda: ClientConnection(app), sock=sock, backlog=BACKLOG)
         )
     except Exception as exc:
-        table.write_proc(index, os.getpid(), layout.PROC_FAILED, started, f"{exc}")
+        table.write_proc(slot, pid, layout.PROC_FAILED, started, f"{exc}")
         log.error("data-plane process %d failed to start: %s", index, exc)
         return 3
     app.start()
-    stopped = loop.create_future()
+    stopped: asyncio.Future[bool] = loop.create_future()
 
-    def on_sigterm() -> None:
+    def on_stop(replaced: bool) -> None:
         if not stopped.done():
-            stopped.set_result(None)
+            stopped.set_result(replaced)
 
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGTERM, on_stop, False)
+    loop.add_signal_handler(REPLACE_SIGNAL, on_stop, True)
     # Ctrl-C reaches the whole process group; the root supervisor turns it into SIGTERM.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
-    table.write_proc(index, os.getpid(), layout.PROC_READY, started)
+    interval = heartbeat_interval(cfg)
+    store = table.atomic.store_u64
+
+    def beat() -> None:
+        # From inside the loop: a loop that stops turning stops beating.
+        store(heartbeat_word, time.monotonic_ns())
+        loop.call_later(interval, beat)
+
+    beat()
+    table.write_proc(slot, pid, layout.PROC_READY, started)
     try:
-        loop.run_until_complete(stopped)
-        table.write_proc(index, os.getpid(), layout.PROC_DRAINING, started)
-        loop.run_until_complete(_drain(app, server, float(cfg.shutdown_grace_period_secs)))
+        replaced = loop.run_until_complete(stopped)
+        table.write_proc(slot, pid, layout.PROC_DRAINING, started)
+        grace = float(cfg.shutdown_grace_period_secs)
+        if replaced:
+            loop.run_until_complete(_drain_replaced(app, server, grace))
+        else:
+            loop.run_until_complete(_drain(app, server, grace))
+        loop.run_until_complete(_push_final_metrics(app, root_pid, slot, pid))
     finally:
         ipc_server.close()
-        table.write_proc(index, 0, layout.PROC_EMPTY, 0.0)
+        table.write_proc(slot, 0, layout.PROC_EMPTY, 0.0)
     return 0
 
 
@@ -89,6 +130,27 @@ async def _drain(app: DataPlane, server: asyncio.AbstractServer, grace: float) -
     await asyncio.sleep(min(LISTENER_LINGER_SECS, grace))
     server.close()
     app.begin_drain()
+    await _finish(app, deadline)
+
+
+async def _drain_replaced(app: DataPlane, server: asyncio.AbstractServer, grace: float) -> None:
+    """Replaced on a live reload: the new process already accepts on the same listener,
+    so this one stops accepting at once (what the kernel queued goes to the new one) and
+    stays ready. Every keep-alive connection gets `Connection: close` on its next response;
+    one that stays idle is closed after REPLACED_IDLE_CLOSE_SECS."""
+    deadline = time.monotonic() + grace
+    server.close()
+    app.draining = True
+    while time.monotonic() < deadline and app.connections:
+        now = time.monotonic()
+        for conn in list(app.connections):
+            if not conn.busy and now - conn.since >= REPLACED_IDLE_CLOSE_SECS:
+                conn.close()
+        await asyncio.sleep(0.05)
+    await _finish(app, deadline)
+
+
+async def _finish(app: DataPlane, deadline: float) -> None:
     while time.monotonic() < deadline:
         if not app.active and not any(conn.busy for conn in app.connections):
             break
@@ -98,3 +160,17 @@ async def _drain(app: DataPlane, server: asyncio.AbstractServer, grace: float) -
     for pool in app.pools.values():
         pool.close_all()
     await asyncio.sleep(0)
+
+
+async def _push_final_metrics(app: DataPlane, root_pid: int, slot: int, pid: int) -> None:
+    """Hand the control plane this process's final counters, so they are folded into the
+    gateway's totals (its last periodic scrape may be seconds old)."""
+    app.metrics.connections_active = 0
+    message = {
+        "kind": "final_metrics",
+        "slot": slot,
+        "pid": pid,
+        "families": app.metrics.families(app.index),
+    }
+    with contextlib.suppress(Exception):  # the control plane may be gone (shutdown)
+        await ipc.call(ipc.control_plane_address(root_pid), message, 2.0)

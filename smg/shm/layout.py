@@ -69,9 +69,14 @@ G_ADMIT_QUEUED = 64  # requests waiting for a permit, all processes together
 G_RATE_TAT_NS = 128  # rate limiter: theoretical arrival time (GCRA), monotonic ns
 G_HEALTH_EPOCH = 192  # bumped on every breaker/stall transition: re-filter routing
 G_SPARE_4 = 256
-G_SPARE_5 = 320
-G_SPARE_6 = 384
+# Written only by the root supervisor (no loop, so it counts in the table and the
+# control plane's exporter reads them): data-plane restarts by reason, and config reloads
+# by result, one 64-bit word each within the line.
+G_DP_RESTARTS = 320  # + RESTART_WORDS[reason]
+G_CONFIG_RELOADS = 384  # + RELOAD_WORDS[result]
 G_SPARE_7 = 448
+RESTART_WORDS = {"crash": 0, "heartbeat": 8, "reload": 16}
+RELOAD_WORDS = {"success": 0, "failure": 8}
 
 # --- per-process slot -----------------------------------------------------------------
 #   pid u32, state u32, started (unix time) f64, reason: 240 bytes utf-8, NUL padded,

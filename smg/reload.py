@@ -1,0 +1,92 @@
+"""What a live reload (SIGHUP) may change, as pure code: old and new configuration in,
+the configuration to run and what was kept out.
+
+The supervisor re-reads the configuration (`load_config` on the same argv, the
+`--config` file, the environment), and this module decides. Settings bound to things
+created once at start-up (sockets, the shared table's size, the number of processes, the
+mock workers, the log files) keep their running value and are reported; everything else
+applies: data-plane processes are replaced one at a time with the new configuration and
+the control plane takes it over IPC.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgspec
+
+from smg.config import GatewayConfig
+
+# Need a restart of `smg launch`: each names something created once at start-up.
+RESTART_ONLY: tuple[str, ...] = (
+    "host",  # the listening sockets
+    "port",
+    "listen_mode",
+    "processes",  # one listener per process, table slots
+    "worker_table_capacity",  # the shared mapping's size
+    "prometheus_port",  # the exporter's listener
+    "prometheus_host",
+    "health_check_port",  # the probe listener
+    "load_monitor_interval",  # read once when the control plane's load loop starts
+    "log_json",  # the log handlers
+    "log_dir",
+    "mock_workers",  # the mock worker process
+    "mock_worker_engine",
+    "mock_worker_args",
+    "config",  # where the file is; its contents are re-read
+    "print_config",
+)
+
+
+class ReloadPlan(NamedTuple):
+    cfg: GatewayConfig  # the configuration to run: `new` with RESTART_ONLY fields kept
+    changed: list[str]  # fields that apply now
+    kept: list[tuple[str, Any, Any]]  # (field, running value, refused new value)
+
+
+def plan_reload(old: GatewayConfig, new: GatewayConfig) -> ReloadPlan:
+    kept: list[tuple[str, Any, Any]] = []
+    keep: dict[str, Any] = {}
+    for name in RESTART_ONLY:
+        before, after = getattr(old, name), getattr(new, name)
+        if before != after:
+            kept.append((name, before, after))
+            keep[name] = before
+    cfg = msgspec.structs.replace(new, **keep) if keep else new
+    changed = [
+        name
+        for name in GatewayConfig.__struct_fields__
+        if name not in RESTART_ONLY and getattr(old, name) != getattr(cfg, name)
+    ]
+    return ReloadPlan(cfg, changed, kept)
+
+
+def worker_list_changes(old_urls: list[str], new_urls: list[str]) -> tuple[list[str], list[str]]:
+    """(added, removed) between two `--worker-urls` lists, in their order. Only these move:
+    workers added through the admin API are not in either list and are left alone."""
+    old_set, new_set = set(old_urls), set(new_urls)
+    added = [url for url in dict.fromkeys(new_urls) if url not in old_set]
+    removed = [url for url in dict.fromkeys(old_urls) if url not in new_set]
+    return added, removed
+
+
+# The data plane reads nothing else of the configuration; a reload that changes only
+# these leaves the data-plane processes running.
+CONTROL_ONLY: frozenset[str] = frozenset(
+    {
+        "worker_urls",
+        "worker_startup_timeout_secs",
+        "worker_startup_check_interval",
+        "health_failure_threshold",
+        "health_success_threshold",
+        "health_check_timeout_secs",
+        "health_check_interval_secs",
+        "health_check_endpoint",
+        "dataplane_heartbeat_timeout_secs",
+    }
+)
+
+
+def needs_rollout(changed: list[str]) -> bool:
+    """Whether the data-plane processes must be replaced for `changed` to apply."""
+    return any(name not in CONTROL_ONLY for name in changed)
