@@ -42,7 +42,7 @@ def test_nothing_left_out_returns_the_same_list() -> None:
     assert a.claim(1) is True
     a.record(1, 1, 200)
     assert a.filter(rows) is rows
-    assert a.outcomes == {(1, False): 1}
+    assert (a.successes[1], a.failures[1]) == (1, 0)
 
 
 def test_failures_from_two_processes_open_one_breaker_for_both() -> None:

@@ -59,15 +59,16 @@ class WorkerGate:
         "deadline_ms",
         "epoch_load",
         "failure_cells",
+        "failures",
         "fallbacks",
         "half_open",
-        "outcomes",
         "overloaded",
         "seen_epoch",
         "shed",
         "shed_count",
         "slot",
         "stalled",
+        "successes",
         "table",
         "transitions",
         "trials",
@@ -100,7 +101,9 @@ class WorkerGate:
         self.trials: dict[int, tuple[int, int]] = {}  # row -> (epoch, trials this process holds)
         self.contact_stamps = [0] * table.capacity
         # Metrics, this process's share (the exporter adds the processes up).
-        self.outcomes: dict[tuple[int, bool], int] = {}  # (row, failure) -> count
+        # Outcomes per row, successes and failures: lists, so counting one allocates nothing.
+        self.successes = [0] * table.capacity
+        self.failures = [0] * table.capacity
         self.transitions: dict[tuple[int, int, int], int] = {}  # (row, from, to) -> count
         self.fallbacks = {"overload": 0, "liveness": 0}
         self.shed_count = 0
@@ -140,8 +143,7 @@ class WorkerGate:
         if status in FAILURE_STATUSES:
             self._record_failure(row, generation, status)
             return
-        key = (row, False)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        self.successes[row] += 1
         now = time.monotonic_ns()
         if now - self.contact_stamps[row] >= CONTACT_EVERY_NS:
             self._contact(row, generation, now)
@@ -153,8 +155,7 @@ class WorkerGate:
     # --- slow paths --------------------------------------------------------------------------
 
     def _record_failure(self, row: int, generation: int, status: int) -> None:
-        key = (row, True)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        self.failures[row] += 1
         if self.table.read_row(row).generation != generation:
             return  # the row belongs to another worker now: this outcome is not its own
         now = time.monotonic_ns()
@@ -315,12 +316,10 @@ class WorkerGate:
             return entry.url if entry is not None else f"row-{row}"
 
         outcomes = [
-            Sample(
-                "",
-                [proc, ("worker", worker(row)), ("outcome", "failure" if failed else "success")],
-                value,
-            )
-            for (row, failed), value in sorted(self.outcomes.items())
+            Sample("", [proc, ("worker", worker(row)), ("outcome", outcome)], counts[row])
+            for outcome, counts in (("success", self.successes), ("failure", self.failures))
+            for row in range(len(counts))
+            if counts[row]
         ]
         transitions = [
             Sample(
