@@ -49,6 +49,7 @@ CONTACT_EVERY_NS = 100_000_000  # store a worker's last contact at most this oft
 
 class WorkerGate:
     __slots__ = (
+        "bases",
         "blocked",
         "blocks",
         "breaker_on",
@@ -89,6 +90,7 @@ class WorkerGate:
             atomic.cell_u64(table.health_offset(row, H_CB_FAILURES)).load
             for row in range(table.capacity)
         ]
+        self.bases = [table.health_offset(row) for row in range(table.capacity)]
         self.seen_epoch = -1
         self.vetoed = False  # anything left out or half-open: the slow paths run
         self.blocked: frozenset[int] = frozenset()  # left out while others are free
@@ -217,8 +219,7 @@ class WorkerGate:
         half_open: dict[int, int] = {}
         deadline = 0
         timeout_ms = self.blocks.timeout_ms
-        for row in range(table.capacity):
-            base = table.health_offset(row)
+        for row, base in enumerate(self.bases):
             flags = load(base + H_FLAGS)
             if flags & FLAG_STALLED:
                 stalled.add(row)
@@ -278,6 +279,8 @@ class WorkerGate:
         if kept or not rows:
             # Keyed by identity: routing hands out the same list objects until it rebuilds
             # them, and the entry holds the list so its id cannot be reused meanwhile.
+            if len(self.cache) >= 256:
+                self.cache.clear()  # lists of rebuilt routing states pile up otherwise
             self.cache[id(rows)] = (rows, kept if len(kept) < len(rows) else rows)
             return self.cache[id(rows)][1]
         return self._fallback(rows)
