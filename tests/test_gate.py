@@ -3,6 +3,7 @@ data-plane processes; `HealthBlocks` alone stands for the control plane."""
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 
 import pytest
@@ -212,3 +213,52 @@ def test_success_clears_failures_without_a_transition(status: int) -> None:
     b.record(0, 1, status)
     assert a.blocks.counts(0)[0] == 0
     assert transitions(a, b) == {}
+
+
+def test_two_real_processes_agree_on_one_transition_and_the_trial_bound() -> None:
+    """Forked processes on one shared mapping, racing: the opening transition is won once,
+    and a half-open grants exactly --cb-success-threshold trials in all."""
+    cfg = GatewayConfig(cb_failure_threshold=50, cb_success_threshold=3)
+    table = WorkerTable.create(4, 4, supervisor_pid=1)  # anonymous shared mapping
+    blocks = blocks_for(table, cfg)
+    table.write_row(0, Row(1, 1, FLAG_IN_USE, 0, 0, 0, 0.0, 0.0, 0.0, 0.0))
+    blocks.reset_block(0, time.monotonic_ns())
+    ctx = multiprocessing.get_context("fork")
+    won = ctx.Value("i", 0)
+    granted = ctx.Value("i", 0)
+    start = ctx.Event()
+
+    def fail_then_claim(half_open_epoch: int) -> None:
+        start.wait(5)
+        mine = 0
+        for _ in range(200):
+            if blocks.failure(0, 1) is not None:
+                mine += 1
+        with won.get_lock():
+            won.value += mine
+        if half_open_epoch >= 0:
+            taken = sum(blocks.take_trial(0, half_open_epoch) for _ in range(200))
+            with granted.get_lock():
+                granted.value += taken
+
+    procs = [ctx.Process(target=fail_then_claim, args=(-1,)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert won.value == 1
+    assert blocks.state(0) == OPEN
+
+    assert blocks.tick(0, 2**37) == (OPEN, HALF_OPEN)  # far past the timeout
+    epoch = (blocks.word(0) >> 2) & 0xFFFFFF
+    start.clear()
+    procs = [ctx.Process(target=fail_then_claim, args=(epoch,)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert granted.value == 3
