@@ -566,8 +566,9 @@ class DataPlane:
         self._in_flight_done(exchange.row, exchange.generation)
         self.policy.on_complete(exchange.row)
         if error_code != "client_disconnected":
-            # No response head from the worker: a transport failure (status 0) for the gate.
-            upstream = 0 if error_code in _TRANSPORT_CODES and status in (502, 504) else status
+            # No response head from the worker (`exchange.status` still 0): a transport
+            # failure for the gate; after the head, the worker's own status stands.
+            upstream = exchange.status or (0 if error_code in _TRANSPORT_CODES else status)
             self.gate.record(exchange.row, exchange.generation, upstream)
         if exchange.client.exchange is exchange:
             exchange.client.exchange = None
