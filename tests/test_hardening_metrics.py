@@ -253,6 +253,17 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
         "smg_gateway_in_flight_requests": "gauge",
         "smg_dataplane_restarts": "counter",
         "smg_config_reloads": "counter",
+        # Circuit breakers, liveness and overload protection (issue 7).
+        "smg_worker_cb_state": "gauge",
+        "smg_worker_cb_consecutive_failures": "gauge",
+        "smg_worker_cb_consecutive_successes": "gauge",
+        "smg_worker_cb_transitions": "counter",
+        "smg_worker_cb_outcomes": "counter",
+        "smg_worker_stalled": "gauge",
+        "smg_workers_overloaded": "gauge",
+        "smg_worker_overload_shed": "counter",
+        "smg_worker_overload_fallback": "counter",
+        "smg_worker_liveness_fallback": "counter",
     }
     processes = {s.labels["process"] for s in families["smg_http_requests"].samples}
     assert processes == {"0", "1"}

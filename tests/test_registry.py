@@ -6,8 +6,10 @@ import pytest
 
 from smg.control.registry import Registry, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus
+from smg.dataplane.breaker import CLOSED, OPEN
 from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
+from smg.shm.health import FLAG_OVERLOADED, FLAG_STALLED
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID
 from smg.shm.table import WorkerTable
 from smg.workers_spec import WorkerSpec, validate_worker_spec
@@ -134,3 +136,59 @@ def test_grpc_and_disaggregated_workers_are_refused_for_now() -> None:
     assert "prefill" in (
         unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="prefill")) or ""
     )
+
+
+# --- health blocks: reset on assignment, overload flags after polls (issue 7) -----------------
+
+
+def test_a_reused_row_starts_with_a_fresh_health_block() -> None:
+    table = _table(1)
+    registry = _registry(table)
+    first = registry.add(_spec("http://127.0.0.1:9001"))
+    health = registry.health
+    health.failure_threshold = 1
+    health.failure(first.row, 1)
+    health.transport_failure(first.row, 2**62)  # long after the last contact: stalled
+    assert health.state(first.row) == OPEN
+    assert health.flags(first.row) & FLAG_STALLED
+    epoch = health.health_epoch()
+    registry.remove(first.worker_id)
+    second = registry.add(_spec("http://127.0.0.1:9002"))
+    assert second.row == first.row
+    assert health.state(second.row) == CLOSED
+    assert health.flags(second.row) == 0
+    assert health.counts(second.row) == (0, 0, 0)
+    assert health.health_epoch() > epoch  # every process re-filters
+
+
+@pytest.mark.parametrize(
+    ("load", "overloaded"),
+    [
+        (BackendLoad(waiting=8, valid=True), True),
+        (BackendLoad(waiting=7, token_usage=0.79, valid=True), False),
+        (BackendLoad(token_usage=0.8, valid=True), True),
+        (BackendLoad(waiting=50, token_usage=1.0, valid=False), False),
+        (None, False),
+    ],
+)
+def test_load_polls_flag_overload_at_the_thresholds(
+    load: BackendLoad | None, overloaded: bool
+) -> None:
+    table = _table()
+    registry = Registry(
+        table, HealthThresholds(), health_check_disabled=True, overload_limits=(8, 0.8)
+    )
+    record = registry.add(_spec("http://127.0.0.1:9001"))
+    registry.set_load(record, load)
+    assert bool(registry.health.flags(record.row) & FLAG_OVERLOADED) is overloaded
+    assert registry.overloaded(record) is overloaded
+    registry.set_load(record, BackendLoad(valid=True))
+    assert not registry.overloaded(record)
+
+
+def test_overload_protection_off_never_flags() -> None:
+    table = _table()
+    registry = _registry(table)  # overload_limits None: --disable-worker-overload-protection
+    record = registry.add(_spec("http://127.0.0.1:9001"))
+    registry.set_load(record, BackendLoad(waiting=100, token_usage=1.0, valid=True))
+    assert not registry.overloaded(record)

@@ -25,10 +25,12 @@ from smg.control import probes
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
+from smg.dataplane.breaker import STATE_NAMES
 from smg.httpwire import HttpError, error_body
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
 from smg.shm import layout
+from smg.shm.health import FLAG_STALLED, Transition, blocks_for
 from smg.shm.readiness import readiness
 from smg.shm.stash import Stash
 from smg.workers_spec import (
@@ -74,7 +76,14 @@ class ControlPlane:
             ),
             health_check_disabled=cfg.disable_health_check,
             aliases=model_aliases(cfg),
+            overload_limits=_overload_limits(cfg),
         )
+        # Breakers, stalls and overload flags live in the table's health blocks; this
+        # process times them out (open -> half-open), sweeps stalls and records contact.
+        self.health = blocks_for(table, cfg)
+        self.cb_transitions: dict[tuple[str, str, str], int] = {}  # (worker, from, to)
+        self._cb_seen: dict[int, int] = {}  # row -> breaker state last logged
+        self._stall_seen: dict[int, bool] = {}
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[tuple[str, str], int] = {}
@@ -118,6 +127,7 @@ class ControlPlane:
             self.registry.mark_seeded()
         self._spawn(self._load_loop())
         self._spawn(self._dataplane_scrape_loop())
+        self._spawn(self._health_tick_loop())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -239,6 +249,10 @@ class ControlPlane:
             return
         key = (record.spec.worker_type, "success" if ok else "failure")
         self.health_checks[key] = self.health_checks.get(key, 0) + 1
+        if ok:
+            # A passed probe is contact: it ends a stall (a failed one is left to the health
+            # state machine, as in SMG: a slow probe is not unreachability).
+            self._contact(record)
         if ok and not record.discovered:
             self._spawn(self._discover(record, keep_unknown=False))
         # A Pending worker that answers has completed registration (Rust's registration
@@ -301,18 +315,80 @@ class ControlPlane:
         load, endpoint = found
         record.load_endpoints = (endpoint,)
         self.registry.set_load(record, load)
+        self._contact(record)
 
     async def _load_loop(self) -> None:
         interval = float(self.cfg.load_monitor_interval)
         if interval <= 0:
             return
-        if self.cfg.disable_load_monitoring and not _policy_needs_loads(self.cfg):
+        if (
+            self.cfg.disable_load_monitoring
+            and not _policy_needs_loads(self.cfg)
+            and _overload_limits(self.cfg) is None
+        ):
+            # As in SMG 1.13: overload protection needs the loads, so they are polled
+            # even under --disable-load-monitoring while it is on.
             return
         while not self._stopping:
             await asyncio.sleep(interval)
             for record in list(self.registry.workers.values()):
                 if record.status in (WorkerStatus.READY, WorkerStatus.NOT_READY):
                     self._spawn(self._scrape(record))
+
+    def _contact(self, record: WorkerRecord) -> None:
+        if self.registry.get(record.worker_id) is not record:
+            return
+        self._count_transition(record, self.health.contact(record.row, time.monotonic_ns()))
+
+    def _count_transition(self, record: WorkerRecord, transition: Transition | None) -> None:
+        if transition is None:
+            return
+        key = (record.spec.url, STATE_NAMES[transition[0]], STATE_NAMES[transition[1]])
+        self.cb_transitions[key] = self.cb_transitions.get(key, 0) + 1
+
+    async def _health_tick_loop(self) -> None:
+        """Every 100 ms: open breakers whose timeout passed go half-open (the data planes do
+        it too when a request comes first), workers silent since a transport failure are
+        flagged stalled, and changes are logged."""
+        breaker_on = not self.cfg.disable_circuit_breaker
+        while not self._stopping:
+            await asyncio.sleep(0.1)
+            try:
+                self.health_tick(breaker_on)
+            except Exception:  # the loop must survive whatever one round met
+                log.exception("health tick failed")
+
+    def health_tick(self, breaker_on: bool = True) -> None:
+        health = self.health
+        now = time.monotonic_ns()
+        now_ms = now // 1_000_000
+        for record in list(self.registry.workers.values()):
+            row = record.row
+            if breaker_on:
+                self._count_transition(record, health.tick(row, now_ms))
+            health.sweep(row, now)
+            state = health.state(row)
+            if state != self._cb_seen.get(row, 0):
+                level = logging.WARNING if state else logging.INFO
+                log.log(
+                    level,
+                    "worker %s: circuit breaker %s -> %s",
+                    record.spec.url,
+                    STATE_NAMES[self._cb_seen.get(row, 0)],
+                    STATE_NAMES[state],
+                )
+                self._cb_seen[row] = state
+            stalled = bool(health.flags(row) & FLAG_STALLED)
+            if stalled != self._stall_seen.get(row, False):
+                log.log(
+                    logging.WARNING if stalled else logging.INFO,
+                    "worker %s: %s",
+                    record.spec.url,
+                    "stalled: no contact since a transport failure, left out of routing"
+                    if stalled
+                    else "answered again: back in routing",
+                )
+                self._stall_seen[row] = stalled
 
     async def _drain_and_remove(self, record: WorkerRecord) -> None:
         """No new requests (status Draining), let in-flight ones finish, then free the row."""
@@ -487,6 +563,73 @@ class ControlPlane:
 
     # --- metrics -------------------------------------------------------------------------------
 
+    def _health_families(self) -> list[Family]:
+        """Breaker state, counters and liveness per worker, read from the shared table (the
+        one truth every process routes by); transitions this process made. The data-plane
+        processes add their own transitions and outcomes."""
+        state: list[Sample] = []
+        failures: list[Sample] = []
+        successes: list[Sample] = []
+        stalled: list[Sample] = []
+        overloaded: dict[str, int] = {}
+        health = self.health
+        for record in self.registry.workers.values():
+            worker = [("worker", record.spec.url)]
+            state.append(Sample("", worker, health.state(record.row)))
+            consecutive_failures, half_open_successes, _trials = health.counts(record.row)
+            failures.append(Sample("", worker, consecutive_failures))
+            successes.append(Sample("", worker, half_open_successes))
+            flags = health.flags(record.row)
+            stalled.append(
+                Sample("", [*worker, ("reason", "unreachable")], 1 if flags & FLAG_STALLED else 0)
+            )
+            for model in record.served_models or ("unknown",):
+                overloaded.setdefault(model, 0)
+                if self.registry.overloaded(record):
+                    overloaded[model] += 1
+        transitions = [
+            Sample("", [("process", "control"), ("worker", w), ("from", a), ("to", b)], value)
+            for (w, a, b), value in self.cb_transitions.items()
+        ]
+        return [
+            Family(
+                "smg_worker_cb_state",
+                "gauge",
+                "Circuit breaker state per worker (0=closed, 1=open, 2=half_open)",
+                state,
+            ),
+            Family(
+                "smg_worker_cb_consecutive_failures",
+                "gauge",
+                "Current consecutive failure count per worker",
+                failures,
+            ),
+            Family(
+                "smg_worker_cb_consecutive_successes",
+                "gauge",
+                "Current consecutive success count per worker",
+                successes,
+            ),
+            Family(
+                "smg_worker_cb_transitions_total",
+                "counter",
+                "Circuit breaker state transitions by worker, from, to",
+                transitions,
+            ),
+            Family(
+                "smg_worker_stalled",
+                "gauge",
+                "Workers left out of routing by the liveness tracker, by worker and reason",
+                stalled,
+            ),
+            Family(
+                "smg_workers_overloaded",
+                "gauge",
+                "Workers currently flagged overloaded and excluded from routing, by model",
+                [Sample("", [("model", m)], n) for m, n in overloaded.items()],
+            ),
+        ]
+
     async def _metrics_handler(self, _request: web.Request) -> web.Response:
         await self._scrape_dataplanes()
         families = self.metric_families()
@@ -606,6 +749,9 @@ class ControlPlane:
             failure_threshold=cfg.health_failure_threshold,
         )
         self.registry.health_check_disabled = cfg.disable_health_check
+        # Breaker timings and overload thresholds; their state lives in the table and stays.
+        self.health = blocks_for(self.table, cfg)
+        self.registry.overload_limits = _overload_limits(cfg)
         aliases = model_aliases(cfg)
         if aliases != model_aliases(old):
             self.registry.aliases = aliases
@@ -652,6 +798,7 @@ class ControlPlane:
             for (worker_type, result), value in self.health_checks.items()
         ]
         return [
+            *self._health_families(),
             Family(
                 "smg_worker_health",
                 "gauge",
@@ -698,6 +845,13 @@ class ControlPlane:
 
 
 _UNHEALTHY = frozenset({WorkerStatus.NOT_READY, WorkerStatus.FAILED})
+
+
+def _overload_limits(cfg: GatewayConfig) -> tuple[int, float] | None:
+    """Worker overload protection's thresholds, or None when it is switched off."""
+    if cfg.disable_worker_overload_protection:
+        return None
+    return int(cfg.worker_overload_waiting_requests), float(cfg.worker_overload_token_usage)
 
 
 def _policy_needs_loads(cfg: GatewayConfig) -> bool:

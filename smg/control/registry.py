@@ -28,6 +28,7 @@ from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
 from smg.shm import layout
 from smg.shm.directory import Directory, DirectoryEntry, bound_models, encode_directory
+from smg.shm.health import FLAG_OVERLOADED, HealthBlocks
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID, Row
 from smg.shm.table import WorkerTable
 from smg.workers_spec import WorkerSpec, public_worker_spec
@@ -141,8 +142,13 @@ class Registry:
         *,
         health_check_disabled: bool,
         aliases: dict[str, str] | None = None,
+        overload_limits: tuple[int, float] | None = None,
     ) -> None:
         self.table = table
+        self.health = HealthBlocks(table)
+        # (waiting requests, KV usage) at or above which a worker is flagged overloaded after
+        # a load poll; None: worker overload protection is off.
+        self.overload_limits = overload_limits
         self.thresholds = thresholds
         self.health_check_disabled = health_check_disabled
         self.aliases = dict(aliases or {})
@@ -184,6 +190,9 @@ class Registry:
         self.row_generations[row] = generation
         self.workers[record.worker_id] = record
         self.by_url[spec.url] = record.worker_id
+        # The row's breaker, stall and overload state start afresh before any process can
+        # route to the new worker (it becomes routable with the row and directory below).
+        self.health.reset_block(row, time.monotonic_ns())
         self._write_row(record)
         self._write_directory(blob)
         return record
@@ -268,6 +277,20 @@ class Registry:
         record.load = msgspec.structs.replace(load or BackendLoad(), updated=now)
         record.load_updated = now
         self._write_row(record)
+        self.health.set_overloaded(record.row, self.is_overloaded(record))
+
+    def is_overloaded(self, record: WorkerRecord) -> bool:
+        """Over `--worker-overload-waiting-requests` or `--worker-overload-token-usage` by its
+        last poll (both inclusive, as SMG compares); a worker without a usable load is not."""
+        limits = self.overload_limits
+        load = record.load
+        if limits is None or not load.valid:
+            return False
+        return load.waiting >= limits[0] or load.token_usage >= limits[1]
+
+    def overloaded(self, record: WorkerRecord) -> bool:
+        """Whether the worker is flagged overloaded in the table now."""
+        return bool(self.health.flags(record.row) & FLAG_OVERLOADED)
 
     def set_discovery(
         self,

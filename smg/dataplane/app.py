@@ -390,8 +390,38 @@ class DataPlane:
                 conn, request, 503, "no_available_workers", "No available workers (none is ready)"
             )
             return
+        # Breakers, stalls, overload (smg.dataplane.gate). Minimal hook: the retry work
+        # replaces this block with its own use of the same three calls.
+        gated = self.gate.filter(rows)
+        if gated is None:
+            self._send_error(
+                conn,
+                request,
+                503,
+                "worker_overload_protection_shed",
+                f"All workers for model '{model or 'unknown'}' are overloaded",
+                extra_headers=b"retry-after: %d\r\n" % self.cfg.load_monitor_interval,
+            )
+            return
+        rows = gated
         try:
-            row = self.policy.select(rows, self.view, RouteRequest(model=model, stream=stream))
+            route = RouteRequest(model=model, stream=stream)
+            row = -1
+            while rows:
+                row = self.policy.select(rows, self.view, route)
+                if self.gate.claim(row):
+                    break
+                rows = [r for r in rows if r != row]
+            if not rows:
+                self._send_error(
+                    conn,
+                    request,
+                    503,
+                    "no_available_workers",
+                    "All workers are unavailable (circuit breaker open or unhealthy)",
+                    extra_headers=b"retry-after: %d\r\n" % self.cfg.load_monitor_interval,
+                )
+                return
         except NoEligibleWorker:
             self._send_error(
                 conn,
@@ -537,6 +567,11 @@ class DataPlane:
         self.active.discard(exchange)
         self._in_flight_done(exchange.row, exchange.generation)
         self.policy.on_complete(exchange.row)
+        if error_code != "client_disconnected":
+            # No response head from the worker (`exchange.status` still 0): a transport
+            # failure for the gate; after the head, the worker's own status stands.
+            upstream = exchange.status or (0 if error_code in _TRANSPORT_CODES else status)
+            self.gate.record(exchange.row, exchange.generation, upstream)
         if exchange.client.exchange is exchange:
             exchange.client.exchange = None
         metrics = self.metrics
@@ -666,7 +701,9 @@ class DataPlane:
         kind = message.get("kind") if isinstance(message, dict) else None
         if kind == "metrics":
             self.metrics.connections_active = len(self.connections)
-            return self.metrics.families(self.index)
+            return self.metrics.families(self.index) + self.gate.families(
+                self.state.entries, self.index
+            )
         if kind == "stats":
             return {
                 "process": self.index,
@@ -680,6 +717,9 @@ class DataPlane:
         log.error("%s: %r", message, exc, exc_info=exc)
 
 
+_TRANSPORT_CODES = frozenset(
+    {"upstream_connect_failed", "upstream_connection_closed", "upstream_timeout"}
+)
 _DEFAULT_RID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 _KNOWN_PATHS = (
     PROXY_ROUTES

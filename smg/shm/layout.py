@@ -67,7 +67,7 @@ GLOBALS_SIZE = 512
 G_ADMIT_IN_FLIGHT = 0  # admission permits held, all processes together
 G_ADMIT_QUEUED = 64  # requests waiting for a permit, all processes together
 G_RATE_TAT_NS = 128  # rate limiter: theoretical arrival time (GCRA), monotonic ns
-G_HEALTH_EPOCH = 192  # bumped on every breaker/stall transition: re-filter routing
+G_HEALTH_EPOCH = 192  # bumped on every breaker/stall/overload change: re-filter routing
 G_SPARE_4 = 256
 # Written only by the root supervisor (no loop, so it counts in the table and the
 # control plane's exporter reads them): data-plane restarts by reason, and config reloads
@@ -118,7 +118,7 @@ H_CB_TRIALS = 24  # half-open trial requests admitted
 H_CB_CHANGED_NS = 32  # monotonic ns of the last breaker transition
 H_LAST_CONTACT_NS = 40  # monotonic ns of the last answer from the worker (any source)
 H_TRANSPORT_FAILURE_NS = 48  # monotonic ns of the last transport failure
-H_SPARE_7 = 56
+H_FLAGS = 56  # bit 0 stalled (smg.shm.health), bit 1 overloaded (set by the control plane)
 
 INFLIGHT = struct.Struct("<q")
 
