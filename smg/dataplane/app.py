@@ -697,13 +697,17 @@ class DataPlane:
             error_code=error_code,
         )
 
+    def metric_families(self) -> list[Any]:
+        """Every series this process counts (scraped, and pushed once more at exit)."""
+        return self.metrics.families(self.index) + self.gate.families(
+            self.state.entries, self.index
+        )
+
     async def on_ipc(self, message: Any) -> Any:
         kind = message.get("kind") if isinstance(message, dict) else None
         if kind == "metrics":
             self.metrics.connections_active = len(self.connections)
-            return self.metrics.families(self.index) + self.gate.families(
-                self.state.entries, self.index
-            )
+            return self.metric_families()
         if kind == "stats":
             return {
                 "process": self.index,

@@ -170,7 +170,7 @@ async def _push_final_metrics(app: DataPlane, root_pid: int, slot: int, pid: int
         "kind": "final_metrics",
         "slot": slot,
         "pid": pid,
-        "families": app.metrics.families(app.index),
+        "families": app.metric_families(),
     }
     with contextlib.suppress(Exception):  # the control plane may be gone (shutdown)
         await ipc.call(ipc.control_plane_address(root_pid), message, 2.0)
