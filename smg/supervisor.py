@@ -19,6 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from smg.dataplane import admission
 from smg.shm import layout
 from smg.shm.table import WorkerTable
 
@@ -262,6 +263,7 @@ class Supervisor:
             # Its in-flight counts can never be decremented now: zero them before anyone
             # replaces it.
             self.table.zero_process(child.index)
+            admission.reclaim_process(self.table, child.index)  # its permits and queue places
             self.table.write_proc(child.index, 0, layout.PROC_EMPTY, 0.0)
             if self._stop_requested:
                 continue
