@@ -35,6 +35,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
+import atomicshm
 import orjson
 
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram
@@ -233,6 +234,30 @@ def reclaim_process(table: WorkerTable, slot: int) -> tuple[int, int]:
             atomic.store_u64(own_offset, 0)
         returned.append(count)
     return returned[0], returned[1]
+
+
+def gateway_families(table: WorkerTable) -> list[Family]:
+    """The gateway-wide words, for the control plane's exporter (the per-process gauges
+    lose a dead process's series; these do not)."""
+    atomic = table.atomic
+    in_flight = atomicshm.as_signed(
+        atomic.load_u64(table.global_offset(layout.G_ADMIT_IN_FLIGHT)), 64
+    )
+    queued = atomicshm.as_signed(atomic.load_u64(table.global_offset(layout.G_ADMIT_QUEUED)), 64)
+    return [
+        Family(
+            "smg_gateway_admission_inflight",
+            "gauge",
+            "Admission permits held in the whole gateway (smg only)",
+            [Sample("", [], in_flight)],
+        ),
+        Family(
+            "smg_gateway_admission_queue_depth",
+            "gauge",
+            "Requests waiting for an admission permit in the whole gateway (smg only)",
+            [Sample("", [], queued)],
+        ),
+    ]
 
 
 def refusal(
