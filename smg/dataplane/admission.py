@@ -163,20 +163,32 @@ class AdmissionWords:
         return cls(table.atomic, offsets, limit, queue_size, rate)
 
     def try_acquire(self, now_ns: int) -> int:
-        """OK (a permit is held now), BUSY, or the ns to wait for the rate limiter."""
+        """OK (a permit is held now), BUSY, or the ns to wait for the rate limiter;
+        `now_ns` (monotonic) is only read when the rate limit is on."""
         atomic = self.atomic
+        g_in_flight = self.g_in_flight
         # Global word first, own word second: a kill between them leaves the global word
         # one too high (a permit lost), never too low.
-        if atomic.fetch_add_u64(self.g_in_flight, 1) >= self.limit:
-            atomic.fetch_sub_u64(self.g_in_flight, 1)
+        if atomic.fetch_add_u64(g_in_flight, 1) >= self.limit:
+            atomic.fetch_sub_u64(g_in_flight, 1)
             return BUSY
-        if self.interval:
-            wait = self.rate_take(now_ns)
-            if wait:
-                atomic.fetch_sub_u64(self.g_in_flight, 1)
-                return wait
-        self.permits += 1
-        atomic.store_u64(self.p_permits, self.permits)
+        interval = self.interval
+        if interval:
+            # The uncontended conforming case inline (one load, one CAS); `rate_take` does
+            # the rest (a wait, or a lost CAS to retry).
+            tat = atomic.load_u64(self.g_tat)
+            base = tat if tat > now_ns else now_ns
+            if (
+                base - now_ns > self.tolerance
+                or atomic.cas_u64(self.g_tat, tat, base + interval) != tat
+            ):
+                wait = self.rate_take(now_ns)
+                if wait:
+                    atomic.fetch_sub_u64(g_in_flight, 1)
+                    return wait
+        permits = self.permits + 1
+        self.permits = permits
+        atomic.store_u64(self.p_permits, permits)
         return OK
 
     def release(self) -> None:
@@ -355,7 +367,9 @@ class Admission:
         """True: a permit is held for this request now. False: it was queued or refused
         (answered here), and `app.proxy_admitted` runs once it holds a permit."""
         if not self.waiters:  # FIFO: no overtaking this process's own waiters
-            result = self.words.try_acquire(self._clock())
+            words = self.words
+            # The clock only matters to the rate limiter.
+            result = words.try_acquire(self._clock() if words.interval else 0)
             if result == OK:
                 self.allowed += 1
                 return True
