@@ -221,3 +221,30 @@ def test_refusals_as_smg_sends_them(
         "error": {"type": expected, "message": kind[3]},
         "request_id": "msg_x",
     }
+
+
+def test_the_oldest_waiter_in_any_live_process_goes_first() -> None:
+    table = _table()
+    a, b, c = _words(table, 0), _words(table, 1), _words(table, 2)
+    now = 100 * NS
+    assert a.first_in_line(now, now)  # nobody else waits
+    a.publish_head(now - 5_000_000, now)  # a's oldest waiter: queued 5 ms ago
+    assert not b.first_in_line(now - 1_000_000, now)  # b's is younger: a goes first
+    assert b.first_in_line(now - 9_000_000, now)  # b's is older
+    assert a.first_in_line(now - 5_000_000, now)  # its own word does not count
+    b.publish_head(now - 9_000_000, now)
+    assert not a.first_in_line(now - 5_000_000, now)
+    assert not c.first_in_line(now, now)
+    # A process that stopped trying (stalled, dying) holds no one up past FRESH_NS.
+    later = now + admission.FRESH_NS + 1
+    assert a.first_in_line(now - 5_000_000, later)
+    a.publish_head(0, now)  # a has no waiter any more
+    b.publish_head(0, now)
+    assert c.first_in_line(now, now)
+    # The supervisor clears a dead process's words.
+    a.publish_head(now - 5_000_000, now)
+    admission.reclaim_process(table, 0)
+    assert c.first_in_line(now, now)
+    assert not c.anyone_waiting()
+    assert a.enter_queue()
+    assert c.anyone_waiting()

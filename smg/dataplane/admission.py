@@ -25,6 +25,15 @@ never too low (the bound exceeded).
 released in this process straight to its first waiter, a short retry timer while the
 process has waiters (permits released by other processes are seen within ~1 ms), queue
 timeouts, and SMG's answers and metrics.
+
+Fairness across processes: each process publishes when its oldest waiter was queued
+(`P_HEAD_SINCE`). A process hands a released permit to its own waiter, or tries for one
+on its timer, only when no other live process has an older waiter; otherwise the permit
+goes back to the gateway, where the process with the oldest waiter takes it on its next
+try (within ~1 ms). A new request does not take the fast path while anyone waits
+(`G_ADMIT_QUEUED` > 0). So the gateway serves waiters in about their arrival order, to
+within the retry interval; without this, a process recycling its own permits starved the
+others (measured: 8 s waits in two of four processes with 5 ms requests).
 """
 
 from __future__ import annotations
@@ -61,6 +70,17 @@ RETRY_INTERVAL_S = 0.001
 # The Rust SMG 1.13 sends `retry-after: 2` with every admission refusal (429 and 503).
 RETRY_AFTER_SECS = 2
 _CAS_ATTEMPTS = 1000  # a CAS that loses this often in a row: treat as a 1 ms rate wait
+# A process's published oldest waiter counts only while the process keeps trying for it
+# (its last try is this recent): a stalled or dead process holds no one up for longer.
+FRESH_NS = 50_000_000
+# While rate-limited, still try (and publish that this process is alive) this often.
+MAX_TICK_S = 0.005
+
+# Process words of admission's cross-process fairness (spare words of the layout; the
+# names belong in smg.shm.layout once merged): the monotonic ns at which this process's
+# oldest live waiter was queued (0: none), and when the process last tried for it.
+P_HEAD_SINCE = layout.P_SPARE_3
+P_TRIED_NS = layout.P_SPARE_4
 
 # What the Rust SMG 1.13 answers (observed: --max-concurrent-requests 1 in front of a slow
 # worker): status, error code, OpenAI error type, message.
@@ -123,8 +143,11 @@ class AdmissionWords:
         "g_tat",
         "interval",
         "limit",
+        "others",
+        "p_head",
         "p_permits",
         "p_queued",
+        "p_tried",
         "permits",
         "queue_size",
         "queued",
@@ -148,6 +171,9 @@ class AdmissionWords:
         self.tolerance = self.interval * (limit - 1)
         self.permits = 0  # what this process holds (mirrored into P_PERMITS)
         self.queued = 0  # mirrored into P_QUEUED
+        # Fairness words: this process's (P_HEAD_SINCE, P_TRIED_NS), the other processes'.
+        self.p_head = self.p_tried = -1
+        self.others: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def for_table(
@@ -160,7 +186,15 @@ class AdmissionWords:
             table.proc_word_offset(slot, layout.P_PERMITS),
             table.proc_word_offset(slot, layout.P_QUEUED),
         )
-        return cls(table.atomic, offsets, limit, queue_size, rate)
+        words = cls(table.atomic, offsets, limit, queue_size, rate)
+        words.p_head = table.proc_word_offset(slot, P_HEAD_SINCE)
+        words.p_tried = table.proc_word_offset(slot, P_TRIED_NS)
+        words.others = tuple(
+            (table.proc_word_offset(other, P_HEAD_SINCE), table.proc_word_offset(other, P_TRIED_NS))
+            for other in range(table.slots)
+            if other != slot
+        )
+        return words
 
     def try_acquire(self, now_ns: int) -> int:
         """OK (a permit is held now), BUSY, or the ns to wait for the rate limiter;
@@ -213,6 +247,29 @@ class AdmissionWords:
                 return 0
         return 1_000_000
 
+    def anyone_waiting(self) -> bool:
+        return self.atomic.load_u64(self.g_queued) != 0
+
+    def publish_head(self, since: int, now_ns: int) -> None:
+        """This process's oldest waiter was queued at `since` (0: none); it tries now."""
+        if self.p_head < 0:
+            return
+        atomic = self.atomic
+        atomic.store_u64(self.p_head, since)
+        atomic.store_u64(self.p_tried, now_ns)
+
+    def first_in_line(self, since: int, now_ns: int) -> bool:
+        """Whether a waiter queued at `since` is the oldest of the gateway's live
+        processes' (ties go to whoever asks: both may take a free permit)."""
+        atomic = self.atomic
+        load = atomic.load_u64
+        fresh = now_ns - FRESH_NS
+        for head, tried in self.others:
+            other = load(head)
+            if other and other < since and load(tried) >= fresh:
+                return False
+        return True
+
     def enter_queue(self) -> bool:
         """Take a place in the gateway-wide queue; False when it is full."""
         atomic = self.atomic
@@ -245,6 +302,8 @@ def reclaim_process(table: WorkerTable, slot: int) -> tuple[int, int]:
             atomic.fetch_sub_u64(table.global_offset(shared), count)
             atomic.store_u64(own_offset, 0)
         returned.append(count)
+    for word in (P_HEAD_SINCE, P_TRIED_NS):  # it waits for nothing any more
+        atomic.store_u64(table.proc_word_offset(slot, word), 0)
     return returned[0], returned[1]
 
 
@@ -366,8 +425,9 @@ class Admission:
     def enter(self, conn: ClientConnection, request: Request) -> bool:
         """True: a permit is held for this request now. False: it was queued or refused
         (answered here), and `app.proxy_admitted` runs once it holds a permit."""
-        if not self.waiters:  # FIFO: no overtaking this process's own waiters
-            words = self.words
+        words = self.words
+        # FIFO: no overtaking waiters, this process's or any other's.
+        if not self.waiters and not words.anyone_waiting():
             # The clock only matters to the rate limiter.
             result = words.try_acquire(self._clock() if words.interval else 0)
             if result == OK:
@@ -381,7 +441,10 @@ class Admission:
             self._refuse(conn, request, QUEUE_FULL)
             return False
         self.queued_total += 1
-        waiter = Waiter(self, conn, request, self._clock())
+        now = self._clock()
+        waiter = Waiter(self, conn, request, now)
+        if not self.waiters:
+            words.publish_head(now, now)
         self.waiters.append(waiter)
         conn.exchange = waiter  # type: ignore[assignment]  # see Waiter
         if self._timer is None:
@@ -392,19 +455,30 @@ class Admission:
         """A request holding a permit is finished: its permit goes to this process's first
         waiter when there is one (and the rate limit lets it), else back to the gateway."""
         waiters = self.waiters
+        words = self.words
         while waiters:
             waiter = waiters[0]
             if waiter.done:
                 waiters.popleft()
                 continue
-            if self.words.interval and self.words.rate_take(self._clock()):
+            now = self._clock()
+            if not words.first_in_line(waiter.enqueued, now):
+                break  # another process's waiter is older: the permit goes back for it
+            if words.interval and words.rate_take(now):
                 break  # rate-limited: the timer admits it when it conforms
             waiters.popleft()
+            self._publish_head(now)
             # The permit stays held (no word changes); the grant runs from the loop, not
             # inside the finishing exchange's bookkeeping.
             self.loop.call_soon(self._grant, waiter)
             return
-        self.words.release()
+        words.release()
+
+    def _publish_head(self, now: int) -> None:
+        waiters = self.waiters
+        while waiters and waiters[0].done:
+            waiters.popleft()
+        self.words.publish_head(waiters[0].enqueued if waiters else 0, now)
 
     def cancel(self, waiter: Waiter) -> None:
         """The client went away while queued: leave the queue now (it never held a permit)."""
@@ -453,27 +527,32 @@ class Admission:
         waiters = self.waiters
         words = self.words
         now = self._clock()
-        while waiters:
-            waiter = waiters[0]
-            if waiter.done:
-                waiters.popleft()
-                continue
-            if waiter.deadline <= now:
-                # One timeout for all: deadlines are in FIFO order.
-                waiters.popleft()
-                self._expire(waiter, now)
-                continue
-            result = words.try_acquire(now)
-            if result == OK:
-                waiters.popleft()
-                self._grant(waiter)
-                now = self._clock()
-                continue
-            until_deadline = (waiter.deadline - now) / NS
-            if result == BUSY:
-                return min(RETRY_INTERVAL_S, until_deadline)
-            return min(result / NS, until_deadline)
-        return None
+        try:
+            while waiters:
+                waiter = waiters[0]
+                if waiter.done:
+                    waiters.popleft()
+                    continue
+                if waiter.deadline <= now:
+                    # One timeout for all: deadlines are in FIFO order.
+                    waiters.popleft()
+                    self._expire(waiter, now)
+                    continue
+                until_deadline = (waiter.deadline - now) / NS
+                if not words.first_in_line(waiter.enqueued, now):
+                    return min(RETRY_INTERVAL_S, until_deadline)
+                result = words.try_acquire(now)
+                if result == OK:
+                    waiters.popleft()
+                    self._grant(waiter)
+                    now = self._clock()
+                    continue
+                if result == BUSY:
+                    return min(RETRY_INTERVAL_S, until_deadline)
+                return min(result / NS, until_deadline, MAX_TICK_S)
+            return None
+        finally:
+            self._publish_head(now)
 
     def _expire(self, waiter: Waiter, now: int) -> None:
         waiter.done = True
