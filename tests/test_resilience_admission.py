@@ -30,6 +30,11 @@ def mock() -> Iterator[str]:
         yield workers.url
 
 
+def configure(mock: str, ttft_ms: int) -> None:
+    """Every test sets the mock's timing it needs (the mock is shared by the module)."""
+    mockutil.set_config(mock, ttft_ms=ttft_ms, itl_ms=0, output_len=16)
+
+
 @contextlib.contextmanager
 def gateway(worker: str, *flags: str, processes: int = 4) -> Iterator[Gateway]:
     gw = Gateway(["--worker-urls", worker, *flags], processes=processes)
@@ -153,7 +158,7 @@ def wait_metric(gw: Gateway, name: str, value: float, timeout: float) -> None:
 
 
 def test_concurrency_limit_holds_for_the_gateway(mock: str) -> None:
-    mockutil.set_config(mock, ttft_ms=200)
+    configure(mock, 200)
     with gateway(mock, "--max-concurrent-requests", "50") as gw:
         mockutil.reset_stats(mock)
         answers = load(gw.port, connections=64, per_connection=6, seconds=30)
@@ -169,7 +174,7 @@ def test_concurrency_limit_holds_for_the_gateway(mock: str) -> None:
 
 
 def test_queue_full_429_and_queue_timeout_503_as_smg(mock: str) -> None:
-    mockutil.set_config(mock, ttft_ms=3000)
+    configure(mock, 3000)
     flags = ("--max-concurrent-requests", "1", "--queue-size", "1", "--queue-timeout-secs", "1")
     with gateway(mock, *flags, processes=2) as gw:
         holder = send_only(gw.port)
@@ -220,7 +225,7 @@ def test_queue_full_429_and_queue_timeout_503_as_smg(mock: str) -> None:
 
 
 def test_queue_size_zero_answers_429_at_once(mock: str) -> None:
-    mockutil.set_config(mock, ttft_ms=2000)
+    configure(mock, 2000)
     with gateway(mock, "--max-concurrent-requests", "1", "--queue-size", "0", processes=2) as gw:
         holder = send_only(gw.port)
         wait_metric(gw, "smg_gateway_admission_inflight", 1, 5.0)
@@ -235,7 +240,7 @@ def test_queue_size_zero_answers_429_at_once(mock: str) -> None:
 
 
 def test_a_client_that_leaves_the_queue_frees_its_place(mock: str) -> None:
-    mockutil.set_config(mock, ttft_ms=3000)
+    configure(mock, 3000)
     flags = ("--max-concurrent-requests", "1", "--queue-size", "1", "--queue-timeout-secs", "30")
     with gateway(mock, *flags, processes=2) as gw:
         holder = send_only(gw.port)
@@ -257,7 +262,7 @@ def test_a_client_that_leaves_the_queue_frees_its_place(mock: str) -> None:
 
 @pytest.mark.parametrize("connections", [64, 1])
 def test_rate_limit_is_gateway_wide(mock: str, connections: int) -> None:
-    mockutil.set_config(mock, ttft_ms=0)
+    configure(mock, 0)
     flags = ("--max-concurrent-requests", "50", "--rate-limit-tokens-per-second", "100")
     with gateway(mock, *flags) as gw:
         seconds = 20.0
@@ -282,7 +287,7 @@ def _holders(gw: Gateway) -> dict[int, int]:
 
 
 def test_a_killed_process_gives_its_permits_back(mock: str) -> None:
-    mockutil.set_config(mock, ttft_ms=3000)
+    configure(mock, 3000)
     with gateway(mock, "--max-concurrent-requests", "50") as gw:
         socks = [send_only(gw.port) for _ in range(40)]
         wait_metric(gw, "smg_gateway_admission_inflight", 40, 10.0)
@@ -300,9 +305,64 @@ def test_a_killed_process_gives_its_permits_back(mock: str) -> None:
         assert statuses[200] == 40 - held
         wait_metric(gw, "smg_gateway_admission_inflight", 0, 5.0)
         # The full limit is usable again: 50 requests at once all get in.
-        mockutil.set_config(mock, ttft_ms=500)
+        configure(mock, 500)
         gw.wait_ready()
         mockutil.reset_stats(mock)
         answers = load(gw.port, connections=50, per_connection=1, seconds=20)
         assert Counter(status for _, status in answers) == {200: 50}
         assert mockutil.stats(mock)["peak_in_flight"] == 50
+
+
+def test_a_stream_holds_its_permit_until_its_last_byte(mock: str) -> None:
+    mockutil.set_config(mock, ttft_ms=0, itl_ms=150, output_len=10)  # about 1.4 s of stream
+    flags = ("--max-concurrent-requests", "1", "--queue-timeout-secs", "30")
+    with gateway(mock, *flags, processes=2) as gw:
+        stream = orjson.dumps(
+            {
+                "model": "mock-model",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        )
+        streaming = send_only(gw.port, stream)
+        status, head = read_status(streaming)
+        assert status == 200 and b"text/event-stream" in head
+        # Its first frames are out, the stream goes on: the permit is still held.
+        assert metric(gw, "smg_gateway_admission_inflight") == 1
+        waiting = send_only(gw.port)
+        wait_metric(gw, "smg_gateway_admission_queue_depth", 1, 5.0)
+        started = time.monotonic()
+        rest = b""
+        while b"data: [DONE]" not in rest:
+            chunk = streaming.recv(65536)
+            assert chunk
+            rest += chunk
+        # Only once the stream ended did the waiting request get in.
+        assert read_status(waiting)[0] == 200
+        assert time.monotonic() - started >= 0.5
+        for sock in (streaming, waiting):
+            sock.close()
+        wait_metric(gw, "smg_gateway_admission_inflight", 0, 5.0)
+
+
+def test_mock_peak_in_flight_counts_and_resets(mock: str) -> None:
+    configure(mock, 500)
+    mockutil.reset_stats(mock)
+    socks = []
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", int(mock.rsplit(":", 1)[1])), timeout=10)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: m\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(CHAT), CHAT)
+        )
+        socks.append(sock)
+    mockutil.wait_for(lambda: mockutil.stats(mock)["in_flight"] == 3)
+    mockutil.reset_stats(mock)  # the peak restarts from what runs now
+    assert mockutil.stats(mock)["peak_in_flight"] == 3
+    for sock in socks:
+        assert read_status(sock)[0] == 200
+        sock.close()
+    mockutil.reset_stats(mock)
+    assert mockutil.stats(mock)["peak_in_flight"] == 0
+    assert mockutil.request("POST", mock + "/v1/chat/completions", CHAT)[0] == 200
+    assert mockutil.stats(mock)["peak_in_flight"] == 1
