@@ -248,3 +248,19 @@ def test_the_oldest_waiter_in_any_live_process_goes_first() -> None:
     assert not c.anyone_waiting()
     assert a.enter_queue()
     assert c.anyone_waiting()
+
+
+def test_new_limits_apply_in_place_and_keep_the_count() -> None:
+    table = _table()
+    words = _words(table, 0, limit=2, queue=2)
+    assert words.try_acquire(0) == OK
+    assert words.try_acquire(0) == OK
+    words.set_limits(1, 2, None)  # lowered below what is held: no one new gets in
+    words.release()
+    assert words.try_acquire(0) == BUSY
+    words.set_limits(3, 2, 1)
+    assert words.try_acquire(10 * NS) == OK
+    assert (words.interval, words.tolerance) == (NS, 2 * NS)
+    words.release()
+    words.release()
+    assert _global(table, layout.G_ADMIT_IN_FLIGHT) == 0

@@ -163,6 +163,7 @@ def test_concurrency_limit_holds_for_the_gateway(mock: str) -> None:
         mockutil.reset_stats(mock)
         answers = load(gw.port, connections=64, per_connection=6, seconds=30)
         stats = mockutil.stats(mock)
+        print(f"limit 50, 4 processes, 64 connections: mock peak {stats['peak_in_flight']}")
         assert Counter(status for _, status in answers) == {200: 64 * 6}  # none lost
         assert stats["inference_answered"] == 64 * 6
         # Never above the limit, and the limit was binding (64 clients, 4 processes).
@@ -272,6 +273,7 @@ def test_rate_limit_is_gateway_wide(mock: str, connections: int) -> None:
         assert Counter(status for _, status in answers) == {200: len(answers)}
         # 100/s, plus the burst of 50 at the start.
         rate = (len(ok) - 50) / seconds
+        print(f"rate limit 100/s over {connections} connection(s): {len(ok)} in {seconds} s")
         assert 90 <= rate <= 110, (len(ok), rate)
 
 

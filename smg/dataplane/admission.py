@@ -69,6 +69,7 @@ NS = 1_000_000_000
 RETRY_INTERVAL_S = 0.001
 # The Rust SMG 1.13 sends `retry-after: 2` with every admission refusal (429 and 503).
 RETRY_AFTER_SECS = 2
+UNBOUNDED = 1 << 62  # a limit no count reaches
 _CAS_ATTEMPTS = 1000  # a CAS that loses this often in a row: treat as a 1 ms rate wait
 # A process's published oldest waiter counts only while the process keeps trying for it
 # (its last try is this recent): a stalled or dead process holds no one up for longer.
@@ -164,11 +165,8 @@ class AdmissionWords:
     ) -> None:
         self.atomic = atomic
         self.g_in_flight, self.g_queued, self.g_tat, self.p_permits, self.p_queued = offsets
-        self.limit = limit
-        self.queue_size = queue_size
-        # GCRA: one request per `interval` ns, up to `limit` back to back.
-        self.interval = round(NS / rate_per_second) if rate_per_second else 0
-        self.tolerance = self.interval * (limit - 1)
+        self.limit = self.queue_size = self.interval = self.tolerance = 0
+        self.set_limits(limit, queue_size, rate_per_second)
         self.permits = 0  # what this process holds (mirrored into P_PERMITS)
         self.queued = 0  # mirrored into P_QUEUED
         # Fairness words: this process's (P_HEAD_SINCE, P_TRIED_NS), the other processes'.
@@ -195,6 +193,14 @@ class AdmissionWords:
             if other != slot
         )
         return words
+
+    def set_limits(self, limit: int, queue_size: int, rate_per_second: int | None) -> None:
+        """New bounds (a configuration reload); what is held or queued stays counted."""
+        self.limit = limit
+        self.queue_size = queue_size
+        # GCRA: one request per `interval` ns, up to `limit` back to back.
+        self.interval = round(NS / rate_per_second) if rate_per_second else 0
+        self.tolerance = self.interval * (limit - 1)
 
     def try_acquire(self, now_ns: int) -> int:
         """OK (a permit is held now), BUSY, or the ns to wait for the rate limiter;
@@ -419,6 +425,15 @@ class Admission:
             table, slot, limit, cfg.queue_size, cfg.rate_limit_tokens_per_second
         )
         return cls(words, app, loop, float(cfg.queue_timeout_secs))
+
+    def reconfigure(self, cfg: GatewayConfig) -> None:
+        """Apply reloaded limits in place (permits held and places queued stay counted, so
+        the words stay exact). --max-concurrent-requests 0 here lifts the bounds; the data
+        plane drops this object only when it holds nothing (or is replaced)."""
+        limit = effective_limit(cfg.max_concurrent_requests)
+        rate = cfg.rate_limit_tokens_per_second if limit else None
+        self.words.set_limits(limit or UNBOUNDED, cfg.queue_size, rate)
+        self.timeout_ns = int(cfg.queue_timeout_secs * NS)
 
     # --- the request path ---------------------------------------------------------------
 
