@@ -533,7 +533,9 @@ class Admission:
         except Exception as exc:  # the timer must keep running whatever happened
             self.app.log_error("admission timer failed", exc)
             delay = RETRY_INTERVAL_S
-        if delay is not None:
+        # A request that queued during this tick (a pipelined one, started by an answer
+        # sent here) has scheduled the next tick already: one timer chain, never two.
+        if delay is not None and self._timer is None:
             self._timer = self.loop.call_later(delay, self._tick)
 
     def _admit_waiters(self) -> float | None:
