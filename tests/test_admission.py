@@ -4,6 +4,7 @@ fake clock, a dead process's reclaim, the derived limit and SMG's refusal answer
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import time
@@ -264,3 +265,99 @@ def test_new_limits_apply_in_place_and_keep_the_count() -> None:
     words.release()
     words.release()
     assert _global(table, layout.G_ADMIT_IN_FLIGHT) == 0
+
+
+class _App:
+    """What Admission needs of the data plane: the admitted and the refused, recorded."""
+
+    def __init__(self) -> None:
+        self.admitted: list[str] = []
+        self.refused: list[tuple[str, int, str]] = []
+
+    def proxy_admitted(self, conn: _Conn, request: _Request) -> None:
+        self.admitted.append(request.name)
+
+    def _send(self, conn: _Conn, request: _Request, status: int, body: bytes, **kw: object) -> None:
+        self.refused.append((request.name, status, str(kw["error_code"])))
+
+    def log_error(self, message: str, exc: BaseException | None) -> None:
+        raise AssertionError(message) from exc
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.closed = False
+        self.exchange: object = None
+
+
+class _Request:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.request_id = name.encode()
+        self.path = "/v1/chat/completions"
+
+
+def test_waiters_fifo_handoff_cancel_and_timeout() -> None:
+    table = _table()
+    loop = asyncio.new_event_loop()
+    try:
+        app = _App()
+        words = _words(table, 0, limit=1, queue=2)
+        adm = admission.Admission(words, app, loop, 0.3)  # type: ignore[arg-type]
+        conns = {name: _Conn() for name in "abcdef"}
+
+        def enter(name: str) -> bool:
+            return adm.enter(conns[name], _Request(name))  # type: ignore[arg-type]
+
+        def run(seconds: float) -> None:
+            loop.run_until_complete(asyncio.sleep(seconds))
+
+        assert enter("a")  # holds the only permit
+        assert not enter("b")
+        assert not enter("c")
+        assert isinstance(conns["b"].exchange, admission.Waiter)
+        assert not enter("d")  # the queue (2) is full
+        assert app.refused == [("d", 429, "admission_queue_full")]
+        run(0.01)
+        assert app.admitted == []  # the limit binds
+        adm.release()  # a finishes: its permit goes straight to b
+        run(0.01)
+        assert app.admitted == ["b"]
+        assert conns["b"].exchange is None
+        assert words.permits == 1 and _global(table, layout.G_ADMIT_IN_FLIGHT) == 1
+        conns["c"].exchange.client_gone()  # type: ignore[attr-defined]
+        assert words.queued == 0 and _global(table, layout.G_ADMIT_QUEUED) == 0
+        assert not enter("e")
+        run(0.5)  # e waits past the queue timeout
+        assert app.refused[-1] == ("e", 503, "admission_queue_timeout")
+        adm.release()  # b finishes: nobody waits, the permit goes back
+        assert _global(table, layout.G_ADMIT_IN_FLIGHT) == 0
+        assert enter("f")
+        adm.release()
+        assert (adm.allowed, adm.rejected, adm.rejected_full, adm.rejected_timeout) == (3, 2, 1, 1)
+        assert (adm.queued_total, adm.cancelled) == (3, 1)
+        assert _global(table, layout.G_ADMIT_IN_FLIGHT) == 0
+        assert _global(table, layout.G_ADMIT_QUEUED) == 0
+    finally:
+        loop.close()
+
+
+def test_a_permit_released_elsewhere_reaches_a_waiter_within_milliseconds() -> None:
+    table = _table()
+    loop = asyncio.new_event_loop()
+    try:
+        app = _App()
+        other = _words(table, 1, limit=1, queue=2)
+        adm = admission.Admission(_words(table, 0, limit=1, queue=2), app, loop, 5.0)  # type: ignore[arg-type]
+        assert other.try_acquire(0) == OK  # another process holds the permit
+        assert not adm.enter(_Conn(), _Request("w"))  # type: ignore[arg-type]
+        loop.run_until_complete(asyncio.sleep(0.02))
+        assert app.admitted == []
+        other.release()
+        started = time.monotonic()
+        while not app.admitted and time.monotonic() - started < 2.0:
+            loop.run_until_complete(asyncio.sleep(0.001))
+        assert app.admitted == ["w"]
+        assert time.monotonic() - started < 0.5
+    finally:
+        loop.close()
