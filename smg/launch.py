@@ -55,9 +55,6 @@ def main(argv: list[str]) -> int:
 # Accepted so Rust SMG command lines keep working, but the feature arrives in a later issue.
 _INERT = {
     "cors_allowed_origins": "CORS",
-    "max_concurrent_requests": "admission control",
-    "queue_size": "admission control",
-    "queue_timeout_secs": "admission control",
     "model_path": "gateway-side tokenization (gRPC mode)",
     "tokenizer_path": "gateway-side tokenization (gRPC mode)",
     "chat_template": "gateway-side chat templates (gRPC mode)",

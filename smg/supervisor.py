@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from smg import ipc
+from smg.dataplane import admission
 from smg.shm import layout
 from smg.shm.stash import Stash
 from smg.shm.table import WorkerTable
@@ -351,8 +352,10 @@ class Supervisor:
                     self.listeners[child.index] = None
 
     def _free_slot(self, slot: int) -> None:
-        """Zero a gone process's slot: in-flight counts, state, heartbeat."""
+        """Zero a gone process's slot: in-flight counts, admission permits and queue places
+        (returned to the gateway-wide words), state, heartbeat."""
         self.table.zero_process(slot)
+        admission.reclaim_process(self.table, slot)
         self.table.atomic.store_u64(self.table.proc_word_offset(slot, layout.P_HEARTBEAT_NS), 0)
         self.table.write_proc(slot, 0, layout.PROC_EMPTY, 0.0)
 

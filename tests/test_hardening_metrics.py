@@ -264,6 +264,16 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
         "smg_worker_overload_shed": "counter",
         "smg_worker_overload_fallback": "counter",
         "smg_worker_liveness_fallback": "counter",
+        # Admission control (issue 7), on by default (the limit derived from the host).
+        "smg_http_rate_limit": "counter",
+        "smg_admission_queue_rejected": "counter",
+        "smg_admission_queued": "counter",
+        "smg_admission_queue_cancelled": "counter",
+        "smg_admission_queue_wait_seconds": "histogram",
+        "smg_admission_inflight": "gauge",
+        "smg_admission_queue_depth": "gauge",
+        "smg_gateway_admission_inflight": "gauge",
+        "smg_gateway_admission_queue_depth": "gauge",
     }
     processes = {s.labels["process"] for s in families["smg_http_requests"].samples}
     assert processes == {"0", "1"}

@@ -26,6 +26,7 @@ from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane.breaker import STATE_NAMES
+from smg.dataplane import admission
 from smg.httpwire import HttpError, error_body
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
@@ -841,6 +842,7 @@ class ControlPlane:
                 "Requests in flight in the whole gateway (smg only)",
                 [Sample("", [], self.table.total_in_flight())],
             ),
+            *admission.gateway_families(self.table),
         ]
 
 

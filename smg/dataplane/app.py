@@ -18,6 +18,7 @@ import msgspec
 import orjson
 
 from smg import ipc
+from smg.dataplane.admission import Admission
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import WorkerGate
 from smg.dataplane.metrics import DataPlaneMetrics
@@ -140,6 +141,10 @@ class DataPlane:
         self.loop = loop
         self.view = ShmLoadView(table)
         self.gate = WorkerGate(cfg, table, self.slot)
+        # Global admission control (None when --max-concurrent-requests is 0). Each
+        # admitted request's Exchange is in `permit_holders` until `exchange_finished`.
+        self.admission = Admission.from_config(cfg, table, self.slot, self, loop)
+        self.permit_holders: set[Exchange] = set()
         self.state = RoutingState()
         self.metrics = DataPlaneMetrics()
         self.connections: set[ClientConnection] = set()
@@ -295,7 +300,11 @@ class DataPlane:
                         extra_headers=b"allow: POST\r\n",
                     )
                     return
-                self.proxy(conn, request)
+                admission = self.admission
+                if admission is None:
+                    self.proxy(conn, request)
+                elif admission.enter(conn, request):
+                    self.proxy_admitted(conn, request)
                 return
             if method == b"GET" or method == b"HEAD":
                 # HEAD answers as GET does, without the body (RFC 9110 9.3.2).
@@ -463,6 +472,23 @@ class DataPlane:
         self.policy.on_dispatch(row)
         exchange.start()
 
+    def proxy_admitted(self, conn: ClientConnection, request: Request) -> None:
+        """`proxy` for a request holding an admission permit. The permit goes with the
+        Exchange proxy() starts for it (released in `exchange_finished`); when proxy()
+        answers without one (bad JSON, no worker, ...) or fails, it is released here.
+
+        The Exchange is recognised as `conn.exchange` not yet in `permit_holders`: an
+        answer sent inside proxy() may start the connection's next pipelined request
+        (nested, its own permit), whose Exchange is already a holder by then."""
+        try:
+            self.proxy(conn, request)
+        finally:
+            exchange = conn.exchange
+            if isinstance(exchange, Exchange) and exchange not in self.permit_holders:
+                self.permit_holders.add(exchange)
+            else:
+                self.admission.release()  # type: ignore[union-attr]
+
     def _pool(self, row: int, entry: DirectoryEntry) -> WorkerPool:
         key = (row, entry.generation)
         pool = self.pools.get(key)
@@ -580,6 +606,10 @@ class DataPlane:
         metrics.response(path, status, error_code)
         metrics.duration(exchange.method, path, time.monotonic() - exchange.started)
         metrics.routed_request(exchange.model, path, exchange.stream)
+        holders = self.permit_holders
+        if exchange in holders:
+            holders.discard(exchange)
+            self.admission.release()  # type: ignore[union-attr]
 
     # --- simple responses ---------------------------------------------------------------------------
 
@@ -699,9 +729,11 @@ class DataPlane:
 
     def metric_families(self) -> list[Any]:
         """Every series this process counts (scraped, and pushed once more at exit)."""
-        return self.metrics.families(self.index) + self.gate.families(
-            self.state.entries, self.index
-        )
+        families = self.metrics.families(self.index)
+        families += self.gate.families(self.state.entries, self.index)
+        if self.admission is not None:
+            families += self.admission.families(self.index)
+        return families
 
     async def on_ipc(self, message: Any) -> Any:
         kind = message.get("kind") if isinstance(message, dict) else None
@@ -714,6 +746,7 @@ class DataPlane:
                 "connections": len(self.connections),
                 "active": len(self.active),
                 "in_flight": {str(row): count for row, (_g, count) in self.local_in_flight.items()},
+                "admission": None if self.admission is None else self.admission.stats(),
             }
         return {"error": f"unknown message kind {kind!r}"}
 

@@ -507,6 +507,7 @@ class Worker:
 
     def h_mock_reset(self, conn: Connection, req: Request) -> None:
         self.stats.reset()
+        self.stats.peak_in_flight = self.in_flight  # the peak counts from what runs now
         self.respond(conn, req, 200, b'{"reset":true}', count=False)
 
 
@@ -790,8 +791,11 @@ class Connection(asyncio.Protocol):
         """Run one inference response as a Task; it is in flight until finished or cut."""
         self._transition("start_async")
         self._async_tokens = tokens
-        self.worker.in_flight += 1
-        self.worker.in_flight_tokens += tokens
+        worker = self.worker
+        worker.in_flight += 1
+        worker.in_flight_tokens += tokens
+        if worker.in_flight > worker.stats.peak_in_flight:
+            worker.stats.peak_in_flight = worker.in_flight
         self.task = asyncio.get_running_loop().create_task(coro)
         self.task.add_done_callback(self._task_done)
 

@@ -35,6 +35,9 @@ class WorkerStats:
         self.by_route: dict[bytes, int] = {}
         self.by_status: dict[int, int] = {}
         self.total = 0
+        # Most inference requests in flight at once since the start or the last reset
+        # (tests check gateway concurrency limits with it).
+        self.peak_in_flight = 0
         self.disconnects = 0
         self.last_disconnect_mono: float | None = None
         self.last_disconnect_wall: float | None = None
@@ -77,6 +80,7 @@ class WorkerStats:
             "requests_by_route": {k.decode("latin-1"): v for k, v in self.by_route.items()},
             "responses_by_status": {str(k): v for k, v in self.by_status.items()},
             "in_flight": in_flight,
+            "peak_in_flight": max(self.peak_in_flight, in_flight),
             "inference_answered": self.inference_answered,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
