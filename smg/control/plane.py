@@ -25,8 +25,8 @@ from smg.control import probes
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
-from smg.dataplane.breaker import STATE_NAMES
 from smg.dataplane import admission
+from smg.dataplane.breaker import STATE_NAMES
 from smg.httpwire import HttpError, error_body
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
