@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -187,9 +188,12 @@ def test_test_hooks_are_absent_without_the_environment_variable() -> None:
         gw.close_log()
 
 
-def test_stalled_process_is_dumped_and_replaced() -> None:
+@pytest.mark.parametrize("to_file", [False, True], ids=["stderr", "log_dir"])
+def test_stalled_process_is_dumped_and_replaced(to_file: bool, tmp_path: Path) -> None:
+    # With --log-dir the log is smg.log: the dump must land there, not only on stderr.
+    extra = ["--log-dir", str(tmp_path)] if to_file else []
     gw = Gateway(
-        ["--mock-workers", "1", "--dataplane-heartbeat-timeout-secs", "1"],
+        ["--mock-workers", "1", "--dataplane-heartbeat-timeout-secs", "1", *extra],
         processes=2,
         env={"SMG__TEST_HOOKS": "1"},
     ).start()
@@ -212,8 +216,12 @@ def test_stalled_process_is_dumped_and_replaced() -> None:
         # for the dump, the supervisor's 50 ms poll, and slack for this slow machine.
         assert received == b""
         assert elapsed < 15.0, elapsed
-        wait_until(lambda: "no heartbeat for 1.0 s" in gw.logs(), 10.0, "the replacement")
-        logs = gw.logs()
+
+        def logs_now() -> str:
+            return (tmp_path / "smg.log").read_text() if to_file else gw.logs()
+
+        wait_until(lambda: "no heartbeat for 1.0 s" in logs_now(), 10.0, "the replacement")
+        logs = logs_now()
         assert "testhooks.py" in logs
         assert "has not beaten for" in logs
         assert "Current thread" in logs or "Thread 0x" in logs  # faulthandler's header

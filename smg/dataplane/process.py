@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -58,8 +58,9 @@ def run(
     table.write_proc(slot, pid, layout.PROC_STARTING, started)
     # The supervisor sends DUMP_SIGNAL before it kills a process whose loop stopped
     # beating: the C-level handler writes every thread's Python stack to stderr (the
-    # gateway's log) even while the loop is stuck in a blocking call.
-    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+    # gateway's log) even while the loop is stuck in a blocking call. With --log-dir the
+    # log is a file: the dump goes there, next to the line saying why the process died.
+    faulthandler.register(DUMP_SIGNAL, file=_dump_target(), all_threads=True)
     try:
         sock.setblocking(False)
         loop = uvloop.new_event_loop()
@@ -160,6 +161,13 @@ async def _finish(app: DataPlane, deadline: float) -> None:
     for pool in app.pools.values():
         pool.close_all()
     await asyncio.sleep(0)
+
+
+def _dump_target() -> Any:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.stream is not None:
+            return handler.stream
+    return sys.stderr
 
 
 async def _push_final_metrics(app: DataPlane, root_pid: int, slot: int, pid: int) -> None:
