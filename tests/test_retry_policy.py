@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from smg.config import GatewayConfig
+from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.retry import (
     RETRYABLE_MIN,
     RETRYABLE_STATUSES,
@@ -15,6 +16,7 @@ from smg.dataplane.retry import (
     is_retryable_status,
     round_half_away,
 )
+from smg.promtext import render
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
@@ -126,3 +128,26 @@ def test_flags_reach_the_policy() -> None:
 )
 def test_endpoint_labels_are_smgs(path: str, label: str) -> None:
     assert endpoint_label(path) == label
+
+
+def test_retry_metrics_render_under_smgs_names() -> None:
+    metrics = DataPlaneMetrics(buckets=(0.01, 0.1))
+    metrics.retry("/v1/chat/completions", 1, 0.05)
+    metrics.retry("/v1/chat/completions", 2, 0.0)
+    metrics.retry("/v1/messages", 1, 0.2)
+    metrics.retries_exhausted("/v1/chat/completions")
+    lines = render(metrics.families(3)).splitlines()
+    proc = 'process="3"'
+    assert f'smg_worker_retries_total{{{proc},worker_type="regular",endpoint="chat"}} 2' in lines
+    assert (
+        f'smg_worker_retries_total{{{proc},worker_type="regular",endpoint="messages"}} 1' in lines
+    )
+    assert (
+        f'smg_worker_retries_exhausted_total{{{proc},worker_type="regular",endpoint="chat"}} 1'
+        in lines
+    )
+    assert "# TYPE smg_worker_retry_backoff_seconds histogram" in lines
+    assert f'smg_worker_retry_backoff_seconds_bucket{{{proc},attempt="1",le="0.1"}} 1' in lines
+    assert f'smg_worker_retry_backoff_seconds_bucket{{{proc},attempt="1",le="+Inf"}} 2' in lines
+    assert f'smg_worker_retry_backoff_seconds_bucket{{{proc},attempt="2",le="0.01"}} 1' in lines
+    assert f'smg_worker_retry_backoff_seconds_count{{{proc},attempt="2"}} 1' in lines
