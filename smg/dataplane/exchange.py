@@ -18,6 +18,8 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+import orjson
+
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.retry import RETRYABLE_MIN, RETRYABLE_STATUSES
 from smg.httpwire import (
@@ -25,7 +27,6 @@ from smg.httpwire import (
     HOP_BY_HOP,
     anthropic_error_body,
     anthropic_rewrite,
-    error_body,
     error_response,
     status_line,
 )
@@ -586,7 +587,10 @@ class Exchange:
             body = anthropic_error_body(502, message, self.request_id)
             frames.append(b"event: error\ndata: %b\n\n" % body)
         else:
-            body = error_body(502, code, message)
+            # SMG 1.13's event (type "stream_error"), with this gateway's error code added.
+            body = orjson.dumps(
+                {"error": {"message": message, "type": "stream_error", "code": code}}
+            )
             frames.append(b"data: %b\n\n" % body)
             frames.append(_SSE_DONE)
         event = b"".join(frames)
