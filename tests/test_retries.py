@@ -528,3 +528,296 @@ def test_client_errors_are_never_retried(status: int) -> None:
             assert metric_sum(gw, "smg_worker_retries_total") == 0
         finally:
             stop(gw)
+
+
+# --- the attempt bookkeeping, driven without sockets --------------------------------------------
+
+
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        self.written.append(b"".join(parts))
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _FakeConn:
+    def __init__(self) -> None:
+        self.transport = _FakeTransport()
+        self.closed = False
+        self.released: list[bool] = []
+        self.aborted = False
+
+    def bind(self, exchange: object) -> None:
+        pass
+
+    def release(self, reusable: bool) -> None:
+        self.released.append(reusable)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _FakePool:
+    def __init__(self, conn: _FakeConn) -> None:
+        self.conn = conn
+
+    def take_idle(self) -> _FakeConn:
+        return self.conn
+
+    def cancel_wait(self, exchange: object) -> None:
+        pass
+
+
+class _FakeLoop:
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[float, object]] = []
+
+    def call_soon(self, callback: object) -> object:
+        self.scheduled.append((0.0, callback))
+        return _Handle()
+
+    def call_later(self, delay: float, callback: object) -> object:
+        self.scheduled.append((delay, callback))
+        return _Handle()
+
+    def run_next(self) -> float:
+        delay, callback = self.scheduled.pop(0)
+        callback()  # type: ignore[operator]
+        return delay
+
+
+class _Handle:
+    def cancel(self) -> None:
+        pass
+
+
+class _FakeApp:
+    """What an Exchange asks of the data plane, counted."""
+
+    def __init__(self, pools: list[_FakePool]) -> None:
+        from smg.dataplane.metrics import DataPlaneMetrics
+        from smg.dataplane.retry import RetryPolicy
+
+        self.request_timeout = 30.0
+        self.process_header = b"x-smg-process: 0\r\n"
+        self.draining = False
+        self.loop = _FakeLoop()
+        self.metrics = DataPlaneMetrics()
+        self.retry_policy = RetryPolicy(max_attempts=3, jitter=0.0)
+        self.pools = pools
+        self.attempts: list[tuple[int, int]] = []  # (row, outcome) per finished attempt
+        self.finished: list[tuple[int, str]] = []
+        self.dispatched: list[int] = []
+
+    def attempt_done(self, exchange: object, outcome: int) -> None:
+        self.attempts.append((exchange.row, outcome))  # type: ignore[attr-defined]
+
+    def exchange_finished(self, exchange: object, status: int, code: str) -> None:
+        if exchange.attempting:  # type: ignore[attr-defined]
+            exchange.attempting = False  # type: ignore[attr-defined]
+            self.attempt_done(exchange, exchange.outcome)  # type: ignore[attr-defined]
+        self.finished.append((status, code))
+
+    def has_untried_worker(self, exchange: object) -> bool:
+        return True
+
+    def next_attempt(self, exchange: object) -> None:
+        row = len(self.dispatched) + 1
+        self.dispatched.append(row)
+        exchange.row = row  # type: ignore[attr-defined]
+        exchange.pool = self.pools[row]  # type: ignore[attr-defined]
+        exchange.head = b"POST / HTTP/1.1\r\n\r\n"  # type: ignore[attr-defined]
+
+    def watch_stream(self, exchange: object) -> None:
+        pass
+
+
+def _exchange(app: _FakeApp, client: object, body: bytes = b"{}") -> object:
+    from types import SimpleNamespace
+
+    from smg.dataplane.exchange import Exchange
+    from smg.policies.base import RouteRequest
+
+    exchange = Exchange(
+        app,  # type: ignore[arg-type]
+        client,  # type: ignore[arg-type]
+        0,
+        1,
+        app.pools[0],  # type: ignore[arg-type]
+        b"POST / HTTP/1.1\r\n\r\n",
+        body,
+        b"rid",
+        CHAT,
+        "m",
+        False,
+        True,
+        False,
+    )
+    exchange.allow_retries(SimpleNamespace(), RouteRequest(), 3, True)  # type: ignore[arg-type]
+    return exchange
+
+
+def _client() -> object:
+    from types import SimpleNamespace
+
+    client = SimpleNamespace(write_paused=False, written=[], done=[])
+    client.write = client.written.append
+    client.response_done = client.done.append
+    return client
+
+
+def test_one_exchange_accounts_every_attempt_and_finishes_once() -> None:
+    conns = [_FakeConn() for _ in range(3)]
+    app = _FakeApp([_FakePool(conn) for conn in conns])
+    client = _client()
+    exchange = _exchange(app, client)
+    exchange.start()  # type: ignore[attr-defined]
+    # Attempt 1: a 503, read in full, not relayed; its connection is reused.
+    exchange.response_head(503, [(b"content-length", b"2")])  # type: ignore[attr-defined]
+    exchange.response_body(b"no")  # type: ignore[attr-defined]
+    exchange.response_complete(True)  # type: ignore[attr-defined]
+    exchange.flush()  # type: ignore[attr-defined]
+    assert client.written == []  # type: ignore[attr-defined]
+    assert conns[0].released == [True]
+    assert app.attempts == [(0, 503)]
+    assert app.loop.run_next() == 0.05  # SMG's first backoff, no jitter here
+    # Attempt 2: the connection resets before any head.
+    exchange.upstream_lost(conns[1])  # type: ignore[attr-defined]
+    assert app.attempts == [(0, 503), (1, 0)]
+    assert app.loop.run_next() == 0.075
+    # Attempt 3 (the last): 200, relayed.
+    exchange.response_head(200, [(b"content-length", b"2")])  # type: ignore[attr-defined]
+    exchange.response_body(b"ok")  # type: ignore[attr-defined]
+    exchange.response_complete(True)  # type: ignore[attr-defined]
+    exchange.flush()  # type: ignore[attr-defined]
+    assert app.attempts == [(0, 503), (1, 0), (2, 200)]
+    assert app.finished == [(200, "")]
+    assert client.done == [True]  # type: ignore[attr-defined]
+    assert b"".join(client.written).endswith(b"\r\n\r\nok")  # type: ignore[attr-defined]
+    assert [len(conn.transport.written) for conn in conns] == [1, 1, 1]  # sent 3 times
+    assert app.metrics.retries == {"chat": 2}
+
+
+def test_last_attempt_relays_the_retryable_status() -> None:
+    conns = [_FakeConn() for _ in range(3)]
+    app = _FakeApp([_FakePool(conn) for conn in conns])
+    client = _client()
+    exchange = _exchange(app, client)
+    exchange.start()  # type: ignore[attr-defined]
+    for _ in range(2):
+        exchange.response_head(502, [(b"content-length", b"0")])  # type: ignore[attr-defined]
+        exchange.response_complete(False)  # type: ignore[attr-defined]
+        exchange.flush()  # type: ignore[attr-defined]
+        app.loop.run_next()
+    exchange.response_head(502, [(b"content-length", b"0")])  # type: ignore[attr-defined]
+    exchange.response_complete(True)  # type: ignore[attr-defined]
+    exchange.flush()  # type: ignore[attr-defined]
+    assert [conn.aborted for conn in conns] == [True, True, False]  # not reusable: dropped
+    assert app.attempts == [(0, 502), (1, 502), (2, 502)]
+    assert app.finished == [(502, "")]
+    assert b"".join(client.written).startswith(b"HTTP/1.1 502")  # type: ignore[attr-defined]
+    assert app.metrics.exhausted == {"chat": 1}
+
+
+def test_client_leaving_during_the_backoff_ends_it_once() -> None:
+    conns = [_FakeConn() for _ in range(3)]
+    app = _FakeApp([_FakePool(conn) for conn in conns])
+    exchange = _exchange(app, _client())
+    exchange.start()  # type: ignore[attr-defined]
+    exchange.upstream_lost(conns[0])  # type: ignore[attr-defined]
+    exchange.client_gone()  # type: ignore[attr-defined]
+    app.loop.run_next()  # the backoff timer fires late: ignored
+    assert app.attempts == [(0, 0)]
+    assert app.finished == [(499, "client_disconnected")]
+    assert app.dispatched == []
+
+
+def test_large_body_is_not_sent_twice() -> None:
+    conns = [_FakeConn() for _ in range(3)]
+    app = _FakeApp([_FakePool(conn) for conn in conns])
+    client = _client()
+    exchange = _exchange(app, client)
+    exchange.keep_body = False  # type: ignore[attr-defined]  # over --max-buffered-request-bytes
+    exchange.start()  # type: ignore[attr-defined]
+    exchange.upstream_lost(conns[0])  # type: ignore[attr-defined]
+    assert app.finished == [(502, "upstream_connection_closed")]
+    assert app.loop.scheduled == []
+
+
+# --- worker choice through the gate --------------------------------------------------------------
+
+
+class _Gate:
+    def __init__(self, shed: bool = False, refuse: frozenset[int] = frozenset()) -> None:
+        self.shed = shed
+        self.refuse = refuse
+        self.claims: list[int] = []
+
+    def filter(self, rows: list[int]) -> list[int] | None:
+        return None if self.shed else rows
+
+    def claim(self, row: int) -> bool:
+        self.claims.append(row)
+        return row not in self.refuse
+
+
+class _First:
+    """A policy that takes the first row it is offered."""
+
+    def select(self, rows: list[int], view: object, request: object) -> int:
+        return rows[0]
+
+
+def _plane(gate: _Gate) -> object:
+    from types import SimpleNamespace
+
+    from smg.dataplane.app import DataPlane
+
+    plane = DataPlane.__new__(DataPlane)
+    plane.gate = gate  # type: ignore[assignment]
+    plane.policy = _First()  # type: ignore[assignment]
+    plane.view = None  # type: ignore[assignment]
+    plane.cfg = SimpleNamespace(load_monitor_interval=10)  # type: ignore[assignment]
+    return plane
+
+
+def test_choice_leaves_out_failed_rows_unless_none_else() -> None:
+    from smg.policies.base import RouteRequest
+
+    plane = _plane(_Gate())
+    route = RouteRequest()
+    assert plane._choose([1, 2, 3], None, route) == 1  # type: ignore[attr-defined]
+    assert plane._choose([1, 2, 3], [1], route) == 2  # type: ignore[attr-defined]
+    assert plane._choose([1, 2, 3], [1, 2], route) == 3  # type: ignore[attr-defined]
+    assert plane._choose([1, 2, 3], [1, 2, 3], route) == 1  # type: ignore[attr-defined]
+
+
+def test_refused_claim_chooses_again_without_that_row() -> None:
+    from smg.policies.base import RouteRequest
+
+    gate = _Gate(refuse=frozenset({1}))
+    plane = _plane(gate)
+    assert plane._choose([1, 2], None, RouteRequest()) == 2  # type: ignore[attr-defined]
+    assert gate.claims == [1, 2]
+    everyone = _plane(_Gate(refuse=frozenset({1, 2})))
+    reason = everyone._choose([1, 2], None, RouteRequest())  # type: ignore[attr-defined]
+    assert everyone._refusal(reason)[:2] == (503, "no_available_workers")  # type: ignore[attr-defined]
+
+
+def test_shed_is_a_503_with_retry_after() -> None:
+    from smg.policies.base import RouteRequest
+
+    plane = _plane(_Gate(shed=True))
+    reason = plane._choose([1, 2], None, RouteRequest())  # type: ignore[attr-defined]
+    status, code, _message, extra = plane._refusal(reason)  # type: ignore[attr-defined]
+    assert (status, code, extra) == (503, "worker_overload_protection_shed", b"retry-after: 10\r\n")
