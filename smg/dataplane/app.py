@@ -546,8 +546,10 @@ class DataPlane:
             return False
         rows = self._candidates(self.refresh(), route.model)
         allowed = self.gate.filter(rows) if rows else None
+        if not allowed:
+            return False
         failed = exchange.failed_rows or ()
-        return bool(allowed) and any(row not in failed for row in allowed)  # type: ignore[union-attr]
+        return any(row not in failed for row in allowed)
 
     def _pool(self, row: int, entry: DirectoryEntry) -> WorkerPool:
         key = (row, entry.generation)
