@@ -395,7 +395,10 @@ class DataPlane:
         state = self.refresh()
         if model is not None:
             model = state.aliases.get(model, model)
-        rows = self._candidates(state, model)
+        # The common case inline (a known model, or none); `_candidates` has the rest.
+        rows = state.ready if model is None else state.models_ready.get(model)
+        if rows is None:
+            rows = self._candidates(state, model)
         if rows is None:
             self._send_error(
                 conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
@@ -667,9 +670,13 @@ class DataPlane:
     def exchange_finished(self, exchange: Exchange, status: int, error_code: str) -> None:
         """Called exactly once per exchange, after its last attempt."""
         self.active.discard(exchange)
-        if exchange.attempting:  # the last attempt ends with the exchange
+        if exchange.attempting:  # the last attempt ends with the exchange (attempt_done)
             exchange.attempting = False
-            self.attempt_done(exchange, exchange.outcome)
+            row = exchange.row
+            generation = exchange.generation
+            self._in_flight_done(row, generation)
+            self.policy.on_complete(row)
+            self.gate.record(row, generation, exchange.outcome)
         if exchange.client.exchange is exchange:
             exchange.client.exchange = None
         metrics = self.metrics

@@ -209,15 +209,13 @@ class Exchange:
         self.keep_body = False  # keep the body after a write, to send it again
         self.request: Request | None = None  # kept while a retry may rebuild the head
         self.route: RouteRequest | None = None
-        self.failed_rows: list[int] | None = None  # rows an attempt of this request failed on
-        self.outcome = 0  # what the gate records for the attempt `_finish` ends
         self.timer: Handle | None = None  # the backoff before the next attempt
-        self.discarded = 0  # bytes of a retryable answer read and dropped
-        # SSE: the last chunk relayed (one store per chunk); the sweeper compares it with
-        # what it saw last time to find upstream silence (`keepalive`).
-        self.tail: bytes | None = None
-        self.seen_tail: bytes | None = None
-        self.quiet_since = 0.0
+        # Set where they start to matter, never read before (fewer stores per request):
+        # failed_rows (allow_retries: rows an attempt of this request failed on), outcome
+        # (_finish: what the gate records for the attempt it ends), discarded (bytes of a
+        # retryable answer read and dropped), tail / seen_tail / quiet_since (an SSE
+        # stream: the last chunk relayed, one store per chunk, and what the sweeper saw
+        # last, to find upstream silence in `keepalive`).
 
     def allow_retries(
         self, request: Request, route: RouteRequest, max_attempts: int, keep_body: bool
@@ -229,6 +227,7 @@ class Exchange:
         self.route = route
         self.max_attempts = max_attempts
         self.keep_body = keep_body
+        self.failed_rows: list[int] | None = None
 
     def _advance(self, event: int) -> int:
         self.state, action = FLAT[self.state * _N + event]
@@ -371,6 +370,9 @@ class Exchange:
                 # an event stream here, never on the Content-Length path.
                 if _is_event_stream(headers) and self._advance(_SSE_EVENT) == _WATCH:
                     self.body_mode = _SSE  # RELAYING -> STREAMING
+                    self.tail: bytes | None = None
+                    self.seen_tail: bytes | None = None
+                    self.quiet_since = 0.0
                     self.app.watch_stream(self)
         append(b"x-request-id: ")
         append(self.request_id)
