@@ -666,6 +666,10 @@ class Exchange:
             self.timer = None
             timer.cancel()
         self.outcome = outcome
+        if self.body_mode == _SSE:
+            # Let go of it now, not at the next sweep: a busy process ends thousands of
+            # streams between sweeps, and holding them costs the GC more than this.
+            self.app.streams.discard(self)
         self.app.exchange_finished(self, status, error_code)
 
 
