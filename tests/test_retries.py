@@ -609,6 +609,7 @@ class _FakeApp:
         from smg.dataplane.retry import RetryPolicy
 
         self.request_timeout = 30.0
+        self.retries_on = True
         self.process_header = b"x-smg-process: 0\r\n"
         self.draining = False
         self.loop = _FakeLoop()
@@ -637,9 +638,6 @@ class _FakeApp:
         exchange.row = row  # type: ignore[attr-defined]
         exchange.pool = self.pools[row]  # type: ignore[attr-defined]
         exchange.head = b"POST / HTTP/1.1\r\n\r\n"  # type: ignore[attr-defined]
-
-    def watch_stream(self, exchange: object) -> None:
-        pass
 
 
 def _exchange(app: _FakeApp, client: object, body: bytes = b"{}") -> object:

@@ -212,12 +212,6 @@ class DataPlane:
             else:
                 exchange.keepalive(now, quiet_for)
 
-    def watch_stream(self, exchange: Exchange) -> None:
-        """An SSE stream began: the sweeper sends keep-alive frames when it goes quiet."""
-        if self.sse_keepalive > 0:
-            exchange.quiet_since = self.now
-            self.streams.add(exchange)
-
     def _close_idle_connections(self, now: float) -> None:
         cfg = self.cfg
         head_limit = float(cfg.header_read_timeout_secs)

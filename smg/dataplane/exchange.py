@@ -64,6 +64,7 @@ _DISCARD = 2  # an answer to HEAD: headers only (RFC 9110 9.3.2)
 _HOLD = 3  # an error on /v1/messages: held until complete, then rewritten
 _SSE = 4  # an event stream in chunked framing: as _CHUNKED, and the last chunk is noted
 _DROP = 5  # a retryable answer that will not be relayed: counted, then dropped
+_FRAMED = (_SSE, _CHUNKED)  # the modes whose message ends with the last chunk
 
 # Plain ints on the hot path (module globals, no enum attribute lookups).
 _WAITING = int(State.WAITING)
@@ -107,7 +108,6 @@ _DRAINED_ACTION = int(Action.DRAINED)
 _RETRY = int(Action.RETRY)
 _ATTEMPT = int(Action.ATTEMPT)
 _FAIL_NO_WORKER = int(Action.FAIL_NO_WORKER)
-_WATCH = int(Action.WATCH)
 _END_STREAM_ERROR = int(Action.END_STREAM_ERROR)
 
 
@@ -207,11 +207,11 @@ class Exchange:
         self.attempts = 1
         self.max_attempts = 1  # `allow_retries` raises it
         self.keep_body = False  # keep the body after a write, to send it again
-        self.request: Request | None = None  # kept while a retry may rebuild the head
-        self.route: RouteRequest | None = None
-        self.timer: Handle | None = None  # the backoff before the next attempt
         # Set where they start to matter, never read before (fewer stores per request):
-        # failed_rows (allow_retries: rows an attempt of this request failed on), outcome
+        # request / route / failed_rows (allow_retries: what a retry rebuilds the head and
+        # chooses from, the rows an attempt of this request failed on; read only once a
+        # retry began, which allow_retries alone makes possible), timer (_retry: the
+        # backoff before the next attempt), outcome
         # (_finish: what the gate records for the attempt it ends), discarded (bytes of a
         # retryable answer read and dropped), tail / seen_tail / quiet_since (an SSE
         # stream: the last chunk relayed, one store per chunk, and what the sweeper saw
@@ -223,8 +223,8 @@ class Exchange:
         """Let this exchange try up to `max_attempts` workers. `keep_body`: the body is
         small enough to hold for a resend (--max-buffered-request-bytes); when it is not,
         only failures before the write are retried (nothing reached a worker)."""
-        self.request = request
-        self.route = route
+        self.request: Request | None = request
+        self.route: RouteRequest | None = route
         self.max_attempts = max_attempts
         self.keep_body = keep_body
         self.failed_rows: list[int] | None = None
@@ -368,12 +368,11 @@ class Exchange:
                 append(b"transfer-encoding: chunked\r\n")
                 # Only a body without a length can be an open-ended stream: look for
                 # an event stream here, never on the Content-Length path.
-                if _is_event_stream(headers) and self._advance(_SSE_EVENT) == _WATCH:
-                    self.body_mode = _SSE  # RELAYING -> STREAMING
-                    self.tail: bytes | None = None
-                    self.seen_tail: bytes | None = None
-                    self.quiet_since = 0.0
-                    self.app.watch_stream(self)
+                for name, value in headers:
+                    if name == b"content-type":
+                        if value[:17].lower() == b"text/event-stream":
+                            self._watch()
+                        break
         append(b"x-request-id: ")
         append(self.request_id)
         append(b"\r\n")
@@ -385,6 +384,18 @@ class Exchange:
         self.out.append(b"".join(parts))
         if self.head_only:
             self.body_mode = _DISCARD
+
+    def _watch(self) -> None:
+        """The relayed head is an event stream in chunked framing: the gateway can end it
+        with an error event, and the sweeper sends keep-alive frames when it goes quiet."""
+        self.state, _action = FLAT[self.state * _N + _SSE_EVENT]  # RELAYING -> STREAMING
+        self.body_mode = _SSE
+        self.tail = None
+        app = self.app
+        if app.sse_keepalive > 0:
+            self.seen_tail = None
+            self.quiet_since = app.now
+            app.streams.add(self)
 
     def response_body(self, chunk: bytes) -> None:
         mode = self.body_mode
@@ -408,10 +419,11 @@ class Exchange:
     def response_complete(self, upstream_keep_alive: bool) -> None:
         self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
         if action == _END_MESSAGE:
-            if self.body_mode == _HOLD:
-                self._emit_rewritten()
-            elif self.body_mode == _CHUNKED or self.body_mode == _SSE:
+            mode = self.body_mode
+            if mode in _FRAMED:
                 self.out.append(_CHUNK_END)
+            elif mode == _HOLD:
+                self._emit_rewritten()
             self.upstream_reusable = upstream_keep_alive
         elif action == _DRAINED_ACTION:
             self.upstream_reusable = upstream_keep_alive
@@ -531,7 +543,7 @@ class Exchange:
             delay = app.retry_policy.delay_seconds(self.attempts - 1, random.random())
         app.metrics.retry(self.endpoint, self.attempts, delay)
         if delay > 0.0:
-            self.timer = app.loop.call_later(delay, self._backoff_over)
+            self.timer: Handle | None = app.loop.call_later(delay, self._backoff_over)
         else:
             self.timer = app.loop.call_soon(self._backoff_over)
 
@@ -556,7 +568,7 @@ class Exchange:
     def _count_exhausted(self) -> None:
         """A retryable failure with no attempt left (SMG's "retries exhausted": counted
         whenever retries are on, --retry-max-retries 1 included, as SMG does)."""
-        if self.route is not None and self.attempts >= self.max_attempts:
+        if self.attempts >= self.max_attempts and self.app.retries_on:
             self.app.metrics.retries_exhausted(self.endpoint)
 
     # --- SSE streams --------------------------------------------------------------------------
@@ -606,14 +618,23 @@ class Exchange:
 
     # --- endings started from our side -------------------------------------------------------
 
+    def _cancel_backoff(self) -> None:
+        """The exchange ends during a backoff: its timer would only keep it alive."""
+        timer = getattr(self, "timer", None)
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+
     def client_gone(self) -> None:
         if self._advance(_CLIENT_GONE) == _DROP_ACTION:
+            self._cancel_backoff()
             self._drop_upstream()
             self._finish(499, "client_disconnected", self.status or 499)
 
     def timed_out(self) -> None:
         action = self._advance(_TIMEOUT)
         if action == _FAIL_TIMEOUT:
+            self._cancel_backoff()
             self._fail(
                 504,
                 "upstream_timeout",
@@ -660,21 +681,9 @@ class Exchange:
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self.head = self.body = None
-        self.request = None
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
         self.outcome = outcome
         if self.body_mode == _SSE:
             # Let go of it now, not at the next sweep: a busy process ends thousands of
             # streams between sweeps, and holding them costs the GC more than this.
             self.app.streams.discard(self)
         self.app.exchange_finished(self, status, error_code)
-
-
-def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"content-type":
-            return value[:17].lower() == b"text/event-stream"
-    return False
