@@ -1,10 +1,21 @@
-"""The exchange state machine (smg/dataplane/lifecycle.py), pure: no sockets, no loop."""
+"""The exchange state machine (smg/dataplane/lifecycle.py), pure: no sockets, no loop.
+
+Retry edges included: a request is sent again only before its head reached the client."""
 
 from __future__ import annotations
 
 import pytest
 
-from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, TRANSITIONS, Action, Event, State, step
+from smg.dataplane.lifecycle import (
+    BEFORE_HEAD,
+    EVENT_COUNT,
+    FLAT,
+    TRANSITIONS,
+    Action,
+    Event,
+    State,
+    step,
+)
 
 LIVE = [s for s in State if s != State.DONE]
 
@@ -30,13 +41,134 @@ def test_fresh_connection_path() -> None:
     assert actions[:2] == [Action.OPEN, Action.WRITE]
 
 
-def test_no_edge_ever_leads_back_to_getting_a_connection_once_written() -> None:
-    """Once the request is written, nothing re-sends it: a lost connection is a failure."""
-    written = {State.AWAITING_HEAD, State.RELAYING, State.COMPLETE, State.DONE}
+RELAYED = {State.RELAYING, State.STREAMING, State.COMPLETE, State.DONE}
+
+
+def test_no_edge_leads_back_once_the_head_is_relayed() -> None:
+    """Once the client saw the head, nothing re-sends the request: a failure ends it."""
     for (state, _event), (next_state, action) in TRANSITIONS.items():
-        if state in written:
-            assert next_state in written
-            assert action not in (Action.OPEN, Action.WRITE)
+        if state in RELAYED:
+            assert next_state in RELAYED, (state, _event)
+            assert action not in (
+                Action.OPEN,
+                Action.WRITE,
+                Action.RETRY,
+                Action.ATTEMPT,
+                Action.DISCARD,
+            ), (state, _event)
+
+
+def test_retries_start_only_before_the_head() -> None:
+    retrying = [key for key, (_s, action) in TRANSITIONS.items() if action == Action.RETRY]
+    assert retrying
+    for state, event in retrying:
+        assert state in BEFORE_HEAD
+        assert TRANSITIONS[(state, event)][0] == State.BACKOFF
+
+
+def test_the_only_way_back_to_a_new_attempt_is_the_backoff() -> None:
+    """A written request goes out again only through BACKOFF --backoff_over--> WAITING."""
+    into_waiting = [key for key, (nxt, _a) in TRANSITIONS.items() if nxt == State.WAITING]
+    assert into_waiting == [(State.BACKOFF, Event.BACKOFF_OVER)]
+    assert step(State.BACKOFF, Event.BACKOFF_OVER) == (State.WAITING, Action.ATTEMPT)
+    assert [k for k, (_n, a) in TRANSITIONS.items() if a == Action.ATTEMPT] == into_waiting
+
+
+def test_plain_failures_never_retry() -> None:
+    """Without the retry flavour (no attempt left, or the body was not kept), a failure
+    before the head is answered at once, as before retries existed."""
+    for state in BEFORE_HEAD:
+        for event in (Event.CONNECT_FAILED, Event.LOST, Event.INVALID, Event.HEAD):
+            if state in (State.DISCARDING, State.DRAINED):
+                continue  # a retryable answer already being read: see the test below
+            assert step(state, event)[1] not in (Action.RETRY, Action.DISCARD)
+
+
+def test_connect_failure_then_retry_on_another_worker() -> None:
+    state, actions = run(
+        Event.SLOT,
+        Event.CONNECT_FAILED_RETRY,
+        Event.BACKOFF_OVER,
+        Event.CONNECTION,
+        Event.HEAD,
+        Event.COMPLETE,
+        Event.FLUSHED,
+    )
+    assert state == State.DONE
+    assert actions == [
+        Action.OPEN,
+        Action.RETRY,
+        Action.ATTEMPT,
+        Action.WRITE,
+        Action.RELAY_HEAD,
+        Action.END_MESSAGE,
+        Action.FINISH,
+    ]
+
+
+def test_retryable_status_is_read_dropped_then_retried() -> None:
+    state, actions = run(
+        Event.CONNECTION, Event.RETRY_HEAD, Event.COMPLETE, Event.FLUSHED, Event.BACKOFF_OVER
+    )
+    assert state == State.WAITING
+    assert actions == [
+        Action.WRITE,
+        Action.DISCARD,
+        Action.DRAINED,
+        Action.RETRY,
+        Action.ATTEMPT,
+    ]
+    # A close-delimited (or cut) retryable answer ends with its connection: retried too.
+    for event in (Event.LOST, Event.LOST_RETRY, Event.INVALID, Event.INVALID_RETRY):
+        assert step(State.DISCARDING, event) == (State.BACKOFF, Action.RETRY)
+
+
+@pytest.mark.parametrize("event", [Event.LOST_RETRY, Event.INVALID_RETRY])
+def test_reset_before_the_head_is_retried(event: Event) -> None:
+    assert step(State.AWAITING_HEAD, event) == (State.BACKOFF, Action.RETRY)
+
+
+def test_exhausted_attempts_relay_the_final_status() -> None:
+    """The last attempt's retryable status arrives as a plain HEAD: it is relayed."""
+    state, _actions = run(
+        Event.CONNECTION, Event.RETRY_HEAD, Event.COMPLETE, Event.FLUSHED, Event.BACKOFF_OVER
+    )
+    state, more = run(Event.CONNECTION, Event.HEAD, Event.COMPLETE, Event.FLUSHED, state=state)
+    assert state == State.DONE
+    assert more == [Action.WRITE, Action.RELAY_HEAD, Action.END_MESSAGE, Action.FINISH]
+
+
+def test_retry_that_finds_no_worker_is_a_503() -> None:
+    assert step(State.WAITING, Event.NO_WORKER) == (State.DONE, Action.FAIL_NO_WORKER)
+    for state in State:
+        if state != State.WAITING:
+            assert step(state, Event.NO_WORKER) == (state, Action.IGNORE)
+
+
+def test_sse_stream_broken_by_the_worker_ends_with_an_error_event() -> None:
+    state, actions = run(Event.CONNECTION, Event.HEAD, Event.SSE)
+    assert state == State.STREAMING
+    assert actions[-1] == Action.WATCH
+    for event in (Event.LOST, Event.LOST_RETRY, Event.INVALID, Event.INVALID_RETRY):
+        assert step(State.STREAMING, event) == (State.DONE, Action.END_STREAM_ERROR)
+    # A stall past the request timeout still cuts the connection (no clean end).
+    assert step(State.STREAMING, Event.TIMEOUT) == (State.DONE, Action.ABORT_TIMEOUT)
+    assert step(State.STREAMING, Event.COMPLETE) == (State.COMPLETE, Action.END_MESSAGE)
+    # Only a relayed head can become a stream.
+    for state in State:
+        if state != State.RELAYING:
+            assert step(state, Event.SSE) == (state, Action.IGNORE)
+
+
+@pytest.mark.parametrize("state", [State.DISCARDING, State.DRAINED, State.BACKOFF])
+def test_time_runs_out_between_attempts(state: State) -> None:
+    assert step(state, Event.TIMEOUT) == (State.DONE, Action.FAIL_TIMEOUT)
+
+
+def test_late_backoff_timer_is_ignored() -> None:
+    for state in State:
+        if state != State.BACKOFF:
+            assert step(state, Event.BACKOFF_OVER) == (state, Action.IGNORE)
 
 
 @pytest.mark.parametrize(

@@ -874,8 +874,8 @@ class TestMockWorkersGateway:
         def one(i: int) -> None:
             kind = i % 6
             status = -1
-            if kind == 0:  # plain request, maybe a relayed 500
-                status = post(gw.url, CHAT, chat_body())[0]
+            if kind == 0:  # a 500 on every try: retried, then relayed (issue 7 retries)
+                status = post(gw.url, CHAT, chat_body(), {"x-mock-status": "500"})[0]
             elif kind == 1:  # a full fast stream
                 headers = {"x-mock-itl-ms": "2", "x-mock-output-len": "8"}
                 with RawExchange(gw.url, CHAT, chat_body(stream=True), headers) as ex:

@@ -21,7 +21,9 @@ from smg import ipc
 from smg.dataplane.admission import Admission
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import WorkerGate
+from smg.dataplane.lifecycle import State
 from smg.dataplane.metrics import DataPlaneMetrics
+from smg.dataplane.retry import RetryPolicy
 from smg.dataplane.server import Verdict, timeout_verdict
 from smg.dataplane.upstream import WorkerPool
 from smg.httpwire import (
@@ -77,6 +79,13 @@ class _RoutingFields(msgspec.Struct):
 
 
 _routing_decoder = msgspec.json.Decoder(_RoutingFields)
+
+# Why `_choose` found no worker (negative, so a row number is never one of them).
+_SHED = -1  # the gate: every candidate is overloaded and shedding is on
+_VETOED = -2  # the policy: every candidate is at its waiting-queue cap
+_NO_TRIAL = -3  # the gate refused every candidate's claim (half-open trials taken)
+_NONE_READY = -4  # no candidate is ready (unhealthy, or every breaker open)
+_STREAMING = int(State.STREAMING)
 
 
 class ShmLoadView:
@@ -159,6 +168,11 @@ class DataPlane:
         self.not_ready = False  # readiness answers 503 (shutdown has begun)
         self.max_payload_size = cfg.max_payload_size
         self.request_timeout = float(cfg.request_timeout_secs)
+        self.retry_policy = RetryPolicy.from_config(cfg)
+        self.retries_on = not cfg.disable_retries
+        self.max_buffered = cfg.max_buffered_request_bytes
+        self.sse_keepalive = float(cfg.sse_keepalive_secs)
+        self.streams: set[Exchange] = set()  # SSE streams watched for keep-alive frames
         self.process_header = b"x-smg-process: %d\r\n" % index
         self.request_id_headers = tuple(
             h.lower().encode("latin-1") for h in (cfg.request_id_headers or _DEFAULT_RID_HEADERS)
@@ -190,11 +204,21 @@ class DataPlane:
                 exchange.timed_out()
             for pool in self.pools.values():
                 pool.sweep(now)
+            if self.streams:
+                self._keepalive(now)
             self._close_idle_connections(now)
             self.refresh()
         except Exception as exc:  # the sweeper must keep running whatever happened
             self.log_error("sweep failed", exc)
         self._schedule_sweep()
+
+    def _keepalive(self, now: float) -> None:
+        quiet_for = self.sse_keepalive
+        for exchange in list(self.streams):
+            if exchange.state != _STREAMING:
+                self.streams.discard(exchange)  # ended (or completing): no more frames
+            else:
+                exchange.keepalive(now, quiet_for)
 
     def _close_idle_connections(self, now: float) -> None:
         cfg = self.cfg
@@ -377,68 +401,20 @@ class DataPlane:
         state = self.refresh()
         if model is not None:
             model = state.aliases.get(model, model)
-            rows = state.models_ready.get(model)
-            if rows is None:
-                if model in state.models_all:
-                    rows = []
-                else:
-                    rows = state.any_model_ready
-                    if not rows and not state.any_model_all:
-                        self._send_error(
-                            conn,
-                            request,
-                            404,
-                            "model_not_found",
-                            f"No worker available for model '{model}'",
-                        )
-                        return
-        else:
-            rows = state.ready
-        if not rows:
+        # The common case inline (a known model, or none); `_candidates` has the rest.
+        rows = state.ready if model is None else state.models_ready.get(model)
+        if rows is None:
+            rows = self._candidates(state, model)
+        if rows is None:
             self._send_error(
-                conn, request, 503, "no_available_workers", "No available workers (none is ready)"
+                conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
             )
             return
-        # Breakers, stalls, overload (smg.dataplane.gate). Minimal hook: the retry work
-        # replaces this block with its own use of the same three calls.
-        gated = self.gate.filter(rows)
-        if gated is None:
-            self._send_error(
-                conn,
-                request,
-                503,
-                "worker_overload_protection_shed",
-                f"All workers for model '{model or 'unknown'}' are overloaded",
-                extra_headers=b"retry-after: %d\r\n" % self.cfg.load_monitor_interval,
-            )
-            return
-        rows = gated
-        try:
-            route = RouteRequest(model=model, stream=stream)
-            row = -1
-            while rows:
-                row = self.policy.select(rows, self.view, route)
-                if self.gate.claim(row):
-                    break
-                rows = [r for r in rows if r != row]
-            if not rows:
-                self._send_error(
-                    conn,
-                    request,
-                    503,
-                    "no_available_workers",
-                    "All workers are unavailable (circuit breaker open or unhealthy)",
-                    extra_headers=b"retry-after: %d\r\n" % self.cfg.load_monitor_interval,
-                )
-                return
-        except NoEligibleWorker:
-            self._send_error(
-                conn,
-                request,
-                503,
-                "worker_overload_protection_shed",
-                "every worker is at its waiting-queue cap (--least-load-max-waiting-requests)",
-            )
+        route = RouteRequest(model=model, stream=stream)
+        row = self._choose(rows, None, route) if rows else _NONE_READY
+        if row < 0:
+            status, code, message, extra = self._refusal(row, model)
+            self._send_error(conn, request, status, code, message, extra_headers=extra)
             return
         entry = state.entries[row]
         pool = self._pool(row, entry)
@@ -466,6 +442,11 @@ class DataPlane:
         )
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
+        if self.retries_on:
+            max_attempts = self.retry_policy.max_attempts
+            exchange.allow_retries(
+                request, route, max_attempts, max_attempts > 1 and len(body) <= self.max_buffered
+            )
         self._in_flight_add(row, entry.generation)
         self.active.add(exchange)
         conn.exchange = exchange
@@ -488,6 +469,114 @@ class DataPlane:
                 self.permit_holders.add(exchange)
             else:
                 self.admission.release()  # type: ignore[union-attr]
+
+    # --- worker selection, for the first attempt and every retry --------------------------------
+
+    @staticmethod
+    def _candidates(state: RoutingState, model: str | None) -> list[int] | None:
+        """The ready rows that may serve `model` (all ready rows without one); None when
+        no worker, ready or not, knows the model (404)."""
+        if model is None:
+            return state.ready
+        rows = state.models_ready.get(model)
+        if rows is not None:
+            return rows
+        if model in state.models_all:
+            return []
+        if not state.any_model_ready and not state.any_model_all:
+            return None
+        return state.any_model_ready
+
+    def _choose(self, rows: list[int], failed: list[int] | None, route: RouteRequest) -> int:
+        """One row through the gate and the policy, or a negative reason (`_refusal`).
+
+        Rows an earlier attempt of this request failed on are left out unless nothing
+        else is eligible (then a worker that failed is still better than no answer)."""
+        gate = self.gate
+        allowed = gate.filter(rows)
+        if allowed is None:
+            return _SHED
+        if failed:
+            fresh = [row for row in allowed if row not in failed]
+            if fresh:
+                allowed = fresh
+        policy = self.policy
+        view = self.view
+        while allowed:
+            try:
+                row = policy.select(allowed, view, route)
+            except NoEligibleWorker:
+                return _VETOED
+            if gate.claim(row):
+                return row
+            allowed = [other for other in allowed if other != row]
+        return _NO_TRIAL
+
+    def _refusal(self, reason: int, model: str | None) -> tuple[int, str, str, bytes]:
+        """(status, error code, message, extra header lines) for a `_choose` refusal, in
+        the Rust SMG 1.13's words and Retry-After values."""
+        if reason == _SHED:
+            return (
+                503,
+                "worker_overload_protection_shed",
+                f"All workers for model '{model or 'unknown'}' are overloaded",
+                b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval)),
+            )
+        if reason == _NONE_READY:
+            return (
+                503,
+                "no_available_workers",
+                "All workers are unavailable (circuit breaker open or unhealthy)",
+                b"retry-after: 1\r\n",
+            )
+        if reason == _VETOED:
+            return (
+                503,
+                "worker_overload_protection_shed",
+                "every worker is at its waiting-queue cap (--least-load-max-waiting-requests)",
+                b"",
+            )
+        return (
+            503,
+            "no_available_workers",
+            "All workers are unavailable (circuit breaker open or unhealthy)",
+            b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval)),
+        )
+
+    def next_attempt(self, exchange: Exchange) -> tuple[int, str, str, bytes] | None:
+        """Point `exchange` at a worker for its next attempt and account the attempt
+        (None), or say why there is none (a refusal, as `_refusal`)."""
+        request = exchange.request
+        route = exchange.route
+        body = exchange.body
+        if request is None or route is None or body is None:
+            return 502, "internal_error", "the request can no longer be retried", b""
+        state = self.refresh()
+        rows = self._candidates(state, route.model)
+        row = self._choose(rows, exchange.failed_rows, route) if rows else _NONE_READY
+        if row < 0:
+            return self._refusal(row, route.model)
+        entry = state.entries[row]
+        pool = self._pool(row, entry)
+        exchange.row = row
+        exchange.generation = entry.generation
+        exchange.pool = pool
+        exchange.head = self._upstream_request(request, entry, pool, len(body))
+        self._in_flight_add(row, entry.generation)
+        self.policy.on_dispatch(row)
+        return None
+
+    def has_untried_worker(self, exchange: Exchange) -> bool:
+        """Whether a worker this request has not failed on may take it now."""
+        route = exchange.route
+        if route is None:
+            return False
+        rows = self._candidates(self.refresh(), route.model)
+        allowed = self.gate.filter(rows) if rows else None
+        if not allowed:
+            return False
+        failed = exchange.failed_rows or ()
+        return any(row not in failed for row in allowed)
 
     def _pool(self, row: int, entry: DirectoryEntry) -> WorkerPool:
         key = (row, entry.generation)
@@ -532,13 +621,16 @@ class DataPlane:
         prefix = request_id_prefix(path)
         return f"{prefix}{self._rid_token}{self.index:02x}{self._rid_counter:014x}".encode()
 
-    def _upstream_request(self, request: Request, entry: DirectoryEntry, pool: WorkerPool) -> bytes:
+    def _upstream_request(
+        self, request: Request, entry: DirectoryEntry, pool: WorkerPool, size: int | None = None
+    ) -> bytes:
         """The request head for the worker, ending with the blank line; the body (bytes-like,
         `request.body`) is written after it as it is.
 
         A worker URL's path prefixes the target (as the Rust SMG joins them); HEAD goes up as
         GET, whose answer the exchange relays without its body (RFC 9110 9.3.2): the
-        upstream parser cannot be told that an answer belongs to a HEAD."""
+        upstream parser cannot be told that an answer belongs to a HEAD. `size` is the
+        body's length when the exchange holds it already (a retry)."""
         prefix = pool.path_prefix
         method = request.method
         parts = [
@@ -565,7 +657,8 @@ class DataPlane:
         key = entry.api_key or self._global_api_key
         if key:
             append(b"authorization: Bearer " + key.encode("latin-1") + b"\r\n")
-        size = len(request.body)
+        if size is None:
+            size = len(request.body)
         if size or request.method not in (b"GET", b"HEAD"):
             append(b"content-length: %d\r\n" % size)
         if request.client_id:
@@ -589,15 +682,25 @@ class DataPlane:
         self.local_in_flight[row] = (generation, count)
         self.table.set_in_flight(self.slot, row, count)
 
+    def attempt_done(self, exchange: Exchange, outcome: int) -> None:
+        """One attempt ended: its in-flight count, the policy's tally, the gate's outcome
+        (the upstream status, or 0 for a transport failure)."""
+        row = exchange.row
+        generation = exchange.generation
+        self._in_flight_done(row, generation)
+        self.policy.on_complete(row)
+        self.gate.record(row, generation, outcome)
+
     def exchange_finished(self, exchange: Exchange, status: int, error_code: str) -> None:
+        """Called exactly once per exchange, after its last attempt."""
         self.active.discard(exchange)
-        self._in_flight_done(exchange.row, exchange.generation)
-        self.policy.on_complete(exchange.row)
-        if error_code != "client_disconnected":
-            # No response head from the worker (`exchange.status` still 0): a transport
-            # failure for the gate; after the head, the worker's own status stands.
-            upstream = exchange.status or (0 if error_code in _TRANSPORT_CODES else status)
-            self.gate.record(exchange.row, exchange.generation, upstream)
+        if exchange.attempting:  # the last attempt ends with the exchange (attempt_done)
+            exchange.attempting = False
+            row = exchange.row
+            generation = exchange.generation
+            self._in_flight_done(row, generation)
+            self.policy.on_complete(row)
+            self.gate.record(row, generation, exchange.outcome)
         if exchange.client.exchange is exchange:
             exchange.client.exchange = None
         metrics = self.metrics
@@ -754,9 +857,6 @@ class DataPlane:
         log.error("%s: %r", message, exc, exc_info=exc)
 
 
-_TRANSPORT_CODES = frozenset(
-    {"upstream_connect_failed", "upstream_connection_closed", "upstream_timeout"}
-)
 _DEFAULT_RID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 _KNOWN_PATHS = (
     PROXY_ROUTES

@@ -2,22 +2,42 @@
 
 Callback-driven (no task per request on the fast path). The upstream connection and the
 client connection report what happened as `lifecycle.Event`s; the transition table in
-`lifecycle` answers the next state and what to do, and this module only does it. Every way
-an exchange ends goes through `_finish`, which releases the in-flight count exactly once.
+`lifecycle` answers the next state and what to do, and this module only does it.
+
+One `Exchange` serves a client request through all its attempts: a retryable failure
+before anything reached the client ends the attempt (`_retry`), waits out the backoff and
+asks the data plane for another worker (`DataPlane.next_attempt`). Each attempt is
+accounted apart (in-flight counts, the policy's dispatch/complete, the gate's outcome);
+every way the exchange itself ends goes through `_finish`, which ends the open attempt
+and calls `DataPlane.exchange_finished` exactly once.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from typing import TYPE_CHECKING
 
+import orjson
+
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
-from smg.httpwire import ANTHROPIC_ROUTE, HOP_BY_HOP, anthropic_rewrite, error_response, status_line
+from smg.dataplane.retry import RETRYABLE_MIN, RETRYABLE_STATUSES
+from smg.httpwire import (
+    ANTHROPIC_ROUTE,
+    HOP_BY_HOP,
+    anthropic_error_body,
+    anthropic_rewrite,
+    error_response,
+    status_line,
+)
 
 if TYPE_CHECKING:
+    from asyncio import Handle
+
     from smg.dataplane.app import DataPlane
-    from smg.dataplane.server import ClientConnection
+    from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.upstream import UpstreamConnection, WorkerPool
+    from smg.policies.base import RouteRequest
 
 _SKIP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-smg-process"}
 _CHUNK_END = b"0\r\n\r\n"
@@ -27,28 +47,50 @@ SMALL_BODY_BYTES = 64 * 1024
 # A worker's error answer on /v1/messages is held whole to be rewritten (item 28); past
 # this size the rest is dropped (an error body that large is no error message).
 MAX_REWRITTEN_ERROR_BYTES = 1024 * 1024
+# A retryable answer is read to its end so its connection can be reused; one whose body
+# runs past this is dropped with its connection instead (an error body is small).
+MAX_DISCARDED_BYTES = 64 * 1024
+
+# SSE frames the gateway writes itself: the Rust SMG 1.13's bytes (tried on it).
+SSE_KEEPALIVE = b": ping\n\n"
+SSE_KEEPALIVE_ANTHROPIC = b'event: ping\ndata: {"type":"ping"}\n\n'
+_SSE_DONE = b"data: [DONE]\n\n"
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 # What happens to response body chunks.
 _RAW = 0  # relayed as they arrive, as they are (Content-Length or close-delimited)
 _CHUNKED = 1  # relayed as they arrive, in chunked framing for the client
 _DISCARD = 2  # an answer to HEAD: headers only (RFC 9110 9.3.2)
 _HOLD = 3  # an error on /v1/messages: held until complete, then rewritten
+_SSE = 4  # an event stream in chunked framing: as _CHUNKED, and the last chunk is noted
+_DROP = 5  # a retryable answer that will not be relayed: counted, then dropped
+_FRAMED = (_SSE, _CHUNKED)  # the modes whose message ends with the last chunk
 
 # Plain ints on the hot path (module globals, no enum attribute lookups).
 _WAITING = int(State.WAITING)
 _COMPLETE = int(State.COMPLETE)
+_AWAITING_HEAD = int(State.AWAITING_HEAD)
 _RELAYING = int(State.RELAYING)
+_STREAMING = int(State.STREAMING)
+_DRAINED = int(State.DRAINED)
 _N = EVENT_COUNT
 _SLOT = int(Event.SLOT)
 _CONNECTION = int(Event.CONNECTION)
 _CONNECT_FAILED = int(Event.CONNECT_FAILED)
+_CONNECT_FAILED_RETRY = int(Event.CONNECT_FAILED_RETRY)
 _HEAD = int(Event.HEAD)
+_RETRY_HEAD = int(Event.RETRY_HEAD)
 _MESSAGE_COMPLETE = int(Event.COMPLETE)
 _FLUSHED = int(Event.FLUSHED)
 _LOST = int(Event.LOST)
+_LOST_RETRY = int(Event.LOST_RETRY)
 _INVALID = int(Event.INVALID)
+_INVALID_RETRY = int(Event.INVALID_RETRY)
 _TIMEOUT = int(Event.TIMEOUT)
 _CLIENT_GONE = int(Event.CLIENT_GONE)
+_SSE_EVENT = int(Event.SSE)
+_BACKOFF_OVER = int(Event.BACKOFF_OVER)
+_NO_WORKER = int(Event.NO_WORKER)
 _OPEN = int(Action.OPEN)
 _WRITE = int(Action.WRITE)
 _RELAY_HEAD = int(Action.RELAY_HEAD)
@@ -60,18 +102,28 @@ _FAIL_INVALID = int(Action.FAIL_INVALID)
 _FAIL_TIMEOUT = int(Action.FAIL_TIMEOUT)
 _ABORT = int(Action.ABORT)
 _ABORT_TIMEOUT = int(Action.ABORT_TIMEOUT)
-_DROP = int(Action.DROP)
+_DROP_ACTION = int(Action.DROP)
+_DISCARD_ACTION = int(Action.DISCARD)
+_DRAINED_ACTION = int(Action.DRAINED)
+_RETRY = int(Action.RETRY)
+_ATTEMPT = int(Action.ATTEMPT)
+_FAIL_NO_WORKER = int(Action.FAIL_NO_WORKER)
+_END_STREAM_ERROR = int(Action.END_STREAM_ERROR)
 
 
 class Exchange:
     __slots__ = (
         "app",
+        "attempting",
+        "attempts",
         "body",
         "body_mode",
         "client",
         "close_delimited",
         "deadline",
+        "discarded",
         "endpoint",
+        "failed_rows",
         "generation",
         "head",
         "head_only",
@@ -79,16 +131,25 @@ class Exchange:
         "held_headers",
         "http10",
         "keep_alive",
+        "keep_body",
+        "max_attempts",
         "method",
         "model",
         "out",
+        "outcome",
         "pool",
+        "quiet_since",
+        "request",
         "request_id",
+        "route",
         "row",
+        "seen_tail",
         "started",
         "state",
         "status",
         "stream",
+        "tail",
+        "timer",
         "upstream",
         "upstream_reusable",
     )
@@ -115,9 +176,10 @@ class Exchange:
         self.row = row
         self.generation = generation
         self.pool = pool
-        # The request as it goes upstream: head and body apart (never concatenated) and
-        # dropped once written, so a large body is held once, by the request, and released
-        # with it. Nothing is ever re-sent after a write (see `lifecycle`).
+        # The request as it goes upstream: head and body apart (never concatenated). The
+        # head is dropped once written; the body too, unless it is kept for a retry
+        # (`allow_retries`), so a large body is held once, by the request, and released
+        # with it.
         self.head: bytes | None = head
         self.body: bytes | None = body
         self.request_id = request_id
@@ -139,10 +201,41 @@ class Exchange:
         self.status = 0
         self.started = time.monotonic()
         self.deadline = self.started + app.request_timeout
+        # Attempts. The first one is open from the start: the data plane accounted it
+        # (in-flight count, policy dispatch) when it chose the worker.
+        self.attempting = True
+        self.attempts = 1
+        self.max_attempts = 1  # `allow_retries` raises it
+        self.keep_body = False  # keep the body after a write, to send it again
+        # Set where they start to matter, never read before (fewer stores per request):
+        # request / route / failed_rows (allow_retries: what a retry rebuilds the head and
+        # chooses from, the rows an attempt of this request failed on; read only once a
+        # retry began, which allow_retries alone makes possible), timer (_retry: the
+        # backoff before the next attempt), outcome
+        # (_finish: what the gate records for the attempt it ends), discarded (bytes of a
+        # retryable answer read and dropped), tail / seen_tail / quiet_since (an SSE
+        # stream: the last chunk relayed, one store per chunk, and what the sweeper saw
+        # last, to find upstream silence in `keepalive`).
+
+    def allow_retries(
+        self, request: Request, route: RouteRequest, max_attempts: int, keep_body: bool
+    ) -> None:
+        """Let this exchange try up to `max_attempts` workers. `keep_body`: the body is
+        small enough to hold for a resend (--max-buffered-request-bytes); when it is not,
+        only failures before the write are retried (nothing reached a worker)."""
+        self.request: Request | None = request
+        self.route: RouteRequest | None = route
+        self.max_attempts = max_attempts
+        self.keep_body = keep_body
+        self.failed_rows: list[int] | None = None
 
     def _advance(self, event: int) -> int:
         self.state, action = FLAT[self.state * _N + event]
         return action
+
+    def _can_retry(self) -> bool:
+        """Another attempt is allowed: attempts left, and the body still held."""
+        return self.attempts < self.max_attempts and self.body is not None
 
     # --- getting a connection -------------------------------------------------------------
 
@@ -164,14 +257,26 @@ class Exchange:
         self.app.spawn(self._connect())
 
     async def _connect(self) -> None:
+        pool = self.pool
         try:
-            conn = await self.pool.connect()
+            conn = await pool.connect()
         except (OSError, TimeoutError) as exc:
-            if self._advance(_CONNECT_FAILED) == _FAIL_CONNECT:
+            if pool is not self.pool:
+                return  # a late failure of an attempt that ended meanwhile
+            can_retry = self._can_retry()
+            action = self._advance(_CONNECT_FAILED_RETRY if can_retry else _CONNECT_FAILED)
+            if action == _RETRY:
+                # Nothing was sent: the next worker may be tried at once.
+                self._retry(0, immediate=True)
+            elif action == _FAIL_CONNECT:
+                self._count_exhausted()
                 reason = (
                     "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
                 )
                 self._fail(502, "upstream_connect_failed", f"could not connect to worker: {reason}")
+            return
+        if pool is not self.pool:
+            conn.release(True)  # opened for an attempt that ended meanwhile
             return
         self.got_connection(conn)
 
@@ -194,7 +299,9 @@ class Exchange:
             transport.write(self.head + body)  # type: ignore[operator]
         else:
             transport.write(self.head)  # type: ignore[arg-type]
-        self.head = self.body = None
+        self.head = None
+        if not self.keep_body:
+            self.body = None  # written: from here on this request cannot be sent again
         if conn.closed:
             # Closed between connect and now (its connection_lost found nothing bound).
             self.upstream_lost(conn)
@@ -205,6 +312,17 @@ class Exchange:
     # --- upstream response events -----------------------------------------------------------
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status >= RETRYABLE_MIN and status in RETRYABLE_STATUSES:
+            if self._can_retry():
+                self.state, action = FLAT[self.state * _N + _RETRY_HEAD]
+                if action == _DISCARD_ACTION:
+                    # Not relayed: the client sees only the final attempt's answer.
+                    self.status = status
+                    self.body_mode = _DROP
+                    self.discarded = 0
+                return
+            if self.state == _AWAITING_HEAD:
+                self._count_exhausted()
         self.state, action = FLAT[self.state * _N + _HEAD]
         if action != _RELAY_HEAD:
             return
@@ -248,6 +366,13 @@ class Exchange:
             else:
                 self.body_mode = _CHUNKED
                 append(b"transfer-encoding: chunked\r\n")
+                # Only a body without a length can be an open-ended stream: look for
+                # an event stream here, never on the Content-Length path.
+                for name, value in headers:
+                    if name == b"content-type":
+                        if value[:17].lower() == b"text/event-stream":
+                            self._watch()
+                        break
         append(b"x-request-id: ")
         append(self.request_id)
         append(b"\r\n")
@@ -260,26 +385,48 @@ class Exchange:
         if self.head_only:
             self.body_mode = _DISCARD
 
+    def _watch(self) -> None:
+        """The relayed head is an event stream in chunked framing: the gateway can end it
+        with an error event, and the sweeper sends keep-alive frames when it goes quiet."""
+        self.state, _action = FLAT[self.state * _N + _SSE_EVENT]  # RELAYING -> STREAMING
+        self.body_mode = _SSE
+        self.tail = None
+        app = self.app
+        if app.sse_keepalive > 0:
+            self.seen_tail = None
+            self.quiet_since = app.now
+            app.streams.add(self)
+
     def response_body(self, chunk: bytes) -> None:
         mode = self.body_mode
-        if mode == _CHUNKED:
+        if mode == _SSE:
             self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.tail = chunk
         elif mode == _RAW:
             self.out.append(chunk)
+        elif mode == _CHUNKED:
+            self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         elif mode == _HOLD:
             held = self.held
             if held is not None and sum(map(len, held)) < MAX_REWRITTEN_ERROR_BYTES:
                 held.append(chunk)
+        elif mode == _DROP:
+            self.discarded += len(chunk)
+            if self.discarded > MAX_DISCARDED_BYTES and self._advance(_LOST_RETRY) == _RETRY:
+                # Not worth reading to its end: drop it with its connection, retry now.
+                self._retry(self.status)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
-        if action != _END_MESSAGE:
-            return
-        if self.body_mode == _HOLD:
-            self._emit_rewritten()
-        elif self.body_mode == _CHUNKED:
-            self.out.append(_CHUNK_END)
-        self.upstream_reusable = upstream_keep_alive
+        if action == _END_MESSAGE:
+            mode = self.body_mode
+            if mode in _FRAMED:
+                self.out.append(_CHUNK_END)
+            elif mode == _HOLD:
+                self._emit_rewritten()
+            self.upstream_reusable = upstream_keep_alive
+        elif action == _DRAINED_ACTION:
+            self.upstream_reusable = upstream_keep_alive
 
     def _emit_rewritten(self) -> None:
         """A held error answer on /v1/messages: the worker's headers, the status, and the
@@ -306,7 +453,8 @@ class Exchange:
         if out:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if self.state == _COMPLETE:
+        state = self.state
+        if state == _COMPLETE:
             self.state, action = FLAT[_COMPLETE * _N + _FLUSHED]
             if action != _FINISH:
                 return
@@ -317,49 +465,185 @@ class Exchange:
                     # Paused for this client's back-pressure: the next exchange must read.
                     conn.transport.resume_reading()  # type: ignore[union-attr]
                 conn.release(self.upstream_reusable)
-            self._finish(self.status, "")
+            self._finish(self.status, "", self.status)
             self.client.response_done(self.keep_alive)
+        elif state == _DRAINED and self._advance(_FLUSHED) == _RETRY:
+            self._retry(self.status)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         if conn is not self.upstream:
             return
         self.upstream = None
-        if self.state == _RELAYING and (self.close_delimited or self.body_mode == _HOLD):
+        state = self.state
+        if state in (_RELAYING, _STREAMING) and (self.close_delimited or self.body_mode == _HOLD):
             self.response_complete(False)
             self.flush()
             return
-        action = self._advance(_LOST)
-        if action == _FAIL_CLOSED:
+        action = self._advance(_LOST_RETRY if self._can_retry() else _LOST)
+        if action == _RETRY:
+            self._retry(self.status if self.body_mode == _DROP else 0)
+        elif action == _FAIL_CLOSED:
+            self._count_exhausted()
             self._fail(502, "upstream_connection_closed", "worker closed the connection")
         elif action == _ABORT:
             self._abort_client("upstream_connection_closed")
+        elif action == _END_STREAM_ERROR:
+            self._end_stream("upstream_connection_closed", "worker closed the connection")
 
     def upstream_failed(self, message: str) -> None:
-        action = self._advance(_INVALID)
-        if action == _FAIL_INVALID:
+        action = self._advance(_INVALID_RETRY if self._can_retry() else _INVALID)
+        if action == _RETRY:
+            self._retry(0)
+        elif action == _FAIL_INVALID:
+            self._count_exhausted()
             self._fail(502, "upstream_invalid_response", message)
         elif action == _ABORT:
             self._abort_client("upstream_invalid_response")
+        elif action == _END_STREAM_ERROR:
+            self._end_stream("upstream_invalid_response", message)
+
+    # --- attempts ---------------------------------------------------------------------------
+
+    def _end_attempt(self, outcome: int) -> None:
+        """Close the open attempt's accounting (once): in-flight, policy, gate outcome."""
+        if self.attempting:
+            self.attempting = False
+            self.app.attempt_done(self, outcome)
+
+    def _retry(self, outcome: int, *, immediate: bool = False) -> None:
+        """The attempt failed before anything reached the client and another is allowed:
+        let go of its connection, account it, and start the next after the backoff."""
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            if self.upstream_reusable:
+                if self.client.write_paused:
+                    conn.transport.resume_reading()  # type: ignore[union-attr]
+                conn.release(True)  # its answer was read in full
+            else:
+                conn.abort()
+        row = self.row
+        self._end_attempt(outcome)
+        failed = self.failed_rows
+        if failed is None:
+            self.failed_rows = [row]
+        elif row not in failed:
+            failed.append(row)
+        # Reset what belonged to the failed attempt's answer.
+        self.status = 0
+        self.body_mode = _RAW
+        self.upstream_reusable = False
+        self.close_delimited = False
+        app = self.app
+        # A refused (or timed-out) connect reached no worker: go elsewhere at once, unless
+        # only the workers that failed are left, which get the backoff.
+        if immediate and app.has_untried_worker(self):
+            delay = 0.0
+        else:
+            delay = app.retry_policy.delay_seconds(self.attempts - 1, random.random())
+        app.metrics.retry(self.endpoint, self.attempts, delay)
+        if delay > 0.0:
+            self.timer: Handle | None = app.loop.call_later(delay, self._backoff_over)
+        else:
+            self.timer = app.loop.call_soon(self._backoff_over)
+
+    def _backoff_over(self) -> None:
+        self.timer = None
+        if self._advance(_BACKOFF_OVER) != _ATTEMPT:
+            return
+        try:
+            refusal = self.app.next_attempt(self)
+        except Exception as exc:  # a request must never take the process down
+            self.app.log_error("retry failed", exc)
+            refusal = (502, "internal_error", "internal gateway error while retrying", b"")
+        if refusal is not None:
+            if self._advance(_NO_WORKER) == _FAIL_NO_WORKER:
+                status, code, message, extra = refusal
+                self._fail(status, code, message, extra_headers=extra)
+            return
+        self.attempts += 1
+        self.attempting = True
+        self.start()
+
+    def _count_exhausted(self) -> None:
+        """A retryable failure with no attempt left (SMG's "retries exhausted": counted
+        whenever retries are on, --retry-max-retries 1 included, as SMG does)."""
+        if self.attempts >= self.max_attempts and self.app.retries_on:
+            self.app.metrics.retries_exhausted(self.endpoint)
+
+    # --- SSE streams --------------------------------------------------------------------------
+
+    def keepalive(self, now: float, quiet_for: float) -> None:
+        """Called by the sweeper for a watched stream: after `quiet_for` seconds without
+        an upstream chunk, write a keep-alive frame, between events only."""
+        tail = self.tail
+        if tail is not self.seen_tail:
+            self.seen_tail = tail
+            self.quiet_since = now
+            return
+        if now - self.quiet_since < quiet_for or self.state != _STREAMING:
+            return
+        if tail is not None and not tail.endswith(_EVENT_ENDS):
+            return  # the worker stopped inside an event: a frame here would corrupt it
+        frame = SSE_KEEPALIVE_ANTHROPIC if self.endpoint == ANTHROPIC_ROUTE else SSE_KEEPALIVE
+        self.client.write(b"%x\r\n%b\r\n" % (len(frame), frame))
+        self.quiet_since = now
+
+    def _end_stream(self, code: str, message: str) -> None:
+        """The worker broke a relayed event stream: end it as a stream, with an error
+        event the client's SDK raises (OpenAI: `data: {"error": ...}` then `[DONE]`;
+        /v1/messages: Anthropic's `event: error`), and a proper chunked end."""
+        self._drop_upstream()
+        tail = self.tail
+        # A stream cut inside an event: end that event first (its data is lost anyway).
+        frames = [b"\n\n"] if tail is not None and not tail.endswith(_EVENT_ENDS) else []
+        if self.endpoint == ANTHROPIC_ROUTE:
+            body = anthropic_error_body(502, message, self.request_id)
+            frames.append(b"event: error\ndata: %b\n\n" % body)
+        else:
+            # SMG 1.13's event (type "stream_error"), with this gateway's error code added.
+            body = orjson.dumps(
+                {"error": {"message": message, "type": "stream_error", "code": code}}
+            )
+            frames.append(b"data: %b\n\n" % body)
+            frames.append(_SSE_DONE)
+        event = b"".join(frames)
+        self.out.append(b"%x\r\n%b\r\n" % (len(event), event))
+        self.out.append(_CHUNK_END)
+        self.client.write(b"".join(self.out))
+        self.out.clear()
+        # SMG counts the response with its head's status and error code stream_error.
+        self._finish(self.status, "stream_error", 0)
+        self.client.response_done(self.keep_alive)
 
     # --- endings started from our side -------------------------------------------------------
 
+    def _cancel_backoff(self) -> None:
+        """The exchange ends during a backoff: its timer would only keep it alive."""
+        timer = getattr(self, "timer", None)
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+
     def client_gone(self) -> None:
-        if self._advance(_CLIENT_GONE) == _DROP:
+        if self._advance(_CLIENT_GONE) == _DROP_ACTION:
+            self._cancel_backoff()
             self._drop_upstream()
-            self._finish(499, "client_disconnected")
+            self._finish(499, "client_disconnected", self.status or 499)
 
     def timed_out(self) -> None:
         action = self._advance(_TIMEOUT)
         if action == _FAIL_TIMEOUT:
+            self._cancel_backoff()
             self._fail(
                 504,
                 "upstream_timeout",
                 f"worker did not answer within {self.app.request_timeout:g} s",
             )
         elif action == _ABORT_TIMEOUT:
-            self._abort_client("upstream_timeout", status=504)
+            self._abort_client("upstream_timeout", status=504, outcome=self.status)
 
-    def _fail(self, status: int, code: str, message: str) -> None:
+    def _fail(self, status: int, code: str, message: str, *, extra_headers: bytes = b"") -> None:
         self._drop_upstream()
         keep_alive = self.keep_alive and not self.app.draining
         self.out.clear()
@@ -368,23 +652,23 @@ class Exchange:
                 status,
                 code,
                 message,
-                extra_headers=self.app.process_header,
+                extra_headers=extra_headers + self.app.process_header,
                 keep_alive=keep_alive,
                 request_id=self.request_id,
                 anthropic=self.endpoint == ANTHROPIC_ROUTE,
                 head_only=self.head_only,
             )
         )
-        self._finish(status, code)
+        self._finish(status, code, 0)
         self.client.response_done(keep_alive)
 
-    def _abort_client(self, code: str, status: int | None = None) -> None:
+    def _abort_client(self, code: str, status: int | None = None, outcome: int = 0) -> None:
         """The response head is already out: the only honest signal left is to close."""
         self._drop_upstream()
         if self.out:
             self.client.write(b"".join(self.out))
             self.out.clear()
-        self._finish(status or self.status, code)
+        self._finish(status or self.status, code, outcome)
         self.client.close()
 
     def _drop_upstream(self) -> None:
@@ -395,6 +679,11 @@ class Exchange:
         else:
             self.pool.cancel_wait(self)
 
-    def _finish(self, status: int, error_code: str) -> None:
+    def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self.head = self.body = None
+        self.outcome = outcome
+        if self.body_mode == _SSE:
+            # Let go of it now, not at the next sweep: a busy process ends thousands of
+            # streams between sweeps, and holding them costs the GC more than this.
+            self.app.streams.discard(self)
         self.app.exchange_finished(self, status, error_code)

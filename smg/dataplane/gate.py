@@ -37,6 +37,10 @@ from smg.promtext import Family, Sample
 from smg.shm.health import FLAG_OVERLOADED, FLAG_STALLED, Transition, blocks_for
 from smg.shm.layout import G_HEALTH_EPOCH, H_CB_FAILURES, H_CB_STATE, H_FLAGS
 
+# The outcome `record` gets when the client left before the worker answered (the status
+# smg logs for it, as nginx does).
+CLIENT_LEFT = 499
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -140,10 +144,17 @@ class WorkerGate:
         return False
 
     def record(self, row: int, generation: int, status: int) -> None:
-        """The outcome of one attempt on `row`: the final upstream status, or 0 for a
-        transport failure (refused, reset, timed out before the response head)."""
+        """The outcome of one attempt on `row`: the final upstream status, 0 for a
+        transport failure (refused, reset, timed out before the response head), or
+        CLIENT_LEFT (499) when the client went away before any answer."""
         if status in FAILURE_STATUSES:
             self._record_failure(row, generation, status)
+            return
+        if status == CLIENT_LEFT:
+            # The client left before any answer: it says nothing of the worker (no contact,
+            # no success). A trial it held is not given back: the half-open that misses an
+            # outcome reopens after another timeout (see smg.shm.health).
+            self._drop_trial(row)
             return
         self.successes[row] += 1
         now = time.monotonic_ns()
@@ -183,15 +194,22 @@ class WorkerGate:
         else:
             self.blocks.note_contact(row, now)
 
-    def _trial_outcome(self, row: int, ok: bool, now: int) -> None:
+    def _drop_trial(self, row: int) -> int | None:
+        """Forget one trial this process holds on `row`; its epoch, or None if none."""
         held = self.trials.get(row)
         if held is None:
-            return
+            return None
         epoch, count = held
         if count <= 1:
             del self.trials[row]
         else:
             self.trials[row] = (epoch, count - 1)
+        return epoch
+
+    def _trial_outcome(self, row: int, ok: bool, now: int) -> None:
+        epoch = self._drop_trial(row)
+        if epoch is None:
+            return
         if self.breaker_on:
             self._count(row, self.blocks.trial_outcome(row, epoch, ok, now // 1_000_000))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+from smg.dataplane.retry import endpoint_label
 from smg.promtext import Family, Sample
 
 DURATION_BUCKETS = (
@@ -58,6 +59,10 @@ class DataPlaneMetrics:
         self.durations: dict[tuple[str, str], Histogram] = {}
         self.routed: dict[tuple[str, str, str], int] = {}  # (model, endpoint, streaming)
         self.connections_active = 0
+        # Retries, under SMG's names (`smg_worker_retries_total` and friends).
+        self.retries: dict[str, int] = {}  # endpoint label -> retries started
+        self.exhausted: dict[str, int] = {}  # endpoint label -> requests out of attempts
+        self.backoffs: dict[str, Histogram] = {}  # retry number ("1" = first retry)
 
     def request(self, method: str, path: str) -> None:
         key = (method, path)
@@ -77,6 +82,20 @@ class DataPlaneMetrics:
     def routed_request(self, model: str, endpoint: str, streaming: bool) -> None:
         key = (model, endpoint, "true" if streaming else "false")
         self.routed[key] = self.routed.get(key, 0) + 1
+
+    def retry(self, path: str, number: int, delay: float) -> None:
+        """Retry `number` (1 = the first retry) of a request on `path`, after `delay` s."""
+        label = endpoint_label(path)
+        self.retries[label] = self.retries.get(label, 0) + 1
+        key = str(number)
+        hist = self.backoffs.get(key)
+        if hist is None:
+            hist = self.backoffs[key] = Histogram(self.buckets)
+        hist.observe(delay)
+
+    def retries_exhausted(self, path: str) -> None:
+        label = endpoint_label(path)
+        self.exhausted[label] = self.exhausted.get(label, 0) + 1
 
     def families(self, process: int) -> list[Family]:
         """This process's series, labelled `process="<index>"`, for the exporter."""
@@ -119,6 +138,7 @@ class DataPlaneMetrics:
             )
             for (model, endpoint, streaming), value in self.routed.items()
         ]
+        retry_families = self._retry_families(proc)
         return [
             Family("smg_http_requests_total", "counter", HELP_REQUESTS, requests),
             Family("smg_http_responses_total", "counter", HELP_RESPONSES, responses),
@@ -130,7 +150,39 @@ class DataPlaneMetrics:
                 HELP_CONNECTIONS,
                 [Sample("", [proc], self.connections_active)],
             ),
+            *retry_families,
         ]
+
+    def _retry_families(self, proc: tuple[str, str]) -> list[Family]:
+        regular = ("worker_type", "regular")
+        retries = [
+            Sample("", [proc, regular, ("endpoint", label)], value)
+            for label, value in self.retries.items()
+        ]
+        exhausted = [
+            Sample("", [proc, regular, ("endpoint", label)], value)
+            for label, value in self.exhausted.items()
+        ]
+        backoffs: list[Sample] = []
+        for number, hist in self.backoffs.items():
+            backoffs.extend(_histogram_samples([proc, ("attempt", number)], hist))
+        return [
+            Family("smg_worker_retries_total", "counter", HELP_RETRIES, retries),
+            Family("smg_worker_retries_exhausted_total", "counter", HELP_EXHAUSTED, exhausted),
+            Family("smg_worker_retry_backoff_seconds", "histogram", HELP_BACKOFF, backoffs),
+        ]
+
+
+def _histogram_samples(base: list[tuple[str, str]], hist: Histogram) -> list[Sample]:
+    samples = []
+    cumulative = 0
+    for bound, count in zip(hist.buckets, hist.counts):
+        cumulative += count
+        samples.append(Sample("_bucket", [*base, ("le", str(bound))], cumulative))
+    samples.append(Sample("_bucket", [*base, ("le", "+Inf")], hist.count))
+    samples.append(Sample("_sum", base, hist.total))
+    samples.append(Sample("_count", base, hist.count))
+    return samples
 
 
 # HELP texts follow the Rust SMG's where the meaning is the same.
@@ -142,3 +194,6 @@ HELP_ROUTED = (
     "streaming"
 )
 HELP_CONNECTIONS = "Currently active HTTP connections"
+HELP_RETRIES = "Total retry attempts by worker_type and endpoint"
+HELP_EXHAUSTED = "Requests that exhausted all retries by worker_type and endpoint"
+HELP_BACKOFF = "Retry backoff duration by attempt number"
