@@ -72,6 +72,23 @@ def test_a_success_restarts_the_consecutive_count_and_4xx_is_a_success() -> None
     assert a.blocks.state(2) == OPEN
 
 
+def test_a_client_that_left_says_nothing_of_the_worker() -> None:
+    """499 (the client went away before any answer) is neither a success that would reset
+    the failure count nor contact that would end a stall."""
+    _table, a, _b = make(cb_failure_threshold=10, worker_stall_secs=0)
+    for _ in range(9):
+        a.record(2, 1, 503)
+    a.record(2, 1, 499)
+    assert a.blocks.counts(2)[0] == 9
+    a.record(2, 1, 503)
+    assert a.blocks.state(2) == OPEN
+    a.record(1, 1, 0)  # a transport failure stalls row 1 ...
+    assert a.blocks.flags(1) & FLAG_STALLED
+    a.record(1, 1, 499)  # ... and a client leaving does not count as the worker's answer
+    assert a.blocks.flags(1) & FLAG_STALLED
+    assert a.successes[1] == 0
+
+
 def test_outcomes_of_a_previous_worker_on_the_row_do_not_count() -> None:
     _table, a, _b = make(cb_failure_threshold=2)
     for _ in range(5):

@@ -660,6 +660,11 @@ class TestFaults:
             assert status == 503, answer
             assert headers["x-smg-error-code"] == answer["error"]["code"]
             assert_error_shape(answer, "no_available_workers")
+            # The Rust SMG 1.13's words and Retry-After for a fleet with no ready worker.
+            assert answer["error"]["message"] == (
+                "All workers are unavailable (circuit breaker open or unhealthy)"
+            )
+            assert headers["retry-after"] == "1"
 
     def test_ready_once_a_worker_is(self, sick: tuple[Gateway, str]) -> None:
         gw, _url = make_ready(sick)
