@@ -850,7 +850,10 @@ def serving_pid(gw: Gateway, client_port: int) -> int | None:
 
 @pytest.fixture(scope="class")
 def mock_gateway() -> Iterator[Gateway]:
-    with started(Gateway(["--mock-workers", "2"], processes=2)) as gw:
+    # Short breaker timeout: the chaos test's forced 500s open the breakers (as they must),
+    # and the tests after it need the workers back.
+    args = ["--mock-workers", "2", "--cb-timeout-duration-secs", "1"]
+    with started(Gateway(args, processes=2)) as gw:
         gw.wait_ready()
         yield gw
 
@@ -914,6 +917,19 @@ class TestMockWorkersGateway:
         finally:
             for url in urls:
                 mockutil.set_config(url, error_rate=0.0)
+
+        # The forced 500s may have opened breakers: half-open trials close them again, and
+        # the tests after this one need every worker back in routing.
+        def breakers_closed() -> bool:
+            post(gw.url, CHAT, chat_body())
+            states = [
+                float(line.rsplit(" ", 1)[1])
+                for line in gw.metrics().splitlines()
+                if line.startswith("smg_worker_cb_state{")
+            ]
+            return len(states) == 2 and all(state == 0 for state in states)
+
+        wait_until(breakers_closed, 15.0, "every breaker closed again")
         assert post(gw.url, CHAT, chat_body())[0] == 200
 
     def test_killed_dataplane_process_is_replaced(self, mock_gateway: Gateway) -> None:
@@ -929,7 +945,7 @@ class TestMockWorkersGateway:
             index = victim.headers["x-smg-process"]
             victim_pid = serving_pid(gw, victim.local_port)
             assert victim_pid in before
-            assert in_flight_total(gw) == 6
+            assert in_flight_total(gw) == 6, [s.status for s in streams]
             os.kill(victim_pid, signal.SIGKILL)
             victim.read_until(lambda e: False, 3.0)
             assert victim.eof and not victim.complete
