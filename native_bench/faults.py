@@ -161,7 +161,28 @@ def start_gateway(kind: str, args: argparse.Namespace, urls: list[str], port: in
     if good < 3:
         stop_gateway(proc)
         raise RuntimeError(f"{kind} gateway did not become ready")
+    proc.prometheus_port = prom  # type: ignore[attr-defined]
     return proc
+
+
+def retries_counted(prom_port: int) -> dict[str, float]:
+    """The gateway's own retry and breaker-transition counters (both gateways use SMG's
+    metric names), summed over their labels."""
+    conn = http.client.HTTPConnection(HOST, prom_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except OSError:
+        return {}
+    finally:
+        conn.close()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("smg_worker_retries_total", "smg_worker_cb_transitions_total"):
+            with contextlib.suppress(ValueError):
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def stop_gateway(proc: Any) -> None:
@@ -238,10 +259,11 @@ def run_one(kind: str, fault: str, args: argparse.Namespace) -> dict[str, Any]:
         stop.set()
         for t in threads:
             t.join(35)
+        counters = retries_counted(gateway.prometheus_port)
         stop_gateway(gateway)
         for w in workers:
             w.kill()
-    return summarize(kind, fault, args, out.records, served, views)
+    return {**summarize(kind, fault, args, out.records, served, views), "counters": counters}
 
 
 def summarize(
