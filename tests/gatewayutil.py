@@ -11,9 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
+import psutil
 
 READY_PREFIX = "SMG_READY "
 
@@ -186,3 +188,37 @@ def run_launch(args: list[str], timeout: float = 30.0) -> tuple[int, str, float]
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
     return proc.returncode, err.decode("utf-8", "replace"), time.monotonic() - started
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `predicate` (connection errors count as "not yet") until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, httpx.HTTPError):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def children(gw: Gateway) -> list[psutil.Process]:
+    assert gw.process is not None
+    return psutil.Process(gw.process.pid).children()
+
+
+def pid_serving(gw: Gateway, index: str, attempts: int = 100) -> int:
+    """The pid of data-plane process ``index``, 0 when none of ``attempts`` new
+    connections landed there; found from the child holding our connection's server side."""
+    for _ in range(attempts):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5.0) as sock:
+            sock.sendall(b"GET /liveness HTTP/1.1\r\nHost: gw\r\n\r\n")
+            head = sock.recv(65536)
+            if f"x-smg-process: {index}\r\n".encode() not in head:
+                continue
+            client_port = sock.getsockname()[1]
+            for child in children(gw):
+                for conn in child.net_connections(kind="tcp"):
+                    if conn.raddr and conn.raddr.port == client_port:
+                        return child.pid
+    return 0

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from gatewayutil import Gateway, free_port, run_launch
+from gatewayutil import Gateway, children, free_port, pid_serving, run_launch, wait_until
 
 from smg import ipc
 from smg.shm import layout
@@ -38,17 +38,6 @@ BIND_REFUSED = "Failed to bind the HTTP listener on 127.0.0.1:{port}: Address al
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def send_chat(port: int) -> socket.socket:
@@ -86,28 +75,6 @@ def split_of_new_connections(port: int, count: int, timeout: float = 20.0) -> Co
         assert status == 200
         seen[process] += 1
     return seen
-
-
-def children(gw: Gateway) -> list[psutil.Process]:
-    assert gw.process is not None
-    return psutil.Process(gw.process.pid).children()
-
-
-def pid_serving(gw: Gateway, index: str, attempts: int = 100) -> int:
-    """The pid of data-plane process ``index``, 0 when none of ``attempts`` new
-    connections landed there; found from the child holding our connection's server side."""
-    for _ in range(attempts):
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=5.0) as sock:
-            sock.sendall(b"GET /liveness HTTP/1.1\r\nHost: gw\r\n\r\n")
-            head = sock.recv(65536)
-            if f"x-smg-process: {index}\r\n".encode() not in head:
-                continue
-            client_port = sock.getsockname()[1]
-            for child in children(gw):
-                for conn in child.net_connections(kind="tcp"):
-                    if conn.raddr and conn.raddr.port == client_port:
-                        return child.pid
-    return 0
 
 
 def control_plane_pid(gw: Gateway) -> int:

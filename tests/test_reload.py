@@ -4,18 +4,15 @@ afterwards, an invalid file refused with the old settings kept, counters that on
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from gatewayutil import Gateway
+from gatewayutil import Gateway, wait_until
 from mockutil import start_mock_workers
 
 from smg.config import GatewayConfig
@@ -72,17 +69,6 @@ def test_worker_list_changes() -> None:
 
 
 # --- end to end -------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, httpx.HTTPError):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Load:

@@ -10,14 +10,12 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
-from gatewayutil import Gateway
+from gatewayutil import Gateway, children, pid_serving, wait_until
 from test_reload import assert_no_counter_went_back, metric_values
 
 from smg.control.metricfold import MetricFolder
@@ -28,17 +26,6 @@ from smg.supervisor import heartbeat_interval, heartbeat_stale
 pytestmark = pytest.mark.timeout(120)
 
 CHAT_BODY = b'{"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}'
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, httpx.HTTPError):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # --- pure -----------------------------------------------------------------------------------
@@ -152,28 +139,6 @@ def control_plane_pid(gw: Gateway) -> int:
     return 0
 
 
-def children(gw: Gateway) -> list[psutil.Process]:
-    assert gw.process is not None
-    return psutil.Process(gw.process.pid).children()
-
-
-def pid_serving(gw: Gateway, index: str, attempts: int = 200) -> int:
-    """The pid of data-plane process ``index``: the child holding the server side of a
-    connection answered with ``x-smg-process: index``."""
-    for _ in range(attempts):
-        with socket.create_connection(("127.0.0.1", gw.port), timeout=5.0) as sock:
-            sock.sendall(b"GET /liveness HTTP/1.1\r\nHost: gw\r\n\r\n")
-            head = sock.recv(65536)
-            if f"x-smg-process: {index}\r\n".encode() not in head:
-                continue
-            client_port = sock.getsockname()[1]
-            for child in children(gw):
-                for conn in child.net_connections(kind="tcp"):
-                    if conn.raddr and conn.raddr.port == client_port:
-                        return child.pid
-    raise AssertionError(f"no connection landed on data-plane process {index}")
-
-
 # --- end to end -------------------------------------------------------------------------------
 
 
@@ -249,7 +214,8 @@ def test_counters_never_go_backwards_when_a_process_is_killed() -> None:
         for _ in range(40):  # new connections: both processes serve some
             answer = httpx.post(gw.url + "/v1/chat/completions", content=CHAT_BODY, timeout=20.0)
             assert answer.status_code == 200
-        victim = pid_serving(gw, "1")
+        victim = pid_serving(gw, "1", attempts=200)
+        assert victim, "no connection landed on data-plane process 1"
         before = gw.metrics()
         assert 'process="1"' in before
         os.kill(victim, signal.SIGKILL)
