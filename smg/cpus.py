@@ -83,6 +83,12 @@ def default_processes() -> int:
     CPU affinity (`sched_getaffinity`) intersected with the cgroup quota, rounded up,
     at least 1, at most PROCESS_CAP (16).
     """
+    return min(available_cores(), PROCESS_CAP)
+
+
+def available_cores() -> int:
+    """CPUs this process may use: affinity intersected with the cgroup quota, rounded up,
+    at least 1 (as Rust's `available_parallelism` counts them); not capped."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -90,4 +96,4 @@ def default_processes() -> int:
     limit = cgroup_cpu_limit()
     if limit is not None:
         cpus = min(cpus, math.ceil(limit))
-    return max(1, min(cpus, PROCESS_CAP))
+    return max(1, cpus)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from gatewayutil import Gateway, free_port, running_gateway
 from mockutil import request, reset_stats, set_config, start_mock_workers, stats
+from mockutil import wait_for as wait_until
 
 BODY = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -46,15 +46,6 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float | None:
         if line.startswith(name + "{") and all(part in line for part in want.split(",")):
             total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
     return total
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def test_breaker_opens_in_every_process_and_half_open_admits_at_most_the_threshold() -> None:

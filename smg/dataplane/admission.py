@@ -38,8 +38,6 @@ others (measured: 8 s waits in two of four processes with 5 ms requests).
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import atomicshm
 import orjson
 
+from smg.cpus import available_cores
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram
 from smg.httpwire import ANTHROPIC_ROUTE, anthropic_error_type
 from smg.promtext import Family, Sample
@@ -108,21 +107,6 @@ class AtomicWords(Protocol):
     def fetch_add_u64(self, offset: int, value: int) -> int: ...
     def fetch_sub_u64(self, offset: int, value: int) -> int: ...
     def cas_u64(self, offset: int, expected: int, desired: int) -> int: ...
-
-
-def available_cores() -> int:
-    """CPUs this process may use (affinity and cgroup quota), as Rust's
-    `available_parallelism` counts them; not capped like `--processes`."""
-    from smg.cpus import cgroup_cpu_limit
-
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_limit()
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
-    return max(1, cpus)
 
 
 def effective_limit(max_concurrent_requests: int, cores: int | None = None) -> int:
