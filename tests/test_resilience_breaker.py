@@ -139,25 +139,31 @@ def test_every_breaker_open_answers_503_no_available_workers() -> None:
             assert b"circuit breaker open" in body
 
 
+def overload_args(busy: str, idle: str, *extra: str) -> list[str]:
+    """Two workers, round robin, loads polled every second (overload flags follow fast)."""
+    return [
+        *("--worker-urls", busy, idle),
+        *("--policy", "round_robin", "--load-monitor-interval", "1"),
+        *extra,
+    ]
+
+
+def wait_overloaded(gateway: Gateway, count: float) -> bool:
+    return bool(
+        wait_until(
+            lambda: metric(gateway, "smg_workers_overloaded", model="mock-model") == count, 5.0
+        )
+    )
+
+
 def test_overload_reports_move_traffic_in_every_process_and_shed_when_all_are_over() -> None:
     with start_mock_workers(2) as mocks:
         busy, idle = mocks.urls
-        args = [
-            "--worker-urls",
-            busy,
-            idle,
-            "--policy",
-            "round_robin",
-            "--load-monitor-interval",
-            "1",
-            "--worker-overload-shed",
-        ]
+        args = overload_args(busy, idle, "--worker-overload-shed")
         with running_gateway(args, processes=2) as gateway:
             gateway.wait_ready()
             set_config(busy, waiting=20)
-            assert wait_until(
-                lambda: metric(gateway, "smg_workers_overloaded", model="mock-model") == 1.0, 5.0
-            )
+            assert wait_overloaded(gateway, 1.0)
             reset_stats(busy)
             answers = send(gateway, 30)
             assert [status for status, _p in answers] == [200] * 30
@@ -172,9 +178,7 @@ def test_overload_reports_move_traffic_in_every_process_and_shed_when_all_are_ov
             assert hits(busy) == 0
 
             set_config(idle, waiting=8)
-            assert wait_until(
-                lambda: metric(gateway, "smg_workers_overloaded", model="mock-model") == 2.0, 5.0
-            )
+            assert wait_overloaded(gateway, 2.0)
             for _ in range(4):
                 status, headers, body = request("POST", gateway.url + "/v1/chat/completions", BODY)
                 assert status == 503
@@ -187,9 +191,7 @@ def test_overload_reports_move_traffic_in_every_process_and_shed_when_all_are_ov
             # Reports back under the thresholds: both take traffic again.
             set_config(busy, token_usage=None)
             set_config(idle, waiting=0)
-            assert wait_until(
-                lambda: metric(gateway, "smg_workers_overloaded", model="mock-model") == 0.0, 5.0
-            )
+            assert wait_overloaded(gateway, 0.0)
             reset_stats(busy)
             assert [s for s, _p in send(gateway, 10)] == [200] * 10
             assert hits(busy) >= 3
@@ -198,16 +200,7 @@ def test_overload_reports_move_traffic_in_every_process_and_shed_when_all_are_ov
 def test_overload_protection_can_be_switched_off() -> None:
     with start_mock_workers(2) as mocks:
         busy, idle = mocks.urls
-        args = [
-            "--worker-urls",
-            busy,
-            idle,
-            "--policy",
-            "round_robin",
-            "--load-monitor-interval",
-            "1",
-            "--disable-worker-overload-protection",
-        ]
+        args = overload_args(busy, idle, "--disable-worker-overload-protection")
         with running_gateway(args, processes=1) as gateway:
             gateway.wait_ready()
             set_config(busy, waiting=50)
