@@ -46,7 +46,7 @@ import atomicshm
 import orjson
 
 from smg.cpus import available_cores
-from smg.dataplane.metrics import DURATION_BUCKETS, Histogram
+from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.httpwire import ANTHROPIC_ROUTE, anthropic_error_type
 from smg.promtext import Family, Sample
 from smg.shm import layout
@@ -582,14 +582,7 @@ class Admission:
         process holds, so their sum over processes is the gateway's value."""
         proc = ("process", str(process))
         words = self.words
-        wait: list[Sample] = []
-        cumulative = 0
-        for bound, count in zip(self.wait.buckets, self.wait.counts):
-            cumulative += count
-            wait.append(Sample("_bucket", [proc, ("le", str(bound))], cumulative))
-        wait.append(Sample("_bucket", [proc, ("le", "+Inf")], self.wait.count))
-        wait.append(Sample("_sum", [proc], self.wait.total))
-        wait.append(Sample("_count", [proc], self.wait.count))
+        wait = histogram_samples([proc], self.wait)
         return [
             Family(
                 "smg_http_rate_limit_total",

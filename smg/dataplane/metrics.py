@@ -114,14 +114,7 @@ class DataPlaneMetrics:
         ]
         durations: list[Sample] = []
         for (method, path), hist in self.durations.items():
-            base = [proc, ("method", method), ("path", path)]
-            cumulative = 0
-            for bound, count in zip(hist.buckets, hist.counts):
-                cumulative += count
-                durations.append(Sample("_bucket", [*base, ("le", str(bound))], cumulative))
-            durations.append(Sample("_bucket", [*base, ("le", "+Inf")], hist.count))
-            durations.append(Sample("_sum", base, hist.total))
-            durations.append(Sample("_count", base, hist.count))
+            durations += histogram_samples([proc, ("method", method), ("path", path)], hist)
         routed = [
             Sample(
                 "",
@@ -165,7 +158,7 @@ class DataPlaneMetrics:
         ]
         backoffs: list[Sample] = []
         for number, hist in self.backoffs.items():
-            backoffs.extend(_histogram_samples([proc, ("attempt", number)], hist))
+            backoffs.extend(histogram_samples([proc, ("attempt", number)], hist))
         return [
             Family("smg_worker_retries_total", "counter", HELP_RETRIES, retries),
             Family("smg_worker_retries_exhausted_total", "counter", HELP_EXHAUSTED, exhausted),
@@ -173,7 +166,8 @@ class DataPlaneMetrics:
         ]
 
 
-def _histogram_samples(base: list[tuple[str, str]], hist: Histogram) -> list[Sample]:
+def histogram_samples(base: list[tuple[str, str]], hist: Histogram) -> list[Sample]:
+    """A histogram's Prometheus samples: cumulative buckets, +Inf, sum, count."""
     samples = []
     cumulative = 0
     for bound, count in zip(hist.buckets, hist.counts):
