@@ -18,6 +18,7 @@ import msgspec
 import orjson
 
 from smg import ipc
+from smg.dataplane import auth
 from smg.dataplane.admission import Admission
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import WorkerGate
@@ -65,7 +66,10 @@ WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_
 _SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
     b"host",
     b"content-length",
+    # The client's credentials are the gateway's business: a worker gets its own key (or
+    # --api-key when it has none), never what the client sent.
     b"authorization",
+    b"x-api-key",
     b"x-request-id",
     b"expect",
 }
@@ -180,6 +184,8 @@ class DataPlane:
         self._rid_token = secrets.token_hex(4)
         self._rid_counter = 0
         self._global_api_key = cfg.api_key
+        # --api-key: the key clients must present on the serving and admin routes.
+        self._client_key = cfg.api_key.encode("latin-1") if cfg.api_key else None
         self._sweeper: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None
 
@@ -314,6 +320,8 @@ class DataPlane:
         try:
             self._request_id(request)
             if path in PROXY_ROUTES:
+                if self._client_key is not None and not self._authorized(conn, request):
+                    return
                 if method != b"POST":
                     self._send_error(
                         conn,
@@ -341,6 +349,8 @@ class DataPlane:
                     self.proxy(conn, request, body_routing=False)
                     return
             if path.startswith(ADMIN_PREFIXES):
+                if self._client_key is not None and not self._authorized(conn, request):
+                    return
                 self.spawn(self._admin(conn, request))
                 return
             self._send_error(
@@ -354,6 +364,27 @@ class DataPlane:
             self.log_error("request failed", exc)
             if conn.exchange is None and conn.busy:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _authorized(self, conn: ClientConnection, request: Request) -> bool:
+        """Whether the request presents --api-key; otherwise answer 401 as the Rust SMG
+        1.13 does (probes, /v1/models and the worker-info routes stay open, as there)."""
+        assert self._client_key is not None
+        presented = auth.presented_key(
+            request.header(b"authorization"), request.header(b"x-api-key")
+        )
+        verdict = auth.judge(self._client_key, presented)
+        if verdict is auth.Verdict.OK:
+            return True
+        missing = verdict is auth.Verdict.MISSING
+        self._send_error(
+            conn,
+            request,
+            401,
+            "invalid_api_key",
+            auth.MISSING_MESSAGE if missing else auth.INVALID_MESSAGE,
+            extra_headers=auth.MISSING_CHALLENGE if missing else auth.INVALID_CHALLENGE,
+        )
+        return False
 
     def _local_get(self, path: str) -> tuple[int, bytes] | None:
         if path in ("/liveness", "/health"):
@@ -778,7 +809,10 @@ class DataPlane:
     async def _admin(self, conn: ClientConnection, request: Request) -> None:
         peer = conn.transport.get_extra_info("peername") if conn.transport else None
         host = peer[0] if isinstance(peer, tuple) and peer else ""
-        if not _is_loopback(host):
+        # With --api-key the credential (checked in handle) opens the admin routes from any
+        # address; without one they answer loopback clients only (the socket's peer address,
+        # never a header).
+        if self._client_key is None and not _is_loopback(host):
             self._send_error(
                 conn, request, 403, "forbidden", "admin routes answer only clients on loopback"
             )
