@@ -27,6 +27,7 @@ import msgspec
 
 from smg import ipc
 from smg.dataplane import admission
+from smg.posture import posture_warning
 from smg.shm import layout
 from smg.shm.stash import Stash
 from smg.shm.table import WorkerTable
@@ -611,6 +612,7 @@ class Supervisor:
             self.processes,
         )
         print(f"SMG_READY http://{self.cfg.host}:{self.port}", flush=True)
+        log.warning("%s", posture_warning(self.cfg))
         try:
             while not self._stop_requested:
                 self._reap()

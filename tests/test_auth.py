@@ -15,7 +15,9 @@ import pytest
 from gatewayutil import Gateway, running_gateway
 from mockutil import request, start_mock_workers, stats
 
+from smg.config import GatewayConfig
 from smg.dataplane.auth import Verdict, judge, presented_key
+from smg.posture import posture_warning
 
 KEY = "gw-key-0123456789abcdef"
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -125,3 +127,28 @@ def test_without_api_key_nothing_is_asked(gateway: tuple[Gateway, str]) -> None:
         status, _got, _body = post(gw, "/v1/chat/completions", CHAT, {"x-api-key": "client"})
         assert status == 200
         assert "x-api-key" not in stats(url)["last_request"]["header_map"]
+        # One start-up warning names every open surface and how to close it.
+        lines = [line for line in gw.logs().splitlines() if "SECURITY POSTURE" in line]
+        assert len(lines) == 1
+        assert 'data_plane="OPEN: ' in lines[0]
+        assert "protect them with --api-key <key>" in lines[0]
+
+
+def test_posture_names_every_open_surface() -> None:
+    open_line = posture_warning(GatewayConfig(host="0.0.0.0", prometheus_port=29000))
+    assert 'control_plane="LOOPBACK ONLY: ' in open_line
+    assert 'data_plane="OPEN: ' in open_line
+    assert 'metrics_listener="0.0.0.0:29000 serves /metrics' in open_line
+    keyed = posture_warning(GatewayConfig(host="127.0.0.1", prometheus_port=9100, api_key="k" * 20))
+    assert "data_plane=" not in keyed and "control_plane=" not in keyed
+    # A loopback gateway keeps its metrics on loopback (smg.config.prometheus_bind_host).
+    assert 'metrics_listener="127.0.0.1:9100 serves /metrics' in keyed
+
+
+def test_keyed_gateway_logs_only_the_metrics_listener(gateway: tuple[Gateway, str]) -> None:
+    gw, _url = gateway
+    lines = [line for line in gw.logs().splitlines() if "SECURITY POSTURE" in line]
+    assert len(lines) == 1
+    assert "--api-key guards the serving and admin routes" in lines[0]
+    assert "data_plane=" not in lines[0]
+    assert KEY not in gw.logs()  # the key itself is never logged

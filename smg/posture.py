@@ -1,0 +1,46 @@
+"""The start-up security posture line: every surface that answers without a credential,
+and how to close it (as the Rust SMG 1.13 logs one `SECURITY POSTURE` warning). Pure code."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from smg.config import prometheus_bind_host
+
+if TYPE_CHECKING:
+    from smg.config import GatewayConfig
+
+HEADLINE_OPEN = (
+    "SECURITY POSTURE: this gateway runs without authentication; every surface named here "
+    "answers any caller that can reach it"
+)
+HEADLINE_KEYED = (
+    "SECURITY POSTURE: --api-key guards the serving and admin routes; the surface named here "
+    "answers without it"
+)
+CONTROL_PLANE_LOOPBACK = (
+    "LOOPBACK ONLY: POST /workers and PUT/PATCH/DELETE /workers/{id} (register or remove "
+    "backends by URL), GET /workers and GET /get_loads (the backends' addresses), POST "
+    "/flush_cache answer any client on loopback, including whatever a local reverse proxy "
+    "forwards; protect them with --api-key <key>"
+)
+DATA_PLANE_OPEN = (
+    "OPEN: /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/messages "
+    "and the other serving routes need no credential; protect them with --api-key <key>"
+)
+
+
+def posture_warning(cfg: GatewayConfig) -> str:
+    """The one warning line for `cfg` (there is always at least the metrics listener)."""
+    port = str(cfg.prometheus_port) if cfg.prometheus_port else "an OS-chosen port"
+    metrics = (
+        f"{prometheus_bind_host(cfg)}:{port} serves /metrics (per-worker series named by "
+        "backend address) with no authentication; bind it to a private address with "
+        "--prometheus-host and fence the port with a network policy"
+    )
+    if cfg.api_key:
+        return f'{HEADLINE_KEYED} metrics_listener="{metrics}"'
+    return (
+        f'{HEADLINE_OPEN} control_plane="{CONTROL_PLANE_LOOPBACK}" '
+        f'data_plane="{DATA_PLANE_OPEN}" metrics_listener="{metrics}"'
+    )
