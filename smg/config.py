@@ -58,6 +58,7 @@ __all__ = [
     "normalize_worker_url",
     "prometheus_bind_host",
     "render_config",
+    "tenant_keys",
     "validate_config",
 ]
 
@@ -155,6 +156,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prometheus_host: str | None = None
     # Authentication
     api_key: str | None = None
+    tenant_api_key: list[str] = []
     # smg-only (see docs/flags.md)
     config: str | None = None
     print_config: bool = False
@@ -769,7 +771,19 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
     ),
     (
         "Authentication",
-        (_Flag("api_key", "API key sent to workers (Authorization: Bearer)"),),
+        (
+            _Flag(
+                "api_key",
+                "Key clients must present on the serving and admin routes (Authorization: "
+                "Bearer, or x-api-key); also sent to workers that have no key of their own",
+            ),
+            _Flag(
+                "tenant_api_key",
+                "Per-tenant key for the serving routes, TENANT_ID:KEY, repeatable (never opens "
+                "the admin routes, never sent to workers)",
+                metavar="TENANT_ID:KEY",
+            ),
+        ),
     ),
     (
         "smg only (see docs/flags.md)",
@@ -901,7 +915,7 @@ def _add_flag(group: Any, flag: _Flag) -> None:
         group.add_argument(*names, dest=field, action="store_const", const="true", help=help_text)
         return
     metavar = flag.metavar or ("{" + ",".join(choices) + "}" if choices else field.upper())
-    if field == "model_alias":
+    if field in ("model_alias", "tenant_api_key"):
         group.add_argument(*names, dest=field, action="append", metavar=metavar, help=help_text)
     elif _is_list(field):
         group.add_argument(
@@ -965,6 +979,29 @@ def _header_names(v: list[str]) -> str | None:
         if not _TOKEN_RE.match(name):
             return f"{name!r} is not a valid HTTP header name"
     return None
+
+
+def _tenant_keys(v: list[str]) -> str | None:
+    tenants: set[str] = set()
+    keys: set[str] = set()
+    for item in v:
+        tenant, sep, key = item.partition(":")
+        if not sep or not tenant or not key:
+            return "each entry must be TENANT_ID:KEY with both parts non-empty"
+        if _header_value(key) is not None:
+            return f"the key of tenant {tenant!r} must be visible ASCII without whitespace"
+        if tenant in tenants:
+            return f"tenant {tenant!r} is given twice"
+        if key in keys:
+            return f"the key of tenant {tenant!r} is also another tenant's"
+        tenants.add(tenant)
+        keys.add(key)
+    return None
+
+
+def tenant_keys(cfg: GatewayConfig) -> dict[str, str]:
+    """`--tenant-api-key` entries as {key: tenant id} (validated by load_config)."""
+    return {key: tenant for tenant, _, key in (item.partition(":") for item in cfg.tenant_api_key)}
 
 
 def _endpoint(v: str) -> str | None:
@@ -1061,6 +1098,7 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "prometheus_port": (_port(allow_zero=True),),
     "prometheus_host": (_host,),
     "api_key": (_header_value,),
+    "tenant_api_key": (_tenant_keys,),
     "config": (_nonempty,),
     "processes": (_range(1, _MAX_EXPLICIT_PROCESSES),),
     "listen_mode": (_choice("listen_mode"),),
@@ -1218,6 +1256,10 @@ def render_config(cfg: GatewayConfig) -> str:
         value = getattr(cfg, field)
         if is_secret_key(field) and isinstance(value, str):
             value = mask_secret(value)
+        elif field == "tenant_api_key":
+            value = [
+                f"{item.partition(':')[0]}:{mask_secret(item.partition(':')[2])}" for item in value
+            ]
         elif field == "mock_worker_args" and value:
             value = mask_secret_args(value)
         data[field.replace("_", "-")] = value

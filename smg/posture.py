@@ -15,8 +15,8 @@ HEADLINE_OPEN = (
     "answers any caller that can reach it"
 )
 HEADLINE_KEYED = (
-    "SECURITY POSTURE: --api-key guards the serving and admin routes; the surface named here "
-    "answers without it"
+    "SECURITY POSTURE: client keys guard the serving routes (--api-key also the admin "
+    "routes); the surface named here answers without one"
 )
 CONTROL_PLANE_LOOPBACK = (
     "LOOPBACK ONLY: POST /workers and PUT/PATCH/DELETE /workers/{id} (register or remove "
@@ -38,7 +38,7 @@ def posture_warning(cfg: GatewayConfig) -> str:
         "backend address) with no authentication; bind it to a private address with "
         "--prometheus-host and fence the port with a network policy"
     )
-    if cfg.api_key:
+    if cfg.api_key or cfg.tenant_api_key:
         return f'{HEADLINE_KEYED} metrics_listener="{metrics}"'
     return (
         f'{HEADLINE_OPEN} control_plane="{CONTROL_PLANE_LOOPBACK}" '

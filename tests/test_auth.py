@@ -15,7 +15,7 @@ import pytest
 from gatewayutil import Gateway, running_gateway
 from mockutil import request, start_mock_workers, stats
 
-from smg.config import GatewayConfig
+from smg.config import ConfigError, GatewayConfig, load_config, render_config
 from smg.dataplane.auth import Verdict, judge, presented_key
 from smg.posture import posture_warning
 
@@ -44,10 +44,12 @@ def test_presented_key(
 
 
 def test_judge() -> None:
-    assert judge(b"secret", b"secret") is Verdict.OK
-    assert judge(b"secret", b"secreT") is Verdict.INVALID
-    assert judge(b"secret", b"secret-longer") is Verdict.INVALID
-    assert judge(b"secret", None) is Verdict.MISSING
+    assert judge((b"secret",), b"secret") is Verdict.OK
+    assert judge((b"secret",), b"secreT") is Verdict.INVALID
+    assert judge((b"secret",), b"secret-longer") is Verdict.INVALID
+    assert judge((b"secret",), None) is Verdict.MISSING
+    assert judge((b"a-key", b"b-key"), b"b-key") is Verdict.OK
+    assert judge((), b"anything") is Verdict.INVALID  # nothing opens a shut route
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,37 @@ def test_keyed_gateway_logs_only_the_metrics_listener(gateway: tuple[Gateway, st
     gw, _url = gateway
     lines = [line for line in gw.logs().splitlines() if "SECURITY POSTURE" in line]
     assert len(lines) == 1
-    assert "--api-key guards the serving and admin routes" in lines[0]
+    assert "client keys guard the serving routes" in lines[0]
     assert "data_plane=" not in lines[0]
     assert KEY not in gw.logs()  # the key itself is never logged
+
+
+def test_tenant_keys_open_serving_only_and_never_reach_the_worker() -> None:
+    """As the Rust SMG 1.13: tenant keys alone make the serving routes ask for a key and
+    shut the admin routes (401 even with a tenant key). Unlike 1.13, which sends the
+    tenant's key on to the worker, smg never forwards a client's key."""
+    args = ["--tenant-api-key", "t1:tenant-key-1", "--tenant-api-key", "t2:tenant-key-2"]
+    with start_mock_workers(1) as mocks, running_gateway(["--worker-urls", mocks.url, *args]) as gw:
+        gw.wait_ready()
+        assert post(gw, "/v1/chat/completions", CHAT, {})[0] == 401
+        wrong = post(gw, "/v1/chat/completions", CHAT, {"Authorization": "Bearer nope"})
+        assert wrong[0] == 401 and wrong[2]["error"]["message"] == "Invalid API key"
+        for key in ("tenant-key-1", "tenant-key-2"):
+            ok = post(gw, "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}"})
+            assert ok[0] == 200
+            assert "authorization" not in stats(mocks.url)["last_request"]["header_map"]
+        for headers in ({}, {"Authorization": "Bearer tenant-key-1"}):
+            assert request("GET", gw.url + "/workers", None, headers, timeout=10.0)[0] == 401
+        assert "tenant-key-1" not in gw.logs()
+
+
+def test_tenant_keys_are_validated_and_masked() -> None:
+    cfg = load_config(["--tenant-api-key", "t1:tenant-secret-key-123456"], env={})
+    text = render_config(cfg)
+    assert "tenant-secret-key-123456" not in text
+    assert "t1:ten***" in text
+    for bad in ("no-colon", ":key", "t1:", "t1:has space"):
+        with pytest.raises(ConfigError):
+            load_config(["--tenant-api-key", bad], env={})
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(["--tenant-api-key", "t:k1", "--tenant-api-key", "t:k2"], env={})

@@ -18,6 +18,7 @@ import msgspec
 import orjson
 
 from smg import ipc
+from smg.config import tenant_keys
 from smg.dataplane import auth
 from smg.dataplane.admission import Admission
 from smg.dataplane.exchange import Exchange
@@ -184,8 +185,13 @@ class DataPlane:
         self._rid_token = secrets.token_hex(4)
         self._rid_counter = 0
         self._global_api_key = cfg.api_key
-        # --api-key: the key clients must present on the serving and admin routes.
-        self._client_key = cfg.api_key.encode("latin-1") if cfg.api_key else None
+        # What clients must present: --api-key opens the serving and the admin routes, a
+        # --tenant-api-key only the serving ones. Empty tuples: no credential asked.
+        admin_key = (cfg.api_key.encode("latin-1"),) if cfg.api_key else ()
+        self._admin_keys: tuple[bytes, ...] = admin_key
+        self._serving_keys: tuple[bytes, ...] = admin_key + tuple(
+            key.encode("latin-1") for key in tenant_keys(cfg)
+        )
         self._sweeper: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None
 
@@ -320,7 +326,7 @@ class DataPlane:
         try:
             self._request_id(request)
             if path in PROXY_ROUTES:
-                if self._client_key is not None and not self._authorized(conn, request):
+                if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
                     return
                 if method != b"POST":
                     self._send_error(
@@ -349,7 +355,9 @@ class DataPlane:
                     self.proxy(conn, request, body_routing=False)
                     return
             if path.startswith(ADMIN_PREFIXES):
-                if self._client_key is not None and not self._authorized(conn, request):
+                # Once any client credential is configured, only --api-key opens the admin
+                # routes (a tenant key never does; with tenant keys alone they stay shut).
+                if self._serving_keys and not self._authorized(conn, request, self._admin_keys):
                     return
                 self.spawn(self._admin(conn, request))
                 return
@@ -365,14 +373,15 @@ class DataPlane:
             if conn.exchange is None and conn.busy:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
 
-    def _authorized(self, conn: ClientConnection, request: Request) -> bool:
-        """Whether the request presents --api-key; otherwise answer 401 as the Rust SMG
-        1.13 does (probes, /v1/models and the worker-info routes stay open, as there)."""
-        assert self._client_key is not None
+    def _authorized(
+        self, conn: ClientConnection, request: Request, accepted: tuple[bytes, ...]
+    ) -> bool:
+        """Whether the request presents one of the `accepted` keys; otherwise answer 401 as
+        the Rust SMG 1.13 does (probes, /v1/models and the worker-info routes stay open)."""
         presented = auth.presented_key(
             request.header(b"authorization"), request.header(b"x-api-key")
         )
-        verdict = auth.judge(self._client_key, presented)
+        verdict = auth.judge(accepted, presented)
         if verdict is auth.Verdict.OK:
             return True
         missing = verdict is auth.Verdict.MISSING
@@ -812,7 +821,7 @@ class DataPlane:
         # With --api-key the credential (checked in handle) opens the admin routes from any
         # address; without one they answer loopback clients only (the socket's peer address,
         # never a header).
-        if self._client_key is None and not _is_loopback(host):
+        if not self._serving_keys and not _is_loopback(host):
             self._send_error(
                 conn, request, 403, "forbidden", "admin routes answer only clients on loopback"
             )

@@ -39,7 +39,12 @@ def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> bytes
     return None
 
 
-def judge(expected: bytes, presented: bytes | None) -> Verdict:
+def judge(accepted: tuple[bytes, ...], presented: bytes | None) -> Verdict:
+    """OK when `presented` is one of the `accepted` keys (every key is compared, so the
+    time taken does not tell which one matched)."""
     if presented is None:
         return Verdict.MISSING
-    return Verdict.OK if hmac.compare_digest(expected, presented) else Verdict.INVALID
+    matched = False
+    for key in accepted:
+        matched |= hmac.compare_digest(key, presented)
+    return Verdict.OK if matched else Verdict.INVALID
