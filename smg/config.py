@@ -157,6 +157,21 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Authentication
     api_key: str | None = None
     tenant_api_key: list[str] = []
+    control_plane_api_keys: list[str] = []
+    control_plane_audit_enabled: bool = False
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_uri: str | None = None
+    jwt_role_mapping: list[str] = []
+    # TLS: the listener, and mutual TLS to https:// workers
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    client_cert_path: str | None = None
+    client_key_path: str | None = None
+    ca_cert_paths: list[str] = []
+    # Tracing (OpenTelemetry)
+    enable_trace: bool = False
+    otlp_traces_endpoint: str = "localhost:4317"
     # smg-only (see docs/flags.md)
     config: str | None = None
     print_config: bool = False
@@ -169,6 +184,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mock_workers: int = 0
     mock_worker_engine: str = "sglang"
     mock_worker_args: str = ""
+    access_log: bool = False
 
 
 DEFAULTS: dict[str, Any] = msgspec.structs.asdict(GatewayConfig())
@@ -783,6 +799,59 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "the admin routes, never sent to workers)",
                 metavar="TENANT_ID:KEY",
             ),
+            _Flag(
+                "control_plane_api_keys",
+                "Keys for the admin routes, ID:NAME:ROLE:KEY with ROLE admin (may change "
+                "workers) or user (may only read; changes get 403)",
+                metavar="ID:NAME:ROLE:KEY",
+            ),
+            _Flag(
+                "control_plane_audit_enabled",
+                "Log one structured line per admin-route call (who, what, outcome)",
+            ),
+            _Flag("jwt_issuer", "OIDC issuer whose JWT bearer tokens open the admin routes"),
+            _Flag("jwt_audience", "Audience the JWT tokens must name"),
+            _Flag(
+                "jwt_jwks_uri",
+                "JWKS URI; unset = discovered from the issuer's .well-known/openid-configuration",
+            ),
+            _Flag(
+                "jwt_role_mapping",
+                "IDP role or group to gateway role, IDP_ROLE=admin|user, repeatable",
+                metavar="IDP_ROLE=ROLE",
+            ),
+        ),
+    ),
+    (
+        "TLS/mTLS Security",
+        (
+            _Flag(
+                "client_cert_path",
+                "Client certificate (PEM) presented to https:// workers (mutual TLS)",
+            ),
+            _Flag("client_key_path", "Private key (PEM) of --client-cert-path"),
+            _Flag(
+                "ca_cert_paths",
+                "CA certificates (PEM) that https:// workers' certificates must chain to; "
+                "unset = the system's trust store",
+            ),
+            _Flag(
+                "tls_cert_path",
+                "Serve TLS (only TLS) on --port with this certificate chain (PEM); re-read "
+                "on SIGHUP",
+            ),
+            _Flag("tls_key_path", "Private key (PEM) of --tls-cert-path"),
+        ),
+    ),
+    (
+        "Tracing (OpenTelemetry)",
+        (
+            _Flag("enable_trace", "Export OpenTelemetry spans for each request"),
+            _Flag(
+                "otlp_traces_endpoint",
+                "OTLP collector: host:port for OTLP/gRPC, or an http(s):// URL for "
+                "OTLP/HTTP (protobuf)",
+            ),
         ),
     ),
     (
@@ -828,6 +897,11 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "mock_worker_args",
                 "Extra arguments passed through to the mock workers (one shell-quoted string)",
                 metavar="ARGS",
+            ),
+            _Flag(
+                "access_log",
+                "Log one line per answered request (method, path, status, worker, duration, "
+                "request id)",
             ),
         ),
     ),
@@ -999,6 +1073,100 @@ def _tenant_keys(v: list[str]) -> str | None:
     return None
 
 
+ROLES: tuple[str, ...] = ("admin", "user")
+
+
+class ControlPlaneKey(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    role: str  # one of ROLES
+    key: str
+
+
+def _split_control_plane_key(item: str) -> ControlPlaneKey | None:
+    # ID:NAME:ROLE:KEY; the key is the rest, so it may itself contain ':'.
+    parts = item.split(":", 3)
+    if len(parts) != 4 or not all(parts):
+        return None
+    return ControlPlaneKey(*parts)
+
+
+def _control_plane_keys(v: list[str]) -> str | None:
+    ids: set[str] = set()
+    keys: set[str] = set()
+    for item in v:
+        entry = _split_control_plane_key(item)
+        if entry is None:
+            return "each entry must be ID:NAME:ROLE:KEY with every part non-empty"
+        if entry.role not in ROLES:
+            return f"the role of key {entry.id!r} must be admin or user, got {entry.role!r}"
+        if _header_value(entry.key) is not None:
+            return f"key {entry.id!r} must be visible ASCII without whitespace"
+        if entry.id in ids:
+            return f"key id {entry.id!r} is given twice"
+        if entry.key in keys:
+            return f"the key of {entry.id!r} is also another entry's"
+        ids.add(entry.id)
+        keys.add(entry.key)
+    return None
+
+
+def control_plane_keys(cfg: GatewayConfig) -> list[ControlPlaneKey]:
+    """`--control-plane-api-keys` entries (validated by load_config)."""
+    return [
+        entry
+        for entry in map(_split_control_plane_key, cfg.control_plane_api_keys)
+        if entry is not None
+    ]
+
+
+def _role_mapping(v: list[str]) -> str | None:
+    for item in v:
+        idp_role, sep, role = item.partition("=")
+        if not sep or not idp_role or role not in ROLES:
+            return f"each entry must be IDP_ROLE=admin or IDP_ROLE=user, got {item!r}"
+    return None
+
+
+def jwt_role_mapping(cfg: GatewayConfig) -> dict[str, str]:
+    """`--jwt-role-mapping` as {idp role: gateway role} (validated by load_config)."""
+    return {idp: role for idp, _, role in (item.partition("=") for item in cfg.jwt_role_mapping)}
+
+
+def _http_url(v: str) -> str | None:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http(s):// URL, got {v!r}"
+    return None
+
+
+def _otlp_endpoint(v: str) -> str | None:
+    if "://" in v:
+        return _http_url(v)
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be host:port (OTLP/gRPC) or an http(s):// URL (OTLP/HTTP), got {v!r}"
+    return None
+
+
+def _readable_file(v: str) -> str | None:
+    if not v.strip():
+        return "must not be empty"
+    if not os.path.isfile(v):
+        return f"{v!r} is not a file"
+    if not os.access(v, os.R_OK):
+        return f"{v!r} is not readable"
+    return None
+
+
+def _readable_files(v: list[str]) -> str | None:
+    for path in v:
+        reason = _readable_file(path)
+        if reason:
+            return reason
+    return None
+
+
 def tenant_keys(cfg: GatewayConfig) -> dict[str, str]:
     """`--tenant-api-key` entries as {key: tenant id} (validated by load_config)."""
     return {key: tenant for tenant, _, key in (item.partition(":") for item in cfg.tenant_api_key)}
@@ -1099,6 +1267,17 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "prometheus_host": (_host,),
     "api_key": (_header_value,),
     "tenant_api_key": (_tenant_keys,),
+    "control_plane_api_keys": (_control_plane_keys,),
+    "jwt_issuer": (_http_url,),
+    "jwt_audience": (_nonempty,),
+    "jwt_jwks_uri": (_http_url,),
+    "jwt_role_mapping": (_role_mapping,),
+    "tls_cert_path": (_readable_file,),
+    "tls_key_path": (_readable_file,),
+    "client_cert_path": (_readable_file,),
+    "client_key_path": (_readable_file,),
+    "ca_cert_paths": (_readable_files,),
+    "otlp_traces_endpoint": (_otlp_endpoint,),
     "config": (_nonempty,),
     "processes": (_range(1, _MAX_EXPLICIT_PROCESSES),),
     "listen_mode": (_choice("listen_mode"),),
@@ -1168,6 +1347,17 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")
         )
     _parse_aliases(cfg.model_alias, src.get("model_alias"))
+    for first, second in (
+        ("tls_cert_path", "tls_key_path"),
+        ("client_cert_path", "client_key_path"),
+    ):
+        if (getattr(cfg, first) is None) != (getattr(cfg, second) is None):
+            given, missing = (first, second) if getattr(cfg, first) else (second, first)
+            raise ConfigError(given, f"needs {_flag_name(missing)} too", src.get(given))
+    if cfg.jwt_issuer is None:
+        for field in ("jwt_audience", "jwt_jwks_uri", "jwt_role_mapping"):
+            if getattr(cfg, field):
+                raise ConfigError(field, "has no effect without --jwt-issuer", src.get(field))
 
     urls: list[str] = []
     seen: set[str] = set()
@@ -1259,6 +1449,12 @@ def render_config(cfg: GatewayConfig) -> str:
         elif field == "tenant_api_key":
             value = [
                 f"{item.partition(':')[0]}:{mask_secret(item.partition(':')[2])}" for item in value
+            ]
+        elif field == "control_plane_api_keys":
+            value = [
+                f"{e.id}:{e.name}:{e.role}:{mask_secret(e.key)}"
+                for e in map(_split_control_plane_key, value)
+                if e is not None
             ]
         elif field == "mock_worker_args" and value:
             value = mask_secret_args(value)

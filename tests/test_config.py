@@ -18,7 +18,9 @@ from smg.config import (
     GatewayConfig,
     build_parser,
     cfg_processes,
+    control_plane_keys,
     is_secret_key,
+    jwt_role_mapping,
     load_config,
     mask_secret_args,
     model_aliases,
@@ -596,3 +598,43 @@ def test_worker_patch_refusals(body: bytes, key: str, reason: str) -> None:
         parse_worker_patch(body)
     assert exc.value.key == key
     assert reason in exc.value.reason
+
+
+def test_issue8_flags_are_validated_and_keys_masked(tmp_path: Path) -> None:
+    cfg = load_config(
+        [
+            "--control-plane-api-keys",
+            "ops:Operations:admin:admin-secret-0123456789",
+            "ro:Read Only:user:user:key:with:colons",
+            "--jwt-issuer",
+            "https://idp.example",
+            "--jwt-audience",
+            "smg",
+            "--jwt-role-mapping",
+            "Gateway.Admin=admin",
+        ],
+        env={},
+    )
+    assert [(e.id, e.role, e.key) for e in control_plane_keys(cfg)] == [
+        ("ops", "admin", "admin-secret-0123456789"),
+        ("ro", "user", "user:key:with:colons"),
+    ]
+    assert jwt_role_mapping(cfg) == {"Gateway.Admin": "admin"}
+    text = render_config(cfg)
+    assert "admin-secret-0123456789" not in text and "with:colons" not in text
+    for argv in (
+        ["--control-plane-api-keys", "ops:Ops:root:k"],  # unknown role
+        ["--control-plane-api-keys", "ops:Ops:admin"],  # no key
+        ["--control-plane-api-keys", "a:A:admin:k", "a:B:user:k2"],  # id twice
+        ["--jwt-audience", "smg"],  # no issuer
+        ["--jwt-issuer", "https://idp", "--jwt-role-mapping", "X=root"],
+        ["--tls-cert-path", str(tmp_path / "missing.pem"), "--tls-key-path", "x"],
+        ["--otlp-traces-endpoint", "collector"],
+    ):
+        with pytest.raises(ConfigError):
+            load_config(argv, env={})
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="needs --tls-key-path"):
+        load_config(["--tls-cert-path", str(cert)], env={})
+    assert load_config(["--otlp-traces-endpoint", "http://127.0.0.1:4318/v1/traces"], env={})
