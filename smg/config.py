@@ -1358,6 +1358,9 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
         for field in ("jwt_audience", "jwt_jwks_uri", "jwt_role_mapping"):
             if getattr(cfg, field):
                 raise ConfigError(field, "has no effect without --jwt-issuer", src.get(field))
+    elif not cfg.jwt_audience:
+        # As the Rust SMG 1.13: half a JWT configuration would leave JWT auth silently off.
+        raise ConfigError("jwt_issuer", "needs --jwt-audience too", src.get("jwt_issuer"))
 
     urls: list[str] = []
     seen: set[str] = set()

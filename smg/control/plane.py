@@ -21,7 +21,7 @@ from aiohttp import web
 
 from smg import __version__, ipc, promtext
 from smg.config import ConfigError, GatewayConfig, model_aliases, prometheus_bind_host
-from smg.control import probes
+from smg.control import cpauth, probes
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
@@ -94,6 +94,10 @@ class ControlPlane:
         self.stash = stash
         self.metric_folder = MetricFolder.from_state(stash.read() if stash else b"")
         self._scrape_seq = 0
+        # Admin-route policy and JWKS cache, built for the config they were made from.
+        self._cp_auth: (
+            tuple[GatewayConfig, cpauth.ControlPlaneAuth, cpauth.JwksCache | None, Any] | None
+        ) = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -421,14 +425,48 @@ class ControlPlane:
             return self._reload(message)
         if kind == "admin":
             try:
-                status, headers, body = await self.admin(
-                    message["method"], message["path"], message.get("query", ""), message["body"]
-                )
+                return await self._judged_admin(message)
             except Exception as exc:  # never let an admin call kill the control plane
                 log.exception("admin call failed")
                 return [500, _JSON, error_body(500, "internal_error", f"admin call failed: {exc}")]
-            return [status, headers, body]
         return [400, _JSON, error_body(400, "bad_request", "unknown control message")]
+
+    async def _judged_admin(self, message: dict[str, Any]) -> list[Any]:
+        """An admin call judged first (keys, roles, JWT, loopback: smg.control.cpauth), run
+        when allowed, and written to the audit log when --control-plane-audit-enabled."""
+        method, path = message["method"], message["path"]
+        fields = cpauth.AuthFields.from_message(message, method)
+        policy, jwks = self._admin_auth()
+        decision = await cpauth.authorize(policy, jwks, fields)
+        if decision.allowed:
+            status, headers, body = await self.admin(
+                method, path, message.get("query", ""), message["body"]
+            )
+        else:
+            status, headers, body = _error(decision.status, decision.code, decision.message)
+            headers = [*headers, *decision.headers]
+        if policy.audit:
+            code = next((v for k, v in headers if k == "x-smg-error-code"), None)
+            details = code if decision.allowed and status >= 400 else None
+            cpauth.write_audit(cpauth.audit_event(decision, fields, path, status, details))
+        return [status, headers, body]
+
+    def _admin_auth(self) -> tuple[cpauth.ControlPlaneAuth, cpauth.JwksCache | None]:
+        """The admin policy of the current configuration (rebuilt after a reload; the JWKS
+        cache is kept while the issuer and JWKS URI stay the same)."""
+        cached = self._cp_auth
+        if cached is not None and cached[0] is self.cfg:
+            return cached[1], cached[2]
+        policy = cpauth.ControlPlaneAuth.from_config(self.cfg)
+        source = (self.cfg.jwt_issuer, self.cfg.jwt_jwks_uri)
+        jwks: cpauth.JwksCache | None = None
+        if policy.jwt is not None:
+            if cached is not None and cached[2] is not None and cached[3] == source:
+                jwks = cached[2]
+            else:
+                jwks = cpauth.JwksCache(_jwks_fetcher(*source))
+        self._cp_auth = (self.cfg, policy, jwks, source)
+        return policy, jwks
 
     async def admin(self, method: str, path: str, query: str, body: bytes) -> AdminAnswer:
         if path == "/workers":
@@ -879,3 +917,45 @@ def _json(status: int, payload: Any) -> AdminAnswer:
 
 def _error(status: int, code: str, message: str) -> AdminAnswer:
     return status, [*_JSON, ("x-smg-error-code", code)], error_body(status, code, message)
+
+
+# --- JWKS fetch (I/O for smg.control.cpauth.JwksCache) ------------------------------------------
+
+
+def _jwks_fetcher(issuer: str | None, jwks_uri: str | None) -> Any:
+    """The fetch function of a JwksCache: the key set at `jwks_uri`, else at the
+    `jwks_uri` of `<issuer>/.well-known/openid-configuration` (discovered once, retried
+    while it fails). Its own short-lived session: the IDP is not a worker, so the workers'
+    TLS settings (client certificate, CA files) do not apply to it."""
+    discovered: list[str] = [jwks_uri] if jwks_uri else []
+
+    async def fetch() -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=10.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            if not discovered:
+                assert issuer is not None
+                url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+                document = await _get_json(session, url)
+                found = document.get("jwks_uri") if isinstance(document, dict) else None
+                if not isinstance(found, str):
+                    raise ValueError("the OIDC discovery document has no jwks_uri")
+                discovered.append(found)
+                log.info("JWT: discovered JWKS URI %s", cpauth.url_for_log(found))
+            return await _get_json(session, discovered[0])
+
+    return fetch
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    shown = cpauth.url_for_log(url)
+    problem = cpauth.jwks_url_problem(url)
+    if problem:
+        raise ValueError(f"{problem}: {shown}")
+    # No redirects (an IDP answer must not send the gateway elsewhere), a size limit.
+    async with session.get(url, allow_redirects=False) as response:
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status} from {shown}")
+        body = await response.content.read(cpauth.MAX_JWKS_BYTES + 1)
+        if len(body) > cpauth.MAX_JWKS_BYTES:
+            raise ValueError(f"answer from {shown} is larger than {cpauth.MAX_JWKS_BYTES} bytes")
+        return orjson.loads(body)

@@ -185,10 +185,9 @@ class DataPlane:
         self._rid_token = secrets.token_hex(4)
         self._rid_counter = 0
         self._global_api_key = cfg.api_key
-        # What clients must present: --api-key opens the serving and the admin routes, a
-        # --tenant-api-key only the serving ones. Empty tuples: no credential asked.
+        # What clients must present on the serving routes: --api-key or a --tenant-api-key.
+        # Empty tuple: no credential asked. (The admin routes are judged by the control plane.)
         admin_key = (cfg.api_key.encode("latin-1"),) if cfg.api_key else ()
-        self._admin_keys: tuple[bytes, ...] = admin_key
         self._serving_keys: tuple[bytes, ...] = admin_key + tuple(
             key.encode("latin-1") for key in tenant_keys(cfg)
         )
@@ -355,10 +354,8 @@ class DataPlane:
                     self.proxy(conn, request, body_routing=False)
                     return
             if path.startswith(ADMIN_PREFIXES):
-                # Once any client credential is configured, only --api-key opens the admin
-                # routes (a tenant key never does; with tenant keys alone they stay shut).
-                if self._serving_keys and not self._authorized(conn, request, self._admin_keys):
-                    return
+                # Who may call them (keys, roles, JWT, loopback) is decided by the control
+                # plane, with the credential passed along (smg.control.cpauth).
                 self.spawn(self._admin(conn, request))
                 return
             self._send_error(
@@ -816,16 +813,13 @@ class DataPlane:
     # --- admin: forwarded to the control plane ----------------------------------------------------
 
     async def _admin(self, conn: ClientConnection, request: Request) -> None:
+        # The control plane judges the call (smg.control.cpauth): it gets the credential as
+        # presented, the socket's peer address (never a header such as X-Forwarded-For)
+        # and the request id for its audit line. They travel only on the local channel.
         peer = conn.transport.get_extra_info("peername") if conn.transport else None
         host = peer[0] if isinstance(peer, tuple) and peer else ""
-        # With --api-key the credential (checked in handle) opens the admin routes from any
-        # address; without one they answer loopback clients only (the socket's peer address,
-        # never a header).
-        if not self._serving_keys and not _is_loopback(host):
-            self._send_error(
-                conn, request, 403, "forbidden", "admin routes answer only clients on loopback"
-            )
-            return
+        authorization = request.header(b"authorization")
+        x_api_key = request.header(b"x-api-key")
         method = "GET" if request.method == b"HEAD" else request.method.decode("latin-1")
         try:
             status, headers, body = await ipc.call(
@@ -836,6 +830,15 @@ class DataPlane:
                     "path": request.path,
                     "query": request.query,
                     "body": bytes(request.body),
+                    "auth": {
+                        "method": request.method.decode("latin-1"),
+                        "authorization": None
+                        if authorization is None
+                        else authorization.decode("latin-1"),
+                        "x_api_key": None if x_api_key is None else x_api_key.decode("latin-1"),
+                        "peer": host,
+                        "request_id": request.request_id.decode("latin-1"),
+                    },
                 },
                 timeout=30.0,
             )
@@ -922,11 +925,3 @@ def _metric_path(path: str) -> str:
     if path.startswith("/workers/"):
         return "/workers/{id}"
     return "other"
-
-
-def _is_loopback(host: str) -> bool:
-    return (
-        host.startswith("127.")
-        or host in ("::1", "::ffff:127.0.0.1", "localhost")
-        or (host.startswith("::ffff:127."))
-    )
