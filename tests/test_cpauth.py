@@ -269,6 +269,7 @@ def judge_jwt(idp: Idp, token: str, method: str = "GET", policy=None) -> cpauth.
     return run(authorize(policy or jwt_policy(), cache, fields(method, token)))
 
 
+@pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
 def test_valid_tokens_of_each_key_type(idp: Idp) -> None:
     for key, alg in ((idp.rsa, "RS256"), (idp.ec, "ES256"), (idp.ed, "EdDSA")):
         decision = judge_jwt(idp, idp.token({"roles": "admin"}, alg=alg, key=key), "POST")

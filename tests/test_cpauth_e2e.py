@@ -13,10 +13,12 @@ import base64
 import hashlib
 import hmac
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -343,3 +345,27 @@ def test_jwks_endpoint_down_gives_401_and_the_gateway_stays_up() -> None:
         failures = [line for line in gw.logs().splitlines() if "JWKS fetch failed" in line]
         assert len(failures) == 1, failures  # one attempt inside the back-off, logged once
         assert token not in gw.logs()
+
+
+def test_sighup_turns_control_plane_keys_on(tmp_path: Path) -> None:
+    """The control plane judges with the configuration it runs now: keys added by a reload
+    shut the admin routes to anonymous loopback callers at once."""
+    with start_mock_workers(1) as mocks:
+        config = tmp_path / "smg.yaml"
+        config.write_text(f"worker-urls: [{mocks.url}]\n")
+        with running_gateway(["--config", str(config)]) as gw:
+            gw.wait_ready()
+            assert request("GET", gw.url + "/workers", timeout=10.0)[0] == 200
+            config.write_text(
+                f"worker-urls: [{mocks.url}]\n"
+                f"control-plane-api-keys: ['k1:Ops:admin:{ADMIN_SECRET}']\n"
+            )
+            gw.signal(signal.SIGHUP)
+            wait_until(
+                lambda: request("GET", gw.url + "/workers", timeout=10.0)[0] == 401,
+                60.0,
+                "the reload to apply the keys",
+            )
+            auth = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+            assert request("GET", gw.url + "/workers", None, auth, timeout=10.0)[0] == 200
+            assert ADMIN_SECRET not in gw.logs()

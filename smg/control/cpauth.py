@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import logging
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ from joserfc.errors import (
     InvalidClaimError,
     JoseError,
     MissingClaimError,
+    SecurityWarning,
 )
 from joserfc.jwk import KeySet
 
@@ -71,6 +73,9 @@ ALGORITHMS: tuple[str, ...] = (
     "Ed25519",  # RFC 9864's fully specified names for EdDSA
     "Ed448",
 )
+# "EdDSA" is accepted on purpose (IDPs still issue it); joserfc's deprecation warning for it
+# (RFC 9864) would otherwise land in the log at the first such token.
+warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
 LEEWAY_SECS = 30  # clock skew allowed on exp/nbf/iat (Rust's default)
 JWKS_TTL_SECS = 3600.0  # a key set is re-fetched after this long (Rust's default)
 # At most one JWKS fetch per this many seconds beyond the TTL-driven ones: a refresh for an
