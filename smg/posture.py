@@ -15,8 +15,9 @@ HEADLINE_OPEN = (
     "answers any caller that can reach it"
 )
 HEADLINE_KEYED = (
-    "SECURITY POSTURE: client keys guard the serving routes (--api-key also the admin "
-    "routes); the surface named here answers without one"
+    "SECURITY POSTURE: client keys guard the serving routes (the admin routes take the "
+    "control-plane keys or JWT when configured, else --api-key); the surface named here "
+    "answers without one"
 )
 HEADLINE_PARTLY = (
     "SECURITY POSTURE: credentials guard some surfaces; every surface named here answers "
