@@ -27,7 +27,13 @@ def main(argv: list[str]) -> int:
     if cfg.print_config:
         print(render_config(cfg))
         return 0
-    setup_logging(cfg.log_level, cfg.log_json, cfg.log_dir)
+    setup_logging(
+        cfg.log_level,
+        cfg.log_json,
+        cfg.log_dir,
+        max_bytes=cfg.log_max_bytes,
+        backup_count=cfg.log_backup_count,
+    )
     for message in inert_settings(cfg):
         logging.getLogger("smg").warning(message)
     mock_process = None
