@@ -20,7 +20,7 @@ from typing import Any
 import gatewayutil
 import httpx
 import pytest
-from gatewayutil import leaked_secrets, running_gateway, secret
+from gatewayutil import leaked_secrets, run_launch, running_gateway, secret
 from mockutil import request, start_mock_workers
 
 from smg.config import load_config
@@ -338,3 +338,12 @@ def test_leak_report_names_the_file_not_the_secret(tmp_path: Path) -> None:
     found = leaked_secrets(str(tmp_path), {value: "here.py:1"})
     assert found == [f"{tmp_path / 'a.log'}: contains the secret registered at here.py:1"]
     assert value not in "".join(found)
+
+
+def test_unwritable_log_dir_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err, _secs = run_launch(["--mock-workers", "1", "--log-dir", str(blocker / "logs")])
+    assert code == 2
+    assert f"smg launch: --log-dir {blocker / 'logs'}: Not a directory" in err
+    assert "Traceback" not in err
