@@ -46,7 +46,7 @@ _LEVEL_NAMES = {
 # Attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys()
-    | {"message", "asctime", "taskName", "smg_process"}
+    | {"message", "asctime", "taskName", "smg_process", "_smg_line"}
 )
 # JSON keys the formatter owns: an `extra=` field of the same name is renamed, not lost.
 _RESERVED = frozenset({"timestamp", "level", "message", "target", "process", "pid", "exception"})
@@ -60,11 +60,38 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
 
 
+class _SecondCache:
+    """strftime once per second, not once per line (the access log writes thousands)."""
+
+    def __init__(self, fmt: str, convert: Any) -> None:
+        self.fmt = fmt
+        self.convert = convert
+        self.second = -1
+        self.text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime(self.fmt, self.convert(second))
+        return self.text
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = _SecondCache("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
+        # One line per record, whichever handler asks first (stderr and the file share it).
+        line = record.__dict__.get("_smg_line")
+        if line is None:
+            line = record._smg_line = self._format(record)
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "timestamp": f"{self._second(record.created)}.{int(record.msecs):03d}Z",
             "level": _LEVEL_NAMES.get(record.levelno, record.levelname),
             "message": record.getMessage(),
         }
@@ -86,8 +113,18 @@ class TextFormatter(logging.Formatter):
         super().__init__(
             "%(asctime)s %(levelname)s [%(process)d %(smg_process)s %(name)s] %(message)s"
         )
+        self._second = _SecondCache(self.default_time_format, time.localtime)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{self._second(record.created)},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
+        line = record.__dict__.get("_smg_line")
+        if line is None:
+            line = record._smg_line = self._format(record)
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "smg_process"):
             record.smg_process = "supervisor"
         line = super().format(record)
