@@ -38,7 +38,7 @@ from smg.httpwire import (
     status_line,
 )
 from smg.httpwire import valid_request_id as _valid_request_id
-from smg.logs import access_fields, access_logger
+from smg.logs import access_fields, access_logger, log_access
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID
@@ -824,9 +824,9 @@ class DataPlane:
         worker = (
             entry.url if entry is not None and entry.generation == exchange.generation else None
         )
-        self.access_log.info(  # type: ignore[union-attr]
-            "finished processing request",  # the Rust SMG's message for this line
-            extra=access_fields(
+        log_access(
+            self.access_log,  # type: ignore[arg-type]
+            access_fields(
                 exchange.method,
                 exchange.endpoint,
                 status,
@@ -911,9 +911,9 @@ class DataPlane:
         self.metrics.response(path, status, code)
         if self.access_log is not None:
             started, bytes_in = self._access_started.pop(conn, None) or (time.monotonic(), 0)
-            self.access_log.info(
-                "finished processing request",
-                extra=access_fields(
+            log_access(
+                self.access_log,
+                access_fields(
                     method,
                     request.path,
                     status,
