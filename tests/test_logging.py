@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import gatewayutil
 import httpx
 import pytest
-from gatewayutil import leaked_secrets, run_launch, running_gateway, secret
+from gatewayutil import Gateway, leaked_secrets, run_launch, running_gateway, secret, wait_until
 from mockutil import request, start_mock_workers
 
 from smg.config import load_config
@@ -347,3 +348,38 @@ def test_unwritable_log_dir_is_a_clear_start_up_error(tmp_path: Path) -> None:
     assert code == 2
     assert f"smg launch: --log-dir {blocker / 'logs'}: Not a directory" in err
     assert "Traceback" not in err
+
+
+def test_reload_replacement_writes_its_own_slot_file(tmp_path: Path) -> None:
+    """During a SIGHUP reload listener 0's replacement runs beside the old process in the
+    spare table slot: it writes dataplane-1.log, never the old process's file."""
+    config = tmp_path / "smg.yaml"
+    log_dir = tmp_path / "logs"
+    with start_mock_workers(1) as mocks:
+        config.write_text(f"worker-urls: [{mocks.url}]\nmax-payload-size: 100000\n")
+        gw = Gateway(
+            ["--config", str(config), "--log-json", "--log-dir", str(log_dir), "--access-log"],
+            processes=1,
+        ).start()
+        try:
+            gw.wait_ready()
+            assert request("POST", gw.url + "/v1/chat/completions", CHAT)[0] == 200
+            config.write_text(f"worker-urls: [{mocks.url}]\nmax-payload-size: 200000\n")
+            gw.signal(signal.SIGHUP)
+            wait_until(
+                lambda: "every data-plane process runs the new configuration" in gw.logs(),
+                60.0,
+                "the rollout",
+            )
+            assert request("POST", gw.url + "/v1/chat/completions", CHAT)[0] == 200
+        finally:
+            gw.stop()
+            gw.close_log()
+    files = json_lines(log_dir)
+    old, new = files["dataplane-0.log"], files["dataplane-1.log"]
+    for lines in (old, new):
+        access = [line for line in lines if line["target"] == "smg.access"]
+        chats = [line for line in access if line["path"] == "/v1/chat/completions"]
+        assert [line["status"] for line in chats] == [200]
+        assert {line["process"] for line in lines} == {0}  # the listener index, both
+    assert {line["pid"] for line in old}.isdisjoint({line["pid"] for line in new})
