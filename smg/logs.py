@@ -107,12 +107,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The plain line, with the process and any `extra=` fields as `key=value`."""
+    """The plain line, then the process and any `extra=` fields as `key=value`."""
 
     def __init__(self) -> None:
-        super().__init__(
-            "%(asctime)s %(levelname)s [%(process)d %(smg_process)s %(name)s] %(message)s"
-        )
+        super().__init__("%(asctime)s %(levelname)s [%(process)d %(name)s] %(message)s")
         self._second = _SecondCache(self.default_time_format, time.localtime)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
@@ -125,13 +123,12 @@ class TextFormatter(logging.Formatter):
         return line
 
     def _format(self, record: logging.LogRecord) -> str:
-        if not hasattr(record, "smg_process"):
-            record.smg_process = "supervisor"
         line = super().format(record)
-        fields = _fields(record)
-        if not fields:
-            return line
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        # The process and the fields after the message: the head keeps its long-standing
+        # `LEVEL [pid logger]` shape, which tools (and tests) read.
+        parts = [f"process={getattr(record, 'smg_process', 'supervisor')}"]
+        parts.extend(f"{k}={v}" for k, v in _fields(record).items())
+        extra = " ".join(parts)
         head, sep, tail = line.partition("\n")  # a traceback stays below the fields
         return f"{head} {extra}{sep}{tail}"
 

@@ -70,7 +70,7 @@ def test_text_line_carries_process_and_fields() -> None:
     ProcessStamp("control").filter(rec)
     text = TextFormatter().format(rec)
     assert " WARNING [" in text
-    assert f"[{os.getpid()} control smg.test] hello x request_id=req-1 status=200" in text
+    assert f"[{os.getpid()} smg.test] hello x process=control request_id=req-1 status=200" in text
 
 
 def test_access_fields() -> None:
@@ -255,7 +255,7 @@ def test_access_log_off_by_default(tmp_path: Path) -> None:
     assert "finished processing request" not in gw.logs()
     assert "smg ready on" in (tmp_path / "smg.log").read_text()
     # Plain text lines carry the process: the supervisor's, the control plane's.
-    assert re.search(r"INFO \[\d+ supervisor smg\.supervisor\] smg ready on", gw.logs())
+    assert re.search(r"INFO \[\d+ smg\.supervisor\] smg ready on .* process=supervisor", gw.logs())
 
 
 API_KEY = secret("logs-api-key-a7f3e91c22")
