@@ -185,6 +185,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mock_worker_engine: str = "sglang"
     mock_worker_args: str = ""
     access_log: bool = False
+    log_max_bytes: int = 100 * 1024 * 1024
+    log_backup_count: int = 5
 
 
 DEFAULTS: dict[str, Any] = msgspec.structs.asdict(GatewayConfig())
@@ -903,6 +905,18 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "Log one line per answered request (method, path, status, worker, duration, "
                 "request id)",
             ),
+            _Flag(
+                "log_max_bytes",
+                "With --log-dir: a process's log file is rotated once it reaches this size "
+                "(0 = never)",
+                metavar="BYTES",
+            ),
+            _Flag(
+                "log_backup_count",
+                "With --log-dir: rotated files kept per process (<file>.1 ... <file>.N; 0 = "
+                "the file is truncated instead)",
+                metavar="N",
+            ),
         ),
     ),
 )
@@ -1287,6 +1301,8 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "mock_workers": (_range(0, _MAX_MOCK_WORKERS),),
     "mock_worker_engine": (_choice("mock_worker_engine"),),
     "mock_worker_args": (_shell_words,),
+    "log_max_bytes": (_range(0),),
+    "log_backup_count": (_range(0, 1000),),
 }
 
 

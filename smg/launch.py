@@ -27,7 +27,17 @@ def main(argv: list[str]) -> int:
     if cfg.print_config:
         print(render_config(cfg))
         return 0
-    setup_logging(cfg.log_level, cfg.log_json, cfg.log_dir)
+    try:
+        setup_logging(
+            cfg.log_level,
+            cfg.log_json,
+            cfg.log_dir,
+            max_bytes=cfg.log_max_bytes,
+            backup_count=cfg.log_backup_count,
+        )
+    except OSError as exc:  # --log-dir cannot be created or written: say so, no traceback
+        print(f"smg launch: --log-dir {cfg.log_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     for message in inert_settings(cfg):
         logging.getLogger("smg").warning(message)
     mock_process = None

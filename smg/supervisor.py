@@ -27,6 +27,7 @@ import msgspec
 
 from smg import ipc
 from smg.dataplane import admission
+from smg.logs import setup_child_logging
 from smg.posture import posture_warning
 from smg.shm import layout
 from smg.shm.stash import Stash
@@ -220,6 +221,8 @@ class Supervisor:
                 die_with_parent()
                 if os.getppid() != self.pid:  # the parent died before prctl took effect
                     os._exit(1)
+                # This process's own log file and process stamp, before it logs anything.
+                setup_child_logging(self.cfg, child.kind, child.index, child.slot)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 # SIGHUP is the root's (reload); a hangup of the group must not kill children.

@@ -19,6 +19,46 @@ import psutil
 
 READY_PREFIX = "SMG_READY "
 
+# Every credential the tests use (right and wrong), registered with `secret`; conftest.py
+# greps the whole run's gateway logs (SESSION_LOG_DIR) for each at the end of the session.
+SECRETS: dict[str, str] = {}  # value -> where it was registered (never printed: the value)
+# Set by conftest.py: every Gateway's log and every run_launch's stderr is kept there.
+SESSION_LOG_DIR: str | None = None
+
+
+def secret(value: str) -> str:
+    """Register a key or token a test uses (or presents wrongly) and return it unchanged.
+
+    At the end of the test session no gateway log line may contain it (tests/conftest.py).
+    """
+    caller = sys._getframe(1)
+    SECRETS.setdefault(value, f"{os.path.basename(caller.f_code.co_filename)}:{caller.f_lineno}")
+    return value
+
+
+def leaked_secrets(log_dir: str, secrets: dict[str, str]) -> list[str]:
+    """One line per (file, secret) hit: the file's path and where the secret was
+    registered; the secret's value never appears in the result."""
+    found: list[str] = []
+    for root, _dirs, files in os.walk(log_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                data = handle.read()
+            for value, origin in secrets.items():
+                if value.encode() in data:
+                    found.append(f"{path}: contains the secret registered at {origin}")
+    return found
+
+
+def keep_session_log(name: str, text: str) -> None:
+    """Add one process's output to the session's collected logs (when collecting)."""
+    if SESSION_LOG_DIR is None:
+        return
+    fd, _path = tempfile.mkstemp(prefix=name, suffix=".log", dir=SESSION_LOG_DIR)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
 
 def free_port() -> int:
     """A port that was free a moment ago; callers retry if the bind fails after all."""
@@ -42,8 +82,10 @@ class Gateway:
         self.url = ""
         self.port = 0
         self.metrics_url = ""
+        # In the session's log directory when conftest.py collects logs: kept after the
+        # test for the end-of-session secret grep.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open for the process's life
-            prefix="smg-test-", suffix=".log", delete=False
+            prefix="smg-test-", suffix=".log", delete=False, dir=SESSION_LOG_DIR
         )
 
     def start(self, timeout: float = 30.0) -> Gateway:
@@ -79,6 +121,7 @@ class Gateway:
                 return self
             last_error = self.logs()[-3000:]
             self.stop()
+            keep_session_log("smg-failed-start-", self.logs())
             self.log.truncate(0)
         raise RuntimeError(f"smg launch did not become ready:\n{last_error}")
 
@@ -133,6 +176,8 @@ class Gateway:
 
     def close_log(self) -> None:
         self.log.close()
+        if SESSION_LOG_DIR is not None:
+            return  # kept for the end-of-session secret grep; removed with the directory
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.log.name)
 
@@ -182,12 +227,14 @@ def run_launch(args: list[str], timeout: float = 30.0) -> tuple[int, str, float]
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
-        _out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
-    return proc.returncode, err.decode("utf-8", "replace"), time.monotonic() - started
+    text = err.decode("utf-8", "replace")
+    keep_session_log("smg-launch-", out.decode("utf-8", "replace") + text)
+    return proc.returncode, text, time.monotonic() - started
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -12,14 +12,19 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from gatewayutil import Gateway, running_gateway
+from gatewayutil import Gateway, running_gateway, secret
 from mockutil import request, start_mock_workers, stats
 
 from smg.config import ConfigError, GatewayConfig, load_config, render_config
 from smg.dataplane.auth import Verdict, judge, presented_key
 from smg.posture import posture_warning
 
-KEY = "gw-key-0123456789abcdef"
+# Registered with gatewayutil.secret: the session's gateway logs are grepped for each.
+KEY = secret("gw-key-0123456789abcdef")
+WRONG = secret("wrong-key-5e0d9c27b1")
+UNCHECKED = secret("client-key-unchecked-8a41f3")
+TENANT1 = secret("tenant-key-1-c93e5a")
+TENANT2 = secret("tenant-key-2-17b4d8")
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES = {"model": "mock-model", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -79,7 +84,7 @@ def test_missing_and_wrong_keys_get_smgs_401(gateway: tuple[Gateway, str]) -> No
         )
         assert body["error"]["type"] == "invalid_request_error"
         assert body["error"]["code"] == "invalid_api_key"
-    for headers in ({"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}):
+    for headers in ({"Authorization": f"Bearer {WRONG}"}, {"x-api-key": WRONG}):
         status, got, body = post(gw, "/v1/completions", {"model": "mock-model"}, headers)
         assert status == 401
         assert got["www-authenticate"] == 'Bearer realm="data-plane", error="invalid_token"'
@@ -126,7 +131,7 @@ def test_without_api_key_nothing_is_asked(gateway: tuple[Gateway, str]) -> None:
     _gw, url = gateway
     with running_gateway(["--worker-urls", url]) as gw:
         gw.wait_ready()
-        status, _got, _body = post(gw, "/v1/chat/completions", CHAT, {"x-api-key": "client"})
+        status, _got, _body = post(gw, "/v1/chat/completions", CHAT, {"x-api-key": UNCHECKED})
         assert status == 200
         assert "x-api-key" not in stats(url)["last_request"]["header_map"]
         # One start-up warning names every open surface and how to close it.
@@ -160,19 +165,19 @@ def test_tenant_keys_open_serving_only_and_never_reach_the_worker() -> None:
     """As the Rust SMG 1.13: tenant keys alone make the serving routes ask for a key and
     shut the admin routes (401 even with a tenant key). Unlike 1.13, which sends the
     tenant's key on to the worker, smg never forwards a client's key."""
-    args = ["--tenant-api-key", "t1:tenant-key-1", "--tenant-api-key", "t2:tenant-key-2"]
+    args = ["--tenant-api-key", f"t1:{TENANT1}", "--tenant-api-key", f"t2:{TENANT2}"]
     with start_mock_workers(1) as mocks, running_gateway(["--worker-urls", mocks.url, *args]) as gw:
         gw.wait_ready()
         assert post(gw, "/v1/chat/completions", CHAT, {})[0] == 401
-        wrong = post(gw, "/v1/chat/completions", CHAT, {"Authorization": "Bearer nope"})
+        wrong = post(gw, "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {WRONG}"})
         assert wrong[0] == 401 and wrong[2]["error"]["message"] == "Invalid API key"
-        for key in ("tenant-key-1", "tenant-key-2"):
+        for key in (TENANT1, TENANT2):
             ok = post(gw, "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}"})
             assert ok[0] == 200
             assert "authorization" not in stats(mocks.url)["last_request"]["header_map"]
-        for headers in ({}, {"Authorization": "Bearer tenant-key-1"}):
+        for headers in ({}, {"Authorization": f"Bearer {TENANT1}"}):
             assert request("GET", gw.url + "/workers", None, headers, timeout=10.0)[0] == 401
-        assert "tenant-key-1" not in gw.logs()
+        assert TENANT1 not in gw.logs()
 
 
 def test_tenant_keys_are_validated_and_masked() -> None:

@@ -155,7 +155,8 @@ def test_test_hooks_are_absent_without_the_environment_variable() -> None:
 
 @pytest.mark.parametrize("to_file", [False, True], ids=["stderr", "log_dir"])
 def test_stalled_process_is_dumped_and_replaced(to_file: bool, tmp_path: Path) -> None:
-    # With --log-dir the log is smg.log: the dump must land there, not only on stderr.
+    # With --log-dir each process writes its own file (dataplane-<slot>.log for the stalled
+    # one): the dump must land in the files, not only on stderr.
     extra = ["--log-dir", str(tmp_path)] if to_file else []
     gw = Gateway(
         ["--mock-workers", "1", "--dataplane-heartbeat-timeout-secs", "1", *extra],
@@ -183,7 +184,9 @@ def test_stalled_process_is_dumped_and_replaced(to_file: bool, tmp_path: Path) -
         assert elapsed < 15.0, elapsed
 
         def logs_now() -> str:
-            return (tmp_path / "smg.log").read_text() if to_file else gw.logs()
+            if not to_file:
+                return gw.logs()
+            return "".join(p.read_text() for p in sorted(tmp_path.glob("*.log*")))
 
         wait_until(lambda: "no heartbeat for 1.0 s" in logs_now(), 10.0, "the replacement")
         logs = logs_now()

@@ -21,6 +21,7 @@ from smg import ipc
 from smg.config import tenant_keys
 from smg.dataplane import auth
 from smg.dataplane.admission import Admission
+from smg.dataplane.cors import Cors
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import WorkerGate
 from smg.dataplane.lifecycle import State
@@ -34,8 +35,10 @@ from smg.httpwire import (
     build_response,
     error_response,
     request_id_prefix,
+    status_line,
 )
 from smg.httpwire import valid_request_id as _valid_request_id
+from smg.logs import access_fields, access_logger, log_access
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID
@@ -64,6 +67,8 @@ PROXY_ROUTES = frozenset(
 )
 ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache")
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
+# Routes answered to GET and HEAD only: a CORS preflight names them in `allow`, as 1.13.
+_GET_ROUTES = WORKER_INFO_ROUTES | {"/liveness", "/health", "/readiness", "/v1/models"}
 _SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
     b"host",
     b"content-length",
@@ -193,6 +198,13 @@ class DataPlane:
         )
         self._sweeper: asyncio.TimerHandle | None = None
         self._tls: ssl.SSLContext | None = None
+        # --cors-allowed-origins (None when unset: one None check per answer).
+        self.cors = Cors.from_config(cfg.cors_allowed_origins)
+        # --access-log: the `smg.access` logger (None when off: one None check per answer).
+        self.access_log = access_logger(cfg)
+        # With the access log on: when each connection's current request began and the
+        # size of its body (one request per connection is answered at a time).
+        self._access_started: dict[ClientConnection, tuple[float, int]] = {}
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -324,6 +336,17 @@ class DataPlane:
         method = request.method
         try:
             self._request_id(request)
+            if self.access_log is not None:
+                started = self._access_started
+                if len(started) > 4096:
+                    # Entries of requests never answered (a client gone during an admin
+                    # call) are dropped with their closed connections.
+                    for gone in [c for c in started if c.closed]:
+                        del started[gone]
+                started[conn] = (time.monotonic(), len(request.body))
+            if self.cors is not None and method == b"OPTIONS":
+                self._preflight(conn, request)
+                return
             if path in PROXY_ROUTES:
                 if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
                     return
@@ -366,9 +389,45 @@ class DataPlane:
                 f"Invalid URL ({method.decode('latin-1')} {path})",
             )
         except Exception as exc:  # a request must never take the process down
-            self.log_error("request failed", exc)
+            log.error(
+                "request failed: %r",
+                exc,
+                exc_info=exc,
+                extra={"request_id": request.request_id.decode("latin-1"), "path": path},
+            )
             if conn.exchange is None and conn.busy:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _preflight(self, conn: ClientConnection, request: Request) -> None:
+        """An OPTIONS request with --cors-allowed-origins set: answered here, on every
+        route, before any credential check and without a worker, as the Rust SMG 1.13
+        does (200, empty body; its `allow` line names the route's methods)."""
+        cors = self.cors
+        assert cors is not None
+        path = request.path
+        allow = (
+            b"allow: POST\r\n"
+            if path in PROXY_ROUTES
+            else b"allow: GET,HEAD\r\n"
+            if path in _GET_ROUTES
+            else b""
+        )
+        keep_alive = request.keep_alive and not self.draining
+        conn.send(
+            b"".join(
+                (
+                    status_line(200),
+                    cors.preflight(request.header(b"origin")),
+                    allow,
+                    b"content-length: 0\r\n",
+                    self.process_header,
+                    b"" if keep_alive else b"connection: close\r\n",
+                    b"\r\n",
+                )
+            ),
+            keep_alive,
+        )
+        self._count(request, 200, "", conn)
 
     def _authorized(
         self, conn: ClientConnection, request: Request, accepted: tuple[bytes, ...]
@@ -479,6 +538,8 @@ class DataPlane:
         )
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
+        if self.cors is not None:
+            exchange.cors = self.cors.response(request.header(b"origin"))
         if self.retries_on:
             max_attempts = self.retry_policy.max_attempts
             exchange.allow_retries(
@@ -746,10 +807,34 @@ class DataPlane:
         metrics.response(path, status, error_code)
         metrics.duration(exchange.method, path, time.monotonic() - exchange.started)
         metrics.routed_request(exchange.model, path, exchange.stream)
+        if self.access_log is not None:
+            self._log_exchange(exchange, status, error_code)
         holders = self.permit_holders
         if exchange in holders:
             holders.discard(exchange)
             self.admission.release()  # type: ignore[union-attr]
+
+    def _log_exchange(self, exchange: Exchange, status: int, error_code: str) -> None:
+        """The access line of a proxied request (--access-log on)."""
+        started = self._access_started.pop(exchange.client, None)
+        entry = self.state.entries.get(exchange.row)
+        worker = (
+            entry.url if entry is not None and entry.generation == exchange.generation else None
+        )
+        log_access(
+            self.access_log,  # type: ignore[arg-type]
+            access_fields(
+                exchange.method,
+                exchange.endpoint,
+                status,
+                error_code,
+                worker,
+                time.monotonic() - exchange.started,
+                exchange.request_id,
+                started[1] if started is not None else 0,
+                None,  # relayed bytes are not counted (the relay stays a plain write)
+            ),
+        )
 
     # --- simple responses ---------------------------------------------------------------------------
 
@@ -765,6 +850,8 @@ class DataPlane:
         error_code: str = "",
     ) -> None:
         keep_alive = request.keep_alive and not self.draining
+        if self.cors is not None:
+            extra_headers += self.cors.response(request.header(b"origin"))
         conn.send(
             build_response(
                 status,
@@ -777,7 +864,7 @@ class DataPlane:
             ),
             keep_alive,
         )
-        self._count(request, status, error_code)
+        self._count(request, status, error_code, conn, len(body))
 
     def _send_error(
         self,
@@ -790,25 +877,51 @@ class DataPlane:
         extra_headers: bytes = b"",
     ) -> None:
         keep_alive = request.keep_alive and not self.draining
-        conn.send(
-            error_response(
-                status,
-                code,
-                message,
-                extra_headers=extra_headers + self.process_header,
-                keep_alive=keep_alive,
-                request_id=request.request_id,
-                anthropic=request.path == ANTHROPIC_ROUTE,
-                head_only=request.method == b"HEAD",
-            ),
-            keep_alive,
+        if self.cors is not None:
+            extra_headers += self.cors.response(request.header(b"origin"))
+        answer = error_response(
+            status,
+            code,
+            message,
+            extra_headers=extra_headers + self.process_header,
+            keep_alive=keep_alive,
+            request_id=request.request_id,
+            anthropic=request.path == ANTHROPIC_ROUTE,
+            head_only=request.method == b"HEAD",
         )
-        self._count(request, status, code)
+        conn.send(answer, keep_alive)
+        size = len(answer) - answer.find(b"\r\n\r\n") - 4 if self.access_log is not None else 0
+        self._count(request, status, code, conn, size)
 
-    def _count(self, request: Request, status: int, code: str) -> None:
+    def _count(
+        self,
+        request: Request,
+        status: int,
+        code: str,
+        conn: ClientConnection | None = None,
+        size: int = 0,
+    ) -> None:
+        """Metrics (and the access line) for an answer made here; `size`: its body's."""
         path = _metric_path(request.path)
-        self.metrics.request(request.method.decode("latin-1"), path)
+        method = request.method.decode("latin-1")
+        self.metrics.request(method, path)
         self.metrics.response(path, status, code)
+        if self.access_log is not None:
+            started, bytes_in = self._access_started.pop(conn, None) or (time.monotonic(), 0)
+            log_access(
+                self.access_log,
+                access_fields(
+                    method,
+                    request.path,
+                    status,
+                    code,
+                    None,
+                    time.monotonic() - started,
+                    request.request_id,
+                    bytes_in,
+                    0 if request.method == b"HEAD" else size,
+                ),
+            )
 
     # --- admin: forwarded to the control plane ----------------------------------------------------
 

@@ -120,6 +120,7 @@ class Exchange:
         "body_mode",
         "client",
         "close_delimited",
+        "cors",
         "deadline",
         "discarded",
         "endpoint",
@@ -377,6 +378,8 @@ class Exchange:
         append(self.request_id)
         append(b"\r\n")
         append(self.app.process_header)
+        if self.app.cors is not None:
+            append(self.cors)  # --cors-allowed-origins: set by DataPlane.proxy
         if not self.keep_alive or self.app.draining:
             self.keep_alive = False
             append(b"connection: close\r\n")
@@ -439,6 +442,8 @@ class Exchange:
             parts.append(b"%b: %b\r\n" % (name, value))
         parts.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         parts.append(b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header))
+        if self.app.cors is not None:
+            parts.append(self.cors)
         if not self.keep_alive or self.app.draining:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
@@ -652,7 +657,9 @@ class Exchange:
                 status,
                 code,
                 message,
-                extra_headers=extra_headers + self.app.process_header,
+                extra_headers=extra_headers
+                + self.app.process_header
+                + (b"" if self.app.cors is None else self.cors),
                 keep_alive=keep_alive,
                 request_id=self.request_id,
                 anthropic=self.endpoint == ANTHROPIC_ROUTE,
