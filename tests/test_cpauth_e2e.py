@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gatewayutil import Gateway, free_port, running_gateway, wait_until
+from gatewayutil import Gateway, free_port, running_gateway, secret, wait_until
 from joserfc.jwk import RSAKey
 from mockutil import request, start_mock_workers
 from test_cpauth import AUDIENCE, Idp
 
-SERVING_KEY = "serving-key-e2e-0123456789"
-ADMIN_SECRET = "adminsecret-e2e-0123456789"
-USER_SECRET = "usersecret-e2e-0123456789"
+SERVING_KEY = secret("serving-key-e2e-0123456789")
+ADMIN_SECRET = secret("adminsecret-e2e-0123456789")
+USER_SECRET = secret("usersecret-e2e-0123456789")
 CHALLENGE = 'Bearer realm="control-plane"'
 
 
@@ -84,7 +84,7 @@ class Env:
     def token(self, claims: dict[str, Any] | None = None, **kw: Any) -> str:
         base = {"iss": self.server.issuer}
         token = self.idp.token({**base, **(claims or {})}, **kw)
-        self.tokens.append(token)
+        self.tokens.append(secret(token))
         return token
 
     def call(
@@ -140,7 +140,9 @@ def worker_id(env: Env) -> str:
 
 def test_missing_and_wrong_credentials_get_rusts_401(env: Env) -> None:
     assert_401(env.call("GET", "/workers"), "Missing or invalid Authorization header")
-    assert_401(env.call("GET", "/workers", "nope"), "Invalid authentication token")
+    assert_401(
+        env.call("GET", "/workers", secret("nope-wrong-cp-key-e2e")), "Invalid authentication token"
+    )
     assert_401(
         env.call("GET", "/workers", Authorization="Basic YTpi"),
         "Missing or invalid Authorization header",
@@ -314,8 +316,8 @@ def test_audit_lines_name_who_what_and_outcome(env: Env) -> None:
 
 def test_no_secret_in_any_log_line(env: Env) -> None:
     logs = env.gw.logs()
-    for secret in (ADMIN_SECRET, USER_SECRET, SERVING_KEY, *env.tokens):
-        assert secret not in logs
+    for value in (ADMIN_SECRET, USER_SECRET, SERVING_KEY, *env.tokens):
+        assert value not in logs
     # Nor in an admin answer.
     body = json.dumps(env.call("GET", "/workers", ADMIN_SECRET)[2])
     assert ADMIN_SECRET not in body and SERVING_KEY not in body
