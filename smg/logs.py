@@ -106,6 +106,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
+def _logfmt(value: Any) -> str:
+    """A field value as one logfmt token: quoted (JSON string escapes) when it holds a space,
+    a quote, '=' or a control character, so a client-sent value cannot forge a line or a
+    field."""
+    text = value if isinstance(value, str) else str(value)
+    if text and all(0x21 <= ord(c) <= 0x7E and c not in '"=' for c in text):
+        return text
+    return orjson.dumps(text).decode()
+
+
 class TextFormatter(logging.Formatter):
     """The plain line, then the process and any `extra=` fields as `key=value`."""
 
@@ -127,7 +137,7 @@ class TextFormatter(logging.Formatter):
         # The process and the fields after the message: the head keeps its long-standing
         # `LEVEL [pid logger]` shape, which tools (and tests) read.
         parts = [f"process={getattr(record, 'smg_process', 'supervisor')}"]
-        parts.extend(f"{k}={v}" for k, v in _fields(record).items())
+        parts.extend(f"{k}={_logfmt(v)}" for k, v in _fields(record).items())
         extra = " ".join(parts)
         head, sep, tail = line.partition("\n")  # a traceback stays below the fields
         return f"{head} {extra}{sep}{tail}"

@@ -34,6 +34,7 @@ from smg.control.cpauth import (
     role_allows,
     role_from_claims,
 )
+from smg.logs import JsonFormatter, TextFormatter
 from smg.posture import posture_warning
 
 ISSUER = "https://idp.example.com"
@@ -533,8 +534,10 @@ def test_audit_line_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="smg.audit"):
         cpauth.write_audit(event)
     (record,) = caplog.records
-    assert record.name == "smg.audit" and "\n" not in record.getMessage()
-    assert record.getMessage().startswith("control_plane_audit {")
+    assert record.name == "smg.audit" and record.getMessage() == "control_plane_audit"
+    assert record.path == "/workers\n2026 forged line"  # a field, escaped by the formatters
+    for formatter in (JsonFormatter(), TextFormatter()):
+        assert "\n" not in formatter.format(record)
 
 
 # --- configuration and posture -----------------------------------------------------------------

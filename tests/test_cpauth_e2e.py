@@ -110,6 +110,7 @@ def env() -> Iterator[Env]:
             f"k1:Ops:admin:{ADMIN_SECRET}",
             f"k2:RO:user:{USER_SECRET}",
             "--control-plane-audit-enabled",
+            "--log-json",
             "--jwt-issuer",
             server.issuer,  # no --jwt-jwks-uri: discovered from the issuer
             "--jwt-audience",
@@ -266,6 +267,20 @@ def test_unknown_kid_triggers_exactly_one_jwks_refresh(env: Env) -> None:
     assert env.call("GET", "/workers", known)[0] == 200
 
 
+AUDIT_KEYS = (
+    "principal",
+    "auth_method",
+    "role",
+    "method",
+    "path",
+    "outcome",
+    "status",
+    "request_id",
+    "peer",
+    "details",
+)
+
+
 def test_audit_lines_name_who_what_and_outcome(env: Env) -> None:
     env.call(
         "POST", "/workers", USER_SECRET, {"url": env.urls[1]}, **{"x-request-id": "audit-rid-1"}
@@ -276,9 +291,9 @@ def test_audit_lines_name_who_what_and_outcome(env: Env) -> None:
     def events() -> dict[str, dict[str, Any]]:
         found = {}
         for line in env.gw.logs().splitlines():
-            if "control_plane_audit {" in line:
-                event = json.loads(line.split("control_plane_audit ", 1)[1])
-                found[event["request_id"]] = event
+            if '"message":"control_plane_audit"' in line:
+                event = json.loads(line)
+                found[event["request_id"]] = {key: event[key] for key in AUDIT_KEYS}
         return found
 
     got = wait_until(lambda: (e := events()).get("audit-rid-3") and e, 10.0, "audit lines")

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import orjson
 from joserfc import jws, jwt
 from joserfc.errors import (
     ExpiredTokenError,
@@ -618,9 +617,10 @@ def audit_event(
 
 
 def write_audit(event: dict[str, Any]) -> None:
-    """One line on logger `smg.audit`: `control_plane_audit {json}` (JSON escapes every
-    control character, so a path cannot forge a line)."""
-    audit_log.info("control_plane_audit %s", orjson.dumps(event).decode())
+    """One line on logger `smg.audit`: message `control_plane_audit`, the event as fields
+    (top-level keys with --log-json, quoted logfmt `key=value` otherwise: either way every
+    control character is escaped, so a path cannot forge a line)."""
+    audit_log.info("control_plane_audit", extra=event)
 
 
 def _latin1(value: str | None) -> bytes | None:
