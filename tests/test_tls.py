@@ -510,3 +510,23 @@ def test_a_worker_whose_certificate_does_not_verify_is_never_used(
         assert mock.stats(certs["worker"].client_context())["inference_answered"] == 0
     finally:
         mock.stop()
+
+
+def test_certificate_failures_are_warned_once_a_minute_per_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from smg.control import probes
+
+    probes._tls_warned.clear()
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    with caplog.at_level("WARNING", logger="smg.control.probes"):
+        assert probes._warn_tls_failure("https://w1:8000/health", error, now=100.0)
+        assert not probes._warn_tls_failure("https://w1:8000/metrics", error, now=159.0)
+        assert probes._warn_tls_failure("https://w2:8000/health", error, now=159.0)
+        assert probes._warn_tls_failure("https://w1:8000/health", error, now=160.5)
+    assert [r.getMessage().split(" failed")[0] for r in caplog.records] == [
+        "TLS to worker https://w1:8000",
+        "TLS to worker https://w2:8000",
+        "TLS to worker https://w1:8000",
+    ]
+    probes._tls_warned.clear()
