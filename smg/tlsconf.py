@@ -42,7 +42,7 @@ class ServerTls(NamedTuple):
 class WorkerTls(NamedTuple):
     """What the client side towards https:// workers trusts and presents."""
 
-    ca_pem: str | None  # the --ca-cert-paths files concatenated; None: the system store
+    ca_pem: str | None  # the --ca-cert-paths files concatenated, trusted besides the system
     cert_pem: bytes | None  # --client-cert-path (mutual TLS), with its key
     key_pem: bytes | None
 
@@ -162,10 +162,14 @@ def server_tls_from(cfg: GatewayConfig) -> ServerTls | None:
 
 
 def worker_context(material: WorkerTls) -> ssl.SSLContext:
-    """The client context for https:// workers: certificates verified (against the given
-    CAs, else the system store) and the host name checked; our certificate presented when
-    one is configured (mutual TLS)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=material.ca_pem)
+    """The client context for https:// workers: certificates verified and the host name
+    checked; our certificate presented when one is configured (mutual TLS). The given CAs
+    are trusted besides the system store, as the Rust SMG 1.13 does (its verifier adds them
+    to the platform roots: a worker whose CA is only in SSL_CERT_FILE is still trusted
+    with --ca-cert-paths naming another CA)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if material.ca_pem is not None:
+        ctx.load_verify_locations(cadata=material.ca_pem)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(ALPN)
     if material.cert_pem is not None and material.key_pem is not None:

@@ -152,7 +152,13 @@ def test_load_worker_tls(tmp_path: Path) -> None:
     assert material.ca_pem is not None and material.ca_pem.count("BEGIN CERTIFICATE") == 2
     ctx = tlsconf.worker_context(material)
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
-    assert len(ctx.get_ca_certs()) == 2  # only the given CAs, not the system store
+    from cryptography import x509
+
+    trusted = {ca["serialNumber"] for ca in ctx.get_ca_certs()}
+    for pair in (worker, client):  # the given CAs are trusted (besides the system store)
+        serial = x509.load_pem_x509_certificate(pair.ca_path.read_bytes()).serial_number
+        digits = f"{serial:X}"
+        assert "0" * (len(digits) % 2) + digits in trusted  # OpenSSL prints whole bytes
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("nope\n")
     with pytest.raises(tlsconf.TlsError, match=r"--ca-cert-paths .*garbage\.pem"):
@@ -530,3 +536,18 @@ def test_certificate_failures_are_warned_once_a_minute_per_worker(
         "TLS to worker https://w1:8000",
     ]
     probes._tls_warned.clear()
+
+
+def test_ca_cert_paths_are_trusted_besides_the_system_store(certs: dict[str, Pair]) -> None:
+    """As the Rust SMG 1.13 (run by hand with the same files): the worker's CA only in the
+    system store (SSL_CERT_FILE), --ca-cert-paths naming another CA: the worker is used."""
+    mock = TlsMock(certs["worker"])
+    try:
+        args = ["--worker-urls", mock.url, *worker_tls_args(certs, client=False, ca="stranger")]
+        env = {"SSL_CERT_FILE": str(certs["worker"].ca_path)}
+        with running_gateway(args, env=env) as gw:
+            wait_until(lambda: readiness(gw) == 200, 20.0, "the worker ready")
+            answer = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=10.0)
+            assert answer.status_code == 200, answer.text
+    finally:
+        mock.stop()
