@@ -13,6 +13,7 @@ closed, never an HTTP answer; a worker whose certificate does not verify is neve
 from __future__ import annotations
 
 import re
+import select
 import signal
 import socket
 import ssl
@@ -102,6 +103,19 @@ def test_load_server_tls_reads_and_checks_the_pair(tmp_path: Path) -> None:
     ctx = tlsconf.server_context(material)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.verify_mode == ssl.CERT_NONE  # no client certificate asked
+
+
+def test_an_expired_certificate_is_served_but_flagged(tmp_path: Path) -> None:
+    import datetime as dt
+
+    ca = trustme.CA()
+    past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    leaf = ca.issue_cert("127.0.0.1", not_before=past, not_after=past + dt.timedelta(days=1))
+    cert, key = tmp_path / "old.pem", tmp_path / "old-key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    material = tlsconf.load_server_tls(str(cert), str(key))
+    assert material.description.endswith("(EXPIRED)")  # the supervisor logs a WARNING
 
 
 def test_load_server_tls_refuses_a_mismatched_key(tmp_path: Path) -> None:
@@ -229,7 +243,8 @@ class TlsMock:
         command = [sys.executable, "-m", "smg", "mock-worker", "--port", "0", *args]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 15.0)
+        line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("MOCK_WORKER_URL https://127.0.0.1:"):
             self.stop()
             raise RuntimeError(f"mock worker did not start: {line!r}")
