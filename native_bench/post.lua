@@ -3,7 +3,8 @@
 --
 --   wrk -t T -c C -d 10s -s post.lua http://127.0.0.1:PORT/v1/chat/completions -- PAYLOAD
 --
--- PAYLOAD is a file holding the request body. With WRK_CHECK_STATUS=1 in the environment every
+-- PAYLOAD is a file holding the request body. With WRK_API_KEY in the environment every request
+-- carries `Authorization: Bearer <key>`. With WRK_CHECK_STATUS=1 in the environment every
 -- response's status is inspected in Lua and anything outside 2xx is counted; without it only
 -- wrk's own counter (status > 399) is available, which is cheaper: wrk decides once, when it
 -- loads the script, whether a global response() exists, and only then hands each response's
@@ -29,6 +30,10 @@ function init(args)
    wrk.body = body
    wrk.headers["Content-Type"] = "application/json"
    wrk.headers["Accept"] = "application/json, text/event-stream"
+   local key = os.getenv("WRK_API_KEY")
+   if key ~= nil and key ~= "" then
+      wrk.headers["Authorization"] = "Bearer " .. key
+   end
    non2xx = 0
    checked = 0
 end

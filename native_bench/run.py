@@ -7,8 +7,10 @@ latency percentiles come from loadgen.c at a fixed, open-loop rate set to a frac
 Rust SMG's measured maximum. See README.md for the full procedure.
 
     python native_bench/run.py --gateways direct,rust --rounds 3 --duration 5
+    python native_bench/run.py --gateways smg,rust --tls            # both serve TLS
+    python native_bench/run.py --gateways smg,rust --api-key KEY    # both require the key
 
-Standard library plus psutil.
+Standard library plus psutil (and trustme for --tls, from the repo's test extras).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -218,11 +222,23 @@ def tree_cpu(pid: int) -> dict[int, float]:
 
 
 def http_call(
-    port: int, method: str, path: str, body: bytes | None = None, timeout: float = 5.0
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+    api_key: str | None = None,
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if tls is None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    else:
+        conn = http.client.HTTPSConnection(HOST, port, timeout=timeout, context=tls)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
@@ -283,6 +299,43 @@ def resolve_wrk(explicit: str | None) -> tuple[Path, dict[str, str]]:
 def wrk_version(wrk: Path, env: dict[str, str]) -> str:
     res = subprocess.run([str(wrk), "-v"], capture_output=True, text=True, env=env)
     return (res.stdout + res.stderr).splitlines()[0].strip() if res.stdout + res.stderr else "?"
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class TlsFiles:
+    """A throw-away CA and a certificate for 127.0.0.1, made at run time (--tls); both
+    gateways serve this same pair, and the runner's own probes trust the CA."""
+
+    directory: Path
+    cert: Path
+    key: Path
+    client: ssl.SSLContext
+
+    @classmethod
+    def make(cls) -> TlsFiles:
+        try:
+            import trustme
+        except ImportError as exc:
+            raise BenchError(
+                "--tls needs trustme: run with the repo's venv (pip install -e '.[test]')"
+            ) from exc
+        directory = Path(tempfile.mkdtemp(prefix="smg-bench-tls-"))
+        ca = trustme.CA()
+        issued = ca.issue_cert(HOST, "localhost")
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        issued.private_key_pem.write_to_path(str(key))
+        client = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+        return cls(directory, cert, key, client)
+
+    def args(self) -> list[str]:
+        return ["--tls-cert-path", str(self.cert), "--tls-key-path", str(self.key)]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the Rust SMG
@@ -435,7 +488,14 @@ class GatewaySpec:
         return argv + self.extra
 
 
-def wait_ready(proc: Proc, port: int, timeout: float, probe_body: bytes) -> float:
+def wait_ready(
+    proc: Proc,
+    port: int,
+    timeout: float,
+    probe_body: bytes,
+    tls: ssl.SSLContext | None = None,
+    api_key: str | None = None,
+) -> float:
     """Waits for /readiness, then for three good chat answers in a row that came from the stub.
 
     /readiness alone is not enough: the Rust SMG answers it before its worker is registered.
@@ -451,13 +511,15 @@ def wait_ready(proc: Proc, port: int, timeout: float, probe_body: bytes) -> floa
                 f"log {proc.log_path}:\n{proc.log_tail()}"
             )
         try:
-            status, _ = http_call(port, "GET", "/readiness", timeout=2.0)
+            status, _ = http_call(port, "GET", "/readiness", timeout=2.0, tls=tls)
             if status not in (200, 404, 405):
                 last = f"/readiness answered {status}"
                 good = 0
                 time.sleep(0.2)
                 continue
-            status, body = http_call(port, "POST", "/v1/chat/completions", probe_body, 5.0)
+            status, body = http_call(
+                port, "POST", "/v1/chat/completions", probe_body, 5.0, tls, api_key
+            )
         except (OSError, http.client.HTTPException) as exc:
             last = f"{type(exc).__name__}: {exc}"
             good = 0
@@ -551,8 +613,11 @@ class Client:
     threads: int
     connections: int
     cores: tuple[int, ...]
+    api_key: str | None = None  # sent as `Authorization: Bearer` (post.lua)
 
-    def max_run(self, port: int, payload: str, duration: int) -> dict[str, Any]:
+    def max_run(
+        self, port: int, payload: str, duration: int, scheme: str = "http"
+    ) -> dict[str, Any]:
         p = PAYLOADS[payload]
         body = PAYLOAD_DIR / p.file
         if self.kind == "wrk":
@@ -569,11 +634,14 @@ class Client:
                 "10s",
                 "-s",
                 str(HERE / "post.lua"),
-                f"http://{HOST}:{port}{p.path}",
+                # https: wrk speaks TLS (OpenSSL) with keep-alive, certificate unchecked.
+                f"{scheme}://{HOST}:{port}{p.path}",
                 "--",
                 str(body),
             ]
             env = {**(self.wrk_env or os.environ), "WRK_CHECK_STATUS": "1"}
+            if self.api_key:
+                env["WRK_API_KEY"] = self.api_key
             res = self._run(argv, duration, env)
             return _parsed(parse_wrk_summary, res, argv)
         argv = self._loadgen_argv(port, payload, rate=0.0, duration=duration, warmup=0)
@@ -647,6 +715,7 @@ class Running:
     port: int
     ready_s: float
     probe_offset: int
+    scheme: str = "http"  # https for a gateway serving TLS (--tls); the stub is plain
 
 
 class Bench:
@@ -666,6 +735,7 @@ class Bench:
         self.stub: Stub | None = None
         self.client: Client | None = None
         self.loadavg_at_start = os.getloadavg()
+        self.tls: TlsFiles | None = None
 
     # -- setup
 
@@ -683,7 +753,15 @@ class Bench:
             threads=self.layout.client_threads,
             connections=self.args.connections,
             cores=self.layout.load,
+            api_key=self.args.api_key,
         )
+        if self.args.tls:
+            self.tls = TlsFiles.make()
+            log(f"--tls: both gateways serve {self.tls.cert} (a CA made for this run)")
+        # What every gateway gets: the same TLS pair, the same required key.
+        common: list[str] = self.tls.args() if self.tls is not None else []
+        if self.args.api_key:
+            common += ["--api-key", self.args.api_key]
         if "rust" in self.gateways:
             venv = Path(self.args.rust_venv)
             wheel = Path(self.args.rust_wheel) if self.args.rust_wheel else None
@@ -692,7 +770,7 @@ class Bench:
             self.specs["rust"] = GatewaySpec(
                 "rust",
                 rust_prefix(venv, info),
-                self.args.rust_extra_args.split(),
+                [*common, *self.args.rust_extra_args.split()],
                 # Not the repo root: `python -c` puts the cwd first on sys.path, where this
                 # repo's own `smg` package would shadow the Rust one.
                 cwd=BUILD,
@@ -712,7 +790,7 @@ class Bench:
                 self.specs[name] = GatewaySpec(
                     name,
                     [str(py), "-m", "smg"],
-                    extra.split(),
+                    [*common, *extra.split()],
                     cwd=REPO,
                     env=env,
                     prometheus_host="--prometheus-host" in helptext,
@@ -740,13 +818,21 @@ class Bench:
         proc = start_proc(name, argv, self.layout.gateway, log_path, cwd=spec.cwd, env=spec.env)
         try:
             probe = (PAYLOAD_DIR / PAYLOADS["chat"].file).read_bytes()
-            ready = wait_ready(proc, port, self.args.ready_timeout, probe)
+            ready = wait_ready(
+                proc,
+                port,
+                self.args.ready_timeout,
+                probe,
+                self.tls.client if self.tls is not None else None,
+                self.args.api_key,
+            )
         except BaseException:
             proc.stop()
             raise
         self.ready_times.setdefault(name, []).append(ready)
         log(f"{name} ready on port {port} after {ready:.2f}s (pid {proc.pid})")
-        return Running(name, proc, port, ready, offset)
+        scheme = "https" if self.tls is not None else "http"
+        return Running(name, proc, port, ready, offset, scheme)
 
     def stop_gateway(self, run: Running) -> None:
         assert self.stub is not None
@@ -794,10 +880,10 @@ class Bench:
         args = self.args
         warmup: dict[str, Any] | None = None
         if fixed_rate is None and args.warmup > 0:
-            warmup = self.client.max_run(run.port, payload, args.warmup)
+            warmup = self.client.max_run(run.port, payload, args.warmup, run.scheme)
         g0, s0, st0 = self.snapshot(run)
         if fixed_rate is None:
-            res = self.client.max_run(run.port, payload, args.duration)
+            res = self.client.max_run(run.port, payload, args.duration, run.scheme)
         else:
             res = self.client.fixed_run(
                 run.port, payload, fixed_rate, args.fixed_duration, args.fixed_warmup
@@ -884,6 +970,10 @@ class Bench:
         args = self.args
         if args.fixed_rate_fraction <= 0 and not args.fixed_rate:
             return
+        if args.tls or args.api_key:
+            # loadgen.c speaks plain HTTP without headers of its own choosing.
+            log("--tls/--api-key: no fixed-rate latency phase (loadgen has neither)")
+            return
         for payload in self.payloads:
             if args.fixed_rate:
                 self.fixed_rates[payload] = (args.fixed_rate, "--fixed-rate")
@@ -924,6 +1014,8 @@ class Bench:
     def close(self) -> None:
         if self.stub is not None:
             self.stub.proc.stop()
+        if self.tls is not None:
+            self.tls.remove()
 
     # -- results
 
@@ -992,6 +1084,8 @@ class Bench:
                 "fixed_rate_fraction": args.fixed_rate_fraction,
                 "fixed_duration_s": args.fixed_duration,
                 "fixed_warmup_s": args.fixed_warmup,
+                "tls": bool(args.tls),
+                "api_key": bool(args.api_key),  # whether one was required; never the key
                 "commands": {
                     name: spec.argv("http://127.0.0.1:STUB_PORT", 0, 0)
                     for name, spec in self.specs.items()
@@ -1008,6 +1102,10 @@ class Bench:
     def report(self) -> str:
         a = self.args
         smg = f"; smg --processes {self.specs['smg'].processes}" if "smg" in self.specs else ""
+        if a.tls:
+            smg += "; TLS on both gateways (direct stays plain HTTP)"
+        if a.api_key:
+            smg += "; --api-key on both gateways"
         load = f"; loadavg {self.loadavg_at_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} now"
         header = (
             f"## gateway benchmark: {', '.join(self.gateways)}; {a.rounds} rounds x {a.duration}s "
@@ -1109,6 +1207,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=SMG_BASE_ARGS,
         help="the smg-base gateway's extra arguments (default: resilience switched off)",
     )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="both gateways serve TLS with one certificate made for the run (trustme); wrk "
+        "speaks https with keep-alive; no fixed-rate phase",
+    )
+    ap.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="both gateways require KEY; the client sends Authorization: Bearer KEY",
+    )
     ap.add_argument("--out", default=None, help="results JSON (default: native_bench/results/)")
     ap.add_argument("--rebuild", action="store_true", help="recompile stub and loadgen")
     ap.add_argument(
@@ -1133,6 +1243,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ap.error(f"unknown payload {p!r}; pick from {', '.join(PAYLOADS)}")
     if args.rounds < 1 or args.duration < 1 or args.warmup < 0 or args.connections < 1:
         ap.error("--rounds, --duration and --connections must be positive")
+    if (args.tls or args.api_key) and args.max_client != "wrk":
+        ap.error("--tls and --api-key need --max-client wrk (loadgen speaks plain HTTP only)")
+    if args.api_key is not None and not args.api_key.strip():
+        ap.error("--api-key must not be empty")
     if args.fixed_duration is None:
         args.fixed_duration = args.duration
     if args.fixed_warmup is None:

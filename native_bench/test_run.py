@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
+
 import pytest
-from run import GatewaySpec, parse_args
+from run import GatewaySpec, TlsFiles, parse_args
 
 
 def test_rust_command_line_keeps_defaults_and_binds_loopback() -> None:
@@ -56,8 +58,36 @@ def test_parse_args_defaults() -> None:
         ["--gateways", "rust,rust"],
         ["--payloads", "chat,embeddings"],
         ["--rounds", "0"],
+        ["--tls", "--max-client", "loadgen"],  # loadgen speaks plain HTTP only
+        ["--api-key", "k", "--max-client", "loadgen"],
+        ["--api-key", " "],
     ],
 )
 def test_parse_args_rejects_bad_input(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
+
+
+def test_tls_and_api_key_flags() -> None:
+    args = parse_args(["--tls", "--api-key", "k1"])
+    assert (args.tls, args.api_key) == (True, "k1")
+    assert parse_args([]).tls is False and parse_args([]).api_key is None
+
+
+def test_tls_files_are_a_usable_pair_for_127_0_0_1() -> None:
+    from smg.tlsconf import load_server_tls
+
+    files = TlsFiles.make()
+    try:
+        material = load_server_tls(str(files.cert), str(files.key))
+        assert material.cert_pem.count(b"BEGIN CERTIFICATE") >= 1
+        assert files.args() == [
+            "--tls-cert-path",
+            str(files.cert),
+            "--tls-key-path",
+            str(files.key),
+        ]
+        assert files.client.verify_mode == ssl.CERT_REQUIRED
+    finally:
+        files.remove()
+    assert not files.directory.exists()

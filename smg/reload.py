@@ -11,6 +11,7 @@ the control plane takes it over IPC.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -35,7 +36,16 @@ RESTART_ONLY: tuple[str, ...] = (
     "mock_worker_args",
     "config",  # where the file is; its contents are re-read
     "print_config",
+    # Towards https:// workers: read once by the supervisor before it forks; the control
+    # plane's HTTP session (health checks, load polls) is made once with them.
+    "client_cert_path",
+    "client_key_path",
+    "ca_cert_paths",
 )
+
+# Whether --port speaks TLS at all is fixed at start-up (clients and load balancers use one
+# scheme); which certificate it serves may change on a reload, file content included.
+TLS_LISTENER: tuple[str, ...] = ("tls_cert_path", "tls_key_path")
 
 
 class ReloadPlan(NamedTuple):
@@ -44,10 +54,18 @@ class ReloadPlan(NamedTuple):
     kept: list[tuple[str, Any, Any]]  # (field, running value, refused new value)
 
 
-def plan_reload(old: GatewayConfig, new: GatewayConfig) -> ReloadPlan:
+def plan_reload(
+    old: GatewayConfig, new: GatewayConfig, content_changed: Sequence[str] = ()
+) -> ReloadPlan:
+    """`content_changed`: fields naming files whose content differs from what runs although
+    the path may not (the listener's certificate re-read on SIGHUP); they count as changed
+    unless the field is kept."""
     kept: list[tuple[str, Any, Any]] = []
     keep: dict[str, Any] = {}
-    for name in RESTART_ONLY:
+    fixed = list(RESTART_ONLY)
+    if (old.tls_cert_path is None) != (new.tls_cert_path is None):
+        fixed.extend(TLS_LISTENER)  # TLS switched on or off: needs a restart
+    for name in fixed:
         before, after = getattr(old, name), getattr(new, name)
         if before != after:
             kept.append((name, before, after))
@@ -56,7 +74,8 @@ def plan_reload(old: GatewayConfig, new: GatewayConfig) -> ReloadPlan:
     changed = [
         name
         for name in GatewayConfig.__struct_fields__
-        if name not in RESTART_ONLY and getattr(old, name) != getattr(cfg, name)
+        if name not in fixed
+        and (getattr(old, name) != getattr(cfg, name) or name in content_changed)
     ]
     return ReloadPlan(cfg, changed, kept)
 

@@ -32,6 +32,13 @@ from smg.posture import posture_warning
 from smg.shm import layout
 from smg.shm.stash import Stash
 from smg.shm.table import WorkerTable
+from smg.tlsconf import (
+    ServerTls,
+    TlsError,
+    load_worker_tls,
+    server_tls_from,
+    set_inherited_worker_tls,
+)
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
@@ -150,9 +157,15 @@ class Rollout:
     `previous` is the configuration to go back to if a new process fails (None for a
     rollback itself)."""
 
-    def __init__(self, indexes: list[int], previous: GatewayConfig | None) -> None:
+    def __init__(
+        self,
+        indexes: list[int],
+        previous: GatewayConfig | None,
+        previous_tls: ServerTls | None = None,
+    ) -> None:
         self.pending = indexes
         self.previous = previous
+        self.previous_tls = previous_tls  # the listener's certificate to go back to
         self.replaced: list[int] = []
         self.new: Child | None = None  # started, not ready yet
         self.new_deadline = 0.0
@@ -192,6 +205,20 @@ class Supervisor:
         self.shared_listener = cfg.listen_mode == "inherit"
         self.port = cfg.port
         self._stop_requested = False
+        # The listener's certificate and key (None: plain HTTP), read before any fork and
+        # again on SIGHUP; each data-plane process builds its SSLContext from it.
+        self.server_tls: ServerTls | None = None
+
+    def load_tls(self) -> None:
+        """Read and check every certificate, key and CA file before anything is forked;
+        TlsError says which file is wrong. The worker-side material is inherited by the
+        children through the fork (fixed until a restart)."""
+        self.server_tls = server_tls_from(self.cfg)
+        set_inherited_worker_tls(load_worker_tls(self.cfg))
+        if self.server_tls is not None:
+            log.info("serving TLS on --port: %s", self.server_tls.description)
+            if self.server_tls.description.endswith("(EXPIRED)"):
+                log.warning("the --tls-cert-path certificate has expired: clients will refuse it")
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -257,7 +284,9 @@ class Supervisor:
         from smg.dataplane.process import run as run_dataplane
 
         assert own is not None
-        return run_dataplane(self.cfg, self.table, child.index, self.pid, own, slot=child.slot)
+        return run_dataplane(
+            self.cfg, self.table, child.index, self.pid, own, slot=child.slot, tls=self.server_tls
+        )
 
     def start(self) -> None:
         self._open_listeners()
@@ -460,6 +489,16 @@ class Supervisor:
             self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
             return
         plan = plan_reload(self.cfg, new)
+        try:
+            # The certificate is re-read even when no setting changed: renewing it in place
+            # and sending SIGHUP is how it is rotated. A broken one refuses the reload whole.
+            new_tls = server_tls_from(plan.cfg)
+        except TlsError as exc:
+            log.error("configuration reload refused, the running one stays: %s", exc)
+            self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
+            return
+        if new_tls != self.server_tls:
+            plan = plan_reload(self.cfg, new, content_changed=["tls_cert_path"])
         for name, running, refused in plan.kept:
             log.warning(
                 "reload: --%s changed (%r -> %r) but needs a restart; keeping %r",
@@ -473,13 +512,16 @@ class Supervisor:
             log.info("configuration reloaded: nothing changed")
             return
         log.info("configuration reloaded; changed: %s", ", ".join(plan.changed))
-        previous = self.cfg
+        previous, previous_tls = self.cfg, self.server_tls
         self.cfg = plan.cfg
+        if new_tls != self.server_tls and new_tls is not None:
+            log.info("reload: new TLS certificate: %s", new_tls.description)
+        self.server_tls = new_tls
         set_level(plan.cfg.log_level)  # children forked from now on inherit it
         self._send_config_to_control()
         if needs_rollout(plan.changed):
             # Counted as a success once every process runs it (a failure if one cannot).
-            self.rollout = Rollout(list(range(self.processes)), previous)
+            self.rollout = Rollout(list(range(self.processes)), previous, previous_tls)
         else:
             self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["success"])
 
@@ -493,6 +535,7 @@ class Supervisor:
         log.error("reload failed (%s); going back to the previous configuration", why)
         self._count(layout.G_CONFIG_RELOADS + layout.RELOAD_WORDS["failure"])
         self.cfg = rollout.previous
+        self.server_tls = rollout.previous_tls
         from smg.logs import set_level
 
         set_level(self.cfg.log_level)
@@ -602,19 +645,29 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         try:
+            self.load_tls()
+        except TlsError as exc:
+            # A configuration error, reported and exited on like the others (status 2).
+            log.error("smg failed to start: %s", exc)
+            print(f"smg launch: {exc}", file=sys.stderr, flush=True)
+            self._terminate_all(grace=2.0)
+            return 2
+        try:
             self.start()
         except StartupError as exc:
             log.error("smg failed to start: %s", exc)
             print(f"smg: failed to start: {exc}", file=sys.stderr, flush=True)
             self._terminate_all(grace=2.0)
             return 1
+        scheme = "http" if self.server_tls is None else "https"
         log.info(
-            "smg ready on http://%s:%d with %d data-plane process(es)",
+            "smg ready on %s://%s:%d with %d data-plane process(es)",
+            scheme,
             self.cfg.host,
             self.port,
             self.processes,
         )
-        print(f"SMG_READY http://{self.cfg.host}:{self.port}", flush=True)
+        print(f"SMG_READY {scheme}://{self.cfg.host}:{self.port}", flush=True)
         log.warning("%s", posture_warning(self.cfg))
         try:
             while not self._stop_requested:

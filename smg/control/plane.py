@@ -102,8 +102,18 @@ class ControlPlane:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # https:// workers are checked with the data plane's trust (--ca-cert-paths, else
+        # the system store) and see our --client-cert-path: a worker whose certificate does
+        # not verify fails its health checks and never becomes ready.
+        from smg.tlsconf import worker_context_for
+
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, force_close=False, keepalive_timeout=3.0),
+            connector=aiohttp.TCPConnector(
+                limit=256,
+                force_close=False,
+                keepalive_timeout=3.0,
+                ssl=worker_context_for(self.cfg),
+            ),
             auto_decompress=True,
         )
         # Keep references: an unreferenced server object is collected and closed.

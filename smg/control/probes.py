@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,9 +120,34 @@ async def _request(
         return await _send(session, method, url, api_key, timeout_s, limit)
     except asyncio.CancelledError:
         raise
+    except aiohttp.ClientSSLError as e:
+        # A certificate that does not verify (or a refused client certificate) is a
+        # configuration problem the operator must see, not a transient failure.
+        _warn_tls_failure(url, e)
+        return None
     except Exception as e:  # a probe must never take its caller down
         log.debug("%s %s failed: %s: %s", method, url, type(e).__name__, e)
         return None
+
+
+# Certificate failures are logged at WARNING at most once per origin this often (every probe
+# of a worker fails the same way).
+TLS_WARNING_INTERVAL_SECS = 60.0
+_tls_warned: dict[str, float] = {}
+
+
+def _warn_tls_failure(url: str, exc: Exception, now: float | None = None) -> bool:
+    """Log `exc` for `url`'s origin unless that origin was logged within the interval;
+    whether it was logged."""
+    origin = "/".join(url.split("/", 3)[:3])
+    now = time.monotonic() if now is None else now
+    last = _tls_warned.get(origin)
+    if last is not None and now - last < TLS_WARNING_INTERVAL_SECS:
+        log.debug("TLS to %s failed: %s", origin, exc)
+        return False
+    _tls_warned[origin] = now
+    log.warning("TLS to worker %s failed: %s", origin, getattr(exc, "os_error", None) or exc)
+    return True
 
 
 async def _get_ok(

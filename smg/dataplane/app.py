@@ -695,8 +695,13 @@ class DataPlane:
         return pool
 
     def _ssl_context(self) -> ssl.SSLContext:
+        """One client context per process for every https:// worker: verified against
+        --ca-cert-paths (else the system store), presenting --client-cert-path if set.
+        Built from the material the supervisor read before the fork, on first use."""
         if self._tls is None:
-            self._tls = ssl.create_default_context()
+            from smg.tlsconf import worker_context_for
+
+            self._tls = worker_context_for(self.cfg)
         return self._tls
 
     def _request_id(self, request: Request) -> None:

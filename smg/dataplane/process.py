@@ -25,6 +25,7 @@ from smg.supervisor import BACKLOG, DUMP_SIGNAL, REPLACE_SIGNAL, heartbeat_inter
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
     from smg.shm.table import WorkerTable
+    from smg.tlsconf import ServerTls
 
 log = logging.getLogger("smg.dataplane")
 
@@ -35,6 +36,9 @@ LISTENER_LINGER_SECS = 1.0
 # so a client that sends on it meanwhile is answered (with `Connection: close`) rather
 # than finding it closed under its request; the replacement accepts everything new.
 REPLACED_IDLE_CLOSE_SECS = 2.0
+# A TLS handshake must finish within --header-read-timeout-secs (this when that is 0): a
+# client that connects and never completes it does not hold a connection for long.
+TLS_HANDSHAKE_TIMEOUT_SECS = 60.0
 TEST_HOOKS_ENV = "SMG__TEST_HOOKS"
 
 
@@ -45,11 +49,13 @@ def run(
     root_pid: int,
     sock: socket.socket,
     slot: int | None = None,
+    tls: ServerTls | None = None,
 ) -> int:
     """Serve ``sock`` (bound and listening, opened by the supervisor) until SIGTERM has
     drained this process (or the supervisor's replacement signal, on a live reload).
     ``index`` is the listener number; ``slot`` this process's slot in the table (``index``
-    unless given). Returns the exit code."""
+    unless given). ``tls``: the listener's certificate and key (read by the supervisor):
+    the listener then serves TLS only. Returns the exit code."""
     slot = index if slot is None else slot
     started = time.time()
     pid = os.getpid()
@@ -80,9 +86,25 @@ def run(
         )
         # Accepting comes last: a process that fails to start must leave the connections
         # queued on its listener (which the supervisor keeps) for the next one.
-        server = loop.run_until_complete(
-            loop.create_server(lambda: ClientConnection(app), sock=sock, backlog=BACKLOG)
-        )
+        if tls is None:
+            server = loop.run_until_complete(
+                loop.create_server(lambda: ClientConnection(app), sock=sock, backlog=BACKLOG)
+            )
+        else:
+            from smg.tlsconf import server_context
+
+            # Built here, after the fork: no OpenSSL state (session-ticket keys, RNG) is
+            # shared between processes.
+            server = loop.run_until_complete(
+                loop.create_server(
+                    lambda: ClientConnection(app),
+                    sock=sock,
+                    backlog=BACKLOG,
+                    ssl=server_context(tls),
+                    ssl_handshake_timeout=float(cfg.header_read_timeout_secs)
+                    or TLS_HANDSHAKE_TIMEOUT_SECS,
+                )
+            )
     except Exception as exc:
         table.write_proc(slot, pid, layout.PROC_FAILED, started, f"{exc}")
         log.error("data-plane process %d failed to start: %s", index, exc)

@@ -5,7 +5,9 @@
 One process hosts `--count` workers on consecutive ports from `--port` (`--port 0`: one
 ephemeral port each); each has its own listener, runtime config and stats. Once all are
 listening it prints one `MOCK_WORKER_URL http://HOST:PORT` line per worker to stdout
-(flushed); `tests/mockutil.py` starts workers that way.
+(flushed); `tests/mockutil.py` starts workers that way. With `--ssl-certfile`/`--ssl-keyfile`
+(vLLM's and uvicorn's names) every worker serves https only and the lines say `https://`;
+`--ssl-ca-certs` with `--ssl-cert-reqs 2` demands a client certificate from that CA.
 
 Routes (both engines): /health, /health_generate, /v1/models (owned_by "sglang"/"vllm"),
 /metrics (the engine's Prometheus names), /v1/chat/completions, /v1/completions,

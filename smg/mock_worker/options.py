@@ -37,6 +37,12 @@ class Options:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
     root_path: str = ""  # every route served under this prefix (a worker behind a path proxy)
+    # TLS, with vLLM's/uvicorn's flag names: serve https with this pair; with ssl_cert_reqs
+    # 2 (ssl.CERT_REQUIRED) a client must present a certificate chaining to ssl_ca_certs.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int = 0
     # Initial values of the runtime config (see RuntimeConfig).
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
@@ -229,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="serve every route under this path prefix, as vLLM's --root-path behind a proxy",
     )
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", default=None, help="private key (PEM) of --ssl-certfile")
+    p.add_argument(
+        "--ssl-ca-certs", default=None, help="CA file (PEM) client certificates must chain to"
+    )
+    p.add_argument(
+        "--ssl-cert-reqs",
+        type=_int_arg(0, 2),
+        default=0,
+        help="client certificates: 0 none, 1 optional, 2 required (ssl.CERT_* as uvicorn)",
+    )
     return p
 
 
@@ -243,6 +260,12 @@ def parse_options(argv: list[str]) -> Options:
     root_path = ns.root_path.rstrip("/")
     if root_path and not root_path.startswith("/"):
         build_parser().error("--root-path must start with /")
+    if (ns.ssl_certfile is None) != (ns.ssl_keyfile is None):
+        build_parser().error("--ssl-certfile and --ssl-keyfile go together")
+    if (ns.ssl_ca_certs is not None or ns.ssl_cert_reqs) and ns.ssl_certfile is None:
+        build_parser().error("--ssl-ca-certs and --ssl-cert-reqs need --ssl-certfile")
+    if ns.ssl_cert_reqs and ns.ssl_ca_certs is None:
+        build_parser().error("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs")
     return Options(
         engine=ns.engine,
         model=ns.model,
@@ -268,4 +291,8 @@ def parse_options(argv: list[str]) -> Options:
         error_rate=ns.error_rate,
         hang_rate=ns.hang_rate,
         health_fail=ns.health_fail,
+        ssl_certfile=ns.ssl_certfile,
+        ssl_keyfile=ns.ssl_keyfile,
+        ssl_ca_certs=ns.ssl_ca_certs,
+        ssl_cert_reqs=ns.ssl_cert_reqs,
     )

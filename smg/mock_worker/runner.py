@@ -10,13 +10,13 @@ import sys
 import uvloop
 
 from smg.mock_worker.options import Options, parse_options
-from smg.mock_worker.server import Connection, ProcessState, Worker
+from smg.mock_worker.server import Connection, ProcessState, Worker, server_ssl_context
 
 URL_PREFIX = "MOCK_WORKER_URL"
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def serve(opts: Options) -> int:
@@ -25,12 +25,18 @@ async def serve(opts: Options) -> int:
     workers: list[Worker] = []
     servers: list[asyncio.AbstractServer] = []
     try:
+        tls = server_ssl_context(opts)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        print(f"smg mock-worker: cannot use the TLS files: {e}", file=sys.stderr, flush=True)
+        return 1
+    scheme = "http" if tls is None else "https"
+    try:
         for i in range(opts.count):
             worker = Worker(opts, i, process)
             port = 0 if opts.port == 0 else opts.port + i
             try:
                 server = await loop.create_server(
-                    lambda w=worker: Connection(w), opts.host, port, backlog=4096
+                    lambda w=worker: Connection(w), opts.host, port, backlog=4096, ssl=tls
                 )
             except OSError as e:
                 print(
@@ -45,7 +51,7 @@ async def serve(opts: Options) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, process.stop.set)
         # Announced only once every listener is bound, so a reader may connect at once.
-        lines = "".join(f"{URL_PREFIX} {_url(opts.host, w.port)}\n" for w in workers)
+        lines = "".join(f"{URL_PREFIX} {_url(opts.host, w.port, scheme)}\n" for w in workers)
         sys.stdout.write(lines)
         sys.stdout.flush()
         await process.stop.wait()

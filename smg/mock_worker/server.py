@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import sys
 import time
 from collections import deque
@@ -34,6 +35,22 @@ from smg.mock_worker.plan import (
     read_limit,
 )
 from smg.mock_worker.stats import WorkerStats
+
+
+def server_ssl_context(opts: Options) -> ssl.SSLContext | None:
+    """The context for --ssl-certfile (None: plain HTTP). With --ssl-cert-reqs 2 a client
+    without a certificate from --ssl-ca-certs fails the handshake, as uvicorn/vLLM do.
+    Raises OSError / ssl.SSLError for unusable files (the runner reports them)."""
+    if opts.ssl_certfile is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(opts.ssl_certfile, opts.ssl_keyfile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    if opts.ssl_ca_certs is not None:
+        ctx.load_verify_locations(opts.ssl_ca_certs)
+    ctx.verify_mode = ssl.VerifyMode(opts.ssl_cert_reqs)
+    return ctx
+
 
 # Connection states and their transitions; an event not in the table is a bug.
 IDLE, BUSY, CLOSED = "idle", "busy", "closed"
