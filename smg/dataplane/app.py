@@ -659,6 +659,7 @@ class DataPlane:
                 ssl_context=self._ssl_context() if address.tls else None,
                 host_header=address.host_header.encode("latin-1"),
                 path_prefix=address.path.encode("latin-1"),
+                stats=self.metrics.pool(entry.url),
             )
         return pool
 
