@@ -59,6 +59,66 @@ def test_otlp_target_forms() -> None:
     assert otlp_target("http://c:4318/custom/path") == ("http", "http://c:4318/custom/path")
 
 
+def test_encode_is_otlp_protobuf() -> None:
+    """The hand-made encoding reads back with opentelemetry-proto's classes."""
+    from smg.dataplane.tracing import KIND_CLIENT, KIND_SERVER, encode
+
+    records = [
+        (
+            int(TRACE_ID, 16),
+            0x1122334455667788,
+            int(PARENT_ID, 16),
+            "http_request",
+            KIND_SERVER,
+            1_700_000_000_000_000_000,
+            1_700_000_000_123_456_789,
+            {"method": "POST", "status_code": 200, "neg": -5, "ok": True, "ratio": 0.25},
+            None,
+            "vendor=abc",
+        ),
+        (
+            int(TRACE_ID, 16),
+            0x99,
+            0,
+            "upstream_request",
+            KIND_CLIENT,
+            5,
+            6,
+            {"worker": "http://w:1/\u00e9" + "x" * 300},
+            "503",
+            "",
+        ),
+    ]
+    for _ in range(2):  # the second time from the attribute cache
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(encode(records))
+        (resource_spans,) = request.resource_spans
+        assert _attributes(resource_spans.resource.attributes) == {"service.name": "smg"}
+        (scope_spans,) = resource_spans.scope_spans
+        assert scope_spans.scope.name == "smg"
+        first, second = scope_spans.spans
+        assert first.trace_id.hex() == TRACE_ID
+        assert first.span_id.hex() == "1122334455667788"
+        assert first.parent_span_id.hex() == PARENT_ID
+        assert first.name == "http_request"
+        assert first.kind == first.SPAN_KIND_SERVER
+        assert first.start_time_unix_nano == 1_700_000_000_000_000_000
+        assert first.end_time_unix_nano == 1_700_000_000_123_456_789
+        assert first.trace_state == "vendor=abc"
+        assert _attributes(first.attributes) == {
+            "method": "POST",
+            "status_code": 200,
+            "neg": -5,
+            "ok": True,
+            "ratio": 0.25,
+        }
+        assert first.status.code == first.status.STATUS_CODE_UNSET
+        assert second.parent_span_id == b""
+        assert second.kind == second.SPAN_KIND_CLIENT
+        assert _attributes(second.attributes) == {"worker": "http://w:1/\u00e9" + "x" * 300}
+        assert second.status.code == second.status.STATUS_CODE_ERROR
+        assert second.status.message == "503"
+
+
 # --- loopback collectors ----------------------------------------------------------------------
 
 
