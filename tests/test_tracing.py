@@ -227,13 +227,15 @@ def _by_name(found: list[Any], name: str) -> list[Any]:
     return [span for span in found if span.name == name]
 
 
-def _chat(url: str, traceparent: str | None, **headers: str) -> tuple[int, dict[str, str]]:
+def _chat(
+    url: str, traceparent: str | None, query: str = "", **headers: str
+) -> tuple[int, dict[str, str]]:
     hdrs = dict(headers)
     if traceparent is not None:
         hdrs["traceparent"] = traceparent
     status, response_headers, _ = mockutil.request(
         "POST",
-        url + CHAT,
+        url + CHAT + query,
         {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]},
         headers=hdrs,
         timeout=10.0,
@@ -266,7 +268,9 @@ def test_grpc_export_spans_follow_the_client_trace_and_reach_the_worker() -> Non
         ) as gw,
     ):
         gw.wait_ready()
-        status, headers = _chat(gw.url, CLIENT_TRACEPARENT, tracestate="vendor=abc")
+        status, headers = _chat(
+            gw.url, CLIENT_TRACEPARENT, "?api-key=s3cret", tracestate="vendor=abc"
+        )
         assert status == 200
         request_id = headers["x-request-id"]
         found = wait_spans(
@@ -285,9 +289,17 @@ def test_grpc_export_spans_follow_the_client_trace_and_reach_the_worker() -> Non
         assert attempt.kind == attempt.SPAN_KIND_CLIENT
         assert server.trace_state == "vendor=abc"
         request_attrs = _attributes(server.attributes)
+        # The Rust SMG 1.13's attributes and forms (status_code and latency are strings).
         assert request_attrs["method"] == "POST"
-        assert request_attrs["route"] == CHAT
-        assert request_attrs["status_code"] == 200
+        assert request_attrs["path"] == CHAT  # the query string is not exported
+        assert request_attrs["version"] == "HTTP/1.1"
+        assert request_attrs["module"] == "smg"
+        assert request_attrs["trace_id"] == TRACE_ID
+        assert int(request_attrs["latency"]) > 0
+        assert not any(
+            "s3cret" in str(v) for s in found for v in _attributes(s.attributes).values()
+        )
+        assert request_attrs["status_code"] == "200"
         assert request_attrs["request_id"] == request_id
         assert request_attrs["process"] == 0
         route_attrs = _attributes(route.attributes)
@@ -379,7 +391,7 @@ def test_retried_request_shows_two_attempt_spans() -> None:
             assert first.end_time_unix_nano <= second.start_time_unix_nano
             assert len(_by_name(found, "select_worker")) == 2
             (server,) = _by_name(found, "http_request")
-            assert _attributes(server.attributes)["status_code"] == 200
+            assert _attributes(server.attributes)["status_code"] == "200"
             # The failing worker saw its attempt's span as the parent (one traceparent per
             # attempt, not the client's).
             sent = _worker_headers(failing)["traceparent"]
@@ -419,7 +431,7 @@ def test_http_export_and_the_local_answers_end_their_span() -> None:
         (local,) = wait_spans(spans, trace_id, lambda s: len(s) == 1)
         assert local.name == "http_request"
         attrs = _attributes(local.attributes)
-        assert attrs["status_code"] == 400
+        assert attrs["status_code"] == "400"
         assert attrs["error"] == "invalid_json"
         assert content_types and all(c == "application/x-protobuf" for c in content_types)
 
@@ -456,7 +468,7 @@ def test_opentelemetry_is_not_imported_with_tracing_off() -> None:
 
     code = (
         "import sys, smg.supervisor, smg.dataplane.process, smg.control.plane;"
-        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'grpc'))))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

@@ -17,18 +17,22 @@ never a reason to slow a request. Sampling follows the client's `sampled` flag (
 request it did not sample is propagated but not recorded); every other request is
 recorded, as the Rust SMG's default (parent-based, always on) sampler does.
 
-Spans, named after the Rust SMG's where it has them (its `http_request` server span,
-`smg::otel-trace`; its "Sending request" event's `url`), service name `smg`:
+Spans, named after the Rust SMG's where it has them (tried on 1.13: one `http_request`
+span per request, target `smg::otel-trace`), service name `smg`:
 
-- `http_request` (SERVER): method, uri, route, version, request_id, status_code, error,
-  module=smg, process (the listener number). The child of the client's W3C
-  `traceparent`/`tracestate` when it sent a valid one (same trace id), a root otherwise.
-- `select_worker` (INTERNAL, child of the request): policy, model, candidates (ready
-  workers offered to the policy), worker (the URL chosen) or error (why none).
-- `upstream_request` (CLIENT, child of the request), one per attempt: url, worker,
-  attempt (1 = the first), retry_count, status_code, error. Its context goes to the
-  worker as `traceparent` (the client's own traceparent is never forwarded then; its
-  `tracestate` is, unchanged, as W3C asks of a participant that does not add to it).
+- `http_request` (SERVER; INTERNAL in the Rust SMG): 1.13's attributes method, path (no
+  query string: it may carry a credential), version (`HTTP/1.1`), module=smg, trace_id,
+  request_id, status_code and latency (microseconds), both strings as 1.13 records them;
+  error (smg's error code) and process (the listener number) are smg's. The child of the
+  client's W3C `traceparent`/`tracestate` when it sent a valid one (same trace id, as
+  1.13 does), a root otherwise.
+- `select_worker` (INTERNAL, child of the request; smg only): policy, model,
+  candidates (ready workers offered to the policy), worker (the URL chosen) or error
+  (why none).
+- `upstream_request` (CLIENT, child of the request; smg only), one per attempt: url and
+  worker (the worker's URL), attempt (1 = the first), retry_count, status_code (int),
+  error. Its context goes to the worker as `traceparent` (1.13 sends its request span's),
+  replacing the client's; the client's `tracestate` goes on unchanged, as in 1.13.
 
 The W3C header codec is pure code (`parse_traceparent`, `format_traceparent`).
 """
@@ -126,6 +130,9 @@ def otlp_target(endpoint: str) -> tuple[str, str]:
 # --- recording, on the loop ---------------------------------------------------------------
 
 
+_VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+
+
 def _new_id(bits: int) -> int:
     return random.getrandbits(bits) or 1  # all-zero ids are invalid
 
@@ -159,13 +166,14 @@ class Tracer:
                 trace.state = state.decode("latin-1")
         else:
             trace.trace_id = _new_id(128)
+        # The Rust SMG 1.13's attributes (tried on it), and the process.
         trace.attributes = {
             "method": request.method.decode("latin-1"),
-            "uri": request.url.decode("latin-1"),
-            "route": path,
-            "version": request.version,
-            "request_id": request.request_id.decode("latin-1"),
+            "path": path,  # no query string: it may carry a credential
+            "version": _VERSIONS.get(request.version) or "HTTP/" + request.version,
             "module": "smg",
+            "trace_id": f"{trace.trace_id:032x}",
+            "request_id": request.request_id.decode("latin-1"),
             "process": self.index,
         }
         return trace
@@ -295,7 +303,8 @@ class RequestTrace:
         if not self.flags & 1:
             return
         attributes = self.attributes
-        attributes["status_code"] = status
+        attributes["status_code"] = str(status)  # a string, as the Rust SMG records it
+        attributes["latency"] = str((time.time_ns() - self.start) // 1000)  # us, as it does
         if error_code:
             attributes["error"] = error_code
         self.tracer.record(
@@ -362,7 +371,7 @@ def _span(record: SpanRecord) -> bytes:
 # Only the export thread touches it.
 _ATTRIBUTE_CACHE: dict[tuple[str, Any], bytes] = {}
 _ATTRIBUTE_CACHE_MAX = 4096
-_UNIQUE_ATTRIBUTES = frozenset({"request_id", "uri"})
+_UNIQUE_ATTRIBUTES = frozenset({"request_id", "trace_id", "latency"})
 
 
 def _key_value(key: str, value: Any) -> bytes:
