@@ -66,7 +66,9 @@ SERVICE_NAME = "smg"
 # OTEL_BSP_SCHEDULE_DELAY (milliseconds) overrides the delay.
 SCHEDULE_DELAY_SECS = 0.5
 MAX_EXPORT_BATCH = 512
-MAX_QUEUE = 16384  # spans waiting beyond it are dropped, never a reason to block a request
+# Spans waiting beyond this are dropped, never a reason to block a request: a few seconds
+# of a busy process's spans (~200 bytes each once encoded, a few hundred as tuples).
+MAX_QUEUE = 65536
 EXPORT_TIMEOUT_SECS = 5.0
 FLUSH_TIMEOUT_SECS = 3.0
 
@@ -424,10 +426,16 @@ class Exporter:
         self.drain()
 
     def drain(self) -> None:
+        """Send what was queued when called, in full batches (what arrives meanwhile
+        waits for the next turn: a busy process then sends a few large exports per
+        turn, not a stream of small ones, each with its fixed cost)."""
         queue = self.queue
         pop = queue.popleft
-        while queue:
-            batch = [pop() for _ in range(min(len(queue), MAX_EXPORT_BATCH))]
+        left = len(queue)
+        while left > 0:
+            size = min(left, MAX_EXPORT_BATCH)
+            left -= size
+            batch = [pop() for _ in range(size)]
             try:
                 self.send(encode(batch))
             except Exception as exc:
