@@ -331,6 +331,19 @@ def test_grpc_export_spans_follow_the_client_trace_and_reach_the_worker() -> Non
         (root,) = _by_name(found, "http_request")
         assert root.parent_span_id == b""
 
+        # A client that did not sample its trace: the context goes on (flags 00), nothing
+        # is recorded (the spans of a later request arrive, none of this one).
+        unsampled = "d" * 32
+        status, _ = _chat(gw.url, f"00-{unsampled}-{PARENT_ID}-00")
+        assert status == 200
+        sent = _worker_headers(mocks.url)["traceparent"]
+        assert sent.startswith(f"00-{unsampled}-") and sent.endswith("-00")
+        later = "e" * 32
+        status, _ = _chat(gw.url, f"00-{later}-{PARENT_ID}-01")
+        assert status == 200
+        wait_spans(spans, later, lambda s: len(s) == 3)
+        assert spans.of_trace(unsampled) == []
+
         # An invalid traceparent is not trusted (a new trace) and never forwarded as is.
         bad = f"00-{TRACE_ID.upper()}-{PARENT_ID}-01"
         status, _ = _chat(gw.url, bad)
