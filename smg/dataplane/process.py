@@ -169,8 +169,8 @@ async def _finish(app: DataPlane, deadline: float) -> None:
 
 
 def _start_tracing(app: DataPlane, cfg: GatewayConfig, index: int) -> None:
-    """--enable-trace: the OpenTelemetry SDK and its export thread, in this process only
-    (after the fork; opentelemetry is not even imported otherwise)."""
+    """--enable-trace: the span recorder and its export thread, in this process only
+    (after the fork; the OTLP and gRPC modules are not even imported otherwise)."""
     if cfg.enable_trace:
         from smg.dataplane import tracing
 
