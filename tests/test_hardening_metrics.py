@@ -277,6 +277,13 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
         "smg_worker_retries": "counter",
         "smg_worker_retries_exhausted": "counter",
         "smg_worker_retry_backoff_seconds": "histogram",
+        # The gateway's own observability (issue 8).
+        "smg_gateway_overhead_seconds": "histogram",
+        "smg_event_loop_lag_seconds": "histogram",
+        "smg_http_accept_to_request_seconds": "histogram",
+        "smg_upstream_connect_seconds": "histogram",
+        "smg_upstream_pool_hits": "counter",
+        "smg_upstream_pool_misses": "counter",
     }
     processes = {s.labels["process"] for s in families["smg_http_requests"].samples}
     assert processes == {"0", "1"}

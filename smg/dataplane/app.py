@@ -49,6 +49,7 @@ from smg.worker_url import worker_address
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
     from smg.dataplane.server import ClientConnection, Request
+    from smg.dataplane.tracing import Tracer
     from smg.shm.table import WorkerTable
 
 log = logging.getLogger("smg.dataplane")
@@ -79,6 +80,8 @@ _SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
     b"x-request-id",
     b"expect",
 }
+# With --enable-trace the worker gets the attempt span's traceparent instead of the client's.
+_SKIP_TRACED = _SKIP_REQUEST_HEADERS | {b"traceparent"}
 
 
 class _RoutingFields(msgspec.Struct):
@@ -205,6 +208,8 @@ class DataPlane:
         # With the access log on: when each connection's current request began and the
         # size of its body (one request per connection is answered at a time).
         self._access_started: dict[ClientConnection, tuple[float, int]] = {}
+        # Set after the fork by the process when --enable-trace is on (smg.dataplane.tracing).
+        self.tracer: Tracer | None = None
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -479,6 +484,10 @@ class DataPlane:
         return orjson.dumps({"object": "list", "data": list(seen.values())})
 
     def proxy(self, conn: ClientConnection, request: Request, *, body_routing: bool = True) -> None:
+        started = time.monotonic()
+        tracer = self.tracer
+        if tracer is not None:
+            request.trace = tracer.begin(request, request.path)
         model: str | None = None
         stream = False
         if body_routing:
@@ -507,7 +516,10 @@ class DataPlane:
             )
             return
         route = RouteRequest(model=model, stream=stream)
+        chose_at = time.time_ns() if tracer is not None else 0
         row = self._choose(rows, None, route) if rows else _NONE_READY
+        if tracer is not None:
+            self._trace_route(request, chose_at, model, rows, row)
         if row < 0:
             status, code, message, extra = self._refusal(row, model)
             self._send_error(conn, request, status, code, message, extra_headers=extra)
@@ -535,7 +547,10 @@ class DataPlane:
             request.keep_alive,
             request.version == "1.0",
             request.method == b"HEAD",
+            started,
         )
+        if tracer is not None:
+            exchange.trace = request.trace
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
         if self.cors is not None:
@@ -651,7 +666,10 @@ class DataPlane:
             return 502, "internal_error", "the request can no longer be retried", b""
         state = self.refresh()
         rows = self._candidates(state, route.model)
+        chose_at = time.time_ns() if self.tracer is not None else 0
         row = self._choose(rows, exchange.failed_rows, route) if rows else _NONE_READY
+        if self.tracer is not None:
+            self._trace_route(request, chose_at, route.model, rows, row)
         if row < 0:
             return self._refusal(row, route.model)
         entry = state.entries[row]
@@ -663,6 +681,14 @@ class DataPlane:
         self._in_flight_add(row, entry.generation)
         self.policy.on_dispatch(row)
         return None
+
+    def _trace_route(
+        self, request: Request, chose_at: int, model: str | None, rows: list[int] | None, row: int
+    ) -> None:
+        """The `select_worker` span of a routing decision (tracing on)."""
+        worker = self.state.entries[row].url if row >= 0 else None
+        error = None if row >= 0 else self._refusal(row, model)[1]
+        request.trace.route(chose_at, self.cfg.policy, model, len(rows or ()), worker, error)
 
     def has_untried_worker(self, exchange: Exchange) -> bool:
         """Whether a worker this request has not failed on may take it now."""
@@ -691,6 +717,7 @@ class DataPlane:
                 ssl_context=self._ssl_context() if address.tls else None,
                 host_header=address.host_header.encode("latin-1"),
                 path_prefix=address.path.encode("latin-1"),
+                stats=self.metrics.pool(entry.url),
             )
         return pool
 
@@ -736,6 +763,7 @@ class DataPlane:
         body's length when the exchange holds it already (a retry)."""
         prefix = pool.path_prefix
         method = request.method
+        tracer = self.tracer
         parts = [
             b"GET" if method == b"HEAD" else method,
             b" ",
@@ -745,7 +773,7 @@ class DataPlane:
             b"\r\n",
         ]
         append = parts.append
-        skip = _SKIP_REQUEST_HEADERS
+        skip = _SKIP_REQUEST_HEADERS if tracer is None else _SKIP_TRACED
         connection = request.header(b"connection")
         if connection is not None:
             # Headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
@@ -766,6 +794,8 @@ class DataPlane:
             append(b"content-length: %d\r\n" % size)
         if request.client_id:
             append(b"x-request-id: " + request.request_id + b"\r\n")
+        if tracer is not None:
+            append(request.trace.begin_attempt(entry.url))  # this attempt's traceparent
         append(b"\r\n")
         return b"".join(parts)
 
@@ -793,6 +823,8 @@ class DataPlane:
         self._in_flight_done(row, generation)
         self.policy.on_complete(row)
         self.gate.record(row, generation, outcome)
+        if self.tracer is not None:
+            exchange.trace.end_attempt(outcome, "" if outcome else "upstream transport failure")
 
     def exchange_finished(self, exchange: Exchange, status: int, error_code: str) -> None:
         """Called exactly once per exchange, after its last attempt."""
@@ -804,6 +836,10 @@ class DataPlane:
             self._in_flight_done(row, generation)
             self.policy.on_complete(row)
             self.gate.record(row, generation, exchange.outcome)
+        if self.tracer is not None:
+            trace = exchange.trace
+            trace.end_attempt(exchange.outcome, "" if exchange.outcome else error_code)
+            trace.finish(status, error_code)
         if exchange.client.exchange is exchange:
             exchange.client.exchange = None
         metrics = self.metrics
@@ -927,6 +963,12 @@ class DataPlane:
                     0 if request.method == b"HEAD" else size,
                 ),
             )
+        if self.tracer is not None:
+            # A proxied request answered here (bad JSON, no worker, ...): end its span.
+            trace = getattr(request, "trace", None)
+            if trace is not None:
+                request.trace = None
+                trace.finish(status, code)
 
     # --- admin: forwarded to the control plane ----------------------------------------------------
 

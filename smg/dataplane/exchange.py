@@ -127,6 +127,7 @@ class Exchange:
         "failed_rows",
         "generation",
         "head",
+        "head_at",
         "head_only",
         "held",
         "held_headers",
@@ -145,12 +146,14 @@ class Exchange:
         "route",
         "row",
         "seen_tail",
+        "sent_at",
         "started",
         "state",
         "status",
         "stream",
         "tail",
         "timer",
+        "trace",
         "upstream",
         "upstream_reusable",
     )
@@ -171,6 +174,7 @@ class Exchange:
         keep_alive: bool,
         http10: bool,
         head_only: bool = False,
+        started: float | None = None,
     ) -> None:
         self.app = app
         self.client = client
@@ -200,7 +204,12 @@ class Exchange:
         self.close_delimited = False  # the upstream response ends when its connection does
         self.upstream_reusable = False
         self.status = 0
-        self.started = time.monotonic()
+        # When the data plane took the request (`started`), its first byte went upstream
+        # (`sent_at`), the relayed head arrived (`head_at`, 0 once its flush is counted):
+        # smg_gateway_overhead_seconds. `trace` is set only with --enable-trace.
+        self.started = time.monotonic() if started is None else started
+        self.sent_at = 0.0
+        self.head_at = 0.0
         self.deadline = self.started + app.request_timeout
         # Attempts. The first one is open from the start: the data plane accounted it
         # (in-flight count, policy dispatch) when it chose the worker.
@@ -301,6 +310,8 @@ class Exchange:
         else:
             transport.write(self.head)  # type: ignore[arg-type]
         self.head = None
+        if not self.sent_at:
+            self.sent_at = time.monotonic()
         if not self.keep_body:
             self.body = None  # written: from here on this request cannot be sent again
         if conn.closed:
@@ -327,6 +338,7 @@ class Exchange:
         self.state, action = FLAT[self.state * _N + _HEAD]
         if action != _RELAY_HEAD:
             return
+        self.head_at = time.monotonic()
         self.status = status
         if status >= 400 and self.endpoint == ANTHROPIC_ROUTE:
             # The Rust SMG rewrites a worker's errors on /v1/messages into Anthropic's shape:
@@ -458,6 +470,8 @@ class Exchange:
         if out:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+            if self.head_at:
+                self._count_overhead()
         state = self.state
         if state == _COMPLETE:
             self.state, action = FLAT[_COMPLETE * _N + _FLUSHED]
@@ -474,6 +488,13 @@ class Exchange:
             self.client.response_done(self.keep_alive)
         elif state == _DRAINED and self._advance(_FLUSHED) == _RETRY:
             self._retry(self.status)
+
+    def _count_overhead(self) -> None:
+        """The relayed head (and whatever came with it) is written: count the gateway's
+        own time, upstream excluded (smg_gateway_overhead_seconds)."""
+        now = time.monotonic()
+        self.app.metrics.overhead.observe(now - self.head_at + self.sent_at - self.started)
+        self.head_at = 0.0
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         if conn is not self.upstream:

@@ -36,6 +36,28 @@ DURATION_BUCKETS = (
 )
 
 
+# Sub-millisecond resolution for what the gateway itself spends (overhead, accept to
+# head, connect on loopback) up to a second, past which it is broken anyway.
+FAST_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+# Event-loop lag: how late a periodic timer ran (a blocked loop shows up as seconds).
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 class Histogram:
     __slots__ = ("buckets", "count", "counts", "total")
 
@@ -51,6 +73,19 @@ class Histogram:
         self.total += value
 
 
+class PoolStats:
+    """One worker's upstream pool in one process: reuse and connect time. Held by its
+    `WorkerPool` and by the metrics (keyed by worker URL), so the counts outlive a pool
+    dropped when its row is reused or the worker is removed and added again."""
+
+    __slots__ = ("connect", "hits", "misses")
+
+    def __init__(self) -> None:
+        self.hits = 0  # an idle keep-alive connection reused
+        self.misses = 0  # a new connection opened (attempted)
+        self.connect = Histogram(FAST_BUCKETS)  # successful connects only
+
+
 class DataPlaneMetrics:
     def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
         self.buckets = buckets
@@ -63,6 +98,18 @@ class DataPlaneMetrics:
         self.retries: dict[str, int] = {}  # endpoint label -> retries started
         self.exhausted: dict[str, int] = {}  # endpoint label -> requests out of attempts
         self.backoffs: dict[str, Histogram] = {}  # retry number ("1" = first retry)
+        # Observability of the gateway itself (smg only): see the HELP texts.
+        self.overhead = Histogram(FAST_BUCKETS)
+        self.loop_lag = Histogram(LAG_BUCKETS)
+        self.accept_to_head = Histogram(FAST_BUCKETS)
+        self.pools: dict[str, PoolStats] = {}  # worker URL -> its pool's numbers
+
+    def pool(self, worker: str) -> PoolStats:
+        """The pool numbers of `worker` (a URL), made on first use."""
+        stats = self.pools.get(worker)
+        if stats is None:
+            stats = self.pools[worker] = PoolStats()
+        return stats
 
     def request(self, method: str, path: str) -> None:
         key = (method, path)
@@ -132,6 +179,7 @@ class DataPlaneMetrics:
             for (model, endpoint, streaming), value in self.routed.items()
         ]
         retry_families = self._retry_families(proc)
+        own_families = self._own_families(proc)
         return [
             Family("smg_http_requests_total", "counter", HELP_REQUESTS, requests),
             Family("smg_http_responses_total", "counter", HELP_RESPONSES, responses),
@@ -144,6 +192,40 @@ class DataPlaneMetrics:
                 [Sample("", [proc], self.connections_active)],
             ),
             *retry_families,
+            *own_families,
+        ]
+
+    def _own_families(self, proc: tuple[str, str]) -> list[Family]:
+        hits = []
+        misses = []
+        connect: list[Sample] = []
+        for worker, stats in self.pools.items():
+            labels = [proc, ("worker", worker)]
+            hits.append(Sample("", labels, stats.hits))
+            misses.append(Sample("", labels, stats.misses))
+            connect += histogram_samples(labels, stats.connect)
+        return [
+            Family(
+                "smg_gateway_overhead_seconds",
+                "histogram",
+                HELP_OVERHEAD,
+                histogram_samples([proc], self.overhead),
+            ),
+            Family(
+                "smg_event_loop_lag_seconds",
+                "histogram",
+                HELP_LOOP_LAG,
+                histogram_samples([proc], self.loop_lag),
+            ),
+            Family(
+                "smg_http_accept_to_request_seconds",
+                "histogram",
+                HELP_ACCEPT,
+                histogram_samples([proc], self.accept_to_head),
+            ),
+            Family("smg_upstream_connect_seconds", "histogram", HELP_CONNECT, connect),
+            Family("smg_upstream_pool_hits_total", "counter", HELP_POOL_HITS, hits),
+            Family("smg_upstream_pool_misses_total", "counter", HELP_POOL_MISSES, misses),
         ]
 
     def _retry_families(self, proc: tuple[str, str]) -> list[Family]:
@@ -191,3 +273,15 @@ HELP_CONNECTIONS = "Currently active HTTP connections"
 HELP_RETRIES = "Total retry attempts by worker_type and endpoint"
 HELP_EXHAUSTED = "Requests that exhausted all retries by worker_type and endpoint"
 HELP_BACKOFF = "Retry backoff duration by attempt number"
+# smg only (the Rust SMG has no such series).
+HELP_OVERHEAD = (
+    "Time spent in smg per proxied request, upstream time excluded: request received to "
+    "its first byte written upstream, plus the upstream response head received to that "
+    "head written to the client (with the body that came in the same read; for streams "
+    "the head part only)"
+)
+HELP_LOOP_LAG = "How late a periodic 0.5 s timer ran on this process's event loop"
+HELP_ACCEPT = "Time from a client connection's accept to its first request head parsed"
+HELP_CONNECT = "Time to open a new upstream connection (TCP, and TLS when used), by worker"
+HELP_POOL_HITS = "Upstream requests sent on an idle keep-alive connection reused, by worker"
+HELP_POOL_MISSES = "New upstream connections opened (attempted), by worker"

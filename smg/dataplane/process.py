@@ -40,6 +40,8 @@ REPLACED_IDLE_CLOSE_SECS = 2.0
 # client that connects and never completes it does not hold a connection for long.
 TLS_HANDSHAKE_TIMEOUT_SECS = 60.0
 TEST_HOOKS_ENV = "SMG__TEST_HOOKS"
+# The event-loop lag probe's period: a timer this often, its lateness observed.
+LOOP_LAG_INTERVAL_SECS = 0.5
 
 
 def run(
@@ -73,6 +75,7 @@ def run(
         asyncio.set_event_loop(loop)
         policy = make_policy(cfg.policy, cfg, index=index)
         app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot)
+        _start_tracing(app, cfg, index)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             from smg.dataplane.testhooks import fail_start_if_asked, install
 
@@ -129,6 +132,7 @@ def run(
         loop.call_later(interval, beat)
 
     beat()
+    _start_loop_lag_probe(app, loop)
     table.write_proc(slot, pid, layout.PROC_READY, started)
     try:
         replaced = loop.run_until_complete(stopped)
@@ -140,6 +144,7 @@ def run(
             loop.run_until_complete(_drain(app, server, grace))
         loop.run_until_complete(_push_final_metrics(app, root_pid, slot, pid))
     finally:
+        _stop_tracing(app)
         ipc_server.close()
         table.write_proc(slot, 0, layout.PROC_EMPTY, 0.0)
     return 0
@@ -183,6 +188,39 @@ async def _finish(app: DataPlane, deadline: float) -> None:
     for pool in app.pools.values():
         pool.close_all()
     await asyncio.sleep(0)
+
+
+def _start_tracing(app: DataPlane, cfg: GatewayConfig, index: int) -> None:
+    """--enable-trace: the span recorder and its export thread, in this process only
+    (after the fork; the OTLP and gRPC modules are not even imported otherwise)."""
+    if cfg.enable_trace:
+        from smg.dataplane import tracing
+
+        app.tracer = tracing.start(cfg, index)
+
+
+def _stop_tracing(app: DataPlane) -> None:
+    """Export the spans still queued (bounded) before the process exits."""
+    tracer = app.tracer
+    if tracer is not None:
+        app.tracer = None
+        tracer.shutdown()
+
+
+def _start_loop_lag_probe(app: DataPlane, loop: asyncio.AbstractEventLoop) -> None:
+    """A timer every LOOP_LAG_INTERVAL_SECS; how late it runs is the loop's lag (a turn
+    blocked by a long callback, GC, or CPU starvation), observed into
+    smg_event_loop_lag_seconds."""
+    interval = LOOP_LAG_INTERVAL_SECS
+    observe = app.metrics.loop_lag.observe
+    clock = time.monotonic
+
+    def probe(due: float) -> None:
+        now = clock()
+        observe(max(0.0, now - due))
+        loop.call_later(interval, probe, now + interval)
+
+    loop.call_later(interval, probe, clock() + interval)
 
 
 def _dump_target() -> Any:

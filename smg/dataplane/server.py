@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ class Request:
         "path",
         "query",
         "request_id",
+        "trace",  # set (and read) only with --enable-trace: smg.dataplane.tracing
         "url",
         "version",
     )
@@ -177,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         "_body_size",
         "_headers",
         "_url",
+        "accepted",
         "app",
         "closed",
         "exchange",
@@ -204,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: bytes | bytearray = b""
         self._body_size = 0
+        self.accepted = 0.0  # perf_counter at accept, until the first request head
 
     @property
     def busy(self) -> bool:
@@ -215,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.app.connections.add(self)
+        self.accepted = time.perf_counter()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -342,6 +347,10 @@ class ClientConnection(asyncio.Protocol):
             )
         self.phase = BODY
         self.since = self.app.now
+        accepted = self.accepted
+        if accepted:  # the connection's first request: accept to handler
+            self.accepted = 0.0
+            self.app.metrics.accept_to_head.observe(time.perf_counter() - accepted)
         # Only once the request is accepted, and never into the middle of an earlier
         # pipelined response (a client that gets no 100 sends its body after a pause).
         if expect_continue and not self.order.busy:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from smg.dataplane.metrics import PoolStats
+
 if TYPE_CHECKING:
     from smg.dataplane.exchange import Exchange
 
@@ -223,6 +225,7 @@ class WorkerPool:
         "path_prefix",
         "port",
         "ssl",
+        "stats",
         "waiters",
     )
 
@@ -238,8 +241,11 @@ class WorkerPool:
         ssl_context: ssl.SSLContext | None = None,
         host_header: bytes = b"",
         path_prefix: bytes = b"",
+        stats: PoolStats | None = None,
     ) -> None:
         self.loop = loop
+        # Reuse and connect time, counted into the process's metrics (plain adds).
+        self.stats = PoolStats() if stats is None else stats
         self.ssl = ssl_context
         self.host = host
         self.port = port
@@ -276,6 +282,7 @@ class WorkerPool:
                 # retry (the worker cannot have read a request that was never sent).
                 conn.close()
                 continue
+            self.stats.hits += 1
             return conn
         return None
 
@@ -288,6 +295,9 @@ class WorkerPool:
 
     async def connect(self) -> UpstreamConnection:
         """Open a connection under a slot the caller reserved; the slot is given back here."""
+        stats = self.stats
+        stats.misses += 1
+        started = time.perf_counter()
         try:
             _transport, conn = await asyncio.wait_for(
                 self.loop.create_connection(
@@ -298,6 +308,7 @@ class WorkerPool:
         except BaseException:
             self.release_slot()
             raise
+        stats.connect.observe(time.perf_counter() - started)
         # Counted in `open` since connection_made: the reserved slot is no longer needed, and
         # a slot that `forget` could not grant while both counted may be free now.
         self.connecting -= 1
@@ -306,6 +317,7 @@ class WorkerPool:
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         if self.waiters:
+            self.stats.hits += 1  # handed on at once: reused all the same
             self.waiters.popleft().got_connection(conn)
             return
         conn.idle_since = time.monotonic()
