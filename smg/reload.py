@@ -31,6 +31,8 @@ RESTART_ONLY: tuple[str, ...] = (
     "load_monitor_interval",  # read once when the control plane's load loop starts
     "log_json",  # the log handlers
     "log_dir",
+    "log_max_bytes",  # the supervisor's and control plane's file handlers are open
+    "log_backup_count",
     "mock_workers",  # the mock worker process
     "mock_worker_engine",
     "mock_worker_args",
@@ -102,6 +104,13 @@ CONTROL_ONLY: frozenset[str] = frozenset(
         "health_check_interval_secs",
         "health_check_endpoint",
         "dataplane_heartbeat_timeout_secs",
+        # Judged by the control plane alone (smg.control.cpauth), rebuilt on each reload.
+        "control_plane_api_keys",
+        "control_plane_audit_enabled",
+        "jwt_issuer",
+        "jwt_audience",
+        "jwt_jwks_uri",
+        "jwt_role_mapping",
     }
 )
 

@@ -387,6 +387,7 @@ def test_connection_paused_for_a_slow_client_is_pooled_reading() -> None:
         request_timeout=5.0,
         process_header=b"x-smg-process: 0\r\n",
         draining=False,
+        cors=None,
         metrics=DataPlaneMetrics(),
         exchange_finished=lambda exchange, status, code: finished.append(status),
     )
