@@ -612,6 +612,8 @@ class _FakeApp:
         self.retries_on = True
         self.process_header = b"x-smg-process: 0\r\n"
         self.draining = False
+        self.cors = None  # --cors-allowed-origins unset
+        self.tracer = None  # --enable-trace off
         self.loop = _FakeLoop()
         self.metrics = DataPlaneMetrics()
         self.retry_policy = RetryPolicy(max_attempts=3, jitter=0.0)
