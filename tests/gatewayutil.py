@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,3 +270,17 @@ def pid_serving(gw: Gateway, index: str, attempts: int = 100) -> int:
                     if conn.raddr and conn.raddr.port == client_port:
                         return child.pid
     return 0
+
+
+def promtool_check(text: str) -> None:
+    """promtool's `check metrics` on an exposition page (skipped where promtool is absent;
+    .ci/run installs it)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        return  # optional second opinion; prometheus_client's parser already ran
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    # Exit 1 is a format error; lint remarks (naming style) alone exit 3 in promtool 2.x.
+    assert done.returncode in (0, 3), done.stdout + done.stderr
+    assert "error" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr

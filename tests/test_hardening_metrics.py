@@ -7,8 +7,6 @@ with two data-plane processes and registered workers.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +16,7 @@ import mockutil
 import msgspec
 import psutil
 import pytest
-from gatewayutil import Gateway
+from gatewayutil import Gateway, promtool_check
 from prometheus_client.parser import text_string_to_metric_families
 
 from smg import ipc
@@ -37,18 +35,6 @@ def _parse(text: str) -> list[Any]:
     repeated = sorted({n for n in names if names.count(n) > 1})
     assert not repeated, f"families split into pieces: {repeated}"
     return families
-
-
-def _promtool(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        return  # optional second opinion; prometheus_client's parser already ran
-    done = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
-    # Exit 1 is a format error; lint remarks (naming style) alone exit 3 in promtool 2.x.
-    assert done.returncode in (0, 3), done.stdout + done.stderr
-    assert "error" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
 
 
 # --- the renderer -----------------------------------------------------------------------------
@@ -97,7 +83,7 @@ def test_render_merges_families_across_processes_and_escapes() -> None:
         "smg_http_request_duration_seconds_count",
     ] * 2
     assert families["smg_gateway_in_flight_requests"].samples[0].value == 0.0
-    _promtool(text)
+    promtool_check(text)
 
 
 def test_render_values_and_empty_families() -> None:
@@ -291,7 +277,7 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
     assert models == {"mock-model", ODD_MODEL}
     health = {s.labels["worker"]: s.value for s in families["smg_worker_health"].samples}
     assert health == dict.fromkeys(urls, 1.0)
-    _promtool(text)
+    promtool_check(text)
 
 
 def test_metrics_listen_on_loopback_with_a_loopback_host(

@@ -7,14 +7,12 @@ The counting is tested on `DataPlaneMetrics` directly; the series are checked on
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from typing import Any
 
 import httpx
 import mockutil
-from gatewayutil import running_gateway
+from gatewayutil import promtool_check, running_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from smg.dataplane.metrics import DataPlaneMetrics
@@ -43,18 +41,6 @@ def _value(families: dict[str, Any], name: str, sample: str, **labels: str) -> f
         if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
             total += s.value
     return total
-
-
-def _promtool(text: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        return  # optional second opinion; prometheus_client's parser already ran
-    done = subprocess.run(
-        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
-    # Exit 1 is a format error; lint remarks (naming style) alone exit 3 in promtool 2.x.
-    assert done.returncode in (0, 3), done.stdout + done.stderr
-    assert "error" not in (done.stdout + done.stderr).lower(), done.stdout + done.stderr
 
 
 # --- pure: the samples -------------------------------------------------------------------------
@@ -147,7 +133,7 @@ def test_new_families_on_a_running_gateway() -> None:
             assert r.text.rstrip().endswith("data: [DONE]")
         time.sleep(1.2)  # at least two loop-lag probes (every 0.5 s)
         text = gw.metrics()
-    _promtool(text)
+    promtool_check(text)
     families = _families(text)
     for name, kind in NEW_FAMILIES.items():
         assert families[name].type == kind, name
