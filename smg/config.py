@@ -91,6 +91,22 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     least_load_default_throughput: float = 2000.0
     least_load_mean_prefill_tokens: int = 1024
     least_load_max_waiting_requests: int = 0
+    # Cache-aware routing (one prefix index for the whole gateway)
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    balance_token_usage_threshold: float = 1.0
+    overload_token_usage_threshold: float = 1.0
+    eviction_interval_secs: int = 60
+    max_tree_size: int = 67108864
+    # prefix_hash, consistent_hashing, manual, sticky routing keys
+    prefix_token_count: int = 256
+    prefix_hash_load_factor: float = 1.25
+    prefix_hash_balance_abs_threshold: int = 10
+    routing_key_override: bool = False
+    routing_key_headers: list[str] | None = None
+    assignment_mode: str | None = None
+    max_idle_secs: int = 14400
     max_payload_size: int = 536870912
     enable_igw: bool = False
     # Worker start-up and load monitoring
@@ -206,6 +222,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backend": ("sglang", "openai", "anthropic", "vllm", "tokenspeed"),
     "listen_mode": ("reuseport", "inherit"),
     "mock_worker_engine": ("sglang", "vllm"),
+    "assignment_mode": ("random", "min_load", "min_group", "delegate"),
 }
 
 # Environment variables the Rust SMG reads for its engines and media paths; a deployment
@@ -577,6 +594,75 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             _Flag(
                 "least_load_max_waiting_requests",
                 "Per-worker waiting-queue cap for least_load; 0 disables",
+            ),
+            _Flag(
+                "cache_threshold",
+                "Minimum matched-prefix share (0.0-1.0) before cache_aware pins a request to "
+                "a worker already holding that prefix",
+                aliases=("--cache-match-threshold",),
+            ),
+            _Flag(
+                "balance_abs_threshold",
+                "Spill gate, absolute part: a matched worker is skipped for the least-loaded "
+                "one when its load exceeds the healthy-fleet mean by this many requests AND "
+                "by the relative threshold",
+                aliases=("--spill-abs-threshold",),
+            ),
+            _Flag(
+                "balance_rel_threshold",
+                "Spill gate, relative part: a multiple of the healthy-fleet mean (>= 1.0)",
+                aliases=("--spill-rel-threshold",),
+            ),
+            _Flag(
+                "balance_token_usage_threshold",
+                "cache_aware abandons affinity when the hottest minus coldest backend KV "
+                "usage exceeds this (needs token_usage from the workers; >= 1.0 disables)",
+            ),
+            _Flag(
+                "overload_token_usage_threshold",
+                "cache_aware sheds load off a backend whose KV usage exceeds this "
+                "(>= 1.0 disables)",
+            ),
+            _Flag("eviction_interval_secs", "Seconds between prefix-index evictions"),
+            _Flag(
+                "max_tree_size",
+                "Maximum size of each model's prefix index (characters over HTTP), shared by "
+                "its workers; eviction keeps it at or under this bound",
+            ),
+            _Flag(
+                "prefix_token_count",
+                "Prefix tokens hashed by prefix_hash (untokenized requests: four times as many "
+                "characters)",
+            ),
+            _Flag(
+                "prefix_hash_load_factor",
+                "Load factor above which prefix_hash walks the ring (multiple of the mean "
+                "load, >= 1.0)",
+            ),
+            _Flag(
+                "prefix_hash_balance_abs_threshold",
+                "Absolute load over the mean a worker must also exceed before prefix_hash "
+                "treats it as overloaded",
+            ),
+            _Flag(
+                "routing_key_override",
+                "Sticky sessions: route every request with the same routing key to the same "
+                "worker, on any policy",
+                aliases=("--sticky-sessions",),
+            ),
+            _Flag(
+                "routing_key_headers",
+                "Ordered header names checked for the routing key (after X-SMG-Routing-Key)",
+            ),
+            _Flag(
+                "assignment_mode",
+                "How new routing keys are assigned: random, min_load, min_group, delegate; "
+                "unset = random for manual, delegate for --routing-key-override",
+            ),
+            _Flag(
+                "max_idle_secs",
+                "Seconds an unused sticky routing key stays pinned",
+                aliases=("--sticky-key-idle-secs",),
             ),
             _Flag("max_payload_size", "Maximum request payload size in bytes"),
             _Flag("enable_igw", "Enable IGW (multi-model) mode"),
@@ -1237,6 +1323,19 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "least_load_mean_prefill_tokens": (_range(0, gt=True),),
     "least_load_max_waiting_requests": (_range(0),),
     "max_payload_size": (_range(0, gt=True),),
+    "cache_threshold": (_range(0.0, 1.0),),
+    "balance_abs_threshold": (_range(0),),
+    "balance_rel_threshold": (_range(1.0),),
+    "balance_token_usage_threshold": (_range(0.0, gt=True),),
+    "overload_token_usage_threshold": (_range(0.0, gt=True),),
+    "eviction_interval_secs": (_range(0, gt=True),),
+    "max_tree_size": (_range(0, gt=True),),
+    "prefix_token_count": (_range(0, gt=True),),
+    "prefix_hash_load_factor": (_range(1.0),),
+    "prefix_hash_balance_abs_threshold": (_range(0),),
+    "routing_key_headers": (_header_names,),
+    "assignment_mode": (_choice("assignment_mode"),),
+    "max_idle_secs": (_range(0, gt=True),),
     "worker_startup_timeout_secs": (_range(0, gt=True),),
     "worker_startup_check_interval": (_range(0, gt=True),),
     "load_monitor_interval": (_range(0, gt=True),),

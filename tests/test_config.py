@@ -249,7 +249,10 @@ def test_help_lists_flags_with_defaults(capsys: pytest.CaptureFixture[str]) -> N
             "not allowed with",
         ),
         (["--bogus-flag"], {}, "--bogus-flag", "unknown flag"),
-        (["--cache-threshold", "0.5"], {}, "--cache-threshold", "unknown flag"),
+        (["--block-size", "16"], {}, "--block-size", "unknown flag"),
+        (["--cache-threshold", "1.5"], {}, "cache_threshold", "<= 1.0"),
+        (["--balance-rel-threshold", "0.5"], {}, "balance_rel_threshold", ">= 1.0"),
+        (["--assignment-mode", "sticky"], {}, "assignment_mode", "must be one of"),
         ([], {"SMG_LOG_JSON": "maybe"}, "log_json", "boolean"),
         ([], {"SMG_PORT": "8o80"}, "port", "expected an integer"),
         (
