@@ -306,6 +306,7 @@ def tls_gateway(certs: dict[str, Pair]) -> Iterator[Gateway]:
         start_mock_workers(1) as mocks,
         running_gateway(["--worker-urls", mocks.url, *tls_args(certs["gateway"])]) as gw,
     ):
+        gw.wait_ready()  # the worker's first health check, before the first request
         yield gw
 
 
