@@ -500,6 +500,7 @@ def run_system(
     seeds: Sequence[int],
     logs: Path,
     timeout: float,
+    settle_s: float = 0.0,
 ) -> list[RunResult]:
     results = []
     for seed in seeds:
@@ -514,6 +515,7 @@ def run_system(
         )
         try:
             wait_gateway(proc, port, w.workers, 60.0)
+            time.sleep(settle_s)
             mocks.reset()  # after the readiness probes: fresh caches and counters
             bodies = [chat_body(p, w) for p in shuffled(prompts, seed)]
             url = f"http://{nb.HOST}:{port}/v1/chat/completions"
@@ -617,6 +619,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--itl-ms", type=float, default=1.0, help="mock time between tokens")
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument(
+        "--settle-s", type=float, default=0.0, help="wait after a gateway is ready, before a run"
+    )
+    ap.add_argument(
         "--smoke",
         action="store_true",
         help="a tiny run for a test: 4 groups x 4 prompts, 256+32 tokens, 1 seed, concurrency 4",
@@ -662,7 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for system in systems:
                 nb.log(f"{system.name}: policy {system.policy}, seeds {seeds}")
                 try:
-                    runs = run_system(system, mocks, w, prompts, seeds, logs, args.request_timeout)
+                    runs = run_system(
+                        system, mocks, w, prompts, seeds, logs, args.request_timeout, args.settle_s
+                    )
                 except nb.GatewayError as exc:
                     skipped.append({"system": system.name, "reason": str(exc).splitlines()[0]})
                     nb.log(f"{system.name} skipped: {exc}")
