@@ -220,6 +220,25 @@ def test_streaming_usage_completions_and_flush(cached2: mockutil.MockWorkers, cw
     assert other["requests"] == 0 and other["used_tokens"] == 0
 
 
+def test_sglang_omits_prompt_tokens_details_until_something_is_cached() -> None:
+    # sglang/srt/entrypoints/openai/usage_processor.py: _details_if_cached(count) is None at 0.
+    with mockutil.start_mock_workers(1, "--prefix-cache-tokens", "4096") as mocks:
+        body = {"prompt": SYSTEM, "max_tokens": 1, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        usages = []
+        for _ in range(2):
+            with httpx.stream("POST", mocks.url + "/v1/completions", json=body, timeout=10) as r:
+                assert r.status_code == 200
+                events = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
+            usages.append(json.loads(events[-2])["usage"])
+        assert "prompt_tokens_details" not in usages[0]
+        assert usages[1]["prompt_tokens_details"] == {"cached_tokens": 1008}  # 1023 usable
+        status, data = mockutil.request_json(
+            "POST", mocks.url + "/generate", {"text": SYSTEM, "sampling_params": {}}
+        )
+        assert status == 200 and data["meta_info"]["cached_tokens"] == 1008
+
+
 def test_no_cache_by_default_and_prefill_applies_to_every_token() -> None:
     with mockutil.start_mock_workers(1, "--prefill-us-per-token", "200") as mocks:
         status, data = mockutil.request_json(

@@ -55,6 +55,9 @@ class Plan:
     # Tokens of each prompt served from the simulated prefix cache; None when the worker
     # has no cache, so answers carry no prompt_tokens_details.
     cached: list[int] | None = None
+    # vLLM (--enable-prompt-tokens-details) reports cached_tokens 0; SGLang's usage
+    # processor leaves prompt_tokens_details out when nothing was cached.
+    report_zero_cached: bool = True
 
     @property
     def total_prompt_tokens(self) -> int:
@@ -62,7 +65,11 @@ class Plan:
 
     @property
     def cached_tokens(self) -> int | None:
-        return None if self.cached is None else sum(self.cached)
+        """What usage.prompt_tokens_details.cached_tokens says; None: no such field."""
+        if self.cached is None:
+            return None
+        total = sum(self.cached)
+        return total if total or self.report_zero_cached else None
 
     @property
     def total_completion_tokens(self) -> int:

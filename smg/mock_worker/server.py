@@ -306,6 +306,7 @@ class Worker:
             uncached = plan.total_prompt_tokens
             if cache is not None:
                 plan.cached = [cache.lookup(t) for t in prompt_token_lists(kind, obj)]
+                plan.report_zero_cached = self.opts.engine == "vllm"
                 uncached -= sum(plan.cached)
             timing.ttft_s += prefill * uncached / 1e6
         model = self._model_for(plan.model)
