@@ -31,6 +31,7 @@ DEFAULT_CONFIG = {
     "eos_prob": 0.0,
     "waiting": 0,
     "token_usage": None,
+    "prefill_us_per_token": 0.0,
 }
 
 

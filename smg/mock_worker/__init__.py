@@ -36,6 +36,14 @@ Decisions:
 - Faults (error_rate, hang_rate, x-mock-status) apply to inference routes only.
   --exit-after N counts answered inference requests (errors included, hangs not) and
   exits with status 0 once the N-th answer is written.
+- Prefix cache (--prefix-cache-tokens N, off by default): each worker keeps an LRU of
+  16-token prompt blocks named by chained xxhash (prefix_cache.py); a request's cached
+  tokens are its longest stored block prefix (never its last token), reported as
+  usage.prompt_tokens_details.cached_tokens (chat, completions, the streamed usage chunk;
+  /generate's meta_info.cached_tokens), counted in /mock/stats "prefix_cache". /flush_cache
+  and /reset_prefix_cache empty it; /mock/reset empties it and zeroes its counters.
+  --prefill-us-per-token adds that much to the time to first token per prompt token not
+  served from the cache (every prompt token without one); no queueing is modelled.
 - Load: running = the worker's in-flight inference requests; waiting = the configured
   fake queue; token_usage = the configured value, or else the in-flight requests'
   prompt + output tokens over --max-total-tokens.

@@ -43,6 +43,8 @@ class Options:
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = None
     ssl_cert_reqs: int = 0
+    # Simulated prefix cache per worker, in tokens (0: none; see prefix_cache.py).
+    prefix_cache_tokens: int = 0
     # Initial values of the runtime config (see RuntimeConfig).
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
@@ -51,6 +53,7 @@ class Options:
     error_rate: float = 0.0
     hang_rate: float = 0.0
     health_fail: bool = False
+    prefill_us_per_token: float = 0.0
 
 
 @dataclasses.dataclass
@@ -66,6 +69,8 @@ class RuntimeConfig:
     eos_prob: float = 0.0
     waiting: int = 0  # fake engine queue depth reported by the load endpoints
     token_usage: float | None = None  # None: derived from the in-flight requests
+    # Added to the time to first token per prompt token not served from the prefix cache.
+    prefill_us_per_token: float = 0.0
 
     @classmethod
     def from_options(cls, opts: Options) -> RuntimeConfig:
@@ -77,6 +82,7 @@ class RuntimeConfig:
             itl_ms=opts.itl_ms,
             output_len=opts.output_len,
             eos_prob=opts.eos_prob,
+            prefill_us_per_token=opts.prefill_us_per_token,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -118,6 +124,7 @@ _UPDATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eos_prob": (_fraction, "a number in [0, 1]"),
     "waiting": (_count, f"an integer in [0, {MAX_OUTPUT_LEN}]"),
     "token_usage": (_usage, "null or a number in [0, 1]"),
+    "prefill_us_per_token": (_non_negative, "a non-negative number"),
 }
 
 
@@ -199,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction_arg,
         default=0.0,
         help="per-token chance to stop early (finish_reason 'stop') unless ignore_eos",
+    )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=_int_arg(0, 2**40),
+        default=0,
+        help="simulated prefix cache per worker, in tokens (16-token blocks, LRU); answers "
+        "report usage.prompt_tokens_details.cached_tokens; 0 (default): no cache",
+    )
+    p.add_argument(
+        "--prefill-us-per-token",
+        type=_non_negative_arg,
+        default=0.0,
+        help="microseconds added to the time to first token per prompt token not served "
+        "from the prefix cache (all prompt tokens without a cache)",
     )
     p.add_argument("--error-rate", type=_fraction_arg, default=0.0, help="fraction answered 500")
     p.add_argument("--hang-rate", type=_fraction_arg, default=0.0, help="fraction never answered")
@@ -291,6 +312,8 @@ def parse_options(argv: list[str]) -> Options:
         error_rate=ns.error_rate,
         hang_rate=ns.hang_rate,
         health_fail=ns.health_fail,
+        prefix_cache_tokens=ns.prefix_cache_tokens,
+        prefill_us_per_token=ns.prefill_us_per_token,
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         ssl_ca_certs=ns.ssl_ca_certs,

@@ -52,10 +52,24 @@ class Plan:
     finish_reason: str  # "length" | "stop"
     max_tokens: int | None
     rid: str | None = None
+    # Tokens of each prompt served from the simulated prefix cache; None when the worker
+    # has no cache, so answers carry no prompt_tokens_details.
+    cached: list[int] | None = None
+    # vLLM (--enable-prompt-tokens-details) reports cached_tokens 0; SGLang's usage
+    # processor leaves prompt_tokens_details out when nothing was cached.
+    report_zero_cached: bool = True
 
     @property
     def total_prompt_tokens(self) -> int:
         return sum(self.prompt_tokens)
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """What usage.prompt_tokens_details.cached_tokens says; None: no such field."""
+        if self.cached is None:
+            return None
+        total = sum(self.cached)
+        return total if total or self.report_zero_cached else None
 
     @property
     def total_completion_tokens(self) -> int:
@@ -287,3 +301,45 @@ def parse_status_override(raw: bytes) -> int:
     if not 400 <= status <= 599:
         raise ApiError(400, "header x-mock-status must be in [400, 599]")
     return status
+
+
+# --- prompt tokens for the prefix cache ---------------------------------------------------
+
+
+def _content_tokens(content: Any, out: list[str]) -> None:
+    if isinstance(content, str):
+        out.extend(content.split())
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    out.extend(text.split())
+            elif isinstance(part, str):
+                out.extend(part.split())
+
+
+def _prompt_tokens_of(value: Any) -> list[list[str]]:
+    if isinstance(value, str):
+        return [value.split()]
+    if _token_ids(value):
+        return [[str(t) for t in value]]
+    return [p.split() if isinstance(p, str) else [str(t) for t in p] for p in value]
+
+
+def prompt_token_lists(kind: str, obj: dict[str, Any]) -> list[list[str]]:
+    """The tokens of each prompt, in the order `Plan.prompt_tokens` counts them.
+
+    Only called for a request its planner accepted, so the shapes are already valid.
+    Chat: every message's text, in order (roles and the chat template are not tokens
+    here, matching how the mock counts prompt tokens).
+    """
+    if kind == "chat":
+        out: list[str] = []
+        for m in obj["messages"]:
+            _content_tokens(m.get("content"), out)
+        return [out]
+    if kind == "completion":
+        return _prompt_tokens_of(obj["prompt"])
+    value = obj["text"] if obj.get("text") is not None else obj["input_ids"]
+    return _prompt_tokens_of(value)

@@ -74,12 +74,16 @@ def error_body(status: int, message: str, type_: str) -> bytes:
     )
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if cached is not None:
+        # SGLang (--enable-cache-report) and vLLM (--enable-prompt-tokens-details) shape.
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 # --- non-streaming inference responses --------------------------------------------------
@@ -100,7 +104,9 @@ def chat_response(plan: Plan, rid: str, created: int, model: str) -> bytes:
                     "finish_reason": plan.finish_reason,
                 }
             ],
-            "usage": usage(plan.total_prompt_tokens, plan.total_completion_tokens),
+            "usage": usage(
+                plan.total_prompt_tokens, plan.total_completion_tokens, plan.cached_tokens
+            ),
         }
     )
 
@@ -117,7 +123,9 @@ def completion_response(plan: Plan, rid: str, created: int, model: str) -> bytes
                 {"index": i, "text": text, "logprobs": None, "finish_reason": plan.finish_reason}
                 for i in range(len(plan.prompt_tokens))
             ],
-            "usage": usage(plan.total_prompt_tokens, plan.total_completion_tokens),
+            "usage": usage(
+                plan.total_prompt_tokens, plan.total_completion_tokens, plan.cached_tokens
+            ),
         }
     )
 
@@ -128,13 +136,15 @@ def _generate_finish(plan: Plan) -> dict[str, Any]:
     return {"type": "stop", "matched": EOS_TOKEN_ID}
 
 
-def _generate_meta(plan: Plan, rid: str, prompt: int, done: int, final: bool) -> dict[str, Any]:
+def _generate_meta(
+    plan: Plan, rid: str, prompt: int, done: int, final: bool, index: int = 0
+) -> dict[str, Any]:
     return {
         "id": rid,
         "finish_reason": _generate_finish(plan) if final else None,
         "prompt_tokens": prompt,
         "completion_tokens": done,
-        "cached_tokens": 0,
+        "cached_tokens": 0 if plan.cached is None else plan.cached[index],
     }
 
 
@@ -146,7 +156,7 @@ def generate_response(plan: Plan, rid: str) -> bytes:
             "text": text,
             "output_ids": ids,
             "meta_info": _generate_meta(
-                plan, f"{rid}-{i}" if plan.batch else rid, p, plan.n_tokens, True
+                plan, f"{rid}-{i}" if plan.batch else rid, p, plan.n_tokens, True, i
             ),
         }
         for i, p in enumerate(plan.prompt_tokens)
@@ -254,7 +264,7 @@ class StreamRenderer:
                 choice = self._completion_choice(i, "", plan.finish_reason)
                 parts.append(sse({**self._head, "choices": [choice]}))
         if plan.include_usage:
-            u = usage(plan.total_prompt_tokens, plan.total_completion_tokens)
+            u = usage(plan.total_prompt_tokens, plan.total_completion_tokens, plan.cached_tokens)
             parts.append(sse({**self._head, "choices": [], "usage": u}))
         parts.append(DONE_EVENT)
         return b"".join(parts)

@@ -32,8 +32,10 @@ from smg.mock_worker.plan import (
     apply_header_overrides,
     parse_json_object,
     parse_status_override,
+    prompt_token_lists,
     read_limit,
 )
+from smg.mock_worker.prefix_cache import PrefixCache
 from smg.mock_worker.stats import WorkerStats
 
 
@@ -161,6 +163,7 @@ class Worker:
         self.process = process
         self.cfg = RuntimeConfig.from_options(opts)
         self.stats = WorkerStats()
+        self.cache = PrefixCache(opts.prefix_cache_tokens) if opts.prefix_cache_tokens else None
         self.rng = random.Random(None if opts.seed is None else opts.seed + index)
         self.port = 0
         self.in_flight = 0
@@ -297,6 +300,15 @@ class Worker:
             )
         obj = parse_json_object(req.body)
         plan = PLANNERS[kind](obj, timing, rng)
+        cache = self.cache
+        prefill = cfg.prefill_us_per_token
+        if cache is not None or prefill > 0.0:  # one check when both are off
+            uncached = plan.total_prompt_tokens
+            if cache is not None:
+                plan.cached = [cache.lookup(t) for t in prompt_token_lists(kind, obj)]
+                plan.report_zero_cached = self.opts.engine == "vllm"
+                uncached -= sum(plan.cached)
+            timing.ttft_s += prefill * uncached / 1e6
         model = self._model_for(plan.model)
         rid = plan.rid or self.next_id(_ID_PREFIX[kind])
         created = int(time.time())
@@ -507,12 +519,24 @@ class Worker:
         self.respond(conn, req, 200, body, wire.PROMETHEUS)
 
     def h_flush_cache(self, conn: Connection, req: Request) -> None:
+        if self.cache is not None:
+            self.cache.clear()
         self.respond(conn, req, 200, _FLUSH_TEXT, wire.TEXT)
 
     def h_mock_stats(self, conn: Connection, req: Request) -> None:
         snap = self.stats.snapshot(self.in_flight, time.monotonic())
         snap["port"] = self.port
         snap["engine"] = self.opts.engine
+        cache = self.cache
+        if cache is None:
+            snap["prefix_cache"] = None
+        else:
+            snap["prefix_cache"] = {
+                **cache.stats.to_json(),
+                "capacity_tokens": cache.capacity_tokens,
+                "used_tokens": cache.used_tokens,
+                "block_tokens": cache.block,
+            }
         self.respond(conn, req, 200, orjson.dumps(snap), count=False)
 
     def h_mock_config(self, conn: Connection, req: Request) -> None:
@@ -524,6 +548,8 @@ class Worker:
 
     def h_mock_reset(self, conn: Connection, req: Request) -> None:
         self.stats.reset()
+        if self.cache is not None:
+            self.cache.reset()  # a fresh worker: empty cache, zero counters
         self.stats.peak_in_flight = self.in_flight  # the peak counts from what runs now
         self.respond(conn, req, 200, b'{"reset":true}', count=False)
 
