@@ -231,12 +231,13 @@ def test_token_usage_gates() -> None:
     assert pol2.select(rows, view, RouteRequest(text="o" * 2000)) == other
 
 
-def test_backend_load_counts_when_larger_than_in_flight() -> None:
+def test_load_is_the_gateway_in_flight_count() -> None:
     view = FakeView()
     pol = policy()
     view.flight = {0: 1, 1: 2}
+    # A backend reporting a long queue does not move the choice: in-flight decides.
     view.loads = {0: BackendLoad(running=5, waiting=2, valid=True)}
-    assert pol.select([0, 1], view, RouteRequest()) == 1  # 7 reported > 2 in flight
+    assert pol.select([0, 1], view, RouteRequest()) == 0
 
 
 def test_replaced_or_removed_worker_never_matches() -> None:

@@ -24,11 +24,12 @@ Decision, for a request with prompt text (HTTP: see DataPlane.proxy's extraction
 3. The chosen worker becomes the owner of every block of the prompt in this process's
    region of the index (misses and spills too, as Rust inserts on both paths).
 
-Load = the gateway-wide in-flight count (all processes, from the table), or the
-backend's reported running + waiting when the load monitor has a valid reading and it is
-larger. In-flight is exact and current for this gateway's traffic; the backend count adds
-what other clients sent and what is queued, but is up to one poll old and counts the
-gateway's own requests again, so the larger of the two is used, never the sum.
+Load = the gateway-wide in-flight count (all processes, summed from the table), as Rust's
+cache_aware uses ``worker.load()`` (the gateway's in-flight count). The backend's reported
+running/waiting is not added: it counts the same requests again, is up to one poll old,
+and reading it for every candidate costs about 2 us a worker in Python (half the 50 us
+decision budget at 8 candidates). Backend loads are read only by the token-usage gates,
+and only when one is enabled and an owner is about to be chosen.
 
 Candidates: every row up to SAMPLE_ALL rows; above that SAMPLE random rows plus the prefix
 owners, so a decision's cost does not grow with the fleet (mean and least-loaded are
@@ -104,7 +105,6 @@ class CacheAwarePolicy(Policy):
         self._sweeping = False
         rng = rng if rng is not None else random.Random()
         self._random = rng.random
-        self._sample = rng.sample
         self._rows_seen: Sequence[int] | None = None
         self._row_set: frozenset[int] = frozenset()
         self._view_seen: LoadView | None = None
@@ -126,16 +126,6 @@ class CacheAwarePolicy(Policy):
             self._generation = row_generation_reader(table)
         else:
             self._generation = getattr(view, "generation", _no_generation)
-
-    @staticmethod
-    def _load(view: LoadView, row: int) -> int:
-        load = view.in_flight(row)
-        backend = view.backend_load(row)
-        if backend.valid:
-            reported = max(backend.running, 0) + max(backend.waiting, 0)
-            if reported > load:
-                return reported
-        return load
 
     def _least_loaded(self, candidates: Sequence[int], loads: list[int]) -> int:
         best = 0
@@ -182,6 +172,7 @@ class CacheAwarePolicy(Policy):
         hashes: list[int] = []
         owners: list[int] = []
         rate = 0.0
+        matched = 0
         if text:
             hashes, ends = chain(text, request.model)
             matched = index.longest(hashes)
@@ -200,9 +191,14 @@ class CacheAwarePolicy(Policy):
         if len(rows) <= SAMPLE_ALL:
             candidates: Sequence[int] = rows
         else:
-            sampled = self._sample(rows, SAMPLE)
+            # Draws with replacement (a repeat only narrows the sample): random.sample
+            # costs ~5 us over a large pool, these eight draws ~1 us.
+            rnd = self._random
+            n = len(rows)
+            sampled = [rows[int(rnd() * n)] for _ in range(SAMPLE)]
             candidates = sampled + [row for row in owners if row not in sampled]
-        loads = [self._load(view, row) for row in candidates]
+        in_flight = view.in_flight
+        loads = [in_flight(row) for row in candidates]
 
         chosen = -1
         if owners and rate >= self.cache_threshold:
@@ -222,16 +218,21 @@ class CacheAwarePolicy(Policy):
 
         if hashes:
             generation = self._generation(chosen)
-            # A prompt this process sent to the same worker within REFRESH_TICKS is not
-            # written again: the hot path of a repeated prefix is then a read.
-            value = index.own_value(self.slot, hashes[-1])
-            if (
-                not value
-                or value & ROW_MASK != chosen
-                or (value >> ROW_BITS) & GEN_MASK != generation & GEN_MASK
-                or (now_ticks() - (value >> TIME_SHIFT)) & 0xFFFFFFFF > REFRESH_TICKS
-            ):
-                index.insert(self.slot, hashes, chosen, generation)
+            # Blocks up to a prefix this process already gave the same worker within
+            # REFRESH_TICKS are not written again (a chain is written whole, so they are
+            # at least that fresh): a hit writes only its new tail, a repeat nothing.
+            start = 0
+            if matched:
+                value = index.own_value(self.slot, hashes[matched - 1])
+                if (
+                    value
+                    and value & ROW_MASK == chosen
+                    and (value >> ROW_BITS) & GEN_MASK == generation & GEN_MASK
+                    and (now_ticks() - (value >> TIME_SHIFT)) & 0xFFFFFFFF <= REFRESH_TICKS
+                ):
+                    start = matched
+            if start < len(hashes):
+                index.insert(self.slot, hashes[start:] if start else hashes, chosen, generation)
         self._maybe_sweep()
         return chosen
 
