@@ -5,6 +5,7 @@ data-plane processes sharing what they learn."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import random
 import time
@@ -63,7 +64,7 @@ SYSTEM = "system: You are a careful assistant. " * 40  # ~1.5 KB shared prefix
 
 def test_chain_is_stable_and_model_scoped() -> None:
     hashes, ends = chain("abc" * 400, "m")
-    assert ends == boundaries(1200) == [64, 128, 256, 512, 1024, 1200]
+    assert ends == boundaries(1200) == [64, 128, 192, 256, 320, 400, 500, 625, 781, 976, 1200]
     # Stable across processes and restarts: plain xxh3 with the previous hash as seed.
     seed = xxhash.xxh3_64_intdigest(b"m")
     assert hashes[0] == xxhash.xxh3_64_intdigest(("abc" * 400).encode()[:64], seed)
@@ -71,15 +72,18 @@ def test_chain_is_stable_and_model_scoped() -> None:
     assert chain("abc" * 400, "other")[0][0] != hashes[0]
     # A shared prefix shares its leading hashes; the first differing block differs.
     other, _ = chain("abc" * 300 + "x" * 300, "m")
-    assert other[:4] == hashes[:4] and other[4] != hashes[4]
+    assert other[:9] == hashes[:9] and other[9] != hashes[9]  # they differ from byte 900
     assert chain("", "m") == ([], [])
 
 
 def test_boundaries_bound_the_block_count() -> None:
     assert boundaries(10) == [10]
     assert boundaries(64) == [64]
-    assert len(boundaries(8192)) == 19
-    assert all(b - a <= BLOCK for a, b in zip(boundaries(32768), boundaries(32768)[1:]))
+    assert len(boundaries(8192)) == 26
+    # Each block at most a quarter of what precedes it (past the first 64-byte blocks).
+    ends = boundaries(32768)
+    assert all(b - a <= max(64, a // 4) for a, b in itertools.pairwise(ends))
+    assert all(b - a <= BLOCK for a, b in itertools.pairwise(ends))
 
 
 def test_insert_then_longest_and_owners_across_regions() -> None:
@@ -171,7 +175,7 @@ def test_below_threshold_is_a_miss() -> None:
     view.flight = {0: 0, 1: 5}
     assert pol.select(rows, view, RouteRequest(text="p" * 600)) == 0
     view.flight = {0: 5, 1: 0}
-    # 512 of 1400 bytes match (37% < 50%): the least-loaded worker, not the owner.
+    # 500 of 1400 bytes match (36% < 50%): the least-loaded worker, not the owner.
     assert pol.select(rows, view, RouteRequest(text="p" * 600 + "q" * 800)) == 1
     # The same request at threshold 0.3 would have stuck.
     pol.cache_threshold = 0.3
