@@ -102,6 +102,14 @@ def test_insert_then_longest_and_owners_across_regions() -> None:
     assert index.size(0) == len(first) and index.size() == 2 * len(first)
 
 
+def test_longest_finds_every_prefix_length() -> None:
+    hashes, _ = chain("".join(chr(97 + i % 26) for i in range(9000)), "m")
+    for known in (0, 1, 2, 5, len(hashes) - 2, len(hashes) - 1, len(hashes)):
+        index = PrefixIndex.create(2, 1024, anonymous=False)
+        index.insert(1, hashes[:known], row=3, generation=1)
+        assert index.longest(hashes) == known, known
+
+
 def test_full_bucket_replaces_its_least_recently_used_entry() -> None:
     index = PrefixIndex.create(1, 1024, anonymous=False)
     # Keys that all land in bucket 0 (the bucket is (key >> 7) & mask).

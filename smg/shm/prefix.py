@@ -154,7 +154,11 @@ class PrefixIndex:
         """How many leading blocks of `hashes` some region holds (binary search)."""
         lo, hi = 0, len(hashes)
         contains = self.contains
-        # Fast path: the whole prompt seen before (repeats, retries).
+        # Fast paths: the whole prompt seen before (repeats, retries), then all but the
+        # last block (a known conversation or system prompt with a new last turn).
+        if hi and contains(hashes[hi - 1]):
+            return hi
+        hi -= 1
         if hi and contains(hashes[hi - 1]):
             return hi
         hi -= 1
