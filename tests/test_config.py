@@ -209,7 +209,7 @@ def test_help_lists_flags_with_defaults(capsys: pytest.CaptureFixture[str]) -> N
         (["--health-failure-threshold", "0"], {}, "health_failure_threshold", ">= 1"),
         (["--health-check-interval-secs", "-5"], {}, "health_check_interval_secs", ">= 1"),
         (["--request-timeout-secs", "0"], {}, "request_timeout_secs", "> 0"),
-        (["--policy", "cache_aware"], {}, "policy", "not implemented yet"),
+        (["--policy", "passthrough"], {}, "policy", "not implemented yet"),
         (["--policy", "fastest"], {}, "policy", "must be one of"),
         (["--log-level", "verbose"], {}, "log_level", "must be one of"),
         (["--listen-mode", "fork"], {}, "listen_mode", "must be one of"),

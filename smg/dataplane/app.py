@@ -93,6 +93,62 @@ class _RoutingFields(msgspec.Struct):
 
 _routing_decoder = msgspec.json.Decoder(_RoutingFields)
 
+
+class _TextFields(_RoutingFields):
+    """The routing fields plus the prompt, for policies that route on text (cache_aware):
+    chat `messages`, completions' `prompt`, responses' and embeddings' `input`. Decoded
+    only for such policies, so the others pay nothing."""
+
+    messages: Any = None
+    prompt: Any = None
+    input: Any = None
+
+
+_text_decoder = msgspec.json.Decoder(_TextFields)
+
+
+def _content_text(content: Any) -> str:
+    """A message's or an input's text: a string, or the `text` of its parts in order."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+                else:
+                    inner = part.get("content")
+                    if inner is not None and inner is not content:
+                        parts.append(_content_text(inner))
+        return "".join(parts)
+    return ""
+
+
+def prompt_text(fields: _TextFields) -> str | None:
+    """The text prefix routing sees: chat messages as `role: content` lines in order
+    (roles included, so the same words from a user and a system prompt differ), else the
+    prompt, else the input; None when the body has none of them (or only token ids)."""
+    messages = fields.messages
+    if isinstance(messages, list):
+        lines = []
+        for message in messages:
+            if isinstance(message, dict):
+                role = message.get("role")
+                lines.append(
+                    f"{role if isinstance(role, str) else ''}: "
+                    f"{_content_text(message.get('content'))}\n"
+                )
+        return "".join(lines) or None
+    for value in (fields.prompt, fields.input):
+        if value is not None:
+            return _content_text(value) or None
+    return None
+
+
 # Why `_choose` found no worker (negative, so a row number is never one of them).
 _SHED = -1  # the gate: every candidate is overloaded and shedding is on
 _VETOED = -2  # the policy: every candidate is at its waiting-queue cap
@@ -490,9 +546,11 @@ class DataPlane:
             request.trace = tracer.begin(request, request.path)
         model: str | None = None
         stream = False
+        text: str | None = None
         if body_routing:
+            needs_text = self.policy.needs_text
             try:
-                fields = _routing_decoder.decode(request.body)
+                fields = (_text_decoder if needs_text else _routing_decoder).decode(request.body)
             except (msgspec.DecodeError, RecursionError) as exc:
                 # RecursionError: nesting deeper than msgspec decodes. Bad input, not a bug.
                 reason = str(exc) if isinstance(exc, msgspec.DecodeError) else "nested too deeply"
@@ -503,6 +561,8 @@ class DataPlane:
                 return
             model = fields.model or None
             stream = fields.stream is True
+            if needs_text:
+                text = prompt_text(fields)  # type: ignore[arg-type]
         state = self.refresh()
         if model is not None:
             model = state.aliases.get(model, model)
@@ -515,7 +575,7 @@ class DataPlane:
                 conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
             )
             return
-        route = RouteRequest(model=model, stream=stream)
+        route = RouteRequest(model=model, stream=stream, text=text)
         chose_at = time.time_ns() if tracer is not None else 0
         row = self._choose(rows, None, route) if rows else _NONE_READY
         if tracer is not None:

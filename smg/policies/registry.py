@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 
 from smg.policies.base import Policy
+from smg.policies.cache_aware import CacheAwarePolicy
 from smg.policies.least_load import (
     DEFAULT_KV_PRESSURE_WEIGHT,
     DEFAULT_MAX_WAITING_REQUESTS,
@@ -28,6 +29,7 @@ from smg.policies.least_load import (
 from smg.policies.power_of_two import DEFAULT_LOAD_METRIC, PowerOfTwoPolicy
 from smg.policies.random_policy import RandomPolicy
 from smg.policies.round_robin import RoundRobinPolicy
+from smg.policies.shared import SharedRouting
 
 # Every name Rust 1.13 accepts for --policy / --prefill-policy / --decode-policy.
 RUST_POLICY_NAMES = (
@@ -98,6 +100,21 @@ def _least_load(cfg: object, rng: random.Random | None, index: int) -> Policy:
     )
 
 
+def _cache_aware(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    # The shared prefix index is attached by make_policy (`shared`); without it the
+    # policy keeps a private one.
+    return CacheAwarePolicy(
+        None,
+        cache_threshold=_number(cfg, "cache_threshold", 0.3),
+        balance_abs_threshold=_integer(cfg, "balance_abs_threshold", 64),
+        balance_rel_threshold=_number(cfg, "balance_rel_threshold", 1.5),
+        balance_token_usage_threshold=_number(cfg, "balance_token_usage_threshold", 1.0),
+        overload_token_usage_threshold=_number(cfg, "overload_token_usage_threshold", 1.0),
+        eviction_interval_secs=_integer(cfg, "eviction_interval_secs", 60),
+        rng=rng,
+    )
+
+
 # name -> (class, factory): the class answers questions about the policy (needs_backend_loads)
 # without building one.
 _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
@@ -105,6 +122,7 @@ _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
     "round_robin": (RoundRobinPolicy, _round_robin),
     "power_of_two": (PowerOfTwoPolicy, _power_of_two),
     "least_load": (LeastLoadPolicy, _least_load),
+    "cache_aware": (CacheAwarePolicy, _cache_aware),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
@@ -123,11 +141,21 @@ def _entry(name: str) -> tuple[type[Policy], Factory]:
 
 
 def make_policy(
-    name: str, cfg: object, rng: random.Random | None = None, *, index: int = 0
+    name: str,
+    cfg: object,
+    rng: random.Random | None = None,
+    *,
+    index: int = 0,
+    shared: SharedRouting | None = None,
 ) -> Policy:
     """A new policy instance; `rng` seeds the randomized ones (tests, per-process seeding),
-    `index` (the data-plane process's index) offsets the deterministic ones."""
-    return _entry(name)[1](cfg, rng, index)
+    `index` (the data-plane process's index) offsets the deterministic ones, `shared` is the
+    gateway's cross-process routing state (None: each policy keeps its own)."""
+    policy = _entry(name)[1](cfg, rng, index)
+    use_shared = getattr(policy, "use_shared", None)
+    if shared is not None and use_shared is not None:
+        use_shared(shared)
+    return policy
 
 
 def needs_backend_loads(name: str) -> bool:
