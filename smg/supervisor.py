@@ -28,6 +28,7 @@ import msgspec
 from smg import ipc
 from smg.dataplane import admission
 from smg.logs import setup_child_logging
+from smg.policies.shared import SharedRouting
 from smg.posture import posture_warning
 from smg.shm import layout
 from smg.shm.stash import Stash
@@ -193,6 +194,9 @@ class Supervisor:
         self.table = WorkerTable.create(cfg.worker_table_capacity, processes + 1, self.pid)
         # The control plane's folded metric totals, kept for its replacement if it dies.
         self.stash = Stash.create()
+        # Routing state every data-plane process shares (sticky-key pins, prefix index):
+        # created before any fork, one region per slot.
+        self.shared = SharedRouting.create(cfg, processes + 1)
         self.children: dict[int, Child] = {}  # pid -> child
         self.dataplanes = [Child("dataplane", i) for i in range(processes)]
         self.control = Child("control", -1)
@@ -285,7 +289,14 @@ class Supervisor:
 
         assert own is not None
         return run_dataplane(
-            self.cfg, self.table, child.index, self.pid, own, slot=child.slot, tls=self.server_tls
+            self.cfg,
+            self.table,
+            child.index,
+            self.pid,
+            own,
+            slot=child.slot,
+            tls=self.server_tls,
+            shared=self.shared,
         )
 
     def start(self) -> None:

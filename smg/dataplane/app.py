@@ -40,6 +40,9 @@ from smg.httpwire import (
 from smg.httpwire import valid_request_id as _valid_request_id
 from smg.logs import access_fields, access_logger, log_access
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
+from smg.policies.registry import POLICY_NAMES, make_policy
+from smg.policies.routing_key import TARGET_WORKER_HEADER, implicit_key, key_headers, routing_key
+from smg.policies.shared import SharedRouting
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID
 from smg.shm.readiness import readiness
@@ -150,6 +153,7 @@ class DataPlane:
         policy: Policy,
         loop: asyncio.AbstractEventLoop,
         slot: int | None = None,
+        shared: SharedRouting | None = None,
     ) -> None:
         self.cfg = cfg
         self.table = table
@@ -160,6 +164,16 @@ class DataPlane:
         self.slot = index if slot is None else slot
         self.root_pid = root_pid
         self.policy = policy
+        self.shared = shared
+        # model -> its policy, from a worker's `policy` label when the model first
+        # registered (Rust's PolicyRegistry.on_worker_added); None until one has a label,
+        # so the common case pays one None check.
+        self.model_policies: dict[str, Policy] | None = None
+        self._models_seen: set[str] = set()
+        # The routing-key header names, when any policy reads keys (None: never read).
+        self.key_names: tuple[bytes, ...] | None = (
+            key_headers(cfg.routing_key_headers) if policy.uses_routing_key else None
+        )
         self.loop = loop
         self.view = ShmLoadView(table)
         self.gate = WorkerGate(cfg, table, self.slot)
@@ -302,6 +316,29 @@ class DataPlane:
         self.state.entries = new_entries
         self.state.aliases = dict(aliases)
         self.state.directory_generation = generation
+        self._affinity_directory(new_entries)
+
+    def _affinity_directory(self, entries: dict[int, DirectoryEntry]) -> None:
+        """Tell the policies the fleet (rings and pins key workers by URL and generation);
+        give each newly seen model the policy its first labelled worker asks for."""
+        workers = {row: (entry.generation, entry.url) for row, entry in entries.items()}
+        for entry in sorted(entries.values(), key=lambda e: e.row):
+            models = entry.models or ((entry.model_id,) if entry.model_id else ())
+            hint = entry.spec.labels.get("policy")
+            for model in models:
+                if model in self._models_seen:
+                    continue
+                self._models_seen.add(model)
+                if hint and hint in POLICY_NAMES and hint != self.cfg.policy:
+                    policy = make_policy(hint, self.cfg, index=self.index, shared=self.shared)
+                    if self.model_policies is None:
+                        self.model_policies = {}
+                    self.model_policies[model] = policy
+                    if policy.uses_routing_key and self.key_names is None:
+                        self.key_names = key_headers(self.cfg.routing_key_headers)
+        self.policy.on_directory(workers)
+        for policy in (self.model_policies or {}).values():
+            policy.on_directory(workers)
 
     def _rebuild(self, routing_generation: int) -> None:
         state = self.state
@@ -516,6 +553,14 @@ class DataPlane:
             )
             return
         route = RouteRequest(model=model, stream=stream)
+        if self.key_names is not None:
+            header = request.header
+            route.routing_key = routing_key(header, self.key_names)
+            if route.routing_key is None and self.policy.implicit_key:
+                route.routing_key = implicit_key(header)
+            target = header(TARGET_WORKER_HEADER)
+            if target:
+                route.target_worker = target.decode("latin-1")
         chose_at = time.time_ns() if tracer is not None else 0
         row = self._choose(rows, None, route) if rows else _NONE_READY
         if tracer is not None:
@@ -609,11 +654,15 @@ class DataPlane:
         allowed = gate.filter(rows)
         if allowed is None:
             return _SHED
+        if route.target_worker is not None:
+            return self._target(allowed, route)
         if failed:
             fresh = [row for row in allowed if row not in failed]
             if fresh:
                 allowed = fresh
         policy = self.policy
+        if self.model_policies is not None and route.model is not None:
+            policy = self.model_policies.get(route.model, policy)
         view = self.view
         while allowed:
             try:
@@ -624,6 +673,32 @@ class DataPlane:
                 return row
             allowed = [other for other in allowed if other != row]
         return _NO_TRIAL
+
+    def _target(self, allowed: list[int], route: RouteRequest) -> int:
+        """X-SMG-Target-Worker: that worker (by id, URL or index among the model's
+        workers, as 1.13's consistent_hashing takes it) if it is routable, else no worker
+        (503 no_available_workers, as 1.13 answers a target miss)."""
+        state = self.state
+        target = route.target_worker
+        model = route.model
+        if model is None:
+            candidates = sorted(state.entries)
+        else:
+            candidates = state.models_all.get(model) or state.any_model_all
+        row = -1
+        if target is not None and target.isdigit():
+            index = int(target)
+            if index < len(candidates):
+                row = candidates[index]
+        else:
+            for candidate in candidates:
+                entry = state.entries.get(candidate)
+                if entry is not None and target in (entry.worker_id, entry.url):
+                    row = candidate
+                    break
+        if row in allowed and self.gate.claim(row):
+            return row
+        return _NONE_READY
 
     def _refusal(self, reason: int, model: str | None) -> tuple[int, str, str, bytes]:
         """(status, error code, message, extra header lines) for a `_choose` refusal, in

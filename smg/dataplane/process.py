@@ -19,6 +19,7 @@ from smg import ipc
 from smg.dataplane.app import DataPlane
 from smg.dataplane.server import ClientConnection
 from smg.policies.registry import make_policy
+from smg.policies.shared import SharedRouting
 from smg.shm import layout
 from smg.supervisor import BACKLOG, DUMP_SIGNAL, REPLACE_SIGNAL, heartbeat_interval
 
@@ -52,6 +53,7 @@ def run(
     sock: socket.socket,
     slot: int | None = None,
     tls: ServerTls | None = None,
+    shared: SharedRouting | None = None,
 ) -> int:
     """Serve ``sock`` (bound and listening, opened by the supervisor) until SIGTERM has
     drained this process (or the supervisor's replacement signal, on a live reload).
@@ -73,8 +75,10 @@ def run(
         sock.setblocking(False)
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-        policy = make_policy(cfg.policy, cfg, index=index)
-        app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot)
+        if shared is not None:
+            shared.slot = slot  # this child's copy: the region it writes in shared tables
+        policy = make_policy(cfg.policy, cfg, index=index, shared=shared)
+        app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot, shared=shared)
         _start_tracing(app, cfg, index)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             from smg.dataplane.testhooks import fail_start_if_asked, install

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 
 from smg.policies.base import Policy
+from smg.policies.consistent_hashing import ConsistentHashingPolicy
 from smg.policies.least_load import (
     DEFAULT_KV_PRESSURE_WEIGHT,
     DEFAULT_MAX_WAITING_REQUESTS,
@@ -25,9 +26,12 @@ from smg.policies.least_load import (
     DEFAULT_THROUGHPUT,
     LeastLoadPolicy,
 )
+from smg.policies.manual import StickyPolicy
 from smg.policies.power_of_two import DEFAULT_LOAD_METRIC, PowerOfTwoPolicy
+from smg.policies.prefix_hash import PrefixHashPolicy
 from smg.policies.random_policy import RandomPolicy
 from smg.policies.round_robin import RoundRobinPolicy
+from smg.policies.shared import SharedRouting
 
 # Every name Rust 1.13 accepts for --policy / --prefill-policy / --decode-policy.
 RUST_POLICY_NAMES = (
@@ -43,7 +47,7 @@ RUST_POLICY_NAMES = (
     "bucket",
 )
 
-Factory = Callable[[object, random.Random | None, int], Policy]
+Factory = Callable[[object, random.Random | None, int, "SharedRouting | None"], Policy]
 
 
 def _setting(cfg: object, name: str, default: object) -> object:
@@ -65,15 +69,21 @@ def _integer(cfg: object, name: str, default: int) -> int:
     return value
 
 
-def _random(cfg: object, rng: random.Random | None, index: int) -> Policy:
+def _random(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
     return RandomPolicy(rng)
 
 
-def _round_robin(cfg: object, rng: random.Random | None, index: int) -> Policy:
+def _round_robin(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
     return RoundRobinPolicy(start=index)
 
 
-def _power_of_two(cfg: object, rng: random.Random | None, index: int) -> Policy:
+def _power_of_two(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
     metric = _setting(cfg, "power_of_two_load_metric", DEFAULT_LOAD_METRIC)
     if not isinstance(metric, str):
         raise ValueError(f"power_of_two_load_metric must be a string, got {metric!r}")
@@ -82,7 +92,9 @@ def _power_of_two(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return PowerOfTwoPolicy(metric, rng)
 
 
-def _least_load(cfg: object, rng: random.Random | None, index: int) -> Policy:
+def _least_load(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
     return LeastLoadPolicy(
         kv_pressure_weight=_number(
             cfg, "least_load_kv_pressure_weight", DEFAULT_KV_PRESSURE_WEIGHT
@@ -98,6 +110,51 @@ def _least_load(cfg: object, rng: random.Random | None, index: int) -> Policy:
     )
 
 
+def _consistent_hashing(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
+    return ConsistentHashingPolicy(rng)
+
+
+def _prefix_hash(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
+    return PrefixHashPolicy(
+        _integer(cfg, "prefix_token_count", 256),
+        _number(cfg, "prefix_hash_load_factor", 1.25),
+        _integer(cfg, "prefix_hash_balance_abs_threshold", 10),
+    )
+
+
+def _sticky(
+    cfg: object,
+    rng: random.Random | None,
+    index: int,
+    shared: SharedRouting | None,
+    inner: Policy | None,
+    default_mode: str,
+    name: str,
+) -> StickyPolicy:
+    mode = _setting(cfg, "assignment_mode", default_mode)
+    if not isinstance(mode, str):
+        raise ValueError(f"assignment_mode must be a string, got {mode!r}")
+    return StickyPolicy(
+        inner,
+        mode,
+        shared.sticky_keys if shared is not None else None,
+        shared.slot if shared is not None else index,
+        _number(cfg, "max_idle_secs", 14400),
+        rng,
+        name=name,
+    )
+
+
+def _manual(
+    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
+) -> Policy:
+    return _sticky(cfg, rng, index, shared, None, "random", "manual")
+
+
 # name -> (class, factory): the class answers questions about the policy (needs_backend_loads)
 # without building one.
 _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
@@ -105,6 +162,9 @@ _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
     "round_robin": (RoundRobinPolicy, _round_robin),
     "power_of_two": (PowerOfTwoPolicy, _power_of_two),
     "least_load": (LeastLoadPolicy, _least_load),
+    "consistent_hashing": (ConsistentHashingPolicy, _consistent_hashing),
+    "prefix_hash": (PrefixHashPolicy, _prefix_hash),
+    "manual": (StickyPolicy, _manual),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
@@ -123,11 +183,23 @@ def _entry(name: str) -> tuple[type[Policy], Factory]:
 
 
 def make_policy(
-    name: str, cfg: object, rng: random.Random | None = None, *, index: int = 0
+    name: str,
+    cfg: object,
+    rng: random.Random | None = None,
+    *,
+    index: int = 0,
+    shared: SharedRouting | None = None,
 ) -> Policy:
     """A new policy instance; `rng` seeds the randomized ones (tests, per-process seeding),
-    `index` (the data-plane process's index) offsets the deterministic ones."""
-    return _entry(name)[1](cfg, rng, index)
+    `index` (the data-plane process's slot) offsets the deterministic ones and names the
+    process's region in shared tables; `shared` holds the cross-process structures.
+
+    With --routing-key-override (--sticky-sessions) any policy but manual is wrapped in
+    the sticky-key layer (assignment delegate by default: route via the policy, then pin)."""
+    policy = _entry(name)[1](cfg, rng, index, shared)
+    if name != "manual" and getattr(cfg, "routing_key_override", False):
+        policy = _sticky(cfg, rng, index, shared, policy, "delegate", name)
+    return policy
 
 
 def needs_backend_loads(name: str) -> bool:
