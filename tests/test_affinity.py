@@ -239,6 +239,9 @@ def test_make_policy_wraps_with_routing_key_override() -> None:
     policy = make_policy("round_robin", cfg, shared=SharedRouting())
     assert isinstance(policy, StickyPolicy) and policy.mode == "delegate"
     assert isinstance(policy.inner, RoundRobinPolicy) and policy.name == "round_robin"
+    table = KeyTable.local(regions=3)
+    bound = make_policy("least_load", cfg, shared=SharedRouting(sticky_keys=table, slot=2))
+    assert isinstance(bound, StickyPolicy) and bound.keys is table and bound.region == 2
     manual = make_policy("manual", SimpleNamespace(), shared=None)
     assert isinstance(manual, StickyPolicy) and manual.mode == "random" and manual.inner is None
     shared = SharedRouting.create(SimpleNamespace(policy="manual"), 3)
@@ -249,8 +252,10 @@ def test_make_policy_wraps_with_routing_key_override() -> None:
 # --- end to end -----------------------------------------------------------------------------
 
 
-def chat(key: str | None = None, **headers: str) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]})
+def chat(
+    key: str | None = None, model: str = "mock-model", **headers: str
+) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
     hdrs = {"Content-Type": "application/json", **headers}
     if key is not None:
         hdrs["X-SMG-Routing-Key"] = key
@@ -291,8 +296,10 @@ def process_connections(url: str) -> dict[int, http.client.HTTPConnection]:
     return found
 
 
-def post(conn: http.client.HTTPConnection, key: str | None, **headers: str) -> int:
-    body, hdrs = chat(key, **headers)
+def post(
+    conn: http.client.HTTPConnection, key: str | None, model: str = "mock-model", **headers: str
+) -> int:
+    body, hdrs = chat(key, model, **headers)
     conn.request("POST", CHAT, body=body, headers=hdrs)
     answer = conn.getresponse()
     answer.read()
@@ -335,16 +342,23 @@ def test_e2e_manual_pin_across_processes_and_failover(four: mockutil.MockWorkers
     with running_gateway(launch_args(four, "--policy", "manual")) as gw:
         wait_workers(gw, 4)
         conns = process_connections(gw.url)
-        before = chats_by_worker(four)
-        assert post(conns[0], "chat-7") == 200  # pinned by process 0 (random)
-        for _ in range(5):
-            assert post(conns[1], "chat-7") == 200  # process 1 adopts the pin
-        got = served(four, before)
-        assert list(got.values()) == [6], got
-        pinned_url = next(iter(got))
+        # Pinned by process 0 (random), used by process 1: one worker per key. Eight keys,
+        # so a process pinning on its own (no shared table) fails with odds 1 - 4**-8.
+        pins: dict[str, str] = {}
+        for n in range(8):
+            key = f"chat-{n}"
+            before = chats_by_worker(four)
+            assert post(conns[0], key) == 200
+            for _ in range(3):
+                assert post(conns[1], key) == 200
+            got = served(four, before)
+            assert list(got.values()) == [4], (key, got)
+            pins[key] = next(iter(got))
+        assert len(set(pins.values())) >= 2  # random assignment spreads keys
+        key, pinned_url = "chat-0", pins["chat-0"]
         listing = gw.admin("GET", "/workers").json()["workers"]
         worker_id = next(w["id"] for w in listing if w["url"] == pinned_url)
-        assert gw.admin("DELETE", f"/workers/{worker_id}").status_code in (200, 202)
+        assert gw.admin("DELETE", f"/workers/{worker_id}").status_code == 202
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if all(w["url"] != pinned_url for w in gw.admin("GET", "/workers").json()["workers"]):
@@ -352,11 +366,17 @@ def test_e2e_manual_pin_across_processes_and_failover(four: mockutil.MockWorkers
             time.sleep(0.1)
         time.sleep(0.6)  # the data planes re-read the directory (sweep every 0.25 s)
         before = chats_by_worker(four)
-        assert post(conns[1], "chat-7") == 200  # failover: re-pinned by process 1
+        assert post(conns[1], key) == 200  # failover: re-pinned by process 1
         for _ in range(5):
-            assert post(conns[0], "chat-7") == 200  # process 0 follows the new pin
+            assert post(conns[0], key) == 200  # process 0 follows the new pin
         got = served(four, before)
         assert list(got.values()) == [6] and pinned_url not in got, got
+        # Keys pinned to other workers did not move.
+        for other, url in pins.items():
+            if url != pinned_url:
+                before = chats_by_worker(four)
+                assert post(conns[1], other) == 200
+                assert served(four, before) == {url: 1}
         for conn in conns.values():
             conn.close()
 
@@ -398,5 +418,36 @@ def test_e2e_target_worker(four: mockutil.MockWorkers) -> None:
             answer = conns[1].getresponse()
             error = json.loads(answer.read())
             assert answer.status == 503 and error["error"]["code"] == "no_available_workers"
+        for conn in conns.values():
+            conn.close()
+
+
+def test_e2e_per_model_policy_from_worker_label(four: mockutil.MockWorkers) -> None:
+    with (
+        mockutil.start_mock_workers(3, "--model", "other-model") as others,
+        running_gateway(launch_args(four, "--policy", "round_robin")) as gw,
+    ):
+        wait_workers(gw, 4)
+        for url in others.urls:
+            added = gw.admin(
+                "POST", "/workers", json={"url": url, "labels": {"policy": "consistent_hashing"}}
+            )
+            assert added.status_code == 202, added.text
+        wait_workers(gw, 7)
+        conns = process_connections(gw.url)
+        deadline = time.monotonic() + 20
+        while post(conns[0], None, "other-model") != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # other-model routes by consistent_hashing (its workers' label): a key sticks ...
+        for key in ("u1", "u2", "u3"):
+            before = chats_by_worker(others)
+            for i in range(6):
+                assert post(conns[i % 2], key, "other-model") == 200
+            assert list(served(others, before).values()) == [6]
+        # ... while mock-model keeps --policy round_robin, key or not.
+        before = chats_by_worker(four)
+        for _ in range(8):
+            assert post(conns[1], "u1") == 200
+        assert sorted(served(four, before).values()) == [2, 2, 2, 2]
         for conn in conns.values():
             conn.close()

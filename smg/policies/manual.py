@@ -25,9 +25,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from smg.policies.base import LoadView, Policy, RouteRequest
 from smg.shm.keytable import KeyTable, key_hash
+
+if TYPE_CHECKING:
+    from smg.policies.shared import SharedRouting
 
 MODES = ("random", "min_load", "min_group", "delegate")
 
@@ -59,6 +63,15 @@ class StickyPolicy(Policy):
         self.needs_backend_loads = bool(inner and inner.needs_backend_loads)
         self.needs_text = bool(inner and inner.needs_text)
         self.clock = time.monotonic_ns  # one clock for every process (CLOCK_MONOTONIC)
+
+    def use_shared(self, shared: SharedRouting) -> None:
+        """Pin in the gateway's shared table, writing this process's region."""
+        if shared.sticky_keys is not None:
+            self.keys = shared.sticky_keys
+            self.region = shared.slot
+        use_shared = getattr(self.inner, "use_shared", None)
+        if use_shared is not None:
+            use_shared(shared)
 
     def on_directory(self, workers: dict[int, tuple[int, str]]) -> None:
         self.generations = {row: gen & 0xFFFFFFFF for row, (gen, _url) in workers.items()}

@@ -47,7 +47,7 @@ RUST_POLICY_NAMES = (
     "bucket",
 )
 
-Factory = Callable[[object, random.Random | None, int, "SharedRouting | None"], Policy]
+Factory = Callable[[object, random.Random | None, int], Policy]
 
 
 def _setting(cfg: object, name: str, default: object) -> object:
@@ -69,21 +69,15 @@ def _integer(cfg: object, name: str, default: int) -> int:
     return value
 
 
-def _random(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
+def _random(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return RandomPolicy(rng)
 
 
-def _round_robin(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
+def _round_robin(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return RoundRobinPolicy(start=index)
 
 
-def _power_of_two(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
+def _power_of_two(cfg: object, rng: random.Random | None, index: int) -> Policy:
     metric = _setting(cfg, "power_of_two_load_metric", DEFAULT_LOAD_METRIC)
     if not isinstance(metric, str):
         raise ValueError(f"power_of_two_load_metric must be a string, got {metric!r}")
@@ -92,9 +86,7 @@ def _power_of_two(
     return PowerOfTwoPolicy(metric, rng)
 
 
-def _least_load(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
+def _least_load(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return LeastLoadPolicy(
         kv_pressure_weight=_number(
             cfg, "least_load_kv_pressure_weight", DEFAULT_KV_PRESSURE_WEIGHT
@@ -110,15 +102,11 @@ def _least_load(
     )
 
 
-def _consistent_hashing(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
+def _consistent_hashing(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return ConsistentHashingPolicy(rng)
 
 
-def _prefix_hash(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
+def _prefix_hash(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return PrefixHashPolicy(
         _integer(cfg, "prefix_token_count", 256),
         _number(cfg, "prefix_hash_load_factor", 1.25),
@@ -130,7 +118,6 @@ def _sticky(
     cfg: object,
     rng: random.Random | None,
     index: int,
-    shared: SharedRouting | None,
     inner: Policy | None,
     default_mode: str,
     name: str,
@@ -141,18 +128,16 @@ def _sticky(
     return StickyPolicy(
         inner,
         mode,
-        shared.sticky_keys if shared is not None else None,
-        shared.slot if shared is not None else index,
+        None,  # a private table until `use_shared` hands it the shared one
+        index,
         _number(cfg, "max_idle_secs", 14400),
         rng,
         name=name,
     )
 
 
-def _manual(
-    cfg: object, rng: random.Random | None, index: int, shared: SharedRouting | None
-) -> Policy:
-    return _sticky(cfg, rng, index, shared, None, "random", "manual")
+def _manual(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    return _sticky(cfg, rng, index, None, "random", "manual")
 
 
 # name -> (class, factory): the class answers questions about the policy (needs_backend_loads)
@@ -196,9 +181,12 @@ def make_policy(
 
     With --routing-key-override (--sticky-sessions) any policy but manual is wrapped in
     the sticky-key layer (assignment delegate by default: route via the policy, then pin)."""
-    policy = _entry(name)[1](cfg, rng, index, shared)
+    policy = _entry(name)[1](cfg, rng, index)
     if name != "manual" and getattr(cfg, "routing_key_override", False):
-        policy = _sticky(cfg, rng, index, shared, policy, "delegate", name)
+        policy = _sticky(cfg, rng, index, policy, "delegate", name)
+    use_shared = getattr(policy, "use_shared", None)
+    if shared is not None and use_shared is not None:
+        use_shared(shared)
     return policy
 
 
