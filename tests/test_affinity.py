@@ -14,7 +14,7 @@ import pytest
 
 from smg.policies.base import BackendLoad, Policy, RouteRequest
 from smg.policies.consistent_hashing import ConsistentHashingPolicy, HashRing, ring_hash
-from smg.policies.manual import StickyPolicy
+from smg.policies.manual import RECHECK_NS, StickyPolicy
 from smg.policies.prefix_hash import PrefixHashPolicy, overloaded
 from smg.policies.registry import make_policy
 from smg.policies.round_robin import RoundRobinPolicy
@@ -198,8 +198,11 @@ def test_manual_pin_sticks_across_processes_and_fails_over() -> None:
     alive = [r for r in rows if r != pinned]
     moved = p1.select(alive, view, route)
     assert moved != pinned
-    clock.now += 1000
-    assert p0.select(rows, view, route) == moved  # even with the old worker back
+    # Within RECHECK_NS process 0 still trusts its own recent view of the key ...
+    assert p0.select(rows, view, route) == pinned
+    clock.now += RECHECK_NS
+    # ... then reads the table again: the re-pin wins, even with the old worker back.
+    assert p0.select(rows, view, route) == moved
     # A worker that took the row under a new generation is not the pinned worker.
     gens = workers(4) | {moved: (2, "http://other:1")}
     p0.on_directory(gens)

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
     from smg.policies.shared import SharedRouting
 
 MODES = ("random", "min_load", "min_group", "delegate")
+# A process trusts its own recent view of a key this long before it reads the shared
+# table again (all regions) and refreshes its last-used stamp there: a pin made or moved
+# by another process is seen within this delay (the data plane re-reads the fleet at the
+# same cadence), and a repeated key costs a dict lookup instead of a table probe.
+RECHECK_NS = 250_000_000
+LOCAL_CAP = 65536  # keys remembered per process; the memo is dropped when it is full
 
 
 class StickyPolicy(Policy):
@@ -60,6 +66,8 @@ class StickyPolicy(Policy):
         self._random = (rng if rng is not None else random.Random()).random
         self.generations: dict[int, int] = {}  # row -> the low 32 bits of its generation
         self.group: dict[int, int] = {}  # row -> keys this process pinned there
+        # key -> (row, generation, when this process last read or wrote its pin)
+        self.recent: dict[str, tuple[int, int, int]] = {}
         self.needs_backend_loads = bool(inner and inner.needs_backend_loads)
         self.needs_text = bool(inner and inner.needs_text)
         self.clock = time.monotonic_ns  # one clock for every process (CLOCK_MONOTONIC)
@@ -115,8 +123,13 @@ class StickyPolicy(Policy):
             if self.inner is not None:
                 return self.inner.select(rows, view, request)
             return self._assign(rows, view, request)
-        h = key_hash(key)
         now = self.clock()
+        recent = self.recent.get(key)
+        if recent is not None and now - recent[2] < RECHECK_NS:
+            row = recent[0]
+            if row in rows and self.generations.get(row) == recent[1]:
+                return row
+        h = key_hash(key)
         keys = self.keys
         pin = keys.lookup(h, now, self.max_idle)
         if pin is not None:
@@ -130,11 +143,20 @@ class StickyPolicy(Policy):
                         self.region, h, row, pin.generation, pin.epoch, pin.pinned, now,
                         self.max_idle,
                     )  # fmt: skip
+                self._remember(key, row, pin.generation, now)
                 return row
             epoch = pin.epoch + 1  # failover: the new pin beats the old everywhere
         else:
             epoch = 0
         row = self._assign(rows, view, request)
-        keys.put(self.region, h, row, self.generations.get(row, 0), epoch, now, now, self.max_idle)
+        generation = self.generations.get(row, 0)
+        keys.put(self.region, h, row, generation, epoch, now, now, self.max_idle)
         self.group[row] = self.group.get(row, 0) + 1
+        self._remember(key, row, generation, now)
         return row
+
+    def _remember(self, key: str, row: int, generation: int, now: int) -> None:
+        recent = self.recent
+        if len(recent) >= LOCAL_CAP and key not in recent:
+            recent.clear()
+        recent[key] = (row, generation, now)

@@ -81,6 +81,7 @@ class KeyTable:
         self.mask = capacity - 1
         self.words = memoryview(buf).cast("Q")
         self.region_words = capacity * WORDS
+        self.bases = tuple(region * self.region_words for region in range(regions))
 
     @staticmethod
     def size(regions: int, capacity: int = DEFAULT_CAPACITY) -> int:
@@ -102,31 +103,36 @@ class KeyTable:
     def lookup(self, key: int, now: int, max_idle: int) -> Pin | None:
         """The winning live pin of `key` over all regions, or None."""
         words = self.words
-        best: Pin | None = None
-        start = key & self.mask
-        for region in range(self.regions):
-            base = self._base(region)
-            for i in range(PROBE):
-                at = base + ((start + i) & self.mask) * WORDS
+        mask = self.mask
+        start = key & mask
+        best_at = -1
+        best_region = 0
+        best_epoch = best_pinned = 0
+        # Written for speed: this runs on every request that carries a routing key.
+        for region, base in enumerate(self.bases):
+            slot = start
+            for _ in range(PROBE):
+                at = base + slot * WORDS
                 found = words[at]
+                if found == key:
+                    if now - words[at + _USED] <= max_idle:
+                        epoch = words[at + _EPOCH]
+                        pinned = words[at + _PINNED]
+                        if (
+                            best_at < 0
+                            or epoch > best_epoch
+                            or (epoch == best_epoch and pinned < best_pinned)
+                        ):
+                            best_at, best_region = at, region
+                            best_epoch, best_pinned = epoch, pinned
+                    break
                 if found == 0:
                     break  # an insert fills the first empty slot: the key is not further on
-                if found != key:
-                    continue
-                if now - words[at + _USED] > max_idle:
-                    break
-                worker = words[at + _WORKER]
-                pin = Pin(
-                    worker >> 32,
-                    worker & 0xFFFFFFFF,
-                    words[at + _EPOCH],
-                    words[at + _PINNED],
-                    region,
-                )
-                if best is None or wins(pin, best):
-                    best = pin
-                break
-        return best
+                slot = (slot + 1) & mask
+        if best_at < 0:
+            return None
+        worker = words[best_at + _WORKER]
+        return Pin(worker >> 32, worker & 0xFFFFFFFF, best_epoch, best_pinned, best_region)
 
     def put(
         self,
