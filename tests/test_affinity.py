@@ -454,3 +454,31 @@ def test_e2e_per_model_policy_from_worker_label(four: mockutil.MockWorkers) -> N
         assert sorted(served(four, before).values()) == [2, 2, 2, 2]
         for conn in conns.values():
             conn.close()
+
+
+def test_e2e_pinned_worker_with_open_breaker_fails_over() -> None:
+    with mockutil.start_mock_workers(2) as mocks:
+        args = [
+            *launch_args(mocks, "--policy", "manual", "--disable-retries"),
+            *("--cb-failure-threshold", "2", "--cb-timeout-duration-secs", "60"),
+        ]
+        with running_gateway(args) as gw:
+            wait_workers(gw, 2)
+            conns = process_connections(gw.url)
+            before = chats_by_worker(mocks)
+            for i in range(4):
+                assert post(conns[i % 2], "sess") == 200
+            got = served(mocks, before)
+            assert list(got.values()) == [4], got
+            pinned = next(iter(got))
+            other = next(url for url in mocks.urls if url != pinned)
+            mockutil.set_config(pinned, error_rate=1.0)
+            # Two failures open the pinned worker's breaker (shared by both processes).
+            assert [post(conns[0], "sess") for _ in range(2)] == [500, 500]
+            mockutil.set_config(pinned, error_rate=0.0)
+            before = chats_by_worker(mocks)
+            for i in range(6):
+                assert post(conns[i % 2], "sess") == 200
+            assert served(mocks, before) == {other: 6}
+            for conn in conns.values():
+                conn.close()
