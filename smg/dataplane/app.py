@@ -144,6 +144,10 @@ class RoutingState:
 
 
 class DataPlane:
+    # Class defaults as well as instance attributes: tests build a bare DataPlane
+    # (`__new__`) to drive `_choose` alone.
+    model_policies: dict[str, Policy] | None = None
+
     def __init__(
         self,
         cfg: GatewayConfig,
