@@ -454,6 +454,17 @@ def test_e2e_per_model_policy_from_worker_label(four: mockutil.MockWorkers) -> N
         assert sorted(served(four, before).values()) == [2, 2, 2, 2]
         for conn in conns.values():
             conn.close()
+        # A label naming no implemented policy: logged, and the model keeps --policy.
+        with mockutil.start_mock_workers(1, "--model", "third-model") as third:
+            added = gw.admin(
+                "POST", "/workers", json={"url": third.url, "labels": {"policy": "nope"}}
+            )
+            assert added.status_code == 202, added.text
+            wait_workers(gw, 8)
+            deadline = time.monotonic() + 20
+            while "policy label 'nope'" not in gw.logs() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "policy label 'nope' is not an implemented policy" in gw.logs()
 
 
 def test_e2e_pinned_worker_with_open_breaker_fails_over() -> None:

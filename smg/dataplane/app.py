@@ -323,23 +323,43 @@ class DataPlane:
         self._affinity_directory(new_entries)
 
     def _affinity_directory(self, entries: dict[int, DirectoryEntry]) -> None:
-        """Tell the policies the fleet (rings and pins key workers by URL and generation);
-        give each newly seen model the policy its first labelled worker asks for."""
+        """Tell the policies the fleet (rings and pins key workers by URL and generation),
+        and keep the per-model policies as the Rust SMG 1.13's PolicyRegistry does: a
+        model's policy is decided when its first worker registers (that worker's `policy`
+        label, else --policy; an unknown name is logged and --policy used) and forgotten
+        when its last worker leaves."""
         workers = {row: (entry.generation, entry.url) for row, entry in entries.items()}
+        present: set[str] = set()
         for entry in sorted(entries.values(), key=lambda e: e.row):
             models = entry.models or ((entry.model_id,) if entry.model_id else ())
             hint = entry.spec.labels.get("policy")
             for model in models:
+                present.add(model)
                 if model in self._models_seen:
                     continue
                 self._models_seen.add(model)
-                if hint and hint in POLICY_NAMES and hint != self.cfg.policy:
-                    policy = make_policy(hint, self.cfg, index=self.index, shared=self.shared)
-                    if self.model_policies is None:
-                        self.model_policies = {}
-                    self.model_policies[model] = policy
-                    if policy.uses_routing_key and self.key_names is None:
-                        self.key_names = key_headers(self.cfg.routing_key_headers)
+                if not hint or hint == self.cfg.policy:
+                    continue
+                if hint not in POLICY_NAMES:
+                    log.warning(
+                        "worker %s: policy label %r is not an implemented policy; model %r "
+                        "uses --policy %s",
+                        entry.worker_id,
+                        hint[:64],
+                        model,
+                        self.cfg.policy,
+                    )
+                    continue
+                policy = make_policy(hint, self.cfg, index=self.index, shared=self.shared)
+                if self.model_policies is None:
+                    self.model_policies = {}
+                self.model_policies[model] = policy
+                if policy.uses_routing_key and self.key_names is None:
+                    self.key_names = key_headers(self.cfg.routing_key_headers)
+        for model in self._models_seen - present:
+            self._models_seen.discard(model)
+            if self.model_policies is not None:
+                self.model_policies.pop(model, None)
         self.policy.on_directory(workers)
         for policy in (self.model_policies or {}).values():
             policy.on_directory(workers)
