@@ -25,7 +25,8 @@ class SharedRouting:
     def create(cls, cfg: object, slots: int) -> SharedRouting:
         """`slots`: data-plane process slots (one region each in the per-process tables)."""
         shared = cls()
-        policy = getattr(cfg, "policy", None)
-        if policy == "manual" or getattr(cfg, "routing_key_override", False):
-            shared.sticky_keys = KeyTable.create(slots)
+        # Always made, whatever --policy says: a worker's `policy` label may ask for manual
+        # at run time, and a reload may turn --routing-key-override on. An anonymous
+        # mapping's pages cost memory only once written, so an unused table is free.
+        shared.sticky_keys = KeyTable.create(slots)
         return shared
