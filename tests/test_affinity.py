@@ -416,7 +416,7 @@ def test_e2e_target_worker(four: mockutil.MockWorkers) -> None:
         before = chats_by_worker(four)
         assert post(conns[0], None, **{"X-SMG-Target-Worker": worker_id}) == 200
         assert served(four, before) == {four.urls[1]: 1}
-        for unknown in ("http://127.0.0.1:1", "99", "no-such-worker"):
+        for unknown in ("http://127.0.0.1:1", "99", "no-such-worker", "\u00b2", "9" * 5000):
             body, hdrs = chat(None, **{"X-SMG-Target-Worker": unknown})
             conns[1].request("POST", CHAT, body=body, headers=hdrs)
             answer = conns[1].getresponse()

@@ -350,7 +350,11 @@ class DataPlane:
                         self.cfg.policy,
                     )
                     continue
-                policy = make_policy(hint, self.cfg, index=self.index, shared=self.shared)
+                try:
+                    policy = make_policy(hint, self.cfg, index=self.index, shared=self.shared)
+                except ValueError as exc:  # a setting that policy refuses: keep --policy
+                    log.warning("model %r: policy %s not built (%s)", model, hint, exc)
+                    continue
                 if self.model_policies is None:
                     self.model_policies = {}
                 self.model_policies[model] = policy
@@ -710,7 +714,9 @@ class DataPlane:
         else:
             candidates = state.models_all.get(model) or state.any_model_all
         row = -1
-        if target is not None and target.isdigit():
+        # ASCII digits only (str.isdigit takes "²", which int() refuses), and few enough
+        # that int() never meets its digit limit.
+        if target is not None and len(target) <= 18 and target.isascii() and target.isdigit():
             index = int(target)
             if index < len(candidates):
                 row = candidates[index]
