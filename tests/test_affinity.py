@@ -494,3 +494,40 @@ def test_e2e_pinned_worker_with_open_breaker_fails_over() -> None:
             assert served(mocks, before) == {other: 6}
             for conn in conns.values():
                 conn.close()
+
+
+def test_e2e_prefix_hash_same_prefix_same_worker(four: mockutil.MockWorkers) -> None:
+    # The prompt text reaches RouteRequest.text through the cache_aware work's extraction
+    # (smg.dataplane.app.prompt_text); without it prefix_hash has no text to hash.
+    from smg.dataplane import app
+
+    if not hasattr(app, "prompt_text"):
+        pytest.skip("prompt-text extraction (cache_aware work) not merged on this branch")
+    with running_gateway(
+        launch_args(four, "--policy", "prefix_hash", "--prefix-token-count", "64")
+    ) as gw:
+        wait_workers(gw, 4)
+        conns = process_connections(gw.url)
+        targets = set()
+        for group in range(6):
+            shared_prefix = f"group {group}: " + "lorem ipsum dolor sit amet " * 20
+            before = chats_by_worker(four)
+            for i in range(4):
+                body = json.dumps(
+                    {
+                        "model": "mock-model",
+                        "messages": [{"role": "user", "content": f"{shared_prefix} q{i}"}],
+                    }
+                )
+                conns[i % 2].request(
+                    "POST", CHAT, body=body, headers={"Content-Type": "application/json"}
+                )
+                answer = conns[i % 2].getresponse()
+                answer.read()
+                assert answer.status == 200
+            got = served(four, before)
+            assert list(got.values()) == [4], got  # 256 hashed chars are the same prefix
+            targets |= set(got)
+        assert len(targets) >= 2
+        for conn in conns.values():
+            conn.close()
