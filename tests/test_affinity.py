@@ -210,6 +210,18 @@ def test_manual_pin_sticks_across_processes_and_fails_over() -> None:
     assert table.lookup(key_hash("conv-1"), clock.now, 10**12).epoch == 2  # type: ignore[union-attr]
 
 
+def test_retry_goes_around_the_pin_without_moving_it() -> None:
+    table, clock = KeyTable.local(), Clock()
+    policy = sticky("random", table, 0, clock)
+    rows, view = [0, 1, 2, 3], FakeView()
+    pinned = policy.select(rows, view, RouteRequest(routing_key="r"))
+    others = [r for r in rows if r != pinned]
+    assert policy.select(others, view, RouteRequest(routing_key="r", retry=True)) in others
+    clock.now += RECHECK_NS
+    assert policy.select(rows, view, RouteRequest(routing_key="r")) == pinned
+    assert table.lookup(key_hash("r"), clock.now, 10**12).epoch == 0  # type: ignore[union-attr]
+
+
 def test_idle_keys_are_evicted() -> None:
     table, clock = KeyTable.local(), Clock()
     policy = sticky("min_load", table, 0, clock, idle=5.0)

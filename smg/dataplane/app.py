@@ -584,8 +584,12 @@ class DataPlane:
         if self.key_names is not None:
             header = request.header
             route.routing_key = routing_key(header, self.key_names)
-            if route.routing_key is None and self.policy.implicit_key:
-                route.routing_key = implicit_key(header)
+            if route.routing_key is None:
+                policy = self.policy
+                if self.model_policies is not None and model is not None:
+                    policy = self.model_policies.get(model, policy)
+                if policy.implicit_key:
+                    route.routing_key = implicit_key(header)
             target = header(TARGET_WORKER_HEADER)
             if target:
                 route.target_worker = target.decode("latin-1")
@@ -685,6 +689,7 @@ class DataPlane:
         if route.target_worker is not None:
             return self._target(allowed, route)
         if failed:
+            route.retry = True
             fresh = [row for row in allowed if row not in failed]
             if fresh:
                 allowed = fresh

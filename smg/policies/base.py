@@ -53,6 +53,10 @@ class RouteRequest(msgspec.Struct):
     routing_key: str | None = None
     # X-SMG-Target-Worker, read under the same condition: a worker id, URL or index.
     target_worker: str | None = None
+    # True once an attempt of this request failed (set by the data plane before it asks
+    # for the next worker): sticky policies then route around the pinned worker without
+    # moving the pin, as the Rust SMG keeps a pin while its worker stays healthy.
+    retry: bool = False
 
 
 class NoEligibleWorker(LookupError):

@@ -145,6 +145,10 @@ class StickyPolicy(Policy):
                     )  # fmt: skip
                 self._remember(key, row, pin.generation, now)
                 return row
+            if request.retry and self.generations.get(row) == pin.generation:
+                # A retry after a failed attempt: another worker this once; the pin stays
+                # (it moves when the worker stops being routable: unhealthy, breaker open).
+                return self._assign(rows, view, request)
             epoch = pin.epoch + 1  # failover: the new pin beats the old everywhere
         else:
             epoch = 0
