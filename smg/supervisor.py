@@ -194,8 +194,9 @@ class Supervisor:
         self.table = WorkerTable.create(cfg.worker_table_capacity, processes + 1, self.pid)
         # The control plane's folded metric totals, kept for its replacement if it dies.
         self.stash = Stash.create()
-        # Routing state every data-plane process shares (cache_aware's prefix index), made
-        # before any fork so each child inherits the same mappings; one region per slot.
+        # Routing state every data-plane process shares (cache_aware's prefix index,
+        # sticky-key pins): made before any fork so each child inherits the same mappings;
+        # one region per slot.
         self.shared = SharedRouting.create(cfg, processes + 1)
         self.children: dict[int, Child] = {}  # pid -> child
         self.dataplanes = [Child("dataplane", i) for i in range(processes)]

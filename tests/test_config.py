@@ -302,7 +302,7 @@ def test_error_names_its_source(tmp_path: Path) -> None:
         ("c.yaml", "port: [1\n", "config", "not valid YAML"),
         ("c.toml", "port = \n", "config", "not valid TOML"),
         ("c.json", "{}", "config", ".yaml, .yml or .toml"),
-        ("c.yaml", "policy: prefix_hash\n", "policy", "not implemented yet"),
+        ("c.yaml", "policy: passthrough\n", "policy", "not implemented yet"),
         ("c.yaml", 'worker-urls: ["http://a:1/%zz"]\n', "worker_urls", "request target cannot"),
     ],
 )

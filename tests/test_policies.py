@@ -468,7 +468,7 @@ def test_least_load_rejects_bad_settings(kwargs: dict[str, float], message: str)
 
 def test_registry_names_and_defaults() -> None:
     assert POLICY_NAMES[:4] == ("random", "round_robin", "power_of_two", "least_load")
-    assert "cache_aware" in POLICY_NAMES
+    assert {"cache_aware", "consistent_hashing", "prefix_hash", "manual"} <= set(POLICY_NAMES)
     cfg = SimpleNamespace()
     assert isinstance(make_policy("random", cfg), RandomPolicy)
     assert isinstance(make_policy("round_robin", cfg), RoundRobinPolicy)

@@ -40,6 +40,9 @@ from smg.httpwire import (
 from smg.httpwire import valid_request_id as _valid_request_id
 from smg.logs import access_fields, access_logger, log_access
 from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteRequest
+from smg.policies.registry import POLICY_NAMES, make_policy
+from smg.policies.routing_key import TARGET_WORKER_HEADER, implicit_key, key_headers, routing_key
+from smg.policies.shared import SharedRouting
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID
 from smg.shm.readiness import readiness
@@ -197,6 +200,11 @@ class RoutingState:
 
 
 class DataPlane:
+    # Class defaults as well as instance attributes: tests build a bare DataPlane
+    # (`__new__`) to drive `_choose` alone.
+    model_policies: dict[str, Policy] | None = None
+    needs_text = False
+
     def __init__(
         self,
         cfg: GatewayConfig,
@@ -206,6 +214,7 @@ class DataPlane:
         policy: Policy,
         loop: asyncio.AbstractEventLoop,
         slot: int | None = None,
+        shared: SharedRouting | None = None,
     ) -> None:
         self.cfg = cfg
         self.table = table
@@ -216,6 +225,18 @@ class DataPlane:
         self.slot = index if slot is None else slot
         self.root_pid = root_pid
         self.policy = policy
+        self.shared = shared
+        # model -> its policy, from a worker's `policy` label when the model first
+        # registered (Rust's PolicyRegistry.on_worker_added); None until one has a label,
+        # so the common case pays one None check.
+        self.model_policies: dict[str, Policy] | None = None
+        self._models_seen: set[str] = set()
+        # Whether proxy() extracts the prompt text: some policy in use reads it.
+        self.needs_text = policy.needs_text
+        # The routing-key header names, when any policy reads keys (None: never read).
+        self.key_names: tuple[bytes, ...] | None = (
+            key_headers(cfg.routing_key_headers) if policy.uses_routing_key else None
+        )
         self.loop = loop
         self.view = ShmLoadView(table)
         self.gate = WorkerGate(cfg, table, self.slot)
@@ -358,6 +379,57 @@ class DataPlane:
         self.state.entries = new_entries
         self.state.aliases = dict(aliases)
         self.state.directory_generation = generation
+        self._affinity_directory(new_entries)
+
+    def _affinity_directory(self, entries: dict[int, DirectoryEntry]) -> None:
+        """Tell the policies the fleet (rings and pins key workers by URL and generation),
+        and keep the per-model policies as the Rust SMG 1.13's PolicyRegistry does: a
+        model's policy is decided when its first worker registers (that worker's `policy`
+        label, else --policy; an unknown name is logged and --policy used) and forgotten
+        when its last worker leaves."""
+        workers = {row: (entry.generation, entry.url) for row, entry in entries.items()}
+        present: set[str] = set()
+        for entry in sorted(entries.values(), key=lambda e: e.row):
+            models = entry.models or ((entry.model_id,) if entry.model_id else ())
+            hint = entry.spec.labels.get("policy")
+            for model in models:
+                present.add(model)
+                if model in self._models_seen:
+                    continue
+                self._models_seen.add(model)
+                if not hint or hint == self.cfg.policy:
+                    continue
+                if hint not in POLICY_NAMES:
+                    log.warning(
+                        "worker %s: policy label %r is not an implemented policy; model %r "
+                        "uses --policy %s",
+                        entry.worker_id,
+                        hint[:64],
+                        model,
+                        self.cfg.policy,
+                    )
+                    continue
+                try:
+                    policy = make_policy(hint, self.cfg, index=self.index, shared=self.shared)
+                except ValueError as exc:  # a setting that policy refuses: keep --policy
+                    log.warning("model %r: policy %s not built (%s)", model, hint, exc)
+                    continue
+                if self.model_policies is None:
+                    self.model_policies = {}
+                self.model_policies[model] = policy
+                if policy.uses_routing_key and self.key_names is None:
+                    self.key_names = key_headers(self.cfg.routing_key_headers)
+        for model in self._models_seen - present:
+            self._models_seen.discard(model)
+            if self.model_policies is not None:
+                self.model_policies.pop(model, None)
+        self.policy.on_directory(workers)
+        for policy in (self.model_policies or {}).values():
+            policy.on_directory(workers)
+        # A model's own policy may read the prompt text (cache_aware, prefix_hash).
+        self.needs_text = self.policy.needs_text or any(
+            policy.needs_text for policy in (self.model_policies or {}).values()
+        )
 
     def _rebuild(self, routing_generation: int) -> None:
         state = self.state
@@ -548,7 +620,7 @@ class DataPlane:
         stream = False
         text: str | None = None
         if body_routing:
-            needs_text = self.policy.needs_text
+            needs_text = self.needs_text
             try:
                 fields = (_text_decoder if needs_text else _routing_decoder).decode(request.body)
             except (msgspec.DecodeError, RecursionError) as exc:
@@ -576,6 +648,18 @@ class DataPlane:
             )
             return
         route = RouteRequest(model=model, stream=stream, text=text)
+        if self.key_names is not None:
+            header = request.header
+            route.routing_key = routing_key(header, self.key_names)
+            if route.routing_key is None:
+                policy = self.policy
+                if self.model_policies is not None and model is not None:
+                    policy = self.model_policies.get(model, policy)
+                if policy.implicit_key:
+                    route.routing_key = implicit_key(header)
+            target = header(TARGET_WORKER_HEADER)
+            if target:
+                route.target_worker = target.decode("latin-1")
         chose_at = time.time_ns() if tracer is not None else 0
         row = self._choose(rows, None, route) if rows else _NONE_READY
         if tracer is not None:
@@ -669,11 +753,16 @@ class DataPlane:
         allowed = gate.filter(rows)
         if allowed is None:
             return _SHED
+        if route.target_worker is not None:
+            return self._target(allowed, route)
         if failed:
+            route.retry = True
             fresh = [row for row in allowed if row not in failed]
             if fresh:
                 allowed = fresh
         policy = self.policy
+        if self.model_policies is not None and route.model is not None:
+            policy = self.model_policies.get(route.model, policy)
         view = self.view
         while allowed:
             try:
@@ -684,6 +773,34 @@ class DataPlane:
                 return row
             allowed = [other for other in allowed if other != row]
         return _NO_TRIAL
+
+    def _target(self, allowed: list[int], route: RouteRequest) -> int:
+        """X-SMG-Target-Worker: that worker (by id, URL or index among the model's
+        workers, as 1.13's consistent_hashing takes it) if it is routable, else no worker
+        (503 no_available_workers, as 1.13 answers a target miss)."""
+        state = self.state
+        target = route.target_worker
+        model = route.model
+        if model is None:
+            candidates = sorted(state.entries)
+        else:
+            candidates = state.models_all.get(model) or state.any_model_all
+        row = -1
+        # ASCII digits only (str.isdigit takes "²", which int() refuses), and few enough
+        # that int() never meets its digit limit.
+        if target is not None and len(target) <= 18 and target.isascii() and target.isdigit():
+            index = int(target)
+            if index < len(candidates):
+                row = candidates[index]
+        else:
+            for candidate in candidates:
+                entry = state.entries.get(candidate)
+                if entry is not None and target in (entry.worker_id, entry.url):
+                    row = candidate
+                    break
+        if row in allowed and self.gate.claim(row):
+            return row
+        return _NONE_READY
 
     def _refusal(self, reason: int, model: str | None) -> tuple[int, str, str, bytes]:
         """(status, error code, message, extra header lines) for a `_choose` refusal, in

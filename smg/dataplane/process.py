@@ -76,9 +76,9 @@ def run(
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         if shared is not None:
-            shared.slot = slot  # this process's own copy (after the fork): its region
+            shared.slot = slot  # this child's copy: the region it writes in shared tables
         policy = make_policy(cfg.policy, cfg, index=index, shared=shared)
-        app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot)
+        app = DataPlane(cfg, table, index, root_pid, policy, loop, slot=slot, shared=shared)
         _start_tracing(app, cfg, index)
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             from smg.dataplane.testhooks import fail_start_if_asked, install

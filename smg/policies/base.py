@@ -48,6 +48,15 @@ class RouteRequest(msgspec.Struct):
     stream: bool = False
     text: str | None = None  # prompt text, only extracted for policies that need it
     prompt_tokens: int | None = None  # token count when known (gRPC mode)
+    # X-SMG-Routing-Key (or the first valid --routing-key-headers value); only read when
+    # the policy uses keys (`uses_routing_key`) or --routing-key-override is on.
+    routing_key: str | None = None
+    # X-SMG-Target-Worker, read under the same condition: a worker id, URL or index.
+    target_worker: str | None = None
+    # True once an attempt of this request failed (set by the data plane before it asks
+    # for the next worker): sticky policies then route around the pinned worker without
+    # moving the pin, as the Rust SMG keeps a pin while its worker stays healthy.
+    retry: bool = False
 
 
 class NoEligibleWorker(LookupError):
@@ -68,6 +77,15 @@ class Policy:
     name: str = "base"
     needs_text: bool = False  # True makes the data plane extract the prompt text
     needs_backend_loads: bool = False  # True: the load monitor must poll the workers
+    # True makes the data plane read the routing-key and target-worker headers.
+    uses_routing_key: bool = False
+    # consistent_hashing: with no routing key, use authorization / x-forwarded-for /
+    # cookie as the key (Rust 1.13's implicit session affinity).
+    implicit_key: bool = False
+
+    def on_directory(self, workers: dict[int, tuple[int, str]]) -> None:
+        """The fleet changed: row -> (generation, url) of every registered worker (ring
+        and sticky policies key workers by URL and check a pinned row's generation)."""
 
     def select(self, rows: Sequence[int], view: LoadView, request: RouteRequest) -> int:
         raise NotImplementedError

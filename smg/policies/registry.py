@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from smg.policies.base import Policy
 from smg.policies.cache_aware import CacheAwarePolicy
+from smg.policies.consistent_hashing import ConsistentHashingPolicy
 from smg.policies.least_load import (
     DEFAULT_KV_PRESSURE_WEIGHT,
     DEFAULT_MAX_WAITING_REQUESTS,
@@ -26,7 +27,9 @@ from smg.policies.least_load import (
     DEFAULT_THROUGHPUT,
     LeastLoadPolicy,
 )
+from smg.policies.manual import StickyPolicy
 from smg.policies.power_of_two import DEFAULT_LOAD_METRIC, PowerOfTwoPolicy
+from smg.policies.prefix_hash import PrefixHashPolicy
 from smg.policies.random_policy import RandomPolicy
 from smg.policies.round_robin import RoundRobinPolicy
 from smg.policies.shared import SharedRouting
@@ -115,6 +118,44 @@ def _cache_aware(cfg: object, rng: random.Random | None, index: int) -> Policy:
     )
 
 
+def _consistent_hashing(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    return ConsistentHashingPolicy(rng)
+
+
+def _prefix_hash(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    return PrefixHashPolicy(
+        _integer(cfg, "prefix_token_count", 256),
+        _number(cfg, "prefix_hash_load_factor", 1.25),
+        _integer(cfg, "prefix_hash_balance_abs_threshold", 10),
+    )
+
+
+def _sticky(
+    cfg: object,
+    rng: random.Random | None,
+    index: int,
+    inner: Policy | None,
+    default_mode: str,
+    name: str,
+) -> StickyPolicy:
+    mode = _setting(cfg, "assignment_mode", default_mode)
+    if not isinstance(mode, str):
+        raise ValueError(f"assignment_mode must be a string, got {mode!r}")
+    return StickyPolicy(
+        inner,
+        mode,
+        None,  # a private table until `use_shared` hands it the shared one
+        index,
+        _number(cfg, "max_idle_secs", 14400),
+        rng,
+        name=name,
+    )
+
+
+def _manual(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    return _sticky(cfg, rng, index, None, "random", "manual")
+
+
 # name -> (class, factory): the class answers questions about the policy (needs_backend_loads)
 # without building one.
 _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
@@ -123,6 +164,9 @@ _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
     "power_of_two": (PowerOfTwoPolicy, _power_of_two),
     "least_load": (LeastLoadPolicy, _least_load),
     "cache_aware": (CacheAwarePolicy, _cache_aware),
+    "consistent_hashing": (ConsistentHashingPolicy, _consistent_hashing),
+    "prefix_hash": (PrefixHashPolicy, _prefix_hash),
+    "manual": (StickyPolicy, _manual),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
@@ -150,8 +194,13 @@ def make_policy(
 ) -> Policy:
     """A new policy instance; `rng` seeds the randomized ones (tests, per-process seeding),
     `index` (the data-plane process's index) offsets the deterministic ones, `shared` is the
-    gateway's cross-process routing state (None: each policy keeps its own)."""
+    gateway's cross-process routing state (None: each policy keeps its own).
+
+    With --routing-key-override (--sticky-sessions) any policy but manual is wrapped in
+    the sticky-key layer (assignment delegate by default: route via the policy, then pin)."""
     policy = _entry(name)[1](cfg, rng, index)
+    if name != "manual" and getattr(cfg, "routing_key_override", False):
+        policy = _sticky(cfg, rng, index, policy, "delegate", name)
     use_shared = getattr(policy, "use_shared", None)
     if shared is not None and use_shared is not None:
         use_shared(shared)

@@ -2,15 +2,15 @@
 
 The supervisor creates it before any fork (`SharedRouting.create`), so every child
 inherits the same anonymous shared mappings; data-plane processes build their policy with
-it (`make_policy(..., shared=...)`), tests pass None. One optional attribute per shared
-structure; a structure the configured policy does not use is not created.
+it (`make_policy(..., shared=...)`), tests pass None (a policy that needs a structure and
+gets None keeps a private copy instead). One optional attribute per shared structure.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from smg.shm.keytable import KeyTable
 from smg.shm.prefix import PrefixIndex, entries_for
 
 
@@ -18,17 +18,21 @@ from smg.shm.prefix import PrefixIndex, entries_for
 class SharedRouting:
     # cache_aware: per-process regions of block-chain hash -> worker (smg.shm.prefix).
     prefix_index: PrefixIndex | None = None
-    # manual / sticky sessions: routing key -> worker (owned by the sticky-key work).
-    sticky_keys: Any = None
-    # This process's table slot (the region it writes), set by the data-plane process
-    # after the fork on its own copy of this object; 0 elsewhere.
+    # manual / --routing-key-override: routing key -> worker pins (smg.shm.keytable).
+    sticky_keys: KeyTable | None = None
+    # This process's data-plane slot, set by each child after the fork (its own copy):
+    # the region it writes in per-process tables (a live reload's replacement has
+    # another slot than its predecessor, so the two never write one region).
     slot: int = 0
 
     @classmethod
     def create(cls, cfg: object, slots: int) -> SharedRouting:
-        """The structures `cfg`'s policy needs, for `slots` data-plane process slots."""
-        shared = cls()
-        if getattr(cfg, "policy", None) == "cache_aware":
-            max_tree_size = getattr(cfg, "max_tree_size", None) or 67108864
-            shared.prefix_index = PrefixIndex.create(slots, entries_for(int(max_tree_size)))
-        return shared
+        """Both structures, for `slots` data-plane process slots, whatever --policy says: a
+        worker's `policy` label may ask for cache_aware or manual at run time, and a reload
+        may switch the policy or turn --routing-key-override on. An anonymous mapping's
+        pages cost memory only once written, so an unused structure is (nearly) free."""
+        max_tree_size = getattr(cfg, "max_tree_size", None) or 67108864
+        return cls(
+            prefix_index=PrefixIndex.create(slots, entries_for(int(max_tree_size))),
+            sticky_keys=KeyTable.create(slots),
+        )
