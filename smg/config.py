@@ -85,7 +85,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     upstream_pool_idle_timeout_secs: int = 3
     health_check_port: int | None = None
     # Routing policy
-    policy: str = "round_robin"
+    policy: str = "cache_aware"
     power_of_two_load_metric: str = "expected_wait"
     least_load_kv_pressure_weight: float = 0.15
     least_load_default_throughput: float = 2000.0

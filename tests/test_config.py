@@ -58,7 +58,7 @@ def test_defaults_without_any_layer() -> None:
     assert cfg == GatewayConfig()
     assert cfg.host == "0.0.0.0"
     assert cfg.port == 30000
-    assert cfg.policy == "round_robin"
+    assert cfg.policy == "cache_aware"  # as the Rust SMG 1.13
     assert cfg.prometheus_port == 29000
     assert cfg.remove_unhealthy_workers is None
     assert cfg.processes is None

@@ -920,8 +920,13 @@ class TestMockWorkersGateway:
 
         # The forced 500s may have opened breakers: half-open trials close them again, and
         # the tests after this one need every worker back in routing.
+        # Each probe a new prompt: under cache_aware (the default) a repeated prompt goes
+        # to the worker that holds it, so a half-open worker would never get its trial.
+        probe = iter(range(10**6))
+
         def breakers_closed() -> bool:
-            post(gw.url, CHAT, chat_body())
+            content = f"breaker probe {next(probe)}"
+            post(gw.url, CHAT, chat_body(messages=[{"role": "user", "content": content}]))
             states = [
                 float(line.rsplit(" ", 1)[1])
                 for line in gw.metrics().splitlines()

@@ -303,7 +303,7 @@ def test_grpc_export_spans_follow_the_client_trace_and_reach_the_worker() -> Non
         assert request_attrs["request_id"] == request_id
         assert request_attrs["process"] == 0
         route_attrs = _attributes(route.attributes)
-        assert route_attrs["policy"] == "round_robin"
+        assert route_attrs["policy"] == "cache_aware"  # the default policy
         assert route_attrs["worker"] == mocks.url
         assert route_attrs["candidates"] == 1
         attempt_attrs = _attributes(attempt.attributes)
