@@ -472,6 +472,20 @@ def test_mutual_tls_to_a_worker_that_requires_client_certificates(
         mock.stop()
 
 
+def refused_after_failed_checks(gw: Gateway) -> httpx.Response:
+    """Once the worker has failed two health checks: the gateway is not ready and a chat
+    request gets 503; that answer, for its body."""
+    wait_until(
+        lambda: metric(gw.metrics(), "smg_worker_health_checks_total", result="failure") >= 2,
+        20.0,
+        "failed health checks",
+    )
+    assert readiness(gw) == 503
+    answer = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=10.0)
+    assert answer.status_code == 503
+    return answer
+
+
 def test_without_client_certificate_the_mtls_worker_is_never_used(
     certs: dict[str, Pair],
 ) -> None:
@@ -480,16 +494,7 @@ def test_without_client_certificate_the_mtls_worker_is_never_used(
     try:
         args = ["--worker-urls", mock.url, *worker_tls_args(certs, client=False)]
         with running_gateway([*args, "--health-check-interval-secs", "1"]) as gw:
-            wait_until(
-                lambda: (
-                    metric(gw.metrics(), "smg_worker_health_checks_total", result="failure") >= 2
-                ),
-                20.0,
-                "failed health checks",
-            )
-            assert readiness(gw) == 503
-            answer = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=10.0)
-            assert answer.status_code == 503
+            answer = refused_after_failed_checks(gw)
             assert answer.json()["error"]["code"] == "no_available_workers"
     finally:
         mock.stop()
@@ -502,16 +507,7 @@ def test_a_worker_whose_certificate_does_not_verify_is_never_used(
     try:
         args = ["--worker-urls", mock.url, *worker_tls_args(certs, ca="stranger")]
         with running_gateway([*args, "--health-check-interval-secs", "1"]) as gw:
-            wait_until(
-                lambda: (
-                    metric(gw.metrics(), "smg_worker_health_checks_total", result="failure") >= 2
-                ),
-                20.0,
-                "failed health checks",
-            )
-            assert readiness(gw) == 503
-            answer = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=10.0)
-            assert answer.status_code == 503
+            answer = refused_after_failed_checks(gw)
             assert answer.json()["error"] == {
                 "message": "All workers are unavailable (circuit breaker open or unhealthy)",
                 "type": "server_error",

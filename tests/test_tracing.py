@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import mockutil
-from gatewayutil import free_port, running_gateway
+from gatewayutil import Gateway, free_port, running_gateway
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from smg.dataplane.tracing import format_traceparent, otlp_target, parse_traceparent
@@ -251,21 +251,17 @@ def _worker_headers(url: str) -> dict[str, str]:
 # --- end to end -------------------------------------------------------------------------------
 
 
+def traced_gateway(worker_url: str, endpoint: str) -> contextlib.AbstractContextManager[Gateway]:
+    """One data-plane process exporting to `endpoint`, in front of one worker."""
+    args = ["--worker-urls", worker_url, "--enable-trace", "--otlp-traces-endpoint", endpoint]
+    return running_gateway([*args, "--disable-health-check"], processes=1)
+
+
 def test_grpc_export_spans_follow_the_client_trace_and_reach_the_worker() -> None:
     with (
         grpc_collector() as (endpoint, spans),
         mockutil.start_mock_workers(1) as mocks,
-        running_gateway(
-            [
-                "--worker-urls",
-                mocks.url,
-                "--enable-trace",
-                "--otlp-traces-endpoint",
-                endpoint,
-                "--disable-health-check",
-            ],
-            processes=1,
-        ) as gw,
+        traced_gateway(mocks.url, endpoint) as gw,
     ):
         gw.wait_ready()
         status, headers = _chat(
@@ -415,17 +411,7 @@ def test_http_export_and_the_local_answers_end_their_span() -> None:
     with (
         http_collector() as (endpoint, spans, content_types),
         mockutil.start_mock_workers(1) as mocks,
-        running_gateway(
-            [
-                "--worker-urls",
-                mocks.url,
-                "--enable-trace",
-                "--otlp-traces-endpoint",
-                endpoint,
-                "--disable-health-check",
-            ],
-            processes=1,
-        ) as gw,
+        traced_gateway(mocks.url, endpoint) as gw,
     ):
         gw.wait_ready()
         status, _ = _chat(gw.url, CLIENT_TRACEPARENT)
