@@ -651,12 +651,8 @@ class DataPlane:
         if self.key_names is not None:
             header = request.header
             route.routing_key = routing_key(header, self.key_names)
-            if route.routing_key is None:
-                policy = self.policy
-                if self.model_policies is not None and model is not None:
-                    policy = self.model_policies.get(model, policy)
-                if policy.implicit_key:
-                    route.routing_key = implicit_key(header)
+            if route.routing_key is None and self._policy_for(model).implicit_key:
+                route.routing_key = implicit_key(header)
             target = header(TARGET_WORKER_HEADER)
             if target:
                 route.target_worker = target.decode("latin-1")
@@ -760,9 +756,7 @@ class DataPlane:
             fresh = [row for row in allowed if row not in failed]
             if fresh:
                 allowed = fresh
-        policy = self.policy
-        if self.model_policies is not None and route.model is not None:
-            policy = self.model_policies.get(route.model, policy)
+        policy = self._policy_for(route.model)
         view = self.view
         while allowed:
             try:
@@ -773,6 +767,14 @@ class DataPlane:
                 return row
             allowed = [other for other in allowed if other != row]
         return _NO_TRIAL
+
+    def _policy_for(self, model: str | None) -> Policy:
+        """The policy that routes `model`: its own (from a worker's `policy` label), else
+        --policy."""
+        policies = self.model_policies
+        if policies is None or model is None:
+            return self.policy
+        return policies.get(model, self.policy)
 
     def _target(self, allowed: list[int], route: RouteRequest) -> int:
         """X-SMG-Target-Worker: that worker (by id, URL or index among the model's
