@@ -163,6 +163,12 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tokenizer_path: str | None = None
     chat_template: str | None = None
     disable_tokenizer_autoload: bool = False
+    # Gateway-side tokenizer caches (gRPC mode), as the Rust SMG 1.13's flags.
+    tokenizer_cache_enable_l0: bool = False
+    tokenizer_cache_l0_max_entries: int = 10000
+    tokenizer_cache_l0_max_memory: int = 268435456
+    tokenizer_cache_enable_l1: bool = False
+    tokenizer_cache_l1_max_memory: int = 52428800
     backend: str = "sglang"
     # Logging and metrics
     log_level: str = "info"
@@ -856,6 +862,22 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             _Flag("tokenizer_path", "Explicit tokenizer path (overrides --model-path)"),
             _Flag("chat_template", "Chat template path"),
             _Flag("disable_tokenizer_autoload", "Do not load a tokenizer at start-up"),
+            _Flag(
+                "tokenizer_cache_enable_l0",
+                "Enable the L0 tokenizer cache (whole-string exact match)",
+            ),
+            _Flag("tokenizer_cache_l0_max_entries", "Maximum entries in the L0 tokenizer cache"),
+            _Flag(
+                "tokenizer_cache_l0_max_memory",
+                "Maximum memory of the L0 tokenizer cache in bytes (texts, ids, overhead)",
+            ),
+            _Flag(
+                "tokenizer_cache_enable_l1",
+                "Enable the L1 tokenizer cache (prefix matching)",
+            ),
+            _Flag(
+                "tokenizer_cache_l1_max_memory", "Maximum memory of the L1 tokenizer cache in bytes"
+            ),
             _Flag("backend", "Backend runtime the workers run"),
         ),
     ),
@@ -1373,6 +1395,9 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "model_path": (_nonempty,),
     "tokenizer_path": (_nonempty,),
     "chat_template": (_nonempty,),
+    "tokenizer_cache_l0_max_entries": (_range(1),),
+    "tokenizer_cache_l0_max_memory": (_range(1),),
+    "tokenizer_cache_l1_max_memory": (_range(1),),
     "backend": (_choice("backend"),),
     "log_level": (_choice("log_level"),),
     "log_dir": (_nonempty,),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import msgspec
 
+from smg.grpc.types import GrpcModelInfo
 from smg.workers_spec import (
     MAX_API_KEY_BYTES,
     MAX_MODEL_ID_BYTES,
@@ -31,6 +32,8 @@ MAX_ENGINE_BYTES = 16  # "sglang", "vllm", "openai", "unknown"
 # Room for the model aliases (--model-aliases, set at start-up) and the container.
 ALIASES_BYTES = 1 << 20
 _STR_HEADER = 5  # msgpack: the largest string header (str32)
+# A gRPC worker's model facts (`GrpcModelInfo`), encoded, at most (`bound_grpc_info`).
+MAX_GRPC_INFO_BYTES = 16 * 1024
 
 
 class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -44,6 +47,8 @@ class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
     engine: str
     context_length: int | None  # discovered (max_model_len / context_length), None if unknown
     spec: WorkerSpec
+    # gRPC workers only: the model facts and the tokenizer bundle's directory.
+    grpc: GrpcModelInfo | None = None
 
 
 class Directory(msgspec.Struct, array_like=True):
@@ -88,6 +93,19 @@ def bound_models(models: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(kept)
 
 
+def bound_grpc_info(info: GrpcModelInfo) -> GrpcModelInfo:
+    """`info` cut to MAX_GRPC_INFO_BYTES encoded: the engine's default sampling
+    parameters go first (the gateway's own defaults stand in), then the EOS list is cut."""
+    if len(_encoder.encode(info)) <= MAX_GRPC_INFO_BYTES:
+        return info
+    info = msgspec.structs.replace(info, default_sampling_params_json="")
+    while len(_encoder.encode(info)) > MAX_GRPC_INFO_BYTES and info.eos_token_ids:
+        info = msgspec.structs.replace(info, eos_token_ids=info.eos_token_ids[:-1])
+    if len(_encoder.encode(info)) > MAX_GRPC_INFO_BYTES:  # absurd paths or names
+        info = GrpcModelInfo(backend=info.backend)
+    return info
+
+
 def max_entry_bytes() -> int:
     """An upper bound of one encoded entry: the fixed part measured with the largest
     integers, plus every variable part at the most the validator and `bound_models` allow
@@ -113,6 +131,7 @@ def max_entry_bytes() -> int:
         + MAX_API_KEY_BYTES
         + MAX_MODELS_BYTES
         + MAX_ENGINE_BYTES
+        + MAX_GRPC_INFO_BYTES
         + 5 * _STR_HEADER  # the four copied strings' and the model list's headers
     )
 
