@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -473,3 +474,43 @@ def test_opentelemetry_is_not_imported_with_tracing_off() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def _listed_models(url: str) -> list[str]:
+    status, _, body = mockutil.request("GET", url + "/v1/models", None, timeout=10.0)
+    assert status == 200
+    return [model["id"] for model in json.loads(body)["data"]]
+
+
+def test_select_worker_span_names_the_models_own_policy() -> None:
+    """A model routed by its worker's `policy` label: the routing span says that policy,
+    not --policy."""
+    with (
+        grpc_collector() as (endpoint, spans),
+        mockutil.start_mock_workers(1) as mocks,
+        running_gateway(
+            [
+                "--policy",
+                "round_robin",
+                "--enable-trace",
+                "--otlp-traces-endpoint",
+                endpoint,
+                "--disable-health-check",
+            ],
+            processes=1,
+        ) as gw,
+    ):
+        added = gw.admin(
+            "POST", "/workers", json={"url": mocks.url, "labels": {"policy": "random"}}
+        )
+        assert added.status_code == 202, added.text
+        # Until discovery names the worker's model it serves any model, by --policy.
+        deadline = time.monotonic() + 20
+        while "mock-model" not in _listed_models(gw.url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        trace_id = "f" * 31 + "1"
+        status, _ = _chat(gw.url, f"00-{trace_id}-{PARENT_ID}-01")
+        assert status == 200
+        found = wait_spans(spans, trace_id, lambda s: len(_by_name(s, "select_worker")) == 1)
+        (route,) = _by_name(found, "select_worker")
+        assert _attributes(route.attributes)["policy"] == "random"

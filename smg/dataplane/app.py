@@ -867,7 +867,8 @@ class DataPlane:
         """The `select_worker` span of a routing decision (tracing on)."""
         worker = self.state.entries[row].url if row >= 0 else None
         error = None if row >= 0 else self._refusal(row, model)[1]
-        request.trace.route(chose_at, self.cfg.policy, model, len(rows or ()), worker, error)
+        policy = self._policy_for(model).name
+        request.trace.route(chose_at, policy, model, len(rows or ()), worker, error)
 
     def has_untried_worker(self, exchange: Exchange) -> bool:
         """Whether a worker this request has not failed on may take it now."""
