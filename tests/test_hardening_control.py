@@ -600,3 +600,35 @@ def test_start_up_workers_are_not_reregistered_by_a_replacement_without_deletion
         before = [w["id"] for w in _workers(gw)]
         _replace_control_plane(gw)
         assert [w["id"] for w in _workers(gw)] == before
+
+
+def test_a_worker_policy_label_that_reads_loads_has_them_polled() -> None:
+    """--disable-load-monitoring with overload protection off: after the onboarding poll
+    nothing is polled until a worker's `policy` label names a policy that reads the loads
+    (power_of_two)."""
+    with _mocks(1) as (mock,):
+        args = [
+            "--worker-urls",
+            mock.urls[0],
+            "--policy",
+            "round_robin",
+            "--disable-load-monitoring",
+            "--disable-worker-overload-protection",
+            "--load-monitor-interval",
+            "1",
+        ]
+        with running_gateway(args, processes=1) as gw:
+            # One poll when the worker is onboarded, then none.
+            first = wait_until(
+                lambda: _workers(gw)[0]["backend_load"]["updated"], 10.0, "the onboarding poll"
+            )
+            time.sleep(2.5)  # two poll intervals
+            assert _workers(gw)[0]["backend_load"]["updated"] == first
+            worker_id = _workers(gw)[0]["id"]
+            patched = gw.admin(
+                "PATCH", f"/workers/{worker_id}", json={"labels": {"policy": "power_of_two"}}
+            )
+            assert patched.status_code == 202, patched.text
+            wait_until(
+                lambda: _workers(gw)[0]["backend_load"]["updated"] > first, 10.0, "a load poll"
+            )

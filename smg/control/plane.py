@@ -336,16 +336,22 @@ class ControlPlane:
         interval = float(self.cfg.load_monitor_interval)
         if interval <= 0:
             return
-        if (
-            self.cfg.disable_load_monitoring
-            and not _policy_needs_loads(self.cfg)
-            and _overload_limits(self.cfg) is None
-        ):
-            # As in SMG 1.13: overload protection needs the loads, so they are polled
-            # even under --disable-load-monitoring while it is on.
-            return
+        # As in SMG 1.13: overload protection and a policy that reads the loads need them,
+        # so they are polled even under --disable-load-monitoring.
+        always = (
+            not self.cfg.disable_load_monitoring
+            or _policy_needs_loads(self.cfg.policy)
+            or _overload_limits(self.cfg) is not None
+        )
         while not self._stopping:
             await asyncio.sleep(interval)
+            # A model routed by its workers' `policy` label (power_of_two, least_load)
+            # needs them too, whatever --policy is.
+            if not always and not any(
+                _policy_needs_loads(record.spec.labels.get("policy", ""))
+                for record in self.registry.workers.values()
+            ):
+                continue
             for record in list(self.registry.workers.values()):
                 if record.status in (WorkerStatus.READY, WorkerStatus.NOT_READY):
                     self._spawn(self._scrape(record))
@@ -904,12 +910,12 @@ def _overload_limits(cfg: GatewayConfig) -> tuple[int, float] | None:
     return int(cfg.worker_overload_waiting_requests), float(cfg.worker_overload_token_usage)
 
 
-def _policy_needs_loads(cfg: GatewayConfig) -> bool:
-    """Whether the configured policy reads backend loads (then they are polled even with
+def _policy_needs_loads(policy: str) -> bool:
+    """Whether policy `policy` reads backend loads (then they are polled even with
     --disable-load-monitoring, as the Rust SMG does): the policy class says so."""
     try:
-        return needs_backend_loads(cfg.policy)
-    except ValueError:  # a policy smg does not implement: the data plane refuses it
+        return needs_backend_loads(policy)
+    except ValueError:  # a name smg does not implement: refused (--policy) or ignored (label)
         return False
 
 
