@@ -206,6 +206,11 @@ class GrpcFront:
                 with contextlib.suppress(NoTokenizer):
                     self.app.spawn(_quiet(self.workers.tokenizer(entry)))
 
+    async def close(self) -> None:
+        """Shutdown: the engine channels and the offload pool."""
+        await self.workers.close_all()
+        self.offload.close()
+
     # --- routing ----------------------------------------------------------------------------
 
     def rows_for(self, model: str | None) -> tuple[list[int], list[int]] | None:
@@ -230,8 +235,6 @@ class GrpcFront:
         False leaves it to the HTTP proxy path (which also answers bad JSON)."""
         path = request.path
         kind = GENERATE_KINDS.get(path)
-        if kind is None and path != EMBED_ROUTE:
-            return False
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError:
@@ -247,6 +250,16 @@ class GrpcFront:
         found = self.rows_for(model)
         if found is None:
             return False
+        if kind is None and path != EMBED_ROUTE:
+            # /v1/responses, /v1/messages, /v1/rerank: not served by gRPC workers (yet).
+            app._send_error(
+                conn,
+                request,
+                501,
+                "not_implemented",
+                f"{path} is not supported for models served by gRPC workers",
+            )
+            return True
         exchange = GrpcExchange(self, conn, request, kind or "embed", body, model, found[0])
         conn.exchange = exchange  # type: ignore[assignment]
         app.active.add(exchange)  # type: ignore[arg-type]

@@ -1,14 +1,17 @@
 """Rendering and tokenizing a large prompt off the event loop, on a bounded thread pool.
 
 A data-plane process serves every stream of its connections from one loop: a 32K-token
-prompt rendered and tokenized inline holds that loop for tens of milliseconds, and every
-other stream's next token waits that long. Above `threshold` bytes of request body the
-work moves to a small ThreadPoolExecutor: `tokenizers`' encode releases the GIL (it runs
-in Rust), so the loop keeps running in parallel; jinja rendering holds the GIL, but in a
-thread it is preempted every `sys.getswitchinterval()` (5 ms) instead of blocking the loop
-for its whole duration. Below the threshold the thread hand-off (~50-100 us) costs more
-than it saves, so small prompts stay inline. See native_bench/offload_bench.py for the
-measurement that set the numbers.
+prompt rendered and tokenized inline holds that loop for 130-280 ms on the dev box, and
+every other stream's next token waits that long. Above `threshold` bytes of request body
+the work moves to a small ThreadPoolExecutor. What runs there must let go of the GIL to
+help: `tokenizers`' `encode_batch` does (it runs in Rust without the GIL), its `encode`
+does not (tokenizers 0.23, measured: a thread in `encode` stalls the loop for its whole
+run); jinja rendering holds the GIL but is cheap (0.1-2 ms for 32K tokens of chat) and in
+a thread it is preempted every `sys.getswitchinterval()` (5 ms). Below the threshold the
+thread hand-off costs more than it saves, so small prompts stay inline.
+native_bench/grpc_offload_bench.py measures it: p99 inter-token gap of 32 streams (10 ms
+apart) while a 32K-token chat prompt arrives every 500 ms: inline 126-173 ms, offloaded
+with `encode` 82-100 ms, offloaded with `encode_batch` 13-14 ms.
 
 The pool is bounded (`workers` threads); a request over the threshold waits its turn in
 the executor's queue rather than starting more threads.
@@ -27,9 +30,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Request bodies above this many bytes are rendered and tokenized on the pool (measured:
-# native_bench/offload_bench.py; about 1 ms of inline work on this box's slow cores).
-DEFAULT_THRESHOLD = 16 * 1024
+# Request bodies above this many bytes are rendered and tokenized on the pool. Measured
+# on the 2-core dev box (Llama-3 tokenizer, Llama-3.1 template): a 4 KiB prompt costs
+# ~0.9 ms (render 40 us + encode 0.85 ms), 16 KiB ~4.7 ms, 32K tokens 130-280 ms; the
+# thread hand-off costs ~0.1 ms, so from ~8 KiB on the loop gains more than it pays.
+DEFAULT_THRESHOLD = 8 * 1024
 DEFAULT_WORKERS = 2
 
 
