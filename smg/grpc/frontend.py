@@ -204,6 +204,7 @@ class GrpcFront:
         for entry in entries.values():
             if entry.row in self.rows:
                 with contextlib.suppress(NoTokenizer):
+                    self.workers.tokenizer_source(entry)  # none yet: no load, no warning
                     self.app.spawn(_quiet(self.workers.tokenizer(entry)))
 
     async def close(self) -> None:
@@ -582,9 +583,10 @@ class GrpcExchange:
         state = app.refresh()
         found = self.front.rows_for(route.model)
         rows = found[1] if found is not None else []
+        chose_at = time.time_ns() if self.trace is not None else 0
         row = app._choose(rows, self.failed_rows, route) if rows else -4
         if self.trace is not None:
-            app._trace_route(self.request, time.time_ns(), route.model, rows, row)
+            app._trace_route(self.request, chose_at, route.model, rows, row)
         if row < 0:
             raise _Refused(*app._refusal(row, route.model))
         entry = state.entries[row]
