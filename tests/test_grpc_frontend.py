@@ -123,6 +123,10 @@ class FakeStages:
         texts = ["".join(d.text for d in deltas) for deltas in choices]
         return orjson.dumps({"id": request_id, "model": model, "texts": texts, "usage": usage})
 
+    def failure(self, error: EngineError, streaming: bool) -> tuple[int, str]:
+        status, code = self.http_status(error.code)
+        return status, ("internal_error" if streaming else code)
+
     def http_status(self, code: str) -> tuple[int, str]:
         return {
             "UNAVAILABLE": (503, "service_unavailable"),
@@ -185,6 +189,9 @@ class FakeWorkers:
 
     def on_directory(self, entries: dict[int, DirectoryEntry]) -> None:
         pass
+
+    def tokenizer_source(self, entry: Any) -> str:
+        return "/fake"
 
     async def tokenizer(self, entry: Any) -> object:
         return object()

@@ -159,7 +159,18 @@ class Stages:
 
     def http_status(self, code: str) -> tuple[int, str]:
         """A gRPC status code name -> (HTTP status, OpenAI error code)."""
-        return self.protos.GRPC_STATUS_HTTP.get(code, (502, "upstream_error"))
+        return self.protos.http_status_for(code)
+
+    def failure(self, error: EngineError, streaming: bool) -> tuple[int, str]:
+        """(HTTP status, error code) of a failed Generate, in the Rust SMG's words: before
+        its first output the mapped status and `start_generation_failed`; later, an SSE
+        error event's code, or `worker_stream_failed` for a non-streaming collection."""
+        status, code = self.http_status(error.code)
+        if streaming:
+            return status, self.protos.SSE_ERROR_CODE
+        if not error.before_first_token:
+            return status, self.protos.STREAM_FAILED_CODE
+        return status, code
 
 
 class _Refused(Exception):
@@ -671,7 +682,7 @@ class GrpcExchange:
                         await outputs.aclose()  # type: ignore[attr-defined]
             except EngineError as error:
                 self.dispatched = None
-                status, code = stages.http_status(error.code)
+                status, code = stages.failure(error, self.head_sent)
                 outcome = 0 if error.code in _TRANSPORT_CODES else status
                 if self._can_retry(error, status):
                     await self._retry_after(outcome)

@@ -50,10 +50,10 @@ def is_grpc_entry(entry: DirectoryEntry) -> bool:
     return entry.grpc is not None or entry.spec.connection_mode == "grpc"
 
 
-def _default_client_factory(target: str, backend: str, tls: Any | None) -> Any:
+def _default_client_factory(target: str, backend: str, tls: Any | None, api_key: str | None) -> Any:
     from smg.grpc.client import EngineClient
 
-    return EngineClient(target, backend, tls=tls)
+    return EngineClient(target, backend, tls=tls, api_key=api_key)
 
 
 def _default_tokenizer_loader(path: str, chat_template: str | None, cfg: GatewayConfig) -> Any:
@@ -89,7 +89,9 @@ class GrpcWorkers:
         cfg: GatewayConfig,
         loop: asyncio.AbstractEventLoop,
         *,
-        client_factory: Callable[[str, str, Any | None], Any] = _default_client_factory,
+        client_factory: Callable[[str, str, Any | None, str | None], Any] = (
+            _default_client_factory
+        ),
         tokenizer_loader: Callable[[str, str | None, GatewayConfig], Any] = (
             _default_tokenizer_loader
         ),
@@ -118,7 +120,10 @@ class GrpcWorkers:
             host = f"[{address.host}]" if ":" in address.host else address.host
             backend = entry.grpc.backend if entry.grpc is not None else ""
             client = self._client_factory(
-                f"{host}:{address.port}", backend or "vllm", self._tls_for(address.tls)
+                f"{host}:{address.port}",
+                backend or "vllm",
+                self._tls_for(address.tls),
+                entry.api_key or self.cfg.api_key,
             )
             self.clients[key] = client
         return client
