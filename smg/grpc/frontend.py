@@ -40,7 +40,7 @@ from smg.dataplane.lifecycle import State
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.grpc.types import EngineError, EngineOutput, GenerateInput
 from smg.grpc.workers import GrpcWorkers, NoTokenizer, is_grpc_entry
-from smg.httpwire import error_response, status_line
+from smg.httpwire import build_response, error_response, status_line
 
 if TYPE_CHECKING:
     from smg.dataplane.app import DataPlane
@@ -78,8 +78,11 @@ class Stages:
     never sees a gRPC worker never loads them."""
 
     def __init__(self) -> None:
+        from smg.chat import TemplateError
         from smg.chat import messages as chat_messages
         from smg.grpc import prepare, protos, respond
+
+        self.template_error = TemplateError
 
         self.prepare_mod = prepare
         self.respond = respond
@@ -107,14 +110,17 @@ class Stages:
                     "invalid_request_error",
                     "the model's tokenizer has no chat template; pass --chat-template",
                 )
-            text = template.render(
-                self.normalize(prepared.messages, template.content_format),
-                tools=prepared.tools,
-                documents=prepared.documents,
-                add_generation_prompt=prepared.add_generation_prompt,
-                continue_final_message=prepared.continue_final_message,
-                kwargs=prepared.template_kwargs,
-            )
+            try:
+                text = template.render(
+                    self.normalize(prepared.messages, template.content_format),
+                    tools=prepared.tools,
+                    documents=prepared.documents,
+                    add_generation_prompt=prepared.add_generation_prompt,
+                    continue_final_message=prepared.continue_final_message,
+                    kwargs=prepared.template_kwargs,
+                )
+            except self.template_error as exc:  # the template's raise_exception, or a bad render
+                raise self.request_error(400, "invalid_request_error", str(exc)) from None
             return tokenizer.encode(text, add_special_tokens=False), text
         prompt = prepared.prompt
         if isinstance(prompt, list):
@@ -315,7 +321,7 @@ class GrpcFront:
             return
         except stages.request_error as exc:
             e: Any = exc
-            app._send_error(conn, request, e.status, e.code, e.message)
+            app._send(conn, request, e.status, e.body(), error_code=e.code)
             return
         except Exception as exc:
             app.log_error("tokenize failed", exc)
@@ -329,7 +335,9 @@ class GrpcFront:
         respond = stages.respond
         if "messages" in body:
             template = self.workers.template(tokenizer)
-            prepared = stages.prepare("chat", {"max_tokens": 1, **body}, _NoDefaults())
+            prepared = stages.prepare(
+                "chat", {"max_tokens": 1, **body}, stages.prepare_mod.Defaults()
+            )
             prepared.add_generation_prompt = bool(body.get("add_generation_prompt", True))
             ids, _text = await self.offload.run(
                 len(orjson.dumps(body["messages"])),
@@ -349,13 +357,6 @@ class GrpcFront:
                 len(prompt), tokenizer.encode, prompt, add_special_tokens=add_special
             )
         return respond.tokenize_body(ids, tokenizer, context, body)
-
-
-class _NoDefaults:
-    """Defaults for /v1/tokenize's use of prepare_chat: nothing is generated."""
-
-    temperature = top_p = top_k = min_p = repetition_penalty = None
-    max_tokens = 1
 
 
 async def _quiet(awaitable: Any) -> None:
@@ -507,7 +508,9 @@ class GrpcExchange:
             request_error = getattr(self.front._stages, "request_error", None)
             if request_error is not None and isinstance(exc, request_error):
                 e: Any = exc
-                self._fail(e.status, e.code, e.message)
+                # D1's RequestError writes the OpenAI body with `param`.
+                body = e.body() if hasattr(e, "body") else None
+                self._fail(e.status, e.code, e.message, body=body)
             elif isinstance(exc, _Refused):
                 self._fail(*exc.answer)
             elif isinstance(exc, NoTokenizer):
@@ -662,6 +665,7 @@ class GrpcExchange:
             writer = None
             if prepared.stream:
                 writer = stages.writer(prepared, request_id, model, created, tokenizer)
+                writer.prompt_tokens = len(ids)  # continuous usage stats
             self.dispatched = client
             try:
                 timeout = max(0.001, self.deadline - time.monotonic())
@@ -818,8 +822,6 @@ class GrpcExchange:
             self.client.response_done(self.keep_alive)
 
     def _answer(self, status: int, body: bytes) -> None:
-        from smg.httpwire import build_response
-
         app = self.app
         keep_alive = self.keep_alive and not app.draining
         self.client.write(
@@ -834,7 +836,15 @@ class GrpcExchange:
         self._finish(status, "")
         self.client.response_done(keep_alive)
 
-    def _fail(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
+    def _fail(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        extra: bytes = b"",
+        *,
+        body: bytes | None = None,
+    ) -> None:
         """An error answer, or, once the stream's head is out, an error event that ends it."""
         if self.finished:
             return
@@ -847,8 +857,8 @@ class GrpcExchange:
             return
         app = self.app
         keep_alive = self.keep_alive and not app.draining
-        self.client.write(
-            error_response(
+        if body is None:
+            answer = error_response(
                 status,
                 code,
                 message,
@@ -856,7 +866,15 @@ class GrpcExchange:
                 keep_alive=keep_alive,
                 request_id=self.request_id,
             )
-        )
+        else:
+            answer = build_response(
+                status,
+                body,
+                extra_headers=b"x-smg-error-code: %b\r\nx-request-id: %b\r\n%b%b%b"
+                % (code.encode("latin-1"), self.request_id, extra, app.process_header, self.cors),
+                keep_alive=keep_alive,
+            )
+        self.client.write(answer)
         self._finish(status, code)
         self.client.response_done(keep_alive)
 
