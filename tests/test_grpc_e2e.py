@@ -25,13 +25,14 @@ import httpx
 import openai
 import pytest
 
-from tests.gatewayutil import Gateway, free_port, wait_until
+from tests.gatewayutil import Gateway, wait_until
 
 MODEL = "llama-mock"
 CONTEXT = 4096
 EOS_IDS = [128001, 128008, 128009]
 BOS = "<|begin_of_text|>"
 URL_PREFIX = "MOCK_WORKER_URL "
+CONTROL_PREFIX = "MOCK_CONTROL_URL "
 
 
 def make_tokenizer_dir(path: Path) -> Path:
@@ -91,7 +92,6 @@ class GrpcMock:
 
 
 def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> GrpcMock:
-    control_port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -109,7 +109,7 @@ def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> G
         "--max-context-length",
         str(CONTEXT),
         "--control-port",
-        str(control_port),
+        "0",
         *args,
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE)
@@ -123,7 +123,7 @@ def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> G
 
     threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout
-    url = ""
+    url = control = ""
     while not url:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -137,7 +137,9 @@ def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> G
             raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
         if line.startswith(URL_PREFIX):
             url = line[len(URL_PREFIX) :].strip()
-    mock = GrpcMock(proc, url, f"http://127.0.0.1:{control_port}")
+        elif line.startswith(CONTROL_PREFIX):
+            control = line[len(CONTROL_PREFIX) :].strip()
+    mock = GrpcMock(proc, url, control)
     wait_until(lambda: mock.stats(), 10.0, "the mock's control port")
     return mock
 
@@ -208,7 +210,7 @@ def test_chat_non_stream_and_usage(one: tuple[Gateway, GrpcMock], hf_tokenizer: 
     assert answer.choices[0].message.content == TEXT
     assert answer.choices[0].finish_reason == "stop"
     assert answer.model == MODEL
-    sent = mock.stats()["last_request"]
+    sent = mock.stats()["last_generate_request"]
     prompt_ids = [int(x) for x in sent["tokenized"]["input_ids"]]
     assert answer.usage.prompt_tokens == len(prompt_ids)
     assert (
@@ -278,7 +280,7 @@ def test_completions_and_generate(one: tuple[Gateway, GrpcMock], hf_tokenizer: A
     gw, mock = one
     answer = client(gw).completions.create(model=MODEL, prompt="Once upon", max_tokens=50)
     assert answer.choices[0].text == TEXT
-    sent = [int(x) for x in mock.stats()["last_request"]["tokenized"]["input_ids"]]
+    sent = [int(x) for x in mock.stats()["last_generate_request"]["tokenized"]["input_ids"]]
     assert sent == hf_tokenizer.encode("Once upon", add_special_tokens=True).ids
     generated = httpx.post(
         gw.url + "/generate",
@@ -315,11 +317,11 @@ def test_embeddings(one: tuple[Gateway, GrpcMock]) -> None:
 
 def test_prompt_over_the_context_is_400_before_dispatch(one: tuple[Gateway, GrpcMock]) -> None:
     gw, mock = one
-    before = mock.stats()["requests"]
+    before = mock.stats()["generate"]
     with pytest.raises(openai.BadRequestError) as caught:
         client(gw).completions.create(model=MODEL, prompt="word " * (CONTEXT + 10), max_tokens=5)
     assert caught.value.status_code == 400
-    assert mock.stats()["requests"] == before
+    assert mock.stats()["generate"] == before
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -485,5 +487,5 @@ def test_cache_aware_routes_by_token_ids(tokdir: Path) -> None:
                 ],
                 max_tokens=5,
             )
-        counts = sorted(m.stats()["requests"] for m in mocks)
+        counts = sorted(m.stats()["generate"] for m in mocks)
         assert counts == [0, 8]
