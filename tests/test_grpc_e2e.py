@@ -185,15 +185,19 @@ def hf_tokenizer(tokdir: Path) -> Any:
 
 
 TEXT = "Hello there, world."
+TEXT_TOKENS = 5  # "Hello", " there", ",", " world", "." in the Llama-3 vocabulary
+
+
+def text_mode() -> list[str]:
+    """The mock answers TEXT, then the EOS token."""
+    return ["--output-mode", f"text:{TEXT}", "--eos-after", str(TEXT_TOKENS)]
 
 
 @pytest.fixture(scope="module")
 def one(tokdir: Path) -> Iterator[tuple[Gateway, GrpcMock]]:
     """One mock answering TEXT (then EOS), a gateway with --model-path."""
     with (
-        grpc_mocks(
-            tokdir, 1, "--output-mode", f"text:{TEXT}", "--prefix-cache-tokens", "65536"
-        ) as mocks,
+        grpc_mocks(tokdir, 1, *text_mode(), "--prefix-cache-tokens", "65536") as mocks,
         gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
     ):
         yield gw, mocks[0]
@@ -213,16 +217,15 @@ def test_chat_non_stream_and_usage(one: tuple[Gateway, GrpcMock], hf_tokenizer: 
     sent = mock.stats()["last_generate_request"]
     prompt_ids = [int(x) for x in sent["tokenized"]["input_ids"]]
     assert answer.usage.prompt_tokens == len(prompt_ids)
-    assert (
-        answer.usage.completion_tokens
-        == len(hf_tokenizer.encode(TEXT, add_special_tokens=False).ids) + 1
-    )
+    assert len(hf_tokenizer.encode(TEXT, add_special_tokens=False).ids) == TEXT_TOKENS
+    assert answer.usage.completion_tokens == TEXT_TOKENS + 1  # the EOS token counts
     # The template rendered BOS and the header; the gateway did not add another BOS.
     assert prompt_ids[0] == 128000 and prompt_ids[1] != 128000
 
 
 def test_chat_stream_with_usage_and_cached_tokens(one: tuple[Gateway, GrpcMock]) -> None:
-    gw, _mock = one
+    gw, mock = one
+    mock.reset()  # an empty prefix cache
     messages = [
         {"role": "system", "content": "You are terse. " * 60},
         {"role": "user", "content": "hi"},
@@ -245,8 +248,9 @@ def test_chat_stream_with_usage_and_cached_tokens(one: tuple[Gateway, GrpcMock])
         if attempt == 0:
             assert cached == 0
         else:
-            # The mock's prefix cache (16-token blocks) holds the first request's prompt.
-            assert cached == (usage.prompt_tokens // 16) * 16 or cached >= usage.prompt_tokens - 16
+            # The mock's prefix cache holds the first request's prompt: every full
+            # 16-token block of all but its last token (as vLLM counts them).
+            assert cached == (usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_n2_and_logprobs(one: tuple[Gateway, GrpcMock]) -> None:
@@ -263,7 +267,8 @@ def test_n2_and_logprobs(one: tuple[Gateway, GrpcMock]) -> None:
     for choice in answer.choices:
         assert choice.message.content == TEXT
         content = choice.logprobs.content
-        assert "".join(t.token for t in content) == TEXT
+        # vLLM reports the EOS token's logprob too (its text is not in the content).
+        assert "".join(t.token for t in content) == TEXT + "<|eot_id|>"
         assert all(len(t.top_logprobs) == 2 for t in content)
 
 
@@ -300,7 +305,7 @@ def test_tokenize_detokenize_models(one: tuple[Gateway, GrpcMock], hf_tokenizer:
         assert tokens.json()["tokens"] == ids
         assert tokens.json()["count"] == len(ids)
         assert tokens.json()["max_model_len"] == CONTEXT
-        text = http.post("/v1/detokenize", json={"model": MODEL, "tokens": ids[1:]})
+        text = http.post("/v1/detokenize", json={"model": MODEL, "tokens": ids})
         assert text.status_code == 200, text.text
         assert text.json()["prompt"] == "Hello world"
         models = http.get("/v1/models").json()
@@ -360,7 +365,7 @@ def test_client_disconnect_reaches_the_engine_as_abort(tokdir: Path) -> None:
 
 def test_unavailable_before_the_first_token_is_retried_elsewhere(tokdir: Path) -> None:
     with (
-        grpc_mocks(tokdir, 2, "--output-mode", f"text:{TEXT}") as mocks,
+        grpc_mocks(tokdir, 2, *text_mode()) as mocks,
         gateway(
             [
                 "--worker-urls",
@@ -410,7 +415,7 @@ def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
 
 def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
     with (
-        grpc_mocks(tokdir, 1, "--output-mode", f"text:{TEXT}", "--ttft-ms", "5000") as mocks,
+        grpc_mocks(tokdir, 1, *text_mode(), "--ttft-ms", "5000") as mocks,
         gateway(
             [
                 "--worker-urls",
@@ -439,12 +444,12 @@ def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
 
 def test_tokenizer_bundle_from_the_worker(tokdir: Path, tmp_path: Path) -> None:
     """No --model-path: the control plane fetched the worker's tokenizer (GetTokenizer)."""
-    env_cache = tmp_path / "cache"
-    with grpc_mocks(tokdir, 1, "--output-mode", f"text:{TEXT}") as mocks:
+    env_cache = tmp_path / "cache"  # XDG_CACHE_HOME: the bundle lands in smg/tokenizers/
+    with grpc_mocks(tokdir, 1, *text_mode()) as mocks:
         gw = Gateway(
             ["--worker-urls", mocks[0].url],
             processes=1,
-            env={"SMG_TOKENIZER_CACHE": str(env_cache)},
+            env={"XDG_CACHE_HOME": str(env_cache)},
         )
         gw.start(timeout=60.0)
         try:
@@ -453,7 +458,8 @@ def test_tokenizer_bundle_from_the_worker(tokdir: Path, tmp_path: Path) -> None:
                 model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
             )
             assert answer.choices[0].message.content == TEXT
-            assert any(env_cache.iterdir())  # the bundle was unpacked in the cache
+            unpacked = list((env_cache / "smg" / "tokenizers").iterdir())
+            assert len(unpacked) == 1 and (unpacked[0] / "tokenizer.json").is_file()
         finally:
             gw.stop()
             gw.close_log()
@@ -461,7 +467,7 @@ def test_tokenizer_bundle_from_the_worker(tokdir: Path, tmp_path: Path) -> None:
 
 def test_cache_aware_routes_by_token_ids(tokdir: Path) -> None:
     with (
-        grpc_mocks(tokdir, 2, "--output-mode", f"text:{TEXT}") as mocks,
+        grpc_mocks(tokdir, 2, *text_mode()) as mocks,
         gateway(
             [
                 "--worker-urls",
