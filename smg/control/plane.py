@@ -391,12 +391,10 @@ class ControlPlane:
             return False
         if record.grpc.tokenizer_dir or not needs_bundle(self.cfg):
             return True
-        from smg.tokenizer.bundle import bundle_cache_root
-
         url = record.spec.url
         try:
             path = await self._grpc_probe(record).fetch_tokenizer(
-                bundle_cache_root(), float(self.cfg.health_check_timeout_secs)
+                None, float(self.cfg.health_check_timeout_secs)
             )
         except asyncio.CancelledError:
             raise

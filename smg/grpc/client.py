@@ -256,10 +256,10 @@ class EngineClient:
             raise _error(exc) from None
         return bool(answer.success), answer.message
 
-    async def tokenizer_bundle(self, cache_root: Path, timeout: float) -> Path:
+    async def tokenizer_bundle(self, cache_root: Path | None, timeout: float) -> Path:
         """GetTokenizer: the zip's chunks joined, checked against the sha256 of the last
-        chunk and unpacked under `cache_root` (smg.tokenizer.bundle.unpack_bundle, off the
-        loop). EngineError for a failed RPC, a digest mismatch or a bundle over
+        chunk and unpacked under `cache_root` (None: smg.tokenizer.bundle.bundle_cache_root())
+        by smg.tokenizer.bundle.unpack_bundle, off the loop. EngineError for a failed RPC, a digest mismatch or a bundle over
         MAX_BUNDLE_BYTES; TokenizerLoadError for a bad archive."""
         call = self._api.stub.GetTokenizer(
             common_pb2.GetTokenizerRequest(), timeout=timeout, metadata=self._metadata
@@ -294,9 +294,10 @@ class EngineClient:
                 f"tokenizer bundle sha256 mismatch: the worker said {digest}, "
                 f"the {len(data)} bytes received hash to {actual}",
             )
-        from smg.tokenizer.bundle import unpack_bundle
+        from smg.tokenizer.bundle import bundle_cache_root, unpack_bundle
 
-        return await asyncio.to_thread(unpack_bundle, data, digest, cache_root)
+        root = cache_root if cache_root is not None else bundle_cache_root()
+        return await asyncio.to_thread(unpack_bundle, data, digest, root)
 
     async def close(self) -> None:
         if self._own_channel:
