@@ -53,6 +53,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.cancelled = threading.Event()
         self.last_generate: Any = None
+        self.last_metadata: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def count(self, name: str) -> None:
@@ -121,6 +122,7 @@ class FakeEngine:
     def Generate(self, request: Any, context: Any) -> Iterator[Any]:
         self.count("Generate")
         self.last_generate = request
+        self.last_metadata = dict(context.invocation_metadata())
         context.add_callback(self.cancelled.set)
         if self.fail_generate is not None:
             context.abort(self.fail_generate, "scripted failure")
@@ -163,14 +165,20 @@ def _servicer(engine: FakeEngine) -> Any:
 
 
 @contextlib.contextmanager
-def fake_engine(backend: str, **kwargs: Any) -> Iterator[tuple[FakeEngine, int]]:
+def fake_engine(
+    backend: str, *, credentials: grpc.ServerCredentials | None = None, **kwargs: Any
+) -> Iterator[tuple[FakeEngine, int]]:
     engine = FakeEngine(backend, **kwargs)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     if backend == "vllm":
         vll_grpc.add_VllmEngineServicer_to_server(_servicer(engine), server)
     else:
         sgl_grpc.add_SglangSchedulerServicer_to_server(_servicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")  # the OS picks a free port
+    # The OS picks a free port.
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     assert port > 0
     server.start()
     try:
@@ -380,6 +388,7 @@ def test_client_generate_detect_and_management(backend: str) -> None:
         assert engine.aborted == ["req-7"]
         sent = engine.last_generate
         assert sent.request_id == "req-7" and list(sent.tokenized.input_ids) == [1, 2, 3]
+        assert engine.last_metadata["authorization"] == "Bearer k-1"
 
 
 def test_client_maps_errors_and_cancels_on_early_exit() -> None:
@@ -418,3 +427,43 @@ def test_client_maps_errors_and_cancels_on_early_exit() -> None:
 
     with fake_engine("vllm") as (engine, port):
         asyncio.run(run(engine, port))
+
+
+# --- grpcs:// with mutual TLS -----------------------------------------------------------------
+
+
+def test_grpcs_worker_with_mutual_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("smg-client")
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    cert_path, key_path = tmp_path / "client.pem", tmp_path / "client.key"
+    client_cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    client_cert.private_key_pem.write_to_path(str(key_path))
+    credentials = grpc.ssl_server_credentials(
+        [(server_cert.private_key_pem.bytes(), server_cert.cert_chain_pems[0].bytes())],
+        root_certificates=ca.cert_pem.bytes(),
+        require_client_auth=True,
+    )
+    with fake_engine("vllm", credentials=credentials) as (engine, port):
+        url = f"grpcs://127.0.0.1:{port}"
+        args = ["--worker-urls", url, *FAST, *NO_TOKENIZER, "--ca-cert-paths", str(ca_path),
+                "--client-cert-path", str(cert_path), "--client-key-path", str(key_path)]  # fmt: skip
+        with running_gateway(args, processes=1) as gw:
+            gw.wait_ready(30.0)
+            assert _worker(gw)["engine"] == "vllm"
+            assert engine.calls["GetModelInfo"] >= 1
+
+        async def without_client_certificate() -> str:
+            roots = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+            client = EngineClient(url, "vllm", tls=roots)
+            try:
+                with pytest.raises(EngineError) as info:
+                    await client.model_info(5.0)
+                return info.value.code
+            finally:
+                await client.close()
+
+        assert asyncio.run(without_client_certificate()) == "UNAVAILABLE"

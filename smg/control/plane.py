@@ -342,7 +342,7 @@ class ControlPlane:
             probe = GrpcProbe(
                 record.spec.url,
                 tls=self._grpc_tls_for() if secure else None,
-                api_key=self._key(record),
+                api_key=record.spec.api_key,  # the worker's own key only (Rust sends none)
             )
             self.grpc_probes[record.worker_id] = probe
         return probe
