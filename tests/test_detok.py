@@ -160,3 +160,68 @@ def test_per_token_cost(tmp_path: Path) -> None:
         best = min(best, (time.perf_counter() - t0) / len(ids) * 1e6)
     print(f"\nincremental detokenization: {best:.2f} us/token over {len(ids)} tokens")
     assert best < 50  # generous: the box is shared and slow
+
+
+def sentencepiece_like(tmp_path: Path) -> Tokenizer:
+    """A Llama-2-style tokenizer.json built here: BPE with byte fallback (<0xE4> tokens),
+    "▁" for spaces, and the decoder chain Replace/ByteFallback/Fuse/Strip (the leading
+    space of a decode is stripped: the case the prefix window exists for)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece in ["▁", "▁Hello", "▁world", "!", "好", "▁the", "lo", "He", "\u2581\u2581", "a", "b"]:
+        vocab[piece] = len(vocab)
+    model = models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>")
+    rust = RustTokenizer(model)
+    rust.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    rust.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    rust.add_special_tokens(["<s>", "</s>"])
+    d = tmp_path / "sp"
+    d.mkdir()
+    rust.save(str(d / "tokenizer.json"))
+    return load_tokenizer(str(d))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_property_sentencepiece_like(tmp_path: Path, skip: bool) -> None:
+    """Ids of real text (byte-fallback pieces of whole characters) and special ids.
+    Random byte ids are left out on purpose: ByteFallback turns a run of byte tokens
+    that is not valid UTF-8 into one U+FFFD per byte, including bytes that are valid on
+    their own ([<0x00>, <0x80>] -> two U+FFFD), so no incremental decoder (vLLM's, TGI's,
+    this one) can equal decode(all) there; an engine's output is valid text."""
+    tok = sentencepiece_like(tmp_path)
+    assert tok.decode(tok.encode("Hello 你好")) == "Hello 你好"
+    text = st.text(st.sampled_from(list("Helo wrd!好你🎉ab\n")), max_size=8)
+    part = st.one_of(text.map(lambda t: tok.encode(t)), st.sampled_from([[1], [2]]))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(part, max_size=12), st.lists(st.integers(1, 3), min_size=1, max_size=5))
+    def prop(parts: list[list[int]], sizes: list[int]) -> None:
+        flat = [i for p in parts for i in p]
+        chunks, at, k = [], 0, 0
+        while at < len(flat):
+            n = sizes[k % len(sizes)]
+            chunks.append(flat[at : at + n])
+            at += n
+            k += 1
+        adds, tail = run(tok, chunks, skip)
+        assert "".join(adds) + tail == tok.decode(flat, skip_special_tokens=skip)
+
+    prop()
+    # Primed with the prompt, a first "▁Hello" keeps its space (vLLM's output text).
+    d = IncrementalDetokenizer(tok, prompt_ids=tok.encode("a b a b"))
+    assert d.add([tok.token_to_id("▁Hello")]) == " Hello"
+    plain = IncrementalDetokenizer(tok)
+    assert plain.add([tok.token_to_id("▁Hello")]) == "Hello"

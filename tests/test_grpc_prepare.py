@@ -116,6 +116,17 @@ def test_stop_string_becomes_a_list_and_logprobs_zero_means_the_chosen_token() -
     assert chat(stop="END").sampling.stop == ["END"]
     p = chat(logprobs=True)
     assert (p.sampling.logprobs, p.top_logprobs) == (0, 0)
+    p = chat(top_logprobs=0)  # vLLM: 0 needs no logprobs
+    assert (p.logprobs, p.sampling.logprobs) == (False, None)
+
+
+def test_logit_bias_is_clamped_as_vllm() -> None:
+    assert chat(logit_bias={"5": 101, "6": -250.5}).sampling.logit_bias == {5: 100.0, 6: -100.0}
+
+
+def test_seed_minus_one_is_no_seed_and_n_with_sampling() -> None:
+    assert chat(seed=-1).sampling.seed is None
+    assert chat(n=3, temperature=0.7).sampling.n == 3
 
 
 def test_stream_options() -> None:
@@ -158,16 +169,18 @@ def test_continue_final_message() -> None:
 # --------------------------------------------------------------------------- chat: refusals
 
 
+# vLLM 0.32's wording (vllm/sampling_params.py, chat_completion/protocol.py)
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
         ({"temperature": 2.5}, "temperature", "temperature must be in [0, 2], got 2.5."),
-        ({"temperature": -0.1}, "temperature", "temperature must be in [0, 2], got -0.1."),
+        ({"temperature": 3}, "temperature", "temperature must be in [0, 2], got 3.0."),
+        ({"temperature": -0.1}, "temperature", "temperature must be non-negative, got -0.1."),
         ({"temperature": "hot"}, "temperature", "'temperature' must be a number, got \"hot\"."),
         ({"temperature": True}, "temperature", "'temperature' must be a number, got true."),
-        ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0."),
+        ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0.0."),
         ({"top_p": 1.5}, "top_p", "top_p must be in (0, 1], got 1.5."),
-        ({"top_k": -2}, "top_k", "top_k must be -1 (disable), or at least 1, got -2."),
+        ({"top_k": -2}, "top_k", "top_k must be 0 (disable), or at least 1, got -2."),
         ({"top_k": 1.5}, "top_k", "'top_k' must be an integer, got 1.5."),
         ({"min_p": 1.5}, "min_p", "min_p must be in [0, 1], got 1.5."),
         (
@@ -178,18 +191,18 @@ def test_continue_final_message() -> None:
         (
             {"presence_penalty": -3},
             "presence_penalty",
-            "presence_penalty must be in [-2, 2], got -3.",
+            "presence_penalty must be in [-2, 2], got -3.0.",
         ),
         (
             {"repetition_penalty": 0},
             "repetition_penalty",
-            "repetition_penalty must be in (0, 2], got 0.",
+            "repetition_penalty must be greater than zero, got 0.0.",
         ),
         ({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0."),
         (
             {"max_completion_tokens": -1},
             "max_completion_tokens",
-            "max_completion_tokens must be at least 1, got -1.",
+            "max_tokens must be at least 1, got -1.",
         ),
         (
             {"min_tokens": 5, "max_tokens": 4},
@@ -202,27 +215,34 @@ def test_continue_final_message() -> None:
             "min_tokens must be greater than or equal to 0, got -1.",
         ),
         ({"n": 0}, "n", "n must be at least 1, got 0."),
+        ({"n": 16385}, "n", "n must be at most 16384, got 16385."),
+        ({"n": 2, "temperature": 0}, "n", "n must be 1 when using greedy sampling, got 2."),
+        (
+            {"seed": 2**40},
+            "seed",
+            "seed must be in [-2147483648, 2147483647], got 1099511627776.",
+        ),
         (
             {"stop": ["a", "b", "c", "d", "e"]},
             "stop",
             "stop may hold at most 4 sequences, got 5.",
         ),
-        ({"stop": [""]}, "stop", "stop sequences cannot be empty."),
+        ({"stop": [""]}, "stop", "stop cannot contain an empty string."),
         ({"stop": 5}, "stop", "stop must be a string or a list of strings."),
         (
             {"stop_token_ids": [1, -2]},
             "stop_token_ids",
-            "stop_token_ids must be a list of non-negative token ids.",
+            "stop_token_ids must contain only non-negative integers, got [1,-2].",
         ),
         (
             {"logit_bias": {"x": 1}},
             "logit_bias",
-            'logit_bias keys must be token ids, got "x".',
+            "logit_bias contains key(s) that cannot be converted to integer token IDs: ['x']",
         ),
         (
-            {"logit_bias": {"5": 101}},
+            {"logit_bias": {"-3": 1}},
             "logit_bias",
-            "logit_bias values must be in [-100, 100], got 101 for token 5.",
+            "token_id(s) [-3] in logit_bias contain out-of-vocab token ids.",
         ),
         (
             {"top_logprobs": 2},
@@ -230,9 +250,20 @@ def test_continue_final_message() -> None:
             "when using `top_logprobs`, `logprobs` must be set to true.",
         ),
         (
+            {"top_logprobs": -2, "logprobs": True},
+            "top_logprobs",
+            "`top_logprobs` must be a positive value or -1.",
+        ),
+        (
             {"logprobs": True, "top_logprobs": 21},
             "top_logprobs",
-            "top_logprobs must be in [0, 20], got 21.",
+            "Requested sample logprobs of 21, which is greater than max allowed: 20",
+        ),
+        (
+            {"logprobs": True, "top_logprobs": -1},
+            "top_logprobs",
+            "Requested sample logprobs of the whole vocabulary (-1), which is greater than "
+            "max allowed: 20",
         ),
         ({"stream": "yes"}, "stream", "'stream' must be a boolean, got \"yes\"."),
         ({"model": 5}, "model", "'model' must be a string"),
@@ -249,7 +280,7 @@ def test_error_body_is_the_openai_shape_with_param() -> None:
         "error": {
             "type": "invalid_request_error",
             "code": "invalid_request_error",
-            "message": "temperature must be in [0, 2], got 3.",
+            "message": "temperature must be in [0, 2], got 3.0.",
             "param": "temperature",
         }
     }
@@ -365,10 +396,16 @@ def test_apply_limits_fills_the_context_left() -> None:
     assert p.sampling.max_tokens == 90
 
 
-def test_apply_limits_caps_with_max_new_tokens_as_vllm() -> None:
+def test_apply_limits_max_new_tokens_is_a_default_as_vllm_0_32() -> None:
     p = prepare_chat({"messages": USER, "max_tokens": 50}, Defaults(max_tokens=20))
     apply_limits(p, 10, 100)
+    assert p.sampling.max_tokens == 50  # the request's value wins (get_max_tokens)
+    p = prepare_chat({"messages": USER}, Defaults(max_tokens=20))
+    apply_limits(p, 10, 100)
     assert p.sampling.max_tokens == 20
+    p = prepare_chat({"messages": USER}, Defaults(max_tokens=200))
+    apply_limits(p, 10, 100)
+    assert p.sampling.max_tokens == 90
     p = prepare_chat({"messages": USER}, Defaults(max_tokens=20))
     apply_limits(p, 10, None)
     assert p.sampling.max_tokens == 20
@@ -386,13 +423,30 @@ def test_apply_limits_unknown_context_keeps_the_request() -> None:
 def test_apply_limits_prompt_over_the_context() -> None:
     p = chat()
     with pytest.raises(RequestError) as info:
-        apply_limits(p, 100, 100)
+        apply_limits(p, 101, 100)
     e = info.value
     assert (e.status, e.code, e.param) == (400, "context_length_exceeded", "messages")
     assert e.message == (
-        "This model's maximum context length is 100 tokens. However, your request has 100 "
-        "input tokens. Please reduce the length of the input messages."
+        "This model's maximum context length is 100 tokens. However, your prompt contains "
+        "101 input tokens, which exceeds this limit even without any output tokens. Please "
+        "reduce the length of the input prompt."
     )
+    with pytest.raises(RequestError) as info:
+        apply_limits(p, 100, 100)
+    assert info.value.message == (
+        "This model's maximum context length is 100 tokens. However, your prompt contains "
+        "100 input tokens, which leaves no room for output tokens. Please reduce the length "
+        "of the input prompt."
+    )
+
+
+def test_completion_default_16_is_bounded_not_refused() -> None:
+    p = prepare_completion({"prompt": "x"}, NONE)
+    apply_limits(p, 95, 100)
+    assert p.sampling.max_tokens == 5
+    p = prepare_completion({"prompt": "x"}, NONE)
+    apply_limits(p, 5, 100)
+    assert p.sampling.max_tokens == 16
 
 
 def test_apply_limits_max_tokens_too_large() -> None:
@@ -529,10 +583,42 @@ def test_tool_choice_auto_and_none_leave_the_output_free() -> None:
 def test_tool_choice_refusals() -> None:
     e = chat_refused(tool_choice="required")
     assert (e.param, e.message) == ("tool_choice", "When using `tool_choice`, `tools` must be set.")
+    e = chat_refused(tool_choice="auto")
+    assert (e.param, e.message) == ("tool_choice", "When using `tool_choice`, `tools` must be set.")
     e = chat_refused(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
-    assert e.message == "Tool 'nope' has not been passed in `tools`."
+    assert (e.param, e.message) == (
+        "tool_choice",
+        "The tool specified in `tool_choice` does not match any of the specified `tools`",
+    )
     e = chat_refused(tools=TOOLS, tool_choice="sometimes")
-    assert e.param == "tool_choice"
+    assert (e.param, e.message) == (
+        "tool_choice",
+        'Invalid value for `tool_choice`: "sometimes"! Only named tools, "none", "auto" or '
+        '"required" are supported.',
+    )
+    e = chat_refused(tools=TOOLS, tool_choice={"type": "function", "function": {}})
+    assert (e.param, e.message) == (
+        "tool_choice.function.name",
+        "Expected field `name` in `function` in `tool_choice`! Correct usage: "
+        '`{"type": "function", "function": {"name": "my_function"}}`',
+    )
+    e = chat_refused(tools=[])
+    assert (e.param, e.message) == (
+        "tools",
+        "`tools` must not be an empty array. Either provide at least one tool or omit the "
+        "field entirely.",
+    )
+    e = chat_refused(tools=TOOLS, tool_choice="required", regex="a")
+    assert (e.param, e.message) == (
+        "tool_choice",
+        "You can only either use constraints for structured outputs or tools, not both.",
+    )
+
+
+def test_parallel_tool_calls_false_allows_one_call() -> None:
+    p = chat(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    assert p.sampling.constraint is not None
+    assert orjson.loads(str(p.sampling.constraint[1]))["maxItems"] == 1
 
 
 def test_conflicting_tool_defs_are_refused() -> None:
@@ -558,17 +644,16 @@ def test_completion_prompt_forms() -> None:
 
 
 def test_completion_fields() -> None:
-    p = prepare_completion(
-        {"model": "m", "prompt": "x", "echo": True, "logprobs": 3, "stream": True}, NONE
-    )
+    p = prepare_completion({"model": "m", "prompt": "x", "logprobs": 3, "stream": True}, NONE)
     assert (p.kind, p.echo, p.logprobs, p.top_logprobs, p.sampling.logprobs) == (
         "completion",
-        True,
+        False,
         True,
         3,
         3,
     )
-    assert p.sampling.max_tokens == 16  # the legacy API's default (OpenAI, vLLM)
+    assert (p.sampling.max_tokens, p.max_tokens_default) == (None, 16)  # the legacy default
+    assert prepare_completion({"prompt": "x", "echo": True}, NONE).echo is True
     assert prepare_completion({"prompt": "x", "max_tokens": 40}, NONE).sampling.max_tokens == 40
 
 
@@ -585,7 +670,17 @@ def test_completion_fields() -> None:
         ),
         ({"prompt": [1, -1]}, "prompt", "'prompt' holds a negative token id."),
         ({"prompt": "a", "suffix": "z"}, "suffix", "suffix is not supported."),
-        ({"prompt": "a", "logprobs": 21}, "logprobs", "logprobs must be in [0, 20], got 21."),
+        (
+            {"prompt": "a", "logprobs": 21},
+            "logprobs",
+            "Requested sample logprobs of 21, which is greater than max allowed: 20",
+        ),
+        ({"prompt": "a", "logprobs": -3}, "logprobs", "`logprobs` must be a positive value or -1."),
+        (
+            {"prompt": "a", "logprobs": 1, "echo": True},
+            "echo",
+            "`echo` with `logprobs` is not supported (no prompt logprobs).",
+        ),
         (
             {"prompt": "a", "stream_options": {"include_usage": True}},
             "stream_options",
@@ -633,7 +728,9 @@ def test_generate_sglang_body() -> None:
 
 def test_generate_input_ids_and_default_max_new_tokens() -> None:
     p = prepare_generate({"input_ids": [5, 6]}, NONE)
-    assert (p.prompt, p.sampling.max_tokens) == ([5, 6], 128)
+    assert (p.prompt, p.sampling.max_tokens, p.max_tokens_default) == ([5, 6], None, 128)
+    apply_limits(p, 2, 4096)
+    assert p.sampling.max_tokens == 128
 
 
 @pytest.mark.parametrize(
@@ -653,7 +750,7 @@ def test_generate_input_ids_and_default_max_new_tokens() -> None:
         (
             {"text": "a", "sampling_params": {"max_new_tokens": 0}},
             "max_new_tokens",
-            "max_new_tokens must be at least 1, got 0.",
+            "max_tokens must be at least 1, got 0.",
         ),
         (
             {"text": ["a", "b"]},

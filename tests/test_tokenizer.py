@@ -143,3 +143,14 @@ def test_second_vocabulary(tmp_path: Path) -> None:
     assert tok.eos_token_ids == (0,)
     assert tok.special_ids >= {0, 1, 2}
     assert tok.decode(tok.encode("héllo 你好 🎉")) == "héllo 你好 🎉"
+
+
+def test_bad_input_is_value_error(llama31: Path) -> None:
+    tok = load_tokenizer(str(llama31))
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode("a\ud800b")
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([-1])
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([2**40])
+    assert tok.decode([9906, 200000]) == "Hello"  # not in the vocabulary: nothing

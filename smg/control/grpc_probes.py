@@ -144,8 +144,9 @@ class GrpcProbe:
             return http_status_for(exc.code)[0], f"{exc.code}: {exc.message}"
         return (200 if ok else 400), message
 
-    async def fetch_tokenizer(self, cache_root: Path, timeout: float) -> Path:
-        """The worker's tokenizer bundle, checked and unpacked under `cache_root`; raises
+    async def fetch_tokenizer(self, cache_root: Path | None, timeout: float) -> Path:
+        """The worker's tokenizer bundle, checked and unpacked under `cache_root` (None:
+        smg.tokenizer.bundle's default root); raises
         EngineError / TokenizerLoadError / OSError (the caller logs and retries later)."""
         client = await self._client(timeout)
         if client is None:

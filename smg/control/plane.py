@@ -342,7 +342,7 @@ class ControlPlane:
             probe = GrpcProbe(
                 record.spec.url,
                 tls=self._grpc_tls_for() if secure else None,
-                api_key=self._key(record),
+                api_key=record.spec.api_key,  # the worker's own key only (Rust sends none)
             )
             self.grpc_probes[record.worker_id] = probe
         return probe
@@ -391,12 +391,10 @@ class ControlPlane:
             return False
         if record.grpc.tokenizer_dir or not needs_bundle(self.cfg):
             return True
-        from smg.tokenizer.bundle import bundle_cache_root
-
         url = record.spec.url
         try:
             path = await self._grpc_probe(record).fetch_tokenizer(
-                bundle_cache_root(), float(self.cfg.health_check_timeout_secs)
+                None, float(self.cfg.health_check_timeout_secs)
             )
         except asyncio.CancelledError:
             raise

@@ -15,6 +15,7 @@ cancelled RPC is noticed by the servicer only at its next yield).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -255,13 +256,11 @@ class EngineClient:
             raise _error(exc) from None
         return bool(answer.success), answer.message
 
-    async def tokenizer_bundle(self, cache_root: Path, timeout: float) -> Path:
+    async def tokenizer_bundle(self, cache_root: Path | None, timeout: float) -> Path:
         """GetTokenizer: the zip's chunks joined, checked against the sha256 of the last
-        chunk and unpacked under `cache_root` (smg.tokenizer.bundle.unpack_bundle, off the
-        loop). EngineError for a failed RPC or a bundle over MAX_BUNDLE_BYTES;
-        TokenizerLoadError for a digest mismatch or a bad archive."""
-        from smg.tokenizer.bundle import unpack_bundle
-
+        chunk and unpacked under `cache_root` (None: smg.tokenizer.bundle.bundle_cache_root())
+        by smg.tokenizer.bundle.unpack_bundle, off the loop. EngineError for a failed RPC, a digest mismatch or a bundle over
+        MAX_BUNDLE_BYTES; TokenizerLoadError for a bad archive."""
         call = self._api.stub.GetTokenizer(
             common_pb2.GetTokenizerRequest(), timeout=timeout, metadata=self._metadata
         )
@@ -287,7 +286,18 @@ class EngineClient:
         data = b"".join(parts)
         if not digest:
             raise EngineError("DATA_LOSS", "tokenizer bundle without a sha256 on its last chunk")
-        return await asyncio.to_thread(unpack_bundle, data, digest, cache_root)
+        # Checked here too (unpack_bundle does): the message names both digests.
+        actual = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        if actual != digest.lower():
+            raise EngineError(
+                "DATA_LOSS",
+                f"tokenizer bundle sha256 mismatch: the worker said {digest}, "
+                f"the {len(data)} bytes received hash to {actual}",
+            )
+        from smg.tokenizer.bundle import bundle_cache_root, unpack_bundle
+
+        root = cache_root if cache_root is not None else bundle_cache_root()
+        return await asyncio.to_thread(unpack_bundle, data, digest, root)
 
     async def close(self) -> None:
         if self._own_channel:

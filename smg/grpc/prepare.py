@@ -23,9 +23,12 @@ import orjson
 from smg.grpc.types import SamplingParams
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-_MAX_STOPS = 4  # the Rust SMG's `validate_stop` (vLLM has no limit)
+_MAX_STOPS = 4  # the Rust SMG's `validate_stop` and vLLM's VLLM_MAX_STOP_STRINGS default
 _MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default --max-logprobs
 _INT_MAX = 2**63 - 1
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_MAX_N = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
+_SAMPLING_EPS = 1e-5  # vLLM: a temperature below this is greedy
 # The error code of a refused request (the body's `type` is "invalid_request_error" too,
 # as the Rust SMG writes it; vLLM writes type "BadRequestError" and code 400).
 INVALID = "invalid_request_error"
@@ -131,7 +134,9 @@ class Prepared:
     # tool_choice "required" / a named function: the output is a JSON constraint and the
     # answer carries tool calls (respond.py); None otherwise.
     tool_choice: str | None = None  # "required" | the function's name
-    max_tokens_cap: int | None = None  # the model's max_new_tokens (Defaults.max_tokens)
+    # max_tokens when the request has none: the model's max_new_tokens (chat), the
+    # legacy API's 16 (completions), SGLang's 128 (/generate)
+    max_tokens_default: int | None = None
     # SGLang /generate: return_logprob's extras and the text's offset for logprobs.
     return_text_in_logprobs: bool = False
 
@@ -192,64 +197,57 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _in_range(
-    name: str, value: float | None, lo: float, hi: float, *, lo_open: bool = False
-) -> None:
-    if value is None:
-        return
-    if value > hi or value < lo or (lo_open and value == lo):
-        left = "(" if lo_open else "["
-        raise _bad(
-            f"{name} must be in {left}{_fmt(lo)}, {_fmt(hi)}], got {_fmt(value)}.", param=name
-        )
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
-
-
 # --------------------------------------------------------------------------- sampling
 
 
 def _sampling(
     body: dict, defaults: Defaults, *, max_tokens_names: tuple[str, ...]
 ) -> tuple[SamplingParams, bool]:
-    """The sampling fields shared by chat and completions (vLLM's names and checks)."""
+    """The sampling fields shared by chat and completions: vLLM's names, checks and
+    wording (vllm/sampling_params.py `_verify_args`, 0.32)."""
     s = SamplingParams()
     temperature = _number(body, "temperature")
-    _in_range("temperature", temperature, 0.0, 2.0)
+    if temperature is not None:
+        if temperature < 0.0:
+            raise _bad(f"temperature must be non-negative, got {temperature}.", "temperature")
+        if temperature > 2.0:
+            raise _bad(f"temperature must be in [0, 2], got {temperature}.", "temperature")
     s.temperature = _first(temperature, defaults.temperature, 1.0)
     top_p = _number(body, "top_p")
-    _in_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p")
     s.top_p = _first(top_p, defaults.top_p, 1.0)
     top_k = _integer(body, "top_k")
     if top_k is not None and top_k < -1:
-        raise _bad(f"top_k must be -1 (disable), or at least 1, got {top_k}.", param="top_k")
+        raise _bad(f"top_k must be 0 (disable), or at least 1, got {top_k}.", "top_k")
     if top_k is not None:
-        s.top_k = -1 if top_k in (0, -1) else top_k  # vLLM: 0 is off too
+        s.top_k = -1 if top_k in (0, -1) else top_k  # vLLM: 0 and -1 are both off
     else:
         s.top_k = defaults.top_k if defaults.top_k is not None else -1
     min_p = _number(body, "min_p")
-    _in_range("min_p", min_p, 0.0, 1.0)
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise _bad(f"min_p must be in [0, 1], got {min_p}.", "min_p")
     s.min_p = _first(min_p, defaults.min_p, 0.0)
-    for name in ("frequency_penalty", "presence_penalty"):
+    for name in ("presence_penalty", "frequency_penalty"):
         value = _number(body, name)
-        _in_range(name, value, -2.0, 2.0)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise _bad(f"{name} must be in [-2, 2], got {value}.", name)
         setattr(s, name, value if value is not None else 0.0)
     repetition = _number(body, "repetition_penalty")
-    if repetition is not None and not 0.0 < repetition <= 2.0:
+    if repetition is not None and repetition <= 0.0:
         raise _bad(
-            f"repetition_penalty must be in (0, 2], got {_fmt(repetition)}.",
-            param="repetition_penalty",
+            f"repetition_penalty must be greater than zero, got {repetition}.",
+            "repetition_penalty",
         )
     s.repetition_penalty = _first(repetition, defaults.repetition_penalty, 1.0)
 
-    # max_completion_tokens wins over max_tokens (vLLM's `max_completion_tokens or max_tokens`)
+    # max_completion_tokens wins over max_tokens (vLLM: `max_completion_tokens if not
+    # None else max_tokens`); the message names max_tokens as vLLM's SamplingParams does
     explicit: int | None = None
     for name in max_tokens_names:
         value = _integer(body, name)
         if value is not None and value < 1:
-            raise _bad(f"{name} must be at least 1, got {value}.", param=name)
+            raise _bad(f"max_tokens must be at least 1, got {value}.", name)
         if explicit is None and value is not None:
             explicit = value
     s.max_tokens = explicit
@@ -257,25 +255,31 @@ def _sampling(
     if min_tokens is not None:
         if min_tokens < 0:
             raise _bad(
-                f"min_tokens must be greater than or equal to 0, got {min_tokens}.",
-                param="min_tokens",
+                f"min_tokens must be greater than or equal to 0, got {min_tokens}.", "min_tokens"
             )
         if explicit is not None and min_tokens > explicit:
             raise _bad(
-                f"min_tokens must be less than or equal to max_tokens={explicit}, got {min_tokens}.",
-                param="min_tokens",
+                f"min_tokens must be less than or equal to max_tokens={explicit}, "
+                f"got {min_tokens}.",
+                "min_tokens",
             )
         s.min_tokens = min_tokens
 
     n = _integer(body, "n")
     if n is not None:
         if n < 1:
-            raise _bad(f"n must be at least 1, got {n}.", param="n")
+            raise _bad(f"n must be at least 1, got {n}.", "n")
+        if n > _MAX_N:
+            raise _bad(f"n must be at most {_MAX_N}, got {n}.", "n")
         s.n = n
+    if s.n > 1 and s.temperature < _SAMPLING_EPS:
+        # vLLM's `_verify_greedy_sampling`: n identical greedy answers are refused
+        raise _bad(f"n must be 1 when using greedy sampling, got {s.n}.", "n")
     seed = _integer(body, "seed")
-    if seed is not None:
-        if not -(2**63) <= seed < 2**64:
-            raise _bad(f"seed is out of range: {seed}.", param="seed")
+    if seed is not None and seed != -1:  # vLLM: -1 is no seed
+        if not _INT32_MIN <= seed <= _INT32_MAX:
+            # the engines' gRPC field is an int32 (vLLM's HTTP server takes an int64)
+            raise _bad(f"seed must be in [{_INT32_MIN}, {_INT32_MAX}], got {seed}.", "seed")
         s.seed = seed
 
     s.stop = _stops(body.get("stop"))
@@ -283,7 +287,8 @@ def _sampling(
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
             raise _bad(
-                "stop_token_ids must be a list of non-negative token ids.", param="stop_token_ids"
+                f"stop_token_ids must contain only non-negative integers, got {_show(stop_ids)}.",
+                "stop_token_ids",
             )
         s.stop_token_ids = list(stop_ids)
     s.ignore_eos = _boolean(body, "ignore_eos", False)
@@ -306,37 +311,44 @@ def _stops(stop: object) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop must be a string or a list of strings.", param="stop")
+        raise _bad("stop must be a string or a list of strings.", "stop")
     if len(stops) > _MAX_STOPS:
-        raise _bad(f"stop may hold at most {_MAX_STOPS} sequences, got {len(stops)}.", param="stop")
+        raise _bad(f"stop may hold at most {_MAX_STOPS} sequences, got {len(stops)}.", "stop")
     if any(s == "" for s in stops):
-        raise _bad("stop sequences cannot be empty.", param="stop")
+        raise _bad("stop cannot contain an empty string.", "stop")
     return list(stops)
 
 
 def _logit_bias(value: object) -> dict[int, float]:
+    """vLLM's conversion: keys to int token ids, values clamped to [-100, 100] (OpenAI
+    refuses values outside; vLLM clamps). Out-of-vocabulary ids are the engine's to
+    refuse (the gateway does not know the vocabulary here)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _bad("logit_bias must be an object of token id to bias.", param="logit_bias")
+        raise _bad("logit_bias must be an object of token id to bias.", "logit_bias")
     out: dict[int, float] = {}
+    invalid = []
     for key, bias in value.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise _bad(
-                f"logit_bias keys must be token ids, got {_show(key)}.", param="logit_bias"
-            ) from None
-        if token < 0:
-            raise _bad(f"logit_bias token id {token} is negative.", param="logit_bias")
+            invalid.append(key)
+            continue
         if not _is_number(bias) or not math.isfinite(bias):
-            raise _bad(f"logit_bias values must be numbers, got {_show(bias)}.", param="logit_bias")
-        if not -100 <= bias <= 100:
-            raise _bad(
-                f"logit_bias values must be in [-100, 100], got {_fmt(bias)} for token {token}.",
-                param="logit_bias",
-            )
-        out[token] = float(bias)
+            raise _bad(f"logit_bias values must be numbers, got {_show(bias)}.", "logit_bias")
+        out[token] = min(100.0, max(-100.0, float(bias)))
+    if invalid:
+        raise _bad(
+            "logit_bias contains key(s) that cannot be converted to integer token IDs: "
+            f"{invalid!r}",
+            "logit_bias",
+        )
+    negative = [t for t in out if t < 0]
+    if negative:
+        raise _bad(
+            f"token_id(s) {negative} in logit_bias contain out-of-vocab token ids.", "logit_bias"
+        )
     return out
 
 
@@ -402,6 +414,12 @@ def _constraint(body: dict) -> tuple[str, object] | None:
     if structured is not None:
         if not isinstance(structured, dict):
             raise _bad("structured_outputs must be an object.", param="structured_outputs")
+        if sum(structured.get(k) is not None for k in ("json", "regex", "choice")) > 1:
+            raise _bad(
+                "You can only use one kind of constraints for structured outputs "
+                "('json', 'regex' or 'choice').",
+                "structured_outputs",
+            )
         for key, kind in (
             ("json", "json_schema"),
             ("regex", "regex"),
@@ -444,6 +462,12 @@ def _response_format(value: object) -> tuple[str, object] | None:
         return ("json_object", '{"type":"object"}')
     if kind == "json_schema":
         spec = value.get("json_schema")
+        if spec is None:
+            raise _bad(
+                "When response_format type is 'json_schema', the 'json_schema' field must "
+                "be provided.",
+                "response_format",
+            )
         if not isinstance(spec, dict):
             raise _bad(
                 "response_format.json_schema must be an object with 'name' and 'schema'.",
@@ -490,82 +514,109 @@ def _tools(body: dict) -> list[dict] | None:
     if tools is None:
         return None
     if not isinstance(tools, list):
-        raise _bad("tools must be a list.", param="tools")
+        raise _bad("tools must be a list.", "tools")
+    if not tools:
+        raise _bad(
+            "`tools` must not be an empty array. Either provide at least one tool or omit "
+            "the field entirely.",
+            "tools",
+        )
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise _bad(f"tools[{i}] must be a function tool.", param=f"tools[{i}]")
+            raise _bad(f"tools[{i}] must be a function tool.", f"tools[{i}]")
         function = tool.get("function")
         if (
             not isinstance(function, dict)
             or not isinstance(function.get("name"), str)
             or not function["name"]
         ):
-            raise _bad(f"tools[{i}].function.name is required.", param=f"tools[{i}].function")
+            raise _bad(f"tools[{i}].function.name is required.", f"tools[{i}].function")
         params = function.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise _bad(
                 f"tools[{i}].function.parameters must be an object.",
-                param=f"tools[{i}].function.parameters",
+                f"tools[{i}].function.parameters",
             )
     return tools
 
 
+_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
 def _tool_choice(body: dict, tools: list[dict] | None) -> str | None:
-    """ "none" / "auto" / absent -> None; "required" -> "required"; a named function ->
-    its name. vLLM's checks and wording."""
+    """vLLM's `check_tool_usage`: "none" / "auto" / absent -> None (free output);
+    "required" -> "required"; a named function -> its name."""
     choice = body.get("tool_choice")
     if choice is None or choice == "none":
         return None
+    if tools is None:
+        raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if choice == "auto":
         return None
     if choice == "required":
-        if not tools:
-            raise _bad("When using `tool_choice`, `tools` must be set.", param="tool_choice")
         return "required"
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if choice.get("type", "function") != "function" or not isinstance(name, str) or not name:
-            raise _bad(
-                "tool_choice must be 'none', 'auto', 'required' or "
-                '{"type": "function", "function": {"name": ...}}.',
-                param="tool_choice",
-            )
-        if not tools:
-            raise _bad("When using `tool_choice`, `tools` must be set.", param="tool_choice")
-        if not any(t["function"]["name"] == name for t in tools):
-            raise _bad(f"Tool '{name}' has not been passed in `tools`.", param="tool_choice")
-        return name
-    raise _bad(
-        f"Invalid value for `tool_choice`: {_show(choice)}. It must be 'none', 'auto', "
-        "'required' or a named function.",
-        param="tool_choice",
-    )
+    if not isinstance(choice, dict):
+        raise _bad(
+            f"Invalid value for `tool_choice`: {_show(choice)}! Only named tools, "
+            '"none", "auto" or "required" are supported.',
+            "tool_choice",
+        )
+    function = choice.get("function")
+    if not isinstance(function, dict):
+        raise _bad(
+            f"Invalid value for `function`: `{_show(function)}` in `tool_choice`! {_USAGE}",
+            "tool_choice.function",
+        )
+    if "name" not in function:
+        raise _bad(
+            f"Expected field `name` in `function` in `tool_choice`! {_USAGE}",
+            "tool_choice.function.name",
+        )
+    name = function["name"]
+    if not isinstance(name, str) or not name:
+        raise _bad(
+            f"Invalid `name` in `function`: `{_show(name)}` in `tool_choice`! {_USAGE}",
+            "tool_choice.function.name",
+        )
+    if not any(t["function"]["name"] == name for t in tools):
+        raise _bad(
+            "The tool specified in `tool_choice` does not match any of the specified `tools`",
+            "tool_choice",
+        )
+    return name
 
 
-def tool_schema(tools: list[dict], choice: str) -> dict:
+def tool_schema(tools: list[dict], choice: str, *, parallel_tool_calls: object = None) -> dict:
     """The JSON schema the output must follow for tool_choice "required" or a named
-    function, built as vLLM's `_get_json_schema_from_tool` builds it: a named function's
-    output is its parameters object; "required" is a non-empty array of
-    {"name", "parameters"} objects, one anyOf branch per tool, with every tool's `$defs`
-    hoisted to the top (conflicting definitions -> 400)."""
+    function, as vLLM builds it (`get_json_schema_from_tools`): a named function's output
+    is its parameters object (an empty object schema when it has none); "required" is a
+    non-empty array of {"name", "parameters"} objects, one anyOf branch per tool, every
+    tool's `$defs` hoisted to the top (conflicting definitions -> 400), at most one item
+    when parallel_tool_calls is false."""
     if choice != "required":
         for tool in tools:
             if tool["function"]["name"] == choice:
                 return tool["function"].get("parameters") or {"type": "object", "properties": {}}
-        raise _bad(f"Tool '{choice}' has not been passed in `tools`.", param="tool_choice")
+        raise _bad(f"Tool '{choice}' has not been passed in `tools`.", "tool_choice")
     branches: list[dict] = []
     defs: dict[str, Any] = {}
     for tool in tools:
         function = tool["function"]
         params = function.get("parameters")
         if params:
-            params = dict(params)
-            for name, schema in (params.pop("$defs", None) or {}).items():
+            params = dict(params)  # the request's own dict stays as sent (templates see it)
+            own = params.pop("$defs", None) or {}
+            if not isinstance(own, dict):
+                raise _bad(
+                    f"`$defs` in the parameters of tool '{function['name']}' must be an "
+                    f"object, got {type(own).__name__}.",
+                    "tools",
+                )
+            for name, schema in own.items():
                 if name in defs and defs[name] != schema:
                     raise _bad(
                         f"Tool definition '{name}' has multiple schemas, which is not supported.",
-                        param="tools",
+                        "tools",
                     )
                 defs[name] = schema
         branches.append(
@@ -582,6 +633,8 @@ def tool_schema(tools: list[dict], choice: str) -> dict:
         "minItems": 1,
         "items": {"type": "object", "anyOf": branches},
     }
+    if parallel_tool_calls is False:
+        schema["maxItems"] = 1
     if defs:
         schema["$defs"] = defs
     return schema
@@ -651,20 +704,28 @@ def _messages(body: dict) -> list[dict]:
 
 
 def _logprobs_chat(body: dict) -> tuple[bool, int]:
+    """vLLM's `check_logprobs`: top_logprobs 0 needs nothing; -1 or > 0 needs logprobs;
+    more than the engine's max_logprobs (20 by default) is refused."""
     logprobs = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs")
-    if top is not None:
-        if not logprobs:
-            # vLLM's wording
-            raise _bad(
-                "when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs"
-            )
-        if not 0 <= top <= _MAX_TOP_LOGPROBS:
-            raise _bad(
-                f"top_logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {top}.",
-                param="top_logprobs",
-            )
-    return logprobs, top or 0
+    if top is None:
+        return logprobs, 0
+    if top < 0 and top != -1:
+        raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
+    if top != 0 and not logprobs:
+        raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    _max_logprobs(top, "top_logprobs")
+    return logprobs, top
+
+
+def _max_logprobs(k: int, param: str) -> None:
+    if k == -1 or k > _MAX_TOP_LOGPROBS:
+        shown = "the whole vocabulary (-1)" if k == -1 else str(k)
+        raise _bad(
+            f"Requested sample logprobs of {shown}, which is greater than max allowed: "
+            f"{_MAX_TOP_LOGPROBS}",
+            param,
+        )
 
 
 # --------------------------------------------------------------------------- stages
@@ -689,12 +750,12 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
     if choice is not None:
         if constraint is not None:
             raise _bad(
-                "tool_choice 'required' or a named function cannot be combined with another "
-                "structured output constraint.",
-                param="tool_choice",
+                "You can only either use constraints for structured outputs or tools, not both.",
+                "tool_choice",
             )
         assert tools is not None
-        constraint = ("json_schema", orjson.dumps(tool_schema(tools, choice)).decode())
+        schema = tool_schema(tools, choice, parallel_tool_calls=body.get("parallel_tool_calls"))
+        constraint = ("json_schema", orjson.dumps(schema).decode())
     sampling.constraint = constraint
     documents = body.get("documents")
     if documents is not None and not (
@@ -736,7 +797,7 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
         top_logprobs=top,
         request_id_hint=_string(body, "rid") or _string(body, "request_id"),
         max_tokens_explicit=explicit,
-        max_tokens_cap=defaults.max_tokens,
+        max_tokens_default=defaults.max_tokens,
         tool_choice=choice,
     )
 
@@ -776,21 +837,20 @@ def prepare_completion(body: dict, defaults: Defaults) -> Prepared:
     if body.get("best_of") not in (None, 1) and body.get("best_of") != body.get("n", 1):
         raise _bad("best_of is not supported.", param="best_of")
     sampling, explicit = _sampling(body, defaults, max_tokens_names=("max_tokens",))
-    if "max_tokens" not in body:
-        # the legacy completions API: max_tokens defaults to 16 (OpenAI and vLLM)
-        sampling.max_tokens = 16
-        explicit = True
     stream = _boolean(body, "stream", False)
     include_usage, continuous = _stream_options(body, stream)
     logprobs = _integer(body, "logprobs")
     if logprobs is not None:
-        if not 0 <= logprobs <= _MAX_TOP_LOGPROBS:
-            raise _bad(
-                f"logprobs must be in [0, {_MAX_TOP_LOGPROBS}], got {logprobs}.", param="logprobs"
-            )
+        if logprobs < 0 and logprobs != -1:
+            raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
+        _max_logprobs(logprobs, "logprobs")
         sampling.logprobs = logprobs
     sampling.constraint = _constraint(body)
     echo = _boolean(body, "echo", False)
+    if echo and logprobs is not None:
+        # vLLM answers with the prompt's logprobs too; the gRPC path does not ask the
+        # engine for them, so it refuses rather than answer with a short list
+        raise _bad("`echo` with `logprobs` is not supported (no prompt logprobs).", "echo")
     return Prepared(
         kind="completion",
         model=model,
@@ -804,7 +864,7 @@ def prepare_completion(body: dict, defaults: Defaults) -> Prepared:
         echo=echo,
         request_id_hint=_string(body, "rid") or _string(body, "request_id"),
         max_tokens_explicit=explicit,
-        max_tokens_cap=defaults.max_tokens,
+        max_tokens_default=16,  # the legacy API's default (OpenAI, vLLM)
     )
 
 
@@ -829,9 +889,6 @@ def prepare_generate(body: dict, defaults: Defaults) -> Prepared:
         raise _bad("sampling_params must be an object.", param="sampling_params")
     params = dict(params)
     sampling, explicit = _sampling(params, defaults, max_tokens_names=("max_new_tokens",))
-    if params.get("max_new_tokens") is None:
-        sampling.max_tokens = 128  # SGLang's SamplingParams default
-        explicit = True
     if "no_stop_trim" in params:
         sampling.include_stop_str_in_output = _boolean(params, "no_stop_trim", False)
     constraint_src = {
@@ -863,41 +920,35 @@ def prepare_generate(body: dict, defaults: Defaults) -> Prepared:
         top_logprobs=top,
         request_id_hint=rid,
         max_tokens_explicit=explicit,
-        max_tokens_cap=defaults.max_tokens,
+        max_tokens_default=128,  # SGLang's max_new_tokens default
         return_text_in_logprobs=_boolean(body, "return_text_in_logprobs", False),
     )
 
 
 def apply_limits(p: Prepared, prompt_len: int, context_length: int | None) -> None:
-    """Fix max_tokens once the prompt is tokenized (vLLM's `get_max_tokens`): the
-    minimum of the request's value, the context left and the model's max_new_tokens.
-    A prompt that fills the context, or an explicit max_tokens that does not fit next to
-    it, is a 400 before dispatch (vLLM's wording)."""
+    """Fix max_tokens once the prompt is tokenized, as vLLM 0.32's `get_max_tokens`: the
+    request's value, else the model's max_new_tokens, bounded by the context left (no
+    bound when the context length is unknown). A prompt that leaves no room for output
+    is a 400 (vLLM's wording); so is an explicit max_tokens that does not fit next to
+    the prompt (vLLM 0.32 quietly clamps it; this plan refuses, as older vLLM did)."""
     s = p.sampling
-    cap = p.max_tokens_cap
-    if context_length is None or context_length <= 0:
-        if s.max_tokens is None:
-            s.max_tokens = cap
-        elif cap is not None:
-            s.max_tokens = min(s.max_tokens, cap)
-        return
     requested = s.max_tokens if p.max_tokens_explicit else None
+    wanted = requested if requested is not None else p.max_tokens_default
+    if context_length is None or context_length <= 0:
+        s.max_tokens = wanted
+        return
     if prompt_len >= context_length:
-        if requested is None:
-            message = (
-                f"This model's maximum context length is {context_length} tokens. However, "
-                f"your request has {prompt_len} input tokens. Please reduce the length of the "
-                "input messages."
-            )
-        else:
-            message = (
-                f"This model's maximum context length is {context_length} tokens. However, you "
-                f"requested {prompt_len + requested} tokens ({prompt_len} in the messages, "
-                f"{requested} in the completion). Please reduce the length of the messages or "
-                "completion."
-            )
         raise _bad(
-            message, param="messages" if p.kind == "chat" else "prompt", code=CONTEXT_EXCEEDED
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"prompt contains {prompt_len} input tokens, which "
+            + (
+                "exceeds this limit even without any output tokens."
+                if prompt_len > context_length
+                else "leaves no room for output tokens."
+            )
+            + " Please reduce the length of the input prompt.",
+            "messages" if p.kind == "chat" else "prompt",
+            code=CONTEXT_EXCEEDED,
         )
     left = context_length - prompt_len
     if requested is not None and requested > left:
@@ -905,8 +956,9 @@ def apply_limits(p: Prepared, prompt_len: int, context_length: int | None) -> No
             f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
             f"maximum context length is {context_length} tokens and your request has "
             f"{prompt_len} input tokens ({requested} > {context_length} - {prompt_len}).",
-            param="max_completion_tokens" if p.kind == "chat" else "max_tokens",
+            {"chat": "max_completion_tokens", "generate": "max_new_tokens"}.get(
+                p.kind, "max_tokens"
+            ),
             code=CONTEXT_EXCEEDED,
         )
-    bounds = [left] + [v for v in (requested, cap) if v is not None]
-    s.max_tokens = min(bounds)
+    s.max_tokens = left if wanted is None else min(wanted, left)

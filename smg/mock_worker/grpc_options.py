@@ -54,6 +54,8 @@ class GrpcRuntime:
     fail_after_tokens: int = 0  # ... after this many tokens of choice 0 (0: before the first)
     fail_message: str = "mock failure"
     waiting: int = 0  # GetLoads' num_waiting_reqs
+    output_mode: str = "random"  # as --output-mode
+    eos_after: int | None = None  # as --eos-after
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,6 +69,14 @@ def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**31
 
 
+def _mode_ok(v: Any) -> bool:
+    try:
+        parse_output_mode(v)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
 _RULES: dict[str, tuple[Any, str]] = {
     "healthy": (lambda v: isinstance(v, bool), "a boolean"),
     "ttft_ms": (_num, "a non-negative number"),
@@ -77,6 +87,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "fail_after_tokens": (_int, "a non-negative integer"),
     "fail_message": (lambda v: isinstance(v, str), "a string"),
     "waiting": (_int, "a non-negative integer"),
+    "output_mode": (_mode_ok, "echo, random or text:<string>"),
+    "eos_after": (lambda v: v is None or _int(v), "null or a non-negative integer"),
 }
 
 

@@ -68,7 +68,9 @@ Control port (--control-port, HTTP/1.1, one request per connection): GET /stats 
 method, last GenerateRequest via protobuf json_format, its constraint, aborted and
 cancelled request ids, failures, tokens), GET /config, POST /config (grpc_options
 GrpcRuntime: fail_next N with fail_code before the first token or after fail_after_tokens
-tokens, healthy, ttft_ms, itl_ms, delay_ms, waiting), POST /reset (stats and cache).
+tokens of choice 0, healthy, ttft_ms, itl_ms, delay_ms, waiting, output_mode, eos_after),
+POST /reset (config back to the command line's, stats and cache emptied).
+Tests start it with tests/grpcmockutil.py (start_grpc_mock, llama3_dir).
 """
 
 from __future__ import annotations
@@ -162,22 +164,31 @@ class Engine:
         self.opts = opts
         self.files = files
         self.model: Model = files.model(opts.backend, opts.max_context_length)
-        mode = parse_output_mode(opts.output_mode)
-        if mode.kind == "text":
-            text = opts.output_mode[len("text:") :]
-            mode = OutputMode(
-                "text", tuple(files.tokenizer.encode(text, add_special_tokens=False).ids)
-            )
-        self.mode = mode
-        self.runtime = GrpcRuntime(
-            healthy=not opts.health_fail, ttft_ms=opts.ttft_ms, itl_ms=opts.itl_ms
-        )
+        self.runtime = self.initial_runtime()
+        self.mode = self.output_mode(self.runtime.output_mode)
         self.stats = Stats()
         self.cache = PrefixCache(opts.prefix_cache_tokens) if opts.prefix_cache_tokens else None
         self.running: dict[str, Running] = {}
         self.started = time.time()
         self.last_receive = 0.0
         self._bundle: tuple[bytes, str] | None = None
+
+    def initial_runtime(self) -> GrpcRuntime:
+        o = self.opts
+        return GrpcRuntime(
+            healthy=not o.health_fail,
+            ttft_ms=o.ttft_ms,
+            itl_ms=o.itl_ms,
+            output_mode=o.output_mode,
+            eos_after=o.eos_after,
+        )
+
+    def output_mode(self, text: str) -> OutputMode:
+        mode = parse_output_mode(text)
+        if mode.kind != "text":
+            return mode
+        ids = self.files.tokenizer.encode(text[len("text:") :], add_special_tokens=False).ids
+        return OutputMode("text", tuple(ids))
 
     def count(self, method: str) -> None:
         self.stats.calls[method] = self.stats.calls.get(method, 0) + 1
@@ -461,7 +472,7 @@ async def generate(
         cached = engine.cached_tokens(req.prompt)
         tok = engine.files.tokenizer if req.stop else None
         scripts = [
-            ChoiceScript(i, req, engine.model, engine.mode, tok, eos_after=engine.opts.eos_after)
+            ChoiceScript(i, req, engine.model, engine.mode, tok, eos_after=rt.eos_after)
             for i in range(req.n)
         ]
         ttft = rt.ttft_ms / 1000
@@ -753,8 +764,11 @@ def control_answer(e: Engine, method: str, path: str, body: bytes) -> bytes:
         err = apply_update(e.runtime, update)
         if err is not None:
             return _http(400, {"error": err})
+        e.mode = e.output_mode(e.runtime.output_mode)
         return _http(200, e.runtime.to_json())
     if path == "/reset" and method == "POST":
+        e.runtime = e.initial_runtime()
+        e.mode = e.output_mode(e.runtime.output_mode)
         e.stats = Stats()
         e.stats.in_flight = len(e.running)
         if e.cache is not None:

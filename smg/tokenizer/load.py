@@ -221,17 +221,29 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Chat prompts: add_special_tokens False (the template
         wrote BOS); completions: True (the tokenizer's post-processor decides)."""
-        if self._encode_cached is not None:
-            return self._encode_cached(text, add_special_tokens)
-        return self._inner.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            if self._encode_cached is not None:
+                return self._encode_cached(text, add_special_tokens)
+            return self._inner.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError as exc:
+            # The Rust side refuses a str with lone surrogates ("\ud800" in JSON).
+            if isinstance(text, str):
+                raise ValueError("text is not valid Unicode (a lone surrogate)") from exc
+            raise
 
     def encode_uncached(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         return self._inner.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self._inner.decode(
-            ids if isinstance(ids, list) else list(ids), skip_special_tokens=skip_special_tokens
-        )
+        """Ids the vocabulary does not have decode to nothing (as in `tokenizers`); an
+        id outside 0..2**32-1 is a ValueError (a client's /v1/detokenize)."""
+        try:
+            return self._inner.decode(
+                ids if isinstance(ids, list) else list(ids),
+                skip_special_tokens=skip_special_tokens,
+            )
+        except OverflowError as exc:
+            raise ValueError(f"token id out of range: {exc}") from exc
 
     def id_to_token(self, id: int) -> str | None:
         return self._inner.id_to_token(id)
