@@ -121,12 +121,18 @@ class Stages:
                 )
             except self.template_error as exc:  # the template's raise_exception, or a bad render
                 raise self.request_error(400, "invalid_request_error", str(exc)) from None
-            return tokenizer.encode(text, add_special_tokens=False), text
+            return self.encode(tokenizer, text, False), text
         prompt = prepared.prompt
         if isinstance(prompt, list):
             return prompt, ""
         text = prompt or ""
-        return tokenizer.encode(text, add_special_tokens=True), text
+        return self.encode(tokenizer, text, True), text
+
+    def encode(self, tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except ValueError as exc:  # text the tokenizer refuses (a lone surrogate)
+            raise self.request_error(400, "invalid_request_error", str(exc)) from None
 
     def apply_limits(self, prepared: Any, prompt_len: int, context_length: int | None) -> None:
         self.prepare_mod.apply_limits(prepared, prompt_len, context_length)
@@ -353,9 +359,7 @@ class GrpcFront:
                     400, "invalid_request_error", "'prompt' must be a string"
                 )
             add_special = body.get("add_special_tokens", True) is not False
-            ids = await self.offload.run(
-                len(prompt), tokenizer.encode, prompt, add_special_tokens=add_special
-            )
+            ids = await self.offload.run(len(prompt), stages.encode, tokenizer, prompt, add_special)
         return respond.tokenize_body(ids, tokenizer, context, body)
 
 
@@ -740,8 +744,7 @@ class GrpcExchange:
                 "'input' must be a string, a list of strings, or token ids",
             )
         sequences = [
-            x if isinstance(x, list) else tokenizer.encode(x, add_special_tokens=True)
-            for x in inputs
+            x if isinstance(x, list) else stages.encode(tokenizer, x, True) for x in inputs
         ]
         context = _context_length(entry, tokenizer)
         for seq in sequences:
