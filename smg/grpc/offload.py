@@ -20,6 +20,7 @@ the executor's queue rather than starting more threads.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -48,7 +49,10 @@ class Offload:
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> Offload:
-        return cls()
+        # SMG__GRPC_OFFLOAD_BYTES: the threshold, for measuring (a huge value: never).
+        raw = os.environ.get("SMG__GRPC_OFFLOAD_BYTES", "")
+        threshold = int(raw) if raw.isdigit() else DEFAULT_THRESHOLD
+        return cls(threshold=threshold)
 
     def pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
