@@ -407,10 +407,18 @@ def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
             max_tokens=100,
         )
         got = 0
-        with pytest.raises(openai.APIError):
+        with pytest.raises(openai.APIError) as caught:
             for _chunk in stream:
                 got += 1
-        assert got >= 2  # the role chunk and at least one token came first
+        assert got == 4  # the role chunk and the three tokens came first
+        assert caught.value.message == "mock failure"
+        assert caught.value.body == {
+            "message": "mock failure",
+            "type": "stream_error",
+            "code": "internal_error",
+        }
+        # Not retried: the stream had begun.
+        assert mocks[0].stats()["generate"] == 1
 
 
 def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
@@ -495,3 +503,44 @@ def test_cache_aware_routes_by_token_ids(tokdir: Path) -> None:
             )
         counts = sorted(m.stats()["generate"] for m in mocks)
         assert counts == [0, 8]
+
+
+def test_streams_of_completions_and_two_choices(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    chunks = list(
+        client(gw).completions.create(model=MODEL, prompt="Once", max_tokens=50, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == TEXT
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    texts = ["", ""]
+    for chunk in client(gw).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, stream=True, max_tokens=50
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [TEXT, TEXT]
+
+
+def test_sglang_backend(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 1, *text_mode(), "--grpc-backend", "sglang") as mocks,
+        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        assert answer.choices[0].message.content == TEXT
+        assert answer.usage.completion_tokens == TEXT_TOKENS + 1
+        chunks = list(
+            client(gw).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+        generated = httpx.post(
+            gw.url + "/generate",
+            json={"text": "Once", "sampling_params": {"max_new_tokens": 50}},
+            timeout=30.0,
+        )
+        assert generated.status_code == 200, generated.text
+        assert generated.json()["text"] == TEXT
