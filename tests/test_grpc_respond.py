@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -741,3 +743,58 @@ def test_required_tool_choice_stream(tok: Tokenizer) -> None:
     assert calls[0]["function"]["arguments"] + calls[1]["function"]["arguments"] == (
         '{"city": "Paris"}'
     )
+
+
+# --------------------------------------------------------------------------- property
+
+ALPHABET = "ab END\n!é語🦙"
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.text(alphabet=ALPHABET, min_size=1, max_size=40),
+    stop_at=st.tuples(st.integers(0, 39), st.integers(1, 5)),
+    stop_in_text=st.booleans(),
+    include=st.booleans(),
+    cuts=st.lists(st.integers(1, 6), min_size=1, max_size=40),
+)
+def test_streamed_text_is_the_decoded_text_cut_at_the_stop(
+    tok: Tokenizer,
+    text: str,
+    stop_at: tuple[int, int],
+    stop_in_text: bool,
+    include: bool,
+    cuts: list[int],
+) -> None:
+    """However the engine chunks the ids, the deltas add up to the whole decoded text
+    cut before the first occurrence of the stop string (after it with
+    include_stop_str_in_output), and the finish reason says whether it matched."""
+    start, length = stop_at
+    stop = text[start % len(text) :][:length] if stop_in_text else "🦙!b"
+    ids = tok.encode(text)
+    full = tok.decode(ids)
+    at = full.find(stop)
+    expected = full if at < 0 else full[: at + len(stop)] if include else full[:at]
+    state = ChoiceState(0, tok, SamplingParams(stop=[stop], include_stop_str_in_output=include))
+    chunks: list[list[int]] = []
+    rest = list(ids)
+    for n in cuts:
+        if not rest:
+            break
+        chunks.append(rest[:n])
+        rest = rest[n:]
+    if rest:
+        chunks.append(rest)
+    deltas = []
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        deltas.append(state.on_output(out(chunk, finished=last, finish_reason="length")))
+    assert "".join(d.text for d in deltas) == expected
+    finals = [d for d in deltas if d.finish_reason is not None]
+    assert len(finals) == 1
+    assert (finals[0].finish_reason, finals[0].matched_stop) == (
+        ("stop", stop) if at >= 0 else ("length", None)
+    )
+    assert state.done()

@@ -138,7 +138,7 @@ class ChoiceState:
             safe, hit = stops.feed(text)
             if hit is not None:
                 self._done = True
-                return Delta(self.index, safe, out.logprobs, "stop", hit, list(ids))
+                return Delta(self.index, safe, out.logprobs, "stop", hit, ids)
             if out.finished:
                 safe += stops.finish()
             text = safe
@@ -148,8 +148,8 @@ class ChoiceState:
             self._done = True
             reason = finish_reason_of(out.finish_reason)
             matched = out.matched_stop if reason == "stop" else None
-            return Delta(self.index, text, out.logprobs, reason, matched, list(ids))
-        return Delta(self.index, text, out.logprobs, None, None, list(ids))
+            return Delta(self.index, text, out.logprobs, reason, matched, ids)
+        return Delta(self.index, text, out.logprobs, None, None, ids)
 
 
 # --------------------------------------------------------------------------- logprobs
@@ -472,6 +472,16 @@ class ChatStreamWriter(_Writer):
             + orjson.dumps(self.model)
             + b',"choices":['
         )
+        # The common chunk (plain content, no logprobs, not the last) is written from
+        # these pieces: one orjson call per token instead of a dict per chunk.
+        self._plain = (
+            None
+            if self.p.tool_choice is not None or self.p.logprobs or self._continuous
+            else [
+                b"data: " + self._head + b'{"index":%d,"delta":{"content":' % i
+                for i in range(self.n)
+            ]
+        )
 
     def _chunk(self, choice: dict[str, Any], index: int) -> bytes:
         tail = b"]"
@@ -524,6 +534,12 @@ class ChatStreamWriter(_Writer):
             return b""
         i = self._index(d)
         self.completion[i] += len(d.token_ids)
+        if self._plain is not None and d.finish_reason is None:
+            return (
+                self._plain[i]
+                + orjson.dumps(d.text)
+                + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            )
         logprobs = None
         if self.p.logprobs and d.logprobs is not None:
             logprobs = {
@@ -538,7 +554,7 @@ class ChatStreamWriter(_Writer):
             if tool is None and d.finish_reason is None and logprobs is None:
                 return b""
             message = tool or {}
-        choice: dict[str, Any] = {"index": d.index, "delta": message, "logprobs": logprobs}
+        choice: dict[str, Any] = {"index": i, "delta": message, "logprobs": logprobs}
         if d.finish_reason is None:
             choice["finish_reason"] = None
         else:
