@@ -154,3 +154,16 @@ def test_bad_input_is_value_error(llama31: Path) -> None:
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([2**40])
     assert tok.decode([9906, 200000]) == "Hello"  # not in the vocabulary: nothing
+
+
+def test_named_templates_without_default(tmp_path: Path) -> None:
+    d = make_model_dir(
+        tmp_path / "m", tokenizer_config={"chat_template": [{"name": "rag", "template": "RAG"}]}
+    )
+    tok = load_tokenizer(str(d))
+    assert tok.chat_template is None
+    assert tok.chat_templates == {"rag": "RAG"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(TokenizerLoadError, match="chat_template"):
+        load_tokenizer(str(d), chat_template_path=str(bad))
