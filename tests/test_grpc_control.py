@@ -492,3 +492,40 @@ def test_grpcs_worker_with_mutual_tls(tmp_path: Path) -> None:
                 await client.close()
 
         assert asyncio.run(without_client_certificate()) == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_client_against_the_grpc_mock_hands_each_token_out_once(
+    backend: str, tmp_path: Path
+) -> None:
+    """Streamed or not, n=1 or 2: each choice's tokens once, one finished output per
+    choice, a logprob per token, completion_tokens the choice's total."""
+
+    async def run(target: str) -> list[tuple[bool, int, dict[int, int], list[Any], int]]:
+        client = EngineClient(target, backend)
+        seen = []
+        try:
+            for stream in (True, False):
+                for n in (1, 2):
+                    sampling = SamplingParams(max_tokens=10, ignore_eos=True, n=n, logprobs=2)
+                    req = GenerateInput("r-1", [1, 2, 3, 4], sampling, stream=stream)
+                    outs = [o async for o in client.generate(req, timeout=20.0)]
+                    tokens: dict[int, int] = {}
+                    for o in outs:
+                        tokens[o.index] = tokens.get(o.index, 0) + len(o.token_ids)
+                    finished = sorted(
+                        (o.index, o.finish_reason, o.completion_tokens) for o in outs if o.finished
+                    )
+                    logprobs = sum(len(o.logprobs or []) for o in outs)
+                    seen.append((stream, n, tokens, finished, logprobs))
+        finally:
+            await client.close()
+        return seen
+
+    model_dir = grpcmockutil.llama3_dir(tmp_path / "llama3")
+    with grpcmockutil.start_grpc_mock(model_dir, backend=backend) as mock:
+        seen = asyncio.run(run(mock.target))
+    for stream, n, tokens, finished, logprobs in seen:
+        assert tokens == {i: 10 for i in range(n)}, (stream, n)
+        assert finished == [(i, "length", 10) for i in range(n)], (stream, n)
+        assert logprobs == 10 * n, (stream, n)

@@ -295,7 +295,8 @@ class StreamNormalizer:
       chunks did not (both servicers repeat the last chunk's tokens in it when streaming;
       one that repeats all of them, or sends a complete alone, works too);
     - `completion_tokens` is the choice's running total (vLLM chunks count per chunk);
-    - anything for a choice after its complete is dropped."""
+    - a chunk for a choice after its complete is dropped; a second complete for the same
+      index is the next choice (SGLang's non-streaming n > 1 numbers every one 0)."""
 
     def __init__(self) -> None:
         self._streamed: dict[int, list[int]] = {}
@@ -304,7 +305,13 @@ class StreamNormalizer:
     def feed(self, out: EngineOutput) -> EngineOutput | None:
         index = out.index
         if index in self._done:
-            return None
+            if not out.finished:
+                return None
+            # SGLang without streaming sends the n completes all as index 0 (its request
+            # manager numbers choices only when streaming): they come in choice order.
+            index = out.index = len(self._done)
+            while index in self._done:
+                index = out.index = index + 1
         seen = self._streamed.setdefault(index, [])
         if not out.finished:
             seen.extend(out.token_ids)
