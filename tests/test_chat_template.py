@@ -203,6 +203,15 @@ def test_special_tokens_and_kwargs_override() -> None:
     assert ChatTemplate(source, bos_token=None, eos_token="</s>").render(CHAT) == "|</s>||False"
 
 
+def test_tools_and_documents_must_be_objects() -> None:
+    with pytest.raises(TemplateError) as exc:
+        ChatTemplate(SIMPLE).render(CHAT, tools=["get_weather"])  # type: ignore[list-item]
+    assert str(exc.value) == "Tools should be JSON schemas (objects)."
+    with pytest.raises(TemplateError) as exc:
+        ChatTemplate(SIMPLE).render(CHAT, documents=["text"])  # type: ignore[list-item]
+    assert str(exc.value) == "Documents should be a list of dicts with 'title' and 'text' keys!"
+
+
 @pytest.mark.parametrize("key", ["messages", "tools", "add_generation_prompt", "chat_template"])
 def test_reserved_kwargs_refused(key: str) -> None:
     with pytest.raises(TemplateError) as exc:
