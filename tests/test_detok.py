@@ -225,3 +225,18 @@ def test_property_sentencepiece_like(tmp_path: Path, skip: bool) -> None:
     assert d.add([tok.token_to_id("▁Hello")]) == " Hello"
     plain = IncrementalDetokenizer(tok)
     assert plain.add([tok.token_to_id("▁Hello")]) == "Hello"
+
+
+def test_run_of_skipped_special_tokens_stays_windowed() -> None:
+    """A model spamming special tokens that are skipped: each step decodes a bounded
+    window, not the whole run (which would be quadratic)."""
+    tok = tokenizer("llama3")
+    ids = [*tok.encode("before 你"), *([128010] * 3000), *tok.encode("好 after")]
+    d = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    longest = 0
+    out = []
+    for i in ids:
+        out.append(d.add([i]))
+        longest = max(longest, len(d._ids) - d._prefix)
+    assert "".join(out) + d.finish() == tok.decode(ids) == "before 你好 after"
+    assert longest <= 1100

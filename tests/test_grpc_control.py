@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpcmockutil
 import httpx
 import pytest
+from gatewayutil import Gateway, running_gateway, wait_until
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as sgl
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as sgl_grpc
@@ -30,7 +32,6 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vll_grpc
 
 from smg.grpc.client import EngineClient, detect_backend
 from smg.grpc.types import EngineError, GenerateInput, SamplingParams
-from tests.gatewayutil import Gateway, running_gateway, wait_until
 
 LLAMA3_EOS = [128001, 128008, 128009]
 
@@ -341,7 +342,6 @@ def test_a_bundle_with_a_bad_sha256_keeps_the_worker_pending(tmp_path: Path) -> 
 
 
 def test_the_bundle_is_fetched_before_the_worker_turns_ready(tmp_path: Path) -> None:
-    pytest.importorskip("smg.tokenizer.bundle")
     with fake_engine("sglang") as (engine, port):
         files = {"tokenizer.json": b'{"version": "1.0"}', "tokenizer_config.json": b"{}"}
         engine.bundle = make_bundle(files)
@@ -354,6 +354,31 @@ def test_the_bundle_is_fetched_before_the_worker_turns_ready(tmp_path: Path) -> 
             assert tokenizer_dir.is_relative_to(tmp_path / "xdg" / "smg" / "tokenizers")
             assert (tokenizer_dir / "tokenizer.json").read_bytes() == files["tokenizer.json"]
             assert engine.calls["GetTokenizer"] == 1
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_with_the_grpc_mock_the_real_tokenizer_bundle_is_fetched(
+    backend: str, tmp_path: Path
+) -> None:
+    """`smg mock-worker --grpc` (C1's mock) serving the real Llama-3 tokenizer dir; smg has
+    no local tokenizer, so it fetches the bundle before the worker turns Ready."""
+    model_dir = grpcmockutil.llama3_dir(tmp_path / "llama3")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    with grpcmockutil.start_grpc_mock(model_dir, backend=backend) as mock:
+        args = ["--worker-urls", mock.url, *FAST, "--load-monitor-interval", "1"]
+        with running_gateway(args, processes=1, env=env) as gw:
+            gw.wait_ready(30.0)
+            worker = _worker(gw)
+            assert worker["engine"] == backend
+            assert [m["id"] for m in worker["models"]] == ["llama3"]
+            info = worker["grpc"]
+            assert info["backend"] == backend
+            assert sorted(info["eos_token_ids"]) == grpcmockutil.LLAMA3_EOS
+            bundle = Path(info["tokenizer_dir"])
+            assert bundle.is_relative_to(tmp_path / "xdg" / "smg" / "tokenizers")
+            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                assert (bundle / name).read_bytes() == (model_dir / name).read_bytes()
+            wait_until(lambda: _worker(gw)["backend_load"]["valid"], 15.0, "a GetLoads poll")
 
 
 # --- EngineClient against the fake ------------------------------------------------------------
@@ -467,3 +492,40 @@ def test_grpcs_worker_with_mutual_tls(tmp_path: Path) -> None:
                 await client.close()
 
         assert asyncio.run(without_client_certificate()) == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_client_against_the_grpc_mock_hands_each_token_out_once(
+    backend: str, tmp_path: Path
+) -> None:
+    """Streamed or not, n=1 or 2: each choice's tokens once, one finished output per
+    choice, a logprob per token, completion_tokens the choice's total."""
+
+    async def run(target: str) -> list[tuple[bool, int, dict[int, int], list[Any], int]]:
+        client = EngineClient(target, backend)
+        seen = []
+        try:
+            for stream in (True, False):
+                for n in (1, 2):
+                    sampling = SamplingParams(max_tokens=10, ignore_eos=True, n=n, logprobs=2)
+                    req = GenerateInput("r-1", [1, 2, 3, 4], sampling, stream=stream)
+                    outs = [o async for o in client.generate(req, timeout=20.0)]
+                    tokens: dict[int, int] = {}
+                    for o in outs:
+                        tokens[o.index] = tokens.get(o.index, 0) + len(o.token_ids)
+                    finished = sorted(
+                        (o.index, o.finish_reason, o.completion_tokens) for o in outs if o.finished
+                    )
+                    logprobs = sum(len(o.logprobs or []) for o in outs)
+                    seen.append((stream, n, tokens, finished, logprobs))
+        finally:
+            await client.close()
+        return seen
+
+    model_dir = grpcmockutil.llama3_dir(tmp_path / "llama3")
+    with grpcmockutil.start_grpc_mock(model_dir, backend=backend) as mock:
+        seen = asyncio.run(run(mock.target))
+    for stream, n, tokens, finished, logprobs in seen:
+        assert tokens == {i: 10 for i in range(n)}, (stream, n)
+        assert finished == [(i, "length", 10) for i in range(n)], (stream, n)
+        assert logprobs == 10 * n, (stream, n)

@@ -367,6 +367,22 @@ def test_n2_interleaved_choices_and_nothing_after_complete() -> None:
     assert [(o.index, o.finish_reason) for o in outs if o.finished] == [(0, "stop"), (1, "length")]
 
 
+def test_sglang_non_streaming_n2_completes_all_say_index_0() -> None:
+    # sglang/request_manager.py sets "index" only when streaming: the batch of n
+    # completes reaches the client numbered 0, 0, ... in choice order.
+    def complete(ids: list[int]) -> sgl.GenerateResponse:
+        return sgl.GenerateResponse(
+            complete=sgl.GenerateComplete(output_ids=ids, finish_reason="stop", index=0)
+        )
+
+    outs = _run("sglang", [complete([1, 2]), complete([3]), complete([4, 5, 6])])
+    assert [(o.index, o.token_ids, o.completion_tokens) for o in outs] == [
+        (0, [1, 2], 2),
+        (1, [3], 1),
+        (2, [4, 5, 6], 3),
+    ]
+
+
 # --- model info and loads -------------------------------------------------------------------
 
 

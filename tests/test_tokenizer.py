@@ -154,3 +154,41 @@ def test_bad_input_is_value_error(llama31: Path) -> None:
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([2**40])
     assert tok.decode([9906, 200000]) == "Hello"  # not in the vocabulary: nothing
+
+
+def test_named_templates_without_default(tmp_path: Path) -> None:
+    d = make_model_dir(
+        tmp_path / "m", tokenizer_config={"chat_template": [{"name": "rag", "template": "RAG"}]}
+    )
+    tok = load_tokenizer(str(d))
+    assert tok.chat_template is None
+    assert tok.chat_templates == {"rag": "RAG"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(TokenizerLoadError, match="chat_template"):
+        load_tokenizer(str(d), chat_template_path=str(bad))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_encode_releases_the_gil(llama31: Path, cached: bool) -> None:
+    """A long prompt tokenized on a worker thread leaves other threads running (the
+    data plane offloads big prompts so its event loop keeps streaming)."""
+    import threading
+    import time
+
+    from smg.tokenizer.cache import TokenizerCacheConfig
+
+    cache = TokenizerCacheConfig(enable_l0=True, enable_l1=True) if cached else None
+    tok = load_tokenizer(str(llama31), cache=cache)
+    text = "<|eot_id|>" + "Hello world, this is a long prompt. " * 8000
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (tok.encode(text), done.set()))
+    spins = 0
+    deadline = time.monotonic() + 60
+    th.start()
+    while not done.is_set() and time.monotonic() < deadline:
+        spins += 1
+        time.sleep(0.0005)
+    th.join(timeout=60)
+    assert done.is_set()
+    assert spins >= 5  # with the GIL held for the whole encode this is 1

@@ -1,7 +1,7 @@
 """Chat templates (gRPC mode): OpenAI messages normalized as vLLM does, rendered with
 Hugging Face's jinja semantics."""
 
-from smg.chat.messages import normalize_messages
+from smg.chat.messages import normalize_messages, normalize_tools
 from smg.chat.template import (
     ChatTemplate,
     TemplateError,
@@ -16,5 +16,6 @@ __all__ = [
     "detect_content_format",
     "load_template_file",
     "normalize_messages",
+    "normalize_tools",
     "select_template",
 ]

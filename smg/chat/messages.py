@@ -10,6 +10,7 @@ server would render:
 - reasoning (`reasoning` / `reasoning_content`) is kept under both names on assistant messages,
   `tool_call_id` on tool messages, a string `name` on any message; other keys are dropped.
 Multimodal parts are out of scope in gRPC mode and are refused with a clear error.
+`normalize_tools` gives request tools the shape vLLM's `tool.model_dump()` hands the template.
 """
 
 from __future__ import annotations
@@ -120,4 +121,37 @@ def normalize_messages(messages: list[dict], content_format: str) -> list[dict]:
         if isinstance(name, str):
             result["name"] = name
         out.append(result)
+    return out
+
+
+def normalize_tools(tools: list[dict] | None) -> list[dict] | None:
+    """Request `tools` as vLLM passes them to the template (`[t.model_dump() for t in
+    request.tools]`, pydantic models with extra keys allowed): "type" then "function", and in
+    the function "name", "description", "parameters" (None when absent: `tool | tojson`
+    writes `"description": null` there), then any other keys in the order sent. Key order
+    matters: templates print tools with tojson, unsorted. No tools (None or []) -> None, so
+    that `tools is not none` in a template stays false."""
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise TemplateError("tools must be a list")
+    out: list[dict] = []
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise TemplateError(f"tools[{index}] must be an object")
+        kind = tool.get("type", "function")
+        function = tool.get("function")
+        if kind != "function":
+            raise TemplateError(f"tools[{index}].type must be 'function'")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise TemplateError(f"tools[{index}].function must be an object with a string 'name'")
+        fn: dict[str, Any] = {
+            "name": function["name"],
+            "description": function.get("description"),
+            "parameters": function.get("parameters"),
+        }
+        fn.update((k, v) for k, v in function.items() if k not in fn)
+        entry: dict[str, Any] = {"type": "function", "function": fn}
+        entry.update((k, v) for k, v in tool.items() if k not in entry)
+        out.append(entry)
     return out

@@ -202,6 +202,12 @@ class ChatTemplate:
             )
         if not messages:
             raise TemplateError("Cannot apply chat template to an empty conversation.")
+        # transformers' checks on the other inputs (it also takes Python callables as tools;
+        # over HTTP only JSON objects arrive).
+        if tools is not None and not all(isinstance(tool, dict) for tool in tools):
+            raise TemplateError("Tools should be JSON schemas (objects).")
+        if documents is not None and not all(isinstance(doc, dict) for doc in documents):
+            raise TemplateError("Documents should be a list of dicts with 'title' and 'text' keys!")
         context = dict(self._special)
         if kwargs:
             reserved = RESERVED_KWARGS.intersection(kwargs)

@@ -249,18 +249,19 @@ def _logprobs_from(msg: Any) -> list[TokenLogprob] | None:
 def output_from(backend: str, response: Any) -> EngineOutput:
     """One GenerateResponse as the engine sent it (no normalisation across messages: see
     `StreamNormalizer`). A response with neither a chunk nor a complete is an empty,
-    unfinished output for choice 0."""
-    _check_backend(backend)
+    unfinished output for choice 0. Hot path (one call per streamed message): slicing a
+    repeated field copies it at half the cost of list(), and positional arguments."""
     which = response.WhichOneof("response")
     if which == "chunk":
         c = response.chunk
+        lp = c.output_logprobs
         return EngineOutput(
-            index=c.index,
-            token_ids=list(c.token_ids),
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-            cached_tokens=c.cached_tokens,
-            logprobs=_logprobs_from(c.output_logprobs) if c.HasField("output_logprobs") else None,
+            c.index,
+            c.token_ids[:],
+            c.prompt_tokens,
+            c.completion_tokens,
+            c.cached_tokens,
+            _logprobs_from(lp) if lp.token_ids else None,
         )
     if which == "complete":
         c = response.complete
@@ -270,17 +271,20 @@ def output_from(backend: str, response: Any) -> EngineOutput:
             matched = c.matched_token_id
         elif stop_kind == "matched_stop_str":
             matched = c.matched_stop_str
+        lp = c.output_logprobs
         return EngineOutput(
-            index=c.index,
-            token_ids=list(c.output_ids),
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-            cached_tokens=c.cached_tokens,
-            logprobs=_logprobs_from(c.output_logprobs) if c.HasField("output_logprobs") else None,
-            finished=True,
-            finish_reason=c.finish_reason or "stop",
-            matched_stop=matched,
+            c.index,
+            c.output_ids[:],
+            c.prompt_tokens,
+            c.completion_tokens,
+            c.cached_tokens,
+            _logprobs_from(lp) if lp.token_ids else None,
+            True,
+            c.finish_reason or "stop",
+            matched,
         )
+    if backend not in BACKENDS:
+        _check_backend(backend)
     return EngineOutput(index=0, token_ids=[])
 
 
@@ -291,7 +295,8 @@ class StreamNormalizer:
       chunks did not (both servicers repeat the last chunk's tokens in it when streaming;
       one that repeats all of them, or sends a complete alone, works too);
     - `completion_tokens` is the choice's running total (vLLM chunks count per chunk);
-    - anything for a choice after its complete is dropped."""
+    - a chunk for a choice after its complete is dropped; a second complete for the same
+      index is the next choice (SGLang's non-streaming n > 1 numbers every one 0)."""
 
     def __init__(self) -> None:
         self._streamed: dict[int, list[int]] = {}
@@ -300,7 +305,13 @@ class StreamNormalizer:
     def feed(self, out: EngineOutput) -> EngineOutput | None:
         index = out.index
         if index in self._done:
-            return None
+            if not out.finished:
+                return None
+            # SGLang without streaming sends the n completes all as index 0 (its request
+            # manager numbers choices only when streaming): they come in choice order.
+            index = out.index = len(self._done)
+            while index in self._done:
+                index = out.index = index + 1
         seen = self._streamed.setdefault(index, [])
         if not out.finished:
             seen.extend(out.token_ids)

@@ -11,15 +11,17 @@ shape; every body parses with the openai client's models unchanged.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from smg.grpc.types import EngineOutput, SamplingParams, TokenLogprob
+from smg.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 if TYPE_CHECKING:
     from smg.grpc.prepare import Prepared
@@ -27,16 +29,6 @@ if TYPE_CHECKING:
 _DONE = b"data: [DONE]\n\n"
 # vLLM clamps -inf logprobs to this so the JSON stays valid
 _MIN_LOGPROB = -9999.0
-
-
-class _Detokenizer(Protocol):
-    def add(self, ids: Sequence[int]) -> str: ...
-    def finish(self) -> str: ...
-
-
-class _Stops(Protocol):
-    def feed(self, delta: str) -> tuple[str, str | None]: ...
-    def finish(self) -> str: ...
 
 
 @dataclass(slots=True)
@@ -78,7 +70,16 @@ def finish_reason_of(engine_reason: str | None) -> str:
 
 
 class ChoiceState:
-    """One choice: detokenizer, stop matcher, finish reason (per the interface)."""
+    """One choice: B's IncrementalDetokenizer + StopMatcher, the finish reason.
+
+    The engine was sent the stop strings too and may already have stopped on one, but
+    only the gateway sees text: it matches them itself across token boundaries (from
+    the token after min_tokens on, as vLLM), hides them unless
+    include_stop_str_in_output, and then ends the choice with finish "stop" (later
+    outputs give empty deltas; the caller aborts the engine). A stop token (EOS or one
+    of stop_token_ids) is not detokenized unless include_stop_str_in_output, as vLLM's
+    detokenizer skips a stop-terminated sequence's last token; with it, a special token
+    still shows only when skip_special_tokens is off."""
 
     __slots__ = (
         "_detok",
@@ -91,35 +92,22 @@ class ChoiceState:
         "index",
     )
 
-    def __init__(
-        self,
-        index: int,
-        tokenizer: Any,
-        sampling: SamplingParams,
-        *,
-        detokenizer: _Detokenizer | None = None,
-        stops: _Stops | None = None,
-    ) -> None:
+    def __init__(self, index: int, tokenizer: Tokenizer, sampling: SamplingParams) -> None:
         self.index = index
-        if detokenizer is None or (stops is None and sampling.stop):
-            from smg.tokenizer import IncrementalDetokenizer, StopMatcher
-
-            if detokenizer is None:
-                detokenizer = IncrementalDetokenizer(
-                    tokenizer,
-                    skip_special_tokens=sampling.skip_special_tokens,
-                    spaces_between_special_tokens=sampling.spaces_between_special_tokens,
-                )
-            if stops is None and sampling.stop:
-                stops = StopMatcher(sampling.stop, include_stop=sampling.include_stop_str_in_output)
-        self._detok = detokenizer
-        self._stops = stops
+        self._detok = IncrementalDetokenizer(
+            tokenizer,
+            skip_special_tokens=sampling.skip_special_tokens,
+            spaces_between_special_tokens=sampling.spaces_between_special_tokens,
+        )
+        self._stops = (
+            StopMatcher(sampling.stop, include_stop=sampling.include_stop_str_in_output)
+            if sampling.stop
+            else None
+        )
         self._include_stop = sampling.include_stop_str_in_output
         # A finished "stop" whose last token is one of these ended on a stop token (vLLM
         # reports stop_reason None for EOS, the id for stop_token_ids).
-        self._stop_ids = frozenset(sampling.stop_token_ids) | frozenset(
-            getattr(tokenizer, "eos_token_ids", ()) or ()
-        )
+        self._stop_ids = frozenset(sampling.stop_token_ids) | frozenset(tokenizer.eos_token_ids)
         self._min_tokens = sampling.min_tokens
         self._tokens = 0
         self._done = False
@@ -130,53 +118,46 @@ class ChoiceState:
     def on_output(self, out: EngineOutput) -> Delta:
         if self._done:
             return Delta(self.index, "", None, None, None, [])
-        ids = list(out.token_ids)
+        ids = out.token_ids
         text_ids = ids
-        stop_token = (
+        if (
             out.finished
+            and ids
+            and not self._include_stop
             and out.finish_reason == "stop"
             and not isinstance(out.matched_stop, str)
-            and bool(ids)
             and (ids[-1] == out.matched_stop or ids[-1] in self._stop_ids)
-        )
-        if stop_token and not self._include_stop:
-            # vLLM's detokenizer skips a stop-terminated sequence's last token
+        ):
             text_ids = ids[:-1]
         self._tokens += len(ids)
         text = self._detok.add(text_ids) if text_ids else ""
         if out.finished:
             text += self._detok.finish()
         stops = self._stops
-        if stops is None:
+        if stops is not None and self._tokens > self._min_tokens:
+            safe, hit = stops.feed(text)
+            if hit is not None:
+                self._done = True
+                return Delta(self.index, safe, out.logprobs, "stop", hit, ids)
             if out.finished:
-                return self._finish(text, ids, out)
-            return Delta(self.index, text, out.logprobs, None, None, ids)
-        if self._tokens <= self._min_tokens:
-            # vLLM checks stop strings only past min_tokens: this text is not matched
-            if out.finished:
-                return self._finish(text, ids, out)
-            return Delta(self.index, text, out.logprobs, None, None, ids)
-        safe, hit = stops.feed(text)
-        if hit is not None:
-            self._done = True
-            return Delta(self.index, safe, out.logprobs, "stop", hit, ids)
+                safe += stops.finish()
+            text = safe
+        elif stops is not None and out.finished:
+            text = stops.finish() + text
         if out.finished:
-            return self._finish(safe + stops.finish(), ids, out)
-        return Delta(self.index, safe, out.logprobs, None, None, ids)
-
-    def _finish(self, text: str, ids: list[int], out: EngineOutput) -> Delta:
-        self._done = True
-        reason = finish_reason_of(out.finish_reason)
-        matched = out.matched_stop if reason == "stop" else None
-        return Delta(self.index, text, out.logprobs, reason, matched, ids)
+            self._done = True
+            reason = finish_reason_of(out.finish_reason)
+            matched = out.matched_stop if reason == "stop" else None
+            return Delta(self.index, text, out.logprobs, reason, matched, ids)
+        return Delta(self.index, text, out.logprobs, None, None, ids)
 
 
 # --------------------------------------------------------------------------- logprobs
 
 
 def _token_text(tokenizer: Any, token_id: int, cache: dict[int, str]) -> str:
-    """vLLM's `convert_ids_list_to_tokens`: the token's own decode (special tokens kept);
-    a piece of a multi-byte character decodes to U+FFFD as it does there."""
+    """vLLM's `convert_ids_list_to_tokens` for a byte-level vocabulary: the token's own
+    decode with special tokens kept; a piece of a multi-byte character is U+FFFD."""
     text = cache.get(token_id)
     if text is None:
         text = tokenizer.decode([token_id], skip_special_tokens=False)
@@ -185,26 +166,33 @@ def _token_text(tokenizer: Any, token_id: int, cache: dict[int, str]) -> str:
 
 
 def _lp(value: float) -> float:
-    return value if value > _MIN_LOGPROB else _MIN_LOGPROB
+    return value if value > _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN to the floor
+
+
+def _best_first(top: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    return sorted(top, key=lambda p: -p[1])
 
 
 def chat_logprobs(
     entries: Sequence[TokenLogprob], top: int, tokenizer: Any, cache: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """Chat's `logprobs.content` items: token, logprob, bytes, top_logprobs (best first)."""
+    """Chat's `logprobs.content` items: token, logprob, bytes (the UTF-8 of the token's
+    text, as vLLM), top_logprobs: the `top` best, best first (OpenAI's order; vLLM puts
+    the sampled token first, the same thing for greedy decoding)."""
     out: list[dict[str, Any]] = []
     for entry in entries:
         token = _token_text(tokenizer, entry.token_id, cache)
         alternatives = []
-        for alt_id, alt_lp in sorted(entry.top, key=lambda p: -p[1])[:top]:
-            alt = _token_text(tokenizer, alt_id, cache)
-            alternatives.append(
-                {
-                    "token": alt,
-                    "logprob": _lp(alt_lp),
-                    "bytes": list(alt.encode("utf-8", "replace")),
-                }
-            )
+        if top > 0:
+            for alt_id, alt_lp in _best_first(entry.top)[:top]:
+                alt = _token_text(tokenizer, alt_id, cache)
+                alternatives.append(
+                    {
+                        "token": alt,
+                        "logprob": _lp(alt_lp),
+                        "bytes": list(alt.encode("utf-8", "replace")),
+                    }
+                )
         out.append(
             {
                 "token": token,
@@ -223,20 +211,23 @@ def completion_logprobs(
     cache: dict[int, str],
     offset: int,
 ) -> tuple[dict[str, Any], int]:
-    """Completions' logprobs (tokens, token_logprobs, top_logprobs, text_offset) and the
-    text offset after them (offsets count characters of the tokens' own texts, as vLLM)."""
+    """Completions' logprobs as vLLM writes them: tokens, token_logprobs, text_offset
+    (characters of the tokens' own texts from `offset`) and per token a dict of the
+    sampled token then the `top` best (at most top + 1 entries, the legacy API's rule);
+    returns the offset after them."""
     tokens: list[str] = []
     token_logprobs: list[float] = []
-    tops: list[dict[str, float] | None] = []
+    tops: list[dict[str, float]] = []
     offsets: list[int] = []
     for entry in entries:
         token = _token_text(tokenizer, entry.token_id, cache)
         tokens.append(token)
         token_logprobs.append(_lp(entry.logprob))
-        alternatives: dict[str, float] = {}
-        for alt_id, alt_lp in sorted(entry.top, key=lambda p: -p[1])[:top]:
-            alternatives.setdefault(_token_text(tokenizer, alt_id, cache), _lp(alt_lp))
-        tops.append(alternatives if top > 0 else None)
+        alternatives = {token: _lp(entry.logprob)}
+        if top > 0:
+            for alt_id, alt_lp in _best_first(entry.top)[:top]:
+                alternatives.setdefault(_token_text(tokenizer, alt_id, cache), _lp(alt_lp))
+        tops.append(alternatives)
         offsets.append(offset)
         offset += len(token)
     body = {
@@ -246,6 +237,174 @@ def completion_logprobs(
         "top_logprobs": tops,
     }
     return body, offset
+
+
+# --------------------------------------------------------------------------- tool calls
+
+
+def tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"  # vLLM's make_tool_call_id
+
+
+def tool_calls_from(text: str, choice: str) -> list[dict[str, Any]]:
+    """vLLM's non-streaming tool calls for tool_choice "required" (the output is a JSON
+    array of {name, parameters}; arguments re-serialised with json.dumps as vLLM does;
+    an unparsable array gives none) and a named function (the output is its arguments;
+    a blank output gives none)."""
+    if choice != "required":
+        if not text.strip():
+            return []
+        return [_tool_call(choice, text)]
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(items, list) or not all(
+        isinstance(i, dict)
+        and isinstance(i.get("name"), str)
+        and isinstance(i.get("parameters", {}), (dict, type(None)))
+        for i in items
+    ):
+        return []
+    return [
+        _tool_call(i["name"], json.dumps(i.get("parameters"), ensure_ascii=False)) for i in items
+    ]
+
+
+def _tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": tool_call_id(),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+class _RequiredCall:
+    __slots__ = ("args_end", "args_start", "name", "name_end")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.name_end = -1
+        self.args_start = -1
+        self.args_end = -1  # -1: still open
+
+
+def scan_required_calls(text: str) -> list[_RequiredCall]:
+    """Where each element of a (possibly partial) `[{"name": ..., "parameters": ...},
+    ...]` array sits in `text`: its name once the string is closed, and the span of its
+    parameters value. Prefix-stable (a prefix of the text gives the same spans cut
+    short), so what an earlier, shorter text revealed is read off the same scan."""
+    calls: list[_RequiredCall] = []
+    depth = 0
+    in_str = escaped = False
+    str_start = 0
+    cur: _RequiredCall | None = None
+    key: str | None = None
+    state = "key"  # key | colon | value | string | container | scalar | after
+    value_start = 0
+
+    def close_value(end: int) -> None:
+        nonlocal state
+        assert cur is not None
+        if key == "parameters":
+            cur.args_end = end
+        elif key == "name" and state == "string":
+            try:
+                name = json.loads(text[value_start:end])
+            except ValueError:
+                name = None
+            if isinstance(name, str):
+                cur.name, cur.name_end = name, end
+        state = "after"
+
+    for i, ch in enumerate(text):
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+                if depth == 2 and cur is not None:
+                    if state == "key":
+                        key, state = text[str_start + 1 : i], "colon"
+                    elif state == "string":
+                        close_value(i + 1)
+            continue
+        if ch == '"':
+            in_str, str_start = True, i
+            if depth == 2 and cur is not None and state == "value":
+                value_start, state = i, "string"
+                if key == "parameters":
+                    cur.args_start = i
+            continue
+        if ch in "{[":
+            if (depth == 0 and ch != "[") or (depth == 1 and ch != "{"):
+                return calls
+            if depth == 1:
+                cur, key, state = _RequiredCall(), None, "key"
+                calls.append(cur)
+            elif depth == 2 and cur is not None and state == "value":
+                value_start, state = i, "container"
+                if key == "parameters":
+                    cur.args_start = i
+            depth += 1
+            continue
+        if ch in "}]":
+            if depth == 2 and cur is not None and state == "scalar":
+                close_value(i)
+            depth -= 1
+            if depth == 2 and cur is not None and state == "container":
+                close_value(i + 1)
+            elif depth == 1:
+                cur = None
+            elif depth <= 0:
+                return calls
+            continue
+        if depth != 2 or cur is None:
+            continue
+        if ch == ":":
+            if state == "colon":
+                state = "value"
+        elif ch == ",":
+            if state == "scalar":
+                close_value(i)
+            key, state = None, "key"
+        elif ch.isspace():
+            if state == "scalar":
+                close_value(i)
+        elif state == "value":
+            value_start, state = i, "scalar"
+            if key == "parameters":
+                cur.args_start = i
+    return calls
+
+
+def required_tool_deltas(previous: str, current: str) -> list[dict[str, Any]]:
+    """The tool-call deltas `current` adds to `previous` (its prefix) for tool_choice
+    "required", as vLLM streams them: a call is announced (id, type, name, the
+    arguments so far) once its name is closed and its parameters have started; later
+    chunks carry only new argument text."""
+    out: list[dict[str, Any]] = []
+    sent = len(previous)
+    for index, call in enumerate(scan_required_calls(current)):
+        if call.name is None or call.args_start < 0:
+            break  # elements come in order: nothing later is ready
+        end = call.args_end if call.args_end >= 0 else len(current)
+        if call.name_end <= sent and call.args_start < sent:
+            new = current[min(end, sent) : end]
+            if new:
+                out.append({"index": index, "function": {"arguments": new}})
+            continue
+        out.append(
+            {
+                "id": tool_call_id(),
+                "type": "function",
+                "index": index,
+                "function": {"name": call.name, "arguments": current[call.args_start : end]},
+            }
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- SSE writers
@@ -272,41 +431,63 @@ class _Writer:
         self.created = created
         self.tokenizer = tokenizer
         self.n = max(1, prepared.sampling.n)
-        self.prompt_tokens = prompt_tokens  # for continuous_usage_stats; settable
+        # For continuous_usage_stats (the frontend may set it once the prompt is known).
+        self.prompt_tokens = prompt_tokens
         self.completion = [0] * self.n
         self._cache: dict[int, str] = {}
+        self._continuous = prepared.include_usage and prepared.continuous_usage
 
-    def _continuous(self) -> dict[str, Any] | None:
-        if not (self.p.include_usage and self.p.continuous_usage):
-            return None
-        done = sum(self.completion)
+    def _usage_now(self, index: int) -> dict[str, Any]:
+        done = self.completion[index] if 0 <= index < self.n else 0
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": done,
             "total_tokens": self.prompt_tokens + done,
         }
 
+    def _index(self, d: Delta) -> int:
+        return d.index if 0 <= d.index < self.n else 0
+
 
 class ChatStreamWriter(_Writer):
-    """vLLM's chat stream: a role chunk per choice, a chunk per non-empty delta (the
-    last carries finish_reason and stop_reason), the usage chunk, `data: [DONE]`."""
+    """vLLM's chat stream: a role chunk per choice (`{"role": "assistant", "content":
+    ""}`), then a chunk per engine output that brought tokens (content "" while the
+    detokenizer or the stop matcher holds text back, as vLLM), the choice's last chunk
+    with finish_reason and stop_reason, the usage chunk (choices []) with include_usage,
+    `data: [DONE]`. tool_choice "required" / named: tool_calls deltas as vLLM streams
+    them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.id = chat_id(self.request_id)
+        self._texts = [""] * self.n  # tool_choice: each choice's text so far
+        self._named_started = [False] * self.n
+        self._tools_streamed = [False] * self.n
+        self._head = (
+            b'{"id":'
+            + orjson.dumps(self.id)
+            + b',"object":"chat.completion.chunk","created":'
+            + str(self.created).encode()
+            + b',"model":'
+            + orjson.dumps(self.model)
+            + b',"choices":['
+        )
+        # The common chunk (plain content, no logprobs, not the last) is written from
+        # these pieces: one orjson call per token instead of a dict per chunk.
+        self._plain = (
+            None
+            if self.p.tool_choice is not None or self.p.logprobs or self._continuous
+            else [
+                b"data: " + self._head + b'{"index":%d,"delta":{"content":' % i
+                for i in range(self.n)
+            ]
+        )
 
-    def _chunk(self, choice: dict[str, Any]) -> bytes:
-        obj: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        usage = self._continuous()
-        if usage is not None:
-            obj["usage"] = usage
-        return _event(obj)
+    def _chunk(self, choice: dict[str, Any], index: int) -> bytes:
+        tail = b"]"
+        if self._continuous:
+            tail += b',"usage":' + orjson.dumps(self._usage_now(index))
+        return b"data: " + self._head + orjson.dumps(choice) + tail + b"}\n\n"
 
     def start(self) -> bytes:
         return b"".join(
@@ -316,16 +497,49 @@ class ChatStreamWriter(_Writer):
                     "delta": {"role": "assistant", "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
-                }
+                },
+                i,
             )
             for i in range(self.n)
         )
 
+    def _tool_delta(self, i: int, text: str) -> dict[str, Any] | None:
+        choice = self.p.tool_choice
+        if choice == "required":
+            previous = self._texts[i]
+            self._texts[i] = current = previous + text
+            calls = required_tool_deltas(previous, current) if text else []
+        elif text:
+            if self._named_started[i]:
+                calls = [{"index": 0, "function": {"arguments": text}}]
+            else:
+                self._named_started[i] = True
+                calls = [
+                    {
+                        "id": tool_call_id(),
+                        "type": "function",
+                        "index": 0,
+                        "function": {"name": choice, "arguments": text},
+                    }
+                ]
+        else:
+            calls = []
+        if not calls:
+            return None
+        self._tools_streamed[i] = True
+        return {"tool_calls": calls}
+
     def delta(self, d: Delta) -> bytes:
-        if not d.text and d.finish_reason is None and not (self.p.logprobs and d.logprobs):
+        if not d.token_ids and not d.text and d.finish_reason is None:
             return b""
-        if 0 <= d.index < self.n:
-            self.completion[d.index] += len(d.token_ids)
+        i = self._index(d)
+        self.completion[i] += len(d.token_ids)
+        if self._plain is not None and d.finish_reason is None:
+            return (
+                self._plain[i]
+                + orjson.dumps(d.text)
+                + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            )
         logprobs = None
         if self.p.logprobs and d.logprobs is not None:
             logprobs = {
@@ -333,105 +547,108 @@ class ChatStreamWriter(_Writer):
                     d.logprobs, self.p.top_logprobs, self.tokenizer, self._cache
                 )
             }
-        choice: dict[str, Any] = {
-            "index": d.index,
-            "delta": {"content": d.text} if d.text or d.finish_reason is None else {},
-            "logprobs": logprobs,
-            "finish_reason": d.finish_reason,
-        }
-        if d.finish_reason is not None:
+        if self.p.tool_choice is None:
+            message: dict[str, Any] = {"content": d.text}
+        else:
+            tool = self._tool_delta(i, d.text)
+            if tool is None and d.finish_reason is None and logprobs is None:
+                return b""
+            message = tool or {}
+        choice: dict[str, Any] = {"index": i, "delta": message, "logprobs": logprobs}
+        if d.finish_reason is None:
+            choice["finish_reason"] = None
+        else:
+            reason = d.finish_reason
+            if reason == "stop" and self.p.tool_choice == "required" and self._tools_streamed[i]:
+                reason = "tool_calls"  # vLLM: "required" tool calls end as tool_calls
+            choice["finish_reason"] = reason
             choice["stop_reason"] = d.matched_stop
-        return self._chunk(choice)
+        return self._chunk(choice, i)
 
     def end(self, usage: Usage) -> bytes:
-        tail = b""
-        if self.p.include_usage:
-            tail = _event(
-                {
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": usage.as_dict(),
-                }
-            )
-        return tail + _DONE
+        if not self.p.include_usage:
+            return _DONE
+        return (
+            b"data: "
+            + self._head
+            + b'],"usage":'
+            + orjson.dumps(usage.as_dict())
+            + b"}\n\n"
+            + _DONE
+        )
 
 
 class CompletionStreamWriter(_Writer):
-    """vLLM's completions stream: `text_completion` chunks (echo: the prompt first)."""
+    """vLLM's completions stream: `text_completion` chunks with finish_reason and
+    stop_reason on each (null until the end); echo puts the prompt before the choice's
+    first text, in the same chunk, as vLLM does."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.id = completion_id(self.request_id)
         self._offsets = [0] * self.n
+        self._echo: str | None = _prompt_text(self.p, self.tokenizer) if self.p.echo else None
+        self._echoed = [False] * self.n
+        self._head = (
+            b'{"id":'
+            + orjson.dumps(self.id)
+            + b',"object":"text_completion","created":'
+            + str(self.created).encode()
+            + b',"model":'
+            + orjson.dumps(self.model)
+            + b',"choices":['
+        )
 
-    def _chunk(self, choice: dict[str, Any]) -> bytes:
-        obj: dict[str, Any] = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        usage = self._continuous()
-        if usage is not None:
-            obj["usage"] = usage
-        return _event(obj)
+    def _chunk(self, choice: dict[str, Any], index: int) -> bytes:
+        tail = b"]"
+        if self._continuous:
+            tail += b',"usage":' + orjson.dumps(self._usage_now(index))
+        return b"data: " + self._head + orjson.dumps(choice) + tail + b"}\n\n"
 
     def start(self) -> bytes:
-        if not self.p.echo:
-            return b""
-        prompt = _prompt_text(self.p, self.tokenizer)
-        out = []
-        for i in range(self.n):
-            self._offsets[i] = len(prompt)
-            out.append(
-                self._chunk({"index": i, "text": prompt, "logprobs": None, "finish_reason": None})
-            )
-        return b"".join(out)
+        return b""
 
     def delta(self, d: Delta) -> bytes:
-        if not d.text and d.finish_reason is None and not (self.p.logprobs and d.logprobs):
+        i = self._index(d)
+        text = d.text
+        if self._echo is not None and not self._echoed[i]:
+            self._echoed[i] = True
+            text = self._echo + text
+            self._offsets[i] = len(self._echo)
+        elif not d.token_ids and not text and d.finish_reason is None:
             return b""
-        i = d.index if 0 <= d.index < self.n else 0
         self.completion[i] += len(d.token_ids)
         logprobs = None
         if self.p.logprobs and d.logprobs is not None:
             logprobs, self._offsets[i] = completion_logprobs(
                 d.logprobs, self.p.top_logprobs, self.tokenizer, self._cache, self._offsets[i]
             )
-        choice: dict[str, Any] = {
+        choice = {
             "index": d.index,
-            "text": d.text,
+            "text": text,
             "logprobs": logprobs,
             "finish_reason": d.finish_reason,
+            "stop_reason": d.matched_stop,
         }
-        if d.finish_reason is not None:
-            choice["stop_reason"] = d.matched_stop
-        return self._chunk(choice)
+        return self._chunk(choice, i)
 
     def end(self, usage: Usage) -> bytes:
-        tail = b""
-        if self.p.include_usage:
-            tail = _event(
-                {
-                    "id": self.id,
-                    "object": "text_completion",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": usage.as_dict(),
-                }
-            )
-        return tail + _DONE
+        if not self.p.include_usage:
+            return _DONE
+        return (
+            b"data: "
+            + self._head
+            + b'],"usage":'
+            + orjson.dumps(usage.as_dict())
+            + b"}\n\n"
+            + _DONE
+        )
 
 
 class GenerateStreamWriter(_Writer):
-    """SGLang's /generate stream: per delta `data: {text, output_ids, meta_info, index}`
-    with the choice's text and ids so far (SGLang's default, not incremental), then
-    `data: [DONE]`."""
+    """SGLang's /generate stream: per delta `data: {text, output_ids, meta_info}` with
+    the choice's text and ids so far (SGLang's default, not incremental; "index" with
+    n > 1), then `data: [DONE]`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -443,9 +660,9 @@ class GenerateStreamWriter(_Writer):
         return b""
 
     def delta(self, d: Delta) -> bytes:
-        i = d.index if 0 <= d.index < self.n else 0
         if not d.text and not d.token_ids and d.finish_reason is None:
             return b""
+        i = self._index(d)
         self._text[i] += d.text
         self._ids[i].extend(d.token_ids)
         if d.logprobs:
@@ -489,15 +706,13 @@ def _generate_id(request_id: str, index: int, n: int) -> str:
 
 def _collect(
     deltas: Sequence[Delta],
-) -> tuple[str, list[int], list[TokenLogprob] | None, str | None, int | str | None]:
+) -> tuple[str, list[int], list[TokenLogprob], str | None, int | str | None]:
     text = "".join(d.text for d in deltas)
     ids = [t for d in deltas for t in d.token_ids]
-    logprobs: list[TokenLogprob] | None = None
+    logprobs = [e for d in deltas if d.logprobs for e in d.logprobs]
     reason = None
     matched = None
     for d in deltas:
-        if d.logprobs is not None:
-            logprobs = (logprobs or []) + list(d.logprobs)
         if d.finish_reason is not None:
             reason = d.finish_reason
             matched = d.matched_stop
@@ -518,25 +733,27 @@ def chat_body(
     out = []
     for index, deltas in enumerate(choices):
         text, _ids, logprobs, reason, matched = _collect(deltas)
+        reason = reason or "stop"
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if prepared.tool_choice is not None:
-            calls = tool_calls_from(text, prepared.tool_choice)
-            if calls is not None:
-                message = {"role": "assistant", "content": None, "tool_calls": calls}
-                if prepared.tool_choice == "required" and reason == "stop":
-                    reason = "tool_calls"  # vLLM: "required" that stopped -> tool_calls
+            # vLLM: content "" and the parsed calls; "required" that stopped -> tool_calls
+            message = {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": tool_calls_from(text, prepared.tool_choice),
+            }
+            if prepared.tool_choice == "required" and reason == "stop":
+                reason = "tool_calls"
         out.append(
             {
                 "index": index,
                 "message": message,
                 "logprobs": {
-                    "content": chat_logprobs(
-                        logprobs or [], prepared.top_logprobs, tokenizer, cache
-                    )
+                    "content": chat_logprobs(logprobs, prepared.top_logprobs, tokenizer, cache)
                 }
                 if prepared.logprobs
                 else None,
-                "finish_reason": reason or "stop",
+                "finish_reason": reason,
                 "stop_reason": matched,
             }
         )
@@ -550,33 +767,6 @@ def chat_body(
             "usage": usage.as_dict(),
         }
     )
-
-
-def tool_calls_from(text: str, choice: str) -> list[dict[str, Any]] | None:
-    """vLLM's answer for tool_choice "required" (the output is a JSON array of
-    {name, parameters}) and a named function (the output is its arguments)."""
-    if choice != "required":
-        return [_tool_call(choice, text)]
-    try:
-        items = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(items, list):
-        return None
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        calls.append(_tool_call(item["name"], orjson.dumps(item.get("parameters", {})).decode()))
-    return calls
-
-
-def _tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
-        "type": "function",
-        "function": {"name": name, "arguments": arguments},
-    }
 
 
 def _prompt_text(prepared: Prepared, tokenizer: Any) -> str:
@@ -604,7 +794,7 @@ def completion_body(
         lp = None
         if prepared.logprobs:
             lp, _ = completion_logprobs(
-                logprobs or [], prepared.top_logprobs, tokenizer, cache, len(prefix)
+                logprobs, prepared.top_logprobs, tokenizer, cache, len(prefix)
             )
         out.append(
             {

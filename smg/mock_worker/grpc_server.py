@@ -124,7 +124,7 @@ KEEP_IDS = 1000  # aborted/cancelled ids kept in the stats
 class Stats:
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
-        self.last_generate: dict[str, Any] | None = None
+        self.last_generate_msg: Any = None
         self.constraint: dict[str, Any] | None = None
         self.aborted: deque[str] = deque(maxlen=KEEP_IDS)
         self.cancelled: deque[str] = deque(maxlen=KEEP_IDS)
@@ -137,7 +137,13 @@ class Stats:
         return {
             "requests": dict(self.calls),
             "generate": self.calls.get("Generate", 0),
-            "last_generate_request": self.last_generate,
+            "last_generate_request": (
+                None
+                if self.last_generate_msg is None
+                else json_format.MessageToDict(
+                    self.last_generate_msg, preserving_proto_field_name=True
+                )
+            ),
             "constraint": self.constraint,
             "aborted": list(self.aborted),
             "cancelled": list(self.cancelled),
@@ -356,6 +362,17 @@ class VllmBackend(Backend):
             )
         )
 
+    def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
+        """GenerateResponse{chunk{token_ids: [t], prompt_tokens, completion_tokens: 1,
+        cached_tokens, index}} encoded by hand (the per-token hot path)."""
+        tv = _varint(t)
+        inner = b"\x0a" + bytes((len(tv),)) + tv + b"\x10" + _varint(prompt) + b"\x18\x01"
+        if cached:
+            inner += b"\x20" + _varint(cached)
+        if s.index:
+            inner += b"\x38" + _varint(s.index)
+        return b"\x0a" + _varint(len(inner)) + inner
+
 
 class SglangBackend(Backend):
     name = "sglang"
@@ -432,90 +449,183 @@ class SglangBackend(Backend):
             ),
         )
 
+    def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
+        """GenerateResponse{request_id, chunk{token_ids: [t], prompt_tokens,
+        completion_tokens (cumulative), cached_tokens, index}} encoded by hand."""
+        tv = _varint(t)
+        inner = (
+            b"\x0a"
+            + bytes((len(tv),))
+            + tv
+            + b"\x10"
+            + _varint(prompt)
+            + b"\x18"
+            + _varint(s.count)
+        )
+        if cached:
+            inner += b"\x20" + _varint(cached)
+        if s.index:
+            inner += b"\x40" + _varint(s.index)
+        r = rid.encode()
+        return b"\x0a" + _varint(len(r)) + r + b"\x12" + _varint(len(inner)) + inner
+
 
 BACKENDS: dict[str, type[Backend]] = {"vllm": VllmBackend, "sglang": SglangBackend}
+
+
+class Abort(Exception):
+    """End the call with this gRPC status (both servers turn it into trailers)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v > 0x7F:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+class GenRun:
+    """One Generate call: validation, then `advance()` once per step (at `due()`) until
+    `done`; shared by the grpc.aio server and the fast HTTP/2 one. Raises Abort."""
+
+    def __init__(self, engine: Engine, be: Backend, msg: Any, *, raw: bool) -> None:
+        engine.count("Generate")
+        engine.last_receive = time.time()
+        stats = engine.stats
+        stats.last_generate_msg = msg  # converted to JSON only when /stats asks
+        stats.constraint = be.constraint(msg)
+        try:
+            req, k = be.request(msg)
+        except ValueError as e:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        n = len(req.prompt)
+        ctx = engine.model.context_length
+        if n == 0:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "The decoder prompt cannot be empty")
+        if n >= ctx:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"The decoder prompt (length {n}) is longer than the maximum model length of {ctx}.",
+            )
+        rt = engine.runtime
+        self.engine, self.be, self.req, self.k = engine, be, req, k
+        self.raw = raw and k is None  # pre-encoded chunks (no logprobs) for the fast server
+        self.rid = req.request_id
+        self.prompt_len = n
+        self.start = time.monotonic() + rt.delay_ms / 1000 + rt.ttft_ms / 1000
+        self.itl = rt.itl_ms / 1000
+        self.eos_after = rt.eos_after
+        self.failure = engine.take_failure()
+        self.steps = 0
+        self.done = False
+        self.scripts: list[ChoiceScript] = []
+        self.cached = 0
+        self.running = Running()
+        engine.running[self.rid] = self.running
+        stats.in_flight += 1
+        self._closed = False
+
+    def due(self) -> float:
+        return self.start + self.itl * self.steps
+
+    def _begin(self) -> None:
+        e, req = self.engine, self.req
+        self.cached = e.cached_tokens(req.prompt)
+        tok = e.files.tokenizer if req.stop else None
+        self.scripts = [
+            ChoiceScript(i, req, e.model, e.mode, tok, eos_after=self.eos_after)
+            for i in range(req.n)
+        ]
+
+    def advance(self) -> list[Any]:
+        """The messages of one step (protobuf messages, or bytes already encoded)."""
+        if self.steps == 0:
+            if self.failure is not None and self.failure[2] == 0:
+                raise Abort(self.failure[0], self.failure[1])
+            self._begin()
+        self.steps += 1
+        be, req, k, rid = self.be, self.req, self.k, self.rid
+        p, c = self.prompt_len, self.cached
+        out: list[Any] = []
+        live = [s for s in self.scripts if not s.finished]
+        if self.running.aborted:
+            for s in live:
+                s.abort()
+                if req.stream:
+                    out.append(be.chunk(rid, s, [], p, c, k))
+                out.append(be.complete(rid, s, [], p, c, k, s.index))
+            self.done = True
+            return out
+        stats = self.engine.stats
+        failure = self.failure
+        for s in live:
+            t = s.step()
+            stats.tokens += 1
+            if req.stream:
+                out.append(
+                    be.chunk_bytes(rid, s, t, p, c) if self.raw else be.chunk(rid, s, [t], p, c, k)
+                )
+            if failure is not None and s.index == 0 and s.count >= failure[2]:
+                self.pending_failure = out
+                raise Abort(failure[0], failure[1])
+            if req.stream and s.finished:
+                out.append(be.complete(rid, s, [t], p, c, k, s.index))
+        if all(s.finished for s in self.scripts):
+            self.done = True
+            if not req.stream:
+                sglang_n = be.name == "sglang" and req.n > 1
+                for s in self.scripts:
+                    out.append(be.complete(rid, s, s.tokens, p, c, k, 0 if sglang_n else s.index))
+        return out
+
+    def close(self, *, cancelled: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        st = self.engine.stats
+        st.in_flight -= 1
+        if cancelled:
+            st.cancelled.append(self.rid)
+        elif self.done:
+            st.completed += 1
+        if self.engine.running.get(self.rid) is self.running:
+            del self.engine.running[self.rid]
 
 
 async def generate(
     engine: Engine, be: Backend, msg: Any, context: grpc.aio.ServicerContext
 ) -> AsyncIterator[Any]:
-    """The Generate stream of either backend."""
-    engine.count("Generate")
-    engine.last_receive = time.time()
-    stats = engine.stats
-    stats.last_generate = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    stats.constraint = be.constraint(msg)
+    """The Generate stream of either backend (grpc.aio)."""
     try:
-        req, k = be.request(msg)
-    except ValueError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    prompt_len = len(req.prompt)
-    ctx = engine.model.context_length
-    if prompt_len == 0:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "The decoder prompt cannot be empty")
-    if prompt_len >= ctx:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"The decoder prompt (length {prompt_len}) is longer than the maximum model length of {ctx}.",
-        )
-    rt = engine.runtime
-    start = time.monotonic()
-    failure = engine.take_failure()
-    rid = req.request_id
-    running = Running()
-    engine.running[rid] = running
-    stats.in_flight += 1
+        run = GenRun(engine, be, msg, raw=False)
+    except Abort as e:
+        await context.abort(e.code, e.message)
     try:
-        await engine.delay()
-        if failure is not None and failure[2] == 0:
-            await context.abort(failure[0], failure[1])
-        cached = engine.cached_tokens(req.prompt)
-        tok = engine.files.tokenizer if req.stop else None
-        scripts = [
-            ChoiceScript(i, req, engine.model, engine.mode, tok, eos_after=rt.eos_after)
-            for i in range(req.n)
-        ]
-        ttft = rt.ttft_ms / 1000
-        itl = rt.itl_ms / 1000
-        step = 0
-        sglang_nonstream_n = be.name == "sglang" and not req.stream and req.n > 1
-        while True:
-            due = start + ttft + itl * step
-            delay = due - time.monotonic()
+        while not run.done:
+            delay = run.due() - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            live = [s for s in scripts if not s.finished]
-            if not live:
-                break
-            if running.aborted:
-                for s in live:
-                    s.abort()
-                    if req.stream:
-                        yield be.chunk(rid, s, [], prompt_len, cached, k)
-                    yield be.complete(rid, s, [], prompt_len, cached, k, s.index)
-                break
-            for s in live:
-                t = s.step()
-                stats.tokens += 1
-                if req.stream:
-                    yield be.chunk(rid, s, [t], prompt_len, cached, k)
-                if failure is not None and s.index == 0 and s.count >= failure[2]:
-                    await context.abort(failure[0], failure[1])
-                if req.stream and s.finished:
-                    yield be.complete(rid, s, [t], prompt_len, cached, k, s.index)
-            step += 1
-        if not req.stream and not running.aborted:
-            for s in scripts:
-                index = 0 if sglang_nonstream_n else s.index
-                yield be.complete(rid, s, s.tokens, prompt_len, cached, k, index)
-        stats.completed += 1
+            try:
+                msgs = run.advance()
+            except Abort as e:
+                for m in getattr(run, "pending_failure", []):
+                    yield m
+                await context.abort(e.code, e.message)
+            for m in msgs:
+                yield m
+        run.close()
     except asyncio.CancelledError:
-        stats.cancelled.append(rid)
+        run.close(cancelled=True)
         raise
     finally:
-        stats.in_flight -= 1
-        if engine.running.get(rid) is running:
-            del engine.running[rid]
+        run.close()
 
 
 def _abort_ids(engine: Engine, ids: list[str]) -> None:

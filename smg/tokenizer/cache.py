@@ -189,7 +189,7 @@ class CachedEncoder:
     tokenizer; every answer equals the uncached one."""
 
     def __init__(self, tok: Tokenizer, cfg: TokenizerCacheConfig) -> None:
-        self._encode = tok.inner.encode
+        self._batch = tok.inner.encode_batch
         self.l0 = L0Cache(cfg.l0_max_entries, cfg.l0_max_memory) if cfg.enable_l0 else None
         self.l1: L1Cache | None = None
         if cfg.enable_l1:
@@ -209,6 +209,11 @@ class CachedEncoder:
             else:
                 log.warning("tokenizer L1 cache not used for %s: %s", tok.source, why)
 
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode_batch releases the GIL (encode does not, tokenizers 0.23), as
+        # Tokenizer.encode: an offloaded tokenization leaves the event loop free.
+        return self._batch([text], add_special_tokens=add_special_tokens)[0].ids
+
     def __call__(self, text: str, add_special_tokens: bool) -> list[int]:
         l0 = self.l0
         if l0 is not None:
@@ -218,7 +223,7 @@ class CachedEncoder:
         if self.l1 is not None and (not add_special_tokens or self._special_neutral):
             ids = self._encode_l1(text)
         else:
-            ids = self._encode(text, add_special_tokens=add_special_tokens).ids
+            ids = self._encode(text, add_special_tokens)
         if l0 is not None:
             l0.put(text, add_special_tokens, ids)
         return ids
@@ -232,7 +237,7 @@ class CachedEncoder:
             ends.pop()  # the whole text is L0's business
             trailing = 1
         if not ends:
-            return self._encode(text, add_special_tokens=False).ids
+            return self._encode(text, False)
         h = xxhash.xxh3_128()
         hashes: list[int] = []
         prev = 0
@@ -243,10 +248,10 @@ class CachedEncoder:
         hit = l1.lookup(hashes)
         if hit is None:
             start_k, ids = -1, []
-            suffix = self._encode(text, add_special_tokens=False).ids
+            suffix = self._encode(text, False)
         else:
             start_k, ids = hit
-            suffix = self._encode(text[ends[start_k] :], add_special_tokens=False).ids
+            suffix = self._encode(text[ends[start_k] :], False)
         full = ids + suffix
         if start_k < len(ends) - 1:
             # Token counts at the new boundaries: the k-th added id of the suffix ends

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from smg.tokenizer.load import Tokenizer
 
 _REPLACEMENT = "\ufffd"
+_MAX_EMPTY_RUN = 1024
 
 
 class IncrementalDetokenizer:
@@ -85,6 +86,16 @@ class IncrementalDetokenizer:
         text = self._decode(ids[self._prefix :], skip_special_tokens=self._skip)
         n = len(self._prefix_text)
         if len(text) <= n or text[-1] == _REPLACEMENT:
+            if text == self._prefix_text:
+                # The new ids decode to nothing (skipped special tokens): nothing is
+                # pending, so read moves on; and a long run of them must not grow the
+                # window without bound (each step decodes it). Past _MAX_EMPTY_RUN the
+                # window restarts after them, losing only a SentencePiece leading-space
+                # context that 1,024 empty tokens made moot.
+                self._read = len(ids)
+                if self._read - self._prefix > _MAX_EMPTY_RUN:
+                    self._prefix = self._read
+                    self._prefix_text = ""
             return None
         new = text[n:]
         self._prefix = self._read

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 
+from smg.chat.template import TemplateError, load_template_file, select_template
+
 if TYPE_CHECKING:
     from smg.tokenizer.cache import TokenizerCacheConfig
 
@@ -92,30 +94,8 @@ def _int_list(value: Any) -> list[int]:
     return []
 
 
-def pick_named_template(value: Any, *, tools: bool = False) -> str | None:
-    """tokenizer_config's `chat_template`: a string, or a list of {name, template}
-    ("default", "tool_use", ...): the tool_use one when tools are given and it exists,
-    else "default", as transformers picks.
-
-    TODO(g-template): call smg.chat.template.select_template once that branch is merged
-    (this is the minimal same rule, kept until then)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {
-            t["name"]: t["template"]
-            for t in value
-            if isinstance(t, dict)
-            and isinstance(t.get("name"), str)
-            and isinstance(t.get("template"), str)
-        }
-        if tools and "tool_use" in named:
-            return named["tool_use"]
-        return named.get("default")
-    return None
-
-
 def named_templates(value: Any) -> dict[str, str]:
+    """Every template tokenizer_config names ({"default": ...} for a plain string)."""
     if isinstance(value, str):
         return {"default": value}
     if isinstance(value, list):
@@ -129,25 +109,12 @@ def named_templates(value: Any) -> dict[str, str]:
     return {}
 
 
-def read_template_file(path: Path) -> str:
-    """--chat-template / chat_template.json / .jinja: JSON files hold {"chat_template":
-    ...} (a string or the named list); anything else is the template text itself.
-
-    TODO(g-template): smg.chat.template.load_template_file does this for --chat-template."""
+def _template_file(path: Path) -> str:
+    """A .jinja / .json template file (A's load_template_file), as a load error."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenizerLoadError(f"cannot read chat template {path}: {exc}") from exc
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TokenizerLoadError(f"{path}: not JSON: {exc}") from exc
-        picked = pick_named_template(data.get("chat_template") if isinstance(data, dict) else data)
-        if picked is None:
-            raise TokenizerLoadError(f"{path}: no chat_template in it")
-        return picked
-    return text
+        return load_template_file(str(path))
+    except TemplateError as exc:
+        raise TokenizerLoadError(str(exc)) from exc
 
 
 class Tokenizer:
@@ -306,13 +273,19 @@ def load_tokenizer(
     templates = named_templates(tc.get("chat_template"))
     template: str | None = None
     if chat_template_path:
-        template = read_template_file(Path(chat_template_path))
+        template = _template_file(Path(chat_template_path))
     elif (directory / "chat_template.jinja").is_file():
-        template = read_template_file(directory / "chat_template.jinja")
+        template = _template_file(directory / "chat_template.jinja")
     elif (directory / "chat_template.json").is_file():
-        template = read_template_file(directory / "chat_template.json")
+        template = _template_file(directory / "chat_template.json")
     else:
-        template = pick_named_template(tc.get("chat_template"))
+        try:
+            template = select_template(tc, tools=False)
+        except TemplateError as exc:
+            # A named list without "default": no template unless a request picks one
+            # by name (chat_templates keeps them all), as transformers fails at render.
+            log.warning("%s: %s", directory / "tokenizer_config.json", exc)
+            template = None
     if template is not None:
         templates["default"] = template
 
