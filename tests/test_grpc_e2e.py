@@ -544,3 +544,63 @@ def test_sglang_backend(tokdir: Path) -> None:
         )
         assert generated.status_code == 200, generated.text
         assert generated.json()["text"] == TEXT
+
+
+def test_metrics_and_in_flight_as_the_http_path(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    from tests.gatewayutil import in_flight_total
+
+    before = gw.metrics()
+    client(gw).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+    )
+
+    def routed(text: str) -> float:
+        for line in text.splitlines():
+            if (
+                line.startswith("smg_router_requests_total{")
+                and 'connection_mode="grpc"' in line
+                and 'endpoint="/v1/chat/completions"' in line
+                and 'streaming="false"' in line
+            ):
+                return float(line.split()[-1])
+        return 0.0
+
+    after = wait_until(
+        lambda: (m := gw.metrics()) and routed(m) > routed(before) and m, 10, "metrics"
+    )
+    assert routed(after) == routed(before) + 1
+    assert 'router_type="grpc"' in after
+    assert in_flight_total(gw) == 0
+
+
+def test_chat_template_flag_overrides_the_tokenizers(
+    tokdir: Path, tmp_path: Path, hf_tokenizer: Any
+) -> None:
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    with (
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                "--model-path",
+                str(tokdir),
+                "--chat-template",
+                str(template),
+            ]
+        ) as gw,
+    ):
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=50
+        )
+        assert answer.choices[0].message.content == TEXT
+        sent = mocks[0].stats()["last_generate_request"]["tokenized"]["input_ids"]
+        expected = hf_tokenizer.encode(
+            "[user] hi there\n[assistant] ", add_special_tokens=False
+        ).ids
+        assert [int(x) for x in sent] == expected

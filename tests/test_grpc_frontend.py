@@ -572,3 +572,57 @@ def test_offload_runs_large_inputs_on_the_pool() -> None:
     assert small == threading.main_thread().name
     assert large.startswith("smg-tokenize")
     assert (offload.inline, offload.offloaded) == (1, 1)
+
+
+def test_workers_registry_per_row_generation_and_tokenizer_source(tmp_path: Any) -> None:
+    """EngineClients per (row, generation), closed when the row leaves or changes hands;
+    the tokenizer from --tokenizer-path over --model-path over the worker's bundle."""
+    from smg.grpc.workers import GrpcWorkers, NoTokenizer
+
+    made: list[tuple[str, str, str | None]] = []
+
+    class Client:
+        def __init__(self, target: str, backend: str, tls: Any, key: str | None) -> None:
+            made.append((target, backend, key))
+            self.closed = False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    loop = asyncio.new_event_loop()
+    try:
+        cfg = GatewayConfig()
+        workers = GrpcWorkers(cfg, loop, client_factory=Client)
+        a, b = entry(0), entry(1)
+        first = workers.client(a)
+        assert workers.client(a) is first and made == [("127.0.0.1:9000", "vllm", None)]
+        workers.client(b)
+        # Row 0 taken by another worker (generation 2), row 1 removed.
+        moved = DirectoryEntry(
+            **{**{f: getattr(a, f) for f in a.__struct_fields__}, "generation": 2}
+        )
+        workers.on_directory({0: moved})
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert first.closed and workers.clients == {}
+        assert workers.client(moved) is not first
+        # Tokenizer sources.
+        with pytest.raises(NoTokenizer):
+            workers.tokenizer_source(a)
+        bundle = DirectoryEntry(
+            **{
+                **{f: getattr(a, f) for f in a.__struct_fields__},
+                "grpc": GrpcModelInfo(tokenizer_dir="/b"),
+            }
+        )
+        assert workers.tokenizer_source(bundle) == "/b"
+        local = GrpcWorkers(GatewayConfig(model_path=str(tmp_path)), loop, client_factory=Client)
+        assert local.tokenizer_source(bundle) == str(tmp_path)
+        other = tmp_path / "tok"
+        other.mkdir()
+        both = GatewayConfig(model_path=str(tmp_path), tokenizer_path=str(other))
+        assert GrpcWorkers(both, loop).tokenizer_source(bundle) == str(other)
+        # A hub id (not a local directory) is never downloaded: the bundle is used.
+        hub = GrpcWorkers(GatewayConfig(model_path="meta-llama/Llama-3.1-8B-Instruct"), loop)
+        assert hub.tokenizer_source(bundle) == "/b"
+    finally:
+        loop.close()

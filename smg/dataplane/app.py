@@ -1065,7 +1065,7 @@ class DataPlane:
         metrics.request(exchange.method, path)
         metrics.response(path, status, error_code)
         metrics.duration(exchange.method, path, time.monotonic() - exchange.started)
-        metrics.routed_request(exchange.model, path, exchange.stream)
+        metrics.routed_request(exchange.model, path, exchange.stream, exchange.connection_mode)
         if self.access_log is not None:
             self._log_exchange(exchange, status, error_code)
         holders = self.permit_holders

@@ -413,6 +413,8 @@ class GrpcExchange:
     """One request on the gRPC path, run as one task (`run`). See the module docstring
     for what the data plane reads of it."""
 
+    connection_mode = "grpc"
+
     def __init__(
         self,
         front: GrpcFront,
