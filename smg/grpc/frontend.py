@@ -81,8 +81,10 @@ class Stages:
         from smg.chat import TemplateError
         from smg.chat import messages as chat_messages
         from smg.grpc import prepare, protos, respond
+        from smg.tokenizer import TokenizerLoadError
 
         self.template_error = TemplateError
+        self.load_error: type[Exception] = TokenizerLoadError
 
         self.prepare_mod = prepare
         self.respond = respond
@@ -519,8 +521,10 @@ class GrpcExchange:
                 self._fail(e.status, e.code, e.message, body=body)
             elif isinstance(exc, _Refused):
                 self._fail(*exc.answer)
-            elif isinstance(exc, NoTokenizer):
-                self._fail(503, "tokenizer_unavailable", str(exc))
+            elif isinstance(exc, NoTokenizer) or isinstance(
+                exc, getattr(self.front._stages, "load_error", NoTokenizer)
+            ):
+                self._fail(503, "tokenizer_unavailable", f"the model's tokenizer: {exc}")
             else:
                 self.app.log_error("gRPC request failed", exc)
                 self._fail(500, "internal_error", "internal gateway error")
