@@ -521,8 +521,8 @@ class GrpcExchange:
                 self._fail(e.status, e.code, e.message, body=body)
             elif isinstance(exc, _Refused):
                 self._fail(*exc.answer)
-            elif isinstance(exc, NoTokenizer) or isinstance(
-                exc, getattr(self.front._stages, "load_error", NoTokenizer)
+            elif isinstance(
+                exc, (NoTokenizer, getattr(self.front._stages, "load_error", NoTokenizer))
             ):
                 self._fail(503, "tokenizer_unavailable", f"the model's tokenizer: {exc}")
             else:
