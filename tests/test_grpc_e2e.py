@@ -604,3 +604,54 @@ def test_chat_template_flag_overrides_the_tokenizers(
             "[user] hi there\n[assistant] ", add_special_tokens=False
         ).ids
         assert [int(x) for x in sent] == expected
+
+
+def test_traced_retry_shows_two_attempt_spans(tokdir: Path) -> None:
+    """--enable-trace on the gRPC path: the request span, a select_worker span per
+    choice and an upstream_request span per attempt (the first one an UNAVAILABLE)."""
+    from tests.test_tracing import _attributes, _by_name, grpc_collector, wait_spans
+
+    with (
+        grpc_collector() as (endpoint, spans),
+        grpc_mocks(tokdir, 2, *text_mode()) as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                mocks[1].url,
+                "--model-path",
+                str(tokdir),
+                "--policy",
+                "round_robin",
+                "--enable-trace",
+                "--otlp-traces-endpoint",
+                endpoint,
+            ]
+        ) as gw,
+    ):
+        mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
+        trace_ids = [f"{index:032x}" for index in (0xB1, 0xB2)]
+        for trace_id in trace_ids:
+            answer = httpx.post(
+                gw.url + "/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+                timeout=30.0,
+            )
+            assert answer.status_code == 200, answer.text
+        attempts_seen = []
+        for trace_id in trace_ids:
+            found = wait_spans(spans, trace_id, lambda s: len(_by_name(s, "http_request")) == 1)
+            attempts = sorted(
+                _by_name(found, "upstream_request"),
+                key=lambda s: _attributes(s.attributes)["attempt"],
+            )
+            attempts_seen.append(len(attempts))
+            assert len(_by_name(found, "select_worker")) == len(attempts)
+            (server,) = _by_name(found, "http_request")
+            assert _attributes(server.attributes)["status_code"] == "200"
+            if len(attempts) == 2:
+                first = _attributes(attempts[0].attributes)
+                assert first["worker"] == mocks[0].url and "status_code" not in first
+                assert _attributes(attempts[1].attributes)["worker"] == mocks[1].url
+        assert sorted(attempts_seen) == [1, 2]

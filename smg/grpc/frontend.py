@@ -899,11 +899,7 @@ class GrpcExchange:
         self.finished = True
         self.state = _IDLE
         self.app.streams.discard(self)  # type: ignore[arg-type]
-        if self.trace is not None and self.attempting:
-            self.trace.end_attempt(self.outcome, "" if self.outcome else code)
-        if self.trace is not None:
-            self.trace.finish(status, code)
-            self.trace = None
+        # exchange_finished ends the open attempt's span and the request's (tracing on).
         self.app.exchange_finished(self, status, code)  # type: ignore[arg-type]
 
 
