@@ -655,3 +655,50 @@ def test_traced_retry_shows_two_attempt_spans(tokdir: Path) -> None:
                 assert first["worker"] == mocks[0].url and "status_code" not in first
                 assert _attributes(attempts[1].attributes)["worker"] == mocks[1].url
         assert sorted(attempts_seen) == [1, 2]
+
+
+def test_admission_permits_and_access_log(tokdir: Path) -> None:
+    """--max-concurrent-requests: every gRPC request gives its permit back (a leak would
+    stall the later ones); --access-log writes a line per gRPC request with its worker."""
+    import concurrent.futures
+
+    with (
+        grpc_mocks(tokdir, 1, *text_mode(), "--itl-ms", "5") as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                "--model-path",
+                str(tokdir),
+                "--max-concurrent-requests",
+                "2",
+                "--access-log",
+            ]
+        ) as gw,
+    ):
+
+        def chat(_: int) -> str | None:
+            return (
+                client(gw)
+                .chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+                )
+                .choices[0]
+                .message.content
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(chat, range(12))) == [TEXT] * 12
+        with pytest.raises(openai.BadRequestError):
+            client(gw).chat.completions.create(model=MODEL, messages=[], max_tokens=5)
+        assert chat(0) == TEXT  # still admitted after an answer made before dispatch
+        lines = wait_until(
+            lambda: (
+                (found := [line for line in gw.logs().splitlines() if "smg.access" in line])
+                and len(found) >= 14
+                and found
+            ),
+            10,
+            "access lines",
+        )
+        assert sum(mocks[0].url in line for line in lines) == 13
