@@ -550,13 +550,20 @@ def test_sglang_and_vllm_constraint_spellings() -> None:
 def test_two_constraints_are_refused() -> None:
     e = chat_refused(regex="a", response_format={"type": "json_object"})
     assert (e.param, e.code) == ("regex", "regex_conflicts_with_json")
+    assert e.message == (
+        "only one structured output constraint (response_format, regex, ebnf, "
+        "structured_outputs, guided_*) can be active at a time, got response_format, regex."
+    )
     e = chat_refused(ebnf="a", response_format={"type": "json_object"})
     assert e.code == "ebnf_conflicts_with_json"
     e = chat_refused(ebnf="a", regex="b")
     assert e.code == "multiple_constraints"
-    assert e.message == (
-        "only one structured output constraint (response_format, regex, ebnf, "
-        "structured_outputs, guided_*) can be active at a time, got response_format, regex."
+    e = chat_refused(structured_outputs={"json": {}, "regex": "a"})
+    assert (e.param, e.code, e.message) == (
+        "structured_outputs",
+        "multiple_constraints",
+        "You can only use one kind of constraints for structured outputs "
+        "('json', 'regex' or 'choice').",
     )
 
 
