@@ -402,12 +402,26 @@ def test_body_must_be_an_object() -> None:
 
 def test_defaults_generation_config_over_engine_json() -> None:
     d = Defaults.from_sources(
-        {"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 100, "do_sample": True},
+        {
+            "temperature": 0.6,
+            "top_p": 0.9,
+            "max_new_tokens": 100,
+            "do_sample": True,
+            "presence_penalty": 0.5,
+        },
         '{"temperature":0.7,"top_k":20,"min_p":0.05,"repetition_penalty":1.1}',
     )
     assert d == Defaults(
-        temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1, max_tokens=100
+        temperature=0.6,
+        top_p=0.9,
+        top_k=20,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        max_tokens=100,
+        presence_penalty=0.5,
     )
+    s = prepare_chat({"messages": USER, "frequency_penalty": 1}, d).sampling
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, 1.0)
 
 
 def test_defaults_ignore_malformed_sources() -> None:

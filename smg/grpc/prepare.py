@@ -79,7 +79,10 @@ class Defaults:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    max_tokens: int | None = None  # generation_config.json max_new_tokens: a cap
+    max_tokens: int | None = None  # generation_config.json max_new_tokens: a default
+    # vLLM 0.32's get_diff_sampling_param takes these two as well
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     @classmethod
     def from_sources(cls, generation_defaults: dict[str, Any] | None, engine_json: str) -> Defaults:
@@ -100,7 +103,14 @@ class Defaults:
         if "max_new_tokens" in merged and "max_tokens" not in merged:
             merged["max_tokens"] = merged["max_new_tokens"]
         out = cls()
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = merged.get(name)
             if _is_number(value) and math.isfinite(value):
                 setattr(out, name, float(value))
@@ -258,7 +268,7 @@ def _sampling(
                 name,
                 BELOW_DECIMAL if value < 0 else ABOVE_DECIMAL,
             )
-        setattr(s, name, value if value is not None else 0.0)
+        setattr(s, name, _first(value, getattr(defaults, name, None), 0.0))
     repetition = _number(body, "repetition_penalty")
     if repetition is not None and repetition <= 0.0:
         raise _bad(
