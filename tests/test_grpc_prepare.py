@@ -779,6 +779,8 @@ def test_generate_sglang_body() -> None:
                 "stop": ["\n"],
                 "no_stop_trim": True,
                 "regex": "[0-9]+",
+                "min_new_tokens": 2,
+                "sampling_seed": 7,
             },
             "stream": True,
             "return_logprob": True,
@@ -796,6 +798,7 @@ def test_generate_sglang_body() -> None:
         True,
     )
     assert s.constraint == ("regex", "[0-9]+")
+    assert (s.min_tokens, s.seed) == (2, 7)  # SGLang's min_new_tokens, sampling_seed
     assert (p.logprobs, p.top_logprobs, s.logprobs) == (True, 2, 2)
 
 

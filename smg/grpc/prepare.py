@@ -856,11 +856,6 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
             param="continue_final_message",
         )
-    if continue_final and messages[-1].get("role") != "assistant":
-        raise _bad(
-            "continue_final_message requires the last message to be an assistant message.",
-            param="continue_final_message",
-        )
     return Prepared(
         kind="chat",
         model=model,
@@ -969,6 +964,10 @@ def prepare_generate(body: dict, defaults: Defaults) -> Prepared:
     if not isinstance(params, dict):
         raise _bad("sampling_params must be an object.", param="sampling_params")
     params = dict(params)
+    # SGLang's names for what chat and completions call min_tokens and seed
+    for sglang, ours in (("min_new_tokens", "min_tokens"), ("sampling_seed", "seed")):
+        if sglang in params and ours not in params:
+            params[ours] = params.pop(sglang)
     sampling, explicit = _sampling(params, defaults, max_tokens_names=("max_new_tokens",))
     if "no_stop_trim" in params:
         sampling.include_stop_str_in_output = _boolean(params, "no_stop_trim", False)
