@@ -215,6 +215,22 @@ def test_stop_strings_are_not_matched_within_min_tokens(tok: Tokenizer) -> None:
     ]
 
 
+def test_stop_reason_is_vllms_whatever_the_engine_reports(tok: Tokenizer) -> None:
+    def reason(ids: list[int], matched: int | None, **kw: Any) -> int | str | None:
+        (d,) = run(
+            tok,
+            SamplingParams(**kw),
+            [out(ids, finished=True, finish_reason="stop", matched_stop=matched)],
+        )
+        return d.matched_stop
+
+    assert reason([HELLO, EOT], EOT) is None  # SGLang names the EOS; vLLM says None
+    assert reason([HELLO, EOT], None) is None
+    assert reason([HELLO, 128001], None) == 128001  # an extra EOS id is a stop token id
+    assert reason([HELLO, BANG], None, stop_token_ids=[BANG]) == BANG
+    assert reason([HELLO, BANG], BANG, stop_token_ids=[BANG]) == BANG
+
+
 @pytest.mark.parametrize(
     ("engine", "client"),
     [("stop", "stop"), ("length", "length"), ("abort", "abort"), ("error", "abort")],
@@ -549,6 +565,13 @@ def test_generate_body_sglang_shape(tok: Tokenizer) -> None:
             "cached_tokens": 1,
         },
     }
+
+
+def test_generate_body_names_the_eos_as_sglang(tok: Tokenizer) -> None:
+    p = prepare_generate({"text": "x"}, NONE)
+    deltas = [Delta(0, "Hello", None, "stop", None, [HELLO, EOT])]
+    raw = orjson.loads(generate_body(p, "r", "m", 7, tok, [deltas], Usage(1, 2, 0)))
+    assert raw["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOT}
 
 
 def test_generate_body_logprobs(tok: Tokenizer) -> None:

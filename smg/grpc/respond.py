@@ -39,7 +39,8 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None  # set once, on the choice's last delta
-    matched_stop: int | str | None  # vLLM's stop_reason: the stop string or stop token id
+    # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
+    matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
 
 
@@ -86,6 +87,7 @@ class ChoiceState:
         "_done",
         "_include_stop",
         "_min_tokens",
+        "_primary_eos",
         "_stop_ids",
         "_stops",
         "_tokens",
@@ -108,6 +110,7 @@ class ChoiceState:
         # A finished "stop" whose last token is one of these ended on a stop token (vLLM
         # reports stop_reason None for EOS, the id for stop_token_ids).
         self._stop_ids = frozenset(sampling.stop_token_ids) | frozenset(tokenizer.eos_token_ids)
+        self._primary_eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
         self._min_tokens = sampling.min_tokens
         self._tokens = 0
         self._done = False
@@ -148,6 +151,15 @@ class ChoiceState:
             self._done = True
             reason = finish_reason_of(out.finish_reason)
             matched = out.matched_stop if reason == "stop" else None
+            if reason == "stop" and not isinstance(matched, str):
+                # vLLM's stop_reason whatever the engine reported: None for the model's
+                # EOS, the id for another stop token (stop_token_ids and the extra EOS ids
+                # of generation_config.json, which vLLM adds to them)
+                last = ids[-1] if ids else None
+                if matched is None and last in self._stop_ids:
+                    matched = last
+                if matched == self._primary_eos:
+                    matched = None
             return Delta(self.index, text, out.logprobs, reason, matched, ids)
         return Delta(self.index, text, out.logprobs, None, None, ids)
 
@@ -839,6 +851,8 @@ def _generate_item(
     tokenizer: Any,
     cache: dict[int, str],
 ) -> dict[str, Any]:
+    if reason == "stop" and matched is None and ids and ids[-1] in tokenizer.eos_token_ids:
+        matched = ids[-1]  # SGLang names the EOS it stopped on (vLLM's stop_reason: None)
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": _sglang_finish(reason, matched, len(ids)),
