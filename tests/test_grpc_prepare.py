@@ -335,10 +335,10 @@ def test_error_body_is_the_openai_shape_with_param() -> None:
         ("hi", "messages", "'messages' must be a list."),
         (["hi"], "messages[0]", "messages[0] must be an object."),
         (
-            [{"role": "robot", "content": "x"}],
+            [{"role": 5, "content": "x"}],
             "messages[0].role",
-            "messages[0].role must be one of 'system', 'developer', 'user', 'assistant', "
-            "'tool', got \"robot\".",
+            "messages[0].role must be a string such as 'system', 'developer', 'user', "
+            "'assistant' or 'tool', got 5.",
         ),
         ([{"role": "user"}], "messages[0].content", "messages[0].content is required."),
         (
@@ -357,7 +357,7 @@ def test_error_body_is_the_openai_shape_with_param() -> None:
                 }
             ],
             "messages[0].content[1]",
-            "messages[0].content[1]: content of type 'image_url' is not supported: this "
+            'messages[0].content[1]: content of type "image_url" is not supported: this '
             "gateway serves text-only models over gRPC.",
         ),
         (
@@ -390,6 +390,37 @@ def test_every_role_and_text_parts_are_accepted() -> None:
         {"role": "tool", "content": "42", "tool_call_id": "c1"},
     ]
     assert prepare_chat({"messages": messages}, NONE).messages == messages
+
+
+def test_text_part_spellings_become_text_parts_and_custom_roles_pass() -> None:
+    messages = [
+        {"role": "ipython", "content": "42"},  # vLLM takes custom roles (Llama's tool role)
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "a"},
+                {"text": "b"},
+                {"type": "text", "text": "c"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+    ]
+    p = prepare_chat({"messages": messages}, NONE)
+    assert p.messages == [
+        {"role": "ipython", "content": "42"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "a"},
+                {"type": "text", "text": "b"},
+                {"type": "text", "text": "c"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "no"}]},
+    ]
+    assert messages[1]["content"][0] == {"type": "input_text", "text": "a"}  # not mutated
+    plain = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    assert prepare_chat({"messages": plain}, NONE).messages is plain  # no copy needed
 
 
 def test_body_must_be_an_object() -> None:

@@ -22,7 +22,6 @@ import orjson
 
 from smg.grpc.types import SamplingParams
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _MAX_STOPS = 4  # the Rust SMG's `validate_stop` and vLLM's VLLM_MAX_STOP_STRINGS default
 _MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default --max-logprobs
 _INT_MAX = 2**63 - 1
@@ -718,7 +717,23 @@ def tool_schema(tools: list[dict], choice: str, *, parallel_tool_calls: object =
 # --------------------------------------------------------------------------- messages
 
 
+# vLLM's text part types (renderers/chat_utils.py TEXT_PART_TYPES) and the key holding
+# each one's text; a part without "type" is text. Every other type is media.
+_TEXT_PARTS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+
+
 def _messages(body: dict) -> list[dict]:
+    """Checked as vLLM parses them: any role string (vLLM takes custom roles, e.g.
+    Llama's "ipython"; the template decides), content a string, null (assistant
+    tool calls, tool) or a list of text parts; media parts are refused (text-only
+    models). Text parts of the other spellings are rewritten to {"type": "text"} in a
+    copy of their message, so the template stage sees one kind."""
     messages = body.get("messages")
     if messages is None:
         raise _bad("'messages' is a required property.", "messages", "missing_field")
@@ -726,56 +741,57 @@ def _messages(body: dict) -> list[dict]:
         raise _bad("'messages' must be a list.", "messages", INVALID_TYPE)
     if not messages:
         raise _bad("messages cannot be empty.", "messages", "empty_array")
+    out = messages
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(f"{where} must be an object.", param=where)
+            raise _bad(f"{where} must be an object.", where, INVALID_TYPE)
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or not role:
             raise _bad(
-                f"{where}.role must be one of 'system', 'developer', 'user', 'assistant', "
-                f"'tool', got {_show(role)}.",
-                param=f"{where}.role",
+                f"{where}.role must be a string such as 'system', 'developer', 'user', "
+                f"'assistant' or 'tool', got {_show(role)}.",
+                f"{where}.role",
+                INVALID_TYPE if not isinstance(role, str) else INVALID,
             )
         content = message.get("content")
         if content is None:
-            if role == "assistant" or role == "tool":
+            if role in ("assistant", "tool", "function"):
                 continue  # an assistant turn may carry only tool_calls
-            raise _bad(f"{where}.content is required.", param=f"{where}.content")
+            raise _bad(f"{where}.content is required.", f"{where}.content", "missing_field")
         if isinstance(content, str):
             continue
         if not isinstance(content, list):
             raise _bad(
                 f"{where}.content must be a string or a list of content parts.",
-                param=f"{where}.content",
+                f"{where}.content",
+                INVALID_TYPE,
             )
+        rewritten: list[dict] | None = None
         for j, part in enumerate(content):
             pwhere = f"{where}.content[{j}]"
             if not isinstance(part, dict):
-                raise _bad(f"{pwhere} must be an object.", param=pwhere)
-            kind = part.get("type")
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _bad(f"{pwhere}.text must be a string.", param=f"{pwhere}.text")
-            elif kind in (
-                "image_url",
-                "input_audio",
-                "video_url",
-                "audio_url",
-                "image",
-                "file",
-                "input_image",
-            ):
+                raise _bad(f"{pwhere} must be an object.", pwhere, INVALID_TYPE)
+            kind = part.get("type", "text")
+            key = _TEXT_PARTS.get(kind) if isinstance(kind, str) else None
+            if key is None:
                 raise _bad(
-                    f"{pwhere}: content of type '{kind}' is not supported: this gateway serves "
-                    "text-only models over gRPC.",
-                    param=pwhere,
+                    f"{pwhere}: content of type {_show(kind)} is not supported: this gateway "
+                    "serves text-only models over gRPC.",
+                    pwhere,
                 )
-            else:
-                raise _bad(
-                    f"{pwhere}.type must be 'text', got {_show(kind)}.", param=f"{pwhere}.type"
-                )
-    return messages
+            text = part.get(key)
+            if not isinstance(text, str):
+                raise _bad(f"{pwhere}.{key} must be a string.", f"{pwhere}.{key}", INVALID_TYPE)
+            if kind != "text" or "type" not in part:
+                if rewritten is None:
+                    rewritten = list(content)
+                rewritten[j] = {"type": "text", "text": text}
+        if rewritten is not None:
+            if out is messages:
+                out = list(messages)
+            out[i] = {**message, "content": rewritten}
+    return out
 
 
 def _logprobs_chat(body: dict) -> tuple[bool, int]:
