@@ -233,7 +233,7 @@ def test_stop_reason_is_vllms_whatever_the_engine_reports(tok: Tokenizer) -> Non
 
 @pytest.mark.parametrize(
     ("engine", "client"),
-    [("stop", "stop"), ("length", "length"), ("abort", "abort"), ("error", "abort")],
+    [("stop", "stop"), ("length", "length"), ("abort", "abort"), ("error", "abort"), ("", "stop")],
 )
 def test_finish_reason_mapping(tok: Tokenizer, engine: str, client: str) -> None:
     deltas = run(tok, SamplingParams(), [out([HELLO], finished=True, finish_reason=engine)])

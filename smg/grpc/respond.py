@@ -60,14 +60,12 @@ class Usage:
 
 
 def finish_reason_of(engine_reason: str | None) -> str:
-    """The engine's words -> the client's: vLLM's OpenAI server passes "stop", "length"
-    and "abort" through; an engine "error" (vLLM V1) and anything unknown end as "stop"
-    would hide a failure, so they become "abort"."""
+    """The engine's words -> the client's. vLLM's OpenAI server passes "stop", "length"
+    and "abort" through and reads a missing reason as "stop"; anything else (an engine
+    "error") becomes "abort" rather than a "stop" that would hide a failure."""
     if engine_reason in ("stop", "length", "abort"):
         return engine_reason
-    if engine_reason in (None, "", "eos", "stop_token", "stop_str", "matched_stop"):
-        return "stop"
-    return "abort"
+    return "stop" if not engine_reason else "abort"
 
 
 class ChoiceState:
@@ -145,8 +143,6 @@ class ChoiceState:
             if out.finished:
                 safe += stops.finish()
             text = safe
-        elif stops is not None and out.finished:
-            text = stops.finish() + text
         if out.finished:
             self._done = True
             reason = finish_reason_of(out.finish_reason)
