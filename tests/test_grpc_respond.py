@@ -450,6 +450,34 @@ def test_chat_stream_logprobs_chunk(tok: Tokenizer) -> None:
     }
 
 
+def test_chat_echo_and_the_role_of_a_continued_message(tok: Tokenizer) -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Once"}]},
+        ],
+        "echo": True,
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    }
+    p = prepare_chat(body, NONE)
+    deltas = [Delta(0, " upon", None, "length", None, [1])]
+    raw = orjson.loads(chat_body(p, "a", "m", 1, tok, [deltas], Usage(1, 1, 0)))
+    assert raw["choices"][0]["message"] == {"role": "assistant", "content": "Once upon"}
+    w = ChatStreamWriter(prepare_chat({**body, "stream": True}, NONE), "a", "m", 1, tok)
+    assert [c["choices"][0]["delta"] for c in sse_events(w.start())] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Once"},
+    ]
+    # add_generation_prompt off: the answer takes the last message's role (vLLM)
+    user_last = prepare_chat(
+        {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": False}, NONE
+    )
+    raw = orjson.loads(chat_body(user_last, "a", "m", 1, tok, [deltas], Usage(1, 1, 0)))
+    assert raw["choices"][0]["message"] == {"role": "user", "content": " upon"}
+
+
 def completion_chunk_validate(chunk: dict[str, Any]) -> None:
     """The client reads completion stream chunks as `Completion` without validation
     (`construct`); its model types finish_reason without null, which vLLM's chunks (and

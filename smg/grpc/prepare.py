@@ -887,6 +887,7 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
         continuous_usage=continuous,
         logprobs=logprobs,
         top_logprobs=top,
+        echo=_boolean(body, "echo", False),  # vLLM: the last message leads the answer
         request_id_hint=_string(body, "rid") or _string(body, "request_id"),
         max_tokens_explicit=explicit,
         max_tokens_default=defaults.max_tokens,

@@ -415,6 +415,29 @@ def required_tool_deltas(previous: str, current: str) -> list[dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- chat role, echo
+
+
+def chat_role(p: Prepared) -> str:
+    """vLLM's response role: "assistant", or with add_generation_prompt off the last
+    message's role (the answer continues it)."""
+    if p.add_generation_prompt or not p.messages:
+        return "assistant"
+    role = p.messages[-1].get("role")
+    return role if isinstance(role, str) else "assistant"
+
+
+def chat_echo(p: Prepared, role: str) -> str:
+    """vLLM's chat `echo`: the last message's content leads the answer when it has the
+    answer's role (text parts joined with newlines)."""
+    if not p.echo or not p.messages or p.messages[-1].get("role") != role:
+        return ""
+    content = p.messages[-1].get("content")
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
 # --------------------------------------------------------------------------- SSE writers
 
 
@@ -498,18 +521,34 @@ class ChatStreamWriter(_Writer):
         return b"data: " + self._head + orjson.dumps(choice) + tail + b"}\n\n"
 
     def start(self) -> bytes:
-        return b"".join(
+        role = chat_role(self.p)
+        out = [
             self._chunk(
                 {
                     "index": i,
-                    "delta": {"role": "assistant", "content": ""},
+                    "delta": {"role": role, "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
                 },
                 i,
             )
             for i in range(self.n)
-        )
+        ]
+        echo = chat_echo(self.p, role)
+        if echo:
+            out.extend(
+                self._chunk(
+                    {
+                        "index": i,
+                        "delta": {"content": echo},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    },
+                    i,
+                )
+                for i in range(self.n)
+            )
+        return b"".join(out)
 
     def _tool_delta(self, i: int, text: str) -> dict[str, Any] | None:
         choice = self.p.tool_choice
@@ -738,15 +777,17 @@ def chat_body(
 ) -> bytes:
     """The non-streaming `chat.completion` body; `choices` holds each choice's deltas."""
     cache: dict[int, str] = {}
+    role = chat_role(prepared)
+    echo = chat_echo(prepared, role)
     out = []
     for index, deltas in enumerate(choices):
         text, _ids, logprobs, reason, matched = _collect(deltas)
         reason = reason or "stop"
-        message: dict[str, Any] = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": role, "content": echo + text}
         if prepared.tool_choice is not None:
             # vLLM: content "" and the parsed calls; "required" that stopped -> tool_calls
             message = {
-                "role": "assistant",
+                "role": role,
                 "content": "",
                 "tool_calls": tool_calls_from(text, prepared.tool_choice),
             }
