@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import time
 from typing import Any
 
 import orjson
@@ -849,3 +850,31 @@ def test_streamed_text_is_the_decoded_text_cut_at_the_stop(
         ("stop", stop) if at >= 0 else ("length", None)
     )
     assert state.done()
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_per_token_cost(tok: Tokenizer) -> None:
+    """The streaming hot path per token (printed; run with -s): ChoiceState.on_output
+    (detokenizer + stop matcher) and ChatStreamWriter.delta, one token per output."""
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. Zürich 語 🦙 " * 100)[:2000]
+    outs = [EngineOutput(0, [t]) for t in ids]
+    p = chat_prepared(stream=True, stop=["<END>", "###"])
+    best_state = best_writer = float("inf")
+    for _ in range(5):
+        state = ChoiceState(0, tok, p.sampling)
+        t0 = time.perf_counter()
+        deltas = [state.on_output(o) for o in outs]
+        t1 = time.perf_counter()
+        writer = ChatStreamWriter(p, "r", "m", 1, tok)
+        for d in deltas:
+            writer.delta(d)
+        t2 = time.perf_counter()
+        best_state = min(best_state, (t1 - t0) / len(ids) * 1e6)
+        best_writer = min(best_writer, (t2 - t1) / len(ids) * 1e6)
+    print(
+        f"\nChoiceState.on_output: {best_state:.2f} us/token, "
+        f"ChatStreamWriter.delta: {best_writer:.2f} us/token over {len(ids)} tokens"
+    )
+    assert best_state < 100 and best_writer < 50  # generous: the box is shared and slow
