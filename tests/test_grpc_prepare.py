@@ -833,6 +833,20 @@ def test_generate_sglang_body() -> None:
     assert (p.logprobs, p.top_logprobs, s.logprobs) == (True, 2, 2)
 
 
+def test_generate_structural_tag_and_json_schema() -> None:
+    tag = {"type": "structural_tag", "structures": [], "triggers": []}
+    p = prepare_generate({"text": "x", "sampling_params": {"structural_tag": tag}}, NONE)
+    assert p.sampling.constraint == ("structural_tag", orjson.dumps(tag).decode())
+    p = prepare_generate(
+        {"text": "x", "sampling_params": {"json_schema": '{"type":"string"}'}}, NONE
+    )
+    assert p.sampling.constraint == ("json_schema", '{"type":"string"}')
+    e = refused(
+        prepare_generate, {"text": "x", "sampling_params": {"structural_tag": "{}", "regex": "a"}}
+    )
+    assert (e.param, e.code) == ("structural_tag", "multiple_constraints")
+
+
 def test_generate_input_ids_and_default_max_new_tokens() -> None:
     p = prepare_generate({"input_ids": [5, 6]}, NONE)
     assert (p.prompt, p.sampling.max_tokens, p.max_tokens_default) == ([5, 6], None, 128)

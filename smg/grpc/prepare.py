@@ -988,25 +988,38 @@ def prepare_generate(body: dict, defaults: Defaults) -> Prepared:
     sampling, explicit = _sampling(params, defaults, max_tokens_names=("max_new_tokens",))
     if "no_stop_trim" in params:
         sampling.include_stop_str_in_output = _boolean(params, "no_stop_trim", False)
-    constraint_src = {
-        k: params[k] for k in ("regex", "ebnf", "structural_tag") if params.get(k) is not None
-    }
+    constraint_src = {k: params[k] for k in ("regex", "ebnf") if params.get(k) is not None}
     if params.get("json_schema") is not None:
         constraint_src["guided_json"] = params["json_schema"]
-    sampling.constraint = _constraint(constraint_src)
+    tag = params.get("structural_tag")
+    if tag is not None:
+        if constraint_src:
+            raise _bad(
+                "only one structured output constraint (json_schema, regex, ebnf, "
+                "structural_tag) can be active at a time.",
+                "structural_tag",
+                "multiple_constraints",
+            )
+        text = tag if isinstance(tag, str) else orjson.dumps(tag).decode()
+        sampling.constraint = ("structural_tag", text)
+    else:
+        sampling.constraint = _constraint(constraint_src)
     stream = _boolean(body, "stream", False)
     return_logprob = _boolean(body, "return_logprob", False)
     top = _integer(body, "top_logprobs_num") or 0
     if not 0 <= top <= _MAX_TOP_LOGPROBS:
         raise _bad(
             f"top_logprobs_num must be in [0, {_MAX_TOP_LOGPROBS}], got {top}.",
-            param="top_logprobs_num",
+            "top_logprobs_num",
+            BELOW_INTEGER if top < 0 else ABOVE_INTEGER,
         )
     if return_logprob:
         sampling.logprobs = top
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str):
-        raise _bad("rid must be a string (batched requests are not supported).", param="rid")
+        raise _bad(
+            "rid must be a string (batched requests are not supported).", "rid", INVALID_TYPE
+        )
     return Prepared(
         kind="generate",
         model=_model(body),
