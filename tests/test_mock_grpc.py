@@ -205,6 +205,7 @@ def test_tokenizer_bundle(engine: Engine, model_dir: Path) -> None:
     assert all(len(c.data) <= 64 * 1024 for c in chunks)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert sorted(zf.namelist()) == [
+            "config.json",
             "generation_config.json",
             "tokenizer.json",
             "tokenizer_config.json",
