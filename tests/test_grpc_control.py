@@ -45,6 +45,7 @@ class FakeEngine:
         self.served_model_name = served_model_name
         self.healthy = True
         self.health_delay = 0.0
+        self.model_info_delay = 0.0
         self.loads = [(3, 2, 0.5, 120.0, 64)]  # running, waiting, usage, throughput, tokens
         self.flush_ok = True
         self.bundle: tuple[bytes, str] | None = None
@@ -71,6 +72,7 @@ class FakeEngine:
 
     def GetModelInfo(self, request: Any, context: Any) -> Any:
         self.count("GetModelInfo")
+        time.sleep(self.model_info_delay)
         return self.pb.GetModelInfoResponse(
             model_path="/models/fake",
             served_model_name=self.served_model_name,
@@ -307,6 +309,18 @@ def test_a_grpc_worker_added_over_the_admin_api_is_accepted() -> None:
         assert answer.status_code == 202
         wait_until(lambda: _worker(gw)["is_healthy"], 20.0, "the added worker Ready")
         assert _worker(gw)["engine"] == "sglang"
+
+
+def test_unprobed_grpc_worker_is_ready_only_once_discovered() -> None:
+    with fake_engine("vllm") as (engine, port):
+        engine.model_info_delay = 1.5
+        args = ["--worker-urls", f"grpc://127.0.0.1:{port}", "--disable-health-check",
+                *NO_TOKENIZER]  # fmt: skip
+        with running_gateway(args, processes=1) as gw:
+            gw.wait_ready(30.0)
+            worker = _worker(gw)
+            assert (worker["engine"], worker["status"]) == ("vllm", "ready")
+            assert worker["grpc"]["max_context_length"] == 4096
 
 
 def test_a_local_model_path_means_no_bundle_fetch(tmp_path: Path) -> None:

@@ -169,109 +169,150 @@ def test_continue_final_message() -> None:
 # --------------------------------------------------------------------------- chat: refusals
 
 
-# vLLM 0.32's wording (vllm/sampling_params.py, chat_completion/protocol.py)
+# vLLM 0.32's wording (vllm/sampling_params.py, chat_completion/protocol.py) and the Rust
+# SMG 1.13's codes (read off its answers to the same bodies)
+DA, DB = "decimal_above_max_value", "decimal_below_min_value"
+IA, IB = "integer_above_max_value", "integer_below_min_value"
+
+
 @pytest.mark.parametrize(
-    ("fields", "param", "message"),
+    ("fields", "param", "code", "message"),
     [
-        ({"temperature": 2.5}, "temperature", "temperature must be in [0, 2], got 2.5."),
-        ({"temperature": 3}, "temperature", "temperature must be in [0, 2], got 3.0."),
-        ({"temperature": -0.1}, "temperature", "temperature must be non-negative, got -0.1."),
-        ({"temperature": "hot"}, "temperature", "'temperature' must be a number, got \"hot\"."),
-        ({"temperature": True}, "temperature", "'temperature' must be a number, got true."),
-        ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0.0."),
-        ({"top_p": 1.5}, "top_p", "top_p must be in (0, 1], got 1.5."),
-        ({"top_k": -2}, "top_k", "top_k must be 0 (disable), or at least 1, got -2."),
-        ({"top_k": 1.5}, "top_k", "'top_k' must be an integer, got 1.5."),
-        ({"min_p": 1.5}, "min_p", "min_p must be in [0, 1], got 1.5."),
+        ({"temperature": 2.5}, "temperature", DA, "temperature must be in [0, 2], got 2.5."),
+        ({"temperature": 3}, "temperature", DA, "temperature must be in [0, 2], got 3.0."),
+        ({"temperature": -0.1}, "temperature", DB, "temperature must be non-negative, got -0.1."),
+        (
+            {"temperature": "hot"},
+            "temperature",
+            "invalid_type",
+            "'temperature' must be a number, got \"hot\".",
+        ),
+        (
+            {"temperature": True},
+            "temperature",
+            "invalid_type",
+            "'temperature' must be a number, got true.",
+        ),
+        ({"top_p": 0}, "top_p", DB, "top_p must be in (0, 1], got 0.0."),
+        ({"top_p": 1.5}, "top_p", DA, "top_p must be in (0, 1], got 1.5."),
+        (
+            {"top_k": -2},
+            "top_k",
+            "invalid_value",
+            "top_k must be 0 (disable), or at least 1, got -2.",
+        ),
+        ({"top_k": 1.5}, "top_k", "invalid_type", "'top_k' must be an integer, got 1.5."),
+        ({"min_p": 1.5}, "min_p", DA, "min_p must be in [0, 1], got 1.5."),
         (
             {"frequency_penalty": 2.5},
             "frequency_penalty",
+            DA,
             "frequency_penalty must be in [-2, 2], got 2.5.",
         ),
         (
             {"presence_penalty": -3},
             "presence_penalty",
+            DB,
             "presence_penalty must be in [-2, 2], got -3.0.",
         ),
         (
             {"repetition_penalty": 0},
             "repetition_penalty",
+            DB,
             "repetition_penalty must be greater than zero, got 0.0.",
         ),
-        ({"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0."),
+        ({"max_tokens": 0}, "max_tokens", IB, "max_tokens must be at least 1, got 0."),
         (
             {"max_completion_tokens": -1},
             "max_completion_tokens",
+            IB,
             "max_tokens must be at least 1, got -1.",
         ),
         (
             {"min_tokens": 5, "max_tokens": 4},
             "min_tokens",
+            "min_tokens_exceeds_max",
             "min_tokens must be less than or equal to max_tokens=4, got 5.",
         ),
         (
             {"min_tokens": -1},
             "min_tokens",
+            IB,
             "min_tokens must be greater than or equal to 0, got -1.",
         ),
-        ({"n": 0}, "n", "n must be at least 1, got 0."),
-        ({"n": 16385}, "n", "n must be at most 16384, got 16385."),
-        ({"n": 2, "temperature": 0}, "n", "n must be 1 when using greedy sampling, got 2."),
+        ({"n": 0}, "n", IB, "n must be at least 1, got 0."),
+        ({"n": 16385}, "n", IA, "n must be at most 16384, got 16385."),
+        (
+            {"n": 2, "temperature": 0},
+            "n",
+            "invalid_value",
+            "n must be 1 when using greedy sampling, got 2.",
+        ),
         (
             {"seed": 2**40},
             "seed",
+            IA,
             "seed must be in [-2147483648, 2147483647], got 1099511627776.",
         ),
         (
             {"stop": ["a", "b", "c", "d", "e"]},
             "stop",
+            "array_above_max_length",
             "stop may hold at most 4 sequences, got 5.",
         ),
-        ({"stop": [""]}, "stop", "stop cannot contain an empty string."),
-        ({"stop": 5}, "stop", "stop must be a string or a list of strings."),
+        ({"stop": [""]}, "stop", "invalid_value", "stop cannot contain an empty string."),
+        ({"stop": ""}, "stop", "invalid_value", "stop cannot contain an empty string."),
+        ({"stop": 5}, "stop", "invalid_type", "stop must be a string or a list of strings."),
         (
             {"stop_token_ids": [1, -2]},
             "stop_token_ids",
+            "invalid_value",
             "stop_token_ids must contain only non-negative integers, got [1,-2].",
         ),
         (
             {"logit_bias": {"x": 1}},
             "logit_bias",
+            "logit_bias_invalid_key",
             "logit_bias contains key(s) that cannot be converted to integer token IDs: ['x']",
         ),
         (
             {"logit_bias": {"-3": 1}},
             "logit_bias",
+            "logit_bias_invalid_key",
             "token_id(s) [-3] in logit_bias contain out-of-vocab token ids.",
         ),
         (
             {"top_logprobs": 2},
             "top_logprobs",
+            "top_logprobs_requires_logprobs",
             "when using `top_logprobs`, `logprobs` must be set to true.",
         ),
         (
             {"top_logprobs": -2, "logprobs": True},
             "top_logprobs",
+            IB,
             "`top_logprobs` must be a positive value or -1.",
         ),
         (
             {"logprobs": True, "top_logprobs": 21},
             "top_logprobs",
+            IA,
             "Requested sample logprobs of 21, which is greater than max allowed: 20",
         ),
         (
             {"logprobs": True, "top_logprobs": -1},
             "top_logprobs",
+            IA,
             "Requested sample logprobs of the whole vocabulary (-1), which is greater than "
             "max allowed: 20",
         ),
-        ({"stream": "yes"}, "stream", "'stream' must be a boolean, got \"yes\"."),
-        ({"model": 5}, "model", "'model' must be a string"),
+        ({"stream": "yes"}, "stream", "invalid_type", "'stream' must be a boolean, got \"yes\"."),
+        ({"model": 5}, "model", "invalid_type", "'model' must be a string"),
     ],
 )
-def test_chat_refusals(fields: dict[str, Any], param: str, message: str) -> None:
+def test_chat_refusals(fields: dict[str, Any], param: str, code: str, message: str) -> None:
     e = chat_refused(**fields)
-    assert (e.status, e.code, e.param, e.message) == (400, "invalid_request_error", param, message)
+    assert (e.status, e.code, e.param, e.message) == (400, code, param, message)
 
 
 def test_error_body_is_the_openai_shape_with_param() -> None:
@@ -279,7 +320,7 @@ def test_error_body_is_the_openai_shape_with_param() -> None:
     assert orjson.loads(e.body()) == {
         "error": {
             "type": "invalid_request_error",
-            "code": "invalid_request_error",
+            "code": "decimal_above_max_value",
             "message": "temperature must be in [0, 2], got 3.0.",
             "param": "temperature",
         }
@@ -294,10 +335,10 @@ def test_error_body_is_the_openai_shape_with_param() -> None:
         ("hi", "messages", "'messages' must be a list."),
         (["hi"], "messages[0]", "messages[0] must be an object."),
         (
-            [{"role": "robot", "content": "x"}],
+            [{"role": 5, "content": "x"}],
             "messages[0].role",
-            "messages[0].role must be one of 'system', 'developer', 'user', 'assistant', "
-            "'tool', got \"robot\".",
+            "messages[0].role must be a string such as 'system', 'developer', 'user', "
+            "'assistant' or 'tool', got 5.",
         ),
         ([{"role": "user"}], "messages[0].content", "messages[0].content is required."),
         (
@@ -316,7 +357,7 @@ def test_error_body_is_the_openai_shape_with_param() -> None:
                 }
             ],
             "messages[0].content[1]",
-            "messages[0].content[1]: content of type 'image_url' is not supported: this "
+            'messages[0].content[1]: content of type "image_url" is not supported: this '
             "gateway serves text-only models over gRPC.",
         ),
         (
@@ -330,6 +371,8 @@ def test_message_refusals(messages: Any, param: str, message: str) -> None:
     body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
     e = refused(prepare_chat, body)
     assert (e.param, e.message) == (param, message)
+    if messages == []:
+        assert e.code == "empty_array"  # the Rust SMG's code
 
 
 def test_every_role_and_text_parts_are_accepted() -> None:
@@ -349,6 +392,37 @@ def test_every_role_and_text_parts_are_accepted() -> None:
     assert prepare_chat({"messages": messages}, NONE).messages == messages
 
 
+def test_text_part_spellings_become_text_parts_and_custom_roles_pass() -> None:
+    messages = [
+        {"role": "ipython", "content": "42"},  # vLLM takes custom roles (Llama's tool role)
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "a"},
+                {"text": "b"},
+                {"type": "text", "text": "c"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+    ]
+    p = prepare_chat({"messages": messages}, NONE)
+    assert p.messages == [
+        {"role": "ipython", "content": "42"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "a"},
+                {"type": "text", "text": "b"},
+                {"type": "text", "text": "c"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "no"}]},
+    ]
+    assert messages[1]["content"][0] == {"type": "input_text", "text": "a"}  # not mutated
+    plain = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    assert prepare_chat({"messages": plain}, NONE).messages is plain  # no copy needed
+
+
 def test_body_must_be_an_object() -> None:
     e = refused(prepare_chat, [1, 2])  # type: ignore[arg-type]
     assert e.message == "the request body must be a JSON object"
@@ -359,12 +433,26 @@ def test_body_must_be_an_object() -> None:
 
 def test_defaults_generation_config_over_engine_json() -> None:
     d = Defaults.from_sources(
-        {"temperature": 0.6, "top_p": 0.9, "max_new_tokens": 100, "do_sample": True},
+        {
+            "temperature": 0.6,
+            "top_p": 0.9,
+            "max_new_tokens": 100,
+            "do_sample": True,
+            "presence_penalty": 0.5,
+        },
         '{"temperature":0.7,"top_k":20,"min_p":0.05,"repetition_penalty":1.1}',
     )
     assert d == Defaults(
-        temperature=0.6, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1, max_tokens=100
+        temperature=0.6,
+        top_p=0.9,
+        top_k=20,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        max_tokens=100,
+        presence_penalty=0.5,
     )
+    s = prepare_chat({"messages": USER, "frequency_penalty": 1}, d).sampling
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, 1.0)
 
 
 def test_defaults_ignore_malformed_sources() -> None:
@@ -506,10 +594,21 @@ def test_sglang_and_vllm_constraint_spellings() -> None:
 
 def test_two_constraints_are_refused() -> None:
     e = chat_refused(regex="a", response_format={"type": "json_object"})
-    assert e.param == "regex"
+    assert (e.param, e.code) == ("regex", "regex_conflicts_with_json")
     assert e.message == (
         "only one structured output constraint (response_format, regex, ebnf, "
         "structured_outputs, guided_*) can be active at a time, got response_format, regex."
+    )
+    e = chat_refused(ebnf="a", response_format={"type": "json_object"})
+    assert e.code == "ebnf_conflicts_with_json"
+    e = chat_refused(ebnf="a", regex="b")
+    assert e.code == "multiple_constraints"
+    e = chat_refused(structured_outputs={"json": {}, "regex": "a"})
+    assert (e.param, e.code, e.message) == (
+        "structured_outputs",
+        "multiple_constraints",
+        "You can only use one kind of constraints for structured outputs "
+        "('json', 'regex' or 'choice').",
     )
 
 
@@ -582,12 +681,17 @@ def test_tool_choice_auto_and_none_leave_the_output_free() -> None:
 
 def test_tool_choice_refusals() -> None:
     e = chat_refused(tool_choice="required")
-    assert (e.param, e.message) == ("tool_choice", "When using `tool_choice`, `tools` must be set.")
+    assert (e.param, e.code, e.message) == (
+        "tool_choice",
+        "tool_choice_requires_tools",
+        "When using `tool_choice`, `tools` must be set.",
+    )
     e = chat_refused(tool_choice="auto")
     assert (e.param, e.message) == ("tool_choice", "When using `tool_choice`, `tools` must be set.")
     e = chat_refused(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
-    assert (e.param, e.message) == (
+    assert (e.param, e.code, e.message) == (
         "tool_choice",
+        "tool_choice_function_not_found",
         "The tool specified in `tool_choice` does not match any of the specified `tools`",
     )
     e = chat_refused(tools=TOOLS, tool_choice="sometimes")
@@ -706,6 +810,8 @@ def test_generate_sglang_body() -> None:
                 "stop": ["\n"],
                 "no_stop_trim": True,
                 "regex": "[0-9]+",
+                "min_new_tokens": 2,
+                "sampling_seed": 7,
             },
             "stream": True,
             "return_logprob": True,
@@ -723,7 +829,22 @@ def test_generate_sglang_body() -> None:
         True,
     )
     assert s.constraint == ("regex", "[0-9]+")
+    assert (s.min_tokens, s.seed) == (2, 7)  # SGLang's min_new_tokens, sampling_seed
     assert (p.logprobs, p.top_logprobs, s.logprobs) == (True, 2, 2)
+
+
+def test_generate_structural_tag_and_json_schema() -> None:
+    tag = {"type": "structural_tag", "structures": [], "triggers": []}
+    p = prepare_generate({"text": "x", "sampling_params": {"structural_tag": tag}}, NONE)
+    assert p.sampling.constraint == ("structural_tag", orjson.dumps(tag).decode())
+    p = prepare_generate(
+        {"text": "x", "sampling_params": {"json_schema": '{"type":"string"}'}}, NONE
+    )
+    assert p.sampling.constraint == ("json_schema", '{"type":"string"}')
+    e = refused(
+        prepare_generate, {"text": "x", "sampling_params": {"structural_tag": "{}", "regex": "a"}}
+    )
+    assert (e.param, e.code) == ("structural_tag", "multiple_constraints")
 
 
 def test_generate_input_ids_and_default_max_new_tokens() -> None:

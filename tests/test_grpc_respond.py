@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import time
 from typing import Any
 
 import orjson
@@ -215,9 +216,25 @@ def test_stop_strings_are_not_matched_within_min_tokens(tok: Tokenizer) -> None:
     ]
 
 
+def test_stop_reason_is_vllms_whatever_the_engine_reports(tok: Tokenizer) -> None:
+    def reason(ids: list[int], matched: int | None, **kw: Any) -> int | str | None:
+        (d,) = run(
+            tok,
+            SamplingParams(**kw),
+            [out(ids, finished=True, finish_reason="stop", matched_stop=matched)],
+        )
+        return d.matched_stop
+
+    assert reason([HELLO, EOT], EOT) is None  # SGLang names the EOS; vLLM says None
+    assert reason([HELLO, EOT], None) is None
+    assert reason([HELLO, 128001], None) == 128001  # an extra EOS id is a stop token id
+    assert reason([HELLO, BANG], None, stop_token_ids=[BANG]) == BANG
+    assert reason([HELLO, BANG], BANG, stop_token_ids=[BANG]) == BANG
+
+
 @pytest.mark.parametrize(
     ("engine", "client"),
-    [("stop", "stop"), ("length", "length"), ("abort", "abort"), ("error", "abort")],
+    [("stop", "stop"), ("length", "length"), ("abort", "abort"), ("error", "abort"), ("", "stop")],
 )
 def test_finish_reason_mapping(tok: Tokenizer, engine: str, client: str) -> None:
     deltas = run(tok, SamplingParams(), [out([HELLO], finished=True, finish_reason=engine)])
@@ -434,6 +451,34 @@ def test_chat_stream_logprobs_chunk(tok: Tokenizer) -> None:
     }
 
 
+def test_chat_echo_and_the_role_of_a_continued_message(tok: Tokenizer) -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Once"}]},
+        ],
+        "echo": True,
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    }
+    p = prepare_chat(body, NONE)
+    deltas = [Delta(0, " upon", None, "length", None, [1])]
+    raw = orjson.loads(chat_body(p, "a", "m", 1, tok, [deltas], Usage(1, 1, 0)))
+    assert raw["choices"][0]["message"] == {"role": "assistant", "content": "Once upon"}
+    w = ChatStreamWriter(prepare_chat({**body, "stream": True}, NONE), "a", "m", 1, tok)
+    assert [c["choices"][0]["delta"] for c in sse_events(w.start())] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Once"},
+    ]
+    # add_generation_prompt off: the answer takes the last message's role (vLLM)
+    user_last = prepare_chat(
+        {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": False}, NONE
+    )
+    raw = orjson.loads(chat_body(user_last, "a", "m", 1, tok, [deltas], Usage(1, 1, 0)))
+    assert raw["choices"][0]["message"] == {"role": "user", "content": " upon"}
+
+
 def completion_chunk_validate(chunk: dict[str, Any]) -> None:
     """The client reads completion stream chunks as `Completion` without validation
     (`construct`); its model types finish_reason without null, which vLLM's chunks (and
@@ -549,6 +594,13 @@ def test_generate_body_sglang_shape(tok: Tokenizer) -> None:
             "cached_tokens": 1,
         },
     }
+
+
+def test_generate_body_names_the_eos_as_sglang(tok: Tokenizer) -> None:
+    p = prepare_generate({"text": "x"}, NONE)
+    deltas = [Delta(0, "Hello", None, "stop", None, [HELLO, EOT])]
+    raw = orjson.loads(generate_body(p, "r", "m", 7, tok, [deltas], Usage(1, 2, 0)))
+    assert raw["meta_info"]["finish_reason"] == {"type": "stop", "matched": EOT}
 
 
 def test_generate_body_logprobs(tok: Tokenizer) -> None:
@@ -798,3 +850,31 @@ def test_streamed_text_is_the_decoded_text_cut_at_the_stop(
         ("stop", stop) if at >= 0 else ("length", None)
     )
     assert state.done()
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_per_token_cost(tok: Tokenizer) -> None:
+    """The streaming hot path per token (printed; run with -s): ChoiceState.on_output
+    (detokenizer + stop matcher) and ChatStreamWriter.delta, one token per output."""
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. Zürich 語 🦙 " * 100)[:2000]
+    outs = [EngineOutput(0, [t]) for t in ids]
+    p = chat_prepared(stream=True, stop=["<END>", "###"])
+    best_state = best_writer = float("inf")
+    for _ in range(5):
+        state = ChoiceState(0, tok, p.sampling)
+        t0 = time.perf_counter()
+        deltas = [state.on_output(o) for o in outs]
+        t1 = time.perf_counter()
+        writer = ChatStreamWriter(p, "r", "m", 1, tok)
+        for d in deltas:
+            writer.delta(d)
+        t2 = time.perf_counter()
+        best_state = min(best_state, (t1 - t0) / len(ids) * 1e6)
+        best_writer = min(best_writer, (t2 - t1) / len(ids) * 1e6)
+    print(
+        f"\nChoiceState.on_output: {best_state:.2f} us/token, "
+        f"ChatStreamWriter.delta: {best_writer:.2f} us/token over {len(ids)} tokens"
+    )
+    assert best_state < 100 and best_writer < 50  # generous: the box is shared and slow

@@ -205,6 +205,7 @@ def test_tokenizer_bundle(engine: Engine, model_dir: Path) -> None:
     assert all(len(c.data) <= 64 * 1024 for c in chunks)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert sorted(zf.namelist()) == [
+            "config.json",
             "generation_config.json",
             "tokenizer.json",
             "tokenizer_config.json",
@@ -552,3 +553,52 @@ def test_choice_script_rules(
     while not script.finished:
         script.step()
     assert (script.tokens, script.finish_reason, script.matched) == (tokens, finish, matched)
+
+
+# ----------------------------------------------------------------------------- the two servers
+
+
+def test_grpc_aio_reference_server_sends_the_same_messages(
+    model_dir: Path, mocks: dict[str, grpcmockutil.GrpcMock]
+) -> None:
+    """--grpc-impl aio (grpc.aio) and the default fast HTTP/2 server answer alike."""
+    for backend in ("vllm", "sglang"):
+        mocks[backend].reset()
+        args = [
+            "--output-mode",
+            f"text:{TEXT}",
+            "--max-context-length",
+            "4096",
+            "--grpc-impl",
+            "aio",
+        ]
+        with grpcmockutil.start_grpc_mock(model_dir, backend=backend, args=args) as ref:
+            fast, aio = Engine(backend, mocks[backend]), Engine(backend, ref)
+            for req in (
+                fast.request("x", n=2, max_tokens=3, logprobs=1),
+                fast.request("w", n=3, max_tokens=3),  # the hand-encoded chunks
+                fast.request("y", max_tokens=4, stream=False, stop=["ere, wo"]),
+            ):
+                assert aio.generate(req) == fast.generate(req)
+            for eng in (fast, aio):
+                with pytest.raises(grpc.RpcError) as err:
+                    eng.generate(eng.request(prompt=[]))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                eng.channel.close()
+
+
+def test_large_request_and_response_cross_the_flow_control_windows(model_dir: Path) -> None:
+    args = ["--max-context-length", "200000", "--output-mode", "echo"]
+    with grpcmockutil.start_grpc_mock(model_dir, args=args) as mock:
+        eng = Engine("vllm", mock)
+        prompt = [100000 + i % 20000 for i in range(60000)]  # ~180 KB: many DATA frames
+        (done,) = completes(
+            eng.generate(eng.request(prompt=prompt, max_tokens=30000, stream=False, logprobs=3))
+        )
+        # ~1.3 MB answer: beyond the 64 KiB default stream and connection windows.
+        assert list(done.output_ids) == prompt[:30000]
+        assert len(done.output_logprobs.top_logprobs) == 30000
+        msgs = eng.generate(eng.request(prompt=prompt, max_tokens=3000), timeout=30)
+        assert [m.chunk.token_ids[0] for m in msgs[:-1]] == prompt[:3000]
+        assert mock.stats()["requests"]["Generate"] == 2
+        eng.channel.close()

@@ -124,13 +124,16 @@ def test_property_matches_vllm(deltas: list[str], stops: list[str], include: boo
 
 @pytest.mark.parametrize("include", [False, True])
 def test_feed_cost(include: bool) -> None:
+    """Per-delta cost (printed; run with -s), best of 5 runs on the noisy box."""
     import time
 
-    m = StopMatcher(["</s>", "\n\nHuman:", "STOP"], include_stop=include)
-    words = [" the", " quick", " brown", " fox", " jumps", "\n", " over"] * 300
-    t0 = time.perf_counter()
-    for w in words:
-        m.feed(w)
-    per = (time.perf_counter() - t0) / len(words) * 1e6
-    print(f"\nStopMatcher.feed: {per:.2f} us/delta (include_stop={include})")
-    assert per < 50
+    words = [" the", " quick", " brown", " fox", " jumps", "\n", " over", "</"] * 300
+    best = float("inf")
+    for _ in range(5):
+        m = StopMatcher(["</s>", "\n\nHuman:", "STOP"], include_stop=include)
+        t0 = time.perf_counter()
+        for w in words:
+            m.feed(w)
+        best = min(best, (time.perf_counter() - t0) / len(words) * 1e6)
+    print(f"\nStopMatcher.feed: {best:.2f} us/delta (include_stop={include})")
+    assert best < 50

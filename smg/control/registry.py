@@ -199,7 +199,10 @@ class Registry:
         row = self.free_rows[-1]
         generation = self.row_generations[row] + 1
         record = WorkerRecord(worker_id or str(uuid.uuid4()), spec, row, generation)
-        record.status = initial_status(not record.health_checked(self.health_check_disabled))
+        # A gRPC worker is not routable before its model facts (and tokenizer) are in,
+        # even unprobed: the control plane moves it on once they are.
+        unprobed = not record.health_checked(self.health_check_disabled)
+        record.status = initial_status(unprobed and spec.connection_mode != "grpc")
         # Encode first: a worker that does not fit is refused before anything changes.
         blob = self._encode([*self.workers.values(), record])
         self.free_rows.pop()

@@ -22,16 +22,19 @@ import orjson
 
 from smg.grpc.types import SamplingParams
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _MAX_STOPS = 4  # the Rust SMG's `validate_stop` and vLLM's VLLM_MAX_STOP_STRINGS default
 _MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default --max-logprobs
 _INT_MAX = 2**63 - 1
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _MAX_N = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
 _SAMPLING_EPS = 1e-5  # vLLM: a temperature below this is greedy
-# The error code of a refused request (the body's `type` is "invalid_request_error" too,
-# as the Rust SMG writes it; vLLM writes type "BadRequestError" and code 400).
-INVALID = "invalid_request_error"
+# Error codes: the Rust SMG 1.13's own (its validator's and cross-field check's names,
+# read off its answers; the body's `type` is "invalid_request_error" as there, where
+# vLLM writes type "BadRequestError" and code 400). Messages are vLLM's.
+INVALID = "invalid_value"
+INVALID_TYPE = "invalid_type"
+ABOVE_DECIMAL, BELOW_DECIMAL = "decimal_above_max_value", "decimal_below_min_value"
+ABOVE_INTEGER, BELOW_INTEGER = "integer_above_max_value", "integer_below_min_value"
 CONTEXT_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a prompt that does not fit
 
 
@@ -62,7 +65,7 @@ class RequestError(Exception):
 
 
 def _bad(message: str, param: str | None = None, code: str = INVALID) -> RequestError:
-    """A 400 (the only status prepare answers with)."""
+    """A 400 (the only status prepare answers with); `code` as the Rust SMG names it."""
     return RequestError(400, code, message, param)
 
 
@@ -75,7 +78,10 @@ class Defaults:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    max_tokens: int | None = None  # generation_config.json max_new_tokens: a cap
+    max_tokens: int | None = None  # generation_config.json max_new_tokens: a default
+    # vLLM 0.32's get_diff_sampling_param takes these two as well
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
     @classmethod
     def from_sources(cls, generation_defaults: dict[str, Any] | None, engine_json: str) -> Defaults:
@@ -96,7 +102,14 @@ class Defaults:
         if "max_new_tokens" in merged and "max_tokens" not in merged:
             merged["max_tokens"] = merged["max_new_tokens"]
         out = cls()
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = merged.get(name)
             if _is_number(value) and math.isfinite(value):
                 setattr(out, name, float(value))
@@ -157,7 +170,7 @@ def _number(body: dict, name: str) -> float | None:
     if value is None:
         return None
     if not _is_number(value) or not math.isfinite(value):
-        raise _bad(f"'{name}' must be a number, got {_show(value)}.", param=name)
+        raise _bad(f"'{name}' must be a number, got {_show(value)}.", name, INVALID_TYPE)
     return float(value)
 
 
@@ -168,9 +181,13 @@ def _integer(body: dict, name: str) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # pydantic's lax mode (vLLM) takes 16.0 for 16
     if not _is_int(value):
-        raise _bad(f"'{name}' must be an integer, got {_show(value)}.", param=name)
+        raise _bad(f"'{name}' must be an integer, got {_show(value)}.", name, INVALID_TYPE)
     if abs(value) > _INT_MAX:
-        raise _bad(f"'{name}' is out of range: {value}.", param=name)
+        raise _bad(
+            f"'{name}' is out of range: {value}.",
+            name,
+            ABOVE_INTEGER if value > 0 else BELOW_INTEGER,
+        )
     return value
 
 
@@ -179,7 +196,7 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _bad(f"'{name}' must be a boolean, got {_show(value)}.", param=name)
+        raise _bad(f"'{name}' must be a boolean, got {_show(value)}.", name, INVALID_TYPE)
     return value
 
 
@@ -188,7 +205,7 @@ def _string(body: dict, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _bad(f"'{name}' must be a string, got {_show(value)}.", param=name)
+        raise _bad(f"'{name}' must be a string, got {_show(value)}.", name, INVALID_TYPE)
     return value
 
 
@@ -209,13 +226,23 @@ def _sampling(
     temperature = _number(body, "temperature")
     if temperature is not None:
         if temperature < 0.0:
-            raise _bad(f"temperature must be non-negative, got {temperature}.", "temperature")
+            raise _bad(
+                f"temperature must be non-negative, got {temperature}.",
+                "temperature",
+                BELOW_DECIMAL,
+            )
         if temperature > 2.0:
-            raise _bad(f"temperature must be in [0, 2], got {temperature}.", "temperature")
+            raise _bad(
+                f"temperature must be in [0, 2], got {temperature}.", "temperature", ABOVE_DECIMAL
+            )
     s.temperature = _first(temperature, defaults.temperature, 1.0)
     top_p = _number(body, "top_p")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise _bad(f"top_p must be in (0, 1], got {top_p}.", "top_p")
+        raise _bad(
+            f"top_p must be in (0, 1], got {top_p}.",
+            "top_p",
+            BELOW_DECIMAL if top_p <= 0 else ABOVE_DECIMAL,
+        )
     s.top_p = _first(top_p, defaults.top_p, 1.0)
     top_k = _integer(body, "top_k")
     if top_k is not None and top_k < -1:
@@ -226,18 +253,27 @@ def _sampling(
         s.top_k = defaults.top_k if defaults.top_k is not None else -1
     min_p = _number(body, "min_p")
     if min_p is not None and not 0.0 <= min_p <= 1.0:
-        raise _bad(f"min_p must be in [0, 1], got {min_p}.", "min_p")
+        raise _bad(
+            f"min_p must be in [0, 1], got {min_p}.",
+            "min_p",
+            BELOW_DECIMAL if min_p < 0 else ABOVE_DECIMAL,
+        )
     s.min_p = _first(min_p, defaults.min_p, 0.0)
     for name in ("presence_penalty", "frequency_penalty"):
         value = _number(body, name)
         if value is not None and not -2.0 <= value <= 2.0:
-            raise _bad(f"{name} must be in [-2, 2], got {value}.", name)
-        setattr(s, name, value if value is not None else 0.0)
+            raise _bad(
+                f"{name} must be in [-2, 2], got {value}.",
+                name,
+                BELOW_DECIMAL if value < 0 else ABOVE_DECIMAL,
+            )
+        setattr(s, name, _first(value, getattr(defaults, name, None), 0.0))
     repetition = _number(body, "repetition_penalty")
     if repetition is not None and repetition <= 0.0:
         raise _bad(
             f"repetition_penalty must be greater than zero, got {repetition}.",
             "repetition_penalty",
+            BELOW_DECIMAL,
         )
     s.repetition_penalty = _first(repetition, defaults.repetition_penalty, 1.0)
 
@@ -247,7 +283,7 @@ def _sampling(
     for name in max_tokens_names:
         value = _integer(body, name)
         if value is not None and value < 1:
-            raise _bad(f"max_tokens must be at least 1, got {value}.", name)
+            raise _bad(f"max_tokens must be at least 1, got {value}.", name, BELOW_INTEGER)
         if explicit is None and value is not None:
             explicit = value
     s.max_tokens = explicit
@@ -255,22 +291,25 @@ def _sampling(
     if min_tokens is not None:
         if min_tokens < 0:
             raise _bad(
-                f"min_tokens must be greater than or equal to 0, got {min_tokens}.", "min_tokens"
+                f"min_tokens must be greater than or equal to 0, got {min_tokens}.",
+                "min_tokens",
+                BELOW_INTEGER,
             )
         if explicit is not None and min_tokens > explicit:
             raise _bad(
                 f"min_tokens must be less than or equal to max_tokens={explicit}, "
                 f"got {min_tokens}.",
                 "min_tokens",
+                "min_tokens_exceeds_max",
             )
         s.min_tokens = min_tokens
 
     n = _integer(body, "n")
     if n is not None:
         if n < 1:
-            raise _bad(f"n must be at least 1, got {n}.", "n")
+            raise _bad(f"n must be at least 1, got {n}.", "n", BELOW_INTEGER)
         if n > _MAX_N:
-            raise _bad(f"n must be at most {_MAX_N}, got {n}.", "n")
+            raise _bad(f"n must be at most {_MAX_N}, got {n}.", "n", ABOVE_INTEGER)
         s.n = n
     if s.n > 1 and s.temperature < _SAMPLING_EPS:
         # vLLM's `_verify_greedy_sampling`: n identical greedy answers are refused
@@ -279,7 +318,11 @@ def _sampling(
     if seed is not None and seed != -1:  # vLLM: -1 is no seed
         if not _INT32_MIN <= seed <= _INT32_MAX:
             # the engines' gRPC field is an int32 (vLLM's HTTP server takes an int64)
-            raise _bad(f"seed must be in [{_INT32_MIN}, {_INT32_MAX}], got {seed}.", "seed")
+            raise _bad(
+                f"seed must be in [{_INT32_MIN}, {_INT32_MAX}], got {seed}.",
+                "seed",
+                ABOVE_INTEGER if seed > 0 else BELOW_INTEGER,
+            )
         s.seed = seed
 
     s.stop = _stops(body.get("stop"))
@@ -311,9 +354,13 @@ def _stops(stop: object) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop must be a string or a list of strings.", "stop")
+        raise _bad("stop must be a string or a list of strings.", "stop", INVALID_TYPE)
     if len(stops) > _MAX_STOPS:
-        raise _bad(f"stop may hold at most {_MAX_STOPS} sequences, got {len(stops)}.", "stop")
+        raise _bad(
+            f"stop may hold at most {_MAX_STOPS} sequences, got {len(stops)}.",
+            "stop",
+            "array_above_max_length",
+        )
     if any(s == "" for s in stops):
         raise _bad("stop cannot contain an empty string.", "stop")
     return list(stops)
@@ -326,7 +373,7 @@ def _logit_bias(value: object) -> dict[int, float]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _bad("logit_bias must be an object of token id to bias.", "logit_bias")
+        raise _bad("logit_bias must be an object of token id to bias.", "logit_bias", INVALID_TYPE)
     out: dict[int, float] = {}
     invalid = []
     for key, bias in value.items():
@@ -336,18 +383,23 @@ def _logit_bias(value: object) -> dict[int, float]:
             invalid.append(key)
             continue
         if not _is_number(bias) or not math.isfinite(bias):
-            raise _bad(f"logit_bias values must be numbers, got {_show(bias)}.", "logit_bias")
+            raise _bad(
+                f"logit_bias values must be numbers, got {_show(bias)}.", "logit_bias", INVALID_TYPE
+            )
         out[token] = min(100.0, max(-100.0, float(bias)))
     if invalid:
         raise _bad(
             "logit_bias contains key(s) that cannot be converted to integer token IDs: "
             f"{invalid!r}",
             "logit_bias",
+            "logit_bias_invalid_key",
         )
     negative = [t for t in out if t < 0]
     if negative:
         raise _bad(
-            f"token_id(s) {negative} in logit_bias contain out-of-vocab token ids.", "logit_bias"
+            f"token_id(s) {negative} in logit_bias contain out-of-vocab token ids.",
+            "logit_bias",
+            "logit_bias_invalid_key",
         )
     return out
 
@@ -358,9 +410,13 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
         return False, False
     if not stream:
         # vLLM's wording
-        raise _bad("Stream options can only be defined when `stream=True`.", param="stream_options")
+        raise _bad(
+            "Stream options can only be defined when `stream=True`.",
+            "stream_options",
+            "stream_options_requires_stream",
+        )
     if not isinstance(options, dict):
-        raise _bad("stream_options must be an object.", param="stream_options")
+        raise _bad("stream_options must be an object.", "stream_options", INVALID_TYPE)
     include = _boolean(options, "include_usage", False)
     continuous = _boolean(options, "continuous_usage_stats", False)
     return include, continuous
@@ -369,13 +425,13 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
 def _model(body: dict) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad("'model' must be a string", param="model")
+        raise _bad("'model' must be a string", "model", INVALID_TYPE)
     return model
 
 
 def _object(body: object) -> dict:
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise _bad("the request body must be a JSON object", None, INVALID_TYPE)
     return body
 
 
@@ -419,6 +475,7 @@ def _constraint(body: dict) -> tuple[str, object] | None:
                 "You can only use one kind of constraints for structured outputs "
                 "('json', 'regex' or 'choice').",
                 "structured_outputs",
+                "multiple_constraints",
             )
         for key, kind in (
             ("json", "json_schema"),
@@ -442,12 +499,22 @@ def _constraint(body: dict) -> tuple[str, object] | None:
                     raise _bad(f"'{param}' must be a non-empty string.", param=param)
                 found.append((param, kind, value))
     if len(found) > 1:
+        kinds = {kind for _, kind, _ in found}
+        json_format = any(p == "response_format" for p, _, _ in found)
+        code = (
+            "regex_conflicts_with_json"
+            if json_format and "regex" in kinds
+            else "ebnf_conflicts_with_json"
+            if json_format and "ebnf" in kinds
+            else "multiple_constraints"
+        )
         raise _bad(
             "only one structured output constraint (response_format, regex, ebnf, "
             "structured_outputs, guided_*) can be active at a time, got "
             + ", ".join(p for p, _, _ in found)
             + ".",
-            param=found[1][0],
+            found[1][0],
+            code,
         )
     return (found[0][1], found[0][2]) if found else None
 
@@ -476,7 +543,9 @@ def _response_format(value: object) -> tuple[str, object] | None:
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             raise _bad(
-                "JSON schema name cannot be empty.", param="response_format.json_schema.name"
+                "JSON schema name cannot be empty.",
+                "response_format.json_schema.name",
+                "json_schema_name_empty",
             )
         schema = spec.get("schema", spec.get("json_schema"))
         if schema is None:
@@ -550,7 +619,11 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> str | None:
     if choice is None or choice == "none":
         return None
     if tools is None:
-        raise _bad("When using `tool_choice`, `tools` must be set.", "tool_choice")
+        raise _bad(
+            "When using `tool_choice`, `tools` must be set.",
+            "tool_choice",
+            "tool_choice_requires_tools",
+        )
     if choice == "auto":
         return None
     if choice == "required":
@@ -582,6 +655,7 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> str | None:
         raise _bad(
             "The tool specified in `tool_choice` does not match any of the specified `tools`",
             "tool_choice",
+            "tool_choice_function_not_found",
         )
     return name
 
@@ -643,64 +717,81 @@ def tool_schema(tools: list[dict], choice: str, *, parallel_tool_calls: object =
 # --------------------------------------------------------------------------- messages
 
 
+# vLLM's text part types (renderers/chat_utils.py TEXT_PART_TYPES) and the key holding
+# each one's text; a part without "type" is text. Every other type is media.
+_TEXT_PARTS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
+
+
 def _messages(body: dict) -> list[dict]:
+    """Checked as vLLM parses them: any role string (vLLM takes custom roles, e.g.
+    Llama's "ipython"; the template decides), content a string, null (assistant
+    tool calls, tool) or a list of text parts; media parts are refused (text-only
+    models). Text parts of the other spellings are rewritten to {"type": "text"} in a
+    copy of their message, so the template stage sees one kind."""
     messages = body.get("messages")
     if messages is None:
-        raise _bad("'messages' is a required property.", param="messages")
+        raise _bad("'messages' is a required property.", "messages", "missing_field")
     if not isinstance(messages, list):
-        raise _bad("'messages' must be a list.", param="messages")
+        raise _bad("'messages' must be a list.", "messages", INVALID_TYPE)
     if not messages:
-        raise _bad("messages cannot be empty.", param="messages")
+        raise _bad("messages cannot be empty.", "messages", "empty_array")
+    out = messages
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(f"{where} must be an object.", param=where)
+            raise _bad(f"{where} must be an object.", where, INVALID_TYPE)
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or not role:
             raise _bad(
-                f"{where}.role must be one of 'system', 'developer', 'user', 'assistant', "
-                f"'tool', got {_show(role)}.",
-                param=f"{where}.role",
+                f"{where}.role must be a string such as 'system', 'developer', 'user', "
+                f"'assistant' or 'tool', got {_show(role)}.",
+                f"{where}.role",
+                INVALID_TYPE if not isinstance(role, str) else INVALID,
             )
         content = message.get("content")
         if content is None:
-            if role == "assistant" or role == "tool":
+            if role in ("assistant", "tool", "function"):
                 continue  # an assistant turn may carry only tool_calls
-            raise _bad(f"{where}.content is required.", param=f"{where}.content")
+            raise _bad(f"{where}.content is required.", f"{where}.content", "missing_field")
         if isinstance(content, str):
             continue
         if not isinstance(content, list):
             raise _bad(
                 f"{where}.content must be a string or a list of content parts.",
-                param=f"{where}.content",
+                f"{where}.content",
+                INVALID_TYPE,
             )
+        rewritten: list[dict] | None = None
         for j, part in enumerate(content):
             pwhere = f"{where}.content[{j}]"
             if not isinstance(part, dict):
-                raise _bad(f"{pwhere} must be an object.", param=pwhere)
-            kind = part.get("type")
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _bad(f"{pwhere}.text must be a string.", param=f"{pwhere}.text")
-            elif kind in (
-                "image_url",
-                "input_audio",
-                "video_url",
-                "audio_url",
-                "image",
-                "file",
-                "input_image",
-            ):
+                raise _bad(f"{pwhere} must be an object.", pwhere, INVALID_TYPE)
+            kind = part.get("type", "text")
+            key = _TEXT_PARTS.get(kind) if isinstance(kind, str) else None
+            if key is None:
                 raise _bad(
-                    f"{pwhere}: content of type '{kind}' is not supported: this gateway serves "
-                    "text-only models over gRPC.",
-                    param=pwhere,
+                    f"{pwhere}: content of type {_show(kind)} is not supported: this gateway "
+                    "serves text-only models over gRPC.",
+                    pwhere,
                 )
-            else:
-                raise _bad(
-                    f"{pwhere}.type must be 'text', got {_show(kind)}.", param=f"{pwhere}.type"
-                )
-    return messages
+            text = part.get(key)
+            if not isinstance(text, str):
+                raise _bad(f"{pwhere}.{key} must be a string.", f"{pwhere}.{key}", INVALID_TYPE)
+            if kind != "text" or "type" not in part:
+                if rewritten is None:
+                    rewritten = list(content)
+                rewritten[j] = {"type": "text", "text": text}
+        if rewritten is not None:
+            if out is messages:
+                out = list(messages)
+            out[i] = {**message, "content": rewritten}
+    return out
 
 
 def _logprobs_chat(body: dict) -> tuple[bool, int]:
@@ -711,9 +802,13 @@ def _logprobs_chat(body: dict) -> tuple[bool, int]:
     if top is None:
         return logprobs, 0
     if top < 0 and top != -1:
-        raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs")
+        raise _bad("`top_logprobs` must be a positive value or -1.", "top_logprobs", BELOW_INTEGER)
     if top != 0 and not logprobs:
-        raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+        raise _bad(
+            "when using `top_logprobs`, `logprobs` must be set to true.",
+            "top_logprobs",
+            "top_logprobs_requires_logprobs",
+        )
     _max_logprobs(top, "top_logprobs")
     return logprobs, top
 
@@ -725,6 +820,7 @@ def _max_logprobs(k: int, param: str) -> None:
             f"Requested sample logprobs of {shown}, which is greater than max allowed: "
             f"{_MAX_TOP_LOGPROBS}",
             param,
+            ABOVE_INTEGER,
         )
 
 
@@ -752,6 +848,7 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
             raise _bad(
                 "You can only either use constraints for structured outputs or tools, not both.",
                 "tool_choice",
+                "multiple_constraints",
             )
         assert tools is not None
         schema = tool_schema(tools, choice, parallel_tool_calls=body.get("parallel_tool_calls"))
@@ -775,11 +872,6 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
             param="continue_final_message",
         )
-    if continue_final and messages[-1].get("role") != "assistant":
-        raise _bad(
-            "continue_final_message requires the last message to be an assistant message.",
-            param="continue_final_message",
-        )
     return Prepared(
         kind="chat",
         model=model,
@@ -795,6 +887,7 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
         continuous_usage=continuous,
         logprobs=logprobs,
         top_logprobs=top,
+        echo=_boolean(body, "echo", False),  # vLLM: the last message leads the answer
         request_id_hint=_string(body, "rid") or _string(body, "request_id"),
         max_tokens_explicit=explicit,
         max_tokens_default=defaults.max_tokens,
@@ -842,7 +935,7 @@ def prepare_completion(body: dict, defaults: Defaults) -> Prepared:
     logprobs = _integer(body, "logprobs")
     if logprobs is not None:
         if logprobs < 0 and logprobs != -1:
-            raise _bad("`logprobs` must be a positive value or -1.", "logprobs")
+            raise _bad("`logprobs` must be a positive value or -1.", "logprobs", BELOW_INTEGER)
         _max_logprobs(logprobs, "logprobs")
         sampling.logprobs = logprobs
     sampling.constraint = _constraint(body)
@@ -888,28 +981,45 @@ def prepare_generate(body: dict, defaults: Defaults) -> Prepared:
     if not isinstance(params, dict):
         raise _bad("sampling_params must be an object.", param="sampling_params")
     params = dict(params)
+    # SGLang's names for what chat and completions call min_tokens and seed
+    for sglang, ours in (("min_new_tokens", "min_tokens"), ("sampling_seed", "seed")):
+        if sglang in params and ours not in params:
+            params[ours] = params.pop(sglang)
     sampling, explicit = _sampling(params, defaults, max_tokens_names=("max_new_tokens",))
     if "no_stop_trim" in params:
         sampling.include_stop_str_in_output = _boolean(params, "no_stop_trim", False)
-    constraint_src = {
-        k: params[k] for k in ("regex", "ebnf", "structural_tag") if params.get(k) is not None
-    }
+    constraint_src = {k: params[k] for k in ("regex", "ebnf") if params.get(k) is not None}
     if params.get("json_schema") is not None:
         constraint_src["guided_json"] = params["json_schema"]
-    sampling.constraint = _constraint(constraint_src)
+    tag = params.get("structural_tag")
+    if tag is not None:
+        if constraint_src:
+            raise _bad(
+                "only one structured output constraint (json_schema, regex, ebnf, "
+                "structural_tag) can be active at a time.",
+                "structural_tag",
+                "multiple_constraints",
+            )
+        text = tag if isinstance(tag, str) else orjson.dumps(tag).decode()
+        sampling.constraint = ("structural_tag", text)
+    else:
+        sampling.constraint = _constraint(constraint_src)
     stream = _boolean(body, "stream", False)
     return_logprob = _boolean(body, "return_logprob", False)
     top = _integer(body, "top_logprobs_num") or 0
     if not 0 <= top <= _MAX_TOP_LOGPROBS:
         raise _bad(
             f"top_logprobs_num must be in [0, {_MAX_TOP_LOGPROBS}], got {top}.",
-            param="top_logprobs_num",
+            "top_logprobs_num",
+            BELOW_INTEGER if top < 0 else ABOVE_INTEGER,
         )
     if return_logprob:
         sampling.logprobs = top
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str):
-        raise _bad("rid must be a string (batched requests are not supported).", param="rid")
+        raise _bad(
+            "rid must be a string (batched requests are not supported).", "rid", INVALID_TYPE
+        )
     return Prepared(
         kind="generate",
         model=_model(body),

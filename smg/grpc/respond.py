@@ -39,7 +39,8 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None  # set once, on the choice's last delta
-    matched_stop: int | str | None  # vLLM's stop_reason: the stop string or stop token id
+    # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
+    matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
 
 
@@ -59,14 +60,12 @@ class Usage:
 
 
 def finish_reason_of(engine_reason: str | None) -> str:
-    """The engine's words -> the client's: vLLM's OpenAI server passes "stop", "length"
-    and "abort" through; an engine "error" (vLLM V1) and anything unknown end as "stop"
-    would hide a failure, so they become "abort"."""
+    """The engine's words -> the client's. vLLM's OpenAI server passes "stop", "length"
+    and "abort" through and reads a missing reason as "stop"; anything else (an engine
+    "error") becomes "abort" rather than a "stop" that would hide a failure."""
     if engine_reason in ("stop", "length", "abort"):
         return engine_reason
-    if engine_reason in (None, "", "eos", "stop_token", "stop_str", "matched_stop"):
-        return "stop"
-    return "abort"
+    return "stop" if not engine_reason else "abort"
 
 
 class ChoiceState:
@@ -86,6 +85,7 @@ class ChoiceState:
         "_done",
         "_include_stop",
         "_min_tokens",
+        "_primary_eos",
         "_stop_ids",
         "_stops",
         "_tokens",
@@ -108,6 +108,7 @@ class ChoiceState:
         # A finished "stop" whose last token is one of these ended on a stop token (vLLM
         # reports stop_reason None for EOS, the id for stop_token_ids).
         self._stop_ids = frozenset(sampling.stop_token_ids) | frozenset(tokenizer.eos_token_ids)
+        self._primary_eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
         self._min_tokens = sampling.min_tokens
         self._tokens = 0
         self._done = False
@@ -142,12 +143,19 @@ class ChoiceState:
             if out.finished:
                 safe += stops.finish()
             text = safe
-        elif stops is not None and out.finished:
-            text = stops.finish() + text
         if out.finished:
             self._done = True
             reason = finish_reason_of(out.finish_reason)
             matched = out.matched_stop if reason == "stop" else None
+            if reason == "stop" and not isinstance(matched, str):
+                # vLLM's stop_reason whatever the engine reported: None for the model's
+                # EOS, the id for another stop token (stop_token_ids and the extra EOS ids
+                # of generation_config.json, which vLLM adds to them)
+                last = ids[-1] if ids else None
+                if matched is None and last in self._stop_ids:
+                    matched = last
+                if matched == self._primary_eos:
+                    matched = None
             return Delta(self.index, text, out.logprobs, reason, matched, ids)
         return Delta(self.index, text, out.logprobs, None, None, ids)
 
@@ -407,6 +415,29 @@ def required_tool_deltas(previous: str, current: str) -> list[dict[str, Any]]:
     return out
 
 
+# --------------------------------------------------------------------------- chat role, echo
+
+
+def chat_role(p: Prepared) -> str:
+    """vLLM's response role: "assistant", or with add_generation_prompt off the last
+    message's role (the answer continues it)."""
+    if p.add_generation_prompt or not p.messages:
+        return "assistant"
+    role = p.messages[-1].get("role")
+    return role if isinstance(role, str) else "assistant"
+
+
+def chat_echo(p: Prepared, role: str) -> str:
+    """vLLM's chat `echo`: the last message's content leads the answer when it has the
+    answer's role (text parts joined with newlines)."""
+    if not p.echo or not p.messages or p.messages[-1].get("role") != role:
+        return ""
+    content = p.messages[-1].get("content")
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
 # --------------------------------------------------------------------------- SSE writers
 
 
@@ -490,18 +521,34 @@ class ChatStreamWriter(_Writer):
         return b"data: " + self._head + orjson.dumps(choice) + tail + b"}\n\n"
 
     def start(self) -> bytes:
-        return b"".join(
+        role = chat_role(self.p)
+        out = [
             self._chunk(
                 {
                     "index": i,
-                    "delta": {"role": "assistant", "content": ""},
+                    "delta": {"role": role, "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
                 },
                 i,
             )
             for i in range(self.n)
-        )
+        ]
+        echo = chat_echo(self.p, role)
+        if echo:
+            out.extend(
+                self._chunk(
+                    {
+                        "index": i,
+                        "delta": {"content": echo},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    },
+                    i,
+                )
+                for i in range(self.n)
+            )
+        return b"".join(out)
 
     def _tool_delta(self, i: int, text: str) -> dict[str, Any] | None:
         choice = self.p.tool_choice
@@ -730,15 +777,17 @@ def chat_body(
 ) -> bytes:
     """The non-streaming `chat.completion` body; `choices` holds each choice's deltas."""
     cache: dict[int, str] = {}
+    role = chat_role(prepared)
+    echo = chat_echo(prepared, role)
     out = []
     for index, deltas in enumerate(choices):
         text, _ids, logprobs, reason, matched = _collect(deltas)
         reason = reason or "stop"
-        message: dict[str, Any] = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": role, "content": echo + text}
         if prepared.tool_choice is not None:
             # vLLM: content "" and the parsed calls; "required" that stopped -> tool_calls
             message = {
-                "role": "assistant",
+                "role": role,
                 "content": "",
                 "tool_calls": tool_calls_from(text, prepared.tool_choice),
             }
@@ -839,6 +888,8 @@ def _generate_item(
     tokenizer: Any,
     cache: dict[int, str],
 ) -> dict[str, Any]:
+    if reason == "stop" and matched is None and ids and ids[-1] in tokenizer.eos_token_ids:
+        matched = ids[-1]  # SGLang names the EOS it stopped on (vLLM's stop_reason: None)
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": _sglang_finish(reason, matched, len(ids)),

@@ -110,6 +110,7 @@ from smg.mock_worker.grpc_script import (
     fake_top,
     parse_output_mode,
 )
+from smg.mock_worker.h2fast import Route, serve_fast
 from smg.mock_worker.prefix_cache import PrefixCache
 
 URL_PREFIX = "MOCK_WORKER_URL"
@@ -920,6 +921,23 @@ async def _control_conn(
 # ----------------------------------------------------------------------------- processes
 
 
+def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
+    """The service's methods by HTTP/2 path, for the fast server."""
+    if isinstance(service, VllmService):
+        prefix, pb = "/vllm.grpc.engine.VllmEngine/", vllm_engine_pb2
+    else:
+        prefix, pb = "/sglang.grpc.scheduler.SglangScheduler/", sglang_scheduler_pb2
+    routes: dict[str, Route] = {prefix + "Generate": ("generate", pb.GenerateRequest, service.be)}
+    for name in ("Embed", "HealthCheck", "Abort", "GetModelInfo", "GetServerInfo", "GetLoads"):
+        routes[prefix + name] = ("unary", getattr(pb, name + "Request"), getattr(service, name))
+    routes[prefix + "GetTokenizer"] = (
+        "stream",
+        common_pb2.GetTokenizerRequest,
+        service.GetTokenizer,
+    )
+    return routes
+
+
 def _url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
@@ -935,36 +953,43 @@ async def serve(opts: GrpcOptions) -> int:
         )
         return 1
     engine = Engine(opts, files)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-            ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ]
+    service: VllmService | SglangService = (
+        VllmService(engine) if opts.backend == "vllm" else SglangService(engine)
     )
-    if opts.backend == "vllm":
-        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(VllmService(engine), server)
-    else:
-        sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(
-            SglangService(engine), server
-        )
+    fast: asyncio.AbstractServer | None = None
+    server: grpc.aio.Server | None = None
     try:
-        port = server.add_insecure_port(f"{opts.host}:{opts.port}")
-    except RuntimeError as exc:
+        if opts.impl == "fast":
+            fast = await serve_fast(
+                opts.host,
+                opts.port,
+                fast_routes(service),
+                lambda be, msg: GenRun(engine, be, msg, raw=True),
+            )
+            port = fast.sockets[0].getsockname()[1]
+        else:
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", 1),
+                    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ]
+            )
+            if opts.backend == "vllm":
+                vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(service, server)
+            else:
+                sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(service, server)
+            port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+            if port == 0:
+                raise OSError("no port")
+            await server.start()
+    except (OSError, RuntimeError) as exc:
         print(
             f"smg mock-worker --grpc: cannot listen on {opts.host}:{opts.port}: {exc}",
             file=sys.stderr,
             flush=True,
         )
         return 1
-    if port == 0:
-        print(
-            f"smg mock-worker --grpc: cannot listen on {opts.host}:{opts.port}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
-    await server.start()
     control: asyncio.AbstractServer | None = None
     lines = []
     if opts.control_port is not None:
@@ -984,7 +1009,10 @@ async def serve(opts: GrpcOptions) -> int:
     await stop.wait()
     if control is not None:
         control.close()
-    await server.stop(0.2)
+    if fast is not None:
+        fast.close()
+    if server is not None:
+        await server.stop(0.2)
     return 0
 
 

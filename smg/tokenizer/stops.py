@@ -29,8 +29,15 @@ class StopMatcher:
         self._tail_len = max((len(s) for s in self._stops), default=1) - 1
         self._held = 0  # how many characters at the end of _tail are not emitted yet
         self._done = False
-        # The characters a held tail can end with: quick "nothing to hold" for most deltas.
-        self._lead_chars = frozenset(c for s in self._stops for c in s[:-1])
+        # Every proper prefix of every stop, by its last character, longest first: a
+        # held tail must end with that character, so most deltas check none or one.
+        by_last: dict[str, list[str]] = {}
+        for stop in self._stops:
+            for k in range(1, len(stop)):
+                by_last.setdefault(stop[k - 1], []).append(stop[:k])
+        self._lead_chars: dict[str, tuple[str, ...]] = {
+            c: tuple(sorted(set(ps), key=len, reverse=True)) for c, ps in by_last.items()
+        }
 
     @property
     def done(self) -> bool:
@@ -67,16 +74,12 @@ class StopMatcher:
 
     def _hold(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop."""
-        if text[-1] not in self._lead_chars:
-            return 0
-        best = 0
-        n = len(text)
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, n), best, -1):
-                if text.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
+        prefixes = self._lead_chars.get(text[-1])
+        if prefixes is not None:
+            for prefix in prefixes:
+                if text.endswith(prefix):
+                    return len(prefix)
+        return 0
 
     def finish(self) -> str:
         """The held-back tail, when the stream ends without a match."""
