@@ -123,7 +123,8 @@ class GrpcWorkers:
                 f"{host}:{address.port}",
                 backend or "vllm",
                 self._tls_for(address.tls),
-                entry.api_key or self.cfg.api_key,
+                # Only the worker's own key, as metadata (the control plane's rule too).
+                entry.api_key,
             )
             self.clients[key] = client
         return client
