@@ -704,3 +704,30 @@ def test_admission_permits_and_access_log(tokdir: Path) -> None:
         # 13 served by the worker, one answered before dispatch (no worker named).
         assert len(lines) == 14
         assert sum(mocks[0].url in line for line in lines) == 13
+
+
+def test_tokenize_chat_messages_and_generate_rid(
+    one: tuple[Gateway, GrpcMock], hf_tokenizer: Any
+) -> None:
+    gw, mock = one
+    with gw.client() as http:
+        messages = [{"role": "user", "content": "Hello"}]
+        with_prompt = http.post("/v1/tokenize", json={"model": MODEL, "messages": messages})
+        without = http.post(
+            "/v1/tokenize",
+            json={"model": MODEL, "messages": messages, "add_generation_prompt": False},
+        )
+        assert with_prompt.status_code == 200 and without.status_code == 200
+        header = hf_tokenizer.encode(
+            "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
+        ).ids
+        assert with_prompt.json()["tokens"] == without.json()["tokens"] + header
+        assert without.json()["tokens"][-2:] == [9906, 128009]  # "Hello" <|eot_id|>
+        # SGLang's rid names the request at the engine and in the answer.
+        generated = http.post(
+            "/generate",
+            json={"text": "Once", "rid": "my-rid-7", "sampling_params": {"max_new_tokens": 50}},
+        )
+        assert generated.status_code == 200, generated.text
+        assert generated.json()["meta_info"]["id"] == "my-rid-7"
+        assert mock.stats()["last_generate_request"]["request_id"] == "my-rid-7"

@@ -464,6 +464,7 @@ class GrpcExchange:
         self.reason = 0  # _GONE / _TIMEOUT: why the task was cancelled
         self.task: asyncio.Task[None] | None = None
         self.dispatched: Any = None  # the EngineClient of the running attempt
+        self.engine_rid = request.request_id.decode("latin-1")  # what Abort names
         self.last_write = app.now
         self._writable = asyncio.Event()
         self._writable.set()
@@ -553,7 +554,7 @@ class GrpcExchange:
             return
         self.dispatched = None
         try:
-            await asyncio.wait_for(client.abort([self.request_id.decode("latin-1")]), 5.0)
+            await asyncio.wait_for(client.abort([self.engine_rid]), 5.0)
         except Exception as exc:  # the engine may be gone: nothing more to do
             log.debug("Abort RPC failed: %r", exc)
 
@@ -659,7 +660,9 @@ class GrpcExchange:
         model: str,
     ) -> None:
         stages = self.front.stages
-        request_id = self.request_id.decode("latin-1")
+        # SGLang's /generate `rid` names the request at the engine and in the answer.
+        request_id = prepared.request_id_hint or self.request_id.decode("latin-1")
+        self.engine_rid = request_id
         created = int(time.time())
         engine_request = GenerateInput(
             request_id=request_id,
