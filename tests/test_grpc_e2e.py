@@ -731,3 +731,31 @@ def test_tokenize_chat_messages_and_generate_rid(
         assert generated.status_code == 200, generated.text
         assert generated.json()["meta_info"]["id"] == "my-rid-7"
         assert mock.stats()["last_generate_request"]["request_id"] == "my-rid-7"
+
+
+def test_worker_info_routes_answer_from_the_grpc_worker(
+    one: tuple[Gateway, GrpcMock], tokdir: Path
+) -> None:
+    """/get_model_info, /get_server_info, /health_generate with gRPC workers: the model
+    facts and a HealthCheck, never an HTTP request to the gRPC port (which failed and
+    counted against the worker's breaker)."""
+    gw, mock = one
+    with gw.client() as http:
+        info = http.get("/get_model_info")
+        assert info.status_code == 200, info.text
+        facts = info.json()
+        assert facts["served_model_name"] == MODEL
+        assert facts["max_context_length"] == CONTEXT
+        assert facts["eos_token_ids"] == EOS_IDS[-1:] + EOS_IDS[:-1]  # primary EOS first
+        assert facts["backend"] == "vllm"
+        assert facts["tokenizer_path"] == str(tokdir)
+        assert http.get("/get_server_info").json()["served_model_name"] == MODEL
+        before = mock.stats()["requests"].get("HealthCheck", 0)
+        for _ in range(3):
+            assert http.get("/health_generate").status_code == 200
+        assert mock.stats()["requests"].get("HealthCheck", 0) >= before + 3
+        # The worker is still routable afterwards.
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        assert answer.choices[0].message.content == TEXT
