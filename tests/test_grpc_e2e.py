@@ -759,3 +759,30 @@ def test_worker_info_routes_answer_from_the_grpc_worker(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
         )
         assert answer.choices[0].message.content == TEXT
+
+
+def test_mixed_fleet_http_models_keep_the_proxy_path(tokdir: Path) -> None:
+    """An HTTP worker's model is proxied as before; the gRPC worker's model is served by
+    the gateway; each worker sees only its own requests."""
+    from tests import mockutil
+
+    with (
+        mockutil.start_mock_workers(1, "--model", "http-model") as http_mocks,
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(["--worker-urls", http_mocks.url, mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        wait_until(
+            lambda: len(httpx.get(gw.url + "/v1/models", timeout=5).json()["data"]) == 2,
+            20,
+            "both models discovered",
+        )
+        via_http = client(gw).chat.completions.create(
+            model="http-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert via_http.model == "http-model"
+        via_grpc = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        assert via_grpc.choices[0].message.content == TEXT
+        assert mockutil.stats(http_mocks.url)["requests_by_route"]["/v1/chat/completions"] == 1
+        assert mocks[0].stats()["generate"] == 1
