@@ -337,8 +337,7 @@ def test_a_bundle_with_a_bad_sha256_keeps_the_worker_pending(tmp_path: Path) -> 
     with fake_engine("vllm") as (engine, port):
         data, _digest = make_bundle({"tokenizer.json": b"{}"})
         engine.bundle = (data, "0" * 64)
-        # $SMG_TOKENIZER_CACHE cannot be used: smg launch reads SMG_* as its settings.
-        env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+        env = {"SMG__TOKENIZER_CACHE": str(tmp_path / "cache")}
         args = ["--worker-urls", f"grpc://127.0.0.1:{port}", *FAST]
         with running_gateway(args, processes=1, env=env) as gw:
             wait_until(lambda: engine.calls.get("GetTokenizer", 0) >= 2, 20.0, "two fetches")
@@ -351,7 +350,7 @@ def test_a_bundle_with_a_bad_sha256_keeps_the_worker_pending(tmp_path: Path) -> 
             assert "sha256 mismatch" in logs
             # The same failure is logged once at ERROR, not at every probe.
             assert logs.count("sha256 mismatch") == 1
-            cache = tmp_path / "xdg" / "smg" / "tokenizers"
+            cache = tmp_path / "cache"
             assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -359,13 +358,12 @@ def test_the_bundle_is_fetched_before_the_worker_turns_ready(tmp_path: Path) -> 
     with fake_engine("sglang") as (engine, port):
         files = {"tokenizer.json": b'{"version": "1.0"}', "tokenizer_config.json": b"{}"}
         engine.bundle = make_bundle(files)
-        # $SMG_TOKENIZER_CACHE cannot be used: smg launch reads SMG_* as its settings.
-        env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+        env = {"SMG__TOKENIZER_CACHE": str(tmp_path / "cache")}
         args = ["--worker-urls", f"grpc://127.0.0.1:{port}", *FAST]
         with running_gateway(args, processes=1, env=env) as gw:
             gw.wait_ready(30.0)
             tokenizer_dir = Path(_worker(gw)["grpc"]["tokenizer_dir"])
-            assert tokenizer_dir.is_relative_to(tmp_path / "xdg" / "smg" / "tokenizers")
+            assert tokenizer_dir.is_relative_to(tmp_path / "cache")
             assert (tokenizer_dir / "tokenizer.json").read_bytes() == files["tokenizer.json"]
             assert engine.calls["GetTokenizer"] == 1
 

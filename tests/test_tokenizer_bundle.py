@@ -133,9 +133,9 @@ def test_make_bundle_of_empty_directory(tmp_path: Path) -> None:
 
 
 def test_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SMG_TOKENIZER_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("SMG__TOKENIZER_CACHE", str(tmp_path / "explicit"))
     assert bundle_cache_root() == tmp_path / "explicit"
-    monkeypatch.delenv("SMG_TOKENIZER_CACHE")
+    monkeypatch.delenv("SMG__TOKENIZER_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert bundle_cache_root() == tmp_path / "xdg" / "smg" / "tokenizers"
     monkeypatch.delenv("XDG_CACHE_HOME")

@@ -48,9 +48,9 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def bundle_cache_root() -> Path:
-    """$SMG_TOKENIZER_CACHE, else $XDG_CACHE_HOME/smg/tokenizers, else
+    """$SMG__TOKENIZER_CACHE, else $XDG_CACHE_HOME/smg/tokenizers, else
     ~/.cache/smg/tokenizers."""
-    explicit = os.environ.get("SMG_TOKENIZER_CACHE")
+    explicit = os.environ.get("SMG__TOKENIZER_CACHE")
     if explicit:
         return Path(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")
