@@ -10,7 +10,7 @@ _USAGE = """usage: smg [--version] <command> [options]
 
 commands:
   launch        start the gateway (supervisor + data-plane processes)
-  mock-worker   start one or more mock SGLang/vLLM HTTP workers
+  mock-worker   start one or more mock SGLang/vLLM HTTP workers (--grpc: a gRPC engine)
   bench         benchmark an OpenAI-compatible endpoint
 """
 

@@ -64,9 +64,6 @@ def main(argv: list[str]) -> int:
 
 # Accepted so Rust SMG command lines keep working, but the feature arrives in a later issue.
 _INERT = {
-    "model_path": "gateway-side tokenization (gRPC mode)",
-    "tokenizer_path": "gateway-side tokenization (gRPC mode)",
-    "chat_template": "gateway-side chat templates (gRPC mode)",
     "enable_igw": "multi-model IGW mode",
 }
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+import xxhash
 
 from smg.policies.base import BackendLoad, Policy, RouteRequest
 from smg.policies.consistent_hashing import ConsistentHashingPolicy, HashRing, ring_hash
@@ -116,6 +117,26 @@ def test_prefix_hash_groups_by_prefix_and_walks_past_overload() -> None:
     assert not overloaded(3, 3, 4, 1.25, 2) and overloaded(10, 13, 4, 1.25, 2)
     # No text: the least loaded.
     assert policy.select(rows, FakeView({0: 5, 1: 0, 2: 5, 3: 5}), RouteRequest()) == 1
+
+
+def test_prefix_hash_hashes_token_ids_when_present() -> None:
+    """gRPC mode: the first --prefix-token-count token ids decide, the text is ignored."""
+    from array import array
+
+    from smg.policies.prefix_hash import token_prefix_position
+
+    policy = PrefixHashPolicy(prefix_token_count=4, load_factor=1.25, abs_threshold=2)
+    policy.on_directory(workers(64))
+    rows = list(range(64))
+    ids = array("I", [11, 22, 33, 44]).tobytes()
+    a = RouteRequest(text="aaaa", token_ids=ids + array("I", [5]).tobytes())
+    b = RouteRequest(text="bbbb", token_ids=ids + array("I", [6, 7]).tobytes())
+    chosen = policy.select(rows, FakeView(), a)
+    assert policy.select(rows, FakeView(), b) == chosen
+    assert chosen == next(iter(policy.ring.walk(token_prefix_position(ids, 4))))
+    # The token prefix differs in its 4th id: hashed apart from the text's position.
+    assert token_prefix_position(ids, 4) == xxhash.xxh3_64_intdigest(ids)
+    assert token_prefix_position(ids, 4) != token_prefix_position(ids[:12] + b"\0\0\0\0", 4)
 
 
 def ring_hash_of(policy: PrefixHashPolicy, route: RouteRequest) -> int:

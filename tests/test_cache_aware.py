@@ -178,6 +178,30 @@ def test_same_prefix_sticks_and_miss_goes_to_least_loaded() -> None:
     assert pol.select(rows, view, RouteRequest()) == 1
 
 
+def test_token_ids_are_hashed_when_present() -> None:
+    """gRPC mode: the prompt's token ids (array("I") bytes) are the prefix, not the text."""
+    from array import array
+
+    view = FakeView()
+    pol = policy()
+    rows = [0, 1, 2, 3]
+    shared = list(range(1000, 1400))  # 400 tokens = 1600 bytes of shared prefix
+    view.flight = {0: 3, 1: 3, 2: 0, 3: 3}
+    first = RouteRequest(text="unrelated a", token_ids=array("I", [*shared, 1]).tobytes())
+    assert pol.select(rows, view, first) == 2
+    view.flight = {0: 0, 1: 0, 2: 2, 3: 0}
+    # Same token prefix, different text: back to the owner of the tokens.
+    again = RouteRequest(text="unrelated b", token_ids=array("I", [*shared, 2]).tobytes())
+    assert pol.select(rows, view, again) == 2
+    # Same text as the first request but other tokens: a miss (least loaded, not 2).
+    other = RouteRequest(text="unrelated a", token_ids=array("I", [7] * 401).tobytes())
+    assert pol.select(rows, view, other) in (0, 1, 3)
+    # The index holds the token bytes' chain, not the text's.
+    hashes, _ends = chain(array("I", [*shared, 1]).tobytes(), None)
+    assert pol.index.longest(hashes) == len(hashes)
+    assert pol.index.longest(chain("unrelated a", None)[0]) == 0
+
+
 def test_below_threshold_is_a_miss() -> None:
     view = FakeView()
     pol = policy(cache_threshold=0.5)

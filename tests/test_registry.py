@@ -130,9 +130,10 @@ def test_a_new_registry_restores_what_the_table_holds() -> None:
     assert other.row != kept.row
 
 
-def test_grpc_and_disaggregated_workers_are_refused_for_now() -> None:
+def test_disaggregated_workers_are_refused_for_now() -> None:
     assert unsupported_reason(_spec("http://127.0.0.1:9001")) is None
-    assert "gRPC" in (unsupported_reason(_spec("grpc://127.0.0.1:9001")) or "")
+    assert unsupported_reason(_spec("grpc://127.0.0.1:9001")) is None  # issue 10
+    assert unsupported_reason(_spec("grpcs://127.0.0.1:9001")) is None
     assert "prefill" in (
         unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="prefill")) or ""
     )

