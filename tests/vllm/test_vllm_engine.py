@@ -236,7 +236,7 @@ def test_n2_greedy_is_refused_like_vllm(gateway: Gateway, vllm_http: Engine) -> 
     with pytest.raises(openai.BadRequestError) as direct:
         chat(vllm_http.url, n=2)
     assert direct.value.status_code == 400
-    assert "n must be 1 when using greedy sampling" in direct.value.message
+    assert direct.value.body["message"] == "n must be 1 when using greedy sampling, got 2."  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as through:
         chat(gateway.url, n=2)
     assert through.value.status_code == 400
@@ -269,3 +269,178 @@ def test_structured_output_json_schema_equals_vllm(gateway: Gateway, vllm_http: 
     assert json.loads(content) in ({"answer": "yes"}, {"answer": "no"})
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage.completion_tokens == expected.usage.completion_tokens
+
+
+def assert_same_chat(answer: Any, expected: Any) -> None:
+    """Every choice's text and finish reason, and the token counts, as vLLM answered."""
+    got = sorted(answer.choices, key=lambda c: c.index)
+    want = sorted(expected.choices, key=lambda c: c.index)
+    assert [c.message.content for c in got] == [c.message.content for c in want]
+    assert [c.finish_reason for c in got] == [c.finish_reason for c in want]
+    assert answer.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert answer.usage.completion_tokens == expected.usage.completion_tokens
+
+
+def test_every_sampling_field_reaches_the_engine(gateway: Gateway, vllm_http: Engine) -> None:
+    # Seeded sampling with every knob moved off its neutral value: one field lost or
+    # left at a proto3 zero on the way changes the sampled text.
+    extra = {
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 7,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.3,
+        "extra_body": {"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.2},
+    }
+    expected = chat(vllm_http.url, **extra)
+    answer = chat(gateway.url, **extra)
+    assert_same_chat(answer, expected)
+    assert expected.choices[0].finish_reason == "length"
+
+
+def test_model_defaults_apply_when_the_request_has_none(
+    gateway: Gateway, vllm_http: Engine
+) -> None:
+    # No temperature / top_p: generation_config.json's 0.6 / 0.9 apply in vLLM and must
+    # in smg too (seeded, so the sampled text shows which values were used).
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "seed": 11}
+    expected = client(vllm_http.url).chat.completions.create(**body)
+    answer = client(gateway.url).chat.completions.create(**body)
+    assert_same_chat(answer, expected)
+    greedy = chat(vllm_http.url, seed=11)
+    assert expected.choices[0].message.content != greedy.choices[0].message.content
+
+
+def test_eos_logit_bias_min_tokens_and_ignore_eos(gateway: Gateway, vllm_http: Engine) -> None:
+    # <|eot_id|> (one of the model's three EOS ids) pushed to the top: the answer stops
+    # at once; min_tokens holds it back; ignore_eos runs to max_tokens.
+    bias = {"logit_bias": {str(EOS_TOKEN_IDS[2]): 100}}
+    cases = [
+        bias,
+        {**bias, "extra_body": {"min_tokens": 5}},
+        {**bias, "extra_body": {"ignore_eos": True}},
+    ]
+    for extra in cases:
+        expected = chat(vllm_http.url, **extra)
+        answer = chat(gateway.url, **extra)
+        assert_same_chat(answer, expected)
+    stopped = chat(vllm_http.url, **cases[0])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == ""
+    held = chat(vllm_http.url, **cases[1])
+    assert held.choices[0].finish_reason == "stop"
+    assert held.usage.completion_tokens > 5
+    ignored = chat(vllm_http.url, **cases[2])
+    assert ignored.choices[0].finish_reason == "length"
+    assert ignored.usage.completion_tokens == MAX_TOKENS
+
+
+def stop_across_tokens(vllm_http: Engine) -> tuple[str, str]:
+    """A stop string that spans two tokens of the greedy answer (the end of one, the
+    start of the next) and first occurs there: (stop, the text before it)."""
+    answer = chat(vllm_http.url, logprobs=True)
+    tokens = [t.token for t in answer.choices[0].logprobs.content]
+    text = answer.choices[0].message.content
+    offset = 0
+    for k in range(len(tokens) - 1):
+        offset += len(tokens[k])
+        if k < 3 or len(tokens[k]) < 2 or len(tokens[k + 1]) < 2:
+            continue
+        stop = tokens[k][-2:] + tokens[k + 1][:2]
+        at = offset - 2
+        aligned = text[:offset] == "".join(tokens[: k + 1])
+        if aligned and "\ufffd" not in stop and text.find(stop) == at:
+            return stop, text[:at]
+    raise AssertionError(f"no stop string spanning two tokens in {tokens!r}")
+
+
+def test_stop_string_across_tokens_equals_vllm(gateway: Gateway, vllm_http: Engine) -> None:
+    stop, before = stop_across_tokens(vllm_http)
+    expected = chat(vllm_http.url, stop=[stop])
+    assert expected.choices[0].message.content == before
+    assert expected.choices[0].finish_reason == "stop"
+    answer = chat(gateway.url, stop=[stop])
+    assert_same_chat(answer, expected)
+    # Streamed, the stop string is held back across chunks and never shown.
+    chunks = list(chat(gateway.url, stop=[stop], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == before
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    # Shown when asked to.
+    extra = {"stop": [stop], "extra_body": {"include_stop_str_in_output": True}}
+    expected = chat(vllm_http.url, **extra)
+    assert expected.choices[0].message.content == before + stop
+    assert_same_chat(chat(gateway.url, **extra), expected)
+
+
+def test_completions_equal_vllm(gateway: Gateway, vllm_http: Engine) -> None:
+    # A text prompt, tokenized with add_special_tokens as vLLM does (this tokenizer.json
+    # has no BOS post-processor, so none is added).
+    body = {"model": MODEL_NAME, "prompt": "The sky is blue because", "temperature": 0}
+    body["max_tokens"] = MAX_TOKENS
+    expected = client(vllm_http.url).completions.create(**body, logprobs=2)
+    answer = client(gateway.url).completions.create(**body, logprobs=2)
+    assert answer.object == "text_completion"
+    assert answer.choices[0].text == expected.choices[0].text
+    assert answer.choices[0].finish_reason == expected.choices[0].finish_reason == "length"
+    assert answer.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert answer.usage.completion_tokens == expected.usage.completion_tokens == MAX_TOKENS
+    assert answer.choices[0].logprobs.tokens == expected.choices[0].logprobs.tokens
+    assert answer.choices[0].logprobs.token_logprobs == pytest.approx(
+        expected.choices[0].logprobs.token_logprobs, abs=1e-4
+    )
+    assert answer.choices[0].logprobs.text_offset == expected.choices[0].logprobs.text_offset
+
+
+def test_prompt_over_the_context_is_400_like_vllm(gateway: Gateway, vllm_http: Engine) -> None:
+    too_long = [{"role": "user", "content": "hello " * 2100}]  # 2,135 prompt tokens
+    for url in (vllm_http.url, gateway.url):
+        with pytest.raises(openai.BadRequestError) as refused:
+            chat(url, messages=too_long)
+        assert refused.value.status_code == 400
+        message = refused.value.body["message"]  # type: ignore[index]
+        assert message.startswith("This model's maximum context length is 2048 tokens."), message
+
+
+def test_max_tokens_past_the_context(
+    gateway: Gateway, request: pytest.FixtureRequest, vllm_http: Engine
+) -> None:
+    # 2,035 prompt tokens and max_tokens 100: vLLM 0.32 clamps max_tokens to what is left
+    # of the context (its get_max_tokens: the minimum of the bounds) and answers 13
+    # tokens. smg's gRPC front end refuses it before dispatch instead (prepare's
+    # apply_limits, the interface of issue 10): a known difference, pinned here.
+    messages = [{"role": "user", "content": "hello " * 2000}]
+    expected = chat(vllm_http.url, messages=messages, max_tokens=100)
+    assert expected.usage.prompt_tokens == 2035
+    assert expected.usage.completion_tokens == 2048 - 2035
+    assert expected.choices[0].finish_reason == "length"
+    if request.node.callspec.params["gateway"] == "http":
+        assert_same_chat(chat(gateway.url, messages=messages, max_tokens=100), expected)
+        return
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(gateway.url, messages=messages, max_tokens=100)
+    assert refused.value.status_code == 400
+    assert refused.value.code == "context_length_exceeded"
+    assert refused.value.body["message"] == (  # type: ignore[index]
+        "'max_tokens' or 'max_completion_tokens' is too large: 100. This model's maximum "
+        "context length is 2048 tokens and your request has 2035 input tokens "
+        "(100 > 2048 - 2035)."
+    )
+
+
+def test_stream_n2_seeded_equals_vllm(gateway: Gateway, vllm_http: Engine) -> None:
+    extra = {"n": 2, "temperature": 1.0, "top_p": 1.0, "seed": 99}
+    expected = chat(vllm_http.url, **extra)
+    chunks = list(chat(gateway.url, stream=True, stream_options={"include_usage": True}, **extra))
+    texts = {0: "", 1: ""}
+    finish: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+    want = {c.index: c.message.content for c in expected.choices}
+    assert texts == want
+    assert finish == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == expected.usage.prompt_tokens
