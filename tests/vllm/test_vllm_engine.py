@@ -11,6 +11,7 @@ what vLLM's own HTTP server returns for the same request, token counts included.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -444,3 +445,33 @@ def test_stream_n2_seeded_equals_vllm(gateway: Gateway, vllm_http: Engine) -> No
     assert finish == {0: "length", 1: "length"}
     assert chunks[-1].usage.completion_tokens == expected.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == expected.usage.prompt_tokens
+
+
+def test_client_disconnect_aborts_the_engine_request(
+    gateway: Gateway, request: pytest.FixtureRequest, engines: Engines
+) -> None:
+    # A long stream (1,500 tokens, EOS ignored: ~10 s or more here) left after three
+    # chunks: the engine must abort it (vLLM's AsyncLLM logs "Aborted request(s) ..."
+    # with --enable-log-requests), over gRPC through the Abort RPC (the servicer logs
+    # "Abort requests: [...]"); a stream that ran to its end would log neither.
+    kind = request.node.callspec.params["gateway"]
+    engine = engines.grpc if kind == "grpc" else engines.http
+    before = engine.log_tail(chars=10**9)
+    stream = chat(gateway.url, stream=True, max_tokens=1500, extra_body={"ignore_eos": True})
+    received = 0
+    for chunk in stream:
+        received += sum(1 for c in chunk.choices if c.delta.content)
+        if received >= 3:
+            break
+    stream.close()
+    assert received == 3
+    markers = ["Aborted request(s)"] + (["Abort requests:"] if kind == "grpc" else [])
+    deadline = time.monotonic() + 20.0
+    new = ""
+    while time.monotonic() < deadline:
+        new = engine.log_tail(chars=10**9)[len(before) :]
+        if all(marker in new for marker in markers):
+            break
+        time.sleep(0.2)
+    for marker in markers:
+        assert marker in new, f"{marker!r} not in the {engine.name} log after the disconnect"

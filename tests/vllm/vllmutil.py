@@ -239,6 +239,9 @@ def engine_command(kind: str, model_dir: Path, port: int, kv_port: int) -> list[
         # JSON grammars without free whitespace (an xgrammar option): under the default
         # one a random model pads with whitespace until max_tokens; without it, it must
         # close the object. Both engines run alike, so the comparison is unaffected.
+        # "Aborted request(s) <id>." in the log: how a test sees a client disconnect
+        # reach the engine (its metrics do not say).
+        "--enable-log-requests",
         "--structured-outputs-config",
         json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
     ]
