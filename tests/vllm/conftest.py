@@ -9,6 +9,7 @@ report carries the tail of both engine logs. See vllmutil.py for the model and e
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,19 +54,31 @@ def model_dir(vllm_root: Path) -> Path:
 def engines(vllm_root: Path, model_dir: Path) -> Iterator[Engines]:
     """Both engines, started together (their start-ups overlap) and stopped at the end."""
     env = engine_env(vllm_root)
-    started: list[Engine] = []
+    started: dict[str, Engine] = {}
     try:
         for kind in ("http", "grpc"):
-            started.append(start_engine(kind, model_dir, vllm_root, env))
-            _RUNNING.append(started[-1])
-        wait_engines(started, START_TIMEOUT_S)
-        for engine in started:
+            started[kind] = start_engine(kind, model_dir, vllm_root, env)
+            _RUNNING.append(started[kind])
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for _attempt in range(3):
+            clashed = wait_engines(list(started.values()), deadline)
+            if not clashed:
+                break
+            for engine in clashed:  # its port was taken meanwhile: new ports, once more
+                _RUNNING.remove(engine)
+                engine.stop()
+                started[engine.kind] = start_engine(engine.kind, model_dir, vllm_root, env)
+                _RUNNING.append(started[engine.kind])
+        else:
+            raise RuntimeError("vLLM lost its port to another process three times")
+        for engine in started.values():
             print(f"{engine.name} ready in {engine.ready_after_s:.1f} s at {engine.url}")
-        yield Engines(model_dir, vllm_root, started[0], started[1])
+        yield Engines(model_dir, vllm_root, started["http"], started["grpc"])
     finally:
-        for engine in started:
+        for engine in started.values():
             engine.stop()
-            _RUNNING.remove(engine)
+            if engine in _RUNNING:
+                _RUNNING.remove(engine)
 
 
 @pytest.fixture(scope="session")

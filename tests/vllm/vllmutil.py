@@ -253,7 +253,8 @@ def start_engine(kind: str, model_dir: Path, root: Path, env: dict[str, str]) ->
     while kv_port == port:
         kv_port = free_port()
     log_path = root / f"vllm-{kind}.log"
-    handle = open(log_path, "wb")  # noqa: SIM115 - the child keeps it; closed below
+    # Appended to: a start retried after a port clash keeps the first attempt's log.
+    handle = open(log_path, "ab")  # noqa: SIM115 - the child keeps it; closed below
     try:
         process = subprocess.Popen(
             engine_command(kind, model_dir, port, kv_port),
@@ -292,12 +293,21 @@ def engine_ready(engine: Engine) -> bool:
     return bool(answer.healthy)
 
 
-def wait_engines(engines: list[Engine], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def wait_engines(engines: list[Engine], deadline: float) -> list[Engine]:
+    """Wait until every engine answers; returns those that exited because their port was
+    taken between the free-port check and their bind (to be started again on new ports).
+    Any other exit, or the deadline (time.monotonic()), raises with the logs' tails."""
     pending = list(engines)
+    clashed: list[Engine] = []
     while pending and time.monotonic() < deadline:
         for engine in list(pending):
             if not engine.alive():
+                tail = engine.log_tail().lower()
+                # Python's OSError (the HTTP server binds its socket itself) or gRPC's.
+                if "address already in use" in tail or "failed to bind to address" in tail:
+                    clashed.append(engine)
+                    pending.remove(engine)
+                    continue
                 raise RuntimeError(
                     f"{engine.name} exited with {engine.process.returncode} while starting:\n"
                     f"{engine.log_tail()}"
@@ -309,7 +319,8 @@ def wait_engines(engines: list[Engine], timeout: float) -> None:
             time.sleep(0.5)
     if pending:
         tails = "\n".join(f"--- {e.name} ---\n{e.log_tail()}" for e in pending)
-        raise RuntimeError(f"not ready after {timeout:.0f} s: {[e.name for e in pending]}\n{tails}")
+        raise RuntimeError(f"not ready in time: {[e.name for e in pending]}\n{tails}")
+    return clashed
 
 
 @dataclass
