@@ -704,3 +704,85 @@ def test_admission_permits_and_access_log(tokdir: Path) -> None:
         # 13 served by the worker, one answered before dispatch (no worker named).
         assert len(lines) == 14
         assert sum(mocks[0].url in line for line in lines) == 13
+
+
+def test_tokenize_chat_messages_and_generate_rid(
+    one: tuple[Gateway, GrpcMock], hf_tokenizer: Any
+) -> None:
+    gw, mock = one
+    with gw.client() as http:
+        messages = [{"role": "user", "content": "Hello"}]
+        with_prompt = http.post("/v1/tokenize", json={"model": MODEL, "messages": messages})
+        without = http.post(
+            "/v1/tokenize",
+            json={"model": MODEL, "messages": messages, "add_generation_prompt": False},
+        )
+        assert with_prompt.status_code == 200 and without.status_code == 200
+        header = hf_tokenizer.encode(
+            "<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False
+        ).ids
+        assert with_prompt.json()["tokens"] == without.json()["tokens"] + header
+        assert without.json()["tokens"][-2:] == [9906, 128009]  # "Hello" <|eot_id|>
+        # SGLang's rid names the request at the engine and in the answer.
+        generated = http.post(
+            "/generate",
+            json={"text": "Once", "rid": "my-rid-7", "sampling_params": {"max_new_tokens": 50}},
+        )
+        assert generated.status_code == 200, generated.text
+        assert generated.json()["meta_info"]["id"] == "my-rid-7"
+        assert mock.stats()["last_generate_request"]["request_id"] == "my-rid-7"
+
+
+def test_worker_info_routes_answer_from_the_grpc_worker(
+    one: tuple[Gateway, GrpcMock], tokdir: Path
+) -> None:
+    """/get_model_info, /get_server_info, /health_generate with gRPC workers: the model
+    facts and a HealthCheck, never an HTTP request to the gRPC port (which failed and
+    counted against the worker's breaker)."""
+    gw, mock = one
+    with gw.client() as http:
+        info = http.get("/get_model_info")
+        assert info.status_code == 200, info.text
+        facts = info.json()
+        assert facts["served_model_name"] == MODEL
+        assert facts["max_context_length"] == CONTEXT
+        assert facts["eos_token_ids"] == EOS_IDS[-1:] + EOS_IDS[:-1]  # primary EOS first
+        assert facts["backend"] == "vllm"
+        assert facts["tokenizer_path"] == str(tokdir)
+        assert http.get("/get_server_info").json()["served_model_name"] == MODEL
+        before = mock.stats()["requests"].get("HealthCheck", 0)
+        for _ in range(3):
+            assert http.get("/health_generate").status_code == 200
+        assert mock.stats()["requests"].get("HealthCheck", 0) >= before + 3
+        # The worker is still routable afterwards.
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        assert answer.choices[0].message.content == TEXT
+
+
+def test_mixed_fleet_http_models_keep_the_proxy_path(tokdir: Path) -> None:
+    """An HTTP worker's model is proxied as before; the gRPC worker's model is served by
+    the gateway; each worker sees only its own requests."""
+    from tests import mockutil
+
+    with (
+        mockutil.start_mock_workers(1, "--model", "http-model") as http_mocks,
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(["--worker-urls", http_mocks.url, mocks[0].url, "--model-path", str(tokdir)]) as gw,
+    ):
+        wait_until(
+            lambda: len(httpx.get(gw.url + "/v1/models", timeout=5).json()["data"]) == 2,
+            20,
+            "both models discovered",
+        )
+        via_http = client(gw).chat.completions.create(
+            model="http-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert via_http.model == "http-model"
+        via_grpc = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
+        )
+        assert via_grpc.choices[0].message.content == TEXT
+        assert mockutil.stats(http_mocks.url)["requests_by_route"]["/v1/chat/completions"] == 1
+        assert mocks[0].stats()["generate"] == 1

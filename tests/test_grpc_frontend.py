@@ -101,6 +101,7 @@ class FakeStages:
             stream=body.get("stream") is True,
             sampling=SamplingParams(n=int(body.get("n", 1))),
             prompt=body.get("prompt", ""),
+            request_id_hint=None,
         )
 
     def prompt_ids(self, prepared: Any, tokenizer: Any, template: Any) -> tuple[list[int], str]:

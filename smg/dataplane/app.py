@@ -523,6 +523,8 @@ class DataPlane:
                     self._send(conn, request, status, body)
                     return
                 if path in WORKER_INFO_ROUTES:
+                    if self.grpc is not None and self.grpc.handle_info(conn, request):
+                        return  # gRPC workers: answered from their model facts / HealthCheck
                     self.proxy(conn, request, body_routing=False)
                     return
             if path in GRPC_LOCAL_ROUTES and self.grpc is not None:

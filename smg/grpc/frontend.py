@@ -294,6 +294,58 @@ class GrpcFront:
         exchange.task.add_done_callback(app.tasks.discard)
         return True
 
+    def handle_info(self, conn: ClientConnection, request: Request) -> bool:
+        """GET /get_model_info, /get_server_info, /health_generate when every ready worker
+        is gRPC (an HTTP request to a gRPC port would only fail, and count against its
+        breaker): the model facts the control plane published, or a HealthCheck RPC."""
+        app = self.app
+        state = app.refresh()
+        ready = state.ready
+        if not ready or not all(row in self.rows for row in ready):
+            return False
+        entry = state.entries[ready[0]]
+        if request.path == "/health_generate":
+            self.app.spawn(self._health(conn, request, entry))
+            return True
+        info = entry.grpc
+        if info is None:
+            return False
+        facts: dict[str, Any] = {
+            "model_path": info.model_path,
+            "served_model_name": info.served_model_name,
+            "tokenizer_path": info.tokenizer_dir or self.workers.local_dir or info.model_path,
+            "is_generation": info.is_generation,
+            "max_context_length": info.max_context_length or entry.context_length,
+            "max_req_input_len": info.max_req_input_len or None,
+            "vocab_size": info.vocab_size,
+            "eos_token_ids": list(info.eos_token_ids),
+            "bos_token_id": info.bos_token_id if info.bos_token_id >= 0 else None,
+            "pad_token_id": info.pad_token_id if info.pad_token_id >= 0 else None,
+            "backend": info.backend,
+        }
+        if request.path == "/get_server_info":
+            facts = {**facts, "default_sampling_params_json": info.default_sampling_params_json}
+        app._send(conn, request, 200, orjson.dumps(facts))
+        return True
+
+    async def _health(
+        self, conn: ClientConnection, request: Request, entry: DirectoryEntry
+    ) -> None:
+        app = self.app
+        try:
+            healthy = await self.workers.client(entry).health(5.0)
+        except Exception as exc:  # a failed probe is an unhealthy answer, never a crash
+            log.debug("HealthCheck failed: %r", exc)
+            healthy = False
+        if conn.closed:
+            return
+        if healthy:
+            app._send(conn, request, 200, b"{}")
+        else:
+            app._send_error(
+                conn, request, 503, "worker_unhealthy", f"worker {entry.url} is not healthy"
+            )
+
     def handle_local(self, conn: ClientConnection, request: Request) -> None:
         """/v1/tokenize and /v1/detokenize: answered here with the model's tokenizer."""
         self.app.spawn(self._local(conn, request))
@@ -464,6 +516,7 @@ class GrpcExchange:
         self.reason = 0  # _GONE / _TIMEOUT: why the task was cancelled
         self.task: asyncio.Task[None] | None = None
         self.dispatched: Any = None  # the EngineClient of the running attempt
+        self.engine_rid = request.request_id.decode("latin-1")  # what Abort names
         self.last_write = app.now
         self._writable = asyncio.Event()
         self._writable.set()
@@ -553,7 +606,7 @@ class GrpcExchange:
             return
         self.dispatched = None
         try:
-            await asyncio.wait_for(client.abort([self.request_id.decode("latin-1")]), 5.0)
+            await asyncio.wait_for(client.abort([self.engine_rid]), 5.0)
         except Exception as exc:  # the engine may be gone: nothing more to do
             log.debug("Abort RPC failed: %r", exc)
 
@@ -659,7 +712,9 @@ class GrpcExchange:
         model: str,
     ) -> None:
         stages = self.front.stages
-        request_id = self.request_id.decode("latin-1")
+        # SGLang's /generate `rid` names the request at the engine and in the answer.
+        request_id = prepared.request_id_hint or self.request_id.decode("latin-1")
+        self.engine_rid = request_id
         created = int(time.time())
         engine_request = GenerateInput(
             request_id=request_id,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 LENGTH = "length"
 STOP = "stop"
@@ -159,6 +159,7 @@ class ChoiceScript:
         self.finish_reason: str | None = None
         self.matched: int | str | None = None
         self.tokens: list[int] = []
+        self.wire_tail: Any = None  # the gRPC mock's cached encoding of this choice's fixed fields
         seed = req.seed if req.seed is not None else random.getrandbits(64)
         self._rng = random.Random(f"{seed}:{index}")
         self._stops = (

@@ -9,7 +9,10 @@ GetServerInfo, GetLoads, GetTokenizer, Embed. Once listening it prints
 `MOCK_CONTROL_URL http://HOST:Q` (with --control-port) and then
 `MOCK_WORKER_URL grpc://HOST:P` to stdout. `--processes K` runs K serving processes on one
 SO_REUSEPORT port (the parent only supervises them); stats and config are per process, so
---control-port needs --processes 1.
+--control-port needs --processes 1. The server is h2fast.py's minimal HTTP/2 one (~4.5 us
+of CPU per streamed token, one ticker per process); `--grpc-impl aio` serves the same
+servicer methods with grpc.aio instead (~50 us per token; the tests check both answer
+alike).
 
 How the real servicers fill the responses (smg-grpc-servicer 0.14.1,
 smg_grpc_servicer/{vllm,sglang}/servicer.py and sglang/request_manager.py; the mock does
@@ -366,12 +369,16 @@ class VllmBackend(Backend):
     def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
         """GenerateResponse{chunk{token_ids: [t], prompt_tokens, completion_tokens: 1,
         cached_tokens, index}} encoded by hand (the per-token hot path)."""
+        tail = s.wire_tail
+        if tail is None:  # the fields that stay the same for every chunk of this choice
+            tail = b"\x10" + _varint(prompt) + b"\x18\x01"
+            if cached:
+                tail += b"\x20" + _varint(cached)
+            if s.index:
+                tail += b"\x38" + _varint(s.index)
+            s.wire_tail = tail
         tv = _varint(t)
-        inner = b"\x0a" + bytes((len(tv),)) + tv + b"\x10" + _varint(prompt) + b"\x18\x01"
-        if cached:
-            inner += b"\x20" + _varint(cached)
-        if s.index:
-            inner += b"\x38" + _varint(s.index)
+        inner = b"\x0a" + bytes((len(tv),)) + tv + tail
         return b"\x0a" + _varint(len(inner)) + inner
 
 
@@ -453,22 +460,18 @@ class SglangBackend(Backend):
     def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
         """GenerateResponse{request_id, chunk{token_ids: [t], prompt_tokens,
         completion_tokens (cumulative), cached_tokens, index}} encoded by hand."""
+        tail = s.wire_tail
+        if tail is None:  # (request_id field, prompt_tokens field, cached and index fields)
+            r = rid.encode()
+            tail = b"\x0a" + _varint(len(r)) + r, b"\x10" + _varint(prompt) + b"\x18", b""
+            if cached:
+                tail = tail[0], tail[1], tail[2] + b"\x20" + _varint(cached)
+            if s.index:
+                tail = tail[0], tail[1], tail[2] + b"\x40" + _varint(s.index)
+            s.wire_tail = tail
         tv = _varint(t)
-        inner = (
-            b"\x0a"
-            + bytes((len(tv),))
-            + tv
-            + b"\x10"
-            + _varint(prompt)
-            + b"\x18"
-            + _varint(s.count)
-        )
-        if cached:
-            inner += b"\x20" + _varint(cached)
-        if s.index:
-            inner += b"\x40" + _varint(s.index)
-        r = rid.encode()
-        return b"\x0a" + _varint(len(r)) + r + b"\x12" + _varint(len(inner)) + inner
+        inner = b"\x0a" + bytes((len(tv),)) + tv + tail[1] + _varint(s.count) + tail[2]
+        return tail[0] + b"\x12" + _varint(len(inner)) + inner
 
 
 BACKENDS: dict[str, type[Backend]] = {"vllm": VllmBackend, "sglang": SglangBackend}
@@ -484,6 +487,10 @@ class Abort(Exception):
 
 
 def _varint(v: int) -> bytes:
+    if v < 0x80:
+        return bytes((v,))
+    if v < 0x4000:
+        return bytes(((v & 0x7F) | 0x80, v >> 7))
     out = bytearray()
     while v > 0x7F:
         out.append((v & 0x7F) | 0x80)
@@ -527,6 +534,7 @@ class GenRun:
         self.steps = 0
         self.done = False
         self.scripts: list[ChoiceScript] = []
+        self.live = 0  # choices not finished yet
         self.cached = 0
         self.running = Running()
         engine.running[self.rid] = self.running
@@ -544,6 +552,7 @@ class GenRun:
             ChoiceScript(i, req, e.model, e.mode, tok, eos_after=self.eos_after)
             for i in range(req.n)
         ]
+        self.live = req.n
 
     def advance(self) -> list[Any]:
         """The messages of one step (protobuf messages, or bytes already encoded)."""
@@ -555,7 +564,11 @@ class GenRun:
         be, req, k, rid = self.be, self.req, self.k, self.rid
         p, c = self.prompt_len, self.cached
         out: list[Any] = []
-        live = [s for s in self.scripts if not s.finished]
+        live = (
+            self.scripts
+            if self.live == len(self.scripts)
+            else [s for s in self.scripts if not s.finished]
+        )
         if self.running.aborted:
             for s in live:
                 s.abort()
@@ -566,21 +579,25 @@ class GenRun:
             return out
         stats = self.engine.stats
         failure = self.failure
+        raw = self.raw
+        stream = req.stream
         for s in live:
             t = s.step()
             stats.tokens += 1
-            if req.stream:
+            if stream:
                 out.append(
-                    be.chunk_bytes(rid, s, t, p, c) if self.raw else be.chunk(rid, s, [t], p, c, k)
+                    be.chunk_bytes(rid, s, t, p, c) if raw else be.chunk(rid, s, [t], p, c, k)
                 )
             if failure is not None and s.index == 0 and s.count >= failure[2]:
                 self.pending_failure = out
                 raise Abort(failure[0], failure[1])
-            if req.stream and s.finished:
-                out.append(be.complete(rid, s, [t], p, c, k, s.index))
-        if all(s.finished for s in self.scripts):
+            if s.finish_reason is not None:
+                self.live -= 1
+                if stream:
+                    out.append(be.complete(rid, s, [t], p, c, k, s.index))
+        if self.live == 0:
             self.done = True
-            if not req.stream:
+            if not stream:
                 sglang_n = be.name == "sglang" and req.n > 1
                 for s in self.scripts:
                     out.append(be.complete(rid, s, s.tokens, p, c, k, 0 if sglang_n else s.index))

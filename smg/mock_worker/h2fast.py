@@ -237,7 +237,7 @@ class Connection(asyncio.Protocol):
         self.out.clear()
 
     # -------------------------------------------------------------- sending
-    def _data(self, st: Stream, payload: bytes, end: bool = False) -> None:
+    def _data(self, st: Stream, payload: bytes) -> None:
         n = len(payload)
         if (
             not self.pending
@@ -247,7 +247,10 @@ class Connection(asyncio.Protocol):
         ):
             self.conn_window -= n
             st.send_window -= n
-            self.out.append(frame(DATA, END_STREAM if end else 0, st.sid, payload))
+            # A DATA frame (type 0, no flags) written out: the per-token hot path.
+            self.out.append(
+                n.to_bytes(3, "big") + b"\x00\x00" + st.sid.to_bytes(4, "big") + payload
+            )
             return
         self.pending.append((st, payload, False))
 
@@ -276,11 +279,11 @@ class Connection(asyncio.Protocol):
     def send_message(self, st: Stream, msg: Any) -> None:
         if st.closed:
             return
-        data = msg if isinstance(msg, bytes) else msg.SerializeToString()
+        data = msg if msg.__class__ is bytes else msg.SerializeToString()
         if not st.headers_sent:
             st.headers_sent = True
             self.out.append(frame(HEADERS, END_HEADERS, st.sid, RESPONSE_HEADERS))
-        self._data(st, b"\x00" + struct.pack(">I", len(data)) + data)
+        self._data(st, b"\x00" + len(data).to_bytes(4, "big") + data)
 
     def send_trailers(self, st: Stream, code: grpc.StatusCode, message: str = "") -> None:
         if st.closed:
