@@ -602,3 +602,25 @@ def test_large_request_and_response_cross_the_flow_control_windows(model_dir: Pa
         assert [m.chunk.token_ids[0] for m in msgs[:-1]] == prompt[:3000]
         assert mock.stats()["requests"]["Generate"] == 2
         eng.channel.close()
+
+
+def test_garbage_on_the_wire_closes_only_that_connection(engine: Engine) -> None:
+    import socket
+
+    from smg.mock_worker.h2fast import PREFACE, frame
+
+    host, port = engine.mock.target.rsplit(":", 1)
+    for junk in (
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 16,  # not HTTP/2
+        PREFACE + frame(1, 0x5, 1, b"\xff\xff\xff\xff\xff"),  # HEADERS with a broken HPACK block
+    ):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(junk)
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        if junk.startswith(PREFACE):
+            # SETTINGS, WINDOW_UPDATE, then GOAWAY (type 7) with COMPRESSION_ERROR (9)
+            assert got[-17:-8] == frame(7, 0, 0, b"\x00" * 8)[:9]
+            assert got[-4:] == b"\x00\x00\x00\x09"
+    assert engine.stub.HealthCheck(engine.pb.HealthCheckRequest(), timeout=5).healthy is True
