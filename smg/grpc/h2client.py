@@ -111,6 +111,7 @@ class Stream:
         "got_headers",
         "message",
         "messages",
+        "need",
         "partial",
         "received",
         "send_window",
@@ -125,7 +126,8 @@ class Stream:
         self.sid = sid
         self.send_window = send_window
         self.messages: list[bytes] = []
-        self.partial: bytes = b""  # an incomplete message's bytes so far
+        self.partial = bytearray()  # an incomplete message's bytes so far
+        self.need = 5  # the bytes `partial` must reach before a message can be complete
         self.received = 0  # DATA bytes received, not yet taken by the caller
         self.consumed = 0  # taken by the caller, not yet given back in a WINDOW_UPDATE
         self.got_headers = False
@@ -161,7 +163,7 @@ class Stream:
         return batch
 
     async def wait(self) -> None:
-        if self.messages or self.ended:
+        if self.messages or self.ended or self.received >= STREAM_WINDOW // 2:
             return
         self.waiter = self.conn.loop.create_future()
         await self.waiter
@@ -222,14 +224,13 @@ class H2Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
         settings = (
             struct.pack(">HI", 0x2, 0)  # ENABLE_PUSH off
             + struct.pack(">HI", 0x4, STREAM_WINDOW)
             + struct.pack(">HI", 0x5, MAX_FRAME)
         )
-        transport.write(
+        self.transport.write(  # type: ignore[union-attr]
             PREFACE
             + frame(SETTINGS, 0, 0, settings)
             + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONN_WINDOW - 65535))
@@ -413,30 +414,43 @@ class H2Connection(asyncio.Protocol):
         st.received += len(payload)  # padding included: it counts against the windows
         if flags & PADDED:
             payload = payload[1 : len(payload) - payload[0]]
-        data = st.partial + payload if st.partial else payload
-        pos = 0
-        end = len(data)
         messages = st.messages
         before = len(messages)
-        while end - pos >= 5:
-            n = int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if end - pos - 5 < n:
-                break
-            if data[pos]:  # compressed: we never offered an encoding
-                self.reset(st, RST_PROTOCOL)
-                st.fail(EngineError("INTERNAL", "compressed message without grpc-encoding"))
-                return
-            messages.append(data[pos + 5 : pos + 5 + n])
-            pos += 5 + n
-        st.partial = data[pos:] if pos < end else b""
-        if len(st.partial) > 5 + MAX_MESSAGE_BYTES:
-            self.reset(st, RST_CANCEL)
-            st.fail(EngineError("RESOURCE_EXHAUSTED", "message larger than the limit"))
-            return
+        part = st.partial
+        if part:
+            part += payload  # a large message arrives in many frames: no quadratic copy
+            data: bytes = b""
+            if len(part) >= st.need:
+                data = bytes(part)
+                st.partial = bytearray()
+        else:
+            data = payload
+        if data:
+            pos = 0
+            end = len(data)
+            need = 5
+            while end - pos >= 5:
+                n = int.from_bytes(data[pos + 1 : pos + 5], "big")
+                if end - pos - 5 < n:
+                    need = 5 + n
+                    break
+                if data[pos]:  # compressed: we never offered an encoding
+                    self.reset(st, RST_PROTOCOL)
+                    st.fail(EngineError("INTERNAL", "compressed message without grpc-encoding"))
+                    return
+                messages.append(data[pos + 5 : pos + 5 + n])
+                pos += 5 + n
+            if pos < end:
+                if need > 5 + MAX_MESSAGE_BYTES:
+                    self.reset(st, RST_CANCEL)
+                    st.fail(EngineError("RESOURCE_EXHAUSTED", "message larger than the limit"))
+                    return
+                st.partial = bytearray(data[pos:])
+                st.need = need
         if flags & END_STREAM:
             self._end(st, None)
-        elif len(messages) > before:
-            st.wake()
+        elif len(messages) > before or st.received >= STREAM_WINDOW // 2:
+            st.wake()  # new messages, or a window to give back (a large message's part)
 
     def consumed_unknown(self, n: int) -> None:
         self.conn_consumed += n
@@ -460,7 +474,7 @@ class H2Connection(asyncio.Protocol):
         if st.ended:
             return
         st.ended = True
-        if st.partial:
+        if st.partial and not status:
             st.error = EngineError("INTERNAL", "the stream ended inside a message")
         elif status is None:
             st.error = EngineError("INTERNAL", "the worker's answer has no grpc-status")
