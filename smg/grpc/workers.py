@@ -52,7 +52,7 @@ def is_grpc_entry(entry: DirectoryEntry) -> bool:
 
 # The data plane's transport to gRPC workers: "h2" (smg.grpc.h2client, ~10x less CPU per
 # streamed message) or "aio" (grpc.aio, smg.grpc.client: the reference implementation).
-GRPC_TRANSPORT = os.environ.get("SMG_GRPC_TRANSPORT", "h2")
+GRPC_TRANSPORT = os.environ.get("SMG__GRPC_TRANSPORT", "h2")
 
 
 def _default_client_factory(target: str, backend: str, tls: Any | None, api_key: str | None) -> Any:
