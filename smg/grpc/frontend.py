@@ -748,7 +748,8 @@ class GrpcExchange:
                                 data = writer.delta(delta)
                                 if data:
                                     events.append(data)
-                            if run.all_done():
+                            # A choice ends only with a finish reason: check the others then.
+                            if delta.finish_reason is not None and run.all_done():
                                 ended = True  # every choice ended (a stop string matched here)
                                 break
                         if writer is not None:
