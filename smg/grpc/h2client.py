@@ -744,8 +744,12 @@ class H2EngineClient:
 
     async def _unary(self, method: str, body: bytes, timeout: float | None) -> bytes:
         answer: bytes | None = None
-        async for batch in self._batches(method, body, timeout):
-            answer = batch[0]
+        batches = self._batches(method, body, timeout)
+        try:
+            async for batch in batches:
+                answer = batch[0]
+        finally:
+            await batches.aclose()  # type: ignore[attr-defined]
         if answer is None:
             raise EngineError("INTERNAL", f"{method}: the worker sent no message")
         return answer
@@ -761,8 +765,9 @@ class H2EngineClient:
         backend = self.backend
         feed = StreamNormalizer().feed
         yielded = False
+        batches = self._batches("Generate", body, timeout)
         try:
-            async for raw in self._batches("Generate", body, timeout):
+            async for raw in batches:
                 outs = []
                 for data in raw:
                     out = feed(_output_from(backend, parse(data)))
@@ -775,6 +780,9 @@ class H2EngineClient:
             if yielded and exc.before_first_token:
                 exc.before_first_token = False
             raise
+        finally:
+            # Now, not when the generator is collected: RST_STREAM goes out at once.
+            await batches.aclose()  # type: ignore[attr-defined]
 
     async def generate(
         self, req: GenerateInput, *, timeout: float | None
