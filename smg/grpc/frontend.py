@@ -31,6 +31,7 @@ import logging
 import random
 import time
 from array import array
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -734,18 +735,30 @@ class GrpcExchange:
             self.dispatched = client
             try:
                 timeout = max(0.001, self.deadline - time.monotonic())
-                outputs = client.generate(engine_request, timeout=timeout)
+                outputs = _batches(client, engine_request, timeout)
                 try:
-                    async for out in outputs:
-                        delta = run.add(out)
+                    async for outs in outputs:
+                        # A batch is what one read of the worker's socket brought: its
+                        # events go out in one write (one await per batch, not per token).
+                        events: list[bytes] = []
+                        ended = False
+                        for out in outs:
+                            delta = run.add(out)
+                            if writer is not None:
+                                data = writer.delta(delta)
+                                if data:
+                                    events.append(data)
+                            # A choice ends only with a finish reason: check the others then.
+                            if delta.finish_reason is not None and run.all_done():
+                                ended = True  # every choice ended (a stop string matched here)
+                                break
                         if writer is not None:
                             if not self.head_sent:
                                 await self._start_stream(writer.start())
-                            data = writer.delta(delta)
-                            if data:
-                                await self._send_event(data)
-                        if run.all_done():
-                            break  # every choice ended (a stop string matched here)
+                            if events:
+                                await self._send_event(b"".join(events))
+                        if ended:
+                            break
                 finally:
                     with contextlib.suppress(Exception):
                         await outputs.aclose()  # type: ignore[attr-defined]
@@ -956,6 +969,23 @@ class GrpcExchange:
         self.app.streams.discard(self)  # type: ignore[arg-type]
         # exchange_finished ends the open attempt's span and the request's (tracing on).
         self.app.exchange_finished(self, status, code)  # type: ignore[arg-type]
+
+
+def _batches(client: Any, request: GenerateInput, timeout: float) -> AsyncIterator[list[Any]]:
+    """The engine's outputs in batches: the h2 client's own (`generate_batches`), else
+    grpc.aio's outputs one at a time."""
+    batches = getattr(client, "generate_batches", None)
+    if batches is not None:
+        return batches(request, timeout=timeout)  # type: ignore[no-any-return]
+    return _one_by_one(client.generate(request, timeout=timeout))
+
+
+async def _one_by_one(outputs: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
+    try:
+        async for out in outputs:
+            yield [out]
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
 
 
 class _Run:

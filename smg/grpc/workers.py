@@ -50,7 +50,16 @@ def is_grpc_entry(entry: DirectoryEntry) -> bool:
     return entry.grpc is not None or entry.spec.connection_mode == "grpc"
 
 
+# The data plane's transport to gRPC workers: "h2" (smg.grpc.h2client, ~10x less CPU per
+# streamed message) or "aio" (grpc.aio, smg.grpc.client: the reference implementation).
+GRPC_TRANSPORT = os.environ.get("SMG__GRPC_TRANSPORT", "h2")
+
+
 def _default_client_factory(target: str, backend: str, tls: Any | None, api_key: str | None) -> Any:
+    if GRPC_TRANSPORT == "h2":
+        from smg.grpc.h2client import H2EngineClient
+
+        return H2EngineClient(target, backend, tls=tls, api_key=api_key)
     from smg.grpc.client import EngineClient
 
     return EngineClient(target, backend, tls=tls, api_key=api_key)
@@ -134,6 +143,12 @@ class GrpcWorkers:
         roots) and --client-cert-path/--client-key-path, built once."""
         if not tls:
             return None
+        if self._tls is None and GRPC_TRANSPORT == "h2":
+            # An ssl.SSLContext for the h2 client: the same files, the CAs added to the
+            # system roots as for https:// workers (smg.tlsconf), ALPN h2 set by the client.
+            from smg.tlsconf import worker_context_for
+
+            self._tls = worker_context_for(self.cfg)
         if self._tls is None:
             import grpc
 

@@ -29,54 +29,27 @@ from typing import Any
 import grpc
 import hpack
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-(
+from smg.grpc.h2wire import (
+    ACK,
+    CONTINUATION,
     DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
     HEADERS,
-    PRIORITY,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
-    PUSH_PROMISE,
-    PING,
-    GOAWAY,
     WINDOW_UPDATE,
-    CONTINUATION,
-) = range(10)
-END_STREAM = 0x1
-ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
+    _literal,
+    frame,
+)
+
 RECV_WINDOW = 1 << 30  # what we let clients send before a WINDOW_UPDATE
 MAX_WRITE_BUFFER = 4 << 20  # a connection above this is skipped by the ticker until it drains
-
-
-def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes((ftype, flags))
-        + struct.pack(">I", sid)
-        + payload
-    )
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: str, value: str) -> bytes:
-    """A header field literal without indexing, new name, no Huffman."""
-    n, v = name.encode(), value.encode()
-    return b"\x00" + _hpack_int(len(n), 7) + n + _hpack_int(len(v), 7) + v
 
 
 RESPONSE_HEADERS = b"\x88" + _literal("content-type", "application/grpc")  # 0x88: :status 200
