@@ -537,19 +537,18 @@ def test_completion_default_16_is_bounded_not_refused() -> None:
     assert p.sampling.max_tokens == 16
 
 
-def test_apply_limits_max_tokens_too_large() -> None:
+def test_apply_limits_cuts_max_tokens_to_the_context_left() -> None:
+    """vLLM 0.32's get_max_tokens: an explicit max_tokens past the context is the context
+    left (tests/vllm pins the engine doing the same)."""
     p = chat(max_tokens=95)
-    with pytest.raises(RequestError) as info:
-        apply_limits(p, 10, 100)
-    e = info.value
-    assert (e.status, e.code, e.param) == (400, "context_length_exceeded", "max_completion_tokens")
-    assert e.message == (
-        "'max_tokens' or 'max_completion_tokens' is too large: 95. This model's maximum "
-        "context length is 100 tokens and your request has 10 input tokens (95 > 100 - 10)."
-    )
+    apply_limits(p, 10, 100)
+    assert p.sampling.max_tokens == 90
     p = chat(max_tokens=90)
     apply_limits(p, 10, 100)
     assert p.sampling.max_tokens == 90
+    p = chat(max_tokens=89)
+    apply_limits(p, 10, 100)
+    assert p.sampling.max_tokens == 89
 
 
 # --------------------------------------------------------------------------- constraints

@@ -1039,8 +1039,9 @@ def apply_limits(p: Prepared, prompt_len: int, context_length: int | None) -> No
     """Fix max_tokens once the prompt is tokenized, as vLLM 0.32's `get_max_tokens`: the
     request's value, else the model's max_new_tokens, bounded by the context left (no
     bound when the context length is unknown). A prompt that leaves no room for output
-    is a 400 (vLLM's wording); so is an explicit max_tokens that does not fit next to
-    the prompt (vLLM 0.32 quietly clamps it; this plan refuses, as older vLLM did)."""
+    is a 400 (vLLM's wording); an explicit max_tokens that does not fit next to the
+    prompt is cut to the context left, as vLLM 0.32 does (the engine people compare
+    against; older vLLM refused it)."""
     s = p.sampling
     requested = s.max_tokens if p.max_tokens_explicit else None
     wanted = requested if requested is not None else p.max_tokens_default
@@ -1061,14 +1062,4 @@ def apply_limits(p: Prepared, prompt_len: int, context_length: int | None) -> No
             code=CONTEXT_EXCEEDED,
         )
     left = context_length - prompt_len
-    if requested is not None and requested > left:
-        raise _bad(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
-            f"maximum context length is {context_length} tokens and your request has "
-            f"{prompt_len} input tokens ({requested} > {context_length} - {prompt_len}).",
-            {"chat": "max_completion_tokens", "generate": "max_new_tokens"}.get(
-                p.kind, "max_tokens"
-            ),
-            code=CONTEXT_EXCEEDED,
-        )
     s.max_tokens = left if wanted is None else min(wanted, left)
