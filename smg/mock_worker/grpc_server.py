@@ -654,10 +654,17 @@ def _abort_ids(engine: Engine, ids: list[str]) -> None:
             running.aborted = True
 
 
-class VllmService(vllm_engine_pb2_grpc.VllmEngineServicer):
-    def __init__(self, engine: Engine) -> None:
+class _Service:
+    """The methods both backends answer alike; each subclass names its proto module (`pb`)
+    and the message its engine puts in a passing health check. Listed first among the
+    bases so these override the generated servicer's UNIMPLEMENTED stubs."""
+
+    pb: Any
+    healthy_message: str
+
+    def __init__(self, engine: Engine, be: Backend) -> None:
         self.e = engine
-        self.be = VllmBackend()
+        self.be = be
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         async for msg in generate(self.e, self.be, request, context):
@@ -668,17 +675,27 @@ class VllmService(vllm_engine_pb2_grpc.VllmEngineServicer):
         await self.e.delay()
         ids = list(request.tokenized.input_ids)
         emb = self.e.embedding(ids)
-        return vllm_engine_pb2.EmbedResponse(
-            embedding=emb, prompt_tokens=len(ids), embedding_dim=len(emb)
-        )
+        return self.pb.EmbedResponse(embedding=emb, prompt_tokens=len(ids), embedding_dim=len(emb))
 
     async def HealthCheck(self, request: Any, context: Any) -> Any:
         self.e.count("HealthCheck")
         await self.e.delay()
         ok = self.e.runtime.healthy
-        return vllm_engine_pb2.HealthCheckResponse(
-            healthy=ok, message="Health" if ok else "Engine is not alive"
+        return self.pb.HealthCheckResponse(
+            healthy=ok, message=self.healthy_message if ok else "Engine is not alive"
         )
+
+    async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for chunk in tokenizer_chunks(self.e, context):
+            yield chunk
+
+
+class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
+    pb = vllm_engine_pb2
+    healthy_message = "Health"
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine, VllmBackend())
 
     async def Abort(self, request: Any, context: Any) -> Any:
         self.e.count("Abort")
@@ -713,36 +730,13 @@ class VllmService(vllm_engine_pb2_grpc.VllmEngineServicer):
             loads=[vllm_engine_pb2.SchedulerLoad(**load_fields(self.e))],
         )
 
-    async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for chunk in tokenizer_chunks(self.e, context):
-            yield chunk
 
+class SglangService(_Service, sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
+    pb = sglang_scheduler_pb2
+    healthy_message = "Health check passed"
 
-class SglangService(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
     def __init__(self, engine: Engine) -> None:
-        self.e = engine
-        self.be = SglangBackend()
-
-    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for msg in generate(self.e, self.be, request, context):
-            yield msg
-
-    async def Embed(self, request: Any, context: Any) -> Any:
-        self.e.count("Embed")
-        await self.e.delay()
-        ids = list(request.tokenized.input_ids)
-        emb = self.e.embedding(ids)
-        return sglang_scheduler_pb2.EmbedResponse(
-            embedding=emb, prompt_tokens=len(ids), embedding_dim=len(emb)
-        )
-
-    async def HealthCheck(self, request: Any, context: Any) -> Any:
-        self.e.count("HealthCheck")
-        await self.e.delay()
-        ok = self.e.runtime.healthy
-        return sglang_scheduler_pb2.HealthCheckResponse(
-            healthy=ok, message="Health check passed" if ok else "Engine is not alive"
-        )
+        super().__init__(engine, SglangBackend())
 
     async def Abort(self, request: Any, context: Any) -> Any:
         self.e.count("Abort")
@@ -804,10 +798,6 @@ class SglangService(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
                 avg_token_usage=fields["token_usage"],
             ),
         )
-
-    async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for chunk in tokenizer_chunks(self.e, context):
-            yield chunk
 
 
 def _now_iso() -> str:
@@ -940,10 +930,11 @@ async def _control_conn(
 
 def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
     """The service's methods by HTTP/2 path, for the fast server."""
+    pb = service.pb
     if isinstance(service, VllmService):
-        prefix, pb = "/vllm.grpc.engine.VllmEngine/", vllm_engine_pb2
+        prefix = "/vllm.grpc.engine.VllmEngine/"
     else:
-        prefix, pb = "/sglang.grpc.scheduler.SglangScheduler/", sglang_scheduler_pb2
+        prefix = "/sglang.grpc.scheduler.SglangScheduler/"
     routes: dict[str, Route] = {prefix + "Generate": ("generate", pb.GenerateRequest, service.be)}
     for name in ("Embed", "HealthCheck", "Abort", "GetModelInfo", "GetServerInfo", "GetLoads"):
         routes[prefix + name] = ("unary", getattr(pb, name + "Request"), getattr(service, name))
@@ -955,6 +946,12 @@ def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
     return routes
 
 
+def _fail(why: str) -> int:
+    """Say why the worker cannot serve (on stderr, where the launcher shows it); exit 1."""
+    print(f"smg mock-worker --grpc: {why}", file=sys.stderr, flush=True)
+    return 1
+
+
 def _url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
@@ -963,12 +960,7 @@ async def serve(opts: GrpcOptions) -> int:
     try:
         files = load_model_files(opts.tokenizer_path)
     except (OSError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
-        print(
-            f"smg mock-worker --grpc: cannot load {opts.tokenizer_path}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(f"cannot load {opts.tokenizer_path}: {exc}")
     engine = Engine(opts, files)
     service: VllmService | SglangService = (
         VllmService(engine) if opts.backend == "vllm" else SglangService(engine)
@@ -1001,12 +993,7 @@ async def serve(opts: GrpcOptions) -> int:
                 raise OSError("no port")
             await server.start()
     except (OSError, RuntimeError) as exc:
-        print(
-            f"smg mock-worker --grpc: cannot listen on {opts.host}:{opts.port}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(f"cannot listen on {opts.host}:{opts.port}: {exc}")
     control: asyncio.AbstractServer | None = None
     lines = []
     if opts.control_port is not None:
@@ -1048,12 +1035,7 @@ def supervise(opts: GrpcOptions, argv: list[str]) -> int:
     try:
         holder = _reserve_port(opts.host, opts.port)
     except OSError as exc:
-        print(
-            f"smg mock-worker --grpc: cannot listen on {opts.host}:{opts.port}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(f"cannot listen on {opts.host}:{opts.port}: {exc}")
     port = holder.getsockname()[1]
     child_argv = [*argv, "--processes", "1", "--port", str(port), "--child"]
     children: list[subprocess.Popen[bytes]] = []
@@ -1077,12 +1059,7 @@ def supervise(opts: GrpcOptions, argv: list[str]) -> int:
             assert child.stdout is not None
             line = child.stdout.readline().decode()
             if not line.startswith(READY_PREFIX):
-                print(
-                    "smg mock-worker --grpc: a serving process did not start",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
+                return _fail("a serving process did not start")
         sys.stdout.write(f"{URL_PREFIX} {_url('grpc', opts.host, port)}\n")
         sys.stdout.flush()
         while not stopping and all(c.poll() is None for c in children):
