@@ -102,7 +102,7 @@ from smg_grpc_proto.generated import (
     vllm_engine_pb2_grpc,
 )
 
-from smg.mock_worker.grpc_model import ModelFiles, load_model_files, make_bundle
+from smg.mock_worker.grpc_model import ModelFiles, load_model_files
 from smg.mock_worker.grpc_options import GrpcOptions, GrpcRuntime, apply_update, parse_grpc_options
 from smg.mock_worker.grpc_script import (
     ChoiceScript,
@@ -116,10 +116,13 @@ from smg.mock_worker.grpc_script import (
 from smg.mock_worker.h2fast import Route, serve_fast
 from smg.mock_worker.prefix_cache import PrefixCache
 
+# The GetTokenizer archive: the gateway's own builder and chunking, so the mock sends
+# exactly what the gateway unpacks.
+from smg.tokenizer.bundle import bundle_chunks, make_bundle
+
 URL_PREFIX = "MOCK_WORKER_URL"
 CONTROL_PREFIX = "MOCK_CONTROL_URL"
 READY_PREFIX = "MOCK_CHILD_READY"
-CHUNK_BYTES = 64 * 1024  # GetTokenizer chunk size (the servicers')
 EMBED_DIM = 16
 MAX_TOP_LOGPROBS = 20  # vLLM's -1 (all) is served as this many
 KEEP_IDS = 1000  # aborted/cancelled ids kept in the stats
@@ -844,13 +847,11 @@ async def tokenizer_chunks(e: Engine, context: Any) -> AsyncIterator[Any]:
     await e.delay()
     try:
         data, sha = await asyncio.to_thread(e.bundle)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: TokenizerLoadError, no files left
         await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-    for off in range(0, len(data), CHUNK_BYTES):
-        end = min(off + CHUNK_BYTES, len(data))
-        yield common_pb2.GetTokenizerChunk(
-            data=data[off:end], sha256=sha if end == len(data) else ""
-        )
+    chunks = bundle_chunks(data)
+    for i, chunk in enumerate(chunks):
+        yield common_pb2.GetTokenizerChunk(data=chunk, sha256=sha if i == len(chunks) - 1 else "")
 
 
 # ----------------------------------------------------------------------------- control port
