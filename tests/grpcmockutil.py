@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mockutil import request_json
+from mockutil import read_lines, request_json, stop_with_reader
 
 URL_PREFIX = "MOCK_WORKER_URL "
 CONTROL_PREFIX = "MOCK_CONTROL_URL "
@@ -82,17 +82,7 @@ class GrpcMock:
         self.stop()
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._reader.join(timeout)
-        if self.proc.stdout is not None and not self._reader.is_alive():
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return stop_with_reader(self.proc, self._reader, timeout)
 
     def stats(self) -> dict[str, Any]:
         status, data = request_json("GET", self.control + "/stats")
@@ -107,12 +97,6 @@ class GrpcMock:
     def reset(self) -> None:
         status, data = request_json("POST", self.control + "/reset", b"")
         assert status == 200, data
-
-
-def _read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
-    for raw in iter(stream.readline, b""):
-        out.put(raw.decode("utf-8", "replace"))
-    out.put(None)
 
 
 def start_grpc_mock(
@@ -131,7 +115,7 @@ def start_grpc_mock(
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True)
     reader.start()
     mock = GrpcMock(proc, reader)
     deadline = time.monotonic() + timeout

@@ -57,24 +57,32 @@ class MockWorkers:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """Terminate (then kill) the process; returns its exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._reader.join(timeout)  # it ends at EOF, so the pipe is not closed under it
-        if self.proc.stdout is not None and not self._reader.is_alive():
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return stop_with_reader(self.proc, self._reader, timeout)
+
+
+def stop_with_reader(
+    proc: subprocess.Popen[bytes], reader: threading.Thread, timeout: float = 5.0
+) -> int | None:
+    """Terminate (then kill) a mock whose stdout `reader` drains; returns its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    reader.join(timeout)  # it ends at EOF, so the pipe is not closed under it
+    if proc.stdout is not None and not reader.is_alive():
+        proc.stdout.close()
+    return proc.returncode
 
 
 def mock_command(count: int, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "smg", "mock-worker", "--port", "0", "--count", str(count), *args]
 
 
-def _read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
+def read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
+    """A reader thread's body: each line of a mock's stdout into `out`, None at EOF."""
     for raw in iter(stream.readline, b""):
         out.put(raw.decode("utf-8", "replace"))
     out.put(None)
@@ -87,7 +95,7 @@ def start_mock_workers(
     argv = list(args) if engine is None else ["--engine", engine, *args]
     proc = subprocess.Popen(mock_command(count, argv), stdout=subprocess.PIPE)
     lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True)
     reader.start()
     mocks = MockWorkers(proc, [], reader)
     deadline = time.monotonic() + timeout
