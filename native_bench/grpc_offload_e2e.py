@@ -26,6 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # test_grpc_e2e imports grpcmockutil top-level
 
 from tests.test_grpc_e2e import make_tokenizer_dir  # noqa: E402
 

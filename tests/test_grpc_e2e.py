@@ -10,20 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from grpcmockutil import GrpcMock, start_grpc_mock
 
 from tests.gatewayutil import Gateway, wait_until
 
@@ -31,8 +27,6 @@ MODEL = "llama-mock"
 CONTEXT = 4096
 EOS_IDS = [128001, 128008, 128009]
 BOS = "<|begin_of_text|>"
-URL_PREFIX = "MOCK_WORKER_URL "
-CONTROL_PREFIX = "MOCK_CONTROL_URL "
 
 
 def make_tokenizer_dir(path: Path) -> Path:
@@ -65,91 +59,16 @@ def make_tokenizer_dir(path: Path) -> Path:
     return path
 
 
-@dataclass
-class GrpcMock:
-    proc: subprocess.Popen[bytes]
-    url: str  # grpc://127.0.0.1:P
-    control: str  # http://127.0.0.1:Q
-
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(self.control + "/stats", timeout=5.0).json()
-
-    def config(self, **fields: Any) -> None:
-        answer = httpx.post(self.control + "/config", json=fields, timeout=5.0)
-        assert answer.status_code == 200, answer.text
-
-    def reset(self) -> None:
-        httpx.post(self.control + "/reset", timeout=5.0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> GrpcMock:
-    command = [
-        sys.executable,
-        "-m",
-        "smg",
-        "mock-worker",
-        "--grpc",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--tokenizer-path",
-        str(tokenizer_dir),
-        "--model",
-        MODEL,
-        "--max-context-length",
-        str(CONTEXT),
-        "--control-port",
-        "0",
-        *args,
-    ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            lines.put(raw.decode("utf-8", "replace"))
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    url = control = ""
-    while not url:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            proc.kill()
-            raise RuntimeError("the gRPC mock printed no URL in time")
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            continue
-        if line is None:
-            raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
-        if line.startswith(URL_PREFIX):
-            url = line[len(URL_PREFIX) :].strip()
-        elif line.startswith(CONTROL_PREFIX):
-            control = line[len(CONTROL_PREFIX) :].strip()
-    mock = GrpcMock(proc, url, control)
-    wait_until(lambda: mock.stats(), 10.0, "the mock's control port")
-    return mock
-
-
 @contextlib.contextmanager
 def grpc_mocks(tokenizer_dir: Path, count: int, *args: str) -> Iterator[list[GrpcMock]]:
     mocks: list[GrpcMock] = []
     try:
         for _ in range(count):
-            mocks.append(start_grpc_mock(tokenizer_dir, *args))
+            mock = start_grpc_mock(
+                tokenizer_dir, model=MODEL, args=["--max-context-length", str(CONTEXT), *args]
+            )
+            mocks.append(mock)
+            wait_until(mock.stats, 10.0, "the mock's control port")
         yield mocks
     finally:
         for mock in mocks:
