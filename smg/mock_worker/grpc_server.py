@@ -284,6 +284,12 @@ class Backend:
     ) -> Any:
         raise NotImplementedError
 
+    def logprobs(self, s: ChoiceScript, toks: list[int], k: int | None) -> Any:
+        """The OutputLogProbs of `toks` (None when none were asked for, or no tokens)."""
+        if k is None or not toks:
+            return None
+        return _logprob_parts(self.pb, toks, k, s.model.vocab_size, self.name)
+
     def matched(self, s: ChoiceScript) -> dict[str, Any]:
         if isinstance(s.matched, str):
             return {"matched_stop_str": s.matched}
@@ -324,11 +330,7 @@ class VllmBackend(Backend):
         self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
     ) -> Any:
         pb = vllm_engine_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "vllm")
-            if k is not None and toks
-            else None
-        )
+        lp = self.logprobs(s, toks, k)
         return pb.GenerateResponse(
             chunk=pb.GenerateStreamChunk(
                 token_ids=toks,
@@ -351,11 +353,7 @@ class VllmBackend(Backend):
         index: int,
     ) -> Any:
         pb = vllm_engine_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "vllm")
-            if k is not None and toks
-            else None
-        )
+        lp = self.logprobs(s, toks, k)
         return pb.GenerateResponse(
             complete=pb.GenerateComplete(
                 output_ids=toks,
@@ -413,11 +411,7 @@ class SglangBackend(Backend):
         self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
     ) -> Any:
         pb = sglang_scheduler_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "sglang")
-            if k is not None and toks
-            else None
-        )
+        lp = self.logprobs(s, toks, k)
         return pb.GenerateResponse(
             request_id=rid,
             chunk=pb.GenerateStreamChunk(
@@ -441,11 +435,7 @@ class SglangBackend(Backend):
         index: int,
     ) -> Any:
         pb = sglang_scheduler_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "sglang")
-            if k is not None and toks
-            else None
-        )
+        lp = self.logprobs(s, toks, k)
         return pb.GenerateResponse(
             request_id=rid,
             complete=pb.GenerateComplete(
