@@ -75,9 +75,16 @@ def grpc_mocks(tokenizer_dir: Path, count: int, *args: str) -> Iterator[list[Grp
             mock.stop()
 
 
+def serving(tokdir: Path, mocks: list[GrpcMock], *extra: str) -> list[str]:
+    """`smg launch` flags serving every one of `mocks` with `tokdir` as the model path."""
+    return ["--worker-urls", *(m.url for m in mocks), "--model-path", str(tokdir), *extra]
+
+
 @contextlib.contextmanager
-def gateway(args: list[str], processes: int = 1) -> Iterator[Gateway]:
-    gw = Gateway(args, processes=processes)
+def gateway(
+    args: list[str], processes: int = 1, env: dict[str, str] | None = None
+) -> Iterator[Gateway]:
+    gw = Gateway(args, processes=processes, env=env)
     gw.start(timeout=60.0)
     try:
         gw.wait_ready(60.0)
@@ -117,7 +124,7 @@ def one(tokdir: Path) -> Iterator[tuple[Gateway, GrpcMock]]:
     """One mock answering TEXT (then EOS), a gateway with --model-path."""
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--prefix-cache-tokens", "65536") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         yield gw, mocks[0]
 
@@ -254,7 +261,7 @@ def test_prompt_over_the_context_is_400_before_dispatch(one: tuple[Gateway, Grpc
 def test_client_disconnect_reaches_the_engine_as_abort(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, "--itl-ms", "50", "--output-mode", "random") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         with httpx.stream(
             "POST",
@@ -285,17 +292,7 @@ def test_client_disconnect_reaches_the_engine_as_abort(tokdir: Path) -> None:
 def test_unavailable_before_the_first_token_is_retried_elsewhere(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 2, *text_mode()) as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                mocks[1].url,
-                "--model-path",
-                str(tokdir),
-                "--policy",
-                "round_robin",
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--policy", "round_robin")) as gw,
     ):
         mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
         answers = []
@@ -316,7 +313,7 @@ def test_unavailable_before_the_first_token_is_retried_elsewhere(tokdir: Path) -
 def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, "--output-mode", "random", "--itl-ms", "5") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         mocks[0].config(fail_next=1, fail_code="INTERNAL", fail_after_tokens=3)
         stream = client(gw).chat.completions.create(
@@ -343,16 +340,7 @@ def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
 def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--ttft-ms", "5000") as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                "--model-path",
-                str(tokdir),
-                "--request-timeout-secs",
-                "1",
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--request-timeout-secs", "1")) as gw,
     ):
         started = time.monotonic()
         answer = httpx.post(
@@ -372,41 +360,23 @@ def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
 def test_tokenizer_bundle_from_the_worker(tokdir: Path, tmp_path: Path) -> None:
     """No --model-path: the control plane fetched the worker's tokenizer (GetTokenizer)."""
     env_cache = tmp_path / "cache"  # XDG_CACHE_HOME: the bundle lands in smg/tokenizers/
-    with grpc_mocks(tokdir, 1, *text_mode()) as mocks:
-        gw = Gateway(
-            ["--worker-urls", mocks[0].url],
-            processes=1,
-            env={"XDG_CACHE_HOME": str(env_cache)},
+    with (
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(["--worker-urls", mocks[0].url], env={"XDG_CACHE_HOME": str(env_cache)}) as gw,
+    ):
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
         )
-        gw.start(timeout=60.0)
-        try:
-            gw.wait_ready(60.0)
-            answer = client(gw).chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
-            )
-            assert answer.choices[0].message.content == TEXT
-            unpacked = list((env_cache / "smg" / "tokenizers").iterdir())
-            assert len(unpacked) == 1 and (unpacked[0] / "tokenizer.json").is_file()
-        finally:
-            gw.stop()
-            gw.close_log()
+        assert answer.choices[0].message.content == TEXT
+        unpacked = list((env_cache / "smg" / "tokenizers").iterdir())
+        assert len(unpacked) == 1 and (unpacked[0] / "tokenizer.json").is_file()
 
 
 def test_cache_aware_routes_by_token_ids(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 2, *text_mode()) as mocks,
         gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                mocks[1].url,
-                "--model-path",
-                str(tokdir),
-                "--policy",
-                "cache_aware",
-                "--cache-threshold",
-                "0.5",
-            ],
+            serving(tokdir, mocks, "--policy", "cache_aware", "--cache-threshold", "0.5"),
             processes=2,
         ) as gw,
     ):
@@ -443,7 +413,7 @@ def test_streams_of_completions_and_two_choices(one: tuple[Gateway, GrpcMock]) -
 def test_sglang_backend(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--grpc-backend", "sglang") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         answer = client(gw).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
@@ -503,16 +473,7 @@ def test_chat_template_flag_overrides_the_tokenizers(
     )
     with (
         grpc_mocks(tokdir, 1, *text_mode()) as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                "--model-path",
-                str(tokdir),
-                "--chat-template",
-                str(template),
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--chat-template", str(template))) as gw,
     ):
         answer = client(gw).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=50
@@ -534,18 +495,15 @@ def test_traced_retry_shows_two_attempt_spans(tokdir: Path) -> None:
         grpc_collector() as (endpoint, spans),
         grpc_mocks(tokdir, 2, *text_mode()) as mocks,
         gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                mocks[1].url,
-                "--model-path",
-                str(tokdir),
+            serving(
+                tokdir,
+                mocks,
                 "--policy",
                 "round_robin",
                 "--enable-trace",
                 "--otlp-traces-endpoint",
                 endpoint,
-            ]
+            )
         ) as gw,
     ):
         mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
@@ -583,17 +541,7 @@ def test_admission_permits_and_access_log(tokdir: Path) -> None:
 
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--itl-ms", "5") as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                "--model-path",
-                str(tokdir),
-                "--max-concurrent-requests",
-                "2",
-                "--access-log",
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--max-concurrent-requests", "2", "--access-log")) as gw,
     ):
 
         def chat(_: int) -> str | None:
