@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import queue
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mockutil import read_lines, request_json, stop_with_reader
+from mockutil import next_line, request_json, start_reader, stop_with_reader
 
 URL_PREFIX = "MOCK_WORKER_URL "
 CONTROL_PREFIX = "MOCK_CONTROL_URL "
@@ -114,22 +113,13 @@ def start_grpc_mock(
         *(["--control-port", "0"] if control else []), *(args or []),
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True)
-    reader.start()
+    lines, reader = start_reader(proc)
     mock = GrpcMock(proc, reader)
     deadline = time.monotonic() + timeout
     try:
         while not mock.url:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError("the gRPC mock printed no URL in time")
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
+            late = "the gRPC mock printed no URL in time"
+            line = next_line(lines, proc, deadline, late, "the gRPC mock")
             if line.startswith(CONTROL_PREFIX):
                 mock.control = line[len(CONTROL_PREFIX) :].strip()
             elif line.startswith(URL_PREFIX):

@@ -88,28 +88,48 @@ def read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
     out.put(None)
 
 
+def start_reader(proc: subprocess.Popen[bytes]) -> tuple[queue.Queue[str | None], threading.Thread]:
+    """A daemon thread draining `proc`'s stdout into a queue of lines (None at EOF)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    return lines, reader
+
+
+def next_line(
+    lines: queue.Queue[str | None],
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    late: str,
+    who: str,
+) -> str:
+    """The mock's next stdout line; RuntimeError(`late`) past `deadline`, or when it exits."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(late)
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise RuntimeError(f"{who} exited early (code {proc.wait()})")
+        return line
+
+
 def start_mock_workers(
     count: int = 1, *args: str, timeout: float = 15.0, engine: str | None = None
 ) -> MockWorkers:
     """Start `count` workers in one process; extra CLI `args` are passed through."""
     argv = list(args) if engine is None else ["--engine", engine, *args]
     proc = subprocess.Popen(mock_command(count, argv), stdout=subprocess.PIPE)
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True)
-    reader.start()
+    lines, reader = start_reader(proc)
     mocks = MockWorkers(proc, [], reader)
     deadline = time.monotonic() + timeout
     try:
         while len(mocks.urls) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"mock worker printed {len(mocks.urls)}/{count} URLs in time")
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"mock worker exited early (code {proc.wait()})")
+            late = f"mock worker printed {len(mocks.urls)}/{count} URLs in time"
+            line = next_line(lines, proc, deadline, late, "mock worker")
             if line.startswith(URL_PREFIX):
                 mocks.urls.append(line[len(URL_PREFIX) :].strip())
         for url in mocks.urls:
