@@ -253,6 +253,8 @@ class Backend:
 
     name = ""
     pb: Any = None
+    # completion_tokens: vLLM counts the tokens of this message, SGLang all so far.
+    cumulative = False
 
     def request(self, msg: Any) -> tuple[Request, int | None]:
         raise NotImplementedError
@@ -267,10 +269,25 @@ class Backend:
             value = list(value.choices)
         return {"kind": kind, "value": value}
 
+    def response(self, rid: str, **part: Any) -> Any:
+        """A GenerateResponse holding `part` (vLLM's has no request_id; SGLang's does)."""
+        return self.pb.GenerateResponse(**part)
+
     def chunk(
         self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
     ) -> Any:
-        raise NotImplementedError
+        pb = self.pb
+        return self.response(
+            rid,
+            chunk=pb.GenerateStreamChunk(
+                token_ids=toks,
+                prompt_tokens=prompt,
+                completion_tokens=s.count if self.cumulative else len(toks),
+                cached_tokens=cached,
+                output_logprobs=self.logprobs(s, toks, k),
+                index=s.index,
+            ),
+        )
 
     def complete(
         self,
@@ -282,7 +299,20 @@ class Backend:
         k: int | None,
         index: int,
     ) -> Any:
-        raise NotImplementedError
+        pb = self.pb
+        return self.response(
+            rid,
+            complete=pb.GenerateComplete(
+                output_ids=toks,
+                finish_reason=s.finish_reason or "stop",
+                prompt_tokens=prompt,
+                completion_tokens=s.count if self.cumulative else len(toks),
+                cached_tokens=cached,
+                output_logprobs=self.logprobs(s, toks, k),
+                index=index,
+                **self.matched(s),
+            ),
+        )
 
     def logprobs(self, s: ChoiceScript, toks: list[int], k: int | None) -> Any:
         """The OutputLogProbs of `toks` (None when none were asked for, or no tokens)."""
@@ -326,47 +356,6 @@ class VllmBackend(Backend):
             k = MAX_TOP_LOGPROBS if sp.logprobs < 0 else sp.logprobs
         return req, k
 
-    def chunk(
-        self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
-    ) -> Any:
-        pb = vllm_engine_pb2
-        lp = self.logprobs(s, toks, k)
-        return pb.GenerateResponse(
-            chunk=pb.GenerateStreamChunk(
-                token_ids=toks,
-                prompt_tokens=prompt,
-                completion_tokens=len(toks),
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=s.index,
-            )
-        )
-
-    def complete(
-        self,
-        rid: str,
-        s: ChoiceScript,
-        toks: list[int],
-        prompt: int,
-        cached: int,
-        k: int | None,
-        index: int,
-    ) -> Any:
-        pb = vllm_engine_pb2
-        lp = self.logprobs(s, toks, k)
-        return pb.GenerateResponse(
-            complete=pb.GenerateComplete(
-                output_ids=toks,
-                finish_reason=s.finish_reason or "stop",
-                prompt_tokens=prompt,
-                completion_tokens=len(toks),
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=index,
-                **self.matched(s),
-            )
-        )
-
     def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
         """GenerateResponse{chunk{token_ids: [t], prompt_tokens, completion_tokens: 1,
         cached_tokens, index}} encoded by hand (the per-token hot path)."""
@@ -386,6 +375,10 @@ class VllmBackend(Backend):
 class SglangBackend(Backend):
     name = "sglang"
     pb = sglang_scheduler_pb2
+    cumulative = True
+
+    def response(self, rid: str, **part: Any) -> Any:
+        return self.pb.GenerateResponse(request_id=rid, **part)
 
     def request(self, msg: Any) -> tuple[Request, int | None]:
         sp = msg.sampling_params
@@ -406,49 +399,6 @@ class SglangBackend(Backend):
         )
         k = max(0, msg.top_logprobs_num) if msg.return_logprob else None
         return req, k
-
-    def chunk(
-        self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
-    ) -> Any:
-        pb = sglang_scheduler_pb2
-        lp = self.logprobs(s, toks, k)
-        return pb.GenerateResponse(
-            request_id=rid,
-            chunk=pb.GenerateStreamChunk(
-                token_ids=toks,
-                prompt_tokens=prompt,
-                completion_tokens=s.count,
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=s.index,
-            ),
-        )
-
-    def complete(
-        self,
-        rid: str,
-        s: ChoiceScript,
-        toks: list[int],
-        prompt: int,
-        cached: int,
-        k: int | None,
-        index: int,
-    ) -> Any:
-        pb = sglang_scheduler_pb2
-        lp = self.logprobs(s, toks, k)
-        return pb.GenerateResponse(
-            request_id=rid,
-            complete=pb.GenerateComplete(
-                output_ids=toks,
-                finish_reason=s.finish_reason or "stop",
-                prompt_tokens=prompt,
-                completion_tokens=s.count,
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=index,
-                **self.matched(s),
-            ),
-        )
 
     def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
         """GenerateResponse{request_id, chunk{token_ids: [t], prompt_tokens,
