@@ -94,6 +94,17 @@ def gateway(
         gw.close_log()
 
 
+def generate_text(gw: Gateway, text: str) -> str:
+    """SGLang's native /generate through the gateway (50 new tokens): the answer's text."""
+    generated = httpx.post(
+        gw.url + "/generate",
+        json={"text": text, "sampling_params": {"max_new_tokens": 50}},
+        timeout=30.0,
+    )
+    assert generated.status_code == 200, generated.text
+    return generated.json()["text"]
+
+
 def client(gw: Gateway, timeout: float = 30.0) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
@@ -213,13 +224,7 @@ def test_completions_and_generate(one: tuple[Gateway, GrpcMock], hf_tokenizer: A
     assert answer.choices[0].text == TEXT
     sent = [int(x) for x in mock.stats()["last_generate_request"]["tokenized"]["input_ids"]]
     assert sent == hf_tokenizer.encode("Once upon", add_special_tokens=True).ids
-    generated = httpx.post(
-        gw.url + "/generate",
-        json={"text": "Once upon", "sampling_params": {"max_new_tokens": 50}},
-        timeout=30.0,
-    )
-    assert generated.status_code == 200, generated.text
-    assert generated.json()["text"] == TEXT
+    assert generate_text(gw, "Once upon") == TEXT
 
 
 def test_tokenize_detokenize_models(one: tuple[Gateway, GrpcMock], hf_tokenizer: Any) -> None:
@@ -426,13 +431,7 @@ def test_sglang_backend(tokdir: Path) -> None:
             )
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
-        generated = httpx.post(
-            gw.url + "/generate",
-            json={"text": "Once", "sampling_params": {"max_new_tokens": 50}},
-            timeout=30.0,
-        )
-        assert generated.status_code == 200, generated.text
-        assert generated.json()["text"] == TEXT
+        assert generate_text(gw, "Once") == TEXT
 
 
 def test_metrics_and_in_flight_as_the_http_path(one: tuple[Gateway, GrpcMock]) -> None:
