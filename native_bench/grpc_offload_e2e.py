@@ -26,7 +26,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # test_grpc_e2e imports grpcmockutil top-level
 
+from tests.gatewayutil import free_port  # noqa: E402
 from tests.test_grpc_e2e import make_tokenizer_dir  # noqa: E402
 
 WORDS = ["alpha", "beta", "gamma", "delta", "token", "prompt", "cache", "latency", "stream"]
@@ -152,7 +154,7 @@ def main() -> None:
                 ("offload", ""),
             ):
                 env = {**os.environ, "SMG__GRPC_OFFLOAD_BYTES": threshold}
-                port = str(20000 + random.randrange(20000))
+                port = str(free_port())  # checked free, not a random guess
                 gw, url = start(
                     [
                         python,
@@ -170,7 +172,7 @@ def main() -> None:
                         "--model-path",
                         str(tokdir),
                         "--prometheus-port",
-                        str(int(port) + 1),
+                        str(free_port()),
                     ],
                     "SMG_READY ",
                     env,

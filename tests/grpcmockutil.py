@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import queue
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mockutil import request_json
+from mockutil import next_line, request_json, start_reader, stop_with_reader
 
 URL_PREFIX = "MOCK_WORKER_URL "
 CONTROL_PREFIX = "MOCK_CONTROL_URL "
@@ -82,17 +81,7 @@ class GrpcMock:
         self.stop()
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._reader.join(timeout)
-        if self.proc.stdout is not None and not self._reader.is_alive():
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return stop_with_reader(self.proc, self._reader, timeout)
 
     def stats(self) -> dict[str, Any]:
         status, data = request_json("GET", self.control + "/stats")
@@ -107,12 +96,6 @@ class GrpcMock:
     def reset(self) -> None:
         status, data = request_json("POST", self.control + "/reset", b"")
         assert status == 200, data
-
-
-def _read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
-    for raw in iter(stream.readline, b""):
-        out.put(raw.decode("utf-8", "replace"))
-    out.put(None)
 
 
 def start_grpc_mock(
@@ -130,22 +113,13 @@ def start_grpc_mock(
         *(["--control-port", "0"] if control else []), *(args or []),
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
-    reader.start()
+    lines, reader = start_reader(proc)
     mock = GrpcMock(proc, reader)
     deadline = time.monotonic() + timeout
     try:
         while not mock.url:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError("the gRPC mock printed no URL in time")
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
+            late = "the gRPC mock printed no URL in time"
+            line = next_line(lines, proc, deadline, late, "the gRPC mock")
             if line.startswith(CONTROL_PREFIX):
                 mock.control = line[len(CONTROL_PREFIX) :].strip()
             elif line.startswith(URL_PREFIX):

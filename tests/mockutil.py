@@ -57,27 +57,64 @@ class MockWorkers:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """Terminate (then kill) the process; returns its exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._reader.join(timeout)  # it ends at EOF, so the pipe is not closed under it
-        if self.proc.stdout is not None and not self._reader.is_alive():
-            self.proc.stdout.close()
-        return self.proc.returncode
+        return stop_with_reader(self.proc, self._reader, timeout)
+
+
+def stop_with_reader(
+    proc: subprocess.Popen[bytes], reader: threading.Thread, timeout: float = 5.0
+) -> int | None:
+    """Terminate (then kill) a mock whose stdout `reader` drains; returns its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    reader.join(timeout)  # it ends at EOF, so the pipe is not closed under it
+    if proc.stdout is not None and not reader.is_alive():
+        proc.stdout.close()
+    return proc.returncode
 
 
 def mock_command(count: int, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "smg", "mock-worker", "--port", "0", "--count", str(count), *args]
 
 
-def _read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
+def read_lines(stream: Any, out: queue.Queue[str | None]) -> None:
+    """A reader thread's body: each line of a mock's stdout into `out`, None at EOF."""
     for raw in iter(stream.readline, b""):
         out.put(raw.decode("utf-8", "replace"))
     out.put(None)
+
+
+def start_reader(proc: subprocess.Popen[bytes]) -> tuple[queue.Queue[str | None], threading.Thread]:
+    """A daemon thread draining `proc`'s stdout into a queue of lines (None at EOF)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    return lines, reader
+
+
+def next_line(
+    lines: queue.Queue[str | None],
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    late: str,
+    who: str,
+) -> str:
+    """The mock's next stdout line; RuntimeError(`late`) past `deadline`, or when it exits."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(late)
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        if line is None:
+            raise RuntimeError(f"{who} exited early (code {proc.wait()})")
+        return line
 
 
 def start_mock_workers(
@@ -86,22 +123,13 @@ def start_mock_workers(
     """Start `count` workers in one process; extra CLI `args` are passed through."""
     argv = list(args) if engine is None else ["--engine", engine, *args]
     proc = subprocess.Popen(mock_command(count, argv), stdout=subprocess.PIPE)
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
-    reader.start()
+    lines, reader = start_reader(proc)
     mocks = MockWorkers(proc, [], reader)
     deadline = time.monotonic() + timeout
     try:
         while len(mocks.urls) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"mock worker printed {len(mocks.urls)}/{count} URLs in time")
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise RuntimeError(f"mock worker exited early (code {proc.wait()})")
+            late = f"mock worker printed {len(mocks.urls)}/{count} URLs in time"
+            line = next_line(lines, proc, deadline, late, "mock worker")
             if line.startswith(URL_PREFIX):
                 mocks.urls.append(line[len(URL_PREFIX) :].strip())
         for url in mocks.urls:

@@ -11,6 +11,7 @@ import pytest
 
 from smg.bench import datasets
 from smg.bench.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
+from tests.tokenizer_data import package_file
 
 
 def packaged_tokenizer() -> str | None:
@@ -24,11 +25,9 @@ def packaged_tokenizer() -> str | None:
         ("litellm", os.path.join("litellm_core_utils", "tokenizers", "anthropic_tokenizer.json")),
     ]
     for package, rel in candidates:
-        spec = importlib.util.find_spec(package)
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            path = os.path.join(root, rel)
-            if os.path.isfile(path):
-                return path
+        path = package_file(package, rel)
+        if path is not None:
+            return path
     return None
 
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from grpcmockutil import GrpcMock, start_grpc_mock
 
 from tests.gatewayutil import Gateway, wait_until
 
@@ -31,8 +27,6 @@ MODEL = "llama-mock"
 CONTEXT = 4096
 EOS_IDS = [128001, 128008, 128009]
 BOS = "<|begin_of_text|>"
-URL_PREFIX = "MOCK_WORKER_URL "
-CONTROL_PREFIX = "MOCK_CONTROL_URL "
 
 
 def make_tokenizer_dir(path: Path) -> Path:
@@ -65,100 +59,32 @@ def make_tokenizer_dir(path: Path) -> Path:
     return path
 
 
-@dataclass
-class GrpcMock:
-    proc: subprocess.Popen[bytes]
-    url: str  # grpc://127.0.0.1:P
-    control: str  # http://127.0.0.1:Q
-
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(self.control + "/stats", timeout=5.0).json()
-
-    def config(self, **fields: Any) -> None:
-        answer = httpx.post(self.control + "/config", json=fields, timeout=5.0)
-        assert answer.status_code == 200, answer.text
-
-    def reset(self) -> None:
-        httpx.post(self.control + "/reset", timeout=5.0)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def start_grpc_mock(tokenizer_dir: Path, *args: str, timeout: float = 30.0) -> GrpcMock:
-    command = [
-        sys.executable,
-        "-m",
-        "smg",
-        "mock-worker",
-        "--grpc",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--tokenizer-path",
-        str(tokenizer_dir),
-        "--model",
-        MODEL,
-        "--max-context-length",
-        str(CONTEXT),
-        "--control-port",
-        "0",
-        *args,
-    ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            lines.put(raw.decode("utf-8", "replace"))
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    url = control = ""
-    while not url:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            proc.kill()
-            raise RuntimeError("the gRPC mock printed no URL in time")
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            continue
-        if line is None:
-            raise RuntimeError(f"the gRPC mock exited early (code {proc.wait()})")
-        if line.startswith(URL_PREFIX):
-            url = line[len(URL_PREFIX) :].strip()
-        elif line.startswith(CONTROL_PREFIX):
-            control = line[len(CONTROL_PREFIX) :].strip()
-    mock = GrpcMock(proc, url, control)
-    wait_until(lambda: mock.stats(), 10.0, "the mock's control port")
-    return mock
-
-
 @contextlib.contextmanager
 def grpc_mocks(tokenizer_dir: Path, count: int, *args: str) -> Iterator[list[GrpcMock]]:
     mocks: list[GrpcMock] = []
     try:
         for _ in range(count):
-            mocks.append(start_grpc_mock(tokenizer_dir, *args))
+            mock = start_grpc_mock(
+                tokenizer_dir, model=MODEL, args=["--max-context-length", str(CONTEXT), *args]
+            )
+            mocks.append(mock)
+            wait_until(mock.stats, 10.0, "the mock's control port")
         yield mocks
     finally:
         for mock in mocks:
             mock.stop()
 
 
+def serving(tokdir: Path, mocks: list[GrpcMock], *extra: str) -> list[str]:
+    """`smg launch` flags serving every one of `mocks` with `tokdir` as the model path."""
+    return ["--worker-urls", *(m.url for m in mocks), "--model-path", str(tokdir), *extra]
+
+
 @contextlib.contextmanager
-def gateway(args: list[str], processes: int = 1) -> Iterator[Gateway]:
-    gw = Gateway(args, processes=processes)
+def gateway(
+    args: list[str], processes: int = 1, env: dict[str, str] | None = None
+) -> Iterator[Gateway]:
+    gw = Gateway(args, processes=processes, env=env)
     gw.start(timeout=60.0)
     try:
         gw.wait_ready(60.0)
@@ -166,6 +92,17 @@ def gateway(args: list[str], processes: int = 1) -> Iterator[Gateway]:
     finally:
         gw.stop()
         gw.close_log()
+
+
+def generate_text(gw: Gateway, text: str) -> str:
+    """SGLang's native /generate through the gateway (50 new tokens): the answer's text."""
+    generated = httpx.post(
+        gw.url + "/generate",
+        json={"text": text, "sampling_params": {"max_new_tokens": 50}},
+        timeout=30.0,
+    )
+    assert generated.status_code == 200, generated.text
+    return generated.json()["text"]
 
 
 def client(gw: Gateway, timeout: float = 30.0) -> openai.OpenAI:
@@ -198,7 +135,7 @@ def one(tokdir: Path) -> Iterator[tuple[Gateway, GrpcMock]]:
     """One mock answering TEXT (then EOS), a gateway with --model-path."""
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--prefix-cache-tokens", "65536") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         yield gw, mocks[0]
 
@@ -287,13 +224,7 @@ def test_completions_and_generate(one: tuple[Gateway, GrpcMock], hf_tokenizer: A
     assert answer.choices[0].text == TEXT
     sent = [int(x) for x in mock.stats()["last_generate_request"]["tokenized"]["input_ids"]]
     assert sent == hf_tokenizer.encode("Once upon", add_special_tokens=True).ids
-    generated = httpx.post(
-        gw.url + "/generate",
-        json={"text": "Once upon", "sampling_params": {"max_new_tokens": 50}},
-        timeout=30.0,
-    )
-    assert generated.status_code == 200, generated.text
-    assert generated.json()["text"] == TEXT
+    assert generate_text(gw, "Once upon") == TEXT
 
 
 def test_tokenize_detokenize_models(one: tuple[Gateway, GrpcMock], hf_tokenizer: Any) -> None:
@@ -335,7 +266,7 @@ def test_prompt_over_the_context_is_400_before_dispatch(one: tuple[Gateway, Grpc
 def test_client_disconnect_reaches_the_engine_as_abort(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, "--itl-ms", "50", "--output-mode", "random") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         with httpx.stream(
             "POST",
@@ -366,17 +297,7 @@ def test_client_disconnect_reaches_the_engine_as_abort(tokdir: Path) -> None:
 def test_unavailable_before_the_first_token_is_retried_elsewhere(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 2, *text_mode()) as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                mocks[1].url,
-                "--model-path",
-                str(tokdir),
-                "--policy",
-                "round_robin",
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--policy", "round_robin")) as gw,
     ):
         mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
         answers = []
@@ -397,7 +318,7 @@ def test_unavailable_before_the_first_token_is_retried_elsewhere(tokdir: Path) -
 def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, "--output-mode", "random", "--itl-ms", "5") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         mocks[0].config(fail_next=1, fail_code="INTERNAL", fail_after_tokens=3)
         stream = client(gw).chat.completions.create(
@@ -424,16 +345,7 @@ def test_error_after_the_first_token_ends_the_stream(tokdir: Path) -> None:
 def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--ttft-ms", "5000") as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                "--model-path",
-                str(tokdir),
-                "--request-timeout-secs",
-                "1",
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--request-timeout-secs", "1")) as gw,
     ):
         started = time.monotonic()
         answer = httpx.post(
@@ -453,41 +365,23 @@ def test_request_timeout_is_the_deadline(tokdir: Path) -> None:
 def test_tokenizer_bundle_from_the_worker(tokdir: Path, tmp_path: Path) -> None:
     """No --model-path: the control plane fetched the worker's tokenizer (GetTokenizer)."""
     env_cache = tmp_path / "cache"  # XDG_CACHE_HOME: the bundle lands in smg/tokenizers/
-    with grpc_mocks(tokdir, 1, *text_mode()) as mocks:
-        gw = Gateway(
-            ["--worker-urls", mocks[0].url],
-            processes=1,
-            env={"XDG_CACHE_HOME": str(env_cache)},
+    with (
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(["--worker-urls", mocks[0].url], env={"XDG_CACHE_HOME": str(env_cache)}) as gw,
+    ):
+        answer = client(gw).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
         )
-        gw.start(timeout=60.0)
-        try:
-            gw.wait_ready(60.0)
-            answer = client(gw).chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20
-            )
-            assert answer.choices[0].message.content == TEXT
-            unpacked = list((env_cache / "smg" / "tokenizers").iterdir())
-            assert len(unpacked) == 1 and (unpacked[0] / "tokenizer.json").is_file()
-        finally:
-            gw.stop()
-            gw.close_log()
+        assert answer.choices[0].message.content == TEXT
+        unpacked = list((env_cache / "smg" / "tokenizers").iterdir())
+        assert len(unpacked) == 1 and (unpacked[0] / "tokenizer.json").is_file()
 
 
 def test_cache_aware_routes_by_token_ids(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 2, *text_mode()) as mocks,
         gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                mocks[1].url,
-                "--model-path",
-                str(tokdir),
-                "--policy",
-                "cache_aware",
-                "--cache-threshold",
-                "0.5",
-            ],
+            serving(tokdir, mocks, "--policy", "cache_aware", "--cache-threshold", "0.5"),
             processes=2,
         ) as gw,
     ):
@@ -524,7 +418,7 @@ def test_streams_of_completions_and_two_choices(one: tuple[Gateway, GrpcMock]) -
 def test_sglang_backend(tokdir: Path) -> None:
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--grpc-backend", "sglang") as mocks,
-        gateway(["--worker-urls", mocks[0].url, "--model-path", str(tokdir)]) as gw,
+        gateway(serving(tokdir, mocks)) as gw,
     ):
         answer = client(gw).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50
@@ -537,13 +431,7 @@ def test_sglang_backend(tokdir: Path) -> None:
             )
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
-        generated = httpx.post(
-            gw.url + "/generate",
-            json={"text": "Once", "sampling_params": {"max_new_tokens": 50}},
-            timeout=30.0,
-        )
-        assert generated.status_code == 200, generated.text
-        assert generated.json()["text"] == TEXT
+        assert generate_text(gw, "Once") == TEXT
 
 
 def test_metrics_and_in_flight_as_the_http_path(one: tuple[Gateway, GrpcMock]) -> None:
@@ -584,16 +472,7 @@ def test_chat_template_flag_overrides_the_tokenizers(
     )
     with (
         grpc_mocks(tokdir, 1, *text_mode()) as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                "--model-path",
-                str(tokdir),
-                "--chat-template",
-                str(template),
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--chat-template", str(template))) as gw,
     ):
         answer = client(gw).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=50
@@ -615,18 +494,15 @@ def test_traced_retry_shows_two_attempt_spans(tokdir: Path) -> None:
         grpc_collector() as (endpoint, spans),
         grpc_mocks(tokdir, 2, *text_mode()) as mocks,
         gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                mocks[1].url,
-                "--model-path",
-                str(tokdir),
+            serving(
+                tokdir,
+                mocks,
                 "--policy",
                 "round_robin",
                 "--enable-trace",
                 "--otlp-traces-endpoint",
                 endpoint,
-            ]
+            )
         ) as gw,
     ):
         mocks[0].config(fail_next=1, fail_code="UNAVAILABLE")
@@ -664,17 +540,7 @@ def test_admission_permits_and_access_log(tokdir: Path) -> None:
 
     with (
         grpc_mocks(tokdir, 1, *text_mode(), "--itl-ms", "5") as mocks,
-        gateway(
-            [
-                "--worker-urls",
-                mocks[0].url,
-                "--model-path",
-                str(tokdir),
-                "--max-concurrent-requests",
-                "2",
-                "--access-log",
-            ]
-        ) as gw,
+        gateway(serving(tokdir, mocks, "--max-concurrent-requests", "2", "--access-log")) as gw,
     ):
 
         def chat(_: int) -> str | None:

@@ -497,17 +497,7 @@ class DataPlane:
                 self._preflight(conn, request)
                 return
             if path in PROXY_ROUTES:
-                if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
-                    return
-                if method != b"POST":
-                    self._send_error(
-                        conn,
-                        request,
-                        405,
-                        "method_not_allowed",
-                        f"{path} takes POST",
-                        extra_headers=b"allow: POST\r\n",
-                    )
+                if not self._post_allowed(conn, request, method, path):
                     return
                 admission = self.admission
                 if admission is None:
@@ -529,17 +519,7 @@ class DataPlane:
                     return
             if path in GRPC_LOCAL_ROUTES and self.grpc is not None:
                 # /v1/tokenize, /v1/detokenize: answered with a gRPC model's tokenizer.
-                if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
-                    return
-                if method != b"POST":
-                    self._send_error(
-                        conn,
-                        request,
-                        405,
-                        "method_not_allowed",
-                        f"{path} takes POST",
-                        extra_headers=b"allow: POST\r\n",
-                    )
+                if not self._post_allowed(conn, request, method, path):
                     return
                 self.grpc.handle_local(conn, request)
                 return
@@ -564,6 +544,26 @@ class DataPlane:
             )
             if conn.exchange is None and conn.busy:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _post_allowed(
+        self, conn: ClientConnection, request: Request, method: bytes, path: str
+    ) -> bool:
+        """A POST-only serving route's gate (the proxied and the gRPC-local ones): the
+        serving API key when one is set, then 405 for any other method. False when
+        it has answered."""
+        if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+            return False
+        if method != b"POST":
+            self._send_error(
+                conn,
+                request,
+                405,
+                "method_not_allowed",
+                f"{path} takes POST",
+                extra_headers=b"allow: POST\r\n",
+            )
+            return False
+        return True
 
     def _preflight(self, conn: ClientConnection, request: Request) -> None:
         """An OPTIONS request with --cors-allowed-origins set: answered here, on every

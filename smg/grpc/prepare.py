@@ -15,6 +15,7 @@ caps max_tokens as vLLM's `get_max_tokens` does (the minimum of all bounds).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,13 +166,22 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _number(body: dict, name: str) -> float | None:
+def _is_finite(value: object) -> bool:
+    return _is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _field(body: dict, name: str, ok: Callable[[object], bool], what: str) -> Any:
+    """body[name] (None when absent or null); 400 "'name' must be <what>" when `ok`
+    refuses it."""
     value = body.get(name)
-    if value is None:
-        return None
-    if not _is_number(value) or not math.isfinite(value):
-        raise _bad(f"'{name}' must be a number, got {_show(value)}.", name, INVALID_TYPE)
-    return float(value)
+    if value is not None and not ok(value):
+        raise _bad(f"'{name}' must be {what}, got {_show(value)}.", name, INVALID_TYPE)
+    return value
+
+
+def _number(body: dict, name: str) -> float | None:
+    value = _field(body, name, _is_finite, "a number")
+    return None if value is None else float(value)
 
 
 def _integer(body: dict, name: str) -> int | None:
@@ -191,22 +201,21 @@ def _integer(body: dict, name: str) -> int | None:
     return value
 
 
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
 def _boolean(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _bad(f"'{name}' must be a boolean, got {_show(value)}.", name, INVALID_TYPE)
-    return value
+    value = _field(body, name, _is_bool, "a boolean")
+    return default if value is None else value
 
 
 def _string(body: dict, name: str) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _bad(f"'{name}' must be a string, got {_show(value)}.", name, INVALID_TYPE)
-    return value
+    return _field(body, name, _is_str, "a string")
 
 
 def _show(value: object) -> str:

@@ -7,10 +7,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,23 +18,6 @@ from smg.mock_worker.grpc_script import Model
 
 # The advertised sampling defaults (both servicers filter the model's to these keys).
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-# smg_grpc_servicer/tokenizer_bundle.py: the files a servicer's GetTokenizer zips.
-BUNDLE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "tiktoken.model",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-)
-BUNDLE_GLOBS = ("*.tiktoken", "*.jinja", "*.model")
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -143,32 +123,3 @@ def load_model_files(path: str) -> ModelFiles:
         else (),
         sampling_defaults={k: gen[k] for k in SAMPLING_DEFAULT_KEYS if gen.get(k) is not None},
     )
-
-
-def make_bundle(directory: Path) -> tuple[bytes, str]:
-    """The GetTokenizer archive (zip bytes, sha256 hex), built as the servicers build it.
-
-    Prefers the tokenizer package's own `make_bundle` (the gateway unpacks with its
-    sibling), falling back to the same file selection here."""
-    try:
-        from smg.tokenizer.bundle import make_bundle as shared
-    except ImportError:
-        pass
-    else:
-        return shared(directory)
-    buf = io.BytesIO()
-    added: set[str] = set()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in BUNDLE_FILES:
-            if (directory / name).is_file():
-                zf.write(directory / name, name)
-                added.add(name)
-        for pattern in BUNDLE_GLOBS:
-            for match in sorted(directory.glob(pattern)):
-                if match.is_file() and match.name not in added:
-                    zf.write(match, match.name)
-                    added.add(match.name)
-    if not added:
-        raise FileNotFoundError(f"no tokenizer files in {directory}")
-    data = buf.getvalue()
-    return data, hashlib.sha256(data).hexdigest()

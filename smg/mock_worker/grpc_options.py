@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from smg.mock_worker.grpc_script import parse_output_mode
+from smg.mock_worker.options import apply_rules, int_arg, non_negative_arg
 
 BACKENDS = ("vllm", "sglang")
 STATUS_NAMES = frozenset(c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK)
@@ -78,7 +80,7 @@ def _mode_ok(v: Any) -> bool:
     return True
 
 
-_RULES: dict[str, tuple[Any, str]] = {
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "healthy": (lambda v: isinstance(v, bool), "a boolean"),
     "ttft_ms": (_num, "a non-negative number"),
     "itl_ms": (_num, "a non-negative number"),
@@ -95,34 +97,7 @@ _RULES: dict[str, tuple[Any, str]] = {
 
 def apply_update(cfg: GrpcRuntime, update: Any) -> str | None:
     """Validate the whole update, then apply it; an error message or None."""
-    if not isinstance(update, dict):
-        return "body must be a JSON object"
-    for key, value in update.items():
-        rule = _RULES.get(key)
-        if rule is None:
-            return f"unknown field {key!r}; known: {', '.join(sorted(_RULES))}"
-        if not rule[0](value):
-            return f"{key} must be {rule[1]}"
-    for key, value in update.items():
-        setattr(cfg, key, value)
-    return None
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError("must be a non-negative number")
-    return value
-
-
-def _bounded(low: int, high: int) -> Any:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
-        return value
-
-    return parse
+    return apply_rules(cfg, update, _RULES)
 
 
 def _mode(text: str) -> str:
@@ -141,19 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc", action="store_true", required=True, help="serve gRPC")
     p.add_argument("--grpc-backend", choices=BACKENDS, default="vllm", help="the service served")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_bounded(0, 65535), default=0, help="0: an ephemeral port")
+    p.add_argument("--port", type=int_arg(0, 65535), default=0, help="0: an ephemeral port")
     p.add_argument("--tokenizer-path", required=True, help="directory with tokenizer.json")
     p.add_argument("--model", default="mock-model", help="served_model_name")
     p.add_argument("--model-path", default="", help="GetModelInfo model_path")
-    p.add_argument("--max-context-length", type=_bounded(1, 2**31 - 1), default=8192)
+    p.add_argument("--max-context-length", type=int_arg(1, 2**31 - 1), default=8192)
     p.add_argument(
         "--processes",
-        type=_bounded(1, 64),
+        type=int_arg(1, 64),
         default=1,
         help="serving processes on one SO_REUSEPORT port (stats and config are per process)",
     )
-    p.add_argument("--ttft-ms", type=_non_negative, default=0.0, help="time to first token")
-    p.add_argument("--itl-ms", type=_non_negative, default=0.0, help="time between tokens")
+    p.add_argument("--ttft-ms", type=non_negative_arg, default=0.0, help="time to first token")
+    p.add_argument("--itl-ms", type=non_negative_arg, default=0.0, help="time between tokens")
     p.add_argument(
         "--output-mode",
         type=_mode,
@@ -162,19 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eos-after",
-        type=_bounded(0, 2**31),
+        type=int_arg(0, 2**31),
         default=None,
         help="end each choice with the EOS id after N tokens (unless ignore_eos)",
     )
     p.add_argument(
         "--control-port",
-        type=_bounded(0, 65535),
+        type=int_arg(0, 65535),
         default=None,
         help="HTTP control port for tests (GET /stats, POST /config, POST /reset); 0: ephemeral",
     )
     p.add_argument(
         "--prefix-cache-tokens",
-        type=_bounded(0, 2**40),
+        type=int_arg(0, 2**40),
         default=0,
         help="simulated prefix cache (16-token blocks, LRU) for cached_tokens; 0: none",
     )

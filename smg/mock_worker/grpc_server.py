@@ -102,7 +102,7 @@ from smg_grpc_proto.generated import (
     vllm_engine_pb2_grpc,
 )
 
-from smg.mock_worker.grpc_model import ModelFiles, load_model_files, make_bundle
+from smg.mock_worker.grpc_model import ModelFiles, load_model_files
 from smg.mock_worker.grpc_options import GrpcOptions, GrpcRuntime, apply_update, parse_grpc_options
 from smg.mock_worker.grpc_script import (
     ChoiceScript,
@@ -116,10 +116,13 @@ from smg.mock_worker.grpc_script import (
 from smg.mock_worker.h2fast import Route, serve_fast
 from smg.mock_worker.prefix_cache import PrefixCache
 
+# The GetTokenizer archive: the gateway's own builder and chunking, so the mock sends
+# exactly what the gateway unpacks.
+from smg.tokenizer.bundle import bundle_chunks, make_bundle
+
 URL_PREFIX = "MOCK_WORKER_URL"
 CONTROL_PREFIX = "MOCK_CONTROL_URL"
 READY_PREFIX = "MOCK_CHILD_READY"
-CHUNK_BYTES = 64 * 1024  # GetTokenizer chunk size (the servicers')
 EMBED_DIM = 16
 MAX_TOP_LOGPROBS = 20  # vLLM's -1 (all) is served as this many
 KEEP_IDS = 1000  # aborted/cancelled ids kept in the stats
@@ -250,6 +253,8 @@ class Backend:
 
     name = ""
     pb: Any = None
+    # completion_tokens: vLLM counts the tokens of this message, SGLang all so far.
+    cumulative = False
 
     def request(self, msg: Any) -> tuple[Request, int | None]:
         raise NotImplementedError
@@ -264,10 +269,25 @@ class Backend:
             value = list(value.choices)
         return {"kind": kind, "value": value}
 
+    def response(self, rid: str, **part: Any) -> Any:
+        """A GenerateResponse holding `part` (vLLM's has no request_id; SGLang's does)."""
+        return self.pb.GenerateResponse(**part)
+
     def chunk(
         self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
     ) -> Any:
-        raise NotImplementedError
+        pb = self.pb
+        return self.response(
+            rid,
+            chunk=pb.GenerateStreamChunk(
+                token_ids=toks,
+                prompt_tokens=prompt,
+                completion_tokens=s.count if self.cumulative else len(toks),
+                cached_tokens=cached,
+                output_logprobs=self.logprobs(s, toks, k),
+                index=s.index,
+            ),
+        )
 
     def complete(
         self,
@@ -279,7 +299,26 @@ class Backend:
         k: int | None,
         index: int,
     ) -> Any:
-        raise NotImplementedError
+        pb = self.pb
+        return self.response(
+            rid,
+            complete=pb.GenerateComplete(
+                output_ids=toks,
+                finish_reason=s.finish_reason or "stop",
+                prompt_tokens=prompt,
+                completion_tokens=s.count if self.cumulative else len(toks),
+                cached_tokens=cached,
+                output_logprobs=self.logprobs(s, toks, k),
+                index=index,
+                **self.matched(s),
+            ),
+        )
+
+    def logprobs(self, s: ChoiceScript, toks: list[int], k: int | None) -> Any:
+        """The OutputLogProbs of `toks` (None when none were asked for, or no tokens)."""
+        if k is None or not toks:
+            return None
+        return _logprob_parts(self.pb, toks, k, s.model.vocab_size, self.name)
 
     def matched(self, s: ChoiceScript) -> dict[str, Any]:
         if isinstance(s.matched, str):
@@ -317,55 +356,6 @@ class VllmBackend(Backend):
             k = MAX_TOP_LOGPROBS if sp.logprobs < 0 else sp.logprobs
         return req, k
 
-    def chunk(
-        self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
-    ) -> Any:
-        pb = vllm_engine_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "vllm")
-            if k is not None and toks
-            else None
-        )
-        return pb.GenerateResponse(
-            chunk=pb.GenerateStreamChunk(
-                token_ids=toks,
-                prompt_tokens=prompt,
-                completion_tokens=len(toks),
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=s.index,
-            )
-        )
-
-    def complete(
-        self,
-        rid: str,
-        s: ChoiceScript,
-        toks: list[int],
-        prompt: int,
-        cached: int,
-        k: int | None,
-        index: int,
-    ) -> Any:
-        pb = vllm_engine_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "vllm")
-            if k is not None and toks
-            else None
-        )
-        return pb.GenerateResponse(
-            complete=pb.GenerateComplete(
-                output_ids=toks,
-                finish_reason=s.finish_reason or "stop",
-                prompt_tokens=prompt,
-                completion_tokens=len(toks),
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=index,
-                **self.matched(s),
-            )
-        )
-
     def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
         """GenerateResponse{chunk{token_ids: [t], prompt_tokens, completion_tokens: 1,
         cached_tokens, index}} encoded by hand (the per-token hot path)."""
@@ -385,6 +375,10 @@ class VllmBackend(Backend):
 class SglangBackend(Backend):
     name = "sglang"
     pb = sglang_scheduler_pb2
+    cumulative = True
+
+    def response(self, rid: str, **part: Any) -> Any:
+        return self.pb.GenerateResponse(request_id=rid, **part)
 
     def request(self, msg: Any) -> tuple[Request, int | None]:
         sp = msg.sampling_params
@@ -405,57 +399,6 @@ class SglangBackend(Backend):
         )
         k = max(0, msg.top_logprobs_num) if msg.return_logprob else None
         return req, k
-
-    def chunk(
-        self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
-    ) -> Any:
-        pb = sglang_scheduler_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "sglang")
-            if k is not None and toks
-            else None
-        )
-        return pb.GenerateResponse(
-            request_id=rid,
-            chunk=pb.GenerateStreamChunk(
-                token_ids=toks,
-                prompt_tokens=prompt,
-                completion_tokens=s.count,
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=s.index,
-            ),
-        )
-
-    def complete(
-        self,
-        rid: str,
-        s: ChoiceScript,
-        toks: list[int],
-        prompt: int,
-        cached: int,
-        k: int | None,
-        index: int,
-    ) -> Any:
-        pb = sglang_scheduler_pb2
-        lp = (
-            _logprob_parts(pb, toks, k, s.model.vocab_size, "sglang")
-            if k is not None and toks
-            else None
-        )
-        return pb.GenerateResponse(
-            request_id=rid,
-            complete=pb.GenerateComplete(
-                output_ids=toks,
-                finish_reason=s.finish_reason or "stop",
-                prompt_tokens=prompt,
-                completion_tokens=s.count,
-                cached_tokens=cached,
-                output_logprobs=lp,
-                index=index,
-                **self.matched(s),
-            ),
-        )
 
     def chunk_bytes(self, rid: str, s: ChoiceScript, t: int, prompt: int, cached: int) -> bytes:
         """GenerateResponse{request_id, chunk{token_ids: [t], prompt_tokens,
@@ -654,10 +597,17 @@ def _abort_ids(engine: Engine, ids: list[str]) -> None:
             running.aborted = True
 
 
-class VllmService(vllm_engine_pb2_grpc.VllmEngineServicer):
-    def __init__(self, engine: Engine) -> None:
+class _Service:
+    """The methods both backends answer alike; each subclass names its proto module (`pb`)
+    and the message its engine puts in a passing health check. Listed first among the
+    bases so these override the generated servicer's UNIMPLEMENTED stubs."""
+
+    pb: Any
+    healthy_message: str
+
+    def __init__(self, engine: Engine, be: Backend) -> None:
         self.e = engine
-        self.be = VllmBackend()
+        self.be = be
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         async for msg in generate(self.e, self.be, request, context):
@@ -668,17 +618,27 @@ class VllmService(vllm_engine_pb2_grpc.VllmEngineServicer):
         await self.e.delay()
         ids = list(request.tokenized.input_ids)
         emb = self.e.embedding(ids)
-        return vllm_engine_pb2.EmbedResponse(
-            embedding=emb, prompt_tokens=len(ids), embedding_dim=len(emb)
-        )
+        return self.pb.EmbedResponse(embedding=emb, prompt_tokens=len(ids), embedding_dim=len(emb))
 
     async def HealthCheck(self, request: Any, context: Any) -> Any:
         self.e.count("HealthCheck")
         await self.e.delay()
         ok = self.e.runtime.healthy
-        return vllm_engine_pb2.HealthCheckResponse(
-            healthy=ok, message="Health" if ok else "Engine is not alive"
+        return self.pb.HealthCheckResponse(
+            healthy=ok, message=self.healthy_message if ok else "Engine is not alive"
         )
+
+    async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for chunk in tokenizer_chunks(self.e, context):
+            yield chunk
+
+
+class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
+    pb = vllm_engine_pb2
+    healthy_message = "Health"
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine, VllmBackend())
 
     async def Abort(self, request: Any, context: Any) -> Any:
         self.e.count("Abort")
@@ -713,36 +673,13 @@ class VllmService(vllm_engine_pb2_grpc.VllmEngineServicer):
             loads=[vllm_engine_pb2.SchedulerLoad(**load_fields(self.e))],
         )
 
-    async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for chunk in tokenizer_chunks(self.e, context):
-            yield chunk
 
+class SglangService(_Service, sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
+    pb = sglang_scheduler_pb2
+    healthy_message = "Health check passed"
 
-class SglangService(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
     def __init__(self, engine: Engine) -> None:
-        self.e = engine
-        self.be = SglangBackend()
-
-    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for msg in generate(self.e, self.be, request, context):
-            yield msg
-
-    async def Embed(self, request: Any, context: Any) -> Any:
-        self.e.count("Embed")
-        await self.e.delay()
-        ids = list(request.tokenized.input_ids)
-        emb = self.e.embedding(ids)
-        return sglang_scheduler_pb2.EmbedResponse(
-            embedding=emb, prompt_tokens=len(ids), embedding_dim=len(emb)
-        )
-
-    async def HealthCheck(self, request: Any, context: Any) -> Any:
-        self.e.count("HealthCheck")
-        await self.e.delay()
-        ok = self.e.runtime.healthy
-        return sglang_scheduler_pb2.HealthCheckResponse(
-            healthy=ok, message="Health check passed" if ok else "Engine is not alive"
-        )
+        super().__init__(engine, SglangBackend())
 
     async def Abort(self, request: Any, context: Any) -> Any:
         self.e.count("Abort")
@@ -805,10 +742,6 @@ class SglangService(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
             ),
         )
 
-    async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        async for chunk in tokenizer_chunks(self.e, context):
-            yield chunk
-
 
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
@@ -854,13 +787,11 @@ async def tokenizer_chunks(e: Engine, context: Any) -> AsyncIterator[Any]:
     await e.delay()
     try:
         data, sha = await asyncio.to_thread(e.bundle)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: TokenizerLoadError, no files left
         await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-    for off in range(0, len(data), CHUNK_BYTES):
-        end = min(off + CHUNK_BYTES, len(data))
-        yield common_pb2.GetTokenizerChunk(
-            data=data[off:end], sha256=sha if end == len(data) else ""
-        )
+    chunks = bundle_chunks(data)
+    for i, chunk in enumerate(chunks):
+        yield common_pb2.GetTokenizerChunk(data=chunk, sha256=sha if i == len(chunks) - 1 else "")
 
 
 # ----------------------------------------------------------------------------- control port
@@ -940,10 +871,11 @@ async def _control_conn(
 
 def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
     """The service's methods by HTTP/2 path, for the fast server."""
+    pb = service.pb
     if isinstance(service, VllmService):
-        prefix, pb = "/vllm.grpc.engine.VllmEngine/", vllm_engine_pb2
+        prefix = "/vllm.grpc.engine.VllmEngine/"
     else:
-        prefix, pb = "/sglang.grpc.scheduler.SglangScheduler/", sglang_scheduler_pb2
+        prefix = "/sglang.grpc.scheduler.SglangScheduler/"
     routes: dict[str, Route] = {prefix + "Generate": ("generate", pb.GenerateRequest, service.be)}
     for name in ("Embed", "HealthCheck", "Abort", "GetModelInfo", "GetServerInfo", "GetLoads"):
         routes[prefix + name] = ("unary", getattr(pb, name + "Request"), getattr(service, name))
@@ -955,6 +887,12 @@ def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
     return routes
 
 
+def _fail(why: str) -> int:
+    """Say why the worker cannot serve (on stderr, where the launcher shows it); exit 1."""
+    print(f"smg mock-worker --grpc: {why}", file=sys.stderr, flush=True)
+    return 1
+
+
 def _url(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
@@ -963,12 +901,7 @@ async def serve(opts: GrpcOptions) -> int:
     try:
         files = load_model_files(opts.tokenizer_path)
     except (OSError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
-        print(
-            f"smg mock-worker --grpc: cannot load {opts.tokenizer_path}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(f"cannot load {opts.tokenizer_path}: {exc}")
     engine = Engine(opts, files)
     service: VllmService | SglangService = (
         VllmService(engine) if opts.backend == "vllm" else SglangService(engine)
@@ -1001,12 +934,7 @@ async def serve(opts: GrpcOptions) -> int:
                 raise OSError("no port")
             await server.start()
     except (OSError, RuntimeError) as exc:
-        print(
-            f"smg mock-worker --grpc: cannot listen on {opts.host}:{opts.port}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(f"cannot listen on {opts.host}:{opts.port}: {exc}")
     control: asyncio.AbstractServer | None = None
     lines = []
     if opts.control_port is not None:
@@ -1048,12 +976,7 @@ def supervise(opts: GrpcOptions, argv: list[str]) -> int:
     try:
         holder = _reserve_port(opts.host, opts.port)
     except OSError as exc:
-        print(
-            f"smg mock-worker --grpc: cannot listen on {opts.host}:{opts.port}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _fail(f"cannot listen on {opts.host}:{opts.port}: {exc}")
     port = holder.getsockname()[1]
     child_argv = [*argv, "--processes", "1", "--port", str(port), "--child"]
     children: list[subprocess.Popen[bytes]] = []
@@ -1077,12 +1000,7 @@ def supervise(opts: GrpcOptions, argv: list[str]) -> int:
             assert child.stdout is not None
             line = child.stdout.readline().decode()
             if not line.startswith(READY_PREFIX):
-                print(
-                    "smg mock-worker --grpc: a serving process did not start",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
+                return _fail("a serving process did not start")
         sys.stdout.write(f"{URL_PREFIX} {_url('grpc', opts.host, port)}\n")
         sys.stdout.flush()
         while not stopping and all(c.poll() is None for c in children):

@@ -128,20 +128,29 @@ _UPDATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def apply_update(cfg: RuntimeConfig, update: Any) -> str | None:
-    """Validate `update` as a whole, then apply it. Returns an error message or None."""
+def apply_rules(
+    cfg: object, update: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]
+) -> str | None:
+    """Validate `update` (a JSON object) as a whole against `rules` (field -> (check,
+    description)), then set its fields on `cfg`. Returns an error message or None.
+    Shared by the HTTP mock's and the gRPC mock's config endpoints."""
     if not isinstance(update, dict):
         return "body must be a JSON object"
     for key, value in update.items():
-        rule = _UPDATE_RULES.get(key)
+        rule = rules.get(key)
         if rule is None:
-            return f"unknown field {key!r}; known: {', '.join(sorted(_UPDATE_RULES))}"
+            return f"unknown field {key!r}; known: {', '.join(sorted(rules))}"
         check, what = rule
         if not check(value):
             return f"{key} must be {what}"
     for key, value in update.items():
         setattr(cfg, key, value)
     return None
+
+
+def apply_update(cfg: RuntimeConfig, update: Any) -> str | None:
+    """Validate `update` as a whole, then apply it. Returns an error message or None."""
+    return apply_rules(cfg, update, _UPDATE_RULES)
 
 
 def _fraction_arg(text: str) -> float:
@@ -151,14 +160,14 @@ def _fraction_arg(text: str) -> float:
     return value
 
 
-def _non_negative_arg(text: str) -> float:
+def non_negative_arg(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError("must be a non-negative number")
     return value
 
 
-def _int_arg(low: int, high: int) -> Callable[[str], int]:
+def int_arg(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
         if not low <= value <= high:
@@ -182,22 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument(
         "--port",
-        type=_int_arg(0, 65535),
+        type=int_arg(0, 65535),
         default=None,
         help="first port (default: 30000 for sglang, 8000 for vllm); 0 binds ephemeral ports",
     )
     p.add_argument(
         "--count",
-        type=_int_arg(1, 1024),
+        type=int_arg(1, 1024),
         default=1,
         help="number of workers (consecutive ports from --port); one "
         "'MOCK_WORKER_URL <url>' line per worker is printed once all listen",
     )
-    p.add_argument("--ttft-ms", type=_non_negative_arg, default=0.0, help="time to first token")
-    p.add_argument("--itl-ms", type=_non_negative_arg, default=0.0, help="time between tokens")
+    p.add_argument("--ttft-ms", type=non_negative_arg, default=0.0, help="time to first token")
+    p.add_argument("--itl-ms", type=non_negative_arg, default=0.0, help="time between tokens")
     p.add_argument(
         "--output-len",
-        type=_int_arg(0, MAX_OUTPUT_LEN),
+        type=int_arg(0, MAX_OUTPUT_LEN),
         default=16,
         help="output tokens when the request sets no lower max_tokens",
     )
@@ -209,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prefix-cache-tokens",
-        type=_int_arg(0, 2**40),
+        type=int_arg(0, 2**40),
         default=0,
         help="simulated prefix cache per worker, in tokens (16-token blocks, LRU); answers "
         "report usage.prompt_tokens_details.cached_tokens; 0 (default): no cache",
     )
     p.add_argument(
         "--prefill-us-per-token",
-        type=_non_negative_arg,
+        type=non_negative_arg,
         default=0.0,
         help="microseconds added to the time to first token per prompt token not served "
         "from the prefix cache (all prompt tokens without a cache)",
@@ -225,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-rate", type=_fraction_arg, default=0.0, help="fraction never answered")
     p.add_argument(
         "--exit-after",
-        type=_int_arg(1, 2**62),
+        type=int_arg(1, 2**62),
         default=None,
         help="exit the process once N inference requests have been answered",
     )
@@ -245,12 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer 404 when a request names a model other than --model",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for the fault/EOS dice")
-    p.add_argument("--max-model-len", type=_int_arg(1, 2**31), default=32768)
-    p.add_argument("--max-total-tokens", type=_int_arg(1, 2**40), default=131072)
-    p.add_argument("--max-running-requests", type=_int_arg(1, 2**31), default=256)
-    p.add_argument("--embedding-dim", type=_int_arg(1, 65536), default=16)
-    p.add_argument("--max-header-bytes", type=_int_arg(1024, 2**24), default=64 * 1024)
-    p.add_argument("--max-body-bytes", type=_int_arg(1024, 2**31), default=64 * 1024 * 1024)
+    p.add_argument("--max-model-len", type=int_arg(1, 2**31), default=32768)
+    p.add_argument("--max-total-tokens", type=int_arg(1, 2**40), default=131072)
+    p.add_argument("--max-running-requests", type=int_arg(1, 2**31), default=256)
+    p.add_argument("--embedding-dim", type=int_arg(1, 65536), default=16)
+    p.add_argument("--max-header-bytes", type=int_arg(1024, 2**24), default=64 * 1024)
+    p.add_argument("--max-body-bytes", type=int_arg(1024, 2**31), default=64 * 1024 * 1024)
     p.add_argument(
         "--root-path",
         default="",
@@ -263,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ssl-cert-reqs",
-        type=_int_arg(0, 2),
+        type=int_arg(0, 2),
         default=0,
         help="client certificates: 0 none, 1 optional, 2 required (ssl.CERT_* as uvicorn)",
     )
