@@ -130,8 +130,13 @@ def test_sglang_every_field() -> None:
     req = build_generate_request("sglang", _input(**FULL))
     p = req.sampling_params
     assert p.temperature == 0.5
+    assert p.top_p == pytest.approx(0.9)
     assert p.top_k == 40
+    assert p.min_p == pytest.approx(0.05)
+    assert p.frequency_penalty == 0.25
+    assert p.presence_penalty == 0.5
     assert p.repetition_penalty == 1.25
+    assert p.spaces_between_special_tokens is False
     assert p.max_new_tokens == 64
     assert p.min_new_tokens == 3
     assert list(p.stop) == ["</s>", "END"]

@@ -900,7 +900,7 @@ def _url(scheme: str, host: str, port: int) -> str:
 async def serve(opts: GrpcOptions) -> int:
     try:
         files = load_model_files(opts.tokenizer_path)
-    except (OSError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
+    except Exception as exc:  # OSError, ValueError, and tokenizers raises plain Exception
         return _fail(f"cannot load {opts.tokenizer_path}: {exc}")
     engine = Engine(opts, files)
     service: VllmService | SglangService = (
