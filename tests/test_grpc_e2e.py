@@ -652,3 +652,31 @@ def test_mixed_fleet_http_models_keep_the_proxy_path(tokdir: Path) -> None:
         assert via_grpc.choices[0].message.content == TEXT
         assert mockutil.stats(http_mocks.url)["requests_by_route"]["/v1/chat/completions"] == 1
         assert mocks[0].stats()["generate"] == 1
+
+
+def test_tokenizer_caches_on_send_the_engine_the_same_ids(
+    one: tuple[Gateway, GrpcMock], tokdir: Path
+) -> None:
+    """--tokenizer-cache-enable-l0/-l1 through smg launch: a shared system prompt with new
+    user turns (L1 hits) and a repeated request (an L0 hit) reach the engine as the same
+    ids the gateway without caches sends (tests/test_tokenizer_cache.py counts the hits)."""
+    plain, plain_mock = one
+    system = {"role": "system", "content": "You are a careful assistant. " * 40}
+    turns = ["first question", "second question", "second question"]
+    with (
+        grpc_mocks(tokdir, 1, *text_mode()) as mocks,
+        gateway(
+            serving(tokdir, mocks, "--tokenizer-cache-enable-l0", "--tokenizer-cache-enable-l1")
+        ) as cached,
+    ):
+        for turn in turns:
+            messages = [system, {"role": "user", "content": turn}]
+            sent = []
+            for gw, mock in ((plain, plain_mock), (cached, mocks[0])):
+                answer = client(gw).chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=20
+                )
+                assert answer.choices[0].message.content == TEXT
+                sent.append(mock.stats()["last_generate_request"]["tokenized"]["input_ids"])
+            assert sent[0] == sent[1]
+        assert f"tokenizer {tokdir}: cache L0 on, L1 on" in cached.logs()

@@ -67,15 +67,11 @@ def _default_client_factory(target: str, backend: str, tls: Any | None, api_key:
 
 def _default_tokenizer_loader(path: str, chat_template: str | None, cfg: GatewayConfig) -> Any:
     from smg.tokenizer import load_tokenizer
+    from smg.tokenizer.cache import TokenizerCacheConfig
 
     cache = None
     if cfg.tokenizer_cache_enable_l0 or cfg.tokenizer_cache_enable_l1:
-        try:
-            from smg.tokenizer.cache import TokenizerCacheConfig
-
-            cache = TokenizerCacheConfig.from_config(cfg)
-        except (ImportError, AttributeError):  # the cache is optional
-            cache = None
+        cache = TokenizerCacheConfig.from_config(cfg)
     return load_tokenizer(path, chat_template_path=chat_template, cache=cache)
 
 

@@ -274,3 +274,9 @@ def attach_cache(tok: Tokenizer, cfg: TokenizerCacheConfig) -> None:
     if enc.l0 is None and enc.l1 is None:
         return
     tok._encode_cached = enc
+    log.info(
+        "tokenizer %s: cache L0 %s, L1 %s",
+        tok.source,
+        "on" if enc.l0 is not None else "off",
+        "on" if enc.l1 is not None else "off",
+    )
