@@ -348,3 +348,51 @@ def test_property_priming_changes_nothing_for_byte_level(skip: bool) -> None:
         assert a == b == tok.decode(flat, skip_special_tokens=skip)
 
     prop()
+
+
+def byte_level_with_odd_added_tokens(tmp_path: Path) -> Tokenizer:
+    """A small byte-level BPE tokenizer (the 256 byte characters, ByteLevel decoder)
+    with the added tokens where ByteLevel decoding is subtle: "éé" (characters of the
+    byte map: it decodes to the bytes E9 E9, invalid UTF-8), "héllo wörld" (a space,
+    outside the map: the whole token is its own UTF-8), "\u0120x" (Ġ: a space byte),
+    normalized or not, special or not, and a special token that is also in the model's
+    vocabulary (skipped by its string, whichever id)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    vocab = {byte_char(b): b for b in range(256)}
+    vocab["<sp>"] = 256
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[]))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.add_tokens(
+        [
+            AddedToken("éé", normalized=False),
+            AddedToken("héllo wörld", normalized=True),
+            AddedToken("\u0120x", normalized=False),
+        ]
+    )
+    rust.add_special_tokens(["<sp>", AddedToken("ü special", normalized=False)])
+    d = tmp_path / "bl"
+    d.mkdir()
+    rust.save(str(d / "tokenizer.json"))
+    return load_tokenizer(str(d))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_property_byte_level_odd_added_tokens(tmp_path: Path, skip: bool) -> None:
+    tok = byte_level_with_odd_added_tokens(tmp_path)
+    assert tok.vocab_size == 261
+    assert byte_tables(tok) is not None
+    assert tok.decode([256, 3], skip_special_tokens=True) == "\x03"
+    assert tok.decode([257], skip_special_tokens=False) == "\ufffd\ufffd"  # E9 E9
+    assert tok.decode([258, 259, 260], skip_special_tokens=False) == "héllo wörld xü special"
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.lists(st.integers(0, 262), min_size=1, max_size=4), max_size=30))
+    def prop(chunks: list[list[int]]) -> None:
+        adds, tail = run(tok, chunks, skip)
+        flat = [i for c in chunks for i in c]
+        assert "".join(adds) + tail == tok.decode(flat, skip_special_tokens=skip)
+
+    prop()
