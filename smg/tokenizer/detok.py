@@ -8,16 +8,35 @@ an incomplete UTF-8 sequence (byte-level BPE splits multi-byte characters across
 tokens): nothing is emitted and the window grows until the character completes. Only
 the window is decoded per token, never the whole output (about 1.5 us per token with
 the Llama-3 tokenizer, tests/test_detok.py::test_per_token_cost).
+
+Byte-level BPE tokenizers (a ByteLevel decoder: Llama 3, Qwen, DeepSeek, GPT-OSS) take a
+fast path instead: decode(ids) is the ids' bytes joined and decoded as UTF-8 with
+errors="replace" (smg/tokenizer/bytelevel.py), so each chunk's bytes go through the
+UTF-8 codec's incremental step, which holds back exactly a multi-byte character split across
+tokens. No window and no `tokenizers` call per token.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
+from smg.tokenizer.bytelevel import byte_tables
 from smg.tokenizer.load import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 _MAX_EMPTY_RUN = 1024
+_utf8_decode = codecs.utf_8_decode
+
+
+def _byte_of_id(table: list[bytes], i: int) -> bytes:
+    """An id past the vocabulary decodes to nothing (as in `tokenizers`); one that does
+    not fit u32 is its OverflowError."""
+    if 0 <= i < len(table):
+        return table[i]
+    if i < 0 or i >= 1 << 32:
+        raise OverflowError(f"token id out of range: {i}")
+    return b""
 
 
 class IncrementalDetokenizer:
@@ -34,7 +53,17 @@ class IncrementalDetokenizer:
     put no spaces between added tokens, and transformers' fast tokenizers ignore it.
     """
 
-    __slots__ = ("_decode", "_ids", "_prefix", "_prefix_text", "_read", "_skip")
+    __slots__ = (
+        "_decode",
+        "_held",
+        "_ids",
+        "_pending",
+        "_prefix",
+        "_prefix_text",
+        "_read",
+        "_skip",
+        "_table",
+    )
 
     def __init__(
         self,
@@ -43,13 +72,26 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
         prompt_ids: Sequence[int] = (),
+        fast_path: bool = True,
     ) -> None:
+        """`fast_path=False` forces the window method (tests compare the two)."""
         self._decode = tokenizer.inner.decode
         self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
         self._prefix_text = ""
+        # Byte-level fast path: the id -> bytes table, and the bytes of an incomplete
+        # UTF-8 sequence not decoded yet.
+        # Priming is moot there: bytes of a cleanly decoding prompt tail end on a
+        # character boundary, so they change nothing in what the output ids decode to.
+        tables = byte_tables(tokenizer) if fast_path else None
+        self._table: list[bytes] | None = None
+        self._pending = b""
+        self._held = ""
+        if tables is not None:
+            self._table = tables.skip if skip_special_tokens else tables.keep
+            return
         if prompt_ids:
             # vLLM's priming: the shortest prompt tail (4..23 tokens) that decodes cleanly.
             tail = list(prompt_ids[-4:])
@@ -66,6 +108,39 @@ class IncrementalDetokenizer:
         """The text the new ids complete; "" while a character is incomplete."""
         if not ids:
             return ""
+        table = self._table
+        if table is not None:
+            try:
+                if len(ids) == 1:
+                    i = ids[0]
+                    data = table[i]
+                    negative = i < 0
+                else:
+                    data = b"".join([table[i] for i in ids])
+                    negative = min(ids) < 0
+            except IndexError:
+                data = b"".join([_byte_of_id(table, i) for i in ids])
+                negative = False
+            if negative:  # table[-1] would not raise
+                raise OverflowError("token id out of range: negative")
+            if self._pending:
+                data = self._pending + data
+            # The codec's own step (what codecs' incremental decoder calls, minus its
+            # Python-level wrapper): an incomplete UTF-8 sequence at the end is not
+            # consumed and waits for the next chunk's bytes.
+            text, used = _utf8_decode(data, "replace", False)
+            self._pending = data[used:] if used < len(data) else b""
+            if self._held:
+                text = self._held + text
+                self._held = ""
+            if text and text[-1] == _REPLACEMENT:
+                # Invalid bytes (incomplete ones are not decoded yet): keep the U+FFFD
+                # run for the next chunk, as the window method does, so that no chunk
+                # but the last ends in U+FFFD.
+                cut = len(text.rstrip(_REPLACEMENT))
+                self._held = text[cut:]
+                text = text[:cut]
+            return text
         self._ids.extend(ids)
         out = self._step()
         if out is None and len(ids) > 1:
@@ -111,6 +186,11 @@ class IncrementalDetokenizer:
     def finish(self) -> str:
         """What is held back (an incomplete character, decoded as U+FFFD as decode()
         does), once, at the end of the stream."""
+        if self._table is not None:
+            text = self._held + _utf8_decode(self._pending, "replace", True)[0]
+            self._held = ""
+            self._pending = b""
+            return text
         if self._read >= len(self._ids):
             return ""
         text = self._decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
