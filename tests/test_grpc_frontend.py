@@ -627,3 +627,16 @@ def test_workers_registry_per_row_generation_and_tokenizer_source(tmp_path: Any)
         assert hub.tokenizer_source(bundle) == "/b"
     finally:
         loop.close()
+
+
+def test_the_tokenizer_loader_builds_the_byte_table_off_the_loop(tmp_path: Any) -> None:
+    """The detokenizer's byte-level table is built by the loader (on its thread), not by
+    the first stream on the event loop."""
+    from grpcmockutil import llama3_dir
+
+    from smg.grpc.workers import _default_tokenizer_loader
+    from smg.tokenizer import bytelevel
+
+    tokenizer = _default_tokenizer_loader(str(llama3_dir(tmp_path / "m")), None, GatewayConfig())
+    assert bytelevel._ATTR in tokenizer.__dict__
+    assert bytelevel.byte_tables(tokenizer) is tokenizer.__dict__[bytelevel._ATTR]
