@@ -50,10 +50,14 @@ from smg.grpc.h2wire import (
     PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS,
+    SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE,
     _hpack_int,
     _literal,
     frame,
+    settings_values,
 )
 from smg.grpc.protos import BACKENDS, StreamNormalizer, build_abort_request, build_generate_request
 from smg.grpc.protos import output_from as _output_from
@@ -505,16 +509,15 @@ class H2Connection(asyncio.Protocol):
         elif ftype == SETTINGS:
             if flags & ACK:
                 return
-            for i in range(0, len(payload) - 5, 6):
-                key, value = struct.unpack(">HI", payload[i : i + 6])
-                if key == 0x4:
+            for key, value in settings_values(payload):
+                if key == SETTINGS_INITIAL_WINDOW_SIZE:
                     delta = value - self.peer_window
                     self.peer_window = value
                     for st in self.streams.values():
                         st.send_window += delta
-                elif key == 0x5:
+                elif key == SETTINGS_MAX_FRAME_SIZE:
                     self.peer_max_frame = value
-                elif key == 0x3:
+                elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
                     self.peer_max_streams = value
             self.write(frame(SETTINGS, ACK, 0))
             if not self.ready.done():

@@ -53,3 +53,14 @@ def _literal(name: str, value: str) -> bytes:
     """A header field literal without indexing, new name, no Huffman."""
     n, v = name.encode(), value.encode()
     return b"\x00" + _hpack_int(len(n), 7) + n + _hpack_int(len(v), 7) + v
+
+
+# SETTINGS identifiers (RFC 9113 6.5.2) both ends read.
+SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+SETTINGS_INITIAL_WINDOW_SIZE = 0x4
+SETTINGS_MAX_FRAME_SIZE = 0x5
+
+
+def settings_values(payload: bytes) -> list[tuple[int, int]]:
+    """The (identifier, value) pairs of a SETTINGS frame's payload (RFC 9113 6.5.1)."""
+    return [struct.unpack_from(">HI", payload, i) for i in range(0, len(payload) - 5, 6)]

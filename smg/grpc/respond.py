@@ -446,6 +446,8 @@ def _event(obj: dict[str, Any]) -> bytes:
 
 
 class _Writer:
+    _head: bytes  # a chunk's bytes up to its choices list (the chat and completion writers)
+
     def __init__(
         self,
         prepared: Prepared,
@@ -467,6 +469,19 @@ class _Writer:
         self.completion = [0] * self.n
         self._cache: dict[int, str] = {}
         self._continuous = prepared.include_usage and prepared.continuous_usage
+
+    def end(self, usage: Usage) -> bytes:
+        """The usage chunk when asked (choices empty), then [DONE]."""
+        if not self.p.include_usage:
+            return _DONE
+        return (
+            b"data: "
+            + self._head
+            + b'],"usage":'
+            + orjson.dumps(usage.as_dict())
+            + b"}\n\n"
+            + _DONE
+        )
 
     def _usage_now(self, index: int) -> dict[str, Any]:
         done = self.completion[index] if 0 <= index < self.n else 0
@@ -612,18 +627,6 @@ class ChatStreamWriter(_Writer):
             choice["stop_reason"] = d.matched_stop
         return self._chunk(choice, i)
 
-    def end(self, usage: Usage) -> bytes:
-        if not self.p.include_usage:
-            return _DONE
-        return (
-            b"data: "
-            + self._head
-            + b'],"usage":'
-            + orjson.dumps(usage.as_dict())
-            + b"}\n\n"
-            + _DONE
-        )
-
 
 class CompletionStreamWriter(_Writer):
     """vLLM's completions stream: `text_completion` chunks with finish_reason and
@@ -678,18 +681,6 @@ class CompletionStreamWriter(_Writer):
             "stop_reason": d.matched_stop,
         }
         return self._chunk(choice, i)
-
-    def end(self, usage: Usage) -> bytes:
-        if not self.p.include_usage:
-            return _DONE
-        return (
-            b"data: "
-            + self._head
-            + b'],"usage":'
-            + orjson.dumps(usage.as_dict())
-            + b"}\n\n"
-            + _DONE
-        )
 
 
 class GenerateStreamWriter(_Writer):

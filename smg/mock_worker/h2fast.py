@@ -43,9 +43,12 @@ from smg.grpc.h2wire import (
     PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE,
     _literal,
     frame,
+    settings_values,
 )
 
 RECV_WINDOW = 1 << 30  # what we let clients send before a WINDOW_UPDATE
@@ -341,14 +344,13 @@ class Connection(asyncio.Protocol):
         elif ftype == SETTINGS:
             if flags & ACK:
                 return
-            for i in range(0, len(payload) - 5, 6):
-                key, value = struct.unpack(">HI", payload[i : i + 6])
-                if key == 0x4:
+            for key, value in settings_values(payload):
+                if key == SETTINGS_INITIAL_WINDOW_SIZE:
                     delta = value - self.peer_window
                     self.peer_window = value
                     for st in self.streams.values():
                         st.send_window += delta
-                elif key == 0x5:
+                elif key == SETTINGS_MAX_FRAME_SIZE:
                     self.peer_max_frame = value
             self.out.append(frame(SETTINGS, ACK, 0))
             self._drain_pending()
