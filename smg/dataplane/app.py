@@ -29,6 +29,7 @@ from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.retry import RetryPolicy
 from smg.dataplane.server import Verdict, timeout_verdict
 from smg.dataplane.upstream import WorkerPool
+from smg.grpc.workers import is_grpc_entry
 from smg.httpwire import (
     ANTHROPIC_ROUTE,
     HOP_BY_HOP,
@@ -387,10 +388,7 @@ class DataPlane:
         self.state.aliases = dict(aliases)
         self.state.directory_generation = generation
         self._affinity_directory(new_entries)
-        if self.grpc is None and any(
-            entry.grpc is not None or entry.spec.connection_mode == "grpc"
-            for entry in new_entries.values()
-        ):
+        if self.grpc is None and any(is_grpc_entry(entry) for entry in new_entries.values()):
             from smg.grpc.frontend import GrpcFront
 
             self.grpc = GrpcFront(self)
