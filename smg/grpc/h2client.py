@@ -47,7 +47,6 @@ from smg.grpc.h2wire import (
     PADDED,
     PING,
     PREFACE,
-    PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
     SETTINGS_INITIAL_WINDOW_SIZE,
@@ -57,7 +56,9 @@ from smg.grpc.h2wire import (
     _hpack_int,
     _literal,
     frame,
+    header_fragment,
     settings_values,
+    window_increment,
 )
 from smg.grpc.protos import BACKENDS, StreamNormalizer, build_abort_request, build_generate_request
 from smg.grpc.protos import output_from as _output_from
@@ -490,10 +491,7 @@ class H2Connection(asyncio.Protocol):
 
     def _on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if ftype == HEADERS:
-            if flags & PADDED:
-                payload = payload[1 : len(payload) - payload[0]]
-            if flags & PRIORITY_FLAG:
-                payload = payload[5:]
+            payload = header_fragment(flags, payload)
             if flags & END_HEADERS:
                 self._on_headers(sid, flags, payload)
             else:
@@ -524,7 +522,7 @@ class H2Connection(asyncio.Protocol):
                 self.ready.set_result(None)
             self._drain()
         elif ftype == WINDOW_UPDATE:
-            inc = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
+            inc = window_increment(payload)
             if sid == 0:
                 self.send_window += inc
             else:

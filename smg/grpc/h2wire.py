@@ -64,3 +64,18 @@ SETTINGS_MAX_FRAME_SIZE = 0x5
 def settings_values(payload: bytes) -> list[tuple[int, int]]:
     """The (identifier, value) pairs of a SETTINGS frame's payload (RFC 9113 6.5.1)."""
     return [struct.unpack_from(">HI", payload, i) for i in range(0, len(payload) - 5, 6)]
+
+
+def header_fragment(flags: int, payload: bytes) -> bytes:
+    """A HEADERS frame's header-block fragment: its padding and priority fields dropped
+    (RFC 9113 6.2)."""
+    if flags & PADDED:
+        payload = payload[1 : len(payload) - payload[0]]
+    if flags & PRIORITY_FLAG:
+        payload = payload[5:]
+    return payload
+
+
+def window_increment(payload: bytes) -> int:
+    """A WINDOW_UPDATE frame's increment (RFC 9113 6.9; the reserved bit dropped)."""
+    return struct.unpack_from(">I", payload)[0] & 0x7FFFFFFF

@@ -40,7 +40,6 @@ from smg.grpc.h2wire import (
     PADDED,
     PING,
     PREFACE,
-    PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
     SETTINGS_INITIAL_WINDOW_SIZE,
@@ -48,7 +47,9 @@ from smg.grpc.h2wire import (
     WINDOW_UPDATE,
     _literal,
     frame,
+    header_fragment,
     settings_values,
+    window_increment,
 )
 
 RECV_WINDOW = 1 << 30  # what we let clients send before a WINDOW_UPDATE
@@ -324,11 +325,7 @@ class Connection(asyncio.Protocol):
             if flags & END_STREAM:
                 self.dispatch(st)
         elif ftype == HEADERS:
-            if flags & PADDED:
-                pad = payload[0]
-                payload = payload[1 : len(payload) - pad]
-            if flags & PRIORITY_FLAG:
-                payload = payload[5:]
+            payload = header_fragment(flags, payload)
             if flags & END_HEADERS:
                 self.on_headers(sid, flags, payload)
             else:
@@ -355,7 +352,7 @@ class Connection(asyncio.Protocol):
             self.out.append(frame(SETTINGS, ACK, 0))
             self._drain_pending()
         elif ftype == WINDOW_UPDATE:
-            inc = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
+            inc = window_increment(payload)
             if sid == 0:
                 self.conn_window += inc
             else:
