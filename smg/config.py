@@ -38,6 +38,7 @@ import msgspec
 import yaml
 
 from smg.cpus import PROCESS_CAP, default_processes
+from smg.parsers.registry import REASONING_PARSERS, TOOL_PARSERS
 from smg.policies.registry import POLICY_NAMES, RUST_POLICY_NAMES
 from smg.worker_url import WorkerUrlError, parse_worker_url, valid_host
 
@@ -170,6 +171,9 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tokenizer_cache_enable_l1: bool = False
     tokenizer_cache_l1_max_memory: int = 52428800
     backend: str = "sglang"
+    # Output parsers (gRPC mode): None chooses by the model's name, as the Rust SMG.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     # Logging and metrics
     log_level: str = "info"
     log_json: bool = False
@@ -229,6 +233,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "listen_mode": ("reuseport", "inherit"),
     "mock_worker_engine": ("sglang", "vllm"),
     "assignment_mode": ("random", "min_load", "min_group", "delegate"),
+    "tool_call_parser": tuple(TOOL_PARSERS),
+    "reasoning_parser": tuple(REASONING_PARSERS),
 }
 
 # Environment variables the Rust SMG reads for its engines and media paths; a deployment
@@ -879,6 +885,16 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "tokenizer_cache_l1_max_memory", "Maximum memory of the L1 tokenizer cache in bytes"
             ),
             _Flag("backend", "Backend runtime the workers run"),
+            _Flag(
+                "tool_call_parser",
+                "Tool-call parser for gRPC workers (a worker's `tool_call_parser` label "
+                "overrides it); unset: chosen from the model's name",
+            ),
+            _Flag(
+                "reasoning_parser",
+                "Reasoning parser for gRPC workers (a worker's `reasoning_parser` label "
+                "overrides it); unset: chosen from the model's name",
+            ),
         ),
     ),
     (
@@ -1399,6 +1415,8 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "tokenizer_cache_l0_max_memory": (_range(1),),
     "tokenizer_cache_l1_max_memory": (_range(1),),
     "backend": (_choice("backend"),),
+    "tool_call_parser": (_choice("tool_call_parser"),),
+    "reasoning_parser": (_choice("reasoning_parser"),),
     "log_level": (_choice("log_level"),),
     "log_dir": (_nonempty,),
     "prometheus_port": (_port(allow_zero=True),),

@@ -1,0 +1,62 @@
+"""One choice's output parsing: reasoning first, then tool calls in what is left.
+
+Pure. The response stage makes one `ChoiceParser` per choice and feeds it the text
+deltas the detokenizer and stop matcher produce; the result of every feed is what the
+stream writer sends (a `reasoning_content` delta, a `content` delta, whole tool calls),
+and a complete answer is the concatenation of them (`parse_all`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from smg.parsers.types import ReasoningParser, ToolCall, ToolParser
+
+
+@dataclass(slots=True)
+class Parsed:
+    reasoning: str = ""
+    content: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+
+    def extend(self, other: Parsed) -> None:
+        self.reasoning += other.reasoning
+        self.content += other.content
+        self.calls.extend(other.calls)
+
+
+class ChoiceParser:
+    __slots__ = ("_reasoning", "_tools")
+
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | None) -> None:
+        self._reasoning = reasoning
+        self._tools = tools
+
+    def feed(self, text: str) -> Parsed:
+        if not text:
+            return Parsed()
+        reasoning = ""
+        if self._reasoning is not None:
+            reasoning, text = self._reasoning.feed(text)
+        return self._after_reasoning(reasoning, text, final=False)
+
+    def finish(self) -> Parsed:
+        reasoning, text = self._reasoning.finish() if self._reasoning is not None else ("", "")
+        return self._after_reasoning(reasoning, text, final=True)
+
+    def _after_reasoning(self, reasoning: str, text: str, *, final: bool) -> Parsed:
+        tools = self._tools
+        if tools is None:
+            return Parsed(reasoning, text)
+        content, calls = tools.feed(text) if text else ("", [])
+        if final:
+            more, more_calls = tools.finish()
+            content += more
+            calls = calls + more_calls
+        return Parsed(reasoning, content, calls)
+
+
+def parse_all(parser: ChoiceParser, text: str) -> Parsed:
+    """The complete-answer parse: the whole text, then the end."""
+    result = parser.feed(text)
+    result.extend(parser.finish())
+    return result

@@ -1,0 +1,1 @@
+"""Reasoning parsers (registered in smg.parsers.registry)."""
