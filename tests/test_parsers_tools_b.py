@@ -479,3 +479,120 @@ def test_arbitrary_text_never_raises_and_loses_nothing(parser: str) -> None:
             assert whole.content == text
 
     check()
+
+
+# Inputs from the Rust SMG 1.13's own parser tests (crates/tool_parser/tests/), with the
+# calls and content they expect. Where 1.13 drops text after the calls (its
+# parse_complete keeps only the text before the first marker), this parser keeps it.
+CASES_1_13 = [
+    (
+        "deepseek",
+        "Let me help you with that.\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function"
+        '<｜tool▁sep｜>get_weather\n```json\n{"location": "Tokyo", "units": "celsius"}\n```'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>\nThe weather in Tokyo is...",
+        [("get_weather", {"location": "Tokyo", "units": "celsius"})],
+        "Let me help you with that.\n\nThe weather in Tokyo is...",
+    ),
+    (
+        "deepseek",
+        "<｜tool▁calls▁begin｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>broken\n```json\n"
+        "{invalid json}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+        'valid\n```json\n{"key": "value"}\n```<｜tool▁call▁end｜>\n<｜tool▁calls▁end｜>',
+        [("valid", {"key": "value"})],
+        "<｜tool▁calls▁begin｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>broken\n```json\n"
+        "{invalid json}\n```<｜tool▁call▁end｜>",
+    ),
+    (
+        "kimik2",
+        "Sure.\n<|tool_calls_section_begin|>\n<|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{\n  "location": "Tokyo",\n  "note": "line one\\nline two"'
+        "\n}<|tool_call_end|>\n<|tool_calls_section_end|>",
+        [("get_weather", {"location": "Tokyo", "note": "line one\nline two"})],
+        "Sure.\n",
+    ),
+    (
+        "kimik2",
+        "<|tool_calls_section_begin|>\n<|tool_call_begin|> functions.test:0 "
+        '<|tool_call_argument_begin|> {"key": "value", "num": 42} <|tool_call_end|>\n'
+        "<|tool_call_begin|>api.tools.search:1<|tool_call_argument_begin|>"
+        '{"q": "test"}<|tool_call_end|>\n<|tool_calls_section_end|>',
+        [("test", {"key": "value", "num": 42}), ("api.tools.search", {"q": "test"})],
+        "",
+    ),
+    (
+        "glm45_moe",
+        "Let me search for that.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Beijing</arg_value>\n<arg_key>date</arg_key>\n<arg_value>2024-12-25"
+        "</arg_value>\n</tool_call>\nThe weather will be...",
+        [("get_weather", {"city": "Beijing", "date": "2024-12-25"})],
+        "Let me search for that.\n\nThe weather will be...",
+    ),
+    (
+        "glm47_moe",
+        "<tool_call>process<arg_key>count</arg_key><arg_value>42</arg_value><arg_key>rate"
+        "</arg_key><arg_value>1.5</arg_value><arg_key>enabled</arg_key><arg_value>true"
+        "</arg_value><arg_key>data</arg_key><arg_value>null</arg_value><arg_key>text</arg_key>"
+        "<arg_value>string value</arg_value></tool_call>",
+        [
+            (
+                "process",
+                {"count": 42, "rate": 1.5, "enabled": True, "data": None, "text": "string value"},
+            )
+        ],
+        "",
+    ),
+    (
+        "minimax_m2",
+        '<minimax:tool_call>\n<invoke name="process">\n<parameter name="data">{"nested": '
+        '{"key": "value"}}</parameter>\n<parameter name="list">[1, 2, 3]</parameter>\n'
+        '</invoke>\n<invoke name="process">\n<parameter name="html">&lt;div&gt;content&lt;'
+        '/div&gt;</parameter>\n<parameter name="code">if (a &amp;&amp; b) { }</parameter>\n'
+        "</invoke>\n</minimax:tool_call>",
+        [
+            ("process", {"data": '{"nested": {"key": "value"}}', "list": "[1, 2, 3]"}),
+            ("process", {"html": "<div>content</div>", "code": "if (a && b) { }"}),
+        ],
+        "",
+    ),
+    (
+        "deepseek32",
+        'Let me check that.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="search">\n'
+        'not valid at all\n</｜DSML｜invoke>\n<｜DSML｜invoke name="translate">\n'
+        '<｜DSML｜parameter name="text" string="true">hello</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="count" string="false">42</｜DSML｜parameter>\n'
+        "</｜DSML｜invoke>\n</｜DSML｜function_calls>",
+        [("translate", {"text": "hello", "count": 42})],
+        'Let me check that.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="search">\n'
+        "not valid at all\n</｜DSML｜invoke>",
+    ),
+    (
+        "step3",
+        "Let me help you.\n<｜tool_calls_begin｜>\n<｜tool_call_begin｜>function<｜tool_sep｜>"
+        '<steptml:invoke name="process">\n<steptml:parameter name="count">100'
+        '</steptml:parameter>\n<steptml:parameter name="rate">2.5</steptml:parameter>\n'
+        '<steptml:parameter name="active">true</steptml:parameter>\n<steptml:parameter '
+        'name="optional">null</steptml:parameter>\n<steptml:parameter name="text">hello world'
+        "</steptml:parameter>\n</steptml:invoke><｜tool_call_end｜>\n<｜tool_calls_end｜>\n"
+        "Here are the results...",
+        [
+            (
+                "process",
+                {
+                    "count": 100,
+                    "rate": 2.5,
+                    "active": True,
+                    "optional": None,
+                    "text": "hello world",
+                },
+            )
+        ],
+        "Let me help you.\n\nHere are the results...",
+    ),
+]
+
+
+@pytest.mark.parametrize(("parser", "text", "calls", "content"), CASES_1_13)
+def test_1_13_cases(parser: str, text: str, calls: list, content: str) -> None:
+    result = assert_split_invariant(lambda: tool_parser(parser), text)
+    assert calls_of(result) == calls
+    assert result.content == content
