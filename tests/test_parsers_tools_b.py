@@ -596,3 +596,17 @@ def test_1_13_cases(parser: str, text: str, calls: list, content: str) -> None:
     result = assert_split_invariant(lambda: tool_parser(parser), text)
     assert calls_of(result) == calls
     assert result.content == content
+
+
+def test_step_3_5_flash_writes_the_qwen3_coder_form_not_steptml() -> None:
+    """StepFun3.5-Flash's template writes Qwen3-Coder's `<tool_call><function=...>` calls
+    (vLLM's step3p5 parser reads them with the Qwen3 XML grammar): not the steptml form,
+    so `step3` gives such a turn back as content, unchanged. Such a model needs `qwen_xml`."""
+    text = assistant_text(
+        "StepFun3.5-Flash.jinja", _messages(_calls([("add", ADD)])), tools=TOOLS
+    ).removesuffix("<|im_end|>\n")
+    body = _after_think(text)
+    assert "<tool_call>\n<function=add>\n<parameter=a>\n1.5\n</parameter>" in body
+    result = assert_split_invariant(_make("step3"), body)
+    assert result.calls == []
+    assert result.content == body
