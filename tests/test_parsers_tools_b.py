@@ -610,3 +610,28 @@ def test_step_3_5_flash_writes_the_qwen3_coder_form_not_steptml() -> None:
     result = assert_split_invariant(_make("step3"), body)
     assert result.calls == []
     assert result.content == body
+
+
+@pytest.mark.parametrize(
+    ("parser", "template", "end"),
+    [
+        ("kimik2", "moonshotai-Kimi-K2-Instruct-0905.jinja", "<|im_end|>"),
+        ("kimik2", "moonshotai-Kimi-K2-Thinking.jinja", "<|im_end|>"),
+        ("kimik2", "moonshotai-Kimi-K2.5.jinja", "<|im_end|>"),
+        ("glm45_moe", "zai-org-GLM-4.5-Air.jinja", ""),
+        ("glm47_moe", "zai-org-GLM-5.jinja", ""),
+        ("minimax_m2", "MiniMaxAI-MiniMax-M2.5.jinja", "[e~[\n"),
+    ],
+)
+def test_sibling_models_write_the_same_form(parser: str, template: str, end: str) -> None:
+    """The registry sends these models to the same parsers (1.13's patterns): their
+    templates write the same call form. Rendered with reasoning, cut after `</think>`."""
+    args = _sets(parser)[1]
+    text = assistant_text(
+        template, _messages(_calls(args), reasoning_content="Look it up."), tools=TOOLS
+    )
+    result = assert_split_invariant(_make(parser), _after_think(text).removesuffix(end))
+    assert calls_of(result) == args
+    assert result.content.strip() == CONTENT
+    if parser == "kimik2":
+        assert [c.id for c in result.calls] == ["functions.get_weather:0", "functions.add:1"]
