@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from parserutil import (
     assert_split_invariant,
     assistant_text,
+    both,
     calls_of,
     load_template,
     random_pieces,
@@ -635,3 +636,28 @@ def test_sibling_models_write_the_same_form(parser: str, template: str, end: str
     assert result.content.strip() == CONTENT
     if parser == "kimik2":
         assert [c.id for c in result.calls] == ["functions.get_weather:0", "functions.add:1"]
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "parser", "template", "end"),
+    [
+        ("glm45", "glm47_moe", "GLM-4.7-Flash.jinja", ""),
+        ("minimax", "minimax_m2", "MiniMax-M2.jinja", "[e~[\n"),
+        ("kimi_thinking", "kimik2", "moonshotai-Kimi-K2-Thinking.jinja", "<|im_end|>"),
+        ("kimi_k25", "kimik2", "moonshotai-Kimi-K2.5.jinja", "<|im_end|>"),
+    ],
+)
+def test_reasoning_then_calls_in_one_choice(
+    reasoning: str, parser: str, template: str, end: str
+) -> None:
+    """The whole turn through one ChoiceParser (reasoning parser first, as the response
+    stage runs it; the prompt opened the reasoning block): reasoning, content and calls
+    each come back whole."""
+    args = _sets(parser)[1]
+    text = assistant_text(
+        template, _messages(_calls(args), reasoning_content="Look it up."), tools=TOOLS
+    ).removesuffix(end)
+    result = assert_split_invariant(lambda: both(reasoning, parser, TOOLS, in_reasoning=True), text)
+    assert result.reasoning.strip() == "Look it up."
+    assert result.content.strip() == CONTENT
+    assert calls_of(result) == args
