@@ -89,6 +89,9 @@ TOOL_MODEL_PATTERNS: tuple[tuple[str, str], ...] = (
     ("glm-*", "json"),
     ("step3*", "step3"),
     ("Step-3*", "step3"),
+    # Not in 1.13 (which sends Step-3.5 to `step3`, whose steptml form it does not write):
+    # Step-3.5-Flash's template and vLLM's step3p5 parser use Qwen3-Coder's XML calls.
+    ("Step-3.5*", "qwen_xml"),
     ("kimi-k2*", "kimik2"),
     ("moonshot*/Kimi-K2*", "kimik2"),
     ("minimax*", "minimax_m2"),
@@ -113,6 +116,7 @@ REASONING_MODEL_PATTERNS: tuple[tuple[str, str], ...] = (
     ("kimi-k2.5", "kimi_k25"),
     ("kimi", "kimi"),
     ("step3", "step3"),
+    ("step-3", "step3"),  # not in 1.13: "stepfun-ai/Step-3.5-Flash" reasons as step3
     ("minimax", "minimax"),
     ("mm-m2", "minimax"),
 )
