@@ -82,7 +82,7 @@ def load(text: str) -> Any:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
 def arguments_text(value: Any) -> str | None:

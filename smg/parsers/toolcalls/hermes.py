@@ -32,6 +32,7 @@ class TaggedToolParser(ToolParser):
         self._buf = ""  # text not yet decided: a possible tag prefix, a call, held whitespace
         self._state = _CONTENT
         self._scan = 0  # in a call: where in _buf to look for the closing tag next
+        self._lead = ""  # whitespace between two calls: content if the second fails
 
     def parse_body(self, body: str) -> ToolCall | None:
         """The text between the tags -> a call, or None (then it is content)."""
@@ -69,7 +70,7 @@ class TaggedToolParser(ToolParser):
                 j = buf.find(end, scan)
                 if j < 0:
                     if final:  # an unclosed call: content
-                        out.append(buf[pos:])
+                        out.append(self._lead + buf[pos:])
                         pos, state = n, _CONTENT
                     else:
                         scan = max(scan, n - len(end) + 1)
@@ -77,12 +78,12 @@ class TaggedToolParser(ToolParser):
                 stop = j + len(end)
                 call = self.parse_body(buf[pos + len(start) : j])
                 if call is None:
-                    out.append(buf[pos:stop])
+                    out.append(self._lead + buf[pos:stop])
                     state = _CONTENT
                 else:
                     calls.append(call)
                     state = _AFTER
-                pos = stop
+                pos, self._lead = stop, ""
             else:  # _AFTER: whitespace after a call is held until what follows is known
                 k = pos
                 while k < n and buf[k].isspace():
@@ -92,7 +93,7 @@ class TaggedToolParser(ToolParser):
                         pos = n
                     break
                 if buf.startswith(start, k):
-                    pos, state, scan = k, _CALL, k + len(start)
+                    self._lead, pos, state, scan = buf[pos:k], k, _CALL, k + len(start)
                 elif not final and n - k < len(start) and start.startswith(buf[k:]):
                     break
                 else:

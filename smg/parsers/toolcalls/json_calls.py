@@ -41,7 +41,8 @@ class JsonCallsParser(ToolParser):
     arg_keys: tuple[str, ...] = ("arguments", "parameters")
     allow_list = True
     anywhere = ""  # characters that open a JSON value anywhere in content (json)
-    # json: prose after the calls ends them (the Rust SMG takes the first JSON value).
+    # json: prose (or a value that is not a call) after the calls ends them: the rest
+    # is content (the Rust SMG takes the first JSON value).
     plain_after_calls = False
 
     def __init__(self, tools: Sequence[dict] = ()) -> None:
@@ -50,6 +51,8 @@ class JsonCallsParser(ToolParser):
         self._buf = ""
         self._state = _START if self.bare else _CONTENT
         self._prefix = ""  # syntax in front of the current call: content if it fails
+        self._called = False  # a call has been emitted
+        self._lead = ""  # separators between a call and the next opener: the same
         self._end: JsonEnd | None = None
         self._name: str | None = None  # a name read before the value (mistral's [ARGS])
         self._firsts = self.anywhere + self.opener[:1]
@@ -145,11 +148,12 @@ class JsonCallsParser(ToolParser):
                 if at == WAIT:
                     break
                 if at == FAIL:  # the opener and what follows it are content
-                    out.append(buf[pos : pos + len(opener)])
+                    out.append(self._lead + buf[pos : pos + len(opener)])
                     pos, state = pos + len(opener), _CONTENT
                 else:
-                    self._prefix, pos, state = buf[pos:at], at, _CALL
+                    self._prefix, pos, state = self._lead + buf[pos:at], at, _CALL
                     self._end, self._name = JsonEnd(at), name
+                self._lead = ""
             elif state == _CALL:
                 end = self._end
                 assert end is not None
@@ -162,10 +166,10 @@ class JsonCallsParser(ToolParser):
                 got = self.calls(load(buf[pos:e]), self._name)
                 if got:
                     calls.extend(got)
-                    state = _AFTER
+                    state, self._called = _AFTER, True
                 else:
                     out.append(self._prefix + buf[pos:e])
-                    state = _CONTENT
+                    state = _PLAIN if self.plain_after_calls and self._called else _CONTENT
                 self._prefix = ""
                 pos = e
             else:  # _AFTER: separators after a call are held until what follows is known
@@ -175,10 +179,10 @@ class JsonCallsParser(ToolParser):
                         pos = n
                     break
                 if buf[k] in self.bare_after():
-                    self._prefix, pos, state = "", k, _CALL
+                    self._prefix, pos, state = buf[pos:k], k, _CALL
                     self._end, self._name = JsonEnd(k), None
                 elif opener and buf.startswith(opener, k):
-                    pos, state = k, _OPENED
+                    self._lead, pos, state = buf[pos:k], k, _OPENED
                 elif opener and not final and n - k < len(opener) and opener.startswith(buf[k:]):
                     break
                 else:
