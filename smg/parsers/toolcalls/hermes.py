@@ -41,8 +41,18 @@ class TaggedToolParser(ToolParser):
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if not text:
             return "", []
-        if self._state == _CONTENT and not self._buf and self.start[0] not in text:
-            return text, []
+        state = self._state
+        if state == _CONTENT:
+            if not self._buf and self.start[0] not in text:
+                return text, []
+        elif state == _CALL:
+            # Inside a call, a piece that cannot begin or finish the closing tag only
+            # grows the call (the tag's first character is in neither it nor the tail).
+            buf, end = self._buf, self.end
+            if end[0] not in text and end[0] not in buf[1 - len(end) :]:
+                self._buf = buf = buf + text
+                self._scan = len(buf) - len(end) + 1
+                return "", []
         return self._run(self._buf + text, final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:

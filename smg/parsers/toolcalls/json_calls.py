@@ -77,11 +77,22 @@ class JsonCallsParser(ToolParser):
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if not text:
             return "", []
+        if self._state == _CALL and self._end is not None:
+            # Inside a value: the scanner goes on from where it stopped.
+            buf = self._buf + text
+            if self._end.scan(buf) < 0:
+                self._buf = buf
+                return "", []
+            return self._run(buf, final=False)
         if not self._buf:
             if self._state == _PLAIN:
                 return text, []
-            if self._state == _CONTENT and not any(c in text for c in self._firsts):
-                return text, []
+            if self._state == _CONTENT:
+                for c in self._firsts:
+                    if c in text:
+                        break
+                else:
+                    return text, []
         return self._run(self._buf + text, final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
