@@ -250,6 +250,12 @@ CASES = [
         [],
     ),
     ("json", "plain text", "plain text", []),
+    (
+        "json",
+        '{"function": "get_time", "parameters": {"tz": "Z"}}',
+        "",
+        [("get_time", {"tz": "Z"})],
+    ),
     # llama: JSON first or after <|python_tag|>; ';' between; "parameters" (or "arguments")
     (
         "llama",

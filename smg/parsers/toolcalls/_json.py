@@ -162,20 +162,26 @@ def call_from_object(
 
 
 def calls_from_value(
-    value: Any, arg_keys: Iterable[str], names: frozenset[str], *, allow_list: bool = True
+    value: Any,
+    arg_keys: Iterable[str],
+    names: frozenset[str],
+    *,
+    allow_list: bool = True,
+    name_keys: Iterable[str] = ("name",),
 ) -> list[ToolCall] | None:
     """One call object, or (allow_list) a non-empty list of them -> calls; None when
     the value (or any element of the list) is not a call: then it is content."""
     keys = tuple(arg_keys)
+    name_keys = tuple(name_keys)
     if isinstance(value, list):
         if not allow_list or not value:
             return None
         calls = []
         for item in value:
-            call = call_from_object(item, keys, names)
+            call = call_from_object(item, keys, names, name_keys)
             if call is None:
                 return None
             calls.append(call)
         return calls
-    call = call_from_object(value, keys, names)
+    call = call_from_object(value, keys, names, name_keys)
     return None if call is None else [call]

@@ -39,6 +39,7 @@ class JsonCallsParser(ToolParser):
     bare = ""
     separators = ""
     arg_keys: tuple[str, ...] = ("arguments", "parameters")
+    name_keys: tuple[str, ...] = ("name",)
     allow_list = True
     anywhere = ""  # characters that open a JSON value anywhere in content (json)
     # json: prose (or a value that is not a call) after the calls ends them: the rest
@@ -72,7 +73,9 @@ class JsonCallsParser(ToolParser):
             if arguments is None or not known(name, self.names):
                 return None
             return [ToolCall(name, arguments)]
-        return calls_from_value(value, self.arg_keys, self.names, allow_list=self.allow_list)
+        return calls_from_value(
+            value, self.arg_keys, self.names, allow_list=self.allow_list, name_keys=self.name_keys
+        )
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if not text:
@@ -213,6 +216,7 @@ class JsonToolParser(JsonCallsParser):
     content, and so is any JSON in it."""
 
     name = "json"
+    name_keys = ("name", "function")  # as the Rust SMG: {"function": "f", ...} too
     bare = "{["
     anywhere = "{["
     plain_after_calls = True
