@@ -25,7 +25,7 @@ from parserutil import (
     tool_parser,
 )
 
-from smg.parsers import parse_all
+from smg.parsers import ChoiceParser, parse_all
 from smg.parsers.registry import tool_parser_class
 from smg.parsers.toolcalls._json import JsonEnd
 
@@ -337,6 +337,23 @@ def test_mistral_keeps_the_call_id_the_model_wrote() -> None:
 def test_no_tools_in_the_request_accepts_any_name() -> None:
     result = parse_all(tool_parser("qwen"), '<tool_call>{"name": "anything"}</tool_call>')
     assert calls_of(result) == [("anything", {})]
+
+
+@pytest.mark.parametrize("parser", FAMILY_A)
+@pytest.mark.parametrize(
+    "tools", [None, [], [{"type": "function"}, "junk", {"function": {"name": 1}}]]
+)
+def test_missing_or_odd_tools_accept_any_name(parser: str, tools: object) -> None:
+    text = {
+        "qwen": '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>',
+        "qwen_xml": "<tool_call><function=f><parameter=a>1</parameter></function></tool_call>",
+        "json": '{"name": "f", "arguments": {"a": 1}}',
+        "llama": '{"name": "f", "parameters": {"a": 1}}',
+        "pythonic": "[f(a=1)]",
+        "mistral": '[TOOL_CALLS]f[ARGS]{"a": 1}',
+    }[tool_parser_class(parser).name]
+    result = parse_all(ChoiceParser(None, tool_parser_class(parser)(tools)), text)
+    assert (result.content, calls_of(result)) == ("", [("f", {"a": 1})])
 
 
 @pytest.mark.parametrize("parser", FAMILY_A)

@@ -38,7 +38,7 @@ class QwenXmlToolParser(TaggedToolParser):
         name = function.group(1).strip()
         if not name or not known(name, self.names):
             return None
-        types = param_types(self.tools, name)
+        types = param_types(self.tools or (), name)
         arguments = {}
         for match in _PARAMETER.finditer(body, function.end()):
             key = match.group(1).strip()
