@@ -193,6 +193,23 @@ def _make(parser: str):
     return lambda: tool_parser(parser, TOOLS)
 
 
+def _any(parser: str):
+    """A parser for a request whose tools name no function: any name is a call."""
+    return lambda: tool_parser(parser, ())
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_call_to_a_function_not_offered_is_content(parser: str) -> None:
+    args = _sets(parser)[0]
+    text = RENDER[parser](args)
+    offered = assert_split_invariant(_make(parser), text)
+    assert offered.calls, "the rendered call parses while its function is offered"
+    other = [{"type": "function", "function": {"name": "something_else", "parameters": {}}}]
+    result = assert_split_invariant(lambda: tool_parser(parser, other), text)
+    assert result.calls == []
+    assert result.content == text
+
+
 @pytest.mark.parametrize("parser", PARSERS)
 @pytest.mark.parametrize("count", [1, 2])
 def test_template_round_trip(parser: str, count: int) -> None:
@@ -319,12 +336,12 @@ def test_a_good_call_after_a_malformed_one_still_parses() -> None:
     bad = "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{oops<｜tool▁call▁end｜>"
     good = '<｜tool▁call▁begin｜>g<｜tool▁sep｜>{"k": "v"}<｜tool▁call▁end｜>'
     text = "<｜tool▁calls▁begin｜>" + bad + good + "<｜tool▁calls▁end｜>done"
-    result = assert_split_invariant(_make("deepseek31"), text)
+    result = assert_split_invariant(_any("deepseek31"), text)
     assert calls_of(result) == [("g", {"k": "v"})]
     assert result.content == "<｜tool▁calls▁begin｜>" + bad + "done"
     # A call cut short by the next call's marker is text; the next call stands.
     cut = "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{" + good
-    result = assert_split_invariant(_make("deepseek31"), cut)
+    result = assert_split_invariant(_any("deepseek31"), cut)
     assert calls_of(result) == [("g", {"k": "v"})]
     assert result.content == "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{"
 
@@ -333,9 +350,9 @@ def test_json_arguments_as_1_13() -> None:
     """deepseek/deepseek31: a JSON value that is not an object is wrapped as {"value": v}
     (1.13 deepseek.rs / deepseek31.rs); arguments are re-serialized, non-ASCII kept."""
     text = "<｜tool▁call▁begin｜>f<｜tool▁sep｜>[1, 2]<｜tool▁call▁end｜>"
-    assert calls_of(parse_all(_make("deepseek31")(), text)) == [("f", {"value": [1, 2]})]
+    assert calls_of(parse_all(_any("deepseek31")(), text)) == [("f", {"value": [1, 2]})]
     text = '<｜tool▁call▁begin｜>f<｜tool▁sep｜>{ "c":"東京" }<｜tool▁call▁end｜>'
-    assert parse_all(_make("deepseek31")(), text).calls[0].arguments == '{"c": "東京"}'
+    assert parse_all(_any("deepseek31")(), text).calls[0].arguments == '{"c": "東京"}'
 
 
 def test_dsml_string_attribute_and_direct_json() -> None:
@@ -347,7 +364,7 @@ def test_dsml_string_attribute_and_direct_json() -> None:
         '</｜DSML｜invoke>\n<｜DSML｜invoke name="g">\n{"k": [1]}\n</｜DSML｜invoke>\n'
         "</｜DSML｜function_calls>"
     )
-    result = assert_split_invariant(_make("deepseek32"), text)
+    result = assert_split_invariant(_any("deepseek32"), text)
     assert calls_of(result) == [("f", {"s": "42", "n": 42, "t": "not json"}), ("g", {"k": [1]})]
     assert result.content == ""
 
@@ -661,3 +678,13 @@ def test_reasoning_then_calls_in_one_choice(
     assert result.reasoning.strip() == "Look it up."
     assert result.content.strip() == CONTENT
     assert calls_of(result) == args
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "[1, NaN]"])
+def test_untyped_non_json_numbers_stay_text(text: str) -> None:
+    # json.loads reads NaN/Infinity, which no JSON encoder may write back: the value
+    # stays the model's text, and the call (here GLM's untyped arg) still parses.
+    assert infer_value(text) == text
+    call = f"<tool_call>f\n<arg_key>x</arg_key>\n<arg_value>{text}</arg_value>\n</tool_call>"
+    result = assert_split_invariant(_any("glm45_moe"), call)
+    assert calls_of(result) == [("f", {"x": text})]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from smg.parsers.toolcalls._json import known, tool_names
 from smg.parsers.types import ToolCall, ToolParser, held_suffix_any
 
 _TEXT = 0  # plain content; looking for a section or (bare) call marker
@@ -44,6 +45,7 @@ class FramedToolParser(ToolParser):
         self._pending = ""  # section syntax no successful call has accounted for yet
         self._ok = False  # a call of the current section has succeeded
         self._scan = 0  # in a call: where the search for its end resumes
+        self._names = tool_names(tools)
 
     def parse_call(self, body: str) -> ToolCall | None:
         """One call's body (between `call_begin` and `call_end`) -> a call, or None."""
@@ -60,9 +62,11 @@ class FramedToolParser(ToolParser):
 
     def _parse(self, body: str) -> ToolCall | None:
         try:
-            return self.parse_call(body)
+            call = self.parse_call(body)
         except Exception:  # a parser bug must not cost the answer: the call is content
             return None
+        # A call to a function the request did not offer is content (every family: one rule).
+        return call if call is not None and known(call.name, self._names) else None
 
     def _run(self, *, final: bool) -> tuple[str, list[ToolCall]]:
         out: list[str] = []

@@ -52,9 +52,13 @@ def param_types(tools: Sequence[Any], name: str) -> dict[str, str]:
     return {}
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)  # NaN and Infinity are not JSON: such a value stays text
+
+
 def _json_or_missing(text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except ValueError:
         return _MISSING
 
