@@ -25,6 +25,7 @@ from smg.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 if TYPE_CHECKING:
     from smg.grpc.prepare import Prepared
+    from smg.parsers import ChoiceParser
 
 _DONE = b"data: [DONE]\n\n"
 # vLLM clamps -inf logprobs to this so the JSON stays valid
@@ -42,6 +43,29 @@ class Delta:
     # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
     matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
+    # Set by ParsingChoiceState only: `text` is then the content, and these are the
+    # reasoning and the whole tool calls this output completed.
+    parsed: bool = False
+    reasoning: str = ""
+    calls: Sequence[CallOut] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CallOut:
+    """One whole tool call as the answer carries it: its position among the choice's
+    calls (the stream's `index`), its id, name and arguments (JSON text)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass(slots=True)
@@ -158,6 +182,108 @@ class ChoiceState:
                     matched = None
             return Delta(self.index, text, out.logprobs, reason, matched, ids)
         return Delta(self.index, text, out.logprobs, None, None, ids)
+
+
+class ParsingChoiceState(ChoiceState):
+    """A choice whose text goes through output parsers (smg.parsers.ChoiceParser):
+    reasoning first, then tool calls. Each delta's text becomes the content that is
+    certain so far, with the reasoning and the whole calls beside it; the parser is
+    finished on the choice's last delta. A choice that stopped normally after emitting
+    calls ends with finish_reason "tool_calls" (1.13 streaming and vLLM). `parallel`
+    False keeps only the first call (parallel_tool_calls: false). A call's id is the
+    one the model wrote where its format has one (Kimi-K2's `functions.NAME:IDX`, read
+    back by its template), otherwise `tool_call_id()`."""
+
+    __slots__ = ("_calls", "_parallel", "_parser")
+
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Tokenizer,
+        sampling: SamplingParams,
+        parser: ChoiceParser,
+        *,
+        parallel: bool = True,
+    ) -> None:
+        super().__init__(index, tokenizer, sampling)
+        self._parser = parser
+        self._parallel = parallel
+        self._calls = 0
+
+    def on_output(self, out: EngineOutput) -> Delta:
+        was_done = self._done
+        d = ChoiceState.on_output(self, out)
+        if was_done:
+            return d
+        d.parsed = True
+        final = d.finish_reason is not None
+        if not d.text and not final:
+            return d
+        parser = self._parser
+        parsed = parser.feed(d.text)
+        if final:
+            parsed.extend(parser.finish())
+        d.text = parsed.content
+        d.reasoning = parsed.reasoning
+        calls = parsed.calls
+        if calls:
+            if not self._parallel:
+                calls = calls[: max(0, 1 - self._calls)]
+            out_calls = []
+            for call in calls:
+                i = self._calls
+                self._calls += 1
+                call_id = getattr(call, "id", None) or tool_call_id()
+                out_calls.append(CallOut(i, call_id, call.name, call.arguments))
+            d.calls = out_calls
+        if final and d.finish_reason == "stop" and self._calls:
+            d.finish_reason = "tool_calls"
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class ParserPlan:
+    """Which parsers one attempt's choices get (chosen per worker by smg.parsers.select,
+    switched per request by `parser_plan`); `choice` makes a fresh state per choice."""
+
+    tool: str | None
+    reasoning: str | None
+    in_reasoning: bool | None
+    tools: Sequence[dict]
+    parallel: bool
+
+    def choice(self, index: int, tokenizer: Tokenizer, sampling: SamplingParams) -> ChoiceState:
+        from smg.parsers import ChoiceParser, reasoning_parser_class, tool_parser_class
+
+        reasoning = (
+            reasoning_parser_class(self.reasoning)(in_reasoning=self.in_reasoning)
+            if self.reasoning is not None
+            else None
+        )
+        tools = tool_parser_class(self.tool)(self.tools) if self.tool is not None else None
+        return ParsingChoiceState(
+            index,
+            tokenizer,
+            sampling,
+            ChoiceParser(reasoning, tools),
+            parallel=self.parallel,
+        )
+
+
+def parser_plan(
+    p: Prepared, tool: str | None, reasoning: str | None, in_reasoning: bool | None
+) -> ParserPlan | None:
+    """The Rust SMG 1.13's rules for which requests parse: chat only; tool calls when
+    `tools` are given and tool_choice is auto/absent (none: no parsing; required / a
+    named function keep the JSON-constraint path); reasoning when separate_reasoning
+    (default true). None: no parsing (the plain path, unchanged)."""
+    if p.kind != "chat":
+        return None
+    tool = tool if p.parse_tools else None
+    reasoning = reasoning if p.separate_reasoning else None
+    if tool is None and reasoning is None:
+        return None
+    return ParserPlan(tool, reasoning, in_reasoning, p.tools or (), p.parallel_tool_calls)
 
 
 # --------------------------------------------------------------------------- logprobs
@@ -565,6 +691,54 @@ class ChatStreamWriter(_Writer):
             )
         return b"".join(out)
 
+    def use_parsers(self) -> None:
+        """The choices' deltas come parsed (ParsingChoiceState): no plain-chunk shortcut."""
+        self._plain = None
+
+    def _parsed_chunks(self, d: Delta, i: int, logprobs: dict[str, Any] | None) -> bytes:
+        """A parsed delta as chunks: its reasoning_content, its content, then each whole
+        call as two deltas (id, type, name with arguments "", then the arguments), the
+        way OpenAI streams calls; logprobs ride on the first chunk, finish_reason and
+        stop_reason on the last (an empty delta when nothing else is left to say)."""
+        deltas: list[dict[str, Any]] = []
+        if d.reasoning:
+            deltas.append({"reasoning_content": d.reasoning})
+        if d.text:
+            deltas.append({"content": d.text})
+        for call in d.calls:
+            deltas.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": call.index,
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            deltas.append(
+                {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}
+            )
+        if not deltas:
+            if d.finish_reason is None and logprobs is None:
+                return b""  # held back (a possible marker): nothing certain yet
+            deltas.append({"content": ""} if d.finish_reason is None else {})
+        out = []
+        last = len(deltas) - 1
+        for n, message in enumerate(deltas):
+            choice: dict[str, Any] = {
+                "index": i,
+                "delta": message,
+                "logprobs": logprobs if n == 0 else None,
+                "finish_reason": d.finish_reason if n == last else None,
+            }
+            if n == last and d.finish_reason is not None:
+                choice["stop_reason"] = d.matched_stop
+            out.append(self._chunk(choice, i))
+        return b"".join(out)
+
     def _tool_delta(self, i: int, text: str) -> dict[str, Any] | None:
         choice = self.p.tool_choice
         if choice == "required":
@@ -609,6 +783,8 @@ class ChatStreamWriter(_Writer):
                     d.logprobs, self.p.top_logprobs, self.tokenizer, self._cache
                 )
             }
+        if d.parsed:
+            return self._parsed_chunks(d, i, logprobs)
         if self.p.tool_choice is None:
             message: dict[str, Any] = {"content": d.text}
         else:
@@ -775,7 +951,9 @@ def chat_body(
         text, _ids, logprobs, reason, matched = _collect(deltas)
         reason = reason or "stop"
         message: dict[str, Any] = {"role": role, "content": echo + text}
-        if prepared.tool_choice is not None:
+        if deltas and deltas[0].parsed:
+            message = _parsed_message(role, echo + text, deltas)
+        elif prepared.tool_choice is not None:
             # vLLM: content "" and the parsed calls; "required" that stopped -> tool_calls
             message = {
                 "role": role,
@@ -807,6 +985,22 @@ def chat_body(
             "usage": usage.as_dict(),
         }
     )
+
+
+def _parsed_message(role: str, content: str, deltas: Sequence[Delta]) -> dict[str, Any]:
+    """A parsed choice's message: content (null when only whitespace is left, as 1.13's
+    normalize_assistant_content: the "\n\n" between reasoning and a call is not an
+    answer), reasoning_content (null when none), tool_calls when the model made any."""
+    reasoning = "".join(d.reasoning for d in deltas)
+    calls = [c.as_dict() for d in deltas for c in d.calls]
+    message: dict[str, Any] = {
+        "role": role,
+        "content": content if content.strip() else None,
+        "reasoning_content": reasoning or None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _prompt_text(prepared: Prepared, tokenizer: Any) -> str:
