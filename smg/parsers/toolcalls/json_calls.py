@@ -5,6 +5,7 @@ answer, or after `<|python_tag|>`, several separated by ";").
 `JsonCallsParser` is the machine; a subclass says where calls may begin:
 - `bare`: characters that open a call at the very start of the answer (leading
   whitespace allowed and dropped when a call follows);
+- `anywhere`: characters that open a call anywhere in content (json);
 - `opener`: a marker that opens calls anywhere (content before it is verbatim, as the
   Rust SMG); `call_start` reads what follows it (mistral overrides that);
 - `separators`: what may stand between consecutive calls besides whitespace; between
@@ -39,8 +40,9 @@ class JsonCallsParser(ToolParser):
     separators = ""
     arg_keys: tuple[str, ...] = ("arguments", "parameters")
     allow_list = True
-    # json: once a value is not a call the answer is prose, so the rest is content.
-    plain_after_failure = False
+    anywhere = ""  # characters that open a JSON value anywhere in content (json)
+    # json: prose after the calls ends them (the Rust SMG takes the first JSON value).
+    plain_after_calls = False
 
     def __init__(self, tools: Sequence[dict] = ()) -> None:
         super().__init__(tools)
@@ -50,6 +52,7 @@ class JsonCallsParser(ToolParser):
         self._prefix = ""  # syntax in front of the current call: content if it fails
         self._end: JsonEnd | None = None
         self._name: str | None = None  # a name read before the value (mistral's [ARGS])
+        self._firsts = self.anywhere + self.opener[:1]
 
     # What follows an opener, from index k (its first non-whitespace character):
     # (index where the JSON value starts, name read before it) or (WAIT|FAIL, None).
@@ -74,12 +77,21 @@ class JsonCallsParser(ToolParser):
         if not self._buf:
             if self._state == _PLAIN:
                 return text, []
-            if self._state == _CONTENT and (not self.opener or self.opener[0] not in text):
+            if self._state == _CONTENT and not any(c in text for c in self._firsts):
                 return text, []
         return self._run(self._buf + text, final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         return self._run(self._buf, final=True)
+
+    def _find_value(self, buf: str, pos: int, stop: int) -> int:
+        """The first character in buf[pos:stop] that opens a value anywhere; -1: none."""
+        best = -1
+        for ch in self.anywhere:
+            i = buf.find(ch, pos, stop)
+            if i >= 0 and (best < 0 or i < best):
+                best = i
+        return best
 
     def _skip(self, buf: str, k: int, extra: str) -> int:
         n = len(buf)
@@ -109,14 +121,17 @@ class JsonCallsParser(ToolParser):
                     self._prefix, pos, state = buf[pos:k], k, _CALL
                     self._end, self._name = JsonEnd(k), None
                 else:
-                    state = _CONTENT if opener else _PLAIN
+                    state = _CONTENT
             elif state == _CONTENT:
-                if not opener:
-                    state = _PLAIN
+                i = buf.find(opener, pos) if opener else -1
+                v = self._find_value(buf, pos, n if i < 0 else i)
+                if v >= 0:
+                    out.append(buf[pos:v])
+                    self._prefix, pos, state = "", v, _CALL
+                    self._end, self._name = JsonEnd(v), None
                     continue
-                i = buf.find(opener, pos)
                 if i < 0:
-                    keep = 0 if final else min(held_suffix(buf, opener), n - pos)
+                    keep = 0 if final or not opener else min(held_suffix(buf, opener), n - pos)
                     out.append(buf[pos : n - keep])
                     pos = n - keep
                     break
@@ -150,7 +165,7 @@ class JsonCallsParser(ToolParser):
                     state = _AFTER
                 else:
                     out.append(self._prefix + buf[pos:e])
-                    state = _PLAIN if self.plain_after_failure else _CONTENT
+                    state = _CONTENT
                 self._prefix = ""
                 pos = e
             else:  # _AFTER: separators after a call are held until what follows is known
@@ -167,7 +182,7 @@ class JsonCallsParser(ToolParser):
                 elif opener and not final and n - k < len(opener) and opener.startswith(buf[k:]):
                     break
                 else:
-                    state = _PLAIN if self.plain_after_failure else _CONTENT
+                    state = _PLAIN if self.plain_after_calls else _CONTENT
         self._buf = buf[pos:]
         self._state = state
         if state == _CALL and self._end is not None:
@@ -176,12 +191,16 @@ class JsonCallsParser(ToolParser):
 
 
 class JsonToolParser(JsonCallsParser):
-    """The answer is a JSON call object or array of them (the Rust SMG's streaming rule:
-    the trimmed text starts with "{" or "["); anything else is content."""
+    """A JSON call object or array of them, anywhere in the answer (the Rust SMG's
+    complete-answer rule: the first JSON value in the text); a value that is not a call
+    is content and the search goes on. Whitespace before a call that opens the answer is
+    dropped; calls may follow each other separated by whitespace; prose after them is
+    content, and so is any JSON in it."""
 
     name = "json"
     bare = "{["
-    plain_after_failure = True
+    anywhere = "{["
+    plain_after_calls = True
 
 
 class LlamaToolParser(JsonCallsParser):
