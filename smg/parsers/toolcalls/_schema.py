@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ _LITERALS: dict[str, Any] = {
     "None": None,
 }
 _MISSING = object()
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 def param_types(tools: Sequence[Any], name: str) -> dict[str, str]:
@@ -68,10 +71,7 @@ def coerce(text: str, declared: str | None) -> Any:
         return text
     if declared == "integer":
         stripped = text.strip()
-        try:
-            return int(stripped)
-        except ValueError:
-            return _MISSING
+        return int(stripped) if _INT.fullmatch(stripped) else _MISSING
     if declared == "number":
         # JSON, not float(): a large integer keeps its precision (1.13 does the same).
         value = _json_or_missing(text.strip())
@@ -107,18 +107,13 @@ def infer_scalar(text: str) -> Any:
 
 
 def _number_or_text(text: str) -> Any:
-    try:
+    # ASCII forms only, as Rust's i64/f64 parsing reads them (Python's int()/float() also
+    # take "1_0", surrounding spaces and other scripts' digits); NaN/inf are no JSON.
+    if _INT.fullmatch(text):
         return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    # NaN/inf are not JSON numbers; "1_0" parses in Python but not in Rust.
-    if number != number or number in (float("inf"), float("-inf")) or "_" in text:
-        return text
-    return number
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    return text
 
 
 def typed_value(text: str, declared: str | None, infer: Callable[[str], Any] = infer_value) -> Any:
