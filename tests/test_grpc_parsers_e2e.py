@@ -90,9 +90,9 @@ def test_parser_plan_follows_1_13s_rules() -> None:
     )
     # tool_choice none: no tool parsing; required / named: the JSON-constraint path.
     assert parser_plan(chat(tools=TOOLS, tool_choice="none"), "qwen", None, None) is None
-    assert parser_plan(chat(tools=TOOLS, tool_choice="required"), "qwen", None, None) is None
+    assert parser_plan(chat(tools=TOOLS, tool_choice="required"), "qwen", "qwen3", None) is None
     named = chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert parser_plan(named, "qwen", "qwen3", None) == ParserPlan(None, "qwen3", None, TOOLS, True)
+    assert parser_plan(named, "qwen", "qwen3", None) is None
     # No tools: reasoning only; separate_reasoning false: none.
     assert parser_plan(chat(), "qwen", "qwen3", None) == ParserPlan(None, "qwen3", None, (), True)
     assert parser_plan(chat(separate_reasoning=False), "qwen", "qwen3", None) is None
@@ -121,6 +121,32 @@ def test_prepare_keeps_special_tokens_when_tools_are_parsed() -> None:
         with pytest.raises(RequestError) as err:
             chat(**{field: value})
         assert (err.value.status, err.value.param) == (400, field)
+
+
+def test_streamed_stop_token_is_held_until_the_engine_says_it_stopped(tok: Tokenizer) -> None:
+    """Special tokens kept (tools parsed): the EOS a chunk ends on is not text when the
+    complete then says the engine stopped; it is text when more tokens follow."""
+    from smg.grpc.respond import ChoiceState
+
+    p = chat(tools=TOOLS)
+    hi = tok.encode("Hi")
+    state = ChoiceState(0, tok, p.sampling)
+    texts = [
+        state.on_output(EngineOutput(index=0, token_ids=[*hi, EOT])).text,
+        state.on_output(
+            EngineOutput(index=0, token_ids=[], finished=True, finish_reason="stop")
+        ).text,
+    ]
+    assert texts == ["Hi", ""]
+    state = ChoiceState(0, tok, p.sampling)  # ignore_eos: the engine went on
+    texts = [
+        state.on_output(EngineOutput(index=0, token_ids=[*hi, EOT])).text,
+        state.on_output(EngineOutput(index=0, token_ids=hi)).text,
+        state.on_output(
+            EngineOutput(index=0, token_ids=[], finished=True, finish_reason="length")
+        ).text,
+    ]
+    assert "".join(texts) == "Hi<|eot_id|>Hi" and texts[0] == "Hi"
 
 
 def test_choice_splits_reasoning_content_and_whole_calls(tok: Tokenizer) -> None:
@@ -257,3 +283,232 @@ def test_parsed_stream_chunks(tok: Tokenizer) -> None:
     assert [t["index"] for t in tool_deltas] == [0, 0, 1, 1]
     assert tool_deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# ----------------------------------------------------------------------------- end to end
+# One gateway, four gRPC mocks (the box has 2 cores): each mock serves a model whose name
+# picks the parsers by 1.13's patterns, with that family's real chat template (the
+# gateway fetches each worker's tokenizer bundle, so each worker has its own template and
+# thinking toggle); a fifth model's parsers come from worker labels. Each test sets the
+# reply its mock sends (plain-text tokens of the real Llama-3 tokenizer, one per message).
+
+QWEN = "Qwen/Qwen3-8B"  # qwen + qwen3; Qwen3's template: thinking on unless enable_thinking false
+DEEPSEEK = "deepseek-ai/DeepSeek-V3.1"  # deepseek31 + deepseek_v31; thinking off by default
+KIMI = "moonshotai/Kimi-K2-Instruct"  # kimik2 + kimi
+CUSTOM = "house-model"  # no pattern: labels tool_call_parser=llama, reasoning_parser=deepseek_r1
+FAMILIES = {
+    QWEN: "Qwen-Qwen3-0.6B.jinja",
+    DEEPSEEK: "deepseek-ai-DeepSeek-V3.1.jinja",
+    KIMI: "moonshotai-Kimi-K2-Instruct.jinja",
+    CUSTOM: "meta-llama-Llama-3.1-8B-Instruct.jinja",
+}
+ASK = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
+
+
+class Family:
+    def __init__(self, gw: Any, mocks: dict[str, Any]) -> None:
+        self.gw = gw
+        self.mocks = mocks
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(
+            base_url=self.gw.url + "/v1", api_key="unused", max_retries=0, timeout=30.0
+        )
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import contextlib
+
+    import grpcmockutil
+
+    from tests.gatewayutil import Gateway, wait_until
+
+    root = tmp_path_factory.mktemp("families")
+    mocks: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for i, (model, template) in enumerate(FAMILIES.items()):
+            model_dir = grpcmockutil.llama3_dir(root / f"m{i}", template=template)
+            reply = root / f"reply{i}.txt"
+            reply.write_text("Hello.", "utf-8")
+            mock = grpcmockutil.start_grpc_mock(
+                model_dir, model=model, args=["--reply-file", str(reply)]
+            )
+            stack.callback(mock.stop)
+            mocks[model] = mock
+        urls = [mocks[m].url for m in (QWEN, DEEPSEEK, KIMI)]
+        gw = Gateway(["--worker-urls", *urls], env={"XDG_CACHE_HOME": str(root / "cache")})
+        stack.callback(gw.close_log)
+        stack.callback(gw.stop)
+        gw.start(timeout=60.0)
+        gw.wait_ready(60.0)
+        labels = {"tool_call_parser": "llama", "reasoning_parser": "deepseek_r1"}
+        added = gw.admin("POST", "/workers", json={"url": mocks[CUSTOM].url, "labels": labels})
+        assert added.status_code == 202, added.text
+        family = Family(gw, mocks)
+
+        def serves_all() -> bool:
+            for model in FAMILIES:
+                try:
+                    family.client().chat.completions.create(model=model, messages=ASK)
+                except Exception:
+                    return False
+            return True
+
+        wait_until(serves_all, 60.0, "every family's model served")
+        yield family
+
+
+def ask(family: Family, model: str, reply: str, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    """The complete answer and the stream's assembled message for one request."""
+    family.mocks[model].reply(reply)
+    client = family.client()
+    whole = client.chat.completions.create(model=model, messages=ASK, **kw)
+    chunks = [
+        c.model_dump(exclude_unset=True)
+        for c in client.chat.completions.create(model=model, messages=ASK, stream=True, **kw)
+    ]
+    return whole, assemble(chunks)
+
+
+def message_view(whole: Any) -> dict[str, Any]:
+    """The complete answer in `assemble`'s terms (to compare with the stream)."""
+    (choice,) = whole.choices
+    m = choice.message
+    return {
+        "content": m.content or "",
+        "reasoning": getattr(m, "reasoning_content", None) or "",
+        "calls": [
+            {"name": c.function.name, "arguments": c.function.arguments, "id": c.id}
+            for c in m.tool_calls or []
+        ],
+        "finish": choice.finish_reason,
+    }
+
+
+def same_but_ids(whole: Any, streamed: dict[str, Any]) -> dict[str, Any]:
+    view = message_view(whole)
+    ids = [c.pop("id") for c in view["calls"]]
+    streamed_ids = [c.pop("id") for c in streamed["calls"]]
+    assert len(ids) == len(streamed_ids)
+    assert view == streamed
+    return view
+
+
+def args_of(view: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(c["name"], json.loads(c["arguments"])) for c in view["calls"]]
+
+
+def test_qwen_reasoning_and_calls(families: Family) -> None:
+    whole, streamed = ask(families, QWEN, QWEN_REPLY, tools=TOOLS)
+    ids = [c.id for c in whole.choices[0].message.tool_calls or []]
+    assert all(i.startswith("chatcmpl-tool-") for i in ids) and len(ids) == 2
+    view = same_but_ids(whole, streamed)
+    assert view["reasoning"] == "The user wants weather."
+    assert view["content"] == "\n\nLet me check.\n"
+    assert args_of(view) == [("get_weather", {"city": "Paris", "days": 2}), ("get_time", {})]
+    assert view["finish"] == "tool_calls"
+
+
+def test_qwen_tool_choice_auto_none_and_parallel_false(families: Family) -> None:
+    whole, streamed = ask(families, QWEN, QWEN_REPLY, tools=TOOLS, tool_choice="auto")
+    assert len(same_but_ids(whole, streamed)["calls"]) == 2
+    # none: no tool parsing, the call syntax is content; the reasoning is still split.
+    whole, streamed = ask(families, QWEN, QWEN_REPLY, tools=TOOLS, tool_choice="none")
+    view = same_but_ids(whole, streamed)
+    assert view == {
+        "content": QWEN_REPLY[QWEN_REPLY.index("</think>") + 8 :],
+        "reasoning": "The user wants weather.",
+        "calls": [],
+        "finish": "stop",
+    }
+    whole, streamed = ask(families, QWEN, QWEN_REPLY, tools=TOOLS, parallel_tool_calls=False)
+    view = same_but_ids(whole, streamed)
+    assert args_of(view) == [("get_weather", {"city": "Paris", "days": 2})]
+    assert view["finish"] == "tool_calls"
+
+
+def test_qwen_named_tool_choice_keeps_the_json_path(families: Family) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole, streamed = ask(
+        families, QWEN, '{"city": "Paris", "days": 2}', tools=TOOLS, tool_choice=named
+    )
+    view = same_but_ids(whole, streamed)
+    assert args_of(view) == [("get_weather", {"city": "Paris", "days": 2})]
+    assert (view["reasoning"], view["content"]) == ("", "")
+
+
+def test_qwen_separate_reasoning_false_and_thinking_off(families: Family) -> None:
+    whole, streamed = ask(
+        families, QWEN, QWEN_REPLY, tools=TOOLS, extra_body={"separate_reasoning": False}
+    )
+    view = same_but_ids(whole, streamed)
+    assert view["reasoning"] == ""
+    assert view["content"] == "<think>The user wants weather.</think>\n\nLet me check.\n"
+    assert len(view["calls"]) == 2
+    # Qwen3's template is thinking-on by default: the output starts inside reasoning
+    # (a template that prefills <think> leaves the model only the closing tag) ...
+    plain = "I think.</think>\n\nHello"
+    whole, streamed = ask(families, QWEN, plain)
+    view = same_but_ids(whole, streamed)
+    assert (view["reasoning"], view["content"], view["finish"]) == ("I think.", "\n\nHello", "stop")
+    # ... and enable_thinking false turns that off: the text is the answer.
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    whole, streamed = ask(families, QWEN, plain, extra_body=off)
+    view = same_but_ids(whole, streamed)
+    assert (view["reasoning"], view["content"]) == ("", plain)
+
+
+BAR = "\uff5c"  # DeepSeek's markers use the fullwidth vertical line
+DEEPSEEK_CALLS = (
+    f"<{BAR}tool▁calls▁begin{BAR}><{BAR}tool▁call▁begin{BAR}>get_weather<{BAR}tool▁sep{BAR}>"
+    f'{{"city": "Paris", "days": 2}}<{BAR}tool▁call▁end{BAR}><{BAR}tool▁calls▁end{BAR}>'
+)
+
+
+def test_deepseek_v31_calls_and_thinking_kwarg(families: Family) -> None:
+    whole, streamed = ask(families, DEEPSEEK, "Checking." + DEEPSEEK_CALLS, tools=TOOLS)
+    view = same_but_ids(whole, streamed)
+    assert (view["reasoning"], view["content"]) == ("", "Checking.")
+    assert args_of(view) == [("get_weather", {"city": "Paris", "days": 2})]
+    assert view["finish"] == "tool_calls"
+    # This DeepSeek-V3.1 template thinks only when asked; it reads `enable_thinking`
+    # (and `thinking`), and 1.13's rule takes `enable_thinking` as its key.
+    reply = "I should look.</think>Checking." + DEEPSEEK_CALLS
+    on = {"chat_template_kwargs": {"enable_thinking": True}}
+    whole, streamed = ask(families, DEEPSEEK, reply, tools=TOOLS, extra_body=on)
+    view = same_but_ids(whole, streamed)
+    assert (view["reasoning"], view["content"]) == ("I should look.", "Checking.")
+    assert len(view["calls"]) == 1
+
+
+def test_kimi_k2_ids_are_the_models(families: Family) -> None:
+    reply = (
+        "Sure.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
+        "<|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{}"
+        "<|tool_call_end|><|tool_calls_section_end|>"
+    )
+    whole, streamed = ask(families, KIMI, reply, tools=TOOLS)
+    ids = [c.id for c in whole.choices[0].message.tool_calls or []]
+    assert ids == ["functions.get_weather:0", "functions.get_time:1"]
+    assert [c["id"] for c in streamed["calls"]] == ids
+    view = same_but_ids(whole, streamed)
+    assert view["content"] == "Sure."
+    assert args_of(view) == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+def test_worker_labels_pick_the_parsers(families: Family) -> None:
+    reply = 'think first</think>{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    whole, streamed = ask(families, CUSTOM, reply, tools=TOOLS)
+    view = same_but_ids(whole, streamed)
+    assert (view["reasoning"], view["content"]) == ("think first", "")
+    assert whole.choices[0].message.content is None
+    assert args_of(view) == [("get_weather", {"city": "Paris"})]
+    assert view["finish"] == "tool_calls"
+    # No tools: only the reasoning parser runs.
+    whole, streamed = ask(families, CUSTOM, "hm</think>Plain answer.")
+    view = same_but_ids(whole, streamed)
+    assert (view["reasoning"], view["content"], view["calls"]) == ("hm", "Plain answer.", [])

@@ -109,6 +109,7 @@ class ChoiceState:
         "_done",
         "_include_stop",
         "_min_tokens",
+        "_pending",
         "_primary_eos",
         "_stop_ids",
         "_stops",
@@ -136,6 +137,7 @@ class ChoiceState:
         self._min_tokens = sampling.min_tokens
         self._tokens = 0
         self._done = False
+        self._pending: list[int] | None = None
 
     def done(self) -> bool:
         return self._done
@@ -145,15 +147,24 @@ class ChoiceState:
             return Delta(self.index, "", None, None, None, [])
         ids = out.token_ids
         text_ids = ids
-        if (
-            out.finished
-            and ids
-            and not self._include_stop
-            and out.finish_reason == "stop"
-            and not isinstance(out.matched_stop, str)
-            and (ids[-1] == out.matched_stop or ids[-1] in self._stop_ids)
-        ):
-            text_ids = ids[:-1]
+        if self._pending is not None:
+            text_ids = self._pending + ids
+            self._pending = None
+        last = text_ids[-1] if text_ids else None  # the choice's last token when finished
+        if out.finished:
+            if (
+                text_ids
+                and not self._include_stop
+                and out.finish_reason == "stop"
+                and not isinstance(out.matched_stop, str)
+                and (text_ids[-1] == out.matched_stop or text_ids[-1] in self._stop_ids)
+            ):
+                text_ids = text_ids[:-1]
+        elif text_ids and text_ids[-1] in self._stop_ids and not self._include_stop:
+            # A streamed chunk may end on the stop token before the complete says the
+            # engine stopped on it: hold it until then (it is text only if more follows).
+            self._pending = [text_ids[-1]]
+            text_ids = text_ids[:-1]
         self._tokens += len(ids)
         text = self._detok.add(text_ids) if text_ids else ""
         if out.finished:
@@ -175,7 +186,6 @@ class ChoiceState:
                 # vLLM's stop_reason whatever the engine reported: None for the model's
                 # EOS, the id for another stop token (stop_token_ids and the extra EOS ids
                 # of generation_config.json, which vLLM adds to them)
-                last = ids[-1] if ids else None
                 if matched is None and last in self._stop_ids:
                     matched = last
                 if matched == self._primary_eos:
@@ -274,10 +284,14 @@ def parser_plan(
     p: Prepared, tool: str | None, reasoning: str | None, in_reasoning: bool | None
 ) -> ParserPlan | None:
     """The Rust SMG 1.13's rules for which requests parse: chat only; tool calls when
-    `tools` are given and tool_choice is auto/absent (none: no parsing; required / a
-    named function keep the JSON-constraint path); reasoning when separate_reasoning
-    (default true). None: no parsing (the plain path, unchanged)."""
-    if p.kind != "chat":
+    `tools` are given and tool_choice is auto/absent (none: no tool parsing; required
+    / a named function keep the JSON-constraint path, with no parsing at all: 1.13
+    would run the reasoning parser over the constrained JSON); reasoning when
+    separate_reasoning (default true). None: no parsing (the plain path, unchanged)."""
+    if p.kind != "chat" or p.tool_choice is not None:
+        # tool_choice required / a named function: the engine's JSON constraint shapes
+        # the output from its first token, so there is no reasoning block or call syntax
+        # to parse; respond.py's tool_choice path reads the JSON (issue 10, unchanged).
         return None
     tool = tool if p.parse_tools else None
     reasoning = reasoning if p.separate_reasoning else None
