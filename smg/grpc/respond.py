@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from smg.parsers import ChoiceParser
 
 _DONE = b"data: [DONE]\n\n"
+# The end of a chat chunk whose choice is still open (no logprobs, no finish_reason).
+_OPEN_CHUNK_END = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 # vLLM clamps -inf logprobs to this so the JSON stays valid
 _MIN_LOGPROB = -9999.0
 
@@ -43,11 +45,17 @@ class Delta:
     # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
     matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
-    # Set by ParsingChoiceState only: `text` is then the content, and these are the
-    # reasoning and the whole tool calls this output completed.
-    parsed: bool = False
+    parsed: ClassVar[bool] = False
+
+
+@dataclass(slots=True)
+class ParsedDelta(Delta):
+    """A delta of a parsed choice (ParsingChoiceState): `text` is the content that is
+    certain so far, beside the reasoning and the whole tool calls this output completed."""
+
     reasoning: str = ""
     calls: Sequence[CallOut] = ()
+    parsed: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,7 @@ class ChoiceState:
     __slots__ = (
         "_detok",
         "_done",
+        "_hold",
         "_include_stop",
         "_min_tokens",
         "_pending",
@@ -138,6 +147,11 @@ class ChoiceState:
         self._tokens = 0
         self._done = False
         self._pending: list[int] | None = None
+        # Only a stop token that decodes to text needs holding: special tokens kept, or
+        # stop_token_ids (which may be ordinary tokens).
+        self._hold = not self._include_stop and (
+            not sampling.skip_special_tokens or bool(sampling.stop_token_ids)
+        )
 
     def done(self) -> bool:
         return self._done
@@ -147,24 +161,25 @@ class ChoiceState:
             return Delta(self.index, "", None, None, None, [])
         ids = out.token_ids
         text_ids = ids
-        if self._pending is not None:
-            text_ids = self._pending + ids
-            self._pending = None
-        last = text_ids[-1] if text_ids else None  # the choice's last token when finished
+        if self._hold:
+            # A streamed chunk may end on a stop token before the complete says the
+            # engine stopped on it: hold it until then (it is text only if more follows).
+            if self._pending is not None:
+                text_ids = self._pending + ids
+                self._pending = None
+            if not out.finished and text_ids and text_ids[-1] in self._stop_ids:
+                self._pending = [text_ids[-1]]
+                text_ids = text_ids[:-1]
         if out.finished:
+            last = text_ids[-1] if text_ids else None  # the choice's last token
             if (
                 text_ids
                 and not self._include_stop
                 and out.finish_reason == "stop"
                 and not isinstance(out.matched_stop, str)
-                and (text_ids[-1] == out.matched_stop or text_ids[-1] in self._stop_ids)
+                and (last == out.matched_stop or last in self._stop_ids)
             ):
                 text_ids = text_ids[:-1]
-        elif text_ids and text_ids[-1] in self._stop_ids and not self._include_stop:
-            # A streamed chunk may end on the stop token before the complete says the
-            # engine stopped on it: hold it until then (it is text only if more follows).
-            self._pending = [text_ids[-1]]
-            text_ids = text_ids[:-1]
         self._tokens += len(ids)
         text = self._detok.add(text_ids) if text_ids else ""
         if out.finished:
@@ -222,10 +237,17 @@ class ParsingChoiceState(ChoiceState):
 
     def on_output(self, out: EngineOutput) -> Delta:
         was_done = self._done
-        d = ChoiceState.on_output(self, out)
+        base = ChoiceState.on_output(self, out)
         if was_done:
-            return d
-        d.parsed = True
+            return base
+        d = ParsedDelta(
+            base.index,
+            base.text,
+            base.logprobs,
+            base.finish_reason,
+            base.matched_stop,
+            base.token_ids,
+        )
         final = d.finish_reason is not None
         if not d.text and not final:
             return d
@@ -648,6 +670,7 @@ class ChatStreamWriter(_Writer):
         self.id = chat_id(self.request_id)
         self._texts = [""] * self.n  # tool_choice: each choice's text so far
         self._named_started = [False] * self.n
+        self._parsed_plain: dict[str, list[bytes]] | None = None
         self._tools_streamed = [False] * self.n
         self._head = (
             b'{"id":'
@@ -706,14 +729,31 @@ class ChatStreamWriter(_Writer):
         return b"".join(out)
 
     def use_parsers(self) -> None:
-        """The choices' deltas come parsed (ParsingChoiceState): no plain-chunk shortcut."""
+        """The choices' deltas come parsed (ParsingChoiceState): the plain-chunk shortcut
+        becomes one for a lone content or reasoning_content piece."""
         self._plain = None
+        if self.p.logprobs or self._continuous:
+            return
+        self._parsed_plain = {
+            key: [
+                b"data: " + self._head + b'{"index":%d,"delta":{"%s":' % (i, key.encode())
+                for i in range(self.n)
+            ]
+            for key in ("content", "reasoning_content")
+        }
 
-    def _parsed_chunks(self, d: Delta, i: int, logprobs: dict[str, Any] | None) -> bytes:
+    def _parsed_chunks(self, d: ParsedDelta, i: int, logprobs: dict[str, Any] | None) -> bytes:
         """A parsed delta as chunks: its reasoning_content, its content, then each whole
         call as two deltas (id, type, name with arguments "", then the arguments), the
         way OpenAI streams calls; logprobs ride on the first chunk, finish_reason and
         stop_reason on the last (an empty delta when nothing else is left to say)."""
+        fast = self._parsed_plain
+        if fast is not None and d.finish_reason is None and not d.calls:
+            # The common chunk: one piece of content or of reasoning, one orjson call.
+            if d.text and not d.reasoning:
+                return fast["content"][i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
+            if d.reasoning and not d.text:
+                return fast["reasoning_content"][i] + orjson.dumps(d.reasoning) + _OPEN_CHUNK_END
         deltas: list[dict[str, Any]] = []
         if d.reasoning:
             deltas.append({"reasoning_content": d.reasoning})
@@ -785,11 +825,7 @@ class ChatStreamWriter(_Writer):
         i = self._index(d)
         self.completion[i] += len(d.token_ids)
         if self._plain is not None and d.finish_reason is None:
-            return (
-                self._plain[i]
-                + orjson.dumps(d.text)
-                + b'},"logprobs":null,"finish_reason":null}]}\n\n'
-            )
+            return self._plain[i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
         logprobs = None
         if self.p.logprobs and d.logprobs is not None:
             logprobs = {
@@ -797,7 +833,7 @@ class ChatStreamWriter(_Writer):
                     d.logprobs, self.p.top_logprobs, self.tokenizer, self._cache
                 )
             }
-        if d.parsed:
+        if isinstance(d, ParsedDelta):
             return self._parsed_chunks(d, i, logprobs)
         if self.p.tool_choice is None:
             message: dict[str, Any] = {"content": d.text}
@@ -965,7 +1001,7 @@ def chat_body(
         text, _ids, logprobs, reason, matched = _collect(deltas)
         reason = reason or "stop"
         message: dict[str, Any] = {"role": role, "content": echo + text}
-        if deltas and deltas[0].parsed:
+        if deltas and isinstance(deltas[0], ParsedDelta):
             message = _parsed_message(role, echo + text, deltas)
         elif prepared.tool_choice is not None:
             # vLLM: content "" and the parsed calls; "required" that stopped -> tool_calls
@@ -1005,8 +1041,9 @@ def _parsed_message(role: str, content: str, deltas: Sequence[Delta]) -> dict[st
     """A parsed choice's message: content (null when only whitespace is left, as 1.13's
     normalize_assistant_content: the "\n\n" between reasoning and a call is not an
     answer), reasoning_content (null when none), tool_calls when the model made any."""
-    reasoning = "".join(d.reasoning for d in deltas)
-    calls = [c.as_dict() for d in deltas for c in d.calls]
+    parsed = [d for d in deltas if isinstance(d, ParsedDelta)]
+    reasoning = "".join(d.reasoning for d in parsed)
+    calls = [c.as_dict() for d in parsed for c in d.calls]
     message: dict[str, Any] = {
         "role": role,
         "content": content if content.strip() else None,
