@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from parserutil import (
     assert_split_invariant,
     assistant_text,
+    both,
     calls_of,
     load_template,
     random_pieces,
@@ -596,3 +597,67 @@ def test_1_13_cases(parser: str, text: str, calls: list, content: str) -> None:
     result = assert_split_invariant(lambda: tool_parser(parser), text)
     assert calls_of(result) == calls
     assert result.content == content
+
+
+def test_step_3_5_flash_writes_the_qwen3_coder_form_not_steptml() -> None:
+    """StepFun3.5-Flash's template writes Qwen3-Coder's `<tool_call><function=...>` calls
+    (vLLM's step3p5 parser reads them with the Qwen3 XML grammar): not the steptml form,
+    so `step3` gives such a turn back as content, unchanged. Such a model needs `qwen_xml`."""
+    text = assistant_text(
+        "StepFun3.5-Flash.jinja", _messages(_calls([("add", ADD)])), tools=TOOLS
+    ).removesuffix("<|im_end|>\n")
+    body = _after_think(text)
+    assert "<tool_call>\n<function=add>\n<parameter=a>\n1.5\n</parameter>" in body
+    result = assert_split_invariant(_make("step3"), body)
+    assert result.calls == []
+    assert result.content == body
+
+
+@pytest.mark.parametrize(
+    ("parser", "template", "end"),
+    [
+        ("kimik2", "moonshotai-Kimi-K2-Instruct-0905.jinja", "<|im_end|>"),
+        ("kimik2", "moonshotai-Kimi-K2-Thinking.jinja", "<|im_end|>"),
+        ("kimik2", "moonshotai-Kimi-K2.5.jinja", "<|im_end|>"),
+        ("glm45_moe", "zai-org-GLM-4.5-Air.jinja", ""),
+        ("glm47_moe", "zai-org-GLM-5.jinja", ""),
+        ("minimax_m2", "MiniMaxAI-MiniMax-M2.5.jinja", "[e~[\n"),
+    ],
+)
+def test_sibling_models_write_the_same_form(parser: str, template: str, end: str) -> None:
+    """The registry sends these models to the same parsers (1.13's patterns): their
+    templates write the same call form. Rendered with reasoning, cut after `</think>`."""
+    args = _sets(parser)[1]
+    text = assistant_text(
+        template, _messages(_calls(args), reasoning_content="Look it up."), tools=TOOLS
+    )
+    result = assert_split_invariant(_make(parser), _after_think(text).removesuffix(end))
+    assert calls_of(result) == args
+    assert result.content.strip() == CONTENT
+    if parser == "kimik2":
+        assert [c.id for c in result.calls] == ["functions.get_weather:0", "functions.add:1"]
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "parser", "template", "end"),
+    [
+        ("glm45", "glm47_moe", "GLM-4.7-Flash.jinja", ""),
+        ("minimax", "minimax_m2", "MiniMax-M2.jinja", "[e~[\n"),
+        ("kimi_thinking", "kimik2", "moonshotai-Kimi-K2-Thinking.jinja", "<|im_end|>"),
+        ("kimi_k25", "kimik2", "moonshotai-Kimi-K2.5.jinja", "<|im_end|>"),
+    ],
+)
+def test_reasoning_then_calls_in_one_choice(
+    reasoning: str, parser: str, template: str, end: str
+) -> None:
+    """The whole turn through one ChoiceParser (reasoning parser first, as the response
+    stage runs it; the prompt opened the reasoning block): reasoning, content and calls
+    each come back whole."""
+    args = _sets(parser)[1]
+    text = assistant_text(
+        template, _messages(_calls(args), reasoning_content="Look it up."), tools=TOOLS
+    ).removesuffix(end)
+    result = assert_split_invariant(lambda: both(reasoning, parser, TOOLS, in_reasoning=True), text)
+    assert result.reasoning.strip() == "Look it up."
+    assert result.content.strip() == CONTENT
+    assert calls_of(result) == args

@@ -50,7 +50,7 @@ class TagReasoningParser(ReasoningParser):
     # start tag (their templates open the block in the prompt).
     starts_inside = False
 
-    __slots__ = ("_held", "_lead", "_start_pending", "_state")
+    __slots__ = ("_held", "_lead", "_lead2", "_start_pending", "_state")
 
     def __init__(self, *, in_reasoning: bool | None = None) -> None:
         super().__init__(in_reasoning=in_reasoning)
@@ -61,18 +61,19 @@ class TagReasoningParser(ReasoningParser):
         self._held = ""
         # Characters that can begin a tag: a piece without any of them, while nothing is
         # held, cannot change state and passes through untouched.
-        self._lead = frozenset((self.start_tag[0], self.end_tag[0]))
+        self._lead = self.start_tag[0]
+        self._lead2 = self.end_tag[0] if self.end_tag[0] != self._lead else None
 
     def feed(self, text: str) -> tuple[str, str]:
         state = self._state
         if state == _DONE:
             return "", text
-        if not self._held:
-            for ch in self._lead:
-                if ch in text:
-                    break
-            else:
-                return (text, "") if state == _INSIDE else ("", text)
+        if (
+            not self._held
+            and self._lead not in text
+            and (self._lead2 is None or self._lead2 not in text)
+        ):
+            return (text, "") if state == _INSIDE else ("", text)
         return self._scan(self._held + text)
 
     def finish(self) -> tuple[str, str]:

@@ -33,7 +33,11 @@ class FramedToolParser(ToolParser):
         super().__init__(tools)
         starts = [m for m in (self.section_begin, self.call_begin if self.bare_calls else "") if m]
         self._starts: tuple[str, ...] = tuple(starts)
-        self._first = "".join(sorted({m[0] for m in starts}))
+        leads = {m[0] for m in starts}
+        # The fast path needs one lead character (every family here starts its markers
+        # with "<"); a format with several would simply always take the full path.
+        self._lead = leads.pop() if len(leads) == 1 else ""
+        self._idle = bool(self._lead)  # nothing held, outside any call: fast path open
         self._reach = max(len(self.call_begin), len(self.call_end)) - 1
         self._buf = ""  # undecided text: a marker's possible start, or a call being held
         self._mode = _TEXT
@@ -46,12 +50,8 @@ class FramedToolParser(ToolParser):
         raise NotImplementedError
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        if self._mode == _TEXT and not self._buf:
-            for char in self._first:
-                if char in text:
-                    break
-            else:
-                return text, []
+        if self._idle and self._lead not in text:
+            return text, []
         self._buf += text
         return self._run(final=False)
 
@@ -145,6 +145,7 @@ class FramedToolParser(ToolParser):
                 buf = buf[stop:]
                 self._mode = _SECTION
         self._buf = buf
+        self._idle = bool(self._lead) and not buf and self._mode == _TEXT
         return "".join(out), calls
 
     def _start_call(self) -> None:

@@ -9,13 +9,15 @@ object (or the JSON text of one), written back as `json.dumps(..., ensure_ascii=
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from smg.parsers.types import ToolCall
 
 _OPEN = frozenset("{[")
-_CLOSE = frozenset("}]")
+_IN_STRING = re.compile(r'["\\]')
+_OUTSIDE = re.compile(r'[{}\[\]"]')
 
 
 class JsonEnd:
@@ -25,40 +27,57 @@ class JsonEnd:
     early and then fails `json.loads`, which is all a caller needs to know). State is
     kept between calls, so each character is read once however the text is split."""
 
-    __slots__ = ("depth", "escape", "in_string", "pos")
+    __slots__ = ("depth", "end", "escape", "in_string", "pos")
 
     def __init__(self, pos: int) -> None:
         self.depth = 0
         self.in_string = False
         self.escape = False
         self.pos = pos  # the next character to read
+        self.end = -1  # once found, where the value ends (asking again returns it)
 
     def scan(self, text: str) -> int:
         """The index just past the value's last character, or -1 if it has not ended
         in `text` yet (the next call goes on from where this one stopped)."""
+        if self.end >= 0:
+            return self.end
         depth = self.depth
         in_string = self.in_string
         escape = self.escape
         i = self.pos
         n = len(text)
+        # Jump between the characters that matter (a regex search runs in C): long
+        # strings and long runs of plain values cost one search, not a loop per char.
         while i < n:
-            ch = text[i]
-            i += 1
             if in_string:
                 if escape:
                     escape = False
-                elif ch == "\\":
+                    i += 1
+                    continue
+                m = _IN_STRING.search(text, i)
+                if m is None:
+                    i = n
+                    break
+                i = m.end()
+                if m.group() == "\\":
                     escape = True
-                elif ch == '"':
+                else:
                     in_string = False
-            elif ch == '"':
+                continue
+            m = _OUTSIDE.search(text, i)
+            if m is None:
+                i = n
+                break
+            i = m.end()
+            ch = m.group()
+            if ch == '"':
                 in_string = True
             elif ch in _OPEN:
                 depth += 1
-            elif ch in _CLOSE:
+            else:
                 depth -= 1
                 if depth <= 0:
-                    self.depth, self.in_string, self.escape, self.pos = 0, False, False, i
+                    self.depth, self.pos, self.end = 0, i, i
                     return i
         self.depth, self.in_string, self.escape, self.pos = depth, in_string, escape, i
         return -1
@@ -66,6 +85,8 @@ class JsonEnd:
     def shift(self, by: int) -> None:
         """The caller dropped `by` characters from the front of its buffer."""
         self.pos -= by
+        if self.end >= 0:
+            self.end -= by
 
 
 def _no_constant(name: str) -> Any:
@@ -82,7 +103,7 @@ def load(text: str) -> Any:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
 def arguments_text(value: Any) -> str | None:
@@ -141,20 +162,26 @@ def call_from_object(
 
 
 def calls_from_value(
-    value: Any, arg_keys: Iterable[str], names: frozenset[str], *, allow_list: bool = True
+    value: Any,
+    arg_keys: Iterable[str],
+    names: frozenset[str],
+    *,
+    allow_list: bool = True,
+    name_keys: Iterable[str] = ("name",),
 ) -> list[ToolCall] | None:
     """One call object, or (allow_list) a non-empty list of them -> calls; None when
     the value (or any element of the list) is not a call: then it is content."""
     keys = tuple(arg_keys)
+    name_keys = tuple(name_keys)
     if isinstance(value, list):
         if not allow_list or not value:
             return None
         calls = []
         for item in value:
-            call = call_from_object(item, keys, names)
+            call = call_from_object(item, keys, names, name_keys)
             if call is None:
                 return None
             calls.append(call)
         return calls
-    call = call_from_object(value, keys, names)
+    call = call_from_object(value, keys, names, name_keys)
     return None if call is None else [call]

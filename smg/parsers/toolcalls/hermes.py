@@ -32,6 +32,7 @@ class TaggedToolParser(ToolParser):
         self._buf = ""  # text not yet decided: a possible tag prefix, a call, held whitespace
         self._state = _CONTENT
         self._scan = 0  # in a call: where in _buf to look for the closing tag next
+        self._lead = ""  # whitespace between two calls: content if the second fails
 
     def parse_body(self, body: str) -> ToolCall | None:
         """The text between the tags -> a call, or None (then it is content)."""
@@ -40,8 +41,18 @@ class TaggedToolParser(ToolParser):
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if not text:
             return "", []
-        if self._state == _CONTENT and not self._buf and self.start[0] not in text:
-            return text, []
+        state = self._state
+        if state == _CONTENT:
+            if not self._buf and self.start[0] not in text:
+                return text, []
+        elif state == _CALL:
+            # Inside a call, a piece that cannot begin or finish the closing tag only
+            # grows the call (the tag's first character is in neither it nor the tail).
+            buf, end = self._buf, self.end
+            if end[0] not in text and end[0] not in buf[1 - len(end) :]:
+                self._buf = buf = buf + text
+                self._scan = len(buf) - len(end) + 1
+                return "", []
         return self._run(self._buf + text, final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
@@ -69,7 +80,7 @@ class TaggedToolParser(ToolParser):
                 j = buf.find(end, scan)
                 if j < 0:
                     if final:  # an unclosed call: content
-                        out.append(buf[pos:])
+                        out.append(self._lead + buf[pos:])
                         pos, state = n, _CONTENT
                     else:
                         scan = max(scan, n - len(end) + 1)
@@ -77,12 +88,12 @@ class TaggedToolParser(ToolParser):
                 stop = j + len(end)
                 call = self.parse_body(buf[pos + len(start) : j])
                 if call is None:
-                    out.append(buf[pos:stop])
+                    out.append(self._lead + buf[pos:stop])
                     state = _CONTENT
                 else:
                     calls.append(call)
                     state = _AFTER
-                pos = stop
+                pos, self._lead = stop, ""
             else:  # _AFTER: whitespace after a call is held until what follows is known
                 k = pos
                 while k < n and buf[k].isspace():
@@ -92,7 +103,7 @@ class TaggedToolParser(ToolParser):
                         pos = n
                     break
                 if buf.startswith(start, k):
-                    pos, state, scan = k, _CALL, k + len(start)
+                    self._lead, pos, state, scan = buf[pos:k], k, _CALL, k + len(start)
                 elif not final and n - k < len(start) and start.startswith(buf[k:]):
                     break
                 else:

@@ -39,9 +39,11 @@ class JsonCallsParser(ToolParser):
     bare = ""
     separators = ""
     arg_keys: tuple[str, ...] = ("arguments", "parameters")
+    name_keys: tuple[str, ...] = ("name",)
     allow_list = True
     anywhere = ""  # characters that open a JSON value anywhere in content (json)
-    # json: prose after the calls ends them (the Rust SMG takes the first JSON value).
+    # json: prose (or a value that is not a call) after the calls ends them: the rest
+    # is content (the Rust SMG takes the first JSON value).
     plain_after_calls = False
 
     def __init__(self, tools: Sequence[dict] = ()) -> None:
@@ -50,6 +52,8 @@ class JsonCallsParser(ToolParser):
         self._buf = ""
         self._state = _START if self.bare else _CONTENT
         self._prefix = ""  # syntax in front of the current call: content if it fails
+        self._called = False  # a call has been emitted
+        self._lead = ""  # separators between a call and the next opener: the same
         self._end: JsonEnd | None = None
         self._name: str | None = None  # a name read before the value (mistral's [ARGS])
         self._firsts = self.anywhere + self.opener[:1]
@@ -69,16 +73,29 @@ class JsonCallsParser(ToolParser):
             if arguments is None or not known(name, self.names):
                 return None
             return [ToolCall(name, arguments)]
-        return calls_from_value(value, self.arg_keys, self.names, allow_list=self.allow_list)
+        return calls_from_value(
+            value, self.arg_keys, self.names, allow_list=self.allow_list, name_keys=self.name_keys
+        )
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if not text:
             return "", []
+        if self._state == _CALL and self._end is not None:
+            # Inside a value: the scanner goes on from where it stopped.
+            buf = self._buf + text
+            if self._end.scan(buf) < 0:
+                self._buf = buf
+                return "", []
+            return self._run(buf, final=False)
         if not self._buf:
             if self._state == _PLAIN:
                 return text, []
-            if self._state == _CONTENT and not any(c in text for c in self._firsts):
-                return text, []
+            if self._state == _CONTENT:
+                for c in self._firsts:
+                    if c in text:
+                        break
+                else:
+                    return text, []
         return self._run(self._buf + text, final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
@@ -145,11 +162,12 @@ class JsonCallsParser(ToolParser):
                 if at == WAIT:
                     break
                 if at == FAIL:  # the opener and what follows it are content
-                    out.append(buf[pos : pos + len(opener)])
+                    out.append(self._lead + buf[pos : pos + len(opener)])
                     pos, state = pos + len(opener), _CONTENT
                 else:
-                    self._prefix, pos, state = buf[pos:at], at, _CALL
+                    self._prefix, pos, state = self._lead + buf[pos:at], at, _CALL
                     self._end, self._name = JsonEnd(at), name
+                self._lead = ""
             elif state == _CALL:
                 end = self._end
                 assert end is not None
@@ -162,10 +180,10 @@ class JsonCallsParser(ToolParser):
                 got = self.calls(load(buf[pos:e]), self._name)
                 if got:
                     calls.extend(got)
-                    state = _AFTER
+                    state, self._called = _AFTER, True
                 else:
                     out.append(self._prefix + buf[pos:e])
-                    state = _CONTENT
+                    state = _PLAIN if self.plain_after_calls and self._called else _CONTENT
                 self._prefix = ""
                 pos = e
             else:  # _AFTER: separators after a call are held until what follows is known
@@ -175,10 +193,10 @@ class JsonCallsParser(ToolParser):
                         pos = n
                     break
                 if buf[k] in self.bare_after():
-                    self._prefix, pos, state = "", k, _CALL
+                    self._prefix, pos, state = buf[pos:k], k, _CALL
                     self._end, self._name = JsonEnd(k), None
                 elif opener and buf.startswith(opener, k):
-                    pos, state = k, _OPENED
+                    self._lead, pos, state = buf[pos:k], k, _OPENED
                 elif opener and not final and n - k < len(opener) and opener.startswith(buf[k:]):
                     break
                 else:
@@ -198,6 +216,7 @@ class JsonToolParser(JsonCallsParser):
     content, and so is any JSON in it."""
 
     name = "json"
+    name_keys = ("name", "function")  # as the Rust SMG: {"function": "f", ...} too
     bare = "{["
     anywhere = "{["
     plain_after_calls = True
