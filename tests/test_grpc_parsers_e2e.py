@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from smg.grpc.prepare import Defaults, RequestError, prepare_chat, prepare_completion
@@ -26,6 +28,7 @@ from smg.grpc.respond import (
     parser_plan,
 )
 from smg.grpc.types import EngineOutput
+from smg.parsers.registry import REASONING_PARSERS, TOOL_PARSERS
 from smg.tokenizer import Tokenizer, load_tokenizer
 from tests.tokenizer_data import llama31_dir, needs_llama3
 
@@ -193,6 +196,44 @@ def test_truncated_call_comes_back_as_content(tok: Tokenizer) -> None:
     assert calls(deltas) == []
     assert "".join(d.text for d in deltas) == text
     assert deltas[-1].finish_reason == "length"
+
+
+PIECES = [
+    "<think>", "</think>", "<tool_call>", "</tool_call>", '{"name": "get_time", ',
+    '"arguments": {}}', "[get_time()]", "<|python_tag|>", "\n", "Hi", "{", "}", "<", "|",
+    "<\uff5ctool\u2581calls\u2581begin\uff5c>", "<|tool_calls_section_begin|>", "\u00e9",
+]  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(st.sampled_from(PIECES), max_size=25),
+    tool=st.sampled_from(sorted(TOOL_PARSERS)),
+    reasoning=st.sampled_from(sorted(REASONING_PARSERS)),
+    in_reasoning=st.sampled_from([None, True, False]),
+    reason=st.sampled_from(["stop", "length"]),
+)
+def test_any_output_through_any_parsers_never_raises(
+    tok: Tokenizer, pieces: list[str], tool: str, reasoning: str, in_reasoning: Any, reason: str
+) -> None:
+    p = chat(tools=TOOLS, stream=True)
+    plan = parser_plan(p, tool, reasoning, in_reasoning)
+    assert plan is not None
+    state = plan.choice(0, tok, p.sampling)
+    w = ChatStreamWriter(p, "abc", "m", 1, tok)
+    w.use_parsers()
+    data = w.start()
+    deltas = []
+    for o in outputs(tok, "".join(pieces), reason):
+        deltas.append(state.on_output(o))
+        data += w.delta(deltas[-1])
+    assert state.done()
+    finish = deltas[-1].finish_reason
+    assert finish == ("tool_calls" if reason == "stop" and calls(deltas) else reason)
+    body = orjson.loads(chat_body(p, "abc", "m", 1, tok, [deltas], Usage(1, 1, 0)))
+    ChatCompletion.model_validate(body)
 
 
 def test_parsed_chat_body_parses_with_openai(tok: Tokenizer) -> None:
