@@ -553,3 +553,58 @@ def test_worker_labels_pick_the_parsers(families: Family) -> None:
     whole, streamed = ask(families, CUSTOM, "hm</think>Plain answer.")
     view = same_but_ids(whole, streamed)
     assert (view["reasoning"], view["content"], view["calls"]) == ("hm", "Plain answer.", [])
+
+
+# Each remaining family's syntax, read by the parser a `tool_call_parser` label names.
+FAMILY_CALLS = {
+    "json": '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}',
+    "pythonic": '[get_weather(city="Paris", days=2)]',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]',
+    "qwen_xml": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+    "deepseek": f"<{BAR}tool▁calls▁begin{BAR}><{BAR}tool▁call▁begin{BAR}>function"
+    f'<{BAR}tool▁sep{BAR}>get_weather\n```json\n{{"city": "Paris", "days": 2}}\n```'
+    f"<{BAR}tool▁call▁end{BAR}><{BAR}tool▁calls▁end{BAR}>",
+    "deepseek32": f'<{BAR}DSML{BAR}function_calls>\n<{BAR}DSML{BAR}invoke name="get_weather">\n'
+    f'<{BAR}DSML{BAR}parameter name="city" string="true">Paris</{BAR}DSML{BAR}parameter>\n'
+    f'<{BAR}DSML{BAR}parameter name="days" string="false">2</{BAR}DSML{BAR}parameter>\n'
+    f"</{BAR}DSML{BAR}invoke>\n</{BAR}DSML{BAR}function_calls>",
+    "glm45_moe": "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+    "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>",
+    "glm47_moe": "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value>"
+    "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>",
+    "minimax_m2": '<minimax:tool_call>\n<invoke name="get_weather">\n'
+    '<parameter name="city">Paris</parameter>\n<parameter name="days">2</parameter>\n'
+    "</invoke>\n</minimax:tool_call>",
+    "step3": f"<{BAR}tool_calls_begin{BAR}><{BAR}tool_call_begin{BAR}>function<{BAR}tool_sep{BAR}>"
+    '<steptml:invoke name="get_weather"><steptml:parameter name="city">Paris</steptml:parameter>'
+    '<steptml:parameter name="days">2</steptml:parameter></steptml:invoke>'
+    f"<{BAR}tool_call_end{BAR}><{BAR}tool_calls_end{BAR}>",
+}
+
+
+def test_every_family_through_a_patched_label(families: Family) -> None:
+    import time
+
+    gw = families.gw
+    (worker,) = [w for w in gw.admin("GET", "/workers").json()["workers"] if CUSTOM in str(w)]
+    path = f"/workers/{worker['id']}"
+    try:
+        for name, syntax in FAMILY_CALLS.items():
+            labels = {"tool_call_parser": name, "reasoning_parser": "passthrough"}
+            patched = gw.admin("PATCH", path, json={"labels": labels})
+            assert patched.status_code == 202, patched.text
+            reply = "Sure. " + syntax
+            deadline = time.monotonic() + 20
+            while True:  # the data plane sees the republished worker within a moment
+                whole, streamed = ask(families, CUSTOM, reply, tools=TOOLS)
+                if whole.choices[0].message.tool_calls or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            view = same_but_ids(whole, streamed)
+            assert (name, view["content"], view["reasoning"]) == (name, "Sure. ", "")
+            assert args_of(view) == [("get_weather", {"city": "Paris", "days": 2})], name
+            assert view["finish"] == "tool_calls"
+    finally:
+        labels = {"tool_call_parser": "llama", "reasoning_parser": "deepseek_r1"}
+        gw.admin("PATCH", path, json={"labels": labels})
