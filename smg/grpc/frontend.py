@@ -156,7 +156,11 @@ class Stages:
         self, prepared: Any, entry: DirectoryEntry, template: Any, request_model: str | None
     ) -> Any:
         """The attempt's ParserPlan (which output parsers its choices get), or None."""
-        if prepared.kind != "chat" or not (prepared.parse_tools or prepared.separate_reasoning):
+        if (
+            prepared.kind != "chat"
+            or prepared.tool_choice is not None
+            or not (prepared.parse_tools or prepared.separate_reasoning)
+        ):
             return None
         tool, reasoning = self.selector.for_entry(entry, request_model)
         in_reasoning = None
