@@ -265,7 +265,7 @@ class ParsingChoiceState(ChoiceState):
             for call in calls:
                 i = self._calls
                 self._calls += 1
-                call_id = getattr(call, "id", None) or tool_call_id()
+                call_id = call.id or tool_call_id()
                 out_calls.append(CallOut(i, call_id, call.name, call.arguments))
             d.calls = out_calls
         if final and d.finish_reason == "stop" and self._calls:
