@@ -192,7 +192,8 @@ CASES = [
         "qwen",
         '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>\n'
         '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
-        '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>\n',
+        # the whitespace between the two calls is layout: dropped once a call succeeds
+        '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
         [("get_time", {})],
     ),
     (  # whitespace in front of a second call that fails stays content

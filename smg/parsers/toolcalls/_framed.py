@@ -40,12 +40,16 @@ class FramedToolParser(ToolParser):
         self._lead = leads.pop() if len(leads) == 1 else ""
         self._idle = bool(self._lead)  # nothing held, outside any call: fast path open
         self._reach = max(len(self.call_begin), len(self.call_end)) - 1
+        # One first character for both call markers (every family here: "<") opens the
+        # in-call fast path; formats with two simply always scan.
+        call_leads = {m[0] for m in (self.call_begin, self.call_end) if m}
+        self._call_lead = call_leads.pop() if len(call_leads) == 1 and self._reach else ""
         self._buf = ""  # undecided text: a marker's possible start, or a call being held
         self._mode = _TEXT
         self._pending = ""  # section syntax no successful call has accounted for yet
         self._ok = False  # a call of the current section has succeeded
         self._scan = 0  # in a call: where the search for its end resumes
-        self._names = tool_names(tools)
+        self.names = tool_names(tools)
 
     def parse_call(self, body: str) -> ToolCall | None:
         """One call's body (between `call_begin` and `call_end`) -> a call, or None."""
@@ -54,6 +58,16 @@ class FramedToolParser(ToolParser):
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if self._idle and self._lead not in text:
             return text, []
+        lead = self._call_lead
+        if lead and self._mode == _CALL and lead not in text:
+            # Inside a call, a piece in which no marker can begin (their first character
+            # is in neither it nor the tail a marker could have started in) only grows
+            # the call: the scan resumes where the last one would have.
+            buf = self._buf
+            if lead not in buf[-self._reach :]:
+                self._buf = buf = buf + text
+                self._scan = max(len(self.call_begin), len(buf) - self._reach)
+                return "", []
         self._buf += text
         return self._run(final=False)
 
@@ -66,7 +80,7 @@ class FramedToolParser(ToolParser):
         except Exception:  # a parser bug must not cost the answer: the call is content
             return None
         # A call to a function the request did not offer is content (every family: one rule).
-        return call if call is not None and known(call.name, self._names) else None
+        return call if call is not None and known(call.name, self.names) else None
 
     def _run(self, *, final: bool) -> tuple[str, list[ToolCall]]:
         out: list[str] = []

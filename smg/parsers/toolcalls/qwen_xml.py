@@ -31,7 +31,7 @@ _PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.DOTALL)
 class QwenXmlToolParser(TaggedToolParser):
     name = "qwen_xml"
 
-    def parse_body(self, body: str) -> ToolCall | None:
+    def parse_call(self, body: str) -> ToolCall | None:
         function = _FUNCTION.search(body)
         if function is None:
             return None
