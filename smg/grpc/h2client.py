@@ -60,7 +60,13 @@ from smg.grpc.h2wire import (
     settings_values,
     window_increment,
 )
-from smg.grpc.protos import BACKENDS, StreamNormalizer, build_abort_request, build_generate_request
+from smg.grpc.protos import (
+    BACKENDS,
+    StreamNormalizer,
+    build_abort_request,
+    build_generate_request,
+    chunk_output,
+)
 from smg.grpc.protos import output_from as _output_from
 from smg.grpc.types import EngineError, EngineOutput, GenerateInput
 
@@ -771,7 +777,12 @@ class H2EngineClient:
             async for raw in batches:
                 outs = []
                 for data in raw:
-                    out = feed(_output_from(backend, parse(data)))
+                    # A plain chunk is read from its bytes (protos.chunk_output: no
+                    # protobuf object, no malloc_trim per token); the rest is parsed.
+                    out = chunk_output(backend, data)
+                    if out is None:
+                        out = _output_from(backend, parse(data))
+                    out = feed(out)
                     if out is not None:
                         outs.append(out)
                 if outs:
