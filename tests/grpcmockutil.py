@@ -5,6 +5,7 @@
         mock.url        # grpc://127.0.0.1:P (a --worker-urls value)
         mock.target     # 127.0.0.1:P (a grpc channel target)
         mock.config(fail_next=1, fail_code="UNAVAILABLE")
+        mock.reply("<tool_call>...")  # every request now gets this text, then EOS
         mock.stats()["last_generate_request"]
 
 The mock binds an ephemeral port itself (`--port 0`, `--control-port 0`) and prints the
@@ -92,6 +93,11 @@ class GrpcMock:
         status, data = request_json("POST", self.control + "/config", fields)
         assert status == 200, data
         return data
+
+    def reply(self, text: str) -> None:
+        """Answer every Generate with `text` (plain-text tokens), then the EOS: what
+        `--reply-file` does, switched at run time."""
+        self.config(output_mode="reply:" + text)
 
     def reset(self) -> None:
         status, data = request_json("POST", self.control + "/reset", b"")

@@ -114,6 +114,9 @@ class FakeStages:
     def choice(self, index: int, tokenizer: Any, sampling: Any) -> FakeChoice:
         return FakeChoice(index, self.stop_after)
 
+    def parsers(self, *args: Any) -> None:
+        return None  # no output parsing (tests/test_grpc_parsers_e2e.py covers it)
+
     def writer(self, *args: Any) -> FakeWriter:
         return FakeWriter()
 

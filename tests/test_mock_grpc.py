@@ -294,6 +294,21 @@ def test_eos_after(engine: Engine, text_ids: list[int]) -> None:
     assert (list(ignored.output_ids), ignored.finish_reason) == (text_ids[:5], "length")
 
 
+def test_reply_once_as_plain_text_then_eos(engine: Engine, model_dir: Path) -> None:
+    reply = '<|python_tag|>{"name": "f"}'  # a special token's spelling stays plain text
+    engine.mock.reply(reply)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    msgs = engine.generate(engine.request(max_tokens=50, stream=True))
+    streamed = [ids for kind, _, ids in kinds(msgs) if kind == "chunk"]
+    assert all(len(ids) == 1 for ids in streamed)  # one token per message
+    (done,) = completes(msgs)
+    out = [i for ids in streamed for i in ids]
+    assert out[-1] == EOT and tok.decode(out[:-1], skip_special_tokens=True) == reply
+    assert done.finish_reason == "stop"
+    (short,) = completes(engine.generate(engine.request(max_tokens=3, stream=False)))
+    assert (len(short.output_ids), short.finish_reason) == (3, "length")
+
+
 def test_stop_token_ids_and_min_tokens(engine: Engine, text_ids: list[int]) -> None:
     comma = text_ids[2]
     (done,) = completes(
@@ -624,3 +639,15 @@ def test_garbage_on_the_wire_closes_only_that_connection(engine: Engine) -> None
             assert got[-17:-8] == frame(7, 0, 0, b"\x00" * 8)[:9]
             assert got[-4:] == b"\x00\x00\x00\x09"
     assert engine.stub.HealthCheck(engine.pb.HealthCheckRequest(), timeout=5).healthy is True
+
+
+def test_reply_file_flag(tmp_path: Path) -> None:
+    from smg.mock_worker.grpc_options import parse_grpc_options
+
+    reply = tmp_path / "reply.txt"
+    reply.write_text("<think>hm</think>ok\n", "utf-8")
+    base = ["--grpc", "--tokenizer-path", "x"]
+    opts = parse_grpc_options([*base, "--reply-file", str(reply)])
+    assert opts.output_mode == "reply:<think>hm</think>ok\n"
+    with pytest.raises(SystemExit):
+        parse_grpc_options([*base, "--reply-file", str(tmp_path / "missing.txt")])

@@ -78,7 +78,7 @@ class Stages:
     error mapping), called through one object. Imports are lazy so that a process that
     never sees a gRPC worker never loads them."""
 
-    def __init__(self) -> None:
+    def __init__(self, tool_flag: str | None = None, reasoning_flag: str | None = None) -> None:
         from smg.chat import TemplateError
         from smg.chat import messages as chat_messages
         from smg.grpc import prepare, protos, respond
@@ -92,6 +92,15 @@ class Stages:
         self.protos = protos
         self.normalize = chat_messages.normalize_messages
         self.request_error: type[Exception] = prepare.RequestError
+        from functools import lru_cache
+
+        from smg.parsers import thinking
+        from smg.parsers.select import ParserSelector
+
+        self.thinking = thinking
+        # One answer per template source (a template's text is its identity here).
+        self.thinking_toggle = lru_cache(maxsize=64)(thinking.detect_thinking_toggle)
+        self.selector = ParserSelector(tool_flag, reasoning_flag)
 
     def defaults(self, tokenizer: Any, entry: DirectoryEntry | None) -> Any:
         engine = entry.grpc.default_sampling_params_json if entry and entry.grpc else ""
@@ -142,6 +151,25 @@ class Stages:
 
     def choice(self, index: int, tokenizer: Any, sampling: Any) -> Any:
         return self.respond.ChoiceState(index, tokenizer, sampling)
+
+    def parsers(
+        self, prepared: Any, entry: DirectoryEntry, template: Any, request_model: str | None
+    ) -> Any:
+        """The attempt's ParserPlan (which output parsers its choices get), or None."""
+        if (
+            prepared.kind != "chat"
+            or prepared.tool_choice is not None
+            or not (prepared.parse_tools or prepared.separate_reasoning)
+        ):
+            return None
+        tool, reasoning = self.selector.for_entry(entry, request_model)
+        in_reasoning = None
+        if reasoning is not None and prepared.separate_reasoning and template is not None:
+            toggle, key = self.thinking_toggle(template.source)
+            in_reasoning = self.thinking.starts_in_reasoning(
+                toggle, key, prepared.template_kwargs, prepared.reasoning_effort
+            )
+        return self.respond.parser_plan(prepared, tool, reasoning, in_reasoning)
 
     def writer(
         self, prepared: Any, request_id: str, model: str, created: int, tokenizer: Any
@@ -220,7 +248,8 @@ class GrpcFront:
     @property
     def stages(self) -> Any:
         if self._stages is None:
-            self._stages = Stages()
+            cfg = self.app.cfg
+            self._stages = Stages(cfg.tool_call_parser, cfg.reasoning_parser)
         return self._stages
 
     def on_directory(self, entries: dict[int, DirectoryEntry]) -> None:
@@ -629,7 +658,7 @@ class GrpcExchange:
         self.request.body = b""  # parsed: the request no longer needs it
         route = self._route(ids)
         model = self.body.get("model") or (entry.models[0] if entry and entry.models else "")
-        await self._generate(prepared, ids, text, tokenizer, route, str(model))
+        await self._generate(prepared, ids, text, tokenizer, route, str(model), template)
 
     def _route(self, ids: list[int]) -> RouteRequest:
         from smg.policies.base import RouteRequest
@@ -711,8 +740,11 @@ class GrpcExchange:
         tokenizer: Any,
         route: RouteRequest,
         model: str,
+        template: Any = None,
     ) -> None:
         stages = self.front.stages
+        asked = self.body.get("model")
+        request_model = asked if isinstance(asked, str) else None
         # SGLang's /generate `rid` names the request at the engine and in the answer.
         request_id = prepared.request_id_hint or self.request_id.decode("latin-1")
         self.engine_rid = request_id
@@ -727,11 +759,14 @@ class GrpcExchange:
         while True:
             entry = self._next_worker()
             client = self.front.workers.client(entry)
-            run = _Run(stages, prepared, tokenizer, len(ids))
+            plan = stages.parsers(prepared, entry, template, request_model)
+            run = _Run(stages, prepared, tokenizer, len(ids), plan)
             writer = None
             if prepared.stream:
                 writer = stages.writer(prepared, request_id, model, created, tokenizer)
                 writer.prompt_tokens = len(ids)  # continuous usage stats
+                if plan is not None:
+                    writer.use_parsers()
             self.dispatched = client
             try:
                 timeout = max(0.001, self.deadline - time.monotonic())
@@ -993,9 +1028,12 @@ class _Run:
 
     __slots__ = ("cached", "choices", "completion", "deltas", "finished", "prompt_tokens")
 
-    def __init__(self, stages: Any, prepared: Any, tokenizer: Any, prompt_tokens: int) -> None:
+    def __init__(
+        self, stages: Any, prepared: Any, tokenizer: Any, prompt_tokens: int, plan: Any = None
+    ) -> None:
         n = max(1, int(prepared.sampling.n))
-        self.choices = [stages.choice(i, tokenizer, prepared.sampling) for i in range(n)]
+        make = stages.choice if plan is None else plan.choice
+        self.choices = [make(i, tokenizer, prepared.sampling) for i in range(n)]
         self.deltas: list[list[Any]] = [[] for _ in range(n)]
         self.prompt_tokens = prompt_tokens
         self.cached = 0

@@ -148,6 +148,14 @@ class Prepared:
     # tool_choice "required" / a named function: the output is a JSON constraint and the
     # answer carries tool calls (respond.py); None otherwise.
     tool_choice: str | None = None  # "required" | the function's name
+    # Output parsing (smg.parsers, chat only): parse_tools when `tools` are given and
+    # tool_choice is auto/absent (the chosen tool parser turns the model's syntax into
+    # tool_calls); separate_reasoning: the reasoning parser, when one is chosen, splits
+    # reasoning_content off; reasoning_effort feeds the thinking toggle (1.13's rules).
+    parse_tools: bool = False
+    parallel_tool_calls: bool = True
+    separate_reasoning: bool = True
+    reasoning_effort: str | None = None
     # max_tokens when the request has none: the model's max_new_tokens (chat), the
     # legacy API's 16 (completions), SGLang's 128 (/generate)
     max_tokens_default: int | None = None
@@ -863,6 +871,16 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
         schema = tool_schema(tools, choice, parallel_tool_calls=body.get("parallel_tool_calls"))
         constraint = ("json_schema", orjson.dumps(schema).decode())
     sampling.constraint = constraint
+    parse_tools = tools is not None and choice is None and body.get("tool_choice") != "none"
+    if parse_tools:
+        # The Rust SMG 1.13 (chat preparation) decodes with special tokens kept whenever
+        # tool calls are parsed (no JSON-schema constraint): a parser's markers may be
+        # special tokens (Llama's <|python_tag|>, DeepSeek's and Kimi's section tokens).
+        sampling.skip_special_tokens = False
+    parallel = _field(body, "parallel_tool_calls", _is_bool, "a boolean")
+    separate_reasoning = _boolean(body, "separate_reasoning", True)
+    _boolean(body, "stream_reasoning", True)  # accepted; 1.13 streams reasoning regardless
+    reasoning_effort = _string(body, "reasoning_effort")
     documents = body.get("documents")
     if documents is not None and not (
         isinstance(documents, list) and all(isinstance(d, dict) for d in documents)
@@ -901,6 +919,10 @@ def prepare_chat(body: dict, defaults: Defaults) -> Prepared:
         max_tokens_explicit=explicit,
         max_tokens_default=defaults.max_tokens,
         tool_choice=choice,
+        parse_tools=parse_tools,
+        parallel_tool_calls=parallel is not False,
+        separate_reasoning=separate_reasoning,
+        reasoning_effort=reasoning_effort,
     )
 
 

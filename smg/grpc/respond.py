@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
@@ -25,8 +25,11 @@ from smg.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 if TYPE_CHECKING:
     from smg.grpc.prepare import Prepared
+    from smg.parsers import ChoiceParser
 
 _DONE = b"data: [DONE]\n\n"
+# The end of a chat chunk whose choice is still open (no logprobs, no finish_reason).
+_OPEN_CHUNK_END = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 # vLLM clamps -inf logprobs to this so the JSON stays valid
 _MIN_LOGPROB = -9999.0
 
@@ -42,6 +45,35 @@ class Delta:
     # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
     matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
+    parsed: ClassVar[bool] = False
+
+
+@dataclass(slots=True)
+class ParsedDelta(Delta):
+    """A delta of a parsed choice (ParsingChoiceState): `text` is the content that is
+    certain so far, beside the reasoning and the whole tool calls this output completed."""
+
+    reasoning: str = ""
+    calls: Sequence[CallOut] = ()
+    parsed: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CallOut:
+    """One whole tool call as the answer carries it: its position among the choice's
+    calls (the stream's `index`), its id, name and arguments (JSON text)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass(slots=True)
@@ -83,8 +115,10 @@ class ChoiceState:
     __slots__ = (
         "_detok",
         "_done",
+        "_hold",
         "_include_stop",
         "_min_tokens",
+        "_pending",
         "_primary_eos",
         "_stop_ids",
         "_stops",
@@ -112,6 +146,12 @@ class ChoiceState:
         self._min_tokens = sampling.min_tokens
         self._tokens = 0
         self._done = False
+        self._pending: list[int] | None = None
+        # Only a stop token that decodes to text needs holding: special tokens kept, or
+        # stop_token_ids (which may be ordinary tokens).
+        self._hold = not self._include_stop and (
+            not sampling.skip_special_tokens or bool(sampling.stop_token_ids)
+        )
 
     def done(self) -> bool:
         return self._done
@@ -121,15 +161,25 @@ class ChoiceState:
             return Delta(self.index, "", None, None, None, [])
         ids = out.token_ids
         text_ids = ids
-        if (
-            out.finished
-            and ids
-            and not self._include_stop
-            and out.finish_reason == "stop"
-            and not isinstance(out.matched_stop, str)
-            and (ids[-1] == out.matched_stop or ids[-1] in self._stop_ids)
-        ):
-            text_ids = ids[:-1]
+        if self._hold:
+            # A streamed chunk may end on a stop token before the complete says the
+            # engine stopped on it: hold it until then (it is text only if more follows).
+            if self._pending is not None:
+                text_ids = self._pending + ids
+                self._pending = None
+            if not out.finished and text_ids and text_ids[-1] in self._stop_ids:
+                self._pending = [text_ids[-1]]
+                text_ids = text_ids[:-1]
+        if out.finished:
+            last = text_ids[-1] if text_ids else None  # the choice's last token
+            if (
+                text_ids
+                and not self._include_stop
+                and out.finish_reason == "stop"
+                and not isinstance(out.matched_stop, str)
+                and (last == out.matched_stop or last in self._stop_ids)
+            ):
+                text_ids = text_ids[:-1]
         self._tokens += len(ids)
         text = self._detok.add(text_ids) if text_ids else ""
         if out.finished:
@@ -151,13 +201,125 @@ class ChoiceState:
                 # vLLM's stop_reason whatever the engine reported: None for the model's
                 # EOS, the id for another stop token (stop_token_ids and the extra EOS ids
                 # of generation_config.json, which vLLM adds to them)
-                last = ids[-1] if ids else None
                 if matched is None and last in self._stop_ids:
                     matched = last
                 if matched == self._primary_eos:
                     matched = None
             return Delta(self.index, text, out.logprobs, reason, matched, ids)
         return Delta(self.index, text, out.logprobs, None, None, ids)
+
+
+class ParsingChoiceState(ChoiceState):
+    """A choice whose text goes through output parsers (smg.parsers.ChoiceParser):
+    reasoning first, then tool calls. Each delta's text becomes the content that is
+    certain so far, with the reasoning and the whole calls beside it; the parser is
+    finished on the choice's last delta. A choice that stopped normally after emitting
+    calls ends with finish_reason "tool_calls" (1.13 streaming and vLLM). `parallel`
+    False keeps only the first call (parallel_tool_calls: false). A call's id is the
+    one the model wrote where its format has one (Kimi-K2's `functions.NAME:IDX`, read
+    back by its template), otherwise `tool_call_id()`."""
+
+    __slots__ = ("_calls", "_parallel", "_parser")
+
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Tokenizer,
+        sampling: SamplingParams,
+        parser: ChoiceParser,
+        *,
+        parallel: bool = True,
+    ) -> None:
+        super().__init__(index, tokenizer, sampling)
+        self._parser = parser
+        self._parallel = parallel
+        self._calls = 0
+
+    def on_output(self, out: EngineOutput) -> Delta:
+        was_done = self._done
+        base = ChoiceState.on_output(self, out)
+        if was_done:
+            return base
+        d = ParsedDelta(
+            base.index,
+            base.text,
+            base.logprobs,
+            base.finish_reason,
+            base.matched_stop,
+            base.token_ids,
+        )
+        final = d.finish_reason is not None
+        if not d.text and not final:
+            return d
+        parser = self._parser
+        parsed = parser.feed(d.text)
+        if final:
+            parsed.extend(parser.finish())
+        d.text = parsed.content
+        d.reasoning = parsed.reasoning
+        calls = parsed.calls
+        if calls:
+            if not self._parallel:
+                calls = calls[: max(0, 1 - self._calls)]
+            out_calls = []
+            for call in calls:
+                i = self._calls
+                self._calls += 1
+                call_id = getattr(call, "id", None) or tool_call_id()
+                out_calls.append(CallOut(i, call_id, call.name, call.arguments))
+            d.calls = out_calls
+        if final and d.finish_reason == "stop" and self._calls:
+            d.finish_reason = "tool_calls"
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class ParserPlan:
+    """Which parsers one attempt's choices get (chosen per worker by smg.parsers.select,
+    switched per request by `parser_plan`); `choice` makes a fresh state per choice."""
+
+    tool: str | None
+    reasoning: str | None
+    in_reasoning: bool | None
+    tools: Sequence[dict]
+    parallel: bool
+
+    def choice(self, index: int, tokenizer: Tokenizer, sampling: SamplingParams) -> ChoiceState:
+        from smg.parsers import ChoiceParser, reasoning_parser_class, tool_parser_class
+
+        reasoning = (
+            reasoning_parser_class(self.reasoning)(in_reasoning=self.in_reasoning)
+            if self.reasoning is not None
+            else None
+        )
+        tools = tool_parser_class(self.tool)(self.tools) if self.tool is not None else None
+        return ParsingChoiceState(
+            index,
+            tokenizer,
+            sampling,
+            ChoiceParser(reasoning, tools),
+            parallel=self.parallel,
+        )
+
+
+def parser_plan(
+    p: Prepared, tool: str | None, reasoning: str | None, in_reasoning: bool | None
+) -> ParserPlan | None:
+    """The Rust SMG 1.13's rules for which requests parse: chat only; tool calls when
+    `tools` are given and tool_choice is auto/absent (none: no tool parsing; required
+    / a named function keep the JSON-constraint path, with no parsing at all: 1.13
+    would run the reasoning parser over the constrained JSON); reasoning when
+    separate_reasoning (default true). None: no parsing (the plain path, unchanged)."""
+    if p.kind != "chat" or p.tool_choice is not None:
+        # tool_choice required / a named function: the engine's JSON constraint shapes
+        # the output from its first token, so there is no reasoning block or call syntax
+        # to parse; respond.py's tool_choice path reads the JSON (issue 10, unchanged).
+        return None
+    tool = tool if p.parse_tools else None
+    reasoning = reasoning if p.separate_reasoning else None
+    if tool is None and reasoning is None:
+        return None
+    return ParserPlan(tool, reasoning, in_reasoning, p.tools or (), p.parallel_tool_calls)
 
 
 # --------------------------------------------------------------------------- logprobs
@@ -508,6 +670,7 @@ class ChatStreamWriter(_Writer):
         self.id = chat_id(self.request_id)
         self._texts = [""] * self.n  # tool_choice: each choice's text so far
         self._named_started = [False] * self.n
+        self._parsed_plain: dict[str, list[bytes]] | None = None
         self._tools_streamed = [False] * self.n
         self._head = (
             b'{"id":'
@@ -565,6 +728,71 @@ class ChatStreamWriter(_Writer):
             )
         return b"".join(out)
 
+    def use_parsers(self) -> None:
+        """The choices' deltas come parsed (ParsingChoiceState): the plain-chunk shortcut
+        becomes one for a lone content or reasoning_content piece."""
+        self._plain = None
+        if self.p.logprobs or self._continuous:
+            return
+        self._parsed_plain = {
+            key: [
+                b"data: " + self._head + b'{"index":%d,"delta":{"%s":' % (i, key.encode())
+                for i in range(self.n)
+            ]
+            for key in ("content", "reasoning_content")
+        }
+
+    def _parsed_chunks(self, d: ParsedDelta, i: int, logprobs: dict[str, Any] | None) -> bytes:
+        """A parsed delta as chunks: its reasoning_content, its content, then each whole
+        call as two deltas (id, type, name with arguments "", then the arguments), the
+        way OpenAI streams calls; logprobs ride on the first chunk, finish_reason and
+        stop_reason on the last (an empty delta when nothing else is left to say)."""
+        fast = self._parsed_plain
+        if fast is not None and d.finish_reason is None and not d.calls:
+            # The common chunk: one piece of content or of reasoning, one orjson call.
+            if d.text and not d.reasoning:
+                return fast["content"][i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
+            if d.reasoning and not d.text:
+                return fast["reasoning_content"][i] + orjson.dumps(d.reasoning) + _OPEN_CHUNK_END
+        deltas: list[dict[str, Any]] = []
+        if d.reasoning:
+            deltas.append({"reasoning_content": d.reasoning})
+        if d.text:
+            deltas.append({"content": d.text})
+        for call in d.calls:
+            deltas.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": call.index,
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            deltas.append(
+                {"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}
+            )
+        if not deltas:
+            if d.finish_reason is None and logprobs is None:
+                return b""  # held back (a possible marker): nothing certain yet
+            deltas.append({"content": ""} if d.finish_reason is None else {})
+        out = []
+        last = len(deltas) - 1
+        for n, message in enumerate(deltas):
+            choice: dict[str, Any] = {
+                "index": i,
+                "delta": message,
+                "logprobs": logprobs if n == 0 else None,
+                "finish_reason": d.finish_reason if n == last else None,
+            }
+            if n == last and d.finish_reason is not None:
+                choice["stop_reason"] = d.matched_stop
+            out.append(self._chunk(choice, i))
+        return b"".join(out)
+
     def _tool_delta(self, i: int, text: str) -> dict[str, Any] | None:
         choice = self.p.tool_choice
         if choice == "required":
@@ -597,11 +825,7 @@ class ChatStreamWriter(_Writer):
         i = self._index(d)
         self.completion[i] += len(d.token_ids)
         if self._plain is not None and d.finish_reason is None:
-            return (
-                self._plain[i]
-                + orjson.dumps(d.text)
-                + b'},"logprobs":null,"finish_reason":null}]}\n\n'
-            )
+            return self._plain[i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
         logprobs = None
         if self.p.logprobs and d.logprobs is not None:
             logprobs = {
@@ -609,6 +833,8 @@ class ChatStreamWriter(_Writer):
                     d.logprobs, self.p.top_logprobs, self.tokenizer, self._cache
                 )
             }
+        if isinstance(d, ParsedDelta):
+            return self._parsed_chunks(d, i, logprobs)
         if self.p.tool_choice is None:
             message: dict[str, Any] = {"content": d.text}
         else:
@@ -775,7 +1001,9 @@ def chat_body(
         text, _ids, logprobs, reason, matched = _collect(deltas)
         reason = reason or "stop"
         message: dict[str, Any] = {"role": role, "content": echo + text}
-        if prepared.tool_choice is not None:
+        if deltas and isinstance(deltas[0], ParsedDelta):
+            message = _parsed_message(role, echo + text, deltas)
+        elif prepared.tool_choice is not None:
             # vLLM: content "" and the parsed calls; "required" that stopped -> tool_calls
             message = {
                 "role": role,
@@ -807,6 +1035,23 @@ def chat_body(
             "usage": usage.as_dict(),
         }
     )
+
+
+def _parsed_message(role: str, content: str, deltas: Sequence[Delta]) -> dict[str, Any]:
+    """A parsed choice's message: content (null when only whitespace is left, as 1.13's
+    normalize_assistant_content: the "\n\n" between reasoning and a call is not an
+    answer), reasoning_content (null when none), tool_calls when the model made any."""
+    parsed = [d for d in deltas if isinstance(d, ParsedDelta)]
+    reasoning = "".join(d.reasoning for d in parsed)
+    calls = [c.as_dict() for d in parsed for c in d.calls]
+    message: dict[str, Any] = {
+        "role": role,
+        "content": content if content.strip() else None,
+        "reasoning_content": reasoning or None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 def _prompt_text(prepared: Prepared, tokenizer: Any) -> str:

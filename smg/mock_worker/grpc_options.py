@@ -90,7 +90,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fail_after_tokens": (_int, "a non-negative integer"),
     "fail_message": (lambda v: isinstance(v, str), "a string"),
     "waiting": (_int, "a non-negative integer"),
-    "output_mode": (_mode_ok, "echo, random or text:<string>"),
+    "output_mode": (_mode_ok, "echo, random, text:<string> or reply:<string>"),
     "eos_after": (lambda v: v is None or _int(v), "null or a non-negative integer"),
 }
 
@@ -133,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-mode",
         type=_mode,
         default="random",
-        help="echo (the prompt's ids), random (seeded by the request's seed), text:<string>",
+        help="echo (the prompt's ids), random (seeded by the request's seed), text:<string> "
+        "(repeated), reply:<string> (once, then EOS)",
+    )
+    p.add_argument(
+        "--reply-file",
+        default=None,
+        help="answer every request with this file's text (as plain text, one token per "
+        "message), then finish 'stop': --output-mode reply:<the file's text>",
     )
     p.add_argument(
         "--eos-after",
@@ -169,6 +176,13 @@ def parse_grpc_options(argv: list[str]) -> GrpcOptions:
     ns = build_parser().parse_args(argv)
     if ns.processes > 1 and ns.control_port is not None:
         build_parser().error("--control-port needs --processes 1 (stats are per process)")
+    output_mode = ns.output_mode
+    if ns.reply_file is not None:
+        try:
+            with open(ns.reply_file, encoding="utf-8") as f:
+                output_mode = "reply:" + f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            build_parser().error(f"--reply-file: {e}")
     return GrpcOptions(
         backend=ns.grpc_backend,
         host=ns.host,
@@ -180,7 +194,7 @@ def parse_grpc_options(argv: list[str]) -> GrpcOptions:
         processes=ns.processes,
         ttft_ms=ns.ttft_ms,
         itl_ms=ns.itl_ms,
-        output_mode=ns.output_mode,
+        output_mode=output_mode,
         eos_after=ns.eos_after,
         control_port=ns.control_port,
         prefix_cache_tokens=ns.prefix_cache_tokens,

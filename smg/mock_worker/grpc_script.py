@@ -38,10 +38,11 @@ class Decoder(Protocol):
 
 @dataclass(frozen=True)
 class OutputMode:
-    """echo: the prompt's ids over and over; random: uniform over `pool`; text: `ids`."""
+    """echo: the prompt's ids over and over; random: uniform over `pool`; text: `ids`
+    over and over; reply: `ids` once, then the EOS (the choice stops)."""
 
-    kind: str  # "echo" | "random" | "text"
-    ids: tuple[int, ...] = ()  # text mode: the tokenized string
+    kind: str  # "echo" | "random" | "text" | "reply"
+    ids: tuple[int, ...] = ()  # text / reply mode: the tokenized string
 
 
 def parse_output_mode(text: str) -> OutputMode:
@@ -49,7 +50,9 @@ def parse_output_mode(text: str) -> OutputMode:
         return OutputMode(text)
     if text.startswith("text:") and len(text) > 5:
         return OutputMode("text")  # the ids are filled in once the tokenizer is loaded
-    raise ValueError("--output-mode must be echo, random or text:<string>")
+    if text.startswith("reply:"):
+        return OutputMode("reply")  # --reply-file's text (may be empty: EOS at once)
+    raise ValueError("--output-mode must be echo, random, text:<string> or reply:<string>")
 
 
 @dataclass
@@ -169,6 +172,7 @@ class ChoiceScript:
         )
         ids = req.prompt if mode.kind == "echo" else mode.ids
         self._cycle: Sequence[int] = ids or (model.primary_eos or 0,)
+        self._reply = mode.ids if mode.kind == "reply" else None
 
     @property
     def finished(self) -> bool:
@@ -188,6 +192,8 @@ class ChoiceScript:
         if self.mode.kind == "random":
             pool = m.random_pool
             return pool[self._rng.randrange(len(pool))]
+        if self._reply is not None:
+            return self._reply[n] if n < len(self._reply) else (m.primary_eos or 0)
         return self._cycle[n % len(self._cycle)]
 
     def _token_stop(self, token: int) -> tuple[bool, int | None]:
@@ -216,6 +222,13 @@ class ChoiceScript:
             self.finish_reason = LENGTH
             if self.model.backend == "vllm" and past_min and matched_str is not None:
                 self.finish_reason, self.matched = STOP, matched_str
+            return token
+        reply = self._reply
+        if reply is not None and self.count > len(reply):
+            # The reply is over: the engine's EOS ends it, whatever ignore_eos/min_tokens say
+            # (a reply is a fixed script). vLLM names no matched id for its own EOS.
+            self.finish_reason = STOP
+            self.matched = None if self.model.backend == "vllm" else token
             return token
         if not past_min:
             return token

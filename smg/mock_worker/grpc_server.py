@@ -62,7 +62,9 @@ INVALID_ARGUMENT. Prefix cache (--prefix-cache-tokens) as the HTTP mock's, over 
 
 Output (`--output-mode`): echo repeats the prompt's ids; random draws non-special ids
 (seeded by the request's seed and the choice index, else unseeded); text:<s> repeats the
-tokenization of <s>. A choice ends at max_tokens (absent: the context left), or as the stop
+tokenization of <s>; reply:<s> (`--reply-file FILE`: the file's text) sends the tokenization
+of <s> once, as plain text (a special token's spelling is ordinary text, so the text comes
+back whatever skip_special_tokens says), then the EOS: finish "stop". A choice ends at max_tokens (absent: the context left), or as the stop
 rules of grpc_script.py say; `--eos-after N` makes token N+1 the EOS (unless ignore_eos).
 Pace: the first token ttft after the request, then one every itl, deadline-based (0: as
 fast as the loop goes); a non-streamed answer comes when the last token would have.
@@ -198,10 +200,12 @@ class Engine:
 
     def output_mode(self, text: str) -> OutputMode:
         mode = parse_output_mode(text)
-        if mode.kind != "text":
-            return mode
-        ids = self.files.tokenizer.encode(text[len("text:") :], add_special_tokens=False).ids
-        return OutputMode("text", tuple(ids))
+        if mode.kind == "text":
+            ids = self.files.tokenizer.encode(text[len("text:") :], add_special_tokens=False).ids
+            return OutputMode("text", tuple(ids))
+        if mode.kind == "reply":
+            return OutputMode("reply", tuple(plain_ids(self.files.tokenizer, text[6:])))
+        return mode
 
     def count(self, method: str) -> None:
         self.stats.calls[method] = self.stats.calls.get(method, 0) + 1
@@ -232,6 +236,15 @@ class Engine:
         rt.fail_next -= 1
         self.stats.failed += 1
         return grpc.StatusCode[rt.fail_code], rt.fail_message, rt.fail_after_tokens
+
+
+def plain_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text`'s ids with no special-token matching: it decodes back to `text` exactly."""
+    tokenizer.encode_special_tokens = True
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
+    finally:
+        tokenizer.encode_special_tokens = False
 
 
 def _logprob_parts(module: Any, tokens: list[int], k: int, vocab: int, backend: str) -> Any:

@@ -29,10 +29,13 @@ from dataclasses import dataclass
 class ToolCall:
     """One complete call. `arguments` is the JSON text of an object (`json.dumps(value,
     ensure_ascii=False)` for formats whose arguments are not JSON text already, such as
-    XML parameters or Python keyword arguments)."""
+    XML parameters or Python keyword arguments). `id`: the call id the model wrote
+    itself, where its format has one (Kimi K2's `functions.NAME:IDX`, which its clients
+    and chat template read back); None lets the writer make one."""
 
     name: str
     arguments: str
+    id: str | None = None
 
 
 class ToolParser:

@@ -1,0 +1,59 @@
+"""MiniMax M2 (`minimax_m2`) tool calls (MiniMaxAI/MiniMax-M2's template; 1.13
+crates/tool_parser/src/parsers/minimax_m2.rs):
+
+    <minimax:tool_call>
+    <invoke name="NAME">
+    <parameter name="p">v</parameter>
+    </invoke>
+    </minimax:tool_call>
+
+Several `<invoke>` blocks may share one wrapper (parallel calls). Values are bare text:
+XML entities decoded, then typed from the request's tool schema (`_schema`), else
+inferred as 1.13 does (literals, then numbers, else the text). An `<invoke>` outside the
+wrapper is text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from smg.parsers.toolcalls._framed import FramedToolParser
+from smg.parsers.toolcalls._schema import dumps, infer_scalar, param_types, typed_value
+from smg.parsers.types import ToolCall
+
+_HEAD = re.compile(r'\s*"([^"]+)"\s*>', re.DOTALL)
+_PARAM = re.compile(r'<parameter\s+name="([^"]+)"\s*>(.*?)</parameter>', re.DOTALL)
+_ENTITIES = (("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&amp;", "&"))
+
+
+def decode_entities(text: str) -> str:
+    if "&" not in text:
+        return text
+    for entity, char in _ENTITIES:  # &amp; last: "&amp;lt;" is the text "&lt;"
+        text = text.replace(entity, char)
+    return text
+
+
+class MinimaxM2ToolParser(FramedToolParser):
+    name = "minimax_m2"
+    section_begin = "<minimax:tool_call>"
+    section_end = "</minimax:tool_call>"
+    call_begin = "<invoke name="
+    call_end = "</invoke>"
+    bare_calls = False
+
+    def parse_call(self, body: str) -> ToolCall | None:
+        head = _HEAD.match(body)
+        if head is None:
+            return None
+        name = head.group(1).strip()
+        params = body[head.end() :]
+        types = param_types(self.tools, name)
+        arguments = {}
+        for match in _PARAM.finditer(params):
+            key = match.group(1).strip()
+            value = decode_entities(match.group(2))
+            arguments[key] = typed_value(value, types.get(key), infer_scalar)
+        if not name or _PARAM.sub("", params).strip():
+            return None
+        return ToolCall(name, dumps(arguments))
