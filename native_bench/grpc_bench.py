@@ -29,9 +29,10 @@ pinned (a 2-core box cannot spare cores).
 
 Parser mode (--parsers FAMILY, issue 11): the mock answers every request with one reply
 text (`--reply-file`) in that family's syntax, reasoning then a tool call (`reply_text`:
-as many tokens as --output-len, the EOS included, so the call is complete and the stream
-ends with finish "tool_calls"), both gateways run with the family's `--tool-call-parser`
-and `--reasoning-parser`, and every request carries the call's tool in `tools`.
+--output-len - 1 tokens, the EOS included, so the call is complete and the stream ends
+with finish "tool_calls"), both gateways run with the family's `--tool-call-parser`
+and `--reasoning-parser`, and every request carries the call's tool in `tools` (and no
+ignore_eos: the reply's EOS ends the stream).
 
     .venv/bin/python native_bench/grpc_bench.py --rust-smg /path/to/rust/venv/bin/smg
     .venv/bin/python native_bench/grpc_bench.py --gateways rust --input-lens 1024 --smoke
@@ -341,6 +342,9 @@ def run_load(
         "--max-error-rate", "0.01",
     ]  # fmt: skip
     if getattr(args, "parsers", None):
+        # The reply ends with the EOS: without ignore_eos it ends the stream as a model's
+        # would (finish "tool_calls"); with it the engine would go on to max_tokens.
+        argv.remove("--ignore-eos")
         argv += ["--extra-body", json.dumps({"tools": [TOOL]})]
     res = subprocess.run(
         argv,
@@ -548,7 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reply_file = None
         if args.parsers:
             reply_file = work / "reply.txt"
-            reply_file.write_text(reply_text(args.parsers, args.output_len, _counter(model_dir)))
+            # One token under max_tokens: the EOS, not the limit, ends the reply (the mock
+            # checks the limit first: at exactly max_tokens it would answer "length").
+            count = _counter(model_dir)
+            reply_file.write_text(reply_text(args.parsers, args.output_len - 1, count))
             report["parsers"] = dict(
                 zip(("tool_call_parser", "reasoning_parser"), PARSER_FAMILIES[args.parsers])
             )
