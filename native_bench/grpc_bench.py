@@ -444,12 +444,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"gRPC side by side, {report['date']}, {report['cpus']} CPUs, mock processes "
         f"{report['mock_processes']}, concurrency {report['concurrency']}, "
-        f"{report['output_len']} output tokens (ignore_eos), seed {report['seed']}"
         + (
-            f", parsers {report['parsers']['tool_call_parser']} + "
+            f"{report['output_len'] - 1} output tokens (the reply's EOS ends it), seed "
+            f"{report['seed']}, parsers {report['parsers']['tool_call_parser']} + "
             f"{report['parsers']['reasoning_parser']} (reply: reasoning, one tool call)"
             if report.get("parsers")
-            else ""
+            else f"{report['output_len']} output tokens (ignore_eos), seed {report['seed']}"
         ),
         "",
         "| input | gateway | out tok/s (sat) | req/s (sat) | CPU s/1k req (sat) | rate (half) "
