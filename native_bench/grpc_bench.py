@@ -27,8 +27,16 @@ over each run, divided by the requests completed. Cores: with --gateway-cores th
 is pinned there and the mock and the load client to --load-cores; by default nothing is
 pinned (a 2-core box cannot spare cores).
 
+Parser mode (--parsers FAMILY, issue 11): the mock answers every request with one reply
+text (`--reply-file`) in that family's syntax, reasoning then a tool call (`reply_text`:
+--output-len - 1 tokens, the EOS included, so the call is complete and the stream ends
+with finish "tool_calls"), both gateways run with the family's `--tool-call-parser`
+and `--reasoning-parser`, and every request carries the call's tool in `tools` (and no
+ignore_eos: the reply's EOS ends the stream).
+
     .venv/bin/python native_bench/grpc_bench.py --rust-smg /path/to/rust/venv/bin/smg
     .venv/bin/python native_bench/grpc_bench.py --gateways rust --input-lens 1024 --smoke
+    .venv/bin/python native_bench/grpc_bench.py --parsers qwen --input-lens 1024
 """
 
 from __future__ import annotations
@@ -60,6 +68,66 @@ from grpcmockutil import llama3_dir  # noqa: E402
 HOST = "127.0.0.1"
 GATEWAYS = ("rust", "smg-p2")
 MODEL = "llama3"
+
+# Parser mode: family -> (tool-call parser, reasoning parser, the reply's shape). The
+# tool is one function with a few typed arguments; the reply's reasoning is filler text
+# whose length makes the whole reply --output-len tokens.
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather and a forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "country": {"type": "string"},
+                "days": {"type": "integer"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "details": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["city"],
+        },
+    },
+}
+CALL_ARGUMENTS = {
+    "city": "Reykjavik",
+    "country": "Iceland",
+    "days": 5,
+    "unit": "celsius",
+    "details": ["wind speed", "precipitation", "sunrise and sunset times", "humidity"],
+}
+PARSER_FAMILIES: dict[str, tuple[str, str]] = {
+    # Qwen3: <think>...</think>, then Hermes-style <tool_call>{json}</tool_call>.
+    "qwen": ("qwen", "qwen3"),
+}
+_FILLER = (
+    "The user wants the weather in Reykjavik for the next few days. I should call the "
+    "weather tool with the city, the country and the number of days, in celsius, and ask "
+    "for wind, precipitation, daylight and humidity, since those matter most there. "
+)
+
+
+def reply_text(family: str, tokens: int, count: Any) -> str:
+    """The family's reply (reasoning, then one call of TOOL), padded with reasoning text
+    to `tokens` tokens as `count(text)` counts them (the mock's EOS is the last token:
+    `tokens - 1` for the text); never longer."""
+    if family not in PARSER_FAMILIES:
+        raise ValueError(f"unknown parser family {family!r}")
+    call = json.dumps({"name": "get_weather", "arguments": CALL_ARGUMENTS})
+
+    def build(words: list[str]) -> str:
+        return f"<think>\n{' '.join(words)}\n</think>\n\n<tool_call>\n{call}\n</tool_call>"
+
+    filler = (_FILLER * 40).split()
+    lo, hi = 0, len(filler)
+    while lo < hi:  # the most filler words that keep the text within budget
+        mid = (lo + hi + 1) // 2
+        if count(build(filler[:mid])) <= tokens - 1:
+            lo = mid
+        else:
+            hi = mid - 1
+    return build(filler[:lo])
 
 
 def log(msg: str) -> None:
@@ -136,13 +204,18 @@ def start_mock(
     context: int = 16384,
     cores: Sequence[int] | None = None,
     timeout: float = 60.0,
+    reply_file: Path | None = None,
 ) -> Proc:
     argv = [
         sys.executable, "-m", "smg", "mock-worker", "--grpc", "--grpc-backend", backend,
         "--host", HOST, "--port", "0", "--tokenizer-path", str(model_dir), "--model", MODEL,
         "--max-context-length", str(context), "--processes", str(processes),
-        "--itl-ms", str(itl_ms), "--output-mode", "random",
+        "--itl-ms", str(itl_ms),
     ]  # fmt: skip
+    if reply_file is None:
+        argv += ["--output-mode", "random"]
+    else:
+        argv += ["--reply-file", str(reply_file)]
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -173,6 +246,9 @@ def gateway_argv(
         "--host", HOST, "--port", str(port), "--policy", "round_robin",
         "--prometheus-port", str(free_port()), "--prometheus-host", HOST, "--log-level", "warn",
     ]  # fmt: skip
+    if getattr(args, "parsers", None):
+        tool_parser, reasoning_parser = PARSER_FAMILIES[args.parsers]
+        common += ["--tool-call-parser", tool_parser, "--reasoning-parser", reasoning_parser]
     if name == "rust":
         return [args.rust_smg, *common, *args.rust_extra_args.split()]
     return [args.smg_python, "-m", "smg", *common, "--processes", "2", *args.smg_extra_args.split()]
@@ -265,6 +341,11 @@ def run_load(
         "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
         "--max-error-rate", "0.01",
     ]  # fmt: skip
+    if getattr(args, "parsers", None):
+        # The reply ends with the EOS: without ignore_eos it ends the stream as a model's
+        # would (finish "tool_calls"); with it the engine would go on to max_tokens.
+        argv.remove("--ignore-eos")
+        argv += ["--extra-body", json.dumps({"tools": [TOOL]})]
     res = subprocess.run(
         argv,
         cwd=REPO,
@@ -363,7 +444,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"gRPC side by side, {report['date']}, {report['cpus']} CPUs, mock processes "
         f"{report['mock_processes']}, concurrency {report['concurrency']}, "
-        f"{report['output_len']} output tokens (ignore_eos), seed {report['seed']}",
+        + (
+            f"{report['output_len'] - 1} output tokens (the reply's EOS ends it), seed "
+            f"{report['seed']}, parsers {report['parsers']['tool_call_parser']} + "
+            f"{report['parsers']['reasoning_parser']} (reply: reasoning, one tool call)"
+            if report.get("parsers")
+            else f"{report['output_len']} output tokens (ignore_eos), seed {report['seed']}"
+        ),
         "",
         "| input | gateway | out tok/s (sat) | req/s (sat) | CPU s/1k req (sat) | rate (half) "
         "| TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | CPU s/1k req (half) | failed |",
@@ -417,11 +504,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny runs (a harness check, not a measurement)"
     )
+    ap.add_argument(
+        "--parsers",
+        choices=sorted(PARSER_FAMILIES),
+        default=None,
+        help="parser mode: the mock replies in this family's reasoning + tool-call syntax",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON report (a .md beside it)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.num_prompts, args.half_prompts = 64, 32
     return args
+
+
+def _counter(model_dir: Path) -> Any:
+    """Token count of a text as the mock tokenizes a reply (plain text, no specials)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,8 +549,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="grpc-bench-") as tmp:
         work = Path(tmp)
         model_dir = make_model_dir(work / "llama3", config_json=not args.no_config_json)
+        reply_file = None
+        if args.parsers:
+            reply_file = work / "reply.txt"
+            # One token under max_tokens: the EOS, not the limit, ends the reply (the mock
+            # checks the limit first: at exactly max_tokens it would answer "length").
+            count = _counter(model_dir)
+            reply_file.write_text(reply_text(args.parsers, args.output_len - 1, count))
+            report["parsers"] = dict(
+                zip(("tool_call_parser", "reasoning_parser"), PARSER_FAMILIES[args.parsers])
+            )
         mock = start_mock(
-            model_dir, args.backend, processes=args.mock_processes, cores=args.load_cores
+            model_dir,
+            args.backend,
+            processes=args.mock_processes,
+            cores=args.load_cores,
+            reply_file=reply_file,
         )
         try:
             for input_len in args.input_lens:

@@ -165,3 +165,36 @@ def _stream(port: int, **body: Any) -> tuple[int, str]:
         return resp.status, resp.read().decode()
     finally:
         conn.close()
+
+
+def test_reply_text_fills_the_budget_and_parses_as_reasoning_then_one_call(
+    tmp_path: Path,
+) -> None:
+    from smg.parsers import ChoiceParser, parse_all
+    from smg.parsers.registry import reasoning_parser_class, tool_parser_class
+
+    count = gb._counter(gb.make_model_dir(tmp_path / "llama3"))
+    text = gb.reply_text("qwen", 256, count)
+    assert 240 <= count(text) <= 255  # the EOS is the 256th token
+    tool_name, reasoning_name = gb.PARSER_FAMILIES["qwen"]
+    parser = ChoiceParser(
+        reasoning_parser_class(reasoning_name)(in_reasoning=None),
+        tool_parser_class(tool_name)([gb.TOOL]),
+    )
+    parsed = parse_all(parser, text)
+    assert parsed.content.strip() == ""
+    assert parsed.reasoning.strip().startswith("The user wants the weather in Reykjavik")
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [
+        ("get_weather", gb.CALL_ARGUMENTS)
+    ]
+    with pytest.raises(ValueError):
+        gb.reply_text("nope", 256, count)
+
+
+def test_parser_mode_flags_reach_both_gateways_and_the_load() -> None:
+    args = gb.parse_args(["--parsers", "qwen", "--rust-smg", "/x/smg"])
+    mock = gb.Proc("mock", None, "127.0.0.1:9")  # type: ignore[arg-type]
+    for name in gb.GATEWAYS:
+        argv = gb.gateway_argv(name, args, mock, Path("/m"), 1234)
+        i = argv.index("--tool-call-parser")
+        assert argv[i : i + 4] == ["--tool-call-parser", "qwen", "--reasoning-parser", "qwen3"]

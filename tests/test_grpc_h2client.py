@@ -18,6 +18,8 @@ import grpc.aio
 import grpcmockutil
 import hpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from smg_grpc_proto.generated import vllm_engine_pb2 as vll
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vll_grpc
 
@@ -500,3 +502,81 @@ def test_a_worker_that_dies_mid_stream(model_dir: Path) -> None:
 
     with grpcmockutil.start_grpc_mock(model_dir, backend="vllm", args=["--itl-ms", "20"]) as mock:
         _run_uvloop(main(mock))
+
+
+# --- DATA frames read from any cut of the byte stream (in memory) --------------------------
+
+
+class _NullTransport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _message(n: int) -> bytes:
+    return bytes([n % 251]) * (n % 7) + n.to_bytes(3, "big")
+
+
+def _data_frames() -> tuple[bytes, dict[int, list[bytes]]]:
+    """DATA frames of three streams in every shape a peer may send: one whole message a
+    frame (the fast path), several in one frame, one split over frames, padded frames,
+    an empty message, END_STREAM on a frame with messages; and what each stream holds."""
+    from smg.grpc.h2wire import DATA, PADDED
+
+    def wire(m: bytes) -> bytes:
+        return b"\x00" + len(m).to_bytes(4, "big") + m
+
+    frames: list[bytes] = []
+    expected: dict[int, list[bytes]] = {1: [], 3: [], 5: []}
+    for i in range(40):
+        sid = (1, 3, 5)[i % 3]
+        m = _message(i)
+        shape = i % 6
+        if shape == 0:  # several messages in one frame
+            frames.append(frame(DATA, 0, sid, wire(m) + wire(b"") + wire(m[::-1])))
+            expected[sid] += [m, b"", m[::-1]]
+        elif shape == 1:  # one message over three frames
+            w = wire(m + b"xyz")
+            frames += [frame(DATA, 0, sid, w[:2]), frame(DATA, 0, sid, w[2:6])]
+            frames.append(frame(DATA, 0, sid, w[6:]))
+            expected[sid].append(m + b"xyz")
+        elif shape == 2:  # padded
+            frames.append(frame(DATA, PADDED, sid, b"\x03" + wire(m) + b"\x00\x00\x00"))
+            expected[sid].append(m)
+        else:  # the streamed case
+            frames.append(frame(DATA, 0, sid, wire(m)))
+            expected[sid].append(m)
+    frames.append(frame(DATA, END_STREAM, 5, wire(b"last")))
+    expected[5].append(b"last")
+    return b"".join(frames), expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 400), max_size=30))
+def test_data_frames_from_any_cut_of_the_stream(cuts: list[int]) -> None:
+    from smg.grpc.h2client import H2Connection, Stream
+
+    wire, expected = _data_frames()
+    loop = asyncio.new_event_loop()
+    try:
+        conn = H2Connection(loop, lambda c: None)
+        conn.transport = _NullTransport()  # type: ignore[assignment]
+        streams = {sid: Stream(conn, sid, 1 << 20) for sid in expected}
+        conn.streams.update(streams)
+        got: dict[int, list[bytes]] = {sid: [] for sid in expected}
+        pos = 0
+        for cut in [*cuts, len(wire)]:
+            conn.data_received(wire[pos : pos + cut])
+            pos = min(len(wire), pos + cut)
+            for sid, stream in streams.items():
+                taken = stream.take()
+                assert all(type(m) is bytes for m in taken)  # never a view of the buffer
+                got[sid] += taken
+            if pos == len(wire):
+                break
+        assert got == expected
+        assert streams[5].ended and not streams[1].ended and not streams[3].ended
+    finally:
+        loop.close()

@@ -4,6 +4,8 @@ parsing, the stream normalisation, model info and loads."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as sgl
 from smg_grpc_proto.generated import vllm_engine_pb2 as vll
 
@@ -12,6 +14,7 @@ from smg.grpc.protos import (
     StreamNormalizer,
     build_abort_request,
     build_generate_request,
+    chunk_output,
     http_status_for,
     load_from,
     model_info_from,
@@ -458,3 +461,97 @@ def test_status_mapping_is_the_rust_smgs() -> None:
     assert GRPC_STATUS_HTTP["CANCELLED"][0] == 400
     assert http_status_for("INTERNAL") == (500, "start_generation_failed")
     assert http_status_for("NO_SUCH_CODE") == (500, "start_generation_failed")
+
+
+# --- chunk_output: the streamed chunk read from its bytes ----------------------------------
+
+
+def _chunk_bytes(backend: str, ids: list[int], **kw: object) -> bytes:
+    pb = vll if backend == "vllm" else sgl
+    extra = {"request_id": "rid-1"} if backend == "sglang" else {}
+    return pb.GenerateResponse(  # type: ignore[attr-defined]
+        chunk=pb.GenerateStreamChunk(token_ids=ids, **kw), **extra
+    ).SerializeToString()
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_chunk_output_equals_output_from(backend: str) -> None:
+    pb = vll if backend == "vllm" else sgl
+    cases: list[tuple[list[int], dict[str, object]]] = [
+        ([128000], {"prompt_tokens": 1024, "completion_tokens": 1}),
+        ([0, 127, 128, 16383, 16384, 2**32 - 1], {"cached_tokens": 300, "index": 3}),
+        ([], {}),
+        ([5, 6], {"prompt_tokens": 2**31, "completion_tokens": 2, "index": 1}),
+    ]
+    if backend == "sglang":
+        cases.append(([9], {"reasoning_tokens": 4, "completion_tokens": 7}))
+    for ids, kw in cases:
+        data = _chunk_bytes(backend, ids, **kw)
+        fast = chunk_output(backend, data)
+        assert fast == output_from(backend, pb.GenerateResponse.FromString(data))
+        assert fast is not None and fast.token_ids == ids
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_chunk_output_leaves_other_messages_to_protobuf(backend: str) -> None:
+    pb = vll if backend == "vllm" else sgl
+    with_logprobs = _chunk_bytes(
+        backend,
+        [11],
+        output_logprobs=pb.OutputLogProbs(token_logprobs=[-0.5], token_ids=[11]),
+    )
+    complete = pb.GenerateResponse(
+        complete=pb.GenerateComplete(output_ids=[1], finish_reason="stop")
+    ).SerializeToString()
+    two_chunks = _chunk_bytes(backend, [1]) + _chunk_bytes(backend, [2])
+    unpacked = bytes([0x0A if backend == "vllm" else 0x12, 2, 0x08, 7])  # token_ids unpacked
+    for data in (with_logprobs, complete, two_chunks, b"", b"\x0a", b"\x0a\x05\x08"):
+        assert chunk_output(backend, data) is None
+    # Unpacked token ids are proto-legal: read too.
+    assert chunk_output(backend, unpacked) == output_from(
+        backend, pb.GenerateResponse.FromString(unpacked)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["vllm", "sglang"]), st.binary(max_size=40))
+def test_chunk_output_never_raises_and_agrees_with_protobuf(backend: str, data: bytes) -> None:
+    pb = vll if backend == "vllm" else sgl
+    fast = chunk_output(backend, data)  # never raises
+    if fast is not None:
+        assert fast == output_from(backend, pb.GenerateResponse.FromString(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["vllm", "sglang"]),
+    st.lists(st.integers(0, 2**32 - 1), max_size=6),
+    st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4),
+    st.integers(0, 60),
+    st.integers(0, 255),
+)
+def test_chunk_output_on_mutated_chunks(
+    backend: str, ids: list[int], counts: list[int], where: int, byte: int
+) -> None:
+    """A real chunk is read exactly as protobuf reads it; with one byte changed, either
+    the same answer as protobuf or None (never one protobuf would refuse)."""
+    prompt, completion, cached, index = counts
+    kw: dict[str, object] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": cached,
+        "index": index,
+    }
+    pb = vll if backend == "vllm" else sgl
+    data = _chunk_bytes(backend, ids, **kw)
+    assert chunk_output(backend, data) == EngineOutput(index, ids, prompt, completion, cached)
+    mutated = bytearray(data)
+    mutated[where % len(mutated)] = byte
+    fast = chunk_output(backend, bytes(mutated))
+    try:
+        slow = output_from(backend, pb.GenerateResponse.FromString(bytes(mutated)))
+    except Exception:  # protobuf refuses it: so must the fast path
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast == slow

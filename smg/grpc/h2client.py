@@ -60,7 +60,13 @@ from smg.grpc.h2wire import (
     settings_values,
     window_increment,
 )
-from smg.grpc.protos import BACKENDS, StreamNormalizer, build_abort_request, build_generate_request
+from smg.grpc.protos import (
+    BACKENDS,
+    StreamNormalizer,
+    build_abort_request,
+    build_generate_request,
+    chunk_output,
+)
 from smg.grpc.protos import output_from as _output_from
 from smg.grpc.types import EngineError, EngineOutput, GenerateInput
 
@@ -98,6 +104,10 @@ def grpc_timeout(seconds: float) -> str:
     if millis < 100_000_000:
         return f"{millis}m"
     return f"{min(99_999_999, millis // 1000)}S"
+
+
+# A frame's 9-byte head: length (24 bits, as 8 + 16), type, flags, stream id.
+_FRAME_HEAD = struct.Struct(">BHBBI")
 
 
 class _Refused(Exception):
@@ -368,21 +378,43 @@ class H2Connection(asyncio.Protocol):
             view = data
         pos = 0
         end = len(view)
+        copy = view is not data  # slices of the bytearray buffer are made bytes
+        streams = self.streams
+        unpack = _FRAME_HEAD.unpack_from
         self.in_read = True
         try:
             while end - pos >= 9:
-                length = int.from_bytes(view[pos : pos + 3], "big")
-                if end - pos < 9 + length:
+                high, low, ftype, flags, sid = unpack(view, pos)
+                length = high << 16 | low
+                start = pos + 9
+                pos = start + length
+                if pos > end:
+                    pos = start - 9
                     break
-                ftype = view[pos + 3]
-                flags = view[pos + 4]
-                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(view[pos + 9 : pos + 9 + length])
-                pos += 9 + length
+                sid &= 0x7FFFFFFF
                 if ftype == DATA:
-                    self._on_data(flags, sid, payload)
+                    # The streamed case: one whole uncompressed message in an unpadded
+                    # frame of an open stream with nothing partial, appended as it is.
+                    st = streams.get(sid)
+                    if (
+                        st is not None
+                        and not flags
+                        and not st.partial
+                        and length >= 5
+                        and not view[start]
+                        and int.from_bytes(view[start + 1 : start + 5], "big") == length - 5
+                        and not st.ended
+                    ):
+                        st.received += length
+                        message = view[start + 5 : pos]
+                        st.messages.append(bytes(message) if copy else message)
+                        st.wake()
+                        continue
+                    payload = view[start:pos]
+                    self._on_data(flags, sid, bytes(payload) if copy else payload)
                 else:
-                    self._on_frame(ftype, flags, sid, payload)
+                    payload = view[start:pos]
+                    self._on_frame(ftype, flags, sid, bytes(payload) if copy else payload)
                 if self.closed:
                     return
         except (hpack.HPACKError, ValueError, struct.error, IndexError) as exc:
@@ -771,7 +803,12 @@ class H2EngineClient:
             async for raw in batches:
                 outs = []
                 for data in raw:
-                    out = feed(_output_from(backend, parse(data)))
+                    # A plain chunk is read from its bytes (protos.chunk_output: no
+                    # protobuf object, no malloc_trim per token); the rest is parsed.
+                    out = chunk_output(backend, data)
+                    if out is None:
+                        out = _output_from(backend, parse(data))
+                    out = feed(out)
                     if out is not None:
                         outs.append(out)
                 if outs:

@@ -288,6 +288,124 @@ def output_from(backend: str, response: Any) -> EngineOutput:
     return EngineOutput(index=0, token_ids=[])
 
 
+# --- the streamed chunk, read from its wire bytes ---------------------------------------------
+#
+# Why: a data plane decodes one GenerateResponse per streamed token. Through the protobuf
+# runtime (upb) every message's arena is freed with glibc's malloc_trim (protobuf 7's
+# `upb_trim_allocfunc`, seen with `strace -k` in a data-plane process): a heap walk and
+# an madvise(MADV_DONTNEED) per token, then a page fault when the page is used again.
+# A plain chunk (token ids, the counts, the index; no logprobs) is read here with a
+# varint scan instead; anything else (a complete, logprobs, hidden states, a field we do
+# not know, bytes that do not parse) returns None and goes through `output_from`.
+
+# GenerateResponse's `chunk` key byte per backend (field 1 / 2, length-delimited), and a
+# table from a GenerateStreamChunk key byte to the slot its varint goes to: 1 an unpacked
+# token id, 2-4 prompt/completion/cached tokens, 5 the index (vLLM 7, SGLang 8), 6 read
+# and ignored (SGLang's reasoning_tokens, 9); 0: not read here.
+_CHUNK_KEY = {"vllm": 0x0A, "sglang": 0x12}
+
+
+def _slots(index_field: int, ignored: tuple[int, ...]) -> tuple[int, ...]:
+    table = [0] * 256
+    for field, slot in ((1, 1), (2, 2), (3, 3), (4, 4), (index_field, 5)):
+        table[field << 3] = slot
+    for field in ignored:
+        table[field << 3] = 6
+    return tuple(table)
+
+
+_SLOTS = {"vllm": _slots(7, ()), "sglang": _slots(8, (9,))}
+_U32 = 0xFFFFFFFF
+
+
+def chunk_output(backend: str, data: bytes) -> EngineOutput | None:
+    """The EngineOutput of a GenerateResponse holding a plain streamed chunk (as
+    `output_from` would make it), read from `data` without protobuf objects; None for any
+    other message (the caller parses it the usual way). Never raises."""
+    try:
+        return _chunk_output(_CHUNK_KEY[backend], _SLOTS[backend], data)
+    except (IndexError, KeyError, UnicodeDecodeError):
+        return None
+
+
+def _chunk_output(chunk_key: int, slots: tuple[int, ...], data: bytes) -> EngineOutput | None:
+    # The response: exactly one chunk field (a repeated one: the slow path merges them),
+    # and for SGLang a request_id string (field 1) to skip.
+    end = len(data)
+    pos = 0
+    start = -1
+    while pos < end:
+        key = data[pos]
+        n = data[pos + 1]
+        if n < 0x80:
+            pos += 2
+        else:
+            n, pos = _varint(data, pos + 1)
+        if key == chunk_key and start < 0:
+            start, stop = pos, pos + n
+        elif key == 0x0A and chunk_key == 0x12:  # SGLang's request_id: a valid string
+            str(data[pos : pos + n], "utf-8")
+        else:
+            return None
+        pos += n
+    if start < 0 or pos != end:
+        return None
+    ids: list[int] = []
+    values = [0, 0, 0, 0, 0, 0, 0]
+    pos = start
+    while pos < stop:
+        key = data[pos]
+        value = data[pos + 1]
+        if value < 0x80:
+            pos += 2
+        else:
+            value, pos = _varint(data, pos + 1)
+        if key == 0x0A:  # token_ids, packed: `value` is its length
+            last = pos + value
+            if last > stop:
+                return None
+            while pos < last:
+                b = data[pos]
+                if b < 0x80:
+                    ids.append(b)
+                    pos += 1
+                else:
+                    b, pos = _varint(data, pos)
+                    ids.append(b & _U32)
+            if pos != last:
+                return None
+            continue
+        slot = slots[key]
+        if slot == 1:
+            ids.append(value & _U32)
+        elif slot:
+            values[slot] = value & _U32
+        else:
+            return None
+    if pos != stop:
+        return None
+    return EngineOutput(values[5], ids, values[2], values[3], values[4])
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it); IndexError past the end or beyond 10 bytes."""
+    b = data[pos]
+    if b < 0x80:
+        return b, pos + 1
+    value = b & 0x7F
+    shift = 7
+    pos += 1
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint longer than 10 bytes")
+
+
 class StreamNormalizer:
     """Makes one request's outputs uniform across backends (pure, per request):
 
