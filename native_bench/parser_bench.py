@@ -38,7 +38,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the parser tests' template renderers
 
-from smg.parsers import ChoiceParser, Parsed, parse_all  # noqa: E402
+from parserutil import run_pieces, view  # noqa: E402
+
+from smg.parsers import ChoiceParser, parse_all  # noqa: E402
 from smg.parsers.registry import (  # noqa: E402
     REASONING_PARSERS,
     TOOL_PARSERS,
@@ -140,19 +142,6 @@ def make_parser(
     return make
 
 
-def stream(make: Callable[[], ChoiceParser], pieces: Sequence[str]) -> Parsed:
-    parser = make()
-    out = Parsed()
-    for piece in pieces:
-        out.extend(parser.feed(piece))
-    out.extend(parser.finish())
-    return out
-
-
-def _view(p: Parsed) -> tuple[str, str, list[tuple[str, Any]]]:
-    return p.reasoning, p.content, [(c.name, json.loads(c.arguments)) for c in p.calls]
-
-
 def measure(
     make: Callable[[], ChoiceParser], text: str, pieces: Sequence[str], seconds: float
 ) -> dict[str, Any]:
@@ -191,8 +180,8 @@ def run(families: Sequence[str], seconds: float, tokenizer: Any) -> list[dict[st
         reasoning_name = FAMILIES[family][0]
         make = make_parser(family, reasoning_name, tools)
         pieces = pieces_of(text, tokenizer)
-        whole = _view(parse_all(make(), text))
-        streamed = _view(stream(make, pieces))
+        whole = view(parse_all(make(), text))
+        streamed = view(run_pieces(make, pieces))
         got_calls = streamed[2]
         if streamed != whole or got_calls != [(n, a) for n, a in expected]:
             raise SystemExit(f"{family}: the streamed parse differs (calls {got_calls!r})")
@@ -206,7 +195,7 @@ def run(families: Sequence[str], seconds: float, tokenizer: Any) -> list[dict[st
         ("content", make_parser("qwen", "qwen3", [])),
         ("passthrough", make_parser("passthrough", "passthrough", [])),
     ):
-        if _view(stream(make, plain_pieces))[1] != plain:
+        if view(run_pieces(make, plain_pieces))[1] != plain:
             raise SystemExit(f"{name}: plain content did not come back as content")
         row = {"family": name, "tool_parser": "qwen" if name == "content" else name}
         row["reasoning_parser"] = "qwen3" if name == "content" else name

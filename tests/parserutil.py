@@ -73,7 +73,7 @@ def calls_of(parsed: Parsed) -> list[tuple[str, Any]]:
     return [(c.name, json.loads(c.arguments)) for c in parsed.calls]
 
 
-def _view(parsed: Parsed) -> tuple[str, str, list[tuple[str, Any]]]:
+def view(parsed: Parsed) -> tuple[str, str, list[tuple[str, Any]]]:
     return parsed.reasoning, parsed.content, calls_of(parsed)
 
 
@@ -81,15 +81,15 @@ def assert_split_invariant(
     make: Callable[[], ChoiceParser], text: str, *, seed: int = SEED
 ) -> Parsed:
     whole = parse_all(make(), text)
-    expected = _view(whole)
+    expected = view(whole)
     one = run_pieces(make, [text])
-    assert _view(one) == expected, "one piece through feed() differs from parse_all"
+    assert view(one) == expected, "one piece through feed() differs from parse_all"
     chars = run_pieces(make, list(text))
-    assert _view(chars) == expected, "one character at a time differs from the whole"
+    assert view(chars) == expected, "one character at a time differs from the whole"
     rng = random.Random(seed)
     for attempt in range(RANDOM_SPLITS):
         pieces = random_pieces(text, rng)
-        got = _view(run_pieces(make, pieces))
+        got = view(run_pieces(make, pieces))
         assert got == expected, f"random split #{attempt} {pieces!r} differs from the whole"
     return whole
 
