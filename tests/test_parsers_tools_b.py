@@ -688,3 +688,32 @@ def test_untyped_non_json_numbers_stay_text(text: str) -> None:
     call = f"<tool_call>f\n<arg_key>x</arg_key>\n<arg_value>{text}</arg_value>\n</tool_call>"
     result = assert_split_invariant(_any("glm45_moe"), call)
     assert calls_of(result) == [("f", {"x": text})]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_never_reach_the_arguments(constant: str) -> None:
+    # json.loads reads NaN/Infinity, and json.dumps would write them back: arguments no
+    # JSON parser accepts. Model-written JSON with one is not JSON (the call is content);
+    # a DSML value typed string="false" that is not JSON stays its text, as 1.13.
+    for parser, text in (
+        (
+            "deepseek31",
+            f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>"
+            f'{{"x": {constant}}}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        ),
+        (
+            "kimik2",
+            "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+            f'<|tool_call_argument_begin|>{{"x": {constant}}}<|tool_call_end|>'
+            "<|tool_calls_section_end|>",
+        ),
+    ):
+        result = assert_split_invariant(_any(parser), text)
+        assert (result.calls, result.content) == ([], text), parser
+    dsml = (
+        f'<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n'
+        f'<｜DSML｜parameter name="x" string="false">{constant}</｜DSML｜parameter>\n'
+        f"</｜DSML｜invoke>\n</｜DSML｜function_calls>"
+    )
+    result = assert_split_invariant(_any("deepseek32"), dsml)
+    assert calls_of(result) == [("f", {"x": constant})]

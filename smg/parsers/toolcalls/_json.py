@@ -93,11 +93,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def strict_loads(text: str) -> Any:
+    """`json.loads` that refuses NaN/Infinity (ValueError): Python reads them, but no
+    JSON encoder may write them back, so arguments holding one are not JSON."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def load(text: str) -> Any:
-    """`json.loads`, or None for anything that is not strict JSON (NaN/Infinity
-    included; a nesting too deep for the decoder is not an error either)."""
+    """`strict_loads`, or None for anything that is not strict JSON (a nesting too deep
+    for the decoder is not an error either)."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return strict_loads(text)
     except (ValueError, RecursionError):
         return None
 

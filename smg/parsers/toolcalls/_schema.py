@@ -14,10 +14,11 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from smg.parsers.toolcalls._json import strict_loads
 
 _LITERALS: dict[str, Any] = {
     "true": True,
@@ -52,13 +53,9 @@ def param_types(tools: Sequence[Any], name: str) -> dict[str, str]:
     return {}
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(name)  # NaN and Infinity are not JSON: such a value stays text
-
-
 def _json_or_missing(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return strict_loads(text)  # NaN and Infinity are not JSON: such a value stays text
     except ValueError:
         return _MISSING
 
@@ -124,8 +121,3 @@ def typed_value(text: str, declared: str | None, infer: Callable[[str], Any] = i
     """The parameter's value: by declared type when it fits, else by `infer`."""
     value = coerce(text, declared)
     return infer(text) if value is _MISSING else value
-
-
-def dumps(arguments: dict[str, Any]) -> str:
-    """Arguments as JSON text (vLLM's form: non-ASCII kept as is)."""
-    return json.dumps(arguments, ensure_ascii=False)

@@ -14,9 +14,8 @@ Arguments are JSON; a JSON value that is not an object is wrapped as {"value": v
 
 from __future__ import annotations
 
-import json
-
 from smg.parsers.toolcalls._framed import FramedToolParser
+from smg.parsers.toolcalls._json import dumps, strict_loads
 from smg.parsers.types import ToolCall
 
 SEP = "<｜tool▁sep｜>"
@@ -24,14 +23,14 @@ SEP = "<｜tool▁sep｜>"
 
 def json_arguments(raw: str) -> str | None:
     """Model-written JSON arguments -> vLLM's canonical JSON text of an object; None
-    when the text is not JSON."""
+    when the text is not strict JSON (NaN/Infinity included)."""
     try:
-        value = json.loads(raw)
+        value = strict_loads(raw)
     except ValueError:
         return None
     if not isinstance(value, dict):
         value = {"value": value}
-    return json.dumps(value, ensure_ascii=False)
+    return dumps(value)
 
 
 class _DeepSeekFrames(FramedToolParser):

@@ -17,11 +17,10 @@ the function_calls block is text.
 
 from __future__ import annotations
 
-import json
 import re
 
 from smg.parsers.toolcalls._framed import FramedToolParser
-from smg.parsers.toolcalls._schema import dumps
+from smg.parsers.toolcalls._json import dumps, load, strict_loads
 from smg.parsers.types import ToolCall
 
 _HEAD = re.compile(r'\s*"([^"]+)"\s*>', re.DOTALL)
@@ -35,8 +34,8 @@ def _value(text: str, is_string: bool) -> object:
     if is_string:
         return text
     try:
-        return json.loads(text)
-    except ValueError:
+        return strict_loads(text)
+    except ValueError:  # not JSON (NaN/Infinity included): the text, as 1.13
         return text
 
 
@@ -56,10 +55,7 @@ class DeepSeekV32ToolParser(FramedToolParser):
         params = body[head.end() :]
         direct = params.strip()
         if direct.startswith("{") and direct.endswith("}"):
-            try:
-                value = json.loads(direct)
-            except ValueError:
-                value = None
+            value = load(direct)
             if isinstance(value, dict):
                 return ToolCall(name, dumps(value)) if name else None
         arguments = {

@@ -11,10 +11,10 @@ must be a JSON object.
 
 from __future__ import annotations
 
-import json
 import re
 
 from smg.parsers.toolcalls._framed import FramedToolParser
+from smg.parsers.toolcalls._json import dumps, load
 from smg.parsers.types import ToolCall
 
 ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
@@ -35,10 +35,7 @@ class KimiK2ToolParser(FramedToolParser):
         match = _ID.fullmatch(call_id)
         if not sep or match is None:
             return None
-        try:
-            value = json.loads(args)
-        except ValueError:
-            return None
+        value = load(args)  # strict JSON: NaN/Infinity make the call malformed
         if not isinstance(value, dict):
             return None
-        return ToolCall(match.group(1), json.dumps(value, ensure_ascii=False), call_id)
+        return ToolCall(match.group(1), dumps(value), call_id)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 
 from smg.parsers.toolcalls._framed import FramedToolParser
-from smg.parsers.toolcalls._schema import dumps, infer_scalar, param_types, typed_value
+from smg.parsers.toolcalls._json import dumps
+from smg.parsers.toolcalls._schema import infer_scalar, param_types, typed_value
 from smg.parsers.types import ToolCall
 
 _HEAD = re.compile(r'\s*"([^"]+)"\s*>', re.DOTALL)

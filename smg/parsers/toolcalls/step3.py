@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 
 from smg.parsers.toolcalls._framed import FramedToolParser
-from smg.parsers.toolcalls._schema import dumps, param_types, typed_value
+from smg.parsers.toolcalls._json import dumps
+from smg.parsers.toolcalls._schema import param_types, typed_value
 from smg.parsers.types import ToolCall
 
 SEP = "<｜tool_sep｜>"
