@@ -13,10 +13,13 @@ the format's layout, not content: it is dropped once a call has succeeded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from smg.parsers.toolcalls._json import known, tool_names
 from smg.parsers.types import ToolCall, ToolParser, held_suffix_any
+
+_QUOTED_HEAD = re.compile(r'\s*"([^"]+)"\s*>', re.DOTALL)
 
 _TEXT = 0  # plain content; looking for a section or (bare) call marker
 _SECTION = 1  # after a section marker or a call: between calls
@@ -177,3 +180,10 @@ class FramedToolParser(ToolParser):
             if at >= 0 and (best < 0 or at < best):
                 best, found = at, marker
         return best, found
+
+
+def invoke_head(body: str) -> tuple[str, str] | None:
+    """A body whose call marker ends in `name=` (`<invoke name=`, DSML's): `"NAME">rest`
+    -> (NAME stripped, rest), or None."""
+    head = _QUOTED_HEAD.match(body)
+    return None if head is None else (head.group(1).strip(), body[head.end() :])

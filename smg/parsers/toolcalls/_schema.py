@@ -117,6 +117,27 @@ def _number_or_text(text: str) -> Any:
     return text
 
 
+def tagged_arguments(
+    pair: re.Pattern[str],
+    text: str,
+    types: Mapping[str, str],
+    *,
+    value: Callable[[str], str] = str.strip,
+    infer: Callable[[str], Any] = infer_value,
+) -> dict[str, Any] | None:
+    """The arguments of an XML-style call body: every (key, value text) pair `pair`
+    finds in `text`, each value through `value` then typed by the schema's `types`
+    (else `infer`); None when text other than whitespace stands outside the pairs (the
+    call is malformed: it comes back as content, never half-read)."""
+    arguments = {}
+    for match in pair.finditer(text):
+        key = match.group(1).strip()
+        arguments[key] = typed_value(value(match.group(2)), types.get(key), infer)
+    if pair.sub("", text).strip():
+        return None
+    return arguments
+
+
 def typed_value(text: str, declared: str | None, infer: Callable[[str], Any] = infer_value) -> Any:
     """The parameter's value: by declared type when it fits, else by `infer`."""
     value = coerce(text, declared)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import re
 
-from smg.parsers.toolcalls._framed import FramedToolParser
+from smg.parsers.toolcalls._framed import FramedToolParser, invoke_head
 from smg.parsers.toolcalls._json import dumps, load, strict_loads
 from smg.parsers.types import ToolCall
 
-_HEAD = re.compile(r'\s*"([^"]+)"\s*>', re.DOTALL)
 _PARAM = re.compile(
     r'<｜DSML｜parameter\s+name="([^"]+)"\s+string="(true|false)"\s*>(.*?)</｜DSML｜parameter>',
     re.DOTALL,
@@ -48,11 +47,10 @@ class DeepSeekV32ToolParser(FramedToolParser):
     bare_calls = False
 
     def parse_call(self, body: str) -> ToolCall | None:
-        head = _HEAD.match(body)
+        head = invoke_head(body)
         if head is None:
             return None
-        name = head.group(1).strip()
-        params = body[head.end() :]
+        name, params = head
         direct = params.strip()
         if direct.startswith("{") and direct.endswith("}"):
             value = load(direct)

@@ -17,7 +17,7 @@ import re
 
 from smg.parsers.toolcalls._framed import FramedToolParser
 from smg.parsers.toolcalls._json import dumps
-from smg.parsers.toolcalls._schema import param_types, typed_value
+from smg.parsers.toolcalls._schema import param_types, tagged_arguments
 from smg.parsers.types import ToolCall
 
 _PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
@@ -36,14 +36,8 @@ class _GlmToolParser(FramedToolParser):
         if split is None:
             return None
         name, args = split
-        types = param_types(self.tools, name)
-        arguments = {}
-        for match in _PAIR.finditer(args):
-            key = match.group(1).strip()
-            arguments[key] = typed_value(match.group(2).strip(), types.get(key))
-        if _PAIR.sub("", args).strip():
-            return None
-        return ToolCall(name, dumps(arguments))
+        arguments = tagged_arguments(_PAIR, args, param_types(self.tools, name))
+        return None if arguments is None else ToolCall(name, dumps(arguments))
 
 
 class Glm45ToolParser(_GlmToolParser):

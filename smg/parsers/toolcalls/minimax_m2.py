@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import re
 
-from smg.parsers.toolcalls._framed import FramedToolParser
+from smg.parsers.toolcalls._framed import FramedToolParser, invoke_head
 from smg.parsers.toolcalls._json import dumps
-from smg.parsers.toolcalls._schema import infer_scalar, param_types, typed_value
+from smg.parsers.toolcalls._schema import (
+    infer_scalar,
+    param_types,
+    tagged_arguments,
+)
 from smg.parsers.types import ToolCall
 
-_HEAD = re.compile(r'\s*"([^"]+)"\s*>', re.DOTALL)
 _PARAM = re.compile(r'<parameter\s+name="([^"]+)"\s*>(.*?)</parameter>', re.DOTALL)
 _ENTITIES = (("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&apos;", "'"), ("&amp;", "&"))
 
@@ -44,17 +47,17 @@ class MinimaxM2ToolParser(FramedToolParser):
     bare_calls = False
 
     def parse_call(self, body: str) -> ToolCall | None:
-        head = _HEAD.match(body)
+        head = invoke_head(body)
         if head is None:
             return None
-        name = head.group(1).strip()
-        params = body[head.end() :]
-        types = param_types(self.tools, name)
-        arguments = {}
-        for match in _PARAM.finditer(params):
-            key = match.group(1).strip()
-            value = decode_entities(match.group(2))
-            arguments[key] = typed_value(value, types.get(key), infer_scalar)
-        if not name or _PARAM.sub("", params).strip():
+        name, params = head
+        arguments = tagged_arguments(
+            _PARAM,
+            params,
+            param_types(self.tools, name),
+            value=decode_entities,
+            infer=infer_scalar,
+        )
+        if not name or arguments is None:
             return None
         return ToolCall(name, dumps(arguments))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from smg.parsers.toolcalls._json import dumps, known
+from smg.parsers.toolcalls._json import dumps
 from smg.parsers.toolcalls._schema import param_types, typed_value
 from smg.parsers.toolcalls.hermes import TaggedToolParser
 from smg.parsers.types import ToolCall
@@ -36,14 +36,11 @@ class QwenXmlToolParser(TaggedToolParser):
         if function is None:
             return None
         name = function.group(1).strip()
-        if not name or not known(name, self.names):
+        if not name:
             return None
         types = param_types(self.tools or (), name)
         arguments = {}
         for match in _PARAMETER.finditer(body, function.end()):
             key = match.group(1).strip()
             arguments[key] = typed_value(match.group(2).strip(), types.get(key))
-        try:
-            return ToolCall(name, dumps(arguments))
-        except ValueError:  # a value json cannot write (none expected): content
-            return None
+        return ToolCall(name, dumps(arguments))

@@ -18,7 +18,7 @@ import re
 
 from smg.parsers.toolcalls._framed import FramedToolParser
 from smg.parsers.toolcalls._json import dumps
-from smg.parsers.toolcalls._schema import param_types, typed_value
+from smg.parsers.toolcalls._schema import param_types, tagged_arguments
 from smg.parsers.types import ToolCall
 
 SEP = "<｜tool_sep｜>"
@@ -39,12 +39,7 @@ class Step3ToolParser(FramedToolParser):
         if not sep or kind.strip() != "function" or invoke is None:
             return None
         name = invoke.group(1).strip()
-        params = invoke.group(2)
-        types = param_types(self.tools, name)
-        arguments = {}
-        for match in _PARAM.finditer(params):
-            key = match.group(1).strip()
-            arguments[key] = typed_value(match.group(2).strip(), types.get(key))
-        if not name or _PARAM.sub("", params).strip():
+        arguments = tagged_arguments(_PARAM, invoke.group(2), param_types(self.tools, name))
+        if not name or arguments is None:
             return None
         return ToolCall(name, dumps(arguments))
