@@ -22,6 +22,7 @@ from smg.grpc.prepare import Defaults, RequestError, prepare_chat, prepare_compl
 from smg.grpc.respond import (
     ChatStreamWriter,
     Delta,
+    ParsedDelta,
     ParserPlan,
     Usage,
     chat_body,
@@ -157,7 +158,7 @@ def test_choice_splits_reasoning_content_and_whole_calls(tok: Tokenizer) -> None
     plan = parser_plan(p, "qwen", "qwen3", None)
     assert plan is not None
     deltas = run_choice(tok, plan, p, QWEN_REPLY)
-    assert all(d.parsed for d in deltas)
+    assert all(isinstance(d, ParsedDelta) for d in deltas)
     assert "".join(d.reasoning for d in deltas) == "The user wants weather."
     assert "".join(d.text for d in deltas) == "\n\nLet me check.\n"
     assert calls(deltas) == [

@@ -156,11 +156,7 @@ class Stages:
         self, prepared: Any, entry: DirectoryEntry, template: Any, request_model: str | None
     ) -> Any:
         """The attempt's ParserPlan (which output parsers its choices get), or None."""
-        if (
-            prepared.kind != "chat"
-            or prepared.tool_choice is not None
-            or not (prepared.parse_tools or prepared.separate_reasoning)
-        ):
+        if not self.respond.may_parse(prepared):
             return None
         tool, reasoning = self.selector.for_entry(entry, request_model)
         in_reasoning = None

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -45,7 +45,6 @@ class Delta:
     # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
     matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
-    parsed: ClassVar[bool] = False
 
 
 @dataclass(slots=True)
@@ -55,7 +54,6 @@ class ParsedDelta(Delta):
 
     reasoning: str = ""
     calls: Sequence[CallOut] = ()
-    parsed: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +300,14 @@ class ParserPlan:
         )
 
 
+def may_parse(p: Prepared) -> bool:
+    """Whether any output parser can apply (checked before choosing parsers). Not with
+    tool_choice required / a named function: the engine's JSON constraint shapes the
+    output from its first token, so there is no reasoning block or call syntax to
+    parse; the tool_choice path reads the JSON (issue 10, unchanged)."""
+    return p.kind == "chat" and p.tool_choice is None and (p.parse_tools or p.separate_reasoning)
+
+
 def parser_plan(
     p: Prepared, tool: str | None, reasoning: str | None, in_reasoning: bool | None
 ) -> ParserPlan | None:
@@ -310,10 +316,7 @@ def parser_plan(
     / a named function keep the JSON-constraint path, with no parsing at all: 1.13
     would run the reasoning parser over the constrained JSON); reasoning when
     separate_reasoning (default true). None: no parsing (the plain path, unchanged)."""
-    if p.kind != "chat" or p.tool_choice is not None:
-        # tool_choice required / a named function: the engine's JSON constraint shapes
-        # the output from its first token, so there is no reasoning block or call syntax
-        # to parse; respond.py's tool_choice path reads the JSON (issue 10, unchanged).
+    if not may_parse(p):
         return None
     tool = tool if p.parse_tools else None
     reasoning = reasoning if p.separate_reasoning else None
