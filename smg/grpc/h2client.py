@@ -49,15 +49,12 @@ from smg.grpc.h2wire import (
     PREFACE,
     RST_STREAM,
     SETTINGS,
-    SETTINGS_INITIAL_WINDOW_SIZE,
-    SETTINGS_MAX_CONCURRENT_STREAMS,
-    SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE,
     _hpack_int,
     _literal,
+    apply_settings,
     frame,
     header_fragment,
-    settings_values,
     window_increment,
 )
 from smg.grpc.protos import (
@@ -539,16 +536,7 @@ class H2Connection(asyncio.Protocol):
         elif ftype == SETTINGS:
             if flags & ACK:
                 return
-            for key, value in settings_values(payload):
-                if key == SETTINGS_INITIAL_WINDOW_SIZE:
-                    delta = value - self.peer_window
-                    self.peer_window = value
-                    for st in self.streams.values():
-                        st.send_window += delta
-                elif key == SETTINGS_MAX_FRAME_SIZE:
-                    self.peer_max_frame = value
-                elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
-                    self.peer_max_streams = value
+            apply_settings(self, payload)
             self.write(frame(SETTINGS, ACK, 0))
             if not self.ready.done():
                 self.ready.set_result(None)

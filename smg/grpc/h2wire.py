@@ -6,6 +6,7 @@ without indexing, no Huffman), so a header block can be built once and reused.""
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 (
@@ -64,6 +65,23 @@ SETTINGS_MAX_FRAME_SIZE = 0x5
 def settings_values(payload: bytes) -> list[tuple[int, int]]:
     """The (identifier, value) pairs of a SETTINGS frame's payload (RFC 9113 6.5.1)."""
     return [struct.unpack_from(">HI", payload, i) for i in range(0, len(payload) - 5, 6)]
+
+
+def apply_settings(conn: Any, payload: bytes) -> None:
+    """A peer's SETTINGS frame applied to a connection, the client's or the mock
+    server's: each has `peer_window` (SETTINGS_INITIAL_WINDOW_SIZE, whose change moves
+    every open stream's `send_window` by the difference, RFC 9113 6.9.2),
+    `peer_max_frame` and `peer_max_streams`, and `streams` by id."""
+    for key, value in settings_values(payload):
+        if key == SETTINGS_INITIAL_WINDOW_SIZE:
+            delta = value - conn.peer_window
+            conn.peer_window = value
+            for st in conn.streams.values():
+                st.send_window += delta
+        elif key == SETTINGS_MAX_FRAME_SIZE:
+            conn.peer_max_frame = value
+        elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
+            conn.peer_max_streams = value
 
 
 def header_fragment(flags: int, payload: bytes) -> bytes:

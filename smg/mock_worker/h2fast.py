@@ -42,13 +42,11 @@ from smg.grpc.h2wire import (
     PREFACE,
     RST_STREAM,
     SETTINGS,
-    SETTINGS_INITIAL_WINDOW_SIZE,
-    SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE,
     _literal,
+    apply_settings,
     frame,
     header_fragment,
-    settings_values,
     window_increment,
 )
 
@@ -179,6 +177,7 @@ class Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.peer_window = 65535  # peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_max_frame = 16384
+        self.peer_max_streams = 1 << 31  # recorded (apply_settings); a server opens none
         self.conn_window = 65535
         self.out: list[bytes] = []
         # DATA payloads waiting for send window, and trailers queued behind them (True)
@@ -341,14 +340,7 @@ class Connection(asyncio.Protocol):
         elif ftype == SETTINGS:
             if flags & ACK:
                 return
-            for key, value in settings_values(payload):
-                if key == SETTINGS_INITIAL_WINDOW_SIZE:
-                    delta = value - self.peer_window
-                    self.peer_window = value
-                    for st in self.streams.values():
-                        st.send_window += delta
-                elif key == SETTINGS_MAX_FRAME_SIZE:
-                    self.peer_max_frame = value
+            apply_settings(self, payload)
             self.out.append(frame(SETTINGS, ACK, 0))
             self._drain_pending()
         elif ftype == WINDOW_UPDATE:
