@@ -26,6 +26,7 @@ import pytest
 import yaml
 from gatewayutil import Gateway, free_port, secret, wait_until
 
+import smg
 from smg.config import _FIELDS, DEFAULTS, ConfigError, is_secret_key, load_config
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) renders the chart")
@@ -123,6 +124,14 @@ def subset(small: dict[str, str], big: dict[str, str]) -> bool:
 
 
 # --- the chart as Helm sees it --------------------------------------------------------------
+
+
+def test_chart_app_version_is_smgs_version() -> None:
+    """The default image tag (appVersion) names the smg release the image holds."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == smg.__version__
+    image = container(render({}))["image"]
+    assert image == f"{chart_values()['image']['repository']}:{smg.__version__}"
 
 
 def test_chart_lints_clean_at_its_oldest_and_newest_kubernetes() -> None:
