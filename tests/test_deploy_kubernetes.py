@@ -564,7 +564,8 @@ def test_rendered_pod_answers_the_kubelets_probes_and_serves_a_chat(tmp_path: Pa
         assert answer.status_code == 200, answer.text
         assert answer.json()["object"] == "chat.completion"
         metrics = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).text
-        assert "smg_http_requests_total" in metrics
+        # SMG_PROCESSES (the CPU limit) set the data-plane processes: 0 and 1 report.
+        assert set(re.findall(r'process="(\d+)"', metrics)) == {"0", "1"}
         # SIGTERM (after the preStop sleep): readiness turns 503 at once, then a clean exit.
         started = time.monotonic()
         gw.signal(signal.SIGTERM)
