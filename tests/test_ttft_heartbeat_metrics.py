@@ -204,3 +204,31 @@ def test_heartbeat_age_of_a_stopped_process_grows() -> None:
 
         wait_until(beating_again, 10.0, "process 1 beating again after SIGCONT")
         assert pid_serving(gw, "1") == victim  # not replaced
+
+
+def test_heartbeat_age_keeps_listener_numbers_across_a_reload(tmp_path: Path) -> None:
+    """A live reload starts each new process in another table slot: the age is still
+    labelled with the listener number (the P_INDEX word), as the data plane's own series."""
+    config = tmp_path / "smg.yaml"
+    config.write_text("max-payload-size: 100000\n")
+    with running_gateway(["--config", str(config), "--mock-workers", "1"], processes=2) as gw:
+        gw.wait_ready()
+        config.write_text("max-payload-size: 200\n")
+        gw.signal(signal.SIGHUP)
+        wait_until(
+            lambda: "every data-plane process runs the new configuration" in gw.logs(),
+            60.0,
+            "the rollout",
+        )
+
+        def settled() -> str:
+            page = gw.metrics()
+            ready = value(page, "smg_dataplane_processes", "smg_dataplane_processes", state="ready")
+            return page if ready == 2 and len(samples(page, AGE)) == 2 else ""
+
+        text = wait_until(settled, 20.0, "two ready processes after the rollout")
+        # prometheus_client names a counter's family without `_total`.
+        restarts = "smg_dataplane_restarts"
+        assert value(text, restarts, restarts + "_total", reason="reload") == 2
+        ages = {s.labels["process"]: s.value for s in samples(text, AGE)}
+        assert set(ages) == {"0", "1"} and max(ages.values()) < 2.0, ages
