@@ -270,6 +270,11 @@ def test_whole_metrics_answer_parses_once_per_family(gateway: tuple[Gateway, lis
         "smg_upstream_connect_seconds": "histogram",
         "smg_upstream_pool_hits": "counter",
         "smg_upstream_pool_misses": "counter",
+        # For deploy/'s dashboard and alerts (issue 12).
+        "smg_router_ttft_seconds": "histogram",
+        "smg_dataplane_processes": "gauge",
+        "smg_dataplane_heartbeat_age_seconds": "gauge",
+        "smg_dataplane_heartbeat_timeout_seconds": "gauge",
     }
     processes = {s.labels["process"] for s in families["smg_http_requests"].samples}
     assert processes == {"0", "1"}

@@ -52,6 +52,7 @@ def test_every_data_plane_series_has_the_process_label() -> None:
     metrics.response(CHAT, 200, "")
     metrics.duration("POST", CHAT, 0.01)
     metrics.routed_request("m", CHAT, False)
+    metrics.ttft("m", CHAT, "http", 0.2)
     metrics.retry(CHAT, 1, 0.05)
     metrics.retries_exhausted(CHAT)
     metrics.overhead.observe(0.0002)

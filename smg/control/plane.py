@@ -21,7 +21,7 @@ from aiohttp import web
 
 from smg import __version__, ipc, promtext
 from smg.config import ConfigError, GatewayConfig, model_aliases, prometheus_bind_host
-from smg.control import cpauth, probes
+from smg.control import cpauth, probes, procmetrics
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
@@ -919,7 +919,28 @@ class ControlPlane:
                     for result, word in layout.RELOAD_WORDS.items()
                 ],
             ),
+            *procmetrics.families(
+                self._proc_views(),
+                time.monotonic_ns(),  # read after the beats: an age is never understated
+                float(self.cfg.dataplane_heartbeat_timeout_secs),
+            ),
         ]
+
+    def _proc_views(self) -> list[procmetrics.ProcView]:
+        """Every occupied data-plane slot: its listener number, state and last beat."""
+        table = self.table
+        views = []
+        for slot in range(table.slots):
+            proc = table.read_proc(slot)
+            if proc.pid:
+                views.append(
+                    procmetrics.ProcView(
+                        table.atomic.load_u64(table.proc_word_offset(slot, layout.P_INDEX)),
+                        proc.state,
+                        table.atomic.load_u64(table.proc_word_offset(slot, layout.P_HEARTBEAT_NS)),
+                    )
+                )
+        return views
 
     # --- live reload -------------------------------------------------------------------------------
 

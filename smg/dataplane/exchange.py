@@ -417,6 +417,10 @@ class Exchange:
         mode = self.body_mode
         if mode == _SSE:
             self.out.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            if self.tail is None:  # the stream's first chunk (_watch cleared it): its TTFT
+                self.app.metrics.ttft(
+                    self.model, self.endpoint, "http", time.monotonic() - self.started
+                )
             self.tail = chunk
         elif mode == _RAW:
             self.out.append(chunk)

@@ -94,6 +94,10 @@ class DataPlaneMetrics:
         self.durations: dict[tuple[str, str], Histogram] = {}
         # (model, endpoint, streaming, connection mode: "http" | "grpc")
         self.routed: dict[tuple[str, str, str, str], int] = {}
+        # Time to first token of a stream (SMG's smg_router_ttft_seconds): (model,
+        # endpoint, connection mode). Served model names ("other" for the rest) and route
+        # paths only, so the label set stays as small as smg_router_requests_total's.
+        self.ttfts: dict[tuple[str, str, str], Histogram] = {}
         self.connections_active = 0
         # Retries, under SMG's names (`smg_worker_retries_total` and friends).
         self.retries: dict[str, int] = {}  # endpoint label -> retries started
@@ -132,6 +136,15 @@ class DataPlaneMetrics:
     ) -> None:
         key = (model, endpoint, "true" if streaming else "false", mode)
         self.routed[key] = self.routed.get(key, 0) + 1
+
+    def ttft(self, model: str, endpoint: str, mode: str, seconds: float) -> None:
+        """A stream's first token (gRPC) or first event-stream body chunk (HTTP proxy)
+        left `seconds` after the request was taken: one lookup, one observe."""
+        key = (model, endpoint, mode)
+        hist = self.ttfts.get(key)
+        if hist is None:
+            hist = self.ttfts[key] = Histogram(self.buckets)
+        hist.observe(seconds)
 
     def retry(self, path: str, number: int, delay: float) -> None:
         """Retry `number` (1 = the first retry) of a request on `path`, after `delay` s."""
@@ -181,6 +194,16 @@ class DataPlaneMetrics:
             )
             for (model, endpoint, streaming, mode), value in self.routed.items()
         ]
+        ttfts: list[Sample] = []
+        for (model, endpoint, mode), hist in self.ttfts.items():
+            labels = [
+                proc,
+                ("router_type", mode),
+                ("backend_type", "regular"),
+                ("model", model),
+                ("endpoint", endpoint),
+            ]
+            ttfts += histogram_samples(labels, hist)
         retry_families = self._retry_families(proc)
         own_families = self._own_families(proc)
         return [
@@ -188,6 +211,7 @@ class DataPlaneMetrics:
             Family("smg_http_responses_total", "counter", HELP_RESPONSES, responses),
             Family("smg_http_request_duration_seconds", "histogram", HELP_DURATION, durations),
             Family("smg_router_requests_total", "counter", HELP_ROUTED, routed),
+            Family("smg_router_ttft_seconds", "histogram", HELP_TTFT, ttfts),
             Family(
                 "smg_http_connections_active",
                 "gauge",
@@ -271,6 +295,10 @@ HELP_DURATION = "HTTP request duration by method and path"
 HELP_ROUTED = (
     "Total routed requests by router_type, backend_type, connection_mode, model, endpoint, "
     "streaming"
+)
+HELP_TTFT = (
+    "Time to first token by router_type, backend_type, model, endpoint (streams: the first "
+    "generated token sent (grpc), the first body chunk of a relayed event stream (http))"
 )
 HELP_CONNECTIONS = "Currently active HTTP connections"
 HELP_RETRIES = "Total retry attempts by worker_type and endpoint"

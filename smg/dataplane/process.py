@@ -66,6 +66,7 @@ def run(
     pid = os.getpid()
     heartbeat_word = table.proc_word_offset(slot, layout.P_HEARTBEAT_NS)
     table.atomic.store_u64(heartbeat_word, 0)
+    table.atomic.store_u64(table.proc_word_offset(slot, layout.P_INDEX), index)
     table.write_proc(slot, pid, layout.PROC_STARTING, started)
     # The supervisor sends DUMP_SIGNAL before it kills a process whose loop stopped
     # beating: the C-level handler writes every thread's Python stack to stderr (the

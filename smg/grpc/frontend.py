@@ -752,6 +752,7 @@ class GrpcExchange:
             stream=prepared.stream,
             text=text,
         )
+        ttft_pending = prepared.stream  # smg_router_ttft_seconds: once, at the first token
         while True:
             entry = self._next_worker()
             client = self.front.workers.client(entry)
@@ -787,6 +788,14 @@ class GrpcExchange:
                             if not self.head_sent:
                                 await self._start_stream(writer.start())
                             if events:
+                                if ttft_pending:
+                                    ttft_pending = False
+                                    self.app.metrics.ttft(
+                                        self.model,
+                                        self.endpoint,
+                                        "grpc",
+                                        time.monotonic() - self.started,
+                                    )
                                 await self._send_event(b"".join(events))
                         if ended:
                             break
