@@ -7,6 +7,7 @@ nothing)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -159,7 +160,7 @@ def test_ready_waits_for_the_first_health_round_and_stopping_is_last(tmp_path: P
     assert rec.messages[-1][1].startswith("STOPPING=1")
     # Watchdog pings at half of WATCHDOG_USEC (0.1 s) on a 50 ms poll, never bursts.
     pings = rec.watchdogs()
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert min(gaps) >= 0.095, min(gaps)
 
 
@@ -246,7 +247,7 @@ def test_watchdog_pauses_while_a_data_plane_process_is_wedged(tmp_path: Path) ->
             gw.stop()
             gw.close_log()
     after = [at for at in rec.watchdogs() if at > stopped]
-    gaps = [(b - a, a) for a, b in zip(after, after[1:], strict=False)]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(after)]
     longest, paused_at = max(gaps)
     # Pings went on while the stopped process's last beat was younger than the timeout
     # (it beat at most 0.25 s before the stop), then paused until the replacement beat.
