@@ -21,10 +21,11 @@ from pathlib import Path
 import psutil
 
 from smg.config import GatewayConfig
-from tests.gatewayutil import Gateway, wait_until
+from tests.gatewayutil import Gateway, free_port, wait_until
 
 WATCHDOG = "WATCHDOG=1"
 HEALTH_DELAY_SECS = 2.0
+STOPPING = f"STOPPING=1\nSTATUS=draining (up to {GatewayConfig().shutdown_grace_period_secs} s)"
 
 
 class Recorder:
@@ -106,6 +107,10 @@ def slow_health_worker() -> Iterator[tuple[str, list[float]]]:
         thread.join(5.0)
 
 
+def status(ready: int, workers: int) -> str:
+    return f"STATUS={ready}/{workers} workers ready, 2/2 data-plane processes"
+
+
 def dataplane_pids(gw: Gateway) -> list[int]:
     """The gateway's children listening on its port: its data-plane processes."""
     pids = []
@@ -121,17 +126,25 @@ def dataplane_pids(gw: Gateway) -> list[int]:
 
 def test_ready_waits_for_the_first_health_round_and_stopping_is_last(tmp_path: Path) -> None:
     address = str(tmp_path / "notify")
+    # Nothing listens on the dead worker's port: its first probe fails at once.
+    dead_url = f"http://127.0.0.1:{free_port()}"
     with recorder(address) as rec, slow_health_worker() as (slow_url, answered):
         env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
-        gw = Gateway(["--worker-urls", slow_url, "--mock-workers", "1"], processes=2, env=env)
+        args = ["--worker-urls", slow_url, dead_url, "--mock-workers", "1"]
+        gw = Gateway(args, processes=2, env=env)
         try:
             gw.start()
             wait_until(lambda: rec.texts(), 30.0, "READY=1")
             ready_at = rec.first("READY=1")
-            # The slow worker's first probe ended (answered) before READY=1 was sent, and
-            # the STATUS counts both workers ready.
+            # The slow worker's first probe ended (answered) before READY=1 was sent; the
+            # dead one's failed probe counts as its first too. STATUS counts the ready ones.
             assert answered and answered[0] <= ready_at
-            assert rec.texts() == ["READY=1\nSTATUS=2/2 workers ready, 2/2 data-plane processes"]
+            assert rec.texts() == [f"READY=1\n{status(2, 3)}"]
+            # STATUS follows the workers: the dead one removed, within about a second.
+            workers = gw.admin("GET", "/workers").json()["workers"]
+            dead = next(w for w in workers if w["url"] == dead_url)
+            assert gw.admin("DELETE", f"/workers/{dead['id']}").status_code == 202
+            wait_until(lambda: len(rec.texts()) == 2, 10.0, "the new STATUS")
             # A program smg starts (the mock workers) does not inherit the variables systemd
             # set for the main process. (Forked children show their parent's exec-time block
             # in /proc/PID/environ whatever the environment is now, so they are not read.)
@@ -151,10 +164,10 @@ def test_ready_waits_for_the_first_health_round_and_stopping_is_last(tmp_path: P
         finally:
             gw.stop()
             gw.close_log()
-    grace = GatewayConfig().shutdown_grace_period_secs
     assert rec.texts() == [
-        "READY=1\nSTATUS=2/2 workers ready, 2/2 data-plane processes",
-        f"STOPPING=1\nSTATUS=draining (up to {grace} s)",
+        f"READY=1\n{status(2, 3)}",
+        status(2, 2),
+        STOPPING,
     ]
     # STOPPING=1 is the last message: no watchdog ping after it.
     assert rec.messages[-1][1].startswith("STOPPING=1")
@@ -177,7 +190,6 @@ def test_reload_says_reloading_then_ready_on_an_abstract_socket(tmp_path: Path) 
         try:
             gw.start()
             wait_until(lambda: rec.texts(), 30.0, "READY=1")
-            status = "STATUS=1/1 workers ready, 2/2 data-plane processes"
             # A reload that rolls the data plane over: READY=1 once every process runs it.
             config.write_text("max-payload-size: 200\n")
             sent = time.monotonic()
@@ -197,12 +209,12 @@ def test_reload_says_reloading_then_ready_on_an_abstract_socket(tmp_path: Path) 
     reloading = [t for t in texts if t.startswith("RELOADING=1")]
     assert len(reloading) == 2
     assert texts == [
-        f"READY=1\n{status}",
+        f"READY=1\n{status(1, 1)}",
         reloading[0],
-        f"READY=1\n{status}",
+        f"READY=1\n{status(1, 1)}",
         reloading[1],
-        f"READY=1\n{status}",
-        "STOPPING=1\nSTATUS=draining (up to 180 s)",
+        f"READY=1\n{status(1, 1)}",
+        STOPPING,
     ]
     # MONOTONIC_USEC is CLOCK_MONOTONIC (the test's time.monotonic()) when the reload began.
     lines = reloading[0].split("\n")
