@@ -819,11 +819,17 @@ class Supervisor:
         return True
 
     def _status_text(self) -> str:
-        _generation, directory = self.table.read_directory()
-        workers = len(directory.entries)
-        ready = sum(
-            1 for e in directory.entries if routable(self.table.read_row(e.row), e.generation)
-        )
+        try:
+            _generation, directory = self.table.read_directory()
+            workers = len(directory.entries)
+            ready = sum(
+                1 for e in directory.entries if routable(self.table.read_row(e.row), e.generation)
+            )
+        except RuntimeError as exc:
+            # A control plane killed mid-write (not reaped yet: the sequence word is repaired
+            # then) leaves the directory busy: keep the last text, never stop the poll loop.
+            log.debug("STATUS not updated: %s", exc)
+            return self._status
         processes = sum(
             1
             for c in self.dataplanes
