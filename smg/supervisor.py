@@ -715,14 +715,14 @@ class Supervisor:
             self._terminate_all(grace=2.0)
             return 1
         scheme = "http" if self.server_tls is None else "https"
+        host = f"[{self.host}]" if ":" in self.host else self.host
         log.info(
             "smg ready on %s://%s:%d with %d data-plane process(es)",
             scheme,
-            self.cfg.host,
+            host,
             self.port,
             self.processes,
         )
-        host = f"[{self.host}]" if ":" in self.host else self.host
         print(f"SMG_READY {scheme}://{host}:{self.port}", flush=True)
         log.warning("%s", posture_warning(self.cfg))
         self._ready_deadline = time.monotonic() + FIRST_HEALTH_ROUND_WAIT_SECS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
+import pytest
 
 from tests.gatewayutil import READY_PREFIX, SESSION_LOG_DIR, free_port, wait_until
 
@@ -53,15 +55,21 @@ def listening_socket() -> socket.socket:
 
 
 class Activated:
-    """One `smg launch` serving `sock` through socket activation."""
+    """One `smg launch` serving `sock` through socket activation (`command`: another way
+    to start it, e.g. systemd's own tool)."""
 
-    def __init__(self, sock: socket.socket, args: list[str]) -> None:
+    def __init__(
+        self, sock: socket.socket | None, args: list[str], command: list[str] | None = None
+    ) -> None:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open for the process's life
             prefix="smg-activated-", suffix=".log", delete=False, dir=SESSION_LOG_DIR
         )
+        if command is None:
+            assert sock is not None
+            command = [sys.executable, "-c", WRAPPER, str(sock.fileno())]
         self.process = subprocess.Popen(
-            [sys.executable, "-c", WRAPPER, str(sock.fileno()), *args],
-            pass_fds=(sock.fileno(),),
+            [*command, *args],
+            pass_fds=() if sock is None else (sock.fileno(),),
             stdout=subprocess.PIPE,
             stderr=self.log,
             start_new_session=True,
@@ -260,3 +268,25 @@ def test_a_passed_fd_that_is_not_a_listening_socket_is_refused() -> None:
         assert "fd 3 from systemd (LISTEN_FDS) must be a listening TCP socket" in smg.logs()
     finally:
         udp.close()
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None,
+    reason="systemd-socket-activate (from the systemd package) is not installed",
+)
+def test_systemd_socket_activate_hands_smg_its_socket() -> None:
+    """systemd's own implementation of the protocol (LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES,
+    fd 3): the tool listens, and on the first connection execs smg, which answers it."""
+    port = free_port()
+    tool = str(shutil.which("systemd-socket-activate"))
+    command = [tool, "-l", f"127.0.0.1:{port}", "--fdname=smg.socket"]
+    smg = Activated(None, launch_args(), [*command, sys.executable, "-m", "smg", "launch"])
+    try:
+        wait_until(lambda: "Listening on" in smg.logs(), 10.0, "the tool's socket")
+        # This first request starts smg; it waits in the backlog until smg serves it.
+        answer = httpx.get(f"http://127.0.0.1:{port}/liveness", timeout=60.0)
+        assert answer.status_code == 200
+        assert smg.ready_line() == f"http://127.0.0.1:{port}"
+        assert f"serving the socket systemd passed (127.0.0.1:{port})" in smg.logs()
+    finally:
+        assert smg.stop() == 0
