@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
@@ -143,15 +144,8 @@ def test_every_data_plane_process_serves_the_passed_socket() -> None:
                 30.0,
                 "a ready worker",
             )
-            body = {"messages": [{"role": "user", "content": "hi"}]}
-
-            def one(_i: int) -> tuple[int, str]:
-                # A new connection each: the kernel hands it to whichever process accepts.
-                answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30.0)
-                return answer.status_code, answer.headers["x-smg-process"]
-
-            with ThreadPoolExecutor(8) as pool:
-                answers = list(pool.map(one, range(80)))
+            # New connections, 8 at a time: the kernel hands each to whichever accepts.
+            answers = chat_processes(url, 80)
             assert {status for status, _ in answers} == {200}
             assert {process for _, process in answers} == {"0", "1"}
             # --port was not bound: the socket from systemd replaces it, and the log says so.
@@ -166,6 +160,65 @@ def test_every_data_plane_process_serves_the_passed_socket() -> None:
             assert len(mocks) == 1
             ports = {c.laddr.port for c in mocks[0].net_connections(kind="tcp")}
             assert port not in ports
+        assert smg.process.returncode == 0
+    finally:
+        sock.close()
+
+
+def chat_processes(url: str, count: int) -> list[tuple[int, str]]:
+    """(status, x-smg-process) of `count` chat requests, 8 at a time, one connection each."""
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+
+    def one(_i: int) -> tuple[int, str]:
+        answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=30.0)
+        return answer.status_code, answer.headers.get("x-smg-process", "")
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_replacements_and_reload_rollouts_serve_the_passed_socket(tmp_path: Path) -> None:
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "smg.yaml"
+    config.write_text("max-payload-size: 100000\n")
+    try:
+        with activated(sock, [*launch_args(), "--config", str(config)]) as smg:
+            assert smg.ready_line() == url
+            wait_until(
+                lambda: httpx.get(url + "/readiness", timeout=2.0).status_code == 200,
+                30.0,
+                "a ready worker",
+            )
+            # A crashed data-plane process: its replacement accepts from the same socket.
+            victim = next(
+                c
+                for c in psutil.Process(smg.process.pid).children()
+                if "mock-worker" not in c.cmdline()
+                and any(
+                    n.status == psutil.CONN_LISTEN and n.laddr.port == port
+                    for n in c.net_connections(kind="tcp")
+                )
+            )
+            victim.kill()
+            wait_until(lambda: "replacing it in" in smg.logs(), 15.0, "the crash noticed")
+            wait_until(
+                lambda: {p for s, p in chat_processes(url, 40) if s == 200} == {"0", "1"},
+                30.0,
+                "both processes answering after the replacement",
+            )
+            # A live reload that rolls every process over: the new ones accept from it too.
+            config.write_text("max-payload-size: 200\n")
+            smg.process.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: "every data-plane process runs the new configuration" in smg.logs(),
+                60.0,
+                "the rollout",
+            )
+            answers = chat_processes(url, 80)
+            assert {status for status, _ in answers} == {200}
+            assert {process for _, process in answers} == {"0", "1"}
         assert smg.process.returncode == 0
     finally:
         sock.close()
