@@ -3,7 +3,9 @@ parsing, taking the variables out of the environment; and the Notifier's failure
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,52 @@ def test_adopt_listener_refuses_what_is_not_a_listening_tcp_socket() -> None:
         udp.close()
         unlistened.close()
         listening.close()
+
+
+def test_supervisor_ready_waits_for_the_first_health_round_within_its_bound(
+    tmp_path: Path,
+) -> None:
+    """The supervisor's notify step without processes: READY=1 once the control plane's
+    word is set, or at the bound with a STATUS saying so; a reload ends with READY=1;
+    no WATCHDOG=1 while a data-plane process is missing."""
+    from smg.config import GatewayConfig
+    from smg.shm import layout
+    from smg.supervisor import FIRST_HEALTH_ROUND_WAIT_SECS, Supervisor
+
+    path = str(tmp_path / "notify")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.setblocking(False)
+
+    def received() -> list[bytes]:
+        out = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                out.append(receiver.recv(4096))
+        return out
+
+    env = systemd.SystemdEnv(systemd.Notifier(path), watchdog_interval=0.001)
+    sup = Supervisor(GatewayConfig(), 2, [], systemd=env)
+    try:
+        sup._ready_deadline = time.monotonic() + 60.0
+        sup._notify_tick()  # word not set, bound not reached; pid 0: no watchdog
+        assert received() == []
+        sup.table.atomic.store_u64(sup.table.global_offset(layout.G_FIRST_HEALTH_ROUND), 1)
+        sup._notify_tick()
+        assert received() == [b"READY=1\nSTATUS=0/0 workers ready, 0/2 data-plane processes"]
+        sup._notify_reloading()
+        sup._notify_tick()  # no rollout: the reload has ended
+        [reloading, ready] = received()
+        assert reloading.startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert ready == b"READY=1\nSTATUS=0/0 workers ready, 0/2 data-plane processes"
+
+        late = Supervisor(GatewayConfig(), 2, [], systemd=env)
+        late._ready_deadline = time.monotonic() - 0.001  # the bound has passed, word unset
+        late._notify_tick()
+        assert received() == [
+            b"READY=1\nSTATUS=0/0 workers ready, 0/2 data-plane processes (first health "
+            b"round not done after %d s)" % FIRST_HEALTH_ROUND_WAIT_SECS
+        ]
+    finally:
+        env.notifier.close()  # type: ignore[union-attr]
+        receiver.close()
