@@ -156,7 +156,7 @@ def test_ready_waits_for_the_first_health_round_and_stopping_is_last(tmp_path: P
             ]
             assert len(mocks) == 1
             assert set(mocks[0].environ()) & {"NOTIFY_SOCKET", "WATCHDOG_USEC"} == set()
-            wait_until(lambda: len(rec.watchdogs()) >= 5, 10.0, "watchdog pings")
+            wait_until(lambda: len(rec.watchdogs()) >= 20, 20.0, "watchdog pings")
             gw.signal(signal.SIGTERM)
             assert gw.wait(30.0) == 0
             stopped_at = time.monotonic()
@@ -171,10 +171,12 @@ def test_ready_waits_for_the_first_health_round_and_stopping_is_last(tmp_path: P
     ]
     # STOPPING=1 is the last message: no watchdog ping after it.
     assert rec.messages[-1][1].startswith("STOPPING=1")
-    # Watchdog pings at half of WATCHDOG_USEC (0.1 s) on a 50 ms poll, never bursts.
+    # Watchdog pings at half of WATCHDOG_USEC (0.1 s), on the 50 ms poll: never more often
+    # (counted over the run, not gap by gap: the receiving thread has its own jitter).
     pings = rec.watchdogs()
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert min(gaps) >= 0.095, min(gaps)
+    span = pings[-1] - pings[0]
+    # (1 s of slack for a late receiver; sending on every poll would double the count.)
+    assert 20 <= len(pings) <= (span + 1.0) / 0.1, (len(pings), span)
 
 
 def test_reload_says_reloading_then_ready_on_an_abstract_socket(tmp_path: Path) -> None:
@@ -263,5 +265,5 @@ def test_watchdog_pauses_while_a_data_plane_process_is_wedged(tmp_path: Path) ->
     longest, paused_at = max(gaps)
     # Pings went on while the stopped process's last beat was younger than the timeout
     # (it beat at most 0.25 s before the stop), then paused until the replacement beat.
-    assert stopped + timeout - 0.6 <= paused_at <= stopped + timeout + 1.0, paused_at - stopped
+    assert stopped + timeout - 1.0 <= paused_at <= stopped + timeout + 1.5, paused_at - stopped
     assert longest >= 0.7, longest
