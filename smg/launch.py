@@ -40,6 +40,16 @@ def main(argv: list[str]) -> int:
         return 2
     for message in inert_settings(cfg):
         logging.getLogger("smg").warning(message)
+    # Read (and removed from the environment before any child is started) what systemd
+    # passed: the notify socket, the watchdog, a socket to serve (smg.systemd).
+    from smg import systemd
+
+    try:
+        sd_env = systemd.take_environ(os.environ, os.getpid())
+        activated = systemd.adopt_listener(sd_env.listen) if sd_env.listen else None
+    except ValueError as exc:
+        print(f"smg launch: {exc}", file=sys.stderr)
+        return 2
     mock_process = None
     urls = list(cfg.worker_urls)
     if cfg.mock_workers:
@@ -58,7 +68,15 @@ def main(argv: list[str]) -> int:
         if reason:
             print(f"smg launch: worker {spec.url}: {reason}", file=sys.stderr)
             return 2
-    supervisor = Supervisor(cfg, cfg_processes(cfg), specs, mock_process, argv=list(argv))
+    supervisor = Supervisor(
+        cfg,
+        cfg_processes(cfg),
+        specs,
+        mock_process,
+        argv=list(argv),
+        systemd=sd_env,
+        activated=activated,
+    )
     return supervisor.run()
 
 

@@ -31,8 +31,19 @@ from smg.logs import setup_child_logging
 from smg.policies.shared import SharedRouting
 from smg.posture import posture_warning
 from smg.shm import layout
+from smg.shm.readiness import routable
 from smg.shm.stash import Stash
 from smg.shm.table import WorkerTable
+from smg.systemd import (
+    WATCHDOG_MESSAGE,
+    SystemdEnv,
+    due,
+    ready_message,
+    reloading_message,
+    status_message,
+    status_text,
+    stopping_message,
+)
 from smg.tlsconf import (
     ServerTls,
     TlsError,
@@ -62,6 +73,11 @@ REPLACE_SIGNAL = signal.SIGUSR2
 DUMP_WAIT_SECS = 0.5
 # A live reload's new process must be ready within this, or the rollout stops there.
 REPLACEMENT_READY_TIMEOUT_SECS = 60.0
+# systemd READY=1 waits for the control plane's first health round at most this long after
+# the data plane listens; then it is sent anyway, its STATUS saying so (start-up never hangs).
+FIRST_HEALTH_ROUND_WAIT_SECS = 60.0
+# STATUS= is recomputed (a directory read) at most this often, and sent when it changed.
+STATUS_INTERVAL_SECS = 1.0
 
 
 def heartbeat_interval(cfg: GatewayConfig) -> float:
@@ -182,6 +198,8 @@ class Supervisor:
         specs: list[WorkerSpec],
         mock_process: subprocess.Popen[bytes] | None = None,
         argv: list[str] | None = None,
+        systemd: SystemdEnv | None = None,
+        activated: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
         self.argv = argv  # what SIGHUP re-reads (None: reload refused, nothing to re-read)
@@ -207,8 +225,20 @@ class Supervisor:
         # Reuseport mode: listener i belongs to data-plane process i and outlives it, so
         # its replacement accepts what queued meanwhile. Inherit mode: one shared socket.
         self.listeners: list[socket.socket | None] = []
-        self.shared_listener = cfg.listen_mode == "inherit"
+        # A socket systemd opened (socket activation) is served as one shared listener,
+        # as --listen-mode inherit: it cannot be joined by SO_REUSEPORT siblings.
+        self.activated = activated
+        self.shared_listener = cfg.listen_mode == "inherit" or activated is not None
+        self.host = cfg.host
         self.port = cfg.port
+        # systemd notify state (smg.systemd); all of it idle without NOTIFY_SOCKET.
+        self.systemd = systemd or SystemdEnv()
+        self._ready_sent = False
+        self._ready_deadline = 0.0
+        self._reloading = False
+        self._status = ""
+        self._status_at: float | None = None
+        self._watchdog_at: float | None = None
         self._stop_requested = False
         # The listener's certificate and key (None: plain HTTP), read before any fork and
         # again on SIGHUP; each data-plane process builds its SSLContext from it.
@@ -228,6 +258,17 @@ class Supervisor:
     # --- start-up ---------------------------------------------------------------------------
 
     def _open_listeners(self) -> None:
+        if self.activated is not None:
+            self.host, self.port = self.activated.getsockname()[:2]
+            self.listeners = [self.activated]
+            log.info("serving the socket systemd passed (%s:%d)", self.host, self.port)
+            if self.cfg.port not in (0, self.port):
+                log.warning(
+                    "--port %d is ignored: serving port %d, the socket systemd passed",
+                    self.cfg.port,
+                    self.port,
+                )
+            return
         host, port = self.cfg.host, self.cfg.port
         try:
             listeners = open_listeners(host, port, self.processes, not self.shared_listener)
@@ -280,6 +321,8 @@ class Supervisor:
         for sock in self.listeners:
             if sock is not None and sock is not own:
                 sock.close()
+        if self.systemd.notifier is not None:
+            self.systemd.notifier.close()  # the root's alone (NotifyAccess=main)
         if child.kind == "control":
             from smg.control.process import run as run_control
 
@@ -672,23 +715,27 @@ class Supervisor:
             self._terminate_all(grace=2.0)
             return 1
         scheme = "http" if self.server_tls is None else "https"
+        host = f"[{self.host}]" if ":" in self.host else self.host
         log.info(
             "smg ready on %s://%s:%d with %d data-plane process(es)",
             scheme,
-            self.cfg.host,
+            host,
             self.port,
             self.processes,
         )
-        print(f"SMG_READY {scheme}://{self.cfg.host}:{self.port}", flush=True)
+        print(f"SMG_READY {scheme}://{host}:{self.port}", flush=True)
         log.warning("%s", posture_warning(self.cfg))
+        self._ready_deadline = time.monotonic() + FIRST_HEALTH_ROUND_WAIT_SECS
         try:
             while not self._stop_requested:
                 self._reap()
                 self._respawn_due()
                 self._check_heartbeats()
                 if self._reload_requested and self.rollout is None:
+                    self._notify_reloading()
                     self._reload()  # one at a time: a SIGHUP during a rollout waits for it
                 self._advance_rollout()
+                self._notify_tick()
                 time.sleep(0.05)
         except StartupError as exc:
             log.error("smg stopping: %s", exc)
@@ -696,12 +743,110 @@ class Supervisor:
             return 1
         return self._shutdown()
 
+    # --- systemd notify ---------------------------------------------------------------------
+
+    def _notify_reloading(self) -> None:
+        """RELOADING=1 as a SIGHUP reload starts; `_notify_tick` sends READY=1 once it has
+        ended (refused, nothing changed, applied, rolled out or rolled back). Not before the
+        first READY=1: systemd does not reload a service still starting."""
+        if self.systemd.notifier is None or not self._ready_sent:
+            return
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.systemd.notifier.send(reloading_message(usec))
+        self._reloading = True
+
+    def _notify_tick(self) -> None:
+        """Once per poll: the first READY=1 (after the first health round, bounded), the
+        READY=1 that ends a reload, STATUS= when its text changed, WATCHDOG=1 on pace."""
+        notifier = self.systemd.notifier
+        if notifier is None:
+            return
+        now = time.monotonic()
+        if not self._ready_sent:
+            done = bool(
+                self.table.atomic.load_u64(self.table.global_offset(layout.G_FIRST_HEALTH_ROUND))
+            )
+            if done or now >= self._ready_deadline:
+                status = self._status_text()
+                self._status, self._status_at = status, now
+                if not done:
+                    log.warning(
+                        "the first health round did not end in %.0f s; telling systemd ready",
+                        FIRST_HEALTH_ROUND_WAIT_SECS,
+                    )
+                    status += (
+                        f" (first health round not done after {FIRST_HEALTH_ROUND_WAIT_SECS:.0f} s)"
+                    )
+                notifier.send(ready_message(status))
+                self._ready_sent = True
+        elif self._reloading and self.rollout is None:
+            self._reloading = False
+            self._status, self._status_at = self._status_text(), now
+            notifier.send(ready_message(self._status))
+        elif due(self._status_at, STATUS_INTERVAL_SECS, now):
+            self._status_at = now
+            status = self._status_text()
+            if status != self._status:
+                self._status = status
+                notifier.send(status_message(status))
+        interval = self.systemd.watchdog_interval
+        if (
+            interval is not None
+            and due(self._watchdog_at, interval, now)
+            and self._dataplane_fresh()
+        ):
+            self._watchdog_at = now
+            notifier.send(WATCHDOG_MESSAGE)
+
+    def _dataplane_fresh(self) -> bool:
+        """The watchdog rule: WATCHDOG=1 only while every configured data-plane process has
+        beaten within --dataplane-heartbeat-timeout-secs, the rule `_check_heartbeats`
+        replaces a process on. A process being replaced (marked for the kill, or pid 0
+        waiting for its respawn) or not yet beating is not fresh. So systemd sees a data
+        plane the supervisor keeps failing to revive and restarts the whole service."""
+        now_ns = time.monotonic_ns()
+        timeout = float(self.cfg.dataplane_heartbeat_timeout_secs)
+        for child in self.dataplanes:
+            if not child.pid or child.pid not in self.children or child.kill_reason:
+                return False
+            if self.table.read_proc(child.slot).pid != child.pid:
+                return False
+            beat = self.table.atomic.load_u64(
+                self.table.proc_word_offset(child.slot, layout.P_HEARTBEAT_NS)
+            )
+            if beat == 0 or heartbeat_stale(beat, now_ns, timeout):
+                return False
+        return True
+
+    def _status_text(self) -> str:
+        try:
+            _generation, directory = self.table.read_directory()
+            workers = len(directory.entries)
+            ready = sum(
+                1 for e in directory.entries if routable(self.table.read_row(e.row), e.generation)
+            )
+        except RuntimeError as exc:
+            # A control plane killed mid-write (not reaped yet: the sequence word is repaired
+            # then) leaves the directory busy: keep the last text, never stop the poll loop.
+            log.debug("STATUS not updated: %s", exc)
+            return self._status
+        processes = sum(
+            1
+            for c in self.dataplanes
+            if c.pid
+            and (proc := self.table.read_proc(c.slot)).pid == c.pid
+            and proc.state == layout.PROC_READY
+        )
+        return status_text(ready, workers, processes, self.processes)
+
     def _on_stop(self, signum: int, _frame: object) -> None:
         self._stop_requested = True
 
     def _shutdown(self) -> int:
         grace = float(self.cfg.shutdown_grace_period_secs)
         log.info("draining (up to %.0f s)", grace)
+        if self.systemd.notifier is not None:
+            self.systemd.notifier.send(stopping_message(f"draining (up to {grace:.0f} s)"))
         self.table.set_gateway_state(layout.GATEWAY_DRAINING)
         # The data-plane processes hold their own copies: each listener closes when its
         # process stops accepting, not later.

@@ -96,6 +96,9 @@ class ControlPlane:
         # worker that keeps failing the same way is logged once at ERROR).
         self._bundle_errors: dict[str, str] = {}
         self._stopping = False
+        # Start-up workers whose first probe has not ended yet (None: the round is over, or
+        # a previous control plane finished it): G_FIRST_HEALTH_ROUND is set once it empties.
+        self._first_round: set[str] | None = None
         # The folded totals of gone data-plane processes survive this process in `stash`
         # (shared memory the supervisor made): a replacement control plane starts from them.
         self.stash = stash
@@ -128,6 +131,9 @@ class ControlPlane:
         await self._start_metrics_server()
         if self.cfg.health_check_port:
             await self._start_probe_server(self.cfg.health_check_port)
+        first_round_word = self.table.global_offset(layout.G_FIRST_HEALTH_ROUND)
+        if not self.table.atomic.load_u64(first_round_word):
+            self._first_round = set()
         restored = self.registry.restore()
         if restored:
             log.warning("control plane restarted: took over %d worker(s)", restored)
@@ -135,6 +141,8 @@ class ControlPlane:
                 if record.status == WorkerStatus.DRAINING:
                     self._spawn(self._drain_and_remove(record))
                 else:
+                    if self._first_round is not None:
+                        self._first_round.add(record.worker_id)
                     self._spawn(self._health_loop(record))
         # The start-up workers are registered once: after that the table is the truth (a
         # worker removed since must not come back when this process is replaced).
@@ -143,10 +151,15 @@ class ControlPlane:
                 if spec.url in self.registry.by_url:
                     continue
                 try:
-                    self._register(spec)
+                    record = self._register(spec)
                 except HttpError as exc:
                     log.error("worker %s not registered: %s", spec.url, exc.message)
+                    continue
+                if self._first_round is not None:
+                    self._first_round.add(record.worker_id)
             self.registry.mark_seeded()
+        # The tasks above have not run yet (no await since): none can have ended the round.
+        self._check_first_round()
         self._spawn(self._load_loop())
         self._spawn(self._dataplane_scrape_loop())
         self._spawn(self._health_tick_loop())
@@ -205,10 +218,27 @@ class ControlPlane:
 
     async def _onboard(self, record: WorkerRecord) -> None:
         """Discover the backend, then probe at once (not after a full interval) and on."""
-        if not await self._discover(record, keep_unknown=True):
+        try:
+            if not await self._discover(record, keep_unknown=True):
+                return
+            self._spawn(self._scrape(record))
+            await self._health_loop(record)
+        finally:
+            self._first_probe_ended(record)
+
+    def _first_probe_ended(self, record: WorkerRecord) -> None:
+        """A start-up worker had its first probe (passed or failed), or its onboarding
+        ended without one (discovery gave up, removed, stopping)."""
+        if self._first_round is not None:
+            self._first_round.discard(record.worker_id)
+            self._check_first_round()
+
+    def _check_first_round(self) -> None:
+        if self._first_round is None or self._first_round:
             return
-        self._spawn(self._scrape(record))
-        await self._health_loop(record)
+        self._first_round = None
+        self.table.atomic.store_u64(self.table.global_offset(layout.G_FIRST_HEALTH_ROUND), 1)
+        log.info("first health round done")
 
     def _health_setting(self, record: WorkerRecord, name: str, default: int) -> float:
         """A per-worker `health` override from the spec, else the gateway-wide flag."""
@@ -234,6 +264,12 @@ class ControlPlane:
         timeout). Other workers' loops are independent, so a slow probe delays no one.
         Interval, timeout and thresholds are read each round, so a PATCH of the worker's
         `health` applies from its next probe."""
+        try:
+            await self._probe_rounds(record)
+        finally:
+            self._first_probe_ended(record)
+
+    async def _probe_rounds(self, record: WorkerRecord) -> None:
         while (
             not self._stopping
             and self.registry.get(record.worker_id) is record
@@ -261,6 +297,7 @@ class ControlPlane:
                 continue
             else:
                 await self._probe(record)
+            self._first_probe_ended(record)
             delay = started + self.probe_interval(record) - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)

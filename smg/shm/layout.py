@@ -68,7 +68,10 @@ G_ADMIT_IN_FLIGHT = 0  # admission permits held, all processes together
 G_ADMIT_QUEUED = 64  # requests waiting for a permit, all processes together
 G_RATE_TAT_NS = 128  # rate limiter: theoretical arrival time (GCRA), monotonic ns
 G_HEALTH_EPOCH = 192  # bumped on every breaker/stall/overload change: re-filter routing
-G_SPARE_4 = 256
+# Set to 1 by the control plane once every start-up worker has had its first probe (passed
+# or failed) or its onboarding ended; never cleared (a replacement control plane leaves it).
+# The supervisor sends systemd READY=1 only after it (smg.systemd).
+G_FIRST_HEALTH_ROUND = 256
 # Written only by the root supervisor (no loop, so it counts in the table and the
 # control plane's exporter reads them): data-plane restarts by reason, and config reloads
 # by result, one 64-bit word each within the line.
