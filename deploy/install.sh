@@ -16,6 +16,8 @@
 # on the running system (useradd, chown, systemctl); the units still name the real paths
 # (/opt/smg/..., /etc/smg/...). For tests and image builds.
 set -euo pipefail
+# The venv and units must be readable by the smg user whatever root's own umask is.
+umask 022
 
 usage() {
     cat <<'USAGE'
@@ -114,10 +116,13 @@ read -r -a extra <<<"$pip_args"
 say "installed $("$root$venv/bin/python" -m pip show smg-py 2>/dev/null | sed -n 's/^Version: /smg-py /p')"
 
 # --- Configuration: written once, never overwritten -------------------------------------------
-# /etc/smg stays readable by root and the smg group only: smg.env holds credentials.
-install -d -m 0750 "$root$etc"
-if [ -z "$root" ]; then
-    chown root:"$user" "$root$etc"
+# /etc/smg: readable by root and the smg group only (smg.env holds credentials); made once,
+# an operator's later changes to it are kept.
+if [ ! -d "$root$etc" ]; then
+    install -d -m 0750 "$root$etc"
+    if [ -z "$root" ]; then
+        chown root:"$user" "$root$etc"
+    fi
 fi
 write_once() { # SRC DEST MODE GROUP
     if [ -e "$root$2" ]; then
@@ -135,7 +140,7 @@ write_once "$units/smg.env" "$etc/smg.env" 0640 "$user"
 
 # --- Units ------------------------------------------------------------------------------------
 # Ours to replace on upgrade; local changes belong in drop-ins (systemctl edit smg).
-install -d -m 0755 "$root$unit_dir"
+mkdir -p "$root$unit_dir"
 for unit in smg.service smg.socket; do
     if ! cmp -s "$units/$unit" "$root$unit_dir/$unit"; then
         install -m 0644 "$units/$unit" "$root$unit_dir/$unit"

