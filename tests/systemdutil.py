@@ -109,6 +109,8 @@ _CALL = re.compile(r"^([a-z_][a-z0-9_]*)\(")
 _FAMILY = re.compile(r"^socket(?:pair)?\((AF_[A-Z0-9]+)")
 _PATH_OPEN = re.compile(r'^(?:openat|open|statx|newfstatat|access|readlink)\((?:[^,]*, )?"([^"]*)"')
 _WRITE_OPEN = re.compile(r'^(?:openat|open)\((?:[^,]*, )?"([^"]*)", [^)]*O_(?:WRONLY|RDWR|CREAT)')
+_EXECVE_OK = re.compile(r"^execve\(.* = 0$")
+_BIND = re.compile(r"^bind\(\d+, (\{[^}]*\})")
 _PATH_CHANGE = re.compile(
     r'^(?:mkdir|mkdirat|unlink|unlinkat|rename|renameat2?)\((?:[^,]*, )?"([^"]*)"'
 )
@@ -116,13 +118,14 @@ _PATH_CHANGE = re.compile(
 
 class Trace:
     """What `strace -ff -o PREFIX` files show: system call names, socket address families,
-    /proc paths looked at, and paths written or changed."""
+    addresses bound, /proc paths looked at, and paths written or changed."""
 
     def __init__(self) -> None:
         self.syscalls: set[str] = set()
         self.families: set[str] = set()
         self.proc_paths: set[str] = set()
         self.written: set[str] = set()
+        self.bound: set[str] = set()
 
     def add_line(self, line: str) -> None:
         call = _CALL.match(line)
@@ -131,6 +134,8 @@ class Trace:
         self.syscalls.add(call[1])
         if family := _FAMILY.match(line):
             self.families.add(family[1])
+        if bound := _BIND.match(line):
+            self.bound.add(bound[1])
         if (path := _PATH_OPEN.match(line)) and path[1].startswith("/proc/"):
             self.proc_paths.add(path[1])
         for pattern in (_WRITE_OPEN, _PATH_CHANGE):
@@ -139,11 +144,15 @@ class Trace:
 
     @classmethod
     def read(cls, files: Iterable[Path]) -> Trace:
+        """Each file from its process's last successful execve on: what ran before it (a
+        launcher such as strace's own child or systemd-socket-activate) is another program."""
         trace = cls()
         for path in files:
             with open(path, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    trace.add_line(line)
+                lines = handle.readlines()
+            execs = [i for i, line in enumerate(lines) if _EXECVE_OK.match(line)]
+            for line in lines[execs[-1] if execs else 0 :]:
+                trace.add_line(line)
         return trace
 
 

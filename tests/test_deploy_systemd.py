@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import os
 import re
 import select
@@ -114,17 +115,32 @@ def test_trace_lines() -> None:
         "socket(AF_INET6, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_TCP) = 5",
         "socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC, 0, [6, 7]) = 0",
         'mkdir("/var/lib/smg/.cache", 0777) = 0',
+        'bind(3, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("0.0.0.0")}, 16) = 0',
         "--- SIGCHLD {si_signo=SIGCHLD} ---",
         "+++ exited with 0 +++",
     ):
         trace.add_line(line)
-    assert trace.syscalls == {"openat", "socket", "socketpair", "mkdir"}
+    assert trace.syscalls == {"openat", "socket", "socketpair", "mkdir", "bind"}
+    assert trace.bound == {'{sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("0.0.0.0")}'}
     assert trace.families == {"AF_INET6", "AF_UNIX"}
     assert trace.proc_paths == {"/proc/self/cgroup"}
     assert trace.written == {"/tmp/x", "/var/lib/smg/.cache"}
     assert systemdutil.per_process_path("/proc/self/fd/7")
     assert systemdutil.per_process_path("/proc/1234/cgroup")
     assert not systemdutil.per_process_path("/proc/sys/net/core/somaxconn")
+
+
+def test_trace_files_start_at_the_last_exec(tmp_path: Path) -> None:
+    launcher = tmp_path / "t.1"
+    launcher.write_text(
+        'execve("/usr/bin/launcher", ["launcher"], 0x7ff /* 3 vars */) = 0\n'
+        "listen(3, 4096) = 0\n"
+        'execve("/usr/bin/python3", ["python3"], 0x7ff /* 3 vars */) = 0\n'
+        "getpid() = 1\n"
+    )
+    forked = tmp_path / "t.2"
+    forked.write_text("accept4(3, NULL, NULL, SOCK_CLOEXEC) = 5\n")
+    assert Trace.read([launcher, forked]).syscalls == {"execve", "getpid", "accept4"}
 
 
 def test_env_file_parser() -> None:
@@ -317,13 +333,23 @@ def _reload_restarts(metrics_url: str) -> float:
     return 0.0
 
 
+ACTIVATE = shutil.which("systemd-socket-activate")
+
+
 @needs_analyze
 @needs_strace
-def test_filters_cover_a_traced_gateway(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", ["bound", "socket-activated"])
+def test_filters_cover_a_traced_gateway(tmp_path: Path, listener: str) -> None:
     """Every system call and socket family of a real gateway (supervisor, control plane,
     data plane, through start, plain and streaming requests, a rolling SIGHUP reload and a
     SIGTERM drain) is one the unit's filters allow; it writes no file, and reads no /proc
-    path ProcSubset=pid would hide (beyond libuv's optional probe)."""
+    path ProcSubset=pid would hide (beyond libuv's optional probe). Once binding its own
+    port, once serving the socket systemd's own systemd-socket-activate passes (smg.socket)."""
+    activated = listener == "socket-activated"
+    if activated and ACTIVATE is None:
+        pytest.skip("systemd-socket-activate (Debian package systemd) not installed")
+    if activated and importlib.util.find_spec("smg.systemd") is None:
+        pytest.skip("this tree's smg does not serve a passed socket yet (smg/systemd.py)")
     unit = service()
     allowed = allowed_syscalls(unit["Service"]["SystemCallFilter"], systemdutil.syscall_groups())
     families = set(one(unit, "Service", "RestrictAddressFamilies").split())
@@ -339,14 +365,18 @@ def test_filters_cover_a_traced_gateway(tmp_path: Path) -> None:
     try:
         base = {"worker_urls": list(mocks.urls), "request_timeout_secs": 600}
         config.write_text(yaml.safe_dump(base))
-        metrics_port, probe_port = free_port(), free_port()
+        metrics_port, probe_port, api_port = free_port(), free_port(), free_port()
         env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}
         env.pop("SMG__TOKENIZER_CACHE", None)
+        # systemd-socket-activate listens, then on the first connection execs smg in its own
+        # process (LISTEN_PID); its calls before that exec are not smg's (Trace.read).
+        launcher = [str(ACTIVATE), "-l", f"127.0.0.1:{api_port}"] if activated else []
         command = [
-            *("strace", "-ff", "-qq", "-o", str(traces / "t"), "--"),
+            *("strace", "-ff", "-qq", "-o", str(traces / "t"), "--", *launcher),
             *(sys.executable, "-m", "smg", "launch", "--config", str(config)),
-            *("--host", "127.0.0.1", "--port", "0", "--processes", "2"),
+            *("--host", "127.0.0.1", "--port", "0" if not activated else str(api_port)),
             *("--prometheus-port", str(metrics_port), "--health-check-port", str(probe_port)),
+            *("--processes", "2"),
         ]
         process = subprocess.Popen(
             command,
@@ -355,7 +385,17 @@ def test_filters_cover_a_traced_gateway(tmp_path: Path) -> None:
             env=env,
             start_new_session=True,
         )
+        if activated:
+            # The first request starts smg and waits in the socket's backlog until it serves.
+            first = wait_until(
+                lambda: httpx.get(f"http://127.0.0.1:{api_port}/liveness", timeout=120.0),
+                60.0,
+                "the activated gateway's first answer",
+            )
+            assert first.status_code == 200
         url = _read_ready(process, 120.0)
+        if activated:
+            assert url == f"http://127.0.0.1:{api_port}"
         # Signals go to the gateway (strace's child), not to strace.
         gateway = psutil.Process(process.pid).children()[0]
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -381,12 +421,14 @@ def test_filters_cover_a_traced_gateway(tmp_path: Path) -> None:
         mocks.stop()
         notify.close()
     files = sorted(traces.iterdir())
-    assert len(files) >= 4  # supervisor, control plane, two data-plane processes (and threads)
+    assert len(files) >= 6  # supervisor, control plane, 2 + 2 data-plane processes, threads
     trace = Trace.read(files)
     assert {"clone", "clone3"} & trace.syscalls and "accept4" in trace.syscalls  # a full trace
     assert sorted(trace.syscalls - allowed) == []
     assert sorted(trace.families - families) == []
     assert "AF_INET" in trace.families and "AF_UNIX" in trace.families
+    if activated:  # smg made no listening TCP socket of its own for the API port
+        assert [a for a in trace.bound if f"sin_port=htons({api_port})" in a] == []
     if one(unit, "Service", "ProcSubset") == "pid":
         hidden = {p for p in trace.proc_paths if not systemdutil.per_process_path(p)}
         assert sorted(hidden - OPTIONAL_PROC_PATHS) == []
