@@ -399,11 +399,12 @@ def test_filters_cover_a_traced_gateway(tmp_path: Path, listener: str) -> None:
         # Signals go to the gateway (strace's child), not to strace.
         gateway = psutil.Process(process.pid).children()[0]
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        probe = f"http://127.0.0.1:{probe_port}/readiness"
+        wait_until(lambda: httpx.get(probe, timeout=5.0).status_code == 200, 60.0, "ready workers")
         plain = _chat(url, stream=False)
         assert plain.status_code == 200, plain.text
         streamed = _chat(url, stream=True)
         assert streamed.status_code == 200 and "data: [DONE]" in streamed.text, streamed.text
-        assert httpx.get(f"http://127.0.0.1:{probe_port}/readiness", timeout=5.0).status_code == 200
         # A setting the data plane reads: the reload replaces both data-plane processes.
         config.write_text(yaml.safe_dump({**base, "request_timeout_secs": 601}))
         gateway.send_signal(signal.SIGHUP)
