@@ -28,6 +28,7 @@ import yaml
 from gatewayutil import free_port, keep_session_log, wait_until
 from systemdutil import Trace, allowed_syscalls, one, parse_unit
 
+from smg import supervisor
 from smg.config import GatewayConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,6 +176,10 @@ def test_service_unit_settings() -> None:
     # plane, then 5 s more; systemd's SIGKILL must come after all of that.
     grace = starter_config().shutdown_grace_period_secs
     assert systemdutil.parse_timespan(one(unit, "Service", "TimeoutStopSec")) > grace + 10
+    # systemd must not give up before smg's own start-up bounds (processes ready, then the
+    # first health round before READY=1, when this tree has that wait).
+    bound = supervisor.STARTUP_TIMEOUT_SECS + getattr(supervisor, "FIRST_HEALTH_ROUND_WAIT_SECS", 0)
+    assert systemdutil.parse_timespan(one(unit, "Service", "TimeoutStartSec")) > bound
     # No credential on the command line: ExecStart names none of the secret flags.
     assert not re.search(r"--(api-key|tenant-api-key|control-plane-api-keys)", svc["ExecStart"][0])
     for key, value in {
