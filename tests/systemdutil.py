@@ -184,7 +184,11 @@ def syscall_groups() -> dict[str, list[str]]:
     return parse_syscall_groups(listing)
 
 
-SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+# The distribution's units: /usr/lib on a merged-/usr system (Debian 12), else /lib.
+SYSTEM_UNITS = next(
+    (p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()),
+    Path("/usr/lib/systemd/system"),
+)
 
 
 def systemd_root(root: Path) -> None:
