@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install smg as a systemd service on a Debian or Ubuntu host. Run as root:
 #
-#   sudo deploy/install.sh                         # smg-py from PyPI, start the service
+#   sudo deploy/install.sh                         # smg from this checkout, start the service
 #   sudo deploy/install.sh --package ./smg_py-0.1.0-py3-none-any.whl --socket
 #   sudo deploy/install.sh --pip-args "--index-url https://pypi.internal/simple"
 #
@@ -24,7 +24,8 @@ usage() {
 usage: install.sh [--package SPEC] [--pip-args ARGS] [--python PYTHON] [--socket]
                   [--no-start] [--root DIR]
 
-  --package SPEC   what pip installs: a requirement (default: smg-py), a wheel or a directory
+  --package SPEC   what pip installs: a wheel, a directory or a requirement such as smg-py==0.1.0
+                   (default: the smg checkout this script is in)
   --pip-args ARGS  extra pip arguments, split on spaces ("--no-index --find-links /srv/wheels")
   --python PYTHON  the interpreter the venv is made from (default: python3; >= 3.11)
   --socket         also enable smg.socket (socket activation of the API port)
@@ -42,7 +43,7 @@ say() {
     echo "install.sh: $*"
 }
 
-package="smg-py"
+package=""
 pip_args=""
 python="python3"
 socket=0
@@ -66,6 +67,13 @@ units="$here/systemd"
 for file in smg.service smg.socket config.yaml smg.env; do
     [ -f "$units/$file" ] || die "missing $units/$file (run install.sh from an smg checkout)"
 done
+# By default smg is installed from the checkout this script belongs to (the units above come
+# from it too, so package and units always match).
+if [ -z "$package" ]; then
+    package="$(cd "$here/.." && pwd)"
+    grep -q '^name = "smg-py"' "$package/pyproject.toml" 2>/dev/null \
+        || die "$package is not an smg checkout: give --package"
+fi
 
 # Installed layout (the units name the same paths).
 user="smg"
