@@ -146,7 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="worker base URL whose GET /mock/stats counts requests (repeatable)",
     )
+    # Part 2's flag groups, one function each (smg/bench/<module>.py implements them).
+    _live_flags(p)
+    _report_flags(p)
+    _sweep_flags(p)
+    _embedded_flags(p)
+    _workload_flags(p)
     return p
+
+
+def _live_flags(p: argparse.ArgumentParser) -> None:
+    """The live display while a run goes (smg/bench/live.py)."""
+
+
+def _report_flags(p: argparse.ArgumentParser) -> None:
+    """--plot: the HTML report (smg/bench/report.py)."""
+
+
+def _sweep_flags(p: argparse.ArgumentParser) -> None:
+    """Sweeps over rates or concurrencies, and the SLO search (smg/bench/sweep.py)."""
+
+
+def _embedded_flags(p: argparse.ArgumentParser) -> None:
+    """--embedded: mock workers and an smg gateway started by the bench (smg/bench/embedded.py)."""
+
+
+def _workload_flags(p: argparse.ArgumentParser) -> None:
+    """--profile, --lora-modules and local dataset files."""
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:

@@ -293,13 +293,22 @@ def metric_config(args: argparse.Namespace, embeddings: bool) -> metrics.MetricC
 
 
 def run(argv: list[str]) -> int:
+    from smg.bench.embedded import embedded_target
+    from smg.bench.report import report_if_asked
+    from smg.bench.sweep import docs_valid, run_plan
+
     args = build_parser().parse_args(argv)
     try:
-        if args.overhead:
-            from smg.bench.overhead import run_overhead
+        # --embedded: mock workers and a gateway started here; the run targets them.
+        with embedded_target(args):
+            if args.overhead:
+                from smg.bench.overhead import run_overhead
 
-            return run_overhead(args, argv)
-        result = run_benchmark(args, argv)
+                return run_overhead(args, argv)
+            # One run, a sweep, or an SLO search: a list of result documents (a run's
+            # result dict, or a sweep document holding its points' results).
+            docs = run_plan(args, argv)
+            report_if_asked(args, docs)
     except UsageError as exc:
         print(f"smg bench: {exc}", file=sys.stderr)
         return 2
@@ -309,7 +318,7 @@ def run(argv: list[str]) -> int:
     except RuntimeError as exc:  # a client process failed
         print(f"smg bench: {exc}", file=sys.stderr)
         return 1
-    return 0 if result.get("smg_valid") else 1
+    return 0 if docs_valid(docs) else 1
 
 
 def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
