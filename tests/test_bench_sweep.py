@@ -3,7 +3,6 @@ table) and end to end through `smg bench` against mock workers and a gateway."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -209,10 +208,11 @@ def test_table_text_is_exact() -> None:
             ],
         }
     }
-    assert table_text(doc).splitlines() == [
+    lines = table_text(doc).splitlines()
+    assert lines[1] == "-" * len(lines[0])
+    assert lines[:1] + lines[2:] == [
         "request_rate  req/s  out tok/s  TTFT p50 ms  TTFT p99 ms  ITL p50 ms  ITL p99 ms"
         "  E2E p50 ms  E2E p99 ms  goodput  errors  valid  SLO met",
-        "-" * 147,
         "1              1.50       96.2         10.0         12.0         5.0         6.0"
         "       100.0       120.0     1.25       0    yes      yes",
         "inf            1.50       96.2         10.0         12.0         5.0         6.0"
@@ -223,3 +223,139 @@ def test_table_text_is_exact() -> None:
     assert docs_valid([doc]) is False  # a plain sweep: every run must be valid
     doc["smg_sweep"]["search"] = {"result": 1.0, "high": 2.0, "start": 1.0}
     assert docs_valid([doc]) is True  # a search: its answer exists
+
+
+# ---------------------------------------------------------------- end to end
+
+SMALL = ["--model", "mock-model", "--random-input-len", "16"]
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    base = [*SMALL, "--port", "1"]  # nothing is contacted: each is refused first
+    cases = [
+        (["--request-rate", "1,2", "--max-concurrency", "1,2"], "not both"),
+        (["--search", "request-rate"], "--search needs at least one --slo"),
+        (["--search", "request-rate", "--slo", "ttft_p99:5", "--request-rate", "1,2"], "no comma"),
+        (["--request-rate", "1,0"], "--request-rate values must be > 0"),
+        (["--max-concurrency", "4,-1"], "--max-concurrency values must be > 0"),
+        (["--slo", "ttft:500", "--max-concurrency", "1,2"], "invalid --slo metric"),
+        (
+            [
+                "--search",
+                "max-concurrency",
+                "--slo",
+                "e2el_p99:9",
+                "--search-min",
+                "8",
+                "--search-max",
+                "4",
+            ],
+            "--search-max must be",
+        ),
+        (["--request-rate", "1,2", "--ramp-up-strategy", "linear"], "--ramp-up-strategy"),
+        (["--max-concurrency", "1,2", "--num-prompts", "0"], "--num-prompts must be > 0"),
+    ]
+    for flags, message in cases:
+        assert bench_main([*base, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit) as exc:
+        bench_main([*base, "--request-rate", "1,x"])
+    assert exc.value.code == 2
+    assert "comma list" in capsys.readouterr().err
+
+
+def test_rate_sweep_against_the_mock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with mockutil.start_mock_workers(1, "--ttft-ms", "20", "--itl-ms", "5") as mocks:
+        code = bench_main(
+            [
+                "--base-url",
+                mocks.url,
+                *SMALL,
+                "--random-output-len",
+                "4",
+                "--num-prompts",
+                "10",
+                "--request-rate",
+                "20,40",
+                "--goodput",
+                "e2el:2000",
+                "--slo",
+                "e2el_p99:2000",
+                "--save-result",
+                "--result-dir",
+                str(tmp_path),
+                "--label",
+                "sw",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    sweeps = list(tmp_path.glob("sw-sweep-request_rate-mock-model-*.json"))
+    assert len(sweeps) == 1
+    # Each point also keeps its own vllm-named result file.
+    assert len(list(tmp_path.glob("sw-20.0qps-mock-model-*.json"))) == 1
+    assert len(list(tmp_path.glob("sw-40.0qps-mock-model-*.json"))) == 1
+    doc = json.loads(sweeps[0].read_text())["smg_sweep"]
+    assert doc["variable"] == "request_rate" and doc["search"] is None
+    assert doc["slo"] == {"e2el_p99": 2000.0} and doc["goodput"] == {"e2el": 2000.0}
+    points = doc["points"]
+    assert [p["value"] for p in points] == [20.0, 40.0]
+    assert [p["result"]["request_rate"] for p in points] == [20.0, 40.0]
+    assert [p["result"]["completed"] for p in points] == [10, 10]
+    assert [p["meets_slo"] for p in points] == [True, True]
+    assert all(p["result"]["request_goodput"] > 0 for p in points)
+    # Same seed: the same prompts at every point.
+    assert points[0]["result"]["total_input_tokens"] == points[1]["result"]["total_input_tokens"]
+    # Twice the rate, a schedule half as long (10 requests due by 0.5 s, then 0.25 s).
+    assert points[0]["result"]["duration"] > points[1]["result"]["duration"]
+    csv_rows = sweeps[0].with_suffix(".csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].startswith("value,meets_slo,")
+    assert "request_rate  req/s  out tok/s" in out
+    assert "sweep: highest request_rate meeting e2el_p99 <= 2000 ms: 40" in out
+
+
+def test_concurrency_search_finds_the_gateway_limit(tmp_path: Path) -> None:
+    """A gateway admitting 4 requests at once (the rest queue) in front of a mock taking
+    300 ms per request: up to 4 clients a request takes ~300 ms, from 5 on some wait a
+    whole request more (~600 ms), so with e2el_p99 <= 450 ms the limit is exactly 4."""
+    mock_flags = ("--ttft-ms", "150", "--itl-ms", "30", "--output-len", "6")
+    with mockutil.start_mock_workers(1, *mock_flags) as mocks:
+        admission = ["--max-concurrent-requests", "4", "--queue-size", "256"]
+        flags = ["--worker-urls", mocks.url, *admission, "--queue-timeout-secs", "30"]
+        with gatewayutil.running_gateway(flags, processes=1) as gw:
+            gw.wait_ready()
+            command = [
+                sys.executable,
+                "-m",
+                "smg",
+                "bench",
+                "--base-url",
+                gw.url,
+                *SMALL,
+                "--random-output-len",
+                "6",
+                "--num-prompts",
+                "8",
+                "--search",
+                "max-concurrency",
+                "--slo",
+                "e2el_p99:450",
+                "--save-result",
+                "--result-dir",
+                str(tmp_path),
+                "--result-filename",
+                "search.json",
+            ]
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "search.json").read_text())["smg_sweep"]
+    walked = [(p["value"], p["meets_slo"]) for p in doc["points"]]
+    assert walked == [(1, True), (2, True), (4, True), (8, False), (6, False), (5, False)]
+    assert doc["search"]["result"] == 4 and doc["search"]["high"] == 5
+    e2el = {p["value"]: p["result"]["p99_e2el_ms"] for p in doc["points"]}
+    print(f"p99 E2EL by concurrency: {e2el}")
+    assert all(e2el[c] < 450 for c in (1, 2, 4)), e2el
+    assert all(e2el[c] > 500 for c in (5, 6, 8)), e2el  # they queued at the gateway
+    # --result-filename names the sweep; no per-point files beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.csv", "search.json"]
+    assert "search: highest max_concurrency meeting e2el_p99 <= 450 ms: 4" in proc.stdout

@@ -206,7 +206,9 @@ def _concurrency_list(text: str) -> int | list[int]:
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError("expected an integer or a comma list, e.g. 1,8,32") from None
+        raise argparse.ArgumentTypeError(
+            "expected an integer or a comma list, e.g. 1,8,32"
+        ) from None
     return values[0] if len(values) == 1 else values
 
 

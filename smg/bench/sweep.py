@@ -194,7 +194,7 @@ def table_rows(doc: dict[str, Any], tail: str | None) -> list[list[str]]:
     sweep = doc["smg_sweep"]
     head = [sweep["variable"], "req/s", "out tok/s"]
     stats = [("median", "p50")] + ([(f"p{tail}", f"p{tail}")] if tail else [])
-    for metric, label in (("ttft", "TTFT"), ("itl", "ITL"), ("e2el", "E2E")):
+    for label in ("TTFT", "ITL", "E2E"):
         head += [f"{label} {shown} ms" for _key, shown in stats]
     head += ["goodput", "errors", "valid", "SLO met"]
     rows = [head]
