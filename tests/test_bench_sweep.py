@@ -359,3 +359,58 @@ def test_concurrency_search_finds_the_gateway_limit(tmp_path: Path) -> None:
     # --result-filename names the sweep; no per-point files beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["search.csv", "search.json"]
     assert "search: highest max_concurrency meeting e2el_p99 <= 450 ms: 4" in proc.stdout
+
+
+def test_rate_search_ends_at_the_cap_or_at_a_failing_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rate search through `smg bench` against the mock: every point meets up to the
+    cap (exit 0, the cap is the answer), or the first point fails (exit 1, no answer);
+    a single run with --slo says whether it met; --overhead refuses a search."""
+    with mockutil.start_mock_workers(1, "--ttft-ms", "20", "--itl-ms", "5") as mocks:
+        common = [
+            "--base-url",
+            mocks.url,
+            *SMALL,
+            "--random-output-len",
+            "4",
+            "--num-prompts",
+            "8",
+            "--search",
+            "request-rate",
+            "--search-min",
+            "20",
+            "--search-max",
+            "40",
+            "--save-result",
+            "--result-dir",
+            str(tmp_path),
+        ]
+        code = bench_main([*common, "--slo", "ttft_p99:5000", "--result-filename", "cap.json"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        doc = json.loads((tmp_path / "cap.json").read_text())["smg_sweep"]
+        assert [(p["value"], p["meets_slo"]) for p in doc["points"]] == [(20, True), (40, True)]
+        assert doc["search"] == {
+            "precision": 0.1,
+            "start": 20.0,
+            "max": 40.0,
+            "low": 40.0,
+            "high": None,
+            "result": 40.0,
+        }
+        assert "ttft_p99 <= 5000 ms: 40 (the --search-max cap" in out
+        # TTFT is ~20 ms: a 1 ms bound fails at once.
+        code = bench_main([*common, "--slo", "p99_ttft_ms:1", "--result-filename", "none.json"])
+        out = capsys.readouterr().out
+        assert code == 1, out
+        doc = json.loads((tmp_path / "none.json").read_text())["smg_sweep"]
+        assert [(p["value"], p["meets_slo"]) for p in doc["points"]] == [(20, False)]
+        assert doc["search"]["result"] is None and doc["search"]["high"] == 20.0
+        assert "search: no request_rate tried meets ttft_p99 <= 1 ms (not even 20)" in out
+        single = ["--base-url", mocks.url, *SMALL, "--random-output-len", "4", "--num-prompts"]
+        assert bench_main([*single, "4", "--slo", "ttft_median:5000"]) == 0
+        assert "SLO ttft_median <= 5000 ms: met" in capsys.readouterr().out
+    overhead = ["--overhead", "--direct-url", mocks.url, "--gateway-url", mocks.url]
+    assert bench_main([*overhead, *SMALL, "--search", "request-rate", "--slo", "ttft_p99:1"]) == 2
+    assert "--overhead does not run" in capsys.readouterr().err

@@ -433,6 +433,7 @@ def _plain(value: float, variable: str) -> float | int:
 def _point_args(args: argparse.Namespace, variable: str, value: float) -> argparse.Namespace:
     pa = copy.copy(args)
     setattr(pa, variable, _plain(value, variable))
+    pa.search = None  # a point is one plain run (serve.validate refuses --search)
     return pa
 
 
