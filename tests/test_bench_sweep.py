@@ -211,12 +211,12 @@ def test_table_text_is_exact() -> None:
     lines = table_text(doc).splitlines()
     assert lines[1] == "-" * len(lines[0])
     assert lines[:1] + lines[2:] == [
-        "request_rate  req/s  out tok/s  TTFT p50 ms  TTFT p99 ms  ITL p50 ms  ITL p99 ms"
-        "  E2E p50 ms  E2E p99 ms  goodput  errors  valid  SLO met",
-        "1              1.50       96.2         10.0         12.0         5.0         6.0"
-        "       100.0       120.0     1.25       0    yes      yes",
-        "inf            1.50       96.2         10.0         12.0         5.0         6.0"
-        "       100.0           -        -       3     NO       no",
+        "request_rate  req/s  out tok/s  TTFT p50  TTFT p99  ITL p50  ITL p99  E2E p50  E2E p99"
+        "  goodput  errors  valid  SLO met",
+        "1              1.50       96.2      10.0      12.0      5.0      6.0    100.0    120.0"
+        "     1.25       0    yes      yes",
+        "inf            1.50       96.2      10.0      12.0      5.0      6.0    100.0        -"
+        "        -       3     NO       no",
     ]
     assert answer_text(doc) == "sweep: highest request_rate meeting e2el_p99 <= 150 ms: 1"
     assert tail_percentile([50.0, 90.0]) == "90" and tail_percentile([99.0, 99.9]) == "99"
@@ -310,7 +310,7 @@ def test_rate_sweep_against_the_mock(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert points[0]["result"]["duration"] > points[1]["result"]["duration"]
     csv_rows = sweeps[0].with_suffix(".csv").read_text().splitlines()
     assert len(csv_rows) == 3 and csv_rows[0].startswith("value,meets_slo,")
-    assert "request_rate  req/s  out tok/s" in out
+    assert "request_rate  req/s  out tok/s  TTFT p50  TTFT p99" in out
     assert "sweep: highest request_rate meeting e2el_p99 <= 2000 ms: 40" in out
 
 

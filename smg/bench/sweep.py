@@ -195,7 +195,7 @@ def table_rows(doc: dict[str, Any], tail: str | None) -> list[list[str]]:
     head = [sweep["variable"], "req/s", "out tok/s"]
     stats = [("median", "p50")] + ([(f"p{tail}", f"p{tail}")] if tail else [])
     for label in ("TTFT", "ITL", "E2E"):
-        head += [f"{label} {shown} ms" for _key, shown in stats]
+        head += [f"{label} {shown}" for _key, shown in stats]
     head += ["goodput", "errors", "valid", "SLO met"]
     rows = [head]
     for point in sweep["points"]:
@@ -408,7 +408,7 @@ def run_plan(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
         }
     }
     tail = tail_percentile([float(p) for p in args.metric_percentiles.split(",") if p.strip()])
-    print("\n" + "{:=^50}".format(" Sweep ") + "\n" + table_text(doc, tail))
+    print("\n" + "{:=^50}".format(" Sweep (latencies in ms) ") + "\n" + table_text(doc, tail))
     line = answer_text(doc)
     if line:
         print(line)
