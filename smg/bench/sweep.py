@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -155,9 +155,9 @@ class LimitSearch:
             self.high = value if self.high is None else min(self.high, value)
 
 
-def walk(search: LimitSearch, verdict: Any) -> list[tuple[float, bool]]:
-    """Runs a search to its end against `verdict(value) -> bool` (the tests' fake server);
-    returns the points tried, in order."""
+def walk(search: LimitSearch, verdict: Callable[[float], Any]) -> list[tuple[float, bool]]:
+    """Runs a search to its end, asking `verdict(value)` (truthy: the point met) for each
+    value it tries (a real run, or the tests' fake server); returns the points in order."""
     seen: list[tuple[float, bool]] = []
     for _ in range(MAX_SEARCH_POINTS):
         value = search.next_value()
@@ -234,7 +234,7 @@ def answer_text(doc: dict[str, Any]) -> str | None:
     """The search's (or an SLO-checked sweep's) conclusion, one line."""
     sweep = doc["smg_sweep"]
     var = sweep["variable"]
-    bounds = ", ".join(f"{k} <= {v:g} ms" for k, v in sweep["slo"].items())
+    bounds = _bounds(sweep["slo"])
     search = sweep.get("search")
     if search is not None:
         best = search["result"]
@@ -382,11 +382,7 @@ def run_plan(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
             run_point(value)
         search_doc = None
     else:
-        for _ in range(MAX_SEARCH_POINTS):
-            value = sp.search.next_value()
-            if value is None:
-                break
-            sp.search.feed(value, bool(run_point(value)))
+        walk(sp.search, run_point)  # a point that failed or met no bound (None) fails
         s = sp.search
         search_doc = {
             "precision": s.precision if not s.integer else 1,
