@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
 
     r = p.add_argument_group("load")
-    r.add_argument("--request-rate", type=float, default=float("inf"))
+    r.add_argument(
+        "--request-rate", type=_rate_list, default=float("inf"), help="req/s, or a sweep: 1,2,4"
+    )
     r.add_argument("--burstiness", type=float, default=1.0)
-    r.add_argument("--max-concurrency", type=int)
+    r.add_argument("--max-concurrency", type=_concurrency_list, help="N, or a sweep: 1,8,32")
     r.add_argument("--ramp-up-strategy", choices=["linear", "exponential"])
     r.add_argument("--ramp-up-start-rps", type=float)
     r.add_argument("--ramp-up-end-rps", type=float)
@@ -165,6 +167,49 @@ def _report_flags(p: argparse.ArgumentParser) -> None:
 
 def _sweep_flags(p: argparse.ArgumentParser) -> None:
     """Sweeps over rates or concurrencies, and the SLO search (smg/bench/sweep.py)."""
+    g = p.add_argument_group("smg: sweeps and the SLO search (docs/bench.md)")
+    g.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="METRIC_STAT:MS",
+        help="latency bound a point must meet, e.g. ttft_p99:500 e2el_median:2000 (repeatable)",
+    )
+    g.add_argument(
+        "--search",
+        choices=["request-rate", "max-concurrency"],
+        help="find the highest rate or concurrency meeting every --slo (double, then bisect)",
+    )
+    g.add_argument("--search-min", type=float, default=1.0, help="first value tried (default 1)")
+    g.add_argument(
+        "--search-max", type=float, default=1024.0, help="highest value tried (default 1024)"
+    )
+    g.add_argument(
+        "--search-precision",
+        type=float,
+        default=0.1,
+        help="stop bisecting when (high - low) / low <= this (request rate; concurrency stops at 1)",
+    )
+
+
+def _rate_list(text: str) -> float | list[float]:
+    """One rate (as before), or a comma list: a sweep (smg/bench/sweep.py)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number or a comma list, e.g. 1,2,4") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _concurrency_list(text: str) -> int | list[int]:
+    """One concurrency cap (as before), or a comma list: a sweep."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected an integer or a comma list, e.g. 1,8,32"
+        ) from None
+    return values[0] if len(values) == 1 else values
 
 
 def _embedded_flags(p: argparse.ArgumentParser) -> None:

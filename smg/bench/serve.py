@@ -50,6 +50,14 @@ def resolve_lengths(args: argparse.Namespace) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    # Comma lists and --search are sweeps: sweep.run_plan runs each point with one value
+    # and no --search; whatever else gets here with them (the overhead mode) cannot sweep.
+    lists = isinstance(args.request_rate, list) or isinstance(args.max_concurrency, list)
+    if lists or getattr(args, "search", None):
+        raise UsageError(
+            "comma lists of --request-rate / --max-concurrency and --search are"
+            " sweeps, which --overhead does not run"
+        )
     if args.max_concurrency is not None and args.max_concurrency <= 0:
         raise UsageError("--max-concurrency must be > 0")
     if args.num_prompts <= 0:
