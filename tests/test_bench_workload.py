@@ -21,6 +21,7 @@ import pytest
 
 from smg.bench import datasets, workload
 from smg.bench.args import build_parser
+from smg.bench.backends import BodyOptions, build_body
 from smg.bench.calibrate import start_stub
 from smg.bench.tokenizer import WordTokenizer
 
@@ -101,6 +102,14 @@ def test_lora_modules_round_robin_through_chat(tmp_path: Path) -> None:
     assert code == 0, out
     assert seen == {"x": 3, "y": 3}
     assert "smg_request_models" not in r  # per-request names only with --save-detailed
+
+
+def test_lora_adapter_goes_to_sglang_generate_as_lora_path() -> None:
+    opts = BodyOptions(model="base", stream=False, lora="ad-1")
+    body = json.loads(build_body("sglang", "hi", 2, opts))
+    assert body["lora_path"] == "ad-1"
+    assert json.loads(build_body("openai", "hi", 2, BodyOptions(model="ad-1")))["model"] == "ad-1"
+    assert "lora_path" not in json.loads(build_body("sglang", "hi", 2, BodyOptions(model="b")))
 
 
 # -- the profiler ------------------------------------------------------------------------

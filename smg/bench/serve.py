@@ -177,7 +177,7 @@ def prepare(
     kind = kind_of(backend)
     out = []
     for i, s in enumerate(samples):
-        o = opts if models is None else replace(opts, model=models[i])
+        o = opts if models is None else replace(opts, model=models[i], lora=models[i])
         body = build_body(backend, s.prompt, s.expected_output_len, o)
         hdrs = dict(headers)
         hdrs["X-Request-Id"] = f"{id_prefix}{index_offset + i}"
