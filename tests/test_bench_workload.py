@@ -273,6 +273,17 @@ def test_bad_workload_flags_exit_2() -> None:
         (["--custom-output-len", "0"], "--custom-output-len must be > 0"),
         (["--lora-modules", ""], "non-empty adapter names"),
         (["--dataset-name", "hf", "--dataset-path", "org/name"], "never downloads"),
+        (
+            [
+                "--overhead",
+                "--direct-url",
+                "http://127.0.0.1:9",
+                "--gateway-url",
+                "http://127.0.0.1:9",
+                "--profile",
+            ],
+            "do not apply to --overhead",
+        ),
     ]
     for extra, message in cases:
         cmd = [sys.executable, "-m", "smg", "bench", "--model", "m", "--port", "9", *extra]

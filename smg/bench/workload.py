@@ -36,6 +36,9 @@ def validate(args: argparse.Namespace) -> None:
         names = [n for n in args.lora_modules if n.strip()]
         if len(names) != len(args.lora_modules) or not names:
             raise WorkloadError("--lora-modules needs non-empty adapter names")
+    if getattr(args, "overhead", False) and (args.profile or args.lora_modules):
+        # Overhead mode pairs identical requests direct and through the gateway.
+        raise WorkloadError("--profile and --lora-modules do not apply to --overhead")
     if args.custom_output_len <= 0:
         raise WorkloadError("--custom-output-len must be > 0")
     if args.hf_output_len is not None and args.hf_output_len <= 0:
