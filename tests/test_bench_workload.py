@@ -266,6 +266,25 @@ def test_chat_template_from_tokenizer_config(tmp_path: Path) -> None:
     assert workload.chat_template(str(tmp_path / "nothing")) is None
 
 
+def test_custom_dataset_applies_the_template_except_for_chat_backends(tmp_path: Path) -> None:
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}{% endfor %} <bot>"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": words(3, 1)}])
+    argv = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", "1"]
+    args = build_parser().parse_args([*argv, "--tokenizer", str(tok_dir)])
+    reqs, info = workload.local_dataset(args, TOK, chat_backend=False)
+    assert reqs[0].prompt == f"<user> {words(3, 1)} <bot>"
+    assert reqs[0].prompt_len == 5 and reqs[0].expected_output_len == 256
+    assert info.notes == ["chat template applied"]
+    plain, info = workload.local_dataset(args, TOK, chat_backend=True)
+    assert plain[0].prompt == words(3, 1)
+    assert info.notes == ["prompts sent as written (no chat template)"]
+    args = build_parser().parse_args([*argv, "--tokenizer", str(tok_dir), "--skip-chat-template"])
+    assert workload.local_dataset(args, TOK, chat_backend=False)[0][0].prompt == words(3, 1)
+
+
 def test_bad_workload_flags_exit_2() -> None:
     cases = [
         (["--dataset-name", "custom"], "needs --dataset-path"),
