@@ -236,6 +236,10 @@ def test_data_files_choose_split_and_subset_and_refuse_hub_ids(tmp_path: Path) -
         workload.data_files(str(root), None, "dev")
     with pytest.raises(workload.WorkloadError, match=r"Hugging Face hub id.*never downloads"):
         workload.data_files("lmsys/lmsys-chat-1m", None, None)
+    lone = str(root / "data/test.jsonl")
+    assert workload.data_files(lone, None, "train") == [lone]  # as `datasets` names it
+    with pytest.raises(workload.WorkloadError, match="a single file is split 'train'"):
+        workload.data_files(lone, None, "test")
     with pytest.raises(workload.WorkloadError, match="no such file or directory"):
         workload.data_files(str(tmp_path / "absent.jsonl"), None, None)
 

@@ -126,8 +126,12 @@ def data_files(path: str, subset: str | None, split: str | None) -> list[str]:
     the files named or filed for that split), sorted by path."""
     _refuse_missing(path)
     if os.path.isfile(path):
-        if subset or split:
-            raise WorkloadError("--hf-subset and --hf-split choose files inside a directory")
+        # `datasets` names a lone data file's split "train"; anything else would be ignored.
+        if subset or split not in (None, "train"):
+            raise WorkloadError(
+                "--hf-subset and --hf-split choose files inside a directory "
+                "(a single file is split 'train')"
+            )
         return [path]
     root = os.path.join(path, subset) if subset else path
     if not os.path.isdir(root):
