@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = p.add_argument_group("dataset")
     d.add_argument("--dataset-name", default="random", choices=list(DATASETS))
-    d.add_argument("--dataset-path", help="local file for sharegpt / timed_trace")
+    d.add_argument(
+        "--dataset-path", help="local file (or hf directory) for sharegpt, timed_trace, custom, hf"
+    )
     d.add_argument("--num-prompts", type=int, default=1000)
     d.add_argument("--input-len", type=int, help="sets --random-input-len")
     d.add_argument("--output-len", type=int, help="sets every dataset's output length")
@@ -217,7 +219,45 @@ def _embedded_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _workload_flags(p: argparse.ArgumentParser) -> None:
-    """--profile, --lora-modules and local dataset files."""
+    """--profile, --lora-modules and local dataset files (smg/bench/workload.py)."""
+    w = p.add_argument_group("workload: profiler, LoRA adapters, local dataset files")
+    w.add_argument(
+        "--profile",
+        action="store_true",
+        help="POST /start_profile before the measured requests and /stop_profile after",
+    )
+    w.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME",
+        help="LoRA adapter names: each request's model is one of them (see --lora-assignment)",
+    )
+    w.add_argument(
+        "--lora-assignment",
+        default="random",
+        choices=["random", "round-robin"],
+        help="random (seeded by --seed) or round-robin over --lora-modules",
+    )
+    w.add_argument(
+        "--custom-output-len",
+        type=int,
+        default=256,
+        help="output tokens per request for --dataset-name custom",
+    )
+    w.add_argument(
+        "--skip-chat-template",
+        action="store_true",
+        help="custom dataset: send prompts without the tokenizer's chat template",
+    )
+    w.add_argument("--hf-split", help="hf dataset: the split's files in a local directory")
+    w.add_argument("--hf-subset", help="hf dataset: a sub-folder of the local directory")
+    w.add_argument("--hf-name", help="accepted for compatibility (nothing is downloaded)")
+    w.add_argument("--hf-output-len", type=int, help="hf dataset: output tokens per request")
+    w.add_argument(
+        "--hf-prompt-column",
+        help="hf dataset: the prompt column (default: the first of conversations, "
+        "conversation, messages, prompt, question, problem, instruction, text, input, turns)",
+    )
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, str]:

@@ -26,6 +26,9 @@ class BodyOptions:
     stream: bool = True
     ignore_eos: bool = False
     extra_body: dict[str, Any] | None = None  # sampling overrides merged with --extra-body
+    # A LoRA adapter (--lora-modules): OpenAI bodies carry it as `model` (vLLM's bench sets
+    # model to it); SGLang's native /generate as `lora_path` (SGLang's bench_serving).
+    lora: str | None = None
 
 
 def kind_of(backend: str) -> str:
@@ -54,6 +57,8 @@ def build_body(backend: str, prompt: str, output_len: int, opts: BodyOptions) ->
             sampling["ignore_eos"] = True
         sampling.update(opts.extra_body or {})
         body = {"text": prompt, "sampling_params": sampling, "stream": opts.stream}
+        if opts.lora:
+            body["lora_path"] = opts.lora
         return orjson.dumps(body)
     else:
         body = {"model": opts.model, "input": prompt}

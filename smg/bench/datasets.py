@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from smg.bench.tokenizer import Tokenizer
 
@@ -22,7 +24,11 @@ DATASETS = (
     "generated-shared-prefix",
     "sharegpt",
     "timed_trace",
+    "custom",
+    "hf",
 )
+# Datasets read from --dataset-path.
+PATH_DATASETS = ("sharegpt", "timed_trace", "custom", "hf")
 
 
 @dataclass
@@ -270,4 +276,141 @@ def timed_trace_dataset(
             out.append(SampleRequest(text, got, max(out_len, 1), timestamp=ts))
     if not out:
         raise ValueError(f"{path}: empty trace")
+    return out, info
+
+
+# -- local prompt files: vLLM's `custom` and `hf` (pure: rows in, samples out) --------
+
+# Columns holding a conversation (a list of turns), then plain prompt columns, in the
+# order they are tried; a completion column, when present, sets the output length.
+CONVERSATION_COLUMNS = ("conversations", "conversation", "messages")
+PROMPT_COLUMNS = ("prompt", "question", "problem", "instruction", "text", "input", "turns")
+COMPLETION_COLUMNS = ("completion", "response", "output", "answer", "solution")
+HF_DEFAULT_OUTPUT_LEN = 256
+
+
+def _turn_text(turn: Any) -> str | None:
+    """A turn's text: ShareGPT's {"from", "value"}, OpenAI's {"role", "content"}, or a str."""
+    if isinstance(turn, str):
+        return turn
+    if isinstance(turn, dict):
+        for key in ("value", "content", "text"):
+            if isinstance(turn.get(key), str):
+                return str(turn[key])
+    return None
+
+
+def row_prompt(row: dict[str, Any], column: str | None) -> tuple[str, str | None] | None:
+    """(prompt, completion or None) of one row, or None when the row has no usable prompt.
+
+    A conversation column gives its first turn as the prompt and its second as the
+    completion (vLLM's ConversationDataset); `turns` (MT-Bench) gives its first string.
+    """
+    names = (column,) if column else CONVERSATION_COLUMNS + PROMPT_COLUMNS
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            texts = [_turn_text(t) for t in value]
+            if not texts or texts[0] is None:
+                return None
+            completion = texts[1] if len(texts) > 1 and name != "turns" else None
+            return texts[0], completion
+        if isinstance(value, str):
+            completion = next(
+                (row[c] for c in COMPLETION_COLUMNS if isinstance(row.get(c), str)), None
+            )
+            return value, completion
+        return None
+    return None
+
+
+def _oversample(
+    out: list[SampleRequest], num: int, rng: random.Random, oversample: bool, info: DatasetInfo
+) -> None:
+    if oversample and 0 < len(out) < num:
+        info.notes.append(f"oversampled {num - len(out)} prompts to reach {num}")
+        out.extend(rng.choice(out[: len(out)]) for _ in range(num - len(out)))
+
+
+def custom_dataset(
+    tok: Tokenizer,
+    rows: list[dict[str, Any]],
+    num: int,
+    output_len: int = 256,
+    seed: int = 0,
+    shuffle: bool = True,
+    oversample: bool = True,
+    template: Callable[[str], str] | None = None,
+    source: str = "custom",
+) -> tuple[list[SampleRequest], DatasetInfo]:
+    """vLLM's `custom`: one {"prompt": ...} per JSON line; every output --custom-output-len
+    tokens; the chat template applied to each prompt unless --skip-chat-template (None)."""
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{source}:{i}: each line needs a string 'prompt' field")
+    rng = random.Random(seed)
+    rows = list(rows)
+    if shuffle:
+        rng.shuffle(rows)
+    out: list[SampleRequest] = []
+    for row in rows[:num]:
+        prompt = template(row["prompt"]) if template else row["prompt"]
+        out.append(SampleRequest(prompt, tok.count(prompt), output_len))
+    if not out:
+        raise ValueError(f"{source}: no prompts")
+    info = DatasetInfo()
+    _oversample(out, num, rng, oversample, info)
+    return out, info
+
+
+def hf_dataset(
+    tok: Tokenizer,
+    rows: list[dict[str, Any]],
+    num: int,
+    output_len: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    oversample: bool = True,
+    column: str | None = None,
+    source: str = "hf",
+) -> tuple[list[SampleRequest], DatasetInfo]:
+    """Rows of a local Hugging Face dataset file (see `row_prompt` for the columns).
+
+    The output length is --hf-output-len, else the completion's token count (then vLLM's
+    ShareGPT filter applies: prompt and completion >= 4 tokens, prompt <= 1024, both
+    <= 2048), else 256."""
+    rng = random.Random(seed)
+    rows = list(rows)
+    if shuffle:
+        rng.shuffle(rows)
+    info = DatasetInfo()
+    out: list[SampleRequest] = []
+    skipped = 0
+    for row in rows:
+        if len(out) >= num:
+            break
+        got = row_prompt(row, column) if isinstance(row, dict) else None
+        if got is None:
+            skipped += 1
+            continue
+        prompt, completion = got
+        p_len = tok.count(prompt)
+        if output_len is not None:
+            o_len = output_len
+        elif completion is not None:
+            o_len = tok.count(completion)
+            if p_len < 4 or o_len < 4 or p_len > 1024 or p_len + o_len > 2048:
+                skipped += 1
+                continue
+        else:
+            o_len = HF_DEFAULT_OUTPUT_LEN
+        out.append(SampleRequest(prompt, p_len, max(o_len, 1)))
+    if skipped:
+        info.notes.append(f"skipped {skipped} rows (no prompt column, or filtered by length)")
+    if not out:
+        wanted = column or ", ".join(CONVERSATION_COLUMNS + PROMPT_COLUMNS)
+        raise ValueError(f"{source}: no usable rows (looked for a column among: {wanted})")
+    _oversample(out, num, rng, oversample, info)
     return out, info

@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,12 +323,17 @@ async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Out
         gc.unfreeze()
 
 
-def run_in_process(spec: RunSpec) -> tuple[list[Outcome], list[ProcStats], float]:
-    """Runs the spec on a fresh event loop here; returns outcomes, stats, start time."""
+def run_in_process(
+    spec: RunSpec, before_start: Callable[[], None] | None = None
+) -> tuple[list[Outcome], list[ProcStats], float]:
+    """Runs the spec on a fresh event loop here; returns outcomes, stats, start time.
+    `before_start` (blocking) runs after warm-ups, just before the clock starts."""
     loop = new_loop()
     started: list[float] = []
 
     def barrier() -> float:
+        if before_start is not None:
+            before_start()
         started.append(perf())
         return started[0]
 
@@ -355,14 +361,17 @@ def _child(spec: RunSpec, conn: Any) -> None:
         conn.close()
 
 
-def run_multiprocess(spec: RunSpec, processes: int) -> tuple[list[Outcome], list[ProcStats], float]:
+def run_multiprocess(
+    spec: RunSpec, processes: int, before_start: Callable[[], None] | None = None
+) -> tuple[list[Outcome], list[ProcStats], float]:
     """Splits requests round-robin over `processes` forked clients sharing one start time.
 
     The concurrency cap is split evenly between processes (their sum equals the cap).
     All processes read the same monotonic clock, so their timestamps are comparable.
+    `before_start` (blocking) runs once every client has warmed up, before the clock starts.
     """
     if processes <= 1:
-        return run_in_process(spec)
+        return run_in_process(spec, before_start)
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     children = []
     for k in range(processes):
@@ -391,6 +400,8 @@ def run_multiprocess(spec: RunSpec, processes: int) -> tuple[list[Outcome], list
             msg = pipe.recv()
             if msg != "ready":
                 raise RuntimeError(f"bench client process failed: {msg[1]}")
+        if before_start is not None:
+            before_start()
         start = perf() + 0.05
         for _, pipe in children:
             pipe.send(start)

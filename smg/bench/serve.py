@@ -8,13 +8,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from smg.bench import arrivals, datasets, metrics, results
+from smg.bench import arrivals, datasets, metrics, results, workload
 from smg.bench.args import build_parser, parse_goodput, parse_kv, sampling_overrides
 from smg.bench.backends import BACKENDS, BodyOptions, base_headers, build_body, kind_of
 from smg.bench.http import Target, build_request, fetch, parse_url
@@ -47,6 +47,8 @@ def resolve_lengths(args: argparse.Namespace) -> None:
         args.sharegpt_output_len = args.output_len
         args.prefix_repetition_output_len = args.output_len
         args.gsp_output_len = args.output_len
+        args.custom_output_len = args.output_len
+        args.hf_output_len = args.output_len
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -77,7 +79,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError("exponential ramp-up needs --ramp-up-start-rps > 0")
         if args.ramp_up_strategy == "linear" and args.ramp_up_end_rps == 0:
             raise UsageError("ramp-up needs --ramp-up-end-rps > 0")
-    needs_path = args.dataset_name in ("sharegpt", "timed_trace")
+    needs_path = args.dataset_name in datasets.PATH_DATASETS
     if needs_path and not args.dataset_path:
         raise UsageError(f"--dataset-name {args.dataset_name} needs --dataset-path")
     if not needs_path and args.dataset_path:
@@ -86,6 +88,10 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--self-timed only applies to --dataset-name timed_trace")
     if not 0.0 <= args.max_error_rate <= 1.0:
         raise UsageError("--max-error-rate must be within [0, 1]")
+    try:
+        workload.validate(args)
+    except workload.WorkloadError as exc:
+        raise UsageError(str(exc)) from exc
     if kind_of(args.backend) == "embeddings" and args.disable_stream is False:
         args.disable_stream = True
 
@@ -122,6 +128,11 @@ def build_dataset(args: argparse.Namespace, tok: Tokenizer) -> tuple[list[Any], 
             args.gsp_output_len,
             args.seed,
         )
+    if name in ("custom", "hf"):
+        try:
+            return workload.local_dataset(args, tok, kind_of(args.backend) == "chat")
+        except workload.WorkloadError as exc:
+            raise UsageError(str(exc)) from exc
     if name == "sharegpt":
         return datasets.sharegpt_dataset(
             tok,
@@ -168,11 +179,14 @@ def prepare(
     id_prefix: str,
     target_index: int = 0,
     index_offset: int = 0,
+    models: list[str] | None = None,
 ) -> list[Prepared]:
+    """`models`: a model name per request (--lora-modules), else opts.model for all."""
     kind = kind_of(backend)
     out = []
     for i, s in enumerate(samples):
-        body = build_body(backend, s.prompt, s.expected_output_len, opts)
+        o = opts if models is None else replace(opts, model=models[i], lora=models[i])
+        body = build_body(backend, s.prompt, s.expected_output_len, o)
         hdrs = dict(headers)
         hdrs["X-Request-Id"] = f"{id_prefix}{index_offset + i}"
         data = build_request("POST", target, path, hdrs, body)
@@ -360,7 +374,21 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         extra_body=sampling_overrides(args) or None,
     )
     full_path = target.base_path + path
-    preps = prepare(pl.samples, backend, target, full_path, opts, headers, args.request_id_prefix)
+    models = None
+    if args.lora_modules:
+        models = workload.assign_adapters(
+            args.lora_modules, len(pl.samples), args.lora_assignment, args.seed
+        )
+    preps = prepare(
+        pl.samples,
+        backend,
+        target,
+        full_path,
+        opts,
+        headers,
+        args.request_id_prefix,
+        models=models,
+    )
     warm = prepare(
         [pl.samples[0]] * args.num_warmups, backend, target, full_path, opts, headers, "warmup-"
     )
@@ -379,7 +407,9 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         f"{args.request_rate}, burstiness {args.burstiness}, max concurrency "
         f"{args.max_concurrency}, {procs} client process(es)"
     )
-    outcomes, pstats, start = run_multiprocess(spec, procs)
+    with workload.profiling(args, base_url, headers) as prof:
+        before = prof.start if prof is not None else None
+        outcomes, pstats, start = run_multiprocess(spec, procs, before)
     outcomes.sort(key=lambda o: o.index)
     duration = max((o.t_done for o in outcomes), default=start) - start
     counted = count_outputs(outcomes, len(pl.samples), tok)
@@ -393,6 +423,7 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     )
     client, warnings = metrics.client_report(outcomes, pstats, fd_soft)
     result = assemble(args, argv, model, body, client, warnings, pl)
+    workload.add_to_result(result, args, models, prof)
     print(results.summary_text(result, list(cfg.percentiles)))
     save_if_asked(args, result, model)
     return result

@@ -12,7 +12,8 @@ listening it prints one `MOCK_WORKER_URL http://HOST:PORT` line per worker to st
 Routes (both engines): /health, /health_generate, /v1/models (owned_by "sglang"/"vllm"),
 /metrics (the engine's Prometheus names), /v1/chat/completions, /v1/completions,
 /generate (SGLang native; served by the vLLM mock too), /v1/embeddings, /v1/rerank,
-/rerank, /flush_cache. SGLang only: /server_info, /get_server_info, /get_model_info,
+/rerank, /flush_cache, POST /start_profile and /stop_profile (recorded in /mock/stats
+"profile_events" with the inference count at the time; no profiler runs). SGLang only: /server_info, /get_server_info, /get_model_info,
 /model_info, /v1/loads, /get_load. vLLM only: /version, /reset_prefix_cache.
 Test control (never counted in stats, never behind --api-key): GET /mock/stats,
 GET|POST /mock/config, POST /mock/reset.
@@ -44,6 +45,8 @@ Decisions:
   and /reset_prefix_cache empty it; /mock/reset empties it and zeroes its counters.
   --prefill-us-per-token adds that much to the time to first token per prompt token not
   served from the cache (every prompt token without one); no queueing is modelled.
+- /mock/stats "requests_by_model": inference requests per model name answered (LoRA
+  adapter names as sent; --strict-model rejects names other than --model).
 - Load: running = the worker's in-flight inference requests; waiting = the configured
   fake queue; token_usage = the configured value, or else the in-flight requests'
   prompt + output tokens over --max-total-tokens.

@@ -331,10 +331,13 @@ class Worker:
 
     def _model_for(self, requested: str | None) -> str:
         if requested is None or requested == "":
-            return self.opts.model
-        if self.opts.strict_model and requested != self.opts.model:
+            model = self.opts.model
+        elif self.opts.strict_model and requested != self.opts.model:
             raise ApiError(404, f"The model `{requested}` does not exist.", "NotFoundError")
-        return requested
+        else:
+            model = requested
+        self.stats.count_model(model)
+        return model
 
     async def _hang(self) -> None:
         await asyncio.get_running_loop().create_future()  # until the client goes away
@@ -523,6 +526,15 @@ class Worker:
             self.cache.clear()
         self.respond(conn, req, 200, _FLUSH_TEXT, wire.TEXT)
 
+    def h_start_profile(self, conn: Connection, req: Request) -> None:
+        # The engines' profiler switch (vLLM, SGLang): the mock only records the call.
+        self.stats.record_profile("start", time.monotonic())
+        self.respond(conn, req, 200, b"Start profiling.\n", wire.TEXT)
+
+    def h_stop_profile(self, conn: Connection, req: Request) -> None:
+        self.stats.record_profile("stop", time.monotonic())
+        self.respond(conn, req, 200, b"Stop profiling.\n", wire.TEXT)
+
     def h_mock_stats(self, conn: Connection, req: Request) -> None:
         snap = self.stats.snapshot(self.in_flight, time.monotonic())
         snap["port"] = self.port
@@ -605,6 +617,8 @@ def _routes(engine: str) -> dict[bytes, Route]:
         "/v1/models": (get, INFO, Worker.h_models),
         "/metrics": (get, INFO, Worker.h_metrics),
         "/flush_cache": (both, INFO, Worker.h_flush_cache),
+        "/start_profile": (post, INFO, Worker.h_start_profile),
+        "/stop_profile": (post, INFO, Worker.h_stop_profile),
         # /generate is SGLang's native API; the vLLM mock serves it too so one gateway
         # test can drive either engine through the same route.
         "/generate": (post, INFERENCE, Worker.h_generate),

@@ -49,12 +49,25 @@ class WorkerStats:
         self._tp_mark_time: float | None = None
         self._tp_mark_tokens = 0
         self._tp_value = 0.0
+        # Inference requests per requested `model` (LoRA adapter names show up here).
+        self.by_model: dict[str, int] = {}
+        # /start_profile and /stop_profile calls in order, with how many inference
+        # requests had been answered then (a test checks they bracket a run).
+        self.profile_events: list[dict[str, Any]] = []
 
     def record(self, route: bytes, rec: RequestRecord) -> None:
         self.total += 1
         self.by_route[route] = self.by_route.get(route, 0) + 1
         self.last = rec
         self.last_by_route[route] = rec
+
+    def count_model(self, model: str) -> None:
+        self.by_model[model] = self.by_model.get(model, 0) + 1
+
+    def record_profile(self, event: str, mono: float) -> None:
+        self.profile_events.append(
+            {"event": event, "inference_answered": self.inference_answered, "monotonic": mono}
+        )
 
     def count_status(self, status: int) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1
@@ -85,6 +98,8 @@ class WorkerStats:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "disconnects": self.disconnects,
+            "requests_by_model": dict(self.by_model),
+            "profile_events": list(self.profile_events),
             "last_disconnect_monotonic": self.last_disconnect_mono,
             "last_disconnect_wall": self.last_disconnect_wall,
             "monotonic_now": now_mono,
