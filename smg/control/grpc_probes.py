@@ -144,6 +144,20 @@ class GrpcProbe:
             return http_status_for(exc.code)[0], f"{exc.code}: {exc.message}"
         return (200 if ok else 400), message
 
+    async def profile(
+        self, operation: str, options: dict[str, Any], timeout: float
+    ) -> tuple[int, str]:
+        """start_profile / stop_profile over the engine's RPC: (200, "") when it succeeded,
+        else (0, why) in flush_cache's convention (0: no usable answer)."""
+        client = await self._client(timeout)
+        if client is None:
+            return 0, "gRPC worker not reachable"
+        try:
+            ok, message = await client.profile(operation, options, timeout)
+        except EngineError as exc:
+            return 0, f"{exc.code}: {exc.message}"
+        return (200, message) if ok else (0, message or "the engine refused")
+
     async def fetch_tokenizer(self, cache_root: Path | None, timeout: float) -> Path:
         """The worker's tokenizer bundle, checked and unpacked under `cache_root` (None:
         smg.tokenizer.bundle's default root); raises

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from smg import __version__, ipc, promtext
 from smg.config import ConfigError, GatewayConfig, model_aliases, prometheus_bind_host
-from smg.control import cpauth, probes, procmetrics
+from smg.control import cpauth, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
@@ -672,6 +672,8 @@ class ControlPlane:
             return _json(200, self._loads())
         if path == "/flush_cache" and method == "POST":
             return await self._flush_cache()
+        if path in ("/start_profile", "/stop_profile") and method == "POST":
+            return await self._profile(path[1:], body)
         return _error(404, "not_found", f"no admin route {method} {path}")
 
     def _create_worker(self, body: bytes) -> AdminAnswer:
@@ -791,6 +793,47 @@ class ControlPlane:
                 "workers": results,
             },
         )
+
+    async def _profile(self, operation: str, body: bytes) -> AdminAnswer:
+        """Every worker's profiler (or the one `url` names) started or stopped together;
+        1.13's answer (smg.control.profile)."""
+        try:
+            url, options = profile.parse_request(body, operation)
+        except profile.ProfileRequestError as exc:
+            return _error(exc.status, "invalid_request", exc.message)
+        assert self.session is not None
+        records = [
+            record
+            for record in self.registry.workers.values()
+            if url is None or record.spec.url == url
+        ]
+        timeout = profile.PROFILE_TIMEOUT_SECS
+        answers = await asyncio.gather(
+            *(
+                self._grpc_probe(record).profile(operation, options, timeout)
+                if _is_grpc(record)
+                else probes.admin_post(
+                    self.session,
+                    record.spec.url,
+                    "/" + operation,
+                    self._key(record),
+                    timeout,
+                    options if operation == "start_profile" else None,
+                )
+                for record in records
+            )
+        )
+        successful: list[str] = []
+        failed: list[tuple[str, str]] = []
+        for record, (status, text) in zip(records, answers):
+            if 200 <= status < 300:
+                successful.append(record.spec.url)
+            else:
+                reason = profile.failure_reason(operation, record.spec.url, status, text)
+                failed.append((record.spec.url, reason))
+        log.info("%s on %d worker(s): %d failed", operation, len(records), len(failed))
+        status, payload = profile.answer(operation, len(records), successful, failed, url)
+        return _json(status, payload)
 
     # --- metrics -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ What is probed (Rust SMG `model_gateway/src/worker/worker.rs`, `worker/monitor.r
   engine's gauges it has. Nothing is cached here: `scrape_load_from` says which endpoint
   answered so the caller can pass it back as `endpoints=` next time;
 - identity: `GET /v1/models`, `/version`, `/server_info` (404 → `/get_server_info`);
-- cache: `POST /flush_cache`.
+- cache: `POST /flush_cache`; profilers: `POST /start_profile`, `POST /stop_profile`.
 """
 
 from __future__ import annotations
@@ -93,12 +93,14 @@ async def _send(
     api_key: str | None,
     timeout_s: float,
     limit: int | None,
+    json_body: dict[str, Any] | None = None,
 ) -> tuple[int, bytes]:
     """(status, body); with `limit=None` the body is not read (status-only probes)."""
     async with session.request(
         method,
         url,
         headers=_headers(api_key),
+        json=json_body,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         allow_redirects=False,
     ) as resp:
@@ -284,12 +286,26 @@ async def flush_cache(
     api_key: str | None = None,
     timeout_s: float = 30.0,
 ) -> tuple[int, str]:
-    """`POST /flush_cache` → (HTTP status, body text). Status 0 means no HTTP answer (the
-    text then says why, in short). SGLang answers 200 when flushed and 400 when it refused
-    (requests in flight)."""
-    target = _join(url, "/flush_cache")
+    """`POST /flush_cache` → (HTTP status, body text). SGLang answers 200 when flushed and
+    400 when it refused (requests in flight)."""
+    return await admin_post(session, url, "/flush_cache", api_key, timeout_s)
+
+
+async def admin_post(
+    session: aiohttp.ClientSession,
+    url: str,
+    path: str,
+    api_key: str | None,
+    timeout_s: float,
+    json_body: dict[str, Any] | None = None,
+) -> tuple[int, str]:
+    """An admin `POST {url}{path}` (flush_cache, start_profile, stop_profile) → (HTTP
+    status, body text). Status 0 means no HTTP answer (the text then says why, in short)."""
+    target = _join(url, path)
     try:
-        status, body = await _send(session, "POST", target, api_key, timeout_s, 64 * 1024)
+        status, body = await _send(
+            session, "POST", target, api_key, timeout_s, 64 * 1024, json_body
+        )
     except asyncio.CancelledError:
         raise
     except Exception as e:

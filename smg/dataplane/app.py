@@ -71,7 +71,7 @@ PROXY_ROUTES = frozenset(
         "/v1/messages",
     }
 )
-ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache")
+ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache", "/start_profile", "/stop_profile")
 # Answered by the gRPC path's tokenizer (only when a gRPC worker is registered).
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
@@ -1294,6 +1294,8 @@ _KNOWN_PATHS = (
         "/workers",
         "/get_loads",
         "/flush_cache",
+        "/start_profile",
+        "/stop_profile",
     }
 )
 

@@ -256,6 +256,25 @@ class EngineClient:
             raise _error(exc) from None
         return bool(answer.success), answer.message
 
+    async def profile(
+        self, operation: str, options: dict[str, Any], timeout: float
+    ) -> tuple[bool, str]:
+        """StartProfile (with `options`, 1.13's ProfileOptions) or StopProfile."""
+        try:
+            if operation == "start_profile":
+                answer = await self._api.stub.StartProfile(
+                    common_pb2.StartProfileRequest(**options),
+                    timeout=timeout,
+                    metadata=self._metadata,
+                )
+            else:
+                answer = await self._api.stub.StopProfile(
+                    common_pb2.StopProfileRequest(), timeout=timeout, metadata=self._metadata
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return bool(answer.success), answer.message
+
     async def tokenizer_bundle(self, cache_root: Path | None, timeout: float) -> Path:
         """GetTokenizer: the zip's chunks joined, checked against the sha256 of the last
         chunk and unpacked under `cache_root` (None: smg.tokenizer.bundle.bundle_cache_root())

@@ -527,8 +527,13 @@ class Worker:
         self.respond(conn, req, 200, _FLUSH_TEXT, wire.TEXT)
 
     def h_start_profile(self, conn: Connection, req: Request) -> None:
-        # The engines' profiler switch (vLLM, SGLang): the mock only records the call.
-        self.stats.record_profile("start", time.monotonic())
+        # The engines' profiler switch (vLLM, SGLang): the mock only records the call and
+        # the options it was given (SGLang reads them from the JSON body).
+        try:
+            options = orjson.loads(req.body) if req.body else None
+        except orjson.JSONDecodeError:
+            options = None
+        self.stats.record_profile("start", time.monotonic(), options)
         self.respond(conn, req, 200, b"Start profiling.\n", wire.TEXT)
 
     def h_stop_profile(self, conn: Connection, req: Request) -> None:

@@ -64,9 +64,14 @@ class WorkerStats:
     def count_model(self, model: str) -> None:
         self.by_model[model] = self.by_model.get(model, 0) + 1
 
-    def record_profile(self, event: str, mono: float) -> None:
+    def record_profile(self, event: str, mono: float, options: Any = None) -> None:
         self.profile_events.append(
-            {"event": event, "inference_answered": self.inference_answered, "monotonic": mono}
+            {
+                "event": event,
+                "inference_answered": self.inference_answered,
+                "monotonic": mono,
+                "options": options,
+            }
         )
 
     def count_status(self, status: int) -> None:
