@@ -163,7 +163,7 @@ def test_bad_gateway_args_exit_2_and_leave_nothing() -> None:
     assert marked(marker) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_stops_gateway_and_workers(sig: int, tmp_path: Path) -> None:
     """Ctrl-C (SIGINT): the bench stops them in order. SIGTERM kills the bench at once; the
     gateway gets SIGTERM from the kernel (parent-death signal) and stops its workers."""
