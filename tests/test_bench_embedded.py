@@ -179,8 +179,9 @@ def test_interrupted_run_stops_gateway_and_workers(sig: int, tmp_path: Path) -> 
         mock="--ttft-ms 5 --itl-ms 50",
     )
     log = tmp_path / "bench.log"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a killed bench leaves its gateway log
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=handle)
+        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=handle)
     try:
         wait_for(lambda: "embedded: smg gateway" in log.read_text(), 60, "the gateway")
         # The launcher and its mock workers are up (the gateway's own workers may share the
