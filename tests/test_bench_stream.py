@@ -98,11 +98,69 @@ def test_crlf_events_and_comments() -> None:
     assert acc.first_ts == 2.0 and acc.text == "x"
 
 
-def test_empty_text_chunk_is_not_content() -> None:
+def test_empty_text_chunk_is_a_token() -> None:
+    # A special token or a partial UTF-8 character streams as an empty text: it is a token
+    # (vLLM's rule), so its gap is not merged into the next one.
     acc = make("completions")
     acc.feed(1.0, sse({"choices": [{"text": ""}]}))
     acc.feed(1.5, sse({"choices": [{"text": "y"}]}))
-    assert acc.first_ts == 1.5
+    acc.feed(1.75, sse({"choices": [{"text": ""}]}))
+    acc.feed(2.0, sse({"choices": [{"text": "z"}]}))
+    assert acc.first_ts == 1.0
+    assert acc.itl == pytest.approx([0.5, 0.25, 0.25])
+    assert acc.text == "yz" and acc.tokens_seen == 4
+
+
+def test_chat_empty_content_is_a_token_role_and_finish_are_not() -> None:
+    acc = make(t_send=0.0)
+    acc.feed(0.10, chat({"role": "assistant", "content": ""}))
+    acc.feed(0.10, chat({"content": "a"}))
+    acc.feed(0.20, chat({"content": ""}))
+    acc.feed(0.30, chat({"content": "b"}))
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    acc.feed(0.30, sse(finish))
+    acc.feed(0.30, sse({"choices": [], "usage": {"completion_tokens": 3}}))
+    assert acc.first_ts == 0.10
+    assert acc.itl == pytest.approx([0.1, 0.1])
+    assert acc.tokens_seen == 3 and acc.text == "ab"
+
+
+def test_completions_finish_only_chunk_is_not_a_token() -> None:
+    acc = make("completions", t_send=0.0)
+    acc.feed(0.1, sse({"choices": [{"text": "a", "finish_reason": None}]}))
+    acc.feed(0.2, sse({"choices": [{"text": "", "finish_reason": None}]}))
+    acc.feed(0.2, sse({"choices": [{"text": "", "finish_reason": "length"}]}))
+    assert acc.itl == pytest.approx([0.1]) and acc.tokens_seen == 2
+    # The last token and the finish reason in one chunk: a token.
+    acc2 = make("completions", t_send=0.0)
+    acc2.feed(0.1, sse({"choices": [{"text": "a"}]}))
+    acc2.feed(0.3, sse({"choices": [{"text": "b", "finish_reason": "length"}]}))
+    assert acc2.itl == pytest.approx([0.2])
+
+
+def test_cumulative_usage_decides_what_is_a_token() -> None:
+    # Continuous usage stats: the count, not the text, says whether a chunk is a token.
+    acc = make(t_send=0.0)
+    acc.feed(0.1, chat({"role": "assistant", "content": ""}, {"completion_tokens": 0}))
+    acc.feed(0.2, chat({"content": ""}, {"completion_tokens": 1}))
+    acc.feed(0.4, chat({"content": "x"}, {"completion_tokens": 2}))
+    acc.feed(0.4, chat({"content": ""}, {"completion_tokens": 2}))
+    assert acc.first_ts == 0.2
+    assert acc.itl == pytest.approx([0.2]) and acc.tokens_seen == 2
+
+
+def test_final_usage_total_is_not_a_running_count() -> None:
+    # A server that sends the usage total in its last token chunk (no continuous stats):
+    # that chunk is one token, not `total` tokens splitting its gap.
+    acc = make("completions", t_send=0.0)
+    acc.feed(0.1, sse({"choices": [{"text": "a"}]}))
+    acc.feed(0.2, sse({"choices": [{"text": "b"}]}))
+    last = {
+        "choices": [{"text": "c", "finish_reason": "length"}],
+        "usage": {"completion_tokens": 3},
+    }
+    acc.feed(0.3, sse(last))
+    assert acc.itl == pytest.approx([0.1, 0.1]) and acc.usage_out == 3
 
 
 def test_sglang_generate_cumulative_text_and_counts() -> None:

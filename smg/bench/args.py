@@ -216,6 +216,27 @@ def _concurrency_list(text: str) -> int | list[int]:
 
 def _embedded_flags(p: argparse.ArgumentParser) -> None:
     """--embedded: mock workers and an smg gateway started by the bench (smg/bench/embedded.py)."""
+    from smg.bench.embedded import DEFAULT_MOCK_ARGS
+
+    e = p.add_argument_group("smg: embedded gateway")
+    e.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start mock workers and an smg gateway on 127.0.0.1, benchmark them, stop them",
+    )
+    e.add_argument("--embedded-workers", type=int, default=2, help="mock workers (default 2)")
+    e.add_argument(
+        "--embedded-processes",
+        type=int,
+        default=1,
+        help="the gateway's --processes (default 1: the client needs a core too)",
+    )
+    e.add_argument(
+        "--mock-worker-args",
+        default=DEFAULT_MOCK_ARGS,
+        help=f"flags for `smg mock-worker` (default {DEFAULT_MOCK_ARGS!r})",
+    )
+    e.add_argument("--gateway-args", default="", help="extra `smg launch` flags, one string")
 
 
 def _workload_flags(p: argparse.ArgumentParser) -> None:

@@ -3,12 +3,16 @@
 The HTTP layer calls `feed(ts, data)` with each body piece and the time it arrived,
 then `finish(ts)` when the response is complete. Definitions (docs/bench.md):
 
-- a chunk is *content-bearing* when it carries text, reasoning text or a tool-call
-  delta; role-only chunks, empty texts and usage-only chunks are not;
-- TTFT is the arrival of the first content-bearing chunk;
-- each later content-bearing chunk that carries k tokens adds k ITL entries of gap/k,
-  where gap is the time since the previous content-bearing chunk, so TTFT + sum(ITL)
-  is the arrival of the last content-bearing chunk. Tokens in the first chunk add no
+- a chunk is *token-bearing* when it has a choice, except a chat role announcement (a
+  delta with `role` and no text, reasoning or tool call) and a finish-only chunk
+  (`finish_reason` set, no text, no logprobs). A choice with empty text counts: a
+  special token or a partial UTF-8 character is still a token (vLLM's rule). When the
+  chunk carries a cumulative token count (continuous usage stats), that decides: the
+  chunk is token-bearing when the count rose;
+- TTFT is the arrival of the first token-bearing chunk;
+- each later token-bearing chunk that carries k tokens adds k ITL entries of gap/k,
+  where gap is the time since the previous token-bearing chunk, so TTFT + sum(ITL)
+  is the arrival of the last token-bearing chunk. Tokens in the first chunk add no
   ITL entries (they arrived with the first token);
 - k comes from a cumulative token count the chunk carries (SGLang `meta_info`, or an
   OpenAI chunk's `usage` with continuous usage stats), else from its logprobs entries,
@@ -155,27 +159,43 @@ class StreamAccumulator:
         if usage:
             self._usage(usage)
             cum = usage.get("completion_tokens")
+            if not isinstance(cum, int) or self._cum != self.tokens_seen:
+                # Not a running count (continuous usage stats) but a total sent with
+                # the last chunk of a stream whose earlier chunks carried none.
+                cum = None
         choices = obj.get("choices")
         if not choices:
             return
         choice = choices[0]
         if self.kind == "chat":
             delta = choice.get("delta")
-            if not delta:
+            if delta is None:
                 return
             text = delta.get("content")
-            if not (
-                text
-                or delta.get("reasoning_content")
-                or delta.get("reasoning")
-                or delta.get("tool_calls")
+            # Text, reasoning or a tool call; an empty `content` is still a token unless
+            # the chunk only announces the role or only carries the finish reason.
+            said = text or delta.get("reasoning_content") or delta.get("reasoning")
+            if (
+                not (said or delta.get("tool_calls"))
+                and ("role" in delta or choice.get("finish_reason"))
+                and cum is None
+                and not choice.get("logprobs")
             ):
-                return
+                return  # a role announcement or a finish-only chunk: no token
         else:
             text = choice.get("text")
-            if not text:
+            if (
+                not text
+                and choice.get("finish_reason")
+                and cum is None
+                and not choice.get("logprobs")
+            ):
+                return  # a finish-only chunk: no token
+        if cum is not None:
+            if cum <= self._cum:  # the server's own count says: no new token
+                if text:
+                    self.parts.append(text)
                 return
-        if isinstance(cum, int) and cum > self._cum:
             k = cum - self._cum
             self._cum = cum
         elif choice.get("logprobs"):

@@ -1,0 +1,207 @@
+"""`smg bench --embedded`: a real gateway and mock workers, started and stopped by the bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from smg.bench import serve
+from smg.bench.args import build_parser
+from smg.bench.embedded import DEFAULT_MOCK_ARGS, launch_command, plot_by_default
+
+
+def marked(marker: str, exclude: int | None = None) -> list[psutil.Process]:
+    """Live processes whose command line carries `marker` (the mock's --model name)."""
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.info["pid"] == exclude or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(marker in part for part in cmd):
+            out.append(proc)
+    return out
+
+
+def bench_command(marker: str, *extra: str, mock: str = "--ttft-ms 5 --itl-ms 2") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "smg",
+        "bench",
+        "--embedded",
+        "--mock-worker-args",
+        f"{mock} --output-len 100000 --model {marker}",
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "16",
+        *extra,
+    ]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_launch_command_and_defaults() -> None:
+    args = build_parser().parse_args(["--embedded", "--gateway-args", "--policy round_robin"])
+    assert (args.embedded_workers, args.embedded_processes) == (2, 1)
+    assert args.mock_worker_args == DEFAULT_MOCK_ARGS
+    assert launch_command(args, python="py") == [
+        "py",
+        "-m",
+        "smg",
+        "launch",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--prometheus-port",
+        "0",
+        "--processes",
+        "1",
+        "--mock-workers",
+        "2",
+        "--mock-worker-args",
+        DEFAULT_MOCK_ARGS,
+        "--policy",
+        "round_robin",
+    ]
+
+
+def test_plot_is_on_by_default_only_when_unset() -> None:
+    unset = argparse.Namespace(plot=None)
+    plot_by_default(unset)
+    assert unset.plot == ""
+    given = argparse.Namespace(plot="mine.html")
+    plot_by_default(given)
+    assert given.plot == "mine.html"
+    absent = argparse.Namespace()
+    plot_by_default(absent)
+    assert not hasattr(absent, "plot")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--base-url", "http://127.0.0.1:9"],
+        ["--host", "10.0.0.1"],
+        ["--port", "9000"],
+        ["--overhead"],
+        ["--embedded-workers", "0"],
+    ],
+)
+def test_refuses_flags_that_pick_another_target(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert serve.run(["--embedded", *flags, "--num-prompts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "smg bench:" in err and ("--embedded" in err or ">= 1" in err)
+
+
+def test_embedded_run_exits_zero_with_valid_result_and_stops_everything(tmp_path: Path) -> None:
+    marker = f"emb-{uuid.uuid4().hex[:10]}"
+    command = bench_command(
+        marker,
+        "--num-prompts",
+        "24",
+        "--random-output-len",
+        "20",
+        "--request-rate",
+        "200",
+        "--save-result",
+        "--result-filename",
+        "r.json",
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the gateway's log goes
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = out.decode() + err.decode()
+    assert proc.returncode == 0, text
+    assert "embedded: smg gateway http://127.0.0.1:" in text
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completed"] == 24 and result["failed"] == 0 and result["smg_valid"]
+    assert result["model_id"] == marker and result["total_output_tokens"] == 24 * 20
+    # The mock's pace (2 ms between tokens) shows through the gateway.
+    assert 1.0 < result["mean_itl_ms"] < 50.0
+    if hasattr(build_parser().parse_args([]), "plot"):  # the report's flag exists
+        assert "report: " in text, text
+    # Nothing it started is left: gateway, its workers, the mock workers.
+    assert marked(marker) == []
+    assert not list(tmp_path.glob("smg-bench-embedded-*.log"))  # its log is removed
+
+
+def test_bad_gateway_args_exit_2_and_leave_nothing() -> None:
+    marker = f"emb-{uuid.uuid4().hex[:10]}"
+    command = bench_command(marker, "--num-prompts", "2", "--gateway-args=--no-such-flag")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "embedded gateway exited with status 2" in done.stderr
+    assert "--no-such-flag" in done.stderr
+    assert marked(marker) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_stops_gateway_and_workers(sig: int, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT): the bench stops them in order. SIGTERM kills the bench at once; the
+    gateway gets SIGTERM from the kernel (parent-death signal) and stops its workers."""
+    marker = f"emb-{uuid.uuid4().hex[:10]}"
+    command = bench_command(
+        marker,
+        "--num-prompts",
+        "40",
+        "--random-output-len",
+        "200",
+        "--max-concurrency",
+        "2",
+        mock="--ttft-ms 5 --itl-ms 50",
+    )
+    log = tmp_path / "bench.log"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a killed bench leaves its gateway log
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=handle)
+    try:
+        wait_for(lambda: "embedded: smg gateway" in log.read_text(), 60, "the gateway")
+        # The launcher and its mock workers are up (the gateway's own workers may share the
+        # launcher's command line).
+        assert len(marked(marker, exclude=proc.pid)) >= 2
+        time.sleep(0.5)  # requests in flight
+        proc.send_signal(sig)
+        proc.wait(40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    try:
+        text = log.read_text()
+        assert proc.returncode != 0, text
+        if sig == signal.SIGINT:
+            assert "embedded: interrupted; stopping the gateway" in text
+            assert marked(marker) == []
+        else:
+            wait_for(lambda: marked(marker) == [], 30, "the gateway to stop after the bench died")
+    finally:
+        for left in marked(marker):  # only when an assertion above failed
+            left.kill()
