@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "bench":
         from smg.bench import main as bench_main
 
-        return bench_main(rest)
+        try:
+            return bench_main(rest)
+        except KeyboardInterrupt:
+            # Ctrl-C ends a benchmark (and, with --embedded, the gateway it started): a
+            # line, not a traceback; 130 as a shell reports SIGINT.
+            print("smg bench: interrupted", file=sys.stderr)
+            return 130
     print(f"smg: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
     return 2
