@@ -255,7 +255,15 @@ def test_plot_end_to_end_with_chromium(tmp_path: Path) -> None:
         first = smg(
             *base, *common, "--max-concurrency", "4", "--result-filename", "a.json", "--plot"
         )
-        second = smg(*base, *common, "--request-rate", "200", "--result-filename", "b.json")
+        second = smg(
+            *base,
+            *common,
+            "--request-rate",
+            "200",
+            "--result-filename",
+            "b.json",
+            "--save-detailed",
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -268,7 +276,8 @@ def test_plot_end_to_end_with_chromium(tmp_path: Path) -> None:
     assert req["ok"].count(False) == a["failed"] > 0  # the stub failed some, on purpose
     assert all(e == "http_500" for e, ok in zip(req["error"], req["ok"]) if not ok)
     assert all(0 <= s <= e for s, e in zip(req["start"], req["end"]))
-    assert "smg_requests" not in json.loads((tmp_path / "b.json").read_text())  # no --plot
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert len(b["smg_requests"]["ok"]) == 40 and not (tmp_path / "b.html").exists()
     single = (tmp_path / "a.html").read_text()
     assert len(svgs(single)) >= 10 and "run: per-request timeline" in single
 
@@ -319,3 +328,61 @@ def test_plot_end_to_end_with_chromium(tmp_path: Path) -> None:
     assert png.returncode == 0, png.stderr
     assert png_size_and_colours(tmp_path / "p.png")[2] > 20
     assert os.path.getsize(tmp_path / "p.png") > 10_000
+
+
+def test_overhead_mode_plot_shows_worker_spread(tmp_path: Path) -> None:
+    import mockutil
+
+    out = tmp_path / "oh.html"
+    with (
+        mockutil.start_mock_workers(1, "--ttft-ms", "1") as direct,
+        mockutil.start_mock_workers(1, "--ttft-ms", "1") as gw,
+    ):
+        run = smg(
+            "--overhead",
+            "--direct-url",
+            direct.url,
+            "--gateway-url",
+            gw.url,
+            "--worker-url",
+            direct.url,
+            "--worker-url",
+            gw.url,
+            "--backend",
+            "openai-chat",
+            "--num-prompts",
+            "12",
+            "--random-input-len",
+            "16",
+            "--random-output-len",
+            "3",
+            "--model",
+            "mock-model",
+            "--label",
+            "oh",
+            "--plot",
+            str(out),
+        )
+    assert run.returncode == 0, run.stderr
+    assert f"report: {out}" in run.stdout
+    html = out.read_text()
+    spread = next(c for c in svgs(html) if "oh: requests per worker" in c)
+    assert f"oh {direct.url}: 12</title>" in spread and f"oh {gw.url}: 12</title>" in spread
+    assert "oh: gateway overhead (12 pairs)" in html
+    for side in ("direct", "gateway"):
+        timeline = next(c for c in svgs(html) if f"oh {side}: per-request timeline" in c)
+        assert timeline.count("<title>request ") == 12
+
+
+def test_default_report_paths(tmp_path: Path) -> None:
+    from smg.bench.args import build_parser
+
+    doc = {"date": "20260101-120000", "model_id": "org/m"}
+    plain = build_parser().parse_args(["--plot", "--result-dir", str(tmp_path)])
+    assert plain.plot == ""
+    assert report.default_path(plain, doc) == str(tmp_path / "smg-bench-20260101-120000.html")
+    named = build_parser().parse_args(["--plot", "--save-result", "--result-filename", "x.json"])
+    assert report.default_path(named, doc) == "x.html"
+    auto = build_parser().parse_args(["--plot", "--save-result", "--label", "L"])
+    assert report.default_path(auto, doc) == "L-infqps-m-20260101-120000.html"
+    assert build_parser().parse_args([]).plot is None

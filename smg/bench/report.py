@@ -254,22 +254,14 @@ def distribution_charts(runs: Sequence[Item]) -> list[str]:
         pooled = sorted(v for _, _, vals in have for v in vals)
         lo = min(0.0, pooled[0])
         hi = max(quantile(sorted(vals), 0.995) for _, _, vals in have) or pooled[-1] or 1.0
-        ch = svg.Chart(
-            f"{label} histogram",
-            f"{label} (ms; above {hi:.4g} in the last bin)",
-            "requests" if key != "itl" else "gaps",
-            lo,
-            hi,
-            0,
-            1,
-        )
-        tallest = 0
-        hists = []
-        for i, name, vals in have:
-            edges, counts = histogram(vals, ch.xt[0], ch.xt[-1], HIST_BINS)
-            hists.append((i, name, edges, counts))
-            tallest = max(tallest, max(counts))
-        ch = svg.Chart(ch.title, ch.xlabel, ch.ylabel, lo, hi, 0, tallest or 1)
+        xt = svg.ticks(lo, hi)
+        # The tail beyond the 99.5th percentile would squash the bins: it is counted in
+        # the last bin, and the axis label says so.
+        over = f"; above {svg.fmt(xt[-1])} in the last bin" if pooled[-1] > xt[-1] else ""
+        hists = [(i, name, *histogram(vals, xt[0], xt[-1], HIST_BINS)) for i, name, vals in have]
+        tallest = max(max(counts) for *_, counts in hists)
+        unit = "gaps" if key == "itl" else "requests"
+        ch = svg.Chart(f"{label} histogram", f"{label} (ms{over})", unit, lo, hi, 0, tallest or 1)
         for i, name, edges, counts in hists:
             ch.steps(name, edges, counts, svg.color(i))
         charts.append(ch.render())
@@ -657,10 +649,19 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(
-    html_path: str, png_path: str, size: tuple[int, int] = (1400, 3000), timeout: float = 60.0
-) -> None:
-    """PNG of the report through headless Chromium (Debian's `chromium`)."""
+def page_height(html: str, width: int = 1400) -> int:
+    """About how tall the page is at `width` px: charts wrap two per row (640 px each),
+    tables take ~22 px a row. A screenshot this tall holds the whole report."""
+    heights = [int(h) for h in re.findall(r'<svg [^>]*?height="(\d+)"', html)]
+    per_row = max(1, (width - 48) // 652)
+    rows = [max(heights[i : i + per_row]) + 12 for i in range(0, len(heights), per_row)]
+    return min(30000, 200 + sum(rows) + 22 * html.count("<tr>") + 60 * html.count("<h2>"))
+
+
+def screenshot(html_path: str, png_path: str, width: int = 1400, timeout: float = 60.0) -> None:
+    """PNG of the whole report through headless Chromium (Debian's `chromium`)."""
+    with open(html_path, encoding="utf-8") as f:
+        size = (width, page_height(f.read(), width))
     exe = find_chromium()
     if exe is None:
         raise OSError("--png needs chromium (apt-get install chromium)")
