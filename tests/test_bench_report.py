@@ -90,6 +90,22 @@ def test_requests_from_vllm_detailed_lists() -> None:
     q = report.requests_of(r)
     assert q is not None
     assert q.end == [0.5, 1.0] and q.ok == [True, False] and q.error == [None, "boom"]
+    # vllm's own file: raw perf_counter starts, no latencies (TTFT + gaps stand in).
+    v = {
+        "start_times": [100.5, 100.0],
+        "ttfts": [0.25, 0.0],
+        "itls": [[0.125, 0.125], []],
+        "output_lens": [3, 0],
+        "errors": ["", "Bad Request"],
+    }
+    q = report.requests_of(v)
+    assert q is not None and q.start == [0.5, 0.0] and q.end == [1.0, 0.0]
+    assert report.distributions(v) == {
+        "ttft": [250.0],
+        "itl": [125.0, 125.0],
+        "tpot": [125.0],
+        "e2el": [500.0],
+    }
     assert report._slo_key("ttft_p99") == "p99_ttft_ms"
 
 

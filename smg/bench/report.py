@@ -48,7 +48,8 @@ class Requests:
 
 
 def requests_of(result: dict[str, Any]) -> Requests | None:
-    """From `smg_requests`, else from vLLM's `start_times` + `latencies` + `errors`."""
+    """From `smg_requests`, else from the detailed lists (`start_times`, latencies, `errors`;
+    smg's or vllm's)."""
     r = result.get("smg_requests")
     if isinstance(r, dict) and r.get("start") is not None:
         n = len(r["start"])
@@ -59,18 +60,31 @@ def requests_of(result: dict[str, Any]) -> Requests | None:
             list(r.get("error") or [None] * n),
             list(r.get("worker") or [None] * n),
         )
-    starts, lats = result.get("start_times"), result.get("latencies")
+    starts, lats = result.get("start_times"), latencies(result)
     if not starts or not lats or len(starts) != len(lats):
         return None
+    # vllm's start_times are raw perf_counter readings: count from the first request.
+    origin = min(starts)
     errors = result.get("errors") or [""] * len(starts)
     ok = [not e for e in errors]
     return Requests(
-        list(starts),
-        [s + (lat or 0.0) for s, lat in zip(starts, lats)],
+        [s - origin for s in starts],
+        [s - origin + (lat or 0.0) for s, lat in zip(starts, lats)],
         ok,
         [None if good else str(e) for good, e in zip(ok, errors)],
         [None] * len(starts),
     )
+
+
+def latencies(result: dict[str, Any]) -> list[float] | None:
+    """Seconds per request: smg's `latencies`, else TTFT + the ITL gaps (vllm saves no
+    latencies; for a streamed request the two are the same)."""
+    if result.get("latencies"):
+        return list(result["latencies"])
+    ttfts, itls = result.get("ttfts"), result.get("itls")
+    if ttfts and itls and len(ttfts) == len(itls):
+        return [(t or 0.0) + sum(g or []) for t, g in zip(ttfts, itls)]
+    return None
 
 
 def _ok_mask(result: dict[str, Any], n: int) -> list[bool]:
@@ -102,7 +116,7 @@ def distributions(result: dict[str, Any]) -> dict[str, list[float]]:
             if good and n and n > 1:
                 tpots.append(sum(gaps or []) / (n - 1) * 1000)
         out["tpot"] = tpots
-    lats = result.get("latencies")
+    lats = latencies(result)
     if lats:
         ok = _ok_mask(result, len(lats))
         out["e2el"] = [v * 1000 for v, good in zip(lats, ok) if good]
