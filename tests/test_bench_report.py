@@ -213,6 +213,9 @@ def test_sweep_document_and_overhead_result() -> None:
     assert '<path d="M250.7,233.4L418.7,188.2L624,52.6" fill="none"' in curve
     assert '<line x1="64" y1="143" x2="624" y2="143" stroke="#d62728"' in curve
     assert curve.count("<circle") == 2 and curve.count("(misses the SLO)") == 1
+    load = next(c for c in svgs(html) if "Throughput against request_rate" in c)
+    # x 0..4 -> 64..624 (140 px a unit); y 0..3 (ticks by 0.5) -> 256..30.
+    assert '<path d="M204,180.7L344,112.9L624,30" fill="none"' in load
     assert "<td>4</td><td>3.00</td>" in html and "<td>no</td>" in html  # sweep table
     assert "gateway overhead (10 pairs)" in html and "<td>added E2EL (ms)</td><td>1.50</td>" in html
     assert "oh: requests per worker" in html

@@ -457,7 +457,38 @@ def sweep_charts(items: Sequence[Item]) -> list[str]:
             ch.hline(bound, svg.FAIL, f"SLO bound {key} <= {bound:g} ms")
             ch.legend.append((f"SLO {key} <= {bound:g}", svg.FAIL))
         out.append(ch.render())
-    return out
+    load = load_chart(sweeps)
+    return out + ([load] if load else [])
+
+
+def load_chart(sweeps: Sequence[tuple[int, str, dict[str, Any]]]) -> str | None:
+    """Achieved throughput (solid) and goodput (dashed, with --goodput) against the swept
+    value (offered rate or concurrency)."""
+    series = []
+    for i, name, sw in sweeps:
+        pts = sorted(
+            (float(p["value"]), p["result"])
+            for p in sw.get("points") or []
+            if isinstance(p.get("value"), int | float) and math.isfinite(p["value"])
+        )
+        for key, label, dashed in (
+            ("request_throughput", "req/s", False),
+            ("request_goodput", "goodput", True),
+        ):
+            xy = [(x, r[key]) for x, r in pts if isinstance(r.get(key), int | float)]
+            if xy:
+                series.append(svg.Series(f"{name} {label}", xy, svg.color(i), dashed, markers=True))
+    if not series:
+        return None
+    xs = [x for s in series for x, _ in s.points]
+    ys = [y for s in series for _, y in s.points]
+    variable = str(sweeps[0][2].get("variable") or "value")
+    ch = svg.Chart(
+        f"Throughput against {variable}", variable, "req/s", 0, max(xs), 0, max(ys) or 1.0
+    )
+    for s in series:
+        ch.line(s)
+    return ch.render()
 
 
 def sweep_tables(items: Sequence[Item]) -> list[str]:
