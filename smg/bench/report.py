@@ -265,13 +265,16 @@ def distribution_charts(runs: Sequence[Item]) -> list[str]:
         have = [(i, name, d[key]) for i, (name, d) in enumerate(dists) if d.get(key)]
         if not have:
             continue
-        pooled = sorted(v for _, _, vals in have for v in vals)
-        lo = min(0.0, pooled[0])
-        hi = max(quantile(sorted(vals), 0.995) for _, _, vals in have) or pooled[-1] or 1.0
+        for _, _, vals in have:
+            vals.sort()  # once: quantiles and CDFs read the sorted lists
+        lowest = min(vals[0] for _, _, vals in have)
+        highest = max(vals[-1] for _, _, vals in have)
+        lo = min(0.0, lowest)
+        hi = max(quantile(vals, 0.995) for _, _, vals in have) or highest or 1.0
         xt = svg.ticks(lo, hi)
         # The tail beyond the 99.5th percentile would squash the bins: it is counted in
         # the last bin, and the axis label says so.
-        over = f"; above {svg.fmt(xt[-1])} in the last bin" if pooled[-1] > xt[-1] else ""
+        over = f"; above {svg.fmt(xt[-1])} in the last bin" if highest > xt[-1] else ""
         hists = [(i, name, *histogram(vals, xt[0], xt[-1], HIST_BINS)) for i, name, vals in have]
         tallest = max(max(counts) for *_, counts in hists)
         unit = "gaps" if key == "itl" else "requests"
@@ -279,7 +282,7 @@ def distribution_charts(runs: Sequence[Item]) -> list[str]:
         for i, name, edges, counts in hists:
             ch.steps(name, edges, counts, svg.color(i))
         charts.append(ch.render())
-        cdf = svg.Chart(f"{label} CDF", f"{label} (ms)", "% at or below", lo, pooled[-1], 0, 100)
+        cdf = svg.Chart(f"{label} CDF", f"{label} (ms)", "% at or below", lo, highest, 0, 100)
         for i, name, vals in have:
             cdf.line(svg.Series(name, cdf_points(vals), svg.color(i)))
         charts.append(cdf.render())
@@ -661,7 +664,7 @@ def render_html(items: Sequence[Item]) -> str:
         blocks = [b for b in blocks if b]
         if blocks:
             parts.append(f"<h2>{escape(title)}</h2>" + "".join(blocks))
-    if runs and not any(requests_of(r) or distributions(r) for _, r in runs):
+    if runs and not any(requests_of(r) or r.get("ttfts") or r.get("latencies") for _, r in runs):
         parts.append(
             '<p class="note">No per-request data in these results: run with --save-detailed or --plot for the charts.</p>'
         )
