@@ -38,14 +38,14 @@ def test_nice_ticks() -> None:
 
 
 def test_line_path_has_exact_coordinates() -> None:
-    ch = svg.Chart("t", "x", "y", 0, 10, 0, 10)  # 640x300; plot area x 64..624, y 256..30
+    ch = svg.Chart("t", "x", "y", 0, 10, 0, 10)  # 640x300; plot area x 64..624, y 256..44
     assert ch.xt == [0, 2, 4, 6, 8, 10] and ch.yt == ch.xt
     ch.line(svg.Series("s", [(0, 0), (5, 10), (10, 5)], "#123456"))
     out = ch.render()
-    assert '<path d="M64,256L344,30L624,143" fill="none" stroke="#123456"' in out
+    assert '<path d="M64,256L344,44L624,150" fill="none" stroke="#123456"' in out
     assert out.count('class="tick"') == 12  # six ticks per axis
-    assert '<text x="60" y="30" text-anchor="end" dy="0.32em" class="tick">10</text>' in out
-    assert "<title>s</title>" in out and '<rect x="474" y="28"' in out  # legend entry
+    assert '<text x="60" y="44" text-anchor="end" dy="0.32em" class="tick">10</text>' in out
+    assert "<title>s</title>" in out and '<rect x="64" y="26"' in out  # legend row
 
 
 def test_histogram_steps_and_bars() -> None:
@@ -54,11 +54,11 @@ def test_histogram_steps_and_bars() -> None:
     ch = svg.Chart("h", "x", "y", 0, 3, 0, 3)  # x ticks 0..3 by 0.5, y 0..3 by 0.5
     ch.steps("a", edges, counts, "#000")
     body = ch.body[0]
-    assert 'd="M64,256V30H250.7V180.7H437.3V30H624V256Z"' in body
+    assert 'd="M64,256V44H250.7V185.3H437.3V44H624V256Z"' in body
     out = svg.bars("b", ["w1", "w2"], [("n", "#111", [2.0, 1.0])], "requests")
     # Slot 280 px per category, a bar 80 % of it; 2 -> top of the 0..2 axis.
-    assert '<rect x="92" y="30" width="224" height="226" fill="#111">' in out
-    assert '<rect x="372" y="143" width="224" height="113" fill="#111">' in out
+    assert '<rect x="92" y="44" width="224" height="212" fill="#111">' in out
+    assert '<rect x="372" y="150" width="224" height="106" fill="#111">' in out
 
 
 def test_cdf_rates_and_concurrency() -> None:
@@ -209,13 +209,13 @@ def test_sweep_document_and_overhead_result() -> None:
     }
     html = report.render_html([("sw", doc), ("oh", over)])
     curve = next(c for c in svgs(html) if "p99_ttft_ms against throughput" in c)
-    # x 0..3 -> 64..624; y 0..1000 (ticks by 200) -> 256..30; the bound at 500 -> y 143.
-    assert '<path d="M250.7,233.4L418.7,188.2L624,52.6" fill="none"' in curve
-    assert '<line x1="64" y1="143" x2="624" y2="143" stroke="#d62728"' in curve
+    # x 0..3 -> 64..624; y 0..1000 (ticks by 200) -> 256..44; the bound at 500 -> y 150.
+    assert '<path d="M250.7,234.8L418.7,192.4L624,65.2" fill="none"' in curve
+    assert '<line x1="64" y1="150" x2="624" y2="150" stroke="#d62728"' in curve
     assert curve.count("<circle") == 2 and curve.count("(misses the SLO)") == 1
     load = next(c for c in svgs(html) if "Throughput against request_rate" in c)
-    # x 0..4 -> 64..624 (140 px a unit); y 0..3 (ticks by 0.5) -> 256..30.
-    assert '<path d="M204,180.7L344,112.9L624,30" fill="none"' in load
+    # x 0..4 -> 64..624 (140 px a unit); y 0..3 (ticks by 0.5) -> 256..44.
+    assert '<path d="M204,185.3L344,121.7L624,44" fill="none"' in load
     assert "<td>4</td><td>3.00</td>" in html and "<td>no</td>" in html  # sweep table
     assert "gateway overhead (10 pairs)" in html and "<td>added E2EL (ms)</td><td>1.50</td>" in html
     assert "oh: requests per worker" in html
@@ -405,3 +405,17 @@ def test_default_report_paths(tmp_path: Path) -> None:
     auto = build_parser().parse_args(["--plot", "--save-result", "--label", "L"])
     assert report.default_path(auto, doc) == "L-infqps-m-20260101-120000.html"
     assert build_parser().parse_args([]).plot is None
+
+
+def test_page_height_and_legend_fit() -> None:
+    chart = '<svg width="640" height="{}"></svg>'
+    block = '<div class="charts">' + "".join(chart.format(h) for h in (300, 280, 100)) + "</div>"
+    # Two charts a row at 1400 px: rows of 300 and 100 (+14 gap each) under a 200 px head.
+    assert report.page_height(block) == 200 + 314 + 114
+    assert report.page_height("<h2>x</h2>" + block, width=700) == 200 + 60 + 314 + 294 + 114
+    ch = svg.Chart("t", "x", "y", 0, 1, 0, 1)
+    for k in range(4):
+        ch.line(svg.Series(f"a-very-long-result-file-name-{k}", [(0, 0), (1, 1)], svg.color(k)))
+    out = ch.render()
+    # 560 px for 4 entries: names cut to 18 characters, the last still inside the chart.
+    assert ">a-very-long-resul…</text>" in out and '<text x="486" y="34"' in out

@@ -342,9 +342,10 @@ def timeline_charts(runs: Sequence[Item]) -> list[str]:
                 tip += f", failed ({q.error[i] or 'error'})"
             if q.worker[i]:
                 tip += f", worker {q.worker[i]}"
-            spans.append(
-                svg.Span(q.start[i], q.end[i], svg.PALETTE[0] if q.ok[i] else svg.FAIL, tip)
-            )
+            if q.ok[i]:
+                spans.append(svg.Span(q.start[i], q.end[i], svg.PALETTE[0], tip))
+            else:
+                spans.append(svg.Span(q.start[i], q.end[i], svg.FAIL, tip, min_width=4.0))
         n, failed = len(q.start), q.ok.count(False)
         shown = "" if len(rows) == n else f", {len(rows)} of {n} shown, all failures first"
         title = f"{name}: per-request timeline ({n} requests, {failed} failed{shown})"
@@ -698,12 +699,15 @@ def find_chromium() -> str | None:
 
 
 def page_height(html: str, width: int = 1400) -> int:
-    """About how tall the page is at `width` px: charts wrap two per row (640 px each),
-    tables take ~22 px a row. A screenshot this tall holds the whole report."""
-    heights = [int(h) for h in re.findall(r'<svg [^>]*?height="(\d+)"', html)]
-    per_row = max(1, (width - 48) // 652)
-    rows = [max(heights[i : i + per_row]) + 12 for i in range(0, len(heights), per_row)]
-    return min(30000, 200 + sum(rows) + 22 * html.count("<tr>") + 60 * html.count("<h2>"))
+    """About how tall the page is at `width` px, so one screenshot holds it all: each chart
+    block wraps its charts (640 px + gaps) into rows; a table row is ~24 px."""
+    per_row = max(1, (width - 48) // 654)
+    total = 200 + 26 * html.count("<tr>") + 60 * (html.count("<h2>") + html.count("<h3>"))
+    for block in html.split('<div class="charts">')[1:]:
+        block = block.split("</div>", 1)[0]
+        heights = [int(h) for h in re.findall(r'<svg [^>]*?height="(\d+)"', block)]
+        total += sum(max(heights[i : i + per_row]) + 14 for i in range(0, len(heights), per_row))
+    return min(30000, total)
 
 
 def screenshot(html_path: str, png_path: str, width: int = 1400, timeout: float = 60.0) -> None:

@@ -16,8 +16,8 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#1
 FAIL = "#d62728"
 WIDTH = 640
 HEIGHT = 300
-# Plot-area margins: room for tick labels on the left and below, the title above.
-LEFT, RIGHT, TOP, BOTTOM = 64, 16, 30, 44
+# Plot-area margins: tick labels left and below; the title and the legend row above.
+LEFT, RIGHT, TOP, BOTTOM = 64, 16, 44, 44
 
 
 def color(i: int) -> str:
@@ -146,7 +146,7 @@ class Chart:
             f'text-anchor="middle" class="label">{escape(self.ylabel)}</text>'
         )
         parts.extend(self.body)
-        parts.extend(_legend(self.legend, px1))
+        parts.extend(_legend(self.legend, px0, px1))
         parts.append("</svg>")
         return "\n".join(parts)
 
@@ -203,18 +203,27 @@ class Chart:
         )
 
 
-def _legend(entries: list[tuple[str, str]], right: float) -> list[str]:
+def _legend(entries: list[tuple[str, str]], left: float, right: float) -> list[str]:
+    """One row between the title and the plot area (never over the data); names are
+    shortened so that every entry fits (about 6 px per character)."""
     seen: list[tuple[str, str]] = []
     for e in entries:
         if e not in seen:
             seen.append(e)
+    if not seen:
+        return []
+    room = (right - left) / len(seen)
+    chars = max(4, int((room - 28) / 6))
     out = []
-    for i, (name, col) in enumerate(seen):
-        y = TOP + 6 + 14 * i
+    x = left
+    y = TOP - 10
+    for name, col in seen:
+        label = name if len(name) <= chars else name[: chars - 1] + "…"
         out.append(
-            f'<rect x="{_n(right - 150)}" y="{y - 8}" width="10" height="10" fill="{col}"/>'
-            f'<text x="{_n(right - 136)}" y="{y}" class="legend">{escape(name[:28])}</text>'
+            f'<rect x="{_n(x)}" y="{y - 8}" width="10" height="10" fill="{col}"/>'
+            f'<text x="{_n(x + 14)}" y="{y}" class="legend">{escape(label)}</text>'
         )
+        x += 28 + 6 * len(label)
     return out
 
 
@@ -264,7 +273,7 @@ def bars(
         f'text-anchor="middle" class="label">{escape(ylabel)}</text>'
     )
     if len(groups) > 1:
-        parts.extend(_legend([(n, c) for n, c, _ in groups], width - RIGHT))
+        parts.extend(_legend([(n, c) for n, c, _ in groups], LEFT, width - RIGHT))
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -277,6 +286,7 @@ class Span:
     end: float
     color: str
     tip: str
+    min_width: float = 1.0  # px: a fast failure still shows
 
 
 def gantt(
@@ -297,7 +307,7 @@ def gantt(
     for i, s in enumerate(spans):
         x0, x1 = ch.x(s.start), ch.x(max(s.end, s.start))
         ch.body.append(
-            f'<rect x="{_n(x0)}" y="{_n(TOP + 2 + i * row)}" width="{_n(max(x1 - x0, 1.0))}" '
+            f'<rect x="{_n(x0)}" y="{_n(TOP + 2 + i * row)}" width="{_n(max(x1 - x0, s.min_width))}" '
             f'height="{_n(row * 0.8)}" fill="{s.color}"><title>{escape(s.tip)}</title></rect>'
         )
     return ch.render()
