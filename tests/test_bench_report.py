@@ -186,6 +186,7 @@ def test_sweep_document_and_overhead_result() -> None:
             "p99_ttft_ms": p99,
             "p99_e2el_ms": p99 * 2,
             "smg_valid": True,
+            "ttfts": [p99 / 2000, p99 / 1000],  # detailed lists: the points overlay
         }
         points.append({"value": rate, "result": res, "meets_slo": p99 <= 500})
     doc = {
@@ -216,6 +217,8 @@ def test_sweep_document_and_overhead_result() -> None:
     load = next(c for c in svgs(html) if "Throughput against request_rate" in c)
     # x 0..4 -> 64..624 (140 px a unit); y 0..3 (ticks by 0.5) -> 256..44.
     assert '<path d="M204,185.3L344,121.7L624,44" fill="none"' in load
+    cdf = next(c for c in svgs(html) if 'aria-label="TTFT CDF"' in c)
+    assert all(f">sw {v}</text>" in cdf for v in (1, 2, 4)) and ">oh direct</text>" in cdf
     assert "<td>4</td><td>3.00</td>" in html and "<td>no</td>" in html  # sweep table
     assert "gateway overhead (10 pairs)" in html and "<td>added E2EL (ms)</td><td>1.50</td>" in html
     assert "oh: requests per worker" in html

@@ -656,7 +656,8 @@ def render_html(items: Sequence[Item]) -> str:
     sections = [
         ("Sweeps: latency against throughput", [*sweep_tables(items), _grid(sweep_charts(items))]),
         ("Gateway overhead", overhead_tables(items)),
-        ("Distributions", [_grid(distribution_charts(runs))]),
+        # A sweep's points overlay here too: how the distributions shift with load.
+        ("Distributions", [_grid(distribution_charts(runs + sweep_points))]),
         ("Over time", [_grid(time_charts(runs))]),
         ("Per-worker spread", [_grid(worker_charts(items))]),
         ("Per-request timeline", [_grid(timeline_charts(runs))]),
