@@ -268,6 +268,29 @@ def png_size_and_colours(path: Path) -> tuple[int, int, int]:
     return width, height, len(sample)
 
 
+def chromium_shot(exe: str, url: str, png: Path, profile: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            exe,
+            *report.headless_flags(str(profile)),
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--screenshot={png}",
+            "--window-size=1400,3000",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def console_lines(stderr: str) -> list[str]:
+    """The page's console output and uncaught errors, as Chromium logs them to stderr."""
+    return [ln for ln in stderr.splitlines() if re.search(r":CONSOLE[:(]|Uncaught", ln)]
+
+
 def test_plot_end_to_end_with_chromium(tmp_path: Path) -> None:
     proc, port = start_stub(["--error-rate", "0.2", "--seed", "1", "--itl-ms", "1"])
     try:
@@ -316,23 +339,15 @@ def test_plot_end_to_end_with_chromium(tmp_path: Path) -> None:
     shot = tmp_path / "shot.png"
     profile = tmp_path / "profile"
     url = "file://" + str(out)
-    run = subprocess.run(
-        [
-            exe,
-            *report.headless_flags(str(profile)),
-            "--enable-logging=stderr",
-            "--v=0",
-            f"--screenshot={shot}",
-            "--window-size=1400,3000",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
+    # The console check itself: a page that logs and throws is caught by it.
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>console.error('boom'); nope();</script></body></html>")
+    bad_run = chromium_shot(exe, "file://" + str(bad), tmp_path / "bad.png", profile)
+    assert len(console_lines(bad_run.stderr)) == 2, bad_run.stderr[-2000:]
+    assert png_size_and_colours(tmp_path / "bad.png")[2] < 5  # a blank page reads as blank
+    run = chromium_shot(exe, url, shot, profile)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "Uncaught" not in run.stderr and ":CONSOLE(" not in run.stderr
+    assert console_lines(run.stderr) == []
     w, h, colours = png_size_and_colours(shot)
     assert (w, h) == (1400, 3000) and colours > 20
     dom = subprocess.run(
