@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from smg.bench import report, svg
+from smg.bench import report, reqdata, svg
 from smg.bench.calibrate import start_stub
 
 # -- svg.py: ticks, scales, paths ----------------------------------------------------
@@ -49,7 +49,7 @@ def test_line_path_has_exact_coordinates() -> None:
 
 
 def test_histogram_steps_and_bars() -> None:
-    edges, counts = report.histogram([0, 0.5, 1, 2.9, 3, 10, -1], 0, 3, 3)
+    edges, counts = reqdata.histogram([0, 0.5, 1, 2.9, 3, 10, -1], 0, 3, 3)
     assert edges == [0, 1, 2, 3] and counts == [3, 1, 3]  # outliers land in the end bins
     ch = svg.Chart("h", "x", "y", 0, 3, 0, 3)  # x ticks 0..3 by 0.5, y 0..3 by 0.5
     ch.steps("a", edges, counts, "#000")
@@ -62,32 +62,32 @@ def test_histogram_steps_and_bars() -> None:
 
 
 def test_cdf_rates_and_concurrency() -> None:
-    assert report.cdf_points([3, 1, 2]) == [(1, 100 / 3), (2, 200 / 3), (3, 100.0)]
-    big = report.cdf_points(list(range(10_000)), max_points=5)
+    assert reqdata.cdf_points([3, 1, 2]) == [(1, 100 / 3), (2, 200 / 3), (3, 100.0)]
+    big = reqdata.cdf_points(list(range(10_000)), max_points=5)
     assert big == [(0, 0.01), (2500, 25.01), (5000, 50.01), (7499, 75.0), (9999, 100.0)]
-    assert report.rate_over_time([0.1, 0.2, 1.5], 2.0, bins=2) == [(0.5, 2.0), (1.5, 1.0)]
-    pts = report.concurrency_over_time([0, 0.5, 2.0], [1.0, 1.5, 3.0], 3.0, bins=3)
+    assert reqdata.rate_over_time([0.1, 0.2, 1.5], 2.0, bins=2) == [(0.5, 2.0), (1.5, 1.0)]
+    pts = reqdata.concurrency_over_time([0, 0.5, 2.0], [1.0, 1.5, 3.0], 3.0, bins=3)
     assert pts == [(0.5, 2.0), (1.5, 1.0), (2.5, 1.0)]
     # Back to back (one ends as the next starts) is one in flight, not two.
-    assert report.concurrency_over_time([0, 1], [1, 2], 2.0, bins=1) == [(1.0, 1.0)]
-    assert report.quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert reqdata.concurrency_over_time([0, 1], [1, 2], 2.0, bins=1) == [(1.0, 1.0)]
+    assert reqdata.quantile([1, 2, 3, 4], 0.5) == 2.5
 
 
 def test_timeline_sampling_keeps_failures() -> None:
-    req = report.Requests(
+    req = reqdata.Requests(
         [float(i) for i in range(10)],
         [i + 0.5 for i in range(10)],
         [i not in (3, 7) for i in range(10)],
         [None] * 10,
         [None] * 10,
     )
-    assert report.sample_rows(req, cap=4) == [0, 3, 7, 9]
-    assert report.sample_rows(req, cap=20) == list(range(10))
+    assert reqdata.sample_rows(req, cap=4) == [0, 3, 7, 9]
+    assert reqdata.sample_rows(req, cap=20) == list(range(10))
 
 
 def test_requests_from_vllm_detailed_lists() -> None:
     r = {"start_times": [0.0, 1.0], "latencies": [0.5, 0.0], "errors": ["", "boom"]}
-    q = report.requests_of(r)
+    q = reqdata.requests_of(r)
     assert q is not None
     assert q.end == [0.5, 1.0] and q.ok == [True, False] and q.error == [None, "boom"]
     # vllm's own file: raw perf_counter starts, no latencies (TTFT + gaps stand in).
@@ -98,9 +98,9 @@ def test_requests_from_vllm_detailed_lists() -> None:
         "output_lens": [3, 0],
         "errors": ["", "Bad Request"],
     }
-    q = report.requests_of(v)
+    q = reqdata.requests_of(v)
     assert q is not None and q.start == [0.5, 0.0] and q.end == [1.0, 0.0]
-    assert report.distributions(v) == {
+    assert reqdata.distributions(v) == {
         "ttft": [250.0],
         "itl": [125.0, 125.0],
         "tpot": [125.0],
@@ -172,9 +172,9 @@ def test_big_run_timeline_is_capped() -> None:
     r = fake_result(10_000, 0.01, fail_every=1000)
     html = report.render_html([("big", r)])
     timeline = next(c for c in svgs(html) if "per-request timeline" in c)
-    assert timeline.count("<title>request ") == report.GANTT_CAP
+    assert timeline.count("<title>request ") == reqdata.GANTT_CAP
     assert timeline.count(f'fill="{svg.FAIL}"><title>request') == 10
-    assert "400 of 10000 shown" in timeline
+    assert "400 of 10000 shown: 10 failed, the rest sampled" in timeline
     assert len(html) < 3_000_000
 
 
