@@ -165,6 +165,15 @@ def _live_flags(p: argparse.ArgumentParser) -> None:
 
 def _report_flags(p: argparse.ArgumentParser) -> None:
     """--plot: the HTML report (smg/bench/report.py)."""
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="write the HTML report (default: beside the saved result, else "
+        "smg-bench-DATE.html in --result-dir or here); records per-request data",
+    )
 
 
 def _sweep_flags(p: argparse.ArgumentParser) -> None:

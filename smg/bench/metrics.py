@@ -139,6 +139,15 @@ def compute(
         result["generated_texts"] = [o.text for o in outcomes]
         result["errors"] = [_error_text(o) for o in outcomes]
         result["smg_send_lags"] = [o.lag for o in outcomes]
+        # The report's per-request data (docs/bench.md "Result file"): seconds from the
+        # same origin as start_times; `worker` stays None until a response names it.
+        result["smg_requests"] = {
+            "start": [o.t_send - origin for o in outcomes],
+            "end": [o.t_done - origin for o in outcomes],
+            "ok": [o.success for o in outcomes],
+            "error": [None if o.success else (o.error or "unknown") for o in outcomes],
+            "worker": [None] * len(outcomes),
+        }
 
     n = len(outcomes)
     error_rate = len(failed) / n if n else 0.0

@@ -133,6 +133,9 @@ def pair_report(direct: list[Outcome], gateway: list[Outcome], pcts: list[float]
 def run_overhead(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         result = overhead_benchmark(args, argv)
+        from smg.bench.report import report_if_asked
+
+        report_if_asked(args, [result])
     except UsageError as exc:
         print(f"smg bench: {exc}", file=sys.stderr)
         return 2

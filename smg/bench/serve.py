@@ -310,7 +310,8 @@ def metric_config(args: argparse.Namespace, embeddings: bool) -> metrics.MetricC
         embeddings=embeddings,
         ignore_eos=args.ignore_eos,
         max_error_rate=args.max_error_rate,
-        detailed=args.save_detailed,
+        # The report draws from the per-request lists, so --plot records them too.
+        detailed=args.save_detailed or getattr(args, "plot", None) is not None,
     )
 
 
@@ -478,9 +479,10 @@ def assemble(
     return result
 
 
-def save_if_asked(args: argparse.Namespace, result: dict[str, Any], model: str) -> None:
+def result_path(args: argparse.Namespace, result: dict[str, Any]) -> str | None:
+    """Where --save-result / --append-result write this result (None: not saved)."""
     if not (args.save_result or args.append_result):
-        return
+        return None
     ramp = None
     if args.ramp_up_strategy:
         ramp = (args.ramp_up_strategy, args.ramp_up_start_rps, args.ramp_up_end_rps)
@@ -488,10 +490,16 @@ def save_if_asked(args: argparse.Namespace, result: dict[str, Any], model: str) 
         args.label or args.backend,
         args.request_rate,
         args.max_concurrency,
-        model,
+        str(result["model_id"]),
         result["date"],
         ramp,
     )
-    path = os.path.join(args.result_dir, name) if args.result_dir else name
+    return os.path.join(args.result_dir, name) if args.result_dir else name
+
+
+def save_if_asked(args: argparse.Namespace, result: dict[str, Any], model: str) -> None:
+    path = result_path(args, result)
+    if path is None:
+        return
     csv_path = results.save(result, path, append=args.append_result)
     print(f"saved {path} and {csv_path}")
