@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Benchmark an OpenAI-compatible endpoint (flags as `vllm bench serve`). "
             "Sub-commands: `smg bench compare A.json B.json`, `smg bench stub`, "
-            "`smg bench calibrate`. See docs/bench.md."
+            "`smg bench calibrate`, `smg bench plot RESULT.json...`. See docs/bench.md."
         ),
     )
     t = p.add_argument_group("target")
