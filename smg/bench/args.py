@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _live_flags(p: argparse.ArgumentParser) -> None:
     """The live display while a run goes (smg/bench/live.py)."""
+    g = p.add_argument_group("smg: live display")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live display: a plain status line every 5 s instead (as --disable-tqdm,"
+        " or when stdout is not a terminal)",
+    )
 
 
 def _report_flags(p: argparse.ArgumentParser) -> None:

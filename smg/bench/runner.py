@@ -23,8 +23,9 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from smg.bench.board import Board, Slot
 from smg.bench.http import Connection, Pool, Target, perf
 from smg.bench.stream import StreamAccumulator
 
@@ -160,11 +161,15 @@ class Engine:
         self.outcomes: list[Outcome] = []
         self.expected = 0
         self.finished: asyncio.Future[None] | None = None
+        # The live display's counters (this process's slot); None during warmups.
+        self.meter: Slot | None = None
 
     # -- scheduling ----------------------------------------------------------------
 
     def submit(self, rec: Record, due: float) -> None:
         rec.t_sched = due
+        if self.meter is not None:
+            self.meter.submitted()
         if self.max_concurrency is not None and self.in_flight >= self.max_concurrency:
             self.waiting.append(rec)
         else:
@@ -173,6 +178,8 @@ class Engine:
     def _start(self, rec: Record, eligible: float) -> None:
         rec.t_eligible = eligible
         self.in_flight += 1
+        if self.meter is not None:
+            self.meter.started()
         if self.in_flight > self.peak_in_flight:
             self.peak_in_flight = self.in_flight
         conn = self.pools[rec.prep.target].acquire()
@@ -200,7 +207,12 @@ class Engine:
     def done(self, rec: Record, error: str | None) -> None:
         self.active.discard(rec)
         self.in_flight -= 1
-        self.outcomes.append(rec.outcome(error))
+        out = rec.outcome(error)
+        self.outcomes.append(out)
+        if self.meter is not None:
+            tokens = out.usage_out if out.usage_out is not None else out.tokens_seen
+            ttft = out.ttft if out.t_first is not None else None
+            self.meter.record(out.success, out.error, out.lag, ttft, out.latency, out.itl, tokens)
         if self.waiting:
             self._start(self.waiting.popleft(), rec.t_done)
         if len(self.outcomes) >= self.expected and self.finished and not self.finished.done():
@@ -293,7 +305,29 @@ def _prewarm_counts(spec: RunSpec, n_preps: int) -> list[int]:
     return counts
 
 
-async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Outcome], ProcStats]:
+class _Ticker:
+    """Writes this process's CPU clock into its board slot a few times a second."""
+
+    INTERVAL_S = 0.25
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, slot: Slot) -> None:
+        self.loop = loop
+        self.slot = slot
+        self.handle: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        self.slot.tick()
+        self.handle = self.loop.call_later(self.INTERVAL_S, self)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.slot.tick()
+
+
+async def _run_async(
+    spec: RunSpec, start_barrier: Any = None, slot: Slot | None = None
+) -> tuple[list[Outcome], ProcStats]:
     loop = asyncio.get_running_loop()
     engine = Engine(loop, spec.targets, spec.max_concurrency, spec.timeout, spec.insecure)
     stats = ProcStats(pid=os.getpid())
@@ -311,7 +345,17 @@ async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Out
         if delay > 0:
             await asyncio.sleep(delay)
         cpu0, wall0 = time.process_time(), perf()
-        await engine.run(spec.preps, spec.offsets, start)
+        ticker = None
+        if slot is not None:
+            slot.begin(start)
+            engine.meter = slot
+            ticker = _Ticker(loop, slot)
+            ticker()
+        try:
+            await engine.run(spec.preps, spec.offsets, start)
+        finally:
+            if ticker is not None:
+                ticker.stop()
         stats.cpu_s = time.process_time() - cpu0
         stats.wall_s = perf() - wall0
         stats.peak_in_flight = engine.peak_in_flight
@@ -322,7 +366,20 @@ async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Out
         gc.unfreeze()
 
 
-def run_in_process(spec: RunSpec) -> tuple[list[Outcome], list[ProcStats], float]:
+class Watch(Protocol):
+    """A live display fed by the board (smg.bench.live.Display): begun once the client
+    processes exist (so none is forked while its drawing thread runs), ended after."""
+
+    board: Board
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
+
+
+def run_in_process(
+    spec: RunSpec, watch: Watch | None = None
+) -> tuple[list[Outcome], list[ProcStats], float]:
     """Runs the spec on a fresh event loop here; returns outcomes, stats, start time."""
     loop = new_loop()
     started: list[float] = []
@@ -331,14 +388,19 @@ def run_in_process(spec: RunSpec) -> tuple[list[Outcome], list[ProcStats], float
         started.append(perf())
         return started[0]
 
+    slot = watch.board.slot(0) if watch is not None else None
     try:
-        outcomes, stats = loop.run_until_complete(_run_async(spec, barrier))
+        if watch is not None:
+            watch.begin()
+        outcomes, stats = loop.run_until_complete(_run_async(spec, barrier, slot))
     finally:
         loop.close()
+        if watch is not None:
+            watch.end()
     return outcomes, [stats], started[0]
 
 
-def _child(spec: RunSpec, conn: Any) -> None:
+def _child(spec: RunSpec, conn: Any, slot: Slot | None = None) -> None:
     loop = new_loop()
 
     def barrier() -> float:
@@ -346,7 +408,7 @@ def _child(spec: RunSpec, conn: Any) -> None:
         return float(conn.recv())
 
     try:
-        result = loop.run_until_complete(_run_async(spec, barrier))
+        result = loop.run_until_complete(_run_async(spec, barrier, slot))
         conn.send(("ok", result))
     except BaseException as exc:  # report instead of dying silently
         conn.send(("error", repr(exc)))
@@ -355,15 +417,22 @@ def _child(spec: RunSpec, conn: Any) -> None:
         conn.close()
 
 
-def run_multiprocess(spec: RunSpec, processes: int) -> tuple[list[Outcome], list[ProcStats], float]:
+def run_multiprocess(
+    spec: RunSpec, processes: int, watch: Watch | None = None
+) -> tuple[list[Outcome], list[ProcStats], float]:
     """Splits requests round-robin over `processes` forked clients sharing one start time.
 
     The concurrency cap is split evenly between processes (their sum equals the cap).
     All processes read the same monotonic clock, so their timestamps are comparable.
+    With a watch, child k writes slot k of watch.board (an anonymous shared mapping that
+    the fork inherits) and the parent draws from it.
     """
     if processes <= 1:
-        return run_in_process(spec)
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        return run_in_process(spec, watch)
+    forking = sys.platform.startswith("linux")
+    ctx = mp.get_context("fork" if forking else "spawn")
+    # A spawned child cannot inherit the mapping: it then runs without live counters.
+    board = watch.board if watch is not None and forking else None
     children = []
     for k in range(processes):
         preps = spec.preps[k::processes]
@@ -382,11 +451,14 @@ def run_multiprocess(spec: RunSpec, processes: int) -> tuple[list[Outcome], list
             spec.prewarm,
         )
         parent_end, child_end = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(sub, child_end), daemon=True)
+        slot = board.slot(k) if board is not None else None
+        proc = ctx.Process(target=_child, args=(sub, child_end, slot), daemon=True)
         proc.start()
         child_end.close()
         children.append((proc, parent_end))
     try:
+        if watch is not None:
+            watch.begin()
         for _, pipe in children:
             msg = pipe.recv()
             if msg != "ready":
@@ -411,3 +483,5 @@ def run_multiprocess(spec: RunSpec, processes: int) -> tuple[list[Outcome], list
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        if watch is not None:
+            watch.end()
