@@ -31,6 +31,7 @@ from smg.bench.board import (
 )
 from smg.bench.calibrate import start_stub
 from smg.bench.live import plain_line, render, view
+from smg.bench.runner import Outcome
 
 # -- the board (pure) -----------------------------------------------------------------
 
@@ -68,20 +69,37 @@ def test_causes_fold_http_statuses_into_classes() -> None:
     assert CAUSES[cause_index(None)] == "other"
 
 
+def _outcome(i: int, ok: bool) -> Outcome:
+    # Sent 0.2 ms after it was due; first token at 50 ms, 9 more 10 ms apart, end at 250 ms.
+    return Outcome(
+        index=i,
+        target=0,
+        success=ok,
+        error=None if ok else "http_503",
+        status=200 if ok else 503,
+        t_sched=1.0,
+        t_eligible=1.0,
+        t_send=1.0002,
+        t_first=1.0502 if ok else None,
+        t_done=1.2502 if ok else 1.0012,
+        itl=[0.010] * 9 if ok else [],
+        first_tokens=1,
+        tokens_seen=10 if ok else 0,
+        usage_in=8,
+        usage_out=None,
+        text="",
+    )
+
+
 def _record_sample(board: Board, k: int, n_ok: int, n_fail: int) -> None:
     slot = board.slot(k)
     slot.begin(100.0)
-    for _ in range(n_ok):
-        slot.submitted()
-        slot.started()
-        slot.record(True, None, 0.0002, 0.050, 0.250, [0.010] * 9, 10)
-    for _ in range(n_fail):
-        slot.submitted()
-        slot.started()
-        slot.record(False, "http_503", 0.0002, None, 0.0, [], 0)
-    slot.submitted()  # one waiting for a concurrency slot
-    slot.submitted()
-    slot.started()  # one in flight
+    outcomes = [_outcome(i, True) for i in range(n_ok)]
+    slot.absorb(outcomes, in_flight=1, queued=1)
+    # The list only grows: a later tick bins only what is new.
+    outcomes += [_outcome(n_ok + i, False) for i in range(n_fail)]
+    slot.absorb(outcomes, in_flight=1, queued=1)
+    slot.publish()
 
 
 def test_slots_are_summed_by_the_reader() -> None:
@@ -94,6 +112,8 @@ def test_slots_are_summed_by_the_reader() -> None:
     assert snap.out_tokens == 500
     assert snap.causes == {"http_5xx": 3}
     assert sum(snap.hists["itl"]) == 50 * 9 and snap.hists["itl"][bucket_of(0.010)] == 450
+    assert snap.hists["ttft"][bucket_of(0.050)] == 50
+    assert snap.hists["e2el"][bucket_of(0.250)] == 50
     assert sum(snap.hists["lag"]) == 53  # failures have a send lag too
     assert sum(snap.hists["ttft"]) == 50 and sum(snap.hists["e2el"]) == 50
     assert snap.start == 100.0 and snap.elapsed == 2.0
@@ -137,8 +157,8 @@ def _fixed(now: float, ok: int, tokens: int, cpu_ns: int, lag_s: float) -> Snaps
     return Snapshot(
         now=now,
         start=10.0,
-        submitted=ok + 2 + 64 + 3,
-        started=ok + 2 + 64,
+        in_flight=64,
+        queued=3,
         ok=ok,
         failed=2,
         out_tokens=tokens,

@@ -12,7 +12,11 @@ BUCKETS_PER_DECADE per factor of ten from LO_S to HI_S seconds, plus an underflo
 overflow bucket. A percentile read from it is the geometric middle of the bucket that
 holds the ranked sample, so it is within half a bucket (about ±3 %) of the exact value.
 
-Pure code over a buffer: a bytearray works as well as the mmap (tests use both).
+Nothing is counted per request on the client's hot path: each process bins what
+finished since its last tick in bulk, a few times a second, into a private copy of its
+slot and publishes it with one slice write (see Slot).
+
+Pure code over a buffer: a bytearray works as well as the mmap.
 """
 
 from __future__ import annotations
@@ -21,10 +25,16 @@ import math
 import mmap
 import os
 import time
+from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import accumulate, chain, repeat
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from smg.bench.runner import Outcome
 
 # Failure causes shown live, in order; http_<status> folds into its class and anything
 # not listed into "other" (the result file keeps every cause exactly).
@@ -62,8 +72,8 @@ START_NS = 1  # the run's start (perf_counter ns, one clock for every process)
 CPU0_NS = 2  # process CPU time at the start
 CPU_NS = 3  # process CPU time at the last tick
 TICK_NS = 4  # perf_counter ns of the last tick
-SUBMITTED = 5  # due (handed to the engine)
-STARTED = 6  # sent (or connecting): holds a concurrency slot
+IN_FLIGHT = 5  # sent (or connecting): holding a concurrency slot
+QUEUED = 6  # due, waiting for a concurrency slot
 OK = 7
 FAILED = 8
 OUT_TOKENS = 9
@@ -119,62 +129,61 @@ class Board:
 
 
 class Slot:
-    """One client process's writer. Called from the engine's hot path: kept to a few
-    indexed increments per request, plus one per ITL gap."""
+    """One client process's writer. Nothing here runs per request: the process's ticker
+    (runner._Ticker, every TICK_S) hands over the outcomes finished since its last call,
+    which are binned in bulk (C-level map/bisect/Counter) into a private copy of the slot,
+    then the copy is published to the shared words in one slice write."""
 
-    __slots__ = ("base", "cause", "e2el", "itl", "lag", "ttft", "w")
+    __slots__ = ("base", "local", "seen", "w")
 
     def __init__(self, words: memoryview, base: int) -> None:
         self.w = words
         self.base = base
-        self.ttft = base + _HIST_BASE["ttft"]
-        self.itl = base + _HIST_BASE["itl"]
-        self.e2el = base + _HIST_BASE["e2el"]
-        self.lag = base + _HIST_BASE["lag"]
-        self.cause = base + CAUSE0
+        self.local = [0] * SLOT_WORDS
+        self.seen = 0  # outcomes already absorbed
 
     def begin(self, start: float) -> None:
-        w, b = self.w, self.base
-        w[b + PID] = os.getpid()
-        w[b + CPU0_NS] = w[b + CPU_NS] = time.process_time_ns()
-        w[b + TICK_NS] = time.perf_counter_ns()
-        w[b + START_NS] = int(start * 1e9)
+        loc = self.local
+        loc[PID] = os.getpid()
+        loc[CPU0_NS] = loc[CPU_NS] = time.process_time_ns()
+        loc[TICK_NS] = time.perf_counter_ns()
+        loc[START_NS] = int(start * 1e9)
+        self.publish()
 
-    def tick(self) -> None:
-        w, b = self.w, self.base
-        w[b + CPU_NS] = time.process_time_ns()
-        w[b + TICK_NS] = time.perf_counter_ns()
-
-    def submitted(self) -> None:
-        self.w[self.base + SUBMITTED] += 1
-
-    def started(self) -> None:
-        self.w[self.base + STARTED] += 1
-
-    def record(
-        self,
-        success: bool,
-        error: str | None,
-        lag: float,
-        ttft: float | None,
-        e2el: float,
-        itl: Sequence[float],
-        tokens: int,
-    ) -> None:
-        w, b = self.w, self.base
-        w[self.lag + bisect_right(EDGES, lag)] += 1
-        if not success:
-            w[b + FAILED] += 1
-            w[self.cause + cause_index(error)] += 1
+    def absorb(self, outcomes: Sequence[Outcome], in_flight: int, queued: int) -> None:
+        """Bins outcomes[self.seen:] (a list that only grows) and notes the live counts."""
+        new = outcomes[self.seen :]
+        self.seen = len(outcomes)
+        loc = self.local
+        loc[IN_FLIGHT] = in_flight
+        loc[QUEUED] = queued
+        loc[CPU_NS] = time.process_time_ns()
+        loc[TICK_NS] = time.perf_counter_ns()
+        if not new:
             return
-        w[b + OK] += 1
-        w[b + OUT_TOKENS] += tokens
-        if ttft is not None:
-            w[self.ttft + bisect_right(EDGES, ttft)] += 1
-        w[self.e2el + bisect_right(EDGES, e2el)] += 1
-        base = self.itl
-        for gap in itl:
-            w[base + bisect_right(EDGES, gap)] += 1
+        ok = [o for o in new if o.success]
+        loc[OK] += len(ok)
+        if len(ok) < len(new):
+            loc[FAILED] += len(new) - len(ok)
+            for o in new:
+                if not o.success:
+                    loc[CAUSE0 + cause_index(o.error)] += 1
+        loc[OUT_TOKENS] += sum(
+            [o.usage_out if o.usage_out is not None else o.tokens_seen for o in ok]
+        )
+        _bin(loc, _HIST_BASE["lag"], [o.t_send - o.t_eligible for o in new])
+        _bin(loc, _HIST_BASE["e2el"], [o.t_done - o.t_send for o in ok])
+        ttft = [o.t_first - o.t_send for o in ok if o.t_first is not None]
+        _bin(loc, _HIST_BASE["ttft"], ttft)
+        _bin(loc, _HIST_BASE["itl"], chain.from_iterable([o.itl for o in ok]))
+
+    def publish(self) -> None:
+        self.w[self.base : self.base + SLOT_WORDS] = array("Q", self.local)
+
+
+def _bin(counts: list[int], base: int, values: Iterable[float]) -> None:
+    for bucket, n in Counter(map(bisect_right, repeat(EDGES), values)).items():
+        counts[base + bucket] += n
 
 
 # -- reading -----------------------------------------------------------------------
@@ -193,8 +202,8 @@ class Snapshot:
 
     now: float
     start: float  # 0.0 while no process has started the clock
-    submitted: int = 0
-    started: int = 0
+    in_flight: int = 0
+    queued: int = 0
     ok: int = 0
     failed: int = 0
     out_tokens: int = 0
@@ -207,14 +216,6 @@ class Snapshot:
         return self.ok + self.failed
 
     @property
-    def in_flight(self) -> int:
-        return self.started - self.done
-
-    @property
-    def queued(self) -> int:
-        return self.submitted - self.started
-
-    @property
     def elapsed(self) -> float:
         return max(0.0, self.now - self.start) if self.start else 0.0
 
@@ -224,8 +225,8 @@ def snapshot(rows: list[list[int]], now: float) -> Snapshot:
     starts = [r[START_NS] for r in rows if r[START_NS]]
     snap = Snapshot(now=now, start=max(starts) / 1e9 if starts else 0.0)
     for r in rows:
-        snap.submitted += r[SUBMITTED]
-        snap.started += r[STARTED]
+        snap.in_flight += r[IN_FLIGHT]
+        snap.queued += r[QUEUED]
         snap.ok += r[OK]
         snap.failed += r[FAILED]
         snap.out_tokens += r[OUT_TOKENS]
@@ -247,14 +248,11 @@ def snapshot(rows: list[list[int]], now: float) -> Snapshot:
 
 def hist_percentile(counts: Sequence[int], p: float) -> float | None:
     """The p-th percentile (0..100) of a bucket histogram: the value of the bucket holding
-    the sample of rank p/100 * (n - 1) rounded half up (0-based, ascending); None when empty."""
-    n = sum(counts)
+    the sample of rank p/100 * (n - 1) rounded half up (0-based, ascending); None when
+    empty."""
+    cum = list(accumulate(counts))
+    n = cum[-1] if cum else 0
     if n == 0:
         return None
     rank = int(p / 100.0 * (n - 1) + 0.5)
-    seen = 0
-    for i, c in enumerate(counts):
-        seen += c
-        if seen > rank:
-            return bucket_value(i)
-    return bucket_value(len(counts) - 1)  # pragma: no cover - unreachable: seen reaches n
+    return bucket_value(bisect_right(cum, rank))
