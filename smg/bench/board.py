@@ -10,7 +10,8 @@ Each slot holds counters, failures by cause, the process's CPU clock, and four
 histograms (TTFT, ITL, E2E latency, send lag) over fixed log-spaced buckets:
 BUCKETS_PER_DECADE per factor of ten from LO_S to HI_S seconds, plus an underflow and an
 overflow bucket. A percentile read from it is the geometric middle of the bucket that
-holds the ranked sample, so it is within half a bucket (about ±3 %) of the exact value.
+holds the ranked sample, so it is within half a bucket (about ±3 %) of the exact value. Above SAMPLE_CAP values
+per tick a histogram takes a random sample of them (weighted); the counters are exact.
 
 Nothing is counted per request on the client's hot path: each process bins what
 finished since its last tick in bulk, a few times a second, into a private copy of its
@@ -24,11 +25,12 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import random
 import time
 from array import array
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, chain, repeat
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,8 @@ EDGES = tuple(
 NBUCKETS = len(EDGES) + 1
 
 HISTS = ("ttft", "itl", "e2el", "lag")
+SAMPLE_CAP = 512  # values binned per histogram per tick; more are sampled down to it
+_rng = random.Random(0)
 
 # Word offsets inside a slot.
 PID = 0
@@ -175,15 +179,23 @@ class Slot:
         _bin(loc, _HIST_BASE["e2el"], [o.t_done - o.t_send for o in ok])
         ttft = [o.t_first - o.t_send for o in ok if o.t_first is not None]
         _bin(loc, _HIST_BASE["ttft"], ttft)
-        _bin(loc, _HIST_BASE["itl"], chain.from_iterable([o.itl for o in ok]))
+        _bin(loc, _HIST_BASE["itl"], list(chain.from_iterable([o.itl for o in ok])))
 
     def publish(self) -> None:
         self.w[self.base : self.base + SLOT_WORDS] = array("Q", self.local)
 
 
-def _bin(counts: list[int], base: int, values: Iterable[float]) -> None:
+def _bin(counts: list[int], base: int, values: list[float]) -> None:
+    """Adds values to a histogram; above SAMPLE_CAP values (one tick's worth) a random
+    sample of SAMPLE_CAP stands for them, weighted, which bounds the cost per tick
+    whatever the request rate (a bucket lookup is ~0.2 us: 16-token requests at 4,000/s
+    would otherwise cost ~5 % of a core)."""
+    weight = 1.0
+    if len(values) > SAMPLE_CAP:
+        weight = len(values) / SAMPLE_CAP
+        values = _rng.sample(values, SAMPLE_CAP)
     for bucket, n in Counter(map(bisect_right, repeat(EDGES), values)).items():
-        counts[base + bucket] += n
+        counts[base + bucket] += round(n * weight)
 
 
 # -- reading -----------------------------------------------------------------------
