@@ -30,7 +30,7 @@ from smg.bench.board import (
     snapshot,
 )
 from smg.bench.calibrate import start_stub
-from smg.bench.live import plain_line, render, view
+from smg.bench.live import plain_line, render, view, wants_plain
 from smg.bench.runner import Outcome
 
 # -- the board (pure) -----------------------------------------------------------------
@@ -118,6 +118,36 @@ def test_slots_are_summed_by_the_reader() -> None:
     assert sum(snap.hists["ttft"]) == 50 and sum(snap.hists["e2el"]) == 50
     assert snap.start == 100.0 and snap.elapsed == 2.0
     assert len(snap.procs) == 2
+
+
+def test_a_busy_tick_is_sampled_but_the_counters_stay_exact() -> None:
+    from smg.bench.board import SAMPLE_CAP
+
+    board = Board(1)
+    slot = board.slot(0)
+    slot.begin(100.0)
+    outs = [_outcome(i, True) for i in range(6 * SAMPLE_CAP)]
+    for i, o in enumerate(outs):  # half the requests take 250 ms, half 2.5 s
+        if i % 2:
+            o.t_done = o.t_send + 2.5
+    outs[7] = _outcome(7, False)
+    slot.absorb(outs, in_flight=0, queued=0)
+    slot.publish()
+    snap = snapshot(board.read(), now=101.0)
+    assert (snap.ok, snap.failed, snap.out_tokens) == (
+        6 * SAMPLE_CAP - 1,
+        1,
+        10 * (6 * SAMPLE_CAP - 1),
+    )
+    e2el = snap.hists["e2el"]
+    # A sample of 512 stands for 3,072 requests: totals are right to rounding, and the
+    # two halves stay about even.
+    assert abs(sum(e2el) - 6 * SAMPLE_CAP) <= 12
+    assert set(i for i, c in enumerate(e2el) if c) == {bucket_of(0.250), bucket_of(2.5)}
+    assert abs(e2el[bucket_of(0.250)] - e2el[bucket_of(2.5)]) < 0.25 * sum(e2el)
+    assert hist_percentile(e2el, 10.0) == bucket_value(bucket_of(0.250))
+    assert hist_percentile(e2el, 90.0) == bucket_value(bucket_of(2.5))
+    assert abs(sum(snap.hists["itl"]) - 9 * (6 * SAMPLE_CAP - 1)) <= 0.01 * 9 * 6 * SAMPLE_CAP
 
 
 def _child_writes(board: Board) -> None:
@@ -242,6 +272,24 @@ def test_saturation_warning_uses_the_end_of_run_rule() -> None:
     assert "; WARNING: p99 send lag 8.2 ms" in plain_line(v)
     # The end-of-run report applies the same function to its own numbers.
     assert metrics.saturation_warnings([(95.0, 0.4)], 1.0) == []  # too short to judge
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_plain_when_asked_or_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smg.bench.args import build_parser
+
+    monkeypatch.setenv("TERM", "xterm")
+    parse = build_parser().parse_args
+    assert wants_plain(parse([]), _Tty()) is False
+    assert wants_plain(parse(["--no-progress"]), _Tty()) is True
+    assert wants_plain(parse(["--disable-tqdm"]), _Tty()) is True  # vllm's name
+    assert wants_plain(parse([]), io.StringIO()) is True  # a pipe or a file
+    monkeypatch.setenv("TERM", "dumb")
+    assert wants_plain(parse([]), _Tty()) is True
 
 
 # -- end to end: the real command against the stub ------------------------------------
