@@ -40,6 +40,7 @@ def test_buckets_are_log_spaced_and_percentiles_land_in_the_right_bucket() -> No
     assert EDGES[0] == 1e-6 and EDGES[-1] == pytest.approx(1e4)
     assert EDGES[40] == pytest.approx(1e-5)  # 40 buckets per decade
     assert bucket_of(0.0) == 0 and bucket_of(-0.001) == 0  # negative lag: underflow
+    assert bucket_value(0) == 0.0  # below 1 us (tokens that came in one read) reads 0
     assert bucket_of(1e5) == NBUCKETS - 1
     b = bucket_of(0.051)
     assert EDGES[b - 1] <= 0.051 < EDGES[b]
@@ -219,6 +220,10 @@ def test_view_rates_cpu_and_percentiles_from_a_fixed_snapshot() -> None:
     assert v.warnings == []
     final = view(snap, base, total=1000, final=True)
     assert final.window_s == 8.0 and final.cpu_percent == [pytest.approx(3.3 / 8 * 100)]
+    # Drawn a second after the processes' last tick: the run still lasted 8 s.
+    snap.now = 19.0
+    late = view(snap, base, total=1000, final=True)
+    assert late.elapsed == 8.0 and late.req_rate == 400 / 8.0
 
 
 def test_plain_line_text() -> None:

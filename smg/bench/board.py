@@ -93,9 +93,10 @@ def bucket_of(seconds: float) -> int:
 
 
 def bucket_value(index: int) -> float:
-    """The value a bucket stands for: its geometric middle (the edge for the open ends)."""
+    """The value a bucket stands for: its geometric middle; 0 below LO_S (gaps of tokens
+    that came in one read, or a negative send lag), HI_S above the top."""
     if index <= 0:
-        return EDGES[0]
+        return 0.0
     if index >= len(EDGES):
         return EDGES[-1]
     return math.sqrt(EDGES[index - 1] * EDGES[index])

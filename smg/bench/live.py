@@ -64,6 +64,9 @@ def view(snap: Snapshot, base: Snapshot | None, total: int, final: bool = False)
     run), or over the whole run when base is None, predates the clock, or final."""
     whole = final or base is None or not base.start or base.now >= snap.now
     elapsed = snap.elapsed
+    if final and snap.procs:
+        # The run ended at the processes' last tick (after their last response), not now.
+        elapsed = max(p.wall_ns for p in snap.procs) / 1e9
     if whole:
         window = elapsed
         d_ok, d_tok = snap.ok, snap.out_tokens
