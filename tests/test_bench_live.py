@@ -262,6 +262,10 @@ def test_rendered_display_text() -> None:
     assert re.split(r"\s+", lines[6].strip()) == ["E2E", "410", "410", "410"]
     assert lines[7] == "client CPU 45%   send lag p99 0.307 ms"
     assert len(lines) == 8  # no warning
+    final = _text(render(view(snap, base, total=1000, final=True)))
+    assert final.startswith("smg bench stopped ")  # 402 of 1000: interrupted
+    snap.ok, snap.failed = 1000, 0
+    assert _text(render(view(snap, base, total=1000, final=True))).startswith("smg bench done ")
 
 
 def test_saturation_warning_uses_the_end_of_run_rule() -> None:

@@ -173,7 +173,10 @@ def render_lines(v: View) -> list[tuple[str, str]]:
     """The terminal display as (text, rich style) lines: plain fixed-width columns, since
     rich's table layout costs ten times as much per frame as these lines."""
     pct = 100.0 * v.done / v.total if v.total else 100.0
-    state = "done" if v.final else ("running" if v.clock_started else "preparing")
+    if v.final:  # an interrupted or failed run ends short of the total
+        state = "done" if v.done >= v.total else "stopped"
+    else:
+        state = "running" if v.clock_started else "preparing"
     filled = min(BAR_WIDTH, BAR_WIDTH * v.done // v.total) if v.total else BAR_WIDTH
     lines = [
         (f"smg bench {state:<9} ", "bold"),
