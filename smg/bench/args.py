@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-warmups", type=int, default=0)
     r.add_argument("--ignore-eos", action="store_true")
     r.add_argument("--disable-stream", "--no-stream", action="store_true", dest="disable_stream")
-    r.add_argument("--disable-tqdm", action="store_true", help="accepted; no progress bar")
+    r.add_argument("--disable-tqdm", action="store_true", help="no live display (as --no-progress)")
 
     s = p.add_argument_group("sampling overrides (merged into each request body)")
     s.add_argument("--temperature", type=float)
@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _live_flags(p: argparse.ArgumentParser) -> None:
     """The live display while a run goes (smg/bench/live.py)."""
+    g = p.add_argument_group("smg: live display")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live display: a plain status line every 5 s instead (as --disable-tqdm,"
+        " or when stdout is not a terminal)",
+    )
 
 
 def _report_flags(p: argparse.ArgumentParser) -> None:

@@ -175,6 +175,25 @@ def _error_text(o: Outcome) -> str:
     return f"{o.error}: {o.error_detail}" if o.error_detail else str(o.error)
 
 
+def saturation_warnings(cpu: Sequence[tuple[float, float]], lag_p99_ms: float) -> list[str]:
+    """The client-saturation rule, one source for the end-of-run report and the live
+    display: cpu holds (percent of a core, seconds it was measured over) per process."""
+    warnings: list[str] = []
+    # Under half a second gives too few CPU ticks to judge.
+    judged = [pct for pct, wall in cpu if wall >= 0.5]
+    if judged and max(judged) > CPU_WARN_PERCENT:
+        warnings.append(
+            f"client CPU at {max(judged):.0f}% of a core (> {CPU_WARN_PERCENT:.0f}%): the client"
+            " may be the bottleneck; add --client-processes"
+        )
+    if lag_p99_ms > LAG_WARN_MS:
+        warnings.append(
+            f"p99 send lag {lag_p99_ms:.1f} ms (> {LAG_WARN_MS:.0f} ms): requests left"
+            " later than scheduled; the client could not keep up"
+        )
+    return warnings
+
+
 def client_report(
     outcomes: Sequence[Outcome], procs: Sequence[ProcStats], fd_limit: int
 ) -> tuple[dict[str, Any], list[str]]:
@@ -208,19 +227,9 @@ def client_report(
         "http_client": "smg (asyncio + httptools, keep-alive pool)",
         "warmup_failed": sum(p.warmup_failed for p in procs),
     }
-    warnings: list[str] = []
-    # A run shorter than half a second gives too few CPU ticks to judge.
-    judged = [p["cpu_percent"] for p in per_proc if p["wall_seconds"] >= 0.5]
-    if judged and max(judged) > CPU_WARN_PERCENT:
-        warnings.append(
-            f"client CPU at {cpu_max:.0f}% of a core (> {CPU_WARN_PERCENT:.0f}%): the client may"
-            " be the bottleneck; add --client-processes"
-        )
-    if lag["p99"] * 1000 > LAG_WARN_MS:
-        warnings.append(
-            f"p99 send lag {lag['p99'] * 1000:.1f} ms (> {LAG_WARN_MS:.0f} ms): requests left"
-            " later than scheduled; the client could not keep up"
-        )
+    warnings = saturation_warnings(
+        [(p["cpu_percent"], p["wall_seconds"]) for p in per_proc], lag["p99"] * 1000
+    )
     if report["warmup_failed"]:
         warnings.append(f"{report['warmup_failed']} warmup request(s) failed")
     return report, warnings

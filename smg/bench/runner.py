@@ -24,8 +24,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from smg.bench.board import Board, Slot
 from smg.bench.http import Connection, Pool, Target, perf
 from smg.bench.stream import StreamAccumulator
 
@@ -294,7 +295,39 @@ def _prewarm_counts(spec: RunSpec, n_preps: int) -> list[int]:
     return counts
 
 
-async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Outcome], ProcStats]:
+class _Ticker:
+    """Feeds the live display: every INTERVAL_S, bins the outcomes finished since the
+    last call into this process's board slot (in bulk, off the per-request path) with
+    the engine's in-flight and queued counts and the CPU clock, and publishes it. Four
+    times a second matches the display's frame rate; binning is capped per tick
+    (board.SAMPLE_CAP), so each pause in the loop stays around a millisecond."""
+
+    INTERVAL_S = 0.25
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine, slot: Slot) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.slot = slot
+        self.handle: asyncio.TimerHandle | None = None
+
+    def update(self) -> None:
+        e = self.engine
+        self.slot.absorb(e.outcomes, e.in_flight, len(e.waiting))
+        self.slot.publish()
+
+    def __call__(self) -> None:
+        self.update()
+        self.handle = self.loop.call_later(self.INTERVAL_S, self)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.update()
+
+
+async def _run_async(
+    spec: RunSpec, start_barrier: Any = None, slot: Slot | None = None
+) -> tuple[list[Outcome], ProcStats]:
     loop = asyncio.get_running_loop()
     engine = Engine(loop, spec.targets, spec.max_concurrency, spec.timeout, spec.insecure)
     stats = ProcStats(pid=os.getpid())
@@ -312,7 +345,16 @@ async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Out
         if delay > 0:
             await asyncio.sleep(delay)
         cpu0, wall0 = time.process_time(), perf()
-        await engine.run(spec.preps, spec.offsets, start)
+        ticker = None
+        if slot is not None:
+            slot.begin(start)
+            ticker = _Ticker(loop, engine, slot)
+            ticker()
+        try:
+            await engine.run(spec.preps, spec.offsets, start)
+        finally:
+            if ticker is not None:
+                ticker.stop()
         stats.cpu_s = time.process_time() - cpu0
         stats.wall_s = perf() - wall0
         stats.peak_in_flight = engine.peak_in_flight
@@ -323,8 +365,21 @@ async def _run_async(spec: RunSpec, start_barrier: Any = None) -> tuple[list[Out
         gc.unfreeze()
 
 
+class Watch(Protocol):
+    """A live display fed by the board (smg.bench.live.Display): begun once the client
+    processes exist (so none is forked while its drawing thread runs), ended after."""
+
+    board: Board
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
+
+
 def run_in_process(
-    spec: RunSpec, before_start: Callable[[], None] | None = None
+    spec: RunSpec,
+    watch: Watch | None = None,
+    before_start: Callable[[], None] | None = None,
 ) -> tuple[list[Outcome], list[ProcStats], float]:
     """Runs the spec on a fresh event loop here; returns outcomes, stats, start time.
     `before_start` (blocking) runs after warm-ups, just before the clock starts."""
@@ -337,14 +392,19 @@ def run_in_process(
         started.append(perf())
         return started[0]
 
+    slot = watch.board.slot(0) if watch is not None else None
     try:
-        outcomes, stats = loop.run_until_complete(_run_async(spec, barrier))
+        if watch is not None:
+            watch.begin()
+        outcomes, stats = loop.run_until_complete(_run_async(spec, barrier, slot))
     finally:
         loop.close()
+        if watch is not None:
+            watch.end()
     return outcomes, [stats], started[0]
 
 
-def _child(spec: RunSpec, conn: Any) -> None:
+def _child(spec: RunSpec, conn: Any, slot: Slot | None = None) -> None:
     loop = new_loop()
 
     def barrier() -> float:
@@ -352,7 +412,7 @@ def _child(spec: RunSpec, conn: Any) -> None:
         return float(conn.recv())
 
     try:
-        result = loop.run_until_complete(_run_async(spec, barrier))
+        result = loop.run_until_complete(_run_async(spec, barrier, slot))
         conn.send(("ok", result))
     except BaseException as exc:  # report instead of dying silently
         conn.send(("error", repr(exc)))
@@ -362,17 +422,25 @@ def _child(spec: RunSpec, conn: Any) -> None:
 
 
 def run_multiprocess(
-    spec: RunSpec, processes: int, before_start: Callable[[], None] | None = None
+    spec: RunSpec,
+    processes: int,
+    watch: Watch | None = None,
+    before_start: Callable[[], None] | None = None,
 ) -> tuple[list[Outcome], list[ProcStats], float]:
     """Splits requests round-robin over `processes` forked clients sharing one start time.
 
     The concurrency cap is split evenly between processes (their sum equals the cap).
     All processes read the same monotonic clock, so their timestamps are comparable.
     `before_start` (blocking) runs once every client has warmed up, before the clock starts.
+    With a watch, child k writes slot k of watch.board (an anonymous shared mapping that
+    the fork inherits) and the parent draws from it.
     """
     if processes <= 1:
-        return run_in_process(spec, before_start)
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        return run_in_process(spec, watch, before_start)
+    forking = sys.platform.startswith("linux")
+    ctx = mp.get_context("fork" if forking else "spawn")
+    # A spawned child cannot inherit the mapping: it then runs without live counters.
+    board = watch.board if watch is not None and forking else None
     children = []
     for k in range(processes):
         preps = spec.preps[k::processes]
@@ -391,11 +459,14 @@ def run_multiprocess(
             spec.prewarm,
         )
         parent_end, child_end = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(sub, child_end), daemon=True)
+        slot = board.slot(k) if board is not None else None
+        proc = ctx.Process(target=_child, args=(sub, child_end, slot), daemon=True)
         proc.start()
         child_end.close()
         children.append((proc, parent_end))
     try:
+        if watch is not None:
+            watch.begin()
         for _, pipe in children:
             msg = pipe.recv()
             if msg != "ready":
@@ -422,3 +493,5 @@ def run_multiprocess(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        if watch is not None:
+            watch.end()

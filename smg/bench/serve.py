@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from smg.bench import arrivals, datasets, metrics, results, workload
+from smg.bench import arrivals, datasets, live, metrics, results, workload
 from smg.bench.args import build_parser, parse_goodput, parse_kv, sampling_overrides
 from smg.bench.backends import BACKENDS, BodyOptions, base_headers, build_body, kind_of
 from smg.bench.http import Target, build_request, fetch, parse_url
@@ -408,9 +408,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         f"{args.request_rate}, burstiness {args.burstiness}, max concurrency "
         f"{args.max_concurrency}, {procs} client process(es)"
     )
+    watch = live.display_for(args, len(preps), procs)
     with workload.profiling(args, base_url, headers) as prof:
         before = prof.start if prof is not None else None
-        outcomes, pstats, start = run_multiprocess(spec, procs, before)
+        outcomes, pstats, start = run_multiprocess(spec, procs, watch, before)
     outcomes.sort(key=lambda o: o.index)
     duration = max((o.t_done for o in outcomes), default=start) - start
     counted = count_outputs(outcomes, len(pl.samples), tok)
