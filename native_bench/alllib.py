@@ -1,0 +1,378 @@
+"""Pure parts of `run.py all`: the scenario plan, the core plan of the scaling series, the
+rows of the side-by-side table (from each tool's own JSON), and the Markdown and HTML views.
+
+Nothing here starts a process or opens a socket; bench_all.py runs the tools.
+"""
+
+from __future__ import annotations
+
+import html
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from benchlib import format_cpu_list, paired_ratios
+
+SCENARIOS: tuple[str, ...] = ("http", "tls", "cache", "grpc")
+SCALING_PROCESSES: tuple[int, ...] = (1, 2, 4, 8)
+SCALING_MIN_CORES = 16
+# The two ratios of the table: numerator, denominator (the system names each tool uses are
+# mapped onto these three first).
+TABLE_RATIOS: tuple[tuple[str, str], ...] = (("smg", "rust"), ("smg", "direct"))
+SYSTEM_LABELS = {"direct": "direct", "smg": "smg", "rust": "Rust SMG 1.13"}
+
+
+# ----------------------------------------------------------------------------- scenario plan
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    name: str
+    title: str
+    tool: str  # a script beside this file
+    argv: tuple[str, ...]  # its arguments, --out excluded (the runner adds it)
+
+
+def plan_scenarios(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    rounds: int,
+    duration: int,
+    rust: bool,
+    rust_venv: str,
+) -> list[ScenarioSpec]:
+    """The tool and arguments of each scenario, in the order given.
+
+    Every HTTP-side scenario is one run.py invocation, so the systems alternate round by round
+    inside it (run.py rotates the order each round). --quick: one round of 1 s, no warm-up,
+    no fixed-rate phase, the smallest cache and gRPC workloads (a harness check, not a number).
+    """
+    http_gws = "direct,smg,rust" if rust else "direct,smg"
+    timing = (
+        ["--rounds", "1", "--duration", "1", "--warmup", "0", "--fixed-rate-fraction", "0"]
+        if quick
+        else ["--rounds", str(rounds), "--duration", str(duration), "--fixed-rate-fraction", "0"]
+    )
+    rust_args = ["--rust-venv", rust_venv]
+    out: list[ScenarioSpec] = []
+    for name in names:
+        if name == "http":
+            payloads = "chat,stream" if quick else "chat,completion,stream"
+            argv = ["--gateways", http_gws, "--payloads", payloads, *timing, *rust_args]
+            out.append(ScenarioSpec(name, "HTTP, plain", "run.py", tuple(argv)))
+        elif name == "tls":
+            payloads = "chat" if quick else "chat,stream"
+            argv = ["--gateways", http_gws, "--payloads", payloads, "--tls", *timing, *rust_args]
+            out.append(
+                ScenarioSpec(name, "HTTPS on both gateways (direct: plain)", "run.py", tuple(argv))
+            )
+        elif name == "cache":
+            systems = "smg-p4,rust" if rust else "smg-p4"
+            argv = ["--systems", systems, *rust_args]
+            argv += ["--smoke"] if quick else ["--seeds", ",".join(str(s) for s in range(1, rounds + 1))]
+            out.append(
+                ScenarioSpec(name, "cache-aware shared prefix", "cache_bench.py", tuple(argv))
+            )
+        elif name == "grpc":
+            gws = "rust,smg-p2" if rust else "smg-p2"
+            argv = ["--gateways", gws, "--rust-smg", f"{rust_venv}/bin/smg", "--input-lens"]
+            argv += ["256", "--output-len", "32", "--smoke"] if quick else ["1024"]
+            out.append(ScenarioSpec(name, "gRPC streaming", "grpc_bench.py", tuple(argv)))
+        else:
+            raise ValueError(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- scaling plan
+
+
+@dataclass(frozen=True)
+class ScalingStep:
+    processes: int
+    gateway: tuple[int, ...]  # smg's processes, or the Rust SMG's threads: the same cores
+    stub: tuple[int, ...]
+    client: tuple[int, ...]
+
+    def run_args(self) -> list[str]:
+        """run.py's arguments that place this step on its cores."""
+        return [
+            "--gateway-cores",
+            format_cpu_list(self.gateway),
+            "--stub-cores",
+            format_cpu_list(self.stub),
+            "--client-cores",
+            format_cpu_list(self.client),
+            "--smg-processes",
+            str(self.processes),
+        ]
+
+
+@dataclass(frozen=True)
+class ScalingPlan:
+    steps: tuple[ScalingStep, ...]
+    skipped: str | None  # why there are no steps
+
+
+def scaling_plan(
+    available: Sequence[int],
+    processes: Sequence[int] = SCALING_PROCESSES,
+    min_cores: int = SCALING_MIN_CORES,
+) -> ScalingPlan:
+    """Disjoint cores for the gateway, the stub and the load generator, per process count.
+
+    The gateway takes the first `p` cores of a pool as large as the largest `p` (so every
+    step's gateway cores are a prefix of the same pool and the load side never moves); the
+    stub and the client split the remaining cores, the stub the lower half.
+    """
+    avail = sorted(set(available))
+    if len(avail) < min_cores:
+        return ScalingPlan(
+            (), f"needs {min_cores} or more cores; this machine lets us use {len(avail)}"
+        )
+    if not processes or min(processes) < 1:
+        raise ValueError("process counts must be positive")
+    top = max(processes)
+    rest = avail[top:]
+    if len(rest) < 2:
+        return ScalingPlan((), f"{len(avail)} cores leave fewer than 2 for the stub and client")
+    half = len(rest) // 2
+    stub, client = tuple(rest[:half]), tuple(rest[half:])
+    steps = tuple(ScalingStep(p, tuple(avail[:p]), stub, client) for p in sorted(set(processes)))
+    return ScalingPlan(steps, None)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One line of the table: a scenario's case, the systems' medians, the two ratios."""
+
+    scenario: str
+    case: str
+    metric: str
+    values: dict[str, float | None]
+    ratios: dict[str, dict[str, float] | None]  # "smg/rust" -> median, low, high, n
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ratio_dict(numer: Mapping[int, float | None], denom: Mapping[int, float | None]) -> Any:
+    rs = paired_ratios(numer, denom)
+    return asdict(rs) if rs is not None else None
+
+
+def rows_from_run(scenario: str, data: Mapping[str, Any]) -> list[Row]:
+    """run.py's results JSON: per payload, median req/s and the per-round paired ratios."""
+    gateways = data["settings"]["gateways"]
+    rows: list[Row] = []
+    for payload in data["settings"]["payloads"]:
+        per_round: dict[str, dict[int, float | None]] = {g: {} for g in gateways}
+        voids: list[str] = []
+        for m in data["max_runs"]:
+            if m["payload"] != payload or m["gateway"] not in per_round:
+                continue
+            per_round[m["gateway"]][m["round"]] = None if m["void"] else float(m["rps"])
+            if m["void"]:
+                voids.append(f"{m['gateway']} r{m['round'] + 1}: {'; '.join(m['void'])}")
+        values = {
+            g: (statistics.median(v) if (v := [x for x in per_round[g].values() if x]) else None)
+            for g in gateways
+        }
+        ratios = {
+            f"{a}/{b}": _ratio_dict(per_round[a], per_round[b])
+            for a, b in TABLE_RATIOS
+            if a in per_round and b in per_round
+        }
+        note = ("void: " + " | ".join(voids)) if voids else ""
+        rows.append(Row(scenario, payload, "req/s", values, ratios, note))
+    return rows
+
+
+def rows_from_cache(data: Mapping[str, Any]) -> list[Row]:
+    """cache_bench.py's JSON: req/s paired by seed (smg-p4 against rust), hit rates beside."""
+    systems = {s["system"]: s for s in data["systems"]}
+    smg, rust = systems.get("smg-p4"), systems.get("rust")
+    values = {"smg": smg["rps"] if smg else None, "rust": rust["rps"] if rust else None}
+    ratios: dict[str, Any] = {}
+    if smg and rust:
+        ratios["smg/rust"] = _ratio_dict(
+            dict(enumerate(smg["rps_per_seed"])), dict(enumerate(rust["rps_per_seed"]))
+        )
+    hits = {k: f"{v['hit_rate']:.1%}" for k, v in (("smg", smg), ("rust", rust)) if v}
+    errors = sum(s["errors"] for s in data["systems"])
+    note = "hit rate " + ", ".join(f"{k} {v}" for k, v in hits.items())
+    if errors:
+        note += f"; {errors} failed requests"
+    for s in data.get("skipped", []):
+        note += f"; {s['system']} skipped: {s['reason']}"
+    extra = {"hit_rate": {k: v["hit_rate"] for k, v in (("smg", smg), ("rust", rust)) if v}}
+    return [Row("cache", "shared-prefix chat stream", "req/s", values, ratios, note, extra)]
+
+
+def rows_from_grpc(data: Mapping[str, Any]) -> list[Row]:
+    """grpc_bench.py's JSON: output tokens/s at saturation, one run per gateway and length."""
+    rows: list[Row] = []
+    lens = sorted({r["input_len"] for r in data["rows"]})
+    for n in lens:
+        found = {r["gateway"]: r for r in data["rows"] if r["input_len"] == n}
+        values: dict[str, float | None] = {}
+        notes: list[str] = []
+        for name, key in (("smg-p2", "smg"), ("rust", "rust")):
+            r = found.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                values[key] = None
+                notes.append(f"{key} error: {r['error'][:80]}")
+                continue
+            sat = r["saturation"]
+            failed = sat.get("failed") or 0
+            values[key] = None if failed else sat.get("output_throughput")
+            if failed:
+                notes.append(f"{key}: {failed} failed")
+        ratios: dict[str, Any] = {}
+        if "smg" in values and "rust" in values:
+            ratios["smg/rust"] = _ratio_dict({0: values["smg"]}, {0: values["rust"]})
+        rows.append(
+            Row("grpc", f"prompt {n} tokens", "out tok/s", values, ratios, "; ".join(notes))
+        )
+    return rows
+
+
+def rows_from_scaling(results: Mapping[int, Mapping[str, Any]]) -> list[Row]:
+    """The scaling series: one run.py result per process count (chat only)."""
+    rows: list[Row] = []
+    for p in sorted(results):
+        for row in rows_from_run("scaling", results[p]):
+            row.case = f"{p} core{'s' if p > 1 else ''}, {row.case}"
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def fmt_value(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if v >= 100 else f"{v:,.2f}"
+
+
+def fmt_ratio(r: Mapping[str, float] | None) -> str:
+    if not r:
+        return "-"
+    if int(r["n"]) == 1:
+        return f"{r['median']:.2f}x (1 run)"
+    return f"{r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}, n={int(r['n'])})"
+
+
+def markdown_table(doc: Mapping[str, Any]) -> str:
+    """The side-by-side table: every scenario's rows, then the notes."""
+    lines = [
+        f"## native_bench all: {doc['started_at']}, {doc['host']['cpus']} CPUs, loadavg "
+        f"{doc['host']['loadavg_at_start'][0]:.2f} at start / {doc['host']['loadavg_at_end'][0]:.2f}"
+        f" at end{' (--quick: a harness check, not a measurement)' if doc.get('quick') else ''}",
+        "",
+        "| scenario | case | metric | direct | smg | Rust SMG 1.13 | smg / Rust, median (range) "
+        "| smg / direct, median (range) |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in doc["rows"]:
+        v, ra = r["values"], r["ratios"]
+        lines.append(
+            f"| {r['scenario']} | {r['case']} | {r['metric']} | {fmt_value(v.get('direct'))} | "
+            f"{fmt_value(v.get('smg'))} | {fmt_value(v.get('rust'))} | "
+            f"{fmt_ratio(ra.get('smg/rust'))} | {fmt_ratio(ra.get('smg/direct'))} |"
+        )
+    lines.append("")
+    for s in doc["scenarios"]:
+        state = s["status"] + (f": {s['note']}" if s.get("note") else "")
+        lines.append(f"- {s['name']} ({s['title']}): {state}")
+    lines.append(f"- scaling series: {doc['scaling']['status']}" + (
+        f": {doc['scaling']['note']}" if doc["scaling"].get("note") else ""
+    ))
+    for r in doc["rows"]:
+        if r.get("note"):
+            lines.append(f"- {r['scenario']} {r['case']}: {r['note']}")
+    for n in doc.get("notes", []):
+        lines.append(f"- {n}")
+    return "\n".join(lines) + "\n"
+
+
+BAR_W, BAR_H, LABEL_W = 420, 22, 300
+
+
+def ratio_svg(items: Sequence[tuple[str, Mapping[str, float] | None]]) -> str:
+    """Horizontal bars of ratios (median) with their range as a whisker, and a line at 1.0.
+
+    The scale runs from 0 to the largest high (at least 1.25), so 1.0 always shows.
+    """
+    shown = [(label, r) for label, r in items if r]
+    top = max([1.25, *(float(r["high"]) * 1.05 for _, r in shown)])
+    height = BAR_H * max(1, len(shown)) + 24
+    width = LABEL_W + BAR_W + 90
+
+    def x(v: float) -> float:
+        return LABEL_W + v / top * BAR_W
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img">'
+    ]
+    for i, (label, r) in enumerate(shown):
+        assert r is not None
+        y = i * BAR_H + 4
+        med, lo, hi = float(r["median"]), float(r["low"]), float(r["high"])
+        color = "#2b7a3d" if med >= 1.0 else "#b3452c"
+        parts.append(
+            f'<text x="{LABEL_W - 6}" y="{y + 14}" text-anchor="end" font-size="12">'
+            f"{html.escape(label)}</text>"
+        )
+        parts.append(
+            f'<rect x="{LABEL_W}" y="{y + 3}" width="{x(med) - LABEL_W:.1f}" height="{BAR_H - 8}"'
+            f' fill="{color}"><title>{html.escape(label)}: {med:.3f}</title></rect>'
+        )
+        parts.append(
+            f'<line x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y + 10}" y2="{y + 10}" '
+            'stroke="#111" stroke-width="1.5"/>'
+        )
+        for end in (lo, hi):
+            parts.append(
+                f'<line x1="{x(end):.1f}" x2="{x(end):.1f}" y1="{y + 5}" y2="{y + 15}" '
+                'stroke="#111" stroke-width="1.5"/>'
+            )
+        parts.append(
+            f'<text x="{x(max(hi, med)) + 6:.1f}" y="{y + 14}" font-size="12">{med:.2f}x</text>'
+        )
+    base = BAR_H * max(1, len(shown)) + 4
+    parts.append(
+        f'<line x1="{x(1.0):.1f}" x2="{x(1.0):.1f}" y1="0" y2="{base}" stroke="#555" '
+        'stroke-dasharray="4 3"/>'
+    )
+    parts.append(
+        f'<text x="{x(1.0):.1f}" y="{base + 14}" text-anchor="middle" font-size="11">1.0</text>'
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_report(doc: Mapping[str, Any], markdown: str) -> str:
+    """One self-contained page: a bar chart per ratio kind, then the table as text."""
+    sections = []
+    for key, title in (("smg/rust", "smg / Rust SMG 1.13"), ("smg/direct", "smg / direct")):
+        items = [(f"{r['scenario']}: {r['case']}", r["ratios"].get(key)) for r in doc["rows"]]
+        if any(r for _, r in items):
+            sections.append(
+                f"<h2>{html.escape(title)}</h2><p>median over rounds; the whisker is the "
+                f"range (min-max)</p>{ratio_svg(items)}"
+            )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>native_bench all</title>"
+        "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em;"
+        "overflow:auto}</style></head><body><h1>native_bench: smg next to the Rust SMG 1.13</h1>"
+        + "".join(sections)
+        + f"<h2>Table</h2><pre>{html.escape(markdown)}</pre></body></html>\n"
+    )

@@ -1,0 +1,77 @@
+"""`run.py all --quick` end to end: every scenario as the real tools run it (the C stub, wrk,
+smg, the Rust SMG 1.13 when its venv is here, the mock workers, the gRPC mock engine), then
+the three outputs read back and checked against each other."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RUST_VENV = HERE / ".venv-rust"
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install -y wrk)"),
+    pytest.mark.skipif(
+        (shutil.which("cc") or shutil.which("gcc")) is None, reason="needs a C compiler"
+    ),
+]
+
+
+def test_all_quick_writes_table_json_and_html(tmp_path: Path) -> None:
+    rust = (RUST_VENV / "bin" / "smg").exists()
+    argv = [sys.executable, str(HERE / "run.py"), "all", "--quick", "--out-dir", str(tmp_path)]
+    if not rust:
+        argv += ["--rust-venv", str(tmp_path / "no-rust-here")]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    md = (tmp_path / "summary.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert md == res.stdout.rstrip("\n") + "\n"  # the table also goes to stdout
+
+    assert [s["name"] for s in doc["scenarios"]] == ["http", "tls", "cache", "grpc"]
+    assert all(s["status"] == "ok" for s in doc["scenarios"]), doc["scenarios"]
+    for s in doc["scenarios"]:
+        assert (tmp_path / s["result_file"]).is_file()  # each tool's own JSON beside
+    cases = [(r["scenario"], r["case"]) for r in doc["rows"]]
+    assert cases == [
+        ("http", "chat"),
+        ("http", "stream"),
+        ("tls", "chat"),
+        ("cache", "shared-prefix chat stream"),
+        ("grpc", "prompt 256 tokens"),
+    ]
+    for r in doc["rows"]:
+        assert r["values"]["smg"] and r["values"]["smg"] > 0, r
+        if rust:
+            assert r["values"]["rust"] and r["ratios"]["smg/rust"]["n"] == 1, r
+        else:
+            assert "smg/rust" not in r["ratios"] or r["ratios"]["smg/rust"] is None
+    for r in doc["rows"][:3]:  # the HTTP and TLS rows also have the stub alone
+        sd = r["ratios"]["smg/direct"]
+        assert sd["median"] == pytest.approx(r["values"]["smg"] / r["values"]["direct"])
+    # The TLS run really served HTTPS from both gateways.
+    tls_run = json.loads((tmp_path / "tls.json").read_text())
+    assert tls_run["settings"]["tls"] is True
+    if not rust:
+        assert any("Rust SMG left out" in n for n in doc["notes"])
+
+    # The table's rows are the JSON's rows, each with the ratio it computed.
+    table = [ln for ln in md.splitlines() if re.match(r"\| (http|tls|cache|grpc) \|", ln)]
+    assert len(table) == len(doc["rows"])
+    http_chat = doc["rows"][0]["ratios"]["smg/direct"]["median"]
+    assert f"{http_chat:.2f}x (1 run)" in table[0]
+    assert "scaling series: skipped: needs 16 or more cores" in md or doc["host"]["cpus"] >= 16
+
+    # The HTML report: one chart per ratio kind, bars for each row that has it, no network.
+    assert page.count("<svg") == (2 if rust else 1)
+    bars = sum(bool(r["ratios"].get(k)) for r in doc["rows"] for k in ("smg/rust", "smg/direct"))
+    assert page.count("<rect") == bars == (8 if rust else 3)  # cache and gRPC have no direct
+    assert not re.search(r"(src|href)=['\"]?https?:", page)
