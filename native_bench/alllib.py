@@ -71,7 +71,11 @@ def plan_scenarios(
         elif name == "cache":
             systems = "smg-p4,rust" if rust else "smg-p4"
             argv = ["--systems", systems, *rust_args]
-            argv += ["--smoke"] if quick else ["--seeds", ",".join(str(s) for s in range(1, rounds + 1))]
+            argv += (
+                ["--smoke"]
+                if quick
+                else ["--seeds", ",".join(str(s) for s in range(1, rounds + 1))]
+            )
             out.append(
                 ScenarioSpec(name, "cache-aware shared prefix", "cache_bench.py", tuple(argv))
             )
@@ -291,9 +295,10 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
     for s in doc["scenarios"]:
         state = s["status"] + (f": {s['note']}" if s.get("note") else "")
         lines.append(f"- {s['name']} ({s['title']}): {state}")
-    lines.append(f"- scaling series: {doc['scaling']['status']}" + (
-        f": {doc['scaling']['note']}" if doc["scaling"].get("note") else ""
-    ))
+    lines.append(
+        f"- scaling series: {doc['scaling']['status']}"
+        + (f": {doc['scaling']['note']}" if doc["scaling"].get("note") else "")
+    )
     for r in doc["rows"]:
         if r.get("note"):
             lines.append(f"- {r['scenario']} {r['case']}: {r['note']}")

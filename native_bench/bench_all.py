@@ -167,7 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="run.py all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="any of " + ",".join(SCENARIOS))
+    ap.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="any of " + ",".join(SCENARIOS)
+    )
     ap.add_argument("--quick", action="store_true", help="short rounds: a harness check")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per system (cache: seeds)")
     ap.add_argument("--duration", type=int, default=5, help="seconds per measured run")
@@ -178,6 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scenario-timeout", type=float, default=1800.0, help="seconds per tool")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
+    args.rust_venv = args.rust_venv.resolve()  # its python is probed from another cwd
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for s in args.scenarios:
         if s not in SCENARIOS:

@@ -1264,7 +1264,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.stub_cores and not args.gateway_cores:
         ap.error("--stub-cores/--client-cores need --gateway-cores")
     if args.stub_cores and args.load_cores:
-        ap.error("--load-cores is the union of --stub-cores and --client-cores; give one or the other")
+        ap.error(
+            "--load-cores is the union of --stub-cores and --client-cores; give one or the other"
+        )
     if args.fixed_duration is None:
         args.fixed_duration = args.duration
     if args.fixed_warmup is None:

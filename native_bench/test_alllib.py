@@ -122,10 +122,20 @@ def test_rows_from_run_pairs_rounds_and_drops_void_runs() -> None:
 def test_rows_from_cache_and_grpc() -> None:
     cache = {
         "systems": [
-            {"system": "smg-p4", "rps": 750.0, "rps_per_seed": [700, 800], "hit_rate": 0.873,
-             "errors": 0},
-            {"system": "rust", "rps": 500.0, "rps_per_seed": [350, 400], "hit_rate": 0.71,
-             "errors": 0},
+            {
+                "system": "smg-p4",
+                "rps": 750.0,
+                "rps_per_seed": [700, 800],
+                "hit_rate": 0.873,
+                "errors": 0,
+            },
+            {
+                "system": "rust",
+                "rps": 500.0,
+                "rps_per_seed": [350, 400],
+                "hit_rate": 0.71,
+                "errors": 0,
+            },
         ],
         "skipped": [],
     }
@@ -136,8 +146,11 @@ def test_rows_from_cache_and_grpc() -> None:
     grpc = {
         "rows": [
             {"gateway": "rust", "input_len": 1024, "saturation": {"output_throughput": 50000.0}},
-            {"gateway": "smg-p2", "input_len": 1024,
-             "saturation": {"output_throughput": 35000.0, "failed": 0}},
+            {
+                "gateway": "smg-p2",
+                "input_len": 1024,
+                "saturation": {"output_throughput": 35000.0, "failed": 0},
+            },
             {"gateway": "rust", "input_len": 8192, "error": "not ready"},
             {"gateway": "smg-p2", "input_len": 8192, "saturation": {"output_throughput": 9.0}},
         ]
@@ -166,7 +179,10 @@ def _doc() -> dict[str, Any]:
 def test_markdown_table_lines() -> None:
     md = alllib.markdown_table(_doc())
     lines = md.splitlines()
-    assert lines[0] == "## native_bench all: 2026-11-28 14:00 UTC, 2 CPUs, loadavg 1.50 at start / 2.25 at end"
+    assert (
+        lines[0]
+        == "## native_bench all: 2026-11-28 14:00 UTC, 2 CPUs, loadavg 1.50 at start / 2.25 at end"
+    )
     assert lines[4] == (
         "| http | chat | req/s | 36,000 | 19,000 | 6,000 | 3.50x (3.00-4.00, n=2) "
         "| 0.50x (0.50-0.50, n=2) |"

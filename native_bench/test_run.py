@@ -61,6 +61,18 @@ def test_parse_args_defaults() -> None:
         ["--tls", "--max-client", "loadgen"],  # loadgen speaks plain HTTP only
         ["--api-key", "k", "--max-client", "loadgen"],
         ["--api-key", " "],
+        ["--stub-cores", "8-11"],  # without --client-cores
+        ["--stub-cores", "8-11", "--client-cores", "12-15"],  # without --gateway-cores
+        [
+            "--gateway-cores",
+            "0",
+            "--load-cores",
+            "8-15",
+            "--stub-cores",
+            "8",
+            "--client-cores",
+            "9",
+        ],
     ],
 )
 def test_parse_args_rejects_bad_input(argv: list[str]) -> None:
