@@ -1274,6 +1274,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def layout_from_args(args: argparse.Namespace, available: Sequence[int]) -> CoreLayout:
+    """The core layout the flags ask for, checked against the CPUs this process may use."""
+    stub_cores = parse_cpu_list(args.stub_cores) if args.stub_cores else None
+    client_cores = parse_cpu_list(args.client_cores) if args.client_cores else None
+    load_cores = parse_cpu_list(args.load_cores) if args.load_cores else None
+    if stub_cores and client_cores:
+        load_cores = sorted(set(stub_cores) | set(client_cores))
+    layout = core_layout(
+        available,
+        args.cores,
+        parse_cpu_list(args.gateway_cores) if args.gateway_cores else None,
+        load_cores,
+        args.stub_threads,
+        args.threads,
+    )
+    if stub_cores and client_cores:
+        layout = split_load(layout, stub_cores, client_cores)
+    if layout.client_threads > args.connections:
+        layout = dataclasses.replace(layout, client_threads=args.connections)
+    return layout
+
+
 def report_from_json(path: Path) -> str:
     data = json.loads(path.read_text())
     st = data["settings"]
@@ -1303,26 +1325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_offline(Path(args.prepare_offline))
         return 0
     try:
-        stub_cores = parse_cpu_list(args.stub_cores) if args.stub_cores else None
-        client_cores = parse_cpu_list(args.client_cores) if args.client_cores else None
-        load_cores = args.load_cores and parse_cpu_list(args.load_cores)
-        if stub_cores and client_cores:
-            load_cores = sorted(set(stub_cores) | set(client_cores))
-        layout = core_layout(
-            sorted(os.sched_getaffinity(0)),
-            args.cores,
-            parse_cpu_list(args.gateway_cores) if args.gateway_cores else None,
-            load_cores or None,
-            args.stub_threads,
-            args.threads,
-        )
-        if stub_cores and client_cores:
-            layout = split_load(layout, stub_cores, client_cores)
+        layout = layout_from_args(args, sorted(os.sched_getaffinity(0)))
     except ValueError as exc:
         print(f"run.py: {exc}", file=sys.stderr)
         return 2
-    if layout.client_threads > args.connections:
-        layout = dataclasses.replace(layout, client_threads=args.connections)
     now = dt.datetime.now()
     started_at = now.isoformat(timespec="seconds")
     stamp = now.strftime("%Y%m%d-%H%M%S")

@@ -16,14 +16,16 @@ import pytest
 HERE = Path(__file__).resolve().parent
 RUST_VENV = HERE / ".venv-rust"
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install -y wrk)"),
-    pytest.mark.skipif(
-        (shutil.which("cc") or shutil.which("gcc")) is None, reason="needs a C compiler"
-    ),
-]
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="needs wrk (apt-get install -y wrk)"
+)
+needs_cc = pytest.mark.skipif(
+    (shutil.which("cc") or shutil.which("gcc")) is None, reason="needs a C compiler"
+)
 
 
+@needs_wrk
+@needs_cc
 def test_all_quick_writes_table_json_and_html(tmp_path: Path) -> None:
     rust = (RUST_VENV / "bin" / "smg").exists()
     argv = [sys.executable, str(HERE / "run.py"), "all", "--quick", "--out-dir", str(tmp_path)]
@@ -75,3 +77,44 @@ def test_all_quick_writes_table_json_and_html(tmp_path: Path) -> None:
     bars = sum(bool(r["ratios"].get(k)) for r in doc["rows"] for k in ("smg/rust", "smg/direct"))
     assert page.count("<rect") == bars == (8 if rust else 3)  # cache and gRPC have no direct
     assert not re.search(r"(src|href)=['\"]?https?:", page)
+
+
+def test_scaling_series_runs_each_step_on_its_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The series' orchestration with a 16-core plan (this box has fewer): one run.py per
+    process count with the step's cores, smg and Rust alike, rows read back per step."""
+    import alllib
+    import bench_all
+
+    plan = alllib.scaling_plan(range(16))
+    monkeypatch.setattr(bench_all.alllib, "scaling_plan", lambda avail: plan)
+    calls: list[list[str]] = []
+
+    def fake_run_tool(python: str, tool: str, argv: list[str], out: Path, timeout: float):
+        calls.append([tool, *argv])
+        p = int(argv[argv.index("--smg-processes") + 1])
+        runs = [
+            {"gateway": g, "payload": "chat", "round": 0, "rps": rps, "void": []}
+            for g, rps in (("smg", 1000.0 * p), ("rust", 400.0 * p))
+        ]
+        settings = {"gateways": ["smg", "rust"], "payloads": ["chat"]}
+        out.write_text(json.dumps({"settings": settings, "max_runs": runs}))
+        return 0, ""
+
+    monkeypatch.setattr(bench_all, "run_tool", fake_run_tool)
+    args = bench_all.parse_args(["--quick"])
+    doc, rows = bench_all.run_scaling(args, True, tmp_path)
+    assert doc["status"] == "ok" and len(doc["plan"]) == 4
+    assert [c[0] for c in calls] == ["run.py"] * 4
+    for call, step in zip(calls, plan.steps, strict=True):
+        assert call[call.index("--gateways") + 1] == "smg,rust"
+        assert call[-len(step.run_args()) :] == step.run_args()
+    assert [r.case for r in rows] == [
+        "1 core, chat",
+        "2 cores, chat",
+        "4 cores, chat",
+        "8 cores, chat",
+    ]
+    assert [r.ratios["smg/rust"]["median"] for r in rows] == [2.5] * 4
+    assert [r.values["smg"] for r in rows] == [1000.0, 2000.0, 4000.0, 8000.0]
