@@ -364,8 +364,37 @@ def ratio_svg(items: Sequence[tuple[str, Mapping[str, float] | None]]) -> str:
     return "".join(parts)
 
 
+def html_table(doc: Mapping[str, Any]) -> str:
+    """The Markdown table's rows as an HTML table."""
+    head = [
+        "scenario",
+        "case",
+        "metric",
+        "direct",
+        "smg",
+        "Rust SMG 1.13",
+        "smg / Rust, median (range)",
+        "smg / direct, median (range)",
+    ]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in doc["rows"]:
+        v, ra = r["values"], r["ratios"]
+        cells = [
+            r["scenario"],
+            r["case"],
+            r["metric"],
+            fmt_value(v.get("direct")),
+            fmt_value(v.get("smg")),
+            fmt_value(v.get("rust")),
+            fmt_ratio(ra.get("smg/rust")),
+            fmt_ratio(ra.get("smg/direct")),
+        ]
+        out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
 def html_report(doc: Mapping[str, Any], markdown: str) -> str:
-    """One self-contained page: a bar chart per ratio kind, then the table as text."""
+    """One self-contained page: a bar chart per ratio kind, the table, the Markdown."""
     sections = []
     for key, title in (("smg/rust", "smg / Rust SMG 1.13"), ("smg/direct", "smg / direct")):
         items = [(f"{r['scenario']}: {r['case']}", r["ratios"].get(key)) for r in doc["rows"]]
@@ -377,7 +406,9 @@ def html_report(doc: Mapping[str, Any], markdown: str) -> str:
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>native_bench all</title>"
         "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em;"
-        "overflow:auto}</style></head><body><h1>native_bench: smg next to the Rust SMG 1.13</h1>"
+        "overflow:auto}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}"
+        "table{border-collapse:collapse}</style></head><body><h1>native_bench: smg next to the Rust SMG 1.13</h1>"
         + "".join(sections)
-        + f"<h2>Table</h2><pre>{html.escape(markdown)}</pre></body></html>\n"
+        + f"<h2>Table</h2>{html_table(doc)}<h2>As Markdown, with the notes</h2>"
+        + f"<pre>{html.escape(markdown)}</pre></body></html>\n"
     )

@@ -4,6 +4,7 @@ from each tool's JSON, and the Markdown and HTML views (exact values, no process
 from __future__ import annotations
 
 import re
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import alllib
@@ -200,7 +201,8 @@ def test_ratio_svg_geometry() -> None:
     assert 'width="200.0"' in svg  # 2.0 / 4.2 * 420
     assert 'x1="400.0" x2="700.0"' in svg  # the range 1.0-4.0
     assert 'x1="400.0" x2="400.0" y1="0"' in svg  # the 1.0 reference
-    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    root = ET.fromstring(svg)  # well-formed SVG
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_html_report_is_self_contained() -> None:
@@ -209,3 +211,4 @@ def test_html_report_is_self_contained() -> None:
     assert page.count("<svg") == 2  # smg/rust and smg/direct
     assert not re.search(r"(src|href)=['\"]?https?:", page)
     assert "<script" not in page and "http | chat" in page
+    assert "<td>3.50x (3.00-4.00, n=2)</td>" in page and page.count("<tr>") == 2
