@@ -168,6 +168,19 @@ def _ratio_dict(numer: Mapping[int, float | None], denom: Mapping[int, float | N
     return asdict(rs) if rs is not None else None
 
 
+def _cpu_per_1k(runs: Sequence[Mapping[str, Any]], gateway: str, payload: str) -> list[float]:
+    """Gateway CPU seconds per 1,000 requests of each clean run (steadier than req/s)."""
+    return [
+        m["gateway_cpu_s"] / m["requests"] * 1000.0
+        for m in runs
+        if m["gateway"] == gateway
+        and m["payload"] == payload
+        and not m["void"]
+        and m.get("gateway_cpu_s") is not None
+        and m.get("requests")
+    ]
+
+
 def rows_from_run(scenario: str, data: Mapping[str, Any]) -> list[Row]:
     """run.py's results JSON: per payload, median req/s and the per-round paired ratios."""
     gateways = data["settings"]["gateways"]
@@ -191,7 +204,12 @@ def rows_from_run(scenario: str, data: Mapping[str, Any]) -> list[Row]:
             if a in per_round and b in per_round
         }
         note = ("void: " + " | ".join(voids)) if voids else ""
-        rows.append(Row(scenario, payload, "req/s", values, ratios, note))
+        cpu = {
+            g: statistics.median(c) if (c := _cpu_per_1k(data["max_runs"], g, payload)) else None
+            for g in gateways
+            if g != "direct"
+        }
+        rows.append(Row(scenario, payload, "req/s", values, ratios, note, {"cpu_s_per_1k": cpu}))
     return rows
 
 
@@ -223,6 +241,7 @@ def rows_from_grpc(data: Mapping[str, Any]) -> list[Row]:
     for n in lens:
         found = {r["gateway"]: r for r in data["rows"] if r["input_len"] == n}
         values: dict[str, float | None] = {}
+        cpu: dict[str, float | None] = {}
         notes: list[str] = []
         for name, key in (("smg-p2", "smg"), ("rust", "rust")):
             r = found.get(name)
@@ -233,6 +252,7 @@ def rows_from_grpc(data: Mapping[str, Any]) -> list[Row]:
                 notes.append(f"{key} error: {r['error'][:80]}")
                 continue
             sat = r["saturation"]
+            cpu[key] = sat.get("cpu_s_per_1000_req")
             failed = sat.get("failed") or 0
             values[key] = None if failed else sat.get("output_throughput")
             if failed:
@@ -241,7 +261,15 @@ def rows_from_grpc(data: Mapping[str, Any]) -> list[Row]:
         if "smg" in values and "rust" in values:
             ratios["smg/rust"] = _ratio_dict({0: values["smg"]}, {0: values["rust"]})
         rows.append(
-            Row("grpc", f"prompt {n} tokens", "out tok/s", values, ratios, "; ".join(notes))
+            Row(
+                "grpc",
+                f"prompt {n} tokens",
+                "out tok/s",
+                values,
+                ratios,
+                "; ".join(notes),
+                {"cpu_s_per_1k": cpu},
+            )
         )
     return rows
 
@@ -273,6 +301,13 @@ def fmt_ratio(r: Mapping[str, float] | None) -> str:
     return f"{r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}, n={int(r['n'])})"
 
 
+def fmt_cpu(extra: Mapping[str, Any]) -> str:
+    cpu = extra.get("cpu_s_per_1k") or {}
+    if not any(cpu.get(k) is not None for k in ("smg", "rust")):
+        return "-"
+    return " / ".join("-" if cpu.get(k) is None else f"{cpu[k]:.3g}" for k in ("smg", "rust"))
+
+
 def markdown_table(doc: Mapping[str, Any]) -> str:
     """The side-by-side table: every scenario's rows, then the notes."""
     lines = [
@@ -281,15 +316,16 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
         f" at end{' (--quick: a harness check, not a measurement)' if doc.get('quick') else ''}",
         "",
         "| scenario | case | metric | direct | smg | Rust SMG 1.13 | smg / Rust, median (range) "
-        "| smg / direct, median (range) |",
-        "|---|---|---|---:|---:|---:|---|---|",
+        "| smg / direct, median (range) | gateway CPU s / 1k req, smg / Rust |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for r in doc["rows"]:
         v, ra = r["values"], r["ratios"]
         lines.append(
             f"| {r['scenario']} | {r['case']} | {r['metric']} | {fmt_value(v.get('direct'))} | "
             f"{fmt_value(v.get('smg'))} | {fmt_value(v.get('rust'))} | "
-            f"{fmt_ratio(ra.get('smg/rust'))} | {fmt_ratio(ra.get('smg/direct'))} |"
+            f"{fmt_ratio(ra.get('smg/rust'))} | {fmt_ratio(ra.get('smg/direct'))} | "
+            f"{fmt_cpu(r.get('extra') or {})} |"
         )
     lines.append("")
     for s in doc["scenarios"]:
@@ -375,6 +411,7 @@ def html_table(doc: Mapping[str, Any]) -> str:
         "Rust SMG 1.13",
         "smg / Rust, median (range)",
         "smg / direct, median (range)",
+        "gateway CPU s / 1k req, smg / Rust",
     ]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in doc["rows"]:
@@ -388,6 +425,7 @@ def html_table(doc: Mapping[str, Any]) -> str:
             fmt_value(v.get("rust")),
             fmt_ratio(ra.get("smg/rust")),
             fmt_ratio(ra.get("smg/direct")),
+            fmt_cpu(r.get("extra") or {}),
         ]
         out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"

@@ -179,6 +179,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--python", default=sys.executable, help="interpreter for the tools")
     ap.add_argument("--scenario-timeout", type=float, default=1800.0, help="seconds per tool")
     ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument(
+        "--rerender",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="rebuild DIR's summary.md, summary.json and report.html from the tools' JSON there",
+    )
     args = ap.parse_args(argv)
     args.rust_venv = args.rust_venv.resolve()  # its python is probed from another cwd
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -190,8 +197,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rerender(out_dir: Path) -> dict[str, Any]:
+    """The rows again from the tools' own JSON in out_dir (after a change to the views)."""
+    doc = json.loads((out_dir / "summary.json").read_text())
+    rows: list[Row] = []
+    for s in doc["scenarios"]:
+        path = out_dir / s["result_file"]
+        if path.exists():
+            rows += PARSERS[s["name"]](json.loads(path.read_text()))
+    scaling = {
+        int(p.stem.split("-")[1]): json.loads(p.read_text())
+        for p in sorted(out_dir.glob("scaling-*.json"))
+    }
+    rows += alllib.rows_from_scaling(scaling)
+    doc["rows"] = [asdict(r) for r in rows]
+    return doc
+
+
+def write_outputs(doc: Mapping[str, Any], out_dir: Path) -> str:
+    table = alllib.markdown_table(doc)
+    (out_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / "summary.md").write_text(table)
+    (out_dir / "report.html").write_text(alllib.html_report(doc, table))
+    print(table)
+    log(f"wrote {out_dir}/summary.md, summary.json, report.html")
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rerender is not None:
+        write_outputs(rerender(args.rerender), args.rerender)
+        return 0
     now = dt.datetime.now(dt.UTC)
     out_dir = args.out_dir or HERE / "results" / f"all-{now.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,10 +277,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["scaling"] = scaling
     doc["rows"] = [asdict(r) for r in rows]
     doc["notes"] = notes
-    table = alllib.markdown_table(doc)
-    (out_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(table)
-    (out_dir / "report.html").write_text(alllib.html_report(doc, table))
-    print(table)
-    log(f"wrote {out_dir}/summary.md, summary.json, report.html")
+    write_outputs(doc, out_dir)
     return 0 if all(s["status"] == "ok" for s in scenarios) else 1

@@ -93,7 +93,17 @@ def test_plan_scenarios_quick_and_full() -> None:
 
 
 def _m(gw: str, payload: str, r: int, rps: float, void: list[str] | None = None) -> dict:
-    return {"gateway": gw, "payload": payload, "round": r, "rps": rps, "void": void or []}
+    # 1,000 requests per run; the gateway's CPU seconds grow with the round.
+    cpu = None if gw == "direct" else 0.05 * (r + 1) * (4 if gw == "rust" else 1)
+    return {
+        "gateway": gw,
+        "payload": payload,
+        "round": r,
+        "rps": rps,
+        "void": void or [],
+        "requests": 1000,
+        "gateway_cpu_s": cpu,
+    }
 
 
 RUN_JSON: dict[str, Any] = {
@@ -118,6 +128,8 @@ def test_rows_from_run_pairs_rounds_and_drops_void_runs() -> None:
     assert row.ratios["smg/rust"] == {"median": 3.5, "low": 3.0, "high": 4.0, "n": 2}
     assert row.ratios["smg/direct"] == {"median": 0.5, "low": 0.5, "high": 0.5, "n": 2}
     assert row.note == "void: smg r3: 3 non-2xx"
+    # CPU per 1k requests: medians of the clean runs (smg's void round 3 left out).
+    assert row.extra["cpu_s_per_1k"] == {"smg": pytest.approx(0.075), "rust": pytest.approx(0.4)}
 
 
 def test_rows_from_cache_and_grpc() -> None:
@@ -186,7 +198,7 @@ def test_markdown_table_lines() -> None:
     )
     assert lines[4] == (
         "| http | chat | req/s | 36,000 | 19,000 | 6,000 | 3.50x (3.00-4.00, n=2) "
-        "| 0.50x (0.50-0.50, n=2) |"
+        "| 0.50x (0.50-0.50, n=2) | 0.075 / 0.4 |"
     )
     assert "- http (HTTP, plain): ok" in lines
     assert "- scaling series: skipped: needs 16 or more cores; ..." in lines

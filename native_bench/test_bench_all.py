@@ -78,6 +78,11 @@ def test_all_quick_writes_table_json_and_html(tmp_path: Path) -> None:
     assert page.count("<rect") == bars == (8 if rust else 3)  # cache and gRPC have no direct
     assert not re.search(r"(src|href)=['\"]?https?:", page)
 
+    # --rerender rebuilds the same rows from the tools' JSON left in the directory.
+    import bench_all
+
+    assert bench_all.rerender(tmp_path)["rows"] == doc["rows"]
+
 
 def test_scaling_series_runs_each_step_on_its_cores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
