@@ -82,8 +82,13 @@ def plan_scenarios(
         elif name == "grpc":
             gws = "rust,smg-p2" if rust else "smg-p2"
             argv = ["--gateways", gws, "--rust-smg", f"{rust_venv}/bin/smg", "--input-lens"]
-            argv += ["256", "--output-len", "32", "--smoke"] if quick else ["1024"]
-            out.append(ScenarioSpec(name, "gRPC streaming", "grpc_bench.py", tuple(argv)))
+            # A length listed k times is k rounds (grpc_bench runs Rust, then smg, per entry).
+            argv += ["256", "--output-len", "32", "--smoke"] if quick else ["1024"] * rounds
+            out.append(
+                ScenarioSpec(
+                    name, "gRPC streaming; each round Rust, then smg", "grpc_bench.py", tuple(argv)
+                )
+            )
         else:
             raise ValueError(f"unknown scenario {name!r}; pick from {', '.join(SCENARIOS)}")
     return out
@@ -235,31 +240,39 @@ def rows_from_cache(data: Mapping[str, Any]) -> list[Row]:
 
 
 def rows_from_grpc(data: Mapping[str, Any]) -> list[Row]:
-    """grpc_bench.py's JSON: output tokens/s at saturation, one run per gateway and length."""
+    """grpc_bench.py's JSON: output tokens/s at saturation. A length listed k times in
+    --input-lens is k rounds (each: the Rust SMG, then smg); round i of one pairs with round
+    i of the other."""
     rows: list[Row] = []
-    lens = sorted({r["input_len"] for r in data["rows"]})
-    for n in lens:
-        found = {r["gateway"]: r for r in data["rows"] if r["input_len"] == n}
-        values: dict[str, float | None] = {}
-        cpu: dict[str, float | None] = {}
+    for n in sorted({r["input_len"] for r in data["rows"]}):
+        per_round: dict[str, dict[int, float | None]] = {}
+        cpus: dict[str, list[float]] = {}
         notes: list[str] = []
         for name, key in (("smg-p2", "smg"), ("rust", "rust")):
-            r = found.get(name)
-            if r is None:
+            found = [r for r in data["rows"] if r["input_len"] == n and r["gateway"] == name]
+            if not found:
                 continue
-            if "error" in r:
-                values[key] = None
-                notes.append(f"{key} error: {r['error'][:80]}")
-                continue
-            sat = r["saturation"]
-            cpu[key] = sat.get("cpu_s_per_1000_req")
-            failed = sat.get("failed") or 0
-            values[key] = None if failed else sat.get("output_throughput")
-            if failed:
-                notes.append(f"{key}: {failed} failed")
+            per_round[key] = {}
+            for i, r in enumerate(found):
+                if "error" in r:
+                    per_round[key][i] = None
+                    notes.append(f"{key} r{i + 1} error: {r['error'][:80]}")
+                    continue
+                sat = r["saturation"]
+                failed = sat.get("failed") or 0
+                per_round[key][i] = None if failed else sat.get("output_throughput")
+                if failed:
+                    notes.append(f"{key} r{i + 1}: {failed} failed")
+                elif sat.get("cpu_s_per_1000_req") is not None:
+                    cpus.setdefault(key, []).append(sat["cpu_s_per_1000_req"])
+        values = {
+            k: (statistics.median(c) if (c := [v for v in runs.values() if v]) else None)
+            for k, runs in per_round.items()
+        }
+        cpu = {k: statistics.median(v) for k, v in cpus.items()}
         ratios: dict[str, Any] = {}
-        if "smg" in values and "rust" in values:
-            ratios["smg/rust"] = _ratio_dict({0: values["smg"]}, {0: values["rust"]})
+        if "smg" in per_round and "rust" in per_round:
+            ratios["smg/rust"] = _ratio_dict(per_round["smg"], per_round["rust"])
         rows.append(
             Row(
                 "grpc",

@@ -82,6 +82,10 @@ def test_plan_scenarios_quick_and_full() -> None:
     assert http.argv[http.argv.index("--rounds") + 1] == "1"
     assert "--smoke" in cache.argv and "smg-p4,rust" in cache.argv
     assert grpc.argv[grpc.argv.index("--rust-smg") + 1] == "/r/bin/smg"
+    full_grpc = alllib.plan_scenarios(
+        ["grpc"], quick=False, rounds=3, duration=5, rust=True, rust_venv="/r"
+    )[0]
+    assert full_grpc.argv[-4:] == ("--input-lens", "1024", "1024", "1024")
     full = alllib.plan_scenarios(
         ["http", "cache"], quick=False, rounds=3, duration=5, rust=False, rust_venv="/r"
     )
@@ -171,7 +175,23 @@ def test_rows_from_cache_and_grpc() -> None:
     a, b = alllib.rows_from_grpc(grpc)
     assert a.case == "prompt 1024 tokens" and a.values == {"smg": 35000.0, "rust": 50000.0}
     assert a.ratios["smg/rust"] == {"median": 0.7, "low": 0.7, "high": 0.7, "n": 1}
-    assert b.ratios["smg/rust"] is None and b.note == "rust error: not ready"
+    assert b.ratios["smg/rust"] is None and b.note == "rust r1 error: not ready"
+    three_rounds = {
+        "rows": [
+            {"gateway": g, "input_len": 1024, "saturation": {"output_throughput": v}}
+            for g, v in (
+                ("rust", 100.0),
+                ("smg-p2", 80.0),
+                ("rust", 200.0),
+                ("smg-p2", 100.0),
+                ("rust", 100.0),
+                ("smg-p2", 90.0),
+            )
+        ]
+    }
+    (c,) = alllib.rows_from_grpc(three_rounds)
+    assert c.values == {"smg": 90.0, "rust": 100.0}
+    assert c.ratios["smg/rust"] == {"median": 0.8, "low": 0.5, "high": 0.9, "n": 3}
 
 
 def _doc() -> dict[str, Any]:
