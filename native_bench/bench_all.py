@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -79,15 +80,27 @@ def run_tool(
     cmd = [python, str(HERE / spec_tool), *argv, "--out", str(out)]
     log_path = out.with_suffix(".log")
     log("running: " + " ".join(cmd))
+    out.unlink(missing_ok=True)  # never read a previous run's file as this one's
     with log_path.open("w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
         try:
-            rc = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent, timeout=timeout
-            ).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # SIGINT first: each tool stops the gateways, stub and mocks it started (they run
+            # in their own sessions, out of reach of a kill of the tool alone).
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             rc = 124
+        except BaseException:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            raise
     tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
     return rc, " / ".join(tail)
 

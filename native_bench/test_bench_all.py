@@ -4,6 +4,7 @@ the three outputs read back and checked against each other."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -123,3 +124,45 @@ def test_scaling_series_runs_each_step_on_its_cores(
     ]
     assert [r.ratios["smg/rust"]["median"] for r in rows] == [2.5] * 4
     assert [r.values["smg"] for r in rows] == [1000.0, 2000.0, 4000.0, 8000.0]
+
+
+@needs_wrk
+@needs_cc
+def test_a_scenario_past_its_time_is_stopped_with_everything_it_started(tmp_path: Path) -> None:
+    import psutil
+
+    argv = [sys.executable, str(HERE / "run.py"), "all", "--quick", "--scenarios", "tls"]
+    argv += ["--no-rust", "--scenario-timeout", "6", "--out-dir", str(tmp_path)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr[-2000:]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    (s,) = doc["scenarios"]
+    assert s["rc"] == 124 and s["status"] in ("failed", "partial")
+    assert s["note"].startswith("timed out")
+    assert (
+        "- tls (HTTPS on both gateways (direct: plain)): " in (tmp_path / "summary.md").read_text()
+    )
+    found = re.search(r"stub on port (\d+)", (tmp_path / "tls.log").read_text())
+    assert found, "the stub had not started within the 6 s"
+    port = int(found.group(1))
+    left = []  # a gateway pointed at that stub, or the stub itself still listening
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if f"127.0.0.1:{port}" in cmd:
+            left.append(cmd)
+        elif str(HERE / "build" / "stub") in cmd:
+            with contextlib.suppress(psutil.Error):
+                if any(c.laddr.port == port for c in p.net_connections("tcp")):
+                    left.append(cmd)
+    assert not left, left
+
+
+@pytest.mark.parametrize(
+    "argv", [["--scenarios", "http,h2"], ["--rounds", "0"], ["--duration", "0"]]
+)
+def test_bad_flags_exit_2(argv: list[str]) -> None:
+    import bench_all
+
+    with pytest.raises(SystemExit) as exc:
+        bench_all.parse_args(argv)
+    assert exc.value.code == 2
