@@ -101,7 +101,7 @@ def run_tool(
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
             raise
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+    tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-3:]
     return rc, " / ".join(tail)
 
 
