@@ -160,6 +160,38 @@ class CoreLayout:
     load: tuple[int, ...]  # stub and load generator
     stub_threads: int
     client_threads: int
+    # Disjoint cores for the stub and the client inside `load` (--stub-cores/--client-cores,
+    # the scaling series); empty: both share all of `load`.
+    stub_only: tuple[int, ...] = ()
+    client_only: tuple[int, ...] = ()
+
+    @property
+    def stub(self) -> tuple[int, ...]:
+        return self.stub_only or self.load
+
+    @property
+    def client(self) -> tuple[int, ...]:
+        return self.client_only or self.load
+
+
+def split_load(
+    layout: CoreLayout, stub_cores: Sequence[int], client_cores: Sequence[int]
+) -> CoreLayout:
+    """The layout with the stub and the client on their own cores (one thread per core)."""
+    stub, client = tuple(sorted(set(stub_cores))), tuple(sorted(set(client_cores)))
+    if set(stub) & set(client):
+        raise ValueError("--stub-cores and --client-cores overlap")
+    if (set(stub) | set(client)) & set(layout.gateway):
+        raise ValueError("--stub-cores/--client-cores overlap the gateway cores")
+    return CoreLayout(
+        "split",
+        layout.gateway,
+        tuple(sorted(set(stub) | set(client))),
+        len(stub),
+        len(client),
+        stub,
+        client,
+    )
 
 
 def core_layout(

@@ -9,6 +9,7 @@ Rust SMG's measured maximum. See README.md for the full procedure.
     python native_bench/run.py --gateways direct,rust --rounds 3 --duration 5
     python native_bench/run.py --gateways smg,rust --tls            # both serve TLS
     python native_bench/run.py --gateways smg,rust --api-key KEY    # both require the key
+    python native_bench/run.py all      # every scenario, one table (bench_all.py)
 
 Standard library plus psutil (and trustme for --tls, from the repo's test extras).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import json
@@ -61,6 +63,7 @@ from benchlib import (
     parse_loadgen_summary,
     parse_wrk_summary,
     rotation,
+    split_load,
     void_reasons,
 )
 
@@ -583,7 +586,7 @@ def start_stub(binary: Path, layout: CoreLayout) -> Stub:
     probe_log = LOGS / "stub-probes.log"
     argv = [str(binary), "--host", HOST, "--port", "0", "--threads", str(layout.stub_threads)]
     argv.append("--log-probes")
-    proc = start_proc("stub", argv, layout.load, probe_log, stdout_pipe=True)
+    proc = start_proc("stub", argv, layout.stub, probe_log, stdout_pipe=True)
     assert proc.popen.stdout is not None
     ready, _, _ = select.select([proc.popen.stdout], [], [], 10.0)
     line = proc.popen.stdout.readline().decode() if ready else ""
@@ -752,7 +755,7 @@ class Bench:
             loadgen=bins["loadgen"],
             threads=self.layout.client_threads,
             connections=self.args.connections,
-            cores=self.layout.load,
+            cores=self.layout.client,
             api_key=self.args.api_key,
         )
         if self.args.tls:
@@ -799,7 +802,7 @@ class Bench:
         self.stub = start_stub(bins["stub"], self.layout)
         log(
             f"stub on port {self.stub.port} ({self.layout.stub_threads} threads, cores "
-            f"{format_cpu_list(self.layout.load)})"
+            f"{format_cpu_list(self.layout.stub)})"
         )
 
     # -- gateway lifecycle
@@ -1079,6 +1082,8 @@ class Bench:
                     "mode": self.layout.mode,
                     "gateway_cores": format_cpu_list(self.layout.gateway),
                     "load_cores": format_cpu_list(self.layout.load),
+                    "stub_cores": format_cpu_list(self.layout.stub),
+                    "client_cores": format_cpu_list(self.layout.client),
                 },
                 "smg_processes": args.smg_processes or len(self.layout.gateway),
                 "fixed_rate_fraction": args.fixed_rate_fraction,
@@ -1190,6 +1195,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cores", default="auto", choices=("auto", "shared", "split"))
     ap.add_argument("--gateway-cores", default=None, help="e.g. 0-7 (with --load-cores)")
     ap.add_argument("--load-cores", default=None, help="e.g. 8-15: stub and client")
+    ap.add_argument(
+        "--stub-cores",
+        default=None,
+        help="e.g. 8-11, with --client-cores: the stub and the client on disjoint cores "
+        "(a thread per core each); with --gateway-cores",
+    )
+    ap.add_argument("--client-cores", default=None, help="e.g. 12-15 (with --stub-cores)")
     ap.add_argument("--max-client", default="wrk", choices=("wrk", "loadgen"))
     ap.add_argument("--wrk", default=None, help="path to wrk (default: PATH, then build/offline)")
     ap.add_argument("--fixed-rate-fraction", type=float, default=0.5)
@@ -1247,11 +1259,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ap.error("--tls and --api-key need --max-client wrk (loadgen speaks plain HTTP only)")
     if args.api_key is not None and not args.api_key.strip():
         ap.error("--api-key must not be empty")
+    if bool(args.stub_cores) != bool(args.client_cores):
+        ap.error("--stub-cores and --client-cores go together")
+    if args.stub_cores and not args.gateway_cores:
+        ap.error("--stub-cores/--client-cores need --gateway-cores")
+    if args.stub_cores and args.load_cores:
+        ap.error(
+            "--load-cores is the union of --stub-cores and --client-cores; give one or the other"
+        )
     if args.fixed_duration is None:
         args.fixed_duration = args.duration
     if args.fixed_warmup is None:
         args.fixed_warmup = args.warmup
     return args
+
+
+def layout_from_args(args: argparse.Namespace, available: Sequence[int]) -> CoreLayout:
+    """The core layout the flags ask for, checked against the CPUs this process may use."""
+    stub_cores = parse_cpu_list(args.stub_cores) if args.stub_cores else None
+    client_cores = parse_cpu_list(args.client_cores) if args.client_cores else None
+    load_cores = parse_cpu_list(args.load_cores) if args.load_cores else None
+    if stub_cores and client_cores:
+        load_cores = sorted(set(stub_cores) | set(client_cores))
+    layout = core_layout(
+        available,
+        args.cores,
+        parse_cpu_list(args.gateway_cores) if args.gateway_cores else None,
+        load_cores,
+        args.stub_threads,
+        args.threads,
+    )
+    if stub_cores and client_cores:
+        layout = split_load(layout, stub_cores, client_cores)
+    if layout.client_threads > args.connections:
+        layout = dataclasses.replace(layout, client_threads=args.connections)
+    return layout
 
 
 def report_from_json(path: Path) -> str:
@@ -1269,6 +1311,12 @@ def report_from_json(path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["all"]:
+        # Every side-by-side scenario in one run, one table (bench_all.py).
+        import bench_all
+
+        return bench_all.main(argv[1:])
     args = parse_args(argv)
     if args.report:
         print(report_from_json(Path(args.report)))
@@ -1277,21 +1325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_offline(Path(args.prepare_offline))
         return 0
     try:
-        layout = core_layout(
-            sorted(os.sched_getaffinity(0)),
-            args.cores,
-            parse_cpu_list(args.gateway_cores) if args.gateway_cores else None,
-            parse_cpu_list(args.load_cores) if args.load_cores else None,
-            args.stub_threads,
-            args.threads,
-        )
+        layout = layout_from_args(args, sorted(os.sched_getaffinity(0)))
     except ValueError as exc:
         print(f"run.py: {exc}", file=sys.stderr)
         return 2
-    if layout.client_threads > args.connections:
-        layout = CoreLayout(
-            layout.mode, layout.gateway, layout.load, layout.stub_threads, args.connections
-        )
     now = dt.datetime.now()
     started_at = now.isoformat(timespec="seconds")
     stamp = now.strftime("%Y%m%d-%H%M%S")

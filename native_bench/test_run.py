@@ -61,6 +61,18 @@ def test_parse_args_defaults() -> None:
         ["--tls", "--max-client", "loadgen"],  # loadgen speaks plain HTTP only
         ["--api-key", "k", "--max-client", "loadgen"],
         ["--api-key", " "],
+        ["--stub-cores", "8-11"],  # without --client-cores
+        ["--stub-cores", "8-11", "--client-cores", "12-15"],  # without --gateway-cores
+        [
+            "--gateway-cores",
+            "0",
+            "--load-cores",
+            "8-15",
+            "--stub-cores",
+            "8",
+            "--client-cores",
+            "9",
+        ],
     ],
 )
 def test_parse_args_rejects_bad_input(argv: list[str]) -> None:
@@ -91,3 +103,19 @@ def test_tls_files_are_a_usable_pair_for_127_0_0_1() -> None:
     finally:
         files.remove()
     assert not files.directory.exists()
+
+
+def test_scaling_steps_become_run_py_layouts_on_16_cores() -> None:
+    import alllib
+    from run import layout_from_args
+
+    for step in alllib.scaling_plan(range(16)).steps:
+        args = parse_args(["--gateways", "smg,rust", "--payloads", "chat", *step.run_args()])
+        lay = layout_from_args(args, range(16))
+        assert (lay.gateway, lay.stub, lay.client) == (step.gateway, step.stub, step.client)
+        assert (lay.stub_threads, lay.client_threads) == (4, 4)
+        assert args.smg_processes == step.processes
+    # The same flags on a 2-core machine are refused with a clear message.
+    step = alllib.scaling_plan(range(16)).steps[0]
+    with pytest.raises(ValueError, match="not available"):
+        layout_from_args(parse_args(step.run_args()), range(2))
