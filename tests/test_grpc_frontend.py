@@ -23,6 +23,7 @@ import pytest
 from smg.config import GatewayConfig
 from smg.control.worker_state import WorkerStatus
 from smg.dataplane.app import DataPlane
+from smg.grpc import respond
 from smg.grpc.frontend import GrpcExchange, GrpcFront, stream_error_event
 from smg.grpc.offload import Offload
 from smg.grpc.types import EngineError, EngineOutput, GrpcModelInfo, SamplingParams
@@ -73,18 +74,37 @@ class FakeChoice:
 
 
 class FakeWriter:
+    index_offset = 0  # a batched completion's prompt: where its choices' numbers start
+
     def start(self) -> bytes:
         return b"data: start\n\n"
 
     def delta(self, d: FakeDelta) -> bytes:
-        return b"data: %d %b %b\n\n" % (d.index, d.text.encode(), (d.finish_reason or "-").encode())
+        index = d.index + self.index_offset
+        return b"data: %d %b %b\n\n" % (index, d.text.encode(), (d.finish_reason or "-").encode())
 
     def end(self, usage: tuple[int, int, int]) -> bytes:
         return b"data: usage %d %d %d\n\ndata: [DONE]\n\n" % usage
 
 
+def _batch_body(parts, request_id, model, created, tokenizer, choices, usage) -> bytes:  # type: ignore[no-untyped-def]
+    texts = ["".join(d.text for d in deltas) for per_prompt in choices for deltas in per_prompt]
+    return orjson.dumps({"id": request_id, "model": model, "texts": texts, "usage": usage})
+
+
 class FakeStages:
     request_error = FakeRequestError
+    # a batched completion's helpers (the real index arithmetic)
+    prepare_mod = SimpleNamespace(
+        batch_part=lambda p, prompt: SimpleNamespace(
+            **{**vars(p), "prompt": prompt, "prompts": None}
+        )
+    )
+    respond = SimpleNamespace(
+        batch_index=respond.batch_index,
+        summed_usage=lambda usages: tuple(map(sum, zip(*usages, strict=True))),
+        completion_batch_body=_batch_body,
+    )
 
     def __init__(self) -> None:
         self.stop_after: int | None = None
@@ -101,6 +121,7 @@ class FakeStages:
             stream=body.get("stream") is True,
             sampling=SamplingParams(n=int(body.get("n", 1))),
             prompt=body.get("prompt", ""),
+            prompts=body.get("prompts"),  # a batched completion's prompts
             request_id_hint=None,
         )
 
@@ -476,6 +497,89 @@ def test_client_gone_cancels_and_sends_abort(rig: Rig) -> None:
     assert rig.app.metrics.responses[("/v1/completions", 499, "client_disconnected")] == 1
     assert rig.in_flight() == {0: 0, 1: 0}
     assert conn.out == b""
+
+
+def test_batch_streams_each_prompts_choices_under_its_own_numbers(rig: Rig) -> None:
+    for row in (0, 1):
+        rig.client(row).scripts += [
+            Script([out(0, [1]), out(1, [2], finished=True), out(0, [3], finished=True)]),
+            Script([out(1, [4], finished=True), out(0, [5], finished=True)]),
+        ]
+    conn, exchange = rig.start({"prompts": ["a", "b"], "n": 2, "stream": True})
+    rig.run(exchange)
+    _head, chunks = split_chunks(bytes(conn.out))
+    client = rig.client(exchange.row)
+    assert [r.request_id for r in client.requests] == ["rid-1-p0", "rid-1-p1"]
+    assert sorted(chunks[1:-1]) == [
+        b"data: 0 <1> -\n\n",
+        b"data: 0 <3> -\n\n",
+        b"data: 1 <2> -\n\n",
+        b"data: 2 <5> -\n\n",
+        b"data: 3 <4> -\n\n",
+    ]
+    assert chunks[-1] == b"data: usage 6 5 4\n\ndata: [DONE]\n\n"  # summed per prompt
+    assert client.aborted == [] and rig.in_flight() == {0: 0, 1: 0}
+
+
+def test_batch_gateway_side_stop_aborts_that_prompt_only(rig: Rig) -> None:
+    rig.stages.stop_after = 2
+    for row in (0, 1):
+        rig.client(row).scripts += [
+            Script([out(0, [1, 2]), out(0, [3]), out(0, [4], finished=True)]),
+            Script([out(0, [5], finished=True)]),
+        ]
+    conn, exchange = rig.start({"prompts": ["a", "b"]})
+    rig.run(exchange)
+    head, _, body = bytes(conn.out).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert orjson.loads(body)["texts"] == ["<1><2>", "<5>"]
+    assert rig.client(exchange.row).aborted == [["rid-1-p0"]]
+
+
+def test_batch_failure_after_the_head_ends_the_stream_and_aborts_the_rest(rig: Rig) -> None:
+    hold = asyncio.Event()
+    boom = EngineError("INTERNAL", "boom", before_first_token=False)
+    for row in (0, 1):
+        rig.client(row).scripts += [
+            Script([out(0, [1])], hold=hold),
+            Script([out(0, [2])], error=boom),
+        ]
+    conn, exchange = rig.start({"prompts": ["a", "b"], "stream": True})
+    rig.run(exchange)
+    _head, chunks = split_chunks(bytes(conn.out))
+    assert chunks[1] == b"data: 1 <2> -\n\n"
+    assert chunks[2] == stream_error_event("internal_error", "boom")
+    assert rig.client(exchange.row).aborted == [["rid-1-p0"]]
+    assert exchange.attempts == 1 and rig.in_flight() == {0: 0, 1: 0}
+
+
+def test_batch_failure_before_any_output_is_retried_as_a_whole(rig: Rig) -> None:
+    for row in (0, 1):
+        rig.client(row).scripts += [
+            Script([out(0, [1], finished=True)]),
+            Script([out(0, [2], finished=True)]),
+        ]
+    FakeClient.fail_next = [EngineError("UNAVAILABLE", "down", before_first_token=True)]
+    conn, exchange = rig.start({"prompts": ["a", "b"]})
+    rig.run(exchange)
+    head, _, body = bytes(conn.out).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and exchange.attempts == 2
+    assert orjson.loads(body)["texts"] == ["<1>", "<2>"]
+    assert rig.in_flight() == {0: 0, 1: 0}
+
+
+def test_batch_client_gone_aborts_every_prompt(rig: Rig) -> None:
+    hold = asyncio.Event()
+    for row in (0, 1):
+        rig.client(row).scripts += [Script([out(0, [1])], hold=hold) for _ in range(3)]
+    conn, exchange = rig.start({"prompts": ["a", "b", "c"], "stream": True})
+    rig.loop.run_until_complete(asyncio.sleep(0.01))
+    conn.closed = True
+    exchange.client_gone()
+    rig.run(exchange)
+    assert rig.client(exchange.row).aborted == [["rid-1-p0", "rid-1-p1", "rid-1-p2"]]
+    assert rig.app.metrics.responses[("/v1/completions", 499, "client_disconnected")] == 1
+    assert rig.in_flight() == {0: 0, 1: 0} and conn.out == b""
 
 
 def test_deadline_answers_504_and_aborts(rig: Rig) -> None:

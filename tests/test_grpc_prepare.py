@@ -766,11 +766,6 @@ def test_completion_fields() -> None:
         ({}, "prompt", "'prompt' is a required property."),
         ({"prompt": ""}, "prompt", "Prompt cannot be empty."),
         ({"prompt": []}, "prompt", "Prompt cannot be empty."),
-        (
-            {"prompt": ["a", "b"]},
-            "prompt",
-            "batched prompts are not supported: send one prompt per request.",
-        ),
         ({"prompt": [1, -1]}, "prompt", "'prompt' holds a negative token id."),
         ({"prompt": "a", "suffix": "z"}, "suffix", "suffix is not supported."),
         (

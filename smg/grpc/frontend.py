@@ -543,6 +543,7 @@ class GrpcExchange:
         self.task: asyncio.Task[None] | None = None
         self.dispatched: Any = None  # the EngineClient of the running attempt
         self.engine_rid = request.request_id.decode("latin-1")  # what Abort names
+        self.batch_rids: list[str] | None = None  # a batched completion's: Abort names these
         self.last_write = app.now
         self._writable = asyncio.Event()
         self._writable.set()
@@ -632,7 +633,8 @@ class GrpcExchange:
             return
         self.dispatched = None
         try:
-            await asyncio.wait_for(client.abort([self.engine_rid]), 5.0)
+            rids = self.batch_rids if self.batch_rids is not None else [self.engine_rid]
+            await asyncio.wait_for(client.abort(rids), 5.0)
         except Exception as exc:  # the engine may be gone: nothing more to do
             log.debug("Abort RPC failed: %r", exc)
 
@@ -646,6 +648,9 @@ class GrpcExchange:
             await self._embed(tokenizer, entry)
             return
         prepared = stages.prepare(self.kind, self.body, stages.defaults(tokenizer, entry))
+        if prepared.prompts is not None:
+            await self._serve_batch(prepared, tokenizer, entry)
+            return
         template = front.workers.template(tokenizer) if prepared.kind == "chat" else None
         ids, text = await front.offload.run(
             len(self.request.body), stages.prompt_ids, prepared, tokenizer, template
@@ -655,6 +660,26 @@ class GrpcExchange:
         route = self._route(ids)
         model = self.body.get("model") or (entry.models[0] if entry and entry.models else "")
         await self._generate(prepared, ids, text, tokenizer, route, str(model), template)
+
+    async def _serve_batch(
+        self, prepared: Any, tokenizer: Any, entry: DirectoryEntry | None
+    ) -> None:
+        """/v1/completions with several prompts: each prompt checked and tokenized as a
+        request of its own, routed as the first one (the Rust SMG's affinity proxy)."""
+        front = self.front
+        stages = front.stages
+        parts = [stages.prepare_mod.batch_part(prepared, p) for p in prepared.prompts]
+        prompts = await front.offload.run(
+            len(self.request.body), _batch_prompt_ids, stages, parts, tokenizer
+        )
+        context = _context_length(entry, tokenizer)
+        for part, (ids, _text) in zip(parts, prompts, strict=True):
+            stages.apply_limits(part, len(ids), context)
+        self.request.body = b""
+        route = self._route(prompts[0][0])
+        route.prompt_tokens = sum(len(ids) for ids, _text in prompts)
+        model = self.body.get("model") or (entry.models[0] if entry and entry.models else "")
+        await self._generate_batch(parts, prompts, tokenizer, str(model))
 
     def _route(self, ids: list[int]) -> RouteRequest:
         from smg.policies.base import RouteRequest
@@ -831,6 +856,160 @@ class GrpcExchange:
             else:
                 body = stages.body(
                     prepared, request_id, model, created, tokenizer, run.deltas, usage
+                )
+                self._answer(200, body)
+            return
+
+    async def _generate_batch(
+        self,
+        parts: list[Any],
+        prompts: list[tuple[list[int], str]],
+        tokenizer: Any,
+        model: str,
+    ) -> None:
+        """A batched completion: one engine request per prompt on one worker, all at
+        once, their outputs handled as they come (streamed: interleaved, each chunk's
+        choice numbered by `batch_index`). The first failure ends the request as the
+        single path's would (retried elsewhere while nothing was sent), and every engine
+        request still running is aborted."""
+        stages = self.front.stages
+        respond = stages.respond
+        request_id = self.request_id.decode("latin-1")
+        rids = [f"{request_id}-p{i}" for i in range(len(parts))]
+        self.batch_rids = rids
+        created = int(time.time())
+        stream = parts[0].stream
+        requests = [
+            GenerateInput(
+                request_id=rid,
+                input_ids=ids,
+                sampling=part.sampling,
+                stream=stream,
+                text=text,
+            )
+            for rid, part, (ids, text) in zip(rids, parts, prompts, strict=True)
+        ]
+        ttft_pending = stream
+        while True:
+            entry = self._next_worker()
+            client = self.front.workers.client(entry)
+            runs = [
+                _Run(stages, part, tokenizer, len(ids), None)
+                for part, (ids, _text) in zip(parts, prompts, strict=True)
+            ]
+            writers: list[Any] = []
+            if stream:
+                for i, (part, (ids, _text)) in enumerate(zip(parts, prompts, strict=True)):
+                    writer = stages.writer(part, request_id, model, created, tokenizer)
+                    writer.prompt_tokens = len(ids)
+                    writer.index_offset = respond.batch_index(i, max(1, part.sampling.n), 0)
+                    writers.append(writer)
+            self.dispatched = client
+            timeout = max(0.001, self.deadline - time.monotonic())
+            queue: asyncio.Queue[tuple[int, list[Any] | None, BaseException | None]] = (
+                asyncio.Queue(maxsize=len(requests))
+            )
+            pumps = [
+                asyncio.ensure_future(_pump(i, _batches(client, req, timeout), queue))
+                for i, req in enumerate(requests)
+            ]
+            open_prompts = len(requests)
+            closed = [False] * len(requests)  # no more outputs wanted
+            stopped = [False] * len(requests)  # ended by the gateway (a stop string)
+            failed = -1
+            try:
+                while open_prompts:
+                    i, outs, failure = await queue.get()
+                    if closed[i]:
+                        continue
+                    if outs is None:
+                        closed[i] = True
+                        if failure is not None:
+                            failed = i
+                            raise failure
+                        open_prompts -= 1
+                        continue
+                    run = runs[i]
+                    writer = writers[i] if stream else None
+                    events: list[bytes] = []
+                    for out in outs:
+                        delta = run.add(out)
+                        if writer is not None:
+                            data = writer.delta(delta)
+                            if data:
+                                events.append(data)
+                        if delta.finish_reason is not None and run.all_done():
+                            if not run.engine_finished():
+                                # the gateway stopped it: no more outputs, Abort at the end
+                                stopped[i] = closed[i] = True
+                                pumps[i].cancel()
+                                open_prompts -= 1
+                            break
+                    if stream:
+                        if not self.head_sent:
+                            await self._start_stream(writers[0].start())
+                        if events:
+                            if ttft_pending:
+                                ttft_pending = False
+                                self.app.metrics.ttft(
+                                    self.model,
+                                    self.endpoint,
+                                    "grpc",
+                                    time.monotonic() - self.started,
+                                )
+                            await self._send_event(b"".join(events))
+            except EngineError as error:
+                await _stop_pumps(pumps)
+                # The other prompts' requests that may still run: Abort them.
+                self.batch_rids = [
+                    rid
+                    for j, (rid, run) in enumerate(zip(rids, runs, strict=True))
+                    if j != failed and not run.engine_finished()
+                ]
+                if self.batch_rids:
+                    await self._abort_engine()
+                self.batch_rids = rids
+                self.dispatched = None
+                status, code = stages.failure(error, self.head_sent)
+                outcome = 0 if error.code in _TRANSPORT_CODES else status
+                if self._can_retry(error, status):
+                    await self._retry_after(outcome)
+                    continue
+                if (
+                    self.app.retries_on
+                    and self.attempts >= self.app.retry_policy.max_attempts
+                    and retryable(status)
+                ):
+                    self.app.metrics.retries_exhausted(self.endpoint)
+                self.outcome = outcome
+                self._fail(status, code, error.message)
+                return
+            except Exception:
+                await _stop_pumps(pumps)
+                await self._abort_engine()
+                raise
+            finally:
+                await _stop_pumps(pumps)
+            if any(stopped):
+                # A gateway-side stop ended those prompts: their engine requests stop too.
+                self.batch_rids = [rid for rid, s in zip(rids, stopped, strict=True) if s]
+                await self._abort_engine()
+            self.dispatched = None
+            self.outcome = 200
+            usage = respond.summed_usage([stages.usage(*run.usage()) for run in runs])
+            if stream:
+                if not self.head_sent:
+                    await self._start_stream(writers[0].start())
+                await self._end_stream(writers[0].end(usage))
+            else:
+                body = respond.completion_batch_body(
+                    parts,
+                    request_id,
+                    model,
+                    created,
+                    tokenizer,
+                    [run.deltas for run in runs],
+                    usage,
                 )
                 self._answer(200, body)
             return
@@ -1026,6 +1205,38 @@ async def _one_by_one(outputs: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
             yield [out]
     finally:
         await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _batch_prompt_ids(stages: Any, parts: list[Any], tokenizer: Any) -> list[tuple[list[int], str]]:
+    """Tokenize every prompt of a batched completion (one offload call for them all)."""
+    return [stages.prompt_ids(part, tokenizer, None) for part in parts]
+
+
+async def _pump(
+    index: int,
+    outputs: AsyncIterator[list[Any]],
+    queue: asyncio.Queue[tuple[int, list[Any] | None, BaseException | None]],
+) -> None:
+    """One prompt's engine outputs into the batch's queue: (index, batch, None) per
+    batch, then (index, None, None) at the end or (index, None, error) on a failure."""
+    try:
+        async for outs in outputs:
+            await queue.put((index, outs, None))
+    except Exception as error:  # an EngineError, or a bug the request must not hang on
+        await queue.put((index, None, error))
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            await outputs.aclose()  # type: ignore[attr-defined]
+    await queue.put((index, None, None))
+
+
+async def _stop_pumps(pumps: list[asyncio.Future[None]]) -> None:
+    """Cancel a batch's pumps and wait for them (each closes its engine stream)."""
+    for pump in pumps:
+        pump.cancel()
+    # return_exceptions: the pumps' own ends are not ours; a cancel of this task still is
+    await asyncio.gather(*pumps, return_exceptions=True)
 
 
 class _Run:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -29,6 +29,10 @@ _INT_MAX = 2**63 - 1
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _MAX_N = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
 _SAMPLING_EPS = 1e-5  # vLLM: a temperature below this is greedy
+# /v1/completions with a list of prompts: one engine request per prompt, all at once.
+# Neither vLLM nor the Rust SMG bounds the list; smg does, so that one request cannot
+# open an unbounded number of engine streams.
+MAX_BATCH_PROMPTS = 256
 # Error codes: the Rust SMG 1.13's own (its validator's and cross-field check's names,
 # read off its answers; the body's `type` is "invalid_request_error" as there, where
 # vLLM writes type "BadRequestError" and code 400). Messages are vLLM's.
@@ -134,6 +138,8 @@ class Prepared:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     prompt: str | list[int] | None = None  # completions / generate: text or token ids
+    # /v1/completions with several prompts: each one (prompt is the first); None for one
+    prompts: list[str | list[int]] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
@@ -953,7 +959,8 @@ def prepare_completion(body: dict, defaults: Defaults) -> Prepared:
     model = _model(body)
     if "prompt" not in body or body["prompt"] is None:
         raise _bad("'prompt' is a required property.", param="prompt")
-    prompt = _prompt(body["prompt"], "prompt")
+    prompts = _batch(body["prompt"])
+    prompt = _prompt(body["prompt"], "prompt") if prompts is None else prompts[0]
     if prompt == "" or prompt == []:
         raise _bad("Prompt cannot be empty.", param="prompt")
     if body.get("suffix") is not None:
@@ -989,7 +996,49 @@ def prepare_completion(body: dict, defaults: Defaults) -> Prepared:
         request_id_hint=_string(body, "rid") or _string(body, "request_id"),
         max_tokens_explicit=explicit,
         max_tokens_default=16,  # the legacy API's default (OpenAI, vLLM)
+        prompts=prompts,
     )
+
+
+def _batch(value: object) -> list[str | list[int]] | None:
+    """Several prompts (a list of at least two strings, or of two token-id lists, as
+    vLLM's `list[str] | list[list[int]]`), each checked as one prompt; None for anything
+    else (one prompt, or what `_prompt` refuses)."""
+    if not isinstance(value, list) or len(value) < 2:
+        return None
+    if all(isinstance(p, str) for p in value):
+        pass
+    elif all(isinstance(p, list) for p in value):
+        for p in value:
+            if not p:
+                raise _bad("Prompt cannot be empty.", param="prompt")
+            if not all(_is_int(t) for t in p):
+                raise _bad("'prompt' must be a list of token-id lists.", param="prompt")
+            if any(t < 0 for t in p):
+                raise _bad("'prompt' holds a negative token id.", param="prompt")
+    elif all(isinstance(p, (str, list)) for p in value):
+        raise _bad(
+            "'prompt' must be a string, a list of token ids, a list of strings or a list "
+            "of token-id lists (not a mix).",
+            param="prompt",
+        )
+    else:
+        return None
+    if len(value) > MAX_BATCH_PROMPTS:
+        raise _bad(
+            f"at most {MAX_BATCH_PROMPTS} prompts per request, got {len(value)}.",
+            param="prompt",
+            code=ABOVE_INTEGER,
+        )
+    if any(p == "" for p in value):
+        raise _bad("Prompt cannot be empty.", param="prompt")
+    return [p if isinstance(p, str) else list(p) for p in value]
+
+
+def batch_part(p: Prepared, prompt: str | list[int]) -> Prepared:
+    """One prompt of a batched completion: the request with that prompt alone (its own
+    sampling copy: apply_limits sets max_tokens per prompt)."""
+    return replace(p, prompt=prompt, prompts=None, sampling=replace(p.sampling))
 
 
 def prepare_generate(body: dict, defaults: Defaults) -> Prepared:

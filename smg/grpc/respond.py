@@ -634,6 +634,8 @@ class _Writer:
         self.completion = [0] * self.n
         self._cache: dict[int, str] = {}
         self._continuous = prepared.include_usage and prepared.continuous_usage
+        # A batched completion's prompt i: its choices are numbered from batch_index(i, n, 0)
+        self.index_offset = 0
 
     def end(self, usage: Usage) -> bytes:
         """The usage chunk when asked (choices empty), then [DONE]."""
@@ -903,7 +905,7 @@ class CompletionStreamWriter(_Writer):
                 d.logprobs, self.p.top_logprobs, self.tokenizer, self._cache, self._offsets[i]
             )
         choice = {
-            "index": d.index,
+            "index": d.index + self.index_offset,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": d.finish_reason,
@@ -1074,10 +1076,76 @@ def completion_body(
     usage: Usage,
 ) -> bytes:
     """The non-streaming `text_completion` body (echo: the prompt leads the text)."""
+    return _completion_answer(
+        request_id,
+        model,
+        created,
+        _completion_choices(prepared, tokenizer, choices, {}, 0),
+        usage,
+    )
+
+
+def batch_index(prompt_index: int, n: int, choice_index: int) -> int:
+    """A batched completion's choice index, as vLLM numbers them: prompt i's sample j is
+    choice i * n + j (prompt-major; the Rust SMG's `prompt_index * n + choice_index`)."""
+    return prompt_index * n + choice_index
+
+
+def summed_usage(usages: Sequence[Usage]) -> Usage:
+    """A batched completion's usage: every prompt's prompt, completion and cached tokens
+    added up (vLLM's and the Rust SMG's totals)."""
+    return Usage(
+        sum(u.prompt_tokens for u in usages),
+        sum(u.completion_tokens for u in usages),
+        sum(u.cached_tokens for u in usages),
+    )
+
+
+def completion_batch_body(
+    parts: Sequence[Prepared],
+    request_id: str,
+    model: str,
+    created: int,
+    tokenizer: Any,
+    choices: Sequence[Sequence[Sequence[Delta]]],
+    usage: Usage,
+) -> bytes:
+    """A batched completion's body: `parts[i]` is prompt i's request, `choices[i]` its
+    choices' deltas; one `text_completion` whose choices run prompt by prompt, indexed
+    by `batch_index`, with the summed `usage`."""
     cache: dict[int, str] = {}
+    out: list[dict[str, Any]] = []
+    for i, (part, deltas) in enumerate(zip(parts, choices, strict=True)):
+        n = max(1, part.sampling.n)
+        out.extend(_completion_choices(part, tokenizer, deltas, cache, batch_index(i, n, 0)))
+    return _completion_answer(request_id, model, created, out, usage)
+
+
+def _completion_answer(
+    request_id: str, model: str, created: int, choices: list[dict[str, Any]], usage: Usage
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": completion_id(request_id),
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": usage.as_dict(),
+        }
+    )
+
+
+def _completion_choices(
+    prepared: Prepared,
+    tokenizer: Any,
+    choices: Sequence[Sequence[Delta]],
+    cache: dict[int, str],
+    first_index: int,
+) -> list[dict[str, Any]]:
     prefix = _prompt_text(prepared, tokenizer) if prepared.echo else ""
     out = []
-    for index, deltas in enumerate(choices):
+    for index, deltas in enumerate(choices, first_index):
         text, _ids, logprobs, reason, matched = _collect(deltas)
         lp = None
         if prepared.logprobs:
@@ -1093,16 +1161,7 @@ def completion_body(
                 "stop_reason": matched,
             }
         )
-    return orjson.dumps(
-        {
-            "id": completion_id(request_id),
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": out,
-            "usage": usage.as_dict(),
-        }
-    )
+    return out
 
 
 def _sglang_finish(reason: str | None, matched: int | str | None, length: int) -> Any:
