@@ -174,6 +174,16 @@ def test_ping_acked_keeps_the_connection_one_timer_per_connection() -> None:
     assert loop.live() == []  # stopped with the connection
 
 
+def test_timer_stops_when_the_peer_closes_the_connection() -> None:
+    loop, conn, transport, gone = _fake_connection()
+    loop.advance(30.0)  # a PING in flight
+    assert len(loop.live()) == 1
+    conn.connection_lost(ConnectionResetError("reset"))
+    assert loop.live() == [] and conn.ping_timer is None and gone == [conn]
+    loop.advance(100.0)
+    assert len(_pings(transport)) == 1 and not transport.aborted
+
+
 def test_no_ack_closes_the_connection_and_fails_its_streams() -> None:
     loop, conn, transport, gone = _fake_connection()
     st = conn.open(b"", b"x", None)
@@ -384,6 +394,7 @@ def test_e2e_stopped_mock_connection_closed_then_a_new_one(model_dir: Path) -> N
             finally:
                 os.kill(mock.proc.pid, signal.SIGCONT)
         # After the first token: an error event, then [DONE], within interval + timeout.
+        print(f"stream ended {elapsed:.2f} s after SIGSTOP")
         assert elapsed < 4.0, elapsed
         assert any('"error"' in line for line in lines), lines[-3:]
         assert "data: [DONE]" in lines
