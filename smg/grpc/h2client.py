@@ -18,11 +18,21 @@ caller; send: a request body waits for the peer's windows); PING ACK; RST_STREAM
 last id were not processed: they are sent again on a new connection; the connection takes
 no new streams). A connection per client (more while the peer's stream limit is reached);
 a refused or dropped connection is EngineError("UNAVAILABLE") as with grpc.aio.
+
+Keepalive as the Rust SMG's channels (crates/grpc_client/src/channel.rs): TCP keepalive on
+every socket (idle 60 s), and a PING every 30 s per connection, idle or not, from one timer
+per connection (loop.call_later, rearmed when the ACK comes); no ACK within 10 s closes the
+connection: its streams fail with UNAVAILABLE (retried before the first token, as any
+transport failure) and the next call opens a new one. SMG__GRPC_KEEPALIVE="INTERVAL,TIMEOUT"
+(seconds; tests) or H2EngineClient(keepalive=...) overrides the two times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
 import ssl
 import struct
 import time
@@ -73,6 +83,55 @@ MAX_FRAME = 1 << 20  # the largest frame we accept (SETTINGS_MAX_FRAME_SIZE)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the servicers' limit, as client.py's channel
 CONNECT_TIMEOUT = 10.0
 MAX_REDO = 2  # sends of a stream the peer refused unprocessed (GOAWAY, REFUSED_STREAM)
+
+# Keepalive, as the Rust SMG 1.13's tonic channels: http2_keep_alive_interval 30 s,
+# keep_alive_timeout 10 s, keep_alive_while_idle, tcp_keepalive 60 s (its probe interval and
+# count are the OS's there; here 10 s x 3, so a silent peer is dropped after ~90 s).
+KEEPALIVE_INTERVAL = 30.0
+KEEPALIVE_TIMEOUT = 10.0
+TCP_KEEPIDLE = 60
+TCP_KEEPINTVL = 10
+TCP_KEEPCNT = 3
+KEEPALIVE_ENV = "SMG__GRPC_KEEPALIVE"  # "INTERVAL,TIMEOUT" in seconds: for tests
+
+log = logging.getLogger("smg.grpc.h2client")
+
+
+def keepalive_settings(raw: str | None = None) -> tuple[float, float]:
+    """(PING interval, ACK timeout): SMG__GRPC_KEEPALIVE's "INTERVAL,TIMEOUT" when set and
+    valid (positive seconds), else the Rust SMG's 30 s and 10 s."""
+    if raw is None:
+        raw = os.environ.get(KEEPALIVE_ENV, "")
+    if raw.strip():
+        try:
+            interval, timeout = (float(part) for part in raw.split(","))
+            if interval > 0 and timeout > 0:
+                return interval, timeout
+        except ValueError:
+            pass
+        log.warning("%s=%r is not INTERVAL,TIMEOUT in seconds: using 30,10", KEEPALIVE_ENV, raw)
+    return KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT
+
+
+def set_tcp_keepalive(sock: Any) -> None:
+    """SO_KEEPALIVE with the idle time, probe interval and count above, where the OS has
+    them (uvloop's pseudo-socket takes setsockopt too); never fails a connection."""
+    if sock is None:
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    idle = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+    if idle is not None:
+        options.append((socket.IPPROTO_TCP, idle, TCP_KEEPIDLE))
+    for name, value in (("TCP_KEEPINTVL", TCP_KEEPINTVL), ("TCP_KEEPCNT", TCP_KEEPCNT)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            options.append((socket.IPPROTO_TCP, opt, value))
+    for level, opt, value in options:
+        try:
+            sock.setsockopt(level, opt, value)
+        except (OSError, AttributeError, TypeError):
+            return
+
 
 RST_NO_ERROR, RST_PROTOCOL, RST_REFUSED, RST_CANCEL = 0x0, 0x1, 0x7, 0x8
 CODE_NAMES: dict[int, str] = {c.value[0]: c.name for c in grpc.StatusCode}
@@ -213,9 +272,21 @@ class Stream:
 
 
 class H2Connection(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_gone: Callable[[H2Connection], None]):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_gone: Callable[[H2Connection], None],
+        keepalive: tuple[float, float] = (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+        where: str = "the worker",
+    ):
         self.loop = loop
         self.on_gone = on_gone
+        self.where = where
+        # One timer per connection: the next PING (interval), then its ACK's deadline.
+        self.ping_interval, self.ping_timeout = keepalive
+        self.ping_timer: asyncio.TimerHandle | None = None
+        self.ping_payload: bytes | None = None  # the PING in flight, until its ACK
+        self.pings = 0  # PINGs sent (the payload's counter)
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.decoder = hpack.Decoder()
@@ -247,8 +318,55 @@ class H2Connection(asyncio.Protocol):
             + frame(SETTINGS, 0, 0, settings)
             + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONN_WINDOW - 65535))
         )
+        set_tcp_keepalive(transport.get_extra_info("socket"))
+        self.ping_timer = self.loop.call_later(self.ping_interval, self._ping)
+
+    # ------------------------------------------------------------------ keepalive
+    def _ping(self) -> None:
+        """Send a PING; the same timer now waits for its ACK."""
+        if self.closed:
+            self.ping_timer = None
+            return
+        self.pings += 1
+        payload = self.pings.to_bytes(8, "big")
+        self.ping_payload = payload
+        self.write(frame(PING, 0, 0, payload))
+        self.ping_timer = self.loop.call_later(self.ping_timeout, self._ping_timed_out)
+
+    def _on_ping_ack(self, payload: bytes) -> None:
+        if self.ping_payload is None or payload != self.ping_payload or self.closed:
+            return  # not ours (or late): ignored
+        self.ping_payload = None
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+        self.ping_timer = self.loop.call_later(self.ping_interval, self._ping)
+
+    def _ping_timed_out(self) -> None:
+        """No PING ACK in time: the peer is gone without a FIN/RST (host down, a dropped
+        flow, a wedged engine). Its streams fail with UNAVAILABLE; the connection is dropped
+        at once (no GOAWAY: nobody reads it) and the channel opens a new one."""
+        self.ping_timer = None
+        if self.closed:
+            return
+        why = f"no HTTP/2 PING ACK from {self.where} in {self.ping_timeout:g} s"
+        log.warning("%s: connection closed", why)
+        self.closed = True
+        self.usable = False
+        for st in list(self.streams.values()):
+            st.fail(EngineError("UNAVAILABLE", why))
+        self.streams.clear()
+        self.pending.clear()
+        self.on_gone(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _stop_keepalive(self) -> None:
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+            self.ping_timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_keepalive()
         self.closed = True
         self.usable = False
         why = f"connection to the worker lost: {exc}" if exc else "the worker closed the connection"
@@ -361,6 +479,7 @@ class H2Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.usable = False
+        self._stop_keepalive()
         if self.transport is not None and not self.closed:
             self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, RST_NO_ERROR)))
             self.transport.close()
@@ -431,6 +550,7 @@ class H2Connection(asyncio.Protocol):
 
     def _protocol_error(self, why: str) -> None:
         self.usable = False
+        self._stop_keepalive()
         for st in list(self.streams.values()):
             st.fail(EngineError("UNAVAILABLE", why))
         self.streams.clear()
@@ -553,6 +673,8 @@ class H2Connection(asyncio.Protocol):
         elif ftype == PING:
             if not flags & ACK:
                 self.write(frame(PING, ACK, 0, payload))
+            else:
+                self._on_ping_ack(bytes(payload))
         elif ftype == RST_STREAM:
             st = self.streams.pop(sid, None)
             if st is not None:
@@ -602,10 +724,17 @@ class H2Channel:
     """The connections to one worker: streams go to the first with room; a new one is
     made when none has (the peer's MAX_CONCURRENT_STREAMS) or after GOAWAY."""
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        keepalive: tuple[float, float] = (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+    ) -> None:
         self.host = host
         self.port = port
         self.ssl = ssl_context
+        self.keepalive = keepalive
         self.conns: list[H2Connection] = []
         self._connecting: asyncio.Future[H2Connection] | None = None
         self.closed = False
@@ -644,7 +773,7 @@ class H2Channel:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, conn = await loop.create_connection(
-                    lambda: H2Connection(loop, self._gone),
+                    lambda: H2Connection(loop, self._gone, self.keepalive, where),
                     self.host.strip("[]"),
                     self.port,
                     ssl=self.ssl,
@@ -690,7 +819,10 @@ class H2EngineClient:
         *,
         tls: ssl.SSLContext | None = None,
         api_key: str | None = None,
+        keepalive: tuple[float, float] | None = None,
     ) -> None:
+        """`keepalive`: (PING interval, ACK timeout) in seconds; default
+        SMG__GRPC_KEEPALIVE's, else 30 and 10 (the Rust SMG's)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown gRPC backend {backend!r} (expected vllm or sglang)")
         self.backend = backend
@@ -700,7 +832,7 @@ class H2EngineClient:
             tls = ssl.create_default_context()
         if tls is not None:
             tls.set_alpn_protocols(["h2"])
-        self.channel = H2Channel(host, port, tls)
+        self.channel = H2Channel(host, port, tls, keepalive or keepalive_settings())
         self.pb: Any = vll if backend == "vllm" else sgl
         service = (
             "vllm.grpc.engine.VllmEngine"

@@ -71,7 +71,8 @@ fast as the loop goes); a non-streamed answer comes when the last token would ha
 
 Control port (--control-port, HTTP/1.1, one request per connection): GET /stats (calls per
 method, last GenerateRequest via protobuf json_format, its constraint, aborted and
-cancelled request ids, failures, tokens), GET /config, POST /config (grpc_options
+cancelled request ids, failures, tokens; "h2": the fast server's connections accepted and
+open, PINGs ACKed), GET /config, POST /config (grpc_options
 GrpcRuntime: fail_next N with fail_code before the first token or after fail_after_tokens
 tokens of choice 0, healthy, ttft_ms, itl_ms, delay_ms, waiting, output_mode, eos_after),
 POST /reset (config back to the command line's, stats and cache emptied).
@@ -104,6 +105,7 @@ from smg_grpc_proto.generated import (
     vllm_engine_pb2_grpc,
 )
 
+from smg.mock_worker import h2fast
 from smg.mock_worker.grpc_model import ModelFiles, load_model_files
 from smg.mock_worker.grpc_options import GrpcOptions, GrpcRuntime, apply_update, parse_grpc_options
 from smg.mock_worker.grpc_script import (
@@ -825,6 +827,7 @@ def control_answer(e: Engine, method: str, path: str, body: bytes) -> bytes:
         out = e.stats.to_json()
         out["prefix_cache"] = e.cache.stats.to_json() if e.cache is not None else None
         out["backend"] = e.opts.backend
+        out["h2"] = dict(h2fast.COUNTS)  # the fast server's connections and PINGs
         return _http(200, out)
     if path == "/config" and method == "GET":
         return _http(200, e.runtime.to_json())

@@ -53,6 +53,10 @@ from smg.grpc.h2wire import (
 RECV_WINDOW = 1 << 30  # what we let clients send before a WINDOW_UPDATE
 MAX_WRITE_BUFFER = 4 << 20  # a connection above this is skipped by the ticker until it drains
 
+# This process's HTTP/2 counts, in the control port's /stats as "h2" (keepalive tests):
+# connections accepted, connections open, PINGs received (each ACKed).
+COUNTS = {"connections": 0, "open": 0, "pings": 0}
+
 
 RESPONSE_HEADERS = b"\x88" + _literal("content-type", "application/grpc")  # 0x88: :status 200
 
@@ -189,6 +193,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        COUNTS["connections"] += 1
+        COUNTS["open"] += 1
         settings = struct.pack(">HI", 0x3, 1 << 20) + struct.pack(">HI", 0x4, RECV_WINDOW)
         transport.write(
             frame(SETTINGS, 0, 0, settings)
@@ -197,6 +203,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        COUNTS["open"] -= 1
         for st in self.streams.values():
             st.closed = True
             if st.task is not None:
@@ -354,6 +361,7 @@ class Connection(asyncio.Protocol):
             self._drain_pending()
         elif ftype == PING:
             if not flags & ACK:
+                COUNTS["pings"] += 1
                 self.out.append(frame(PING, ACK, 0, payload))
         elif ftype == RST_STREAM:
             st = self.streams.pop(sid, None)
