@@ -828,20 +828,8 @@ class GrpcExchange:
                     with contextlib.suppress(Exception):
                         await outputs.aclose()  # type: ignore[attr-defined]
             except EngineError as error:
-                self.dispatched = None
-                status, code = stages.failure(error, self.head_sent)
-                outcome = 0 if error.code in _TRANSPORT_CODES else status
-                if self._can_retry(error, status):
-                    await self._retry_after(outcome)
+                if await self._after_failure(error):
                     continue
-                if (
-                    self.app.retries_on
-                    and self.attempts >= self.app.retry_policy.max_attempts
-                    and retryable(status)
-                ):
-                    self.app.metrics.retries_exhausted(self.endpoint)
-                self.outcome = outcome
-                self._fail(status, code, error.message)
                 return
             if not run.engine_finished():
                 # A gateway-side stop ended every choice: the engine stops too.
@@ -859,6 +847,26 @@ class GrpcExchange:
                 )
                 self._answer(200, body)
             return
+
+    async def _after_failure(self, error: EngineError) -> bool:
+        """An attempt failed: True when it is retried on another worker (the caller tries
+        again), False when the client got the failure (the error answer, or the SSE error
+        event once the stream has started)."""
+        self.dispatched = None
+        status, code = self.front.stages.failure(error, self.head_sent)
+        outcome = 0 if error.code in _TRANSPORT_CODES else status
+        if self._can_retry(error, status):
+            await self._retry_after(outcome)
+            return True
+        if (
+            self.app.retries_on
+            and self.attempts >= self.app.retry_policy.max_attempts
+            and retryable(status)
+        ):
+            self.app.metrics.retries_exhausted(self.endpoint)
+        self.outcome = outcome
+        self._fail(status, code, error.message)
+        return False
 
     async def _generate_batch(
         self,
@@ -969,20 +977,8 @@ class GrpcExchange:
                 if self.batch_rids:
                     await self._abort_engine()
                 self.batch_rids = rids
-                self.dispatched = None
-                status, code = stages.failure(error, self.head_sent)
-                outcome = 0 if error.code in _TRANSPORT_CODES else status
-                if self._can_retry(error, status):
-                    await self._retry_after(outcome)
+                if await self._after_failure(error):
                     continue
-                if (
-                    self.app.retries_on
-                    and self.attempts >= self.app.retry_policy.max_attempts
-                    and retryable(status)
-                ):
-                    self.app.metrics.retries_exhausted(self.endpoint)
-                self.outcome = outcome
-                self._fail(status, code, error.message)
                 return
             except Exception:
                 await _stop_pumps(pumps)
