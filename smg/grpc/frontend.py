@@ -544,6 +544,7 @@ class GrpcExchange:
         self.dispatched: Any = None  # the EngineClient of the running attempt
         self.engine_rid = request.request_id.decode("latin-1")  # what Abort names
         self.batch_rids: list[str] | None = None  # a batched completion's: Abort names these
+        self.ttft_pending = False  # smg_router_ttft_seconds: a stream's first events not sent yet
         self.last_write = app.now
         self._writable = asyncio.Event()
         self._writable.set()
@@ -777,7 +778,7 @@ class GrpcExchange:
             stream=prepared.stream,
             text=text,
         )
-        ttft_pending = prepared.stream  # smg_router_ttft_seconds: once, at the first token
+        self.ttft_pending = prepared.stream
         while True:
             entry = self._next_worker()
             client = self.front.workers.client(entry)
@@ -810,18 +811,7 @@ class GrpcExchange:
                                 ended = True  # every choice ended (a stop string matched here)
                                 break
                         if writer is not None:
-                            if not self.head_sent:
-                                await self._start_stream(writer.start())
-                            if events:
-                                if ttft_pending:
-                                    ttft_pending = False
-                                    self.app.metrics.ttft(
-                                        self.model,
-                                        self.endpoint,
-                                        "grpc",
-                                        time.monotonic() - self.started,
-                                    )
-                                await self._send_event(b"".join(events))
+                            await self._stream_events(writer, events)
                         if ended:
                             break
                 finally:
@@ -847,6 +837,19 @@ class GrpcExchange:
                 )
                 self._answer(200, body)
             return
+
+    async def _stream_events(self, writer: Any, events: list[bytes]) -> None:
+        """One batch of a stream out: the head first if it has not gone yet, then the
+        batch's events in one write; the first events sent are the stream's TTFT."""
+        if not self.head_sent:
+            await self._start_stream(writer.start())
+        if events:
+            if self.ttft_pending:
+                self.ttft_pending = False
+                self.app.metrics.ttft(
+                    self.model, self.endpoint, "grpc", time.monotonic() - self.started
+                )
+            await self._send_event(b"".join(events))
 
     async def _after_failure(self, error: EngineError) -> bool:
         """An attempt failed: True when it is retried on another worker (the caller tries
@@ -897,7 +900,7 @@ class GrpcExchange:
             )
             for rid, part, (ids, text) in zip(rids, parts, prompts, strict=True)
         ]
-        ttft_pending = stream
+        self.ttft_pending = stream
         while True:
             entry = self._next_worker()
             client = self.front.workers.client(entry)
@@ -954,18 +957,7 @@ class GrpcExchange:
                                 open_prompts -= 1
                             break
                     if stream:
-                        if not self.head_sent:
-                            await self._start_stream(writers[0].start())
-                        if events:
-                            if ttft_pending:
-                                ttft_pending = False
-                                self.app.metrics.ttft(
-                                    self.model,
-                                    self.endpoint,
-                                    "grpc",
-                                    time.monotonic() - self.started,
-                                )
-                            await self._send_event(b"".join(events))
+                        await self._stream_events(writers[0], events)
             except EngineError as error:
                 await _stop_pumps(pumps)
                 # The other prompts' requests that may still run: Abort them.
