@@ -18,6 +18,7 @@ import grpc.aio
 import grpcmockutil
 import hpack
 import pytest
+from h2peerutil import generate_answer, take_frames
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from smg_grpc_proto.generated import vllm_engine_pb2 as vll
@@ -26,13 +27,10 @@ from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vll_grpc
 from smg.grpc.client import EngineClient
 from smg.grpc.h2client import H2EngineClient, grpc_timeout
 from smg.grpc.h2wire import (
-    END_HEADERS,
     END_STREAM,
     GOAWAY,
     HEADERS,
-    PREFACE,
     SETTINGS,
-    _literal,
     frame,
 )
 from smg.grpc.types import EngineError, EngineOutput, GenerateInput, SamplingParams
@@ -360,16 +358,8 @@ class ScriptedServer(asyncio.Protocol):
         transport.write(frame(SETTINGS, 0, 0))
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.buf.startswith(PREFACE):
-            self.buf = self.buf[len(PREFACE) :]
-        while len(self.buf) >= 9:
-            length = int.from_bytes(self.buf[:3], "big")
-            if len(self.buf) < 9 + length:
-                return
-            ftype, flags = self.buf[3], self.buf[4]
-            sid = int.from_bytes(self.buf[5:9], "big")
-            payload, self.buf = self.buf[9 : 9 + length], self.buf[9 + length :]
+        frames, self.buf = take_frames(self.buf + data)
+        for ftype, flags, sid, payload in frames:
             if ftype == HEADERS:
                 self.decoder.decode(payload)
             if ftype in (HEADERS, 0) and flags & END_STREAM:
@@ -377,15 +367,7 @@ class ScriptedServer(asyncio.Protocol):
                 self.on_request(sid)
 
     def answer(self, sid: int) -> bytes:
-        msg = vll.GenerateResponse(
-            complete=vll.GenerateComplete(output_ids=[sid], finish_reason="stop")
-        ).SerializeToString()
-        head = b"\x88" + _literal("content-type", "application/grpc")
-        return (
-            frame(HEADERS, END_HEADERS, sid, head)
-            + frame(0, 0, sid, b"\x00" + struct.pack(">I", len(msg)) + msg)
-            + frame(HEADERS, END_HEADERS | END_STREAM, sid, _literal("grpc-status", "0"))
-        )
+        return generate_answer(sid, [sid])
 
     def on_request(self, sid: int) -> None:
         if not self.first:

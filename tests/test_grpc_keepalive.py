@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,19 +24,17 @@ import grpcmockutil
 import hpack
 import httpx
 import pytest
-from smg_grpc_proto.generated import vllm_engine_pb2 as vll
+from h2peerutil import generate_answer, take_frames
 
 from smg.grpc import h2client
 from smg.grpc.h2client import H2Connection, H2EngineClient, keepalive_settings
 from smg.grpc.h2wire import (
     ACK,
-    END_HEADERS,
     END_STREAM,
     HEADERS,
     PING,
     PREFACE,
     SETTINGS,
-    _literal,
     frame,
 )
 from smg.grpc.types import EngineError, GenerateInput, SamplingParams
@@ -229,16 +226,8 @@ class Peer(asyncio.Protocol):
         transport.write(frame(SETTINGS, 0, 0))
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.buf.startswith(PREFACE):
-            self.buf = self.buf[len(PREFACE) :]
-        while len(self.buf) >= 9:
-            length = int.from_bytes(self.buf[:3], "big")
-            if len(self.buf) < 9 + length:
-                return
-            ftype, flags = self.buf[3], self.buf[4]
-            sid = int.from_bytes(self.buf[5:9], "big")
-            payload, self.buf = self.buf[9 : 9 + length], self.buf[9 + length :]
+        frames, self.buf = take_frames(self.buf + data)
+        for ftype, flags, sid, payload in frames:
             if ftype == HEADERS:
                 self.decoder.decode(payload)
             elif ftype == PING and not flags & ACK:
@@ -246,15 +235,7 @@ class Peer(asyncio.Protocol):
                 if Peer.ack:
                     self.transport.write(frame(PING, ACK, 0, payload))
             if ftype in (HEADERS, 0) and flags & END_STREAM and Peer.answer:
-                msg = vll.GenerateResponse(
-                    complete=vll.GenerateComplete(output_ids=[9], finish_reason="stop")
-                ).SerializeToString()
-                head = b"\x88" + _literal("content-type", "application/grpc")
-                self.transport.write(
-                    frame(HEADERS, END_HEADERS, sid, head)
-                    + frame(0, 0, sid, b"\x00" + struct.pack(">I", len(msg)) + msg)
-                    + frame(HEADERS, END_HEADERS | END_STREAM, sid, _literal("grpc-status", "0"))
-                )
+                self.transport.write(generate_answer(sid, [9]))
 
 
 @contextlib.asynccontextmanager
