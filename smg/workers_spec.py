@@ -55,6 +55,7 @@ _MAX_BODY = 1 << 20
 MAX_URL_BYTES = 2048
 MAX_MODEL_ID_BYTES = 512
 MAX_API_KEY_BYTES = 2048
+MAX_PROVIDER_BYTES = 64  # a custom provider's name (smg.providers)
 MAX_LABELS = 64
 MAX_LABEL_KEY_CHARS = 128  # ASCII only (see _LABEL_KEY_RE), so also bytes
 MAX_LABEL_VALUE_BYTES = 1024

@@ -93,6 +93,9 @@ class WorkerRecord:
         self.status = WorkerStatus.PENDING
         self.counters: HealthCounters = ZERO
         self.engine = "unknown"
+        # External workers only: the provider (smg.providers.worker_provider); set at
+        # registration by the external-worker workflow. None: a self-hosted engine.
+        self.provider: str | None = None
         self.models: tuple[str, ...] = ()
         self.context_length: int | None = None
         self.server_info: dict[str, Any] = {}
@@ -147,6 +150,7 @@ class WorkerRecord:
             context_length=self.context_length,
             spec=spec,
             grpc=self.grpc,
+            provider=self.provider,
         )
 
 
@@ -230,6 +234,7 @@ class Registry:
             record.status = WorkerStatus(value.status)
             record.status_changed = value.status_changed
             record.engine = entry.engine
+            record.provider = entry.provider
             record.models = () if entry.spec.model_id else entry.models
             record.context_length = entry.context_length
             record.discovered = entry.engine != "unknown"

@@ -20,6 +20,7 @@ from smg.grpc.types import GrpcModelInfo
 from smg.workers_spec import (
     MAX_API_KEY_BYTES,
     MAX_MODEL_ID_BYTES,
+    MAX_PROVIDER_BYTES,
     MAX_SPEC_BYTES,
     MAX_URL_BYTES,
     WorkerSpec,
@@ -49,6 +50,9 @@ class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
     spec: WorkerSpec
     # gRPC workers only: the model facts and the tokenizer bundle's directory.
     grpc: GrpcModelInfo | None = None
+    # External workers only (runtime_type external): the provider (smg.providers: openai,
+    # xai, anthropic, gemini or a custom name). None: a self-hosted engine.
+    provider: str | None = None
 
 
 class Directory(msgspec.Struct, array_like=True):
@@ -132,7 +136,8 @@ def max_entry_bytes() -> int:
         + MAX_MODELS_BYTES
         + MAX_ENGINE_BYTES
         + MAX_GRPC_INFO_BYTES
-        + 5 * _STR_HEADER  # the four copied strings' and the model list's headers
+        + MAX_PROVIDER_BYTES
+        + 6 * _STR_HEADER  # the five copied strings' and the model list's headers
     )
 
 
