@@ -22,8 +22,8 @@ from smg.config import tenant_keys
 from smg.dataplane import auth
 from smg.dataplane.admission import Admission
 from smg.dataplane.cors import Cors
-from smg.dataplane.exchange import Exchange
-from smg.dataplane.gate import WorkerGate
+from smg.dataplane.exchange import ANTHROPIC_PATHS, COUNT_TOKENS_ROUTE, Exchange
+from smg.dataplane.gate import CLIENT_LEFT, WorkerGate
 from smg.dataplane.lifecycle import State
 from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.retry import RetryPolicy
@@ -44,6 +44,7 @@ from smg.policies.base import BackendLoad, NoEligibleWorker, Policy, RouteReques
 from smg.policies.registry import POLICY_NAMES, make_policy
 from smg.policies.routing_key import TARGET_WORKER_HEADER, implicit_key, key_headers, routing_key
 from smg.policies.shared import SharedRouting
+from smg.providers import API_ANTHROPIC, API_BOTH, API_OPENAI, provider_api
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID
 from smg.shm.readiness import readiness
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from smg.dataplane.tracing import Tracer
     from smg.grpc.frontend import GrpcFront
     from smg.shm.table import WorkerTable
+    from smg.translate import Translation
 
 log = logging.getLogger("smg.dataplane")
 
@@ -69,8 +71,13 @@ PROXY_ROUTES = frozenset(
         "/rerank",
         "/v1/responses",
         "/v1/messages",
+        COUNT_TOKENS_ROUTE,
     }
 )
+# What a worker speaking only Anthropic's API is asked (the rest gets a 400 naming the
+# route), and the routes translated for a worker speaking only OpenAI's.
+_ANTHROPIC_API_ROUTES = frozenset({"/v1/chat/completions", ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE})
+_CHAT_ROUTE = "/v1/chat/completions"
 ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache", "/start_profile", "/stop_profile")
 # Answered by the gRPC path's tokenizer (only when a gRPC worker is registered).
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
@@ -699,6 +706,15 @@ class DataPlane:
             self._send_error(conn, request, status, code, message, extra_headers=extra)
             return
         entry = state.entries[row]
+        translation = None
+        if entry.provider is not None:
+            # An external worker: it speaks one API, which may not be the client's.
+            try:
+                translation = self._translation(request, entry, model)
+            except _Unservable as exc:
+                self.gate.record(row, entry.generation, CLIENT_LEFT)  # the claim, unused
+                self._send_error(conn, request, exc.status, exc.code, str(exc))
+                return
         pool = self._pool(row, entry)
         request_id = request.request_id
         head = self._upstream_request(request, entry, pool)
@@ -725,6 +741,9 @@ class DataPlane:
         )
         if tracer is not None:
             exchange.trace = request.trace
+        if entry.provider is not None:
+            exchange.translation = translation
+            exchange.worker_api = provider_api(entry.provider)
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
         if self.cors is not None:
@@ -761,6 +780,53 @@ class DataPlane:
                 self.permit_holders.add(exchange)
             else:
                 self.admission.release()  # type: ignore[union-attr]
+
+    def _translation(
+        self, request: Request, entry: DirectoryEntry, model: str | None
+    ) -> Translation | None:
+        """For a request routed to an external worker: the translation into the API the
+        worker speaks (None when it speaks the client's), with the request rewritten for
+        it (path, body, no compression asked: the answer is read by smg.translate); or
+        raise `_Unservable` when that worker cannot take it."""
+        api = provider_api(entry.provider)
+        path = request.path
+        if api == API_ANTHROPIC:
+            if path not in _ANTHROPIC_API_ROUTES:
+                raise _Unservable(
+                    400,
+                    "unsupported_route",
+                    f"{path} is not supported for model '{model}': its worker speaks only "
+                    "the Anthropic Messages API (use /v1/messages or /v1/chat/completions)",
+                )
+            if path != _CHAT_ROUTE:
+                return None  # Messages and count_tokens pass through
+        elif api == API_OPENAI:
+            if path == COUNT_TOKENS_ROUTE:
+                raise _Unservable(
+                    501,
+                    "not_implemented",
+                    f"{path} is not supported for model '{model}': its worker speaks only the "
+                    "OpenAI API, which has no token counting",
+                )
+            if path != ANTHROPIC_ROUTE:
+                return None
+        else:
+            return None
+        from smg.translate import TranslateError, translation
+
+        try:
+            body = orjson.loads(request.body)
+            if not isinstance(body, dict):
+                raise TranslateError("the request body must be a JSON object")
+            found = translation(path, body, api, model)
+        except (TranslateError, orjson.JSONDecodeError) as exc:
+            raise _Unservable(400, "invalid_request", str(exc)) from None
+        if found is None:
+            return None
+        request.url = found.upstream_path
+        request.body = found.upstream_body
+        request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
+        return found
 
     # --- worker selection, for the first attempt and every retry --------------------------------
 
@@ -884,6 +950,11 @@ class DataPlane:
             return 502, "internal_error", "the request can no longer be retried", b""
         state = self.refresh()
         rows = self._candidates(state, route.model)
+        if rows:
+            # The body went out in one API (translated or not): the retry stays on it.
+            api = getattr(exchange, "worker_api", API_BOTH)
+            entries = state.entries
+            rows = [r for r in rows if provider_api(entries[r].provider) == api]
         chose_at = time.time_ns() if self.tracer is not None else 0
         row = self._choose(rows, exchange.failed_rows, route) if rows else _NONE_READY
         if self.tracer is not None:
@@ -1146,7 +1217,7 @@ class DataPlane:
             extra_headers=extra_headers + self.process_header,
             keep_alive=keep_alive,
             request_id=request.request_id,
-            anthropic=request.path == ANTHROPIC_ROUTE,
+            anthropic=request.path in ANTHROPIC_PATHS,
             head_only=request.method == b"HEAD",
         )
         conn.send(answer, keep_alive)
@@ -1280,6 +1351,16 @@ class DataPlane:
 
     def log_error(self, message: str, exc: BaseException | None) -> None:
         log.error("%s: %r", message, exc, exc_info=exc)
+
+
+class _Unservable(Exception):
+    """The chosen worker cannot take this request (its API lacks the route, or the
+    request cannot be expressed in it): (status, error code, message)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 _DEFAULT_RID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")

@@ -27,6 +27,7 @@ from smg.httpwire import (
     HOP_BY_HOP,
     anthropic_error_body,
     anthropic_rewrite,
+    error_body,
     error_response,
     status_line,
 )
@@ -38,8 +39,18 @@ if TYPE_CHECKING:
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.upstream import UpstreamConnection, WorkerPool
     from smg.policies.base import RouteRequest
+    from smg.translate import Translation
 
 _SKIP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-smg-process"}
+# A translated answer gets a body of the gateway's making: the worker's type, encoding and
+# length describe the other one.
+_SKIP_TRANSLATED = _SKIP_RESPONSE_HEADERS | {b"content-type", b"content-encoding"}
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
+# The routes whose errors take Anthropic's shape (count_tokens is an Anthropic route too).
+ANTHROPIC_PATHS = frozenset({ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE})
+# A translated answer that is not a stream is held whole (it is rewritten as a whole);
+# past this size it is dropped and the client gets a 502 (no chat answer is that large).
+MAX_TRANSLATED_BYTES = 16 * 1024 * 1024
 _CHUNK_END = b"0\r\n\r\n"
 # Request bodies up to this size go upstream in one write with the head (a bounded copy);
 # larger ones are written apart, never copied.
@@ -64,7 +75,11 @@ _DISCARD = 2  # an answer to HEAD: headers only (RFC 9110 9.3.2)
 _HOLD = 3  # an error on /v1/messages: held until complete, then rewritten
 _SSE = 4  # an event stream in chunked framing: as _CHUNKED, and the last chunk is noted
 _DROP = 5  # a retryable answer that will not be relayed: counted, then dropped
+_XHOLD = 6  # a translated answer (not a stream): held until complete, then translated
+_XSSE = 7  # a translated event stream, in chunked framing: each chunk through feed()
+_XSSE_RAW = 8  # the same for an HTTP/1.0 client: no framing, ends with the connection
 _FRAMED = (_SSE, _CHUNKED)  # the modes whose message ends with the last chunk
+_WATCHED = frozenset({_SSE, _XSSE})  # the modes of a stream in `DataPlane.streams`
 
 # Plain ints on the hot path (module globals, no enum attribute lookups).
 _WAITING = int(State.WAITING)
@@ -155,8 +170,10 @@ class Exchange:
         "tail",
         "timer",
         "trace",
+        "translation",
         "upstream",
         "upstream_reusable",
+        "worker_api",
     )
 
     def __init__(
@@ -196,6 +213,9 @@ class Exchange:
         self.http10 = http10  # no chunked framing for this client (RFC 9112 6.1)
         self.head_only = head_only  # the client asked HEAD (sent upstream as GET)
         self.body_mode = _RAW  # one int decides each chunk's fate: a single test per chunk
+        # The request goes to a worker of the other API (smg.translate): the answer is
+        # translated back. None: the plain relay (the only cost is one check per head).
+        self.translation: Translation | None = None
         self.held: list[bytes] | None = None
         self.held_headers: list[tuple[bytes, bytes]] | None = None
         self.method = "POST"
@@ -341,7 +361,10 @@ class Exchange:
             return
         self.head_at = time.monotonic()
         self.status = status
-        if status >= 400 and self.endpoint == ANTHROPIC_ROUTE:
+        if self.translation is not None:
+            self._translated_head(status, headers)
+            return
+        if status >= 400 and self.endpoint in ANTHROPIC_PATHS:
             # The Rust SMG rewrites a worker's errors on /v1/messages into Anthropic's shape:
             # the head is written once the whole body is known (`_emit_rewritten`).
             self.body_mode = _HOLD
@@ -401,6 +424,50 @@ class Exchange:
         if self.head_only:
             self.body_mode = _DISCARD
 
+    def _translated_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The head of an answer to a translated request. A 2xx event stream goes out at
+        once, re-framed, each chunk through `Translation.feed`; anything else (a whole
+        answer, an error) is held and written by `_emit_translated`."""
+        content_length = False
+        chunked = False
+        sse = False
+        for name, value in headers:
+            if name == b"content-length":
+                content_length = True
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"content-type":
+                sse = value[:17].lower() == b"text/event-stream"
+        self.close_delimited = not chunked and not content_length
+        if not (sse and 200 <= status < 300):
+            self.body_mode = _XHOLD
+            self.held = []
+            self.held_headers = headers
+            return
+        parts = [status_line(status)]
+        for name, value in headers:
+            if name not in _SKIP_TRANSLATED:
+                parts.append(b"%b: %b\r\n" % (name, value))
+        parts.append(b"content-type: text/event-stream\r\n")
+        if self.http10:
+            self.keep_alive = False  # no chunked coding: the stream ends with the connection
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header))
+        if self.app.cors is not None:
+            parts.append(self.cors)
+        if not self.keep_alive or self.app.draining:
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self.out.append(b"".join(parts))
+        if self.http10:
+            self.body_mode = _XSSE_RAW
+            self.tail = None
+        else:
+            self._watch()
+            self.body_mode = _XSSE
+
     def _watch(self) -> None:
         """The relayed head is an event stream in chunked framing: the gateway can end it
         with an error event, and the sweeper sends keep-alive frames when it goes quiet."""
@@ -435,6 +502,22 @@ class Exchange:
             if self.discarded > MAX_DISCARDED_BYTES and self._advance(_LOST_RETRY) == _RETRY:
                 # Not worth reading to its end: drop it with its connection, retry now.
                 self._retry(self.status)
+        elif mode in (_XSSE, _XSSE_RAW):
+            out = self.translation.feed(chunk)  # type: ignore[union-attr]
+            if out:
+                self.out.append(out if mode == _XSSE_RAW else b"%x\r\n%b\r\n" % (len(out), out))
+                if self.tail is None:
+                    self.app.metrics.ttft(
+                        self.model, self.endpoint, "http", time.monotonic() - self.started
+                    )
+                self.tail = out
+        elif mode == _XHOLD:
+            held = self.held
+            if held is not None:
+                if sum(map(len, held)) + len(chunk) > MAX_TRANSLATED_BYTES:
+                    self.held = None  # too large to translate: read on, answer 502 at the end
+                else:
+                    held.append(chunk)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
         self.state, action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
@@ -444,6 +527,16 @@ class Exchange:
                 self.out.append(_CHUNK_END)
             elif mode == _HOLD:
                 self._emit_rewritten()
+            elif mode in (_XSSE, _XSSE_RAW):
+                out = self.translation.finish()  # type: ignore[union-attr]
+                if mode == _XSSE_RAW:
+                    self.out.append(out)
+                else:
+                    if out:
+                        self.out.append(b"%x\r\n%b\r\n" % (len(out), out))
+                    self.out.append(_CHUNK_END)
+            elif mode == _XHOLD:
+                self._emit_translated()
             self.upstream_reusable = upstream_keep_alive
         elif action == _DRAINED_ACTION:
             self.upstream_reusable = upstream_keep_alive
@@ -466,6 +559,55 @@ class Exchange:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         parts.append(body)  # /v1/messages takes POST only: never an answer to HEAD
+        self.held = self.held_headers = None
+        self.out.append(b"".join(parts))
+
+    def _client_error(self, status: int, code: str, message: str) -> bytes:
+        """An error body of the gateway's own in the client's shape (Anthropic's on the
+        Messages routes, OpenAI's elsewhere)."""
+        if self.endpoint in ANTHROPIC_PATHS:
+            return anthropic_error_body(status, message, self.request_id)
+        return error_body(status, code, message)
+
+    def _emit_translated(self) -> None:
+        """A held answer to a translated request (a whole answer or an error): translated
+        into the client's API, written with a new length. An answer that cannot be
+        translated (too large, not what its API promises) becomes a 502."""
+        translation = self.translation
+        held = self.held
+        status = self.status
+        if held is None:
+            status = 502
+            body = self._client_error(
+                502,
+                "upstream_response_too_large",
+                f"the worker's answer is over {MAX_TRANSLATED_BYTES} bytes and was not translated",
+            )
+        else:
+            try:
+                body = translation.response(status, b"".join(held))  # type: ignore[union-attr]
+            except Exception as exc:  # a worker's bad answer must not end the process
+                self.app.log_error("translating a worker's answer failed", exc)
+                status = 502
+                body = self._client_error(
+                    502,
+                    "upstream_invalid_response",
+                    f"the worker's answer could not be translated: {exc}",
+                )
+        self.status = status
+        parts = [status_line(status)]
+        for name, value in self.held_headers or ():
+            if name not in _SKIP_TRANSLATED:
+                parts.append(b"%b: %b\r\n" % (name, value))
+        parts.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+        parts.append(b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header))
+        if self.app.cors is not None:
+            parts.append(self.cors)
+        if not self.keep_alive or self.app.draining:
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
         self.held = self.held_headers = None
         self.out.append(b"".join(parts))
 
@@ -506,7 +648,9 @@ class Exchange:
             return
         self.upstream = None
         state = self.state
-        if state in (_RELAYING, _STREAMING) and (self.close_delimited or self.body_mode == _HOLD):
+        if state in (_RELAYING, _STREAMING) and (
+            self.close_delimited or self.body_mode in (_HOLD, _XHOLD)
+        ):
             self.response_complete(False)
             self.flush()
             return
@@ -628,7 +772,10 @@ class Exchange:
         tail = self.tail
         # A stream cut inside an event: end that event first (its data is lost anyway).
         frames = [b"\n\n"] if tail is not None and not tail.endswith(_EVENT_ENDS) else []
-        if self.endpoint == ANTHROPIC_ROUTE:
+        if self.translation is not None:
+            # The client's API's own error event (and, for chat, the [DONE] after it).
+            frames.append(self.translation.abort(code, message))
+        elif self.endpoint == ANTHROPIC_ROUTE:
             body = anthropic_error_body(502, message, self.request_id)
             frames.append(b"event: error\ndata: %b\n\n" % body)
         else:
@@ -688,7 +835,7 @@ class Exchange:
                 + (b"" if self.app.cors is None else self.cors),
                 keep_alive=keep_alive,
                 request_id=self.request_id,
-                anthropic=self.endpoint == ANTHROPIC_ROUTE,
+                anthropic=self.endpoint in ANTHROPIC_PATHS,
                 head_only=self.head_only,
             )
         )
@@ -715,7 +862,7 @@ class Exchange:
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self.head = self.body = None
         self.outcome = outcome
-        if self.body_mode == _SSE:
+        if self.body_mode in _WATCHED:
             # Let go of it now, not at the next sweep: a busy process ends thousands of
             # streams between sweeps, and holding them costs the GC more than this.
             self.app.streams.discard(self)
