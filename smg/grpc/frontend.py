@@ -41,13 +41,20 @@ from smg.dataplane.lifecycle import State
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.grpc.types import EngineError, EngineOutput, GenerateInput
 from smg.grpc.workers import GrpcWorkers, NoTokenizer, is_grpc_entry
-from smg.httpwire import build_response, error_response, status_line
+from smg.httpwire import (
+    ANTHROPIC_ROUTE,
+    anthropic_error_body,
+    build_response,
+    error_response,
+    status_line,
+)
 
 if TYPE_CHECKING:
     from smg.dataplane.app import DataPlane
     from smg.dataplane.server import ClientConnection, Request
     from smg.policies.base import RouteRequest
     from smg.shm.directory import DirectoryEntry
+    from smg.translate import Translation
 
 log = logging.getLogger("smg.grpc")
 
@@ -58,6 +65,9 @@ GENERATE_KINDS = {
     "/generate": "generate",
 }
 EMBED_ROUTE = "/v1/embeddings"
+# Anthropic Messages on a gRPC model: translated to chat (smg.translate) and served as
+# chat; count_tokens is the rendered prompt's length.
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
 LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 
 _STREAMING = int(State.STREAMING)
@@ -65,6 +75,7 @@ _IDLE = int(State.WAITING)
 _CHUNK_END = b"0\r\n\r\n"
 _SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": ping\n\n"
+SSE_KEEPALIVE_ANTHROPIC = b'event: ping\ndata: {"type":"ping"}\n\n'
 # Why the task was cancelled from outside (client_gone / timed_out).
 _GONE = 1
 _TIMEOUT = 2
@@ -302,8 +313,28 @@ class GrpcFront:
         found = self.rows_for(model)
         if found is None:
             return False
+        translation = None
+        if path in (ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE):
+            from smg.providers import API_OPENAI
+            from smg.translate import TranslateError
+            from smg.translate import translation as translate
+
+            asked = body if path == ANTHROPIC_ROUTE else _countable(body)
+            try:
+                translation = translate(ANTHROPIC_ROUTE, asked, API_OPENAI, model)
+                if translation is None:
+                    raise TranslateError("the request cannot be served as chat")
+                chat = orjson.loads(translation.upstream_body)
+            except TranslateError as exc:
+                app._send_error(conn, request, 400, "invalid_request", str(exc))
+                return True
+            if path == COUNT_TOKENS_ROUTE:
+                app.spawn(self._count_tokens(conn, request, chat, found[0]))
+                return True
+            kind = "chat"
+            body = chat
         if kind is None and path != EMBED_ROUTE:
-            # /v1/responses, /v1/messages, /v1/rerank: not served by gRPC workers (yet).
+            # /v1/responses, /v1/rerank: not served by gRPC workers (yet).
             app._send_error(
                 conn,
                 request,
@@ -313,6 +344,7 @@ class GrpcFront:
             )
             return True
         exchange = GrpcExchange(self, conn, request, kind or "embed", body, model, found[0])
+        exchange.translation = translation
         conn.exchange = exchange  # type: ignore[assignment]
         app.active.add(exchange)  # type: ignore[arg-type]
         exchange.task = app.loop.create_task(exchange.run())
@@ -416,6 +448,39 @@ class GrpcFront:
         if not conn.closed:
             app._send(conn, request, 200, answer)
 
+    async def _count_tokens(
+        self, conn: ClientConnection, request: Request, chat: dict[str, Any], rows: list[int]
+    ) -> None:
+        """POST /v1/messages/count_tokens on a gRPC model: the Messages request rendered
+        as its chat prompt (template, tools, system) and tokenized, as the engine would
+        get it; Anthropic's answer `{"input_tokens": n}`."""
+        app = self.app
+        entry = app.state.entries.get(rows[0])
+        stages = self.stages
+        try:
+            tokenizer = await self.workers.tokenizer(entry)
+            prepared = stages.prepare("chat", chat, stages.prepare_mod.Defaults())
+            ids, _text = await self.offload.run(
+                len(request.body),
+                stages.prompt_ids,
+                prepared,
+                tokenizer,
+                self.workers.template(tokenizer),
+            )
+        except NoTokenizer as exc:
+            app._send_error(conn, request, 503, "tokenizer_unavailable", str(exc))
+            return
+        except stages.request_error as exc:
+            e: Any = exc
+            app._send_error(conn, request, e.status, e.code, e.message)
+            return
+        except Exception as exc:
+            app.log_error("count_tokens failed", exc)
+            app._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            return
+        if not conn.closed:
+            app._send(conn, request, 200, orjson.dumps({"input_tokens": len(ids)}))
+
     async def _tokenize(self, body: dict[str, Any], tokenizer: Any, context: int | None) -> bytes:
         stages = self.stages
         respond = stages.respond
@@ -448,6 +513,25 @@ async def _quiet(awaitable: Any) -> None:
         await awaitable
     except Exception as exc:  # logged here; a request asking for it gets the error
         log.warning("loading a tokenizer failed: %r", exc)
+
+
+def _error_message(body: bytes | None) -> str | None:
+    """The `error.message` of an OpenAI error body (a RequestError's), if any."""
+    if body is None:
+        return None
+    try:
+        found = orjson.loads(body)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _countable(body: dict[str, Any]) -> dict[str, Any]:
+    """A count_tokens body as a Messages request: count_tokens takes no `max_tokens`
+    (Anthropic's API has none there), which a Messages request must have."""
+    counted = {k: v for k, v in body.items() if k not in ("stream", "max_tokens")}
+    counted["max_tokens"] = 1
+    return counted
 
 
 def _context_length(entry: DirectoryEntry | None, tokenizer: Any) -> int | None:
@@ -550,6 +634,8 @@ class GrpcExchange:
         self._writable.set()
         self.upstream = self  # ClientConnection.pause_writing: upstream.transport.pause_reading()
         self.transport = self
+        # /v1/messages: served as chat, every answer byte through the translation.
+        self.translation: Translation | None = None
 
     # --- what the connection and the sweeper call ----------------------------------------
 
@@ -578,7 +664,7 @@ class GrpcExchange:
         if self.state != _STREAMING or not self._writable.is_set():
             return
         if now - self.last_write >= quiet_for:
-            self._write(SSE_KEEPALIVE)
+            self._write(SSE_KEEPALIVE if self.translation is None else SSE_KEEPALIVE_ANTHROPIC)
 
     # --- the task --------------------------------------------------------------------------------
 
@@ -1085,11 +1171,17 @@ class GrpcExchange:
             await self._send_event(first)
 
     async def _send_event(self, data: bytes) -> None:
+        if self.translation is not None:
+            data = self.translation.feed(data)
+            if not data:
+                return
         self._write(data)
         if not self._writable.is_set():
             await self._writable.wait()  # the client's socket buffer is full
 
     async def _end_stream(self, last: bytes) -> None:
+        if self.translation is not None:
+            last = self.translation.feed(last) + self.translation.finish()
         if last:
             self._write(last)
         self._close_stream(200, "")
@@ -1106,6 +1198,8 @@ class GrpcExchange:
             self.client.response_done(self.keep_alive)
 
     def _answer(self, status: int, body: bytes) -> None:
+        if self.translation is not None:
+            body = self.translation.response(status, body)
         app = self.app
         keep_alive = self.keep_alive and not app.draining
         self.client.write(
@@ -1136,11 +1230,17 @@ class GrpcExchange:
             self._finish(499 if not self.head_sent else status, code)
             return
         if self.head_sent:
-            self._write(stream_error_event(code, message))
+            if self.translation is not None:
+                self._write(self.translation.abort(code, message))
+            else:
+                self._write(stream_error_event(code, message))
             self._close_stream(200, "stream_error")
             return
         app = self.app
         keep_alive = self.keep_alive and not app.draining
+        if self.translation is not None:
+            # Anthropic's shape, with the message the OpenAI body would have carried.
+            body = anthropic_error_body(status, _error_message(body) or message, self.request_id)
         if body is None:
             answer = error_response(
                 status,
