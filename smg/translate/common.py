@@ -22,7 +22,7 @@ class SseReader:
     (`:` keep-alives) are skipped; an event is dispatched at its blank line.
     """
 
-    __slots__ = ("_buf", "_event", "_data")
+    __slots__ = ("_buf", "_data", "_event")
 
     def __init__(self) -> None:
         self._buf = bytearray()
