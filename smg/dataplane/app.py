@@ -23,6 +23,15 @@ from smg.dataplane import auth
 from smg.dataplane.admission import Admission
 from smg.dataplane.cors import Cors
 from smg.dataplane.exchange import ANTHROPIC_PATHS, COUNT_TOKENS_ROUTE, Exchange
+from smg.dataplane.external import (
+    External,
+    bearer_token,
+    byok_key,
+    credential_lines,
+    filter_rows,
+    merge_models,
+    transform_body,
+)
 from smg.dataplane.gate import CLIENT_LEFT, WorkerGate
 from smg.dataplane.lifecycle import State
 from smg.dataplane.metrics import DataPlaneMetrics
@@ -302,6 +311,9 @@ class DataPlane:
         # The gRPC request path (smg.grpc.frontend), made when the directory first lists a
         # gRPC worker; None keeps the HTTP path at one attribute check.
         self.grpc: GrpcFront | None = None
+        # External workers' keys, filters and refreshes (smg.dataplane.external), made when
+        # the directory first lists one; None keeps the self-hosted path at one check.
+        self.external: External | None = None
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -401,6 +413,8 @@ class DataPlane:
             self.grpc = GrpcFront(self)
         if self.grpc is not None:
             self.grpc.on_directory(new_entries)
+        if self.external is None and any(e.provider is not None for e in new_entries.values()):
+            self.external = External(self.root_pid, self._serving_keys)
 
     def _affinity_directory(self, entries: dict[int, DirectoryEntry]) -> None:
         """Tell the policies the fleet (rings and pins key workers by URL and generation),
@@ -511,6 +525,13 @@ class DataPlane:
                     self.proxy_admitted(conn, request)
                 return
             if method == b"GET" or method == b"HEAD":
+                if path == "/v1/models" and self.external is not None:
+                    key = self.external.caller_key(
+                        request.header(b"authorization"), request.header(b"x-api-key")
+                    )
+                    if key is not None:  # the caller's own key: ask its providers too
+                        self.spawn(self._models_fanout(conn, request, key))
+                        return
                 # HEAD answers as GET does, without the body (RFC 9110 9.3.2).
                 local = self._local_get(path)
                 if local is not None:
@@ -634,6 +655,9 @@ class DataPlane:
         return None
 
     def _models_body(self) -> bytes:
+        return orjson.dumps({"object": "list", "data": self._models_list()})
+
+    def _models_list(self) -> list[dict[str, Any]]:
         state = self.refresh()
         seen: dict[str, dict[str, Any]] = {}
         for entry in state.entries.values():
@@ -643,12 +667,73 @@ class DataPlane:
                         "id": model,
                         "object": "model",
                         "created": 0,
-                        "owned_by": entry.engine or "smg",
+                        "owned_by": entry.provider or entry.engine or "smg",
                     }
         for alias, canonical in state.aliases.items():
             if canonical in seen and alias not in seen:
                 seen[alias] = {**seen[canonical], "id": alias}
-        return orjson.dumps({"object": "list", "data": list(seen.values())})
+        return list(seen.values())
+
+    async def _models_fanout(self, conn: ClientConnection, request: Request, key: bytes) -> None:
+        """/v1/models with the caller's own key: the directory's models plus those the
+        external workers the key may go to list for it (the control plane asks them)."""
+        external = self.external
+        assert external is not None
+        header = (
+            "authorization"
+            if key == bearer_token(request.header(b"authorization"))
+            else "x-api-key"
+        )
+        try:
+            upstream = await external.models(key, header)
+            if conn.closed:
+                return
+            data = merge_models(self._models_list(), upstream)
+            self._send(conn, request, 200, orjson.dumps({"object": "list", "data": data}))
+        except Exception as exc:  # a request must never take the process down
+            self.log_error("/v1/models fan-out failed", exc)
+            if not conn.closed:
+                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    async def _refresh_then_proxy(
+        self, conn: ClientConnection, request: Request, key: bytes | None
+    ) -> None:
+        """A routing miss with external workers registered: one refresh of their model
+        lists (bounded, shared with concurrent misses), then the request is routed again
+        (404 if the model is still unknown)."""
+        external = self.external
+        assert external is not None
+        try:
+            await external.refresh(key)
+            if conn.closed:
+                return
+            external.rerouted = request
+            try:
+                self.proxy(conn, request)
+            finally:
+                external.rerouted = None
+        except Exception as exc:  # a request must never take the process down
+            self.log_error("routing after a model refresh failed", exc)
+            if conn.exchange is None and conn.busy:
+                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _external_rows(
+        self, conn: ClientConnection | None, request: Request, rows: list[int], model: str | None
+    ) -> list[int] | None:
+        """`rows` less those the request may not use (smg.dataplane.external.filter_rows);
+        None when none is left and `conn` is given: then the 400 has been sent."""
+        allowed, code, message = filter_rows(
+            self.state.entries,
+            rows,
+            model,
+            request.header(b"authorization"),
+            request.header(b"x-api-key"),
+            self._serving_keys,
+        )
+        if code and conn is not None:
+            self._send_error(conn, request, 400, code, message)
+            return None
+        return allowed
 
     def proxy(self, conn: ClientConnection, request: Request, *, body_routing: bool = True) -> None:
         started = time.monotonic()
@@ -684,10 +769,21 @@ class DataPlane:
         if rows is None:
             rows = self._candidates(state, model)
         if rows is None:
+            external = self.external
+            if external is not None and model is not None and external.rerouted is not request:
+                key = external.caller_key(
+                    request.header(b"authorization"), request.header(b"x-api-key")
+                )
+                self.spawn(self._refresh_then_proxy(conn, request, key))
+                return
             self._send_error(
                 conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
             )
             return
+        if self.external is not None and rows:
+            rows = self._external_rows(conn, request, rows, model)  # type: ignore[assignment]
+            if rows is None:
+                return
         route = RouteRequest(model=model, stream=stream, text=text)
         if self.key_names is not None:
             header = request.header
@@ -717,8 +813,11 @@ class DataPlane:
                 return
         pool = self._pool(row, entry)
         request_id = request.request_id
-        head = self._upstream_request(request, entry, pool)
         body = request.body
+        if entry.provider is not None:  # an external worker: the provider's body shape
+            path = request.path if translation is None else translation.upstream_path.decode()
+            body = transform_body(entry.provider, path, bytes(body))
+        head = self._upstream_request(request, entry, pool, len(body))
         request.body = b""  # the exchange holds the body now, and drops it once written
         exchange = Exchange(
             self,
@@ -950,6 +1049,8 @@ class DataPlane:
             return 502, "internal_error", "the request can no longer be retried", b""
         state = self.refresh()
         rows = self._candidates(state, route.model)
+        if self.external is not None and rows:
+            rows = self._external_rows(None, request, rows, route.model)
         if rows:
             # The body went out in one API (translated or not): the retry stays on it.
             api = getattr(exchange, "worker_api", API_BOTH)
@@ -966,6 +1067,8 @@ class DataPlane:
         exchange.row = row
         exchange.generation = entry.generation
         exchange.pool = pool
+        if entry.provider is not None:
+            exchange.body = body = transform_body(entry.provider, request.path, body)
         exchange.head = self._upstream_request(request, entry, pool, len(body))
         self._in_flight_add(row, entry.generation)
         self.policy.on_dispatch(row)
@@ -986,6 +1089,8 @@ class DataPlane:
         if route is None:
             return False
         rows = self._candidates(self.refresh(), route.model)
+        if self.external is not None and rows and exchange.request is not None:
+            rows = self._external_rows(None, exchange.request, rows, route.model)
         allowed = self.gate.filter(rows) if rows else None
         if not allowed:
             return False
@@ -1075,9 +1180,12 @@ class DataPlane:
             append(b": ")
             append(value)
             append(b"\r\n")
-        key = entry.api_key or self._global_api_key
-        if key:
-            append(b"authorization: Bearer " + key.encode("latin-1") + b"\r\n")
+        if entry.provider is None:
+            key = entry.api_key or self._global_api_key
+            if key:
+                append(b"authorization: Bearer " + key.encode("latin-1") + b"\r\n")
+        else:  # an external worker: the caller's own key or the worker's, never the gateway's
+            append(self._external_credential(request, entry))
         if size is None:
             size = len(request.body)
         if size or request.method not in (b"GET", b"HEAD"):
@@ -1088,6 +1196,18 @@ class DataPlane:
             append(request.trace.begin_attempt(entry.url))  # this attempt's traceparent
         append(b"\r\n")
         return b"".join(parts)
+
+    def _external_credential(self, request: Request, entry: DirectoryEntry) -> bytes:
+        provider = entry.provider
+        assert provider is not None
+        key = byok_key(
+            provider,
+            request.header(b"authorization"),
+            request.header(b"x-api-key"),
+            self._serving_keys,
+        )
+        version = request.header(b"anthropic-version") is not None
+        return credential_lines(provider, key, entry.api_key, version)
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
