@@ -325,6 +325,11 @@ class GrpcFront:
                 if translation is None:
                     raise TranslateError("the request cannot be served as chat")
                 chat = orjson.loads(translation.upstream_body)
+                _thinking_switch(asked, chat)
+                if chat.get("stream") is True:
+                    # Usage on every chunk: message_start then carries the prompt's tokens,
+                    # as Anthropic's does (the prompt is known before the first token).
+                    chat["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
             except TranslateError as exc:
                 app._send_error(conn, request, 400, "invalid_request", str(exc))
                 return True
@@ -524,6 +529,26 @@ def _error_message(body: bytes | None) -> str | None:
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
     return found if isinstance(found, str) else None
+
+
+# The keys chat templates read for their thinking toggle (Qwen3's, DeepSeek V3.1's and
+# Kimi's): a template reads its own and ignores the other.
+_THINKING_KEYS = ("enable_thinking", "thinking")
+
+
+def _thinking_switch(messages: dict[str, Any], chat: dict[str, Any]) -> None:
+    """Anthropic's `thinking` as the template's toggle, as the Rust SMG's gRPC Messages
+    path does (enabled: on, disabled: off, absent: the template's default), where the
+    chat request alone (reasoning_effort) could only turn it off."""
+    thinking = messages.get("thinking")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled"):
+        return
+    kwargs = chat.get("chat_template_kwargs")
+    if not isinstance(kwargs, dict):
+        kwargs = chat["chat_template_kwargs"] = {}
+    for key in _THINKING_KEYS:
+        kwargs.setdefault(key, kind == "enabled")
 
 
 def _countable(body: dict[str, Any]) -> dict[str, Any]:
