@@ -418,21 +418,24 @@ def test_response_without_choices_is_an_error() -> None:
 # --- streams ---------------------------------------------------------------------------
 
 
-def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
+def _chunk(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    usage: dict[str, Any] | None = None,
+    **choice: Any,
+) -> bytes:
+    """One chat stream event; delta None: the usage-only chunk (no choices)."""
     body: dict[str, Any] = {
         "id": "chatcmpl-s1",
         "object": "chat.completion.chunk",
         "created": 1,
         "model": "up-model",
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "finish_reason": finish, **choice}],
     }
-    body["choices"] = (
-        [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]
-    )
-    body.update({k: v for k, v in extra.items() if k == "usage"})
-    if "usage" in extra:
-        body["choices"] = body["choices"] and [
-            {"index": 0, "delta": delta, "finish_reason": finish}
-        ]
+    if usage is not None:
+        body["usage"] = usage
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
