@@ -20,7 +20,9 @@ from smg.translate.common import (
     TranslateError,
     chat_id,
     loads_object,
+    obj,
     openai_error,
+    text,
     usage_to_chat,
 )
 
@@ -97,9 +99,9 @@ def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("text", "refusal"):
-                text = part.get(kind)
-                if isinstance(text, str) and text:
-                    blocks.append({"type": "text", "text": text})
+                said = text(part.get(kind))
+                if said:
+                    blocks.append({"type": "text", "text": said})
             else:
                 raise TranslateError(
                     f"assistant content part type {kind!r} cannot be sent to this model"
@@ -113,7 +115,10 @@ def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
         )
     # Earlier reasoning (reasoning_content) is not sent: Anthropic takes thinking blocks
     # back only with their signature, which a chat history does not carry.
-    for call in message.get("tool_calls") or ():
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise TranslateError("assistant 'tool_calls' must be a list")
+    for call in calls or ():
         function = call.get("function") if isinstance(call, dict) else None
         if (
             not isinstance(function, dict)
@@ -149,7 +154,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     for tool in tools:
         function = tool.get("function") if isinstance(tool, dict) else None
         if (
-            tool.get("type") != "function"
+            obj(tool).get("type") != "function"
             or not isinstance(function, dict)
             or not isinstance(function.get("name"), str)
         ):
@@ -173,7 +178,7 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     if choice == "none":
         return {"type": "none"}
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        name = obj(choice.get("function")).get("name")
         if isinstance(name, str):
             return {"type": "tool", "name": name}
     raise TranslateError("'tool_choice' must be auto, required, none or a named function")
@@ -237,7 +242,7 @@ def messages_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
     effort = body.get("reasoning_effort")
     budget = None
     if effort is not None and effort not in _NO_EFFORT:
-        budget = EFFORT_BUDGET.get(effort)
+        budget = EFFORT_BUDGET.get(effort) if isinstance(effort, str) else None
         if budget is None:
             raise TranslateError(f"reasoning_effort {effort!r} is not one of low, medium, high")
     if limit is None:
@@ -298,24 +303,24 @@ class ChatOverMessages:
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
             return openai_error(status, body)
-        answer = loads_object(body)
-        content = answer.get("content") if answer else None
+        answer = obj(loads_object(body))
+        content = answer.get("content")
         if not isinstance(content, list):
             return openai_error(502, b"the worker's Messages answer has no content")
         texts, thinking, calls = [], [], []
         for block in content:
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                texts.append(block.get("text") or "")
+                texts.append(text(block.get("text")))
             elif kind == "thinking":
-                thinking.append(block.get("thinking") or "")
+                thinking.append(text(block.get("thinking")))
             elif kind == "tool_use":
-                arguments = orjson.dumps(block.get("input") or {}).decode()
+                arguments = orjson.dumps(obj(block.get("input"))).decode()
                 calls.append(
                     {
-                        "id": block.get("id") or "",
+                        "id": text(block.get("id")),
                         "type": "function",
-                        "function": {"name": block.get("name") or "", "arguments": arguments},
+                        "function": {"name": text(block.get("name")), "arguments": arguments},
                     }
                 )
         message: dict[str, Any] = {
@@ -385,31 +390,32 @@ class ChatOverMessages:
     def _event(self, event: dict[str, Any], payload: bytes, out: list[bytes]) -> None:
         kind = event.get("type")
         if kind == "message_start":
-            message = event.get("message") or {}
+            message = obj(event.get("message"))
             self._id = chat_id(message.get("id"))
-            self._model = message.get("model") or self._model
-            self._usage = dict(message.get("usage") or {})
+            self._model = text(message.get("model")) or self._model
+            self._usage = dict(obj(message.get("usage")))
             self._chunk(out, {"role": "assistant", "content": ""})
         elif kind == "content_block_start":
-            block = event.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                position = self._blocks[event.get("index", 0)] = len(self._blocks)
+            block = obj(event.get("content_block"))
+            index = event.get("index")
+            if block.get("type") == "tool_use" and isinstance(index, int):
+                position = self._blocks[index] = len(self._blocks)
                 call = {
                     "index": position,
-                    "id": block.get("id") or "",
+                    "id": text(block.get("id")),
                     "type": "function",
-                    "function": {"name": block.get("name") or "", "arguments": ""},
+                    "function": {"name": text(block.get("name")), "arguments": ""},
                 }
                 self._chunk(out, {"tool_calls": [call]})
-            elif block.get("type") == "text" and block.get("text"):
+            elif block.get("type") == "text" and text(block.get("text")):
                 self._chunk(out, {"content": block["text"]})
         elif kind == "content_block_delta":
-            self._delta(event.get("index", 0), event.get("delta") or {}, out)
+            self._delta(event.get("index"), obj(event.get("delta")), out)
         elif kind == "message_delta":
             usage = event.get("usage")
             if isinstance(usage, dict):
                 self._usage.update({k: v for k, v in usage.items() if v is not None})
-            stop_reason = (event.get("delta") or {}).get("stop_reason")
+            stop_reason = obj(event.get("delta")).get("stop_reason")
             self._chunk(out, {}, _finish_reason(stop_reason))
         elif kind == "message_stop":
             self._done = True
@@ -426,27 +432,31 @@ class ChatOverMessages:
             out.append(b"data: [DONE]\n\n")
         elif kind == "error":
             self._done = True
-            error = event.get("error") or {}
+            error = obj(event.get("error"))
             message = (
                 error.get("message")
                 if isinstance(error.get("message"), str)
                 else payload.decode("utf-8", "replace")
             )
             body = {
-                "error": {"message": message, "type": "stream_error", "code": error.get("type")}
+                "error": {
+                    "message": message,
+                    "type": "stream_error",
+                    "code": text(error.get("type")) or None,
+                }
             }
             out.append(b"data: %b\n\ndata: [DONE]\n\n" % orjson.dumps(body))
         # ping, content_block_stop and unknown events carry nothing for a chat client.
 
-    def _delta(self, index: int, delta: dict[str, Any], out: list[bytes]) -> None:
+    def _delta(self, index: Any, delta: dict[str, Any], out: list[bytes]) -> None:
         kind = delta.get("type")
         if kind == "text_delta":
-            self._chunk(out, {"content": delta.get("text") or ""})
+            self._chunk(out, {"content": text(delta.get("text"))})
         elif kind == "thinking_delta":
-            self._chunk(out, {"reasoning_content": delta.get("thinking") or ""})
+            self._chunk(out, {"reasoning_content": text(delta.get("thinking"))})
         elif kind == "input_json_delta":
-            position = self._blocks.get(index)
-            partial = delta.get("partial_json")
+            position = self._blocks.get(index) if isinstance(index, int) else None
+            partial = text(delta.get("partial_json"))
             if position is not None and partial:
                 self._chunk(
                     out, {"tool_calls": [{"index": position, "function": {"arguments": partial}}]}
