@@ -245,6 +245,15 @@ def test_request_thinking_becomes_reasoning_effort(budget: int, effort: str) -> 
     assert "reasoning_effort" not in _req(_base(thinking={"type": "disabled"}))
 
 
+def test_request_adaptive_thinking_and_named_effort() -> None:
+    assert _req(_base(thinking={"type": "adaptive"}))["reasoning_effort"] == "medium"
+    body = _base(
+        thinking={"type": "enabled", "budget_tokens": 1024}, output_config={"effort": "high"}
+    )
+    assert _req(body)["reasoning_effort"] == "high"
+    assert "reasoning_effort" not in _req(_base(output_config={"effort": "max"}))
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
@@ -281,6 +290,8 @@ def test_request_thinking_becomes_reasoning_effort(budget: int, effort: str) -> 
             "file",
         ),
         (_base(system=[{"type": "image"}]), "system"),
+        (_base(mcp_servers=[{"type": "url", "url": "https://m", "name": "m"}]), "mcp_servers"),
+        (_base(container="c-1"), "container"),
     ],
 )
 def test_request_errors(body: dict[str, Any], words: str) -> None:

@@ -33,6 +33,9 @@ SIGNATURE_PLACEHOLDER = "smg-translated-no-signature"
 # thinking.budget_tokens -> reasoning_effort: the chat side's only reasoning knob. The
 # edges are LiteLLM's effort -> budget defaults (low 1024, medium 2048, high 4096).
 _EFFORT_EDGES = ((2048, "low"), (4096, "medium"))
+# Messages request fields that need Anthropic's servers (remote MCP tool calls, code
+# execution containers): refused, since the answer would silently lack what they add.
+_REFUSED = ("mcp_servers", "container")
 
 
 def _effort(budget: Any) -> str:
@@ -41,6 +44,21 @@ def _effort(budget: Any) -> str:
             if budget < edge:
                 return name
     return "high"
+
+
+def _reasoning_effort(body: dict[str, Any]) -> str | None:
+    """What the chat side can say of `thinking`: an effort. output_config.effort names one
+    directly (vLLM maps it the same way); an enabled budget picks one by size; adaptive
+    thinking (the model decides) is OpenAI's default effort, medium."""
+    named = obj(body.get("output_config")).get("effort")
+    if named in ("low", "medium", "high"):
+        return named
+    thinking = obj(body.get("thinking"))
+    if thinking.get("type") == "enabled":
+        return _effort(thinking.get("budget_tokens"))
+    if thinking.get("type") == "adaptive":
+        return "medium"
+    return None
 
 
 def _text_of(blocks: Any, where: str) -> str:
@@ -199,6 +217,9 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise TranslateError("'messages' must be a non-empty list")
+    for name in _REFUSED:
+        if body.get(name):
+            raise TranslateError(f"'{name}' cannot be sent to this model (it speaks OpenAI chat)")
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise TranslateError("'max_tokens' is required and must be a positive integer")
@@ -242,9 +263,9 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         chat["tool_choice"] = _tool_choice(choice)
         if choice.get("disable_parallel_tool_use") is True and "tools" in chat:
             chat["parallel_tool_calls"] = False
-    thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
-        chat["reasoning_effort"] = _effort(thinking.get("budget_tokens"))
+    effort = _reasoning_effort(body)
+    if effort is not None:
+        chat["reasoning_effort"] = effort
     if body.get("stream") is True:
         chat["stream"] = True
         # Anthropic's message_delta carries usage; a chat stream has it only when asked.
