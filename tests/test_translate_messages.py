@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
-from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types import BetaErrorResponse, Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from smg.providers import API_ANTHROPIC, API_BOTH, API_OPENAI
@@ -245,6 +245,15 @@ def test_request_thinking_becomes_reasoning_effort(budget: int, effort: str) -> 
     assert "reasoning_effort" not in _req(_base(thinking={"type": "disabled"}))
 
 
+def test_request_adaptive_thinking_and_named_effort() -> None:
+    assert _req(_base(thinking={"type": "adaptive"}))["reasoning_effort"] == "medium"
+    body = _base(
+        thinking={"type": "enabled", "budget_tokens": 1024}, output_config={"effort": "high"}
+    )
+    assert _req(body)["reasoning_effort"] == "high"
+    assert "reasoning_effort" not in _req(_base(output_config={"effort": "max"}))
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
@@ -281,6 +290,8 @@ def test_request_thinking_becomes_reasoning_effort(budget: int, effort: str) -> 
             "file",
         ),
         (_base(system=[{"type": "image"}]), "system"),
+        (_base(mcp_servers=[{"type": "url", "url": "https://m", "name": "m"}]), "mcp_servers"),
+        (_base(container="c-1"), "container"),
     ],
 )
 def test_request_errors(body: dict[str, Any], words: str) -> None:
@@ -407,8 +418,292 @@ def test_response_errors_take_anthropic_shape(
 ) -> None:
     out = orjson.loads(_t(_base()).response(status, body))
     assert out == {"type": "error", "error": {"type": kind, "message": message}}
+    BetaErrorResponse.model_validate(out)
 
 
 def test_response_without_choices_is_an_error() -> None:
     out = orjson.loads(_t(_base()).response(200, b'{"id":"x","choices":[]}'))
     assert out["type"] == "error" and out["error"]["type"] == "api_error"
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+def _chunk(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    usage: dict[str, Any] | None = None,
+    **choice: Any,
+) -> bytes:
+    """One chat stream event; delta None: the usage-only chunk (no choices)."""
+    body: dict[str, Any] = {
+        "id": "chatcmpl-s1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "up-model",
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "finish_reason": finish, **choice}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+_USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+
+_CHAT_STREAM = b"".join(
+    [
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"reasoning_content": "let me "}),
+        _chunk({"reasoning_content": "see"}),
+        _chunk({"content": "Hel"}),
+        _chunk({"content": "lo"}),
+        _chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get", "arguments": ""},
+                    }
+                ]
+            }
+        ),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+        _chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "now", "arguments": "{}"},
+                    }
+                ]
+            }
+        ),
+        b": keep-alive comment\r\n\r\n",
+        _chunk({}, "tool_calls"),
+        _chunk(None, usage=_USAGE),
+        b"data: [DONE]\n\n",
+    ]
+)
+
+
+def _events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for frame in raw.split(b"\n\n"):
+        if not frame:
+            continue
+        name, data = frame.split(b"\n")
+        assert name.startswith(b"event: ") and data.startswith(b"data: ")
+        body = orjson.loads(data[6:])
+        assert body["type"] == name[7:].decode()
+        out.append((body["type"], body))
+    return out
+
+
+def _is_thinking(body: dict[str, Any]) -> bool:
+    return body.get("content_block", {}).get("type") == "thinking" or body.get("delta", {}).get(
+        "type"
+    ) in (
+        "thinking_delta",
+        "signature_delta",
+    )
+
+
+def _validate(events: list[tuple[str, dict[str, Any]]]) -> None:
+    for name, body in events:
+        if name == "error":  # the SDK raises on it (no event type): Anthropic's error shape
+            BetaErrorResponse.model_validate(body)
+        elif not _is_thinking(body):  # anthropic 0.38.0 has no thinking types: checked by shape
+            _EVENT.validate_python(body)
+
+
+def _run(stream: bytes, body: dict[str, Any] | None = None, split: int = 0) -> bytes:
+    t = _t(body or _base(stream=True))
+    if split:
+        out = b"".join(t.feed(stream[i : i + split]) for i in range(0, len(stream), split))
+    else:
+        out = t.feed(stream)
+    return out + t.finish()
+
+
+def test_stream_full_event_sequence() -> None:
+    raw = _run(_CHAT_STREAM)
+    events = _events(raw)
+    _validate(events)
+    assert [body for _, body in events] == [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_s1",
+                "type": "message",
+                "role": "assistant",
+                "model": "up-model",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            },
+        },
+        {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": "let me "},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": "see"},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "signature_delta", "signature": SIGNATURE_PLACEHOLDER},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Hel"}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "lo"}},
+        {"type": "content_block_stop", "index": 1},
+        {
+            "type": "content_block_start",
+            "index": 2,
+            "content_block": {"type": "tool_use", "id": "call_1", "name": "get", "input": {}},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 2,
+            "delta": {"type": "input_json_delta", "partial_json": '{"city":'},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 2,
+            "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'},
+        },
+        {"type": "content_block_stop", "index": 2},
+        {
+            "type": "content_block_start",
+            "index": 3,
+            "content_block": {"type": "tool_use", "id": "call_2", "name": "now", "input": {}},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 3,
+            "delta": {"type": "input_json_delta", "partial_json": "{}"},
+        },
+        {"type": "content_block_stop", "index": 3},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"input_tokens": 12, "output_tokens": 7},
+        },
+        {"type": "message_stop"},
+    ]
+
+
+@pytest.mark.parametrize("split", [1, 2, 7, 64])
+def test_stream_split_anywhere_gives_the_same_bytes(split: int) -> None:
+    assert _run(_CHAT_STREAM, split=split) == _run(_CHAT_STREAM)
+    crlf = _CHAT_STREAM.replace(b"\n", b"\r\n")
+    assert _run(crlf, split=split) == _run(_CHAT_STREAM)
+
+
+def test_stream_accumulates_with_the_sdk() -> None:
+    from anthropic.lib.streaming._messages import accumulate_event
+
+    stream = b"".join(
+        [
+            _chunk({"role": "assistant", "content": ""}),
+            _chunk({"content": "A"}),
+            _chunk({"content": "B"}, "stop", stop_reason="END"),
+            _chunk(None, usage=_USAGE),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    snapshot = None
+    for _, body in _events(_run(stream, _base(stream=True, stop_sequences=["END"]))):
+        snapshot = accumulate_event(event=_EVENT.validate_python(body), current_snapshot=snapshot)
+    assert snapshot is not None
+    assert snapshot.content[0].type == "text" and snapshot.content[0].text == "AB"
+    assert (snapshot.stop_reason, snapshot.stop_sequence, snapshot.usage.output_tokens) == (
+        "stop_sequence",
+        "END",
+        7,
+    )
+
+
+def test_stream_length_without_done_closes_at_finish() -> None:
+    t = _t(_base(stream=True))
+    out = t.feed(_chunk({"content": "x"}) + _chunk({}, "length"))
+    assert b"message_delta" not in out
+    events = _events(out + t.finish())
+    _validate(events)
+    assert events[-2][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert events[-1][0] == "message_stop"
+    assert t.finish() == b"" and t.feed(b"data: [DONE]\n\n") == b""
+
+
+def test_stream_cut_short_ends_with_an_error_event() -> None:
+    t = _t(_base(stream=True))
+    out = t.feed(_chunk({"content": "x"}))
+    events = _events(out + t.finish())
+    assert events[-1] == (
+        "error",
+        {
+            "type": "error",
+            "error": {
+                "type": "api_error",
+                "message": "the worker's stream ended before the answer was complete",
+            },
+        },
+    )
+    _validate(events)
+
+
+def test_stream_upstream_error_event_and_abort() -> None:
+    t = _t(_base(stream=True))
+    out = t.feed(
+        _chunk({"content": "x"})
+        + b'data: {"error":{"message":"boom","type":"server_error"}}\n\n'
+        + _chunk({"content": "y"})
+    )
+    events = _events(out)
+    assert events[-1] == (
+        "error",
+        {"type": "error", "error": {"type": "api_error", "message": "boom"}},
+    )
+    assert t.finish() == b""
+    t2 = _t(_base(stream=True))
+    assert _events(t2.abort("upstream_timeout", "too slow")) == [
+        ("error", {"type": "error", "error": {"type": "api_error", "message": "too slow"}})
+    ]
+    _validate(events)
+
+
+def test_stream_cached_usage_in_message_start() -> None:
+    # vLLM's continuous usage stats put usage on the first chunk already.
+    first = _chunk(
+        {"role": "assistant"},
+        usage={
+            "prompt_tokens": 9,
+            "completion_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 3},
+        },
+    )
+    events = _events(_t(_base(stream=True)).feed(first))
+    assert events[0][1]["message"]["usage"] == {
+        "input_tokens": 6,
+        "output_tokens": 0,
+        "cache_read_input_tokens": 3,
+    }
+    _validate(events)

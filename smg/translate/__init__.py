@@ -20,6 +20,7 @@ __all__ = ["TranslateError", "Translation", "translation"]
 
 MESSAGES_ROUTE = "/v1/messages"
 CHAT_ROUTE = "/v1/chat/completions"
+_TRANSLATED = {(MESSAGES_ROUTE, API_OPENAI), (CHAT_ROUTE, API_ANTHROPIC)}
 
 
 class Translation(Protocol):
@@ -52,8 +53,10 @@ def translation(
     goes as it came (same API, or a worker speaking both). `model` names the model in the
     upstream request when given (else the body's). Raises TranslateError (answer 400) when
     the request is malformed or cannot be expressed in the worker's API."""
-    if client_path == MESSAGES_ROUTE and worker_api == API_OPENAI:
+    if (client_path, worker_api) not in _TRANSLATED:
+        return None
+    if not isinstance(body, dict):
+        raise TranslateError("the request body must be a JSON object")
+    if client_path == MESSAGES_ROUTE:
         return MessagesOverChat(body, model)
-    if client_path == CHAT_ROUTE and worker_api == API_ANTHROPIC:
-        return ChatOverMessages(body, model)
-    return None
+    return ChatOverMessages(body, model)

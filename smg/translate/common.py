@@ -189,3 +189,17 @@ def openai_error(status: int, body: bytes) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": error_type(status), "code": kind, "param": None}}
     )
+
+
+# Readers for parsed JSON of unknown shape: a part of the wrong type reads as empty, so a
+# malformed request or answer is refused or skipped, never an exception.
+def obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def seq(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def text(value: Any) -> str:
+    return value if isinstance(value, str) else ""

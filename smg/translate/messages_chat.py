@@ -20,6 +20,9 @@ from smg.translate.common import (
     anthropic_error,
     loads_object,
     message_id,
+    obj,
+    seq,
+    text,
     usage_to_messages,
 )
 
@@ -30,6 +33,9 @@ SIGNATURE_PLACEHOLDER = "smg-translated-no-signature"
 # thinking.budget_tokens -> reasoning_effort: the chat side's only reasoning knob. The
 # edges are LiteLLM's effort -> budget defaults (low 1024, medium 2048, high 4096).
 _EFFORT_EDGES = ((2048, "low"), (4096, "medium"))
+# Messages request fields that need Anthropic's servers (remote MCP tool calls, code
+# execution containers): refused, since the answer would silently lack what they add.
+_REFUSED = ("mcp_servers", "container")
 
 
 def _effort(budget: Any) -> str:
@@ -38,6 +44,21 @@ def _effort(budget: Any) -> str:
             if budget < edge:
                 return name
     return "high"
+
+
+def _reasoning_effort(body: dict[str, Any]) -> str | None:
+    """What the chat side can say of `thinking`: an effort. output_config.effort names one
+    directly (vLLM maps it the same way); an enabled budget picks one by size; adaptive
+    thinking (the model decides) is OpenAI's default effort, medium."""
+    named = obj(body.get("output_config")).get("effort")
+    if named in ("low", "medium", "high"):
+        return named
+    thinking = obj(body.get("thinking"))
+    if thinking.get("type") == "enabled":
+        return _effort(thinking.get("budget_tokens"))
+    if thinking.get("type") == "adaptive":
+        return "medium"
+    return None
 
 
 def _text_of(blocks: Any, where: str) -> str:
@@ -50,10 +71,10 @@ def _text_of(blocks: Any, where: str) -> str:
     for block in blocks:
         if not isinstance(block, dict) or block.get("type") != "text":
             raise TranslateError(f"{where}: only text blocks can be sent to this model")
-        text = block.get("text")
-        if not isinstance(text, str):
+        value = block.get("text")
+        if not isinstance(value, str):
             raise TranslateError(f"{where}: a text block needs a string 'text'")
-        parts.append(text)
+        parts.append(value)
     return "\n".join(parts)
 
 
@@ -196,15 +217,18 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise TranslateError("'messages' must be a non-empty list")
+    for name in _REFUSED:
+        if body.get(name):
+            raise TranslateError(f"'{name}' cannot be sent to this model (it speaks OpenAI chat)")
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise TranslateError("'max_tokens' is required and must be a positive integer")
     out: list[dict[str, Any]] = []
     system = body.get("system")
     if system is not None:
-        text = _text_of(system, "system")
-        if text:
-            out.append({"role": "system", "content": text})
+        prompt = _text_of(system, "system")
+        if prompt:
+            out.append({"role": "system", "content": prompt})
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         content = message.get("content") if isinstance(message, dict) else None
@@ -239,9 +263,9 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         chat["tool_choice"] = _tool_choice(choice)
         if choice.get("disable_parallel_tool_use") is True and "tools" in chat:
             chat["parallel_tool_calls"] = False
-    thinking = body.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
-        chat["reasoning_effort"] = _effort(thinking.get("budget_tokens"))
+    effort = _reasoning_effort(body)
+    if effort is not None:
+        chat["reasoning_effort"] = effort
     if body.get("stream") is True:
         chat["stream"] = True
         # Anthropic's message_delta carries usage; a chat stream has it only when asked.
@@ -252,16 +276,15 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
 def _stop(choice: dict[str, Any], stops: list[str]) -> tuple[str, str | None]:
     """stop_reason and stop_sequence of a finished choice. "stop" is stop_sequence when
     the worker names the matched sequence (vLLM and SGLang put it in `stop_reason`)."""
-    finish = choice.get("finish_reason")
+    finish = text(choice.get("finish_reason"))
     matched = choice.get("stop_reason")
     if finish == "stop" and isinstance(matched, str) and matched in stops:
         return "stop_sequence", matched
     return CHAT_TO_STOP_REASON.get(finish, "end_turn"), None
 
 
-def _reasoning(message: dict[str, Any]) -> Any:
-    found = message.get("reasoning_content")
-    return found if found else message.get("reasoning")
+def _reasoning(message: dict[str, Any]) -> str:
+    return text(message.get("reasoning_content")) or text(message.get("reasoning"))
 
 
 def _tool_input(arguments: Any) -> dict[str, Any]:
@@ -304,50 +327,46 @@ class MessagesOverChat:
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
             return anthropic_error(status, body)
-        answer = loads_object(body)
-        choices = answer.get("choices") if answer else None
-        if (
-            not choices
-            or not isinstance(choices[0], dict)
-            or not isinstance(choices[0].get("message"), dict)
-        ):
+        answer = obj(loads_object(body))
+        choices = seq(answer.get("choices"))
+        if not choices or not isinstance(obj(choices[0]).get("message"), dict):
             return anthropic_error(502, b"the worker's chat answer has no choices")
         choice = choices[0]
         message = choice["message"]
         content: list[dict[str, Any]] = []
         reasoning = _reasoning(message)
-        if isinstance(reasoning, str) and reasoning:
+        if reasoning:
             content.append(
                 {"type": "thinking", "thinking": reasoning, "signature": SIGNATURE_PLACEHOLDER}
             )
-        text = message.get("content")
-        if isinstance(text, str) and text:
-            content.append({"type": "text", "text": text})
-        refusal = message.get("refusal")
-        if isinstance(refusal, str) and refusal:
+        answer_text = text(message.get("content"))
+        if answer_text:
+            content.append({"type": "text", "text": answer_text})
+        refusal = text(message.get("refusal"))
+        if refusal:
             content.append({"type": "text", "text": refusal})
-        calls = message.get("tool_calls") or []
+        calls = [obj(call) for call in seq(message.get("tool_calls"))]
         for call in calls:
-            function = call.get("function") or {}
+            function = obj(call.get("function"))
             content.append(
                 {
                     "type": "tool_use",
-                    "id": call.get("id") or "",
-                    "name": function.get("name") or "",
+                    "id": text(call.get("id")),
+                    "name": text(function.get("name")),
                     "input": _tool_input(function.get("arguments")),
                 }
             )
         stop_reason, stop_sequence = _stop(choice, self._stops)
         if calls:
             stop_reason = "tool_use"  # some servers finish a tool call with "stop"
-        elif refusal and not text:
+        elif refusal and not answer_text:
             stop_reason = "refusal"
         return orjson.dumps(
             {
                 "id": message_id(answer.get("id")),
                 "type": "message",
                 "role": "assistant",
-                "model": answer.get("model") or self._model,
+                "model": text(answer.get("model")) or self._model,
                 "content": content,
                 "stop_reason": stop_reason,
                 "stop_sequence": stop_sequence,
@@ -401,8 +420,7 @@ class MessagesOverChat:
 
     def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         self._started = True
-        if chunk.get("model"):
-            self._model = chunk["model"]
+        self._model = text(chunk.get("model")) or self._model
         usage = usage_to_messages(chunk.get("usage"))
         usage["output_tokens"] = 0
         message = {
@@ -457,35 +475,37 @@ class MessagesOverChat:
             self._start(chunk, out)
         if chunk.get("usage"):
             self._usage = chunk["usage"]
-        choices = chunk.get("choices")
+        choices = seq(chunk.get("choices"))
         if not choices or not isinstance(choices[0], dict):
             return
         choice = choices[0]
-        delta = choice.get("delta") or {}
+        delta = obj(choice.get("delta"))
         reasoning = _reasoning(delta)
-        if isinstance(reasoning, str) and reasoning:
+        if reasoning:
             if self._kind != "thinking":
                 self._open(out, {"type": "thinking", "thinking": "", "signature": ""})
             self._delta(out, self._block, {"type": "thinking_delta", "thinking": reasoning})
-        text = delta.get("content")
-        if isinstance(text, str) and text:
+        content = text(delta.get("content"))
+        if content:
             if self._kind != "text":
                 self._open(out, {"type": "text", "text": ""})
-            self._delta(out, self._block, {"type": "text_delta", "text": text})
-        for call in delta.get("tool_calls") or ():
-            self._tool_delta(call, out)
+            self._delta(out, self._block, {"type": "text_delta", "text": content})
+        for call in seq(delta.get("tool_calls")):
+            self._tool_delta(obj(call), out)
         if choice.get("finish_reason"):
             self._finish = choice
 
     def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
         position = call.get("index", 0)
-        function = call.get("function") or {}
+        if not isinstance(position, int):
+            return
+        function = obj(call.get("function"))
         index = self._tools.get(position)
         if index is None:
             block = {
                 "type": "tool_use",
-                "id": call.get("id") or "",
-                "name": function.get("name") or "",
+                "id": text(call.get("id")),
+                "name": text(function.get("name")),
                 "input": {},
             }
             index = self._tools[position] = self._open(out, block)
