@@ -15,7 +15,10 @@ registered as external workers through POST /workers, driven with the official S
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +26,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from gatewayutil import Gateway, running_gateway, secret, wait_until
+from gatewayutil import Gateway, free_port, running_gateway, secret, wait_until
 from providerfakes import FakeProvider, anthropic_client
 
 pytestmark = pytest.mark.timeout(120)
@@ -402,3 +405,119 @@ def test_chat_errors_and_unsupported_routes_in_openais_shape(fleet: Fleet) -> No
         error = refused.json()["error"]
         assert error["code"] == "unsupported_route" and path in error["message"]
     assert fleet.posts(fleet.claude) == []
+
+
+# --- a worker that breaks its answers ----------------------------------------------------------
+
+_ROLE_CHUNK = (
+    b'data: {"id":"chatcmpl-cut","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]}'
+    b"\n\n"
+)
+# What the broken worker answers, per URL path prefix (each registered as its own worker).
+_BROKEN = {
+    # An event stream cut after its first event (no last chunk: the connection closes).
+    b"/cutstream": b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(_ROLE_CHUNK), _ROLE_CHUNK),
+    # A JSON answer cut short of its content-length.
+    b"/cutwhole": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    b'content-length: 500\r\n\r\n{"id":"chatcmpl-cut","choices":[',
+    # A complete 200 that is no chat completion (no choices).
+    b"/nochoices": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    b'content-length: 18\r\nconnection: close\r\n\r\n{"object":"what"}\n',
+}
+
+
+@contextlib.contextmanager
+def broken_worker() -> Iterator[str]:
+    """A raw HTTP server on 127.0.0.1 answering each request per `_BROKEN`, then closing."""
+    port = free_port()
+    server = socket.create_server(("127.0.0.1", port))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        for _ in range(10_000):  # bounded: the test stops it long before
+            if stop.is_set():
+                return
+            try:
+                conn, _addr = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data and len(data) < 65536:
+                    part = conn.recv(65536)
+                    if not part:
+                        break
+                    data += part
+                target = data.split(b" ", 2)[1] if data.count(b" ") >= 2 else b""
+                for prefix, answer in _BROKEN.items():
+                    if target.startswith(prefix):
+                        conn.sendall(answer)
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_broken_answers_end_cleanly_in_the_clients_shape(fleet: Fleet) -> None:
+    with broken_worker() as url:
+        for prefix in _BROKEN:
+            spec = {
+                "url": url + prefix.decode(),
+                "runtime_type": "external",
+                "provider": "openai",
+                "model_id": "gpt" + prefix.decode().replace("/", "-"),
+                "api_key": OPENAI_KEY,
+            }
+            added = fleet.gw.admin("POST", "/workers", json=spec, headers=AUTH)
+            assert added.status_code == 202, added.text
+        wait_until(
+            lambda: (
+                "gpt-nochoices"
+                in {
+                    m["id"]
+                    for m in httpx.get(fleet.gw.url + "/v1/models", timeout=5).json()["data"]
+                }
+            ),
+            15.0,
+            "the broken workers registered",
+        )
+        ask = {"max_tokens": 20, "messages": HI}
+        # The stream: what came, then Anthropic's error event; the SDK raises it.
+        raw = fleet.post("/v1/messages", {"model": "gpt-cutstream", "stream": True, **ask})
+        events = _events(raw.text)
+        assert [name for name, _data in events] == [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "error",
+        ]
+        assert events[-1][1]["error"]["type"] == "api_error"
+        with (
+            pytest.raises(anthropic.APIStatusError) as caught,
+            fleet.anthropic().messages.stream(
+                model="gpt-cutstream",
+                max_tokens=20,
+                messages=HI,  # type: ignore[arg-type]
+            ) as stream,
+        ):
+            for _event in stream:
+                pass
+        assert caught.value.body["type"] == "error"  # type: ignore[index]
+        # A whole answer cut short, and one with no choices: 502 in Anthropic's shape.
+        for model in ("gpt-cutwhole", "gpt-nochoices"):
+            answer = fleet.post("/v1/messages", {"model": model, **ask})
+            assert answer.status_code == 502, (model, answer.text)
+            assert answer.json()["type"] == "error", answer.text
+            assert answer.json()["error"]["type"] == "api_error"
+        # The gateway still serves.
+        assert fleet.post("/v1/messages", {"model": GPT, **ask}).status_code == 200

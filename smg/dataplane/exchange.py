@@ -51,6 +51,9 @@ ANTHROPIC_PATHS = frozenset({ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE})
 # A translated answer that is not a stream is held whole (it is rewritten as a whole);
 # past this size it is dropped and the client gets a 502 (no chat answer is that large).
 MAX_TRANSLATED_BYTES = 16 * 1024 * 1024
+# How smg.translate's error bodies begin (orjson, keys in the order written): a 2xx answer
+# it could not translate comes back as one of them, and then the status is 502.
+_TRANSLATED_ERRORS = (b'{"type":"error"', b'{"error":')
 _CHUNK_END = b"0\r\n\r\n"
 # Request bodies up to this size go upstream in one write with the head (a bounded copy);
 # larger ones are written apart, never copied.
@@ -569,14 +572,21 @@ class Exchange:
             return anthropic_error_body(status, message, self.request_id)
         return error_body(status, code, message)
 
-    def _emit_translated(self) -> None:
+    def _emit_translated(self, cut: bool = False) -> None:
         """A held answer to a translated request (a whole answer or an error): translated
         into the client's API, written with a new length. An answer that cannot be
-        translated (too large, not what its API promises) becomes a 502."""
+        translated (too large, cut short (`cut`), not what its API promises) becomes a 502."""
         translation = self.translation
         held = self.held
         status = self.status
-        if held is None:
+        if cut:
+            status = 502
+            body = self._client_error(
+                502,
+                "upstream_connection_closed",
+                "worker closed the connection before its answer was complete",
+            )
+        elif held is None:
             status = 502
             body = self._client_error(
                 502,
@@ -586,6 +596,8 @@ class Exchange:
         else:
             try:
                 body = translation.response(status, b"".join(held))  # type: ignore[union-attr]
+                if status < 300 and body.startswith(_TRANSLATED_ERRORS):
+                    status = 502  # a 2xx answer its API does not allow (no choices, ...)
             except Exception as exc:  # a worker's bad answer must not end the process
                 self.app.log_error("translating a worker's answer failed", exc)
                 status = 502
@@ -648,6 +660,14 @@ class Exchange:
             return
         self.upstream = None
         state = self.state
+        if state == _RELAYING and self.body_mode == _XHOLD and not self.close_delimited:
+            # A translated answer cut short: nothing reached the client yet, so it gets
+            # a 502 rather than half an answer translated (or a bare close).
+            self.state, _action = FLAT[self.state * _N + _MESSAGE_COMPLETE]
+            self._emit_translated(cut=True)
+            self.upstream_reusable = False
+            self.flush()
+            return
         if state in (_RELAYING, _STREAMING) and (
             self.close_delimited or self.body_mode in (_HOLD, _XHOLD)
         ):
