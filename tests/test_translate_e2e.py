@@ -316,6 +316,7 @@ def test_count_tokens_passes_through_or_501(fleet: Fleet) -> None:
     refused = fleet.post("/v1/messages/count_tokens", {"model": GPT, **asked})
     assert refused.status_code == 501
     assert refused.json()["type"] == "error"
+    assert refused.json()["error"]["type"] == "api_error"  # as the Rust SMG 1.13 answers
     assert GPT in refused.json()["error"]["message"]
 
 

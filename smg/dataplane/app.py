@@ -901,11 +901,12 @@ class DataPlane:
                 return None  # Messages and count_tokens pass through
         elif api == API_OPENAI:
             if path == COUNT_TOKENS_ROUTE:
+                # The Rust SMG 1.13's OpenAI router answers 501 with these words (tried).
                 raise _Unservable(
                     501,
                     "not_implemented",
-                    f"{path} is not supported for model '{model}': its worker speaks only the "
-                    "OpenAI API, which has no token counting",
+                    f"Messages token counting not implemented for this router: model "
+                    f"'{model}' is served by an OpenAI-API worker, which has no token counting",
                 )
             if path != ANTHROPIC_ROUTE:
                 return None
