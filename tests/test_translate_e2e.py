@@ -522,3 +522,25 @@ def test_broken_answers_end_cleanly_in_the_clients_shape(fleet: Fleet) -> None:
             assert answer.json()["error"]["type"] == "api_error"
         # The gateway still serves.
         assert fleet.post("/v1/messages", {"model": GPT, **ask}).status_code == 200
+
+
+def test_http10_client_gets_the_translated_stream_unframed(fleet: Fleet) -> None:
+    body = json.dumps({"model": GPT, "max_tokens": 20, "messages": HI, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", fleet.gw.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.0\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n%b"
+            % (GATEWAY_KEY.encode(), len(body), body)
+        )
+        data = b""
+        for _ in range(1000):  # the answer ends with the connection (no chunked in 1.0)
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding" not in head.lower()
+    assert b"content-type: text/event-stream" in head.lower()
+    names = [name for name, _data in _events(rest.decode())]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
