@@ -71,7 +71,12 @@ def test_credential_lines() -> None:
 # --- candidate rows ---------------------------------------------------------------------------
 
 
-ENTRIES = {0: entry(0, "openai"), 1: entry(1, "anthropic"), 2: entry(2, None), 3: entry(3, "openai")}
+ENTRIES = {
+    0: entry(0, "openai"),
+    1: entry(1, "anthropic"),
+    2: entry(2, None),
+    3: entry(3, "openai"),
+}
 
 
 def test_key_of_one_provider_goes_to_its_rows_only() -> None:
@@ -79,7 +84,7 @@ def test_key_of_one_provider_goes_to_its_rows_only() -> None:
     assert (rows, code) == ([2], "")  # self-hosted rows never get the caller's key
     rows, code, message = filter_rows(ENTRIES, [0, 3], "gpt-4o", b"Bearer sk-ant-x", None, ())
     assert rows == [] and code == MISMATCH_CODE
-    assert "anthropic key" in message and "openai" in message
+    assert "for provider anthropic" in message and "served by openai" in message
     rows, code, _ = filter_rows(ENTRIES, [0, 3], "gpt-4o", b"Bearer sk-proj-x", None, ())
     assert (rows, code) == ([0, 3], "")
     # An unattributed key, and the gateway's own key, filter nothing.

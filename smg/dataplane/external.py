@@ -154,8 +154,8 @@ def filter_rows(
         return (
             [],
             MISMATCH_CODE,
-            f"the API key presented is a {named} key; model '{model}' is served by "
-            f"{serving}, and a key is only sent to its own provider",
+            f"the API key presented is for provider {named}, but model '{model}' is served "
+            f"by {serving}: a key is only sent to its own provider",
         )
     return allowed, "", ""
 
