@@ -99,6 +99,8 @@ def test_several_providers_keep_the_models_provider() -> None:
     assert (rows, code) == ([0], "")
     rows, code, message = filter_rows(ENTRIES, [0, 1], "llama", None, None, ())
     assert rows == [] and code == AMBIGUOUS_CODE and "anthropic, openai" in message
+    rows, code, message = filter_rows(ENTRIES, [0, 1], None, None, None, ())
+    assert rows == [] and code == AMBIGUOUS_CODE and message.startswith("requests without")
     # One provider (plus self-hosted rows): no filter.
     assert filter_rows(ENTRIES, [0, 2, 3], "llama", None, None, ())[0] == [0, 2, 3]
     assert filter_rows(ENTRIES, [2], "llama", b"Bearer sk-ant-x", None, ())[0] == [2]

@@ -80,7 +80,17 @@ def fleet() -> Iterator[Fleet]:
         FakeProvider("openai", ["llama-x"]) as custom_fake,
         FakeProvider("openai", ["rate-model"], fail_429=3) as ratey_fake,
     ):
-        gw = Gateway(["--retry-max-retries", "2", "--retry-initial-backoff-ms", "10"])
+        # round_robin: two workers serving one model would each get every other request.
+        gw = Gateway(
+            [
+                "--policy",
+                "round_robin",
+                "--retry-max-retries",
+                "2",
+                "--retry-initial-backoff-ms",
+                "10",
+            ]
+        )
         gw.start()
         try:
             register(gw, openai_fake, "openai", 1, api_key="sk-proj-worker")
@@ -310,3 +320,34 @@ def test_gateway_keys_never_reach_a_provider() -> None:
             gw.stop()
             gw.close_log()
     assert "gw-admin-key" not in everything and "gw-tenant-key" not in everything
+
+
+def models_of(fleet: Fleet, fake: FakeProvider) -> int:
+    workers = fleet.gw.admin("GET", "/workers").json()["workers"]
+    return sum(len(w["models"]) for w in workers if w["url"] == fake.url)
+
+
+def refresh_all(fleet: Fleet) -> None:
+    """A miss (a model nobody lists) makes the gateway re-discover every provider's list."""
+    time.sleep(1.1)  # the control plane does not refresh one worker twice within 1 s
+    missing = httpx.post(
+        fleet.gw.url + CHAT, json={"model": "nobody-serves-this", "messages": HELLO}, timeout=15
+    )
+    assert missing.status_code == 404, missing.text
+
+
+def test_a_model_two_providers_serve_goes_to_the_one_its_name_names(fleet: Fleet) -> None:
+    fleet.custom_fake.set_models(["llama-x", "gpt-4o"])
+    try:
+        refresh_all(fleet)
+        wait_until(lambda: models_of(fleet, fleet.custom_fake) == 2, 10, "acme listing gpt-4o")
+        fleet.clear()
+        for _ in range(6):
+            answer = httpx.post(
+                fleet.gw.url + CHAT, json={"model": "gpt-4o", "messages": HELLO}, timeout=10
+            )
+            assert answer.status_code == 200, answer.text
+        assert len(posts(fleet.openai_fake)) == 6 and posts(fleet.custom_fake) == []
+    finally:
+        fleet.custom_fake.set_models(["llama-x"])
+        refresh_all(fleet)

@@ -128,11 +128,12 @@ def filter_rows(
         kept = [row for row in rows if entries[row].provider in (None, target)]
         if not kept:
             names = ", ".join(sorted(found))
+            what = f"model '{model}' is" if model else "requests without a model are"
             return (
                 [],
                 AMBIGUOUS_CODE,
-                f"model '{model}' is served by several providers ({names}) and its name "
-                "names none of them",
+                f"{what} served by several providers ({names}); name a model whose name "
+                "says its provider",
             )
     else:
         kept = list(rows)
