@@ -218,6 +218,7 @@ class DataPlane:
     model_policies: dict[str, Policy] | None = None
     needs_text = False
     grpc: GrpcFront | None = None
+    external: External | None = None
 
     def __init__(
         self,
