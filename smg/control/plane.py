@@ -377,6 +377,16 @@ class ControlPlane:
         assert self.session is not None
         if _is_grpc(record):
             ok = await self._grpc_probe(record).health(self.probe_timeout(record))
+        elif record.external:
+            # Probed only when its spec asks; its own key in its provider's header.
+            assert record.provider is not None
+            answer = await probes.get_with_headers(
+                self.session,
+                record.spec.url.rstrip("/") + self.cfg.health_check_endpoint,
+                external.key_headers(record.provider, record.spec.api_key),
+                self.probe_timeout(record),
+            )
+            ok = answer is not None and 200 <= answer[0] < 300
         else:
             ok = await probes.probe_health(
                 self.session,
