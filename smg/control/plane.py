@@ -726,6 +726,12 @@ class ControlPlane:
         records = self._external_records()
         known = {r.provider for r in records if r.provider is not None}
         now = time.monotonic()
+        if len(self._refreshed_at) > 4096:  # one entry per worker and caller key: bounded
+            self._refreshed_at = {
+                k: t
+                for k, t in self._refreshed_at.items()
+                if now - t < external.REFRESH_MIN_INTERVAL_SECS
+            }
         jobs: list[tuple[WorkerRecord, str | None]] = []
         for record in records:
             assert record.provider is not None
@@ -822,10 +828,14 @@ class ControlPlane:
             return self._final_metrics(message)
         if kind == "reload":
             return self._reload(message)
-        if kind == "external_refresh":
-            return await self._external_refresh(message)
-        if kind == "external_models":
-            return await self._external_models(message)
+        if kind in ("external_refresh", "external_models"):
+            try:
+                if kind == "external_refresh":
+                    return await self._external_refresh(message)
+                return await self._external_models(message)
+            except Exception as exc:  # a data plane's call must not break this process
+                log.exception("%s failed", kind)
+                return {"error": f"{kind} failed: {exc!r}"}
         if kind == "admin":
             try:
                 return await self._judged_admin(message)
