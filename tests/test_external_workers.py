@@ -45,6 +45,16 @@ def _ipc(gateway: Gateway, message: dict[str, Any]) -> Any:
     return asyncio.run(ipc.call(address, message, 10.0))
 
 
+def _ipc_together(gateway: Gateway, message: dict[str, Any], count: int) -> list[Any]:
+    assert gateway.process is not None
+    address = ipc.control_plane_address(gateway.process.pid)
+
+    async def calls() -> list[Any]:
+        return list(await asyncio.gather(*(ipc.call(address, message, 10.0) for _ in range(count))))
+
+    return asyncio.run(calls())
+
+
 def _no_gateway_key(*fakes: FakeProvider) -> None:
     for fake in fakes:
         for request in fake.seen():
@@ -161,6 +171,19 @@ def test_post_workers_external_discovery_wildcard_and_ipc_ops() -> None:
         assert [r["headers"]["x-api-key"] for r in anthropic_fake.seen()] == ["adm-a"]
         assert openai_fake.seen() == []
 
+        # Concurrent refreshes of the same provider share one run: both see its result,
+        # the provider is asked once.
+        time.sleep(1.1)
+        openai_fake.set_models(["gpt-4o", "gpt-4.1", "gpt-5"])
+        openai_fake.clear()
+        assert (
+            _ipc_together(
+                gateway, {"kind": "external_refresh", "provider": "openai", "credential": None}, 3
+            )
+            == [{"refreshed": 1}] * 3
+        )
+        assert len(openai_fake.seen()) == 1
+
         # external_models: a caller's key goes only to its own provider's workers.
         openai_fake.clear()
         anthropic_fake.clear()
@@ -177,6 +200,7 @@ def test_post_workers_external_discovery_wildcard_and_ipc_ops() -> None:
                     "created": 1_700_000_000,
                     "owned_by": "openai",
                 },
+                {"id": "gpt-5", "object": "model", "created": 1_700_000_000, "owned_by": "openai"},
             ]
         }
         assert [r["headers"]["authorization"] for r in openai_fake.seen()] == ["Bearer sk-proj-wk"]
