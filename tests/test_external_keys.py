@@ -97,9 +97,15 @@ def test_several_providers_keep_the_models_provider() -> None:
     assert (rows, code) == ([1, 2], "")
     rows, code, _ = filter_rows(ENTRIES, [0, 1], "gpt-4o", None, None, ())
     assert (rows, code) == ([0], "")
-    rows, code, message = filter_rows(ENTRIES, [0, 1], "llama", None, None, ())
+    # A model name that names no provider: each worker sends its own key, so both stay...
+    assert filter_rows(ENTRIES, [0, 1], "llama", None, None, ()) == ([0, 1], "", "")
+    assert filter_rows(ENTRIES, [0, 1], None, None, None, ()) == ([0, 1], "", "")
+    # ... and a key that names its provider goes there only.
+    assert filter_rows(ENTRIES, [0, 1], "llama", b"Bearer sk-ant-x", None, ())[0] == [1]
+    # A caller's key that names no provider could reach either: refused.
+    rows, code, message = filter_rows(ENTRIES, [0, 1], "llama", b"Bearer sk-plain", None, ())
     assert rows == [] and code == AMBIGUOUS_CODE and "anthropic, openai" in message
-    rows, code, message = filter_rows(ENTRIES, [0, 1], None, None, None, ())
+    rows, code, message = filter_rows(ENTRIES, [0, 1], None, b"Bearer sk-plain", None, ())
     assert rows == [] and code == AMBIGUOUS_CODE and message.startswith("requests without")
     # One provider (plus self-hosted rows): no filter.
     assert filter_rows(ENTRIES, [0, 2, 3], "llama", None, None, ())[0] == [0, 2, 3]
