@@ -187,6 +187,11 @@ def test_request_tool_choice(choice: dict[str, Any], expected: Any) -> None:
     assert "parallel_tool_calls" not in req
 
 
+def test_request_tool_choice_without_tools_is_dropped() -> None:
+    req = _req(_base(tool_choice={"type": "none", "disable_parallel_tool_use": True}))
+    assert "tool_choice" not in req and "parallel_tool_calls" not in req
+
+
 def test_request_tool_only_assistant_has_null_content_and_result_images_follow() -> None:
     req = _req(
         _base(

@@ -260,9 +260,12 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         chat["tools"] = _tools(body["tools"])
     choice = body.get("tool_choice")
     if choice is not None:
-        chat["tool_choice"] = _tool_choice(choice)
-        if choice.get("disable_parallel_tool_use") is True and "tools" in chat:
-            chat["parallel_tool_calls"] = False
+        converted = _tool_choice(choice)
+        # OpenAI refuses tool_choice (and parallel_tool_calls) without tools.
+        if "tools" in chat:
+            chat["tool_choice"] = converted
+            if choice.get("disable_parallel_tool_use") is True:
+                chat["parallel_tool_calls"] = False
     effort = _reasoning_effort(body)
     if effort is not None:
         chat["reasoning_effort"] = effort
@@ -389,7 +392,7 @@ class MessagesOverChat:
             chunk = loads_object(payload)
             if chunk is None:
                 continue
-            if "error" in chunk:
+            if chunk.get("error") is not None:
                 message = anthropic_error(502, payload)
                 out.append(b"event: error\ndata: %b\n\n" % message)
                 self._done = True
