@@ -268,6 +268,7 @@ def test_request_adaptive_thinking_and_named_effort() -> None:
             "max_tokens",
         ),
         ({"model": "m", "max_tokens": 5, "messages": []}, "messages"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, "content"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]}, "content"),
         (

@@ -209,9 +209,9 @@ def messages_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
             # Anthropic has one top-level system prompt: every system turn joins it.
-            text = _text_parts(message.get("content"), role)
-            if text:
-                system.append(text)
+            prompt = _text_parts(message.get("content"), role)
+            if prompt:
+                system.append(prompt)
         elif role == "user":
             _append(out, "user", _user_blocks(message.get("content")))
         elif role == "assistant":

@@ -240,6 +240,8 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
             (_user if role == "user" else _assistant)(content, out)
         else:
             raise TranslateError("each message's 'content' must be a string or a list of blocks")
+    if not any(m["role"] != "system" for m in out):
+        raise TranslateError("'messages' needs at least one message with content")
     chat: dict[str, Any] = {
         "model": model if model is not None else body.get("model"),
         "messages": out,
