@@ -390,6 +390,20 @@ def test_response_stop_reasons(
         Message.model_validate(out)
 
 
+@pytest.mark.parametrize(
+    ("finish", "stop_reason"), [("stop", "tool_use"), ("length", "max_tokens")]
+)
+def test_tool_calls_finished_by_stop_or_cut_by_length(finish: str, stop_reason: str) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"a":'}}
+    out = orjson.loads(_t(_base()).response(200, _chat_answer({"tool_calls": [call]}, finish)))
+    assert out["stop_reason"] == stop_reason
+    stream = (
+        _chunk({"tool_calls": [{"index": 0, **call}]}) + _chunk({}, finish) + b"data: [DONE]\n\n"
+    )
+    events = _events(_run(stream))
+    assert events[-2][1]["delta"]["stop_reason"] == stop_reason
+
+
 def test_response_cached_usage() -> None:
     answer = orjson.loads(_chat_answer({"content": "x"}))
     answer["usage"]["prompt_tokens_details"] = {"cached_tokens": 6}

@@ -362,7 +362,7 @@ class MessagesOverChat:
                 }
             )
         stop_reason, stop_sequence = _stop(choice, self._stops)
-        if calls:
+        if calls and stop_reason == "end_turn":
             stop_reason = "tool_use"  # some servers finish a tool call with "stop"
         elif refusal and not answer_text:
             stop_reason = "refusal"
@@ -530,8 +530,8 @@ class MessagesOverChat:
         self._stop_block(out)
         finish = self._finish or {"finish_reason": "stop"}
         stop_reason, stop_sequence = _stop(finish, self._stops)
-        if self._tools:
-            stop_reason = "tool_use"
+        if self._tools and stop_reason == "end_turn":
+            stop_reason = "tool_use"  # as in response(); a cut call stays max_tokens
         usage = usage_to_messages(self._usage)
         delta = {
             "type": "message_delta",
