@@ -9,6 +9,9 @@ import pytest
 from smg.config import ConfigError
 from smg.control import external
 from smg.control.external import ModelCard
+from smg.control.registry import Registry
+from smg.control.worker_state import Event, HealthThresholds, WorkerStatus
+from smg.shm.table import WorkerTable
 from smg.workers_spec import (
     SpecError,
     WorkerSpec,
@@ -267,3 +270,109 @@ def test_startup_spec_under_backend() -> None:
     assert external.startup_spec(xai, "openai").provider == "xai"
     grpc = validate_worker_spec(WorkerSpec(url="grpc://h:1"))
     assert external.startup_spec(grpc, "openai") is grpc
+
+
+# --- the registry's record of an external worker (in-memory table, no sockets) -------------
+
+
+def _registry(table: WorkerTable) -> Registry:
+    return Registry(table, HealthThresholds(), health_check_disabled=False)
+
+
+def test_registry_external_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_ADMIN_KEY", raising=False)
+    table = WorkerTable.create(8, 2, supervisor_pid=1, anonymous=False)
+    registry = _registry(table)
+    keyed = registry.add(
+        parse_worker_spec(
+            b'{"url": "http://127.0.0.1:9001", "runtime_type": "external", "api_key": "k"}'
+        )
+    )
+    wildcard = registry.add(
+        parse_worker_spec(b'{"url": "http://127.0.0.1:9002", "runtime_type": "external"}')
+    )
+    one = registry.add(
+        parse_worker_spec(
+            b'{"url": "https://api.openai.com", "api_key": "k", "model_id": "gpt-4o"}'
+        )
+    )
+    probed = registry.add(
+        parse_worker_spec(
+            b'{"url": "http://127.0.0.1:9004", "runtime_type": "external",'
+            b' "health": {"disable_health_check": false}}'
+        )
+    )
+    plain = registry.add(parse_worker_spec(b'{"url": "http://127.0.0.1:9005"}'))
+    pending = registry.add(
+        parse_worker_spec(
+            b'{"url": "http://127.0.0.1:9006", "runtime_type": "external", "api_key": "k"}'
+        )
+    )
+    assert pending.status == WorkerStatus.PENDING
+    # Discovery first for a keyed worker; Ready at once with nothing to discover.
+    assert [r.status for r in (keyed, wildcard, one, probed, plain)] == [
+        WorkerStatus.PENDING,
+        WorkerStatus.READY,
+        WorkerStatus.READY,
+        WorkerStatus.PENDING,
+        WorkerStatus.PENDING,
+    ]
+    # Not probed unless the spec asks, whatever the gateway-wide setting.
+    assert [r.health_checked(False) for r in (keyed, wildcard, one, probed, plain)] == [
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert (keyed.engine, keyed.provider, one.provider, plain.provider) == (
+        "external",
+        "127.0.0.1:9001",
+        "openai",
+        None,
+    )
+    _generation, directory = table.read_directory()
+    assert [e.provider for e in directory.entries] == [
+        "127.0.0.1:9001",
+        "127.0.0.1:9002",
+        "openai",
+        "127.0.0.1:9004",
+        None,
+        "127.0.0.1:9006",
+    ]
+    registry.set_discovery(keyed, "external", ["m", "m-2024-01-02"], {})
+    registry.apply(keyed, Event.CONNECTED)
+    _generation, directory = table.read_directory()
+    assert directory.entries[0].models == ("m", "m-2024-01-02")  # every id routes
+    info = registry.info(keyed)
+    assert (info["runtime_type"], info["provider"], info["model_id"]) == (
+        "external",
+        "127.0.0.1:9001",
+        "m",
+    )
+    assert info["models"] == [
+        {
+            "id": "m",
+            "aliases": ["m-2024-01-02"],
+            "model_type": ["chat", "completions", "responses", "tools"],
+        }
+    ]
+    assert "api_key" not in info
+    assert registry.info(one)["models"][0]["id"] == "gpt-4o"
+    assert registry.info(plain)["provider"] is None
+
+    # A replacement control plane: provider and models back; a Pending external worker is
+    # not taken as discovered (its discovery runs again).
+    replacement = _registry(table)
+    assert replacement.restore() == 6
+    restored = {r.spec.url: r for r in replacement.workers.values()}
+    again = restored["http://127.0.0.1:9001"]
+    assert (again.provider, again.models, again.discovered) == (
+        "127.0.0.1:9001",
+        ("m", "m-2024-01-02"),
+        True,
+    )
+    assert restored["http://127.0.0.1:9006"].discovered is False
+    # Pending only for its probes (nothing to discover), or Ready: discovered.
+    assert restored["http://127.0.0.1:9004"].discovered is True
+    assert restored["http://127.0.0.1:9002"].discovered is True

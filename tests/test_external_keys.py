@@ -71,7 +71,12 @@ def test_credential_lines() -> None:
 # --- candidate rows ---------------------------------------------------------------------------
 
 
-ENTRIES = {0: entry(0, "openai"), 1: entry(1, "anthropic"), 2: entry(2, None), 3: entry(3, "openai")}
+ENTRIES = {
+    0: entry(0, "openai"),
+    1: entry(1, "anthropic"),
+    2: entry(2, None),
+    3: entry(3, "openai"),
+}
 
 
 def test_key_of_one_provider_goes_to_its_rows_only() -> None:
@@ -79,7 +84,7 @@ def test_key_of_one_provider_goes_to_its_rows_only() -> None:
     assert (rows, code) == ([2], "")  # self-hosted rows never get the caller's key
     rows, code, message = filter_rows(ENTRIES, [0, 3], "gpt-4o", b"Bearer sk-ant-x", None, ())
     assert rows == [] and code == MISMATCH_CODE
-    assert "anthropic key" in message and "openai" in message
+    assert "for provider anthropic" in message and "served by openai" in message
     rows, code, _ = filter_rows(ENTRIES, [0, 3], "gpt-4o", b"Bearer sk-proj-x", None, ())
     assert (rows, code) == ([0, 3], "")
     # An unattributed key, and the gateway's own key, filter nothing.
@@ -92,8 +97,16 @@ def test_several_providers_keep_the_models_provider() -> None:
     assert (rows, code) == ([1, 2], "")
     rows, code, _ = filter_rows(ENTRIES, [0, 1], "gpt-4o", None, None, ())
     assert (rows, code) == ([0], "")
-    rows, code, message = filter_rows(ENTRIES, [0, 1], "llama", None, None, ())
+    # A model name that names no provider: each worker sends its own key, so both stay...
+    assert filter_rows(ENTRIES, [0, 1], "llama", None, None, ()) == ([0, 1], "", "")
+    assert filter_rows(ENTRIES, [0, 1], None, None, None, ()) == ([0, 1], "", "")
+    # ... and a key that names its provider goes there only.
+    assert filter_rows(ENTRIES, [0, 1], "llama", b"Bearer sk-ant-x", None, ())[0] == [1]
+    # A caller's key that names no provider could reach either: refused.
+    rows, code, message = filter_rows(ENTRIES, [0, 1], "llama", b"Bearer sk-plain", None, ())
     assert rows == [] and code == AMBIGUOUS_CODE and "anthropic, openai" in message
+    rows, code, message = filter_rows(ENTRIES, [0, 1], None, b"Bearer sk-plain", None, ())
+    assert rows == [] and code == AMBIGUOUS_CODE and message.startswith("requests without")
     # One provider (plus self-hosted rows): no filter.
     assert filter_rows(ENTRIES, [0, 2, 3], "llama", None, None, ())[0] == [0, 2, 3]
     assert filter_rows(ENTRIES, [2], "llama", b"Bearer sk-ant-x", None, ())[0] == [2]

@@ -45,6 +45,16 @@ def _ipc(gateway: Gateway, message: dict[str, Any]) -> Any:
     return asyncio.run(ipc.call(address, message, 10.0))
 
 
+def _ipc_together(gateway: Gateway, message: dict[str, Any], count: int) -> list[Any]:
+    assert gateway.process is not None
+    address = ipc.control_plane_address(gateway.process.pid)
+
+    async def calls() -> list[Any]:
+        return list(await asyncio.gather(*(ipc.call(address, message, 10.0) for _ in range(count))))
+
+    return asyncio.run(calls())
+
+
 def _no_gateway_key(*fakes: FakeProvider) -> None:
     for fake in fakes:
         for request in fake.seen():
@@ -161,6 +171,19 @@ def test_post_workers_external_discovery_wildcard_and_ipc_ops() -> None:
         assert [r["headers"]["x-api-key"] for r in anthropic_fake.seen()] == ["adm-a"]
         assert openai_fake.seen() == []
 
+        # Concurrent refreshes of the same provider share one run: both see its result,
+        # the provider is asked once.
+        time.sleep(1.1)
+        openai_fake.set_models(["gpt-4o", "gpt-4.1", "gpt-5"])
+        openai_fake.clear()
+        assert (
+            _ipc_together(
+                gateway, {"kind": "external_refresh", "provider": "openai", "credential": None}, 3
+            )
+            == [{"refreshed": 1}] * 3
+        )
+        assert len(openai_fake.seen()) == 1
+
         # external_models: a caller's key goes only to its own provider's workers.
         openai_fake.clear()
         anthropic_fake.clear()
@@ -177,6 +200,7 @@ def test_post_workers_external_discovery_wildcard_and_ipc_ops() -> None:
                     "created": 1_700_000_000,
                     "owned_by": "openai",
                 },
+                {"id": "gpt-5", "object": "model", "created": 1_700_000_000, "owned_by": "openai"},
             ]
         }
         assert [r["headers"]["authorization"] for r in openai_fake.seen()] == ["Bearer sk-proj-wk"]
@@ -231,16 +255,47 @@ def test_backend_openai_worker_urls_are_external() -> None:
         _no_gateway_key(fake)
 
 
-def test_external_worker_without_models_fails_after_startup_timeout() -> None:
+def test_external_discovery_retry_timeout_and_opted_in_probes() -> None:
     with (
-        FakeProvider("openai", [], key="sk-k") as fake,
+        FakeProvider("openai", [], key="sk-k") as empty,
+        FakeProvider("anthropic", ["claude-x"], key="sk-ant-k") as probed,
         running_gateway(
-            ["--worker-startup-timeout-secs", "2", "--worker-startup-check-interval", "1"]
+            [
+                "--worker-startup-timeout-secs",
+                "2",
+                "--worker-startup-check-interval",
+                "1",
+                "--health-check-endpoint",
+                "/v1/models",
+                "--health-check-interval-secs",
+                "1",
+                "--api-key",
+                GATEWAY_KEY,
+            ]
         ) as gateway,
     ):
-        spec = {"url": fake.url, "runtime_type": "external", "api_key": "sk-k"}
+        # A provider listing no models: discovery is retried, then the worker is Failed.
+        spec = {"url": empty.url, "runtime_type": "external", "api_key": "sk-k"}
         assert _post_worker(gateway, spec).status_code == 202
-        assert _workers(gateway)[fake.url]["status"] == "pending"
-        wait_until(lambda: _workers(gateway)[fake.url]["status"] == "failed", 15, "worker failed")
-        seen = fake.seen()
+        assert _workers(gateway)[empty.url]["status"] == "pending"
+        # Health checks only when the spec asks; its own key in Anthropic's header.
+        spec = {
+            "url": probed.url,
+            "runtime_type": "external",
+            "provider": "anthropic",
+            "api_key": "sk-ant-k",
+            "health": {"disable_health_check": False},
+        }
+        assert _post_worker(gateway, spec).status_code == 202
+        wait_until(lambda: _workers(gateway)[empty.url]["status"] == "failed", 15, "failed")
+        seen = empty.seen()
         assert len(seen) >= 2 and all(r["path"] == "/v1/models" for r in seen)  # retried
+        assert _ready(gateway, probed.url) is not None
+        wait_until(lambda: len(probed.seen()) >= 3, 10, "discovery and two probes")
+        for request in probed.seen():
+            assert (request["path"], request["headers"].get("x-api-key")) == (
+                "/v1/models",
+                "sk-ant-k",
+            )
+            assert "authorization" not in request["headers"]
+        _no_gateway_key(empty, probed)

@@ -176,6 +176,10 @@ def test_request_tool_choice(choice: Any, expected: dict[str, Any]) -> None:
     assert _req(_base(tools=tools, tool_choice=choice))["tool_choice"] == expected
 
 
+def test_request_tool_choice_without_tools_is_dropped() -> None:
+    assert "tool_choice" not in _req(_base(tool_choice="none", parallel_tool_calls=False))
+
+
 def test_request_parallel_false_without_choice_is_auto_without_parallel() -> None:
     tools = [{"type": "function", "function": {"name": "get"}}]
     assert _req(_base(tools=tools, parallel_tool_calls=False))["tool_choice"] == {

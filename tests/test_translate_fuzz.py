@@ -256,3 +256,16 @@ def test_non_object_body_is_a_translate_error() -> None:
         except TranslateError:
             continue
         raise AssertionError(path)
+
+
+def test_untranslatable_2xx_answers_begin_with_an_error_shape() -> None:
+    """The data plane tells a 2xx it could not translate by the body's first bytes (then it
+    answers 502): error bodies begin so, answers never do."""
+    messages = translation("/v1/messages", _MESSAGES_REQ, API_OPENAI, None)
+    chat = translation("/v1/chat/completions", _CHAT_REQ, API_ANTHROPIC, None)
+    assert messages is not None and chat is not None
+    for bad in (b"", b"[]", b'{"choices":[]}', b'{"content":3}'):
+        assert messages.response(200, bad).startswith(b'{"type":"error"')
+        assert chat.response(200, bad).startswith(b'{"error":')
+    assert messages.response(200, orjson.dumps(_CHAT_ANSWER)).startswith(b'{"id":')
+    assert chat.response(200, orjson.dumps(_MESSAGES_ANSWER)).startswith(b'{"id":')

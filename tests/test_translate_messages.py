@@ -187,6 +187,11 @@ def test_request_tool_choice(choice: dict[str, Any], expected: Any) -> None:
     assert "parallel_tool_calls" not in req
 
 
+def test_request_tool_choice_without_tools_is_dropped() -> None:
+    req = _req(_base(tool_choice={"type": "none", "disable_parallel_tool_use": True}))
+    assert "tool_choice" not in req and "parallel_tool_calls" not in req
+
+
 def test_request_tool_only_assistant_has_null_content_and_result_images_follow() -> None:
     req = _req(
         _base(
@@ -263,6 +268,7 @@ def test_request_adaptive_thinking_and_named_effort() -> None:
             "max_tokens",
         ),
         ({"model": "m", "max_tokens": 5, "messages": []}, "messages"),
+        ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, "content"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
         ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]}, "content"),
         (
@@ -382,6 +388,20 @@ def test_response_stop_reasons(
     assert (out["stop_reason"], out["stop_sequence"]) == (stop_reason, stop_sequence)
     if stop_reason != "refusal":  # anthropic 0.38.0 predates `refusal`
         Message.model_validate(out)
+
+
+@pytest.mark.parametrize(
+    ("finish", "stop_reason"), [("stop", "tool_use"), ("length", "max_tokens")]
+)
+def test_tool_calls_finished_by_stop_or_cut_by_length(finish: str, stop_reason: str) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"a":'}}
+    out = orjson.loads(_t(_base()).response(200, _chat_answer({"tool_calls": [call]}, finish)))
+    assert out["stop_reason"] == stop_reason
+    stream = (
+        _chunk({"tool_calls": [{"index": 0, **call}]}) + _chunk({}, finish) + b"data: [DONE]\n\n"
+    )
+    events = _events(_run(stream))
+    assert events[-2][1]["delta"]["stop_reason"] == stop_reason
 
 
 def test_response_cached_usage() -> None:

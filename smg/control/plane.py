@@ -377,6 +377,16 @@ class ControlPlane:
         assert self.session is not None
         if _is_grpc(record):
             ok = await self._grpc_probe(record).health(self.probe_timeout(record))
+        elif record.external:
+            # Probed only when its spec asks; its own key in its provider's header.
+            assert record.provider is not None
+            answer = await probes.get_with_headers(
+                self.session,
+                record.spec.url.rstrip("/") + self.cfg.health_check_endpoint,
+                external.key_headers(record.provider, record.spec.api_key),
+                self.probe_timeout(record),
+            )
+            ok = answer is not None and 200 <= answer[0] < 300
         else:
             ok = await probes.probe_health(
                 self.session,
@@ -716,6 +726,12 @@ class ControlPlane:
         records = self._external_records()
         known = {r.provider for r in records if r.provider is not None}
         now = time.monotonic()
+        if len(self._refreshed_at) > 4096:  # one entry per worker and caller key: bounded
+            self._refreshed_at = {
+                k: t
+                for k, t in self._refreshed_at.items()
+                if now - t < external.REFRESH_MIN_INTERVAL_SECS
+            }
         jobs: list[tuple[WorkerRecord, str | None]] = []
         for record in records:
             assert record.provider is not None
@@ -812,10 +828,14 @@ class ControlPlane:
             return self._final_metrics(message)
         if kind == "reload":
             return self._reload(message)
-        if kind == "external_refresh":
-            return await self._external_refresh(message)
-        if kind == "external_models":
-            return await self._external_models(message)
+        if kind in ("external_refresh", "external_models"):
+            try:
+                if kind == "external_refresh":
+                    return await self._external_refresh(message)
+                return await self._external_models(message)
+            except Exception as exc:  # a data plane's call must not break this process
+                log.exception("%s failed", kind)
+                return {"error": f"{kind} failed: {exc!r}"}
         if kind == "admin":
             try:
                 return await self._judged_admin(message)

@@ -252,10 +252,12 @@ class Registry:
             record.provider = entry.provider
             record.models = () if entry.spec.model_id else entry.models
             record.context_length = entry.context_length
-            # An external worker is discovered once it left Pending (or needs no discovery).
-            record.discovered = entry.engine != "unknown" and (
-                entry.provider is None or record.status != WorkerStatus.PENDING
-            )
+            record.discovered = entry.engine != "unknown"
+            if entry.provider is not None and record.status == WorkerStatus.PENDING:
+                # An external worker still Pending may not have its models yet.
+                record.discovered = not external.needs_discovery(
+                    entry.spec, entry.provider, os.environ
+                )
             record.grpc = entry.grpc
             self.workers[record.worker_id] = record
             self.by_url[record.spec.url] = record.worker_id

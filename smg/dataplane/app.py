@@ -225,6 +225,7 @@ class DataPlane:
     model_policies: dict[str, Policy] | None = None
     needs_text = False
     grpc: GrpcFront | None = None
+    external: External | None = None
 
     def __init__(
         self,
@@ -700,7 +701,8 @@ class DataPlane:
     ) -> None:
         """A routing miss with external workers registered: one refresh of their model
         lists (bounded, shared with concurrent misses), then the request is routed again
-        (404 if the model is still unknown)."""
+        (404 if the model is still unknown). A request queued by admission control in
+        between may refresh once more when its turn comes."""
         external = self.external
         assert external is not None
         try:
@@ -709,7 +711,12 @@ class DataPlane:
                 return
             external.rerouted = request
             try:
-                self.proxy(conn, request)
+                # Its permit went back when the miss answered nothing: admitted again, as new.
+                admission = self.admission
+                if admission is None:
+                    self.proxy(conn, request)
+                elif admission.enter(conn, request):
+                    self.proxy_admitted(conn, request)
             finally:
                 external.rerouted = None
         except Exception as exc:  # a request must never take the process down

@@ -126,13 +126,21 @@ def filter_rows(
     if len(found) > 1:
         target = providers.provider_from_model(model) if model else None
         kept = [row for row in rows if entries[row].provider in (None, target)]
+        if not kept and target is None:
+            caller = byok_key(None, authorization, x_api_key, gateway_keys)
+            if caller is None or providers.key_provider(caller.decode("latin-1")) is not None:
+                # Each worker sends its own key, or the key's form says where it may go
+                # (step 2): nothing can cross, so the providers may share the model
+                # (failover between two hosts of one open model).
+                kept = list(rows)
         if not kept:
             names = ", ".join(sorted(found))
+            what = f"model '{model}' is" if model else "requests without a model are"
             return (
                 [],
                 AMBIGUOUS_CODE,
-                f"model '{model}' is served by several providers ({names}) and its name "
-                "names none of them",
+                f"{what} served by several providers ({names}); name a model whose name "
+                "says its provider",
             )
     else:
         kept = list(rows)
@@ -154,8 +162,8 @@ def filter_rows(
         return (
             [],
             MISMATCH_CODE,
-            f"the API key presented is a {named} key; model '{model}' is served by "
-            f"{serving}, and a key is only sent to its own provider",
+            f"the API key presented is for provider {named}, but model '{model}' is served "
+            f"by {serving}: a key is only sent to its own provider",
         )
     return allowed, "", ""
 

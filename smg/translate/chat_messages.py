@@ -209,9 +209,9 @@ def messages_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
             # Anthropic has one top-level system prompt: every system turn joins it.
-            text = _text_parts(message.get("content"), role)
-            if text:
-                system.append(text)
+            prompt = _text_parts(message.get("content"), role)
+            if prompt:
+                system.append(prompt)
         elif role == "user":
             _append(out, "user", _user_blocks(message.get("content")))
         elif role == "assistant":
@@ -266,7 +266,9 @@ def messages_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         request["tools"] = _tools(body["tools"])
     choice = body.get("tool_choice")
     if choice is not None:
-        request["tool_choice"] = _tool_choice(choice)
+        converted = _tool_choice(choice)
+        if "tools" in request:  # a tool_choice without tools: nothing to choose from
+            request["tool_choice"] = converted
     if body.get("parallel_tool_calls") is False and "tools" in request:
         request.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
     if body.get("stream") is True:

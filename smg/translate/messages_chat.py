@@ -240,6 +240,8 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
             (_user if role == "user" else _assistant)(content, out)
         else:
             raise TranslateError("each message's 'content' must be a string or a list of blocks")
+    if not any(m["role"] != "system" for m in out):
+        raise TranslateError("'messages' needs at least one message with content")
     chat: dict[str, Any] = {
         "model": model if model is not None else body.get("model"),
         "messages": out,
@@ -260,9 +262,12 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
         chat["tools"] = _tools(body["tools"])
     choice = body.get("tool_choice")
     if choice is not None:
-        chat["tool_choice"] = _tool_choice(choice)
-        if choice.get("disable_parallel_tool_use") is True and "tools" in chat:
-            chat["parallel_tool_calls"] = False
+        converted = _tool_choice(choice)
+        # OpenAI refuses tool_choice (and parallel_tool_calls) without tools.
+        if "tools" in chat:
+            chat["tool_choice"] = converted
+            if choice.get("disable_parallel_tool_use") is True:
+                chat["parallel_tool_calls"] = False
     effort = _reasoning_effort(body)
     if effort is not None:
         chat["reasoning_effort"] = effort
@@ -357,7 +362,7 @@ class MessagesOverChat:
                 }
             )
         stop_reason, stop_sequence = _stop(choice, self._stops)
-        if calls:
+        if calls and stop_reason == "end_turn":
             stop_reason = "tool_use"  # some servers finish a tool call with "stop"
         elif refusal and not answer_text:
             stop_reason = "refusal"
@@ -389,7 +394,7 @@ class MessagesOverChat:
             chunk = loads_object(payload)
             if chunk is None:
                 continue
-            if "error" in chunk:
+            if chunk.get("error") is not None:
                 message = anthropic_error(502, payload)
                 out.append(b"event: error\ndata: %b\n\n" % message)
                 self._done = True
@@ -525,8 +530,8 @@ class MessagesOverChat:
         self._stop_block(out)
         finish = self._finish or {"finish_reason": "stop"}
         stop_reason, stop_sequence = _stop(finish, self._stops)
-        if self._tools:
-            stop_reason = "tool_use"
+        if self._tools and stop_reason == "end_turn":
+            stop_reason = "tool_use"  # as in response(); a cut call stays max_tokens
         usage = usage_to_messages(self._usage)
         delta = {
             "type": "message_delta",
