@@ -149,6 +149,11 @@ def test_messages_text_over_chat(fleet: Fleet) -> None:
     assert sent["path"] == "/v1/chat/completions"
     assert sent["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
     assert "x-api-key" not in sent["headers"]
+    # The SDK (httpx) asks for gzip; smg must read the answer it translates: not asked.
+    assert "accept-encoding" not in sent["headers"]
+    fleet.gpt.clear()
+    fleet.openai().chat.completions.create(model=GPT, messages=HI, max_tokens=5)  # type: ignore[arg-type]
+    assert "accept-encoding" in fleet.posts(fleet.gpt)[0]["headers"]  # passed through: relayed
     assert sent["body"]["model"] == GPT and not sent["body"].get("stream")
     assert sent["body"]["messages"][-1]["role"] == "user"
     assert 100 in (sent["body"].get("max_completion_tokens"), sent["body"].get("max_tokens"))
