@@ -549,3 +549,44 @@ def test_http10_client_gets_the_translated_stream_unframed(fleet: Fleet) -> None
     assert b"content-type: text/event-stream" in head.lower()
     names = [name for name, _data in _events(rest.decode())]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+
+
+def test_a_retry_stays_on_workers_of_the_first_attempts_api() -> None:
+    """One model on an OpenAI-only and an Anthropic-only worker, each answering its first
+    POST with 429: whichever the first attempt took, the retry goes to a worker of the same
+    API (the body went out in that API), never to the other, untried one."""
+    shared = "shared-model"  # names no provider: both workers stay candidates
+    with (
+        FakeProvider("openai", [], fail_429=1) as gpt,
+        FakeProvider("anthropic", [], fail_429=1) as claude,
+        running_gateway([]) as gw,
+    ):
+        for fake, provider in ((gpt, "openai"), (claude, "anthropic")):
+            spec = {"url": fake.url, "runtime_type": "external", "provider": provider}
+            spec |= {"model_id": shared, "api_key": "sk-any"}
+            assert gw.admin("POST", "/workers", json=spec).status_code == 202
+        wait_until(
+            lambda: (
+                len(gw.admin("GET", "/workers").json()["workers"]) == 2
+                and all(
+                    w["status"] == "ready" for w in gw.admin("GET", "/workers").json()["workers"]
+                )
+            ),
+            15.0,
+            "both workers ready",
+        )
+        answer = httpx.post(
+            gw.url + "/v1/messages",
+            json={"model": shared, "max_tokens": 20, "messages": HI},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["content"][0]["text"] == f"Hello from {shared}. You said: hi there"
+        posts = {
+            name: [r["path"] for r in fake.seen() if r["method"] == "POST"]
+            for name, fake in (("openai", gpt), ("anthropic", claude))
+        }
+        assert posts in (
+            {"openai": ["/v1/chat/completions"] * 2, "anthropic": []},
+            {"openai": [], "anthropic": ["/v1/messages"] * 2},
+        ), posts
