@@ -66,6 +66,9 @@ def test_credential_lines() -> None:
     )
     # The caller's anthropic-version is forwarded as it came: none is added.
     assert credential_lines("anthropic", None, "wk", True) == b"x-api-key: wk\r\n"
+    # No key at all (a keyless Anthropic-compatible worker): the version still goes.
+    assert credential_lines("anthropic", None, None, False) == b"anthropic-version: 2023-06-01\r\n"
+    assert credential_lines("anthropic", None, None, True) == b""
 
 
 # --- candidate rows ---------------------------------------------------------------------------

@@ -76,15 +76,16 @@ def credential_lines(
     the worker's, in the provider's form (`x-api-key` plus `anthropic-version` when the
     caller sent none, for Anthropic; `Authorization: Bearer` otherwise)."""
     key = byok if byok is not None else worker_key.encode("latin-1") if worker_key else None
-    if key is None:
-        return b""
     if providers.uses_x_api_key(provider):
+        # The version goes with or without a key: the API refuses a request without it.
         version = (
             b""
             if caller_version
             else b"anthropic-version: %b\r\n" % providers.ANTHROPIC_VERSION.encode()
         )
-        return b"x-api-key: " + key + b"\r\n" + version
+        return (b"x-api-key: " + key + b"\r\n" if key is not None else b"") + version
+    if key is None:
+        return b""
     return b"authorization: Bearer " + key + b"\r\n"
 
 
