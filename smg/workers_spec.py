@@ -20,12 +20,14 @@ from typing import Any
 import msgspec
 
 from smg.config import ConfigError, mask_secret, normalize_worker_url
+from smg.providers import parse_provider, provider_from_url
 
 __all__ = [
     "CONNECTION_MODES",
     "DEFAULT_WORKER_COST",
     "DEFAULT_WORKER_PRIORITY",
     "MAX_SPEC_BYTES",
+    "RUNTIME_TYPES",
     "WORKER_TYPES",
     "HealthCheckUpdate",
     "SpecError",
@@ -36,6 +38,7 @@ __all__ = [
     "parse_worker_patch",
     "parse_worker_spec",
     "public_worker_spec",
+    "spec_is_external",
     "validate_worker_patch",
     "validate_worker_spec",
 ]
@@ -44,6 +47,18 @@ DEFAULT_WORKER_PRIORITY = 50
 DEFAULT_WORKER_COST = 1.0
 WORKER_TYPES: tuple[str, ...] = ("regular", "prefill", "decode", "encode")
 CONNECTION_MODES: tuple[str, ...] = ("http", "grpc")
+# Rust RuntimeType's spellings (FromStr: any case; "tensorrt-llm" is trtllm), canonical form
+# first. "external" is an external provider's API (smg.control.external), not an engine.
+RUNTIME_TYPES: tuple[str, ...] = (
+    "unspecified",
+    "sglang",
+    "vllm",
+    "trtllm",
+    "mlx",
+    "tokenspeed",
+    "external",
+)
+_RUNTIME_ALIASES = {"tensorrt-llm": "trtllm"}
 _SCHEME_MODE = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}
 _BOOTSTRAP_TYPES = frozenset({"prefill", "encode"})
 _U32_MAX = 2**32 - 1
@@ -69,9 +84,7 @@ _spec_encoder = msgspec.msgpack.Encoder()
 _RUST_ONLY_FIELDS = frozenset(
     {
         "models",
-        "runtime_type",
         "runtime",
-        "provider",
         "dp_base_url",
         "dp_rank",
         "dp_size",
@@ -122,6 +135,12 @@ class WorkerSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cost: float = DEFAULT_WORKER_COST
     bootstrap_port: int | None = None
     health: HealthCheckUpdate | None = None
+    # Rust RuntimeType (canonical lowercase after validation); "external" makes the worker
+    # an external provider's API. Neither it nor `provider` can be changed by PATCH.
+    runtime_type: str | None = None
+    # An external worker's provider as given (smg.providers.parse_provider: aliases folded,
+    # else a custom name); the resolved provider is the record's (smg.control.external).
+    provider: str | None = None
 
 
 class WorkerPatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -196,6 +215,34 @@ def _model_id(v: str) -> str | None:
     return None
 
 
+def _provider(v: str) -> str | None:
+    # Keyed on by the data plane's key rule and shown in /workers: visible ASCII only.
+    if not v or len(v) > MAX_PROVIDER_BYTES or not all(0x21 <= ord(c) <= 0x7E for c in v):
+        return f"must be 1-{MAX_PROVIDER_BYTES} characters of visible ASCII, got {v!r}"
+    return None
+
+
+def _runtime_type(v: str) -> str | None:
+    if _canonical_runtime(v) is None:
+        return f"must be one of {', '.join(RUNTIME_TYPES)} (or tensorrt-llm), got {v!r}"
+    return None
+
+
+def _canonical_runtime(v: str) -> str | None:
+    lower = v.lower()
+    lower = _RUNTIME_ALIASES.get(lower, lower)
+    return lower if lower in RUNTIME_TYPES else None
+
+
+def spec_is_external(runtime_type: str | None, url: str) -> bool:
+    """Whether a worker is an external provider's API (Rust ClassifyWorkerTypeStep): its
+    runtime_type says "external", or none is given and the URL's host is a known
+    provider's (api.openai.com, api.anthropic.com, ...)."""
+    if runtime_type is not None and _canonical_runtime(runtime_type) != "unspecified":
+        return _canonical_runtime(runtime_type) == "external"
+    return provider_from_url(url) is not None
+
+
 def _health_checks(h: HealthCheckUpdate) -> tuple[str, str] | None:
     for field in ("timeout_secs", "check_interval_secs", "success_threshold", "failure_threshold"):
         value = getattr(h, field)
@@ -210,6 +257,8 @@ _FIELD_CHECKS: dict[str, _Check] = {
     "api_key": _api_key,
     "labels": _labels,
     "model_id": _model_id,
+    "provider": _provider,
+    "runtime_type": _runtime_type,
 }
 
 
@@ -235,13 +284,17 @@ def validate_worker_spec(spec: WorkerSpec) -> WorkerSpec:
     """Check a spec and return it normalised (canonical URL, connection_mode resolved)."""
     if not isinstance(spec.url, str):
         raise SpecError("url", "must be a string")
+    _check_fields(spec)
+    external = spec_is_external(spec.runtime_type, spec.url)
+    raw_url = spec.url
+    if external and raw_url and "://" not in raw_url:
+        raw_url = "https://" + raw_url  # a provider's API is https (api.openai.com)
     try:
-        url = normalize_worker_url(spec.url, "url")
+        url = normalize_worker_url(raw_url, "url")
     except ConfigError as exc:
         raise SpecError(exc.key, exc.reason) from None
     if len(url.encode("utf-8", "surrogatepass")) > MAX_URL_BYTES:
         raise SpecError("url", f"must be at most {MAX_URL_BYTES} bytes")
-    _check_fields(spec)
     if spec.worker_type not in WORKER_TYPES:
         raise SpecError(
             "worker_type", f"must be one of {', '.join(WORKER_TYPES)}, got {spec.worker_type!r}"
@@ -270,7 +323,22 @@ def validate_worker_spec(spec: WorkerSpec) -> WorkerSpec:
                 "bootstrap_port",
                 f"applies to prefill and encode workers only, not {spec.worker_type!r}",
             )
-    return _within_budget(msgspec.structs.replace(spec, url=url, connection_mode=mode))
+    runtime = _canonical_runtime(spec.runtime_type) if spec.runtime_type is not None else None
+    if external:
+        if mode != "http":
+            raise SpecError("url", "an external worker is an HTTP API: use http:// or https://")
+        if spec.worker_type != "regular":
+            raise SpecError("worker_type", "an external worker is a regular worker")
+    elif spec.provider is not None:
+        raise SpecError(
+            "provider", 'applies to external workers only (set runtime_type: "external")'
+        )
+    provider = parse_provider(spec.provider) if spec.provider is not None else None
+    return _within_budget(
+        msgspec.structs.replace(
+            spec, url=url, connection_mode=mode, runtime_type=runtime, provider=provider
+        )
+    )
 
 
 def _within_budget(spec: WorkerSpec) -> WorkerSpec:
@@ -323,6 +391,8 @@ def public_worker_spec(spec: WorkerSpec) -> dict[str, Any]:
         out.pop("health", None)
     if spec.bootstrap_port is None:
         out.pop("bootstrap_port", None)
+    for field in ("runtime_type", "provider"):  # the record's resolved values are shown
+        out.pop(field, None)
     return out
 
 

@@ -523,7 +523,8 @@ def test_worker_spec_full() -> None:
         (b'{"url": "http://h:1", "health": {"bogus": 1}}', "health.bogus", "unknown field"),
         (b'{"url": "http://h:1", "colour": "red"}', "colour", "unknown field"),
         (b'{"url": "http://h:1", "models": []}', "models", "model_id"),
-        (b'{"url": "http://h:1", "runtime_type": "vllm"}', "runtime_type", "does not support"),
+        (b'{"url": "http://h:1", "dp_rank": 1}', "dp_rank", "does not support"),
+        (b'{"url": "http://h:1", "runtime_type": "bogus"}', "runtime_type", "must be one of"),
     ],
 )
 def test_worker_spec_refusals(body: bytes, key: str, reason: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -20,8 +21,14 @@ import orjson
 from aiohttp import web
 
 from smg import __version__, ipc, promtext
-from smg.config import ConfigError, GatewayConfig, model_aliases, prometheus_bind_host
-from smg.control import cpauth, probes, procmetrics, profile
+from smg.config import (
+    ConfigError,
+    GatewayConfig,
+    model_aliases,
+    prometheus_bind_host,
+    tenant_keys,
+)
+from smg.control import cpauth, external, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
@@ -108,6 +115,10 @@ class ControlPlane:
         self._cp_auth: (
             tuple[GatewayConfig, cpauth.ControlPlaneAuth, cpauth.JwksCache | None, Any] | None
         ) = None
+        # External workers' refreshes: in flight by (provider, key digest), shared by
+        # concurrent callers; and when each (worker, key digest) was last asked.
+        self._refreshes: dict[tuple[str | None, bytes], asyncio.Future[int]] = {}
+        self._refreshed_at: dict[tuple[str, bytes], float] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -143,11 +154,15 @@ class ControlPlane:
                 else:
                     if self._first_round is not None:
                         self._first_round.add(record.worker_id)
-                    self._spawn(self._health_loop(record))
+                    if record.external and not record.discovered:
+                        self._spawn(self._onboard_external(record))
+                    else:
+                        self._spawn(self._health_loop(record))
         # The start-up workers are registered once: after that the table is the truth (a
         # worker removed since must not come back when this process is replaced).
         if not self.registry.seeded:
             for spec in self.initial_specs:
+                spec = external.startup_spec(spec, self.cfg.backend)
                 if spec.url in self.registry.by_url:
                     continue
                 try:
@@ -213,8 +228,64 @@ class ControlPlane:
     def _register(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
         record = self.registry.add(spec, worker_id)
         log.info("worker %s registered as %s (row %d)", spec.url, record.worker_id, record.row)
-        self._spawn(self._onboard(record))
+        self._spawn(self._onboard_external(record) if record.external else self._onboard(record))
         return record
+
+    async def _onboard_external(self, record: WorkerRecord) -> None:
+        """An external worker: its models discovered (retried each interval until
+        --worker-startup-timeout-secs; Rust retries the step), then Ready, or probed
+        when its spec turned health checks on. No load scrapes: a provider has no loads."""
+        try:
+            while not record.discovered:
+                if self._stopping or self.registry.get(record.worker_id) is not record:
+                    return
+                started = time.monotonic()
+                if await self._discover_external(record, None):
+                    break
+                if started - record.registered > self.cfg.worker_startup_timeout_secs:
+                    log.error(
+                        "external worker %s: no model list within %s s",
+                        record.spec.url,
+                        self.cfg.worker_startup_timeout_secs,
+                    )
+                    self._transition(record, Event.STARTUP_TIMEOUT)
+                    return
+                await asyncio.sleep(
+                    max(0.0, started + self.probe_interval(record) - time.monotonic())
+                )
+            await self._health_loop(record)
+        finally:
+            self._first_probe_ended(record)
+
+    async def _discover_external(self, record: WorkerRecord, credential: str | None) -> bool:
+        """GET /v1/models on an external worker with `credential` (a caller's key) else its
+        discovery key; True when the list was had (stored: replacing the worker's own list,
+        or added to it when found with a caller's key)."""
+        assert self.session is not None and record.provider is not None
+        key = credential or external.discovery_key(record.provider, record.spec.api_key, os.environ)
+        try:
+            found = await external.fetch_models(
+                self.session,
+                record.spec.url,
+                record.provider,
+                key,
+                float(self.cfg.health_check_timeout_secs),
+            )
+        except external.DiscoveryError as exc:
+            log.warning("external worker %s: model discovery failed: %s", record.spec.url, exc)
+            return False
+        if self.registry.get(record.worker_id) is not record:
+            return False
+        ids = [model["id"] for model in found]
+        if credential is not None:
+            ids = external.merge_models(record.models, ids)
+        if not ids:
+            log.warning("external worker %s lists no models", record.spec.url)
+            return False
+        if not record.discovered or tuple(ids) != record.models:
+            self.registry.set_discovery(record, external.ENGINE, ids, {})
+            log.info("external worker %s serves %d model id(s)", record.spec.url, len(ids))
+        return True
 
     async def _onboard(self, record: WorkerRecord) -> None:
         """Discover the backend, then probe at once (not after a full interval) and on."""
@@ -306,6 +377,16 @@ class ControlPlane:
         assert self.session is not None
         if _is_grpc(record):
             ok = await self._grpc_probe(record).health(self.probe_timeout(record))
+        elif record.external:
+            # Probed only when its spec asks; its own key in its provider's header.
+            assert record.provider is not None
+            answer = await probes.get_with_headers(
+                self.session,
+                record.spec.url.rstrip("/") + self.cfg.health_check_endpoint,
+                external.key_headers(record.provider, record.spec.api_key),
+                self.probe_timeout(record),
+            )
+            ok = answer is not None and 200 <= answer[0] < 300
         else:
             ok = await probes.probe_health(
                 self.session,
@@ -322,7 +403,7 @@ class ControlPlane:
             # A passed probe is contact: it ends a stall (a failed one is left to the health
             # state machine, as in SMG: a slow probe is not unreachability).
             self._contact(record)
-        if ok and not record.discovered:
+        if ok and not record.discovered and not record.external:
             if _is_grpc(record):
                 # A gRPC worker is routable only with its model facts (and tokenizer).
                 await self._discover(record, keep_unknown=False)
@@ -526,6 +607,8 @@ class ControlPlane:
             ):
                 continue
             for record in list(self.registry.workers.values()):
+                if record.external:
+                    continue  # a provider's API reports no load
                 if record.status in (WorkerStatus.READY, WorkerStatus.NOT_READY):
                     self._spawn(self._scrape(record))
 
@@ -601,7 +684,139 @@ class ControlPlane:
         log.info("worker %s removed", record.spec.url)
 
     def _key(self, record: WorkerRecord) -> str | None:
+        # The gateway's own key is never sent to an external worker (a provider).
+        if record.external:
+            return record.spec.api_key
         return record.spec.api_key or self.cfg.api_key
+
+    def _gateway_key(self, key: str) -> bool:
+        return key == self.cfg.api_key or key in tenant_keys(self.cfg)
+
+    # --- external workers: refresh on a miss, /v1/models fan-out ------------------------------
+
+    def _external_records(self) -> list[WorkerRecord]:
+        return [
+            r
+            for r in self.registry.workers.values()
+            if r.external and r.status != WorkerStatus.DRAINING
+        ]
+
+    async def _external_refresh(self, message: dict[str, Any]) -> dict[str, Any]:
+        """IPC `external_refresh`: re-discover the external workers of `provider` (all when
+        None) with the caller's key where it may go, else each worker's own discovery key;
+        bounded by external.OP_TIMEOUT_SECS. Concurrent calls for the same provider and key
+        share one run."""
+        provider = message.get("provider")
+        credential = message.get("credential")
+        if provider is not None and not isinstance(provider, str):
+            return {"error": "provider must be a string or null"}
+        if credential is not None and (not isinstance(credential, str) or not credential):
+            return {"error": "credential must be a non-empty string or null"}
+        if credential is not None and self._gateway_key(credential):
+            credential = None  # never sent to a provider
+        key = (provider, external.key_digest(credential))
+        running = self._refreshes.get(key)
+        if running is None:
+            running = asyncio.ensure_future(self._refresh(provider, credential))
+            self._refreshes[key] = running
+            running.add_done_callback(lambda _f: self._refreshes.pop(key, None))
+        return {"refreshed": await asyncio.shield(running)}
+
+    async def _refresh(self, provider: str | None, credential: str | None) -> int:
+        records = self._external_records()
+        known = {r.provider for r in records if r.provider is not None}
+        now = time.monotonic()
+        if len(self._refreshed_at) > 4096:  # one entry per worker and caller key: bounded
+            self._refreshed_at = {
+                k: t
+                for k, t in self._refreshed_at.items()
+                if now - t < external.REFRESH_MIN_INTERVAL_SECS
+            }
+        jobs: list[tuple[WorkerRecord, str | None]] = []
+        for record in records:
+            assert record.provider is not None
+            if (provider is not None and record.provider != provider) or record.spec.model_id:
+                continue
+            own = external.discovery_key(record.provider, record.spec.api_key, os.environ)
+            if own is None:
+                continue  # a wildcard worker serves every model already
+            use = (
+                credential
+                if credential is not None
+                and external.key_may_go(credential, record.provider, known)
+                else None
+            )
+            throttle = (record.worker_id, external.key_digest(use))
+            if now - self._refreshed_at.get(throttle, -1e9) < external.REFRESH_MIN_INTERVAL_SECS:
+                continue
+            self._refreshed_at[throttle] = now
+            jobs.append((record, use))
+        if not jobs:
+            return 0
+        before = {record.worker_id: record.models for record, _ in jobs}
+
+        async def one(record: WorkerRecord, use: str | None) -> None:
+            await self._discover_external(record, use)
+
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(one(r, use) for r, use in jobs)), external.OP_TIMEOUT_SECS
+            )
+        except TimeoutError:
+            log.warning("external refresh: not all providers answered within the bound")
+        return sum(1 for record, _ in jobs if record.models != before[record.worker_id])
+
+    async def _external_models(self, message: dict[str, Any]) -> dict[str, Any]:
+        """IPC `external_models`: the caller's key's view of the providers' models (the
+        BYOK `/v1/models` fan-out): GET /v1/models on each distinct external URL the key
+        may go to, concurrently, bounded; the union, deduplicated by id."""
+        credential = message.get("credential")
+        header = message.get("header")
+        if not isinstance(credential, str) or not credential:
+            return {"error": "credential must be a non-empty string"}
+        if header not in ("authorization", "x-api-key"):
+            return {"error": "header must be 'authorization' or 'x-api-key'"}
+        if self._gateway_key(credential):
+            return {"data": []}  # a gateway key is never sent to a provider
+        assert self.session is not None
+        records = self._external_records()
+        known = {r.provider for r in records if r.provider is not None}
+        targets: dict[str, str] = {}
+        for record in records:
+            assert record.provider is not None
+            if external.key_may_go(credential, record.provider, known):
+                targets.setdefault(record.spec.url, record.provider)
+        session = self.session
+
+        async def one(url: str, provider: str) -> list[dict[str, Any]]:
+            try:
+                found = await external.fetch_models(
+                    session, url, provider, credential, external.OP_TIMEOUT_SECS
+                )
+            except external.DiscoveryError as exc:
+                log.info("models fan-out: %s", exc)
+                return []
+            return [
+                {
+                    "id": m["id"],
+                    "object": "model",
+                    "created": m["created"] if isinstance(m.get("created"), int) else 0,
+                    "owned_by": provider,
+                }
+                for m in found
+            ]
+
+        tasks = [asyncio.ensure_future(one(url, p)) for url, p in targets.items()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=external.OP_TIMEOUT_SECS)
+        data: dict[str, dict[str, Any]] = {}
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+                continue
+            for model in task.result():
+                data.setdefault(model["id"], model)
+        return {"data": list(data.values())}
 
     # --- admin -------------------------------------------------------------------------------------
 
@@ -613,6 +828,14 @@ class ControlPlane:
             return self._final_metrics(message)
         if kind == "reload":
             return self._reload(message)
+        if kind in ("external_refresh", "external_models"):
+            try:
+                if kind == "external_refresh":
+                    return await self._external_refresh(message)
+                return await self._external_models(message)
+            except Exception as exc:  # a data plane's call must not break this process
+                log.exception("%s failed", kind)
+                return {"error": f"{kind} failed: {exc!r}"}
         if kind == "admin":
             try:
                 return await self._judged_admin(message)
@@ -766,7 +989,8 @@ class ControlPlane:
 
     async def _flush_cache(self) -> AdminAnswer:
         assert self.session is not None
-        records = list(self.registry.workers.values())
+        # External workers (a provider's API) have no cache to flush.
+        records = [r for r in self.registry.workers.values() if not r.external]
         answers = await asyncio.gather(
             *(
                 self._grpc_probe(record).flush_cache(30.0)
@@ -805,7 +1029,7 @@ class ControlPlane:
         records = [
             record
             for record in self.registry.workers.values()
-            if url is None or record.spec.url == url
+            if (url is None or record.spec.url == url) and not record.external
         ]
         timeout = profile.PROFILE_TIMEOUT_SECS
         answers = await asyncio.gather(
@@ -1064,6 +1288,7 @@ class ControlPlane:
             except ConfigError as exc:
                 log.error("reload: worker %s not registered: %s", url, exc)
                 continue
+            spec = external.startup_spec(spec, cfg.backend)
             if spec.url in self.registry.by_url:
                 continue
             try:

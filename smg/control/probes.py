@@ -94,12 +94,14 @@ async def _send(
     timeout_s: float,
     limit: int | None,
     json_body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
-    """(status, body); with `limit=None` the body is not read (status-only probes)."""
+    """(status, body); with `limit=None` the body is not read (status-only probes).
+    `headers` replaces the Bearer header `api_key` would make (external providers)."""
     async with session.request(
         method,
         url,
-        headers=_headers(api_key),
+        headers=_headers(api_key) if headers is None else headers,
         json=json_body,
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         allow_redirects=False,
@@ -116,10 +118,11 @@ async def _request(
     api_key: str | None,
     timeout_s: float,
     limit: int | None = MAX_BODY_BYTES,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes] | None:
     """One request; (status, body) for any HTTP answer, None when there was none."""
     try:
-        return await _send(session, method, url, api_key, timeout_s, limit)
+        return await _send(session, method, url, api_key, timeout_s, limit, headers=headers)
     except asyncio.CancelledError:
         raise
     except aiohttp.ClientSSLError as e:
@@ -175,6 +178,14 @@ async def probe_health(
     """True when `GET url+endpoint` answers a 2xx status within `timeout_s`."""
     answer = await _request(session, "GET", _join(url, endpoint), api_key, timeout_s, limit=None)
     return answer is not None and 200 <= answer[0] < 300
+
+
+async def get_with_headers(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], timeout_s: float
+) -> tuple[int, bytes] | None:
+    """`GET url` with exactly `headers` (an external provider's key header); (status,
+    body) for any answer, None when there was none."""
+    return await _request(session, "GET", url, None, timeout_s, headers=headers)
 
 
 def _parse_load(endpoint: str, engine: str, body: bytes) -> BackendLoad:

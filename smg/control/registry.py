@@ -7,6 +7,7 @@ The control plane (``smg.control.plane``) drives it from probes, scrapes and adm
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from smg.control import external
 from smg.control.worker_state import (
     ZERO,
     Event,
@@ -118,13 +120,19 @@ class WorkerRecord:
     def serves(self, model: str) -> bool:
         return model in self.served_models
 
+    @property
+    def external(self) -> bool:
+        return self.provider is not None
+
     def health_checked(self, gateway_disabled: bool) -> bool:
         """Whether this worker is probed: the spec's `health.disable_health_check`
-        overrides `--disable-health-check` either way (Rust's per-worker health config)."""
+        overrides `--disable-health-check` either way (Rust's per-worker health config).
+        An external worker is not probed unless its spec asks (Rust sets
+        disable_health_check for them: a provider's API has no /health)."""
         health = self.spec.health
         if health is not None and health.disable_health_check is not None:
             return not health.disable_health_check
-        return not gateway_disabled
+        return not gateway_disabled and not self.external
 
     def thresholds(self, default: HealthThresholds) -> HealthThresholds:
         """The gateway-wide thresholds with this worker's `health` overrides applied."""
@@ -203,10 +211,17 @@ class Registry:
         row = self.free_rows[-1]
         generation = self.row_generations[row] + 1
         record = WorkerRecord(worker_id or str(uuid.uuid4()), spec, row, generation)
+        waits = spec.connection_mode == "grpc"
+        if external.is_external(spec):
+            record.engine = external.ENGINE
+            record.provider = external.record_provider(spec)
+            # Routable once its models are known; at once when there is nothing to ask.
+            waits = external.needs_discovery(spec, record.provider, os.environ)
+            record.discovered = not waits
         # A gRPC worker is not routable before its model facts (and tokenizer) are in,
         # even unprobed: the control plane moves it on once they are.
         unprobed = not record.health_checked(self.health_check_disabled)
-        record.status = initial_status(unprobed and spec.connection_mode != "grpc")
+        record.status = initial_status(unprobed and not waits)
         # Encode first: a worker that does not fit is refused before anything changes.
         blob = self._encode([*self.workers.values(), record])
         self.free_rows.pop()
@@ -237,7 +252,10 @@ class Registry:
             record.provider = entry.provider
             record.models = () if entry.spec.model_id else entry.models
             record.context_length = entry.context_length
-            record.discovered = entry.engine != "unknown"
+            # An external worker is discovered once it left Pending (or needs no discovery).
+            record.discovered = entry.engine != "unknown" and (
+                entry.provider is None or record.status != WorkerStatus.PENDING
+            )
             record.grpc = entry.grpc
             self.workers[record.worker_id] = record
             self.by_url[record.spec.url] = record.worker_id
@@ -422,19 +440,26 @@ class Registry:
         objects, runtime_type, labels, ...) and smg's own (engine, backend_load, ...)."""
         spec = public_worker_spec(record.spec)
         served = record.served_models
-        return {
-            "id": record.worker_id,
-            **spec,
-            "model_id": record.spec.model_id or (served[0] if served else None),
-            "models": [
+        if record.external:
+            # Rust 1.13's model cards: date-suffixed ids as aliases, the provider per card.
+            models = external.card_views(served)
+        else:
+            models = [
                 {
                     "id": model,
                     "model_type": list(_LLM_MODEL_TYPE),
                     "context_length": record.context_length,
                 }
                 for model in served
-            ],
+            ]
+        return {
+            "id": record.worker_id,
+            **spec,
+            "model_id": record.spec.model_id or (models[0]["id"] if models else None),
+            "models": models,
             "runtime_type": record.engine,
+            # smg's own: an external worker's resolved provider (None: self-hosted).
+            "provider": record.provider,
             "http2": False,  # smg speaks HTTP/1.1 to workers
             "engine": record.engine,
             "is_healthy": record.status == WorkerStatus.READY,
