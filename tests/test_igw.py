@@ -131,19 +131,16 @@ def test_e2e_igw_one_gateway_http_grpc_and_external_models(tmp_path: Path) -> No
         assert refused.json()["error"]["code"] == "missing_model"
         assert refused.json()["error"]["message"] == MISSING_MODEL_MESSAGE
 
-        # One HTTP worker is enough for readiness (any Ready worker, whatever its model).
-        _add(gw, {"url": http_mocks.urls[0]})
-        wait_until(lambda: http_mocks.urls[0] in _healthy(gw), 20.0, "the first HTTP worker")
+        # One worker of any kind is enough for readiness: here an external provider's.
+        _add(gw, {"url": fake.url, "runtime_type": "external", "api_key": provider_key})
+        wait_until(lambda: fake.url in _healthy(gw), 20.0, "the external worker")
         wait_until(lambda: client.get("/readiness").status_code == 200, 10.0, "readiness")
 
-        _add(gw, {"url": http_mocks.urls[1]})
+        for url in http_mocks.urls:
+            _add(gw, {"url": url})
         for url in hashed_mocks.urls:
             _add(gw, {"url": url, "labels": {"policy": "consistent_hashing"}})
         _add(gw, {"url": grpc_mock.url})
-        _add(
-            gw,
-            {"url": fake.url, "runtime_type": "external", "api_key": provider_key},
-        )
         everything = {*http_mocks.urls, *hashed_mocks.urls, grpc_mock.url, fake.url}
         wait_until(lambda: _healthy(gw) >= everything, 40.0, "every worker healthy")
 
@@ -167,14 +164,24 @@ def test_e2e_igw_one_gateway_http_grpc_and_external_models(tmp_path: Path) -> No
         assert sum(a.get(HTTP_MODEL, 0) for a in http_after.values()) == 1 + sum(
             b.get(HTTP_MODEL, 0) for b in http_before.values()
         )
+        served = next(u for u in http_mocks.urls if http_after[u] != http_before[u])
+        last = mockutil.stats(served)["last_request_by_route"][CHAT]["header_map"]
+        assert "authorization" not in last and "x-api-key" not in last
         assert grpc_mock.stats()["requests"].get("Generate", 0) == grpc_before + 1
         seen = [r for r in fake.seen() if r["method"] == "POST"]
         assert [(r["path"], r["body"]["model"]) for r in seen] == [(CHAT, EXTERNAL_MODEL)]
         assert seen[0]["headers"]["authorization"] == f"Bearer {provider_key}"
 
         # /generate: with a model, through that model's worker kind; without one, 400.
+        generates = sum(
+            mockutil.stats(u)["requests_by_route"].get("/generate", 0) for u in http_mocks.urls
+        )
         native = _post(client, "/generate", {"text": "hi", "model": HTTP_MODEL})
         assert native.status_code == 200, native.text
+        assert (
+            sum(mockutil.stats(u)["requests_by_route"].get("/generate", 0) for u in http_mocks.urls)
+            == generates + 1
+        )
         via_grpc = _post(
             client,
             "/generate",
