@@ -36,6 +36,7 @@ GATEWAY_LABELS: dict[str, str] = {
     "direct": "direct (stub only)",
     "smg": "smg (this repo)",
     "smg-base": "smg, resilience off",
+    "smg-igw": "smg, --enable-igw",
     "rust": "Rust SMG 1.13",
 }
 # Paired per-round ratios reported when both systems ran.
@@ -45,6 +46,8 @@ RATIO_PAIRS: tuple[tuple[str, str], ...] = (
     ("smg", "direct"),
     ("smg", "smg-base"),
     ("smg-base", "rust"),
+    # Issue 14: self-hosted HTTP workers must not get slower in IGW mode (>= 0.95).
+    ("smg-igw", "smg"),
 )
 
 

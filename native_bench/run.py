@@ -778,7 +778,12 @@ class Bench:
                 # repo's own `smg` package would shadow the Rust one.
                 cwd=BUILD,
             )
-        smg_variants = {"smg": self.args.smg_extra_args, "smg-base": self.args.smg_base_args}
+        smg_variants = {
+            "smg": self.args.smg_extra_args,
+            "smg-base": self.args.smg_base_args,
+            # The same gateway in IGW mode, in front of the same self-hosted stub.
+            "smg-igw": f"--enable-igw {self.args.smg_extra_args}",
+        }
         if any(name in self.gateways for name in smg_variants):
             py = resolve_smg_python(self.args.smg_python)
             helptext = check_smg_python(py)
@@ -1174,7 +1179,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--gateways",
         default="direct,smg,rust",
-        help="any of direct,smg,smg-base,rust (smg-base: this repo with --smg-base-args)",
+        help="any of direct,smg,smg-base,smg-igw,rust (smg-base: this repo with "
+        "--smg-base-args; smg-igw: this repo with --enable-igw and --smg-extra-args)",
     )
     ap.add_argument(
         "--payloads", default="chat,completion,stream", help="any of " + ",".join(PAYLOADS)

@@ -165,3 +165,15 @@ def test_markdown_report_marks_void_rounds_and_ratios() -> None:
     assert "ratio smg/rust: median 0.500 (range 0.500-0.500 over 1 rounds)" in text
     assert "| Rust SMG 1.13 | 1,000 | 1,200 | 1,100 | 0.500 |" in text
     assert "headers included: Rust SMG 1.13 500" in text
+
+
+def test_markdown_report_gives_the_igw_on_off_ratio() -> None:
+    runs = [
+        Measurement("smg", "chat", 0, 1000.0, 1000),
+        Measurement("smg-igw", "chat", 0, 980.0, 980),
+        Measurement("smg", "chat", 1, 1000.0, 1000),
+        Measurement("smg-igw", "chat", 1, 1010.0, 1010),
+    ]
+    text = markdown_report(["smg", "smg-igw"], ["chat"], 2, runs, [], {})
+    assert "ratio smg-igw/smg: median 0.995 (range 0.980-1.010 over 2 rounds)" in text
+    assert "| smg, --enable-igw | 980 | 1,010 | 995 |" in text

@@ -40,6 +40,12 @@ def main(argv: list[str]) -> int:
         return 2
     for message in inert_settings(cfg):
         logging.getLogger("smg").warning(message)
+    if cfg.enable_igw:
+        # The Rust SMG prints its mode in the start-up banner: "IGW (Inference Gateway)".
+        logging.getLogger("smg").info(
+            "IGW (multi-model) mode: workers of every kind may be added through POST /workers; "
+            "/generate must name a model"
+        )
     # Read (and removed from the environment before any child is started) what systemd
     # passed: the notify socket, the watchdog, a socket to serve (smg.systemd).
     from smg import systemd
@@ -80,10 +86,9 @@ def main(argv: list[str]) -> int:
     return supervisor.run()
 
 
-# Accepted so Rust SMG command lines keep working, but the feature arrives in a later issue.
-_INERT = {
-    "enable_igw": "multi-model IGW mode",
-}
+# Accepted so Rust SMG command lines keep working, but the feature arrives in a later issue
+# (none at present: the mechanism stays for the next such flag).
+_INERT: dict[str, str] = {}
 
 
 def inert_settings(cfg: GatewayConfig) -> list[str]:

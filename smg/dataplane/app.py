@@ -129,6 +129,25 @@ class _TextFields(_RoutingFields):
 
 _text_decoder = msgspec.json.Decoder(_TextFields)
 
+# The protocol's placeholder for "no model" (Rust openai_protocol UNKNOWN_MODEL_ID): a
+# /generate body without `model` carries it there.
+UNKNOWN_MODEL = "unknown"
+MISSING_MODEL_MESSAGE = "/generate requests must include a model when IGW routing is enabled"
+
+
+def generate_lacks_model(body: bytes | bytearray | memoryview) -> bool:
+    """Whether a /generate body names no model, as the Rust SMG's IGW mode judges it
+    (router_manager `requires_explicit_generate_model`: absent, blank after trimming, or
+    "unknown"); `"model": null` counts as absent (Rust refuses it with a 422). Bad JSON or
+    a non-string model is False: the proxy path answers those as it always does."""
+    try:
+        model = _routing_decoder.decode(body).model
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    if model is None:
+        return True
+    return isinstance(model, str) and (not model.strip() or model == UNKNOWN_MODEL)
+
 
 def _content_text(content: Any) -> str:
     """A message's or an input's text: a string, or the `text` of its parts in order."""
@@ -226,6 +245,7 @@ class DataPlane:
     needs_text = False
     grpc: GrpcFront | None = None
     external: External | None = None
+    igw = False
 
     def __init__(
         self,
@@ -315,6 +335,9 @@ class DataPlane:
         # External workers' keys, filters and refreshes (smg.dataplane.external), made when
         # the directory first lists one; None keeps the self-hosted path at one check.
         self.external: External | None = None
+        # --enable-igw: many models, each through its workers' kind (HTTP, gRPC, external).
+        # Routing is per model either way; IGW adds only the /generate model requirement.
+        self.igw = cfg.enable_igw
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -747,6 +770,10 @@ class DataPlane:
         tracer = self.tracer
         if tracer is not None:
             request.trace = tracer.begin(request, request.path)
+        if self.igw and request.path == "/generate" and generate_lacks_model(request.body):
+            # Before any worker kind is picked: without a model there is no router to pick.
+            self._send_error(conn, request, 400, "missing_model", MISSING_MODEL_MESSAGE)
+            return
         if self.grpc is not None and body_routing and self.grpc.handle(conn, request):
             return  # the model's workers are gRPC: smg.grpc.frontend serves it
         model: str | None = None
