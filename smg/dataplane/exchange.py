@@ -45,6 +45,8 @@ _SKIP_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-s
 # A translated answer gets a body of the gateway's making: the worker's type, encoding and
 # length describe the other one.
 _SKIP_TRANSLATED = _SKIP_RESPONSE_HEADERS | {b"content-type", b"content-encoding"}
+# A worker's error on /v1/messages rewritten in Anthropic's shape: a JSON body of its own.
+_SKIP_REWRITTEN = _SKIP_RESPONSE_HEADERS | {b"content-type"}
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
 # The routes whose errors take Anthropic's shape (count_tokens is an Anthropic route too).
 ANTHROPIC_PATHS = frozenset({ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE})
@@ -548,11 +550,16 @@ class Exchange:
         """A held error answer on /v1/messages: the worker's headers, the status, and the
         body in Anthropic's error shape with a new length."""
         body = anthropic_rewrite(self.status, b"".join(self.held or ()), self.request_id)
-        parts = [status_line(self.status)]
+        self._emit_held(self.status, body, _SKIP_REWRITTEN)
+
+    def _emit_held(self, status: int, body: bytes, skip: frozenset[bytes]) -> None:
+        """A held answer written whole with its new JSON body: the worker's headers but
+        those in `skip`, then the gateway's own. Held answers are to POSTs only (the
+        Messages and translated routes), never to HEAD, so the body always goes."""
+        parts = [status_line(status)]
         for name, value in self.held_headers or ():
-            if name in _SKIP_RESPONSE_HEADERS or name == b"content-type":
-                continue
-            parts.append(b"%b: %b\r\n" % (name, value))
+            if name not in skip:
+                parts.append(b"%b: %b\r\n" % (name, value))
         parts.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         parts.append(b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header))
         if self.app.cors is not None:
@@ -561,7 +568,7 @@ class Exchange:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        parts.append(body)  # /v1/messages takes POST only: never an answer to HEAD
+        parts.append(body)
         self.held = self.held_headers = None
         self.out.append(b"".join(parts))
 
@@ -607,21 +614,7 @@ class Exchange:
                     f"the worker's answer could not be translated: {exc}",
                 )
         self.status = status
-        parts = [status_line(status)]
-        for name, value in self.held_headers or ():
-            if name not in _SKIP_TRANSLATED:
-                parts.append(b"%b: %b\r\n" % (name, value))
-        parts.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
-        parts.append(b"x-request-id: %b\r\n%b" % (self.request_id, self.app.process_header))
-        if self.app.cors is not None:
-            parts.append(self.cors)
-        if not self.keep_alive or self.app.draining:
-            self.keep_alive = False
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        self.held = self.held_headers = None
-        self.out.append(b"".join(parts))
+        self._emit_held(status, body, _SKIP_TRANSLATED)
 
     def flush(self) -> None:
         """End of one upstream read: hand the client what it produced, end if complete."""
