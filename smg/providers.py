@@ -144,9 +144,20 @@ def key_provider(key: str) -> str | None:
     return None
 
 
+# The header a provider takes its key in, where it is not `Authorization: Bearer` (the
+# Rust SMG's apply_provider_headers: Anthropic's `x-api-key`, Gemini's `x-goog-api-key`).
+_KEY_HEADERS = {ANTHROPIC: "x-api-key", GEMINI: "x-goog-api-key"}
+# Every header a caller may present a provider key in, besides Authorization.
+CALLER_KEY_HEADERS: tuple[str, ...] = ("x-api-key", "x-goog-api-key")
+
+
+def key_header(provider: str | None) -> str | None:
+    """The header `provider` takes its key in; None: `Authorization: Bearer`."""
+    return _KEY_HEADERS.get(provider or "")
+
+
 def uses_x_api_key(provider: str | None) -> bool:
-    """Whether the provider takes its key as `x-api-key` (Anthropic) rather than
-    `Authorization: Bearer`."""
+    """Whether the provider takes its key as `x-api-key` (Anthropic)."""
     return provider == ANTHROPIC
 
 

@@ -45,6 +45,8 @@ def test_byok_bearer_for_openai_x_api_key_first_for_anthropic() -> None:
     assert byok_key("anthropic", auth, xkey, ()) == b"sk-ant-two"
     assert byok_key("anthropic", b"bearer  sk-ant-3 ", None, ()) == b"sk-ant-3"
     assert byok_key("openai", None, b" sk-x ", ()) == b"sk-x"
+    # Gemini's own header (read as the caller's key header) comes first there, as in Rust.
+    assert byok_key("gemini", b"Bearer AIza-bearer", b"AIza-goog", ()) == b"AIza-goog"
 
 
 def test_gateway_keys_are_never_byok() -> None:
@@ -61,6 +63,8 @@ def test_credential_lines() -> None:
     assert credential_lines("openai", b"sk-a", "worker", False) == b"authorization: Bearer sk-a\r\n"
     assert credential_lines("xai", None, "worker", False) == b"authorization: Bearer worker\r\n"
     assert credential_lines("openai", None, None, False) == b""
+    assert credential_lines("gemini", b"AIza-k", None, False) == b"x-goog-api-key: AIza-k\r\n"
+    assert credential_lines("gemini", None, None, False) == b""
     assert credential_lines("anthropic", b"sk-ant-k", None, False) == (
         b"x-api-key: sk-ant-k\r\nanthropic-version: 2023-06-01\r\n"
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import mockutil
 import openai
 import pytest
 from gatewayutil import Gateway, wait_until
@@ -351,3 +352,47 @@ def test_a_model_two_providers_serve_goes_to_the_one_its_name_names(fleet: Fleet
     finally:
         fleet.custom_fake.set_models(["llama-x"])
         refresh_all(fleet)
+
+
+def test_gemini_takes_its_key_as_x_goog_api_key() -> None:
+    """Gemini's key goes in its own header (as the Rust SMG's apply_provider_headers
+    sends it), the worker's for discovery and the caller's on requests; a caller's
+    x-goog-api-key is a credential, never relayed to a self-hosted worker as a header."""
+    with (
+        FakeProvider("openai", ["gemini-2.0-flash"]) as gemini_fake,
+        mockutil.start_mock_workers(1, "--model", "local-model") as local,
+    ):
+        gw = Gateway(["--worker-urls", local.urls[0]])
+        gw.start()
+        try:
+            register(gw, gemini_fake, "gemini", 1, api_key="AIza-worker")
+            discovery = [r for r in gemini_fake.seen() if r["path"] == "/v1/models"]
+            assert discovery and discovery[-1]["headers"].get("x-goog-api-key") == "AIza-worker"
+            assert "authorization" not in discovery[-1]["headers"]
+            gemini_fake.clear()
+            for headers, expected in (
+                ({"x-goog-api-key": "AIza-caller"}, "AIza-caller"),
+                ({}, "AIza-worker"),
+            ):
+                answer = httpx.post(
+                    gw.url + CHAT,
+                    json={"model": "gemini-2.0-flash", "messages": HELLO},
+                    headers=headers,
+                    timeout=10,
+                )
+                assert answer.status_code == 200, answer.text
+                sent = posts(gemini_fake)[-1]["headers"]
+                assert sent.get("x-goog-api-key") == expected and "authorization" not in sent
+            wait_until(lambda: gw.client().get("/readiness").status_code == 200, 20, "ready")
+            answer = httpx.post(
+                gw.url + CHAT,
+                json={"model": "local-model", "messages": HELLO},
+                headers={"x-goog-api-key": "AIza-caller"},
+                timeout=10,
+            )
+            assert answer.status_code == 200, answer.text
+            last = mockutil.stats(local.urls[0])["last_request_by_route"][CHAT]["header_map"]
+            assert "x-goog-api-key" not in last
+        finally:
+            gw.stop()
+            gw.close_log()

@@ -100,6 +100,7 @@ _SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
     # --api-key when it has none), never what the client sent.
     b"authorization",
     b"x-api-key",
+    b"x-goog-api-key",  # Gemini's key header: a credential too
     b"x-request-id",
     b"expect",
 }
@@ -551,7 +552,7 @@ class DataPlane:
             if method == b"GET" or method == b"HEAD":
                 if path == "/v1/models" and self.external is not None:
                     key = self.external.caller_key(
-                        request.header(b"authorization"), request.header(b"x-api-key")
+                        request.header(b"authorization"), _caller_key_header(request)
                     )
                     if key is not None:  # the caller's own key: ask its providers too
                         self.spawn(self._models_fanout(conn, request, key))
@@ -757,7 +758,7 @@ class DataPlane:
             rows,
             model,
             request.header(b"authorization"),
-            request.header(b"x-api-key"),
+            _caller_key_header(request),
             self._serving_keys,
         )
         if code and conn is not None:
@@ -806,7 +807,7 @@ class DataPlane:
             external = self.external
             if external is not None and model is not None and external.rerouted is not request:
                 key = external.caller_key(
-                    request.header(b"authorization"), request.header(b"x-api-key")
+                    request.header(b"authorization"), _caller_key_header(request)
                 )
                 self.spawn(self._refresh_then_proxy(conn, request, key))
                 return
@@ -1238,7 +1239,7 @@ class DataPlane:
         key = byok_key(
             provider,
             request.header(b"authorization"),
-            request.header(b"x-api-key"),
+            _caller_key_header(request),
             self._serving_keys,
         )
         version = request.header(b"anthropic-version") is not None
@@ -1534,6 +1535,14 @@ _KNOWN_PATHS = (
         "/stop_profile",
     }
 )
+
+
+def _caller_key_header(request: Request) -> bytes | None:
+    """A provider key the caller presented outside Authorization: `x-api-key` (Anthropic's
+    header, and where a caller authenticated by a gateway Bearer key brings its own), or
+    Gemini's `x-goog-api-key`."""
+    value = request.header(b"x-api-key")
+    return value if value is not None else request.header(b"x-goog-api-key")
 
 
 def _metric_path(path: str) -> str:

@@ -62,7 +62,10 @@ def byok_key(
     authenticates with the Bearer gateway key and brings its own key as `x-api-key`."""
     bearer = bearer_token(authorization)
     api_key = x_api_key.strip() if x_api_key is not None else None
-    order = (api_key, bearer) if provider == providers.ANTHROPIC else (bearer, api_key)
+    # The provider's own header first (Anthropic's x-api-key, Gemini's x-goog-api-key, both
+    # read as `x_api_key`), as the Rust SMG prefers them there.
+    own = providers.key_header(provider) is not None
+    order = (api_key, bearer) if own else (bearer, api_key)
     for key in order:
         if key and not _is_gateway_key(key, gateway_keys):
             return key
@@ -86,6 +89,9 @@ def credential_lines(
         return (b"x-api-key: " + key + b"\r\n" if key is not None else b"") + version
     if key is None:
         return b""
+    header = providers.key_header(provider)  # Gemini: x-goog-api-key
+    if header is not None:
+        return header.encode() + b": " + key + b"\r\n"
     return b"authorization: Bearer " + key + b"\r\n"
 
 
