@@ -1104,7 +1104,9 @@ class DataPlane:
         exchange.generation = entry.generation
         exchange.pool = pool
         if entry.provider is not None:
-            exchange.body = body = transform_body(entry.provider, request.path, body)
+            translation = exchange.translation  # the body went out in the worker's API
+            path = request.path if translation is None else translation.upstream_path.decode()
+            exchange.body = body = transform_body(entry.provider, path, body)
         exchange.head = self._upstream_request(request, entry, pool, len(body))
         self._in_flight_add(row, entry.generation)
         self.policy.on_dispatch(row)
