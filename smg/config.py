@@ -55,6 +55,7 @@ __all__ = [
     "load_config",
     "mask_secret",
     "mask_secret_args",
+    "mask_url",
     "model_aliases",
     "normalize_worker_url",
     "prometheus_bind_host",
@@ -198,6 +199,18 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Tracing (OpenTelemetry)
     enable_trace: bool = False
     otlp_traces_endpoint: str = "localhost:4317"
+    # History storage (Responses and Conversations), as the Rust SMG 1.13's flags
+    history_backend: str = "memory"
+    history_memory_max_responses: int = 10000
+    history_memory_max_items: int = 100000
+    history_memory_retention_secs: int = 86400
+    redis_url: str | None = None
+    redis_pool_max: int = 16
+    redis_retention_days: int = 30
+    redis_op_timeout_secs: float = 5.0
+    postgres_db_url: str | None = None
+    postgres_pool_max: int = 16
+    postgres_op_timeout_secs: float = 5.0
     # smg-only (see docs/flags.md)
     config: str | None = None
     print_config: bool = False
@@ -235,6 +248,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "assignment_mode": ("random", "min_load", "min_group", "delegate"),
     "tool_call_parser": tuple(TOOL_PARSERS),
     "reasoning_parser": tuple(REASONING_PARSERS),
+    # oracle is listed (a Rust command line parses) and refused by validate_config.
+    "history_backend": ("memory", "none", "oracle", "postgres", "redis"),
 }
 
 # Environment variables the Rust SMG reads for its engines and media paths; a deployment
@@ -981,6 +996,55 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
         ),
     ),
     (
+        "History Storage (Responses and Conversations)",
+        (
+            _Flag(
+                "history_backend",
+                "Where responses and conversations are stored: memory (one store in the "
+                "supervisor, shared by every data-plane process, lost on restart), redis, "
+                "postgres, or none (the Conversations API answers 501). oracle is refused: "
+                "smg has no Oracle backend",
+            ),
+            _Flag(
+                "history_memory_max_responses",
+                "Most stored responses the memory backend keeps; the oldest go first, on "
+                "every write",
+            ),
+            _Flag(
+                "history_memory_max_items",
+                "Most conversation items the memory backend keeps; the oldest go first and "
+                "leave the conversation that listed them",
+            ),
+            _Flag(
+                "history_memory_retention_secs",
+                "Seconds the memory backend keeps a response after it was stored and a "
+                "conversation (with its items) after its last use; 0 keeps them until a "
+                "count bound drops them",
+            ),
+            _Flag("redis_url", "Redis URL for --history-backend redis (redis:// or rediss://)"),
+            _Flag("redis_pool_max", "Most Redis connections per data-plane process"),
+            _Flag(
+                "redis_retention_days",
+                "Days Redis keeps a record (at least 1; -1 keeps it for good)",
+            ),
+            _Flag(
+                "redis_op_timeout_secs",
+                "Bound in seconds on each Redis call (pool wait, connect, command); a call "
+                "past it is answered 503 storage_unavailable",
+            ),
+            _Flag(
+                "postgres_db_url",
+                "PostgreSQL URL for --history-backend postgres (postgresql://...)",
+            ),
+            _Flag("postgres_pool_max", "Most PostgreSQL connections per data-plane process"),
+            _Flag(
+                "postgres_op_timeout_secs",
+                "Bound in seconds on each PostgreSQL call (pool wait, connect, statement); a "
+                "call past it is answered 503 storage_unavailable",
+            ),
+        ),
+    ),
+    (
         "smg only (see docs/flags.md)",
         (
             _Flag(
@@ -1340,6 +1404,33 @@ def _shell_words(v: str) -> str | None:
     return None
 
 
+def _db_url(*schemes: str) -> _Check:
+    def check(v: str) -> str | None:
+        scheme = urlsplit(v).scheme.lower()
+        if scheme not in schemes:
+            return f"must be a {' or '.join(s + '://' for s in schemes)} URL, got {mask_url(v)!r}"
+        return None
+
+    return check
+
+
+def _retention_days(v: int) -> str | None:
+    if v == -1 or v >= 1:
+        return None
+    return f"must be at least 1, or -1 to keep records for good, got {v}"
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password masked (`redis://:***@host`), for logs and
+    `--print-config`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def _choice(field: str) -> _Check:
     def check(v: str) -> str | None:
         if v not in CHOICES[field]:
@@ -1445,6 +1536,17 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "mock_worker_args": (_shell_words,),
     "log_max_bytes": (_range(0),),
     "log_backup_count": (_range(0, 1000),),
+    "history_backend": (_choice("history_backend"),),
+    "history_memory_max_responses": (_range(1),),
+    "history_memory_max_items": (_range(1),),
+    "history_memory_retention_secs": (_range(0),),
+    "redis_url": (_db_url("redis", "rediss", "unix"),),
+    "redis_pool_max": (_range(1),),
+    "redis_retention_days": (_retention_days,),
+    "redis_op_timeout_secs": (_range(0.0, gt=True),),
+    "postgres_db_url": (_db_url("postgres", "postgresql"),),
+    "postgres_pool_max": (_range(1),),
+    "postgres_op_timeout_secs": (_range(0.0, gt=True),),
 }
 
 
@@ -1500,6 +1602,7 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             f"(implemented: {', '.join(IMPLEMENTED_POLICIES)})",
             src.get("policy"),
         )
+    _check_history(cfg, src)
     if cfg.queue_size > 0 and cfg.queue_timeout_secs == 0:
         raise ConfigError(
             "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")
@@ -1547,6 +1650,21 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             src.get("health_check_port"),
         )
     return msgspec.structs.replace(cfg, worker_urls=urls)
+
+
+def _check_history(cfg: GatewayConfig, src: Mapping[str, str]) -> None:
+    backend = cfg.history_backend
+    if backend == "oracle":
+        raise ConfigError(
+            "history_backend",
+            "oracle is not supported by smg (use memory, redis, postgres or none)",
+            src.get("history_backend"),
+        )
+    for name, field in (("redis", "redis_url"), ("postgres", "postgres_db_url")):
+        if backend == name and not getattr(cfg, field):
+            raise ConfigError(
+                "history_backend", f"{name} needs {_flag_name(field)}", src.get("history_backend")
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1619,6 +1737,8 @@ def render_config(cfg: GatewayConfig) -> str:
             ]
         elif field == "mock_worker_args" and value:
             value = mask_secret_args(value)
+        elif field in ("redis_url", "postgres_db_url") and value:
+            value = mask_url(value)
         data[field.replace("_", "-")] = value
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
     notes = ["# smg launch: effective configuration (credentials masked)"]

@@ -35,6 +35,8 @@ from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupp
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane import admission
 from smg.dataplane.breaker import STATE_NAMES
+from smg.history import ipc as history_ipc
+from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
@@ -119,6 +121,11 @@ class ControlPlane:
         # concurrent callers; and when each (worker, key digest) was last asked.
         self._refreshes: dict[tuple[str | None, bytes], asyncio.Future[int]] = {}
         self._refreshed_at: dict[tuple[str, bytes], float] = {}
+        # --history-backend memory: the one store every data plane reaches over IPC (it
+        # lives as long as this process; a replaced control plane starts empty).
+        self.history: MemoryStore | None = (
+            MemoryStore.from_config(cfg) if cfg.history_backend == "memory" else None
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -836,6 +843,8 @@ class ControlPlane:
             except Exception as exc:  # a data plane's call must not break this process
                 log.exception("%s failed", kind)
                 return {"error": f"{kind} failed: {exc!r}"}
+        if kind == "history":
+            return await history_ipc.handle(self.history, message)
         if kind == "admin":
             try:
                 return await self._judged_admin(message)

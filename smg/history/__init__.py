@@ -1,0 +1,57 @@
+"""History storage for the Responses and Conversations APIs (records, the store interface,
+the backends, and open_store, which picks one from the configuration)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from smg.history.records import Conversation, Item, ItemPage, ResponseRecord
+from smg.history.store import HistoryStore, StorageUnavailable
+
+if TYPE_CHECKING:
+    from smg.config import GatewayConfig
+
+__all__ = [
+    "Conversation",
+    "HistoryStore",
+    "Item",
+    "ItemPage",
+    "ResponseRecord",
+    "StorageUnavailable",
+    "open_store",
+]
+
+
+def open_store(
+    cfg: GatewayConfig, *, in_control_plane: bool, root_pid: int = 0
+) -> HistoryStore | None:
+    """The store for `cfg.history_backend`, None for "none".
+
+    memory: the control plane holds the one MemoryStore; a data plane gets an IpcStore to it
+    (`root_pid`: the root supervisor's pid, which names the control plane's socket; a data
+    plane has it as DataPlane.root_pid). redis and postgres:
+    the backend's own client, opened lazily in the caller's event loop (after the fork).
+    """
+    backend = cfg.history_backend
+    if backend == "none":
+        return None
+    if backend == "memory":
+        if in_control_plane:
+            from smg.history.memory import MemoryStore
+
+            return MemoryStore.from_config(cfg)
+        from smg import ipc
+        from smg.history.ipc import IpcStore
+
+        if root_pid <= 0:
+            raise ValueError("a data plane's memory history store needs the root pid")
+        return IpcStore(ipc.control_plane_address(root_pid))
+    if backend == "redis":
+        from smg.history.redis import RedisStore  # type: ignore[import-not-found]
+
+        return RedisStore(cfg)  # type: ignore[no-any-return]
+    if backend == "postgres":
+        from smg.history.postgres import PostgresStore  # type: ignore[import-not-found]
+
+        return PostgresStore(cfg)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown history backend {backend!r}")
