@@ -24,7 +24,11 @@ from collections.abc import Iterator
 import pytest
 from gatewayutil import free_port
 
-PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+PG_BIN_DIRS = (
+    "/usr/lib/postgresql/15/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/17/bin",
+)
 
 
 def redis_binary() -> str | None:
@@ -33,7 +37,9 @@ def redis_binary() -> str | None:
 
 def postgres_bin_dir() -> str | None:
     for d in PG_BIN_DIRS:
-        if os.path.exists(os.path.join(d, "postgres")) and os.path.exists(os.path.join(d, "initdb")):
+        if os.path.exists(os.path.join(d, "postgres")) and os.path.exists(
+            os.path.join(d, "initdb")
+        ):
             return d
     found = shutil.which("postgres")
     return os.path.dirname(found) if found and shutil.which("initdb") else None
@@ -82,8 +88,21 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no"]  # fmt: skip
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--protected-mode",
+            "no",
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.proc, self.port, 10.0, "redis-server")
 
@@ -115,29 +134,58 @@ class PostgresServer:
             os.chown(self.dir, pwd.getpwnam("nobody").pw_uid, -1)
         self.proc: subprocess.Popen[bytes] | None = None
         subprocess.run(
-            [os.path.join(bindir, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
-             "--no-sync", "-E", "UTF8", "--no-locale"],  # fmt: skip
-            user=self.user, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                os.path.join(bindir, "initdb"),
+                "-D",
+                self.data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ],
+            user=self.user,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             timeout=60,
-        )  # fmt: skip
+        )
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
-        args = [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
-                "-h", "127.0.0.1", "-k", self.dir, "-F", "-c", "max_connections=100"]  # fmt: skip
-        self.proc = subprocess.Popen(args, user=self.user, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        args = [
+            os.path.join(self.bindir, "postgres"),
+            "-D",
+            self.data,
+            "-p",
+            str(self.port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            self.dir,
+            "-F",
+            "-c",
+            "max_connections=100",
+        ]
+        self.proc = subprocess.Popen(
+            args, user=self.user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_port(self.proc, self.port, 30.0, "postgres")
         # Listening comes before accepting connections (start-up recovery): wait for a login.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             ok = subprocess.run(
                 [os.path.join(self.bindir, "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
-            )  # fmt: skip
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+            )
             if ok.returncode == 0:
                 return
             time.sleep(0.1)
