@@ -305,6 +305,33 @@ def test_responses(backend: Backend) -> None:
     run(body)
 
 
+def test_ids_no_record_can_have_are_not_found(backend: Backend) -> None:
+    """A NUL in an id (PostgreSQL text cannot hold one) is "not found", never a storage error."""
+
+    async def body() -> None:
+        store = backend.make()
+        try:
+            c = conv()
+            await store.create_conversation("", c, [msg("a", id="msg_a"), msg("b", id="msg_b")])
+            nul = c.id + "\x00"
+            assert await store.get_conversation("", nul) is None
+            assert await store.get_conversation("\x00", c.id) is None
+            assert await store.update_conversation("", nul, {}) is None
+            assert await store.add_items("", nul, [msg("x")]) is None
+            assert await store.list_items("", nul, 20, "asc", None) is None
+            assert await store.get_item("", c.id, "msg_a\x00") is None
+            assert await store.delete_item("", c.id, "msg_a\x00") is False
+            assert await store.delete_conversation("", nul) is False
+            assert await store.get_response("", "resp_\x00") is None
+            assert await store.delete_response("", "resp_\x00") is False
+            page = await store.list_items("", c.id, 1, "asc", "msg_a\x00")
+            assert page is not None and [i.id for i in page.items] == ["msg_a"]
+        finally:
+            await store.close()
+
+    run(body)
+
+
 # --- the database backends only --------------------------------------------------------------
 
 
