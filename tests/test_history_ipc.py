@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,6 +109,29 @@ def test_unreachable_control_plane_is_storage_unavailable() -> None:
     with pytest.raises(StorageUnavailable):
         asyncio.run(store.get_response("", "resp_x"))
     assert time.monotonic() - started < 2.0
+
+
+def test_a_store_that_does_not_answer_times_out() -> None:
+    """A control plane that accepts the call and never answers: StorageUnavailable once the
+    timeout has passed, not a hung request."""
+    address = f"\0smg-test-history-{os.getpid()}"
+
+    async def scenario() -> float:
+        async def never(_message: Any) -> Any:
+            await asyncio.sleep(30)
+
+        server = await ipc.serve(address, never)
+        try:
+            store = IpcStore(address, timeout=0.3)
+            started = time.monotonic()
+            with pytest.raises(StorageUnavailable, match="did not answer"):
+                await store.list_items("", "conv_x", 5, "asc", None)
+            return time.monotonic() - started
+        finally:
+            server.close()
+
+    took = asyncio.run(scenario())
+    assert 0.25 <= took < 2.0
 
 
 def test_handle_refuses_bad_calls() -> None:
