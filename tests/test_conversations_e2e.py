@@ -240,3 +240,20 @@ def test_history_backend_none_refuses() -> None:
         }
         # The stateless routes are untouched.
         assert httpx.get(gw.url + "/liveness", timeout=10).status_code == 200
+
+
+def test_trusted_tenant_header() -> None:
+    """--trust-tenant-header: without a gateway key, the header names the tenant (1.13's
+    default name, x-smg-tenant-id); another header value, or none, finds nothing."""
+    with running_gateway(["--trust-tenant-header"], processes=1) as gw:
+        url = gw.url + "/v1/conversations"
+        created = httpx.post(url, json={}, headers={"x-smg-tenant-id": "t1"}, timeout=10)
+        assert created.status_code == 200
+        conv = f"{url}/{created.json()['id']}"
+        for headers, status in (
+            ({"x-smg-tenant-id": "t1"}, 200),
+            ({"x-smg-tenant-id": "t2"}, 404),
+            ({}, 404),
+            ({"x-smg-tenant-id": ""}, 404),
+        ):
+            assert httpx.get(conv, headers=headers, timeout=10).status_code == status, headers

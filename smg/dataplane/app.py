@@ -1477,14 +1477,10 @@ class DataPlane:
             presented = auth.presented_key(
                 request.header(b"authorization"), request.header(b"x-api-key")
             )
-            trust = getattr(self.cfg, "trust_tenant_header", False)
+            cfg = self.cfg
             header = (
-                request.header(
-                    getattr(self.cfg, "tenant_header_name", "x-smg-tenant-id")
-                    .lower()
-                    .encode("latin-1")
-                )
-                if trust
+                request.header(cfg.tenant_header_name.lower().encode("latin-1"))
+                if cfg.trust_tenant_header
                 else None
             )
             tenant = conversations.resolve_tenant(presented, self._tenant_by_key, header)
