@@ -6,15 +6,19 @@ the other reads back."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
-from tests.gatewayutil import Gateway, running_gateway
+from tests.gatewayutil import Gateway, children, running_gateway
 
 KEY_A = "key-team-a"
 KEY_B = "key-team-b"
@@ -257,3 +261,35 @@ def test_trusted_tenant_header() -> None:
             ({"x-smg-tenant-id": ""}, 404),
         ):
             assert httpx.get(conv, headers=headers, timeout=10).status_code == status, headers
+
+
+def test_store_unavailable_is_503_and_stateless_routes_keep_serving() -> None:
+    """The memory store lives in the control plane: stopped (SIGSTOP), the history call times
+    out (smg.history.ipc, 5 s) and the route answers 503 storage_unavailable while the
+    stateless routes answer; continued, the same call succeeds."""
+    with running_gateway(["--history-backend", "memory"], processes=1) as gw:
+        url = gw.url + "/v1/conversations"
+        assert httpx.post(url, json={}, timeout=10).status_code == 200
+        control = control_plane_pid(gw)
+        os.kill(control, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            answer = httpx.post(url, json={}, timeout=30)
+            took = time.monotonic() - started
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "storage_unavailable"
+            assert 4.0 < took < 15.0, took
+            assert httpx.get(gw.url + "/liveness", timeout=5).status_code == 200
+        finally:
+            os.kill(control, signal.SIGCONT)
+        assert httpx.post(url, json={}, timeout=10).status_code == 200
+
+
+def control_plane_pid(gw: Gateway) -> int:
+    """The child listening on the metrics port is the control plane."""
+    metrics_port = int(gw.metrics_url.rsplit(":", 1)[1].split("/")[0])
+    for child in children(gw):
+        for conn in child.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == metrics_port:
+                return int(child.pid)
+    raise AssertionError("no child listens on the metrics port")
