@@ -307,3 +307,13 @@ def test_serve_on_memory_store() -> None:
     assert updated["metadata"] == {"c": "d"}
     assert _serve(store, "t", "DELETE", base) == cv.deleted_json(cid)
     assert _error(store, "t", "GET", base) == (404, "not_found", "Conversation not found")
+
+
+def test_metric_paths_name_routes_not_ids() -> None:
+    from smg.dataplane.app import _metric_path
+
+    assert _metric_path("/v1/conversations") == "/v1/conversations"
+    assert _metric_path("/v1/conversations/conv_1") == "/v1/conversations/{id}"
+    assert _metric_path("/v1/conversations/conv_1/items") == "/v1/conversations/{id}/items"
+    assert _metric_path("/v1/conversations/c/items/i") == "/v1/conversations/{id}/items/{item_id}"
+    assert _metric_path("/v1/conversations/c/x") == "other"

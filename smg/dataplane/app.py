@@ -1641,4 +1641,7 @@ def _metric_path(path: str) -> str:
         return path
     if path.startswith("/workers/"):
         return "/workers/{id}"
+    if path.startswith(conversations.PREFIX):
+        route = conversations.match_route(path)
+        return conversations.METRIC_PATHS[route[0]] if route else "other"
     return "other"

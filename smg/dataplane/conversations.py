@@ -67,6 +67,14 @@ ALLOW = {
     "item": "GET,HEAD,DELETE",
 }
 
+# The metrics' path label of each route (ids would make one series per conversation).
+METRIC_PATHS = {
+    "collection": PREFIX,
+    "conversation": PREFIX + "/{id}",
+    "items": PREFIX + "/{id}/items",
+    "item": PREFIX + "/{id}/items/{item_id}",
+}
+
 NOT_FOUND = "Conversation not found"
 ITEM_NOT_FOUND = "Item not found in this conversation"
 DISABLED = "Conversations need a history store: this gateway runs with --history-backend none"
@@ -352,11 +360,14 @@ def check_method(route: str, method: str) -> str:
 
 
 async def _resolve_references(
-    store: HistoryStore, tenant: str, conv_id: str, bodies: list[dict[str, Any]]
+    store: HistoryStore, tenant: str, conv_id: str, bodies: list[dict[str, Any]], given: set[Any]
 ) -> list[dict[str, Any]]:
     """Refuse ids the conversation already holds (1.13's item_already_in_conversation);
-    an item_reference names one of them, so it always lands here or on a 404."""
+    an item_reference names one of them, so it always lands here or on a 404. Only the
+    ids the client gave are looked up (a new one is 200 random bits)."""
     for body in bodies:
+        if body["id"] not in given:
+            continue
         held = await store.get_item(tenant, conv_id, body["id"])
         if body["type"] == "item_reference" and held is None:
             raise not_found(f"Referenced item '{body['id']}' not found")
@@ -419,8 +430,10 @@ async def serve(
         request = parse_body(body)
         if await store.get_conversation(tenant, conv_id) is None:
             raise not_found()
-        items, warnings = shape_items(request.get("items"))
-        await _resolve_references(store, tenant, conv_id, items)
+        raw = request.get("items")
+        items, warnings = shape_items(raw)
+        given = {item.get("id") for item in raw if isinstance(item, dict)}  # type: ignore[union-attr]
+        await _resolve_references(store, tenant, conv_id, items, given)
         added = await store.add_items(tenant, conv_id, items)
         if added is None:
             raise not_found()
