@@ -6,6 +6,7 @@ the other reads back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -293,3 +294,53 @@ def control_plane_pid(gw: Gateway) -> int:
             if conn.status == psutil.CONN_LISTEN and conn.laddr.port == metrics_port:
                 return int(child.pid)
     raise AssertionError("no child listens on the metrics port")
+
+
+# --- the same on the databases (real redis-server / PostgreSQL from tests/historyutil.py) ------
+
+
+@contextlib.contextmanager
+def database_gateway(backend: str) -> Iterator[tuple[Gateway, Any]]:
+    """A gateway on `backend` with its server started (and stopped after) by the test; the
+    test is skipped where the server's binaries are not installed."""
+    historyutil = pytest.importorskip("historyutil")
+    if backend == "redis":
+        if historyutil.redis_binary() is None:
+            pytest.skip("redis-server is not installed")
+        server_cm = historyutil.running_redis()
+        flags = ["--redis-op-timeout-secs", "1"]
+    else:
+        if historyutil.postgres_bin_dir() is None:
+            pytest.skip("PostgreSQL is not installed")
+        server_cm = historyutil.running_postgres()
+        flags = ["--postgres-op-timeout-secs", "1"]
+    with server_cm as server:
+        url_flag = "--redis-url" if backend == "redis" else "--postgres-db-url"
+        args = ["--history-backend", backend, url_flag, server.url, *flags, *TENANT_ARGS]
+        with running_gateway(args) as gw:
+            yield gw, server
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+def test_lifecycle_on_database(backend: str) -> None:
+    with database_gateway(backend) as (gw, _server):
+        assert run_lifecycle(gw) == ["0", "1"] * 9
+
+
+def test_redis_down_is_503_within_the_op_timeout() -> None:
+    with database_gateway("redis") as (gw, server):
+        client, _ = pinned_client(gw, KEY_A)
+        conv = client.conversations.create(metadata={"a": "b"})
+        server.kill()
+        headers = {"authorization": f"Bearer {KEY_A}"}
+        for _ in range(2):  # one call on each process
+            started = time.monotonic()
+            answer = httpx.get(f"{gw.url}/v1/conversations/{conv.id}", headers=headers, timeout=30)
+            assert time.monotonic() - started < 3.0  # --redis-op-timeout-secs 1, and margin
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "storage_unavailable"
+        assert httpx.get(gw.url + "/liveness", timeout=5).status_code == 200
+        server.start()  # empty again (no persistence): the service answers, 404 for the id
+        answer = httpx.get(f"{gw.url}/v1/conversations/{conv.id}", headers=headers, timeout=30)
+        assert answer.status_code == 404
+        assert client.conversations.create().id.startswith("conv_")
