@@ -317,3 +317,18 @@ def test_metric_paths_name_routes_not_ids() -> None:
     assert _metric_path("/v1/conversations/conv_1/items") == "/v1/conversations/{id}/items"
     assert _metric_path("/v1/conversations/c/items/i") == "/v1/conversations/{id}/items/{item_id}"
     assert _metric_path("/v1/conversations/c/x") == "other"
+
+
+def test_records_without_a_tenant_serve_every_caller() -> None:
+    """As the Rust SMG 1.13 (its --tenant-api-key help, and its binary): a conversation
+    stored with no tenant is found by any tenant; a tenant's is not found without one."""
+    store = MemoryStore()
+    open_conv = _serve(store, "", "POST", "/v1/conversations", b'{"items":[{"role":"user"}]}')
+    base = f"/v1/conversations/{open_conv['id']}"
+    assert _serve(store, "auth:a", "GET", base)["id"] == open_conv["id"]
+    added = _serve(store, "auth:a", "POST", base + "/items", b'{"items":[{"role":"user"}]}')
+    assert len(_serve(store, "", "GET", base + "/items")["data"]) == 2
+    assert _serve(store, "", "GET", f"{base}/items/{added['first_id']}")["role"] == "user"
+    owned = _serve(store, "auth:a", "POST", "/v1/conversations", b"{}")
+    assert _error(store, "", "GET", f"/v1/conversations/{owned['id']}")[0] == 404
+    assert _serve(store, "auth:b", "DELETE", base)["deleted"] is True

@@ -262,6 +262,10 @@ def test_trusted_tenant_header() -> None:
             ({"x-smg-tenant-id": ""}, 404),
         ):
             assert httpx.get(conv, headers=headers, timeout=10).status_code == status, headers
+        # Stored with no tenant: every caller finds it (as 1.13's binary answers).
+        created = httpx.post(url, json={}, timeout=10)
+        conv = f"{url}/{created.json()['id']}"
+        assert httpx.get(conv, headers={"x-smg-tenant-id": "t2"}, timeout=10).status_code == 200
 
 
 def test_store_unavailable_is_503_and_stateless_routes_keep_serving() -> None:

@@ -400,36 +400,28 @@ async def serve(
         )
         await store.create_conversation(tenant, conv, items)
         return conversation_json(conv)
+    request = parse_body(body) if method == "POST" else {}
+    listing = parse_list_query(query) if route == "items" and method == "GET" else None
+    conv, tenant = await owner(store, tenant, conv_id)
     if route == "conversation":
         if method == "GET":
-            conv = await store.get_conversation(tenant, conv_id)
-            if conv is None:
-                raise not_found()
             return conversation_json(conv)
         if method == "DELETE":
             if not await store.delete_conversation(tenant, conv_id):
                 raise not_found()
             return deleted_json(conv_id)
-        request = parse_body(body)
-        current = await store.get_conversation(tenant, conv_id)
-        if current is None:
-            raise not_found()
         updated = await store.update_conversation(
-            tenant, conv_id, patched_metadata(current.metadata, request)
+            tenant, conv_id, patched_metadata(conv.metadata, request)
         )
         if updated is None:
             raise not_found()
         return conversation_json(updated)
     if route == "items":
-        if method == "GET":
-            limit, order, after = parse_list_query(query)
-            page = await store.list_items(tenant, conv_id, limit, order, after)
+        if listing is not None:
+            page = await store.list_items(tenant, conv_id, *listing)
             if page is None:
                 raise not_found()
             return list_json(page.items, page.has_more)
-        request = parse_body(body)
-        if await store.get_conversation(tenant, conv_id) is None:
-            raise not_found()
         raw = request.get("items")
         items, warnings = shape_items(raw)
         given = {item.get("id") for item in raw if isinstance(item, dict)}  # type: ignore[union-attr]
@@ -442,13 +434,21 @@ async def serve(
     if method == "GET":
         item = await store.get_item(tenant, conv_id, item_id)
         if item is None:
-            if await store.get_conversation(tenant, conv_id) is None:
-                raise not_found()
             raise not_found(ITEM_NOT_FOUND)
         return item.body
-    conv = await store.get_conversation(tenant, conv_id)
-    if conv is None:
-        raise not_found()
     if not await store.delete_item(tenant, conv_id, item_id):
         raise not_found(ITEM_NOT_FOUND)
     return conversation_json(conv)
+
+
+async def owner(store: HistoryStore, tenant: str, conv_id: str) -> tuple[Conversation, str]:
+    """The conversation and the tenant it is stored under: the caller's, or "" (no tenant):
+    as in the Rust SMG 1.13, a record stored without a tenant identity stays readable (and
+    usable) by every caller, while another tenant's is a missing one (404)."""
+    conv = await store.get_conversation(tenant, conv_id)
+    if conv is None and tenant:
+        conv = await store.get_conversation("", conv_id)
+        tenant = ""
+    if conv is None:
+        raise not_found()
+    return conv, tenant
