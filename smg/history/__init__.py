@@ -47,11 +47,11 @@ def open_store(
             raise ValueError("a data plane's memory history store needs the root pid")
         return IpcStore(ipc.control_plane_address(root_pid))
     if backend == "redis":
-        from smg.history.redis import RedisStore  # type: ignore[import-not-found]
+        from smg.history.redis_store import RedisStore
 
-        return RedisStore(cfg)  # type: ignore[no-any-return]
+        return RedisStore.from_config(cfg)
     if backend == "postgres":
-        from smg.history.postgres import PostgresStore  # type: ignore[import-not-found]
+        from smg.history.postgres_store import PostgresStore
 
-        return PostgresStore(cfg)  # type: ignore[no-any-return]
+        return PostgresStore.from_config(cfg)
     raise ValueError(f"unknown history backend {backend!r}")
