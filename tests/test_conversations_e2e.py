@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import historyutil
 import httpx
 import openai
 import psutil
@@ -307,7 +308,6 @@ def control_plane_pid(gw: Gateway) -> int:
 def database_gateway(backend: str) -> Iterator[tuple[Gateway, Any]]:
     """A gateway on `backend` with its server started (and stopped after) by the test; the
     test is skipped where the server's binaries are not installed."""
-    historyutil = pytest.importorskip("historyutil")
     if backend == "redis":
         if historyutil.redis_binary() is None:
             pytest.skip("redis-server is not installed")
