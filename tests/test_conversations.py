@@ -33,22 +33,27 @@ def test_match_route() -> None:
 
 
 def test_check_method() -> None:
-    assert cv.check_method("collection", "POST") == "POST"
-    assert cv.check_method("conversation", "HEAD") == "GET"
-    assert cv.check_method("item", "DELETE") == "DELETE"
+    assert cv.check_method("collection", "POST", "/p") == "POST"
+    assert cv.check_method("conversation", "HEAD", "/p") == "GET"
+    assert cv.check_method("item", "DELETE", "/p") == "DELETE"
+    # The 405s as the Rust SMG 1.13 binary answers them (allow line and message).
     with pytest.raises(cv.ConvError) as err:
-        cv.check_method("conversation", "PUT")
-    assert (err.value.status, err.value.code, err.value.allow) == (
+        cv.check_method("conversation", "PUT", "/v1/conversations/c")
+    assert (err.value.status, err.value.code, err.value.message, err.value.allow) == (
         405,
         "method_not_allowed",
+        "Invalid URL (PUT /v1/conversations/c)",
         "GET,HEAD,POST,DELETE",
     )
     with pytest.raises(cv.ConvError) as err:
-        cv.check_method("collection", "GET")
+        cv.check_method("collection", "GET", "/v1/conversations")
     assert err.value.allow == "POST"
     with pytest.raises(cv.ConvError) as err:
-        cv.check_method("items", "DELETE")
+        cv.check_method("items", "DELETE", "/v1/conversations/c/items")
     assert err.value.allow == "GET,HEAD,POST"
+    with pytest.raises(cv.ConvError) as err:
+        cv.check_method("item", "POST", "/v1/conversations/c/items/i")
+    assert err.value.allow == "GET,HEAD,DELETE"
 
 
 def test_tenants() -> None:

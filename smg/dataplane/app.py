@@ -1441,7 +1441,7 @@ class DataPlane:
             self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
             return
         try:
-            method = conversations.check_method(route[0], request.method.decode("latin-1"))
+            method = conversations.check_method(route[0], request.method.decode("latin-1"), path)
         except conversations.ConvError as exc:
             self._send_error(
                 conn,
