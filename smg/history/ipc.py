@@ -80,7 +80,13 @@ class IpcStore:
         message = {"kind": "history", "op": op, "tenant": tenant, "args": args}
         try:
             answer = await ipc.call(self.address, msgspec.to_builtins(message), self.timeout)
-        except (TimeoutError, asyncio.IncompleteReadError, OSError, ValueError) as exc:
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            OSError,
+            ValueError,
+            msgspec.DecodeError,
+        ) as exc:
             raise StorageUnavailable(f"the history store did not answer: {exc!r}") from exc
         if not isinstance(answer, dict) or "ok" not in answer:
             error = answer.get("error") if isinstance(answer, dict) else answer
