@@ -56,6 +56,13 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"smg launch: {exc}", file=sys.stderr)
         return 2
+    from smg.history import preflight
+
+    try:
+        preflight(cfg)  # an unreachable Redis / PostgreSQL history backend: no start (as Rust)
+    except RuntimeError as exc:
+        print(f"smg launch: {exc}", file=sys.stderr)
+        return 1
     mock_process = None
     urls = list(cfg.worker_urls)
     if cfg.mock_workers:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import gatewayutil
 import historyutil
 import msgspec
 import psutil
@@ -304,6 +305,33 @@ def test_responses(backend: Backend) -> None:
     run(body)
 
 
+def test_ids_no_record_can_have_are_not_found(backend: Backend) -> None:
+    """A NUL in an id (PostgreSQL text cannot hold one) is "not found", never a storage error."""
+
+    async def body() -> None:
+        store = backend.make()
+        try:
+            c = conv()
+            await store.create_conversation("", c, [msg("a", id="msg_a"), msg("b", id="msg_b")])
+            nul = c.id + "\x00"
+            assert await store.get_conversation("", nul) is None
+            assert await store.get_conversation("\x00", c.id) is None
+            assert await store.update_conversation("", nul, {}) is None
+            assert await store.add_items("", nul, [msg("x")]) is None
+            assert await store.list_items("", nul, 20, "asc", None) is None
+            assert await store.get_item("", c.id, "msg_a\x00") is None
+            assert await store.delete_item("", c.id, "msg_a\x00") is False
+            assert await store.delete_conversation("", nul) is False
+            assert await store.get_response("", "resp_\x00") is None
+            assert await store.delete_response("", "resp_\x00") is False
+            page = await store.list_items("", c.id, 1, "asc", "msg_a\x00")
+            assert page is not None and [i.id for i in page.items] == ["msg_a"]
+        finally:
+            await store.close()
+
+    run(body)
+
+
 # --- the database backends only --------------------------------------------------------------
 
 
@@ -571,3 +599,54 @@ def test_open_store_picks_the_backend() -> None:
         5.0,
         4,
     )
+
+
+# --- start-up through `smg launch` --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["redis", "postgres"])
+def test_launch_refuses_an_unreachable_backend(name: str) -> None:
+    dead = gatewayutil.free_port()
+    password = gatewayutil.secret("s2-history-db-pw-7f3a")
+    if name == "redis":
+        url = f"redis://:{password}@127.0.0.1:{dead}/0"
+        args = ["--history-backend", "redis", "--redis-url", url]
+        shown = f"the Redis history backend at redis://:***@127.0.0.1:{dead}/0"
+    else:
+        url = f"postgresql://u:{password}@127.0.0.1:{dead}/db"
+        args = ["--history-backend", "postgres", "--postgres-db-url", url]
+        shown = f"the Postgres history backend at postgresql://u:***@127.0.0.1:{dead}/db"
+    rc, err, elapsed = gatewayutil.run_launch(
+        ["--host", "127.0.0.1", "--port", "0", "--worker-urls", "http://127.0.0.1:1", *args]
+    )
+    assert rc == 1, err
+    assert f"smg launch: {shown} is unreachable at start-up: " in err, err
+    assert password not in err
+    assert elapsed < 20
+
+
+def test_launch_migrates_postgres_before_serving(pg_srv: historyutil.PostgresServer) -> None:
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(pg_srv.url)
+        try:
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {VERSIONS_TABLE}, smg_conversation_items,"
+                " smg_conversations, smg_responses"
+            )
+        finally:
+            await conn.close()
+
+    async def versions() -> list[int]:
+        conn = await asyncpg.connect(pg_srv.url)
+        try:
+            rows = await conn.fetch(f"SELECT version FROM {VERSIONS_TABLE} ORDER BY version")
+            return [r[0] for r in rows]
+        finally:
+            await conn.close()
+
+    run(drop)
+    args = ["--mock-workers", "1", "--history-backend", "postgres", "--postgres-db-url", pg_srv.url]
+    with gatewayutil.running_gateway(args, processes=2):
+        assert run(versions) == [m[0] for m in MIGRATIONS]

@@ -19,6 +19,7 @@ __all__ = [
     "ResponseRecord",
     "StorageUnavailable",
     "open_store",
+    "preflight",
 ]
 
 
@@ -55,3 +56,35 @@ def open_store(
 
         return PostgresStore.from_config(cfg)
     raise ValueError(f"unknown history backend {backend!r}")
+
+
+_BACKEND_NAMES = {"redis": "Redis", "postgres": "Postgres"}
+
+
+def preflight(cfg: GatewayConfig) -> None:
+    """At start-up, before any process is forked: reach the redis / postgres backend once
+    (PostgreSQL: create or migrate its schema) and let go. Raises RuntimeError, worded as the
+    Rust SMG 1.13, which refuses to start on an unreachable history backend too."""
+    backend = cfg.history_backend
+    if backend not in _BACKEND_NAMES:
+        return
+    import asyncio
+
+    from smg.config import mask_url
+
+    url = cfg.redis_url if backend == "redis" else cfg.postgres_db_url
+    store = open_store(cfg, in_control_plane=True)
+
+    async def reach() -> None:
+        try:
+            await store.open()  # type: ignore[union-attr]
+        finally:
+            await store.close()  # type: ignore[union-attr]
+
+    try:
+        asyncio.run(reach())
+    except StorageUnavailable as exc:
+        raise RuntimeError(
+            f"the {_BACKEND_NAMES[backend]} history backend at {mask_url(url or '')} "
+            f"is unreachable at start-up: {exc}"
+        ) from None

@@ -224,6 +224,9 @@ class PostgresStore:
         )
 
     async def get_response(self, tenant: str, response_id: str) -> ResponseRecord | None:
+        if not _storable(tenant, response_id):
+            return None
+
         async def op(c: asyncpg.Connection) -> ResponseRecord | None:
             raw = await c.fetchval(
                 "SELECT record::text FROM smg_responses WHERE tenant = $1 AND id = $2",
@@ -235,6 +238,8 @@ class PostgresStore:
         return await self._call(op)
 
     async def delete_response(self, tenant: str, response_id: str) -> bool:
+        if not _storable(tenant, response_id):
+            return False
         status = await self._call(
             lambda c: c.execute(
                 "DELETE FROM smg_responses WHERE tenant = $1 AND id = $2", tenant, response_id
@@ -268,6 +273,9 @@ class PostgresStore:
         return await self._call(op)
 
     async def get_conversation(self, tenant: str, conv_id: str) -> Conversation | None:
+        if not _storable(tenant, conv_id):
+            return None
+
         async def op(c: asyncpg.Connection) -> Conversation | None:
             row = await c.fetchrow(
                 "SELECT created_at, metadata::text FROM smg_conversations"
@@ -286,6 +294,8 @@ class PostgresStore:
     async def update_conversation(
         self, tenant: str, conv_id: str, metadata: dict[str, str]
     ) -> Conversation | None:
+        if not _storable(tenant, conv_id):
+            return None
         meta = dict(metadata)
         created_at = await self._call(
             lambda c: c.fetchval(
@@ -301,6 +311,8 @@ class PostgresStore:
         return Conversation(id=conv_id, created_at=int(created_at), metadata=meta)
 
     async def delete_conversation(self, tenant: str, conv_id: str) -> bool:
+        if not _storable(tenant, conv_id):
+            return False
         status = await self._call(
             lambda c: c.execute(
                 "DELETE FROM smg_conversations WHERE tenant = $1 AND id = $2", tenant, conv_id
@@ -313,6 +325,9 @@ class PostgresStore:
     async def add_items(
         self, tenant: str, conv_id: str, items: list[dict[str, Any]]
     ) -> list[Item] | None:
+        if not _storable(tenant, conv_id):
+            return None
+
         async def op(c: asyncpg.Connection) -> list[Item] | None:
             async with c.transaction():
                 return await self._append(c, tenant, conv_id, items)
@@ -363,8 +378,12 @@ class PostgresStore:
     async def list_items(
         self, tenant: str, conv_id: str, limit: int, order: Order, after: str | None
     ) -> ItemPage | None:
+        if not _storable(tenant, conv_id):
+            return None
         limit = max(limit, 0)
         desc = order == "desc"
+        if after is not None and not _storable(after):
+            after = None  # cannot be an item's id: unknown, so ignored
 
         async def op(c: asyncpg.Connection) -> ItemPage | None:
             async with c.transaction(isolation="repeatable_read", readonly=True):
@@ -402,6 +421,9 @@ class PostgresStore:
         return await self._call(op)
 
     async def get_item(self, tenant: str, conv_id: str, item_id: str) -> Item | None:
+        if not _storable(tenant, conv_id, item_id):
+            return None
+
         async def op(c: asyncpg.Connection) -> Item | None:
             row = await c.fetchrow(
                 "SELECT id, seq, created_at, body::text FROM smg_conversation_items"
@@ -415,6 +437,8 @@ class PostgresStore:
         return await self._call(op)
 
     async def delete_item(self, tenant: str, conv_id: str, item_id: str) -> bool:
+        if not _storable(tenant, conv_id, item_id):
+            return False
         status = await self._call(
             lambda c: c.execute(
                 "DELETE FROM smg_conversation_items"
@@ -425,6 +449,12 @@ class PostgresStore:
             )
         )
         return status != "DELETE 0"
+
+
+def _storable(*texts: str) -> bool:
+    """PostgreSQL text cannot hold NUL: an id with one names no stored record (a lookup
+    answers "not found" rather than a database error)."""
+    return not any("\x00" in t for t in texts)
 
 
 def _abandon(task: asyncio.Future[Any], held: list[Any]) -> None:
