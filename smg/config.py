@@ -184,6 +184,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Authentication
     api_key: str | None = None
     tenant_api_key: list[str] = []
+    trust_tenant_header: bool = False
+    tenant_header_name: str = "x-smg-tenant-id"
     control_plane_api_keys: list[str] = []
     control_plane_audit_enabled: bool = False
     jwt_issuer: str | None = None
@@ -940,6 +942,12 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "the admin routes, never sent to workers)",
                 metavar="TENANT_ID:KEY",
             ),
+            _Flag(
+                "trust_tenant_header",
+                "Take the tenant of a request without a gateway key from --tenant-header-name "
+                "(stored conversations and responses are scoped to their tenant)",
+            ),
+            _Flag("tenant_header_name", "The tenant header read with --trust-tenant-header"),
             _Flag(
                 "control_plane_api_keys",
                 "Keys for the admin routes, ID:NAME:ROLE:KEY with ROLE admin (may change "

@@ -19,7 +19,7 @@ import orjson
 
 from smg import ipc
 from smg.config import tenant_keys
-from smg.dataplane import auth
+from smg.dataplane import auth, conversations
 from smg.dataplane.admission import Admission
 from smg.dataplane.cors import Cors
 from smg.dataplane.exchange import ANTHROPIC_PATHS, COUNT_TOKENS_ROUTE, Exchange
@@ -39,6 +39,7 @@ from smg.dataplane.retry import RetryPolicy
 from smg.dataplane.server import Verdict, timeout_verdict
 from smg.dataplane.upstream import WorkerPool
 from smg.grpc.workers import is_grpc_entry
+from smg.history.store import StorageUnavailable
 from smg.httpwire import (
     ANTHROPIC_ROUTE,
     HOP_BY_HOP,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.tracing import Tracer
     from smg.grpc.frontend import GrpcFront
+    from smg.history.store import HistoryStore
     from smg.shm.table import WorkerTable
     from smg.translate import Translation
 
@@ -339,6 +341,10 @@ class DataPlane:
         # --enable-igw: many models, each through its workers' kind (HTTP, gRPC, external).
         # Routing is per model either way; IGW adds only the /generate model requirement.
         self.igw = cfg.enable_igw
+        # The history store of the Conversations API, opened on its first request, and the
+        # tenant each serving key stands for (smg.dataplane.conversations).
+        self.history_store: HistoryStore | None = None
+        self._tenant_by_key: dict[bytes, str] | None = None
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -548,6 +554,9 @@ class DataPlane:
                     self.proxy(conn, request)
                 elif admission.enter(conn, request):
                     self.proxy_admitted(conn, request)
+                return
+            if path.startswith(conversations.PREFIX):
+                self._conversations(conn, request)
                 return
             if method == b"GET" or method == b"HEAD":
                 if path == "/v1/models" and self.external is not None:
@@ -1418,6 +1427,86 @@ class DataPlane:
                 request.trace = None
                 trace.finish(status, code)
 
+    # --- the Conversations API (smg.dataplane.conversations) ---------------------------------------
+
+    def _conversations(self, conn: ClientConnection, request: Request) -> None:
+        """/v1/conversations...: the serving-key check, the route and method, then the store
+        call in a task (the history store may be another process or a database)."""
+        if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+            return
+        path = request.path
+        route = conversations.match_route(path)
+        if route is None:
+            method = request.method.decode("latin-1")
+            self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
+            return
+        try:
+            method = conversations.check_method(route[0], request.method.decode("latin-1"), path)
+        except conversations.ConvError as exc:
+            self._send_error(
+                conn,
+                request,
+                exc.status,
+                exc.code,
+                exc.message,
+                extra_headers=b"allow: %b\r\n" % exc.allow.encode("latin-1"),
+            )
+            return
+        if self.cfg.history_backend == "none":
+            self._send_error(conn, request, 501, "not_implemented", conversations.DISABLED)
+            return
+        self.spawn(self._conversations_call(conn, request, route, method))
+
+    async def _conversations_call(
+        self, conn: ClientConnection, request: Request, route: tuple[str, str, str], method: str
+    ) -> None:
+        try:
+            store = self.history_store
+            if store is None:
+                # Opened on first use, in this process's loop (after the fork): a database
+                # client must not be shared across processes.
+                from smg.history import open_store
+
+                store = self.history_store = open_store(
+                    self.cfg, in_control_plane=False, root_pid=self.root_pid
+                )
+            if self._tenant_by_key is None:
+                self._tenant_by_key = conversations.tenant_keys_by_secret(
+                    self.cfg.api_key, tenant_keys(self.cfg)
+                )
+            presented = auth.presented_key(
+                request.header(b"authorization"), request.header(b"x-api-key")
+            )
+            cfg = self.cfg
+            header = (
+                request.header(cfg.tenant_header_name.lower().encode("latin-1"))
+                if cfg.trust_tenant_header
+                else None
+            )
+            tenant = conversations.resolve_tenant(presented, self._tenant_by_key, header)
+            assert store is not None
+            answer = await conversations.serve(
+                store, tenant, route[0], method, route[1], route[2], request.query, request.body
+            )
+        except conversations.ConvError as exc:
+            if not conn.closed:
+                self._send_error(conn, request, exc.status, exc.code, exc.message)
+            return
+        except StorageUnavailable as exc:
+            log.warning("history store unavailable: %s", exc)
+            if not conn.closed:
+                self._send_error(
+                    conn, request, 503, "storage_unavailable", "the history store is unavailable"
+                )
+            return
+        except Exception as exc:  # a request must never take the process down
+            self.log_error("conversations request failed", exc)
+            if not conn.closed:
+                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            return
+        if not conn.closed:
+            self._send(conn, request, 200, orjson.dumps(answer))
+
     # --- admin: forwarded to the control plane ----------------------------------------------------
 
     async def _admin(self, conn: ClientConnection, request: Request) -> None:
@@ -1552,4 +1641,7 @@ def _metric_path(path: str) -> str:
         return path
     if path.startswith("/workers/"):
         return "/workers/{id}"
+    if path.startswith(conversations.PREFIX):
+        route = conversations.match_route(path)
+        return conversations.METRIC_PATHS[route[0]] if route else "other"
     return "other"
