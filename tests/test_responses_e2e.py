@@ -1,0 +1,185 @@
+"""The Responses API's history end to end: `smg launch --processes 2 --history-backend memory`
+in front of the OpenAI fake (tests/providerfakes.py), which keeps no history. Driven by the
+openai SDK's `client.responses` (max_retries=0); each call lands on the other data-plane
+process than the one before (PinnedTransport, x-smg-process), so what one process stored,
+the other reads back. The fake's answer text says how many input items it received."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from providerfakes import FakeProvider
+
+from tests.gatewayutil import Gateway, running_gateway, wait_until
+from tests.test_conversations_e2e import PinnedTransport, pinned_client
+
+MODEL = "gpt-4o"
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeProvider]:
+    with FakeProvider("openai", [MODEL]) as provider:
+        yield provider
+
+
+@pytest.fixture(scope="module")
+def gateway(fake: FakeProvider) -> Iterator[Gateway]:
+    args = ["--worker-urls", fake.url, "--disable-health-check", "--history-backend", "memory"]
+    with running_gateway(args) as gw:
+        wait_until(lambda: _models(gw) == [MODEL], 20, "the fake's model listed")
+        yield gw
+
+
+def _models(gw: Gateway) -> list[str]:
+    import httpx
+
+    answer = httpx.get(gw.url + "/v1/models", timeout=5)
+    return [m["id"] for m in answer.json().get("data", [])] if answer.status_code == 200 else []
+
+
+def _posts(fake: FakeProvider) -> list[dict[str, Any]]:
+    return [r["body"] for r in fake.seen() if r["method"] == "POST"]
+
+
+def _texts(items: list[dict[str, Any]]) -> list[str]:
+    return [" ".join(p["text"] for p in item["content"]) for item in items]
+
+
+def _stored(client: openai.OpenAI, response_id: str) -> None:
+    """The record is written after the answer: wait until it reads back."""
+
+    def there() -> bool:
+        try:
+            client.responses.retrieve(response_id)
+            return True
+        except openai.NotFoundError:
+            return False
+
+    wait_until(there, 10, f"response {response_id} stored")
+
+
+def test_chain_through_previous_response_id(gateway: Gateway, fake: FakeProvider) -> None:
+    client, transport = pinned_client(gateway, "unused")
+    probe, _ = pinned_client(gateway, "unused", PinnedTransport(gateway.url))
+    fake.clear()
+    first = client.responses.create(model=MODEL, input="one", instructions="be brief")
+    assert first.output_text == "seen 1 items; last: one"
+    _stored(probe, first.id)
+    second = client.responses.create(model=MODEL, input="two", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    _stored(probe, second.id)
+    with client.responses.stream(
+        model=MODEL, input="three", previous_response_id=second.id
+    ) as stream:
+        third = stream.get_final_response()
+    assert third.output_text == "seen 5 items; last: three"
+    _stored(probe, third.id)
+    assert transport.seen == ["0", "1", "0"]
+    sent = _posts(fake)
+    assert len(sent) == 3
+    assert [b.get("previous_response_id") for b in sent] == [None, None, None]
+    assert _texts(sent[2]["input"]) == [
+        "one",
+        "seen 1 items; last: one",
+        "two",
+        "seen 3 items; last: two",
+        "three",
+    ]
+    assert [i["role"] for i in sent[2]["input"]] == ["user", "assistant"] * 2 + ["user"]
+    assert "id" not in sent[2]["input"][0]  # a client's message goes without the stored id
+    assert sent[0]["instructions"] == "be brief"
+    assert "instructions" not in sent[1]  # not carried from earlier turns
+
+    got = client.responses.retrieve(second.id)
+    assert (got.id, got.previous_response_id, got.output_text) == (
+        second.id,
+        first.id,
+        "seen 3 items; last: two",
+    )
+    listed = client.responses.input_items.list(third.id)
+    assert [i.content[0].text for i in listed.data] == ["three"]  # type: ignore[union-attr]
+    assert listed.first_id == listed.last_id == listed.data[0].id
+    assert listed.has_more is False
+
+    deleted = client.responses.delete(first.id)
+    assert deleted is None  # the SDK returns nothing; the answer's JSON is checked below
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.retrieve(first.id)
+    assert err.value.body["message"] == "Response not found"  # type: ignore[index]
+
+
+def test_delete_answer_shape(gateway: Gateway) -> None:
+    import httpx
+
+    client, _ = pinned_client(gateway, "unused")
+    made = client.responses.create(model=MODEL, input="x")
+    _stored(client, made.id)
+    answer = httpx.delete(f"{gateway.url}/v1/responses/{made.id}", timeout=5)
+    assert answer.status_code == 200
+    assert answer.json() == {"id": made.id, "object": "response", "deleted": True}
+    again = httpx.delete(f"{gateway.url}/v1/responses/{made.id}", timeout=5)
+    assert again.status_code == 404
+    assert again.json()["error"]["code"] == "not_found"
+
+
+def test_chain_through_conversation(gateway: Gateway, fake: FakeProvider) -> None:
+    client, transport = pinned_client(gateway, "unused")
+    conv = client.conversations.create(items=[{"role": "user", "content": "zero"}])  # type: ignore[list-item]
+    fake.clear()
+    turns = []
+    for n, word in enumerate(["one", "two", "three"]):
+        answer = client.responses.create(
+            model=MODEL, input=word, conversation=conv.id, store=n != 1
+        )
+        turns.append(answer)
+
+        def appended(count: int = 2 * n + 3) -> bool:
+            return len(client.conversations.items.list(conv.id, limit=100).data) == count
+
+        wait_until(appended, 10, "the turn's items appended to the conversation")
+    sent = _posts(fake)
+    assert [b.get("conversation") for b in sent] == [None, None, None]
+    assert _texts(sent[2]["input"]) == [
+        "zero",
+        "one",
+        "seen 2 items; last: one",
+        "two",
+        "seen 4 items; last: two",
+        "three",
+    ]
+    assert turns[2].output_text == "seen 6 items; last: three"
+    assert len(set(transport.seen[:2])) == 2  # consecutive calls on different processes
+    with pytest.raises(openai.NotFoundError):  # store=false: no record, items appended still
+        client.responses.retrieve(turns[1].id)
+
+
+def test_unknown_history_is_refused(gateway: Gateway) -> None:
+    client, _ = pinned_client(gateway, "unused")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="x", previous_response_id="resp_nope")
+    assert err.value.body == {  # the Rust SMG's words (routers/openai/responses/history.rs)
+        "type": "invalid_request_error",
+        "code": "previous_response_not_found",
+        "message": "Previous response with id 'resp_nope' not found.",
+        "param": None,
+    }
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.responses.create(model=MODEL, input="x", conversation="conv_nope")
+    assert nf.value.body["message"] == "No conversation found with id 'conv_nope'"  # type: ignore[index]
+
+
+def test_history_backend_none() -> None:
+    with FakeProvider("openai", [MODEL]) as fake:
+        args = ["--worker-urls", fake.url, "--disable-health-check", "--history-backend", "none"]
+        with running_gateway(args) as gw:
+            wait_until(lambda: _models(gw) == [MODEL], 20, "the fake's model listed")
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+            assert client.responses.create(model=MODEL, input="a").output_text.endswith("a")
+            with pytest.raises(openai.BadRequestError):
+                client.responses.create(model=MODEL, input="b", previous_response_id="resp_1")
+            with pytest.raises(openai.InternalServerError) as err:  # 501
+                client.responses.retrieve("resp_1")
+            assert err.value.status_code == 501
