@@ -400,20 +400,23 @@ def responses_events(answer: dict[str, Any]) -> list[bytes]:
     item = answer["output"][0]
     text = item["content"][0]["text"]
     started = {**answer, "status": "in_progress", "output": [], "usage": None}
+    opened = {**item, "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": item["id"], "output_index": 0, "content_index": 0}
     events: list[dict[str, Any]] = [
-        {"type": "response.created", "sequence_number": 0, "response": started},
-        {
-            "type": "response.output_text.delta",
-            "sequence_number": 1,
-            "item_id": item["id"],
-            "output_index": 0,
-            "content_index": 0,
-            "delta": text,
-            "logprobs": [],
-        },
-        {"type": "response.completed", "sequence_number": 2, "response": answer},
+        {"type": "response.created", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": opened},
+        {"type": "response.content_part.added", **at, "part": part},
+        {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
+        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": item["content"][0]},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": answer},
     ]
-    return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+    return [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+        for n, e in enumerate(events)
+    ]
 
 
 def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int) -> None:
