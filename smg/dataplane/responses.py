@@ -206,10 +206,10 @@ class Observer:
         if not isinstance(answer, dict):
             return body
         self._done(answer)
-        answer["previous_response_id"] = self.previous
+        patched = {**answer, "previous_response_id": self.previous}
         if self.conversation is not None:
-            answer["conversation"] = {"id": self.conversation}
-        return orjson.dumps(answer)
+            patched["conversation"] = {"id": self.conversation}
+        return orjson.dumps(patched)
 
     def feed(self, data: bytes) -> bytes:
         if not self.seen:
