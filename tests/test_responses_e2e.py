@@ -69,7 +69,7 @@ def test_chain_through_previous_response_id(gateway: Gateway, fake: FakeProvider
     assert first.output_text == "seen 1 items; last: one"
     _stored(probe, first.id)
     second = client.responses.create(model=MODEL, input="two", previous_response_id=first.id)
-    assert second.previous_response_id == first.id
+    assert second.previous_response_id == first.id and second.store is True
     _stored(probe, second.id)
     with client.responses.stream(
         model=MODEL, input="three", previous_response_id=second.id
@@ -89,7 +89,10 @@ def test_chain_through_previous_response_id(gateway: Gateway, fake: FakeProvider
         "three",
     ]
     assert [i["role"] for i in sent[2]["input"]] == ["user", "assistant"] * 2 + ["user"]
-    assert "id" not in sent[2]["input"][0]  # a client's message goes without the stored id
+    # As 1.13 sends them: the items as stored (ids, status), store=false to the worker.
+    assert sent[2]["input"][1]["id"] == first.output[0].id
+    assert all(i["status"] == "completed" for i in sent[2]["input"])
+    assert [b["store"] for b in sent] == [False, False, False]
     assert sent[0]["instructions"] == "be brief"
     assert "instructions" not in sent[1]  # not carried from earlier turns
 
@@ -108,7 +111,7 @@ def test_chain_through_previous_response_id(gateway: Gateway, fake: FakeProvider
     assert deleted is None  # the SDK returns nothing; the answer's JSON is checked below
     with pytest.raises(openai.NotFoundError) as err:
         client.responses.retrieve(first.id)
-    assert err.value.body["message"] == "Response not found"  # type: ignore[index]
+    assert err.value.body["message"] == f"No response found with id '{first.id}'"  # type: ignore[index]
 
 
 def test_delete_answer_shape(gateway: Gateway) -> None:
@@ -119,7 +122,8 @@ def test_delete_answer_shape(gateway: Gateway) -> None:
     _stored(client, made.id)
     answer = httpx.delete(f"{gateway.url}/v1/responses/{made.id}", timeout=5)
     assert answer.status_code == 200
-    assert answer.json() == {"id": made.id, "object": "response", "deleted": True}
+    # 1.13's answer, tried on its binary (OpenAI documents object "response").
+    assert answer.json() == {"id": made.id, "object": "response.deleted", "deleted": True}
     again = httpx.delete(f"{gateway.url}/v1/responses/{made.id}", timeout=5)
     assert again.status_code == 404
     assert again.json()["error"]["code"] == "not_found"

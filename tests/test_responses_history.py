@@ -31,6 +31,7 @@ def test_input_items_shapes_strings_and_keeps_ids() -> None:
         "type": "message",
         "role": "user",
         "content": [{"type": "input_text", "text": "hi"}],
+        "status": "completed",
     }
     given = responses.input_items(
         [
@@ -43,6 +44,7 @@ def test_input_items_shapes_strings_and_keeps_ids() -> None:
         "content": [{"type": "output_text", "text": "a", "annotations": []}],
         "id": "msg_keep",
         "type": "message",
+        "status": "completed",
     }
     assert given[1]["id"].startswith("fun_") and given[1]["output"] == "42"
     with pytest.raises(ConvError):
@@ -92,12 +94,13 @@ def test_upstream_body_from_chain() -> None:
         "model": "m",
         "instructions": "now",
         "stream": True,
+        "store": False,
         "input": [
-            {"type": "message", "role": "user", "content": "one"},
+            {"id": "msg_in_r1", "type": "message", "role": "user", "content": "one"},
             {"id": "msg_out_r1", "type": "message", "role": "assistant", "content": "1"},
-            {"type": "message", "role": "user", "content": "two"},
+            {"id": "msg_in_r2", "type": "message", "role": "user", "content": "two"},
             {"id": "msg_out_r2", "type": "message", "role": "assistant", "content": "2"},
-            {"type": "message", "role": "user", "content": "three"},
+            {"id": "msg_new", "type": "message", "role": "user", "content": "three"},
         ],
     }
 
@@ -126,7 +129,7 @@ def test_observer_whole_answer() -> None:
     got: list[dict[str, Any]] = []
     obs = responses.Observer(b"{}", False, got.append, "resp_0", None)
     out = obs.response(200, b'{"id":"resp_1","previous_response_id":null}')
-    assert orjson.loads(out) == {"id": "resp_1", "previous_response_id": "resp_0"}
+    assert orjson.loads(out) == {"id": "resp_1", "previous_response_id": "resp_0", "store": True}
     assert got == [{"id": "resp_1", "previous_response_id": None}]
     assert obs.response(400, b'{"error":{}}') == b'{"error":{}}'  # errors pass untouched
     assert len(got) == 1
@@ -168,7 +171,7 @@ def test_serve_get_delete_input_items() -> None:
             await responses.serve(store, "auth:b", "response", "GET", "r1", "")
         assert err.value.status == 404
         gone = await responses.serve(store, "auth:a", "response", "DELETE", "r1", "")
-        assert gone == {"id": "r1", "object": "response", "deleted": True}
+        assert gone == {"id": "r1", "object": "response.deleted", "deleted": True}
         with pytest.raises(ConvError):
             await responses.serve(store, "auth:a", "response", "GET", "r1", "")
 

@@ -1566,7 +1566,7 @@ class DataPlane:
                     self.spawn(self._responses_store(store, tenant, conv_tenant, record, keep))
 
             request.history = responses.Observer(
-                upstream, body.get("stream") is True, done, previous, conv_id
+                upstream, body.get("stream") is True, done, previous, conv_id, keep
             )
             request.body = upstream
             request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]

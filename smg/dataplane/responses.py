@@ -36,7 +36,12 @@ DISABLED = (
     "previous_response_id and conversation need a history store: this gateway runs with "
     "--history-backend none"
 )
-NOT_FOUND = "Response not found"
+
+
+def not_found_text(response_id: str) -> str:
+    return f"No response found with id '{response_id}'"  # 1.13's words
+
+
 METRIC_PATHS = {"response": PREFIX + "{id}", "input_items": PREFIX + "{id}/input_items"}
 
 
@@ -79,6 +84,8 @@ def input_items(value: object) -> list[dict[str, Any]]:
                 part["annotations"] = []
             shaped["content"] = [part]
         shaped["id"] = item_id_of(shaped)
+        if shaped.get("status") is None:
+            shaped["status"] = "completed"  # as 1.13 stores (and sends) them
         items.append(shaped)
     return items
 
@@ -104,14 +111,6 @@ def previous_id(body: dict[str, Any]) -> str | None:
     return value
 
 
-def upstream_item(item: dict[str, Any]) -> dict[str, Any]:
-    """An item as sent to the worker: a client's (non-assistant) message without the id the
-    gateway gave it for storage (an input message has no id in OpenAI's API)."""
-    if item.get("type") == "message" and item.get("role") != "assistant" and "id" in item:
-        return {k: v for k, v in item.items() if k != "id"}
-    return item
-
-
 def chain_items(chain: list[ResponseRecord]) -> list[dict[str, Any]]:
     """The earlier turns, oldest first: each one's input items, then its output items."""
     items: list[dict[str, Any]] = []
@@ -124,9 +123,11 @@ def chain_items(chain: list[ResponseRecord]) -> list[dict[str, Any]]:
 def upstream_body(
     body: dict[str, Any], history: list[dict[str, Any]], new_input: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The body the worker gets: the history then the new input, no history fields."""
+    """The body the worker gets: the history then the new input (items as stored, ids and
+    all), no history fields, and `store: false` (the gateway keeps the history), as 1.13."""
     out = {k: v for k, v in body.items() if k not in ("previous_response_id", "conversation")}
-    out["input"] = [upstream_item(item) for item in history + new_input]
+    out["input"] = history + new_input
+    out["store"] = False
     return out
 
 
@@ -176,7 +177,8 @@ def completed_response(event_data: bytes) -> dict[str, Any] | None:
 
 class Observer:
     """A pass-through Translation: the worker's answer goes to the client unchanged (a
-    whole 2xx answer gets its history fields back); the finished response goes to `done`."""
+    whole 2xx answer gets its history fields and `store` back); the finished response goes
+    to `done`."""
 
     upstream_path = ROUTE.encode()
 
@@ -187,8 +189,10 @@ class Observer:
         done: Callable[[dict[str, Any]], None],
         previous: str | None,
         conversation: str | None,
+        store: bool = True,
     ) -> None:
         self.upstream_body = upstream
+        self.store = store
         self.stream = stream
         self.done = done
         self.previous = previous
@@ -206,7 +210,8 @@ class Observer:
         if not isinstance(answer, dict):
             return body
         self._done(answer)
-        patched = {**answer, "previous_response_id": self.previous}
+        # The worker was sent no history fields and store=false: the client's are put back.
+        patched = {**answer, "previous_response_id": self.previous, "store": self.store}
         if self.conversation is not None:
             patched["conversation"] = {"id": self.conversation}
         return orjson.dumps(patched)
@@ -303,12 +308,12 @@ async def serve(
     listing = parse_list_query(query) if route == "input_items" else None
     record, owner_tenant = await find_response(store, tenant, response_id)
     if record is None:
-        raise not_found(NOT_FOUND)
+        raise not_found(not_found_text(response_id))
     if route == "response":
         if method == "DELETE":
             if not await store.delete_response(owner_tenant, response_id):
-                raise not_found(NOT_FOUND)
-            return {"id": response_id, "object": "response", "deleted": True}
+                raise not_found(not_found_text(response_id))
+            return {"id": response_id, "object": "response.deleted", "deleted": True}  # 1.13
         return record.body
     assert listing is not None
     limit, order, after = listing
