@@ -6,9 +6,13 @@ the other reads back. The fake's answer text says how many input items it receiv
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import historyutil
+import httpx
 import openai
 import pytest
 from providerfakes import FakeProvider
@@ -62,6 +66,10 @@ def _stored(client: openai.OpenAI, response_id: str) -> None:
 
 
 def test_chain_through_previous_response_id(gateway: Gateway, fake: FakeProvider) -> None:
+    run_previous_chain(gateway, fake)
+
+
+def run_previous_chain(gateway: Gateway, fake: FakeProvider) -> None:
     client, transport = pinned_client(gateway, "unused")
     probe, _ = pinned_client(gateway, "unused", PinnedTransport(gateway.url))
     fake.clear()
@@ -130,6 +138,10 @@ def test_delete_answer_shape(gateway: Gateway) -> None:
 
 
 def test_chain_through_conversation(gateway: Gateway, fake: FakeProvider) -> None:
+    run_conversation_chain(gateway, fake)
+
+
+def run_conversation_chain(gateway: Gateway, fake: FakeProvider) -> None:
     client, transport = pinned_client(gateway, "unused")
     conv = client.conversations.create(items=[{"role": "user", "content": "zero"}])  # type: ignore[list-item]
     fake.clear()
@@ -187,3 +199,50 @@ def test_history_backend_none() -> None:
             with pytest.raises(openai.InternalServerError) as err:  # 501
                 client.responses.retrieve("resp_1")
             assert err.value.status_code == 501
+
+
+# --- the same on the databases (real redis-server / PostgreSQL from tests/historyutil.py) ------
+
+
+@contextlib.contextmanager
+def database_gateway(backend: str, fake: FakeProvider) -> Iterator[tuple[Gateway, Any]]:
+    if backend == "redis":
+        server_cm = historyutil.running_redis()  # skips where redis-server is missing
+        flags = ["--redis-op-timeout-secs", "1"]
+    else:
+        server_cm = historyutil.running_postgres()
+        flags = ["--postgres-op-timeout-secs", "1"]
+    with server_cm as server:
+        url_flag = "--redis-url" if backend == "redis" else "--postgres-db-url"
+        args = ["--worker-urls", fake.url, "--disable-health-check"]
+        args += ["--history-backend", backend, url_flag, server.url, *flags]
+        with running_gateway(args) as gw:
+            wait_until(lambda: _models(gw) == [MODEL], 20, "the fake's model listed")
+            yield gw, server
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+def test_chains_on_database(backend: str, fake: FakeProvider) -> None:
+    with database_gateway(backend, fake) as (gw, _server):
+        run_previous_chain(gw, fake)
+        run_conversation_chain(gw, fake)
+
+
+def test_store_down_is_503_and_stateless_requests_keep_working(fake: FakeProvider) -> None:
+    with database_gateway("redis", fake) as (gw, server):
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        first = client.responses.create(model=MODEL, input="one")
+        _stored(client, first.id)
+        server.kill()
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as err:
+                client.responses.create(model=MODEL, input="two", previous_response_id=first.id)
+            assert time.monotonic() - started < 5.0  # --redis-op-timeout-secs 1, and margin
+            assert err.value.status_code == 503
+            assert err.value.body["code"] == "storage_unavailable"  # type: ignore[index]
+            answer = httpx.get(f"{gw.url}/v1/responses/{first.id}", timeout=30)
+            assert answer.status_code == 503
+        # No history asked for: answered (a stored turn's write fails after, logged).
+        assert client.responses.create(model=MODEL, input="a", store=False).output_text
+        assert client.responses.create(model=MODEL, input="b").output_text
