@@ -246,3 +246,17 @@ def test_store_down_is_503_and_stateless_requests_keep_working(fake: FakeProvide
         # No history asked for: answered (a stored turn's write fails after, logged).
         assert client.responses.create(model=MODEL, input="a", store=False).output_text
         assert client.responses.create(model=MODEL, input="b").output_text
+
+
+def test_chains_through_an_external_worker() -> None:
+    """The fake registered as an external worker (POST /workers, provider openai): the same
+    history, through the external route."""
+    from test_external_routing import register
+
+    with (
+        FakeProvider("openai", [MODEL]) as ext,
+        running_gateway(["--history-backend", "memory"]) as gw,
+    ):
+        register(gw, ext, "openai", 1, api_key="sk-proj-worker")
+        run_previous_chain(gw, ext)
+        run_conversation_chain(gw, ext)
