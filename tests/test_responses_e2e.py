@@ -7,6 +7,7 @@ the other reads back. The fake's answer text says how many input items it receiv
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -146,18 +147,20 @@ def run_conversation_chain(gateway: Gateway, fake: FakeProvider) -> None:
     conv = client.conversations.create(items=[{"role": "user", "content": "zero"}])  # type: ignore[list-item]
     fake.clear()
     turns = []
-    for n, word in enumerate(["one", "two", "three"]):
+    for n, word in enumerate(["one", "two", "three", "four"]):
+        last = n == 3  # store=false: neither stored nor appended, as 1.13
         answer = client.responses.create(
-            model=MODEL, input=word, conversation=conv.id, store=n != 1
+            model=MODEL, input=word, conversation=conv.id, **({"store": False} if last else {})
         )
+        assert answer.conversation is not None and answer.conversation.id == conv.id
         turns.append(answer)
 
-        def appended(count: int = 2 * n + 3) -> bool:
+        def appended(count: int = (3, 5, 7, 7)[n]) -> bool:
             return len(client.conversations.items.list(conv.id, limit=100).data) == count
 
         wait_until(appended, 10, "the turn's items appended to the conversation")
     sent = _posts(fake)
-    assert [b.get("conversation") for b in sent] == [None, None, None]
+    assert [b.get("conversation") for b in sent] == [None] * 4
     assert _texts(sent[2]["input"]) == [
         "zero",
         "one",
@@ -166,10 +169,17 @@ def run_conversation_chain(gateway: Gateway, fake: FakeProvider) -> None:
         "seen 4 items; last: two",
         "three",
     ]
-    assert turns[2].output_text == "seen 6 items; last: three"
-    assert len(set(transport.seen[:2])) == 2  # consecutive calls on different processes
-    with pytest.raises(openai.NotFoundError):  # store=false: no record, items appended still
-        client.responses.retrieve(turns[1].id)
+    assert [t.output_text for t in turns] == [
+        "seen 2 items; last: one",
+        "seen 4 items; last: two",
+        "seen 6 items; last: three",
+        "seen 8 items; last: four",
+    ]
+    # Every call (turns and item listings) on the other process than the one before.
+    seen = transport.seen
+    assert len(seen) >= 9 and all(a != b for a, b in itertools.pairwise(seen))
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(turns[3].id)
 
 
 def test_unknown_history_is_refused(gateway: Gateway) -> None:
@@ -182,6 +192,11 @@ def test_unknown_history_is_refused(gateway: Gateway) -> None:
         "message": "Previous response with id 'resp_nope' not found.",
         "param": None,
     }
+    with pytest.raises(openai.BadRequestError) as both:
+        client.responses.create(
+            model=MODEL, input="x", previous_response_id="resp_1", conversation="conv_1"
+        )
+    assert both.value.body["code"] == "mutually_exclusive_parameters"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError) as nf:
         client.responses.create(model=MODEL, input="x", conversation="conv_nope")
     assert nf.value.body["message"] == "No conversation found with id 'conv_nope'"  # type: ignore[index]

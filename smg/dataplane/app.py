@@ -1535,8 +1535,7 @@ class DataPlane:
                 request.history = False
                 self._proxy_entry(conn, request)
                 return
-            previous = responses.previous_id(body)
-            conv_id = responses.conversation_id(body)
+            previous, conv_id = responses.history_fields(body)
             keep = body.get("store", True) is not False
             if self.cfg.history_backend == "none":
                 if previous is not None or conv_id is not None:
@@ -1562,8 +1561,8 @@ class DataPlane:
 
             def done(answer: dict[str, object]) -> None:
                 record = responses.record_of(answer, new_input, previous, conv_id)
-                if record is not None:
-                    self.spawn(self._responses_store(store, tenant, conv_tenant, record, keep))
+                if record is not None and keep:
+                    self.spawn(self._responses_store(store, tenant, conv_tenant, record))
 
             request.history = responses.Observer(
                 upstream, body.get("stream") is True, done, previous, conv_id, keep
@@ -1603,13 +1602,12 @@ class DataPlane:
         tenant: str,
         conv_tenant: str,
         record: ResponseRecord,
-        keep: bool,
     ) -> None:
-        """After a 2xx answer: the response record (`store`), and the turn's items appended
-        to its conversation. A store that fails is logged: the client has its answer."""
+        """After a 2xx answer with `store` (1.13: store=false persists nothing, the
+        conversation included): the response record, and the turn's items appended to its
+        conversation. A store that fails is logged: the client has its answer."""
         try:
-            if keep:
-                await store.put_response(tenant, record)
+            await store.put_response(tenant, record)
             if record.conversation_id is not None:
                 await store.add_items(
                     conv_tenant,

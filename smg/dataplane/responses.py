@@ -102,6 +102,21 @@ def conversation_id(body: dict[str, Any]) -> str | None:
     return value
 
 
+MUTUALLY_EXCLUSIVE = (
+    "__all__: Mutually exclusive parameters. Ensure you are only providing one of: "
+    "'previous_response_id' or 'conversation'."
+)
+
+
+def history_fields(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """previous_response_id and conversation; both given -> 400, in 1.13's words."""
+    previous = previous_id(body)
+    conversation = conversation_id(body)
+    if previous is not None and conversation is not None:
+        raise ConvError(400, "mutually_exclusive_parameters", MUTUALLY_EXCLUSIVE)
+    return previous, conversation
+
+
 def previous_id(body: dict[str, Any]) -> str | None:
     value = body.get("previous_response_id")
     if value is None:
