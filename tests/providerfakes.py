@@ -352,6 +352,73 @@ def error_body(api: str, status: int, message: str) -> dict[str, Any]:
 # --- the server (run as a subprocess) -----------------------------------------------------------
 
 
+def responses_answer(body: dict[str, Any], number: int) -> dict[str, Any]:
+    """A Responses API answer (OpenAI's reference shape) to `body`; it keeps no history: its
+    text names how many input items it saw and the last one's text."""
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    items = items if isinstance(items, list) else []
+    last = ""
+    if items and isinstance(items[-1], dict):
+        content = items[-1].get("content")
+        parts = content if isinstance(content, list) else [{"text": content}]
+        last = " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
+    text = f"seen {len(items)} items; last: {last}"
+    return {
+        "id": f"resp_fake{number}",
+        "object": "response",
+        "created_at": CREATED,
+        "status": "completed",
+        "model": body.get("model", ""),
+        "output": [
+            {
+                "type": "message",
+                "id": f"msg_fake{number}",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "instructions": body.get("instructions"),
+        "previous_response_id": body.get("previous_response_id"),
+        "usage": {
+            "input_tokens": len(items),
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": _words(text),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": len(items) + _words(text),
+        },
+    }
+
+
+def responses_events(answer: dict[str, Any]) -> list[bytes]:
+    """The event stream of `answer`: created, one text delta, completed."""
+    item = answer["output"][0]
+    text = item["content"][0]["text"]
+    started = {**answer, "status": "in_progress", "output": [], "usage": None}
+    opened = {**item, "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": opened},
+        {"type": "response.content_part.added", **at, "part": part},
+        {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
+        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": item["content"][0]},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": answer},
+    ]
+    return [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+        for n, e in enumerate(events)
+    ]
+
+
 def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int) -> None:
     from aiohttp import web
 
@@ -490,6 +557,12 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
         body = request["body"]
         return web.json_response({"input_tokens": plan_messages(body).prompt_tokens})
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        answer = responses_answer(request["body"], request["number"])
+        if request["body"].get("stream"):
+            return await sse(request, responses_events(answer))
+        return web.json_response(answer)
+
     async def not_found(request: web.Request) -> web.Response:
         return error(404, f"Unknown request URL: {request.method} {request.path}")
 
@@ -504,6 +577,7 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
     else:
         app.router.add_post("/v1/chat/completions", chat)
         app.router.add_post("/v1/completions", completions)
+        app.router.add_post("/v1/responses", responses)
     app.router.add_route("*", "/{tail:.*}", not_found)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 

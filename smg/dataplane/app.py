@@ -19,7 +19,7 @@ import orjson
 
 from smg import ipc
 from smg.config import tenant_keys
-from smg.dataplane import auth, conversations
+from smg.dataplane import auth, conversations, responses
 from smg.dataplane.admission import Admission
 from smg.dataplane.cors import Cors
 from smg.dataplane.exchange import ANTHROPIC_PATHS, COUNT_TOKENS_ROUTE, Exchange
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.tracing import Tracer
     from smg.grpc.frontend import GrpcFront
+    from smg.history.records import ResponseRecord
     from smg.history.store import HistoryStore
     from smg.shm.table import WorkerTable
     from smg.translate import Translation
@@ -549,6 +550,9 @@ class DataPlane:
             if path in PROXY_ROUTES:
                 if not self._post_allowed(conn, request, method, path):
                     return
+                if path == responses.ROUTE and request.history is None:
+                    self.spawn(self._responses_post(conn, request))
+                    return
                 admission = self.admission
                 if admission is None:
                     self.proxy(conn, request)
@@ -557,6 +561,9 @@ class DataPlane:
                 return
             if path.startswith(conversations.PREFIX):
                 self._conversations(conn, request)
+                return
+            if path.startswith(responses.PREFIX):
+                self._responses_get(conn, request)
                 return
             if method == b"GET" or method == b"HEAD":
                 if path == "/v1/models" and self.external is not None:
@@ -887,6 +894,8 @@ class DataPlane:
         if entry.provider is not None:
             exchange.translation = translation
             exchange.worker_api = provider_api(entry.provider)
+        if request.history:  # /v1/responses with history: observe the answer
+            exchange.translation = request.history
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
         if self.cors is not None:
@@ -1461,30 +1470,7 @@ class DataPlane:
         self, conn: ClientConnection, request: Request, route: tuple[str, str, str], method: str
     ) -> None:
         try:
-            store = self.history_store
-            if store is None:
-                # Opened on first use, in this process's loop (after the fork): a database
-                # client must not be shared across processes.
-                from smg.history import open_store
-
-                store = self.history_store = open_store(
-                    self.cfg, in_control_plane=False, root_pid=self.root_pid
-                )
-            if self._tenant_by_key is None:
-                self._tenant_by_key = conversations.tenant_keys_by_secret(
-                    self.cfg.api_key, tenant_keys(self.cfg)
-                )
-            presented = auth.presented_key(
-                request.header(b"authorization"), request.header(b"x-api-key")
-            )
-            cfg = self.cfg
-            header = (
-                request.header(cfg.tenant_header_name.lower().encode("latin-1"))
-                if cfg.trust_tenant_header
-                else None
-            )
-            tenant = conversations.resolve_tenant(presented, self._tenant_by_key, header)
-            assert store is not None
+            store, tenant = self._history(request)
             answer = await conversations.serve(
                 store, tenant, route[0], method, route[1], route[2], request.query, request.body
             )
@@ -1501,6 +1487,182 @@ class DataPlane:
             return
         except Exception as exc:  # a request must never take the process down
             self.log_error("conversations request failed", exc)
+            if not conn.closed:
+                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            return
+        if not conn.closed:
+            self._send(conn, request, 200, orjson.dumps(answer))
+
+    def _history(self, request: Request) -> tuple[HistoryStore, str]:
+        """The history store (opened on first use, in this process's loop, after the fork:
+        a database client must not be shared across processes) and the request's tenant."""
+        store = self.history_store
+        if store is None:
+            from smg.history import open_store
+
+            store = self.history_store = open_store(
+                self.cfg, in_control_plane=False, root_pid=self.root_pid
+            )
+        if self._tenant_by_key is None:
+            self._tenant_by_key = conversations.tenant_keys_by_secret(
+                self.cfg.api_key, tenant_keys(self.cfg)
+            )
+        presented = auth.presented_key(
+            request.header(b"authorization"), request.header(b"x-api-key")
+        )
+        cfg = self.cfg
+        header = (
+            request.header(cfg.tenant_header_name.lower().encode("latin-1"))
+            if cfg.trust_tenant_header
+            else None
+        )
+        assert store is not None
+        return store, conversations.resolve_tenant(presented, self._tenant_by_key, header)
+
+    # --- the Responses API's history (smg.dataplane.responses) ------------------------------------
+
+    async def _responses_post(self, conn: ClientConnection, request: Request) -> None:
+        """POST /v1/responses: load the history it names (previous_response_id,
+        conversation) into its input, and observe the answer to store it (`store`, default
+        true); then the request goes on as any proxied one. A body that is not a JSON
+        object goes on untouched (the worker answers it)."""
+        try:
+            try:
+                body = orjson.loads(request.body)
+            except orjson.JSONDecodeError:
+                body = None
+            if not isinstance(body, dict):
+                request.history = False
+                self._proxy_entry(conn, request)
+                return
+            previous, conv_id = responses.history_fields(body)
+            keep = body.get("store", True) is not False
+            if self.cfg.history_backend == "none":
+                if previous is not None or conv_id is not None:
+                    raise conversations.ConvError(400, "invalid_request", responses.DISABLED)
+                request.history = False
+                self._proxy_entry(conn, request)
+                return
+            if previous is None and conv_id is None and not keep:
+                request.history = False
+                self._proxy_entry(conn, request)
+                return
+            store, tenant = self._history(request)
+            new_input = responses.input_items(body.get("input", []))
+            history: list[dict[str, object]] = []
+            conv_tenant = tenant
+            if conv_id is not None:
+                items, conv_tenant = await responses.conversation_items(store, tenant, conv_id)
+                history.extend(items)
+            if previous is not None:
+                chain = await responses.load_chain(store, tenant, previous)
+                history.extend(responses.chain_items(chain))
+            upstream = orjson.dumps(responses.upstream_body(body, history, new_input))
+
+            def done(answer: dict[str, object]) -> None:
+                record = responses.record_of(answer, new_input, previous, conv_id)
+                if record is not None and keep:
+                    self.spawn(self._responses_store(store, tenant, conv_tenant, record))
+
+            request.history = responses.Observer(
+                upstream, body.get("stream") is True, done, previous, conv_id, keep
+            )
+            request.body = upstream
+            request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
+        except conversations.ConvError as exc:
+            if not conn.closed:
+                self._send_error(conn, request, exc.status, exc.code, exc.message)
+            return
+        except StorageUnavailable as exc:
+            log.warning("history store unavailable: %s", exc)
+            if not conn.closed:
+                self._send_error(
+                    conn, request, 503, "storage_unavailable", "the history store is unavailable"
+                )
+            return
+        except Exception as exc:  # a request must never take the process down
+            self.log_error("responses request failed", exc)
+            if not conn.closed:
+                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            return
+        if not conn.closed:
+            self._proxy_entry(conn, request)
+
+    def _proxy_entry(self, conn: ClientConnection, request: Request) -> None:
+        """A proxied route's way in: through admission when it is on."""
+        admission = self.admission
+        if admission is None:
+            self.proxy(conn, request)
+        elif admission.enter(conn, request):
+            self.proxy_admitted(conn, request)
+
+    async def _responses_store(
+        self,
+        store: HistoryStore,
+        tenant: str,
+        conv_tenant: str,
+        record: ResponseRecord,
+    ) -> None:
+        """After a 2xx answer with `store` (1.13: store=false persists nothing, the
+        conversation included): the response record, and the turn's items appended to its
+        conversation. A store that fails is logged: the client has its answer."""
+        try:
+            await store.put_response(tenant, record)
+            if record.conversation_id is not None:
+                await store.add_items(
+                    conv_tenant,
+                    record.conversation_id,
+                    record.input_items + record.output_items,
+                )
+        except Exception as exc:
+            log.warning("storing response %s failed: %r", record.id, exc)
+
+    def _responses_get(self, conn: ClientConnection, request: Request) -> None:
+        """GET/DELETE /v1/responses/{id}, GET .../input_items."""
+        if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+            return
+        path = request.path
+        method = request.method.decode("latin-1")
+        route = responses.match_route(path)
+        if route is None:
+            self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
+            return
+        try:
+            method = responses.check_method(route[0], method, path)
+        except conversations.ConvError as exc:
+            self._send_error(
+                conn,
+                request,
+                exc.status,
+                exc.code,
+                exc.message,
+                extra_headers=b"allow: %b\r\n" % exc.allow.encode("latin-1"),
+            )
+            return
+        if self.cfg.history_backend == "none":
+            self._send_error(conn, request, 501, "not_implemented", responses.DISABLED)
+            return
+        self.spawn(self._responses_get_call(conn, request, route, method))
+
+    async def _responses_get_call(
+        self, conn: ClientConnection, request: Request, route: tuple[str, str], method: str
+    ) -> None:
+        try:
+            store, tenant = self._history(request)
+            answer = await responses.serve(store, tenant, route[0], method, route[1], request.query)
+        except conversations.ConvError as exc:
+            if not conn.closed:
+                self._send_error(conn, request, exc.status, exc.code, exc.message)
+            return
+        except StorageUnavailable as exc:
+            log.warning("history store unavailable: %s", exc)
+            if not conn.closed:
+                self._send_error(
+                    conn, request, 503, "storage_unavailable", "the history store is unavailable"
+                )
+            return
+        except Exception as exc:  # a request must never take the process down
+            self.log_error("responses request failed", exc)
             if not conn.closed:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
             return
@@ -1644,4 +1806,7 @@ def _metric_path(path: str) -> str:
     if path.startswith(conversations.PREFIX):
         route = conversations.match_route(path)
         return conversations.METRIC_PATHS[route[0]] if route else "other"
+    if path.startswith(responses.PREFIX):  # ids would make one series per response
+        found = responses.match_route(path)
+        return responses.METRIC_PATHS[found[0]] if found else "other"
     return "other"

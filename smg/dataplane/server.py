@@ -14,7 +14,7 @@ import asyncio
 import enum
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -40,6 +40,7 @@ class Request:
         "body",
         "client_id",
         "headers",
+        "history",  # /v1/responses with history: its smg.dataplane.responses.Observer
         "keep_alive",
         "method",
         "path",
@@ -72,6 +73,7 @@ class Request:
         self.query = query.decode("latin-1")
         self.request_id = b""  # set by the data plane when it takes the request
         self.client_id = False  # whether the client sent an x-request-id header
+        self.history: Any = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

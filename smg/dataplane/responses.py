@@ -1,0 +1,357 @@
+"""The Responses API's history (/v1/responses) for HTTP and external workers, on the history
+store, as the Rust SMG 1.13's OpenAI router keeps it.
+
+Pure parts (tested directly): the input as items, the upstream body built from a stored
+chain (earlier turns' input + output items, then the new input; without
+`previous_response_id` / `conversation`, so a worker that keeps no history still sees the
+whole conversation; `instructions` are never carried over, OpenAI's rule), the record made
+from an answer, the SSE scan for `response.completed`, and the GET/DELETE/input_items answers.
+`Observer` is a pass-through `Translation` the Exchange feeds the worker's answer through;
+it hands the finished answer to a callback, which stores it (after the answer is written:
+a client reading the record right away may race the write).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import orjson
+
+from smg.dataplane.conversations import ConvError, bad_request, not_found, parse_list_query
+from smg.history.records import ResponseRecord
+from smg.history.store import item_id_of
+
+if TYPE_CHECKING:
+    from smg.history.store import HistoryStore
+
+ROUTE = "/v1/responses"
+PREFIX = ROUTE + "/"
+MAX_CHAIN = 100  # responses followed back through previous_response_id
+MAX_CONVERSATION_PAGES = 10  # of 100 items: the conversation's history sent upstream
+ALLOW = {"response": "GET,HEAD,DELETE", "input_items": "GET,HEAD"}
+DISABLED = (
+    "previous_response_id and conversation need a history store: this gateway runs with "
+    "--history-backend none"
+)
+
+
+def not_found_text(response_id: str) -> str:
+    return f"No response found with id '{response_id}'"  # 1.13's words
+
+
+METRIC_PATHS = {"response": PREFIX + "{id}", "input_items": PREFIX + "{id}/input_items"}
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+
+def match_route(path: str) -> tuple[str, str] | None:
+    """(route, response id) for /v1/responses/{id}[/input_items]; None for any other path."""
+    if not path.startswith(PREFIX):
+        return None
+    parts = path[len(PREFIX) :].split("/")
+    if not parts[0] or len(parts) > 2:
+        return None
+    if len(parts) == 2:
+        return ("input_items", unquote(parts[0])) if parts[1] == "input_items" else None
+    return "response", unquote(parts[0])
+
+
+# --- the request ------------------------------------------------------------------------------
+
+
+def input_items(value: object) -> list[dict[str, Any]]:
+    """A request's `input` as items, each with an id: a string is one user message."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise bad_request("'input' must be a string or a list of items")
+    items: list[dict[str, Any]] = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise bad_request("each input item must be an object")
+        shaped = dict(item)
+        if "type" not in shaped and "role" in shaped:
+            shaped["type"] = "message"
+        if shaped.get("type") == "message" and isinstance(shaped.get("content"), str):
+            role = shaped.get("role")
+            kind = "output_text" if role == "assistant" else "input_text"
+            part: dict[str, Any] = {"type": kind, "text": shaped["content"]}
+            if kind == "output_text":
+                part["annotations"] = []
+            shaped["content"] = [part]
+        shaped["id"] = item_id_of(shaped)
+        if shaped.get("status") is None:
+            shaped["status"] = "completed"  # as 1.13 stores (and sends) them
+        items.append(shaped)
+    return items
+
+
+def conversation_id(body: dict[str, Any]) -> str | None:
+    """`conversation` as an id string or {id}; None when not given."""
+    value = body.get("conversation")
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("id")
+    if not isinstance(value, str) or not value:
+        raise bad_request("'conversation' must be a conversation id or an object with its id")
+    return value
+
+
+MUTUALLY_EXCLUSIVE = (
+    "__all__: Mutually exclusive parameters. Ensure you are only providing one of: "
+    "'previous_response_id' or 'conversation'."
+)
+
+
+def history_fields(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """previous_response_id and conversation; both given -> 400, in 1.13's words."""
+    previous = previous_id(body)
+    conversation = conversation_id(body)
+    if previous is not None and conversation is not None:
+        raise ConvError(400, "mutually_exclusive_parameters", MUTUALLY_EXCLUSIVE)
+    return previous, conversation
+
+
+def previous_id(body: dict[str, Any]) -> str | None:
+    value = body.get("previous_response_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise bad_request("'previous_response_id' must be a non-empty string")
+    return value
+
+
+def chain_items(chain: list[ResponseRecord]) -> list[dict[str, Any]]:
+    """The earlier turns, oldest first: each one's input items, then its output items."""
+    items: list[dict[str, Any]] = []
+    for record in chain:
+        items.extend(record.input_items)
+        items.extend(record.output_items)
+    return items
+
+
+def upstream_body(
+    body: dict[str, Any], history: list[dict[str, Any]], new_input: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The body the worker gets: the history then the new input (items as stored, ids and
+    all), no history fields, and `store: false` (the gateway keeps the history), as 1.13."""
+    out = {k: v for k, v in body.items() if k not in ("previous_response_id", "conversation")}
+    out["input"] = history + new_input
+    out["store"] = False
+    return out
+
+
+def record_of(
+    answer: dict[str, Any],
+    new_input: list[dict[str, Any]],
+    previous: str | None,
+    conversation: str | None,
+) -> ResponseRecord | None:
+    """The record of a finished answer (None: it has no id), with the history fields the
+    worker never saw put back into its body."""
+    response_id = answer.get("id")
+    if not isinstance(response_id, str) or not response_id:
+        return None
+    body = dict(answer)
+    body["previous_response_id"] = previous
+    if conversation is not None:
+        body["conversation"] = {"id": conversation}
+    output = answer.get("output")
+    created = answer.get("created_at")
+    return ResponseRecord(
+        id=response_id,
+        created_at=int(created) if isinstance(created, (int, float)) else int(time.time()),
+        model=str(answer.get("model") or ""),
+        previous_response_id=previous,
+        conversation_id=conversation,
+        input_items=new_input,
+        output_items=[i for i in output if isinstance(i, dict)] if isinstance(output, list) else [],
+        body=body,
+    )
+
+
+# --- the answer, observed ---------------------------------------------------------------------
+
+
+def completed_response(event_data: bytes) -> dict[str, Any] | None:
+    """The response of a `response.completed` event's data, else None."""
+    try:
+        event = orjson.loads(event_data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != "response.completed":
+        return None
+    response = event.get("response")
+    return response if isinstance(response, dict) else None
+
+
+class Observer:
+    """A pass-through Translation: the worker's answer goes to the client unchanged (a
+    whole 2xx answer gets its history fields and `store` back); the finished response goes
+    to `done`."""
+
+    upstream_path = ROUTE.encode()
+
+    def __init__(
+        self,
+        upstream: bytes,
+        stream: bool,
+        done: Callable[[dict[str, Any]], None],
+        previous: str | None,
+        conversation: str | None,
+        store: bool = True,
+    ) -> None:
+        self.upstream_body = upstream
+        self.store = store
+        self.stream = stream
+        self.done = done
+        self.previous = previous
+        self.conversation = conversation
+        self.pending = b""  # an event line not yet complete
+        self.seen = False
+
+    def response(self, status: int, body: bytes) -> bytes:
+        if not 200 <= status < 300:
+            return body
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(answer, dict):
+            return body
+        self._done(answer)
+        # The worker was sent no history fields and store=false: the client's are put back.
+        patched = {**answer, "previous_response_id": self.previous, "store": self.store}
+        if self.conversation is not None:
+            patched["conversation"] = {"id": self.conversation}
+        return orjson.dumps(patched)
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.seen:
+            lines = (self.pending + data).split(b"\n")
+            self.pending = lines.pop()
+            if len(self.pending) > 1 << 24:  # no line that long: stop looking
+                self.pending = b""
+            for line in lines:
+                if line.startswith(b"data:"):
+                    found = completed_response(line[5:].strip())
+                    if found is not None:
+                        self._done(found)
+                        break
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+    def abort(self, code: str, message: str) -> bytes:
+        body = orjson.dumps({"error": {"message": message, "type": "stream_error", "code": code}})
+        return b"data: %b\n\ndata: [DONE]\n\n" % body
+
+    def _done(self, answer: dict[str, Any]) -> None:
+        if not self.seen:
+            self.seen = True
+            self.done(answer)
+
+
+# --- the I/O ----------------------------------------------------------------------------------
+
+
+async def find_response(
+    store: HistoryStore, tenant: str, response_id: str
+) -> tuple[ResponseRecord | None, str]:
+    """The record and the tenant it is stored under (the caller's, or "": a record stored
+    without a tenant stays readable by every caller, as conversations.owner)."""
+    record = await store.get_response(tenant, response_id)
+    if record is None and tenant:
+        record = await store.get_response("", response_id)
+        tenant = ""
+    return record, tenant
+
+
+async def load_chain(store: HistoryStore, tenant: str, response_id: str) -> list[ResponseRecord]:
+    """The chain ending at `response_id`, oldest first; unknown -> 400, as 1.13."""
+    chain: list[ResponseRecord] = []
+    next_id: str | None = response_id
+    while next_id is not None and len(chain) < MAX_CHAIN:
+        record, _ = await find_response(store, tenant, next_id)
+        if record is None:
+            if not chain:
+                raise ConvError(
+                    400,
+                    "previous_response_not_found",
+                    f"Previous response with id '{response_id}' not found.",
+                )
+            break  # an earlier turn deleted: the chain starts after it
+        chain.append(record)
+        next_id = record.previous_response_id
+    chain.reverse()
+    return chain
+
+
+async def conversation_items(
+    store: HistoryStore, tenant: str, conv_id: str
+) -> tuple[list[dict[str, Any]], str]:
+    """The conversation's items, oldest first, and the tenant it is stored under."""
+    from smg.dataplane.conversations import owner
+
+    try:
+        _conv, tenant = await owner(store, tenant, conv_id)
+    except ConvError:
+        raise not_found(f"No conversation found with id '{conv_id}'") from None
+    items: list[dict[str, Any]] = []
+    after: str | None = None
+    for _ in range(MAX_CONVERSATION_PAGES):
+        page = await store.list_items(tenant, conv_id, 100, "asc", after)
+        if page is None:
+            raise not_found(f"No conversation found with id '{conv_id}'")
+        items.extend(item.body for item in page.items)
+        if not page.has_more or not page.items:
+            break
+        after = page.items[-1].id
+    return items, tenant
+
+
+async def serve(
+    store: HistoryStore, tenant: str, route: str, method: str, response_id: str, query: str
+) -> dict[str, Any]:
+    """GET/DELETE /v1/responses/{id}, GET .../input_items: the answer's JSON, or ConvError."""
+    listing = parse_list_query(query) if route == "input_items" else None
+    record, owner_tenant = await find_response(store, tenant, response_id)
+    if record is None:
+        raise not_found(not_found_text(response_id))
+    if route == "response":
+        if method == "DELETE":
+            if not await store.delete_response(owner_tenant, response_id):
+                raise not_found(not_found_text(response_id))
+            return {"id": response_id, "object": "response.deleted", "deleted": True}  # 1.13
+        return record.body
+    assert listing is not None
+    limit, order, after = listing
+    items = list(record.input_items)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after in ids:
+            items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "has_more": len(items) > limit,
+        "first_id": page[0].get("id") if page else None,
+        "last_id": page[-1].get("id") if page else None,
+    }
+
+
+def check_method(route: str, method: str, path: str) -> str:
+    if method not in ALLOW[route].split(","):
+        raise ConvError(
+            405, "method_not_allowed", f"Invalid URL ({method} {path})", allow=ALLOW[route]
+        )
+    return "GET" if method == "HEAD" else method

@@ -1,0 +1,192 @@
+"""smg.dataplane.responses' pure parts: routes, the input as items, the upstream body from a
+stored chain, the record of an answer, the Observer's pass-through and SSE scan, and the
+GET/DELETE/input_items answers over a MemoryStore."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from smg.dataplane import responses
+from smg.dataplane.conversations import ConvError
+from smg.history.memory import MemoryStore
+from smg.history.records import ResponseRecord
+
+
+def test_match_route() -> None:
+    assert responses.match_route("/v1/responses/resp_1") == ("response", "resp_1")
+    assert responses.match_route("/v1/responses/resp_1/input_items") == ("input_items", "resp_1")
+    assert responses.match_route("/v1/responses/") is None
+    assert responses.match_route("/v1/responses/a/b") is None
+    assert responses.match_route("/v1/responses/a/input_items/x") is None
+
+
+def test_input_items_shapes_strings_and_keeps_ids() -> None:
+    items = responses.input_items("hi")
+    assert len(items) == 1 and items[0]["id"].startswith("msg_")
+    assert {k: v for k, v in items[0].items() if k != "id"} == {
+        "type": "message",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "hi"}],
+        "status": "completed",
+    }
+    given = responses.input_items(
+        [
+            {"role": "assistant", "content": "a", "id": "msg_keep"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ]
+    )
+    assert given[0] == {
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "a", "annotations": []}],
+        "id": "msg_keep",
+        "type": "message",
+        "status": "completed",
+    }
+    assert given[1]["id"].startswith("fun_") and given[1]["output"] == "42"
+    with pytest.raises(ConvError):
+        responses.input_items(5)
+    with pytest.raises(ConvError):
+        responses.input_items(["x"])
+
+
+def test_history_fields() -> None:
+    assert responses.conversation_id({"conversation": {"id": "conv_1"}}) == "conv_1"
+    assert responses.conversation_id({"conversation": "conv_2"}) == "conv_2"
+    assert responses.conversation_id({}) is None
+    with pytest.raises(ConvError):
+        responses.conversation_id({"conversation": 3})
+    assert responses.previous_id({"previous_response_id": "resp_1"}) == "resp_1"
+    with pytest.raises(ConvError):
+        responses.previous_id({"previous_response_id": ""})
+
+
+def _record(rid: str, prev: str | None, said: str, answered: str) -> ResponseRecord:
+    return ResponseRecord(
+        id=rid,
+        created_at=1,
+        model="m",
+        previous_response_id=prev,
+        input_items=[{"id": f"msg_in_{rid}", "type": "message", "role": "user", "content": said}],
+        output_items=[
+            {"id": f"msg_out_{rid}", "type": "message", "role": "assistant", "content": answered}
+        ],
+        body={"id": rid, "object": "response"},
+    )
+
+
+def test_upstream_body_from_chain() -> None:
+    chain = [_record("r1", None, "one", "1"), _record("r2", "r1", "two", "2")]
+    new = [{"id": "msg_new", "type": "message", "role": "user", "content": "three"}]
+    body = {
+        "model": "m",
+        "input": "three",
+        "previous_response_id": "r2",
+        "conversation": "conv_x",
+        "instructions": "now",
+        "stream": True,
+    }
+    out = responses.upstream_body(body, responses.chain_items(chain), new)
+    assert out == {
+        "model": "m",
+        "instructions": "now",
+        "stream": True,
+        "store": False,
+        "input": [
+            {"id": "msg_in_r1", "type": "message", "role": "user", "content": "one"},
+            {"id": "msg_out_r1", "type": "message", "role": "assistant", "content": "1"},
+            {"id": "msg_in_r2", "type": "message", "role": "user", "content": "two"},
+            {"id": "msg_out_r2", "type": "message", "role": "assistant", "content": "2"},
+            {"id": "msg_new", "type": "message", "role": "user", "content": "three"},
+        ],
+    }
+
+
+def test_record_of_answer() -> None:
+    answer = {
+        "id": "resp_9",
+        "created_at": 7,
+        "model": "m",
+        "previous_response_id": None,
+        "output": [{"id": "msg_o", "type": "message"}, "junk"],
+    }
+    new = [{"id": "msg_i", "type": "message"}]
+    record = responses.record_of(answer, new, "resp_8", "conv_1")
+    assert record is not None
+    assert (record.id, record.created_at, record.previous_response_id) == ("resp_9", 7, "resp_8")
+    assert record.conversation_id == "conv_1"
+    assert record.input_items == new
+    assert record.output_items == [{"id": "msg_o", "type": "message"}]
+    assert record.body["previous_response_id"] == "resp_8"
+    assert record.body["conversation"] == {"id": "conv_1"}
+    assert responses.record_of({"output": []}, new, None, None) is None
+
+
+def test_observer_whole_answer() -> None:
+    got: list[dict[str, Any]] = []
+    obs = responses.Observer(b"{}", False, got.append, "resp_0", None)
+    out = obs.response(200, b'{"id":"resp_1","previous_response_id":null}')
+    assert orjson.loads(out) == {"id": "resp_1", "previous_response_id": "resp_0", "store": True}
+    assert got == [{"id": "resp_1", "previous_response_id": None}]
+    assert obs.response(400, b'{"error":{}}') == b'{"error":{}}'  # errors pass untouched
+    assert len(got) == 1
+
+
+def test_observer_stream_split_anywhere() -> None:
+    got: list[dict[str, Any]] = []
+    obs = responses.Observer(b"{}", True, got.append, None, None)
+    stream = (
+        b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n'
+        b'event: response.completed\ndata: {"type":"response.completed",'
+        b'"response":{"id":"r","output":[]}}\n\n'
+    )
+    relayed = b"".join(obs.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
+    assert relayed == stream
+    assert obs.finish() == b""
+    assert got == [{"id": "r", "output": []}]
+
+
+def test_serve_get_delete_input_items() -> None:
+    async def run() -> None:
+        store = MemoryStore()
+        record = _record("r1", None, "one", "1")
+        record.input_items = [
+            {"id": f"msg_{n}", "type": "message", "role": "user", "content": str(n)}
+            for n in range(3)
+        ]
+        await store.put_response("auth:a", record)
+        got = await responses.serve(store, "auth:a", "response", "GET", "r1", "")
+        assert got == {"id": "r1", "object": "response"}
+        page = await responses.serve(
+            store, "auth:a", "input_items", "GET", "r1", "limit=2&order=asc"
+        )
+        assert [i["id"] for i in page["data"]] == ["msg_0", "msg_1"]
+        assert (page["first_id"], page["last_id"], page["has_more"]) == ("msg_0", "msg_1", True)
+        rest = await responses.serve(store, "auth:a", "input_items", "GET", "r1", "after=msg_1")
+        assert [i["id"] for i in rest["data"]] == ["msg_0"]  # desc by default
+        with pytest.raises(ConvError) as err:  # another tenant: as missing
+            await responses.serve(store, "auth:b", "response", "GET", "r1", "")
+        assert err.value.status == 404
+        gone = await responses.serve(store, "auth:a", "response", "DELETE", "r1", "")
+        assert gone == {"id": "r1", "object": "response.deleted", "deleted": True}
+        with pytest.raises(ConvError):
+            await responses.serve(store, "auth:a", "response", "GET", "r1", "")
+
+    asyncio.run(run())
+
+
+def test_load_chain_oldest_first_and_unknown() -> None:
+    async def run() -> None:
+        store = MemoryStore()
+        await store.put_response("", _record("r1", None, "one", "1"))
+        await store.put_response("", _record("r2", "r1", "two", "2"))
+        chain = await responses.load_chain(store, "auth:a", "r2")  # tenant-less: readable
+        assert [r.id for r in chain] == ["r1", "r2"]
+        with pytest.raises(ConvError) as err:
+            await responses.load_chain(store, "", "nope")
+        assert (err.value.status, err.value.code) == (400, "previous_response_not_found")
+
+    asyncio.run(run())
