@@ -62,6 +62,8 @@ from smg.shm.readiness import routable as is_routable
 from smg.worker_url import worker_address
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from smg.config import GatewayConfig
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.tracing import Tracer
@@ -1452,28 +1454,39 @@ class DataPlane:
         try:
             method = conversations.check_method(route[0], request.method.decode("latin-1"), path)
         except conversations.ConvError as exc:
-            self._send_error(
-                conn,
-                request,
-                exc.status,
-                exc.code,
-                exc.message,
-                extra_headers=b"allow: %b\r\n" % exc.allow.encode("latin-1"),
-            )
+            self._send_method_error(conn, request, exc)
             return
         if self.cfg.history_backend == "none":
             self._send_error(conn, request, 501, "not_implemented", conversations.DISABLED)
             return
-        self.spawn(self._conversations_call(conn, request, route, method))
 
-    async def _conversations_call(
-        self, conn: ClientConnection, request: Request, route: tuple[str, str, str], method: str
-    ) -> None:
-        try:
-            store, tenant = self._history(request)
-            answer = await conversations.serve(
+        def call(store: HistoryStore, tenant: str) -> Awaitable[Any]:
+            return conversations.serve(
                 store, tenant, route[0], method, route[1], route[2], request.query, request.body
             )
+
+        self.spawn(self._history_answer(conn, request, "conversations", call))
+
+    def _send_method_error(
+        self, conn: ClientConnection, request: Request, exc: conversations.ConvError
+    ) -> None:
+        """A history route's method refusal, with its `allow` line."""
+        allow = b"allow: %b\r\n" % exc.allow.encode("latin-1")
+        self._send_error(conn, request, exc.status, exc.code, exc.message, extra_headers=allow)
+
+    async def _history_answer(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        what: str,
+        call: Callable[[HistoryStore, str], Awaitable[Any]],
+    ) -> None:
+        """One history route's store call (the Conversations API, a stored response), in
+        a task: its answer as JSON, or its error (400/404 from the route, 503 when the store
+        is unavailable, 500 for anything else)."""
+        try:
+            store, tenant = self._history(request)
+            answer = await call(store, tenant)
         except conversations.ConvError as exc:
             if not conn.closed:
                 self._send_error(conn, request, exc.status, exc.code, exc.message)
@@ -1486,7 +1499,7 @@ class DataPlane:
                 )
             return
         except Exception as exc:  # a request must never take the process down
-            self.log_error("conversations request failed", exc)
+            self.log_error(f"{what} request failed", exc)
             if not conn.closed:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
             return
@@ -1630,44 +1643,16 @@ class DataPlane:
         try:
             method = responses.check_method(route[0], method, path)
         except conversations.ConvError as exc:
-            self._send_error(
-                conn,
-                request,
-                exc.status,
-                exc.code,
-                exc.message,
-                extra_headers=b"allow: %b\r\n" % exc.allow.encode("latin-1"),
-            )
+            self._send_method_error(conn, request, exc)
             return
         if self.cfg.history_backend == "none":
             self._send_error(conn, request, 501, "not_implemented", responses.DISABLED)
             return
-        self.spawn(self._responses_get_call(conn, request, route, method))
 
-    async def _responses_get_call(
-        self, conn: ClientConnection, request: Request, route: tuple[str, str], method: str
-    ) -> None:
-        try:
-            store, tenant = self._history(request)
-            answer = await responses.serve(store, tenant, route[0], method, route[1], request.query)
-        except conversations.ConvError as exc:
-            if not conn.closed:
-                self._send_error(conn, request, exc.status, exc.code, exc.message)
-            return
-        except StorageUnavailable as exc:
-            log.warning("history store unavailable: %s", exc)
-            if not conn.closed:
-                self._send_error(
-                    conn, request, 503, "storage_unavailable", "the history store is unavailable"
-                )
-            return
-        except Exception as exc:  # a request must never take the process down
-            self.log_error("responses request failed", exc)
-            if not conn.closed:
-                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
-            return
-        if not conn.closed:
-            self._send(conn, request, 200, orjson.dumps(answer))
+        def call(store: HistoryStore, tenant: str) -> Awaitable[Any]:
+            return responses.serve(store, tenant, route[0], method, route[1], request.query)
+
+        self.spawn(self._history_answer(conn, request, "responses", call))
 
     # --- admin: forwarded to the control plane ----------------------------------------------------
 
