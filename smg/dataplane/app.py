@@ -1487,24 +1487,27 @@ class DataPlane:
         try:
             store, tenant = self._history(request)
             answer = await call(store, tenant)
-        except conversations.ConvError as exc:
-            if not conn.closed:
-                self._send_error(conn, request, exc.status, exc.code, exc.message)
-            return
-        except StorageUnavailable as exc:
-            log.warning("history store unavailable: %s", exc)
-            if not conn.closed:
-                self._send_error(
-                    conn, request, 503, "storage_unavailable", "the history store is unavailable"
-                )
-            return
         except Exception as exc:  # a request must never take the process down
-            self.log_error(f"{what} request failed", exc)
-            if not conn.closed:
-                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            self._history_failed(conn, request, what, exc)
             return
         if not conn.closed:
             self._send(conn, request, 200, orjson.dumps(answer))
+
+    def _history_failed(
+        self, conn: ClientConnection, request: Request, what: str, exc: Exception
+    ) -> None:
+        """A history route's failure as its answer: the route's own 400/404, 503 when the
+        store is unavailable, 500 (logged) for anything else."""
+        if isinstance(exc, conversations.ConvError):
+            status, code, message = exc.status, exc.code, exc.message
+        elif isinstance(exc, StorageUnavailable):
+            log.warning("history store unavailable: %s", exc)
+            status, code, message = 503, "storage_unavailable", "the history store is unavailable"
+        else:
+            self.log_error(f"{what} request failed", exc)
+            status, code, message = 500, "internal_error", "internal gateway error"
+        if not conn.closed:
+            self._send_error(conn, request, status, code, message)
 
     def _history(self, request: Request) -> tuple[HistoryStore, str]:
         """The history store (opened on first use, in this process's loop, after the fork:
@@ -1582,21 +1585,8 @@ class DataPlane:
             )
             request.body = upstream
             request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
-        except conversations.ConvError as exc:
-            if not conn.closed:
-                self._send_error(conn, request, exc.status, exc.code, exc.message)
-            return
-        except StorageUnavailable as exc:
-            log.warning("history store unavailable: %s", exc)
-            if not conn.closed:
-                self._send_error(
-                    conn, request, 503, "storage_unavailable", "the history store is unavailable"
-                )
-            return
         except Exception as exc:  # a request must never take the process down
-            self.log_error("responses request failed", exc)
-            if not conn.closed:
-                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            self._history_failed(conn, request, "responses", exc)
             return
         if not conn.closed:
             self._proxy_entry(conn, request)
