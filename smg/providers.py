@@ -156,9 +156,20 @@ def key_header(provider: str | None) -> str | None:
     return _KEY_HEADERS.get(provider or "")
 
 
-def uses_x_api_key(provider: str | None) -> bool:
-    """Whether the provider takes its key as `x-api-key` (Anthropic)."""
-    return provider == ANTHROPIC
+def credential_headers(
+    provider: str | None, key: str | None, *, send_version: bool = True
+) -> list[tuple[str, str]]:
+    """The headers a request to `provider` carries `key` in: `x-api-key` for Anthropic
+    (with `anthropic-version`, sent with or without a key since the API refuses a request
+    without it, unless `send_version` is False because the caller sent its own),
+    `x-goog-api-key` for Gemini, `Authorization: Bearer` otherwise; none without a key."""
+    headers: list[tuple[str, str]] = []
+    header = key_header(provider)
+    if key:
+        headers.append((header, key) if header is not None else ("Authorization", f"Bearer {key}"))
+    if provider == ANTHROPIC and send_version:
+        headers.append(("anthropic-version", ANTHROPIC_VERSION))
+    return headers
 
 
 def provider_api(provider: str | None) -> str:

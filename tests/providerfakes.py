@@ -585,6 +585,22 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
 # --- the test-side handles --------------------------------------------------------------------
 
 
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """An event-stream body's (event name, data) pairs, in order (frames without both an
+    `event:` and a `data:` line are skipped): the reading side of `anthropic_events`."""
+    out = []
+    for frame in text.split("\n\n"):
+        name = data = None
+        for line in frame.splitlines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+        if name is not None and data is not None:
+            out.append((name, data))
+    return out
+
+
 def anthropic_client(base_url: str, api_key: str | None, **kwargs: Any) -> Any:
     """An `anthropic.Anthropic` client with no retries. anthropic==0.38.0 (the main test
     env's pin) passes `proxies` to httpx, which httpx 0.28 no longer takes: it gets an

@@ -16,7 +16,7 @@ import anthropic
 import httpx
 import pytest
 from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
-from providerfakes import anthropic_client
+from providerfakes import anthropic_client, sse_events
 
 from tests.gatewayutil import Gateway, wait_until
 
@@ -84,21 +84,6 @@ def _engine_prompt(mock: GrpcMock) -> list[int]:
     return [int(x) for x in sent["tokenized"]["input_ids"]]
 
 
-def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """An SSE body's (event name, data) pairs, in order."""
-    out = []
-    for frame in text.split("\n\n"):
-        name = data = None
-        for line in frame.splitlines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-        if name is not None and data is not None:
-            out.append((name, data))
-    return out
-
-
 def test_text_answer_with_usage(served: tuple[Gateway, GrpcMock]) -> None:
     gw, mock = served
     mock.reply("Hello there.")
@@ -144,7 +129,7 @@ def test_stream_events_in_anthropics_order(served: tuple[Gateway, GrpcMock]) -> 
     # The input tokens arrive with message_start (the prompt is known before the first token).
     answer = _post(gw, "/v1/messages", _ask(stream=True))
     assert answer.headers["content-type"].startswith("text/event-stream")
-    events = _events(answer.text)
+    events = sse_events(answer.text)
     assert events[0][1]["message"]["usage"]["input_tokens"] == len(_engine_prompt(mock))
 
 
@@ -162,7 +147,7 @@ def test_tool_use_and_thinking_parsed_by_smg(served: tuple[Gateway, GrpcMock]) -
     assert call["id"]
     assert whole["stop_reason"] == "tool_use"
     # Streamed: the same blocks, the call's input as input_json_delta pieces.
-    events = _events(_post(gw, "/v1/messages", _ask(tools=[WEATHER], stream=True, **ON)).text)
+    events = sse_events(_post(gw, "/v1/messages", _ask(tools=[WEATHER], stream=True, **ON)).text)
     starts = [
         data["content_block"]["type"] for name, data in events if name == "content_block_start"
     ]

@@ -82,7 +82,6 @@ def test_api_of_providers() -> None:
     assert providers.provider_api("anthropic") == providers.API_ANTHROPIC
     assert providers.provider_api("openai") == providers.API_OPENAI
     assert providers.provider_api("together") == providers.API_OPENAI
-    assert providers.uses_x_api_key("anthropic") and not providers.uses_x_api_key("openai")
     assert providers.key_header("anthropic") == "x-api-key"
     assert providers.key_header("gemini") == "x-goog-api-key"
     assert providers.key_header("openai") is None and providers.key_header(None) is None

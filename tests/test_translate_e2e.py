@@ -27,7 +27,7 @@ import httpx
 import openai
 import pytest
 from gatewayutil import Gateway, free_port, running_gateway, secret, wait_until
-from providerfakes import FakeProvider, anthropic_client
+from providerfakes import FakeProvider, anthropic_client, sse_events
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,20 +114,6 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for frame in text.split("\n\n"):
-        name = data = None
-        for line in frame.splitlines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-        if name is not None and data is not None:
-            out.append((name, data))
-    return out
-
-
 def _no_gateway_key(*fakes: FakeProvider) -> None:
     for fake in fakes:
         for request in fake.seen():
@@ -178,7 +164,7 @@ def test_messages_stream_over_chat(fleet: Fleet) -> None:
     assert raw.status_code == 200
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.headers["transfer-encoding"] == "chunked"
-    events = _events(raw.text)
+    events = sse_events(raw.text)
     (delta,) = [data for name, data in events if name == "message_delta"]
     assert delta["usage"]["output_tokens"] == _words(text)
     (sent,) = fleet.posts(fleet.gpt)
@@ -264,7 +250,7 @@ def test_stop_reasons_and_thinking(fleet: Fleet) -> None:
     blocks = whole.json()["content"]
     assert [b["type"] for b in blocks] == ["thinking", "text"]
     assert blocks[0]["thinking"] == "Let me think about it."
-    streamed = _events(
+    streamed = sse_events(
         fleet.post(
             "/v1/messages", {"model": REASONER, "max_tokens": 100, "messages": HI, "stream": True}
         ).text
@@ -500,7 +486,7 @@ def test_broken_answers_end_cleanly_in_the_clients_shape(fleet: Fleet) -> None:
         ask = {"max_tokens": 20, "messages": HI}
         # The stream: what came, then Anthropic's error event; the SDK raises it.
         raw = fleet.post("/v1/messages", {"model": "gpt-cutstream", "stream": True, **ask})
-        events = _events(raw.text)
+        events = sse_events(raw.text)
         assert [name for name, _data in events] == [
             "message_start",
             "content_block_start",
@@ -547,7 +533,7 @@ def test_http10_client_gets_the_translated_stream_unframed(fleet: Fleet) -> None
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b"transfer-encoding" not in head.lower()
     assert b"content-type: text/event-stream" in head.lower()
-    names = [name for name, _data in _events(rest.decode())]
+    names = [name for name, _data in sse_events(rest.decode())]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
 
 

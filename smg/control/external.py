@@ -110,15 +110,7 @@ def needs_discovery(spec: WorkerSpec, provider: str, environ: Mapping[str, str])
 def key_headers(provider: str, key: str | None) -> dict[str, str]:
     """The headers a request to `provider` carries its key in (Anthropic: x-api-key with
     anthropic-version; Gemini: x-goog-api-key; others: Authorization Bearer)."""
-    if providers.uses_x_api_key(provider):
-        headers = {"anthropic-version": providers.ANTHROPIC_VERSION}
-        if key:
-            headers["x-api-key"] = key
-        return headers
-    header = providers.key_header(provider)  # Gemini: x-goog-api-key
-    if header is not None:
-        return {header: key} if key else {}
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    return dict(providers.credential_headers(provider, key))
 
 
 def key_may_go(credential: str, provider: str, external_providers: Iterable[str]) -> bool:

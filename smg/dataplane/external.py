@@ -78,21 +78,10 @@ def credential_lines(
     """The credential header lines for an external worker: the caller's own key, else
     the worker's, in the provider's form (`x-api-key` plus `anthropic-version` when the
     caller sent none, for Anthropic; `Authorization: Bearer` otherwise)."""
-    key = byok if byok is not None else worker_key.encode("latin-1") if worker_key else None
-    if providers.uses_x_api_key(provider):
-        # The version goes with or without a key: the API refuses a request without it.
-        version = (
-            b""
-            if caller_version
-            else b"anthropic-version: %b\r\n" % providers.ANTHROPIC_VERSION.encode()
-        )
-        return (b"x-api-key: " + key + b"\r\n" if key is not None else b"") + version
-    if key is None:
-        return b""
-    header = providers.key_header(provider)  # Gemini: x-goog-api-key
-    if header is not None:
-        return header.encode() + b": " + key + b"\r\n"
-    return b"authorization: Bearer " + key + b"\r\n"
+    key = byok.decode("latin-1") if byok is not None else worker_key
+    headers = providers.credential_headers(provider, key, send_version=not caller_version)
+    # Header names go up in lower case, as every other line this proxy writes.
+    return b"".join(b"%s: %s\r\n" % (n.lower().encode(), v.encode("latin-1")) for n, v in headers)
 
 
 def transform_body(provider: str, path: str, body: bytes) -> bytes:
