@@ -1466,7 +1466,29 @@ class DataPlane:
                 store, tenant, route[0], method, route[1], route[2], request.query, request.body
             )
 
-        self.spawn(self._history_answer(conn, request, "conversations", call))
+        self._history_admit(conn, request, "conversations", call)
+
+    def _history_admit(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        what: str,
+        call: Callable[[HistoryStore, str], Awaitable[Any]],
+    ) -> None:
+        """A history route's store call, through admission when it is on: 1.13 puts the
+        Conversations and Responses routes (GET and DELETE too) under its admission layer,
+        so they take a permit, queue and get its 429/503 refusals as the proxied routes."""
+        admission = self.admission
+        if admission is None:
+            self.spawn(self._history_answer(conn, request, what, call))
+            return
+
+        def admitted(conn: ClientConnection, request: Request) -> None:
+            task = self.spawn(self._history_answer(conn, request, what, call))
+            task.add_done_callback(lambda _task: admission.release())
+
+        if admission.enter(conn, request, admitted):
+            admitted(conn, request)
 
     def _send_method_error(
         self, conn: ClientConnection, request: Request, exc: conversations.ConvError
@@ -1647,7 +1669,7 @@ class DataPlane:
         def call(store: HistoryStore, tenant: str) -> Awaitable[Any]:
             return responses.serve(store, tenant, route[0], method, route[1], request.query)
 
-        self.spawn(self._history_answer(conn, request, "responses", call))
+        self._history_admit(conn, request, "responses", call)
 
     # --- admin: forwarded to the control plane ----------------------------------------------------
 
