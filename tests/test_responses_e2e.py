@@ -78,6 +78,8 @@ def run_previous_chain(gateway: Gateway, fake: FakeProvider) -> None:
     ) as stream:
         third = stream.get_final_response()
     assert third.output_text == "seen 5 items; last: three"
+    # The stream's response events carry the request's fields back, as 1.13 rewrites them.
+    assert (third.previous_response_id, third.store) == (second.id, True)
     _stored(probe, third.id)
     assert transport.seen == ["0", "1", "0"]
     sent = _posts(fake)

@@ -1606,7 +1606,7 @@ class DataPlane:
                 return self.spawn(self._responses_store(store, tenant, conv_tenant, record))
 
             request.history = responses.Observer(
-                upstream, body.get("stream") is True, done, previous, conv_id, keep
+                upstream, body.get("stream") is True, done, previous, conv_id, keep, body
             )
             request.body = upstream
             request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]

@@ -15,6 +15,7 @@ sends its next turn, the moment it has the answer finds it stored.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ import orjson
 
 from smg.dataplane.conversations import ConvError, bad_request, not_found, parse_list_query
 from smg.history.records import ResponseRecord
-from smg.history.store import item_id_of
+from smg.history.store import random_hex
 
 if TYPE_CHECKING:
     from smg.history.store import HistoryStore
@@ -86,11 +87,24 @@ def input_items(value: object) -> list[dict[str, Any]]:
             if kind == "output_text":
                 part["annotations"] = []
             shaped["content"] = [part]
-        shaped["id"] = item_id_of(shaped)
+        shaped["id"] = input_item_id(shaped)
         if shaped.get("status") is None:
             shaped["status"] = "completed"  # as 1.13 stores (and sends) them
         items.append(shaped)
     return items
+
+
+# The prefix of a new input item id, as 1.13's extract_input_items (persistence_utils.rs)
+# makes them: not the Conversations API's (make_item_id), which has its own per type.
+_INPUT_PREFIXES = {"function_call": "fc", "function_call_output": "fc", "message": "msg"}
+
+
+def input_item_id(item: dict[str, Any]) -> str:
+    """The item's own non-empty id, else a new one: fc_ / msg_ / item_ + 50 hex."""
+    given = item.get("id")
+    if isinstance(given, str) and given:
+        return given
+    return f"{_INPUT_PREFIXES.get(str(item.get('type')), 'item')}_{random_hex()}"
 
 
 def conversation_id(body: dict[str, Any]) -> str | None:
@@ -182,6 +196,84 @@ def record_of(
 # --- the answer, observed ---------------------------------------------------------------------
 
 
+def _missing(value: object) -> bool:
+    return value is None or value == ""
+
+
+def patch_answer(
+    answer: dict[str, Any],
+    request: dict[str, Any],
+    previous: str | None,
+    conversation: str | None,
+    store: bool,
+) -> dict[str, Any]:
+    """A finished response as the client gets it and as it is stored: the worker was sent
+    no history fields and store=false, so 1.13's patch_response_with_request_metadata puts
+    the request's back: previous_response_id, instructions, metadata, model (each only where
+    the answer has none), store (always), safety_identifier from `user` (where the answer
+    has it null), conversation (always, as {id})."""
+    out = dict(answer)
+    if previous is not None and _missing(out.get("previous_response_id")):
+        out["previous_response_id"] = previous
+    instructions = request.get("instructions")
+    if isinstance(instructions, str) and _missing(out.get("instructions")):
+        out["instructions"] = instructions
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict) and _missing(out.get("metadata")):
+        out["metadata"] = metadata
+    out["store"] = store
+    model = request.get("model")
+    if isinstance(model, str) and _missing(out.get("model")):
+        out["model"] = model
+    user = request.get("user")
+    if isinstance(user, str) and "safety_identifier" in out and out["safety_identifier"] is None:
+        out["safety_identifier"] = user
+    if conversation is not None:
+        out["conversation"] = {"id": conversation}
+    return out
+
+
+def patch_event(
+    event: dict[str, Any], previous: str | None, conversation: str | None, store: bool
+) -> bool:
+    """A stream's response.created / in_progress / completed event, in place, as 1.13's
+    rewrite_streaming_block: store, previous_response_id (where missing), conversation.
+    False: not one of those events."""
+    if event.get("type") not in _RESPONSE_EVENTS:
+        return False
+    response = event.get("response")
+    if not isinstance(response, dict):
+        return False
+    response["store"] = store
+    if previous is not None and _missing(response.get("previous_response_id")):
+        response["previous_response_id"] = previous
+    if conversation is not None:
+        response["conversation"] = {"id": conversation}
+    return True
+
+
+_RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.completed"})
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _event_data(block: bytes) -> dict[str, Any] | None:
+    """The JSON object of an SSE event's data lines (joined, as SSE does), else None."""
+    lines = [line[5:].strip() for line in block.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        event = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _rebuilt(block: bytes, event: dict[str, Any], end: bytes) -> bytes:
+    """`block` with its data lines replaced by one holding `event` (its other lines kept)."""
+    kept = [line for line in block.splitlines() if not line.startswith(b"data:")]
+    return b"\n".join([*kept, b"data: " + orjson.dumps(event)]) + end
+
+
 def completed_response(event_data: bytes) -> dict[str, Any] | None:
     """The response of a `response.completed` event's data, else None."""
     try:
@@ -195,9 +287,10 @@ def completed_response(event_data: bytes) -> dict[str, Any] | None:
 
 
 class Observer:
-    """A pass-through Translation: the worker's answer goes to the client unchanged (a
-    whole 2xx answer gets its history fields and `store` back); the finished response goes
-    to `done`, which starts its store write and returns it (None: nothing stored).
+    """A pass-through Translation: the worker's answer goes to the client (a whole 2xx
+    answer, and a stream's response.created / in_progress / completed events, get the
+    request's fields back: `patch_answer`, `patch_event`); the finished response goes to
+    `done`, which starts its store write and returns it (None: nothing stored).
 
     The answer's last bytes wait for that write (`settle`), as 1.13 writes the record
     before answering: a whole answer is held by the exchange anyway; a stream is relayed
@@ -215,6 +308,7 @@ class Observer:
         previous: str | None,
         conversation: str | None,
         store: bool = True,
+        request: dict[str, Any] | None = None,
     ) -> None:
         self.upstream_body = upstream
         self.store = store
@@ -222,8 +316,9 @@ class Observer:
         self.done = done
         self.previous = previous
         self.conversation = conversation
-        # A stream's bytes since the last complete event (not yet relayed), and how far
-        # into them the line scan got (a long event split over many reads is scanned once).
+        self.request = request or {}
+        # A stream's bytes since the last complete event (not yet relayed), and where the
+        # search for its end resumes (a long event split over many reads is searched once).
         self.pending = b""
         self.scanned = 0
         self.given_up = False  # an event past MAX_EVENT_BYTES: relayed as it comes, unwatched
@@ -241,46 +336,52 @@ class Observer:
             return body
         if not isinstance(answer, dict):
             return body
-        self._done(answer)
-        # The worker was sent no history fields and store=false: the client's are put back.
-        patched = {**answer, "previous_response_id": self.previous, "store": self.store}
-        if self.conversation is not None:
-            patched["conversation"] = {"id": self.conversation}
+        patched = patch_answer(answer, self.request, self.previous, self.conversation, self.store)
+        self._done(patched)
         return orjson.dumps(patched)
 
     def feed(self, data: bytes) -> bytes:
-        """Complete events go out at once; a partial one waits for its end (a client can
-        use no half event); from response.completed on, everything is withheld."""
+        """Complete events go out at once (a client can use no half event), the response
+        ones patched; from response.completed on, everything is withheld."""
         if self.withheld is not None:
             self.withheld.append(data)
             return b""
         if self.given_up:
             return data
         buf = self.pending + data if self.pending else data
-        released = 0  # the end of the last complete event in buf
-        start = self.scanned
+        out: list[bytes] = []
+        start = 0  # the current event's first byte
+        search = self.scanned
         while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
+            found = _EVENT_END.search(buf, search)
+            if found is None:
                 break
-            line = buf[start:end]
-            if not line or line == b"\r":
-                released = end + 1
-            elif line.startswith(b"data:"):
-                found = completed_response(line[5:].strip())
-                if found is not None:
-                    self.completed = found
-                    self.withheld = [buf[released:]]
+            end = found.end()
+            block = buf[start:end]
+            if b'"response":' not in block:
+                out.append(block)
+            else:
+                event = _event_data(block)
+                if event is None or not patch_event(
+                    event, self.previous, self.conversation, self.store
+                ):
+                    out.append(block)
+                elif event.get("type") == "response.completed":
+                    self.completed = event["response"]
+                    self.withheld = [_rebuilt(block[: found.start() - start], event, b"\n\n")]
+                    self.withheld.append(buf[end:])
                     self.pending = b""
-                    return buf[:released]
-            start = end + 1
-        self.pending = buf[released:]
-        self.scanned = start - released
+                    return b"".join(out)
+                else:
+                    out.append(_rebuilt(block[: found.start() - start], event, b"\n\n"))
+            start = search = end
+        self.pending = buf[start:]
+        self.scanned = max(0, len(self.pending) - 3)  # an end may straddle the next read
         if len(self.pending) > MAX_EVENT_BYTES:  # no event is that long: stop looking
             self.given_up = True
-            released = len(buf)
+            out.append(self.pending)
             self.pending = b""
-        return buf[:released] if released else b""
+        return b"".join(out)
 
     def finish(self) -> bytes:
         """The stream ended whole: the store write starts; what was withheld goes out
@@ -289,7 +390,9 @@ class Observer:
             rest, self.pending = self.pending, b""
             return rest
         assert self.completed is not None
-        self._done(self.completed)
+        self._done(
+            patch_answer(self.completed, self.request, self.previous, self.conversation, True)
+        )
         withheld, self.withheld = self.withheld, []
         return b"".join(withheld)
 
