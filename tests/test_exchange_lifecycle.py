@@ -45,6 +45,7 @@ def test_settling_holds_the_last_bytes_until_the_write_ends() -> None:
     for event in (Event.TIMEOUT, Event.LOST, Event.FLUSHED, Event.COMPLETE):
         assert step(State.SETTLING, event) == (State.SETTLING, Action.IGNORE)
     assert step(State.SETTLING, Event.SETTLED) == (State.COMPLETE, Action.EMIT)
+    assert step(State.SETTLING, Event.SETTLE_FAILED) == (State.DONE, Action.FAIL_STORE)
     assert step(State.SETTLING, Event.CLIENT_GONE) == (State.DONE, Action.DROP)
     state, actions = run(Event.SETTLED, Event.FLUSHED, state=State.SETTLING)
     assert state == State.DONE and actions == [Action.EMIT, Action.FINISH]

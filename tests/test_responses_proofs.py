@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading
 import time
@@ -88,7 +89,11 @@ class DelayedRelay:
                 client, _ = self.listener.accept()
             except (TimeoutError, OSError):
                 continue
-            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:  # the server is down: so is this connection
+                client.close()
+                continue
             self.sockets += [client, server]
             for src, dst, hold in ((client, server, True), (server, client, False)):
                 thread = threading.Thread(target=self._pump, args=(src, dst, hold), daemon=True)
@@ -317,7 +322,7 @@ class Outcome:
 
 def _load(gw: Gateway, until: float, out: list[Outcome], lock: threading.Lock) -> None:
     """One client's bounded loop: a stateless turn (store=false), a stored turn, a GET of
-    it and a turn chained from it, each noted with its time and answer."""
+    the last one stored and a turn chained from it, each noted with its time and answer."""
     client = httpx.Client(base_url=gw.url, timeout=30)
 
     def call(kind: str, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
@@ -331,19 +336,19 @@ def _load(gw: Gateway, until: float, out: list[Outcome], lock: threading.Lock) -
         return answer
 
     try:
+        rid = ""  # the last response stored: read and chained from while Redis is down
         for n in range(400):  # bounded in count and in time
             if time.monotonic() >= until:
                 break
-            call(
-                "stateless", "POST", "/v1/responses", {"model": MODEL, "input": "s", "store": False}
-            )
+            body: dict[str, Any] = {"model": MODEL, "input": "s", "store": False}
+            call("stateless", "POST", "/v1/responses", body)
             stored = call("stored", "POST", "/v1/responses", {"model": MODEL, "input": f"{n}"})
-            if stored.status_code != 200:
-                continue
-            rid = stored.json()["id"]
-            call("get", "GET", f"/v1/responses/{rid}", None)
-            body = {"model": MODEL, "input": "next", "previous_response_id": rid}
-            call("chained", "POST", "/v1/responses", body)
+            if stored.status_code == 200:
+                rid = stored.json()["id"]
+            if rid:
+                call("get", "GET", f"/v1/responses/{rid}", None)
+                body = {"model": MODEL, "input": "next", "previous_response_id": rid}
+                call("chained", "POST", "/v1/responses", body)
     finally:
         client.close()
 
@@ -395,10 +400,10 @@ def test_redis_killed_under_load(fake: FakeProvider) -> None:
     down = [o for o in out if phase(o) == "down"]
     back = [o for o in out if phase(o) == "back"]
     assert all(o.status == 200 for o in out if phase(o) == "up")
-    # Down: the history it needs is unavailable -> 503 storage_unavailable within the op
-    # timeout (and a margin for this loaded host); no history needed -> answered. A stored
-    # turn without history is answered too: its write fails after, logged (1.13: warn + 200).
-    needs_store = [o for o in down if o.kind in ("get", "chained")]
+    # Down: the history it needs is unavailable, or its record cannot be written -> 503
+    # storage_unavailable within the op timeout (and a margin for this loaded host), as the
+    # 1.13 binary answers all three; no history and store=false -> answered.
+    needs_store = [o for o in down if o.kind in ("get", "chained", "stored")]
     assert needs_store and all(
         (o.status, o.code) == (503, "storage_unavailable") for o in needs_store
     )
@@ -406,11 +411,54 @@ def test_redis_killed_under_load(fake: FakeProvider) -> None:
     print(f"503s while down: {len(needs_store)}, slowest {slowest * 1000:.0f} ms")
     assert slowest < op_timeout + 1.5
     assert [o for o in down if o.kind == "stateless"]
-    assert all(o.status == 200 for o in down if o.kind in ("stateless", "stored"))
+    assert all(o.status == 200 for o in down if o.kind == "stateless")
     assert "storing response" in logs
     # Back: everything works again.
     assert {o.kind for o in back} == {"stateless", "stored", "get", "chained"}
     assert all(o.status == 200 for o in back), [(o.kind, o.status, o.code) for o in back]
+
+
+def test_a_failed_write(fake: FakeProvider) -> None:
+    """Redis gone: a whole stored answer is 503 storage_unavailable ("The response was not
+    stored: ..."), a streamed one goes out whole (its failure logged), as the 1.13 binary
+    answers the same requests; store=false is answered."""
+    with (
+        database("redis") as (flags, server),
+        fake_gateway(fake, *flags, "--redis-op-timeout-secs", "1") as gw,
+    ):
+        client = _client(gw)
+        first = client.responses.create(model=MODEL, input="up")
+        # Hung (SIGSTOP): each store call gives up at the op timeout (1 s): 503 after it.
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for what, call in (
+                ("write", lambda: client.responses.create(model=MODEL, input="hung")),
+                ("read", lambda: client.responses.retrieve(first.id)),
+            ):
+                started = time.monotonic()
+                with pytest.raises(openai.APIStatusError) as err:
+                    call()
+                took = time.monotonic() - started
+                print(f"hung redis, {what}: 503 after {took:.2f} s")
+                assert err.value.status_code == 503 and 0.9 <= took < 2.5, took
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        server.kill()
+        with pytest.raises(openai.APIStatusError) as err:
+            client.responses.create(model=MODEL, input="one")
+        assert err.value.status_code == 503
+        assert err.value.body == {  # the 1.13 binary's type, code and first words
+            "type": "server_error",
+            "code": "storage_unavailable",
+            "message": "The response was not stored: the history store is unavailable",
+            "param": None,
+        }
+        types = [e.type for e in client.responses.create(model=MODEL, input="two", stream=True)]
+        assert types[0] == "response.created" and types[-1] == "response.completed"
+        unstored = client.responses.create(model=MODEL, input="three", store=False)
+        assert unstored.store is False
+        assert "storing response" in gw.logs()
 
 
 # --- admission for the history routes ---------------------------------------------------------

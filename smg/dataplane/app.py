@@ -1583,7 +1583,11 @@ class DataPlane:
                 self._proxy_entry(conn, request)
                 return
             if previous is None and conv_id is None and not keep:
-                request.history = False
+                # Nothing to load or store; the answer still gets the request's fields back
+                # (store: false among them), as 1.13 patches every answer.
+                request.history = responses.Observer(
+                    request.body, body.get("stream") is True, _no_write, None, None, False, body
+                )
                 self._proxy_entry(conn, request)
                 return
             store, tenant = self._history(request)
@@ -1598,7 +1602,7 @@ class DataPlane:
                 history.extend(responses.chain_items(chain))
             upstream = orjson.dumps(responses.upstream_body(body, history, new_input))
 
-            def done(answer: dict[str, object]) -> asyncio.Future[None] | None:
+            def done(answer: dict[str, object]) -> asyncio.Future[bool] | None:
                 # The write starts now; the answer's last bytes wait for it (settle()).
                 record = responses.record_of(answer, new_input, previous, conv_id)
                 if record is None or not keep:
@@ -1630,12 +1634,12 @@ class DataPlane:
         tenant: str,
         conv_tenant: str,
         record: ResponseRecord,
-    ) -> None:
+    ) -> bool:
         """After a 2xx answer with `store` (1.13: store=false persists nothing, the
         conversation included): the response record, and the turn's items appended to its
-        conversation, before the answer's last bytes go out (Observer.settle). A write that
-        fails is logged as a warning and the answer goes out all the same, as 1.13 does
-        (`warn!("Failed to persist conversation items")`, then 200)."""
+        conversation, before the answer's last bytes go out (Observer.settle). False: the
+        write failed (logged); 1.13 then answers a whole response 503 storage_unavailable
+        and still streams a stream whole (the exchange does either)."""
         try:
             await store.put_response(tenant, record)
             if record.conversation_id is not None:
@@ -1646,6 +1650,8 @@ class DataPlane:
                 )
         except Exception as exc:
             log.warning("storing response %s failed: %r", record.id, exc)
+            return False
+        return True
 
     def _responses_get(self, conn: ClientConnection, request: Request) -> None:
         """GET/DELETE /v1/responses/{id}, GET .../input_items."""
@@ -1790,6 +1796,10 @@ _KNOWN_PATHS = (
         "/stop_profile",
     }
 )
+
+
+def _no_write(_answer: dict[str, Any]) -> None:
+    """An Observer's `done` for a turn that is not stored."""
 
 
 def _caller_key_header(request: Request) -> bytes | None:

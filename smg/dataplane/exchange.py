@@ -33,7 +33,9 @@ from smg.httpwire import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
     from asyncio import Handle
+    from typing import Any
 
     from smg.dataplane.app import DataPlane
     from smg.dataplane.server import ClientConnection, Request
@@ -66,6 +68,9 @@ MAX_REWRITTEN_ERROR_BYTES = 1024 * 1024
 # A retryable answer is read to its end so its connection can be reused; one whose body
 # runs past this is dropped with its connection instead (an error body is small).
 MAX_DISCARDED_BYTES = 64 * 1024
+
+# A whole /v1/responses answer whose record could not be written (1.13's words begin so).
+STORE_FAILED = "The response was not stored: the history store is unavailable"
 
 # SSE frames the gateway writes itself: the Rust SMG 1.13's bytes (tried on it).
 SSE_KEEPALIVE = b": ping\n\n"
@@ -114,6 +119,7 @@ _BACKOFF_OVER = int(Event.BACKOFF_OVER)
 _NO_WORKER = int(Event.NO_WORKER)
 _SETTLE = int(Event.SETTLE)
 _SETTLED = int(Event.SETTLED)
+_SETTLE_FAILED = int(Event.SETTLE_FAILED)
 _OPEN = int(Action.OPEN)
 _WRITE = int(Action.WRITE)
 _RELAY_HEAD = int(Action.RELAY_HEAD)
@@ -571,12 +577,19 @@ class Exchange:
         del self.out[mark:]
         write.add_done_callback(self._settled)
 
-    def _settled(self, _write: object) -> None:
-        """The store write ended (stored or failed: the answer goes either way, as 1.13,
-        which logs the failure): the held bytes go out and the exchange finishes."""
+    def _settled(self, write: asyncio.Future[Any]) -> None:
+        """The store write ended. A stream's held bytes go out either way (1.13 streams the
+        answer whole and logs a failed write); a whole answer whose write failed (its future
+        ends False, or raised) is answered 503 storage_unavailable instead, as 1.13 does."""
+        failed = write.cancelled() or write.exception() is not None or write.result() is False
         if self.state != _SETTLING:
             return  # the client left meanwhile
         try:
+            if failed and self.body_mode == _XHOLD:
+                self.state, _action = FLAT[self.state * _N + _SETTLE_FAILED]
+                self.settling = None
+                self._store_failed()
+                return
             self.state, _action = FLAT[self.state * _N + _SETTLED]
             held, self.settling = self.settling, None
             self.out.extend(held or ())
@@ -584,6 +597,31 @@ class Exchange:
         except Exception as exc:  # a request must never take the process down
             self.app.log_error("writing a settled answer failed", exc)
             self.client.close()
+
+    def _store_failed(self) -> None:
+        """503 storage_unavailable for a whole answer whose record was not written. The
+        worker answered: its connection is released as after any answer, and its outcome is
+        its own status (the circuit breaker holds nothing against it)."""
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            if self.client.write_paused:
+                conn.transport.resume_reading()  # type: ignore[union-attr]
+            conn.release(self.upstream_reusable)
+        app = self.app
+        keep_alive = self.keep_alive and not app.draining
+        self.client.write(
+            error_response(
+                503,
+                "storage_unavailable",
+                STORE_FAILED,
+                extra_headers=app.process_header + (b"" if app.cors is None else self.cors),
+                keep_alive=keep_alive,
+                request_id=self.request_id,
+            )
+        )
+        self._finish(503, "storage_unavailable", self.status)
+        self.client.response_done(keep_alive)
 
     def _emit_rewritten(self) -> None:
         """A held error answer on /v1/messages: the worker's headers, the status, and the

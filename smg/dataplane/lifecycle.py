@@ -26,7 +26,10 @@ A translated answer whose record must be stored first (/v1/responses with histor
 Translation's `settle()` gives a write still running) waits for it before its last bytes:
 
     COMPLETE     --settle----------->  SETTLING       hold the last bytes; the upstream is done
-    SETTLING     --settled---------->  COMPLETE       the write ended (stored or failed): emit
+    SETTLING     --settled---------->  COMPLETE       the write ended: emit (a stream, even if
+                                                     the write failed: 1.13 streams it whole)
+    SETTLING     --settle_failed---->  DONE           a whole answer whose write failed: 503
+                                                     storage_unavailable instead (1.13)
     SETTLING     --client_gone------>  DONE           drop the upstream connection (499)
 
 SETTLING ignores the request timeout: the worker answered in time, and the write is
@@ -104,7 +107,8 @@ class Event(enum.IntEnum):
     BACKOFF_OVER = 15  # the backoff before the next attempt has passed
     NO_WORKER = 16  # the next attempt found no worker to go to
     SETTLE = 17  # the complete answer's store write is still running
-    SETTLED = 18  # that write ended
+    SETTLED = 18  # that write ended (a stream's: stored or not)
+    SETTLE_FAILED = 19  # a whole answer's write failed
 
 
 class Action(enum.IntEnum):
@@ -130,6 +134,7 @@ class Action(enum.IntEnum):
     END_STREAM_ERROR = 19  # the worker broke the stream: error event, [DONE], chunked end
     HOLD = 20  # keep the answer's last bytes until the store write ends
     EMIT = 21  # write the held last bytes; the flush then finishes as COMPLETE does
+    FAIL_STORE = 22  # 503 storage_unavailable in place of the held answer
 
 
 S, E, A = State, Event, Action
@@ -172,6 +177,7 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, Action]] = {
     (S.COMPLETE, E.CLIENT_GONE): (S.DONE, A.DROP),
     (S.COMPLETE, E.SETTLE): (S.SETTLING, A.HOLD),
     (S.SETTLING, E.SETTLED): (S.COMPLETE, A.EMIT),
+    (S.SETTLING, E.SETTLE_FAILED): (S.DONE, A.FAIL_STORE),
     (S.SETTLING, E.CLIENT_GONE): (S.DONE, A.DROP),
     (S.DISCARDING, E.COMPLETE): (S.DRAINED, A.DRAINED),
     (S.DISCARDING, E.LOST): (S.BACKOFF, A.RETRY),

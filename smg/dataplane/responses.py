@@ -304,7 +304,7 @@ class Observer:
         self,
         upstream: bytes,
         stream: bool,
-        done: Callable[[dict[str, Any]], asyncio.Future[None] | None],
+        done: Callable[[dict[str, Any]], asyncio.Future[bool] | None],
         previous: str | None,
         conversation: str | None,
         store: bool = True,
@@ -324,7 +324,7 @@ class Observer:
         self.given_up = False  # an event past MAX_EVENT_BYTES: relayed as it comes, unwatched
         self.completed: dict[str, Any] | None = None
         self.withheld: list[bytes] | None = None  # from the response.completed event on
-        self.write: asyncio.Future[None] | None = None
+        self.write: asyncio.Future[bool] | None = None
         self.seen = False  # the finished response went to `done`
 
     def response(self, status: int, body: bytes) -> bytes:
@@ -396,11 +396,12 @@ class Observer:
         withheld, self.withheld = self.withheld, []
         return b"".join(withheld)
 
-    def settle(self) -> asyncio.Future[None] | None:
+    def settle(self) -> asyncio.Future[bool] | None:
         """After response() or finish() produced the answer's last bytes: the store write
         to wait for before writing them (None: nothing to wait for). The write is bounded
-        by the store's op timeout, and a failed one still lets the answer go (1.13 logs a
-        warning and answers)."""
+        by the store's op timeout; it ends False when it failed: the 1.13 binary then
+        answers a whole response 503 storage_unavailable ("The response was not stored:
+        ..."), and a stream goes out whole all the same (its failure only logged)."""
         return self.write
 
     def abort(self, code: str, message: str) -> bytes:
