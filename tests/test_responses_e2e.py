@@ -252,9 +252,12 @@ def test_store_down_is_503_and_stateless_requests_keep_working(fake: FakeProvide
             assert err.value.body["code"] == "storage_unavailable"  # type: ignore[index]
             answer = httpx.get(f"{gw.url}/v1/responses/{first.id}", timeout=30)
             assert answer.status_code == 503
-        # No history asked for: answered (a stored turn's write fails after, logged).
+        # No history and store=false: answered. A stored turn whose record cannot be
+        # written: 503, as the 1.13 binary answers it (tests/test_responses_proofs.py).
         assert client.responses.create(model=MODEL, input="a", store=False).output_text
-        assert client.responses.create(model=MODEL, input="b").output_text
+        with pytest.raises(openai.APIStatusError) as err:
+            client.responses.create(model=MODEL, input="b")
+        assert (err.value.status_code, err.value.body["code"]) == (503, "storage_unavailable")  # type: ignore[index]
 
 
 def test_chains_through_an_external_worker() -> None:
