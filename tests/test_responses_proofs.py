@@ -337,9 +337,10 @@ def _load(gw: Gateway, until: float, out: list[Outcome], lock: threading.Lock) -
 
     try:
         rid = ""  # the last response stored: read and chained from while Redis is down
-        for n in range(400):  # bounded in count and in time
+        for n in range(2000):  # bounded in count and in time
             if time.monotonic() >= until:
                 break
+            time.sleep(0.01)  # paced: the phases after the outage get their share
             body: dict[str, Any] = {"model": MODEL, "input": "s", "store": False}
             call("stateless", "POST", "/v1/responses", body)
             stored = call("stored", "POST", "/v1/responses", {"model": MODEL, "input": f"{n}"})
