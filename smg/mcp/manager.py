@@ -28,6 +28,9 @@ log = logging.getLogger("smg.mcp")
 MAX_REQUEST_SERVERS = 64
 # Pages of tools/list followed for one server (a server that pages forever is cut off).
 MAX_TOOL_PAGES = 100
+# Bound on connecting to a server (starting a stdio server included), whatever the call timeout: a
+# connection still being made when a call's bound passes is kept for the next call.
+CONNECT_TIMEOUT_SECS = 30.0
 # Bound on stopping one session (the SDK terminates a stdio server: stdin closed, then SIGTERM/SIGKILL).
 CLOSE_TIMEOUT_SECS = 5.0
 
@@ -89,11 +92,12 @@ class _Session:
 
         try:
             async with contextlib.AsyncExitStack() as stack:
-                read, write = await stack.enter_async_context(self._transport())
-                session = await stack.enter_async_context(
-                    ClientSession(read, write, message_handler=self._on_message)
-                )
-                await session.initialize()
+                async with asyncio.timeout(CONNECT_TIMEOUT_SECS):
+                    read, write = await stack.enter_async_context(self._transport())
+                    session = await stack.enter_async_context(
+                        ClientSession(read, write, message_handler=self._on_message)
+                    )
+                    await session.initialize()
                 if not self.ready.done():
                     self.ready.set_result(session)
                 await self._stop.wait()
@@ -131,6 +135,20 @@ class _Session:
         if isinstance(message, Exception):
             log.warning("MCP server %r: transport error: %s", self.label, _reason(message))
             self.broken = True
+
+    def usable(self) -> bool:
+        """False once the session failed or its connection ended (a stdio server that exited while
+        idle): the caller connects again before sending, so a request is not failed for a server
+        that merely needs restarting. The SDK has no public "closed" flag; without the private one
+        the first call after such an end fails instead, and the next reconnects."""
+        if self.broken:
+            return False
+        if self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None:
+            dispatcher = getattr(self.ready.result(), "_dispatcher", None)
+            if getattr(dispatcher, "_closed", False) is True:
+                self.broken = True
+                return False
+        return True
 
     async def session(self, timeout: float) -> Any:
         return await asyncio.wait_for(asyncio.shield(self.ready), timeout)
@@ -308,7 +326,7 @@ class McpManager:
         if server is None:
             raise McpError(f"unknown MCP server {label!r}")
         session = self._sessions.get(label)
-        if session is not None and not session.broken and session.server is server:
+        if session is not None and session.server is server and session.usable():
             return session
         lock = self._connecting.setdefault(label, asyncio.Lock())
         try:
@@ -319,7 +337,7 @@ class McpManager:
             ) from None
         try:
             session = self._sessions.get(label)
-            if session is None or session.broken or session.server is not server:
+            if session is None or session.server is not server or not session.usable():
                 if session is not None:
                     await self._drop(label, session)
                 session = _Session(label, server)
@@ -327,7 +345,8 @@ class McpManager:
             try:
                 await session.session(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                await self._drop(label, session)
+                # The session goes on connecting (bounded by CONNECT_TIMEOUT_SECS) for the next
+                # caller: a slow-starting stdio server is not started over and over.
                 raise McpError(
                     f"MCP server {label!r}: not connected within {self.timeout:g} s"
                 ) from None
