@@ -367,3 +367,70 @@ def test_token_is_a_bearer_credential() -> None:
                 await mgr.close()
 
         run(body)
+
+
+def test_process_manager_under_uvloop_and_closed_on_drain(tmp_path: Path) -> None:
+    """The data plane's path: smg.mcp.process_manager(cfg) made lazily inside a uvloop loop (the data
+    planes run uvloop), and smg.mcp.close_managers() (called by the data plane's drain) stopping the
+    stdio server it started."""
+    import uvloop
+
+    from smg import mcp
+    from smg.config import load_config as load_gateway_config
+
+    path = tmp_path / "mcp.yaml"
+    path.write_text(
+        "servers:\n"
+        f"  - {{name: tools, protocol: stdio, command: {sys.executable!r}, args: [{SERVER!r}, stdio]}}\n"
+    )
+    cfg = load_gateway_config(["--mcp-config-path", str(path), "--mcp-tool-timeout-secs", "7"], {})
+    assert mcp.process_manager(load_gateway_config([], {})) is None  # no file: no MCP client
+
+    async def body() -> None:
+        mgr = mcp.process_manager(cfg)
+        assert mgr is not None and mcp.process_manager(cfg) is mgr and mgr.timeout == 7.0
+        assert mcp_children() == []
+        assert await mgr.call_tool("tools", "add", {"a": 1, "b": 2}) == ToolResult("3", None)
+        assert len(mcp_children()) == 1
+        await mcp.close_managers()
+        deadline = time.monotonic() + 10
+        while mcp_children() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert mcp_children() == []
+        assert mcp.process_manager(cfg) is not mgr  # a later use starts afresh
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(body(), 45))
+        runner.run(mcp.close_managers())
+
+
+def test_stdio_server_ends_with_a_killed_client() -> None:
+    """A data-plane process killed outright (no drain) leaves no stdio server behind: the server
+    sees its stdin close and exits."""
+    script = (
+        "import asyncio, sys\n"
+        "from smg.mcp.config import McpConfig, McpServerConfig\n"
+        "from smg.mcp.manager import McpManager\n"
+        "async def main():\n"
+        f"    s = McpServerConfig(name='t', protocol='stdio', command=sys.executable, args=({SERVER!r}, 'stdio'))\n"
+        "    m = McpManager(McpConfig(servers=(s,)), 20.0)\n"
+        "    print((await m.call_tool('t', 'pid', {})).output, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert client.stdout is not None
+        ready, _, _ = select.select([client.stdout], [], [], 30.0)
+        line = client.stdout.readline().decode().strip() if ready else ""
+        assert line.isdigit(), f"no pid from the client: {line!r}"
+        server = psutil.Process(int(line))
+        client.kill()
+        client.wait(10)
+        server.wait(10)  # raises psutil.TimeoutExpired if it outlives its client
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
