@@ -273,3 +273,31 @@ def test_launch_serves_with_a_good_file(tmp_path: Path) -> None:
     args = ["--mock-workers", "1", "--mcp-config-path", str(good)]
     with running_gateway(args) as gw, gw.client() as client:
         assert client.get("/health").status_code == 200
+
+
+def test_data_planes_use_the_copy_launch_read(tmp_path: Path) -> None:
+    from smg import mcp
+
+    path = tmp_path / "mcp.yaml"
+    path.write_text("servers:\n  - {name: first, protocol: stdio, command: srv}\n")
+    cfg = load_gateway_config(["--mcp-config-path", str(path)], {})
+    mcp.remember_config(str(path), load_config(str(path)))
+    try:
+        path.write_text("servers:\n  - {name: second, protocol: stdio, command: srv}\n")
+        manager = mcp.process_manager(cfg)
+        assert manager is not None and manager.labels() == ["first"]
+    finally:
+        mcp._LOADED = None
+        mcp._PROCESS = None
+        mcp._MANAGERS.clear()
+
+
+def test_reload_keeps_the_mcp_file() -> None:
+    from smg.reload import plan_reload
+
+    old = load_gateway_config(["--mcp-config-path", "/a.yaml"], {})
+    new = load_gateway_config(["--mcp-config-path", "/b.yaml", "--mcp-tool-timeout-secs", "5"], {})
+    plan = plan_reload(old, new)
+    assert plan.kept == [("mcp_config_path", "/a.yaml", "/b.yaml")]
+    assert plan.cfg.mcp_config_path == "/a.yaml"
+    assert plan.changed == ["mcp_tool_timeout_secs"]  # applies: the data planes are replaced

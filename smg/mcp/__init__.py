@@ -10,11 +10,20 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
+    from smg.mcp.config import McpConfig
     from smg.mcp.manager import McpManager
 
 # The managers made in this process (normally one), closed when the data plane drains.
 _MANAGERS: list[McpManager] = []
 _PROCESS: McpManager | None = None
+# The file as `smg launch` read and checked it, before forking: every data-plane process uses this
+# copy, so they all agree however the file changes later (--mcp-config-path is restart-only).
+_LOADED: tuple[str, McpConfig] | None = None
+
+
+def remember_config(path: str, config: McpConfig) -> None:
+    global _LOADED
+    _LOADED = (path, config)
 
 
 def register_manager(manager: McpManager) -> None:
@@ -23,14 +32,16 @@ def register_manager(manager: McpManager) -> None:
 
 def process_manager(cfg: GatewayConfig) -> McpManager | None:
     """This data-plane process's MCP client, made on first use (inside the running loop, after the
-    fork); None when no --mcp-config-path is set. The file was checked by `smg launch`; one that has
-    become unreadable since raises McpConfigError (a ValueError)."""
+    fork); None when no --mcp-config-path is set. Outside `smg launch` (no remembered copy) the
+    file is read here: McpConfigError (a ValueError) when it cannot be used."""
     global _PROCESS
     if _PROCESS is None and cfg.mcp_config_path:
         from smg.mcp.config import load_config
         from smg.mcp.manager import McpManager
 
-        _PROCESS = McpManager(load_config(cfg.mcp_config_path), cfg.mcp_tool_timeout_secs)
+        path = cfg.mcp_config_path
+        config = _LOADED[1] if _LOADED is not None and _LOADED[0] == path else load_config(path)
+        _PROCESS = McpManager(config, cfg.mcp_tool_timeout_secs)
     return _PROCESS
 
 
