@@ -6,8 +6,9 @@ server's process id (to tell a reconnected server from the first).
 
     python tests/mcpserver.py stdio
     python tests/mcpserver.py http --port P      # streamable HTTP at http://127.0.0.1:P/mcp
+    python tests/mcpserver.py sse --port P       # the older SSE transport at http://127.0.0.1:P/sse
 
-Over HTTP it prints `MCP_READY http://127.0.0.1:P/mcp` on stdout once it accepts connections, and
+Over HTTP it prints `MCP_READY <url>` on stdout once it accepts connections, and
 `--require-header NAME:VALUE` makes every request without that header answer 401 (to prove headers/token
 reach the server).
 """
@@ -54,10 +55,15 @@ def pid() -> int:
     return os.getpid()
 
 
-async def _serve_http(port: int, required: tuple[str, str] | None) -> None:
+async def _serve_http(port: int, required: tuple[str, str] | None, sse: bool) -> None:
     import uvicorn
 
-    app = server.streamable_http_app(host="127.0.0.1")
+    if sse:
+        app = server.sse_app(host="127.0.0.1")
+        path = "/sse"
+    else:
+        app = server.streamable_http_app(host="127.0.0.1")
+        path = "/mcp"
     if required is not None:
         app = _RequireHeader(app, required[0].lower().encode(), required[1].encode())
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -67,7 +73,7 @@ async def _serve_http(port: int, required: tuple[str, str] | None) -> None:
         # Bounded: uvicorn is up in well under a second on loopback.
         for _ in range(500):
             if uv.started:
-                print(f"MCP_READY http://127.0.0.1:{port}/mcp", flush=True)
+                print(f"MCP_READY http://127.0.0.1:{port}{path}", flush=True)
                 return
             await asyncio.sleep(0.01)
 
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("transport", choices=["stdio", "http"])
+    parser.add_argument("transport", choices=["stdio", "http", "sse"])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument(
         "--require-header", default=None, help="NAME:VALUE every HTTP request must carry"
@@ -104,13 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         server.run("stdio")
         return
     if args.port <= 0:
-        parser.error("http needs --port P (a free port)")
+        parser.error(f"{args.transport} needs --port P (a free port)")
     required = None
     if args.require_header:
         name, _, value = args.require_header.partition(":")
         required = (name.strip(), value.strip())
     try:
-        asyncio.run(_serve_http(args.port, required))
+        asyncio.run(_serve_http(args.port, required, args.transport == "sse"))
     except KeyboardInterrupt:
         sys.exit(0)
 

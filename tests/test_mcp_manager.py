@@ -35,12 +35,12 @@ def stdio_server(name: str = "tools") -> McpServerConfig:
 
 @contextlib.contextmanager
 def http_server(
-    port: int | None = None, *extra: str
+    port: int | None = None, *extra: str, kind: str = "http"
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """tests/mcpserver.py over streamable HTTP on a free loopback port; stopped on exit."""
+    """tests/mcpserver.py over streamable HTTP (or SSE) on a free loopback port; stopped on exit."""
     port = port or free_port()
     proc = subprocess.Popen(
-        [sys.executable, SERVER, "http", "--port", str(port), *extra],
+        [sys.executable, SERVER, kind, "--port", str(port), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -79,6 +79,9 @@ def http_config(url: str, name: str = "tools", **kw: Any) -> McpServerConfig:
 def transport(kind: str) -> Iterator[McpServerConfig]:
     if kind == "stdio":
         yield stdio_server()
+    elif kind == "sse":
+        with http_server(kind="sse") as (url, _proc):
+            yield McpServerConfig(name="tools", protocol="sse", url=url)
     else:
         with http_server() as (url, _proc):
             yield http_config(url)
@@ -106,7 +109,7 @@ def test_flatten_output_matches_1_13() -> None:
     assert flatten_output([]) == "[]"
 
 
-@pytest.mark.parametrize("kind", ["stdio", "http"])
+@pytest.mark.parametrize("kind", ["stdio", "http", "sse"])
 def test_lists_tools_and_calls_them(kind: str) -> None:
     with transport(kind) as server:
 
