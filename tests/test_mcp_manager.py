@@ -125,6 +125,7 @@ def test_lists_tools_and_calls_them(kind: str) -> None:
                 assert add.input_schema["required"] == ["a", "b"]
                 assert sorted(add.input_schema["properties"]) == ["a", "b"]
                 assert await mgr.list_tools("tools") is tools  # cached for the session
+                first_pid = (await mgr.call_tool("tools", "pid", {})).output
                 assert await mgr.call_tool("tools", "add", {"a": 2, "b": 3}) == ToolResult(
                     "5", None
                 )
@@ -135,9 +136,12 @@ def test_lists_tools_and_calls_them(kind: str) -> None:
                 assert failed == ToolResult("", "Error executing tool fail: deliberate failure")
                 unknown = await mgr.call_tool("tools", "nope", {})
                 assert unknown == ToolResult("", "Unknown tool: nope")
+                not_object = await mgr.call_tool("tools", "add", [1, 2])  # type: ignore[arg-type]
+                assert not_object == ToolResult("", "tool 'add': arguments must be a JSON object")
                 bad_args = await mgr.call_tool("tools", "add", {"a": "x"})
                 assert bad_args.output == "" and bad_args.error and "add" in bad_args.error
-                # The failures left the session usable.
+                # The failures left the session usable (the same server process answers).
+                assert (await mgr.call_tool("tools", "pid", {})).output == first_pid
                 assert await mgr.call_tool("tools", "add", {"a": 1, "b": 1}) == ToolResult(
                     "2", None
                 )

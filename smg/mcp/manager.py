@@ -269,6 +269,9 @@ class McpManager:
     ) -> ToolResult:
         """Call one tool; never raises for the tool's or the server's failure: ToolResult.error says
         what went wrong. Bounded by the call timeout, connecting included."""
+        if not isinstance(arguments, dict):
+            # A model's arguments that are not a JSON object: the tool is not called.
+            return ToolResult(output="", error=f"tool {name!r}: arguments must be a JSON object")
         started = time.monotonic()
         deadline = started + self.timeout
         try:
