@@ -50,6 +50,12 @@ async def sleep(seconds: float) -> str:
 
 
 @server.tool()
+def env(name: str) -> str:
+    """The server's environment variable `name` ("" when unset)."""
+    return os.environ.get(name, "")
+
+
+@server.tool()
 def pid() -> int:
     """The server process's id."""
     return os.getpid()

@@ -22,7 +22,7 @@ from smg.mcp.manager import McpError, McpManager, ToolResult, flatten_output
 from tests.gatewayutil import free_port
 
 SERVER = str(Path(__file__).with_name("mcpserver.py"))
-TOOLS = ["add", "fail", "sleep", "pid"]
+TOOLS = ["add", "fail", "sleep", "env", "pid"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -441,3 +441,30 @@ def test_stdio_server_ends_with_a_killed_client() -> None:
         if client.poll() is None:
             client.kill()
             client.wait(10)
+
+
+def test_stdio_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`envs` reach the server; the gateway's own environment (credentials) does not, past the SDK's
+    safe variables."""
+    monkeypatch.setenv("SMG_MCP_TEST_PARENT", "parent-secret")
+    server = McpServerConfig(
+        name="tools",
+        protocol="stdio",
+        command=sys.executable,
+        args=(SERVER, "stdio"),
+        envs={"SMG_MCP_TEST_ENV": "v1"},
+    )
+
+    async def body() -> None:
+        mgr = manager(server)
+        try:
+            got = await mgr.call_tool("tools", "env", {"name": "SMG_MCP_TEST_ENV"})
+            assert got == ToolResult("v1", None)
+            hidden = await mgr.call_tool("tools", "env", {"name": "SMG_MCP_TEST_PARENT"})
+            assert hidden == ToolResult("", None)
+            path = await mgr.call_tool("tools", "env", {"name": "PATH"})
+            assert path == ToolResult(os.environ["PATH"], None)
+        finally:
+            await mgr.close()
+
+    run(body)

@@ -82,6 +82,8 @@ class _Session:
         self.label = label
         self.server = server
         self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # A failed connect whose callers all gave up: retrieved, so asyncio does not log it.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.broken = False
         self.tools: list[McpTool] | None = None
         self._stop = asyncio.Event()
@@ -119,6 +121,9 @@ class _Session:
             from mcp.client.stdio import StdioServerParameters, stdio_client
 
             assert server.command is not None
+            # The SDK passes the server only a safe part of this process's environment (HOME,
+            # LOGNAME, PATH, SHELL, TERM, USER) plus `envs`: the gateway's credentials (SMG_*) stay
+            # out of a tool's process. 1.13 passes its whole environment (docs/flags.md).
             params = StdioServerParameters(
                 command=server.command, args=list(server.args), env=dict(server.envs) or None
             )
