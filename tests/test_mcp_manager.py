@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from smg.mcp.config import McpConfig, McpServerConfig
-from smg.mcp.manager import McpError, McpManager, ToolResult, flatten_output
+from smg.mcp.manager import McpError, McpManager, ToolResult, flatten_output, request_key
 from tests.gatewayutil import free_port
 
 SERVER = str(Path(__file__).with_name("mcpserver.py"))
@@ -335,19 +335,35 @@ def test_stdio_command_that_cannot_start() -> None:
 
 
 def test_request_server_with_headers() -> None:
-    with http_server(None, "--require-header", "X-Test:yes") as (url, _proc):
+    with http_server(None, "--require-header", "X-Test:yes") as (url, proc):
 
         async def body() -> None:
             mgr = manager(stdio_server("configured"), timeout=5.0)
             try:
-                await mgr.add_request_server("req", url, {"X-Test": "yes"})
+                good = await mgr.add_request_server("req", url, {"X-Test": "yes"})
+                assert good == request_key("req", url, {"X-Test": "yes"})
+                assert good.startswith("req#") and "yes" not in good
                 assert mgr.labels() == ["configured", "req"]
-                assert [t.name for t in await mgr.list_tools("req")] == TOOLS
-                assert await mgr.call_tool("req", "add", {"a": 4, "b": 5}) == ToolResult("9", None)
-                # The same label with other headers replaces the server: the header is missing now.
-                await mgr.add_request_server("req", url, {})
+                tools = await mgr.list_tools(good)
+                assert [t.name for t in tools] == TOOLS
+                assert {t.server_label for t in tools} == {"req"}  # the label, not the key
+                assert await mgr.call_tool(good, "add", {"a": 4, "b": 5}) == ToolResult("9", None)
+                # The label alone names the latest added.
+                assert await mgr.call_tool("req", "pid", {}) == ToolResult(str(proc.pid), None)
+                # Another request gives the same label without the header: its own server, which
+                # the server refuses; the first request's key still reaches its own, with its
+                # header, on the same session.
+                bad = await mgr.add_request_server("req", url, {})
+                assert bad != good
+                with pytest.raises(McpError, match="'req' is unreachable"):
+                    await mgr.list_tools(bad)
                 with pytest.raises(McpError, match="'req' is unreachable"):
                     await mgr.list_tools("req")
+                assert await mgr.list_tools(good) is tools
+                assert await mgr.call_tool(good, "add", {"a": 1, "b": 5}) == ToolResult("6", None)
+                # Adding the same label, URL and headers again gives the same key (one session).
+                assert await mgr.add_request_server("req", url, {"X-Test": "yes"}) == good
+                assert await mgr.list_tools("req") is tools
                 with pytest.raises(McpError, match="names a configured MCP server"):
                     await mgr.add_request_server("configured", url, {})
                 with pytest.raises(McpError, match="server_url must be an http"):
@@ -357,6 +373,31 @@ def test_request_server_with_headers() -> None:
                 await mgr.close()
 
         run(body)
+
+
+def test_request_servers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smg.mcp import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "MAX_REQUEST_SERVERS", 2)
+
+    async def body() -> None:
+        mgr = manager()
+        try:
+            keys = [
+                await mgr.add_request_server(f"s{i}", f"http://127.0.0.1:1/mcp{i}", {})
+                for i in range(3)
+            ]
+            assert mgr.labels() == ["s1", "s2"]  # the oldest went
+            with pytest.raises(McpError, match="unknown MCP server 's0#"):
+                await mgr.list_tools(keys[0])
+            # Adding one again makes it the most recent: the other old one goes.
+            assert await mgr.add_request_server("s1", "http://127.0.0.1:1/mcp1", {}) == keys[1]
+            await mgr.add_request_server("s3", "http://127.0.0.1:1/mcp3", {})
+            assert mgr.labels() == ["s1", "s3"]
+        finally:
+            await mgr.close()
+
+    run(body)
 
 
 def test_token_is_a_bearer_credential() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -78,8 +79,9 @@ def _reason(exc: BaseException) -> str:
 class _Session:
     """One connection to one server, run by its own task; `session` is usable once `ready` resolved."""
 
-    def __init__(self, label: str, server: McpServerConfig) -> None:
-        self.label = label
+    def __init__(self, key: str, server: McpServerConfig) -> None:
+        self.key = key  # the manager's name for it (a request server's includes a digest)
+        self.label = server.name  # what logs and messages say
         self.server = server
         self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # A failed connect whose callers all gave up: retrieved, so asyncio does not log it.
@@ -87,7 +89,7 @@ class _Session:
         self.broken = False
         self.tools: list[McpTool] | None = None
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"mcp-session-{label}")
+        self._task = asyncio.create_task(self._run(), name=f"mcp-session-{self.label}")
 
     async def _run(self) -> None:
         from mcp import ClientSession
@@ -192,7 +194,10 @@ class McpManager:
         self.config = config
         self.timeout = float(call_timeout_secs)
         self._configured: dict[str, McpServerConfig] = {s.name: s for s in config.servers}
+        # Request servers by key (label, URL and headers): two requests that give one label
+        # different URLs or credentials never share a session.
         self._request: OrderedDict[str, McpServerConfig] = OrderedDict()
+        self._latest: dict[str, str] = {}  # a request server's label -> its latest key
         self._sessions: dict[str, _Session] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._closed = False
@@ -202,15 +207,27 @@ class McpManager:
 
     def labels(self) -> list[str]:
         """The configured servers' labels, then the request servers' (most recent last)."""
-        return [*self._configured, *(k for k in self._request if k not in self._configured)]
+        return [*self._configured, *self._latest]
 
-    def _server(self, label: str) -> McpServerConfig | None:
-        return self._configured.get(label) or self._request.get(label)
+    def _resolve(self, name: str) -> tuple[str, McpServerConfig] | None:
+        """(session key, server) for a configured label, a request server's key, or a request
+        server's label (its latest key)."""
+        server = self._configured.get(name) or self._request.get(name)
+        if server is not None:
+            return name, server
+        key = self._latest.get(name)
+        if key is not None and key in self._request:
+            return key, self._request[key]
+        return None
 
-    async def add_request_server(self, label: str, url: str, headers: dict[str, str]) -> None:
-        """Make `label` name the streamable HTTP server at `url` (a request's server_url) in this
-        process. A configured server's label cannot be taken; the same label with another URL or
-        headers replaces the earlier one (its session is closed). Connects on first use."""
+    async def add_request_server(self, label: str, url: str, headers: dict[str, str]) -> str:
+        """Add the streamable HTTP server at `url` that a request names (`server_url`) under
+        `label`, and return its key: pass the key, not the label, to list_tools and call_tool for
+        that request, so that concurrent requests giving one label different URLs or credentials
+        each reach their own (the tools still carry `label`). Requests giving the same label, URL
+        and headers share one session. The label alone names the latest added. A configured
+        server's label cannot be taken. Connects on first use; at most MAX_REQUEST_SERVERS are
+        kept, the least recently added going first."""
         if self._closed:
             raise McpError("the MCP client is closed (the process is draining)")
         if label in self._configured:
@@ -220,17 +237,20 @@ class McpManager:
         reason = url_problem(url)
         if reason:
             raise McpError(f"server_url {reason}")
-        server = McpServerConfig(name=label, protocol="streamable", url=url, headers=dict(headers))
-        known = self._request.get(label)
-        if known is not None and known.url == url and dict(known.headers) == dict(headers):
-            self._request.move_to_end(label)
-            return
-        self._request[label] = server
-        self._request.move_to_end(label)
-        await self._drop(label)
+        key = request_key(label, url, headers)
+        if key not in self._request:
+            self._request[key] = McpServerConfig(
+                name=label, protocol="streamable", url=url, headers=dict(headers)
+            )
+        self._request.move_to_end(key)
+        self._latest.pop(label, None)
+        self._latest[label] = key
         while len(self._request) > MAX_REQUEST_SERVERS:
-            oldest, _ = self._request.popitem(last=False)
+            oldest, server = self._request.popitem(last=False)
+            if self._latest.get(server.name) == oldest:
+                del self._latest[server.name]
             await self._drop(oldest)
+        return key
 
     async def list_tools(self, server_label: str) -> list[McpTool]:
         """The server's tools (cached for the life of its session); McpError when it is unknown or
@@ -253,18 +273,18 @@ class McpManager:
 
                     params = PaginatedRequestParams(cursor=cursor)
                 page = await asyncio.wait_for(client.list_tools(params=params), remaining)
-                tools.extend(_tool(server_label, tool) for tool in page.tools)
+                tools.extend(_tool(session.server.name, tool) for tool in page.tools)
                 cursor = page.next_cursor
                 if not cursor:
                     break
         except TimeoutError:
             raise McpError(
-                f"MCP server {server_label!r} did not list its tools within {self.timeout:g} s"
+                f"MCP server {session.label!r} did not list its tools within {self.timeout:g} s"
             ) from None
         except Exception as exc:
-            await self._drop(server_label, session)
+            await self._drop(session.key, session)
             raise McpError(
-                f"MCP server {server_label!r}: listing tools failed: {_reason(exc)}"
+                f"MCP server {session.label!r}: listing tools failed: {_reason(exc)}"
             ) from None
         session.tools = tools
         return tools
@@ -284,8 +304,8 @@ class McpManager:
             client = await session.session(max(0.0, deadline - time.monotonic()))
         except McpError as exc:
             return ToolResult(output="", error=str(exc))
-        except TimeoutError:
-            return ToolResult(output="", error=self._timed_out(server_label, name))
+        except TimeoutError:  # connected, not yet initialised
+            return ToolResult(output="", error=self._timed_out(session.label, name))
         remaining = max(0.001, deadline - time.monotonic())
         try:
             # The SDK's own bound cancels the request at the server (notifications/cancelled);
@@ -294,9 +314,9 @@ class McpManager:
                 client.call_tool(name, arguments, read_timeout_seconds=remaining), remaining + 1.0
             )
         except TimeoutError:
-            return ToolResult(output="", error=self._timed_out(server_label, name))
+            return ToolResult(output="", error=self._timed_out(session.label, name))
         except Exception as exc:
-            return await self._call_failed(server_label, name, session, exc)
+            return await self._call_failed(name, session, exc)
         content = [block.model_dump(mode="json", exclude_none=True) for block in result.content]
         text = flatten_output(content)
         if result.is_error:
@@ -306,11 +326,11 @@ class McpManager:
     def _timed_out(self, label: str, name: str) -> str:
         return f"tool {name!r} on MCP server {label!r} timed out after {self.timeout:g} s"
 
-    async def _call_failed(
-        self, label: str, name: str, session: _Session, exc: Exception
-    ) -> ToolResult:
+    async def _call_failed(self, name: str, session: _Session, exc: Exception) -> ToolResult:
         from mcp.shared.exceptions import MCPError
         from mcp.types import CONNECTION_CLOSED, REQUEST_TIMEOUT
+
+        label = session.label
 
         if isinstance(exc, MCPError) and exc.code == REQUEST_TIMEOUT:
             return ToolResult(output="", error=self._timed_out(label, name))
@@ -320,23 +340,25 @@ class McpManager:
             return ToolResult(
                 output="", error=f"tool {name!r} on MCP server {label!r}: {exc.error.message}"
             )
-        await self._drop(label, session)
+        await self._drop(session.key, session)
         return ToolResult(
             output="",
             error=f"MCP server {label!r} failed during tool {name!r}: {_reason(exc)}",
         )
 
-    async def _session(self, label: str, deadline: float) -> _Session:
-        """The label's live session, connecting (once, however many callers wait) when there is none."""
+    async def _session(self, name: str, deadline: float) -> _Session:
+        """The server's live session, connecting (once, however many callers wait) when there is none."""
         if self._closed:
             raise McpError("the MCP client is closed (the process is draining)")
-        server = self._server(label)
-        if server is None:
-            raise McpError(f"unknown MCP server {label!r}")
-        session = self._sessions.get(label)
+        resolved = self._resolve(name)
+        if resolved is None:
+            raise McpError(f"unknown MCP server {name!r}")
+        key, server = resolved
+        label = server.name
+        session = self._sessions.get(key)
         if session is not None and session.server is server and session.usable():
             return session
-        lock = self._connecting.setdefault(label, asyncio.Lock())
+        lock = self._connecting.setdefault(key, asyncio.Lock())
         try:
             await asyncio.wait_for(lock.acquire(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -344,12 +366,12 @@ class McpManager:
                 f"MCP server {label!r}: not connected within {self.timeout:g} s"
             ) from None
         try:
-            session = self._sessions.get(label)
+            session = self._sessions.get(key)
             if session is None or session.server is not server or not session.usable():
                 if session is not None:
-                    await self._drop(label, session)
-                session = _Session(label, server)
-                self._sessions[label] = session
+                    await self._drop(key, session)
+                session = _Session(key, server)
+                self._sessions[key] = session
             try:
                 await session.session(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -359,7 +381,7 @@ class McpManager:
                     f"MCP server {label!r}: not connected within {self.timeout:g} s"
                 ) from None
             except McpError as exc:
-                await self._drop(label, session)
+                await self._drop(key, session)
                 raise McpError(f"MCP server {label!r} is unreachable: {exc}") from None
             return session
         finally:
@@ -381,6 +403,13 @@ class McpManager:
         sessions = list(self._sessions.values())
         self._sessions.clear()
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+def request_key(label: str, url: str, headers: dict[str, str]) -> str:
+    """A request server's key: its label and a digest of its URL and headers (credentials are
+    hashed, never kept in the key)."""
+    material = json.dumps([url, sorted(headers.items())], separators=(",", ":"))
+    return f"{label}#{hashlib.sha256(material.encode()).hexdigest()[:16]}"
 
 
 def _tool(label: str, tool: Any) -> McpTool:
