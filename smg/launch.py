@@ -27,6 +27,18 @@ def main(argv: list[str]) -> int:
     if cfg.print_config:
         print(render_config(cfg))
         return 0
+    if cfg.mcp_config_path:
+        from smg.mcp.config import McpConfigError
+        from smg.mcp.config import load_config as load_mcp_config
+
+        try:  # as the Rust SMG 1.13: an unreadable or invalid MCP file stops the start (exit 1)
+            mcp_config = load_mcp_config(cfg.mcp_config_path)
+        except McpConfigError as exc:
+            print(f"smg launch: {exc}", file=sys.stderr)
+            return 1
+        from smg import mcp
+
+        mcp.remember_config(cfg.mcp_config_path, mcp_config)  # the data planes fork with it
     try:
         setup_logging(
             cfg.log_level,

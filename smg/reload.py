@@ -37,6 +37,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "mock_worker_engine",
     "mock_worker_args",
     "config",  # where the file is; its contents are re-read
+    "mcp_config_path",  # read and checked once by `smg launch`; the data planes fork with it
     "print_config",
     # Towards https:// workers: read once by the supervisor before it forks; the control
     # plane's HTTP session (health checks, load polls) is made once with them.

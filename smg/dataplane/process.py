@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from smg import ipc
+from smg import ipc, mcp
 from smg.dataplane.app import DataPlane
 from smg.dataplane.server import ClientConnection
 from smg.policies.registry import make_policy
@@ -199,6 +199,7 @@ async def _finish(app: DataPlane, deadline: float) -> None:
         pool.close_all()
     if app.grpc is not None:
         await app.grpc.close()  # the gRPC workers' channels (smg.grpc.frontend)
+    await mcp.close_managers()  # MCP sessions; the stdio servers this process started stop
     await asyncio.sleep(0)
 
 
