@@ -175,6 +175,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Output parsers (gRPC mode): None chooses by the model's name, as the Rust SMG.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # MCP servers for the Responses API's tools of type mcp (smg/mcp/config.py reads the file)
+    mcp_config_path: str | None = None
     # Logging and metrics
     log_level: str = "info"
     log_json: bool = False
@@ -228,6 +230,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     access_log: bool = False
     log_max_bytes: int = 100 * 1024 * 1024
     log_backup_count: int = 5
+    mcp_tool_timeout_secs: float = 60.0
 
 
 DEFAULTS: dict[str, Any] = msgspec.structs.asdict(GatewayConfig())
@@ -912,6 +915,12 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "Reasoning parser for gRPC workers (a worker's `reasoning_parser` label "
                 "overrides it); unset: chosen from the model's name",
             ),
+            _Flag(
+                "mcp_config_path",
+                "Path to MCP (Model Context Protocol) server configuration file (YAML, the Rust "
+                "SMG 1.13's format); checked at start, servers connected on first use in each "
+                "data-plane process",
+            ),
         ),
     ),
     (
@@ -1112,6 +1121,12 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "With --log-dir: rotated files kept per process (<file>.1 ... <file>.N; 0 = "
                 "the file is truncated instead)",
                 metavar="N",
+            ),
+            _Flag(
+                "mcp_tool_timeout_secs",
+                "Bound in seconds on one MCP tool call (connecting included); a call past it "
+                "becomes the mcp_call's error and the response goes on. The Rust SMG 1.13 has "
+                "no such bound",
             ),
         ),
     ),
@@ -1544,6 +1559,8 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "mock_worker_args": (_shell_words,),
     "log_max_bytes": (_range(0),),
     "log_backup_count": (_range(0, 1000),),
+    "mcp_config_path": (_nonempty,),
+    "mcp_tool_timeout_secs": (_range(0.0, gt=True),),
     "history_backend": (_choice("history_backend"),),
     "history_memory_max_responses": (_range(1),),
     "history_memory_max_items": (_range(1),),

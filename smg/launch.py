@@ -27,6 +27,15 @@ def main(argv: list[str]) -> int:
     if cfg.print_config:
         print(render_config(cfg))
         return 0
+    if cfg.mcp_config_path:
+        from smg.mcp.config import McpConfigError
+        from smg.mcp.config import load_config as load_mcp_config
+
+        try:  # as the Rust SMG 1.13: an unreadable or invalid MCP file stops the start (exit 1)
+            load_mcp_config(cfg.mcp_config_path)
+        except McpConfigError as exc:
+            print(f"smg launch: {exc}", file=sys.stderr)
+            return 1
     try:
         setup_logging(
             cfg.log_level,
