@@ -358,12 +358,22 @@ def error_body(api: str, status: int, message: str) -> dict[str, Any]:
 TOOL_ARGUMENTS = {"add": '{"a":2,"b":3}', "sleep": '{"seconds":30}', "fail": "{}"}
 
 
-def tool_step(body: dict[str, Any], items: list[Any], number: int) -> dict[str, Any] | None:
-    """The scripted model's output item for `body`, or None when the script does not apply."""
+def _first_words(body: dict[str, Any]) -> str:
+    """The text of the first user message of a Responses request's input."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return items
+    items = items if isinstance(items, list) else []
     first = next((i for i in items if isinstance(i, dict) and i.get("role") == "user"), None)
     content = first.get("content") if first else None
     parts = content if isinstance(content, list) else [{"text": content or ""}]
-    words = " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict)).split()
+    return " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
+
+
+def tool_step(body: dict[str, Any], items: list[Any], number: int) -> dict[str, Any] | None:
+    """The scripted model's output item for `body`, or None when the script does not apply
+    ("... then break": the call after the tool's output answers 400, see serve)."""
+    words = _first_words(body).split()
     offered = {t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
     if len(words) < 2 or words[0] != "call" or words[1] not in offered:
         return None
@@ -625,6 +635,10 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
 
     async def responses(request: web.Request) -> web.StreamResponse:
         answer = responses_answer(request["body"], request["number"])
+        if answer["output"][0]["type"] == "message" and "then break" in _first_words(
+            request["body"]
+        ):
+            return error(400, "the scripted model breaks after the tool call")
         if request["body"].get("stream"):
             return await sse(request, responses_events(answer))
         return web.json_response(answer)

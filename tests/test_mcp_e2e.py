@@ -213,6 +213,26 @@ def test_failing_tool(gateway: Gateway, fake: FakeProvider) -> None:
     assert "deliberate failure" in response.output_text  # the model saw the error
 
 
+def test_model_error_mid_loop(gateway: Gateway, fake: FakeProvider) -> None:
+    """The model call after the tool's output fails (the fake answers 400): the client gets
+    that error, whole, or as the stream's last event after the mcp_call's."""
+    client, _ = pinned_client(gateway, "unused")
+    fake.clear()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=MODEL, input="call add then break", tools=mcp_tool("calc"))
+    assert err.value.message.endswith("the scripted model breaks after the tool call")
+    assert len(_posts(fake)) == 2
+    events = list(
+        client.responses.create(
+            model=MODEL, input="call add then break", tools=mcp_tool("calc"), stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[-2:] == ["response.output_item.done", "error"]
+    assert "response.mcp_call.completed" in kinds and "response.completed" not in kinds
+    assert events[-1].message == "the scripted model breaks after the tool call"
+
+
 def test_limit_of_ten_calls(gateway: Gateway, fake: FakeProvider) -> None:
     client, _ = pinned_client(gateway, "unused")
     fake.clear()

@@ -157,7 +157,6 @@ def test_whole_loop() -> None:
     assert [(c.item_id, c.server_label, c.tool, c.arguments, c.output_index) for c in calls] == [
         ("mcp_1", "calc", "add", '{"a":2,"b":3}', 1)
     ]
-    loop.started(calls[0])
     loop.result(calls[0], "5", None)
     second = loop.request()
     assert second["input"][1:] == [
@@ -359,7 +358,11 @@ def text_stream(text: str) -> bytes:
     )
 
 
-def parse(data: bytes) -> list[dict[str, Any]]:
+def parse(data: bytes, done: bool = True) -> list[dict[str, Any]]:
+    """The events; with `done`, the stream must end with `data: [DONE]` (as 1.13's)."""
+    if done:
+        assert data.endswith(b"\n\ndata: [DONE]\n\n")
+        data = data[: -len(b"data: [DONE]\n\n")]
     out = []
     for block in data.split(b"\n\n"):
         if block:
@@ -383,7 +386,6 @@ def test_stream_loop(size: int) -> None:
     assert loop.request()["stream"] is True
     feed_split(loop, call_stream(1), size)
     (call,) = loop.calls()
-    loop.started(call)
     loop.result(call, "5", None)
     loop.request()
     feed_split(loop, text_stream("5"), size)
@@ -399,9 +401,9 @@ def test_stream_loop(size: int) -> None:
         ("response.mcp_list_tools.completed", 0),
         ("response.output_item.done", 0),
         ("response.output_item.added", 1),
+        ("response.mcp_call.in_progress", 1),
         ("response.mcp_call_arguments.delta", 1),
         ("response.mcp_call_arguments.done", 1),
-        ("response.mcp_call.in_progress", 1),
         ("response.mcp_call.completed", 1),
         ("response.output_item.done", 1),
         ("response.output_item.added", 2),
@@ -411,7 +413,7 @@ def test_stream_loop(size: int) -> None:
     ]
     assert events[0]["response"]["id"] == "resp_1"
     assert events[6]["item"]["type"] == "mcp_call" and events[6]["item"]["id"] == "mcp_1"
-    assert events[7]["delta"] == '{"a":2,"b":3}' and events[7]["item_id"] == "mcp_1"
+    assert events[8]["delta"] == '{"a":2,"b":3}' and events[8]["item_id"] == "mcp_1"
     assert events[11]["item"]["output"] == "5"
     assert events[13]["delta"] == "5"
     final = events[-1]["response"]

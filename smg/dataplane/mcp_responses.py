@@ -360,9 +360,6 @@ async def _run(app: DataPlane, request: Request, tool_loop: ToolLoop, sse: _Sse 
         finally:
             answer.close()
         for call in tool_loop.calls():
-            tool_loop.started(call)
-            if sse is not None:
-                sse.write(tool_loop.events())
             try:
                 arguments = orjson.loads(call.arguments or "{}")
             except orjson.JSONDecodeError as exc:

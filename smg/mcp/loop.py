@@ -37,6 +37,7 @@ import orjson
 DEFAULT_MAX_ITERATIONS = 10  # 1.13's mcp_utils::DEFAULT_MAX_ITERATIONS
 NOT_EXECUTED = "Not executed - response stopped due to limit"  # 1.13's words
 MAX_EVENT_BYTES = 1 << 24  # an upstream SSE event longer than this is a broken stream
+DONE = b"data: [DONE]\n\n"
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_-]")
 
 
@@ -381,17 +382,6 @@ class ToolLoop:
                 self._record(call, None, NOT_EXECUTED)
         return [c for c in pending if c.run]
 
-    def started(self, call: Call) -> None:
-        """A call is about to run (streams: `response.mcp_call.in_progress`)."""
-        if self.stream:
-            self._emit(
-                {
-                    "type": "response.mcp_call.in_progress",
-                    "output_index": call.output_index,
-                    "item_id": call.item_id,
-                }
-            )
-
     def result(self, call: Call, output: str, error: str | None) -> None:
         """A call's outcome: its mcp_call item, and the function_call + output the model
         gets next."""
@@ -589,6 +579,13 @@ class ToolLoop:
                             },
                         }
                     )
+                    self._emit(  # 1.13's order: in_progress right after the item is added
+                        {
+                            "type": "response.mcp_call.in_progress",
+                            "output_index": mine,
+                            "item_id": found.item_id,
+                        }
+                    )
                     return
                 if item.get("type") == "function_call":
                     self._client_call = True
@@ -649,12 +646,14 @@ class ToolLoop:
         self._settle(client_call)
 
     def closing(self) -> None:
-        """response.completed with the whole response."""
+        """response.completed with the whole response, then `data: [DONE]` (as 1.13)."""
         self._emit({"type": "response.completed", "response": self.response()})
+        self._events.append(DONE)
 
     def failed(self, code: str, message: str) -> None:
-        """The loop stopped on an error mid-stream: the client's error event."""
+        """The loop stopped on an error mid-stream: the client's error event, the end."""
         self._emit({"type": "error", "code": code, "message": message, "param": None})
+        self._events.append(DONE)
 
 
 def _input_list(value: Any) -> list[Any]:
