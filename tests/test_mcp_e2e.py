@@ -305,3 +305,16 @@ def test_hanging_tool_times_out(
         assert (call.type, call.status) == ("mcp_call", "failed")
         assert call.error == "tool 'sleep' on MCP server 'web' timed out after 3 s"
         assert took < 15
+        # A client gone while the tool runs stops the loop: no model call after the tool's
+        # timeout (without the stop, a second POST would follow it).
+        fake.clear()
+        body = {"model": MODEL, "input": "call sleep", "tools": mcp_tool("web"), "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/responses", json=body, timeout=30) as answer:
+            for line in answer.iter_lines():
+                if "response.mcp_call_arguments.done" in line:
+                    break
+        time.sleep(4.5)
+        assert len(_posts(fake)) == 1
+        follow = client.responses.create(model=MODEL, input="call add", tools=mcp_tool("web"))
+        assert follow.output_text == "5"
+        assert "Traceback" not in gw.logs()
