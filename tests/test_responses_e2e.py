@@ -54,16 +54,9 @@ def _texts(items: list[dict[str, Any]]) -> list[str]:
 
 
 def _stored(client: openai.OpenAI, response_id: str) -> None:
-    """The record is written after the answer: wait until it reads back."""
-
-    def there() -> bool:
-        try:
-            client.responses.retrieve(response_id)
-            return True
-        except openai.NotFoundError:
-            return False
-
-    wait_until(there, 10, f"response {response_id} stored")
+    """The record is written before the answer (Observer.settle): it reads back at once,
+    from either process."""
+    assert client.responses.retrieve(response_id).id == response_id
 
 
 def test_chain_through_previous_response_id(gateway: Gateway, fake: FakeProvider) -> None:
@@ -85,6 +78,8 @@ def run_previous_chain(gateway: Gateway, fake: FakeProvider) -> None:
     ) as stream:
         third = stream.get_final_response()
     assert third.output_text == "seen 5 items; last: three"
+    # The stream's response events carry the request's fields back, as 1.13 rewrites them.
+    assert (third.previous_response_id, third.store) == (second.id, True)
     _stored(probe, third.id)
     assert transport.seen == ["0", "1", "0"]
     sent = _posts(fake)
@@ -155,10 +150,9 @@ def run_conversation_chain(gateway: Gateway, fake: FakeProvider) -> None:
         assert answer.conversation is not None and answer.conversation.id == conv.id
         turns.append(answer)
 
-        def appended(count: int = (3, 5, 7, 7)[n]) -> bool:
-            return len(client.conversations.items.list(conv.id, limit=100).data) == count
-
-        wait_until(appended, 10, "the turn's items appended to the conversation")
+        # Appended before the answer: read back at once (on the other process).
+        items = client.conversations.items.list(conv.id, limit=100).data
+        assert len(items) == (3, 5, 7, 7)[n]
     sent = _posts(fake)
     assert [b.get("conversation") for b in sent] == [None] * 4
     assert _texts(sent[2]["input"]) == [

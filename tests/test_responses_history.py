@@ -37,6 +37,8 @@ def test_input_items_shapes_strings_and_keeps_ids() -> None:
         [
             {"role": "assistant", "content": "a", "id": "msg_keep"},
             {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "reasoning", "summary": []},
         ]
     )
     assert given[0] == {
@@ -46,7 +48,10 @@ def test_input_items_shapes_strings_and_keeps_ids() -> None:
         "type": "message",
         "status": "completed",
     }
-    assert given[1]["id"].startswith("fun_") and given[1]["output"] == "42"
+    # New ids as 1.13's extract_input_items: fc_ for both function items, item_ otherwise.
+    assert [g["id"][: g["id"].index("_")] for g in given[1:]] == ["fc", "fc", "item"]
+    assert all(len(g["id"].split("_", 1)[1]) == 50 for g in given[1:])
+    assert given[1]["output"] == "42"
     with pytest.raises(ConvError):
         responses.input_items(5)
     with pytest.raises(ConvError):
@@ -125,28 +130,125 @@ def test_record_of_answer() -> None:
     assert responses.record_of({"output": []}, new, None, None) is None
 
 
+class _Writes:
+    """`done` for an Observer: notes the answer and returns its write (a plain Future
+    the test resolves), as DataPlane's store task."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, answer: dict[str, Any]) -> asyncio.Future[None]:
+        self.got.append(answer)
+        return self.loop.create_future()
+
+
 def test_observer_whole_answer() -> None:
-    got: list[dict[str, Any]] = []
-    obs = responses.Observer(b"{}", False, got.append, "resp_0", None)
-    out = obs.response(200, b'{"id":"resp_1","previous_response_id":null}')
-    assert orjson.loads(out) == {"id": "resp_1", "previous_response_id": "resp_0", "store": True}
-    assert got == [{"id": "resp_1", "previous_response_id": None}]
-    assert obs.response(400, b'{"error":{}}') == b'{"error":{}}'  # errors pass untouched
-    assert len(got) == 1
-
-
-def test_observer_stream_split_anywhere() -> None:
-    got: list[dict[str, Any]] = []
-    obs = responses.Observer(b"{}", True, got.append, None, None)
-    stream = (
-        b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n'
-        b'event: response.completed\ndata: {"type":"response.completed",'
-        b'"response":{"id":"r","output":[]}}\n\n'
+    writes = _Writes()
+    request = {"model": "m", "instructions": "be brief", "metadata": {"k": "v"}, "user": "u1"}
+    obs = responses.Observer(b"{}", False, writes, "resp_0", "conv_1", True, request)
+    assert obs.settle() is None
+    out = obs.response(
+        200,
+        b'{"id":"resp_1","previous_response_id":null,"instructions":null,"model":"m-2",'
+        b'"safety_identifier":null,"store":false}',
     )
-    relayed = b"".join(obs.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
-    assert relayed == stream
-    assert obs.finish() == b""
-    assert got == [{"id": "r", "output": []}]
+    patched = {  # 1.13's patch_response_with_request_metadata
+        "id": "resp_1",
+        "previous_response_id": "resp_0",
+        "instructions": "be brief",
+        "model": "m-2",  # the answer's own model is kept
+        "safety_identifier": "u1",
+        "store": True,
+        "metadata": {"k": "v"},
+        "conversation": {"id": "conv_1"},
+    }
+    assert orjson.loads(out) == patched
+    assert writes.got == [patched]  # stored as answered
+    write = obs.settle()
+    assert write is not None and not write.done()  # the exchange holds the answer for it
+    assert obs.response(400, b'{"error":{}}') == b'{"error":{}}'  # errors pass untouched
+    assert len(writes.got) == 1
+    writes.loop.close()
+
+
+def test_observer_whole_answer_store_false() -> None:
+    """store=false: nothing stored, `store` says so; no previous_response_id added where the
+    request had none; a missing model filled from the request (1.13)."""
+    writes = _Writes()
+    obs = responses.Observer(b"{}", False, lambda _a: None, None, None, False, {"model": "m"})
+    assert orjson.loads(obs.response(200, b'{"id":"r","store":true}')) == {
+        "id": "r",
+        "store": False,
+        "model": "m",
+    }
+    assert obs.settle() is None
+    writes.loop.close()
+
+
+CREATED = b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n'
+DELTA = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"hi"}\n\n'
+COMPLETED = (
+    b'event: response.completed\ndata: {"type":"response.completed",'
+    b'"response":{"id":"r","output":[],"store":false}}\n\n'
+)
+
+
+def _event(kind: str, response: dict[str, Any]) -> bytes:
+    data = orjson.dumps({"type": kind, "response": response})
+    return b"event: %b\ndata: %b\n\n" % (kind.encode(), data)
+
+
+@pytest.mark.parametrize("step", [1, 7, 50, 10_000])
+def test_observer_stream_withholds_completed_until_finish(step: int) -> None:
+    """Complete events go out as they come (a partial one waits for its end), the
+    response.* ones patched as 1.13's rewrite_streaming_block (store, previous_response_id,
+    conversation); from the response.completed event's first line on, nothing goes out
+    before finish(), which starts the write that settle() hands the exchange."""
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, "resp_0", "conv_1", True, {"model": "m"})
+    stream = CREATED + DELTA + COMPLETED + b"data: [DONE]\n\n"
+    relayed = b"".join(obs.feed(stream[i : i + step]) for i in range(0, len(stream), step))
+    history = {"store": True, "previous_response_id": "resp_0", "conversation": {"id": "conv_1"}}
+    assert relayed == _event("response.created", {"id": "r", **history}) + DELTA
+    assert writes.got == [] and obs.settle() is None  # not stored before the stream ends
+    completed = {"id": "r", "output": [], **history}
+    assert obs.finish() == _event("response.completed", completed) + b"data: [DONE]\n\n"
+    assert writes.got == [{**completed, "model": "m"}]
+    assert obs.settle() is not None
+    writes.loop.close()
+
+
+def test_observer_stream_partial_event_waits_and_crlf() -> None:
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None)
+    assert obs.feed(b'data: {"type":"x"}\r\n') == b""  # its end not seen yet
+    assert obs.feed(b"\r\ndata: {") == b'data: {"type":"x"}\r\n\r\n'
+    assert obs.finish() == b"data: {"  # a stream without response.completed: all goes out
+    assert writes.got == [] and obs.settle() is None
+    writes.loop.close()
+
+
+def test_observer_stream_broken_after_completed_stores_nothing() -> None:
+    """The worker broke the stream after response.completed: 1.13 stores nothing then,
+    and the client gets the error event, not the withheld completed event."""
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None, False)
+    assert obs.feed(DELTA + COMPLETED) == DELTA
+    aborted = obs.abort("upstream_connection_closed", "gone")
+    assert b"response.completed" not in aborted and aborted.endswith(b"data: [DONE]\n\n")
+    assert writes.got == [] and obs.settle() is None
+    writes.loop.close()
+
+
+def test_observer_gives_up_on_an_endless_event() -> None:
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None)
+    big = b"data: " + b"x" * responses.MAX_EVENT_BYTES
+    assert obs.feed(big) == big  # no event is that long: relayed, unwatched from here on
+    assert obs.feed(COMPLETED) == COMPLETED
+    assert obs.finish() == b"" and writes.got == []
+    writes.loop.close()
 
 
 def test_serve_get_delete_input_items() -> None:

@@ -53,11 +53,15 @@ from smg.shm import layout
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
     from smg.config import GatewayConfig
     from smg.dataplane.app import DataPlane
     from smg.dataplane.server import ClientConnection, Request
     from smg.shm.table import WorkerTable
+
+    # What runs for a queued request once it holds a permit (a route that is not proxied).
+    Admitted = Callable[[ClientConnection, Request], None]
 
 OK = 0
 BUSY = -1  # the concurrency limit is reached; a positive result is a rate-limit wait in ns
@@ -350,15 +354,21 @@ class Waiter:
     client disconnect (`ClientConnection.connection_lost` calls `client_gone()`) takes it
     out of the queue at once; `upstream` is None like an exchange's that has no worker."""
 
-    __slots__ = ("admission", "conn", "deadline", "done", "enqueued", "request")
+    __slots__ = ("admission", "conn", "deadline", "done", "enqueued", "request", "then")
     upstream = None
 
     def __init__(
-        self, admission: Admission, conn: ClientConnection, request: Request, now_ns: int
+        self,
+        admission: Admission,
+        conn: ClientConnection,
+        request: Request,
+        now_ns: int,
+        then: Admitted | None = None,
     ) -> None:
         self.admission = admission
         self.conn = conn
         self.request = request
+        self.then = then  # what runs with the permit (None: app.proxy_admitted)
         self.enqueued = now_ns
         self.deadline = now_ns + admission.timeout_ns
         self.done = False
@@ -421,9 +431,10 @@ class Admission:
 
     # --- the request path ---------------------------------------------------------------
 
-    def enter(self, conn: ClientConnection, request: Request) -> bool:
+    def enter(self, conn: ClientConnection, request: Request, then: Admitted | None = None) -> bool:
         """True: a permit is held for this request now. False: it was queued or refused
-        (answered here), and `app.proxy_admitted` runs once it holds a permit."""
+        (answered here), and `app.proxy_admitted` (or `then`: a route that is not proxied,
+        which releases the permit itself) runs once it holds a permit."""
         words = self.words
         # FIFO: no overtaking waiters, this process's or any other's.
         if not self.waiters and not words.anyone_waiting():
@@ -441,7 +452,7 @@ class Admission:
             return False
         self.queued_total += 1
         now = self._clock()
-        waiter = Waiter(self, conn, request, now)
+        waiter = Waiter(self, conn, request, now, then)
         if not self.waiters:
             words.publish_head(now, now)
         self.waiters.append(waiter)
@@ -506,7 +517,7 @@ class Admission:
             return
         self.allowed += 1
         try:
-            self.app.proxy_admitted(conn, waiter.request)
+            (waiter.then or self.app.proxy_admitted)(conn, waiter.request)
         except Exception as exc:  # a request must never take the process down
             self.app.log_error("admitted request failed", exc)
 

@@ -349,10 +349,11 @@ class DataPlane:
         self.history_store: HistoryStore | None = None
         self._tenant_by_key: dict[bytes, str] | None = None
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -1465,7 +1466,29 @@ class DataPlane:
                 store, tenant, route[0], method, route[1], route[2], request.query, request.body
             )
 
-        self.spawn(self._history_answer(conn, request, "conversations", call))
+        self._history_admit(conn, request, "conversations", call)
+
+    def _history_admit(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        what: str,
+        call: Callable[[HistoryStore, str], Awaitable[Any]],
+    ) -> None:
+        """A history route's store call, through admission when it is on: 1.13 puts the
+        Conversations and Responses routes (GET and DELETE too) under its admission layer,
+        so they take a permit, queue and get its 429/503 refusals as the proxied routes."""
+        admission = self.admission
+        if admission is None:
+            self.spawn(self._history_answer(conn, request, what, call))
+            return
+
+        def admitted(conn: ClientConnection, request: Request) -> None:
+            task = self.spawn(self._history_answer(conn, request, what, call))
+            task.add_done_callback(lambda _task: admission.release())
+
+        if admission.enter(conn, request, admitted):
+            admitted(conn, request)
 
     def _send_method_error(
         self, conn: ClientConnection, request: Request, exc: conversations.ConvError
@@ -1578,13 +1601,15 @@ class DataPlane:
                 history.extend(responses.chain_items(chain))
             upstream = orjson.dumps(responses.upstream_body(body, history, new_input))
 
-            def done(answer: dict[str, object]) -> None:
+            def done(answer: dict[str, object]) -> asyncio.Future[None] | None:
+                # The write starts now; the answer's last bytes wait for it (settle()).
                 record = responses.record_of(answer, new_input, previous, conv_id)
-                if record is not None and keep:
-                    self.spawn(self._responses_store(store, tenant, conv_tenant, record))
+                if record is None or not keep:
+                    return None
+                return self.spawn(self._responses_store(store, tenant, conv_tenant, record))
 
             request.history = responses.Observer(
-                upstream, body.get("stream") is True, done, previous, conv_id, keep
+                upstream, body.get("stream") is True, done, previous, conv_id, keep, body
             )
             request.body = upstream
             request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
@@ -1611,7 +1636,9 @@ class DataPlane:
     ) -> None:
         """After a 2xx answer with `store` (1.13: store=false persists nothing, the
         conversation included): the response record, and the turn's items appended to its
-        conversation. A store that fails is logged: the client has its answer."""
+        conversation, before the answer's last bytes go out (Observer.settle). A write that
+        fails is logged as a warning and the answer goes out all the same, as 1.13 does
+        (`warn!("Failed to persist conversation items")`, then 200)."""
         try:
             await store.put_response(tenant, record)
             if record.conversation_id is not None:
@@ -1645,7 +1672,7 @@ class DataPlane:
         def call(store: HistoryStore, tenant: str) -> Awaitable[Any]:
             return responses.serve(store, tenant, route[0], method, route[1], request.query)
 
-        self.spawn(self._history_answer(conn, request, "responses", call))
+        self._history_admit(conn, request, "responses", call)
 
     # --- admin: forwarded to the control plane ----------------------------------------------------
 

@@ -7,12 +7,15 @@ chain (earlier turns' input + output items, then the new input; without
 whole conversation; `instructions` are never carried over, OpenAI's rule), the record made
 from an answer, the SSE scan for `response.completed`, and the GET/DELETE/input_items answers.
 `Observer` is a pass-through `Translation` the Exchange feeds the worker's answer through;
-it hands the finished answer to a callback, which stores it (after the answer is written:
-a client reading the record right away may race the write).
+it hands the finished answer to a callback, which starts the store write, and the answer's
+last bytes wait for that write (`Observer.settle`): a client that reads the record, or
+sends its next turn, the moment it has the answer finds it stored.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,7 +25,7 @@ import orjson
 
 from smg.dataplane.conversations import ConvError, bad_request, not_found, parse_list_query
 from smg.history.records import ResponseRecord
-from smg.history.store import item_id_of
+from smg.history.store import random_hex
 
 if TYPE_CHECKING:
     from smg.history.store import HistoryStore
@@ -31,6 +34,7 @@ ROUTE = "/v1/responses"
 PREFIX = ROUTE + "/"
 MAX_CHAIN = 100  # responses followed back through previous_response_id
 MAX_CONVERSATION_PAGES = 10  # of 100 items: the conversation's history sent upstream
+MAX_EVENT_BYTES = 1 << 24  # a stream event held back until its end at most this long
 ALLOW = {"response": "GET,HEAD,DELETE", "input_items": "GET,HEAD"}
 DISABLED = (
     "previous_response_id and conversation need a history store: this gateway runs with "
@@ -83,11 +87,24 @@ def input_items(value: object) -> list[dict[str, Any]]:
             if kind == "output_text":
                 part["annotations"] = []
             shaped["content"] = [part]
-        shaped["id"] = item_id_of(shaped)
+        shaped["id"] = input_item_id(shaped)
         if shaped.get("status") is None:
             shaped["status"] = "completed"  # as 1.13 stores (and sends) them
         items.append(shaped)
     return items
+
+
+# The prefix of a new input item id, as 1.13's extract_input_items (persistence_utils.rs)
+# makes them: not the Conversations API's (make_item_id), which has its own per type.
+_INPUT_PREFIXES = {"function_call": "fc", "function_call_output": "fc", "message": "msg"}
+
+
+def input_item_id(item: dict[str, Any]) -> str:
+    """The item's own non-empty id, else a new one: fc_ / msg_ / item_ + 50 hex."""
+    given = item.get("id")
+    if isinstance(given, str) and given:
+        return given
+    return f"{_INPUT_PREFIXES.get(str(item.get('type')), 'item')}_{random_hex()}"
 
 
 def conversation_id(body: dict[str, Any]) -> str | None:
@@ -159,6 +176,7 @@ def record_of(
         return None
     body = dict(answer)
     body["previous_response_id"] = previous
+    body["store"] = True  # the worker was sent store=false; a record exists only with true
     if conversation is not None:
         body["conversation"] = {"id": conversation}
     output = answer.get("output")
@@ -178,6 +196,84 @@ def record_of(
 # --- the answer, observed ---------------------------------------------------------------------
 
 
+def _missing(value: object) -> bool:
+    return value is None or value == ""
+
+
+def patch_answer(
+    answer: dict[str, Any],
+    request: dict[str, Any],
+    previous: str | None,
+    conversation: str | None,
+    store: bool,
+) -> dict[str, Any]:
+    """A finished response as the client gets it and as it is stored: the worker was sent
+    no history fields and store=false, so 1.13's patch_response_with_request_metadata puts
+    the request's back: previous_response_id, instructions, metadata, model (each only where
+    the answer has none), store (always), safety_identifier from `user` (where the answer
+    has it null), conversation (always, as {id})."""
+    out = dict(answer)
+    if previous is not None and _missing(out.get("previous_response_id")):
+        out["previous_response_id"] = previous
+    instructions = request.get("instructions")
+    if isinstance(instructions, str) and _missing(out.get("instructions")):
+        out["instructions"] = instructions
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict) and _missing(out.get("metadata")):
+        out["metadata"] = metadata
+    out["store"] = store
+    model = request.get("model")
+    if isinstance(model, str) and _missing(out.get("model")):
+        out["model"] = model
+    user = request.get("user")
+    if isinstance(user, str) and "safety_identifier" in out and out["safety_identifier"] is None:
+        out["safety_identifier"] = user
+    if conversation is not None:
+        out["conversation"] = {"id": conversation}
+    return out
+
+
+def patch_event(
+    event: dict[str, Any], previous: str | None, conversation: str | None, store: bool
+) -> bool:
+    """A stream's response.created / in_progress / completed event, in place, as 1.13's
+    rewrite_streaming_block: store, previous_response_id (where missing), conversation.
+    False: not one of those events."""
+    if event.get("type") not in _RESPONSE_EVENTS:
+        return False
+    response = event.get("response")
+    if not isinstance(response, dict):
+        return False
+    response["store"] = store
+    if previous is not None and _missing(response.get("previous_response_id")):
+        response["previous_response_id"] = previous
+    if conversation is not None:
+        response["conversation"] = {"id": conversation}
+    return True
+
+
+_RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.completed"})
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _event_data(block: bytes) -> dict[str, Any] | None:
+    """The JSON object of an SSE event's data lines (joined, as SSE does), else None."""
+    lines = [line[5:].strip() for line in block.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        event = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _rebuilt(block: bytes, event: dict[str, Any], end: bytes) -> bytes:
+    """`block` with its data lines replaced by one holding `event` (its other lines kept)."""
+    kept = [line for line in block.splitlines() if not line.startswith(b"data:")]
+    return b"\n".join([*kept, b"data: " + orjson.dumps(event)]) + end
+
+
 def completed_response(event_data: bytes) -> dict[str, Any] | None:
     """The response of a `response.completed` event's data, else None."""
     try:
@@ -191,9 +287,16 @@ def completed_response(event_data: bytes) -> dict[str, Any] | None:
 
 
 class Observer:
-    """A pass-through Translation: the worker's answer goes to the client unchanged (a
-    whole 2xx answer gets its history fields and `store` back); the finished response goes
-    to `done`."""
+    """A pass-through Translation: the worker's answer goes to the client (a whole 2xx
+    answer, and a stream's response.created / in_progress / completed events, get the
+    request's fields back: `patch_answer`, `patch_event`); the finished response goes to
+    `done`, which starts its store write and returns it (None: nothing stored).
+
+    The answer's last bytes wait for that write (`settle`), as 1.13 writes the record
+    before answering: a whole answer is held by the exchange anyway; a stream is relayed
+    event by event up to its `response.completed` event, which is withheld with whatever
+    follows and handed out by `finish()`. The write starts only when the stream ended
+    whole (1.13 stores nothing from a stream the worker broke): its end is known there."""
 
     upstream_path = ROUTE.encode()
 
@@ -201,10 +304,11 @@ class Observer:
         self,
         upstream: bytes,
         stream: bool,
-        done: Callable[[dict[str, Any]], None],
+        done: Callable[[dict[str, Any]], asyncio.Future[None] | None],
         previous: str | None,
         conversation: str | None,
         store: bool = True,
+        request: dict[str, Any] | None = None,
     ) -> None:
         self.upstream_body = upstream
         self.store = store
@@ -212,8 +316,16 @@ class Observer:
         self.done = done
         self.previous = previous
         self.conversation = conversation
-        self.pending = b""  # an event line not yet complete
-        self.seen = False
+        self.request = request or {}
+        # A stream's bytes since the last complete event (not yet relayed), and where the
+        # search for its end resumes (a long event split over many reads is searched once).
+        self.pending = b""
+        self.scanned = 0
+        self.given_up = False  # an event past MAX_EVENT_BYTES: relayed as it comes, unwatched
+        self.completed: dict[str, Any] | None = None
+        self.withheld: list[bytes] | None = None  # from the response.completed event on
+        self.write: asyncio.Future[None] | None = None
+        self.seen = False  # the finished response went to `done`
 
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
@@ -224,38 +336,84 @@ class Observer:
             return body
         if not isinstance(answer, dict):
             return body
-        self._done(answer)
-        # The worker was sent no history fields and store=false: the client's are put back.
-        patched = {**answer, "previous_response_id": self.previous, "store": self.store}
-        if self.conversation is not None:
-            patched["conversation"] = {"id": self.conversation}
+        patched = patch_answer(answer, self.request, self.previous, self.conversation, self.store)
+        self._done(patched)
         return orjson.dumps(patched)
 
     def feed(self, data: bytes) -> bytes:
-        if not self.seen:
-            lines = (self.pending + data).split(b"\n")
-            self.pending = lines.pop()
-            if len(self.pending) > 1 << 24:  # no line that long: stop looking
-                self.pending = b""
-            for line in lines:
-                if line.startswith(b"data:"):
-                    found = completed_response(line[5:].strip())
-                    if found is not None:
-                        self._done(found)
-                        break
-        return data
+        """Complete events go out at once (a client can use no half event), the response
+        ones patched; from response.completed on, everything is withheld."""
+        if self.withheld is not None:
+            self.withheld.append(data)
+            return b""
+        if self.given_up:
+            return data
+        buf = self.pending + data if self.pending else data
+        out: list[bytes] = []
+        start = 0  # the current event's first byte
+        search = self.scanned
+        while True:
+            found = _EVENT_END.search(buf, search)
+            if found is None:
+                break
+            end = found.end()
+            block = buf[start:end]
+            if b'"response":' not in block:
+                out.append(block)
+            else:
+                event = _event_data(block)
+                if event is None or not patch_event(
+                    event, self.previous, self.conversation, self.store
+                ):
+                    out.append(block)
+                elif event.get("type") == "response.completed":
+                    self.completed = event["response"]
+                    self.withheld = [_rebuilt(block[: found.start() - start], event, b"\n\n")]
+                    self.withheld.append(buf[end:])
+                    self.pending = b""
+                    return b"".join(out)
+                else:
+                    out.append(_rebuilt(block[: found.start() - start], event, b"\n\n"))
+            start = search = end
+        self.pending = buf[start:]
+        self.scanned = max(0, len(self.pending) - 3)  # an end may straddle the next read
+        if len(self.pending) > MAX_EVENT_BYTES:  # no event is that long: stop looking
+            self.given_up = True
+            out.append(self.pending)
+            self.pending = b""
+        return b"".join(out)
 
     def finish(self) -> bytes:
-        return b""
+        """The stream ended whole: the store write starts; what was withheld goes out
+        (once `settle()`'s write is done)."""
+        if self.withheld is None:
+            rest, self.pending = self.pending, b""
+            return rest
+        assert self.completed is not None
+        self._done(
+            patch_answer(self.completed, self.request, self.previous, self.conversation, True)
+        )
+        withheld, self.withheld = self.withheld, []
+        return b"".join(withheld)
+
+    def settle(self) -> asyncio.Future[None] | None:
+        """After response() or finish() produced the answer's last bytes: the store write
+        to wait for before writing them (None: nothing to wait for). The write is bounded
+        by the store's op timeout, and a failed one still lets the answer go (1.13 logs a
+        warning and answers)."""
+        return self.write
 
     def abort(self, code: str, message: str) -> bytes:
+        """The worker broke the stream: a withheld response.completed is dropped with it
+        (nothing was stored: the client never sees a finished response that is not)."""
+        self.withheld = None
         body = orjson.dumps({"error": {"message": message, "type": "stream_error", "code": code}})
         return b"data: %b\n\ndata: [DONE]\n\n" % body
 
     def _done(self, answer: dict[str, Any]) -> None:
         if not self.seen:
             self.seen = True
-            self.done(answer)
+            self.write = self.done(answer)
 
 
 # --- the I/O ----------------------------------------------------------------------------------
