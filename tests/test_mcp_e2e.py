@@ -203,6 +203,36 @@ def test_add_streamed_then_chained(gateway: Gateway, fake: FakeProvider) -> None
     assert follow.output_text.startswith("seen 5 items")
 
 
+def test_mcp_turn_chained(gateway: Gateway, fake: FakeProvider) -> None:
+    """An MCP turn after a stored one: the history goes to the model, the request's fields
+    come back on the answer (previous_response_id, metadata, instructions, store), the
+    stream's opening events carry them too."""
+    client, _ = pinned_client(gateway, "unused")
+    first = client.responses.create(model=MODEL, input="call add")  # no tools: plain text
+    fake.clear()
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input="call add",
+            tools=mcp_tool("calc"),
+            previous_response_id=first.id,
+            metadata={"k": "v"},
+            instructions="be brief",
+            stream=True,
+        )
+    )
+    opened, final = events[0].response, events[-1].response
+    assert (opened.previous_response_id, opened.store) == (first.id, True)
+    assert final.previous_response_id == first.id
+    assert (final.metadata, final.instructions, final.store) == ({"k": "v"}, "be brief", True)
+    assert final.output_text == "5"
+    posts = _posts(fake)
+    assert [i["type"] for i in posts[0]["input"]] == ["message", "message", "message"]
+    assert posts[0]["instructions"] == "be brief" and "previous_response_id" not in posts[0]
+    stored = client.responses.retrieve(final.id)
+    assert (stored.previous_response_id, stored.metadata) == (first.id, {"k": "v"})
+
+
 def test_failing_tool(gateway: Gateway, fake: FakeProvider) -> None:
     client, _ = pinned_client(gateway, "unused")
     response = client.responses.create(model=MODEL, input="call fail", tools=mcp_tool("web"))

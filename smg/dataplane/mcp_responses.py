@@ -166,7 +166,9 @@ async def serve(
             return
         tool_loop, stored = prepared
         try:
-            await _run(app, request, tool_loop, sse if stream else None)
+            await _run(app, conn, request, tool_loop, sse if stream else None)
+        except _ClientGone:
+            return  # nobody to answer; nothing stored (1.13 stores only finished answers)
         except Exception as exc:
             conn.exchange = None
             if stream and sse.started:
@@ -177,18 +179,14 @@ async def serve(
             else:
                 _answer_failure(app, conn, request, exc)
             return
-        final = tool_loop.response()
-        previous, conv_id, keep = stored.previous, stored.conversation, stored.keep
-        final["previous_response_id"] = previous
-        final["store"] = keep
-        if conv_id is not None:
-            final["conversation"] = {"id": conv_id}
+        assert tool_loop.patch is not None
+        final = tool_loop.patch(tool_loop.response())
         await stored.save(app, final)  # before the answer: a read right after finds it
         conn.exchange = None
         if conn.closed:
             return
         if stream:
-            tool_loop.closing()
+            tool_loop.closing(final)
             sse.write(tool_loop.events())
             sse.end()
         else:
@@ -282,7 +280,14 @@ async def _prepare(
     upstream = responses.upstream_body(body, history, new_input)
     listed = await _list_tools(app, body)
     stored = _Stored(store, tenant, conv_tenant, new_input, previous, conv_id, keep)
-    return ToolLoop(upstream, listed), stored
+    tool_loop = ToolLoop(upstream, listed)
+
+    def patch(response: dict[str, Any]) -> dict[str, Any]:
+        # The request's fields the model was not sent, back as for any Responses answer.
+        return responses.patch_answer(response, body, previous, conv_id, keep)
+
+    tool_loop.patch = patch
+    return tool_loop, stored
 
 
 async def _list_tools(app: DataPlane, body: dict[str, Any]) -> dict[str, list[Any]]:
@@ -328,7 +333,24 @@ def _unavailable(label: str, exc: Exception) -> str:
     return f"Error retrieving tool list from MCP server: '{label}': {exc}"
 
 
-async def _run(app: DataPlane, request: Request, tool_loop: ToolLoop, sse: _Sse | None) -> None:
+class _ClientGone(Exception):
+    """The caller's connection closed: the loop stops (no further model or tool call)."""
+
+
+def _check_client(conn: ClientConnection) -> None:
+    # The watch cancels the task; this catches a cancellation lost in a race (3.11's
+    # wait_for, here or in a library, drops one that lands as its result arrives).
+    if conn.closed:
+        raise _ClientGone
+
+
+async def _run(
+    app: DataPlane,
+    conn: ClientConnection,
+    request: Request,
+    tool_loop: ToolLoop,
+    sse: _Sse | None,
+) -> None:
     """Model calls and tool calls until the loop is finished."""
     headers = _sub_headers(request)
     timeout = app.request_timeout or 3600.0
@@ -337,6 +359,7 @@ async def _run(app: DataPlane, request: Request, tool_loop: ToolLoop, sse: _Sse 
         tool_loop.opening()
         sse.write(tool_loop.events())
     while True:
+        _check_client(conn)
         sub = orjson.dumps(tool_loop.request())
         answer = await loopback.request(
             app, b"POST", responses.ROUTE.encode(), headers, sub, timeout
@@ -360,6 +383,7 @@ async def _run(app: DataPlane, request: Request, tool_loop: ToolLoop, sse: _Sse 
         finally:
             answer.close()
         for call in tool_loop.calls():
+            _check_client(conn)
             try:
                 arguments = orjson.loads(call.arguments or "{}")
             except orjson.JSONDecodeError as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -273,6 +274,8 @@ class ToolLoop:
         self.incomplete: str | None = None
         self._events: list[bytes] = []
         self.sequence = 0
+        # The caller's patch of the response objects the stream opens with (history fields).
+        self.patch: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         # Streaming, per model call: its output_index -> the client's, the calls announced.
         self._index: dict[int, int] = {}
         self._stream_calls: dict[int, Call] = {}
@@ -466,7 +469,7 @@ class ToolLoop:
         self._events.append(sse(event))
 
     def _skeleton(self, status: str) -> dict[str, Any]:
-        return {
+        skeleton = {
             "id": self.response_id,
             "object": "response",
             "created_at": self.created_at,
@@ -477,6 +480,7 @@ class ToolLoop:
             "tool_choice": self.body.get("tool_choice", "auto"),
             "usage": None,
         }
+        return self.patch(skeleton) if self.patch is not None else skeleton
 
     def opening(self) -> None:
         """response.created, response.in_progress, then each server's mcp_list_tools."""
@@ -645,9 +649,11 @@ class ToolLoop:
         self._completed = False
         self._settle(client_call)
 
-    def closing(self) -> None:
-        """response.completed with the whole response, then `data: [DONE]` (as 1.13)."""
-        self._emit({"type": "response.completed", "response": self.response()})
+    def closing(self, final: dict[str, Any] | None = None) -> None:
+        """response.completed with the whole response (`final`: as the caller patched it),
+        then `data: [DONE]` (as 1.13)."""
+        response = final if final is not None else self.response()
+        self._emit({"type": "response.completed", "response": response})
         self._events.append(DONE)
 
     def failed(self, code: str, message: str) -> None:
