@@ -310,6 +310,22 @@ def test_request_server_url(gateway: Gateway, mcp_url: str) -> None:
         client.responses.retrieve(response.id)  # store: false keeps nothing
 
 
+def test_unreachable_server(gateway: Gateway, fake: FakeProvider) -> None:
+    """A server that cannot list its tools: 424 (OpenAI's status), no model call."""
+    client, _ = pinned_client(gateway, "unused")
+    fake.clear()
+    dead = f"http://127.0.0.1:{free_port()}/mcp"
+    tools = [{"type": "mcp", "server_label": "dead", "server_url": dead}]
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:
+        client.responses.create(model=MODEL, input="call add", tools=tools)
+    assert err.value.status_code == 424
+    assert err.value.code == "mcp_server_unavailable"
+    assert "Error retrieving tool list from MCP server: 'dead'" in err.value.message
+    assert time.monotonic() - started < 14  # not the whole 15 s bound
+    assert _posts(fake) == []
+
+
 def test_unknown_label(gateway: Gateway) -> None:
     client, _ = pinned_client(gateway, "unused")
     with pytest.raises(openai.BadRequestError) as err:
