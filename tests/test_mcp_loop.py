@@ -445,6 +445,26 @@ def test_stream_limit_and_failed_call() -> None:
     ]
 
 
+def test_stream_item_without_done_event() -> None:
+    """A model stream that never sends output_item.done for its message: the item comes
+    from its response.completed."""
+    loop = make(body(stream=True))
+    loop.request()
+    item = message("hi")
+    feed_split(
+        loop,
+        frames(
+            [
+                {"type": "response.output_item.added", "output_index": 0, "item": item},
+                {"type": "response.completed", "response": answer([item])},
+            ]
+        ),
+        5,
+    )
+    assert loop.finished
+    assert [i["type"] for i in loop.response()["output"]] == ["mcp_list_tools", "message"]
+
+
 def test_stream_errors() -> None:
     loop = make(body(stream=True))
     loop.request()

@@ -643,6 +643,18 @@ class ToolLoop:
             if all(c is not call for c in self.pending):
                 self.pending.append(call)
         self.pending.sort(key=lambda c: c.output_index)
+        # An item the stream never closed with output_item.done: as the completed
+        # response has it.
+        final = self.last.get("output") if self.last is not None else None
+        if isinstance(final, list):
+            for upstream, mine in self._index.items():
+                if (
+                    self.output[mine] is None
+                    and upstream not in self._stream_calls
+                    and 0 <= upstream < len(final)
+                    and isinstance(final[upstream], dict)
+                ):
+                    self.output[mine] = final[upstream]
         client_call = self._client_call
         self._index, self._stream_calls = {}, {}
         self._client_call = False
