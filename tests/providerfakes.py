@@ -352,9 +352,55 @@ def error_body(api: str, status: int, message: str) -> dict[str, Any]:
 # --- the server (run as a subprocess) -----------------------------------------------------------
 
 
+# The MCP tool loop's scripted model: a first user message "call NAME" (with a function tool
+# NAME offered) gets a function call to NAME with these arguments while the input has no
+# function_call_output ("call NAME forever": always), then a message with the last output.
+TOOL_ARGUMENTS = {"add": '{"a":2,"b":3}', "sleep": '{"seconds":30}', "fail": "{}"}
+
+
+def _first_words(body: dict[str, Any]) -> str:
+    """The text of the first user message of a Responses request's input."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return items
+    items = items if isinstance(items, list) else []
+    first = next((i for i in items if isinstance(i, dict) and i.get("role") == "user"), None)
+    content = first.get("content") if first else None
+    parts = content if isinstance(content, list) else [{"text": content or ""}]
+    return " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
+
+
+def tool_step(body: dict[str, Any], items: list[Any], number: int) -> dict[str, Any] | None:
+    """The scripted model's output item for `body`, or None when the script does not apply
+    ("... then break": the call after the tool's output answers 400, see serve)."""
+    words = _first_words(body).split()
+    offered = {t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
+    if len(words) < 2 or words[0] != "call" or words[1] not in offered:
+        return None
+    outputs = [i for i in items if isinstance(i, dict) and i.get("type") == "function_call_output"]
+    if outputs and words[-1] != "forever":
+        return {
+            "type": "message",
+            "id": f"msg_fake{number}",
+            "status": "completed",
+            "role": "assistant",
+            "content": [
+                {"type": "output_text", "text": str(outputs[-1]["output"]), "annotations": []}
+            ],
+        }
+    return {
+        "type": "function_call",
+        "id": f"fc_fake{number}",
+        "call_id": f"call_fake{number}",
+        "name": words[1],
+        "arguments": TOOL_ARGUMENTS.get(words[1], "{}"),
+        "status": "completed",
+    }
+
+
 def responses_answer(body: dict[str, Any], number: int) -> dict[str, Any]:
     """A Responses API answer (OpenAI's reference shape) to `body`; it keeps no history: its
-    text names how many input items it saw and the last one's text."""
+    text names how many input items it saw and the last one's text (or `tool_step`'s item)."""
     items = body.get("input")
     if isinstance(items, str):
         items = [{"type": "message", "role": "user", "content": items}]
@@ -365,6 +411,9 @@ def responses_answer(body: dict[str, Any], number: int) -> dict[str, Any]:
         parts = content if isinstance(content, list) else [{"text": content}]
         last = " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict))
     text = f"seen {len(items)} items; last: {last}"
+    step = tool_step(body, items, number)
+    if step is not None:
+        text = step["content"][0]["text"] if step["type"] == "message" else ""
     return {
         "id": f"resp_fake{number}",
         "object": "response",
@@ -372,7 +421,8 @@ def responses_answer(body: dict[str, Any], number: int) -> dict[str, Any]:
         "status": "completed",
         "model": body.get("model", ""),
         "output": [
-            {
+            step
+            or {
                 "type": "message",
                 "id": f"msg_fake{number}",
                 "status": "completed",
@@ -396,8 +446,11 @@ def responses_answer(body: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 def responses_events(answer: dict[str, Any]) -> list[bytes]:
-    """The event stream of `answer`: created, one text delta, completed."""
+    """The event stream of `answer`: created, one text delta (or a function call's
+    arguments), completed."""
     item = answer["output"][0]
+    if item["type"] == "function_call":
+        return _function_call_events(answer, item)
     text = item["content"][0]["text"]
     started = {**answer, "status": "in_progress", "output": [], "usage": None}
     opened = {**item, "status": "in_progress", "content": []}
@@ -410,6 +463,29 @@ def responses_events(answer: dict[str, Any]) -> list[bytes]:
         {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
         {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
         {"type": "response.content_part.done", **at, "part": item["content"][0]},
+        {"type": "response.output_item.done", "output_index": 0, "item": item},
+        {"type": "response.completed", "response": answer},
+    ]
+    return [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+        for n, e in enumerate(events)
+    ]
+
+
+def _function_call_events(answer: dict[str, Any], item: dict[str, Any]) -> list[bytes]:
+    started = {**answer, "status": "in_progress", "output": [], "usage": None}
+    at = {"item_id": item["id"], "output_index": 0}
+    args = item["arguments"]
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**item, "arguments": "", "status": "in_progress"},
+        },
+        {"type": "response.function_call_arguments.delta", **at, "delta": args[:3]},
+        {"type": "response.function_call_arguments.delta", **at, "delta": args[3:]},
+        {"type": "response.function_call_arguments.done", **at, "arguments": args},
         {"type": "response.output_item.done", "output_index": 0, "item": item},
         {"type": "response.completed", "response": answer},
     ]
@@ -559,6 +635,10 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
 
     async def responses(request: web.Request) -> web.StreamResponse:
         answer = responses_answer(request["body"], request["number"])
+        if answer["output"][0]["type"] == "message" and "then break" in _first_words(
+            request["body"]
+        ):
+            return error(400, "the scripted model breaks after the tool call")
         if request["body"].get("stream"):
             return await sse(request, responses_events(answer))
         return web.json_response(answer)

@@ -19,7 +19,7 @@ import orjson
 
 from smg import ipc
 from smg.config import tenant_keys
-from smg.dataplane import auth, conversations, responses
+from smg.dataplane import auth, conversations, mcp_responses, responses
 from smg.dataplane.admission import Admission
 from smg.dataplane.cors import Cors
 from smg.dataplane.exchange import ANTHROPIC_PATHS, COUNT_TOKENS_ROUTE, Exchange
@@ -1573,6 +1573,9 @@ class DataPlane:
             if not isinstance(body, dict):
                 request.history = False
                 self._proxy_entry(conn, request)
+                return
+            if mcp_responses.wanted(body):  # MCP tools: the tool loop answers
+                await mcp_responses.serve(self, conn, request, body)
                 return
             previous, conv_id = responses.history_fields(body)
             keep = body.get("store", True) is not False
