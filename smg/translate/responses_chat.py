@@ -49,7 +49,16 @@ _ECHO_DEFAULTS: dict[str, Any] = {"user": None, "truncation": "disabled", "tool_
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _EFFORTS = ("minimal", "low", "medium", "high")
-_FORWARDED = ("temperature", "top_p", "top_logprobs", "parallel_tool_calls", "user")
+# chat_template_kwargs: smg's extension (the chat path takes it; e.g. Qwen3's
+# enable_thinking), not a Responses field.
+_FORWARDED = (
+    "temperature",
+    "top_p",
+    "top_logprobs",
+    "parallel_tool_calls",
+    "user",
+    "chat_template_kwargs",
+)
 
 
 def new_id(prefix: str) -> str:
@@ -327,6 +336,7 @@ class ResponsesOverChat:
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool_call index -> its item
         self._finish: Any = None
         self._usage: Any = None
+        self._blank = ""  # whitespace-only content not yet sent (see _chunk)
 
     @staticmethod
     def _echo(body: dict[str, Any]) -> dict[str, Any]:
@@ -560,6 +570,14 @@ class ResponsesOverChat:
                 },
             )
         content = text(delta.get("content"))
+        if content and (self._open is None or self._open["type"] != "message"):
+            # Whitespace alone (the "\n\n" after a reasoning block, before a tool call)
+            # is not an answer: held until text follows, dropped otherwise, as the whole
+            # answer's content is null then (1.13's normalize_assistant_content).
+            content = self._blank + content
+            self._blank = content if not content.strip() else ""
+            if self._blank:
+                content = ""
         if content:
             item = self._open_item(out, "message")
             item["text"] += content
@@ -649,3 +667,41 @@ class ResponsesOverChat:
 
 def _text_part(value: str) -> dict[str, Any]:
     return {"type": "output_text", "text": value, "annotations": []}
+
+
+class Observed:
+    """ResponsesOverChat with the history observer after it (smg.dataplane.responses
+    Observer: it sees the Responses bytes the client gets, stores the finished response,
+    and puts the client's history fields back). The worker was sent neither
+    previous_response_id nor the client's `store`: the stream's events carry the client's."""
+
+    def __init__(self, inner: ResponsesOverChat, observer: Any) -> None:
+        self.inner = inner
+        self.observer = observer
+        self.upstream_path = inner.upstream_path
+        self.upstream_body = inner.upstream_body
+        self.stream = inner.stream
+        echo = inner.echo
+        echo["previous_response_id"] = getattr(observer, "previous", None)
+        echo["store"] = getattr(observer, "store", True)
+        conversation = getattr(observer, "conversation", None)
+        if conversation is not None:
+            echo["conversation"] = {"id": conversation}
+
+    def response(self, status: int, body: bytes) -> bytes:
+        return self.observer.response(status, self.inner.response(status, body))  # type: ignore[no-any-return]
+
+    def feed(self, data: bytes) -> bytes:
+        return self.observer.feed(self.inner.feed(data))  # type: ignore[no-any-return]
+
+    def finish(self) -> bytes:
+        return self.observer.feed(self.inner.finish()) + self.observer.finish()  # type: ignore[no-any-return]
+
+    def abort(self, code: str, message: str) -> bytes:
+        return self.observer.feed(self.inner.abort(code, message)) + self.observer.finish()  # type: ignore[no-any-return]
+
+    def settle(self) -> Any:
+        """The observer's store write to wait for before the last bytes go out (None:
+        nothing to wait for)."""
+        settle = getattr(self.observer, "settle", None)
+        return settle() if settle is not None else None

@@ -1,0 +1,302 @@
+"""The Responses API on a gRPC model, end to end: `smg launch --processes 2` in front of the
+gRPC mock (`smg mock-worker --grpc`) serving a Qwen3 model (its real chat template; the
+qwen tool parser and the qwen3 reasoning parser), driven with the openai SDK's
+`client.responses` (max_retries=0). smg renders the prompt and parses the output itself:
+POST /v1/responses is translated to chat (smg.translate.responses_chat), served by the gRPC
+chat path, and the answer (whole or streamed) comes back as a Response; the history
+(previous_response_id, conversation) is expanded and stored as for HTTP workers, each turn
+on the other data-plane process (x-smg-process)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
+
+from tests.gatewayutil import Gateway, wait_until
+from tests.test_conversations_e2e import PinnedTransport, pinned_client
+
+MODEL = "Qwen/Qwen3-8B"
+TEMPLATE = "Qwen-Qwen3-0.6B.jinja"
+# Qwen3's template thinks unless told not to: the chat path's chat_template_kwargs.
+OFF = {"chat_template_kwargs": {"enable_thinking": False}}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+CALL_REPLY = (
+    "<think>The user wants weather.</think>\n\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, GrpcMock]]:
+    root = tmp_path_factory.mktemp("qwen3")
+    model_dir = llama3_dir(root / "model", template=TEMPLATE)
+    reply = root / "reply.txt"
+    reply.write_text("Hello there.", "utf-8")
+    mock = start_grpc_mock(model_dir, model=MODEL, args=["--reply-file", str(reply)])
+    try:
+        gw = Gateway(
+            [
+                "--worker-urls", mock.url, "--history-backend", "memory",
+                "--tool-call-parser", "qwen", "--reasoning-parser", "qwen3",
+            ],
+            env={"XDG_CACHE_HOME": str(root / "cache")},
+        )  # fmt: skip
+        try:
+            gw.start(timeout=60.0)
+            gw.wait_ready(60.0)
+            wait_until(
+                lambda: _post(gw, {"input": "hi", "store": False}).status_code == 200,
+                60.0,
+                "the gRPC model served on /v1/responses",
+            )
+            yield gw, mock
+        finally:
+            gw.stop()
+            gw.close_log()
+    finally:
+        mock.stop()
+
+
+def _post(gw: Gateway, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(gw.url + "/v1/responses", json={"model": MODEL, **OFF, **body}, timeout=30)
+
+
+def _client(gw: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
+
+
+def _prompt(mock: GrpcMock) -> str:
+    """The prompt text the engine got for the last request."""
+    sent = mock.stats()["last_generate_request"]
+    return str(sent["tokenized"]["original_text"])
+
+
+def _prompt_len(mock: GrpcMock) -> int:
+    return len(mock.stats()["last_generate_request"]["tokenized"]["input_ids"])
+
+
+def _stored(client: openai.OpenAI, response_id: str) -> None:
+    """Readable on the other process (stored before or right after the answer)."""
+
+    def there() -> bool:
+        try:
+            client.responses.retrieve(response_id)
+            return True
+        except openai.NotFoundError:
+            return False
+
+    wait_until(there, 10, f"response {response_id} stored")
+
+
+def test_text_answer(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    mock.reply("Hello there.")
+    made = _client(gw).responses.create(
+        model=MODEL, input="hi", instructions="Be brief.", extra_body=OFF, store=False
+    )
+    assert made.id.startswith("resp_") and made.object == "response"
+    assert made.status == "completed" and made.incomplete_details is None
+    assert made.model == MODEL
+    assert [item.type for item in made.output] == ["message"]
+    message = made.output[0]
+    assert message.role == "assistant" and message.status == "completed"  # type: ignore[union-attr]
+    assert made.output_text == "Hello there."
+    assert made.instructions == "Be brief." and made.store is False
+    assert made.usage is not None
+    assert made.usage.input_tokens == _prompt_len(mock)
+    assert made.usage.output_tokens == 4  # "Hello", " there", ".", EOS
+    assert made.usage.total_tokens == made.usage.input_tokens + 4
+    prompt = _prompt(mock)
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi")
+
+
+def test_max_output_tokens_is_incomplete(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    mock.reply("one two three four five six")
+    made = _client(gw).responses.create(
+        model=MODEL, input="count", max_output_tokens=2, extra_body=OFF, store=False
+    )
+    assert made.status == "incomplete"
+    assert made.incomplete_details is not None
+    assert made.incomplete_details.reason == "max_output_tokens"
+    assert made.output_text == "one two"
+    assert made.usage is not None and made.usage.output_tokens == 2
+
+
+def test_stream_events(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    mock.reply("<think>Easy.</think>\n\nHello there.")
+    events = list(
+        _client(gw).responses.create(model=MODEL, input="hi", stream=True, store=False)
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")  # type: ignore[union-attr]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")  # type: ignore[union-attr]
+    assert reasoning == "Easy." and text == "\n\nHello there."
+    # Each item: added, its part, deltas, done; the reasoning item before the message.
+    frame = [k for k in kinds if not k.endswith(".delta")]
+    assert frame == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert [i.type for i in final.output] == ["reasoning", "message"]
+    assert final.output_text == "\n\nHello there."
+    assert final.usage is not None and final.usage.input_tokens == _prompt_len(mock)
+
+
+def test_function_call_round_trip(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    mock.reply(CALL_REPLY)
+    client, transport = pinned_client(gw, "unused")
+    asked = client.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=[WEATHER]  # type: ignore[list-item]
+    )
+    assert [i.type for i in asked.output] == ["reasoning", "function_call"]
+    call = asked.output[1]
+    assert call.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert call.call_id and call.status == "completed"  # type: ignore[union-attr]
+    assert '"name": "get_weather"' in _prompt(mock)  # the tool reached the template
+    mock.reply("It is sunny.")
+    answered = client.responses.create(
+        model=MODEL,
+        previous_response_id=asked.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],  # type: ignore[union-attr]
+        tools=[WEATHER],  # type: ignore[list-item]
+        extra_body=OFF,
+    )
+    assert answered.output_text == "It is sunny."
+    assert transport.seen == ["0", "1"]
+    prompt = _prompt(mock)
+    # The history: the call as the assistant's tool call, its output as the tool's answer.
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>\nsunny\n</tool_response>" in prompt
+
+
+def test_three_turns_through_previous_response_id(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    client, transport = pinned_client(gw, "unused")
+    probe, _ = pinned_client(gw, "unused", PinnedTransport(gw.url))
+    mock.reply("first answer")
+    first = client.responses.create(model=MODEL, input="one", extra_body=OFF)
+    _stored(probe, first.id)
+    mock.reply("second answer")
+    second = client.responses.create(
+        model=MODEL, input="two", previous_response_id=first.id, extra_body=OFF
+    )
+    assert second.previous_response_id == first.id and second.store is True
+    _stored(probe, second.id)
+    mock.reply("third answer")
+    with client.responses.stream(
+        model=MODEL, input="three", previous_response_id=second.id, extra_body=OFF
+    ) as stream:
+        third = stream.get_final_response()
+    assert third.output_text == "third answer"
+    assert third.previous_response_id == second.id
+    assert transport.seen == ["0", "1", "0"]
+    prompt = _prompt(mock)
+    turns = ["one", "first answer", "two", "second answer", "three"]
+    positions = [prompt.index(f"\n{t}<|im_end|>") for t in turns[:-1]]
+    assert positions == sorted(positions)
+    assert prompt.count("<|im_start|>user\n") == 3
+    assert prompt.count("<|im_start|>assistant\n") == 3  # two turns + the generation prompt
+    _stored(probe, third.id)
+    got = probe.responses.retrieve(third.id)
+    assert (got.output_text, got.previous_response_id) == ("third answer", second.id)
+    listed = probe.responses.input_items.list(third.id)
+    assert [i.content[0].text for i in listed.data] == ["three"]  # type: ignore[union-attr]
+
+
+def test_three_turns_through_conversation(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    client, transport = pinned_client(gw, "unused")
+    conversation = client.conversations.create()
+    for n, word in enumerate(["alpha", "beta", "gamma"]):
+        mock.reply(f"reply {n}")
+        made = client.responses.create(
+            model=MODEL, input=word, conversation=conversation.id, extra_body=OFF
+        )
+        assert made.output_text == f"reply {n}"
+        # 1.13 appends the turn's items once the response is stored: wait for them.
+        wait_until(
+            lambda n=n: len(_items(gw, conversation.id)) == 2 * (n + 1),
+            10,
+            f"turn {n} in the conversation",
+        )
+    assert transport.seen == ["0", "1", "0", "1"]  # create, then the three turns
+    prompt = _prompt(mock)
+    for earlier in ("alpha", "reply 0", "beta", "reply 1", "gamma"):
+        assert f"\n{earlier}<|im_end|>" in prompt
+    texts = [item["content"][0]["text"] for item in _items(gw, conversation.id)]
+    assert texts == ["alpha", "reply 0", "beta", "reply 1", "gamma", "reply 2"]
+
+
+def _items(gw: Gateway, conversation: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{gw.url}/v1/conversations/{conversation}/items?order=asc", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return list(answer.json()["data"])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"input": [{"type": "web_search_call", "id": "ws_1"}]},
+            "input[0]: input item type 'web_search_call' cannot be sent to this model",
+        ),
+        (
+            {"input": "hi", "tools": [{"type": "web_search"}]},
+            "tool type 'web_search' cannot be sent to this model",
+        ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}
+                ]
+            },
+            "input[0]: content part type 'input_image' cannot be sent to this model",
+        ),
+        ({"input": 7}, "'input' must be a string or a list of items"),
+    ],
+)
+def test_bad_input_is_400(
+    served: tuple[Gateway, GrpcMock], body: dict[str, Any], message: str
+) -> None:
+    gw, mock = served
+    before = mock.stats()["generate"]
+    answer = _post(gw, {**body, "store": False})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["message"] == message
+    assert error["type"] == "invalid_request_error"
+    assert mock.stats()["generate"] == before  # nothing reached the engine
