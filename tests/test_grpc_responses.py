@@ -141,9 +141,7 @@ def test_max_output_tokens_is_incomplete(served: tuple[Gateway, GrpcMock]) -> No
 def test_stream_events(served: tuple[Gateway, GrpcMock]) -> None:
     gw, mock = served
     mock.reply("<think>Easy.</think>\n\nHello there.")
-    events = list(
-        _client(gw).responses.create(model=MODEL, input="hi", stream=True, store=False)
-    )
+    events = list(_client(gw).responses.create(model=MODEL, input="hi", stream=True, store=False))
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == "response.completed"
@@ -179,7 +177,9 @@ def test_function_call_round_trip(served: tuple[Gateway, GrpcMock]) -> None:
     mock.reply(CALL_REPLY)
     client, transport = pinned_client(gw, "unused")
     asked = client.responses.create(
-        model=MODEL, input="Weather in Paris?", tools=[WEATHER]  # type: ignore[list-item]
+        model=MODEL,
+        input="Weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
     )
     assert [i.type for i in asked.output] == ["reasoning", "function_call"]
     call = asked.output[1]
@@ -279,11 +279,7 @@ def _items(gw: Gateway, conversation: str) -> list[dict[str, Any]]:
             "tool type 'web_search' cannot be sent to this model",
         ),
         (
-            {
-                "input": [
-                    {"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}
-                ]
-            },
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             "input[0]: content part type 'input_image' cannot be sent to this model",
         ),
         ({"input": 7}, "'input' must be a string or a list of items"),
