@@ -35,13 +35,28 @@ def test_pooled_connection_happy_path() -> None:
     assert actions == [Action.WRITE, Action.RELAY_HEAD, Action.END_MESSAGE, Action.FINISH]
 
 
+def test_settling_holds_the_last_bytes_until_the_write_ends() -> None:
+    """A translated answer whose record is being written: COMPLETE -> SETTLING -> COMPLETE,
+    then the flush finishes it; the client may leave meanwhile; the request timeout and a
+    late upstream close do not end it (the write is bounded by the store's op timeout)."""
+    events = (Event.CONNECTION, Event.HEAD, Event.COMPLETE, Event.SETTLE)
+    state, actions = run(*events)
+    assert state == State.SETTLING and actions[-1] == Action.HOLD
+    for event in (Event.TIMEOUT, Event.LOST, Event.FLUSHED, Event.COMPLETE):
+        assert step(State.SETTLING, event) == (State.SETTLING, Action.IGNORE)
+    assert step(State.SETTLING, Event.SETTLED) == (State.COMPLETE, Action.EMIT)
+    assert step(State.SETTLING, Event.CLIENT_GONE) == (State.DONE, Action.DROP)
+    state, actions = run(Event.SETTLED, Event.FLUSHED, state=State.SETTLING)
+    assert state == State.DONE and actions == [Action.EMIT, Action.FINISH]
+
+
 def test_fresh_connection_path() -> None:
     state, actions = run(Event.SLOT, Event.CONNECTION, Event.HEAD, Event.COMPLETE, Event.FLUSHED)
     assert state == State.DONE
     assert actions[:2] == [Action.OPEN, Action.WRITE]
 
 
-RELAYED = {State.RELAYING, State.STREAMING, State.COMPLETE, State.DONE}
+RELAYED = {State.RELAYING, State.STREAMING, State.COMPLETE, State.SETTLING, State.DONE}
 
 
 def test_no_edge_leads_back_once_the_head_is_relayed() -> None:

@@ -125,28 +125,91 @@ def test_record_of_answer() -> None:
     assert responses.record_of({"output": []}, new, None, None) is None
 
 
+class _Writes:
+    """`done` for an Observer: notes the answer and returns its write (a plain Future
+    the test resolves), as DataPlane's store task."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, answer: dict[str, Any]) -> asyncio.Future[None]:
+        self.got.append(answer)
+        return self.loop.create_future()
+
+
 def test_observer_whole_answer() -> None:
-    got: list[dict[str, Any]] = []
-    obs = responses.Observer(b"{}", False, got.append, "resp_0", None)
+    writes = _Writes()
+    obs = responses.Observer(b"{}", False, writes, "resp_0", None)
+    assert obs.settle() is None
     out = obs.response(200, b'{"id":"resp_1","previous_response_id":null}')
     assert orjson.loads(out) == {"id": "resp_1", "previous_response_id": "resp_0", "store": True}
-    assert got == [{"id": "resp_1", "previous_response_id": None}]
+    assert writes.got == [{"id": "resp_1", "previous_response_id": None}]
+    write = obs.settle()
+    assert write is not None and not write.done()  # the exchange holds the answer for it
     assert obs.response(400, b'{"error":{}}') == b'{"error":{}}'  # errors pass untouched
-    assert len(got) == 1
+    assert len(writes.got) == 1
+    writes.loop.close()
 
 
-def test_observer_stream_split_anywhere() -> None:
-    got: list[dict[str, Any]] = []
-    obs = responses.Observer(b"{}", True, got.append, None, None)
-    stream = (
-        b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n'
-        b'event: response.completed\ndata: {"type":"response.completed",'
-        b'"response":{"id":"r","output":[]}}\n\n'
-    )
-    relayed = b"".join(obs.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
-    assert relayed == stream
-    assert obs.finish() == b""
-    assert got == [{"id": "r", "output": []}]
+STREAM = (
+    b'event: response.created\ndata: {"type":"response.created","response":{"id":"r"}}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    b'"delta":"hi"}\n\n'
+)
+COMPLETED = (
+    b'event: response.completed\ndata: {"type":"response.completed",'
+    b'"response":{"id":"r","output":[]}}\n\n'
+)
+
+
+@pytest.mark.parametrize("step", [1, 7, 50, 10_000])
+def test_observer_stream_withholds_completed_until_finish(step: int) -> None:
+    """Complete events go out as they come (a partial one waits for its end); from the
+    response.completed event's first line on, nothing goes out before finish(), which
+    starts the write that settle() hands the exchange."""
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None)
+    stream = STREAM + COMPLETED + b"data: [DONE]\n\n"
+    relayed = b"".join(obs.feed(stream[i : i + step]) for i in range(0, len(stream), step))
+    assert relayed == STREAM
+    assert writes.got == [] and obs.settle() is None  # not stored before the stream ends
+    assert obs.finish() == COMPLETED + b"data: [DONE]\n\n"
+    assert writes.got == [{"id": "r", "output": []}]
+    assert obs.settle() is not None
+    writes.loop.close()
+
+
+def test_observer_stream_partial_event_waits_and_crlf() -> None:
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None)
+    assert obs.feed(b'data: {"type":"x"}\r\n') == b""  # its end not seen yet
+    assert obs.feed(b"\r\ndata: {") == b'data: {"type":"x"}\r\n\r\n'
+    assert obs.finish() == b"data: {"  # a stream without response.completed: all goes out
+    assert writes.got == [] and obs.settle() is None
+    writes.loop.close()
+
+
+def test_observer_stream_broken_after_completed_stores_nothing() -> None:
+    """The worker broke the stream after response.completed: 1.13 stores nothing then,
+    and the client gets the error event, not the withheld completed event."""
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None)
+    assert obs.feed(STREAM + COMPLETED) == STREAM
+    aborted = obs.abort("upstream_connection_closed", "gone")
+    assert b"response.completed" not in aborted and aborted.endswith(b"data: [DONE]\n\n")
+    assert writes.got == [] and obs.settle() is None
+    writes.loop.close()
+
+
+def test_observer_gives_up_on_an_endless_event() -> None:
+    writes = _Writes()
+    obs = responses.Observer(b"{}", True, writes, None, None)
+    big = b"data: " + b"x" * responses.MAX_EVENT_BYTES
+    assert obs.feed(big) == big  # no event is that long: relayed, unwatched from here on
+    assert obs.feed(COMPLETED) == COMPLETED
+    assert obs.finish() == b"" and writes.got == []
+    writes.loop.close()
 
 
 def test_serve_get_delete_input_items() -> None:

@@ -349,10 +349,11 @@ class DataPlane:
         self.history_store: HistoryStore | None = None
         self._tenant_by_key: dict[bytes, str] | None = None
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -1575,10 +1576,12 @@ class DataPlane:
                 history.extend(responses.chain_items(chain))
             upstream = orjson.dumps(responses.upstream_body(body, history, new_input))
 
-            def done(answer: dict[str, object]) -> None:
+            def done(answer: dict[str, object]) -> asyncio.Future[None] | None:
+                # The write starts now; the answer's last bytes wait for it (settle()).
                 record = responses.record_of(answer, new_input, previous, conv_id)
-                if record is not None and keep:
-                    self.spawn(self._responses_store(store, tenant, conv_tenant, record))
+                if record is None or not keep:
+                    return None
+                return self.spawn(self._responses_store(store, tenant, conv_tenant, record))
 
             request.history = responses.Observer(
                 upstream, body.get("stream") is True, done, previous, conv_id, keep
@@ -1608,7 +1611,9 @@ class DataPlane:
     ) -> None:
         """After a 2xx answer with `store` (1.13: store=false persists nothing, the
         conversation included): the response record, and the turn's items appended to its
-        conversation. A store that fails is logged: the client has its answer."""
+        conversation, before the answer's last bytes go out (Observer.settle). A write that
+        fails is logged as a warning and the answer goes out all the same, as 1.13 does
+        (`warn!("Failed to persist conversation items")`, then 200)."""
         try:
             await store.put_response(tenant, record)
             if record.conversation_id is not None:

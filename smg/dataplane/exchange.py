@@ -93,6 +93,7 @@ _AWAITING_HEAD = int(State.AWAITING_HEAD)
 _RELAYING = int(State.RELAYING)
 _STREAMING = int(State.STREAMING)
 _DRAINED = int(State.DRAINED)
+_SETTLING = int(State.SETTLING)
 _N = EVENT_COUNT
 _SLOT = int(Event.SLOT)
 _CONNECTION = int(Event.CONNECTION)
@@ -111,6 +112,8 @@ _CLIENT_GONE = int(Event.CLIENT_GONE)
 _SSE_EVENT = int(Event.SSE)
 _BACKOFF_OVER = int(Event.BACKOFF_OVER)
 _NO_WORKER = int(Event.NO_WORKER)
+_SETTLE = int(Event.SETTLE)
+_SETTLED = int(Event.SETTLED)
 _OPEN = int(Action.OPEN)
 _WRITE = int(Action.WRITE)
 _RELAY_HEAD = int(Action.RELAY_HEAD)
@@ -168,6 +171,7 @@ class Exchange:
         "row",
         "seen_tail",
         "sent_at",
+        "settling",
         "started",
         "state",
         "status",
@@ -533,6 +537,7 @@ class Exchange:
             elif mode == _HOLD:
                 self._emit_rewritten()
             elif mode in (_XSSE, _XSSE_RAW):
+                mark = len(self.out)
                 out = self.translation.finish()  # type: ignore[union-attr]
                 if mode == _XSSE_RAW:
                     self.out.append(out)
@@ -540,11 +545,45 @@ class Exchange:
                     if out:
                         self.out.append(b"%x\r\n%b\r\n" % (len(out), out))
                     self.out.append(_CHUNK_END)
+                self._settle(mark)
             elif mode == _XHOLD:
+                mark = len(self.out)
                 self._emit_translated()
+                self._settle(mark)
             self.upstream_reusable = upstream_keep_alive
         elif action == _DRAINED_ACTION:
             self.upstream_reusable = upstream_keep_alive
+
+    def _settle(self, mark: int) -> None:
+        """A translated answer is complete and its last bytes are `out[mark:]`: when the
+        translation has a store write still running (`settle()`: /v1/responses with
+        history), they wait for it (SETTLING), so the record exists before the client has
+        the whole answer, as 1.13 writes it before answering. Translated answers only: the
+        plain relay never gets here."""
+        settle = getattr(self.translation, "settle", None)
+        if settle is None:
+            return
+        write = settle()
+        if write is None or write.done():
+            return
+        self.state, _action = FLAT[self.state * _N + _SETTLE]
+        self.settling: list[bytes] | None = self.out[mark:]
+        del self.out[mark:]
+        write.add_done_callback(self._settled)
+
+    def _settled(self, _write: object) -> None:
+        """The store write ended (stored or failed: the answer goes either way, as 1.13,
+        which logs the failure): the held bytes go out and the exchange finishes."""
+        if self.state != _SETTLING:
+            return  # the client left meanwhile
+        try:
+            self.state, _action = FLAT[self.state * _N + _SETTLED]
+            held, self.settling = self.settling, None
+            self.out.extend(held or ())
+            self.flush()
+        except Exception as exc:  # a request must never take the process down
+            self.app.log_error("writing a settled answer failed", exc)
+            self.client.close()
 
     def _emit_rewritten(self) -> None:
         """A held error answer on /v1/messages: the worker's headers, the status, and the

@@ -22,6 +22,16 @@ rule about when a request may be retried, relayed, failed or finished lives here
     STREAMING    --timeout---------->  DONE           close the client (a stall: no clean end)
     any but DONE --client_gone------>  DONE           drop the upstream connection (499)
 
+A translated answer whose record must be stored first (/v1/responses with history: the
+Translation's `settle()` gives a write still running) waits for it before its last bytes:
+
+    COMPLETE     --settle----------->  SETTLING       hold the last bytes; the upstream is done
+    SETTLING     --settled---------->  COMPLETE       the write ended (stored or failed): emit
+    SETTLING     --client_gone------>  DONE           drop the upstream connection (499)
+
+SETTLING ignores the request timeout: the worker answered in time, and the write is
+bounded by the store's own op timeout.
+
 Retry edges. The exchange sends the `*_retry` flavour of a failure when another attempt is
 allowed (attempts left, and the request body still held: `--max-buffered-request-bytes`);
 they only matter before the response head, when nothing reached the client:
@@ -72,6 +82,7 @@ class State(enum.IntEnum):
     DISCARDING = 7  # a retryable answer is being read and dropped (the client sees nothing)
     DRAINED = 8  # that answer was read in full; the flush at the end of the read retries
     BACKOFF = 9  # between attempts: waiting out the backoff, no worker chosen
+    SETTLING = 10  # complete, its last bytes held until the answer's store write ends
 
 
 class Event(enum.IntEnum):
@@ -92,6 +103,8 @@ class Event(enum.IntEnum):
     SSE = 14  # the relayed head is an event stream the gateway frames in chunks
     BACKOFF_OVER = 15  # the backoff before the next attempt has passed
     NO_WORKER = 16  # the next attempt found no worker to go to
+    SETTLE = 17  # the complete answer's store write is still running
+    SETTLED = 18  # that write ended
 
 
 class Action(enum.IntEnum):
@@ -115,6 +128,8 @@ class Action(enum.IntEnum):
     FAIL_NO_WORKER = 17  # 503: the retry found no worker
     WATCH = 18  # an SSE stream: keep-alive frames on silence, an error event if it breaks
     END_STREAM_ERROR = 19  # the worker broke the stream: error event, [DONE], chunked end
+    HOLD = 20  # keep the answer's last bytes until the store write ends
+    EMIT = 21  # write the held last bytes; the flush then finishes as COMPLETE does
 
 
 S, E, A = State, Event, Action
@@ -155,6 +170,9 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, Action]] = {
     (S.STREAMING, E.CLIENT_GONE): (S.DONE, A.DROP),
     (S.COMPLETE, E.FLUSHED): (S.DONE, A.FINISH),
     (S.COMPLETE, E.CLIENT_GONE): (S.DONE, A.DROP),
+    (S.COMPLETE, E.SETTLE): (S.SETTLING, A.HOLD),
+    (S.SETTLING, E.SETTLED): (S.COMPLETE, A.EMIT),
+    (S.SETTLING, E.CLIENT_GONE): (S.DONE, A.DROP),
     (S.DISCARDING, E.COMPLETE): (S.DRAINED, A.DRAINED),
     (S.DISCARDING, E.LOST): (S.BACKOFF, A.RETRY),
     (S.DISCARDING, E.LOST_RETRY): (S.BACKOFF, A.RETRY),

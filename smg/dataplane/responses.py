@@ -7,12 +7,14 @@ chain (earlier turns' input + output items, then the new input; without
 whole conversation; `instructions` are never carried over, OpenAI's rule), the record made
 from an answer, the SSE scan for `response.completed`, and the GET/DELETE/input_items answers.
 `Observer` is a pass-through `Translation` the Exchange feeds the worker's answer through;
-it hands the finished answer to a callback, which stores it (after the answer is written:
-a client reading the record right away may race the write).
+it hands the finished answer to a callback, which starts the store write, and the answer's
+last bytes wait for that write (`Observer.settle`): a client that reads the record, or
+sends its next turn, the moment it has the answer finds it stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ ROUTE = "/v1/responses"
 PREFIX = ROUTE + "/"
 MAX_CHAIN = 100  # responses followed back through previous_response_id
 MAX_CONVERSATION_PAGES = 10  # of 100 items: the conversation's history sent upstream
+MAX_EVENT_BYTES = 1 << 24  # a stream event held back until its end at most this long
 ALLOW = {"response": "GET,HEAD,DELETE", "input_items": "GET,HEAD"}
 DISABLED = (
     "previous_response_id and conversation need a history store: this gateway runs with "
@@ -159,6 +162,7 @@ def record_of(
         return None
     body = dict(answer)
     body["previous_response_id"] = previous
+    body["store"] = True  # the worker was sent store=false; a record exists only with true
     if conversation is not None:
         body["conversation"] = {"id": conversation}
     output = answer.get("output")
@@ -193,7 +197,13 @@ def completed_response(event_data: bytes) -> dict[str, Any] | None:
 class Observer:
     """A pass-through Translation: the worker's answer goes to the client unchanged (a
     whole 2xx answer gets its history fields and `store` back); the finished response goes
-    to `done`."""
+    to `done`, which starts its store write and returns it (None: nothing stored).
+
+    The answer's last bytes wait for that write (`settle`), as 1.13 writes the record
+    before answering: a whole answer is held by the exchange anyway; a stream is relayed
+    event by event up to its `response.completed` event, which is withheld with whatever
+    follows and handed out by `finish()`. The write starts only when the stream ended
+    whole (1.13 stores nothing from a stream the worker broke): its end is known there."""
 
     upstream_path = ROUTE.encode()
 
@@ -201,7 +211,7 @@ class Observer:
         self,
         upstream: bytes,
         stream: bool,
-        done: Callable[[dict[str, Any]], None],
+        done: Callable[[dict[str, Any]], asyncio.Future[None] | None],
         previous: str | None,
         conversation: str | None,
         store: bool = True,
@@ -212,8 +222,15 @@ class Observer:
         self.done = done
         self.previous = previous
         self.conversation = conversation
-        self.pending = b""  # an event line not yet complete
-        self.seen = False
+        # A stream's bytes since the last complete event (not yet relayed), and how far
+        # into them the line scan got (a long event split over many reads is scanned once).
+        self.pending = b""
+        self.scanned = 0
+        self.given_up = False  # an event past MAX_EVENT_BYTES: relayed as it comes, unwatched
+        self.completed: dict[str, Any] | None = None
+        self.withheld: list[bytes] | None = None  # from the response.completed event on
+        self.write: asyncio.Future[None] | None = None
+        self.seen = False  # the finished response went to `done`
 
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
@@ -232,30 +249,68 @@ class Observer:
         return orjson.dumps(patched)
 
     def feed(self, data: bytes) -> bytes:
-        if not self.seen:
-            lines = (self.pending + data).split(b"\n")
-            self.pending = lines.pop()
-            if len(self.pending) > 1 << 24:  # no line that long: stop looking
-                self.pending = b""
-            for line in lines:
-                if line.startswith(b"data:"):
-                    found = completed_response(line[5:].strip())
-                    if found is not None:
-                        self._done(found)
-                        break
-        return data
+        """Complete events go out at once; a partial one waits for its end (a client can
+        use no half event); from response.completed on, everything is withheld."""
+        if self.withheld is not None:
+            self.withheld.append(data)
+            return b""
+        if self.given_up:
+            return data
+        buf = self.pending + data if self.pending else data
+        released = 0  # the end of the last complete event in buf
+        start = self.scanned
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end]
+            if not line or line == b"\r":
+                released = end + 1
+            elif line.startswith(b"data:"):
+                found = completed_response(line[5:].strip())
+                if found is not None:
+                    self.completed = found
+                    self.withheld = [buf[released:]]
+                    self.pending = b""
+                    return buf[:released]
+            start = end + 1
+        self.pending = buf[released:]
+        self.scanned = start - released
+        if len(self.pending) > MAX_EVENT_BYTES:  # no event is that long: stop looking
+            self.given_up = True
+            released = len(buf)
+            self.pending = b""
+        return buf[:released] if released else b""
 
     def finish(self) -> bytes:
-        return b""
+        """The stream ended whole: the store write starts; what was withheld goes out
+        (once `settle()`'s write is done)."""
+        if self.withheld is None:
+            rest, self.pending = self.pending, b""
+            return rest
+        assert self.completed is not None
+        self._done(self.completed)
+        withheld, self.withheld = self.withheld, []
+        return b"".join(withheld)
+
+    def settle(self) -> asyncio.Future[None] | None:
+        """After response() or finish() produced the answer's last bytes: the store write
+        to wait for before writing them (None: nothing to wait for). The write is bounded
+        by the store's op timeout, and a failed one still lets the answer go (1.13 logs a
+        warning and answers)."""
+        return self.write
 
     def abort(self, code: str, message: str) -> bytes:
+        """The worker broke the stream: a withheld response.completed is dropped with it
+        (nothing was stored: the client never sees a finished response that is not)."""
+        self.withheld = None
         body = orjson.dumps({"error": {"message": message, "type": "stream_error", "code": code}})
         return b"data: %b\n\ndata: [DONE]\n\n" % body
 
     def _done(self, answer: dict[str, Any]) -> None:
         if not self.seen:
             self.seen = True
-            self.done(answer)
+            self.write = self.done(answer)
 
 
 # --- the I/O ----------------------------------------------------------------------------------
