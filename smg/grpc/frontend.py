@@ -1262,7 +1262,8 @@ class GrpcExchange:
         pending = settle() if settle is not None else None
         if pending is not None:
             with contextlib.suppress(Exception):
-                await pending
+                # shield: a client that leaves meanwhile must not cancel the write.
+                await asyncio.shield(pending)
 
     async def _answer_translated(self, body: bytes) -> None:
         """A whole 2xx answer through the translation, the observer's write awaited."""

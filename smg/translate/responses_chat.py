@@ -698,7 +698,10 @@ class Observed:
         return self.observer.feed(self.inner.finish()) + self.observer.finish()  # type: ignore[no-any-return]
 
     def abort(self, code: str, message: str) -> bytes:
-        return self.observer.feed(self.inner.abort(code, message)) + self.observer.finish()  # type: ignore[no-any-return]
+        # The observer's abort drops a withheld response.completed (nothing is stored from
+        # a broken stream); the client gets this API's error events, not the observer's.
+        self.observer.abort(code, message)
+        return self.inner.abort(code, message)
 
     def settle(self) -> Any:
         """The observer's store write to wait for before the last bytes go out (None:
