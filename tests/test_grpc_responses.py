@@ -9,6 +9,7 @@ on the other data-plane process (x-smg-process)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +19,11 @@ import openai
 import pytest
 from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
 
+from smg.grpc.frontend import GrpcExchange
 from tests.gatewayutil import Gateway, wait_until
 from tests.test_conversations_e2e import PinnedTransport, pinned_client
+from tests.test_grpc_frontend import FakeConn, Rig, Script, out, split_chunks
+from tests.test_grpc_frontend import rig as frontend_rig
 
 MODEL = "Qwen/Qwen3-8B"
 TEMPLATE = "Qwen-Qwen3-0.6B.jinja"
@@ -278,3 +282,87 @@ def test_bad_input_is_400(
     assert error["message"] == message
     assert error["type"] == "invalid_request_error"
     assert mock.stats()["generate"] == before  # nothing reached the engine
+
+
+# --- settle(): the answer's last bytes wait for the history write (in-process rig) ------------
+
+
+@pytest.fixture
+def grpc_rig() -> Iterator[Rig]:
+    """tests/test_grpc_frontend.py's rig: a DataPlane with two fake gRPC workers."""
+    yield from frontend_rig.__wrapped__()  # type: ignore[attr-defined]
+
+
+class SettlingTranslation:
+    """A translation whose settle() is a future the test resolves."""
+
+    upstream_path = b"/v1/chat/completions"
+
+    def __init__(self, write: asyncio.Future[None]) -> None:
+        self.write = write
+        self.settled = 0
+
+    def response(self, status: int, body: bytes) -> bytes:
+        return b"answer:" + body
+
+    def feed(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> bytes:
+        return b"data: last\n\n"
+
+    def abort(self, code: str, message: str) -> bytes:
+        return b"data: aborted\n\n"
+
+    def settle(self) -> asyncio.Future[None]:
+        self.settled += 1
+        return self.write
+
+
+def _settling(rig: Rig, stream: bool) -> tuple[FakeConn, GrpcExchange, SettlingTranslation]:
+    rig.client(0).scripts.append(Script([out(0, [7], finished=True, reason="stop")]))
+    conn, exchange = rig.start({"prompt": "ab", "stream": stream}, path="/v1/chat/completions")
+    translation = SettlingTranslation(rig.loop.create_future())
+    exchange.translation = translation  # type: ignore[assignment]
+    for _ in range(100):  # until the exchange waits on the write
+        rig.loop.run_until_complete(asyncio.sleep(0.01))
+        if translation.settled:
+            break
+    assert translation.settled == 1
+    return conn, exchange, translation
+
+
+def test_whole_answer_waits_for_the_write(grpc_rig: Rig) -> None:
+    conn, exchange, translation = _settling(grpc_rig, stream=False)
+    assert bytes(conn.out) == b"" and not exchange.finished
+    translation.write.set_result(None)
+    grpc_rig.run(exchange)
+    head, _, body = bytes(conn.out).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body.startswith(b"answer:{")
+    assert conn.done == [True]
+
+
+def test_stream_last_bytes_wait_for_the_write(grpc_rig: Rig) -> None:
+    conn, exchange, translation = _settling(grpc_rig, stream=True)
+    assert b"data: start" in conn.out and b"data: last" not in conn.out
+    assert not exchange.finished
+    translation.write.set_result(None)
+    grpc_rig.run(exchange)
+    _head, chunks = split_chunks(bytes(conn.out))
+    assert chunks[-1] == b"data: usage 3 1 2\n\ndata: [DONE]\n\ndata: last\n\n"
+    assert conn.done == [True]
+
+
+def test_a_failed_write_still_answers(grpc_rig: Rig) -> None:
+    conn, exchange, translation = _settling(grpc_rig, stream=False)
+    translation.write.set_exception(RuntimeError("store down"))
+    grpc_rig.run(exchange)
+    assert bytes(conn.out).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_client_leaving_does_not_cancel_the_write(grpc_rig: Rig) -> None:
+    conn, exchange, translation = _settling(grpc_rig, stream=True)
+    exchange.client_gone()
+    conn.closed = True
+    grpc_rig.loop.run_until_complete(asyncio.sleep(0.02))
+    assert exchange.finished and not translation.write.cancelled()
