@@ -284,7 +284,8 @@ def usage_of(usage: Any) -> dict[str, Any] | None:
     reasoning = _int(obj(usage.get("completion_tokens_details")).get("reasoning_tokens"))
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached},
+        # cache_write_tokens: the openai SDK's type requires it; a chat usage has no count.
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": prompt + completion,
@@ -656,11 +657,13 @@ class ResponsesOverChat:
         if not self._started:
             self._start(out)
         self._event(out, "error", {"code": code, "message": message, "param": None})
+        # response.error.code is one of OpenAI's names (server_error for a failure on the
+        # serving side); the error event before it carries smg's own code.
         response = self.response_object(
             "failed",
             [i for i in self._output if i.get("status") == "completed"],
             usage_of(self._usage),
-            error={"code": code, "message": message},
+            error={"code": "server_error", "message": message},
         )
         self._event(out, "response.failed", {"response": response})
 
