@@ -197,12 +197,16 @@ def test_not_an_object() -> None:
 ECHO = {
     "instructions": None,
     "max_output_tokens": None,
+    "max_tool_calls": None,
     "previous_response_id": None,
+    "prompt_cache_key": None,
+    "safety_identifier": None,
     "temperature": None,
     "top_p": None,
     "user": None,
     "truncation": "disabled",
     "tool_choice": "auto",
+    "service_tier": "default",
     "parallel_tool_calls": True,
     "store": True,
     "tools": [],
@@ -254,6 +258,7 @@ def test_answer_reasoning_message_calls() -> None:
         "id": "resp_1",
         "object": "response",
         "created_at": 1700000000,
+        "completed_at": 1700000000,
         "status": "completed",
         "background": False,
         "error": None,
@@ -409,8 +414,10 @@ def test_stream_reasoning_then_call_split_anywhere(size: int) -> None:
         [],
         "served",
     )
+    assert created["completed_at"] is None
     final = events[-1]["response"]
     assert final["status"] == "completed" and final["usage"] == USAGE
+    assert final["completed_at"] == 1700000000
     assert final["output"] == [
         {
             "id": "rs_2",

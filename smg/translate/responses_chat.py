@@ -43,8 +43,22 @@ CHAT_PATH = b"/v1/chat/completions"
 ROUTE = "/v1/responses"
 
 # Request fields echoed in the response as OpenAI does (None when not given), and defaults.
-_ECHOED = ("instructions", "max_output_tokens", "previous_response_id", "temperature", "top_p")
-_ECHO_DEFAULTS: dict[str, Any] = {"user": None, "truncation": "disabled", "tool_choice": "auto"}
+_ECHOED = (
+    "instructions",
+    "max_output_tokens",
+    "max_tool_calls",
+    "previous_response_id",
+    "prompt_cache_key",
+    "safety_identifier",
+    "temperature",
+    "top_p",
+    "user",
+)
+_ECHO_DEFAULTS: dict[str, Any] = {
+    "truncation": "disabled",
+    "tool_choice": "auto",
+    "service_tier": "default",
+}
 # Input content parts that are text in a chat message.
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -323,6 +337,7 @@ class ResponsesOverChat:
         self.upstream_body: bytes = orjson.dumps(chat)
         self.stream: bool = chat.get("stream") is True
         self._ids = ids
+        self._clock = clock
         self.id = ids("resp_")
         self.created_at = int(clock())
         self.model = chat["model"] if isinstance(chat["model"], str) else ""
@@ -368,6 +383,8 @@ class ResponsesOverChat:
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
+            # when it finished (1.13 and OpenAI); None while in progress
+            "completed_at": None if status == "in_progress" else int(self._clock()),
             "status": status,
             "background": False,
             "error": error,
