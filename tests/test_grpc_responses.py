@@ -366,3 +366,36 @@ def test_a_client_leaving_does_not_cancel_the_write(grpc_rig: Rig) -> None:
     conn.closed = True
     grpc_rig.loop.run_until_complete(asyncio.sleep(0.02))
     assert exchange.finished and not translation.write.cancelled()
+
+
+def test_engine_failure_before_the_answer_is_an_openai_error(
+    served: tuple[Gateway, GrpcMock],
+) -> None:
+    gw, mock = served
+    mock.reply("Hello there.")
+    mock.config(fail_next=1, fail_code="INVALID_ARGUMENT", fail_message="bad prompt")
+    answer = _post(gw, {"input": "hi"})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["message"] == "bad prompt"
+    assert error["type"] == "invalid_request_error"
+
+
+def test_engine_failure_mid_stream_fails_the_response_and_stores_nothing(
+    served: tuple[Gateway, GrpcMock],
+) -> None:
+    gw, mock = served
+    mock.reply("one two three four five six")
+    mock.config(fail_next=1, fail_code="INTERNAL", fail_after_tokens=2, fail_message="engine died")
+    client = _client(gw)
+    events = list(client.responses.create(model=MODEL, input="go", stream=True, extra_body=OFF))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-2:] == ["error", "response.failed"]
+    assert "response.completed" not in kinds
+    assert events[-2].message == "engine died"  # type: ignore[union-attr]
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.message == "engine died"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(failed.id)
