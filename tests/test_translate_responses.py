@@ -99,6 +99,34 @@ def test_request_items_one_assistant_turn_per_turn() -> None:
     ]
 
 
+def test_request_mcp_history_items() -> None:
+    items = [
+        {"role": "user", "content": "add 2 and 3"},
+        {"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "calc", "tools": []},
+        {"type": "mcp_call", "id": "mcp_1", "server_label": "calc", "name": "add", "arguments": '{"a":2,"b":3}', "output": "5", "error": None},
+        {"type": "mcp_call", "id": "mcp_2", "server_label": "calc", "name": "fail", "arguments": "{}", "output": None, "error": "boom"},
+        {"role": "assistant", "content": "5"},
+    ]  # fmt: skip
+    assert _req({"input": items})["messages"] == [
+        {"role": "user", "content": "add 2 and 3"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "mcp_1", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "mcp_1", "content": "5"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "mcp_2", "type": "function", "function": {"name": "fail", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "mcp_2", "content": "boom"},
+        {"role": "assistant", "content": "5"},
+    ]  # fmt: skip
+
+
 def test_request_two_assistant_messages_stay_two() -> None:
     items = [
         {"role": "user", "content": "q"},

@@ -13,7 +13,9 @@ reasoning_effort; stream_options.include_usage defaults to true. Where smg diffe
 - one assistant turn's items (reasoning, message, function calls) become ONE assistant
   message, so a template renders the turn as the model produced it;
 - input parts and item types that cannot be sent (images, files, hosted tool items) and
-  unknown roles are refused (400) rather than dropped or read as a user message;
+  unknown roles are refused (400) rather than dropped or read as a user message; an
+  earlier turn's mcp_call becomes a tool call and its answer, mcp_list_tools is skipped
+  (the Rust conversion refuses both, so no turn could follow an MCP turn);
 - output order is OpenAI's: reasoning, message, function calls; a `length` finish is
   status "incomplete" with incomplete_details {"reason": "max_output_tokens"};
 - the stream carries every item's events (reasoning_text, function_call_arguments), and,
@@ -148,6 +150,25 @@ def _input_item(item: Any, index: int, out: list[dict[str, Any]]) -> None:
         if not isinstance(output, str):
             output = _content_text(output, where)
         out.append({"role": "tool", "tool_call_id": call_id, "content": output})
+    elif kind == "mcp_call":
+        # An earlier turn's MCP tool call (the gateway ran it): the model sees it as its
+        # own tool call and the tool's answer, so a later turn can build on it.
+        call_id, name, arguments = item.get("id"), item.get("name"), item.get("arguments")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise TranslateError(f"{where}: an mcp_call needs 'id' and 'name'")
+        call = {
+            "id": call_id,
+            "type": "function",
+            "function": {
+                "name": name,
+                "arguments": arguments if isinstance(arguments, str) else "{}",
+            },
+        }
+        _assistant(out).setdefault("tool_calls", []).append(call)
+        result = item.get("output") if item.get("error") is None else item.get("error")
+        out.append({"role": "tool", "tool_call_id": call_id, "content": text(result)})
+    elif kind == "mcp_list_tools":
+        return  # what a server offered: the tools themselves are sent as `tools`
     elif kind == "reasoning":
         # Only the reasoning text can go back to the model (a summary is not what it
         # thought; encrypted_content is another provider's).
