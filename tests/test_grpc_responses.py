@@ -129,6 +129,19 @@ def test_max_output_tokens_is_incomplete(served: tuple[Gateway, GrpcMock]) -> No
     assert made.usage is not None and made.usage.output_tokens == 2
 
 
+def test_engine_sampling_fields_reach_the_engine(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    mock.reply("one two three four five six")
+    made = _client(gw).responses.create(
+        model=MODEL,
+        input="count",
+        store=False,
+        extra_body={**OFF, "stop": ["four"], "top_k": 7},
+    )
+    assert made.output_text == "one two three " and made.status == "completed"
+    assert mock.stats()["last_generate_request"]["sampling_params"]["top_k"] == 7
+
+
 def test_stream_events(served: tuple[Gateway, GrpcMock]) -> None:
     gw, mock = served
     mock.reply("<think>Easy.</think>\n\nHello there.")

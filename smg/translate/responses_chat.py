@@ -65,14 +65,22 @@ _ECHO_DEFAULTS: dict[str, Any] = {
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _EFFORTS = ("minimal", "low", "medium", "high")
-# chat_template_kwargs: smg's extension (the chat path takes it; e.g. Qwen3's
-# enable_thinking), not a Responses field.
+# Sampling fields the chat path takes as they are: OpenAI's, and the engine-side ones the
+# Rust SMG 1.13 accepts on /v1/responses (frequency/presence_penalty, stop, top_k, min_p,
+# repetition_penalty; tried on its binary). chat_template_kwargs is smg's extension (e.g.
+# Qwen3's enable_thinking; 1.13 refuses it as an unknown field).
 _FORWARDED = (
     "temperature",
     "top_p",
     "top_logprobs",
     "parallel_tool_calls",
     "user",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
     "chat_template_kwargs",
 )
 
