@@ -142,6 +142,24 @@ def test_engine_sampling_fields_reach_the_engine(served: tuple[Gateway, GrpcMock
     assert mock.stats()["last_generate_request"]["sampling_params"]["top_k"] == 7
 
 
+def test_text_format_json_schema_constrains_the_engine(served: tuple[Gateway, GrpcMock]) -> None:
+    gw, mock = served
+    mock.reply('{"a": 1}')
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    made = _client(gw).responses.create(
+        model=MODEL,
+        input="json",
+        store=False,
+        text={"format": {"type": "json_schema", "name": "out", "schema": schema}},
+        extra_body=OFF,
+    )
+    assert made.output_text == '{"a": 1}'
+    assert made.text is not None and made.text.format.type == "json_schema"
+    constraint = mock.stats()["constraint"]
+    assert constraint["kind"] == "json_schema"
+    assert json.loads(constraint["value"]) == schema
+
+
 def test_stream_events(served: tuple[Gateway, GrpcMock]) -> None:
     gw, mock = served
     mock.reply("<think>Easy.</think>\n\nHello there.")
