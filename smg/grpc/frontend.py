@@ -68,6 +68,8 @@ EMBED_ROUTE = "/v1/embeddings"
 # Anthropic Messages on a gRPC model: translated to chat (smg.translate) and served as
 # chat; count_tokens is the rendered prompt's length.
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
+# The Responses API on a gRPC model: translated to chat as well (smg.translate.responses_chat).
+RESPONSES_ROUTE = "/v1/responses"
 LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 
 _STREAMING = int(State.STREAMING)
@@ -338,8 +340,14 @@ class GrpcFront:
                 return True
             kind = "chat"
             body = chat
+        elif path == RESPONSES_ROUTE:
+            translation = self._responses(conn, request, body, model)
+            if translation is None:
+                return True  # refused (400)
+            kind = "chat"
+            body = orjson.loads(translation.upstream_body)
         if kind is None and path != EMBED_ROUTE:
-            # /v1/responses, /v1/rerank: not served by gRPC workers (yet).
+            # /v1/rerank: not served by gRPC workers (yet).
             app._send_error(
                 conn,
                 request,
@@ -350,12 +358,30 @@ class GrpcFront:
             return True
         exchange = GrpcExchange(self, conn, request, kind or "embed", body, model, found[0])
         exchange.translation = translation
+        exchange.anthropic = path == ANTHROPIC_ROUTE
         conn.exchange = exchange  # type: ignore[assignment]
         app.active.add(exchange)  # type: ignore[arg-type]
         exchange.task = app.loop.create_task(exchange.run())
         app.tasks.add(exchange.task)
         exchange.task.add_done_callback(app.tasks.discard)
         return True
+
+    def _responses(
+        self, conn: ClientConnection, request: Request, body: dict[str, Any], model: str | None
+    ) -> Translation | None:
+        """POST /v1/responses on a gRPC model: served as chat through ResponsesOverChat,
+        with the history observer (set by DataPlane._responses_post: the history is already
+        in `input`) after it. None: refused with a 400 here."""
+        from smg.translate import TranslateError, responses_over_chat
+        from smg.translate.responses_chat import Observed
+
+        try:
+            inner = responses_over_chat(body, model)
+        except TranslateError as exc:
+            self.app._send_error(conn, request, 400, "invalid_request", str(exc))
+            return None
+        history = getattr(request, "history", None)
+        return Observed(inner, history) if history else inner
 
     def handle_info(self, conn: ClientConnection, request: Request) -> bool:
         """GET /get_model_info, /get_server_info, /health_generate when every ready worker
@@ -659,8 +685,10 @@ class GrpcExchange:
         self._writable.set()
         self.upstream = self  # ClientConnection.pause_writing: upstream.transport.pause_reading()
         self.transport = self
-        # /v1/messages: served as chat, every answer byte through the translation.
+        # /v1/messages, /v1/responses: served as chat, every answer byte through the
+        # translation; `anthropic`: errors and keep-alives in Anthropic's shape.
         self.translation: Translation | None = None
+        self.anthropic = False
 
     # --- what the connection and the sweeper call ----------------------------------------
 
@@ -689,7 +717,7 @@ class GrpcExchange:
         if self.state != _STREAMING or not self._writable.is_set():
             return
         if now - self.last_write >= quiet_for:
-            self._write(SSE_KEEPALIVE if self.translation is None else SSE_KEEPALIVE_ANTHROPIC)
+            self._write(SSE_KEEPALIVE_ANTHROPIC if self.anthropic else SSE_KEEPALIVE)
 
     # --- the task --------------------------------------------------------------------------------
 
@@ -946,6 +974,9 @@ class GrpcExchange:
                 body = stages.body(
                     prepared, request_id, model, created, tokenizer, run.deltas, usage
                 )
+                if self.translation is not None:
+                    await self._answer_translated(body)
+                    return
                 self._answer(200, body)
             return
 
@@ -1207,6 +1238,7 @@ class GrpcExchange:
     async def _end_stream(self, last: bytes) -> None:
         if self.translation is not None:
             last = self.translation.feed(last) + self.translation.finish()
+            await self._settle()
         if last:
             self._write(last)
         self._close_stream(200, "")
@@ -1222,8 +1254,26 @@ class GrpcExchange:
         else:
             self.client.response_done(self.keep_alive)
 
-    def _answer(self, status: int, body: bytes) -> None:
-        if self.translation is not None:
+    async def _settle(self) -> None:
+        """The history observer's store write, awaited before the answer's last bytes go
+        out (interfaces §1: a client that reads the response right after has it). A
+        failed write is the observer's to report: the answer goes out."""
+        settle = getattr(self.translation, "settle", None)
+        pending = settle() if settle is not None else None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                # shield: a client that leaves meanwhile must not cancel the write.
+                await asyncio.shield(pending)
+
+    async def _answer_translated(self, body: bytes) -> None:
+        """A whole 2xx answer through the translation, the observer's write awaited."""
+        assert self.translation is not None
+        body = self.translation.response(200, body)
+        await self._settle()
+        self._answer(200, body, translated=True)
+
+    def _answer(self, status: int, body: bytes, *, translated: bool = False) -> None:
+        if self.translation is not None and not translated:
             body = self.translation.response(status, body)
         app = self.app
         keep_alive = self.keep_alive and not app.draining
@@ -1263,7 +1313,7 @@ class GrpcExchange:
             return
         app = self.app
         keep_alive = self.keep_alive and not app.draining
-        if self.translation is not None:
+        if self.anthropic:
             # Anthropic's shape, with the message the OpenAI body would have carried.
             body = anthropic_error_body(status, _error_message(body) or message, self.request_id)
         if body is None:

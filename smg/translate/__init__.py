@@ -15,11 +15,19 @@ from smg.providers import API_ANTHROPIC, API_OPENAI
 from smg.translate.chat_messages import ChatOverMessages
 from smg.translate.common import TranslateError
 from smg.translate.messages_chat import MessagesOverChat
+from smg.translate.responses_chat import ResponsesOverChat
 
-__all__ = ["TranslateError", "Translation", "translation"]
+__all__ = [
+    "ResponsesOverChat",
+    "TranslateError",
+    "Translation",
+    "responses_over_chat",
+    "translation",
+]
 
 MESSAGES_ROUTE = "/v1/messages"
 CHAT_ROUTE = "/v1/chat/completions"
+RESPONSES_ROUTE = "/v1/responses"
 _TRANSLATED = {(MESSAGES_ROUTE, API_OPENAI), (CHAT_ROUTE, API_ANTHROPIC)}
 
 
@@ -60,3 +68,12 @@ def translation(
     if client_path == MESSAGES_ROUTE:
         return MessagesOverChat(body, model)
     return ChatOverMessages(body, model)
+
+
+def responses_over_chat(body: dict[str, Any], model: str | None) -> ResponsesOverChat:
+    """/v1/responses served by a chat pipeline (a gRPC model, where smg renders and parses):
+    not in `translation()`, since an OpenAI worker takes /v1/responses as it comes. Raises
+    TranslateError (answer 400)."""
+    if not isinstance(body, dict):
+        raise TranslateError("the request body must be a JSON object")
+    return ResponsesOverChat(body, model)
