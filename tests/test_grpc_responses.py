@@ -384,11 +384,27 @@ def test_stream_last_bytes_wait_for_the_write(grpc_rig: Rig) -> None:
     assert conn.done == [True]
 
 
-def test_a_failed_write_still_answers(grpc_rig: Rig) -> None:
+@pytest.mark.parametrize("failure", ["raised", "False"])
+def test_a_failed_write_is_503_for_a_whole_answer(grpc_rig: Rig, failure: str) -> None:
+    # As the HTTP path and the 1.13 binary: a stored turn whose record was not written.
     conn, exchange, translation = _settling(grpc_rig, stream=False)
-    translation.write.set_exception(RuntimeError("store down"))
+    if failure == "raised":
+        translation.write.set_exception(RuntimeError("store down"))
+    else:
+        translation.write.set_result(False)
     grpc_rig.run(exchange)
-    assert bytes(conn.out).startswith(b"HTTP/1.1 200 OK\r\n")
+    out = bytes(conn.out)
+    assert out.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b'"code":"storage_unavailable"' in out
+    assert b"The response was not stored" in out
+
+
+def test_a_failed_write_still_ends_a_stream_whole(grpc_rig: Rig) -> None:
+    conn, exchange, translation = _settling(grpc_rig, stream=True)
+    translation.write.set_result(False)
+    grpc_rig.run(exchange)
+    out = bytes(conn.out)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"0\r\n\r\n")
 
 
 def test_a_client_leaving_does_not_cancel_the_write(grpc_rig: Rig) -> None:

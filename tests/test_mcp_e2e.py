@@ -364,3 +364,39 @@ def test_hanging_tool_times_out(
         follow = client.responses.create(model=MODEL, input="call add", tools=mcp_tool("web"))
         assert follow.output_text == "5"
         assert "Traceback" not in gw.logs()
+
+
+def test_a_failed_write_is_503_for_a_whole_answer(fake: FakeProvider, tmp_path: Path) -> None:
+    """Redis killed: the loop's whole stored answer is 503 storage_unavailable, as the relayed
+    Responses path and the 1.13 binary answer a record that was not written; a stream goes
+    out whole. The store is written before answering, so the write is what fails."""
+    from tests.test_responses_proofs import database
+
+    config = tmp_path / "mcp.yaml"
+    config.write_text(
+        "servers:\n  - name: calc\n    protocol: stdio\n"
+        f"    command: {sys.executable}\n    args: [{SERVER}, stdio]\n"
+    )
+    with database("redis") as (flags, server):
+        args = ["--worker-urls", fake.url, "--disable-health-check", *flags]
+        args += ["--redis-op-timeout-secs", "1", "--mcp-config-path", str(config)]
+        with running_gateway(args) as gw:
+            wait_until(lambda: _models(gw) == [MODEL], 20, "the fake's model listed")
+            client, _ = pinned_client(gw, "unused")
+            stored = client.responses.create(model=MODEL, input="call add", tools=mcp_tool("calc"))
+            assert stored.output_text == "5"
+            server.kill()
+            with pytest.raises(openai.APIStatusError) as err:
+                client.responses.create(model=MODEL, input="call add", tools=mcp_tool("calc"))
+            assert err.value.status_code == 503
+            assert isinstance(err.value.body, dict)
+            assert err.value.body["code"] == "storage_unavailable"
+            stream = client.responses.create(
+                model=MODEL, input="call add", tools=mcp_tool("calc"), stream=True
+            )
+            kinds = [event.type for event in stream]
+            assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+            unstored = client.responses.create(
+                model=MODEL, input="call add", tools=mcp_tool("calc"), store=False
+            )
+            assert unstored.output_text == "5"

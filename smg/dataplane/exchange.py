@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
+from smg.dataplane.responses import STORE_FAILED
 from smg.dataplane.retry import RETRYABLE_MIN, RETRYABLE_STATUSES
 from smg.httpwire import (
     ANTHROPIC_ROUTE,
@@ -70,7 +71,6 @@ MAX_REWRITTEN_ERROR_BYTES = 1024 * 1024
 MAX_DISCARDED_BYTES = 64 * 1024
 
 # A whole /v1/responses answer whose record could not be written (1.13's words begin so).
-STORE_FAILED = "The response was not stored: the history store is unavailable"
 
 # SSE frames the gateway writes itself: the Rust SMG 1.13's bytes (tried on it).
 SSE_KEEPALIVE = b": ping\n\n"

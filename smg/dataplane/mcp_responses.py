@@ -181,14 +181,17 @@ async def serve(
             return
         assert tool_loop.patch is not None
         final = tool_loop.patch(tool_loop.response())
-        await stored.save(app, final)  # before the answer: a read right after finds it
+        # Before the answer: a read right after finds it.
+        saved = await stored.save(app, final)
         conn.exchange = None
         if conn.closed:
             return
-        if stream:
+        if stream:  # a stream goes out whole even when the write failed, as 1.13's
             tool_loop.closing(final)
             sse.write(tool_loop.events())
             sse.end()
+        elif not saved:  # 503, as the relayed Responses path and the 1.13 binary answer
+            app._send_error(conn, request, 503, "storage_unavailable", responses.STORE_FAILED)
         else:
             app._send(conn, request, 200, orjson.dumps(final))
     finally:
@@ -245,12 +248,14 @@ class _Stored:
         self.conversation = conversation
         self.keep = keep
 
-    async def save(self, app: DataPlane, final: dict[str, Any]) -> None:
+    async def save(self, app: DataPlane, final: dict[str, Any]) -> bool:
+        """False: the record was to be stored and its write failed."""
         if self.store is None or not self.keep:
-            return
+            return True
         record = responses.record_of(final, self.new_input, self.previous, self.conversation)
-        if record is not None:
-            await app._responses_store(self.store, self.tenant, self.conv_tenant, record)
+        if record is None:
+            return True
+        return await app._responses_store(self.store, self.tenant, self.conv_tenant, record)
 
 
 async def _prepare(

@@ -46,6 +46,10 @@ def not_found_text(response_id: str) -> str:
     return f"No response found with id '{response_id}'"  # 1.13's words
 
 
+# A stored turn whose record could not be written: 503 storage_unavailable with these words
+# (the 1.13 binary answers so, with its backend's error after the colon).
+STORE_FAILED = "The response was not stored: the history store is unavailable"
+
 METRIC_PATHS = {"response": PREFIX + "{id}", "input_items": PREFIX + "{id}/input_items"}
 
 

@@ -38,6 +38,7 @@ import orjson
 
 from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import State
+from smg.dataplane.responses import STORE_FAILED
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.grpc.types import EngineError, EngineOutput, GenerateInput
 from smg.grpc.workers import GrpcWorkers, NoTokenizer, is_grpc_entry
@@ -1254,22 +1255,29 @@ class GrpcExchange:
         else:
             self.client.response_done(self.keep_alive)
 
-    async def _settle(self) -> None:
+    async def _settle(self) -> bool:
         """The history observer's store write, awaited before the answer's last bytes go
-        out (interfaces §1: a client that reads the response right after has it). A
-        failed write is the observer's to report: the answer goes out."""
+        out (a client that reads the response right after has it). False: the write
+        failed (the observer logged it)."""
         settle = getattr(self.translation, "settle", None)
         pending = settle() if settle is not None else None
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                # shield: a client that leaves meanwhile must not cancel the write.
-                await asyncio.shield(pending)
+        if pending is None:
+            return True
+        try:
+            # shield: a client that leaves meanwhile must not cancel the write.
+            return await asyncio.shield(pending) is not False
+        except Exception:
+            return False
 
     async def _answer_translated(self, body: bytes) -> None:
-        """A whole 2xx answer through the translation, the observer's write awaited."""
+        """A whole 2xx answer through the translation, the observer's write awaited; a
+        write that failed is answered 503 storage_unavailable, as the HTTP path and the
+        1.13 binary answer it (a stream goes out whole all the same)."""
         assert self.translation is not None
         body = self.translation.response(200, body)
-        await self._settle()
+        if not await self._settle():
+            self._fail(503, "storage_unavailable", STORE_FAILED)
+            return
         self._answer(200, body, translated=True)
 
     def _answer(self, status: int, body: bytes, *, translated: bool = False) -> None:
