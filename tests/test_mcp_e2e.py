@@ -129,7 +129,7 @@ def test_add_whole(gateway: Gateway, fake: FakeProvider, label: str) -> None:
     assert kinds == ["mcp_list_tools", "mcp_call", "message"]
     listed, call, _message = response.output
     assert listed.server_label == label
-    assert [t.name for t in listed.tools] == ["add", "fail", "sleep", "pid"]
+    assert [t.name for t in listed.tools] == ["add", "fail", "sleep", "env", "pid"]
     assert (call.server_label, call.name, call.arguments, call.output, call.error) == (
         label,
         "add",
@@ -142,7 +142,7 @@ def test_add_whole(gateway: Gateway, fake: FakeProvider, label: str) -> None:
     assert response.store is True and response.previous_response_id is None
     posts = _posts(fake)
     assert len(posts) == 2
-    assert [t["name"] for t in posts[0]["tools"]] == ["add", "fail", "sleep", "pid"]
+    assert [t["name"] for t in posts[0]["tools"]] == ["add", "fail", "sleep", "env", "pid"]
     assert {p["store"] for p in posts} == {False}
     called, output = posts[1]["input"][-2:]
     assert (called["type"], called["name"], called["arguments"]) == (
