@@ -13,6 +13,7 @@ own server_url; an unknown label answers 400.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -400,3 +401,36 @@ def test_a_failed_write_is_503_for_a_whole_answer(fake: FakeProvider, tmp_path: 
                 model=MODEL, input="call add", tools=mcp_tool("calc"), store=False
             )
             assert unstored.output_text == "5"
+
+
+def test_stdio_servers_stop_with_the_gateway(fake: FakeProvider, tmp_path: Path) -> None:
+    """Each data-plane process starts its own stdio servers on first use; stopping smg stops
+    them (the data plane closes its MCP sessions as it drains)."""
+    config = tmp_path / "mcp.yaml"
+    config.write_text(
+        "servers:\n  - name: calc\n    protocol: stdio\n"
+        f"    command: {sys.executable}\n    args: [{SERVER}, stdio]\n"
+    )
+    args = ["--worker-urls", fake.url, "--disable-health-check", "--mcp-config-path", str(config)]
+    pids: set[int] = set()
+    with running_gateway(args) as gw:
+        wait_until(lambda: _models(gw) == [MODEL], 20, "the fake's model listed")
+        client, _ = pinned_client(gw, "unused")  # alternates between the two processes
+        for _ in range(2):  # one stdio server in each data-plane process
+            answer = client.responses.create(model=MODEL, input="call pid", tools=mcp_tool("calc"))
+            call = answer.output[1]
+            assert call.type == "mcp_call" and call.name == "pid" and call.error is None
+            pids.add(int(call.output))
+        assert len(pids) == 2
+        for server_pid in pids:
+            os.kill(server_pid, 0)  # running while the gateway runs
+    deadline = time.monotonic() + 15
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for server_pid in list(alive):
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                alive.discard(server_pid)
+        time.sleep(0.1)
+    assert not alive, f"stdio MCP servers left running: {alive}"
