@@ -10,8 +10,8 @@
 # Parts run one after another (nothing else on the box while one measures), each under
 # `timeout -s INT` (Python's finally blocks stop its gateways and mock) and the script's own
 # budget (BUDGET seconds from its start: a part that would run past it is cut, later ones are
-# skipped); processes a part leaves behind are found by the SMG_DEVICE_PART variable they
-# inherit and killed by pid.
+# skipped); processes a part leaves behind are found by the NB_DEVICE_PART variable they
+# inherit (not SMG_*: smg launch refuses SMG_ variables it does not know) and killed by pid.
 #
 # Needs, carried beside the tree: .whl/ (cp312 manylinux wheels of what the host image lacks
 # or has too old: httptools msgspec orjson atomicshm starlette uvicorn joserfc cryptography
@@ -45,13 +45,13 @@ say() { echo "[$(date -u +%T) +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 # Kills what a part left running: every process whose environment carries its marker
 # (gateways and mocks run in their own sessions, out of reach of timeout's signal).
 cleanup() {
-    SMG_DEVICE_CLEAN=$1 "$PY" - >> "$LOG" 2>&1 << 'EOF'
+    NB_DEVICE_CLEAN=$1 "$PY" - >> "$LOG" 2>&1 << 'EOF'
 import os, signal, psutil
-name = os.environ["SMG_DEVICE_CLEAN"]
+name = os.environ["NB_DEVICE_CLEAN"]
 left = []
 for p in psutil.process_iter():
     try:
-        if p.pid != os.getpid() and p.environ().get("SMG_DEVICE_PART") == name:
+        if p.pid != os.getpid() and p.environ().get("NB_DEVICE_PART") == name:
             left.append(p)
     except (psutil.Error, OSError):
         pass
@@ -81,7 +81,7 @@ part() {
     fi
     ((limit > left)) && limit=$left
     say "=== $name start (limit ${limit}s): $*"
-    SMG_DEVICE_PART=$name timeout -s INT -k 15 "$limit" "$@" >> "$LOG" 2>&1
+    NB_DEVICE_PART=$name timeout -s INT -k 15 "$limit" "$@" >> "$LOG" 2>&1
     rc=$?
     say "=== $name exit $rc$( ((rc == 124 || rc == 137)) && echo ' (cut at its limit)')"
     cleanup "$name"
@@ -142,7 +142,7 @@ wrapper.chmod(0o755)
 print("rust smg:", info.get("version"), "run as", prefix[:2])
 EOF
 if [ -x "$WORK/rust-smg" ]; then
-    say "Rust SMG ready: $("$WORK/rust-smg" --version 2>&1 | head -1)"
+    say "Rust SMG ready: $(grep '^rust smg:' "$LOG" | tail -1)"
 else
     say "NO Rust SMG (see all.log): the Rust rows will be missing"
 fi
@@ -160,17 +160,19 @@ else
     DC=(--repeat 3)
     CACHE=(--seeds "1,2,3")
     G1=(--num-prompts 1536 --half-prompts 768 --mock-processes 4 --client-processes 4)
-    G8=(--num-prompts 512 --half-prompts 256 --mock-processes 4 --client-processes 4)
+    G8=(--num-prompts 256 --half-prompts 128 --mock-processes 4 --client-processes 4)
     GP=(--num-prompts 1024 --half-prompts 512 --mock-processes 4 --client-processes 4)
 fi
+# --prompt-files: each input length's prompts made once in parallel (smg bench's random
+# dataset costs ~0.2 s a prompt at 8,192 tokens in one process, before every run).
 GRPC=("$PY" native_bench/grpc_bench.py --rust-smg "$WORK/rust-smg" --gateway-cores "$GW"
-    --load-cores "$LOAD")
+    --load-cores "$LOAD" --prompt-files)
 
 part decision 100 bash -o pipefail -c "taskset -c $DC_CORE $PY native_bench/decision_cost.py ${DC[*]} \
     | tee $WORK/decision_cost.txt"
 part cache 130 "$PY" native_bench/cache_bench.py --rust-venv "$RUST_VENV" "${CACHE[@]}" \
     --out "$WORK/cache_bench.json"
-part grpc-1024 110 "${GRPC[@]}" --input-lens 1024 "${G1[@]}" --out "$WORK/grpc_1024.json"
+part grpc-1024 130 "${GRPC[@]}" --input-lens 1024 "${G1[@]}" --out "$WORK/grpc_1024.json"
 part grpc-8192 130 "${GRPC[@]}" --input-lens 8192 "${G8[@]}" --out "$WORK/grpc_8192.json"
 part grpc-parsers 90 "${GRPC[@]}" --parsers qwen --input-lens 1024 "${GP[@]}" \
     --out "$WORK/grpc_parsers_1024.json"
