@@ -16,13 +16,15 @@ set -eu
 SIM=${SIM:-/tmp/devsim}
 WHL=$(realpath "${WHL:-.whl}")
 OFFLINE=$(realpath "${OFFLINE:-native_bench/build/offline}")
+# On the host image (KINDS.md) and imported by smg or the benches (regex: smg/tokenizer's
+# fast path, which pyproject does not list).
 HOST_PKGS=(uvloop aiohttp httpx psutil pyyaml tokenizers==0.23.2 huggingface_hub==1.33.0 jinja2
-    xxhash rich requests click)
+    xxhash rich requests click regex)
 mkdir -p "$SIM"
 if [ ! -x "$SIM/venv/bin/python3" ]; then
     python3 -m venv "$SIM/venv"
-    "$SIM/venv/bin/pip" install -q "${HOST_PKGS[@]}"
 fi
+"$SIM/venv/bin/pip" install -q "${HOST_PKGS[@]}"
 if [ ! -d "$SIM/whl" ]; then
     mkdir -p "$SIM/whl.tmp"
     # name==version of every carried wheel (wheel file names: NAME-VERSION-...).
@@ -45,6 +47,11 @@ rm -rf "$SIM/tree" "$SIM/site" "$SIM/work" "$SIM/out" "$SIM/rust"
 mkdir -p "$SIM/tree"
 git ls-files -z --cached --others --exclude-standard |
     tar --null --ignore-failed-read -T - -cf - 2> /dev/null | tar -xf - -C "$SIM/tree"
+# What travels: the tree and the two carried folders (the device tool's limit is 64 MiB).
+bytes=$(du -scb "$SIM/tree" "$WHL" "$OFFLINE" | tail -1 | cut -f1)
+echo "travels: $((bytes / 1048576)) MiB of 64 (tree $(du -sm "$SIM/tree" | cut -f1), $WHL \
+$(du -sm "$WHL" | cut -f1), $OFFLINE $(du -smL "$OFFLINE" | cut -f1))"
+((bytes < 64 * 1048576)) || { echo "device dry run: FAILED: over 64 MiB"; exit 1; }
 cd "$SIM/tree"
 PATH="$SIM/venv/bin:$PATH" DRY=1 PY="$SIM/venv/bin/python3" WHL="$SIM/whl" \
     OFFLINE="$SIM/offline" SITE="$SIM/site" WORK="$SIM/work" RUST_VENV="$SIM/rust" \
