@@ -156,7 +156,31 @@ if [ "$DRY" = 1 ]; then
     G8=(--num-prompts 12 --half-prompts 6 --mock-processes 1 --client-processes 1)
     GP=(--num-prompts 24 --half-prompts 12 --mock-processes 1 --client-processes 1)
 else
-    GW=0,1 LOAD=2,3,4,5,6,7,8,9,10,11,12,13,14,15 DC_CORE=4
+    # Two gateway CPUs on two physical cores; the load gets every CPU that shares a core
+    # with neither (with no SMT: 0,1 and 2-15).
+    read -r GW LOAD < <("$PY" - << 'CORES'
+import os
+def siblings(cpu):
+    try:
+        text = open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read()
+    except OSError:
+        return {cpu}
+    out = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out | {cpu}
+gateway, taken = [], set()
+for cpu in sorted(os.sched_getaffinity(0)):
+    if len(gateway) < 2 and cpu not in taken:
+        gateway.append(cpu)
+        taken |= siblings(cpu)
+load = [c for c in sorted(os.sched_getaffinity(0)) if c not in taken]
+print(",".join(map(str, gateway)), ",".join(map(str, load)))
+CORES
+    )
+    [ -n "$GW" ] && [ -n "$LOAD" ] || GW=0,1 LOAD=2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    DC_CORE=4
     DC=(--repeat 3)
     CACHE=(--seeds "1,2,3")
     G1=(--num-prompts 1536 --half-prompts 768 --mock-processes 4 --client-processes 4)
@@ -165,6 +189,7 @@ else
 fi
 # --prompt-files: each input length's prompts made once in parallel (smg bench's random
 # dataset costs ~0.2 s a prompt at 8,192 tokens in one process, before every run).
+say "cores: gateways $GW, load $LOAD, decision cost $DC_CORE"
 GRPC=("$PY" native_bench/grpc_bench.py --rust-smg "$WORK/rust-smg" --gateway-cores "$GW"
     --load-cores "$LOAD" --prompt-files)
 
