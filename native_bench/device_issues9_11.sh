@@ -24,7 +24,8 @@
 # still brings back what finished).
 #
 # DRY=1: the same plumbing with tiny sizes (2-3 minutes on a 2-core box), for a check before
-# the device run. PY, WHL, OFFLINE, SITE, WORK, BUDGET override the defaults below.
+# the device run. PY, WHL, OFFLINE, SITE, WORK, RUST_VENV, BUDGET, PART_CAP, GW_CORES and
+# LOAD_CORES override the defaults below.
 set -u
 OUT=${OUT:-/tmp/smg-device-out}
 DRY=${DRY:-0}
@@ -35,6 +36,7 @@ SITE=${SITE:-/tmp/site}
 WORK=${WORK:-/tmp/smg-device-work}
 RUST_VENV=${RUST_VENV:-/tmp/venv-rust}
 BUDGET=${BUDGET:-480}
+PART_CAP=${PART_CAP:-0} # > 0: every part cut at this many seconds (a check of the full-size arguments)
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
@@ -80,6 +82,7 @@ part() {
         return
     fi
     ((limit > left)) && limit=$left
+    ((PART_CAP > 0 && limit > PART_CAP)) && limit=$PART_CAP
     say "=== $name start (limit ${limit}s): $*"
     NB_DEVICE_PART=$name timeout -s INT -k 15 "$limit" "$@" >> "$LOG" 2>&1
     rc=$?
@@ -180,7 +183,8 @@ print(",".join(map(str, gateway)), ",".join(map(str, load)))
 CORES
     )
     [ -n "$GW" ] && [ -n "$LOAD" ] || GW=0,1 LOAD=2,3,4,5,6,7,8,9,10,11,12,13,14,15
-    DC_CORE=4
+    GW=${GW_CORES:-$GW} LOAD=${LOAD_CORES:-$LOAD}
+    DC_CORE=${LOAD##*,} # one load CPU: nothing else runs while it measures
     DC=(--repeat 3)
     CACHE=(--seeds "1,2,3")
     G1=(--num-prompts 1536 --half-prompts 768 --mock-processes 4 --client-processes 4)
