@@ -4,8 +4,9 @@
 #                    and p99 per policy x 8/64/1,000 workers x 1/8/32 KB prompts)
 #   2. cache         issue 9: native_bench/cache_bench.py, smg --processes 4 and 1, the Rust SMG
 #                    cache_aware with and without --disable-worker-overload-protection, 3 seeds
-#   3. grpc-1024     issues 10/11: native_bench/grpc_bench.py, both gateways pinned to cores 0-1
-#   4. grpc-8192       (smg --processes 2), the gRPC mock and `smg bench` on cores 2-15
+#   3. grpc-1024     issues 10/11: native_bench/grpc_bench.py --prompt-files, both gateways
+#   4. grpc-8192       pinned to the same 2 CPUs on 2 physical cores (0,1 without SMT; smg
+#                      --processes 2), the gRPC mock (4 processes) and `smg bench` (4) on the rest
 #   5. grpc-parsers  the same at 1,024 tokens with the qwen tool-call + qwen3 reasoning parsers
 # Parts run one after another (nothing else on the box while one measures), each under
 # `timeout -s INT` (Python's finally blocks stop its gateways and mock) and the script's own
