@@ -485,8 +485,17 @@ class Expansion:
     (`expand`). The relayed path (DataPlane._responses_post) and the MCP tool loop
     (smg.dataplane.mcp_responses) both start from it."""
 
-    __slots__ = ("active", "conv_tenant", "conversation", "history", "keep", "new_input")
-    __slots__ += ("previous", "store", "tenant")
+    __slots__ = (
+        "active",
+        "conv_tenant",
+        "conversation",
+        "history",
+        "keep",
+        "new_input",
+        "previous",
+        "store",
+        "tenant",
+    )
 
     def __init__(self, previous: str | None, conversation: str | None, keep: bool, active: bool):
         self.previous = previous
