@@ -83,8 +83,9 @@ def config_file(tmp: Path, url: str) -> str:
     return str(path)
 
 
-def launch(fake: FakeProvider, config: str, timeout: str) -> Iterator[Gateway]:
+def launch(fake: FakeProvider, config: str, timeout: str, *flags: str) -> Iterator[Gateway]:
     args = [
+        *flags,
         "--worker-urls",
         fake.url,
         "--disable-health-check",
@@ -434,3 +435,40 @@ def test_stdio_servers_stop_with_the_gateway(fake: FakeProvider, tmp_path: Path)
                 alive.discard(server_pid)
         time.sleep(0.1)
     assert not alive, f"stdio MCP servers left running: {alive}"
+
+
+def test_the_loop_holds_one_admission_permit(
+    fake: FakeProvider, mcp_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """--max-concurrent-requests 1, no queue: the client's MCP request holds the one permit
+    for its whole loop (1.13 admits the request, and its loop calls the worker directly), so
+    a chat request sent while the tool runs is refused 429; the loop's own model calls take
+    no permit, so it does not wait on itself and completes (the tool times out after 3 s)."""
+    from tests.test_resilience_admission import wait_metric
+
+    config = config_file(tmp_path_factory.mktemp("mcp2"), mcp_url)
+    flags = ("--max-concurrent-requests", "1", "--queue-size", "0")
+    for gw in launch(fake, config, "3", *flags):
+        body = {"model": MODEL, "input": "call sleep", "tools": mcp_tool("web"), "stream": True}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        kinds: list[str] = []
+        with httpx.stream("POST", gw.url + "/v1/responses", json=body, timeout=30) as answer:
+            assert answer.status_code == 200
+            lines = answer.iter_lines()
+            seen = ""
+            for line in lines:
+                seen += line + "\n"
+                if "response.mcp_call_arguments.done" in line:
+                    break  # the tool runs now; the model call before it is over
+            else:
+                raise AssertionError(f"the loop ended before its tool call: {seen}")
+            wait_metric(gw, "smg_gateway_admission_inflight", 1, 5.0)
+            refused = httpx.post(gw.url + "/v1/chat/completions", json=chat, timeout=10)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "admission_queue_full"
+            for line in lines:
+                if line.startswith("event: "):
+                    kinds.append(line[7:])
+        assert kinds[-1] == "response.completed"
+        wait_metric(gw, "smg_gateway_admission_inflight", 0, 5.0)
+        assert httpx.post(gw.url + "/v1/chat/completions", json=chat, timeout=10).status_code == 200

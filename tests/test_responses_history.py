@@ -292,3 +292,59 @@ def test_load_chain_oldest_first_and_unknown() -> None:
         assert (err.value.status, err.value.code) == (400, "previous_response_not_found")
 
     asyncio.run(run())
+
+
+def test_plan_history_fields_and_when_the_store_is_used() -> None:
+    """`plan` (pure): active = a history backend, and history named or `store` not false."""
+    got = responses.plan({"input": "x"}, True)
+    assert (got.previous, got.conversation, got.keep, got.active) == (None, None, True, True)
+    got = responses.plan({"input": "x", "store": False}, True)
+    assert (got.keep, got.active) == (False, False)
+    got = responses.plan({"store": False, "previous_response_id": "r1"}, True)
+    assert (got.previous, got.keep, got.active) == ("r1", False, True)
+    got = responses.plan({"conversation": {"id": "conv_1"}}, True)
+    assert (got.conversation, got.active) == ("conv_1", True)
+    assert responses.plan({"input": "x"}, False).active is False
+    with pytest.raises(ConvError) as err:
+        responses.plan({"previous_response_id": "r1"}, False)
+    assert (err.value.status, err.value.code, err.value.message) == (
+        400,
+        "invalid_request",
+        responses.DISABLED,
+    )
+    with pytest.raises(ConvError) as err:
+        responses.plan({"previous_response_id": "r1", "conversation": "conv_1"}, True)
+    assert err.value.code == "mutually_exclusive_parameters"
+
+
+def test_expand_loads_the_chain_and_builds_the_upstream_body() -> None:
+    """`expand` opens the store only when active; the upstream body is the chain then the
+    new input, and the record of an answer puts the history field back."""
+
+    async def run() -> None:
+        store = MemoryStore()
+        await store.put_response("auth:a", _record("r1", None, "one", "1"))
+        opened: list[int] = []
+
+        def open_store() -> tuple[MemoryStore, str]:
+            opened.append(1)
+            return store, "auth:a"
+
+        body = {"model": "m", "input": "two", "previous_response_id": "r1"}
+        got = await responses.expand(body, True, open_store)
+        assert (got.store, got.tenant, got.conv_tenant, opened) == (store, "auth:a", "auth:a", [1])
+        upstream = got.upstream(body)
+        assert [i["id"] for i in upstream["input"][:2]] == ["msg_in_r1", "msg_out_r1"]
+        assert upstream["input"][2]["content"] == [{"type": "input_text", "text": "two"}]
+        assert (upstream["store"], "previous_response_id" in upstream) == (False, False)
+        record = got.record({"id": "r2", "model": "m", "output": []})
+        assert record is not None and record.previous_response_id == "r1"
+        assert record.input_items == got.new_input
+
+        unstored = {"model": "m", "input": "three", "store": False}
+        got = await responses.expand(unstored, True, open_store)
+        assert (got.active, got.store, len(opened)) == (False, None, 1)  # no store opened
+        assert got.record({"id": "r3"}) is None
+        assert got.upstream(unstored)["input"][0]["content"][0]["text"] == "three"
+
+    asyncio.run(run())

@@ -502,3 +502,48 @@ def test_history_routes_take_admission_permits() -> None:
             assert metric(gw, "smg_admission_queue_rejected_total") == 1
             for sock in (holder, queued):
                 sock.close()
+
+
+def test_a_queued_responses_post_loads_its_history_once_admitted() -> None:
+    """--max-concurrent-requests 1 --queue-size 1: while a slow chat request holds the one
+    permit, a POST /v1/responses naming an unknown previous_response_id queues (1.13's
+    admission layer runs before its handler reads the store) and a second one is refused 429
+    queue full; before this, both read the store at once and answered 400 without waiting.
+    Once admitted, the queued one reads the store: 400 previous_response_not_found."""
+    with mockutil.start_mock_workers(1) as workers:
+        mockutil.set_config(workers.url, ttft_ms=1500, itl_ms=0, output_len=4)
+        flags = ["--max-concurrent-requests", "1", "--queue-size", "1"]
+        flags += ["--queue-timeout-secs", "30"]
+        with running_gateway(
+            ["--worker-urls", workers.url, "--history-backend", "memory", *flags]
+        ) as gw:
+            gw.wait_ready()
+            body = orjson.dumps({"model": "m", "input": "hi", "previous_response_id": "resp_nope"})
+            holder = send_only(gw.port)
+            wait_metric(gw, "smg_gateway_admission_inflight", 1, 5.0)
+            started = time.monotonic()
+            queued = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+            queued.sendall(
+                b"POST /v1/responses HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            wait_metric(gw, "smg_gateway_admission_queue_depth", 1, 5.0)
+            refused = httpx.post(
+                gw.url + "/v1/responses",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=10,
+            )
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "admission_queue_full"
+            assert read_status(holder)[0] == 200
+            status, answer = read_status(queued)
+            while chunk := queued.recv(65536):  # connection: close, so it ends
+                answer += chunk
+            assert status == 400, answer
+            assert b'"previous_response_not_found"' in answer
+            assert time.monotonic() - started > 0.5  # it waited for the holder
+            wait_metric(gw, "smg_gateway_admission_inflight", 0, 5.0)
+            for sock in (holder, queued):
+                sock.close()

@@ -19,7 +19,7 @@ import orjson
 
 from smg import ipc
 from smg.config import tenant_keys
-from smg.dataplane import auth, conversations, mcp_responses, responses
+from smg.dataplane import auth, conversations, loopback, mcp_responses, responses
 from smg.dataplane.admission import Admission
 from smg.dataplane.cors import Cors
 from smg.dataplane.exchange import ANTHROPIC_PATHS, COUNT_TOKENS_ROUTE, Exchange
@@ -554,7 +554,7 @@ class DataPlane:
                 if not self._post_allowed(conn, request, method, path):
                     return
                 if path == responses.ROUTE and request.history is None:
-                    self.spawn(self._responses_post(conn, request))
+                    self._responses_entry(conn, request)
                     return
                 admission = self.admission
                 if admission is None:
@@ -1560,11 +1560,29 @@ class DataPlane:
 
     # --- the Responses API's history (smg.dataplane.responses) ------------------------------------
 
-    async def _responses_post(self, conn: ClientConnection, request: Request) -> None:
+    def _responses_entry(self, conn: ClientConnection, request: Request) -> None:
+        """POST /v1/responses: its admission permit first, then `_responses_post` in a task:
+        1.13's admission layer runs before the handler, so a queued request loads no history
+        (no store read) until it is admitted. The MCP loop's model calls (loopback
+        connections) take no permit: the client's request holds the one permit for the whole
+        loop, as 1.13's loop posts to its worker directly; a model call waiting for a permit
+        its own caller holds would deadlock at --max-concurrent-requests 1."""
+        admission = self.admission
+        if admission is None or isinstance(conn.transport, loopback.Collector):
+            self.spawn(self._responses_post(conn, request, False))
+        elif admission.enter(conn, request, self._responses_admitted):
+            self._responses_admitted(conn, request)
+
+    def _responses_admitted(self, conn: ClientConnection, request: Request) -> None:
+        self.spawn(self._responses_post(conn, request, True))
+
+    async def _responses_post(self, conn: ClientConnection, request: Request, permit: bool) -> None:
         """POST /v1/responses: load the history it names (previous_response_id,
         conversation) into its input, and observe the answer to store it (`store`, default
         true); then the request goes on as any proxied one. A body that is not a JSON
-        object goes on untouched (the worker answers it)."""
+        object goes on untouched (the worker answers it). `permit`: it holds an admission
+        permit, which goes on with the relayed request or is released here."""
+        held = permit
         try:
             try:
                 body = orjson.loads(request.body)
@@ -1572,64 +1590,63 @@ class DataPlane:
                 body = None
             if not isinstance(body, dict):
                 request.history = False
-                self._proxy_entry(conn, request)
+                held = False
+                self._responses_relay(conn, request, permit)
                 return
             if mcp_responses.wanted(body):  # MCP tools: the tool loop answers
                 await mcp_responses.serve(self, conn, request, body)
                 return
-            previous, conv_id = responses.history_fields(body)
-            keep = body.get("store", True) is not False
-            if self.cfg.history_backend == "none":
-                if previous is not None or conv_id is not None:
-                    raise conversations.ConvError(400, "invalid_request", responses.DISABLED)
+            backend_on = self.cfg.history_backend != "none"
+            expansion = await responses.expand(body, backend_on, lambda: self._history(request))
+            if not backend_on:
                 request.history = False
-                self._proxy_entry(conn, request)
-                return
-            if previous is None and conv_id is None and not keep:
+            elif expansion.store is None:
                 # Nothing to load or store; the answer still gets the request's fields back
                 # (store: false among them), as 1.13 patches every answer.
                 request.history = responses.Observer(
                     request.body, body.get("stream") is True, _no_write, None, None, False, body
                 )
-                self._proxy_entry(conn, request)
-                return
-            store, tenant = self._history(request)
-            new_input = responses.input_items(body.get("input", []))
-            history: list[dict[str, object]] = []
-            conv_tenant = tenant
-            if conv_id is not None:
-                items, conv_tenant = await responses.conversation_items(store, tenant, conv_id)
-                history.extend(items)
-            if previous is not None:
-                chain = await responses.load_chain(store, tenant, previous)
-                history.extend(responses.chain_items(chain))
-            upstream = orjson.dumps(responses.upstream_body(body, history, new_input))
+            else:
+                store, tenant, conv_tenant = (
+                    expansion.store,
+                    expansion.tenant,
+                    expansion.conv_tenant,
+                )
+                upstream = orjson.dumps(expansion.upstream(body))
 
-            def done(answer: dict[str, object]) -> asyncio.Future[bool] | None:
-                # The write starts now; the answer's last bytes wait for it (settle()).
-                record = responses.record_of(answer, new_input, previous, conv_id)
-                if record is None or not keep:
-                    return None
-                return self.spawn(self._responses_store(store, tenant, conv_tenant, record))
+                def done(answer: dict[str, object]) -> asyncio.Future[bool] | None:
+                    # The write starts now; the answer's last bytes wait for it (settle()).
+                    record = expansion.record(answer)
+                    if record is None:
+                        return None
+                    return self.spawn(self._responses_store(store, tenant, conv_tenant, record))
 
-            request.history = responses.Observer(
-                upstream, body.get("stream") is True, done, previous, conv_id, keep, body
-            )
-            request.body = upstream
-            request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
+                request.history = responses.Observer(
+                    upstream,
+                    body.get("stream") is True,
+                    done,
+                    expansion.previous,
+                    expansion.conversation,
+                    expansion.keep,
+                    body,
+                )
+                request.body = upstream
+                request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
+            if not conn.closed:
+                held = False
+                self._responses_relay(conn, request, permit)
         except Exception as exc:  # a request must never take the process down
             self._history_failed(conn, request, "responses", exc)
-            return
-        if not conn.closed:
-            self._proxy_entry(conn, request)
+        finally:
+            if held:
+                self.admission.release()  # type: ignore[union-attr]
 
-    def _proxy_entry(self, conn: ClientConnection, request: Request) -> None:
-        """A proxied route's way in: through admission when it is on."""
-        admission = self.admission
-        if admission is None:
-            self.proxy(conn, request)
-        elif admission.enter(conn, request):
+    def _responses_relay(self, conn: ClientConnection, request: Request, permit: bool) -> None:
+        """The Responses request relayed; its permit (if any) goes with the Exchange."""
+        if permit:
             self.proxy_admitted(conn, request)
+        else:
+            self.proxy(conn, request)
 
     async def _responses_store(
         self,

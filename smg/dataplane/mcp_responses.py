@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from smg.dataplane import loopback, responses
-from smg.dataplane.conversations import ConvError
 from smg.httpwire import status_line
 from smg.mcp.loop import LoopError, ToolLoop, mcp_labels, mcp_tool_entries
 
@@ -261,30 +260,23 @@ class _Stored:
 async def _prepare(
     app: DataPlane, request: Request, body: dict[str, Any]
 ) -> tuple[ToolLoop, _Stored]:
-    """The history expanded into the input (as DataPlane._responses_post does), the MCP
-    servers' tools listed, the loop made."""
+    """The history expanded into the input (responses.expand, as DataPlane._responses_post
+    does), the MCP servers' tools listed, the loop made."""
     mcp_labels(body)  # LoopError 400 for an mcp tool without a label
-    previous, conv_id = responses.history_fields(body)
-    keep = body.get("store", True) is not False
     backend_on = app.cfg.history_backend != "none"
-    if not backend_on and (previous is not None or conv_id is not None):
-        raise ConvError(400, "invalid_request", responses.DISABLED)
-    new_input = responses.input_items(body.get("input", []))
-    history: list[dict[str, Any]] = []
-    store: HistoryStore | None = None
-    tenant = conv_tenant = ""
-    if backend_on and (keep or previous is not None or conv_id is not None):
-        store, tenant = app._history(request)
-        conv_tenant = tenant
-        if conv_id is not None:
-            items, conv_tenant = await responses.conversation_items(store, tenant, conv_id)
-            history.extend(items)
-        if previous is not None:
-            chain = await responses.load_chain(store, tenant, previous)
-            history.extend(responses.chain_items(chain))
-    upstream = responses.upstream_body(body, history, new_input)
+    expansion = await responses.expand(body, backend_on, lambda: app._history(request))
+    previous, conv_id, keep = expansion.previous, expansion.conversation, expansion.keep
+    upstream = expansion.upstream(body)
     listed = await _list_tools(app, body)
-    stored = _Stored(store, tenant, conv_tenant, new_input, previous, conv_id, keep)
+    stored = _Stored(
+        expansion.store,
+        expansion.tenant,
+        expansion.conv_tenant,
+        expansion.new_input,
+        previous,
+        conv_id,
+        keep,
+    )
     tool_loop = ToolLoop(upstream, listed)
 
     def patch(response: dict[str, Any]) -> dict[str, Any]:

@@ -479,6 +479,83 @@ async def conversation_items(
     return items, tenant
 
 
+class Expansion:
+    """A POST /v1/responses's history: its fields (`plan`, pure) and, when there is something
+    to load or store (`active`), the store, the tenants, the earlier items and the new input
+    (`expand`). The relayed path (DataPlane._responses_post) and the MCP tool loop
+    (smg.dataplane.mcp_responses) both start from it."""
+
+    __slots__ = (
+        "active",
+        "conv_tenant",
+        "conversation",
+        "history",
+        "keep",
+        "new_input",
+        "previous",
+        "store",
+        "tenant",
+    )
+
+    def __init__(self, previous: str | None, conversation: str | None, keep: bool, active: bool):
+        self.previous = previous
+        self.conversation = conversation
+        self.keep = keep  # `store`, default true
+        self.active = active  # a history backend, and something to load or to store
+        self.store: HistoryStore | None = None
+        self.tenant = ""
+        self.conv_tenant = ""  # the conversation's tenant ("" for one stored without any)
+        self.history: list[dict[str, Any]] = []
+        self.new_input: list[dict[str, Any]] = []
+
+    def upstream(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body the model gets (upstream_body); an inactive one shapes its input here."""
+        new_input = self.new_input if self.active else input_items(body.get("input", []))
+        return upstream_body(body, self.history, new_input)
+
+    def record(self, answer: dict[str, Any]) -> ResponseRecord | None:
+        """The record to store for a finished answer; None: nothing to store."""
+        if self.store is None or not self.keep:
+            return None
+        return record_of(answer, self.new_input, self.previous, self.conversation)
+
+
+def plan(body: dict[str, Any], backend_on: bool) -> Expansion:
+    """The history fields of a request body (400s: both given, a bad value, or history asked
+    of a gateway with --history-backend none)."""
+    previous, conversation = history_fields(body)
+    keep = body.get("store", True) is not False
+    named = previous is not None or conversation is not None
+    if named and not backend_on:
+        raise ConvError(400, "invalid_request", DISABLED)
+    return Expansion(previous, conversation, keep, backend_on and (named or keep))
+
+
+async def expand(
+    body: dict[str, Any],
+    backend_on: bool,
+    open_store: Callable[[], tuple[HistoryStore, str]],
+) -> Expansion:
+    """`plan`, then for an active one: the store and tenant (`open_store`), the new input
+    as items, and the history it names (the conversation's items, or the chain ending at
+    previous_response_id), oldest first."""
+    expansion = plan(body, backend_on)
+    if not expansion.active:
+        return expansion
+    store, tenant = open_store()
+    expansion.store, expansion.tenant, expansion.conv_tenant = store, tenant, tenant
+    expansion.new_input = input_items(body.get("input", []))
+    if expansion.conversation is not None:
+        items, expansion.conv_tenant = await conversation_items(
+            store, tenant, expansion.conversation
+        )
+        expansion.history.extend(items)
+    if expansion.previous is not None:
+        chain = await load_chain(store, tenant, expansion.previous)
+        expansion.history.extend(chain_items(chain))
+    return expansion
+
+
 async def serve(
     store: HistoryStore, tenant: str, route: str, method: str, response_id: str, query: str
 ) -> dict[str, Any]:

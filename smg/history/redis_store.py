@@ -171,6 +171,7 @@ class RedisStore:
         if self._client is None or self._pid != os.getpid():
             import redis.asyncio as aioredis
             from redis.backoff import NoBackoff
+            from redis.maint_notifications import MaintNotificationsConfig
             from redis.retry import Retry
 
             pool = aioredis.BlockingConnectionPool.from_url(
@@ -180,6 +181,13 @@ class RedisStore:
                 socket_connect_timeout=self.op_timeout,
                 socket_timeout=self.op_timeout,
                 retry=Retry(NoBackoff(), 0),
+                # redis-py 8 turns maintenance notifications on ("auto") for RESP3, and with
+                # them on, the pool skips its check-out test of a pooled connection (EOF or
+                # unread data -> reconnect before sending). Without that test a connection
+                # that went stale while Redis was down (restarted since) fails the first
+                # command after the restart; with it, the reconnect happens before anything
+                # is sent, so no command is ever sent twice.
+                maint_notifications_config=MaintNotificationsConfig(enabled=False),
             )
             client = aioredis.Redis(connection_pool=pool)
             self._scripts = {
