@@ -162,11 +162,12 @@ def test_add_whole(gateway: Gateway, fake: FakeProvider, label: str) -> None:
     assert stored.output[1].output == "5"
 
 
-def test_add_streamed_then_chained(gateway: Gateway, fake: FakeProvider) -> None:
+@pytest.mark.parametrize("label", ["calc", "web"])
+def test_add_streamed_then_chained(gateway: Gateway, fake: FakeProvider, label: str) -> None:
     client, _ = pinned_client(gateway, "unused")
     fake.clear()
     events = list(
-        client.responses.create(model=MODEL, input="call add", tools=mcp_tool("calc"), stream=True)
+        client.responses.create(model=MODEL, input="call add", tools=mcp_tool(label), stream=True)
     )
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
