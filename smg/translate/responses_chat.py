@@ -543,18 +543,7 @@ class ResponsesOverChat(ChatStream):
     def _content(self, delta: dict[str, Any], out: list[bytes]) -> None:
         reasoning = reasoning_of(delta)
         if reasoning:
-            item = self._open_item(out, "reasoning")
-            item["text"] += reasoning
-            self._event(
-                out,
-                "response.reasoning_text.delta",
-                {
-                    "item_id": item["id"],
-                    "output_index": item["output_index"],
-                    "content_index": 0,
-                    "delta": reasoning,
-                },
-            )
+            self._text_delta(out, "reasoning", "response.reasoning_text.delta", reasoning, {})
         content = text(delta.get("content"))
         if content and (self._open is None or self._open["type"] != "message"):
             # Whitespace alone (the "\n\n" after a reasoning block, before a tool call)
@@ -565,19 +554,18 @@ class ResponsesOverChat(ChatStream):
             if self._blank:
                 content = ""
         if content:
-            item = self._open_item(out, "message")
-            item["text"] += content
-            self._event(
-                out,
-                "response.output_text.delta",
-                {
-                    "item_id": item["id"],
-                    "output_index": item["output_index"],
-                    "content_index": 0,
-                    "delta": content,
-                    "logprobs": [],
-                },
+            self._text_delta(
+                out, "message", "response.output_text.delta", content, {"logprobs": []}
             )
+
+    def _text_delta(
+        self, out: list[bytes], kind: str, event: str, delta: str, extra: dict[str, Any]
+    ) -> None:
+        """A reasoning or message delta: into the open item of that kind, and its event."""
+        item = self._open_item(out, kind)
+        item["text"] += delta
+        where = {"item_id": item["id"], "output_index": item["output_index"], "content_index": 0}
+        self._event(out, event, {**where, "delta": delta, **extra})
 
     def _tool_delta(
         self, position: int, call: dict[str, Any], function: dict[str, Any], out: list[bytes]
