@@ -21,6 +21,7 @@ model dir has one; the Rust SMG 1.13 stalls requests 5-10 s without it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
 import shutil
@@ -28,10 +29,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mockutil import next_line, request_json, start_reader, stop_with_reader
+
+from tests.gatewayutil import Gateway, wait_until
 
 URL_PREFIX = "MOCK_WORKER_URL "
 CONTROL_PREFIX = "MOCK_CONTROL_URL "
@@ -134,3 +138,37 @@ def start_grpc_mock(
         mock.stop()
         raise
     return mock
+
+
+@contextlib.contextmanager
+def served_gateway(
+    root: Path,
+    *,
+    model: str,
+    template: str,
+    gateway_args: list[str],
+    ready: Callable[[Gateway], bool],
+    what: str,
+) -> Iterator[tuple[Gateway, GrpcMock]]:
+    """The gRPC mock serving `model` with a real chat template (answering "Hello there."
+    until a test calls mock.reply), and `smg launch` in front of it, ready once
+    `ready(gw)` holds (within 60 s); both stopped on exit."""
+    model_dir = llama3_dir(root / "model", template=template)
+    reply = root / "reply.txt"
+    reply.write_text("Hello there.", "utf-8")
+    mock = start_grpc_mock(model_dir, model=model, args=["--reply-file", str(reply)])
+    try:
+        gw = Gateway(
+            ["--worker-urls", mock.url, *gateway_args],
+            env={"XDG_CACHE_HOME": str(root / "cache")},
+        )
+        try:
+            gw.start(timeout=60.0)
+            gw.wait_ready(60.0)
+            wait_until(lambda: ready(gw), 60.0, what)
+            yield gw, mock
+        finally:
+            gw.stop()
+            gw.close_log()
+    finally:
+        mock.stop()

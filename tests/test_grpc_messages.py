@@ -15,10 +15,10 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
+from grpcmockutil import GrpcMock, served_gateway
 from providerfakes import anthropic_client, sse_events
 
-from tests.gatewayutil import Gateway, wait_until
+from tests.gatewayutil import Gateway
 
 MODEL = "Qwen/Qwen3-8B"  # qwen tool parser, qwen3 reasoning parser (1.13's name patterns)
 TEMPLATE = "Qwen-Qwen3-0.6B.jinja"
@@ -44,27 +44,15 @@ ON = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, GrpcMock]]:
-    root = tmp_path_factory.mktemp("qwen3")
-    model_dir = llama3_dir(root / "model", template=TEMPLATE)
-    reply = root / "reply.txt"
-    reply.write_text("Hello there.", "utf-8")
-    mock = start_grpc_mock(model_dir, model=MODEL, args=["--reply-file", str(reply)])
-    try:
-        gw = Gateway(["--worker-urls", mock.url], env={"XDG_CACHE_HOME": str(root / "cache")})
-        try:
-            gw.start(timeout=60.0)
-            gw.wait_ready(60.0)
-            wait_until(
-                lambda: _post(gw, "/v1/messages", _ask(max_tokens=20)).status_code == 200,
-                60.0,
-                "the gRPC model served on /v1/messages",
-            )
-            yield gw, mock
-        finally:
-            gw.stop()
-            gw.close_log()
-    finally:
-        mock.stop()
+    with served_gateway(
+        tmp_path_factory.mktemp("qwen3"),
+        model=MODEL,
+        template=TEMPLATE,
+        gateway_args=[],
+        ready=lambda gw: _post(gw, "/v1/messages", _ask(max_tokens=20)).status_code == 200,
+        what="the gRPC model served on /v1/messages",
+    ) as served:
+        yield served
 
 
 def _ask(**fields: Any) -> dict[str, Any]:

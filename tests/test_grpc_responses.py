@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
+from grpcmockutil import GrpcMock, served_gateway
 
 from smg.grpc.frontend import GrpcExchange
-from tests.gatewayutil import Gateway, wait_until
+from tests.gatewayutil import Gateway
 from tests.test_conversations_e2e import PinnedTransport, pinned_client
 from tests.test_grpc_frontend import FakeConn, Rig, Script, out, split_chunks
 from tests.test_grpc_frontend import rig as frontend_rig
@@ -45,35 +45,23 @@ CALL_REPLY = (
 )
 
 
+GATEWAY_ARGS = [
+    "--history-backend", "memory",
+    "--tool-call-parser", "qwen", "--reasoning-parser", "qwen3",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, GrpcMock]]:
-    root = tmp_path_factory.mktemp("qwen3")
-    model_dir = llama3_dir(root / "model", template=TEMPLATE)
-    reply = root / "reply.txt"
-    reply.write_text("Hello there.", "utf-8")
-    mock = start_grpc_mock(model_dir, model=MODEL, args=["--reply-file", str(reply)])
-    try:
-        gw = Gateway(
-            [
-                "--worker-urls", mock.url, "--history-backend", "memory",
-                "--tool-call-parser", "qwen", "--reasoning-parser", "qwen3",
-            ],
-            env={"XDG_CACHE_HOME": str(root / "cache")},
-        )  # fmt: skip
-        try:
-            gw.start(timeout=60.0)
-            gw.wait_ready(60.0)
-            wait_until(
-                lambda: _post(gw, {"input": "hi", "store": False}).status_code == 200,
-                60.0,
-                "the gRPC model served on /v1/responses",
-            )
-            yield gw, mock
-        finally:
-            gw.stop()
-            gw.close_log()
-    finally:
-        mock.stop()
+    with served_gateway(
+        tmp_path_factory.mktemp("qwen3"),
+        model=MODEL,
+        template=TEMPLATE,
+        gateway_args=GATEWAY_ARGS,
+        ready=lambda gw: _post(gw, {"input": "hi", "store": False}).status_code == 200,
+        what="the gRPC model served on /v1/responses",
+    ) as served:
+        yield served
 
 
 def _post(gw: Gateway, body: dict[str, Any]) -> httpx.Response:

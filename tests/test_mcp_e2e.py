@@ -14,9 +14,7 @@ own server_url; an unknown label answers 400.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +27,10 @@ from providerfakes import FakeProvider
 
 from smg.mcp.loop import NOT_EXECUTED
 from tests.gatewayutil import Gateway, free_port, running_gateway, wait_until
+from tests.mcputil import SERVER, http_server
 from tests.test_conversations_e2e import pinned_client
 
 MODEL = "gpt-4o"
-SERVER = str(Path(__file__).with_name("mcpserver.py"))
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +42,8 @@ def fake() -> Iterator[FakeProvider]:
 @pytest.fixture(scope="module")
 def mcp_url() -> Iterator[str]:
     """tests/mcpserver.py over streamable HTTP on 127.0.0.1 (its MCP_READY line)."""
-    proc = subprocess.Popen(
-        [sys.executable, SERVER, "http", "--port", str(free_port())],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        lines: list[str] = []
-        reader = threading.Thread(
-            target=lambda: lines.append(proc.stdout.readline().decode()),  # type: ignore[union-attr]
-            daemon=True,
-        )
-        reader.start()
-        reader.join(30)
-        assert lines and lines[0].startswith("MCP_READY "), f"no MCP_READY: {lines}"
-        yield lines[0].split()[1]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with http_server() as (url, _proc):
+        yield url
 
 
 def config_file(tmp: Path, url: str) -> str:

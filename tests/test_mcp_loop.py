@@ -4,7 +4,6 @@ whole answers and event streams fed split anywhere, the client's items and event
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,20 +19,11 @@ from smg.mcp.loop import (
     mcp_item_id,
     mcp_labels,
 )
-
-
-@dataclass(frozen=True)
-class FakeTool:
-    server_label: str
-    name: str
-    description: str
-    input_schema: dict[str, Any]
-    annotations: dict[str, Any] | None = None
-
+from smg.mcp.manager import McpTool
 
 ADD_SCHEMA = {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}
-ADD = FakeTool("calc", "add", "Add two numbers", ADD_SCHEMA)
-FAIL = FakeTool("calc", "fail", "Always fails", {"type": "object", "properties": {}})
+ADD = McpTool("calc", "add", "Add two numbers", ADD_SCHEMA, None)
+FAIL = McpTool("calc", "fail", "Always fails", {"type": "object", "properties": {}}, None)
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -84,7 +74,7 @@ def answer(output: list[dict[str, Any]], tokens: int = 1) -> dict[str, Any]:
     }
 
 
-def make(b: dict[str, Any], tools: list[FakeTool] | None = None) -> ToolLoop:
+def make(b: dict[str, Any], tools: list[McpTool] | None = None) -> ToolLoop:
     return ToolLoop(b, {"calc": tools or [ADD, FAIL]}, response_id="resp_1", created_at=7)
 
 
@@ -105,8 +95,8 @@ def test_labels() -> None:
 
 def test_names_without_collisions() -> None:
     listed = {
-        "one": [FakeTool("one", "add", "", {}), FakeTool("one", "echo", "", {})],
-        "two": [FakeTool("two", "add", "", {}), FakeTool("two", "lookup", "", {})],
+        "one": [McpTool("one", "add", "", {}, None), McpTool("one", "echo", "", {}, None)],
+        "two": [McpTool("two", "add", "", {}, None), McpTool("two", "lookup", "", {}, None)],
     }
     names = exposed_names(listed, {"lookup"})  # a client function named lookup
     assert {k: (v[0], v[1].name) for k, v in names.items()} == {

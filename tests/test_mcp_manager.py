@@ -20,48 +20,11 @@ import pytest
 from smg.mcp.config import McpConfig, McpServerConfig
 from smg.mcp.manager import McpError, McpManager, ToolResult, flatten_output, request_key
 from tests.gatewayutil import free_port
+from tests.mcputil import SERVER, http_server, stdio_server
 
-SERVER = str(Path(__file__).with_name("mcpserver.py"))
 TOOLS = ["add", "fail", "sleep", "env", "pid"]
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def stdio_server(name: str = "tools") -> McpServerConfig:
-    return McpServerConfig(
-        name=name, protocol="stdio", command=sys.executable, args=(SERVER, "stdio")
-    )
-
-
-@contextlib.contextmanager
-def http_server(
-    port: int | None = None, *extra: str, kind: str = "http"
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """tests/mcpserver.py over streamable HTTP (or SSE) on a free loopback port; stopped on exit.
-    A port taken between free_port() and the bind is retried on another (at most 3 tries)."""
-    for _attempt in range(1 if port else 3):
-        chosen = port or free_port()
-        proc = subprocess.Popen(
-            [sys.executable, SERVER, kind, "--port", str(chosen), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 20.0)
-            line = proc.stdout.readline().decode() if ready else ""
-            if line.startswith("MCP_READY "):
-                yield line.split()[1], proc
-                return
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-    raise AssertionError(f"mcpserver {kind} did not start")
 
 
 def run(body: Callable[[], Awaitable[Any]], limit: float = 45.0) -> Any:

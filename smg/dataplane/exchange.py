@@ -602,12 +602,7 @@ class Exchange:
         """503 storage_unavailable for a whole answer whose record was not written. The
         worker answered: its connection is released as after any answer, and its outcome is
         its own status (the circuit breaker holds nothing against it)."""
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            if self.client.write_paused:
-                conn.transport.resume_reading()  # type: ignore[union-attr]
-            conn.release(self.upstream_reusable)
+        self._release_upstream()
         app = self.app
         keep_alive = self.keep_alive and not app.draining
         self.client.write(
@@ -693,6 +688,16 @@ class Exchange:
         self.status = status
         self._emit_held(status, body, _SKIP_TRANSLATED)
 
+    def _release_upstream(self) -> None:
+        """The worker connection back to its pool after a whole answer."""
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            if self.client.write_paused:
+                # Paused for this client's back-pressure: the next exchange must read.
+                conn.transport.resume_reading()  # type: ignore[union-attr]
+            conn.release(self.upstream_reusable)
+
     def flush(self) -> None:
         """End of one upstream read: hand the client what it produced, end if complete."""
         out = self.out
@@ -706,13 +711,7 @@ class Exchange:
             self.state, action = FLAT[_COMPLETE * _N + _FLUSHED]
             if action != _FINISH:
                 return
-            conn = self.upstream
-            self.upstream = None
-            if conn is not None:
-                if self.client.write_paused:
-                    # Paused for this client's back-pressure: the next exchange must read.
-                    conn.transport.resume_reading()  # type: ignore[union-attr]
-                conn.release(self.upstream_reusable)
+            self._release_upstream()
             self._finish(self.status, "", self.status)
             self.client.response_done(self.keep_alive)
         elif state == _DRAINED and self._advance(_FLUSHED) == _RETRY:

@@ -109,7 +109,7 @@ def chat_id(msg_id: Any) -> str:
     return _CHAT_ID_PREFIX + text.removeprefix(_MESSAGE_ID_PREFIX)
 
 
-def _int(value: Any) -> int:
+def int_of(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
@@ -119,12 +119,12 @@ def usage_to_messages(usage: Any) -> dict[str, int]:
     cache_read_input_tokens), so the cached count moves over."""
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
-    prompt = _int(usage.get("prompt_tokens"))
+    prompt = int_of(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = int_of(details.get("cached_tokens")) if isinstance(details, dict) else 0
     out = {
         "input_tokens": max(prompt - cached, 0),
-        "output_tokens": _int(usage.get("completion_tokens")),
+        "output_tokens": int_of(usage.get("completion_tokens")),
     }
     if cached:
         out["cache_read_input_tokens"] = cached
@@ -134,13 +134,13 @@ def usage_to_messages(usage: Any) -> dict[str, int]:
 def usage_to_chat(usage: dict[str, Any]) -> dict[str, Any]:
     """Messages usage -> chat usage: prompt_tokens count every input token (plain, cache
     reads and cache writes), cached_tokens the cache reads."""
-    cache_read = _int(usage.get("cache_read_input_tokens"))
+    cache_read = int_of(usage.get("cache_read_input_tokens"))
     prompt = (
-        _int(usage.get("input_tokens"))
+        int_of(usage.get("input_tokens"))
         + cache_read
-        + _int(usage.get("cache_creation_input_tokens"))
+        + int_of(usage.get("cache_creation_input_tokens"))
     )
-    completion = _int(usage.get("output_tokens"))
+    completion = int_of(usage.get("output_tokens"))
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -203,3 +203,116 @@ def seq(value: Any) -> list[Any]:
 
 def text(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """A chat message's or delta's reasoning (vLLM/SGLang name it `reasoning_content`,
+    newer servers `reasoning`)."""
+    return text(message.get("reasoning_content")) or text(message.get("reasoning"))
+
+
+def first_choice(body: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A whole chat answer and its first choice, or None when that choice has no message."""
+    answer = obj(loads_object(body))
+    choices = seq(answer.get("choices"))
+    if not choices or not isinstance(obj(choices[0]).get("message"), dict):
+        return None
+    return answer, choices[0]
+
+
+class ChatStream:
+    """What both chat -> X stream translations share: the consumer loop over the worker's
+    chat SSE (chunks, `[DONE]`, an error chunk, a stream cut short) and the walk through
+    one chunk (usage, first choice, its delta, tool-call deltas, finish). A subclass writes
+    its own API's events and error shape through the hooks below."""
+
+    # the error message when the stream ends with neither [DONE] nor a finish_reason
+    _CUT_SHORT = "the stream ended before the answer was complete"
+
+    def __init__(self) -> None:
+        self._sse = SseReader()
+        self._started = False
+        self._done = False
+        self._finish: dict[str, Any] | None = None  # the choice that had a finish_reason
+        self._usage: Any = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self._done:
+            return b""
+        out: list[bytes] = []
+        for _, payload in self._sse.feed(data):
+            if self._done:
+                break
+            if payload.strip() == b"[DONE]":
+                self._close(out)
+                continue
+            chunk = loads_object(payload)
+            if chunk is None:
+                continue
+            if chunk.get("error") is not None:
+                message, code = error_message(502, payload)
+                self._fail(out, code or "upstream_error", message)
+                break
+            self._chunk(chunk, out)
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self._done:
+            return b""
+        out: list[bytes] = []
+        if self._finish is None:
+            # No [DONE] and no finish_reason: the worker's stream was cut short.
+            self._fail(out, "upstream_stream_ended", self._CUT_SHORT)
+        else:
+            self._close(out)
+        return b"".join(out)
+
+    def abort(self, code: str, message: str) -> bytes:
+        if self._done:
+            return b""
+        out: list[bytes] = []
+        self._fail(out, code, message)
+        return b"".join(out)
+
+    def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
+        if not self._started:
+            self._start(chunk, out)
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        choices = seq(chunk.get("choices"))
+        if not choices or not isinstance(choices[0], dict):
+            return
+        choice = choices[0]
+        delta = obj(choice.get("delta"))
+        self._content(delta, out)
+        for raw in seq(delta.get("tool_calls")):
+            call = obj(raw)
+            position = call.get("index", 0)
+            if isinstance(position, int):
+                self._tool_delta(position, call, obj(call.get("function")), out)
+        if choice.get("finish_reason"):
+            self._finish = choice
+
+    # --- hooks ------------------------------------------------------------------------
+
+    def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
+        """The stream's opening events (the first chunk's id and model)."""
+        raise NotImplementedError
+
+    def _content(self, delta: dict[str, Any], out: list[bytes]) -> None:
+        """A delta's reasoning and text."""
+        raise NotImplementedError
+
+    def _tool_delta(
+        self, position: int, call: dict[str, Any], function: dict[str, Any], out: list[bytes]
+    ) -> None:
+        """A delta of the tool call at chat index `position`."""
+        raise NotImplementedError
+
+    def _close(self, out: list[bytes]) -> None:
+        """The closing events of a finished answer, once (sets _done)."""
+        raise NotImplementedError
+
+    def _fail(self, out: list[bytes], code: str, message: str) -> None:
+        """This API's error events (sets _done)."""
+        raise NotImplementedError

@@ -15,12 +15,14 @@ import orjson
 
 from smg.translate.common import (
     CHAT_TO_STOP_REASON,
-    SseReader,
+    ChatStream,
     TranslateError,
     anthropic_error,
+    first_choice,
     loads_object,
     message_id,
     obj,
+    reasoning_of,
     seq,
     text,
     usage_to_messages,
@@ -288,10 +290,6 @@ def _stop(choice: dict[str, Any], stops: list[str]) -> tuple[str, str | None]:
     return CHAT_TO_STOP_REASON.get(finish, "end_turn"), None
 
 
-def _reasoning(message: dict[str, Any]) -> str:
-    return text(message.get("reasoning_content")) or text(message.get("reasoning"))
-
-
 def _tool_input(arguments: Any) -> dict[str, Any]:
     # A model's malformed arguments cannot become the object `input` must be: {} (the
     # client sees the tool call, and its own validation reports the missing fields).
@@ -302,12 +300,14 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
     return {}
 
 
-class MessagesOverChat:
+class MessagesOverChat(ChatStream):
     """The Translation for /v1/messages served by an OpenAI-chat-only worker."""
 
     upstream_path = CHAT_PATH
+    _CUT_SHORT = "the worker's stream ended before the answer was complete"
 
     def __init__(self, body: dict[str, Any], model: str | None) -> None:
+        super().__init__()
         chat = chat_request(body, model)
         self.upstream_body: bytes = orjson.dumps(chat)
         self.stream: bool = chat.get("stream") is True
@@ -317,29 +317,23 @@ class MessagesOverChat:
             [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
         )
         # stream state
-        self._sse = SseReader()
-        self._started = False
-        self._done = False
         self._block = -1  # index of the open content block, -1 none
         self._kind = ""  # its type
         self._next = 0  # index the next block gets
         self._tools: dict[int, int] = {}  # chat tool_call index -> block index
-        self._finish: dict[str, Any] | None = None
-        self._usage: Any = None
 
     # --- whole answers ----------------------------------------------------------------
 
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
             return anthropic_error(status, body)
-        answer = obj(loads_object(body))
-        choices = seq(answer.get("choices"))
-        if not choices or not isinstance(obj(choices[0]).get("message"), dict):
+        found = first_choice(body)
+        if found is None:
             return anthropic_error(502, b"the worker's chat answer has no choices")
-        choice = choices[0]
+        answer, choice = found
         message = choice["message"]
         content: list[dict[str, Any]] = []
-        reasoning = _reasoning(message)
+        reasoning = reasoning_of(message)
         if reasoning:
             content.append(
                 {"type": "thinking", "thinking": reasoning, "signature": SIGNATURE_PLACEHOLDER}
@@ -381,44 +375,18 @@ class MessagesOverChat:
 
     # --- streams ------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> bytes:
-        if self._done:
-            return b""
-        out: list[bytes] = []
-        for _, payload in self._sse.feed(data):
-            if self._done:
-                break
-            if payload.strip() == b"[DONE]":
-                self._close(out)
-                continue
-            chunk = loads_object(payload)
-            if chunk is None:
-                continue
-            if chunk.get("error") is not None:
-                message = anthropic_error(502, payload)
-                out.append(b"event: error\ndata: %b\n\n" % message)
-                self._done = True
-                break
-            self._chunk(chunk, out)
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        if self._done:
-            return b""
-        out: list[bytes] = []
-        if self._finish is None:
-            # No [DONE] and no finish_reason: the worker's stream was cut short.
-            self._done = True
-            return self.abort(
-                "upstream_stream_ended", "the worker's stream ended before the answer was complete"
-            )
-        self._close(out)
-        return b"".join(out)
-
     def abort(self, code: str, message: str) -> bytes:
+        # An error event even after message_stop (as before the shared ChatStream).
+        out: list[bytes] = []
+        self._fail(out, code, message)
+        return b"".join(out)
+
+    def _fail(self, out: list[bytes], code: str, message: str) -> None:
+        # Anthropic's error event: the type follows the status (502: api_error), the
+        # message is the worker's; Anthropic's shape has no code.
         self._done = True
         body = orjson.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
-        return b"event: error\ndata: %b\n\n" % body
+        out.append(b"event: error\ndata: %b\n\n" % body)
 
     def _event(self, out: list[bytes], name: bytes, body: dict[str, Any]) -> None:
         out.append(b"event: %b\ndata: %b\n\n" % (name, orjson.dumps(body)))
@@ -475,17 +443,8 @@ class MessagesOverChat:
             {"type": "content_block_delta", "index": index, "delta": delta},
         )
 
-    def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
-        if not self._started:
-            self._start(chunk, out)
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        choices = seq(chunk.get("choices"))
-        if not choices or not isinstance(choices[0], dict):
-            return
-        choice = choices[0]
-        delta = obj(choice.get("delta"))
-        reasoning = _reasoning(delta)
+    def _content(self, delta: dict[str, Any], out: list[bytes]) -> None:
+        reasoning = reasoning_of(delta)
         if reasoning:
             if self._kind != "thinking":
                 self._open(out, {"type": "thinking", "thinking": "", "signature": ""})
@@ -495,16 +454,10 @@ class MessagesOverChat:
             if self._kind != "text":
                 self._open(out, {"type": "text", "text": ""})
             self._delta(out, self._block, {"type": "text_delta", "text": content})
-        for call in seq(delta.get("tool_calls")):
-            self._tool_delta(obj(call), out)
-        if choice.get("finish_reason"):
-            self._finish = choice
 
-    def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
-        position = call.get("index", 0)
-        if not isinstance(position, int):
-            return
-        function = obj(call.get("function"))
+    def _tool_delta(
+        self, position: int, call: dict[str, Any], function: dict[str, Any], out: list[bytes]
+    ) -> None:
         index = self._tools.get(position)
         if index is None:
             block = {

@@ -32,11 +32,12 @@ from typing import Any
 import orjson
 
 from smg.translate.common import (
-    SseReader,
+    ChatStream,
     TranslateError,
-    error_message,
-    loads_object,
+    first_choice,
+    int_of,
     obj,
+    reasoning_of,
     seq,
     text,
 )
@@ -313,18 +314,14 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
 # --- the answer ---------------------------------------------------------------------------
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 def usage_of(usage: Any) -> dict[str, Any] | None:
     """Chat usage -> Responses usage (input/output tokens with their details)."""
     if not isinstance(usage, dict):
         return None
-    prompt = _int(usage.get("prompt_tokens"))
-    completion = _int(usage.get("completion_tokens"))
-    cached = _int(obj(usage.get("prompt_tokens_details")).get("cached_tokens"))
-    reasoning = _int(obj(usage.get("completion_tokens_details")).get("reasoning_tokens"))
+    prompt = int_of(usage.get("prompt_tokens"))
+    completion = int_of(usage.get("completion_tokens"))
+    cached = int_of(obj(usage.get("prompt_tokens_details")).get("cached_tokens"))
+    reasoning = int_of(obj(usage.get("completion_tokens_details")).get("reasoning_tokens"))
     return {
         "input_tokens": prompt,
         # cache_write_tokens: the openai SDK's type requires it; a chat usage has no count.
@@ -344,11 +341,7 @@ def status_of(finish: Any) -> tuple[str, dict[str, str] | None]:
     return "completed", None
 
 
-def _reasoning_of(message: dict[str, Any]) -> str:
-    return text(message.get("reasoning_content")) or text(message.get("reasoning"))
-
-
-class ResponsesOverChat:
+class ResponsesOverChat(ChatStream):
     """The Translation for /v1/responses served by the chat pipeline."""
 
     upstream_path = CHAT_PATH
@@ -361,6 +354,7 @@ class ResponsesOverChat:
         ids: Callable[[str], str] = new_id,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         chat = chat_request(body, model)
         self.chat = chat
         self.upstream_body: bytes = orjson.dumps(chat)
@@ -372,15 +366,10 @@ class ResponsesOverChat:
         self.model = chat["model"] if isinstance(chat["model"], str) else ""
         self.echo = self._echo(body)
         # stream state
-        self._sse = SseReader()
         self._seq = 0
-        self._started = False
-        self._done = False
         self._output: list[dict[str, Any]] = []  # items, in output order
         self._open: dict[str, Any] | None = None  # the item being streamed (not a call)
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool_call index -> its item
-        self._finish: Any = None
-        self._usage: Any = None
         self._blank = ""  # whitespace-only content not yet sent (see _chunk)
 
     @staticmethod
@@ -429,15 +418,14 @@ class ResponsesOverChat:
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
             return body  # the chat path's errors are OpenAI's shape already
-        answer = obj(loads_object(body))
-        choices = seq(answer.get("choices"))
-        if not choices or not isinstance(obj(choices[0]).get("message"), dict):
+        found = first_choice(body)
+        if found is None:
             error = {"code": "server_error", "message": "the chat answer has no choices"}
             return orjson.dumps(self.response_object("failed", [], None, error=error))
-        choice = choices[0]
+        answer, choice = found
         message = choice["message"]
         output: list[dict[str, Any]] = []
-        reasoning = _reasoning_of(message)
+        reasoning = reasoning_of(message)
         if reasoning:
             output.append(self._reasoning_item(reasoning, "completed"))
         parts = []
@@ -489,53 +477,14 @@ class ResponsesOverChat:
 
     # --- streams ------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> bytes:
-        if self._done:
-            return b""
-        out: list[bytes] = []
-        for _, payload in self._sse.feed(data):
-            if self._done:
-                break
-            if payload.strip() == b"[DONE]":
-                self._close(out)
-                continue
-            chunk = loads_object(payload)
-            if chunk is None:
-                continue
-            if chunk.get("error") is not None:
-                message, code = error_message(502, payload)
-                self._fail(out, code or "upstream_error", message)
-                break
-            self._chunk(chunk, out)
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        if self._done:
-            return b""
-        out: list[bytes] = []
-        if self._finish is None:
-            # No [DONE] and no finish_reason: the stream was cut short.
-            self._fail(
-                out, "upstream_stream_ended", "the stream ended before the answer was complete"
-            )
-        else:
-            self._close(out)
-        return b"".join(out)
-
-    def abort(self, code: str, message: str) -> bytes:
-        if self._done:
-            return b""
-        out: list[bytes] = []
-        self._fail(out, code, message)
-        return b"".join(out)
-
     def _event(self, out: list[bytes], kind: str, body: dict[str, Any]) -> None:
         event = {"type": kind, "sequence_number": self._seq, **body}
         self._seq += 1
         out.append(b"event: %b\ndata: %b\n\n" % (kind.encode(), orjson.dumps(event)))
 
-    def _start(self, out: list[bytes]) -> None:
+    def _start(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         self._started = True
+        self.model = text(chunk.get("model")) or self.model
         response = self.response_object("in_progress", [], None)
         self._event(out, "response.created", {"response": response})
         self._event(out, "response.in_progress", {"response": response})
@@ -591,31 +540,10 @@ class ResponsesOverChat:
         self._output[index] = item
         self._event(out, "response.output_item.done", {"output_index": index, "item": item})
 
-    def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
-        if not self._started:
-            self.model = text(chunk.get("model")) or self.model
-            self._start(out)
-        if chunk.get("usage"):
-            self._usage = chunk["usage"]
-        choices = seq(chunk.get("choices"))
-        if not choices or not isinstance(choices[0], dict):
-            return
-        choice = choices[0]
-        delta = obj(choice.get("delta"))
-        reasoning = _reasoning_of(delta)
+    def _content(self, delta: dict[str, Any], out: list[bytes]) -> None:
+        reasoning = reasoning_of(delta)
         if reasoning:
-            item = self._open_item(out, "reasoning")
-            item["text"] += reasoning
-            self._event(
-                out,
-                "response.reasoning_text.delta",
-                {
-                    "item_id": item["id"],
-                    "output_index": item["output_index"],
-                    "content_index": 0,
-                    "delta": reasoning,
-                },
-            )
+            self._text_delta(out, "reasoning", "response.reasoning_text.delta", reasoning, {})
         content = text(delta.get("content"))
         if content and (self._open is None or self._open["type"] != "message"):
             # Whitespace alone (the "\n\n" after a reasoning block, before a tool call)
@@ -626,29 +554,22 @@ class ResponsesOverChat:
             if self._blank:
                 content = ""
         if content:
-            item = self._open_item(out, "message")
-            item["text"] += content
-            self._event(
-                out,
-                "response.output_text.delta",
-                {
-                    "item_id": item["id"],
-                    "output_index": item["output_index"],
-                    "content_index": 0,
-                    "delta": content,
-                    "logprobs": [],
-                },
+            self._text_delta(
+                out, "message", "response.output_text.delta", content, {"logprobs": []}
             )
-        for call in seq(delta.get("tool_calls")):
-            self._tool_delta(obj(call), out)
-        if choice.get("finish_reason"):
-            self._finish = choice["finish_reason"]
 
-    def _tool_delta(self, call: dict[str, Any], out: list[bytes]) -> None:
-        position = call.get("index", 0)
-        if not isinstance(position, int):
-            return
-        function = obj(call.get("function"))
+    def _text_delta(
+        self, out: list[bytes], kind: str, event: str, delta: str, extra: dict[str, Any]
+    ) -> None:
+        """A reasoning or message delta: into the open item of that kind, and its event."""
+        item = self._open_item(out, kind)
+        item["text"] += delta
+        where = {"item_id": item["id"], "output_index": item["output_index"], "content_index": 0}
+        self._event(out, event, {**where, "delta": delta, **extra})
+
+    def _tool_delta(
+        self, position: int, call: dict[str, Any], function: dict[str, Any], out: list[bytes]
+    ) -> None:
         item = self._calls.get(position)
         if item is None:
             self._close_open(out)
@@ -688,10 +609,10 @@ class ResponsesOverChat:
             return
         self._done = True
         if not self._started:
-            self._start(out)
+            self._start({}, out)
         self._close_open(out)
         self._close_calls(out)
-        state, incomplete = status_of(self._finish)
+        state, incomplete = status_of(obj(self._finish).get("finish_reason"))
         response = self.response_object(state, self._output, usage_of(self._usage), incomplete)
         # response.completed for an incomplete answer too (1.13's event name; the status
         # says it), so a history observer stores it as it stores a whole answer.
@@ -701,7 +622,7 @@ class ResponsesOverChat:
         """An error event, then response.failed with what was produced so far."""
         self._done = True
         if not self._started:
-            self._start(out)
+            self._start({}, out)
         self._event(out, "error", {"code": code, "message": message, "param": None})
         # response.error.code is one of OpenAI's names (server_error for a failure on the
         # serving side); the error event before it carries smg's own code.
