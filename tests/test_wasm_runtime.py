@@ -4,6 +4,8 @@ byte for byte."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -134,7 +136,7 @@ RESP = WasmResponse(
 
 
 def runner(wat: str, limits: Limits = LIMITS) -> ModuleRunner:
-    return ModuleRunner(compile_component(wat.encode(), limits), limits)
+    return ModuleRunner(None, compile_component(wat.encode(), limits), limits)
 
 
 # --- the runtime ----------------------------------------------------------------------------------------------
@@ -240,9 +242,49 @@ def test_stack_overflow_is_a_trap() -> None:
 def test_runner_never_compiles_it_loads_the_artifact() -> None:
     artifact = compile_component(guest(on_request=REJECT_403).encode(), LIMITS)
     assert artifact[:4] != b"\0asm"  # a serialized native artifact, not wasm
-    assert ModuleRunner(artifact, LIMITS).on_request(REQ) == Reject(403)
+    assert ModuleRunner(None, artifact, LIMITS).on_request(REQ) == Reject(403)
     with pytest.raises(WasmError, match="cannot load the compiled module"):
-        ModuleRunner(b"garbage", LIMITS)
+        ModuleRunner(None, b"garbage", LIMITS)
+
+
+def test_artifact_compiled_in_the_parent_runs_in_a_forked_child() -> None:
+    """The control plane compiles; a forked data-plane process loads the artifact and gets its own engine and
+    epoch ticker (the parent's ticker thread does not exist in the child: the loop must still be interrupted)."""
+    echo = compile_component(guest(on_request=ECHO_REQUEST).encode(), LIMITS)
+    short = Limits(max_execution_ms=200)
+    loop = compile_component(guest(on_request=LOOP).encode(), short)
+    assert ModuleRunner(None, echo, LIMITS).on_request(REQ) == ModuleRunner(
+        None, echo, LIMITS
+    ).on_request(REQ)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status only
+        code = 1
+        try:
+            ok = isinstance(ModuleRunner(None, echo, LIMITS).on_request(REQ), Modify)
+            try:
+                ModuleRunner(None, loop, short).on_request(REQ)
+            except WasmTrap as e:
+                ok = ok and e.kind == "timeout"
+            else:
+                ok = False
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    status = 0
+    try:
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the forked child did not finish in 30 s")
+    finally:
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_compile_rejects_bad_input() -> None:

@@ -13,6 +13,7 @@ rather than wasmtime-py's generic converters, which lower a list<u8> one Python 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from ctypes import POINTER, addressof, byref, cast, string_at
@@ -179,47 +180,48 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().split("\n", 1)[0]
 
 
-# --- epoch ticker ---------------------------------------------------------------------------------------------
-
-_tick_lock = threading.Lock()
-_ticked: list[wasmtime.Engine] = []
-_ticker: threading.Thread | None = None
+# --- engines and the epoch ticker (one per process) ---------------------------------------------------------
 
 
-def _tick_loop() -> None:
-    while True:
-        time.sleep(EPOCH_INTERVAL_S)
-        with _tick_lock:
-            engines = list(_ticked)
-        for engine in engines:
-            engine.increment_epoch()
+class EngineOwner:
+    """The engines of one process (one per stack limit, the only engine setting that varies) and the daemon
+    thread that ticks their epochs every 100 ms. Threads do not survive fork and a wasmtime engine must not be
+    shared across one, so everything here is per pid: a forked data-plane process starts afresh on first use.
+    wasm runs through ctypes, which releases the GIL, so the tick lands while a module loops."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._engines: dict[int, wasmtime.Engine] = {}
+        self._ticker: threading.Thread | None = None
+
+    def engine(self, limits: Limits) -> wasmtime.Engine:
+        if self._pid != os.getpid():
+            # Inherited through fork: the lock may be held by a thread that no longer exists here.
+            self._reset()
+        with self._lock:
+            engine = self._engines.get(limits.max_stack_bytes)
+            if engine is None:
+                engine = self._engines[limits.max_stack_bytes] = new_engine(limits)
+            if self._ticker is None or not self._ticker.is_alive():
+                self._ticker = threading.Thread(
+                    target=self._tick, name="smg-wasm-epoch", daemon=True
+                )
+                self._ticker.start()
+            return engine
+
+    def _tick(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(EPOCH_INTERVAL_S)
+            for engine in list(self._engines.values()):
+                engine.increment_epoch()
 
 
-def _start_ticking(engine: wasmtime.Engine) -> None:
-    """One daemon thread per process ticks every engine (threads do not survive fork, so this runs on first use
-    in each data-plane process). wasm calls run through ctypes, which releases the GIL, so the tick lands while a
-    module loops."""
-    global _ticker
-    with _tick_lock:
-        if not any(e is engine for e in _ticked):
-            _ticked.append(engine)
-        if _ticker is None or not _ticker.is_alive():
-            _ticker = threading.Thread(target=_tick_loop, name="smg-wasm-epoch", daemon=True)
-            _ticker.start()
-
-
-class _EngineOwner:
-    """One engine per (process, stack limit): every runner of a process shares it and its ticker."""
-
-    _engines: dict[int, wasmtime.Engine] = {}
-
-    @classmethod
-    def engine(cls, limits: Limits) -> wasmtime.Engine:
-        engine = cls._engines.get(limits.max_stack_bytes)
-        if engine is None:
-            engine = cls._engines[limits.max_stack_bytes] = new_engine(limits)
-        _start_ticking(engine)
-        return engine
+_DEFAULT_OWNER = EngineOwner()
 
 
 # --- lowering (Python -> wasmtime_component_val_t, in Python-owned memory) ------------------------------------
@@ -406,12 +408,9 @@ class ModuleRunner:
     """One loaded module in one process: the deserialized component (never compiled again) and its linker.
     Calls are synchronous and may block up to max_execution_ms; each runs in a fresh store and instance."""
 
-    def __init__(
-        self, artifact: bytes, limits: Limits, engine: wasmtime.Engine | None = None
-    ) -> None:
+    def __init__(self, engine_owner: EngineOwner | None, artifact: bytes, limits: Limits) -> None:
         self.limits = limits
-        self.engine = engine if engine is not None else _EngineOwner.engine(limits)
-        _start_ticking(self.engine)
+        self.engine = (engine_owner or _DEFAULT_OWNER).engine(limits)
         try:
             self.component = wc.Component.deserialize(self.engine, artifact)
         except wasmtime.WasmtimeError as e:
