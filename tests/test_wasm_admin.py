@@ -560,7 +560,7 @@ def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
         [(b"content-type", b"application/json"), (b"x-drop", b"1"), (b"content-length", b"7")]
     )
     body = hook.response(200, b'{"a":1}')
-    assert hook.answer(exchange, 200, body) == (201, b'{"a":1}')
+    assert hook.wasm_answer(exchange, 200, body) == (201, b'{"a":1}')
     assert exchange.held_headers == [
         (b"content-type", b"application/json"),
         (b"x-smg-wasm-logged", b"1"),
@@ -571,7 +571,7 @@ def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
     chain = _chain({e1.module_id: FakeRunner(response=WasmTrap("out of fuel"))}, [e1])
     hook = ResponseHook(chain, None, b"/p", b"", False)
     exchange = _HeldExchange([(b"x-a", b"1")])
-    status, answer = hook.answer(exchange, 200, b"{}")
+    status, answer = hook.wasm_answer(exchange, 200, b"{}")
     assert status == 500 and exchange.held_headers == []
     assert orjson.loads(answer)["error"] == {
         "message": "WASM module 'm1' failed: out of fuel",
@@ -579,3 +579,27 @@ def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
         "code": "wasm_module_failed",
         "param": None,
     }
+
+
+def test_registry_publishes_the_list_with_the_directory_and_a_replacement_restores_it() -> None:
+    from smg.control.registry import Registry
+    from smg.control.worker_state import HealthThresholds
+    from smg.shm.table import WorkerTable
+    from smg.workers_spec import WorkerSpec, validate_worker_spec
+
+    table = WorkerTable.create(4, 2, supervisor_pid=1, anonymous=False)
+    registry = Registry(table, HealthThresholds(), health_check_disabled=False)
+    registry.add(validate_worker_spec(WorkerSpec(url="http://127.0.0.1:9001")))
+    before = (table.directory_generation(), table.routing_generation())
+    modules = (_entry(1), _entry(2, ("OnResponse",)))
+    registry.publish_wasm(modules)
+    # Data planes notice through the generations they already watch for workers.
+    assert table.directory_generation() != before[0]
+    assert table.routing_generation() == before[1] + 1
+    _generation, directory = table.read_directory()
+    assert directory.wasm == modules and len(directory.entries) == 1
+    # A worker change publishes the list again, unchanged.
+    registry.add(validate_worker_spec(WorkerSpec(url="http://127.0.0.1:9002")))
+    assert table.read_directory()[1].wasm == modules
+    replacement = Registry(table, HealthThresholds(), health_check_disabled=False)
+    assert replacement.restore() == 2 and replacement.wasm == modules

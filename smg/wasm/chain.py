@@ -306,7 +306,7 @@ class ResponseHook:
     """The OnResponse modules on a proxied answer: a pass-through `Translation`
     (smg.translate's protocol) around the exchange's own (an external worker's translation,
     /v1/responses' history Observer) or none. A whole answer is held by the exchange and
-    handed to `answer` once complete (status, headers and body may change); a 2xx event
+    handed to `wasm_answer` once complete (status, headers and body may change); a 2xx event
     stream is relayed untouched, as 1.13 skips OnResponse for streams."""
 
     def __init__(
@@ -337,7 +337,7 @@ class ResponseHook:
         body = orjson.dumps({"error": {"message": message, "type": "stream_error", "code": code}})
         return b"data: %b\n\ndata: [DONE]\n\n" % body
 
-    def answer(self, exchange: Any, status: int, body: bytes) -> tuple[int, bytes]:
+    def wasm_answer(self, exchange: Any, status: int, body: bytes) -> tuple[int, bytes]:
         """The whole answer through the modules: (status, body) to write; the exchange's
         held headers are replaced by the modules' when they changed them."""
         chain = self.chain
