@@ -209,6 +209,13 @@ def test_reject_and_trap_fail_only_their_requests_and_removal_restores(
         error = answer.json()["error"]
         assert error["code"] == "wasm_module_failed"
         assert error["message"].startswith("WASM module 'trapper' failed: ")
+        # A body over the modules' 10 MiB limit is refused before any module runs (1.13: 400).
+        big = pinned.post(
+            gateway.url + "/v1/chat/completions",
+            content=b'{"model":"gpt-4o","pad":"' + b"x" * (10 << 20) + b'"}',
+            headers={"content-type": "application/json"},
+        )
+        assert big.status_code == 400 and big.json()["error"]["code"] == "request_too_large"
         # The processes live on: other routes answer, and the module's failures are counted.
         assert httpx.get(gateway.url + "/v1/models", timeout=5).status_code == 200
         listed = gateway.admin("GET", "/wasm").json()
