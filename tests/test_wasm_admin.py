@@ -603,3 +603,21 @@ def test_registry_publishes_the_list_with_the_directory_and_a_replacement_restor
     assert table.read_directory()[1].wasm == modules
     replacement = Registry(table, HealthThresholds(), health_check_disabled=False)
     assert replacement.restore() == 2 and replacement.wasm == modules
+
+
+def test_module_view_is_headers_for_module() -> None:
+    from smg.wasm.chain import module_view
+    from smg.wasm.types import headers_for_module
+
+    headers = [
+        ("a", "plain value"),
+        ("b", "tab\there"),
+        ("c", "caf\xe9"),
+        ("d", "del\x7f"),
+        ("e", "nul\x00"),
+        ("f", ""),
+        ("g", "~ !"),
+        ("h", "line\r\nx: 1"),
+    ]
+    assert module_view(headers) == headers_for_module(headers)
+    assert [n for n, _v in module_view(headers)] == ["a", "b", "f", "g"]
