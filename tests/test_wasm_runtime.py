@@ -232,6 +232,39 @@ def test_memory_limit() -> None:
         runner(guest(on_request=grow(1024))).on_request(REQ)
 
 
+def test_memory_limit_above_the_reservation() -> None:
+    # The engine reserves 64 MiB; a larger limit lets the memory grow past it (it moves).
+    big = Limits(max_memory_bytes=128 * 1024 * 1024)
+    assert runner(guest(on_request=grow(1500)), big).on_request(REQ) is CONTINUE
+    with pytest.raises(WasmTrap, match="out of bounds"):
+        runner(guest(on_request=grow(2048)), big).on_request(REQ)
+
+
+def test_strings_that_are_not_utf8_are_replaced_not_fatal() -> None:
+    # A WIT string must be UTF-8: a lone surrogate (a bad percent-decoding, say) reaches the module as "?".
+    req = WasmRequest("GET", "/a\udcff", "q=\ud800", [("x-k", "v\udc80")], b"", "r\udfff", 0)
+    action = runner(guest(on_request=ECHO_REQUEST)).on_request(req)
+    assert isinstance(action, Modify)
+    assert action.headers_set == [
+        ("x-method", "GET"),
+        ("x-path", "/a?"),
+        ("x-query", "q=?"),
+        ("x-request-id", "r?"),
+    ]
+    assert action.headers_add == [("x-k", "v?")]
+
+
+def test_component_importing_wasi_is_linked_with_an_empty_wasi() -> None:
+    """Components built for wasm32-wasip2 (how 1.13's Rust examples are built) import WASI interfaces; 1.13
+    links WASI p2 with an empty context, and so does smg."""
+    wasi = '(import "wasi:cli/environment@0.2.0" (instance (export "get-arguments" (func (result (list string))))))'
+    wat = guest(on_request=REJECT_403).rstrip()
+    wat = wat[: -len(")")] + wasi + ")"  # last, so the template's type indices stay as they are
+    r = runner(wat)
+    assert r.wasi
+    assert r.on_request(REQ) == Reject(403)
+
+
 def test_stack_overflow_is_a_trap() -> None:
     r = runner(guest(on_request=RECURSE, extra=RECURSE_FN))
     with pytest.raises(WasmTrap) as e:
