@@ -157,9 +157,10 @@ def compile_component(data: bytes, limits: Limits, attach_points: list[str] | No
     try:
         component = wc.Component(engine, source)
     except wasmtime.WasmtimeError as e:
+        # 1.13's words (wasm_module_registration's validate_wasm_component), with wasmtime's cause.
         raise WasmError(
-            f"failed to parse WebAssembly component: {_cause(e)}. The file must be in component format "
-            "(wrap a core module with `wasm-tools component new`)."
+            f"Invalid WASM component: {_cause(e)}. Hint: The WASM file must be in component format. If you're "
+            "using wit-bindgen, use 'wasm-tools component new' to wrap the WASM module into a component."
         ) from None
     _check_component(engine, component, points)
     return bytes(component.serialize())
