@@ -210,6 +210,7 @@ def test_trap_is_a_wasmtrap_and_the_runner_still_works() -> None:
     assert r.on_response(RESP) == Reject(502)
 
 
+@pytest.mark.timeout(30)
 def test_infinite_loop_is_interrupted_by_the_execution_limit() -> None:
     r = runner(guest(on_request=LOOP), Limits(max_execution_ms=300))
     t0 = time.monotonic()
@@ -266,6 +267,34 @@ def test_component_importing_wasi_is_linked_with_an_empty_wasi() -> None:
     assert r.on_request(REQ) == Reject(403)
 
 
+BAD_CASE = "(i32.store8 (i32.const 16) (i32.const 9)) (i32.const 16)"
+BAD_UTF8 = (
+    "(i32.store8 (i32.const 16) (i32.const 2)) (i32.store8 (i32.const 20) (i32.const 0))"
+    "(i32.store8 (i32.const 300) (i32.const 255)) (i32.store (i32.const 64) (i32.const 300))"
+    "(i32.store (i32.const 68) (i32.const 1)) (i32.store (i32.const 40) (i32.const 64))"
+    "(i32.store (i32.const 44) (i32.const 1)) (i32.const 16)"
+)
+OUT_OF_BOUNDS = (
+    "(i32.store8 (i32.const 16) (i32.const 2)) (i32.store8 (i32.const 48) (i32.const 1))"
+    "(i32.store (i32.const 52) (i32.const 60000)) (i32.store (i32.const 56) (i32.const 100000000)) (i32.const 16)"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (BAD_CASE, r"discriminant 9 out of range \[0..3\)"),
+        (BAD_UTF8, "invalid utf-8"),
+        (OUT_OF_BOUNDS, "out of bounds"),
+    ],
+    ids=["bad-case", "bad-utf8", "out-of-bounds"],
+)
+def test_a_malformed_action_is_a_trap_not_a_crash(body: str, message: str) -> None:
+    r = runner(guest(on_request=body))
+    with pytest.raises(WasmTrap, match=message):
+        r.on_request(REQ)
+
+
 def test_stack_overflow_is_a_trap() -> None:
     r = runner(guest(on_request=RECURSE, extra=RECURSE_FN))
     with pytest.raises(WasmTrap) as e:
@@ -308,6 +337,7 @@ def test_runner_never_compiles_it_loads_the_artifact() -> None:
         ModuleRunner(None, b"garbage", LIMITS)
 
 
+@pytest.mark.timeout(60)
 def test_artifact_compiled_in_the_parent_runs_in_a_forked_child() -> None:
     """The control plane compiles; a forked data-plane process loads the artifact and gets its own engine and
     epoch ticker (the parent's ticker thread does not exist in the child: the loop must still be interrupted)."""
