@@ -117,6 +117,21 @@ def test_descriptor_checks_pass_a_good_path() -> None:
     reg.check_descriptor_text(reg.Descriptor("m", "/a/./M.WASM", "Middleware", ()))
 
 
+def test_invalid_component_words_are_given_once() -> None:
+    hint = (
+        ". Hint: The WASM file must be in component format. If you're using wit-bindgen, use "
+        "'wasm-tools component new' to wrap the WASM module into a component."
+    )
+    prefix = (
+        "Workflow failed at step validate_wasm_component: Step failed: validate_wasm_component - "
+    )
+    assert str(reg.invalid_component("expected `(`")) == (
+        prefix + "Invalid WASM component: expected `(`" + hint
+    )
+    already = "Invalid WASM component: expected `(`" + hint
+    assert str(reg.invalid_component(already)) == prefix + already
+
+
 def test_uuid7_is_time_ordered_version_7() -> None:
     one = reg.uuid7(1_700_000_000_000 * 1_000_000)
     two = reg.uuid7(1_700_000_000_001 * 1_000_000)

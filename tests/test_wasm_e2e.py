@@ -238,6 +238,7 @@ def test_admin_errors_in_1_13_words(gateway: Gateway, tmp_path: Path) -> None:
         "Workflow failed at step validate_wasm_component: Step failed: "
         "validate_wasm_component - Invalid WASM component: "
     )
+    assert error.count("Invalid WASM component") == 1 and error.count("Hint:") == 1
     missing = "01a223b9-10ff-7615-b26e-72ebb544cd75"
     answer = gateway.admin("DELETE", f"/wasm/{missing}")
     assert (answer.status_code, answer.text) == (

@@ -211,7 +211,10 @@ def check_room(entries: tuple[WasmModuleEntry, ...]) -> None:
 
 
 def invalid_component(reason: str) -> StepFailed:
-    """1.13's words for bytes that are not a loadable component."""
+    """1.13's words for bytes that are not a loadable component (the runtime's message
+    as it is when it has them already)."""
+    if reason.startswith("Invalid WASM component: "):
+        return StepFailed("validate_wasm_component", reason)
     return StepFailed(
         "validate_wasm_component",
         f"Invalid WASM component: {reason}. Hint: The WASM file must be in component "
