@@ -495,7 +495,7 @@ def test_reject_stops_the_chain_and_is_counted() -> None:
     assert (out.status, out.module, out.failed) == (401, "m1", False)
     assert later.seen == []
     stats = chain.stats[e1.module_id][1]
-    assert (stats.invocations, stats.rejections, stats.traps) == (1, 1, 0)
+    assert (stats.invocations, stats.rejections, stats.traps) == (1, 1, {})
 
 
 def test_a_trap_or_a_module_that_did_not_load_fails_the_request() -> None:
@@ -504,13 +504,29 @@ def test_a_trap_or_a_module_that_did_not_load_fails_the_request() -> None:
     out = chain.run_request("POST", "/p", "", [], b"", "r")
     assert (out.status, out.failed) == (500, True)
     assert out.message == "WASM module 'm1' failed: wasm trap: unreachable"
-    assert chain.stats[e1.module_id][1].traps == 1
+    assert chain.stats[e1.module_id][1].traps == {"trap": 1}
+    chain = _chain({e1.module_id: FakeRunner(WasmTrap("1000 ms", "timeout"))}, [e1])
+    chain.run_request("POST", "/p", "", [], b"", "r")
+    chain.run_request("POST", "/p", "", [], b"", "r")
+    assert chain.stats[e1.module_id][1].traps == {"timeout": 2}
+    (family,) = [f for f in chain.families(3) if f.name == "smg_wasm_traps_total"]
+    assert [
+        (dict(s.labels)["kind"], dict(s.labels)["process"], s.value) for s in family.samples
+    ] == [("timeout", "3", 2)]
+    chain = _chain({e1.module_id: FakeRunner("not an action")}, [e1])
+    out = chain.run_request("POST", "/p", "", [], b"", "r")
+    assert (
+        out.status == 500
+        and out.message == "WASM module 'm1' failed: it answered str, not an action"
+    )
+    assert chain.stats[e1.module_id][1].traps == {"invalid": 1}
     chain = _chain({e2.module_id: OSError("artifact gone")}, [e2])
     out = chain.run_request("POST", "/p", "", [], b"", "r")
     assert out.status == 500
     assert out.message == (
         "WASM module 'm2' failed: it could not be loaded in this process (OSError: artifact gone)"
     )
+    assert chain.stats[e2.module_id][1].traps == {"load": 1}
 
 
 def test_sync_keeps_loaded_modules_and_follows_the_order() -> None:

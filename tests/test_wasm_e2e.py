@@ -17,7 +17,7 @@ import pytest
 from providerfakes import FakeProvider
 
 from smg.wasm.watwrap import component_wat
-from tests.gatewayutil import Gateway, running_gateway, wait_until
+from tests.gatewayutil import Gateway, promtool_check, running_gateway, wait_until
 from tests.test_conversations_e2e import PinnedTransport, _hx
 from tests.test_wasm_runtime import _CONTINUE, _REALLOC, _REQ, _RESP, REJECT_403, TRAP
 
@@ -222,7 +222,15 @@ def test_reject_and_trap_fail_only_their_requests_and_removal_restores(
         module = listed["modules"][-1]
         assert module["module_uuid"] == trapper_id and module["module_meta"]["access_count"] >= 3
         assert listed["metrics"]["failed_executions"] >= 3
-        assert "smg_wasm_traps_total{" in httpx.get(gateway.metrics_url, timeout=5).text
+        page = httpx.get(gateway.metrics_url, timeout=5).text
+        traps = [
+            line
+            for line in page.splitlines()
+            if line.startswith("smg_wasm_traps_total{") and trapper_id in line
+        ]
+        assert traps and all('kind="trap"' in line and 'module="trapper"' in line for line in traps)
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in traps) >= 3
+        promtool_check(page)
     finally:
         _remove_all(gateway)
     wait_until(lambda: _both(pinned, gateway, lambda a: a.status_code == 200), 5, "all gone")

@@ -74,7 +74,9 @@ def reject_status(status: int) -> int:
 class ModuleStats:
     invocations: int = 0
     rejections: int = 0
-    traps: int = 0  # traps, timeouts, memory, not loaded: the request answered 500
+    # Failed calls (the request answered 500) by kind: smg.wasm.types.WasmTrap's kinds
+    # (trap, timeout, memory, stack, invalid, body), "load" (not loaded), "error" (a bug).
+    traps: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     max_seconds: float = 0.0
 
@@ -151,22 +153,28 @@ class WasmChain:
         stats = module.stats
         stats.invocations += 1
         if module.runner is None:
-            stats.traps += 1
+            stats.traps["load"] = stats.traps.get("load", 0) + 1
             return _failed(module, f"it could not be loaded in this process ({module.load_error})")
         started = time.perf_counter()
+        kind = ""
         try:
             action = getattr(module.runner, name)(arg)
         except WasmTrap as exc:
+            kind = getattr(exc, "kind", "trap")
             action = _failed(module, str(exc))
         except Exception as exc:  # a runner's bug must fail this request only
             log.exception("WASM module %s raised", module.entry.name)
+            kind = "error"
             action = _failed(module, f"{type(exc).__name__}: {exc}")
+        if not isinstance(action, (Continue, Reject, Modify, Outcome)):
+            kind = "invalid"
+            action = _failed(module, f"it answered {type(action).__name__}, not an action")
         took = time.perf_counter() - started
         stats.seconds += took
         if took > stats.max_seconds:
             stats.max_seconds = took
         if isinstance(action, Outcome):
-            stats.traps += 1
+            stats.traps[kind] = stats.traps.get(kind, 0) + 1
         elif isinstance(action, Reject):
             stats.rejections += 1
         return action
@@ -203,8 +211,6 @@ class WasmChain:
                 if action.body_replace is not None:
                     body = bytes(action.body_replace)
                 changed = True
-            elif not isinstance(action, Continue):
-                return _failed(module, f"it answered {type(action).__name__}, not an action")
         return Outcome(0, headers, body, changed=changed)
 
     def run_response(self, status: int, headers: Headers, body: bytes) -> Outcome:
@@ -231,8 +237,6 @@ class WasmChain:
                 if action.body_replace is not None:
                     body = bytes(action.body_replace)
                 changed = True
-            elif not isinstance(action, Continue):
-                return _failed(module, f"it answered {type(action).__name__}, not an action")
         return Outcome(0, headers, body, changed=changed, response_status=status)
 
     # --- metrics -------------------------------------------------------------------------------
@@ -250,7 +254,8 @@ class WasmChain:
             labels = [("module_id", module_id), ("module", name), proc]
             series["invocations"].append(Sample("", labels, stats.invocations))
             series["rejections"].append(Sample("", labels, stats.rejections))
-            series["traps"].append(Sample("", labels, stats.traps))
+            for kind, count in sorted(stats.traps.items()):
+                series["traps"].append(Sample("", [*labels, ("kind", kind)], count))
             series["seconds"].append(Sample("", labels, stats.seconds))
             series["max"].append(Sample("", labels, stats.max_seconds))
         return [
