@@ -400,6 +400,18 @@ def test_compile_rejects_bad_input() -> None:
         compile_component(guest().encode(), LIMITS, attach_points=["OnError"])
 
 
+def test_a_runner_serves_only_the_exported_attach_points() -> None:
+    both = runner(guest())
+    assert both.serves("OnRequest") and both.serves("OnResponse")
+    empty = ModuleRunner(
+        None, compile_component(b"\0asm\x0d\0\x01\0", LIMITS, attach_points=[]), LIMITS
+    )
+    assert not empty.serves("OnRequest") and not empty.serves("OnResponse")
+    with pytest.raises(WasmTrap, match="does not export the OnRequest interface") as e:
+        empty.on_request(REQ)
+    assert e.value.kind == "invalid"
+
+
 def test_compile_rejects_a_wrong_signature() -> None:
     wrong = guest().replace('(field "now-epoch-ms" u64)', '(field "now-epoch-ms" u32)')
     wrong = wrong.replace("(param $rl i32) (param $now i64)", "(param $rl i32) (param $now i32)")
