@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from smg.wasm.runtime import ModuleRunner, compile_component, new_engine
+from smg.wasm.runtime import ModuleRunner, compile_component
 from smg.wasm.types import (
     CONTINUE,
     Continue,
@@ -431,10 +431,6 @@ def test_limits_validate() -> None:
         Limits(max_execution_ms=0).validate()
     with pytest.raises(WasmError, match="max_stack_bytes"):
         Limits(max_stack_bytes=1024).validate()
-
-
-def test_engine_config_matches_for_same_limits() -> None:
-    assert new_engine(LIMITS) is not new_engine(LIMITS)
 
 
 # --- pure -----------------------------------------------------------------------------------------------------
