@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from smg.wasm.runtime import ModuleRunner, compile_component, new_engine
+from smg.wasm.runtime import ModuleRunner, compile_component
 from smg.wasm.types import (
     CONTINUE,
     Continue,
@@ -400,6 +400,18 @@ def test_compile_rejects_bad_input() -> None:
         compile_component(guest().encode(), LIMITS, attach_points=["OnError"])
 
 
+def test_a_runner_serves_only_the_exported_attach_points() -> None:
+    both = runner(guest())
+    assert both.serves("OnRequest") and both.serves("OnResponse")
+    empty = ModuleRunner(
+        None, compile_component(b"\0asm\x0d\0\x01\0", LIMITS, attach_points=[]), LIMITS
+    )
+    assert not empty.serves("OnRequest") and not empty.serves("OnResponse")
+    with pytest.raises(WasmTrap, match="does not export the OnRequest interface") as e:
+        empty.on_request(REQ)
+    assert e.value.kind == "invalid"
+
+
 def test_compile_rejects_a_wrong_signature() -> None:
     wrong = guest().replace('(field "now-epoch-ms" u64)', '(field "now-epoch-ms" u32)')
     wrong = wrong.replace("(param $rl i32) (param $now i64)", "(param $rl i32) (param $now i32)")
@@ -419,10 +431,6 @@ def test_limits_validate() -> None:
         Limits(max_execution_ms=0).validate()
     with pytest.raises(WasmError, match="max_stack_bytes"):
         Limits(max_stack_bytes=1024).validate()
-
-
-def test_engine_config_matches_for_same_limits() -> None:
-    assert new_engine(LIMITS) is not new_engine(LIMITS)
 
 
 # --- pure -----------------------------------------------------------------------------------------------------
