@@ -43,7 +43,9 @@ from smg.history.store import StorageUnavailable
 from smg.httpwire import (
     ANTHROPIC_ROUTE,
     HOP_BY_HOP,
+    anthropic_error_body,
     build_response,
+    error_body,
     error_response,
     request_id_prefix,
     status_line,
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from smg.history.store import HistoryStore
     from smg.shm.table import WorkerTable
     from smg.translate import Translation
+    from smg.wasm.chain import WasmChain
 
 log = logging.getLogger("smg.dataplane")
 
@@ -92,7 +95,14 @@ PROXY_ROUTES = frozenset(
 # route), and the routes translated for a worker speaking only OpenAI's.
 _ANTHROPIC_API_ROUTES = frozenset({"/v1/chat/completions", ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE})
 _CHAT_ROUTE = "/v1/chat/completions"
-ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache", "/start_profile", "/stop_profile")
+ADMIN_PREFIXES = (
+    "/workers",
+    "/get_loads",
+    "/flush_cache",
+    "/start_profile",
+    "/stop_profile",
+    "/wasm",
+)
 # Answered by the gRPC path's tokenizer (only when a gRPC worker is registered).
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
@@ -341,6 +351,18 @@ class DataPlane:
         # External workers' keys, filters and refreshes (smg.dataplane.external), made when
         # the directory first lists one; None keeps the self-hosted path at one check.
         self.external: External | None = None
+        # --enable-wasm: this process's WASM modules (smg.wasm.chain), synced with the
+        # directory; `wasm` is the chain only while it has modules, so the serving path
+        # costs one None check without them.
+        self.wasm_chain: WasmChain | None = None
+        self.wasm: WasmChain | None = None
+        if cfg.enable_wasm:
+            from smg.wasm.chain import WasmChain as _Chain
+            from smg.wasm.chain import artifact_loader
+            from smg.wasm.types import Limits
+
+            limits = Limits()
+            self.wasm_chain = _Chain(artifact_loader(limits), limits)
         # --enable-igw: many models, each through its workers' kind (HTTP, gRPC, external).
         # Routing is per model either way; IGW adds only the /generate model requirement.
         self.igw = cfg.enable_igw
@@ -420,6 +442,10 @@ class DataPlane:
         if directory_generation != state.directory_generation:
             generation, directory = table.read_directory()
             self._apply_directory(generation, directory.entries, directory.aliases)
+            chain = self.wasm_chain
+            if chain is not None:
+                chain.sync(directory.wasm)
+                self.wasm = chain if chain else None
         self._rebuild(routing_generation)
         return self.state
 
@@ -553,6 +579,8 @@ class DataPlane:
             if path in PROXY_ROUTES:
                 if not self._post_allowed(conn, request, method, path):
                     return
+                if self.wasm is not None and not self._wasm_request(conn, request):
+                    return
                 if path == responses.ROUTE and request.history is None:
                     self._responses_entry(conn, request)
                     return
@@ -614,6 +642,100 @@ class DataPlane:
             )
             if conn.exchange is None and conn.busy:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _wasm_request(self, conn: ClientConnection, request: Request) -> bool:
+        """The OnRequest modules on a serving request (smg.wasm.chain): False when they
+        answered it (a reject, or 500 when one failed); else the request goes on, with the
+        headers and body they set."""
+        chain = self.wasm
+        assert chain is not None
+        if not chain.on_request:
+            return True
+        body = request.body
+        if len(body) > chain.limits.max_body_bytes:
+            # 1.13 buffers at most max_body_size for its modules and answers 400 past it.
+            self._send_error(
+                conn,
+                request,
+                400,
+                "request_too_large",
+                f"Failed to read request body: over the WASM body limit of "
+                f"{chain.limits.max_body_bytes} bytes",
+                wasm=False,  # OnRequest's own answers skip OnResponse, as 1.13's
+            )
+            return False
+        outcome = chain.run_request(
+            request.method.decode("latin-1"),
+            request.path,
+            request.query,
+            [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in request.headers],
+            bytes(body),
+            request.request_id.decode("latin-1"),
+        )
+        if outcome.failed:
+            self._send_error(conn, request, 500, "wasm_module_failed", outcome.message, wasm=False)
+            return False
+        if outcome.status:
+            self._send_error(
+                conn,
+                request,
+                outcome.status,
+                "wasm_rejected",
+                f"The request was rejected by WASM module '{outcome.module}'",
+                wasm=False,
+            )
+            return False
+        if outcome.changed:
+            request.headers = [
+                (n.encode("latin-1"), v.encode("latin-1")) for n, v in outcome.headers
+            ]
+            request.body = outcome.body
+        return True
+
+    def _wasm_error(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        extra_headers: bytes,
+    ) -> None:
+        """A gateway-made error on a serving route, through the OnResponse modules."""
+        chain = self.wasm
+        assert chain is not None
+        if request.path in ANTHROPIC_PATHS:
+            body = anthropic_error_body(status, message, request.request_id)
+        else:
+            body = error_body(status, code, message)
+        headers = [("content-type", "application/json"), ("x-smg-error-code", code)]
+        for line in extra_headers.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
+        outcome = chain.run_response(status, headers, body)
+        if outcome.failed:
+            status, code = 500, "wasm_module_failed"
+            headers = [("x-smg-error-code", code)]
+            body = error_body(500, code, outcome.message)
+        elif outcome.changed:
+            status, headers, body = outcome.response_status, outcome.headers, outcome.body
+        content_type = b"application/json"
+        extra = []
+        for name, value in headers:
+            if name == "content-type":
+                content_type = value.encode("latin-1")
+            elif name not in ("content-length", "x-request-id", "x-smg-process"):
+                extra.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        self._send(
+            conn,
+            request,
+            status,
+            body,
+            content_type=content_type,
+            extra_headers=b"".join(extra),
+            error_code=code,
+        )
 
     def _post_allowed(
         self, conn: ClientConnection, request: Request, method: bytes, path: str
@@ -871,6 +993,10 @@ class DataPlane:
         if entry.provider is not None:  # an external worker: the provider's body shape
             path = request.path if translation is None else translation.upstream_path.decode()
             body = transform_body(entry.provider, path, bytes(body))
+        wasm = self.wasm
+        if wasm is not None and wasm.on_response:
+            # OnResponse modules read the answer: ask for it uncompressed.
+            request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
         head = self._upstream_request(request, entry, pool, len(body))
         request.body = b""  # the exchange holds the body now, and drops it once written
         exchange = Exchange(
@@ -899,6 +1025,12 @@ class DataPlane:
             exchange.worker_api = provider_api(entry.provider)
         if request.history:  # /v1/responses with history: observe the answer
             exchange.translation = request.history
+        if wasm is not None and wasm.on_response:
+            from smg.wasm.chain import ResponseHook
+
+            exchange.translation = ResponseHook(
+                wasm, exchange.translation, request.path.encode(), body, stream
+            )
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
         if self.cors is not None:
@@ -1385,7 +1517,13 @@ class DataPlane:
         message: str,
         *,
         extra_headers: bytes = b"",
+        wasm: bool = True,
     ) -> None:
+        chain = self.wasm
+        if chain is not None and wasm and chain.on_response and request.path in PROXY_ROUTES:
+            # 1.13 runs OnResponse on every answer of its serving routes, the gateway's own too.
+            self._wasm_error(conn, request, status, code, message, extra_headers)
+            return
         keep_alive = request.keep_alive and not self.draining
         if self.cors is not None:
             extra_headers += self.cors.response(request.header(b"origin"))
@@ -1769,6 +1907,8 @@ class DataPlane:
         families += self.gate.families(self.state.entries, self.index)
         if self.admission is not None:
             families += self.admission.families(self.index)
+        if self.wasm_chain is not None:
+            families += self.wasm_chain.families(self.index)
         return families
 
     async def on_ipc(self, message: Any) -> Any:
@@ -1814,6 +1954,7 @@ _KNOWN_PATHS = (
         "/flush_cache",
         "/start_profile",
         "/stop_profile",
+        "/wasm",
     }
 )
 
@@ -1835,6 +1976,8 @@ def _metric_path(path: str) -> str:
         return path
     if path.startswith("/workers/"):
         return "/workers/{id}"
+    if path.startswith("/wasm/"):
+        return "/wasm/{id}"
     if path.startswith(conversations.PREFIX):
         route = conversations.match_route(path)
         return conversations.METRIC_PATHS[route[0]] if route else "other"
