@@ -113,6 +113,8 @@ def test_unsafe_and_unassigned_characters_go_to_the_library(fast: FastEncoder) -
     one = sorted(fast.unsafe)[0]
     assert fast.encode("hello " + one) is None
     assert fast.encode("hello \U000e0fff") is None  # unassigned
+    assert fast.encode("hello \u0378") is None  # unassigned, in the BMP
+    assert fast.encode("hello \U0001f600") == [15339, 91416]  # assigned, not in the BMP
     assert fast.encode("hello \ud800") is None  # a lone surrogate: the library's error
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from array import array
@@ -182,9 +183,14 @@ class FastEncoder:
         self._model = model
         self._memo: dict[str, list[int]] = {}
         # Unassigned code points too: onig's Unicode may differ from `regex`'s there.
-        self._unsafe_re = regex.compile(
-            "[\\p{Cn}" + "".join(regex.escape(c) for c in sorted(unsafe)) + "]"
-        )
+        # Checking a 6,000-character prompt against ~1,000 ranges costs `regex` 0.8 ms;
+        # `re` keeps a class of BMP characters as a bitmap (17 us), so: one `re` class of
+        # the BMP ones and every non-BMP character, then the rare non-BMP hits exactly.
+        bmp_points = "".join(chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000)
+        bmp = frozenset(c for c in unsafe if c < "\U00010000")
+        bmp |= frozenset(regex.findall(r"\p{Cn}", bmp_points))
+        self._quick_re = re.compile("[" + _ranges(bmp) + "\\U00010000-\\U0010ffff]")
+        self._unsafe_re = regex.compile("[\\p{Cn}" + _ranges(unsafe - bmp) + "]")
         self.unsafe = unsafe
 
     @classmethod
@@ -215,8 +221,10 @@ class FastEncoder:
     def encode(self, text: str) -> list[int] | None:
         if threading.get_ident() != threading.main_thread().ident:
             return None
-        if not text.isascii() and self._unsafe_re.search(text):
-            return None
+        if not text.isascii():
+            for c in self._quick_re.findall(text):
+                if c < "\U00010000" or self._unsafe_re.match(c):
+                    return None
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: the library's error
@@ -247,6 +255,23 @@ class FastEncoder:
                     memo[word] = found
                 ids += found
         return ids
+
+
+def _ranges(chars: frozenset[str]) -> str:
+    """A character class body (for `re` and `regex`) of `chars` as ranges: `regex`
+    tests a class of single characters one by one (17,000 of them cost 36 ms per
+    6,000-character prompt)."""
+    out: list[str] = []
+    points = sorted(map(ord, chars))
+    i = 0
+    while i < len(points):
+        j = i
+        while j + 1 < len(points) and points[j + 1] == points[j] + 1:
+            j += 1
+        lo, hi = f"\\U{points[i]:08x}", f"\\U{points[j]:08x}"
+        out.append(lo if i == j else f"{lo}-{hi}")
+        i = j + 1
+    return "".join(out)
 
 
 def _unsupported(inner: Any) -> str | None:
