@@ -71,6 +71,10 @@ def _byte_chars() -> str:
 
 
 _BYTE_TABLE = _byte_chars()
+# The inverse, for vocabulary entries; a character outside the 256 maps to U+FFFF, which
+# encoding to Latin-1 refuses (such an entry is no byte string).
+_CHAR_BYTES = {ord(c): b for b, c in ((b, chr(b).translate(_BYTE_TABLE)) for b in range(256))}
+_CHAR_BYTES.update({c: 0xFFFF for c in range(0x100) if c not in _CHAR_BYTES})
 
 # Per (pattern, tokenizers version) and process: the characters where onig and `regex`
 # disagree (computing it takes ~0.1-0.3 s).
@@ -179,7 +183,15 @@ class FastEncoder:
         self._added_re = (
             regex.compile("(" + "|".join(regex.escape(n) for n in names) + ")") if names else None
         )
-        self._vocab = vocab
+        # The vocabulary by the text each entry stands for (entries whose bytes are UTF-8;
+        # no text encodes to the others): a piece is looked up as it is, unmapped. The
+        # same hits as mapping it to ByteLevel characters first, as UTF-8 is one-to-one.
+        self._by_text: dict[str, int] = {}
+        for word, token in vocab.items():
+            try:
+                self._by_text[word.translate(_CHAR_BYTES).encode("latin-1").decode("utf-8")] = token
+            except (UnicodeEncodeError, UnicodeDecodeError):
+                continue
         self._model = model
         self._memo: dict[str, list[int]] = {}
         # Unassigned code points too: onig's Unicode may differ from `regex`'s there.
@@ -231,30 +243,37 @@ class FastEncoder:
             return None
         parts = self._added_re.split(text) if self._added_re is not None else [text]
         ids: list[int] = []
-        vocab_get = self._vocab.get
-        memo = self._memo
+        text_get = self._by_text.get
         findall = self._pattern.findall
-        table = _BYTE_TABLE
         for i, part in enumerate(parts):
             if i % 2:  # the split's captured separators: the added tokens
                 ids.append(self._added[part])
-                continue
-            if not part:
-                continue
-            for piece in findall(part):
-                word = piece.encode("utf-8").decode("latin-1").translate(table)
-                token = vocab_get(word)
-                if token is not None:
-                    ids.append(token)
-                    continue
-                found = memo.get(word)
-                if found is None:
-                    found = [t.id for t in self._model.tokenize(word)]
-                    if len(memo) >= _MEMO_MAX:
-                        memo.clear()
-                    memo[word] = found
-                ids += found
+            elif part:
+                pieces = findall(part)
+                found = list(map(text_get, pieces))
+                if None in found:
+                    ids += self._with_merges(pieces, found)
+                else:
+                    ids += found
         return ids
+
+    def _with_merges(self, pieces: list[str], found: list[int | None]) -> list[int]:
+        """`found` with each piece that is no vocabulary entry BPE-merged (memoized)."""
+        out: list[int] = []
+        memo = self._memo
+        for piece, token in zip(pieces, found):
+            if token is not None:
+                out.append(token)
+                continue
+            merged = memo.get(piece)
+            if merged is None:
+                word = piece.encode("utf-8").decode("latin-1").translate(_BYTE_TABLE)
+                merged = [t.id for t in self._model.tokenize(word)]
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                memo[piece] = merged
+            out += merged
+        return out
 
 
 def _ranges(chars: frozenset[str]) -> str:
