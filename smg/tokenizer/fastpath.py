@@ -193,7 +193,7 @@ class FastEncoder:
             except (UnicodeEncodeError, UnicodeDecodeError):
                 continue
         self._model = model
-        self._memo: dict[str, list[int]] = {}
+        self._memo: dict[str, tuple[int, ...]] = {}
         # Unassigned code points too: onig's Unicode may differ from `regex`'s there.
         # Checking a 6,000-character prompt against ~1,000 ranges costs `regex` 0.8 ms;
         # `re` keeps a class of BMP characters as a bitmap (17 us), so: one `re` class of
@@ -268,7 +268,9 @@ class FastEncoder:
             merged = memo.get(piece)
             if merged is None:
                 word = piece.encode("utf-8").decode("latin-1").translate(_BYTE_TABLE)
-                merged = [t.id for t in self._model.tokenize(word)]
+                # A tuple of ints: the collector stops tracking it (a list would add
+                # up to _MEMO_MAX containers to every full collection).
+                merged = tuple([t.id for t in self._model.tokenize(word)])
                 if len(memo) >= _MEMO_MAX:
                     memo.clear()
                 memo[piece] = merged
