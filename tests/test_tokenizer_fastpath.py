@@ -9,6 +9,7 @@ import random
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from grpcmockutil import llama3_dir
 from hypothesis import HealthCheck, given, settings
@@ -175,3 +176,43 @@ def test_tokenizer_encode_uses_it_with_the_same_ids(tmp_path: Path) -> None:
     assert calls == ["hi"]
     with pytest.raises(ValueError, match="lone surrogate"):
         tok.encode("a\ud800")
+
+
+MIXED = (
+    "Don't stop: it's 12345 items, 中文 and 日本語, e\u0301t\u00e9 \u00a0\u3000 tabs\t\t"
+    "and\n\n\nnewlines \U0001f600\U0001f44d\U0001f3fd <|eot_id|> they'LL say 'S " + "word " * 40
+)
+
+
+def test_smg_launch_sends_the_library_ids(tmp_path: Path) -> None:
+    """Through `smg launch` with a gRPC mock: the prompt ids the engine receives are the
+    library's encode of the rendered template, and the gateway's log says the fast
+    encode is on (so they came from it)."""
+    from gatewayutil import Gateway
+    from grpcmockutil import start_grpc_mock
+
+    model_dir = llama3_dir(tmp_path / "llama3")
+    mock = start_grpc_mock(model_dir, model="llama3", args=["--output-mode", "text:ok"])
+    gw = Gateway(["--worker-urls", mock.url, "--model-path", str(model_dir)])
+    try:
+        gw.start(timeout=60.0)
+        gw.wait_ready(60.0)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": MIXED}]
+        answer = httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "llama3", "messages": messages, "max_tokens": 4},
+            timeout=30.0,
+        )
+        assert answer.status_code == 200, answer.text
+        sent = [int(x) for x in mock.stats()["last_generate_request"]["tokenized"]["input_ids"]]
+        tok = load_tokenizer(str(model_dir))
+        template = ChatTemplate(
+            tok.chat_template or "", bos_token=tok.bos_token, eos_token=tok.eos_token
+        )
+        rendered = template.render(messages)
+        assert sent == tok.inner.encode(rendered, add_special_tokens=False).ids
+        assert "fast encode on" in gw.logs()
+    finally:
+        gw.stop()
+        gw.close_log()
+        mock.stop()

@@ -220,12 +220,6 @@ class FastEncoder:
             unsafe = _UNSAFE.get(source)
             if unsafe is None:
                 unsafe = _UNSAFE[source] = _unsafe_chars(inner.pre_tokenizer[0], pattern)
-                if unsafe:
-                    log.info(
-                        "tokenizer fast path: %d characters split differently by onig and "
-                        "regex; texts holding them use the library",
-                        len(unsafe),
-                    )
         added = {t.content: i for i, t in inner.get_added_tokens_decoder().items()}
         vocab = inner.get_vocab(with_added_tokens=False)
         return cls(pattern, added, vocab, inner.model, unsafe)

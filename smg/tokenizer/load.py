@@ -189,6 +189,12 @@ class Tokenizer:
         from smg.tokenizer.fastpath import FastEncoder
 
         self._fast = FastEncoder.build(self._inner)
+        if self._fast is not None:
+            log.info(
+                "tokenizer %s: fast encode on (%d characters left to the library)",
+                self.source,
+                len(self._fast.unsafe),
+            )
         return self._fast is not None
 
     @property
