@@ -55,6 +55,10 @@ _PATTERNS = frozenset(
 )
 # Memoized BPE results (pieces that are not vocabulary entries); cleared when full.
 _MEMO_MAX = 1 << 16
+# Parts between added tokens up to this many characters are memoized whole (up to
+# _SHORT_MAX of them): the chat template's constant text.
+_SHORT = 128
+_SHORT_MAX = 4096
 
 
 def _byte_chars() -> str:
@@ -194,6 +198,7 @@ class FastEncoder:
                 continue
         self._model = model
         self._memo: dict[str, tuple[int, ...]] = {}
+        self._short: dict[str, tuple[int, ...]] = {}
         # Unassigned code points too: onig's Unicode may differ from `regex`'s there.
         # Checking a 6,000-character prompt against ~1,000 ranges costs `regex` 0.8 ms;
         # `re` keeps a class of BMP characters as a bitmap (17 us), so: one `re` class of
@@ -237,19 +242,31 @@ class FastEncoder:
             return None
         parts = self._added_re.split(text) if self._added_re is not None else [text]
         ids: list[int] = []
-        text_get = self._by_text.get
-        findall = self._pattern.findall
+        short = self._short
         for i, part in enumerate(parts):
             if i % 2:  # the split's captured separators: the added tokens
                 ids.append(self._added[part])
-            elif part:
-                pieces = findall(part)
-                found = list(map(text_get, pieces))
-                if None in found:
-                    ids += self._with_merges(pieces, found)
-                else:
-                    ids += found
+            elif len(part) <= _SHORT:
+                # The template's own text between added tokens (role names, headers,
+                # a date line) comes back with every request: one lookup.
+                known = short.get(part)
+                if known is None:
+                    known = tuple(self._encode_part(part)) if part else ()
+                    if len(short) >= _SHORT_MAX:
+                        short.clear()
+                    short[part] = known
+                ids += known
+            else:
+                ids += self._encode_part(part)
         return ids
+
+    def _encode_part(self, part: str) -> list[int] | tuple[int, ...]:
+        """The ids of text holding no added token."""
+        pieces = self._pattern.findall(part)
+        found = list(map(self._by_text.get, pieces))
+        if None in found:
+            return self._with_merges(pieces, found)
+        return found  # type: ignore[return-value]  # no None in it
 
     def _with_merges(self, pieces: list[str], found: list[int | None]) -> list[int]:
         """`found` with each piece that is no vocabulary entry BPE-merged (memoized)."""
