@@ -12,16 +12,21 @@ What it does, the library's steps for these tokenizers, in the same order:
   1. added tokens are cut out first, leftmost-longest (the library's aho-corasick);
   2. each remaining part is split by the Split pre-tokenizer's regex (`regex` module here,
      onig there), every match a piece (Isolated; the pattern matches every character);
-  3. each piece's UTF-8 bytes are mapped through GPT-2's bytes_to_unicode (ByteLevel);
-  4. BPE per piece: with `ignore_merges` a piece that is a vocabulary entry is that id
-     (the library does the same); otherwise the library's own BPE (`model.tokenize`),
-     memoized here per piece in a bounded dict (the library keeps a 10,000-word cache).
+  3. a piece is looked up by its text in the vocabulary re-keyed by each entry's UTF-8
+     text: the same hits as mapping its bytes through GPT-2's bytes_to_unicode
+     (ByteLevel) and looking that up, as UTF-8 is one-to-one; with `ignore_merges` a
+     piece that is an entry is that id (the library does the same);
+  4. other pieces are mapped and merged by the library's own BPE (`model.tokenize`),
+     memoized per piece in a bounded dict (the library keeps a 10,000-word cache), and
+     short parts between added tokens (the template's own text) are memoized whole.
 
 Exactness: the two regex engines must classify characters alike (\\p{L}, \\p{N}, \\s, the
 case-insensitive contractions). `_unsafe_chars` checks that against the tokenizer's own
-Split pre-tokenizer once per pattern and process, over every assigned code point (each
-class as one run, bisected where the splits differ), and a text holding any character
-where they disagree goes to the library. tests/test_tokenizer_fastpath.py compares the
+Split pre-tokenizer once per pattern and process (~0.4 s), over every assigned code
+point (each class in runs, bisected where the splits differ), and a text holding any
+character where they disagree, or one unassigned in `regex`'s Unicode, goes to the
+library (with tokenizers 0.23.3 and regex 2026.11: 17,480 characters, those of Unicode
+16/17 that onig does not know yet). tests/test_tokenizer_fastpath.py compares the
 ids with the library's on random and real texts.
 
 Not taken (the library is used): add_special_tokens=True (the post-processor), any
@@ -46,7 +51,8 @@ import regex
 log = logging.getLogger("smg.tokenizer")
 
 # The Split patterns this path reproduces (their classes are \p{L}, \p{N}, \s, \r, \n and
-# literal characters, which _unsafe_chars checks): cl100k / Llama 3, and Qwen2's.
+# literal characters, which _unsafe_chars checks): cl100k / Llama 3, and Qwen2's (whose
+# tokenizers carry an NFC normalizer, refused for now).
 _PATTERNS = frozenset(
     {
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
@@ -61,7 +67,7 @@ _SHORT = 128
 _SHORT_MAX = 4096
 
 
-def _byte_chars() -> str:
+def _byte_chars() -> dict[int, str]:
     """GPT-2's bytes_to_unicode as a str.translate table over the Latin-1 characters
     that stand for bytes: printable ones map to themselves, the other 68 to U+0100 on."""
     keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -71,7 +77,7 @@ def _byte_chars() -> str:
         if b not in keep:
             table[b] = chr(0x100 + n)
             n += 1
-    return str.maketrans(table)  # type: ignore[return-value]
+    return table
 
 
 _BYTE_TABLE = _byte_chars()
@@ -206,6 +212,8 @@ class FastEncoder:
         bmp_points = "".join(chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000)
         bmp = frozenset(c for c in unsafe if c < "\U00010000")
         bmp |= frozenset(regex.findall(r"\p{Cn}", bmp_points))
+        # Lone surrogates: not valid Unicode, the library's error to raise.
+        bmp |= frozenset(chr(c) for c in range(0xD800, 0xE000))
         self._quick_re = re.compile("[" + _ranges(bmp) + "\\U00010000-\\U0010ffff]")
         self._unsafe_re = regex.compile("[\\p{Cn}" + _ranges(unsafe - bmp) + "]")
         self.unsafe = unsafe
@@ -236,10 +244,6 @@ class FastEncoder:
             for c in self._quick_re.findall(text):
                 if c < "\U00010000" or self._unsafe_re.match(c):
                     return None
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: the library's error
-            return None
         parts = self._added_re.split(text) if self._added_re is not None else [text]
         ids: list[int] = []
         short = self._short
