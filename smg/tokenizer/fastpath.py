@@ -44,6 +44,7 @@ import re
 import sys
 import threading
 from array import array
+from collections.abc import Iterable
 from typing import Any
 
 import regex
@@ -96,14 +97,14 @@ def _onig_pieces(split: Any, text: str) -> list[str]:
     return [piece for piece, _ in split.pre_tokenize_str(text)]
 
 
-def _bad_in(split: Any, pattern: regex.Pattern[str], prefix: str, chars: list[str]) -> list[str]:
+def _bad_in(split: Any, pattern: regex.Pattern[str], prefix: str, chars: str) -> list[str]:
     """The characters of `chars` that make the two engines split `prefix + run` apart
     (the run checked whole, then halves where it differs)."""
     bad: list[str] = []
     stack = [chars]
     while stack:
         run = stack.pop()
-        text = prefix + "".join(run)
+        text = prefix + run
         if _onig_pieces(split, text) == pattern.findall(text):
             continue
         if len(run) == 1:
@@ -115,7 +116,7 @@ def _bad_in(split: Any, pattern: regex.Pattern[str], prefix: str, chars: list[st
 
 
 def _bad_between(
-    split: Any, pattern: regex.Pattern[str], chars: list[str], *, letters: bool
+    split: Any, pattern: regex.Pattern[str], chars: str, *, letters: bool
 ) -> list[str]:
     """Letters (or numbers) as `regex` sees them, each between two "a"s. A letter onig
     classes otherwise starts a new onig piece; a number it classes otherwise is no
@@ -130,7 +131,7 @@ def _bad_between(
     else:
         alone = set(got)
         bad = {c for c in chars if c not in alone}
-    rest = [c for c in chars if c not in bad]
+    rest = "".join(c for c in chars if c not in bad)
     return [*bad, *_bad_in(split, pattern, "a", rest)]
 
 
@@ -139,22 +140,28 @@ def _unsafe_chars(split: Any, pattern: regex.Pattern[str]) -> frozenset[str]:
     it: letters and numbers each between "a"s, whitespace one by one in a few contexts,
     everything else as runs after "."; the letters that fold to the contractions'
     letters in each contraction's context."""
-    points = array("I", [*range(0xD800), *range(0xE000, 0x110000)])
-    everything = points.tobytes().decode("utf-32-le" if sys.byteorder == "little" else "utf-32-be")
-    letters = regex.findall(r"\p{L}", everything)
-    numbers = regex.findall(r"\p{N}", everything)
-    spaces = regex.findall(r"\s", everything)
-    # Unassigned code points (Cn in `regex`'s Unicode, the newer one) are not checked:
-    # the fast path leaves every text holding one to the library (FastEncoder). Private
-    # use (Co) is other in every version.
-    others = regex.findall(r"[^\p{L}\p{N}\s\p{Cn}\p{Co}]", everything)
     bad: set[str] = set()
-    step = 4096
-    for chars, are_letters in ((letters, True), (numbers, False)):
-        for i in range(0, len(chars), step):
-            bad.update(_bad_between(split, pattern, chars[i : i + step], letters=are_letters))
-    for i in range(0, len(others), step * 16):
-        bad.update(_bad_in(split, pattern, ".", others[i : i + step * 16]))
+    spaces = ""
+    folds: set[str] = set()
+    # One plane (65,536 code points) at a time: the process keeps the memory it peaks at.
+    for plane in range(0, 0x110000, 0x10000):
+        points = array("I", (c for c in range(plane, plane + 0x10000) if not 0xD800 <= c < 0xE000))
+        block = points.tobytes().decode("utf-32-le" if sys.byteorder == "little" else "utf-32-be")
+        letters = regex.sub(r"\P{L}+", "", block)
+        numbers = regex.sub(r"\P{N}+", "", block)
+        spaces += regex.sub(r"\S+", "", block)
+        # Unassigned code points (Cn in `regex`'s Unicode, the newer one) are not
+        # checked: the fast path leaves every text holding one to the library
+        # (FastEncoder). Private use (Co) is other in every version.
+        others = regex.sub(r"[\p{L}\p{N}\s\p{Cn}\p{Co}]+", "", block)
+        step = 4096
+        for chars, are_letters in ((letters, True), (numbers, False)):
+            for i in range(0, len(chars), step):
+                bad.update(_bad_between(split, pattern, chars[i : i + step], letters=are_letters))
+        for i in range(0, len(others), step * 16):
+            bad.update(_bad_in(split, pattern, ".", others[i : i + step * 16]))
+        folds.update(regex.findall(r"(?i)[strvemld]", block))
+        folds.update(regex.findall(r"(?fi)[strvemld]", block))
     contexts = ("a{}a", "{}{}a", "{}\n", ".{}.", "{}", "a{}{}", "1{}1", "{}a")
     for c in spaces:
         if any(
@@ -162,8 +169,6 @@ def _unsafe_chars(split: Any, pattern: regex.Pattern[str]) -> frozenset[str]:
             for ctx in contexts
         ):
             bad.add(c)
-    folds = set(regex.findall(r"(?i)[strvemld]", everything))
-    folds.update(regex.findall(r"(?fi)[strvemld]", everything))
     for c in sorted(folds):
         for word in ("s", "t", "re", "ve", "m", "ll", "d"):
             for k in range(len(word)):
@@ -181,7 +186,7 @@ class FastEncoder:
         self,
         pattern: regex.Pattern[str],
         added: dict[str, int],
-        vocab: dict[str, int],
+        vocab: Iterable[tuple[str, int]],
         model: Any,
         unsafe: frozenset[str],
     ) -> None:
@@ -197,7 +202,7 @@ class FastEncoder:
         # no text encodes to the others): a piece is looked up as it is, unmapped. The
         # same hits as mapping it to ByteLevel characters first, as UTF-8 is one-to-one.
         self._by_text: dict[str, int] = {}
-        for word, token in vocab.items():
+        for word, token in vocab:
             try:
                 self._by_text[word.translate(_CHAR_BYTES).encode("latin-1").decode("utf-8")] = token
             except (UnicodeEncodeError, UnicodeDecodeError):
@@ -234,8 +239,16 @@ class FastEncoder:
             if unsafe is None:
                 unsafe = _UNSAFE[source] = _unsafe_chars(inner.pre_tokenizer[0], pattern)
         added = {t.content: i for i, t in inner.get_added_tokens_decoder().items()}
-        vocab = inner.get_vocab(with_added_tokens=False)
-        return cls(pattern, added, vocab, inner.model, unsafe)
+        # Id by id rather than get_vocab(): that dict would cost the process ~20 MB more.
+        # An id the count misses (a vocabulary with holes) is only slower: the model's
+        # BPE gives an entry its id.
+        model = inner.model
+        vocab = (
+            (word, i)
+            for i in range(inner.get_vocab_size(with_added_tokens=False))
+            if (word := model.id_to_token(i)) is not None
+        )
+        return cls(pattern, added, vocab, model, unsafe)
 
     def encode(self, text: str) -> list[int] | None:
         if threading.get_ident() != threading.main_thread().ident:
