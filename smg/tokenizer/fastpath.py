@@ -215,6 +215,8 @@ class FastEncoder:
             except (UnicodeEncodeError, UnicodeDecodeError):
                 continue
         self._model = model
+        # Both memos are used by the loop and the offload pool's threads at once: each
+        # dict operation is atomic under the GIL, and a key's value is always the same.
         self._memo: dict[str, tuple[int, ...]] = {}
         self._short: dict[str, tuple[int, ...]] = {}
         # Unassigned code points too: onig's Unicode may differ from `regex`'s there.
