@@ -236,10 +236,18 @@ class FastEncoder:
     def build(cls, inner: Any) -> FastEncoder | None:
         """The fast path for this `tokenizers.Tokenizer`, or None (with the reason logged
         at debug) when it is not a shape this path reproduces exactly."""
-        reason = _unsupported(inner)
-        if reason is not None:
-            log.debug("tokenizer fast path not used: %s", reason)
-            return None
+        try:
+            reason = _unsupported(inner)
+            if reason is None:
+                return cls._build(inner)
+        except (AttributeError, TypeError, IndexError, KeyError, ValueError) as exc:
+            # An older `tokenizers` (pyproject allows 0.15) without what is read here.
+            reason = f"this tokenizers build does not show its parts ({exc!r})"
+        log.debug("tokenizer fast path not used: %s", reason)
+        return None
+
+    @classmethod
+    def _build(cls, inner: Any) -> FastEncoder:
         state = json.loads(inner.pre_tokenizer.__getstate__())
         source = state["pretokenizers"][0]["pattern"]["Regex"]
         pattern = regex.compile(source)
