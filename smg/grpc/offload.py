@@ -11,7 +11,9 @@ a thread it is preempted every `sys.getswitchinterval()` (5 ms). Below the thres
 thread hand-off costs more than it saves, so small prompts stay inline.
 native_bench/grpc_offload_bench.py measures it: p99 inter-token gap of 32 streams (10 ms
 apart) while a 32K-token chat prompt arrives every 500 ms: inline 126-173 ms, offloaded
-with `encode` 82-100 ms, offloaded with `encode_batch` 13-14 ms.
+with `encode` 82-100 ms, offloaded with `encode_batch` 13-14 ms. Llama-3-style tokenizers
+encode through smg.tokenizer.fastpath (plain Python, preempted every switch interval)
+there too: the same gaps (offload-fast mode) at half the CPU.
 
 The pool is bounded (`workers` threads); a request over the threshold waits its turn in
 the executor's queue rather than starting more threads.

@@ -77,6 +77,11 @@ def _default_tokenizer_loader(path: str, chat_template: str | None, cfg: Gateway
     # The detokenizer's byte-level table (~0.4 s for a 128K vocabulary) is built here, on
     # the loader's thread, rather than by the first stream on the event loop.
     byte_tables(tokenizer)
+    # The exact fast encode for Llama-3-style tokenizers (smg.tokenizer.fastpath): its
+    # one-time check of the regex engines (~0.4 s) runs here too. SMG__TOKENIZER_FASTPATH=0
+    # turns it off (for measuring against the library alone).
+    if os.environ.get("SMG__TOKENIZER_FASTPATH", "1") != "0":
+        tokenizer.enable_fast_path()
     return tokenizer
 
 

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Prompt tokenization alone, on grpc_bench.py's prompts (issues 10/11): `tokenizers`'
+encode variants against smg.tokenizer.fastpath, CPU ms per prompt.
+
+The prompts are grpc_bench's: `smg bench`'s random dataset (seed, --input-len tokens)
+through the Llama 3.1 chat template, with the real Llama-3 tokenizer. Each way encodes
+its own half of the prompts once ("cold": every prompt is new to it, as in the benchmark,
+where no prompt repeats), then all of them again ("warm"); the halves swap each round so
+that neither profits from the other's BPE cache more than the other. Every fast-path
+answer is checked against the library's ids first.
+
+    .venv/bin/python native_bench/grpc_tokenize.py --prompts 400 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # grpcmockutil
+
+from grpcmockutil import llama3_dir  # noqa: E402
+
+from smg.bench.datasets import random_dataset  # noqa: E402
+from smg.bench.tokenizer import load_tokenizer as bench_tokenizer  # noqa: E402
+from smg.chat import ChatTemplate  # noqa: E402
+from smg.tokenizer import load_tokenizer  # noqa: E402
+
+
+def prompts(model_dir: Path, count: int, input_len: int, seed: int) -> list[str]:
+    tok = load_tokenizer(str(model_dir))
+    samples, _ = random_dataset(bench_tokenizer(str(model_dir)), count, input_len, 16, seed=seed)
+    template = ChatTemplate(
+        tok.chat_template or "", bos_token=tok.bos_token, eos_token=tok.eos_token
+    )
+    return [template.render([{"role": "user", "content": s.prompt}]) for s in samples]
+
+
+def cpu_ms_per_call(fn: Callable[[str], Any], texts: Sequence[str]) -> float:
+    start = time.process_time()
+    for text in texts:
+        fn(text)
+    return (time.process_time() - start) / len(texts) * 1e3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=int, default=400)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = llama3_dir(Path(tmp) / "llama3")
+        texts = prompts(model_dir, args.prompts, args.input_len, args.seed)
+        tok = load_tokenizer(str(model_dir))
+    inner = tok.inner
+    start = time.process_time()
+    if not tok.enable_fast_path():
+        raise SystemExit("the fast path does not apply to this tokenizer")
+    print(f"fast path set-up: {time.process_time() - start:.2f} s CPU")
+    fast = tok._fast
+    ways: dict[str, Callable[[str], Any]] = {
+        "library encode": lambda t: inner.encode(t, add_special_tokens=False),
+        "library encode_batch_fast": lambda t: inner.encode_batch_fast(
+            [t], add_special_tokens=False
+        ),
+        "library pre_tokenize_str only": inner.pre_tokenizer.pre_tokenize_str,
+        "smg fastpath": fast.encode,
+    }
+    chars = sum(map(len, texts)) / len(texts)
+    print(f"{len(texts)} prompts of {args.input_len} tokens, {chars:,.0f} characters on average")
+    # The fast path gets fresh prompts each round (new seeds) for its cold figure; the
+    # library keeps its own BPE cache across rounds as a process would.
+    cold: dict[str, list[float]] = {name: [] for name in ways}
+    for r in range(args.rounds):
+        batch = texts if r == 0 else prompts_again(args, r)
+        for text in batch[:20]:
+            assert fast.encode(text) == inner.encode(text, add_special_tokens=False).ids
+        half = len(batch) // len(ways)
+        for k, (name, fn) in enumerate(ways.items()):
+            share = batch[((k + r) % len(ways)) * half :][:half]
+            cold[name].append(cpu_ms_per_call(fn, share))
+    print("| way | cold ms/prompt (each round) | warm ms/prompt |")
+    print("|---|---|---|")
+    for name, fn in ways.items():
+        warm = cpu_ms_per_call(fn, texts)
+        rounds = ", ".join(f"{v:.3f}" for v in cold[name])
+        print(f"| {name} | {rounds} | {warm:.3f} |")
+    return 0
+
+
+def prompts_again(args: argparse.Namespace, round_no: int) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return prompts(
+            llama3_dir(Path(tmp) / "llama3"), args.prompts, args.input_len, args.seed + round_no
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
