@@ -33,9 +33,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gatewayutil import Gateway, wait_until
 from mockutil import next_line, request_json, start_reader, stop_with_reader
-
-from tests.gatewayutil import Gateway, wait_until
 
 URL_PREFIX = "MOCK_WORKER_URL "
 CONTROL_PREFIX = "MOCK_CONTROL_URL "
