@@ -13,7 +13,15 @@ import pytest
 
 from smg.wasm.runtime import ModuleRunner, compile_component
 from smg.wasm.types import Continue, Limits, Modify, Reject, WasmRequest, WasmResponse, WasmTrap
-from tests.wasmutil import AUTH_KEY, EXAMPLES, SIZE_LIMIT, WAT, component_bytes, componentize_py, py_guard_component
+from tests.wasmutil import (
+    AUTH_KEY,
+    EXAMPLES,
+    SIZE_LIMIT,
+    WAT,
+    component_bytes,
+    componentize_py,
+    py_guard_component,
+)
 
 LIMITS = Limits()
 
@@ -43,7 +51,9 @@ def test_build_script_writes_the_component(tmp_path) -> None:
     spec.loader.exec_module(build_wat)
     for name in WAT:
         out = build_wat.build(WAT[name], tmp_path / f"{name}.wasm")
-        assert out.read_bytes()[:8] == b"\0asm\x0d\x00\x01\x00"  # a component (layer 1), not a core module
+        assert (
+            out.read_bytes()[:8] == b"\0asm\x0d\x00\x01\x00"
+        )  # a component (layer 1), not a core module
         assert out.read_bytes() == component_bytes(name)
 
 
@@ -54,10 +64,18 @@ def test_build_script_writes_the_component(tmp_path) -> None:
         ("/v1/chat/completions", [("authorization", f"Bearer {AUTH_KEY}")], Continue()),
         ("/v1/models", [("authorization", f"ApiKey {AUTH_KEY}")], Continue()),
         ("/api/x", [("x-api-key", AUTH_KEY)], Continue()),
-        ("/v1/completions", [("Authorization", f"Bearer {AUTH_KEY}")], Continue()),  # names case-insensitive
+        (
+            "/v1/completions",
+            [("Authorization", f"Bearer {AUTH_KEY}")],
+            Continue(),
+        ),  # names case-insensitive
         ("/v1/completions", [("authorization", "Bearer wrong")], Reject(401)),
         ("/v1/completions", [("authorization", f"Bearer {AUTH_KEY}x")], Reject(401)),
-        ("/v1/completions", [("authorization", f"bearer {AUTH_KEY}")], Reject(401)),  # the prefix is exact
+        (
+            "/v1/completions",
+            [("authorization", f"bearer {AUTH_KEY}")],
+            Reject(401),
+        ),  # the prefix is exact
         # no Bearer/ApiKey prefix: x-api-key decides; a prefixed wrong key is final (1.13's and_then/or_else)
         ("/v1/completions", [("authorization", "Basic abc"), ("x-api-key", AUTH_KEY)], Continue()),
         ("/v1/completions", [("authorization", "Bearer no"), ("x-api-key", AUTH_KEY)], Reject(401)),
@@ -75,12 +93,17 @@ def test_auth_on_response_continues() -> None:
 
 def test_logger_tags_request_and_response() -> None:
     mod = runner("logger")
-    for rid in ("req-1", "chatcmpl-" + "x" * 200):  # a fresh instance per call: each sees only its own id
+    for rid in (
+        "req-1",
+        "chatcmpl-" + "x" * 200,
+    ):  # a fresh instance per call: each sees only its own id
         assert mod.on_request(request(request_id=rid)) == Modify(
             headers_add=[("x-request-id", rid), ("x-wasm-processed", "true")]
         )
     assert mod.on_response(response(200)) == Modify(headers_add=[("x-smg-wasm-logged", "true")])
-    assert mod.on_response(response(500)) == Modify(status=503, headers_add=[("x-smg-wasm-logged", "true")])
+    assert mod.on_response(response(500)) == Modify(
+        status=503, headers_add=[("x-smg-wasm-logged", "true")]
+    )
 
 
 def test_size_limit() -> None:

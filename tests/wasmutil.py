@@ -59,8 +59,12 @@ def py_guard_component(timeout_s: float = 300.0) -> tuple[Path, float]:
     if tool is None:
         raise RuntimeError("componentize-py is not installed (pip install componentize-py)")
     src = EXAMPLES / "py_guard"
-    version = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-    key = hashlib.sha256((src / "app.py").read_bytes() + WIT.read_bytes() + version.encode()).hexdigest()[:16]
+    version = subprocess.run(
+        [tool, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    key = hashlib.sha256(
+        (src / "app.py").read_bytes() + WIT.read_bytes() + version.encode()
+    ).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"smg-wasm-py-guard-{key}.wasm"
     if cache.exists():
         return cache, 0.0
@@ -68,7 +72,11 @@ def py_guard_component(timeout_s: float = 300.0) -> tuple[Path, float]:
     start = time.monotonic()
     env = {**os.environ, "SMG_WIT": str(WIT), "COMPONENTIZE_PY": tool}
     proc = subprocess.run(
-        ["sh", str(src / "build.sh"), str(tmp)], capture_output=True, text=True, timeout=timeout_s, env=env
+        ["sh", str(src / "build.sh"), str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"componentize-py failed: {proc.stderr[-2000:]}")

@@ -23,7 +23,9 @@ ALLOWED_MODELS = {"mock-model"}
 
 def _add_header(name: str, value: str, *, set_: bool) -> Action:
     header = [Header(name, value)]
-    return Action_Modify(ModifyAction(None, header if set_ else [], [] if set_ else header, [], None))
+    return Action_Modify(
+        ModifyAction(None, header if set_ else [], [] if set_ else header, [], None)
+    )
 
 
 class MiddlewareOnRequest(exports.MiddlewareOnRequest):
