@@ -203,6 +203,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Tracing (OpenTelemetry)
     enable_trace: bool = False
     otlp_traces_endpoint: str = "localhost:4317"
+    # WASM plugins (POST /wasm on the admin API; smg.wasm)
+    enable_wasm: bool = False
     # History storage (Responses and Conversations), as the Rust SMG 1.13's flags
     history_backend: str = "memory"
     history_memory_max_responses: int = 10000
@@ -1009,6 +1011,16 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "otlp_traces_endpoint",
                 "OTLP collector: host:port for OTLP/gRPC, or an http(s):// URL for "
                 "OTLP/HTTP (protobuf)",
+            ),
+        ),
+    ),
+    (
+        "WASM plugins",
+        (
+            _Flag(
+                "enable_wasm",
+                "Run the WASM middleware modules added with POST /wasm (OnRequest and "
+                "OnResponse) on the serving routes",
             ),
         ),
     ),

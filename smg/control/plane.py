@@ -32,6 +32,7 @@ from smg.control import cpauth, external, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
+from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane import admission
 from smg.dataplane.breaker import STATE_NAMES
@@ -126,6 +127,8 @@ class ControlPlane:
         self.history: MemoryStore | None = (
             MemoryStore.from_config(cfg) if cfg.history_backend == "memory" else None
         )
+        # POST/GET /wasm, DELETE /wasm/{id}: modules published with the directory.
+        self.wasm_admin = WasmAdmin(self.registry, cfg.enable_wasm, root_pid)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -201,6 +204,8 @@ class ControlPlane:
         for probe in list(self.grpc_probes.values()):
             await probe.close()
         self.grpc_probes.clear()
+        # SIGTERM reaches the control plane at shutdown only, after the data planes stopped.
+        self.wasm_admin.cleanup()
 
     async def _start_metrics_server(self) -> None:
         app = web.Application()
@@ -900,6 +905,12 @@ class ControlPlane:
             return _error(405, "method_not_allowed", "/workers takes GET or POST")
         if path.startswith("/workers/"):
             return self._worker_route(method, path[len("/workers/") :], body)
+        if path == "/wasm" or path.startswith("/wasm/"):
+            families = None
+            if method == "GET" and path == "/wasm":  # executions: the data planes' counts
+                await self._scrape_dataplanes()
+                families = self.metric_folder.families()
+            return await self.wasm_admin.route(method, path, body, families)
         if path == "/get_loads" and method == "GET":
             return _json(200, self._loads())
         if path == "/flush_cache" and method == "POST":

@@ -33,6 +33,7 @@ from smg.shm import layout
 from smg.shm.directory import (
     Directory,
     DirectoryEntry,
+    WasmModuleEntry,
     bound_grpc_info,
     bound_models,
     encode_directory,
@@ -183,6 +184,8 @@ class Registry:
         # False until the start-up workers are registered (then kept in the directory):
         # a replacement control plane that finds it True restores from the table only.
         self.seeded = False
+        # The WASM modules every data plane runs, in order (smg.control.wasm_admin).
+        self.wasm: tuple[WasmModuleEntry, ...] = ()
         self.workers: dict[str, WorkerRecord] = {}
         self.by_url: dict[str, str] = {}
         # Rows freed longest ago are reused first, so a late decrement has the longest
@@ -241,6 +244,7 @@ class Registry:
         _generation, directory = self.table.read_directory()
         self.aliases = dict(directory.aliases) or self.aliases
         self.seeded = directory.seeded
+        self.wasm = directory.wasm
         for entry in directory.entries:
             value = self.table.read_row(entry.row)
             if value.generation != entry.generation:
@@ -409,6 +413,17 @@ class Registry:
             ),
         )
 
+    def publish_wasm(self, modules: tuple[WasmModuleEntry, ...]) -> None:
+        """Publish a new WASM module list (all or nothing: HttpError when it has no room)."""
+        old = self.wasm
+        self.wasm = modules
+        try:
+            blob = self._encode(self.workers.values())
+        except HttpError:
+            self.wasm = old
+            raise
+        self._write_directory(blob)
+
     def publish(self) -> None:
         self._write_directory(self._encode(self.workers.values()))
 
@@ -419,6 +434,7 @@ class Registry:
             entries=[record.entry() for record in records],
             aliases=self.aliases,
             seeded=self.seeded,
+            wasm=self.wasm,
         )
         blob = encode_directory(directory)
         room = self.table.geo.dir_capacity

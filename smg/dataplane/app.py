@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from smg.history.store import HistoryStore
     from smg.shm.table import WorkerTable
     from smg.translate import Translation
+    from smg.wasm.chain import WasmChain
 
 log = logging.getLogger("smg.dataplane")
 
@@ -92,7 +93,14 @@ PROXY_ROUTES = frozenset(
 # route), and the routes translated for a worker speaking only OpenAI's.
 _ANTHROPIC_API_ROUTES = frozenset({"/v1/chat/completions", ANTHROPIC_ROUTE, COUNT_TOKENS_ROUTE})
 _CHAT_ROUTE = "/v1/chat/completions"
-ADMIN_PREFIXES = ("/workers", "/get_loads", "/flush_cache", "/start_profile", "/stop_profile")
+ADMIN_PREFIXES = (
+    "/workers",
+    "/get_loads",
+    "/flush_cache",
+    "/start_profile",
+    "/stop_profile",
+    "/wasm",
+)
 # Answered by the gRPC path's tokenizer (only when a gRPC worker is registered).
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
@@ -341,6 +349,18 @@ class DataPlane:
         # External workers' keys, filters and refreshes (smg.dataplane.external), made when
         # the directory first lists one; None keeps the self-hosted path at one check.
         self.external: External | None = None
+        # --enable-wasm: this process's WASM modules (smg.wasm.chain), synced with the
+        # directory; `wasm` is the chain only while it has modules, so the serving path
+        # costs one None check without them.
+        self.wasm_chain: WasmChain | None = None
+        self.wasm: WasmChain | None = None
+        if cfg.enable_wasm:
+            from smg.wasm.chain import WasmChain as _Chain
+            from smg.wasm.chain import artifact_loader
+            from smg.wasm.types import Limits
+
+            limits = Limits()
+            self.wasm_chain = _Chain(artifact_loader(limits), limits)
         # --enable-igw: many models, each through its workers' kind (HTTP, gRPC, external).
         # Routing is per model either way; IGW adds only the /generate model requirement.
         self.igw = cfg.enable_igw
@@ -420,6 +440,10 @@ class DataPlane:
         if directory_generation != state.directory_generation:
             generation, directory = table.read_directory()
             self._apply_directory(generation, directory.entries, directory.aliases)
+            chain = self.wasm_chain
+            if chain is not None:
+                chain.sync(directory.wasm)
+                self.wasm = chain if chain else None
         self._rebuild(routing_generation)
         return self.state
 
@@ -553,6 +577,8 @@ class DataPlane:
             if path in PROXY_ROUTES:
                 if not self._post_allowed(conn, request, method, path):
                     return
+                if self.wasm is not None and not self._wasm_request(conn, request):
+                    return
                 if path == responses.ROUTE and request.history is None:
                     self._responses_entry(conn, request)
                     return
@@ -614,6 +640,53 @@ class DataPlane:
             )
             if conn.exchange is None and conn.busy:
                 self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+
+    def _wasm_request(self, conn: ClientConnection, request: Request) -> bool:
+        """The OnRequest modules on a serving request (smg.wasm.chain): False when they
+        answered it (a reject, or 500 when one failed); else the request goes on, with the
+        headers and body they set."""
+        chain = self.wasm
+        assert chain is not None
+        if not chain.on_request:
+            return True
+        body = request.body
+        if len(body) > chain.limits.max_body_bytes:
+            # 1.13 buffers at most max_body_size for its modules and answers 400 past it.
+            self._send_error(
+                conn,
+                request,
+                400,
+                "request_too_large",
+                f"Failed to read request body: over the WASM body limit of "
+                f"{chain.limits.max_body_bytes} bytes",
+            )
+            return False
+        outcome = chain.run_request(
+            request.method.decode("latin-1"),
+            request.path,
+            request.query,
+            [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in request.headers],
+            bytes(body),
+            request.request_id.decode("latin-1"),
+        )
+        if outcome.failed:
+            self._send_error(conn, request, 500, "wasm_module_failed", outcome.message)
+            return False
+        if outcome.status:
+            self._send_error(
+                conn,
+                request,
+                outcome.status,
+                "wasm_rejected",
+                f"The request was rejected by WASM module '{outcome.module}'",
+            )
+            return False
+        if outcome.changed:
+            request.headers = [
+                (n.encode("latin-1"), v.encode("latin-1")) for n, v in outcome.headers
+            ]
+            request.body = outcome.body
+        return True
 
     def _post_allowed(
         self, conn: ClientConnection, request: Request, method: bytes, path: str
@@ -1769,6 +1842,8 @@ class DataPlane:
         families += self.gate.families(self.state.entries, self.index)
         if self.admission is not None:
             families += self.admission.families(self.index)
+        if self.wasm_chain is not None:
+            families += self.wasm_chain.families(self.index)
         return families
 
     async def on_ipc(self, message: Any) -> Any:
@@ -1814,6 +1889,7 @@ _KNOWN_PATHS = (
         "/flush_cache",
         "/start_profile",
         "/stop_profile",
+        "/wasm",
     }
 )
 
@@ -1835,6 +1911,8 @@ def _metric_path(path: str) -> str:
         return path
     if path.startswith("/workers/"):
         return "/workers/{id}"
+    if path.startswith("/wasm/"):
+        return "/wasm/{id}"
     if path.startswith(conversations.PREFIX):
         route = conversations.match_route(path)
         return conversations.METRIC_PATHS[route[0]] if route else "other"

@@ -55,12 +55,36 @@ class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
     provider: str | None = None
 
 
+# WASM modules (`POST /wasm`, smg.wasm.registry): how many, and their strings' bounds, so
+# the list always fits the buffer (WASM_BYTES).
+MAX_WASM_MODULES = 64
+MAX_WASM_NAME_BYTES = 256
+MAX_WASM_PATH_BYTES = 4096
+
+
+class WasmModuleEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A WASM module every data-plane process runs: published with the directory, so a
+    process loads (or drops) it when the directory's generation moves, and a replacement
+    control plane restores the list. The list's order is the order modules run in."""
+
+    module_id: str  # a UUID (1.13's module_uuid)
+    name: str
+    file_path: str  # as registered (shown by GET /wasm)
+    sha256: str  # of the module file, hex
+    size_bytes: int
+    created_at_ns: int
+    attach_points: tuple[str, ...]  # "OnRequest", "OnResponse", "OnError"
+    artifact_path: str  # the compiled component (Component.serialize), loaded as is
+    artifact_sha256: str  # checked before the artifact is deserialized
+
+
 class Directory(msgspec.Struct, array_like=True):
     entries: list[DirectoryEntry]
     aliases: dict[str, str] = {}
     # True once the first control plane registered the start-up workers: from then on
     # the table is the truth, and a replacement restores from it only.
     seeded: bool = False
+    wasm: tuple[WasmModuleEntry, ...] = ()
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -141,6 +165,14 @@ def max_entry_bytes() -> int:
     )
 
 
+def wasm_bytes() -> int:
+    """An upper bound of the encoded WASM module list (MAX_WASM_MODULES of the largest)."""
+    big = 2**64 - 1
+    fixed = WasmModuleEntry("0" * 36, "", "", "0" * 64, big, big, ("OnResponse",) * 3, "", "0" * 64)
+    one = len(_encoder.encode(fixed)) + MAX_WASM_NAME_BYTES + 2 * MAX_WASM_PATH_BYTES
+    return _STR_HEADER + MAX_WASM_MODULES * (one + 3 * _STR_HEADER)
+
+
 def directory_capacity(workers: int) -> int:
     """Bytes one directory buffer needs for `workers` entries of the largest size."""
-    return ALIASES_BYTES + workers * max_entry_bytes()
+    return ALIASES_BYTES + wasm_bytes() + workers * max_entry_bytes()

@@ -1,0 +1,319 @@
+"""The WASM modules of one data-plane process, run in order on the serving routes.
+
+The control plane publishes the module list with the worker directory
+(`smg.shm.directory.WasmModuleEntry`); each data-plane process `sync`s its chain to it when
+the directory's generation moves: a new module is loaded from its compiled artifact (never
+compiled again), a removed one dropped. Components are instantiated here, after the fork.
+
+As the Rust SMG 1.13's middleware (model_gateway/src/middleware/wasm.rs): OnRequest modules
+see the request (method, path, query, headers, body, request id, time) in order, each the
+previous one's result; `reject(status)` answers at once; `modify` sets/adds/removes headers
+and replaces the body. OnResponse modules see a whole (not streamed) answer and may change
+its status, headers and body. Header changes follow 1.13's `apply_modify_action_to_headers`:
+set (replace every value of the name), then add, then remove; a name or value that is not a
+valid header is skipped.
+
+Where smg differs (on purpose): a module that traps, runs out of time or memory, or cannot be
+loaded fails the request with a 500 (1.13 logs it and goes on as if it had answered
+`continue`, which would let a broken auth module wave every request through).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from smg.promtext import Family, Sample
+from smg.shm.directory import WasmModuleEntry
+from smg.wasm.types import (
+    Continue,
+    Limits,
+    Modify,
+    Reject,
+    WasmRequest,
+    WasmResponse,
+    WasmTrap,
+)
+
+log = logging.getLogger("smg.wasm")
+
+Headers = list[tuple[str, str]]
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+
+
+def valid_header(name: str, value: str) -> bool:
+    """A header the gateway may write: an RFC 9110 token for a name and a value of visible
+    ASCII, space and tab (no CR/LF: a module cannot inject header lines)."""
+    return bool(_TOKEN.match(name)) and bool(_VALUE.match(value))
+
+
+def apply_headers(
+    headers: Headers,
+    headers_set: Iterable[tuple[str, str]],
+    headers_add: Iterable[tuple[str, str]],
+    headers_remove: Iterable[str],
+) -> Headers:
+    """`headers` (lower-case names) after a modify action, as 1.13 applies one."""
+    out = list(headers)
+    for name, value in headers_set:
+        name = name.lower()
+        if valid_header(name, value):
+            out = [h for h in out if h[0] != name]
+            out.append((name, value))
+    for name, value in headers_add:
+        name = name.lower()
+        if valid_header(name, value):
+            out.append((name, value))
+    for name in headers_remove:
+        name = name.lower()
+        if _TOKEN.match(name):
+            out = [h for h in out if h[0] != name]
+    return out
+
+
+def reject_status(status: int) -> int:
+    """The status a `reject` answers with: 1.13 takes any valid code, else 400 (a 1xx is
+    not a final answer, so smg takes 200-999)."""
+    return status if 200 <= status <= 999 else 400
+
+
+@dataclass
+class ModuleStats:
+    invocations: int = 0
+    rejections: int = 0
+    traps: int = 0  # traps, timeouts, memory, not loaded: the request answered 500
+    seconds: float = 0.0
+    max_seconds: float = 0.0
+
+
+@dataclass
+class LoadedModule:
+    entry: WasmModuleEntry
+    runner: Any | None  # smg.wasm.runtime.ModuleRunner; None when it failed to load
+    load_error: str = ""
+    stats: ModuleStats = field(default_factory=ModuleStats)
+
+
+@dataclass
+class Outcome:
+    """What the chain decided: `status` 0 goes on (with `headers`/`body`, maybe changed);
+    otherwise answer `status` (a reject, or 500 with `message` when a module failed)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    module: str = ""
+    message: str = ""
+    failed: bool = False
+    changed: bool = False
+    response_status: int = 0  # OnResponse: the answer's status after the modules
+
+
+Loader = Callable[[WasmModuleEntry], Any]
+
+
+class WasmChain:
+    def __init__(self, loader: Loader, limits: Limits) -> None:
+        self.loader = loader
+        self.limits = limits
+        self.modules: list[LoadedModule] = []
+        self.on_request: tuple[LoadedModule, ...] = ()
+        self.on_response: tuple[LoadedModule, ...] = ()
+        # Every module ever run here, by id, kept after its removal so that its counts
+        # never go backwards in /metrics.
+        self.stats: dict[str, tuple[str, ModuleStats]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def sync(self, entries: Iterable[WasmModuleEntry]) -> None:
+        """Load what is new, drop what is gone, keep the published order."""
+        have = {m.entry.module_id: m for m in self.modules}
+        modules = []
+        for entry in entries:
+            loaded = have.get(entry.module_id)
+            if loaded is None:
+                loaded = self._load(entry)
+            modules.append(loaded)
+        self.modules = modules
+        self.on_request = tuple(m for m in modules if "OnRequest" in m.entry.attach_points)
+        self.on_response = tuple(m for m in modules if "OnResponse" in m.entry.attach_points)
+
+    def _load(self, entry: WasmModuleEntry) -> LoadedModule:
+        known = self.stats.get(entry.module_id)
+        stats = known[1] if known else ModuleStats()
+        self.stats[entry.module_id] = (entry.name, stats)
+        try:
+            runner = self.loader(entry)
+        except Exception as exc:  # a module this process cannot load fails its requests
+            log.error("WASM module %s (%s) not loaded: %r", entry.name, entry.module_id, exc)
+            return LoadedModule(entry, None, f"{type(exc).__name__}: {exc}", stats)
+        log.info("WASM module %s (%s) loaded", entry.name, entry.module_id)
+        return LoadedModule(entry, runner, "", stats)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _call(self, module: LoadedModule, name: str, arg: Any) -> Any:
+        """One module's answer, counted; an Outcome (500) when it failed."""
+        stats = module.stats
+        stats.invocations += 1
+        if module.runner is None:
+            stats.traps += 1
+            return _failed(module, f"it could not be loaded in this process ({module.load_error})")
+        started = time.perf_counter()
+        try:
+            action = getattr(module.runner, name)(arg)
+        except WasmTrap as exc:
+            action = _failed(module, str(exc))
+        except Exception as exc:  # a runner's bug must fail this request only
+            log.exception("WASM module %s raised", module.entry.name)
+            action = _failed(module, f"{type(exc).__name__}: {exc}")
+        took = time.perf_counter() - started
+        stats.seconds += took
+        if took > stats.max_seconds:
+            stats.max_seconds = took
+        if isinstance(action, Outcome):
+            stats.traps += 1
+        elif isinstance(action, Reject):
+            stats.rejections += 1
+        return action
+
+    def run_request(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body: bytes,
+        request_id: str,
+    ) -> Outcome:
+        changed = False
+        for module in self.on_request:
+            request = WasmRequest(
+                method=method,
+                path=path,
+                query=query,
+                headers=headers,
+                body=body,
+                request_id=request_id,
+                now_epoch_ms=time.time_ns() // 1_000_000,
+            )
+            action = self._call(module, "on_request", request)
+            if isinstance(action, Outcome):
+                return action
+            if isinstance(action, Reject):
+                return Outcome(reject_status(action.status), headers, body, module.entry.name)
+            if isinstance(action, Modify):
+                headers = apply_headers(
+                    headers, action.headers_set, action.headers_add, action.headers_remove
+                )
+                if action.body_replace is not None:
+                    body = bytes(action.body_replace)
+                changed = True
+            elif not isinstance(action, Continue):
+                return _failed(module, f"it answered {type(action).__name__}, not an action")
+        return Outcome(0, headers, body, changed=changed)
+
+    def run_response(self, status: int, headers: Headers, body: bytes) -> Outcome:
+        """The OnResponse modules on a whole answer. `response_status` is the status to
+        answer with; `status` != 0 only when a module failed (500)."""
+        changed = False
+        for module in self.on_response:
+            action = self._call(
+                module, "on_response", WasmResponse(status=status, headers=headers, body=body)
+            )
+            if isinstance(action, Outcome):
+                return action
+            if isinstance(action, Reject):
+                # 1.13: the answer so far, with the reject's status.
+                return Outcome(
+                    0, headers, body, module.entry.name, changed=True,
+                    response_status=reject_status(action.status),
+                )  # fmt: skip
+            if isinstance(action, Modify):
+                if action.status is not None and 200 <= action.status <= 999:
+                    status = action.status
+                headers = apply_headers(
+                    headers, action.headers_set, action.headers_add, action.headers_remove
+                )
+                if action.body_replace is not None:
+                    body = bytes(action.body_replace)
+                changed = True
+            elif not isinstance(action, Continue):
+                return _failed(module, f"it answered {type(action).__name__}, not an action")
+        return Outcome(0, headers, body, changed=changed, response_status=status)
+
+    # --- metrics -------------------------------------------------------------------------------
+
+    def families(self, process: int) -> list[Family]:
+        proc = ("process", str(process))
+        series: dict[str, list[Sample]] = {
+            "invocations": [],
+            "rejections": [],
+            "traps": [],
+            "seconds": [],
+            "max": [],
+        }
+        for module_id, (name, stats) in self.stats.items():
+            labels = [("module_id", module_id), ("module", name), proc]
+            series["invocations"].append(Sample("", labels, stats.invocations))
+            series["rejections"].append(Sample("", labels, stats.rejections))
+            series["traps"].append(Sample("", labels, stats.traps))
+            series["seconds"].append(Sample("", labels, stats.seconds))
+            series["max"].append(Sample("", labels, stats.max_seconds))
+        return [
+            Family(
+                "smg_wasm_invocations_total", "counter", HELP_INVOCATIONS, series["invocations"]
+            ),
+            Family("smg_wasm_rejections_total", "counter", HELP_REJECTIONS, series["rejections"]),
+            Family("smg_wasm_traps_total", "counter", HELP_TRAPS, series["traps"]),
+            Family("smg_wasm_execution_seconds_total", "counter", HELP_SECONDS, series["seconds"]),
+            Family("smg_wasm_execution_seconds_max", "gauge", HELP_MAX, series["max"]),
+        ]
+
+
+HELP_INVOCATIONS = "WASM module calls (OnRequest and OnResponse)"
+HELP_REJECTIONS = "WASM module calls that answered reject"
+HELP_TRAPS = (
+    "WASM module calls that failed (trap, time or memory limit, not loaded): the request "
+    "answered 500"
+)
+HELP_SECONDS = "Time spent in WASM module calls"
+HELP_MAX = "The longest WASM module call in this process"
+
+
+def _failed(module: LoadedModule, reason: str) -> Outcome:
+    return Outcome(
+        500,
+        [],
+        b"",
+        module.entry.name,
+        f"WASM module '{module.entry.name}' failed: {reason}",
+        failed=True,
+    )
+
+
+def artifact_loader(limits: Limits) -> Loader:
+    """The loader of a data-plane process: the artifact read and checked against its
+    published digest, then deserialized with this process's engine (made on first use,
+    after the fork)."""
+    engine: list[Any] = []
+
+    def load(entry: WasmModuleEntry) -> Any:
+        from smg.wasm.runtime import ModuleRunner, new_engine
+
+        with open(entry.artifact_path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != entry.artifact_sha256:
+            raise ValueError(f"artifact {entry.artifact_path} is not the one published")
+        if not engine:
+            engine.append(new_engine(limits))
+        return ModuleRunner(engine[0], data, limits)
+
+    return load
