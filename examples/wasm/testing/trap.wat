@@ -1,4 +1,4 @@
-;; trap: OnRequest traps (`unreachable`) on paths starting with /v1; other paths continue.
+;; trap: OnRequest traps (`unreachable`) when the request carries `x-trap` (any value); others continue.
 (component
 ;; --- the smg:gateway WIT world (smg/wasm/smg.wit), as wit-component lays it out: the types come from an
 ;; import of `smg:gateway/middleware-types` (a type-only instance the host need not define), the two
@@ -104,10 +104,10 @@
       (i64.store (i32.const 1048) (i64.const 0))
       (i32.store8 (i32.const 1056) (i32.const 0))
       (i32.const 1024))
-    (data (i32.const 16) "/v1")
+    (data (i32.const 16) "x-trap")
     (func (export "on-request") (param $method i32) (param $mlen i32) (param $path i32) (param $plen i32) (param $query i32) (param $qlen i32)
       (param $hdrs i32) (param $nhdrs i32) (param $body i32) (param $blen i32) (param $rid i32) (param $ridlen i32) (param $now i64) (result i32)
-      (if (call $starts (local.get $path) (local.get $plen) (i32.const 16) (i32.const 3)) (then unreachable))
+      (if (call $find_header (local.get $hdrs) (local.get $nhdrs) (i32.const 16) (i32.const 6)) (then unreachable))
       (call $continue))
     (func (export "on-response") (param $status i32) (param $hdrs i32) (param $nhdrs i32) (param $body i32) (param $blen i32) (result i32)
       (call $continue))
