@@ -26,7 +26,7 @@ from smg.shm.directory import (
     wasm_bytes,
 )
 from smg.wasm import registry as reg
-from smg.wasm.chain import WasmChain, apply_headers, reject_status
+from smg.wasm.chain import WasmChain, reject_status
 from smg.wasm.types import Continue, Limits, Modify, Reject, WasmTrap
 
 # --- POST /wasm bodies -------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class FakeRegistry:
         self.published.append(modules)
 
 
-def _compile(data: bytes) -> bytes:
+def _compile(data: bytes, points: list[str]) -> bytes:
     if not data.startswith(b"(component"):
         raise ValueError("expected `(`")
     return b"artifact:" + data
@@ -220,9 +220,9 @@ def _admin(tmp_path: Path, enabled: bool = True) -> tuple[WasmAdmin, FakeRegistr
     registry = FakeRegistry()
     compiled: list[bytes] = []
 
-    def compile_once(data: bytes) -> bytes:
+    def compile_once(data: bytes, points: list[str]) -> bytes:
         compiled.append(data)
-        return _compile(data)
+        return _compile(data, points)
 
     admin = WasmAdmin(registry, enabled, 4242, compile_once)  # type: ignore[arg-type]
     return admin, registry, compiled
@@ -440,17 +440,7 @@ def _chain(runners: dict[str, Any], entries: list[WasmModuleEntry]) -> WasmChain
     return chain
 
 
-def test_apply_headers_as_1_13() -> None:
-    headers = [("a", "1"), ("a", "2"), ("b", "x")]
-    assert apply_headers(headers, [("A", "9")], [("b", "y"), ("c", "z")], ["x-none"]) == [
-        ("b", "x"),
-        ("a", "9"),
-        ("b", "y"),
-        ("c", "z"),
-    ]
-    assert apply_headers(headers, [], [], ["a"]) == [("b", "x")]
-    # Not a header: skipped (no line injection).
-    assert apply_headers([], [("x", "1\r\nevil: 1"), ("bad name", "v")], [("é", "v")], []) == []
+def test_reject_status() -> None:
     assert [reject_status(s) for s in (401, 99, 150, 200, 999, 1000)] == [
         401,
         400,
@@ -466,11 +456,11 @@ def test_request_modules_run_in_order_each_seeing_the_last() -> None:
     second = FakeRunner(Modify(None, [], [("x-two", "2")], [], None))
     e1, e2 = _entry(1), _entry(2)
     chain = _chain({e1.module_id: first, e2.module_id: second}, [e1, e2])
-    out = chain.run_request(
-        "POST", "/v1/chat/completions", "a=1", [("authorization", "k")], b"body", "rid"
-    )
+    headers = [("authorization", "k"), ("x-name", "caf\xc3\xa9")]  # a UTF-8 value, as latin-1
+    out = chain.run_request("POST", "/v1/chat/completions", "a=1", headers, b"body", "rid")
     assert (out.status, out.changed, out.body) == (0, True, b"new body")
-    assert out.headers == [("x-one", "1"), ("x-two", "2")]
+    # The header no module was shown (not visible ASCII, as 1.13) is kept all the same.
+    assert out.headers == [("x-name", "caf\xc3\xa9"), ("x-one", "1"), ("x-two", "2")]
     seen = second.seen[0]
     assert (seen.method, seen.path, seen.query, seen.request_id) == (
         "POST",
@@ -547,3 +537,45 @@ def test_response_modules_change_status_headers_and_body() -> None:
     chain = _chain({e1.module_id: FakeRunner(response=Reject(451))}, [e1])
     out = chain.run_response(200, [], b"x")
     assert (out.status, out.response_status, out.body) == (0, 451, b"x")
+
+
+class _HeldExchange:
+    """The part of an Exchange a ResponseHook touches: the worker's held headers."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.held_headers: list[tuple[bytes, bytes]] | None = headers
+
+
+def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
+    from smg.wasm.chain import ResponseHook
+
+    e1 = _entry(1, ("OnResponse",))
+    runner = FakeRunner(response=Modify(201, [("x-smg-wasm-logged", "1")], [], ["x-drop"], None))
+    chain = _chain({e1.module_id: runner}, [e1])
+    hook = ResponseHook(chain, None, b"/v1/chat/completions", b"{}", False)
+    assert (hook.upstream_path, hook.upstream_body) == (b"/v1/chat/completions", b"{}")
+    assert not hasattr(hook, "settle")
+    assert hook.feed(b"data: 1\n\n") == b"data: 1\n\n" and hook.finish() == b""
+    exchange = _HeldExchange(
+        [(b"content-type", b"application/json"), (b"x-drop", b"1"), (b"content-length", b"7")]
+    )
+    body = hook.response(200, b'{"a":1}')
+    assert hook.answer(exchange, 200, body) == (201, b'{"a":1}')
+    assert exchange.held_headers == [
+        (b"content-type", b"application/json"),
+        (b"x-smg-wasm-logged", b"1"),
+    ]
+    # The module saw the worker's headers but the framing ones.
+    assert runner.seen[0].headers == [("content-type", "application/json"), ("x-drop", "1")]
+    # A failing module: 500 in the OpenAI shape, the worker's headers dropped.
+    chain = _chain({e1.module_id: FakeRunner(response=WasmTrap("out of fuel"))}, [e1])
+    hook = ResponseHook(chain, None, b"/p", b"", False)
+    exchange = _HeldExchange([(b"x-a", b"1")])
+    status, answer = hook.answer(exchange, 200, b"{}")
+    assert status == 500 and exchange.held_headers == []
+    assert orjson.loads(answer)["error"] == {
+        "message": "WASM module 'm1' failed: out of fuel",
+        "type": "server_error",
+        "code": "wasm_module_failed",
+        "param": None,
+    }

@@ -649,6 +649,7 @@ class DataPlane:
         assert chain is not None
         if not chain.on_request:
             return True
+
         body = request.body
         if len(body) > chain.limits.max_body_bytes:
             # 1.13 buffers at most max_body_size for its modules and answers 400 past it.
@@ -944,6 +945,10 @@ class DataPlane:
         if entry.provider is not None:  # an external worker: the provider's body shape
             path = request.path if translation is None else translation.upstream_path.decode()
             body = transform_body(entry.provider, path, bytes(body))
+        wasm = self.wasm
+        if wasm is not None and wasm.on_response:
+            # OnResponse modules read the answer: ask for it uncompressed.
+            request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
         head = self._upstream_request(request, entry, pool, len(body))
         request.body = b""  # the exchange holds the body now, and drops it once written
         exchange = Exchange(
@@ -972,6 +977,12 @@ class DataPlane:
             exchange.worker_api = provider_api(entry.provider)
         if request.history:  # /v1/responses with history: observe the answer
             exchange.translation = request.history
+        if wasm is not None and wasm.on_response:
+            from smg.wasm.chain import ResponseHook
+
+            exchange.translation = ResponseHook(
+                wasm, exchange.translation, request.path.encode(), body, stream
+            )
         if request.method != b"POST":
             exchange.method = request.method.decode("latin-1")
         if self.cors is not None:

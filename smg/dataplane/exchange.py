@@ -690,6 +690,9 @@ class Exchange:
                     "upstream_invalid_response",
                     f"the worker's answer could not be translated: {exc}",
                 )
+        answer = getattr(translation, "answer", None)  # WASM OnResponse (smg.wasm.chain)
+        if answer is not None:
+            status, body = answer(self, status, body)
         self.status = status
         self._emit_held(status, body, _SKIP_TRANSLATED)
 

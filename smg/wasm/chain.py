@@ -9,9 +9,9 @@ As the Rust SMG 1.13's middleware (model_gateway/src/middleware/wasm.rs): OnRequ
 see the request (method, path, query, headers, body, request id, time) in order, each the
 previous one's result; `reject(status)` answers at once; `modify` sets/adds/removes headers
 and replaces the body. OnResponse modules see a whole (not streamed) answer and may change
-its status, headers and body. Header changes follow 1.13's `apply_modify_action_to_headers`:
-set (replace every value of the name), then add, then remove; a name or value that is not a
-valid header is skipped.
+its status, headers and body. Header changes are `smg.wasm.types.apply_headers` (1.13's
+`apply_modify_action_to_headers`: set, then add, then remove; a name or value that is not a
+valid header is skipped, so a module cannot inject header lines).
 
 Where smg differs (on purpose): a module that traps, runs out of time or memory, or cannot be
 loaded fails the request with a 500 (1.13 logs it and goes on as if it had answered
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
+from smg.httpwire import error_body
 from smg.promtext import Family, Sample
 from smg.shm.directory import WasmModuleEntry
 from smg.wasm.types import (
@@ -38,43 +40,13 @@ from smg.wasm.types import (
     WasmRequest,
     WasmResponse,
     WasmTrap,
+    apply_headers,
+    headers_for_module,
 )
 
 log = logging.getLogger("smg.wasm")
 
 Headers = list[tuple[str, str]]
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
-
-
-def valid_header(name: str, value: str) -> bool:
-    """A header the gateway may write: an RFC 9110 token for a name and a value of visible
-    ASCII, space and tab (no CR/LF: a module cannot inject header lines)."""
-    return bool(_TOKEN.match(name)) and bool(_VALUE.match(value))
-
-
-def apply_headers(
-    headers: Headers,
-    headers_set: Iterable[tuple[str, str]],
-    headers_add: Iterable[tuple[str, str]],
-    headers_remove: Iterable[str],
-) -> Headers:
-    """`headers` (lower-case names) after a modify action, as 1.13 applies one."""
-    out = list(headers)
-    for name, value in headers_set:
-        name = name.lower()
-        if valid_header(name, value):
-            out = [h for h in out if h[0] != name]
-            out.append((name, value))
-    for name, value in headers_add:
-        name = name.lower()
-        if valid_header(name, value):
-            out.append((name, value))
-    for name in headers_remove:
-        name = name.lower()
-        if _TOKEN.match(name):
-            out = [h for h in out if h[0] != name]
-    return out
 
 
 def reject_status(status: int) -> int:
@@ -199,7 +171,9 @@ class WasmChain:
                 method=method,
                 path=path,
                 query=query,
-                headers=headers,
+                # A module sees the headers 1.13 shows (visible ASCII values); its changes
+                # apply to all of them.
+                headers=headers_for_module(headers),
                 body=body,
                 request_id=request_id,
                 now_epoch_ms=time.time_ns() // 1_000_000,
@@ -210,9 +184,7 @@ class WasmChain:
             if isinstance(action, Reject):
                 return Outcome(reject_status(action.status), headers, body, module.entry.name)
             if isinstance(action, Modify):
-                headers = apply_headers(
-                    headers, action.headers_set, action.headers_add, action.headers_remove
-                )
+                headers = apply_headers(headers, action)
                 if action.body_replace is not None:
                     body = bytes(action.body_replace)
                 changed = True
@@ -225,8 +197,9 @@ class WasmChain:
         answer with; `status` != 0 only when a module failed (500)."""
         changed = False
         for module in self.on_response:
+            shown = headers_for_module(headers)
             action = self._call(
-                module, "on_response", WasmResponse(status=status, headers=headers, body=body)
+                module, "on_response", WasmResponse(status=status, headers=shown, body=body)
             )
             if isinstance(action, Outcome):
                 return action
@@ -239,9 +212,7 @@ class WasmChain:
             if isinstance(action, Modify):
                 if action.status is not None and 200 <= action.status <= 999:
                     status = action.status
-                headers = apply_headers(
-                    headers, action.headers_set, action.headers_add, action.headers_remove
-                )
+                headers = apply_headers(headers, action)
                 if action.body_replace is not None:
                     body = bytes(action.body_replace)
                 changed = True
@@ -301,19 +272,95 @@ def _failed(module: LoadedModule, reason: str) -> Outcome:
 
 def artifact_loader(limits: Limits) -> Loader:
     """The loader of a data-plane process: the artifact read and checked against its
-    published digest, then deserialized with this process's engine (made on first use,
-    after the fork)."""
-    engine: list[Any] = []
+    published digest, then deserialized with this process's engine (smg.wasm.runtime's
+    per-pid EngineOwner: made on first use, after the fork)."""
 
     def load(entry: WasmModuleEntry) -> Any:
-        from smg.wasm.runtime import ModuleRunner, new_engine
+        from smg.wasm.runtime import ModuleRunner
 
         with open(entry.artifact_path, "rb") as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != entry.artifact_sha256:
             raise ValueError(f"artifact {entry.artifact_path} is not the one published")
-        if not engine:
-            engine.append(new_engine(limits))
-        return ModuleRunner(engine[0], data, limits)
+        return ModuleRunner(None, data, limits)  # the process's own engine (per pid)
 
     return load
+
+
+# Worker headers an OnResponse module is not shown (framing and the gateway's own; the
+# answer is written with a new length and its x-request-id).
+_HIDDEN = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"content-length",
+        b"content-encoding",
+        b"x-request-id",
+        b"x-smg-process",
+    }
+)
+
+
+class ResponseHook:
+    """The OnResponse modules on a proxied answer: a pass-through `Translation`
+    (smg.translate's protocol) around the exchange's own (an external worker's translation,
+    /v1/responses' history Observer) or none. A whole answer is held by the exchange and
+    handed to `answer` once complete (status, headers and body may change); a 2xx event
+    stream is relayed untouched, as 1.13 skips OnResponse for streams."""
+
+    def __init__(
+        self, chain: WasmChain, inner: Any | None, path: bytes, body: bytes, stream: bool
+    ) -> None:
+        self.chain = chain
+        self.inner = inner
+        self.upstream_path: bytes = inner.upstream_path if inner is not None else path
+        self.upstream_body: bytes = inner.upstream_body if inner is not None else body
+        self.stream = stream
+        settle = getattr(inner, "settle", None)
+        if settle is not None:
+            self.settle = settle
+
+    def response(self, status: int, body: bytes) -> bytes:
+        return self.inner.response(status, body) if self.inner is not None else body
+
+    def feed(self, data: bytes) -> bytes:
+        return self.inner.feed(data) if self.inner is not None else data
+
+    def finish(self) -> bytes:
+        return self.inner.finish() if self.inner is not None else b""
+
+    def abort(self, code: str, message: str) -> bytes:
+        if self.inner is not None:
+            return self.inner.abort(code, message)
+        # The plain relay's event for a broken stream (1.13's "stream_error").
+        body = orjson.dumps({"error": {"message": message, "type": "stream_error", "code": code}})
+        return b"data: %b\n\ndata: [DONE]\n\n" % body
+
+    def answer(self, exchange: Any, status: int, body: bytes) -> tuple[int, bytes]:
+        """The whole answer through the modules: (status, body) to write; the exchange's
+        held headers are replaced by the modules' when they changed them."""
+        chain = self.chain
+        if len(body) > chain.limits.max_body_bytes:
+            exchange.held_headers = []
+            return 500, error_body(
+                500,
+                "response_too_large",
+                f"Failed to read response body: over the WASM body limit of "
+                f"{chain.limits.max_body_bytes} bytes",
+            )
+        headers = [
+            (n.decode("latin-1").lower(), v.decode("latin-1"))
+            for n, v in exchange.held_headers or ()
+            if n.lower() not in _HIDDEN
+        ]
+        outcome = chain.run_response(status, headers, body)
+        if outcome.failed:
+            exchange.held_headers = []
+            return 500, error_body(500, "wasm_module_failed", outcome.message)
+        if not outcome.changed:
+            return status, body
+        exchange.held_headers = [
+            (n.encode("latin-1"), v.encode("latin-1")) for n, v in outcome.headers
+        ]
+        return outcome.response_status, outcome.body
