@@ -13,6 +13,7 @@ module call in this process, split into store+instance and call, to say where th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -62,7 +63,7 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         }
     by_round = {p: {s.round: s.rps for s in samples if s.phase == p} for p in PHASES}
     ratio = paired_ratios(by_round["wasm"], by_round["none"])
-    out["rps_ratio_wasm_over_none"] = None if ratio is None else ratio.__dict__
+    out["rps_ratio_wasm_over_none"] = None if ratio is None else dataclasses.asdict(ratio)
     none_cpu, wasm_cpu = (
         out["none"]["cpu_us_per_request_median"],
         out["wasm"]["cpu_us_per_request_median"],
