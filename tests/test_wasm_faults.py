@@ -20,7 +20,13 @@ import pytest
 from providerfakes import FakeProvider
 
 from tests.gatewayutil import Gateway, running_gateway, wait_until
-from tests.wasmutil import AUTH_KEY, SIZE_LIMIT, write_component
+from tests.wasmutil import (
+    AUTH_KEY,
+    SIZE_LIMIT,
+    componentize_py,
+    py_guard_component,
+    write_component,
+)
 
 MODEL = "gpt-4o"
 CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -81,8 +87,10 @@ def on_both(gw: Gateway, headers: dict[str, str] | None = None, body: bytes = CH
     return [answers["0"], answers["1"]]
 
 
-def add(gw: Gateway, name: str, points: tuple[str, ...] = ("OnRequest",)) -> str:
-    path = write_component(gw.wasm_dir, name)  # type: ignore[attr-defined]
+def add(
+    gw: Gateway, name: str, points: tuple[str, ...] = ("OnRequest",), path: Path | None = None
+) -> str:
+    path = path or write_component(gw.wasm_dir, name)  # type: ignore[attr-defined]
     module = {
         "name": name,
         "file_path": str(path),
@@ -158,6 +166,20 @@ def test_logger_example(gw: Gateway, fake: FakeProvider) -> None:
         )  # OnRequest's header reached the worker
 
 
+def test_python_guest_example(gw: Gateway, fake: FakeProvider) -> None:
+    if componentize_py() is None:
+        pytest.skip("componentize-py is not installed")
+    path, _ = py_guard_component()
+    add(gw, "py_guard", ("OnRequest", "OnResponse"), path)  # compiled once by the control plane
+    seen_within(gw, lambda a: a[1].get("x-smg-py-guard") == "seen", "py_guard on both processes")
+    for answer in on_both(gw):
+        assert answer[0] == 200
+        assert _last_seen(fake)["x-smg-py-guard"] == "checked"
+    other = json.dumps({"model": "other", "messages": []}).encode()
+    assert [a[0] for a in on_both(gw, body=other)] == [403, 403]
+    assert [a[0] for a in on_both(gw, body=b"not json")] == [400, 400]
+
+
 def _last_seen(fake: FakeProvider) -> dict[str, str]:
     posts = [r for r in fake.seen() if r["method"] == "POST"]
     return posts[-1]["headers"] if posts else {}
@@ -191,6 +213,27 @@ def test_faulty_module_fails_only_its_requests(
     assert low_s <= time.monotonic() - start < high_s
     assert wasm_metric(gw, "smg_wasm_traps_total", name) >= 5
     assert sorted(p.pid for p in _children(gw)) == pids  # no process died or was replaced
+
+
+def test_spinning_module_delays_but_fails_no_other_request(gw: Gateway) -> None:
+    """A module call runs on its process's event loop: while one spins (up to the 1 s limit), that process's
+    other requests wait, and are answered after; the other process is not held up."""
+    add(gw, "spin")
+    seen_within(gw, lambda a: a[0] == 500, "spin on both processes", headers={"x-spin": "1"})
+    spun: list[Answer] = []
+    spinner = threading.Thread(target=lambda: spun.append(chat(gw, {"x-spin": "1"})))
+    spinner.start()
+    others: list[tuple[int, float]] = []
+    try:
+        time.sleep(0.1)
+        for _ in range(10):
+            start = time.monotonic()
+            others.append((chat(gw)[0], time.monotonic() - start))
+    finally:
+        spinner.join(30)
+    assert spun[0][0] == 500
+    assert [status for status, _ in others] == [200] * 10
+    assert max(took for _, took in others) < 3.0, others
 
 
 def _children(gw: Gateway) -> list[Any]:

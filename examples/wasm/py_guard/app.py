@@ -1,6 +1,6 @@
 """py_guard: a Python guest for smg's WASM middleware (built into a component with componentize-py).
 
-OnRequest: a POST with a body must be JSON naming an allowed model: not JSON -> 400, another model -> 403;
+OnRequest: a POST with a body must be JSON naming an allowed model (mock-model, gpt-4o): not JSON -> 400, another model -> 403;
 otherwise the request goes on with `x-smg-py-guard: checked` set. OnResponse: adds `x-smg-py-guard: seen`.
 `wit_world` is the bindings package componentize-py generates from smg/wasm/smg.wit at build time.
 """
@@ -18,7 +18,7 @@ from wit_world.imports.middleware_types import (
     Response,
 )
 
-ALLOWED_MODELS = {"mock-model"}
+ALLOWED_MODELS = {"mock-model", "gpt-4o"}
 
 
 def _add_header(name: str, value: str, *, set_: bool) -> Action:
