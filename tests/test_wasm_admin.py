@@ -117,6 +117,21 @@ def test_descriptor_checks_pass_a_good_path() -> None:
     reg.check_descriptor_text(reg.Descriptor("m", "/a/./M.WASM", "Middleware", ()))
 
 
+def test_invalid_component_words_are_given_once() -> None:
+    hint = (
+        ". Hint: The WASM file must be in component format. If you're using wit-bindgen, use "
+        "'wasm-tools component new' to wrap the WASM module into a component."
+    )
+    prefix = (
+        "Workflow failed at step validate_wasm_component: Step failed: validate_wasm_component - "
+    )
+    assert str(reg.invalid_component("expected `(`")) == (
+        prefix + "Invalid WASM component: expected `(`" + hint
+    )
+    already = "Invalid WASM component: expected `(`" + hint
+    assert str(reg.invalid_component(already)) == prefix + already
+
+
 def test_uuid7_is_time_ordered_version_7() -> None:
     one = reg.uuid7(1_700_000_000_000 * 1_000_000)
     two = reg.uuid7(1_700_000_000_001 * 1_000_000)
@@ -480,7 +495,7 @@ def test_reject_stops_the_chain_and_is_counted() -> None:
     assert (out.status, out.module, out.failed) == (401, "m1", False)
     assert later.seen == []
     stats = chain.stats[e1.module_id][1]
-    assert (stats.invocations, stats.rejections, stats.traps) == (1, 1, 0)
+    assert (stats.invocations, stats.rejections, stats.traps) == (1, 1, {})
 
 
 def test_a_trap_or_a_module_that_did_not_load_fails_the_request() -> None:
@@ -489,13 +504,29 @@ def test_a_trap_or_a_module_that_did_not_load_fails_the_request() -> None:
     out = chain.run_request("POST", "/p", "", [], b"", "r")
     assert (out.status, out.failed) == (500, True)
     assert out.message == "WASM module 'm1' failed: wasm trap: unreachable"
-    assert chain.stats[e1.module_id][1].traps == 1
+    assert chain.stats[e1.module_id][1].traps == {"trap": 1}
+    chain = _chain({e1.module_id: FakeRunner(WasmTrap("1000 ms", "timeout"))}, [e1])
+    chain.run_request("POST", "/p", "", [], b"", "r")
+    chain.run_request("POST", "/p", "", [], b"", "r")
+    assert chain.stats[e1.module_id][1].traps == {"timeout": 2}
+    (family,) = [f for f in chain.families(3) if f.name == "smg_wasm_traps_total"]
+    assert [
+        (dict(s.labels)["kind"], dict(s.labels)["process"], s.value) for s in family.samples
+    ] == [("timeout", "3", 2)]
+    chain = _chain({e1.module_id: FakeRunner("not an action")}, [e1])
+    out = chain.run_request("POST", "/p", "", [], b"", "r")
+    assert (
+        out.status == 500
+        and out.message == "WASM module 'm1' failed: it answered str, not an action"
+    )
+    assert chain.stats[e1.module_id][1].traps == {"invalid": 1}
     chain = _chain({e2.module_id: OSError("artifact gone")}, [e2])
     out = chain.run_request("POST", "/p", "", [], b"", "r")
     assert out.status == 500
     assert out.message == (
         "WASM module 'm2' failed: it could not be loaded in this process (OSError: artifact gone)"
     )
+    assert chain.stats[e2.module_id][1].traps == {"load": 1}
 
 
 def test_sync_keeps_loaded_modules_and_follows_the_order() -> None:
@@ -560,7 +591,7 @@ def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
         [(b"content-type", b"application/json"), (b"x-drop", b"1"), (b"content-length", b"7")]
     )
     body = hook.response(200, b'{"a":1}')
-    assert hook.answer(exchange, 200, body) == (201, b'{"a":1}')
+    assert hook.wasm_answer(exchange, 200, body) == (201, b'{"a":1}')
     assert exchange.held_headers == [
         (b"content-type", b"application/json"),
         (b"x-smg-wasm-logged", b"1"),
@@ -571,7 +602,7 @@ def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
     chain = _chain({e1.module_id: FakeRunner(response=WasmTrap("out of fuel"))}, [e1])
     hook = ResponseHook(chain, None, b"/p", b"", False)
     exchange = _HeldExchange([(b"x-a", b"1")])
-    status, answer = hook.answer(exchange, 200, b"{}")
+    status, answer = hook.wasm_answer(exchange, 200, b"{}")
     assert status == 500 and exchange.held_headers == []
     assert orjson.loads(answer)["error"] == {
         "message": "WASM module 'm1' failed: out of fuel",
@@ -579,3 +610,45 @@ def test_response_hook_rewrites_a_whole_answer_and_passes_streams() -> None:
         "code": "wasm_module_failed",
         "param": None,
     }
+
+
+def test_registry_publishes_the_list_with_the_directory_and_a_replacement_restores_it() -> None:
+    from smg.control.registry import Registry
+    from smg.control.worker_state import HealthThresholds
+    from smg.shm.table import WorkerTable
+    from smg.workers_spec import WorkerSpec, validate_worker_spec
+
+    table = WorkerTable.create(4, 2, supervisor_pid=1, anonymous=False)
+    registry = Registry(table, HealthThresholds(), health_check_disabled=False)
+    registry.add(validate_worker_spec(WorkerSpec(url="http://127.0.0.1:9001")))
+    before = (table.directory_generation(), table.routing_generation())
+    modules = (_entry(1), _entry(2, ("OnResponse",)))
+    registry.publish_wasm(modules)
+    # Data planes notice through the generations they already watch for workers.
+    assert table.directory_generation() != before[0]
+    assert table.routing_generation() == before[1] + 1
+    _generation, directory = table.read_directory()
+    assert directory.wasm == modules and len(directory.entries) == 1
+    # A worker change publishes the list again, unchanged.
+    registry.add(validate_worker_spec(WorkerSpec(url="http://127.0.0.1:9002")))
+    assert table.read_directory()[1].wasm == modules
+    replacement = Registry(table, HealthThresholds(), health_check_disabled=False)
+    assert replacement.restore() == 2 and replacement.wasm == modules
+
+
+def test_module_view_is_headers_for_module() -> None:
+    from smg.wasm.chain import module_view
+    from smg.wasm.types import headers_for_module
+
+    headers = [
+        ("a", "plain value"),
+        ("b", "tab\there"),
+        ("c", "caf\xe9"),
+        ("d", "del\x7f"),
+        ("e", "nul\x00"),
+        ("f", ""),
+        ("g", "~ !"),
+        ("h", "line\r\nx: 1"),
+    ]
+    assert module_view(headers) == headers_for_module(headers)
+    assert [n for n, _v in module_view(headers)] == ["a", "b", "f", "g"]

@@ -910,6 +910,7 @@ class ControlPlane:
             if method == "GET" and path == "/wasm":  # executions: the data planes' counts
                 await self._scrape_dataplanes()
                 families = self.metric_folder.families()
+            self.wasm_admin.enabled = self.cfg.enable_wasm  # as reloaded
             return await self.wasm_admin.route(method, path, body, families)
         if path == "/get_loads" and method == "GET":
             return _json(200, self._loads())

@@ -43,7 +43,9 @@ from smg.history.store import StorageUnavailable
 from smg.httpwire import (
     ANTHROPIC_ROUTE,
     HOP_BY_HOP,
+    anthropic_error_body,
     build_response,
+    error_body,
     error_response,
     request_id_prefix,
     status_line,
@@ -649,7 +651,6 @@ class DataPlane:
         assert chain is not None
         if not chain.on_request:
             return True
-
         body = request.body
         if len(body) > chain.limits.max_body_bytes:
             # 1.13 buffers at most max_body_size for its modules and answers 400 past it.
@@ -660,6 +661,7 @@ class DataPlane:
                 "request_too_large",
                 f"Failed to read request body: over the WASM body limit of "
                 f"{chain.limits.max_body_bytes} bytes",
+                wasm=False,  # OnRequest's own answers skip OnResponse, as 1.13's
             )
             return False
         outcome = chain.run_request(
@@ -671,7 +673,7 @@ class DataPlane:
             request.request_id.decode("latin-1"),
         )
         if outcome.failed:
-            self._send_error(conn, request, 500, "wasm_module_failed", outcome.message)
+            self._send_error(conn, request, 500, "wasm_module_failed", outcome.message, wasm=False)
             return False
         if outcome.status:
             self._send_error(
@@ -680,6 +682,7 @@ class DataPlane:
                 outcome.status,
                 "wasm_rejected",
                 f"The request was rejected by WASM module '{outcome.module}'",
+                wasm=False,
             )
             return False
         if outcome.changed:
@@ -688,6 +691,51 @@ class DataPlane:
             ]
             request.body = outcome.body
         return True
+
+    def _wasm_error(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        extra_headers: bytes,
+    ) -> None:
+        """A gateway-made error on a serving route, through the OnResponse modules."""
+        chain = self.wasm
+        assert chain is not None
+        if request.path in ANTHROPIC_PATHS:
+            body = anthropic_error_body(status, message, request.request_id)
+        else:
+            body = error_body(status, code, message)
+        headers = [("content-type", "application/json"), ("x-smg-error-code", code)]
+        for line in extra_headers.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if sep:
+                headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
+        outcome = chain.run_response(status, headers, body)
+        if outcome.failed:
+            status, code = 500, "wasm_module_failed"
+            headers = [("x-smg-error-code", code)]
+            body = error_body(500, code, outcome.message)
+        elif outcome.changed:
+            status, headers, body = outcome.response_status, outcome.headers, outcome.body
+        content_type = b"application/json"
+        extra = []
+        for name, value in headers:
+            if name == "content-type":
+                content_type = value.encode("latin-1")
+            elif name not in ("content-length", "x-request-id", "x-smg-process"):
+                extra.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        self._send(
+            conn,
+            request,
+            status,
+            body,
+            content_type=content_type,
+            extra_headers=b"".join(extra),
+            error_code=code,
+        )
 
     def _post_allowed(
         self, conn: ClientConnection, request: Request, method: bytes, path: str
@@ -1469,7 +1517,13 @@ class DataPlane:
         message: str,
         *,
         extra_headers: bytes = b"",
+        wasm: bool = True,
     ) -> None:
+        chain = self.wasm
+        if chain is not None and wasm and chain.on_response and request.path in PROXY_ROUTES:
+            # 1.13 runs OnResponse on every answer of its serving routes, the gateway's own too.
+            self._wasm_error(conn, request, status, code, message, extra_headers)
+            return
         keep_alive = request.keep_alive and not self.draining
         if self.cors is not None:
             extra_headers += self.cors.response(request.header(b"origin"))

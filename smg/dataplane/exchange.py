@@ -690,7 +690,7 @@ class Exchange:
                     "upstream_invalid_response",
                     f"the worker's answer could not be translated: {exc}",
                 )
-        answer = getattr(translation, "answer", None)  # WASM OnResponse (smg.wasm.chain)
+        answer = getattr(translation, "wasm_answer", None)  # OnResponse (smg.wasm.chain)
         if answer is not None:
             status, body = answer(self, status, body)
         self.status = status

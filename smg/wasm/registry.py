@@ -18,7 +18,6 @@ The I/O (reading the file, compiling, writing the artifact, publishing) is
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections.abc import Iterable
@@ -211,7 +210,10 @@ def check_room(entries: tuple[WasmModuleEntry, ...]) -> None:
 
 
 def invalid_component(reason: str) -> StepFailed:
-    """1.13's words for bytes that are not a loadable component."""
+    """1.13's words for bytes that are not a loadable component (the runtime's message
+    as it is when it has them already)."""
+    if reason.startswith("Invalid WASM component: "):
+        return StepFailed("validate_wasm_component", reason)
     return StepFailed(
         "validate_wasm_component",
         f"Invalid WASM component: {reason}. Hint: The WASM file must be in component "
@@ -310,9 +312,3 @@ def list_view(
 
 def artifact_name(module_id: str) -> str:
     return f"{module_id}.cwasm"
-
-
-def run_dir_for(root_pid: int) -> str:
-    """Where the control plane writes compiled artifacts (private to this gateway)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return os.path.join(base, f"smg-{root_pid}-wasm")
