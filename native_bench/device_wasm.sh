@@ -4,7 +4,16 @@
 #
 # Needs, carried in native_bench/build/ (ignored by git): whl/ (cp312 manylinux wheels, `pip download --no-deps`:
 # smg's imported dependencies and wasmtime 50), offline/ (wrk and its libluajit) and the stub/loadgen binaries.
-# Writes env.txt and wasm-*.{log,json} to $OUT.
+# Writes env.txt and wasm-*.{log,json} to $OUT. Prepare here, then carry native_bench/build:
+#   mkdir -p native_bench/build/whl native_bench/build/offline
+#   .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d native_bench/build/whl httptools msgspec orjson atomicshm starlette uvicorn joserfc cryptography cffi \
+#     pycparser trustme idna 'wasmtime>=50,<51' xxhash uvloop aiohttp multidict yarl frozenlist aiosignal \
+#     propcache aiohappyeyeballs attrs httpx httpcore h11 anyio sniffio certifi pyyaml psutil jinja2 markupsafe \
+#     rich markdown-it-py mdurl pygments hpack typing_extensions tokenizers          # about 31 MB with offline/
+#   cp /usr/bin/wrk native_bench/build/offline/ && cp -L /lib/x86_64-linux-gnu/libluajit-5.1.so.2 native_bench/build/offline/
+#   .venv/bin/python -c 'import sys; sys.path.insert(0, "native_bench"); import run; run.build_native()'
 set -u
 OUT=${OUT:-/tmp/smg-device-out}
 mkdir -p "$OUT"
