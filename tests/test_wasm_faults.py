@@ -189,7 +189,7 @@ def _last_seen(fake: FakeProvider) -> dict[str, str]:
     ("name", "header", "words", "low_s", "high_s"),
     [
         ("trap", "x-trap", "unreachable", 0.0, 3.0),
-        ("spin", "x-spin", "execution time limit exceeded (1000 ms)", 0.9, 4.0),
+        ("spin", "x-spin", "execution time limit exceeded (1000 ms)", 0.8, 4.0),
         ("hog", "x-hog", "", 0.0, 3.0),
     ],
 )
