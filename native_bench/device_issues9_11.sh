@@ -73,10 +73,15 @@ pack() {
 }
 
 # part NAME LIMIT_S COMMAND...: runs it with its output in all.log, cut at LIMIT_S or at the
-# budget's end; skipped when under 20 s of the budget are left.
+# budget's end; skipped when under 20 s of the budget are left, or when PARTS (names, space
+# separated) is set and does not name it.
 part() {
     local name=$1 limit=$2 left rc
     shift 2
+    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
+        say "=== $name not asked for (PARTS=$PARTS)"
+        return
+    fi
     left=$((BUDGET - ($(date +%s) - START)))
     if ((left < 20)); then
         say "=== $name SKIPPED: ${left}s of the ${BUDGET}s budget left"
