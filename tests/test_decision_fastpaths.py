@@ -9,7 +9,7 @@ import random
 from smg.dataplane.app import ShmLoadView
 from smg.policies.base import BackendLoad, RouteRequest
 from smg.policies.power_of_two import PowerOfTwoPolicy
-from smg.shm import layout
+from smg.shm import layout, prefix
 from smg.shm.table import WorkerTable
 
 
@@ -116,3 +116,24 @@ def test_shm_backend_load_defers_to_read_row_during_a_write() -> None:
     assert calls == [2]
     assert view.backend_load(2).running == 9  # even again: the inlined read, no call
     assert calls == [2]
+
+
+def loop_boundaries(n: int) -> list[int]:
+    """The block ends as first written (one block at a time), the reference."""
+    ends: list[int] = []
+    end = prefix.FIRST_BLOCK
+    while end < n:
+        ends.append(end)
+        end += min(max(end >> 2, prefix.FIRST_BLOCK), prefix.BLOCK)
+    ends.append(n)
+    return ends
+
+
+def test_prefix_boundaries_equal_the_block_loop() -> None:
+    head = [64, 128, 192, 256, 320, 400, 500, 625, 781, 976, 1220, 1525, 1906, 2382]
+    assert prefix.boundaries(8192) == [*head, *range(2894, 8192, 512), 8192]
+    for n in range(0, 40000):
+        assert prefix.boundaries(n) == loop_boundaries(n), n
+    first = prefix.boundaries(100)
+    first.append(-1)  # a caller's list is its own: the cached head is never shared
+    assert prefix.boundaries(100) == [64, 100]
