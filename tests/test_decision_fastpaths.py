@@ -137,3 +137,16 @@ def test_prefix_boundaries_equal_the_block_loop() -> None:
     first = prefix.boundaries(100)
     first.append(-1)  # a caller's list is its own: the cached head is never shared
     assert prefix.boundaries(100) == [64, 100]
+
+
+def test_prefix_longest_finds_every_known_length() -> None:
+    """The three fast paths (all, all but one, all but two blocks) and the binary search
+    below them give each known prefix length exactly."""
+    hashes, _ = prefix.chain("".join(chr(97 + i % 26) for i in range(9000)), "m")
+    for known in range(len(hashes) + 1):
+        index = prefix.PrefixIndex.create(3, 1024, anonymous=False)
+        index.insert(2, hashes[:known], row=3, generation=1)
+        assert index.longest(hashes) == known, known
+    empty = prefix.PrefixIndex.create(1, 1024, anonymous=False)
+    for short in ([], hashes[:1], hashes[:2]):
+        assert empty.longest(short) == 0

@@ -168,13 +168,12 @@ class PrefixIndex:
         lo, hi = 0, len(hashes)
         contains = self.contains
         # Fast paths: the whole prompt seen before (repeats, retries), then all but the
-        # last block (a known conversation or system prompt with a new last turn).
-        if hi and contains(hashes[hi - 1]):
-            return hi
-        hi -= 1
-        if hi and contains(hashes[hi - 1]):
-            return hi
-        hi -= 1
+        # last one or two blocks (a known conversation or system prompt with a new last
+        # turn: the turn's text often straddles a block end, so two blocks are new).
+        for _ in range(3):
+            if hi > 0 and contains(hashes[hi - 1]):
+                return hi
+            hi -= 1
         while lo < hi:
             mid = (lo + hi + 1) >> 1
             if contains(hashes[mid - 1]):
