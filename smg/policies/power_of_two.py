@@ -31,12 +31,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from smg.policies.base import LoadView, Policy, RouteRequest
+from smg.policies.base import BackendLoad, LoadView, Policy, RouteRequest
 from smg.policies.least_load import (
     DEFAULT_KV_PRESSURE_WEIGHT,
     DEFAULT_MEAN_PREFILL_TOKENS,
     DEFAULT_THROUGHPUT,
+    KV_USAGE_CLAMP,
     REQUESTS,
+    STAMP,
+    TOKENS,
     LeastLoadPolicy,
 )
 
@@ -84,7 +87,50 @@ class PowerOfTwoPolicy(Policy):
         return self._pick(rows[i], rows[j], view, request)
 
     def _expected_wait(self, a: int, b: int, view: LoadView, request: RouteRequest) -> int:
-        return self._scorer.select_min_expected_wait((a, b), view, request)
+        """`LeastLoadPolicy.select_min_expected_wait((a, b), ...)` unrolled for a pair: the
+        same arithmetic in the same order, the same tallies and the same draw on a tie,
+        without the per-candidate lists and loop (about half the decision's cost)."""
+        scorer = self._scorer
+        mean_prefill = scorer.mean_prefill_tokens
+        default_tp = scorer.default_throughput
+        load_a = view.backend_load(a)
+        load_b = view.backend_load(b)
+        tallies = scorer.since.rows
+        tally_a: list[float] | None = None
+        tally_b: list[float] | None = None
+        if load_a.valid:
+            tally_a = tallies.get(a)
+            if tally_a is None or tally_a[STAMP] != load_a.updated:
+                tally_a = [load_a.updated, 0, 0]
+                tallies[a] = tally_a
+            score_a = _wait(load_a, tally_a, mean_prefill, default_tp, scorer.kv_pressure_weight)
+        if load_b.valid:
+            tally_b = tallies.get(b)
+            if tally_b is None or tally_b[STAMP] != load_b.updated:
+                tally_b = [load_b.updated, 0, 0]
+                tallies[b] = tally_b
+            score_b = _wait(load_b, tally_b, mean_prefill, default_tp, scorer.kv_pressure_weight)
+        if tally_a is None or tally_b is None:
+            # A dark worker: least_load's fallback, scoped to the pair.
+            if tally_a is not None:
+                nominal = load_a.throughput if load_a.throughput > 0.0 else default_tp
+                score_b = view.in_flight(b) * mean_prefill / nominal
+            elif tally_b is not None:
+                nominal = load_b.throughput if load_b.throughput > 0.0 else default_tp
+                score_a = view.in_flight(a) * mean_prefill / nominal
+            else:
+                score_a = view.in_flight(a)
+                score_b = view.in_flight(b)
+        if score_b < score_a or (score_b == score_a and self._random() * 2 < 1.0):
+            chosen, tally = b, tally_b
+        else:
+            chosen, tally = a, tally_a
+        # A worker without a load has no tally to credit; its first poll would reset it.
+        if tally is not None:
+            tokens = request.prompt_tokens
+            tally[TOKENS] += mean_prefill if tokens is None else tokens
+            tally[REQUESTS] += 1
+        return chosen
 
     def _requests(self, a: int, b: int, view: LoadView, request: RouteRequest) -> int:
         load_a = view.backend_load(a)
@@ -105,3 +151,21 @@ class PowerOfTwoPolicy(Policy):
 
     def _least_requests(self, a: int, b: int, view: LoadView, request: RouteRequest) -> int:
         return a if view.in_flight(a) <= view.in_flight(b) else b
+
+
+def _wait(
+    load: BackendLoad, tally: list[float], mean_prefill: int, default_tp: float, weight: float
+) -> float:
+    """least_load's expected wait of one worker with a valid load (same operations)."""
+    queued: float = load.waiting_tokens
+    if queued <= 0:
+        queued = max(load.waiting, 0) * mean_prefill
+    throughput = load.throughput
+    if not throughput > 0.0:
+        throughput = default_tp
+    k = load.token_usage
+    if k > KV_USAGE_CLAMP:
+        k = KV_USAGE_CLAMP
+    elif not k > 0.0:
+        k = 0.0
+    return (queued + tally[TOKENS]) / throughput + weight * k / (1.0 - k)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import mmap
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 
 import xxhash
@@ -73,13 +74,25 @@ def boundaries(n: int) -> list[int]:
     FIRST_BLOCK and at most BLOCK bytes: a match is then never more than ~25% (and never
     more than BLOCK bytes) shorter than the true common prefix, so the match rate stays
     close to the per-character rate Rust computes, with 26 hashes for 8 KB."""
-    ends: list[int] = []
-    end = FIRST_BLOCK
-    while end < n:
-        ends.append(end)
-        end += min(max(end >> 2, FIRST_BLOCK), BLOCK)
+    # The ends below _STEADY never change and from _STEADY on every block is BLOCK bytes:
+    # slicing a precomputed head is ~4x cheaper than the loop (a third of chain()'s cost).
+    head = _HEAD
+    ends = head[: bisect_left(head, n)] if n <= _STEADY else [*head, *range(_STEADY, n, BLOCK)]
     ends.append(n)
     return ends
+
+
+def _head() -> tuple[list[int], int]:
+    """The block ends before blocks reach BLOCK bytes, and the first end after them."""
+    ends: list[int] = []
+    end = FIRST_BLOCK
+    while end >> 2 < BLOCK:
+        ends.append(end)
+        end += max(end >> 2, FIRST_BLOCK)
+    return ends, end
+
+
+_HEAD, _STEADY = _head()
 
 
 def chain(text: str | bytes, model: str | None) -> tuple[list[int], list[int]]:
@@ -155,13 +168,12 @@ class PrefixIndex:
         lo, hi = 0, len(hashes)
         contains = self.contains
         # Fast paths: the whole prompt seen before (repeats, retries), then all but the
-        # last block (a known conversation or system prompt with a new last turn).
-        if hi and contains(hashes[hi - 1]):
-            return hi
-        hi -= 1
-        if hi and contains(hashes[hi - 1]):
-            return hi
-        hi -= 1
+        # last one or two blocks (a known conversation or system prompt with a new last
+        # turn: the turn's text often straddles a block end, so two blocks are new).
+        for _ in range(3):
+            if hi > 0 and contains(hashes[hi - 1]):
+                return hi
+            hi -= 1
         while lo < hi:
             mid = (lo + hi + 1) >> 1
             if contains(hashes[mid - 1]):
