@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from ctypes import byref
+from ctypes import CFUNCTYPE, byref, c_void_p, cast
 from typing import Any
 
 import wasmtime
+from wasmtime import _bindings as _raw
 from wasmtime import _ffi as ffi
 from wasmtime import component as wc
 
@@ -258,6 +259,20 @@ _DEFAULT_OWNER = EngineOwner()
 
 # --- the runner -----------------------------------------------------------------------------------------------
 
+# The raw ctypes functions behind wasmtime-py's wrappers (one Python call less each) and a NULL finalizer made once.
+_store_new = _raw._wasmtime_store_new
+_store_context = _raw._wasmtime_store_context
+_store_limiter = _raw._wasmtime_store_limiter
+_store_delete = _raw._wasmtime_store_delete
+_set_epoch_deadline = _raw._wasmtime_context_set_epoch_deadline
+_instantiate = _raw._wasmtime_component_linker_instantiate
+_get_func = _raw._wasmtime_component_instance_get_func
+_func_call = _raw._wasmtime_component_func_call
+_val_delete = _raw._wasmtime_component_val_delete
+_INSTANCE = ffi.wasmtime_component_instance_t
+_FUNC = ffi.wasmtime_component_func_t
+_NO_FINALIZER = cast(0, CFUNCTYPE(None, c_void_p))
+
 
 def _cause(e: BaseException) -> str:
     """wasmtime's message is "error while executing at wasm backtrace: <frames> Caused by: <cause>": the cause."""
@@ -299,6 +314,9 @@ class ModuleRunner:
             if idx is not None:
                 self._index[point] = idx
         self._deadline = max(1, int(limits.max_execution_ms / (EPOCH_INTERVAL_S * 1000)))
+        self._engine_ptr = self.engine.ptr()
+        self._linker_ptr = self.linker.ptr()
+        self._component_ptr = self.component.ptr()
 
     def serves(self, point: str) -> bool:
         return point in self._index
@@ -321,27 +339,35 @@ class ModuleRunner:
         idx = self._index.get(point)
         if idx is None:
             raise WasmTrap(f"module does not export the {point} interface", "invalid")
-        store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=self.limits.max_memory_bytes)
-        store.set_epoch_deadline(self._deadline)
-        if self.wasi:
-            store.set_wasi(wasmtime.WasiConfig())
+        # wasmtime's C API straight through ctypes, not wasmtime-py's Store/Linker/Instance wrappers (their
+        # per-call Python objects, a finalizer callback cast per Store and a GC-timed drop cost ~15 us a call),
+        # and the store deleted here, not when Python collects it: its pooled instance slot goes back at once,
+        # even when a trap's traceback keeps this frame alive.
+        store = _store_new(self._engine_ptr, None, _NO_FINALIZER)
         try:
-            instance = self.linker.instantiate(store, self.component)
-            func = instance.get_func(store, idx)
-            if func is None:
-                raise WasmTrap(f"module does not export the {point} function", "invalid")
-            result = capi.VAL()
-            err = ffi.wasmtime_component_func_call(
-                byref(func._func), store._context(), byref(arg.val), 1, byref(result), 1
-            )
+            ctx = _store_context(store)
+            _store_limiter(store, self.limits.max_memory_bytes, -1, -1, -1, -1)
+            _set_epoch_deadline(ctx, self._deadline)
+            if self.wasi:
+                err = ffi.wasmtime_context_set_wasi(ctx, wasmtime.WasiConfig()._consume())
+                if err:
+                    raise wasmtime.WasmtimeError._from_ptr(err)
+            instance = _INSTANCE()
+            err = _instantiate(self._linker_ptr, ctx, self._component_ptr, byref(instance))
             if err:
                 raise wasmtime.WasmtimeError._from_ptr(err)
-        except WasmTrap:
-            raise
+            func = _FUNC()
+            if not _get_func(byref(instance), ctx, idx.ptr(), byref(func)):
+                raise WasmTrap(f"module does not export the {point} function", "invalid")
+            result = capi.VAL()
+            err = _func_call(byref(func), ctx, byref(arg.val), 1, byref(result), 1)
+            if err:
+                raise wasmtime.WasmtimeError._from_ptr(err)
+            try:
+                return capi.lift_action(result)
+            finally:
+                _val_delete(byref(result))
         except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
             raise _trap(e, self.limits) from None
-        try:
-            return capi.lift_action(result)
         finally:
-            ffi.wasmtime_component_val_delete(byref(result))
+            _store_delete(store)
