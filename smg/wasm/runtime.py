@@ -7,11 +7,15 @@ memory limit, the stack limit in the engine config, WASI p2 linked with an empty
 for wasm32-wasip2. Unlike 1.13, a component must export the interfaces of its attach points to be added at all
 (1.13 accepts any component and fails each call with "no exported instance named ...").
 
-Where a call's time goes (trivial module, 10 headers; CPU, this 2-core shared machine): ~12 us packing the
-argument, ~8 us store, ~20 us instantiate, ~35 us wasmtime's C API lowering and the call, ~20 us dropping the
-store: ~65 us with an empty body, ~90 us with 1 KiB, plus ~24 ns per body byte (the C API carries a list<u8> as
-one 32-byte value per byte, lowered one by one). Values cross through wasmtime's C API directly
-(smg/wasm/capi.py), not wasmtime-py's generic converters (one Python call per body byte, ~1 us each).
+Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU, this 2-core shared machine, in a loop):
+was ~53 us (mmap/munmap of a fresh memory per instance: ~13 us of it system time), ~30 us with wasmtime's pooling
+instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly: about
+half instantiation, half the C API's lowering and the call, plus ~24 ns per body byte (the C API carries a
+list<u8> as one 32-byte value per byte, lowered one by one). Values cross through wasmtime's C API directly
+(smg/wasm/capi.py), not wasmtime-py's generic converters (one Python call per body byte, ~1 us each). Inside the
+gateway a call costs 2-3x that: caches and TLB are cold between requests (measured: touching 4 MB between calls
+takes a call from ~28 to ~40-57 us, 32 MB to ~140 us), and smg_wasm_execution_seconds is wall time, which on an
+oversubscribed box includes being preempted.
 
 Limits that differ from 1.13: wasmtime-py's store limiter cannot trap on a failed memory.grow (1.13 sets
 trap_on_grow_failure), so a module over 64 MiB sees memory.grow return -1 and traps on its own (Rust's allocator
