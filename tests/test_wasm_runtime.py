@@ -235,7 +235,7 @@ def test_memory_limit() -> None:
 
 
 def test_memory_limit_above_the_reservation() -> None:
-    # The engine reserves 64 MiB; a larger limit lets the memory grow past it (it moves).
+    # The engine reserves 64 MiB, or the whole limit when it is larger (a pooled memory cannot move).
     big = Limits(max_memory_bytes=128 * 1024 * 1024)
     assert runner(guest(on_request=grow(1500)), big).on_request(REQ) is CONTINUE
     with pytest.raises(WasmTrap, match="out of bounds"):
@@ -499,3 +499,47 @@ def test_apply_to_response() -> None:
     assert (
         apply_to_response(RESP, Modify(status=7))[0].status == 200
     )  # an invalid status is ignored
+
+
+# --- pooled instances (wasmtime's pooling allocator): every call still starts from the module's initial image --
+
+# Reports what it finds left over, then leaves its own traces: reject(300 + 1 if its global is set, + 2 if the
+# word at 1024 is set, + 4 if the memory is larger than its initial page, + 8 if its body is empty and the byte
+# at 40000 (where a previous call's 40 KB body lay) is not 0). Then it sets the global and the word and grows the memory by a page.
+LEAK_PROBE_GLOBAL = "(global $mark (mut i32) (i32.const 0))"
+LEAK_PROBE = (
+    "(i32.store8 (i32.const 16) (i32.const 1))"
+    "(i32.store16 (i32.const 20) (i32.add (i32.const 300) (i32.or (i32.or"
+    " (i32.ne (global.get $mark) (i32.const 0))"
+    " (i32.shl (i32.ne (i32.load (i32.const 1024)) (i32.const 0)) (i32.const 1)))"
+    " (i32.or (i32.shl (i32.gt_u (memory.size) (i32.const 1)) (i32.const 2))"
+    " (i32.shl (i32.and (i32.eqz (local.get $bl)) (i32.ne (i32.load8_u (i32.const 40000)) (i32.const 0)))"
+    " (i32.const 3))))))"
+    "(global.set $mark (i32.const 1)) (i32.store (i32.const 1024) (i32.const 7))"
+    "(drop (memory.grow (i32.const 1))) (i32.store8 (i32.const 70000) (i32.const 9))"
+    "(i32.const 16)"
+)
+
+
+def test_a_call_never_sees_the_previous_calls_data() -> None:
+    """Calls run in instances from wasmtime's pool (a reused slot): each must see a fresh instance: its globals,
+    its memory's contents and size as the module declares them, nothing of the previous call's body. 3x the
+    pool's slots, so that slots are reused (a runner that reuses its instance fails this: checked)."""
+    from smg.wasm.runtime import POOL_SLOTS
+
+    r = runner(guest(on_request=LEAK_PROBE, extra=LEAK_PROBE_GLOBAL))
+    big = WasmRequest("POST", "/p", "", [], b"\xaa" * 40000, "r1", 0)
+    small = WasmRequest("POST", "/p", "", [], b"", "r2", 0)
+    seen = [r.on_request(big if i % 2 == 0 else small) for i in range(3 * POOL_SLOTS)]
+    assert seen == [Reject(300)] * (3 * POOL_SLOTS)
+
+
+def test_failed_calls_give_their_pool_slots_back() -> None:
+    """A trap or a timeout must not keep its instance's slot: more failed calls than slots, then a good one."""
+    from smg.wasm.runtime import POOL_SLOTS
+
+    r = runner(guest(on_request=TRAP, on_response=REJECT_502))
+    for _ in range(POOL_SLOTS + 5):
+        with pytest.raises(WasmTrap, match="unreachable"):
+            r.on_request(REQ)
+    assert r.on_response(RESP) == Reject(502)

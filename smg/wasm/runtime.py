@@ -7,11 +7,15 @@ memory limit, the stack limit in the engine config, WASI p2 linked with an empty
 for wasm32-wasip2. Unlike 1.13, a component must export the interfaces of its attach points to be added at all
 (1.13 accepts any component and fails each call with "no exported instance named ...").
 
-Where a call's time goes (trivial module, 10 headers; CPU, this 2-core shared machine): ~12 us packing the
-argument, ~8 us store, ~20 us instantiate, ~35 us wasmtime's C API lowering and the call, ~20 us dropping the
-store: ~65 us with an empty body, ~90 us with 1 KiB, plus ~24 ns per body byte (the C API carries a list<u8> as
-one 32-byte value per byte, lowered one by one). Values cross through wasmtime's C API directly
-(smg/wasm/capi.py), not wasmtime-py's generic converters (one Python call per body byte, ~1 us each).
+Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU, this 2-core shared machine, in a loop):
+was ~53 us (mmap/munmap of a fresh memory per instance: ~13 us of it system time), ~30 us with wasmtime's pooling
+instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly: about
+half instantiation, half the C API's lowering and the call, plus ~24 ns per body byte (the C API carries a
+list<u8> as one 32-byte value per byte, lowered one by one). Values cross through wasmtime's C API directly
+(smg/wasm/capi.py), not wasmtime-py's generic converters (one Python call per body byte, ~1 us each). Inside the
+gateway a call costs 2-3x that: caches and TLB are cold between requests (measured: touching 4 MB between calls
+takes a call from ~28 to ~40-57 us, 32 MB to ~140 us), and smg_wasm_execution_seconds is wall time, which on an
+oversubscribed box includes being preempted.
 
 Limits that differ from 1.13: wasmtime-py's store limiter cannot trap on a failed memory.grow (1.13 sets
 trap_on_grow_failure), so a module over 64 MiB sees memory.grow return -1 and traps on its own (Rust's allocator
@@ -23,10 +27,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from ctypes import byref
+from ctypes import CFUNCTYPE, byref, c_void_p, cast
 from typing import Any
 
 import wasmtime
+from wasmtime import _bindings as _raw
 from wasmtime import _ffi as ffi
 from wasmtime import component as wc
 
@@ -46,17 +51,50 @@ EPOCH_INTERVAL_S = 0.1  # 1.13's EPOCH_INTERVAL_MS
 TYPES_IMPORT = "smg:gateway/middleware-types"
 
 
-def new_engine(limits: Limits) -> wasmtime.Engine:
-    """The engine config an artifact is compiled AND loaded with (Component.deserialize checks they match)."""
+# Instance slots per engine (one engine per process and stack limit). Calls in a data-plane process run one at a
+# time and free their store on return, so a few slots suffice; 1.13 (crates/wasm/src/runtime.rs) uses 20.
+POOL_SLOTS = 32
+# Memory (and table) bytes a freed slot keeps mapped and resets with memset instead of madvise: a trivial
+# module's pages are reset without a system call (measured: 13 us of system time per call -> 0).
+POOL_KEEP_RESIDENT = 1024 * 1024
+
+
+def new_engine(limits: Limits, pooling: bool = True) -> wasmtime.Engine:
+    """The engine config an artifact is compiled AND loaded with (Component.deserialize checks they match).
+
+    `pooling`: wasmtime's pooling instance allocator, as 1.13's: every call still gets a FRESH instance (the
+    guarantee that a module never sees another request's data is wasmtime's: a slot's memory is reset to the
+    module's initial image, zeroed or copied, before it is reused), but its memory, tables and instance record
+    come from slots reserved once instead of mmap/munmap per call (measured, trivial module, 180-byte body:
+    ~60 -> ~35 us CPU per call). The control plane, which only compiles, does not reserve slots."""
     cfg = wasmtime.Config()
     cfg.wasm_component_model = True
     cfg.epoch_interruption = True
     cfg.max_wasm_stack = limits.max_stack_bytes
     # A 64 MiB reservation and a 64 KiB guard instead of wasmtime's 4 GiB + 32 MiB: explicit bounds checks in
     # the module's code, but ~30% less time to create and drop an instance (measured: 33 -> 23 us), which every
-    # call pays. A memory allowed to grow past the reservation moves (memory_may_move stays on).
-    cfg.memory_reservation = 64 * 1024 * 1024
+    # call pays. A pooled memory cannot move, so a limit above 64 MiB reserves the whole limit (the compiling
+    # engine too: the reservation is part of the compiled code's settings).
+    cfg.memory_reservation = max(64 * 1024 * 1024, limits.max_memory_bytes)
     cfg.memory_guard_size = 64 * 1024
+    if pooling:
+        pool = ffi.wasmtime_pooling_allocation_config_new()
+        try:
+            ffi.wasmtime_pooling_allocation_config_max_memory_size_set(
+                pool, limits.max_memory_bytes
+            )
+            ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_component_instances_set(pool, POOL_SLOTS)
+            ffi.wasmtime_pooling_allocation_config_total_stacks_set(pool, 0)  # no async stacks here
+            ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(
+                pool, POOL_KEEP_RESIDENT
+            )
+            ffi.wasmtime_pooling_allocation_config_table_keep_resident_set(pool, POOL_KEEP_RESIDENT)
+            ffi.wasmtime_pooling_allocation_strategy_set(cfg.ptr(), pool)
+        finally:
+            ffi.wasmtime_pooling_allocation_config_delete(pool)
     return wasmtime.Engine(cfg)
 
 
@@ -154,7 +192,7 @@ def compile_component(data: bytes, limits: Limits, attach_points: list[str] | No
     for point in points:
         if point not in EXPORTS:
             raise WasmError(f"unknown attach point {point!r}")
-    engine = new_engine(limits)
+    engine = new_engine(limits, pooling=False)
     source: bytes | str = data
     if data[:4] != b"\0asm":
         # The component text format (`(component ...)`) compiles directly, as `wasmtime` does for .wat files.
@@ -182,7 +220,7 @@ def _first_line(e: BaseException) -> str:
 
 
 class EngineOwner:
-    """The engines of one process (one per stack limit, the only engine setting that varies) and the daemon
+    """The engines of one process (one per stack and memory limit, the engine settings that vary) and the daemon
     thread that ticks their epochs every 100 ms. Threads do not survive fork and a wasmtime engine must not be
     shared across one, so everything here is per pid: a forked data-plane process starts afresh on first use.
     wasm runs through ctypes, which releases the GIL, so the tick lands while a module loops."""
@@ -193,7 +231,7 @@ class EngineOwner:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._engines: dict[int, wasmtime.Engine] = {}
+        self._engines: dict[tuple[int, int], wasmtime.Engine] = {}
         self._ticker: threading.Thread | None = None
 
     def engine(self, limits: Limits) -> wasmtime.Engine:
@@ -201,9 +239,10 @@ class EngineOwner:
             # Inherited through fork: the lock may be held by a thread that no longer exists here.
             self._reset()
         with self._lock:
-            engine = self._engines.get(limits.max_stack_bytes)
+            key = (limits.max_stack_bytes, limits.max_memory_bytes)
+            engine = self._engines.get(key)
             if engine is None:
-                engine = self._engines[limits.max_stack_bytes] = new_engine(limits)
+                engine = self._engines[key] = new_engine(limits)
             if self._ticker is None or not self._ticker.is_alive():
                 self._ticker = threading.Thread(
                     target=self._tick, name="smg-wasm-epoch", daemon=True
@@ -223,6 +262,20 @@ _DEFAULT_OWNER = EngineOwner()
 
 
 # --- the runner -----------------------------------------------------------------------------------------------
+
+# The raw ctypes functions behind wasmtime-py's wrappers (one Python call less each) and a NULL finalizer made once.
+_store_new = _raw._wasmtime_store_new
+_store_context = _raw._wasmtime_store_context
+_store_limiter = _raw._wasmtime_store_limiter
+_store_delete = _raw._wasmtime_store_delete
+_set_epoch_deadline = _raw._wasmtime_context_set_epoch_deadline
+_instantiate = _raw._wasmtime_component_linker_instantiate
+_get_func = _raw._wasmtime_component_instance_get_func
+_func_call = _raw._wasmtime_component_func_call
+_val_delete = _raw._wasmtime_component_val_delete
+_INSTANCE = ffi.wasmtime_component_instance_t
+_FUNC = ffi.wasmtime_component_func_t
+_NO_FINALIZER = cast(0, CFUNCTYPE(None, c_void_p))
 
 
 def _cause(e: BaseException) -> str:
@@ -265,6 +318,9 @@ class ModuleRunner:
             if idx is not None:
                 self._index[point] = idx
         self._deadline = max(1, int(limits.max_execution_ms / (EPOCH_INTERVAL_S * 1000)))
+        self._engine_ptr = self.engine.ptr()
+        self._linker_ptr = self.linker.ptr()
+        self._component_ptr = self.component.ptr()
 
     def serves(self, point: str) -> bool:
         return point in self._index
@@ -287,27 +343,35 @@ class ModuleRunner:
         idx = self._index.get(point)
         if idx is None:
             raise WasmTrap(f"module does not export the {point} interface", "invalid")
-        store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=self.limits.max_memory_bytes)
-        store.set_epoch_deadline(self._deadline)
-        if self.wasi:
-            store.set_wasi(wasmtime.WasiConfig())
+        # wasmtime's C API straight through ctypes, not wasmtime-py's Store/Linker/Instance wrappers (their
+        # per-call Python objects, a finalizer callback cast per Store and a GC-timed drop cost ~15 us a call),
+        # and the store deleted here, not when Python collects it: its pooled instance slot goes back at once,
+        # even when a trap's traceback keeps this frame alive.
+        store = _store_new(self._engine_ptr, None, _NO_FINALIZER)
         try:
-            instance = self.linker.instantiate(store, self.component)
-            func = instance.get_func(store, idx)
-            if func is None:
-                raise WasmTrap(f"module does not export the {point} function", "invalid")
-            result = capi.VAL()
-            err = ffi.wasmtime_component_func_call(
-                byref(func._func), store._context(), byref(arg.val), 1, byref(result), 1
-            )
+            ctx = _store_context(store)
+            _store_limiter(store, self.limits.max_memory_bytes, -1, -1, -1, -1)
+            _set_epoch_deadline(ctx, self._deadline)
+            if self.wasi:
+                err = ffi.wasmtime_context_set_wasi(ctx, wasmtime.WasiConfig()._consume())
+                if err:
+                    raise wasmtime.WasmtimeError._from_ptr(err)
+            instance = _INSTANCE()
+            err = _instantiate(self._linker_ptr, ctx, self._component_ptr, byref(instance))
             if err:
                 raise wasmtime.WasmtimeError._from_ptr(err)
-        except WasmTrap:
-            raise
+            func = _FUNC()
+            if not _get_func(byref(instance), ctx, idx.ptr(), byref(func)):
+                raise WasmTrap(f"module does not export the {point} function", "invalid")
+            result = capi.VAL()
+            err = _func_call(byref(func), ctx, byref(arg.val), 1, byref(result), 1)
+            if err:
+                raise wasmtime.WasmtimeError._from_ptr(err)
+            try:
+                return capi.lift_action(result)
+            finally:
+                _val_delete(byref(result))
         except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
             raise _trap(e, self.limits) from None
-        try:
-            return capi.lift_action(result)
         finally:
-            ffi.wasmtime_component_val_delete(byref(result))
+            _store_delete(store)
