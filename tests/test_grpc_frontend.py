@@ -228,6 +228,7 @@ class FakeWorkers:
 class FakeConn:
     def __init__(self) -> None:
         self.out = bytearray()
+        self.writes = 0  # each is a send(2) on a real connection
         self.closed = False
         self.write_paused = False
         self.exchange: Any = None
@@ -236,6 +237,7 @@ class FakeConn:
     def write(self, data: bytes) -> None:
         if not self.closed:
             self.out += data
+            self.writes += 1
 
     def response_done(self, keep_alive: bool) -> None:
         self.exchange = None
@@ -388,12 +390,14 @@ def test_stream_is_sse_in_chunked_framing_and_every_count_returns(rig: Rig) -> N
     assert b"content-type: text/event-stream\r\n" in head
     assert b"transfer-encoding: chunked\r\n" in head
     assert b"x-request-id: rid-1\r\n" in head
+    # The head goes out with the first events, the last chunk with the final ones: one
+    # write per engine batch and no more.
     assert chunks == [
-        b"data: start\n\n",
-        b"data: 0 <1><2> -\n\n",
+        b"data: start\n\ndata: 0 <1><2> -\n\n",
         b"data: 0 <3> stop\n\n",
         b"data: usage 3 3 2\n\ndata: [DONE]\n\n",
     ]
+    assert conn.writes == 3
     assert conn.done == [True]
     assert rig.app.active == set() and rig.app.streams == set()
     assert rig.in_flight() == {0: 0, 1: 0}
@@ -435,7 +439,7 @@ def test_unavailable_before_the_first_token_is_retried_on_the_other_worker(rig: 
     assert rig.app.gate.successes[other] == 1
     assert len(rig.client(other).requests) == 1 and len(rig.client(first[0]).requests) == 1
     _head, chunks = split_chunks(bytes(conn.out))
-    assert chunks[1] == b"data: 0 <7> stop\n\n"
+    assert chunks[0] == b"data: start\n\ndata: 0 <7> stop\n\n"  # the head's write
     assert rig.in_flight() == {0: 0, 1: 0}
     assert exchange.attempts == 2
     assert sum(rig.app.metrics.retries.values()) == 1
@@ -451,8 +455,7 @@ def test_error_after_the_first_token_ends_the_stream_with_an_error_event(rig: Ri
     head, chunks = split_chunks(bytes(conn.out))
     assert head.startswith(b"HTTP/1.1 200 OK")
     assert chunks == [
-        b"data: start\n\n",
-        b"data: 0 <1> -\n\n",
+        b"data: start\n\ndata: 0 <1> -\n\n",
         stream_error_event("internal_error", "boom"),
     ]
     assert exchange.attempts == 1  # never retried once a token went out
@@ -510,7 +513,9 @@ def test_batch_streams_each_prompts_choices_under_its_own_numbers(rig: Rig) -> N
     _head, chunks = split_chunks(bytes(conn.out))
     client = rig.client(exchange.row)
     assert [r.request_id for r in client.requests] == ["rid-1-p0", "rid-1-p1"]
-    assert sorted(chunks[1:-1]) == [
+    # The first batch's events went out with the head ("start"): split them back.
+    events = [b"data: " + e for c in chunks[:-1] for e in c.split(b"data: ")[1:]]
+    assert sorted(events[1:]) == [
         b"data: 0 <1> -\n\n",
         b"data: 0 <3> -\n\n",
         b"data: 1 <2> -\n\n",
@@ -547,8 +552,8 @@ def test_batch_failure_after_the_head_ends_the_stream_and_aborts_the_rest(rig: R
     conn, exchange = rig.start({"prompts": ["a", "b"], "stream": True})
     rig.run(exchange)
     _head, chunks = split_chunks(bytes(conn.out))
-    assert chunks[1] == b"data: 1 <2> -\n\n"
-    assert chunks[2] == stream_error_event("internal_error", "boom")
+    assert chunks[0] == b"data: start\n\ndata: 1 <2> -\n\n"
+    assert chunks[1] == stream_error_event("internal_error", "boom")
     assert rig.client(exchange.row).aborted == [["rid-1-p0"]]
     assert exchange.attempts == 1 and rig.in_flight() == {0: 0, 1: 0}
 
@@ -605,7 +610,7 @@ def test_gateway_side_stop_aborts_the_engine(rig: Rig) -> None:
     conn, exchange = rig.start({"prompt": "p", "stream": True})
     rig.run(exchange)
     _head, chunks = split_chunks(bytes(conn.out))
-    assert chunks[1] == b"data: 0 <1><2> stop\n\n" and len(chunks) == 3
+    assert chunks[0] == b"data: start\n\ndata: 0 <1><2> stop\n\n" and len(chunks) == 2
     assert rig.client(exchange.row).aborted == [["rid-1"]]
 
 
@@ -617,11 +622,11 @@ def test_write_back_pressure_pauses_the_task(rig: Rig) -> None:
     exchange.upstream.transport.pause_reading()
     rig.loop.run_until_complete(asyncio.sleep(0.02))
     _head, chunks = split_chunks(bytes(conn.out) + b"0\r\n\r\n")
-    assert chunks == [b"data: start\n\n"]  # waiting for the buffer to drain
+    assert chunks == [b"data: start\n\ndata: 0 <1> -\n\n"]  # waiting for the buffer to drain
     exchange.upstream.transport.resume_reading()
     rig.run(exchange)
     _head, chunks = split_chunks(bytes(conn.out))
-    assert len(chunks) == 4
+    assert len(chunks) == 3
 
 
 def test_keepalive_frame_when_quiet(rig: Rig) -> None:

@@ -984,14 +984,14 @@ class GrpcExchange:
     async def _stream_events(self, writer: Any, events: list[bytes]) -> None:
         """One batch of a stream out: the head first if it has not gone yet, then the
         batch's events in one write; the first events sent are the stream's TTFT."""
+        if events and self.ttft_pending:
+            self.ttft_pending = False
+            self.app.metrics.ttft(
+                self.model, self.endpoint, "grpc", time.monotonic() - self.started
+            )
         if not self.head_sent:
-            await self._start_stream(writer.start())
-        if events:
-            if self.ttft_pending:
-                self.ttft_pending = False
-                self.app.metrics.ttft(
-                    self.model, self.endpoint, "grpc", time.monotonic() - self.started
-                )
+            await self._start_stream(writer.start(), b"".join(events))
+        elif events:
             await self._send_event(b"".join(events))
 
     async def _after_failure(self, error: EngineError) -> bool:
@@ -1214,18 +1214,33 @@ class GrpcExchange:
         self.client.write(data if self.http10 else chunk(data))
         self.last_write = self.app.now
 
-    async def _start_stream(self, first: bytes) -> None:
+    async def _start_stream(self, first: bytes, more: bytes = b"") -> None:
+        """The head, then `first` and `more` (the stream's first events)."""
         app = self.app
         keep_alive = self.keep_alive and not app.draining and not self.http10
         self.keep_alive = keep_alive
         extra = app.process_header + self.cors
-        self.client.write(sse_head(self.request_id, extra, keep_alive, not self.http10))
+        head = sse_head(self.request_id, extra, keep_alive, not self.http10)
         self.head_sent = True
         self.state = _STREAMING
         if app.sse_keepalive > 0:
             app.streams.add(self)  # type: ignore[arg-type]
+        if self.translation is None:
+            # Head and first events in one write: each write is a send(2), which is most
+            # of what a stream's start costs.
+            data = first + more
+            if data:
+                head += data if self.http10 else chunk(data)
+                self.last_write = app.now
+            self.client.write(head)
+            if not self._writable.is_set():
+                await self._writable.wait()  # the client's socket buffer is full
+            return
+        self.client.write(head)
         if first:
             await self._send_event(first)
+        if more:
+            await self._send_event(more)
 
     async def _send_event(self, data: bytes) -> None:
         if self.translation is not None:
@@ -1241,12 +1256,16 @@ class GrpcExchange:
             last = self.translation.feed(last) + self.translation.finish()
             await self._settle()
         if last:
-            self._write(last)
-        self._close_stream(200, "")
+            self.last_write = self.app.now
+        self._close_stream(200, "", last)
 
-    def _close_stream(self, status: int, code: str) -> None:
-        if not self.http10:
-            self.client.write(_CHUNK_END)
+    def _close_stream(self, status: int, code: str, last: bytes = b"") -> None:
+        """Ends the stream: `last` (the final events) and the last chunk in one write."""
+        if self.http10:
+            if last:
+                self.client.write(last)
+        else:
+            self.client.write(chunk(last) + _CHUNK_END if last else _CHUNK_END)
         self.state = _IDLE
         self.app.streams.discard(self)  # type: ignore[arg-type]
         self._finish(status, code)
