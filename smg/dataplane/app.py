@@ -746,20 +746,15 @@ class DataPlane:
             body = error_body(500, code, outcome.message)
         elif outcome.changed:
             status, headers, body = outcome.response_status, outcome.headers, outcome.body
-        content_type = b"application/json"
-        extra = []
-        for name, value in headers:
-            if name == "content-type":
-                content_type = value.encode("latin-1")
-            elif name not in ("content-length", "x-request-id", "x-smg-process"):
-                extra.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        # apply_headers stores names lowercase; framing and the gateway's own lines are _send's.
+        content_type, extra, _ = _answer_head(headers, _WASM_ERROR_DROPPED)
         self._send(
             conn,
             request,
             status,
             body,
             content_type=content_type,
-            extra_headers=b"".join(extra),
+            extra_headers=extra,
             error_code=code,
         )
 
@@ -1904,26 +1899,16 @@ class DataPlane:
             return
         # Let the change reach this process's routing before the client's next request.
         self.refresh()
-        content_type = b"application/json"
-        error_code = ""
-        extra = []
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "content-type":
-                content_type = value.encode("latin-1")  # one content-type, the control plane's
-                continue
-            if lower == "x-request-id":
-                continue  # the answer carries this request's id, set by _send
-            if lower == "x-smg-error-code":
-                error_code = value  # counted in smg_http_responses_total
-            extra.append(name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n")
+        # The answer carries this request's id (set by _send) and the control plane's
+        # content-type; its x-smg-error-code is counted in smg_http_responses_total.
+        content_type, extra, error_code = _answer_head(headers, _ADMIN_DROPPED)
         self._send(
             conn,
             request,
             status,
             body,
             content_type=content_type,
-            extra_headers=b"".join(extra),
+            extra_headers=extra,
             error_code=error_code,
         )
 
@@ -1983,6 +1968,33 @@ _KNOWN_PATHS = (
         "/wasm",
     }
 )
+
+
+# Header names an answer built from a (name, value) list leaves out (_send writes them).
+_WASM_ERROR_DROPPED = frozenset({"content-length", "x-request-id", "x-smg-process"})
+_ADMIN_DROPPED = frozenset({"x-request-id"})
+
+
+def _answer_head(
+    headers: list[tuple[str, str]], dropped: frozenset[str]
+) -> tuple[bytes, bytes, str]:
+    """A (name, value) header list -> the answer's content-type (application/json when it
+    has none), its other lines for `_send` (less `dropped`; names compared lowercase, sent
+    as given) and its x-smg-error-code ('' when none)."""
+    content_type = b"application/json"
+    error_code = ""
+    extra = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-type":
+            content_type = value.encode("latin-1")
+            continue
+        if lower in dropped:
+            continue
+        if lower == "x-smg-error-code":
+            error_code = value
+        extra.append(name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n")
+    return content_type, b"".join(extra), error_code
 
 
 def _no_write(_answer: dict[str, Any]) -> None:
