@@ -18,23 +18,22 @@ import openai
 import pytest
 from providerfakes import FakeProvider
 
+from tests.fakegateway import gateway_over, openai_fake
 from tests.gatewayutil import Gateway, running_gateway, wait_until
 from tests.test_conversations_e2e import PinnedTransport, pinned_client
 
 MODEL = "gpt-4o"
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider("openai", [MODEL]) as provider:
-        yield provider
+fake = openai_fake(MODEL)
 
 
 @pytest.fixture(scope="module")
 def gateway(fake: FakeProvider) -> Iterator[Gateway]:
-    args = ["--worker-urls", fake.url, "--disable-health-check", "--history-backend", "memory"]
-    with running_gateway(args) as gw:
-        wait_until(lambda: _models(gw) == [MODEL], 20, "the fake's model listed")
+    args = ["--history-backend", "memory"]
+    with gateway_over(
+        fake, args, lambda gw: _models(gw) == [MODEL], "the fake's model listed"
+    ) as gw:
         yield gw
 
 

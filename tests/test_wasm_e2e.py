@@ -17,6 +17,7 @@ import pytest
 from providerfakes import FakeProvider
 
 from smg.wasm.watwrap import component_wat
+from tests.fakegateway import gateway_over, openai_fake
 from tests.gatewayutil import Gateway, promtool_check, running_gateway, wait_until
 from tests.test_conversations_e2e import PinnedTransport, _hx
 from tests.test_wasm_runtime import _CONTINUE, _REALLOC, _REQ, _RESP, REJECT_403, TRAP
@@ -41,17 +42,15 @@ def _guest(name: str, value: str, on_request: str = _CONTINUE, on_response: str 
     return component_wat(f"{_REALLOC}\n{extra}\n{_REQ}\n{on_request})\n{_RESP}\n{on_response})")
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider("openai", [MODEL]) as provider:
-        yield provider
+fake = openai_fake(MODEL)
 
 
 @pytest.fixture(scope="module")
 def gateway(fake: FakeProvider) -> Iterator[Gateway]:
-    args = ["--worker-urls", fake.url, "--disable-health-check", "--enable-wasm"]
-    with running_gateway(args) as gw:
-        wait_until(lambda: _chat(httpx.Client(), gw).status_code == 200, 20, "the fake answers")
+    def ready(gw: Gateway) -> bool:
+        return _chat(httpx.Client(), gw).status_code == 200
+
+    with gateway_over(fake, ["--enable-wasm"], ready, "the fake answers") as gw:
         yield gw
 
 

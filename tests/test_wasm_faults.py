@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from providerfakes import FakeProvider
 
-from tests.gatewayutil import Gateway, running_gateway, wait_until
+from tests.fakegateway import gateway_over, openai_fake
+from tests.gatewayutil import Gateway, wait_until
 from tests.wasmutil import (
     AUTH_KEY,
     SIZE_LIMIT,
@@ -33,17 +34,17 @@ CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"
 Answer = tuple[int, dict[str, str], bytes]
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider("openai", [MODEL]) as provider:
-        yield provider
+fake = openai_fake(MODEL)
 
 
 @pytest.fixture(scope="module")
 def gateway(fake: FakeProvider) -> Iterator[Gateway]:
-    args = ["--worker-urls", fake.url, "--disable-health-check", "--enable-wasm"]
-    with running_gateway(args, processes=2) as gw:
-        wait_until(lambda: chat(gw)[0] == 200, 20, "the fake answering through the gateway")
+    def ready(gw: Gateway) -> bool:
+        return chat(gw)[0] == 200
+
+    with gateway_over(
+        fake, ["--enable-wasm"], ready, "the fake answering through the gateway", processes=2
+    ) as gw:
         yield gw
 
 
