@@ -11,7 +11,52 @@ body-replace option tag +32, ptr +36, len +40. A header is 16 bytes (name ptr, l
 Used by the tests and the WAT examples; a real guest (Rust, componentize-py) is built by its own toolchain.
 """
 
-_TEMPLATE = """(component
+# The shim component and instance wit-component writes for each interface export: the same
+# text but for the interface (`kind`), the function's parameter name and the record it takes.
+_SHIM = """  (component $smg:gateway/middleware-on-{kind}-shim-component
+    (type (record (field "name" string) (field "value" string)))
+    (import "import-type-header" (type (eq 0)))
+    (type (list 1))
+    (type (list u8))
+    {record}
+    (import "import-type-{kind}" (type (eq 4)))
+    (type (option u16))
+    (type (list string))
+    (type (option 3))
+    (type (record (field "status" 6) (field "headers-set" 2) (field "headers-add" 2) (field "headers-remove" 7) (field "body-replace" 8)))
+    (import "import-type-modify-action" (type (eq 9)))
+    (type (variant (case "continue") (case "reject" u16) (case "modify" 10)))
+    (import "import-type-action" (type (eq 11)))
+    (import "import-type-{kind}0" (type (eq 5)))
+    (import "import-type-action0" (type (eq 12)))
+    (type (func (param "{param}" 13) (result 14)))
+    (import "import-func-on-{kind}" (func (type 15)))
+    (export "{kind}" (type 5))
+    (export "action" (type 12))
+    (type (func (param "{param}" 16) (result 17)))
+    (export "on-{kind}" (func 0) (func (type 18)))
+  )
+  (instance $smg:gateway/middleware-on-{kind}-shim-instance (instantiate $smg:gateway/middleware-on-{kind}-shim-component
+      (with "import-func-on-{kind}" (func $on-{kind}))
+      (with "import-type-header" (type $header))
+      (with "import-type-{kind}" (type ${kind}))
+      (with "import-type-modify-action" (type $modify-action))
+      (with "import-type-action" (type $action))
+      (with "import-type-{kind}0" (type ${kind}))
+      (with "import-type-action0" (type $action))
+    )
+  )
+  (export $smg:gateway/middleware-on-{kind} "smg:gateway/middleware-on-{kind}" (instance $smg:gateway/middleware-on-{kind}-shim-instance))
+"""
+_REQUEST_RECORD = '(type (record (field "method" string) (field "path" string) (field "query" string) (field "headers" 2) (field "body" 3) (field "request-id" string) (field "now-epoch-ms" u64)))'
+_RESPONSE_RECORD = '(type (record (field "status" u16) (field "headers" 2) (field "body" 3)))'
+
+
+def _shim(kind: str, param: str, record: str) -> str:
+    return _SHIM.replace("{kind}", kind).replace("{param}", param).replace("{record}", record)
+
+
+_OUTER = """(component
   (type $ty-smg:gateway/middleware-types
     (instance
       (type (record (field "name" string) (field "value" string)))
@@ -46,79 +91,16 @@ _TEMPLATE = """(component
   (func $on-request (type 4) (canon lift (core func $smg:gateway/middleware-on-request#on-request) (memory $memory) (realloc $cabi_realloc) string-encoding=utf8))
   (alias export $smg:gateway/middleware-types "header" (type $header))
   (alias export $smg:gateway/middleware-types "modify-action" (type $modify-action))
-  (component $smg:gateway/middleware-on-request-shim-component
-    (type (record (field "name" string) (field "value" string)))
-    (import "import-type-header" (type (eq 0)))
-    (type (list 1))
-    (type (list u8))
-    (type (record (field "method" string) (field "path" string) (field "query" string) (field "headers" 2) (field "body" 3) (field "request-id" string) (field "now-epoch-ms" u64)))
-    (import "import-type-request" (type (eq 4)))
-    (type (option u16))
-    (type (list string))
-    (type (option 3))
-    (type (record (field "status" 6) (field "headers-set" 2) (field "headers-add" 2) (field "headers-remove" 7) (field "body-replace" 8)))
-    (import "import-type-modify-action" (type (eq 9)))
-    (type (variant (case "continue") (case "reject" u16) (case "modify" 10)))
-    (import "import-type-action" (type (eq 11)))
-    (import "import-type-request0" (type (eq 5)))
-    (import "import-type-action0" (type (eq 12)))
-    (type (func (param "req" 13) (result 14)))
-    (import "import-func-on-request" (func (type 15)))
-    (export "request" (type 5))
-    (export "action" (type 12))
-    (type (func (param "req" 16) (result 17)))
-    (export "on-request" (func 0) (func (type 18)))
-  )
-  (instance $smg:gateway/middleware-on-request-shim-instance (instantiate $smg:gateway/middleware-on-request-shim-component
-      (with "import-func-on-request" (func $on-request))
-      (with "import-type-header" (type $header))
-      (with "import-type-request" (type $request))
-      (with "import-type-modify-action" (type $modify-action))
-      (with "import-type-action" (type $action))
-      (with "import-type-request0" (type $request))
-      (with "import-type-action0" (type $action))
-    )
-  )
-  (export $smg:gateway/middleware-on-request "smg:gateway/middleware-on-request" (instance $smg:gateway/middleware-on-request-shim-instance))
+{request_shim}
   (type (func (param "resp" $response) (result $action)))
   (alias core export $main "smg:gateway/middleware-on-response#on-response" (core func $smg:gateway/middleware-on-response#on-response))
   (func $on-response (type 7) (canon lift (core func $smg:gateway/middleware-on-response#on-response) (memory $memory) (realloc $cabi_realloc) string-encoding=utf8))
-  (component $smg:gateway/middleware-on-response-shim-component
-    (type (record (field "name" string) (field "value" string)))
-    (import "import-type-header" (type (eq 0)))
-    (type (list 1))
-    (type (list u8))
-    (type (record (field "status" u16) (field "headers" 2) (field "body" 3)))
-    (import "import-type-response" (type (eq 4)))
-    (type (option u16))
-    (type (list string))
-    (type (option 3))
-    (type (record (field "status" 6) (field "headers-set" 2) (field "headers-add" 2) (field "headers-remove" 7) (field "body-replace" 8)))
-    (import "import-type-modify-action" (type (eq 9)))
-    (type (variant (case "continue") (case "reject" u16) (case "modify" 10)))
-    (import "import-type-action" (type (eq 11)))
-    (import "import-type-response0" (type (eq 5)))
-    (import "import-type-action0" (type (eq 12)))
-    (type (func (param "resp" 13) (result 14)))
-    (import "import-func-on-response" (func (type 15)))
-    (export "response" (type 5))
-    (export "action" (type 12))
-    (type (func (param "resp" 16) (result 17)))
-    (export "on-response" (func 0) (func (type 18)))
-  )
-  (instance $smg:gateway/middleware-on-response-shim-instance (instantiate $smg:gateway/middleware-on-response-shim-component
-      (with "import-func-on-response" (func $on-response))
-      (with "import-type-header" (type $header))
-      (with "import-type-response" (type $response))
-      (with "import-type-modify-action" (type $modify-action))
-      (with "import-type-action" (type $action))
-      (with "import-type-response0" (type $response))
-      (with "import-type-action0" (type $action))
-    )
-  )
-  (export $smg:gateway/middleware-on-response "smg:gateway/middleware-on-response" (instance $smg:gateway/middleware-on-response-shim-instance))
+{response_shim}
 )
 """
+_TEMPLATE = _OUTER.replace("{request_shim}\n", _shim("request", "req", _REQUEST_RECORD)).replace(
+    "{response_shim}\n", _shim("response", "resp", _RESPONSE_RECORD)
+)
 
 
 def component_wat(core_module_fields: str) -> str:
