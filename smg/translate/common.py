@@ -220,6 +220,29 @@ def first_choice(body: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return answer, choices[0]
 
 
+# --- the request side of the X -> chat translations ----------------------------------------
+
+
+def chat_function(tool: dict[str, Any], schema_key: str) -> dict[str, Any]:
+    """A chat tool's `function` from a named tool: its name, a string description, and its
+    JSON schema under `schema_key` (an empty object schema when it has none)."""
+    function: dict[str, Any] = {"name": tool["name"]}
+    if isinstance(tool.get("description"), str):
+        function["description"] = tool["description"]
+    function["parameters"] = tool.get(schema_key) or {"type": "object", "properties": {}}
+    return function
+
+
+def chat_base(
+    body: dict[str, Any], model: str | None, messages: list[dict[str, Any]], empty: str
+) -> dict[str, Any]:
+    """A chat request's model and messages: the route's model, else the body's. Refuses
+    (with `empty`) a conversation of system text alone, which a chat model cannot answer."""
+    if not any(m["role"] != "system" for m in messages):
+        raise TranslateError(empty)
+    return {"model": model if model is not None else body.get("model"), "messages": messages}
+
+
 class ChatStream:
     """What both chat -> X stream translations share: the consumer loop over the worker's
     chat SSE (chunks, `[DONE]`, an error chunk, a stream cut short) and the walk through

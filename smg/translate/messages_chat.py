@@ -18,6 +18,8 @@ from smg.translate.common import (
     ChatStream,
     TranslateError,
     anthropic_error,
+    chat_base,
+    chat_function,
     first_choice,
     loads_object,
     message_id,
@@ -193,11 +195,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise TranslateError(
                 f"tool {tool['name']!r}: server tool type {tool.get('type')!r} cannot be sent to this model"
             )
-        function: dict[str, Any] = {"name": tool["name"]}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        function["parameters"] = tool.get("input_schema") or {"type": "object", "properties": {}}
-        out.append({"type": "function", "function": function})
+        out.append({"type": "function", "function": chat_function(tool, "input_schema")})
     return out
 
 
@@ -242,12 +240,7 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
             (_user if role == "user" else _assistant)(content, out)
         else:
             raise TranslateError("each message's 'content' must be a string or a list of blocks")
-    if not any(m["role"] != "system" for m in out):
-        raise TranslateError("'messages' needs at least one message with content")
-    chat: dict[str, Any] = {
-        "model": model if model is not None else body.get("model"),
-        "messages": out,
-    }
+    chat = chat_base(body, model, out, "'messages' needs at least one message with content")
     # max_completion_tokens: OpenAI's current name (its reasoning models refuse max_tokens);
     # vLLM and SGLang take it too.
     chat["max_completion_tokens"] = max_tokens

@@ -34,6 +34,8 @@ import orjson
 from smg.translate.common import (
     ChatStream,
     TranslateError,
+    chat_base,
+    chat_function,
     first_choice,
     int_of,
     obj,
@@ -212,10 +214,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise TranslateError(f"tool type {kind!r} cannot be sent to this model")
         if not isinstance(tool.get("name"), str):
             raise TranslateError("a function tool needs a 'name'")
-        function: dict[str, Any] = {"name": tool["name"]}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
+        function = chat_function(tool, "parameters")
         if isinstance(tool.get("strict"), bool):
             function["strict"] = tool["strict"]
         out.append({"type": "function", "function": function})
@@ -272,12 +271,7 @@ def chat_request(body: dict[str, Any], model: str | None) -> dict[str, Any]:
             _input_item(item, index, messages)
     else:
         raise TranslateError("'input' must be a string or a list of items")
-    if not any(m["role"] != "system" for m in messages):
-        raise TranslateError("'input' needs at least one item")
-    chat: dict[str, Any] = {
-        "model": model if model is not None else body.get("model"),
-        "messages": messages,
-    }
+    chat = chat_base(body, model, messages, "'input' needs at least one item")
     limit = body.get("max_output_tokens")
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
