@@ -747,16 +747,7 @@ class DataPlane:
         elif outcome.changed:
             status, headers, body = outcome.response_status, outcome.headers, outcome.body
         # apply_headers stores names lowercase; framing and the gateway's own lines are _send's.
-        content_type, extra, _ = _answer_head(headers, _WASM_ERROR_DROPPED)
-        self._send(
-            conn,
-            request,
-            status,
-            body,
-            content_type=content_type,
-            extra_headers=extra,
-            error_code=code,
-        )
+        self._send_listed(conn, request, status, body, headers, _WASM_ERROR_DROPPED, code)
 
     def _post_allowed(
         self, conn: ClientConnection, request: Request, method: bytes, path: str
@@ -1501,6 +1492,29 @@ class DataPlane:
 
     # --- simple responses ---------------------------------------------------------------------------
 
+    def _send_listed(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        status: int,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        dropped: frozenset[str],
+        error_code: str | None = None,
+    ) -> None:
+        """`_send` with the head given as a (name, value) list (`_answer_head`); the error
+        code counted is `error_code`, else the list's x-smg-error-code."""
+        content_type, extra, listed_code = _answer_head(headers, dropped)
+        self._send(
+            conn,
+            request,
+            status,
+            body,
+            content_type=content_type,
+            extra_headers=extra,
+            error_code=listed_code if error_code is None else error_code,
+        )
+
     def _send(
         self,
         conn: ClientConnection,
@@ -1901,16 +1915,7 @@ class DataPlane:
         self.refresh()
         # The answer carries this request's id (set by _send) and the control plane's
         # content-type; its x-smg-error-code is counted in smg_http_responses_total.
-        content_type, extra, error_code = _answer_head(headers, _ADMIN_DROPPED)
-        self._send(
-            conn,
-            request,
-            status,
-            body,
-            content_type=content_type,
-            extra_headers=extra,
-            error_code=error_code,
-        )
+        self._send_listed(conn, request, status, body, headers, _ADMIN_DROPPED)
 
     def metric_families(self) -> list[Any]:
         """Every series this process counts (scraped, and pushed once more at exit)."""
