@@ -1617,22 +1617,10 @@ class DataPlane:
     def _conversations(self, conn: ClientConnection, request: Request) -> None:
         """/v1/conversations...: the serving-key check, the route and method, then the store
         call in a task (the history store may be another process or a database)."""
-        if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+        found = self._history_route(conn, request, conversations)
+        if found is None:
             return
-        path = request.path
-        route = conversations.match_route(path)
-        if route is None:
-            method = request.method.decode("latin-1")
-            self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
-            return
-        try:
-            method = conversations.check_method(route[0], request.method.decode("latin-1"), path)
-        except conversations.ConvError as exc:
-            self._send_method_error(conn, request, exc)
-            return
-        if self.cfg.history_backend == "none":
-            self._send_error(conn, request, 501, "not_implemented", conversations.DISABLED)
-            return
+        route, method = found
 
         def call(store: HistoryStore, tenant: str) -> Awaitable[Any]:
             return conversations.serve(
@@ -1640,6 +1628,30 @@ class DataPlane:
             )
 
         self._history_admit(conn, request, "conversations", call)
+
+    def _history_route(
+        self, conn: ClientConnection, request: Request, api: Any
+    ) -> tuple[Any, str] | None:
+        """The checks both history APIs (`api`: smg.dataplane.conversations or .responses)
+        make before their store call: the serving key, the route (404), the method (405),
+        and a store to call (501 with --history-backend none). None: answered here."""
+        if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+            return None
+        path = request.path
+        method = request.method.decode("latin-1")
+        route = api.match_route(path)
+        if route is None:
+            self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
+            return None
+        try:
+            method = api.check_method(route[0], method, path)
+        except conversations.ConvError as exc:
+            self._send_method_error(conn, request, exc)
+            return None
+        if self.cfg.history_backend == "none":
+            self._send_error(conn, request, 501, "not_implemented", api.DISABLED)
+            return None
+        return route, method
 
     def _history_admit(
         self,
@@ -1848,22 +1860,10 @@ class DataPlane:
 
     def _responses_get(self, conn: ClientConnection, request: Request) -> None:
         """GET/DELETE /v1/responses/{id}, GET .../input_items."""
-        if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
+        found = self._history_route(conn, request, responses)
+        if found is None:
             return
-        path = request.path
-        method = request.method.decode("latin-1")
-        route = responses.match_route(path)
-        if route is None:
-            self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
-            return
-        try:
-            method = responses.check_method(route[0], method, path)
-        except conversations.ConvError as exc:
-            self._send_method_error(conn, request, exc)
-            return
-        if self.cfg.history_backend == "none":
-            self._send_error(conn, request, 501, "not_implemented", responses.DISABLED)
-            return
+        route, method = found
 
         def call(store: HistoryStore, tenant: str) -> Awaitable[Any]:
             return responses.serve(store, tenant, route[0], method, route[1], request.query)
