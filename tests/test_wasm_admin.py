@@ -652,3 +652,14 @@ def test_module_view_is_headers_for_module() -> None:
     ]
     assert module_view(headers) == headers_for_module(headers)
     assert [n for n, _v in module_view(headers)] == ["a", "b", "f", "g"]
+
+
+def test_a_module_add_waits_for_the_compile_not_the_admin_timeout() -> None:
+    # POST /wasm compiles on the control plane (over 30 s for the Python guest on a loaded
+    # box): a 503 at the plain admin bound would report a failure for a module that is
+    # then added. Other admin calls keep the short bound.
+    from smg.dataplane.app import ADMIN_TIMEOUT_S, WASM_ADD_TIMEOUT_S, _admin_timeout
+
+    assert _admin_timeout("POST", "/wasm") == WASM_ADD_TIMEOUT_S == 600.0
+    assert _admin_timeout("GET", "/wasm") == ADMIN_TIMEOUT_S == 30.0
+    assert _admin_timeout("POST", "/workers") == ADMIN_TIMEOUT_S

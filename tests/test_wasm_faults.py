@@ -98,7 +98,9 @@ def add(
         "module_type": "Middleware",
         "attach_points": [{"Middleware": p} for p in points],
     }
-    answer = gw.admin("POST", "/wasm", json={"modules": [module]})
+    # A compile may take long on a loaded box (the Python guest: 13 s idle, over 30 s under
+    # load): the gateway waits for it (app.WASM_ADD_TIMEOUT_S), so the client does too.
+    answer = gw.admin("POST", "/wasm", json={"modules": [module]}, timeout=300.0)
     assert answer.status_code == 200, answer.text
     (result,) = answer.json()["modules"]
     return str(result["add_result"]["Success"])
