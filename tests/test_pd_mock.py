@@ -6,6 +6,7 @@ what a real SGLang PD pair checks."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import subprocess
@@ -67,7 +68,7 @@ def test_targets_refused_with_the_reason() -> None:
     with pytest.raises(ApiError) as e:
         bootstrap_targets("chat", dict(CHAT))
     assert e.value.status == 400
-    assert "without bootstrap_room, bootstrap_host, bootstrap_port" in e.value.message
+    assert "without bootstrap_room, bootstrap_host" in e.value.message
     bad = pdutil.pd_body(CHAT, -1, 9000)
     with pytest.raises(ApiError, match="bootstrap_room must be an integer"):
         bootstrap_targets("chat", bad)
@@ -78,6 +79,16 @@ def test_targets_refused_with_the_reason() -> None:
     mixed = {**CHAT, "bootstrap_host": ["h"], "bootstrap_port": [1, 2], "bootstrap_room": [1, 2]}
     with pytest.raises(ApiError, match=r"bootstrap_host \(1\), bootstrap_port \(2\)"):
         bootstrap_targets("chat", mixed)
+
+
+def test_targets_null_port_is_the_engines_own_as_sglang() -> None:
+    # SGLang's scheduler: a request without bootstrap_port uses the engine's
+    # --disaggregation-bootstrap-port; 1.13 sends null for `--prefill URL` without a port.
+    obj = {**CHAT, "n": 2, "bootstrap_host": ["h", "h"], "bootstrap_port": [None, 7]}
+    obj["bootstrap_room"] = [1, 2]
+    assert bootstrap_targets("chat", obj, default_port=8998) == [("h", 8998, 1), ("h", 7, 2)]
+    one = {**CHAT, "bootstrap_host": "h", "bootstrap_room": 5}
+    assert bootstrap_targets("chat", one, default_port=9) == [("h", 9, 5)]
 
 
 def test_item_count() -> None:
@@ -124,10 +135,11 @@ def test_bootstrap_routes() -> None:
 
 def test_cli_refusals() -> None:
     assert parse_options(["--pd-role", "prefill"]).bootstrap_port == 8998  # SGLang's default
+    assert parse_options(["--pd-role", "decode", "--bootstrap-port", "9"]).bootstrap_port == 9
     for argv in (
         ["--pd-role", "prefill", "--engine", "vllm"],
         ["--bootstrap-port", "9000"],
-        ["--pd-role", "decode", "--bootstrap-port", "9000"],
+        ["--pd-role", "decode", "--bootstrap-port", "0"],
     ):
         with pytest.raises(SystemExit):
             parse_options(argv)
@@ -279,13 +291,13 @@ RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-ru
 needs_rust = pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
 
 
-@pytest.fixture(scope="module")
-def rust_pd(pair: tuple[pdutil.PdMocks, pdutil.PdMocks]) -> Iterator[str]:
-    prefill, decode = pair
+@contextlib.contextmanager
+def rust_gateway(pd_args: list[str], *extra: str) -> Iterator[str]:
+    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
     port = free_port()
     argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--pd-disaggregation", *prefill.prefill_args(), *decode.decode_args()]
-    argv += ["--prometheus-port", str(free_port()), "--log-level", "warn"]
+    argv += ["--pd-disaggregation", *pd_args, "--prometheus-port", str(free_port())]
+    argv += ["--log-level", "warn", *extra]
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -309,6 +321,17 @@ def rust_pd(pair: tuple[pdutil.PdMocks, pdutil.PdMocks]) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+# One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.
+ONE_SHOT = ("--disable-retries", "--disable-circuit-breaker")
+
+
+@pytest.fixture(scope="module")
+def rust_pd(pair: tuple[pdutil.PdMocks, pdutil.PdMocks]) -> Iterator[str]:
+    prefill, decode = pair
+    with rust_gateway([*prefill.prefill_args(), *decode.decode_args()]) as url:
+        yield url
 
 
 def _rooms_added(prefill: pdutil.PdMocks, before: dict[int, str]) -> dict[int, str]:
@@ -349,3 +372,47 @@ def test_rust_pd_batch(pair: Any, rust_pd: str) -> None:
     assert status == 200, data
     assert len(data["choices"]) == 3
     assert list(_rooms_added(prefill, before).values()) == [READY] * 3  # one room per prompt
+
+
+@needs_rust
+def test_rust_pd_wrong_bootstrap_port_fails_in_the_decode(pair: Any) -> None:
+    # The decode is reached, but its prefill is not where the gateway says: no KV.
+    prefill, decode = pair
+    wrong = ["--prefill", prefill.url, str(free_port()), *decode.decode_args()]
+    with rust_gateway(wrong, *ONE_SHOT) as url:
+        t0 = time.monotonic()
+        status, data = mockutil.request_json("POST", url + "/v1/chat/completions", CHAT)
+        took = time.monotonic() - t0
+    assert status == 500, data
+    assert data["error"]["code"] == "decode_internal_error"
+    assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room")
+    assert took >= 0.9  # the decode's whole --pd-wait-s 1
+
+
+@needs_rust
+def test_rust_pd_prefill_error_is_the_prefills(pair: Any, clean: None) -> None:
+    prefill, decode = pair
+    with rust_gateway([*prefill.prefill_args(), *decode.decode_args()], *ONE_SHOT) as url:
+        pdutil.set_faults(prefill.url, error_rate=1.0)
+        status, data = mockutil.request_json("POST", url + "/v1/chat/completions", CHAT)
+    assert status == 500, data
+    assert data["error"]["code"] == "prefill_internal_error"  # 1.13 reports the prefill's
+    assert "mock injected error (error_rate)" in data["error"]["message"]
+
+
+@needs_rust
+def test_rust_pd_prefill_crash_aborts_the_decode(pair: Any) -> None:
+    _, decode = pair
+    before = mockutil.stats(decode.url)["disconnects"]
+    with (
+        pdutil.start_prefill(1, "--crash-rate", "1", "--ttft-ms", "100") as prefill,
+        rust_gateway([*prefill.prefill_args(), *decode.decode_args()], *ONE_SHOT) as url,
+    ):
+        status, data = mockutil.request_json("POST", url + "/v1/chat/completions", CHAT)
+        assert prefill.proc.wait(5) == 1
+    assert status == 502, data
+    assert data["error"]["code"] == "PD disaggregation request failed"
+    assert data["error"]["message"].startswith("Transport error")
+    # The gateway dropped the decode leg at once: it never waited out its KV.
+    mockutil.wait_for(lambda: mockutil.stats(decode.url)["disconnects"] > before, 3.0)
+    assert mockutil.stats(decode.url)["disconnects"] == before + 1

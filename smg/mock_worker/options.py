@@ -254,17 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("prefill", "decode"),
         default=None,
         help="prefill/decode disaggregation role (SGLang style, --engine sglang): every "
-        "inference request must carry bootstrap_host/bootstrap_port/bootstrap_room (400 "
-        "otherwise); a prefill answers one token and serves its rooms on --bootstrap-port; "
+        "inference request must carry bootstrap_host and bootstrap_room (400 otherwise; "
+        "bootstrap_port null: --bootstrap-port); a prefill answers one token and serves its rooms on --bootstrap-port; "
         "a decode answers only once its room's prefill is done (500 otherwise)",
     )
     p.add_argument(
         "--bootstrap-port",
         type=int_arg(0, 65535),
         default=None,
-        help="with --pd-role prefill: the bootstrap server's first port (one per worker, "
-        "consecutive; default 8998 as SGLang; 0: ephemeral); a "
-        "'MOCK_WORKER_BOOTSTRAP <url> <port>' line follows each worker's URL line",
+        help="SGLang's --disaggregation-bootstrap-port (default 8998). A prefill's bootstrap "
+        "server listens there (one port per worker, consecutive; 0: ephemeral); a "
+        "'MOCK_WORKER_BOOTSTRAP <url> <port>' line follows each worker's URL line. Both "
+        "roles take it for a request whose bootstrap_port is null, as SGLang does",
     )
     p.add_argument(
         "--pd-wait-s",
@@ -342,9 +343,11 @@ def parse_options(argv: list[str]) -> Options:
             "--pd-role is SGLang-style PD over HTTP (--engine sglang); vLLM PD is the gRPC "
             "mock's (kv_transfer_params)"
         )
-    if ns.bootstrap_port is not None and ns.pd_role != "prefill":
-        build_parser().error("--bootstrap-port needs --pd-role prefill")
+    if ns.bootstrap_port is not None and ns.pd_role is None:
+        build_parser().error("--bootstrap-port needs --pd-role")
     bootstrap_port = 8998 if ns.bootstrap_port is None else ns.bootstrap_port
+    if ns.pd_role == "decode" and bootstrap_port == 0:
+        build_parser().error("--bootstrap-port 0 (ephemeral) is for a prefill only")
     if ns.pd_role == "prefill" and bootstrap_port and bootstrap_port + ns.count - 1 > 65535:
         build_parser().error(
             f"--bootstrap-port {bootstrap_port} with --count {ns.count} runs past port 65535"

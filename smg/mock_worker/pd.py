@@ -4,8 +4,10 @@ A real SGLang prefill engine runs a bootstrap server next to its API; the gatewa
 the same body to a prefill and a decode engine with `bootstrap_host`, `bootstrap_port`
 and `bootstrap_room` injected; the decode engine finds the prefill through
 `bootstrap_host:bootstrap_port` and pulls the KV cache of `bootstrap_room` from it. An
-engine in a PD role refuses a request without the three fields (SGLang: "Disaggregated
-request received without bootstrap room id", 400).
+engine in a PD role refuses a request without a room or a host (SGLang: "Disaggregated
+request received without bootstrap room id", 400); a null or missing port means the
+engine's own --disaggregation-bootstrap-port (SGLang's scheduler does that; 1.13 sends
+null for a prefill given without a port), here --bootstrap-port (default 8998).
 
 The mock's bootstrap protocol (HTTP/1.1 on the prefill's bootstrap port):
     GET /pd/rooms/{room}  200 {"room": R, "state": S, "age_s": T}, 404 when never seen
@@ -88,21 +90,22 @@ def _room(v: Any) -> bool:
 
 
 def _port(v: Any) -> bool:
-    return _is_int(v) and 1 <= v <= 65535
+    return v is None or (_is_int(v) and 1 <= v <= 65535)
 
 
 def _host(v: Any) -> bool:
     return isinstance(v, str) and v != ""
 
 
-def bootstrap_targets(kind: str, obj: dict[str, Any]) -> list[tuple[str, int, int]]:
+def bootstrap_targets(
+    kind: str, obj: dict[str, Any], default_port: int = 8998
+) -> list[tuple[str, int, int]]:
     """(host, port, room) per sequence of a PD request, or ApiError(400).
 
     Batches as SGLang normalizes them (io_struct GenerateReqInput): a scalar room becomes
-    room + i for sequence i; a list is taken as given. Host and port lists pair with it."""
-    missing = [
-        k for k in ("bootstrap_room", "bootstrap_host", "bootstrap_port") if obj.get(k) is None
-    ]
+    room + i for sequence i; a list is taken as given. Host and port lists pair with it.
+    A null port (scalar or list item) is `default_port`, as SGLang's scheduler does."""
+    missing = [k for k in ("bootstrap_room", "bootstrap_host") if obj.get(k) is None]
     if missing:
         raise ApiError(
             400,
@@ -118,7 +121,8 @@ def bootstrap_targets(kind: str, obj: dict[str, Any]) -> list[tuple[str, int, in
     else:
         raise ApiError(400, "bootstrap_room must be an integer in [0, 2^64) or a list of them")
     hosts = _spread(obj["bootstrap_host"], len(rooms), "bootstrap_host", _host, "a host name")
-    ports = _spread(obj["bootstrap_port"], len(rooms), "bootstrap_port", _port, "a port number")
+    ports = _spread(obj.get("bootstrap_port"), len(rooms), "bootstrap_port", _port, "a port number")
+    ports = [default_port if p is None else p for p in ports]
     if not len(hosts) == len(ports) == len(rooms):
         raise ApiError(
             400,

@@ -366,7 +366,7 @@ class Worker:
         """A request to a prefill or decode engine: its bootstrap fields and body are
         checked first (400), then it runs as one Task (a decode waits for its KV)."""
         obj = parse_json_object(req.body)
-        targets = bootstrap_targets(kind, obj)
+        targets = bootstrap_targets(kind, obj, self.opts.bootstrap_port)
         plan, timing, rid, created, model = self.prepare(req, kind, obj)
         rooms = self.rooms
         if rooms is not None:
