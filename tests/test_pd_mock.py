@@ -100,6 +100,22 @@ def test_item_count() -> None:
     assert item_count("generate", {"text": "x", "sampling_params": {"n": 2}}) == 2
 
 
+def test_generate_logprobs_shape() -> None:
+    import random
+
+    from smg.mock_worker.plan import Timing, plan_generate, word_id
+    from smg.mock_worker.render import generate_response
+
+    obj = {"text": "a b", "return_logprob": True, "sampling_params": {"max_new_tokens": 2}}
+    plan = plan_generate(obj, Timing(0.0, 0.0, 16, 0.0), random.Random(0))
+    assert plan.logprob_ids == [[word_id("a"), word_id("b")]]
+    meta = json.loads(generate_response(plan, "r"))["meta_info"]
+    assert meta["input_token_logprobs"] == [[None, word_id("a"), None], [-0.2, word_id("b"), None]]
+    assert meta["output_token_logprobs"] == [[-0.25, 1000, None], [-0.25, 1001, None]]
+    plan.input_logprobs = False  # a decode engine's answer
+    assert json.loads(generate_response(plan, "r"))["meta_info"]["input_token_logprobs"] == []
+
+
 # --- pure: the room book and the bootstrap routes -------------------------------------------
 
 
@@ -228,6 +244,18 @@ def test_pair_batch(pair: Any, clean: None) -> None:
     assert len(json.loads(db)["choices"]) == 2
     states = pdutil.room_states(prefill)
     assert (states[2001], states[2002]) == (READY, READY)
+
+
+def test_pair_generate_logprobs_come_from_the_prefill(pair: Any, clean: None) -> None:
+    prefill, decode = pair
+    body = {"input_ids": [5, 6, 7], "return_logprob": True, "sampling_params": {}}
+    body = pdutil.pd_body(body, 1003, prefill.bootstrap_port)
+    (ps, pb), (ds, db), _ = _both(prefill, decode, "/generate", body)
+    assert (ps, ds) == (200, 200)
+    rows = [[None, 5, None], [-0.2, 6, None], [-0.3, 7, None]]
+    assert json.loads(pb)["meta_info"]["input_token_logprobs"] == rows
+    assert json.loads(db)["meta_info"]["input_token_logprobs"] == []
+    assert len(json.loads(db)["meta_info"]["output_token_logprobs"]) == 8
 
 
 def test_decode_without_its_prefill_fails_after_the_wait(pair: Any) -> None:
@@ -416,3 +444,24 @@ def test_rust_pd_prefill_crash_aborts_the_decode(pair: Any) -> None:
     # The gateway dropped the decode leg at once: it never waited out its KV.
     mockutil.wait_for(lambda: mockutil.stats(decode.url)["disconnects"] > before, 3.0)
     assert mockutil.stats(decode.url)["disconnects"] == before + 1
+
+
+@needs_rust
+def test_rust_pd_merges_the_prefills_input_logprobs(rust_pd: str) -> None:
+    # 1.13 merges meta_info.input_token_logprobs from the prefill's JSON answer into the
+    # decode's for a non-streamed single /generate (its SSE or batch answers it leaves as
+    # the decode sent them: it parses the prefill body as one JSON object).
+    body = {
+        "input_ids": [5, 6, 7],
+        "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 2},
+    }
+    status, data = mockutil.request_json("POST", rust_pd + "/generate", body)
+    assert status == 200, data
+    meta = data["meta_info"]
+    assert meta["input_token_logprobs"] == [[None, 5, None], [-0.2, 6, None], [-0.3, 7, None]]
+    assert meta["output_token_logprobs"] == [[-0.25, 1000, None], [-0.25, 1001, None]]
+    status, _, raw = mockutil.request("POST", rust_pd + "/generate", {**body, "stream": True})
+    assert status == 200
+    first = json.loads(raw.decode().split("\n")[0][len("data: ") :])
+    assert first["meta_info"]["input_token_logprobs"] == []  # not merged by 1.13

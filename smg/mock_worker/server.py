@@ -379,6 +379,7 @@ class Worker:
             rooms.start(room_ids, time.monotonic())
             coro = self._pd_prefill(conn, req, room_ids, plan, timing, rid, created, model)
         else:
+            plan.input_logprobs = False  # the prefill computed them
             coro = self._pd_decode(conn, req, targets, plan, timing, rid, created, model)
         conn.start_async(coro, _tokens(plan))
 
