@@ -7,6 +7,12 @@
         assert pdutil.room_states(p) == {room: "ready"}
         pdutil.set_faults(p.url, ttft_ms=200)  # a slow prefill; crash_rate=1.0: it dies
 
+gRPC (grpc_pd.py: SGLang disaggregated_params, vLLM NIXL kv_transfer_params):
+
+    model = grpcmockutil.llama3_dir(tmp_path / "m")
+    with pdutil.start_grpc_prefill(model, "vllm") as p, pdutil.start_grpc_decode(model, "vllm") as d:
+        # --prefill p.url p.bootstrap_port --decode d.url; p.pd_stats()["rooms"]
+
 Each start_* returns a PdMocks (a MockWorkers with `role` and, for a prefill, one
 bootstrap port per worker); leaving the `with` block stops the process (or call stop()).
 The bootstrap protocol (smg/mock_worker/pd.py): GET /pd/rooms/{room} (200 with
@@ -17,7 +23,9 @@ the prefill's bootstrap port; state: "prefilling", "ready" or "failed".
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from tests import mockutil
@@ -131,3 +139,84 @@ def pd_body(body: dict[str, Any], room: int, bootstrap_port: int, host: str = "1
         "bootstrap_port": bootstrap_port,
         "bootstrap_room": room,
     }
+
+
+# --- gRPC PD mocks ------------------------------------------------------------------------------
+
+
+class GrpcPdMock:
+    """A gRPC mock engine in a PD role: `url` (grpc://), `control` (http://) and, for a
+    prefill, `bootstrap_port`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], reader: Any, role: str) -> None:
+        self.proc = proc
+        self._reader = reader
+        self.role = role
+        self.url = ""
+        self.control = ""
+        self.bootstrap_port = 0
+
+    def __enter__(self) -> GrpcPdMock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        return mockutil.stop_with_reader(self.proc, self._reader, timeout)
+
+    def stats(self) -> dict[str, Any]:
+        status, data = mockutil.request_json("GET", self.control + "/stats")
+        assert status == 200, data
+        return data
+
+    def pd_stats(self) -> dict[str, Any]:
+        """{"role", "bootstrap_port", "rooms" (a prefill's, oldest first), "kv_failures"}."""
+        return self.stats()["pd"]
+
+    def config(self, **fields: Any) -> dict[str, Any]:
+        """POST /config: ttft_ms, itl_ms, fail_next, fail_code, delay_ms, ... (grpc_options)."""
+        status, data = mockutil.request_json("POST", self.control + "/config", fields)
+        assert status == 200, data
+        return data
+
+
+def _start_grpc(
+    model_dir: Path, backend: str, role: str, args: list[str], timeout: float
+) -> GrpcPdMock:
+    argv = [
+        sys.executable, "-m", "smg", "mock-worker", "--grpc", "--grpc-backend", backend,
+        "--port", "0", "--control-port", "0", "--tokenizer-path", str(model_dir),
+        "--model", "llama3", "--pd-role", role, *args,
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    lines, reader = mockutil.start_reader(proc)
+    mock = GrpcPdMock(proc, reader, role)
+    deadline = time.monotonic() + timeout
+    try:
+        while not mock.url or (role == "prefill" and not mock.bootstrap_port):
+            line = mockutil.next_line(lines, proc, deadline, f"{role} gRPC mock: no URL", role)
+            if line.startswith("MOCK_CONTROL_URL "):
+                mock.control = line.split()[1]
+            elif line.startswith(mockutil.URL_PREFIX):
+                mock.url = line.split()[1]
+            elif line.startswith(BOOTSTRAP_PREFIX):
+                mock.bootstrap_port = int(line.split()[-1])
+    except BaseException:
+        mock.stop()
+        raise
+    return mock
+
+
+def start_grpc_prefill(
+    model_dir: Path, backend: str, *args: str, bootstrap_port: int = 0, timeout: float = 30.0
+) -> GrpcPdMock:
+    """A gRPC prefill engine (`backend` "sglang" or "vllm") serving `model_dir`'s tokenizer."""
+    extra = ["--bootstrap-port", str(bootstrap_port), *args]
+    return _start_grpc(model_dir, backend, "prefill", extra, timeout)
+
+
+def start_grpc_decode(
+    model_dir: Path, backend: str, *args: str, wait_s: float = 5.0, timeout: float = 30.0
+) -> GrpcPdMock:
+    return _start_grpc(model_dir, backend, "decode", ["--pd-wait-s", str(wait_s), *args], timeout)

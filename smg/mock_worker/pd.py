@@ -135,41 +135,53 @@ def bootstrap_targets(
 # --- pure: the prefill's record of rooms ------------------------------------------------
 
 
+Key = int | str  # SGLang: a bootstrap room; vLLM (gRPC): the transfer id the prefill minted
+
+
 class RoomBook:
-    """Rooms a prefill served, bounded in count and age (oldest dropped first)."""
+    """Rooms a prefill served, bounded in count and age (oldest dropped first). A room
+    may hold the kv_transfer_params the prefill returned (vLLM style)."""
 
     def __init__(self, max_rooms: int = 100_000, ttl_s: float = 600.0) -> None:
         self.max_rooms = max_rooms
         self.ttl_s = ttl_s
-        self._rooms: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        self._rooms: collections.OrderedDict[Key, tuple[str, float]] = collections.OrderedDict()
+        self._params: dict[Key, dict[str, Any]] = {}
 
     def _trim(self, now: float) -> None:
         rooms = self._rooms
         while rooms and (
             len(rooms) > self.max_rooms or now - next(iter(rooms.values()))[1] > self.ttl_s
         ):
-            rooms.popitem(last=False)
+            self._params.pop(rooms.popitem(last=False)[0], None)
 
-    def start(self, rooms: list[int], now: float) -> None:
+    def start(self, rooms: list[Key], now: float) -> None:
         for room in rooms:
             self._rooms.pop(room, None)  # a reused room counts from its new start
             self._rooms[room] = (PREFILLING, now)
         self._trim(now)
 
-    def finish(self, rooms: list[int], ok: bool) -> None:
-        """End the prefill of `rooms`; only a room still prefilling changes."""
+    def finish(self, rooms: list[Key], ok: bool, params: dict[str, Any] | None = None) -> None:
+        """End the prefill of `rooms`; only a room still prefilling changes. `params`: the
+        kv_transfer_params the prefill answered with (kept for the decode to compare)."""
         state = READY if ok else FAILED
         for room in rooms:
             entry = self._rooms.get(room)
             if entry is not None and entry[0] == PREFILLING:
                 self._rooms[room] = (state, entry[1])
+                if params is not None and ok:
+                    self._params[room] = params
 
-    def get(self, room: int, now: float) -> dict[str, Any] | None:
+    def get(self, room: Key, now: float) -> dict[str, Any] | None:
         self._trim(now)
         entry = self._rooms.get(room)
         if entry is None:
             return None
-        return {"room": room, "state": entry[0], "age_s": round(now - entry[1], 3)}
+        out = {"room": room, "state": entry[0], "age_s": round(now - entry[1], 3)}
+        params = self._params.get(room)
+        if params is not None:
+            out["kv_transfer_params"] = params
+        return out
 
     def listing(self, now: float) -> list[dict[str, Any]]:
         self._trim(now)
@@ -208,9 +220,9 @@ def bootstrap_route(book: RoomBook, method: str, path: str, now: float) -> tuple
         return 200, {"rooms": book.listing(now)}
     if path.startswith("/pd/rooms/"):
         text = path[len("/pd/rooms/") :]
-        if not text.isdigit():
-            return 400, _error(400, f"room must be a non-negative integer, got {text!r}")
-        found = book.get(int(text), now)
+        if not text.isdigit() and not text.startswith("kv-"):
+            return 400, _error(400, f"room must be a non-negative integer or kv-*, got {text!r}")
+        found = book.get(int(text) if text.isdigit() else text, now)
         if found is None:
             return 404, _error(404, f"room {text} was never prefilled here")
         return 200, found
@@ -269,13 +281,13 @@ class KvTransferError(Exception):
     """The decode could not get a room's KV from its prefill (answered 500)."""
 
 
-async def _ask(host: str, port: int, room: int, timeout: float) -> tuple[int, dict[str, Any]]:
+async def _ask(host: str, port: int, room: Key, timeout: float) -> tuple[int, dict[str, Any]]:
     """One GET /pd/rooms/{room} on a fresh connection: (status, JSON body)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
         writer.write(
-            b"GET /pd/rooms/%d HTTP/1.1\r\nhost: %s:%d\r\nconnection: close\r\n\r\n"
-            % (room, host.encode(), port)
+            b"GET /pd/rooms/%s HTTP/1.1\r\nhost: %s:%d\r\nconnection: close\r\n\r\n"
+            % (str(room).encode(), host.encode(), port)
         )
         data = await asyncio.wait_for(reader.read(-1), timeout)
     finally:
@@ -285,9 +297,12 @@ async def _ask(host: str, port: int, room: int, timeout: float) -> tuple[int, di
     return status, orjson.loads(body) if body else {}
 
 
-async def await_rooms(targets: list[tuple[str, int, int]], wait_s: float) -> None:
+async def await_rooms(
+    targets: list[tuple[str, int, Key]], wait_s: float, expect: dict[str, Any] | None = None
+) -> None:
     """Return once every (host, port, room) is "ready" at its bootstrap server; raise
-    KvTransferError when one is "failed" or `wait_s` runs out (shared by all rooms)."""
+    KvTransferError when one is "failed" or `wait_s` runs out (shared by all rooms), or,
+    with `expect`, when the prefill returned other kv_transfer_params than these."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     for host, port, room in dict.fromkeys(targets):  # a room repeated by n > 1 asks once
@@ -306,6 +321,11 @@ async def await_rooms(targets: list[tuple[str, int, int]], wait_s: float) -> Non
             else:
                 state = body.get("state") if status == 200 else None
                 if state == READY:
+                    if expect is not None and body.get("kv_transfer_params") != expect:
+                        raise KvTransferError(
+                            f"KV transfer failed: kv_transfer_params of {room} differ from "
+                            f"what the prefill at {host}:{port} returned"
+                        )
                     break
                 if state == FAILED:
                     raise KvTransferError(
