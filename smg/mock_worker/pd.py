@@ -142,9 +142,12 @@ class RoomBook:
     """Rooms a prefill served, bounded in count and age (oldest dropped first). A room
     may hold the kv_transfer_params the prefill returned (vLLM style)."""
 
-    def __init__(self, max_rooms: int = 100_000, ttl_s: float = 600.0) -> None:
+    def __init__(
+        self, max_rooms: int = 100_000, ttl_s: float = 600.0, engine_id: str | None = None
+    ) -> None:
         self.max_rooms = max_rooms
         self.ttl_s = ttl_s
+        self.engine_id = engine_id  # shown with every room (a Mooncake decode checks it)
         self._rooms: collections.OrderedDict[Key, tuple[str, float]] = collections.OrderedDict()
         self._params: dict[Key, dict[str, Any]] = {}
 
@@ -177,7 +180,9 @@ class RoomBook:
         entry = self._rooms.get(room)
         if entry is None:
             return None
-        out = {"room": room, "state": entry[0], "age_s": round(now - entry[1], 3)}
+        out: dict[str, Any] = {"room": room, "state": entry[0], "age_s": round(now - entry[1], 3)}
+        if self.engine_id is not None:
+            out["engine_id"] = self.engine_id
         params = self._params.get(room)
         if params is not None:
             out["kv_transfer_params"] = params
@@ -220,8 +225,8 @@ def bootstrap_route(book: RoomBook, method: str, path: str, now: float) -> tuple
         return 200, {"rooms": book.listing(now)}
     if path.startswith("/pd/rooms/"):
         text = path[len("/pd/rooms/") :]
-        if not text.isdigit() and not text.startswith("kv-"):
-            return 400, _error(400, f"room must be a non-negative integer or kv-*, got {text!r}")
+        if not text or not all(c.isalnum() or c in "._-" for c in text) or not text.isascii():
+            return 400, _error(400, f"room must be an integer or a transfer id, got {text!r}")
         found = book.get(int(text) if text.isdigit() else text, now)
         if found is None:
             return 404, _error(404, f"room {text} was never prefilled here")
@@ -298,11 +303,15 @@ async def _ask(host: str, port: int, room: Key, timeout: float) -> tuple[int, di
 
 
 async def await_rooms(
-    targets: list[tuple[str, int, Key]], wait_s: float, expect: dict[str, Any] | None = None
+    targets: list[tuple[str, int, Key]],
+    wait_s: float,
+    expect: dict[str, Any] | None = None,
+    engine_id: str | None = None,
 ) -> None:
     """Return once every (host, port, room) is "ready" at its bootstrap server; raise
     KvTransferError when one is "failed" or `wait_s` runs out (shared by all rooms), or,
-    with `expect`, when the prefill returned other kv_transfer_params than these."""
+    with `expect`, when the prefill returned other kv_transfer_params than these, or, with
+    `engine_id`, when the prefill there is another engine."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     for host, port, room in dict.fromkeys(targets):  # a room repeated by n > 1 asks once
@@ -325,6 +334,11 @@ async def await_rooms(
                         raise KvTransferError(
                             f"KV transfer failed: kv_transfer_params of {room} differ from "
                             f"what the prefill at {host}:{port} returned"
+                        )
+                    if engine_id is not None and body.get("engine_id") != engine_id:
+                        raise KvTransferError(
+                            f"KV transfer failed: remote_engine_id {engine_id} is not the "
+                            f"engine at {host}:{port} ({body.get('engine_id')})"
                         )
                     break
                 if state == FAILED:
