@@ -129,6 +129,28 @@ def test_room_book_states_and_bounds() -> None:
     assert book.listing(12.5) == []
 
 
+def test_room_book_long_poll() -> None:
+    import asyncio
+
+    async def run() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        book = RoomBook()
+        loop.call_later(0.05, book.start, [1], 0.0)  # the room appears ...
+        loop.call_later(0.1, book.finish, [1], True)  # ... then is prefilled
+        t0 = loop.time()
+        await book.wait_settled(1, 5.0)
+        settled = loop.time() - t0
+        t0 = loop.time()
+        await book.wait_settled(1, 5.0)  # already settled: at once
+        again = loop.time() - t0
+        t0 = loop.time()
+        await book.wait_settled(2, 0.1)  # never seen: the whole timeout
+        return settled, again, loop.time() - t0
+
+    settled, again, unseen = asyncio.run(run())
+    assert 0.09 <= settled < 2.0 and again < 0.05 and 0.09 <= unseen < 2.0
+
+
 def test_bootstrap_routes() -> None:
     book = RoomBook()
     book.start([42], now=1.0)

@@ -10,7 +10,10 @@ engine's own --disaggregation-bootstrap-port (SGLang's scheduler does that; 1.13
 null for a prefill given without a port), here --bootstrap-port (default 8998).
 
 The mock's bootstrap protocol (HTTP/1.1 on the prefill's bootstrap port):
-    GET /pd/rooms/{room}  200 {"room": R, "state": S, "age_s": T}, 404 when never seen
+    GET /pd/rooms/{room}  200 {"room": R, "state": S, "age_s": T}, 404 when never seen;
+                          with ?wait_ms=N (<= 10000) the answer waits until the room is
+                          "ready" or "failed" or N ms passed (a long poll: one request per
+                          decode instead of a busy loop)
     GET /pd/rooms         200 {"rooms": [{"room": R, "state": S, "age_s": T}, ...]} oldest first
     GET /health           200
 S is "prefilling" from the moment the prefill request starts, "ready" once the prefill
@@ -37,7 +40,8 @@ PREFILL, DECODE = "prefill", "decode"
 ROLES = (PREFILL, DECODE)
 PREFILLING, READY, FAILED = "prefilling", "ready", "failed"
 MAX_ROOM = 2**64 - 1  # SGLang rooms are u64 (1.13 sends [0, 2^63 - 1])
-POLL_S = 0.01  # how often a decode asks the bootstrap server again
+POLL_S = 0.01  # how long a decode pauses before asking again after a failed ask
+MAX_WAIT_MS = 10_000  # the longest a bootstrap server holds one ?wait_ms= answer
 
 
 # --- pure: the bootstrap fields of a request ------------------------------------------
@@ -150,6 +154,7 @@ class RoomBook:
         self.engine_id = engine_id  # shown with every room (a Mooncake decode checks it)
         self._rooms: collections.OrderedDict[Key, tuple[str, float]] = collections.OrderedDict()
         self._params: dict[Key, dict[str, Any]] = {}
+        self._waiters: dict[Key, list[asyncio.Future[None]]] = {}  # long polls per room
 
     def _trim(self, now: float) -> None:
         rooms = self._rooms
@@ -163,6 +168,35 @@ class RoomBook:
             self._rooms.pop(room, None)  # a reused room counts from its new start
             self._rooms[room] = (PREFILLING, now)
         self._trim(now)
+        self._wake(rooms)
+
+    def _wake(self, rooms: list[Key]) -> None:
+        for room in rooms:
+            for fut in self._waiters.pop(room, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait_settled(self, room: Key, timeout: float) -> None:
+        """Return once `room` is "ready" or "failed", or after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            entry = self._rooms.get(room)
+            left = deadline - loop.time()
+            if (entry is not None and entry[0] != PREFILLING) or left <= 0:
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(room, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return
+            finally:
+                waiting = self._waiters.get(room)
+                if waiting is not None and fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._waiters[room]
 
     def finish(self, rooms: list[Key], ok: bool, params: dict[str, Any] | None = None) -> None:
         """End the prefill of `rooms`; only a room still prefilling changes. `params`: the
@@ -174,6 +208,7 @@ class RoomBook:
                 self._rooms[room] = (state, entry[1])
                 if params is not None and ok:
                     self._params[room] = params
+        self._wake(rooms)
 
     def get(self, room: Key, now: float) -> dict[str, Any] | None:
         self._trim(now)
@@ -259,7 +294,12 @@ async def _serve_bootstrap(
             if length:  # a GET has no body; drain one anyway so the next request parses
                 await reader.readexactly(min(length, _MAX_HEAD))
             keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-            status, body = bootstrap_route(book, method, target.partition("?")[0], time.monotonic())
+            path, _, query = target.partition("?")
+            wait_ms = _wait_ms(query)
+            if wait_ms and method == "GET" and path.startswith("/pd/rooms/"):
+                key = path[len("/pd/rooms/") :]
+                await book.wait_settled(int(key) if key.isdigit() else key, wait_ms / 1000)
+            status, body = bootstrap_route(book, method, path, time.monotonic())
             writer.write(_answer(status, body, keep))
             await writer.drain()
             if not keep:
@@ -268,6 +308,15 @@ async def _serve_bootstrap(
         pass
     finally:
         writer.close()
+
+
+def _wait_ms(query: str) -> int:
+    """The ?wait_ms= of a bootstrap request, capped at MAX_WAIT_MS (0: none or unreadable)."""
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "wait_ms" and value.isdigit():
+            return min(int(value), MAX_WAIT_MS)
+    return 0
 
 
 async def start_bootstrap_server(book: RoomBook, host: str, port: int) -> asyncio.AbstractServer:
@@ -286,15 +335,16 @@ class KvTransferError(Exception):
     """The decode could not get a room's KV from its prefill (answered 500)."""
 
 
-async def _ask(host: str, port: int, room: Key, timeout: float) -> tuple[int, dict[str, Any]]:
-    """One GET /pd/rooms/{room} on a fresh connection: (status, JSON body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+async def _ask(host: str, port: int, room: Key, wait: float) -> tuple[int, dict[str, Any]]:
+    """One GET /pd/rooms/{room}?wait_ms= (a long poll of up to `wait` s) on a fresh
+    connection: (status, JSON body)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait + 1.0)
     try:
         writer.write(
-            b"GET /pd/rooms/%s HTTP/1.1\r\nhost: %s:%d\r\nconnection: close\r\n\r\n"
-            % (str(room).encode(), host.encode(), port)
+            b"GET /pd/rooms/%s?wait_ms=%d HTTP/1.1\r\nhost: %s:%d\r\nconnection: close\r\n\r\n"
+            % (str(room).encode(), int(wait * 1000), host.encode(), port)
         )
-        data = await asyncio.wait_for(reader.read(-1), timeout)
+        data = await asyncio.wait_for(reader.read(-1), wait + 1.0)
     finally:
         writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
