@@ -288,6 +288,20 @@ def test_decode_without_its_prefill_fails_after_the_wait(pair: Any) -> None:
     assert pdutil.kv_failures(decode.url) == before + 1
 
 
+def test_streamed_decode_without_its_prefill_ends_with_an_error_event(pair: Any) -> None:
+    # SGLang sends a stream's head at once; a scheduler abort (a failed KV transfer) is
+    # an in-band error event, then [DONE].
+    _, decode = pair
+    body = pdutil.pd_body({**CHAT, "stream": True}, 3002, pair[0].bootstrap_port)
+    status, headers, data = mockutil.request("POST", decode.url + "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line for line in data.decode().split("\n") if line.startswith("data: ")]
+    assert len(events) == 2 and events[1] == "data: [DONE]"
+    error = json.loads(events[0][len("data: ") :])["error"]
+    assert (error["type"], error["code"]) == ("INTERNAL_SERVER_ERROR", 500)
+    assert error["message"].startswith("KV transfer failed: bootstrap_room 3002 not ready")
+
+
 def test_decode_waits_for_a_slow_prefill(pair: Any, clean: None) -> None:
     prefill, decode = pair
     pdutil.set_faults(prefill.url, ttft_ms=400)
@@ -394,10 +408,16 @@ def test_rust_pd_wrong_bootstrap_port_fails_in_the_decode(pair: Any) -> None:
         t0 = time.monotonic()
         status, data = mockutil.request_json("POST", url + "/v1/chat/completions", CHAT)
         took = time.monotonic() - t0
+        body = {**CHAT, "stream": True}
+        sstatus, _, raw = mockutil.request("POST", url + "/v1/chat/completions", body)
     assert status == 500, data
     assert data["error"]["code"] == "decode_internal_error"
     assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room")
     assert took >= 1.9  # the decode's whole --pd-wait-s 2
+    # Streamed, 1.13 relays the decode's stream: 200, the in-band error event, [DONE].
+    assert sstatus == 200
+    assert b'"message":"KV transfer failed: bootstrap_room' in raw
+    assert raw.rstrip().endswith(b"data: [DONE]")
 
 
 @needs_rust

@@ -20,7 +20,10 @@ S is "prefilling" from the moment the prefill request starts, "ready" once the p
 answered (its KV is "transferable"), "failed" when it ended otherwise (error, fault,
 client gone). The decode polls each of its rooms until "ready" (then answers normally),
 "failed" (then fails at once) or its wait (--pd-wait-s) runs out (then fails): 500 with
-an error JSON, as an SGLang decode aborts a request whose KV transfer failed.
+an error JSON, as an SGLang decode aborts a request whose KV transfer failed. A streamed
+request's head (200, SSE) goes out at once, as SGLang's StreamingResponse sends it, so
+there the failure is SGLang's in-band event `data: {"error": {"object": "error",
+"message", "type": "INTERNAL_SERVER_ERROR", "param": null, "code": 500}}` then `[DONE]`.
 
 Pure parts (field parsing, the room book) are separate from the two small servers.
 """
