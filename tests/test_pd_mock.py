@@ -125,6 +125,7 @@ def test_room_book_states_and_bounds() -> None:
     book.start([3], now=2.0)  # over max_rooms: the oldest goes
     assert book.get(1, 2.0) is None
     assert [r["room"] for r in book.listing(2.0)] == [2, 3]
+    assert [r["room"] for r in book.listing(2.0, last=1)] == [3] and len(book) == 2
     assert book.get(3, 12.5) is None  # older than ttl_s
     assert book.listing(12.5) == []
 

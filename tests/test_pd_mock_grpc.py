@@ -57,6 +57,22 @@ def _vllm_req(params: dict[str, Any] | None, max_tokens: int = 4) -> Any:
     return req
 
 
+def test_grpc_cli() -> None:
+    from smg.mock_worker.grpc_options import parse_grpc_options
+
+    base = ["--grpc", "--tokenizer-path", "x"]
+    opts = parse_grpc_options([*base, "--pd-role", "decode", "--kv-connector", "mooncake"])
+    assert (opts.impl, opts.bootstrap_port, opts.pd_wait_s) == ("aio", 8998, 5.0)
+    for bad in (
+        ["--bootstrap-port", "9"],  # without a role
+        ["--pd-role", "prefill", "--grpc-impl", "fast"],
+        ["--pd-role", "prefill", "--processes", "2"],
+        ["--pd-role", "decode", "--bootstrap-port", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_grpc_options([*base, *bad])
+
+
 def test_grpc_leg_sglang() -> None:
     import grpc
 

@@ -40,6 +40,7 @@ import grpc
 
 from smg.mock_worker.pd import (
     PREFILL,
+    STATS_ROOMS,
     KvTransferError,
     RoomBook,
     await_rooms,
@@ -216,7 +217,8 @@ class GrpcPd:
             "role": self.role,
             "engine_id": self.engine_id,
             "bootstrap_port": self.bootstrap_port if self.book is not None else None,
-            "rooms": None if self.book is None else self.book.listing(now),
+            "rooms": None if self.book is None else self.book.listing(now, STATS_ROOMS),
+            "rooms_recorded": None if self.book is None else len(self.book),
             "kv_failures": self.kv_failures,
         }
 

@@ -44,6 +44,7 @@ ROLES = (PREFILL, DECODE)
 PREFILLING, READY, FAILED = "prefilling", "ready", "failed"
 MAX_ROOM = 2**64 - 1  # SGLang rooms are u64 (1.13 sends [0, 2^63 - 1])
 POLL_S = 0.01  # how long a decode pauses before asking again after a failed ask
+STATS_ROOMS = 1000  # the newest rooms a stats answer lists
 MAX_WAIT_MS = 10_000  # the longest a bootstrap server holds one ?wait_ms= answer
 
 
@@ -226,11 +227,17 @@ class RoomBook:
             out["kv_transfer_params"] = params
         return out
 
-    def listing(self, now: float) -> list[dict[str, Any]]:
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def listing(self, now: float, last: int | None = None) -> list[dict[str, Any]]:
+        """Every room (or the `last` newest), oldest first."""
         self._trim(now)
+        items = list(self._rooms.items())
+        if last is not None:
+            items = items[-last:] if last else []
         return [
-            {"room": room, "state": state, "age_s": round(now - t, 3)}
-            for room, (state, t) in self._rooms.items()
+            {"room": room, "state": state, "age_s": round(now - t, 3)} for room, (state, t) in items
         ]
 
 

@@ -25,7 +25,14 @@ import orjson
 
 from smg.mock_worker import render, wire
 from smg.mock_worker.options import Options, RuntimeConfig, apply_update
-from smg.mock_worker.pd import PREFILL, KvTransferError, RoomBook, await_rooms, bootstrap_targets
+from smg.mock_worker.pd import (
+    PREFILL,
+    STATS_ROOMS,
+    KvTransferError,
+    RoomBook,
+    await_rooms,
+    bootstrap_targets,
+)
 from smg.mock_worker.plan import (
     PLANNERS,
     ApiError,
@@ -712,7 +719,9 @@ class Worker:
             snap["pd"] = {
                 "role": self.pd_role,
                 "bootstrap_port": self.bootstrap_port if rooms is not None else None,
-                "rooms": None if rooms is None else rooms.listing(time.monotonic()),
+                # The newest rooms only: /mock/stats stays small after a long run.
+                "rooms": None if rooms is None else rooms.listing(time.monotonic(), STATS_ROOMS),
+                "rooms_recorded": None if rooms is None else len(rooms),
                 "kv_failures": self.kv_failures,
             }
         cache = self.cache
