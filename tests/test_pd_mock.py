@@ -469,3 +469,18 @@ def test_rust_pd_merges_the_prefills_input_logprobs(rust_pd: str) -> None:
     assert status == 200
     first = json.loads(raw.decode().split("\n")[0][len("data: ") :])
     assert first["meta_info"]["input_token_logprobs"] == []  # not merged by 1.13
+
+
+def test_decode_survives_a_restarted_prefill_on_the_same_bootstrap_port() -> None:
+    # The decode keeps its bootstrap connections alive; one to a prefill that went away
+    # is dropped and a fresh one made, not failed.
+    port = free_port()
+    with pdutil.start_decode(1, wait_s=2.0) as decode:
+        for room in (8001, 8002):
+            with pdutil.start_prefill(1, bootstrap_port=port) as prefill:
+                assert prefill.bootstrap_port == port
+                body = pdutil.pd_body(CHAT, room, port)
+                (ps, _), (ds, db), took = _both(prefill, decode, "/v1/chat/completions", body)
+                assert (ps, ds) == (200, 200), db
+                assert took < 1.5  # no wait-out on the stale connection
+        assert pdutil.kv_failures(decode.url) == 0

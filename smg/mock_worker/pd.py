@@ -345,21 +345,66 @@ class KvTransferError(Exception):
     """The decode could not get a room's KV from its prefill (answered 500)."""
 
 
+# Idle keep-alive connections to bootstrap servers, per (host, port): a decode under load
+# asks once per request, and a fresh TCP connection each time would cost more than the ask.
+_IDLE: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+_MAX_IDLE = 64
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, timeout: float
+) -> tuple[int, dict[str, Any]]:
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
+    return status, orjson.loads(body) if body else {}
+
+
 async def _ask(host: str, port: int, room: Key, wait: float) -> tuple[int, dict[str, Any]]:
-    """One GET /pd/rooms/{room}?wait_ms= (a long poll of up to `wait` s) on a fresh
-    connection: (status, JSON body)."""
+    """One GET /pd/rooms/{room}?wait_ms= (a long poll of up to `wait` s) on a kept-alive
+    connection (a fresh one when none is idle): (status, JSON body)."""
+    request = b"GET /pd/rooms/%s?wait_ms=%d HTTP/1.1\r\nhost: %s:%d\r\n\r\n" % (
+        str(room).encode(),
+        int(wait * 1000),
+        host.encode(),
+        port,
+    )
+    idle = _IDLE.setdefault((host, port), [])
+    while idle:  # a kept connection the server may have closed meanwhile: then a fresh one
+        reader, writer = idle.pop()
+        try:
+            answer = await _exchange(reader, writer, request, wait + 1.0)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            writer.close()
+            continue
+        _keep(idle, reader, writer)
+        return answer
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait + 1.0)
     try:
-        writer.write(
-            b"GET /pd/rooms/%s?wait_ms=%d HTTP/1.1\r\nhost: %s:%d\r\nconnection: close\r\n\r\n"
-            % (str(room).encode(), int(wait * 1000), host.encode(), port)
-        )
-        data = await asyncio.wait_for(reader.read(-1), wait + 1.0)
-    finally:
+        answer = await _exchange(reader, writer, request, wait + 1.0)
+    except BaseException:
         writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, orjson.loads(body) if body else {}
+        raise
+    _keep(idle, reader, writer)
+    return answer
+
+
+def _keep(
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    if len(idle) < _MAX_IDLE and not writer.is_closing():
+        idle.append((reader, writer))
+    else:
+        writer.close()
 
 
 async def await_rooms(
@@ -385,7 +430,13 @@ async def await_rooms(
                 )
             try:
                 status, body = await _ask(host, port, room, min(left, 1.0))
-            except (OSError, TimeoutError, ValueError, IndexError) as e:
+            except (
+                OSError,
+                TimeoutError,
+                ValueError,
+                IndexError,
+                asyncio.IncompleteReadError,
+            ) as e:
                 last = f"bootstrap server unreachable: {type(e).__name__}"
             else:
                 state = body.get("state") if status == 200 else None
