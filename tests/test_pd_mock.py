@@ -484,3 +484,20 @@ def test_decode_survives_a_restarted_prefill_on_the_same_bootstrap_port() -> Non
                 assert (ps, ds) == (200, 200), db
                 assert took < 1.5  # no wait-out on the stale connection
         assert pdutil.kv_failures(decode.url) == 0
+
+
+def test_each_prefill_worker_has_its_own_bootstrap_port_and_rooms() -> None:
+    with pdutil.start_prefill(2, bootstrap_port=0) as prefill:
+        assert len(set(prefill.bootstrap_ports)) == 2
+        body = pdutil.pd_body(CHAT, 9001, prefill.bootstrap_ports[1])
+        status, _ = mockutil.request_json("POST", prefill.urls[1] + "/v1/chat/completions", body)
+        assert status == 200
+        assert (pdutil.room_states(prefill, 0), pdutil.room_states(prefill, 1)) == (
+            {},
+            {9001: READY},
+        )
+    assert prefill.prefill_args()[:3] == [
+        "--prefill",
+        prefill.urls[0],
+        str(prefill.bootstrap_ports[0]),
+    ]
