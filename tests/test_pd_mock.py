@@ -303,6 +303,15 @@ def test_streamed_decode_without_its_prefill_ends_with_an_error_event(pair: Any)
     assert error["message"].startswith("KV transfer failed: bootstrap_room 3002 not ready")
 
 
+def test_streamed_decode_head_after_the_room_fails_with_a_status() -> None:
+    # --pd-stream-head ready: the head waits for the room, so a failure is a plain 500.
+    with pdutil.start_decode(1, wait_s=0.3, stream_head="ready") as decode:
+        body = pdutil.pd_body({**CHAT, "stream": True}, 3003, free_port())
+        status, data = mockutil.request_json("POST", decode.url + "/v1/chat/completions", body)
+    assert status == 500
+    assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room 3003")
+
+
 def test_decode_waits_for_a_slow_prefill(pair: Any, clean: None) -> None:
     prefill, decode = pair
     pdutil.set_faults(prefill.url, ttft_ms=400)
