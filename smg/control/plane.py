@@ -39,6 +39,7 @@ from smg.dataplane.breaker import STATE_NAMES
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
+from smg.policies.bucket import run_adjuster
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
 from smg.shm import layout
@@ -54,6 +55,7 @@ from smg.workers_spec import (
 )
 
 if TYPE_CHECKING:
+    from smg.policies.shared import SharedRouting
     from smg.shm.table import WorkerTable
 
 log = logging.getLogger("smg.control")
@@ -74,8 +76,10 @@ class ControlPlane:
         processes: int,
         initial_specs: list[WorkerSpec],
         stash: Stash | None = None,
+        shared: SharedRouting | None = None,
     ) -> None:
         self.cfg = cfg
+        self.shared = shared  # routing state of every process (the bucket boundaries' writer)
         self.table = table
         self.root_pid = root_pid
         self.processes = processes
@@ -188,6 +192,11 @@ class ControlPlane:
         self._spawn(self._load_loop())
         self._spawn(self._dataplane_scrape_loop())
         self._spawn(self._health_tick_loop())
+        share = self.shared.bucket if self.shared is not None else None
+        if share is not None and self.cfg.pd_disaggregation and self.cfg.prefill_policy == "bucket":
+            # The bucket boundaries' one writer (smg.policies.bucket).
+            period = float(self.cfg.bucket_adjust_interval_secs)
+            self._spawn(run_adjuster(share, period, self.registry.prefill_workers))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
