@@ -312,3 +312,13 @@ def test_regular_mode_registers_a_prefill_worker_but_never_routes_to_it() -> Non
             answer = gw.admin("POST", "/workers", json=grpc)
             assert answer.status_code == 400
             assert "over gRPC is not implemented yet" in answer.json()["error"]["message"]
+
+
+def test_pd_policies_that_read_loads_keep_the_load_polls_on() -> None:
+    from smg.control.plane import loads_always_polled
+
+    quiet = ["--disable-load-monitoring", "--disable-worker-overload-protection"]
+    assert loads_always_polled(load_config([*PD_PAIR, *quiet, "--policy", "random"], {})) is False
+    for flag in ("--prefill-policy", "--decode-policy"):
+        cfg = load_config([*PD_PAIR, *quiet, "--policy", "random", flag, "least_load"], {})
+        assert loads_always_polled(cfg) is True

@@ -613,11 +613,7 @@ class ControlPlane:
             return
         # As in SMG 1.13: overload protection and a policy that reads the loads need them,
         # so they are polled even under --disable-load-monitoring.
-        always = (
-            not self.cfg.disable_load_monitoring
-            or _policy_needs_loads(self.cfg.policy)
-            or _overload_limits(self.cfg) is not None
-        )
+        always = loads_always_polled(self.cfg)
         while not self._stopping:
             await asyncio.sleep(interval)
             # A model routed by its workers' `policy` label (power_of_two, least_load)
@@ -1407,6 +1403,20 @@ def _overload_limits(cfg: GatewayConfig) -> tuple[int, float] | None:
     if cfg.disable_worker_overload_protection:
         return None
     return int(cfg.worker_overload_waiting_requests), float(cfg.worker_overload_token_usage)
+
+
+def loads_always_polled(cfg: GatewayConfig) -> bool:
+    """Whether worker loads are polled whatever the workers' labels say: load monitoring on,
+    or (as in SMG 1.13, even under --disable-load-monitoring) overload protection or a
+    policy that reads them: --policy, or PD mode's --prefill-policy / --decode-policy."""
+    return (
+        not cfg.disable_load_monitoring
+        or any(
+            _policy_needs_loads(name or "")
+            for name in (cfg.policy, cfg.prefill_policy, cfg.decode_policy)
+        )
+        or _overload_limits(cfg) is not None
+    )
 
 
 def _policy_needs_loads(policy: str) -> bool:
