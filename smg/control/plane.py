@@ -31,6 +31,7 @@ from smg.config import (
 from smg.control import cpauth, external, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
+from smg.control.pd_probe import probe_bootstrap
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
@@ -80,6 +81,7 @@ class ControlPlane:
     ) -> None:
         self.cfg = cfg
         self.shared = shared  # routing state of every process (the bucket boundaries' writer)
+        self.pd_probe_failures = 0  # prefill bootstrap ports that refused the probe
         self.table = table
         self.root_pid = root_pid
         self.processes = processes
@@ -249,8 +251,14 @@ class ControlPlane:
     def _register(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
         record = self.registry.add(spec, worker_id)
         log.info("worker %s registered as %s (row %d)", spec.url, record.worker_id, record.row)
+        if spec.worker_type == "prefill":  # 1.13 probes in any mode
+            self._spawn(self._probe_bootstrap(spec))
         self._spawn(self._onboard_external(record) if record.external else self._onboard(record))
         return record
+
+    async def _probe_bootstrap(self, spec: WorkerSpec) -> None:
+        if not await probe_bootstrap(spec):
+            self.pd_probe_failures += 1
 
     async def _onboard_external(self, record: WorkerRecord) -> None:
         """An external worker: its models discovered (retried each interval until
@@ -1158,6 +1166,8 @@ class ControlPlane:
         await self._scrape_dataplanes()
         families = self.metric_families()
         families.extend(self.supervisor_families())
+        if self.cfg.pd_disaggregation or self.pd_probe_failures:
+            families.append(self._pd_families())
         families.extend(self.metric_folder.families())
         return web.Response(
             body=promtext.render(families).encode("utf-8"),
@@ -1165,6 +1175,15 @@ class ControlPlane:
                 "content-type": promtext.CONTENT_TYPE,
                 "x-smg-metrics-processes": str(self.processes),
             },
+        )
+
+    def _pd_families(self) -> Family:
+        return Family(  # 1.13's name and help; smg probes over HTTP only (phase probe)
+            "smg_pd_rendezvous_failures_total",
+            "counter",
+            "PD rendezvous failures by leg (the worker type of the leg that failed) and phase: "
+            "a bootstrap port that refused the registration probe (probe)",
+            [Sample("", [("leg", "prefill"), ("phase", "probe")], self.pd_probe_failures)],
         )
 
     def _live_dataplanes(self) -> list[tuple[int, int]]:
