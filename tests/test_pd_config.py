@@ -348,3 +348,13 @@ def test_a_prefill_whose_bootstrap_port_refuses_is_registered_warned_and_counted
             assert f"bootstrap_port={closed_port} bootstrap_port_source=registered" in logs
             assert logs.count("Bootstrap port did not accept a connection") == 1  # p1's took it
             assert _workers(gw)["stats"]["prefill_count"] == 2  # still registered
+
+
+def test_a_reload_keeps_the_pd_topology() -> None:
+    from smg.reload import plan_reload
+
+    old = load_config(PD_PAIR, {})
+    new = load_config([*PD, "--decode", "http://127.0.0.1:9003", "--prefill-policy", "bucket"], {})
+    plan = plan_reload(old, new)
+    assert [k[0] for k in plan.kept] == ["decode", "prefill_policy"]
+    assert (plan.cfg.decode, plan.cfg.prefill_policy) == (["http://127.0.0.1:9002"], None)
