@@ -218,3 +218,44 @@ def test_bucket_is_a_prefill_policy_only() -> None:
         load_config(["--policy", "bucket"], {})
     with pytest.raises(ConfigError, match="must be >= 1 with the bucket policy"):
         load_config([*pd, "--prefill-policy", "bucket", "--bucket-adjust-interval-secs", "0"], {})
+
+
+def _range_uppers(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("smg_pd_bucket_range_upper{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('worker="')[1].split('"')[0]] = value
+    return out
+
+
+def test_launch_runs_the_one_writer_and_publishes_its_ranges() -> None:
+    import mockutil
+    from gatewayutil import running_gateway, wait_until
+
+    with mockutil.start_mock_workers(3, "--model", "m1") as mocks:
+        p1, p2, d1 = mocks.urls
+        args = ["--pd-disaggregation", "--prefill", p1, "--decode", d1]
+        args += [
+            "--prefill",
+            p2,
+            "--prefill-policy",
+            "bucket",
+            "--bucket-adjust-interval-secs",
+            "1",
+        ]
+        with running_gateway(args) as gw:
+            # 1.13's first split: 4096 characters over the two prefill workers.
+            expected = {p1: "2047", p2: "+Inf"}
+            wait_until(lambda: _range_uppers(gw.metrics()) == expected, 10.0, "initial ranges")
+            p3 = "http://127.0.0.1:9"  # registered (never ready): it joins its model's bucket
+            spec = {"url": p3, "worker_type": "prefill", "model_id": "m1"}
+            assert gw.admin("POST", "/workers", json=spec).status_code == 202
+            gap = MAX // 3  # 1.13: after the first split, usize::MAX is split
+            later = {p1: f"{gap - 1:.16g}", p2: f"{2 * gap - 1:.16g}", p3: "+Inf"}
+            got = wait_until(
+                lambda: len(uppers := _range_uppers(gw.metrics())) == 3 and uppers, 10.0, "3"
+            )
+            assert {
+                url: f"{float(v):.16g}" if v != "+Inf" else v for url, v in got.items()
+            } == later

@@ -40,7 +40,7 @@ from smg.dataplane.breaker import STATE_NAMES
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
-from smg.policies.bucket import run_adjuster
+from smg.policies.bucket import MAX, BucketAdjuster, run_adjuster
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
 from smg.shm import layout
@@ -82,6 +82,7 @@ class ControlPlane:
         self.cfg = cfg
         self.shared = shared  # routing state of every process (the bucket boundaries' writer)
         self.pd_probe_failures = 0  # prefill bootstrap ports that refused the probe
+        self.bucket_adjuster: BucketAdjuster | None = None  # --prefill-policy bucket
         self.table = table
         self.root_pid = root_pid
         self.processes = processes
@@ -197,8 +198,11 @@ class ControlPlane:
         share = self.shared.bucket if self.shared is not None else None
         if share is not None and self.cfg.pd_disaggregation and self.cfg.prefill_policy == "bucket":
             # The bucket boundaries' one writer (smg.policies.bucket).
-            period = float(self.cfg.bucket_adjust_interval_secs)
-            self._spawn(run_adjuster(share, period, self.registry.prefill_workers))
+            adjuster = BucketAdjuster(share, float(self.cfg.bucket_adjust_interval_secs))
+            self.bucket_adjuster = adjuster
+            first_round = self.table.global_offset(layout.G_FIRST_HEALTH_ROUND)
+            started = lambda: bool(self.table.atomic.load_u64(first_round))  # noqa: E731
+            self._spawn(run_adjuster(adjuster, self.registry.prefill_workers, started))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1168,6 +1172,8 @@ class ControlPlane:
         families.extend(self.supervisor_families())
         if self.cfg.pd_disaggregation or self.pd_probe_failures:
             families.append(self._pd_families())
+        if self.bucket_adjuster is not None:
+            families.append(_bucket_family(self.bucket_adjuster))
         families.extend(self.metric_folder.families())
         return web.Response(
             body=promtext.render(families).encode("utf-8"),
@@ -1422,6 +1428,19 @@ def _overload_limits(cfg: GatewayConfig) -> tuple[int, float] | None:
     if cfg.disable_worker_overload_protection:
         return None
     return int(cfg.worker_overload_waiting_requests), float(cfg.worker_overload_token_usage)
+
+
+def _bucket_family(adjuster: BucketAdjuster) -> Family:
+    return Family(  # smg's own: 1.13 logs the ranges at each adjustment only
+        "smg_pd_bucket_range_upper",
+        "gauge",
+        "Upper end (characters) of each prefill worker's request-length range in the "
+        "bucket policy, by model and worker; +Inf for the last range",
+        [
+            Sample("", [("model", model), ("worker", url)], float("inf") if hi == MAX else hi)
+            for model, url, _lo, hi in adjuster.ranges()
+        ],
+    )
 
 
 def loads_always_polled(cfg: GatewayConfig) -> bool:

@@ -374,8 +374,6 @@ class BucketPolicy(Policy):
 # ---------------------------------------------------------------------------------------
 # The control-plane side: the one writer of the boundaries.
 
-UNKNOWN_MODEL = "unknown"  # Rust's key for a worker without a model id
-
 
 @dataclass(frozen=True)
 class PrefillWorker:
@@ -395,6 +393,14 @@ class BucketAdjuster:
         self.buckets: dict[str, Bucket] = {}
         self.seen = [0] * share.slots
         self.next_adjust: float | None = None
+
+    def ranges(self) -> list[tuple[str, str, int, int]]:
+        """(model, worker URL, lo, hi) of every bucket now, for /metrics."""
+        return [
+            (model, b.url, b.lo, b.hi)
+            for model, bucket in self.buckets.items()
+            for b in bucket.boundary
+        ]
 
     def _membership(self, workers: Sequence[PrefillWorker]) -> None:
         by_model: dict[str, list[str]] = {}
@@ -456,14 +462,18 @@ class BucketAdjuster:
 
 
 async def run_adjuster(
-    share: BucketShare, period: float, workers: Callable[[], Sequence[PrefillWorker]]
+    adjuster: BucketAdjuster,
+    workers: Callable[[], Sequence[PrefillWorker]],
+    started: Callable[[], bool] = lambda: True,
 ) -> None:
     """The control plane's task: a tick every PUBLISH_SECS (loads), adjustments every
-    `period` (--bucket-adjust-interval-secs)."""
-    adjuster = BucketAdjuster(share, period)
+    `adjuster.period` (--bucket-adjust-interval-secs). The first tick waits for `started`
+    (the start-up workers' first health round): 1.13 splits the ranges over the prefill
+    workers it starts with, later ones join through add (its other split)."""
     while True:
-        try:
-            adjuster.tick(time.time(), workers())
-        except Exception:  # a bad round must not end the task: the next one starts afresh
-            log.exception("bucket policy: adjustment round failed")
-        await asyncio.sleep(min(PUBLISH_SECS, period))
+        if started():
+            try:
+                adjuster.tick(time.time(), workers())
+            except Exception:  # a bad round must not end the task: the next one starts afresh
+                log.exception("bucket policy: adjustment round failed")
+        await asyncio.sleep(min(PUBLISH_SECS, adjuster.period))
