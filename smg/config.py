@@ -1723,6 +1723,7 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             if reason:
                 raise ConfigError(field, reason, src.get(field))
 
+    cfg = _check_pd(cfg, src)
     if cfg.policy not in IMPLEMENTED_POLICIES:
         raise ConfigError(
             "policy",
@@ -1731,7 +1732,6 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             src.get("policy"),
         )
     _check_history(cfg, src)
-    cfg = _check_pd(cfg, src)
     if cfg.queue_size > 0 and cfg.queue_timeout_secs == 0:
         raise ConfigError(
             "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")

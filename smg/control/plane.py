@@ -192,9 +192,6 @@ class ControlPlane:
             self.registry.mark_seeded()
         # The tasks above have not run yet (no await since): none can have ended the round.
         self._check_first_round()
-        self._spawn(self._load_loop())
-        self._spawn(self._dataplane_scrape_loop())
-        self._spawn(self._health_tick_loop())
         share = self.shared.bucket if self.shared is not None else None
         if share is not None and self.cfg.pd_disaggregation and self.cfg.prefill_policy == "bucket":
             # The bucket boundaries' one writer (smg.policies.bucket).
@@ -203,6 +200,9 @@ class ControlPlane:
             first_round = self.table.global_offset(layout.G_FIRST_HEALTH_ROUND)
             started = lambda: bool(self.table.atomic.load_u64(first_round))  # noqa: E731
             self._spawn(run_adjuster(adjuster, self.registry.prefill_workers, started))
+        self._spawn(self._load_loop())
+        self._spawn(self._dataplane_scrape_loop())
+        self._spawn(self._health_tick_loop())
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
