@@ -259,3 +259,40 @@ def test_launch_runs_the_one_writer_and_publishes_its_ranges() -> None:
             assert {
                 url: f"{float(v):.16g}" if v != "+Inf" else v for url, v in got.items()
             } == later
+
+
+def test_pd_requests_follow_the_published_ranges_in_every_process() -> None:
+    """Through the PD data plane (issue 17's other half; skipped where it is not merged):
+    short prompts to the first prefill worker, long ones to the second, whichever of the two
+    processes routes them."""
+    pytest.importorskip("smg.dataplane.pd")
+    import httpx
+    import mockutil
+    from gatewayutil import running_gateway, wait_until
+
+    with mockutil.start_mock_workers(3, "--model", "m1") as mocks:
+        p1, p2, d1 = mocks.urls
+        args = ["--pd-disaggregation", "--prefill", p1, "--prefill", p2, "--decode", d1]
+        # Ranges stay at the first split ([0, 2047], [2048, MAX]); balancing off.
+        args += ["--prefill-policy", "bucket", "--bucket-adjust-interval-secs", "3600"]
+        args += ["--balance-abs-threshold", "1000000000", "--policy", "round_robin"]
+        with running_gateway(args) as gw:
+            gw.wait_ready()
+            expected = {p1: "2047", p2: "+Inf"}
+            wait_until(lambda: _range_uppers(gw.metrics()) == expected, 10.0, "initial ranges")
+            # The data planes read the slot every request; give it one publish period.
+            wait_until(lambda: mockutil.stats(p1) is not None, 1.0, "mock stats")
+            for url in mocks.urls:
+                mockutil.reset_stats(url)
+            for n in [10, 3000] * 10:  # a new connection each: both processes route
+                body = {"text": "a" * n, "sampling_params": {"max_new_tokens": 2}}
+                answer = httpx.post(gw.url + "/generate", json=body, timeout=30.0)
+                assert answer.status_code == 200, answer.text
+            assert mockutil.stats(p1)["inference_answered"] == 10
+            assert mockutil.stats(p2)["inference_answered"] == 10
+            served = [
+                line
+                for line in gw.metrics().splitlines()
+                if line.startswith("smg_http_requests_total{") and 'path="/generate"' in line
+            ]
+            assert {line.split('process="')[1].split('"')[0] for line in served} == {"0", "1"}
