@@ -29,6 +29,7 @@ from smg.control.worker_state import (
 from smg.grpc.types import GrpcModelInfo
 from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
+from smg.policies.bucket import PrefillWorker
 from smg.shm import layout
 from smg.shm.directory import (
     Directory,
@@ -51,11 +52,17 @@ _LLM_MODEL_TYPE = ("chat", "completions", "responses", "tools")
 
 
 def unsupported_reason(spec: WorkerSpec) -> str | None:
-    """What this build cannot serve yet, refused at registration rather than failing later."""
-    if spec.worker_type != "regular":
+    """What this build cannot serve yet, refused at registration rather than failing later.
+
+    Prefill and decode workers are accepted in any mode, as 1.13 accepts them (its regular
+    router routes to regular workers only, and so does smg's data plane); only PD mode
+    routes to them, over HTTP."""
+    if spec.worker_type == "encode":
+        return "worker_type 'encode' needs EPD disaggregation, which smg does not support"
+    if spec.worker_type != "regular" and spec.connection_mode == "grpc":
         return (
-            f"worker_type {spec.worker_type!r} needs prefill/decode disaggregation, "
-            "which is not supported yet"
+            f"worker_type {spec.worker_type!r} over gRPC: prefill/decode disaggregation "
+            "over gRPC is not implemented yet (use an http:// URL)"
         )
     return None
 
@@ -300,6 +307,16 @@ class Registry:
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         return self.workers.get(worker_id)
+
+    def prefill_workers(self) -> list[PrefillWorker]:
+        """Every prefill worker whose model is known (given or discovered: 1.13 adds a
+        worker to its policy once registration found it), in registration order, with its
+        model key (the bucket policy's membership; 1.13 keeps unhealthy ones too)."""
+        return [
+            PrefillWorker(r.row, r.generation, r.spec.url, (r.served_models or ("unknown",))[0])
+            for r in self.workers.values()
+            if r.spec.worker_type == "prefill" and (r.served_models or r.discovered)
+        ]
 
     # --- state changes ------------------------------------------------------------------------
 
