@@ -302,6 +302,7 @@ class FileProvider:
         while True:
             if watchfiles is not None and self.path.parent.is_dir():
                 self.watch_mode = "inotify"
+                log.info("file discovery: watching %s with inotify", self.path.parent)
                 try:
                     async for changes in watchfiles.awatch(
                         self.path.parent,

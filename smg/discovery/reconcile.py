@@ -166,7 +166,7 @@ class Reconciler:
         """The provider could not observe its source (`kind`: invalid or unreadable): the
         registered workers stay as they are; counted and logged."""
         self._stats(source).bump(self._stats(source).errors, kind)
-        log.warning("discovery %s: %s; keeping the last good set", source, reason)
+        log.warning("discovery %s: %s", source, reason)
 
     async def apply(self, source: str, desired: Mapping[str, WorkerSpec]) -> None:
         """Make `source`'s registered workers exactly `desired` ({stable key: spec})."""
