@@ -4,6 +4,8 @@ workers: a manifest created late, added, changed, broken, emptied; requests foll
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import time
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 from smg.config import ConfigError, load_config, remove_unhealthy
-from smg.discovery.file import ManifestError, parse_manifest
+from smg.discovery.file import FileProvider, ManifestError, parse_manifest
 from smg.workers_spec import WorkerSpec
 from tests import mockutil
 from tests.gatewayutil import running_gateway, wait_until
@@ -367,3 +369,60 @@ def test_file_discovery_end_to_end(tmp_path: Path) -> None:
             assert _metric(text, 'smg_discovery_last_sync_timestamp_seconds{source="file"}') > (
                 time.time() - 60
             )
+
+
+# --- the provider's loop, without a gateway ------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for the Reconciler: what the provider handed over, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    async def apply(self, source: str, desired: dict[str, WorkerSpec]) -> None:
+        self.events.append(("apply", sorted(s.url for s in desired.values())))
+
+    def failed(self, source: str, reason: str, kind: str = "invalid") -> None:
+        self.events.append(("failed", kind))
+
+
+def test_provider_directory_created_late_then_periodic_reread(tmp_path: Path) -> None:
+    """No directory at start: stat polling, then inotify once it exists; a broken file is
+    reported and the next good one applied; the timer rereads an unchanged file too."""
+
+    async def scenario() -> list[tuple[str, Any]]:
+        recorder = _Recorder()
+        path = tmp_path / "later" / "m.json"
+        provider = FileProvider(path, 1.0, recorder)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(provider.run())
+        try:
+            await asyncio.sleep(0.3)
+            assert provider.watch_mode == "stat"
+            path.parent.mkdir()
+            _write(path, _manifest({"url": "http://127.0.0.1:7001"}))
+            await _until(lambda: ("apply", ["http://127.0.0.1:7001"]) in recorder.events)
+            await _until(lambda: provider.watch_mode == "inotify")
+            _write(path, b"{")
+            await _until(lambda: recorder.events[-1] == ("failed", "invalid"))
+            _write(path, _manifest())
+            await _until(lambda: recorder.events[-1] == ("apply", []))
+            count = len(recorder.events)
+            await _until(lambda: len(recorder.events) > count, 3.0)  # the 1 s timer
+            return recorder.events
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    events = asyncio.run(scenario())
+    assert events[0] == ("failed", "unreadable")
+    assert events[-1] == ("apply", [])
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
