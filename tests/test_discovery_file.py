@@ -371,6 +371,40 @@ def test_file_discovery_end_to_end(tmp_path: Path) -> None:
             )
 
 
+def test_unhealthy_discovered_worker_is_removed_and_added_back(tmp_path: Path) -> None:
+    """--remove-unhealthy-workers is on under discovery (unset, as 1.13): a Failed
+    discovered worker is removed, the next reread registers it again, and it serves once
+    healthy."""
+    manifest = tmp_path / "workers.json"
+    with mockutil.start_mock_workers(1) as mocks:
+        (a,) = mocks.urls
+        _write(manifest, _manifest({"id": "wa", "url": a}))
+        args = [
+            "--discovery-provider",
+            "file",
+            "--discovery-file",
+            str(manifest),
+            "--discovery-check-interval-secs",
+            "1",
+            "--health-check-interval-secs",
+            "1",
+            "--health-failure-threshold",
+            "1",
+            "--health-success-threshold",
+            "1",
+        ]
+        with running_gateway(args, processes=2) as gw:
+            wait_until(lambda: _discovered(gw) == {a: ("wa", "mock-model", "ready")}, 15, "a")
+            (first,) = [w["id"] for w in _workers(gw).values()]
+            mockutil.set_config(a, healthy=False)
+            wait_until(lambda: first not in {w["id"] for w in _workers(gw).values()}, 20, "removal")
+            assert "removing unhealthy worker " + a in gw.logs()
+            mockutil.set_config(a, healthy=True)
+            wait_until(lambda: _discovered(gw) == {a: ("wa", "mock-model", "ready")}, 20, "back")
+            assert _workers(gw)[a]["id"] != first
+            _send(gw, 2)
+
+
 # --- the provider's loop, without a gateway ------------------------------------------------
 
 
