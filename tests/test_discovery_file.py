@@ -14,12 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from smg.config import ConfigError, load_config, remove_unhealthy
 from smg.discovery.file import FileProvider, ManifestError, parse_manifest
 from smg.workers_spec import WorkerSpec
 from tests import mockutil
-from tests.gatewayutil import running_gateway, wait_until
+from tests.gatewayutil import promtool_check, running_gateway, wait_until
 
 # --- the manifest ------------------------------------------------------------------------
 
@@ -355,6 +356,16 @@ def test_file_discovery_end_to_end(tmp_path: Path) -> None:
             assert "smg.ai/discovery-provider" not in _workers(gw)[c]["labels"]
 
             text = gw.metrics()
+            promtool_check(text)
+            parsed = {f.name for f in text_string_to_metric_families(text)}
+            assert {
+                "smg_discovery_registrations",
+                "smg_discovery_deregistrations",
+                "smg_discovery_snapshot_errors",
+                "smg_discovery_workers_discovered",
+                "smg_discovery_sync_duration_seconds",
+                "smg_discovery_last_sync_timestamp_seconds",
+            } <= parsed
             assert _metric(text, 'smg_discovery_workers_discovered{source="file"}') == 0
             assert (
                 _metric(text, 'smg_discovery_registrations_total{source="file",result="success"}')
