@@ -471,3 +471,29 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def test_reload_keeps_the_discovery_settings() -> None:
+    """The provider runs with the start-up settings: a SIGHUP reports them as kept."""
+    from smg.reload import plan_reload
+
+    old = load_config(["--discovery-provider", "file", "--discovery-file", "a.json"], {})
+    new = load_config(
+        [
+            "--discovery-provider",
+            "file",
+            "--discovery-file",
+            "b.json",
+            "--discovery-check-interval-secs",
+            "5",
+            "--no-remove-unhealthy-workers",
+        ],
+        {},
+    )
+    done = plan_reload(old, new)
+    assert done.kept == [
+        ("discovery_file", "a.json", "b.json"),
+        ("discovery_check_interval_secs", None, 5),
+    ]
+    assert done.changed == ["remove_unhealthy_workers"]  # read live by the control plane
+    assert (done.cfg.discovery_file, done.cfg.remove_unhealthy_workers) == ("a.json", False)
