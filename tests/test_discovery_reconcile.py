@@ -208,7 +208,12 @@ async def test_sources_are_independent_and_bad_specs_refused_alone() -> None:
     h = Harness()
     await h.reconciler.apply(
         "kubernetes",
-        {"pod-a": _spec("http://127.0.0.1:9001"), "bad": _spec("ftp://127.0.0.1:1")},
+        {
+            "pod-a": _spec("http://127.0.0.1:9001"),
+            "bad": _spec("ftp://127.0.0.1:1"),
+            "bad\nkey": _spec("http://127.0.0.1:9003"),  # cannot be a label value
+            "k" * 1025: _spec("http://127.0.0.1:9004"),  # too long for one
+        },
     )
     await h.reconciler.apply("file", {"w1": _spec("http://127.0.0.1:9002")})
     await h.settle()
@@ -224,7 +229,7 @@ async def test_sources_are_independent_and_bad_specs_refused_alone() -> None:
         _family(families, "smg_discovery_registrations_total")[
             ("", ("source", "kubernetes"), ("result", "failure"))
         ]
-        == 1
+        == 3
     )
 
 

@@ -168,11 +168,12 @@ class Reconciler:
                     reason = unsupported_reason(checked)
                     if reason:
                         raise ConfigError("worker_type", reason)
+                    # Again with the labels: the key must fit a label value, and the spec
+                    # the worker-table budget.
+                    wanted[key] = validate_worker_spec(mark(checked, source, key))
                 except ConfigError as exc:
                     stats.bump(stats.registrations, "failure")
                     log.warning("discovery %s: worker %r refused: %s", source, key, exc)
-                    continue
-                wanted[key] = mark(checked, source, key)
             registered = self.current(source)
             current = {k: r.spec.labels.get(HASH_LABEL, "") for k, r in registered.items()}
             for (src, key), digest in self._pending.items():
