@@ -1,0 +1,223 @@
+"""Kubernetes pod discovery: list, then watch the pods, and hand the control plane's
+reconciler the workers they call for (smg.discovery.kubepods has the pure rules).
+
+The loop, as 1.13's level-triggered informer (model_gateway/src/service_discovery.rs):
+- LIST pods (the namespace, or every namespace without --service-discovery-namespace;
+  the labelSelector pushed down to the API), keep them by namespace/name, then WATCH
+  from the list's resourceVersion. Each event updates the store and asks for a pass.
+- A watch that ends (its server-side timeout, a dropped connection) resumes from the last
+  resourceVersion seen; a 410 Gone (that version expired) or any other API error
+  relists. Errors back off (0.5 s doubling to 30 s) and are reported to
+  `sink.failed("kubernetes", reason)`.
+- A pass computes the desired workers from the whole store and calls
+  `sink.apply("kubernetes", desired)`; passes run on change (bursts coalesced over
+  `debounce` seconds, 1 s as 1.13) and every `interval` seconds (--discovery-check-
+  interval-secs), so a failed add is retried without any new event.
+
+Only `list` and `watch` on pods are used: deploy/helm's Role grants exactly those
+(tests/test_discovery_kubernetes.py checks it against the requests made).
+The client is kubernetes_asyncio: in-cluster config (the service account's token and CA)
+when KUBERNETES_SERVICE_HOST is set, else the kubeconfig (KUBECONFIG or ~/.kube/config).
+Watch streams are read raw (`_preload_content=False`): the pods stay the API's JSON (no
+model objects), and `watch=true` is sent lowercase as the API spells it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from smg.discovery.kubepods import KubeRules, desired_workers
+from smg.workers_spec import WorkerSpec
+
+log = logging.getLogger("smg.discovery.kubernetes")
+
+SOURCE = "kubernetes"
+WATCH_TIMEOUT_SECS = 290  # server-side end of each watch (the API caps it; we rewatch)
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+
+
+class Sink(Protocol):
+    """What the provider feeds: smg.discovery.reconcile.Reconciler."""
+
+    async def apply(self, source: str, desired: Mapping[str, WorkerSpec]) -> None: ...
+
+    def failed(self, source: str, reason: str) -> None: ...
+
+
+class WatchExpired(Exception):
+    """410 Gone: the resourceVersion watched from is too old; relist."""
+
+
+async def load_client_config() -> Any:
+    """A kubernetes_asyncio ApiClient from in-cluster config, else the kubeconfig."""
+    from kubernetes_asyncio import client, config
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+        return client.ApiClient()
+    configuration = client.Configuration()
+    await config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def _key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+class KubernetesDiscovery:
+    """The pod informer feeding `sink`; `run()` until cancelled."""
+
+    def __init__(
+        self,
+        rules: KubeRules,
+        sink: Sink,
+        interval: float = 30.0,
+        debounce: float = 1.0,
+        api_client: Any = None,
+    ) -> None:
+        self.rules = rules
+        self.sink = sink
+        self.interval = interval
+        self.debounce = debounce
+        self._api_client = api_client
+        self.pods: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self.synced = False  # the first list has landed
+        self._changed = asyncio.Event()
+        self._desired: dict[str, WorkerSpec] = {}
+        self.passes = 0
+
+    # -- API calls -------------------------------------------------------------------
+
+    def _call(self, core: Any, **kwargs: Any) -> Any:
+        selector = self.rules.list_label_selector()
+        if selector:
+            kwargs["label_selector"] = selector
+        if self.rules.namespace:
+            return core.list_namespaced_pod(self.rules.namespace, **kwargs)
+        return core.list_pod_for_all_namespaces(**kwargs)
+
+    async def _list(self, core: Any) -> str:
+        resp = await self._call(core, _preload_content=False)
+        try:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"list answered {resp.status}: {raw[:200]!r}")
+            body = json.loads(raw)
+        finally:
+            resp.release()
+        self.pods = {_key(p): p for p in body.get("items") or ()}
+        self.synced = True
+        self._changed.set()
+        return str((body.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def _watch(self, core: Any, version: str) -> str:
+        """Follow one watch stream; returns the last resourceVersion seen when it ends."""
+        kwargs: dict[str, Any] = {
+            "watch": "true",  # lowercase: the query the API (and kmock) expects
+            "allow_watch_bookmarks": "true",
+            "timeout_seconds": WATCH_TIMEOUT_SECS,
+            "_preload_content": False,
+        }
+        if version:
+            kwargs["resource_version"] = version
+        resp = await self._call(core, **kwargs)
+        try:
+            if resp.status == 410:
+                raise WatchExpired(f"watch from resourceVersion {version!r}: 410 Gone")
+            if resp.status != 200:
+                raise RuntimeError(f"watch answered {resp.status}: {(await resp.read())[:200]!r}")
+            while True:
+                line = await asyncio.wait_for(resp.content.readline(), WATCH_TIMEOUT_SECS + 30)
+                if not line:
+                    return version
+                if line.strip():
+                    version = self._event(json.loads(line), version)
+        finally:
+            resp.release()
+
+    def _event(self, event: Mapping[str, Any], version: str) -> str:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise WatchExpired(str(obj.get("message") or "410 Gone"))
+            raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind in ("ADDED", "MODIFIED"):
+            self.pods[_key(obj)] = obj
+            self._changed.set()
+        elif kind == "DELETED":
+            old = self.pods.get(_key(obj))
+            uid = (obj.get("metadata") or {}).get("uid")
+            if old is not None and (old.get("metadata") or {}).get("uid") in (None, uid):
+                del self.pods[_key(obj)]
+                self._changed.set()
+        return str(rv) if rv else version
+
+    # -- loops -----------------------------------------------------------------------
+
+    async def _informer(self) -> None:
+        from kubernetes_asyncio import client
+
+        api = self._api_client or await load_client_config()
+        core = client.CoreV1Api(api)
+        backoff = BACKOFF_START
+        version = ""
+        try:
+            while True:
+                try:
+                    if not version:
+                        version = await self._list(core)
+                        log.info("kubernetes discovery: listed %d pod(s)", len(self.pods))
+                    version = await self._watch(core, version)
+                    backoff = BACKOFF_START  # a stream that ended cleanly: rewatch at once
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except WatchExpired as exc:
+                    log.info("kubernetes discovery: %s; relisting", exc)
+                    version = ""
+                    continue
+                except Exception as exc:  # any API or connection error: back off, relist
+                    reason = f"{type(exc).__name__}: {exc}"[:300]
+                    log.warning("kubernetes discovery: %s; retrying in %.1fs", reason, backoff)
+                    self.sink.failed(SOURCE, reason)
+                    version = ""
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            if self._api_client is None:
+                await api.close()
+
+    async def _reconciler(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.interval)
+                await asyncio.sleep(self.debounce)  # coalesce a burst (a rollout, a relist)
+            if not self.synced:
+                continue  # never reconcile an empty store before the first list
+            self._changed.clear()
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """One pass: the desired workers from the whole store, to the sink."""
+        self._desired = desired_workers(self.pods.values(), self.rules, self._desired)
+        self.passes += 1
+        try:
+            await self.sink.apply(SOURCE, dict(self._desired))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the next pass retries
+            log.exception("kubernetes discovery: apply failed")
+            self.sink.failed(SOURCE, f"apply: {type(exc).__name__}: {exc}"[:300])
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._informer())
+            group.create_task(self._reconciler())
