@@ -13,6 +13,7 @@ finalizers only sets deletionTimestamp (a graceful deletion), removing them dele
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -73,10 +74,11 @@ class KubeApi:
         self._stop: asyncio.Event | None = None
         self.emulator: Any = None
         self._rv = 100
+        self.faults: list[str] = []
 
     def start(self) -> KubeApi:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self.loop)
+        self._served = asyncio.run_coroutine_threadsafe(self._serve(), self.loop)
         self._started.result(timeout=10)
         return self
 
@@ -88,6 +90,9 @@ class KubeApi:
                 kmock.Server(emulator, host="127.0.0.1", port=self.port),
             ):
                 emulator.resources["v1/pods"] = kmock.ResourceInfo(namespaced=True)
+                # Faults first, for a watch while one is queued (a reaction whose payload
+                # declines is disabled for good: the filter decides instead).
+                emulator[self._faulted] << self._react
                 self.emulator = emulator
                 self._started.set_result(None)
                 await self._stop.wait()
@@ -96,11 +101,42 @@ class KubeApi:
                 self._started.set_exception(exc)
             raise
 
+    def _faulted(self, request: Any) -> bool:
+        return request.action == kmock.action.WATCH and bool(self.faults)
+
+    def _react(self, request: Any) -> Any:
+        fault = self.faults.pop(0)
+        if fault == "gone":  # the resourceVersion watched from expired: an ERROR event
+            status = {"kind": "Status", "code": 410, "reason": "Expired",
+                      "message": "too old resource version: 1 (200)"}  # fmt: skip
+            return ({"type": "ERROR", "object": status},)
+        if fault == "end":  # the stream ends (a dropped connection, a server timeout)
+            bookmark = {"kind": "Pod", "metadata": {"resourceVersion": self._next_rv()}}
+            return ({"type": "BOOKMARK", "object": bookmark},)
+        raise AssertionError(f"unknown fault {fault!r}")
+
+    def fault(self, *faults: str) -> None:
+        """The next watch requests get these, in order: "gone" (410), "end" (EOF)."""
+        self.run(lambda: self.faults.extend(faults))
+
     def stop(self) -> None:
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(Exception):
+                self._served.result(timeout=10)  # the server and its client closed
+
+        async def cancel_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_rest(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
     def __enter__(self) -> KubeApi:
         return self.start()
@@ -173,6 +209,6 @@ class KubeApi:
         """(METHOD, path, query) of every request the API received, in order."""
 
         def read() -> list[tuple[str, str, dict[str, str]]]:
-            return [(str(r.method).upper(), str(r.url.path), dict(r.params)) for r in self.emulator]
+            return [(r.method.value, r.url.path, dict(r.params)) for r in self.emulator]
 
         return self.run(read)

@@ -210,7 +210,7 @@ def test_selectors_and_references_match(variant: str) -> None:
     # RBAC: read-only pods in the release's namespace, bound to the pod's account.
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}
     ]
     account = one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["spec"]["serviceAccountName"] == account

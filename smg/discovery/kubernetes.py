@@ -62,7 +62,10 @@ async def load_client_config() -> Any:
         config.load_incluster_config()
         return client.ApiClient()
     configuration = client.Configuration()
-    await config.load_kube_config(client_configuration=configuration)
+    # KUBECONFIG read now: the library reads it once, at import.
+    await config.load_kube_config(
+        config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+    )
     return client.ApiClient(configuration)
 
 
