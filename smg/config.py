@@ -51,6 +51,7 @@ __all__ = [
     "GatewayConfig",
     "build_parser",
     "cfg_processes",
+    "discovery_provider",
     "is_secret_key",
     "load_config",
     "mask_secret",
@@ -59,7 +60,9 @@ __all__ = [
     "model_aliases",
     "normalize_worker_url",
     "prometheus_bind_host",
+    "remove_unhealthy",
     "render_config",
+    "selector_map",
     "tenant_keys",
     "validate_config",
 ]
@@ -233,6 +236,21 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_max_bytes: int = 100 * 1024 * 1024
     log_backup_count: int = 5
     mcp_tool_timeout_secs: float = 60.0
+    # Service discovery (smg.discovery), as the Rust SMG 1.13's flags
+    service_discovery: bool = False
+    discovery_provider: str | None = None
+    discovery_file: str | None = None
+    discovery_check_interval_secs: int | None = None
+    selector: list[str] | None = None
+    service_discovery_port: int = 80
+    service_discovery_namespace: str | None = None
+    kv_connector_annotation: str = "smg.ai/kv-connector"
+    kv_engine_id_annotation: str = "smg.ai/kv-engine-id"
+    encode_selector: list[str] | None = None
+    prefill_selector: list[str] | None = None
+    decode_selector: list[str] | None = None
+    router_selector: list[str] | None = None
+    model_id_from: str | None = None
 
 
 DEFAULTS: dict[str, Any] = msgspec.structs.asdict(GatewayConfig())
@@ -257,6 +275,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reasoning_parser": tuple(REASONING_PARSERS),
     # oracle is listed (a Rust command line parses) and refused by validate_config.
     "history_backend": ("memory", "none", "oracle", "postgres", "redis"),
+    "discovery_provider": ("kubernetes", "file"),
 }
 
 # Environment variables the Rust SMG reads for its engines and media paths; a deployment
@@ -1142,7 +1161,72 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             ),
         ),
     ),
+    (
+        "Service Discovery",
+        (
+            _Flag(
+                "service_discovery",
+                "Enable Kubernetes service discovery (the legacy spelling of "
+                "--discovery-provider kubernetes)",
+            ),
+            _Flag(
+                "discovery_provider",
+                "Worker discovery provider. Give this or --service-discovery, not both",
+            ),
+            _Flag(
+                "discovery_file",
+                "JSON manifest listing the workers, for --discovery-provider file "
+                '({"version": 1, "workers": [...]}, docs/discovery.md). It may be created '
+                "after startup",
+            ),
+            _Flag(
+                "discovery_check_interval_secs",
+                "Seconds between periodic rereads of the --discovery-file manifest, which is "
+                "also reread as soon as it changes (unset: 30)",
+            ),
+            _Flag(
+                "selector",
+                "Label selector for Kubernetes service discovery (format: key1=value1 key2=value2)",
+            ),
+            _Flag("service_discovery_port", "Port to use for discovered worker pods"),
+            _Flag(
+                "service_discovery_namespace",
+                "Kubernetes namespace to watch for pods (unset: all namespaces, which needs "
+                "cluster-wide permissions)",
+            ),
+            _Flag(
+                "kv_connector_annotation",
+                "vLLM KV connector Pod annotation (smg reads no KV connector: only the "
+                "default is accepted)",
+            ),
+            _Flag(
+                "kv_engine_id_annotation",
+                "Per-worker KV engine ID Pod annotation (smg reads none: only the default "
+                "is accepted)",
+            ),
+            _Flag(
+                "encode_selector",
+                "Label selector for encode server pods in EPD mode (refused: smg has no EPD mode)",
+            ),
+            _Flag("prefill_selector", "Label selector for prefill server pods in PD mode"),
+            _Flag("decode_selector", "Label selector for decode server pods in PD mode"),
+            _Flag(
+                "router_selector",
+                "Label selector for router pod discovery in HA mesh mode (refused: smg has no "
+                "mesh)",
+            ),
+            _Flag(
+                "model_id_from",
+                "Override each worker's model ID from pod metadata: namespace, "
+                "label:<key> or annotation:<key>",
+            ),
+        ),
+    ),
 )
+
+# --service-discovery and --discovery-provider exclude each other on the command line (as
+# in the Rust SMG 1.13's argparse); validate_config refuses the pair from any other layer.
+_DISCOVERY_EXCLUSIVE = frozenset({"service_discovery", "discovery_provider"})
 
 # Every option string that sets remove_unhealthy_workers, with the value it stores.
 _REMOVE_UNHEALTHY_FLAGS: tuple[tuple[str, bool], ...] = (
@@ -1199,8 +1283,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for title, flags in _GROUPS:
         group = parser.add_argument_group(title)
+        exclusive = None
         for flag in flags:
-            _add_flag(group, flag)
+            if flag.field in _DISCOVERY_EXCLUSIVE:
+                exclusive = exclusive or group.add_mutually_exclusive_group()
+                _add_flag(exclusive, flag)
+            else:
+                _add_flag(group, flag)
         if title == "Health Checks":
             excl = group.add_mutually_exclusive_group()
             for opt, value in _REMOVE_UNHEALTHY_FLAGS:
@@ -1475,6 +1564,26 @@ def _choice(field: str) -> _Check:
     return check
 
 
+def _selector(v: list[str]) -> str | None:
+    # One argv item may hold several space-separated pairs (as the Rust SMG's launcher
+    # takes them); a token without `=` is refused here (1.13's launcher drops it silently).
+    for item in v:
+        for token in item.split():
+            key, sep, _value = token.partition("=")
+            if not sep or not key:
+                return f"{token!r} is not key=value"
+    return None
+
+
+def _model_id_from(v: str) -> str | None:
+    kind, sep, key = v.partition(":")
+    if (v == "namespace") or (sep and kind in ("label", "annotation") and key):
+        return None
+    return (
+        f"Invalid model-id-from value {v!r}. Expected: namespace, label:<key>, or annotation:<key>"
+    )
+
+
 _CHECKS: dict[str, tuple[_Check, ...]] = {
     "host": (_host,),
     "port": (_port(allow_zero=True),),
@@ -1573,6 +1682,19 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "log_backup_count": (_range(0, 1000),),
     "mcp_config_path": (_nonempty,),
     "mcp_tool_timeout_secs": (_range(0.0, gt=True),),
+    "discovery_provider": (_choice("discovery_provider"),),
+    "discovery_file": (_nonempty,),
+    "discovery_check_interval_secs": (_range(0, gt=True),),
+    "selector": (_selector,),
+    "service_discovery_port": (_port(allow_zero=False),),
+    "service_discovery_namespace": (_nonempty,),
+    "kv_connector_annotation": (_nonempty,),
+    "kv_engine_id_annotation": (_nonempty,),
+    "encode_selector": (_selector,),
+    "prefill_selector": (_selector,),
+    "decode_selector": (_selector,),
+    "router_selector": (_selector,),
+    "model_id_from": (_model_id_from,),
     "history_backend": (_choice("history_backend"),),
     "history_memory_max_responses": (_range(1),),
     "history_memory_max_items": (_range(1),),
@@ -1640,6 +1762,7 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             src.get("policy"),
         )
     _check_history(cfg, src)
+    _check_discovery(cfg, src)
     if cfg.queue_size > 0 and cfg.queue_timeout_secs == 0:
         raise ConfigError(
             "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")
@@ -1790,3 +1913,90 @@ def render_config(cfg: GatewayConfig) -> str:
 
 
 _NOT_RENDERED = frozenset({"config", "print_config"})
+
+
+# ---------------------------------------------------------------------------------------
+# Service discovery (smg.discovery)
+
+DISCOVERY_CHECK_INTERVAL_DEFAULT = 30  # seconds, when --discovery-check-interval-secs is unset
+
+
+def discovery_provider(cfg: GatewayConfig) -> str | None:
+    """The discovery provider by either spelling (`--service-discovery` is kubernetes)."""
+    if cfg.discovery_provider is not None:
+        return cfg.discovery_provider
+    return "kubernetes" if cfg.service_discovery else None
+
+
+def remove_unhealthy(cfg: GatewayConfig) -> bool:
+    """--remove-unhealthy-workers, whose unset value follows discovery (as in 1.13:
+    recovery by removal needs discovery to add the worker back)."""
+    if cfg.remove_unhealthy_workers is not None:
+        return cfg.remove_unhealthy_workers
+    return discovery_provider(cfg) is not None
+
+
+def selector_map(items: list[str] | None) -> dict[str, str]:
+    """`key=value` selector entries (validated by load_config) as {key: value}."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        for token in item.split():
+            key, _, value = token.partition("=")
+            out[key] = value
+    return out
+
+
+def _check_discovery(cfg: GatewayConfig, src: Mapping[str, str]) -> None:
+    if cfg.service_discovery and cfg.discovery_provider is not None:
+        raise ConfigError(
+            "discovery_provider",
+            "not allowed with --service-discovery (give one or the other)",
+            src.get("discovery_provider"),
+        )
+    provider = discovery_provider(cfg)
+    for field in ("discovery_file", "discovery_check_interval_secs"):
+        if getattr(cfg, field) is not None and provider != "file":
+            raise ConfigError(
+                field,
+                "--discovery-file and --discovery-check-interval-secs apply only to "
+                "--discovery-provider file",
+                src.get(field),
+            )
+    if provider == "file" and not cfg.discovery_file:
+        raise ConfigError(
+            "discovery_provider", "file needs --discovery-file", src.get("discovery_provider")
+        )
+    for field, what in (("encode_selector", "EPD mode"), ("router_selector", "HA mesh mode")):
+        if getattr(cfg, field):
+            raise ConfigError(field, f"smg has no {what}", src.get(field))
+    for field in ("kv_connector_annotation", "kv_engine_id_annotation"):
+        if getattr(cfg, field) != DEFAULTS[field]:
+            raise ConfigError(
+                field,
+                "smg reads no vLLM KV connector annotations (only the default is accepted)",
+                src.get(field),
+            )
+    if provider != "kubernetes":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("smg.discovery.kubernetes") is None:
+        raise ConfigError(
+            "discovery_provider",
+            "kubernetes discovery is not in this build of smg",
+            src.get("discovery_provider") or src.get("service_discovery"),
+        )
+    if getattr(cfg, "pd_disaggregation", False):
+        if not (selector_map(cfg.prefill_selector) or selector_map(cfg.decode_selector)):
+            raise ConfigError(
+                "prefill_selector",
+                "PD mode with service discovery requires at least one non-empty selector "
+                "(prefill or decode)",
+                src.get("service_discovery") or src.get("discovery_provider"),
+            )
+    elif not selector_map(cfg.selector):
+        raise ConfigError(
+            "selector",
+            "Regular mode with service discovery requires a non-empty selector",
+            src.get("service_discovery") or src.get("discovery_provider"),
+        )

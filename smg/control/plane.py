@@ -20,12 +20,13 @@ import msgspec
 import orjson
 from aiohttp import web
 
-from smg import __version__, ipc, promtext
+from smg import __version__, discovery, ipc, promtext
 from smg.config import (
     ConfigError,
     GatewayConfig,
     model_aliases,
     prometheus_bind_host,
+    remove_unhealthy,
     tenant_keys,
 )
 from smg.control import cpauth, external, probes, procmetrics, profile
@@ -36,6 +37,7 @@ from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane import admission
 from smg.dataplane.breaker import STATE_NAMES
+from smg.discovery.reconcile import Reconciler
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
@@ -129,6 +131,14 @@ class ControlPlane:
         )
         # POST/GET /wasm, DELETE /wasm/{id}: modules published with the directory.
         self.wasm_admin = WasmAdmin(self.registry, cfg.enable_wasm, root_pid)
+        # Service discovery's only way into the registry (smg.discovery).
+        self.reconciler = Reconciler(
+            self.registry,
+            self._register,
+            self._drain_and_remove,
+            self._spawn,
+            drain_wait_secs=float(cfg.shutdown_grace_period_secs),
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -188,6 +198,9 @@ class ControlPlane:
         self._spawn(self._load_loop())
         self._spawn(self._dataplane_scrape_loop())
         self._spawn(self._health_tick_loop())
+        provider = discovery.provider_coroutine(self.cfg, self.reconciler)
+        if provider is not None:
+            self._spawn(provider)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -555,7 +568,7 @@ class ControlPlane:
 
     def _after_status_change(self, record: WorkerRecord) -> None:
         # As in the Rust SMG, only a Failed worker is removed (a NotReady one may recover).
-        if self.cfg.remove_unhealthy_workers and record.status == WorkerStatus.FAILED:
+        if remove_unhealthy(self.cfg) and record.status == WorkerStatus.FAILED:
             log.warning("removing unhealthy worker %s", record.spec.url)
             self._spawn(self._drain_and_remove(record))
 
@@ -1383,6 +1396,7 @@ class ControlPlane:
                 [Sample("", [], self.table.total_in_flight())],
             ),
             *admission.gateway_families(self.table),
+            *self.reconciler.families(),
         ]
 
 
