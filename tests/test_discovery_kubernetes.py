@@ -34,7 +34,7 @@ class RecordingSink:
         assert source == "kubernetes"
         self.applied.append(dict(desired))
 
-    def failed(self, source: str, reason: str) -> None:
+    def failed(self, source: str, reason: str, kind: str = "invalid") -> None:
         assert source == "kubernetes"
         self.failures.append(reason)
 

@@ -9,7 +9,6 @@ from smg.discovery.kubepods import (
     ModelIdFrom,
     SelectorError,
     desired_workers,
-    parse_selector,
 )
 from tests.kmockutil import pod
 
@@ -148,17 +147,6 @@ def test_model_id_from_refuses_what_1_13_refuses(raw: str, message: str) -> None
     with pytest.raises(SelectorError) as info:
         ModelIdFrom.parse(raw)
     assert str(info.value) == message
-
-
-def test_parse_selector() -> None:
-    assert parse_selector(["app=llm", "tier=gpu,zone=a"]) == {
-        "app": "llm",
-        "tier": "gpu",
-        "zone": "a",
-    }
-    assert parse_selector(None) == {}
-    with pytest.raises(SelectorError, match="'app' must be key=value"):
-        parse_selector(["app"])
 
 
 def test_a_pod_turning_unready_keeps_its_workers_one_never_ready_gets_none() -> None:

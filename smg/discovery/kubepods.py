@@ -29,7 +29,7 @@ lists and watches the pods and calls this.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,23 +46,7 @@ Pod = Mapping[str, Any]
 
 
 class SelectorError(ValueError):
-    """A bad `--*-selector` item or `--model-id-from` value (the message says which)."""
-
-
-def parse_selector(items: Sequence[str] | None) -> dict[str, str]:
-    """`["app=sglang", "tier=gpu"]` -> {"app": "sglang", "tier": "gpu"} (1.13's format:
-    `key=value` items; an item may also hold several joined by commas)."""
-    out: dict[str, str] = {}
-    for item in items or ():
-        for part in item.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            key, eq, value = part.partition("=")
-            if not eq or not key.strip():
-                raise SelectorError(f"selector item {part!r} must be key=value")
-            out[key.strip()] = value.strip()
-    return out
+    """A bad `--model-id-from` value (smg.config checks the flag; this parses it)."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ The loop, as 1.13's level-triggered informer (model_gateway/src/service_discover
   `sink.failed("kubernetes", reason)`.
 - A pass computes the desired workers from the whole store and calls
   `sink.apply("kubernetes", desired)`; passes run on change (bursts coalesced over
-  `debounce` seconds, 1 s as 1.13) and every `interval` seconds (--discovery-check-
-  interval-secs), so a failed add is retried without any new event.
+  `debounce` seconds, 1 s as 1.13) and every `interval` seconds (60 s, 1.13's fixed
+  value), so a failed add is retried without any new event.
 
 Only `list` and `watch` on pods are used: deploy/helm's Role grants exactly those
 (tests/test_discovery_kubernetes.py checks it against the requests made).
@@ -32,12 +32,16 @@ import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from smg.discovery.kubepods import KubeRules, desired_workers
+from smg.config import GatewayConfig, selector_map
+from smg.discovery.kubepods import KubeRules, ModelIdFrom, desired_workers
 from smg.workers_spec import WorkerSpec
 
 log = logging.getLogger("smg.discovery.kubernetes")
 
 SOURCE = "kubernetes"
+# 1.13 reconciles its pod store every 60 s besides each change (fixed: its
+# --discovery-check-interval-secs is the file provider's).
+CHECK_INTERVAL_SECS = 60.0
 WATCH_TIMEOUT_SECS = 290  # server-side end of each watch (the API caps it; we rewatch)
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
@@ -47,7 +51,33 @@ class Sink(Protocol):
 
     async def apply(self, source: str, desired: Mapping[str, WorkerSpec]) -> None: ...
 
-    def failed(self, source: str, reason: str) -> None: ...
+    def failed(self, source: str, reason: str, kind: str = "invalid") -> None: ...
+
+
+def rules_from_config(cfg: GatewayConfig) -> KubeRules:
+    """The pod rules from the discovery flags (validated by smg.config)."""
+    raw = cfg.model_id_from
+    return KubeRules(
+        selector=selector_map(cfg.selector),
+        port=cfg.service_discovery_port,
+        namespace=cfg.service_discovery_namespace,
+        pd=bool(getattr(cfg, "pd_disaggregation", False)),
+        prefill_selector=selector_map(cfg.prefill_selector),
+        decode_selector=selector_map(cfg.decode_selector),
+        model_id_from=ModelIdFrom.parse(raw) if raw else None,
+    )
+
+
+async def run(cfg: GatewayConfig, sink: Sink) -> None:
+    """The provider's task in the control plane (smg.discovery.provider_coroutine)."""
+    rules = rules_from_config(cfg)
+    log.info(
+        "kubernetes discovery: namespace %s, labelSelector %r, every %.0fs",
+        rules.namespace or "(all)",
+        rules.list_label_selector(),
+        CHECK_INTERVAL_SECS,
+    )
+    await KubernetesDiscovery(rules, sink, interval=CHECK_INTERVAL_SECS).run()
 
 
 class WatchExpired(Exception):
@@ -190,7 +220,7 @@ class KubernetesDiscovery:
                 except Exception as exc:  # any API or connection error: back off, relist
                     reason = f"{type(exc).__name__}: {exc}"[:300]
                     log.warning("kubernetes discovery: %s; retrying in %.1fs", reason, backoff)
-                    self.sink.failed(SOURCE, reason)
+                    self.sink.failed(SOURCE, reason, "unreadable")
                     version = ""
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
