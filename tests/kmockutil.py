@@ -75,6 +75,7 @@ class KubeApi:
         self.emulator: Any = None
         self._rv = 100
         self.faults: list[str] = []
+        self.list_faults: list[str] = []
 
     def start(self) -> KubeApi:
         self._thread.start()
@@ -93,6 +94,7 @@ class KubeApi:
                 # Faults first, for a watch while one is queued (a reaction whose payload
                 # declines is disabled for good: the filter decides instead).
                 emulator[self._faulted] << self._react
+                emulator[self._list_faulted] << self._react_list
                 self.emulator = emulator
                 self._started.set_result(None)
                 await self._stop.wait()
@@ -114,6 +116,21 @@ class KubeApi:
             bookmark = {"kind": "Pod", "metadata": {"resourceVersion": self._next_rv()}}
             return ({"type": "BOOKMARK", "object": bookmark},)
         raise AssertionError(f"unknown fault {fault!r}")
+
+    def _list_faulted(self, request: Any) -> bool:
+        return request.action == kmock.action.LIST and bool(self.list_faults)
+
+    def _react_list(self, request: Any) -> Any:
+        fault = self.list_faults.pop(0)
+        if fault == "paged":  # page one holds the first pod; the emulator serves the rest
+            items = [o.raw for o in self.emulator.objects.values() if not o.deleted][:1]
+            meta = {"resourceVersion": "...", "continue": "page-2"}
+            return {"kind": "PodList", "metadata": meta, "items": items}
+        raise AssertionError(f"unknown list fault {fault!r}")
+
+    def list_fault(self, *faults: str) -> None:
+        """The next list requests get these, in order: "paged" (a continue token)."""
+        self.run(lambda: self.list_faults.extend(faults))
 
     def fault(self, *faults: str) -> None:
         """The next watch requests get these, in order: "gone" (410), "end" (EOF)."""

@@ -39,7 +39,8 @@ class RecordingSink:
         self.failures.append(reason)
 
     def current(self) -> list[str]:
-        return sorted(self.applied[-1]) if self.applied else []
+        """The URLs of the last set applied."""
+        return sorted(s.url for s in self.applied[-1].values()) if self.applied else []
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
@@ -94,7 +95,7 @@ def test_pods_created_made_ready_relabelled_and_deleted_gracefully(tmp_path: Pat
 
         async def body(disc: KubernetesDiscovery, sink: RecordingSink) -> None:
             await until(lambda: sink.current() == [W.format(11)], "w1 only")
-            spec = sink.applied[-1][W.format(11)]
+            spec = sink.applied[-1]["uid-w1:8000"]
             assert spec.labels == {"smg.ai/pod-name": "w1", "smg.ai/pod-uid": "uid-w1"}
             api.set_ready("w2", True)
             await until(lambda: sink.current() == [W.format(11), W.format(12)], "w2 ready")
@@ -130,11 +131,16 @@ def test_a_broken_watch_resumes_from_the_last_resource_version(tmp_path: Path) -
             await until(lambda: sink.current() == [W.format(11), W.format(12)], "w2")
 
         api.fault("end")  # the first watch ends after one bookmark (resourceVersion 102)
+        api.list_fault("paged")  # and the list comes in two pages
         running(api, tmp_path, body)
         reqs = api.requests()
     watches = [q for m, _, q in reqs if q.get("watch") == "true"]
     lists = [q for m, _, q in reqs if m == "GET" and "watch" not in q]
-    assert len(lists) == 1, lists  # resumed, never relisted
+    # One list, in two pages (limit 500, then the continue token), never relisted.
+    assert lists == [
+        {"labelSelector": "app=llm", "limit": "500"},
+        {"labelSelector": "app=llm", "limit": "500", "continue": "page-2"},
+    ]
     assert len(watches) >= 2
     # The first watch starts at the list's version; the second resumes from the version
     # of the bookmark that ended the first.

@@ -89,7 +89,7 @@ def test_requests_follow_the_pods(tmp_path: Path) -> None:
         assert labels["smg.ai/pod-name"] == "w1"
         assert labels["smg.ai/pod-uid"] == "uid-w1"
         assert labels["smg.ai/discovery-provider"] == "kubernetes"
-        assert labels["smg.ai/discovery-id"] == w1
+        assert labels["smg.ai/discovery-id"] == "uid-w1:" + w1.rsplit(":", 1)[1]  # as 1.13
         with gw.client() as client:
             assert [chat(client) for _ in range(6)] == [200] * 6
             assert (fleet.served("w1"), fleet.served("w2"), fleet.served("web")) == (6, 0, 0)
@@ -104,7 +104,15 @@ def test_requests_follow_the_pods(tmp_path: Path) -> None:
             before = fleet.served("w1")
             assert [chat(client) for _ in range(6)] == [200] * 6
             assert fleet.served("w1") == before
-        assert 'smg_discovery_workers_discovered{source="kubernetes"} 1' in gw.metrics()
+
+            # Unready (its readiness probe failing): drained and removed, as the 1.13
+            # binary does; Ready again: back.
+            api.set_ready("w2", False)
+            api.patch("w1", {"metadata": {"labels": {"app": "llm"}}})
+            serving(gw, {w1})
+            api.set_ready("w2", True)
+            serving(gw, {w1, w2})
+        assert 'smg_discovery_workers_discovered{source="kubernetes"} 2' in gw.metrics()
 
 
 class Load:

@@ -10,20 +10,21 @@ from smg.discovery.kubepods import (
     SelectorError,
     desired_workers,
 )
+from smg.workers_spec import WorkerSpec
 from tests.kmockutil import pod
 
 RULES = KubeRules(selector={"app": "llm"}, port=8000)
 LBL = {"app": "llm"}
 
 
-def urls(desired: dict) -> list[str]:
-    return sorted(desired)
+def urls(desired: dict[str, WorkerSpec]) -> list[str]:
+    return [spec.url for spec in desired.values()]
 
 
 def test_a_ready_running_selected_pod_is_one_worker_with_its_name_and_uid() -> None:
     desired = desired_workers([pod("w0", "10.0.0.5", LBL)], RULES)
-    assert list(desired) == ["http://10.0.0.5:8000"]
-    spec = desired["http://10.0.0.5:8000"]
+    assert list(desired) == ["uid-w0:8000"]  # 1.13's discovery id: <pod uid>:<port>
+    spec = desired["uid-w0:8000"]
     assert spec.url == "http://10.0.0.5:8000"
     assert spec.worker_type == "regular"
     assert spec.model_id is None
@@ -61,17 +62,19 @@ def test_an_empty_selector_selects_nothing_as_in_1_13() -> None:
 
 def test_worker_ports_annotation_makes_one_worker_per_port_deduplicated_in_order() -> None:
     p = pod("w0", "10.0.0.5", LBL, annotations={"smg.ai/worker-ports": "8001, 8002,8001"})
-    assert list(desired_workers([p], RULES)) == ["http://10.0.0.5:8001", "http://10.0.0.5:8002"]
+    desired = desired_workers([p], RULES)
+    assert list(desired) == ["uid-w0:8001", "uid-w0:8002"]
+    assert urls(desired) == ["http://10.0.0.5:8001", "http://10.0.0.5:8002"]
 
 
 @pytest.mark.parametrize("raw", ["", "80,x", "0", "70000", "8001,,8002"])
 def test_a_bad_worker_ports_annotation_falls_back_to_the_discovery_port(raw: str) -> None:
     p = pod("w0", "10.0.0.5", LBL, annotations={"smg.ai/worker-ports": raw})
-    assert list(desired_workers([p], RULES)) == ["http://10.0.0.5:8000"]
+    assert urls(desired_workers([p], RULES)) == ["http://10.0.0.5:8000"]
 
 
 def test_an_ipv6_pod_ip_is_bracketed() -> None:
-    assert list(desired_workers([pod("w0", "fd00::5", LBL)], RULES)) == ["http://[fd00::5]:8000"]
+    assert urls(desired_workers([pod("w0", "fd00::5", LBL)], RULES)) == ["http://[fd00::5]:8000"]
 
 
 PD = KubeRules(
@@ -92,7 +95,7 @@ def test_pd_roles_come_from_the_selectors_and_the_bootstrap_annotation() -> None
     ]  # fmt: skip
     desired = desired_workers(pods, PD)
     assert urls(desired) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
-    prefill, decode = desired["http://10.0.0.1:8000"], desired["http://10.0.0.2:8000"]
+    prefill, decode = desired["uid-p0:8000"], desired["uid-d0:8000"]
     assert (prefill.worker_type, prefill.bootstrap_port) == ("prefill", 8998)
     assert (decode.worker_type, decode.bootstrap_port) == ("decode", None)  # prefill only
 
@@ -126,7 +129,7 @@ def test_model_id_from_namespace_label_annotation() -> None:
 
     def model(raw: str) -> str | None:
         rules = KubeRules(selector=LBL, port=8000, model_id_from=ModelIdFrom.parse(raw))
-        return desired_workers([p], rules)["http://10.0.0.5:8000"].model_id
+        return desired_workers([p], rules)["uid-w0:8000"].model_id
 
     assert model("namespace") == "team-a"
     assert model("NAMESPACE") == "team-a"
@@ -149,20 +152,16 @@ def test_model_id_from_refuses_what_1_13_refuses(raw: str, message: str) -> None
     assert str(info.value) == message
 
 
-def test_a_pod_turning_unready_keeps_its_workers_one_never_ready_gets_none() -> None:
-    ready = desired_workers([pod("w0", "10.0.0.5", LBL)], RULES)
-    flapped = desired_workers([pod("w0", "10.0.0.5", LBL, ready=False)], RULES, ready)
-    assert flapped == ready
-    # A different pod (new uid) on the same IP, not Ready yet: the old worker goes.
-    other = pod("w1", "10.0.0.5", LBL, ready=False)
-    assert desired_workers([other], RULES, ready) == {}
-    # Ready: the URL is the new pod's (a changed spec: the reconciler removes + adds).
-    new = desired_workers([pod("w1", "10.0.0.5", LBL)], RULES, ready)
-    assert new["http://10.0.0.5:8000"].labels["smg.ai/pod-uid"] == "uid-w1"
+def test_a_pod_turning_unready_leaves_the_set_as_the_1_13_binary_does() -> None:
+    assert list(desired_workers([pod("w0", "10.0.0.5", LBL)], RULES)) == ["uid-w0:8000"]
+    assert desired_workers([pod("w0", "10.0.0.5", LBL, ready=False)], RULES) == {}
 
 
-def test_the_first_live_pod_listed_keeps_a_shared_url() -> None:
-    pods = [pod("a", "10.0.0.5", LBL, ready=False), pod("b", "10.0.0.5", LBL)]
-    assert desired_workers(pods, RULES) == {}
-    desired = desired_workers(list(reversed(pods)), RULES)
-    assert desired["http://10.0.0.5:8000"].labels["smg.ai/pod-name"] == "b"
+def test_a_pod_replaced_on_the_same_ip_is_a_new_worker_and_the_first_listed_keeps_a_url() -> None:
+    new = desired_workers([pod("w1", "10.0.0.5", LBL)], RULES)
+    assert list(new) == ["uid-w1:8000"]  # a new id: the old one's worker drains
+    pods = [pod("a", "10.0.0.5", LBL), pod("b", "10.0.0.5", LBL)]
+    assert list(desired_workers(pods, RULES)) == ["uid-a:8000"]
+    assert list(desired_workers(list(reversed(pods)), RULES)) == ["uid-b:8000"]
+    pods[0] = pod("a", "10.0.0.5", LBL, ready=False)  # an unready one claims nothing
+    assert list(desired_workers(pods, RULES)) == ["uid-b:8000"]

@@ -1,7 +1,7 @@
 """Kubernetes pods -> the workers they serve: pure code, the rules of the Rust SMG 1.13.
 
 A pod is the API's JSON object (a dict, camelCase keys, as `kubectl get pod -o json`
-prints it); `desired_workers` maps a snapshot of pods to `{url: WorkerSpec}`, the set
+prints it); `desired_workers` maps a snapshot of pods to `{id: WorkerSpec}`, the set
 `Reconciler.apply("kubernetes", ...)` is given. No I/O here: smg.discovery.kubernetes
 lists and watches the pods and calls this.
 
@@ -11,17 +11,17 @@ lists and watches the pods and calls this.
   (a pod matching the prefill selector is a prefill, else the decode one a decode).
 - A pod with `metadata.deletionTimestamp` leaves the set at once, so its workers are
   drained from the start of its grace period, not its end.
-- A worker is added only while its pod is `Running` with the condition `Ready=True`, has
-  a pod IP and a uid. A pod that turns unready keeps the workers it already has (1.13:
-  the health checker owns readiness flaps); one never Ready gets none.
+- A worker exists only while its pod is `Running` with the condition `Ready=True`, has
+  a pod IP and a uid: a pod turning unready leaves the set (its workers drain), as the
+  1.13 binary does (the newer source keeps them; the binary wins).
 - One worker per port: the ports of the `smg.ai/worker-ports` annotation ("8000,8001",
   deduplicated in order; junk or 0 falls back to `--service-discovery-port`), else that
   port alone. URL `http://<pod IP>:<port>`.
 - A prefill's bootstrap port: the `sglang.ai/bootstrap-port` annotation, one value for
   every worker of the pod or one per worker port; anything else is ignored (no port).
-- Labels `smg.ai/pod-name` and `smg.ai/pod-uid`. Two pods claiming one URL: the first
-  one listed keeps it. A URL whose pod uid changed (a pod replaced on the same IP) is a
-  changed spec: the reconciler removes the old worker and adds the new one.
+- Keyed by 1.13's discovery id `<pod uid>:<port>` (its `smg.ai/discovery-id` label), with
+  the labels `smg.ai/pod-name` and `smg.ai/pod-uid`: a pod replaced on the same IP is a
+  new id, so the old worker drains and the new one is added once the URL is free.
 - `--model-id-from namespace|label:<key>|annotation:<key>`: the worker's model id from
   the pod's metadata; a pod lacking the key keeps the model its worker reports.
 """
@@ -194,58 +194,40 @@ def _url_host(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
-def pod_workers(pod: Pod, rules: KubeRules) -> tuple[bool, dict[str, WorkerSpec]]:
-    """(ready, {url: spec}) for a selected, live pod with an IP and a uid; (False, {})
-    for any other (not selected, terminating, no IP or uid yet)."""
+def pod_workers(pod: Pod, rules: KubeRules) -> dict[str, WorkerSpec]:
+    """{discovery id: spec} for a selected, Running and Ready pod with an IP and a uid that
+    is not terminating; {} for any other. The id is 1.13's: `<pod uid>:<port>`."""
     role = pod_role(pod, rules)
     meta = pod.get("metadata") or {}
-    if role is None or meta.get("deletionTimestamp"):
-        return False, {}
+    if role is None or meta.get("deletionTimestamp") or not pod_ready(pod):
+        return {}
     name, uid = meta.get("name"), meta.get("uid")
     ip = (pod.get("status") or {}).get("podIP")
     if not name or not uid or not ip:
-        return False, {}
+        return {}
     ports = worker_ports(pod, rules)
     boots = bootstrap_ports(pod, rules, len(ports)) if role == "prefill" else [None] * len(ports)
     model_id = rules.model_id_from.extract(pod) if rules.model_id_from else None
-    specs: dict[str, WorkerSpec] = {}
-    for port, boot in zip(ports, boots, strict=True):
-        url = f"http://{_url_host(ip)}:{port}"
-        specs[url] = WorkerSpec(
-            url=url,
+    return {
+        f"{uid}:{port}": WorkerSpec(
+            url=f"http://{_url_host(ip)}:{port}",
             model_id=model_id,
             worker_type=role,
             bootstrap_port=boot,
             labels={POD_NAME_LABEL: name, POD_UID_LABEL: uid},
         )
-    return pod_ready(pod), specs
+        for port, boot in zip(ports, boots, strict=True)
+    }
 
 
-def desired_workers(
-    pods: Iterable[Pod], rules: KubeRules, previous: Mapping[str, WorkerSpec] | None = None
-) -> dict[str, WorkerSpec]:
-    """The workers the pods call for, by URL.
-
-    `previous` is the last set returned: a worker of a live pod that is no longer Ready
-    stays when it was there for the same pod uid (1.13 keeps it; its health checks
-    decide), while a pod never Ready adds nothing.
-    """
-    previous = previous or {}
+def desired_workers(pods: Iterable[Pod], rules: KubeRules) -> dict[str, WorkerSpec]:
+    """The workers the pods call for, by discovery id. Two pods claiming one URL (an IP
+    reused while the old pod is still listed): the first listed keeps it."""
     out: dict[str, WorkerSpec] = {}
-    claimed: set[str] = set()
+    urls: set[str] = set()
     for pod in pods:
-        ready, specs = pod_workers(pod, rules)
-        for url, spec in specs.items():
-            if url in claimed:
-                continue  # 1.13: the first live pod listed for a URL keeps it, Ready or not
-            claimed.add(url)
-            if ready:
-                out[url] = spec
-                continue
-            before = previous.get(url)
-            if (
-                before is not None
-                and before.labels.get(POD_UID_LABEL) == spec.labels[POD_UID_LABEL]
-            ):
-                out[url] = before
+        for key, spec in pod_workers(pod, rules).items():
+            if spec.url not in urls:
+                urls.add(spec.url)
+                out[key] = spec
     return out

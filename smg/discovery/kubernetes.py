@@ -42,7 +42,8 @@ SOURCE = "kubernetes"
 # 1.13 reconciles its pod store every 60 s besides each change (fixed: its
 # --discovery-check-interval-secs is the file provider's).
 CHECK_INTERVAL_SECS = 60.0
-WATCH_TIMEOUT_SECS = 290  # server-side end of each watch (the API caps it; we rewatch)
+WATCH_TIMEOUT_SECS = 290  # server-side end of each watch, as 1.13 asks (then we rewatch)
+LIST_PAGE = 500
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
 
@@ -123,7 +124,6 @@ class KubernetesDiscovery:
         self.pods: dict[tuple[str, str], Mapping[str, Any]] = {}
         self.synced = False  # the first list has landed
         self._changed = asyncio.Event()
-        self._desired: dict[str, WorkerSpec] = {}
         self.passes = 0
 
     # -- API calls -------------------------------------------------------------------
@@ -137,18 +137,33 @@ class KubernetesDiscovery:
         return core.list_pod_for_all_namespaces(**kwargs)
 
     async def _list(self, core: Any) -> str:
-        resp = await self._call(core, _preload_content=False)
-        try:
-            raw = await resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"list answered {resp.status}: {raw[:200]!r}")
-            body = json.loads(raw)
-        finally:
-            resp.release()
-        self.pods = {_key(p): p for p in body.get("items") or ()}
+        """The whole pod list, in pages of LIST_PAGE (1.13 pages by 500 too); the store is
+        replaced only once every page has arrived."""
+        pods: dict[tuple[str, str], Mapping[str, Any]] = {}
+        token = ""
+        for _page in range(100_000):  # bounded: a list never has that many pages
+            kwargs: dict[str, Any] = {"limit": LIST_PAGE, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            resp = await self._call(core, **kwargs)
+            try:
+                raw = await resp.read()
+                if resp.status == 410:  # the continue token expired: start over
+                    raise WatchExpired("list continue token expired")
+                if resp.status != 200:
+                    raise RuntimeError(f"list answered {resp.status}: {raw[:200]!r}")
+                body = json.loads(raw)
+            finally:
+                resp.release()
+            pods.update((_key(p), p) for p in body.get("items") or ())
+            meta = body.get("metadata") or {}
+            token = str(meta.get("continue") or "")
+            if not token:
+                break
+        self.pods = pods
         self.synced = True
         self._changed.set()
-        return str((body.get("metadata") or {}).get("resourceVersion") or "")
+        return str(meta.get("resourceVersion") or "")
 
     async def _watch(self, core: Any, version: str) -> str:
         """Follow one watch stream; returns the last resourceVersion seen when it ends."""
@@ -240,10 +255,10 @@ class KubernetesDiscovery:
 
     async def reconcile(self) -> None:
         """One pass: the desired workers from the whole store, to the sink."""
-        self._desired = desired_workers(self.pods.values(), self.rules, self._desired)
+        desired = desired_workers(self.pods.values(), self.rules)
         self.passes += 1
         try:
-            await self.sink.apply(SOURCE, dict(self._desired))
+            await self.sink.apply(SOURCE, desired)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the next pass retries
