@@ -32,14 +32,23 @@ class PodFleet:
         self.mocks: dict[str, mockutil.MockWorkers] = {}
         self.urls: dict[str, str] = {}
 
-    def start(self, name: str, ip: str, *, ready: bool = True, **labels: str) -> str:
+    def start(
+        self, name: str, ip: str, *, ready: bool = True, namespace: str = NS, **labels: str
+    ) -> str:
         mocks = mockutil.start_mock_workers(1, "--host", ip)
         self.mocks[name] = mocks
         port = mocks.url.rsplit(":", 1)[1]
         self.urls[name] = f"http://{ip}:{port}"
         assert mocks.url == self.urls[name]
         self.api.create(
-            pod(name, ip, labels or LBL, ready=ready, annotations={"smg.ai/worker-ports": port})
+            pod(
+                name,
+                ip,
+                labels or LBL,
+                ready=ready,
+                namespace=namespace,
+                annotations={"smg.ai/worker-ports": port},
+            )
         )
         return self.urls[name]
 
@@ -52,11 +61,13 @@ class PodFleet:
 
 
 @contextlib.contextmanager
-def cluster(tmp_path: Path) -> Iterator[tuple[KubeApi, PodFleet, Gateway]]:
+def cluster(
+    tmp_path: Path, extra: tuple[str, ...] = ("--service-discovery-namespace", NS)
+) -> Iterator[tuple[KubeApi, PodFleet, Gateway]]:
     with KubeApi() as api:
         fleet = PodFleet(api)
         args = ["--service-discovery", "--selector", "app=llm", "--policy", "round_robin"]
-        args += ["--service-discovery-namespace", NS]
+        args += extra
         env = {"KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig"))}
         try:
             with running_gateway(args, processes=2, env=env) as gw:
@@ -178,3 +189,21 @@ def test_a_rolling_replacement_of_every_worker_fails_no_request(tmp_path: Path) 
 
 def frozen_urls(old: dict[str, str], frozen: dict[str, int]) -> list[str]:
     return [old[name] for name in frozen]
+
+
+def test_model_id_from_a_label_across_all_namespaces(tmp_path: Path) -> None:
+    """No --service-discovery-namespace: every namespace (GET /api/v1/pods). The model id
+    from the pod's label replaces the one the worker reports, as in the 1.13 binary (same
+    pods, same answers: llama-x 200, the worker's own mock-model 404)."""
+    with cluster(tmp_path, ("--model-id-from", "label:model")) as (api, fleet, gw):
+        url = fleet.start("w1", "127.0.0.51", namespace="team-a", app="llm", model="llama-x")
+        serving(gw, {url})
+        assert workers(gw)[url]["model_id"] == "llama-x"
+        with gw.client() as client:
+            ok = client.post(CHAT, json={**BODY, "model": "llama-x"})
+            assert ok.status_code == 200 and ok.json()["model"] == "llama-x"
+            gone = client.post(CHAT, json=BODY)
+            assert gone.status_code == 404
+            assert gone.json()["error"]["code"] == "model_not_found"
+        paths = {path for method, path, _ in api.requests() if method == "GET"}
+        assert paths == {"/api/v1/pods"}
