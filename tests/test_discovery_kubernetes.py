@@ -6,6 +6,7 @@ the verbs the provider uses."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -191,3 +192,66 @@ def test_the_charts_role_grants_exactly_the_verbs_discovery_uses(tmp_path: Path)
     assert [r["rules"] for r in roles] == [
         [{"apiGroups": [""], "resources": ["pods"], "verbs": verbs}]
     ]
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_in_cluster_config_uses_the_service_accounts_token_and_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool
+) -> None:
+    """KUBERNETES_SERVICE_HOST/PORT set: https to that address, verified against the
+    service account's ca.crt, with its token as the bearer (kmock behind a TLS proxy)."""
+    trustme = pytest.importorskip("trustme")
+    ca, stranger = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text("sa-token-1")
+    (ca if trusted else stranger).cert_pem.write_to_path(str(sa / "ca.crt"))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    sink = RecordingSink()
+    with KubeApi() as api:
+        api.create(pod("w1", "127.0.0.11", LBL))
+
+        async def main() -> None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            cert.configure_cert(ctx)
+
+            async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+                ur, uw = await asyncio.open_connection("127.0.0.1", api.port)
+                await asyncio.gather(_pipe(cr, uw), _pipe(ur, cw), return_exceptions=True)
+
+            server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+            port = server.sockets[0].getsockname()[1]
+            monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(port))
+            client = await load_client_config(str(sa))
+            disc = KubernetesDiscovery(RULES, sink, interval=0.5, debounce=0.05, api_client=client)
+            task = asyncio.create_task(disc.run())
+            try:
+                if trusted:
+                    await until(lambda: sink.current() == [W.format(11)], "w1 over TLS")
+                else:
+                    await until(lambda: sink.failures, "a refused certificate")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await client.close()
+                server.close()
+
+        asyncio.run(main())
+        auth = api.run(lambda: [r.headers.get("Authorization") for r in api.emulator][1:])
+    if trusted:
+        assert auth and set(auth) == {"Bearer sa-token-1"}
+        assert sink.failures == []
+    else:
+        assert auth == []  # nothing reached the API
+        assert "CERTIFICATE_VERIFY_FAILED" in sink.failures[0]

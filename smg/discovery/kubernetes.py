@@ -85,18 +85,27 @@ class WatchExpired(Exception):
     """410 Gone: the resourceVersion watched from is too old; relist."""
 
 
-async def load_client_config() -> Any:
-    """A kubernetes_asyncio ApiClient from in-cluster config, else the kubeconfig."""
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+async def load_client_config(service_account_dir: str = SERVICE_ACCOUNT_DIR) -> Any:
+    """A kubernetes_asyncio ApiClient: in a pod (KUBERNETES_SERVICE_HOST set) the service
+    account's token and CA (the token reread as the kubelet rotates it), else the
+    kubeconfig (KUBECONFIG, else ~/.kube/config)."""
     from kubernetes_asyncio import client, config
 
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()
-        return client.ApiClient()
     configuration = client.Configuration()
-    # KUBECONFIG read now: the library reads it once, at import.
-    await config.load_kube_config(
-        config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
-    )
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(
+            client_configuration=configuration,
+            token_filename=os.path.join(service_account_dir, "token"),
+            cert_filename=os.path.join(service_account_dir, "ca.crt"),
+        )
+    else:
+        # KUBECONFIG read now: the library reads it once, at import.
+        await config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+        )
     return client.ApiClient(configuration)
 
 
