@@ -1176,7 +1176,7 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             _Flag(
                 "discovery_file",
                 "JSON manifest listing the workers, for --discovery-provider file "
-                '({"version": 1, "workers": [...]}, docs/discovery.md). It may be created '
+                '({"version": 1, "workers": [...]}, docs/flags.md). It may be created '
                 "after startup",
             ),
             _Flag(

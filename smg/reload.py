@@ -44,6 +44,17 @@ RESTART_ONLY: tuple[str, ...] = (
     "client_cert_path",
     "client_key_path",
     "ca_cert_paths",
+    # The discovery provider's task is started once with them (smg.discovery).
+    "service_discovery",
+    "discovery_provider",
+    "discovery_file",
+    "discovery_check_interval_secs",
+    "selector",
+    "service_discovery_port",
+    "service_discovery_namespace",
+    "prefill_selector",
+    "decode_selector",
+    "model_id_from",
 )
 
 # Whether --port speaks TLS at all is fixed at start-up (clients and load balancers use one

@@ -136,8 +136,11 @@ async def test_apply_adds_then_is_idempotent() -> None:
     }
     assert _family(families, "smg_discovery_workers_discovered") == {("", ("source", "file")): 2}
     sync = _family(families, "smg_discovery_sync_duration_seconds")
-    assert sync[("_count", ("source", "file"))] == 2
-    assert sync[("_bucket", ("source", "file"), ("le", "+Inf"))] == 2
+    # Timed: the sync that changed something (as 1.13), not the idempotent one.
+    assert sync[("_count", ("source", "file"))] == 1
+    assert sync[("_bucket", ("source", "file"), ("le", "+Inf"))] == 1
+    assert sync[("_bucket", ("source", "file"), ("le", "7200"))] == 1
+    assert len(sync) == 29 + 1 + 2  # 1.13's 29 bounds, +Inf, then _sum and _count
     (last,) = _family(families, "smg_discovery_last_sync_timestamp_seconds").values()
     assert last > 1.7e9
 
@@ -205,7 +208,12 @@ async def test_sources_are_independent_and_bad_specs_refused_alone() -> None:
     h = Harness()
     await h.reconciler.apply(
         "kubernetes",
-        {"pod-a": _spec("http://127.0.0.1:9001"), "bad": _spec("ftp://127.0.0.1:1")},
+        {
+            "pod-a": _spec("http://127.0.0.1:9001"),
+            "bad": _spec("ftp://127.0.0.1:1"),
+            "bad\nkey": _spec("http://127.0.0.1:9003"),  # cannot be a label value
+            "k" * 1025: _spec("http://127.0.0.1:9004"),  # too long for one
+        },
     )
     await h.reconciler.apply("file", {"w1": _spec("http://127.0.0.1:9002")})
     await h.settle()
@@ -221,7 +229,7 @@ async def test_sources_are_independent_and_bad_specs_refused_alone() -> None:
         _family(families, "smg_discovery_registrations_total")[
             ("", ("source", "kubernetes"), ("result", "failure"))
         ]
-        == 1
+        == 3
     )
 
 

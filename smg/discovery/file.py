@@ -256,7 +256,10 @@ class FileProvider:
         try:
             while True:
                 self.changed.clear()
-                await self.sync()
+                try:
+                    await self.sync()
+                except Exception:  # a bug must not end discovery: log it, try next time
+                    log.exception("file discovery: sync of %s failed", self.path)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), self.interval)
         finally:
@@ -302,6 +305,7 @@ class FileProvider:
         while True:
             if watchfiles is not None and self.path.parent.is_dir():
                 self.watch_mode = "inotify"
+                log.info("file discovery: watching %s with inotify", self.path.parent)
                 try:
                     async for changes in watchfiles.awatch(
                         self.path.parent,

@@ -53,23 +53,11 @@ SOURCE_LABEL = "smg.ai/discovery-provider"
 ID_LABEL = "smg.ai/discovery-id"
 HASH_LABEL = "smg.ai/discovery-spec-hash"
 _OWN_LABELS = frozenset({SOURCE_LABEL, ID_LABEL, HASH_LABEL})
-# smg_discovery_sync_duration_seconds buckets (the 1.13 binary's, up to 45 s as it shows).
+# smg_discovery_sync_duration_seconds buckets: the 1.13 binary's (its /metrics).
 SYNC_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    30.0,
-    45.0,
+    *(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 45.0),
+    *(60.0, 90.0, 120.0, 180.0, 240.0, 300.0, 480.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0),
+    *(5400.0, 7200.0),
 )
 _json = msgspec.json.Encoder(order="sorted")
 
@@ -166,7 +154,7 @@ class Reconciler:
         """The provider could not observe its source (`kind`: invalid or unreadable): the
         registered workers stay as they are; counted and logged."""
         self._stats(source).bump(self._stats(source).errors, kind)
-        log.warning("discovery %s: %s; keeping the last good set", source, reason)
+        log.warning("discovery %s: %s", source, reason)
 
     async def apply(self, source: str, desired: Mapping[str, WorkerSpec]) -> None:
         """Make `source`'s registered workers exactly `desired` ({stable key: spec})."""
@@ -180,11 +168,12 @@ class Reconciler:
                     reason = unsupported_reason(checked)
                     if reason:
                         raise ConfigError("worker_type", reason)
+                    # Again with the labels: the key must fit a label value, and the spec
+                    # the worker-table budget.
+                    wanted[key] = validate_worker_spec(mark(checked, source, key))
                 except ConfigError as exc:
                     stats.bump(stats.registrations, "failure")
                     log.warning("discovery %s: worker %r refused: %s", source, key, exc)
-                    continue
-                wanted[key] = mark(checked, source, key)
             registered = self.current(source)
             current = {k: r.spec.labels.get(HASH_LABEL, "") for k, r in registered.items()}
             for (src, key), digest in self._pending.items():
@@ -206,8 +195,10 @@ class Reconciler:
                     self._deregister(source, record, "reconciled")
             for key in steps.add:
                 self._add(source, key, wanted[key])
-            elapsed = time.monotonic() - started
             stats.last_sync = time.time()
+            if not (steps.add or steps.remove):
+                return  # 1.13 times only the syncs that change something
+            elapsed = time.monotonic() - started
             stats.sync_sum += elapsed
             stats.sync_count += 1
             for i, bound in enumerate(SYNC_BUCKETS):
