@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from smg.config import GatewayConfig
 from tests import mockutil
 from tests.gatewayutil import Gateway, running_gateway, wait_until
 from tests.kmockutil import NS, KubeApi, pod
@@ -33,7 +35,14 @@ class PodFleet:
         self.urls: dict[str, str] = {}
 
     def start(
-        self, name: str, ip: str, *, ready: bool = True, namespace: str = NS, **labels: str
+        self,
+        name: str,
+        ip: str,
+        *,
+        ready: bool = True,
+        namespace: str = NS,
+        annotations: dict[str, str] | None = None,
+        **labels: str,
     ) -> str:
         mocks = mockutil.start_mock_workers(1, "--host", ip)
         self.mocks[name] = mocks
@@ -47,7 +56,7 @@ class PodFleet:
                 labels or LBL,
                 ready=ready,
                 namespace=namespace,
-                annotations={"smg.ai/worker-ports": port},
+                annotations={**(annotations or {}), "smg.ai/worker-ports": port},
             )
         )
         return self.urls[name]
@@ -62,12 +71,13 @@ class PodFleet:
 
 @contextlib.contextmanager
 def cluster(
-    tmp_path: Path, extra: tuple[str, ...] = ("--service-discovery-namespace", NS)
+    tmp_path: Path,
+    extra: tuple[str, ...] = ("--service-discovery-namespace", NS),
+    selector: tuple[str, ...] = ("--selector", "app=llm"),
 ) -> Iterator[tuple[KubeApi, PodFleet, Gateway]]:
     with KubeApi() as api:
         fleet = PodFleet(api)
-        args = ["--service-discovery", "--selector", "app=llm", "--policy", "round_robin"]
-        args += extra
+        args = ["--service-discovery", *selector, "--policy", "round_robin", *extra]
         env = {"KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kubeconfig"))}
         try:
             with running_gateway(args, processes=2, env=env) as gw:
@@ -207,3 +217,25 @@ def test_model_id_from_a_label_across_all_namespaces(tmp_path: Path) -> None:
             assert gone.json()["error"]["code"] == "model_not_found"
         paths = {path for method, path, _ in api.requests() if method == "GET"}
         assert paths == {"/api/v1/pods"}
+
+
+@pytest.mark.skipif(
+    "pd_disaggregation" not in GatewayConfig.__struct_fields__,
+    reason="PD disaggregation (issue 17, g-pc) is not in this tree yet",
+)
+def test_pd_roles_from_the_prefill_and_decode_selectors(tmp_path: Path) -> None:
+    """--pd-disaggregation: prefill/decode pods by their selectors, the prefill's bootstrap
+    port from `sglang.ai/bootstrap-port` (a decode gets none), the labelSelector the labels
+    both role selectors share; as the 1.13 binary shows the same pods in /workers."""
+    pd = ("--pd-disaggregation", "--service-discovery-namespace", NS)
+    pd += ("--prefill-selector", "app=llm role=prefill", "--decode-selector", "app=llm role=decode")
+    boot = {"sglang.ai/bootstrap-port": "8998"}
+    with cluster(tmp_path, pd, selector=()) as (api, fleet, gw):
+        pre = fleet.start("pre", "127.0.0.61", annotations=boot, app="llm", role="prefill")
+        dec = fleet.start("dec", "127.0.0.62", annotations=boot, app="llm", role="decode")
+        fleet.start("other", "127.0.0.63", app="llm", role="router")  # neither role
+        serving(gw, {pre, dec})
+        shown = {u: (w["worker_type"], w.get("bootstrap_port")) for u, w in workers(gw).items()}
+        assert shown == {pre: ("prefill", 8998), dec: ("decode", None)}
+        selectors = {q.get("labelSelector") for m, _, q in api.requests() if m == "GET"}
+        assert selectors == {"app=llm"}
