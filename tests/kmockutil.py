@@ -126,10 +126,16 @@ class KubeApi:
             items = [o.raw for o in self.emulator.objects.values() if not o.deleted][:1]
             meta = {"resourceVersion": "...", "continue": "page-2"}
             return {"kind": "PodList", "metadata": meta, "items": items}
+        if fault == "forbidden":  # RBAC: the service account may not list pods
+            status = {"kind": "Status", "code": 403, "reason": "Forbidden",
+                      "message": 'pods is forbidden: User "system:serviceaccount:llm:smg" '
+                                 'cannot list resource "pods"'}  # fmt: skip
+            return kmock.Response(status=403, payload=status)
         raise AssertionError(f"unknown list fault {fault!r}")
 
     def list_fault(self, *faults: str) -> None:
-        """The next list requests get these, in order: "paged" (a continue token)."""
+        """The next list requests get these, in order: "paged" (a continue token),
+        "forbidden" (403)."""
         self.run(lambda: self.list_faults.extend(faults))
 
     def fault(self, *faults: str) -> None:

@@ -60,6 +60,7 @@ def running(
     tmp_path: Path,
     body: Callable[[KubernetesDiscovery, RecordingSink], Awaitable[None]],
     rules: KubeRules = RULES,
+    wait_synced: bool = True,
 ) -> RecordingSink:
     """Run discovery (client from a kubeconfig naming `api`) around `body`."""
     sink = RecordingSink()
@@ -72,7 +73,8 @@ def running(
         disc = KubernetesDiscovery(rules, sink, interval=0.5, debounce=0.05, api_client=client)
         task = asyncio.create_task(disc.run())
         try:
-            await until(lambda: disc.synced or task.done(), "the first list")
+            if wait_synced:
+                await until(lambda: disc.synced or task.done(), "the first list")
             await body(disc, sink)
         finally:
             task.cancel()
@@ -160,6 +162,22 @@ def test_a_410_gone_relists(tmp_path: Path) -> None:
             assert sink.failures == []  # a 410 is routine, not an error
 
         running(api, tmp_path, body)
+
+
+def test_an_api_error_is_reported_backed_off_and_recovered_from(tmp_path: Path) -> None:
+    with KubeApi() as api:
+        api.create(pod("w1", "127.0.0.11", LBL))
+        api.list_fault("forbidden", "forbidden")
+
+        async def body(disc: KubernetesDiscovery, sink: RecordingSink) -> None:
+            await until(lambda: sink.current() == [W.format(11)], "w1 after two 403s")
+
+        sink = running(api, tmp_path, body, wait_synced=False)
+        lists = lists_seen(api)
+    assert len(sink.failures) == 2
+    assert sink.failures[0].startswith("RuntimeError: list answered 403")
+    assert "cannot list resource" in sink.failures[0]
+    assert len(lists) == 3  # two refused, then one (0.5 s and 1 s apart: backed off)
 
 
 def lists_seen(api: KubeApi) -> list[dict[str, str]]:

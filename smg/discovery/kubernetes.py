@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -44,6 +45,7 @@ SOURCE = "kubernetes"
 CHECK_INTERVAL_SECS = 60.0
 WATCH_TIMEOUT_SECS = 290  # server-side end of each watch, as 1.13 asks (then we rewatch)
 LIST_PAGE = 500
+MIN_WATCH_SECS = 5.0  # a watch ending sooner counts as a failing one (backed off)
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
 
@@ -222,34 +224,43 @@ class KubernetesDiscovery:
     async def _informer(self) -> None:
         from kubernetes_asyncio import client
 
-        api = self._api_client or await load_client_config()
-        core = client.CoreV1Api(api)
+        api = self._api_client
         backoff = BACKOFF_START
         version = ""
         try:
             while True:
+                started = time.monotonic()
                 try:
+                    if api is None:  # a missing or bad kubeconfig is retried like the API
+                        api = await load_client_config()
+                    core = client.CoreV1Api(api)
                     if not version:
                         version = await self._list(core)
                         log.info("kubernetes discovery: listed %d pod(s)", len(self.pods))
                     version = await self._watch(core, version)
-                    backoff = BACKOFF_START  # a stream that ended cleanly: rewatch at once
-                    continue
                 except asyncio.CancelledError:
                     raise
                 except WatchExpired as exc:
                     log.info("kubernetes discovery: %s; relisting", exc)
                     version = ""
-                    continue
                 except Exception as exc:  # any API or connection error: back off, relist
                     reason = f"{type(exc).__name__}: {exc}"[:300]
                     log.warning("kubernetes discovery: %s; retrying in %.1fs", reason, backoff)
                     self.sink.failed(SOURCE, reason, "unreadable")
                     version = ""
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                # A watch that ran a while (its timeout, a dropped connection, a 410):
+                # again at once. One ending as soon as it began, again and again (a proxy
+                # closing it, a 410 on every watch), backs off instead of spinning.
+                if time.monotonic() - started >= MIN_WATCH_SECS:
+                    backoff = BACKOFF_START
+                else:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
-            if self._api_client is None:
+            if api is not None and self._api_client is None:
                 await api.close()
 
     async def _reconciler(self) -> None:
