@@ -25,7 +25,6 @@ model objects), and `watch=true` is sent lowercase as the API spells it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -193,7 +192,10 @@ class KubernetesDiscovery:
             if resp.status != 200:
                 raise RuntimeError(f"watch answered {resp.status}: {(await resp.read())[:200]!r}")
             while True:
-                line = await asyncio.wait_for(resp.content.readline(), WATCH_TIMEOUT_SECS + 30)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                # lands as a line arrives, and the task would then read on forever.
+                async with asyncio.timeout(WATCH_TIMEOUT_SECS + 30):
+                    line = await resp.content.readline()
                 if not line:
                     return version
                 if line.strip():
@@ -265,8 +267,12 @@ class KubernetesDiscovery:
 
     async def _reconciler(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.interval)
+            try:
+                async with asyncio.timeout(self.interval):  # (not wait_for: see _watch)
+                    await self._changed.wait()
+            except TimeoutError:
+                pass  # the periodic pass
+            else:
                 await asyncio.sleep(self.debounce)  # coalesce a burst (a rollout, a relist)
             if not self.synced:
                 continue  # never reconcile an empty store before the first list
