@@ -209,9 +209,7 @@ def test_selectors_and_references_match(variant: str) -> None:
     assert pod_labels["app.kubernetes.io/instance"] == RENDER.RELEASE
     # RBAC: read-only pods in the release's namespace, bound to the pod's account.
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
-    assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
-    ]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
     account = one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["spec"]["serviceAccountName"] == account
     assert binding["subjects"] == [
