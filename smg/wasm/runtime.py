@@ -346,11 +346,11 @@ class ModuleRunner:
         # wasmtime's C API straight through ctypes, not wasmtime-py's Store/Linker/Instance wrappers (their
         # per-call Python objects, a finalizer callback cast per Store and a GC-timed drop cost ~15 us a call),
         # and the store deleted here, not when Python collects it: its pooled instance slot goes back at once,
-        # even when a trap's traceback keeps this frame alive.
+        # even when a trap's traceback keeps this frame alive. No store limiter: the pool's per-memory maximum
+        # (new_engine) is the same max_memory_bytes bound and fails memory.grow the same way (one C call less).
         store = _store_new(self._engine_ptr, None, _NO_FINALIZER)
         try:
             ctx = _store_context(store)
-            _store_limiter(store, self.limits.max_memory_bytes, -1, -1, -1, -1)
             _set_epoch_deadline(ctx, self._deadline)
             if self.wasi:
                 err = ffi.wasmtime_context_set_wasi(ctx, wasmtime.WasiConfig()._consume())
