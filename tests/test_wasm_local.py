@@ -67,12 +67,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, 
 
 @pytest.fixture
 def seen(served: tuple[Gateway, GrpcMock], tmp_path: Path) -> Iterator[tuple[Gateway, GrpcMock]]:
-    """An OnResponse module that sets `x-wasm-seen: 1` on every answer it sees, loaded; removed
-    after the test."""
+    """A module that sets `x-wasm-seen: 1` on every answer it sees (and lets every request
+    on), loaded; removed after the test."""
     gw, mock = served
     path = tmp_path / "seen.wasm"
     path.write_text(_guest(SEEN, "1", on_response=_set_header(SEEN, "1")))
-    added = _add(gw, [("seen", path, ("OnResponse",))])
+    added = _add(gw, [("seen", path, ("OnRequest", "OnResponse"))])
     assert added.status_code == 200, added.text
     try:
         # Loaded: the gateway's own error on a proxied route (seen before this change too).
@@ -174,8 +174,9 @@ def test_mcp_loop_answer_passes_on_response_once(seen: tuple[Gateway, GrpcMock])
     assert made.headers[SEEN] == "1"
     body = made.json()
     assert [item["type"] for item in body["output"]] == ["mcp_list_tools", "mcp_call", "mcp_call"]
-    # The loop's two model calls (loopback) are not seen: one call for the client's answer.
-    assert _invocations(gw, "seen") - before == 1
+    # The loop's two model calls (loopback) are not seen, neither their requests nor their
+    # answers: one OnRequest and one OnResponse call, for the client's request.
+    assert _invocations(gw, "seen") - before == 2
     stored = httpx.get(gw.url + "/v1/responses/" + body["id"], timeout=30)
     assert stored.status_code == 200 and stored.headers[SEEN] == "1"
     deleted = httpx.delete(gw.url + "/v1/responses/" + body["id"], timeout=30)
