@@ -65,14 +65,18 @@ _VALUE = _static(b"value")
 class Packed:
     """An argument value in Python-owned memory; keep it alive until the call returns."""
 
-    __slots__ = ("anchor", "buf", "val")
+    __slots__ = ("address", "anchor", "buf")
 
-    def __init__(self, buf: bytearray, anchor: Any) -> None:
+    def __init__(self, buf: bytearray, anchor: Any, address: int) -> None:
         self.buf = buf
         self.anchor = (
             anchor  # the ctypes view that pins `buf` (a bytearray with an export cannot move)
         )
-        self.val = VAL.from_address(addressof(anchor))
+        self.address = address  # of the value (the buffer's start)
+
+    @property
+    def val(self) -> Any:
+        return VAL.from_address(self.address)
 
 
 def _utf8(text: str) -> bytes:
@@ -158,7 +162,7 @@ def lower_request(req: WasmRequest) -> Packed:
         *n5, K_STRING, len(rid), s + lm + lp + lq, 0,
         *_NOW, K_U64, req.now_epoch_ms & 0xFFFFFFFFFFFFFFFF, 0, 0,
     )  # fmt: skip
-    return Packed(buf, anchor)
+    return Packed(buf, anchor, base)
 
 
 def lower_response(resp: WasmResponse) -> Packed:
@@ -173,7 +177,7 @@ def lower_response(resp: WasmResponse) -> Packed:
         *n1, K_LIST, len(hs), base + _O_RESP_HEADERS, 0,
         *n2, K_LIST, len(body), base + o_body, 0,
     )  # fmt: skip
-    return Packed(buf, anchor)
+    return Packed(buf, anchor, base)
 
 
 # --- lifting --------------------------------------------------------------------------------------------------
@@ -216,7 +220,12 @@ def _headers(kind: int, size: int, data: int) -> list[tuple[str, str]]:
 
 def lift_action(result: Any) -> Action:
     """The action in `result` (a VAL the call filled); the caller frees it."""
-    kind, dsize, dptr, payload = _V.unpack(string_at(addressof(result), VAL_SIZE))
+    return lift_action_at(addressof(result))
+
+
+def lift_action_at(address: int) -> Action:
+    """The action in the VAL at `address`."""
+    kind, dsize, dptr, payload = _V.unpack(string_at(address, VAL_SIZE))
     if kind != K_VARIANT:
         raise _malformed()
     tag = string_at(dptr, dsize)
