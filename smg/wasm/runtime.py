@@ -7,15 +7,17 @@ memory limit, the stack limit in the engine config, WASI p2 linked with an empty
 for wasm32-wasip2. Unlike 1.13, a component must export the interfaces of its attach points to be added at all
 (1.13 accepts any component and fails each call with "no exported instance named ...").
 
-Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU, this 2-core shared machine, in a loop):
-was ~53 us (mmap/munmap of a fresh memory per instance: ~13 us of it system time), ~30 us with wasmtime's pooling
-instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly: about
-half instantiation, half the C API's lowering and the call, plus ~24 ns per body byte (the C API carries a
-list<u8> as one 32-byte value per byte, lowered one by one). Values cross through wasmtime's C API directly
-(smg/wasm/capi.py), not wasmtime-py's generic converters (one Python call per body byte, ~1 us each). Inside the
-gateway a call costs 2-3x that: caches and TLB are cold between requests (measured: touching 4 MB between calls
-takes a call from ~28 to ~40-57 us, 32 MB to ~140 us), and smg_wasm_execution_seconds is wall time, which on an
-oversubscribed box includes being preempted.
+Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU time, this 2-core shared machine, in a
+loop): ~53 us with an mmap/munmap of a fresh memory per instance (~13 us of it system time), ~30 us with wasmtime's
+pooling instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly,
+~23-25 us with the C functions prototyped over plain addresses and the argument packed by a few Struct calls.
+Of those: lowering the request in Python ~8 us, a store made and dropped ~3.5 us, instantiation ~4.5 us, the call
+~8 us (the C API carries a list<u8> as one 32-byte value per byte, converted and lowered one by one: ~25-45 ns per
+body byte), lifting ~1.5 us. Values cross through wasmtime's C API directly (smg/wasm/capi.py), not wasmtime-py's
+generic converters (one Python call per body byte, ~1 us each). Inside the gateway the same call costs ~58 us of
+CPU (thread time, measured around the call under wrk) and the chain and app around it ~14 us more: caches and TLB
+are cold between requests (measured: touching 4 MB between calls takes a call from ~28 to ~40-57 us, 32 MB to
+~140 us). smg_wasm_execution_seconds is wall time, which on an oversubscribed box includes being preempted.
 
 Limits that differ from 1.13: wasmtime-py's store limiter cannot trap on a failed memory.grow (1.13 sets
 trap_on_grow_failure), so a module over 64 MiB sees memory.grow return -1 and traps on its own (Rust's allocator
