@@ -20,7 +20,11 @@ import httpx
 import pytest
 from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
 
+from smg.httpwire import error_body
+from smg.wasm.chain import LocalAnswer, local_answer
+from smg.wasm.types import Modify, Reject, WasmResponse, WasmTrap
 from tests.gatewayutil import Gateway, wait_until
+from tests.test_wasm_admin import FakeRunner, _chain, _entry
 from tests.test_wasm_e2e import _add, _guest, _ids, _remove_all, _set_header
 from tests.test_wasm_runtime import REJECT_403, REJECT_502, TRAP
 
@@ -225,3 +229,52 @@ def test_on_request_runs_on_local_routes(served: tuple[Gateway, GrpcMock], tmp_p
             assert answer.json()["error"]["code"] == "wasm_rejected"
     finally:
         _remove_all(gw)
+
+
+# --- local_answer (pure) -----------------------------------------------------------------------
+
+
+def _one(runner: FakeRunner) -> Any:
+    entry = _entry(1, ("OnResponse",))
+    return _chain({entry.module_id: runner}, [entry])
+
+
+EXTRA = b"x-smg-error-code: not_found\r\nx-request-id: r1\r\nallow: GET\r\n"
+
+
+def test_local_answer_shows_the_answer_and_keeps_it_on_continue() -> None:
+    runner = FakeRunner()
+    got = local_answer(_one(runner), 404, b"application/json", EXTRA, b"{}", "not_found")
+    assert got == LocalAnswer(404, b"application/json", EXTRA, b"{}", "not_found")
+    # The content type and the lines, less the gateway's own (x-request-id).
+    assert runner.seen == [
+        WasmResponse(
+            404,
+            [("content-type", "application/json"), ("x-smg-error-code", "not_found"),
+             ("allow", "GET")],
+            b"{}",
+        )
+    ]  # fmt: skip
+
+
+def test_local_answer_applies_a_modify() -> None:
+    action = Modify(299, [("content-type", "text/plain"), ("x-a", "1")], [], ["allow"], b"new")
+    got = local_answer(_one(FakeRunner(response=action)), 404, b"application/json", EXTRA, b"{}")
+    lines = b"x-smg-error-code: not_found\r\nx-a: 1\r\n"
+    assert got == LocalAnswer(299, b"text/plain", lines, b"new", "not_found")
+    # A reject answers its status with the answer so far (1.13).
+    got = local_answer(_one(FakeRunner(response=Reject(502))), 200, b"application/json", b"", b"x")
+    assert got == LocalAnswer(502, b"application/json", b"", b"x", "")
+
+
+def test_local_answer_of_a_failed_module_is_500() -> None:
+    chain = _one(FakeRunner(response=WasmTrap("boom", "trap")))
+    got = local_answer(chain, 200, b"application/json", b"", b"{}")
+    message = "WASM module 'm1' failed: boom"
+    assert got == LocalAnswer(
+        500,
+        b"application/json",
+        b"x-smg-error-code: wasm_module_failed\r\n",
+        error_body(500, "wasm_module_failed", message),
+        "wasm_module_failed",
+    )
