@@ -647,6 +647,8 @@ class DataPlane:
                 # /v1/tokenize, /v1/detokenize: answered with a gRPC model's tokenizer.
                 if not self._post_allowed(conn, request, method, path):
                     return
+                if self.wasm is not None and not self._wasm_request(conn, request):
+                    return
                 self.grpc.handle_local(conn, request)
                 return
             if path.startswith(ADMIN_PREFIXES):
@@ -677,8 +679,8 @@ class DataPlane:
         headers and body they set."""
         chain = self.wasm
         assert chain is not None
-        if not chain.on_request:
-            return True
+        if not chain.on_request or isinstance(conn.transport, loopback.Collector):
+            return True  # the MCP loop's model calls: 1.13's loop posts to its worker directly
         body = request.body
         if len(body) > chain.limits.max_body_bytes:
             # 1.13 buffers at most max_body_size for its modules and answers 400 past it.
@@ -729,27 +731,25 @@ class DataPlane:
         message: str,
         extra_headers: bytes,
     ) -> None:
-        """A gateway-made error on a serving route, through the OnResponse modules."""
-        chain = self.wasm
-        assert chain is not None
+        """A gateway-made error on a serving route, through the OnResponse modules (`_send`)."""
         if request.path in ANTHROPIC_PATHS:
             body = anthropic_error_body(status, message, request.request_id)
         else:
             body = error_body(status, code, message)
-        headers = [("content-type", "application/json"), ("x-smg-error-code", code)]
-        for line in extra_headers.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
-        outcome = chain.run_response(status, headers, body)
-        if outcome.failed:
-            status, code = 500, "wasm_module_failed"
-            headers = [("x-smg-error-code", code)]
-            body = error_body(500, code, outcome.message)
-        elif outcome.changed:
-            status, headers, body = outcome.response_status, outcome.headers, outcome.body
-        # apply_headers stores names lowercase; framing and the gateway's own lines are _send's.
-        self._send_listed(conn, request, status, body, headers, _WASM_ERROR_DROPPED, code)
+        extra = b"x-smg-error-code: %b\r\n%b" % (code.encode("latin-1"), extra_headers)
+        self._send(conn, request, status, body, extra_headers=extra, error_code=code)
+
+    def _wasm_answers(self, conn: ClientConnection, request: Request) -> bool:
+        """Whether the OnResponse modules see this request's answers: 1.13 runs its WASM
+        middleware on the serving routes (the proxied ones, the Conversations and stored
+        Responses ones, tokenize/detokenize), not on the MCP loop's own model calls (1.13's
+        loop posts to its worker directly; here they come over a loopback connection)."""
+        path = request.path
+        return (
+            path in PROXY_ROUTES
+            or path in GRPC_LOCAL_ROUTES
+            or path.startswith((conversations.PREFIX, responses.PREFIX))
+        ) and not isinstance(conn.transport, loopback.Collector)
 
     def _post_allowed(
         self, conn: ClientConnection, request: Request, method: bytes, path: str
@@ -1044,7 +1044,7 @@ class DataPlane:
             exchange.worker_api = provider_api(entry.provider)
         if request.history:  # /v1/responses with history: observe the answer
             exchange.translation = request.history
-        if wasm is not None and wasm.on_response:
+        if wasm is not None and wasm.on_response and self._wasm_answers(conn, request):
             from smg.wasm.chain import ResponseHook
 
             exchange.translation = ResponseHook(
@@ -1532,7 +1532,15 @@ class DataPlane:
         content_type: bytes = b"application/json",
         extra_headers: bytes = b"",
         error_code: str = "",
+        wasm: bool = True,
     ) -> None:
+        chain = self.wasm
+        if chain is not None and wasm and chain.on_response and self._wasm_answers(conn, request):
+            from smg.wasm.chain import local_answer
+
+            answer = local_answer(chain, status, content_type, extra_headers, body, error_code)
+            status, content_type, extra_headers = answer.status, answer.content_type, answer.extra
+            body, error_code = answer.body, answer.code
         keep_alive = request.keep_alive and not self.draining
         if self.cors is not None:
             extra_headers += self.cors.response(request.header(b"origin"))
@@ -1562,7 +1570,7 @@ class DataPlane:
         wasm: bool = True,
     ) -> None:
         chain = self.wasm
-        if chain is not None and wasm and chain.on_response and request.path in PROXY_ROUTES:
+        if chain is not None and wasm and chain.on_response and self._wasm_answers(conn, request):
             # 1.13 runs OnResponse on every answer of its serving routes, the gateway's own too.
             self._wasm_error(conn, request, status, code, message, extra_headers)
             return
@@ -1644,6 +1652,8 @@ class DataPlane:
         and a store to call (501 with --history-backend none). None: answered here."""
         if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
             return None
+        if self.wasm is not None and not self._wasm_request(conn, request):
+            return None  # 1.13's WASM middleware covers these routes too
         path = request.path
         method = request.method.decode("latin-1")
         route = api.match_route(path)
@@ -1983,7 +1993,6 @@ _KNOWN_PATHS = (
 
 
 # Header names an answer built from a (name, value) list leaves out (_send writes them).
-_WASM_ERROR_DROPPED = frozenset({"content-length", "x-request-id", "x-smg-process"})
 _ADMIN_DROPPED = frozenset({"x-request-id"})
 
 

@@ -46,6 +46,7 @@ from smg.httpwire import (
     ANTHROPIC_ROUTE,
     anthropic_error_body,
     build_response,
+    error_body,
     error_response,
     status_line,
 )
@@ -1303,18 +1304,42 @@ class GrpcExchange:
         if self.translation is not None and not translated:
             body = self.translation.response(status, body)
         app = self.app
+        content_type, extra, code = b"application/json", b"", ""
+        wasm = None if app.wasm is None else self._wasm(status, body, extra, code)
+        if wasm is not None:
+            status, content_type, extra, body, code = wasm
         keep_alive = self.keep_alive and not app.draining
         self.client.write(
             build_response(
                 status,
                 body,
-                extra_headers=b"x-request-id: %b\r\n%b%b"
-                % (self.request_id, app.process_header, self.cors),
+                content_type=content_type,
+                extra_headers=b"%bx-request-id: %b\r\n%b%b"
+                % (extra, self.request_id, app.process_header, self.cors),
                 keep_alive=keep_alive,
             )
         )
-        self._finish(status, "")
+        self._finish(status, code)
         self.client.response_done(keep_alive)
+
+    def _wasm(
+        self, status: int, body: bytes, extra: bytes, code: str
+    ) -> tuple[int, bytes, bytes, bytes, str] | None:
+        """A whole answer through the OnResponse modules (smg.wasm.chain.local_answer), as a
+        proxied one goes: (status, content type, header lines, body, error code); None when
+        no module runs on it."""
+        app = self.app
+        chain = app.wasm
+        if (
+            chain is None
+            or not chain.on_response
+            or not app._wasm_answers(self.client, self.request)
+        ):
+            return None
+        from smg.wasm.chain import local_answer
+
+        a = local_answer(chain, status, b"application/json", extra, body, code)
+        return a.status, a.content_type, a.extra, a.body, a.code
 
     def _fail(
         self,
@@ -1343,7 +1368,22 @@ class GrpcExchange:
         if self.anthropic:
             # Anthropic's shape, with the message the OpenAI body would have carried.
             body = anthropic_error_body(status, _error_message(body) or message, self.request_id)
-        if body is None:
+        wasm = None
+        if app.wasm is not None:  # OnResponse modules: the error answer as a whole answer
+            shown = error_body(status, code, message) if body is None else body
+            lines = b"x-smg-error-code: %b\r\n%b" % (code.encode("latin-1"), extra)
+            wasm = self._wasm(status, shown, lines, code)
+        if wasm is not None:
+            status, content_type, extra, body, code = wasm
+            answer = build_response(
+                status,
+                body,
+                content_type=content_type,
+                extra_headers=b"%bx-request-id: %b\r\n%b%b"
+                % (extra, self.request_id, app.process_header, self.cors),
+                keep_alive=keep_alive,
+            )
+        elif body is None:
             answer = error_response(
                 status,
                 code,

@@ -65,96 +65,119 @@ _VALUE = _static(b"value")
 class Packed:
     """An argument value in Python-owned memory; keep it alive until the call returns."""
 
-    __slots__ = ("anchor", "buf", "val")
+    __slots__ = ("address", "anchor", "buf")
 
-    def __init__(self, buf: bytearray, anchor: Any) -> None:
+    def __init__(self, buf: bytearray, anchor: Any, address: int) -> None:
         self.buf = buf
         self.anchor = (
             anchor  # the ctypes view that pins `buf` (a bytearray with an export cannot move)
         )
-        self.val = VAL.from_address(addressof(anchor))
+        self.address = address  # of the value (the buffer's start)
+
+    @property
+    def val(self) -> Any:
+        return VAL.from_address(self.address)
 
 
 def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "replace")
 
 
-def _layout(
-    n_fields: int, headers: list[tuple[str, str]], body: bytes, strings: list[bytes]
-) -> tuple[bytearray, Any, int, list[tuple[bytes, bytes]], int, int, int]:
+# The record val and its entries (7 for a request, 3 for a response) packed by ONE Struct call, and the header
+# list (n record vals, then their 2n name/value entries) by one more: a call costs a few struct calls instead of
+# three per header and one per field (measured, 4 headers and a 180-byte body: lowering 9.5 -> ~5 us).
+_REQ_HEAD = struct.Struct("<B7xQQQ" + "QQB7xQQQ" * 7)
+_RESP_HEAD = struct.Struct("<B7xQQQ" + "QQB7xQQQ" * 3)
+_HEADER_STRUCTS: dict[int, struct.Struct] = {}
+_O_REQ_HEADERS = VAL_SIZE + 7 * ENTRY_SIZE
+_O_RESP_HEADERS = VAL_SIZE + 3 * ENTRY_SIZE
+_HEADER_BYTES = VAL_SIZE + 2 * ENTRY_SIZE  # a header's record val and its two entries
+
+
+def _header_struct(n: int) -> struct.Struct:
+    s = _HEADER_STRUCTS.get(n)
+    if s is None:
+        s = struct.Struct("<" + "B7xQQQ" * n + "QQB7xQQQ" * (2 * n))
+        if n <= 64:  # the usual counts only: a request with many headers builds its own
+            _HEADER_STRUCTS[n] = s
+    return s
+
+
+def _pack(
+    o_headers: int, headers: list[tuple[str, str]], body: bytes, scalars: list[bytes]
+) -> tuple[bytearray, Any, int, int, list[tuple[int, int]]]:
+    """The buffer: [record val][entries][header vals][header entries][body vals][strings]; the header list and
+    the body packed. Returns (buf, anchor, base address, address of the first scalar string, header list)."""
     # A WIT string must be valid UTF-8 (the C API would abort on one that is not): lone surrogates become "?".
-    hs = [(_utf8(n), _utf8(v)) for n, v in headers]
-    for n, v in hs:
-        strings.append(n)
-        strings.append(v)
-    o_hv = VAL_SIZE + n_fields * ENTRY_SIZE
-    o_he = o_hv + len(hs) * VAL_SIZE
-    o_body = o_he + len(hs) * 2 * ENTRY_SIZE
+    hs = [(n.encode("utf-8", "replace"), v.encode("utf-8", "replace")) for n, v in headers]
+    nh = len(hs)
+    o_body = o_headers + nh * _HEADER_BYTES
     o_str = o_body + len(body) * VAL_SIZE
-    blob = b"".join(strings)
+    blob = b"".join(scalars + [s for pair in hs for s in pair])
     buf = bytearray(o_str + len(blob))
     buf[o_str:] = blob
     anchor = ctypes.c_char.from_buffer(buf)
-    return buf, anchor, addressof(anchor), hs, o_hv, o_body, o_str
-
-
-def _pack_list_headers(
-    buf: bytearray, base: int, hs: list[tuple[bytes, bytes]], o_hv: int, p: int
-) -> int:
-    """The header list's records at o_hv, their entries after them; strings from address p on. Returns p."""
-    o_he = o_hv + len(hs) * VAL_SIZE
-    for i, (n, v) in enumerate(hs):
-        e = o_he + i * 2 * ENTRY_SIZE
-        _V.pack_into(buf, o_hv + i * VAL_SIZE, K_RECORD, 2, base + e, 0)
-        _E.pack_into(buf, e, _NAME[0], _NAME[1], K_STRING, len(n), p, 0)
-        p += len(n)
-        _E.pack_into(buf, e + ENTRY_SIZE, _VALUE[0], _VALUE[1], K_STRING, len(v), p, 0)
-        p += len(v)
-    return p
-
-
-def _pack_body(buf: bytearray, o_body: int, body: bytes) -> None:
+    base = addressof(anchor)
+    p = base + o_str + sum(len(s) for s in scalars)
+    if nh:
+        vals: list[int] = []
+        entries: list[int] = []
+        e = base + o_headers + nh * VAL_SIZE
+        for n, v in hs:
+            vals += (K_RECORD, 2, e, 0)
+            e += 2 * ENTRY_SIZE
+            entries += (*_NAME, K_STRING, len(n), p, 0)
+            p += len(n)
+            entries += (*_VALUE, K_STRING, len(v), p, 0)
+            p += len(v)
+        _header_struct(nh).pack_into(buf, o_headers, *vals, *entries)
     n = len(body)
     if n:
         end = o_body + n * VAL_SIZE
         buf[o_body:end:VAL_SIZE] = _U8_KIND * n
         buf[o_body + 8 : end : VAL_SIZE] = body
+    return buf, anchor, base, base + o_str, hs
 
 
 def lower_request(req: WasmRequest) -> Packed:
-    scalars = [_utf8(req.method), _utf8(req.path), _utf8(req.query), _utf8(req.request_id)]
-    buf, anchor, base, hs, o_hv, o_body, o_str = _layout(7, req.headers, req.body, list(scalars))
-    _V.pack_into(buf, 0, K_RECORD, 7, base + VAL_SIZE, 0)
-    p = base + o_str
-    e = VAL_SIZE
-    for (nlen, naddr), s in zip((_REQUEST_NAMES[0], _REQUEST_NAMES[1], _REQUEST_NAMES[2]), scalars):
-        _E.pack_into(buf, e, nlen, naddr, K_STRING, len(s), p, 0)
-        p += len(s)
-        e += ENTRY_SIZE
-    rid = scalars[3]
-    rid_p = p
-    p += len(rid)
-    _E.pack_into(buf, e, *_REQUEST_NAMES[3], K_LIST, len(hs), base + o_hv, 0)
-    _E.pack_into(buf, e + ENTRY_SIZE, *_REQUEST_NAMES[4], K_LIST, len(req.body), base + o_body, 0)
-    _E.pack_into(buf, e + 2 * ENTRY_SIZE, *_REQUEST_NAMES[5], K_STRING, len(rid), rid_p, 0)
-    _E.pack_into(buf, e + 3 * ENTRY_SIZE, *_NOW, K_U64, req.now_epoch_ms & 0xFFFFFFFFFFFFFFFF, 0, 0)
-    _pack_list_headers(buf, base, hs, o_hv, p)
-    _pack_body(buf, o_body, req.body)
-    return Packed(buf, anchor)
+    m, pa, q, rid = (
+        req.method.encode("utf-8", "replace"),
+        req.path.encode("utf-8", "replace"),
+        req.query.encode("utf-8", "replace"),
+        req.request_id.encode("utf-8", "replace"),
+    )
+    body = req.body
+    buf, anchor, base, s, hs = _pack(_O_REQ_HEADERS, req.headers, body, [m, pa, q, rid])
+    o_body = _O_REQ_HEADERS + len(hs) * _HEADER_BYTES
+    n0, n1, n2, n3, n4, n5 = _REQUEST_NAMES
+    lm, lp, lq = len(m), len(pa), len(q)
+    _REQ_HEAD.pack_into(
+        buf, 0,
+        K_RECORD, 7, base + VAL_SIZE, 0,
+        *n0, K_STRING, lm, s, 0,
+        *n1, K_STRING, lp, s + lm, 0,
+        *n2, K_STRING, lq, s + lm + lp, 0,
+        *n3, K_LIST, len(hs), base + _O_REQ_HEADERS, 0,
+        *n4, K_LIST, len(body), base + o_body, 0,
+        *n5, K_STRING, len(rid), s + lm + lp + lq, 0,
+        *_NOW, K_U64, req.now_epoch_ms & 0xFFFFFFFFFFFFFFFF, 0, 0,
+    )  # fmt: skip
+    return Packed(buf, anchor, base)
 
 
 def lower_response(resp: WasmResponse) -> Packed:
-    buf, anchor, base, hs, o_hv, o_body, o_str = _layout(3, resp.headers, resp.body, [])
-    _V.pack_into(buf, 0, K_RECORD, 3, base + VAL_SIZE, 0)
-    e = VAL_SIZE
-    _E.pack_into(buf, e, *_RESPONSE_NAMES[0], K_U16, resp.status & 0xFFFF, 0, 0)
-    _E.pack_into(buf, e + ENTRY_SIZE, *_RESPONSE_NAMES[1], K_LIST, len(hs), base + o_hv, 0)
-    _E.pack_into(
-        buf, e + 2 * ENTRY_SIZE, *_RESPONSE_NAMES[2], K_LIST, len(resp.body), base + o_body, 0
-    )
-    _pack_list_headers(buf, base, hs, o_hv, base + o_str)
-    _pack_body(buf, o_body, resp.body)
-    return Packed(buf, anchor)
+    body = resp.body
+    buf, anchor, base, _, hs = _pack(_O_RESP_HEADERS, resp.headers, body, [])
+    o_body = _O_RESP_HEADERS + len(hs) * _HEADER_BYTES
+    n0, n1, n2 = _RESPONSE_NAMES
+    _RESP_HEAD.pack_into(
+        buf, 0,
+        K_RECORD, 3, base + VAL_SIZE, 0,
+        *n0, K_U16, resp.status & 0xFFFF, 0, 0,
+        *n1, K_LIST, len(hs), base + _O_RESP_HEADERS, 0,
+        *n2, K_LIST, len(body), base + o_body, 0,
+    )  # fmt: skip
+    return Packed(buf, anchor, base)
 
 
 # --- lifting --------------------------------------------------------------------------------------------------
@@ -197,7 +220,12 @@ def _headers(kind: int, size: int, data: int) -> list[tuple[str, str]]:
 
 def lift_action(result: Any) -> Action:
     """The action in `result` (a VAL the call filled); the caller frees it."""
-    kind, dsize, dptr, payload = _V.unpack(string_at(addressof(result), VAL_SIZE))
+    return lift_action_at(addressof(result))
+
+
+def lift_action_at(address: int) -> Action:
+    """The action in the VAL at `address`."""
+    kind, dsize, dptr, payload = _V.unpack(string_at(address, VAL_SIZE))
     if kind != K_VARIANT:
         raise _malformed()
     tag = string_at(dptr, dsize)

@@ -384,3 +384,69 @@ class ResponseHook:
             (n.encode("latin-1"), v.encode("latin-1")) for n, v in outcome.headers
         ]
         return outcome.response_status, outcome.body
+
+
+# Lines of a gateway-made answer that a module is neither shown nor can set: the framing and
+# the gateway's own (written again with the answer).
+_LOCAL_DROPPED = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "x-request-id",
+        "x-smg-process",
+    }
+)
+
+
+@dataclass
+class LocalAnswer:
+    """A whole answer the gateway made itself, after the OnResponse modules: its status,
+    content type, other header lines (CRLF-ended, as the writers take them), body and the
+    error code to count ('' for none)."""
+
+    status: int
+    content_type: bytes
+    extra: bytes
+    body: bytes
+    code: str
+
+
+def local_answer(
+    chain: WasmChain, status: int, content_type: bytes, extra: bytes, body: bytes, code: str = ""
+) -> LocalAnswer:
+    """A whole answer the gateway makes itself (the Conversations and stored-Responses
+    routes, tokenize/detokenize, gRPC workers' answers, the MCP loop's, its own errors)
+    through the OnResponse modules, as 1.13 runs its middleware on every answer of those
+    routes. Modules see the content type and the given lines; a failed module makes the
+    answer 500 wasm_module_failed."""
+    headers = [("content-type", content_type.decode("latin-1"))]
+    for line in extra.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            low = name.strip().decode("latin-1").lower()
+            if low not in _LOCAL_DROPPED:
+                headers.append((low, value.strip().decode("latin-1")))
+    outcome = chain.run_response(status, headers, body)
+    if outcome.failed:
+        failed = "wasm_module_failed"
+        return LocalAnswer(
+            500,
+            b"application/json",
+            b"x-smg-error-code: wasm_module_failed\r\n",
+            error_body(500, failed, outcome.message),
+            failed,
+        )
+    if not outcome.changed:
+        return LocalAnswer(status, content_type, extra, body, code)
+    content_type = b"application/json"  # as `_send` writes an answer with none
+    lines = []
+    for name, value in outcome.headers:
+        if name == "content-type":
+            content_type = value.encode("latin-1")
+        elif name not in _LOCAL_DROPPED:
+            if name == "x-smg-error-code":
+                code = value
+            lines.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    return LocalAnswer(outcome.response_status, content_type, b"".join(lines), outcome.body, code)

@@ -7,15 +7,17 @@ memory limit, the stack limit in the engine config, WASI p2 linked with an empty
 for wasm32-wasip2. Unlike 1.13, a component must export the interfaces of its attach points to be added at all
 (1.13 accepts any component and fails each call with "no exported instance named ...").
 
-Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU, this 2-core shared machine, in a loop):
-was ~53 us (mmap/munmap of a fresh memory per instance: ~13 us of it system time), ~30 us with wasmtime's pooling
-instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly: about
-half instantiation, half the C API's lowering and the call, plus ~24 ns per body byte (the C API carries a
-list<u8> as one 32-byte value per byte, lowered one by one). Values cross through wasmtime's C API directly
-(smg/wasm/capi.py), not wasmtime-py's generic converters (one Python call per body byte, ~1 us each). Inside the
-gateway a call costs 2-3x that: caches and TLB are cold between requests (measured: touching 4 MB between calls
-takes a call from ~28 to ~40-57 us, 32 MB to ~140 us), and smg_wasm_execution_seconds is wall time, which on an
-oversubscribed box includes being preempted.
+Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU time, this 2-core shared machine, in a
+loop): ~53 us with an mmap/munmap of a fresh memory per instance (~13 us of it system time), ~30 us with wasmtime's
+pooling instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly,
+~23-25 us with the C functions prototyped over plain addresses and the argument packed by a few Struct calls.
+Of those: lowering the request in Python ~8 us, a store made and dropped ~3.5 us, instantiation ~4.5 us, the call
+~8 us (the C API carries a list<u8> as one 32-byte value per byte, converted and lowered one by one: ~25-45 ns per
+body byte), lifting ~1.5 us. Values cross through wasmtime's C API directly (smg/wasm/capi.py), not wasmtime-py's
+generic converters (one Python call per body byte, ~1 us each). Inside the gateway the same call costs ~58 us of
+CPU (thread time, measured around the call under wrk) and the chain and app around it ~14 us more: caches and TLB
+are cold between requests (measured: touching 4 MB between calls takes a call from ~28 to ~40-57 us, 32 MB to
+~140 us). smg_wasm_execution_seconds is wall time, which on an oversubscribed box includes being preempted.
 
 Limits that differ from 1.13: wasmtime-py's store limiter cannot trap on a failed memory.grow (1.13 sets
 trap_on_grow_failure), so a module over 64 MiB sees memory.grow return -1 and traps on its own (Rust's allocator
@@ -27,7 +29,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from ctypes import CFUNCTYPE, byref, c_void_p, cast
+from ctypes import (
+    POINTER,
+    addressof,
+    c_bool,
+    c_size_t,
+    c_uint64,
+    c_void_p,
+    cast,
+    create_string_buffer,
+    sizeof,
+)
 from typing import Any
 
 import wasmtime
@@ -263,19 +275,42 @@ _DEFAULT_OWNER = EngineOwner()
 
 # --- the runner -----------------------------------------------------------------------------------------------
 
-# The raw ctypes functions behind wasmtime-py's wrappers (one Python call less each) and a NULL finalizer made once.
-_store_new = _raw._wasmtime_store_new
-_store_context = _raw._wasmtime_store_context
-_store_limiter = _raw._wasmtime_store_limiter
-_store_delete = _raw._wasmtime_store_delete
-_set_epoch_deadline = _raw._wasmtime_context_set_epoch_deadline
-_instantiate = _raw._wasmtime_component_linker_instantiate
-_get_func = _raw._wasmtime_component_instance_get_func
-_func_call = _raw._wasmtime_component_func_call
-_val_delete = _raw._wasmtime_component_val_delete
-_INSTANCE = ffi.wasmtime_component_instance_t
-_FUNC = ffi.wasmtime_component_func_t
-_NO_FINALIZER = cast(0, CFUNCTYPE(None, c_void_p))
+
+def _raw_fn(name: str, restype: Any, nargs: int) -> Any:
+    """wasmtime's C function `name` as a ctypes prototype of our own over plain addresses (ints): no
+    wasmtime-py wrapper, no POINTER/byref objects made and type-checked per argument. `dll[name]` makes a new
+    function object, so wasmtime-py's own prototypes (dll.name) are left as they are."""
+    fn = _raw.dll[name]
+    fn.restype = restype
+    fn.argtypes = [c_void_p] * nargs
+    return fn
+
+
+_store_new = _raw_fn("wasmtime_store_new", c_void_p, 3)  # (engine, data, finalizer): None for both
+_store_context = _raw_fn("wasmtime_store_context", c_void_p, 1)
+_store_delete = _raw_fn("wasmtime_store_delete", None, 1)
+_set_epoch_deadline = _raw.dll["wasmtime_context_set_epoch_deadline"]
+_set_epoch_deadline.restype = None
+_set_epoch_deadline.argtypes = [c_void_p, c_uint64]
+_instantiate = _raw_fn("wasmtime_component_linker_instantiate", c_void_p, 4)
+_get_func = _raw_fn("wasmtime_component_instance_get_func", c_bool, 4)
+_func_call = _raw.dll["wasmtime_component_func_call"]
+_func_call.restype = c_void_p
+_func_call.argtypes = [c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t]
+_val_delete = _raw_fn("wasmtime_component_val_delete", None, 1)
+_ERROR_PTR = POINTER(ffi.wasmtime_error_t)
+_CONTEXT_PTR = POINTER(ffi.wasmtime_context_t)
+# One call's out-parameters (the instance, the function, the result value) in one buffer.
+_O_FUNC = 32
+_O_RESULT = 64
+_SCRATCH = _O_RESULT + capi.VAL_SIZE
+_ZERO_VAL = bytes(capi.VAL_SIZE)
+if (sizeof(ffi.wasmtime_component_instance_t), sizeof(ffi.wasmtime_component_func_t)) > (32, 32):
+    raise ImportError("unexpected wasmtime C API instance/function layout")  # pragma: no cover
+
+
+def _error(ptr: int) -> wasmtime.WasmtimeError:
+    return wasmtime.WasmtimeError._from_ptr(cast(ptr, _ERROR_PTR))
 
 
 def _cause(e: BaseException) -> str:
@@ -317,10 +352,16 @@ class ModuleRunner:
             idx = self.component.get_export_index(func, inst) if inst is not None else None
             if idx is not None:
                 self._index[point] = idx
+        self._index_ptr = {
+            point: cast(idx.ptr(), c_void_p).value for point, idx in self._index.items()
+        }
+        # Out-parameter buffers, reused: a call pops one (a concurrent call on another thread
+        # makes its own) and gives it back; list.pop and append are atomic under the GIL.
+        self._scratch: list[Any] = []
         self._deadline = max(1, int(limits.max_execution_ms / (EPOCH_INTERVAL_S * 1000)))
-        self._engine_ptr = self.engine.ptr()
-        self._linker_ptr = self.linker.ptr()
-        self._component_ptr = self.component.ptr()
+        self._engine_ptr = cast(self.engine.ptr(), c_void_p).value
+        self._linker_ptr = cast(self.linker.ptr(), c_void_p).value
+        self._component_ptr = cast(self.component.ptr(), c_void_p).value
 
     def serves(self, point: str) -> bool:
         return point in self._index
@@ -340,38 +381,47 @@ class ModuleRunner:
         return self._call("OnResponse", capi.lower_response(resp))
 
     def _call(self, point: str, arg: capi.Packed) -> Action:
-        idx = self._index.get(point)
+        idx = self._index_ptr.get(point)
         if idx is None:
             raise WasmTrap(f"module does not export the {point} interface", "invalid")
-        # wasmtime's C API straight through ctypes, not wasmtime-py's Store/Linker/Instance wrappers (their
-        # per-call Python objects, a finalizer callback cast per Store and a GC-timed drop cost ~15 us a call),
-        # and the store deleted here, not when Python collects it: its pooled instance slot goes back at once,
-        # even when a trap's traceback keeps this frame alive.
-        store = _store_new(self._engine_ptr, None, _NO_FINALIZER)
+        # wasmtime's C API straight through ctypes over plain addresses, not wasmtime-py's
+        # Store/Linker/Instance wrappers (their per-call Python objects, a finalizer callback cast
+        # per Store and a GC-timed drop cost ~15 us a call), and the store deleted here, not when
+        # Python collects it: its pooled instance slot goes back at once, even when a trap's
+        # traceback keeps this frame alive. No store limiter: the pool's per-memory maximum
+        # (new_engine) is the same max_memory_bytes bound and fails memory.grow the same way.
+        try:
+            scratch = self._scratch.pop()
+        except IndexError:
+            scratch = create_string_buffer(_SCRATCH)
+        out = addressof(scratch)
+        store = _store_new(self._engine_ptr, None, None)
         try:
             ctx = _store_context(store)
-            _store_limiter(store, self.limits.max_memory_bytes, -1, -1, -1, -1)
             _set_epoch_deadline(ctx, self._deadline)
             if self.wasi:
-                err = ffi.wasmtime_context_set_wasi(ctx, wasmtime.WasiConfig()._consume())
+                err = ffi.wasmtime_context_set_wasi(
+                    cast(ctx, _CONTEXT_PTR), wasmtime.WasiConfig()._consume()
+                )
                 if err:
                     raise wasmtime.WasmtimeError._from_ptr(err)
-            instance = _INSTANCE()
-            err = _instantiate(self._linker_ptr, ctx, self._component_ptr, byref(instance))
+            err = _instantiate(self._linker_ptr, ctx, self._component_ptr, out)
             if err:
-                raise wasmtime.WasmtimeError._from_ptr(err)
-            func = _FUNC()
-            if not _get_func(byref(instance), ctx, idx.ptr(), byref(func)):
+                raise _error(err)
+            if not _get_func(out, ctx, idx, out + _O_FUNC):
                 raise WasmTrap(f"module does not export the {point} function", "invalid")
-            result = capi.VAL()
-            err = _func_call(byref(func), ctx, byref(arg.val), 1, byref(result), 1)
+            # The C API assigns the result over the value there, dropping it: it must be a
+            # plain one (zeroes), not the last call's, already freed.
+            scratch[_O_RESULT:_SCRATCH] = _ZERO_VAL
+            err = _func_call(out + _O_FUNC, ctx, arg.address, 1, out + _O_RESULT, 1)
             if err:
-                raise wasmtime.WasmtimeError._from_ptr(err)
+                raise _error(err)
             try:
-                return capi.lift_action(result)
+                return capi.lift_action_at(out + _O_RESULT)
             finally:
-                _val_delete(byref(result))
+                _val_delete(out + _O_RESULT)
         except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
             raise _trap(e, self.limits) from None
         finally:
             _store_delete(store)
+            self._scratch.append(scratch)

