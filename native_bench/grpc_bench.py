@@ -14,6 +14,8 @@ policy has anything to decide):
 
     rust      the Rust SMG 1.13 (`smg launch`, --rust-smg)
     smg-p2    this repo, --processes 2
+    smg-base  another checkout's smg (--smg-base DIR, e.g. a `git archive` of the revision
+              before a change), --processes 2: an A/B of two revisions in one run
 
 Load: `smg bench` (openai-chat, streaming, the random dataset with a fixed seed, prompts of
 --input-lens tokens, 256 output tokens with ignore_eos, concurrency 64). Per input length
@@ -66,7 +68,7 @@ sys.path.insert(0, str(REPO / "tests"))  # grpcmockutil (and its mockutil) are t
 from grpcmockutil import llama3_dir  # noqa: E402
 
 HOST = "127.0.0.1"
-GATEWAYS = ("rust", "smg-p2")
+GATEWAYS = ("rust", "smg-p2", "smg-base")
 MODEL = "llama3"
 
 # Parser mode: family -> (tool-call parser, reasoning parser, the reply's shape). The
@@ -282,7 +284,8 @@ def start_gateway(
     env = dict(os.environ)
     cwd = REPO if name != "rust" else logs  # the repo root would shadow nothing for Rust
     if name != "rust":
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        root = args.smg_base if name == "smg-base" else REPO
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(
         argv,
         stdout=log_file,
@@ -493,6 +496,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rust-extra-args", default="")
     ap.add_argument("--smg-python", default=sys.executable, help="interpreter with this repo's smg")
     ap.add_argument("--smg-extra-args", default="")
+    ap.add_argument(
+        "--smg-base", type=Path, default=None, help="the smg-base gateway's source root"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="each input length's gateways this many times over"
+    )
     ap.add_argument("--backend", choices=("vllm", "sglang"), default="vllm")
     ap.add_argument("--input-lens", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--output-len", type=int, default=256)
@@ -544,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for g in wanted:
         if g not in GATEWAYS:
             raise SystemExit(f"unknown gateway {g!r}; known: {', '.join(GATEWAYS)}")
+    if "smg-base" in wanted and (args.smg_base is None or not (args.smg_base / "smg").is_dir()):
+        raise SystemExit("smg-base needs --smg-base DIR holding an smg/ package")
     if "rust" in wanted and not Path(args.rust_smg).exists():
         raise SystemExit(f"no Rust SMG at {args.rust_smg} (--rust-smg)")
     report: dict[str, Any] = {
@@ -595,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                     log(f"prompt files for {input_len} in {time.monotonic() - started:.1f}s")
                 half_rate: float | None = None
-                order = sorted(wanted, key=lambda g: g != "rust")  # Rust first: it sets the rate
+                # Rust first: it sets the rate; then the order again each round.
+                order = sorted(wanted, key=lambda g: g != "rust") * args.rounds
                 for name in order:
                     log(f"{name}: input {input_len}")
                     try:
@@ -608,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             {"gateway": name, "input_len": input_len, "error": str(exc)}
                         )
                         continue
-                    if name == "rust":
+                    if name == "rust" and half_rate is None:
                         half_rate = (row.get("half_rate") or {}).get("offered_rps")
                     report["rows"].append(row)
                     log(json.dumps(row))

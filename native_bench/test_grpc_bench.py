@@ -198,3 +198,10 @@ def test_parser_mode_flags_reach_both_gateways_and_the_load() -> None:
         argv = gb.gateway_argv(name, args, mock, Path("/m"), 1234)
         i = argv.index("--tool-call-parser")
         assert argv[i : i + 4] == ["--tool-call-parser", "qwen", "--reasoning-parser", "qwen3"]
+
+
+def test_smg_base_needs_a_source_root(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--smg-base"):
+        gb.main(["--gateways", "smg-base", "--smg-base", str(tmp_path)])
+    args = gb.parse_args(["--smg-base", str(tmp_path), "--rounds", "2"])
+    assert (args.smg_base, args.rounds) == (tmp_path, 2)

@@ -118,6 +118,62 @@ def test_shm_backend_load_defers_to_read_row_during_a_write() -> None:
     assert calls == [2]
 
 
+def test_power_of_two_on_the_shared_table_equals_least_load_scorer() -> None:
+    """The pair scorer's tuple read of the table's rows (ShmLoadView.load_fields) gives
+    the choices, tallies and draws of least_load's scorer over the same view's
+    BackendLoads, and a row being written falls back to backend_load."""
+    from smg.policies import power_of_two
+
+    assert power_of_two.FLAG_LOAD_VALID == layout.FLAG_LOAD_VALID
+    table, view = make_view()
+    fast = PowerOfTwoPolicy("expected_wait", random.Random(11))
+    slow = PowerOfTwoPolicy("expected_wait", random.Random(11))
+    rng = random.Random(5)
+    outcomes = {"valid pair": 0, "one dark": 0, "dark pair": 0, "tie draws": 0, "writing": 0}
+    for step in range(3000):
+        poll = float(step // 50)
+        for row in range(4):
+            load = random_load(rng, poll)
+            flags = layout.FLAG_IN_USE | (layout.FLAG_LOAD_VALID if load.valid else 0)
+            # The table holds unsigned counts and KV usage as written.
+            table.write_row(
+                row,
+                layout.Row(
+                    row + 1, 1, flags, load.running, max(load.waiting, 0),
+                    load.waiting_tokens, load.token_usage, load.throughput, poll, 0.0,
+                ),
+            )  # fmt: skip
+            table.set_in_flight(0, row, rng.randrange(3))
+        a, b = rng.sample(range(4), 2)
+        writing = step % 7 == 0
+        index = (table.geo.rows_offset + b * layout.ROW_SIZE) >> 3
+        if writing:  # odd sequence word: load_fields answers None for b
+            table._words[index] += 1
+            assert view.load_fields(b) is None
+            table.read_row = lambda row, at=index: _even_read(table, row, at)  # type: ignore[method-assign]
+            outcomes["writing"] += 1
+        request = RouteRequest(prompt_tokens=rng.choice([None, 100, 3000]))
+        state = fast._random.__self__.getstate()
+        chosen = fast._expected_wait(a, b, view, request)
+        if writing:
+            del table.read_row
+        expected = slow._scorer.select_min_expected_wait((a, b), view, request)
+        assert chosen == expected, step
+        assert fast._scorer.since.rows == slow._scorer.since.rows, step
+        if fast._random.__self__.getstate() != state:
+            outcomes["tie draws"] += 1
+        valid = view.backend_load(a).valid + view.backend_load(b).valid
+        outcomes[["dark pair", "one dark", "valid pair"][valid]] += 1
+    assert min(outcomes.values()) >= 100, outcomes
+
+
+def _even_read(table: WorkerTable, row: int, index: int) -> layout.Row:
+    """The writer finishes as the reader waits: the sequence word even again."""
+    if table._words[index] & 1:
+        table._words[index] -= 1
+    return WorkerTable.read_row(table, row)
+
+
 def loop_boundaries(n: int) -> list[int]:
     """The block ends as first written (one block at a time), the reference."""
     ends: list[int] = []

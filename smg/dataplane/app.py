@@ -232,6 +232,20 @@ class ShmLoadView:
     def in_flight(self, row: int) -> int:
         return self.table.in_flight(row)
 
+    def load_fields(self, row: int) -> tuple[Any, ...] | None:
+        """The row's body as `ROW_BODY` unpacks it (generation, status, flags, pad,
+        running, waiting, waiting_tokens, token_usage, throughput, load_updated,
+        changed) without a BackendLoad, for power_of_two's pair scorer; None while a
+        write is in progress (backend_load then waits it out)."""
+        offset = self._rows_offset + row * ROW_SIZE
+        words = self._words
+        before = words[offset >> 3]
+        if not before & 1:
+            fields = _unpack_row(self._buf, offset + 8)
+            if words[offset >> 3] == before:
+                return fields
+        return None
+
     def backend_load(self, row: int) -> BackendLoad:
         # layout.read_row's lock-free read inlined (without its Row tuple): a decision
         # reads up to two of these (power_of_two), this halves their cost.
