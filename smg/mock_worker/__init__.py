@@ -47,6 +47,14 @@ Decisions:
   served from the cache (every prompt token without one); no queueing is modelled.
 - /mock/stats "requests_by_model": inference requests per model name answered (LoRA
   adapter names as sent; --strict-model rejects names other than --model).
+- PD roles (SGLang style; pd.py has the bootstrap protocol): `--pd-role prefill
+  --bootstrap-port B` (B+i per worker; 0: ephemeral, announced by a
+  `MOCK_WORKER_BOOTSTRAP <url> <port>` line after the URL line) and `--pd-role decode
+  [--pd-wait-s 5]`. Every inference request must carry bootstrap_host/_port/_room (400).
+  A prefill records the room(s) when the request starts and answers one token (SGLang's
+  max_new_tokens = 1); a decode answers normally only once each room is "ready" at
+  bootstrap_host:bootstrap_port, else 500 "KV transfer failed: ...". Faults apply to both
+  roles; --crash-rate / crash_rate makes the process exit (status 1) at the first token.
 - Load: running = the worker's in-flight inference requests; waiting = the configured
   fake queue; token_usage = the configured value, or else the in-flight requests'
   prompt + output tokens over --max-total-tokens.

@@ -54,6 +54,11 @@ class Options:
     hang_rate: float = 0.0
     health_fail: bool = False
     prefill_us_per_token: float = 0.0
+    crash_rate: float = 0.0
+    # Prefill/decode disaggregation (pd.py): None, "prefill" or "decode".
+    pd_role: str | None = None
+    bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port default; 0: ephemeral
+    pd_wait_s: float = 5.0  # how long a decode waits for its prefill's KV
 
 
 @dataclasses.dataclass
@@ -71,6 +76,9 @@ class RuntimeConfig:
     token_usage: float | None = None  # None: derived from the in-flight requests
     # Added to the time to first token per prompt token not served from the prefix cache.
     prefill_us_per_token: float = 0.0
+    # Fraction of inference requests on which the whole process dies (os._exit) at the
+    # time of the first token, without answering: an engine crashing mid-request.
+    crash_rate: float = 0.0
 
     @classmethod
     def from_options(cls, opts: Options) -> RuntimeConfig:
@@ -83,6 +91,7 @@ class RuntimeConfig:
             output_len=opts.output_len,
             eos_prob=opts.eos_prob,
             prefill_us_per_token=opts.prefill_us_per_token,
+            crash_rate=opts.crash_rate,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -125,6 +134,7 @@ _UPDATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "waiting": (_count, f"an integer in [0, {MAX_OUTPUT_LEN}]"),
     "token_usage": (_usage, "null or a number in [0, 1]"),
     "prefill_us_per_token": (_non_negative, "a non-negative number"),
+    "crash_rate": (_fraction, "a number in [0, 1]"),
 }
 
 
@@ -233,6 +243,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-rate", type=_fraction_arg, default=0.0, help="fraction answered 500")
     p.add_argument("--hang-rate", type=_fraction_arg, default=0.0, help="fraction never answered")
     p.add_argument(
+        "--crash-rate",
+        type=_fraction_arg,
+        default=0.0,
+        help="fraction of inference requests on which the whole process exits (status 1) "
+        "at the time of the first token, without answering: an engine dying mid-request",
+    )
+    p.add_argument(
+        "--pd-role",
+        choices=("prefill", "decode"),
+        default=None,
+        help="prefill/decode disaggregation role (SGLang style, --engine sglang): every "
+        "inference request must carry bootstrap_host and bootstrap_room (400 otherwise; "
+        "bootstrap_port null: --bootstrap-port); a prefill answers one token and serves its rooms on --bootstrap-port; "
+        "a decode answers only once its room's prefill is done (500 otherwise)",
+    )
+    p.add_argument(
+        "--bootstrap-port",
+        type=int_arg(0, 65535),
+        default=None,
+        help="SGLang's --disaggregation-bootstrap-port (default 8998). A prefill's bootstrap "
+        "server listens there (one port per worker, consecutive; 0: ephemeral); a "
+        "'MOCK_WORKER_BOOTSTRAP <url> <port>' line follows each worker's URL line. Both "
+        "roles take it for a request whose bootstrap_port is null, as SGLang does",
+    )
+    p.add_argument(
+        "--pd-wait-s",
+        type=non_negative_arg,
+        default=5.0,
+        help="with --pd-role decode: how long a request waits for its prefill's KV "
+        "(its room 'ready' at the bootstrap server) before failing with 500",
+    )
+    p.add_argument(
         "--exit-after",
         type=int_arg(1, 2**62),
         default=None,
@@ -296,6 +338,20 @@ def parse_options(argv: list[str]) -> Options:
         build_parser().error("--ssl-ca-certs and --ssl-cert-reqs need --ssl-certfile")
     if ns.ssl_cert_reqs and ns.ssl_ca_certs is None:
         build_parser().error("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs")
+    if ns.pd_role is not None and ns.engine != "sglang":
+        build_parser().error(
+            "--pd-role is SGLang-style PD over HTTP (--engine sglang); vLLM PD is the gRPC "
+            "mock's (kv_transfer_params)"
+        )
+    if ns.bootstrap_port is not None and ns.pd_role is None:
+        build_parser().error("--bootstrap-port needs --pd-role")
+    bootstrap_port = 8998 if ns.bootstrap_port is None else ns.bootstrap_port
+    if ns.pd_role == "decode" and bootstrap_port == 0:
+        build_parser().error("--bootstrap-port 0 (ephemeral) is for a prefill only")
+    if ns.pd_role == "prefill" and bootstrap_port and bootstrap_port + ns.count - 1 > 65535:
+        build_parser().error(
+            f"--bootstrap-port {bootstrap_port} with --count {ns.count} runs past port 65535"
+        )
     return Options(
         engine=ns.engine,
         model=ns.model,
@@ -323,6 +379,10 @@ def parse_options(argv: list[str]) -> Options:
         health_fail=ns.health_fail,
         prefix_cache_tokens=ns.prefix_cache_tokens,
         prefill_us_per_token=ns.prefill_us_per_token,
+        crash_rate=ns.crash_rate,
+        pd_role=ns.pd_role,
+        bootstrap_port=bootstrap_port,
+        pd_wait_s=ns.pd_wait_s,
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         ssl_ca_certs=ns.ssl_ca_certs,

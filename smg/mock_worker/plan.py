@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import zlib
 from typing import Any
 
 import orjson
@@ -58,6 +59,12 @@ class Plan:
     # vLLM (--enable-prompt-tokens-details) reports cached_tokens 0; SGLang's usage
     # processor leaves prompt_tokens_details out when nothing was cached.
     report_zero_cached: bool = True
+    # /generate with return_logprob: each prompt's token ids (text prompts: one id per
+    # word, see word_id), so meta_info carries input/output_token_logprobs; else None.
+    logprob_ids: list[list[int]] | None = None
+    # False in a PD decode engine: the prefill computed the prompt's logprobs, the decode
+    # reports an empty input_token_logprobs list (a PD router merges the prefill's in).
+    input_logprobs: bool = True
 
     @property
     def total_prompt_tokens(self) -> int:
@@ -253,6 +260,9 @@ def plan_generate(obj: dict[str, Any], timing: Timing, rng: random.Random) -> Pl
     if stream and batch:
         raise ApiError(400, "the mock does not stream batched /generate requests")
     rid = obj.get("rid")
+    logprob_ids = None
+    if _read_bool(obj, "return_logprob"):
+        logprob_ids = _prompt_ids(obj["text"] if obj.get("text") is not None else obj["input_ids"])
     return Plan(
         kind="generate",
         stream=stream,
@@ -264,7 +274,22 @@ def plan_generate(obj: dict[str, Any], timing: Timing, rng: random.Random) -> Pl
         finish_reason=finish,
         max_tokens=limit,
         rid=rid if isinstance(rid, str) else None,
+        logprob_ids=logprob_ids,
     )
+
+
+def word_id(word: str) -> int:
+    """The mock tokenizer's id of a prompt word (stable across processes)."""
+    return zlib.crc32(word.encode()) % 32000
+
+
+def _prompt_ids(value: Any) -> list[list[int]]:
+    """Token ids of each prompt of an accepted `text` / `input_ids` value."""
+    if isinstance(value, str):
+        return [[word_id(w) for w in value.split()]]
+    if _token_ids(value):
+        return [list(value)]
+    return [[word_id(w) for w in p.split()] if isinstance(p, str) else list(p) for p in value]
 
 
 PLANNERS = {"chat": plan_chat, "completion": plan_completion, "generate": plan_generate}

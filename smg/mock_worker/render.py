@@ -136,16 +136,32 @@ def _generate_finish(plan: Plan) -> dict[str, Any]:
     return {"type": "stop", "matched": EOS_TOKEN_ID}
 
 
+def input_token_logprobs(ids: list[int]) -> list[list[Any]]:
+    """SGLang's [logprob, token_id, text] rows of a prompt (text None: return_text_in_logprobs
+    off); the first token has no logprob. Values are a fixed function of the position."""
+    return [[None if i == 0 else -round(0.1 * (1 + i % 7), 4), t, None] for i, t in enumerate(ids)]
+
+
+OUTPUT_LOGPROB = -0.25  # every output token's logprob
+
+
 def _generate_meta(
     plan: Plan, rid: str, prompt: int, done: int, final: bool, index: int = 0
 ) -> dict[str, Any]:
-    return {
+    meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": _generate_finish(plan) if final else None,
         "prompt_tokens": prompt,
         "completion_tokens": done,
         "cached_tokens": 0 if plan.cached is None else plan.cached[index],
     }
+    ids = plan.logprob_ids
+    if ids is not None:
+        meta["input_token_logprobs"] = (
+            input_token_logprobs(ids[index]) if plan.input_logprobs else []
+        )
+        meta["output_token_logprobs"] = [[OUTPUT_LOGPROB, t, None] for t in output_ids(done)]
+    return meta
 
 
 def generate_response(plan: Plan, rid: str) -> bytes:

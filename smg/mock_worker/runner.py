@@ -10,13 +10,24 @@ import sys
 import uvloop
 
 from smg.mock_worker.options import Options, parse_options
+from smg.mock_worker.pd import start_bootstrap_server
 from smg.mock_worker.server import Connection, ProcessState, Worker, server_ssl_context
 
 URL_PREFIX = "MOCK_WORKER_URL"
+BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP"
 
 
 def _url(host: str, port: int, scheme: str = "http") -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _announce(worker: Worker, scheme: str) -> str:
+    """A worker's stdout line(s): its URL, and a prefill's bootstrap port after it."""
+    url = _url(worker.opts.host, worker.port, scheme)
+    line = f"{URL_PREFIX} {url}\n"
+    if worker.rooms is not None:
+        line += f"{BOOTSTRAP_PREFIX} {url} {worker.bootstrap_port}\n"
+    return line
 
 
 async def serve(opts: Options) -> int:
@@ -48,10 +59,23 @@ async def serve(opts: Options) -> int:
             servers.append(server)
             worker.port = server.sockets[0].getsockname()[1]
             workers.append(worker)
+            if worker.rooms is not None:  # a PD prefill: its bootstrap server
+                bport = 0 if opts.bootstrap_port == 0 else opts.bootstrap_port + i
+                try:
+                    boot = await start_bootstrap_server(worker.rooms, opts.host, bport)
+                except OSError as e:
+                    print(
+                        f"smg mock-worker: cannot listen on {opts.host}:{bport} (bootstrap): {e}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return 1
+                servers.append(boot)
+                worker.bootstrap_port = boot.sockets[0].getsockname()[1]
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, process.stop.set)
         # Announced only once every listener is bound, so a reader may connect at once.
-        lines = "".join(f"{URL_PREFIX} {_url(opts.host, w.port, scheme)}\n" for w in workers)
+        lines = "".join(_announce(w, scheme) for w in workers)
         sys.stdout.write(lines)
         sys.stdout.flush()
         await process.stop.wait()

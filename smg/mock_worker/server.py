@@ -10,6 +10,7 @@ at once: the Task is cancelled and the disconnect counted.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import ssl
 import sys
@@ -24,6 +25,7 @@ import orjson
 
 from smg.mock_worker import render, wire
 from smg.mock_worker.options import Options, RuntimeConfig, apply_update
+from smg.mock_worker.pd import PREFILL, KvTransferError, RoomBook, await_rooms, bootstrap_targets
 from smg.mock_worker.plan import (
     PLANNERS,
     ApiError,
@@ -173,6 +175,11 @@ class Worker:
         self.routes = {prefix + path: route for path, route in ROUTES[opts.engine].items()}
         self.auth_token = None if opts.api_key is None else b"Bearer " + opts.api_key.encode()
         self._seq = 0
+        # PD roles (pd.py): a prefill records its rooms for its bootstrap server.
+        self.pd_role = opts.pd_role
+        self.rooms = RoomBook() if opts.pd_role == PREFILL else None
+        self.bootstrap_port = 0
+        self.kv_failures = 0  # decode requests failed for want of their prefill's KV
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -266,30 +273,47 @@ class Worker:
 
     # --- inference -----------------------------------------------------------------------
 
-    def faults(self, conn: Connection, req: Request) -> bool:
-        """Injected faults of an inference request; True when one answered it (or hung)."""
+    def pick_fault(self, req: Request) -> tuple[str, int]:
+        """The injected fault of an inference request: ("", 0) none, ("status", code) for
+        x-mock-status, ("error", 500), ("hang", 0) or ("crash", 0)."""
         mock = req.mock
         if mock is not None and b"x-mock-status" in mock:
-            status = parse_status_override(mock[b"x-mock-status"])
-            self.error(conn, req, status, f"mock status {status} (x-mock-status)", "mock_error")
-            self.answered(0, 0)
-            return True
+            return "status", parse_status_override(mock[b"x-mock-status"])
         cfg = self.cfg
         if cfg.error_rate > 0.0 and self.rng.random() < cfg.error_rate:
-            self.error(conn, req, 500, "mock injected error (error_rate)", "internal_server_error")
-            self.answered(0, 0)
-            return True
+            return "error", 500
         if cfg.hang_rate > 0.0 and self.rng.random() < cfg.hang_rate:
-            conn.start_async(self._hang())
-            return True
-        return False
+            return "hang", 0
+        if cfg.crash_rate > 0.0 and self.rng.random() < cfg.crash_rate:
+            return "crash", 0
+        return "", 0
 
-    def inference(self, conn: Connection, req: Request, kind: str) -> None:
-        if self.faults(conn, req):
-            return
+    def fault_error(self, conn: Connection, req: Request, what: str, status: int) -> None:
+        if what == "status":
+            self.error(conn, req, status, f"mock status {status} (x-mock-status)", "mock_error")
+        else:
+            self.error(conn, req, 500, "mock injected error (error_rate)", "internal_server_error")
+        self.answered(0, 0)
+
+    def faults(self, conn: Connection, req: Request) -> bool:
+        """Injected faults of an inference request; True when one answered it (or hung)."""
+        what, status = self.pick_fault(req)
+        if not what:
+            return False
+        if what == "hang":
+            conn.start_async(self._hang())
+        elif what == "crash":
+            conn.start_async(self._crash())
+        else:
+            self.fault_error(conn, req, what, status)
+        return True
+
+    def prepare(
+        self, req: Request, kind: str, obj: dict[str, Any]
+    ) -> tuple[Plan, Timing, str, int, str]:
+        """Plan one inference request: (plan, timing, id, created, model); ApiError when bad."""
         cfg = self.cfg
         mock = req.mock
-        rng = self.rng
         timing = Timing(cfg.ttft_ms / 1000.0, cfg.itl_ms / 1000.0, cfg.output_len, cfg.eos_prob)
         if mock is not None:
             apply_header_overrides(
@@ -298,8 +322,7 @@ class Worker:
                 mock.get(b"x-mock-itl-ms"),
                 mock.get(b"x-mock-output-len"),
             )
-        obj = parse_json_object(req.body)
-        plan = PLANNERS[kind](obj, timing, rng)
+        plan = PLANNERS[kind](obj, timing, self.rng)
         cache = self.cache
         prefill = cfg.prefill_us_per_token
         if cache is not None or prefill > 0.0:  # one check when both are off
@@ -311,7 +334,15 @@ class Worker:
             timing.ttft_s += prefill * uncached / 1e6
         model = self._model_for(plan.model)
         rid = plan.rid or self.next_id(_ID_PREFIX[kind])
-        created = int(time.time())
+        return plan, timing, rid, int(time.time()), model
+
+    def inference(self, conn: Connection, req: Request, kind: str) -> None:
+        if self.pd_role is not None:
+            self.pd_inference(conn, req, kind)
+            return
+        if self.faults(conn, req):
+            return
+        plan, timing, rid, created, model = self.prepare(req, kind, parse_json_object(req.body))
         if plan.stream:
             if timing.ttft_s > 0.0 or timing.itl_s > 0.0:
                 conn.start_async(
@@ -329,6 +360,95 @@ class Worker:
         self.respond(conn, req, 200, render.render_response(plan, rid, created, model))
         self.answered(plan.total_prompt_tokens, plan.total_completion_tokens)
 
+    # --- PD roles (pd.py) ------------------------------------------------------------------
+
+    def pd_inference(self, conn: Connection, req: Request, kind: str) -> None:
+        """A request to a prefill or decode engine: its bootstrap fields and body are
+        checked first (400), then it runs as one Task (a decode waits for its KV)."""
+        obj = parse_json_object(req.body)
+        targets = bootstrap_targets(kind, obj, self.opts.bootstrap_port)
+        plan, timing, rid, created, model = self.prepare(req, kind, obj)
+        rooms = self.rooms
+        if rooms is not None:
+            # SGLang's prefill runs with max_new_tokens = 1: it computes the KV and the
+            # first token; the decode engine generates the answer.
+            if plan.n_tokens >= 1:
+                plan.n_tokens = 1
+                plan.finish_reason = "length"
+            room_ids = [room for _, _, room in targets]
+            rooms.start(room_ids, time.monotonic())
+            coro = self._pd_prefill(conn, req, room_ids, plan, timing, rid, created, model)
+        else:
+            plan.input_logprobs = False  # the prefill computed them
+            coro = self._pd_decode(conn, req, targets, plan, timing, rid, created, model)
+        conn.start_async(coro, _tokens(plan))
+
+    async def _pd_prefill(
+        self,
+        conn: Connection,
+        req: Request,
+        room_ids: list[int],
+        plan: Plan,
+        timing: Timing,
+        rid: str,
+        created: int,
+        model: str,
+    ) -> None:
+        ok = False
+        try:
+            ok = await self._pd_answer(conn, req, plan, timing, rid, created, model)
+        finally:  # cancelled (the client went away) or failed: the room failed
+            assert self.rooms is not None
+            self.rooms.finish(room_ids, ok)
+
+    async def _pd_decode(
+        self,
+        conn: Connection,
+        req: Request,
+        targets: list[tuple[str, int, int]],
+        plan: Plan,
+        timing: Timing,
+        rid: str,
+        created: int,
+        model: str,
+    ) -> None:
+        try:
+            await await_rooms(targets, self.opts.pd_wait_s)
+        except KvTransferError as e:
+            self.kv_failures += 1
+            self.error(conn, req, 500, str(e), "internal_server_error")
+            self.answered(0, 0)
+            conn.finish_async(req)
+            return
+        await self._pd_answer(conn, req, plan, timing, rid, created, model)
+
+    async def _pd_answer(
+        self,
+        conn: Connection,
+        req: Request,
+        plan: Plan,
+        timing: Timing,
+        rid: str,
+        created: int,
+        model: str,
+    ) -> bool:
+        """Answer as the plain engine would, faults included; True when answered 200."""
+        what, status = self.pick_fault(req)
+        if what == "hang":
+            await self._hang()
+        elif what == "crash":
+            await self._crash()
+        elif what:
+            self.fault_error(conn, req, what, status)
+            conn.finish_async(req)
+            return False
+        if plan.stream:
+            await self._stream(conn, req, plan, timing, rid, created, model)
+        else:
+            delay = timing.ttft_s + timing.itl_s * max(0, plan.n_tokens - 1)
+            await self._delayed(conn, req, plan, delay, rid, created, model)
+        return True
+
     def _model_for(self, requested: str | None) -> str:
         if requested is None or requested == "":
             model = self.opts.model
@@ -341,6 +461,11 @@ class Worker:
 
     async def _hang(self) -> None:
         await asyncio.get_running_loop().create_future()  # until the client goes away
+
+    async def _crash(self) -> None:
+        await asyncio.sleep(self.cfg.ttft_ms / 1000.0)
+        print("smg mock-worker: crashing mid-request (crash_rate)", file=sys.stderr, flush=True)
+        os._exit(1)  # no cleanup, no answer: every connection is reset by the kernel
 
     async def _delayed(
         self,
@@ -544,6 +669,15 @@ class Worker:
         snap = self.stats.snapshot(self.in_flight, time.monotonic())
         snap["port"] = self.port
         snap["engine"] = self.opts.engine
+        snap["pd"] = None
+        if self.pd_role is not None:
+            rooms = self.rooms
+            snap["pd"] = {
+                "role": self.pd_role,
+                "bootstrap_port": self.bootstrap_port if rooms is not None else None,
+                "rooms": None if rooms is None else rooms.listing(time.monotonic()),
+                "kv_failures": self.kv_failures,
+            }
         cache = self.cache
         if cache is None:
             snap["prefix_cache"] = None

@@ -1,0 +1,133 @@
+"""Start PD (prefill/decode) mock workers for tests: `smg mock-worker --pd-role ...`.
+
+    with pdutil.start_prefill(bootstrap_port=0) as p, pdutil.start_decode(wait_s=2) as d:
+        # p.url / p.bootstrap_port / d.url; give the gateway `--prefill p.url p.bootstrap_port
+        # --decode d.url`
+        ...
+        assert pdutil.room_states(p) == {room: "ready"}
+        pdutil.set_faults(p.url, ttft_ms=200)  # a slow prefill; crash_rate=1.0: it dies
+
+Each start_* returns a PdMocks (a MockWorkers with `role` and, for a prefill, one
+bootstrap port per worker); leaving the `with` block stops the process (or call stop()).
+The bootstrap protocol (smg/mock_worker/pd.py): GET /pd/rooms/{room} (200 with
+{"room","state","age_s"} / 404) and GET /pd/rooms ({"rooms": [...]}, oldest first) on
+the prefill's bootstrap port; state: "prefilling", "ready" or "failed".
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+from tests import mockutil
+from tests.mockutil import MockWorkers
+
+BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP "
+
+
+class PdMocks(MockWorkers):
+    """A mock-worker process in a PD role; `bootstrap_ports[i]` belongs to `urls[i]`."""
+
+    def __init__(self, mocks: MockWorkers, role: str, bootstrap_ports: list[int]) -> None:
+        super().__init__(mocks.proc, mocks.urls, mocks._reader)
+        self.role = role
+        self.bootstrap_ports = bootstrap_ports
+
+    def __enter__(self) -> PdMocks:
+        return self
+
+    @property
+    def bootstrap_port(self) -> int:
+        return self.bootstrap_ports[0]
+
+    def prefill_args(self) -> list[str]:
+        """`--prefill URL PORT ...` for a gateway's command line (a prefill only)."""
+        out: list[str] = []
+        for url, port in zip(self.urls, self.bootstrap_ports, strict=True):
+            out += ["--prefill", url, str(port)]
+        return out
+
+    def decode_args(self) -> list[str]:
+        out: list[str] = []
+        for url in self.urls:
+            out += ["--decode", url]
+        return out
+
+
+def _start(role: str, count: int, args: list[str], timeout: float) -> PdMocks:
+    argv = ["--pd-role", role, *args]
+    proc = subprocess.Popen(mockutil.mock_command(count, argv), stdout=subprocess.PIPE)
+    lines, reader = mockutil.start_reader(proc)
+    mocks = MockWorkers(proc, [], reader)
+    ports: list[int] = []
+    want_ports = count if role == "prefill" else 0
+    deadline = time.monotonic() + timeout
+    try:
+        while len(mocks.urls) < count or len(ports) < want_ports:
+            late = f"{role} mock printed {len(mocks.urls)}/{count} URLs in time"
+            line = mockutil.next_line(lines, proc, deadline, late, f"{role} mock")
+            if line.startswith(mockutil.URL_PREFIX):
+                mocks.urls.append(line[len(mockutil.URL_PREFIX) :].strip())
+            elif line.startswith(BOOTSTRAP_PREFIX):
+                ports.append(int(line.split()[-1]))
+        for url in mocks.urls:
+            mockutil.wait_answering(url, deadline)
+    except BaseException:
+        mocks.stop()
+        raise
+    return PdMocks(mocks, role, ports)
+
+
+def start_prefill(
+    count: int = 1, *args: str, bootstrap_port: int = 0, timeout: float = 15.0
+) -> PdMocks:
+    """Prefill workers; bootstrap ports from `bootstrap_port` (0: ephemeral, read back)."""
+    return _start("prefill", count, ["--bootstrap-port", str(bootstrap_port), *args], timeout)
+
+
+def start_decode(count: int = 1, *args: str, wait_s: float = 5.0, timeout: float = 15.0) -> PdMocks:
+    """Decode workers; each request waits up to `wait_s` for its prefill's KV."""
+    return _start("decode", count, ["--pd-wait-s", str(wait_s), *args], timeout)
+
+
+def bootstrap_url(prefill: PdMocks, index: int = 0) -> str:
+    return f"http://127.0.0.1:{prefill.bootstrap_ports[index]}"
+
+
+def rooms(prefill: PdMocks, index: int = 0) -> list[dict[str, Any]]:
+    """Every room worker `index` of `prefill` still records, oldest first."""
+    status, data = mockutil.request_json("GET", bootstrap_url(prefill, index) + "/pd/rooms")
+    assert status == 200, data
+    return data["rooms"]
+
+
+def room_states(prefill: PdMocks, index: int = 0) -> dict[int, str]:
+    """room -> "prefilling" | "ready" | "failed" for worker `index` of `prefill`."""
+    return {r["room"]: r["state"] for r in rooms(prefill, index)}
+
+
+def room_state(prefill: PdMocks, room: int, index: int = 0) -> str | None:
+    """One room's state, None when that prefill never saw it."""
+    status, data = mockutil.request_json("GET", f"{bootstrap_url(prefill, index)}/pd/rooms/{room}")
+    return data["state"] if status == 200 else None
+
+
+def kv_failures(decode_url: str) -> int:
+    """Requests this decode worker failed for want of their prefill's KV."""
+    return mockutil.stats(decode_url)["pd"]["kv_failures"]
+
+
+def set_faults(url: str, **fields: Any) -> dict[str, Any]:
+    """POST /mock/config: ttft_ms, itl_ms, error_rate, hang_rate, crash_rate, healthy, ..."""
+    return mockutil.set_config(url, **fields)
+
+
+def pd_body(body: dict[str, Any], room: int, bootstrap_port: int, host: str = "127.0.0.1") -> dict:
+    """`body` with the bootstrap fields a PD router injects (one request, one room)."""
+    return {
+        **body,
+        "bootstrap_host": host,
+        "bootstrap_port": bootstrap_port,
+        "bootstrap_room": room,
+    }
