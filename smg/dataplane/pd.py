@@ -623,15 +623,19 @@ class PDRouter:
     """This process's PD dispatch: the two policies, the prefill admission, the counters."""
 
     def __init__(self, app: DataPlane, cfg: GatewayConfig, prefill_policy: Policy) -> None:
-        from smg.dataplane.app import _text_decoder, prompt_text
+        from smg.dataplane.app import _TextFields, prompt_text
 
         self.app = app
         self.prefill_policy = prefill_policy
         self.needs_text = prefill_policy.needs_text
-        self._text_decoder = _text_decoder
+        self._fields = _TextFields
         self._prompt_text = prompt_text
-        self.generation = -1
+        self.directory_generation = -1
+        self.routing_generation = -1
         self.types: dict[int, str] = {}
+        # (kind, model or None) -> ready rows; kind -> models its workers serve (any status).
+        self.ready: dict[tuple[str, str | None], list[int]] = {}
+        self.known: dict[str, set[str | None]] = {}
         self.admission = PrefillAdmission.from_config(app, cfg)
         # Counters (smg_pd_*; summed over processes by the reader).
         self.dispatched = 0
@@ -671,28 +675,22 @@ class PDRouter:
             return True
         state = app.refresh()
         model = state.aliases.get(model, model) if model else None
-        if self.generation != state.directory_generation:
-            entries = state.entries
-            self.types = {row: e.spec.worker_type for row, e in entries.items()}
-            self.prefill_policy.on_directory(
-                {row: (e.generation, e.url) for row, e in entries.items()}
-            )
-            self.generation = state.directory_generation
-        rows = app._candidates(state, model)
-        if rows is None:
+        if self.routing_generation != state.routing_generation:
+            self._rebuild(state)
+        known = self.known
+        if model is not None and not any(
+            model in known.get(kind, ()) or None in known.get(kind, ())
+            for kind in ("prefill", "decode")
+        ):
             app._send_error(
                 conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
             )
             return True
-        types = self.types
         route = RouteRequest(model=model, stream=body.get("stream") is True)
         if app.needs_text or self.needs_text:
-            try:
-                route.text = self._prompt_text(self._text_decoder.decode(request.body))
-            except Exception:  # a prompt of an odd shape routes without its text
-                route.text = None
-        prefill_rows = [row for row in rows if types.get(row) == "prefill"]
-        decode_rows = [row for row in rows if types.get(row) == "decode"]
+            route.text = self._text(path, body)
+        prefill_rows = self._rows("prefill", model)
+        decode_rows = self._rows("decode", model)
         refusal = self._no_pair(prefill_rows, decode_rows)
         if refusal is not None:
             app._send_error(conn, request, 503, "server_selection_failed", refusal)
@@ -739,11 +737,67 @@ class PDRouter:
         self._dispatch(conn, request, started, body, route, model, prefill, decode)
         return True
 
+    def _text(self, path: str, body: dict[str, Any]) -> str | None:
+        """The prompt text the policies route on: /generate's `text` (1.13: the body's
+        text, a string only), else what the plain path reads (messages, prompt)."""
+        if path == "/generate":
+            text = body.get("text")
+            return text if isinstance(text, str) else None
+        fields = self._fields(messages=body.get("messages"), prompt=body.get("prompt"))
+        return self._prompt_text(fields)
+
+    def _rebuild(self, state: Any) -> None:
+        """The ready prefill and decode rows by model, from the table (the plain path's
+        lists leave PD workers out), and the prefill policy told the fleet."""
+        from smg.shm.layout import FLAG_IN_USE
+        from smg.shm.readiness import routable
+
+        entries = state.entries
+        if self.directory_generation != state.directory_generation:
+            self.types = {row: e.spec.worker_type for row, e in entries.items()}
+            self.prefill_policy.on_directory(
+                {row: (e.generation, e.url) for row, e in entries.items()}
+            )
+            self.directory_generation = state.directory_generation
+        ready: dict[tuple[str, str | None], list[int]] = {}
+        known: dict[str, set[str | None]] = {}
+        table = self.app.table
+        for row, entry in sorted(entries.items()):
+            kind = entry.spec.worker_type
+            if kind != "prefill" and kind != "decode":
+                continue
+            value = table.read_row(row)
+            if value.generation != entry.generation or not value.flags & FLAG_IN_USE:
+                continue
+            models: tuple[str | None, ...] = entry.models or (
+                (entry.model_id,) if entry.model_id else (None,)
+            )
+            known.setdefault(kind, set()).update(models)
+            if routable(value, entry.generation):
+                ready.setdefault((kind, None), []).append(row)
+                for model in models:
+                    if model is not None:
+                        ready.setdefault((kind, model), []).append(row)
+                    else:
+                        ready.setdefault((kind, ""), []).append(row)  # serves any model
+        self.ready = ready
+        self.known = known
+        self.routing_generation = state.routing_generation
+
+    def _rows(self, kind: str, model: str | None) -> list[int]:
+        """Ready `kind` rows that serve `model` (every ready one without a model)."""
+        ready = self.ready
+        if model is None:
+            return ready.get((kind, None), [])
+        own = ready.get((kind, model), [])
+        wildcard = ready.get((kind, ""))
+        return own + wildcard if wildcard else own
+
     def _no_pair(self, prefill_rows: list[int], decode_rows: list[int]) -> str | None:
         """1.13's words when a side has no ready worker at all."""
         for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
             if not rows:
-                if any(t == kind for t in self.types.values()):
+                if self.known.get(kind):
                     return (
                         f"No available servers: No available {kind} workers "
                         "(all circuits open or unhealthy)"
