@@ -211,3 +211,25 @@ def test_prefill_cache_aware_decode_power_of_two() -> None:
         # both processes); the decode side is its own policy and only has to add up.
         assert sorted(per_prefill) == [0, 6]
         assert sum(per_decode) == 6
+
+
+def _sum(metrics: str, prefix: str) -> float:
+    """The sum of every sample whose line starts with `prefix` (all processes)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+def test_pd_metrics_count_each_dispatch(pair: Any) -> None:
+    _prefill, _decode, gateway = pair
+    before = gateway.metrics()
+    with gateway.client() as client:
+        for _ in range(3):
+            assert client.post("/generate", json=GENERATE).status_code == 200
+    after = gateway.metrics()
+    for family in ("smg_pd_ttft_seconds_count{", "smg_pd_prefill_duration_seconds_count{"):
+        assert _sum(after, family) - _sum(before, family) == 3, family
+    routed = 'smg_router_requests_total{process="'
+    pd_lines = [line for line in after.splitlines() if line.startswith(routed)]
+    assert pd_lines and all('backend_type="pd"' in line for line in pd_lines)
+    assert 'runtime="sglang"' in after

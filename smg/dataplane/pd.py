@@ -40,6 +40,7 @@ import orjson
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Event, State
+from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.httpwire import error_body, status_line
 from smg.policies.base import NoEligibleWorker, RouteRequest
 from smg.promtext import Family, Sample
@@ -281,6 +282,7 @@ class PrefillLeg:
         "pool",
         "reusable",
         "row",
+        "sent_at",
         "size",
         "status",
         "upstream",
@@ -315,6 +317,7 @@ class PrefillLeg:
         self.complete = False
         self.reusable = False
         self.done = False
+        self.sent_at = time.monotonic()
 
     def start(self) -> None:
         pool = self.pool
@@ -372,7 +375,12 @@ class PrefillLeg:
             if conn is not None:
                 conn.release(self.reusable)
             self._end(self.status)
-            self.decode.prefill_done(self.status, b"".join(self.chunks))
+            decode = self.decode
+            if self.status < 300:
+                pd = self.app.pd
+                assert pd is not None
+                pd.observe(pd.prefill_durations, decode.model, time.monotonic() - self.sent_at)
+            decode.prefill_done(self.status, b"".join(self.chunks))
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
         if conn is self.upstream and not self.complete:
@@ -441,6 +449,11 @@ class DecodeExchange(Exchange):
 
     # upstream events: held while the prefill runs
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status < 300:
+            # 1.13's smg_pd_ttft_seconds: dispatch to the decode answer's head.
+            pd = self.app.pd
+            assert pd is not None
+            pd.observe(pd.ttfts, self.model, time.monotonic() - self.prefill.sent_at)
         if self.held is not None:
             self.held.append((_HEAD_EVENT, status, headers))
         else:
@@ -637,11 +650,10 @@ class PDRouter:
         self.ready: dict[tuple[str, str | None], list[int]] = {}
         self.known: dict[str, set[str | None]] = {}
         self.admission = PrefillAdmission.from_config(app, cfg)
-        # Counters (smg_pd_*; summed over processes by the reader).
+        # Counters (smg_pd_*; summed over processes by the reader), by model label.
         self.dispatched = 0
-        self.transport_failures = 0
-        self.prefill_failures = 0
-        self.decode_failures = 0
+        self.prefill_durations: dict[str, Histogram] = {}
+        self.ttfts: dict[str, Histogram] = {}
 
     # --- the request path ---------------------------------------------------------------
 
@@ -923,6 +935,14 @@ class PDRouter:
 
     # --- metrics ---------------------------------------------------------------------------
 
+    @staticmethod
+    def observe(hists: dict[str, Histogram], model: str, seconds: float) -> None:
+        key = model or "unknown"
+        hist = hists.get(key)
+        if hist is None:
+            hist = hists[key] = Histogram(DURATION_BUCKETS)
+        hist.observe(seconds)
+
     def families(self, process: int) -> list[Family]:
         proc = [("process", str(process))]
         families = [
@@ -933,6 +953,25 @@ class PDRouter:
                 [Sample("", proc, self.dispatched)],
             ),
         ]
+        for name, help_text, hists in (
+            (
+                "smg_pd_prefill_duration_seconds",
+                "PD prefill phase: prefill dispatch to the end of the prefill response, "
+                "by backend_type, model, runtime",
+                self.prefill_durations,
+            ),
+            (
+                "smg_pd_ttft_seconds",
+                "PD time to first token: prefill dispatch to the decode response head, "
+                "by backend_type, model, runtime",
+                self.ttfts,
+            ),
+        ):
+            samples: list[Sample] = []
+            for model, hist in hists.items():
+                labels = [*proc, ("backend_type", "pd"), ("model", model), ("runtime", "sglang")]
+                samples += histogram_samples(labels, hist)
+            families.append(Family(name, "histogram", help_text, samples))
         if self.admission is not None:
             families += self.admission.families(proc)
         return families
@@ -947,7 +986,7 @@ class _Waiting:
     """A request waiting for a prefill slot; sits in `conn.exchange` so that a client
     leaving takes it out (`client_gone`), as admission.Waiter does."""
 
-    __slots__ = ("conn", "deadline", "done", "queue", "request", "started")
+    __slots__ = ("conn", "deadline", "done", "queue", "queued_at", "request", "started")
     upstream = None
 
     def __init__(
@@ -957,7 +996,8 @@ class _Waiting:
         self.conn = conn
         self.request = request
         self.started = started
-        self.deadline = time.monotonic() + queue.timeout
+        self.queued_at = time.monotonic()
+        self.deadline = self.queued_at + queue.timeout
         self.done = False
 
     def client_gone(self) -> None:
@@ -989,6 +1029,7 @@ class PrefillAdmission:
         self.rejected_full = 0
         self.rejected_timeout = 0
         self.queued = 0
+        self.waits = Histogram(DURATION_BUCKETS)
 
     @classmethod
     def from_config(cls, app: DataPlane, cfg: GatewayConfig) -> PrefillAdmission | None:
@@ -1074,6 +1115,7 @@ class PrefillAdmission:
                     break
                 waiting.popleft()
                 waiter.done = True
+                self.waits.observe(now - waiter.queued_at)
         except Exception as exc:  # the timer must keep running whatever happened
             app.log_error("prefill admission failed", exc)
         if waiting and self.timer is None:
@@ -1082,6 +1124,7 @@ class PrefillAdmission:
     def _expire(self, waiter: _Waiting) -> None:
         waiter.done = True
         self.rejected_timeout += 1
+        self.waits.observe(time.monotonic() - waiter.queued_at)
         conn = waiter.conn
         if conn.exchange is waiter:  # type: ignore[comparison-overlap]
             conn.exchange = None
@@ -1094,7 +1137,31 @@ class PrefillAdmission:
         )
 
     def families(self, proc: list[tuple[str, str]]) -> list[Family]:
+        app = self.app
+        entries = app.state.entries
+        pd = app.pd
+        assert pd is not None
+        inflight = [
+            Sample("", [*proc, ("worker", entries[row].url)], count)
+            for row, (generation, count) in app.local_in_flight.items()
+            if pd.types.get(row) == "prefill"
+            and row in entries
+            and entries[row].generation == generation
+        ]
         return [
+            Family(
+                "smg_pd_prefill_admission_inflight",
+                "gauge",
+                "Prefill requests admitted by SMG per worker (this process's; the sum over "
+                "processes is the gateway's)",
+                inflight,
+            ),
+            Family(
+                "smg_pd_prefill_admission_wait_seconds",
+                "histogram",
+                "Time spent waiting in the SMG Prefill admission queue",
+                histogram_samples(list(proc), self.waits),
+            ),
             Family(
                 "smg_pd_prefill_admission_rejections_total",
                 "counter",
@@ -1125,4 +1192,5 @@ def make_router(app: DataPlane, cfg: GatewayConfig) -> PDRouter:
     if decode_name != app.policy.name:
         app.policy = make_policy(decode_name, cfg, index=app.index, shared=app.shared)
         app.needs_text = app.policy.needs_text
+    app.metrics.backend_type = "pd"
     return PDRouter(app, cfg, prefill)
