@@ -574,6 +574,8 @@ class DataPlane:
             value = table.read_row(row)
             if value.generation != entry.generation or not value.flags & FLAG_IN_USE:
                 continue
+            if entry.spec.worker_type != "regular":
+                continue  # prefill/decode: PD mode's alone (1.13's regular router skips them)
             routable = is_routable(value, entry.generation)  # the one rule readiness uses
             if routable:
                 ready.append(row)
@@ -836,7 +838,12 @@ class DataPlane:
             return 200, b'{"status":"ok"}'
         if path == "/readiness":
             state = self.refresh()
-            return readiness(self.table, state.entries.values(), self.not_ready or self.draining)
+            return readiness(
+                self.table,
+                state.entries.values(),
+                self.not_ready or self.draining,
+                pd=self.cfg.pd_disaggregation,
+            )
         if path == "/v1/models":
             return 200, self._models_body()
         return None
