@@ -49,6 +49,7 @@ __all__ = [
     "RUST_SMG_ENV",
     "ConfigError",
     "GatewayConfig",
+    "PdWorker",
     "build_parser",
     "cfg_processes",
     "is_secret_key",
@@ -58,6 +59,8 @@ __all__ = [
     "mask_url",
     "model_aliases",
     "normalize_worker_url",
+    "pd_workers",
+    "prefill_admission",
     "prometheus_bind_host",
     "render_config",
     "tenant_keys",
@@ -111,6 +114,20 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_idle_secs: int = 14400
     max_payload_size: int = 536870912
     enable_igw: bool = False
+    # PD (prefill/decode) disaggregation, as the Rust SMG 1.13's flags. `prefill` holds
+    # [URL] or [URL, BOOTSTRAP_PORT|none] per flag; validate_config normalises the URLs.
+    pd_disaggregation: bool = False
+    epd_disaggregation: bool = False
+    prefill: list[list[str]] | None = None
+    decode: list[str] | None = None
+    prefill_policy: str | None = None
+    decode_policy: str | None = None
+    prefill_max_inflight_requests_per_worker: int = -1
+    prefill_queue_size: int | None = None
+    prefill_queue_timeout_secs: int | None = None
+    pd_admission_wait_secs: int = 30
+    bucket_adjust_interval_secs: int = 5
+    dp_aware: bool = False
     # Worker start-up and load monitoring
     worker_startup_timeout_secs: int = 1800
     worker_startup_check_interval: int = 30
@@ -247,6 +264,9 @@ IMPLEMENTED_POLICIES: tuple[str, ...] = POLICY_NAMES
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "policy": RUST_POLICIES,
+    # `bucket` is a prefill-only policy in 1.13 (its --decode-policy choices leave it out).
+    "prefill_policy": RUST_POLICY_NAMES,
+    "decode_policy": RUST_POLICIES,
     "power_of_two_load_metric": ("expected_wait", "requests", "least_requests"),
     "log_level": ("debug", "info", "warn", "error"),
     "backend": ("sglang", "openai", "anthropic", "vllm", "tokenspeed"),
@@ -433,6 +453,9 @@ def _from_text(field: str, text: str, source: str) -> Any:
     base, optional = _unwrap(_FIELD_TYPES[field])
     if optional and text.strip() == "":
         return None
+    if field == "prefill":
+        # SMG_PREFILL="URL [PORT], URL [PORT]": entries by comma, URL and port by space.
+        return [entry.split() for entry in text.split(",") if entry.strip()]
     if typing.get_origin(base) is list:
         return [t for t in re.split(r"[,\s]+", text.strip()) if t]
     if base is bool:
@@ -460,6 +483,16 @@ def _convert(field: str, value: Any, source: str) -> Any:
     if field == "model_alias" and isinstance(value, Mapping):
         # A file may write aliases as a mapping; the flag form is a list of alias=canonical.
         value = [f"{k}={v}" for k, v in value.items()]
+    if field == "prefill" and isinstance(value, list):
+        # A file may write an entry as "URL PORT" or [URL, PORT] with PORT a number.
+        value = [
+            item.split()
+            if isinstance(item, str)
+            else [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in item]
+            if isinstance(item, list)
+            else item
+            for item in value
+        ]
     try:
         return msgspec.convert(value, _FIELD_TYPES[field])
     except msgspec.ValidationError as exc:
@@ -578,7 +611,7 @@ class _Flag:
     field: str
     help: str
     aliases: tuple[str, ...] = ()
-    metavar: str | None = None
+    metavar: str | tuple[str, ...] | None = None
 
 
 def _flag_name(field: str) -> str:
@@ -700,6 +733,54 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             ),
             _Flag("max_payload_size", "Maximum request payload size in bytes"),
             _Flag("enable_igw", "Enable IGW (multi-model) mode"),
+        ),
+    ),
+    (
+        "PD Disaggregation",
+        (
+            _Flag("pd_disaggregation", "Enable PD (prefill-decode) disaggregated mode"),
+            _Flag(
+                "epd_disaggregation",
+                "Encode-prefill-decode mode of the Rust SMG: refused, smg does not implement it",
+            ),
+            _Flag(
+                "prefill",
+                "Prefill server URL and optional bootstrap port (a number, or 'none' = "
+                "omitted); repeat for more",
+                metavar=("URL", "BOOTSTRAP_PORT"),
+            ),
+            _Flag("decode", "Decode server URL; repeat for more", metavar="URL"),
+            _Flag(
+                "prefill_policy",
+                "Policy for prefill workers in PD mode; unset = --policy. bucket is prefill-only",
+            ),
+            _Flag("decode_policy", "Policy for decode workers in PD mode; unset = --policy"),
+            _Flag(
+                "prefill_max_inflight_requests_per_worker",
+                "Maximum in-flight prefill requests per worker, for the whole gateway; "
+                "a non-positive value disables the limit",
+            ),
+            _Flag(
+                "prefill_queue_size",
+                "Requests that may wait for prefill admission; unset = 100 when the "
+                "per-worker limit is on, 0 answers at once",
+            ),
+            _Flag(
+                "prefill_queue_timeout_secs",
+                "Maximum seconds a request waits for prefill admission; unset = 60 when the "
+                "per-worker limit is on",
+            ),
+            _Flag(
+                "pd_admission_wait_secs",
+                "Seconds a PD dispatch waits for a free slot in the decode engine's running "
+                "window before shedding with 503 worker_overload_protection_shed; 0 sheds "
+                "at once",
+            ),
+            _Flag(
+                "bucket_adjust_interval_secs",
+                "Seconds between bucket boundary adjustments (bucket prefill policy)",
+            ),
+            _Flag("dp_aware", "Data-parallelism-aware scheduling (not implemented yet: refused)"),
         ),
     ),
     (
@@ -1226,7 +1307,12 @@ def _add_flag(group: Any, flag: _Flag) -> None:
         group.add_argument(*names, dest=field, action="store_const", const="true", help=help_text)
         return
     metavar = flag.metavar or ("{" + ",".join(choices) + "}" if choices else field.upper())
-    if field in ("model_alias", "tenant_api_key"):
+    if field == "prefill":
+        # As 1.13: --prefill URL [BOOTSTRAP_PORT], repeatable (one list per flag).
+        group.add_argument(
+            *names, dest=field, nargs="+", action="append", metavar=metavar, help=help_text
+        )
+    elif field in ("model_alias", "tenant_api_key", "decode"):
         group.add_argument(*names, dest=field, action="append", metavar=metavar, help=help_text)
     elif _is_list(field):
         group.add_argument(
@@ -1481,6 +1567,11 @@ _CHECKS: dict[str, tuple[_Check, ...]] = {
     "upstream_pool_idle_timeout_secs": (_range(0),),
     "health_check_port": (_port(allow_zero=False),),
     "policy": (_choice("policy"),),
+    "prefill_policy": (_choice("prefill_policy"),),
+    "decode_policy": (_choice("decode_policy"),),
+    "prefill_queue_size": (_range(0),),
+    "prefill_queue_timeout_secs": (_range(0),),
+    "pd_admission_wait_secs": (_range(0),),
     "power_of_two_load_metric": (_choice("power_of_two_load_metric"),),
     "least_load_kv_pressure_weight": (_range(0.0),),
     "least_load_default_throughput": (_range(0.0, gt=True),),
@@ -1640,6 +1731,7 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             src.get("policy"),
         )
     _check_history(cfg, src)
+    cfg = _check_pd(cfg, src)
     if cfg.queue_size > 0 and cfg.queue_timeout_secs == 0:
         raise ConfigError(
             "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")
@@ -1668,10 +1760,11 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             raise ConfigError("worker_urls", f"{norm!r} is listed twice", src.get("worker_urls"))
         seen.add(norm)
         urls.append(norm)
-    if len(urls) + cfg.mock_workers > cfg.worker_table_capacity:
+    pd_count = len(cfg.prefill or ()) + len(cfg.decode or ())
+    if len(urls) + pd_count + cfg.mock_workers > cfg.worker_table_capacity:
         raise ConfigError(
             "worker_table_capacity",
-            f"{cfg.worker_table_capacity} slots cannot hold {len(urls)} worker URLs "
+            f"{cfg.worker_table_capacity} slots cannot hold {len(urls) + pd_count} worker URLs "
             f"and {cfg.mock_workers} mock workers",
             src.get("worker_table_capacity"),
         )
@@ -1687,6 +1780,168 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             src.get("health_check_port"),
         )
     return msgspec.structs.replace(cfg, worker_urls=urls)
+
+
+# Settings only PD mode reads: given without --pd-disaggregation they would do nothing.
+_PD_WORKER_FIELDS = ("prefill", "decode")
+DEFAULT_PREFILL_QUEUE_SIZE = 100
+DEFAULT_PREFILL_QUEUE_TIMEOUT_SECS = 60
+
+
+class PdWorker(msgspec.Struct, frozen=True):
+    """One --prefill or --decode entry, URL normalised."""
+
+    url: str
+    worker_type: str  # "prefill" or "decode"
+    bootstrap_port: int | None = None
+
+
+def _bootstrap_port(text: str) -> int | None:
+    """1.13's --prefill port: a number or 'none' (any case); ValueError otherwise."""
+    if text.lower() == "none":
+        return None
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise ValueError(f"invalid bootstrap port {text!r}: a number or 'none'") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bootstrap port must be 1-65535, got {port}")
+    return port
+
+
+def pd_workers(cfg: GatewayConfig) -> list[PdWorker]:
+    """The --prefill and --decode workers, prefill first, in command-line order (as
+    validated by load_config)."""
+    out = [
+        PdWorker(entry[0], "prefill", _bootstrap_port(entry[1]) if len(entry) > 1 else None)
+        for entry in cfg.prefill or ()
+    ]
+    out.extend(PdWorker(url, "decode") for url in cfg.decode or ())
+    return out
+
+
+def prefill_admission(cfg: GatewayConfig) -> tuple[int, int, int] | None:
+    """(per-worker in-flight limit, queue size, queue timeout secs) of prefill admission, or
+    None when it is off (--prefill-max-inflight-requests-per-worker <= 0). Unset queue
+    settings take 1.13's defaults (100 and 60) when admission is on."""
+    limit = cfg.prefill_max_inflight_requests_per_worker
+    if limit <= 0:
+        return None
+    size = cfg.prefill_queue_size
+    timeout = cfg.prefill_queue_timeout_secs
+    return (
+        limit,
+        DEFAULT_PREFILL_QUEUE_SIZE if size is None else size,
+        DEFAULT_PREFILL_QUEUE_TIMEOUT_SECS if timeout is None else timeout,
+    )
+
+
+def _check_pd(cfg: GatewayConfig, src: Mapping[str, str]) -> GatewayConfig:
+    """PD rules (1.13's refusals, and refusals where 1.13 silently ignores a setting);
+    returns `cfg` with the --prefill/--decode URLs normalised."""
+    if cfg.epd_disaggregation:
+        raise ConfigError(
+            "epd_disaggregation",
+            "EPD (encode-prefill-decode) disaggregation is not supported by smg "
+            "(use --pd-disaggregation)",
+            src.get("epd_disaggregation"),
+        )
+    if cfg.dp_aware:
+        raise ConfigError("dp_aware", "is not implemented yet in smg", src.get("dp_aware"))
+    for field in ("prefill_policy", "decode_policy"):
+        name = getattr(cfg, field)
+        if name is not None and name not in IMPLEMENTED_POLICIES:
+            raise ConfigError(
+                field,
+                f"{name!r} is not implemented yet in smg "
+                f"(implemented: {', '.join(IMPLEMENTED_POLICIES)})",
+                src.get(field),
+            )
+    if cfg.prefill_policy == "bucket" and cfg.bucket_adjust_interval_secs < 1:
+        # As 1.13: checked only when the bucket policy is used.
+        raise ConfigError(
+            "bucket_adjust_interval_secs",
+            f"must be >= 1 with the bucket policy, got {cfg.bucket_adjust_interval_secs}",
+            src.get("bucket_adjust_interval_secs"),
+        )
+    if cfg.prefill_max_inflight_requests_per_worker <= 0:
+        for field in ("prefill_queue_size", "prefill_queue_timeout_secs"):
+            if getattr(cfg, field) is not None:
+                raise ConfigError(  # 1.13's refusal, word for word
+                    field,
+                    "Prefill queue options require --prefill-max-inflight-requests-per-worker "
+                    "to be positive",
+                    src.get(field),
+                )
+    admission = prefill_admission(cfg)
+    if admission is not None and admission[1] > 0 and admission[2] == 0:
+        raise ConfigError(  # 1.13's refusal
+            "prefill_queue_timeout_secs",
+            "must be > 0 when the prefill queue is enabled (1.13: Must be > 0 when the Prefill queue is enabled)",
+            src.get("prefill_queue_timeout_secs"),
+        )
+    if not cfg.pd_disaggregation:
+        for field in _PD_WORKER_FIELDS:
+            if getattr(cfg, field):
+                raise ConfigError(  # 1.13 starts and ignores them
+                    field, "needs --pd-disaggregation", src.get(field)
+                )
+        return cfg
+    for field, why in (
+        ("worker_urls", "give PD workers with --prefill and --decode"),
+        ("mock_workers", "mock workers are regular workers"),
+        ("enable_igw", "PD with IGW (multi-model) routing is not implemented yet in smg"),
+    ):
+        if getattr(cfg, field):
+            raise ConfigError(
+                field, f"cannot be combined with --pd-disaggregation ({why})", src.get(field)
+            )
+    if cfg.backend in ("openai", "anthropic"):
+        raise ConfigError(
+            "backend",
+            f"--pd-disaggregation needs self-hosted engines, not --backend {cfg.backend}",
+            src.get("backend"),
+        )
+    seen: set[str] = set()
+    prefill: list[list[str]] = []
+    for entry in cfg.prefill or ():
+        where = src.get("prefill")
+        if not 1 <= len(entry) <= 2:
+            raise ConfigError(
+                "prefill", f"takes URL [BOOTSTRAP_PORT], got {' '.join(entry)!r}", where
+            )
+        url = normalize_worker_url(entry[0], "prefill", where)
+        try:
+            port = _bootstrap_port(entry[1]) if len(entry) > 1 else None
+        except ValueError as exc:
+            raise ConfigError("prefill", f"{url}: {exc}", where) from None
+        if url in seen:
+            raise ConfigError("prefill", f"{url!r} is listed twice", where)
+        seen.add(url)
+        prefill.append([url] if port is None else [url, str(port)])
+    decode: list[str] = []
+    for url in cfg.decode or ():
+        norm = normalize_worker_url(url, "decode", src.get("decode"))
+        if norm in seen:
+            # 1.13 keeps the first and drops the other silently.
+            raise ConfigError(
+                "decode", f"{norm!r} is listed twice (a worker has one role)", src.get("decode")
+            )
+        seen.add(norm)
+        decode.append(norm)
+    for field, workers, role in (
+        ("prefill_policy", prefill, "prefill"),
+        ("decode_policy", decode, "decode"),
+    ):
+        if getattr(cfg, field) == "power_of_two" and len(workers) < 2:
+            raise ConfigError(  # 1.13's refusal (unless discovery adds workers)
+                field,
+                f"Power-of-two policy for {role} requires at least 2 {role} workers",
+                src.get(field),
+            )
+    return msgspec.structs.replace(
+        cfg, prefill=prefill if cfg.prefill is not None else None, decode=decode or cfg.decode
+    )
 
 
 def _check_history(cfg: GatewayConfig, src: Mapping[str, str]) -> None:

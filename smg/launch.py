@@ -11,7 +11,14 @@ import subprocess
 import sys
 import time
 
-from smg.config import ConfigError, GatewayConfig, cfg_processes, load_config, render_config
+from smg.config import (
+    ConfigError,
+    GatewayConfig,
+    cfg_processes,
+    load_config,
+    pd_workers,
+    render_config,
+)
 from smg.logs import setup_logging
 from smg.workers_spec import WorkerSpec, validate_worker_spec
 
@@ -88,6 +95,12 @@ def main(argv: list[str]) -> int:
     from smg.supervisor import Supervisor
 
     specs = [validate_worker_spec(WorkerSpec(url=url)) for url in urls]
+    specs.extend(  # --prefill / --decode (validate_config refused them without PD mode)
+        validate_worker_spec(
+            WorkerSpec(url=pd.url, worker_type=pd.worker_type, bootstrap_port=pd.bootstrap_port)
+        )
+        for pd in pd_workers(cfg)
+    )
     for spec in specs:
         reason = unsupported_reason(spec)
         if reason:

@@ -130,12 +130,20 @@ def test_a_new_registry_restores_what_the_table_holds() -> None:
     assert other.row != kept.row
 
 
-def test_disaggregated_workers_are_refused_for_now() -> None:
+def test_prefill_and_decode_are_accepted_over_http_only() -> None:
     assert unsupported_reason(_spec("http://127.0.0.1:9001")) is None
     assert unsupported_reason(_spec("grpc://127.0.0.1:9001")) is None  # issue 10
     assert unsupported_reason(_spec("grpcs://127.0.0.1:9001")) is None
-    assert "prefill" in (
-        unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="prefill")) or ""
+    # Issue 17: PD workers over HTTP register (in any mode, as 1.13); over gRPC not yet.
+    prefill = _spec("http://127.0.0.1:9001", worker_type="prefill", bootstrap_port=9100)
+    assert unsupported_reason(prefill) is None
+    assert unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="decode")) is None
+    assert unsupported_reason(_spec("grpc://127.0.0.1:9001", worker_type="decode")) == (
+        "worker_type 'decode' over gRPC: prefill/decode disaggregation over gRPC is not "
+        "implemented yet (use an http:// URL)"
+    )
+    assert unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="encode")) == (
+        "worker_type 'encode' needs EPD disaggregation, which smg does not support"
     )
 
 

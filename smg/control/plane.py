@@ -232,7 +232,7 @@ class ControlPlane:
 
     async def _readiness(self, _request: web.Request) -> web.Response:
         _generation, directory = self.table.read_directory()
-        status, body = readiness(self.table, directory.entries)
+        status, body = readiness(self.table, directory.entries, pd=self.cfg.pd_disaggregation)
         return web.Response(body=body, status=status, content_type="application/json")
 
     # --- worker lifecycle -----------------------------------------------------------------------

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from smg.config import GatewayConfig
+    from smg.dataplane.pd import PDRouter
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.tracing import Tracer
     from smg.grpc.frontend import GrpcFront
@@ -287,6 +288,7 @@ class DataPlane:
     needs_text = False
     grpc: GrpcFront | None = None
     external: External | None = None
+    pd: PDRouter | None = None
     igw = False
 
     def __init__(
@@ -392,6 +394,13 @@ class DataPlane:
         # --enable-igw: many models, each through its workers' kind (HTTP, gRPC, external).
         # Routing is per model either way; IGW adds only the /generate model requirement.
         self.igw = cfg.enable_igw
+        # --pd-disaggregation: the prefill/decode router (smg.dataplane.pd); None keeps the
+        # plain path at one attribute check. Its decode side routes with self.policy.
+        self.pd: PDRouter | None = None
+        if getattr(cfg, "pd_disaggregation", False):
+            from smg.dataplane.pd import make_router
+
+            self.pd = make_router(self, cfg)
         # The history store of the Conversations API, opened on its first request, and the
         # tenant each serving key stands for (smg.dataplane.conversations).
         self.history_store: HistoryStore | None = None
@@ -565,6 +574,8 @@ class DataPlane:
             value = table.read_row(row)
             if value.generation != entry.generation or not value.flags & FLAG_IN_USE:
                 continue
+            if entry.spec.worker_type != "regular":
+                continue  # prefill/decode: PD mode's alone (1.13's regular router skips them)
             routable = is_routable(value, entry.generation)  # the one rule readiness uses
             if routable:
                 ready.append(row)
@@ -827,7 +838,12 @@ class DataPlane:
             return 200, b'{"status":"ok"}'
         if path == "/readiness":
             state = self.refresh()
-            return readiness(self.table, state.entries.values(), self.not_ready or self.draining)
+            return readiness(
+                self.table,
+                state.entries.values(),
+                self.not_ready or self.draining,
+                pd=self.cfg.pd_disaggregation,
+            )
         if path == "/v1/models":
             return 200, self._models_body()
         return None
@@ -924,6 +940,9 @@ class DataPlane:
         tracer = self.tracer
         if tracer is not None:
             request.trace = tracer.begin(request, request.path)
+        if self.pd is not None and body_routing:
+            self.pd.proxy(conn, request, started)
+            return
         if self.igw and request.path == "/generate" and generate_lacks_model(request.body):
             # Before any worker kind is picked: without a model there is no router to pick.
             self._send_error(conn, request, 400, "missing_model", MISSING_MODEL_MESSAGE)
@@ -1925,6 +1944,8 @@ class DataPlane:
             families += self.admission.families(self.index)
         if self.wasm_chain is not None:
             families += self.wasm_chain.families(self.index)
+        if self.pd is not None:
+            families += self.pd.families(self.index)
         return families
 
     async def on_ipc(self, message: Any) -> Any:

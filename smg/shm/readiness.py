@@ -29,13 +29,48 @@ def routable(value: Row, generation: int) -> bool:
 
 
 def readiness(
-    table: WorkerTable, entries: Iterable[DirectoryEntry], shutting_down: bool = False
+    table: WorkerTable,
+    entries: Iterable[DirectoryEntry],
+    shutting_down: bool = False,
+    pd: bool = False,
 ) -> tuple[int, bytes]:
-    """(status, JSON body) of `GET /readiness`: 200 while a worker is routable, 503 with
-    the reason otherwise or while the gateway (or this process) is shutting down."""
+    """(status, JSON body) of `GET /readiness`: 200 while a regular worker is routable, 503 with
+    the reason otherwise or while the gateway (or this process) is shutting down.
+
+    In PD mode (`pd`) ready needs a routable prefill AND a routable decode worker, as the
+    Rust SMG 1.13's PrefillDecode readiness; its other workers do not count."""
     if shutting_down or table.gateway_state() != GATEWAY_RUNNING:
         return 503, orjson.dumps({"status": "not ready", "reason": "shutting down"})
-    ready = sum(1 for entry in entries if routable(table.read_row(entry.row), entry.generation))
+    if pd:
+        return _pd_readiness(table, entries)
+    # Outside PD mode only regular workers serve (1.13 counts every healthy worker here,
+    # so a lone prefill worker would make it ready to answer 503s).
+    ready = sum(
+        1
+        for entry in entries
+        if entry.spec.worker_type == "regular"
+        and routable(table.read_row(entry.row), entry.generation)
+    )
     if not ready:
         return 503, orjson.dumps({"status": "not ready", "reason": "no worker is ready"})
     return 200, orjson.dumps({"status": "ready", "ready_workers": ready})
+
+
+def _pd_readiness(table: WorkerTable, entries: Iterable[DirectoryEntry]) -> tuple[int, bytes]:
+    counts = {"prefill": 0, "decode": 0}
+    for entry in entries:
+        kind = entry.spec.worker_type
+        if kind in counts and routable(table.read_row(entry.row), entry.generation):
+            counts[kind] += 1
+    missing = [kind for kind, count in counts.items() if not count]
+    if missing:
+        reason = f"no {' or '.join(missing)} worker is ready"
+        return 503, orjson.dumps({"status": "not ready", "reason": reason})
+    return 200, orjson.dumps(
+        {
+            "status": "ready",
+            "ready_workers": counts["prefill"] + counts["decode"],
+            "ready_prefill_workers": counts["prefill"],
+            "ready_decode_workers": counts["decode"],
+        }
+    )
