@@ -698,6 +698,12 @@ class PDRouter:
                 conn, request, 404, "model_not_found", f"No worker available for model '{model}'"
             )
             return True
+        grpc = app.grpc
+        if grpc is not None and grpc.pd_rows:  # a gRPC PD fleet: smg.grpc.pd serves it
+            from smg.grpc.pd import handle
+
+            if handle(grpc, conn, request, body, model):
+                return True
         route = RouteRequest(model=model, stream=body.get("stream") is True)
         if app.needs_text or self.needs_text:
             route.text = self._text(path, body)

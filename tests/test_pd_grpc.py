@@ -1,0 +1,257 @@
+"""PD disaggregation over gRPC workers (smg.grpc.pd), smg being the full server: the pure
+parts with exact values, then `smg launch --processes 2 --pd-disaggregation` with the
+gRPC PD mocks (tests/pdutil.py start_grpc_prefill/decode), which check what real engines
+check (SGLang: disaggregated_params and a prefilled room; vLLM/NIXL: exactly the
+kv_transfer_params the prefill returned), so a request that succeeds proves the legs met."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from smg.grpc import pd
+from smg.grpc.types import EngineError, GenerateInput, SamplingParams
+from tests import pdutil
+from tests.gatewayutil import Gateway, running_gateway
+
+CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+# --- pure parts ---------------------------------------------------------------------------
+
+
+def test_room_is_an_int32() -> None:
+    rooms = [pd.new_room(random.Random(7)) for _ in range(3)]
+    assert rooms == [pd.new_room(random.Random(7))] * 3  # seeded: the same room
+    assert all(0 <= r < 2**31 - 1 for r in rooms)
+
+
+def test_kv_mode_by_connector() -> None:
+    assert pd.kv_mode("NixlConnector", "h", 1, "e") == pd.KvMode("nixl")
+    assert pd.kv_mode("", "h", 1, "") == pd.KvMode("passthrough")
+    assert pd.kv_mode("MooncakeConnector", "10.0.0.2", None, "") == pd.KvMode(
+        "mooncake", "10.0.0.2", 8998, None
+    )
+
+
+def _req(n: int = 1) -> GenerateInput:
+    sampling = SamplingParams(max_tokens=9, min_tokens=3, n=n, stop=["x"], stop_token_ids=[2])
+    return GenerateInput(request_id="r", input_ids=[1, 2], sampling=sampling, stream=True)
+
+
+def test_vllm_prefill_input_nixl_is_1_13s_bytes() -> None:
+    out = pd.vllm_prefill_input(_req(), pd.KvMode("nixl"), None)
+    s = out.sampling
+    assert (s.max_tokens, s.min_tokens, s.n, s.stop, s.stop_token_ids, s.ignore_eos) == (
+        1, 0, 1, [], [], True,
+    )  # fmt: skip
+    assert out.stream is False and out.request_id == "r"
+    assert out.kv_transfer_params_json == '{"do_remote_decode":true,"do_remote_prefill":false}'
+    assert pd.vllm_prefill_input(_req(n=2), pd.KvMode("nixl"), None).kv_transfer_params_json is None
+
+
+def test_vllm_mooncake_params() -> None:
+    mode = pd.kv_mode("MooncakeConnector", "10.0.0.2", 9000, "eng")
+    tid = pd.transfer_id_for(mode, 1)
+    assert tid is not None and tid.startswith("xfer-")
+    assert pd.transfer_id_for(mode, 2) is None
+    assert pd.transfer_id_for(pd.kv_mode("MooncakeConnector", "h", 1, ""), 1) is None
+    assert json.loads(pd.vllm_prefill_input(_req(), mode, "xfer-1").kv_transfer_params_json) == {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "transfer_id": "xfer-1",
+    }
+    assert json.loads(pd.vllm_decode_params(mode, '{"ignored":1}', "xfer-1", 1) or "") == {
+        "do_remote_decode": False,
+        "do_remote_prefill": True,
+        "transfer_id": "xfer-1",
+        "remote_engine_id": "eng",
+        "remote_bootstrap_addr": "http://10.0.0.2:9000",
+    }
+
+
+def test_vllm_decode_params_nixl_relays_as_is() -> None:
+    returned = '{"remote_request_id": "kv-1"}'
+    assert pd.vllm_decode_params(pd.KvMode("nixl"), returned, None, 1) == returned
+    assert pd.vllm_decode_params(pd.KvMode("passthrough"), returned, None, 1) == returned
+    assert pd.vllm_decode_params(pd.KvMode("nixl"), returned, None, 2) is None
+    assert pd.vllm_decode_params(pd.KvMode("nixl"), None, None, 1) is None
+
+
+def test_leg_error_keeps_the_code() -> None:
+    e = pd.leg_error(EngineError("INTERNAL", "boom"), "Prefill worker failed to start")
+    assert (e.code, e.message) == ("INTERNAL", "Prefill worker failed to start: boom")
+
+
+def test_generate_request_carries_the_pd_fields() -> None:
+    from smg.grpc.protos import build_generate_request
+
+    s = build_generate_request("sglang", pd.dataclasses.replace(_req(), disaggregated=("h", 5, 7)))
+    dp = s.disaggregated_params
+    assert (dp.bootstrap_host, dp.bootstrap_port, dp.bootstrap_room) == ("h", 5, 7)
+    assert not build_generate_request("sglang", _req()).HasField("disaggregated_params")
+    v = build_generate_request("vllm", pd.dataclasses.replace(_req(), kv_transfer_params_json="{}"))
+    assert v.kv_transfer_params_json == "{}"
+    assert not build_generate_request("vllm", _req()).HasField("kv_transfer_params_json")
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.grpcmockutil import llama3_dir
+
+    return llama3_dir(tmp_path_factory.mktemp("pdg-llama3"))
+
+
+@contextlib.contextmanager
+def grpc_pd(
+    llama_dir: Path, backend: str, wait_s: float = 3.0
+) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
+    with (
+        pdutil.start_grpc_prefill(llama_dir, backend) as prefill,
+        pdutil.start_grpc_decode(llama_dir, backend, wait_s=wait_s) as decode,
+    ):
+        args = [
+            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
+            "--decode", decode.url, "--model-path", str(llama_dir),
+        ]  # fmt: skip
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready(timeout=30)
+            yield prefill, decode, gateway
+
+
+def _content(text: str) -> tuple[str, list[str]]:
+    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    content = "".join(
+        choice["delta"].get("content") or ""
+        for event in events[:-1]
+        for choice in orjson.loads(event)["choices"]
+    )
+    return content, events
+
+
+@pytest.fixture(scope="module")
+def sglang(llama_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
+    with grpc_pd(llama_dir, "sglang") as trio:
+        yield trio
+
+
+@pytest.fixture(scope="module")
+def vllm(llama_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
+    with grpc_pd(llama_dir, "vllm") as trio:
+        yield trio
+
+
+def test_sglang_chat_both_legs_meet(sglang: Any) -> None:
+    prefill, decode, gateway = sglang
+    before = len(prefill.pd_stats()["rooms"])
+    with gateway.client() as client:
+        answer = client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 5
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            assert s.status_code == 200
+            streamed, events = _content(s.read().decode())
+    assert events[-1] == "[DONE]"
+    assert streamed and answer.json()["choices"][0]["message"]["content"]
+    rooms = prefill.pd_stats()["rooms"][before:]
+    assert [r["state"] for r in rooms] == ["ready", "ready"]
+    sent = decode.stats()["last_generate_request"]["disaggregated_params"]
+    assert sent["bootstrap_room"] == rooms[-1]["room"] and 0 <= sent["bootstrap_room"] < 2**31
+    assert sent["bootstrap_host"] == "127.0.0.1"
+    assert sent["bootstrap_port"] == prefill.bootstrap_port
+    p_sent = prefill.stats()["last_generate_request"]["disaggregated_params"]
+    assert p_sent == sent  # the same params to both legs
+    assert decode.pd_stats()["kv_failures"] == 0
+
+
+def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
+    prefill, decode, gateway = vllm
+    with gateway.client() as client:
+        answer = client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 5
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            assert s.status_code == 200
+            streamed, events = _content(s.read().decode())
+    assert events[-1] == "[DONE]"
+    assert streamed and answer.json()["choices"][0]["message"]["content"]
+    rooms = prefill.pd_stats()["rooms"]
+    assert [r["state"] for r in rooms][-2:] == ["ready", "ready"]
+    p_sent = prefill.stats()["last_generate_request"]
+    assert json.loads(p_sent["kv_transfer_params_json"]) == {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+    }
+    assert p_sent["sampling_params"]["max_tokens"] == 1
+    d_sent = json.loads(decode.stats()["last_generate_request"]["kv_transfer_params_json"])
+    # relayed as is (the mock's decode compared them with what its prefill returned)
+    assert d_sent["remote_request_id"] == rooms[-1]["room"]
+    assert d_sent["remote_port"] == prefill.bootstrap_port
+    assert decode.pd_stats()["kv_failures"] == 0
+
+
+def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> None:
+    with grpc_pd(llama_dir, "sglang", wait_s=8.0) as (prefill, decode, gateway):
+        prefill.config(ttft_ms=4000)  # a slow prefill, killed while it computes
+        result: dict[str, Any] = {}
+
+        def ask() -> None:
+            with gateway.client() as client:
+                started = time.monotonic()
+                answer = client.post("/v1/chat/completions", json=CHAT)
+                result["took"] = time.monotonic() - started
+                result["answer"] = answer
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
+            prefill.proc.kill()
+        finally:
+            thread.join(20)
+        answer = result["answer"]
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["message"].startswith("Prefill worker failed to start: ")
+        assert result["took"] < 6.0  # not the decode's 8 s KV wait: the prefill's end
+        # the decode leg was aborted (Abort RPC for the engine's request id)
+        rid = answer.headers["x-request-id"]
+        assert rid in decode.stats()["aborted"], (rid, decode.stats()["aborted"])
+
+
+def test_vllm_forged_params_fail(vllm: Any) -> None:
+    """The decode refuses params its prefill did not return: shown by asking it directly
+    with another request's params (what a gateway that forged or mixed them up would do)."""
+    import grpc
+    from smg_grpc_proto.generated import vllm_engine_pb2 as pbv
+    from smg_grpc_proto.generated import vllm_engine_pb2_grpc
+
+    _prefill, decode, _gateway = vllm
+    test_vllm_chat_relays_the_prefills_params(vllm)  # a request that met, whatever ran first
+    relayed = json.loads(decode.stats()["last_generate_request"]["kv_transfer_params_json"])
+    params = {**relayed, "remote_block_ids": [99]}
+    req = pbv.GenerateRequest(
+        request_id="forged",
+        tokenized=pbv.TokenizedInput(input_ids=[128000, 9906]),
+        sampling_params=pbv.SamplingParams(max_tokens=2),
+        kv_transfer_params_json=json.dumps(params),
+    )
+    with grpc.insecure_channel(decode.url[len("grpc://") :]) as channel:
+        stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(req, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INTERNAL
