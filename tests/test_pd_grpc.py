@@ -86,9 +86,23 @@ def test_vllm_decode_params_nixl_relays_as_is() -> None:
     assert pd.vllm_decode_params(pd.KvMode("nixl"), None, None, 1) is None
 
 
-def test_leg_error_keeps_the_code() -> None:
-    e = pd.leg_error(EngineError("INTERNAL", "boom"), "Prefill worker failed to start")
-    assert (e.code, e.message) == ("INTERNAL", "Prefill worker failed to start: boom")
+def test_leg_errors_are_1_13s() -> None:
+    e = pd.leg_error(EngineError("UNAVAILABLE", "gone"), "prefill")
+    assert (e.code, e.message) == ("UNAVAILABLE", "Prefill worker failed to start: gone")
+    assert e.pd_answer == (500, "prefill_worker_failed_to_start", 499)  # not the decode's fault
+    started = EngineError("INTERNAL", "cut", before_first_token=False)
+    e = pd.leg_error(started, "prefill")
+    assert (e.message, e.pd_answer) == (
+        "Prefill stream error: cut",
+        (500, "prefill_stream_error", 499),
+    )
+    e = pd.leg_error(EngineError("INTERNAL", "boom"), "decode")
+    assert (e.message, e.pd_answer) == (
+        "Decode worker failed to start: boom",
+        (500, "decode_worker_failed_to_start", 500),
+    )
+    assert pd.leg_error(EngineError("UNAVAILABLE", "x"), "decode").pd_answer[2] == 0  # transport
+    assert pd.leg_error(started, "decode") is started  # mid-stream: the stream's own error
 
 
 def test_generate_request_carries_the_pd_fields() -> None:
@@ -224,8 +238,9 @@ def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> No
         finally:
             thread.join(20)
         answer = result["answer"]
-        assert answer.status_code == 503, answer.text
+        assert answer.status_code == 500, answer.text  # 1.13: 500 and these words
         error = answer.json()["error"]
+        assert error["code"] == "prefill_worker_failed_to_start"
         assert error["message"].startswith("Prefill worker failed to start: ")
         assert result["took"] < 6.0  # not the decode's 8 s KV wait: the prefill's end
         # the decode leg was aborted (Abort RPC for the engine's request id)
@@ -255,3 +270,54 @@ def test_vllm_forged_params_fail(vllm: Any) -> None:
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(req, timeout=10))
     assert e.value.code() == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_decode_failing_is_one_clean_error(vllm: Any, stream: bool) -> None:
+    prefill, decode, gateway = vllm
+    before = len(prefill.pd_stats()["rooms"])
+    decode.config(fail_next=1, fail_code="INTERNAL")
+    with gateway.client() as client:
+        answer = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert answer.status_code == 500, answer.text  # 1.13: a JSON 500, streamed or not
+    assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
+    assert answer.json()["error"]["message"].startswith("Decode worker failed to start: ")
+    assert [r["state"] for r in prefill.pd_stats()["rooms"][before:]] == ["ready"]
+
+
+def test_vllm_prefill_failing_never_reaches_the_decode(vllm: Any) -> None:
+    prefill, decode, gateway = vllm
+    sent = decode.stats()["last_generate_request"]
+    prefill.config(fail_next=1, fail_code="INTERNAL")
+    with gateway.client() as client:
+        answer = client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 500, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "prefill_worker_failed_to_start"
+    assert error["message"].startswith("Prefill worker failed to start: ")
+    assert decode.stats()["last_generate_request"] == sent  # sequential: no decode leg
+
+
+def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
+    with grpc_pd(llama_dir, "sglang") as (prefill, decode, gateway):
+        prefill.config(ttft_ms=4000)  # still computing when the decode dies
+        result: dict[str, Any] = {}
+
+        def ask() -> None:
+            with gateway.client() as client:
+                result["answer"] = client.post("/v1/chat/completions", json=CHAT)
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            decode.proc.kill()
+        finally:
+            thread.join(20)
+        answer = result["answer"]
+        assert answer.status_code == 500, answer.text
+        assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
+        assert [r["state"] for r in prefill.pd_stats()["rooms"]] == ["failed"]  # cancelled
+        assert answer.headers["x-request-id"] in prefill.stats()["aborted"]

@@ -1012,6 +1012,9 @@ class GrpcExchange:
         self.dispatched = None
         status, code = self.front.stages.failure(error, self.head_sent)
         outcome = 0 if error.code in _TRANSPORT_CODES else status
+        pd_answer = getattr(error, "pd_answer", None)  # a PD leg's (smg.grpc.pd.LegError)
+        if pd_answer is not None and not self.head_sent:
+            status, code, outcome = pd_answer
         if self._can_retry(error, status):
             await self._retry_after(outcome)
             return True

@@ -22,9 +22,9 @@ to them through a `PdClient`, which looks like one engine client to the exchange
   With n > 1 nothing is relayed (1.13: the KV handoff is single-consumer). Same
   request_id on both legs (1.13: load-bearing for NIXL on vLLM < 0.13).
 
-Errors keep 1.13's words: "Prefill worker failed to start: <engine message>" (SGLang),
-"Prefill stream error: <...>" (vLLM), "Decode worker failed to start: <...>"; the status
-is the gRPC code's mapping (smg.grpc.protos), as the single-worker path.
+Errors are 1.13's (LegError: tried on the binary with the same mocks): 500,
+`prefill_worker_failed_to_start` / `decode_worker_failed_to_start`, "Prefill worker failed
+to start: <engine message>"; a stream already started fails as the single-worker path.
 
 Pure parts (rooms, connector mode, params, the prefill request) are functions tested
 directly (tests/test_pd_grpc.py).
@@ -147,12 +147,30 @@ def vllm_decode_params(
     return None
 
 
-def leg_error(error: EngineError, words: str) -> EngineError:
-    """The leg's failure in 1.13's words ("Prefill worker failed to start: <message>"),
-    with the engine's gRPC code (the status mapping) kept."""
-    return EngineError(
-        error.code, f"{words}: {error.message}", before_first_token=error.before_first_token
-    )
+class LegError(EngineError):
+    """A PD leg's failure as 1.13 answers it (tried on the binary with the gRPC PD
+    mocks): 500, code `prefill_worker_failed_to_start` / `decode_worker_failed_to_start`
+    (`prefill_stream_error` once the vLLM prefill's stream had started), message
+    "<Leg> worker failed to start: <engine message>". `pd_answer`: (status, code, the
+    decode row's gate outcome: a prefill's failure is not the decode's, CLIENT_LEFT)."""
+
+    def __init__(self, error: EngineError, leg: str) -> None:
+        started = not error.before_first_token
+        if leg == "prefill" and started:
+            code, words = "prefill_stream_error", "Prefill stream error"
+        else:
+            code, words = f"{leg}_worker_failed_to_start", f"{leg.title()} worker failed to start"
+        super().__init__(error.code, f"{words}: {error.message}", before_first_token=True)
+        outcome = CLIENT_LEFT if leg == "prefill" else _outcome(error)
+        self.pd_answer = (500, code, outcome)
+
+
+def leg_error(error: EngineError, leg: str) -> EngineError:
+    """`error` of the `leg` ("prefill" / "decode") as 1.13 answers it (LegError); a
+    decode error after its first output stays as is (the stream's own error path)."""
+    if leg == "decode" and not error.before_first_token:
+        return error
+    return LegError(error, leg)
 
 
 # --- routing: PDRouter's rows, gRPC's exchange ----------------------------------------------
@@ -325,7 +343,7 @@ class PdClient:
                     await outputs.aclose()  # type: ignore[attr-defined]
         except EngineError as error:
             self._leg_done(_outcome(error))
-            raise leg_error(error, "Prefill stream error") from None
+            raise leg_error(error, "prefill") from None
         except BaseException:
             self._leg_done(CLIENT_LEFT)
             raise
@@ -342,13 +360,11 @@ class PdClient:
             req, kv_transfer_params_json=vllm_decode_params(mode, returned, transfer_id, n)
         )
         decode = _batches(self.decode, dreq, timeout)
-        got = False
         try:
             async for outs in decode:
-                got = True
                 yield outs
         except EngineError as error:
-            raise (error if got else leg_error(error, "Decode worker failed to start")) from None
+            raise leg_error(error, "decode") from None
         finally:
             with contextlib.suppress(Exception):
                 await decode.aclose()  # type: ignore[attr-defined]
@@ -366,7 +382,7 @@ class PdClient:
         self._prefill_running = True
         prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
         decode = _batches(self.decode, sreq, timeout)
-        got = False
+        ok = False
         try:
             while not prefill.done():
                 # Until the prefill ends, each decode read races it: a prefill that fails
@@ -378,8 +394,8 @@ class PdClient:
                         try:
                             outs = await step
                         except StopAsyncIteration:
+                            ok = True
                             return
-                        got = True
                         yield outs
                         break
                     step.cancel()
@@ -389,37 +405,43 @@ class PdClient:
                 try:
                     outs = step.result()
                 except StopAsyncIteration:
+                    ok = True
                     return
-                got = True
                 yield outs
             error = prefill.exception() if prefill.done() else None
             if error is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.decode.abort([req.request_id]), 5.0)
                 if isinstance(error, EngineError):
-                    raise leg_error(error, "Prefill worker failed to start")
+                    raise leg_error(error, "prefill")
                 raise error
             async for outs in decode:
-                got = True
                 yield outs
+            ok = True
+        except LegError:
+            raise
         except EngineError as error:
-            if error.message.startswith("Prefill worker"):
-                raise
-            raise (error if got else leg_error(error, "Decode worker failed to start")) from None
+            raise leg_error(error, "decode") from None
         finally:
             with contextlib.suppress(Exception):
                 await decode.aclose()  # type: ignore[attr-defined]
             if not prefill.done():
-                # The decode ended (answered, failed or cancelled): a prefill still open
-                # gets a moment, then is stopped.
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(prefill), PREFILL_DRAIN_S)
-                if not prefill.done():
-                    prefill.cancel()
-                    with contextlib.suppress(BaseException):
-                        await prefill
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.prefill.abort([req.request_id]), 5.0)
+                if ok:  # answered: a prefill still open gets a moment, off the answer's path
+                    self.exchange.app.spawn(self._stop_prefill(prefill, req.request_id, True))
+                else:  # the decode failed or the client left: the prefill goes now
+                    await self._stop_prefill(prefill, req.request_id, False)
+
+    async def _stop_prefill(self, prefill: asyncio.Future[None], rid: str, grace: bool) -> None:
+        if grace:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(prefill), PREFILL_DRAIN_S)
+        if prefill.done():
+            return
+        prefill.cancel()
+        with contextlib.suppress(BaseException):
+            await prefill
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.prefill.abort([rid]), 5.0)
 
     async def _drain(self, outputs: AsyncIterator[list[Any]]) -> None:
         """The SGLang prefill leg: read to its end (its outputs are not the answer)."""
