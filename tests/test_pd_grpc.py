@@ -280,8 +280,9 @@ def test_vllm_decode_failing_is_one_clean_error(vllm: Any, stream: bool) -> None
     with gateway.client() as client:
         answer = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     assert answer.status_code == 500, answer.text  # 1.13: a JSON 500, streamed or not
-    assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
-    assert answer.json()["error"]["message"].startswith("Decode worker failed to start: ")
+    assert answer.json()["error"] == _error(
+        "decode_worker_failed_to_start", "Decode worker failed to start: mock failure"
+    )  # the binary's bytes (test_rust_answers_leg_failures_as_smg)
     assert [r["state"] for r in prefill.pd_stats()["rooms"][before:]] == ["ready"]
 
 
@@ -292,9 +293,9 @@ def test_vllm_prefill_failing_never_reaches_the_decode(vllm: Any) -> None:
     with gateway.client() as client:
         answer = client.post("/v1/chat/completions", json=CHAT)
     assert answer.status_code == 500, answer.text
-    error = answer.json()["error"]
-    assert error["code"] == "prefill_worker_failed_to_start"
-    assert error["message"].startswith("Prefill worker failed to start: ")
+    assert answer.json()["error"] == _error(
+        "prefill_worker_failed_to_start", "Prefill worker failed to start: mock failure"
+    )
     assert decode.stats()["last_generate_request"] == sent  # sequential: no decode leg
 
 
@@ -321,3 +322,62 @@ def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
         assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
         assert [r["state"] for r in prefill.pd_stats()["rooms"]] == ["failed"]  # cancelled
         assert answer.headers["x-request-id"] in prefill.stats()["aborted"]
+
+
+# --- the Rust SMG 1.13 on the same mocks ----------------------------------------------------
+
+RUST_SMG = Path("/work/main/native_bench/.venv-rust/bin/smg")
+
+
+@pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
+def test_rust_answers_leg_failures_as_smg(llama_dir: Path) -> None:
+    """The bytes the binary answers for a failing prefill and decode leg (vLLM pair, the
+    same mocks and knobs as the tests above): smg's LegError copies them."""
+    import tempfile
+
+    from tests.test_pd_mock import ONE_SHOT, rust_gateway
+
+    with (
+        pdutil.start_grpc_prefill(llama_dir, "vllm") as prefill,
+        pdutil.start_grpc_decode(llama_dir, "vllm", wait_s=3.0) as decode,
+        tempfile.TemporaryDirectory() as cache,
+    ):
+        args = ["--prefill", prefill.url, str(prefill.bootstrap_port), "--decode", decode.url]
+        extra = ("--model-path", str(llama_dir), *ONE_SHOT)
+        with (
+            rust_gateway(args, *extra, env={"XDG_CACHE_HOME": cache}) as url,
+            httpx_client(url) as client,
+        ):
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+            answers = []
+            for who in (prefill, decode, decode):
+                who.config(fail_next=1, fail_code="INTERNAL")
+                stream = len(answers) == 2
+                answer = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+                answers.append((answer.status_code, answer.json()["error"]))
+    assert answers == [
+        (
+            500,
+            _error(
+                "prefill_worker_failed_to_start", "Prefill worker failed to start: mock failure"
+            ),
+        ),
+        (
+            500,
+            _error("decode_worker_failed_to_start", "Decode worker failed to start: mock failure"),
+        ),
+        (
+            500,
+            _error("decode_worker_failed_to_start", "Decode worker failed to start: mock failure"),
+        ),
+    ]
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "server_error", "code": code, "message": message, "param": None}
+
+
+def httpx_client(url: str) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=20)
