@@ -13,6 +13,10 @@ gRPC (grpc_pd.py: SGLang disaggregated_params, vLLM NIXL kv_transfer_params):
     with pdutil.start_grpc_prefill(model, "vllm") as p, pdutil.start_grpc_decode(model, "vllm") as d:
         # --prefill p.url p.bootstrap_port --decode d.url; p.pd_stats()["rooms"]
 
+The Rust SMG 1.13 in front of them (skip a test when RUST_SMG does not exist):
+
+    with pdutil.rust_gateway([*p.prefill_args(), *d.decode_args()], *pdutil.ONE_SHOT) as url:
+
 Each start_* returns a PdMocks (a MockWorkers with `role` and, for a prefill, one
 bootstrap port per worker); leaving the `with` block stops the process (or call stop()).
 The bootstrap protocol (smg/mock_worker/pd.py): GET /pd/rooms/{room} (200 with
@@ -22,13 +26,18 @@ the prefill's bootstrap port; state: "prefilling", "ready" or "failed".
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tests import mockutil
+from tests.gatewayutil import free_port
 from tests.mockutil import MockWorkers
 
 BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP "
@@ -220,3 +229,50 @@ def start_grpc_decode(
     model_dir: Path, backend: str, *args: str, wait_s: float = 5.0, timeout: float = 30.0
 ) -> GrpcPdMock:
     return _start_grpc(model_dir, backend, "decode", ["--pd-wait-s", str(wait_s), *args], timeout)
+
+
+# --- the Rust SMG 1.13 in PD mode ----------------------------------------------------------
+
+# The Rust SMG 1.13 binary, to check the mocks (and smg) against; tests skip without it.
+RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
+
+
+@contextlib.contextmanager
+def rust_gateway(
+    pd_args: list[str], *extra: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
+    port = free_port()
+    argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--pd-disaggregation", *pd_args, "--prometheus-port", str(free_port())]
+    # No shutdown grace: it would hold every stop 5 s although nothing is in flight.
+    argv += ["--log-level", "warn", "--shutdown-grace-period-secs", "0", *extra]
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if mockutil.request("GET", url + "/readiness", timeout=1.0)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"Rust SMG not ready: {log.read()[-2000:]!r}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+# One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.
+ONE_SHOT = ("--disable-retries", "--disable-circuit-breaker")

@@ -6,14 +6,9 @@ what a real SGLang PD pair checks."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import os
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,8 +125,31 @@ def test_room_book_states_and_bounds() -> None:
     book.start([3], now=2.0)  # over max_rooms: the oldest goes
     assert book.get(1, 2.0) is None
     assert [r["room"] for r in book.listing(2.0)] == [2, 3]
+    assert [r["room"] for r in book.listing(2.0, last=1)] == [3] and len(book) == 2
     assert book.get(3, 12.5) is None  # older than ttl_s
     assert book.listing(12.5) == []
+
+
+def test_room_book_long_poll() -> None:
+    import asyncio
+
+    async def run() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        book = RoomBook()
+        loop.call_later(0.05, book.start, [1], 0.0)  # the room appears ...
+        loop.call_later(0.1, book.finish, [1], True)  # ... then is prefilled
+        t0 = loop.time()
+        await book.wait_settled(1, 5.0)
+        settled = loop.time() - t0
+        t0 = loop.time()
+        await book.wait_settled(1, 5.0)  # already settled: at once
+        again = loop.time() - t0
+        t0 = loop.time()
+        await book.wait_settled(2, 0.1)  # never seen: the whole timeout
+        return settled, again, loop.time() - t0
+
+    settled, again, unseen = asyncio.run(run())
+    assert 0.09 <= settled < 2.0 and again < 0.05 and 0.09 <= unseen < 2.0
 
 
 def test_bootstrap_routes() -> None:
@@ -142,7 +160,7 @@ def test_bootstrap_routes() -> None:
         {"room": 42, "state": PREFILLING, "age_s": 0.5},
     )
     assert bootstrap_route(book, "GET", "/pd/rooms/43", 1.5)[0] == 404
-    assert bootstrap_route(book, "GET", "/pd/rooms/x", 1.5)[0] == 400
+    assert bootstrap_route(book, "GET", "/pd/rooms/a%2Fb", 1.5)[0] == 400
     assert bootstrap_route(book, "POST", "/pd/rooms", 1.5)[0] == 405
     assert bootstrap_route(book, "GET", "/pd/rooms", 1.5)[1] == {
         "rooms": [{"room": 42, "state": PREFILLING, "age_s": 0.5}]
@@ -168,7 +186,7 @@ def test_cli_refusals() -> None:
 def pair() -> Iterator[tuple[pdutil.PdMocks, pdutil.PdMocks]]:
     prefill = pdutil.start_prefill(1, "--output-len", "8")
     try:
-        decode = pdutil.start_decode(1, "--output-len", "8", wait_s=1.0)
+        decode = pdutil.start_decode(1, "--output-len", "8", wait_s=2.0)
         try:
             yield prefill, decode
         finally:
@@ -267,8 +285,22 @@ def test_decode_without_its_prefill_fails_after_the_wait(pair: Any) -> None:
     took = time.monotonic() - t0
     assert status == 500, data
     assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room 3001 not ready")
-    assert 0.9 <= took < 4.0  # --pd-wait-s 1
+    assert 1.9 <= took < 8.0  # --pd-wait-s 2
     assert pdutil.kv_failures(decode.url) == before + 1
+
+
+def test_streamed_decode_without_its_prefill_ends_with_an_error_event(pair: Any) -> None:
+    # SGLang sends a stream's head at once; a scheduler abort (a failed KV transfer) is
+    # an in-band error event, then [DONE].
+    _, decode = pair
+    body = pdutil.pd_body({**CHAT, "stream": True}, 3002, pair[0].bootstrap_port)
+    status, headers, data = mockutil.request("POST", decode.url + "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line for line in data.decode().split("\n") if line.startswith("data: ")]
+    assert len(events) == 2 and events[1] == "data: [DONE]"
+    error = json.loads(events[0][len("data: ") :])["error"]
+    assert (error["type"], error["code"]) == ("INTERNAL_SERVER_ERROR", 500)
+    assert error["message"].startswith("KV transfer failed: bootstrap_room 3002 not ready")
 
 
 def test_decode_waits_for_a_slow_prefill(pair: Any, clean: None) -> None:
@@ -287,7 +319,7 @@ def test_failed_prefill_fails_the_decode_at_once(pair: Any, clean: None) -> None
     (ps, _), (ds, db), took = _both(prefill, decode, "/v1/chat/completions", body)
     assert (ps, ds) == (500, 500)
     assert b"the prefill of bootstrap_room 5001" in db
-    assert took < 0.9  # not the whole 1 s wait
+    assert took < 1.5  # not the whole 2 s wait
     assert pdutil.room_state(prefill, 5001) == FAILED
 
 
@@ -315,48 +347,10 @@ def test_prefill_crash_kills_the_process_and_fails_the_decode() -> None:
 
 # --- behind the Rust SMG 1.13 -----------------------------------------------------------------
 
-RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
+RUST_SMG = pdutil.RUST_SMG
 needs_rust = pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
-
-
-@contextlib.contextmanager
-def rust_gateway(
-    pd_args: list[str], *extra: str, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
-    port = free_port()
-    argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--pd-disaggregation", *pd_args, "--prometheus-port", str(free_port())]
-    argv += ["--log-level", "warn", *extra]
-    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if mockutil.request("GET", url + "/readiness", timeout=1.0)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"Rust SMG not ready: {log.read()[-2000:]!r}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-# One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.
-ONE_SHOT = ("--disable-retries", "--disable-circuit-breaker")
+rust_gateway = pdutil.rust_gateway
+ONE_SHOT = pdutil.ONE_SHOT
 
 
 @pytest.fixture(scope="module")
@@ -415,10 +409,16 @@ def test_rust_pd_wrong_bootstrap_port_fails_in_the_decode(pair: Any) -> None:
         t0 = time.monotonic()
         status, data = mockutil.request_json("POST", url + "/v1/chat/completions", CHAT)
         took = time.monotonic() - t0
+        body = {**CHAT, "stream": True}
+        sstatus, _, raw = mockutil.request("POST", url + "/v1/chat/completions", body)
     assert status == 500, data
     assert data["error"]["code"] == "decode_internal_error"
     assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room")
-    assert took >= 0.9  # the decode's whole --pd-wait-s 1
+    assert took >= 1.9  # the decode's whole --pd-wait-s 2
+    # Streamed, 1.13 relays the decode's stream: 200, the in-band error event, [DONE].
+    assert sstatus == 200
+    assert b'"message":"KV transfer failed: bootstrap_room' in raw
+    assert raw.rstrip().endswith(b"data: [DONE]")
 
 
 @needs_rust
@@ -471,188 +471,16 @@ def test_rust_pd_merges_the_prefills_input_logprobs(rust_pd: str) -> None:
     assert first["meta_info"]["input_token_logprobs"] == []  # not merged by 1.13
 
 
-# --- gRPC PD roles (grpc_pd.py) ------------------------------------------------------------
-
-PROMPT_IDS = [128000, 9906, 1917, 11, 1268, 527, 499, 30]  # 8 tokens: one 16-token block
-
-
-def _sglang_req(room: int | None, port: int, max_new: int = 4, n: int = 1) -> Any:
-    from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
-
-    req = pb.GenerateRequest(
-        request_id="r1",
-        tokenized=pb.TokenizedInput(input_ids=PROMPT_IDS),
-        sampling_params=pb.SamplingParams(max_new_tokens=max_new, n=n),
-    )
-    if room is not None:
-        req.disaggregated_params.CopyFrom(
-            pb.DisaggregatedParams(
-                bootstrap_host="127.0.0.1", bootstrap_port=port, bootstrap_room=room
-            )
-        )
-    return req
-
-
-def _vllm_req(params: dict[str, Any] | None, max_tokens: int = 4) -> Any:
-    from smg_grpc_proto.generated import vllm_engine_pb2 as pb
-
-    req = pb.GenerateRequest(
-        request_id="r1",
-        tokenized=pb.TokenizedInput(input_ids=PROMPT_IDS),
-        sampling_params=pb.SamplingParams(max_tokens=max_tokens),
-    )
-    if params is not None:
-        req.kv_transfer_params_json = json.dumps(params)
-    return req
-
-
-def test_grpc_leg_sglang() -> None:
-    import grpc
-
-    from smg.mock_worker.grpc_pd import GrpcPd, PdRefused
-
-    pd = GrpcPd("decode", "sglang", "127.0.0.1", 8998, 1.0)
-    with pytest.raises(PdRefused) as e:
-        pd.leg(_sglang_req(None, 0))
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    leg = pd.leg(_sglang_req(40, 0, n=2))  # port 0: the engine's own; n=2: room + i
-    assert leg.targets == [("127.0.0.1", 8998, 40), ("127.0.0.1", 8998, 41)]
-
-
-def test_grpc_leg_vllm() -> None:
-    from smg.mock_worker.grpc_pd import GrpcPd, PdRefused
-
-    prefill = GrpcPd("prefill", "vllm", "127.0.0.1", 0, 1.0)
-    prefill.bootstrap_port = 4321
-    with pytest.raises(PdRefused, match="do_remote_decode"):
-        prefill.leg(_vllm_req(None))
-    leg = prefill.leg(_vllm_req({"do_remote_decode": True, "do_remote_prefill": False}))
-    assert leg.params is not None and leg.keys == [leg.params["remote_request_id"]]
-    assert {k: v for k, v in leg.params.items() if k != "remote_request_id"} == {
-        "do_remote_prefill": True,
-        "do_remote_decode": False,
-        "remote_block_ids": [1],
-        "remote_engine_id": prefill.engine_id,
-        "remote_host": "127.0.0.1",
-        "remote_port": 4321,
-        "tp_size": 1,
-    }
-    decode = GrpcPd("decode", "vllm", "127.0.0.1", 8998, 1.0)
-    with pytest.raises(PdRefused, match="needs the kv_transfer_params_json its prefill returned"):
-        decode.leg(_vllm_req({"do_remote_decode": True}))
-    dleg = decode.leg(_vllm_req(leg.params))
-    assert dleg.targets == [("127.0.0.1", 4321, leg.params["remote_request_id"])]
-    assert dleg.expect == leg.params
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.grpcmockutil import llama3_dir
-
-    return llama3_dir(tmp_path_factory.mktemp("pd-llama3"))
-
-
-def _generate(target: str, backend: str, req: Any, timeout: float = 10.0) -> list[Any]:
-    import grpc
-    from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc, vllm_engine_pb2_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        if backend == "sglang":
-            stub: Any = sglang_scheduler_pb2_grpc.SglangSchedulerStub(channel)
-        else:
-            stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
-        return list(stub.Generate(req, timeout=timeout))
-
-
-def _target(mock: pdutil.GrpcPdMock) -> str:
-    return mock.url[len("grpc://") :]
-
-
-def test_grpc_sglang_pair(llama_dir: Path) -> None:
-    import grpc
-
-    with (
-        pdutil.start_grpc_prefill(llama_dir, "sglang") as prefill,
-        pdutil.start_grpc_decode(llama_dir, "sglang", wait_s=0.5) as decode,
-    ):
-        req = _sglang_req(77, prefill.bootstrap_port)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(_generate, _target(decode), "sglang", req)
-            p = _generate(_target(prefill), "sglang", req)
-            d = fut.result()
-        assert len(p[-1].complete.output_ids) == 1  # the prefill: one token
-        assert len(d[-1].complete.output_ids) == 4
-        assert [(r["room"], r["state"]) for r in prefill.pd_stats()["rooms"]] == [(77, READY)]
-        with pytest.raises(grpc.RpcError) as e:  # a room no prefill served
-            _generate(_target(decode), "sglang", _sglang_req(78, prefill.bootstrap_port))
-        assert e.value.code() == grpc.StatusCode.INTERNAL
-        assert "KV transfer failed: bootstrap_room 78 not ready" in (e.value.details() or "")
-        assert decode.pd_stats()["kv_failures"] == 1
-
-
-def test_grpc_vllm_pair_relays_only_the_prefills_params(llama_dir: Path) -> None:
-    import grpc
-
-    with (
-        pdutil.start_grpc_prefill(llama_dir, "vllm") as prefill,
-        pdutil.start_grpc_decode(llama_dir, "vllm", wait_s=0.5) as decode,
-    ):
-        tag = {"do_remote_decode": True, "do_remote_prefill": False}
-        p = _generate(_target(prefill), "vllm", _vllm_req(tag, max_tokens=1))
-        params = json.loads(p[-1].complete.kv_transfer_params_json)
-        assert params["remote_port"] == prefill.bootstrap_port
-        d = _generate(_target(decode), "vllm", _vllm_req(params))
-        assert len(d[-1].complete.output_ids) == 4
-        forged = {**params, "remote_block_ids": [9]}
-        with pytest.raises(grpc.RpcError) as e:
-            _generate(_target(decode), "vllm", _vllm_req(forged))
-        assert e.value.code() == grpc.StatusCode.INTERNAL
-        assert "differ from what the prefill" in (e.value.details() or "")
-        with pytest.raises(grpc.RpcError) as e:
-            _generate(_target(decode), "vllm", _vllm_req(None))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-@contextlib.contextmanager
-def _rust_grpc_pd(llama_dir: Path, backend: str) -> Iterator[tuple[str, Any, Any]]:
-    with (
-        pdutil.start_grpc_prefill(llama_dir, backend) as prefill,
-        pdutil.start_grpc_decode(llama_dir, backend, wait_s=2.0) as decode,
-        tempfile.TemporaryDirectory() as cache,
-    ):
-        pd_args = ["--prefill", prefill.url, str(prefill.bootstrap_port), "--decode", decode.url]
-        extra = ("--model-path", str(llama_dir), *ONE_SHOT)
-        with rust_gateway(pd_args, *extra, env={"XDG_CACHE_HOME": cache}) as url:
-            yield url, prefill, decode
-
-
-GRPC_CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-
-
-@needs_rust
-@pytest.mark.parametrize("backend", ["sglang", "vllm"])
-def test_rust_grpc_pd(llama_dir: Path, backend: str) -> None:
-    with _rust_grpc_pd(llama_dir, backend) as (url, prefill, decode):
-        status, data = mockutil.request_json("POST", url + "/v1/chat/completions", GRPC_CHAT)
-        assert status == 200, data
-        assert data["usage"]["completion_tokens"] == 5
-        body = {**GRPC_CHAT, "stream": True}
-        status, _, raw = mockutil.request("POST", url + "/v1/chat/completions", body, timeout=10)
-        assert status == 200 and raw.rstrip().endswith(b"data: [DONE]")
-        rooms = prefill.pd_stats()["rooms"]
-        assert [r["state"] for r in rooms] == [READY, READY]
-        sent = decode.stats()["last_generate_request"]
-        if backend == "vllm":  # 1.13 relays what the prefill returned, as is
-            assert (
-                json.loads(sent["kv_transfer_params_json"])["remote_request_id"]
-                == rooms[-1]["room"]
-            )
-            tag = prefill.stats()["last_generate_request"]
-            assert json.loads(tag["kv_transfer_params_json"]) == {
-                "do_remote_decode": True,
-                "do_remote_prefill": False,
-            }
-            assert tag["sampling_params"]["max_tokens"] == 1
-        else:
-            assert sent["disaggregated_params"]["bootstrap_room"] == rooms[-1]["room"]
-        assert decode.pd_stats()["kv_failures"] == 0
+def test_decode_survives_a_restarted_prefill_on_the_same_bootstrap_port() -> None:
+    # The decode keeps its bootstrap connections alive; one to a prefill that went away
+    # is dropped and a fresh one made, not failed.
+    port = free_port()
+    with pdutil.start_decode(1, wait_s=2.0) as decode:
+        for room in (8001, 8002):
+            with pdutil.start_prefill(1, bootstrap_port=port) as prefill:
+                assert prefill.bootstrap_port == port
+                body = pdutil.pd_body(CHAT, room, port)
+                (ps, _), (ds, db), took = _both(prefill, decode, "/v1/chat/completions", body)
+                assert (ps, ds) == (200, 200), db
+                assert took < 1.5  # no wait-out on the stale connection
+        assert pdutil.kv_failures(decode.url) == 0

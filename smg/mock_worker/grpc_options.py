@@ -45,6 +45,7 @@ class GrpcOptions:
     pd_role: str | None = None  # "prefill" | "decode" (grpc_pd.py); None: plain
     bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port default; 0: ephemeral
     pd_wait_s: float = 5.0
+    kv_connector: str = "nixl"  # vLLM PD: "nixl" (params relayed) or "mooncake" (push-based)
 
 
 @dataclasses.dataclass
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="how long a decode waits for its prefill before failing (INTERNAL)",
     )
+    p.add_argument(
+        "--kv-connector",
+        choices=("nixl", "mooncake"),
+        default="nixl",
+        help="vllm PD: the KV connector GetServerInfo reports and the mock checks "
+        "(nixl: the prefill's kv_transfer_params relayed; mooncake: a router-minted "
+        "transfer_id, remote_engine_id and remote_bootstrap_addr)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -237,4 +246,5 @@ def parse_grpc_options(argv: list[str]) -> GrpcOptions:
         pd_role=ns.pd_role,
         bootstrap_port=bootstrap_port,
         pd_wait_s=ns.pd_wait_s,
+        kv_connector=ns.kv_connector,
     )

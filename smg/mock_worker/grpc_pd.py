@@ -18,6 +18,13 @@ compares them (INVALID_ARGUMENT without params, INTERNAL when they differ or nev
 GetServerInfo reports kv_connector "NixlConnector" and kv_role kv_producer/kv_consumer so
 a router knows to tag the prefill leg.
 
+vLLM with --kv-connector mooncake (push-based, as the Rust SMG drives MooncakeConnector):
+GetServerInfo reports "MooncakeConnector" and kv_engine_id; the router mints a
+transfer_id. The prefill must be tagged {"do_remote_decode": true, "transfer_id": T}; it
+records T and returns no params. The decode must carry {"do_remote_prefill": true,
+"transfer_id": T, "remote_engine_id": E, "remote_bootstrap_addr": "http://H:P"}: it asks
+H:P for T, which must be ready and served by engine E.
+
 Served by grpc.aio only (--grpc-impl aio is implied): a decode awaits its prefill before
 its first message, which the fast server's synchronous ticker cannot.
 """
@@ -33,12 +40,13 @@ import grpc
 
 from smg.mock_worker.pd import (
     PREFILL,
+    STATS_ROOMS,
     KvTransferError,
     RoomBook,
     await_rooms,
 )
 
-NIXL_CONNECTOR = "NixlConnector"
+CONNECTORS = {"nixl": "NixlConnector", "mooncake": "MooncakeConnector"}
 BLOCK_TOKENS = 16  # vLLM's default block size, for remote_block_ids
 
 
@@ -59,23 +67,35 @@ class Leg:
     targets: list[tuple[str, int, int | str]]  # decode: where each key's prefill is
     expect: dict[str, Any] | None = None  # vLLM decode: the params its prefill returned
     params: dict[str, Any] | None = None  # vLLM prefill: the params it answers with
+    engine_id: str | None = None  # Mooncake decode: the prefill engine it names
 
 
 class GrpcPd:
     """One process's PD role: validation, the room book (prefill), the wait (decode)."""
 
     def __init__(
-        self, role: str, backend: str, host: str, bootstrap_port: int, wait_s: float
+        self,
+        role: str,
+        backend: str,
+        host: str,
+        bootstrap_port: int,
+        wait_s: float,
+        connector: str = "nixl",
     ) -> None:
         self.role = role
         self.backend = backend
         self.host = host
         self.default_port = bootstrap_port
         self.wait_s = wait_s
-        self.book = RoomBook() if role == PREFILL else None
-        self.bootstrap_port = 0  # where the prefill's bootstrap server listens (set later)
+        self.connector = connector
         self.engine_id = f"mock-{uuid.uuid4().hex[:12]}"
+        self.book = RoomBook(engine_id=self.engine_id) if role == PREFILL else None
+        self.bootstrap_port = 0  # where the prefill's bootstrap server listens (set later)
         self.kv_failures = 0
+
+    @property
+    def kv_connector(self) -> str:
+        return CONNECTORS[self.connector]
 
     @property
     def kv_role(self) -> str:
@@ -104,6 +124,8 @@ class GrpcPd:
 
     def _vllm_leg(self, msg: Any) -> Leg:
         params = _params(msg)
+        if self.connector == "mooncake":
+            return self._mooncake_leg(params)
         if self.role == PREFILL:
             if params is None or params.get("do_remote_decode") is not True:
                 raise PdRefused(
@@ -140,6 +162,34 @@ class GrpcPd:
         key = params["remote_request_id"]
         return Leg([key], [(params["remote_host"], params["remote_port"], key)], expect=params)
 
+    def _mooncake_leg(self, params: dict[str, Any] | None) -> Leg:
+        p = params or {}
+        transfer = p.get("transfer_id")
+        if self.role == PREFILL:
+            if p.get("do_remote_decode") is not True or not _transfer_id(transfer):
+                raise PdRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "a PD prefill (MooncakeConnector kv_producer) needs kv_transfer_params_json "
+                    '{"do_remote_decode": true, "transfer_id": ...}',
+                )
+            return Leg([transfer], [])
+        addr = p.get("remote_bootstrap_addr")
+        host, port = _http_addr(addr) if isinstance(addr, str) else ("", 0)
+        engine = p.get("remote_engine_id")
+        if (
+            p.get("do_remote_prefill") is not True
+            or not _transfer_id(transfer)
+            or not port
+            or not isinstance(engine, str)
+        ):
+            raise PdRefused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a PD decode (MooncakeConnector kv_consumer) needs kv_transfer_params_json "
+                "with do_remote_prefill, transfer_id, remote_engine_id and "
+                "remote_bootstrap_addr http://HOST:PORT",
+            )
+        return Leg([transfer], [(host, port, transfer)], engine_id=engine)
+
     # --- the call's life --------------------------------------------------------------------
 
     async def before(self, leg: Leg, now: float) -> None:
@@ -148,7 +198,7 @@ class GrpcPd:
             self.book.start(leg.keys, now)
             return
         try:
-            await await_rooms(leg.targets, self.wait_s, leg.expect)
+            await await_rooms(leg.targets, self.wait_s, leg.expect, leg.engine_id)
         except KvTransferError as e:
             self.kv_failures += 1
             raise PdRefused(grpc.StatusCode.INTERNAL, str(e)) from None
@@ -165,10 +215,28 @@ class GrpcPd:
     def stats(self, now: float) -> dict[str, Any]:
         return {
             "role": self.role,
+            "engine_id": self.engine_id,
             "bootstrap_port": self.bootstrap_port if self.book is not None else None,
-            "rooms": None if self.book is None else self.book.listing(now),
+            "rooms": None if self.book is None else self.book.listing(now, STATS_ROOMS),
+            "rooms_recorded": None if self.book is None else len(self.book),
             "kv_failures": self.kv_failures,
         }
+
+
+def _transfer_id(v: Any) -> bool:
+    return (
+        isinstance(v, str)
+        and 0 < len(v) <= 200
+        and v.isascii()
+        and all(c.isalnum() or c in "._-" for c in v)
+    )
+
+
+def _http_addr(addr: str) -> tuple[str, int]:
+    """("H", P) of "http://H:P", ("", 0) when it is not that."""
+    rest = addr[len("http://") :] if addr.startswith("http://") else ""
+    host, _, port = rest.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() and 0 < int(port) < 65536 else ("", 0)
 
 
 def _params(msg: Any) -> dict[str, Any] | None:

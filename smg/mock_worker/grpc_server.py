@@ -195,7 +195,12 @@ class Engine:
         self.pd: GrpcPd | None = None
         if opts.pd_role is not None:
             self.pd = GrpcPd(
-                opts.pd_role, opts.backend, opts.host, opts.bootstrap_port, opts.pd_wait_s
+                opts.pd_role,
+                opts.backend,
+                opts.host,
+                opts.bootstrap_port,
+                opts.pd_wait_s,
+                opts.kv_connector,
             )
 
     def initial_runtime(self) -> GrpcRuntime:
@@ -816,7 +821,7 @@ def _kv_fields(e: Engine) -> dict[str, Any]:
     pd = e.pd
     if pd is None:
         return {}
-    return {"kv_connector": "NixlConnector", "kv_role": pd.kv_role, "kv_engine_id": pd.engine_id}
+    return {"kv_connector": pd.kv_connector, "kv_role": pd.kv_role, "kv_engine_id": pd.engine_id}
 
 
 def _now_iso() -> str:
