@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests import mockutil, pdutil
-from tests.gatewayutil import Gateway, running_gateway
+from tests.gatewayutil import Gateway, running_gateway, wait_until
 
 GENERATE = {"text": "one two three four", "sampling_params": {"max_new_tokens": 3}}
 CHAT = {
@@ -147,7 +147,7 @@ def test_prefill_dying_mid_request_aborts_both_legs() -> None:
         stats = mockutil.stats(decode.url)
         assert stats["disconnects"] == 1
         assert stats["pd"]["kv_failures"] == 0
-        assert not prefill.alive()
+        wait_until(lambda: not prefill.alive(), 10.0, "the crashed prefill to exit")
 
 
 def test_prefill_error_answer_is_1_13s() -> None:
