@@ -143,9 +143,15 @@ def test_prefill_dying_mid_request_aborts_both_legs() -> None:
             "param": None,
         }
         assert answer.elapsed.total_seconds() < 3.0
-        # The decode leg was dropped by the gateway (a disconnect), not failed by the mock.
-        stats = mockutil.stats(decode.url)
-        assert stats["disconnects"] == 1
+
+        # Each attempt's decode leg was dropped by the gateway (a disconnect), none was
+        # answered or failed by the mock (1.13 retries the whole pair, as here).
+        def settled() -> dict[str, Any] | None:
+            stats = mockutil.stats(decode.url)
+            sent = stats["requests_by_route"]["/generate"]
+            return stats if sent >= 1 and stats["disconnects"] == sent else None
+
+        stats = wait_until(settled, 10.0, "every decode leg dropped")
         assert stats["pd"]["kv_failures"] == 0
         wait_until(lambda: not prefill.alive(), 10.0, "the crashed prefill to exit")
 
@@ -233,3 +239,29 @@ def test_pd_metrics_count_each_dispatch(pair: Any) -> None:
     pd_lines = [line for line in after.splitlines() if line.startswith(routed)]
     assert pd_lines and all('backend_type="pd"' in line for line in pd_lines)
     assert 'runtime="sglang"' in after
+
+
+def test_prefill_dying_is_retried_on_another_pair() -> None:
+    with (
+        pdutil.start_prefill() as dying,
+        pdutil.start_prefill() as healthy,
+        pdutil.start_decode(wait_s=5) as decode,
+    ):
+        args = [
+            "--pd-disaggregation",
+            *dying.prefill_args(),
+            *healthy.prefill_args(),
+            *decode.decode_args(),
+            "--prefill-policy",
+            "round_robin",
+        ]
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready()
+            pdutil.set_faults(dying.url, crash_rate=1.0)
+            # One connection (one process): round robin sends one of the first two
+            # requests to the dying prefill; 1.13 retries the pair with a new room.
+            with gateway.client() as client:
+                answers = [client.post("/generate", json=GENERATE) for _ in range(2)]
+            assert [a.status_code for a in answers] == [200, 200], answers[-1].text
+            wait_until(lambda: not dying.alive(), 10.0, "the crashed prefill to exit")
+            assert list(pdutil.room_states(healthy).values()) == ["ready", "ready"]
