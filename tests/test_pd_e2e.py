@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -265,3 +266,45 @@ def test_prefill_dying_is_retried_on_another_pair() -> None:
             assert [a.status_code for a in answers] == [200, 200], answers[-1].text
             wait_until(lambda: not dying.alive(), 10.0, "the crashed prefill to exit")
             assert list(pdutil.room_states(healthy).values()) == ["ready", "ready"]
+
+
+def test_prefill_admission_queue_timeout_and_full_as_1_13() -> None:
+    with (
+        pdutil.start_prefill() as prefill,
+        pdutil.start_decode(wait_s=10) as decode,
+        pd_gateway(
+            prefill,
+            decode,
+            "--prefill-max-inflight-requests-per-worker",
+            "1",
+            "--prefill-queue-timeout-secs",
+            "1",
+            "--prefill-queue-size",
+            "1",
+        ) as gateway,
+    ):
+        pdutil.set_faults(prefill.url, ttft_ms=2500)
+
+        def one(delay: float) -> httpx.Response:
+            time.sleep(delay)
+            with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+                return client.post("/generate", json=GENERATE)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            # The first holds the one slot for 2.5 s; the second waits 1 s in the
+            # queue; the third finds that queue full in its process or the other's
+            # (the bound is per process: then it waits and times out too).
+            answers = list(pool.map(one, (0.0, 0.3, 0.6)))
+        assert answers[0].status_code == 200
+        for answer in answers[1:]:
+            assert answer.status_code == 429, answer.text
+            error = answer.json()["error"]
+            assert error["type"] == "rate_limit_error"
+            assert (error["code"], error["message"]) in {
+                ("pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
+                ("pd_prefill_queue_full", "Prefill admission queue is full"),
+            }
+        assert answers[1].json()["error"]["code"] == "pd_prefill_queue_timeout"
+        assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
+        metrics = gateway.metrics()
+        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2

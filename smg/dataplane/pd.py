@@ -1137,8 +1137,8 @@ class PrefillAdmission:
     the sum is over; any two processes racing for the last slot see each other's store,
     so the cap is never exceeded (at worst both step back and retry). Requests that find
     every prefill worker full wait here, FIFO, re-tried every millisecond, up to
-    --prefill-queue-timeout-secs (503) and --prefill-queue-size waiting per process
-    (429; the queue bound is per process, the cap is gateway-wide)."""
+    --prefill-queue-timeout-secs and --prefill-queue-size waiting per process (both 429,
+    1.13's codes; the queue bound is per process, the cap is gateway-wide)."""
 
     def __init__(self, app: DataPlane, limit: int, queue_size: int, timeout: float) -> None:
         self.app = app
@@ -1193,14 +1193,7 @@ class PrefillAdmission:
         app = self.app
         if len(self.waiting) >= self.queue_size:
             self.rejected_full += 1
-            app._send_error(
-                conn,
-                request,
-                429,
-                "prefill_admission_queue_full",
-                "Prefill admission queue is full",
-                extra_headers=b"retry-after: 1\r\n",
-            )
+            self._refuse(conn, request, "pd_prefill_queue_full", "Prefill admission queue is full")
             return
         self.queued += 1
         waiter = _Waiting(self, conn, request, started)
@@ -1253,13 +1246,20 @@ class PrefillAdmission:
         conn = waiter.conn
         if conn.exchange is waiter:  # type: ignore[comparison-overlap]
             conn.exchange = None
-        self.app._send_error(
+        self._refuse(
             conn,
             waiter.request,
-            503,
-            "prefill_admission_timeout",
-            "timed out waiting for a Prefill admission slot",
+            "pd_prefill_queue_timeout",
+            "Timed out waiting for Prefill admission",
         )
+
+    def _refuse(self, conn: ClientConnection, request: Request, code: str, message: str) -> None:
+        """429 as 1.13 answers it: type rate_limit_error, no Retry-After."""
+        body = orjson.dumps(
+            {"error": {"type": "rate_limit_error", "code": code, "message": message, "param": None}}
+        )
+        headers = b"x-smg-error-code: %b\r\n" % code.encode("latin-1")
+        self.app._send(conn, request, 429, body, extra_headers=headers, error_code=code)
 
     def families(self, proc: list[tuple[str, str]]) -> list[Family]:
         app = self.app
@@ -1293,7 +1293,7 @@ class PrefillAdmission:
                 "Prefill admission rejections by reason",
                 [
                     Sample("", [*proc, ("reason", "queue_full")], self.rejected_full),
-                    Sample("", [*proc, ("reason", "timeout")], self.rejected_timeout),
+                    Sample("", [*proc, ("reason", "queue_timeout")], self.rejected_timeout),
                 ],
             ),
             Family(
