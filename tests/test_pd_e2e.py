@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from tests import mockutil, pdutil
-from tests.gatewayutil import Gateway, running_gateway
+from tests.gatewayutil import Gateway, running_gateway, wait_until
 
 GENERATE = {"text": "one two three four", "sampling_params": {"max_new_tokens": 3}}
 CHAT = {
@@ -143,11 +144,17 @@ def test_prefill_dying_mid_request_aborts_both_legs() -> None:
             "param": None,
         }
         assert answer.elapsed.total_seconds() < 3.0
-        # The decode leg was dropped by the gateway (a disconnect), not failed by the mock.
-        stats = mockutil.stats(decode.url)
-        assert stats["disconnects"] == 1
+
+        # Each attempt's decode leg was dropped by the gateway (a disconnect), none was
+        # answered or failed by the mock (1.13 retries the whole pair, as here).
+        def settled() -> dict[str, Any] | None:
+            stats = mockutil.stats(decode.url)
+            sent = stats["requests_by_route"]["/generate"]
+            return stats if sent >= 1 and stats["disconnects"] == sent else None
+
+        stats = wait_until(settled, 10.0, "every decode leg dropped")
         assert stats["pd"]["kv_failures"] == 0
-        assert not prefill.alive()
+        wait_until(lambda: not prefill.alive(), 10.0, "the crashed prefill to exit")
 
 
 def test_prefill_error_answer_is_1_13s() -> None:
@@ -233,3 +240,71 @@ def test_pd_metrics_count_each_dispatch(pair: Any) -> None:
     pd_lines = [line for line in after.splitlines() if line.startswith(routed)]
     assert pd_lines and all('backend_type="pd"' in line for line in pd_lines)
     assert 'runtime="sglang"' in after
+
+
+def test_prefill_dying_is_retried_on_another_pair() -> None:
+    with (
+        pdutil.start_prefill() as dying,
+        pdutil.start_prefill() as healthy,
+        pdutil.start_decode(wait_s=5) as decode,
+    ):
+        args = [
+            "--pd-disaggregation",
+            *dying.prefill_args(),
+            *healthy.prefill_args(),
+            *decode.decode_args(),
+            "--prefill-policy",
+            "round_robin",
+        ]
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready()
+            pdutil.set_faults(dying.url, crash_rate=1.0)
+            # One connection (one process): round robin sends one of the first two
+            # requests to the dying prefill; 1.13 retries the pair with a new room.
+            with gateway.client() as client:
+                answers = [client.post("/generate", json=GENERATE) for _ in range(2)]
+            assert [a.status_code for a in answers] == [200, 200], answers[-1].text
+            wait_until(lambda: not dying.alive(), 10.0, "the crashed prefill to exit")
+            assert list(pdutil.room_states(healthy).values()) == ["ready", "ready"]
+
+
+def test_prefill_admission_queue_timeout_and_full_as_1_13() -> None:
+    with (
+        pdutil.start_prefill() as prefill,
+        pdutil.start_decode(wait_s=10) as decode,
+        pd_gateway(
+            prefill,
+            decode,
+            "--prefill-max-inflight-requests-per-worker",
+            "1",
+            "--prefill-queue-timeout-secs",
+            "1",
+            "--prefill-queue-size",
+            "1",
+        ) as gateway,
+    ):
+        pdutil.set_faults(prefill.url, ttft_ms=2500)
+
+        def one(delay: float) -> httpx.Response:
+            time.sleep(delay)
+            with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+                return client.post("/generate", json=GENERATE)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            # The first holds the one slot for 2.5 s; the second waits 1 s in the
+            # queue; the third finds that queue full in its process or the other's
+            # (the bound is per process: then it waits and times out too).
+            answers = list(pool.map(one, (0.0, 0.3, 0.6)))
+        assert answers[0].status_code == 200
+        for answer in answers[1:]:
+            assert answer.status_code == 429, answer.text
+            error = answer.json()["error"]
+            assert error["type"] == "rate_limit_error"
+            assert (error["code"], error["message"]) in {
+                ("pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
+                ("pd_prefill_queue_full", "Prefill admission queue is full"),
+            }
+        assert answers[1].json()["error"]["code"] == "pd_prefill_queue_timeout"
+        assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
+        metrics = gateway.metrics()
+        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2

@@ -39,8 +39,9 @@ import orjson
 
 from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import CLIENT_LEFT
-from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Event, State
+from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
+from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.httpwire import error_body, status_line
 from smg.policies.base import NoEligibleWorker, RouteRequest
 from smg.promtext import Family, Sample
@@ -259,8 +260,12 @@ def transport_message(url: str, path: str) -> str:
 
 # --- the prefill leg -------------------------------------------------------------------------
 
-_AWAITING_HEAD = int(State.AWAITING_HEAD)
 _CLIENT_GONE = int(Event.CLIENT_GONE)
+_BACKOFF = int(State.BACKOFF)
+_BACKOFF_OVER = int(Event.BACKOFF_OVER)
+_NO_WORKER = int(Event.NO_WORKER)
+_ATTEMPT = int(Action.ATTEMPT)
+_FAIL_NO_WORKER = int(Action.FAIL_NO_WORKER)
 _HEAD_EVENT, _BODY_EVENT, _COMPLETE_EVENT = 0, 1, 2
 
 
@@ -376,6 +381,8 @@ class PrefillLeg:
                 conn.release(self.reusable)
             self._end(self.status)
             decode = self.decode
+            if decode.prefill is not self:
+                return  # an attempt that ended meanwhile
             if self.status < 300:
                 pd = self.app.pd
                 assert pd is not None
@@ -398,7 +405,8 @@ class PrefillLeg:
         if conn is not None:
             conn.abort()
         self._end(0)
-        self.decode.prefill_failed(self.url)
+        if self.decode.prefill is self:
+            self.decode.prefill_failed(self.url)
 
     def abort(self) -> None:
         """The decode leg ended first (its failure, the client gone, a timeout)."""
@@ -433,12 +441,15 @@ class DecodeExchange(Exchange):
         "held",
         "logprobs",
         "merger",
+        "pd_body",
+        "pd_failed",
         "pd_url",
         "prefill",
         "whole",
     )
 
     def pd_init(self, prefill: PrefillLeg, url: str, logprobs: bool) -> None:
+        """(Re)arm for an attempt: its prefill leg and decode URL."""
         self.prefill = prefill
         self.pd_url = url
         self.held: list[tuple[int, Any, Any]] | None = []
@@ -446,6 +457,12 @@ class DecodeExchange(Exchange):
         self.err: list[bytes] | None = None  # the decode answered an error: its body
         self.whole: list[bytes] | None = None  # a whole answer held for the logprob merge
         self.merger: StreamMerger | None = None
+
+    def pd_retries(self, body: dict[str, Any] | None) -> None:
+        """Let a failed pair be retried as 1.13 does (a new pair, a new room): `body` is
+        the client's JSON without bootstrap fields (None: retries off)."""
+        self.pd_body = body
+        self.pd_failed: list[int] = []  # prefill rows an attempt failed on
 
     # upstream events: held while the prefill runs
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -583,7 +600,16 @@ class DecodeExchange(Exchange):
         self._pd_answer(status, error_body(status, code, message), b"application/json", code)
 
     def _pd_answer(self, status: int, body: bytes, content_type: bytes, code: str) -> None:
-        """Answer the client with the gateway's own `body` instead of the decode's."""
+        """Answer the client with the gateway's own `body` instead of the decode's; or,
+        for a retryable status with attempts left, try a new pair instead (1.13 retries
+        the whole dispatch, `is_retryable_status`, new room and all)."""
+        if (
+            status in RETRYABLE_STATUSES
+            and self.pd_body is not None
+            and self.attempts < self.max_attempts
+        ):
+            self._pd_retry(0 if code == TRANSPORT_CODE else status)
+            return
         self.held = None
         self.state, _action = _step(self.state)
         self._drop_upstream()
@@ -608,9 +634,56 @@ class DecodeExchange(Exchange):
         self._finish(status, code, status if code != TRANSPORT_CODE else 0)
         self.client.response_done(keep_alive)
 
+    def _pd_retry(self, outcome: int) -> None:
+        """End this attempt (both legs) and schedule the next one after the backoff."""
+        self.held = None
+        prefill = self.prefill
+        prefill.abort()
+        if prefill.row not in self.pd_failed:
+            self.pd_failed.append(prefill.row)
+        if self.upstream is None:
+            self.pool.cancel_wait(self)
+        # Straight to BACKOFF: the attempt may end in any pre-head state (the prefill can
+        # fail while the decode still waits for a connection), which the table's retry
+        # edges do not all cover; nothing reached the client, so a new attempt is safe.
+        self.state = _BACKOFF
+        self.upstream_reusable = False  # a request is in flight on it: drop it
+        self._retry(outcome)
+
+    def _backoff_over(self) -> None:
+        self.timer = None
+        if self._advance(_BACKOFF_OVER) != _ATTEMPT:
+            return
+        pd = self.app.pd
+        assert pd is not None
+        try:
+            refusal = pd.next_attempt(self)
+        except Exception as exc:  # a request must never take the process down
+            self.app.log_error("PD retry failed", exc)
+            refusal = (502, "internal_error", "internal gateway error while retrying")
+        if refusal is not None:
+            if self._advance(_NO_WORKER) == _FAIL_NO_WORKER:
+                self.pd_body = None  # no further attempt
+                self._pd_fail(*refusal)
+            return
+        self.attempts += 1
+        self.attempting = True
+        self.prefill.start()
+        self.start()
+
+    def _retry(self, outcome: int, *, immediate: bool = False) -> None:
+        # Every retry ends the attempt's prefill leg too (a new pair, a new room).
+        self.held = None
+        self.prefill.abort()
+        super()._retry(outcome, immediate=immediate)
+
     def _fail(self, status: int, code: str, message: str, *, extra_headers: bytes = b"") -> None:
         if status == 502 and code.startswith("upstream_"):
-            # The decode worker unreachable or gone: both legs end, 1.13's words.
+            # The decode worker unreachable or gone: both legs end, 1.13's words (and its
+            # retry of the whole pair while attempts are left).
+            if self.pd_body is not None and self.attempts < self.max_attempts:
+                self._pd_retry(0)
+                return
             self.held = None
             code, message = TRANSPORT_CODE, transport_message(self.pd_url, self.endpoint)
         super()._fail(status, code, message, extra_headers=extra_headers)
@@ -630,6 +703,9 @@ def _step(state: int) -> tuple[int, int]:
 
 
 # --- routing -----------------------------------------------------------------------------------
+
+_NO_PREFILL = "No available servers: No available prefill workers (all circuits open or unhealthy)"
+_NO_DECODE = "No available servers: No available decode workers (all circuits open or unhealthy)"
 
 
 class PDRouter:
@@ -731,26 +807,12 @@ class PDRouter:
                 admission.wait(conn, request, started)
                 return True
         if prefill < 0:
-            app._send_error(
-                conn,
-                request,
-                503,
-                "server_selection_failed",
-                "No available servers: No available prefill workers "
-                "(all circuits open or unhealthy)",
-            )
+            app._send_error(conn, request, 503, "server_selection_failed", _NO_PREFILL)
             return True
         decode = self._choose(app.policy, decode_rows, route)
         if decode < 0:
             self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT, admission)
-            app._send_error(
-                conn,
-                request,
-                503,
-                "server_selection_failed",
-                "No available servers: No available decode workers "
-                "(all circuits open or unhealthy)",
-            )
+            app._send_error(conn, request, 503, "server_selection_failed", _NO_DECODE)
             return True
         self._dispatch(conn, request, started, body, route, model, prefill, decode)
         return True
@@ -856,35 +918,24 @@ class PDRouter:
     ) -> None:
         app = self.app
         state = app.state
-        p_entry: DirectoryEntry = state.entries[prefill]
         d_entry: DirectoryEntry = state.entries[decode]
-        path = request.path
-        batch = batch_size(path, body)
-        inject_bootstrap(
-            body,
-            worker_address(p_entry.url).host,
-            p_entry.spec.bootstrap_port,
-            batch,
-            new_rooms(batch),
-        )
-        payload = orjson.dumps(body)
-        p_pool = app._pool(prefill, p_entry)
         d_pool = app._pool(decode, d_entry)
-        p_head = app._upstream_request(request, p_entry, p_pool, len(payload))
-        d_head = app._upstream_request(request, d_entry, d_pool, len(payload))
-        request.body = b""
+        path = request.path
+        keep = None
+        if app.retries_on and app.retry_policy.max_attempts > 1:
+            keep = dict(body)  # the client's fields: each attempt injects its own room
         exchange = DecodeExchange(
             app,
             conn,
             decode,
             d_entry.generation,
             d_pool,
-            d_head,
-            payload,
+            b"",
+            b"",
             request.request_id,
             path,
             model
-            if model in state.models_all
+            if model is not None and model in self.known.get("decode", ())
             else (d_entry.model_id or ("other" if model else "")),
             route.stream,
             request.keep_alive,
@@ -892,7 +943,48 @@ class PDRouter:
             False,
             started,
         )
+        exchange.pd_retries(keep)
+        if keep is not None:
+            exchange.allow_retries(request, route, app.retry_policy.max_attempts, False)
+        if app.tracer is not None:
+            exchange.trace = request.trace
+        if app.cors is not None:
+            exchange.cors = app.cors.response(request.header(b"origin"))
+        self._arm(exchange, request, body, prefill, decode)
+        request.body = b""
+        app.active.add(exchange)
+        conn.exchange = exchange
+        exchange.prefill.start()
+        exchange.start()
+
+    def _arm(
+        self,
+        exchange: DecodeExchange,
+        request: Request,
+        body: dict[str, Any],
+        prefill: int,
+        decode: int,
+    ) -> None:
+        """Point `exchange` at a pair for one attempt: the body with a new room, both
+        heads, a new prefill leg, the accounting of both rows."""
+        app = self.app
+        entries = app.state.entries
+        p_entry: DirectoryEntry = entries[prefill]
+        d_entry: DirectoryEntry = entries[decode]
+        path = request.path
+        batch = batch_size(path, body)
+        host = worker_address(p_entry.url).host
+        inject_bootstrap(body, host, p_entry.spec.bootstrap_port, batch, new_rooms(batch))
+        payload = orjson.dumps(body)
+        p_pool = app._pool(prefill, p_entry)
+        d_pool = app._pool(decode, d_entry)
+        exchange.row = decode
+        exchange.generation = d_entry.generation
+        exchange.pool = d_pool
+        exchange.head = app._upstream_request(request, d_entry, d_pool, len(payload))
+        exchange.body = payload
         logprobs = wants_logprobs(path, body)
+        p_head = app._upstream_request(request, p_entry, p_pool, len(payload))
         leg = PrefillLeg(
             app,
             exchange,
@@ -905,20 +997,53 @@ class PDRouter:
             logprobs,
         )
         exchange.pd_init(leg, d_entry.url, logprobs)
-        if app.tracer is not None:
-            exchange.trace = request.trace
-        if app.cors is not None:
-            exchange.cors = app.cors.response(request.header(b"origin"))
         self.dispatched += 1
         if self.admission is None:  # else counted by PrefillAdmission.take
             app._in_flight_add(prefill, p_entry.generation)
         app._in_flight_add(decode, d_entry.generation)
         self.prefill_policy.on_dispatch(prefill)
         app.policy.on_dispatch(decode)
-        app.active.add(exchange)
-        conn.exchange = exchange
-        leg.start()
-        exchange.start()
+
+    def next_attempt(self, exchange: DecodeExchange) -> tuple[int, str, str] | None:
+        """A new pair for a retry (rows an earlier attempt failed on only when nothing
+        else is left), armed on `exchange`; or (status, code, message) when none."""
+        app = self.app
+        state = app.refresh()
+        if self.routing_generation != state.routing_generation:
+            self._rebuild(state)
+        route = exchange.route
+        request = exchange.request
+        body = exchange.pd_body
+        if route is None or request is None or body is None:
+            return 502, "internal_error", "the request can no longer be retried"
+        model = route.model
+        prefill_rows = self._rows("prefill", model)
+        decode_rows = self._rows("decode", model)
+        refusal = self._no_pair(prefill_rows, decode_rows)
+        if refusal is not None:
+            return 503, "server_selection_failed", refusal
+        route.retry = True
+        failed = exchange.pd_failed
+        prefill_rows = [row for row in prefill_rows if row not in failed] or prefill_rows
+        failed_decode = exchange.failed_rows or ()
+        decode_rows = [row for row in decode_rows if row not in failed_decode] or decode_rows
+        admission = self.admission
+        if admission is not None:
+            prefill_rows = admission.free(prefill_rows)
+        prefill = self._choose(self.prefill_policy, prefill_rows, route) if prefill_rows else -1
+        if prefill >= 0 and admission is not None:
+            generation = state.entries[prefill].generation
+            if not admission.take(prefill, generation):
+                app.gate.record(prefill, generation, CLIENT_LEFT)
+                prefill = -1
+        if prefill < 0:
+            return 503, "server_selection_failed", _NO_PREFILL
+        decode = self._choose(app.policy, decode_rows, route)
+        if decode < 0:
+            self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT)
+            return 503, "server_selection_failed", _NO_DECODE
+        self._arm(exchange, request, dict(body), prefill, decode)
+        return None
 
     def leg_done(
         self,
@@ -1018,8 +1143,8 @@ class PrefillAdmission:
     the sum is over; any two processes racing for the last slot see each other's store,
     so the cap is never exceeded (at worst both step back and retry). Requests that find
     every prefill worker full wait here, FIFO, re-tried every millisecond, up to
-    --prefill-queue-timeout-secs (503) and --prefill-queue-size waiting per process
-    (429; the queue bound is per process, the cap is gateway-wide)."""
+    --prefill-queue-timeout-secs and --prefill-queue-size waiting per process (both 429,
+    1.13's codes; the queue bound is per process, the cap is gateway-wide)."""
 
     def __init__(self, app: DataPlane, limit: int, queue_size: int, timeout: float) -> None:
         self.app = app
@@ -1074,14 +1199,7 @@ class PrefillAdmission:
         app = self.app
         if len(self.waiting) >= self.queue_size:
             self.rejected_full += 1
-            app._send_error(
-                conn,
-                request,
-                429,
-                "prefill_admission_queue_full",
-                "Prefill admission queue is full",
-                extra_headers=b"retry-after: 1\r\n",
-            )
+            self._refuse(conn, request, "pd_prefill_queue_full", "Prefill admission queue is full")
             return
         self.queued += 1
         waiter = _Waiting(self, conn, request, started)
@@ -1134,13 +1252,20 @@ class PrefillAdmission:
         conn = waiter.conn
         if conn.exchange is waiter:  # type: ignore[comparison-overlap]
             conn.exchange = None
-        self.app._send_error(
+        self._refuse(
             conn,
             waiter.request,
-            503,
-            "prefill_admission_timeout",
-            "timed out waiting for a Prefill admission slot",
+            "pd_prefill_queue_timeout",
+            "Timed out waiting for Prefill admission",
         )
+
+    def _refuse(self, conn: ClientConnection, request: Request, code: str, message: str) -> None:
+        """429 as 1.13 answers it: type rate_limit_error, no Retry-After."""
+        body = orjson.dumps(
+            {"error": {"type": "rate_limit_error", "code": code, "message": message, "param": None}}
+        )
+        headers = b"x-smg-error-code: %b\r\n" % code.encode("latin-1")
+        self.app._send(conn, request, 429, body, extra_headers=headers, error_code=code)
 
     def families(self, proc: list[tuple[str, str]]) -> list[Family]:
         app = self.app
@@ -1174,7 +1299,7 @@ class PrefillAdmission:
                 "Prefill admission rejections by reason",
                 [
                     Sample("", [*proc, ("reason", "queue_full")], self.rejected_full),
-                    Sample("", [*proc, ("reason", "timeout")], self.rejected_timeout),
+                    Sample("", [*proc, ("reason", "queue_timeout")], self.rejected_timeout),
                 ],
             ),
             Family(
