@@ -381,3 +381,28 @@ def httpx_client(url: str) -> Any:
     import httpx
 
     return httpx.Client(base_url=url, timeout=20)
+
+
+def test_sglang_cache_aware_prefill_keeps_a_prompt_on_one_prefill(llama_dir: Path) -> None:
+    """--prefill-policy cache_aware routes gRPC PD on the prompt's token ids (the exchange
+    keeps them for the prefill policy): the same prompt three times, one prefill."""
+    with (
+        pdutil.start_grpc_prefill(llama_dir, "sglang") as p1,
+        pdutil.start_grpc_prefill(llama_dir, "sglang") as p2,
+        pdutil.start_grpc_decode(llama_dir, "sglang") as decode,
+    ):
+        args = [
+            "--pd-disaggregation", "--prefill", p1.url, str(p1.bootstrap_port),
+            "--prefill", p2.url, str(p2.bootstrap_port), "--decode", decode.url,
+            "--model-path", str(llama_dir), "--prefill-policy", "cache_aware",
+            "--decode-policy", "round_robin",
+        ]  # fmt: skip
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready(timeout=30)
+            long = {**CHAT, "messages": [{"role": "user", "content": "a long prompt " * 20}]}
+            with gateway.client() as client:
+                for _ in range(3):
+                    answer = client.post("/v1/chat/completions", json=long)
+                    assert answer.status_code == 200, answer.text
+            counts = sorted(len(p.pd_stats()["rooms"]) for p in (p1, p2))
+    assert counts == [0, 3]

@@ -832,7 +832,7 @@ class GrpcExchange:
 
         app = self.app
         route = RouteRequest(model=self.route_model, stream=self.stream, prompt_tokens=len(ids))
-        if app.needs_text:
+        if app.needs_text or self.pd is not None:  # PD: the prefill policy may read them
             route.token_ids = array("I", ids).tobytes()
         if app.key_names is not None:
             header = self.request.header
