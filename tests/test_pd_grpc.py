@@ -189,6 +189,27 @@ def test_sglang_chat_both_legs_meet(sglang: Any) -> None:
     assert decode.pd_stats()["kv_failures"] == 0
 
 
+def test_sglang_generate_and_a_completions_batch(sglang: Any) -> None:
+    """/generate, and /v1/completions with two prompts: each prompt its own pair of legs
+    and its own room (1.13 dispatches a batch's prompts as separate PD requests)."""
+    prefill, decode, gateway = sglang
+    before = len(prefill.pd_stats()["rooms"])
+    with gateway.client() as client:
+        answer = client.post(
+            "/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 3}}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["meta_info"]["completion_tokens"] == 3
+        batch = {"model": "llama3", "prompt": ["one", "two"], "max_tokens": 2}
+        answer = client.post("/v1/completions", json=batch)
+        assert answer.status_code == 200, answer.text
+        assert [c["index"] for c in answer.json()["choices"]] == [0, 1]
+    rooms = prefill.pd_stats()["rooms"][before:]
+    assert [r["state"] for r in rooms] == ["ready"] * 3
+    assert len({r["room"] for r in rooms}) == 3
+    assert decode.pd_stats()["kv_failures"] == 0
+
+
 def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
     prefill, decode, gateway = vllm
     with gateway.client() as client:
