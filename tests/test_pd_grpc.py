@@ -89,7 +89,7 @@ def test_vllm_decode_params_nixl_relays_as_is() -> None:
 def test_leg_errors_are_1_13s() -> None:
     e = pd.leg_error(EngineError("UNAVAILABLE", "gone"), "prefill")
     assert (e.code, e.message) == ("UNAVAILABLE", "Prefill worker failed to start: gone")
-    assert e.pd_answer == (500, "prefill_worker_failed_to_start", 499)  # not the decode's fault
+    assert e.pd_answer == (503, "prefill_worker_failed_to_start", 499)  # not the decode's fault
     started = EngineError("INTERNAL", "cut", before_first_token=False)
     e = pd.leg_error(started, "prefill")
     assert (e.message, e.pd_answer) == (
@@ -243,9 +243,8 @@ def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> No
 
         def ask() -> None:
             with gateway.client() as client:
-                started = time.monotonic()
                 answer = client.post("/v1/chat/completions", json=CHAT)
-                result["took"] = time.monotonic() - started
+                result["done_at"] = time.monotonic()
                 result["answer"] = answer
 
         thread = threading.Thread(target=ask)
@@ -256,14 +255,17 @@ def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> No
                 time.sleep(0.05)
             assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
             prefill.proc.kill()
+            killed_at = time.monotonic()
         finally:
             thread.join(20)
         answer = result["answer"]
-        assert answer.status_code == 500, answer.text  # 1.13: 500 and these words
+        # UNAVAILABLE: 503 (1.13 answers a dead worker 500 "...: transport error")
+        assert answer.status_code == 503, answer.text
         error = answer.json()["error"]
         assert error["code"] == "prefill_worker_failed_to_start"
         assert error["message"].startswith("Prefill worker failed to start: ")
-        assert result["took"] < 6.0  # not the decode's 8 s KV wait: the prefill's end
+        # answered on the prefill's end, not after the decode's 8 s wait for its KV
+        assert result["done_at"] - killed_at < 4.0
         # the decode leg was aborted (Abort RPC for the engine's request id)
         rid = answer.headers["x-request-id"]
         assert rid in decode.stats()["aborted"], (rid, decode.stats()["aborted"])
@@ -293,16 +295,25 @@ def test_vllm_forged_params_fail(vllm: Any) -> None:
     assert e.value.code() == grpc.StatusCode.INTERNAL
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_vllm_decode_failing_is_one_clean_error(vllm: Any, stream: bool) -> None:
+@pytest.mark.parametrize(
+    ("stream", "code", "status", "kind"),
+    [
+        (False, "INTERNAL", 500, "server_error"),
+        (True, "INTERNAL", 500, "server_error"),  # 1.13: a JSON error, not SSE
+        (False, "INVALID_ARGUMENT", 400, "invalid_request_error"),
+    ],
+)
+def test_vllm_decode_failing_is_one_clean_error(
+    vllm: Any, stream: bool, code: str, status: int, kind: str
+) -> None:
     prefill, decode, gateway = vllm
     before = len(prefill.pd_stats()["rooms"])
-    decode.config(fail_next=1, fail_code="INTERNAL")
+    decode.config(fail_next=1, fail_code=code)
     with gateway.client() as client:
         answer = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
-    assert answer.status_code == 500, answer.text  # 1.13: a JSON 500, streamed or not
+    assert answer.status_code == status, answer.text
     assert answer.json()["error"] == _error(
-        "decode_worker_failed_to_start", "Decode worker failed to start: mock failure"
+        "decode_worker_failed_to_start", "Decode worker failed to start: mock failure", kind
     )  # the binary's bytes (test_rust_answers_leg_failures_as_smg)
     assert [r["state"] for r in prefill.pd_stats()["rooms"][before:]] == ["ready"]
 
@@ -339,7 +350,7 @@ def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
         finally:
             thread.join(20)
         answer = result["answer"]
-        assert answer.status_code == 500, answer.text
+        assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
         assert [r["state"] for r in prefill.pd_stats()["rooms"]] == ["failed"]  # cancelled
         assert answer.headers["x-request-id"] in prefill.stats()["aborted"]
@@ -371,11 +382,14 @@ def test_rust_answers_leg_failures_as_smg(llama_dir: Path) -> None:
         ):
             assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
             answers = []
-            for who in (prefill, decode, decode):
-                who.config(fail_next=1, fail_code="INTERNAL")
+            legs = [(prefill, "INTERNAL"), (decode, "INTERNAL"), (decode, "INTERNAL")]
+            legs.append((decode, "INVALID_ARGUMENT"))
+            for who, code in legs:
+                who.config(fail_next=1, fail_code=code)
                 stream = len(answers) == 2
                 answer = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
                 answers.append((answer.status_code, answer.json()["error"]))
+    failed = "Decode worker failed to start: mock failure"
     assert answers == [
         (
             500,
@@ -383,19 +397,14 @@ def test_rust_answers_leg_failures_as_smg(llama_dir: Path) -> None:
                 "prefill_worker_failed_to_start", "Prefill worker failed to start: mock failure"
             ),
         ),
-        (
-            500,
-            _error("decode_worker_failed_to_start", "Decode worker failed to start: mock failure"),
-        ),
-        (
-            500,
-            _error("decode_worker_failed_to_start", "Decode worker failed to start: mock failure"),
-        ),
+        (500, _error("decode_worker_failed_to_start", failed)),
+        (500, _error("decode_worker_failed_to_start", failed)),  # streamed: a JSON error too
+        (400, _error("decode_worker_failed_to_start", failed, "invalid_request_error")),
     ]
 
 
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"type": "server_error", "code": code, "message": message, "param": None}
+def _error(code: str, message: str, kind: str = "server_error") -> dict[str, Any]:
+    return {"type": kind, "code": code, "message": message, "param": None}
 
 
 def httpx_client(url: str) -> Any:

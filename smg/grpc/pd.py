@@ -22,8 +22,8 @@ to them through a `PdClient`, which looks like one engine client to the exchange
   With n > 1 nothing is relayed (1.13: the KV handoff is single-consumer). Same
   request_id on both legs (1.13: load-bearing for NIXL on vLLM < 0.13).
 
-Errors are 1.13's (LegError: tried on the binary with the same mocks): 500,
-`prefill_worker_failed_to_start` / `decode_worker_failed_to_start`, "Prefill worker failed
+Errors are 1.13's (LegError: tried on the binary with the same mocks): the gRPC code's
+status, `prefill_worker_failed_to_start` / `decode_worker_failed_to_start`, "Prefill worker failed
 to start: <engine message>"; a stream already started fails as the single-worker path.
 
 Pure parts (rooms, connector mode, params, the prefill request) are functions tested
@@ -149,7 +149,8 @@ def vllm_decode_params(
 
 class LegError(EngineError):
     """A PD leg's failure as 1.13 answers it (tried on the binary with the gRPC PD
-    mocks): 500, code `prefill_worker_failed_to_start` / `decode_worker_failed_to_start`
+    mocks): the gRPC code's status (INTERNAL 500, INVALID_ARGUMENT 400, UNAVAILABLE 503,
+    RESOURCE_EXHAUSTED 429), code `prefill_worker_failed_to_start` / `decode_worker_failed_to_start`
     (`prefill_stream_error` once the vLLM prefill's stream had started), message
     "<Leg> worker failed to start: <engine message>". `pd_answer`: (status, code, the
     decode row's gate outcome: a prefill's failure is not the decode's, CLIENT_LEFT)."""
@@ -162,7 +163,7 @@ class LegError(EngineError):
             code, words = f"{leg}_worker_failed_to_start", f"{leg.title()} worker failed to start"
         super().__init__(error.code, f"{words}: {error.message}", before_first_token=True)
         outcome = CLIENT_LEFT if leg == "prefill" else _outcome(error)
-        self.pd_answer = (500, code, outcome)
+        self.pd_answer = (_status(error), code, outcome)
 
 
 def leg_error(error: EngineError, leg: str) -> EngineError:
@@ -320,12 +321,15 @@ class PdClient:
         from smg.grpc.frontend import _batches
 
         info = self.p_entry.grpc
+        labels = self.p_entry.spec.labels
         host = worker_address(self.p_entry.url).host
+        # 1.13 (create_worker.rs): the worker's kv_connector / kv_engine_id labels take
+        # precedence over what GetServerInfo discovered.
         mode = kv_mode(
-            info.kv_connector if info else "",
+            labels.get("kv_connector") or (info.kv_connector if info else ""),
             host,
             self.p_entry.spec.bootstrap_port,
-            info.kv_engine_id if info else "",
+            labels.get("kv_engine_id") or (info.kv_engine_id if info else ""),
         )
         n = req.sampling.n
         transfer_id = transfer_id_for(mode, n)
@@ -461,8 +465,14 @@ class PdClient:
         self._leg_done(200)
 
 
-def _outcome(error: EngineError) -> int:
-    """The gate's outcome for a failed leg: 0 (transport) for UNAVAILABLE, else the status."""
+def _status(error: EngineError) -> int:
+    """The HTTP status of a leg's gRPC code (1.13's tonic_ext http_status: INVALID_ARGUMENT
+    400, UNAVAILABLE 503, RESOURCE_EXHAUSTED 429, INTERNAL 500, ...)."""
     from smg.grpc.protos import http_status_for
 
-    return 0 if error.code == "UNAVAILABLE" else http_status_for(error.code)[0]
+    return http_status_for(error.code)[0]
+
+
+def _outcome(error: EngineError) -> int:
+    """The gate's outcome for a failed leg: 0 (transport) for UNAVAILABLE, else the status."""
+    return 0 if error.code == "UNAVAILABLE" else _status(error)
