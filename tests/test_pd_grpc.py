@@ -105,6 +105,72 @@ def test_leg_errors_are_1_13s() -> None:
     assert pd.leg_error(started, "decode") is started  # mid-stream: the stream's own error
 
 
+class _FakeEngine:
+    """An engine client that records its requests and answers one finished output."""
+
+    def __init__(self, params: str = "") -> None:
+        self.sent: list[GenerateInput] = []
+        self.params = params
+
+    async def generate_batches(self, req: GenerateInput, *, timeout: float | None) -> Any:
+        from smg.grpc.types import EngineOutput
+
+        self.sent.append(req)
+        yield [EngineOutput(0, [7], finished=True, kv_transfer_params_json=self.params)]
+
+    async def abort(self, request_ids: list[str]) -> None:
+        pass
+
+
+def _p_entry(labels: dict[str, str], connector: str = "") -> Any:
+    from types import SimpleNamespace
+
+    from smg.grpc.types import GrpcModelInfo
+
+    spec = SimpleNamespace(bootstrap_port=9100, labels=labels)
+    info = GrpcModelInfo(backend="vllm", kv_connector=connector)
+    return SimpleNamespace(url="grpc://10.0.0.2:30001", spec=spec, grpc=info, row=1, generation=1)
+
+
+def _sequential(p_entry: Any, returned: str = "") -> tuple[_FakeEngine, _FakeEngine, list[Any]]:
+    import asyncio
+    from types import SimpleNamespace
+
+    prefill, decode = _FakeEngine(returned), _FakeEngine()
+    decode.backend = "vllm"  # type: ignore[attr-defined]
+    exchange = SimpleNamespace(app=SimpleNamespace(pd=None))
+    client = pd.PdClient(exchange, prefill, decode, p_entry)  # type: ignore[arg-type]
+
+    async def run() -> list[Any]:
+        return [outs async for outs in client.generate_batches(_req(), timeout=5.0)]
+
+    return prefill, decode, asyncio.run(run())
+
+
+def test_sequential_sends_mooncakes_synthesized_params_to_the_decode() -> None:
+    labels = {"kv_connector": "MooncakeConnector", "kv_engine_id": "eng-1"}
+    prefill, decode, outs = _sequential(_p_entry(labels, connector="NixlConnector"))
+    assert len(outs) == 1 and outs[0][0].token_ids == [7]
+    tagged = json.loads(prefill.sent[0].kv_transfer_params_json or "")
+    sent = json.loads(decode.sent[0].kv_transfer_params_json or "")
+    assert sent == {
+        "do_remote_decode": False,
+        "do_remote_prefill": True,
+        "transfer_id": tagged["transfer_id"],
+        "remote_engine_id": "eng-1",
+        "remote_bootstrap_addr": "http://10.0.0.2:9100",
+    }
+    assert decode.sent[0].request_id == prefill.sent[0].request_id == "r"  # same id
+    assert decode.sent[0].sampling.max_tokens == 9 and decode.sent[0].stream is True
+
+
+def test_sequential_relays_nixls_params_as_is() -> None:
+    returned = '{"remote_request_id":"kv-1","remote_port":5}'
+    prefill, decode, _outs = _sequential(_p_entry({}, connector="NixlConnector"), returned)
+    assert prefill.sent[0].kv_transfer_params_json == pd.NIXL_PREFILL_PARAMS
+    assert decode.sent[0].kv_transfer_params_json == returned
+
+
 def test_generate_request_carries_the_pd_fields() -> None:
     from smg.grpc.protos import build_generate_request
 
@@ -436,3 +502,37 @@ def test_sglang_cache_aware_prefill_keeps_a_prompt_on_one_prefill(llama_dir: Pat
                     assert answer.status_code == 200, answer.text
             counts = sorted(len(p.pd_stats()["rooms"]) for p in (p1, p2))
     assert counts == [0, 3]
+
+
+def test_vllm_mooncake_prefill_gets_minted_params(llama_dir: Path) -> None:
+    """A prefill labelled kv_connector MooncakeConnector + kv_engine_id (labels first, as
+    1.13's create_worker.rs): the prefill is tagged with a minted transfer id; the NIXL
+    mock decode refuses the synthesized params it then gets (400, one clean error)."""
+    with (
+        pdutil.start_grpc_prefill(llama_dir, "vllm") as prefill,
+        pdutil.start_grpc_decode(llama_dir, "vllm") as decode,
+    ):
+        args = ["--pd-disaggregation", "--decode", decode.url, "--model-path", str(llama_dir)]
+        args += ["--prefill", "http://127.0.0.1:9", "none"]  # PD needs one at launch; never ready
+        with running_gateway(args, processes=2) as gateway:
+            spec = {
+                "url": prefill.url,
+                "worker_type": "prefill",
+                "bootstrap_port": prefill.bootstrap_port,
+                "labels": {"kv_connector": "MooncakeConnector", "kv_engine_id": "eng-1"},
+            }
+            assert gateway.admin("POST", "/workers", json=spec).status_code == 202
+            gateway.wait_ready(timeout=30)
+            with gateway.client() as client:
+                answer = client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
+        tagged = json.loads(prefill.stats()["last_generate_request"]["kv_transfer_params_json"])
+        assert tagged["transfer_id"].startswith("xfer-")
+        assert tagged == {
+            "do_remote_decode": True,
+            "do_remote_prefill": False,
+            "transfer_id": tagged["transfer_id"],
+        }
+        # (the refused decode records no request: what it got is checked with fakes in
+        # test_sequential_sends_mooncakes_synthesized_params_to_the_decode)
