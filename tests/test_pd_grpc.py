@@ -536,3 +536,12 @@ def test_vllm_mooncake_prefill_gets_minted_params(llama_dir: Path) -> None:
         }
         # (the refused decode records no request: what it got is checked with fakes in
         # test_sequential_sends_mooncakes_synthesized_params_to_the_decode)
+
+
+def test_in_flight_counts_settle_to_zero(sglang: Any, vllm: Any) -> None:
+    """After every request above (answers, failed legs, aborted legs), each prefill and
+    decode row's in-flight count is back to 0 in every process (run last: file order)."""
+    from tests.gatewayutil import in_flight_total, wait_until
+
+    for _prefill, _decode, gateway in (sglang, vllm):
+        wait_until(lambda g=gateway: in_flight_total(g) == 0, 5.0, "in-flight back to 0")

@@ -195,12 +195,13 @@ def handle(
         return False
     rows.sort(key=lambda row: entries[row].spec.worker_type != "decode")  # decode first
     exchange = GrpcExchange(front, conn, request, kind, body, model, rows)
-    exchange.pd = PdPlan(exchange)
+    plan = exchange.pd = PdPlan(exchange)
     conn.exchange = exchange  # type: ignore[assignment]
     app.active.add(exchange)  # type: ignore[arg-type]
     exchange.task = app.loop.create_task(exchange.run())
     app.tasks.add(exchange.task)
     exchange.task.add_done_callback(app.tasks.discard)
+    exchange.task.add_done_callback(plan.ended)
     return True
 
 
@@ -210,6 +211,14 @@ class PdPlan:
     def __init__(self, exchange: GrpcExchange) -> None:
         self.exchange = exchange
         self.prefill: DirectoryEntry | None = None
+        self.clients: list[PdClient] = []
+
+    def ended(self, _task: object) -> None:
+        """The exchange's task ended: a prefill chosen (and counted in flight) whose leg
+        never started (the attempt failed before its Generate) is released."""
+        for client in self.clients:
+            if not client.started:
+                client._leg_done(CLIENT_LEFT)
 
     def choose(self) -> DirectoryEntry:
         """A prefill and a decode row for the next attempt; the decode is the exchange's
@@ -272,7 +281,9 @@ class PdPlan:
         p_entry = self.prefill
         assert p_entry is not None
         self.prefill = None
-        return PdClient(self.exchange, workers.client(p_entry), workers.client(decode), p_entry)
+        client = PdClient(self.exchange, workers.client(p_entry), workers.client(decode), p_entry)
+        self.clients.append(client)
+        return client
 
 
 class PdClient:
@@ -289,6 +300,7 @@ class PdClient:
         self.p_entry = p_entry
         self.backend: str = decode.backend
         self._leg_open = True  # the prefill leg's accounting is still to be done
+        self.started = False  # generate_batches ran (its legs account themselves)
         self._prefill_running = False
 
     def _leg_done(self, outcome: int) -> None:
@@ -320,6 +332,7 @@ class PdClient:
     ) -> AsyncIterator[list[Any]]:
         from smg.grpc.frontend import _batches
 
+        self.started = True
         info = self.p_entry.grpc
         labels = self.p_entry.spec.labels
         host = worker_address(self.p_entry.url).host
@@ -380,6 +393,7 @@ class PdClient:
     ) -> AsyncIterator[list[Any]]:
         from smg.grpc.frontend import _batches
 
+        self.started = True
         port = self.p_entry.spec.bootstrap_port or DEFAULT_BOOTSTRAP_PORT
         host = worker_address(self.p_entry.url).host
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
