@@ -103,9 +103,22 @@ def start_prefill(
     return _start("prefill", count, ["--bootstrap-port", str(bootstrap_port), *args], timeout)
 
 
-def start_decode(count: int = 1, *args: str, wait_s: float = 5.0, timeout: float = 15.0) -> PdMocks:
+# A streamed decode's head: "early" (at once, as SGLang: a failed KV transfer is then an
+# in-band error event after a 200) or "ready" (only once the prefill's room is ready).
+STREAM_HEAD = "early"
+
+
+def start_decode(
+    count: int = 1,
+    *args: str,
+    wait_s: float = 5.0,
+    stream_head: str | None = None,
+    timeout: float = 15.0,
+) -> PdMocks:
     """Decode workers; each request waits up to `wait_s` for its prefill's KV."""
-    return _start("decode", count, ["--pd-wait-s", str(wait_s), *args], timeout)
+    head = STREAM_HEAD if stream_head is None else stream_head
+    argv = ["--pd-wait-s", str(wait_s), "--pd-stream-head", head, *args]
+    return _start("decode", count, argv, timeout)
 
 
 def bootstrap_url(prefill: PdMocks, index: int = 0) -> str:

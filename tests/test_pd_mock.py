@@ -303,6 +303,15 @@ def test_streamed_decode_without_its_prefill_ends_with_an_error_event(pair: Any)
     assert error["message"].startswith("KV transfer failed: bootstrap_room 3002 not ready")
 
 
+def test_streamed_decode_head_after_the_room_fails_with_a_status() -> None:
+    # --pd-stream-head ready: the head waits for the room, so a failure is a plain 500.
+    with pdutil.start_decode(1, wait_s=0.3, stream_head="ready") as decode:
+        body = pdutil.pd_body({**CHAT, "stream": True}, 3003, free_port())
+        status, data = mockutil.request_json("POST", decode.url + "/v1/chat/completions", body)
+    assert status == 500
+    assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room 3003")
+
+
 def test_decode_waits_for_a_slow_prefill(pair: Any, clean: None) -> None:
     prefill, decode = pair
     pdutil.set_faults(prefill.url, ttft_ms=400)
@@ -484,3 +493,20 @@ def test_decode_survives_a_restarted_prefill_on_the_same_bootstrap_port() -> Non
                 assert (ps, ds) == (200, 200), db
                 assert took < 1.5  # no wait-out on the stale connection
         assert pdutil.kv_failures(decode.url) == 0
+
+
+def test_each_prefill_worker_has_its_own_bootstrap_port_and_rooms() -> None:
+    with pdutil.start_prefill(2, bootstrap_port=0) as prefill:
+        assert len(set(prefill.bootstrap_ports)) == 2
+        body = pdutil.pd_body(CHAT, 9001, prefill.bootstrap_ports[1])
+        status, _ = mockutil.request_json("POST", prefill.urls[1] + "/v1/chat/completions", body)
+        assert status == 200
+        assert (pdutil.room_states(prefill, 0), pdutil.room_states(prefill, 1)) == (
+            {},
+            {9001: READY},
+        )
+    assert prefill.prefill_args()[:3] == [
+        "--prefill",
+        prefill.urls[0],
+        str(prefill.bootstrap_ports[0]),
+    ]

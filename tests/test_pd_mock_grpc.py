@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def test_grpc_sglang_pair(llama_dir: Path) -> None:
 
     with (
         pdutil.start_grpc_prefill(llama_dir, "sglang") as prefill,
-        pdutil.start_grpc_decode(llama_dir, "sglang", wait_s=0.5) as decode,
+        pdutil.start_grpc_decode(llama_dir, "sglang", wait_s=2.0) as decode,
     ):
         req = _sglang_req(77, prefill.bootstrap_port)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -178,6 +179,22 @@ def test_grpc_sglang_pair(llama_dir: Path) -> None:
         assert e.value.code() == grpc.StatusCode.INTERNAL
         assert "KV transfer failed: bootstrap_room 78 not ready" in (e.value.details() or "")
         assert decode.pd_stats()["kv_failures"] == 1
+        # The mock's faults hold in a PD role: a failing prefill fails its room, and the
+        # decode waiting on it fails at once rather than after its 2 s.
+        prefill.config(fail_next=1, fail_code="UNAVAILABLE")
+        req = _sglang_req(79, prefill.bootstrap_port)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            fut = pool.submit(_generate, _target(decode), "sglang", req)
+            with pytest.raises(grpc.RpcError) as e:
+                _generate(_target(prefill), "sglang", req)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as e:
+                fut.result()
+            took = time.monotonic() - t0
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "the prefill of bootstrap_room 79" in (e.value.details() or "")
+        assert took < 1.8
 
 
 def test_grpc_vllm_pair_relays_only_the_prefills_params(llama_dir: Path) -> None:

@@ -421,7 +421,7 @@ class Worker:
     ) -> None:
         # A stream's head goes out at once, as SGLang's StreamingResponse sends it: a
         # failure after that is an in-band error event, not a status.
-        head = plan.stream
+        head = plan.stream and self.opts.pd_stream_head == "early"
         if head:
             self._stream_head(conn, req)
         try:
