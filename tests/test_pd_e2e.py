@@ -308,3 +308,23 @@ def test_prefill_admission_queue_timeout_and_full_as_1_13() -> None:
         assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
         metrics = gateway.metrics()
         assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2
+
+
+def test_decode_answer_waits_for_the_prefill() -> None:
+    # A decode that answers at once (a plain mock: it ignores the bootstrap fields) and a
+    # prefill that answers after 400 ms: the decode's answer is held until the prefill's
+    # is in (1.13 reads the prefill's answer before relaying the decode's), then relayed.
+    with (
+        pdutil.start_prefill() as prefill,
+        mockutil.start_mock_workers(1) as plain,
+    ):
+        args = ["--pd-disaggregation", *prefill.prefill_args(), "--decode", plain.url]
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready()
+            pdutil.set_faults(prefill.url, ttft_ms=400)
+            with gateway.client(timeout=10.0) as client:
+                for stream in (False, True):
+                    answer = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+                    assert answer.status_code == 200, answer.text
+                    assert answer.elapsed.total_seconds() >= 0.4
+                    assert "The" in answer.text

@@ -575,8 +575,8 @@ class DecodeExchange(Exchange):
                     self._body(first)
                 else:
                     self._complete(first)
-                if self.state not in _LIVE:
-                    return
+                if self.state == _DONE or self.state == _BACKOFF:
+                    return  # answered by the gateway itself, or a new attempt is due
             self.flush()
         except Exception as exc:  # a request must never take the process down
             self.app.log_error("relaying a decode answer failed", exc)
@@ -693,7 +693,7 @@ class DecodeExchange(Exchange):
         super()._finish(status, error_code, outcome)
 
 
-_LIVE = frozenset({int(State.AWAITING_HEAD), int(State.RELAYING), int(State.STREAMING)})
+_DONE = int(State.DONE)
 
 
 def _step(state: int) -> tuple[int, int]:
