@@ -256,8 +256,9 @@ def test_sglang_chat_both_legs_meet(sglang: Any) -> None:
 
 
 def test_sglang_generate_and_a_completions_batch(sglang: Any) -> None:
-    """/generate, and /v1/completions with two prompts: each prompt its own pair of legs
-    and its own room (1.13 dispatches a batch's prompts as separate PD requests)."""
+    """/generate, /v1/completions with two prompts (each prompt its own pair of legs and
+    room: 1.13 dispatches a batch's prompts as separate PD requests), chat with n=2 (one
+    room; the engines use room + i per choice)."""
     prefill, decode, gateway = sglang
     before = len(prefill.pd_stats()["rooms"])
     with gateway.client() as client:
@@ -270,9 +271,13 @@ def test_sglang_generate_and_a_completions_batch(sglang: Any) -> None:
         answer = client.post("/v1/completions", json=batch)
         assert answer.status_code == 200, answer.text
         assert [c["index"] for c in answer.json()["choices"]] == [0, 1]
+        answer = client.post("/v1/chat/completions", json={**CHAT, "n": 2})  # room, room + 1
+        assert answer.status_code == 200, answer.text
+        assert [c["index"] for c in answer.json()["choices"]] == [0, 1]
     rooms = prefill.pd_stats()["rooms"][before:]
-    assert [r["state"] for r in rooms] == ["ready"] * 3
-    assert len({r["room"] for r in rooms}) == 3
+    assert [r["state"] for r in rooms] == ["ready"] * 5
+    assert len({r["room"] for r in rooms}) == 5
+    assert rooms[4]["room"] == rooms[3]["room"] + 1
     assert decode.pd_stats()["kv_failures"] == 0
 
 
