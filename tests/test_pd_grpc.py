@@ -138,7 +138,7 @@ def _sequential(p_entry: Any, returned: str = "") -> tuple[_FakeEngine, _FakeEng
 
     prefill, decode = _FakeEngine(returned), _FakeEngine()
     decode.backend = "vllm"  # type: ignore[attr-defined]
-    exchange = SimpleNamespace(app=SimpleNamespace(pd=None))
+    exchange = SimpleNamespace(app=SimpleNamespace(pd=None), pd=None)
     client = pd.PdClient(exchange, prefill, decode, p_entry)  # type: ignore[arg-type]
 
     async def run() -> list[Any]:
@@ -195,7 +195,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def grpc_pd(
-    llama_dir: Path, backend: str, wait_s: float = 3.0
+    llama_dir: Path, backend: str, *extra: str, wait_s: float = 3.0
 ) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
     with (
         pdutil.start_grpc_prefill(llama_dir, backend) as prefill,
@@ -203,7 +203,7 @@ def grpc_pd(
     ):
         args = [
             "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
-            "--decode", decode.url, "--model-path", str(llama_dir),
+            "--decode", decode.url, "--model-path", str(llama_dir), *extra,
         ]  # fmt: skip
         with running_gateway(args, processes=2) as gateway:
             gateway.wait_ready(timeout=30)
@@ -228,7 +228,9 @@ def sglang(llama_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMo
 
 @pytest.fixture(scope="module")
 def vllm(llama_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
-    with grpc_pd(llama_dir, "vllm") as trio:
+    # Retries off: the failure tests below see each leg's error once (the binary's
+    # answers they are compared with were taken with retries off as well).
+    with grpc_pd(llama_dir, "vllm", "--disable-retries") as trio:
         yield trio
 
 
@@ -281,6 +283,22 @@ def test_sglang_generate_and_a_completions_batch(sglang: Any) -> None:
     assert decode.pd_stats()["kv_failures"] == 0
 
 
+def test_sglang_unavailable_leg_retries_the_pair(sglang: Any) -> None:
+    """A prefill or decode answering UNAVAILABLE (503) before any output: the whole pair
+    is tried again (new room) and the client gets the answer, as the 1.13 binary does on
+    the same mocks (one prefill, one decode: the same pair again)."""
+    prefill, decode, gateway = sglang
+    for leg in (prefill, decode):
+        before = len(prefill.pd_stats()["rooms"])
+        leg.config(fail_next=1, fail_code="UNAVAILABLE")
+        with gateway.client() as client:
+            answer = client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 200, answer.text
+        rooms = prefill.pd_stats()["rooms"][before:]
+        assert len({r["room"] for r in rooms}) == 2  # two attempts, two rooms
+        assert rooms[-1]["state"] == "ready"
+
+
 def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
     prefill, decode, gateway = vllm
     with gateway.client() as client:
@@ -308,7 +326,11 @@ def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
 
 
 def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> None:
-    with grpc_pd(llama_dir, "sglang", wait_s=8.0) as (prefill, decode, gateway):
+    with grpc_pd(llama_dir, "sglang", "--disable-retries", wait_s=8.0) as (
+        prefill,
+        decode,
+        gateway,
+    ):
         prefill.config(ttft_ms=4000)  # a slow prefill, killed while it computes
         result: dict[str, Any] = {}
 
@@ -403,7 +425,7 @@ def test_vllm_prefill_failing_never_reaches_the_decode(vllm: Any) -> None:
 
 
 def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
-    with grpc_pd(llama_dir, "sglang") as (prefill, decode, gateway):
+    with grpc_pd(llama_dir, "sglang", "--disable-retries") as (prefill, decode, gateway):
         prefill.config(ttft_ms=4000)  # still computing when the decode dies
         result: dict[str, Any] = {}
 

@@ -898,7 +898,6 @@ class GrpcExchange:
         app = self.app
         return (
             app.retries_on
-            and self.pd is None  # PD: a failed leg ends the pair with its error (no retry)
             and not self.head_sent
             and error.before_first_token
             and retryable(status)

@@ -12,7 +12,9 @@ to them through a `PdClient`, which looks like one engine client to the exchange
   none), bootstrap_room: random in [0, i32::MAX) (the proto field is int32)}; the decode's
   stream is the answer. A prefill failing before the decode's first output aborts the
   decode (Abort RPC + stream cancelled) and the client gets the prefill's error; a decode
-  failing aborts the prefill.
+  failing aborts the prefill. A retryable failure before any output retries the whole
+  pair (1.13: the binary answers 200 after one prefill or decode UNAVAILABLE), preferring
+  rows no earlier attempt failed on.
 - vLLM (1.13 `execute_sequential_pd`): the prefill first, sanitized (max_tokens 1,
   min_tokens 0, n 1, no stops, ignore_eos, stream false) and tagged by connector: NIXL
   `{"do_remote_decode":true,"do_remote_prefill":false}`, Mooncake (with the engine id
@@ -212,6 +214,7 @@ class PdPlan:
         self.exchange = exchange
         self.prefill: DirectoryEntry | None = None
         self.clients: list[PdClient] = []
+        self.failed: list[int] = []  # prefill rows a retried attempt's prefill leg failed on
 
     def ended(self, _task: object) -> None:
         """The exchange's task ended: a prefill chosen (and counted in flight) whose leg
@@ -234,11 +237,12 @@ class PdPlan:
         if router.routing_generation != state.routing_generation:
             router._rebuild(state)
         grpc_rows = ex.front.pd_rows
-        failed = ex.failed_rows or ()
-        prefill_rows = [r for r in router._rows("prefill", route.model) if r in grpc_rows]
-        decode_rows = [
-            r for r in router._rows("decode", route.model) if r in grpc_rows and r not in failed
-        ]
+        prefill_rows = _prefer(
+            [r for r in router._rows("prefill", route.model) if r in grpc_rows], self.failed
+        )
+        decode_rows = _prefer(
+            [r for r in router._rows("decode", route.model) if r in grpc_rows], ex.failed_rows
+        )
         refusal = router._no_pair(prefill_rows, decode_rows)
         if refusal is not None:
             raise _Refused(503, "server_selection_failed", refusal, b"")
@@ -307,6 +311,9 @@ class PdClient:
         if not self._leg_open:
             return
         self._leg_open = False
+        plan = self.exchange.pd
+        if outcome != 200 and outcome != CLIENT_LEFT and plan is not None:
+            plan.failed.append(self.p_entry.row)
         app = self.exchange.app
         router = app.pd
         if router is not None:
@@ -477,6 +484,15 @@ class PdClient:
             with contextlib.suppress(Exception):
                 await outputs.aclose()  # type: ignore[attr-defined]
         self._leg_done(200)
+
+
+def _prefer(rows: list[int], failed: list[int] | None) -> list[int]:
+    """A retry's rows: those no earlier attempt failed on, else all of them (1.13 runs the
+    whole pipeline again and may pick the same pair: with one prefill and one decode, a
+    503 retried succeeds on the binary)."""
+    if not failed:
+        return rows
+    return [row for row in rows if row not in failed] or rows
 
 
 def _status(error: EngineError) -> int:
