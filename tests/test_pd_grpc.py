@@ -195,11 +195,11 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextlib.contextmanager
 def grpc_pd(
-    llama_dir: Path, backend: str, *extra: str, wait_s: float = 3.0
+    llama_dir: Path, backend: str, *extra: str, wait_s: float = 3.0, mocks: tuple[str, ...] = ()
 ) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
     with (
-        pdutil.start_grpc_prefill(llama_dir, backend) as prefill,
-        pdutil.start_grpc_decode(llama_dir, backend, wait_s=wait_s) as decode,
+        pdutil.start_grpc_prefill(llama_dir, backend, *mocks) as prefill,
+        pdutil.start_grpc_decode(llama_dir, backend, *mocks, wait_s=wait_s) as decode,
     ):
         args = [
             "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
@@ -531,10 +531,34 @@ def test_sglang_cache_aware_prefill_keeps_a_prompt_on_one_prefill(llama_dir: Pat
     assert counts == [0, 3]
 
 
-def test_vllm_mooncake_prefill_gets_minted_params(llama_dir: Path) -> None:
-    """A prefill labelled kv_connector MooncakeConnector + kv_engine_id (labels first, as
-    1.13's create_worker.rs): the prefill is tagged with a minted transfer id; the NIXL
-    mock decode refuses the synthesized params it then gets (400, one clean error)."""
+def test_vllm_mooncake_pair_meets(llama_dir: Path) -> None:
+    """vLLM with MooncakeConnector (the mocks' --kv-connector mooncake: GetServerInfo
+    reports it and kv_engine_id; the decode checks the synthesized params against the
+    prefill's bootstrap server): the prefill is tagged with a minted transfer id, the
+    decode gets {transfer_id, remote_engine_id, remote_bootstrap_addr} and answers."""
+    mooncake = ("--kv-connector", "mooncake")
+    with grpc_pd(llama_dir, "vllm", wait_s=3.0, mocks=mooncake) as (prefill, decode, gateway):
+        with gateway.client() as client:
+            answer = client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200, answer.text
+            with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+                assert s.status_code == 200
+                _content_text, events = _content(s.read().decode())
+        assert events[-1] == "[DONE]"
+        tagged = json.loads(prefill.stats()["last_generate_request"]["kv_transfer_params_json"])
+        assert tagged["transfer_id"].startswith("xfer-")
+        assert set(tagged) == {"do_remote_decode", "do_remote_prefill", "transfer_id"}
+        sent = json.loads(decode.stats()["last_generate_request"]["kv_transfer_params_json"])
+        assert sent["transfer_id"] == tagged["transfer_id"]
+        assert sent["remote_bootstrap_addr"] == f"http://127.0.0.1:{prefill.bootstrap_port}"
+        assert sent["do_remote_prefill"] is True and sent["remote_engine_id"]
+        assert decode.pd_stats()["kv_failures"] == 0
+
+
+def test_vllm_mooncake_labels_come_first(llama_dir: Path) -> None:
+    """A prefill whose kv_connector/kv_engine_id labels say Mooncake (labels first, as
+    1.13's create_worker.rs) while the engine reports NIXL: tagged with a minted transfer
+    id; the NIXL mock decode refuses what it then gets (400, one clean error)."""
     with (
         pdutil.start_grpc_prefill(llama_dir, "vllm") as prefill,
         pdutil.start_grpc_decode(llama_dir, "vllm") as decode,
@@ -555,14 +579,7 @@ def test_vllm_mooncake_prefill_gets_minted_params(llama_dir: Path) -> None:
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["code"] == "decode_worker_failed_to_start"
         tagged = json.loads(prefill.stats()["last_generate_request"]["kv_transfer_params_json"])
-        assert tagged["transfer_id"].startswith("xfer-")
-        assert tagged == {
-            "do_remote_decode": True,
-            "do_remote_prefill": False,
-            "transfer_id": tagged["transfer_id"],
-        }
-        # (the refused decode records no request: what it got is checked with fakes in
-        # test_sequential_sends_mooncakes_synthesized_params_to_the_decode)
+        assert set(tagged) == {"do_remote_decode", "do_remote_prefill", "transfer_id"}
 
 
 def test_in_flight_counts_settle_to_zero(sglang: Any, vllm: Any) -> None:
