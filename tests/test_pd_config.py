@@ -307,11 +307,14 @@ def test_regular_mode_registers_a_prefill_worker_but_never_routes_to_it() -> Non
             assert mockutil.stats(prefill)["inference_answered"] == 0
             # Readiness outside PD mode counts the regular worker only.
             assert _readiness(gw) == (200, {"status": "ready", "ready_workers": 1})
-            # Over gRPC, PD workers are not served yet: refused at registration.
+            # Over gRPC, PD workers register too (served in PD mode: smg.grpc.pd).
             grpc = {"url": "grpc://127.0.0.1:9", "worker_type": "decode"}
             answer = gw.admin("POST", "/workers", json=grpc)
-            assert answer.status_code == 400
-            assert "over gRPC is not implemented yet" in answer.json()["error"]["message"]
+            assert answer.status_code == 202, answer.text
+            with gw.client() as client:  # the plain path still serves the regular worker
+                answer = client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+                assert answer.status_code == 200, answer.text
+            assert mockutil.stats(regular)["inference_answered"] == 9
 
 
 def test_pd_policies_that_read_loads_keep_the_load_polls_on() -> None:

@@ -134,14 +134,11 @@ def test_prefill_and_decode_are_accepted_over_http_only() -> None:
     assert unsupported_reason(_spec("http://127.0.0.1:9001")) is None
     assert unsupported_reason(_spec("grpc://127.0.0.1:9001")) is None  # issue 10
     assert unsupported_reason(_spec("grpcs://127.0.0.1:9001")) is None
-    # Issue 17: PD workers over HTTP register (in any mode, as 1.13); over gRPC not yet.
+    # Issue 17: PD workers register over HTTP and gRPC (in any mode, as 1.13).
     prefill = _spec("http://127.0.0.1:9001", worker_type="prefill", bootstrap_port=9100)
     assert unsupported_reason(prefill) is None
     assert unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="decode")) is None
-    assert unsupported_reason(_spec("grpc://127.0.0.1:9001", worker_type="decode")) == (
-        "worker_type 'decode' over gRPC: prefill/decode disaggregation over gRPC is not "
-        "implemented yet (use an http:// URL)"
-    )
+    assert unsupported_reason(_spec("grpc://127.0.0.1:9001", worker_type="decode")) is None
     assert unsupported_reason(_spec("http://127.0.0.1:9001", worker_type="encode")) == (
         "worker_type 'encode' needs EPD disaggregation, which smg does not support"
     )

@@ -56,14 +56,9 @@ def unsupported_reason(spec: WorkerSpec) -> str | None:
 
     Prefill and decode workers are accepted in any mode, as 1.13 accepts them (its regular
     router routes to regular workers only, and so does smg's data plane); only PD mode
-    routes to them, over HTTP."""
+    routes to them, over HTTP (smg.dataplane.pd) or gRPC (smg.grpc.pd)."""
     if spec.worker_type == "encode":
         return "worker_type 'encode' needs EPD disaggregation, which smg does not support"
-    if spec.worker_type != "regular" and spec.connection_mode == "grpc":
-        return (
-            f"worker_type {spec.worker_type!r} over gRPC: prefill/decode disaggregation "
-            "over gRPC is not implemented yet (use an http:// URL)"
-        )
     return None
 
 

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from smg.config import GatewayConfig
+    from smg.dataplane.pd import PDRouter
     from smg.dataplane.server import ClientConnection, Request
     from smg.dataplane.tracing import Tracer
     from smg.grpc.frontend import GrpcFront
@@ -301,6 +302,7 @@ class DataPlane:
     needs_text = False
     grpc: GrpcFront | None = None
     external: External | None = None
+    pd: PDRouter | None = None
     igw = False
 
     def __init__(
@@ -406,6 +408,13 @@ class DataPlane:
         # --enable-igw: many models, each through its workers' kind (HTTP, gRPC, external).
         # Routing is per model either way; IGW adds only the /generate model requirement.
         self.igw = cfg.enable_igw
+        # --pd-disaggregation: the prefill/decode router (smg.dataplane.pd); None keeps the
+        # plain path at one attribute check. Its decode side routes with self.policy.
+        self.pd: PDRouter | None = None
+        if getattr(cfg, "pd_disaggregation", False):
+            from smg.dataplane.pd import make_router
+
+            self.pd = make_router(self, cfg)
         # The history store of the Conversations API, opened on its first request, and the
         # tenant each serving key stands for (smg.dataplane.conversations).
         self.history_store: HistoryStore | None = None
@@ -945,6 +954,9 @@ class DataPlane:
         tracer = self.tracer
         if tracer is not None:
             request.trace = tracer.begin(request, request.path)
+        if self.pd is not None and body_routing:
+            self.pd.proxy(conn, request, started)
+            return
         if self.igw and request.path == "/generate" and generate_lacks_model(request.body):
             # Before any worker kind is picked: without a model there is no router to pick.
             self._send_error(conn, request, 400, "missing_model", MISSING_MODEL_MESSAGE)
@@ -1956,6 +1968,8 @@ class DataPlane:
             families += self.admission.families(self.index)
         if self.wasm_chain is not None:
             families += self.wasm_chain.families(self.index)
+        if self.pd is not None:
+            families += self.pd.families(self.index)
         return families
 
     async def on_ipc(self, message: Any) -> Any:

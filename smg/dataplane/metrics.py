@@ -108,6 +108,9 @@ class DataPlaneMetrics:
         self.loop_lag = Histogram(LAG_BUCKETS)
         self.accept_to_head = Histogram(FAST_BUCKETS)
         self.pools: dict[str, PoolStats] = {}  # worker URL -> its pool's numbers
+        # smg_router_requests_total's and smg_router_ttft_seconds' backend_type: "pd" in
+        # prefill/decode mode (smg.dataplane.pd), as 1.13 labels its PD router's requests.
+        self.backend_type = "regular"
 
     def pool(self, worker: str) -> PoolStats:
         """The pool numbers of `worker` (a URL), made on first use."""
@@ -184,7 +187,7 @@ class DataPlaneMetrics:
                 [
                     proc,
                     ("router_type", mode),
-                    ("backend_type", "regular"),
+                    ("backend_type", self.backend_type),
                     ("connection_mode", mode),
                     ("model", model),
                     ("endpoint", endpoint),
@@ -199,7 +202,7 @@ class DataPlaneMetrics:
             labels = [
                 proc,
                 ("router_type", mode),
-                ("backend_type", "regular"),
+                ("backend_type", self.backend_type),
                 ("model", model),
                 ("endpoint", endpoint),
             ]

@@ -254,7 +254,8 @@ class GrpcFront:
 
             offload = Offload.from_config(app.cfg)
         self.offload = offload
-        self.rows: frozenset[int] = frozenset()  # the gRPC workers' rows
+        self.rows: frozenset[int] = frozenset()  # the regular gRPC workers' rows
+        self.pd_rows: frozenset[int] = frozenset()  # the gRPC prefill/decode workers' rows
 
     @property
     def stages(self) -> Any:
@@ -264,14 +265,16 @@ class GrpcFront:
         return self._stages
 
     def on_directory(self, entries: dict[int, DirectoryEntry]) -> None:
-        self.rows = frozenset(row for row, entry in entries.items() if is_grpc_entry(entry))
+        grpc = [entry for entry in entries.values() if is_grpc_entry(entry)]
+        # The plain path serves regular workers only; PD mode's pairs are smg.grpc.pd's.
+        self.rows = frozenset(e.row for e in grpc if e.spec.worker_type == "regular")
+        self.pd_rows = frozenset(e.row for e in grpc if e.spec.worker_type != "regular")
         self.workers.on_directory(entries)
         # Start loading the tokenizers now, off the loop, so the first request does not wait.
-        for entry in entries.values():
-            if entry.row in self.rows:
-                with contextlib.suppress(NoTokenizer):
-                    self.workers.tokenizer_source(entry)  # none yet: no load, no warning
-                    self.app.spawn(_quiet(self.workers.tokenizer(entry)))
+        for entry in grpc:
+            with contextlib.suppress(NoTokenizer):
+                self.workers.tokenizer_source(entry)  # none yet: no load, no warning
+                self.app.spawn(_quiet(self.workers.tokenizer(entry)))
 
     async def close(self) -> None:
         """Shutdown: the engine channels and the offload pool."""
@@ -691,6 +694,7 @@ class GrpcExchange:
         # translation; `anthropic`: errors and keep-alives in Anthropic's shape.
         self.translation: Translation | None = None
         self.anthropic = False
+        self.pd: Any = None  # PD mode over gRPC: the attempts' worker pairs (smg.grpc.pd)
 
     # --- what the connection and the sweeper call ----------------------------------------
 
@@ -829,7 +833,7 @@ class GrpcExchange:
 
         app = self.app
         route = RouteRequest(model=self.route_model, stream=self.stream, prompt_tokens=len(ids))
-        if app.needs_text:
+        if app.needs_text or self.pd is not None:  # PD: the prefill policy may read them
             route.token_ids = array("I", ids).tobytes()
         if app.key_names is not None:
             header = self.request.header
@@ -847,6 +851,8 @@ class GrpcExchange:
     def _next_worker(self) -> DirectoryEntry:
         """Choose a worker for the next attempt and account it (in-flight count, policy
         dispatch), or raise _Refused."""
+        if self.pd is not None:
+            return self.pd.choose()  # type: ignore[no-any-return]
         app = self.app
         route = self.route
         assert route is not None
@@ -869,6 +875,10 @@ class GrpcExchange:
         if self.trace is not None:
             self.trace.begin_attempt(entry.url)
         return entry
+
+    def _client(self, entry: DirectoryEntry) -> Any:
+        workers = self.front.workers
+        return workers.client(entry) if self.pd is None else self.pd.client(workers, entry)
 
     async def _retry_after(self, outcome: int) -> None:
         """End the failed attempt (accounted with `outcome`) and wait out the backoff."""
@@ -922,7 +932,7 @@ class GrpcExchange:
         self.ttft_pending = prepared.stream
         while True:
             entry = self._next_worker()
-            client = self.front.workers.client(entry)
+            client = self._client(entry)
             plan = stages.parsers(prepared, entry, template, request_model)
             run = _Run(stages, prepared, tokenizer, len(ids), plan)
             writer = None
@@ -1002,6 +1012,9 @@ class GrpcExchange:
         self.dispatched = None
         status, code = self.front.stages.failure(error, self.head_sent)
         outcome = 0 if error.code in _TRANSPORT_CODES else status
+        pd_answer = getattr(error, "pd_answer", None)  # a PD leg's (smg.grpc.pd.LegError)
+        if pd_answer is not None and not self.head_sent:
+            status, code, outcome = pd_answer
         if self._can_retry(error, status):
             await self._retry_after(outcome)
             return True
@@ -1047,7 +1060,7 @@ class GrpcExchange:
         self.ttft_pending = stream
         while True:
             entry = self._next_worker()
-            client = self.front.workers.client(entry)
+            client = self._client(entry)
             runs = [
                 _Run(stages, part, tokenizer, len(ids), None)
                 for part, (ids, _text) in zip(parts, prompts, strict=True)
@@ -1186,7 +1199,7 @@ class GrpcExchange:
         model = body.get("model") or (entry.models[0] if entry and entry.models else "")
         while True:
             entry = self._next_worker()
-            client = self.front.workers.client(entry)
+            client = self._client(entry)
             self.dispatched = client
             timeout = max(0.001, self.deadline - time.monotonic())
             try:

@@ -199,14 +199,17 @@ def build_generate_request(backend: str, req: GenerateInput) -> Any:
     ValueError for an unknown backend or constraint kind."""
     _check_backend(backend)
     if backend == "vllm":
-        return vll.GenerateRequest(
+        vreq = vll.GenerateRequest(
             request_id=req.request_id,
             tokenized=vll.TokenizedInput(original_text=req.text, input_ids=req.input_ids),
             sampling_params=_vllm_sampling(req),
             stream=req.stream,
         )
+        if req.kv_transfer_params_json is not None:
+            vreq.kv_transfer_params_json = req.kv_transfer_params_json
+        return vreq
     logprobs = req.sampling.logprobs
-    return sgl.GenerateRequest(
+    sreq = sgl.GenerateRequest(
         request_id=req.request_id,
         tokenized=sgl.TokenizedInput(original_text=req.text, input_ids=req.input_ids),
         sampling_params=_sglang_sampling(req),
@@ -215,6 +218,12 @@ def build_generate_request(backend: str, req: GenerateInput) -> Any:
         logprob_start_len=-1,  # no prompt logprobs
         stream=req.stream,
     )
+    if req.disaggregated is not None:
+        host, port, room = req.disaggregated
+        sreq.disaggregated_params.CopyFrom(
+            sgl.DisaggregatedParams(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room)
+        )
+    return sreq
 
 
 def build_abort_request(backend: str, request_ids: list[str]) -> Any:
@@ -282,6 +291,8 @@ def output_from(backend: str, response: Any) -> EngineOutput:
             True,
             c.finish_reason or "stop",
             matched,
+            # vLLM PD: what a prefill hands its decode (smg.grpc.pd); SGLang has no field.
+            getattr(c, "kv_transfer_params_json", ""),
         )
     if backend not in BACKENDS:
         _check_backend(backend)
@@ -490,6 +501,8 @@ def model_info_from(backend: str, model_info: Any, server_info: Any | None) -> G
         pad_token_id=m.pad_token_id,
         is_generation=m.is_generation,
         default_sampling_params_json=defaults,
+        kv_connector=getattr(server_info, "kv_connector", "") if server_info else "",
+        kv_engine_id=getattr(server_info, "kv_engine_id", "") if server_info else "",
     )
 
 

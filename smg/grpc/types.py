@@ -68,6 +68,10 @@ class GenerateInput:
     sampling: SamplingParams
     stream: bool = True
     text: str = ""  # the rendered prompt, sent as TokenizedInput.original_text (debugging)
+    # PD over gRPC (smg.grpc.pd): SGLang's DisaggregatedParams (host, port, room); vLLM's
+    # kv_transfer_params_json. None: a plain request.
+    disaggregated: tuple[str, int, int] | None = None
+    kv_transfer_params_json: str | None = None
 
 
 @dataclass(slots=True)
@@ -95,6 +99,7 @@ class EngineOutput:
     finished: bool = False
     finish_reason: str | None = None  # the engine's words: "stop", "length", "abort", ...
     matched_stop: int | str | None = None  # the stop token id or stop string that matched
+    kv_transfer_params_json: str = ""  # a vLLM PD prefill's GenerateComplete (smg.grpc.pd)
 
 
 class EngineError(Exception):
@@ -128,3 +133,6 @@ class GrpcModelInfo(msgspec.Struct, array_like=True, frozen=True):
     # checked against its sha256, cached on disk); "" when the gateway has its own
     # (--tokenizer-path / --model-path) or none was fetched.
     tokenizer_dir: str = ""
+    # vLLM's kv_transfer_config as GetServerInfo reports it (PD over gRPC: smg.grpc.pd).
+    kv_connector: str = ""
+    kv_engine_id: str = ""

@@ -1,0 +1,508 @@
+"""Prefill/decode disaggregation over gRPC workers (issue 17), smg being the full server.
+
+In PD mode `PDRouter.proxy` (smg.dataplane.pd) hands a request whose PD fleet is gRPC to
+`handle`: a `GrpcExchange` (smg.grpc.frontend) runs it as any gRPC request (template,
+tokenizer, parsers, writers), except that its attempt picks a prefill AND a decode worker
+(`PdPlan.choose`: --prefill-policy / --decode-policy, PH's ready rows and gate) and talks
+to them through a `PdClient`, which looks like one engine client to the exchange:
+
+- SGLang (1.13 `execute_parallel_pd` + helpers.rs `inject_sglang_bootstrap_metadata`):
+  the same GenerateRequest goes to both legs at once with `disaggregated_params`
+  {bootstrap_host: the prefill's host, bootstrap_port: its bootstrap port (8998 when
+  none), bootstrap_room: random in [0, i32::MAX) (the proto field is int32)}; the decode's
+  stream is the answer. A prefill failing before the decode's first output aborts the
+  decode (Abort RPC + stream cancelled) and the client gets the prefill's error; a decode
+  failing aborts the prefill. A retryable failure before any output retries the whole
+  pair (1.13: the binary answers 200 after one prefill or decode UNAVAILABLE), preferring
+  rows no earlier attempt failed on.
+- vLLM (1.13 `execute_sequential_pd`): the prefill first, sanitized (max_tokens 1,
+  min_tokens 0, n 1, no stops, ignore_eos, stream false) and tagged by connector: NIXL
+  `{"do_remote_decode":true,"do_remote_prefill":false}`, Mooncake (with the engine id
+  known) `{..., "transfer_id": "xfer-<uuid>"}`; then the decode with the params it needs:
+  NIXL (and an unknown connector) the prefill's `kv_transfer_params_json` relayed as is,
+  Mooncake {do_remote_prefill, transfer_id, remote_engine_id, remote_bootstrap_addr}.
+  With n > 1 nothing is relayed (1.13: the KV handoff is single-consumer). Same
+  request_id on both legs (1.13: load-bearing for NIXL on vLLM < 0.13).
+
+Errors are 1.13's (LegError: tried on the binary with the same mocks): the gRPC code's
+status, `prefill_worker_failed_to_start` / `decode_worker_failed_to_start`, "Prefill worker failed
+to start: <engine message>"; a stream already started fails as the single-worker path.
+
+Pure parts (rooms, connector mode, params, the prefill request) are functions tested
+directly (tests/test_pd_grpc.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from smg.dataplane.gate import CLIENT_LEFT
+from smg.grpc.types import EngineError, GenerateInput
+from smg.worker_url import worker_address
+
+if TYPE_CHECKING:
+    from smg.dataplane.server import ClientConnection, Request
+    from smg.grpc.frontend import GrpcExchange, GrpcFront
+    from smg.shm.directory import DirectoryEntry
+
+log = logging.getLogger("smg.grpc.pd")
+
+ROOM_LIMIT = 2**31 - 1  # 1.13: rand::rng().random_range(0..i32::MAX) (int32 proto field)
+DEFAULT_BOOTSTRAP_PORT = 8998  # 1.13's DEFAULT_BOOTSTRAP_PORT, SGLang's default
+NIXL = "NixlConnector"
+MOONCAKE = "MooncakeConnector"
+NIXL_PREFILL_PARAMS = '{"do_remote_decode":true,"do_remote_prefill":false}'  # 1.13's bytes
+PREFILL_DRAIN_S = 1.0  # after the decode's end, how long a still-open prefill may finish
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def new_room(rng: random.Random | None = None) -> int:
+    """A bootstrap room for SGLang's int32 DisaggregatedParams.bootstrap_room: uniform in
+    [0, 2**31 - 1), as 1.13 (the HTTP path's rooms, smg.dataplane.pd.new_rooms, are 63-bit
+    and would not fit the proto field)."""
+    return (rng or _RNG).randrange(ROOM_LIMIT)
+
+
+_RNG = random.SystemRandom()
+
+
+@dataclasses.dataclass(frozen=True)
+class KvMode:
+    """1.13's KvConnectorMode from the prefill worker's metadata: "mooncake" (with
+    bootstrap host/port and the engine id, None when unknown), "nixl" or "passthrough"."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    engine_id: str | None = None
+
+
+def kv_mode(connector: str, host: str, port: int | None, engine_id: str) -> KvMode:
+    if connector == MOONCAKE:
+        return KvMode("mooncake", host, port or DEFAULT_BOOTSTRAP_PORT, engine_id or None)
+    if connector == NIXL:
+        return KvMode("nixl")
+    return KvMode("passthrough")
+
+
+def mooncake_prefill_params(transfer_id: str) -> str:
+    return json.dumps(
+        {"do_remote_decode": True, "do_remote_prefill": False, "transfer_id": transfer_id},
+        separators=(",", ":"),
+    )
+
+
+def mooncake_decode_params(transfer_id: str, engine_id: str, host: str, port: int) -> str:
+    return json.dumps(
+        {
+            "do_remote_decode": False,
+            "do_remote_prefill": True,
+            "transfer_id": transfer_id,
+            "remote_engine_id": engine_id,
+            "remote_bootstrap_addr": f"http://{host}:{port}",
+        },
+        separators=(",", ":"),
+    )
+
+
+def transfer_id_for(mode: KvMode, n: int) -> str | None:
+    """Mooncake mints the transfer id (push-based: the engine returns nothing); only with
+    the engine id known and one choice."""
+    if mode.kind == "mooncake" and mode.engine_id is not None and n <= 1:
+        return f"xfer-{uuid.uuid4()}"
+    return None
+
+
+def vllm_prefill_input(req: GenerateInput, mode: KvMode, transfer_id: str | None) -> GenerateInput:
+    """The prefill leg's request: 1.13's sanitize_sampling_for_prefill(1), stream off, the
+    connector's tag."""
+    sampling = dataclasses.replace(
+        req.sampling, max_tokens=1, min_tokens=0, n=1, stop=[], stop_token_ids=[], ignore_eos=True
+    )
+    params = None
+    if transfer_id is not None:
+        params = mooncake_prefill_params(transfer_id)
+    elif mode.kind == "nixl" and req.sampling.n <= 1:
+        params = NIXL_PREFILL_PARAMS
+    return dataclasses.replace(req, sampling=sampling, stream=False, kv_transfer_params_json=params)
+
+
+def vllm_decode_params(
+    mode: KvMode, returned: str | None, transfer_id: str | None, n: int
+) -> str | None:
+    """What the decode leg carries: Mooncake's synthesized params, else (NIXL or unknown
+    connector, one choice) the prefill's returned params as is; None: nothing (1.13's
+    legacy Mooncake typed host/port field is not sent: the JSON field supersedes it)."""
+    if mode.kind == "mooncake" and transfer_id is not None and mode.engine_id is not None:
+        return mooncake_decode_params(transfer_id, mode.engine_id, mode.host, mode.port)
+    if mode.kind != "mooncake" and returned and n <= 1:
+        return returned
+    return None
+
+
+class LegError(EngineError):
+    """A PD leg's failure as 1.13 answers it (tried on the binary with the gRPC PD
+    mocks): the gRPC code's status (INTERNAL 500, INVALID_ARGUMENT 400, UNAVAILABLE 503,
+    RESOURCE_EXHAUSTED 429), code `prefill_worker_failed_to_start` / `decode_worker_failed_to_start`
+    (`prefill_stream_error` once the vLLM prefill's stream had started), message
+    "<Leg> worker failed to start: <engine message>". `pd_answer`: (status, code, the
+    decode row's gate outcome: a prefill's failure is not the decode's, CLIENT_LEFT)."""
+
+    def __init__(self, error: EngineError, leg: str) -> None:
+        started = not error.before_first_token
+        if leg == "prefill" and started:
+            code, words = "prefill_stream_error", "Prefill stream error"
+        else:
+            code, words = f"{leg}_worker_failed_to_start", f"{leg.title()} worker failed to start"
+        super().__init__(error.code, f"{words}: {error.message}", before_first_token=True)
+        outcome = CLIENT_LEFT if leg == "prefill" else _outcome(error)
+        self.pd_answer = (_status(error), code, outcome)
+
+
+def leg_error(error: EngineError, leg: str) -> EngineError:
+    """`error` of the `leg` ("prefill" / "decode") as 1.13 answers it (LegError); a
+    decode error after its first output stays as is (the stream's own error path)."""
+    if leg == "decode" and not error.before_first_token:
+        return error
+    return LegError(error, leg)
+
+
+# --- routing: PDRouter's rows, gRPC's exchange ----------------------------------------------
+
+
+def handle(
+    front: GrpcFront, conn: ClientConnection, request: Request, body: dict[str, Any], model: Any
+) -> bool:
+    """Take a PD request whose prefill/decode workers are gRPC (True); False leaves it to
+    the HTTP PD path. Called by PDRouter.proxy once the body parsed and the rows are fresh."""
+    from smg.grpc.frontend import GENERATE_KINDS, GrpcExchange
+
+    app = front.app
+    router = app.pd
+    kind = GENERATE_KINDS.get(request.path)
+    if router is None or kind is None:
+        return False
+    entries = app.state.entries
+    rows = [row for row in sorted(front.pd_rows) if row in entries]
+    if not rows:
+        return False
+    rows.sort(key=lambda row: entries[row].spec.worker_type != "decode")  # decode first
+    exchange = GrpcExchange(front, conn, request, kind, body, model, rows)
+    plan = exchange.pd = PdPlan(exchange)
+    conn.exchange = exchange  # type: ignore[assignment]
+    app.active.add(exchange)  # type: ignore[arg-type]
+    exchange.task = app.loop.create_task(exchange.run())
+    app.tasks.add(exchange.task)
+    exchange.task.add_done_callback(app.tasks.discard)
+    exchange.task.add_done_callback(plan.ended)
+    return True
+
+
+class PdPlan:
+    """One exchange's PD attempts: which prefill goes with its decode worker."""
+
+    def __init__(self, exchange: GrpcExchange) -> None:
+        self.exchange = exchange
+        self.prefill: DirectoryEntry | None = None
+        self.clients: list[PdClient] = []
+        self.failed: list[int] = []  # prefill rows a retried attempt's prefill leg failed on
+
+    def ended(self, _task: object) -> None:
+        """The exchange's task ended: a prefill chosen (and counted in flight) whose leg
+        never started (the attempt failed before its Generate) is released."""
+        for client in self.clients:
+            if not client.started:
+                client._leg_done(CLIENT_LEFT)
+
+    def choose(self) -> DirectoryEntry:
+        """A prefill and a decode row for the next attempt; the decode is the exchange's
+        attempt (its accounting as _next_worker's), the prefill a leg of its own."""
+        from smg.grpc.frontend import _Refused
+
+        ex = self.exchange
+        app = ex.app
+        router = app.pd
+        assert router is not None and ex.route is not None
+        route = ex.route
+        state = app.refresh()
+        if router.routing_generation != state.routing_generation:
+            router._rebuild(state)
+        grpc_rows = ex.front.pd_rows
+        prefill_rows = _prefer(
+            [r for r in router._rows("prefill", route.model) if r in grpc_rows], self.failed
+        )
+        decode_rows = _prefer(
+            [r for r in router._rows("decode", route.model) if r in grpc_rows], ex.failed_rows
+        )
+        refusal = router._no_pair(prefill_rows, decode_rows)
+        if refusal is not None:
+            raise _Refused(503, "server_selection_failed", refusal, b"")
+        prefill = router._choose(router.prefill_policy, prefill_rows, route)
+        if prefill < 0:
+            raise _Refused(
+                503,
+                "server_selection_failed",
+                "No available servers: No available prefill workers "
+                "(all circuits open or unhealthy)",
+                b"",
+            )
+        p_entry = state.entries[prefill]
+        decode = router._choose(app.policy, decode_rows, route)
+        if decode < 0:
+            app.gate.record(prefill, p_entry.generation, CLIENT_LEFT)  # the claim, unused
+            raise _Refused(
+                503,
+                "server_selection_failed",
+                "No available servers: No available decode workers "
+                "(all circuits open or unhealthy)",
+                b"",
+            )
+        entry = state.entries[decode]
+        ex.row = decode
+        ex.generation = entry.generation
+        ex.attempts += 1
+        ex.attempting = True
+        app._in_flight_add(decode, entry.generation)
+        app.policy.on_dispatch(decode)
+        app._in_flight_add(prefill, p_entry.generation)
+        router.prefill_policy.on_dispatch(prefill)
+        router.dispatched += 1
+        self.prefill = p_entry
+        if ex.trace is not None:
+            ex.trace.begin_attempt(entry.url)
+        return entry
+
+    def client(self, workers: Any, decode: DirectoryEntry) -> PdClient:
+        p_entry = self.prefill
+        assert p_entry is not None
+        self.prefill = None
+        client = PdClient(self.exchange, workers.client(p_entry), workers.client(decode), p_entry)
+        self.clients.append(client)
+        return client
+
+
+class PdClient:
+    """The engine client the exchange sees for one PD attempt: `generate_batches` runs
+    both legs (SGLang: at once; vLLM: one after the other) and yields the decode's
+    outputs; `abort` aborts both engines."""
+
+    def __init__(
+        self, exchange: GrpcExchange, prefill: Any, decode: Any, p_entry: DirectoryEntry
+    ) -> None:
+        self.exchange = exchange
+        self.prefill = prefill
+        self.decode = decode
+        self.p_entry = p_entry
+        self.backend: str = decode.backend
+        self._leg_open = True  # the prefill leg's accounting is still to be done
+        self.started = False  # generate_batches ran (its legs account themselves)
+        self._prefill_running = False
+
+    def _leg_done(self, outcome: int) -> None:
+        if not self._leg_open:
+            return
+        self._leg_open = False
+        plan = self.exchange.pd
+        if outcome != 200 and outcome != CLIENT_LEFT and plan is not None:
+            plan.failed.append(self.p_entry.row)
+        app = self.exchange.app
+        router = app.pd
+        if router is not None:
+            router.leg_done(self.p_entry.row, self.p_entry.generation, outcome, dispatched=True)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        calls = [self.decode.abort(request_ids)]
+        if self._prefill_running:
+            calls.append(self.prefill.abort(request_ids))
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    def generate_batches(
+        self, req: GenerateInput, *, timeout: float | None
+    ) -> AsyncIterator[list[Any]]:
+        if self.backend == "vllm":
+            return self._sequential(req, timeout)
+        return self._parallel(req, timeout)
+
+    # --- vLLM: prefill, then decode --------------------------------------------------------
+
+    async def _sequential(
+        self, req: GenerateInput, timeout: float | None
+    ) -> AsyncIterator[list[Any]]:
+        from smg.grpc.frontend import _batches
+
+        self.started = True
+        info = self.p_entry.grpc
+        labels = self.p_entry.spec.labels
+        host = worker_address(self.p_entry.url).host
+        # 1.13 (create_worker.rs): the worker's kv_connector / kv_engine_id labels take
+        # precedence over what GetServerInfo discovered.
+        mode = kv_mode(
+            labels.get("kv_connector") or (info.kv_connector if info else ""),
+            host,
+            self.p_entry.spec.bootstrap_port,
+            labels.get("kv_engine_id") or (info.kv_engine_id if info else ""),
+        )
+        n = req.sampling.n
+        transfer_id = transfer_id_for(mode, n)
+        returned: str | None = None
+        self._prefill_running = True
+        try:
+            outputs = _batches(self.prefill, vllm_prefill_input(req, mode, transfer_id), timeout)
+            try:
+                async for outs in outputs:
+                    for out in outs:
+                        if out.kv_transfer_params_json:
+                            returned = out.kv_transfer_params_json
+            finally:
+                with contextlib.suppress(Exception):
+                    await outputs.aclose()  # type: ignore[attr-defined]
+        except EngineError as error:
+            self._leg_done(_outcome(error))
+            raise leg_error(error, "prefill") from None
+        except BaseException:
+            self._leg_done(CLIENT_LEFT)
+            raise
+        finally:
+            self._prefill_running = False
+        self._leg_done(200)
+        if mode.kind == "nixl" and returned is None and n <= 1:
+            log.warning(
+                "vLLM PD (NIXL): prefill %s returned no kv_transfer_params; the decode "
+                "recomputes the prompt",
+                self.p_entry.url,
+            )
+        dreq = dataclasses.replace(
+            req, kv_transfer_params_json=vllm_decode_params(mode, returned, transfer_id, n)
+        )
+        decode = _batches(self.decode, dreq, timeout)
+        try:
+            async for outs in decode:
+                yield outs
+        except EngineError as error:
+            raise leg_error(error, "decode") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await decode.aclose()  # type: ignore[attr-defined]
+
+    # --- SGLang: both at once ----------------------------------------------------------------
+
+    async def _parallel(
+        self, req: GenerateInput, timeout: float | None
+    ) -> AsyncIterator[list[Any]]:
+        from smg.grpc.frontend import _batches
+
+        self.started = True
+        port = self.p_entry.spec.bootstrap_port or DEFAULT_BOOTSTRAP_PORT
+        host = worker_address(self.p_entry.url).host
+        sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
+        self._prefill_running = True
+        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
+        decode = _batches(self.decode, sreq, timeout)
+        ok = False
+        try:
+            while not prefill.done():
+                # Until the prefill ends, each decode read races it: a prefill that fails
+                # ends the request at once instead of leaving the decode waiting for KV.
+                step = asyncio.ensure_future(decode.__anext__())
+                await asyncio.wait((step, prefill), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    if prefill.exception() is None:  # the prefill ended well: keep reading
+                        try:
+                            outs = await step
+                        except StopAsyncIteration:
+                            ok = True
+                            return
+                        yield outs
+                        break
+                    step.cancel()
+                    with contextlib.suppress(BaseException):
+                        await step
+                    break
+                try:
+                    outs = step.result()
+                except StopAsyncIteration:
+                    ok = True
+                    return
+                yield outs
+            error = prefill.exception() if prefill.done() else None
+            if error is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.decode.abort([req.request_id]), 5.0)
+                if isinstance(error, EngineError):
+                    raise leg_error(error, "prefill")
+                raise error
+            async for outs in decode:
+                yield outs
+            ok = True
+        except LegError:
+            raise
+        except EngineError as error:
+            raise leg_error(error, "decode") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await decode.aclose()  # type: ignore[attr-defined]
+            if not prefill.done():
+                if ok:  # answered: a prefill still open gets a moment, off the answer's path
+                    self.exchange.app.spawn(self._stop_prefill(prefill, req.request_id, True))
+                else:  # the decode failed or the client left: the prefill goes now
+                    await self._stop_prefill(prefill, req.request_id, False)
+
+    async def _stop_prefill(self, prefill: asyncio.Future[None], rid: str, grace: bool) -> None:
+        if grace:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(prefill), PREFILL_DRAIN_S)
+        if prefill.done():
+            return
+        prefill.cancel()
+        with contextlib.suppress(BaseException):
+            await prefill
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.prefill.abort([rid]), 5.0)
+
+    async def _drain(self, outputs: AsyncIterator[list[Any]]) -> None:
+        """The SGLang prefill leg: read to its end (its outputs are not the answer)."""
+        try:
+            async for _outs in outputs:
+                pass
+        except EngineError as error:
+            self._leg_done(_outcome(error))
+            raise
+        except BaseException:
+            self._leg_done(CLIENT_LEFT)
+            raise
+        finally:
+            self._prefill_running = False
+            with contextlib.suppress(Exception):
+                await outputs.aclose()  # type: ignore[attr-defined]
+        self._leg_done(200)
+
+
+def _prefer(rows: list[int], failed: list[int] | None) -> list[int]:
+    """A retry's rows: those no earlier attempt failed on, else all of them (1.13 runs the
+    whole pipeline again and may pick the same pair: with one prefill and one decode, a
+    503 retried succeeds on the binary)."""
+    if not failed:
+        return rows
+    return [row for row in rows if row not in failed] or rows
+
+
+def _status(error: EngineError) -> int:
+    """The HTTP status of a leg's gRPC code (1.13's tonic_ext http_status: INVALID_ARGUMENT
+    400, UNAVAILABLE 503, RESOURCE_EXHAUSTED 429, INTERNAL 500, ...)."""
+    from smg.grpc.protos import http_status_for
+
+    return http_status_for(error.code)[0]
+
+
+def _outcome(error: EngineError) -> int:
+    """The gate's outcome for a failed leg: 0 (transport) for UNAVAILABLE, else the status."""
+    return 0 if error.code == "UNAVAILABLE" else _status(error)
