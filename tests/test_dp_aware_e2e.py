@@ -1,0 +1,175 @@
+"""--dp-aware end to end: `smg launch --processes 2 --dp-aware` in front of mock SGLang
+engines that report a dp_size (`smg mock-worker --dp-size N`); each engine becomes
+`url@rank` workers, every body sent carries a `data_parallel_rank` within [0, N) (the mock
+answers 400 otherwise and counts the ranks it got), and ranks are chosen by load. The same
+requests behind the Rust SMG 1.13 binary, for comparison."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import mockutil
+from tests.gatewayutil import Gateway, free_port, in_flight_total, running_gateway, wait_until
+
+RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
+MODEL = "mock-model"
+LEAST_REQUESTS = ["--policy", "power_of_two", "--power-of-two-load-metric", "least_requests"]
+DP_TWO_ARGS = ["--dp-aware", *LEAST_REQUESTS, "--worker-urls"]
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[tuple[str, str]]:
+    """Two mock SGLang engines, dp_size 3 and 4 (seven rank workers)."""
+    with (
+        mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "3") as three,
+        mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "4") as four,
+    ):
+        yield three.url, four.url
+
+
+def _rank_view(workers: list[dict[str, Any]]) -> list[tuple[str, str, int, int]]:
+    return sorted((w["url"], w["dp_base_url"], w["dp_rank"], w["dp_size"]) for w in workers)
+
+
+def _expected_view(engines: tuple[str, str]) -> list[tuple[str, str, int, int]]:
+    three, four = engines
+    return sorted(
+        [(f"{three}@{r}", three, r, 3) for r in range(3)]
+        + [(f"{four}@{r}", four, r, 4) for r in range(4)]
+    )
+
+
+def _all_ready(base: str, count: int) -> list[dict[str, Any]] | None:
+    workers = httpx.get(base + "/workers", timeout=5).json()["workers"]
+    ready = [w for w in workers if w["status"] == "ready"]
+    return workers if len(ready) == count == len(workers) else None
+
+
+# Each request names a rank the engines cannot serve: the gateway's rank must replace it.
+BODIES: list[tuple[str, dict[str, Any]]] = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 2}),
+    ("/generate", {"text": "a b c", "sampling_params": {"max_new_tokens": 2}}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "s"}], "max_tokens": 2, "stream": True},
+    ),
+]
+
+
+def _send_all(base: str, count: int) -> list[int]:
+    """`count` requests one after another on one connection (one data-plane process)."""
+    statuses = []
+    with httpx.Client(base_url=base, timeout=10) as client:
+        for i in range(count):
+            path, body = BODIES[i % len(BODIES)]
+            answer = client.post(path, json={**body, "model": MODEL, "data_parallel_rank": 99})
+            statuses.append(answer.status_code)
+    return statuses
+
+
+def _rank_counts(engines: tuple[str, str]) -> list[dict[str, int]]:
+    return [mockutil.stats(url)["requests_by_dp_rank"] for url in engines]
+
+
+def test_rank_workers_listed_and_every_request_carries_a_rank(engines: tuple[str, str]) -> None:
+    for url in engines:
+        mockutil.reset_stats(url)
+    with running_gateway(
+        ["--worker-urls", *engines, "--dp-aware", "--policy", "round_robin"]
+    ) as gw:
+        workers = wait_until(lambda: _all_ready(gw.url, 7), 20, "seven ready rank workers")
+        assert _rank_view(workers) == _expected_view(engines)
+        assert {w["model_id"] for w in workers} == {MODEL}
+        assert _send_all(gw.url, 28) == [200] * 28
+    # round_robin in one process over seven rows: each rank worker got four, each with
+    # its own rank (no request without one, none out of range).
+    assert _rank_counts(engines) == [
+        {"0": 4, "1": 4, "2": 4},
+        {"0": 4, "1": 4, "2": 4, "3": 4},
+    ]
+
+
+def test_ranks_chosen_by_load_across_processes() -> None:
+    # A two-rank engine under power_of_two on the gateway-wide in-flight count: both rows
+    # are always the sampled pair, so each held request goes to the rank holding fewer.
+    with (
+        mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "2") as two,
+        running_gateway([*DP_TWO_ARGS, two.url]) as gw,
+        concurrent.futures.ThreadPoolExecutor(6) as pool,
+    ):
+        wait_until(lambda: _all_ready(gw.url, 2), 20, "two ready rank workers")
+        held = []
+        for k in range(1, 7):
+            held.append(pool.submit(_held_request, gw))
+            # The next one is sent once this one is in flight (counted in the table).
+            wait_until(lambda k=k: in_flight_total(gw) == k, 10, f"{k} requests in flight")
+        assert mockutil.stats(two.url)["requests_by_dp_rank"] == {"0": 3, "1": 3}
+        assert [f.result(timeout=15) for f in held] == [200] * 6
+
+
+def _held_request(gw: Gateway) -> int:
+    """A request the engine holds for 2 s (x-mock-ttft-ms), on a connection of its own."""
+    answer = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+        headers={"x-mock-ttft-ms": "2000"},
+        timeout=15,
+    )
+    return answer.status_code
+
+
+@contextlib.contextmanager
+def _rust_gateway(args: list[str]) -> Iterator[str]:
+    port = free_port()
+    argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--prometheus-port", str(free_port()), "--log-level", "warn"]
+    argv += ["--shutdown-grace-period-secs", "0", *args]
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/readiness", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"Rust SMG not ready: {log.read()[-2000:]!r}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
+def test_rust_1_13_does_the_same(engines: tuple[str, str]) -> None:
+    """The same engines and requests behind the 1.13 binary: the same rank workers in
+    /workers, the same per-rank counts (its round_robin is gateway-wide)."""
+    for url in engines:
+        mockutil.reset_stats(url)
+    with _rust_gateway(["--worker-urls", *engines, "--dp-aware", "--policy", "round_robin"]) as url:
+        workers = wait_until(lambda: _all_ready(url, 7), 20, "seven ready rank workers")
+        assert _rank_view(workers) == _expected_view(engines)
+        assert _send_all(url, 28) == [200] * 28
+    assert _rank_counts(engines) == [
+        {"0": 4, "1": 4, "2": 4},
+        {"0": 4, "1": 4, "2": 4, "3": 4},
+    ]
