@@ -801,8 +801,9 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
             ),
             _Flag(
                 "dp_aware",
-                "Data-parallelism-aware scheduling: each HTTP worker becomes url@rank workers "
-                "from its /server_info dp_size; data_parallel_rank is injected",
+                "Data-parallelism-aware scheduling (regular mode, HTTP workers): each worker "
+                "becomes url@rank workers from its /server_info dp_size; data_parallel_rank "
+                "is injected",
             ),
         ),
     ),
