@@ -35,6 +35,27 @@ def dp_size_of(server_info: Any) -> int:
     return size
 
 
+NOT_SGLANG = 0  # dp_answer: the engine has no /server_info (404): 1.13 does not expand it
+
+
+def dp_answer(answer: tuple[int, Any] | None) -> int | None:
+    """What a `/server_info` answer (status, JSON; None: no answer) says: the dp_size,
+    NOT_SGLANG for a 404 (1.13 discovers DP for SGLang HTTP engines only and registers
+    others as one worker), None to ask again (no answer, an error, no usable dp_size:
+    1.13 retries its discover_dp_info step)."""
+    if answer is None:
+        return None
+    status, body = answer
+    if status == 404:
+        return NOT_SGLANG
+    if not 200 <= status < 300:
+        return None
+    try:
+        return dp_size_of(body)
+    except ValueError:
+        return None
+
+
 def inject_dp_rank(body: bytes | bytearray | memoryview, rank: int) -> bytes | None:
     """The JSON object `body` with `data_parallel_rank` set to `rank`; None when the body is
     not a JSON object (1.13: "Request must be a JSON object for DP-aware routing")."""

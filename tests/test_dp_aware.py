@@ -11,7 +11,7 @@ import pytest
 from smg.config import ConfigError, load_config
 from smg.control.registry import Registry
 from smg.control.worker_state import HealthThresholds
-from smg.dp import dp_size_of, dp_url, inject_dp_rank
+from smg.dp import NOT_SGLANG, dp_answer, dp_size_of, dp_url, inject_dp_rank
 from smg.httpwire import HttpError
 from smg.shm.table import WorkerTable
 from smg.workers_spec import WorkerSpec, validate_worker_spec
@@ -47,6 +47,21 @@ def test_dp_size_of_reads_a_positive_integer() -> None:
 def test_dp_size_of_refuses_what_is_not_a_dp_size(info: Any) -> None:
     with pytest.raises(ValueError, match=r"dp_size|not a JSON object"):
         dp_size_of(info)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ((200, {"dp_size": 4}), 4),
+        ((404, None), NOT_SGLANG),  # no /server_info nor /get_server_info: not SGLang
+        (None, None),  # no answer yet (starting): ask again
+        ((503, {"dp_size": 4}), None),
+        ((200, {"tp_size": 1}), None),  # 1.13: "No dp_size in response", retried
+        ((200, None), None),  # not JSON
+    ],
+)
+def test_dp_answer(answer: Any, expected: int | None) -> None:
+    assert dp_answer(answer) == expected
 
 
 def test_inject_dp_rank_adds_the_rank_and_keeps_the_rest() -> None:

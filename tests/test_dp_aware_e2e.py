@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests import mockutil
-from tests.gatewayutil import Gateway, free_port, in_flight_total, running_gateway, wait_until
+from tests.gatewayutil import free_port, running_gateway, wait_until
 
 RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
 MODEL = "mock-model"
@@ -29,24 +29,28 @@ DP_TWO_ARGS = ["--dp-aware", *LEAST_REQUESTS, "--worker-urls"]
 
 
 @pytest.fixture(scope="module")
-def engines() -> Iterator[tuple[str, str]]:
-    """Two mock SGLang engines, dp_size 3 and 4 (seven rank workers)."""
+def engines() -> Iterator[tuple[str, str, str]]:
+    """Two mock SGLang engines, dp_size 3 and 4 (seven rank workers), and a vLLM engine,
+    which has no /server_info: 1.13 registers it as one plain worker."""
     with (
         mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "3") as three,
         mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "4") as four,
+        mockutil.start_mock_workers(1, "--engine", "vllm") as vllm,
     ):
-        yield three.url, four.url
+        yield three.url, four.url, vllm.url
 
 
-def _rank_view(workers: list[dict[str, Any]]) -> list[tuple[str, str, int, int]]:
-    return sorted((w["url"], w["dp_base_url"], w["dp_rank"], w["dp_size"]) for w in workers)
+def _rank_view(workers: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    keys = ("url", "dp_base_url", "dp_rank", "dp_size")
+    return sorted(tuple(w.get(k) for k in keys) for w in workers)
 
 
-def _expected_view(engines: tuple[str, str]) -> list[tuple[str, str, int, int]]:
-    three, four = engines
+def _expected_view(engines: tuple[str, str, str]) -> list[tuple[Any, ...]]:
+    three, four, vllm = engines
     return sorted(
         [(f"{three}@{r}", three, r, 3) for r in range(3)]
         + [(f"{four}@{r}", four, r, 4) for r in range(4)]
+        + [(vllm, None, None, None)]
     )
 
 
@@ -56,7 +60,6 @@ def _all_ready(base: str, count: int) -> list[dict[str, Any]] | None:
     return workers if len(ready) == count == len(workers) else None
 
 
-# Each request names a rank the engines cannot serve: the gateway's rank must replace it.
 BODIES: list[tuple[str, dict[str, Any]]] = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     ("/v1/completions", {"prompt": "hello there", "max_tokens": 2}),
@@ -74,31 +77,33 @@ def _send_all(base: str, count: int) -> list[int]:
     with httpx.Client(base_url=base, timeout=10) as client:
         for i in range(count):
             path, body = BODIES[i % len(BODIES)]
-            answer = client.post(path, json={**body, "model": MODEL, "data_parallel_rank": 99})
+            answer = client.post(path, json={**body, "model": MODEL})
             statuses.append(answer.status_code)
     return statuses
 
 
-def _rank_counts(engines: tuple[str, str]) -> list[dict[str, int]]:
+EXPECTED_COUNTS = [{"0": 4, "1": 4, "2": 4}, {"0": 4, "1": 4, "2": 4, "3": 4}, {"none": 4}]
+
+
+def _rank_counts(engines: tuple[str, str, str]) -> list[dict[str, int]]:
     return [mockutil.stats(url)["requests_by_dp_rank"] for url in engines]
 
 
-def test_rank_workers_listed_and_every_request_carries_a_rank(engines: tuple[str, str]) -> None:
+def test_rank_workers_listed_and_every_request_carries_a_rank(
+    engines: tuple[str, str, str],
+) -> None:
     for url in engines:
         mockutil.reset_stats(url)
     with running_gateway(
         ["--worker-urls", *engines, "--dp-aware", "--policy", "round_robin"]
     ) as gw:
-        workers = wait_until(lambda: _all_ready(gw.url, 7), 20, "seven ready rank workers")
+        workers = wait_until(lambda: _all_ready(gw.url, 8), 20, "eight ready workers")
         assert _rank_view(workers) == _expected_view(engines)
         assert {w["model_id"] for w in workers} == {MODEL}
-        assert _send_all(gw.url, 28) == [200] * 28
-    # round_robin in one process over seven rows: each rank worker got four, each with
-    # its own rank (no request without one, none out of range).
-    assert _rank_counts(engines) == [
-        {"0": 4, "1": 4, "2": 4},
-        {"0": 4, "1": 4, "2": 4, "3": 4},
-    ]
+        assert _send_all(gw.url, 32) == [200] * 32
+    # round_robin in one process over eight rows: each worker got four, each rank worker's
+    # with its own rank (none out of range), the vLLM worker's without one.
+    assert _rank_counts(engines) == EXPECTED_COUNTS
 
 
 def test_ranks_chosen_by_load_across_processes() -> None:
@@ -107,24 +112,36 @@ def test_ranks_chosen_by_load_across_processes() -> None:
     with (
         mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "2") as two,
         running_gateway([*DP_TWO_ARGS, two.url]) as gw,
-        concurrent.futures.ThreadPoolExecutor(6) as pool,
     ):
-        wait_until(lambda: _all_ready(gw.url, 2), 20, "two ready rank workers")
+        _held_requests_alternate(gw.url, two.url)
+
+
+def _held_requests_alternate(base: str, engine: str) -> None:
+    """Six held requests, each on its own connection, each sent once the one before is
+    in flight at the engine: the ranks got three each."""
+    wait_until(lambda: _all_ready(base, 2), 20, "two ready rank workers")
+    # The engine holds each request 2 s (set on the mock: 1.13 does not forward x-mock-*).
+    mockutil.set_config(engine, ttft_ms=2000.0)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
         held = []
         for k in range(1, 7):
-            held.append(pool.submit(_held_request, gw))
-            # The next one is sent once this one is in flight (counted in the table).
-            wait_until(lambda k=k: in_flight_total(gw) == k, 10, f"{k} requests in flight")
-        assert mockutil.stats(two.url)["requests_by_dp_rank"] == {"0": 3, "1": 3}
+            held.append(pool.submit(_held_request, base))
+            wait_until(lambda k=k: mockutil.stats(engine)["in_flight"] == k, 10, f"{k} held")
+        assert mockutil.stats(engine)["requests_by_dp_rank"] == {"0": 3, "1": 3}
         assert [f.result(timeout=15) for f in held] == [200] * 6
 
 
-def _held_request(gw: Gateway) -> int:
-    """A request the engine holds for 2 s (x-mock-ttft-ms), on a connection of its own."""
+def _held_request(base: str) -> int:
+    """A request the engine holds, on a connection of its own."""
     answer = httpx.post(
-        gw.url + "/v1/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
-        headers={"x-mock-ttft-ms": "2000"},
+        base + "/v1/chat/completions",
+        # A rank the engine cannot serve (its mock answers 400): the gateway's replaces it.
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 1,
+            "data_parallel_rank": 99,
+        },
         timeout=15,
     )
     return answer.status_code
@@ -160,16 +177,22 @@ def _rust_gateway(args: list[str]) -> Iterator[str]:
 
 
 @pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
-def test_rust_1_13_does_the_same(engines: tuple[str, str]) -> None:
+def test_rust_1_13_does_the_same(engines: tuple[str, str, str]) -> None:
     """The same engines and requests behind the 1.13 binary: the same rank workers in
     /workers, the same per-rank counts (its round_robin is gateway-wide)."""
     for url in engines:
         mockutil.reset_stats(url)
     with _rust_gateway(["--worker-urls", *engines, "--dp-aware", "--policy", "round_robin"]) as url:
-        workers = wait_until(lambda: _all_ready(url, 7), 20, "seven ready rank workers")
+        workers = wait_until(lambda: _all_ready(url, 8), 20, "eight ready workers")
         assert _rank_view(workers) == _expected_view(engines)
-        assert _send_all(url, 28) == [200] * 28
-    assert _rank_counts(engines) == [
-        {"0": 4, "1": 4, "2": 4},
-        {"0": 4, "1": 4, "2": 4, "3": 4},
-    ]
+        assert _send_all(url, 32) == [200] * 32
+    assert _rank_counts(engines) == EXPECTED_COUNTS
+
+
+@pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
+def test_rust_1_13_ranks_by_load() -> None:
+    with (
+        mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "2") as two,
+        _rust_gateway([*DP_TWO_ARGS, two.url]) as url,
+    ):
+        _held_requests_alternate(url, two.url)

@@ -39,7 +39,7 @@ from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_t
 from smg.dataplane import admission
 from smg.dataplane.breaker import STATE_NAMES
 from smg.discovery.reconcile import Reconciler
-from smg.dp import DP_DISCOVERY_INTERVAL_S, dp_size_of, dp_url
+from smg.dp import DP_DISCOVERY_INTERVAL_S, NOT_SGLANG, dp_answer, dp_url
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
@@ -377,20 +377,26 @@ class ControlPlane:
         assert self.session is not None
         deadline = time.monotonic() + float(self.cfg.worker_startup_timeout_secs)
         key = spec.api_key or self.cfg.api_key
-        size = 0
+        timeout = float(self.cfg.health_check_timeout_secs)
+        size: int | None = None
         try:
             while not self._stopping:
-                info = await probes._server_info(
-                    self.session, spec.url, key, float(self.cfg.health_check_timeout_secs)
-                )
-                try:
-                    size = dp_size_of(info)
+                answer = await probes.server_info_answer(self.session, spec.url, key, timeout)
+                size = dp_answer(answer)
+                if size is not None:
                     break
-                except ValueError as exc:
-                    if time.monotonic() >= deadline:
-                        log.error("worker %s not registered: no DP info: %s", spec.url, exc)
-                        return
+                if time.monotonic() >= deadline:
+                    log.error("worker %s not registered: no dp_size from /server_info", spec.url)
+                    return
                 await asyncio.sleep(DP_DISCOVERY_INTERVAL_S)
+            if size == NOT_SGLANG:
+                log.warning("worker %s has no /server_info: not DP-aware, one worker", spec.url)
+                if spec.url not in self.registry.by_url:
+                    record = self._register(spec)
+                    if self._first_round is not None:
+                        self._first_round.add(record.worker_id)
+                return
+            assert size is not None
             log.info("worker %s: dp_size %d, one worker per rank", spec.url, size)
             for rank in range(size):
                 if dp_url(spec.url, rank) in self.registry.by_url:
