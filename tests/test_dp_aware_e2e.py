@@ -196,3 +196,30 @@ def test_rust_1_13_ranks_by_load() -> None:
         _rust_gateway([*DP_TWO_ARGS, two.url]) as url,
     ):
         _held_requests_alternate(url, two.url)
+
+
+def test_post_workers_expands_into_ranks(engines: tuple[str, str, str]) -> None:
+    """POST /workers under --dp-aware: 202 with the addition's id (no worker's, as 1.13's),
+    then the engine's rank workers; the same URL again adds nothing."""
+    three, _four, vllm = engines
+    mockutil.reset_stats(three)
+    with running_gateway(["--worker-urls", vllm, "--dp-aware", "--policy", "round_robin"]) as gw:
+        wait_until(lambda: _all_ready(gw.url, 1), 20, "the vLLM worker ready")
+        answer = gw.admin("POST", "/workers", json={"url": three})
+        assert answer.status_code == 202, answer.text
+        added = answer.json()
+        assert (added["status"], added["url"]) == ("accepted", three)
+        workers = wait_until(lambda: _all_ready(gw.url, 4), 20, "three rank workers ready")
+        assert [w for w in _rank_view(workers) if w[1] is not None] == [
+            (f"{three}@{r}", three, r, 3) for r in range(3)
+        ]
+        assert added["worker_id"] not in {w["id"] for w in workers}
+        assert gw.admin("POST", "/workers", json={"url": three}).status_code == 202
+        time.sleep(0.5)  # an addition of ranks already there would show by now
+        assert len(httpx.get(gw.url + "/workers", timeout=5).json()["workers"]) == 4
+        with httpx.Client(base_url=gw.url, timeout=10) as client:
+            for _ in range(8):
+                body = {"model": MODEL, "prompt": "p", "max_tokens": 1}
+                assert client.post("/v1/completions", json=body).status_code == 200
+    # round_robin in one process over four rows: two each, every rank pinned.
+    assert mockutil.stats(three)["requests_by_dp_rank"] == {"0": 2, "1": 2, "2": 2}

@@ -370,7 +370,7 @@ class ControlPlane:
             self._first_round.add(token)
         self._spawn(self._register_dp(spec, token))
 
-    async def _register_dp(self, spec: WorkerSpec, token: str) -> None:
+    async def _register_dp(self, spec: WorkerSpec, token: str | None) -> None:
         """Ask the engine's /server_info for dp_size (retrying while it starts, up to
         --worker-startup-timeout-secs, as 1.13 retries its DP discovery), then register
         `url@0` .. `url@{dp_size-1}`. An engine that never reports one is not registered."""
@@ -409,7 +409,7 @@ class ControlPlane:
                 if self._first_round is not None:
                     self._first_round.add(record.worker_id)
         finally:
-            if self._first_round is not None:
+            if self._first_round is not None and token is not None:
                 self._first_round.discard(token)
                 self._check_first_round()
 
@@ -1021,18 +1021,24 @@ class ControlPlane:
         unsupported = unsupported_reason(spec)
         if unsupported:
             return _error(400, "BAD_REQUEST", unsupported)
-        try:
-            record = self._register(spec)
-        except HttpError as exc:
-            return _error(exc.status, exc.code, exc.message)
-        location = f"/workers/{record.worker_id}"
+        if self.cfg.dp_aware and _dp_expandable(spec):
+            # The ranks are registered once the engine reports its dp_size; the id answered
+            # is the addition's, no worker's (as 1.13's job id under --dp-aware).
+            worker_id = str(uuid.uuid4())
+            self._spawn(self._register_dp(spec, None))
+        else:
+            try:
+                worker_id = self._register(spec).worker_id
+            except HttpError as exc:
+                return _error(exc.status, exc.code, exc.message)
+        location = f"/workers/{worker_id}"
         return (
             202,
             [*_JSON, ("location", location)],
             orjson.dumps(
                 {
                     "status": "accepted",
-                    "worker_id": record.worker_id,
+                    "worker_id": worker_id,
                     "url": spec.url,
                     "location": location,
                     "message": "Worker addition queued for background processing",
