@@ -70,3 +70,19 @@ def inject_dp_rank(body: bytes | bytearray | memoryview, rank: int) -> bytes | N
 
 
 NOT_AN_OBJECT = "Request must be a JSON object for DP-aware routing"
+
+
+def pd_rank_fields(
+    body: dict[str, Any], prefill_rank: int | None, decode_rank: int | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PD mode (not wired yet: --dp-aware with PD is refused): the prefill's and the
+    decode's bodies as 1.13's PD router makes them: the prefill gets `routed_dp_rank` =
+    its rank, the decode `disagg_prefill_dp_rank` = the prefill's rank and
+    `routed_dp_rank` = its own (no `data_parallel_rank`; checked on the 1.13 binary)."""
+    prefill, decode = dict(body), dict(body)
+    if prefill_rank is not None:
+        prefill["routed_dp_rank"] = prefill_rank
+        decode["disagg_prefill_dp_rank"] = prefill_rank
+    if decode_rank is not None:
+        decode["routed_dp_rank"] = decode_rank
+    return prefill, decode

@@ -11,7 +11,7 @@ import pytest
 from smg.config import ConfigError, load_config
 from smg.control.registry import Registry
 from smg.control.worker_state import HealthThresholds
-from smg.dp import NOT_SGLANG, dp_answer, dp_size_of, dp_url, inject_dp_rank
+from smg.dp import NOT_SGLANG, dp_answer, dp_size_of, dp_url, inject_dp_rank, pd_rank_fields
 from smg.httpwire import HttpError
 from smg.shm.table import WorkerTable
 from smg.workers_spec import WorkerSpec, validate_worker_spec
@@ -146,3 +146,17 @@ def test_config_accepts_dp_aware_and_refuses_it_with_pd() -> None:
             [*PD_PAIR, "--dp-aware"],
             {},
         )
+
+
+def test_pd_rank_fields_as_the_1_13_binary_sends_them() -> None:
+    body = {"text": "a b", "bootstrap_room": 5}
+    prefill, decode = pd_rank_fields(body, 1, 0)
+    assert prefill == {"text": "a b", "bootstrap_room": 5, "routed_dp_rank": 1}
+    assert decode == {
+        "text": "a b",
+        "bootstrap_room": 5,
+        "disagg_prefill_dp_rank": 1,
+        "routed_dp_rank": 0,
+    }
+    assert body == {"text": "a b", "bootstrap_room": 5}  # the caller's body is left alone
+    assert pd_rank_fields(body, None, 2) == (body, {**body, "routed_dp_rank": 2})

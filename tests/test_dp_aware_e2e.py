@@ -6,8 +6,10 @@ requests behind the Rust SMG 1.13 binary, for comparison."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
@@ -223,3 +225,40 @@ def test_post_workers_expands_into_ranks(engines: tuple[str, str, str]) -> None:
                 assert client.post("/v1/completions", json=body).status_code == 200
     # round_robin in one process over four rows: two each, every rank pinned.
     assert mockutil.stats(three)["requests_by_dp_rank"] == {"0": 2, "1": 2, "2": 2}
+
+
+@pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
+def test_rust_1_13_pd_pins_ranks_with_routed_dp_rank() -> None:
+    """What smg's PD mode would have to send (smg refuses --dp-aware with PD for now): the
+    1.13 binary gives the prefill `routed_dp_rank`, the decode `routed_dp_rank` and
+    `disagg_prefill_dp_rank`, and no `data_parallel_rank` (smg.dp.pd_rank_fields)."""
+    with (
+        mockutil.start_mock_workers(
+            1,
+            "--engine",
+            "sglang",
+            "--dp-size",
+            "2",
+            "--pd-role",
+            "prefill",
+            "--bootstrap-port",
+            "0",
+        ) as prefill,
+        mockutil.start_mock_workers(
+            1, "--engine", "sglang", "--dp-size", "2", "--pd-role", "decode"
+        ) as decode,
+    ):
+        bootstrap = mockutil.stats(prefill.url)["pd"]["bootstrap_port"]
+        pd = ["--pd-disaggregation", "--prefill", prefill.url, str(bootstrap)]
+        with _rust_gateway([*pd, "--decode", decode.url, "--dp-aware"]) as url:
+            wait_until(lambda: _all_ready(url, 4), 20, "four ready rank workers")
+            with httpx.Client(base_url=url, timeout=10) as client:
+                for _ in range(6):
+                    body = {"text": "a b", "sampling_params": {"max_new_tokens": 2}}
+                    assert client.post("/generate", json=body).status_code == 200
+        for engine in (prefill.url, decode.url):
+            counts = mockutil.stats(engine)["requests_by_dp_rank"]
+            assert set(counts) <= {"0", "1"} and sum(counts.values()) == 6, counts
+        last = mockutil.stats(decode.url)["last_request_by_route"]["/generate"]
+        sent = json.loads(base64.b64decode(last["body_b64"]))
+        assert "data_parallel_rank" not in sent and sent["disagg_prefill_dp_rank"] in (0, 1)

@@ -345,9 +345,12 @@ class Worker:
         return plan, timing, rid, int(time.time()), model
 
     def _dp_rank(self, obj: dict[str, Any]) -> None:
-        """Count the request's `data_parallel_rank`; refuse one outside [0, dp_size) as an
-        SGLang engine with that many DP ranks cannot serve it."""
+        """Count the request's `data_parallel_rank` (or `routed_dp_rank`, SGLang's newer
+        name, which 1.13's PD router sends); refuse one outside [0, dp_size) as an SGLang
+        engine with that many DP ranks cannot serve it."""
         rank = obj.get("data_parallel_rank")
+        if rank is None:
+            rank = obj.get("routed_dp_rank")
         if rank is None:
             self.stats.count_dp_rank("none")
             return
