@@ -103,6 +103,10 @@ def test_rank_workers_listed_and_every_request_carries_a_rank(
         assert _rank_view(workers) == _expected_view(engines)
         assert {w["model_id"] for w in workers} == {MODEL}
         assert _send_all(gw.url, 32) == [200] * 32
+        text = gw.metrics()
+        series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line[:1] not in "#"]
+        assert len(series) == len(set(series)), "a series repeated (rank workers' labels)"
+        assert f'worker="{engines[0]}@2"' in text
     # round_robin in one process over eight rows: each worker got four, each rank worker's
     # with its own rank (none out of range), the vLLM worker's without one.
     assert _rank_counts(engines) == EXPECTED_COUNTS

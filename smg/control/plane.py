@@ -1090,7 +1090,7 @@ class ControlPlane:
         in-flight requests) are smg's own."""
         loads = [
             {
-                "worker": record.spec.url,
+                "worker": record.url,
                 "worker_type": record.spec.worker_type,
                 **self.registry.load_entry(record),
                 "worker_id": record.worker_id,
@@ -1192,7 +1192,7 @@ class ControlPlane:
         overloaded: dict[str, int] = {}
         health = self.health
         for record in self.registry.workers.values():
-            worker = [("worker", record.spec.url)]
+            worker = [("worker", record.url)]
             state.append(Sample("", worker, health.state(record.row)))
             consecutive_failures, half_open_successes, _trials = health.counts(record.row)
             failures.append(Sample("", worker, consecutive_failures))
@@ -1439,7 +1439,7 @@ class ControlPlane:
         waiting: list[Sample] = []
         usage: list[Sample] = []
         for record in self.registry.workers.values():
-            worker = [("worker", record.spec.url)]
+            worker = [("worker", record.url)]
             health.append(Sample("", worker, 1 if record.status == WorkerStatus.READY else 0))
             active.append(Sample("", worker, self.table.in_flight(record.row)))
             if record.load.valid:
