@@ -799,7 +799,12 @@ _GROUPS: tuple[tuple[str, tuple[_Flag, ...]], ...] = (
                 "bucket_adjust_interval_secs",
                 "Seconds between bucket boundary adjustments (bucket prefill policy)",
             ),
-            _Flag("dp_aware", "Data-parallelism-aware scheduling (not implemented yet: refused)"),
+            _Flag(
+                "dp_aware",
+                "Data-parallelism-aware scheduling (regular mode, HTTP workers): each worker "
+                "becomes url@rank workers from its /server_info dp_size; data_parallel_rank "
+                "is injected",
+            ),
         ),
     ),
     (
@@ -1969,8 +1974,12 @@ def _check_pd(cfg: GatewayConfig, src: Mapping[str, str]) -> GatewayConfig:
             "(use --pd-disaggregation)",
             src.get("epd_disaggregation"),
         )
-    if cfg.dp_aware:
-        raise ConfigError("dp_aware", "is not implemented yet in smg", src.get("dp_aware"))
+    if cfg.dp_aware and cfg.pd_disaggregation:
+        raise ConfigError(
+            "dp_aware",
+            "with --pd-disaggregation is not implemented yet in smg (regular mode only)",
+            src.get("dp_aware"),
+        )
     for field, implemented in (
         ("prefill_policy", PREFILL_POLICY_NAMES),
         ("decode_policy", IMPLEMENTED_POLICIES),

@@ -39,6 +39,7 @@ from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_t
 from smg.dataplane import admission
 from smg.dataplane.breaker import STATE_NAMES
 from smg.discovery.reconcile import Reconciler
+from smg.dp import DP_DISCOVERY_INTERVAL_S, NOT_SGLANG, dp_answer, dp_url
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
@@ -68,6 +69,12 @@ _JSON = [("content-type", "application/json")]
 # Every data-plane process is scraped this often (and at each /metrics request), so that
 # a process that dies without pushing its final numbers loses at most this much.
 DATAPLANE_SCRAPE_SECS = 2.0
+
+
+def _dp_expandable(spec: WorkerSpec) -> bool:
+    """Whether --dp-aware expands this worker: a self-hosted HTTP engine (the data plane
+    injects data_parallel_rank into HTTP bodies only; gRPC ranks are not done yet)."""
+    return spec.connection_mode == "http" and not external.is_external(spec)
 
 
 class ControlPlane:
@@ -190,6 +197,9 @@ class ControlPlane:
         if not self.registry.seeded:
             for spec in self.initial_specs:
                 spec = external.startup_spec(spec, self.cfg.backend)
+                if self.cfg.dp_aware and _dp_expandable(spec):
+                    self._register_dp_later(spec)  # url@rank workers once dp_size is known
+                    continue
                 if spec.url in self.registry.by_url:
                     continue
                 try:
@@ -265,9 +275,11 @@ class ControlPlane:
 
     # --- worker lifecycle -----------------------------------------------------------------------
 
-    def _register(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
-        record = self.registry.add(spec, worker_id)
-        log.info("worker %s registered as %s (row %d)", spec.url, record.worker_id, record.row)
+    def _register(
+        self, spec: WorkerSpec, worker_id: str | None = None, dp: tuple[int, int] | None = None
+    ) -> WorkerRecord:
+        record = self.registry.add(spec, worker_id, dp)
+        log.info("worker %s registered as %s (row %d)", record.url, record.worker_id, record.row)
         if spec.worker_type == "prefill":  # 1.13 probes in any mode
             self._spawn(self._probe_bootstrap(spec))
         self._spawn(self._onboard_external(record) if record.external else self._onboard(record))
@@ -349,6 +361,57 @@ class ControlPlane:
         if self._first_round is not None:
             self._first_round.discard(record.worker_id)
             self._check_first_round()
+
+    def _register_dp_later(self, spec: WorkerSpec) -> None:
+        """--dp-aware: register `spec` as one worker per DP rank once its engine reports
+        its dp_size; the first health round waits for it (a placeholder in the round)."""
+        token = f"dp:{spec.url}"
+        if self._first_round is not None:
+            self._first_round.add(token)
+        self._spawn(self._register_dp(spec, token))
+
+    async def _register_dp(self, spec: WorkerSpec, token: str | None) -> None:
+        """Ask the engine's /server_info for dp_size (retrying while it starts, up to
+        --worker-startup-timeout-secs, as 1.13 retries its DP discovery), then register
+        `url@0` .. `url@{dp_size-1}`. An engine that never reports one is not registered."""
+        assert self.session is not None
+        deadline = time.monotonic() + float(self.cfg.worker_startup_timeout_secs)
+        key = spec.api_key or self.cfg.api_key
+        timeout = float(self.cfg.health_check_timeout_secs)
+        size: int | None = None
+        try:
+            while not self._stopping:
+                answer = await probes.server_info_answer(self.session, spec.url, key, timeout)
+                size = dp_answer(answer)
+                if size is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    log.error("worker %s not registered: no dp_size from /server_info", spec.url)
+                    return
+                await asyncio.sleep(DP_DISCOVERY_INTERVAL_S)
+            if size == NOT_SGLANG:
+                log.warning("worker %s has no /server_info: not DP-aware, one worker", spec.url)
+                if spec.url not in self.registry.by_url:
+                    record = self._register(spec)
+                    if self._first_round is not None:
+                        self._first_round.add(record.worker_id)
+                return
+            assert size is not None
+            log.info("worker %s: dp_size %d, one worker per rank", spec.url, size)
+            for rank in range(size):
+                if dp_url(spec.url, rank) in self.registry.by_url:
+                    continue
+                try:
+                    record = self._register(spec, dp=(rank, size))
+                except HttpError as exc:
+                    log.error("worker %s not registered: %s", dp_url(spec.url, rank), exc.message)
+                    continue
+                if self._first_round is not None:
+                    self._first_round.add(record.worker_id)
+        finally:
+            if self._first_round is not None and token is not None:
+                self._first_round.discard(token)
+                self._check_first_round()
 
     def _check_first_round(self) -> None:
         if self._first_round is None or self._first_round:
@@ -477,7 +540,7 @@ class ControlPlane:
         after = record.status
         # Routine moves (to Ready) are INFO; a worker turning unhealthy is WARNING.
         level = logging.WARNING if after in _UNHEALTHY else logging.INFO
-        log.log(level, "worker %s: %s -> %s", record.spec.url, before.name, after.name)
+        log.log(level, "worker %s: %s -> %s", record.url, before.name, after.name)
         self._after_status_change(record)
 
     async def _discover(self, record: WorkerRecord, *, keep_unknown: bool) -> bool:
@@ -958,18 +1021,24 @@ class ControlPlane:
         unsupported = unsupported_reason(spec)
         if unsupported:
             return _error(400, "BAD_REQUEST", unsupported)
-        try:
-            record = self._register(spec)
-        except HttpError as exc:
-            return _error(exc.status, exc.code, exc.message)
-        location = f"/workers/{record.worker_id}"
+        if self.cfg.dp_aware and _dp_expandable(spec):
+            # The ranks are registered once the engine reports its dp_size; the id answered
+            # is the addition's, no worker's (as 1.13's job id under --dp-aware).
+            worker_id = str(uuid.uuid4())
+            self._spawn(self._register_dp(spec, None))
+        else:
+            try:
+                worker_id = self._register(spec).worker_id
+            except HttpError as exc:
+                return _error(exc.status, exc.code, exc.message)
+        location = f"/workers/{worker_id}"
         return (
             202,
             [*_JSON, ("location", location)],
             orjson.dumps(
                 {
                     "status": "accepted",
-                    "worker_id": record.worker_id,
+                    "worker_id": worker_id,
                     "url": spec.url,
                     "location": location,
                     "message": "Worker addition queued for background processing",
@@ -1021,7 +1090,7 @@ class ControlPlane:
         in-flight requests) are smg's own."""
         loads = [
             {
-                "worker": record.spec.url,
+                "worker": record.url,
                 "worker_type": record.spec.worker_type,
                 **self.registry.load_entry(record),
                 "worker_id": record.worker_id,
@@ -1123,7 +1192,7 @@ class ControlPlane:
         overloaded: dict[str, int] = {}
         health = self.health
         for record in self.registry.workers.values():
-            worker = [("worker", record.spec.url)]
+            worker = [("worker", record.url)]
             state.append(Sample("", worker, health.state(record.row)))
             consecutive_failures, half_open_successes, _trials = health.counts(record.row)
             failures.append(Sample("", worker, consecutive_failures))
@@ -1370,7 +1439,7 @@ class ControlPlane:
         waiting: list[Sample] = []
         usage: list[Sample] = []
         for record in self.registry.workers.values():
-            worker = [("worker", record.spec.url)]
+            worker = [("worker", record.url)]
             health.append(Sample("", worker, 1 if record.status == WorkerStatus.READY else 0))
             active.append(Sample("", worker, self.table.in_flight(record.row)))
             if record.load.valid:

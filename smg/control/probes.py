@@ -255,6 +255,17 @@ async def _server_info(
     return _ok_json(answer)
 
 
+async def server_info_answer(
+    session: aiohttp.ClientSession, url: str, api_key: str | None, timeout_s: float
+) -> tuple[int, Any] | None:
+    """`/server_info` (404: `/get_server_info`) as (status, JSON or None); None without an
+    answer. For --dp-aware, which tells a 404 (no SGLang) from no answer (smg.dp)."""
+    answer = await _get_json(session, _join(url, "/server_info"), api_key, timeout_s)
+    if answer is not None and answer[0] == 404:
+        answer = await _get_json(session, _join(url, "/get_server_info"), api_key, timeout_s)
+    return answer
+
+
 async def discover_backend(
     session: aiohttp.ClientSession,
     url: str,

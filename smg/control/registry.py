@@ -26,6 +26,7 @@ from smg.control.worker_state import (
     initial_status,
     on_event,
 )
+from smg.dp import dp_url
 from smg.grpc.types import GrpcModelInfo
 from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
@@ -67,6 +68,19 @@ def _grpc_view(info: GrpcModelInfo | None) -> dict[str, Any] | None:
         return None
     names = info.__struct_fields__
     return dict(zip(names, msgspec.structs.astuple(info), strict=True))
+
+
+def _dp_view(record: WorkerRecord) -> dict[str, Any]:
+    """A --dp-aware rank worker's fields in /workers, as 1.13 shows them (none otherwise)."""
+    if record.dp is None:
+        return {}
+    rank, size = record.dp
+    return {
+        "url": record.url,
+        "dp_base_url": record.spec.url,
+        "dp_rank": rank,
+        "dp_size": size,
+    }
 
 
 def _rfc3339(unix_time: float) -> str:
@@ -113,6 +127,14 @@ class WorkerRecord:
         # gRPC workers: the model facts discovery found (with the tokenizer bundle's
         # directory once fetched), published in the directory entry.
         self.grpc: GrpcModelInfo | None = None
+        # --dp-aware (smg.dp): (rank, dp_size) of a rank worker of the engine at spec.url.
+        self.dp: tuple[int, int] | None = None
+
+    @property
+    def url(self) -> str:
+        """The worker's key and shown URL: spec.url, or `{spec.url}@{rank}` for a rank."""
+        dp = self.dp
+        return self.spec.url if dp is None else dp_url(self.spec.url, dp[0])
 
     @property
     def served_models(self) -> tuple[str, ...]:
@@ -162,6 +184,8 @@ class WorkerRecord:
             spec=spec,
             grpc=self.grpc,
             provider=self.provider,
+            dp_rank=None if self.dp is None else self.dp[0],
+            dp_size=None if self.dp is None else self.dp[1],
         )
 
 
@@ -197,13 +221,17 @@ class Registry:
 
     # --- membership ---------------------------------------------------------------------------
 
-    def add(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
-        existing = self.by_url.get(spec.url)
+    def add(
+        self, spec: WorkerSpec, worker_id: str | None = None, dp: tuple[int, int] | None = None
+    ) -> WorkerRecord:
+        """Register a worker; `dp` = (rank, dp_size) makes it a --dp-aware rank worker."""
+        key = spec.url if dp is None else dp_url(spec.url, dp[0])
+        existing = self.by_url.get(key)
         if existing is not None:
             raise HttpError(
                 409,
                 "WORKER_ALREADY_EXISTS",
-                f"Worker already exists at URL '{spec.url}' with ID {existing}. "
+                f"Worker already exists at URL '{key}' with ID {existing}. "
                 f"Use PATCH /workers/{existing} to update.",
             )
         if not self.free_rows:
@@ -216,6 +244,7 @@ class Registry:
         row = self.free_rows[-1]
         generation = self.row_generations[row] + 1
         record = WorkerRecord(worker_id or str(uuid.uuid4()), spec, row, generation)
+        record.dp = dp
         waits = spec.connection_mode == "grpc"
         if external.is_external(spec):
             record.engine = external.ENGINE
@@ -232,7 +261,7 @@ class Registry:
         self.free_rows.pop()
         self.row_generations[row] = generation
         self.workers[record.worker_id] = record
-        self.by_url[spec.url] = record.worker_id
+        self.by_url[key] = record.worker_id
         # The row's breaker, stall and overload state start afresh before any process can
         # route to the new worker (it becomes routable with the row and directory below).
         self.health.reset_block(row, time.monotonic_ns())
@@ -265,8 +294,10 @@ class Registry:
                     entry.spec, entry.provider, os.environ
                 )
             record.grpc = entry.grpc
+            if entry.dp_rank is not None and entry.dp_size is not None:
+                record.dp = (entry.dp_rank, entry.dp_size)
             self.workers[record.worker_id] = record
-            self.by_url[record.spec.url] = record.worker_id
+            self.by_url[record.url] = record.worker_id
             if entry.row in self.free_rows:
                 self.free_rows.remove(entry.row)
         return len(self.workers)
@@ -280,7 +311,7 @@ class Registry:
         record = self.workers.pop(worker_id, None)
         if record is None:
             return None
-        self.by_url.pop(record.spec.url, None)
+        self.by_url.pop(record.url, None)
         self.table.write_row(
             record.row,
             Row(
@@ -500,6 +531,7 @@ class Registry:
             "job_status": None,
             # smg's own: a gRPC worker's model facts (GetModelInfo) and tokenizer bundle.
             "grpc": _grpc_view(record.grpc),
+            **_dp_view(record),
         }
 
     def load_entry(self, record: WorkerRecord) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from smg.dataplane.metrics import DataPlaneMetrics
 from smg.dataplane.retry import RetryPolicy
 from smg.dataplane.server import Verdict, timeout_verdict
 from smg.dataplane.upstream import WorkerPool
+from smg.dp import inject_dp_rank
 from smg.grpc.workers import is_grpc_entry
 from smg.history.store import StorageUnavailable
 from smg.httpwire import (
@@ -1038,6 +1039,8 @@ class DataPlane:
         if entry.provider is not None:  # an external worker: the provider's body shape
             path = request.path if translation is None else translation.upstream_path.decode()
             body = transform_body(entry.provider, path, bytes(body))
+        if entry.dp_rank is not None:  # a --dp-aware rank worker (smg.dp)
+            body = self._dp_body(body, entry.dp_rank)
         wasm = self.wasm
         if wasm is not None and wasm.on_response:
             # OnResponse modules read the answer: ask for it uncompressed.
@@ -1305,6 +1308,8 @@ class DataPlane:
             translation = exchange.translation  # the body went out in the worker's API
             path = request.path if translation is None else translation.upstream_path.decode()
             exchange.body = body = transform_body(entry.provider, path, body)
+        if entry.dp_rank is not None:  # the retry's rank worker's rank replaces the last one
+            exchange.body = body = self._dp_body(body, entry.dp_rank)
         exchange.head = self._upstream_request(request, entry, pool, len(body))
         self._in_flight_add(row, entry.generation)
         self.policy.on_dispatch(row)
@@ -1381,6 +1386,16 @@ class DataPlane:
         self._rid_counter += 1
         prefix = request_id_prefix(path)
         return f"{prefix}{self._rid_token}{self.index:02x}{self._rid_counter:014x}".encode()
+
+    @staticmethod
+    def _dp_body(body: Any, rank: int) -> Any:
+        """The body with `data_parallel_rank` set (1.13's prepare_request). A body that is
+        not a JSON object goes as it is: body routes decoded it as an object already, and
+        the others (bodiless GETs) carry no request to pin."""
+        if not body:
+            return body
+        injected = inject_dp_rank(body, rank)
+        return body if injected is None else injected
 
     def _upstream_request(
         self, request: Request, entry: DirectoryEntry, pool: WorkerPool, size: int | None = None

@@ -15,6 +15,9 @@ Routes (both engines): /health, /health_generate, /v1/models (owned_by "sglang"/
 /rerank, /flush_cache, POST /start_profile and /stop_profile (recorded in /mock/stats
 "profile_events" with the inference count at the time; no profiler runs). SGLang only: /server_info, /get_server_info, /get_model_info,
 /model_info, /v1/loads, /get_load. vLLM only: /version, /reset_prefix_cache.
+--dp-size N (SGLang only): /server_info reports dp_size N; a request's data_parallel_rank
+outside [0, N) gets 400; /mock/stats "requests_by_dp_rank" counts the ranks received
+("none": no rank, "invalid": refused).
 Test control (never counted in stats, never behind --api-key): GET /mock/stats,
 GET|POST /mock/config, POST /mock/reset.
 

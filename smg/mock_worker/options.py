@@ -62,6 +62,10 @@ class Options:
     # A streamed decode's head: "early" at once as SGLang's StreamingResponse (a KV failure
     # is then an in-band error event), "ready" only once its room is ready (then a 500).
     pd_stream_head: str = "early"
+    # Data parallelism as SGLang reports it (/server_info dp_size): with dp_size > 1 a
+    # request's `data_parallel_rank` must lie in [0, dp_size) (else 400); /mock/stats
+    # counts the ranks requests carried ("none": no rank).
+    dp_size: int = 1
 
 
 @dataclasses.dataclass
@@ -286,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(its room 'ready' at the bootstrap server) before failing with 500",
     )
     p.add_argument(
+        "--dp-size",
+        type=int_arg(1, 1024),
+        default=1,
+        help="the dp_size /server_info reports (SGLang --dp-size); requests' "
+        "data_parallel_rank is checked against it and counted in /mock/stats",
+    )
+    p.add_argument(
         "--exit-after",
         type=int_arg(1, 2**62),
         default=None,
@@ -395,6 +406,7 @@ def parse_options(argv: list[str]) -> Options:
         bootstrap_port=bootstrap_port,
         pd_wait_s=ns.pd_wait_s,
         pd_stream_head=ns.pd_stream_head,
+        dp_size=ns.dp_size,
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         ssl_ca_certs=ns.ssl_ca_certs,

@@ -321,6 +321,7 @@ class Worker:
         """Plan one inference request: (plan, timing, id, created, model); ApiError when bad."""
         cfg = self.cfg
         mock = req.mock
+        self._dp_rank(obj)
         timing = Timing(cfg.ttft_ms / 1000.0, cfg.itl_ms / 1000.0, cfg.output_len, cfg.eos_prob)
         if mock is not None:
             apply_header_overrides(
@@ -342,6 +343,22 @@ class Worker:
         model = self._model_for(plan.model)
         rid = plan.rid or self.next_id(_ID_PREFIX[kind])
         return plan, timing, rid, int(time.time()), model
+
+    def _dp_rank(self, obj: dict[str, Any]) -> None:
+        """Count the request's `data_parallel_rank` (or `routed_dp_rank`, SGLang's newer
+        name, which 1.13's PD router sends); refuse one outside [0, dp_size) as an SGLang
+        engine with that many DP ranks cannot serve it."""
+        rank = obj.get("data_parallel_rank")
+        if rank is None:
+            rank = obj.get("routed_dp_rank")
+        if rank is None:
+            self.stats.count_dp_rank("none")
+            return
+        size = self.opts.dp_size
+        if type(rank) is not int or not 0 <= rank < size:
+            self.stats.count_dp_rank("invalid")
+            raise ApiError(400, f"data_parallel_rank {rank!r} is out of range [0, {size})")
+        self.stats.count_dp_rank(str(rank))
 
     def inference(self, conn: Connection, req: Request, kind: str) -> None:
         if self.pd_role is not None:
@@ -654,6 +671,7 @@ class Worker:
             "context_length": opts.max_model_len,
             "max_running_requests": opts.max_running_requests,
             "max_total_tokens": opts.max_total_tokens,
+            "dp_size": opts.dp_size,
         }
         body = render.sglang_server_info(opts.model, opts.host, self.port, info, self.load_view())
         self.respond(conn, req, 200, body)

@@ -54,12 +54,17 @@ class WorkerStats:
         # /start_profile and /stop_profile calls in order, with how many inference
         # requests had been answered then (a test checks they bracket a run).
         self.profile_events: list[dict[str, Any]] = []
+        # Inference requests per `data_parallel_rank` they carried ("none": absent).
+        self.by_dp_rank: dict[str, int] = {}
 
     def record(self, route: bytes, rec: RequestRecord) -> None:
         self.total += 1
         self.by_route[route] = self.by_route.get(route, 0) + 1
         self.last = rec
         self.last_by_route[route] = rec
+
+    def count_dp_rank(self, rank: str) -> None:
+        self.by_dp_rank[rank] = self.by_dp_rank.get(rank, 0) + 1
 
     def count_model(self, model: str) -> None:
         self.by_model[model] = self.by_model.get(model, 0) + 1
@@ -104,6 +109,7 @@ class WorkerStats:
             "generation_tokens_total": self.generation_tokens_total,
             "disconnects": self.disconnects,
             "requests_by_model": dict(self.by_model),
+            "requests_by_dp_rank": dict(self.by_dp_rank),
             "profile_events": list(self.profile_events),
             "last_disconnect_monotonic": self.last_disconnect_mono,
             "last_disconnect_wall": self.last_disconnect_wall,

@@ -53,6 +53,10 @@ class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
     # External workers only (runtime_type external): the provider (smg.providers: openai,
     # xai, anthropic, gemini or a custom name). None: a self-hosted engine.
     provider: str | None = None
+    # --dp-aware rank workers only (smg.dp): this worker's rank and its engine's dp_size;
+    # `url` is then the engine's URL and the rank goes into every body sent to it.
+    dp_rank: int | None = None
+    dp_size: int | None = None
 
 
 # WASM modules (`POST /wasm`, smg.wasm.registry): how many, and their strings' bounds, so
