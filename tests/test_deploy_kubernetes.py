@@ -27,7 +27,15 @@ import yaml
 from gatewayutil import Gateway, free_port, secret, wait_until
 
 import smg
-from smg.config import _FIELDS, DEFAULTS, ConfigError, is_secret_key, load_config
+from smg.config import (
+    _FIELDS,
+    DEFAULTS,
+    ConfigError,
+    discovery_provider,
+    is_secret_key,
+    load_config,
+    remove_unhealthy,
+)
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) renders the chart")
 kubernetes_validate = pytest.importorskip(
@@ -75,6 +83,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "resources": {"limits": {"cpu": "1500m", "memory": "1Gi"}},
         "config": {"shutdown_grace_period_secs": 30},
         "preStopSleepSeconds": 0,
+    },
+    # Pod discovery in the release's namespace (the Role stays there).
+    "discovery": {
+        "discovery": {
+            "enabled": True,
+            "selector": {"app": "sglang", "app.kubernetes.io/part-of": "llm"},
+            "port": 30000,
+            "modelIdFrom": "label:model",
+        },
+    },
+    # Prefill-decode pods in another namespace: the Role and its binding go there.
+    "discovery_pd_elsewhere": {
+        "discovery": {
+            "enabled": True,
+            "namespace": "engines",
+            "prefillSelector": {"app": "llm", "role": "prefill"},
+            "decodeSelector": {"app": "llm", "role": "decode"},
+        },
+    },
+    # Every namespace: a ClusterRole and ClusterRoleBinding, no namespace in the config.
+    "discovery_cluster_wide": {
+        "discovery": {"enabled": True, "clusterWide": True, "selector": {"app": "vllm"}},
+        "rbac": {"create": False},  # discovery makes them anyway (as the Rust SMG's chart)
     },
 }
 BUILT_IN = {"v1", "apps/v1", "policy/v1", "rbac.authorization.k8s.io/v1"} | {
@@ -159,12 +190,22 @@ def test_every_built_in_manifest_validates_strictly(variant: str) -> None:
         "default": set(),
         "monitored_keyed_locked": {"Secret", "ServiceMonitor"},
         "existing_secret_hpa": {"HorizontalPodAutoscaler"},
+        "discovery": set(),
+        "discovery_pd_elsewhere": set(),
+        "discovery_cluster_wide": {"ClusterRole", "ClusterRoleBinding"},
     }[variant]
+    if variant == "discovery_cluster_wide":
+        expected -= {"Role", "RoleBinding"}
     assert set(objects) == expected
     checked = 0
     for kind, items in objects.items():
         for obj in items:
-            assert obj["metadata"]["namespace"] == NAMESPACE, kind
+            if kind.startswith("Cluster"):
+                assert "namespace" not in obj["metadata"], kind
+            elif kind in ("Role", "RoleBinding") and variant == "discovery_pd_elsewhere":
+                assert obj["metadata"]["namespace"] == "engines", kind
+            else:
+                assert obj["metadata"]["namespace"] == NAMESPACE, kind
             if obj["apiVersion"] not in BUILT_IN:
                 assert kind == "ServiceMonitor"  # a CRD: checked structurally below
                 continue
@@ -207,8 +248,10 @@ def test_selectors_and_references_match(variant: str) -> None:
     assert subset(one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], pod_labels)
     assert pod_labels["app.kubernetes.io/name"] == "smg"
     assert pod_labels["app.kubernetes.io/instance"] == RENDER.RELEASE
-    # RBAC: read-only pods in the release's namespace, bound to the pod's account.
-    role, binding = one(objects, "Role"), one(objects, "RoleBinding")
+    # RBAC: list+watch pods (the namespace discovery watches, else every namespace), bound
+    # to the pod's account.
+    kind = "ClusterRole" if variant == "discovery_cluster_wide" else "Role"
+    role, binding = one(objects, kind), one(objects, kind + "Binding")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
     account = one(objects, "ServiceAccount")["metadata"]["name"]
     assert pod["spec"]["serviceAccountName"] == account
@@ -217,9 +260,13 @@ def test_selectors_and_references_match(variant: str) -> None:
     ]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
+        "kind": kind,
         "name": role["metadata"]["name"],
     }
+    # The token is mounted exactly when something in the pod reads the API.
+    token = variant.startswith("discovery")
+    assert pod["spec"]["automountServiceAccountToken"] is token
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is token
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["config"]["configMap"]["name"] == one(objects, "ConfigMap")["metadata"]["name"]
     if "HorizontalPodAutoscaler" in objects:
@@ -402,6 +449,40 @@ BAD_VALUES = [
     ({"existingSecret": "s", "secretEnv": {"SMG_API_KEY": "x"}}, "maxProperties: got 1, want 0"),
     ({"replicaCounts": 2}, "additional properties 'replicaCounts' not allowed"),
     ({"terminationGracePeriodMarginSeconds": 5}, "minimum: got 5, want 12"),
+    ({"discovery": {"enabled": True}}, "at '/discovery/selector': minProperties: got 0, want 1"),
+    (
+        {"discovery": {"enabled": True, "selector": {}}},
+        "at '/discovery/selector': minProperties: got 0, want 1",
+    ),
+    (
+        {"discovery": {"enabled": True, "selector": {"app=x": "y"}}},
+        "invalid propertyName 'app=x'",
+    ),
+    (
+        {"discovery": {"enabled": True, "selector": {"app": "a b"}}},
+        "at '/discovery/selector/app': 'a b' does not match pattern",
+    ),
+    (
+        {"discovery": {"enabled": True, "selector": {"app": "x"}, "port": 0}},
+        "at '/discovery/port': minimum: got 0, want 1",
+    ),
+    (
+        {"discovery": {"enabled": True, "selector": {"app": "x"}, "modelIdFrom": "pod"}},
+        "at '/discovery/modelIdFrom': 'pod' does not match pattern",
+    ),
+    (
+        {"discovery": {"enabled": True, "selector": {"app": "x"}, "namespace": "Engines"}},
+        "at '/discovery/namespace': 'Engines' does not match pattern",
+    ),
+    (
+        {"discovery": {"clusterWide": True, "namespace": "engines"}},
+        "at '/discovery/namespace': maxLength: got 7, want 0",
+    ),
+    (
+        {"discovery": {"enabled": True, "selector": {"app": "x"}}, "config": {"selector": ["a=b"]}},
+        "invalid propertyName 'selector'",
+    ),
+    ({"discovery": {"enabled": True, "selectors": {}}}, "additional properties 'selectors'"),
 ]
 
 
@@ -481,8 +562,57 @@ def test_smg_accepts_the_rendered_config_and_command_line(variant: str, tmp_path
             ["http://sglang-0.sglang:30000"],
         ),
         "existing_secret_hpa": (2, API_KEY, 30, []),  # 1500m rounds up to 2
+        "discovery": (2, None, DEFAULTS["shutdown_grace_period_secs"], []),
+        "discovery_pd_elsewhere": (2, None, DEFAULTS["shutdown_grace_period_secs"], []),
+        "discovery_cluster_wide": (2, None, DEFAULTS["shutdown_grace_period_secs"], []),
     }[variant]
     assert (cfg.processes, cfg.api_key, cfg.shutdown_grace_period_secs, cfg.worker_urls) == expected
+    found = (
+        discovery_provider(cfg),
+        cfg.selector,
+        cfg.service_discovery_namespace,
+        cfg.service_discovery_port,
+        cfg.prefill_selector,
+        cfg.decode_selector,
+        cfg.pd_disaggregation,
+        cfg.model_id_from,
+        remove_unhealthy(cfg),
+    )
+    assert found == {
+        "discovery": (
+            "kubernetes",
+            ["app=sglang", "app.kubernetes.io/part-of=llm"],
+            NAMESPACE,  # the release's
+            30000,
+            None,
+            None,
+            False,
+            "label:model",
+            True,  # on by default under discovery, as in 1.13
+        ),
+        "discovery_pd_elsewhere": (
+            "kubernetes",
+            None,
+            "engines",
+            80,
+            ["app=llm", "role=prefill"],
+            ["app=llm", "role=decode"],
+            True,
+            None,
+            True,
+        ),
+        "discovery_cluster_wide": (
+            "kubernetes",
+            ["app=vllm"],
+            None,  # every namespace
+            80,
+            None,
+            None,
+            False,
+            None,
+            True,
+        ),
+    }.get(variant, (None, None, None, 80, None, None, False, None, False))
 
 
 # --- deploy/kubernetes ----------------------------------------------------------------------

@@ -54,7 +54,8 @@ def test_manifest_workers_by_id_in_order() -> None:
         None,
         "http",
     )
-    assert (b.url, b.model_id) == ("http://127.0.0.1:8001", "m")  # bare host:port is http
+    # A bare host:port stays bare: the reconciler detects HTTP or gRPC when it adds it.
+    assert (b.url, b.model_id, b.connection_mode) == ("127.0.0.1:8001", "m", None)
     assert _parse({"version": 1, "workers": []}) == {}
 
 

@@ -87,7 +87,7 @@ def running(
     return sink
 
 
-W = "http://127.0.0.{}:8000"
+W = "127.0.0.{}:8000"  # bare, as the provider hands it on (the reconciler detects)
 
 
 def test_pods_created_made_ready_relabelled_and_deleted_gracefully(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def test_a_ready_running_selected_pod_is_one_worker_with_its_name_and_uid() -> N
     desired = desired_workers([pod("w0", "10.0.0.5", LBL)], RULES)
     assert list(desired) == ["uid-w0:8000"]  # 1.13's discovery id: <pod uid>:<port>
     spec = desired["uid-w0:8000"]
-    assert spec.url == "http://10.0.0.5:8000"
+    assert spec.url == "10.0.0.5:8000"
     assert spec.worker_type == "regular"
     assert spec.model_id is None
     assert spec.bootstrap_port is None
@@ -52,7 +52,7 @@ def test_pods_not_selected_not_ready_without_ip_or_terminating_are_not_workers()
     no_uid = pod("nouid", "10.0.0.9", LBL)
     del no_uid["metadata"]["uid"]
     pods.append(no_uid)
-    assert urls(desired_workers(pods, RULES)) == ["http://10.0.0.6:8000"]
+    assert urls(desired_workers(pods, RULES)) == ["10.0.0.6:8000"]
 
 
 def test_an_empty_selector_selects_nothing_as_in_1_13() -> None:
@@ -64,17 +64,17 @@ def test_worker_ports_annotation_makes_one_worker_per_port_deduplicated_in_order
     p = pod("w0", "10.0.0.5", LBL, annotations={"smg.ai/worker-ports": "8001, 8002,8001"})
     desired = desired_workers([p], RULES)
     assert list(desired) == ["uid-w0:8001", "uid-w0:8002"]
-    assert urls(desired) == ["http://10.0.0.5:8001", "http://10.0.0.5:8002"]
+    assert urls(desired) == ["10.0.0.5:8001", "10.0.0.5:8002"]
 
 
 @pytest.mark.parametrize("raw", ["", "80,x", "0", "70000", "8001,,8002"])
 def test_a_bad_worker_ports_annotation_falls_back_to_the_discovery_port(raw: str) -> None:
     p = pod("w0", "10.0.0.5", LBL, annotations={"smg.ai/worker-ports": raw})
-    assert urls(desired_workers([p], RULES)) == ["http://10.0.0.5:8000"]
+    assert urls(desired_workers([p], RULES)) == ["10.0.0.5:8000"]
 
 
 def test_an_ipv6_pod_ip_is_bracketed() -> None:
-    assert urls(desired_workers([pod("w0", "fd00::5", LBL)], RULES)) == ["http://[fd00::5]:8000"]
+    assert urls(desired_workers([pod("w0", "fd00::5", LBL)], RULES)) == ["[fd00::5]:8000"]
 
 
 PD = KubeRules(
@@ -94,7 +94,7 @@ def test_pd_roles_come_from_the_selectors_and_the_bootstrap_annotation() -> None
         pod("x0", "10.0.0.3", {"app": "llm"}),
     ]  # fmt: skip
     desired = desired_workers(pods, PD)
-    assert urls(desired) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    assert urls(desired) == ["10.0.0.1:8000", "10.0.0.2:8000"]
     prefill, decode = desired["uid-p0:8000"], desired["uid-d0:8000"]
     assert (prefill.worker_type, prefill.bootstrap_port) == ("prefill", 8998)
     assert (decode.worker_type, decode.bootstrap_port) == ("decode", None)  # prefill only

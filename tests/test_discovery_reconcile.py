@@ -54,7 +54,7 @@ def test_spec_hash_ignores_own_labels_and_label_order() -> None:
 class Harness:
     """A Reconciler over a real Registry; removal waits for `drained` when it is cleared."""
 
-    def __init__(self) -> None:
+    def __init__(self, detect: Any = None) -> None:
         table = WorkerTable.create(8, 2, supervisor_pid=1, anonymous=False)
         self.registry = Registry(table, HealthThresholds(), health_check_disabled=True)
         self.tasks: list[asyncio.Task[Any]] = []
@@ -62,7 +62,12 @@ class Harness:
         self.drained.set()
         self.removed: list[str] = []
         self.reconciler = Reconciler(
-            self.registry, self.registry.add, self.remove, self.spawn, drain_wait_secs=5.0
+            self.registry,
+            self.registry.add,
+            self.remove,
+            self.spawn,
+            drain_wait_secs=5.0,
+            **({} if detect is None else {"detect": detect, "detect_timeout_secs": 0.5}),
         )
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -260,3 +265,56 @@ async def test_state_is_read_back_from_the_registry() -> None:
     await h.settle()
     assert len(h.registry.workers) == 1
     assert fresh.families()[0].samples == []  # nothing registered by this one
+
+
+@_sync
+async def test_a_bare_host_port_is_registered_in_the_mode_that_answers() -> None:
+    """1.13's DetectConnectionModeStep: HTTP and gRPC probed, HTTP first; neither: not
+    registered, counted, tried again next pass; a registered one is not probed again."""
+    answers = {"127.0.0.1:9001": "http", "127.0.0.2:9002": "grpc", "127.0.0.3:9003": None}
+    probed: list[tuple[str, float]] = []
+
+    async def detect(target: str, timeout: float) -> str | None:
+        probed.append((target, timeout))
+        return answers[target]
+
+    h = Harness(detect)
+    desired = {
+        "a": _spec("127.0.0.1:9001"),
+        "b": _spec("127.0.0.2:9002"),
+        "c": _spec("127.0.0.3:9003"),
+        "d": _spec("http://127.0.0.4:9004"),  # a scheme is honoured: no probe
+    }
+    await h.reconciler.apply("file", desired)
+    assert sorted(probed) == [
+        ("127.0.0.1:9001", 0.5),
+        ("127.0.0.2:9002", 0.5),
+        ("127.0.0.3:9003", 0.5),
+    ]
+    assert h.urls() == {
+        "http://127.0.0.1:9001": ("file", "a", "ready"),
+        "grpc://127.0.0.2:9002": ("file", "b", "pending"),  # gRPC: until discovered
+        "http://127.0.0.4:9004": ("file", "d", "ready"),
+    }
+    modes = {r.spec.url: r.spec.connection_mode for r in h.registry.workers.values()}
+    assert modes["grpc://127.0.0.2:9002"] == "grpc"
+    regs = _family(h.reconciler.families(), "smg_discovery_registrations_total")
+    assert regs == {
+        ("", ("source", "file"), ("result", "success")): 3,
+        ("", ("source", "file"), ("result", "failure")): 1,
+    }
+    # Next pass: only the one that did not answer is probed; now it answers gRPC.
+    probed.clear()
+    answers["127.0.0.3:9003"] = "grpc"
+    await h.reconciler.apply("file", desired)
+    assert probed == [("127.0.0.3:9003", 0.5)]
+    assert "grpc://127.0.0.3:9003" in h.urls()
+    probed.clear()
+    await h.reconciler.apply("file", desired)
+    assert probed == []
+    assert len(h.urls()) == 4
+    # Gone from the source: drained and removed under the URL it was registered with.
+    await h.reconciler.apply("file", {k: v for k, v in desired.items() if k != "b"})
+    await h.settle()
+    assert h.removed == ["grpc://127.0.0.2:9002"]
+    assert probed == []

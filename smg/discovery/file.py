@@ -14,7 +14,9 @@ binary; the source mirror has none):
   or two ids naming one endpoint (URL normalised), are refused.
 - Outside PD mode `worker_type` must be regular (or absent); in PD mode it is required
   and must be prefill or decode. `bootstrap_port` applies to prefill (and encode) only.
-- A URL without a scheme is http:// (as 1.13 registers it).
+- A URL without a scheme (`host:port`) is probed for HTTP and gRPC when it is added, as
+  1.13 does (smg.discovery.detect; the 1.13 binary registers a gRPC engine's bare
+  host:port as grpc://); it is checked here as http://.
 - Anything refused refuses the whole manifest: the workers registered stay as they are
   (the last good manifest), the reason is logged, and counted
   (`smg_discovery_snapshot_errors_total{reason="invalid"}`; `"unreadable"` for a file that
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from smg.config import DISCOVERY_CHECK_INTERVAL_DEFAULT, ConfigError, GatewayConfig
@@ -124,22 +127,23 @@ def parse_manifest(raw: bytes, *, pd: bool = False) -> dict[str, WorkerSpec]:
     by_url: dict[str, str] = {}
     for i, item in enumerate(workers):
         try:
-            key, spec = _worker(item, pd)
+            key, spec, endpoint = _worker(item, pd)
         except ManifestError as exc:
             raise ManifestError(f"workers[{i}]: {exc}") from None
         if key in out:
             raise ManifestError(f"workers[{i}]: duplicate id {key!r}")
-        other = by_url.get(spec.url)
+        other = by_url.get(endpoint)
         if other is not None:
             raise ManifestError(
-                f"workers[{i}]: {key!r} and {other!r} name the same endpoint {spec.url}"
+                f"workers[{i}]: {key!r} and {other!r} name the same endpoint {endpoint}"
             )
         out[key] = spec
-        by_url[spec.url] = key
+        by_url[endpoint] = key
     return out
 
 
-def _worker(item: Any, pd: bool) -> tuple[str, WorkerSpec]:
+def _worker(item: Any, pd: bool) -> tuple[str, WorkerSpec, str]:
+    """(key, spec, the endpoint's normalised URL, for duplicates)."""
     if not isinstance(item, dict):
         raise ManifestError(f"invalid type: {_type_name(item)}, expected a worker object")
     for name in item:
@@ -180,17 +184,17 @@ def _worker(item: Any, pd: bool) -> tuple[str, WorkerSpec]:
                 f"bootstrap_port applies only to encode and prefill workers, not {kind}"
             )
     url: str = item["url"]
-    raw_url = url if "://" in url else "http://" + url  # as 1.13 registers a bare host:port
+    spec = WorkerSpec(url=url, model_id=item.get("model_id"), worker_type=kind, bootstrap_port=port)
     try:
-        spec = validate_worker_spec(
-            WorkerSpec(
-                url=raw_url, model_id=item.get("model_id"), worker_type=kind, bootstrap_port=port
-            )
+        # A bare host:port is checked as http:// and handed on bare: the reconciler
+        # detects its connection mode (HTTP or gRPC) when it adds it.
+        checked = validate_worker_spec(
+            spec if "://" in url else msgspec.structs.replace(spec, url="http://" + url)
         )
     except ConfigError as exc:
         raise ManifestError(f"{exc.key}: {exc.reason}") from None
     key = item.get("id")
-    return (url if key is None else key), spec
+    return (url if key is None else key), (checked if "://" in url else spec), checked.url
 
 
 @dataclass

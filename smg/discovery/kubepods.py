@@ -16,7 +16,7 @@ lists and watches the pods and calls this.
   1.13 binary does (the newer source keeps them; the binary wins).
 - One worker per port: the ports of the `smg.ai/worker-ports` annotation ("8000,8001",
   deduplicated in order; junk or 0 falls back to `--service-discovery-port`), else that
-  port alone. URL `http://<pod IP>:<port>`.
+  port alone. URL: the bare `<pod IP>:<port>` (as 1.13; its mode is detected when added).
 - A prefill's bootstrap port: the `sglang.ai/bootstrap-port` annotation, one value for
   every worker of the pod or one per worker port; anything else is ignored (no port).
 - Keyed by 1.13's discovery id `<pod uid>:<port>` (its `smg.ai/discovery-id` label), with
@@ -210,7 +210,8 @@ def pod_workers(pod: Pod, rules: KubeRules) -> dict[str, WorkerSpec]:
     model_id = rules.model_id_from.extract(pod) if rules.model_id_from else None
     return {
         f"{uid}:{port}": WorkerSpec(
-            url=f"http://{_url_host(ip)}:{port}",
+            # Bare, as 1.13's: the reconciler probes HTTP and gRPC (smg.discovery.detect).
+            url=f"{_url_host(ip)}:{port}",
             model_id=model_id,
             worker_type=role,
             bootstrap_port=boot,

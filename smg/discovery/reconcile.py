@@ -12,6 +12,12 @@ and `smg.ai/discovery-spec-hash` (sha256 of the spec as the provider gave it), s
 current set is read back from the registry itself: a replaced control plane (which
 restores the registry from shared memory) reconciles from where the last one stopped.
 
+A spec whose URL is a bare `host:port` (every Kubernetes pod's; a manifest's `url` without
+a scheme) has its connection mode detected as 1.13 does (smg.discovery.detect: HTTP and gRPC
+probed at once, HTTP first) when it is added, and is registered as `http://` or `grpc://`;
+its spec hash is of the bare form, so later passes leave it as it is. A worker that answers
+neither is not registered (counted as a failed registration) and is tried again next pass.
+
 Metrics: 1.13's `smg_discovery_*` families (names and labels as its /metrics shows them),
 plus `smg_discovery_last_sync_timestamp_seconds` (smg only).
 """
@@ -28,11 +34,13 @@ from typing import Any
 
 import msgspec
 
-from smg.config import ConfigError
+from smg.config import DEFAULTS, ConfigError
 from smg.control.registry import Registry, WorkerRecord, unsupported_reason
 from smg.control.worker_state import WorkerStatus
+from smg.discovery.detect import Mode, detect_connection_mode
 from smg.httpwire import HttpError
 from smg.promtext import Family, Sample
+from smg.worker_url import worker_address
 from smg.workers_spec import WorkerSpec, validate_worker_spec
 
 __all__ = [
@@ -94,6 +102,16 @@ def mark(spec: WorkerSpec, source: str, key: str) -> WorkerSpec:
     return msgspec.structs.replace(spec, labels=labels)
 
 
+def _bare_target(url: str) -> str | None:
+    """host:port of a validated http:// URL made from a bare one (its port made explicit:
+    gRPC has no default); None when it has a path (an HTTP route prefix: http:// it is)."""
+    address = worker_address(url)
+    if address.path:
+        return None
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{host}:{address.port}"
+
+
 # --- the control plane's reconciler ---------------------------------------------------------
 
 
@@ -125,12 +143,16 @@ class Reconciler:
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
         *,
         drain_wait_secs: float = 180.0,
+        detect: Callable[[str, float], Awaitable[Mode | None]] = detect_connection_mode,
+        detect_timeout_secs: float = float(DEFAULTS["health_check_timeout_secs"]),
     ) -> None:
         self.registry = registry
         self._register = register
         self._remove = remove
         self._spawn = spawn
         self.drain_wait_secs = drain_wait_secs
+        self._detect = detect
+        self.detect_timeout_secs = detect_timeout_secs
         self.stats: dict[str, _SourceStats] = {}
         self._lock = asyncio.Lock()
         # (source, key) -> spec hash of an add waiting for its URL to be freed by a drain.
@@ -162,12 +184,21 @@ class Reconciler:
             started = time.monotonic()
             stats = self._stats(source)
             wanted: dict[str, WorkerSpec] = {}
+            bare: dict[str, str] = {}  # key -> host:port whose mode is detected on add
             for key, spec in desired.items():
                 try:
+                    detected = isinstance(spec.url, str) and "://" not in spec.url
+                    if detected:  # checked as http://; the mode is settled when added
+                        spec = msgspec.structs.replace(spec, url="http://" + spec.url)
                     checked = validate_worker_spec(spec)
                     reason = unsupported_reason(checked)
                     if reason:
                         raise ConfigError("worker_type", reason)
+                    target = _bare_target(checked.url) if detected else None
+                    if target is not None:
+                        # Hashed with no mode: unlike an explicit http:// of the same URL.
+                        checked = msgspec.structs.replace(checked, connection_mode=None)
+                        bare[key] = target
                     # Again with the labels: the key must fit a label value, and the spec
                     # the worker-table budget.
                     wanted[key] = validate_worker_spec(mark(checked, source, key))
@@ -193,7 +224,10 @@ class Reconciler:
                 record = registered.get(key)
                 if record is not None:
                     self._deregister(source, record, "reconciled")
-            for key in steps.add:
+            adds = [k for k in steps.add if k not in bare] + await self._detect_modes(
+                source, {k: bare[k] for k in steps.add if k in bare}, wanted
+            )
+            for key in sorted(adds):
                 self._add(source, key, wanted[key])
             stats.last_sync = time.time()
             if not (steps.add or steps.remove):
@@ -204,6 +238,35 @@ class Reconciler:
             for i, bound in enumerate(SYNC_BUCKETS):
                 if elapsed <= bound:
                     stats.buckets[i] += 1
+
+    async def _detect_modes(
+        self, source: str, targets: Mapping[str, str], wanted: dict[str, WorkerSpec]
+    ) -> list[str]:
+        """Probe the bare host:ports at once; `wanted` gets each answering one's spec
+        with its scheme; the keys that answered (the rest are counted and logged)."""
+        keys = sorted(targets)
+        modes = await asyncio.gather(
+            *(self._detect(targets[k], self.detect_timeout_secs) for k in keys)
+        )
+        answered: list[str] = []
+        stats = self._stats(source)
+        for key, mode in zip(keys, modes, strict=True):
+            if mode is None:
+                stats.bump(stats.registrations, "failure")
+                log.warning(
+                    "discovery %s: worker %r at %s answers neither HTTP (GET /health) nor "
+                    "gRPC (HealthCheck); not registered, tried again next pass",
+                    source,
+                    key,
+                    targets[key],
+                )
+                continue
+            spec = wanted[key]
+            wanted[key] = validate_worker_spec(
+                msgspec.structs.replace(spec, url=f"{mode}://{targets[key]}", connection_mode=None)
+            )
+            answered.append(key)
+        return answered
 
     def _deregister(self, source: str, record: WorkerRecord, reason: str) -> None:
         log.info(

@@ -65,3 +65,53 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "smg.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.preStopSleepSeconds) (include "smg.shutdownGrace" . | int) (int .Values.terminationGracePeriodMarginSeconds) -}}
 {{- end -}}
+
+{{/* The service account's token is mounted when set, or when pod discovery needs it. */}}
+{{- define "smg.automountToken" -}}
+{{- or .Values.serviceAccount.automountServiceAccountToken .Values.discovery.enabled -}}
+{{- end -}}
+
+{{/* A label map as smg's selector flags take it: ["key=value", ...] (sorted by key). */}}
+{{- define "smg.selectorList" -}}
+{{- $items := list -}}
+{{- range $k, $v := . -}}
+{{- $items = append $items (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- toYaml $items -}}
+{{- end -}}
+
+{{/* The namespace pod discovery watches ("" when it watches them all). */}}
+{{- define "smg.discoveryNamespace" -}}
+{{- if not .Values.discovery.clusterWide -}}
+{{- .Values.discovery.namespace | default .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The config file: values.config, plus the keys discovery.* stands for when enabled. */}}
+{{- define "smg.config" -}}
+{{- $config := deepCopy .Values.config -}}
+{{- $d := .Values.discovery -}}
+{{- if $d.enabled -}}
+{{- $_ := set $config "service_discovery" true -}}
+{{- $_ := set $config "service_discovery_port" (int $d.port) -}}
+{{- with include "smg.discoveryNamespace" . -}}
+{{- $_ := set $config "service_discovery_namespace" . -}}
+{{- end -}}
+{{- if $d.selector -}}
+{{- $_ := set $config "selector" (include "smg.selectorList" $d.selector | fromYamlArray) -}}
+{{- end -}}
+{{- if $d.prefillSelector -}}
+{{- $_ := set $config "prefill_selector" (include "smg.selectorList" $d.prefillSelector | fromYamlArray) -}}
+{{- end -}}
+{{- if $d.decodeSelector -}}
+{{- $_ := set $config "decode_selector" (include "smg.selectorList" $d.decodeSelector | fromYamlArray) -}}
+{{- end -}}
+{{- if or $d.prefillSelector $d.decodeSelector -}}
+{{- $_ := set $config "pd_disaggregation" true -}}
+{{- end -}}
+{{- with $d.modelIdFrom -}}
+{{- $_ := set $config "model_id_from" . -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
