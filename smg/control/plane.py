@@ -152,6 +152,8 @@ class ControlPlane:
             self._drain_and_remove,
             self._spawn,
             drain_wait_secs=float(cfg.shutdown_grace_period_secs),
+            # 1.13 probes a bare discovered host:port within the health-check timeout.
+            detect_timeout_secs=float(cfg.health_check_timeout_secs),
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
