@@ -39,7 +39,7 @@ import yaml
 
 from smg.cpus import PROCESS_CAP, default_processes
 from smg.parsers.registry import REASONING_PARSERS, TOOL_PARSERS
-from smg.policies.registry import POLICY_NAMES, RUST_POLICY_NAMES
+from smg.policies.registry import POLICY_NAMES, PREFILL_POLICY_NAMES, RUST_POLICY_NAMES
 from smg.worker_url import WorkerUrlError, parse_worker_url, valid_host
 
 __all__ = [
@@ -1723,6 +1723,7 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             if reason:
                 raise ConfigError(field, reason, src.get(field))
 
+    cfg = _check_pd(cfg, src)
     if cfg.policy not in IMPLEMENTED_POLICIES:
         raise ConfigError(
             "policy",
@@ -1731,7 +1732,6 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
             src.get("policy"),
         )
     _check_history(cfg, src)
-    cfg = _check_pd(cfg, src)
     if cfg.queue_size > 0 and cfg.queue_timeout_secs == 0:
         raise ConfigError(
             "queue_timeout_secs", "must be > 0 when queue_size > 0", src.get("queue_timeout_secs")
@@ -1848,13 +1848,15 @@ def _check_pd(cfg: GatewayConfig, src: Mapping[str, str]) -> GatewayConfig:
         )
     if cfg.dp_aware:
         raise ConfigError("dp_aware", "is not implemented yet in smg", src.get("dp_aware"))
-    for field in ("prefill_policy", "decode_policy"):
+    for field, implemented in (
+        ("prefill_policy", PREFILL_POLICY_NAMES),
+        ("decode_policy", IMPLEMENTED_POLICIES),
+    ):
         name = getattr(cfg, field)
-        if name is not None and name not in IMPLEMENTED_POLICIES:
+        if name is not None and name not in implemented:
             raise ConfigError(
                 field,
-                f"{name!r} is not implemented yet in smg "
-                f"(implemented: {', '.join(IMPLEMENTED_POLICIES)})",
+                f"{name!r} is not implemented yet in smg (implemented: {', '.join(implemented)})",
                 src.get(field),
             )
     if cfg.prefill_policy == "bucket" and cfg.bucket_adjust_interval_secs < 1:

@@ -36,6 +36,13 @@ RESTART_ONLY: tuple[str, ...] = (
     "mock_workers",  # the mock worker process
     "mock_worker_engine",
     "mock_worker_args",
+    # PD mode: its workers are registered at start-up (a reload moves --worker-urls only),
+    # and the bucket policy's adjuster is started once by the control plane.
+    "pd_disaggregation",
+    "prefill",
+    "decode",
+    "prefill_policy",
+    "bucket_adjust_interval_secs",
     "config",  # where the file is; its contents are re-read
     "mcp_config_path",  # read and checked once by `smg launch`; the data planes fork with it
     "print_config",

@@ -327,7 +327,7 @@ class Supervisor:
             from smg.control.process import run as run_control
 
             return run_control(
-                self.cfg, self.table, self.pid, self.processes, self.specs, self.stash
+                self.cfg, self.table, self.pid, self.processes, self.specs, self.stash, self.shared
             )
         from smg.dataplane.process import run as run_dataplane
 

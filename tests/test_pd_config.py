@@ -312,3 +312,49 @@ def test_regular_mode_registers_a_prefill_worker_but_never_routes_to_it() -> Non
             answer = gw.admin("POST", "/workers", json=grpc)
             assert answer.status_code == 400
             assert "over gRPC is not implemented yet" in answer.json()["error"]["message"]
+
+
+def test_pd_policies_that_read_loads_keep_the_load_polls_on() -> None:
+    from smg.control.plane import loads_always_polled
+
+    quiet = ["--disable-load-monitoring", "--disable-worker-overload-protection"]
+    assert loads_always_polled(load_config([*PD_PAIR, *quiet, "--policy", "random"], {})) is False
+    for flag in ("--prefill-policy", "--decode-policy"):
+        cfg = load_config([*PD_PAIR, *quiet, "--policy", "random", flag, "least_load"], {})
+        assert loads_always_polled(cfg) is True
+
+
+def test_a_prefill_whose_bootstrap_port_refuses_is_registered_warned_and_counted() -> None:
+    import socket
+
+    with (
+        mockutil.start_mock_workers(3, "--model", "m1") as mocks,
+        socket.socket() as bootstrap,
+        socket.socket() as closed,
+    ):
+        bootstrap.bind(("127.0.0.1", 0))
+        bootstrap.listen(4)  # a bootstrap server that accepts
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        open_port, closed_port = bootstrap.getsockname()[1], closed.getsockname()[1]
+        p1, p2, d1 = mocks.urls
+        args = ["--pd-disaggregation", "--prefill", p1, str(open_port)]
+        args += ["--prefill", p2, str(closed_port), "--decode", d1]
+        with running_gateway(args) as gw:
+            gw.wait_ready()
+            series = 'smg_pd_rendezvous_failures_total{leg="prefill",phase="probe"} 1'
+            wait_until(lambda: series in gw.metrics(), 10.0, "the probe failure counted")
+            logs = gw.logs()
+            assert f"worker={p2} worker_type=prefill" in logs
+            assert f"bootstrap_port={closed_port} bootstrap_port_source=registered" in logs
+            assert logs.count("Bootstrap port did not accept a connection") == 1  # p1's took it
+            assert _workers(gw)["stats"]["prefill_count"] == 2  # still registered
+
+
+def test_a_reload_keeps_the_pd_topology() -> None:
+    from smg.reload import plan_reload
+
+    old = load_config(PD_PAIR, {})
+    new = load_config([*PD, "--decode", "http://127.0.0.1:9003", "--prefill-policy", "bucket"], {})
+    plan = plan_reload(old, new)
+    assert [k[0] for k in plan.kept] == ["decode", "prefill_policy"]
+    assert (plan.cfg.decode, plan.cfg.prefill_policy) == (["http://127.0.0.1:9002"], None)

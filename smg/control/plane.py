@@ -31,6 +31,7 @@ from smg.config import (
 from smg.control import cpauth, external, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
+from smg.control.pd_probe import probe_bootstrap
 from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
 from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
@@ -39,6 +40,7 @@ from smg.dataplane.breaker import STATE_NAMES
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
 from smg.httpwire import HttpError, error_body
+from smg.policies.bucket import MAX, BucketAdjuster, run_adjuster
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
 from smg.shm import layout
@@ -54,6 +56,7 @@ from smg.workers_spec import (
 )
 
 if TYPE_CHECKING:
+    from smg.policies.shared import SharedRouting
     from smg.shm.table import WorkerTable
 
 log = logging.getLogger("smg.control")
@@ -74,8 +77,12 @@ class ControlPlane:
         processes: int,
         initial_specs: list[WorkerSpec],
         stash: Stash | None = None,
+        shared: SharedRouting | None = None,
     ) -> None:
         self.cfg = cfg
+        self.shared = shared  # routing state of every process (the bucket boundaries' writer)
+        self.pd_probe_failures = 0  # prefill bootstrap ports that refused the probe
+        self.bucket_adjuster: BucketAdjuster | None = None  # --prefill-policy bucket
         self.table = table
         self.root_pid = root_pid
         self.processes = processes
@@ -185,6 +192,14 @@ class ControlPlane:
             self.registry.mark_seeded()
         # The tasks above have not run yet (no await since): none can have ended the round.
         self._check_first_round()
+        share = self.shared.bucket if self.shared is not None else None
+        if share is not None and self.cfg.pd_disaggregation and self.cfg.prefill_policy == "bucket":
+            # The bucket boundaries' one writer (smg.policies.bucket).
+            adjuster = BucketAdjuster(share, float(self.cfg.bucket_adjust_interval_secs))
+            self.bucket_adjuster = adjuster
+            first_round = self.table.global_offset(layout.G_FIRST_HEALTH_ROUND)
+            started = lambda: bool(self.table.atomic.load_u64(first_round))  # noqa: E731
+            self._spawn(run_adjuster(adjuster, self.registry.prefill_workers, started))
         self._spawn(self._load_loop())
         self._spawn(self._dataplane_scrape_loop())
         self._spawn(self._health_tick_loop())
@@ -240,8 +255,14 @@ class ControlPlane:
     def _register(self, spec: WorkerSpec, worker_id: str | None = None) -> WorkerRecord:
         record = self.registry.add(spec, worker_id)
         log.info("worker %s registered as %s (row %d)", spec.url, record.worker_id, record.row)
+        if spec.worker_type == "prefill":  # 1.13 probes in any mode
+            self._spawn(self._probe_bootstrap(spec))
         self._spawn(self._onboard_external(record) if record.external else self._onboard(record))
         return record
+
+    async def _probe_bootstrap(self, spec: WorkerSpec) -> None:
+        if not await probe_bootstrap(spec):
+            self.pd_probe_failures += 1
 
     async def _onboard_external(self, record: WorkerRecord) -> None:
         """An external worker: its models discovered (retried each interval until
@@ -604,11 +625,7 @@ class ControlPlane:
             return
         # As in SMG 1.13: overload protection and a policy that reads the loads need them,
         # so they are polled even under --disable-load-monitoring.
-        always = (
-            not self.cfg.disable_load_monitoring
-            or _policy_needs_loads(self.cfg.policy)
-            or _overload_limits(self.cfg) is not None
-        )
+        always = loads_always_polled(self.cfg)
         while not self._stopping:
             await asyncio.sleep(interval)
             # A model routed by its workers' `policy` label (power_of_two, least_load)
@@ -1153,6 +1170,10 @@ class ControlPlane:
         await self._scrape_dataplanes()
         families = self.metric_families()
         families.extend(self.supervisor_families())
+        if self.cfg.pd_disaggregation or self.pd_probe_failures:
+            families.append(self._pd_families())
+        if self.bucket_adjuster is not None:
+            families.append(_bucket_family(self.bucket_adjuster))
         families.extend(self.metric_folder.families())
         return web.Response(
             body=promtext.render(families).encode("utf-8"),
@@ -1160,6 +1181,15 @@ class ControlPlane:
                 "content-type": promtext.CONTENT_TYPE,
                 "x-smg-metrics-processes": str(self.processes),
             },
+        )
+
+    def _pd_families(self) -> Family:
+        return Family(  # 1.13's name and help; smg probes over HTTP only (phase probe)
+            "smg_pd_rendezvous_failures_total",
+            "counter",
+            "PD rendezvous failures by leg (the worker type of the leg that failed) and phase: "
+            "a bootstrap port that refused the registration probe (probe)",
+            [Sample("", [("leg", "prefill"), ("phase", "probe")], self.pd_probe_failures)],
         )
 
     def _live_dataplanes(self) -> list[tuple[int, int]]:
@@ -1398,6 +1428,33 @@ def _overload_limits(cfg: GatewayConfig) -> tuple[int, float] | None:
     if cfg.disable_worker_overload_protection:
         return None
     return int(cfg.worker_overload_waiting_requests), float(cfg.worker_overload_token_usage)
+
+
+def _bucket_family(adjuster: BucketAdjuster) -> Family:
+    return Family(  # smg's own: 1.13 logs the ranges at each adjustment only
+        "smg_pd_bucket_range_upper",
+        "gauge",
+        "Upper end (characters) of each prefill worker's request-length range in the "
+        "bucket policy, by model and worker; +Inf for the last range",
+        [
+            Sample("", [("model", model), ("worker", url)], float("inf") if hi == MAX else hi)
+            for model, url, _lo, hi in adjuster.ranges()
+        ],
+    )
+
+
+def loads_always_polled(cfg: GatewayConfig) -> bool:
+    """Whether worker loads are polled whatever the workers' labels say: load monitoring on,
+    or (as in SMG 1.13, even under --disable-load-monitoring) overload protection or a
+    policy that reads them: --policy, or PD mode's --prefill-policy / --decode-policy."""
+    return (
+        not cfg.disable_load_monitoring
+        or any(
+            _policy_needs_loads(name or "")
+            for name in (cfg.policy, cfg.prefill_policy, cfg.decode_policy)
+        )
+        or _overload_limits(cfg) is not None
+    )
 
 
 def _policy_needs_loads(policy: str) -> bool:

@@ -13,6 +13,7 @@ from smg.control.plane import ControlPlane
 
 if TYPE_CHECKING:
     from smg.config import GatewayConfig
+    from smg.policies.shared import SharedRouting
     from smg.shm.stash import Stash
     from smg.shm.table import WorkerTable
     from smg.workers_spec import WorkerSpec
@@ -27,10 +28,11 @@ def run(
     processes: int,
     specs: list[WorkerSpec],
     stash: Stash | None = None,
+    shared: SharedRouting | None = None,
 ) -> int:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    plane = ControlPlane(cfg, table, root_pid, processes, specs, stash)
+    plane = ControlPlane(cfg, table, root_pid, processes, specs, stash, shared)
     try:
         loop.run_until_complete(plane.start())
     except Exception as exc:

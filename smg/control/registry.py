@@ -29,6 +29,7 @@ from smg.control.worker_state import (
 from smg.grpc.types import GrpcModelInfo
 from smg.httpwire import HttpError
 from smg.policies.base import BackendLoad
+from smg.policies.bucket import PrefillWorker
 from smg.shm import layout
 from smg.shm.directory import (
     Directory,
@@ -306,6 +307,16 @@ class Registry:
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         return self.workers.get(worker_id)
+
+    def prefill_workers(self) -> list[PrefillWorker]:
+        """Every prefill worker whose model is known (given or discovered: 1.13 adds a
+        worker to its policy once registration found it), in registration order, with its
+        model key (the bucket policy's membership; 1.13 keeps unhealthy ones too)."""
+        return [
+            PrefillWorker(r.row, r.generation, r.spec.url, (r.served_models or ("unknown",))[0])
+            for r in self.workers.values()
+            if r.spec.worker_type == "prefill" and (r.served_models or r.discovered)
+        ]
 
     # --- state changes ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 
 from smg.policies.base import Policy
+from smg.policies.bucket import BucketPolicy
 from smg.policies.cache_aware import CacheAwarePolicy
 from smg.policies.consistent_hashing import ConsistentHashingPolicy
 from smg.policies.least_load import (
@@ -118,6 +119,15 @@ def _cache_aware(cfg: object, rng: random.Random | None, index: int) -> Policy:
     )
 
 
+def _bucket(cfg: object, rng: random.Random | None, index: int) -> Policy:
+    # 1.13's BucketConfig takes the cache-aware balance pair (its own rule, see bucket.py).
+    return BucketPolicy(
+        balance_abs_threshold=_integer(cfg, "balance_abs_threshold", 64),
+        balance_rel_threshold=_number(cfg, "balance_rel_threshold", 1.5),
+        rng=rng,
+    )
+
+
 def _consistent_hashing(cfg: object, rng: random.Random | None, index: int) -> Policy:
     return ConsistentHashingPolicy(rng)
 
@@ -167,9 +177,13 @@ _POLICIES: dict[str, tuple[type[Policy], Factory]] = {
     "consistent_hashing": (ConsistentHashingPolicy, _consistent_hashing),
     "prefix_hash": (PrefixHashPolicy, _prefix_hash),
     "manual": (StickyPolicy, _manual),
+    "bucket": (BucketPolicy, _bucket),
 }
 
-POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
+# --policy (and a worker's `policy` label) takes every policy but bucket, which 1.13 offers
+# for prefill workers only (--prefill-policy).
+POLICY_NAMES: tuple[str, ...] = tuple(name for name in _POLICIES if name != "bucket")
+PREFILL_POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 
 
 def _entry(name: str) -> tuple[type[Policy], Factory]:

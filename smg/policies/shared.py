@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smg.policies.bucket import BucketShare
 from smg.shm.keytable import KeyTable
 from smg.shm.prefix import PrefixIndex, entries_for
 
@@ -20,6 +21,9 @@ class SharedRouting:
     prefix_index: PrefixIndex | None = None
     # manual / --routing-key-override: routing key -> worker pins (smg.shm.keytable).
     sticky_keys: KeyTable | None = None
+    # bucket (--prefill-policy): per-process request rings and the control plane's
+    # published boundaries (smg.policies.bucket).
+    bucket: BucketShare | None = None
     # This process's data-plane slot, set by each child after the fork (its own copy):
     # the region it writes in per-process tables (a live reload's replacement has
     # another slot than its predecessor, so the two never write one region).
@@ -35,4 +39,5 @@ class SharedRouting:
         return cls(
             prefix_index=PrefixIndex.create(slots, entries_for(int(max_tree_size))),
             sticky_keys=KeyTable.create(slots),
+            bucket=BucketShare.create(slots),
         )
