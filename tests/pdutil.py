@@ -7,6 +7,16 @@
         assert pdutil.room_states(p) == {room: "ready"}
         pdutil.set_faults(p.url, ttft_ms=200)  # a slow prefill; crash_rate=1.0: it dies
 
+gRPC (grpc_pd.py: SGLang disaggregated_params, vLLM NIXL kv_transfer_params):
+
+    model = grpcmockutil.llama3_dir(tmp_path / "m")
+    with pdutil.start_grpc_prefill(model, "vllm") as p, pdutil.start_grpc_decode(model, "vllm") as d:
+        # --prefill p.url p.bootstrap_port --decode d.url; p.pd_stats()["rooms"]
+
+The Rust SMG 1.13 in front of them (skip a test when RUST_SMG does not exist):
+
+    with pdutil.rust_gateway([*p.prefill_args(), *d.decode_args()], *pdutil.ONE_SHOT) as url:
+
 Each start_* returns a PdMocks (a MockWorkers with `role` and, for a prefill, one
 bootstrap port per worker); leaving the `with` block stops the process (or call stop()).
 The bootstrap protocol (smg/mock_worker/pd.py): GET /pd/rooms/{room} (200 with
@@ -16,11 +26,18 @@ the prefill's bootstrap port; state: "prefilling", "ready" or "failed".
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from tests import mockutil
+from tests.gatewayutil import free_port
 from tests.mockutil import MockWorkers
 
 BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP "
@@ -86,9 +103,22 @@ def start_prefill(
     return _start("prefill", count, ["--bootstrap-port", str(bootstrap_port), *args], timeout)
 
 
-def start_decode(count: int = 1, *args: str, wait_s: float = 5.0, timeout: float = 15.0) -> PdMocks:
+# A streamed decode's head: "early" (at once, as SGLang: a failed KV transfer is then an
+# in-band error event after a 200) or "ready" (only once the prefill's room is ready).
+STREAM_HEAD = "early"
+
+
+def start_decode(
+    count: int = 1,
+    *args: str,
+    wait_s: float = 5.0,
+    stream_head: str | None = None,
+    timeout: float = 15.0,
+) -> PdMocks:
     """Decode workers; each request waits up to `wait_s` for its prefill's KV."""
-    return _start("decode", count, ["--pd-wait-s", str(wait_s), *args], timeout)
+    head = STREAM_HEAD if stream_head is None else stream_head
+    argv = ["--pd-wait-s", str(wait_s), "--pd-stream-head", head, *args]
+    return _start("decode", count, argv, timeout)
 
 
 def bootstrap_url(prefill: PdMocks, index: int = 0) -> str:
@@ -131,3 +161,131 @@ def pd_body(body: dict[str, Any], room: int, bootstrap_port: int, host: str = "1
         "bootstrap_port": bootstrap_port,
         "bootstrap_room": room,
     }
+
+
+# --- gRPC PD mocks ------------------------------------------------------------------------------
+
+
+class GrpcPdMock:
+    """A gRPC mock engine in a PD role: `url` (grpc://), `control` (http://) and, for a
+    prefill, `bootstrap_port`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], reader: Any, role: str) -> None:
+        self.proc = proc
+        self._reader = reader
+        self.role = role
+        self.url = ""
+        self.control = ""
+        self.bootstrap_port = 0
+
+    def __enter__(self) -> GrpcPdMock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        return mockutil.stop_with_reader(self.proc, self._reader, timeout)
+
+    def stats(self) -> dict[str, Any]:
+        status, data = mockutil.request_json("GET", self.control + "/stats")
+        assert status == 200, data
+        return data
+
+    def pd_stats(self) -> dict[str, Any]:
+        """{"role", "bootstrap_port", "rooms" (a prefill's, oldest first), "kv_failures"}."""
+        return self.stats()["pd"]
+
+    def config(self, **fields: Any) -> dict[str, Any]:
+        """POST /config: ttft_ms, itl_ms, fail_next, fail_code, delay_ms, ... (grpc_options)."""
+        status, data = mockutil.request_json("POST", self.control + "/config", fields)
+        assert status == 200, data
+        return data
+
+
+def _start_grpc(
+    model_dir: Path, backend: str, role: str, args: list[str], timeout: float
+) -> GrpcPdMock:
+    argv = [
+        sys.executable, "-m", "smg", "mock-worker", "--grpc", "--grpc-backend", backend,
+        "--port", "0", "--control-port", "0", "--tokenizer-path", str(model_dir),
+        "--model", "llama3", "--pd-role", role, *args,
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    lines, reader = mockutil.start_reader(proc)
+    mock = GrpcPdMock(proc, reader, role)
+    deadline = time.monotonic() + timeout
+    try:
+        while not mock.url or (role == "prefill" and not mock.bootstrap_port):
+            line = mockutil.next_line(lines, proc, deadline, f"{role} gRPC mock: no URL", role)
+            if line.startswith("MOCK_CONTROL_URL "):
+                mock.control = line.split()[1]
+            elif line.startswith(mockutil.URL_PREFIX):
+                mock.url = line.split()[1]
+            elif line.startswith(BOOTSTRAP_PREFIX):
+                mock.bootstrap_port = int(line.split()[-1])
+    except BaseException:
+        mock.stop()
+        raise
+    return mock
+
+
+def start_grpc_prefill(
+    model_dir: Path, backend: str, *args: str, bootstrap_port: int = 0, timeout: float = 30.0
+) -> GrpcPdMock:
+    """A gRPC prefill engine (`backend` "sglang" or "vllm") serving `model_dir`'s tokenizer."""
+    extra = ["--bootstrap-port", str(bootstrap_port), *args]
+    return _start_grpc(model_dir, backend, "prefill", extra, timeout)
+
+
+def start_grpc_decode(
+    model_dir: Path, backend: str, *args: str, wait_s: float = 5.0, timeout: float = 30.0
+) -> GrpcPdMock:
+    return _start_grpc(model_dir, backend, "decode", ["--pd-wait-s", str(wait_s), *args], timeout)
+
+
+# --- the Rust SMG 1.13 in PD mode ----------------------------------------------------------
+
+# The Rust SMG 1.13 binary, to check the mocks (and smg) against; tests skip without it.
+RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
+
+
+@contextlib.contextmanager
+def rust_gateway(
+    pd_args: list[str], *extra: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
+    port = free_port()
+    argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--pd-disaggregation", *pd_args, "--prometheus-port", str(free_port())]
+    # No shutdown grace: it would hold every stop 5 s although nothing is in flight.
+    argv += ["--log-level", "warn", "--shutdown-grace-period-secs", "0", *extra]
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if mockutil.request("GET", url + "/readiness", timeout=1.0)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"Rust SMG not ready: {log.read()[-2000:]!r}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+# One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.
+ONE_SHOT = ("--disable-retries", "--disable-circuit-breaker")

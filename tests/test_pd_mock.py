@@ -6,14 +6,9 @@ what a real SGLang PD pair checks."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import os
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,8 +125,31 @@ def test_room_book_states_and_bounds() -> None:
     book.start([3], now=2.0)  # over max_rooms: the oldest goes
     assert book.get(1, 2.0) is None
     assert [r["room"] for r in book.listing(2.0)] == [2, 3]
+    assert [r["room"] for r in book.listing(2.0, last=1)] == [3] and len(book) == 2
     assert book.get(3, 12.5) is None  # older than ttl_s
     assert book.listing(12.5) == []
+
+
+def test_room_book_long_poll() -> None:
+    import asyncio
+
+    async def run() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        book = RoomBook()
+        loop.call_later(0.05, book.start, [1], 0.0)  # the room appears ...
+        loop.call_later(0.1, book.finish, [1], True)  # ... then is prefilled
+        t0 = loop.time()
+        await book.wait_settled(1, 5.0)
+        settled = loop.time() - t0
+        t0 = loop.time()
+        await book.wait_settled(1, 5.0)  # already settled: at once
+        again = loop.time() - t0
+        t0 = loop.time()
+        await book.wait_settled(2, 0.1)  # never seen: the whole timeout
+        return settled, again, loop.time() - t0
+
+    settled, again, unseen = asyncio.run(run())
+    assert 0.09 <= settled < 2.0 and again < 0.05 and 0.09 <= unseen < 2.0
 
 
 def test_bootstrap_routes() -> None:
@@ -142,7 +160,7 @@ def test_bootstrap_routes() -> None:
         {"room": 42, "state": PREFILLING, "age_s": 0.5},
     )
     assert bootstrap_route(book, "GET", "/pd/rooms/43", 1.5)[0] == 404
-    assert bootstrap_route(book, "GET", "/pd/rooms/x", 1.5)[0] == 400
+    assert bootstrap_route(book, "GET", "/pd/rooms/a%2Fb", 1.5)[0] == 400
     assert bootstrap_route(book, "POST", "/pd/rooms", 1.5)[0] == 405
     assert bootstrap_route(book, "GET", "/pd/rooms", 1.5)[1] == {
         "rooms": [{"room": 42, "state": PREFILLING, "age_s": 0.5}]
@@ -168,7 +186,7 @@ def test_cli_refusals() -> None:
 def pair() -> Iterator[tuple[pdutil.PdMocks, pdutil.PdMocks]]:
     prefill = pdutil.start_prefill(1, "--output-len", "8")
     try:
-        decode = pdutil.start_decode(1, "--output-len", "8", wait_s=1.0)
+        decode = pdutil.start_decode(1, "--output-len", "8", wait_s=2.0)
         try:
             yield prefill, decode
         finally:
@@ -267,8 +285,31 @@ def test_decode_without_its_prefill_fails_after_the_wait(pair: Any) -> None:
     took = time.monotonic() - t0
     assert status == 500, data
     assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room 3001 not ready")
-    assert 0.9 <= took < 4.0  # --pd-wait-s 1
+    assert 1.9 <= took < 8.0  # --pd-wait-s 2
     assert pdutil.kv_failures(decode.url) == before + 1
+
+
+def test_streamed_decode_without_its_prefill_ends_with_an_error_event(pair: Any) -> None:
+    # SGLang sends a stream's head at once; a scheduler abort (a failed KV transfer) is
+    # an in-band error event, then [DONE].
+    _, decode = pair
+    body = pdutil.pd_body({**CHAT, "stream": True}, 3002, pair[0].bootstrap_port)
+    status, headers, data = mockutil.request("POST", decode.url + "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line for line in data.decode().split("\n") if line.startswith("data: ")]
+    assert len(events) == 2 and events[1] == "data: [DONE]"
+    error = json.loads(events[0][len("data: ") :])["error"]
+    assert (error["type"], error["code"]) == ("INTERNAL_SERVER_ERROR", 500)
+    assert error["message"].startswith("KV transfer failed: bootstrap_room 3002 not ready")
+
+
+def test_streamed_decode_head_after_the_room_fails_with_a_status() -> None:
+    # --pd-stream-head ready: the head waits for the room, so a failure is a plain 500.
+    with pdutil.start_decode(1, wait_s=0.3, stream_head="ready") as decode:
+        body = pdutil.pd_body({**CHAT, "stream": True}, 3003, free_port())
+        status, data = mockutil.request_json("POST", decode.url + "/v1/chat/completions", body)
+    assert status == 500
+    assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room 3003")
 
 
 def test_decode_waits_for_a_slow_prefill(pair: Any, clean: None) -> None:
@@ -287,7 +328,7 @@ def test_failed_prefill_fails_the_decode_at_once(pair: Any, clean: None) -> None
     (ps, _), (ds, db), took = _both(prefill, decode, "/v1/chat/completions", body)
     assert (ps, ds) == (500, 500)
     assert b"the prefill of bootstrap_room 5001" in db
-    assert took < 0.9  # not the whole 1 s wait
+    assert took < 1.5  # not the whole 2 s wait
     assert pdutil.room_state(prefill, 5001) == FAILED
 
 
@@ -315,44 +356,10 @@ def test_prefill_crash_kills_the_process_and_fails_the_decode() -> None:
 
 # --- behind the Rust SMG 1.13 -----------------------------------------------------------------
 
-RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
+RUST_SMG = pdutil.RUST_SMG
 needs_rust = pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
-
-
-@contextlib.contextmanager
-def rust_gateway(pd_args: list[str], *extra: str) -> Iterator[str]:
-    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
-    port = free_port()
-    argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--pd-disaggregation", *pd_args, "--prometheus-port", str(free_port())]
-    argv += ["--log-level", "warn", *extra]
-    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if mockutil.request("GET", url + "/readiness", timeout=1.0)[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"Rust SMG not ready: {log.read()[-2000:]!r}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-# One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.
-ONE_SHOT = ("--disable-retries", "--disable-circuit-breaker")
+rust_gateway = pdutil.rust_gateway
+ONE_SHOT = pdutil.ONE_SHOT
 
 
 @pytest.fixture(scope="module")
@@ -411,10 +418,16 @@ def test_rust_pd_wrong_bootstrap_port_fails_in_the_decode(pair: Any) -> None:
         t0 = time.monotonic()
         status, data = mockutil.request_json("POST", url + "/v1/chat/completions", CHAT)
         took = time.monotonic() - t0
+        body = {**CHAT, "stream": True}
+        sstatus, _, raw = mockutil.request("POST", url + "/v1/chat/completions", body)
     assert status == 500, data
     assert data["error"]["code"] == "decode_internal_error"
     assert data["error"]["message"].startswith("KV transfer failed: bootstrap_room")
-    assert took >= 0.9  # the decode's whole --pd-wait-s 1
+    assert took >= 1.9  # the decode's whole --pd-wait-s 2
+    # Streamed, 1.13 relays the decode's stream: 200, the in-band error event, [DONE].
+    assert sstatus == 200
+    assert b'"message":"KV transfer failed: bootstrap_room' in raw
+    assert raw.rstrip().endswith(b"data: [DONE]")
 
 
 @needs_rust
@@ -465,3 +478,35 @@ def test_rust_pd_merges_the_prefills_input_logprobs(rust_pd: str) -> None:
     assert status == 200
     first = json.loads(raw.decode().split("\n")[0][len("data: ") :])
     assert first["meta_info"]["input_token_logprobs"] == []  # not merged by 1.13
+
+
+def test_decode_survives_a_restarted_prefill_on_the_same_bootstrap_port() -> None:
+    # The decode keeps its bootstrap connections alive; one to a prefill that went away
+    # is dropped and a fresh one made, not failed.
+    port = free_port()
+    with pdutil.start_decode(1, wait_s=2.0) as decode:
+        for room in (8001, 8002):
+            with pdutil.start_prefill(1, bootstrap_port=port) as prefill:
+                assert prefill.bootstrap_port == port
+                body = pdutil.pd_body(CHAT, room, port)
+                (ps, _), (ds, db), took = _both(prefill, decode, "/v1/chat/completions", body)
+                assert (ps, ds) == (200, 200), db
+                assert took < 1.5  # no wait-out on the stale connection
+        assert pdutil.kv_failures(decode.url) == 0
+
+
+def test_each_prefill_worker_has_its_own_bootstrap_port_and_rooms() -> None:
+    with pdutil.start_prefill(2, bootstrap_port=0) as prefill:
+        assert len(set(prefill.bootstrap_ports)) == 2
+        body = pdutil.pd_body(CHAT, 9001, prefill.bootstrap_ports[1])
+        status, _ = mockutil.request_json("POST", prefill.urls[1] + "/v1/chat/completions", body)
+        assert status == 200
+        assert (pdutil.room_states(prefill, 0), pdutil.room_states(prefill, 1)) == (
+            {},
+            {9001: READY},
+        )
+    assert prefill.prefill_args()[:3] == [
+        "--prefill",
+        prefill.urls[0],
+        str(prefill.bootstrap_ports[0]),
+    ]

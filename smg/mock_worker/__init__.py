@@ -53,8 +53,13 @@ Decisions:
   [--pd-wait-s 5]`. Every inference request must carry bootstrap_host/_port/_room (400).
   A prefill records the room(s) when the request starts and answers one token (SGLang's
   max_new_tokens = 1); a decode answers normally only once each room is "ready" at
-  bootstrap_host:bootstrap_port, else 500 "KV transfer failed: ...". Faults apply to both
+  bootstrap_host:bootstrap_port, else 500 "KV transfer failed: ..." (streamed: 200 at once,
+  then SGLang's in-band error event and [DONE]; --pd-stream-head ready holds the head until
+  the room is ready, a failure then being a 500); a null bootstrap_port is the engine's own
+  --bootstrap-port, as SGLang's scheduler does. Faults apply to both
   roles; --crash-rate / crash_rate makes the process exit (status 1) at the first token.
+  `smg mock-worker --grpc --pd-role ...` does the same over gRPC (grpc_pd.py: SGLang
+  disaggregated_params; vLLM NIXL or --kv-connector mooncake kv_transfer_params).
 - Load: running = the worker's in-flight inference requests; waiting = the configured
   fake queue; token_usage = the configured value, or else the in-flight requests'
   prompt + output tokens over --max-total-tokens.

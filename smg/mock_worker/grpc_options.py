@@ -42,6 +42,10 @@ class GrpcOptions:
     health_fail: bool = False
     impl: str = "fast"  # "fast": smg/mock_worker/h2fast.py; "aio": grpc.aio (the reference)
     child: bool = False  # internal: one of --processes' children (prints no URL line)
+    pd_role: str | None = None  # "prefill" | "decode" (grpc_pd.py); None: plain
+    bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port default; 0: ephemeral
+    pd_wait_s: float = 5.0
+    kv_connector: str = "nixl"  # vLLM PD: "nixl" (params relayed) or "mooncake" (push-based)
 
 
 @dataclasses.dataclass
@@ -167,6 +171,35 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="server: fast (a minimal HTTP/2 server, ~10x less CPU per token) or aio (grpc.aio)",
     )
+    p.add_argument(
+        "--pd-role",
+        choices=("prefill", "decode"),
+        default=None,
+        help="prefill/decode disaggregation role (grpc_pd.py): sglang checks "
+        "disaggregated_params and bootstrap rooms, vllm NIXL-style kv_transfer_params; "
+        "served with --grpc-impl aio",
+    )
+    p.add_argument(
+        "--bootstrap-port",
+        type=int_arg(0, 65535),
+        default=None,
+        help="a prefill's bootstrap server port (default 8998; 0: ephemeral), announced as "
+        "'MOCK_WORKER_BOOTSTRAP <url> <port>'; an sglang decode's port for bootstrap_port 0",
+    )
+    p.add_argument(
+        "--pd-wait-s",
+        type=non_negative_arg,
+        default=5.0,
+        help="how long a decode waits for its prefill before failing (INTERNAL)",
+    )
+    p.add_argument(
+        "--kv-connector",
+        choices=("nixl", "mooncake"),
+        default="nixl",
+        help="vllm PD: the KV connector GetServerInfo reports and the mock checks "
+        "(nixl: the prefill's kv_transfer_params relayed; mooncake: a router-minted "
+        "transfer_id, remote_engine_id and remote_bootstrap_addr)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -176,6 +209,15 @@ def parse_grpc_options(argv: list[str]) -> GrpcOptions:
     ns = build_parser().parse_args(argv)
     if ns.processes > 1 and ns.control_port is not None:
         build_parser().error("--control-port needs --processes 1 (stats are per process)")
+    if ns.bootstrap_port is not None and ns.pd_role is None:
+        build_parser().error("--bootstrap-port needs --pd-role")
+    if ns.pd_role is not None and ns.processes > 1:
+        build_parser().error("--pd-role needs --processes 1 (one bootstrap server, one book)")
+    if ns.pd_role is not None and ns.grpc_impl == "fast" and "--grpc-impl" in argv:
+        build_parser().error("--pd-role is served by --grpc-impl aio")
+    bootstrap_port = 8998 if ns.bootstrap_port is None else ns.bootstrap_port
+    if ns.pd_role == "decode" and bootstrap_port == 0:
+        build_parser().error("--bootstrap-port 0 (ephemeral) is for a prefill only")
     output_mode = ns.output_mode
     if ns.reply_file is not None:
         try:
@@ -199,6 +241,10 @@ def parse_grpc_options(argv: list[str]) -> GrpcOptions:
         control_port=ns.control_port,
         prefix_cache_tokens=ns.prefix_cache_tokens,
         health_fail=ns.health_fail,
-        impl=ns.grpc_impl,
+        impl="aio" if ns.pd_role is not None else ns.grpc_impl,
         child=ns.child,
+        pd_role=ns.pd_role,
+        bootstrap_port=bootstrap_port,
+        pd_wait_s=ns.pd_wait_s,
+        kv_connector=ns.kv_connector,
     )

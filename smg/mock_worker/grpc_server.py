@@ -108,6 +108,7 @@ from smg_grpc_proto.generated import (
 from smg.mock_worker import h2fast
 from smg.mock_worker.grpc_model import ModelFiles, load_model_files
 from smg.mock_worker.grpc_options import GrpcOptions, GrpcRuntime, apply_update, parse_grpc_options
+from smg.mock_worker.grpc_pd import GrpcPd, PdRefused
 from smg.mock_worker.grpc_script import (
     ChoiceScript,
     Model,
@@ -118,6 +119,7 @@ from smg.mock_worker.grpc_script import (
     parse_output_mode,
 )
 from smg.mock_worker.h2fast import Route, serve_fast
+from smg.mock_worker.pd import start_bootstrap_server
 from smg.mock_worker.prefix_cache import PrefixCache
 
 # The GetTokenizer archive: the gateway's own builder and chunking, so the mock sends
@@ -125,6 +127,7 @@ from smg.mock_worker.prefix_cache import PrefixCache
 from smg.tokenizer.bundle import bundle_chunks, make_bundle
 
 URL_PREFIX = "MOCK_WORKER_URL"
+BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP"
 CONTROL_PREFIX = "MOCK_CONTROL_URL"
 READY_PREFIX = "MOCK_CHILD_READY"
 EMBED_DIM = 16
@@ -189,6 +192,16 @@ class Engine:
         self.started = time.time()
         self.last_receive = 0.0
         self._bundle: tuple[bytes, str] | None = None
+        self.pd: GrpcPd | None = None
+        if opts.pd_role is not None:
+            self.pd = GrpcPd(
+                opts.pd_role,
+                opts.backend,
+                opts.host,
+                opts.bootstrap_port,
+                opts.pd_wait_s,
+                opts.kv_connector,
+            )
 
     def initial_runtime(self) -> GrpcRuntime:
         o = self.opts
@@ -579,6 +592,11 @@ async def generate(
     engine: Engine, be: Backend, msg: Any, context: grpc.aio.ServicerContext
 ) -> AsyncIterator[Any]:
     """The Generate stream of either backend (grpc.aio)."""
+    pd = engine.pd
+    if pd is not None:
+        async for m in _pd_generate(engine, pd, be, msg, context):
+            yield m
+        return
     try:
         run = GenRun(engine, be, msg, raw=False)
     except Abort as e:
@@ -602,6 +620,45 @@ async def generate(
         raise
     finally:
         run.close()
+
+
+async def _pd_generate(
+    engine: Engine, pd: GrpcPd, be: Backend, msg: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """Generate in a PD role (grpc_pd.py): the bootstrap checks, then the plain stream."""
+    try:
+        leg = pd.leg(msg)
+        run = GenRun(engine, be, msg, raw=False)
+    except (PdRefused, Abort) as e:
+        await context.abort(e.code, e.message)
+    if pd.book is not None and be.name == "sglang":
+        run.req.max_tokens = 1  # SGLang's prefill computes the KV and the first token
+    ok = False
+    try:
+        try:
+            await pd.before(leg, time.monotonic())
+        except PdRefused as e:
+            await context.abort(e.code, e.message)
+        while not run.done:
+            delay = run.due() - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                msgs = run.advance()
+            except Abort as e:
+                for m in getattr(run, "pending_failure", []):
+                    yield m
+                await context.abort(e.code, e.message)
+            for m in msgs:
+                pd.decorate(leg, m)
+                yield m
+        ok = True
+    except asyncio.CancelledError:
+        run.close(cancelled=True)
+        raise
+    finally:
+        run.close()
+        pd.after(leg, ok)
 
 
 def _abort_ids(engine: Engine, ids: list[str]) -> None:
@@ -676,6 +733,7 @@ class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
             server_type="vllm-grpc",
             data_parallel_size=1,
             max_num_seqs=256,
+            **_kv_fields(self.e),
         )
 
     async def GetLoads(self, request: Any, context: Any) -> Any:
@@ -758,6 +816,14 @@ class SglangService(_Service, sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
         )
 
 
+def _kv_fields(e: Engine) -> dict[str, Any]:
+    """vLLM's kv_transfer_config as GetServerInfo reports it (a PD role only)."""
+    pd = e.pd
+    if pd is None:
+        return {}
+    return {"kv_connector": pd.kv_connector, "kv_role": pd.kv_role, "kv_engine_id": pd.engine_id}
+
+
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
@@ -828,6 +894,7 @@ def control_answer(e: Engine, method: str, path: str, body: bytes) -> bytes:
         out["prefix_cache"] = e.cache.stats.to_json() if e.cache is not None else None
         out["backend"] = e.opts.backend
         out["h2"] = dict(h2fast.COUNTS)  # the fast server's connections and PINGs
+        out["pd"] = None if e.pd is None else e.pd.stats(time.monotonic())
         return _http(200, out)
     if path == "/config" and method == "GET":
         return _http(200, e.runtime.to_json())
@@ -953,6 +1020,13 @@ async def serve(opts: GrpcOptions) -> int:
         return _fail(f"cannot listen on {opts.host}:{opts.port}: {exc}")
     control: asyncio.AbstractServer | None = None
     lines = []
+    boot: asyncio.AbstractServer | None = None
+    if engine.pd is not None and engine.pd.book is not None:  # a prefill's bootstrap server
+        try:
+            boot = await start_bootstrap_server(engine.pd.book, opts.host, opts.bootstrap_port)
+        except OSError as exc:
+            return _fail(f"cannot listen on {opts.host}:{opts.bootstrap_port} (bootstrap): {exc}")
+        engine.pd.bootstrap_port = boot.sockets[0].getsockname()[1]
     if opts.control_port is not None:
         control = await asyncio.start_server(
             lambda r, w: _control_conn(engine, r, w), opts.host, opts.control_port
@@ -961,6 +1035,10 @@ async def serve(opts: GrpcOptions) -> int:
         lines.append(f"{CONTROL_PREFIX} {_url('http', opts.host, cport)}\n")
     prefix = READY_PREFIX if opts.child else URL_PREFIX
     lines.append(f"{prefix} {_url('grpc', opts.host, port)}\n")
+    if boot is not None:
+        lines.append(
+            f"{BOOTSTRAP_PREFIX} {_url('grpc', opts.host, port)} {engine.pd.bootstrap_port}\n"
+        )  # type: ignore[union-attr]
     sys.stdout.write("".join(lines))
     sys.stdout.flush()
     stop = asyncio.Event()
@@ -970,6 +1048,8 @@ async def serve(opts: GrpcOptions) -> int:
     await stop.wait()
     if control is not None:
         control.close()
+    if boot is not None:
+        boot.close()
     if fast is not None:
         fast.close()
     if server is not None:

@@ -59,6 +59,9 @@ class Options:
     pd_role: str | None = None
     bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port default; 0: ephemeral
     pd_wait_s: float = 5.0  # how long a decode waits for its prefill's KV
+    # A streamed decode's head: "early" at once as SGLang's StreamingResponse (a KV failure
+    # is then an in-band error event), "ready" only once its room is ready (then a 500).
+    pd_stream_head: str = "early"
 
 
 @dataclasses.dataclass
@@ -268,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         "roles take it for a request whose bootstrap_port is null, as SGLang does",
     )
     p.add_argument(
+        "--pd-stream-head",
+        choices=("early", "ready"),
+        default="early",
+        help="with --pd-role decode, a streamed answer's head: early (at once, as SGLang; a "
+        "failed KV transfer is then an in-band error event and [DONE]) or ready (once the "
+        "prefill's room is ready; a failure is then a 500)",
+    )
+    p.add_argument(
         "--pd-wait-s",
         type=non_negative_arg,
         default=5.0,
@@ -383,6 +394,7 @@ def parse_options(argv: list[str]) -> Options:
         pd_role=ns.pd_role,
         bootstrap_port=bootstrap_port,
         pd_wait_s=ns.pd_wait_s,
+        pd_stream_head=ns.pd_stream_head,
         ssl_certfile=ns.ssl_certfile,
         ssl_keyfile=ns.ssl_keyfile,
         ssl_ca_certs=ns.ssl_ca_certs,

@@ -10,14 +10,20 @@ engine's own --disaggregation-bootstrap-port (SGLang's scheduler does that; 1.13
 null for a prefill given without a port), here --bootstrap-port (default 8998).
 
 The mock's bootstrap protocol (HTTP/1.1 on the prefill's bootstrap port):
-    GET /pd/rooms/{room}  200 {"room": R, "state": S, "age_s": T}, 404 when never seen
+    GET /pd/rooms/{room}  200 {"room": R, "state": S, "age_s": T}, 404 when never seen;
+                          with ?wait_ms=N (<= 10000) the answer waits until the room is
+                          "ready" or "failed" or N ms passed (a long poll: one request per
+                          decode instead of a busy loop)
     GET /pd/rooms         200 {"rooms": [{"room": R, "state": S, "age_s": T}, ...]} oldest first
     GET /health           200
 S is "prefilling" from the moment the prefill request starts, "ready" once the prefill
 answered (its KV is "transferable"), "failed" when it ended otherwise (error, fault,
 client gone). The decode polls each of its rooms until "ready" (then answers normally),
 "failed" (then fails at once) or its wait (--pd-wait-s) runs out (then fails): 500 with
-an error JSON, as an SGLang decode aborts a request whose KV transfer failed.
+an error JSON, as an SGLang decode aborts a request whose KV transfer failed. A streamed
+request's head (200, SSE) goes out at once, as SGLang's StreamingResponse sends it, so
+there the failure is SGLang's in-band event `data: {"error": {"object": "error",
+"message", "type": "INTERNAL_SERVER_ERROR", "param": null, "code": 500}}` then `[DONE]`.
 
 Pure parts (field parsing, the room book) are separate from the two small servers.
 """
@@ -37,7 +43,9 @@ PREFILL, DECODE = "prefill", "decode"
 ROLES = (PREFILL, DECODE)
 PREFILLING, READY, FAILED = "prefilling", "ready", "failed"
 MAX_ROOM = 2**64 - 1  # SGLang rooms are u64 (1.13 sends [0, 2^63 - 1])
-POLL_S = 0.01  # how often a decode asks the bootstrap server again
+POLL_S = 0.01  # how long a decode pauses before asking again after a failed ask
+STATS_ROOMS = 1000  # the newest rooms a stats answer lists
+MAX_WAIT_MS = 10_000  # the longest a bootstrap server holds one ?wait_ms= answer
 
 
 # --- pure: the bootstrap fields of a request ------------------------------------------
@@ -135,47 +143,101 @@ def bootstrap_targets(
 # --- pure: the prefill's record of rooms ------------------------------------------------
 
 
-class RoomBook:
-    """Rooms a prefill served, bounded in count and age (oldest dropped first)."""
+Key = int | str  # SGLang: a bootstrap room; vLLM (gRPC): the transfer id the prefill minted
 
-    def __init__(self, max_rooms: int = 100_000, ttl_s: float = 600.0) -> None:
+
+class RoomBook:
+    """Rooms a prefill served, bounded in count and age (oldest dropped first). A room
+    may hold the kv_transfer_params the prefill returned (vLLM style)."""
+
+    def __init__(
+        self, max_rooms: int = 100_000, ttl_s: float = 600.0, engine_id: str | None = None
+    ) -> None:
         self.max_rooms = max_rooms
         self.ttl_s = ttl_s
-        self._rooms: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        self.engine_id = engine_id  # shown with every room (a Mooncake decode checks it)
+        self._rooms: collections.OrderedDict[Key, tuple[str, float]] = collections.OrderedDict()
+        self._params: dict[Key, dict[str, Any]] = {}
+        self._waiters: dict[Key, list[asyncio.Future[None]]] = {}  # long polls per room
 
     def _trim(self, now: float) -> None:
         rooms = self._rooms
         while rooms and (
             len(rooms) > self.max_rooms or now - next(iter(rooms.values()))[1] > self.ttl_s
         ):
-            rooms.popitem(last=False)
+            self._params.pop(rooms.popitem(last=False)[0], None)
 
-    def start(self, rooms: list[int], now: float) -> None:
+    def start(self, rooms: list[Key], now: float) -> None:
         for room in rooms:
             self._rooms.pop(room, None)  # a reused room counts from its new start
             self._rooms[room] = (PREFILLING, now)
         self._trim(now)
+        self._wake(rooms)
 
-    def finish(self, rooms: list[int], ok: bool) -> None:
-        """End the prefill of `rooms`; only a room still prefilling changes."""
+    def _wake(self, rooms: list[Key]) -> None:
+        for room in rooms:
+            for fut in self._waiters.pop(room, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait_settled(self, room: Key, timeout: float) -> None:
+        """Return once `room` is "ready" or "failed", or after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            entry = self._rooms.get(room)
+            left = deadline - loop.time()
+            if (entry is not None and entry[0] != PREFILLING) or left <= 0:
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(room, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                return
+            finally:
+                waiting = self._waiters.get(room)
+                if waiting is not None and fut in waiting:
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._waiters[room]
+
+    def finish(self, rooms: list[Key], ok: bool, params: dict[str, Any] | None = None) -> None:
+        """End the prefill of `rooms`; only a room still prefilling changes. `params`: the
+        kv_transfer_params the prefill answered with (kept for the decode to compare)."""
         state = READY if ok else FAILED
         for room in rooms:
             entry = self._rooms.get(room)
             if entry is not None and entry[0] == PREFILLING:
                 self._rooms[room] = (state, entry[1])
+                if params is not None and ok:
+                    self._params[room] = params
+        self._wake(rooms)
 
-    def get(self, room: int, now: float) -> dict[str, Any] | None:
+    def get(self, room: Key, now: float) -> dict[str, Any] | None:
         self._trim(now)
         entry = self._rooms.get(room)
         if entry is None:
             return None
-        return {"room": room, "state": entry[0], "age_s": round(now - entry[1], 3)}
+        out: dict[str, Any] = {"room": room, "state": entry[0], "age_s": round(now - entry[1], 3)}
+        if self.engine_id is not None:
+            out["engine_id"] = self.engine_id
+        params = self._params.get(room)
+        if params is not None:
+            out["kv_transfer_params"] = params
+        return out
 
-    def listing(self, now: float) -> list[dict[str, Any]]:
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def listing(self, now: float, last: int | None = None) -> list[dict[str, Any]]:
+        """Every room (or the `last` newest), oldest first."""
         self._trim(now)
+        items = list(self._rooms.items())
+        if last is not None:
+            items = items[-last:] if last else []
         return [
-            {"room": room, "state": state, "age_s": round(now - t, 3)}
-            for room, (state, t) in self._rooms.items()
+            {"room": room, "state": state, "age_s": round(now - t, 3)} for room, (state, t) in items
         ]
 
 
@@ -208,9 +270,9 @@ def bootstrap_route(book: RoomBook, method: str, path: str, now: float) -> tuple
         return 200, {"rooms": book.listing(now)}
     if path.startswith("/pd/rooms/"):
         text = path[len("/pd/rooms/") :]
-        if not text.isdigit():
-            return 400, _error(400, f"room must be a non-negative integer, got {text!r}")
-        found = book.get(int(text), now)
+        if not text or not all(c.isalnum() or c in "._-" for c in text) or not text.isascii():
+            return 400, _error(400, f"room must be an integer or a transfer id, got {text!r}")
+        found = book.get(int(text) if text.isdigit() else text, now)
         if found is None:
             return 404, _error(404, f"room {text} was never prefilled here")
         return 200, found
@@ -242,7 +304,12 @@ async def _serve_bootstrap(
             if length:  # a GET has no body; drain one anyway so the next request parses
                 await reader.readexactly(min(length, _MAX_HEAD))
             keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-            status, body = bootstrap_route(book, method, target.partition("?")[0], time.monotonic())
+            path, _, query = target.partition("?")
+            wait_ms = _wait_ms(query)
+            if wait_ms and method == "GET" and path.startswith("/pd/rooms/"):
+                key = path[len("/pd/rooms/") :]
+                await book.wait_settled(int(key) if key.isdigit() else key, wait_ms / 1000)
+            status, body = bootstrap_route(book, method, path, time.monotonic())
             writer.write(_answer(status, body, keep))
             await writer.drain()
             if not keep:
@@ -251,6 +318,15 @@ async def _serve_bootstrap(
         pass
     finally:
         writer.close()
+
+
+def _wait_ms(query: str) -> int:
+    """The ?wait_ms= of a bootstrap request, capped at MAX_WAIT_MS (0: none or unreadable)."""
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "wait_ms" and value.isdigit():
+            return min(int(value), MAX_WAIT_MS)
+    return 0
 
 
 async def start_bootstrap_server(book: RoomBook, host: str, port: int) -> asyncio.AbstractServer:
@@ -269,25 +345,78 @@ class KvTransferError(Exception):
     """The decode could not get a room's KV from its prefill (answered 500)."""
 
 
-async def _ask(host: str, port: int, room: int, timeout: float) -> tuple[int, dict[str, Any]]:
-    """One GET /pd/rooms/{room} on a fresh connection: (status, JSON body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    try:
-        writer.write(
-            b"GET /pd/rooms/%d HTTP/1.1\r\nhost: %s:%d\r\nconnection: close\r\n\r\n"
-            % (room, host.encode(), port)
-        )
-        data = await asyncio.wait_for(reader.read(-1), timeout)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+# Idle keep-alive connections to bootstrap servers, per (host, port): a decode under load
+# asks once per request, and a fresh TCP connection each time would cost more than the ask.
+_IDLE: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+_MAX_IDLE = 64
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, timeout: float
+) -> tuple[int, dict[str, Any]]:
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
     return status, orjson.loads(body) if body else {}
 
 
-async def await_rooms(targets: list[tuple[str, int, int]], wait_s: float) -> None:
+async def _ask(host: str, port: int, room: Key, wait: float) -> tuple[int, dict[str, Any]]:
+    """One GET /pd/rooms/{room}?wait_ms= (a long poll of up to `wait` s) on a kept-alive
+    connection (a fresh one when none is idle): (status, JSON body)."""
+    request = b"GET /pd/rooms/%s?wait_ms=%d HTTP/1.1\r\nhost: %s:%d\r\n\r\n" % (
+        str(room).encode(),
+        int(wait * 1000),
+        host.encode(),
+        port,
+    )
+    idle = _IDLE.setdefault((host, port), [])
+    while idle:  # a kept connection the server may have closed meanwhile: then a fresh one
+        reader, writer = idle.pop()
+        try:
+            answer = await _exchange(reader, writer, request, wait + 1.0)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            writer.close()
+            continue
+        _keep(idle, reader, writer)
+        return answer
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait + 1.0)
+    try:
+        answer = await _exchange(reader, writer, request, wait + 1.0)
+    except BaseException:
+        writer.close()
+        raise
+    _keep(idle, reader, writer)
+    return answer
+
+
+def _keep(
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    if len(idle) < _MAX_IDLE and not writer.is_closing():
+        idle.append((reader, writer))
+    else:
+        writer.close()
+
+
+async def await_rooms(
+    targets: list[tuple[str, int, Key]],
+    wait_s: float,
+    expect: dict[str, Any] | None = None,
+    engine_id: str | None = None,
+) -> None:
     """Return once every (host, port, room) is "ready" at its bootstrap server; raise
-    KvTransferError when one is "failed" or `wait_s` runs out (shared by all rooms)."""
+    KvTransferError when one is "failed" or `wait_s` runs out (shared by all rooms), or,
+    with `expect`, when the prefill returned other kv_transfer_params than these, or, with
+    `engine_id`, when the prefill there is another engine."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     for host, port, room in dict.fromkeys(targets):  # a room repeated by n > 1 asks once
@@ -301,11 +430,27 @@ async def await_rooms(targets: list[tuple[str, int, int]], wait_s: float) -> Non
                 )
             try:
                 status, body = await _ask(host, port, room, min(left, 1.0))
-            except (OSError, TimeoutError, ValueError, IndexError) as e:
+            except (
+                OSError,
+                TimeoutError,
+                ValueError,
+                IndexError,
+                asyncio.IncompleteReadError,
+            ) as e:
                 last = f"bootstrap server unreachable: {type(e).__name__}"
             else:
                 state = body.get("state") if status == 200 else None
                 if state == READY:
+                    if expect is not None and body.get("kv_transfer_params") != expect:
+                        raise KvTransferError(
+                            f"KV transfer failed: kv_transfer_params of {room} differ from "
+                            f"what the prefill at {host}:{port} returned"
+                        )
+                    if engine_id is not None and body.get("engine_id") != engine_id:
+                        raise KvTransferError(
+                            f"KV transfer failed: remote_engine_id {engine_id} is not the "
+                            f"engine at {host}:{port} ({body.get('engine_id')})"
+                        )
                     break
                 if state == FAILED:
                     raise KvTransferError(

@@ -25,7 +25,14 @@ import orjson
 
 from smg.mock_worker import render, wire
 from smg.mock_worker.options import Options, RuntimeConfig, apply_update
-from smg.mock_worker.pd import PREFILL, KvTransferError, RoomBook, await_rooms, bootstrap_targets
+from smg.mock_worker.pd import (
+    PREFILL,
+    STATS_ROOMS,
+    KvTransferError,
+    RoomBook,
+    await_rooms,
+    bootstrap_targets,
+)
 from smg.mock_worker.plan import (
     PLANNERS,
     ApiError,
@@ -412,15 +419,23 @@ class Worker:
         created: int,
         model: str,
     ) -> None:
+        # A stream's head goes out at once, as SGLang's StreamingResponse sends it: a
+        # failure after that is an in-band error event, not a status.
+        head = plan.stream and self.opts.pd_stream_head == "early"
+        if head:
+            self._stream_head(conn, req)
         try:
             await await_rooms(targets, self.opts.pd_wait_s)
         except KvTransferError as e:
             self.kv_failures += 1
-            self.error(conn, req, 500, str(e), "internal_server_error")
+            if head:
+                self._stream_error(conn, req, str(e))
+            else:
+                self.error(conn, req, 500, str(e), "internal_server_error")
             self.answered(0, 0)
             conn.finish_async(req)
             return
-        await self._pd_answer(conn, req, plan, timing, rid, created, model)
+        await self._pd_answer(conn, req, plan, timing, rid, created, model, head)
 
     async def _pd_answer(
         self,
@@ -431,6 +446,7 @@ class Worker:
         rid: str,
         created: int,
         model: str,
+        head_sent: bool = False,
     ) -> bool:
         """Answer as the plain engine would, faults included; True when answered 200."""
         what, status = self.pick_fault(req)
@@ -439,11 +455,15 @@ class Worker:
         elif what == "crash":
             await self._crash()
         elif what:
-            self.fault_error(conn, req, what, status)
+            if head_sent:
+                self._stream_error(conn, req, f"mock injected error ({what} {status})")
+                self.answered(0, 0)
+            else:
+                self.fault_error(conn, req, what, status)
             conn.finish_async(req)
             return False
         if plan.stream:
-            await self._stream(conn, req, plan, timing, rid, created, model)
+            await self._stream(conn, req, plan, timing, rid, created, model, not head_sent)
         else:
             delay = timing.ttft_s + timing.itl_s * max(0, plan.n_tokens - 1)
             await self._delayed(conn, req, plan, delay, rid, created, model)
@@ -511,6 +531,7 @@ class Worker:
         rid: str,
         created: int,
         model: str,
+        head: bool = True,  # False: the caller already sent the head (a PD decode)
     ) -> None:
         r = render.StreamRenderer(plan, rid, created, model)
         chunked = not req.http10
@@ -518,8 +539,8 @@ class Worker:
         prompts = len(plan.prompt_tokens)
         loop = asyncio.get_running_loop()
         self.stats.prompt_tokens_total += plan.total_prompt_tokens
-        self.stats.count_status(200)
-        conn.write(wire.stream_head(chunked, close=not req.keep_alive or req.http10))
+        if head:
+            self._stream_head(conn, req)
         start = loop.time()
         if timing.ttft_s > 0.0:
             await asyncio.sleep(timing.ttft_s)
@@ -544,6 +565,29 @@ class Worker:
         if req.http10:
             conn.close_after_response()
         conn.finish_async(req)
+
+    def _stream_head(self, conn: Connection, req: Request) -> None:
+        self.stats.count_status(200)
+        conn.write(wire.stream_head(not req.http10, close=not req.keep_alive or req.http10))
+
+    def _stream_error(self, conn: Connection, req: Request, message: str) -> None:
+        """End a stream whose head went out with SGLang's in-band error event (its
+        serving_chat on a scheduler abort: the error, then [DONE])."""
+        event = {
+            "error": {
+                "object": "error",
+                "message": message,
+                "type": "INTERNAL_SERVER_ERROR",
+                "param": None,
+                "code": 500,
+            }
+        }
+        data = render.sse(event) + render.DONE_EVENT
+        if req.http10:
+            conn.write(data)
+            conn.close_after_response()
+        else:
+            conn.write(wire.chunk(data) + wire.CHUNKED_END)
 
     # --- route handlers ------------------------------------------------------------------
 
@@ -675,7 +719,9 @@ class Worker:
             snap["pd"] = {
                 "role": self.pd_role,
                 "bootstrap_port": self.bootstrap_port if rooms is not None else None,
-                "rooms": None if rooms is None else rooms.listing(time.monotonic()),
+                # The newest rooms only: /mock/stats stays small after a long run.
+                "rooms": None if rooms is None else rooms.listing(time.monotonic(), STATS_ROOMS),
+                "rooms_recorded": None if rooms is None else len(rooms),
                 "kv_failures": self.kv_failures,
             }
         cache = self.cache
