@@ -328,3 +328,12 @@ def test_decode_answer_waits_for_the_prefill() -> None:
                     assert answer.status_code == 200, answer.text
                     assert answer.elapsed.total_seconds() >= 0.4
                     assert "The" in answer.text
+
+
+def test_worker_info_comes_from_the_first_prefill(pair: Any) -> None:
+    prefill, _decode, gateway = pair
+    direct = httpx.get(prefill.url + "/get_model_info", timeout=10.0)
+    with gateway.client() as client:
+        answer = client.get("/get_model_info")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == direct.json()

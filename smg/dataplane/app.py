@@ -955,8 +955,11 @@ class DataPlane:
         tracer = self.tracer
         if tracer is not None:
             request.trace = tracer.begin(request, request.path)
-        if self.pd is not None and body_routing:
-            self.pd.proxy(conn, request, started)
+        if self.pd is not None:
+            if body_routing:
+                self.pd.proxy(conn, request, started)
+            else:  # /get_model_info and friends: the first prefill worker, as 1.13
+                self.pd.info(conn, request, started)
             return
         if self.igw and request.path == "/generate" and generate_lacks_model(request.body):
             # Before any worker kind is picked: without a model there is no router to pick.

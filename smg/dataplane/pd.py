@@ -873,6 +873,50 @@ class PDRouter:
         wildcard = ready.get((kind, ""))
         return own + wildcard if wildcard else own
 
+    def info(self, conn: ClientConnection, request: Request, started: float) -> None:
+        """A worker-info GET (/get_model_info, /get_server_info, /health_generate) relayed
+        to the first ready prefill worker, as 1.13's PD router does (503
+        no_prefill_servers without one)."""
+        app = self.app
+        state = app.refresh()
+        if self.routing_generation != state.routing_generation:
+            self._rebuild(state)
+        rows = self._rows("prefill", None)
+        if not rows:
+            app._send_error(
+                conn, request, 503, "no_prefill_servers", "No prefill servers available"
+            )
+            return
+        row = rows[0]
+        entry = state.entries[row]
+        pool = app._pool(row, entry)
+        head = app._upstream_request(request, entry, pool, 0)
+        exchange = Exchange(
+            app,
+            conn,
+            row,
+            entry.generation,
+            pool,
+            head,
+            b"",
+            request.request_id,
+            request.path,
+            entry.model_id or "",
+            False,
+            request.keep_alive,
+            request.version == "1.0",
+            request.method == b"HEAD",
+            started,
+        )
+        exchange.method = request.method.decode("latin-1")
+        if app.cors is not None:
+            exchange.cors = app.cors.response(request.header(b"origin"))
+        app._in_flight_add(row, entry.generation)
+        app.policy.on_dispatch(row)  # exchange_finished completes it on app.policy
+        app.active.add(exchange)
+        conn.exchange = exchange
+        exchange.start()
+
     def _no_pair(self, prefill_rows: list[int], decode_rows: list[int]) -> str | None:
         """1.13's words when a side has no ready worker at all."""
         for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
