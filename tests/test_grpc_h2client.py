@@ -562,3 +562,43 @@ def test_data_frames_from_any_cut_of_the_stream(cuts: list[int]) -> None:
         assert streams[5].ended and not streams[1].ended and not streams[3].ended
     finally:
         loop.close()
+
+
+def test_a_new_streams_first_message_wakes_ahead_of_running_streams() -> None:
+    """One read brings tokens of streams already streaming and the first token of a new
+    one: the new stream's task is woken first, so its first token (its TTFT) does not wait
+    for the others' per-token work. Within each group the order of the read is kept."""
+    from smg.grpc.h2client import H2Connection, Stream
+    from smg.grpc.h2wire import DATA
+
+    def wire(sid: int, m: bytes) -> bytes:
+        return frame(DATA, 0, sid, b"\x00" + len(m).to_bytes(4, "big") + m)
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = H2Connection(loop, lambda c: None)
+        conn.transport = _NullTransport()  # type: ignore[assignment]
+        streams = {sid: Stream(conn, sid, 1 << 20) for sid in (1, 3, 5, 7)}
+        conn.streams.update(streams)
+        for sid in (1, 5):  # streaming already: a message taken
+            conn.data_received(wire(sid, b"x"))
+            assert streams[sid].take() == [b"x"]
+        order: list[int] = []
+        for sid, stream in streams.items():
+            stream.waiter = loop.create_future()
+            stream.waiter.add_done_callback(lambda _f, sid=sid: order.append(sid))
+        data = b""
+        for sid in (1, 3, 5, 1, 7, 5):
+            data += wire(sid, bytes([sid]))
+        conn.data_received(data)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert order == [3, 7, 1, 5]
+        assert [streams[s].take() for s in (1, 3, 5, 7)] == [
+            [b"\x01", b"\x01"],
+            [b"\x03"],
+            [b"\x05", b"\x05"],
+            [b"\x07"],
+        ]
+        assert not any(s.fresh for s in streams.values())
+    finally:
+        loop.close()

@@ -179,6 +179,7 @@ class Stream:
         "consumed",
         "ended",
         "error",
+        "fresh",
         "got_headers",
         "message",
         "messages",
@@ -202,6 +203,7 @@ class Stream:
         self.received = 0  # DATA bytes received, not yet taken by the caller
         self.consumed = 0  # taken by the caller, not yet given back in a WINDOW_UPDATE
         self.got_headers = False
+        self.fresh = True  # no message taken yet: its first wakes ahead of the others
         self.ended = False  # END_STREAM, RST_STREAM, GOAWAY or the connection's end
         self.status: int | None = None  # grpc-status
         self.message = ""
@@ -227,6 +229,7 @@ class Stream:
         batch = self.messages
         if batch:
             self.messages = []
+            self.fresh = False
         n = self.received
         if n:
             self.received = 0
@@ -497,6 +500,10 @@ class H2Connection(asyncio.Protocol):
         copy = view is not data  # slices of the bytearray buffer are made bytes
         streams = self.streams
         unpack = _FRAME_HEAD.unpack_from
+        # Streams past their first message, woken once the read is parsed: a read carries
+        # tokens of many streams, and each woken task runs its batch's per-token work in
+        # wake order; a stream waiting for its first token (its TTFT) goes ahead of them.
+        later: list[Stream] = []
         self.in_read = True
         try:
             while end - pos >= 9:
@@ -523,8 +530,12 @@ class H2Connection(asyncio.Protocol):
                     ):
                         st.received += length
                         message = view[start + 5 : pos]
-                        st.messages.append(bytes(message) if copy else message)
-                        st.wake()
+                        messages = st.messages
+                        messages.append(bytes(message) if copy else message)
+                        if st.fresh:
+                            st.wake()  # a new stream's first token: its task runs first
+                        elif len(messages) == 1:
+                            later.append(st)
                         continue
                     payload = view[start:pos]
                     self._on_data(flags, sid, bytes(payload) if copy else payload)
@@ -537,6 +548,8 @@ class H2Connection(asyncio.Protocol):
             self._protocol_error(f"bad HTTP/2 from the worker: {exc!r}")
             return
         finally:
+            for st in later:
+                st.wake()
             self.in_read = False
             if self.out:
                 out = b"".join(self.out)
