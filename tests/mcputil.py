@@ -22,6 +22,15 @@ def stdio_server(name: str = "tools") -> McpServerConfig:
     )
 
 
+def stdio_config_file(path: Path, name: str = "calc") -> Path:
+    """An --mcp-config-path file at `path` naming tests/mcpserver.py over stdio as `name`."""
+    path.write_text(
+        f"servers:\n  - name: {name}\n    protocol: stdio\n"
+        f"    command: {sys.executable}\n    args: [{SERVER}, stdio]\n"
+    )
+    return path
+
+
 @contextlib.contextmanager
 def http_server(
     port: int | None = None, *extra: str, kind: str = "http"
