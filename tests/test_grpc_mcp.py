@@ -16,33 +16,20 @@ from typing import Any
 
 import openai
 import pytest
-from grpcmockutil import GrpcMock, served_gateway
+from grpcmockutil import GrpcMock
 
 from smg.mcp.loop import NOT_EXECUTED
 from tests.gatewayutil import Gateway
-from tests.mcputil import stdio_config_file
+from tests.mcputil import CALC_TOOLS as TOOLS
+from tests.mcputil import QWEN3 as MODEL
+from tests.mcputil import grpc_calc_gateway
 
-MODEL = "Qwen/Qwen3-8B"
-TEMPLATE = "Qwen-Qwen3-0.6B.jinja"
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
-CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
-TOOLS: list[Any] = [{"type": "mcp", "server_label": "calc", "require_approval": "never"}]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, GrpcMock]]:
-    root = tmp_path_factory.mktemp("grpcmcp")
-    config = stdio_config_file(root / "mcp.yaml", "calc")
-    with served_gateway(
-        root,
-        model=MODEL,
-        template=TEMPLATE,
-        reply=CALL,
-        gateway_args=[
-            "--tool-call-parser", "qwen",
-            "--mcp-config-path", str(config), "--mcp-tool-timeout-secs", "20",
-        ],
-    ) as served:  # fmt: skip
+    with grpc_calc_gateway(tmp_path_factory.mktemp("grpcmcp")) as served:
         yield served
 
 

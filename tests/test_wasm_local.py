@@ -17,41 +17,30 @@ from typing import Any
 
 import httpx
 import pytest
-from grpcmockutil import GrpcMock, served_gateway
+from grpcmockutil import GrpcMock
 
 from smg.httpwire import error_body
 from smg.wasm.chain import LocalAnswer, local_answer
 from smg.wasm.types import Modify, Reject, WasmResponse, WasmTrap
 from tests.gatewayutil import Gateway, wait_until
-from tests.mcputil import stdio_config_file
+from tests.mcputil import ADD_CALL as CALL
+from tests.mcputil import CALC_TOOLS as TOOLS
+from tests.mcputil import QWEN3 as MODEL
+from tests.mcputil import grpc_calc_gateway
 from tests.test_wasm_admin import FakeRunner, _chain, _entry
 from tests.test_wasm_e2e import _add, _guest, _ids, _remove_all, _set_header
 from tests.test_wasm_runtime import REJECT_403, REJECT_502, TRAP
 
-MODEL = "Qwen/Qwen3-8B"
-TEMPLATE = "Qwen-Qwen3-0.6B.jinja"
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
-CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
-TOOLS: list[Any] = [{"type": "mcp", "server_label": "calc", "require_approval": "never"}]
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **OFF}
 SEEN = "x-wasm-seen"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, GrpcMock]]:
-    root = tmp_path_factory.mktemp("wasmlocal")
-    config = stdio_config_file(root / "mcp.yaml", "calc")
-    with served_gateway(
-        root,
-        model=MODEL,
-        template=TEMPLATE,
-        reply=CALL,
-        gateway_args=[
-            "--tool-call-parser", "qwen", "--enable-wasm",
-            "--mcp-config-path", str(config), "--mcp-tool-timeout-secs", "20",
-        ],
-        processes=1,
-    ) as served:  # fmt: skip
+    with grpc_calc_gateway(
+        tmp_path_factory.mktemp("wasmlocal"), "--enable-wasm", processes=1
+    ) as served:
         yield served
 
 
