@@ -323,6 +323,14 @@ def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
     assert decode.pd_stats()["kv_failures"] == 0
 
 
+def _wait_for_a_room(prefill: pdutil.GrpcPdMock) -> None:
+    """Until the prefill has its leg (a bootstrap room), at most 10 s."""
+    deadline = time.monotonic() + 10
+    while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
+
+
 def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> None:
     with grpc_pd(llama_dir, "sglang", "--disable-retries", wait_s=8.0) as (
         prefill,
@@ -341,10 +349,7 @@ def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> No
         thread = threading.Thread(target=ask)
         thread.start()
         try:
-            deadline = time.monotonic() + 10
-            while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
+            _wait_for_a_room(prefill)
             prefill.proc.kill()
             killed_at = time.monotonic()
         finally:
@@ -434,9 +439,7 @@ def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
         thread = threading.Thread(target=ask)
         thread.start()
         try:
-            deadline = time.monotonic() + 10
-            while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_for_a_room(prefill)
             decode.proc.kill()
         finally:
             thread.join(20)
