@@ -146,25 +146,29 @@ def served_gateway(
     model: str,
     template: str,
     gateway_args: list[str],
-    ready: Callable[[Gateway], bool],
-    what: str,
+    ready: Callable[[Gateway], bool] | None = None,
+    what: str = "",
+    reply: str = "Hello there.",
+    processes: int = 2,
 ) -> Iterator[tuple[Gateway, GrpcMock]]:
-    """The gRPC mock serving `model` with a real chat template (answering "Hello there."
-    until a test calls mock.reply), and `smg launch` in front of it, ready once
-    `ready(gw)` holds (within 60 s); both stopped on exit."""
+    """The gRPC mock serving `model` with a real chat template (answering `reply` until a
+    test calls mock.reply), and `smg launch` (`processes` data planes) in front of it,
+    ready once `ready(gw)` holds (within 60 s; `what` names it); both stopped on exit."""
     model_dir = llama3_dir(root / "model", template=template)
-    reply = root / "reply.txt"
-    reply.write_text("Hello there.", "utf-8")
-    mock = start_grpc_mock(model_dir, model=model, args=["--reply-file", str(reply)])
+    reply_file = root / "reply.txt"
+    reply_file.write_text(reply, "utf-8")
+    mock = start_grpc_mock(model_dir, model=model, args=["--reply-file", str(reply_file)])
     try:
         gw = Gateway(
             ["--worker-urls", mock.url, *gateway_args],
             env={"XDG_CACHE_HOME": str(root / "cache")},
+            processes=processes,
         )
         try:
             gw.start(timeout=60.0)
             gw.wait_ready(60.0)
-            wait_until(lambda: ready(gw), 60.0, what)
+            if ready is not None:
+                wait_until(lambda: ready(gw), 60.0, what)
             yield gw, mock
         finally:
             gw.stop()

@@ -251,15 +251,13 @@ RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-ru
 
 
 @contextlib.contextmanager
-def rust_gateway(
-    pd_args: list[str], *extra: str, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
+def rust_smg(args: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
+    """The Rust SMG 1.13 (`smg launch ... *args`) on a free port, ready; stopped on leaving."""
     port = free_port()
     argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--pd-disaggregation", *pd_args, "--prometheus-port", str(free_port())]
+    argv += ["--prometheus-port", str(free_port())]
     # No shutdown grace: it would hold every stop 5 s although nothing is in flight.
-    argv += ["--log-level", "warn", "--shutdown-grace-period-secs", "0", *extra]
+    argv += ["--log-level", "warn", "--shutdown-grace-period-secs", "0", *args]
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
@@ -285,6 +283,15 @@ def rust_gateway(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+@contextlib.contextmanager
+def rust_gateway(
+    pd_args: list[str], *extra: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """The Rust SMG 1.13 in PD mode on a free port, ready; stopped on leaving."""
+    with rust_smg(["--pd-disaggregation", *pd_args, *extra], env) as url:
+        yield url
 
 
 # One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.

@@ -32,6 +32,20 @@ def _ranges(bucket: Bucket) -> list[tuple[str, int, int]]:
     return [(b.url, b.lo, b.hi) for b in bucket.boundary]
 
 
+def _bucket(period: float) -> Bucket:
+    """A Bucket of the three workers W, `period` s window."""
+    bucket = Bucket(period=period)
+    bucket.init_workers(W)
+    return bucket
+
+
+def _feed(bucket: Bucket, now: float, *sizes: int) -> None:
+    """Route requests of `sizes` chars at `now` with balancing off (Rust's abs 300, rel
+    1.0001), so each goes by the boundary."""
+    for chars in sizes:
+        _route(bucket, chars, now, 300, 1.0001)
+
+
 def _route(bucket: Bucket, chars: int, now: float, abs_t: int, rel_t: float) -> str:
     """Rust's select_worker for one process: choose from the loads as they are, then count
     the request (post_process expires the window)."""
@@ -42,8 +56,7 @@ def _route(bucket: Bucket, chars: int, now: float, abs_t: int, rel_t: float) -> 
 
 
 def test_initial_ranges_split_4096_then_usize_max() -> None:
-    bucket = Bucket(period=3.0)
-    bucket.init_workers(W)
+    bucket = _bucket(3.0)
     # Rust test_adjust_boundary_1's initial boundary: 1364 and 2729.
     assert _ranges(bucket) == [(W[0], 0, 1364), (W[1], 1365, 2729), (W[2], 2730, MAX)]
     bucket.add_worker("http://w4:8000")  # 1.13: later inits split usize::MAX
@@ -56,8 +69,7 @@ def test_initial_ranges_split_4096_then_usize_max() -> None:
 
 def test_load_balancing_conditions() -> None:
     # Rust test 1: abs 32, rel 1.0001, interval 10.
-    bucket = Bucket(period=10.0)
-    bucket.init_workers(W)
+    bucket = _bucket(10.0)
     assert _route(bucket, 33, 0.0, 32, 1.0001) == W[0]
     assert _route(bucket, 34, 0.1, 32, 1.0001) == W[1]  # imbalanced: least loaded
     assert _route(bucket, 34, 0.2, 32, 1.0001) == W[2]
@@ -68,51 +80,42 @@ def test_load_balancing_conditions() -> None:
     third = _route(bucket, 33, 11.2, 32, 1.0001)
     assert first == W[0] and second != third and W[0] not in (second, third)
     # Rust test 2: abs 30, rel 2.0: 20 + 8 = 28 < 30, no balancing.
-    bucket = Bucket(period=5.0)
-    bucket.init_workers(W)
+    bucket = _bucket(5.0)
     assert [_route(bucket, n, 0.0, 30, 2.0) for n in (20, 8, len("request"))] == [W[0]] * 3
     # Rust test 3: abs 5, rel 3.0: 15 / 5 = 3.0 is not above the relative threshold.
-    bucket = Bucket(period=5.0)
-    bucket.init_workers(W)
+    bucket = _bucket(5.0)
     assert [_route(bucket, n, 0.0, 5, 3.0) for n in (15, 5, 10)] == W
     assert _route(bucket, len("request"), 0.0, 5, 3.0) == W[0]
 
 
 def test_adjust_boundary_follows_the_window() -> None:
     # Rust test_adjust_boundary_1 (abs 300 keeps balancing off; interval 3).
-    bucket = Bucket(period=3.0)
-    bucket.init_workers(W)
-    for n in (5, 10, 15, 20, 24, 26):
-        _route(bucket, n, 0.0, 300, 1.0001)
+    bucket = _bucket(3.0)
+    _feed(bucket, 0.0, 5, 10, 15, 20, 24, 26)
     assert bucket.adjust_boundary()
     assert _ranges(bucket) == [(W[0], 0, 20), (W[1], 21, 26), (W[2], 27, MAX)]
-    for n in (10, 20, 30, 40, 45, 57):  # 4 s later: the first six have left the window
-        _route(bucket, n, 4.0, 300, 1.0001)
+    _feed(bucket, 4.0, 10, 20, 30, 40, 45, 57)  # 4 s later: the first six have left the window
     assert (bucket.load_total, bucket.adjust_boundary()) == (202, True)
     assert _ranges(bucket) == [(W[0], 0, 40), (W[1], 41, 57), (W[2], 58, MAX)]
 
 
 def test_adjust_boundary_with_few_requests() -> None:
     # Rust test_adjust_boundary_2: one request of 20, then one of 7.
-    bucket = Bucket(period=3.0)
-    bucket.init_workers(W)
-    _route(bucket, 20, 0.0, 300, 1.0001)
+    bucket = _bucket(3.0)
+    _feed(bucket, 0.0, 20)
     assert bucket.adjust_boundary()
     assert _ranges(bucket) == [(W[0], 0, 20), (W[1], 21, 27), (W[2], 28, MAX)]
-    _route(bucket, 7, 4.0, 300, 1.0001)
+    _feed(bucket, 4.0, 7)
     assert bucket.adjust_boundary()
     assert _ranges(bucket) == [(W[0], 0, 7), (W[1], 8, 10), (W[2], 11, MAX)]
 
 
 def test_boundary_kept_while_the_share_stays_within_a_factor_2() -> None:
     # Rust test_not_adjust_boundary: 100/3 = 33, then 192/3 = 64 <= 2 * 33.
-    bucket = Bucket(period=3.0)
-    bucket.init_workers(W)
-    for n in (5, 10, 15, 20, 24, 26):
-        _route(bucket, n, 0.0, 300, 1.0001)
+    bucket = _bucket(3.0)
+    _feed(bucket, 0.0, 5, 10, 15, 20, 24, 26)
     assert bucket.adjust_boundary()
-    for n in (10, 20, 30, 32, 45, 55):
-        _route(bucket, n, 4.0, 300, 1.0001)
+    _feed(bucket, 4.0, 10, 20, 30, 32, 45, 55)
     assert bucket.adjust_boundary() is False
     assert _ranges(bucket) == [(W[0], 0, 20), (W[1], 21, 26), (W[2], 27, MAX)]
     assert Bucket(period=3.0).adjust_boundary() is False  # an empty window: nothing to do

@@ -288,21 +288,22 @@ def _metric(text: str, series: str) -> float:
     return 0.0
 
 
+def _gateway_args(manifest: Path, check_interval: str, *extra: str) -> list[str]:
+    """`smg launch` watching `manifest`, rereading it every `check_interval` s, health-checking
+    every second."""
+    return [
+        "--discovery-provider", "file", "--discovery-file", str(manifest),
+        "--discovery-check-interval-secs", check_interval,
+        "--health-check-interval-secs", "1", *extra,
+    ]  # fmt: skip
+
+
 def test_file_discovery_end_to_end(tmp_path: Path) -> None:
     manifest = tmp_path / "workers.json"  # created after start-up
     with mockutil.start_mock_workers(3) as mocks:
         a, b, c = mocks.urls
         # A long interval: every change below must be seen through inotify, not the timer.
-        args = [
-            "--discovery-provider",
-            "file",
-            "--discovery-file",
-            str(manifest),
-            "--discovery-check-interval-secs",
-            "300",
-            "--health-check-interval-secs",
-            "1",
-        ]
+        args = _gateway_args(manifest, "300")
         with running_gateway(args, processes=2) as gw:
             assert _discovered(gw) == {}
             wait_until(lambda: "with inotify" in gw.logs(), 10, "the inotify watch")
@@ -391,20 +392,9 @@ def test_unhealthy_discovered_worker_is_removed_and_added_back(tmp_path: Path) -
     with mockutil.start_mock_workers(1) as mocks:
         (a,) = mocks.urls
         _write(manifest, _manifest({"id": "wa", "url": a}))
-        args = [
-            "--discovery-provider",
-            "file",
-            "--discovery-file",
-            str(manifest),
-            "--discovery-check-interval-secs",
-            "1",
-            "--health-check-interval-secs",
-            "1",
-            "--health-failure-threshold",
-            "1",
-            "--health-success-threshold",
-            "1",
-        ]
+        args = _gateway_args(
+            manifest, "1", "--health-failure-threshold", "1", "--health-success-threshold", "1"
+        )
         with running_gateway(args, processes=2) as gw:
             wait_until(lambda: _discovered(gw) == {a: ("wa", "mock-model", "ready")}, 15, "a")
             (first,) = [w["id"] for w in _workers(gw).values()]

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import contextlib
 import json
-import os
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests import mockutil
-from tests.gatewayutil import free_port, running_gateway, wait_until
+from tests.gatewayutil import running_gateway, wait_until
+from tests.pdutil import RUST_SMG, rust_smg
 
-RUST_SMG = Path(os.environ.get("SMG_RUST_BIN", "/work/main/native_bench/.venv-rust/bin/smg"))
 MODEL = "mock-model"
 LEAST_REQUESTS = ["--policy", "power_of_two", "--power-of-two-load-metric", "least_requests"]
 DP_TWO_ARGS = ["--dp-aware", *LEAST_REQUESTS, "--worker-urls"]
@@ -153,42 +148,13 @@ def _held_request(base: str) -> int:
     return answer.status_code
 
 
-@contextlib.contextmanager
-def _rust_gateway(args: list[str]) -> Iterator[str]:
-    port = free_port()
-    argv = [str(RUST_SMG), "launch", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--prometheus-port", str(free_port()), "--log-level", "warn"]
-    argv += ["--shutdown-grace-period-secs", "0", *args]
-    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/readiness", timeout=1).status_code == 200:
-                        break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"Rust SMG not ready: {log.read()[-2000:]!r}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
 @pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
 def test_rust_1_13_does_the_same(engines: tuple[str, str, str]) -> None:
     """The same engines and requests behind the 1.13 binary: the same rank workers in
     /workers, the same per-rank counts (its round_robin is gateway-wide)."""
     for url in engines:
         mockutil.reset_stats(url)
-    with _rust_gateway(["--worker-urls", *engines, "--dp-aware", "--policy", "round_robin"]) as url:
+    with rust_smg(["--worker-urls", *engines, "--dp-aware", "--policy", "round_robin"]) as url:
         workers = wait_until(lambda: _all_ready(url, 8), 20, "eight ready workers")
         assert _rank_view(workers) == _expected_view(engines)
         assert _send_all(url, 32) == [200] * 32
@@ -199,7 +165,7 @@ def test_rust_1_13_does_the_same(engines: tuple[str, str, str]) -> None:
 def test_rust_1_13_ranks_by_load() -> None:
     with (
         mockutil.start_mock_workers(1, "--engine", "sglang", "--dp-size", "2") as two,
-        _rust_gateway([*DP_TWO_ARGS, two.url]) as url,
+        rust_smg([*DP_TWO_ARGS, two.url]) as url,
     ):
         _held_requests_alternate(url, two.url)
 
@@ -254,7 +220,7 @@ def test_rust_1_13_pd_pins_ranks_with_routed_dp_rank() -> None:
     ):
         bootstrap = mockutil.stats(prefill.url)["pd"]["bootstrap_port"]
         pd = ["--pd-disaggregation", "--prefill", prefill.url, str(bootstrap)]
-        with _rust_gateway([*pd, "--decode", decode.url, "--dp-aware"]) as url:
+        with rust_smg([*pd, "--decode", decode.url, "--dp-aware"]) as url:
             wait_until(lambda: _all_ready(url, 4), 20, "four ready rank workers")
             with httpx.Client(base_url=url, timeout=10) as client:
                 for _ in range(6):

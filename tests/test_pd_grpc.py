@@ -221,6 +221,19 @@ def _content(text: str) -> tuple[str, list[str]]:
     return content, events
 
 
+def _chat_both_ways(gateway: Gateway) -> None:
+    """CHAT through the PD pair, plain and streamed: both answered in full (5 tokens)."""
+    with gateway.client() as client:
+        answer = client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] == 5
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            assert s.status_code == 200
+            streamed, events = _content(s.read().decode())
+    assert events[-1] == "[DONE]"
+    assert streamed and answer.json()["choices"][0]["message"]["content"]
+
+
 @pytest.fixture(scope="module")
 def sglang(llama_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
     with grpc_pd(llama_dir, "sglang") as trio:
@@ -238,15 +251,7 @@ def vllm(llama_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock
 def test_sglang_chat_both_legs_meet(sglang: Any) -> None:
     prefill, decode, gateway = sglang
     before = len(prefill.pd_stats()["rooms"])
-    with gateway.client() as client:
-        answer = client.post("/v1/chat/completions", json=CHAT)
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["usage"]["completion_tokens"] == 5
-        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
-            assert s.status_code == 200
-            streamed, events = _content(s.read().decode())
-    assert events[-1] == "[DONE]"
-    assert streamed and answer.json()["choices"][0]["message"]["content"]
+    _chat_both_ways(gateway)
     rooms = prefill.pd_stats()["rooms"][before:]
     assert [r["state"] for r in rooms] == ["ready", "ready"]
     sent = decode.stats()["last_generate_request"]["disaggregated_params"]
@@ -302,15 +307,7 @@ def test_sglang_unavailable_leg_retries_the_pair(sglang: Any) -> None:
 
 def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
     prefill, decode, gateway = vllm
-    with gateway.client() as client:
-        answer = client.post("/v1/chat/completions", json=CHAT)
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["usage"]["completion_tokens"] == 5
-        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
-            assert s.status_code == 200
-            streamed, events = _content(s.read().decode())
-    assert events[-1] == "[DONE]"
-    assert streamed and answer.json()["choices"][0]["message"]["content"]
+    _chat_both_ways(gateway)
     rooms = prefill.pd_stats()["rooms"]
     assert [r["state"] for r in rooms][-2:] == ["ready", "ready"]
     p_sent = prefill.stats()["last_generate_request"]
@@ -324,6 +321,14 @@ def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
     assert d_sent["remote_request_id"] == rooms[-1]["room"]
     assert d_sent["remote_port"] == prefill.bootstrap_port
     assert decode.pd_stats()["kv_failures"] == 0
+
+
+def _wait_for_a_room(prefill: pdutil.GrpcPdMock) -> None:
+    """Until the prefill has its leg (a bootstrap room), at most 10 s."""
+    deadline = time.monotonic() + 10
+    while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
 
 
 def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> None:
@@ -344,10 +349,7 @@ def test_sglang_prefill_dying_mid_request_one_clean_error(llama_dir: Path) -> No
         thread = threading.Thread(target=ask)
         thread.start()
         try:
-            deadline = time.monotonic() + 10
-            while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
+            _wait_for_a_room(prefill)
             prefill.proc.kill()
             killed_at = time.monotonic()
         finally:
@@ -437,9 +439,7 @@ def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
         thread = threading.Thread(target=ask)
         thread.start()
         try:
-            deadline = time.monotonic() + 10
-            while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_for_a_room(prefill)
             decode.proc.kill()
         finally:
             thread.join(20)
@@ -539,13 +539,7 @@ def test_vllm_mooncake_pair_meets(llama_dir: Path) -> None:
     decode gets {transfer_id, remote_engine_id, remote_bootstrap_addr} and answers."""
     mooncake = ("--kv-connector", "mooncake")
     with grpc_pd(llama_dir, "vllm", wait_s=3.0, mocks=mooncake) as (prefill, decode, gateway):
-        with gateway.client() as client:
-            answer = client.post("/v1/chat/completions", json=CHAT)
-            assert answer.status_code == 200, answer.text
-            with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
-                assert s.status_code == 200
-                _content_text, events = _content(s.read().decode())
-        assert events[-1] == "[DONE]"
+        _chat_both_ways(gateway)
         tagged = json.loads(prefill.stats()["last_generate_request"]["kv_transfer_params_json"])
         assert tagged["transfer_id"].startswith("xfer-")
         assert set(tagged) == {"do_remote_decode", "do_remote_prefill", "transfer_id"}

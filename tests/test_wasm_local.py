@@ -11,62 +11,37 @@ One process, so a module added is seen by every later request once it has been s
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from grpcmockutil import GrpcMock, llama3_dir, start_grpc_mock
+from grpcmockutil import GrpcMock
 
 from smg.httpwire import error_body
 from smg.wasm.chain import LocalAnswer, local_answer
 from smg.wasm.types import Modify, Reject, WasmResponse, WasmTrap
 from tests.gatewayutil import Gateway, wait_until
+from tests.mcputil import ADD_CALL as CALL
+from tests.mcputil import CALC_TOOLS as TOOLS
+from tests.mcputil import QWEN3 as MODEL
+from tests.mcputil import grpc_calc_gateway
 from tests.test_wasm_admin import FakeRunner, _chain, _entry
 from tests.test_wasm_e2e import _add, _guest, _ids, _remove_all, _set_header
 from tests.test_wasm_runtime import REJECT_403, REJECT_502, TRAP
 
-MODEL = "Qwen/Qwen3-8B"
-TEMPLATE = "Qwen-Qwen3-0.6B.jinja"
 OFF = {"chat_template_kwargs": {"enable_thinking": False}}
-SERVER = str(Path(__file__).with_name("mcpserver.py"))
-CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
-TOOLS: list[Any] = [{"type": "mcp", "server_label": "calc", "require_approval": "never"}]
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **OFF}
 SEEN = "x-wasm-seen"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, GrpcMock]]:
-    root = tmp_path_factory.mktemp("wasmlocal")
-    model_dir = llama3_dir(root / "model", template=TEMPLATE)
-    reply = root / "reply.txt"
-    reply.write_text(CALL, "utf-8")
-    config = root / "mcp.yaml"
-    config.write_text(
-        "servers:\n  - name: calc\n    protocol: stdio\n"
-        f"    command: {sys.executable}\n    args: [{SERVER}, stdio]\n"
-    )
-    mock = start_grpc_mock(model_dir, model=MODEL, args=["--reply-file", str(reply)])
-    try:
-        gw = Gateway(
-            [
-                "--worker-urls", mock.url, "--tool-call-parser", "qwen", "--enable-wasm",
-                "--mcp-config-path", str(config), "--mcp-tool-timeout-secs", "20",
-            ],
-            env={"XDG_CACHE_HOME": str(root / "cache")},
-            processes=1,
-        )  # fmt: skip
-        try:
-            gw.start(timeout=60.0)
-            gw.wait_ready(60.0)
-            yield gw, mock
-        finally:
-            gw.stop()
-    finally:
-        mock.stop()
+    with grpc_calc_gateway(
+        tmp_path_factory.mktemp("wasmlocal"), "--enable-wasm", processes=1
+    ) as served:
+        yield served
 
 
 @pytest.fixture

@@ -602,24 +602,31 @@ async def generate(
     except Abort as e:
         await context.abort(e.code, e.message)
     try:
-        while not run.done:
-            delay = run.due() - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                msgs = run.advance()
-            except Abort as e:
-                for m in getattr(run, "pending_failure", []):
-                    yield m
-                await context.abort(e.code, e.message)
-            for m in msgs:
-                yield m
+        async for m in _run_messages(run, context):
+            yield m
         run.close()
     except asyncio.CancelledError:
         run.close(cancelled=True)
         raise
     finally:
         run.close()
+
+
+async def _run_messages(run: GenRun, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """The run's messages, each once it falls due; on a failure mid-run, what the run
+    still has to send (its pending_failure), then the abort."""
+    while not run.done:
+        delay = run.due() - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            msgs = run.advance()
+        except Abort as e:
+            for m in getattr(run, "pending_failure", []):
+                yield m
+            await context.abort(e.code, e.message)
+        for m in msgs:
+            yield m
 
 
 async def _pd_generate(
@@ -639,19 +646,9 @@ async def _pd_generate(
             await pd.before(leg, time.monotonic())
         except PdRefused as e:
             await context.abort(e.code, e.message)
-        while not run.done:
-            delay = run.due() - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                msgs = run.advance()
-            except Abort as e:
-                for m in getattr(run, "pending_failure", []):
-                    yield m
-                await context.abort(e.code, e.message)
-            for m in msgs:
-                pd.decorate(leg, m)
-                yield m
+        async for m in _run_messages(run, context):
+            pd.decorate(leg, m)
+            yield m
         ok = True
     except asyncio.CancelledError:
         run.close(cancelled=True)

@@ -30,6 +30,16 @@ def _announce(worker: Worker, scheme: str) -> str:
     return line
 
 
+def _cannot_listen(host: str, port: int, error: OSError, what: str = "") -> int:
+    """Say why a listener could not be bound; the exit status of serve()."""
+    print(
+        f"smg mock-worker: cannot listen on {host}:{port}{what}: {error}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
+
+
 async def serve(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     process = ProcessState(opts.exit_after)
@@ -50,12 +60,7 @@ async def serve(opts: Options) -> int:
                     lambda w=worker: Connection(w), opts.host, port, backlog=4096, ssl=tls
                 )
             except OSError as e:
-                print(
-                    f"smg mock-worker: cannot listen on {opts.host}:{port}: {e}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
+                return _cannot_listen(opts.host, port, e)
             servers.append(server)
             worker.port = server.sockets[0].getsockname()[1]
             workers.append(worker)
@@ -64,12 +69,7 @@ async def serve(opts: Options) -> int:
                 try:
                     boot = await start_bootstrap_server(worker.rooms, opts.host, bport)
                 except OSError as e:
-                    print(
-                        f"smg mock-worker: cannot listen on {opts.host}:{bport} (bootstrap): {e}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
+                    return _cannot_listen(opts.host, bport, e, " (bootstrap)")
                 servers.append(boot)
                 worker.bootstrap_port = boot.sockets[0].getsockname()[1]
         for sig in (signal.SIGINT, signal.SIGTERM):
