@@ -310,6 +310,16 @@ def test_file_discovery_end_to_end(tmp_path: Path) -> None:
             # An admin-API worker: discovery never touches it.
             answer = gw.admin("POST", "/workers", json={"url": c, "model_id": "admin-model"})
             assert answer.status_code == 202, answer.text
+            # ... and it cannot pass for a discovered one (the reconciler would remove it).
+            forged = {"url": b, "labels": {"smg.ai/discovery-provider": "file"}}
+            answer = gw.admin("POST", "/workers", json=forged)
+            assert answer.status_code == 400, answer.text
+            assert "'smg.ai/discovery-provider' is set by service discovery only" in answer.text
+            admin_id = gw.admin("GET", "/workers").json()["workers"][0]["id"]
+            patch = {"labels": {"smg.ai/discovery-id": "wa"}}
+            answer = gw.admin("PATCH", f"/workers/{admin_id}", json=patch)
+            assert answer.status_code == 400, answer.text
+            assert "'smg.ai/discovery-id' is set by service discovery only" in answer.text
 
             # Late file: picked up.
             _write(manifest, _manifest({"id": "wa", "url": a}))

@@ -38,7 +38,7 @@ from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane import admission
 from smg.dataplane.breaker import STATE_NAMES
-from smg.discovery.reconcile import Reconciler
+from smg.discovery.reconcile import Reconciler, reserved_label
 from smg.dp import DP_DISCOVERY_INTERVAL_S, NOT_SGLANG, dp_answer, dp_url
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
@@ -1020,7 +1020,7 @@ class ControlPlane:
             spec = parse_worker_spec(body)
         except ConfigError as exc:
             return _error(400, "BAD_REQUEST", str(exc))
-        unsupported = unsupported_reason(spec)
+        unsupported = unsupported_reason(spec) or _reserved(spec.labels)
         if unsupported:
             return _error(400, "BAD_REQUEST", unsupported)
         if self.cfg.dp_aware and _dp_expandable(spec):
@@ -1070,7 +1070,11 @@ class ControlPlane:
             )
         if method == "PATCH":
             try:
-                patched = apply_worker_patch(record.spec, parse_worker_patch(body))
+                patch = parse_worker_patch(body)
+                reserved = _reserved(patch.labels)
+                if reserved:
+                    return _error(400, "BAD_REQUEST", reserved)
+                patched = apply_worker_patch(record.spec, patch)
                 self.registry.update_spec(record, patched)
             except ConfigError as exc:
                 return _error(400, "BAD_REQUEST", str(exc))
@@ -1502,6 +1506,11 @@ class ControlPlane:
 
 
 _UNHEALTHY = frozenset({WorkerStatus.NOT_READY, WorkerStatus.FAILED})
+
+
+def _reserved(labels: dict[str, str] | None) -> str | None:
+    key = reserved_label(labels)
+    return None if key is None else f"label {key!r} is set by service discovery only"
 
 
 def _is_grpc(record: WorkerRecord) -> bool:

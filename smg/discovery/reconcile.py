@@ -61,6 +61,14 @@ SOURCE_LABEL = "smg.ai/discovery-provider"
 ID_LABEL = "smg.ai/discovery-id"
 HASH_LABEL = "smg.ai/discovery-spec-hash"
 _OWN_LABELS = frozenset({SOURCE_LABEL, ID_LABEL, HASH_LABEL})
+
+
+def reserved_label(labels: Mapping[str, str] | None) -> str | None:
+    """The first discovery label in `labels`, which an admin call may not set: the
+    reconciler takes a worker carrying them for its own (and would remove it)."""
+    return next((key for key in labels or () if key in _OWN_LABELS), None)
+
+
 # smg_discovery_sync_duration_seconds buckets: the 1.13 binary's (its /metrics).
 SYNC_BUCKETS: tuple[float, ...] = (
     *(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 45.0),
