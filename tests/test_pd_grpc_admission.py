@@ -1,0 +1,150 @@
+"""PD over gRPC workers (smg.grpc.pd): prefill admission through the PD router's
+gateway-wide queue (smg.dataplane.pd.PrefillAdmission: 1.13 gates gRPC PD's prefill
+selection too, with the same 429s), and smg_pd_prefill_duration_seconds /
+smg_pd_ttft_seconds with 1.13's runtime label ("sglang": parallel dispatch, TTFT only;
+"vllm": sequential, prefill duration and TTFT). Through `smg launch --processes 2` with
+the gRPC PD mocks (tests/pdutil.py)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import pdutil
+from tests.gatewayutil import Gateway, in_flight_total, running_gateway, wait_until
+
+CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.grpcmockutil import llama3_dir
+
+    return llama3_dir(tmp_path_factory.mktemp("pdga-llama3"))
+
+
+@contextlib.contextmanager
+def grpc_pd(
+    llama_dir: Path, backend: str, *extra: str, prefill_args: tuple[str, ...] = ()
+) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
+    with (
+        pdutil.start_grpc_prefill(llama_dir, backend, *prefill_args) as prefill,
+        pdutil.start_grpc_decode(llama_dir, backend, wait_s=10) as decode,
+    ):
+        args = [
+            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
+            "--decode", decode.url, "--model-path", str(llama_dir), *extra,
+        ]  # fmt: skip
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready(timeout=30)
+            with gateway.client() as client:  # warm up (tokenizer, channels) off the clock
+                answer = client.post("/v1/chat/completions", json=CHAT)
+                assert answer.status_code == 200, answer.text
+            yield prefill, decode, gateway
+
+
+def _chats(gateway: Gateway, delays: tuple[float, ...]) -> list[httpx.Response]:
+    def one(delay: float) -> httpx.Response:
+        time.sleep(delay)
+        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            return client.post("/v1/chat/completions", json=CHAT)
+
+    with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
+        return list(pool.map(one, delays))
+
+
+def _sum(metrics: str, prefix: str, *parts: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith(prefix) and all(part in line for part in parts)
+    )
+
+
+def test_grpc_prefill_admission_queue_timeout_and_full_as_1_13(llama_dir: Path) -> None:
+    """Cap 1, queue 1, timeout 1 s, a prefill taking 2.5 s: the first request is served,
+    the second waits 1 s in the queue and gets 1.13's 429 pd_prefill_queue_timeout, the
+    third finds the queue full (or, in the other process, times out too)."""
+    with grpc_pd(
+        llama_dir,
+        "sglang",
+        "--prefill-max-inflight-requests-per-worker", "1",
+        "--prefill-queue-timeout-secs", "1",
+        "--prefill-queue-size", "1",
+        prefill_args=("--ttft-ms", "2500"),
+    ) as (_prefill, _decode, gateway):  # fmt: skip
+        answers = _chats(gateway, (0.0, 0.3, 0.6))
+        assert answers[0].status_code == 200, answers[0].text
+        for answer in answers[1:]:
+            assert answer.status_code == 429, answer.text
+            assert answer.headers["x-smg-error-code"] == answer.json()["error"]["code"]
+            error = answer.json()["error"]
+            assert error["type"] == "rate_limit_error"
+            assert (error["code"], error["message"]) in {
+                ("pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
+                ("pd_prefill_queue_full", "Prefill admission queue is full"),
+            }
+        assert answers[1].json()["error"]["code"] == "pd_prefill_queue_timeout"
+        assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
+        metrics = gateway.metrics()
+        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2
+        wait_until(lambda: in_flight_total(gateway) == 0, 5.0, "in-flight back to 0")
+
+
+def test_grpc_prefill_admission_queues_the_second_until_the_first_is_done(
+    llama_dir: Path,
+) -> None:
+    """Cap 1 with a queue: two requests 0.3 s apart both succeed, the second only after
+    the first's 1.5 s prefill freed the slot (without the gate both run at once); the
+    slot (and the reservation taken before tokenization) is released every time."""
+    with grpc_pd(
+        llama_dir,
+        "sglang",
+        "--prefill-max-inflight-requests-per-worker", "1",
+        "--prefill-queue-timeout-secs", "20",
+        prefill_args=("--ttft-ms", "1500"),
+    ) as (_prefill, _decode, gateway):  # fmt: skip
+        answers = _chats(gateway, (0.0, 0.3))
+        assert [a.status_code for a in answers] == [200, 200], answers[-1].text
+        assert answers[0].elapsed.total_seconds() < 2.9
+        # Its own 1.5 s prefill after waiting ~1.2 s for the first's.
+        assert answers[1].elapsed.total_seconds() >= 2.4, answers[1].elapsed
+        wait_until(lambda: in_flight_total(gateway) == 0, 5.0, "in-flight back to 0")
+        metrics = gateway.metrics()
+        # The warm-up request did not wait: only the second here waited.
+        assert _sum(metrics, "smg_pd_prefill_admission_wait_seconds_count") == 1
+        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 0
+
+
+def test_grpc_pd_histograms_carry_1_13s_runtime_label(llama_dir: Path) -> None:
+    for backend in ("sglang", "vllm"):
+        with grpc_pd(llama_dir, backend) as (_prefill, _decode, gateway):
+            with gateway.client() as client:
+                answer = client.post("/v1/chat/completions", json=CHAT)
+                assert answer.status_code == 200, answer.text
+                with client.stream(
+                    "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+                ) as s:
+                    assert s.status_code == 200
+                    s.read()
+            metrics = gateway.metrics()
+            runtime = f'runtime="{backend}"'
+            # the warm-up request + 2 here.
+            ttft = _sum(metrics, "smg_pd_ttft_seconds_count{", runtime, 'backend_type="pd"')
+            assert ttft == 3, metrics
+            assert _sum(metrics, "smg_pd_ttft_seconds_count{") == 3  # no other runtime
+            assert 'model="llama3"' in next(
+                line
+                for line in metrics.splitlines()
+                if line.startswith("smg_pd_ttft_seconds_count{")
+            )
+            prefill = _sum(metrics, "smg_pd_prefill_duration_seconds_count{", runtime)
+            # 1.13: the parallel (SGLang) path does not drain the prefill's stream, so no
+            # prefill duration; the sequential (vLLM) one records it once decode started.
+            assert prefill == (3 if backend == "vllm" else 0), metrics
