@@ -5,6 +5,7 @@ that succeeds proves both legs met. Through `smg launch --processes 2`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -68,3 +69,42 @@ def test_launch_pd_with_mock_workers_refuses_a_vllm_mock_engine() -> None:
     )
     assert code == 2
     assert "imitate SGLang only" in output
+
+
+def test_bench_embedded_runs_pd_through_gateway_args(tmp_path: Path) -> None:
+    """`smg bench --embedded --gateway-args=--pd-disaggregation`: the embedded gateway's
+    --mock-workers become prefill/decode pairs; every request passes both legs (the decode
+    mock fails a request whose prefill never came)."""
+    import json
+    import os
+    import subprocess
+    import uuid
+
+    from tests.test_bench_embedded import bench_command, marked
+
+    marker = f"emb-pd-{uuid.uuid4().hex[:10]}"
+    command = bench_command(
+        marker,
+        "--gateway-args=--pd-disaggregation",
+        "--num-prompts", "12",
+        "--random-output-len", "10",
+        "--request-rate", "100",
+        "--save-result",
+        "--result-filename", "r.json",
+    )  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = out.decode() + err.decode()
+    assert proc.returncode == 0, text
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completed"] == 12 and result["failed"] == 0, result
+    assert result["total_output_tokens"] == 12 * 10
+    assert marked(marker) == []  # gateway, prefill and decode mocks all stopped
