@@ -123,6 +123,10 @@ def test_grpc_prefill_admission_queues_the_second_until_the_first_is_done(
 
 
 def test_grpc_pd_histograms_carry_1_13s_runtime_label(llama_dir: Path) -> None:
+    """What the 1.13 binary records on the same gRPC PD mocks (one non-streamed and one
+    streamed chat each): SGLang, smg_pd_ttft_seconds for the streamed one only, no
+    prefill duration; vLLM, the prefill duration for both and TTFT for the streamed one;
+    labels backend_type="pd", the model, runtime="sglang" / "vllm"."""
     for backend in ("sglang", "vllm"):
         with grpc_pd(llama_dir, backend) as (_prefill, _decode, gateway):
             with gateway.client() as client:
@@ -134,17 +138,10 @@ def test_grpc_pd_histograms_carry_1_13s_runtime_label(llama_dir: Path) -> None:
                     assert s.status_code == 200
                     s.read()
             metrics = gateway.metrics()
-            runtime = f'runtime="{backend}"'
-            # the warm-up request + 2 here.
-            ttft = _sum(metrics, "smg_pd_ttft_seconds_count{", runtime, 'backend_type="pd"')
-            assert ttft == 3, metrics
-            assert _sum(metrics, "smg_pd_ttft_seconds_count{") == 3  # no other runtime
-            assert 'model="llama3"' in next(
-                line
-                for line in metrics.splitlines()
-                if line.startswith("smg_pd_ttft_seconds_count{")
-            )
-            prefill = _sum(metrics, "smg_pd_prefill_duration_seconds_count{", runtime)
-            # 1.13: the parallel (SGLang) path does not drain the prefill's stream, so no
-            # prefill duration; the sequential (vLLM) one records it once decode started.
+            labels = ('backend_type="pd"', 'model="llama3"', f'runtime="{backend}"')
+            assert _sum(metrics, "smg_pd_ttft_seconds_count{", *labels) == 1, metrics
+            assert _sum(metrics, "smg_pd_ttft_seconds_count{") == 1  # no other labels
+            prefill = _sum(metrics, "smg_pd_prefill_duration_seconds_count{", *labels)
+            # the warm-up request + 2 here
             assert prefill == (3 if backend == "vllm" else 0), metrics
+            assert _sum(metrics, "smg_pd_prefill_duration_seconds_count{") == prefill

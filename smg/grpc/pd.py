@@ -480,7 +480,8 @@ class PdClient:
                 if first:  # decode established: 1.13 records its success-only PD metrics
                     first = False
                     self._observe("prefill", prefill_s)
-                    self._observe("ttft", time.monotonic() - self.sent_at)
+                    if req.stream:  # the 1.13 binary: TTFT for streamed answers only
+                        self._observe("ttft", time.monotonic() - self.sent_at)
                 yield outs
         except EngineError as error:
             raise leg_error(error, "decode") from None
@@ -502,7 +503,9 @@ class PdClient:
         self._prefill_running = True
         self.sent_at = time.monotonic()
         prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
-        decode = _ttft(self, _batches(self.decode, sreq, timeout))
+        decode = _batches(self.decode, sreq, timeout)
+        if req.stream:  # the 1.13 binary: TTFT for streamed answers only
+            decode = _ttft(self, decode)
         ok = False
         try:
             while not prefill.done():
@@ -601,8 +604,8 @@ class PdClient:
 
 async def _ttft(client: PdClient, outputs: AsyncIterator[list[Any]]) -> AsyncIterator[list[Any]]:
     """The SGLang decode's outputs; the first one observes smg_pd_ttft_seconds (1.13:
-    prefill dispatch to the first decode token; the parallel path has no prefill
-    duration: 1.13 does not drain the prefill's stream there)."""
+    prefill dispatch to the first decode token, streamed answers only; the parallel path
+    has no prefill duration: 1.13 does not drain the prefill's stream there)."""
     first = True
     try:
         async for outs in outputs:
