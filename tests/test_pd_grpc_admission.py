@@ -49,10 +49,10 @@ def grpc_pd(
             yield prefill, decode, gateway
 
 
-def _chats(gateway: Gateway, delays: tuple[float, ...]) -> list[httpx.Response]:
+def _chats(url: str, delays: tuple[float, ...]) -> list[httpx.Response]:
     def one(delay: float) -> httpx.Response:
         time.sleep(delay)
-        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+        with httpx.Client(base_url=url, timeout=30.0) as client:
             return client.post("/v1/chat/completions", json=CHAT)
 
     with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
@@ -79,7 +79,7 @@ def test_grpc_prefill_admission_queue_timeout_and_full_as_1_13(llama_dir: Path) 
         "--prefill-queue-size", "1",
         prefill_args=("--ttft-ms", "2500"),
     ) as (_prefill, _decode, gateway):  # fmt: skip
-        answers = _chats(gateway, (0.0, 0.3, 0.6))
+        answers = _chats(gateway.url, (0.0, 0.3, 0.6))
         assert answers[0].status_code == 200, answers[0].text
         for answer in answers[1:]:
             assert answer.status_code == 429, answer.text
@@ -110,7 +110,7 @@ def test_grpc_prefill_admission_queues_the_second_until_the_first_is_done(
         "--prefill-queue-timeout-secs", "20",
         prefill_args=("--ttft-ms", "1500"),
     ) as (_prefill, _decode, gateway):  # fmt: skip
-        answers = _chats(gateway, (0.0, 0.3))
+        answers = _chats(gateway.url, (0.0, 0.3))
         assert [a.status_code for a in answers] == [200, 200], answers[-1].text
         assert answers[0].elapsed.total_seconds() < 2.9
         # Its own 1.5 s prefill after waiting ~1.2 s for the first's.
@@ -145,3 +145,38 @@ def test_grpc_pd_histograms_carry_1_13s_runtime_label(llama_dir: Path) -> None:
             # the warm-up request + 2 here
             assert prefill == (3 if backend == "vllm" else 0), metrics
             assert _sum(metrics, "smg_pd_prefill_duration_seconds_count{") == prefill
+
+
+@pytest.mark.skipif(not pdutil.RUST_SMG.exists(), reason="no Rust SMG 1.13 binary")
+def test_rust_answers_grpc_prefill_admission_as_smg(llama_dir: Path) -> None:
+    """The same gRPC PD mocks, flags and requests behind the 1.13 binary: one served, a
+    429 pd_prefill_queue_timeout after ~1 s, a 429 pd_prefill_queue_full at once, with
+    the bodies and x-smg-error-code headers smg answers (the test above)."""
+    import tempfile
+
+    with (
+        pdutil.start_grpc_prefill(llama_dir, "sglang", "--ttft-ms", "2500") as prefill,
+        pdutil.start_grpc_decode(llama_dir, "sglang", wait_s=10) as decode,
+        tempfile.TemporaryDirectory() as cache,
+    ):
+        args = ["--prefill", prefill.url, str(prefill.bootstrap_port), "--decode", decode.url]
+        extra = (
+            "--model-path", str(llama_dir), *pdutil.ONE_SHOT,
+            "--prefill-max-inflight-requests-per-worker", "1",
+            "--prefill-queue-timeout-secs", "1",
+            "--prefill-queue-size", "1",
+        )  # fmt: skip
+        with pdutil.rust_gateway(args, *extra, env={"XDG_CACHE_HOME": cache}) as url:
+            with httpx.Client(base_url=url, timeout=30.0) as client:
+                assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+            answers = _chats(url, (0.0, 0.3, 0.6))
+    assert [a.status_code for a in answers] == [200, 429, 429]
+    for answer, code, message in (
+        (answers[1], "pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
+        (answers[2], "pd_prefill_queue_full", "Prefill admission queue is full"),
+    ):
+        assert answer.headers["x-smg-error-code"] == code
+        assert answer.json() == {
+            "error": {"type": "rate_limit_error", "code": code, "message": message, "param": None}
+        }
+    assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
