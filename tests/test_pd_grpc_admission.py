@@ -180,3 +180,94 @@ def test_rust_answers_grpc_prefill_admission_as_smg(llama_dir: Path) -> None:
             "error": {"type": "rate_limit_error", "code": code, "message": message, "param": None}
         }
     assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
+
+
+# --- the reservation traded for the policy's pick (PdPlan._admit), with fakes ---------------
+
+
+class _Admission:
+    def __init__(self, full: set[int]) -> None:
+        self.full = full
+        self.taken: list[int] = []
+        self.freed_calls = 0
+
+    def free(self, rows: list[int]) -> list[int]:
+        return [row for row in rows if row not in self.full]
+
+    def take(self, row: int, generation: int) -> bool:
+        if row in self.full:
+            return False
+        self.taken.append(row)
+        return True
+
+    def freed(self) -> None:
+        self.freed_calls += 1
+
+
+class _Gate:
+    def __init__(self) -> None:
+        self.records: list[tuple[int, int]] = []
+        self.deny: set[int] = set()  # rows whose circuit refuses a claim
+
+    def claim(self, row: int) -> bool:
+        return row not in self.deny
+
+    def record(self, row: int, generation: int, outcome: int) -> None:
+        self.records.append((row, outcome))
+
+
+def _plan(pick: int, full: set[int]) -> tuple[object, object, object]:
+    from types import SimpleNamespace
+
+    from smg.grpc.pd import PdPlan
+
+    admission = _Admission(full)
+    done: list[tuple[int, int]] = []
+    router = SimpleNamespace(
+        admission=admission, prefill_policy=None, _choose=lambda _p, rows, _r: pick
+    )
+    app = SimpleNamespace(
+        pd=router,
+        gate=_Gate(),
+        state=SimpleNamespace(entries={r: SimpleNamespace(generation=7) for r in (1, 2, 3)}),
+        _in_flight_done=lambda row, gen: done.append((row, gen)),
+    )
+    plan = PdPlan(SimpleNamespace(app=app))  # type: ignore[arg-type]
+    plan.reserved = (1, 7)
+    return plan, router, (admission, done, app.gate)
+
+
+def test_admit_keeps_the_reservation_when_the_policy_picks_it() -> None:
+    plan, router, (admission, done, _gate) = _plan(1, full={1})  # 1 full: by our own slot
+    assert plan._admit(router, [1, 2], None) == 1  # type: ignore[attr-defined]
+    assert plan.reserved is None and done == [] and admission.taken == []  # type: ignore[attr-defined]
+
+
+def test_admit_trades_the_reservation_for_the_policys_pick() -> None:
+    plan, router, (admission, done, _gate) = _plan(2, full={1})
+    assert plan._admit(router, [1, 2], None) == 2  # type: ignore[attr-defined]
+    assert admission.taken == [2] and done == [(1, 7)] and admission.freed_calls == 1
+    assert plan.reserved is None  # type: ignore[attr-defined]
+
+
+def test_admit_falls_back_to_the_reservation_when_the_picks_slot_is_gone() -> None:
+    plan, router, (admission, done, gate) = _plan(3, full={1})
+    admission.full.add(3)  # free() saw it, take() loses it (another process won)
+    admission.free = lambda rows: [r for r in rows if r != 1]  # type: ignore[method-assign]
+    assert plan._admit(router, [1, 2, 3], None) == 1  # type: ignore[attr-defined]
+    from smg.dataplane.gate import CLIENT_LEFT
+
+    assert admission.taken == [] and done == [] and gate.records == [(3, CLIENT_LEFT)]
+    assert plan.reserved is None  # type: ignore[attr-defined]
+
+
+def test_admit_falls_back_only_through_the_gate() -> None:
+    """The reservation's row is used only if its circuit still takes a request; else no
+    prefill (503) and the reservation is released when the exchange ends."""
+    plan, router, (admission, done, gate) = _plan(3, full={1, 3})
+    admission.free = lambda rows: [r for r in rows if r != 1]  # type: ignore[method-assign]
+    gate.deny.add(1)
+    assert plan._admit(router, [1, 2, 3], None) == -1  # type: ignore[attr-defined]
+    assert plan.reserved == (1, 7)  # type: ignore[attr-defined]
+    plan.ended(None)  # type: ignore[attr-defined]
+    assert done == [(1, 7)] and admission.freed_calls == 1

@@ -296,10 +296,10 @@ class PdPlan:
             self._release()
             return row
         app.gate.record(row, generation, CLIENT_LEFT)  # the claim, unused
-        if reserved is not None:
+        if reserved is not None and app.gate.claim(reserved[0]):  # through the gate too
             self.reserved = None
             return reserved[0]
-        return -1
+        return -1  # (a reservation left is released when the exchange ends)
 
     def choose(self) -> DirectoryEntry:
         """A prefill and a decode row for the next attempt; the decode is the exchange's
