@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
             if cfg.pd_disaggregation:
                 mock_process, mock_pd = start_pd_mock_workers(cfg)
             else:
-                mock_process, mock_urls = start_mock_workers(cfg)
+                mock_process, mock_urls, _ = start_mock_workers(cfg)
                 urls.extend(mock_urls)
         except RuntimeError as exc:
             print(f"smg launch: {exc}", file=sys.stderr)
