@@ -1889,11 +1889,12 @@ def validate_config(cfg: GatewayConfig, sources: Mapping[str, str] | None = None
         seen.add(norm)
         urls.append(norm)
     pd_count = len(cfg.prefill or ()) + len(cfg.decode or ())
-    if len(urls) + pd_count + cfg.mock_workers > cfg.worker_table_capacity:
+    mocks = cfg.mock_workers * (2 if cfg.pd_disaggregation else 1)  # PD: prefill + decode
+    if len(urls) + pd_count + mocks > cfg.worker_table_capacity:
         raise ConfigError(
             "worker_table_capacity",
             f"{cfg.worker_table_capacity} slots cannot hold {len(urls) + pd_count} worker URLs "
-            f"and {cfg.mock_workers} mock workers",
+            f"and {mocks} mock workers",
             src.get("worker_table_capacity"),
         )
 
@@ -2023,13 +2024,18 @@ def _check_pd(cfg: GatewayConfig, src: Mapping[str, str]) -> GatewayConfig:
         return cfg
     for field, why in (
         ("worker_urls", "give PD workers with --prefill and --decode"),
-        ("mock_workers", "mock workers are regular workers"),
         ("enable_igw", "PD with IGW (multi-model) routing is not implemented yet in smg"),
     ):
         if getattr(cfg, field):
             raise ConfigError(
                 field, f"cannot be combined with --pd-disaggregation ({why})", src.get(field)
             )
+    if cfg.mock_workers and cfg.mock_worker_engine != "sglang":
+        raise ConfigError(  # the HTTP PD mocks are SGLang's (bootstrap rooms)
+            "mock_worker_engine",
+            "PD mock workers (--pd-disaggregation --mock-workers) imitate SGLang only",
+            src.get("mock_worker_engine"),
+        )
     if cfg.backend in ("openai", "anthropic"):
         raise ConfigError(
             "backend",
@@ -2067,7 +2073,8 @@ def _check_pd(cfg: GatewayConfig, src: Mapping[str, str]) -> GatewayConfig:
         ("prefill_policy", prefill, "prefill"),
         ("decode_policy", decode, "decode"),
     ):
-        if getattr(cfg, field) == "power_of_two" and len(workers) < 2:
+        # --mock-workers N adds N prefill and N decode mocks (smg.launch).
+        if getattr(cfg, field) == "power_of_two" and len(workers) + cfg.mock_workers < 2:
             raise ConfigError(  # 1.13's refusal (unless discovery adds workers)
                 field,
                 f"Power-of-two policy for {role} requires at least 2 {role} workers",

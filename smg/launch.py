@@ -23,6 +23,7 @@ from smg.logs import setup_logging
 from smg.workers_spec import WorkerSpec, validate_worker_spec
 
 MOCK_URL_PREFIX = "MOCK_WORKER_URL "
+MOCK_BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP "  # smg.mock_worker.runner's line
 
 
 def main(argv: list[str]) -> int:
@@ -82,19 +83,24 @@ def main(argv: list[str]) -> int:
     except RuntimeError as exc:
         print(f"smg launch: {exc}", file=sys.stderr)
         return 1
-    mock_process = None
+    mock_process: subprocess.Popen[bytes] | MockProcesses | None = None
     urls = list(cfg.worker_urls)
+    mock_pd: list[WorkerSpec] = []
     if cfg.mock_workers:
         try:
-            mock_process, mock_urls = start_mock_workers(cfg)
+            if cfg.pd_disaggregation:
+                mock_process, mock_pd = start_pd_mock_workers(cfg)
+            else:
+                mock_process, mock_urls, _ = start_mock_workers(cfg)
+                urls.extend(mock_urls)
         except RuntimeError as exc:
             print(f"smg launch: {exc}", file=sys.stderr)
             return 1
-        urls.extend(mock_urls)
     from smg.control.registry import unsupported_reason
     from smg.supervisor import Supervisor
 
     specs = [validate_worker_spec(WorkerSpec(url=url)) for url in urls]
+    specs.extend(validate_worker_spec(spec) for spec in mock_pd)
     specs.extend(  # --prefill / --decode (validate_config refused them without PD mode)
         validate_worker_spec(
             WorkerSpec(url=pd.url, worker_type=pd.worker_type, bootstrap_port=pd.bootstrap_port)
@@ -133,8 +139,60 @@ def inert_settings(cfg: GatewayConfig) -> list[str]:
     ]
 
 
-def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], list[str]]:
-    """One child process hosting `--mock-workers` mock engines on free loopback ports."""
+class MockProcesses:
+    """The PD mock processes (one per role) as the supervisor sees its mock process:
+    poll / terminate / wait / kill over all of them."""
+
+    def __init__(self, processes: list[subprocess.Popen[bytes]]) -> None:
+        self.processes = processes
+
+    def poll(self) -> int | None:
+        codes = [p.poll() for p in self.processes]
+        return None if any(code is None for code in codes) else codes[0]
+
+    def terminate(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.terminate()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for p in self.processes:
+            p.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self.processes[0].returncode
+
+    def kill(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+
+
+def start_pd_mock_workers(cfg: GatewayConfig) -> tuple[MockProcesses, list[WorkerSpec]]:
+    """`--pd-disaggregation --mock-workers N`: N SGLang-style prefill mocks (each with its
+    bootstrap server on an ephemeral loopback port) and N decode mocks, one process per
+    role; the specs are prefill/decode workers as --prefill URL PORT / --decode URL."""
+    prefill, p_urls, ports = start_mock_workers(
+        cfg, ["--pd-role", "prefill", "--bootstrap-port", "0"], bootstrap=True
+    )
+    try:
+        decode, d_urls, _ = start_mock_workers(cfg, ["--pd-role", "decode"])
+    except RuntimeError:
+        prefill.kill()
+        prefill.wait()
+        raise
+    specs = [
+        WorkerSpec(url=url, worker_type="prefill", bootstrap_port=ports.get(url)) for url in p_urls
+    ]
+    specs.extend(WorkerSpec(url=url, worker_type="decode") for url in d_urls)
+    return MockProcesses([prefill, decode]), specs
+
+
+def start_mock_workers(
+    cfg: GatewayConfig, extra: list[str] | None = None, bootstrap: bool = False
+) -> tuple[subprocess.Popen[bytes], list[str], dict[str, int]]:
+    """One child process hosting `--mock-workers` mock engines on free loopback ports
+    (`extra`: more mock-worker flags; `bootstrap`: also wait for each prefill's bootstrap
+    port line)."""
     from smg.supervisor import die_with_parent
 
     command = [
@@ -151,6 +209,7 @@ def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], lis
         "--engine",
         cfg.mock_worker_engine,
         *shlex.split(cfg.mock_worker_args or ""),
+        *(extra or ()),
     ]
     process = subprocess.Popen(
         command,
@@ -164,7 +223,8 @@ def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], lis
     urls: list[str] = []
     deadline = time.monotonic() + 30.0
     buffered = b""
-    while len(urls) < cfg.mock_workers:
+    ports: dict[str, int] = {}
+    while len(urls) < cfg.mock_workers or (bootstrap and len(ports) < cfg.mock_workers):
         remaining = deadline - time.monotonic()
         if remaining <= 0 or process.poll() is not None:
             process.kill()
@@ -183,4 +243,7 @@ def start_mock_workers(cfg: GatewayConfig) -> tuple[subprocess.Popen[bytes], lis
             text = line.decode("utf-8", "replace").strip()
             if text.startswith(MOCK_URL_PREFIX):
                 urls.append(text[len(MOCK_URL_PREFIX) :].strip())
-    return process, urls
+            elif text.startswith(MOCK_BOOTSTRAP_PREFIX):  # "<prefix> <url> <port>"
+                url, port = text[len(MOCK_BOOTSTRAP_PREFIX) :].split()
+                ports[url] = int(port)
+    return process, urls, ports

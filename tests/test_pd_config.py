@@ -158,7 +158,11 @@ REFUSALS: list[tuple[list[str], str, str]] = [
     ([*PD, "--decode", "http://127.0.0.1:9001"], "decode", "is listed twice"),
     ([*PD, "--prefill", "http://127.0.0.1:9001/"], "prefill", "is listed twice"),
     ([*PD_PAIR, "--backend", "openai"], "backend", "needs self-hosted engines"),
-    ([*PD_PAIR, "--mock-workers", "2"], "mock_workers", "mock workers are regular workers"),
+    (
+        [*PD_PAIR, "--mock-workers", "2", "--mock-worker-engine", "vllm"],
+        "mock_worker_engine",
+        "imitate SGLang only",
+    ),
     # 1.13 accepts these
     ([*PD, "9000", "extra"], "prefill", "takes URL [BOOTSTRAP_PORT]"),
     ([*PD_PAIR, "--enable-igw"], "enable_igw", "PD with IGW"),

@@ -778,8 +778,9 @@ class PDRouter:
         if grpc is not None and grpc.pd_rows:  # a gRPC PD fleet: smg.grpc.pd serves it
             from smg.grpc.pd import handle
 
-            if handle(grpc, conn, request, body, model):
-                return True
+            taken = handle(grpc, conn, request, body, model, started, queued)
+            if taken is not None:
+                return taken
         route = RouteRequest(model=model, stream=body.get("stream") is True)
         if app.needs_text or self.needs_text:
             route.text = self._text(path, body)
@@ -1143,8 +1144,10 @@ class PDRouter:
             ),
         ):
             samples: list[Sample] = []
-            for model, hist in hists.items():
-                labels = [*proc, ("backend_type", "pd"), ("model", model), ("runtime", "sglang")]
+            for key, hist in hists.items():
+                # HTTP's keys are models (runtime sglang); smg.grpc.pd's (model, runtime).
+                model, runtime = key if isinstance(key, tuple) else (key, "sglang")
+                labels = [*proc, ("backend_type", "pd"), ("model", model), ("runtime", runtime)]
                 samples += histogram_samples(labels, hist)
             families.append(Family(name, "histogram", help_text, samples))
         if self.admission is not None:

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -180,24 +181,54 @@ def leg_error(error: EngineError, leg: str) -> EngineError:
 
 
 def handle(
-    front: GrpcFront, conn: ClientConnection, request: Request, body: dict[str, Any], model: Any
-) -> bool:
-    """Take a PD request whose prefill/decode workers are gRPC (True); False leaves it to
-    the HTTP PD path. Called by PDRouter.proxy once the body parsed and the rows are fresh."""
+    front: GrpcFront,
+    conn: ClientConnection,
+    request: Request,
+    body: dict[str, Any],
+    model: Any,
+    started: float = 0.0,
+    queued: bool = False,
+) -> bool | None:
+    """Take a PD request whose prefill/decode workers are gRPC (True); None leaves it to
+    the HTTP PD path. Called by PDRouter.proxy once the body parsed and the rows are fresh.
+
+    With prefill admission on (1.13 gates gRPC PD's prefill selection too), a request
+    that finds every gRPC prefill worker at its cap waits in the PD router's gateway-wide
+    queue (PrefillAdmission.wait: size, timeout, 429s, metrics), and False is what a
+    request from that queue (`queued`) gets while there is still no slot. Otherwise a
+    slot is reserved here on a free prefill row (so the tokenization in between cannot
+    lose it to another request) and PdPlan.choose trades it for the policy's pick."""
     from smg.grpc.frontend import GENERATE_KINDS, GrpcExchange
 
     app = front.app
     router = app.pd
     kind = GENERATE_KINDS.get(request.path)
     if router is None or kind is None:
-        return False
+        return None
     entries = app.state.entries
     rows = [row for row in sorted(front.pd_rows) if row in entries]
     if not rows:
-        return False
+        return None
+    reserved: tuple[int, int] | None = None
+    admission = router.admission
+    if admission is not None:
+        grpc_rows = front.pd_rows
+        prefill_rows = [r for r in router._rows("prefill", model) if r in grpc_rows]
+        if prefill_rows:  # none ready: choose's 503, as without admission
+            for row in admission.free(prefill_rows):
+                generation = entries[row].generation
+                if admission.take(row, generation):
+                    reserved = (row, generation)
+                    break
+            if reserved is None:
+                if queued:
+                    return False
+                admission.wait(conn, request, started)
+                return True
     rows.sort(key=lambda row: entries[row].spec.worker_type != "decode")  # decode first
     exchange = GrpcExchange(front, conn, request, kind, body, model, rows)
     plan = exchange.pd = PdPlan(exchange)
+    plan.reserved = reserved
     conn.exchange = exchange  # type: ignore[assignment]
     app.active.add(exchange)  # type: ignore[arg-type]
     exchange.task = app.loop.create_task(exchange.run())
@@ -215,13 +246,60 @@ class PdPlan:
         self.prefill: DirectoryEntry | None = None
         self.clients: list[PdClient] = []
         self.failed: list[int] = []  # prefill rows a retried attempt's prefill leg failed on
+        # An admission slot taken by `handle` (row, generation), until choose uses it.
+        self.reserved: tuple[int, int] | None = None
 
     def ended(self, _task: object) -> None:
         """The exchange's task ended: a prefill chosen (and counted in flight) whose leg
-        never started (the attempt failed before its Generate) is released."""
+        never started (the attempt failed before its Generate) is released, and a
+        reserved admission slot never used (the request failed before its attempt)."""
         for client in self.clients:
             if not client.started:
                 client._leg_done(CLIENT_LEFT)
+        self._release()
+
+    def _release(self) -> None:
+        reserved = self.reserved
+        if reserved is None:
+            return
+        self.reserved = None
+        app = self.exchange.app
+        app._in_flight_done(*reserved)
+        router = app.pd
+        if router is not None and router.admission is not None:
+            router.admission.freed()
+
+    def _admit(self, router: Any, rows: list[int], route: Any) -> int:
+        """The prefill row under admission, counted by PrefillAdmission.take: the policy's
+        pick among the rows with a free slot (and the reserved one); the reservation
+        when the pick's slot is gone meanwhile; -1 when none (a retry: 503, as HTTP's)."""
+        app = self.exchange.app
+        admission = router.admission
+        entries = app.state.entries
+        reserved = self.reserved
+        candidates = admission.free(rows)
+        if reserved is not None and reserved[0] in rows and reserved[0] not in candidates:
+            candidates.append(reserved[0])
+        if reserved is not None and reserved[0] not in rows:
+            self._release()  # its worker left the ready rows meanwhile
+            reserved = None
+        if not candidates:
+            return -1
+        row = router._choose(router.prefill_policy, candidates, route)
+        if row < 0:
+            return -1
+        if reserved is not None and row == reserved[0]:
+            self.reserved = None  # the slot is the leg's now
+            return row
+        generation = entries[row].generation
+        if admission.take(row, generation):
+            self._release()
+            return row
+        app.gate.record(row, generation, CLIENT_LEFT)  # the claim, unused
+        if reserved is not None and app.gate.claim(reserved[0]):  # through the gate too
+            self.reserved = None
+            return reserved[0]
+        return -1  # (a reservation left is released when the exchange ends)
 
     def choose(self) -> DirectoryEntry:
         """A prefill and a decode row for the next attempt; the decode is the exchange's
@@ -246,7 +324,11 @@ class PdPlan:
         refusal = router._no_pair(prefill_rows, decode_rows)
         if refusal is not None:
             raise _Refused(503, "server_selection_failed", refusal, b"")
-        prefill = router._choose(router.prefill_policy, prefill_rows, route)
+        admission = router.admission
+        if admission is None:
+            prefill = router._choose(router.prefill_policy, prefill_rows, route)
+        else:
+            prefill = self._admit(router, prefill_rows, route)
         if prefill < 0:
             raise _Refused(
                 503,
@@ -258,7 +340,10 @@ class PdPlan:
         p_entry = state.entries[prefill]
         decode = router._choose(app.policy, decode_rows, route)
         if decode < 0:
-            app.gate.record(prefill, p_entry.generation, CLIENT_LEFT)  # the claim, unused
+            if admission is None:
+                app.gate.record(prefill, p_entry.generation, CLIENT_LEFT)  # the claim, unused
+            else:  # the slot goes back (leg_done: in flight, gate, the queue's turn)
+                router.leg_done(prefill, p_entry.generation, CLIENT_LEFT)
             raise _Refused(
                 503,
                 "server_selection_failed",
@@ -273,7 +358,8 @@ class PdPlan:
         ex.attempting = True
         app._in_flight_add(decode, entry.generation)
         app.policy.on_dispatch(decode)
-        app._in_flight_add(prefill, p_entry.generation)
+        if admission is None:  # else counted by PrefillAdmission.take
+            app._in_flight_add(prefill, p_entry.generation)
         router.prefill_policy.on_dispatch(prefill)
         router.dispatched += 1
         self.prefill = p_entry
@@ -303,6 +389,8 @@ class PdClient:
         self.decode = decode
         self.p_entry = p_entry
         self.backend: str = decode.backend
+        self.runtime = "vllm" if self.backend == "vllm" else "sglang"  # 1.13's runtime label
+        self.sent_at = 0.0  # the prefill's dispatch (smg_pd_* histograms start there)
         self._leg_open = True  # the prefill leg's accounting is still to be done
         self.started = False  # generate_batches ran (its legs account themselves)
         self._prefill_running = False
@@ -355,6 +443,7 @@ class PdClient:
         transfer_id = transfer_id_for(mode, n)
         returned: str | None = None
         self._prefill_running = True
+        self.sent_at = time.monotonic()
         try:
             outputs = _batches(self.prefill, vllm_prefill_input(req, mode, transfer_id), timeout)
             try:
@@ -374,6 +463,7 @@ class PdClient:
         finally:
             self._prefill_running = False
         self._leg_done(200)
+        prefill_s = time.monotonic() - self.sent_at
         if mode.kind == "nixl" and returned is None and n <= 1:
             log.warning(
                 "vLLM PD (NIXL): prefill %s returned no kv_transfer_params; the decode "
@@ -384,8 +474,14 @@ class PdClient:
             req, kv_transfer_params_json=vllm_decode_params(mode, returned, transfer_id, n)
         )
         decode = _batches(self.decode, dreq, timeout)
+        first = True
         try:
             async for outs in decode:
+                if first:  # decode established: 1.13 records its success-only PD metrics
+                    first = False
+                    self._observe("prefill", prefill_s)
+                    if req.stream:  # the 1.13 binary: TTFT for streamed answers only
+                        self._observe("ttft", time.monotonic() - self.sent_at)
                 yield outs
         except EngineError as error:
             raise leg_error(error, "decode") from None
@@ -405,8 +501,11 @@ class PdClient:
         host = worker_address(self.p_entry.url).host
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
         self._prefill_running = True
+        self.sent_at = time.monotonic()
         prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
         decode = _batches(self.decode, sreq, timeout)
+        if req.stream:  # the 1.13 binary: TTFT for streamed answers only
+            decode = _ttft(self, decode)
         ok = False
         try:
             while not prefill.done():
@@ -456,6 +555,23 @@ class PdClient:
                 else:  # the decode failed or the client left: the prefill goes now
                     await self._stop_prefill(prefill, req.request_id, False)
 
+    def _observe(self, which: str, seconds: float) -> None:
+        """smg_pd_prefill_duration_seconds / smg_pd_ttft_seconds with this runtime's label
+        (the PD router's histograms: keyed (model, runtime), summed by the reader)."""
+        router = self.exchange.app.pd
+        if router is None:
+            return
+        hists = router.prefill_durations if which == "prefill" else router.ttfts
+        asked = self.exchange.body.get("model")
+        model = asked if isinstance(asked, str) and asked else self.exchange.route_model
+        key = (model or "unknown", self.runtime)
+        hist = hists.get(key)  # type: ignore[call-overload]
+        if hist is None:
+            from smg.dataplane.metrics import DURATION_BUCKETS, Histogram
+
+            hist = hists[key] = Histogram(DURATION_BUCKETS)  # type: ignore[index]
+        hist.observe(seconds)
+
     async def _stop_prefill(self, prefill: asyncio.Future[None], rid: str, grace: bool) -> None:
         if grace:
             with contextlib.suppress(BaseException):
@@ -484,6 +600,22 @@ class PdClient:
             with contextlib.suppress(Exception):
                 await outputs.aclose()  # type: ignore[attr-defined]
         self._leg_done(200)
+
+
+async def _ttft(client: PdClient, outputs: AsyncIterator[list[Any]]) -> AsyncIterator[list[Any]]:
+    """The SGLang decode's outputs; the first one observes smg_pd_ttft_seconds (1.13:
+    prefill dispatch to the first decode token, streamed answers only; the parallel path
+    has no prefill duration: 1.13 does not drain the prefill's stream there)."""
+    first = True
+    try:
+        async for outs in outputs:
+            if first:
+                first = False
+                client._observe("ttft", time.monotonic() - client.sent_at)
+            yield outs
+    finally:
+        with contextlib.suppress(Exception):
+            await outputs.aclose()  # type: ignore[attr-defined]
 
 
 def _prefer(rows: list[int], failed: list[int] | None) -> list[int]:
