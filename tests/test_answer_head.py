@@ -1,7 +1,7 @@
-"""`smg.dataplane.app._answer_head`: the one rule the WASM-error and admin answers share
-for turning a (name, value) header list into `_send`'s content-type and extra lines."""
+"""`smg.dataplane.app._answer_head`: the rule the admin answers use for turning a
+(name, value) header list into `_send`'s content-type and extra lines."""
 
-from smg.dataplane.app import _ADMIN_DROPPED, _WASM_ERROR_DROPPED, _answer_head
+from smg.dataplane.app import _ADMIN_DROPPED, _answer_head
 
 
 def test_admin_rule_keeps_framing_drops_request_id_and_reads_error_code() -> None:
@@ -16,21 +16,6 @@ def test_admin_rule_keeps_framing_drops_request_id_and_reads_error_code() -> Non
         b"text/plain",
         b"x-smg-error-code: worker_not_found\r\nContent-Length: 5\r\nX-Extra: v\r\n",
         "worker_not_found",
-    )
-
-
-def test_wasm_rule_drops_framing_and_gateway_lines() -> None:
-    headers = [
-        ("x-smg-error-code", "rate_limited"),
-        ("content-length", "5"),
-        ("x-smg-process", "1"),
-        ("x-request-id", "abc"),
-        ("x-module", "m"),
-    ]
-    assert _answer_head(headers, _WASM_ERROR_DROPPED) == (
-        b"application/json",
-        b"x-smg-error-code: rate_limited\r\nx-module: m\r\n",
-        "rate_limited",
     )
 
 
