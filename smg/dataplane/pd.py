@@ -45,6 +45,7 @@ from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.httpwire import error_body, status_line
 from smg.policies.base import NoEligibleWorker, RouteRequest
 from smg.promtext import Family, Sample
+from smg.shm import layout
 from smg.worker_url import worker_address
 
 if TYPE_CHECKING:
@@ -1187,8 +1188,10 @@ class PrefillAdmission:
     the sum is over; any two processes racing for the last slot see each other's store,
     so the cap is never exceeded (at worst both step back and retry). Requests that find
     every prefill worker full wait here, FIFO, re-tried every millisecond, up to
-    --prefill-queue-timeout-secs and --prefill-queue-size waiting per process (both 429,
-    1.13's codes; the queue bound is per process, the cap is gateway-wide)."""
+    --prefill-queue-timeout-secs, and at most --prefill-queue-size waiting in the whole
+    gateway (both 429, 1.13's codes). The queue bound is a try-and-undo on the global word
+    G_PD_QUEUED (as admission.AdmissionWords bounds its queue), mirrored in this process's
+    P_PD_QUEUED so that the supervisor gives a dead process's places back."""
 
     def __init__(self, app: DataPlane, limit: int, queue_size: int, timeout: float) -> None:
         self.app = app
@@ -1201,6 +1204,9 @@ class PrefillAdmission:
         self.table = table
         self.slots = table.slots
         self.base = table.geo.inflight_offset
+        self.g_queued = table.global_offset(layout.G_PD_QUEUED)
+        self.p_queued = table.proc_word_offset(app.slot, layout.P_PD_QUEUED)
+        self.own_queued = 0  # mirrored into P_PD_QUEUED
         self.rejected_full = 0
         self.rejected_timeout = 0
         self.queued = 0
@@ -1241,7 +1247,7 @@ class PrefillAdmission:
 
     def wait(self, conn: ClientConnection, request: Request, started: float) -> None:
         app = self.app
-        if len(self.waiting) >= self.queue_size:
+        if not self._enqueue():
             self.rejected_full += 1
             self._refuse(conn, request, "pd_prefill_queue_full", "Prefill admission queue is full")
             return
@@ -1251,6 +1257,26 @@ class PrefillAdmission:
         conn.exchange = waiter  # type: ignore[assignment]
         if self.timer is None:
             self.timer = app.loop.call_later(_RETRY_S, self._tick)
+
+    def _enqueue(self) -> bool:
+        """Take a place in the gateway-wide queue: global word first (a kill before the
+        own word leaves it one too high, a place lost, never the bound exceeded), undone
+        when the queue was already full."""
+        atomic = self.table.atomic
+        if atomic.fetch_add_u64(self.g_queued, 1) >= self.queue_size:
+            atomic.fetch_sub_u64(self.g_queued, 1)
+            return False
+        self.own_queued += 1
+        atomic.store_u64(self.p_queued, self.own_queued)
+        return True
+
+    def _dequeue(self) -> None:
+        """Give a waiter's place back (once per waiter, when it leaves the deque): own
+        word first, global second, for the same reason."""
+        atomic = self.table.atomic
+        self.own_queued -= 1
+        atomic.store_u64(self.p_queued, self.own_queued)
+        atomic.fetch_sub_u64(self.g_queued, 1)
 
     def freed(self) -> None:
         if self.waiting and self.timer is None:
@@ -1268,9 +1294,11 @@ class PrefillAdmission:
                 waiter = waiting[0]
                 if waiter.done or waiter.conn.closed:
                     waiting.popleft()
+                    self._dequeue()
                     continue
                 if waiter.deadline <= now:
                     waiting.popleft()
+                    self._dequeue()
                     self._expire(waiter)
                     continue
                 # The PD path again: dispatched (or answered), or still no free slot (it
@@ -1282,6 +1310,7 @@ class PrefillAdmission:
                     conn.exchange = waiter  # type: ignore[assignment]
                     break
                 waiting.popleft()
+                self._dequeue()
                 waiter.done = True
                 self.waits.observe(now - waiter.queued_at)
         except Exception as exc:  # the timer must keep running whatever happened
