@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import time
+from typing import Any
 
 import httpx
+import orjson
 
 from tests import mockutil, pdutil
+from tests.gatewayutil import wait_until
 from tests.test_pd_e2e import GENERATE, pd_gateway
 
 
@@ -53,3 +57,43 @@ def test_prefill_queue_bound_holds_across_processes() -> None:
         assert {code for _, code, _, _ in refused} == {"pd_prefill_queue_full"}
         assert all(seconds < 1.0 for _, _, _, seconds in refused)
         assert mockutil.stats(prefill.url)["peak_in_flight"] == 1
+
+
+def _ready_workers(base: str, count: int) -> list[dict[str, Any]] | None:
+    workers = httpx.get(base + "/workers", timeout=5).json()["workers"]
+    ready = [w for w in workers if w["status"] == "ready"]
+    return workers if len(ready) == count == len(workers) else None
+
+
+def test_dp_aware_pd_legs_carry_1_13s_rank_fields() -> None:
+    # A prefill and a decode engine of dp_size 2 each: four url@rank workers; the prefill
+    # leg carries `routed_dp_rank`, the decode leg `routed_dp_rank` and
+    # `disagg_prefill_dp_rank` (the 1.13 binary's fields; the mocks count the routed rank
+    # and answer 400 for one outside [0, 2)).
+    with (
+        pdutil.start_prefill(1, "--dp-size", "2") as prefill,
+        pdutil.start_decode(1, "--dp-size", "2", wait_s=5) as decode,
+        pd_gateway(prefill, decode, "--dp-aware", "--policy", "round_robin") as gateway,
+    ):
+        workers = wait_until(lambda: _ready_workers(gateway.url, 4), 20, "four rank workers")
+        view = sorted((w["url"], w["worker_type"], w.get("dp_rank")) for w in workers)
+        assert view == sorted(
+            [(f"{prefill.url}@{r}", "prefill", r) for r in range(2)]
+            + [(f"{decode.url}@{r}", "decode", r) for r in range(2)]
+        )
+        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            statuses = [client.post("/generate", json=GENERATE).status_code for _ in range(8)]
+        assert statuses == [200] * 8
+        # round_robin in one process: each side's two ranks took turns.
+        assert mockutil.stats(prefill.url)["requests_by_dp_rank"] == {"0": 4, "1": 4}
+        assert mockutil.stats(decode.url)["requests_by_dp_rank"] == {"0": 4, "1": 4}
+        sent = mockutil.stats(decode.url)["last_request"]
+        body = orjson.loads(base64.b64decode(sent["body_b64"]))
+        assert body["disagg_prefill_dp_rank"] in (0, 1)
+        assert body["routed_dp_rank"] in (0, 1)
+        assert "data_parallel_rank" not in body
+        last_prefill = mockutil.stats(prefill.url)["last_request"]
+        p_body = orjson.loads(base64.b64decode(last_prefill["body_b64"]))
+        assert p_body["bootstrap_room"] == body["bootstrap_room"]
+        assert p_body["routed_dp_rank"] == body["disagg_prefill_dp_rank"]
+        assert "disagg_prefill_dp_rank" not in p_body

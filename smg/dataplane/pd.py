@@ -42,6 +42,7 @@ from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.retry import RETRYABLE_STATUSES
+from smg.dp import pd_rank_fields
 from smg.httpwire import error_body, status_line
 from smg.policies.base import NoEligibleWorker, RouteRequest
 from smg.promtext import Family, Sample
@@ -1020,7 +1021,11 @@ class PDRouter:
         batch = batch_size(path, body)
         host = worker_address(p_entry.url).host
         inject_bootstrap(body, host, p_entry.spec.bootstrap_port, batch, new_rooms(batch))
-        payload = orjson.dumps(body)
+        payload = p_payload = orjson.dumps(body)
+        if p_entry.dp_rank is not None or d_entry.dp_rank is not None:
+            # --dp-aware rank workers: each leg's rank fields, as 1.13's PD router sends.
+            p_body, d_body = pd_rank_fields(body, p_entry.dp_rank, d_entry.dp_rank)
+            p_payload, payload = orjson.dumps(p_body), orjson.dumps(d_body)
         p_pool = app._pool(prefill, p_entry)
         d_pool = app._pool(decode, d_entry)
         exchange.row = decode
@@ -1029,7 +1034,7 @@ class PDRouter:
         exchange.head = app._upstream_request(request, d_entry, d_pool, len(payload))
         exchange.body = payload
         logprobs = wants_logprobs(path, body)
-        p_head = app._upstream_request(request, p_entry, p_pool, len(payload))
+        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload))
         leg = PrefillLeg(
             app,
             exchange,
@@ -1037,7 +1042,7 @@ class PDRouter:
             p_entry.generation,
             p_pool,
             p_head,
-            payload,
+            p_payload,
             p_entry.url,
             logprobs,
         )
