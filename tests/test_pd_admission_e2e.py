@@ -97,3 +97,22 @@ def test_dp_aware_pd_legs_carry_1_13s_rank_fields() -> None:
         assert p_body["bootstrap_room"] == body["bootstrap_room"]
         assert p_body["routed_dp_rank"] == body["disagg_prefill_dp_rank"]
         assert "disagg_prefill_dp_rank" not in p_body
+
+
+def test_decode_running_window_gauge_as_1_13() -> None:
+    # 1.13 announces each decode worker's running window (/server_info
+    # max_running_requests) as smg_pd_admission_window{worker}; the prefill has none.
+    with (
+        pdutil.start_prefill() as prefill,
+        pdutil.start_decode(1, "--max-running-requests", "7") as decode,
+        pd_gateway(prefill, decode) as gateway,
+    ):
+        wanted = f'smg_pd_admission_window{{worker="{decode.url}"}} 7'
+
+        def gauge() -> str | None:
+            text = gateway.metrics()
+            return text if wanted in text else None
+
+        text = wait_until(gauge, 10, "the window gauge")
+        lines = [line for line in text.splitlines() if line.startswith("smg_pd_admission_window")]
+        assert lines == [wanted]
