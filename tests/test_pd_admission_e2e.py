@@ -1,11 +1,13 @@
-"""PD admission held for the whole gateway (issue 17 leftovers) through `smg launch
---processes 2 --pd-disaggregation` with the PD mocks (tests/pdutil.py)."""
+"""Issue 17 leftovers through `smg launch --processes 2 --pd-disaggregation` with the PD mocks
+(tests/pdutil.py): the prefill queue bound held gateway-wide, --dp-aware with PD, the decode
+running-window gauge, WASM modules on PD requests and answers."""
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,3 +118,40 @@ def test_decode_running_window_gauge_as_1_13() -> None:
         text = wait_until(gauge, 10, "the window gauge")
         lines = [line for line in text.splitlines() if line.startswith("smg_pd_admission_window")]
         assert lines == [wanted]
+
+
+def test_wasm_modules_run_on_pd_requests_and_answers(tmp_path: Path) -> None:
+    # An OnRequest module tags the request (both legs carry the header: the mocks keep
+    # the last request's headers) and an OnResponse module tags the decode's answer.
+    from tests.test_wasm_e2e import _add, _guest, _set_header
+
+    tagger = tmp_path / "tagger.wasm"
+    tagger.write_text(_guest("x-wasm-tag", "on", on_request=_set_header("x-wasm-tag", "on")))
+    logger = tmp_path / "logger.wasm"
+    logger.write_text(
+        _guest("x-smg-wasm-logged", "1", on_response=_set_header("x-smg-wasm-logged", "1"))
+    )
+    with (
+        pdutil.start_prefill() as prefill,
+        pdutil.start_decode(wait_s=5) as decode,
+        pd_gateway(prefill, decode, "--enable-wasm") as gateway,
+    ):
+        added = _add(
+            gateway, [("tagger", tagger, ("OnRequest",)), ("logger", logger, ("OnResponse",))]
+        )
+        assert added.status_code == 200, added.text
+
+        def tagged() -> httpx.Response | None:
+            # A connection each: both processes must have loaded the modules.
+            answers = []
+            for _ in range(4):
+                with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+                    answers.append(client.post("/generate", json=GENERATE))
+            done = all(a.headers.get("x-smg-wasm-logged") == "1" for a in answers)
+            return answers[-1] if done else None
+
+        answer = wait_until(tagged, 10, "the OnResponse module on PD answers")
+        assert answer.status_code == 200
+        assert answer.json()["text"] == "The quick brown"
+        for mock in (prefill, decode):
+            assert mockutil.stats(mock.url)["last_request"]["header_map"]["x-wasm-tag"] == "on"

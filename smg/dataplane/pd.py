@@ -431,17 +431,17 @@ class PrefillLeg:
 
 class DecodeExchange(Exchange):
     """The decode request as a plain relay, except that its upstream events wait in
-    `held` until the prefill leg resolves (`prefill_done` replays them, `prefill_failed`
+    `pd_held` until the prefill leg resolves (`prefill_done` replays them, `prefill_failed`
     answers the error instead), and that error answers and logprob merges take 1.13's
     shapes. Retries are off: a new attempt needs a new pair and room."""
 
     __slots__ = (
         "err",
-        "held",
         "logprobs",
         "merger",
         "pd_body",
         "pd_failed",
+        "pd_held",
         "pd_url",
         "prefill",
         "whole",
@@ -451,7 +451,7 @@ class DecodeExchange(Exchange):
         """(Re)arm for an attempt: its prefill leg and decode URL."""
         self.prefill = prefill
         self.pd_url = url
-        self.held: list[tuple[int, Any, Any]] | None = []
+        self.pd_held: list[tuple[int, Any, Any]] | None = []
         self.logprobs: list[Any] | None = [] if logprobs else None
         self.err: list[bytes] | None = None  # the decode answered an error: its body
         self.whole: list[bytes] | None = None  # a whole answer held for the logprob merge
@@ -470,25 +470,25 @@ class DecodeExchange(Exchange):
             pd = self.app.pd
             assert pd is not None
             pd.observe(pd.ttfts, self.model, time.monotonic() - self.prefill.sent_at)
-        if self.held is not None:
-            self.held.append((_HEAD_EVENT, status, headers))
+        if self.pd_held is not None:
+            self.pd_held.append((_HEAD_EVENT, status, headers))
         else:
             self._head(status, headers)
 
     def response_body(self, chunk: bytes) -> None:
-        if self.held is not None:
-            self.held.append((_BODY_EVENT, chunk, None))
+        if self.pd_held is not None:
+            self.pd_held.append((_BODY_EVENT, chunk, None))
         else:
             self._body(chunk)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
-        if self.held is not None:
-            self.held.append((_COMPLETE_EVENT, upstream_keep_alive, None))
+        if self.pd_held is not None:
+            self.pd_held.append((_COMPLETE_EVENT, upstream_keep_alive, None))
         else:
             self._complete(upstream_keep_alive)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
-        held = self.held
+        held = self.pd_held
         if held is not None and conn is self.upstream:
             if held and held[-1][0] == _COMPLETE_EVENT:
                 return  # the answer is whole: only its connection is gone
@@ -549,7 +549,7 @@ class DecodeExchange(Exchange):
 
     # the prefill's outcome
     def prefill_done(self, status: int, body: bytes) -> None:
-        held = self.held
+        held = self.pd_held
         if held is None:
             return
         if status >= 300:
@@ -565,7 +565,7 @@ class DecodeExchange(Exchange):
         self._replay(held)
 
     def _replay(self, held: list[tuple[int, Any, Any]]) -> None:
-        self.held = None
+        self.pd_held = None
         try:
             for kind, first, second in held:
                 if kind == _HEAD_EVENT:
@@ -582,7 +582,7 @@ class DecodeExchange(Exchange):
             self.client.close()
 
     def prefill_failed(self, url: str) -> None:
-        if self.held is not None:
+        if self.pd_held is not None:
             self._transport_failed(url)
 
     def _transport_failed(self, url: str) -> None:
@@ -609,7 +609,7 @@ class DecodeExchange(Exchange):
         ):
             self._pd_retry(0 if code == TRANSPORT_CODE else status)
             return
-        self.held = None
+        self.pd_held = None
         self.state, _action = _step(self.state)
         self._drop_upstream()
         self.prefill.abort()
@@ -635,7 +635,7 @@ class DecodeExchange(Exchange):
 
     def _pd_retry(self, outcome: int) -> None:
         """End this attempt (both legs) and schedule the next one after the backoff."""
-        self.held = None
+        self.pd_held = None
         prefill = self.prefill
         prefill.abort()
         if prefill.row not in self.pd_failed:
@@ -672,7 +672,7 @@ class DecodeExchange(Exchange):
 
     def _retry(self, outcome: int, *, immediate: bool = False) -> None:
         # Every retry ends the attempt's prefill leg too (a new pair, a new room).
-        self.held = None
+        self.pd_held = None
         self.prefill.abort()
         super()._retry(outcome, immediate=immediate)
 
@@ -683,7 +683,7 @@ class DecodeExchange(Exchange):
             if self.pd_body is not None and self.attempts < self.max_attempts:
                 self._pd_retry(0)
                 return
-            self.held = None
+            self.pd_held = None
             code, message = TRANSPORT_CODE, transport_message(self.pd_url, self.endpoint)
         super()._fail(status, code, message, extra_headers=extra_headers)
 
@@ -993,6 +993,16 @@ class PDRouter:
             exchange.trace = request.trace
         if app.cors is not None:
             exchange.cors = app.cors.response(request.header(b"origin"))
+        wasm = app.wasm
+        if wasm is not None and wasm.on_response and app._wasm_answers(conn, request):
+            # OnResponse modules on the decode answer, as on a plain proxied one (the
+            # OnRequest ones already ran in DataPlane.handle): asked for uncompressed.
+            from smg.wasm.chain import ResponseHook
+
+            request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
+            exchange.translation = ResponseHook(
+                wasm, None, path.encode(), bytes(request.body), route.stream
+            )
         self._arm(exchange, request, body, prefill, decode)
         request.body = b""
         app.active.add(exchange)
