@@ -1975,12 +1975,6 @@ def _check_pd(cfg: GatewayConfig, src: Mapping[str, str]) -> GatewayConfig:
             "(use --pd-disaggregation)",
             src.get("epd_disaggregation"),
         )
-    if cfg.dp_aware and cfg.pd_disaggregation:
-        raise ConfigError(
-            "dp_aware",
-            "with --pd-disaggregation is not implemented yet in smg (regular mode only)",
-            src.get("dp_aware"),
-        )
     for field, implemented in (
         ("prefill_policy", PREFILL_POLICY_NAMES),
         ("decode_policy", IMPLEMENTED_POLICIES),

@@ -75,7 +75,7 @@ NOT_AN_OBJECT = "Request must be a JSON object for DP-aware routing"
 def pd_rank_fields(
     body: dict[str, Any], prefill_rank: int | None, decode_rank: int | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """PD mode (not wired yet: --dp-aware with PD is refused): the prefill's and the
+    """PD mode (smg.dataplane.pd): the prefill's and the
     decode's bodies as 1.13's PD router makes them: the prefill gets `routed_dp_rank` =
     its rank, the decode `disagg_prefill_dp_rank` = the prefill's rank and
     `routed_dp_rank` = its own (no `data_parallel_rank`; checked on the 1.13 binary)."""

@@ -151,7 +151,7 @@ def test_rate_limited_acquire_takes_its_concurrency_permit_back() -> None:
 def _hammer(buf: object, geo_args: tuple[int, int], slot: int, rounds: int, out: object) -> None:
     table = WorkerTable(buf, layout.geometry(*geo_args))  # type: ignore[arg-type]
     words = AdmissionWords.for_table(table, slot, 2, 0, None)  # 4 racers, 2 permits
-    holders = table.global_offset(layout.G_SPARE_7)  # counts the holders themselves
+    holders = table.global_offset(layout.G_PD_QUEUED)  # scratch: counts the holders themselves
     atomic = table.atomic
     peak_seen = 0
     held = 0

@@ -166,7 +166,6 @@ REFUSALS: list[tuple[list[str], str, str]] = [
     # 1.13 accepts these
     ([*PD, "9000", "extra"], "prefill", "takes URL [BOOTSTRAP_PORT]"),
     ([*PD_PAIR, "--enable-igw"], "enable_igw", "PD with IGW"),
-    ([*PD_PAIR, "--dp-aware"], "dp_aware", "not implemented yet"),
 ]
 
 
@@ -176,6 +175,11 @@ def test_pd_refusals(argv: list[str], key: str, reason: str) -> None:
         load_config(argv, {})
     assert caught.value.key == key
     assert reason in caught.value.reason, caught.value.reason
+
+
+def test_dp_aware_is_accepted_with_pd() -> None:
+    # As 1.13: each prefill/decode engine becomes url@rank workers (smg.dataplane.pd).
+    assert load_config([*PD_PAIR, "--dp-aware"], {}).dp_aware
 
 
 def test_bucket_interval_is_checked_only_with_the_bucket_policy() -> None:

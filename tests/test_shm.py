@@ -45,7 +45,7 @@ def test_geometry_regions_do_not_overlap() -> None:
     assert layout.PROC.size <= layout.PROC_WORDS_OFFSET
     assert layout.PROC_WORDS_OFFSET + layout.P_SPARE_7 + 8 <= layout.PROC_SIZE
     assert layout.H_FLAGS + 8 <= layout.HEALTH_SIZE
-    assert layout.G_SPARE_7 + 8 <= layout.GLOBALS_SIZE
+    assert layout.G_PD_QUEUED + 8 <= layout.GLOBALS_SIZE
     # Atomic words must be 8-byte aligned, and the busy global ones on their own lines.
     for offset in (geo.globals_offset, geo.procs_offset, geo.health_offset):
         assert offset % 64 == 0

@@ -59,6 +59,8 @@ from smg.workers_spec import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from smg.policies.shared import SharedRouting
     from smg.shm.table import WorkerTable
 
@@ -75,6 +77,41 @@ def _dp_expandable(spec: WorkerSpec) -> bool:
     """Whether --dp-aware expands this worker: a self-hosted HTTP engine (the data plane
     injects data_parallel_rank into HTTP bodies only; gRPC ranks are not done yet)."""
     return spec.connection_mode == "http" and not external.is_external(spec)
+
+
+def pd_window(record: WorkerRecord) -> int:
+    """A decode worker's running window as 1.13 reads it: its `max_num_seqs` or
+    `max_running_requests` label, else the engine's /server_info `max_running_requests`;
+    0 when it reports none."""
+    labels = record.spec.labels
+    for value in (
+        labels.get("max_num_seqs"),
+        labels.get("max_running_requests"),
+        record.server_info.get("max_running_requests"),
+    ):
+        try:
+            window = int(value) if value is not None else 0
+        except (TypeError, ValueError):
+            window = 0
+        if window > 0:
+            return window
+    return 0
+
+
+def _pd_window_family(records: Iterable[WorkerRecord]) -> Family:
+    """1.13's `smg_pd_admission_window{worker}` (decode workers, PD mode)."""
+    samples = [
+        Sample("", [("worker", record.url)], pd_window(record))
+        for record in records
+        if record.spec.worker_type == "decode"
+    ]
+    return Family(
+        "smg_pd_admission_window",
+        "gauge",
+        "Running window the PD admission gate bounds a decode worker by; 0 when the engine "
+        "reports none and admission is off for that worker",
+        samples,
+    )
 
 
 class ControlPlane:
@@ -1456,7 +1493,13 @@ class ControlPlane:
             Sample("", [("worker_type", worker_type), ("result", result)], value)
             for (worker_type, result), value in self.health_checks.items()
         ]
+        pd_families = (
+            [_pd_window_family(self.registry.workers.values())]
+            if self.cfg.pd_disaggregation
+            else []
+        )
         return [
+            *pd_families,
             *self._health_families(),
             Family(
                 "smg_worker_health",

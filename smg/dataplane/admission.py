@@ -289,6 +289,7 @@ def reclaim_process(table: WorkerTable, slot: int) -> tuple[int, int]:
     for own, shared in (
         (layout.P_PERMITS, layout.G_ADMIT_IN_FLIGHT),
         (layout.P_QUEUED, layout.G_ADMIT_QUEUED),
+        (layout.P_PD_QUEUED, layout.G_PD_QUEUED),
     ):
         own_offset = table.proc_word_offset(slot, own)
         count = atomic.load_u64(own_offset)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +40,15 @@ from smg.dataplane.exchange import Exchange
 from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
+from smg.dataplane.pd_admission import PrefillAdmission
 from smg.dataplane.retry import RETRYABLE_STATUSES
+from smg.dp import pd_rank_fields
 from smg.httpwire import error_body, status_line
 from smg.policies.base import NoEligibleWorker, RouteRequest
 from smg.promtext import Family, Sample
 from smg.worker_url import worker_address
 
 if TYPE_CHECKING:
-    import asyncio
-
     from smg.config import GatewayConfig
     from smg.dataplane.app import DataPlane
     from smg.dataplane.server import ClientConnection, Request
@@ -432,17 +431,17 @@ class PrefillLeg:
 
 class DecodeExchange(Exchange):
     """The decode request as a plain relay, except that its upstream events wait in
-    `held` until the prefill leg resolves (`prefill_done` replays them, `prefill_failed`
+    `pd_held` until the prefill leg resolves (`prefill_done` replays them, `prefill_failed`
     answers the error instead), and that error answers and logprob merges take 1.13's
     shapes. Retries are off: a new attempt needs a new pair and room."""
 
     __slots__ = (
         "err",
-        "held",
         "logprobs",
         "merger",
         "pd_body",
         "pd_failed",
+        "pd_held",
         "pd_url",
         "prefill",
         "whole",
@@ -452,7 +451,7 @@ class DecodeExchange(Exchange):
         """(Re)arm for an attempt: its prefill leg and decode URL."""
         self.prefill = prefill
         self.pd_url = url
-        self.held: list[tuple[int, Any, Any]] | None = []
+        self.pd_held: list[tuple[int, Any, Any]] | None = []
         self.logprobs: list[Any] | None = [] if logprobs else None
         self.err: list[bytes] | None = None  # the decode answered an error: its body
         self.whole: list[bytes] | None = None  # a whole answer held for the logprob merge
@@ -471,25 +470,25 @@ class DecodeExchange(Exchange):
             pd = self.app.pd
             assert pd is not None
             pd.observe(pd.ttfts, self.model, time.monotonic() - self.prefill.sent_at)
-        if self.held is not None:
-            self.held.append((_HEAD_EVENT, status, headers))
+        if self.pd_held is not None:
+            self.pd_held.append((_HEAD_EVENT, status, headers))
         else:
             self._head(status, headers)
 
     def response_body(self, chunk: bytes) -> None:
-        if self.held is not None:
-            self.held.append((_BODY_EVENT, chunk, None))
+        if self.pd_held is not None:
+            self.pd_held.append((_BODY_EVENT, chunk, None))
         else:
             self._body(chunk)
 
     def response_complete(self, upstream_keep_alive: bool) -> None:
-        if self.held is not None:
-            self.held.append((_COMPLETE_EVENT, upstream_keep_alive, None))
+        if self.pd_held is not None:
+            self.pd_held.append((_COMPLETE_EVENT, upstream_keep_alive, None))
         else:
             self._complete(upstream_keep_alive)
 
     def upstream_lost(self, conn: UpstreamConnection) -> None:
-        held = self.held
+        held = self.pd_held
         if held is not None and conn is self.upstream:
             if held and held[-1][0] == _COMPLETE_EVENT:
                 return  # the answer is whole: only its connection is gone
@@ -550,7 +549,7 @@ class DecodeExchange(Exchange):
 
     # the prefill's outcome
     def prefill_done(self, status: int, body: bytes) -> None:
-        held = self.held
+        held = self.pd_held
         if held is None:
             return
         if status >= 300:
@@ -566,7 +565,7 @@ class DecodeExchange(Exchange):
         self._replay(held)
 
     def _replay(self, held: list[tuple[int, Any, Any]]) -> None:
-        self.held = None
+        self.pd_held = None
         try:
             for kind, first, second in held:
                 if kind == _HEAD_EVENT:
@@ -583,7 +582,7 @@ class DecodeExchange(Exchange):
             self.client.close()
 
     def prefill_failed(self, url: str) -> None:
-        if self.held is not None:
+        if self.pd_held is not None:
             self._transport_failed(url)
 
     def _transport_failed(self, url: str) -> None:
@@ -610,7 +609,7 @@ class DecodeExchange(Exchange):
         ):
             self._pd_retry(0 if code == TRANSPORT_CODE else status)
             return
-        self.held = None
+        self.pd_held = None
         self.state, _action = _step(self.state)
         self._drop_upstream()
         self.prefill.abort()
@@ -636,7 +635,7 @@ class DecodeExchange(Exchange):
 
     def _pd_retry(self, outcome: int) -> None:
         """End this attempt (both legs) and schedule the next one after the backoff."""
-        self.held = None
+        self.pd_held = None
         prefill = self.prefill
         prefill.abort()
         if prefill.row not in self.pd_failed:
@@ -673,7 +672,7 @@ class DecodeExchange(Exchange):
 
     def _retry(self, outcome: int, *, immediate: bool = False) -> None:
         # Every retry ends the attempt's prefill leg too (a new pair, a new room).
-        self.held = None
+        self.pd_held = None
         self.prefill.abort()
         super()._retry(outcome, immediate=immediate)
 
@@ -684,7 +683,7 @@ class DecodeExchange(Exchange):
             if self.pd_body is not None and self.attempts < self.max_attempts:
                 self._pd_retry(0)
                 return
-            self.held = None
+            self.pd_held = None
             code, message = TRANSPORT_CODE, transport_message(self.pd_url, self.endpoint)
         super()._fail(status, code, message, extra_headers=extra_headers)
 
@@ -995,6 +994,16 @@ class PDRouter:
             exchange.trace = request.trace
         if app.cors is not None:
             exchange.cors = app.cors.response(request.header(b"origin"))
+        wasm = app.wasm
+        if wasm is not None and wasm.on_response and app._wasm_answers(conn, request):
+            # OnResponse modules on the decode answer, as on a plain proxied one (the
+            # OnRequest ones already ran in DataPlane.handle): asked for uncompressed.
+            from smg.wasm.chain import ResponseHook
+
+            request.headers = [h for h in request.headers if h[0] != b"accept-encoding"]
+            exchange.translation = ResponseHook(
+                wasm, None, path.encode(), bytes(request.body), route.stream
+            )
         self._arm(exchange, request, body, prefill, decode)
         request.body = b""
         app.active.add(exchange)
@@ -1020,7 +1029,11 @@ class PDRouter:
         batch = batch_size(path, body)
         host = worker_address(p_entry.url).host
         inject_bootstrap(body, host, p_entry.spec.bootstrap_port, batch, new_rooms(batch))
-        payload = orjson.dumps(body)
+        payload = p_payload = orjson.dumps(body)
+        if p_entry.dp_rank is not None or d_entry.dp_rank is not None:
+            # --dp-aware rank workers: each leg's rank fields, as 1.13's PD router sends.
+            p_body, d_body = pd_rank_fields(body, p_entry.dp_rank, d_entry.dp_rank)
+            p_payload, payload = orjson.dumps(p_body), orjson.dumps(d_body)
         p_pool = app._pool(prefill, p_entry)
         d_pool = app._pool(decode, d_entry)
         exchange.row = decode
@@ -1029,7 +1042,7 @@ class PDRouter:
         exchange.head = app._upstream_request(request, d_entry, d_pool, len(payload))
         exchange.body = payload
         logprobs = wants_logprobs(path, body)
-        p_head = app._upstream_request(request, p_entry, p_pool, len(payload))
+        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload))
         leg = PrefillLeg(
             app,
             exchange,
@@ -1037,7 +1050,7 @@ class PDRouter:
             p_entry.generation,
             p_pool,
             p_head,
-            payload,
+            p_payload,
             p_entry.url,
             logprobs,
         )
@@ -1153,209 +1166,6 @@ class PDRouter:
         if self.admission is not None:
             families += self.admission.families(proc)
         return families
-
-
-# --- prefill admission -------------------------------------------------------------------------
-
-_RETRY_S = 0.001
-
-
-class _Waiting:
-    """A request waiting for a prefill slot; sits in `conn.exchange` so that a client
-    leaving takes it out (`client_gone`), as admission.Waiter does."""
-
-    __slots__ = ("conn", "deadline", "done", "queue", "queued_at", "request", "started")
-    upstream = None
-
-    def __init__(
-        self, queue: PrefillAdmission, conn: ClientConnection, request: Request, started: float
-    ) -> None:
-        self.queue = queue
-        self.conn = conn
-        self.request = request
-        self.started = started
-        self.queued_at = time.monotonic()
-        self.deadline = self.queued_at + queue.timeout
-        self.done = False
-
-    def client_gone(self) -> None:
-        self.done = True
-
-
-class PrefillAdmission:
-    """--prefill-max-inflight-requests-per-worker for the whole gateway: a prefill worker
-    takes a request only while its in-flight count, summed over every process's word in
-    the shared table, is under the cap. The check is add-then-read: a process stores its
-    own count, fences (a locked add), then reads the sum, and takes its count back when
-    the sum is over; any two processes racing for the last slot see each other's store,
-    so the cap is never exceeded (at worst both step back and retry). Requests that find
-    every prefill worker full wait here, FIFO, re-tried every millisecond, up to
-    --prefill-queue-timeout-secs and --prefill-queue-size waiting per process (both 429,
-    1.13's codes; the queue bound is per process, the cap is gateway-wide)."""
-
-    def __init__(self, app: DataPlane, limit: int, queue_size: int, timeout: float) -> None:
-        self.app = app
-        self.limit = limit
-        self.queue_size = queue_size
-        self.timeout = timeout
-        self.waiting: deque[_Waiting] = deque()
-        self.timer: asyncio.TimerHandle | None = None
-        table = app.table
-        self.table = table
-        self.slots = table.slots
-        self.base = table.geo.inflight_offset
-        self.rejected_full = 0
-        self.rejected_timeout = 0
-        self.queued = 0
-        self.waits = Histogram(DURATION_BUCKETS)
-
-    @classmethod
-    def from_config(cls, app: DataPlane, cfg: GatewayConfig) -> PrefillAdmission | None:
-        limit = getattr(cfg, "prefill_max_inflight_requests_per_worker", -1) or -1
-        if limit <= 0:
-            return None
-        queue_size = getattr(cfg, "prefill_queue_size", None)
-        timeout = getattr(cfg, "prefill_queue_timeout_secs", None)
-        return cls(
-            app,
-            int(limit),
-            100 if queue_size is None else int(queue_size),
-            60.0 if timeout is None else float(timeout),
-        )
-
-    def free(self, rows: list[int]) -> list[int]:
-        """The rows whose gateway-wide prefill count is under the cap now (a hint: the
-        `take` makes it exact)."""
-        in_flight = self.table.in_flight
-        limit = self.limit
-        return [row for row in rows if in_flight(row) < limit]
-
-    def take(self, row: int, generation: int) -> bool:
-        """Count a request on prefill `row` if the gateway-wide count stays within the cap:
-        store this process's count, fence (a locked add of 0 on that word: x86 orders the
-        loads after it), read the sum; over the cap, take the count back (False)."""
-        app = self.app
-        app._in_flight_add(row, generation)
-        self.table.atomic.fetch_add_u64(self.base + (row * self.slots + app.slot) * 8, 0)
-        if self.table.in_flight(row) > self.limit:
-            app._in_flight_done(row, generation)
-            return False
-        return True
-
-    def wait(self, conn: ClientConnection, request: Request, started: float) -> None:
-        app = self.app
-        if len(self.waiting) >= self.queue_size:
-            self.rejected_full += 1
-            self._refuse(conn, request, "pd_prefill_queue_full", "Prefill admission queue is full")
-            return
-        self.queued += 1
-        waiter = _Waiting(self, conn, request, started)
-        self.waiting.append(waiter)
-        conn.exchange = waiter  # type: ignore[assignment]
-        if self.timer is None:
-            self.timer = app.loop.call_later(_RETRY_S, self._tick)
-
-    def freed(self) -> None:
-        if self.waiting and self.timer is None:
-            self.timer = self.app.loop.call_soon(self._tick)
-
-    def _tick(self) -> None:
-        self.timer = None
-        waiting = self.waiting
-        now = time.monotonic()
-        app = self.app
-        pd = app.pd
-        assert pd is not None
-        try:
-            while waiting:
-                waiter = waiting[0]
-                if waiter.done or waiter.conn.closed:
-                    waiting.popleft()
-                    continue
-                if waiter.deadline <= now:
-                    waiting.popleft()
-                    self._expire(waiter)
-                    continue
-                # The PD path again: dispatched (or answered), or still no free slot (it
-                # stays first in line: FIFO).
-                conn = waiter.conn
-                if conn.exchange is waiter:  # type: ignore[comparison-overlap]
-                    conn.exchange = None
-                if not pd.proxy(conn, waiter.request, waiter.started, queued=True):
-                    conn.exchange = waiter  # type: ignore[assignment]
-                    break
-                waiting.popleft()
-                waiter.done = True
-                self.waits.observe(now - waiter.queued_at)
-        except Exception as exc:  # the timer must keep running whatever happened
-            app.log_error("prefill admission failed", exc)
-        if waiting and self.timer is None:
-            self.timer = app.loop.call_later(_RETRY_S, self._tick)
-
-    def _expire(self, waiter: _Waiting) -> None:
-        waiter.done = True
-        self.rejected_timeout += 1
-        self.waits.observe(time.monotonic() - waiter.queued_at)
-        conn = waiter.conn
-        if conn.exchange is waiter:  # type: ignore[comparison-overlap]
-            conn.exchange = None
-        self._refuse(
-            conn,
-            waiter.request,
-            "pd_prefill_queue_timeout",
-            "Timed out waiting for Prefill admission",
-        )
-
-    def _refuse(self, conn: ClientConnection, request: Request, code: str, message: str) -> None:
-        """429 as 1.13 answers it: type rate_limit_error, no Retry-After."""
-        body = orjson.dumps(
-            {"error": {"type": "rate_limit_error", "code": code, "message": message, "param": None}}
-        )
-        headers = b"x-smg-error-code: %b\r\n" % code.encode("latin-1")
-        self.app._send(conn, request, 429, body, extra_headers=headers, error_code=code)
-
-    def families(self, proc: list[tuple[str, str]]) -> list[Family]:
-        app = self.app
-        entries = app.state.entries
-        pd = app.pd
-        assert pd is not None
-        inflight = [
-            Sample("", [*proc, ("worker", entries[row].url)], count)
-            for row, (generation, count) in app.local_in_flight.items()
-            if pd.types.get(row) == "prefill"
-            and row in entries
-            and entries[row].generation == generation
-        ]
-        return [
-            Family(
-                "smg_pd_prefill_admission_inflight",
-                "gauge",
-                "Prefill requests admitted by SMG per worker (this process's; the sum over "
-                "processes is the gateway's)",
-                inflight,
-            ),
-            Family(
-                "smg_pd_prefill_admission_wait_seconds",
-                "histogram",
-                "Time spent waiting in the SMG Prefill admission queue",
-                histogram_samples(list(proc), self.waits),
-            ),
-            Family(
-                "smg_pd_prefill_admission_rejections_total",
-                "counter",
-                "Prefill admission rejections by reason",
-                [
-                    Sample("", [*proc, ("reason", "queue_full")], self.rejected_full),
-                    Sample("", [*proc, ("reason", "queue_timeout")], self.rejected_timeout),
-                ],
-            ),
-            Family(
-                "smg_pd_prefill_admission_queued",
-                "gauge",
-                "Requests waiting in the SMG Prefill admission queue",
-                [Sample("", proc, sum(1 for w in self.waiting if not w.done))],
-            ),
-        ]
 
 
 def make_router(app: DataPlane, cfg: GatewayConfig) -> PDRouter:

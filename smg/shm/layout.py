@@ -77,7 +77,9 @@ G_FIRST_HEALTH_ROUND = 256
 # by result, one 64-bit word each within the line.
 G_DP_RESTARTS = 320  # + RESTART_WORDS[reason]
 G_CONFIG_RELOADS = 384  # + RELOAD_WORDS[result]
-G_SPARE_7 = 448
+# PD prefill admission (smg.dataplane.pd): requests waiting for a prefill slot, all
+# processes together (--prefill-queue-size bounds it gateway-wide).
+G_PD_QUEUED = 448
 RESTART_WORDS = {"crash": 0, "heartbeat": 8, "reload": 16}
 RELOAD_WORDS = {"success": 0, "failure": 8}
 
@@ -94,7 +96,7 @@ P_QUEUED = 16  # requests this process has waiting for a permit
 P_HEAD_SINCE = 24  # admission: monotonic ns its oldest waiter was queued (0: none waits)
 P_TRIED_NS = 32  # admission: monotonic ns it last tried for a permit (liveness)
 P_INDEX = 40  # the process's listener number (the `process` label; slot differs on reload)
-P_SPARE_6 = 48
+P_PD_QUEUED = 48  # PD prefill admission: requests this process has waiting
 P_SPARE_7 = 56
 PROC_EMPTY = 0
 PROC_STARTING = 1

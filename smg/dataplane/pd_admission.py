@@ -1,0 +1,253 @@
+"""PD prefill admission for the whole gateway (issue 17): --prefill-max-inflight-requests-
+per-worker, --prefill-queue-size and --prefill-queue-timeout-secs, as the Rust SMG 1.13's
+(429 `pd_prefill_queue_full` / `pd_prefill_queue_timeout`, `smg_pd_prefill_admission_*`).
+`smg.dataplane.pd.PDRouter` asks it for free prefill rows, takes a slot, and queues the
+requests that find none."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import orjson
+
+from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
+from smg.promtext import Family, Sample
+from smg.shm import layout
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from smg.config import GatewayConfig
+    from smg.dataplane.app import DataPlane
+    from smg.dataplane.server import ClientConnection, Request
+
+
+_RETRY_S = 0.001
+
+
+class _Waiting:
+    """A request waiting for a prefill slot; sits in `conn.exchange` so that a client
+    leaving takes it out (`client_gone`), as admission.Waiter does."""
+
+    __slots__ = ("conn", "deadline", "done", "queue", "queued_at", "request", "started")
+    upstream = None
+
+    def __init__(
+        self, queue: PrefillAdmission, conn: ClientConnection, request: Request, started: float
+    ) -> None:
+        self.queue = queue
+        self.conn = conn
+        self.request = request
+        self.started = started
+        self.queued_at = time.monotonic()
+        self.deadline = self.queued_at + queue.timeout
+        self.done = False
+
+    def client_gone(self) -> None:
+        self.done = True
+
+
+class PrefillAdmission:
+    """--prefill-max-inflight-requests-per-worker for the whole gateway: a prefill worker
+    takes a request only while its in-flight count, summed over every process's word in
+    the shared table, is under the cap. The check is add-then-read: a process stores its
+    own count, fences (a locked add), then reads the sum, and takes its count back when
+    the sum is over; any two processes racing for the last slot see each other's store,
+    so the cap is never exceeded (at worst both step back and retry). Requests that find
+    every prefill worker full wait here, FIFO, re-tried every millisecond, up to
+    --prefill-queue-timeout-secs, and at most --prefill-queue-size waiting in the whole
+    gateway (both 429, 1.13's codes). The queue bound is a try-and-undo on the global word
+    G_PD_QUEUED (as admission.AdmissionWords bounds its queue), mirrored in this process's
+    P_PD_QUEUED so that the supervisor gives a dead process's places back."""
+
+    def __init__(self, app: DataPlane, limit: int, queue_size: int, timeout: float) -> None:
+        self.app = app
+        self.limit = limit
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self.waiting: deque[_Waiting] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        table = app.table
+        self.table = table
+        self.slots = table.slots
+        self.base = table.geo.inflight_offset
+        self.g_queued = table.global_offset(layout.G_PD_QUEUED)
+        self.p_queued = table.proc_word_offset(app.slot, layout.P_PD_QUEUED)
+        self.own_queued = 0  # mirrored into P_PD_QUEUED
+        self.rejected_full = 0
+        self.rejected_timeout = 0
+        self.queued = 0
+        self.waits = Histogram(DURATION_BUCKETS)
+
+    @classmethod
+    def from_config(cls, app: DataPlane, cfg: GatewayConfig) -> PrefillAdmission | None:
+        limit = getattr(cfg, "prefill_max_inflight_requests_per_worker", -1) or -1
+        if limit <= 0:
+            return None
+        queue_size = getattr(cfg, "prefill_queue_size", None)
+        timeout = getattr(cfg, "prefill_queue_timeout_secs", None)
+        return cls(
+            app,
+            int(limit),
+            100 if queue_size is None else int(queue_size),
+            60.0 if timeout is None else float(timeout),
+        )
+
+    def free(self, rows: list[int]) -> list[int]:
+        """The rows whose gateway-wide prefill count is under the cap now (a hint: the
+        `take` makes it exact)."""
+        in_flight = self.table.in_flight
+        limit = self.limit
+        return [row for row in rows if in_flight(row) < limit]
+
+    def take(self, row: int, generation: int) -> bool:
+        """Count a request on prefill `row` if the gateway-wide count stays within the cap:
+        store this process's count, fence (a locked add of 0 on that word: x86 orders the
+        loads after it), read the sum; over the cap, take the count back (False)."""
+        app = self.app
+        app._in_flight_add(row, generation)
+        self.table.atomic.fetch_add_u64(self.base + (row * self.slots + app.slot) * 8, 0)
+        if self.table.in_flight(row) > self.limit:
+            app._in_flight_done(row, generation)
+            return False
+        return True
+
+    def wait(self, conn: ClientConnection, request: Request, started: float) -> None:
+        app = self.app
+        if not self._enqueue():
+            self.rejected_full += 1
+            self._refuse(conn, request, "pd_prefill_queue_full", "Prefill admission queue is full")
+            return
+        self.queued += 1
+        waiter = _Waiting(self, conn, request, started)
+        self.waiting.append(waiter)
+        conn.exchange = waiter  # type: ignore[assignment]
+        if self.timer is None:
+            self.timer = app.loop.call_later(_RETRY_S, self._tick)
+
+    def _enqueue(self) -> bool:
+        """Take a place in the gateway-wide queue: global word first (a kill before the
+        own word leaves it one too high, a place lost, never the bound exceeded), undone
+        when the queue was already full."""
+        atomic = self.table.atomic
+        if atomic.fetch_add_u64(self.g_queued, 1) >= self.queue_size:
+            atomic.fetch_sub_u64(self.g_queued, 1)
+            return False
+        self.own_queued += 1
+        atomic.store_u64(self.p_queued, self.own_queued)
+        return True
+
+    def _dequeue(self) -> None:
+        """Give a waiter's place back (once per waiter, when it leaves the deque): own
+        word first, global second, for the same reason."""
+        atomic = self.table.atomic
+        self.own_queued -= 1
+        atomic.store_u64(self.p_queued, self.own_queued)
+        atomic.fetch_sub_u64(self.g_queued, 1)
+
+    def freed(self) -> None:
+        if self.waiting and self.timer is None:
+            self.timer = self.app.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        waiting = self.waiting
+        now = time.monotonic()
+        app = self.app
+        pd = app.pd
+        assert pd is not None
+        try:
+            while waiting:
+                waiter = waiting[0]
+                if waiter.done or waiter.conn.closed:
+                    waiting.popleft()
+                    self._dequeue()
+                    continue
+                if waiter.deadline <= now:
+                    waiting.popleft()
+                    self._dequeue()
+                    self._expire(waiter)
+                    continue
+                # The PD path again: dispatched (or answered), or still no free slot (it
+                # stays first in line: FIFO).
+                conn = waiter.conn
+                if conn.exchange is waiter:  # type: ignore[comparison-overlap]
+                    conn.exchange = None
+                if not pd.proxy(conn, waiter.request, waiter.started, queued=True):
+                    conn.exchange = waiter  # type: ignore[assignment]
+                    break
+                waiting.popleft()
+                self._dequeue()
+                waiter.done = True
+                self.waits.observe(now - waiter.queued_at)
+        except Exception as exc:  # the timer must keep running whatever happened
+            app.log_error("prefill admission failed", exc)
+        if waiting and self.timer is None:
+            self.timer = app.loop.call_later(_RETRY_S, self._tick)
+
+    def _expire(self, waiter: _Waiting) -> None:
+        waiter.done = True
+        self.rejected_timeout += 1
+        self.waits.observe(time.monotonic() - waiter.queued_at)
+        conn = waiter.conn
+        if conn.exchange is waiter:  # type: ignore[comparison-overlap]
+            conn.exchange = None
+        self._refuse(
+            conn,
+            waiter.request,
+            "pd_prefill_queue_timeout",
+            "Timed out waiting for Prefill admission",
+        )
+
+    def _refuse(self, conn: ClientConnection, request: Request, code: str, message: str) -> None:
+        """429 as 1.13 answers it: type rate_limit_error, no Retry-After."""
+        body = orjson.dumps(
+            {"error": {"type": "rate_limit_error", "code": code, "message": message, "param": None}}
+        )
+        headers = b"x-smg-error-code: %b\r\n" % code.encode("latin-1")
+        self.app._send(conn, request, 429, body, extra_headers=headers, error_code=code)
+
+    def families(self, proc: list[tuple[str, str]]) -> list[Family]:
+        app = self.app
+        entries = app.state.entries
+        pd = app.pd
+        assert pd is not None
+        inflight = [
+            Sample("", [*proc, ("worker", entries[row].url)], count)
+            for row, (generation, count) in app.local_in_flight.items()
+            if pd.types.get(row) == "prefill"
+            and row in entries
+            and entries[row].generation == generation
+        ]
+        return [
+            Family(
+                "smg_pd_prefill_admission_inflight",
+                "gauge",
+                "Prefill requests admitted by SMG per worker (this process's; the sum over "
+                "processes is the gateway's)",
+                inflight,
+            ),
+            Family(
+                "smg_pd_prefill_admission_wait_seconds",
+                "histogram",
+                "Time spent waiting in the SMG Prefill admission queue",
+                histogram_samples(list(proc), self.waits),
+            ),
+            Family(
+                "smg_pd_prefill_admission_rejections_total",
+                "counter",
+                "Prefill admission rejections by reason",
+                [
+                    Sample("", [*proc, ("reason", "queue_full")], self.rejected_full),
+                    Sample("", [*proc, ("reason", "queue_timeout")], self.rejected_timeout),
+                ],
+            ),
+            Family(
+                "smg_pd_prefill_admission_queued",
+                "gauge",
+                "Requests waiting in the SMG Prefill admission queue",
+                [Sample("", proc, sum(1 for w in self.waiting if not w.done))],
+            ),
+        ]
