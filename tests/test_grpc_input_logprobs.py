@@ -126,3 +126,26 @@ def test_no_input_logprobs_unless_asked(sglang: tuple[Gateway, GrpcMock]) -> Non
     assert "input_token_logprobs" not in _generate(gateway, return_logprob=True)
     # logprob_start_len without return_logprob: no logprobs at all
     assert "input_token_logprobs" not in _generate(gateway, logprob_start_len=0)
+
+
+def test_pd_answers_the_prefills_prompt_logprobs(llama: Path) -> None:
+    """SGLang PD: the decode's input logprobs are empty (its prefill computed them); the
+    answer carries the prefill's, as 1.13 (its same-mock answer: the four rows)."""
+    from tests import pdutil
+
+    with (
+        pdutil.start_grpc_prefill(llama, "sglang") as prefill,
+        pdutil.start_grpc_decode(llama, "sglang", wait_s=3.0) as decode,
+    ):
+        args = [
+            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
+            "--decode", decode.url, "--model-path", str(llama),
+        ]  # fmt: skip
+        with running_gateway(args, processes=2) as gateway:
+            gateway.wait_ready(timeout=30)
+            meta = _generate(gateway, return_logprob=True, logprob_start_len=0)
+            assert meta["input_token_logprobs"] == rows(0)
+            assert len(meta["output_token_logprobs"]) == 2
+            meta = _generate(gateway, return_logprob=True, logprob_start_len=3)
+            assert meta["input_token_logprobs"] == rows(3)
+            assert "input_token_logprobs" not in _generate(gateway, return_logprob=True)
