@@ -394,6 +394,9 @@ class PdClient:
         self._leg_open = True  # the prefill leg's accounting is still to be done
         self.started = False  # generate_batches ran (its legs account themselves)
         self._prefill_running = False
+        # SGLang: the prefill's first GenerateComplete (its prompt logprobs, merged into
+        # the decode's answer as 1.13's merge_prefill_logprobs)
+        self._prefill_first: Any = None
 
     def _leg_done(self, outcome: int) -> None:
         if not self._leg_open:
@@ -520,7 +523,7 @@ class PdClient:
                         except StopAsyncIteration:
                             ok = True
                             return
-                        yield outs
+                        yield await self._merged(req, outs, prefill)
                         break
                     step.cancel()
                     with contextlib.suppress(BaseException):
@@ -531,7 +534,7 @@ class PdClient:
                 except StopAsyncIteration:
                     ok = True
                     return
-                yield outs
+                yield await self._merged(req, outs, prefill)
             error = prefill.exception() if prefill.done() else None
             if error is not None:
                 with contextlib.suppress(Exception):
@@ -540,7 +543,7 @@ class PdClient:
                     raise leg_error(error, "prefill")
                 raise error
             async for outs in decode:
-                yield outs
+                yield await self._merged(req, outs, prefill)
             ok = True
         except LegError:
             raise
@@ -554,6 +557,25 @@ class PdClient:
                     self.exchange.app.spawn(self._stop_prefill(prefill, req.request_id, True))
                 else:  # the decode failed or the client left: the prefill goes now
                     await self._stop_prefill(prefill, req.request_id, False)
+
+    async def _merged(
+        self, req: GenerateInput, outs: list[Any], prefill: asyncio.Future[None]
+    ) -> list[Any]:
+        """The decode's finished outputs with the prefill's prompt logprobs when the
+        client asked for logprobs (1.13: the first prefill response's input_logprobs, when
+        it has some, replace every decode response's). The decode's last output may come
+        before the prefill's Complete was read: wait for it (bounded)."""
+        if req.sampling.logprobs is None or not any(o.finished for o in outs):
+            return outs
+        if not prefill.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(prefill), PREFILL_DRAIN_S)
+        first = self._prefill_first
+        if first is not None and first.input_logprobs is not None:
+            for o in outs:
+                if o.finished:
+                    o.input_logprobs = first.input_logprobs
+        return outs
 
     def _observe(self, which: str, seconds: float) -> None:
         """smg_pd_prefill_duration_seconds / smg_pd_ttft_seconds with this runtime's label
@@ -587,8 +609,9 @@ class PdClient:
     async def _drain(self, outputs: AsyncIterator[list[Any]]) -> None:
         """The SGLang prefill leg: read to its end (its outputs are not the answer)."""
         try:
-            async for _outs in outputs:
-                pass
+            async for outs in outputs:
+                if self._prefill_first is None:
+                    self._prefill_first = next((o for o in outs if o.finished), None)
         except EngineError as error:
             self._leg_done(_outcome(error))
             raise

@@ -1095,6 +1095,10 @@ def prepare_generate(body: dict, defaults: Defaults) -> Prepared:
         )
     if return_logprob:
         sampling.logprobs = top
+    # sent as given, as the Rust SMG 1.13 (unset: -1, no prompt logprobs); SGLang answers
+    # input_token_logprobs from that prompt position on
+    start = _integer(body, "logprob_start_len")
+    sampling.logprob_start_len = -1 if start is None else start
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str):
         raise _bad(

@@ -215,7 +215,8 @@ def build_generate_request(backend: str, req: GenerateInput) -> Any:
         sampling_params=_sglang_sampling(req),
         return_logprob=logprobs is not None,
         top_logprobs_num=max(0, logprobs or 0),
-        logprob_start_len=-1,  # no prompt logprobs
+        # the client's (SGLang /generate); -1: no prompt logprobs
+        logprob_start_len=_clamp(req.sampling.logprob_start_len, -1, _INT32_MAX),
         stream=req.stream,
     )
     if req.disaggregated is not None:
@@ -252,6 +253,17 @@ def _logprobs_from(msg: Any) -> list[TokenLogprob] | None:
             t = tops[i]
             top = list(zip(t.token_ids, t.values, strict=False))
         out.append(TokenLogprob(int(token), float(values[i]) if i < len(values) else 0.0, top))
+    return out
+
+
+def _input_logprobs_from(c: Any) -> list[tuple[float | None, int]]:
+    """SGLang's InputLogProbs: (logprob or None for an unset value, token id) per row."""
+    lp = c.input_logprobs
+    values = lp.token_logprobs
+    out: list[tuple[float | None, int]] = []
+    for i, token in enumerate(lp.token_ids):
+        v = values[i] if i < len(values) else None
+        out.append((float(v.value) if v is not None and v.HasField("value") else None, int(token)))
     return out
 
 
@@ -293,6 +305,9 @@ def output_from(backend: str, response: Any) -> EngineOutput:
             matched,
             # vLLM PD: what a prefill hands its decode (smg.grpc.pd); SGLang has no field.
             getattr(c, "kv_transfer_params_json", ""),
+            _input_logprobs_from(c)
+            if backend == "sglang" and c.HasField("input_logprobs")
+            else None,
         )
     if backend not in BACKENDS:
         _check_backend(backend)

@@ -45,6 +45,8 @@ class Delta:
     # vLLM's stop_reason: the stop string, or the stop token id (None for the model's EOS)
     matched_stop: int | str | None
     token_ids: list[int] = field(default_factory=list)
+    # SGLang's prompt logprobs (logprob or None, token id), on a finished delta when asked
+    input_logprobs: list[tuple[float | None, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -187,7 +189,7 @@ class ChoiceState:
             safe, hit = stops.feed(text)
             if hit is not None:
                 self._done = True
-                return Delta(self.index, safe, out.logprobs, "stop", hit, ids)
+                return Delta(self.index, safe, out.logprobs, "stop", hit, ids, out.input_logprobs)
             if out.finished:
                 safe += stops.finish()
             text = safe
@@ -203,7 +205,7 @@ class ChoiceState:
                     matched = last
                 if matched == self._primary_eos:
                     matched = None
-            return Delta(self.index, text, out.logprobs, reason, matched, ids)
+            return Delta(self.index, text, out.logprobs, reason, matched, ids, out.input_logprobs)
         return Delta(self.index, text, out.logprobs, None, None, ids)
 
 
@@ -1185,6 +1187,7 @@ def _generate_item(
     usage: Usage,
     tokenizer: Any,
     cache: dict[int, str],
+    inputs: list[tuple[float | None, int]] | None = None,
 ) -> dict[str, Any]:
     if reason == "stop" and matched is None and ids and ids[-1] in tokenizer.eos_token_ids:
         matched = ids[-1]  # SGLang names the EOS it stopped on (vLLM's stop_reason: None)
@@ -1199,9 +1202,13 @@ def _generate_item(
         # SGLang: [logprob, token_id, text-or-None] triples; top ones per position
         with_text = prepared.return_text_in_logprobs
 
-        def triple(token_id: int, value: float) -> list[Any]:
+        def triple(token_id: int, value: float | None) -> list[Any]:
             return [value, token_id, _token_text(tokenizer, token_id, cache) if with_text else None]
 
+        if inputs is not None:
+            # the Rust SMG 1.13 renders them only when the engine sent some (an SGLang
+            # request with logprob_start_len >= 0): [logprob or null, token_id, text]
+            meta["input_token_logprobs"] = [triple(t, v) for v, t in inputs]
         meta["output_token_logprobs"] = [triple(e.token_id, e.logprob) for e in logprobs]
         if prepared.top_logprobs > 0:
             meta["output_top_logprobs"] = [
@@ -1233,6 +1240,7 @@ def generate_body(
         own = Usage(
             usage.prompt_tokens, len(ids) if n > 1 else usage.completion_tokens, usage.cached_tokens
         )
+        inputs = next((d.input_logprobs for d in deltas if d.input_logprobs is not None), None)
         items.append(
             _generate_item(
                 prepared,
@@ -1245,6 +1253,7 @@ def generate_body(
                 own,
                 tokenizer,
                 cache,
+                inputs,
             )
         )
     return orjson.dumps(items[0] if n == 1 else items)

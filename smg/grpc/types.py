@@ -53,6 +53,8 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's and k alternatives
+    # SGLang prompt logprobs from this position on (/generate's logprob_start_len); -1: none
+    logprob_start_len: int = -1
     logit_bias: dict[int, float] = field(default_factory=dict)
     # (kind, value), kind in CONSTRAINT_KINDS; value a JSON text, a pattern, a grammar, or
     # a list of choices; None: unconstrained.
@@ -100,6 +102,9 @@ class EngineOutput:
     finish_reason: str | None = None  # the engine's words: "stop", "length", "abort", ...
     matched_stop: int | str | None = None  # the stop token id or stop string that matched
     kv_transfer_params_json: str = ""  # a vLLM PD prefill's GenerateComplete (smg.grpc.pd)
+    # SGLang's prompt logprobs on a GenerateComplete: (logprob, token id), the first
+    # prompt token's logprob None; None when the engine sent none
+    input_logprobs: list[tuple[float | None, int]] | None = None
 
 
 class EngineError(Exception):

@@ -253,6 +253,30 @@ class Engine:
         return grpc.StatusCode[rt.fail_code], rt.fail_message, rt.fail_after_tokens
 
 
+def input_logprob(i: int) -> float | None:
+    """The mock's logprob of prompt position i (render.input_token_logprobs' values):
+    none for the first token."""
+    return None if i == 0 else -round(0.1 * (1 + i % 7), 4)
+
+
+def input_logprobs_from(backend: str, msg: Any) -> int | None:
+    """SGLang computes prompt logprobs when return_logprob is set and logprob_start_len
+    >= 0 (from that position on); -1 asks for none. vLLM's are prompt_logprobs, which the
+    gateway never sends (as the Rust SMG 1.13)."""
+    if backend != "sglang" or not msg.return_logprob or msg.logprob_start_len < 0:
+        return None
+    return msg.logprob_start_len
+
+
+def input_logprobs_message(module: Any, prompt: list[int], start: int) -> Any:
+    """InputLogProbs of prompt[start:] (empty when start is past the prompt)."""
+    rows = range(start, len(prompt))
+    return module.InputLogProbs(
+        token_logprobs=[module.InputTokenLogProb(value=input_logprob(i)) for i in rows],
+        token_ids=[prompt[i] for i in rows],
+    )
+
+
 def plain_ids(tokenizer: Any, text: str) -> list[int]:
     """`text`'s ids with no special-token matching: it decodes back to `text` exactly."""
     tokenizer.encode_special_tokens = True
@@ -326,8 +350,10 @@ class Backend:
         cached: int,
         k: int | None,
         index: int,
+        inputs: Any = None,
     ) -> Any:
         pb = self.pb
+        extra = {} if inputs is None else {"input_logprobs": inputs}
         return self.response(
             rid,
             complete=pb.GenerateComplete(
@@ -339,6 +365,7 @@ class Backend:
                 output_logprobs=self.logprobs(s, toks, k),
                 index=index,
                 **self.matched(s),
+                **extra,
             ),
         )
 
@@ -496,6 +523,9 @@ class GenRun:
         rt = engine.runtime
         self.engine, self.be, self.req, self.k = engine, be, req, k
         self.raw = raw and k is None  # pre-encoded chunks (no logprobs) for the fast server
+        # SGLang prompt logprobs: from this prompt position on (None: not asked); a PD
+        # decode clears it (its prefill computed them).
+        self.input_from: int | None = input_logprobs_from(be.name, msg)
         self.rid = req.request_id
         self.prompt_len = n
         self.start = time.monotonic() + rt.delay_ms / 1000 + rt.ttft_ms / 1000
@@ -570,8 +600,14 @@ class GenRun:
             self.done = True
             if not stream:
                 sglang_n = be.name == "sglang" and req.n > 1
+                inputs = (
+                    None
+                    if self.input_from is None
+                    else input_logprobs_message(be.pb, req.prompt, self.input_from)
+                )
                 for s in self.scripts:
-                    out.append(be.complete(rid, s, s.tokens, p, c, k, 0 if sglang_n else s.index))
+                    i = 0 if sglang_n else s.index
+                    out.append(be.complete(rid, s, s.tokens, p, c, k, i, inputs))
         return out
 
     def close(self, *, cancelled: bool = False) -> None:
@@ -640,6 +676,10 @@ async def _pd_generate(
         await context.abort(e.code, e.message)
     if pd.book is not None and be.name == "sglang":
         run.req.max_tokens = 1  # SGLang's prefill computes the KV and the first token
+    elif be.name == "sglang" and run.input_from is not None:
+        # an SGLang decode's input logprobs are empty, as the HTTP PD mock's: a PD
+        # router takes the prefill's
+        run.input_from = len(run.req.prompt)
     ok = False
     try:
         try:
