@@ -1322,18 +1322,23 @@ class GrpcExchange:
         if wasm is not None:
             status, content_type, extra, body, code = wasm
         keep_alive = self.keep_alive and not app.draining
-        self.client.write(
-            build_response(
-                status,
-                body,
-                content_type=content_type,
-                extra_headers=b"%bx-request-id: %b\r\n%b%b"
-                % (extra, self.request_id, app.process_header, self.cors),
-                keep_alive=keep_alive,
-            )
-        )
+        self.client.write(self._built(status, body, content_type, extra, keep_alive))
         self._finish(status, code)
         self.client.response_done(keep_alive)
+
+    def _built(
+        self, status: int, body: bytes, content_type: bytes, extra: bytes, keep_alive: bool
+    ) -> bytes:
+        """A whole answer's bytes, with this request's id, process and CORS lines."""
+        app = self.app
+        return build_response(
+            status,
+            body,
+            content_type=content_type,
+            extra_headers=b"%bx-request-id: %b\r\n%b%b"
+            % (extra, self.request_id, app.process_header, self.cors),
+            keep_alive=keep_alive,
+        )
 
     def _wasm(
         self, status: int, body: bytes, extra: bytes, code: str
@@ -1388,14 +1393,7 @@ class GrpcExchange:
             wasm = self._wasm(status, shown, lines, code)
         if wasm is not None:
             status, content_type, extra, body, code = wasm
-            answer = build_response(
-                status,
-                body,
-                content_type=content_type,
-                extra_headers=b"%bx-request-id: %b\r\n%b%b"
-                % (extra, self.request_id, app.process_header, self.cors),
-                keep_alive=keep_alive,
-            )
+            answer = self._built(status, body, content_type, extra, keep_alive)
         elif body is None:
             answer = error_response(
                 status,
