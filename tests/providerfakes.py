@@ -14,6 +14,7 @@ stops it on exit.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -552,7 +553,15 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
         models[:] = list(await request.json())
         return web.json_response({"models": models})
 
+    models_delay = [0.0]  # seconds GET /v1/models waits before answering
+
+    async def set_models_delay(request: web.Request) -> web.Response:
+        models_delay[0] = float(await request.json())
+        return web.json_response({"delay": models_delay[0]})
+
     async def list_models(_request: web.Request) -> web.Response:
+        if models_delay[0]:
+            await asyncio.sleep(models_delay[0])
         if api == "anthropic":
             data = [
                 {"type": "model", "id": m, "display_name": m, "created_at": "2024-10-22T00:00:00Z"}
@@ -650,6 +659,7 @@ def serve(api: str, port: int, models: list[str], key: str | None, fail_429: int
     app.router.add_get("/_seen", seen_handler)
     app.router.add_post("/_clear", clear_handler)
     app.router.add_post("/_models", set_models)
+    app.router.add_post("/_models_delay", set_models_delay)
     app.router.add_get("/v1/models", list_models)
     if api == "anthropic":
         app.router.add_post("/v1/messages", messages)
@@ -787,6 +797,10 @@ class FakeProvider:
     def set_models(self, models: list[str]) -> None:
         """Change what GET /v1/models lists from now on (a provider adding a model)."""
         self._call("POST", "/_models", models)
+
+    def set_models_delay(self, seconds: float) -> None:
+        """GET /v1/models answers after `seconds` from now on (a slow provider)."""
+        self._call("POST", "/_models_delay", seconds)
 
     def stop(self) -> None:
         process = self.process

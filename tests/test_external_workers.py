@@ -172,9 +172,12 @@ def test_post_workers_external_discovery_wildcard_and_ipc_ops() -> None:
         assert openai_fake.seen() == []
 
         # Concurrent refreshes of the same provider share one run: both see its result,
-        # the provider is asked once.
+        # the provider is asked once. The provider answers slowly, so the run is still
+        # going when the last call arrives (on a loaded box one came after a fast run
+        # ended and was throttled).
         time.sleep(1.1)
         openai_fake.set_models(["gpt-4o", "gpt-4.1", "gpt-5"])
+        openai_fake.set_models_delay(1.0)
         openai_fake.clear()
         assert (
             _ipc_together(
@@ -182,6 +185,7 @@ def test_post_workers_external_discovery_wildcard_and_ipc_ops() -> None:
             )
             == [{"refreshed": 1}] * 3
         )
+        openai_fake.set_models_delay(0.0)
         assert len(openai_fake.seen()) == 1
 
         # external_models: a caller's key goes only to its own provider's workers.
