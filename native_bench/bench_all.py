@@ -73,6 +73,14 @@ def rust_status(venv: Path) -> str | None:
     return None
 
 
+def sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default, so the tool gets the SIGINT a
+    timeout sends. A shell without job control starts background commands with SIGINT
+    ignored (`cmd &` in a script, CI runners), and an ignored SIGINT is inherited through
+    exec: the tool never stopped, was killed after the grace, and left its stub and wrk."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_tool(
     python: str, spec_tool: str, argv: Sequence[str], out: Path, timeout: float
 ) -> tuple[int, str]:
@@ -84,7 +92,9 @@ def run_tool(
     with log_path.open("w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent, preexec_fn=sigint_default
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -181,7 +181,15 @@ def test_interrupted_run_stops_gateway_and_workers(sig: int, tmp_path: Path) -> 
     log = tmp_path / "bench.log"
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # a killed bench leaves its gateway log
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=handle)
+        # SIGINT at its default in the bench, as in a terminal: a runner that started these
+        # tests in the background of a non-interactive shell has it ignored, inherited.
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=handle,
+            stderr=handle,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         wait_for(lambda: "embedded: smg gateway" in log.read_text(), 60, "the gateway")
         # The launcher and its mock workers are up (the gateway's own workers may share the
