@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from smg.config import ConfigError, load_config
+from smg.config import load_config
 from smg.control.registry import Registry
 from smg.control.worker_state import HealthThresholds
 from smg.dp import NOT_SGLANG, dp_answer, dp_size_of, dp_url, inject_dp_rank, pd_rank_fields
@@ -138,14 +138,12 @@ def test_restore_keeps_the_ranks() -> None:
     assert sorted(r.dp for r in again.workers.values() if r.dp is not None) == [(0, 2), (1, 2)]
 
 
-def test_config_accepts_dp_aware_and_refuses_it_with_pd() -> None:
+def test_config_accepts_dp_aware_in_regular_and_pd_mode() -> None:
     cfg = load_config(["--worker-urls", BASE, "--dp-aware"], {})
     assert cfg.dp_aware is True
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        load_config(
-            [*PD_PAIR, "--dp-aware"],
-            {},
-        )
+    # PD legs carry routed_dp_rank / disagg_prefill_dp_rank (tests/test_pd_admission_e2e.py).
+    cfg = load_config([*PD_PAIR, "--dp-aware"], {})
+    assert cfg.dp_aware is True and cfg.pd_disaggregation is True
 
 
 def test_pd_rank_fields_as_the_1_13_binary_sends_them() -> None:
