@@ -934,7 +934,7 @@ class GrpcExchange:
             entry = self._next_worker()
             client = self._client(entry)
             plan = stages.parsers(prepared, entry, template, request_model)
-            run = _Run(stages, prepared, tokenizer, len(ids), plan)
+            run = _Run(stages, prepared, tokenizer, len(ids), plan, keep_deltas=not prepared.stream)
             writer = None
             if prepared.stream:
                 writer = stages.writer(prepared, request_id, model, created, tokenizer)
@@ -1062,7 +1062,7 @@ class GrpcExchange:
             entry = self._next_worker()
             client = self._client(entry)
             runs = [
-                _Run(stages, part, tokenizer, len(ids), None)
+                _Run(stages, part, tokenizer, len(ids), None, keep_deltas=not stream)
                 for part, (ids, _text) in zip(parts, prompts, strict=True)
             ]
             writers: list[Any] = []
@@ -1483,14 +1483,32 @@ async def _stop_pumps(pumps: list[asyncio.Future[None]]) -> None:
 class _Run:
     """One attempt's choices: the per-choice state machines, their deltas, the usage."""
 
-    __slots__ = ("cached", "choices", "completion", "deltas", "finished", "prompt_tokens")
+    __slots__ = (
+        "cached",
+        "choices",
+        "completion",
+        "deltas",
+        "finished",
+        "keep_deltas",
+        "prompt_tokens",
+    )
 
     def __init__(
-        self, stages: Any, prepared: Any, tokenizer: Any, prompt_tokens: int, plan: Any = None
+        self,
+        stages: Any,
+        prepared: Any,
+        tokenizer: Any,
+        prompt_tokens: int,
+        plan: Any = None,
+        *,
+        keep_deltas: bool = True,
     ) -> None:
         n = max(1, int(prepared.sampling.n))
         make = stages.choice if plan is None else plan.choice
         self.choices = [make(i, tokenizer, prepared.sampling) for i in range(n)]
+        # Only a non-streamed answer is built from the deltas: a stream's are written as
+        # they come, and keeping them would hold ~3 objects a token until the end.
+        self.keep_deltas = keep_deltas
         self.deltas: list[list[Any]] = [[] for _ in range(n)]
         self.prompt_tokens = prompt_tokens
         self.cached = 0
@@ -1498,18 +1516,22 @@ class _Run:
         self.finished = [False] * n  # the engine ended the choice
 
     def add(self, out: EngineOutput) -> Any:
-        index = out.index if 0 <= out.index < len(self.choices) else 0
+        index = out.index
+        choices = self.choices
+        if not 0 <= index < len(choices):
+            index = 0
         if out.prompt_tokens:
             self.prompt_tokens = out.prompt_tokens
         if out.cached_tokens > self.cached:
             self.cached = out.cached_tokens
-        self.completion[index] = max(
-            self.completion[index] + len(out.token_ids), out.completion_tokens
-        )
+        completion = self.completion
+        count = completion[index] + len(out.token_ids)
+        completion[index] = count if count > out.completion_tokens else out.completion_tokens
         if out.finished:
             self.finished[index] = True
-        delta = self.choices[index].on_output(out)
-        self.deltas[index].append(delta)
+        delta = choices[index].on_output(out)
+        if self.keep_deltas:
+            self.deltas[index].append(delta)
         return delta
 
     def all_done(self) -> bool:

@@ -194,24 +194,29 @@ def _sglang_sampling(req: GenerateInput) -> sgl.SamplingParams:
     return p
 
 
+def _set_tokenized(tokenized: Any, req: GenerateInput) -> None:
+    """The prompt set in place on the request's own TokenizedInput: a TokenizedInput
+    passed to the request's constructor is copied whole (its ~1,000 ids again, ~20 us
+    a request); the serialized bytes are the same."""
+    tokenized.original_text = req.text
+    tokenized.input_ids.extend(req.input_ids)
+
+
 def build_generate_request(backend: str, req: GenerateInput) -> Any:
     """The backend's GenerateRequest for `req`, every sampling field set explicitly.
     ValueError for an unknown backend or constraint kind."""
     _check_backend(backend)
     if backend == "vllm":
         vreq = vll.GenerateRequest(
-            request_id=req.request_id,
-            tokenized=vll.TokenizedInput(original_text=req.text, input_ids=req.input_ids),
-            sampling_params=_vllm_sampling(req),
-            stream=req.stream,
+            request_id=req.request_id, sampling_params=_vllm_sampling(req), stream=req.stream
         )
+        _set_tokenized(vreq.tokenized, req)
         if req.kv_transfer_params_json is not None:
             vreq.kv_transfer_params_json = req.kv_transfer_params_json
         return vreq
     logprobs = req.sampling.logprobs
     sreq = sgl.GenerateRequest(
         request_id=req.request_id,
-        tokenized=sgl.TokenizedInput(original_text=req.text, input_ids=req.input_ids),
         sampling_params=_sglang_sampling(req),
         return_logprob=logprobs is not None,
         top_logprobs_num=max(0, logprobs or 0),
@@ -219,6 +224,7 @@ def build_generate_request(backend: str, req: GenerateInput) -> Any:
         logprob_start_len=_clamp(req.sampling.logprob_start_len, -1, _INT32_MAX),
         stream=req.stream,
     )
+    _set_tokenized(sreq.tokenized, req)
     if req.disaggregated is not None:
         host, port, room = req.disaggregated
         sreq.disaggregated_params.CopyFrom(
@@ -384,6 +390,9 @@ def _chunk_output(chunk_key: int, slots: tuple[int, ...], data: bytes) -> Engine
         value = data[pos + 1]
         if value < 0x80:
             pos += 2
+        elif data[pos + 2] < 0x80:  # a prompt of 128-16,383 tokens
+            value = (value & 0x7F) | data[pos + 2] << 7
+            pos += 3
         else:
             value, pos = _varint(data, pos + 1)
         if key == 0x0A:  # token_ids, packed: `value` is its length
@@ -395,9 +404,21 @@ def _chunk_output(chunk_key: int, slots: tuple[int, ...], data: bytes) -> Engine
                 if b < 0x80:
                     ids.append(b)
                     pos += 1
-                else:
-                    b, pos = _varint(data, pos)
-                    ids.append(b & _U32)
+                    continue
+                # Most ids of a 32K-256K vocabulary take 2-3 bytes: read here, not in
+                # a _varint call per token.
+                b2 = data[pos + 1]
+                if b2 < 0x80:
+                    ids.append((b & 0x7F) | b2 << 7)
+                    pos += 2
+                    continue
+                b3 = data[pos + 2]
+                if b3 < 0x80:
+                    ids.append((b & 0x7F) | (b2 & 0x7F) << 7 | b3 << 14)
+                    pos += 3
+                    continue
+                b, pos = _varint(data, pos)
+                ids.append(b & _U32)
             if pos != last:
                 return None
             continue
@@ -456,7 +477,9 @@ class StreamNormalizer:
             index = out.index = len(self._done)
             while index in self._done:
                 index = out.index = index + 1
-        seen = self._streamed.setdefault(index, [])
+        seen = self._streamed.get(index)
+        if seen is None:  # (setdefault would make a list per token)
+            seen = self._streamed[index] = []
         if not out.finished:
             seen.extend(out.token_ids)
             out.completion_tokens = max(out.completion_tokens, len(seen))

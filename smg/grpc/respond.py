@@ -160,6 +160,7 @@ class ChoiceState:
         if self._done:
             return Delta(self.index, "", None, None, None, [])
         ids = out.token_ids
+        finished = out.finished
         text_ids = ids
         if self._hold:
             # A streamed chunk may end on a stop token before the complete says the
@@ -167,10 +168,21 @@ class ChoiceState:
             if self._pending is not None:
                 text_ids = self._pending + ids
                 self._pending = None
-            if not out.finished and text_ids and text_ids[-1] in self._stop_ids:
+            if not finished and text_ids and text_ids[-1] in self._stop_ids:
                 self._pending = [text_ids[-1]]
                 text_ids = text_ids[:-1]
-        if out.finished:
+        if not finished and self._stops is None:
+            # The common streamed token: text out, nothing to match or end.
+            self._tokens += len(ids)
+            return Delta(
+                self.index,
+                self._detok.add(text_ids) if text_ids else "",
+                out.logprobs,
+                None,
+                None,
+                ids,
+            )
+        if finished:
             last = text_ids[-1] if text_ids else None  # the choice's last token
             if (
                 text_ids
