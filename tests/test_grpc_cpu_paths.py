@@ -2,20 +2,25 @@
 many random cases: the request proto with the prompt set in place (vs the TokenizedInput
 passed to the constructor), chunk_output's inline 2-3 byte varints (vs protobuf's own
 parse), ChoiceState's plain-token shortcut (vs the stop-matching path with a stop string
-that never matches), and _Run without kept deltas (a stream's) returning the same ones."""
+that never matches), _Run without kept deltas (a stream's) returning the same ones, and
+the tool parsers' JSON reader and writer made once (vs json.loads / json.dumps)."""
 
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smg.grpc.frontend import Stages, _Run
 from smg.grpc.protos import build_generate_request, chunk_output, output_from, sgl, vll
 from smg.grpc.respond import ChoiceState
 from smg.grpc.types import EngineOutput, GenerateInput, SamplingParams
+from smg.parsers.toolcalls import _json as tool_json
 from smg.tokenizer import Tokenizer, load_tokenizer
 from tests.tokenizer_data import llama31_dir, needs_llama3
 
@@ -173,3 +178,35 @@ def test_run_without_kept_deltas_returns_the_same_deltas(tok: Tokenizer) -> None
         assert kept.usage() == streamed.usage()
         assert kept.all_done() and streamed.all_done()
         assert streamed.deltas == [[], []] and len(kept.deltas[0]) > 0
+
+
+def _json_outcome(fn: Any, text: Any) -> tuple[str, Any]:
+    try:
+        return "ok", fn(text)
+    except (ValueError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON_VALUES, st.sampled_from(["", "\ufeff", " ", "x", "]"]), st.booleans())
+def test_tool_json_reader_and_writer_equal_json_loads_and_dumps(
+    value: Any, affix: str, as_bytes: bool
+) -> None:
+    expected_dump = _json_outcome(
+        lambda v: json.dumps(v, ensure_ascii=False, allow_nan=False), value
+    )
+    assert _json_outcome(tool_json.dumps, value) == expected_dump
+    text = json.dumps(value, ensure_ascii=False)  # NaN/Infinity included: strict refuses them
+    for candidate in (text, affix + text, text + affix, text[: len(text) // 2]):
+        arg: Any = candidate.encode() if as_bytes else candidate
+        reference = _json_outcome(
+            lambda t: json.loads(t, parse_constant=tool_json._no_constant), arg
+        )
+        assert _json_outcome(tool_json.strict_loads, arg) == reference
