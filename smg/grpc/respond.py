@@ -126,6 +126,10 @@ class ChoiceState:
         "index",
     )
 
+    # What a live choice's outputs become (a parsing choice's: ParsedDelta, made at once
+    # rather than copied from a Delta per token).
+    _delta_class: type[Delta] = Delta
+
     def __init__(self, index: int, tokenizer: Tokenizer, sampling: SamplingParams) -> None:
         self.index = index
         self._detok = IncrementalDetokenizer(
@@ -174,7 +178,7 @@ class ChoiceState:
         if not finished and self._stops is None:
             # The common streamed token: text out, nothing to match or end.
             self._tokens += len(ids)
-            return Delta(
+            return self._delta_class(
                 self.index,
                 self._detok.add(text_ids) if text_ids else "",
                 out.logprobs,
@@ -201,7 +205,9 @@ class ChoiceState:
             safe, hit = stops.feed(text)
             if hit is not None:
                 self._done = True
-                return Delta(self.index, safe, out.logprobs, "stop", hit, ids, out.input_logprobs)
+                return self._delta_class(
+                    self.index, safe, out.logprobs, "stop", hit, ids, out.input_logprobs
+                )
             if out.finished:
                 safe += stops.finish()
             text = safe
@@ -217,8 +223,10 @@ class ChoiceState:
                     matched = last
                 if matched == self._primary_eos:
                     matched = None
-            return Delta(self.index, text, out.logprobs, reason, matched, ids, out.input_logprobs)
-        return Delta(self.index, text, out.logprobs, None, None, ids)
+            return self._delta_class(
+                self.index, text, out.logprobs, reason, matched, ids, out.input_logprobs
+            )
+        return self._delta_class(self.index, text, out.logprobs, None, None, ids)
 
 
 class ParsingChoiceState(ChoiceState):
@@ -232,6 +240,7 @@ class ParsingChoiceState(ChoiceState):
     back by its template), otherwise `tool_call_id()`."""
 
     __slots__ = ("_calls", "_parallel", "_parser")
+    _delta_class = ParsedDelta
 
     def __init__(
         self,
@@ -249,17 +258,10 @@ class ParsingChoiceState(ChoiceState):
 
     def on_output(self, out: EngineOutput) -> Delta:
         was_done = self._done
-        base = ChoiceState.on_output(self, out)
+        d: Any = ChoiceState.on_output(self, out)  # a ParsedDelta (_delta_class)
         if was_done:
-            return base
-        d = ParsedDelta(
-            base.index,
-            base.text,
-            base.logprobs,
-            base.finish_reason,
-            base.matched_stop,
-            base.token_ids,
-        )
+            return d
+        d.input_logprobs = None  # as the copy made before: chat has no prompt logprobs
         final = d.finish_reason is not None
         if not d.text and not final:
             return d
