@@ -962,7 +962,14 @@ class GrpcExchange:
                                 ended = True  # every choice ended (a stop string matched here)
                                 break
                         if writer is not None:
-                            await self._stream_events(writer, events)
+                            if events and self.head_sent and self._plain_sse():
+                                # A running stream's batch: _send_event's work inline (no
+                                # coroutine made and awaited per batch of a token or two).
+                                self._write(b"".join(events))
+                                if not self._writable.is_set():
+                                    await self._writable.wait()  # the client's buffer is full
+                            elif events or not self.head_sent:
+                                await self._stream_events(writer, events)
                         if ended:
                             break
                 finally:
@@ -991,6 +998,10 @@ class GrpcExchange:
                     return
                 self._answer(200, body)
             return
+
+    def _plain_sse(self) -> bool:
+        """The stream's events go out as they are: no TTFT left to record, no translation."""
+        return not self.ttft_pending and self.translation is None
 
     async def _stream_events(self, writer: Any, events: list[bytes]) -> None:
         """One batch of a stream out: the head first if it has not gone yet, then the
