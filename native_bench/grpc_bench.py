@@ -275,17 +275,25 @@ def http_json(
         conn.close()
 
 
+def gateway_place(name: str, args: argparse.Namespace, logs: Path) -> tuple[Path, dict[str, str]]:
+    """(working directory, environment) of a gateway. `python -m smg` puts its working
+    directory first on sys.path, before PYTHONPATH: an smg gateway runs in the root it is
+    to import (run in this repo, smg-base imported this repo's smg, not --smg-base's)."""
+    env = dict(os.environ)
+    if name == "rust":
+        return logs, env  # the repo root would shadow nothing for Rust
+    root = Path(args.smg_base) if name == "smg-base" else REPO
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    return root, env
+
+
 def start_gateway(
     name: str, args: argparse.Namespace, mock: Proc, model_dir: Path, logs: Path
 ) -> tuple[Proc, int]:
     port = free_port()
     argv = gateway_argv(name, args, mock, model_dir, port)
     log_file = (logs / f"{name}.log").open("ab")
-    env = dict(os.environ)
-    cwd = REPO if name != "rust" else logs  # the repo root would shadow nothing for Rust
-    if name != "rust":
-        root = args.smg_base if name == "smg-base" else REPO
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    cwd, env = gateway_place(name, args, logs)
     proc = subprocess.Popen(
         argv,
         stdout=log_file,

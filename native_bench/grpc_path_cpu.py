@@ -68,7 +68,7 @@ def main() -> int:
     opts = ap.parse_args()
 
     import smg
-    from smg.grpc import frontend, protos
+    from smg.grpc import protos
     from smg.grpc.frontend import Stages, _Run
     from smg.grpc.protos import StreamNormalizer, build_generate_request, chunk_output
     from smg.grpc.types import GenerateInput
@@ -102,7 +102,6 @@ def main() -> int:
         body["ignore_eos"] = True
         out_ids = [rng.randrange(1000, 100000) for _ in range(opts.tokens)]
         stages = Stages()
-    del frontend
     stream = _chunks(pb, out_ids, 1024)
     batches = [stream[i : i + opts.batch] for i in range(0, len(stream), opts.batch)]
     ids = stages.prompt_ids(
@@ -129,7 +128,7 @@ def main() -> int:
             request_id=request_id, input_ids=ids, sampling=prepared.sampling,
             stream=True, text=prompt_text,
         )  # fmt: skip
-        data = build_generate_request("vllm", req).SerializeToString()
+        sent = len(build_generate_request("vllm", req).SerializeToString())
         plan = stages.parsers(prepared, entry, template, "llama3")
         run = _Run(stages, prepared, tok, len(ids), plan)
         writer = stages.writer(prepared, request_id, "llama3", 1700000000, tok)
@@ -160,7 +159,7 @@ def main() -> int:
             sink(b"".join(events))
         sink(writer.end(stages.usage(*run.usage())))
         t2 = time.process_time()
-        del data
+        assert sent > len(ids)  # the request was built (the ids are in it)
         return t1 - t0, t2 - t1
 
     outs: list[bytes] = []
