@@ -397,27 +397,28 @@ class PrefillLeg:
         self._failed()
 
     def _failed(self) -> None:
-        if self.done:
-            return
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
-        self._end(0)
-        if self.decode.prefill is self:
+        # A failure comes from the connect or the connection: never queued for the pool.
+        if self._drop(cancel_wait=False) and self.decode.prefill is self:
             self.decode.prefill_failed(self.url)
 
     def abort(self) -> None:
         """The decode leg ended first (its failure, the client gone, a timeout)."""
+        # It may still be queued for a pool connection: leave that queue.
+        self._drop(cancel_wait=True)
+
+    def _drop(self, cancel_wait: bool) -> bool:
+        """End the leg unanswered, its connection (mid-request: never reusable) aborted;
+        False when it had ended already."""
         if self.done:
-            return
+            return False
         conn = self.upstream
         self.upstream = None
         if conn is not None:
             conn.abort()
-        else:
+        elif cancel_wait:
             self.pool.cancel_wait(self)  # type: ignore[arg-type]
         self._end(0)
+        return True
 
     def _end(self, outcome: int) -> None:
         self.done = True
