@@ -201,14 +201,9 @@ def grpc_pd(
     with (
         pdutil.start_grpc_prefill(llama_dir, backend, *mocks) as prefill,
         pdutil.start_grpc_decode(llama_dir, backend, *mocks, wait_s=wait_s) as decode,
+        pdutil.grpc_pd_gateway(prefill, decode, llama_dir, *extra) as gateway,
     ):
-        args = [
-            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
-            "--decode", decode.url, "--model-path", str(llama_dir), *extra,
-        ]  # fmt: skip
-        with running_gateway(args, processes=2) as gateway:
-            gateway.wait_ready(timeout=30)
-            yield prefill, decode, gateway
+        yield prefill, decode, gateway
 
 
 def _content(text: str) -> tuple[str, list[str]]:
@@ -452,7 +447,7 @@ def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
 
 # --- the Rust SMG 1.13 on the same mocks ----------------------------------------------------
 
-RUST_SMG = Path("/work/main/native_bench/.venv-rust/bin/smg")
+RUST_SMG = pdutil.RUST_SMG
 
 
 @pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
