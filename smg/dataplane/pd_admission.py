@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from smg.dataplane.admission import enter_shared_queue, leave_shared_queue
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.promtext import Family, Sample
 from smg.shm import layout
@@ -128,24 +129,19 @@ class PrefillAdmission:
             self.timer = app.loop.call_later(_RETRY_S, self._tick)
 
     def _enqueue(self) -> bool:
-        """Take a place in the gateway-wide queue: global word first (a kill before the
-        own word leaves it one too high, a place lost, never the bound exceeded), undone
-        when the queue was already full."""
+        """Take a place in the gateway-wide queue; False when it is full."""
         atomic = self.table.atomic
-        if atomic.fetch_add_u64(self.g_queued, 1) >= self.queue_size:
-            atomic.fetch_sub_u64(self.g_queued, 1)
+        if not enter_shared_queue(
+            atomic, self.g_queued, self.p_queued, self.own_queued, self.queue_size
+        ):
             return False
         self.own_queued += 1
-        atomic.store_u64(self.p_queued, self.own_queued)
         return True
 
     def _dequeue(self) -> None:
-        """Give a waiter's place back (once per waiter, when it leaves the deque): own
-        word first, global second, for the same reason."""
-        atomic = self.table.atomic
+        """Give a waiter's place back (once per waiter, when it leaves the deque)."""
         self.own_queued -= 1
-        atomic.store_u64(self.p_queued, self.own_queued)
-        atomic.fetch_sub_u64(self.g_queued, 1)
+        leave_shared_queue(self.table.atomic, self.g_queued, self.p_queued, self.own_queued)
 
     def freed(self) -> None:
         if self.waiting and self.timer is None:
