@@ -287,12 +287,7 @@ def rust_smg(args: list[str], env: dict[str, str] | None = None) -> Iterator[str
                 time.sleep(0.1)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            mockutil.stop_process(proc, 10)
 
 
 @contextlib.contextmanager
