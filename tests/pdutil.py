@@ -268,9 +268,13 @@ def rust_smg(args: list[str], env: dict[str, str] | None = None) -> Iterator[str
     argv += ["--prometheus-port", str(free_port())]
     # No shutdown grace: it would hold every stop 5 s although nothing is in flight.
     argv += ["--log-level", "warn", "--shutdown-grace-period-secs", "0", *args]
+    # The binary is its own venv's Python entry point (`from smg.cli import main`): a
+    # PYTHONPATH naming this checkout (how a worktree's tests reach its code) would load
+    # this smg in its place.
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**base, **(env or {})}
         )
         url = f"http://127.0.0.1:{port}"
         try:
