@@ -74,6 +74,8 @@ def new_rooms(count: int | None, rng: random.Random | None = None) -> list[int]:
 
 
 _RNG = random.SystemRandom()
+# A PD histogram's key: the model (HTTP PD, runtime "sglang") or (model, runtime) (gRPC PD).
+HistKey = str | tuple[str, str]
 
 
 def batch_size(path: str, body: dict[str, Any]) -> int | None:
@@ -727,8 +729,15 @@ class PDRouter:
         self.admission = PrefillAdmission.from_config(app, cfg)
         # Counters (smg_pd_*; summed over processes by the reader), by model label.
         self.dispatched = 0
-        self.prefill_durations: dict[str, Histogram] = {}
-        self.ttfts: dict[str, Histogram] = {}
+        # Histogram keys: HTTP's are models (runtime sglang); smg.grpc.pd's (model, runtime).
+        self.prefill_durations: dict[HistKey, Histogram] = {}
+        self.ttfts: dict[HistKey, Histogram] = {}
+        # gRPC PD only, as on the 1.13 binary (its HTTP router records neither): the decode
+        # phase (decode dispatch to first token) and the vLLM relay phase (prefill end to
+        # decode dispatch).
+        self.decode_ttfts: dict[HistKey, Histogram] = {}
+        self.kv_transfers: dict[HistKey, Histogram] = {}
+        self.kv_modes: dict[str, int] = {}  # vLLM sequential PD's connector mode -> requests
 
     # --- the request path ---------------------------------------------------------------
 
@@ -1125,8 +1134,8 @@ class PDRouter:
     # --- metrics ---------------------------------------------------------------------------
 
     @staticmethod
-    def observe(hists: dict[str, Histogram], model: str, seconds: float) -> None:
-        key = model or "unknown"
+    def observe(hists: dict[HistKey, Histogram], key: HistKey, seconds: float) -> None:
+        key = key or "unknown"
         hist = hists.get(key)
         if hist is None:
             hist = hists[key] = Histogram(DURATION_BUCKETS)
@@ -1150,6 +1159,20 @@ class PDRouter:
                 self.prefill_durations,
             ),
             (
+                "smg_pd_kv_transfer_duration_seconds",
+                "PD relay phase (sequential dispatch): end of the prefill response to the "
+                "decode dispatch, gateway work only; not the engines' KV transfer, which runs "
+                "inside smg_pd_decode_ttft_seconds; by backend_type, model, runtime",
+                self.kv_transfers,
+            ),
+            (
+                "smg_pd_decode_ttft_seconds",
+                "PD decode phase: decode dispatch to the first decode token, the engines' KV "
+                "transfer and the decode scheduling included (the whole TTFT under parallel "
+                "dispatch), by backend_type, model, runtime",
+                self.decode_ttfts,
+            ),
+            (
                 "smg_pd_ttft_seconds",
                 "PD time to first token: prefill dispatch to the decode response head, "
                 "by backend_type, model, runtime",
@@ -1158,11 +1181,18 @@ class PDRouter:
         ):
             samples: list[Sample] = []
             for key, hist in hists.items():
-                # HTTP's keys are models (runtime sglang); smg.grpc.pd's (model, runtime).
                 model, runtime = key if isinstance(key, tuple) else (key, "sglang")
                 labels = [*proc, ("backend_type", "pd"), ("model", model), ("runtime", runtime)]
                 samples += histogram_samples(labels, hist)
             families.append(Family(name, "histogram", help_text, samples))
+        families.append(
+            Family(
+                "smg_pd_kv_connector_mode_total",
+                "counter",
+                "KV connector mode decisions by mode (mooncake/nixl/passthrough)",
+                [Sample("", [*proc, ("mode", mode)], n) for mode, n in self.kv_modes.items()],
+            )
+        )
         if self.admission is not None:
             families += self.admission.families(proc)
         return families
