@@ -41,6 +41,10 @@ from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.pd_admission import PrefillAdmission
+from smg.dataplane.pd_health import PATH as HEALTH_PATH
+from smg.dataplane.pd_health import probe_pair
+from smg.dataplane.pd_health import verdict as health_verdict
+from smg.dataplane.pool_leg import PoolLeg
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.dp import pd_rank_fields
 from smg.httpwire import error_body, status_line
@@ -270,28 +274,22 @@ _FAIL_NO_WORKER = int(Action.FAIL_NO_WORKER)
 _HEAD_EVENT, _BODY_EVENT, _COMPLETE_EVENT = 0, 1, 2
 
 
-class PrefillLeg:
+class PrefillLeg(PoolLeg):
     """The prefill request: sent on the prefill worker's pool, its answer read (kept only
     when it is an error or carries logprobs asked for), then `DecodeExchange.prefill_done`.
     Speaks the pool's and the upstream connection's side of the exchange protocol."""
 
     __slots__ = (
-        "app",
-        "body",
         "chunks",
         "complete",
         "decode",
-        "done",
         "generation",
-        "head",
         "keep",
-        "pool",
         "reusable",
         "row",
         "sent_at",
         "size",
         "status",
-        "upstream",
         "url",
     )
 
@@ -307,60 +305,18 @@ class PrefillLeg:
         url: str,
         keep: bool,
     ) -> None:
-        self.app = app
+        super().__init__(app, pool, head, body)
         self.decode = decode
         self.row = row
         self.generation = generation
-        self.pool = pool
-        self.head: bytes | None = head
-        self.body: bytes | None = body
         self.url = url
         self.keep = keep  # keep a 2xx body (logprobs asked for)
-        self.upstream: UpstreamConnection | None = None
         self.status = 0
         self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False
         self.reusable = False
-        self.done = False
         self.sent_at = time.monotonic()
-
-    def start(self) -> None:
-        pool = self.pool
-        conn = pool.take_idle()
-        if conn is not None:
-            self.got_connection(conn)
-        elif pool.reserve():
-            self.slot_granted()
-        else:
-            pool.wait(self)  # type: ignore[arg-type]
-
-    def slot_granted(self) -> None:
-        if self.done:
-            self.pool.release_slot()
-            return
-        self.app.spawn(self._connect())
-
-    async def _connect(self) -> None:
-        try:
-            conn = await self.pool.connect()
-        except (OSError, TimeoutError):
-            self._failed()
-            return
-        self.got_connection(conn)
-
-    def got_connection(self, conn: UpstreamConnection) -> None:
-        if self.done:
-            conn.release(True)
-            return
-        self.upstream = conn
-        conn.bind(self)  # type: ignore[arg-type]
-        transport = conn.transport
-        assert transport is not None and self.head is not None
-        transport.write(self.head + (self.body or b""))
-        self.head = self.body = None
-        if conn.closed:
-            self.upstream_lost(conn)
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -401,10 +357,7 @@ class PrefillLeg:
     def _failed(self) -> None:
         if self.done:
             return
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
+        self._drop()
         self._end(0)
         if self.decode.prefill is self:
             self.decode.prefill_failed(self.url)
@@ -413,12 +366,7 @@ class PrefillLeg:
         """The decode leg ended first (its failure, the client gone, a timeout)."""
         if self.done:
             return
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
-        else:
-            self.pool.cancel_wait(self)  # type: ignore[arg-type]
+        self._drop()
         self._end(0)
 
     def _end(self, outcome: int) -> None:
@@ -883,13 +831,16 @@ class PDRouter:
         return own + wildcard if wildcard else own
 
     def info(self, conn: ClientConnection, request: Request, started: float) -> None:
-        """A worker-info GET (/get_model_info, /get_server_info, /health_generate) relayed
-        to the first ready prefill worker, as 1.13's PD router does (503
-        no_prefill_servers without one)."""
+        """A worker-info GET (/get_model_info, /get_server_info) relayed to the first ready
+        prefill worker, as 1.13's PD router does (503 no_prefill_servers without one);
+        /health_generate asks a pair (smg.dataplane.pd_health)."""
         app = self.app
         state = app.refresh()
         if self.routing_generation != state.routing_generation:
             self._rebuild(state)
+        if request.path == HEALTH_PATH:
+            self._health_generate(conn, request)
+            return
         rows = self._rows("prefill", None)
         if not rows:
             app._send_error(
@@ -926,17 +877,61 @@ class PDRouter:
         conn.exchange = exchange
         exchange.start()
 
-    def _no_pair(self, prefill_rows: list[int], decode_rows: list[int]) -> str | None:
-        """1.13's words when a side has no ready worker at all."""
+    def _health_generate(self, conn: ClientConnection, request: Request) -> None:
+        """1.13: a pair from the available workers (503 no_healthy_worker_pair without
+        one), both asked at once. 1.13 picks through its policies; smg at random, so that a
+        probe carrying no text leaves the policies' state alone."""
+        app = self.app
+        sides = [app.gate.filter(self._rows(kind, None)) or [] for kind in ("prefill", "decode")]
+        refusal = self._no_pair(sides[0], sides[1], prefix="")
+        if refusal is not None:
+            message = f"No healthy worker pair available: {refusal}"
+            app._send_error(conn, request, 503, "no_healthy_worker_pair", message)
+            return
+        entries = [app.state.entries[_RNG.choice(rows)] for rows in sides]
+        legs = []
+        for entry in entries:
+            pool = app._pool(entry.row, entry)
+            legs.append((pool, app._upstream_request(request, entry, pool, 0)))
+        app.spawn(self._health_answer(conn, request, [e.url for e in entries], legs))
+
+    async def _health_answer(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        urls: list[str],
+        legs: list[tuple[WorkerPool, bytes]],
+    ) -> None:
+        app = self.app
+        try:
+            statuses = await probe_pair(app, legs, app.request_timeout)
+        except Exception as exc:  # a request must never take the process down
+            app.log_error("PD /health_generate failed", exc)
+            if not conn.closed:
+                app._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            return
+        if conn.closed:
+            return
+        status, text = health_verdict(urls[0], statuses[0], urls[1], statuses[1])
+        if status == 200:
+            plain = b"text/plain; charset=utf-8"
+            app._send(conn, request, 200, text.encode(), content_type=plain)
+        else:
+            app._send_error(conn, request, status, "health_generate_failed", text)
+
+    def _no_pair(
+        self,
+        prefill_rows: list[int],
+        decode_rows: list[int],
+        prefix: str = "No available servers: ",
+    ) -> str | None:
+        """1.13's words when a side has no ready worker at all (after `prefix`)."""
         for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
             if not rows:
                 if self.known.get(kind):
-                    return (
-                        f"No available servers: No available {kind} workers "
-                        "(all circuits open or unhealthy)"
-                    )
+                    return f"{prefix}No available {kind} workers (all circuits open or unhealthy)"
                 return (
-                    f"No available servers: No {kind} workers available. Please check if "
+                    f"{prefix}No {kind} workers available. Please check if "
                     f"{kind} servers are configured and healthy."
                 )
         return None
