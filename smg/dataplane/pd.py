@@ -563,15 +563,41 @@ class DecodeExchange(Exchange):
         self.state, _action = _step(self.state)
         self._drop_upstream()
         self.prefill.abort()
+        keep_alive = self.keep_alive and not self.app.draining
+        outcome = status if code != TRANSPORT_CODE else 0
+        status, code = self._write_own(status, body, content_type, code, b"", keep_alive)
+        self._finish(status, code, outcome)
+        self.client.response_done(keep_alive)
+
+    def _write_own(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes,
+        code: str,
+        extra: bytes,
+        keep_alive: bool,
+    ) -> tuple[int, str]:
+        """Write a whole answer the gateway made itself, through the OnResponse modules
+        when they see this request's answers (1.13's middleware runs on every answer of
+        the serving routes, the PD router's own errors included; not on event streams):
+        the status and error code written."""
+        if code:
+            extra = b"x-smg-error-code: %b\r\n%b" % (code.encode("latin-1"), extra)
+        chain = getattr(self.translation, "chain", None)  # smg.wasm.chain.ResponseHook
+        if chain is not None and content_type != b"text/event-stream":
+            from smg.wasm.chain import local_answer
+
+            answer = local_answer(chain, status, content_type, extra, body, code)
+            status, content_type, extra = answer.status, answer.content_type, answer.extra
+            body, code = answer.body, answer.code
         app = self.app
-        keep_alive = self.keep_alive and not app.draining
         head = [
             status_line(status),
             b"content-type: %b\r\ncontent-length: %d\r\n" % (content_type, len(body)),
+            extra,
+            b"x-request-id: %b\r\n%b" % (self.request_id, app.process_header),
         ]
-        if code:
-            head.append(b"x-smg-error-code: %b\r\n" % code.encode("latin-1"))
-        head.append(b"x-request-id: %b\r\n%b" % (self.request_id, app.process_header))
         if app.cors is not None:
             head.append(self.cors)
         if not keep_alive:
@@ -580,8 +606,7 @@ class DecodeExchange(Exchange):
         head.append(body)
         self.out.clear()
         self.client.write(b"".join(head))
-        self._finish(status, code, status if code != TRANSPORT_CODE else 0)
-        self.client.response_done(keep_alive)
+        return status, code
 
     def _pd_retry(self, outcome: int) -> None:
         """End this attempt (both legs) and schedule the next one after the backoff."""
@@ -635,7 +660,15 @@ class DecodeExchange(Exchange):
                 return
             self.pd_held = None
             code, message = TRANSPORT_CODE, transport_message(self.pd_url, self.endpoint)
-        super()._fail(status, code, message, extra_headers=extra_headers)
+        # The base's write, through the OnResponse modules (PD routes: POST, OpenAI shape).
+        self._drop_upstream()
+        keep_alive = self.keep_alive and not self.app.draining
+        body = error_body(status, code, message)
+        status, code = self._write_own(
+            status, body, b"application/json", code, extra_headers, keep_alive
+        )
+        self._finish(status, code, 0)
+        self.client.response_done(keep_alive)
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self.prefill.abort()  # no-op once it resolved
