@@ -41,8 +41,8 @@ from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.pd_admission import PrefillAdmission
+from smg.dataplane.pd_health import NO_ANSWER, probe_pair
 from smg.dataplane.pd_health import PATH as HEALTH_PATH
-from smg.dataplane.pd_health import probe_pair
 from smg.dataplane.pd_health import verdict as health_verdict
 from smg.dataplane.pool_leg import PoolLeg
 from smg.dataplane.retry import RETRYABLE_STATUSES
@@ -921,12 +921,13 @@ class PDRouter:
             message = f"No healthy worker pair available: {refusal}"
             app._send_error(conn, request, 503, "no_healthy_worker_pair", message)
             return
-        entries = [app.state.entries[_RNG.choice(rows)] for rows in sides]
+        p_entry, d_entry = (app.state.entries[_RNG.choice(rows)] for rows in sides)
         legs = []
-        for entry in entries:
+        # The decode first: it opens the pair's one attempt span, the prefill joins it.
+        for entry, second in ((d_entry, False), (p_entry, True)):
             pool = app._pool(entry.row, entry)
-            legs.append((pool, app._upstream_request(request, entry, pool, 0)))
-        app.spawn(self._health_answer(conn, request, [e.url for e in entries], legs))
+            legs.append((pool, app._upstream_request(request, entry, pool, 0, second)))
+        app.spawn(self._health_answer(conn, request, [p_entry.url, d_entry.url], legs))
 
     async def _health_answer(
         self,
@@ -938,17 +939,22 @@ class PDRouter:
         app = self.app
         try:
             statuses = await probe_pair(app, legs, app.request_timeout)
+            d_status, p_status = statuses
+            trace = request.trace if app.tracer is not None else None  # set only when tracing
+            if trace is not None:  # the pair's attempt: the worst of the two legs
+                worst = 0 if NO_ANSWER in statuses else max(statuses)
+                trace.end_attempt(worst, "" if worst else "no answer")
+            status, text = health_verdict(urls[0], p_status, urls[1], d_status)
         except Exception as exc:  # a request must never take the process down
             app.log_error("PD /health_generate failed", exc)
-            if not conn.closed:
-                app._send_error(conn, request, 500, "internal_error", "internal gateway error")
-            return
+            status, text = 500, ""
         if conn.closed:
             return
-        status, text = health_verdict(urls[0], statuses[0], urls[1], statuses[1])
         if status == 200:
             plain = b"text/plain; charset=utf-8"
             app._send(conn, request, 200, text.encode(), content_type=plain)
+        elif status == 500:
+            app._send_error(conn, request, 500, "internal_error", "internal gateway error")
         else:
             app._send_error(conn, request, status, "health_generate_failed", text)
 
@@ -1079,7 +1085,7 @@ class PDRouter:
         exchange.head = app._upstream_request(request, d_entry, d_pool, len(payload))
         exchange.body = payload
         logprobs = wants_logprobs(path, body)
-        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload))
+        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload), second_leg=True)
         leg = PrefillLeg(
             app,
             exchange,

@@ -363,8 +363,9 @@ class PdPlan:
         router.prefill_policy.on_dispatch(prefill)
         router.dispatched += 1
         self.prefill = p_entry
-        if ex.trace is not None:
+        if ex.trace is not None:  # one span for the pair's attempt, as on HTTP PD
             ex.trace.begin_attempt(entry.url)
+            ex.trace.second_leg(p_entry.url)
         return entry
 
     def client(self, workers: Any, decode: DirectoryEntry) -> PdClient:
