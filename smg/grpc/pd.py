@@ -323,7 +323,7 @@ class PdPlan:
         )
         refusal = router._no_pair(prefill_rows, decode_rows)
         if refusal is not None:
-            raise _Refused(503, "server_selection_failed", refusal, b"")
+            raise _Refused(*_refusal(router, route.model, prefill_rows, decode_rows, refusal), b"")
         admission = router.admission
         if admission is None:
             prefill = router._choose(router.prefill_policy, prefill_rows, route)
@@ -657,6 +657,27 @@ async def _ttft(client: PdClient, outputs: AsyncIterator[list[Any]]) -> AsyncIte
     finally:
         with contextlib.suppress(Exception):
             await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _refusal(
+    router: Any, model: str | None, prefill_rows: list[int], decode_rows: list[int], refusal: str
+) -> tuple[int, str, str]:
+    """The 503 when a side has no ready gRPC worker. When that side's ready workers all
+    speak HTTP (a mixed fleet: 1.13 pairs gRPC legs only with gRPC legs and HTTP with HTTP,
+    router_manager.rs; smg does the same), 1.13's no_available_workers words, with the
+    mismatch named (1.13's message stops at "the pair is incomplete")."""
+    for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
+        if not rows and router._rows(kind, model):
+            other = "decode" if kind == "prefill" else "prefill"
+            return (
+                503,
+                "no_available_workers",
+                f"No {kind} worker is registered for model '{model or 'unknown'}' at the "
+                "moment (its other leg is): the pair is incomplete; the ready "
+                f"{kind} workers speak HTTP and a gRPC {other} pairs only with a gRPC {kind} "
+                "(mixed HTTP/gRPC prefill-decode pairs are not supported)",
+            )
+    return 503, "server_selection_failed", refusal
 
 
 def _prefer(rows: list[int], failed: list[int] | None) -> list[int]:
