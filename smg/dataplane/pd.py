@@ -279,19 +279,7 @@ class PrefillLeg(PoolLeg):
     when it is an error or carries logprobs asked for), then `DecodeExchange.prefill_done`.
     Speaks the pool's and the upstream connection's side of the exchange protocol."""
 
-    __slots__ = (
-        "chunks",
-        "complete",
-        "decode",
-        "generation",
-        "keep",
-        "reusable",
-        "row",
-        "sent_at",
-        "size",
-        "status",
-        "url",
-    )
+    __slots__ = ("chunks", "decode", "generation", "keep", "row", "sent_at", "size", "url")
 
     def __init__(
         self,
@@ -311,31 +299,18 @@ class PrefillLeg(PoolLeg):
         self.generation = generation
         self.url = url
         self.keep = keep  # keep a 2xx body (logprobs asked for)
-        self.status = 0
         self.chunks: list[bytes] = []
         self.size = 0
-        self.complete = False
-        self.reusable = False
         self.sent_at = time.monotonic()
-
-    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
 
     def response_body(self, chunk: bytes) -> None:
         if (self.keep or self.status >= 300) and self.size < MAX_HELD_BYTES:
             self.chunks.append(chunk)
             self.size += len(chunk)
 
-    def response_complete(self, keep_alive: bool) -> None:
-        self.complete = True
-        self.reusable = keep_alive
-
     def flush(self) -> None:
         if self.complete and not self.done:
-            conn = self.upstream
-            self.upstream = None
-            if conn is not None:
-                conn.release(self.reusable)
+            self._release()
             self._end(self.status)
             decode = self.decode
             if decode.prefill is not self:
@@ -345,14 +320,6 @@ class PrefillLeg(PoolLeg):
                 assert pd is not None
                 pd.observe(pd.prefill_durations, decode.model, time.monotonic() - self.sent_at)
             decode.prefill_done(self.status, b"".join(self.chunks))
-
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        if conn is self.upstream and not self.complete:
-            self.upstream = None
-            self._failed()
-
-    def upstream_failed(self, message: str) -> None:
-        self._failed()
 
     def _failed(self) -> None:
         if self.done:

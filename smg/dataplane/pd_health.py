@@ -14,7 +14,7 @@ from smg.dataplane.pool_leg import PoolLeg
 
 if TYPE_CHECKING:
     from smg.dataplane.app import DataPlane
-    from smg.dataplane.upstream import UpstreamConnection, WorkerPool
+    from smg.dataplane.upstream import WorkerPool
 
 PATH = "/health_generate"
 NO_ANSWER = 0  # a probe's status when the worker did not answer (connection, timeout)
@@ -64,42 +64,18 @@ def verdict(prefill_url: str, p_status: int, decode_url: str, d_status: int) -> 
 class HealthProbe(PoolLeg):
     """One worker's GET /health_generate; `on_done(status)` once (NO_ANSWER if none)."""
 
-    __slots__ = ("complete", "on_done", "reusable", "status")
+    __slots__ = ("on_done",)
 
     def __init__(
         self, app: DataPlane, pool: WorkerPool, head: bytes, on_done: Callable[[int], None]
     ) -> None:
         super().__init__(app, pool, head, b"")
-        self.on_done = on_done
-        self.status = NO_ANSWER
-        self.complete = False
-        self.reusable = False
-
-    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
-
-    def response_body(self, chunk: bytes) -> None:
-        pass  # only the status counts, as in 1.13
-
-    def response_complete(self, keep_alive: bool) -> None:
-        self.complete = True
-        self.reusable = keep_alive
+        self.on_done = on_done  # only the status counts, as in 1.13: the body is dropped
 
     def flush(self) -> None:
         if self.complete and not self.done:
-            conn = self.upstream
-            self.upstream = None
-            if conn is not None:
-                conn.release(self.reusable)
+            self._release()
             self._finish(self.status)
-
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        if conn is self.upstream and not self.complete:
-            self.upstream = None
-            self._failed()
-
-    def upstream_failed(self, message: str) -> None:
-        self._failed()
 
     def _failed(self) -> None:
         if not self.done:
