@@ -1401,7 +1401,12 @@ class DataPlane:
         return body if injected is None else injected
 
     def _upstream_request(
-        self, request: Request, entry: DirectoryEntry, pool: WorkerPool, size: int | None = None
+        self,
+        request: Request,
+        entry: DirectoryEntry,
+        pool: WorkerPool,
+        size: int | None = None,
+        second_leg: bool = False,
     ) -> bytes:
         """The request head for the worker, ending with the blank line; the body (bytes-like,
         `request.body`) is written after it as it is.
@@ -1447,7 +1452,9 @@ class DataPlane:
         if request.client_id:
             append(b"x-request-id: " + request.request_id + b"\r\n")
         if tracer is not None:
-            append(request.trace.begin_attempt(entry.url))  # this attempt's traceparent
+            trace = request.trace
+            # This attempt's traceparent; a PD prefill leg (`second_leg`) shares its pair's.
+            append(trace.second_leg(entry.url) if second_leg else trace.begin_attempt(entry.url))
         append(b"\r\n")
         return b"".join(parts)
 

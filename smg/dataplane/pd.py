@@ -41,6 +41,10 @@ from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.pd_admission import PrefillAdmission
+from smg.dataplane.pd_health import NO_ANSWER, probe_pair
+from smg.dataplane.pd_health import PATH as HEALTH_PATH
+from smg.dataplane.pd_health import verdict as health_verdict
+from smg.dataplane.pool_leg import PoolLeg
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.dp import pd_rank_fields
 from smg.httpwire import error_body, status_line
@@ -74,6 +78,8 @@ def new_rooms(count: int | None, rng: random.Random | None = None) -> list[int]:
 
 
 _RNG = random.SystemRandom()
+# A PD histogram's key: the model (HTTP PD, runtime "sglang") or (model, runtime) (gRPC PD).
+HistKey = str | tuple[str, str]
 
 
 def batch_size(path: str, body: dict[str, Any]) -> int | None:
@@ -268,30 +274,12 @@ _FAIL_NO_WORKER = int(Action.FAIL_NO_WORKER)
 _HEAD_EVENT, _BODY_EVENT, _COMPLETE_EVENT = 0, 1, 2
 
 
-class PrefillLeg:
+class PrefillLeg(PoolLeg):
     """The prefill request: sent on the prefill worker's pool, its answer read (kept only
     when it is an error or carries logprobs asked for), then `DecodeExchange.prefill_done`.
     Speaks the pool's and the upstream connection's side of the exchange protocol."""
 
-    __slots__ = (
-        "app",
-        "body",
-        "chunks",
-        "complete",
-        "decode",
-        "done",
-        "generation",
-        "head",
-        "keep",
-        "pool",
-        "reusable",
-        "row",
-        "sent_at",
-        "size",
-        "status",
-        "upstream",
-        "url",
-    )
+    __slots__ = ("chunks", "decode", "generation", "keep", "row", "sent_at", "size", "url")
 
     def __init__(
         self,
@@ -305,79 +293,24 @@ class PrefillLeg:
         url: str,
         keep: bool,
     ) -> None:
-        self.app = app
+        super().__init__(app, pool, head, body)
         self.decode = decode
         self.row = row
         self.generation = generation
-        self.pool = pool
-        self.head: bytes | None = head
-        self.body: bytes | None = body
         self.url = url
         self.keep = keep  # keep a 2xx body (logprobs asked for)
-        self.upstream: UpstreamConnection | None = None
-        self.status = 0
         self.chunks: list[bytes] = []
         self.size = 0
-        self.complete = False
-        self.reusable = False
-        self.done = False
         self.sent_at = time.monotonic()
-
-    def start(self) -> None:
-        pool = self.pool
-        conn = pool.take_idle()
-        if conn is not None:
-            self.got_connection(conn)
-        elif pool.reserve():
-            self.slot_granted()
-        else:
-            pool.wait(self)  # type: ignore[arg-type]
-
-    def slot_granted(self) -> None:
-        if self.done:
-            self.pool.release_slot()
-            return
-        self.app.spawn(self._connect())
-
-    async def _connect(self) -> None:
-        try:
-            conn = await self.pool.connect()
-        except (OSError, TimeoutError):
-            self._failed()
-            return
-        self.got_connection(conn)
-
-    def got_connection(self, conn: UpstreamConnection) -> None:
-        if self.done:
-            conn.release(True)
-            return
-        self.upstream = conn
-        conn.bind(self)  # type: ignore[arg-type]
-        transport = conn.transport
-        assert transport is not None and self.head is not None
-        transport.write(self.head + (self.body or b""))
-        self.head = self.body = None
-        if conn.closed:
-            self.upstream_lost(conn)
-
-    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
 
     def response_body(self, chunk: bytes) -> None:
         if (self.keep or self.status >= 300) and self.size < MAX_HELD_BYTES:
             self.chunks.append(chunk)
             self.size += len(chunk)
 
-    def response_complete(self, keep_alive: bool) -> None:
-        self.complete = True
-        self.reusable = keep_alive
-
     def flush(self) -> None:
         if self.complete and not self.done:
-            conn = self.upstream
-            self.upstream = None
-            if conn is not None:
-                conn.release(self.reusable)
+            self._release()
             self._end(self.status)
             decode = self.decode
             if decode.prefill is not self:
@@ -388,37 +321,20 @@ class PrefillLeg:
                 pd.observe(pd.prefill_durations, decode.model, time.monotonic() - self.sent_at)
             decode.prefill_done(self.status, b"".join(self.chunks))
 
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        if conn is self.upstream and not self.complete:
-            self.upstream = None
-            self._failed()
-
-    def upstream_failed(self, message: str) -> None:
-        self._failed()
-
     def _failed(self) -> None:
-        # A failure comes from the connect or the connection: never queued for the pool.
-        if self._drop(cancel_wait=False) and self.decode.prefill is self:
+        if self.done:
+            return
+        self._drop()
+        self._end(0)
+        if self.decode.prefill is self:
             self.decode.prefill_failed(self.url)
 
     def abort(self) -> None:
         """The decode leg ended first (its failure, the client gone, a timeout)."""
-        # It may still be queued for a pool connection: leave that queue.
-        self._drop(cancel_wait=True)
-
-    def _drop(self, cancel_wait: bool) -> bool:
-        """End the leg unanswered, its connection (mid-request: never reusable) aborted;
-        False when it had ended already."""
         if self.done:
-            return False
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
-        elif cancel_wait:
-            self.pool.cancel_wait(self)  # type: ignore[arg-type]
+            return
+        self._drop()
         self._end(0)
-        return True
 
     def _end(self, outcome: int) -> None:
         self.done = True
@@ -614,15 +530,41 @@ class DecodeExchange(Exchange):
         self.state, _action = _step(self.state)
         self._drop_upstream()
         self.prefill.abort()
+        keep_alive = self.keep_alive and not self.app.draining
+        outcome = status if code != TRANSPORT_CODE else 0
+        status, code = self._write_own(status, body, content_type, code, b"", keep_alive)
+        self._finish(status, code, outcome)
+        self.client.response_done(keep_alive)
+
+    def _write_own(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes,
+        code: str,
+        extra: bytes,
+        keep_alive: bool,
+    ) -> tuple[int, str]:
+        """Write a whole answer the gateway made itself, through the OnResponse modules
+        when they see this request's answers (1.13's middleware runs on every answer of
+        the serving routes, the PD router's own errors included; not on event streams):
+        the status and error code written."""
+        if code:
+            extra = b"x-smg-error-code: %b\r\n%b" % (code.encode("latin-1"), extra)
+        chain = getattr(self.translation, "chain", None)  # smg.wasm.chain.ResponseHook
+        if chain is not None and content_type != b"text/event-stream":
+            from smg.wasm.chain import local_answer
+
+            answer = local_answer(chain, status, content_type, extra, body, code)
+            status, content_type, extra = answer.status, answer.content_type, answer.extra
+            body, code = answer.body, answer.code
         app = self.app
-        keep_alive = self.keep_alive and not app.draining
         head = [
             status_line(status),
             b"content-type: %b\r\ncontent-length: %d\r\n" % (content_type, len(body)),
+            extra,
+            b"x-request-id: %b\r\n%b" % (self.request_id, app.process_header),
         ]
-        if code:
-            head.append(b"x-smg-error-code: %b\r\n" % code.encode("latin-1"))
-        head.append(b"x-request-id: %b\r\n%b" % (self.request_id, app.process_header))
         if app.cors is not None:
             head.append(self.cors)
         if not keep_alive:
@@ -631,8 +573,7 @@ class DecodeExchange(Exchange):
         head.append(body)
         self.out.clear()
         self.client.write(b"".join(head))
-        self._finish(status, code, status if code != TRANSPORT_CODE else 0)
-        self.client.response_done(keep_alive)
+        return status, code
 
     def _pd_retry(self, outcome: int) -> None:
         """End this attempt (both legs) and schedule the next one after the backoff."""
@@ -686,7 +627,15 @@ class DecodeExchange(Exchange):
                 return
             self.pd_held = None
             code, message = TRANSPORT_CODE, transport_message(self.pd_url, self.endpoint)
-        super()._fail(status, code, message, extra_headers=extra_headers)
+        # The base's write, through the OnResponse modules (PD routes: POST, OpenAI shape).
+        self._drop_upstream()
+        keep_alive = self.keep_alive and not self.app.draining
+        body = error_body(status, code, message)
+        status, code = self._write_own(
+            status, body, b"application/json", code, extra_headers, keep_alive
+        )
+        self._finish(status, code, 0)
+        self.client.response_done(keep_alive)
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self.prefill.abort()  # no-op once it resolved
@@ -728,8 +677,15 @@ class PDRouter:
         self.admission = PrefillAdmission.from_config(app, cfg)
         # Counters (smg_pd_*; summed over processes by the reader), by model label.
         self.dispatched = 0
-        self.prefill_durations: dict[str, Histogram] = {}
-        self.ttfts: dict[str, Histogram] = {}
+        # Histogram keys: HTTP's are models (runtime sglang); smg.grpc.pd's (model, runtime).
+        self.prefill_durations: dict[HistKey, Histogram] = {}
+        self.ttfts: dict[HistKey, Histogram] = {}
+        # gRPC PD only, as on the 1.13 binary (its HTTP router records neither): the decode
+        # phase (decode dispatch to first token) and the vLLM relay phase (prefill end to
+        # decode dispatch).
+        self.decode_ttfts: dict[HistKey, Histogram] = {}
+        self.kv_transfers: dict[HistKey, Histogram] = {}
+        self.kv_modes: dict[str, int] = {}  # vLLM sequential PD's connector mode -> requests
 
     # --- the request path ---------------------------------------------------------------
 
@@ -875,13 +831,16 @@ class PDRouter:
         return own + wildcard if wildcard else own
 
     def info(self, conn: ClientConnection, request: Request, started: float) -> None:
-        """A worker-info GET (/get_model_info, /get_server_info, /health_generate) relayed
-        to the first ready prefill worker, as 1.13's PD router does (503
-        no_prefill_servers without one)."""
+        """A worker-info GET (/get_model_info, /get_server_info) relayed to the first ready
+        prefill worker, as 1.13's PD router does (503 no_prefill_servers without one);
+        /health_generate asks a pair (smg.dataplane.pd_health)."""
         app = self.app
         state = app.refresh()
         if self.routing_generation != state.routing_generation:
             self._rebuild(state)
+        if request.path == HEALTH_PATH:
+            self._health_generate(conn, request)
+            return
         rows = self._rows("prefill", None)
         if not rows:
             app._send_error(
@@ -918,17 +877,67 @@ class PDRouter:
         conn.exchange = exchange
         exchange.start()
 
-    def _no_pair(self, prefill_rows: list[int], decode_rows: list[int]) -> str | None:
-        """1.13's words when a side has no ready worker at all."""
+    def _health_generate(self, conn: ClientConnection, request: Request) -> None:
+        """1.13: a pair from the available workers (503 no_healthy_worker_pair without
+        one), both asked at once. 1.13 picks through its policies; smg at random, so that a
+        probe carrying no text leaves the policies' state alone."""
+        app = self.app
+        sides = [app.gate.filter(self._rows(kind, None)) or [] for kind in ("prefill", "decode")]
+        refusal = self._no_pair(sides[0], sides[1], prefix="")
+        if refusal is not None:
+            message = f"No healthy worker pair available: {refusal}"
+            app._send_error(conn, request, 503, "no_healthy_worker_pair", message)
+            return
+        p_entry, d_entry = (app.state.entries[_RNG.choice(rows)] for rows in sides)
+        legs = []
+        # The decode first: it opens the pair's one attempt span, the prefill joins it.
+        for entry, second in ((d_entry, False), (p_entry, True)):
+            pool = app._pool(entry.row, entry)
+            legs.append((pool, app._upstream_request(request, entry, pool, 0, second)))
+        app.spawn(self._health_answer(conn, request, [p_entry.url, d_entry.url], legs))
+
+    async def _health_answer(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        urls: list[str],
+        legs: list[tuple[WorkerPool, bytes]],
+    ) -> None:
+        app = self.app
+        try:
+            statuses = await probe_pair(app, legs, app.request_timeout)
+            d_status, p_status = statuses
+            trace = request.trace if app.tracer is not None else None  # set only when tracing
+            if trace is not None:  # the pair's attempt: the worst of the two legs
+                worst = 0 if NO_ANSWER in statuses else max(statuses)
+                trace.end_attempt(worst, "" if worst else "no answer")
+            status, text = health_verdict(urls[0], p_status, urls[1], d_status)
+        except Exception as exc:  # a request must never take the process down
+            app.log_error("PD /health_generate failed", exc)
+            status, text = 500, ""
+        if conn.closed:
+            return
+        if status == 200:
+            plain = b"text/plain; charset=utf-8"
+            app._send(conn, request, 200, text.encode(), content_type=plain)
+        elif status == 500:
+            app._send_error(conn, request, 500, "internal_error", "internal gateway error")
+        else:
+            app._send_error(conn, request, status, "health_generate_failed", text)
+
+    def _no_pair(
+        self,
+        prefill_rows: list[int],
+        decode_rows: list[int],
+        prefix: str = "No available servers: ",
+    ) -> str | None:
+        """1.13's words when a side has no ready worker at all (after `prefix`)."""
         for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
             if not rows:
                 if self.known.get(kind):
-                    return (
-                        f"No available servers: No available {kind} workers "
-                        "(all circuits open or unhealthy)"
-                    )
+                    return f"{prefix}No available {kind} workers (all circuits open or unhealthy)"
                 return (
-                    f"No available servers: No {kind} workers available. Please check if "
+                    f"{prefix}No {kind} workers available. Please check if "
                     f"{kind} servers are configured and healthy."
                 )
         return None
@@ -1043,7 +1052,7 @@ class PDRouter:
         exchange.head = app._upstream_request(request, d_entry, d_pool, len(payload))
         exchange.body = payload
         logprobs = wants_logprobs(path, body)
-        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload))
+        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload), second_leg=True)
         leg = PrefillLeg(
             app,
             exchange,
@@ -1126,8 +1135,8 @@ class PDRouter:
     # --- metrics ---------------------------------------------------------------------------
 
     @staticmethod
-    def observe(hists: dict[str, Histogram], model: str, seconds: float) -> None:
-        key = model or "unknown"
+    def observe(hists: dict[HistKey, Histogram], key: HistKey, seconds: float) -> None:
+        key = key or "unknown"
         hist = hists.get(key)
         if hist is None:
             hist = hists[key] = Histogram(DURATION_BUCKETS)
@@ -1151,6 +1160,20 @@ class PDRouter:
                 self.prefill_durations,
             ),
             (
+                "smg_pd_kv_transfer_duration_seconds",
+                "PD relay phase (sequential dispatch): end of the prefill response to the "
+                "decode dispatch, gateway work only; not the engines' KV transfer, which runs "
+                "inside smg_pd_decode_ttft_seconds; by backend_type, model, runtime",
+                self.kv_transfers,
+            ),
+            (
+                "smg_pd_decode_ttft_seconds",
+                "PD decode phase: decode dispatch to the first decode token, the engines' KV "
+                "transfer and the decode scheduling included (the whole TTFT under parallel "
+                "dispatch), by backend_type, model, runtime",
+                self.decode_ttfts,
+            ),
+            (
                 "smg_pd_ttft_seconds",
                 "PD time to first token: prefill dispatch to the decode response head, "
                 "by backend_type, model, runtime",
@@ -1159,11 +1182,18 @@ class PDRouter:
         ):
             samples: list[Sample] = []
             for key, hist in hists.items():
-                # HTTP's keys are models (runtime sglang); smg.grpc.pd's (model, runtime).
                 model, runtime = key if isinstance(key, tuple) else (key, "sglang")
                 labels = [*proc, ("backend_type", "pd"), ("model", model), ("runtime", runtime)]
                 samples += histogram_samples(labels, hist)
             families.append(Family(name, "histogram", help_text, samples))
+        families.append(
+            Family(
+                "smg_pd_kv_connector_mode_total",
+                "counter",
+                "KV connector mode decisions by mode (mooncake/nixl/passthrough)",
+                [Sample("", [*proc, ("mode", mode)], n) for mode, n in self.kv_modes.items()],
+            )
+        )
         if self.admission is not None:
             families += self.admission.families(proc)
         return families

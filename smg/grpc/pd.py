@@ -323,7 +323,7 @@ class PdPlan:
         )
         refusal = router._no_pair(prefill_rows, decode_rows)
         if refusal is not None:
-            raise _Refused(503, "server_selection_failed", refusal, b"")
+            raise _Refused(*_refusal(router, route.model, prefill_rows, decode_rows, refusal), b"")
         admission = router.admission
         if admission is None:
             prefill = router._choose(router.prefill_policy, prefill_rows, route)
@@ -363,8 +363,9 @@ class PdPlan:
         router.prefill_policy.on_dispatch(prefill)
         router.dispatched += 1
         self.prefill = p_entry
-        if ex.trace is not None:
+        if ex.trace is not None:  # one span for the pair's attempt, as on HTTP PD
             ex.trace.begin_attempt(entry.url)
+            ex.trace.second_leg(p_entry.url)
         return entry
 
     def client(self, workers: Any, decode: DirectoryEntry) -> PdClient:
@@ -391,6 +392,7 @@ class PdClient:
         self.backend: str = decode.backend
         self.runtime = "vllm" if self.backend == "vllm" else "sglang"  # 1.13's runtime label
         self.sent_at = 0.0  # the prefill's dispatch (smg_pd_* histograms start there)
+        self.decode_sent_at = 0.0  # the decode's (smg_pd_decode_ttft_seconds starts there)
         self._leg_open = True  # the prefill leg's accounting is still to be done
         self.started = False  # generate_batches ran (its legs account themselves)
         self._prefill_running = False
@@ -477,14 +479,22 @@ class PdClient:
             req, kv_transfer_params_json=vllm_decode_params(mode, returned, transfer_id, n)
         )
         decode = _batches(self.decode, dreq, timeout)
+        # The decode call goes out on the first read below; 1.13's relay window ends at its
+        # send, so it is the gateway's own work between the legs (the engines' KV transfer
+        # falls in the decode phase, which starts here).
+        self.decode_sent_at = time.monotonic()
+        relay_s = self.decode_sent_at - self.sent_at - prefill_s
         first = True
         try:
             async for outs in decode:
                 if first:  # decode established: 1.13 records its success-only PD metrics
                     first = False
+                    router = self.exchange.app.pd
+                    if router is not None:
+                        router.kv_modes[mode.kind] = router.kv_modes.get(mode.kind, 0) + 1
                     self._observe("prefill", prefill_s)
-                    if req.stream:  # the 1.13 binary: TTFT for streamed answers only
-                        self._observe("ttft", time.monotonic() - self.sent_at)
+                    self._observe("relay", relay_s)
+                    self._first_token(req.stream)
                 yield outs
         except EngineError as error:
             raise leg_error(error, "decode") from None
@@ -504,7 +514,7 @@ class PdClient:
         host = worker_address(self.p_entry.url).host
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
         self._prefill_running = True
-        self.sent_at = time.monotonic()
+        self.sent_at = self.decode_sent_at = time.monotonic()  # both legs at once
         prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
         decode = _batches(self.decode, sreq, timeout)
         if req.stream:  # the 1.13 binary: TTFT for streamed answers only
@@ -578,21 +588,28 @@ class PdClient:
         return outs
 
     def _observe(self, which: str, seconds: float) -> None:
-        """smg_pd_prefill_duration_seconds / smg_pd_ttft_seconds with this runtime's label
-        (the PD router's histograms: keyed (model, runtime), summed by the reader)."""
+        """One of the PD router's histograms (prefill, relay, decode_ttft, ttft: the
+        smg_pd_* families) with this runtime's label, keyed (model, runtime); summed over
+        processes by the reader."""
         router = self.exchange.app.pd
         if router is None:
             return
-        hists = router.prefill_durations if which == "prefill" else router.ttfts
+        hists = {
+            "prefill": router.prefill_durations,
+            "relay": router.kv_transfers,
+            "decode_ttft": router.decode_ttfts,
+            "ttft": router.ttfts,
+        }[which]
         asked = self.exchange.body.get("model")
         model = asked if isinstance(asked, str) and asked else self.exchange.route_model
-        key = (model or "unknown", self.runtime)
-        hist = hists.get(key)  # type: ignore[call-overload]
-        if hist is None:
-            from smg.dataplane.metrics import DURATION_BUCKETS, Histogram
+        router.observe(hists, (model or "unknown", self.runtime), seconds)
 
-            hist = hists[key] = Histogram(DURATION_BUCKETS)  # type: ignore[index]
-        hist.observe(seconds)
+    def _first_token(self, stream: bool) -> None:
+        """The decode's first output: 1.13 observes the TTFTs for streamed answers only."""
+        if stream:
+            now = time.monotonic()
+            self._observe("ttft", now - self.sent_at)
+            self._observe("decode_ttft", now - self.decode_sent_at)
 
     async def _stop_prefill(self, prefill: asyncio.Future[None], rid: str, grace: bool) -> None:
         if grace:
@@ -626,19 +643,41 @@ class PdClient:
 
 
 async def _ttft(client: PdClient, outputs: AsyncIterator[list[Any]]) -> AsyncIterator[list[Any]]:
-    """The SGLang decode's outputs; the first one observes smg_pd_ttft_seconds (1.13:
-    prefill dispatch to the first decode token, streamed answers only; the parallel path
-    has no prefill duration: 1.13 does not drain the prefill's stream there)."""
+    """The SGLang decode's outputs; the first one observes smg_pd_ttft_seconds and
+    smg_pd_decode_ttft_seconds (1.13: from the prefill's / decode's dispatch, the same
+    moment here, to the first decode token, streamed answers only; the parallel path has
+    no prefill duration, relay window or connector mode: 1.13 records none there)."""
     first = True
     try:
         async for outs in outputs:
             if first:
                 first = False
-                client._observe("ttft", time.monotonic() - client.sent_at)
+                client._first_token(True)
             yield outs
     finally:
         with contextlib.suppress(Exception):
             await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _refusal(
+    router: Any, model: str | None, prefill_rows: list[int], decode_rows: list[int], refusal: str
+) -> tuple[int, str, str]:
+    """The 503 when a side has no ready gRPC worker. When that side's ready workers all
+    speak HTTP (a mixed fleet: 1.13 pairs gRPC legs only with gRPC legs and HTTP with HTTP,
+    router_manager.rs; smg does the same), 1.13's no_available_workers words, with the
+    mismatch named (1.13's message stops at "the pair is incomplete")."""
+    for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
+        if not rows and router._rows(kind, model):
+            other = "decode" if kind == "prefill" else "prefill"
+            return (
+                503,
+                "no_available_workers",
+                f"No {kind} worker is registered for model '{model or 'unknown'}' at the "
+                "moment (its other leg is): the pair is incomplete; the ready "
+                f"{kind} workers speak HTTP and a gRPC {other} pairs only with a gRPC {kind} "
+                "(mixed HTTP/gRPC prefill-decode pairs are not supported)",
+            )
+    return 503, "server_selection_failed", refusal
 
 
 def _prefer(rows: list[int], failed: list[int] | None) -> list[int]:
