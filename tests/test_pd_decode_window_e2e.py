@@ -118,6 +118,8 @@ def test_wait_zero_sheds_at_once_and_dispatches_nothing() -> None:
         assert mockutil.stats(prefill.url)["inference_answered"] == 1
         metrics = gateway.metrics()
         assert _sum(metrics, "smg_pd_admission_sheds_total", f'worker="{decode.url}"') == 5
+        # 1.13 counts them under the overload shed counter too (its stage "pd_admission").
+        assert _sum(metrics, "smg_worker_overload_shed_total", 'stage="pd_admission"') == 5
         assert _sum(metrics, "smg_pd_admission_waits_total") == 0
         assert _active(gateway, prefill.url) == 0
 

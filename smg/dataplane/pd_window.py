@@ -129,6 +129,7 @@ class DecodeWindow:
         # Counters by decode URL (smg_pd_admission_*_total; summed over processes).
         self.waits: dict[str, int] = {}
         self.sheds: dict[str, int] = {}
+        app.gate.pd_shed_count = 0  # smg_worker_overload_shed_total{stage="pd_admission"}
 
     def room(self, rows: list[int]) -> list[int]:
         """The rows with a free slot now (a hint: `take` makes it exact)."""
@@ -190,6 +191,8 @@ class DecodeWindow:
         entry = app.state.entries.get(row)
         url = entry.url if entry is not None else ""
         self.sheds[url] = self.sheds.get(url, 0) + 1
+        gate = app.gate
+        gate.pd_shed_count = (gate.pd_shed_count or 0) + 1
         window = entry.pd_window if entry is not None else 0
         return 503, SHED_CODE, shed_message(url, model, window, self.wait), app.poll_retry_after()
 
