@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from tests import mockutil, pdutil
-from tests.gatewayutil import Gateway, running_gateway, wait_until
+from tests.gatewayutil import Gateway, wait_until
 from tests.test_pd_e2e import GENERATE, pd_gateway
+from tests.test_pd_grpc_admission import CHAT, grpc_pd
 
 SHED = "worker_overload_protection_shed"
 
@@ -64,16 +65,24 @@ def _active(gateway: Gateway, url: str) -> float:
     return _sum(gateway.metrics(), "smg_worker_requests_active", f'worker="{url}"')
 
 
+@contextlib.contextmanager
+def window_one(*extra: str) -> Iterator[tuple[pdutil.PdMocks, pdutil.PdMocks, Gateway]]:
+    """A prefill and a decode mock whose /server_info window is 1, behind `smg launch
+    --processes 2` with `extra`, the window published."""
+    with (
+        pdutil.start_prefill() as prefill,
+        pdutil.start_decode(1, "--max-running-requests", "1", wait_s=10) as decode,
+        pd_gateway(prefill, decode, *extra) as gateway,
+    ):
+        _window(gateway, decode.url, 1)
+        yield prefill, decode, gateway
+
+
 def test_window_of_one_holds_across_processes_and_later_ones_wait() -> None:
     # Six requests at once over their own connections (both processes take some); the
     # decode runs one at a time (its peak is 1), every request is answered 200, and the
     # five that found the slot taken are counted as waits.
-    with (
-        pdutil.start_prefill() as prefill,
-        pdutil.start_decode(1, "--max-running-requests", "1", wait_s=10) as decode,
-        pd_gateway(prefill, decode) as gateway,
-    ):
-        _window(gateway, decode.url, 1)
+    with window_one() as (prefill, decode, gateway):
         pdutil.set_faults(decode.url, ttft_ms=300)
         mockutil.reset_stats(decode.url)
         began = time.monotonic()
@@ -93,12 +102,7 @@ def test_window_of_one_holds_across_processes_and_later_ones_wait() -> None:
 
 
 def test_wait_zero_sheds_at_once_and_dispatches_nothing() -> None:
-    with (
-        pdutil.start_prefill() as prefill,
-        pdutil.start_decode(1, "--max-running-requests", "1", wait_s=10) as decode,
-        pd_gateway(prefill, decode, "--pd-admission-wait-secs", "0") as gateway,
-    ):
-        _window(gateway, decode.url, 1)
+    with window_one("--pd-admission-wait-secs", "0") as (prefill, decode, gateway):
         pdutil.set_faults(decode.url, ttft_ms=2000)
         mockutil.reset_stats(prefill.url)
         results = _burst(gateway.url, [0.0] + [0.5] * 5)
@@ -125,19 +129,9 @@ def test_wait_zero_sheds_at_once_and_dispatches_nothing() -> None:
 
 
 def test_short_wait_sheds_after_it_and_aborts_the_prefill_cleanly() -> None:
-    with (
-        pdutil.start_prefill() as prefill,
-        pdutil.start_decode(1, "--max-running-requests", "1", wait_s=10) as decode,
-        pd_gateway(
-            prefill,
-            decode,
-            "--pd-admission-wait-secs",
-            "1",
-            "--prefill-max-inflight-requests-per-worker",
-            "4",
-        ) as gateway,
-    ):
-        _window(gateway, decode.url, 1)
+    with window_one(
+        "--pd-admission-wait-secs", "1", "--prefill-max-inflight-requests-per-worker", "4"
+    ) as (prefill, decode, gateway):
         pdutil.set_faults(decode.url, ttft_ms=3500)
         results = _burst(gateway.url, [0.0, 0.4, 0.4])
         assert results[0][0] == 200
@@ -154,18 +148,15 @@ def test_short_wait_sheds_after_it_and_aborts_the_prefill_cleanly() -> None:
         assert _sum(metrics, "smg_pd_admission_waits_total") == 2
         assert _sum(metrics, "smg_pd_admission_sheds_total") == 2
         assert _sum(metrics, "smg_pd_prefill_admission_inflight") == 0
+        # A shed is not the prefill worker's failure (its breaker counts none).
+        assert _sum(metrics, "smg_worker_cb_outcomes_total", 'outcome="failure"') == 0
         # Nothing leaked: the next request goes at once.
         pdutil.set_faults(decode.url, ttft_ms=0)
         assert _burst(gateway.url, [0.0])[0][0] == 200
 
 
 def test_client_leaving_while_held_frees_everything() -> None:
-    with (
-        pdutil.start_prefill() as prefill,
-        pdutil.start_decode(1, "--max-running-requests", "1", wait_s=10) as decode,
-        pd_gateway(prefill, decode) as gateway,
-    ):
-        _window(gateway, decode.url, 1)
+    with window_one() as (prefill, decode, gateway):
         pdutil.set_faults(decode.url, ttft_ms=2000)
 
         def leaver() -> str:
@@ -229,8 +220,6 @@ def test_a_free_decode_is_taken_rather_than_waiting_on_a_full_one() -> None:
 
 # --- gRPC PD --------------------------------------------------------------------------------
 
-CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -243,34 +232,23 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def grpc_window(
     llama_dir: Path, window: int, *extra: str
 ) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock, Gateway]]:
-    """SGLang gRPC PD mocks behind `smg launch --processes 2`; the decode re-registered
-    with a `max_running_requests` label of `window` (the gRPC mock reports none)."""
-    with (
-        pdutil.start_grpc_prefill(llama_dir, "sglang") as prefill,
-        pdutil.start_grpc_decode(llama_dir, "sglang", wait_s=10) as decode,
-    ):
-        args = [
-            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
-            "--decode", decode.url, "--model-path", str(llama_dir), *extra,
-        ]  # fmt: skip
-        with running_gateway(args, processes=2) as gateway:
-            gateway.wait_ready(timeout=30)
-            if window:
-                workers = httpx.get(gateway.url + "/workers", timeout=5).json()["workers"]
-                decode_id = next(w["id"] for w in workers if w["url"] == decode.url)
-                assert gateway.admin("DELETE", f"/workers/{decode_id}").status_code == 202
-                spec = {
-                    "url": decode.url,
-                    "worker_type": "decode",
-                    "labels": {"max_running_requests": str(window)},
-                }
-                assert gateway.admin("POST", "/workers", json=spec).status_code == 202
-            _window(gateway, decode.url, window)
-            wait_until(lambda: _ready(gateway, 2), 30, "both gRPC workers ready")
-            with gateway.client() as client:  # warm up (tokenizer, channels) off the clock
-                answer = client.post("/v1/chat/completions", json=CHAT)
-                assert answer.status_code == 200, answer.text
-            yield prefill, decode, gateway
+    """SGLang gRPC PD mocks behind `smg launch --processes 2` (test_pd_grpc_admission's);
+    the decode re-registered with a `max_running_requests` label of `window` (the gRPC
+    mock reports none)."""
+    with grpc_pd(llama_dir, "sglang", *extra) as (prefill, decode, gateway):
+        if window:
+            workers = httpx.get(gateway.url + "/workers", timeout=5).json()["workers"]
+            decode_id = next(w["id"] for w in workers if w["url"] == decode.url)
+            assert gateway.admin("DELETE", f"/workers/{decode_id}").status_code == 202
+            spec = {
+                "url": decode.url,
+                "worker_type": "decode",
+                "labels": {"max_running_requests": str(window)},
+            }
+            assert gateway.admin("POST", "/workers", json=spec).status_code == 202
+        _window(gateway, decode.url, window)  # (the labelled worker registered)
+        wait_until(lambda: _ready(gateway, 2), 30, "both workers ready")
+        yield prefill, decode, gateway
 
 
 def _ready(gateway: Gateway, count: int) -> bool:

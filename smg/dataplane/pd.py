@@ -409,8 +409,9 @@ class PrefillLeg:
         if self.decode.prefill is self:
             self.decode.prefill_failed(self.url)
 
-    def abort(self) -> None:
-        """The decode leg ended first (its failure, the client gone, a timeout)."""
+    def abort(self, outcome: int = 0) -> None:
+        """The decode leg ended first (its failure, the client gone, a timeout); `outcome`
+        is the gate's for this leg (CLIENT_LEFT: the prefill worker is not to blame)."""
         if self.done:
             return
         conn = self.upstream
@@ -419,7 +420,7 @@ class PrefillLeg:
             conn.abort()
         else:
             self.pool.cancel_wait(self)  # type: ignore[arg-type]
-        self._end(0)
+        self._end(outcome)
 
     def _end(self, outcome: int) -> None:
         self.done = True
@@ -694,6 +695,7 @@ class DecodeExchange(Exchange):
         self.pd_hold = None
         self.pd_body = None
         self.app.gate.record(self.row, self.generation, CLIENT_LEFT)  # the claim, unused
+        self.prefill.abort(CLIENT_LEFT)  # not the prefill worker's failure
         pd = self.app.pd
         assert pd is not None
         self._pd_fail(*pd.window.shed(self.row, self.model))
