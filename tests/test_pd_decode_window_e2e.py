@@ -111,7 +111,7 @@ def test_wait_zero_sheds_at_once_and_dispatches_nothing() -> None:
         assert [status for status, _, _, _ in behind] == [503] * 5, behind
         assert {process for _, _, process, _ in behind} == {"0", "1"}
         for _, body, _, seconds in behind:
-            assert seconds < 1.0
+            assert seconds < 1.5  # at once (a loaded test machine allowed for)
             assert body["retry-after"] == "10"  # the load poll interval (--worker-overload-shed)
             error = body["error"]
             assert error["code"] == SHED
@@ -132,13 +132,16 @@ def test_short_wait_sheds_after_it_and_aborts_the_prefill_cleanly() -> None:
     with window_one(
         "--pd-admission-wait-secs", "1", "--prefill-max-inflight-requests-per-worker", "4"
     ) as (prefill, decode, gateway):
-        pdutil.set_faults(decode.url, ttft_ms=3500)
+        # The prefill is still running when the held decode legs shed (as an engine's
+        # prefill waiting on its decode's bootstrap would be): it is aborted.
+        pdutil.set_faults(prefill.url, ttft_ms=2500)
+        pdutil.set_faults(decode.url, ttft_ms=1000)
         results = _burst(gateway.url, [0.0, 0.4, 0.4])
         assert results[0][0] == 200
         for status, body, _, seconds in results[1:]:
             assert status == 503, body
             assert body["error"]["code"] == SHED
-            assert 0.9 <= seconds < 2.5  # about the wait
+            assert 0.9 <= seconds < 3.0  # about the wait
         # The shed ones' prefill legs ended (in flight and admission slots given back)
         # and the decode ran one at a time.
         assert _active(gateway, prefill.url) == 0
@@ -151,6 +154,7 @@ def test_short_wait_sheds_after_it_and_aborts_the_prefill_cleanly() -> None:
         # A shed is not the prefill worker's failure (its breaker counts none).
         assert _sum(metrics, "smg_worker_cb_outcomes_total", 'outcome="failure"') == 0
         # Nothing leaked: the next request goes at once.
+        pdutil.set_faults(prefill.url, ttft_ms=0)
         pdutil.set_faults(decode.url, ttft_ms=0)
         assert _burst(gateway.url, [0.0])[0][0] == 200
 
@@ -174,12 +178,15 @@ def test_client_leaving_while_held_frees_everything() -> None:
             assert first.result()[0][0] == 200
         # The held one never reached the decode, and nothing stayed counted.
         assert mockutil.stats(decode.url)["inference_answered"] == 1
+        metrics = gateway.metrics()
+        assert _sum(metrics, "smg_pd_admission_waits_total") == 1
+        assert _sum(metrics, "smg_pd_admission_sheds_total") == 0
         wait_until(lambda: _active(gateway, prefill.url) == 0, 5, "the prefill leg ended")
         assert _active(gateway, decode.url) == 0
         pdutil.set_faults(decode.url, ttft_ms=0)
         began = time.monotonic()
         assert _burst(gateway.url, [0.0])[0][0] == 200
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 1.5
 
 
 def test_a_decode_reporting_no_window_is_never_gated() -> None:
@@ -208,13 +215,13 @@ def test_a_free_decode_is_taken_rather_than_waiting_on_a_full_one() -> None:
         for url in decodes.urls:
             _window(gateway, url, 1)
         for url in decodes.urls:
-            pdutil.set_faults(url, ttft_ms=800)
+            pdutil.set_faults(url, ttft_ms=1200)
         began = time.monotonic()
         results = _burst(gateway.url, [0.0, 0.0, 0.3])
         assert [status for status, _, _, _ in results] == [200] * 3
         assert [mockutil.stats(url)["peak_in_flight"] for url in decodes.urls] == [1, 1]
-        assert results[0][3] < 1.5 and results[1][3] < 1.5  # neither waited for the other
-        assert time.monotonic() - began >= 1.5  # the third waited for a slot
+        assert results[0][3] < 2.2 and results[1][3] < 2.2  # neither waited for the other
+        assert time.monotonic() - began >= 2.3  # the third waited for a slot
         assert _sum(gateway.metrics(), "smg_pd_admission_waits_total") == 1
 
 
@@ -293,7 +300,7 @@ def test_grpc_wait_sheds_after_it(llama_dir: Path) -> None:
         assert status == 503, body
         assert body["error"]["code"] == SHED
         assert body["retry-after"] == "10"
-        assert 0.9 <= seconds < 2.5
+        assert 0.9 <= seconds < 3.0
         metrics = gw.metrics()
         assert _sum(metrics, "smg_pd_admission_sheds_total", f'worker="{decode.url}"') == 1
         wait_until(lambda: _active(gw, prefill.url) == 0, 5, "the prefill leg ended")
@@ -306,7 +313,7 @@ def test_grpc_wait_zero_sheds_and_no_window_is_never_gated(llama_dir: Path) -> N
         results = _chats(gw.url, [0.0, 0.4])
         assert [status for status, _, _ in results] == [200, 503]
         assert results[1][1]["error"]["code"] == SHED
-        assert results[1][2] < 1.0
+        assert results[1][2] < 1.5
     with grpc_window(llama_dir, 0, "--pd-admission-wait-secs", "0") as (_p, decode, gw):
         decode.config(ttft_ms=800)
         began = time.monotonic()
