@@ -843,7 +843,7 @@ class PDRouter:
                     return False
                 admission.wait(conn, request, started)
                 return True
-        prefill = self._choose(self.prefill_policy, prefill_rows, route=route)
+        prefill = self._choose(self.prefill_policy, prefill_rows, route)
         if prefill >= 0 and admission is not None:
             generation = state.entries[prefill].generation
             if not admission.take(prefill, generation):
@@ -1133,7 +1133,8 @@ class PDRouter:
         self, exchange: DecodeExchange
     ) -> tuple[int, str, str] | tuple[int, str, str, bytes] | None:
         """A new pair for a retry (rows an earlier attempt failed on only when nothing
-        else is left), armed on `exchange`; or (status, code, message) when none."""
+        else is left), armed on `exchange` (its decode leg admitted or to be held, as a
+        first attempt's); or (status, code, message[, headers]) when none."""
         app = self.app
         state = app.refresh()
         if self.routing_generation != state.routing_generation:
@@ -1157,9 +1158,7 @@ class PDRouter:
         admission = self.admission
         if admission is not None:
             prefill_rows = admission.free(prefill_rows)
-        prefill = (
-            self._choose(self.prefill_policy, prefill_rows, route=route) if prefill_rows else -1
-        )
+        prefill = self._choose(self.prefill_policy, prefill_rows, route) if prefill_rows else -1
         if prefill >= 0 and admission is not None:
             generation = state.entries[prefill].generation
             if not admission.take(prefill, generation):

@@ -463,14 +463,19 @@ class PdClient:
                     if prefill.cancelled() or prefill.exception() is not None:
                         return False
                     waiting = {verdict}  # the prefill ended well: the decode still waits
+            if verdict.result():
+                ex.attempting = True
+                app.policy.on_dispatch(row)
+                return True
         finally:
             if not verdict.done():  # ended while held (prefill failed, client gone)
                 window.release(hold)
                 app.gate.record(row, generation, CLIENT_LEFT)  # the claim, unused
-        if verdict.result():
-            ex.attempting = True
-            app.policy.on_dispatch(row)
-            return True
+            elif verdict.result() and not ex.attempting:
+                # Admitted (its slot counted), then cancelled before this task resumed:
+                # the slot goes back.
+                app._in_flight_done(row, generation)
+                app.gate.record(row, generation, CLIENT_LEFT)
         app.gate.record(row, generation, CLIENT_LEFT)
         raise _Refused(*window.shed(row, ex.route_model))
 
