@@ -33,7 +33,13 @@ from smg.control import cpauth, external, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.pd_probe import probe_bootstrap
-from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
+from smg.control.registry import (
+    Registry,
+    WorkerRecord,
+    aggregate_loads,
+    pd_window,
+    unsupported_reason,
+)
 from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane import admission
@@ -77,25 +83,6 @@ def _dp_expandable(spec: WorkerSpec) -> bool:
     """Whether --dp-aware expands this worker: a self-hosted HTTP engine (the data plane
     injects data_parallel_rank into HTTP bodies only; gRPC ranks are not done yet)."""
     return spec.connection_mode == "http" and not external.is_external(spec)
-
-
-def pd_window(record: WorkerRecord) -> int:
-    """A decode worker's running window as 1.13 reads it: its `max_num_seqs` or
-    `max_running_requests` label, else the engine's /server_info `max_running_requests`;
-    0 when it reports none."""
-    labels = record.spec.labels
-    for value in (
-        labels.get("max_num_seqs"),
-        labels.get("max_running_requests"),
-        record.server_info.get("max_running_requests"),
-    ):
-        try:
-            window = int(value) if value is not None else 0
-        except (TypeError, ValueError):
-            window = 0
-        if window > 0:
-            return window
-    return 0
 
 
 def _pd_window_family(records: Iterable[WorkerRecord]) -> Family:

@@ -1248,6 +1248,11 @@ class DataPlane:
             return row
         return _NONE_READY
 
+    def poll_retry_after(self) -> bytes:
+        """The Retry-After line of an overload shed or of no worker loaded yet: the load
+        poll interval (1.13)."""
+        return b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval))
+
     def _refusal(self, reason: int, model: str | None) -> tuple[int, str, str, bytes]:
         """(status, error code, message, extra header lines) for a `_choose` refusal, in
         the Rust SMG 1.13's words and Retry-After values."""
@@ -1256,7 +1261,7 @@ class DataPlane:
                 503,
                 "worker_overload_protection_shed",
                 f"All workers for model '{model or 'unknown'}' are overloaded",
-                b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval)),
+                self.poll_retry_after(),
             )
         if reason == _NONE_READY:
             return (
@@ -1276,7 +1281,7 @@ class DataPlane:
             503,
             "no_available_workers",
             "All workers are unavailable (circuit breaker open or unhealthy)",
-            b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval)),
+            self.poll_retry_after(),
         )
 
     def next_attempt(self, exchange: Exchange) -> tuple[int, str, str, bytes] | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from smg.dataplane.pd_admission import PrefillAdmission
 from smg.dataplane.pd_health import NO_ANSWER, probe_pair
 from smg.dataplane.pd_health import PATH as HEALTH_PATH
 from smg.dataplane.pd_health import verdict as health_verdict
+from smg.dataplane.pd_window import DecodeWindow, Hold
 from smg.dataplane.pool_leg import PoolLeg
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.dp import pd_rank_fields
@@ -329,12 +331,13 @@ class PrefillLeg(PoolLeg):
         if self.decode.prefill is self:
             self.decode.prefill_failed(self.url)
 
-    def abort(self) -> None:
-        """The decode leg ended first (its failure, the client gone, a timeout)."""
+    def abort(self, outcome: int = 0) -> None:
+        """The decode leg ended first (its failure, the client gone, a timeout); `outcome`
+        is the gate's for this leg (CLIENT_LEFT: the prefill worker is not to blame)."""
         if self.done:
             return
         self._drop()
-        self._end(0)
+        self._end(outcome)
 
     def _end(self, outcome: int) -> None:
         self.done = True
@@ -356,9 +359,11 @@ class DecodeExchange(Exchange):
         "err",
         "logprobs",
         "merger",
+        "pd_admitted",
         "pd_body",
         "pd_failed",
         "pd_held",
+        "pd_hold",
         "pd_url",
         "prefill",
         "whole",
@@ -367,6 +372,7 @@ class DecodeExchange(Exchange):
     def pd_init(self, prefill: PrefillLeg, url: str, logprobs: bool) -> None:
         """(Re)arm for an attempt: its prefill leg and decode URL."""
         self.prefill = prefill
+        self.pd_hold: Hold | None = None
         self.pd_url = url
         self.pd_held: list[tuple[int, Any, Any]] | None = []
         self.logprobs: list[Any] | None = [] if logprobs else None
@@ -512,10 +518,12 @@ class DecodeExchange(Exchange):
         code_status, code, message = decode_error(status, body)
         self._pd_fail(code_status, code, message)
 
-    def _pd_fail(self, status: int, code: str, message: str) -> None:
-        self._pd_answer(status, error_body(status, code, message), b"application/json", code)
+    def _pd_fail(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
+        self._pd_answer(status, error_body(status, code, message), b"application/json", code, extra)
 
-    def _pd_answer(self, status: int, body: bytes, content_type: bytes, code: str) -> None:
+    def _pd_answer(
+        self, status: int, body: bytes, content_type: bytes, code: str, extra: bytes = b""
+    ) -> None:
         """Answer the client with the gateway's own `body` instead of the decode's; or,
         for a retryable status with attempts left, try a new pair instead (1.13 retries
         the whole dispatch, `is_retryable_status`, new room and all)."""
@@ -532,7 +540,7 @@ class DecodeExchange(Exchange):
         self.prefill.abort()
         keep_alive = self.keep_alive and not self.app.draining
         outcome = status if code != TRANSPORT_CODE else 0
-        status, code = self._write_own(status, body, content_type, code, b"", keep_alive)
+        status, code = self._write_own(status, body, content_type, code, extra, keep_alive)
         self._finish(status, code, outcome)
         self.client.response_done(keep_alive)
 
@@ -608,13 +616,46 @@ class DecodeExchange(Exchange):
                 self._pd_fail(*refusal)
             return
         self.attempts += 1
+        pd.go(self)
+
+    # the decode window (smg.dataplane.pd_window): a held decode leg
+    def pd_wait(self, window: DecodeWindow) -> None:
+        """Hold the decode leg (the prefill leg is on its way) until its row has a slot."""
+        self.attempting = False  # nothing counted for the decode until it is admitted
+        self.pd_hold = window.hold(self.row, self.generation, self._pd_admitted, self._pd_shed)
+
+    def _pd_admitted(self) -> None:
+        """A slot was taken (in flight counted): the decode leg goes."""
+        self.pd_hold = None
         self.attempting = True
-        self.prefill.start()
+        self.app.policy.on_dispatch(self.row)
         self.start()
+
+    def _pd_shed(self) -> None:
+        """No slot in time: 503 worker_overload_protection_shed, the prefill aborted (not
+        retried: another attempt would find the same full window)."""
+        self.pd_hold = None
+        self.pd_body = None
+        self.app.gate.record(self.row, self.generation, CLIENT_LEFT)  # the claim, unused
+        self.prefill.abort(CLIENT_LEFT)  # not the prefill worker's failure
+        pd = self.app.pd
+        assert pd is not None
+        self._pd_fail(*pd.window.shed(self.row, self.model))
+
+    def _unhold(self) -> None:
+        """The attempt ended while its decode leg was held: the hold and the claim go."""
+        hold = self.pd_hold
+        if hold is not None:
+            self.pd_hold = None
+            pd = self.app.pd
+            assert pd is not None
+            pd.window.release(hold)
+            self.app.gate.record(self.row, self.generation, CLIENT_LEFT)
 
     def _retry(self, outcome: int, *, immediate: bool = False) -> None:
         # Every retry ends the attempt's prefill leg too (a new pair, a new room).
         self.pd_held = None
+        self._unhold()
         self.prefill.abort()
         super()._retry(outcome, immediate=immediate)
 
@@ -638,8 +679,12 @@ class DecodeExchange(Exchange):
         self.client.response_done(keep_alive)
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
+        self._unhold()
         self.prefill.abort()  # no-op once it resolved
         super()._finish(status, error_code, outcome)
+        pd = self.app.pd
+        assert pd is not None
+        pd.window.freed()  # a decode slot of this process may have come free
 
 
 _DONE = int(State.DONE)
@@ -675,6 +720,7 @@ class PDRouter:
         self.ready: dict[tuple[str, str | None], list[int]] = {}
         self.known: dict[str, set[str | None]] = {}
         self.admission = PrefillAdmission.from_config(app, cfg)
+        self.window = DecodeWindow(app, float(getattr(cfg, "pd_admission_wait_secs", 30)))
         # Counters (smg_pd_*; summed over processes by the reader), by model label.
         self.dispatched = 0
         # Histogram keys: HTTP's are models (runtime sglang); smg.grpc.pd's (model, runtime).
@@ -766,12 +812,20 @@ class PDRouter:
         if prefill < 0:
             app._send_error(conn, request, 503, "server_selection_failed", _NO_PREFILL)
             return True
-        decode = self._choose(app.policy, decode_rows, route)
-        if decode < 0:
+        decode, admitted = self.window.pick(
+            partial(self._choose, app.policy, route=route), decode_rows
+        )
+        if decode < 0 or not (admitted or self.window.wait > 0):
             self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT, admission)
-            app._send_error(conn, request, 503, "server_selection_failed", _NO_DECODE)
+            if decode < 0:
+                app._send_error(conn, request, 503, "server_selection_failed", _NO_DECODE)
+                return True
+            # --pd-admission-wait-secs 0: shed at once, nothing dispatched.
+            app.gate.record(decode, state.entries[decode].generation, CLIENT_LEFT)
+            status, code, message, extra = self.window.shed(decode, model)
+            app._send_error(conn, request, status, code, message, extra_headers=extra)
             return True
-        self._dispatch(conn, request, started, body, route, model, prefill, decode)
+        self._dispatch(conn, request, started, body, route, model, prefill, decode, admitted)
         return True
 
     def _text(self, path: str, body: dict[str, Any]) -> str | None:
@@ -969,6 +1023,7 @@ class PDRouter:
         model: str | None,
         prefill: int,
         decode: int,
+        admitted: bool,
     ) -> None:
         app = self.app
         state = app.state
@@ -1014,12 +1069,21 @@ class PDRouter:
             exchange.translation = ResponseHook(
                 wasm, None, path.encode(), bytes(request.body), route.stream
             )
-        self._arm(exchange, request, body, prefill, decode)
+        self._arm(exchange, request, body, prefill, decode, admitted)
         request.body = b""
         app.active.add(exchange)
         conn.exchange = exchange
+        self.go(exchange)
+
+    def go(self, exchange: DecodeExchange) -> None:
+        """Send an armed attempt: the prefill leg, and the decode leg now or once its row
+        has a slot in its running window (smg.dataplane.pd_window)."""
         exchange.prefill.start()
-        exchange.start()
+        if exchange.pd_admitted:
+            exchange.attempting = True
+            exchange.start()
+        else:
+            exchange.pd_wait(self.window)
 
     def _arm(
         self,
@@ -1028,9 +1092,11 @@ class PDRouter:
         body: dict[str, Any],
         prefill: int,
         decode: int,
+        admitted: bool,
     ) -> None:
         """Point `exchange` at a pair for one attempt: the body with a new room, both
-        heads, a new prefill leg, the accounting of both rows."""
+        heads, a new prefill leg, the accounting of both rows (the decode's in flight is
+        counted by DecodeWindow.take: now when `admitted`, else once a slot frees)."""
         app = self.app
         entries = app.state.entries
         p_entry: DirectoryEntry = entries[prefill]
@@ -1065,16 +1131,20 @@ class PDRouter:
             logprobs,
         )
         exchange.pd_init(leg, d_entry.url, logprobs)
+        exchange.pd_admitted = admitted
         self.dispatched += 1
         if self.admission is None:  # else counted by PrefillAdmission.take
             app._in_flight_add(prefill, p_entry.generation)
-        app._in_flight_add(decode, d_entry.generation)
         self.prefill_policy.on_dispatch(prefill)
-        app.policy.on_dispatch(decode)
+        if admitted:  # else when the held leg is admitted (DecodeExchange._pd_admitted)
+            app.policy.on_dispatch(decode)
 
-    def next_attempt(self, exchange: DecodeExchange) -> tuple[int, str, str] | None:
+    def next_attempt(
+        self, exchange: DecodeExchange
+    ) -> tuple[int, str, str] | tuple[int, str, str, bytes] | None:
         """A new pair for a retry (rows an earlier attempt failed on only when nothing
-        else is left), armed on `exchange`; or (status, code, message) when none."""
+        else is left), armed on `exchange` (its decode leg admitted or to be held, as a
+        first attempt's); or (status, code, message[, headers]) when none."""
         app = self.app
         state = app.refresh()
         if self.routing_generation != state.routing_generation:
@@ -1106,11 +1176,15 @@ class PDRouter:
                 prefill = -1
         if prefill < 0:
             return 503, "server_selection_failed", _NO_PREFILL
-        decode = self._choose(app.policy, decode_rows, route)
-        if decode < 0:
+        window = self.window
+        decode, admitted = window.pick(partial(self._choose, app.policy, route=route), decode_rows)
+        if decode < 0 or not (admitted or window.wait > 0):
             self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT)
-            return 503, "server_selection_failed", _NO_DECODE
-        self._arm(exchange, request, dict(body), prefill, decode)
+            if decode < 0:
+                return 503, "server_selection_failed", _NO_DECODE
+            app.gate.record(decode, state.entries[decode].generation, CLIENT_LEFT)
+            return window.shed(decode, model)
+        self._arm(exchange, request, dict(body), prefill, decode, admitted)
         return None
 
     def leg_done(
@@ -1196,7 +1270,7 @@ class PDRouter:
         )
         if self.admission is not None:
             families += self.admission.families(proc)
-        return families
+        return families + self.window.families(proc)
 
 
 def make_router(app: DataPlane, cfg: GatewayConfig) -> PDRouter:

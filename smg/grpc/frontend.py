@@ -884,8 +884,9 @@ class GrpcExchange:
         """End the failed attempt (accounted with `outcome`) and wait out the backoff."""
         app = self.app
         row = self.row
-        self.attempting = False
-        app.attempt_done(self, outcome)  # type: ignore[arg-type]
+        if self.attempting:  # else a PD decode leg never admitted (smg.grpc.pd): nothing counted
+            self.attempting = False
+            app.attempt_done(self, outcome)  # type: ignore[arg-type]
         if self.failed_rows is None:
             self.failed_rows = [row]
         elif row not in self.failed_rows:

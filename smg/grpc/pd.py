@@ -43,6 +43,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from smg.dataplane.gate import CLIENT_LEFT
@@ -248,6 +249,9 @@ class PdPlan:
         self.failed: list[int] = []  # prefill rows a retried attempt's prefill leg failed on
         # An admission slot taken by `handle` (row, generation), until choose uses it.
         self.reserved: tuple[int, int] | None = None
+        # The decode row (row, generation) the chosen attempt waits on for a slot in its
+        # running window (smg.dataplane.pd_window), until `client` hands it to the PdClient.
+        self.held: tuple[int, int] | None = None
 
     def ended(self, _task: object) -> None:
         """The exchange's task ended: a prefill chosen (and counted in flight) whose leg
@@ -338,7 +342,15 @@ class PdPlan:
                 b"",
             )
         p_entry = state.entries[prefill]
-        decode = router._choose(app.policy, decode_rows, route)
+        window = router.window
+        decode, admitted = window.pick(
+            partial(router._choose, app.policy, route=route), decode_rows
+        )
+        if decode >= 0 and not admitted and window.wait <= 0:
+            # --pd-admission-wait-secs 0: shed at once, nothing dispatched.
+            router.leg_done(prefill, p_entry.generation, CLIENT_LEFT)
+            app.gate.record(decode, state.entries[decode].generation, CLIENT_LEFT)
+            raise _Refused(*window.shed(decode, route.model))
         if decode < 0:
             if admission is None:
                 app.gate.record(prefill, p_entry.generation, CLIENT_LEFT)  # the claim, unused
@@ -355,9 +367,13 @@ class PdPlan:
         ex.row = decode
         ex.generation = entry.generation
         ex.attempts += 1
-        ex.attempting = True
-        app._in_flight_add(decode, entry.generation)
-        app.policy.on_dispatch(decode)
+        # The decode's in flight was counted by DecodeWindow.take when admitted; a held
+        # leg counts nothing until PdClient._admit_decode takes its slot.
+        ex.attempting = admitted
+        if admitted:
+            app.policy.on_dispatch(decode)
+        else:
+            self.held = (decode, entry.generation)
         if admission is None:  # else counted by PrefillAdmission.take
             app._in_flight_add(prefill, p_entry.generation)
         router.prefill_policy.on_dispatch(prefill)
@@ -373,6 +389,7 @@ class PdPlan:
         assert p_entry is not None
         self.prefill = None
         client = PdClient(self.exchange, workers.client(p_entry), workers.client(decode), p_entry)
+        client.held, self.held = self.held, None
         self.clients.append(client)
         return client
 
@@ -399,6 +416,9 @@ class PdClient:
         # SGLang: the prefill's first GenerateComplete (its prompt logprobs, merged into
         # the decode's answer as 1.13's merge_prefill_logprobs)
         self._prefill_first: Any = None
+        # The decode row (row, generation) whose running window this attempt's decode
+        # leg waits on (PdPlan.choose found no slot); None: admitted.
+        self.held: tuple[int, int] | None = None
 
     def _leg_done(self, outcome: int) -> None:
         if not self._leg_open:
@@ -411,6 +431,55 @@ class PdClient:
         router = app.pd
         if router is not None:
             router.leg_done(self.p_entry.row, self.p_entry.generation, outcome, dispatched=True)
+
+    async def _admit_decode(self, prefill: asyncio.Future[None] | None) -> bool:
+        """Wait (DecodeWindow.hold) until the held decode leg has a slot: True once taken
+        (accounted as PdPlan.choose does for an admitted one); False when the prefill leg
+        failed meanwhile (its error is the answer); the shed's 503 raised as _Refused."""
+        held = self.held
+        if held is None:
+            return True
+        self.held = None
+        from smg.grpc.frontend import _Refused
+
+        ex = self.exchange
+        app = ex.app
+        router = app.pd
+        assert router is not None
+        window = router.window
+        row, generation = held
+        verdict: asyncio.Future[bool] = app.loop.create_future()
+
+        def settle(admitted: bool) -> None:
+            if not verdict.done():
+                verdict.set_result(admitted)
+
+        hold = window.hold(row, generation, partial(settle, True), partial(settle, False))
+        try:
+            waiting: set[asyncio.Future[Any]] = {verdict}
+            if prefill is not None:
+                waiting.add(prefill)
+            while not verdict.done():
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if prefill is not None and prefill.done() and not verdict.done():
+                    if prefill.cancelled() or prefill.exception() is not None:
+                        return False
+                    waiting = {verdict}  # the prefill ended well: the decode still waits
+            if verdict.result():
+                ex.attempting = True
+                app.policy.on_dispatch(row)
+                return True
+        finally:
+            if not verdict.done():  # ended while held (prefill failed, client gone)
+                window.release(hold)
+                app.gate.record(row, generation, CLIENT_LEFT)  # the claim, unused
+            elif verdict.result() and not ex.attempting:
+                # Admitted (its slot counted), then cancelled before this task resumed:
+                # the slot goes back.
+                app._in_flight_done(row, generation)
+                app.gate.record(row, generation, CLIENT_LEFT)
+        app.gate.record(row, generation, CLIENT_LEFT)
+        raise _Refused(*window.shed(row, ex.route_model))
 
     async def abort(self, request_ids: list[str]) -> None:
         calls = [self.decode.abort(request_ids)]
@@ -475,6 +544,7 @@ class PdClient:
                 "recomputes the prompt",
                 self.p_entry.url,
             )
+        await self._admit_decode(None)
         dreq = dataclasses.replace(
             req, kv_transfer_params_json=vllm_decode_params(mode, returned, transfer_id, n)
         )
@@ -521,6 +591,9 @@ class PdClient:
             decode = _ttft(self, decode)
         ok = False
         try:
+            # A held decode leg waits here, the prefill running (False: it failed meanwhile,
+            # and the loop below is skipped for its error).
+            await self._admit_decode(prefill)
             while not prefill.done():
                 # Until the prefill ends, each decode read races it: a prefill that fails
                 # ends the request at once instead of leaving the decode waiting for KV.
