@@ -50,6 +50,7 @@ from wasmtime import component as wc
 from smg.wasm import capi
 from smg.wasm.types import (
     ATTACH_POINTS,
+    CONTINUE,
     EXPORTS,
     Action,
     Limits,
@@ -309,6 +310,48 @@ if (sizeof(ffi.wasmtime_component_instance_t), sizeof(ffi.wasmtime_component_fun
     raise ImportError("unexpected wasmtime C API instance/function layout")  # pragma: no cover
 
 
+# The whole call in one C function (smg/wasm/_fastcall.c, an optional extension built by setup.py):
+# the same C API calls as ModuleRunner._call in the same order, without ctypes per step or the
+# Python packing of the argument. Without it (no compiler at install), the ctypes path runs.
+try:
+    from smg.wasm import _fastcall as _fast
+except ImportError:  # pragma: no cover - the extension is built wherever the tests run
+    _fast = None
+else:
+
+    def _address(name: str) -> int:
+        return cast(_raw.dll[name], c_void_p).value
+
+    _fast.setup(
+        tuple(
+            _address(name)
+            for name in (
+                "wasmtime_store_new",
+                "wasmtime_store_context",
+                "wasmtime_store_delete",
+                "wasmtime_context_set_epoch_deadline",
+                "wasmtime_component_linker_instantiate",
+                "wasmtime_component_instance_get_func",
+                "wasmtime_component_func_call",
+                "wasmtime_component_val_delete",
+                "wasi_config_new",
+                "wasmtime_context_set_wasi",
+            )
+        ),
+        (
+            capi.K_U8,
+            capi.K_U16,
+            capi.K_U64,
+            capi.K_STRING,
+            capi.K_LIST,
+            capi.K_RECORD,
+            capi.K_VARIANT,
+        ),
+    )
+# _fastcall's answers besides None (`continue`): (code, address).
+_FAST_LIFT, _FAST_NO_FUNC, _FAST_ERROR = 1, 2, 3
+
+
 def _error(ptr: int) -> wasmtime.WasmtimeError:
     return wasmtime.WasmtimeError._from_ptr(cast(ptr, _ERROR_PTR))
 
@@ -330,12 +373,32 @@ def _trap(e: BaseException, limits: Limits) -> WasmTrap:
     return WasmTrap(cause, "trap")
 
 
+def _list(headers: Any) -> list[tuple[str, str]]:
+    """The headers as _fastcall takes them: a list of 2-tuples."""
+    if type(headers) is list:
+        return headers
+    return [(n, v) for n, v in headers]
+
+
+def _bytes(body: Any) -> bytes:
+    return body if type(body) is bytes else bytes(body)
+
+
 class ModuleRunner:
     """One loaded module in one process: the deserialized component (never compiled again) and its linker.
     Calls are synchronous and may block up to max_execution_ms; each runs in a fresh store and instance."""
 
-    def __init__(self, engine_owner: EngineOwner | None, artifact: bytes, limits: Limits) -> None:
+    def __init__(
+        self,
+        engine_owner: EngineOwner | None,
+        artifact: bytes,
+        limits: Limits,
+        fast: bool = True,
+    ) -> None:
+        """`fast`: call through smg.wasm._fastcall when it is built (False: the ctypes path, which
+        the tests compare it with)."""
         self.limits = limits
+        self._fast = _fast if fast else None
         self.engine = (engine_owner or _DEFAULT_OWNER).engine(limits)
         try:
             self.component = wc.Component.deserialize(self.engine, artifact)
@@ -371,6 +434,15 @@ class ModuleRunner:
             raise WasmTrap(
                 f"request body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
             )
+        fast = self._fast
+        idx = self._index_ptr.get("OnRequest")
+        if fast is not None and idx is not None:
+            got = fast.call_request(
+                self._engine_ptr, self._linker_ptr, self._component_ptr, idx, self._deadline,
+                self.wasi, req.method, req.path, req.query, _list(req.headers), _bytes(req.body),
+                req.request_id, req.now_epoch_ms,
+            )  # fmt: skip
+            return CONTINUE if got is None else self._fast_outcome("OnRequest", got)
         return self._call("OnRequest", capi.lower_request(req))
 
     def on_response(self, resp: WasmResponse) -> Action:
@@ -378,7 +450,28 @@ class ModuleRunner:
             raise WasmTrap(
                 f"response body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
             )
+        fast = self._fast
+        idx = self._index_ptr.get("OnResponse")
+        if fast is not None and idx is not None:
+            got = fast.call_response(
+                self._engine_ptr, self._linker_ptr, self._component_ptr, idx, self._deadline,
+                self.wasi, resp.status, _list(resp.headers), _bytes(resp.body),
+            )  # fmt: skip
+            return CONTINUE if got is None else self._fast_outcome("OnResponse", got)
         return self._call("OnResponse", capi.lower_response(resp))
+
+    def _fast_outcome(self, point: str, got: tuple[int, int]) -> Action:
+        """_fastcall's answer other than `continue`, as _call ends: the action lifted by the
+        same capi code, or the same WasmTrap."""
+        code, address = got
+        if code == _FAST_LIFT:
+            try:
+                return capi.lift_action_at(address)
+            finally:
+                _fast.release(address)
+        if code == _FAST_NO_FUNC:
+            raise WasmTrap(f"module does not export the {point} function", "invalid")
+        raise _trap(_error(address), self.limits)
 
     def _call(self, point: str, arg: capi.Packed) -> Action:
         idx = self._index_ptr.get(point)
