@@ -9,15 +9,16 @@ for wasm32-wasip2. Unlike 1.13, a component must export the interfaces of its at
 
 Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU time, this 2-core shared machine, in a
 loop): ~53 us with an mmap/munmap of a fresh memory per instance (~13 us of it system time), ~30 us with wasmtime's
-pooling instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly,
-~23-25 us with the C functions prototyped over plain addresses and the argument packed by a few Struct calls.
-Of those: lowering the request in Python ~8 us, a store made and dropped ~3.5 us, instantiation ~4.5 us, the call
-~8 us (the C API carries a list<u8> as one 32-byte value per byte, converted and lowered one by one: ~25-45 ns per
-body byte), lifting ~1.5 us. Values cross through wasmtime's C API directly (smg/wasm/capi.py), not wasmtime-py's
-generic converters (one Python call per body byte, ~1 us each). Inside the gateway the same call costs ~58 us of
-CPU (thread time, measured around the call under wrk) and the chain and app around it ~14 us more: caches and TLB
-are cold between requests (measured: touching 4 MB between calls takes a call from ~28 to ~40-57 us, 32 MB to
-~140 us). smg_wasm_execution_seconds is wall time, which on an oversubscribed box includes being preempted.
+pooling instance allocator (as 1.13; memory kept resident, reset by memset), ~23-25 us through ctypes over plain
+addresses. Of those, in Python: lowering the request ~8 us, the dozen ctypes calls and lifting; in wasmtime: a store
+made and dropped ~3.5 us, instantiation ~4.5 us, the call ~8 us (the C API carries a list<u8> as one 32-byte value
+per byte, converted and lowered one by one: ~25-45 ns per body byte). smg/wasm/_fastcall.c (an optional C
+extension, used when built) does the lowering and the whole store -> instantiate -> call -> delete sequence in one
+C call with the GIL released, and answers `continue` without lifting: measured side by side on the same (loaded)
+box, 64 -> 17 us a call in a loop, and in the gateway 56-60 us of thread CPU time under wrk (the ctypes path's
+~58 us before was on a quiet box; caches and TLB are cold between requests, so everything costs 2-3x the loop's)
+(native_bench/RESULTS-2026-11-29-wasm.md). smg_wasm_execution_seconds is wall time, which on an oversubscribed
+box includes being preempted.
 
 Limits that differ from 1.13: wasmtime-py's store limiter cannot trap on a failed memory.grow (1.13 sets
 trap_on_grow_failure), so a module over 64 MiB sees memory.grow return -1 and traps on its own (Rust's allocator
