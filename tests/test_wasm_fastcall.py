@@ -111,20 +111,9 @@ def test_same_outcome_as_the_ctypes_path(case: str) -> None:
 
 
 def test_exact_values_through_the_fast_path() -> None:
-    """Not only equal to the ctypes path: the echo's values themselves, a 1 MiB body included."""
+    """Not only equal to the ctypes path: the values themselves (test_wasm_runtime's echo tests
+    run through the fast path too, it being the default)."""
     fast, _ = _pair(guest(on_request=ECHO_REQUEST, on_response=ECHO_RESPONSE), Limits())
-    assert fast.on_request(REQ) == Modify(
-        status=1_700_000_001_234 & 0xFFFF,
-        headers_set=[
-            ("x-method", "POST"),
-            ("x-path", "/v1/chat/completions"),
-            ("x-query", "a=1&b=2"),
-            ("x-request-id", "req-123"),
-        ],
-        headers_add=[("content-type", "application/json"), ("x-api-key", "sk-é")],
-        headers_remove=["server"],
-        body_replace=b'{"model":"m"}\x00\xff',
-    )
     assert fast.on_request(BIG).body_replace == BIG.body  # type: ignore[union-attr]
     assert fast.on_request(SURROGATES).headers_add == [("x-k", "v?")]  # type: ignore[union-attr]
     # A tuple of headers and a bytearray body are taken as the ctypes path takes them.

@@ -286,31 +286,57 @@ static int pointers(PyObject *const *args, void **out, int n) {
     return 0;
 }
 
-/* call_request(engine, linker, component, index, deadline, wasi, method, path, query, headers,
- * body, request_id, now_ms) -> None (continue) | (code, address) */
-static PyObject *call_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* What both calls start with: the component to call (engine, linker, component, export index),
+ * its epoch deadline and whether it imports WASI. */
+typedef struct {
     void *p[4];
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "call_request takes 13 arguments");
-        return NULL;
+    uint64_t deadline;
+    int wasi;
+} target_t;
+
+static int target(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                  target_t *t) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, want);
+        return -1;
     }
     if (!ready) {
         PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
-        return NULL;
+        return -1;
     }
-    if (pointers(args, p, 4) < 0)
+    if (pointers(args, t->p, 4) < 0)
+        return -1;
+    t->deadline = PyLong_AsUnsignedLongLong(args[4]);
+    t->wasi = PyObject_IsTrue(args[5]);
+    return PyErr_Occurred() || t->wasi < 0 ? -1 : 0;
+}
+
+/* Run the lowered argument, free it, answer. */
+static PyObject *call_lowered(const target_t *t, arg_t *arg, const val_t *record) {
+    val_t res;
+    void *err = NULL;
+    int code;
+    Py_BEGIN_ALLOW_THREADS
+    code = run(t->p[0], t->p[1], t->p[2], t->p[3], t->deadline, t->wasi, record, &res, &err);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(arg->block);
+    return finish(code, &res, err);
+}
+
+/* call_request(engine, linker, component, index, deadline, wasi, method, path, query, headers,
+ * body, request_id, now_ms) -> None (continue) | (code, address) */
+static PyObject *call_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    target_t t;
+    if (target("call_request", args, nargs, 13, &t) < 0)
         return NULL;
-    uint64_t deadline = PyLong_AsUnsignedLongLong(args[4]);
-    int wasi = PyObject_IsTrue(args[5]);
     /* now-epoch-ms wraps to u64, as capi.lower_request's mask. */
     uint64_t now = PyLong_AsUnsignedLongLongMask(args[12]);
-    if (PyErr_Occurred() || wasi < 0)
+    if (PyErr_Occurred())
         return NULL;
     arg_t arg = {0};
     val_t *record;
-    entry_t *entries;
     val_t *scalar_vals[4];
-    /* The record's entries sit right after its val: their addresses are known before lowering. */
+    /* The scalars' string vals, moved into their entries once the block exists. */
     PyObject *scalars[4] = {args[6], args[7], args[8], args[11]};
     val_t tmp[4];
     memset(tmp, 0, sizeof(tmp));
@@ -318,40 +344,23 @@ static PyObject *call_request(PyObject *self, PyObject *const *args, Py_ssize_t 
         scalar_vals[i] = &tmp[i];
     if (lower(&arg, REQUEST_FIELDS, 7, 3, 4, scalars, 4, scalar_vals, args[9], args[10], &record) < 0)
         return NULL;
-    entries = (entry_t *)((char *)record + sizeof(val_t));
+    entry_t *entries = (entry_t *)((char *)record + sizeof(val_t));
     entries[0].val = tmp[0];
     entries[1].val = tmp[1];
     entries[2].val = tmp[2];
     entries[5].val = tmp[3];
     entries[6].val.kind = K_U64;
     entries[6].val.a = now;
-    val_t res;
-    void *err = NULL;
-    int code;
-    Py_BEGIN_ALLOW_THREADS
-    code = run(p[0], p[1], p[2], p[3], deadline, wasi, record, &res, &err);
-    Py_END_ALLOW_THREADS
-    PyMem_Free(arg.block);
-    return finish(code, &res, err);
+    return call_lowered(&t, &arg, record);
 }
 
 /* call_response(engine, linker, component, index, deadline, wasi, status, headers, body) */
 static PyObject *call_response(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *p[4];
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "call_response takes 9 arguments");
+    target_t t;
+    if (target("call_response", args, nargs, 9, &t) < 0)
         return NULL;
-    }
-    if (!ready) {
-        PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
-        return NULL;
-    }
-    if (pointers(args, p, 4) < 0)
-        return NULL;
-    uint64_t deadline = PyLong_AsUnsignedLongLong(args[4]);
-    int wasi = PyObject_IsTrue(args[5]);
     unsigned long status = PyLong_AsUnsignedLongMask(args[6]); /* & 0xFFFF below, as capi's */
-    if (PyErr_Occurred() || wasi < 0)
+    if (PyErr_Occurred())
         return NULL;
     arg_t arg = {0};
     val_t *record;
@@ -360,14 +369,7 @@ static PyObject *call_response(PyObject *self, PyObject *const *args, Py_ssize_t
     entry_t *entries = (entry_t *)((char *)record + sizeof(val_t));
     entries[0].val.kind = K_U16;
     entries[0].val.a = status & 0xFFFF;
-    val_t res;
-    void *err = NULL;
-    int code;
-    Py_BEGIN_ALLOW_THREADS
-    code = run(p[0], p[1], p[2], p[3], deadline, wasi, record, &res, &err);
-    Py_END_ALLOW_THREADS
-    PyMem_Free(arg.block);
-    return finish(code, &res, err);
+    return call_lowered(&t, &arg, record);
 }
 
 /* release(address): free a result call() handed back for lifting. */
