@@ -416,6 +416,12 @@ class PdClient:
             calls.append(self.prefill.abort(request_ids))
         await asyncio.gather(*calls, return_exceptions=True)
 
+    def _prefill_ranked(self, req: GenerateInput) -> GenerateInput:
+        """The prefill leg's request: with --dp-aware its own rank worker's rank (the
+        decode's request carries the decode's), as 1.13's execute_parallel_pd sets
+        data_parallel_rank on each leg."""
+        return dataclasses.replace(req, dp_rank=self.p_entry.dp_rank)
+
     def generate_batches(
         self, req: GenerateInput, *, timeout: float | None
     ) -> AsyncIterator[list[Any]]:
@@ -448,7 +454,8 @@ class PdClient:
         self._prefill_running = True
         self.sent_at = time.monotonic()
         try:
-            outputs = _batches(self.prefill, vllm_prefill_input(req, mode, transfer_id), timeout)
+            preq = self._prefill_ranked(vllm_prefill_input(req, mode, transfer_id))
+            outputs = _batches(self.prefill, preq, timeout)
             try:
                 async for outs in outputs:
                     for out in outs:
@@ -505,7 +512,8 @@ class PdClient:
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
         self._prefill_running = True
         self.sent_at = time.monotonic()
-        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
+        preq = self._prefill_ranked(sreq)
+        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, preq, timeout)))
         decode = _batches(self.decode, sreq, timeout)
         if req.stream:  # the 1.13 binary: TTFT for streamed answers only
             decode = _ttft(self, decode)

@@ -146,6 +146,7 @@ class Stats:
         self.completed = 0
         self.tokens = 0
         self.in_flight = 0
+        self.by_dp_rank: dict[str, int] = {}  # data_parallel_rank ("none": unset) -> count
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +166,7 @@ class Stats:
             "completed": self.completed,
             "tokens": self.tokens,
             "in_flight": self.in_flight,
+            "requests_by_dp_rank": dict(self.by_dp_rank),
         }
 
 
@@ -497,6 +499,24 @@ def _varint(v: int) -> bytes:
     return bytes(out)
 
 
+def dp_rank_of(engine: Engine, msg: Any) -> None:
+    """Count a Generate's `data_parallel_rank` (both protos: an optional int32); refuse
+    one outside [0, --dp-size) as an engine with that many DP ranks cannot serve it (the
+    HTTP mock's 400, as a gRPC status)."""
+    counts = engine.stats.by_dp_rank
+    if not msg.HasField("data_parallel_rank"):
+        counts["none"] = counts.get("none", 0) + 1
+        return
+    rank, size = msg.data_parallel_rank, engine.opts.dp_size
+    if not 0 <= rank < size:
+        counts["invalid"] = counts.get("invalid", 0) + 1
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"data_parallel_rank {rank} is out of range [0, {size})",
+        )
+    counts[str(rank)] = counts.get(str(rank), 0) + 1
+
+
 class GenRun:
     """One Generate call: validation, then `advance()` once per step (at `due()`) until
     `done`; shared by the grpc.aio server and the fast HTTP/2 one. Raises Abort."""
@@ -507,6 +527,7 @@ class GenRun:
         stats = engine.stats
         stats.last_generate_msg = msg  # converted to JSON only when /stats asks
         stats.constraint = be.constraint(msg)
+        dp_rank_of(engine, msg)
         try:
             req, k = be.request(msg)
         except ValueError as e:
@@ -741,6 +762,22 @@ class _Service:
         async for chunk in tokenizer_chunks(self.e, context):
             yield chunk
 
+    async def FlushCache(self, request: Any, context: Any) -> Any:
+        # Counted in /stats "requests" (what the --dp-aware tests read: one per engine).
+        self.e.count("FlushCache")
+        await self.e.delay()
+        if self.e.cache is not None:
+            self.e.cache.reset()
+        return common_pb2.FlushCacheResponse(success=True, message="Cache flushed.")
+
+    async def StartProfile(self, request: Any, context: Any) -> Any:
+        self.e.count("StartProfile")
+        return common_pb2.ProfileResponse(success=True, message="")
+
+    async def StopProfile(self, request: Any, context: Any) -> Any:
+        self.e.count("StopProfile")
+        return common_pb2.ProfileResponse(success=True, message="")
+
 
 class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
     pb = vllm_engine_pb2
@@ -768,7 +805,7 @@ class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
             last_receive_timestamp=self.e.last_receive,
             uptime_seconds=time.time() - self.e.started,
             server_type="vllm-grpc",
-            data_parallel_size=1,
+            data_parallel_size=self.e.opts.dp_size,
             max_num_seqs=256,
             **_kv_fields(self.e),
         )
@@ -817,6 +854,7 @@ class SglangService(_Service, sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
                 "tokenizer_path": e.opts.tokenizer_path,
                 "served_model_name": e.opts.model,
                 "context_length": e.opts.max_context_length,
+                "dp_size": e.opts.dp_size,  # SGLang's server_args always carry it
             }
         )
         sched = struct_pb2.Struct()
@@ -999,6 +1037,12 @@ def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
     routes: dict[str, Route] = {prefix + "Generate": ("generate", pb.GenerateRequest, service.be)}
     for name in ("Embed", "HealthCheck", "Abort", "GetModelInfo", "GetServerInfo", "GetLoads"):
         routes[prefix + name] = ("unary", getattr(pb, name + "Request"), getattr(service, name))
+    for name, request in (
+        ("FlushCache", common_pb2.FlushCacheRequest),
+        ("StartProfile", common_pb2.StartProfileRequest),
+        ("StopProfile", common_pb2.StopProfileRequest),
+    ):
+        routes[prefix + name] = ("unary", request, getattr(service, name))
     routes[prefix + "GetTokenizer"] = (
         "stream",
         common_pb2.GetTokenizerRequest,
