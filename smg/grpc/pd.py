@@ -569,11 +569,13 @@ class PdClient:
     async def _merged(
         self, req: GenerateInput, outs: list[Any], prefill: asyncio.Future[None]
     ) -> list[Any]:
-        """The decode's finished outputs with the prefill's prompt logprobs when the
-        client asked for logprobs (1.13: the first prefill response's input_logprobs, when
-        it has some, replace every decode response's). The decode's last output may come
-        before the prefill's Complete was read: wait for it (bounded)."""
-        if req.sampling.logprobs is None or not any(o.finished for o in outs):
+        """The decode's outputs with the prefill's prompt logprobs when the client asked
+        for logprobs (1.13: the prefill's Complete's input_logprobs, when it has some,
+        replace the decode's): on the finished ones, and when streaming on every one
+        (1.13 reads the prefill's Complete before it streams the decode, so each chunk
+        carries them). The decode's output may come before the prefill's Complete was
+        read: wait for it (bounded)."""
+        if req.sampling.logprobs is None or not (req.stream or any(o.finished for o in outs)):
             return outs
         if not prefill.done():
             with contextlib.suppress(BaseException):
@@ -581,7 +583,7 @@ class PdClient:
         first = self._prefill_first
         if first is not None and first.input_logprobs is not None:
             for o in outs:
-                if o.finished:
+                if o.finished or req.stream:
                     o.input_logprobs = first.input_logprobs
         return outs
 

@@ -287,6 +287,10 @@ def output_from(backend: str, response: Any) -> EngineOutput:
             c.completion_tokens,
             c.cached_tokens,
             _logprobs_from(lp) if lp.token_ids else None,
+            # SGLang sends the prompt logprobs in a stream's first chunk (its proto)
+            input_logprobs=_input_logprobs_from(c)
+            if backend == "sglang" and c.HasField("input_logprobs")
+            else None,
         )
     if which == "complete":
         c = response.complete

@@ -328,9 +328,17 @@ class Backend:
         return self.pb.GenerateResponse(**part)
 
     def chunk(
-        self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
+        self,
+        rid: str,
+        s: ChoiceScript,
+        toks: list[int],
+        prompt: int,
+        cached: int,
+        k: int | None,
+        inputs: Any = None,
     ) -> Any:
         pb = self.pb
+        extra = {} if inputs is None else {"input_logprobs": inputs}
         return self.response(
             rid,
             chunk=pb.GenerateStreamChunk(
@@ -340,6 +348,7 @@ class Backend:
                 cached_tokens=cached,
                 output_logprobs=self.logprobs(s, toks, k),
                 index=s.index,
+                **extra,
             ),
         )
 
@@ -603,12 +612,20 @@ class GenRun:
         failure = self.failure
         raw = self.raw
         stream = req.stream
+        # SGLang's stream carries the prompt logprobs in a choice's first chunk (its proto
+        # says so) and in its complete (built from the finished request, as non-streamed)
+        inputs = None
+        if stream and self.input_from is not None:
+            inputs = input_logprobs_message(be.pb, req.prompt, self.input_from)
         for s in live:
             t = s.step()
             stats.tokens += 1
             if stream:
+                first = inputs if s.count == 1 else None
                 out.append(
-                    be.chunk_bytes(rid, s, t, p, c) if raw else be.chunk(rid, s, [t], p, c, k)
+                    be.chunk_bytes(rid, s, t, p, c)
+                    if raw
+                    else be.chunk(rid, s, [t], p, c, k, first)
                 )
             if failure is not None and s.index == 0 and s.count >= failure[2]:
                 self.pending_failure = out
@@ -616,7 +633,7 @@ class GenRun:
             if s.finish_reason is not None:
                 self.live -= 1
                 if stream:
-                    out.append(be.complete(rid, s, [t], p, c, k, s.index))
+                    out.append(be.complete(rid, s, [t], p, c, k, s.index, inputs))
         if self.live == 0:
             self.done = True
             if not stream:
