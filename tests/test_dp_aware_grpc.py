@@ -150,7 +150,8 @@ def _held_requests_alternate(base: str, engine: GrpcMock) -> None:
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         assert list(pool.map(lambda _: _held_request(base), range(6))) == [200] * 6
     engine.reset()
-    engine.config(ttft_ms=2000.0)
+    # Held long enough that the sixth is sent before the first ends on a loaded machine.
+    engine.config(ttft_ms=8000.0)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         held = []
         for k in range(1, 7):
@@ -237,15 +238,17 @@ def test_rust_1_13_does_the_same(model_dir: Path, engines: tuple[GrpcMock, GrpcM
 
 @pytest.fixture(scope="module")
 def pd_pair(model_dir: Path) -> Iterator[tuple[pdutil.GrpcPdMock, pdutil.GrpcPdMock]]:
-    """An SGLang gRPC prefill and decode, each with dp_size 2."""
+    """An SGLang gRPC prefill with dp_size 2 and a decode with dp_size 3 (different sizes:
+    a leg given the other's rank would show, or be refused)."""
     with (
         pdutil.start_grpc_prefill(model_dir, "sglang", "--dp-size", "2") as prefill,
-        pdutil.start_grpc_decode(model_dir, "sglang", "--dp-size", "2") as decode,
+        pdutil.start_grpc_decode(model_dir, "sglang", "--dp-size", "3") as decode,
     ):
         yield prefill, decode
 
 
 PD_POLICIES = ["--prefill-policy", "round_robin", "--decode-policy", "round_robin"]
+PD_COUNTS = [{"0": 3, "1": 3}, {"0": 2, "1": 2, "2": 2}]
 
 
 def _pd_args(prefill: pdutil.GrpcPdMock, decode: pdutil.GrpcPdMock) -> list[str]:
@@ -266,18 +269,18 @@ def test_pd_legs_carry_their_own_ranks(
 ) -> None:
     """gRPC PD with --dp-aware: both engines become rank workers, and each leg's
     GenerateRequest carries its own worker's rank (1.13's execute_parallel_pd): round_robin
-    on both sides, four requests, two per rank on each engine."""
+    on both sides, six requests: three per prefill rank, two per decode rank."""
     prefill, decode = pd_pair
     before = _rank_counts(prefill, decode)
     gw = Gateway([*_pd_args(prefill, decode), "--tokenizer-path", str(model_dir)], processes=2)
     gw.start(timeout=60.0)
     try:
-        wait_until(lambda: _ready(gw.url, 4), 30, "four ready rank workers")
-        assert _send_chats(gw.url, 4) == [200] * 4
+        wait_until(lambda: _ready(gw.url, 5), 30, "five ready rank workers")
+        assert _send_chats(gw.url, 6) == [200] * 6
     finally:
         gw.stop()
         gw.close_log()
-    assert _since(before, _rank_counts(prefill, decode)) == [{"0": 2, "1": 2}] * 2
+    assert _since(before, _rank_counts(prefill, decode)) == PD_COUNTS
 
 
 @pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")
@@ -287,7 +290,8 @@ def test_rust_1_13_pd_legs_carry_their_ranks(
     prefill, decode = pd_pair
     before = _rank_counts(prefill, decode)
     with rust_smg([*_pd_args(prefill, decode), "--tokenizer-path", str(model_dir)]) as url:
-        wait_until(lambda: _ready(url, 4), 30, "four ready rank workers")
-        assert _send_chats(url, 4) == [200] * 4
+        wait_until(lambda: _ready(url, 5), 30, "five ready rank workers")
+        assert _send_chats(url, 6) == [200] * 6
     # As above, rank 0 reaches the engine unset from 1.13 (its proto's plain int32).
-    assert _since(before, _rank_counts(prefill, decode)) == [{"none": 2, "1": 2}] * 2
+    rust = [{("none" if k == "0" else k): v for k, v in c.items()} for c in PD_COUNTS]
+    assert _since(before, _rank_counts(prefill, decode)) == rust

@@ -327,6 +327,20 @@ class Backend:
         """A GenerateResponse holding `part` (vLLM's has no request_id; SGLang's does)."""
         return self.pb.GenerateResponse(**part)
 
+    def _common(
+        self, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None, inputs: Any
+    ) -> dict[str, Any]:
+        """The fields a chunk and a complete share (SGLang's prompt logprobs when given)."""
+        common = {
+            "prompt_tokens": prompt,
+            "completion_tokens": s.count if self.cumulative else len(toks),
+            "cached_tokens": cached,
+            "output_logprobs": self.logprobs(s, toks, k),
+        }
+        if inputs is not None:
+            common["input_logprobs"] = inputs
+        return common
+
     def chunk(
         self,
         rid: str,
@@ -337,20 +351,9 @@ class Backend:
         k: int | None,
         inputs: Any = None,
     ) -> Any:
-        pb = self.pb
-        extra = {} if inputs is None else {"input_logprobs": inputs}
-        return self.response(
-            rid,
-            chunk=pb.GenerateStreamChunk(
-                token_ids=toks,
-                prompt_tokens=prompt,
-                completion_tokens=s.count if self.cumulative else len(toks),
-                cached_tokens=cached,
-                output_logprobs=self.logprobs(s, toks, k),
-                index=s.index,
-                **extra,
-            ),
-        )
+        common = self._common(s, toks, prompt, cached, k, inputs)
+        chunk = self.pb.GenerateStreamChunk(token_ids=toks, index=s.index, **common)
+        return self.response(rid, chunk=chunk)
 
     def complete(
         self,
@@ -363,22 +366,14 @@ class Backend:
         index: int,
         inputs: Any = None,
     ) -> Any:
-        pb = self.pb
-        extra = {} if inputs is None else {"input_logprobs": inputs}
-        return self.response(
-            rid,
-            complete=pb.GenerateComplete(
-                output_ids=toks,
-                finish_reason=s.finish_reason or "stop",
-                prompt_tokens=prompt,
-                completion_tokens=s.count if self.cumulative else len(toks),
-                cached_tokens=cached,
-                output_logprobs=self.logprobs(s, toks, k),
-                index=index,
-                **self.matched(s),
-                **extra,
-            ),
+        complete = self.pb.GenerateComplete(
+            output_ids=toks,
+            finish_reason=s.finish_reason or "stop",
+            index=index,
+            **self._common(s, toks, prompt, cached, k, inputs),
+            **self.matched(s),
         )
+        return self.response(rid, complete=complete)
 
     def logprobs(self, s: ChoiceScript, toks: list[int], k: int | None) -> Any:
         """The OutputLogProbs of `toks` (None when none were asked for, or no tokens)."""
