@@ -3,7 +3,7 @@
 smg mock-worker --grpc --host 127.0.0.1 --port P --grpc-backend vllm|sglang
     --tokenizer-path DIR --model NAME --max-context-length N [--processes K]
     [--itl-ms X] [--ttft-ms Y] [--output-mode echo|random|text:<...>] [--eos-after N]
-    [--control-port Q] [--prefix-cache-tokens N]
+    [--control-port Q] [--prefix-cache-tokens N] [--dp-size N]
 """
 
 from __future__ import annotations
