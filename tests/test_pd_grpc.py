@@ -129,7 +129,9 @@ def _p_entry(labels: dict[str, str], connector: str = "") -> Any:
 
     spec = SimpleNamespace(bootstrap_port=9100, labels=labels)
     info = GrpcModelInfo(backend="vllm", kv_connector=connector)
-    return SimpleNamespace(url="grpc://10.0.0.2:30001", spec=spec, grpc=info, row=1, generation=1)
+    return SimpleNamespace(
+        url="grpc://10.0.0.2:30001", spec=spec, grpc=info, row=1, generation=1, dp_rank=None
+    )
 
 
 def _sequential(p_entry: Any, returned: str = "") -> tuple[_FakeEngine, _FakeEngine, list[Any]]:

@@ -934,6 +934,9 @@ class GrpcExchange:
         while True:
             entry = self._next_worker()
             client = self._client(entry)
+            # --dp-aware: this attempt's rank worker's rank (a retry's replaces the last);
+            # in PD the decode's (smg.grpc.pd gives the prefill its own).
+            engine_request.dp_rank = entry.dp_rank
             plan = stages.parsers(prepared, entry, template, request_model)
             run = _Run(stages, prepared, tokenizer, len(ids), plan)
             writer = None
@@ -1062,6 +1065,8 @@ class GrpcExchange:
         while True:
             entry = self._next_worker()
             client = self._client(entry)
+            for request in requests:  # --dp-aware: as in _generate
+                request.dp_rank = entry.dp_rank
             runs = [
                 _Run(stages, part, tokenizer, len(ids), None)
                 for part, (ids, _text) in zip(parts, prompts, strict=True)

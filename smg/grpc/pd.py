@@ -487,6 +487,12 @@ class PdClient:
             calls.append(self.prefill.abort(request_ids))
         await asyncio.gather(*calls, return_exceptions=True)
 
+    def _prefill_ranked(self, req: GenerateInput) -> GenerateInput:
+        """The prefill leg's request: with --dp-aware its own rank worker's rank (the
+        decode's request carries the decode's), as 1.13's execute_parallel_pd sets
+        data_parallel_rank on each leg."""
+        return dataclasses.replace(req, dp_rank=self.p_entry.dp_rank)
+
     def generate_batches(
         self, req: GenerateInput, *, timeout: float | None
     ) -> AsyncIterator[list[Any]]:
@@ -519,7 +525,8 @@ class PdClient:
         self._prefill_running = True
         self.sent_at = time.monotonic()
         try:
-            outputs = _batches(self.prefill, vllm_prefill_input(req, mode, transfer_id), timeout)
+            preq = self._prefill_ranked(vllm_prefill_input(req, mode, transfer_id))
+            outputs = _batches(self.prefill, preq, timeout)
             try:
                 async for outs in outputs:
                     for out in outs:
@@ -585,7 +592,8 @@ class PdClient:
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
         self._prefill_running = True
         self.sent_at = self.decode_sent_at = time.monotonic()  # both legs at once
-        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
+        preq = self._prefill_ranked(sreq)
+        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, preq, timeout)))
         decode = _batches(self.decode, sreq, timeout)
         if req.stream:  # the 1.13 binary: TTFT for streamed answers only
             decode = _ttft(self, decode)
@@ -644,11 +652,13 @@ class PdClient:
     async def _merged(
         self, req: GenerateInput, outs: list[Any], prefill: asyncio.Future[None]
     ) -> list[Any]:
-        """The decode's finished outputs with the prefill's prompt logprobs when the
-        client asked for logprobs (1.13: the first prefill response's input_logprobs, when
-        it has some, replace every decode response's). The decode's last output may come
-        before the prefill's Complete was read: wait for it (bounded)."""
-        if req.sampling.logprobs is None or not any(o.finished for o in outs):
+        """The decode's outputs with the prefill's prompt logprobs when the client asked
+        for logprobs (1.13: the prefill's Complete's input_logprobs, when it has some,
+        replace the decode's): on the finished ones, and when streaming on every one
+        (1.13 reads the prefill's Complete before it streams the decode, so each chunk
+        carries them). The decode's output may come before the prefill's Complete was
+        read: wait for it (bounded)."""
+        if req.sampling.logprobs is None or not (req.stream or any(o.finished for o in outs)):
             return outs
         if not prefill.done():
             with contextlib.suppress(BaseException):
@@ -656,7 +666,7 @@ class PdClient:
         first = self._prefill_first
         if first is not None and first.input_logprobs is not None:
             for o in outs:
-                if o.finished:
+                if o.finished or req.stream:
                     o.input_logprobs = first.input_logprobs
         return outs
 
