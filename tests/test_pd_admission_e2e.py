@@ -17,16 +17,18 @@ from tests.test_pd_e2e import GENERATE
 
 
 def test_prefill_queue_bound_holds_across_processes() -> None:
-    # One prefill slot (held 1.5 s by the first request) and a queue of ONE for the whole
+    # One prefill slot (held 4 s by the first request) and a queue of ONE for the whole
     # gateway: of eight requests behind it, on their own connections (spread over both
     # processes), exactly one waits and is served; seven are refused at once. With a
-    # per-process bound each process would queue one (two served, six refused).
+    # per-process bound each process would queue one (two served, six refused). The hold
+    # is long so that on a loaded box every one of the eight arrives while the first still
+    # holds the slot (at 1.5 s a late one found the queue empty again and was served).
     with (
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=10) as decode,
         pdutil.pd_gateway(prefill, decode, *pdutil.admission_args(10, queue_size=1)) as gateway,
     ):
-        pdutil.set_faults(prefill.url, ttft_ms=1500)
+        pdutil.set_faults(prefill.url, ttft_ms=4000)
         answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, [0.0] + [0.4] * 8)
         assert answers[0].status_code == 200
         behind = answers[1:]
