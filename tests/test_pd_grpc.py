@@ -321,8 +321,9 @@ def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
 
 
 def _wait_for_a_room(prefill: pdutil.GrpcPdMock) -> None:
-    """Until the prefill has its leg (a bootstrap room), at most 10 s."""
-    deadline = time.monotonic() + 10
+    """Until the prefill has its leg (a bootstrap room), at most 30 s (the gateway's first
+    request loads the tokenizer: 10 s was too short on a loaded box)."""
+    deadline = time.monotonic() + 30
     while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
