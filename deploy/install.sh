@@ -2,7 +2,7 @@
 # Install smg as a systemd service on a Debian or Ubuntu host. Run as root:
 #
 #   sudo deploy/install.sh                         # smg from this checkout, start the service
-#   sudo deploy/install.sh --package ./smg_py-0.1.0-py3-none-any.whl --socket
+#   sudo deploy/install.sh --package ./smg_py-0.1.0-*.whl --socket
 #   sudo deploy/install.sh --pip-args "--index-url https://pypi.internal/simple"
 #
 # What it does: checks python3 (>= 3.11, with venv), creates the system user and group smg

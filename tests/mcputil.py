@@ -15,6 +15,7 @@ from grpcmockutil import GrpcMock, served_gateway
 
 from smg.mcp.config import McpServerConfig
 from tests.gatewayutil import Gateway, free_port
+from tests.mockutil import stop_process
 
 SERVER = str(Path(__file__).with_name("mcpserver.py"))
 
@@ -83,11 +84,5 @@ def http_server(
                 yield line.split()[1], proc
                 return
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_process(proc, 10)
     raise AssertionError(f"mcpserver {kind} did not start")

@@ -60,10 +60,8 @@ class MockWorkers:
         return stop_with_reader(self.proc, self._reader, timeout)
 
 
-def stop_with_reader(
-    proc: subprocess.Popen[bytes], reader: threading.Thread, timeout: float = 5.0
-) -> int | None:
-    """Terminate (then kill) a mock whose stdout `reader` drains; returns its exit code."""
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> int | None:
+    """Terminate `proc` unless it has ended, kill it past `timeout`; returns its exit code."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -71,6 +69,14 @@ def stop_with_reader(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+    return proc.returncode
+
+
+def stop_with_reader(
+    proc: subprocess.Popen[bytes], reader: threading.Thread, timeout: float = 5.0
+) -> int | None:
+    """Terminate (then kill) a mock whose stdout `reader` drains; returns its exit code."""
+    stop_process(proc, timeout)
     reader.join(timeout)  # it ends at EOF, so the pipe is not closed under it
     if proc.stdout is not None and not reader.is_alive():
         proc.stdout.close()

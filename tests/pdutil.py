@@ -13,6 +13,13 @@ gRPC (grpc_pd.py: SGLang disaggregated_params, vLLM NIXL kv_transfer_params):
     with pdutil.start_grpc_prefill(model, "vllm") as p, pdutil.start_grpc_decode(model, "vllm") as d:
         # --prefill p.url p.bootstrap_port --decode d.url; p.pd_stats()["rooms"]
 
+smg in front of them (`smg launch --processes 2 --pd-disaggregation`, ready):
+
+    with pdutil.pd_gateway(p, d, *pdutil.admission_args(1, queue_size=1)) as gateway:
+    with pdutil.grpc_pd_gateway(p, d, model) as gateway:
+        answers = pdutil.staggered_posts(gateway.url, "/generate", body, (0.0, 0.3, 0.6))
+        pdutil.assert_queue_timeout_and_full(answers, gateway.metrics())
+
 The Rust SMG 1.13 in front of them (skip a test when RUST_SMG does not exist):
 
     with pdutil.rust_gateway([*p.prefill_args(), *d.decode_args()], *pdutil.ONE_SHOT) as url:
@@ -26,6 +33,7 @@ the prefill's bootstrap port; state: "prefilling", "ready" or "failed".
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import subprocess
@@ -36,8 +44,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests import mockutil
-from tests.gatewayutil import free_port
+from tests.gatewayutil import Gateway, free_port, running_gateway
 from tests.mockutil import MockWorkers
 
 BOOTSTRAP_PREFIX = "MOCK_WORKER_BOOTSTRAP "
@@ -258,9 +268,13 @@ def rust_smg(args: list[str], env: dict[str, str] | None = None) -> Iterator[str
     argv += ["--prometheus-port", str(free_port())]
     # No shutdown grace: it would hold every stop 5 s although nothing is in flight.
     argv += ["--log-level", "warn", "--shutdown-grace-period-secs", "0", *args]
+    # The binary is its own venv's Python entry point (`from smg.cli import main`): a
+    # PYTHONPATH naming this checkout (how a worktree's tests reach its code) would load
+    # this smg in its place.
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**base, **(env or {})}
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -277,12 +291,7 @@ def rust_smg(args: list[str], env: dict[str, str] | None = None) -> Iterator[str
                 time.sleep(0.1)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            mockutil.stop_process(proc, 10)
 
 
 @contextlib.contextmanager
@@ -296,3 +305,89 @@ def rust_gateway(
 
 # One attempt per request and no breaker, so a fault test sees exactly one PD dispatch.
 ONE_SHOT = ("--disable-retries", "--disable-circuit-breaker")
+
+
+# --- smg in PD mode ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pd_gateway(prefill: PdMocks, decode: PdMocks, *extra: str) -> Iterator[Gateway]:
+    """`smg launch --processes 2 --pd-disaggregation` in front of HTTP PD mocks, ready."""
+    args = ["--pd-disaggregation", *prefill.prefill_args(), *decode.decode_args(), *extra]
+    with running_gateway(args, processes=2) as gateway:
+        gateway.wait_ready()
+        yield gateway
+
+
+@contextlib.contextmanager
+def grpc_pd_gateway(
+    prefill: GrpcPdMock, decode: GrpcPdMock, model_dir: Path, *extra: str
+) -> Iterator[Gateway]:
+    """`smg launch --processes 2 --pd-disaggregation` in front of gRPC PD mocks serving
+    `model_dir`'s tokenizer, ready."""
+    args = [
+        "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
+        "--decode", decode.url, "--model-path", str(model_dir), *extra,
+    ]  # fmt: skip
+    with running_gateway(args, processes=2) as gateway:
+        gateway.wait_ready(timeout=30)
+        yield gateway
+
+
+def admission_args(
+    queue_timeout_s: int, *, queue_size: int | None = None, inflight: int = 1
+) -> list[str]:
+    """1.13's prefill admission flags: `inflight` prefills at once per worker; the others
+    queue (up to `queue_size`, gateway-wide) for at most `queue_timeout_s`."""
+    args = ["--prefill-max-inflight-requests-per-worker", str(inflight)]
+    args += ["--prefill-queue-timeout-secs", str(queue_timeout_s)]
+    if queue_size is not None:
+        args += ["--prefill-queue-size", str(queue_size)]
+    return args
+
+
+def staggered_posts(
+    url: str, path: str, body: dict[str, Any], delays: tuple[float, ...] | list[float]
+) -> list[httpx.Response]:
+    """POST `body` once per delay, each after sleeping its delay and on its own connection
+    (the kernel spreads them over the gateway's processes), all at once; in order."""
+
+    def one(delay: float) -> httpx.Response:
+        time.sleep(delay)
+        with httpx.Client(base_url=url, timeout=30.0) as client:
+            return client.post(path, json=body)
+
+    with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
+        return list(pool.map(one, delays))
+
+
+# 1.13's 429 answers from prefill admission: (code, message); the type is rate_limit_error.
+QUEUE_TIMEOUT = ("pd_prefill_queue_timeout", "Timed out waiting for Prefill admission")
+QUEUE_FULL = ("pd_prefill_queue_full", "Prefill admission queue is full")
+
+
+def metric_sum(metrics: str, prefix: str, *parts: str) -> float:
+    """The sum of every sample (all processes) whose line starts with `prefix` and
+    contains every one of `parts`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith(prefix) and all(part in line for part in parts)
+    )
+
+
+def assert_queue_timeout_and_full(answers: list[httpx.Response], metrics: str) -> None:
+    """Three requests 0.3 s apart on one prefill slot held 2.5 s (admission_args(1,
+    queue_size=1)): the first is served; the second waits 1 s in the queue and gets 1.13's
+    429 pd_prefill_queue_timeout; the third finds the queue full (a timeout is accepted for
+    it too, as these tests took it while the queue bound was per process)."""
+    assert answers[0].status_code == 200, answers[0].text
+    for answer in answers[1:]:
+        assert answer.status_code == 429, answer.text
+        error = answer.json()["error"]
+        assert answer.headers["x-smg-error-code"] == error["code"]
+        assert error["type"] == "rate_limit_error"
+        assert (error["code"], error["message"]) in {QUEUE_TIMEOUT, QUEUE_FULL}
+    assert answers[1].json()["error"]["code"] == QUEUE_TIMEOUT[0]
+    assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
+    assert metric_sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2

@@ -7,55 +7,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from smg.bench import serve
 from smg.bench.args import build_parser
 from smg.bench.embedded import DEFAULT_MOCK_ARGS, launch_command, plot_by_default
-
-
-def marked(marker: str, exclude: int | None = None) -> list[psutil.Process]:
-    """Live processes whose command line carries `marker` (the mock's --model name)."""
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        cmd = proc.info["cmdline"] or []
-        if proc.info["pid"] == exclude or proc.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        if any(marker in part for part in cmd):
-            out.append(proc)
-    return out
-
-
-def bench_command(marker: str, *extra: str, mock: str = "--ttft-ms 5 --itl-ms 2") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "smg",
-        "bench",
-        "--embedded",
-        "--mock-worker-args",
-        f"{mock} --output-len 100000 --model {marker}",
-        "--dataset-name",
-        "random",
-        "--random-input-len",
-        "16",
-        *extra,
-    ]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from tests.benchutil import bench_command, marked, run_bench
+from tests.gatewayutil import wait_until
 
 
 def test_launch_command_and_defaults() -> None:
@@ -128,18 +90,8 @@ def test_embedded_run_exits_zero_with_valid_result_and_stops_everything(tmp_path
         "--result-filename",
         "r.json",
     )
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the gateway's log goes
-    proc = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    text = out.decode() + err.decode()
-    assert proc.returncode == 0, text
+    code, text = run_bench(command, tmp_path)
+    assert code == 0, text
     assert "embedded: smg gateway http://127.0.0.1:" in text
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["completed"] == 24 and result["failed"] == 0 and result["smg_valid"]
@@ -191,7 +143,7 @@ def test_interrupted_run_stops_gateway_and_workers(sig: int, tmp_path: Path) -> 
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
-        wait_for(lambda: "embedded: smg gateway" in log.read_text(), 60, "the gateway")
+        wait_until(lambda: "embedded: smg gateway" in log.read_text(), 60, "the gateway")
         # The launcher and its mock workers are up (the gateway's own workers may share the
         # launcher's command line).
         assert len(marked(marker, exclude=proc.pid)) >= 2
@@ -213,7 +165,7 @@ def test_interrupted_run_stops_gateway_and_workers(sig: int, tmp_path: Path) -> 
             assert marked(marker) == []
         else:
             assert proc.returncode == -signal.SIGTERM, text
-            wait_for(lambda: marked(marker) == [], 30, "the gateway to stop after the bench died")
+            wait_until(lambda: marked(marker) == [], 30, "the gateway to stop after the bench died")
     finally:
         for left in marked(marker):  # only when an assertion above failed
             left.kill()

@@ -279,6 +279,14 @@ def _send(gw: Any, n: int, model: str = "mock-model") -> None:
             assert answer.status_code == 200, answer.text
 
 
+def _sent_to(gw: Any, n: int, urls: list[str]) -> list[int]:
+    """Send `n` chats through `gw`: how many each of `urls` served."""
+    before = _chats(urls)
+    _send(gw, n)
+    after = _chats(urls)
+    return [after[u] - before[u] for u in urls]
+
+
 def _metric(text: str, series: str) -> float:
     """The value of one exact series (name and labels as written), 0 when absent."""
     for line in text.splitlines():
@@ -324,18 +332,12 @@ def test_file_discovery_end_to_end(tmp_path: Path) -> None:
             # Late file: picked up.
             _write(manifest, _manifest({"id": "wa", "url": a}))
             wait_until(lambda: _discovered(gw) == {a: ("wa", "mock-model", "ready")}, 15, "a")
-            before = _chats([a, b])
-            _send(gw, 4)
-            after = _chats([a, b])
-            assert (after[a] - before[a], after[b] - before[b]) == (4, 0)
+            assert _sent_to(gw, 4, [a, b]) == [4, 0]
 
             # Add b, remove a: requests follow the file.
             _write(manifest, _manifest({"id": "wb", "url": b}))
             wait_until(lambda: _discovered(gw) == {b: ("wb", "mock-model", "ready")}, 15, "b")
-            before = _chats([a, b])
-            _send(gw, 4)
-            after = _chats([a, b])
-            assert (after[a] - before[a], after[b] - before[b]) == (0, 4)
+            assert _sent_to(gw, 4, [a, b]) == [0, 4]
 
             # A changed spec (model id) at the same URL: removed, then registered again.
             (old_id,) = [w["id"] for u, w in _workers(gw).items() if u == b]

@@ -5,8 +5,6 @@ running-window gauge, WASM modules on PD requests and answers."""
 from __future__ import annotations
 
 import base64
-import concurrent.futures
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,49 +13,31 @@ import orjson
 
 from tests import mockutil, pdutil
 from tests.gatewayutil import wait_until
-from tests.test_pd_e2e import GENERATE, pd_gateway
+from tests.test_pd_e2e import GENERATE
 
 
 def test_prefill_queue_bound_holds_across_processes() -> None:
-    # One prefill slot (held 1.5 s by the first request) and a queue of ONE for the whole
+    # One prefill slot (held 4 s by the first request) and a queue of ONE for the whole
     # gateway: of eight requests behind it, on their own connections (spread over both
     # processes), exactly one waits and is served; seven are refused at once. With a
-    # per-process bound each process would queue one (two served, six refused).
+    # per-process bound each process would queue one (two served, six refused). The hold
+    # is long so that on a loaded box every one of the eight arrives while the first still
+    # holds the slot (at 1.5 s a late one found the queue empty again and was served).
     with (
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=10) as decode,
-        pd_gateway(
-            prefill,
-            decode,
-            "--prefill-max-inflight-requests-per-worker",
-            "1",
-            "--prefill-queue-size",
-            "1",
-            "--prefill-queue-timeout-secs",
-            "10",
-        ) as gateway,
+        pdutil.pd_gateway(prefill, decode, *pdutil.admission_args(10, queue_size=1)) as gateway,
     ):
-        pdutil.set_faults(prefill.url, ttft_ms=1500)
-
-        def one(delay: float) -> tuple[int, str, str, float]:
-            time.sleep(delay)
-            with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
-                began = time.monotonic()
-                answer = client.post("/generate", json=GENERATE)
-                code = answer.json()["error"]["code"] if answer.status_code != 200 else ""
-                process = answer.headers.get("x-smg-process", "")
-                return answer.status_code, code, process, time.monotonic() - began
-
-        with concurrent.futures.ThreadPoolExecutor(9) as pool:
-            results = list(pool.map(one, [0.0] + [0.4] * 8))
-        assert results[0][0] == 200
-        behind = results[1:]
+        pdutil.set_faults(prefill.url, ttft_ms=4000)
+        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, [0.0] + [0.4] * 8)
+        assert answers[0].status_code == 200
+        behind = answers[1:]
         # The refusals came from both processes: the bound is not one process's.
-        assert {process for _, _, process, _ in behind} == {"0", "1"}
-        assert sorted(status for status, _, _, _ in behind) == [200] + [429] * 7
-        refused = [r for r in behind if r[0] == 429]
-        assert {code for _, code, _, _ in refused} == {"pd_prefill_queue_full"}
-        assert all(seconds < 1.0 for _, _, _, seconds in refused)
+        assert {a.headers.get("x-smg-process", "") for a in behind} == {"0", "1"}
+        assert sorted(a.status_code for a in behind) == [200] + [429] * 7
+        refused = [a for a in behind if a.status_code == 429]
+        assert {a.json()["error"]["code"] for a in refused} == {pdutil.QUEUE_FULL[0]}
+        assert all(a.elapsed.total_seconds() < 1.0 for a in refused)
         assert mockutil.stats(prefill.url)["peak_in_flight"] == 1
 
 
@@ -75,7 +55,7 @@ def test_dp_aware_pd_legs_carry_1_13s_rank_fields() -> None:
     with (
         pdutil.start_prefill(1, "--dp-size", "2") as prefill,
         pdutil.start_decode(1, "--dp-size", "2", wait_s=5) as decode,
-        pd_gateway(prefill, decode, "--dp-aware", "--policy", "round_robin") as gateway,
+        pdutil.pd_gateway(prefill, decode, "--dp-aware", "--policy", "round_robin") as gateway,
     ):
         workers = wait_until(lambda: _ready_workers(gateway.url, 4), 20, "four rank workers")
         view = sorted((w["url"], w["worker_type"], w.get("dp_rank")) for w in workers)
@@ -107,7 +87,7 @@ def test_decode_running_window_gauge_as_1_13() -> None:
     with (
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(1, "--max-running-requests", "7") as decode,
-        pd_gateway(prefill, decode) as gateway,
+        pdutil.pd_gateway(prefill, decode) as gateway,
     ):
         wanted = f'smg_pd_admission_window{{worker="{decode.url}"}} 7'
 
@@ -134,7 +114,7 @@ def test_wasm_modules_run_on_pd_requests_and_answers(tmp_path: Path) -> None:
     with (
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=5) as decode,
-        pd_gateway(prefill, decode, "--enable-wasm") as gateway,
+        pdutil.pd_gateway(prefill, decode, "--enable-wasm") as gateway,
     ):
         added = _add(
             gateway, [("tagger", tagger, ("OnRequest",)), ("logger", logger, ("OnResponse",))]

@@ -5,9 +5,6 @@ room's prefill is done), so a request that succeeds proves the pair met."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +14,7 @@ import pytest
 
 from tests import mockutil, pdutil
 from tests.gatewayutil import Gateway, running_gateway, wait_until
+from tests.pdutil import metric_sum, pd_gateway
 
 GENERATE = {"text": "one two three four", "sampling_params": {"max_new_tokens": 3}}
 CHAT = {
@@ -24,14 +22,6 @@ CHAT = {
     "max_tokens": 3,
     "messages": [{"role": "user", "content": "one two three"}],
 }
-
-
-@contextlib.contextmanager
-def pd_gateway(prefill: pdutil.PdMocks, decode: pdutil.PdMocks, *extra: str) -> Iterator[Gateway]:
-    args = ["--pd-disaggregation", *prefill.prefill_args(), *decode.decode_args(), *extra]
-    with running_gateway(args, processes=2) as gateway:
-        gateway.wait_ready()
-        yield gateway
 
 
 @pytest.fixture(scope="module")
@@ -180,17 +170,9 @@ def test_prefill_admission_holds_across_processes() -> None:
         pd_gateway(prefill, decode, "--prefill-max-inflight-requests-per-worker", "1") as gateway,
     ):
         pdutil.set_faults(prefill.url, ttft_ms=150)
-
-        def one(_: int) -> tuple[int, str]:
-            # A connection each: the kernel spreads them over both processes.
-            with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
-                answer = client.post("/generate", json=GENERATE)
-                return answer.status_code, answer.headers.get("x-smg-process", "")
-
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            results = list(pool.map(one, range(12)))
-        assert [status for status, _ in results] == [200] * 12
-        assert {process for _, process in results} == {"0", "1"}
+        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, [0.0] * 12)
+        assert [a.status_code for a in answers] == [200] * 12
+        assert {a.headers.get("x-smg-process", "") for a in answers} == {"0", "1"}
         # Never two prefills at once on the worker, whichever process sent them.
         assert mockutil.stats(prefill.url)["peak_in_flight"] == 1
 
@@ -220,13 +202,6 @@ def test_prefill_cache_aware_decode_power_of_two() -> None:
         assert sum(per_decode) == 6
 
 
-def _sum(metrics: str, prefix: str) -> float:
-    """The sum of every sample whose line starts with `prefix` (all processes)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)
-    )
-
-
 def test_pd_metrics_count_each_dispatch(pair: Any) -> None:
     _prefill, _decode, gateway = pair
     before = gateway.metrics()
@@ -235,7 +210,7 @@ def test_pd_metrics_count_each_dispatch(pair: Any) -> None:
             assert client.post("/generate", json=GENERATE).status_code == 200
     after = gateway.metrics()
     for family in ("smg_pd_ttft_seconds_count{", "smg_pd_prefill_duration_seconds_count{"):
-        assert _sum(after, family) - _sum(before, family) == 3, family
+        assert metric_sum(after, family) - metric_sum(before, family) == 3, family
     routed = 'smg_router_requests_total{process="'
     pd_lines = [line for line in after.splitlines() if line.startswith(routed)]
     assert pd_lines and all('backend_type="pd"' in line for line in pd_lines)
@@ -272,42 +247,11 @@ def test_prefill_admission_queue_timeout_and_full_as_1_13() -> None:
     with (
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=10) as decode,
-        pd_gateway(
-            prefill,
-            decode,
-            "--prefill-max-inflight-requests-per-worker",
-            "1",
-            "--prefill-queue-timeout-secs",
-            "1",
-            "--prefill-queue-size",
-            "1",
-        ) as gateway,
+        pd_gateway(prefill, decode, *pdutil.admission_args(1, queue_size=1)) as gateway,
     ):
         pdutil.set_faults(prefill.url, ttft_ms=2500)
-
-        def one(delay: float) -> httpx.Response:
-            time.sleep(delay)
-            with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
-                return client.post("/generate", json=GENERATE)
-
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            # The first holds the one slot for 2.5 s; the second waits 1 s in the
-            # queue; the third finds that queue full in its process or the other's
-            # (the bound is per process: then it waits and times out too).
-            answers = list(pool.map(one, (0.0, 0.3, 0.6)))
-        assert answers[0].status_code == 200
-        for answer in answers[1:]:
-            assert answer.status_code == 429, answer.text
-            error = answer.json()["error"]
-            assert error["type"] == "rate_limit_error"
-            assert (error["code"], error["message"]) in {
-                ("pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
-                ("pd_prefill_queue_full", "Prefill admission queue is full"),
-            }
-        assert answers[1].json()["error"]["code"] == "pd_prefill_queue_timeout"
-        assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
-        metrics = gateway.metrics()
-        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2
+        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, (0.0, 0.3, 0.6))
+        pdutil.assert_queue_timeout_and_full(answers, gateway.metrics())
 
 
 def test_decode_answer_waits_for_the_prefill() -> None:

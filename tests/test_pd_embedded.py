@@ -76,11 +76,9 @@ def test_bench_embedded_runs_pd_through_gateway_args(tmp_path: Path) -> None:
     --mock-workers become prefill/decode pairs; every request passes both legs (the decode
     mock fails a request whose prefill never came)."""
     import json
-    import os
-    import subprocess
     import uuid
 
-    from tests.test_bench_embedded import bench_command, marked
+    from tests.benchutil import bench_command, marked, run_bench
 
     marker = f"emb-pd-{uuid.uuid4().hex[:10]}"
     command = bench_command(
@@ -92,18 +90,8 @@ def test_bench_embedded_runs_pd_through_gateway_args(tmp_path: Path) -> None:
         "--save-result",
         "--result-filename", "r.json",
     )  # fmt: skip
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    text = out.decode() + err.decode()
-    assert proc.returncode == 0, text
+    code, text = run_bench(command, tmp_path)
+    assert code == 0, text
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["completed"] == 12 and result["failed"] == 0, result
     assert result["total_output_tokens"] == 12 * 10

@@ -129,7 +129,9 @@ def _p_entry(labels: dict[str, str], connector: str = "") -> Any:
 
     spec = SimpleNamespace(bootstrap_port=9100, labels=labels)
     info = GrpcModelInfo(backend="vllm", kv_connector=connector)
-    return SimpleNamespace(url="grpc://10.0.0.2:30001", spec=spec, grpc=info, row=1, generation=1)
+    return SimpleNamespace(
+        url="grpc://10.0.0.2:30001", spec=spec, grpc=info, row=1, generation=1, dp_rank=None
+    )
 
 
 def _sequential(p_entry: Any, returned: str = "") -> tuple[_FakeEngine, _FakeEngine, list[Any]]:
@@ -201,14 +203,9 @@ def grpc_pd(
     with (
         pdutil.start_grpc_prefill(llama_dir, backend, *mocks) as prefill,
         pdutil.start_grpc_decode(llama_dir, backend, *mocks, wait_s=wait_s) as decode,
+        pdutil.grpc_pd_gateway(prefill, decode, llama_dir, *extra) as gateway,
     ):
-        args = [
-            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
-            "--decode", decode.url, "--model-path", str(llama_dir), *extra,
-        ]  # fmt: skip
-        with running_gateway(args, processes=2) as gateway:
-            gateway.wait_ready(timeout=30)
-            yield prefill, decode, gateway
+        yield prefill, decode, gateway
 
 
 def _content(text: str) -> tuple[str, list[str]]:
@@ -324,8 +321,9 @@ def test_vllm_chat_relays_the_prefills_params(vllm: Any) -> None:
 
 
 def _wait_for_a_room(prefill: pdutil.GrpcPdMock) -> None:
-    """Until the prefill has its leg (a bootstrap room), at most 10 s."""
-    deadline = time.monotonic() + 10
+    """Until the prefill has its leg (a bootstrap room), at most 30 s (the gateway's first
+    request loads the tokenizer: 10 s was too short on a loaded box)."""
+    deadline = time.monotonic() + 30
     while not prefill.pd_stats()["rooms"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert prefill.pd_stats()["rooms"], "the prefill never got its leg"
@@ -452,7 +450,7 @@ def test_sglang_decode_dying_aborts_the_prefill(llama_dir: Path) -> None:
 
 # --- the Rust SMG 1.13 on the same mocks ----------------------------------------------------
 
-RUST_SMG = Path("/work/main/native_bench/.venv-rust/bin/smg")
+RUST_SMG = pdutil.RUST_SMG
 
 
 @pytest.mark.skipif(not RUST_SMG.exists(), reason=f"no Rust SMG 1.13 at {RUST_SMG}")

@@ -7,9 +7,7 @@ the gRPC PD mocks (tests/pdutil.py)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import httpx
 import pytest
 
 from tests import pdutil
-from tests.gatewayutil import Gateway, in_flight_total, running_gateway, wait_until
+from tests.gatewayutil import Gateway, in_flight_total, wait_until
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -36,64 +34,30 @@ def grpc_pd(
     with (
         pdutil.start_grpc_prefill(llama_dir, backend, *prefill_args) as prefill,
         pdutil.start_grpc_decode(llama_dir, backend, wait_s=10) as decode,
+        pdutil.grpc_pd_gateway(prefill, decode, llama_dir, *extra) as gateway,
     ):
-        args = [
-            "--pd-disaggregation", "--prefill", prefill.url, str(prefill.bootstrap_port),
-            "--decode", decode.url, "--model-path", str(llama_dir), *extra,
-        ]  # fmt: skip
-        with running_gateway(args, processes=2) as gateway:
-            gateway.wait_ready(timeout=30)
-            with gateway.client() as client:  # warm up (tokenizer, channels) off the clock
-                answer = client.post("/v1/chat/completions", json=CHAT)
-                assert answer.status_code == 200, answer.text
-            yield prefill, decode, gateway
+        with gateway.client() as client:  # warm up (tokenizer, channels) off the clock
+            answer = client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200, answer.text
+        yield prefill, decode, gateway
 
 
 def _chats(url: str, delays: tuple[float, ...]) -> list[httpx.Response]:
-    def one(delay: float) -> httpx.Response:
-        time.sleep(delay)
-        with httpx.Client(base_url=url, timeout=30.0) as client:
-            return client.post("/v1/chat/completions", json=CHAT)
-
-    with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
-        return list(pool.map(one, delays))
-
-
-def _sum(metrics: str, prefix: str, *parts: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith(prefix) and all(part in line for part in parts)
-    )
+    return pdutil.staggered_posts(url, "/v1/chat/completions", CHAT, delays)
 
 
 def test_grpc_prefill_admission_queue_timeout_and_full_as_1_13(llama_dir: Path) -> None:
     """Cap 1, queue 1, timeout 1 s, a prefill taking 2.5 s: the first request is served,
     the second waits 1 s in the queue and gets 1.13's 429 pd_prefill_queue_timeout, the
     third finds the queue full (or, in the other process, times out too)."""
-    with grpc_pd(
-        llama_dir,
-        "sglang",
-        "--prefill-max-inflight-requests-per-worker", "1",
-        "--prefill-queue-timeout-secs", "1",
-        "--prefill-queue-size", "1",
-        prefill_args=("--ttft-ms", "2500"),
-    ) as (_prefill, _decode, gateway):  # fmt: skip
+    admission = pdutil.admission_args(1, queue_size=1)
+    with grpc_pd(llama_dir, "sglang", *admission, prefill_args=("--ttft-ms", "2500")) as (
+        _prefill,
+        _decode,
+        gateway,
+    ):
         answers = _chats(gateway.url, (0.0, 0.3, 0.6))
-        assert answers[0].status_code == 200, answers[0].text
-        for answer in answers[1:]:
-            assert answer.status_code == 429, answer.text
-            assert answer.headers["x-smg-error-code"] == answer.json()["error"]["code"]
-            error = answer.json()["error"]
-            assert error["type"] == "rate_limit_error"
-            assert (error["code"], error["message"]) in {
-                ("pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
-                ("pd_prefill_queue_full", "Prefill admission queue is full"),
-            }
-        assert answers[1].json()["error"]["code"] == "pd_prefill_queue_timeout"
-        assert 0.9 <= answers[1].elapsed.total_seconds() < 2.4
-        metrics = gateway.metrics()
-        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 2
+        pdutil.assert_queue_timeout_and_full(answers, gateway.metrics())
         wait_until(lambda: in_flight_total(gateway) == 0, 5.0, "in-flight back to 0")
 
 
@@ -103,13 +67,12 @@ def test_grpc_prefill_admission_queues_the_second_until_the_first_is_done(
     """Cap 1 with a queue: two requests 0.3 s apart both succeed, the second only after
     the first's 1.5 s prefill freed the slot (without the gate both run at once); the
     slot (and the reservation taken before tokenization) is released every time."""
-    with grpc_pd(
-        llama_dir,
-        "sglang",
-        "--prefill-max-inflight-requests-per-worker", "1",
-        "--prefill-queue-timeout-secs", "20",
-        prefill_args=("--ttft-ms", "1500"),
-    ) as (_prefill, _decode, gateway):  # fmt: skip
+    admission = pdutil.admission_args(20)
+    with grpc_pd(llama_dir, "sglang", *admission, prefill_args=("--ttft-ms", "1500")) as (
+        _prefill,
+        _decode,
+        gateway,
+    ):
         answers = _chats(gateway.url, (0.0, 0.3))
         assert [a.status_code for a in answers] == [200, 200], answers[-1].text
         assert answers[0].elapsed.total_seconds() < 2.9
@@ -118,8 +81,8 @@ def test_grpc_prefill_admission_queues_the_second_until_the_first_is_done(
         wait_until(lambda: in_flight_total(gateway) == 0, 5.0, "in-flight back to 0")
         metrics = gateway.metrics()
         # The warm-up request did not wait: only the second here waited.
-        assert _sum(metrics, "smg_pd_prefill_admission_wait_seconds_count") == 1
-        assert _sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 0
+        assert pdutil.metric_sum(metrics, "smg_pd_prefill_admission_wait_seconds_count") == 1
+        assert pdutil.metric_sum(metrics, "smg_pd_prefill_admission_rejections_total{") == 0
 
 
 def test_grpc_pd_histograms_carry_1_13s_runtime_label(llama_dir: Path) -> None:
@@ -139,12 +102,12 @@ def test_grpc_pd_histograms_carry_1_13s_runtime_label(llama_dir: Path) -> None:
                     s.read()
             metrics = gateway.metrics()
             labels = ('backend_type="pd"', 'model="llama3"', f'runtime="{backend}"')
-            assert _sum(metrics, "smg_pd_ttft_seconds_count{", *labels) == 1, metrics
-            assert _sum(metrics, "smg_pd_ttft_seconds_count{") == 1  # no other labels
-            prefill = _sum(metrics, "smg_pd_prefill_duration_seconds_count{", *labels)
+            assert pdutil.metric_sum(metrics, "smg_pd_ttft_seconds_count{", *labels) == 1, metrics
+            assert pdutil.metric_sum(metrics, "smg_pd_ttft_seconds_count{") == 1  # no other labels
+            prefill = pdutil.metric_sum(metrics, "smg_pd_prefill_duration_seconds_count{", *labels)
             # the warm-up request + 2 here
             assert prefill == (3 if backend == "vllm" else 0), metrics
-            assert _sum(metrics, "smg_pd_prefill_duration_seconds_count{") == prefill
+            assert pdutil.metric_sum(metrics, "smg_pd_prefill_duration_seconds_count{") == prefill
 
 
 @pytest.mark.skipif(not pdutil.RUST_SMG.exists(), reason="no Rust SMG 1.13 binary")
@@ -160,20 +123,15 @@ def test_rust_answers_grpc_prefill_admission_as_smg(llama_dir: Path) -> None:
         tempfile.TemporaryDirectory() as cache,
     ):
         args = ["--prefill", prefill.url, str(prefill.bootstrap_port), "--decode", decode.url]
-        extra = (
-            "--model-path", str(llama_dir), *pdutil.ONE_SHOT,
-            "--prefill-max-inflight-requests-per-worker", "1",
-            "--prefill-queue-timeout-secs", "1",
-            "--prefill-queue-size", "1",
-        )  # fmt: skip
-        with pdutil.rust_gateway(args, *extra, env={"XDG_CACHE_HOME": cache}) as url:
+        extra = ("--model-path", str(llama_dir), *pdutil.ONE_SHOT)
+        admission = pdutil.admission_args(1, queue_size=1)
+        with pdutil.rust_gateway(args, *extra, *admission, env={"XDG_CACHE_HOME": cache}) as url:
             with httpx.Client(base_url=url, timeout=30.0) as client:
                 assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
             answers = _chats(url, (0.0, 0.3, 0.6))
     assert [a.status_code for a in answers] == [200, 429, 429]
-    for answer, code, message in (
-        (answers[1], "pd_prefill_queue_timeout", "Timed out waiting for Prefill admission"),
-        (answers[2], "pd_prefill_queue_full", "Prefill admission queue is full"),
+    for answer, (code, message) in zip(
+        answers[1:], (pdutil.QUEUE_TIMEOUT, pdutil.QUEUE_FULL), strict=True
     ):
         assert answer.headers["x-smg-error-code"] == code
         assert answer.json() == {

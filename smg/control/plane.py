@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -33,7 +34,13 @@ from smg.control import cpauth, external, probes, procmetrics, profile
 from smg.control.grpc_probes import GrpcProbe, needs_bundle
 from smg.control.metricfold import MetricFolder
 from smg.control.pd_probe import probe_bootstrap
-from smg.control.registry import Registry, WorkerRecord, aggregate_loads, unsupported_reason
+from smg.control.registry import (
+    Registry,
+    WorkerRecord,
+    aggregate_loads,
+    pd_window,
+    unsupported_reason,
+)
 from smg.control.wasm_admin import WasmAdmin
 from smg.control.worker_state import Event, HealthThresholds, WorkerStatus, is_terminal
 from smg.dataplane import admission
@@ -74,28 +81,23 @@ DATAPLANE_SCRAPE_SECS = 2.0
 
 
 def _dp_expandable(spec: WorkerSpec) -> bool:
-    """Whether --dp-aware expands this worker: a self-hosted HTTP engine (the data plane
-    injects data_parallel_rank into HTTP bodies only; gRPC ranks are not done yet)."""
-    return spec.connection_mode == "http" and not external.is_external(spec)
+    """Whether --dp-aware expands this worker: a self-hosted engine, HTTP (the rank goes
+    into the JSON body) or gRPC (into the GenerateRequest's data_parallel_rank)."""
+    return spec.connection_mode in ("http", "grpc") and not external.is_external(spec)
 
 
-def pd_window(record: WorkerRecord) -> int:
-    """A decode worker's running window as 1.13 reads it: its `max_num_seqs` or
-    `max_running_requests` label, else the engine's /server_info `max_running_requests`;
-    0 when it reports none."""
-    labels = record.spec.labels
-    for value in (
-        labels.get("max_num_seqs"),
-        labels.get("max_running_requests"),
-        record.server_info.get("max_running_requests"),
-    ):
-        try:
-            window = int(value) if value is not None else 0
-        except (TypeError, ValueError):
-            window = 0
-        if window > 0:
-            return window
-    return 0
+def _one_per_engine(records: Iterable[WorkerRecord]) -> list[WorkerRecord]:
+    """The first worker of each engine (spec.url): a --dp-aware engine's rank workers
+    share its cache and profiler, so /flush_cache and start/stop_profile reach it once.
+    1.13 calls the engine once per rank (checked on the binary: two start_profile for a
+    dp_size 2 engine), which SGLang's profiler refuses past the first (docs/flags.md)."""
+    seen: set[str] = set()
+    out: list[WorkerRecord] = []
+    for record in records:
+        if record.spec.url not in seen:
+            seen.add(record.spec.url)
+            out.append(record)
+    return out
 
 
 def _pd_window_family(records: Iterable[WorkerRecord]) -> Family:
@@ -418,14 +420,23 @@ class ControlPlane:
         key = spec.api_key or self.cfg.api_key
         timeout = float(self.cfg.health_check_timeout_secs)
         size: int | None = None
+        grpc = spec.connection_mode == "grpc"
         try:
             while not self._stopping:
-                answer = await probes.server_info_answer(self.session, spec.url, key, timeout)
-                size = dp_answer(answer)
+                if grpc:
+                    size = await self._grpc_dp_size(spec, timeout)
+                else:
+                    answer = await probes.server_info_answer(self.session, spec.url, key, timeout)
+                    size = dp_answer(answer)
                 if size is not None:
                     break
                 if time.monotonic() >= deadline:
-                    log.error("worker %s not registered: no dp_size from /server_info", spec.url)
+                    source = "GetServerInfo" if grpc else "/server_info"
+                    log.error("worker %s not registered: no dp_size from %s", spec.url, source)
+                    if grpc and not any(
+                        r.spec.url == spec.url for r in self.registry.workers.values()
+                    ):
+                        await self._close_grpc_url(spec.url)
                     return
                 await asyncio.sleep(DP_DISCOVERY_INTERVAL_S)
             if size == NOT_SGLANG:
@@ -602,16 +613,31 @@ class ControlPlane:
     # --- gRPC workers ------------------------------------------------------------------------
 
     def _grpc_probe(self, record: WorkerRecord) -> GrpcProbe:
-        probe = self.grpc_probes.get(record.worker_id)
+        return self._grpc_probe_for(record.spec)
+
+    def _grpc_probe_for(self, spec: WorkerSpec) -> GrpcProbe:
+        """The engine's probe, keyed by its URL: a --dp-aware engine's rank workers share
+        one channel (they are one engine), as do its DP discovery and its probes."""
+        probe = self.grpc_probes.get(spec.url)
         if probe is None:
-            secure = record.spec.url.startswith("grpcs://")
+            secure = spec.url.startswith("grpcs://")
             probe = GrpcProbe(
-                record.spec.url,
+                spec.url,
                 tls=self._grpc_tls_for() if secure else None,
-                api_key=record.spec.api_key,  # the worker's own key only (Rust sends none)
+                api_key=spec.api_key,  # the worker's own key only (Rust sends none)
             )
-            self.grpc_probes[record.worker_id] = probe
+            self.grpc_probes[spec.url] = probe
         return probe
+
+    async def _grpc_dp_size(self, spec: WorkerSpec, timeout: float) -> int | None:
+        """--dp-aware over gRPC: the dp_size the engine's GetServerInfo reports, None
+        while it does not answer or reports none (1.13's discover_dp_info fails then and
+        its workflow retries)."""
+        found = await self._grpc_probe_for(spec).discover(timeout)
+        if found is None:
+            return None
+        size = found[1].get("dp_size")
+        return size if isinstance(size, int) and size >= 1 else None
 
     def _grpc_tls_for(self) -> Any | None:
         """The worker-side TLS material (--ca-cert-paths, --client-cert-path/-key-path) for
@@ -684,8 +710,14 @@ class ControlPlane:
         return True
 
     async def _close_grpc(self, record: WorkerRecord) -> None:
-        probe = self.grpc_probes.pop(record.worker_id, None)
-        self._bundle_errors.pop(record.spec.url, None)
+        url = record.spec.url
+        if any(r.spec.url == url for r in self.registry.workers.values()):
+            return  # another rank worker of the same engine still uses the channel
+        await self._close_grpc_url(url)
+
+    async def _close_grpc_url(self, url: str) -> None:
+        probe = self.grpc_probes.pop(url, None)
+        self._bundle_errors.pop(url, None)
         if probe is not None:
             await probe.close()
 
@@ -1153,7 +1185,7 @@ class ControlPlane:
     async def _flush_cache(self) -> AdminAnswer:
         assert self.session is not None
         # External workers (a provider's API) have no cache to flush.
-        records = [r for r in self.registry.workers.values() if not r.external]
+        records = _one_per_engine(r for r in self.registry.workers.values() if not r.external)
         answers = await asyncio.gather(
             *(
                 self._grpc_probe(record).flush_cache(30.0)
@@ -1189,11 +1221,11 @@ class ControlPlane:
         except profile.ProfileRequestError as exc:
             return _error(exc.status, "invalid_request", exc.message)
         assert self.session is not None
-        records = [
+        records = _one_per_engine(
             record
             for record in self.registry.workers.values()
             if (url is None or record.spec.url == url) and not record.external
-        ]
+        )
         timeout = profile.PROFILE_TIMEOUT_SECS
         answers = await asyncio.gather(
             *(

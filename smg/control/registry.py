@@ -33,6 +33,7 @@ from smg.policies.base import BackendLoad
 from smg.policies.bucket import PrefillWorker
 from smg.shm import layout
 from smg.shm.directory import (
+    MAX_PD_WINDOW,
     Directory,
     DirectoryEntry,
     WasmModuleEntry,
@@ -101,6 +102,25 @@ def aggregate_loads(entries: list[dict[str, Any]]) -> dict[str, Any]:
         "avg_token_usage": mean("token_usage"),
         "avg_throughput": mean("gen_throughput"),
     }
+
+
+def pd_window(record: WorkerRecord) -> int:
+    """A decode worker's running window as 1.13 reads it: its `max_num_seqs` or
+    `max_running_requests` label, else the engine's /server_info `max_running_requests`;
+    0 when it reports none (capped at 2**32 - 1: the data plane compares counts to it)."""
+    labels = record.spec.labels
+    for value in (
+        labels.get("max_num_seqs"),
+        labels.get("max_running_requests"),
+        record.server_info.get("max_running_requests"),
+    ):
+        try:
+            window = int(value) if value is not None else 0
+        except (TypeError, ValueError):
+            window = 0
+        if window > 0:
+            return min(window, MAX_PD_WINDOW)
+    return 0
 
 
 class WorkerRecord:
@@ -186,6 +206,9 @@ class WorkerRecord:
             provider=self.provider,
             dp_rank=None if self.dp is None else self.dp[0],
             dp_size=None if self.dp is None else self.dp[1],
+            # The decode running window every data-plane process gates PD dispatch by
+            # (smg.dataplane.pd_window); published here so no process asks for it.
+            pd_window=pd_window(self) if spec.worker_type == "decode" else 0,
         )
 
 

@@ -113,6 +113,27 @@ class AtomicWords(Protocol):
     def cas_u64(self, offset: int, expected: int, desired: int) -> int: ...
 
 
+def enter_shared_queue(
+    atomic: AtomicWords, g_queued: int, p_queued: int, own: int, size: int
+) -> bool:
+    """Take a place in a queue of `size` for the whole gateway: the global word first (a
+    kill before the own word leaves it one too high, a place lost, never the bound
+    exceeded), undone when the queue was already full; then this process's word, `own + 1`
+    places (what the supervisor gives back when the process dies). False: full."""
+    if atomic.fetch_add_u64(g_queued, 1) >= size:
+        atomic.fetch_sub_u64(g_queued, 1)
+        return False
+    atomic.store_u64(p_queued, own + 1)
+    return True
+
+
+def leave_shared_queue(atomic: AtomicWords, g_queued: int, p_queued: int, own: int) -> None:
+    """Give a place back, `own` places left to this process: own word first, global
+    second, for the same reason."""
+    atomic.store_u64(p_queued, own)
+    atomic.fetch_sub_u64(g_queued, 1)
+
+
 def effective_limit(max_concurrent_requests: int, cores: int | None = None) -> int:
     """The concurrency bound: -1 derives it from the host as SMG does (1024 per available
     core, at least 4096); 0 means no admission control at all (the Rust SMG then ignores
@@ -266,19 +287,16 @@ class AdmissionWords:
 
     def enter_queue(self) -> bool:
         """Take a place in the gateway-wide queue; False when it is full."""
-        atomic = self.atomic
-        if atomic.fetch_add_u64(self.g_queued, 1) >= self.queue_size:
-            atomic.fetch_sub_u64(self.g_queued, 1)
+        if not enter_shared_queue(
+            self.atomic, self.g_queued, self.p_queued, self.queued, self.queue_size
+        ):
             return False
         self.queued += 1
-        atomic.store_u64(self.p_queued, self.queued)
         return True
 
     def leave_queue(self) -> None:
         self.queued -= 1
-        atomic = self.atomic
-        atomic.store_u64(self.p_queued, self.queued)
-        atomic.fetch_sub_u64(self.g_queued, 1)
+        leave_shared_queue(self.atomic, self.g_queued, self.p_queued, self.queued)
 
 
 def reclaim_process(table: WorkerTable, slot: int) -> tuple[int, int]:

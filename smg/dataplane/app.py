@@ -1248,6 +1248,11 @@ class DataPlane:
             return row
         return _NONE_READY
 
+    def poll_retry_after(self) -> bytes:
+        """The Retry-After line of an overload shed or of no worker loaded yet: the load
+        poll interval (1.13)."""
+        return b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval))
+
     def _refusal(self, reason: int, model: str | None) -> tuple[int, str, str, bytes]:
         """(status, error code, message, extra header lines) for a `_choose` refusal, in
         the Rust SMG 1.13's words and Retry-After values."""
@@ -1256,7 +1261,7 @@ class DataPlane:
                 503,
                 "worker_overload_protection_shed",
                 f"All workers for model '{model or 'unknown'}' are overloaded",
-                b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval)),
+                self.poll_retry_after(),
             )
         if reason == _NONE_READY:
             return (
@@ -1276,7 +1281,7 @@ class DataPlane:
             503,
             "no_available_workers",
             "All workers are unavailable (circuit breaker open or unhealthy)",
-            b"retry-after: %d\r\n" % max(1, int(self.cfg.load_monitor_interval)),
+            self.poll_retry_after(),
         )
 
     def next_attempt(self, exchange: Exchange) -> tuple[int, str, str, bytes] | None:
@@ -1401,7 +1406,12 @@ class DataPlane:
         return body if injected is None else injected
 
     def _upstream_request(
-        self, request: Request, entry: DirectoryEntry, pool: WorkerPool, size: int | None = None
+        self,
+        request: Request,
+        entry: DirectoryEntry,
+        pool: WorkerPool,
+        size: int | None = None,
+        second_leg: bool = False,
     ) -> bytes:
         """The request head for the worker, ending with the blank line; the body (bytes-like,
         `request.body`) is written after it as it is.
@@ -1447,7 +1457,9 @@ class DataPlane:
         if request.client_id:
             append(b"x-request-id: " + request.request_id + b"\r\n")
         if tracer is not None:
-            append(request.trace.begin_attempt(entry.url))  # this attempt's traceparent
+            trace = request.trace
+            # This attempt's traceparent; a PD prefill leg (`second_leg`) shares its pair's.
+            append(trace.second_leg(entry.url) if second_leg else trace.begin_attempt(entry.url))
         append(b"\r\n")
         return b"".join(parts)
 

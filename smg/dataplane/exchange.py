@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
+from smg.dataplane.pool_leg import acquire
 from smg.dataplane.responses import STORE_FAILED
 from smg.dataplane.retry import RETRYABLE_MIN, RETRYABLE_STATUSES
 from smg.httpwire import (
@@ -286,14 +287,7 @@ class Exchange:
     # --- getting a connection -------------------------------------------------------------
 
     def start(self) -> None:
-        pool = self.pool
-        conn = pool.take_idle()
-        if conn is not None:
-            self.got_connection(conn)
-        elif pool.reserve():
-            self.slot_granted()
-        else:
-            pool.wait(self)
+        acquire(self.pool, self)
 
     def slot_granted(self) -> None:
         """A connection slot is reserved for this exchange: open it."""

@@ -68,6 +68,7 @@ class WorkerGate:
         "fallbacks",
         "half_open",
         "overloaded",
+        "pd_shed_count",
         "seen_epoch",
         "shed",
         "shed_count",
@@ -113,6 +114,9 @@ class WorkerGate:
         self.transitions: dict[tuple[int, int, int], int] = {}  # (row, from, to) -> count
         self.fallbacks = {"overload": 0, "liveness": 0}
         self.shed_count = 0
+        # PD mode only (smg.dataplane.pd_window, else None): dispatches shed for want of a
+        # decode running-window slot, 1.13's stage "pd_admission" of the same counter.
+        self.pd_shed_count: int | None = None
 
     # --- the three calls ----------------------------------------------------------------------
 
@@ -362,7 +366,12 @@ class WorkerGate:
                 "smg_worker_overload_shed_total",
                 "counter",
                 HELP_SHED,
-                [Sample("", [proc, ("stage", "selection")], self.shed_count)],
+                [Sample("", [proc, ("stage", "selection")], self.shed_count)]
+                + (
+                    []
+                    if self.pd_shed_count is None
+                    else [Sample("", [proc, ("stage", "pd_admission")], self.pd_shed_count)]
+                ),
             ),
             Family(
                 "smg_worker_overload_fallback_total",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import time
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,11 @@ from smg.dataplane.gate import CLIENT_LEFT
 from smg.dataplane.lifecycle import EVENT_COUNT, FLAT, Action, Event, State
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.pd_admission import PrefillAdmission
+from smg.dataplane.pd_health import NO_ANSWER, probe_pair
+from smg.dataplane.pd_health import PATH as HEALTH_PATH
+from smg.dataplane.pd_health import verdict as health_verdict
+from smg.dataplane.pd_window import DecodeWindow, Hold
+from smg.dataplane.pool_leg import PoolLeg
 from smg.dataplane.retry import RETRYABLE_STATUSES
 from smg.dp import pd_rank_fields
 from smg.httpwire import error_body, status_line
@@ -74,6 +80,8 @@ def new_rooms(count: int | None, rng: random.Random | None = None) -> list[int]:
 
 
 _RNG = random.SystemRandom()
+# A PD histogram's key: the model (HTTP PD, runtime "sglang") or (model, runtime) (gRPC PD).
+HistKey = str | tuple[str, str]
 
 
 def batch_size(path: str, body: dict[str, Any]) -> int | None:
@@ -268,30 +276,12 @@ _FAIL_NO_WORKER = int(Action.FAIL_NO_WORKER)
 _HEAD_EVENT, _BODY_EVENT, _COMPLETE_EVENT = 0, 1, 2
 
 
-class PrefillLeg:
+class PrefillLeg(PoolLeg):
     """The prefill request: sent on the prefill worker's pool, its answer read (kept only
     when it is an error or carries logprobs asked for), then `DecodeExchange.prefill_done`.
     Speaks the pool's and the upstream connection's side of the exchange protocol."""
 
-    __slots__ = (
-        "app",
-        "body",
-        "chunks",
-        "complete",
-        "decode",
-        "done",
-        "generation",
-        "head",
-        "keep",
-        "pool",
-        "reusable",
-        "row",
-        "sent_at",
-        "size",
-        "status",
-        "upstream",
-        "url",
-    )
+    __slots__ = ("chunks", "decode", "generation", "keep", "row", "sent_at", "size", "url")
 
     def __init__(
         self,
@@ -305,79 +295,24 @@ class PrefillLeg:
         url: str,
         keep: bool,
     ) -> None:
-        self.app = app
+        super().__init__(app, pool, head, body)
         self.decode = decode
         self.row = row
         self.generation = generation
-        self.pool = pool
-        self.head: bytes | None = head
-        self.body: bytes | None = body
         self.url = url
         self.keep = keep  # keep a 2xx body (logprobs asked for)
-        self.upstream: UpstreamConnection | None = None
-        self.status = 0
         self.chunks: list[bytes] = []
         self.size = 0
-        self.complete = False
-        self.reusable = False
-        self.done = False
         self.sent_at = time.monotonic()
-
-    def start(self) -> None:
-        pool = self.pool
-        conn = pool.take_idle()
-        if conn is not None:
-            self.got_connection(conn)
-        elif pool.reserve():
-            self.slot_granted()
-        else:
-            pool.wait(self)  # type: ignore[arg-type]
-
-    def slot_granted(self) -> None:
-        if self.done:
-            self.pool.release_slot()
-            return
-        self.app.spawn(self._connect())
-
-    async def _connect(self) -> None:
-        try:
-            conn = await self.pool.connect()
-        except (OSError, TimeoutError):
-            self._failed()
-            return
-        self.got_connection(conn)
-
-    def got_connection(self, conn: UpstreamConnection) -> None:
-        if self.done:
-            conn.release(True)
-            return
-        self.upstream = conn
-        conn.bind(self)  # type: ignore[arg-type]
-        transport = conn.transport
-        assert transport is not None and self.head is not None
-        transport.write(self.head + (self.body or b""))
-        self.head = self.body = None
-        if conn.closed:
-            self.upstream_lost(conn)
-
-    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status = status
 
     def response_body(self, chunk: bytes) -> None:
         if (self.keep or self.status >= 300) and self.size < MAX_HELD_BYTES:
             self.chunks.append(chunk)
             self.size += len(chunk)
 
-    def response_complete(self, keep_alive: bool) -> None:
-        self.complete = True
-        self.reusable = keep_alive
-
     def flush(self) -> None:
         if self.complete and not self.done:
-            conn = self.upstream
-            self.upstream = None
-            if conn is not None:
-                conn.release(self.reusable)
+            self._release()
             self._end(self.status)
             decode = self.decode
             if decode.prefill is not self:
@@ -388,36 +323,21 @@ class PrefillLeg:
                 pd.observe(pd.prefill_durations, decode.model, time.monotonic() - self.sent_at)
             decode.prefill_done(self.status, b"".join(self.chunks))
 
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        if conn is self.upstream and not self.complete:
-            self.upstream = None
-            self._failed()
-
-    def upstream_failed(self, message: str) -> None:
-        self._failed()
-
     def _failed(self) -> None:
         if self.done:
             return
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
+        self._drop()
         self._end(0)
         if self.decode.prefill is self:
             self.decode.prefill_failed(self.url)
 
-    def abort(self) -> None:
-        """The decode leg ended first (its failure, the client gone, a timeout)."""
+    def abort(self, outcome: int = 0) -> None:
+        """The decode leg ended first (its failure, the client gone, a timeout); `outcome`
+        is the gate's for this leg (CLIENT_LEFT: the prefill worker is not to blame)."""
         if self.done:
             return
-        conn = self.upstream
-        self.upstream = None
-        if conn is not None:
-            conn.abort()
-        else:
-            self.pool.cancel_wait(self)  # type: ignore[arg-type]
-        self._end(0)
+        self._drop()
+        self._end(outcome)
 
     def _end(self, outcome: int) -> None:
         self.done = True
@@ -439,9 +359,11 @@ class DecodeExchange(Exchange):
         "err",
         "logprobs",
         "merger",
+        "pd_admitted",
         "pd_body",
         "pd_failed",
         "pd_held",
+        "pd_hold",
         "pd_url",
         "prefill",
         "whole",
@@ -450,6 +372,7 @@ class DecodeExchange(Exchange):
     def pd_init(self, prefill: PrefillLeg, url: str, logprobs: bool) -> None:
         """(Re)arm for an attempt: its prefill leg and decode URL."""
         self.prefill = prefill
+        self.pd_hold: Hold | None = None
         self.pd_url = url
         self.pd_held: list[tuple[int, Any, Any]] | None = []
         self.logprobs: list[Any] | None = [] if logprobs else None
@@ -595,10 +518,12 @@ class DecodeExchange(Exchange):
         code_status, code, message = decode_error(status, body)
         self._pd_fail(code_status, code, message)
 
-    def _pd_fail(self, status: int, code: str, message: str) -> None:
-        self._pd_answer(status, error_body(status, code, message), b"application/json", code)
+    def _pd_fail(self, status: int, code: str, message: str, extra: bytes = b"") -> None:
+        self._pd_answer(status, error_body(status, code, message), b"application/json", code, extra)
 
-    def _pd_answer(self, status: int, body: bytes, content_type: bytes, code: str) -> None:
+    def _pd_answer(
+        self, status: int, body: bytes, content_type: bytes, code: str, extra: bytes = b""
+    ) -> None:
         """Answer the client with the gateway's own `body` instead of the decode's; or,
         for a retryable status with attempts left, try a new pair instead (1.13 retries
         the whole dispatch, `is_retryable_status`, new room and all)."""
@@ -613,15 +538,41 @@ class DecodeExchange(Exchange):
         self.state, _action = _step(self.state)
         self._drop_upstream()
         self.prefill.abort()
+        keep_alive = self.keep_alive and not self.app.draining
+        outcome = status if code != TRANSPORT_CODE else 0
+        status, code = self._write_own(status, body, content_type, code, extra, keep_alive)
+        self._finish(status, code, outcome)
+        self.client.response_done(keep_alive)
+
+    def _write_own(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes,
+        code: str,
+        extra: bytes,
+        keep_alive: bool,
+    ) -> tuple[int, str]:
+        """Write a whole answer the gateway made itself, through the OnResponse modules
+        when they see this request's answers (1.13's middleware runs on every answer of
+        the serving routes, the PD router's own errors included; not on event streams):
+        the status and error code written."""
+        if code:
+            extra = b"x-smg-error-code: %b\r\n%b" % (code.encode("latin-1"), extra)
+        chain = getattr(self.translation, "chain", None)  # smg.wasm.chain.ResponseHook
+        if chain is not None and content_type != b"text/event-stream":
+            from smg.wasm.chain import local_answer
+
+            answer = local_answer(chain, status, content_type, extra, body, code)
+            status, content_type, extra = answer.status, answer.content_type, answer.extra
+            body, code = answer.body, answer.code
         app = self.app
-        keep_alive = self.keep_alive and not app.draining
         head = [
             status_line(status),
             b"content-type: %b\r\ncontent-length: %d\r\n" % (content_type, len(body)),
+            extra,
+            b"x-request-id: %b\r\n%b" % (self.request_id, app.process_header),
         ]
-        if code:
-            head.append(b"x-smg-error-code: %b\r\n" % code.encode("latin-1"))
-        head.append(b"x-request-id: %b\r\n%b" % (self.request_id, app.process_header))
         if app.cors is not None:
             head.append(self.cors)
         if not keep_alive:
@@ -630,8 +581,7 @@ class DecodeExchange(Exchange):
         head.append(body)
         self.out.clear()
         self.client.write(b"".join(head))
-        self._finish(status, code, status if code != TRANSPORT_CODE else 0)
-        self.client.response_done(keep_alive)
+        return status, code
 
     def _pd_retry(self, outcome: int) -> None:
         """End this attempt (both legs) and schedule the next one after the backoff."""
@@ -666,13 +616,46 @@ class DecodeExchange(Exchange):
                 self._pd_fail(*refusal)
             return
         self.attempts += 1
+        pd.go(self)
+
+    # the decode window (smg.dataplane.pd_window): a held decode leg
+    def pd_wait(self, window: DecodeWindow) -> None:
+        """Hold the decode leg (the prefill leg is on its way) until its row has a slot."""
+        self.attempting = False  # nothing counted for the decode until it is admitted
+        self.pd_hold = window.hold(self.row, self.generation, self._pd_admitted, self._pd_shed)
+
+    def _pd_admitted(self) -> None:
+        """A slot was taken (in flight counted): the decode leg goes."""
+        self.pd_hold = None
         self.attempting = True
-        self.prefill.start()
+        self.app.policy.on_dispatch(self.row)
         self.start()
+
+    def _pd_shed(self) -> None:
+        """No slot in time: 503 worker_overload_protection_shed, the prefill aborted (not
+        retried: another attempt would find the same full window)."""
+        self.pd_hold = None
+        self.pd_body = None
+        self.app.gate.record(self.row, self.generation, CLIENT_LEFT)  # the claim, unused
+        self.prefill.abort(CLIENT_LEFT)  # not the prefill worker's failure
+        pd = self.app.pd
+        assert pd is not None
+        self._pd_fail(*pd.window.shed(self.row, self.model))
+
+    def _unhold(self) -> None:
+        """The attempt ended while its decode leg was held: the hold and the claim go."""
+        hold = self.pd_hold
+        if hold is not None:
+            self.pd_hold = None
+            pd = self.app.pd
+            assert pd is not None
+            pd.window.release(hold)
+            self.app.gate.record(self.row, self.generation, CLIENT_LEFT)
 
     def _retry(self, outcome: int, *, immediate: bool = False) -> None:
         # Every retry ends the attempt's prefill leg too (a new pair, a new room).
         self.pd_held = None
+        self._unhold()
         self.prefill.abort()
         super()._retry(outcome, immediate=immediate)
 
@@ -685,11 +668,23 @@ class DecodeExchange(Exchange):
                 return
             self.pd_held = None
             code, message = TRANSPORT_CODE, transport_message(self.pd_url, self.endpoint)
-        super()._fail(status, code, message, extra_headers=extra_headers)
+        # The base's write, through the OnResponse modules (PD routes: POST, OpenAI shape).
+        self._drop_upstream()
+        keep_alive = self.keep_alive and not self.app.draining
+        body = error_body(status, code, message)
+        status, code = self._write_own(
+            status, body, b"application/json", code, extra_headers, keep_alive
+        )
+        self._finish(status, code, 0)
+        self.client.response_done(keep_alive)
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
+        self._unhold()
         self.prefill.abort()  # no-op once it resolved
         super()._finish(status, error_code, outcome)
+        pd = self.app.pd
+        assert pd is not None
+        pd.window.freed()  # a decode slot of this process may have come free
 
 
 _DONE = int(State.DONE)
@@ -725,10 +720,18 @@ class PDRouter:
         self.ready: dict[tuple[str, str | None], list[int]] = {}
         self.known: dict[str, set[str | None]] = {}
         self.admission = PrefillAdmission.from_config(app, cfg)
+        self.window = DecodeWindow(app, float(getattr(cfg, "pd_admission_wait_secs", 30)))
         # Counters (smg_pd_*; summed over processes by the reader), by model label.
         self.dispatched = 0
-        self.prefill_durations: dict[str, Histogram] = {}
-        self.ttfts: dict[str, Histogram] = {}
+        # Histogram keys: HTTP's are models (runtime sglang); smg.grpc.pd's (model, runtime).
+        self.prefill_durations: dict[HistKey, Histogram] = {}
+        self.ttfts: dict[HistKey, Histogram] = {}
+        # gRPC PD only, as on the 1.13 binary (its HTTP router records neither): the decode
+        # phase (decode dispatch to first token) and the vLLM relay phase (prefill end to
+        # decode dispatch).
+        self.decode_ttfts: dict[HistKey, Histogram] = {}
+        self.kv_transfers: dict[HistKey, Histogram] = {}
+        self.kv_modes: dict[str, int] = {}  # vLLM sequential PD's connector mode -> requests
 
     # --- the request path ---------------------------------------------------------------
 
@@ -809,12 +812,20 @@ class PDRouter:
         if prefill < 0:
             app._send_error(conn, request, 503, "server_selection_failed", _NO_PREFILL)
             return True
-        decode = self._choose(app.policy, decode_rows, route)
-        if decode < 0:
+        decode, admitted = self.window.pick(
+            partial(self._choose, app.policy, route=route), decode_rows
+        )
+        if decode < 0 or not (admitted or self.window.wait > 0):
             self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT, admission)
-            app._send_error(conn, request, 503, "server_selection_failed", _NO_DECODE)
+            if decode < 0:
+                app._send_error(conn, request, 503, "server_selection_failed", _NO_DECODE)
+                return True
+            # --pd-admission-wait-secs 0: shed at once, nothing dispatched.
+            app.gate.record(decode, state.entries[decode].generation, CLIENT_LEFT)
+            status, code, message, extra = self.window.shed(decode, model)
+            app._send_error(conn, request, status, code, message, extra_headers=extra)
             return True
-        self._dispatch(conn, request, started, body, route, model, prefill, decode)
+        self._dispatch(conn, request, started, body, route, model, prefill, decode, admitted)
         return True
 
     def _text(self, path: str, body: dict[str, Any]) -> str | None:
@@ -874,13 +885,16 @@ class PDRouter:
         return own + wildcard if wildcard else own
 
     def info(self, conn: ClientConnection, request: Request, started: float) -> None:
-        """A worker-info GET (/get_model_info, /get_server_info, /health_generate) relayed
-        to the first ready prefill worker, as 1.13's PD router does (503
-        no_prefill_servers without one)."""
+        """A worker-info GET (/get_model_info, /get_server_info) relayed to the first ready
+        prefill worker, as 1.13's PD router does (503 no_prefill_servers without one);
+        /health_generate asks a pair (smg.dataplane.pd_health)."""
         app = self.app
         state = app.refresh()
         if self.routing_generation != state.routing_generation:
             self._rebuild(state)
+        if request.path == HEALTH_PATH:
+            self._health_generate(conn, request)
+            return
         rows = self._rows("prefill", None)
         if not rows:
             app._send_error(
@@ -917,17 +931,67 @@ class PDRouter:
         conn.exchange = exchange
         exchange.start()
 
-    def _no_pair(self, prefill_rows: list[int], decode_rows: list[int]) -> str | None:
-        """1.13's words when a side has no ready worker at all."""
+    def _health_generate(self, conn: ClientConnection, request: Request) -> None:
+        """1.13: a pair from the available workers (503 no_healthy_worker_pair without
+        one), both asked at once. 1.13 picks through its policies; smg at random, so that a
+        probe carrying no text leaves the policies' state alone."""
+        app = self.app
+        sides = [app.gate.filter(self._rows(kind, None)) or [] for kind in ("prefill", "decode")]
+        refusal = self._no_pair(sides[0], sides[1], prefix="")
+        if refusal is not None:
+            message = f"No healthy worker pair available: {refusal}"
+            app._send_error(conn, request, 503, "no_healthy_worker_pair", message)
+            return
+        p_entry, d_entry = (app.state.entries[_RNG.choice(rows)] for rows in sides)
+        legs = []
+        # The decode first: it opens the pair's one attempt span, the prefill joins it.
+        for entry, second in ((d_entry, False), (p_entry, True)):
+            pool = app._pool(entry.row, entry)
+            legs.append((pool, app._upstream_request(request, entry, pool, 0, second)))
+        app.spawn(self._health_answer(conn, request, [p_entry.url, d_entry.url], legs))
+
+    async def _health_answer(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        urls: list[str],
+        legs: list[tuple[WorkerPool, bytes]],
+    ) -> None:
+        app = self.app
+        try:
+            statuses = await probe_pair(app, legs, app.request_timeout)
+            d_status, p_status = statuses
+            trace = request.trace if app.tracer is not None else None  # set only when tracing
+            if trace is not None:  # the pair's attempt: the worst of the two legs
+                worst = 0 if NO_ANSWER in statuses else max(statuses)
+                trace.end_attempt(worst, "" if worst else "no answer")
+            status, text = health_verdict(urls[0], p_status, urls[1], d_status)
+        except Exception as exc:  # a request must never take the process down
+            app.log_error("PD /health_generate failed", exc)
+            status, text = 500, ""
+        if conn.closed:
+            return
+        if status == 200:
+            plain = b"text/plain; charset=utf-8"
+            app._send(conn, request, 200, text.encode(), content_type=plain)
+        elif status == 500:
+            app._send_error(conn, request, 500, "internal_error", "internal gateway error")
+        else:
+            app._send_error(conn, request, status, "health_generate_failed", text)
+
+    def _no_pair(
+        self,
+        prefill_rows: list[int],
+        decode_rows: list[int],
+        prefix: str = "No available servers: ",
+    ) -> str | None:
+        """1.13's words when a side has no ready worker at all (after `prefix`)."""
         for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
             if not rows:
                 if self.known.get(kind):
-                    return (
-                        f"No available servers: No available {kind} workers "
-                        "(all circuits open or unhealthy)"
-                    )
+                    return f"{prefix}No available {kind} workers (all circuits open or unhealthy)"
                 return (
-                    f"No available servers: No {kind} workers available. Please check if "
+                    f"{prefix}No {kind} workers available. Please check if "
                     f"{kind} servers are configured and healthy."
                 )
         return None
@@ -959,6 +1023,7 @@ class PDRouter:
         model: str | None,
         prefill: int,
         decode: int,
+        admitted: bool,
     ) -> None:
         app = self.app
         state = app.state
@@ -1004,12 +1069,21 @@ class PDRouter:
             exchange.translation = ResponseHook(
                 wasm, None, path.encode(), bytes(request.body), route.stream
             )
-        self._arm(exchange, request, body, prefill, decode)
+        self._arm(exchange, request, body, prefill, decode, admitted)
         request.body = b""
         app.active.add(exchange)
         conn.exchange = exchange
+        self.go(exchange)
+
+    def go(self, exchange: DecodeExchange) -> None:
+        """Send an armed attempt: the prefill leg, and the decode leg now or once its row
+        has a slot in its running window (smg.dataplane.pd_window)."""
         exchange.prefill.start()
-        exchange.start()
+        if exchange.pd_admitted:
+            exchange.attempting = True
+            exchange.start()
+        else:
+            exchange.pd_wait(self.window)
 
     def _arm(
         self,
@@ -1018,9 +1092,11 @@ class PDRouter:
         body: dict[str, Any],
         prefill: int,
         decode: int,
+        admitted: bool,
     ) -> None:
         """Point `exchange` at a pair for one attempt: the body with a new room, both
-        heads, a new prefill leg, the accounting of both rows."""
+        heads, a new prefill leg, the accounting of both rows (the decode's in flight is
+        counted by DecodeWindow.take: now when `admitted`, else once a slot frees)."""
         app = self.app
         entries = app.state.entries
         p_entry: DirectoryEntry = entries[prefill]
@@ -1042,7 +1118,7 @@ class PDRouter:
         exchange.head = app._upstream_request(request, d_entry, d_pool, len(payload))
         exchange.body = payload
         logprobs = wants_logprobs(path, body)
-        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload))
+        p_head = app._upstream_request(request, p_entry, p_pool, len(p_payload), second_leg=True)
         leg = PrefillLeg(
             app,
             exchange,
@@ -1055,16 +1131,20 @@ class PDRouter:
             logprobs,
         )
         exchange.pd_init(leg, d_entry.url, logprobs)
+        exchange.pd_admitted = admitted
         self.dispatched += 1
         if self.admission is None:  # else counted by PrefillAdmission.take
             app._in_flight_add(prefill, p_entry.generation)
-        app._in_flight_add(decode, d_entry.generation)
         self.prefill_policy.on_dispatch(prefill)
-        app.policy.on_dispatch(decode)
+        if admitted:  # else when the held leg is admitted (DecodeExchange._pd_admitted)
+            app.policy.on_dispatch(decode)
 
-    def next_attempt(self, exchange: DecodeExchange) -> tuple[int, str, str] | None:
+    def next_attempt(
+        self, exchange: DecodeExchange
+    ) -> tuple[int, str, str] | tuple[int, str, str, bytes] | None:
         """A new pair for a retry (rows an earlier attempt failed on only when nothing
-        else is left), armed on `exchange`; or (status, code, message) when none."""
+        else is left), armed on `exchange` (its decode leg admitted or to be held, as a
+        first attempt's); or (status, code, message[, headers]) when none."""
         app = self.app
         state = app.refresh()
         if self.routing_generation != state.routing_generation:
@@ -1096,11 +1176,15 @@ class PDRouter:
                 prefill = -1
         if prefill < 0:
             return 503, "server_selection_failed", _NO_PREFILL
-        decode = self._choose(app.policy, decode_rows, route)
-        if decode < 0:
+        window = self.window
+        decode, admitted = window.pick(partial(self._choose, app.policy, route=route), decode_rows)
+        if decode < 0 or not (admitted or window.wait > 0):
             self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT)
-            return 503, "server_selection_failed", _NO_DECODE
-        self._arm(exchange, request, dict(body), prefill, decode)
+            if decode < 0:
+                return 503, "server_selection_failed", _NO_DECODE
+            app.gate.record(decode, state.entries[decode].generation, CLIENT_LEFT)
+            return window.shed(decode, model)
+        self._arm(exchange, request, dict(body), prefill, decode, admitted)
         return None
 
     def leg_done(
@@ -1125,8 +1209,8 @@ class PDRouter:
     # --- metrics ---------------------------------------------------------------------------
 
     @staticmethod
-    def observe(hists: dict[str, Histogram], model: str, seconds: float) -> None:
-        key = model or "unknown"
+    def observe(hists: dict[HistKey, Histogram], key: HistKey, seconds: float) -> None:
+        key = key or "unknown"
         hist = hists.get(key)
         if hist is None:
             hist = hists[key] = Histogram(DURATION_BUCKETS)
@@ -1150,6 +1234,20 @@ class PDRouter:
                 self.prefill_durations,
             ),
             (
+                "smg_pd_kv_transfer_duration_seconds",
+                "PD relay phase (sequential dispatch): end of the prefill response to the "
+                "decode dispatch, gateway work only; not the engines' KV transfer, which runs "
+                "inside smg_pd_decode_ttft_seconds; by backend_type, model, runtime",
+                self.kv_transfers,
+            ),
+            (
+                "smg_pd_decode_ttft_seconds",
+                "PD decode phase: decode dispatch to the first decode token, the engines' KV "
+                "transfer and the decode scheduling included (the whole TTFT under parallel "
+                "dispatch), by backend_type, model, runtime",
+                self.decode_ttfts,
+            ),
+            (
                 "smg_pd_ttft_seconds",
                 "PD time to first token: prefill dispatch to the decode response head, "
                 "by backend_type, model, runtime",
@@ -1158,14 +1256,21 @@ class PDRouter:
         ):
             samples: list[Sample] = []
             for key, hist in hists.items():
-                # HTTP's keys are models (runtime sglang); smg.grpc.pd's (model, runtime).
                 model, runtime = key if isinstance(key, tuple) else (key, "sglang")
                 labels = [*proc, ("backend_type", "pd"), ("model", model), ("runtime", runtime)]
                 samples += histogram_samples(labels, hist)
             families.append(Family(name, "histogram", help_text, samples))
+        families.append(
+            Family(
+                "smg_pd_kv_connector_mode_total",
+                "counter",
+                "KV connector mode decisions by mode (mooncake/nixl/passthrough)",
+                [Sample("", [*proc, ("mode", mode)], n) for mode, n in self.kv_modes.items()],
+            )
+        )
         if self.admission is not None:
             families += self.admission.families(proc)
-        return families
+        return families + self.window.families(proc)
 
 
 def make_router(app: DataPlane, cfg: GatewayConfig) -> PDRouter:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from smg.dataplane.admission import enter_shared_queue, leave_shared_queue
 from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.promtext import Family, Sample
 from smg.shm import layout
@@ -24,7 +25,24 @@ if TYPE_CHECKING:
     from smg.dataplane.server import ClientConnection, Request
 
 
-_RETRY_S = 0.001
+# How often a waiting PD request (prefill queue, held decode leg) tries again: slots freed
+# by other processes are seen only by looking.
+RETRY_S = 0.001
+
+
+def claim_within(app: DataPlane, row: int, generation: int, limit: int) -> bool:
+    """Count one request in flight on `row` if the gateway-wide count stays within `limit`:
+    store this process's count, fence (a locked add of 0 on that word: x86 orders the
+    loads after it), read the sum; over the limit, take the count back (False). Any two
+    processes racing for the last slot see each other's store, so the limit is never
+    exceeded (at worst both step back and retry)."""
+    app._in_flight_add(row, generation)
+    table = app.table
+    table.atomic.fetch_add_u64(table.geo.inflight_offset + (row * table.slots + app.slot) * 8, 0)
+    if table.in_flight(row) > limit:
+        app._in_flight_done(row, generation)
+        return False
+    return True
 
 
 class _Waiting:
@@ -71,8 +89,6 @@ class PrefillAdmission:
         self.timer: asyncio.TimerHandle | None = None
         table = app.table
         self.table = table
-        self.slots = table.slots
-        self.base = table.geo.inflight_offset
         self.g_queued = table.global_offset(layout.G_PD_QUEUED)
         self.p_queued = table.proc_word_offset(app.slot, layout.P_PD_QUEUED)
         self.own_queued = 0  # mirrored into P_PD_QUEUED
@@ -103,16 +119,9 @@ class PrefillAdmission:
         return [row for row in rows if in_flight(row) < limit]
 
     def take(self, row: int, generation: int) -> bool:
-        """Count a request on prefill `row` if the gateway-wide count stays within the cap:
-        store this process's count, fence (a locked add of 0 on that word: x86 orders the
-        loads after it), read the sum; over the cap, take the count back (False)."""
-        app = self.app
-        app._in_flight_add(row, generation)
-        self.table.atomic.fetch_add_u64(self.base + (row * self.slots + app.slot) * 8, 0)
-        if self.table.in_flight(row) > self.limit:
-            app._in_flight_done(row, generation)
-            return False
-        return True
+        """Count a request on prefill `row` if the gateway-wide count stays within the cap
+        (claim_within)."""
+        return claim_within(self.app, row, generation, self.limit)
 
     def wait(self, conn: ClientConnection, request: Request, started: float) -> None:
         app = self.app
@@ -125,27 +134,22 @@ class PrefillAdmission:
         self.waiting.append(waiter)
         conn.exchange = waiter  # type: ignore[assignment]
         if self.timer is None:
-            self.timer = app.loop.call_later(_RETRY_S, self._tick)
+            self.timer = app.loop.call_later(RETRY_S, self._tick)
 
     def _enqueue(self) -> bool:
-        """Take a place in the gateway-wide queue: global word first (a kill before the
-        own word leaves it one too high, a place lost, never the bound exceeded), undone
-        when the queue was already full."""
+        """Take a place in the gateway-wide queue; False when it is full."""
         atomic = self.table.atomic
-        if atomic.fetch_add_u64(self.g_queued, 1) >= self.queue_size:
-            atomic.fetch_sub_u64(self.g_queued, 1)
+        if not enter_shared_queue(
+            atomic, self.g_queued, self.p_queued, self.own_queued, self.queue_size
+        ):
             return False
         self.own_queued += 1
-        atomic.store_u64(self.p_queued, self.own_queued)
         return True
 
     def _dequeue(self) -> None:
-        """Give a waiter's place back (once per waiter, when it leaves the deque): own
-        word first, global second, for the same reason."""
-        atomic = self.table.atomic
+        """Give a waiter's place back (once per waiter, when it leaves the deque)."""
         self.own_queued -= 1
-        atomic.store_u64(self.p_queued, self.own_queued)
-        atomic.fetch_sub_u64(self.g_queued, 1)
+        leave_shared_queue(self.table.atomic, self.g_queued, self.p_queued, self.own_queued)
 
     def freed(self) -> None:
         if self.waiting and self.timer is None:
@@ -185,7 +189,7 @@ class PrefillAdmission:
         except Exception as exc:  # the timer must keep running whatever happened
             app.log_error("prefill admission failed", exc)
         if waiting and self.timer is None:
-            self.timer = app.loop.call_later(_RETRY_S, self._tick)
+            self.timer = app.loop.call_later(RETRY_S, self._tick)
 
     def _expire(self, waiter: _Waiting) -> None:
         waiter.done = True

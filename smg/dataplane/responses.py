@@ -26,6 +26,7 @@ import orjson
 from smg.dataplane.conversations import ConvError, bad_request, not_found, parse_list_query
 from smg.history.records import ResponseRecord
 from smg.history.store import random_hex
+from smg.translate.common import loads_object
 
 if TYPE_CHECKING:
     from smg.history.store import HistoryStore
@@ -334,11 +335,8 @@ class Observer:
     def response(self, status: int, body: bytes) -> bytes:
         if not 200 <= status < 300:
             return body
-        try:
-            answer = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return body
-        if not isinstance(answer, dict):
+        answer = loads_object(body)
+        if answer is None:
             return body
         patched = patch_answer(answer, self.request, self.previous, self.conversation, self.store)
         self._done(patched)

@@ -32,7 +32,9 @@ span per request, target `smg::otel-trace`), service name `smg`:
 - `upstream_request` (CLIENT, child of the request; smg only), one per attempt: url and
   worker (the worker's URL), attempt (1 = the first), retry_count, status_code (int),
   error. Its context goes to the worker as `traceparent` (1.13 sends its request span's),
-  replacing the client's; the client's `tracestate` goes on unchanged, as in 1.13.
+  replacing the client's; the client's `tracestate` goes on unchanged, as in 1.13. A PD
+  attempt is one span: worker is the decode, prefill_worker the prefill, and both legs
+  carry its context (1.13 sends both the same one).
 
 The W3C header codec is pure code (`parse_traceparent`, `format_traceparent`).
 """
@@ -269,6 +271,15 @@ class RequestTrace:
             "retry_count": attempt - 1,
         }
         return b"traceparent: %b\r\n" % format_traceparent(self.trace_id, span_id, self.flags)
+
+    def second_leg(self, worker: str) -> bytes:
+        """A PD attempt's prefill leg: part of the open attempt (one span per attempt, the
+        leg's worker as `prefill_worker`), whose `traceparent` it carries too, as 1.13
+        sends both legs the same context."""
+        self.attempt_attributes["prefill_worker"] = worker
+        return b"traceparent: %b\r\n" % format_traceparent(
+            self.trace_id, self.attempt_id, self.flags
+        )
 
     def end_attempt(self, status: int, error: str) -> None:
         """The open attempt ended with the worker's `status` (0: none, see `error`)."""

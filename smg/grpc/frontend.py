@@ -884,8 +884,9 @@ class GrpcExchange:
         """End the failed attempt (accounted with `outcome`) and wait out the backoff."""
         app = self.app
         row = self.row
-        self.attempting = False
-        app.attempt_done(self, outcome)  # type: ignore[arg-type]
+        if self.attempting:  # else a PD decode leg never admitted (smg.grpc.pd): nothing counted
+            self.attempting = False
+            app.attempt_done(self, outcome)  # type: ignore[arg-type]
         if self.failed_rows is None:
             self.failed_rows = [row]
         elif row not in self.failed_rows:
@@ -933,6 +934,9 @@ class GrpcExchange:
         while True:
             entry = self._next_worker()
             client = self._client(entry)
+            # --dp-aware: this attempt's rank worker's rank (a retry's replaces the last);
+            # in PD the decode's (smg.grpc.pd gives the prefill its own).
+            engine_request.dp_rank = entry.dp_rank
             plan = stages.parsers(prepared, entry, template, request_model)
             run = _Run(stages, prepared, tokenizer, len(ids), plan, keep_deltas=not prepared.stream)
             writer = None
@@ -1072,6 +1076,8 @@ class GrpcExchange:
         while True:
             entry = self._next_worker()
             client = self._client(entry)
+            for request in requests:  # --dp-aware: as in _generate
+                request.dp_rank = entry.dp_rank
             runs = [
                 _Run(stages, part, tokenizer, len(ids), None, keep_deltas=not stream)
                 for part, (ids, _text) in zip(parts, prompts, strict=True)

@@ -43,6 +43,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from smg.dataplane.gate import CLIENT_LEFT
@@ -248,6 +249,9 @@ class PdPlan:
         self.failed: list[int] = []  # prefill rows a retried attempt's prefill leg failed on
         # An admission slot taken by `handle` (row, generation), until choose uses it.
         self.reserved: tuple[int, int] | None = None
+        # The decode row (row, generation) the chosen attempt waits on for a slot in its
+        # running window (smg.dataplane.pd_window), until `client` hands it to the PdClient.
+        self.held: tuple[int, int] | None = None
 
     def ended(self, _task: object) -> None:
         """The exchange's task ended: a prefill chosen (and counted in flight) whose leg
@@ -323,7 +327,7 @@ class PdPlan:
         )
         refusal = router._no_pair(prefill_rows, decode_rows)
         if refusal is not None:
-            raise _Refused(503, "server_selection_failed", refusal, b"")
+            raise _Refused(*_refusal(router, route.model, prefill_rows, decode_rows, refusal), b"")
         admission = router.admission
         if admission is None:
             prefill = router._choose(router.prefill_policy, prefill_rows, route)
@@ -338,7 +342,15 @@ class PdPlan:
                 b"",
             )
         p_entry = state.entries[prefill]
-        decode = router._choose(app.policy, decode_rows, route)
+        window = router.window
+        decode, admitted = window.pick(
+            partial(router._choose, app.policy, route=route), decode_rows
+        )
+        if decode >= 0 and not admitted and window.wait <= 0:
+            # --pd-admission-wait-secs 0: shed at once, nothing dispatched.
+            router.leg_done(prefill, p_entry.generation, CLIENT_LEFT)
+            app.gate.record(decode, state.entries[decode].generation, CLIENT_LEFT)
+            raise _Refused(*window.shed(decode, route.model))
         if decode < 0:
             if admission is None:
                 app.gate.record(prefill, p_entry.generation, CLIENT_LEFT)  # the claim, unused
@@ -355,16 +367,21 @@ class PdPlan:
         ex.row = decode
         ex.generation = entry.generation
         ex.attempts += 1
-        ex.attempting = True
-        app._in_flight_add(decode, entry.generation)
-        app.policy.on_dispatch(decode)
+        # The decode's in flight was counted by DecodeWindow.take when admitted; a held
+        # leg counts nothing until PdClient._admit_decode takes its slot.
+        ex.attempting = admitted
+        if admitted:
+            app.policy.on_dispatch(decode)
+        else:
+            self.held = (decode, entry.generation)
         if admission is None:  # else counted by PrefillAdmission.take
             app._in_flight_add(prefill, p_entry.generation)
         router.prefill_policy.on_dispatch(prefill)
         router.dispatched += 1
         self.prefill = p_entry
-        if ex.trace is not None:
+        if ex.trace is not None:  # one span for the pair's attempt, as on HTTP PD
             ex.trace.begin_attempt(entry.url)
+            ex.trace.second_leg(p_entry.url)
         return entry
 
     def client(self, workers: Any, decode: DirectoryEntry) -> PdClient:
@@ -372,6 +389,7 @@ class PdPlan:
         assert p_entry is not None
         self.prefill = None
         client = PdClient(self.exchange, workers.client(p_entry), workers.client(decode), p_entry)
+        client.held, self.held = self.held, None
         self.clients.append(client)
         return client
 
@@ -391,12 +409,16 @@ class PdClient:
         self.backend: str = decode.backend
         self.runtime = "vllm" if self.backend == "vllm" else "sglang"  # 1.13's runtime label
         self.sent_at = 0.0  # the prefill's dispatch (smg_pd_* histograms start there)
+        self.decode_sent_at = 0.0  # the decode's (smg_pd_decode_ttft_seconds starts there)
         self._leg_open = True  # the prefill leg's accounting is still to be done
         self.started = False  # generate_batches ran (its legs account themselves)
         self._prefill_running = False
         # SGLang: the prefill's first GenerateComplete (its prompt logprobs, merged into
         # the decode's answer as 1.13's merge_prefill_logprobs)
         self._prefill_first: Any = None
+        # The decode row (row, generation) whose running window this attempt's decode
+        # leg waits on (PdPlan.choose found no slot); None: admitted.
+        self.held: tuple[int, int] | None = None
 
     def _leg_done(self, outcome: int) -> None:
         if not self._leg_open:
@@ -410,11 +432,66 @@ class PdClient:
         if router is not None:
             router.leg_done(self.p_entry.row, self.p_entry.generation, outcome, dispatched=True)
 
+    async def _admit_decode(self, prefill: asyncio.Future[None] | None) -> bool:
+        """Wait (DecodeWindow.hold) until the held decode leg has a slot: True once taken
+        (accounted as PdPlan.choose does for an admitted one); False when the prefill leg
+        failed meanwhile (its error is the answer); the shed's 503 raised as _Refused."""
+        held = self.held
+        if held is None:
+            return True
+        self.held = None
+        from smg.grpc.frontend import _Refused
+
+        ex = self.exchange
+        app = ex.app
+        router = app.pd
+        assert router is not None
+        window = router.window
+        row, generation = held
+        verdict: asyncio.Future[bool] = app.loop.create_future()
+
+        def settle(admitted: bool) -> None:
+            if not verdict.done():
+                verdict.set_result(admitted)
+
+        hold = window.hold(row, generation, partial(settle, True), partial(settle, False))
+        try:
+            waiting: set[asyncio.Future[Any]] = {verdict}
+            if prefill is not None:
+                waiting.add(prefill)
+            while not verdict.done():
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if prefill is not None and prefill.done() and not verdict.done():
+                    if prefill.cancelled() or prefill.exception() is not None:
+                        return False
+                    waiting = {verdict}  # the prefill ended well: the decode still waits
+            if verdict.result():
+                ex.attempting = True
+                app.policy.on_dispatch(row)
+                return True
+        finally:
+            if not verdict.done():  # ended while held (prefill failed, client gone)
+                window.release(hold)
+                app.gate.record(row, generation, CLIENT_LEFT)  # the claim, unused
+            elif verdict.result() and not ex.attempting:
+                # Admitted (its slot counted), then cancelled before this task resumed:
+                # the slot goes back.
+                app._in_flight_done(row, generation)
+                app.gate.record(row, generation, CLIENT_LEFT)
+        app.gate.record(row, generation, CLIENT_LEFT)
+        raise _Refused(*window.shed(row, ex.route_model))
+
     async def abort(self, request_ids: list[str]) -> None:
         calls = [self.decode.abort(request_ids)]
         if self._prefill_running:
             calls.append(self.prefill.abort(request_ids))
         await asyncio.gather(*calls, return_exceptions=True)
+
+    def _prefill_ranked(self, req: GenerateInput) -> GenerateInput:
+        """The prefill leg's request: with --dp-aware its own rank worker's rank (the
+        decode's request carries the decode's), as 1.13's execute_parallel_pd sets
+        data_parallel_rank on each leg."""
+        return dataclasses.replace(req, dp_rank=self.p_entry.dp_rank)
 
     def generate_batches(
         self, req: GenerateInput, *, timeout: float | None
@@ -448,7 +525,8 @@ class PdClient:
         self._prefill_running = True
         self.sent_at = time.monotonic()
         try:
-            outputs = _batches(self.prefill, vllm_prefill_input(req, mode, transfer_id), timeout)
+            preq = self._prefill_ranked(vllm_prefill_input(req, mode, transfer_id))
+            outputs = _batches(self.prefill, preq, timeout)
             try:
                 async for outs in outputs:
                     for out in outs:
@@ -473,18 +551,27 @@ class PdClient:
                 "recomputes the prompt",
                 self.p_entry.url,
             )
+        await self._admit_decode(None)
         dreq = dataclasses.replace(
             req, kv_transfer_params_json=vllm_decode_params(mode, returned, transfer_id, n)
         )
         decode = _batches(self.decode, dreq, timeout)
+        # The decode call goes out on the first read below; 1.13's relay window ends at its
+        # send, so it is the gateway's own work between the legs (the engines' KV transfer
+        # falls in the decode phase, which starts here).
+        self.decode_sent_at = time.monotonic()
+        relay_s = self.decode_sent_at - self.sent_at - prefill_s
         first = True
         try:
             async for outs in decode:
                 if first:  # decode established: 1.13 records its success-only PD metrics
                     first = False
+                    router = self.exchange.app.pd
+                    if router is not None:
+                        router.kv_modes[mode.kind] = router.kv_modes.get(mode.kind, 0) + 1
                     self._observe("prefill", prefill_s)
-                    if req.stream:  # the 1.13 binary: TTFT for streamed answers only
-                        self._observe("ttft", time.monotonic() - self.sent_at)
+                    self._observe("relay", relay_s)
+                    self._first_token(req.stream)
                 yield outs
         except EngineError as error:
             raise leg_error(error, "decode") from None
@@ -504,13 +591,17 @@ class PdClient:
         host = worker_address(self.p_entry.url).host
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
         self._prefill_running = True
-        self.sent_at = time.monotonic()
-        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, sreq, timeout)))
+        self.sent_at = self.decode_sent_at = time.monotonic()  # both legs at once
+        preq = self._prefill_ranked(sreq)
+        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, preq, timeout)))
         decode = _batches(self.decode, sreq, timeout)
         if req.stream:  # the 1.13 binary: TTFT for streamed answers only
             decode = _ttft(self, decode)
         ok = False
         try:
+            # A held decode leg waits here, the prefill running (False: it failed meanwhile,
+            # and the loop below is skipped for its error).
+            await self._admit_decode(prefill)
             while not prefill.done():
                 # Until the prefill ends, each decode read races it: a prefill that fails
                 # ends the request at once instead of leaving the decode waiting for KV.
@@ -561,11 +652,13 @@ class PdClient:
     async def _merged(
         self, req: GenerateInput, outs: list[Any], prefill: asyncio.Future[None]
     ) -> list[Any]:
-        """The decode's finished outputs with the prefill's prompt logprobs when the
-        client asked for logprobs (1.13: the first prefill response's input_logprobs, when
-        it has some, replace every decode response's). The decode's last output may come
-        before the prefill's Complete was read: wait for it (bounded)."""
-        if req.sampling.logprobs is None or not any(o.finished for o in outs):
+        """The decode's outputs with the prefill's prompt logprobs when the client asked
+        for logprobs (1.13: the prefill's Complete's input_logprobs, when it has some,
+        replace the decode's): on the finished ones, and when streaming on every one
+        (1.13 reads the prefill's Complete before it streams the decode, so each chunk
+        carries them). The decode's output may come before the prefill's Complete was
+        read: wait for it (bounded)."""
+        if req.sampling.logprobs is None or not (req.stream or any(o.finished for o in outs)):
             return outs
         if not prefill.done():
             with contextlib.suppress(BaseException):
@@ -573,26 +666,33 @@ class PdClient:
         first = self._prefill_first
         if first is not None and first.input_logprobs is not None:
             for o in outs:
-                if o.finished:
+                if o.finished or req.stream:
                     o.input_logprobs = first.input_logprobs
         return outs
 
     def _observe(self, which: str, seconds: float) -> None:
-        """smg_pd_prefill_duration_seconds / smg_pd_ttft_seconds with this runtime's label
-        (the PD router's histograms: keyed (model, runtime), summed by the reader)."""
+        """One of the PD router's histograms (prefill, relay, decode_ttft, ttft: the
+        smg_pd_* families) with this runtime's label, keyed (model, runtime); summed over
+        processes by the reader."""
         router = self.exchange.app.pd
         if router is None:
             return
-        hists = router.prefill_durations if which == "prefill" else router.ttfts
+        hists = {
+            "prefill": router.prefill_durations,
+            "relay": router.kv_transfers,
+            "decode_ttft": router.decode_ttfts,
+            "ttft": router.ttfts,
+        }[which]
         asked = self.exchange.body.get("model")
         model = asked if isinstance(asked, str) and asked else self.exchange.route_model
-        key = (model or "unknown", self.runtime)
-        hist = hists.get(key)  # type: ignore[call-overload]
-        if hist is None:
-            from smg.dataplane.metrics import DURATION_BUCKETS, Histogram
+        router.observe(hists, (model or "unknown", self.runtime), seconds)
 
-            hist = hists[key] = Histogram(DURATION_BUCKETS)  # type: ignore[index]
-        hist.observe(seconds)
+    def _first_token(self, stream: bool) -> None:
+        """The decode's first output: 1.13 observes the TTFTs for streamed answers only."""
+        if stream:
+            now = time.monotonic()
+            self._observe("ttft", now - self.sent_at)
+            self._observe("decode_ttft", now - self.decode_sent_at)
 
     async def _stop_prefill(self, prefill: asyncio.Future[None], rid: str, grace: bool) -> None:
         if grace:
@@ -626,19 +726,41 @@ class PdClient:
 
 
 async def _ttft(client: PdClient, outputs: AsyncIterator[list[Any]]) -> AsyncIterator[list[Any]]:
-    """The SGLang decode's outputs; the first one observes smg_pd_ttft_seconds (1.13:
-    prefill dispatch to the first decode token, streamed answers only; the parallel path
-    has no prefill duration: 1.13 does not drain the prefill's stream there)."""
+    """The SGLang decode's outputs; the first one observes smg_pd_ttft_seconds and
+    smg_pd_decode_ttft_seconds (1.13: from the prefill's / decode's dispatch, the same
+    moment here, to the first decode token, streamed answers only; the parallel path has
+    no prefill duration, relay window or connector mode: 1.13 records none there)."""
     first = True
     try:
         async for outs in outputs:
             if first:
                 first = False
-                client._observe("ttft", time.monotonic() - client.sent_at)
+                client._first_token(True)
             yield outs
     finally:
         with contextlib.suppress(Exception):
             await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _refusal(
+    router: Any, model: str | None, prefill_rows: list[int], decode_rows: list[int], refusal: str
+) -> tuple[int, str, str]:
+    """The 503 when a side has no ready gRPC worker. When that side's ready workers all
+    speak HTTP (a mixed fleet: 1.13 pairs gRPC legs only with gRPC legs and HTTP with HTTP,
+    router_manager.rs; smg does the same), 1.13's no_available_workers words, with the
+    mismatch named (1.13's message stops at "the pair is incomplete")."""
+    for kind, rows in (("prefill", prefill_rows), ("decode", decode_rows)):
+        if not rows and router._rows(kind, model):
+            other = "decode" if kind == "prefill" else "prefill"
+            return (
+                503,
+                "no_available_workers",
+                f"No {kind} worker is registered for model '{model or 'unknown'}' at the "
+                "moment (its other leg is): the pair is incomplete; the ready "
+                f"{kind} workers speak HTTP and a gRPC {other} pairs only with a gRPC {kind} "
+                "(mixed HTTP/gRPC prefill-decode pairs are not supported)",
+            )
+    return 503, "server_selection_failed", refusal
 
 
 def _prefer(rows: list[int], failed: list[int] | None) -> list[int]:

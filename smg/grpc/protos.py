@@ -213,6 +213,8 @@ def build_generate_request(backend: str, req: GenerateInput) -> Any:
         _set_tokenized(vreq.tokenized, req)
         if req.kv_transfer_params_json is not None:
             vreq.kv_transfer_params_json = req.kv_transfer_params_json
+        if req.dp_rank is not None:
+            vreq.data_parallel_rank = req.dp_rank
         return vreq
     logprobs = req.sampling.logprobs
     sreq = sgl.GenerateRequest(
@@ -230,6 +232,8 @@ def build_generate_request(backend: str, req: GenerateInput) -> Any:
         sreq.disaggregated_params.CopyFrom(
             sgl.DisaggregatedParams(bootstrap_host=host, bootstrap_port=port, bootstrap_room=room)
         )
+    if req.dp_rank is not None:
+        sreq.data_parallel_rank = req.dp_rank
     return sreq
 
 
@@ -289,6 +293,10 @@ def output_from(backend: str, response: Any) -> EngineOutput:
             c.completion_tokens,
             c.cached_tokens,
             _logprobs_from(lp) if lp.token_ids else None,
+            # SGLang sends the prompt logprobs in a stream's first chunk (its proto)
+            input_logprobs=_input_logprobs_from(c)
+            if backend == "sglang" and c.HasField("input_logprobs")
+            else None,
         )
     if which == "complete":
         c = response.complete
@@ -545,13 +553,22 @@ def model_info_from(backend: str, model_info: Any, server_info: Any | None) -> G
 
 
 def server_info_from(backend: str, server_info: Any | None) -> dict[str, Any]:
-    """The few GetServerInfo facts /workers shows (`version`, `server_type`)."""
+    """The few GetServerInfo facts smg uses: `version`, `server_type` (shown in /workers)
+    and `dp_size` (--dp-aware: SGLang's server_args.dp_size, as 1.13 reads it; vLLM's
+    data_parallel_size), absent when the engine reports none."""
     _check_backend(backend)
     if server_info is None:
         return {}
     info: dict[str, Any] = {"server_type": server_info.server_type}
     if backend == "sglang" and server_info.sglang_version:
         info["version"] = server_info.sglang_version
+    if backend == "sglang":
+        args = server_info.server_args
+        size = args.fields["dp_size"].number_value if "dp_size" in args.fields else 0
+    else:
+        size = server_info.data_parallel_size
+    if size >= 1 and size == int(size):
+        info["dp_size"] = int(size)
     return info
 
 

@@ -185,6 +185,7 @@ class ChoiceState:
                 None,
                 None,
                 ids,
+                out.input_logprobs,
             )
         if finished:
             last = text_ids[-1] if text_ids else None  # the choice's last token
@@ -226,7 +227,9 @@ class ChoiceState:
             return self._delta_class(
                 self.index, text, out.logprobs, reason, matched, ids, out.input_logprobs
             )
-        return self._delta_class(self.index, text, out.logprobs, None, None, ids)
+        return self._delta_class(
+            self.index, text, out.logprobs, None, None, ids, out.input_logprobs
+        )
 
 
 class ParsingChoiceState(ChoiceState):
@@ -940,14 +943,20 @@ class GenerateStreamWriter(_Writer):
         self._text = [""] * self.n
         self._ids: list[list[int]] = [[] for _ in range(self.n)]
         self._logprobs: list[list[TokenLogprob]] = [[] for _ in range(self.n)]
+        # The prompt logprobs once the engine sent them (SGLang: its stream's first chunk;
+        # PD: the prefill's), then in every chunk's meta_info as SGLang's HTTP stream
+        # repeats them (not incremental) and 1.13's PD stream does.
+        self._inputs: list[list[tuple[float | None, int]] | None] = [None] * self.n
 
     def start(self) -> bytes:
         return b""
 
     def delta(self, d: Delta) -> bytes:
+        i = self._index(d)
+        if d.input_logprobs is not None:
+            self._inputs[i] = d.input_logprobs
         if not d.text and not d.token_ids and d.finish_reason is None:
             return b""
-        i = self._index(d)
         self._text[i] += d.text
         self._ids[i].extend(d.token_ids)
         if d.logprobs:
@@ -965,6 +974,7 @@ class GenerateStreamWriter(_Writer):
             usage,
             self.tokenizer,
             self._cache,
+            self._inputs[i],
         )
         if self.n > 1:
             obj["index"] = i

@@ -74,6 +74,9 @@ class GenerateInput:
     # kv_transfer_params_json. None: a plain request.
     disaggregated: tuple[str, int, int] | None = None
     kv_transfer_params_json: str | None = None
+    # --dp-aware (smg.dp): the rank worker's DP rank, sent as the proto's
+    # data_parallel_rank (1.13's request_execution.rs); None: unset (the engine balances).
+    dp_rank: int | None = None
 
 
 @dataclass(slots=True)

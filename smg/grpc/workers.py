@@ -3,8 +3,10 @@
 Everything here is made lazily after the fork (a grpc.aio channel must not cross a fork)
 and lives on the process's event loop:
 
-- one `EngineClient` per (row, generation): a row taken by another worker (a new
-  generation) or dropped from the directory gets its client closed;
+- one `EngineClient` per engine (URL, key, backend), shared by the rows on it (a
+  --dp-aware engine's rank workers are one engine: one channel, not one per rank); a row
+  taken by another worker (a new generation) or dropped from the directory lets go of
+  its client, closed when no row uses it;
 - one `Tokenizer` per source: --tokenizer-path, else --model-path when it is a local
   directory, else the worker's bundle directory (`entry.grpc.tokenizer_dir`, fetched by
   the control plane); --chat-template overrides the template. Loading a tokenizer takes
@@ -114,7 +116,8 @@ class GrpcWorkers:
     ) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.clients: dict[tuple[int, int], Any] = {}
+        self.clients: dict[tuple[int, int], Any] = {}  # (row, generation) -> client
+        self._engines: dict[tuple[str, str | None, str], Any] = {}  # (url, key, backend)
         self.tokenizers: dict[str, asyncio.Future[Any]] = {}
         self.templates: dict[int, Any] = {}  # id(tokenizer) -> ChatTemplate | None
         self._template_owners: dict[int, Any] = {}  # keeps the id valid
@@ -131,16 +134,20 @@ class GrpcWorkers:
         key = (entry.row, entry.generation)
         client = self.clients.get(key)
         if client is None:
-            address = worker_address(entry.url)
-            host = f"[{address.host}]" if ":" in address.host else address.host
-            backend = entry.grpc.backend if entry.grpc is not None else ""
-            client = self._client_factory(
-                f"{host}:{address.port}",
-                backend or "vllm",
-                self._tls_for(address.tls),
-                # Only the worker's own key, as metadata (the control plane's rule too).
-                entry.api_key,
-            )
+            backend = (entry.grpc.backend if entry.grpc is not None else "") or "vllm"
+            engine = (entry.url, entry.api_key, backend)
+            client = self._engines.get(engine)
+            if client is None:
+                address = worker_address(entry.url)
+                host = f"[{address.host}]" if ":" in address.host else address.host
+                client = self._client_factory(
+                    f"{host}:{address.port}",
+                    backend,
+                    self._tls_for(address.tls),
+                    # Only the worker's own key, as metadata (the control plane's rule too).
+                    entry.api_key,
+                )
+                self._engines[engine] = client
             self.clients[key] = client
         return client
 
@@ -170,14 +177,19 @@ class GrpcWorkers:
         for key in list(self.clients):
             entry = entries.get(key[0])
             if entry is None or entry.generation != key[1]:
-                client = self.clients.pop(key)
+                self.clients.pop(key)
+        used = {id(client) for client in self.clients.values()}
+        for engine, client in list(self._engines.items()):
+            if id(client) not in used:
+                del self._engines[engine]
                 task = self.loop.create_task(_close(client))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
     async def close_all(self) -> None:
-        clients = list(self.clients.values())
+        clients = list(self._engines.values())
         self.clients.clear()
+        self._engines.clear()
         for client in clients:
             await _close(client)
 

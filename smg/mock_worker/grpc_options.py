@@ -3,7 +3,7 @@
 smg mock-worker --grpc --host 127.0.0.1 --port P --grpc-backend vllm|sglang
     --tokenizer-path DIR --model NAME --max-context-length N [--processes K]
     [--itl-ms X] [--ttft-ms Y] [--output-mode echo|random|text:<...>] [--eos-after N]
-    [--control-port Q] [--prefix-cache-tokens N]
+    [--control-port Q] [--prefix-cache-tokens N] [--dp-size N]
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ class GrpcOptions:
     bootstrap_port: int = 8998  # SGLang's --disaggregation-bootstrap-port default; 0: ephemeral
     pd_wait_s: float = 5.0
     kv_connector: str = "nixl"  # vLLM PD: "nixl" (params relayed) or "mooncake" (push-based)
+    # Data parallelism as GetServerInfo reports it (SGLang server_args.dp_size, vLLM
+    # data_parallel_size): a request's data_parallel_rank outside [0, dp_size) is refused;
+    # /stats "requests_by_dp_rank" counts the ranks received (as the HTTP mock's --dp-size).
+    dp_size: int = 1
 
 
 @dataclasses.dataclass
@@ -200,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(nixl: the prefill's kv_transfer_params relayed; mooncake: a router-minted "
         "transfer_id, remote_engine_id and remote_bootstrap_addr)",
     )
+    p.add_argument(
+        "--dp-size",
+        type=int_arg(1, 1024),
+        default=1,
+        help="the dp_size GetServerInfo reports; a Generate's data_parallel_rank outside "
+        "[0, N) is refused (INVALID_ARGUMENT); /stats requests_by_dp_rank counts the ranks",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -247,4 +258,5 @@ def parse_grpc_options(argv: list[str]) -> GrpcOptions:
         bootstrap_port=bootstrap_port,
         pd_wait_s=ns.pd_wait_s,
         kv_connector=ns.kv_connector,
+        dp_size=ns.dp_size,
     )

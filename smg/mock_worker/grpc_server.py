@@ -146,6 +146,7 @@ class Stats:
         self.completed = 0
         self.tokens = 0
         self.in_flight = 0
+        self.by_dp_rank: dict[str, int] = {}  # data_parallel_rank ("none": unset) -> count
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +166,7 @@ class Stats:
             "completed": self.completed,
             "tokens": self.tokens,
             "in_flight": self.in_flight,
+            "requests_by_dp_rank": dict(self.by_dp_rank),
         }
 
 
@@ -325,21 +327,33 @@ class Backend:
         """A GenerateResponse holding `part` (vLLM's has no request_id; SGLang's does)."""
         return self.pb.GenerateResponse(**part)
 
+    def _common(
+        self, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None, inputs: Any
+    ) -> dict[str, Any]:
+        """The fields a chunk and a complete share (SGLang's prompt logprobs when given)."""
+        common = {
+            "prompt_tokens": prompt,
+            "completion_tokens": s.count if self.cumulative else len(toks),
+            "cached_tokens": cached,
+            "output_logprobs": self.logprobs(s, toks, k),
+        }
+        if inputs is not None:
+            common["input_logprobs"] = inputs
+        return common
+
     def chunk(
-        self, rid: str, s: ChoiceScript, toks: list[int], prompt: int, cached: int, k: int | None
+        self,
+        rid: str,
+        s: ChoiceScript,
+        toks: list[int],
+        prompt: int,
+        cached: int,
+        k: int | None,
+        inputs: Any = None,
     ) -> Any:
-        pb = self.pb
-        return self.response(
-            rid,
-            chunk=pb.GenerateStreamChunk(
-                token_ids=toks,
-                prompt_tokens=prompt,
-                completion_tokens=s.count if self.cumulative else len(toks),
-                cached_tokens=cached,
-                output_logprobs=self.logprobs(s, toks, k),
-                index=s.index,
-            ),
-        )
+        common = self._common(s, toks, prompt, cached, k, inputs)
+        chunk = self.pb.GenerateStreamChunk(token_ids=toks, index=s.index, **common)
+        return self.response(rid, chunk=chunk)
 
     def complete(
         self,
@@ -352,22 +366,14 @@ class Backend:
         index: int,
         inputs: Any = None,
     ) -> Any:
-        pb = self.pb
-        extra = {} if inputs is None else {"input_logprobs": inputs}
-        return self.response(
-            rid,
-            complete=pb.GenerateComplete(
-                output_ids=toks,
-                finish_reason=s.finish_reason or "stop",
-                prompt_tokens=prompt,
-                completion_tokens=s.count if self.cumulative else len(toks),
-                cached_tokens=cached,
-                output_logprobs=self.logprobs(s, toks, k),
-                index=index,
-                **self.matched(s),
-                **extra,
-            ),
+        complete = self.pb.GenerateComplete(
+            output_ids=toks,
+            finish_reason=s.finish_reason or "stop",
+            index=index,
+            **self._common(s, toks, prompt, cached, k, inputs),
+            **self.matched(s),
         )
+        return self.response(rid, complete=complete)
 
     def logprobs(self, s: ChoiceScript, toks: list[int], k: int | None) -> Any:
         """The OutputLogProbs of `toks` (None when none were asked for, or no tokens)."""
@@ -497,6 +503,24 @@ def _varint(v: int) -> bytes:
     return bytes(out)
 
 
+def dp_rank_of(engine: Engine, msg: Any) -> None:
+    """Count a Generate's `data_parallel_rank` (both protos: an optional int32); refuse
+    one outside [0, --dp-size) as an engine with that many DP ranks cannot serve it (the
+    HTTP mock's 400, as a gRPC status)."""
+    counts = engine.stats.by_dp_rank
+    if not msg.HasField("data_parallel_rank"):
+        counts["none"] = counts.get("none", 0) + 1
+        return
+    rank, size = msg.data_parallel_rank, engine.opts.dp_size
+    if not 0 <= rank < size:
+        counts["invalid"] = counts.get("invalid", 0) + 1
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"data_parallel_rank {rank} is out of range [0, {size})",
+        )
+    counts[str(rank)] = counts.get(str(rank), 0) + 1
+
+
 class GenRun:
     """One Generate call: validation, then `advance()` once per step (at `due()`) until
     `done`; shared by the grpc.aio server and the fast HTTP/2 one. Raises Abort."""
@@ -507,6 +531,7 @@ class GenRun:
         stats = engine.stats
         stats.last_generate_msg = msg  # converted to JSON only when /stats asks
         stats.constraint = be.constraint(msg)
+        dp_rank_of(engine, msg)
         try:
             req, k = be.request(msg)
         except ValueError as e:
@@ -582,12 +607,20 @@ class GenRun:
         failure = self.failure
         raw = self.raw
         stream = req.stream
+        # SGLang's stream carries the prompt logprobs in a choice's first chunk (its proto
+        # says so) and in its complete (built from the finished request, as non-streamed)
+        inputs = None
+        if stream and self.input_from is not None:
+            inputs = input_logprobs_message(be.pb, req.prompt, self.input_from)
         for s in live:
             t = s.step()
             stats.tokens += 1
             if stream:
+                first = inputs if s.count == 1 else None
                 out.append(
-                    be.chunk_bytes(rid, s, t, p, c) if raw else be.chunk(rid, s, [t], p, c, k)
+                    be.chunk_bytes(rid, s, t, p, c)
+                    if raw
+                    else be.chunk(rid, s, [t], p, c, k, first)
                 )
             if failure is not None and s.index == 0 and s.count >= failure[2]:
                 self.pending_failure = out
@@ -595,7 +628,7 @@ class GenRun:
             if s.finish_reason is not None:
                 self.live -= 1
                 if stream:
-                    out.append(be.complete(rid, s, [t], p, c, k, s.index))
+                    out.append(be.complete(rid, s, [t], p, c, k, s.index, inputs))
         if self.live == 0:
             self.done = True
             if not stream:
@@ -741,6 +774,22 @@ class _Service:
         async for chunk in tokenizer_chunks(self.e, context):
             yield chunk
 
+    async def FlushCache(self, request: Any, context: Any) -> Any:
+        # Counted in /stats "requests" (what the --dp-aware tests read: one per engine).
+        self.e.count("FlushCache")
+        await self.e.delay()
+        if self.e.cache is not None:
+            self.e.cache.reset()
+        return common_pb2.FlushCacheResponse(success=True, message="Cache flushed.")
+
+    async def StartProfile(self, request: Any, context: Any) -> Any:
+        self.e.count("StartProfile")
+        return common_pb2.ProfileResponse(success=True, message="")
+
+    async def StopProfile(self, request: Any, context: Any) -> Any:
+        self.e.count("StopProfile")
+        return common_pb2.ProfileResponse(success=True, message="")
+
 
 class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
     pb = vllm_engine_pb2
@@ -768,7 +817,7 @@ class VllmService(_Service, vllm_engine_pb2_grpc.VllmEngineServicer):
             last_receive_timestamp=self.e.last_receive,
             uptime_seconds=time.time() - self.e.started,
             server_type="vllm-grpc",
-            data_parallel_size=1,
+            data_parallel_size=self.e.opts.dp_size,
             max_num_seqs=256,
             **_kv_fields(self.e),
         )
@@ -817,6 +866,7 @@ class SglangService(_Service, sglang_scheduler_pb2_grpc.SglangSchedulerServicer)
                 "tokenizer_path": e.opts.tokenizer_path,
                 "served_model_name": e.opts.model,
                 "context_length": e.opts.max_context_length,
+                "dp_size": e.opts.dp_size,  # SGLang's server_args always carry it
             }
         )
         sched = struct_pb2.Struct()
@@ -999,6 +1049,12 @@ def fast_routes(service: VllmService | SglangService) -> dict[str, Route]:
     routes: dict[str, Route] = {prefix + "Generate": ("generate", pb.GenerateRequest, service.be)}
     for name in ("Embed", "HealthCheck", "Abort", "GetModelInfo", "GetServerInfo", "GetLoads"):
         routes[prefix + name] = ("unary", getattr(pb, name + "Request"), getattr(service, name))
+    for name, request in (
+        ("FlushCache", common_pb2.FlushCacheRequest),
+        ("StartProfile", common_pb2.StartProfileRequest),
+        ("StopProfile", common_pb2.StopProfileRequest),
+    ):
+        routes[prefix + name] = ("unary", request, getattr(service, name))
     routes[prefix + "GetTokenizer"] = (
         "stream",
         common_pb2.GetTokenizerRequest,

@@ -320,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for the fault/EOS dice")
     p.add_argument("--max-model-len", type=int_arg(1, 2**31), default=32768)
     p.add_argument("--max-total-tokens", type=int_arg(1, 2**40), default=131072)
-    p.add_argument("--max-running-requests", type=int_arg(1, 2**31), default=256)
+    p.add_argument(
+        "--max-running-requests",
+        type=int_arg(0, 2**31),
+        default=256,
+        help="reported in /server_info and loads (0: an engine that reports no running window)",
+    )
     p.add_argument("--embedding-dim", type=int_arg(1, 65536), default=16)
     p.add_argument("--max-header-bytes", type=int_arg(1024, 2**24), default=64 * 1024)
     p.add_argument("--max-body-bytes", type=int_arg(1024, 2**31), default=64 * 1024 * 1024)

@@ -35,6 +35,7 @@ ALIASES_BYTES = 1 << 20
 _STR_HEADER = 5  # msgpack: the largest string header (str32)
 # A gRPC worker's model facts (`GrpcModelInfo`), encoded, at most (`bound_grpc_info`).
 MAX_GRPC_INFO_BYTES = 16 * 1024
+MAX_PD_WINDOW = 2**32 - 1  # a decode's running window is cut to this (an entry's bound)
 
 
 class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -57,6 +58,9 @@ class DirectoryEntry(msgspec.Struct, array_like=True, frozen=True):
     # `url` is then the engine's URL and the rank goes into every body sent to it.
     dp_rank: int | None = None
     dp_size: int | None = None
+    # Decode workers only: the running window PD dispatch is gated by (0: none reported,
+    # never gated; smg.control.registry.pd_window, smg.dataplane.pd_window).
+    pd_window: int = 0
 
 
 # WASM modules (`POST /wasm`, smg.wasm.registry): how many, and their strings' bounds, so
@@ -154,6 +158,9 @@ def max_entry_bytes() -> int:
         engine="",
         context_length=big,
         spec=WorkerSpec(url=""),
+        dp_rank=big,
+        dp_size=big,
+        pd_window=MAX_PD_WINDOW,
     )
     return (
         len(_encoder.encode(fixed))

@@ -9,15 +9,16 @@ for wasm32-wasip2. Unlike 1.13, a component must export the interfaces of its at
 
 Where a call's time goes (trivial module, 180-byte body, 4 headers; CPU time, this 2-core shared machine, in a
 loop): ~53 us with an mmap/munmap of a fresh memory per instance (~13 us of it system time), ~30 us with wasmtime's
-pooling instance allocator (as 1.13; memory kept resident, reset by memset), ~27 us calling the C API directly,
-~23-25 us with the C functions prototyped over plain addresses and the argument packed by a few Struct calls.
-Of those: lowering the request in Python ~8 us, a store made and dropped ~3.5 us, instantiation ~4.5 us, the call
-~8 us (the C API carries a list<u8> as one 32-byte value per byte, converted and lowered one by one: ~25-45 ns per
-body byte), lifting ~1.5 us. Values cross through wasmtime's C API directly (smg/wasm/capi.py), not wasmtime-py's
-generic converters (one Python call per body byte, ~1 us each). Inside the gateway the same call costs ~58 us of
-CPU (thread time, measured around the call under wrk) and the chain and app around it ~14 us more: caches and TLB
-are cold between requests (measured: touching 4 MB between calls takes a call from ~28 to ~40-57 us, 32 MB to
-~140 us). smg_wasm_execution_seconds is wall time, which on an oversubscribed box includes being preempted.
+pooling instance allocator (as 1.13; memory kept resident, reset by memset), ~23-25 us through ctypes over plain
+addresses. Of those, in Python: lowering the request ~8 us, the dozen ctypes calls and lifting; in wasmtime: a store
+made and dropped ~3.5 us, instantiation ~4.5 us, the call ~8 us (the C API carries a list<u8> as one 32-byte value
+per byte, converted and lowered one by one: ~25-45 ns per body byte). smg/wasm/_fastcall.c (an optional C
+extension, used when built) does the lowering and the whole store -> instantiate -> call -> delete sequence in one
+C call with the GIL released, and answers `continue` without lifting: measured side by side on the same (loaded)
+box, 64 -> 17 us a call in a loop, and in the gateway 56-60 us of thread CPU time under wrk (the ctypes path's
+~58 us before was on a quiet box; caches and TLB are cold between requests, so everything costs 2-3x the loop's)
+(native_bench/RESULTS-2026-11-29-wasm.md). smg_wasm_execution_seconds is wall time, which on an oversubscribed
+box includes being preempted.
 
 Limits that differ from 1.13: wasmtime-py's store limiter cannot trap on a failed memory.grow (1.13 sets
 trap_on_grow_failure), so a module over 64 MiB sees memory.grow return -1 and traps on its own (Rust's allocator
@@ -50,6 +51,7 @@ from wasmtime import component as wc
 from smg.wasm import capi
 from smg.wasm.types import (
     ATTACH_POINTS,
+    CONTINUE,
     EXPORTS,
     Action,
     Limits,
@@ -309,6 +311,48 @@ if (sizeof(ffi.wasmtime_component_instance_t), sizeof(ffi.wasmtime_component_fun
     raise ImportError("unexpected wasmtime C API instance/function layout")  # pragma: no cover
 
 
+# The whole call in one C function (smg/wasm/_fastcall.c, an optional extension built by setup.py):
+# the same C API calls as ModuleRunner._call in the same order, without ctypes per step or the
+# Python packing of the argument. Without it (no compiler at install), the ctypes path runs.
+try:
+    from smg.wasm import _fastcall as _fast
+except ImportError:  # pragma: no cover - the extension is built wherever the tests run
+    _fast = None
+else:
+
+    def _address(name: str) -> int:
+        return cast(_raw.dll[name], c_void_p).value
+
+    _fast.setup(
+        tuple(
+            _address(name)
+            for name in (
+                "wasmtime_store_new",
+                "wasmtime_store_context",
+                "wasmtime_store_delete",
+                "wasmtime_context_set_epoch_deadline",
+                "wasmtime_component_linker_instantiate",
+                "wasmtime_component_instance_get_func",
+                "wasmtime_component_func_call",
+                "wasmtime_component_val_delete",
+                "wasi_config_new",
+                "wasmtime_context_set_wasi",
+            )
+        ),
+        (
+            capi.K_U8,
+            capi.K_U16,
+            capi.K_U64,
+            capi.K_STRING,
+            capi.K_LIST,
+            capi.K_RECORD,
+            capi.K_VARIANT,
+        ),
+    )
+# _fastcall's answers besides None (`continue`): (code, address).
+_FAST_LIFT, _FAST_NO_FUNC, _FAST_ERROR = 1, 2, 3
+
+
 def _error(ptr: int) -> wasmtime.WasmtimeError:
     return wasmtime.WasmtimeError._from_ptr(cast(ptr, _ERROR_PTR))
 
@@ -330,12 +374,32 @@ def _trap(e: BaseException, limits: Limits) -> WasmTrap:
     return WasmTrap(cause, "trap")
 
 
+def _list(headers: Any) -> list[tuple[str, str]]:
+    """The headers as _fastcall takes them: a list of 2-tuples."""
+    if type(headers) is list:
+        return headers
+    return [(n, v) for n, v in headers]
+
+
+def _bytes(body: Any) -> bytes:
+    return body if type(body) is bytes else bytes(body)
+
+
 class ModuleRunner:
     """One loaded module in one process: the deserialized component (never compiled again) and its linker.
     Calls are synchronous and may block up to max_execution_ms; each runs in a fresh store and instance."""
 
-    def __init__(self, engine_owner: EngineOwner | None, artifact: bytes, limits: Limits) -> None:
+    def __init__(
+        self,
+        engine_owner: EngineOwner | None,
+        artifact: bytes,
+        limits: Limits,
+        fast: bool = True,
+    ) -> None:
+        """`fast`: call through smg.wasm._fastcall when it is built (False: the ctypes path, which
+        the tests compare it with)."""
         self.limits = limits
+        self._fast = _fast if fast else None
         self.engine = (engine_owner or _DEFAULT_OWNER).engine(limits)
         try:
             self.component = wc.Component.deserialize(self.engine, artifact)
@@ -371,6 +435,15 @@ class ModuleRunner:
             raise WasmTrap(
                 f"request body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
             )
+        fast = self._fast
+        idx = self._index_ptr.get("OnRequest")
+        if fast is not None and idx is not None:
+            got = fast.call_request(
+                self._engine_ptr, self._linker_ptr, self._component_ptr, idx, self._deadline,
+                self.wasi, req.method, req.path, req.query, _list(req.headers), _bytes(req.body),
+                req.request_id, req.now_epoch_ms,
+            )  # fmt: skip
+            return CONTINUE if got is None else self._fast_outcome("OnRequest", got)
         return self._call("OnRequest", capi.lower_request(req))
 
     def on_response(self, resp: WasmResponse) -> Action:
@@ -378,7 +451,28 @@ class ModuleRunner:
             raise WasmTrap(
                 f"response body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
             )
+        fast = self._fast
+        idx = self._index_ptr.get("OnResponse")
+        if fast is not None and idx is not None:
+            got = fast.call_response(
+                self._engine_ptr, self._linker_ptr, self._component_ptr, idx, self._deadline,
+                self.wasi, resp.status, _list(resp.headers), _bytes(resp.body),
+            )  # fmt: skip
+            return CONTINUE if got is None else self._fast_outcome("OnResponse", got)
         return self._call("OnResponse", capi.lower_response(resp))
+
+    def _fast_outcome(self, point: str, got: tuple[int, int]) -> Action:
+        """_fastcall's answer other than `continue`, as _call ends: the action lifted by the
+        same capi code, or the same WasmTrap."""
+        code, address = got
+        if code == _FAST_LIFT:
+            try:
+                return capi.lift_action_at(address)
+            finally:
+                _fast.release(address)
+        if code == _FAST_NO_FUNC:
+            raise WasmTrap(f"module does not export the {point} function", "invalid")
+        raise _trap(_error(address), self.limits)
 
     def _call(self, point: str, arg: capi.Packed) -> Action:
         idx = self._index_ptr.get(point)
