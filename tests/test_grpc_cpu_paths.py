@@ -130,7 +130,9 @@ def _stream(rng: random.Random, tok: Tokenizer) -> list[EngineOutput]:
     chunks = []
     for _ in range(rng.randrange(1, 30)):
         ids = [rng.choice(pieces) if rng.random() < 0.5 else rng.randrange(0, 128000)]
-        chunks.append(EngineOutput(0, ids))
+        # SGLang's prompt logprobs ride on a stream's first chunk (kept on the delta).
+        inputs = [(None, 5), (-0.5, 6)] if not chunks and rng.random() < 0.5 else None
+        chunks.append(EngineOutput(0, ids, input_logprobs=inputs))
     if rng.random() < 0.5:
         chunks.append(EngineOutput(0, [tok.eos_token_ids[0]], finished=True, finish_reason="stop"))
     else:
@@ -152,7 +154,11 @@ def test_plain_token_shortcut_equals_the_stop_matching_path(tok: Tokenizer) -> N
         for c in chunks:
             a = plain.on_output(
                 EngineOutput(
-                    0, list(c.token_ids), finished=c.finished, finish_reason=c.finish_reason
+                    0,
+                    list(c.token_ids),
+                    finished=c.finished,
+                    finish_reason=c.finish_reason,
+                    input_logprobs=c.input_logprobs,
                 )
             )
             b = general.on_output(c)
@@ -172,7 +178,11 @@ def test_run_without_kept_deltas_returns_the_same_deltas(tok: Tokenizer) -> None
             for c in _stream(rng, tok):
                 c.index = index
                 twin = EngineOutput(
-                    index, list(c.token_ids), finished=c.finished, finish_reason=c.finish_reason
+                    index,
+                    list(c.token_ids),
+                    finished=c.finished,
+                    finish_reason=c.finish_reason,
+                    input_logprobs=c.input_logprobs,
                 )
                 assert kept.add(c) == streamed.add(twin)
         assert kept.usage() == streamed.usage()
