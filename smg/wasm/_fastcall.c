@@ -332,15 +332,22 @@ static PyObject *call_lowered(const target_t *t, arg_t *arg, const val_t *record
     return finish(code, &res, err);
 }
 
+/* Both OnRequest calls' 13 arguments start the same: the target, and now-epoch-ms last (wrapped
+ * to u64, as capi.lower_request's mask). */
+static int request_target(const char *name, PyObject *const *args, Py_ssize_t nargs, target_t *t,
+                          uint64_t *now) {
+    if (target(name, args, nargs, 13, t) < 0)
+        return -1;
+    *now = PyLong_AsUnsignedLongLongMask(args[12]);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 /* call_request(engine, linker, component, index, deadline, wasi, method, path, query, headers,
  * body, request_id, now_ms) -> None (continue) | (code, address) */
 static PyObject *call_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     target_t t;
-    if (target("call_request", args, nargs, 13, &t) < 0)
-        return NULL;
-    /* now-epoch-ms wraps to u64, as capi.lower_request's mask. */
-    uint64_t now = PyLong_AsUnsignedLongLongMask(args[12]);
-    if (PyErr_Occurred())
+    uint64_t now;
+    if (request_target("call_request", args, nargs, &t, &now) < 0)
         return NULL;
     arg_t arg = {0};
     val_t *record;
@@ -419,10 +426,8 @@ static int shown(PyObject *value) {
  * -> None (continue) | (code, address) */
 static PyObject *call_request_raw(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     target_t t;
-    if (target("call_request_raw", args, nargs, 13, &t) < 0)
-        return NULL;
-    uint64_t now = PyLong_AsUnsignedLongLongMask(args[12]);
-    if (PyErr_Occurred())
+    uint64_t now;
+    if (request_target("call_request_raw", args, nargs, &t, &now) < 0)
         return NULL;
     PyObject *method = args[6], *headers = args[9], *body = args[10], *rid = args[11];
     if (!PyBytes_Check(method) || !PyBytes_Check(rid) || !PyBytes_Check(body) ||
