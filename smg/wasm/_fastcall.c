@@ -120,6 +120,45 @@ static void set_entry(entry_t *e, const name_t *name) {
     memset(&e->val, 0, sizeof(val_t));
 }
 
+/* The argument's block laid out and allocated: [record val][entries][header vals][header entries]
+ * [body vals][strings], the record and its (empty) field entries set; -1 (MemoryError) when
+ * out of memory. */
+typedef struct {
+    val_t *record;
+    entry_t *entries;
+    val_t *hvals;
+    entry_t *hentries;
+    val_t *bvals;
+} layout_t;
+
+static int new_block(arg_t *arg, layout_t *l, const name_t *fields, int nfields, Py_ssize_t nh,
+                     Py_ssize_t nb, size_t strbytes) {
+    size_t o_entries = sizeof(val_t);
+    size_t o_hvals = o_entries + (size_t)nfields * sizeof(entry_t);
+    size_t o_hentries = o_hvals + (size_t)nh * sizeof(val_t);
+    size_t o_body = o_hentries + (size_t)nh * 2 * sizeof(entry_t);
+    size_t o_str = o_body + (size_t)nb * sizeof(val_t);
+    char *block = PyMem_Malloc(o_str + strbytes + 1);
+    if (block == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    arg->block = block;
+    arg->strings = block + o_str;
+    l->record = (val_t *)block;
+    l->entries = (entry_t *)(block + o_entries);
+    l->hvals = (val_t *)(block + o_hvals);
+    l->hentries = (entry_t *)(block + o_hentries);
+    l->bvals = (val_t *)(block + o_body);
+    memset(l->record, 0, sizeof(val_t));
+    l->record->kind = K_RECORD;
+    l->record->a = (uint64_t)nfields;
+    l->record->b = (uint64_t)(uintptr_t)l->entries;
+    for (int i = 0; i < nfields; i++)
+        set_entry(&l->entries[i], &fields[i]);
+    return 0;
+}
+
 /* list<u8> into `list` (the C API takes one val per byte, at `bvals`). */
 static void lower_body(val_t *list, val_t *bvals, PyObject *body) {
     Py_ssize_t nb = PyBytes_GET_SIZE(body);
@@ -185,30 +224,15 @@ static int lower(arg_t *arg, const name_t *fields, int nfields, int hf, int bf,
             strbytes += (size_t)lens[j];
         }
     }
-    size_t o_entries = sizeof(val_t);
-    size_t o_hvals = o_entries + (size_t)nfields * sizeof(entry_t);
-    size_t o_hentries = o_hvals + (size_t)nh * sizeof(val_t);
-    size_t o_body = o_hentries + (size_t)nh * 2 * sizeof(entry_t);
-    size_t o_str = o_body + (size_t)nb * sizeof(val_t);
-    char *block = PyMem_Malloc(o_str + strbytes + 1);
-    if (block == NULL) {
-        PyErr_NoMemory();
+    layout_t l;
+    if (new_block(arg, &l, fields, nfields, nh, nb, strbytes) < 0)
         goto done;
-    }
-    arg->block = block;
-    arg->strings = block + o_str;
-    val_t *record = (val_t *)block;
-    entry_t *entries = (entry_t *)(block + o_entries);
-    memset(record, 0, sizeof(val_t));
-    record->kind = K_RECORD;
-    record->a = (uint64_t)nfields;
-    record->b = (uint64_t)(uintptr_t)entries;
-    for (int i = 0; i < nfields; i++)
-        set_entry(&entries[i], &fields[i]);
+    val_t *record = l.record;
+    entry_t *entries = l.entries;
     for (int i = 0; i < nscalars; i++)
         set_string(arg, scalar_vals[i], ptrs[i], lens[i]);
-    val_t *hvals = (val_t *)(block + o_hvals);
-    entry_t *hentries = (entry_t *)(block + o_hentries);
+    val_t *hvals = l.hvals;
+    entry_t *hentries = l.hentries;
     for (Py_ssize_t h = 0; h < nh; h++) {
         entry_t *e = &hentries[2 * h];
         header_record(&hvals[h], e);
@@ -219,7 +243,7 @@ static int lower(arg_t *arg, const name_t *fields, int nfields, int hf, int bf,
     entries[hf].val.kind = K_LIST;
     entries[hf].val.a = (uint64_t)nh;
     entries[hf].val.b = (uint64_t)(uintptr_t)hvals;
-    lower_body(&entries[bf].val, (val_t *)(block + o_body), body);
+    lower_body(&entries[bf].val, l.bvals, body);
     *record_out = record;
     rc = 0;
 done:
@@ -459,31 +483,16 @@ static PyObject *call_request_raw(PyObject *self, PyObject *const *args, Py_ssiz
                         (size_t)PyBytes_GET_SIZE(value);
         }
     }
-    Py_ssize_t nb = PyBytes_GET_SIZE(body);
-    size_t o_entries = sizeof(val_t);
-    size_t o_hvals = o_entries + 7 * sizeof(entry_t);
-    size_t o_hentries = o_hvals + (size_t)kept * sizeof(val_t);
-    size_t o_body = o_hentries + (size_t)kept * 2 * sizeof(entry_t);
-    size_t o_str = o_body + (size_t)nb * sizeof(val_t);
-    char *block = PyMem_Malloc(o_str + strbytes + 1);
-    if (block == NULL) {
-        PyErr_NoMemory();
+    arg_t arg;
+    layout_t l;
+    if (new_block(&arg, &l, REQUEST_FIELDS, 7, kept, PyBytes_GET_SIZE(body), strbytes) < 0)
         goto done;
-    }
-    arg_t arg = {block, block + o_str};
-    val_t *record = (val_t *)block;
-    entry_t *entries = (entry_t *)(block + o_entries);
-    memset(record, 0, sizeof(val_t));
-    record->kind = K_RECORD;
-    record->a = 7;
-    record->b = (uint64_t)(uintptr_t)entries;
-    for (int i = 0; i < 7; i++)
-        set_entry(&entries[i], &REQUEST_FIELDS[i]);
+    entry_t *entries = l.entries;
     set_latin1(&arg, &entries[0].val, UBYTES(method), PyBytes_GET_SIZE(method), 0);
     set_string(&arg, &entries[1].val, path, plen);
     set_string(&arg, &entries[2].val, query, qlen);
-    val_t *hvals = (val_t *)(block + o_hvals);
-    entry_t *hentries = (entry_t *)(block + o_hentries);
+    val_t *hvals = l.hvals;
+    entry_t *hentries = l.hentries;
     Py_ssize_t k = 0;
     for (Py_ssize_t h = 0; h < nh; h++) {
         PyObject *pair = PyList_GET_ITEM(headers, h);
@@ -499,11 +508,11 @@ static PyObject *call_request_raw(PyObject *self, PyObject *const *args, Py_ssiz
     entries[3].val.kind = K_LIST;
     entries[3].val.a = (uint64_t)kept;
     entries[3].val.b = (uint64_t)(uintptr_t)hvals;
-    lower_body(&entries[4].val, (val_t *)(block + o_body), body);
+    lower_body(&entries[4].val, l.bvals, body);
     set_latin1(&arg, &entries[5].val, UBYTES(rid), PyBytes_GET_SIZE(rid), 0);
     entries[6].val.kind = K_U64;
     entries[6].val.a = now;
-    result = call_lowered(&t, &arg, record);
+    result = call_lowered(&t, &arg, l.record);
 done:
     Py_XDECREF(holds[0]);
     Py_XDECREF(holds[1]);
