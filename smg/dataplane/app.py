@@ -718,13 +718,13 @@ class DataPlane:
                 wasm=False,  # OnRequest's own answers skip OnResponse, as 1.13's
             )
             return False
-        outcome = chain.run_request(
-            request.method.decode("latin-1"),
+        outcome = chain.run_request_parsed(
+            request.method,
             request.path,
             request.query,
-            [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in request.headers],
-            bytes(body),
-            request.request_id.decode("latin-1"),
+            request.headers,
+            body if type(body) is bytes else bytes(body),
+            request.request_id,
         )
         if outcome.failed:
             self._send_error(conn, request, 500, "wasm_module_failed", outcome.message, wasm=False)

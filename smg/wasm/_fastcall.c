@@ -120,6 +120,69 @@ static void set_entry(entry_t *e, const name_t *name) {
     memset(&e->val, 0, sizeof(val_t));
 }
 
+/* The argument's block laid out and allocated: [record val][entries][header vals][header entries]
+ * [body vals][strings], the record and its (empty) field entries set; -1 (MemoryError) when
+ * out of memory. */
+typedef struct {
+    val_t *record;
+    entry_t *entries;
+    val_t *hvals;
+    entry_t *hentries;
+    val_t *bvals;
+} layout_t;
+
+static int new_block(arg_t *arg, layout_t *l, const name_t *fields, int nfields, Py_ssize_t nh,
+                     Py_ssize_t nb, size_t strbytes) {
+    size_t o_entries = sizeof(val_t);
+    size_t o_hvals = o_entries + (size_t)nfields * sizeof(entry_t);
+    size_t o_hentries = o_hvals + (size_t)nh * sizeof(val_t);
+    size_t o_body = o_hentries + (size_t)nh * 2 * sizeof(entry_t);
+    size_t o_str = o_body + (size_t)nb * sizeof(val_t);
+    char *block = PyMem_Malloc(o_str + strbytes + 1);
+    if (block == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    arg->block = block;
+    arg->strings = block + o_str;
+    l->record = (val_t *)block;
+    l->entries = (entry_t *)(block + o_entries);
+    l->hvals = (val_t *)(block + o_hvals);
+    l->hentries = (entry_t *)(block + o_hentries);
+    l->bvals = (val_t *)(block + o_body);
+    memset(l->record, 0, sizeof(val_t));
+    l->record->kind = K_RECORD;
+    l->record->a = (uint64_t)nfields;
+    l->record->b = (uint64_t)(uintptr_t)l->entries;
+    for (int i = 0; i < nfields; i++)
+        set_entry(&l->entries[i], &fields[i]);
+    return 0;
+}
+
+/* list<u8> into `list` (the C API takes one val per byte, at `bvals`). */
+static void lower_body(val_t *list, val_t *bvals, PyObject *body) {
+    Py_ssize_t nb = PyBytes_GET_SIZE(body);
+    const unsigned char *bytes = (const unsigned char *)PyBytes_AS_STRING(body);
+    memset(bvals, 0, (size_t)nb * sizeof(val_t));
+    for (Py_ssize_t i = 0; i < nb; i++) {
+        bvals[i].kind = K_U8;
+        bvals[i].a = bytes[i];
+    }
+    list->kind = K_LIST;
+    list->a = (uint64_t)nb;
+    list->b = (uint64_t)(uintptr_t)bvals;
+}
+
+/* A header record {name, value} at hval, its two entries at e (strings set by the caller). */
+static void header_record(val_t *hval, entry_t *e) {
+    memset(hval, 0, sizeof(val_t));
+    hval->kind = K_RECORD;
+    hval->a = 2;
+    hval->b = (uint64_t)(uintptr_t)e;
+    set_entry(&e[0], &HEADER_NAME);
+    set_entry(&e[1], &HEADER_VALUE);
+}
+
 /* Lower `headers` (a list of (str, str)), `body` (bytes) and `nscalars` strings into arg; the
  * record's field vals are those of `fields` (nfields) and are filled by the caller except the
  * headers and body lists, at `hf` and `bf`. */
@@ -161,38 +224,18 @@ static int lower(arg_t *arg, const name_t *fields, int nfields, int hf, int bf,
             strbytes += (size_t)lens[j];
         }
     }
-    size_t o_entries = sizeof(val_t);
-    size_t o_hvals = o_entries + (size_t)nfields * sizeof(entry_t);
-    size_t o_hentries = o_hvals + (size_t)nh * sizeof(val_t);
-    size_t o_body = o_hentries + (size_t)nh * 2 * sizeof(entry_t);
-    size_t o_str = o_body + (size_t)nb * sizeof(val_t);
-    char *block = PyMem_Malloc(o_str + strbytes + 1);
-    if (block == NULL) {
-        PyErr_NoMemory();
+    layout_t l;
+    if (new_block(arg, &l, fields, nfields, nh, nb, strbytes) < 0)
         goto done;
-    }
-    arg->block = block;
-    arg->strings = block + o_str;
-    val_t *record = (val_t *)block;
-    entry_t *entries = (entry_t *)(block + o_entries);
-    memset(record, 0, sizeof(val_t));
-    record->kind = K_RECORD;
-    record->a = (uint64_t)nfields;
-    record->b = (uint64_t)(uintptr_t)entries;
-    for (int i = 0; i < nfields; i++)
-        set_entry(&entries[i], &fields[i]);
+    val_t *record = l.record;
+    entry_t *entries = l.entries;
     for (int i = 0; i < nscalars; i++)
         set_string(arg, scalar_vals[i], ptrs[i], lens[i]);
-    val_t *hvals = (val_t *)(block + o_hvals);
-    entry_t *hentries = (entry_t *)(block + o_hentries);
+    val_t *hvals = l.hvals;
+    entry_t *hentries = l.hentries;
     for (Py_ssize_t h = 0; h < nh; h++) {
         entry_t *e = &hentries[2 * h];
-        memset(&hvals[h], 0, sizeof(val_t));
-        hvals[h].kind = K_RECORD;
-        hvals[h].a = 2;
-        hvals[h].b = (uint64_t)(uintptr_t)e;
-        set_entry(&e[0], &HEADER_NAME);
-        set_entry(&e[1], &HEADER_VALUE);
+        header_record(&hvals[h], e);
         Py_ssize_t j = nscalars + 2 * h;
         set_string(arg, &e[0].val, ptrs[j], lens[j]);
         set_string(arg, &e[1].val, ptrs[j + 1], lens[j + 1]);
@@ -200,17 +243,7 @@ static int lower(arg_t *arg, const name_t *fields, int nfields, int hf, int bf,
     entries[hf].val.kind = K_LIST;
     entries[hf].val.a = (uint64_t)nh;
     entries[hf].val.b = (uint64_t)(uintptr_t)hvals;
-    /* list<u8>: the C API takes one val per byte. */
-    val_t *bvals = (val_t *)(block + o_body);
-    const unsigned char *bytes = (const unsigned char *)PyBytes_AS_STRING(body);
-    memset(bvals, 0, (size_t)nb * sizeof(val_t));
-    for (Py_ssize_t i = 0; i < nb; i++) {
-        bvals[i].kind = K_U8;
-        bvals[i].a = bytes[i];
-    }
-    entries[bf].val.kind = K_LIST;
-    entries[bf].val.a = (uint64_t)nb;
-    entries[bf].val.b = (uint64_t)(uintptr_t)bvals;
+    lower_body(&entries[bf].val, l.bvals, body);
     *record_out = record;
     rc = 0;
 done:
@@ -323,15 +356,22 @@ static PyObject *call_lowered(const target_t *t, arg_t *arg, const val_t *record
     return finish(code, &res, err);
 }
 
+/* Both OnRequest calls' 13 arguments start the same: the target, and now-epoch-ms last (wrapped
+ * to u64, as capi.lower_request's mask). */
+static int request_target(const char *name, PyObject *const *args, Py_ssize_t nargs, target_t *t,
+                          uint64_t *now) {
+    if (target(name, args, nargs, 13, t) < 0)
+        return -1;
+    *now = PyLong_AsUnsignedLongLongMask(args[12]);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 /* call_request(engine, linker, component, index, deadline, wasi, method, path, query, headers,
  * body, request_id, now_ms) -> None (continue) | (code, address) */
 static PyObject *call_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     target_t t;
-    if (target("call_request", args, nargs, 13, &t) < 0)
-        return NULL;
-    /* now-epoch-ms wraps to u64, as capi.lower_request's mask. */
-    uint64_t now = PyLong_AsUnsignedLongLongMask(args[12]);
-    if (PyErr_Occurred())
+    uint64_t now;
+    if (request_target("call_request", args, nargs, &t, &now) < 0)
         return NULL;
     arg_t arg = {0};
     val_t *record;
@@ -352,6 +392,131 @@ static PyObject *call_request(PyObject *self, PyObject *const *args, Py_ssize_t 
     entries[6].val.kind = K_U64;
     entries[6].val.a = now;
     return call_lowered(&t, &arg, record);
+}
+
+/* The gateway's own request, as parsed (smg.dataplane.server.Request), lowered without the
+ * Python objects the str path needs: header names and values, the method and the request id
+ * are Latin-1 bytes there, decoded as the gateway decodes them (Latin-1, names lower-cased), and
+ * only the headers smg.wasm.chain.module_view shows a module are passed. The values are the str
+ * path's exactly (tests/test_wasm_rawcall.py compares them field by field). */
+
+/* UTF-8 bytes of a Latin-1 string: one per ASCII byte, two above. */
+static size_t latin1_len(const unsigned char *p, Py_ssize_t n) {
+    size_t m = (size_t)n;
+    for (Py_ssize_t i = 0; i < n; i++)
+        m += p[i] >> 7;
+    return m;
+}
+
+/* str.lower() of a Latin-1 character: A-Z and U+00C0-U+00DE except U+00D7 move by 0x20, no
+ * other Latin-1 character changes (and none lowers to more than one character). */
+static unsigned char latin1_lower(unsigned char c) {
+    if ((c >= 'A' && c <= 'Z') || (c >= 0xC0 && c <= 0xDE && c != 0xD7))
+        return (unsigned char)(c + 0x20);
+    return c;
+}
+
+static void set_latin1(arg_t *arg, val_t *v, const unsigned char *p, Py_ssize_t n, int lower) {
+    unsigned char *out = (unsigned char *)arg->strings;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = lower ? latin1_lower(p[i]) : p[i];
+        if (c < 0x80) {
+            *out++ = c;
+        } else {
+            *out++ = (unsigned char)(0xC0 | (c >> 6));
+            *out++ = (unsigned char)(0x80 | (c & 0x3F));
+        }
+    }
+    v->kind = K_STRING;
+    v->a = (uint64_t)(out - (unsigned char *)arg->strings);
+    v->b = (uint64_t)(uintptr_t)arg->strings;
+    arg->strings = (char *)out;
+}
+
+/* A value smg.wasm.chain.module_view shows (1.13's visible ASCII, tab allowed). */
+static int shown(PyObject *value) {
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(value);
+    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!(p[i] == '\t' || (p[i] >= 0x20 && p[i] <= 0x7E)))
+            return 0;
+    return 1;
+}
+
+#define UBYTES(o) ((const unsigned char *)PyBytes_AS_STRING(o))
+
+/* call_request_raw(engine, linker, component, index, deadline, wasi, method: bytes, path: str,
+ * query: str, headers: list of (bytes, bytes), body: bytes, request_id: bytes, now_ms)
+ * -> None (continue) | (code, address) */
+static PyObject *call_request_raw(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    target_t t;
+    uint64_t now;
+    if (request_target("call_request_raw", args, nargs, &t, &now) < 0)
+        return NULL;
+    PyObject *method = args[6], *headers = args[9], *body = args[10], *rid = args[11];
+    if (!PyBytes_Check(method) || !PyBytes_Check(rid) || !PyBytes_Check(body) ||
+        !PyList_Check(headers)) {
+        PyErr_SetString(PyExc_TypeError, "method, request id and body must be bytes, headers a list");
+        return NULL;
+    }
+    PyObject *holds[2] = {NULL, NULL};
+    Py_ssize_t plen, qlen;
+    PyObject *result = NULL;
+    const char *path = utf8(args[7], &plen, &holds[0]);
+    const char *query = path ? utf8(args[8], &qlen, &holds[1]) : NULL;
+    if (query == NULL)
+        goto done;
+    Py_ssize_t nh = PyList_GET_SIZE(headers), kept = 0;
+    size_t strbytes = latin1_len(UBYTES(method), PyBytes_GET_SIZE(method)) + (size_t)plen +
+                      (size_t)qlen + latin1_len(UBYTES(rid), PyBytes_GET_SIZE(rid));
+    for (Py_ssize_t h = 0; h < nh; h++) {
+        PyObject *pair = PyList_GET_ITEM(headers, h);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "a header must be a (bytes, bytes) tuple");
+            goto done;
+        }
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        if (shown(value)) {
+            kept++;
+            strbytes += latin1_len(UBYTES(name), PyBytes_GET_SIZE(name)) +
+                        (size_t)PyBytes_GET_SIZE(value);
+        }
+    }
+    arg_t arg;
+    layout_t l;
+    if (new_block(&arg, &l, REQUEST_FIELDS, 7, kept, PyBytes_GET_SIZE(body), strbytes) < 0)
+        goto done;
+    entry_t *entries = l.entries;
+    set_latin1(&arg, &entries[0].val, UBYTES(method), PyBytes_GET_SIZE(method), 0);
+    set_string(&arg, &entries[1].val, path, plen);
+    set_string(&arg, &entries[2].val, query, qlen);
+    val_t *hvals = l.hvals;
+    entry_t *hentries = l.hentries;
+    Py_ssize_t k = 0;
+    for (Py_ssize_t h = 0; h < nh; h++) {
+        PyObject *pair = PyList_GET_ITEM(headers, h);
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        if (!shown(value))
+            continue;
+        entry_t *e = &hentries[2 * k];
+        header_record(&hvals[k], e);
+        set_latin1(&arg, &e[0].val, UBYTES(name), PyBytes_GET_SIZE(name), 1);
+        set_string(&arg, &e[1].val, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+        k++;
+    }
+    entries[3].val.kind = K_LIST;
+    entries[3].val.a = (uint64_t)kept;
+    entries[3].val.b = (uint64_t)(uintptr_t)hvals;
+    lower_body(&entries[4].val, l.bvals, body);
+    set_latin1(&arg, &entries[5].val, UBYTES(rid), PyBytes_GET_SIZE(rid), 0);
+    entries[6].val.kind = K_U64;
+    entries[6].val.a = now;
+    result = call_lowered(&t, &arg, l.record);
+done:
+    Py_XDECREF(holds[0]);
+    Py_XDECREF(holds[1]);
+    return result;
 }
 
 /* call_response(engine, linker, component, index, deadline, wasi, status, headers, body) */
@@ -435,6 +600,8 @@ static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "Give the wasmtime C API function addresses and value kinds."},
     {"call_request", (PyCFunction)(void (*)(void))call_request, METH_FASTCALL,
      "One OnRequest call: None for continue, else (code, address)."},
+    {"call_request_raw", (PyCFunction)(void (*)(void))call_request_raw, METH_FASTCALL,
+     "One OnRequest call on the parsed request's bytes: None for continue, else (code, address)."},
     {"call_response", (PyCFunction)(void (*)(void))call_response, METH_FASTCALL,
      "One OnResponse call: None for continue, else (code, address)."},
     {"release", release, METH_O, "Free a result handed back for lifting."},

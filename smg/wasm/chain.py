@@ -33,6 +33,7 @@ from smg.httpwire import error_body
 from smg.promtext import Family, Sample
 from smg.shm.directory import WasmModuleEntry
 from smg.wasm.types import (
+    CONTINUE,
     Continue,
     Limits,
     Modify,
@@ -46,6 +47,15 @@ from smg.wasm.types import (
 log = logging.getLogger("smg.wasm")
 
 Headers = list[tuple[str, str]]
+
+
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def decoded(headers: RawHeaders) -> Headers:
+    """The parsed request's header lines as the chain's str headers: Latin-1 (every byte a
+    character, as the parser keeps them), names lower-cased."""
+    return [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers]
 
 
 def module_view(headers: Headers) -> Headers:
@@ -87,6 +97,11 @@ class LoadedModule:
     runner: Any | None  # smg.wasm.runtime.ModuleRunner; None when it failed to load
     load_error: str = ""
     stats: ModuleStats = field(default_factory=ModuleStats)
+    # The runner's on_request_raw (the parsed request's bytes lowered in C), looked up once.
+    on_request_raw: Callable[..., Any] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.on_request_raw = getattr(self.runner, "on_request_raw", None)
 
 
 @dataclass
@@ -148,17 +163,19 @@ class WasmChain:
 
     # --- running -------------------------------------------------------------------------------
 
-    def _call(self, module: LoadedModule, name: str, arg: Any) -> Any:
-        """One module's answer, counted; an Outcome (500) when it failed."""
+    def _call(self, module: LoadedModule, name: str, *args: Any) -> Any:
+        """One module's answer (its runner's `name` on `args`), counted; an Outcome (500) when
+        it failed."""
         stats = module.stats
         stats.invocations += 1
         if module.runner is None:
             stats.traps["load"] = stats.traps.get("load", 0) + 1
             return _failed(module, f"it could not be loaded in this process ({module.load_error})")
+        call = module.on_request_raw if name == "on_request_raw" else getattr(module.runner, name)
         started = time.perf_counter()
         kind = ""
         try:
-            action = getattr(module.runner, name)(arg)
+            action = call(*args)
         except WasmTrap as exc:
             kind = getattr(exc, "kind", "trap")
             action = _failed(module, str(exc))
@@ -166,13 +183,15 @@ class WasmChain:
             log.exception("WASM module %s raised", module.entry.name)
             kind = "error"
             action = _failed(module, f"{type(exc).__name__}: {exc}")
-        if not isinstance(action, (Continue, Reject, Modify, Outcome)):
-            kind = "invalid"
-            action = _failed(module, f"it answered {type(action).__name__}, not an action")
         took = time.perf_counter() - started
         stats.seconds += took
         if took > stats.max_seconds:
             stats.max_seconds = took
+        if action is CONTINUE:  # the common answer: nothing more to check or count
+            return action
+        if not isinstance(action, (Continue, Reject, Modify, Outcome)):
+            kind = "invalid"
+            action = _failed(module, f"it answered {type(action).__name__}, not an action")
         if isinstance(action, Outcome):
             stats.traps[kind] = stats.traps.get(kind, 0) + 1
         elif isinstance(action, Reject):
@@ -187,9 +206,11 @@ class WasmChain:
         headers: Headers,
         body: bytes,
         request_id: str,
+        changed: bool = False,
+        start: int = 0,
     ) -> Outcome:
-        changed = False
-        for module in self.on_request:
+        """The OnRequest modules from the `start`th on, each seeing the last one's result."""
+        for module in self.on_request[start:]:
             request = WasmRequest(
                 method=method,
                 path=path,
@@ -201,17 +222,51 @@ class WasmChain:
                 request_id=request_id,
                 now_epoch_ms=time.time_ns() // 1_000_000,
             )
-            action = self._call(module, "on_request", request)
-            if isinstance(action, Outcome):
-                return action
-            if isinstance(action, Reject):
-                return Outcome(reject_status(action.status), headers, body, module.entry.name)
-            if isinstance(action, Modify):
-                headers = apply_headers(headers, action)
-                if action.body_replace is not None:
-                    body = bytes(action.body_replace)
-                changed = True
+            step = _request_step(module, self._call(module, "on_request", request), headers, body)
+            if step is not None:
+                if step.status:
+                    return step
+                headers, body, changed = step.headers, step.body, True
         return Outcome(0, headers, body, changed=changed)
+
+    def run_request_parsed(
+        self,
+        method: bytes,
+        path: str,
+        query: str,
+        raw: RawHeaders,
+        body: bytes,
+        request_id: bytes,
+    ) -> Outcome:
+        """run_request on the data plane's parsed request (its bytes): while the modules answer
+        `continue`, each gets them lowered in C (ModuleRunner.on_request_raw: no WasmRequest, no
+        str per header; the same values). The str headers are made only when a module answers
+        anything else, or has no on_request_raw, and the rest runs as run_request. An unchanged
+        Outcome's `headers` are not the request's: it goes on with its own."""
+        for i, module in enumerate(self.on_request):
+            if module.on_request_raw is None:
+                break
+            now = time.time_ns() // 1_000_000
+            action = self._call(
+                module, "on_request_raw", method, path, query, raw, body, request_id, now
+            )
+            if action is CONTINUE:
+                continue
+            step = _request_step(module, action, decoded(raw), body)
+            if step is None:
+                continue
+            if step.status:
+                return step
+            return self.run_request(
+                method.decode("latin-1"), path, query, step.headers, step.body,
+                request_id.decode("latin-1"), changed=True, start=i + 1,
+            )  # fmt: skip
+        else:
+            return Outcome(0, [], body)
+        return self.run_request(
+            method.decode("latin-1"), path, query, decoded(raw), body,
+            request_id.decode("latin-1"), start=i,
+        )  # fmt: skip
 
     def run_response(self, status: int, headers: Headers, body: bytes) -> Outcome:
         """The OnResponse modules on a whole answer. `response_status` is the status to
@@ -277,6 +332,24 @@ HELP_TRAPS = (
 )
 HELP_SECONDS = "Time spent in WASM module calls"
 HELP_MAX = "The longest WASM module call in this process"
+
+
+def _request_step(
+    module: LoadedModule, action: Any, headers: Headers, body: bytes
+) -> Outcome | None:
+    """What an OnRequest module's answer does: None goes on unchanged; an Outcome with a
+    status ends the chain (a reject, or the module failed); one without goes on with its
+    headers and body (a modify)."""
+    if isinstance(action, Outcome):
+        return action
+    if isinstance(action, Reject):
+        return Outcome(reject_status(action.status), headers, body, module.entry.name)
+    if isinstance(action, Modify):
+        headers = apply_headers(headers, action)
+        if action.body_replace is not None:
+            body = bytes(action.body_replace)
+        return Outcome(0, headers, body, changed=True)
+    return None
 
 
 def _failed(module: LoadedModule, reason: str) -> Outcome:

@@ -49,6 +49,7 @@ from wasmtime import _ffi as ffi
 from wasmtime import component as wc
 
 from smg.wasm import capi
+from smg.wasm.chain import decoded, module_view
 from smg.wasm.types import (
     ATTACH_POINTS,
     CONTINUE,
@@ -427,14 +428,17 @@ class ModuleRunner:
         self._linker_ptr = cast(self.linker.ptr(), c_void_p).value
         self._component_ptr = cast(self.component.ptr(), c_void_p).value
 
+    def _check_body(self, kind: str, body: bytes) -> None:
+        if len(body) > self.limits.max_body_bytes:
+            raise WasmTrap(
+                f"{kind} body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
+            )
+
     def serves(self, point: str) -> bool:
         return point in self._index
 
     def on_request(self, req: WasmRequest) -> Action:
-        if len(req.body) > self.limits.max_body_bytes:
-            raise WasmTrap(
-                f"request body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
-            )
+        self._check_body("request", req.body)
         fast = self._fast
         idx = self._index_ptr.get("OnRequest")
         if fast is not None and idx is not None:
@@ -446,11 +450,38 @@ class ModuleRunner:
             return CONTINUE if got is None else self._fast_outcome("OnRequest", got)
         return self._call("OnRequest", capi.lower_request(req))
 
+    def on_request_raw(
+        self,
+        method: bytes,
+        path: str,
+        query: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        request_id: bytes,
+        now_epoch_ms: int,
+    ) -> Action:
+        """on_request on the data plane's parsed request (smg.dataplane.server.Request's bytes):
+        the module sees exactly what on_request shows it for the headers the gateway decodes
+        (Latin-1, names lower-cased, smg.wasm.chain.module_view's), lowered in C without a
+        WasmRequest or a str per header; without the extension, through on_request."""
+        fast = self._fast
+        idx = self._index_ptr.get("OnRequest")
+        if fast is None or idx is None:
+            return self.on_request(
+                WasmRequest(
+                    method.decode("latin-1"), path, query, module_view(decoded(headers)), body,
+                    request_id.decode("latin-1"), now_epoch_ms,
+                )
+            )  # fmt: skip
+        self._check_body("request", body)
+        got = fast.call_request_raw(
+            self._engine_ptr, self._linker_ptr, self._component_ptr, idx, self._deadline,
+            self.wasi, method, path, query, headers, _bytes(body), request_id, now_epoch_ms,
+        )  # fmt: skip
+        return CONTINUE if got is None else self._fast_outcome("OnRequest", got)
+
     def on_response(self, resp: WasmResponse) -> Action:
-        if len(resp.body) > self.limits.max_body_bytes:
-            raise WasmTrap(
-                f"response body over the module limit ({self.limits.max_body_bytes} bytes)", "body"
-            )
+        self._check_body("response", resp.body)
         fast = self._fast
         idx = self._index_ptr.get("OnResponse")
         if fast is not None and idx is not None:
