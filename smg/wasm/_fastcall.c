@@ -612,4 +612,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "smg.wasm._fastcall",
                                     "One WASM module call in one C call (smg.wasm.runtime).", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__fastcall(void) { return PyModule_Create(&module); }
+/* Bump with any change to the functions' names, arguments or answers: smg.wasm.runtime uses the
+   extension only when this equals its FASTCALL_API (a stale in-place build from an older checkout
+   would otherwise fail every module call). */
+#define FASTCALL_API 2
+
+PyMODINIT_FUNC PyInit__fastcall(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "API", FASTCALL_API) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

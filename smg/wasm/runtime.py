@@ -27,6 +27,7 @@ aborts: "unreachable"); either way the call fails as a WasmTrap.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -315,11 +316,25 @@ if (sizeof(ffi.wasmtime_component_instance_t), sizeof(ffi.wasmtime_component_fun
 # The whole call in one C function (smg/wasm/_fastcall.c, an optional extension built by setup.py):
 # the same C API calls as ModuleRunner._call in the same order, without ctypes per step or the
 # Python packing of the argument. Without it (no compiler at install), the ctypes path runs.
+# FASTCALL_API in _fastcall.c: a build from an older checkout (an in-place build that
+# `pip install -e` made once and nothing rebuilt) has other functions or arguments, and would
+# fail every module call; it is set aside with one warning and the ctypes path runs.
+FASTCALL_API = 2
 try:
     from smg.wasm import _fastcall as _fast
 except ImportError:  # pragma: no cover - the extension is built wherever the tests run
     _fast = None
-else:
+if _fast is not None and getattr(_fast, "API", None) != FASTCALL_API:
+    logging.getLogger("smg.wasm").warning(
+        "smg.wasm._fastcall at %s is a stale build (API %s, this code needs %s): using the "
+        "slower ctypes path; rebuild it with `pip install -e .` or `python setup.py "
+        "build_ext --inplace`",
+        getattr(_fast, "__file__", "?"),
+        getattr(_fast, "API", None),
+        FASTCALL_API,
+    )
+    _fast = None
+if _fast is not None:
 
     def _address(name: str) -> int:
         return cast(_raw.dll[name], c_void_p).value
