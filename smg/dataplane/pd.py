@@ -657,6 +657,10 @@ class DecodeExchange(Exchange):
         self.pd_held = None
         self._unhold()
         self.prefill.abort()
+        if not self.attempting and self.app.tracer is not None:
+            # A held decode leg's attempt counted nothing, so `_end_attempt` skips it; its
+            # span ends here (the next attempt's would replace it unrecorded).
+            self.trace.end_attempt(outcome, "" if outcome else "upstream transport failure")
         super()._retry(outcome, immediate=immediate)
 
     def _fail(self, status: int, code: str, message: str, *, extra_headers: bytes = b"") -> None:
@@ -677,6 +681,13 @@ class DecodeExchange(Exchange):
         )
         self._finish(status, code, 0)
         self.client.response_done(keep_alive)
+
+    def client_gone(self) -> None:
+        # The client leaving says nothing of the prefill worker (1.13 records no outcome
+        # for a dropped request; the decode's attempt records CLIENT_LEFT): its leg ends
+        # first, so that `_finish` does not count it as a transport failure.
+        self.prefill.abort(CLIENT_LEFT)
+        super().client_gone()
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self._unhold()
@@ -736,10 +747,17 @@ class PDRouter:
     # --- the request path ---------------------------------------------------------------
 
     def proxy(
-        self, conn: ClientConnection, request: Request, started: float, queued: bool = False
+        self,
+        conn: ClientConnection,
+        request: Request,
+        started: float,
+        queued: bool = False,
+        parsed: dict[str, Any] | None = None,
     ) -> bool:
         """Route and dispatch one request, or answer it; False only for a request from the
-        prefill queue (`queued`) that still finds no free prefill slot (left queued)."""
+        prefill queue (`queued`) that still finds no free prefill slot (left queued).
+        `parsed`: a queued request's body, parsed and checked when it came (the queue tries
+        its head every millisecond: parsing a large body each time would hold the loop)."""
         app = self.app
         path = request.path
         if path not in PD_ROUTES:
@@ -751,14 +769,18 @@ class PDRouter:
                 f"{path} is not supported by the prefill/decode router",
             )
             return True
-        try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            app._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
-            return True
-        if not isinstance(body, dict):
-            app._send_error(conn, request, 400, "invalid_request", "Request must be a JSON object")
-            return True
+        if parsed is not None:
+            body = parsed
+        else:
+            try:
+                body = orjson.loads(request.body)
+            except orjson.JSONDecodeError as exc:
+                app._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
+                return True
+            if not isinstance(body, dict):
+                message = "Request must be a JSON object"
+                app._send_error(conn, request, 400, "invalid_request", message)
+                return True
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             app._send_error(conn, request, 400, "invalid_request", "'model' must be a string")
@@ -798,7 +820,7 @@ class PDRouter:
             if not prefill_rows:
                 if queued:
                     return False
-                admission.wait(conn, request, started)
+                admission.wait(conn, request, started, body)
                 return True
         prefill = self._choose(self.prefill_policy, prefill_rows, route)
         if prefill >= 0 and admission is not None:
@@ -807,7 +829,7 @@ class PDRouter:
                 app.gate.record(prefill, generation, CLIENT_LEFT)  # the claim, unused
                 if queued:
                     return False
-                admission.wait(conn, request, started)
+                admission.wait(conn, request, started, body)
                 return True
         if prefill < 0:
             app._send_error(conn, request, 503, "server_selection_failed", _NO_PREFILL)
