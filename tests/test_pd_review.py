@@ -5,7 +5,11 @@ PD-metrics and gRPC dp-aware merges, each through `smg launch` in front of the P
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -210,3 +214,57 @@ def test_grpc_each_attempt_of_a_held_decode_leg_ends_its_span(llama_dir: Path) -
         found = wait_spans(spans, trace_id, lambda s: _by_name(s, "http_request"))
         attempts = [_attributes(span.attributes) for span in _by_name(found, "upstream_request")]
         assert sorted(a["attempt"] for a in attempts) == [1, 2, 3]
+
+
+def test_a_health_generate_whose_client_left_still_ends_its_span() -> None:
+    # /health_generate asks a pair; the decode here accepts and never answers, so the
+    # client leaves first. The request is still counted and its server span ended (499
+    # client_disconnected, as a proxied request whose client left); before the fix the
+    # answer was dropped without either, and the span never reached the collector.
+    with (
+        grpc_collector() as (endpoint, spans),
+        _silent_worker() as silent,
+        pdutil.start_prefill() as prefill,
+    ):
+        args = [
+            "--pd-disaggregation", *prefill.prefill_args(), "--decode", silent,
+            "--enable-trace", "--otlp-traces-endpoint", endpoint, "--disable-health-check",
+        ]  # fmt: skip
+        with running_gateway(args, processes=1) as gateway:
+            gateway.wait_ready(timeout=30)
+            trace_id = f"{0xC3:032x}"
+            headers = {"traceparent": f"00-{trace_id}-{PARENT_ID}-01"}
+            with pytest.raises(httpx.TimeoutException):
+                httpx.get(gateway.url + "/health_generate", headers=headers, timeout=0.5)
+            found = wait_spans(spans, trace_id, lambda s: _by_name(s, "http_request"))
+            (server,) = _by_name(found, "http_request")
+            assert _attributes(server.attributes)["status_code"] == "499"
+            metrics = gateway.metrics()
+        assert 'code="499"' in "".join(
+            line for line in metrics.splitlines() if "/health_generate" in line
+        )
+
+
+@contextlib.contextmanager
+def _silent_worker() -> Iterator[str]:
+    """A worker URL that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()

@@ -29,6 +29,7 @@ prefill leg (`PrefillLeg`, a bare collector on the same worker pools) resolves.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from functools import partial
@@ -44,6 +45,7 @@ from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.pd_admission import PrefillAdmission
 from smg.dataplane.pd_health import NO_ANSWER, probe_pair
 from smg.dataplane.pd_health import PATH as HEALTH_PATH
+from smg.dataplane.pd_health import Pending as HealthPending
 from smg.dataplane.pd_health import verdict as health_verdict
 from smg.dataplane.pd_window import DecodeWindow, Hold
 from smg.dataplane.pool_leg import PoolLeg
@@ -970,7 +972,10 @@ class PDRouter:
         for entry, second in ((d_entry, False), (p_entry, True)):
             pool = app._pool(entry.row, entry)
             legs.append((pool, app._upstream_request(request, entry, pool, 0, second)))
-        app.spawn(self._health_answer(conn, request, [p_entry.url, d_entry.url], legs))
+        pending = HealthPending()
+        conn.exchange = pending  # type: ignore[assignment]
+        urls = [p_entry.url, d_entry.url]
+        pending.task = app.spawn(self._health_answer(conn, request, urls, legs, pending))
 
     async def _health_answer(
         self,
@@ -978,6 +983,7 @@ class PDRouter:
         request: Request,
         urls: list[str],
         legs: list[tuple[WorkerPool, bytes]],
+        pending: HealthPending,
     ) -> None:
         app = self.app
         try:
@@ -988,10 +994,18 @@ class PDRouter:
                 worst = 0 if NO_ANSWER in statuses else max(statuses)
                 trace.end_attempt(worst, "" if worst else "no answer")
             status, text = health_verdict(urls[0], p_status, urls[1], d_status)
+        except asyncio.CancelledError:
+            if not conn.closed:
+                raise  # the loop is shutting down
+            status, text = 0, ""
         except Exception as exc:  # a request must never take the process down
             app.log_error("PD /health_generate failed", exc)
             status, text = 500, ""
+        if conn.exchange is pending:
+            conn.exchange = None
         if conn.closed:
+            # Counted, its span ended, as a proxied request whose client left.
+            app._count(request, 499, "client_disconnected", conn)
             return
         if status == 200:
             plain = b"text/plain; charset=utf-8"
