@@ -29,6 +29,7 @@ prefill leg (`PrefillLeg`, a bare collector on the same worker pools) resolves.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from functools import partial
@@ -44,6 +45,7 @@ from smg.dataplane.metrics import DURATION_BUCKETS, Histogram, histogram_samples
 from smg.dataplane.pd_admission import PrefillAdmission
 from smg.dataplane.pd_health import NO_ANSWER, probe_pair
 from smg.dataplane.pd_health import PATH as HEALTH_PATH
+from smg.dataplane.pd_health import Pending as HealthPending
 from smg.dataplane.pd_health import verdict as health_verdict
 from smg.dataplane.pd_window import DecodeWindow, Hold
 from smg.dataplane.pool_leg import PoolLeg
@@ -657,6 +659,10 @@ class DecodeExchange(Exchange):
         self.pd_held = None
         self._unhold()
         self.prefill.abort()
+        if not self.attempting and self.app.tracer is not None:
+            # A held decode leg's attempt counted nothing, so `_end_attempt` skips it; its
+            # span ends here (the next attempt's would replace it unrecorded).
+            self.trace.end_attempt(outcome, "" if outcome else "upstream transport failure")
         super()._retry(outcome, immediate=immediate)
 
     def _fail(self, status: int, code: str, message: str, *, extra_headers: bytes = b"") -> None:
@@ -677,6 +683,13 @@ class DecodeExchange(Exchange):
         )
         self._finish(status, code, 0)
         self.client.response_done(keep_alive)
+
+    def client_gone(self) -> None:
+        # The client leaving says nothing of the prefill worker (1.13 records no outcome
+        # for a dropped request; the decode's attempt records CLIENT_LEFT): its leg ends
+        # first, so that `_finish` does not count it as a transport failure.
+        self.prefill.abort(CLIENT_LEFT)
+        super().client_gone()
 
     def _finish(self, status: int, error_code: str, outcome: int) -> None:
         self._unhold()
@@ -736,10 +749,17 @@ class PDRouter:
     # --- the request path ---------------------------------------------------------------
 
     def proxy(
-        self, conn: ClientConnection, request: Request, started: float, queued: bool = False
+        self,
+        conn: ClientConnection,
+        request: Request,
+        started: float,
+        queued: bool = False,
+        parsed: dict[str, Any] | None = None,
     ) -> bool:
         """Route and dispatch one request, or answer it; False only for a request from the
-        prefill queue (`queued`) that still finds no free prefill slot (left queued)."""
+        prefill queue (`queued`) that still finds no free prefill slot (left queued).
+        `parsed`: a queued request's body, parsed and checked when it came (the queue tries
+        its head every millisecond: parsing a large body each time would hold the loop)."""
         app = self.app
         path = request.path
         if path not in PD_ROUTES:
@@ -751,14 +771,18 @@ class PDRouter:
                 f"{path} is not supported by the prefill/decode router",
             )
             return True
-        try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            app._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
-            return True
-        if not isinstance(body, dict):
-            app._send_error(conn, request, 400, "invalid_request", "Request must be a JSON object")
-            return True
+        if parsed is not None:
+            body = parsed
+        else:
+            try:
+                body = orjson.loads(request.body)
+            except orjson.JSONDecodeError as exc:
+                app._send_error(conn, request, 400, "invalid_json", f"invalid JSON body: {exc}")
+                return True
+            if not isinstance(body, dict):
+                message = "Request must be a JSON object"
+                app._send_error(conn, request, 400, "invalid_request", message)
+                return True
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             app._send_error(conn, request, 400, "invalid_request", "'model' must be a string")
@@ -798,7 +822,7 @@ class PDRouter:
             if not prefill_rows:
                 if queued:
                     return False
-                admission.wait(conn, request, started)
+                admission.wait(conn, request, started, body)
                 return True
         prefill = self._choose(self.prefill_policy, prefill_rows, route)
         if prefill >= 0 and admission is not None:
@@ -807,7 +831,7 @@ class PDRouter:
                 app.gate.record(prefill, generation, CLIENT_LEFT)  # the claim, unused
                 if queued:
                     return False
-                admission.wait(conn, request, started)
+                admission.wait(conn, request, started, body)
                 return True
         if prefill < 0:
             app._send_error(conn, request, 503, "server_selection_failed", _NO_PREFILL)
@@ -948,7 +972,10 @@ class PDRouter:
         for entry, second in ((d_entry, False), (p_entry, True)):
             pool = app._pool(entry.row, entry)
             legs.append((pool, app._upstream_request(request, entry, pool, 0, second)))
-        app.spawn(self._health_answer(conn, request, [p_entry.url, d_entry.url], legs))
+        pending = HealthPending()
+        conn.exchange = pending  # type: ignore[assignment]
+        urls = [p_entry.url, d_entry.url]
+        pending.task = app.spawn(self._health_answer(conn, request, urls, legs, pending))
 
     async def _health_answer(
         self,
@@ -956,6 +983,7 @@ class PDRouter:
         request: Request,
         urls: list[str],
         legs: list[tuple[WorkerPool, bytes]],
+        pending: HealthPending,
     ) -> None:
         app = self.app
         try:
@@ -966,10 +994,18 @@ class PDRouter:
                 worst = 0 if NO_ANSWER in statuses else max(statuses)
                 trace.end_attempt(worst, "" if worst else "no answer")
             status, text = health_verdict(urls[0], p_status, urls[1], d_status)
+        except asyncio.CancelledError:
+            if not conn.closed:
+                raise  # the loop is shutting down
+            status, text = 0, ""
         except Exception as exc:  # a request must never take the process down
             app.log_error("PD /health_generate failed", exc)
             status, text = 500, ""
+        if conn.exchange is pending:
+            conn.exchange = None
         if conn.closed:
+            # Counted, its span ended, as a proxied request whose client left.
+            app._count(request, 499, "client_disconnected", conn)
             return
         if status == 200:
             plain = b"text/plain; charset=utf-8"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -49,22 +49,32 @@ class _Waiting:
     """A request waiting for a prefill slot; sits in `conn.exchange` so that a client
     leaving takes it out (`client_gone`), as admission.Waiter does."""
 
-    __slots__ = ("conn", "deadline", "done", "queue", "queued_at", "request", "started")
+    __slots__ = ("body", "conn", "deadline", "done", "queue", "queued_at", "request", "started")
     upstream = None
 
     def __init__(
-        self, queue: PrefillAdmission, conn: ClientConnection, request: Request, started: float
+        self,
+        queue: PrefillAdmission,
+        conn: ClientConnection,
+        request: Request,
+        started: float,
+        body: dict[str, Any],
     ) -> None:
         self.queue = queue
         self.conn = conn
         self.request = request
+        self.body = body  # parsed once: the queue's tries reuse it
         self.started = started
         self.queued_at = time.monotonic()
         self.deadline = self.queued_at + queue.timeout
         self.done = False
 
     def client_gone(self) -> None:
-        self.done = True
+        # Out of the queue now, not when it reaches the head: a place held behind a
+        # waiting head would refuse newcomers (429 queue full) for nobody.
+        if not self.done:
+            self.done = True
+            self.queue.leave(self)
 
 
 class PrefillAdmission:
@@ -123,14 +133,16 @@ class PrefillAdmission:
         (claim_within)."""
         return claim_within(self.app, row, generation, self.limit)
 
-    def wait(self, conn: ClientConnection, request: Request, started: float) -> None:
+    def wait(
+        self, conn: ClientConnection, request: Request, started: float, body: dict[str, Any]
+    ) -> None:
         app = self.app
         if not self._enqueue():
             self.rejected_full += 1
             self._refuse(conn, request, "pd_prefill_queue_full", "Prefill admission queue is full")
             return
         self.queued += 1
-        waiter = _Waiting(self, conn, request, started)
+        waiter = _Waiting(self, conn, request, started, body)
         self.waiting.append(waiter)
         conn.exchange = waiter  # type: ignore[assignment]
         if self.timer is None:
@@ -151,6 +163,14 @@ class PrefillAdmission:
         self.own_queued -= 1
         leave_shared_queue(self.table.atomic, self.g_queued, self.p_queued, self.own_queued)
 
+    def leave(self, waiter: _Waiting) -> None:
+        """A waiter's client left: out of the deque, its place back."""
+        try:
+            self.waiting.remove(waiter)
+        except ValueError:
+            return  # already out of the deque (its place went with it)
+        self._dequeue()
+
     def freed(self) -> None:
         if self.waiting and self.timer is None:
             self.timer = self.app.loop.call_soon(self._tick)
@@ -165,9 +185,10 @@ class PrefillAdmission:
         try:
             while waiting:
                 waiter = waiting[0]
-                if waiter.done or waiter.conn.closed:
+                if waiter.conn.closed:  # (a client leaving took its waiter out already)
                     waiting.popleft()
                     self._dequeue()
+                    waiter.done = True
                     continue
                 if waiter.deadline <= now:
                     waiting.popleft()
@@ -179,7 +200,7 @@ class PrefillAdmission:
                 conn = waiter.conn
                 if conn.exchange is waiter:  # type: ignore[comparison-overlap]
                     conn.exchange = None
-                if not pd.proxy(conn, waiter.request, waiter.started, queued=True):
+                if not pd.proxy(conn, waiter.request, waiter.started, True, waiter.body):
                     conn.exchange = waiter  # type: ignore[assignment]
                     break
                 waiting.popleft()

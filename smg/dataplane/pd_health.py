@@ -105,7 +105,24 @@ async def probe_pair(
         futures.append(future)
         probes.append(probe)
         probe.start()
-    await asyncio.wait(futures, timeout=timeout)
-    for probe in probes:
-        probe.abort()  # a no-op for one that finished
+    try:
+        await asyncio.wait(futures, timeout=timeout)
+    finally:  # out of time, or cancelled (the client left): the requests are dropped
+        for probe in probes:
+            probe.abort()  # a no-op for one that finished
     return [f.result() for f in futures]
+
+
+class Pending:
+    """Sits in `conn.exchange` while a pair is asked, so that a client leaving stops the
+    probes at once (`client_gone`) rather than at the request timeout."""
+
+    __slots__ = ("task",)
+    upstream = None  # (what the client connection's back-pressure looks at)
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+
+    def client_gone(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

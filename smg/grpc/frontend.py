@@ -887,6 +887,8 @@ class GrpcExchange:
         if self.attempting:  # else a PD decode leg never admitted (smg.grpc.pd): nothing counted
             self.attempting = False
             app.attempt_done(self, outcome)  # type: ignore[arg-type]
+        elif self.trace is not None:  # the held leg's attempt span ends all the same
+            self.trace.end_attempt(outcome, "" if outcome else "upstream transport failure")
         if self.failed_rows is None:
             self.failed_rows = [row]
         elif row not in self.failed_rows:

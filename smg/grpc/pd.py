@@ -224,7 +224,7 @@ def handle(
             if reserved is None:
                 if queued:
                     return False
-                admission.wait(conn, request, started)
+                admission.wait(conn, request, started, body)
                 return True
     rows.sort(key=lambda row: entries[row].spec.worker_type != "decode")  # decode first
     exchange = GrpcExchange(front, conn, request, kind, body, model, rows)
