@@ -7,9 +7,13 @@ and a complete answer is the concatenation of them (`parse_all`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from smg.parsers.types import ReasoningParser, ToolCall, ToolParser
+
+# `step`'s calls when a piece completed none: one shared empty tuple, nothing made per token.
+_NO_CALLS: tuple[ToolCall, ...] = ()
 
 
 @dataclass(slots=True)
@@ -32,12 +36,23 @@ class ChoiceParser:
         self._tools = tools
 
     def feed(self, text: str) -> Parsed:
+        reasoning, content, calls = self.step(text)
+        return Parsed(reasoning, content, list(calls))
+
+    def step(self, text: str) -> tuple[str, str, Sequence[ToolCall]]:
+        """`feed` as a (reasoning, content, calls) tuple: the streaming per-token path,
+        which makes no `Parsed`, and no list while a piece completes no call. A piece the
+        reasoning parser keeps whole (inside `<think>`) never reaches the tool parser."""
         if not text:
-            return Parsed()
+            return "", "", _NO_CALLS
         reasoning = ""
         if self._reasoning is not None:
             reasoning, text = self._reasoning.feed(text)
-        return self._after_reasoning(reasoning, text, final=False)
+        tools = self._tools
+        if tools is None or not text:
+            return reasoning, text, _NO_CALLS
+        content, calls = tools.feed(text)
+        return reasoning, content, calls
 
     def finish(self) -> Parsed:
         reasoning, text = self._reasoning.finish() if self._reasoning is not None else ("", "")
