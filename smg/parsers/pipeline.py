@@ -29,11 +29,14 @@ class Parsed:
 
 
 class ChoiceParser:
-    __slots__ = ("_reasoning", "_tools")
+    __slots__ = ("_reasoning", "_reasoning_feed", "_tools", "_tools_feed")
 
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | None) -> None:
         self._reasoning = reasoning
         self._tools = tools
+        # Bound once: `step` runs per token, and a bound method per call is measurable.
+        self._reasoning_feed = reasoning.feed if reasoning is not None else None
+        self._tools_feed = tools.feed if tools is not None else None
 
     def feed(self, text: str) -> Parsed:
         reasoning, content, calls = self.step(text)
@@ -45,13 +48,15 @@ class ChoiceParser:
         reasoning parser keeps whole (inside `<think>`) never reaches the tool parser."""
         if not text:
             return "", "", _NO_CALLS
-        reasoning = ""
-        if self._reasoning is not None:
-            reasoning, text = self._reasoning.feed(text)
-        tools = self._tools
-        if tools is None or not text:
+        feed = self._reasoning_feed
+        if feed is None:
+            reasoning = ""
+        else:
+            reasoning, text = feed(text)
+        feed = self._tools_feed
+        if feed is None or not text:
             return reasoning, text, _NO_CALLS
-        content, calls = tools.feed(text)
+        content, calls = feed(text)
         return reasoning, content, calls
 
     def finish(self) -> Parsed:
