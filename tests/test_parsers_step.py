@@ -28,24 +28,12 @@ from smg.parsers import ChoiceParser
 from smg.parsers.reasoning.tags import TagReasoningParser
 from smg.parsers.toolcalls._framed import FramedToolParser
 from smg.tokenizer import Tokenizer, load_tokenizer
+from tests.test_grpc_parsers_e2e import EOT, TOOLS
 from tests.tokenizer_data import llama31_dir, needs_llama3
 
 SEED = 20261129
 SPLITS = 150
 TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-            },
-        },
-    },
-    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
-]
 CALLS = [("get_weather", {"city": 'Paris "<x>"', "days": 3}), ("get_time", {})]
 
 
@@ -190,7 +178,7 @@ def stream(tok: Tokenizer, text: str, groups: list[int], *, fast: bool) -> bytes
             break
         data += w.delta(state.on_output(EngineOutput(index=0, token_ids=ids[at : at + size])))
         at += size
-    last = EngineOutput(index=0, token_ids=[128009], finished=True, finish_reason="stop")
+    last = EngineOutput(index=0, token_ids=[EOT], finished=True, finish_reason="stop")
     data += w.delta(state.on_output(last)) + w.end(Usage(1, 1, 0))
     assert state.done()
     # Call ids are random (uuid4): masked so that two streams compare.
