@@ -269,12 +269,13 @@ class ParsingChoiceState(ChoiceState):
         if not d.text and not final:
             return d
         parser = self._parser
-        parsed = parser.feed(d.text)
         if final:
+            parsed = parser.feed(d.text)
             parsed.extend(parser.finish())
-        d.text = parsed.content
-        d.reasoning = parsed.reasoning
-        calls = parsed.calls
+            d.reasoning, d.text, calls = parsed.reasoning, parsed.content, parsed.calls
+        else:
+            # The per-token path: a tuple, no Parsed (most pieces complete no call).
+            d.reasoning, d.text, calls = parser.step(d.text)
         if calls:
             if not self._parallel:
                 calls = calls[: max(0, 1 - self._calls)]
@@ -771,13 +772,6 @@ class ChatStreamWriter(_Writer):
         call as two deltas (id, type, name with arguments "", then the arguments), the
         way OpenAI streams calls; logprobs ride on the first chunk, finish_reason and
         stop_reason on the last (an empty delta when nothing else is left to say)."""
-        fast = self._parsed_plain
-        if fast is not None and d.finish_reason is None and not d.calls:
-            # The common chunk: one piece of content or of reasoning, one orjson call.
-            if d.text and not d.reasoning:
-                return fast["content"][i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
-            if d.reasoning and not d.text:
-                return fast["reasoning_content"][i] + orjson.dumps(d.reasoning) + _OPEN_CHUNK_END
         deltas: list[dict[str, Any]] = []
         if d.reasoning:
             deltas.append({"reasoning_content": d.reasoning})
@@ -848,8 +842,22 @@ class ChatStreamWriter(_Writer):
             return b""
         i = self._index(d)
         self.completion[i] += len(d.token_ids)
-        if self._plain is not None and d.finish_reason is None:
-            return self._plain[i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
+        if d.finish_reason is None:
+            if self._plain is not None:
+                return self._plain[i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
+            fast = self._parsed_plain
+            if fast is not None and type(d) is ParsedDelta and not d.calls:
+                # The common parsed chunk (no logprobs: use_parsers leaves fast None with
+                # them): one piece of content or of reasoning, one orjson call; or
+                # nothing while the parsers hold the piece (a call being read).
+                if not d.reasoning:
+                    if d.text:
+                        return fast["content"][i] + orjson.dumps(d.text) + _OPEN_CHUNK_END
+                    return b""
+                if not d.text:
+                    return (
+                        fast["reasoning_content"][i] + orjson.dumps(d.reasoning) + _OPEN_CHUNK_END
+                    )
         logprobs = None
         if self.p.logprobs and d.logprobs is not None:
             logprobs = {

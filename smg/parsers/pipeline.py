@@ -7,9 +7,13 @@ and a complete answer is the concatenation of them (`parse_all`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from smg.parsers.types import ReasoningParser, ToolCall, ToolParser
+
+# `step`'s calls when a piece completed none: one shared empty tuple, nothing made per token.
+_NO_CALLS: tuple[ToolCall, ...] = ()
 
 
 @dataclass(slots=True)
@@ -25,19 +29,35 @@ class Parsed:
 
 
 class ChoiceParser:
-    __slots__ = ("_reasoning", "_tools")
+    __slots__ = ("_reasoning", "_reasoning_feed", "_tools", "_tools_feed")
 
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | None) -> None:
         self._reasoning = reasoning
         self._tools = tools
+        # Bound once: `step` runs per token, and a bound method per call is measurable.
+        self._reasoning_feed = reasoning.feed if reasoning is not None else None
+        self._tools_feed = tools.feed if tools is not None else None
 
     def feed(self, text: str) -> Parsed:
+        reasoning, content, calls = self.step(text)
+        return Parsed(reasoning, content, list(calls))
+
+    def step(self, text: str) -> tuple[str, str, Sequence[ToolCall]]:
+        """`feed` as a (reasoning, content, calls) tuple: the streaming per-token path,
+        which makes no `Parsed`, and no list while a piece completes no call. A piece the
+        reasoning parser keeps whole (inside `<think>`) never reaches the tool parser."""
         if not text:
-            return Parsed()
-        reasoning = ""
-        if self._reasoning is not None:
-            reasoning, text = self._reasoning.feed(text)
-        return self._after_reasoning(reasoning, text, final=False)
+            return "", "", _NO_CALLS
+        feed = self._reasoning_feed
+        if feed is None:
+            reasoning = ""
+        else:
+            reasoning, text = feed(text)
+        feed = self._tools_feed
+        if feed is None or not text:
+            return reasoning, text, _NO_CALLS
+        content, calls = feed(text)
+        return reasoning, content, calls
 
     def finish(self) -> Parsed:
         reasoning, text = self._reasoning.finish() if self._reasoning is not None else ("", "")

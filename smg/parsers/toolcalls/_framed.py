@@ -52,6 +52,10 @@ class FramedToolParser(ToolParser):
         self._pending = ""  # section syntax no successful call has accounted for yet
         self._ok = False  # a call of the current section has succeeded
         self._scan = 0  # in a call: where the search for its end resumes
+        self._begin_len = len(self.call_begin)
+        # In a call: the buffer's last `_reach` characters hold no marker lead (set by
+        # the in-call fast path, which only appends pieces without one; any scan resets it).
+        self._clear = False
         self.names = tool_names(tools)
 
     def parse_call(self, body: str) -> ToolCall | None:
@@ -67,9 +71,11 @@ class FramedToolParser(ToolParser):
             # is in neither it nor the tail a marker could have started in) only grows
             # the call: the scan resumes where the last one would have.
             buf = self._buf
-            if lead not in buf[-self._reach :]:
+            # (`_clear`: the last piece took this path, so the tail holds no lead either)
+            if self._clear or lead not in buf[-self._reach :]:
+                self._clear = True
                 self._buf = buf = buf + text
-                self._scan = max(len(self.call_begin), len(buf) - self._reach)
+                self._scan = max(self._begin_len, len(buf) - self._reach)
                 return "", []
         self._buf += text
         return self._run(final=False)
@@ -166,6 +172,7 @@ class FramedToolParser(ToolParser):
                 buf = buf[stop:]
                 self._mode = _SECTION
         self._buf = buf
+        self._clear = False
         self._idle = bool(self._lead) and not buf and self._mode == _TEXT
         return "".join(out), calls
 
