@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import uvloop
 
@@ -41,7 +42,6 @@ from smg.policies.registry import make_policy
 from smg.shm.directory import Directory, DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, Row
 from smg.shm.table import WorkerTable
-from smg.workers_spec import WorkerSpec
 from tests import grpcmockutil
 from tests.gatewayutil import running_gateway
 from tests.test_grpc_frontend import MODEL, FakeConn, entry
@@ -110,17 +110,9 @@ def test_a_connection_closed_before_the_request_is_answered_not_left_hanging(
     server = loop.run_until_complete(loop.create_server(_SettingsFirst, "127.0.0.1", 0))
     port = server.sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    worker = DirectoryEntry(
-        row=0,
-        generation=1,
-        worker_id="w0",
-        url=url,
-        model_id=None,
-        models=(MODEL,),
-        api_key=None,
-        engine="vllm",
-        context_length=100,
-        spec=WorkerSpec(url=url, connection_mode="http"),
+    plain = entry(0, grpc=False)
+    worker = msgspec.structs.replace(
+        plain, url=url, spec=msgspec.structs.replace(plain.spec, url=url)
     )
     app = _plane([worker], loop, retry_initial_backoff_ms=1, retry_max_backoff_ms=2)
     connect = WorkerPool.connect
