@@ -195,7 +195,7 @@ def test_a_chat_right_after_discovery_registers_a_grpc_worker(tmp_path: Path) ->
         *("--tokenizer-path", str(model_dir)),
         *("--dataplane-heartbeat-timeout-secs", "60"),
         # A hang shows as a 504 within the test's wait, not as a client timeout.
-        *("--request-timeout-secs", "30"),
+        *("--request-timeout-secs", "45"),
     ]
     with (
         grpcmockutil.start_grpc_mock(model_dir, backend="sglang", model="llama3") as mock,
@@ -215,7 +215,7 @@ def test_a_chat_right_after_discovery_registers_a_grpc_worker(tmp_path: Path) ->
                     _post(f"/__smg_test/block_loop?seconds={hold:g}", b""),
                     _post("/v1/chat/completions", chat),
                 ],
-                hold + 45.0,
+                hold + 60.0,
             )
             task = asyncio.ensure_future(sent)
             await asyncio.sleep(0.5)  # the hold has begun: the process reads nothing now
