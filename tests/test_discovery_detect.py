@@ -62,6 +62,9 @@ def test_bare_host_port_is_detected_as_http_or_grpc(tmp_path: Path) -> None:
         args = [
             *("--discovery-provider", "file", "--discovery-file", str(manifest)),
             *("--tokenizer-path", str(model_dir)),
+            # Below _chat's 60 s: a request the gateway cannot complete is answered 504
+            # (the body says so) rather than read as a client timeout.
+            *("--request-timeout-secs", "45"),
         ]
         with running_gateway(args, processes=2) as gw:
             expected = {

@@ -499,6 +499,14 @@ class DataPlane:
         self._rebuild(routing_generation)
         return self.state
 
+    def grpc_front(self) -> GrpcFront | None:
+        """This process's gRPC front, with the directory read first: the front is made when
+        the directory first lists a gRPC worker, and a request may come before the next
+        sweep reads it (a worker registered since, e.g. by discovery). Without the read such
+        a request took the HTTP proxy path to the gRPC port (HTTP/1.1 to an HTTP/2 engine)."""
+        self.refresh()
+        return self.grpc
+
     def _apply_directory(
         self, generation: int, entries: list[DirectoryEntry], aliases: dict[str, str]
     ) -> None:
@@ -663,17 +671,19 @@ class DataPlane:
                     self._send(conn, request, status, body)
                     return
                 if path in WORKER_INFO_ROUTES:
-                    if self.grpc is not None and self.grpc.handle_info(conn, request):
+                    grpc = self.grpc_front()
+                    if grpc is not None and grpc.handle_info(conn, request):
                         return  # gRPC workers: answered from their model facts / HealthCheck
                     self.proxy(conn, request, body_routing=False)
                     return
-            if path in GRPC_LOCAL_ROUTES and self.grpc is not None:
+            grpc = self.grpc_front() if path in GRPC_LOCAL_ROUTES else None
+            if grpc is not None:
                 # /v1/tokenize, /v1/detokenize: answered with a gRPC model's tokenizer.
                 if not self._post_allowed(conn, request, method, path):
                     return
                 if self.wasm is not None and not self._wasm_request(conn, request):
                     return
-                self.grpc.handle_local(conn, request)
+                grpc.handle_local(conn, request)
                 return
             if path.startswith(ADMIN_PREFIXES):
                 # Who may call them (keys, roles, JWT, loopback) is decided by the control
@@ -965,7 +975,10 @@ class DataPlane:
             # Before any worker kind is picked: without a model there is no router to pick.
             self._send_error(conn, request, 400, "missing_model", MISSING_MODEL_MESSAGE)
             return
-        if self.grpc is not None and body_routing and self.grpc.handle(conn, request):
+        # Read before the gRPC check (see grpc_front), and used for the routing below.
+        state = self.refresh()
+        grpc = self.grpc
+        if grpc is not None and body_routing and grpc.handle(conn, request):
             return  # the model's workers are gRPC: smg.grpc.frontend serves it
         model: str | None = None
         stream = False
@@ -986,7 +999,6 @@ class DataPlane:
             stream = fields.stream is True
             if needs_text:
                 text = prompt_text(fields)  # type: ignore[arg-type]
-        state = self.refresh()
         if model is not None:
             model = state.aliases.get(model, model)
         # The common case inline (a known model, or none); `_candidates` has the rest.

@@ -326,6 +326,13 @@ class Exchange:
             conn.release(True)  # the exchange ended meanwhile: the next one may use it
             return
         self.upstream = conn
+        if conn.closed:
+            # Closed between the connect and now (the worker closed it, or sent bytes before
+            # any request, as an HTTP/2 server's SETTINGS): nothing was sent, so the body is
+            # still held for a retry. Not written to: uvloop raises on a closed handle, and
+            # that raise left the exchange unanswered until the request timeout.
+            self.upstream_lost(conn)
+            return
         conn.bind(self)
         transport = conn.transport
         assert transport is not None
@@ -344,10 +351,6 @@ class Exchange:
             self.sent_at = time.monotonic()
         if not self.keep_body:
             self.body = None  # written: from here on this request cannot be sent again
-        if conn.closed:
-            # Closed between connect and now (its connection_lost found nothing bound).
-            self.upstream_lost(conn)
-            return
         if self.client.write_paused:
             transport.pause_reading()
 

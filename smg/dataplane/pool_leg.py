@@ -72,13 +72,14 @@ class PoolLeg:
             conn.release(True)
             return
         self.upstream = conn
+        if conn.closed:  # closed before the request went out: see Exchange.got_connection
+            self.upstream_lost(conn)
+            return
         conn.bind(self)  # type: ignore[arg-type]
         transport = conn.transport
         assert transport is not None and self.head is not None
         transport.write(self.head + (self.body or b""))
         self.head = self.body = None
-        if conn.closed:
-            self.upstream_lost(conn)
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status

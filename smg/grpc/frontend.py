@@ -4,7 +4,9 @@
 per request whether the model's workers are gRPC and, if so, runs a `GrpcExchange`: one
 asyncio task that orchestrates the stages (prepare -> render -> tokenize -> choose a
 worker -> Generate -> process the outputs -> write HTTP/SSE). The HTTP proxy path does
-not change: `DataPlane.proxy` pays one attribute check (`self.grpc is not None`).
+not change: `DataPlane.proxy` pays one attribute check (`self.grpc is not None`), made
+after its directory read (`DataPlane.grpc_front`: a worker listed since the last sweep
+is seen by the request itself).
 
 A `GrpcExchange` is what the rest of the data plane sees of such a request, with the
 attributes and methods the HTTP `Exchange` offers where they are read:
