@@ -31,6 +31,24 @@ import run  # noqa: E402  (native_bench's runner: stub, wrk client, process help
 from benchlib import PAYLOADS, core_layout, cpu_delta, paired_ratios, rotation, void_reasons  # noqa: E402
 
 NOOP_WAT = HERE.parent / "examples" / "wasm" / "testing" / "noop.wat"
+
+
+def noop_wat(pages: int) -> str:
+    """noop.wat, with an N-page memory for N > 1: a Rust-shaped module (17 pages: a 1 MiB shadow
+    stack below the data) whose call's data lies near the top of the first MiB, for the cost
+    of resetting a larger memory per call (smg.wasm.runtime.POOL_KEEP_RESIDENT)."""
+    wat = NOOP_WAT.read_text()
+    if pages <= 1:
+        return wat
+    one, bump = '(memory (export "memory") 1)', "(i32.const 4096)"
+    if wat.count(one) != 1 or wat.count(bump) != 2:
+        raise ValueError("noop.wat's memory or bump start moved")
+    top = min(pages * 65536, 1024 * 1024) - 8192
+    return wat.replace(one, f'(memory (export "memory") {pages})').replace(
+        bump, f"(i32.const {top})"
+    )
+
+
 PHASES = ("none", "wasm")
 
 
@@ -114,7 +132,7 @@ def markdown(summary: dict[str, Any], config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def micro(calls: int, body: bytes) -> dict[str, Any]:
+def micro(calls: int, body: bytes, wat: str) -> dict[str, Any]:
     """Where a call's time goes: a fresh store + instance (what every call pays) against the whole
     on_request (lowering the request, the call, lifting the action)."""
     import wasmtime
@@ -124,7 +142,7 @@ def micro(calls: int, body: bytes) -> dict[str, Any]:
     from smg.wasm.types import Limits, WasmRequest
 
     limits = Limits()
-    runner = ModuleRunner(None, compile_component(NOOP_WAT.read_bytes(), limits), limits)
+    runner = ModuleRunner(None, compile_component(wat.encode(), limits), limits)
     request = WasmRequest(
         "POST", "/v1/chat/completions", "", [("content-type", "application/json")] * 4, body, "r", 0
     )
@@ -183,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--micro", type=int, default=2000, help="in-process module calls to time (0: none)"
     )
+    ap.add_argument(
+        "--pages", type=int, default=1, help="the noop module's memory pages (17: Rust-shaped)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = ap.parse_args(argv)
 
@@ -205,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     import wasmtime
 
     module_path = workdir / "noop.wasm"
-    module_path.write_bytes(wasmtime.wat2wasm(NOOP_WAT.read_text()))
+    module_path.write_bytes(wasmtime.wat2wasm(noop_wat(args.pages)))
     port, prom = run.free_port(), run.free_port()
     spec = run.GatewaySpec(
         "smg", [sys.executable, "-m", "smg"], ["--enable-wasm"], processes=processes
@@ -257,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(samples)
     summary["module_us_per_call"] = module_secs / module_calls * 1e6 if module_calls else None
     if args.micro:
-        summary["micro"] = micro(args.micro, probe)
+        summary["micro"] = micro(args.micro, probe, noop_wat(args.pages))
     config = {
+        "pages": args.pages,
         "processes": processes,
         "connections": args.connections,
         "rounds": args.rounds,

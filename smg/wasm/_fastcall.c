@@ -102,8 +102,39 @@ static const char *utf8(PyObject *s, Py_ssize_t *n, PyObject **hold) {
  * the GIL is released. */
 typedef struct {
     char *block;
+    size_t cap;    /* the block's size */
     char *strings; /* the next free string byte */
 } arg_t;
+
+/* One block kept between calls (a typical request's fits), so a call does not malloc and free a
+ * few KiB each time: taken and given back with the GIL held, so a call on another thread (while
+ * this one runs wasm with the GIL released) finds none and allocates its own. Only the host's
+ * staging copy: the module sees what the C API copies into its fresh instance. */
+#define SPARE_MIN ((size_t)16 * 1024)
+#define SPARE_MAX ((size_t)256 * 1024)
+static char *spare;
+static size_t spare_cap;
+
+static char *take_block(size_t need, size_t *cap) {
+    if (spare != NULL && spare_cap >= need) {
+        char *block = spare;
+        *cap = spare_cap;
+        spare = NULL;
+        return block;
+    }
+    *cap = need < SPARE_MIN ? SPARE_MIN : need;
+    return PyMem_Malloc(*cap);
+}
+
+static void give_block(arg_t *arg) {
+    if (arg->cap <= SPARE_MAX && (spare == NULL || spare_cap < arg->cap)) {
+        PyMem_Free(spare); /* the smaller one, or NULL */
+        spare = arg->block;
+        spare_cap = arg->cap;
+    } else {
+        PyMem_Free(arg->block);
+    }
+}
 
 static void set_string(arg_t *arg, val_t *v, const char *p, Py_ssize_t n) {
     v->kind = K_STRING;
@@ -138,7 +169,7 @@ static int new_block(arg_t *arg, layout_t *l, const name_t *fields, int nfields,
     size_t o_hentries = o_hvals + (size_t)nh * sizeof(val_t);
     size_t o_body = o_hentries + (size_t)nh * 2 * sizeof(entry_t);
     size_t o_str = o_body + (size_t)nb * sizeof(val_t);
-    char *block = PyMem_Malloc(o_str + strbytes + 1);
+    char *block = take_block(o_str + strbytes + 1, &arg->cap);
     if (block == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -352,7 +383,7 @@ static PyObject *call_lowered(const target_t *t, arg_t *arg, const val_t *record
     Py_BEGIN_ALLOW_THREADS
     code = run(t->p[0], t->p[1], t->p[2], t->p[3], t->deadline, t->wasi, record, &res, &err);
     Py_END_ALLOW_THREADS
-    PyMem_Free(arg->block);
+    give_block(arg);
     return finish(code, &res, err);
 }
 

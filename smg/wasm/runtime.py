@@ -42,6 +42,7 @@ from ctypes import (
     create_string_buffer,
     sizeof,
 )
+from functools import partial
 from typing import Any
 
 import wasmtime
@@ -71,8 +72,13 @@ TYPES_IMPORT = "smg:gateway/middleware-types"
 # time and free their store on return, so a few slots suffice; 1.13 (crates/wasm/src/runtime.rs) uses 20.
 POOL_SLOTS = 32
 # Memory (and table) bytes a freed slot keeps mapped and resets with memset instead of madvise: a trivial
-# module's pages are reset without a system call (measured: 13 us of system time per call -> 0).
-POOL_KEEP_RESIDENT = 1024 * 1024
+# module's pages are reset without a system call (measured: 13 us of system time per call -> 0). wasmtime
+# memsets min(this, the memory's size) on EVERY call, touched or not, and gives the rest back with one
+# madvise (only the pages the call touched are then faulted in again): 64 KiB covers a one-page module
+# whole, and a Rust-shaped 17-page memory (1 MiB shadow stack) is not memset whole per call (measured in a
+# loop, same box: 17 pages 55 -> 36 us a call; one page 24 us either way; 8-16 KiB slower for one page,
+# 0 slower for both: RESULTS-2026-11-29-wasm.md).
+POOL_KEEP_RESIDENT = 64 * 1024
 
 
 def new_engine(limits: Limits, pooling: bool = True) -> wasmtime.Engine:
@@ -442,6 +448,15 @@ class ModuleRunner:
         self._engine_ptr = cast(self.engine.ptr(), c_void_p).value
         self._linker_ptr = cast(self.linker.ptr(), c_void_p).value
         self._component_ptr = cast(self.component.ptr(), c_void_p).value
+        # on_request_raw's C call with its six per-module arguments bound once (None: no
+        # extension or no OnRequest export): per request, no attribute or dict look-ups for them.
+        self._request_raw: Any = None
+        idx = self._index_ptr.get("OnRequest")
+        if self._fast is not None and idx is not None:
+            self._request_raw = partial(
+                self._fast.call_request_raw, self._engine_ptr, self._linker_ptr,
+                self._component_ptr, idx, self._deadline, self.wasi,
+            )  # fmt: skip
 
     def _check_body(self, kind: str, body: bytes) -> None:
         if len(body) > self.limits.max_body_bytes:
@@ -479,20 +494,17 @@ class ModuleRunner:
         the module sees exactly what on_request shows it for the headers the gateway decodes
         (Latin-1, names lower-cased, smg.wasm.chain.module_view's), lowered in C without a
         WasmRequest or a str per header; without the extension, through on_request."""
-        fast = self._fast
-        idx = self._index_ptr.get("OnRequest")
-        if fast is None or idx is None:
+        call = self._request_raw
+        if call is None:
             return self.on_request(
                 WasmRequest(
                     method.decode("latin-1"), path, query, module_view(decoded(headers)), body,
                     request_id.decode("latin-1"), now_epoch_ms,
                 )
             )  # fmt: skip
-        self._check_body("request", body)
-        got = fast.call_request_raw(
-            self._engine_ptr, self._linker_ptr, self._component_ptr, idx, self._deadline,
-            self.wasi, method, path, query, headers, _bytes(body), request_id, now_epoch_ms,
-        )  # fmt: skip
+        if len(body) > self.limits.max_body_bytes:
+            self._check_body("request", body)  # raises, with the message
+        got = call(method, path, query, headers, _bytes(body), request_id, now_epoch_ms)
         return CONTINUE if got is None else self._fast_outcome("OnRequest", got)
 
     def on_response(self, resp: WasmResponse) -> Action:
