@@ -297,6 +297,29 @@ class Exchange:
         self.app.spawn(self._connect())
 
     async def _connect(self) -> None:
+        # The guard: this task owns the request from here on, so an unexpected raise in it
+        # (or in got_connection) would leave the client to the request timeout (1800 s by
+        # default). A try around the existing body costs nothing when nothing raises.
+        try:
+            await self._connect_body()
+        except Exception as exc:
+            self.internal_failure(exc)
+
+    def internal_failure(self, exc: BaseException) -> None:
+        """An unexpected raise in a task that owns this request: logged once, then the
+        deadline's terminal transition with 1.13's 500 `internal_error` (routers/error.rs):
+        the error answer when no head went out, else the client connection closed. The
+        exchange's finish path gives back the slot, the admission permit and the gate's
+        attempt, as any failure does."""
+        self.app.log_error("proxied request failed", exc)
+        action = self._advance(_TIMEOUT)
+        if action == _FAIL_TIMEOUT:
+            self._cancel_backoff()
+            self._fail(500, "internal_error", "internal gateway error")
+        elif action == _ABORT_TIMEOUT:
+            self._abort_client("internal_error", status=500, outcome=self.status)
+
+    async def _connect_body(self) -> None:
         pool = self.pool
         try:
             conn = await pool.connect()

@@ -1,0 +1,101 @@
+"""An unexpected raise inside a task that owns a request is answered at once (500
+`internal_error`, 1.13's words for an internal failure) instead of leaving the client to
+--request-timeout-secs (1800 s by default), and gives back what the request held.
+
+The HTTP proxy's connect task (`Exchange._connect`): the raise is forced where this
+morning's CI hang had it, after the connect (`UpstreamConnection.bind`, just before the
+request is written). The gRPC exchange task (`GrpcExchange.run`) already had its own catch
+(500 `internal_error`, or the SSE error event once the stream is out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import msgspec
+import pytest
+import uvloop
+
+from smg.dataplane.upstream import UpstreamConnection
+from tests.test_grpc_front_late_worker import _chat_request, _finish, _plane
+from tests.test_grpc_frontend import FakeConn, entry
+
+_ANSWER = b'{"id":"c1","object":"chat.completion","choices":[]}'
+
+
+class _Worker(asyncio.Protocol):
+    """A worker that answers every request with one small 200."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(_ANSWER), _ANSWER)
+            )
+
+
+def _wait(loop: asyncio.AbstractEventLoop, conn: FakeConn, limit: float) -> float:
+    started = time.monotonic()
+    while not conn.done and not conn.closed and time.monotonic() - started < limit:
+        loop.run_until_complete(asyncio.sleep(0.01))
+    return time.monotonic() - started
+
+
+def test_a_raise_in_the_http_connect_task_answers_500_and_frees_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = uvloop.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(_Worker, "127.0.0.1", 0))
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    plain = entry(0, grpc=False)
+    worker = msgspec.structs.replace(
+        plain, url=url, spec=msgspec.structs.replace(plain.spec, url=url)
+    )
+    # A 30 s request timeout: an unguarded raise reads as no answer within the 2 s below.
+    app = _plane([worker], loop, request_timeout_secs=30)
+    bind = UpstreamConnection.bind
+    raised: list[int] = []
+
+    def bind_raises_once(self: UpstreamConnection, exchange: Any) -> None:
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("injected: the handle is closed")
+        bind(self, exchange)
+
+    monkeypatch.setattr(UpstreamConnection, "bind", bind_raises_once)
+    try:
+        conn = FakeConn()
+        app.proxy(conn, _chat_request())  # type: ignore[arg-type]
+        took = _wait(loop, conn, 5.0)
+        assert raised, "the injection point was not reached"
+        assert conn.done, f"no answer after {took:.1f} s: left to the request timeout"
+        assert took < 2.0
+        head, _, body = bytes(conn.out).partition(b"\r\n\r\n")
+        assert head.split(b"\r\n", 1)[0] == b"HTTP/1.1 500 Internal Server Error", head
+        error = json.loads(body)["error"]
+        assert error["code"] == "internal_error", error
+        assert set(error) >= {"message", "type", "code"}
+        assert b"x-smg-error-code: internal_error" in head.lower()
+        # Nothing held: the exchange ended, the row's in-flight count and the pool's
+        # connection slots are back.
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert not app.active
+        assert app.table.in_flight(0) == 0
+        for pool in app.pools.values():
+            assert pool.connecting == 0 and not pool.open and not pool.waiters
+        # The process keeps serving: the next request goes through.
+        conn2 = FakeConn()
+        app.proxy(conn2, _chat_request())  # type: ignore[arg-type]
+        _wait(loop, conn2, 5.0)
+        assert bytes(conn2.out).startswith(b"HTTP/1.1 200 OK"), bytes(conn2.out)
+        assert bytes(conn2.out).endswith(_ANSWER)
+        assert not app.active and app.table.in_flight(0) == 0
+    finally:
+        server.close()
+        _finish(app, loop)
