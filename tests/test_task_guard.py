@@ -6,6 +6,8 @@ The HTTP proxy's connect task (`Exchange._connect`): the raise is forced where t
 morning's CI hang had it, after the connect (`UpstreamConnection.bind`, just before the
 request is written). The gRPC exchange task (`GrpcExchange.run`) already had its own catch
 (500 `internal_error`, or the SSE error event once the stream is out).
+A PD prefill leg's connect task (`PoolLeg._connect`) gets the same guard; its failure goes
+the leg's way (the decode leg is told, which answers the client as for a lost prefill).
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import pytest
 import uvloop
 
-from smg.dataplane.upstream import UpstreamConnection
+from smg.dataplane.pd import PrefillLeg
+from smg.dataplane.upstream import UpstreamConnection, WorkerPool
 from tests.test_grpc_front_late_worker import _chat_request, _finish, _plane
 from tests.test_grpc_frontend import FakeConn, entry
+from tests.test_pd_prefill_leg import _Decode, _Pd
 
 _ANSWER = b'{"id":"c1","object":"chat.completion","choices":[]}'
 
@@ -38,6 +43,22 @@ class _Worker(asyncio.Protocol):
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%s" % (len(_ANSWER), _ANSWER)
             )
+
+
+def _bind_raises_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """UpstreamConnection.bind raises the first time: where the request is about to be
+    written, as the closed handle's RuntimeError of the CI hang was."""
+    bind = UpstreamConnection.bind
+    raised: list[int] = []
+
+    def bind_raises_once(self: UpstreamConnection, exchange: Any) -> None:
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("injected: the handle is closed")
+        bind(self, exchange)
+
+    monkeypatch.setattr(UpstreamConnection, "bind", bind_raises_once)
+    return raised
 
 
 def _wait(loop: asyncio.AbstractEventLoop, conn: FakeConn, limit: float) -> float:
@@ -59,16 +80,7 @@ def test_a_raise_in_the_http_connect_task_answers_500_and_frees_the_request(
     )
     # A 30 s request timeout: an unguarded raise reads as no answer within the 2 s below.
     app = _plane([worker], loop, request_timeout_secs=30)
-    bind = UpstreamConnection.bind
-    raised: list[int] = []
-
-    def bind_raises_once(self: UpstreamConnection, exchange: Any) -> None:
-        if not raised:
-            raised.append(1)
-            raise RuntimeError("injected: the handle is closed")
-        bind(self, exchange)
-
-    monkeypatch.setattr(UpstreamConnection, "bind", bind_raises_once)
+    raised = _bind_raises_once(monkeypatch)
     try:
         conn = FakeConn()
         app.proxy(conn, _chat_request())  # type: ignore[arg-type]
@@ -99,3 +111,53 @@ def test_a_raise_in_the_http_connect_task_answers_500_and_frees_the_request(
     finally:
         server.close()
         _finish(app, loop)
+
+
+def test_a_raise_in_a_prefill_legs_connect_task_fails_the_leg(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = uvloop.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(_Worker, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    pool = WorkerPool(
+        loop, "127.0.0.1", port, max_connections=1, idle_timeout=5.0, connect_timeout=1.0
+    )
+    errors: list[str] = []
+    pd, decode = _Pd(), _Decode()
+    app: Any = SimpleNamespace(
+        pd=pd, spawn=loop.create_task, log_error=lambda message, exc: errors.append(message)
+    )
+    raised = _bind_raises_once(monkeypatch)
+    head = b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n"
+    leg = PrefillLeg(app, decode, 3, 7, pool, head, b"{}", url, False)  # type: ignore[arg-type]
+    decode.prefill = leg
+    try:
+        leg.start()
+        deadline = time.monotonic() + 5.0
+        while not leg.done and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert raised, "the injection point was not reached"
+        assert leg.done, "the leg was left to the request timeout"
+        # Told as a lost prefill (the decode answers the client), logged once, and its
+        # connection dropped: the pool's one slot is free for the next leg.
+        assert decode.failed == [url] and pd.legs_done == [(3, 7, 0)]
+        assert errors == ["upstream leg failed"]
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert pool.connecting == 0 and not pool.open and not pool.waiters
+        # The next leg on the same pool goes through.
+        decode2 = _Decode()
+        leg2 = PrefillLeg(app, decode2, 3, 7, pool, head, b"{}", url, False)  # type: ignore[arg-type]
+        decode2.prefill = leg2
+        leg2.start()
+        deadline = time.monotonic() + 5.0
+        while not leg2.complete and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert leg2.complete and leg2.status == 200 and decode2.failed == []
+        leg2.abort()
+    finally:
+        server.close()
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()
