@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import uvloop
 
 from smg.dataplane.pd import PrefillLeg
+from smg.dataplane.testhooks import RAISE_AFTER_CONNECT_ENV
 from smg.dataplane.upstream import UpstreamConnection, WorkerPool
+from tests.gatewayutil import in_flight_total, running_gateway
 from tests.test_grpc_front_late_worker import _chat_request, _finish, _plane
 from tests.test_grpc_frontend import FakeConn, entry
 from tests.test_pd_prefill_leg import _Decode, _Pd
@@ -161,3 +166,58 @@ def test_a_raise_in_a_prefill_legs_connect_task_fails_the_leg(
             task.cancel()
         loop.run_until_complete(asyncio.sleep(0.01))
         loop.close()
+
+
+def test_the_guards_500_end_to_end_through_smg_launch(tmp_path: Path) -> None:
+    """Two data-plane processes, each with the test hook armed: while the marker exists,
+    every proxied chat's connect task raises; each is answered 500 `internal_error` at
+    once, and once it is gone both processes serve again with nothing left in flight."""
+    marker = tmp_path / "raise"
+    marker.touch()
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {
+        "SMG__TEST_HOOKS": "1",
+        RAISE_AFTER_CONNECT_ENV: str(marker),
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    chat = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
+    # A hang would read as no answer within the client's 10 s, long before the 45 s timeout.
+    args = ["--mock-workers", "1", "--request-timeout-secs", "45"]
+    with running_gateway(args, processes=2, env=env) as gw:
+        gw.wait_ready()
+        failed: set[str] = set()
+        answered = 0
+        with httpx.Client(base_url=gw.url, timeout=10.0) as client:
+            for _ in range(40):  # new connections spread over both processes
+                started = time.monotonic()
+                response = client.post(
+                    "/v1/chat/completions", json=chat, headers={"connection": "close"}
+                )
+                assert time.monotonic() - started < 2.0
+                assert response.status_code == 500, response.text
+                error = response.json()["error"]
+                assert error["code"] == "internal_error", error
+                assert set(error) >= {"message", "type", "code"}
+                assert response.headers["x-smg-error-code"] == "internal_error"
+                failed.add(response.headers["x-smg-process"])
+                answered += 1
+                if len(failed) == 2:
+                    break
+            assert failed == {"0", "1"}
+            marker.unlink()
+            served: set[str] = set()
+            for _ in range(40):
+                response = client.post(
+                    "/v1/chat/completions", json=chat, headers={"connection": "close"}
+                )
+                assert response.status_code == 200, response.text
+                served.add(response.headers["x-smg-process"])
+                if len(served) == 2:
+                    break
+            assert served == {"0", "1"}
+        assert in_flight_total(gw) == 0
+        assert gw.process is not None and gw.process.poll() is None
+        logs = gw.logs()
+        # Logged once each, with the traceback.
+        assert logs.count("proxied request failed") == answered, logs[-3000:]
+        assert logs.count("RuntimeError: test hook:") == answered, logs[-3000:]
