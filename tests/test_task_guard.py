@@ -28,10 +28,22 @@ import uvloop
 from smg.dataplane.pd import PrefillLeg
 from smg.dataplane.testhooks import RAISE_AFTER_CONNECT_ENV
 from smg.dataplane.upstream import UpstreamConnection, WorkerPool
+from tests import test_grpc_frontend
 from tests.gatewayutil import in_flight_total, running_gateway
 from tests.test_grpc_front_late_worker import _chat_request, _finish, _plane
-from tests.test_grpc_frontend import FakeConn, entry
+from tests.test_grpc_frontend import (
+    FakeConn,
+    Rig,
+    Script,
+    entry,
+    out,
+    split_chunks,
+)
 from tests.test_pd_prefill_leg import _Decode, _Pd
+
+# The gRPC front's in-process rig (fake engine clients and stages): its `rig` fixture,
+# as `grpc_rig` here.
+grpc_rig = test_grpc_frontend.rig
 
 _ANSWER = b'{"id":"c1","object":"chat.completion","choices":[]}'
 
@@ -221,3 +233,36 @@ def test_the_guards_500_end_to_end_through_smg_launch(tmp_path: Path) -> None:
         # Logged once each, with the traceback.
         assert logs.count("proxied request failed") == answered, logs[-3000:]
         assert logs.count("RuntimeError: test hook:") == answered, logs[-3000:]
+
+
+def test_a_raise_in_the_grpc_exchange_task_answers_500_and_frees_the_request(grpc_rig: Rig) -> None:
+    """GrpcExchange.run's own catch (it predates the HTTP guard): an unexpected raise from
+    the engine call before any output is 500 `internal_error`; the next request is served."""
+    grpc_rig.client(0).scripts.append(Script(error=RuntimeError("injected")))  # type: ignore[arg-type]
+    grpc_rig.client(1).scripts.append(Script(error=RuntimeError("injected")))  # type: ignore[arg-type]
+    conn, exchange = grpc_rig.start({"prompt": "p"})
+    started = time.monotonic()
+    grpc_rig.run(exchange, timeout=2.0)
+    assert time.monotonic() - started < 2.0
+    head, _, body = bytes(conn.out).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 Internal Server Error"), head
+    assert json.loads(body)["error"]["code"] == "internal_error"
+    assert conn.done and not grpc_rig.app.active and grpc_rig.in_flight() == {0: 0, 1: 0}
+    for row in (0, 1):
+        grpc_rig.client(row).scripts[:] = [Script([out(0, [7], finished=True, reason="stop")])]
+    conn2, exchange2 = grpc_rig.start({"prompt": "p"})
+    grpc_rig.run(exchange2)
+    assert bytes(conn2.out).startswith(b"HTTP/1.1 200 OK")
+    assert not grpc_rig.app.active and grpc_rig.in_flight() == {0: 0, 1: 0}
+
+
+def test_a_raise_in_the_grpc_exchange_task_after_the_head_ends_the_stream(grpc_rig: Rig) -> None:
+    """Once the stream's head is out, the raise ends the stream with 1.13's SSE error
+    event (`internal_error`) and the last chunk; nothing is left counted."""
+    grpc_rig.client(0).scripts.append(Script([out(0, [1])], error=RuntimeError("injected")))  # type: ignore[arg-type]
+    conn, exchange = grpc_rig.start({"prompt": "p", "stream": True})
+    grpc_rig.run(exchange, timeout=2.0)
+    head, chunks = split_chunks(bytes(conn.out))
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"internal_error" in chunks[-1], chunks
+    assert conn.done and not grpc_rig.app.active and grpc_rig.in_flight() == {0: 0, 1: 0}
