@@ -62,20 +62,21 @@ class _Worker(asyncio.Protocol):
             )
 
 
-def _bind_raises_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """UpstreamConnection.bind raises the first time: where the request is about to be
-    written, as the closed handle's RuntimeError of the CI hang was."""
+def _bind_raises(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """UpstreamConnection.bind raises once per item in the returned list (armed with one):
+    where the request is about to be written, as the closed handle's RuntimeError of the
+    CI hang was."""
     bind = UpstreamConnection.bind
-    raised: list[int] = []
+    armed = [1]
 
-    def bind_raises_once(self: UpstreamConnection, exchange: Any) -> None:
-        if not raised:
-            raised.append(1)
+    def bind_raises(self: UpstreamConnection, exchange: Any) -> None:
+        if armed:
+            armed.pop()
             raise RuntimeError("injected: the handle is closed")
         bind(self, exchange)
 
-    monkeypatch.setattr(UpstreamConnection, "bind", bind_raises_once)
-    return raised
+    monkeypatch.setattr(UpstreamConnection, "bind", bind_raises)
+    return armed
 
 
 def _wait(loop: asyncio.AbstractEventLoop, conn: FakeConn, limit: float) -> float:
@@ -97,12 +98,12 @@ def test_a_raise_in_the_http_connect_task_answers_500_and_frees_the_request(
     )
     # A 30 s request timeout: an unguarded raise reads as no answer within the 2 s below.
     app = _plane([worker], loop, request_timeout_secs=30)
-    raised = _bind_raises_once(monkeypatch)
+    armed = _bind_raises(monkeypatch)
     try:
         conn = FakeConn()
         app.proxy(conn, _chat_request())  # type: ignore[arg-type]
         took = _wait(loop, conn, 5.0)
-        assert raised, "the injection point was not reached"
+        assert not armed, "the injection point was not reached"
         assert conn.done, f"no answer after {took:.1f} s: left to the request timeout"
         assert took < 2.0
         head, _, body = bytes(conn.out).partition(b"\r\n\r\n")
@@ -125,6 +126,20 @@ def test_a_raise_in_the_http_connect_task_answers_500_and_frees_the_request(
         assert bytes(conn2.out).startswith(b"HTTP/1.1 200 OK"), bytes(conn2.out)
         assert bytes(conn2.out).endswith(_ANSWER)
         assert not app.active and app.table.in_flight(0) == 0
+        # Its connection is pooled now: the next request gets it inside `handle`, and the
+        # raise comes there, not in a task; answered and freed the same way.
+        (pool,) = app.pools.values()
+        assert len(pool.idle) == 1
+        armed.append(1)
+        conn3 = FakeConn()
+        app.handle(conn3, _chat_request())  # type: ignore[arg-type]
+        _wait(loop, conn3, 5.0)
+        assert not armed, "the pooled connection was not used"
+        assert bytes(conn3.out).startswith(b"HTTP/1.1 500 Internal Server Error"), conn3.out
+        assert b'"code":"internal_error"' in bytes(conn3.out)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert not app.active and app.table.in_flight(0) == 0
+        assert pool.connecting == 0 and not pool.open and not pool.idle
     finally:
         server.close()
         _finish(app, loop)
@@ -145,7 +160,7 @@ def test_a_raise_in_a_prefill_legs_connect_task_fails_the_leg(
     app: Any = SimpleNamespace(
         pd=pd, spawn=loop.create_task, log_error=lambda message, exc: errors.append(message)
     )
-    raised = _bind_raises_once(monkeypatch)
+    armed = _bind_raises(monkeypatch)
     head = b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n"
     leg = PrefillLeg(app, decode, 3, 7, pool, head, b"{}", url, False)  # type: ignore[arg-type]
     decode.prefill = leg
@@ -154,7 +169,7 @@ def test_a_raise_in_a_prefill_legs_connect_task_fails_the_leg(
         deadline = time.monotonic() + 5.0
         while not leg.done and time.monotonic() < deadline:
             loop.run_until_complete(asyncio.sleep(0.01))
-        assert raised, "the injection point was not reached"
+        assert not armed, "the injection point was not reached"
         assert leg.done, "the leg was left to the request timeout"
         # Told as a lost prefill (the decode answers the client), logged once, and its
         # connection dropped: the pool's one slot is free for the next leg.
