@@ -704,8 +704,14 @@ class DataPlane:
                 exc_info=exc,
                 extra={"request_id": request.request_id.decode("latin-1"), "path": path},
             )
-            if conn.exchange is None and conn.busy:
-                self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            exchange = conn.exchange
+            if exchange is None:
+                if conn.busy:
+                    self._send_error(conn, request, 500, "internal_error", "internal gateway error")
+            elif isinstance(exchange, Exchange):
+                # Raised after the exchange took the request (a pooled connection is handed
+                # to it in this call): its own failure path answers and frees it.
+                exchange.internal_failure()
 
     def _wasm_request(self, conn: ClientConnection, request: Request) -> bool:
         """The OnRequest modules on a serving request (smg.wasm.chain): False when they

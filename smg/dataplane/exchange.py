@@ -298,27 +298,52 @@ class Exchange:
 
     async def _connect(self) -> None:
         pool = self.pool
+        # The guard (the outer try): this task owns the request from here on, so an
+        # unexpected raise in it (or in got_connection) would leave the client to the
+        # request timeout (1800 s by default). Free when nothing raises, and no extra
+        # coroutine: the body stays in this one.
         try:
-            conn = await pool.connect()
-        except (OSError, TimeoutError) as exc:
+            try:
+                conn = await pool.connect()
+            except (OSError, TimeoutError) as exc:
+                if pool is not self.pool:
+                    return  # a late failure of an attempt that ended meanwhile
+                can_retry = self._can_retry()
+                action = self._advance(_CONNECT_FAILED_RETRY if can_retry else _CONNECT_FAILED)
+                if action == _RETRY:
+                    # Nothing was sent: the next worker may be tried at once.
+                    self._retry(0, immediate=True)
+                elif action == _FAIL_CONNECT:
+                    self._count_exhausted()
+                    reason = (
+                        "timed out"
+                        if isinstance(exc, TimeoutError)
+                        else str(exc) or type(exc).__name__
+                    )
+                    self._fail(
+                        502, "upstream_connect_failed", f"could not connect to worker: {reason}"
+                    )
+                return
             if pool is not self.pool:
-                return  # a late failure of an attempt that ended meanwhile
-            can_retry = self._can_retry()
-            action = self._advance(_CONNECT_FAILED_RETRY if can_retry else _CONNECT_FAILED)
-            if action == _RETRY:
-                # Nothing was sent: the next worker may be tried at once.
-                self._retry(0, immediate=True)
-            elif action == _FAIL_CONNECT:
-                self._count_exhausted()
-                reason = (
-                    "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-                )
-                self._fail(502, "upstream_connect_failed", f"could not connect to worker: {reason}")
-            return
-        if pool is not self.pool:
-            conn.release(True)  # opened for an attempt that ended meanwhile
-            return
-        self.got_connection(conn)
+                conn.release(True)  # opened for an attempt that ended meanwhile
+                return
+            self.got_connection(conn)
+        except Exception as exc:
+            self.app.log_error("proxied request failed", exc)
+            self.internal_failure()
+
+    def internal_failure(self) -> None:
+        """An unexpected raise (logged by the caller) in code that owns this request: the
+        deadline's terminal transition with 1.13's 500 `internal_error` (routers/error.rs):
+        the error answer when no head went out, else the client connection closed. The
+        exchange's finish path gives back the slot, the admission permit and the gate's
+        attempt, as any failure does."""
+        action = self._advance(_TIMEOUT)
+        if action == _FAIL_TIMEOUT:
+            self._cancel_backoff()
+            self._fail(500, "internal_error", "internal gateway error")
+        elif action == _ABORT_TIMEOUT:
+            self._abort_client("internal_error", status=500, outcome=self.status)
 
     def got_connection(self, conn: UpstreamConnection) -> None:
         self.state, action = FLAT[self.state * _N + _CONNECTION]  # _advance, inlined

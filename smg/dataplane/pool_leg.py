@@ -65,7 +65,14 @@ class PoolLeg:
         except (OSError, TimeoutError):
             self._failed()
             return
-        self.got_connection(conn)
+        try:
+            self.got_connection(conn)
+        except Exception as exc:
+            # As Exchange._connect's guard: this task owns the leg, and an unexpected raise
+            # would leave it (and the request waiting on it) to the request timeout. The
+            # leg's failure path drops the connection and tells its owner, as a lost one.
+            self.app.log_error("upstream leg failed", exc)
+            self._failed()
 
     def got_connection(self, conn: UpstreamConnection) -> None:
         if self.done:

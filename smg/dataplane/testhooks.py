@@ -9,13 +9,16 @@ namespace, never read as a setting.
   and replaces it. No answer is sent before the block ends.
 - `SMG__TEST_FAIL_START_FILE=PATH`: a data-plane process fails at start-up while PATH
   exists (a live reload whose new processes cannot start).
+- `SMG__TEST_RAISE_AFTER_CONNECT_FILE=PATH`: while PATH exists, a proxied request's
+  connect task raises RuntimeError after the connect, just before the request is written
+  (where a closed uvloop handle raised in the CI hang): the guard's 500 end to end.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 if TYPE_CHECKING:
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 
 PREFIX = "/__smg_test/"
 FAIL_START_ENV = "SMG__TEST_FAIL_START_FILE"
+RAISE_AFTER_CONNECT_ENV = "SMG__TEST_RAISE_AFTER_CONNECT_FILE"
 
 
 def fail_start_if_asked() -> None:
@@ -42,6 +46,24 @@ def install(app: DataPlane) -> None:
         plain(conn, request)
 
     app.handle = handle  # type: ignore[method-assign]
+    marker = os.environ.get(RAISE_AFTER_CONNECT_ENV)
+    if marker:
+        _raise_after_connect(marker)
+
+
+def _raise_after_connect(marker: str) -> None:
+    """Wrap this process's UpstreamConnection.bind (called by the connect task right
+    before the write) to raise while `marker` exists."""
+    from smg.dataplane.upstream import UpstreamConnection
+
+    bind = UpstreamConnection.bind
+
+    def bind_or_raise(self: UpstreamConnection, exchange: Any) -> None:
+        if os.path.exists(marker):
+            raise RuntimeError(f"test hook: {marker} exists")
+        bind(self, exchange)
+
+    UpstreamConnection.bind = bind_or_raise  # type: ignore[method-assign]
 
 
 def _test_route(app: DataPlane, conn: ClientConnection, request: Request) -> None:
