@@ -260,6 +260,10 @@ class PdPlan:
         for client in self.clients:
             if not client.started:
                 client._leg_done(CLIENT_LEFT)
+            client._unhold()
+        held, self.held = self.held, None
+        if held is not None:  # chosen, never handed to a client
+            self.exchange.app.gate.record(*held, CLIENT_LEFT)  # the claim, unused
         self._release()
 
     def _release(self) -> None:
@@ -432,6 +436,14 @@ class PdClient:
         if router is not None:
             router.leg_done(self.p_entry.row, self.p_entry.generation, outcome, dispatched=True)
 
+    def _unhold(self) -> None:
+        """The attempt ended before its held decode leg asked for a slot (vLLM: the
+        prefill failed first; or it never started): the decode's gate claim, unused, is
+        recorded (every claim once: a half-open breaker's trial is accounted)."""
+        held, self.held = self.held, None
+        if held is not None:
+            self.exchange.app.gate.record(*held, CLIENT_LEFT)
+
     async def _admit_decode(self, prefill: asyncio.Future[None] | None) -> bool:
         """Wait (DecodeWindow.hold) until the held decode leg has a slot: True once taken
         (accounted as PdPlan.choose does for an admitted one); False when the prefill leg
@@ -537,9 +549,11 @@ class PdClient:
                     await outputs.aclose()  # type: ignore[attr-defined]
         except EngineError as error:
             self._leg_done(_outcome(error))
+            self._unhold()  # the decode leg will not go
             raise leg_error(error, "prefill") from None
         except BaseException:
             self._leg_done(CLIENT_LEFT)
+            self._unhold()
             raise
         finally:
             self._prefill_running = False
