@@ -1257,7 +1257,7 @@ class PDRouter:
             Family(
                 "smg_pd_requests_total",
                 "counter",
-                "Requests dispatched to a prefill/decode pair (smg)",
+                "Dispatches to a prefill/decode pair, one per attempt: a retry counts again (smg)",
                 [Sample("", proc, self.dispatched)],
             ),
         ]
