@@ -840,7 +840,7 @@ class PDRouter:
             partial(self._choose, app.policy, route=route), decode_rows
         )
         if decode < 0 or not (admitted or self.window.wait > 0):
-            self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT, admission)
+            self.leg_done(prefill, state.entries[prefill].generation, CLIENT_LEFT)
             if decode < 0:
                 app._send_error(conn, request, 503, "server_selection_failed", _NO_DECODE)
                 return True
@@ -1228,7 +1228,6 @@ class PDRouter:
         row: int,
         generation: int,
         outcome: int,
-        admission: Any = None,
         dispatched: bool = False,
     ) -> None:
         """The prefill leg ended (answered, failed or aborted), or was chosen and not sent
@@ -1258,7 +1257,7 @@ class PDRouter:
             Family(
                 "smg_pd_requests_total",
                 "counter",
-                "Requests dispatched to a prefill/decode pair (smg)",
+                "Dispatches to a prefill/decode pair, one per attempt: a retry counts again (smg)",
                 [Sample("", proc, self.dispatched)],
             ),
         ]

@@ -170,6 +170,17 @@ class LegError(EngineError):
         self.pd_answer = (_status(error), code, outcome)
 
 
+def batch_outcome(so_far: int, outcome: int) -> int:
+    """The prefill leg's gate outcome over a batch's prompts, one more ended with
+    `outcome`: a failure wins (the first one: the batch fails as that prompt would
+    alone), then an answer (200), then CLIENT_LEFT (the start: the leg said nothing)."""
+    if so_far not in (200, CLIENT_LEFT):
+        return so_far
+    if outcome == CLIENT_LEFT:
+        return so_far
+    return outcome
+
+
 def leg_error(error: EngineError, leg: str) -> EngineError:
     """`error` of the `leg` ("prefill" / "decode") as 1.13 answers it (LegError); a
     decode error after its first output stays as is (the stream's own error path)."""
@@ -258,8 +269,11 @@ class PdPlan:
         never started (the attempt failed before its Generate) is released, and a
         reserved admission slot never used (the request failed before its attempt)."""
         for client in self.clients:
-            if not client.started:
-                client._leg_done(CLIENT_LEFT)
+            client._unstarted_end()
+            client._unhold()
+        held, self.held = self.held, None
+        if held is not None:  # chosen, never handed to a client
+            self.exchange.app.gate.record(*held, CLIENT_LEFT)  # the claim, unused
         self._release()
 
     def _release(self) -> None:
@@ -388,7 +402,9 @@ class PdPlan:
         p_entry = self.prefill
         assert p_entry is not None
         self.prefill = None
-        client = PdClient(self.exchange, workers.client(p_entry), workers.client(decode), p_entry)
+        ex = self.exchange
+        prompts = len(ex.batch_rids or ()) or 1  # a batched completion's prompts share it
+        client = PdClient(ex, workers.client(p_entry), workers.client(decode), p_entry, prompts)
         client.held, self.held = self.held, None
         self.clients.append(client)
         return client
@@ -400,7 +416,12 @@ class PdClient:
     outputs; `abort` aborts both engines."""
 
     def __init__(
-        self, exchange: GrpcExchange, prefill: Any, decode: Any, p_entry: DirectoryEntry
+        self,
+        exchange: GrpcExchange,
+        prefill: Any,
+        decode: Any,
+        p_entry: DirectoryEntry,
+        prompts: int = 1,
     ) -> None:
         self.exchange = exchange
         self.prefill = prefill
@@ -411,11 +432,16 @@ class PdClient:
         self.sent_at = 0.0  # the prefill's dispatch (smg_pd_* histograms start there)
         self.decode_sent_at = 0.0  # the decode's (smg_pd_decode_ttft_seconds starts there)
         self._leg_open = True  # the prefill leg's accounting is still to be done
-        self.started = False  # generate_batches ran (its legs account themselves)
-        self._prefill_running = False
-        # SGLang: the prefill's first GenerateComplete (its prompt logprobs, merged into
-        # the decode's answer as 1.13's merge_prefill_logprobs)
-        self._prefill_first: Any = None
+        self.started = 0  # generate_batches calls that ran (their legs account themselves)
+        # A batched completion runs one prefill per prompt (`prompts`) under the attempt's
+        # one claim and in-flight count: the leg is done when the last of them ended, with
+        # `_prefill_outcome` (batch_outcome) of them all.
+        self._prefills = self._prefills_left = prompts
+        self._prefill_outcome = CLIENT_LEFT
+        self._prefills_running = 0
+        # SGLang, by request id: the prefill's first GenerateComplete (its prompt
+        # logprobs, merged into that prompt's decode answer as 1.13's merge_prefill_logprobs)
+        self._prefill_first: dict[str, Any] = {}
         # The decode row (row, generation) whose running window this attempt's decode
         # leg waits on (PdPlan.choose found no slot); None: admitted.
         self.held: tuple[int, int] | None = None
@@ -431,6 +457,28 @@ class PdClient:
         router = app.pd
         if router is not None:
             router.leg_done(self.p_entry.row, self.p_entry.generation, outcome, dispatched=True)
+
+    def _prefill_ended(self, outcome: int) -> None:
+        """One prompt's prefill leg ended with `outcome`."""
+        self._prefill_outcome = batch_outcome(self._prefill_outcome, outcome)
+        self._prefills_left -= 1
+        if self._prefills_left <= 0:
+            self._leg_done(self._prefill_outcome)
+
+    def _unstarted_end(self) -> None:
+        """The exchange ended: the prompts whose prefill leg never started end as
+        CLIENT_LEFT (a started one ends itself, maybe later: a prefill let finish)."""
+        unstarted, self.started = self._prefills - self.started, self._prefills
+        for _ in range(unstarted):
+            self._prefill_ended(CLIENT_LEFT)
+
+    def _unhold(self) -> None:
+        """The attempt ended before its held decode leg asked for a slot (vLLM: the
+        prefill failed first; or it never started): the decode's gate claim, unused, is
+        recorded (every claim once: a half-open breaker's trial is accounted)."""
+        held, self.held = self.held, None
+        if held is not None:
+            self.exchange.app.gate.record(*held, CLIENT_LEFT)
 
     async def _admit_decode(self, prefill: asyncio.Future[None] | None) -> bool:
         """Wait (DecodeWindow.hold) until the held decode leg has a slot: True once taken
@@ -483,7 +531,7 @@ class PdClient:
 
     async def abort(self, request_ids: list[str]) -> None:
         calls = [self.decode.abort(request_ids)]
-        if self._prefill_running:
+        if self._prefills_running:
             calls.append(self.prefill.abort(request_ids))
         await asyncio.gather(*calls, return_exceptions=True)
 
@@ -507,7 +555,7 @@ class PdClient:
     ) -> AsyncIterator[list[Any]]:
         from smg.grpc.frontend import _batches
 
-        self.started = True
+        self.started += 1
         info = self.p_entry.grpc
         labels = self.p_entry.spec.labels
         host = worker_address(self.p_entry.url).host
@@ -522,7 +570,7 @@ class PdClient:
         n = req.sampling.n
         transfer_id = transfer_id_for(mode, n)
         returned: str | None = None
-        self._prefill_running = True
+        self._prefills_running += 1
         self.sent_at = time.monotonic()
         try:
             preq = self._prefill_ranked(vllm_prefill_input(req, mode, transfer_id))
@@ -536,14 +584,16 @@ class PdClient:
                 with contextlib.suppress(Exception):
                     await outputs.aclose()  # type: ignore[attr-defined]
         except EngineError as error:
-            self._leg_done(_outcome(error))
+            self._prefill_ended(_outcome(error))
+            self._unhold()  # the decode leg will not go
             raise leg_error(error, "prefill") from None
         except BaseException:
-            self._leg_done(CLIENT_LEFT)
+            self._prefill_ended(CLIENT_LEFT)
+            self._unhold()
             raise
         finally:
-            self._prefill_running = False
-        self._leg_done(200)
+            self._prefills_running -= 1
+        self._prefill_ended(200)
         prefill_s = time.monotonic() - self.sent_at
         if mode.kind == "nixl" and returned is None and n <= 1:
             log.warning(
@@ -586,14 +636,16 @@ class PdClient:
     ) -> AsyncIterator[list[Any]]:
         from smg.grpc.frontend import _batches
 
-        self.started = True
+        self.started += 1
         port = self.p_entry.spec.bootstrap_port or DEFAULT_BOOTSTRAP_PORT
         host = worker_address(self.p_entry.url).host
         sreq = dataclasses.replace(req, disaggregated=(host, port, new_room()))
-        self._prefill_running = True
+        self._prefills_running += 1
         self.sent_at = self.decode_sent_at = time.monotonic()  # both legs at once
         preq = self._prefill_ranked(sreq)
-        prefill = asyncio.ensure_future(self._drain(_batches(self.prefill, preq, timeout)))
+        prefill = asyncio.ensure_future(
+            self._drain(_batches(self.prefill, preq, timeout), req.request_id)
+        )
         decode = _batches(self.decode, sreq, timeout)
         if req.stream:  # the 1.13 binary: TTFT for streamed answers only
             decode = _ttft(self, decode)
@@ -663,7 +715,7 @@ class PdClient:
         if not prefill.done():
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(prefill), PREFILL_DRAIN_S)
-        first = self._prefill_first
+        first = self._prefill_first.get(req.request_id)
         if first is not None and first.input_logprobs is not None:
             for o in outs:
                 if o.finished or req.stream:
@@ -706,23 +758,23 @@ class PdClient:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.prefill.abort([rid]), 5.0)
 
-    async def _drain(self, outputs: AsyncIterator[list[Any]]) -> None:
+    async def _drain(self, outputs: AsyncIterator[list[Any]], rid: str) -> None:
         """The SGLang prefill leg: read to its end (its outputs are not the answer)."""
         try:
             async for outs in outputs:
-                if self._prefill_first is None:
-                    self._prefill_first = next((o for o in outs if o.finished), None)
+                if self._prefill_first.get(rid) is None:
+                    self._prefill_first[rid] = next((o for o in outs if o.finished), None)
         except EngineError as error:
-            self._leg_done(_outcome(error))
+            self._prefill_ended(_outcome(error))
             raise
         except BaseException:
-            self._leg_done(CLIENT_LEFT)
+            self._prefill_ended(CLIENT_LEFT)
             raise
         finally:
-            self._prefill_running = False
+            self._prefills_running -= 1
             with contextlib.suppress(Exception):
                 await outputs.aclose()  # type: ignore[attr-defined]
-        self._leg_done(200)
+        self._prefill_ended(200)
 
 
 async def _ttft(client: PdClient, outputs: AsyncIterator[list[Any]]) -> AsyncIterator[list[Any]]:
