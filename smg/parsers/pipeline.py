@@ -61,18 +61,12 @@ class ChoiceParser:
 
     def finish(self) -> Parsed:
         reasoning, text = self._reasoning.finish() if self._reasoning is not None else ("", "")
-        return self._after_reasoning(reasoning, text, final=True)
-
-    def _after_reasoning(self, reasoning: str, text: str, *, final: bool) -> Parsed:
         tools = self._tools
         if tools is None:
             return Parsed(reasoning, text)
         content, calls = tools.feed(text) if text else ("", [])
-        if final:
-            more, more_calls = tools.finish()
-            content += more
-            calls = calls + more_calls
-        return Parsed(reasoning, content, calls)
+        more, more_calls = tools.finish()
+        return Parsed(reasoning, content + more, calls + more_calls)
 
 
 def parse_all(parser: ChoiceParser, text: str) -> Parsed:

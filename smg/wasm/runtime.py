@@ -502,8 +502,7 @@ class ModuleRunner:
                     request_id.decode("latin-1"), now_epoch_ms,
                 )
             )  # fmt: skip
-        if len(body) > self.limits.max_body_bytes:
-            self._check_body("request", body)  # raises, with the message
+        self._check_body("request", body)
         got = call(method, path, query, headers, _bytes(body), request_id, now_epoch_ms)
         return CONTINUE if got is None else self._fast_outcome("OnRequest", got)
 
