@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,17 @@ def test_a_grpc_worker_listed_since_the_last_sweep_gets_the_grpc_path() -> None:
         _finish(app, loop)
 
 
+def http_worker(
+    loop: asyncio.AbstractEventLoop, protocol: Callable[[], asyncio.Protocol]
+) -> tuple[asyncio.AbstractServer, DirectoryEntry]:
+    """A loopback server on `loop` speaking `protocol`, and an HTTP worker entry for it."""
+    server = loop.run_until_complete(loop.create_server(protocol, "127.0.0.1", 0))
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    plain = entry(0, grpc=False)
+    spec = msgspec.structs.replace(plain.spec, url=url)
+    return server, msgspec.structs.replace(plain, url=url, spec=spec)
+
+
 class _SettingsFirst(asyncio.Protocol):
     """An HTTP/2 server's first move: SETTINGS on accept, before any request."""
 
@@ -107,13 +119,7 @@ def test_a_connection_closed_before_the_request_is_answered_not_left_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = uvloop.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(_SettingsFirst, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    plain = entry(0, grpc=False)
-    worker = msgspec.structs.replace(
-        plain, url=url, spec=msgspec.structs.replace(plain.spec, url=url)
-    )
+    server, worker = http_worker(loop, _SettingsFirst)
     app = _plane([worker], loop, retry_initial_backoff_ms=1, retry_max_backoff_ms=2)
     connect = WorkerPool.connect
 

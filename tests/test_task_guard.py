@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import uvloop
 
@@ -30,12 +29,11 @@ from smg.dataplane.testhooks import RAISE_AFTER_CONNECT_ENV
 from smg.dataplane.upstream import UpstreamConnection, WorkerPool
 from tests import test_grpc_frontend
 from tests.gatewayutil import in_flight_total, running_gateway
-from tests.test_grpc_front_late_worker import _chat_request, _finish, _plane
+from tests.test_grpc_front_late_worker import _chat_request, _finish, _plane, http_worker
 from tests.test_grpc_frontend import (
     FakeConn,
     Rig,
     Script,
-    entry,
     out,
     split_chunks,
 )
@@ -90,12 +88,7 @@ def test_a_raise_in_the_http_connect_task_answers_500_and_frees_the_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = uvloop.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(_Worker, "127.0.0.1", 0))
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    plain = entry(0, grpc=False)
-    worker = msgspec.structs.replace(
-        plain, url=url, spec=msgspec.structs.replace(plain.spec, url=url)
-    )
+    server, worker = http_worker(loop, _Worker)
     # A 30 s request timeout: an unguarded raise reads as no answer within the 2 s below.
     app = _plane([worker], loop, request_timeout_secs=30)
     armed = _bind_raises(monkeypatch)
