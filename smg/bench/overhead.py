@@ -21,7 +21,7 @@ import orjson
 from smg.bench import metrics, results, stats
 from smg.bench.backends import BACKENDS, BodyOptions, kind_of
 from smg.bench.http import fetch, parse_url
-from smg.bench.runner import Outcome, RunSpec, new_loop, raise_fd_limit, run_in_process
+from smg.bench.runner import Outcome, RunSpec, raise_fd_limit, run_in_process, run_on_new_loop
 from smg.bench.serve import (
     UsageError,
     header_dict,
@@ -113,11 +113,7 @@ async def _worker_counts(urls: list[str]) -> dict[str, int | None]:
 def worker_counts(urls: list[str]) -> dict[str, int | None]:
     if not urls:
         return {}
-    loop = new_loop()
-    try:
-        return loop.run_until_complete(_worker_counts(urls))
-    finally:
-        loop.close()
+    return run_on_new_loop(_worker_counts(urls))
 
 
 def pair_report(direct: list[Outcome], gateway: list[Outcome], pcts: list[float]) -> dict[str, Any]:

@@ -19,7 +19,9 @@ import gc
 import multiprocessing as mp
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -272,6 +274,56 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+def run_interruptibly(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    """`loop.run_until_complete(coro)`, ended by Ctrl-C as KeyboardInterrupt.
+
+    uvloop catches a KeyboardInterrupt raised inside a protocol callback (a SIGINT that
+    lands while `data_received` runs), logs it and closes that one transport: the run
+    went on as if nothing had happened. So SIGINT is taken as the loop's signal handler
+    instead, as asyncio.Runner does: the first cancels the run, which then ends here as
+    KeyboardInterrupt; a second stops the loop at once. Left alone where SIGINT is not at
+    Python's default (ignored by a non-interactive shell) or off the main thread."""
+    task = loop.create_task(coro)
+    hooked = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    interrupts = 0
+
+    def on_interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            task.cancel()
+        else:
+            loop.stop()
+
+    if hooked:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        result = loop.run_until_complete(task)
+    except (asyncio.CancelledError, RuntimeError):
+        if interrupts:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if hooked:
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupts:  # the run swallowed its cancellation
+        raise KeyboardInterrupt
+    return result
+
+
+def run_on_new_loop(coro: Any) -> Any:
+    """`coro` on a fresh (uvloop) loop, closed afterwards; Ctrl-C as in run_interruptibly."""
+    loop = new_loop()
+    try:
+        return run_interruptibly(loop, coro)
+    finally:
+        loop.close()
+
+
 @dataclass
 class RunSpec:
     targets: list[Target]
@@ -396,7 +448,7 @@ def run_in_process(
     try:
         if watch is not None:
             watch.begin()
-        outcomes, stats = loop.run_until_complete(_run_async(spec, barrier, slot))
+        outcomes, stats = run_interruptibly(loop, _run_async(spec, barrier, slot))
     finally:
         loop.close()
         if watch is not None:
@@ -412,7 +464,7 @@ def _child(spec: RunSpec, conn: Any, slot: Slot | None = None) -> None:
         return float(conn.recv())
 
     try:
-        result = loop.run_until_complete(_run_async(spec, barrier, slot))
+        result = run_interruptibly(loop, _run_async(spec, barrier, slot))
         conn.send(("ok", result))
     except BaseException as exc:  # report instead of dying silently
         conn.send(("error", repr(exc)))

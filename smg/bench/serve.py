@@ -18,7 +18,14 @@ from smg.bench import arrivals, datasets, live, metrics, results, workload
 from smg.bench.args import build_parser, parse_goodput, parse_kv, sampling_overrides
 from smg.bench.backends import BACKENDS, BodyOptions, base_headers, build_body, kind_of
 from smg.bench.http import Target, build_request, fetch, parse_url
-from smg.bench.runner import Outcome, Prepared, RunSpec, new_loop, raise_fd_limit, run_multiprocess
+from smg.bench.runner import (
+    Outcome,
+    Prepared,
+    RunSpec,
+    raise_fd_limit,
+    run_multiprocess,
+    run_on_new_loop,
+)
 from smg.bench.tokenizer import Tokenizer, count_many, load_tokenizer
 
 # One client process, measured on this project's 2-core dev machine against the stub
@@ -231,13 +238,10 @@ async def _first_model(base_url: str, headers: dict[str, str]) -> str:
 def resolve_model(args: argparse.Namespace, base_url: str, headers: dict[str, str]) -> str:
     if args.model:
         return str(args.model)
-    loop = new_loop()
     try:
-        return loop.run_until_complete(_first_model(base_url, headers))
+        return str(run_on_new_loop(_first_model(base_url, headers)))
     except (TimeoutError, OSError, ValueError, KeyError) as exc:
         raise UsageError(f"could not list models at {base_url} ({exc}); pass --model") from exc
-    finally:
-        loop.close()
 
 
 def wait_ready(url: str, body: bytes, headers: dict[str, str], timeout: float) -> None:
@@ -257,11 +261,7 @@ def wait_ready(url: str, body: bytes, headers: dict[str, str], timeout: float) -
             await asyncio.sleep(0.5)
         raise UsageError(f"endpoint {url} not ready within {timeout:.0f} s ({last})")
 
-    loop = new_loop()
-    try:
-        loop.run_until_complete(poll())
-    finally:
-        loop.close()
+    run_on_new_loop(poll())
 
 
 def count_outputs(outcomes: list[Outcome], n: int, tok: Tokenizer) -> list[int | None]:

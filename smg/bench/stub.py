@@ -19,7 +19,7 @@ from typing import Any
 import httptools
 import orjson
 
-from smg.bench.runner import new_loop
+from smg.bench.runner import new_loop, run_interruptibly
 
 
 class StubConfig:
@@ -297,7 +297,7 @@ def main(argv: list[str]) -> int:
         print(f"listening on {args.host}:{port}", flush=True)
 
     try:
-        loop.run_until_complete(serve(cfg, sock, ready))
+        run_interruptibly(loop, serve(cfg, sock, ready))
     except KeyboardInterrupt:
         pass
     finally:
