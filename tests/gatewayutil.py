@@ -275,6 +275,63 @@ def pid_serving(gw: Gateway, index: str, attempts: int = 100) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def pinned_clients(
+    url: str,
+    per_process: int,
+    processes: int = 2,
+    *,
+    attempts: int = 200,
+    within: float = 20.0,
+    timeout: float = 30.0,
+) -> Iterator[dict[str, list[httpx.Client]]]:
+    """``per_process`` keep-alive clients on each of data-plane processes 0..processes-1,
+    by the ``x-smg-process`` of their answers; closed on exit.
+
+    The kernel's SO_REUSEPORT hash picks a new connection's process, so a handful of new
+    connections all land on one process now and then (six: 1 in 32). Each client holds
+    one connection (max_connections=1, no keep-alive expiry) that a probe (GET /health,
+    answered by the data plane itself: no worker, no admission) showed on the process
+    wanted; its later requests go there too unless the gateway closes the connection, so
+    callers still check the header of what they send. At most ``attempts`` new connections
+    and ``within`` seconds, then an AssertionError saying how far it got.
+    """
+    wanted = [str(index) for index in range(processes)]
+    pinned: dict[str, list[httpx.Client]] = {index: [] for index in wanted}
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=None)
+    deadline = time.monotonic() + within
+    tries = 0
+    try:
+        while any(len(pinned[index]) < per_process for index in wanted):
+            if tries >= attempts or time.monotonic() > deadline:
+                got = {index: len(clients) for index, clients in pinned.items()}
+                raise AssertionError(
+                    f"{per_process} connection(s) per process wanted on {wanted}; "
+                    f"got {got} after {tries} new connections"
+                )
+            tries += 1
+            client = httpx.Client(base_url=url, timeout=timeout, limits=limits)
+            probe = client.get("/health")
+            process = probe.headers.get("x-smg-process", "")
+            if probe.status_code == 200 and len(pinned.get(process, [per_process])) < per_process:
+                pinned[process].append(client)
+            else:
+                client.close()
+        yield pinned
+    finally:
+        for clients in pinned.values():
+            for client in clients:
+                client.close()
+
+
+def interleaved(pinned: dict[str, list[httpx.Client]]) -> list[httpx.Client]:
+    """The clients of ``pinned_clients`` taking turns by process: the first of each
+    process, then the second of each, ... (so any run of ``processes`` in a row covers
+    every process)."""
+    rounds = zip(*(pinned[index] for index in sorted(pinned, key=int)), strict=True)
+    return [client for one_round in rounds for client in one_round]
+
+
 def promtool_check(text: str) -> None:
     """promtool's `check metrics` on an exposition page (skipped where promtool is absent;
     .ci/run installs it)."""

@@ -347,18 +347,26 @@ def admission_args(
 
 
 def staggered_posts(
-    url: str, path: str, body: dict[str, Any], delays: tuple[float, ...] | list[float]
+    url: str,
+    path: str,
+    body: dict[str, Any],
+    delays: tuple[float, ...] | list[float],
+    clients: list[httpx.Client] | None = None,
 ) -> list[httpx.Response]:
-    """POST `body` once per delay, each after sleeping its delay and on its own connection
-    (the kernel spreads them over the gateway's processes), all at once; in order."""
+    """POST `body` once per delay, each after sleeping its delay and on its own connection,
+    all at once; in order. Request i goes on `clients[i]` when given (connections pinned to
+    processes: gatewayutil.pinned_clients), else on a new connection (the kernel's hash
+    picks its process)."""
 
-    def one(delay: float) -> httpx.Response:
+    def one(index: int, delay: float) -> httpx.Response:
         time.sleep(delay)
+        if clients is not None:
+            return clients[index].post(path, json=body)
         with httpx.Client(base_url=url, timeout=30.0) as client:
             return client.post(path, json=body)
 
     with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
-        return list(pool.map(one, delays))
+        return list(pool.map(one, range(len(delays)), delays))
 
 
 # 1.13's 429 answers from prefill admission: (code, message); the type is rate_limit_error.

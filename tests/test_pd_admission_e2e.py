@@ -12,14 +12,14 @@ import httpx
 import orjson
 
 from tests import mockutil, pdutil
-from tests.gatewayutil import wait_until
+from tests.gatewayutil import interleaved, pinned_clients, wait_until
 from tests.test_pd_e2e import GENERATE
 
 
 def test_prefill_queue_bound_holds_across_processes() -> None:
     # One prefill slot (held 4 s by the first request) and a queue of ONE for the whole
-    # gateway: of eight requests behind it, on their own connections (spread over both
-    # processes), exactly one waits and is served; seven are refused at once. With a
+    # gateway: of eight requests behind it, on their own connections (taking turns by
+    # process), exactly one waits and is served; seven are refused at once. With a
     # per-process bound each process would queue one (two served, six refused). The hold
     # is long so that on a loaded box every one of the eight arrives while the first still
     # holds the slot (at 1.5 s a late one found the queue empty again and was served).
@@ -27,9 +27,12 @@ def test_prefill_queue_bound_holds_across_processes() -> None:
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=10) as decode,
         pdutil.pd_gateway(prefill, decode, *pdutil.admission_args(10, queue_size=1)) as gateway,
+        pinned_clients(gateway.url, 5) as pinned,
     ):
         pdutil.set_faults(prefill.url, ttft_ms=4000)
-        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, [0.0] + [0.4] * 8)
+        delays = [0.0] + [0.4] * 8
+        clients = interleaved(pinned)[: len(delays)]
+        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, delays, clients)
         assert answers[0].status_code == 200
         behind = answers[1:]
         # The refusals came from both processes: the bound is not one process's.

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests import mockutil, pdutil
-from tests.gatewayutil import Gateway, wait_until
+from tests.gatewayutil import Gateway, interleaved, pinned_clients, wait_until
 from tests.test_pd_e2e import GENERATE, pd_gateway
 from tests.test_pd_grpc_admission import CHAT, grpc_pd
 
@@ -26,25 +26,20 @@ SHED = "worker_overload_protection_shed"
 
 
 def _burst(
-    url: str, delays: list[float], timeout: float = 30.0
+    url: str, delays: list[float], clients: list[httpx.Client] | None = None
 ) -> list[tuple[int, Any, str, float]]:
-    """One request per delay, each on its own connection (so both processes take some):
-    (status, JSON body, x-smg-process, seconds), plus the Retry-After in the body's place
-    for a 503 (as `("retry-after", value)` appended to the body dict)."""
-
-    def one(delay: float) -> tuple[int, Any, str, float]:
-        time.sleep(delay)
-        with httpx.Client(base_url=url, timeout=timeout) as client:
-            began = time.monotonic()
-            answer = client.post("/generate", json=GENERATE)
-            body = answer.json()
-            if answer.status_code == 503:
-                body["retry-after"] = answer.headers.get("retry-after")
-            process = answer.headers.get("x-smg-process", "")
-            return answer.status_code, body, process, time.monotonic() - began
-
-    with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
-        return list(pool.map(one, delays))
+    """One request per delay, each on its own connection (`clients[i]` when given: see
+    pdutil.staggered_posts): (status, JSON body, x-smg-process, seconds), plus the
+    Retry-After in the body's place for a 503 (as `("retry-after", value)` appended to the
+    body dict)."""
+    results = []
+    for answer in pdutil.staggered_posts(url, "/generate", GENERATE, delays, clients):
+        body = answer.json()
+        if answer.status_code == 503:
+            body["retry-after"] = answer.headers.get("retry-after")
+        process = answer.headers.get("x-smg-process", "")
+        results.append((answer.status_code, body, process, answer.elapsed.total_seconds()))
+    return results
 
 
 def _sum(metrics: str, name: str, *parts: str) -> float:
@@ -79,15 +74,15 @@ def window_one(*extra: str) -> Iterator[tuple[pdutil.PdMocks, pdutil.PdMocks, Ga
 
 
 def test_window_of_one_holds_across_processes_and_later_ones_wait() -> None:
-    # Six requests at once over their own connections (both processes take some); the
+    # Six requests at once over their own connections, three pinned to each process; the
     # decode runs one at a time (its peak is 1), every request is answered 200, and those
     # that found the slot taken are counted as waits (five, unless a loaded machine
     # started one late, after a slot had come free).
-    with window_one() as (prefill, decode, gateway):
+    with window_one() as (prefill, decode, gateway), pinned_clients(gateway.url, 3) as pinned:
         pdutil.set_faults(decode.url, ttft_ms=500)
         mockutil.reset_stats(decode.url)
         began = time.monotonic()
-        results = _burst(gateway.url, [0.0] * 6)
+        results = _burst(gateway.url, [0.0] * 6, interleaved(pinned))
         took = time.monotonic() - began
         assert [status for status, _, _, _ in results] == [200] * 6, results
         assert {process for _, _, process, _ in results} == {"0", "1"}
@@ -103,10 +98,14 @@ def test_window_of_one_holds_across_processes_and_later_ones_wait() -> None:
 
 
 def test_wait_zero_sheds_at_once_and_dispatches_nothing() -> None:
-    with window_one("--pd-admission-wait-secs", "0") as (prefill, decode, gateway):
+    with (
+        window_one("--pd-admission-wait-secs", "0") as (prefill, decode, gateway),
+        pinned_clients(gateway.url, 3) as pinned,
+    ):
         pdutil.set_faults(decode.url, ttft_ms=2000)
         mockutil.reset_stats(prefill.url)
-        results = _burst(gateway.url, [0.0] + [0.5] * 5)
+        # The five behind the first take turns by process: both shed.
+        results = _burst(gateway.url, [0.0] + [0.5] * 5, interleaved(pinned))
         assert results[0][0] == 200
         behind = results[1:]
         assert [status for status, _, _, _ in behind] == [503] * 5, behind

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests import mockutil, pdutil
-from tests.gatewayutil import Gateway, running_gateway, wait_until
+from tests.gatewayutil import Gateway, interleaved, pinned_clients, running_gateway, wait_until
 from tests.pdutil import metric_sum, pd_gateway
 
 GENERATE = {"text": "one two three four", "sampling_params": {"max_new_tokens": 3}}
@@ -168,9 +168,11 @@ def test_prefill_admission_holds_across_processes() -> None:
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=10) as decode,
         pd_gateway(prefill, decode, "--prefill-max-inflight-requests-per-worker", "1") as gateway,
+        pinned_clients(gateway.url, 6) as pinned,  # six on each process
     ):
         pdutil.set_faults(prefill.url, ttft_ms=150)
-        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, [0.0] * 12)
+        clients = interleaved(pinned)
+        answers = pdutil.staggered_posts(gateway.url, "/generate", GENERATE, [0.0] * 12, clients)
         assert [a.status_code for a in answers] == [200] * 12
         assert {a.headers.get("x-smg-process", "") for a in answers} == {"0", "1"}
         # Never two prefills at once on the worker, whichever process sent them.
