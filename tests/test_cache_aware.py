@@ -4,14 +4,13 @@ data-plane processes sharing what they learn."""
 
 from __future__ import annotations
 
-import http.client
 import itertools
-import json
 import random
 import time
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import xxhash
@@ -31,7 +30,7 @@ from smg.shm.prefix import (
     entries_for,
 )
 from tests import mockutil
-from tests.gatewayutil import Gateway, wait_until
+from tests.gatewayutil import Gateway, pinned_clients, wait_until
 
 
 class FakeView:
@@ -362,31 +361,14 @@ def test_prompt_text(body: dict[str, Any], text: str | None) -> None:
 # --- end to end ------------------------------------------------------------------------------
 
 
-def _connection_to(port: int, process: str, attempts: int = 200) -> http.client.HTTPConnection:
-    """A keep-alive connection served by data-plane process `process` (x-smg-process)."""
-    for _ in range(attempts):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/liveness")
-        answer = conn.getresponse()
-        answer.read()
-        if answer.status == 200 and answer.getheader("x-smg-process") == process:
-            return conn
-        conn.close()
-    raise AssertionError(f"no connection landed on process {process}")
-
-
-def _chat(conn: http.client.HTTPConnection, text: str) -> tuple[int, str]:
+def _chat(client: httpx.Client, text: str) -> tuple[int, str]:
     body = {
         "model": "mock-model",
         "messages": [{"role": "system", "content": text}, {"role": "user", "content": "hi"}],
         "max_tokens": 1,
     }
-    conn.request(
-        "POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"}
-    )
-    answer = conn.getresponse()
-    answer.read()
-    return answer.status, answer.getheader("x-smg-process") or ""
+    answer = client.post("/v1/chat/completions", json=body)
+    return answer.status_code, answer.headers.get("x-smg-process", "")
 
 
 def test_e2e_prefix_routed_by_one_process_steers_the_other() -> None:
@@ -410,30 +392,29 @@ def test_e2e_prefix_routed_by_one_process_steers_the_other() -> None:
                 return len(listed) == 4 and all(w["is_healthy"] for w in listed)
 
             wait_until(all_healthy, 15, "four healthy workers")
-            conns = {p: _connection_to(gw.port, p) for p in ("0", "1")}
+            with pinned_clients(gw.url, 1) as pinned:  # a connection on each process
+                conns = {process: clients[0] for process, clients in pinned.items()}
 
-            def counts() -> list[int]:
-                return [mockutil.stats(url)["inference_answered"] for url in mocks.urls]
+                def counts() -> list[int]:
+                    return [mockutil.stats(url)["inference_answered"] for url in mocks.urls]
 
-            for i in range(8):
-                first, second = ("0", "1") if i % 2 == 0 else ("1", "0")
-                prefix = f"conversation {i} " + SYSTEM
-                before = counts()
-                status, served_by = _chat(conns[first], prefix + "turn one")
-                answered = time.monotonic()
-                assert (status, served_by) == (200, first)
-                # Straight away, on a connection the other process serves.
-                sent_gap = time.monotonic() - answered
-                status, served_by = _chat(conns[second], prefix + "turn two")
-                assert (status, served_by) == (200, second)
-                assert sent_gap < 0.05
-                after = counts()
-                # Both turns on one worker: the second process routed on what the first
-                # wrote (the index write precedes the first request's forward).
-                deltas = sorted(b - a for a, b in zip(before, after, strict=True))
-                assert deltas == [0, 0, 0, 2], f"prefix {i}: {before} -> {after}"
-            for conn in conns.values():
-                conn.close()
+                for i in range(8):
+                    first, second = ("0", "1") if i % 2 == 0 else ("1", "0")
+                    prefix = f"conversation {i} " + SYSTEM
+                    before = counts()
+                    status, served_by = _chat(conns[first], prefix + "turn one")
+                    answered = time.monotonic()
+                    assert (status, served_by) == (200, first)
+                    # Straight away, on a connection the other process serves.
+                    sent_gap = time.monotonic() - answered
+                    status, served_by = _chat(conns[second], prefix + "turn two")
+                    assert (status, served_by) == (200, second)
+                    assert sent_gap < 0.05
+                    after = counts()
+                    # Both turns on one worker: the second process routed on what the first
+                    # wrote (the index write precedes the first request's forward).
+                    deltas = sorted(b - a for a, b in zip(before, after, strict=True))
+                    assert deltas == [0, 0, 0, 2], f"prefix {i}: {before} -> {after}"
         finally:
             gw.stop()
             gw.close_log()
