@@ -16,7 +16,7 @@ import mockutil
 import msgspec
 import psutil
 import pytest
-from gatewayutil import Gateway, promtool_check
+from gatewayutil import Gateway, interleaved, pinned_clients, promtool_check
 from prometheus_client.parser import text_string_to_metric_families
 
 from smg import ipc
@@ -317,14 +317,16 @@ def test_worker_url_path_prefixes_every_route(gateway: tuple[Gateway, list[str]]
                 break
             time.sleep(0.2)
         assert worker["status"] == "ready", worker
-        for _ in range(4):  # both processes; the mock answers 404 outside its prefix
-            chat = httpx.post(
-                gw.url + "/v1/chat/completions",
-                json={"model": "prefixed-model", "messages": [{"role": "user", "content": "hi"}]},
-                timeout=10,
-            )
-            assert chat.status_code == 200, chat.text
-            assert chat.json()["model"] == "prefixed-model"
+        # Twice from each process; the mock answers 404 outside its prefix.
+        body = {"model": "prefixed-model", "messages": [{"role": "user", "content": "hi"}]}
+        served = []
+        with pinned_clients(gw.url, 2) as pinned:
+            for client in interleaved(pinned):
+                chat = client.post("/v1/chat/completions", json=body)
+                assert chat.status_code == 200, chat.text
+                assert chat.json()["model"] == "prefixed-model"
+                served.append(chat.headers["x-smg-process"])
+        assert served == ["0", "1"] * 2
         gw.admin("DELETE", f"/workers/{worker['id']}")
     listing = gw.admin("GET", "/workers").json()["workers"]
     assert sorted(w["url"] for w in listing) == sorted(urls)

@@ -118,6 +118,7 @@ def test_wasm_modules_run_on_pd_requests_and_answers(tmp_path: Path) -> None:
         pdutil.start_prefill() as prefill,
         pdutil.start_decode(wait_s=5) as decode,
         pdutil.pd_gateway(prefill, decode, "--enable-wasm") as gateway,
+        pinned_clients(gateway.url, 2) as pinned,
     ):
         added = _add(
             gateway, [("tagger", tagger, ("OnRequest",)), ("logger", logger, ("OnResponse",))]
@@ -125,12 +126,11 @@ def test_wasm_modules_run_on_pd_requests_and_answers(tmp_path: Path) -> None:
         assert added.status_code == 200, added.text
 
         def tagged() -> httpx.Response | None:
-            # A connection each: both processes must have loaded the modules.
-            answers = []
-            for _ in range(4):
-                with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
-                    answers.append(client.post("/generate", json=GENERATE))
+            # Two connections on each process: both must have loaded the modules.
+            answers = [client.post("/generate", json=GENERATE) for client in interleaved(pinned)]
+            served = [a.headers.get("x-smg-process") for a in answers]
             done = all(a.headers.get("x-smg-wasm-logged") == "1" for a in answers)
+            assert served == ["0", "1"] * 2, served
             return answers[-1] if done else None
 
         answer = wait_until(tagged, 10, "the OnResponse module on PD answers")
