@@ -319,7 +319,7 @@ def test_worker_url_path_prefixes_every_route(gateway: tuple[Gateway, list[str]]
         assert worker["status"] == "ready", worker
         # Twice from each process; the mock answers 404 outside its prefix.
         body = {"model": "prefixed-model", "messages": [{"role": "user", "content": "hi"}]}
-        served = []
+        served: list[str] = []
         with pinned_clients(gw.url, 2) as pinned:
             for client in interleaved(pinned):
                 chat = client.post("/v1/chat/completions", json=body)

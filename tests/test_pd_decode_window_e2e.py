@@ -32,7 +32,7 @@ def _burst(
     pdutil.staggered_posts): (status, JSON body, x-smg-process, seconds), plus the
     Retry-After in the body's place for a 503 (as `("retry-after", value)` appended to the
     body dict)."""
-    results = []
+    results: list[tuple[int, Any, str, float]] = []
     for answer in pdutil.staggered_posts(url, "/generate", GENERATE, delays, clients):
         body = answer.json()
         if answer.status_code == 503:
