@@ -199,10 +199,13 @@ def test_readiness_is_one_function_of_the_table() -> None:
     record = registry.add(_spec("http://127.0.0.1:9001"))
     assert readiness(table, entries()) == (
         503,
-        b'{"status":"not ready","reason":"no worker is ready"}',
+        b'{"status":"not ready","reason":"insufficient healthy workers"}',
     )
     registry.apply(record, Event.CONNECTED)
-    assert readiness(table, entries()) == (200, b'{"status":"ready","ready_workers":1}')
+    assert readiness(table, entries()) == (
+        200,
+        b'{"status":"ready","healthy_workers":1,"total_workers":1}',
+    )
     assert readiness(table, entries(), shutting_down=True)[0] == 503
     registry.set_status(record, WorkerStatus.DRAINING)
     assert readiness(table, entries())[0] == 503

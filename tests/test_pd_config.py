@@ -220,14 +220,18 @@ def test_pd_readiness_needs_a_ready_prefill_and_a_ready_decode() -> None:
     assert answer() == (503, not_ready)
     regular = add("http://127.0.0.1:9000", "regular")
     assert answer() == (503, not_ready)  # a regular worker does not count in PD mode
-    assert answer(pd=False) == (200, {"status": "ready", "ready_workers": 1})
+    assert answer(pd=False) == (
+        200,
+        {"status": "ready", "healthy_workers": 1, "total_workers": 1},
+    )
     # (prefill and decode workers below never count outside PD mode: checked at the end)
     prefill = add("http://127.0.0.1:9001", "prefill")
     assert answer() == (503, {"status": "not ready", "reason": "no decode worker is ready"})
     decode = add("http://127.0.0.1:9002", "decode")
     ready = {
         "status": "ready",
-        "ready_workers": 2,
+        "healthy_workers": 3,  # as 1.13: every routable worker, the regular one too
+        "total_workers": 3,
         "ready_prefill_workers": 1,
         "ready_decode_workers": 1,
     }
@@ -238,9 +242,14 @@ def test_pd_readiness_needs_a_ready_prefill_and_a_ready_decode() -> None:
     registry.remove(decode.worker_id)
     assert answer() == (503, {"status": "not ready", "reason": "no decode worker is ready"})
     assert regular.status == WorkerStatus.READY
-    assert answer(pd=False) == (200, {"status": "ready", "ready_workers": 1})
+    # Outside PD mode the regular worker decides; the prefill one is counted as healthy.
+    assert answer(pd=False) == (
+        200,
+        {"status": "ready", "healthy_workers": 2, "total_workers": 2},
+    )
     registry.remove(regular.worker_id)
-    assert answer(pd=False) == (503, {"status": "not ready", "reason": "no worker is ready"})
+    not_regular = {"status": "not ready", "reason": "insufficient healthy workers"}
+    assert answer(pd=False) == (503, not_regular)
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -271,7 +280,8 @@ def test_launch_registers_pd_workers_shows_them_and_gates_readiness() -> None:
             assert by_url[d1]["worker_type"] == "decode" and "bootstrap_port" not in by_url[d1]
             ready = {
                 "status": "ready",
-                "ready_workers": 3,
+                "healthy_workers": 3,
+                "total_workers": 3,
                 "ready_prefill_workers": 2,
                 "ready_decode_workers": 1,
             }
@@ -314,7 +324,8 @@ def test_regular_mode_registers_a_prefill_worker_but_never_routes_to_it() -> Non
             assert mockutil.stats(regular)["inference_answered"] == 8
             assert mockutil.stats(prefill)["inference_answered"] == 0
             # Readiness outside PD mode counts the regular worker only.
-            assert _readiness(gw) == (200, {"status": "ready", "ready_workers": 1})
+            healthy = {"status": "ready", "healthy_workers": 2, "total_workers": 2}
+            assert _readiness(gw) == (200, healthy)
             # Over gRPC, PD workers register too (served in PD mode: smg.grpc.pd).
             grpc = {"url": "grpc://127.0.0.1:9", "worker_type": "decode"}
             answer = gw.admin("POST", "/workers", json=grpc)

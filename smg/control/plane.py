@@ -55,7 +55,7 @@ from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
 from smg.shm import layout
 from smg.shm.health import FLAG_STALLED, Transition, blocks_for
-from smg.shm.readiness import readiness
+from smg.shm.readiness import LIVENESS_BODY, LIVENESS_CONTENT_TYPE, readiness
 from smg.shm.stash import Stash
 from smg.workers_spec import (
     WorkerSpec,
@@ -307,7 +307,7 @@ class ControlPlane:
         await web.TCPSite(runner, self.cfg.host, port, reuse_address=True).start()
 
     async def _liveness(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.Response(body=LIVENESS_BODY, headers={"content-type": LIVENESS_CONTENT_TYPE})
 
     async def _readiness(self, _request: web.Request) -> web.Response:
         _generation, directory = self.table.read_directory()

@@ -60,7 +60,7 @@ from smg.policies.shared import SharedRouting
 from smg.providers import API_ANTHROPIC, API_BOTH, API_OPENAI, provider_api
 from smg.shm.directory import DirectoryEntry
 from smg.shm.layout import FLAG_IN_USE, FLAG_LOAD_VALID, ROW_BODY, ROW_SIZE
-from smg.shm.readiness import readiness
+from smg.shm.readiness import LIVENESS_BODY, LIVENESS_CONTENT_TYPE, readiness
 from smg.shm.readiness import routable as is_routable
 from smg.worker_url import worker_address
 
@@ -109,6 +109,7 @@ ADMIN_PREFIXES = (
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
 # Routes answered to GET and HEAD only: a CORS preflight names them in `allow`, as 1.13.
+_LIVENESS_TYPE = LIVENESS_CONTENT_TYPE.encode()
 _GET_ROUTES = WORKER_INFO_ROUTES | {"/liveness", "/health", "/readiness", "/v1/models"}
 _SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
     b"host",
@@ -665,6 +666,9 @@ class DataPlane:
                         self.spawn(self._models_fanout(conn, request, key))
                         return
                 # HEAD answers as GET does, without the body (RFC 9110 9.3.2).
+                if path in ("/liveness", "/health"):
+                    self._send(conn, request, 200, LIVENESS_BODY, content_type=_LIVENESS_TYPE)
+                    return
                 local = self._local_get(path)
                 if local is not None:
                     status, body = local
@@ -865,8 +869,6 @@ class DataPlane:
         return False
 
     def _local_get(self, path: str) -> tuple[int, bytes] | None:
-        if path in ("/liveness", "/health"):
-            return 200, b'{"status":"ok"}'
         if path == "/readiness":
             state = self.refresh()
             return readiness(
