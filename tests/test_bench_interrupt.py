@@ -10,10 +10,22 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from smg.bench.runner import new_loop, run_interruptibly, run_on_new_loop
+
+
+@pytest.fixture
+def sigint_at_default() -> Iterator[None]:
+    """SIGINT at Python's default, as in a terminal: a runner started in the background of a
+    non-interactive shell (CI) has it ignored, inherited; restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def _interrupted_inside_data_received(wait_s: float) -> str:
@@ -42,8 +54,8 @@ async def _interrupted_inside_data_received(wait_s: float) -> str:
         server.close()
 
 
+@pytest.mark.usefixtures("sigint_at_default")
 def test_sigint_inside_a_protocol_callback_ends_the_run() -> None:
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     loop = new_loop()
     began = time.monotonic()
     try:
@@ -56,6 +68,7 @@ def test_sigint_inside_a_protocol_callback_ends_the_run() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("sigint_at_default")
 def test_a_run_that_swallows_its_cancellation_still_ends_as_interrupted() -> None:
     async def stubborn() -> str:
         os.kill(os.getpid(), signal.SIGINT)
