@@ -108,8 +108,9 @@ ADMIN_PREFIXES = (
 # Answered by the gRPC path's tokenizer (only when a gRPC worker is registered).
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
-# Routes answered to GET and HEAD only: a CORS preflight names them in `allow`, as 1.13.
 _LIVENESS_TYPE = LIVENESS_CONTENT_TYPE.encode()
+# Routes answered to GET and HEAD only: a CORS preflight names them in `allow`, and any
+# other method gets 405 with that `allow`, as 1.13.
 _GET_ROUTES = WORKER_INFO_ROUTES | {"/liveness", "/health", "/readiness", "/v1/models"}
 _SKIP_REQUEST_HEADERS = HOP_BY_HOP | {
     b"host",
@@ -219,6 +220,11 @@ _STREAMING = int(State.STREAMING)
 
 
 _unpack_row = ROW_BODY.unpack_from
+
+
+def _invalid_url(method: bytes, path: str) -> str:
+    """1.13's message for a 404 `unknown_url` and a 405 `method_not_allowed` alike."""
+    return f"Invalid URL ({method.decode('latin-1')} {path})"
 
 
 class ShmLoadView:
@@ -694,13 +700,17 @@ class DataPlane:
                 # plane, with the credential passed along (smg.control.cpauth).
                 self.spawn(self._admin(conn, request))
                 return
-            self._send_error(
-                conn,
-                request,
-                404,
-                "unknown_url",
-                f"Invalid URL ({method.decode('latin-1')} {path})",
-            )
+            if path in _GET_ROUTES:  # another method on a GET route: 405, as 1.13
+                self._send_error(
+                    conn,
+                    request,
+                    405,
+                    "method_not_allowed",
+                    _invalid_url(method, path),
+                    extra_headers=b"allow: GET,HEAD\r\n",
+                )
+                return
+            self._send_error(conn, request, 404, "unknown_url", _invalid_url(method, path))
         except Exception as exc:  # a request must never take the process down
             log.error(
                 "request failed: %r",
@@ -809,7 +819,7 @@ class DataPlane:
                 request,
                 405,
                 "method_not_allowed",
-                f"{path} takes POST",
+                _invalid_url(method, path),
                 extra_headers=b"allow: POST\r\n",
             )
             return False
@@ -1731,11 +1741,11 @@ class DataPlane:
         if self.wasm is not None and not self._wasm_request(conn, request):
             return None  # 1.13's WASM middleware covers these routes too
         path = request.path
-        method = request.method.decode("latin-1")
         route = api.match_route(path)
         if route is None:
-            self._send_error(conn, request, 404, "unknown_url", f"Invalid URL ({method} {path})")
+            self._send_error(conn, request, 404, "unknown_url", _invalid_url(request.method, path))
             return None
+        method = request.method.decode("latin-1")
         try:
             method = api.check_method(route[0], method, path)
         except conversations.ConvError as exc:
