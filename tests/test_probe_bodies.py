@@ -2,7 +2,8 @@
 `/health` and `/liveness` 200 `OK` as `text/plain; charset=utf-8`, `/readiness` 200
 `{"status":"ready","healthy_workers":H,"total_workers":T}` or 503 `{"status":"not ready",
 "reason":"insufficient healthy workers"}`; from each data-plane process of `smg launch
---processes 2` and from the control plane's `--health-check-port` listener."""
+--processes 2` and from the control plane's `--health-check-port` listener. And
+`/v1/models`, byte for byte 1.13's for a self-hosted worker (`owned_by` "self_hosted")."""
 
 from __future__ import annotations
 
@@ -69,3 +70,20 @@ def test_not_ready_says_insufficient_healthy_workers_and_liveness_stays_ok() -> 
                 "status": "not ready",
                 "reason": "insufficient healthy workers",
             }
+
+
+def test_models_list_is_1_13s_bytes_for_a_self_hosted_worker() -> None:
+    with (
+        mockutil.start_mock_workers(1, "--model", "mock-model") as mocks,
+        running_gateway(["--worker-urls", *mocks.urls]) as gw,
+        pinned_clients(gw.url, 1) as pinned,
+    ):
+        gw.wait_ready()
+        # What the 1.13 binary answers for the same mock worker (an SGLang-like engine).
+        expected = (
+            b'{"object":"list","data":[{"id":"mock-model","object":"model","created":0,'
+            b'"owned_by":"self_hosted"}]}'
+        )
+        for (client,) in pinned.values():
+            answer = client.get("/v1/models")
+            assert (answer.status_code, answer.content) == (200, expected)

@@ -898,14 +898,11 @@ class DataPlane:
         state = self.refresh()
         seen: dict[str, dict[str, Any]] = {}
         for entry in state.entries.values():
+            # 1.13's ModelCard::owned_by: the external provider's name, else "self_hosted".
+            owner = entry.provider or "self_hosted"
             for model in entry.models or ((entry.model_id,) if entry.model_id else ()):
                 if model not in seen:
-                    seen[model] = {
-                        "id": model,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": entry.provider or entry.engine or "smg",
-                    }
+                    seen[model] = {"id": model, "object": "model", "created": 0, "owned_by": owner}
         for alias, canonical in state.aliases.items():
             if canonical in seen and alias not in seen:
                 seen[alias] = {**seen[canonical], "id": alias}
