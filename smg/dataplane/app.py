@@ -13,6 +13,7 @@ import secrets
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import msgspec
 import orjson
@@ -109,6 +110,7 @@ ADMIN_PREFIXES = (
 GRPC_LOCAL_ROUTES = frozenset({"/v1/tokenize", "/v1/detokenize"})
 WORKER_INFO_ROUTES = frozenset({"/get_model_info", "/get_server_info", "/health_generate"})
 _LIVENESS_TYPE = LIVENESS_CONTENT_TYPE.encode()
+_MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{model}: one model of the list
 # Routes answered to GET and HEAD only: a CORS preflight names them in `allow`, and any
 # other method gets 405 with that `allow`, as 1.13.
 _GET_ROUTES = WORKER_INFO_ROUTES | {"/liveness", "/health", "/readiness", "/v1/models"}
@@ -220,6 +222,19 @@ _STREAMING = int(State.STREAMING)
 
 
 _unpack_row = ROW_BODY.unpack_from
+
+
+def _retrieved_model(path: str) -> str | None:
+    """The model of `/v1/models/{model}` (the openai client's `models.retrieve`; the id
+    may hold slashes and be percent-encoded), else None."""
+    if path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+        return unquote(path[len(_MODEL_PREFIX) :])
+    return None
+
+
+def _is_get_route(path: str) -> bool:
+    """A route answered to GET and HEAD only."""
+    return path in _GET_ROUTES or _retrieved_model(path) is not None
 
 
 def _invalid_url(method: bytes, path: str) -> str:
@@ -680,6 +695,10 @@ class DataPlane:
                     status, body = local
                     self._send(conn, request, status, body)
                     return
+                retrieved = _retrieved_model(path)
+                if retrieved is not None:
+                    self._model_get(conn, request, retrieved)
+                    return
                 if path in WORKER_INFO_ROUTES:
                     grpc = self.grpc_front()
                     if grpc is not None and grpc.handle_info(conn, request):
@@ -700,7 +719,7 @@ class DataPlane:
                 # plane, with the credential passed along (smg.control.cpauth).
                 self.spawn(self._admin(conn, request))
                 return
-            if path in _GET_ROUTES:  # another method on a GET route: 405, as 1.13
+            if _is_get_route(path):  # another method on a GET route: 405, as 1.13
                 self._send_error(
                     conn,
                     request,
@@ -836,7 +855,7 @@ class DataPlane:
             b"allow: POST\r\n"
             if path in PROXY_ROUTES
             else b"allow: GET,HEAD\r\n"
-            if path in _GET_ROUTES
+            if _is_get_route(path)
             else b""
         )
         keep_alive = request.keep_alive and not self.draining
@@ -890,6 +909,15 @@ class DataPlane:
         if path == "/v1/models":
             return 200, self._models_body()
         return None
+
+    def _model_get(self, conn: ClientConnection, request: Request, model: str) -> None:
+        """`GET /v1/models/{model}`, as 1.13: the model's object of the list, else 404."""
+        for listed in self._models_list():
+            if listed["id"] == model:
+                self._send(conn, request, 200, orjson.dumps(listed))
+                return
+        message = f"No worker available for model '{model}'"
+        self._send_error(conn, request, 404, "model_not_found", message)
 
     def _models_body(self) -> bytes:
         return orjson.dumps({"object": "list", "data": self._models_list()})
