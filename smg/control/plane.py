@@ -75,6 +75,15 @@ log = logging.getLogger("smg.control")
 
 AdminAnswer = tuple[int, list[tuple[str, str]], bytes]
 _JSON = [("content-type", "application/json")]
+# The admin routes' methods (HEAD is answered as GET), as 1.13's router lists them in
+# `allow` when another method comes.
+_ADMIN_ALLOW = {
+    "/workers": "POST,GET,HEAD",
+    "/get_loads": "GET,HEAD",
+    "/flush_cache": "POST",
+    "/start_profile": "POST",
+    "/stop_profile": "POST",
+}
 # Every data-plane process is scraped this often (and at each /metrics request), so that
 # a process that dies without pushing its final numbers loses at most this much.
 DATAPLANE_SCRAPE_SECS = 2.0
@@ -1066,7 +1075,7 @@ class ControlPlane:
                 return _json(200, self.registry.list_infos(model))
             if method == "POST":
                 return self._create_worker(body)
-            return _error(405, "method_not_allowed", "/workers takes GET or POST")
+            return _method_not_allowed(method, path)
         if path.startswith("/workers/"):
             return self._worker_route(method, path[len("/workers/") :], body)
         if path == "/wasm" or path.startswith("/wasm/"):
@@ -1082,6 +1091,8 @@ class ControlPlane:
             return await self._flush_cache()
         if path in ("/start_profile", "/stop_profile") and method == "POST":
             return await self._profile(path[1:], body)
+        if path in _ADMIN_ALLOW:
+            return _method_not_allowed(method, path)
         return _error(404, "not_found", f"no admin route {method} {path}")
 
     def _create_worker(self, body: bytes) -> AdminAnswer:
@@ -1183,6 +1194,8 @@ class ControlPlane:
         }
 
     async def _flush_cache(self) -> AdminAnswer:
+        """Every engine's cache flushed (once per engine: DP ranks share one); 1.13's
+        answer (smg.control.profile.flush_answer) plus smg's per-worker `workers` list."""
         assert self.session is not None
         # External workers (a provider's API) have no cache to flush.
         records = _one_per_engine(r for r in self.registry.workers.values() if not r.external)
@@ -1194,24 +1207,23 @@ class ControlPlane:
                 for record in records
             )
         )
-        results = [
-            {
-                "worker": record.spec.url,
-                "status": status,
-                "ok": 200 <= status < 300,
-                "message": text,
-            }
-            for record, (status, text) in zip(records, answers)
-        ]
-        failed = [r for r in results if not r["ok"]]
-        return _json(
-            200 if not failed else 502,
-            {
-                "status": "ok" if not failed else "partial",
-                "message": f"flushed {len(results) - len(failed)} of {len(results)} workers",
-                "workers": results,
-            },
+        successful: list[str] = []
+        failed: list[tuple[str, str]] = []
+        workers = []
+        for record, (status, text) in zip(records, answers):
+            ok = 200 <= status < 300
+            url = record.spec.url
+            if ok:
+                successful.append(url)
+            else:
+                failed.append((url, profile.failure_reason("flush_cache", url, status, text)))
+            workers.append({"worker": url, "status": status, "ok": ok, "message": text})
+        grpc_workers = sum(1 for record in records if _is_grpc(record))
+        status, payload = profile.flush_answer(
+            len(records) - grpc_workers, grpc_workers, successful, failed
         )
+        payload["workers"] = workers
+        return _json(status, payload)
 
     async def _profile(self, operation: str, body: bytes) -> AdminAnswer:
         """Every worker's profiler (or the one `url` names) started or stopped together;
@@ -1649,6 +1661,12 @@ def _json(status: int, payload: Any) -> AdminAnswer:
 
 def _error(status: int, code: str, message: str) -> AdminAnswer:
     return status, [*_JSON, ("x-smg-error-code", code)], error_body(status, code, message)
+
+
+def _method_not_allowed(method: str, path: str) -> AdminAnswer:
+    """Another method on an admin route: 405 with its `allow`, in 1.13's words."""
+    status, headers, body = _error(405, "method_not_allowed", f"Invalid URL ({method} {path})")
+    return status, [*headers, ("allow", _ADMIN_ALLOW[path])], body
 
 
 # --- JWKS fetch (I/O for smg.control.cpauth.JwksCache) ------------------------------------------

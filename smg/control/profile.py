@@ -1,5 +1,6 @@
 """`POST /start_profile` and `POST /stop_profile`: the engines' profilers, fanned out to
-every worker (or the one whose URL the body names), as the Rust SMG 1.13 answers them.
+every worker (or the one whose URL the body names), as the Rust SMG 1.13 answers them;
+and `POST /flush_cache`'s answer, 1.13's FlushCacheResult (the same fan-out's words).
 
 Pure code: the request body's reading and the answer's shape. The control plane does the
 fan-out (HTTP `POST {worker}/start_profile` with the options as the JSON body, or the
@@ -113,3 +114,33 @@ def answer(
         body["successful"] = successful
         body["failed"] = [{"worker": worker, "error": error} for worker, error in failed]
     return status, body
+
+
+def flush_answer(
+    http_workers: int,
+    grpc_workers: int,
+    successful: list[str],
+    failed: list[tuple[str, str]],
+) -> tuple[int, dict[str, Any]]:
+    """1.13's FlushCacheResult: 200 all flushed (or no worker to flush), 206 some failed;
+    its counters (no ZMQ workers here: `total_zmq_workers_skipped` is 0)."""
+    total = http_workers + grpc_workers
+    if total == 0:
+        message = "No workers available for cache flush"
+    elif not failed:
+        message = f"Successfully flushed cache on all {len(successful)} workers"
+    else:
+        message = f"Cache flush: {len(successful)} succeeded, {len(failed)} failed"
+    body: dict[str, Any] = {
+        "status": "partial_success" if failed else "success",
+        "message": message,
+        "workers_flushed": len(successful),
+        "total_http_workers": http_workers,
+        "total_grpc_workers": grpc_workers,
+        "total_zmq_workers_skipped": 0,
+        "total_workers": total,
+    }
+    if failed:
+        body["successful"] = successful
+        body["failed"] = [{"worker": worker, "error": error} for worker, error in failed]
+    return (206 if failed else 200), body
