@@ -81,6 +81,11 @@ def anthropic_error_type(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
+def invalid_url(method: str, path: str) -> str:
+    """The Rust SMG 1.13's message for a 404 `unknown_url` and a 405 `method_not_allowed`."""
+    return f"Invalid URL ({method} {path})"
+
+
 def error_body(status: int, code: str, message: str) -> bytes:
     """The OpenAI error shape, with the Rust SMG's `type` per status and `code`."""
     return orjson.dumps(

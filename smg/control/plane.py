@@ -49,7 +49,7 @@ from smg.discovery.reconcile import Reconciler, reserved_label
 from smg.dp import DP_DISCOVERY_INTERVAL_S, NOT_SGLANG, dp_answer, dp_url
 from smg.history import ipc as history_ipc
 from smg.history.memory import MemoryStore
-from smg.httpwire import HttpError, error_body
+from smg.httpwire import HttpError, error_body, invalid_url
 from smg.policies.bucket import MAX, BucketAdjuster, run_adjuster
 from smg.policies.registry import needs_backend_loads
 from smg.promtext import Family, Sample
@@ -1665,7 +1665,7 @@ def _error(status: int, code: str, message: str) -> AdminAnswer:
 
 def _method_not_allowed(method: str, path: str) -> AdminAnswer:
     """Another method on an admin route: 405 with its `allow`, in 1.13's words."""
-    status, headers, body = _error(405, "method_not_allowed", f"Invalid URL ({method} {path})")
+    status, headers, body = _error(405, "method_not_allowed", invalid_url(method, path))
     return status, [*headers, ("allow", _ADMIN_ALLOW[path])], body
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from smg.httpwire import HttpError, error_body
+from smg.httpwire import HttpError, error_body, invalid_url
 from smg.shm.directory import WasmModuleEntry
 from smg.wasm import registry as reg
 
@@ -69,10 +69,10 @@ class WasmAdmin:
                 return _json(200, reg.list_view(self.registry.wasm, totals))
             if method == "POST":
                 return await self._add(body)
-            return _error(405, "method_not_allowed", f"Invalid URL ({method} /wasm)", "POST,GET")
+            return _error(405, "method_not_allowed", invalid_url(method, "/wasm"), "POST,GET")
         raw = path[len("/wasm/") :]
         if method != "DELETE":
-            return _error(405, "method_not_allowed", f"Invalid URL ({method} {path})", "DELETE")
+            return _error(405, "method_not_allowed", invalid_url(method, path), "DELETE")
         module_id = reg.canonical_uuid(raw)
         if module_id is None or "/" in raw:
             return _error(400, "bad_request", f"Invalid module id '{raw}' (expected a UUID)")

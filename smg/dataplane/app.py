@@ -49,6 +49,7 @@ from smg.httpwire import (
     build_response,
     error_body,
     error_response,
+    invalid_url,
     request_id_prefix,
     status_line,
 )
@@ -235,11 +236,6 @@ def _retrieved_model(path: str) -> str | None:
 def _is_get_route(path: str) -> bool:
     """A route answered to GET and HEAD only."""
     return path in _GET_ROUTES or _retrieved_model(path) is not None
-
-
-def _invalid_url(method: bytes, path: str) -> str:
-    """1.13's message for a 404 `unknown_url` and a 405 `method_not_allowed` alike."""
-    return f"Invalid URL ({method.decode('latin-1')} {path})"
 
 
 class ShmLoadView:
@@ -725,11 +721,13 @@ class DataPlane:
                     request,
                     405,
                     "method_not_allowed",
-                    _invalid_url(method, path),
+                    invalid_url(method.decode("latin-1"), path),
                     extra_headers=b"allow: GET,HEAD\r\n",
                 )
                 return
-            self._send_error(conn, request, 404, "unknown_url", _invalid_url(method, path))
+            self._send_error(
+                conn, request, 404, "unknown_url", invalid_url(method.decode("latin-1"), path)
+            )
         except Exception as exc:  # a request must never take the process down
             log.error(
                 "request failed: %r",
@@ -838,7 +836,7 @@ class DataPlane:
                 request,
                 405,
                 "method_not_allowed",
-                _invalid_url(method, path),
+                invalid_url(method.decode("latin-1"), path),
                 extra_headers=b"allow: POST\r\n",
             )
             return False
@@ -1768,7 +1766,13 @@ class DataPlane:
         path = request.path
         route = api.match_route(path)
         if route is None:
-            self._send_error(conn, request, 404, "unknown_url", _invalid_url(request.method, path))
+            self._send_error(
+                conn,
+                request,
+                404,
+                "unknown_url",
+                invalid_url(request.method.decode("latin-1"), path),
+            )
             return None
         method = request.method.decode("latin-1")
         try:

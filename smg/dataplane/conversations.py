@@ -24,6 +24,7 @@ import orjson
 
 from smg.history.records import Conversation, Item
 from smg.history.store import make_item_id, new_conversation_id
+from smg.httpwire import invalid_url
 
 if TYPE_CHECKING:
     from smg.history.store import HistoryStore, Order
@@ -350,9 +351,7 @@ def check_method(route: str, method: str, path: str) -> str:
     """The method as served (HEAD reads as GET); 405 for any other, in 1.13's words."""
     allowed = ALLOW[route].split(",")
     if method not in allowed:
-        raise ConvError(
-            405, "method_not_allowed", f"Invalid URL ({method} {path})", allow=ALLOW[route]
-        )
+        raise ConvError(405, "method_not_allowed", invalid_url(method, path), allow=ALLOW[route])
     return "GET" if method == "HEAD" else method
 
 

@@ -26,6 +26,7 @@ import orjson
 from smg.dataplane.conversations import ConvError, bad_request, not_found, parse_list_query
 from smg.history.records import ResponseRecord
 from smg.history.store import random_hex
+from smg.httpwire import invalid_url
 from smg.translate.common import loads_object
 
 if TYPE_CHECKING:
@@ -589,7 +590,5 @@ async def serve(
 
 def check_method(route: str, method: str, path: str) -> str:
     if method not in ALLOW[route].split(","):
-        raise ConvError(
-            405, "method_not_allowed", f"Invalid URL ({method} {path})", allow=ALLOW[route]
-        )
+        raise ConvError(405, "method_not_allowed", invalid_url(method, path), allow=ALLOW[route])
     return "GET" if method == "HEAD" else method
