@@ -158,6 +158,7 @@ class WorkerPatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit
 
 
 _SPEC_FIELDS = frozenset(WorkerSpec.__struct_fields__)
+_PATCHABLE = frozenset(WorkerPatch.__struct_fields__)  # what changes in place
 
 # ---------------------------------------------------------------------------------------
 # Field checks shared by specs and patches: each returns a reason or None.
@@ -380,6 +381,28 @@ def apply_worker_patch(spec: WorkerSpec, patch: WorkerPatch) -> WorkerSpec:
             api_key=spec.api_key if patch.api_key is None else patch.api_key,
             health=health,
         )
+    )
+
+
+def replaced_worker_spec(current: WorkerSpec, new: WorkerSpec) -> WorkerSpec:
+    """The spec after a (validated) `PUT /workers/{id}` body `new` for the same URL.
+
+    1.13 registers the worker again with the whole new spec. smg replaces in place what
+    PATCH may change, whole (labels and health replaced, not merged; no key given drops
+    the key), and refuses (SpecError) a change to what registration decided: the model,
+    type, connection, runtime, provider or bootstrap port (one not given keeps its value)."""
+    for name in WorkerSpec.__struct_fields__:
+        if name in _PATCHABLE or name == "url":
+            continue
+        value = getattr(new, name)
+        if value is not None and value != getattr(current, name):
+            raise SpecError(
+                name,
+                f"cannot change in place ({getattr(current, name)!r} -> {value!r}); "
+                "use DELETE + POST instead",
+            )
+    return _within_budget(
+        msgspec.structs.replace(current, **{name: getattr(new, name) for name in _PATCHABLE})
     )
 
 

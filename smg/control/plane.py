@@ -62,6 +62,7 @@ from smg.workers_spec import (
     apply_worker_patch,
     parse_worker_patch,
     parse_worker_spec,
+    replaced_worker_spec,
     validate_worker_spec,
 )
 
@@ -84,6 +85,16 @@ _ADMIN_ALLOW = {
     "/start_profile": "POST",
     "/stop_profile": "POST",
 }
+_WORKER_ALLOW = "GET,HEAD,PUT,PATCH,DELETE"  # /workers/{id}, as 1.13
+# 1.13's refusals of a PUT /workers/{id} (its WorkerService::replace_worker).
+_PUT_DP_AWARE = (
+    "Worker '{url}' belongs to a data-parallel group. PUT is not supported for "
+    "data-parallel workers. Use DELETE + POST instead."
+)
+_PUT_URL_MISMATCH = (
+    "URL mismatch: worker has URL '{url}' but request body has '{new}'. URL changes are "
+    "not supported via PUT. Use DELETE + POST instead."
+)
 # Every data-plane process is scraped this often (and at each /metrics request), so that
 # a process that dies without pushing its final numbers loses at most this much.
 DATAPLANE_SCRAPE_SECS = 2.0
@@ -1148,14 +1159,30 @@ class ControlPlane:
                     "message": "Worker removal queued for background processing",
                 },
             )
-        if method == "PATCH":
+        if method in ("PATCH", "PUT"):
             try:
-                patch = parse_worker_patch(body)
-                reserved = _reserved(patch.labels)
-                if reserved:
-                    return _error(400, "BAD_REQUEST", reserved)
-                patched = apply_worker_patch(record.spec, patch)
-                self.registry.update_spec(record, patched)
+                if method == "PUT":
+                    spec = parse_worker_spec(body)
+                    url = record.spec.url
+                    if self.cfg.dp_aware:  # 1.13's refusal, in its words
+                        return _error(400, "BAD_REQUEST", _PUT_DP_AWARE.format(url=url))
+                    if spec.url != url:
+                        message = _PUT_URL_MISMATCH.format(url=url, new=spec.url)
+                        return _error(400, "BAD_REQUEST", message)
+                    reserved = _reserved(spec.labels)
+                    if reserved:
+                        return _error(400, "BAD_REQUEST", reserved)
+                    # Service discovery's own labels stay: they say the worker is its.
+                    own = {k: v for k, v in record.spec.labels.items() if _reserved({k: v})}
+                    spec = msgspec.structs.replace(spec, labels={**own, **spec.labels})
+                    changed = replaced_worker_spec(record.spec, spec)
+                else:
+                    patch = parse_worker_patch(body)
+                    reserved = _reserved(patch.labels)
+                    if reserved:
+                        return _error(400, "BAD_REQUEST", reserved)
+                    changed = apply_worker_patch(record.spec, patch)
+                self.registry.update_spec(record, changed)
             except ConfigError as exc:
                 return _error(400, "BAD_REQUEST", str(exc))
             except HttpError as exc:
@@ -1168,7 +1195,7 @@ class ControlPlane:
                     "message": "Worker update queued for background processing",
                 },
             )
-        return _error(405, "method_not_allowed", "/workers/{id} takes GET, PATCH or DELETE")
+        return _method_not_allowed(method, "/workers/" + raw_id, _WORKER_ALLOW)
 
     def _loads(self) -> dict[str, Any]:
         """`GET /get_loads` in the Rust SMG 1.13 shape: an entry per worker whose engine
@@ -1663,10 +1690,10 @@ def _error(status: int, code: str, message: str) -> AdminAnswer:
     return status, [*_JSON, ("x-smg-error-code", code)], error_body(status, code, message)
 
 
-def _method_not_allowed(method: str, path: str) -> AdminAnswer:
+def _method_not_allowed(method: str, path: str, allow: str | None = None) -> AdminAnswer:
     """Another method on an admin route: 405 with its `allow`, in 1.13's words."""
     status, headers, body = _error(405, "method_not_allowed", invalid_url(method, path))
-    return status, [*headers, ("allow", _ADMIN_ALLOW[path])], body
+    return status, [*headers, ("allow", allow or _ADMIN_ALLOW[path])], body
 
 
 # --- JWKS fetch (I/O for smg.control.cpauth.JwksCache) ------------------------------------------
