@@ -716,14 +716,7 @@ class DataPlane:
                 self.spawn(self._admin(conn, request))
                 return
             if _is_get_route(path):  # another method on a GET route: 405, as 1.13
-                self._send_error(
-                    conn,
-                    request,
-                    405,
-                    "method_not_allowed",
-                    invalid_url(method.decode("latin-1"), path),
-                    extra_headers=b"allow: GET,HEAD\r\n",
-                )
+                self._method_not_allowed(conn, request, b"GET,HEAD")
                 return
             self._send_error(
                 conn, request, 404, "unknown_url", invalid_url(method.decode("latin-1"), path)
@@ -831,16 +824,15 @@ class DataPlane:
         if self._serving_keys and not self._authorized(conn, request, self._serving_keys):
             return False
         if method != b"POST":
-            self._send_error(
-                conn,
-                request,
-                405,
-                "method_not_allowed",
-                invalid_url(method.decode("latin-1"), path),
-                extra_headers=b"allow: POST\r\n",
-            )
+            self._method_not_allowed(conn, request, b"POST")
             return False
         return True
+
+    def _method_not_allowed(self, conn: ClientConnection, request: Request, allow: bytes) -> None:
+        """405 for a method the route does not take, with its `allow`, in 1.13's words."""
+        message = invalid_url(request.method.decode("latin-1"), request.path)
+        extra = b"allow: %b\r\n" % allow
+        self._send_error(conn, request, 405, "method_not_allowed", message, extra_headers=extra)
 
     def _preflight(self, conn: ClientConnection, request: Request) -> None:
         """An OPTIONS request with --cors-allowed-origins set: answered here, on every
