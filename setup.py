@@ -1,7 +1,9 @@
-"""The optional C extension smg.wasm._fastcall (everything else is in pyproject.toml).
+"""The optional C extensions (everything else is in pyproject.toml): smg.wasm._fastcall and
+smg.tokenizer._bpe.
 
-Optional: where it cannot be built (no compiler, no Python headers) the install goes on and
-smg.wasm.runtime calls wasmtime through ctypes instead (the same values, slower).
+Optional: where they cannot be built (no compiler, no Python headers) the install goes on;
+smg.wasm.runtime then calls wasmtime through ctypes, and smg.tokenizer.fastpath merges a
+piece that is no vocabulary entry with the tokenizers library (the same values, slower).
 """
 
 from setuptools import Extension, setup
@@ -13,6 +15,12 @@ setup(
             ["smg/wasm/_fastcall.c"],
             optional=True,
             extra_compile_args=["-O2", "-std=c11"],
-        )
+        ),
+        Extension(
+            "smg.tokenizer._bpe",
+            ["smg/tokenizer/_bpe.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11"],
+        ),
     ]
 )

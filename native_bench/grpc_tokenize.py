@@ -7,7 +7,8 @@ through the Llama 3.1 chat template, with the real Llama-3 tokenizer. Each way e
 its own half of the prompts once ("cold": every prompt is new to it, as in the benchmark,
 where no prompt repeats), then all of them again ("warm"); the halves swap each round so
 that neither profits from the other's BPE cache more than the other. Every fast-path
-answer is checked against the library's ids first.
+answer is checked against the library's ids first. The fast path twice: its misses merged
+by the library's `model.tokenize` and by smg.tokenizer._bpe (C).
 
     .venv/bin/python native_bench/grpc_tokenize.py --prompts 400 --rounds 3
 """
@@ -31,6 +32,7 @@ from smg.bench.datasets import random_dataset  # noqa: E402
 from smg.bench.tokenizer import load_tokenizer as bench_tokenizer  # noqa: E402
 from smg.chat import ChatTemplate  # noqa: E402
 from smg.tokenizer import load_tokenizer  # noqa: E402
+from smg.tokenizer.fastpath import FastEncoder  # noqa: E402
 
 
 def prompts(model_dir: Path, count: int, input_len: int, seed: int) -> list[str]:
@@ -62,17 +64,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = load_tokenizer(str(model_dir))
     inner = tok.inner
     start = time.process_time()
-    if not tok.enable_fast_path():
+    fast_library = FastEncoder.build(inner)
+    if fast_library is None:
         raise SystemExit("the fast path does not apply to this tokenizer")
     print(f"fast path set-up: {time.process_time() - start:.2f} s CPU")
-    fast = tok._fast
+    fast = FastEncoder.build(inner)
+    start = time.process_time()
+    if fast is None or not fast.build_native():
+        raise SystemExit("smg.tokenizer._bpe is not built (python setup.py build_ext --inplace)")
+    print(f"C merges set-up: {time.process_time() - start:.2f} s CPU")
     ways: dict[str, Callable[[str], Any]] = {
         "library encode": lambda t: inner.encode(t, add_special_tokens=False),
         "library encode_batch_fast": lambda t: inner.encode_batch_fast(
             [t], add_special_tokens=False
         ),
         "library pre_tokenize_str only": inner.pre_tokenizer.pre_tokenize_str,
-        "smg fastpath": fast.encode,
+        "smg fastpath, library merges": fast_library.encode,
+        "smg fastpath, C merges": fast.encode,
     }
     chars = sum(map(len, texts)) / len(texts)
     print(f"{len(texts)} prompts of {args.input_len} tokens, {chars:,.0f} characters on average")
@@ -82,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in range(args.rounds):
         batch = texts if r == 0 else prompts_again(args, r)
         for text in batch[:20]:
-            assert fast.encode(text) == inner.encode(text, add_special_tokens=False).ids
+            ids = inner.encode(text, add_special_tokens=False).ids
+            assert fast.encode(text) == ids and fast_library.encode(text) == ids
         half = len(batch) // len(ways)
         for k, (name, fn) in enumerate(ways.items()):
             share = batch[((k + r) % len(ways)) * half :][:half]

@@ -7,6 +7,7 @@ import importlib.resources
 import json
 import random
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -30,10 +31,14 @@ def rust() -> RustTokenizer:
     return RustTokenizer.from_file(str(LLAMA3))
 
 
-@pytest.fixture(scope="module")
-def fast(rust: RustTokenizer) -> FastEncoder:
+@pytest.fixture(scope="module", params=["library merges", "C merges"])
+def fast(rust: RustTokenizer, request: pytest.FixtureRequest) -> FastEncoder:
+    """The path twice: pieces that are no vocabulary entry merged by the library's
+    `model.tokenize`, and by smg.tokenizer._bpe (the extension is built by the install)."""
     enc = FastEncoder.build(rust)
     assert enc is not None
+    if request.param == "C merges":
+        assert enc.build_native(), "smg.tokenizer._bpe not built"
     return enc
 
 
@@ -213,6 +218,23 @@ def test_smg_launch_sends_the_library_ids(tmp_path: Path) -> None:
         rendered = template.render(messages)
         assert sent == tok.inner.encode(rendered, add_special_tokens=False).ids
         assert "fast encode on" in gw.logs()
+        # Each process's C merges are built beside readiness: the same ids once they are.
+        deadline = time.monotonic() + 30.0
+        while gw.logs().count("C merges on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gw.logs().count("C merges on") == 2, gw.logs()[-2000:]
+        for i in range(4):  # new connections: both processes, most likely
+            # Words no request had (the memo would answer those): the C merges do.
+            fresh = [{"role": "user", "content": f"{MIXED} qzxwv{i}kj ŋjørðq{i} ЖЩЪ{i}ыы"}]
+            again = httpx.post(
+                gw.url + "/v1/chat/completions",
+                json={"model": "llama3", "messages": fresh, "max_tokens": 4},
+                timeout=30.0,
+            )
+            assert again.status_code == 200, again.text
+            sent = mock.stats()["last_generate_request"]["tokenized"]["input_ids"]
+            expected = tok.inner.encode(template.render(fresh), add_special_tokens=False).ids
+            assert [int(x) for x in sent] == expected
     finally:
         gw.stop()
         gw.close_log()

@@ -16,9 +16,13 @@ What it does, the library's steps for these tokenizers, in the same order:
      text: the same hits as mapping its bytes through GPT-2's bytes_to_unicode
      (ByteLevel) and looking that up, as UTF-8 is one-to-one; with `ignore_merges` a
      piece that is an entry is that id (the library does the same);
-  4. other pieces are mapped and merged by the library's own BPE (`model.tokenize`),
-     memoized per piece in a bounded dict (the library keeps a 10,000-word cache), and
-     short parts between added tokens (the template's own text) are memoized whole.
+  4. other pieces are merged by smg.tokenizer._bpe (C: the library's BPE on ids, ~4x
+     less per piece than `model.tokenize`, whose binding makes a `Token` per id),
+     built from the model's merges on a thread once the path is on (~1-1.5 s; until then,
+     or without the extension, the library's `model.tokenize` on the ByteLevel-mapped
+     piece), memoized per piece in a bounded dict (the library keeps a 10,000-word
+     cache), and short parts between added tokens (the template's own text) are
+     memoized whole.
 
 Exactness: the two regex engines must classify characters alike (\\p{L}, \\p{N}, \\s, the
 case-insensitive contractions). `_unsafe_chars` checks that against the tokenizer's own
@@ -50,13 +54,19 @@ import logging
 import re
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import regex
 
 log = logging.getLogger("smg.tokenizer")
+
+# smg.tokenizer._bpe's API constant this code is written for (a stale in-place build of an
+# older checkout is not used).
+BPE_API = 1
 
 # The Split patterns this path reproduces (their classes are \p{L}, \p{N}, \s, \r, \n and
 # literal characters, which _unsafe_chars checks): cl100k / Llama 3, and Qwen2's (whose
@@ -215,6 +225,8 @@ class FastEncoder:
             except (UnicodeEncodeError, UnicodeDecodeError):
                 continue
         self._model = model
+        # smg.tokenizer._bpe.Merges once built (build_native); None: the library merges.
+        self._native: Any = None
         # Both memos are used by the loop and the offload pool's threads at once: each
         # dict operation is atomic under the GIL, and a key's value is always the same.
         self._memo: dict[str, tuple[int, ...]] = {}
@@ -267,6 +279,28 @@ class FastEncoder:
         )
         return cls(pattern, added, vocab, model, unsafe)
 
+    def build_native(self) -> bool:
+        """Build the C merge table from the model's own merges (~1-1.5 s for Llama 3's
+        280K, on the caller's thread) and use it; False (the library keeps merging)
+        where the extension is missing or stale or the model is not one it reproduces."""
+        started = time.perf_counter()
+        table = native_merges(self._model)
+        if table is not None:
+            self._native = table
+            log.info(
+                "tokenizer fast path: C merges on (%d merges, %.1f s)",
+                table.size,
+                time.perf_counter() - started,
+            )
+        return table is not None
+
+    def build_native_in_background(self) -> threading.Thread:
+        """build_native on a daemon thread: readiness does not wait for it, and until it
+        is done the library merges (the same ids)."""
+        thread = threading.Thread(target=self.build_native, name="smg-bpe-build", daemon=True)
+        thread.start()
+        return thread
+
     def encode(self, text: str) -> list[int] | None:
         if not text.isascii():
             for c in self._quick_re.findall(text):
@@ -304,21 +338,70 @@ class FastEncoder:
         """`found` with each piece that is no vocabulary entry BPE-merged (memoized)."""
         out: list[int] = []
         memo = self._memo
+        native = self._native
         for piece, token in zip(pieces, found):
             if token is not None:
                 out.append(token)
                 continue
             merged = memo.get(piece)
             if merged is None:
-                word = piece.encode("utf-8").decode("latin-1").translate(_BYTE_TABLE)
-                # A tuple of ints: the collector stops tracking it (a list would add
+                # Tuples of ints: the collector stops tracking them (a list would add
                 # up to _MEMO_MAX containers to every full collection).
-                merged = tuple([t.id for t in self._model.tokenize(word)])
+                if native is not None:
+                    merged = native.merge(piece.encode("utf-8"))
+                if merged is None:  # not built yet, or a piece over 512 bytes
+                    word = piece.encode("utf-8").decode("latin-1").translate(_BYTE_TABLE)
+                    merged = tuple([t.id for t in self._model.tokenize(word)])
                 if len(memo) >= _MEMO_MAX:
                     memo.clear()
                 memo[piece] = merged
             out += merged
         return out
+
+
+def native_merges(model: Any) -> Any:
+    """smg.tokenizer._bpe.Merges for this `tokenizers` BPE model (its merges by id pair,
+    in rank order), or None: no extension or a stale one, a byte without its ByteLevel
+    character in the vocabulary (the library would give its unknown token), merges in a
+    form not read here. The caller has checked the model's shape (_unsupported)."""
+    try:
+        from smg.tokenizer import _bpe
+    except ImportError:
+        log.debug("smg.tokenizer._bpe not built: the library merges")
+        return None
+    if getattr(_bpe, "API", None) != BPE_API:
+        log.warning(
+            "smg.tokenizer._bpe at %s is a stale build (API %s, this code needs %s): the "
+            "library merges; rebuild with `python setup.py build_ext --inplace`",
+            _bpe.__file__,
+            getattr(_bpe, "API", None),
+            BPE_API,
+        )
+        return None
+    try:
+        state = orjson.loads(model.__getstate__())
+        vocab: dict[str, int] = state["vocab"]
+        pairs = state["merges"]
+        if pairs and isinstance(pairs[0], str):  # the older "left right" form
+            split = [pair.split(" ") for pair in pairs]
+            if any(len(pair) != 2 for pair in split):
+                return None
+            pairs = split
+        lefts = [pair[0] for pair in pairs]
+        rights = [pair[1] for pair in pairs]
+        get = vocab.__getitem__
+        columns = (map(get, lefts), map(get, rights), map(get, map(str.__add__, lefts, rights)))
+        left_ids, right_ids, merged_ids = (array("I", column) for column in columns)
+        byte_ids = array("I", (get(chr(b).translate(_BYTE_TABLE)) for b in range(256)))
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
+        log.debug("tokenizer merges not read (%r): the library merges", exc)
+        return None
+    rows = array("I", bytes(12 * len(left_ids)))
+    rows[0::3], rows[1::3], rows[2::3] = left_ids, right_ids, merged_ids
+    try:
+        return _bpe.Merges(byte_ids.tobytes(), rows.tobytes())
+    except ValueError:  # an id over 2^31
+        return None
 
 
 def _ranges(chars: frozenset[str]) -> str:

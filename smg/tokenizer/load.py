@@ -182,10 +182,12 @@ class Tokenizer:
         self._encode_cached: Any = None  # set by smg.tokenizer.cache.attach_cache
         self._fast: Any = None  # set by enable_fast_path
 
-    def enable_fast_path(self) -> bool:
+    def enable_fast_path(self, *, native_merges: bool = True) -> bool:
         """Use smg.tokenizer.fastpath for chat prompts where it reproduces this tokenizer
         exactly (Llama 3 and its kin); ~0.4 s once per process, so the gateway calls it
-        on its loader thread. True when it applies."""
+        on its loader thread. With native_merges its C merge table is then built on a
+        thread of its own (~1-1.5 s; readiness does not wait, the library merges until
+        then). True when the path applies."""
         from smg.tokenizer.fastpath import FastEncoder
 
         self._fast = FastEncoder.build(self._inner)
@@ -195,6 +197,8 @@ class Tokenizer:
                 self.source,
                 len(self._fast.unsafe),
             )
+            if native_merges:
+                self._fast.build_native_in_background()
         return self._fast is not None
 
     @property
