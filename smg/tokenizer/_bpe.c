@@ -87,7 +87,8 @@ static PyObject *merges_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     if (self == NULL) goto done;
     memcpy(self->byte_ids, bytes_view.buf, sizeof(self->byte_ids));
     uint64_t capacity = 16;
-    while (capacity < 2 * (uint64_t)count) capacity <<= 1; /* at most half full */
+    /* At most 2/3 full: 8 MiB for Llama 3's 280K merges (a probe stays in a cache line or two). */
+    while (2 * capacity < 3 * (uint64_t)count) capacity <<= 1;
     self->slots = PyMem_Malloc(capacity * sizeof(slot_t));
     if (self->slots == NULL) {
         PyErr_NoMemory();
