@@ -333,8 +333,8 @@ def start_gateway(
 def settle(pid: int, deadline: float, window: float = 0.5, idle: float = 0.05) -> None:
     """Wait (until `deadline`) for the gateway's process tree to go idle: under `idle` of
     a core over `window` s. The probes may reach one data-plane process while the other
-    still loads its tokenizer, and smg builds its C merge table on a thread after
-    readiness (~1-1.5 s a process): neither belongs in the measured run's CPU."""
+    still loads its tokenizer (with smg's C merge table, ~1-1.5 s more): that does not
+    belong in the measured run's CPU."""
     last = tree_cpu_seconds(pid)
     while time.monotonic() < deadline:
         time.sleep(window)

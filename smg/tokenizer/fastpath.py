@@ -17,12 +17,11 @@ What it does, the library's steps for these tokenizers, in the same order:
      (ByteLevel) and looking that up, as UTF-8 is one-to-one; with `ignore_merges` a
      piece that is an entry is that id (the library does the same);
   4. other pieces are merged by smg.tokenizer._bpe (C: the library's BPE on ids, ~4x
-     less per piece than `model.tokenize`, whose binding makes a `Token` per id),
-     built from the model's merges on a thread once the path is on (~1-1.5 s; until then,
-     or without the extension, the library's `model.tokenize` on the ByteLevel-mapped
-     piece), memoized per piece in a bounded dict (the library keeps a 10,000-word
-     cache), and short parts between added tokens (the template's own text) are
-     memoized whole.
+     less per piece than `model.tokenize`, whose binding makes a `Token` per id; its
+     table is built from the model's merges by build_native, ~1-1.5 s; without the
+     extension, the library's `model.tokenize` on the ByteLevel-mapped piece),
+     memoized per piece in a bounded dict (the library keeps a 10,000-word cache), and
+     short parts between added tokens (the template's own text) are memoized whole.
 
 Exactness: the two regex engines must classify characters alike (\\p{L}, \\p{N}, \\s, the
 case-insensitive contractions). `_unsafe_chars` checks that against the tokenizer's own
@@ -281,8 +280,9 @@ class FastEncoder:
 
     def build_native(self) -> bool:
         """Build the C merge table from the model's own merges (~1-1.5 s for Llama 3's
-        280K, on the caller's thread) and use it; False (the library keeps merging)
-        where the extension is missing or stale or the model is not one it reproduces."""
+        280K, on the caller's thread) and use it from then on; False (the library keeps
+        merging) where the extension is missing or stale or the model is not one it
+        reproduces."""
         started = time.perf_counter()
         table = native_merges(self._model)
         if table is not None:
@@ -293,13 +293,6 @@ class FastEncoder:
                 time.perf_counter() - started,
             )
         return table is not None
-
-    def build_native_in_background(self) -> threading.Thread:
-        """build_native on a daemon thread: readiness does not wait for it, and until it
-        is done the library merges (the same ids)."""
-        thread = threading.Thread(target=self.build_native, name="smg-bpe-build", daemon=True)
-        thread.start()
-        return thread
 
     def encode(self, text: str) -> list[int] | None:
         if not text.isascii():

@@ -185,9 +185,10 @@ class Tokenizer:
     def enable_fast_path(self, *, native_merges: bool = True) -> bool:
         """Use smg.tokenizer.fastpath for chat prompts where it reproduces this tokenizer
         exactly (Llama 3 and its kin); ~0.4 s once per process, so the gateway calls it
-        on its loader thread. With native_merges its C merge table is then built on a
-        thread of its own (~1-1.5 s; readiness does not wait, the library merges until
-        then). True when the path applies."""
+        on its loader thread, and with native_merges its C merge table too (~1-1.5 s:
+        the model's state is read whole, holding the GIL for ~0.4 s at a time, which
+        belongs before readiness rather than beside served requests). True when the
+        path applies."""
         from smg.tokenizer.fastpath import FastEncoder
 
         self._fast = FastEncoder.build(self._inner)
@@ -198,7 +199,7 @@ class Tokenizer:
                 len(self._fast.unsafe),
             )
             if native_merges:
-                self._fast.build_native_in_background()
+                self._fast.build_native()
         return self._fast is not None
 
     @property
