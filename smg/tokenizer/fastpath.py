@@ -342,7 +342,7 @@ class FastEncoder:
                 # up to _MEMO_MAX containers to every full collection).
                 if native is not None:
                     merged = native.merge(piece.encode("utf-8"))
-                if merged is None:  # not built yet, or a piece over 512 bytes
+                if merged is None:  # no C merges here, or a piece over 512 bytes
                     word = piece.encode("utf-8").decode("latin-1").translate(_BYTE_TABLE)
                     merged = tuple([t.id for t in self._model.tokenize(word)])
                 if len(memo) >= _MEMO_MAX:
