@@ -194,7 +194,7 @@ def test_smg_launch_sends_the_library_ids(tmp_path: Path) -> None:
     """Through `smg launch` with a gRPC mock: the prompt ids the engine receives are the
     library's encode of the rendered template, and the gateway's log says the fast
     encode is on (so they came from it)."""
-    from gatewayutil import Gateway
+    from gatewayutil import Gateway, interleaved, pinned_clients
     from grpcmockutil import start_grpc_mock
 
     model_dir = llama3_dir(tmp_path / "llama3")
@@ -224,18 +224,20 @@ def test_smg_launch_sends_the_library_ids(tmp_path: Path) -> None:
         while gw.logs().count("C merges on") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert gw.logs().count("C merges on") == 2, gw.logs()[-2000:]
-        for i in range(4):  # new connections: both processes, most likely
-            # Words no request had (the memo would answer those): the C merges do.
-            fresh = [{"role": "user", "content": f"{MIXED} qzxwv{i}kj ŋjørðq{i} ЖЩЪ{i}ыы"}]
-            again = httpx.post(
-                gw.url + "/v1/chat/completions",
-                json={"model": "llama3", "messages": fresh, "max_tokens": 4},
-                timeout=30.0,
-            )
-            assert again.status_code == 200, again.text
-            sent = mock.stats()["last_generate_request"]["tokenized"]["input_ids"]
-            expected = tok.inner.encode(template.render(fresh), add_special_tokens=False).ids
-            assert [int(x) for x in sent] == expected
+        # On a connection to each process (not left to the kernel's hash), words no
+        # request had (the memo would answer those): the C merges do.
+        with pinned_clients(gw.url, 2) as pinned:
+            for i, client in enumerate(interleaved(pinned)):
+                fresh = [{"role": "user", "content": f"{MIXED} qzxwv{i}kj ŋjørðq{i} ЖЩЪ{i}ыы"}]
+                again = client.post(
+                    "/v1/chat/completions",
+                    json={"model": "llama3", "messages": fresh, "max_tokens": 4},
+                )
+                assert again.status_code == 200, again.text
+                assert again.headers["x-smg-process"] == str(i % 2)
+                sent = mock.stats()["last_generate_request"]["tokenized"]["input_ids"]
+                expected = tok.inner.encode(template.render(fresh), add_special_tokens=False).ids
+                assert [int(x) for x in sent] == expected
     finally:
         gw.stop()
         gw.close_log()
