@@ -7,8 +7,9 @@ through the Llama 3.1 chat template, with the real Llama-3 tokenizer. Each way e
 its own half of the prompts once ("cold": every prompt is new to it, as in the benchmark,
 where no prompt repeats), then all of them again ("warm"); the halves swap each round so
 that neither profits from the other's BPE cache more than the other. Every fast-path
-answer is checked against the library's ids first. The fast path twice: its misses merged
-by the library's `model.tokenize` and by smg.tokenizer._bpe (C).
+answer is checked against the library's ids first. The fast path three times: its misses
+merged by the library's `model.tokenize`, by smg.tokenizer._bpe (C), and with that the
+split and lookup by smg.tokenizer._pieces (C) as well.
 
     .venv/bin/python native_bench/grpc_tokenize.py --prompts 400 --rounds 3
 """
@@ -72,7 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.process_time()
     if fast is None or not fast.build_native():
         raise SystemExit("smg.tokenizer._bpe is not built (python setup.py build_ext --inplace)")
-    print(f"C merges set-up: {time.process_time() - start:.2f} s CPU")
+    print(f"C merges and pieces set-up: {time.process_time() - start:.2f} s CPU")
+    if fast._pieces is None:
+        raise SystemExit("smg.tokenizer._pieces is not built")
+    fast_merges = FastEncoder.build(inner)
+    if fast_merges is None or not fast_merges.build_native():
+        raise SystemExit("smg.tokenizer._bpe is not built")
+    fast_merges._pieces = None  # the regex module's split, the dict's lookup
     ways: dict[str, Callable[[str], Any]] = {
         "library encode": lambda t: inner.encode(t, add_special_tokens=False),
         "library encode_batch_fast": lambda t: inner.encode_batch_fast(
@@ -80,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "library pre_tokenize_str only": inner.pre_tokenizer.pre_tokenize_str,
         "smg fastpath, library merges": fast_library.encode,
-        "smg fastpath, C merges": fast.encode,
+        "smg fastpath, C merges": fast_merges.encode,
+        "smg fastpath, C pieces and merges": fast.encode,
     }
     chars = sum(map(len, texts)) / len(texts)
     print(f"{len(texts)} prompts of {args.input_len} tokens, {chars:,.0f} characters on average")
@@ -92,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for text in batch[:20]:
             ids = inner.encode(text, add_special_tokens=False).ids
             assert fast.encode(text) == ids and fast_library.encode(text) == ids
+            assert fast_merges.encode(text) == ids
         half = len(batch) // len(ways)
         for k, (name, fn) in enumerate(ways.items()):
             share = batch[((k + r) % len(ways)) * half :][:half]

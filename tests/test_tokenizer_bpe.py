@@ -177,8 +177,10 @@ def test_enable_fast_path_turns_the_c_merges_on_before_it_returns(tmp_path: Path
     text = "zqxwv kjhgf ŋjørðq " * 20
     assert tok.enable_fast_path() is True
     assert tok._fast._native is not None
+    assert tok._fast._pieces is not None  # the C split and lookup, built with it
     assert tok.encode(text) == tok.inner.encode(text, add_special_tokens=False).ids
     off = load_tokenizer(str(llama3_dir(tmp_path / "llama3b")))
-    assert off.enable_fast_path(native_merges=False) is True
+    assert off.enable_fast_path(native=False) is True
     assert off._fast._native is None
+    assert off._fast._pieces is None
     assert off.encode(text) == tok.encode(text)

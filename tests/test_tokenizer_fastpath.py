@@ -31,14 +31,18 @@ def rust() -> RustTokenizer:
     return RustTokenizer.from_file(str(LLAMA3))
 
 
-@pytest.fixture(scope="module", params=["library merges", "C merges"])
+@pytest.fixture(scope="module", params=["library merges", "C merges", "C pieces and merges"])
 def fast(rust: RustTokenizer, request: pytest.FixtureRequest) -> FastEncoder:
-    """The path twice: pieces that are no vocabulary entry merged by the library's
-    `model.tokenize`, and by smg.tokenizer._bpe (the extension is built by the install)."""
+    """The path three times: pieces that are no vocabulary entry merged by the library's
+    `model.tokenize`, then by smg.tokenizer._bpe, then also split and looked up by
+    smg.tokenizer._pieces (the extensions are built by the install)."""
     enc = FastEncoder.build(rust)
     assert enc is not None
-    if request.param == "C merges":
+    if request.param != "library merges":
         assert enc.build_native(), "smg.tokenizer._bpe not built"
+        assert enc._pieces is not None, "smg.tokenizer._pieces not built"
+        if request.param == "C merges":
+            enc._pieces = None
     return enc
 
 
@@ -224,8 +228,9 @@ def test_smg_launch_sends_the_library_ids(tmp_path: Path) -> None:
         while gw.logs().count("C merges on") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert gw.logs().count("C merges on") == 2, gw.logs()[-2000:]
+        assert gw.logs().count("C pieces on") == 2, gw.logs()[-2000:]
         # On a connection to each process (not left to the kernel's hash), words no
-        # request had (the memo would answer those): the C merges do.
+        # request had (the memo would answer those): the C split, lookup and merges do.
         with pinned_clients(gw.url, 2) as pinned:
             for i, client in enumerate(interleaved(pinned)):
                 fresh = [{"role": "user", "content": f"{MIXED} qzxwv{i}kj ŋjørðq{i} ЖЩЪ{i}ыы"}]

@@ -81,12 +81,10 @@ def _default_tokenizer_loader(path: str, chat_template: str | None, cfg: Gateway
     byte_tables(tokenizer)
     # The exact fast encode for Llama-3-style tokenizers (smg.tokenizer.fastpath): its
     # one-time check of the regex engines (~0.4 s) runs here too. SMG__TOKENIZER_FASTPATH=0
-    # turns it off, SMG__TOKENIZER_NATIVE_MERGES=0 its C merges (for measuring against the
-    # library alone).
+    # turns it off, SMG__TOKENIZER_NATIVE=0 its C parts, the merges and the split and
+    # lookup (for measuring against the library and the regex module alone).
     if os.environ.get("SMG__TOKENIZER_FASTPATH", "1") != "0":
-        tokenizer.enable_fast_path(
-            native_merges=os.environ.get("SMG__TOKENIZER_NATIVE_MERGES", "1") != "0"
-        )
+        tokenizer.enable_fast_path(native=os.environ.get("SMG__TOKENIZER_NATIVE", "1") != "0")
     return tokenizer
 
 

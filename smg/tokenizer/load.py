@@ -182,13 +182,13 @@ class Tokenizer:
         self._encode_cached: Any = None  # set by smg.tokenizer.cache.attach_cache
         self._fast: Any = None  # set by enable_fast_path
 
-    def enable_fast_path(self, *, native_merges: bool = True) -> bool:
+    def enable_fast_path(self, *, native: bool = True) -> bool:
         """Use smg.tokenizer.fastpath for chat prompts where it reproduces this tokenizer
         exactly (Llama 3 and its kin); ~0.4 s once per process, so the gateway calls it
-        on its loader thread, and with native_merges its C merge table too (~1-1.5 s:
-        the model's state is read whole, holding the GIL for ~0.4 s at a time, which
-        belongs before readiness rather than beside served requests). True when the
-        path applies."""
+        on its loader thread, and with `native` its C merge table and C split and
+        lookup too (~1.3-1.8 s: the model's state is read whole, holding the GIL for
+        ~0.4 s at a time, which belongs before readiness rather than beside served
+        requests). True when the path applies."""
         from smg.tokenizer.fastpath import FastEncoder
 
         self._fast = FastEncoder.build(self._inner)
@@ -198,7 +198,7 @@ class Tokenizer:
                 self.source,
                 len(self._fast.unsafe),
             )
-            if native_merges:
+            if native:
                 self._fast.build_native()
         return self._fast is not None
 
