@@ -11,6 +11,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import smg.chat.template as template_module
 from smg.chat import (
@@ -143,6 +145,60 @@ def test_tojson_is_transformers_json_dumps() -> None:
         value, ensure_ascii=False, separators=(",", ":")
     )
     assert render("{{ v | tojson(ensure_ascii=true) }}", kwargs={"v": value}) == json.dumps(value)
+
+
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=4) | st.integers(0, 3) | st.booleans(), inner, max_size=4
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_VALUES, min_size=1, max_size=6), st.sampled_from([None, 2, 4, "  "]))
+def test_tojson_with_an_indent_is_json_dumps_memo_or_not(values: list, indent: object) -> None:
+    """The indented tojson is memoized by the value's compact JSON: each value, asked
+    twice and after values that differ only where compact JSON tells them apart (1, 1.0,
+    True; NaN and None; key order; int and str keys, which sort differently), renders
+    exactly as json.dumps, or raises as it does."""
+    tricky = [1, 1.0, True, None, float("nan"), {"a": 1, "b": 2}, {2: 0, 10: 0}, {"2": 0, "10": 0}]
+    tricky += [{"": None, "0": None}, {"": None, 0: None}]
+    for value in [*values, *values, *tricky, *tricky]:
+        for sort_keys in (False, True):
+            try:
+                expected = json.dumps(value, ensure_ascii=False, indent=indent, sort_keys=sort_keys)
+            except TypeError:  # keys of mixed types cannot be sorted
+                with pytest.raises(TypeError):
+                    template_module._tojson(value, indent=indent, sort_keys=sort_keys)
+                continue
+            got = template_module._tojson(value, indent=indent, sort_keys=sort_keys)
+            assert got == expected
+    assert template_module._tojson({"b": 1, "a": 2}, indent=2) == '{\n  "b": 1,\n  "a": 2\n}'
+    assert template_module._tojson({"a": 2, "b": 1}, indent=2) == '{\n  "a": 2,\n  "b": 1\n}'
+
+
+def test_tojson_errors_are_json_dumps_errors() -> None:
+    loop: list = []
+    loop.append(loop)
+    for bad in (loop, {("a",): 1}, {1j}):
+        with pytest.raises((TypeError, ValueError)) as want:
+            json.dumps(bad, indent=4)
+        with pytest.raises(want.type):
+            template_module._tojson(bad, indent=4)
+    # Unhashable arguments are not memoized, and still answered.
+    assert template_module._tojson([1], indent=1, separators=[",", ": "]) == "[\n 1\n]"
 
 
 def test_strftime_now(monkeypatch: pytest.MonkeyPatch) -> None:
