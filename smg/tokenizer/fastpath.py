@@ -54,6 +54,7 @@ native_bench/grpc_offload_bench.py (32 streams, 10 ms apart, one long prompt eac
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -237,22 +238,33 @@ def _char_classes() -> bytes:
         return _CLASSES[0]
 
 
+def _extension(name: str, api: int, instead: str) -> Any:
+    """The C extension smg.tokenizer.<name> when it is built and of the API this code is
+    written for, else None (`instead` says what the path does without it)."""
+    try:
+        module = importlib.import_module(f"smg.tokenizer.{name}")
+    except ImportError:
+        log.debug("smg.tokenizer.%s not built: %s", name, instead)
+        return None
+    if getattr(module, "API", None) != api:
+        log.warning(
+            "smg.tokenizer.%s at %s is a stale build (API %s, this code needs %s): %s; "
+            "rebuild with `python setup.py build_ext --inplace`",
+            name,
+            module.__file__,
+            getattr(module, "API", None),
+            api,
+            instead,
+        )
+        return None
+    return module
+
+
 def native_pieces(source: str, by_text: dict[str, int]) -> Any:
     """smg.tokenizer._pieces.Pieces for this Split pattern and vocabulary (by UTF-8 text),
     or None: no extension or a stale one, a pattern or vocabulary it does not take."""
-    try:
-        from smg.tokenizer import _pieces
-    except ImportError:
-        log.debug("smg.tokenizer._pieces not built: the split is the regex module's")
-        return None
-    if getattr(_pieces, "API", None) != PIECES_API:
-        log.warning(
-            "smg.tokenizer._pieces at %s is a stale build (API %s, this code needs %s): the "
-            "regex module splits; rebuild with `python setup.py build_ext --inplace`",
-            _pieces.__file__,
-            getattr(_pieces, "API", None),
-            PIECES_API,
-        )
+    _pieces = _extension("_pieces", PIECES_API, "the regex module splits")
+    if _pieces is None:
         return None
     digits = _PATTERNS.get(source)
     if digits is None:
@@ -447,19 +459,8 @@ def native_merges(model: Any) -> Any:
     in rank order), or None: no extension or a stale one, a byte without its ByteLevel
     character in the vocabulary (the library would give its unknown token), merges in a
     form not read here. The caller has checked the model's shape (_unsupported)."""
-    try:
-        from smg.tokenizer import _bpe
-    except ImportError:
-        log.debug("smg.tokenizer._bpe not built: the library merges")
-        return None
-    if getattr(_bpe, "API", None) != BPE_API:
-        log.warning(
-            "smg.tokenizer._bpe at %s is a stale build (API %s, this code needs %s): the "
-            "library merges; rebuild with `python setup.py build_ext --inplace`",
-            _bpe.__file__,
-            getattr(_bpe, "API", None),
-            BPE_API,
-        )
+    _bpe = _extension("_bpe", BPE_API, "the library merges")
+    if _bpe is None:
         return None
     try:
         state = orjson.loads(model.__getstate__())
