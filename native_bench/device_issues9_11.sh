@@ -103,11 +103,11 @@ say "start: DRY=$DRY BUDGET=${BUDGET}s PY=$PY WHL=$WHL OFFLINE=$OFFLINE"
     --target "$SITE" "$WHL"/*.whl >> "$LOG" 2>&1 || { say "FAILED: pip install $WHL"; exit 1; }
 export PYTHONPATH=$SITE
 say "wheels installed into $SITE"
-# The optional C extensions (the tokenizer's C merges, the WASM fast call) for this Python:
+# The optional C extensions (the tokenizer's C merges and split, the WASM fast call) for this Python:
 # the carried tree's builds, if any, are this project's cp311. Without a compiler the
 # gateways run without them (smg's log then has no "C merges on": say so in the report).
 if "$PY" setup.py -q build_ext --inplace >> "$LOG" 2>&1; then
-    say "C extensions built: $(ls smg/tokenizer/_bpe*.so smg/wasm/_fastcall*.so 2>/dev/null | tr '\n' ' ')"
+    say "C extensions built: $(ls smg/tokenizer/_bpe*.so smg/tokenizer/_pieces*.so smg/wasm/_fastcall*.so 2>/dev/null | tr '\n' ' ')"
 else
     say "C extensions NOT built (see $LOG): smg merges with the tokenizers library"
 fi
