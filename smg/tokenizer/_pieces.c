@@ -244,19 +244,6 @@ static inline Py_ssize_t piece_end(const PiecesObject *self, int kind, const voi
 static inline size_t utf8_of(int kind, const void *data, Py_ssize_t i, Py_ssize_t j,
                              unsigned char *buf) {
     size_t n = 0;
-    if (kind == PyUnicode_1BYTE_KIND && j - i <= MAX_KEY / 2) {
-        const Py_UCS1 *s = (const Py_UCS1 *)data;
-        for (Py_ssize_t k = i; k < j; k++) {
-            Py_UCS1 c = s[k];
-            if (c < 0x80) {
-                buf[n++] = c;
-            } else {
-                buf[n++] = (unsigned char)(0xC0 | (c >> 6));
-                buf[n++] = (unsigned char)(0x80 | (c & 0x3F));
-            }
-        }
-        return n;
-    }
     for (Py_ssize_t k = i; k < j; k++) {
         Py_UCS4 c = AT(k);
         size_t width = c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
