@@ -270,6 +270,40 @@ def test_set_load_stamps_the_poll_time() -> None:
     assert registry.info(record)["backend_load"]["updated"] == record.load.updated
 
 
+def test_the_control_plane_answers_its_socket_only_with_the_start_up_workers_registered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor prints SMG_READY once the control plane's socket answers: an admin
+    call from then on (POST /start_profile, GET /workers) must see the --worker-urls
+    workers. CI once saw `No workers available for profiling` right after SMG_READY."""
+    cfg = msgspec.structs.replace(GatewayConfig(), prometheus_port=0)
+    spec = _spec("http://127.0.0.1:9")
+    cp = ControlPlane(cfg, _table(), root_pid=os.getpid(), processes=1, initial_specs=[spec])
+    registered_when_served: list[list[str]] = []
+    real_serve = plane_module.ipc.serve
+
+    async def serve(address: str, handler: Any) -> Any:
+        registered_when_served.append([r.spec.url for r in cp.registry.workers.values()])
+        return await real_serve(address, handler)
+
+    monkeypatch.setattr(plane_module.ipc, "serve", serve)
+
+    async def main() -> None:
+        try:
+            await cp.start()
+        finally:
+            await cp.stop()
+            server = getattr(cp, "ipc_server", None)
+            if server is not None:
+                server.close()
+            runner = getattr(cp, "metrics_runner", None)
+            if runner is not None:
+                await runner.cleanup()
+
+    asyncio.run(main())
+    assert registered_when_served == [[spec.url]]
+
+
 # --- item 18: each worker's probes on its own schedule (in-process, fake probe) ---------------
 
 

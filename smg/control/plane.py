@@ -232,8 +232,6 @@ class ControlPlane:
             ),
             auto_decompress=True,
         )
-        # Keep references: an unreferenced server object is collected and closed.
-        self.ipc_server = await ipc.serve(ipc.control_plane_address(self.root_pid), self.on_ipc)
         await self._start_metrics_server()
         if self.cfg.health_check_port:
             await self._start_probe_server(self.cfg.health_check_port)
@@ -287,6 +285,10 @@ class ControlPlane:
         provider = discovery.provider_coroutine(self.cfg, self.reconciler)
         if provider is not None:
             self._spawn(provider)
+        # Served last: the supervisor counts the control plane ready (and prints SMG_READY)
+        # once this socket answers, so an admin call from then on sees the start-up workers.
+        # Keep references: an unreferenced server object is collected and closed.
+        self.ipc_server = await ipc.serve(ipc.control_plane_address(self.root_pid), self.on_ipc)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
