@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -61,11 +62,23 @@ def keep_session_log(name: str, text: str) -> None:
         handle.write(text)
 
 
+# Ports free_port handed out lately: the kernel may give a just-closed port again at once,
+# and two listeners of one server (--port and --prometheus-port, picked back to back) then
+# collide (CI saw the Rust SMG refuse "--prometheus-port and --port are both 34613").
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=512)
+
+
 def free_port() -> int:
-    """A port that was free a moment ago; callers retry if the bind fails after all."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that was free a moment ago and that no recent call here handed out; callers
+    retry if the bind fails after all."""
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
+    raise RuntimeError("the kernel offered only recently handed-out ports 64 times")
 
 
 class Gateway:

@@ -91,4 +91,11 @@ def test_on_response_runs_on_pd_errors(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not pdutil.RUST_SMG.exists(), reason="no Rust SMG 1.13 binary")
 def test_rust_runs_on_response_on_pd_errors(tmp_path: Path) -> None:
-    assert _scenario(_rust, tmp_path) == EXPECTED
+    answers = _scenario(_rust, tmp_path)
+    # When the prefill fails, its decode fails too (the KV never comes), and 1.13 names the
+    # leg it read first: nearly always the prefill (smg always does), the decode once in
+    # ~9 runs on the loaded 2-core CI box. Either way the module ran.
+    either = {EXPECTED[0], (500, "decode_internal_error", "1")}
+    assert len(answers) == len(EXPECTED), answers
+    assert all(answer in either for answer in answers[:2]), answers
+    assert answers[2:] == EXPECTED[2:], answers

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from smg.control import probes
 from smg.policies.base import BackendLoad
+from tests.gatewayutil import free_port
 
 KEY = "sekret-key"
 
@@ -125,13 +125,6 @@ def run(coro: Awaitable[Any]) -> Any:
         return await asyncio.wait_for(coro, timeout=30)
 
     return asyncio.run(bounded())
-
-
-def free_port() -> int:
-    """A port nothing listens on: bind, note it, close."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def secured(server: Server, path: str, body: str | bytes, method: str = "GET") -> None:
