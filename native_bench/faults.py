@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,18 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# tests/gatewayutil.free_port: the one port picker (no port handed out twice lately).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from gatewayutil import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HOST = "127.0.0.1"
 BODY = json.dumps(
     {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 ).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def http_json(port: int, method: str, path: str, body: Any = None) -> Any:

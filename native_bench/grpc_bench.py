@@ -65,6 +65,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))  # grpcmockutil (and its mockutil) are top-level there
 
+from gatewayutil import free_port  # noqa: E402  (one picker: no port handed out twice lately)
 from grpcmockutil import llama3_dir  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -134,14 +135,6 @@ def reply_text(family: str, tokens: int, count: Any) -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def make_model_dir(dest: Path, *, config_json: bool = True) -> Path:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+# tests/gatewayutil.free_port: the one port picker (no port handed out twice lately).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from gatewayutil import free_port
+
 HERE = Path(__file__).resolve().parent
 STUB = HERE / "build" / "stub"
 LUA = HERE / "post.lua"
 PAYLOAD = HERE / "payloads" / "chat.json"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:

@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover - depends on the interpreter
         "run.py needs psutil: run it with the repo's venv (.venv/bin/python) or pip install psutil"
     )
 
+# tests/gatewayutil.free_port: the one port picker (no port handed out twice lately).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from benchlib import (
     GATEWAY_LABELS,
     PAYLOADS,
@@ -66,6 +68,7 @@ from benchlib import (
     split_load,
     void_reasons,
 )
+from gatewayutil import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -119,12 +122,6 @@ def pinned(cores: Sequence[int]) -> Callable[[], None]:
         os.sched_setaffinity(0, cpu_set)
 
     return apply
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def port_is_free(port: int) -> bool:
